@@ -1,0 +1,55 @@
+"""The one place that decides Triton kernel vs. PyTorch reference.
+
+``ALIGNLAB_KERNELS`` controls it:
+
+* unset / ``auto`` -- Triton when every tensor is on CUDA and Triton imports;
+* ``torch``        -- always the PyTorch reference (debugging, tests);
+* ``triton``       -- Triton whenever it imports, also for CPU tensors when
+                      ``TRITON_INTERPRET=1`` (how CI runs kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_MODES = ("auto", "torch", "triton")
+
+
+def kernel_mode() -> str:
+    """The current value of ``ALIGNLAB_KERNELS`` (read on every call, so tests may flip it)."""
+    mode = os.environ.get("ALIGNLAB_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"ALIGNLAB_KERNELS must be one of {_MODES}, got {mode!r}")
+    return mode
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton path should run for these tensors.
+
+    ``auto`` takes Triton only when all tensors live on a CUDA device; ``triton``
+    also accepts CPU tensors under the interpreter.
+    """
+    mode = kernel_mode()
+    if mode == "torch" or not triton_available():
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if mode == "triton":
+        return on_cuda or interpreting()
+    return on_cuda and not interpreting()

@@ -1,0 +1,69 @@
+"""Shared test set-up.
+
+Triton's interpreter must be switched on before anything imports triton, so
+this runs first: without a GPU every Triton kernel test runs under
+``TRITON_INTERPRET=1`` on CPU tensors (keep those shapes small).
+"""
+
+import os
+import shutil
+
+_HAS_GPU = shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+if not _HAS_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Device for Triton kernel tests: the GPU when there is one, else CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_mode(monkeypatch):
+    """Force the Triton path (interpreter on CPU) for the duration of a test."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "triton")
+    yield
+
+
+@pytest.fixture
+def torch_mode(monkeypatch):
+    """Force the PyTorch reference path for the duration of a test."""
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")
+    yield
+
+
+def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2):
+    """A tiny random-weight Llama (no hub download) for parity tests."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size + 8,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
