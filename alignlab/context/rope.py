@@ -1,0 +1,438 @@
+"""RoPE frequency scaling for context extension.
+
+Rotary position embeddings (RoFormer, arXiv:2104.09864) rotate the pair of
+channels ``(2i, 2i+1)`` — HF lays them out as ``(i, i + d/2)`` — of queries and
+keys at position ``m`` by the angle ``m θ_i`` with
+
+    θ_i = b^{-2i/d},   i = 0 … d/2 - 1,
+
+``b`` the base (``rope_theta``) and ``d`` the rotary dimension. Every method in
+this file changes the ``inv_freq`` vector ``θ`` (and some a scalar attention
+temperature) so that a model pre-trained on ``L`` positions works on
+``s · L``:
+
+=============  ============================================================  ==================
+method         ``inv_freq``                                                  paper
+=============  ============================================================  ==================
+linear (PI)    ``θ_i / s``                                                   arXiv:2306.15595
+NTK-aware      ``b' = b · s^{d/(d-2)}``                                      bloc97 (2023), arXiv:2309.00071 §3.1
+dynamic NTK    NTK-aware with ``s' = max(1, s·ℓ/L - (s-1))`` at length ℓ     emozilla (2023), arXiv:2309.00071 §3.3
+YaRN           ``(1-γ_i) θ_i/s + γ_i θ_i`` with a ramp γ; temperature         arXiv:2309.00071
+LongRoPE       ``θ_i / λ_i`` with searched per-dimension factors λ            arXiv:2402.13753
+=============  ============================================================  ==================
+
+All functions return float32 tensors of shape ``(d/2,)``; the attention
+scaling (``mscale``) multiplies ``cos`` and ``sin`` — i.e. both ``q`` and
+``k`` — so the logits are scaled by its square, as in the YaRN paper.
+
+:func:`apply_rope_scaling` puts a choice into a Hugging Face ``transformers``
+model: it writes the matching ``rope_parameters`` into ``model.config`` (so
+that ``save_pretrained`` / ``from_pretrained`` reproduce it with stock
+``transformers``) and swaps each rotary module for a
+:class:`ScaledRotaryEmbedding` computed by this file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RopeScaling",
+    "ScaledRotaryEmbedding",
+    "apply_rope_scaling",
+    "dynamic_ntk_inv_freq",
+    "linear_inv_freq",
+    "longrope_attention_scaling",
+    "longrope_inv_freq",
+    "ntk_inv_freq",
+    "rope_inv_freq",
+    "scaled_inv_freq",
+    "yarn_attention_scaling",
+    "yarn_inv_freq",
+    "yarn_ramp",
+]
+
+KINDS = ("linear", "ntk", "dynamic", "yarn", "longrope")
+
+
+def _check_dim_base(dim: int, base: float) -> None:
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 2 or dim % 2:
+        raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
+    if not base > 1.0:
+        raise ValueError(f"base must be > 1, got {base!r}")
+
+
+def _check_factor(factor: float, name: str = "factor") -> None:
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1.0):
+        raise ValueError(f"{name} must be a finite number >= 1, got {factor!r}")
+
+
+def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Unscaled RoPE inverse frequencies ``θ_i = base^{-2i/dim}``, shape ``(dim/2,)``.
+
+    Raises ``ValueError`` if ``dim`` is not an even int >= 2 or ``base <= 1``.
+    """
+    _check_dim_base(dim, base)
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
+    return 1.0 / (base**exponent)
+
+
+def linear_inv_freq(dim: int, base: float, factor: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Position interpolation: ``θ_i / s``, i.e. position ``m`` is read as ``m / s``.
+
+    "Extending Context Window of Large Language Models via Positional
+    Interpolation", Chen et al., arXiv:2306.15595. Shape ``(dim/2,)``.
+    """
+    _check_factor(factor)
+    return rope_inv_freq(dim, base, device) / factor
+
+
+def ntk_inv_freq(dim: int, base: float, factor: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """NTK-aware scaling: same formula with the base raised to ``b' = b · s^{d/(d-2)}``.
+
+    The exponent makes the lowest frequency ``θ_{d/2-1}`` exactly ``s`` times
+    smaller (interpolated) while the highest, ``θ_0 = 1``, is untouched
+    (extrapolated). Introduced by bloc97 (Reddit, 2023); written up in YaRN,
+    arXiv:2309.00071 §3.1. Shape ``(dim/2,)``. Raises ``ValueError`` for
+    ``dim == 2`` (the exponent is undefined).
+    """
+    _check_factor(factor)
+    _check_dim_base(dim, base)
+    if dim == 2:
+        raise ValueError("ntk scaling needs dim > 2 (exponent d/(d-2))")
+    return rope_inv_freq(dim, base * factor ** (dim / (dim - 2)), device)
+
+
+def dynamic_ntk_inv_freq(
+    dim: int,
+    base: float,
+    factor: float,
+    seq_len: int,
+    original_max_position_embeddings: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Dynamic NTK: NTK-aware scaling whose factor grows with the current length ``ℓ``.
+
+    ``s' = s · ℓ / L - (s - 1)`` for ``ℓ > L`` (``s' = 1`` otherwise), then
+    ``b' = b · s'^{d/(d-2)}`` — the form used by ``transformers`` and by
+    emozilla's original post; see also YaRN, arXiv:2309.00071 §3.3.
+    Recompute it for every forward pass (``ℓ`` = largest position + 1).
+    Shape ``(dim/2,)``.
+    """
+    _check_factor(factor)
+    if seq_len < 1 or original_max_position_embeddings < 1:
+        raise ValueError(
+            f"seq_len and original_max_position_embeddings must be >= 1, got {seq_len}, "
+            f"{original_max_position_embeddings}"
+        )
+    length = max(int(seq_len), int(original_max_position_embeddings))
+    effective = factor * length / original_max_position_embeddings - (factor - 1.0)
+    return ntk_inv_freq(dim, base, effective, device)
+
+
+def yarn_ramp(dim: int, base: float, original_max_position_embeddings: int, beta_fast: float = 32.0,
+              beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN's per-frequency interpolation weight ``1 - γ_i`` in ``[0, 1]``, shape ``(dim/2,)``.
+
+    Pair ``i`` turns ``r_i = L θ_i / 2π`` times over the original context
+    ``L``. Pairs with ``r_i > β_fast`` (high frequency) keep ``θ_i``
+    (weight 0); pairs with ``r_i < β_slow`` are fully interpolated (weight 1);
+    in between the weight is linear in ``i`` between the pair indices
+
+        i(r) = d · ln(L / (2π r)) / (2 ln b),
+
+    rounded outward (floor / ceil) when ``truncate``; the bounds are clamped to
+    ``[0, d-1]`` like the reference code. arXiv:2309.00071 §3.2.
+    """
+    _check_dim_base(dim, base)
+    if not beta_fast > beta_slow > 0:
+        raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={beta_fast}, beta_slow={beta_slow}")
+
+    def pair_index(rotations: float) -> float:
+        return dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if high == low:
+        high += 1e-3  # a step instead of a 0/0 ramp
+    i = torch.arange(dim // 2, dtype=torch.float32)
+    return ((i - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def yarn_attention_scaling(factor: float, mscale: float = 1.0, mscale_all_dim: float | None = None) -> float:
+    """YaRN's ``sqrt(1/t) = 0.1 · ln(s) + 1`` (1 for ``s <= 1``), applied to cos and sin.
+
+    With DeepSeek's ``mscale`` / ``mscale_all_dim`` pair the value is the ratio
+    ``(0.1·mscale·ln s + 1) / (0.1·mscale_all_dim·ln s + 1)``. arXiv:2309.00071 §3.4.
+    """
+
+    def m(scale: float, k: float) -> float:
+        return 1.0 if scale <= 1.0 else 0.1 * k * math.log(scale) + 1.0
+
+    if mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor, mscale)
+
+
+def yarn_inv_freq(
+    dim: int,
+    base: float,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """YaRN "NTK-by-parts" frequencies ``w_i θ_i / s + (1 - w_i) θ_i`` with ``w = yarn_ramp(...)``.
+
+    "YaRN: Efficient Context Window Extension of Large Language Models",
+    Peng et al., arXiv:2309.00071. Pair with :func:`yarn_attention_scaling`.
+    Shape ``(dim/2,)``.
+    """
+    _check_factor(factor)
+    theta = rope_inv_freq(dim, base, device)
+    w = yarn_ramp(dim, base, original_max_position_embeddings, beta_fast, beta_slow, truncate).to(theta.device)
+    return w * (theta / factor) + (1.0 - w) * theta
+
+
+def longrope_inv_freq(
+    dim: int, base: float, factors: Sequence[float] | torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """LongRoPE per-dimension rescaling ``θ_i / λ_i``, shape ``(dim/2,)``.
+
+    "LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens", Ding et
+    al., arXiv:2402.13753: the ``λ_i`` (one per pair, usually non-decreasing
+    in ``i``) come from an evolutionary search. Phi-3 ships two sets: a
+    ``short`` one for lengths within the original window and a ``long`` one
+    beyond it. Raises ``ValueError`` if ``len(factors) != dim/2`` or a factor is
+    not positive.
+    """
+    _check_dim_base(dim, base)
+    lam = torch.as_tensor(factors, dtype=torch.float32, device=device).flatten()
+    if lam.numel() != dim // 2:
+        raise ValueError(f"factors must have dim/2 = {dim // 2} entries, got {lam.numel()}")
+    if not bool((lam > 0).all()) or not bool(torch.isfinite(lam).all()):
+        raise ValueError("factors must be finite and > 0")
+    return rope_inv_freq(dim, base, device) / lam
+
+
+def longrope_attention_scaling(factor: float, original_max_position_embeddings: int) -> float:
+    """LongRoPE / Phi-3 attention scaling ``sqrt(1 + ln s / ln L)`` (1 for ``s <= 1``)."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE context-extension choice.
+
+    Args:
+        kind: ``"linear"``, ``"ntk"``, ``"dynamic"``, ``"yarn"`` or ``"longrope"``.
+        factor: extension ratio ``s`` (target length / original length), >= 1.
+        original_max_position_embeddings: pre-training length ``L``; ``None``
+            takes the model's ``max_position_embeddings``.
+        beta_fast, beta_slow, truncate, mscale, mscale_all_dim: YaRN knobs.
+        attention_factor: overrides the default YaRN / LongRoPE attention scaling.
+        long_factor, short_factor: LongRoPE per-pair factors (``dim/2`` each);
+            ``short_factor`` defaults to all ones (plain RoPE inside ``L``).
+    """
+
+    kind: str
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    mscale: float = 1.0
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    long_factor: tuple[float, ...] | None = None
+    short_factor: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        _check_factor(self.factor)
+        if self.kind == "longrope" and self.long_factor is None:
+            raise ValueError("kind='longrope' needs long_factor (one factor per rotary pair)")
+        for name in ("long_factor", "short_factor"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+
+def scaled_inv_freq(
+    scaling: RopeScaling,
+    dim: int,
+    base: float,
+    original_max_position_embeddings: int | None = None,
+    seq_len: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, float]:
+    """``(inv_freq (dim/2,), attention_scaling)`` for ``scaling`` at current length ``seq_len``.
+
+    ``seq_len`` matters for ``dynamic`` (NTK factor) and ``longrope`` (short vs
+    long factors); ``None`` means "within the original window" for both.
+    """
+    if not isinstance(scaling, RopeScaling):
+        raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
+    original = scaling.original_max_position_embeddings or original_max_position_embeddings
+    if scaling.kind in ("dynamic", "yarn", "longrope") and not original:
+        raise ValueError(f"kind={scaling.kind!r} needs original_max_position_embeddings")
+    s = scaling.factor
+    if scaling.kind == "linear":
+        return linear_inv_freq(dim, base, s, device), 1.0
+    if scaling.kind == "ntk":
+        return ntk_inv_freq(dim, base, s, device), 1.0
+    if scaling.kind == "dynamic":
+        return dynamic_ntk_inv_freq(dim, base, s, seq_len or original, original, device), 1.0
+    if scaling.kind == "yarn":
+        inv = yarn_inv_freq(dim, base, s, original, scaling.beta_fast, scaling.beta_slow, scaling.truncate, device)
+        attn = scaling.attention_factor
+        if attn is None:
+            attn = yarn_attention_scaling(s, scaling.mscale, scaling.mscale_all_dim)
+        return inv, float(attn)
+    # longrope
+    use_long = seq_len is not None and seq_len > original
+    factors = scaling.long_factor if use_long else (scaling.short_factor or (1.0,) * (dim // 2))
+    attn = scaling.attention_factor
+    if attn is None:
+        attn = longrope_attention_scaling(s, original)
+    return longrope_inv_freq(dim, base, factors, device), float(attn)
+
+
+class ScaledRotaryEmbedding(nn.Module):
+    """Drop-in rotary module: ``forward(x, position_ids) -> (cos, sin)``, HF layout.
+
+    ``cos``/``sin`` have shape ``(batch, seq, dim)`` (the ``d/2`` angles
+    repeated twice, as ``transformers``' ``rotate_half`` expects), multiplied by
+    the attention scaling, cast to ``x.dtype``. For ``dynamic`` and
+    ``longrope`` the frequencies are recomputed from the largest position in
+    ``position_ids`` on every call (stateless: unlike ``transformers``, the
+    result never depends on earlier, longer calls).
+    """
+
+    def __init__(self, scaling: RopeScaling, dim: int, base: float, original_max_position_embeddings: int | None):
+        super().__init__()
+        self.scaling = scaling
+        self.dim = dim
+        self.base = float(base)
+        self.original_max_position_embeddings = original_max_position_embeddings
+        inv_freq, attn = scaled_inv_freq(scaling, dim, base, original_max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scaling = attn
+
+    @property
+    def _depends_on_length(self) -> bool:
+        return self.scaling.kind in ("dynamic", "longrope")
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, attn = self.inv_freq, self.attention_scaling
+        if self._depends_on_length:
+            seq_len = int(position_ids.max().item()) + 1
+            inv_freq, attn = scaled_inv_freq(
+                self.scaling, self.dim, self.base, self.original_max_position_embeddings, seq_len
+            )
+        angles = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float32)
+        emb = torch.cat((angles, angles), dim=-1)
+        return (emb.cos() * attn).to(x.dtype), (emb.sin() * attn).to(x.dtype)
+
+
+def _hf_rope_parameters(scaling: RopeScaling, theta: float, original: int, dim: int) -> dict[str, Any]:
+    """The ``transformers`` ``rope_parameters`` dict that reproduces ``scaling``."""
+    if scaling.kind == "ntk":
+        # Static NTK-aware scaling is exactly plain RoPE with a larger base.
+        return {"rope_type": "default", "rope_theta": theta * scaling.factor ** (dim / (dim - 2))}
+    params: dict[str, Any] = {"rope_type": scaling.kind, "rope_theta": theta, "factor": float(scaling.factor)}
+    if scaling.kind == "yarn":
+        params.update(original_max_position_embeddings=original, beta_fast=scaling.beta_fast,
+                      beta_slow=scaling.beta_slow, truncate=scaling.truncate)
+        if scaling.attention_factor is not None:
+            params["attention_factor"] = scaling.attention_factor
+        if scaling.mscale_all_dim:
+            params.update(mscale=scaling.mscale, mscale_all_dim=scaling.mscale_all_dim)
+        elif scaling.mscale != 1.0:
+            params["attention_factor"] = yarn_attention_scaling(scaling.factor, scaling.mscale)
+    elif scaling.kind == "longrope":
+        params.update(original_max_position_embeddings=original, long_factor=list(scaling.long_factor),
+                      short_factor=list(scaling.short_factor or (1.0,) * (dim // 2)))
+        if scaling.attention_factor is not None:
+            params["attention_factor"] = scaling.attention_factor
+    return params
+
+
+def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
+    """Switch a ``transformers`` model to ``scaling`` in place and return it.
+
+    Writes ``model.config.rope_parameters`` (``rope_scaling`` + ``rope_theta``
+    on transformers < 5) so a saved checkpoint reloads with the same RoPE, and
+    replaces every rotary module (a submodule with an ``inv_freq`` buffer)
+    with a :class:`ScaledRotaryEmbedding`. The model's own
+    ``max_position_embeddings`` is left as is.
+
+    Raises ``TypeError`` if ``model`` has no ``config`` or ``scaling`` is not a
+    :class:`RopeScaling`; ``ValueError`` if the config already uses a scaled
+    RoPE, if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
+    different from the config's ``max_position_embeddings`` (``transformers``
+    reads the original length from there), or if no rotary module is found.
+    """
+    if not isinstance(scaling, RopeScaling):
+        raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("model must be a transformers model with a .config")
+    new_style = isinstance(getattr(config, "rope_parameters", None), dict)
+    if new_style:
+        current = dict(config.rope_parameters)
+        theta = float(current.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        partial = float(current.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
+        old_type = current.get("rope_type", current.get("type", "default"))
+    else:
+        theta = float(getattr(config, "rope_theta", 10000.0))
+        partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+        old = getattr(config, "rope_scaling", None) or {}
+        old_type = old.get("rope_type", old.get("type", "default"))
+    if old_type != "default":
+        raise ValueError(f"model already uses rope_type={old_type!r}; start from a plain-RoPE model")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * partial)
+    original = scaling.original_max_position_embeddings or int(config.max_position_embeddings)
+    if scaling.kind == "dynamic" and original != config.max_position_embeddings:
+        raise ValueError(
+            "kind='dynamic': original_max_position_embeddings must equal config.max_position_embeddings "
+            f"({config.max_position_embeddings}), got {original}"
+        )
+    rotary = [
+        name for name, m in model.named_modules() if name and "inv_freq" in dict(m.named_buffers(recurse=False))
+    ]
+    if not rotary:
+        raise ValueError("no rotary module (submodule with an inv_freq buffer) found in model")
+
+    params = _hf_rope_parameters(scaling, theta, original, dim)
+    if new_style:
+        if partial != 1.0:
+            params["partial_rotary_factor"] = partial
+        config.rope_parameters = params
+    else:
+        config.rope_theta = params.pop("rope_theta")
+        config.rope_scaling = None if params["rope_type"] == "default" else params
+
+    for name in rotary:
+        old_module = model.get_submodule(name)
+        new_module = ScaledRotaryEmbedding(scaling, dim, theta, original).to(old_module.inv_freq.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
+    return model

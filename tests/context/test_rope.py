@@ -1,0 +1,220 @@
+"""RoPE scaling: formulas written out here, and transformers' ROPE_INIT_FUNCTIONS as the peer."""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.context.rope import (
+    RopeScaling,
+    ScaledRotaryEmbedding,
+    apply_rope_scaling,
+    dynamic_ntk_inv_freq,
+    linear_inv_freq,
+    longrope_attention_scaling,
+    longrope_inv_freq,
+    ntk_inv_freq,
+    rope_inv_freq,
+    scaled_inv_freq,
+    yarn_attention_scaling,
+    yarn_inv_freq,
+)
+
+transformers = pytest.importorskip("transformers")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+
+
+def hf_config(head_dim=16, max_pos=64, theta=10000.0, **rope):
+    params = {"rope_theta": theta, **rope}
+    params.setdefault("rope_type", "default")
+    return transformers.LlamaConfig(
+        vocab_size=32, hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        intermediate_size=8, num_hidden_layers=1, max_position_embeddings=max_pos, rope_parameters=params,
+    )
+
+
+def theta_formula(d, b):
+    return torch.tensor([b ** (-2.0 * i / d) for i in range(d // 2)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d,b", [(2, 10000.0), (16, 10000.0), (64, 500000.0)])
+def test_plain_rope_formula(d, b):
+    torch.testing.assert_close(rope_inv_freq(d, b).double(), theta_formula(d, b), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("s", [1.0, 2.0, 7.5])
+def test_linear_matches_formula_and_hf(s):
+    d, b = 32, 10000.0
+    ours = linear_inv_freq(d, b, s)
+    torch.testing.assert_close(ours.double(), theta_formula(d, b) / s, rtol=1e-6, atol=0)
+    ref, attn = ROPE_INIT_FUNCTIONS["linear"](hf_config(d, rope_type="linear", factor=s))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert attn == 1.0
+
+
+@pytest.mark.parametrize("s", [2.0, 4.0, 16.0])
+def test_ntk_endpoints_and_hf_dynamic_at_full_length(s):
+    d, b, L = 16, 10000.0, 64
+    ours = ntk_inv_freq(d, b, s)
+    theta = theta_formula(d, b)
+    # highest frequency untouched, lowest interpolated by exactly s
+    assert ours[0].item() == pytest.approx(1.0)
+    assert ours[-1].item() == pytest.approx(theta[-1].item() / s, rel=1e-5)
+    b_new = b * s ** (d / (d - 2))
+    torch.testing.assert_close(ours.double(), theta_formula(d, b_new), rtol=1e-5, atol=0)
+    # HF's dynamic NTK with factor s-1 at length 2L uses s' = (s-1)*2 - (s-2) = s: static NTK-aware with s
+    ref, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_config(d, L, rope_type="dynamic", factor=s - 1), seq_len=2 * L)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 40, 64, 65, 100, 1000])
+def test_dynamic_matches_hf(seq_len):
+    d, b, L, s = 16, 10000.0, 64, 4.0
+    ours = dynamic_ntk_inv_freq(d, b, s, seq_len, L)
+    ref, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_config(d, L, rope_type="dynamic", factor=s), seq_len=seq_len)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    if seq_len <= L:
+        torch.testing.assert_close(ours, rope_inv_freq(d, b))
+
+
+def yarn_written_out(d, b, s, L, beta_fast, beta_slow, truncate):
+    out = []
+    idx = lambda r: d * math.log(L / (2 * math.pi * r)) / (2 * math.log(b))  # noqa: E731
+    lo, hi = idx(beta_fast), idx(beta_slow)
+    if truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 1e-3
+    for i in range(d // 2):
+        theta = b ** (-2 * i / d)
+        w = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 1 -> interpolate (theta/s), 0 -> keep
+        out.append(w * theta / s + (1 - w) * theta)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "d,b,s,L,bf,bs,trunc",
+    [(16, 10000.0, 4.0, 64, 32.0, 1.0, True), (64, 10000.0, 8.0, 2048, 32.0, 1.0, True),
+     (128, 500000.0, 2.0, 4096, 16.0, 2.0, False), (32, 10000.0, 1.0, 128, 32.0, 1.0, True)],
+)
+def test_yarn_matches_formula_and_hf(d, b, s, L, bf, bs, trunc):
+    ours = yarn_inv_freq(d, b, s, L, bf, bs, trunc)
+    torch.testing.assert_close(ours.double(), yarn_written_out(d, b, s, L, bf, bs, trunc), rtol=1e-5, atol=0)
+    cfg = hf_config(d, L, b, rope_type="yarn", factor=s, original_max_position_embeddings=L,
+                    beta_fast=bf, beta_slow=bs, truncate=trunc)
+    ref, ref_attn = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    inv, attn = scaled_inv_freq(RopeScaling("yarn", s, L, beta_fast=bf, beta_slow=bs, truncate=trunc), d, b)
+    torch.testing.assert_close(inv, ref, rtol=1e-5, atol=0)
+    assert attn == pytest.approx(ref_attn)
+    assert attn == pytest.approx(1.0 if s <= 1 else 0.1 * math.log(s) + 1.0)
+    if s > 1:  # the ramp really mixes: some pairs kept, some interpolated
+        theta = rope_inv_freq(d, b)
+        assert torch.isclose(ours[0], theta[0]) and torch.isclose(ours[-1], theta[-1] / s)
+
+
+def test_yarn_mscale_pair_matches_hf():
+    s, m, mall = 40.0, 1.0, 0.707
+    cfg = hf_config(16, 64, rope_type="yarn", factor=s, original_max_position_embeddings=64, mscale=m,
+                    mscale_all_dim=mall)
+    _, ref_attn = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    expected = (0.1 * m * math.log(s) + 1) / (0.1 * mall * math.log(s) + 1)
+    assert yarn_attention_scaling(s, m, mall) == pytest.approx(ref_attn) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seq_len", [None, 64, 65, 500])
+def test_longrope_matches_formula_and_hf(seq_len):
+    d, b, L, s = 16, 10000.0, 64, 8.0
+    g = torch.Generator().manual_seed(0)
+    long_f = (1 + 7 * torch.rand(d // 2, generator=g)).sort().values.tolist()
+    short_f = (1 + 0.2 * torch.rand(d // 2, generator=g)).tolist()
+    inv, attn = scaled_inv_freq(RopeScaling("longrope", s, L, long_factor=long_f, short_factor=short_f), d, b,
+                                seq_len=seq_len)
+    use = long_f if (seq_len or 0) > L else short_f
+    torch.testing.assert_close(inv.double(), theta_formula(d, b) / torch.tensor(use, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(longrope_inv_freq(d, b, use), inv)
+    cfg = hf_config(d, L, b, rope_type="longrope", factor=s, original_max_position_embeddings=L,
+                    long_factor=long_f, short_factor=short_f)
+    ref, ref_attn = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=seq_len)
+    torch.testing.assert_close(inv, ref, rtol=1e-5, atol=0)
+    assert attn == pytest.approx(ref_attn) == pytest.approx(math.sqrt(1 + math.log(s) / math.log(L)))
+    assert longrope_attention_scaling(1.0, L) == 1.0
+
+
+def test_rotary_module_layout_matches_hf_rotary():
+    cfg = hf_config(16, 64, rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+    ref_mod = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg)
+    ours = ScaledRotaryEmbedding(RopeScaling("yarn", 4.0, 64), 16, 10000.0, 64)
+    x = torch.zeros(2, 5, 8, dtype=torch.bfloat16)
+    pos = torch.tensor([[0, 1, 2, 3, 200], [7, 8, 9, 0, 1]])
+    for a, r in zip(ours(x, pos), ref_mod(x, pos)):
+        assert a.dtype == torch.bfloat16 and a.shape == (2, 5, 16)
+        torch.testing.assert_close(a, r)
+
+
+def _kinds():
+    d = 8  # head_dim of the tiny model below
+    return [
+        RopeScaling("linear", 2.0),
+        RopeScaling("ntk", 3.0),
+        RopeScaling("dynamic", 2.0),
+        RopeScaling("yarn", 4.0, beta_fast=8.0, beta_slow=1.0),
+        RopeScaling("longrope", 4.0, long_factor=[1.0, 1.5, 2.5, 4.0][:d // 2],
+                    short_factor=[1.0, 1.0, 1.1, 1.2][:d // 2]),
+    ]
+
+
+@pytest.mark.parametrize("scaling", _kinds(), ids=lambda s: s.kind)
+def test_apply_to_llama_equals_hf_built_from_config(scaling):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1, vocab_size=64, hidden_size=32, num_layers=1)
+    model.config.max_position_embeddings = 16  # short "pre-training" window so seq 40 is an extension
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # rebuild for the new window
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_rope_scaling(model, scaling)
+    assert all(type(m).__name__ != "LlamaRotaryEmbedding" for m in model.modules())
+    # stock transformers, fresh from the config we wrote: the peer
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(model.config.to_dict())).eval()
+    ref.load_state_dict(state)
+    assert type(ref.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+    torch.manual_seed(0)
+    for n in (10, 40):  # inside and beyond the original window (dynamic / longrope switch)
+        ids = torch.randint(0, 64, (2, n))
+        ref.model.rotary_emb = type(ref.model.rotary_emb)(ref.config)  # HF's dynamic cache is stateful
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    # scaling really changes the model beyond the window
+    plain = make_tiny_llama(seed=1, vocab_size=64, hidden_size=32, num_layers=1)
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kind"):
+        RopeScaling("nope", 2.0)
+    with pytest.raises(ValueError, match="factor"):
+        RopeScaling("linear", 0.5)
+    with pytest.raises(ValueError, match="long_factor"):
+        RopeScaling("longrope", 2.0)
+    with pytest.raises(ValueError, match="dim"):
+        rope_inv_freq(7)
+    with pytest.raises(ValueError, match="factors"):
+        longrope_inv_freq(8, 10000.0, [1.0, 2.0])
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        scaled_inv_freq(RopeScaling("yarn", 2.0), 8, 10000.0)
+    with pytest.raises(TypeError, match="scaling"):
+        scaled_inv_freq("yarn", 8, 10000.0)
+    with pytest.raises(TypeError, match="config"):
+        apply_rope_scaling(torch.nn.Linear(2, 2), RopeScaling("linear", 2.0))
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="dynamic"):
+        apply_rope_scaling(model, RopeScaling("dynamic", 2.0, original_max_position_embeddings=64))
+    apply_rope_scaling(model, RopeScaling("linear", 2.0))
+    with pytest.raises(ValueError, match="already"):
+        apply_rope_scaling(model, RopeScaling("linear", 2.0))
