@@ -1,0 +1,231 @@
+"""Triton row kernel for token-level distillation divergences.
+
+One program handles one token (one row of a ``(chunk, vocab)`` block of
+student logits ``s`` and teacher logits ``t``) in three sweeps over the vocab:
+
+1. online log-sum-exp of ``s / tau`` and ``t / tau``;
+2. the divergence ``L`` of the row and ``S = sum_v h_v``, where ``h`` is the
+   derivative of ``L`` with respect to ``log p_s`` (see below);
+3. (only when a gradient is wanted) ``dL/ds = scale * (h - p_s * S) / tau``.
+
+The per-divergence ``h`` (``m = beta p_t + (1 - beta) p_s``):
+
+=====================  ========================================  ==============================
+divergence             ``L``                                     ``h = dL/d log p_s``
+=====================  ========================================  ==============================
+forward KL             ``sum p_t (log p_t - log p_s)``           ``-p_t``
+reverse KL             ``sum p_s (log p_s - log p_t)``           ``p_s (log p_s - log p_t + 1)``
+generalised JSD(beta)  ``beta KL(p_t||m) + (1-beta) KL(p_s||m)``  ``(1-beta) p_s (log p_s - log m)``
+total variation        ``1/2 sum |p_s - p_t|``                   ``1/2 p_s sign(p_s - p_t)``
+=====================  ========================================  ==============================
+
+The gradient may be written over the student logits themselves: with
+``ALIAS_HALF`` the 16-bit gradient of row ``i`` goes into the first half of
+the bytes of that row's fp32 logits (row stride ``2V`` in 16-bit elements), so
+the fused loss needs no third ``(chunk, vocab)`` buffer. A block's stores then
+land on fp32 elements this program has already read, and a barrier after the
+loads keeps every warp's reads ahead of any warp's writes.
+
+The launcher :func:`distill_rows` validates shapes; callers reach it through
+:mod:`alignlab.losses.distill`, which dispatches with
+:func:`alignlab.kernels.dispatch.use_triton`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from alignlab.kernels.dispatch import interpreting
+
+FORWARD_KL, REVERSE_KL, JSD, TV = 0, 1, 2, 3
+KIND_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "tv": TV}
+
+
+@triton.jit
+def _distill_rows_kernel(
+    S,
+    s_stride,
+    T,
+    t_stride,
+    DZ,
+    dz_stride,
+    LOSS,
+    SCALE,
+    V,
+    inv_tau,
+    beta,
+    KIND: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    ALIAS_HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * s_stride
+    t_row = T + row * t_stride
+    offs = tl.arange(0, BLOCK)
+
+    # Sweep 1: per-lane online max / rescaled sum, folded into one LSE at the end.
+    ms = tl.full([BLOCK], float("-inf"), tl.float32)
+    mt = tl.full([BLOCK], float("-inf"), tl.float32)
+    ds = tl.zeros([BLOCK], tl.float32)
+    dt = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        inb = cols < V
+        s = tl.load(s_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
+        t = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
+        ms_new = tl.maximum(ms, s)
+        mt_new = tl.maximum(mt, t)
+        safe_s = tl.where(ms_new == float("-inf"), 0.0, ms_new)
+        safe_t = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+        ds = ds * tl.exp(ms - safe_s) + tl.exp(s - safe_s)
+        dt = dt * tl.exp(mt - safe_t) + tl.exp(t - safe_t)
+        ms = ms_new
+        mt = mt_new
+    max_s = tl.max(ms, axis=0)
+    max_t = tl.max(mt, axis=0)
+    lse_s = max_s + tl.log(tl.sum(ds * tl.exp(ms - max_s), axis=0))
+    lse_t = max_t + tl.log(tl.sum(dt * tl.exp(mt - max_t), axis=0))
+
+    # Sweep 2: the divergence and S = sum(h).
+    loss_acc = tl.zeros([BLOCK], tl.float32)
+    h_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        inb = cols < V
+        ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
+        lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
+        ps = tl.exp(ls)
+        pt = tl.exp(lt)
+        if KIND == 0:
+            el = pt * (lt - ls)
+            h = -pt
+        elif KIND == 1:
+            el = ps * (ls - lt)
+            h = ps * (ls - lt + 1.0)
+        elif KIND == 2:
+            m = beta * pt + (1.0 - beta) * ps
+            lm = tl.where(m > 0.0, tl.log(m), 0.0)
+            h = (1.0 - beta) * ps * (ls - lm)
+            el = beta * pt * (lt - lm) + h
+        else:
+            diff = ps - pt
+            el = 0.5 * tl.abs(diff)
+            h = 0.5 * ps * tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+        loss_acc += tl.where(inb, el, 0.0)
+        h_acc += tl.where(inb, h, 0.0)
+    tl.store(LOSS + row, tl.sum(loss_acc, axis=0))
+    h_sum = tl.sum(h_acc, axis=0)
+
+    # Sweep 3: the gradient with respect to the raw student logits.
+    if HAS_GRAD:
+        g = tl.load(SCALE + row).to(tl.float32) * inv_tau
+        dz_row = DZ + row * dz_stride
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            inb = cols < V
+            ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
+            lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
+            if ALIAS_HALF:
+                tl.debug_barrier()
+            ps = tl.exp(ls)
+            pt = tl.exp(lt)
+            if KIND == 0:
+                h = -pt
+            elif KIND == 1:
+                h = ps * (ls - lt + 1.0)
+            elif KIND == 2:
+                m = beta * pt + (1.0 - beta) * ps
+                lm = tl.where(m > 0.0, tl.log(m), 0.0)
+                h = (1.0 - beta) * ps * (ls - lm)
+            else:
+                diff = ps - pt
+                h = 0.5 * ps * tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+            dz = g * (h - ps * h_sum)
+            tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=inb)
+
+
+def _block_size(vocab: int) -> tuple[int, int]:
+    if interpreting():
+        return min(64, triton.next_power_of_2(max(vocab, 1))), 1
+    return min(4096, triton.next_power_of_2(max(vocab, 1))), 8
+
+
+def distill_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row divergence and (optionally) its gradient with respect to the student logits.
+
+    Args:
+        student_logits: ``(rows, vocab)`` float32, unit stride along the vocab.
+        teacher_logits: ``(rows, vocab)`` float32/float16/bfloat16, unit stride along the vocab.
+        kind: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tv"``.
+        beta: JSD mixing weight (ignored by the other kinds).
+        temperature: ``tau`` in ``softmax(z / tau)``.
+        grad_scale: ``(rows,)`` float32 per-row factor on the gradient; required with ``grad_out``.
+        grad_out: ``(rows, vocab)`` output for ``dL/ds`` (times ``grad_scale``). It may be
+            ``student_logits`` itself, or a 16-bit view of its bytes with row stride ``2 * vocab``
+            (see the module docstring).
+
+    Returns:
+        ``(rows,)`` float32 divergence of each row (unscaled).
+
+    Raises:
+        ValueError: on mismatched shapes, non-unit vocab stride or an unknown ``kind``.
+    """
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {sorted(KIND_CODES)}, got {kind!r}")
+    if student_logits.dim() != 2 or student_logits.dtype != torch.float32:
+        raise ValueError("student_logits must be a 2-D float32 tensor (rows, vocab)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}"
+        )
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride along the vocab dimension")
+    rows, vocab = student_logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+    if rows == 0:
+        return loss
+    has_grad = grad_out is not None
+    alias_half = False
+    if has_grad:
+        if grad_scale is None or grad_scale.shape != (rows,):
+            raise ValueError("grad_scale must be a (rows,) tensor when grad_out is given")
+        if grad_out.shape != student_logits.shape or (vocab > 1 and grad_out.stride(1) != 1):
+            raise ValueError("grad_out must be (rows, vocab) with unit stride along the vocab")
+        alias_half = grad_out.data_ptr() == student_logits.data_ptr() and grad_out.element_size() < 4
+        grad_scale = grad_scale.to(torch.float32).contiguous()
+    else:
+        grad_out = student_logits
+        grad_scale = loss
+    block, warps = _block_size(vocab)
+    _distill_rows_kernel[(rows,)](
+        student_logits,
+        student_logits.stride(0),
+        teacher_logits,
+        teacher_logits.stride(0),
+        grad_out,
+        grad_out.stride(0),
+        loss,
+        grad_scale,
+        vocab,
+        1.0 / float(temperature),
+        float(beta),
+        KIND=KIND_CODES[kind],
+        HAS_GRAD=has_grad,
+        ALIAS_HALF=alias_half,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return loss

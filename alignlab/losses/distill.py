@@ -1,0 +1,569 @@
+r"""Knowledge-distillation losses: token-level divergences and a fused chunked form.
+
+With student logits :math:`z_s`, teacher logits :math:`z_t`, temperature
+:math:`\tau`, :math:`p_s = \mathrm{softmax}(z_s/\tau)`,
+:math:`p_t = \mathrm{softmax}(z_t/\tau)`, per token:
+
+* forward KL :math:`\mathrm{KL}(p_t\|p_s) = \sum_v p_t(\log p_t - \log p_s)`
+  (Hinton et al., "Distilling the Knowledge in a Neural Network", arXiv:1503.02531);
+* reverse KL :math:`\mathrm{KL}(p_s\|p_t)` (Gu et al., "MiniLLM", arXiv:2306.08543);
+* generalised JSD with :math:`m = \beta p_t + (1-\beta) p_s`:
+  :math:`\beta\,\mathrm{KL}(p_t\|m) + (1-\beta)\,\mathrm{KL}(p_s\|m)`
+  (Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+  Self-Generated Mistakes" (GKD), arXiv:2306.13649). As in TRL and Liger-Kernel,
+  ``beta=0`` means forward KL and ``beta=1`` reverse KL exactly (the mixture
+  formula itself tends to 0 at both ends);
+* total variation :math:`\tfrac12\sum_v |p_s - p_t|` (Wen et al., "f-Divergence
+  Minimization for Sequence-Level Knowledge Distillation", arXiv:2307.15190).
+
+No :math:`\tau^2` factor is applied; multiply by it yourself to keep Hinton's
+gradient scale.
+
+Reductions over tokens with per-token weights :math:`w` (a padding mask or
+float weights): ``"mean"`` :math:`\sum w_i L_i / \sum w_i` (0 when every weight
+is 0), ``"sum"`` :math:`\sum w_i L_i`, ``"none"`` :math:`w_i L_i` per token.
+
+:func:`fused_linear_distill_loss` takes the student's last hidden state and
+``lm_head`` weight and either teacher logits or the teacher's hidden state and
+weight, and walks the tokens in chunks so that only ``(chunk, vocab)`` logits
+ever exist. Its per-row work runs in a Triton kernel on CUDA
+(:mod:`alignlab.kernels.distill`) and in PyTorch elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from alignlab.kernels.dispatch import use_triton
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
+REDUCTIONS = ("mean", "sum", "none")
+
+__all__ = [
+    "KINDS",
+    "distill_loss",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "total_variation",
+    "fused_linear_distill_loss",
+    "sequence_divergence",
+    "sequence_kd_labels",
+    "sequence_kd_loss",
+]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_kind(kind: str, beta: float) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+def _check_common(temperature: float, reduction: str) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _weights(mask: torch.Tensor | None, lead_shape: torch.Size, device, dtype) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(lead_shape, device=device, dtype=dtype)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask must have shape {tuple(lead_shape)} (the logits without the vocab dim), got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or real-valued, got {mask.dtype}")
+    return mask.to(device=device, dtype=dtype)
+
+
+def _reduce(per_token: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.Tensor:
+    weighted = per_token * w
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    denom = w.sum()
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+# --------------------------------------------------------------------------- token level
+
+
+def _token_divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, temperature: float) -> torch.Tensor:
+    """Per-token divergence from logits ``(..., vocab)``; differentiable in ``s``."""
+    compute = torch.promote_types(s.dtype, torch.float32)
+    ls = F.log_softmax(s.to(compute) / temperature, dim=-1)
+    lt = F.log_softmax(t.to(compute) / temperature, dim=-1)
+    if kind == "forward_kl":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse_kl":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "jsd":
+        # log m = logsumexp(log beta + lt, log(1-beta) + ls), stable for tiny probabilities.
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), dim=0)
+        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "jsd",
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Token-level distillation divergence between student and teacher logits.
+
+    Args:
+        student_logits: ``(..., vocab)``, e.g. ``(batch, seq, vocab)``; gradients flow into it.
+        teacher_logits: same shape; treated as a constant (detached).
+        kind: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tv"`` (see module docstring).
+        beta: JSD mixing weight in ``[0, 1]``.
+        temperature: ``tau > 0``.
+        mask: ``(...)`` bool padding mask or float per-token weights; ``None`` weighs all tokens 1.
+        reduction: ``"mean"`` (over weights), ``"sum"`` or ``"none"`` (``(...)`` weighted per token).
+
+    Returns:
+        Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: mismatched shapes, unknown ``kind``/``reduction``, ``beta`` outside ``[0, 1]``,
+            ``temperature <= 0``.
+        TypeError: non-tensor inputs or mask.
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor of shape (..., vocab)")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must match"
+        )
+    kind = _check_kind(kind, beta)
+    _check_common(temperature, reduction)
+    per_token = _token_divergence(student_logits, teacher_logits.detach(), kind, float(beta), float(temperature))
+    w = _weights(mask, student_logits.shape[:-1], per_token.device, per_token.dtype)
+    return _reduce(per_token, w, reduction)
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``KL(p_t || p_s)`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "forward_kl", temperature=temperature, mask=mask, reduction=reduction)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``KL(p_s || p_t)`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "reverse_kl", temperature=temperature, mask=mask, reduction=reduction)
+
+
+def generalized_jsd(
+    student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean"
+) -> torch.Tensor:
+    """Generalised JSD(beta) of GKD (arXiv:2306.13649); see :func:`distill_loss`."""
+    return distill_loss(
+        student_logits, teacher_logits, "jsd", beta=beta, temperature=temperature, mask=mask, reduction=reduction
+    )
+
+
+def total_variation(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``1/2 sum |p_s - p_t|`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "tv", temperature=temperature, mask=mask, reduction=reduction)
+
+
+# --------------------------------------------------------------------------- fused chunked form
+
+
+def distill_rows_torch(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    kind: str,
+    beta: float,
+    temperature: float,
+    grad_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch reference of :func:`alignlab.kernels.distill.distill_rows`.
+
+    Takes ``(rows, vocab)`` logits ``s`` (student) and ``t`` (teacher), returns the per-row
+    divergence ``(rows,)`` and, when ``grad_scale`` ``(rows,)`` is given,
+    ``grad_scale[:, None] * dL/ds`` ``(rows, vocab)`` computed in closed form:
+    ``dL/ds = (h - p_s * sum(h)) / tau`` with ``h = dL/d log p_s`` (see the kernel module).
+    """
+    inv_tau = 1.0 / temperature
+    compute = torch.promote_types(s.dtype, torch.float32)
+    ls = torch.log_softmax(s.to(compute) * inv_tau, dim=-1)
+    lt = torch.log_softmax(t.to(compute) * inv_tau, dim=-1)
+    ps, pt = ls.exp(), lt.exp()
+    if kind == "forward_kl":
+        loss = (pt * (lt - ls)).sum(-1)
+        h = -pt
+    elif kind == "reverse_kl":
+        r = ls - lt
+        loss = (ps * r).sum(-1)
+        h = ps * (r + 1.0)
+    elif kind == "jsd":
+        m = beta * pt + (1.0 - beta) * ps
+        lm = torch.where(m > 0, m.log(), torch.zeros_like(m))
+        h = (1.0 - beta) * ps * (ls - lm)
+        loss = (beta * pt * (lt - lm)).sum(-1) + h.sum(-1)
+    else:
+        diff = ps - pt
+        loss = 0.5 * diff.abs().sum(-1)
+        h = 0.5 * ps * torch.sign(diff)
+    if grad_scale is None:
+        return loss, None
+    dz = (h - ps * h.sum(-1, keepdim=True)) * (grad_scale.to(compute) * inv_tau)[:, None]
+    return loss, dz
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``x @ w.T`` as ``compute`` without rounding through the 16-bit input dtype on CUDA."""
+    if x.dtype == compute:
+        return x @ w.t()
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype:
+        try:
+            return torch.mm(x, w.t(), out_dtype=compute)
+        except (TypeError, RuntimeError):
+            pass
+    return (x @ w.t()).to(compute)
+
+
+def _chunk_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    teacher: tuple,
+    start: int,
+    end: int,
+    kind: str,
+    beta: float,
+    temperature: float,
+    grad_scale: torch.Tensor | None,
+):
+    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` in ``x.dtype``."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    s = _logits(x[start:end], w, compute)
+    if teacher[0] == "logits":
+        t = teacher[1][start:end]
+    else:
+        t = _logits(teacher[1][start:end], teacher[2], compute)
+    scale = None if grad_scale is None else grad_scale[start:end]
+    if compute == torch.float32 and use_triton(s, t):
+        from alignlab.kernels.distill import distill_rows
+
+        if scale is None:
+            return distill_rows(s, t, kind, beta=beta, temperature=temperature), None
+        if x.dtype == torch.float32:
+            out = s
+        else:
+            # The 16-bit gradient of each row goes into the first half of that row's fp32 bytes.
+            out = s.view(x.dtype)[:, : s.shape[1]]
+        loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale, grad_out=out)
+        return loss, out
+    loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale)
+    return loss, None if dz is None else dz.to(x.dtype)
+
+
+def _default_chunk(n: int, vocab: int, teacher_is_hidden: bool) -> int:
+    # About 256 MiB of fp32 logits per chunk (student, plus teacher when computed here).
+    row_bytes = 4 * vocab * (2 if teacher_is_hidden else 1)
+    return max(1, min(n, (256 * 2**20) // max(row_bytes, 1)))
+
+
+def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunk, want_dx, want_dw):
+    """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w."""
+    n = x.shape[0]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    losses = torch.empty(n, dtype=compute, device=x.device)
+    dx = torch.empty_like(x) if want_dx else None
+    dw = torch.zeros_like(w) if want_dw else None
+    need_grad = want_dx or want_dw
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        loss, dz = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, grad_scale if need_grad else None)
+        losses[start:end] = loss
+        if dz is None:
+            continue
+        if want_dx:
+            torch.mm(dz, w, out=dx[start:end])
+        if want_dw:
+            dw.addmm_(dz.t(), x[start:end])
+        del dz
+    return losses, dx, dw
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Chunked ``lm_head`` + divergence; scalar reductions compute the gradients in forward,
+    ``reduction="none"`` recomputes them in backward with the per-token upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, teacher_a, teacher_b, weights, kind, beta, temperature, reduction, chunk):
+        teacher = ("logits", teacher_a) if teacher_b is None else ("hidden", teacher_a, teacher_b)
+        want_dx = ctx.needs_input_grad[0]
+        want_dw = ctx.needs_input_grad[1]
+        ctx.reduction = reduction
+        ctx.meta = (teacher, kind, beta, temperature, chunk)
+        if reduction == "none" or not (want_dx or want_dw):
+            losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunk, False, False)
+            ctx.save_for_backward(x, w, weights)
+            ctx.teacher_tensors = teacher[1:]
+            return losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
+        if reduction == "sum":
+            scale = weights
+        else:
+            denom = weights.sum()
+            scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+        losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunk, want_dx, want_dw)
+        ctx.save_for_backward(dx, dw)
+        return (losses * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n_none = (None,) * 8
+        if ctx.reduction != "none":
+            dx, dw = ctx.saved_tensors
+            if not torch.equal(grad_out, torch.ones_like(grad_out)):
+                dx = None if dx is None else dx * grad_out.to(dx.dtype)
+                dw = None if dw is None else dw * grad_out.to(dw.dtype)
+            return (dx, dw) + n_none
+        x, w, weights = ctx.saved_tensors
+        teacher, kind, beta, temperature, chunk = ctx.meta
+        teacher = (teacher[0],) + tuple(ctx.teacher_tensors)
+        scale = grad_out.to(weights.dtype) * weights
+        _, dx, dw = _run_chunks(
+            x, w, teacher, kind, beta, temperature, scale, chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return (dx, dw) + n_none
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation divergence from hidden states without materialising full logits.
+
+    Equal (up to float rounding) to
+    ``distill_loss(student_hidden @ student_weight.T, teacher_logits, ...)``, where the teacher
+    logits are either given or ``teacher_hidden @ teacher_weight.T``. Tokens are processed in
+    chunks of ``chunk_size`` rows; only ``(chunk, vocab)`` float32 logits of the student (and of
+    the teacher, when computed here) exist at a time, and the 16-bit gradient of a chunk is written
+    over the bytes of its own student logits. For ``"mean"``/``"sum"`` the gradients of the
+    student hidden state and weight are computed during forward (so backward is a scale); for
+    ``"none"`` forward returns per-token losses and backward recomputes the chunk logits once,
+    weighting each token by its upstream gradient.
+
+    Args:
+        student_hidden: ``(..., hidden)`` student last hidden state, e.g. ``(batch, seq, hidden)``.
+        student_weight: ``(vocab, hidden)`` student ``lm_head`` weight (no bias).
+        teacher_logits: ``(..., vocab)`` teacher logits (any float dtype). Give either this or
+            ``teacher_hidden`` + ``teacher_weight``. The teacher never receives gradients.
+        teacher_hidden: ``(..., teacher_hidden)`` teacher last hidden state.
+        teacher_weight: ``(vocab, teacher_hidden)`` teacher ``lm_head`` weight.
+        kind, beta, temperature, mask, reduction: as in :func:`distill_loss`.
+        chunk_size: rows per chunk; default keeps about 256 MiB of fp32 logits per chunk.
+
+    Returns:
+        Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: inconsistent shapes, both or neither teacher forms, bad ``chunk_size``,
+            plus the conditions of :func:`distill_loss`.
+        TypeError: non-tensor arguments.
+    """
+    if not isinstance(student_hidden, torch.Tensor) or not isinstance(student_weight, torch.Tensor):
+        raise TypeError("student_hidden and student_weight must be torch.Tensors")
+    if student_hidden.dim() < 1 or student_weight.dim() != 2:
+        raise ValueError("student_hidden must be (..., hidden) and student_weight (vocab, hidden)")
+    if not student_hidden.is_floating_point():
+        raise ValueError(f"student_hidden must be floating point, got {student_hidden.dtype}")
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student_weight must be (vocab, {student_hidden.shape[-1]}), got {tuple(student_weight.shape)}"
+        )
+    if student_weight.dtype != student_hidden.dtype:
+        raise ValueError(f"student_weight dtype {student_weight.dtype} != student_hidden dtype {student_hidden.dtype}")
+    kind = _check_kind(kind, beta)
+    _check_common(temperature, reduction)
+    lead = student_hidden.shape[:-1]
+    vocab = student_weight.shape[0]
+    has_hidden = teacher_hidden is not None or teacher_weight is not None
+    if (teacher_logits is None) == (not has_hidden) or (has_hidden and (teacher_hidden is None or teacher_weight is None)):
+        raise ValueError("give either teacher_logits, or both teacher_hidden and teacher_weight")
+    x = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if teacher_logits is not None:
+        if not isinstance(teacher_logits, torch.Tensor):
+            raise TypeError("teacher_logits must be a torch.Tensor")
+        if teacher_logits.shape != (*lead, vocab):
+            raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(teacher_logits.shape)}")
+        teacher_a, teacher_b = teacher_logits.detach().reshape(-1, vocab), None
+        if teacher_a.stride(-1) != 1:
+            teacher_a = teacher_a.contiguous()
+    else:
+        if teacher_hidden.shape[:-1] != lead or teacher_hidden.dim() != student_hidden.dim():
+            raise ValueError(f"teacher_hidden must have leading shape {tuple(lead)}, got {tuple(teacher_hidden.shape)}")
+        if teacher_weight.dim() != 2 or teacher_weight.shape != (vocab, teacher_hidden.shape[-1]):
+            raise ValueError(
+                f"teacher_weight must be ({vocab}, {teacher_hidden.shape[-1]}), got {tuple(teacher_weight.shape)}"
+            )
+        teacher_a = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(x.dtype)
+        teacher_b = teacher_weight.detach().to(x.dtype)
+    n = x.shape[0]
+    if chunk_size is None:
+        chunk = _default_chunk(n, vocab, teacher_b is not None)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    else:
+        chunk = chunk_size
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have shape {tuple(lead)}, got {tuple(mask.shape)}")
+        mask = mask.reshape(-1)
+    weights = _weights(mask, torch.Size([n]), x.device, compute)
+    out = _FusedLinearDistill.apply(
+        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, chunk
+    )
+    return out.reshape(lead) if reduction == "none" else out
+
+
+# --------------------------------------------------------------------------- sequence level
+
+
+def sequence_divergence(token_losses: torch.Tensor, mask: torch.Tensor | None = None, *, normalize: bool = True):
+    """Per-sequence divergence from per-token values.
+
+    Args:
+        token_losses: ``(batch, seq)`` per-token divergence, e.g. ``distill_loss(..., reduction="none")``.
+        mask: ``(batch, seq)`` bool/float weights; ``None`` means all ones.
+        normalize: divide each sequence's sum by its weight total (0 for an empty sequence).
+
+    Returns:
+        ``(batch,)`` tensor.
+
+    Raises:
+        ValueError: if ``token_losses`` is not 2-D or ``mask`` has another shape.
+    """
+    if not isinstance(token_losses, torch.Tensor) or token_losses.dim() != 2:
+        raise ValueError("token_losses must be a (batch, seq) tensor")
+    w = _weights(mask, token_losses.shape, token_losses.device, token_losses.dtype)
+    total = (token_losses * w).sum(-1)
+    if not normalize:
+        return total
+    denom = w.sum(-1)
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def sequence_kd_labels(
+    sequences: torch.Tensor,
+    prompt_lengths: torch.Tensor | list[int],
+    *,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Labels for sequence-level KD on teacher generations (Kim & Rush, arXiv:1606.07947).
+
+    The student is trained with cross-entropy on the teacher's own outputs: every position of
+    ``sequences`` (the teacher's ``generate`` output, prompt included, right-padded) becomes a
+    label except the prompt, padding, and anything after the first ``eos_token_id`` of the
+    generated part (the EOS itself stays a target).
+
+    Args:
+        sequences: ``(batch, seq)`` token ids.
+        prompt_lengths: ``(batch,)`` prompt length of each row (prompt left-aligned in the row).
+        pad_token_id: id masked out in the generated part (``None``: no padding masking).
+        eos_token_id: generation stop id (``None``: keep everything after the prompt).
+        ignore_index: label value for masked positions.
+
+    Returns:
+        ``(batch, seq)`` long labels, unshifted (pair them with :func:`sequence_kd_loss`).
+
+    Raises:
+        ValueError: wrong ranks, or a prompt length outside ``[0, seq]``.
+    """
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise ValueError("sequences must be a (batch, seq) tensor of token ids")
+    lengths = torch.as_tensor(prompt_lengths, device=sequences.device).long()
+    if lengths.shape != (sequences.shape[0],):
+        raise ValueError(f"prompt_lengths must have shape ({sequences.shape[0]},), got {tuple(lengths.shape)}")
+    if (lengths < 0).any() or (lengths > sequences.shape[1]).any():
+        raise ValueError("prompt_lengths must lie in [0, seq]")
+    pos = torch.arange(sequences.shape[1], device=sequences.device)[None, :]
+    keep = pos >= lengths[:, None]
+    if eos_token_id is not None:
+        is_eos = (sequences == eos_token_id) & keep
+        # Positions strictly after the first generated EOS are dropped.
+        after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        keep = keep & ~after
+    if pad_token_id is not None:
+        pad = sequences == pad_token_id
+        if eos_token_id is not None and eos_token_id == pad_token_id:
+            first = ((sequences == eos_token_id) & (pos >= lengths[:, None])).long().cumsum(-1) == 1
+            pad = pad & ~(first & (sequences == eos_token_id))
+        keep = keep & ~pad
+    labels = sequences.clone().long()
+    labels[~keep] = ignore_index
+    return labels
+
+
+def sequence_kd_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of the student on teacher-generated targets.
+
+    ``student_logits[:, i]`` predicts ``labels[:, i + 1]`` (the usual causal shift is done here).
+
+    Args:
+        student_logits: ``(batch, seq, vocab)``.
+        labels: ``(batch, seq)`` from :func:`sequence_kd_labels`.
+        ignore_index: masked label value.
+        reduction: ``"mean"`` over target tokens, ``"sum"``, or ``"none"`` (``(batch,)`` summed
+            negative log-likelihood per sequence).
+
+    Raises:
+        ValueError: on shape mismatch or unknown ``reduction``.
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    logits = student_logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index, reduction="none")
+    nll = nll.view(target.shape)
+    valid = target != ignore_index
+    if reduction == "none":
+        return nll.sum(-1)
+    total = nll.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
