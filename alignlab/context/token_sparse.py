@@ -1,0 +1,177 @@
+"""Token-sparse fine-tuning: only the informative tokens enter the backward pass.
+
+In the spirit of "LeMo: Enabling LEss Token Involvement for MOre Context
+Fine-tuning" (Wang et al., arXiv:2501.09767). For a token-wise block ``f``
+(an MLP, a projection) applied to hidden states ``h`` of shape
+``(batch, seq, hidden)``, pick a set ``K`` of tokens per sequence by a score
+and a keep ratio ``ρ`` (``|K| = ⌈ρ · n⌉``), then
+
+    y_t = f(h_t)                      for t ∈ K   (recorded for autograd)
+    y_t = stopgrad(f(h_t))            for t ∉ K   (run under no_grad)
+
+The forward values are unchanged; the activations that ``f`` saves for its
+backward (e.g. the ``(tokens, intermediate)`` tensors of a gated MLP) exist
+only for the kept tokens, so activation memory of the wrapped blocks falls
+linearly with ``ρ``. Gradients are exact for the kept tokens' contributions:
+``∂L/∂θ = Σ_{t∈K} J_t(θ)^T ∂L/∂y_t`` and ``∂L/∂h_t = J_t^T ∂L/∂y_t`` for
+``t ∈ K``; dropped tokens contribute nothing through ``f`` (a residual
+connection around ``f`` still carries their gradient).
+
+``f`` must be token-wise (row ``t`` of the output depends only on row ``t``
+of the input); attention is not, so wrap MLPs and projections, not attention
+layers. Scores: :func:`attention_information_scores` (mean attention a token
+receives, LeMo's information measure) or the default hidden-state norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TokenSparse",
+    "apply_token_sparsity",
+    "attention_information_scores",
+    "select_tokens",
+    "token_sparse_apply",
+]
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select_tokens(
+    scores: torch.Tensor, keep_ratio: float, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean keep-mask ``(batch, seq)``: the ``⌈ρ · n_b⌉`` highest-scoring valid tokens of each row.
+
+    ``n_b`` counts the row's valid tokens (``attention_mask`` 1/True, all if
+    ``None``); padding is never kept. Ties go to the earlier position.
+    Raises ``ValueError`` for ``keep_ratio`` outside ``(0, 1]`` or shape mismatch.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (batch, seq), got shape {tuple(scores.shape)}")
+    if not (isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    valid = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if valid.shape != scores.shape:
+        raise ValueError(f"attention_mask shape {tuple(valid.shape)} != scores shape {tuple(scores.shape)}")
+    n_valid = valid.sum(dim=1)
+    k = torch.ceil(n_valid.double() * keep_ratio).long()
+    masked = scores.detach().float().masked_fill(~valid, -math.inf)
+    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return (rank < k[:, None]) & valid
+
+
+def attention_information_scores(
+    attn_weights: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean attention each token receives: ``s_j = mean_h Σ_i A_{h,i,j} / |{i : i may attend j}|``.
+
+    ``attn_weights``: ``(batch, heads, q_len, k_len)`` softmax probabilities
+    (e.g. ``output_attentions=True``). The normaliser counts the queries
+    allowed to see key ``j`` (causal ⇒ ``q_len - j`` without padding), so
+    late tokens are not penalised for having fewer readers. Returns
+    ``(batch, k_len)``; padded keys get ``-inf``.
+    """
+    if attn_weights.dim() != 4:
+        raise ValueError(f"attn_weights must be (batch, heads, q_len, k_len), got {tuple(attn_weights.shape)}")
+    b, _, q_len, k_len = attn_weights.shape
+    received = attn_weights.float().sum(dim=2).mean(dim=1)  # (batch, k_len)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=attn_weights.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        am = attention_mask.bool()
+        if am.shape != (b, k_len):
+            raise ValueError(f"attention_mask must be (batch, k_len)=({b}, {k_len}), got {tuple(am.shape)}")
+        readers = (causal[None] & am[:, -q_len:, None] & am[:, None, :]).sum(dim=1)
+    else:
+        readers = causal.sum(dim=0).expand(b, k_len)
+    scores = received / readers.clamp_min(1)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask.bool(), -math.inf)
+    return scores
+
+
+def token_sparse_apply(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+    """``fn`` over all tokens of ``hidden`` ``(batch, seq, hidden)``, autograd only through ``keep``.
+
+    ``fn`` is token-wise and is called on ``(n_tokens, hidden)`` matrices.
+    ``keep``: bool ``(batch, seq)``. Returns ``(batch, seq, out)``, equal in
+    value to ``fn(hidden)``. Raises ``ValueError`` on shape/dtype mismatch.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (batch, seq, hidden), got shape {tuple(hidden.shape)}")
+    if keep.dtype != torch.bool or keep.shape != hidden.shape[:2]:
+        raise ValueError(f"keep must be a bool tensor of shape {tuple(hidden.shape[:2])}, got "
+                         f"{keep.dtype} {tuple(keep.shape)}")
+    kept_idx = keep.nonzero(as_tuple=True)
+    drop_idx = (~keep).nonzero(as_tuple=True)
+    y_keep = fn(hidden[kept_idx])
+    if y_keep.dim() != 2 or y_keep.shape[0] != kept_idx[0].numel():
+        raise ValueError(f"fn must map (tokens, hidden) to (tokens, out), got output shape {tuple(y_keep.shape)}")
+    with torch.no_grad():
+        y_drop = fn(hidden[drop_idx])
+    out = torch.empty(*hidden.shape[:2], y_keep.shape[-1], dtype=y_keep.dtype, device=y_keep.device)
+    out[drop_idx] = y_drop.to(out.dtype)
+    # out-of-place index_put keeps y_keep in the graph and saves only the indices
+    return out.index_put(kept_idx, y_keep)
+
+
+class TokenSparse(nn.Module):
+    """Wrap a token-wise ``module`` so only a ``keep_ratio`` share of tokens is trained through it.
+
+    In training mode with grad enabled, the keep-set comes from ``self.keep``
+    (a bool ``(batch, seq)`` mask set by the caller, e.g. from
+    :func:`attention_information_scores` + :func:`select_tokens`) when not
+    ``None``, else from ``scorer(hidden)`` (default: L2 norm of the token's
+    input) via :func:`select_tokens`. In eval mode, under ``no_grad`` or with
+    ``keep_ratio == 1`` it is the plain module.
+    """
+
+    def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
+        super().__init__()
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        self.module = module
+        self.keep_ratio = float(keep_ratio)
+        self.scorer = scorer
+        self.keep: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not self.training or not torch.is_grad_enabled() or hidden.dim() != 3:
+            return self.module(hidden, *args, **kwargs)
+        keep = self.keep
+        if keep is None:
+            if self.keep_ratio >= 1.0:
+                return self.module(hidden)
+            scores = self.scorer(hidden) if self.scorer is not None else hidden.detach().float().norm(dim=-1)
+            keep = select_tokens(scores, self.keep_ratio)
+        return token_sparse_apply(self.module, hidden, keep.to(hidden.device))
+
+
+def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[str] = ("mlp",),
+                         scorer: Scorer | None = None) -> list[str]:
+    """Wrap every submodule whose name ends with one of ``targets`` in :class:`TokenSparse`, in place.
+
+    Returns the wrapped names. Raises ``ValueError`` if nothing matched.
+    Undo with ``module.module`` or by reloading; set ``keep_ratio`` on the
+    wrappers to change it between steps.
+    """
+    targets = tuple(targets)
+    names = [
+        name for name, m in model.named_modules()
+        if name and not isinstance(m, TokenSparse) and name.split(".")[-1] in targets
+        and not name.endswith(".module")
+    ]
+    if not names:
+        raise ValueError(f"no submodule named one of {targets} found")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, TokenSparse(getattr(owner, child), keep_ratio, scorer))
+    return names

@@ -1,0 +1,176 @@
+"""Token-sparse fine-tuning: exact gradients for kept tokens, activation memory falls with the keep ratio."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.context.token_sparse import (
+    TokenSparse,
+    apply_token_sparsity,
+    attention_information_scores,
+    select_tokens,
+    token_sparse_apply,
+)
+
+
+def saved_bytes(run):
+    """Bytes of distinct non-parameter tensors autograd saves while ``run()`` builds its graph."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return total[0], out
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, h=16, inter=48, dtype=torch.float64):
+        super().__init__()
+        self.up = nn.Linear(h, inter, dtype=dtype)
+        self.gate = nn.Linear(h, inter, dtype=dtype)
+        self.down = nn.Linear(inter, h, dtype=dtype)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_select_tokens_matches_bruteforce():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (4, 9), generator=g).float()  # many ties
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[3, :] = False  # empty row
+    for ratio in (0.1, 0.34, 0.5, 1.0):
+        keep = select_tokens(scores, ratio, mask)
+        for b in range(4):
+            valid = [j for j in range(9) if mask[b, j]]
+            k = math.ceil(len(valid) * ratio)
+            expected = sorted(valid, key=lambda j: (-scores[b, j].item(), j))[:k]
+            assert sorted(keep[b].nonzero().flatten().tolist()) == sorted(expected)
+
+
+def test_kept_token_gradients_exact_float64():
+    torch.manual_seed(0)
+    mlp = GatedMLP()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    keep = select_tokens(torch.randn(3, 7), 0.4)
+    upstream = torch.randn(3, 7, 16, dtype=torch.float64)
+
+    y = token_sparse_apply(mlp, x, keep)
+    (y * upstream).sum().backward()
+    ours = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]
+
+    # oracle: dense graph, upstream gradient zeroed on dropped tokens
+    mlp.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = mlp(x2)
+    torch.testing.assert_close(y, y2)  # forward values unchanged
+    (y2 * upstream * keep[..., None]).sum().backward()
+    ref = [p.grad for p in mlp.parameters()] + [x2.grad]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.all(ours[-1][~keep] == 0)
+
+
+def test_gradcheck_through_kept_tokens():
+    torch.manual_seed(1)
+    mlp = GatedMLP(h=4, inter=6)
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: token_sparse_apply(mlp, t, keep)[keep], (x,))
+
+
+@pytest.mark.parametrize("case", ["none_kept", "all_kept"])
+def test_edge_keep_sets(case):
+    torch.manual_seed(0)
+    mlp = GatedMLP(h=4, inter=6)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    keep = torch.zeros(2, 5, dtype=torch.bool) if case == "none_kept" else torch.ones(2, 5, dtype=torch.bool)
+    y = token_sparse_apply(mlp, x, keep)
+    torch.testing.assert_close(y, mlp(x))
+    y.sum().backward()
+    nonzero = x.grad.abs().sum() > 0
+    assert bool(nonzero) == (case == "all_kept")
+    assert all(bool(p.grad.abs().sum() > 0) == (case == "all_kept") for p in mlp.parameters())
+
+
+def test_saved_activation_bytes_fall_with_keep_ratio():
+    torch.manual_seed(0)
+    mlp = GatedMLP(h=32, inter=128, dtype=torch.float32)
+    x = torch.randn(2, 256, 32, requires_grad=True)
+    scores = torch.randn(2, 256)
+    sizes = {}
+    for ratio in (1.0, 0.5, 0.25, 0.125):
+        keep = select_tokens(scores, ratio)
+        sizes[ratio], y = saved_bytes(lambda: token_sparse_apply(mlp, x, keep))
+        y.sum().backward()
+    dense, _ = saved_bytes(lambda: mlp(x))
+    assert sizes[1.0] <= dense * 1.05  # only index tensors on top of the dense graph
+    assert sizes[1.0] > sizes[0.5] > sizes[0.25] > sizes[0.125]
+    for ratio in (0.5, 0.25, 0.125):
+        # activations scale with the number of kept tokens, plus a small fixed index overhead
+        assert sizes[ratio] <= (ratio + 0.05) * sizes[1.0], (ratio, sizes)
+
+
+def test_attention_information_scores_oracle():
+    torch.manual_seed(0)
+    b, h, n = 2, 3, 5
+    logits = torch.randn(b, h, n, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = logits.masked_fill(~causal, -math.inf).softmax(-1)
+    scores = attention_information_scores(probs)
+    for bi in range(b):
+        for j in range(n):
+            readers = list(range(j, n))
+            expected = sum(probs[bi, hh, i, j].item() for hh in range(h) for i in readers) / (h * len(readers))
+            assert scores[bi, j].item() == pytest.approx(expected, rel=1e-5)
+    am = torch.ones(b, n, dtype=torch.long)
+    am[0, :2] = 0  # left padding
+    s2 = attention_information_scores(probs, am)
+    assert torch.isinf(s2[0, :2]).all() and torch.isfinite(s2[1]).all()
+    keep = select_tokens(s2, 0.5, am)
+    assert not keep[0, :2].any()
+
+
+def test_tiny_llama_mlps_sparse_same_forward_less_memory():
+    from conftest import make_tiny_llama
+
+    dense = make_tiny_llama(seed=0, vocab_size=64, hidden_size=32, num_layers=2).train()
+    sparse = make_tiny_llama(seed=0, vocab_size=64, hidden_size=32, num_layers=2).train()
+    names = apply_token_sparsity(sparse, keep_ratio=0.25)
+    assert names == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert isinstance(sparse.model.layers[0].mlp, TokenSparse)
+    ids = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0))
+    b_dense, out_dense = saved_bytes(lambda: dense(ids, labels=ids))
+    b_sparse, out_sparse = saved_bytes(lambda: sparse(ids, labels=ids))
+    torch.testing.assert_close(out_sparse.logits, out_dense.logits)
+    assert b_sparse < 0.85 * b_dense, (b_sparse, b_dense)
+    out_sparse.loss.backward()
+    assert all(p.grad is not None for p in sparse.parameters() if p.requires_grad)
+    sparse.eval()  # eval mode: the wrappers are the plain modules
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense.eval()(ids).logits)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="keep_ratio"):
+        select_tokens(torch.zeros(1, 3), 0.0)
+    with pytest.raises(ValueError, match="scores"):
+        select_tokens(torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="keep"):
+        token_sparse_apply(nn.Identity(), torch.zeros(1, 3, 2), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hidden"):
+        token_sparse_apply(nn.Identity(), torch.zeros(3, 2), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep_ratio"):
+        TokenSparse(nn.Identity(), 1.5)
+    with pytest.raises(ValueError, match="no submodule"):
+        apply_token_sparsity(nn.Sequential(nn.Linear(2, 2)), 0.5)
