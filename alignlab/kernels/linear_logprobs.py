@@ -1,0 +1,287 @@
+"""Row-wise softmax statistics and logit gradients for one chunk of logits.
+
+This is the elementwise heart of the chunked log-prob engine
+(:mod:`alignlab.losses.logprobs`, :mod:`alignlab.losses.cross_entropy`). The
+engine computes a chunk of logits ``Z = H_c W^T (+ b)`` with one cuBLAS matmul;
+this module turns that ``(rows, vocab)`` block, **in place**, into the gradient
+``dL/dZ`` while producing the per-row statistics, so that the two backward
+matmuls (``dL/dH_c = dZ W`` and ``dL/dW += dZ^T H_c``) can read it directly. The
+three matmuls are the floor of the problem; this kernel is the only extra
+memory traffic (two reads and one write of the chunk).
+
+For row ``t`` with target ``y``, optional soft cap ``c`` (Gemma 2,
+arXiv:2408.00118) ``z = c tanh(Z / c)`` (else ``z = Z``), the statistics are
+
+    lse_t  = log sum_v exp(z_v)           (fp32 online log-sum-exp)
+    tgt_t  = z_y
+    mean_t = (1 / V) sum_v z_v            (only for label smoothing)
+
+and the per-row loss whose gradient is written is
+
+    l_t = (1 - eps) (lse_t - z_y) + eps (lse_t - mean_t) + zeta lse_t^2
+
+(label smoothing ``eps`` as in "Rethinking the Inception Architecture",
+arXiv:1512.00567; z-loss ``zeta`` as in PaLM, arXiv:2204.02311), so
+
+    dL/dZ_v = g_t [ p_v (1 + 2 zeta lse_t) - eps / V - (1 - eps) [v = y] ] * (1 - (z_v / c)^2)
+
+with ``p = softmax(z)`` and ``g_t`` the per-row gradient scale. A log-prob
+``z_y - lse`` is the loss with ``eps = zeta = 0`` and ``g_t = -dL/dlogp_t``.
+
+Two implementations with the same contract: a Triton kernel (one program per
+row, two passes over the vocabulary in blocks) and a PyTorch reference.
+:func:`chunk_softmax_grad_` picks one through :func:`alignlab.kernels.dispatch.use_triton`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from alignlab.kernels.dispatch import interpreting, triton_available, use_triton
+
+__all__ = ["RowStats", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of a logits chunk, each ``(rows,)`` in float32 (float64 for float64 logits).
+
+    ``mean`` is ``None`` unless it was asked for.
+    """
+
+    lse: torch.Tensor
+    target: torch.Tensor
+    mean: torch.Tensor | None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (rows, vocab), got shape {tuple(logits.shape)}")
+    if logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous along the vocabulary dimension")
+    rows = logits.shape[0]
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
+    if lse is not None and lse.shape != (rows,):
+        raise ValueError(f"lse must have shape ({rows},), got {tuple(lse.shape)}")
+    if grad_scale is not None and grad_scale.shape != (rows,):
+        raise ValueError(f"grad_scale must have shape ({rows},), got {tuple(grad_scale.shape)}")
+    if lse is not None and grad_scale is None:
+        raise ValueError("lse is only taken together with grad_scale (the gradient pass)")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+
+def chunk_softmax_grad_reference_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lse: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    want_mean: bool = False,
+    smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> RowStats:
+    """PyTorch reference of :func:`chunk_softmax_grad_` (same arguments, same contract)."""
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap)
+    acc = _acc_dtype(logits.dtype)
+    z = logits.to(acc)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if lse is None:
+        lse = torch.logsumexp(z, dim=1)
+    else:
+        lse = lse.to(acc)
+    target = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    mean = z.mean(dim=1) if want_mean else None
+    if grad_scale is not None:
+        vocab = logits.shape[1]
+        g = grad_scale.to(acc)
+        d = torch.exp(z - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+        if smoothing:
+            d -= (g * (smoothing / vocab))[:, None]
+        d.scatter_add_(1, labels.view(-1, 1), -(g * (1.0 - smoothing))[:, None])
+        if softcap is not None:
+            d *= 1.0 - (z / softcap) ** 2
+        logits.copy_(d)
+    return RowStats(lse, target, mean)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tanh(x):
+        # tanh through exp: portable between the GPU and the interpreter.
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _chunk_softmax_grad_kernel(
+        logits_ptr,
+        stride_row,
+        labels_ptr,
+        gscale_ptr,
+        lse_ptr,
+        tgt_ptr,
+        mean_ptr,
+        V,
+        smoothing,
+        z_loss,
+        softcap,
+        HAS_CAP: tl.constexpr,
+        LSE_IN: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        WANT_MEAN: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        y = tl.load(labels_ptr + row).to(tl.int64)
+        offs = tl.arange(0, BLOCK_V)
+        zy = tl.load(base + y).to(tl.float32)
+        if HAS_CAP:
+            zy = softcap * _tanh(zy / softcap)
+        tl.store(tgt_ptr + row, zy)
+        if LSE_IN:
+            lse = tl.load(lse_ptr + row).to(tl.float32)
+        else:
+            # Online log-sum-exp: one exp per element, block maxima rescale the running sum.
+            m = tl.zeros([], dtype=tl.float32) - float("inf")
+            s = tl.zeros([], dtype=tl.float32)
+            zs = tl.zeros([], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                msk = cols < V
+                z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+                if HAS_CAP:
+                    z = softcap * _tanh(z / softcap)
+                if WANT_MEAN:
+                    zs += tl.sum(tl.where(msk, z, 0.0), axis=0)
+                z = tl.where(msk, z, float("-inf"))
+                new_m = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+                m = new_m
+            lse = m + tl.log(s)
+            tl.store(lse_ptr + row, lse)
+            if WANT_MEAN:
+                tl.store(mean_ptr + row, zs / V)
+        if WRITE_GRAD:
+            g = tl.load(gscale_ptr + row).to(tl.float32)
+            coef = g * (1.0 + 2.0 * z_loss * lse)
+            off = g * smoothing / V
+            hit = g * (1.0 - smoothing)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                msk = cols < V
+                z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+                if HAS_CAP:
+                    t = _tanh(z / softcap)
+                    z = softcap * t
+                d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
+                if HAS_CAP:
+                    d = d * (1.0 - t * t)
+                tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=msk)
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    if interpreting():
+        return min(triton.next_power_of_2(vocab), 256), 1
+    return min(triton.next_power_of_2(vocab), 4096), 8
+
+
+def chunk_softmax_grad_triton_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lse: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    want_mean: bool = False,
+    smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> RowStats:
+    """Triton launcher of :func:`chunk_softmax_grad_` (float16/bfloat16/float32 logits)."""
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap)
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton path takes float16/bfloat16/float32 logits, got {logits.dtype}")
+    rows, vocab = logits.shape
+    dev = logits.device
+    lse_out = lse.to(torch.float32).contiguous() if lse is not None else torch.empty(rows, device=dev)
+    target = torch.empty(rows, device=dev, dtype=torch.float32)
+    mean = torch.empty(rows, device=dev, dtype=torch.float32) if want_mean else None
+    if rows == 0:
+        return RowStats(lse_out, target, mean)
+    gscale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else target
+    block_v, num_warps = _launch_config(vocab)
+    _chunk_softmax_grad_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        labels.contiguous(),
+        gscale,
+        lse_out,
+        target,
+        mean if mean is not None else target,
+        vocab,
+        float(smoothing),
+        float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_CAP=softcap is not None,
+        LSE_IN=lse is not None,
+        WRITE_GRAD=grad_scale is not None,
+        WANT_MEAN=want_mean,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return RowStats(lse_out, target, mean)
+
+
+def chunk_softmax_grad_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lse: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    want_mean: bool = False,
+    smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> RowStats:
+    """Row statistics of a logits chunk and, optionally, its gradient written in place.
+
+    Args:
+        logits: ``(rows, vocab)`` raw logits ``Z`` (before the soft cap), contiguous along vocab.
+            Overwritten with ``dL/dZ`` (same dtype) when ``grad_scale`` is given, else untouched.
+        labels: ``(rows,)`` integer targets, every one in ``[0, vocab)`` (the caller drops
+            ignored rows before calling).
+        lse: ``(rows,)`` log-sum-exp saved by an earlier pass; skips the statistics pass
+            (only together with ``grad_scale``).
+        grad_scale: ``(rows,)`` per-row scale ``g_t`` of the gradient; ``None`` = statistics only.
+        want_mean: also return the mean capped logit per row (label smoothing needs it).
+        smoothing, z_loss, softcap: ``eps``, ``zeta`` and ``c`` of the module docstring.
+
+    Returns:
+        :class:`RowStats` ``(lse, target, mean)``, float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: on mismatched shapes or out-of-range ``smoothing``/``z_loss``/``softcap``.
+    """
+    if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return chunk_softmax_grad_triton_(
+            logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
+            smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+        )
+    return chunk_softmax_grad_reference_(
+        logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
+        smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+    )

@@ -1,0 +1,389 @@
+"""Token and sequence log-probabilities, from logits or straight from hidden states.
+
+The log-probability of the label ``y_t`` under a language model head is
+
+    log p(y_t | x_<t) = z_{t, y_t} - log sum_v exp(z_{t, v}),   z_t = W h_t (+ b)
+
+with ``h_t`` the last hidden state ``(hidden,)``, ``W`` the ``lm_head`` weight
+``(vocab, hidden)``. Preference and RL losses (DPO and friends, arXiv:2305.18290;
+PPO/GRPO) consume per-sequence sums of these.
+
+:func:`linear_logprobs` never builds the ``(tokens, vocab)`` logits in full:
+tokens are processed in chunks of rows; for each chunk one matmul gives the
+chunk's logits, one kernel (:mod:`alignlab.kernels.linear_logprobs`, Triton on
+CUDA) reduces them to the log-sum-exp in fp32, and the backward pass recomputes
+the chunk and turns it in place into ``dL/dz`` for the two gradient matmuls.
+The same engine (:func:`linear_chunked_pass`) drives
+:func:`alignlab.losses.cross_entropy.linear_cross_entropy`.
+
+Label convention: ``labels[..., t]`` is the token scored by ``logits[..., t, :]``
+(or ``hidden[..., t, :]``). For a causal LM, shift first:
+``logits[:, :-1]`` with ``labels[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
+
+__all__ = [
+    "linear_chunked_pass",
+    "linear_logprobs",
+    "sequence_logprobs",
+    "token_logprobs",
+]
+
+# Bytes of one chunk of logits (in the matmul dtype). On the GPU this trades the
+# chunk workspace against the cost of re-reading/writing dL/dW once per chunk
+# (see docs/losses-logprobs.md); on the CPU it only bounds memory.
+_CUDA_CHUNK_BYTES = 256 * 2**20
+_CPU_CHUNK_BYTES = 32 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- #
+# From logits
+# --------------------------------------------------------------------------- #
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError("logits must be a floating-point tensor")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits must be labels.shape + (vocab,): got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
+        )
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Log-probability of each label, ``z_y - logsumexp(z)``, 0 where ``labels == ignore_index``.
+
+    Args:
+        logits: ``(batch, seq, vocab)`` (any leading shape), any float dtype.
+        labels: ``(batch, seq)`` integer targets aligned with ``logits`` (shift first for causal LMs).
+        ignore_index: label value that marks positions to skip.
+
+    Returns:
+        ``(batch, seq)`` float32 (float64 for float64 logits). The log-sum-exp runs in
+        float32 one leading row at a time, so at most one row of logits is upcast at once.
+
+    Raises:
+        TypeError: non-float logits or non-integer labels.
+        ValueError: shapes that do not line up, labels outside ``[0, vocab)``.
+    """
+    _check_logits_labels(logits, labels)
+    vocab = logits.shape[-1]
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    if safe.numel() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+    acc = _acc_dtype(logits.dtype)
+    flat = logits.reshape(-1, vocab)
+    idx = safe.reshape(-1, 1)
+    rows = max(1, _CPU_CHUNK_BYTES // max(1, vocab * 4))
+    out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
+    for s in range(0, flat.shape[0], rows):
+        z = flat[s : s + rows].to(acc)
+        out[s : s + rows] = z.gather(1, idx[s : s + rows]).squeeze(1) - torch.logsumexp(z, dim=1)
+    return out.view(labels.shape) * valid
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    average: bool = False,
+) -> torch.Tensor:
+    """Per-sequence sum (or mean) of token log-probs: ``sum_t m_t log p(y_t)``.
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+        labels: ``(batch, seq)`` aligned with ``logits`` (shift first for causal LMs).
+        mask: optional ``(batch, seq)`` bool/0-1 tensor; positions with 0 are skipped on top of
+            ``ignore_index``.
+        ignore_index: label value that marks positions to skip.
+        average: divide by the number of counted tokens (SimPO/IPO-style length
+            normalisation); a sequence with no counted token gives 0.
+
+    Returns:
+        ``(batch,)`` float32 (float64 for float64 logits).
+
+    Raises:
+        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels``.
+    """
+    _check_logits_labels(logits, labels)
+    if labels.dim() < 1:
+        raise ValueError("labels must have at least a batch dimension")
+    tok = token_logprobs(logits, labels, ignore_index)
+    keep = (labels != ignore_index).to(tok.dtype)
+    if mask is not None:
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        keep = keep * mask.to(tok.dtype)
+    dims = tuple(range(1, labels.dim()))
+    total = (tok * keep).sum(dim=dims) if dims else tok * keep
+    if not average:
+        return total
+    count = keep.sum(dim=dims) if dims else keep
+    return total / count.clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- #
+# The chunked engine: hidden states + lm_head weight, never the full logits
+# --------------------------------------------------------------------------- #
+def default_chunk_rows(n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
+    """Rows per chunk: a fixed logits-chunk budget in bytes, balanced so the last chunk is not a sliver."""
+    budget = _CUDA_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+    rows = max(1, budget // max(1, vocab * itemsize))
+    if device.type == "cuda" and rows >= 64:
+        rows = 1 << (rows.bit_length() - 1)  # power of two: friendlier matmul tiles
+    if n_rows <= rows:
+        return max(1, n_rows)
+    n_chunks = math.ceil(n_rows / rows)
+    return math.ceil(n_rows / n_chunks)
+
+
+def linear_chunked_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    grad_scale: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    want_mean: bool = False,
+    smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    need_hidden_grad: bool = True,
+    need_weight_grad: bool = True,
+    need_bias_grad: bool = True,
+) -> tuple[RowStats, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One pass of the chunked engine over rows that are all scored (no ignored labels).
+
+    For each chunk of rows: ``Z = H_c W^T + b`` (one matmul), row statistics via
+    :func:`alignlab.kernels.linear_logprobs.chunk_softmax_grad_`, and, when
+    ``grad_scale`` is given, the gradient of ``sum_t g_t l_t`` (``l_t`` as in that
+    module) via ``dH_c = dZ W`` and ``dW += dZ^T H_c`` (two more matmuls) and
+    ``db += sum_t dZ_t``.
+
+    Args:
+        hidden: ``(rows, hidden)``; weight: ``(vocab, hidden)``; labels: ``(rows,)`` in ``[0, vocab)``;
+        bias: ``(vocab,)`` or None.
+        chunk_size: rows per chunk (default: a logits budget of 256 MiB on CUDA, 32 MiB on CPU).
+        grad_scale: ``(rows,)`` per-row gradient scale ``g_t``; None = statistics only.
+        lse: ``(rows,)`` saved log-sum-exp (skips the statistics pass; needs ``grad_scale``).
+        need_*_grad: which gradients to produce (a frozen ``lm_head`` skips its matmul).
+
+    Returns:
+        ``(stats, grad_hidden, grad_weight, grad_bias)``; the grads are None unless asked
+        for and ``grad_scale`` was given. ``grad_weight`` accumulates over chunks in the
+        weight's dtype (for bf16/fp16 that keeps the memory at one weight-sized buffer, at
+        the price of one rounding per chunk); ``grad_bias`` is float32/float64.
+    """
+    rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    acc = _acc_dtype(hidden.dtype)
+    grads = grad_scale is not None
+    need_h = grads and need_hidden_grad
+    need_w = grads and need_weight_grad
+    need_b = grads and need_bias_grad and bias is not None
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w and rows == 0 else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+    lse_out = torch.empty(rows, dtype=acc, device=dev)
+    tgt_out = torch.empty(rows, dtype=acc, device=dev)
+    mean_out = torch.empty(rows, dtype=acc, device=dev) if want_mean else None
+    if rows == 0:
+        return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
+    step = chunk_size or default_chunk_rows(rows, vocab, hidden.element_size(), dev)
+    buf = torch.empty(min(step, rows), vocab, dtype=hidden.dtype, device=dev)
+    w_t = weight.t()
+    for s in range(0, rows, step):
+        e = min(s + step, rows)
+        h_c = hidden[s:e]
+        z = buf[: e - s]
+        if bias is not None:
+            torch.addmm(bias, h_c, w_t, out=z)
+        else:
+            torch.mm(h_c, w_t, out=z)
+        st = chunk_softmax_grad_(
+            z,
+            labels[s:e],
+            lse=lse[s:e] if lse is not None else None,
+            grad_scale=grad_scale[s:e] if grads else None,
+            want_mean=want_mean,
+            smoothing=smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
+        lse_out[s:e] = st.lse
+        tgt_out[s:e] = st.target
+        if want_mean:
+            mean_out[s:e] = st.mean
+        if not grads:
+            continue
+        # z now holds dL/dZ for the chunk.
+        if need_h:
+            torch.mm(z, weight, out=grad_h[s:e])
+        if need_w:
+            if grad_w is None:
+                grad_w = z.t() @ h_c
+            else:
+                grad_w.addmm_(z.t(), h_c)
+        if need_b:
+            grad_b += z.sum(dim=0, dtype=acc)
+    return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk_size: int | None,
+) -> None:
+    """Validate the hidden/weight/labels/bias/chunk_size arguments shared by the fused losses."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must end in hidden={weight.shape[1]} (weight is (vocab, hidden)), got {tuple(hidden.shape)}"
+        )
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+    if hidden.device != weight.device or labels.device != hidden.device:
+        raise ValueError("hidden, weight and labels must be on one device")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def select_scored_rows(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Flatten to rows and keep only the scored ones (padding and prompts cost no matmul).
+
+    Returns ``(index, hidden_rows, label_rows)``; ``index`` is None when every row is scored.
+
+    Raises:
+        ValueError: a label outside ``[0, vocab)`` that is not ``ignore_index``.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    index = valid.nonzero().squeeze(1)
+    if index.numel() == y.numel():
+        index = None
+    else:
+        h = h.index_select(0, index)
+        y = y.index_select(0, index)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+    return index, h.contiguous(), y.to(torch.int64).contiguous()
+
+
+def scatter_rows(values: torch.Tensor, index: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """Inverse of :func:`select_scored_rows` for per-row values: zeros at unscored rows."""
+    if index is None:
+        return values
+    out = values.new_zeros((n_rows,) + values.shape[1:])
+    out.index_copy_(0, index, values)
+    return out
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
+        vocab = weight.shape[0]
+        index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab)
+        st, _, _, _ = linear_chunked_pass(h, weight, y, bias, chunk_size=chunk_size, softcap=softcap)
+        n_rows = labels.numel()
+        logp = scatter_rows(st.target - st.lse, index, n_rows).view(labels.shape)
+        ctx.save_for_backward(hidden, weight, bias, labels, st.lse)
+        ctx.opts = (chunk_size, ignore_index, softcap)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk_size, ignore_index, softcap = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        index, h, y = select_scored_rows(hidden, labels, ignore_index, weight.shape[0])
+        g = grad_logp.reshape(-1)
+        if index is not None:
+            g = g.index_select(0, index)
+        # logp = z_y - lse is minus the unsmoothed loss: scale the loss gradient by -g.
+        _, gh, gw, gb = linear_chunked_pass(
+            h, weight, y, bias, chunk_size=chunk_size, grad_scale=-g.to(lse.dtype), lse=lse,
+            softcap=softcap, need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
+        )
+        grad_hidden = None
+        if need_h:
+            grad_hidden = scatter_rows(gh, index, labels.numel()).view(hidden.shape)
+        grad_bias = gb.to(bias.dtype) if gb is not None else None
+        return grad_hidden, gw, grad_bias, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """Log-probs of the labels straight from the last hidden state, chunk by chunk.
+
+        logp_t = z_{t, y_t} - log sum_v exp(z_{t, v}),   z_t = W h_t + b
+        (z_t = c tanh((W h_t + b) / c) with ``logit_softcap=c``, Gemma 2, arXiv:2408.00118)
+
+    The ``(tokens, vocab)`` logits never exist in full: at most ``chunk_size`` rows of
+    them at a time (in the weight dtype), with an fp32 log-sum-exp. Rows whose label is
+    ``ignore_index`` cost nothing. Backward (custom autograd, any upstream gradient)
+    recomputes each chunk and gives gradients to ``hidden``, ``weight`` and ``bias``:
+    four matmuls in all. For a temperature ``tau``, pass ``weight / tau`` (and ``bias / tau``).
+
+    Args:
+        hidden: ``(batch, seq, hidden)`` (any leading shape), fp16/bf16/fp32/fp64.
+        weight: ``(vocab, hidden)`` lm_head weight, same dtype as ``hidden``.
+        labels: ``(batch, seq)`` integer targets aligned with ``hidden`` (shift first).
+        bias: optional ``(vocab,)``.
+        chunk_size: rows of logits per chunk (default: 256 MiB of logits on CUDA, 32 MiB on CPU).
+        ignore_index: label value of unscored positions (their log-prob is 0).
+        logit_softcap: optional soft cap ``c > 0``.
+
+    Returns:
+        ``(batch, seq)`` log-probs, float32 (float64 for float64 inputs), 0 at ignored positions.
+
+    Raises:
+        TypeError: non-float hidden/weight, non-integer labels, mismatched dtypes.
+        ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, bad chunk_size/softcap.
+    """
+    check_linear_inputs(hidden, weight, labels, bias, chunk_size)
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, chunk_size, ignore_index, logit_softcap)
