@@ -1,1 +1,34 @@
-"""alignlab.adapters"""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init; injection and PEFT-format I/O."""
+
+from alignlab.adapters.base import AdapterLayer, SavedModule
+from alignlab.adapters.config import LoRAConfig
+from alignlab.adapters.dora import dora_weight_norm
+from alignlab.adapters.inject import (
+    ParameterCount,
+    active_adapters,
+    adapter_configs,
+    adapter_layers,
+    add_weighted_adapter,
+    count_parameters,
+    delete_adapter,
+    disabled,
+    find_targets,
+    inject,
+    mark_only_adapters_trainable,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
+)
+from alignlab.adapters.io import adapter_state_dict, load_adapter, save_adapter
+from alignlab.adapters.lora import DoRALinear, LoRALinear, lora_forward, lora_scaling
+
+add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a model already has one
+
+__all__ = [
+    "AdapterLayer", "DoRALinear", "LoRAConfig", "LoRALinear", "ParameterCount", "SavedModule",
+    "active_adapters", "adapter_configs", "adapter_layers", "adapter_state_dict", "add_adapter",
+    "add_weighted_adapter", "count_parameters", "delete_adapter", "disabled", "dora_weight_norm",
+    "find_targets", "inject", "load_adapter", "lora_forward", "lora_scaling", "mark_only_adapters_trainable",
+    "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
+]

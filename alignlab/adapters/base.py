@@ -1,0 +1,123 @@
+"""What every adapter layer shares: a frozen base module plus named adapters.
+
+An :class:`AdapterLayer` wraps one leaf module (``base_layer``) of the user's
+model. It holds any number of named adapters, of which a subset is *active*;
+it can be *disabled* (then it runs the base alone, e.g. as the DPO reference
+policy) and, where the method allows, *merged* into the base weight.
+Injection, save/load and the model-level helpers in ``inject.py`` only talk to
+this interface, so every adapter family plugs into the same machinery.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+
+import torch
+from torch import nn
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense ``(out, in)`` tensor.
+
+    ``nn.Linear`` returns its parameter; a quantized base (e.g. ``NF4Linear``)
+    returns a dequantized temporary through its ``dequantize()`` method.
+    """
+    if hasattr(base, "dequantize"):
+        return base.dequantize()
+    return base.weight
+
+
+def is_quantized(base: nn.Module) -> bool:
+    return hasattr(base, "dequantize") and hasattr(base, "load_dense_weight_")
+
+
+def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
+    """Write a dense ``(out, in)`` weight back into the base (re-quantizing a quantized base)."""
+    if is_quantized(base):
+        base.load_dense_weight_(weight)
+    else:
+        with torch.no_grad():
+            base.weight.copy_(weight)
+
+
+class AdapterLayer(nn.Module, abc.ABC):
+    """Base class: ``base_layer`` + named adapters; subclasses add the math."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+
+    @abc.abstractmethod
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (raises ``ValueError`` if absent or merged)."""
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(f"{type(self).__name__} adapters cannot be merged into the base weight")
+
+    def unmerge(self) -> None:
+        raise ValueError(f"{type(self).__name__} adapters cannot be unmerged")
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.adapter_names():
+            raise ValueError(f"adapter {name!r} not found; this layer has {self.adapter_names()}")
+
+
+class SavedModule(nn.Module):
+    """A module trained in full next to the adapters (PEFT's ``modules_to_save``).
+
+    Keeps the original module frozen and one trainable copy per adapter name, so
+    ``disabled()`` and switching adapters still see the untouched original.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def forward(self, *args, **kwargs):
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name](*args, **kwargs)
+        return self.original_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Let model code read attributes of the wrapped module (e.g. ``lm_head.weight``).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original_module"], name)

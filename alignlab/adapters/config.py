@@ -1,0 +1,115 @@
+"""``LoRAConfig``: which modules get which LoRA / DoRA adapter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alignlab.adapters.lora import LoRALinear, _check_init
+
+
+@dataclass
+class LoRAConfig:
+    """Settings for :func:`alignlab.adapters.inject`.
+
+    Args:
+        r: default rank.
+        alpha: default scaling numerator (``s = α/r``; ``α/√r`` with ``use_rslora``).
+        dropout: dropout on the adapter input.
+        target_modules: which ``nn.Linear`` leaves to adapt: ``"all-linear"`` (every linear except
+            the output head), a regex string (full match on the module's dotted name), or a list of
+            names/suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
+        exclude_modules: same forms as ``target_modules`` (except ``"all-linear"``); matches are skipped.
+        rank_pattern / alpha_pattern: ``{regex: value}`` overrides; a pattern applies to a module whose
+            name matches ``(^|.*\\.)pattern$``.
+        use_rslora: rank-stabilised scaling.
+        use_dora: DoRA instead of plain LoRA.
+        init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_K"`` or ``"olora"``.
+        modules_to_save: names/suffixes of modules trained in full next to the adapters (e.g. ``["lm_head"]``).
+        adapter_dtype: dtype of the adapter weights (default: fp32 on 16-bit or quantized bases).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+    modules_to_save: list[str] | None = None
+    adapter_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check_init(self.init)
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                _compile("target_modules", self.target_modules)
+        elif not _is_str_list(self.target_modules) or not self.target_modules:
+            raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {self.target_modules!r}")
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str) and not _is_str_list(self.exclude_modules):
+            raise TypeError(f"exclude_modules must be a regex string or a list of names, got {self.exclude_modules!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
+            for key, value in pattern.items():
+                _compile(name, key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+                if name == "rank_pattern" and not isinstance(value, int):
+                    raise ValueError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+
+    # -- resolution per module ------------------------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        return _pattern_value(self.rank_pattern, name, self.r)
+
+    def alpha_for(self, name: str) -> float:
+        return _pattern_value(self.alpha_pattern, name, self.alpha)
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoRALinear:
+        return LoRALinear(module, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
+                          self.use_rslora, self.use_dora, adapter_name, self.adapter_dtype)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, LoRALinear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a LoRA adapter to it")
+        layer.add_adapter(adapter_name, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
+                          self.use_rslora, self.use_dora, self.adapter_dtype)
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _compile(arg: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{arg}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(^|.*\.)(?:{pattern})$", name):
+            return value
+    return default
+
+
+def name_matches(spec: str | list[str], name: str) -> bool:
+    """Whether a dotted module name matches a regex string (full match) or a list of names/suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)

@@ -1,0 +1,95 @@
+"""DoRA: weight-decomposed low-rank adaptation.
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353.
+The adapted weight is split into a magnitude vector ``m`` (one entry per output
+row) and a direction::
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row
+
+``‖·‖_row`` is the L2 norm of each output row (PEFT's "column norm" of the
+``(in, out)`` view). As in the paper's §4.3, the norm is treated as a constant
+in backward (detached): gradients reach ``m``, ``A`` and ``B`` through the
+numerator only, which saves memory and matches PEFT's numerics.
+
+The norm is computed *without* forming ``W + s·B·A``: row by row,
+
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·⟨B_i, (W Aᵀ)_i⟩ + s²·B_i (A Aᵀ) B_iᵀ,
+
+which needs only ``(out, r)`` and ``(r, r)`` products, so a forward pass holds
+at most one dense ``(out, in)`` temporary (the fp32 view of a half-precision
+or dequantized base weight) and none at all for an fp32 base.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms ``‖W + s·B·A‖`` in fp32, shape ``(out,)``, with no dense temporary for fp32 ``W``.
+
+    Args:
+        weight: base weight ``(out, in)``.
+        a: LoRA ``A`` ``(r, in)``.
+        b: LoRA ``B`` ``(out, r)``.
+        scale: LoRA scaling ``s``.
+    """
+    w = weight.float()
+    a = a.float()
+    b = b.float()
+    w_sq = torch.linalg.vector_norm(w, dim=1).square()
+    wa = F.linear(a, w).T  # (out, r) = W Aᵀ
+    cross = (b * wa).sum(dim=1)
+    quad = ((b @ (a @ a.T)) * b).sum(dim=1)
+    return (w_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(0.0).sqrt()
+
+
+def dora_delta(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+) -> torch.Tensor:
+    """What DoRA adds to the base output: ``(g - 1)·(W x) + g·s·B A x`` with ``g = m / ‖W + sBA‖``.
+
+    Args:
+        x: adapter input ``(..., in)`` (after dropout), in the adapter dtype.
+        base_out: ``W x`` *without bias* for this same ``x``, ``(..., out)``.
+        weight: dense base weight ``(out, in)``.
+        a, b: LoRA factors ``(r, in)``, ``(out, r)``.
+        scale: LoRA scaling ``s``.
+        magnitude: ``m``, ``(out,)``.
+    Returns:
+        ``(..., out)`` in ``x``'s dtype.
+    """
+    norm = dora_weight_norm(weight, a.detach(), b.detach(), scale).detach()
+    g = (magnitude.float() / norm).to(x.dtype)
+    lora_out = F.linear(F.linear(x, a), b) * scale
+    return (g - 1) * base_out.to(x.dtype) + g * lora_out
+
+
+def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor):
+    """Fold DoRA into the base: returns ``(W', norm)`` with ``W' = m ⊙ (W + sBA)/norm`` in ``weight``'s dtype.
+
+    Computed in fp32 and rounded once, so a bf16 merge loses no more than one rounding.
+    ``norm`` is returned so the merge can be undone exactly in fp32.
+    """
+    w = weight.float().clone() if weight.dtype == torch.float32 else weight.float()
+    norm = dora_weight_norm(w, a, b, scale)
+    w.addmm_(b.float(), a.float(), alpha=scale)
+    w.mul_((magnitude.float() / norm).unsqueeze(1))
+    return w.to(weight.dtype), norm
+
+
+def dora_unmerged_weight(
+    merged: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
+    """Invert :func:`dora_merged_weight`: ``W = W' ⊙ norm/m − sBA``."""
+    w = merged.float().clone() if merged.dtype == torch.float32 else merged.float()
+    w.mul_((norm / magnitude.float()).unsqueeze(1))
+    w.addmm_(b.float(), a.float(), alpha=-scale)
+    return w.to(merged.dtype)

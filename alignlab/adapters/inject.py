@@ -1,0 +1,386 @@
+"""Put adapters into any model and manage them: inject, disable, merge, switch, combine.
+
+Adapters wrap the model's leaves in place; the model class is never changed, so
+``transformers`` models and any ``nn.Module`` tree with ``nn.Linear`` leaves work.
+The config of every injected adapter is kept on the model (attribute
+``alignlab_adapter_configs``) for :func:`save_adapter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, SavedModule, dense_weight, is_quantized
+from alignlab.adapters.config import LoRAConfig, name_matches
+from alignlab.adapters.lora import LoRALinear
+
+CONFIGS_ATTR = "alignlab_adapter_configs"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(name, layer)`` for every adapter layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield name, module
+
+
+def _is_linear_leaf(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_quantized(module)
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear leaves and existing adapter layers, not looking inside adapter wrappers."""
+    found, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, (AdapterLayer, SavedModule)):
+            inside.append(name)
+            if isinstance(module, AdapterLayer):
+                found.append((name, module))
+        elif _is_linear_leaf(module) and name:
+            found.append((name, module))
+    return found
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {"lm_head"}
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        heads |= {n for n, m in model.named_modules() if m is head or (isinstance(m, SavedModule) and m.original_module is head)}
+    return heads
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Dotted names of the modules ``config`` selects in ``model``."""
+    candidates = _candidates(model)
+    if config.target_modules == "all-linear":
+        heads = _output_head_names(model)
+        names = [n for n, _ in candidates if n not in heads and n.split(".")[-1] not in heads]
+    else:
+        names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
+    if config.exclude_modules is not None:
+        names = [n for n in names if not name_matches(config.exclude_modules, n)]
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
+    """Replace the modules ``config`` selects with adapter layers, in place; returns ``model``.
+
+    The first adapter injected into a model becomes active; later ones are added inactive
+    (switch with :func:`set_adapter`). Every non-adapter parameter is frozen
+    (:func:`mark_only_adapters_trainable`).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``config`` has the wrong type.
+        ValueError: nothing matched ``target_modules`` (the message lists the linear modules
+            that exist), or the adapter name is already used.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not hasattr(config, "new_layer"):
+        raise TypeError(f"config must be an adapter config such as LoRAConfig, got {type(config).__name__}")
+    configs = getattr(model, CONFIGS_ATTR, None) or {}
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists in this model; pick another name or delete_adapter first")
+    targets = find_targets(model, config)
+    if not targets:
+        existing = sorted({n for n, _ in _candidates(model)})
+        suffixes = sorted({n.split(".")[-1] for n in existing})
+        raise ValueError(
+            f"no module matched target_modules={config.target_modules!r}"
+            + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
+            + f"; linear modules in this model end with {suffixes} (e.g. {existing[:3]})"
+        )
+    first = not configs
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            config.add_to(module, name, adapter_name)
+        else:
+            layer = config.new_layer(module, name, adapter_name)
+            layer.active_adapters = [adapter_name] if first else []
+            _set_submodule(model, name, layer)
+    for name in _match_modules_to_save(model, config):
+        module = model.get_submodule(name)
+        if not isinstance(module, SavedModule):
+            module = SavedModule(module)
+            _set_submodule(model, name, module)
+        module.add(adapter_name)
+        if first:
+            module.active_adapters = [adapter_name]
+    configs = dict(configs)
+    configs[adapter_name] = config
+    object.__setattr__(model, CONFIGS_ATTR, configs)
+    if first:
+        object.__setattr__(model, "alignlab_active_adapters", [adapter_name])
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def _match_modules_to_save(model: nn.Module, config) -> list[str]:
+    wanted = getattr(config, "modules_to_save", None)
+    if not wanted:
+        return []
+    names = []
+    for name, module in model.named_modules():
+        if name and name_matches(list(wanted), name) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save: no module named {missing} in this model")
+    return names
+
+
+def adapter_configs(model: nn.Module) -> dict:
+    """``{adapter_name: config}`` of the adapters injected into ``model``."""
+    return dict(getattr(model, CONFIGS_ATTR, None) or {})
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(getattr(model, "alignlab_active_adapters", []))
+
+
+def _require_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    known = adapter_configs(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"adapter {n!r} not found; this model has {sorted(known)}")
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` (one name or several, summed) the active adapters."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require_adapters(model, names)
+    for _, layer in adapter_layers(model):
+        layer.set_active(names)
+    for _, module in _saved_modules(model):
+        module.active_adapters = [n for n in names if n in module.modules_to_save]
+    object.__setattr__(model, "alignlab_active_adapters", names)
+    mark_only_adapters_trainable(model)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer (it must not be merged)."""
+    _require_adapters(model, [name])
+    for _, layer in adapter_layers(model):
+        if name in layer.adapter_names():
+            layer.delete_adapter(name)
+    for _, module in _saved_modules(model):
+        if name in module.modules_to_save:
+            del module.modules_to_save[name]
+            module.active_adapters = [n for n in module.active_adapters if n != name]
+    configs = adapter_configs(model)
+    del configs[name]
+    object.__setattr__(model, CONFIGS_ATTR, configs)
+    object.__setattr__(model, "alignlab_active_adapters", [n for n in active_adapters(model) if n != name])
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the frozen base model inside the block (e.g. the DPO reference policy, no second copy).
+
+    Raises:
+        ValueError: adapters are merged into the base weights (unmerge first).
+    """
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in _saved_modules(model)]
+    merged = [n for n, m in adapter_layers(model) if m.merged]
+    if merged:
+        raise ValueError(f"cannot disable adapters merged into the base (e.g. {merged[0]!r}); call unmerge(model) first")
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.disabled = b
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights; forward output is unchanged.
+
+    Raises:
+        ValueError: an adapter is already merged, or the model holds no adapters.
+    """
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model holds no adapter layers; nothing to merge")
+    if adapter_names is not None:
+        _require_adapters(model, adapter_names)
+    for name, layer in layers:
+        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
+        try:
+            layer.merge(names)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge` on every layer that has merged adapters."""
+    layers = [(n, m) for n, m in adapter_layers(model) if m.merged]
+    if not layers:
+        raise ValueError("no adapter is merged in this model; nothing to unmerge")
+    for _, layer in layers:
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Merge adapters and replace every adapter layer by its (updated) base; returns a plain model."""
+    for name, layer in list(adapter_layers(model)):
+        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
+        names = [n for n in names if n not in layer.merged_adapters]
+        if names:
+            layer.merge(names)
+        _set_submodule(model, name, layer.base_layer)
+    for name, module in list(_saved_modules(model)):
+        active = [n for n in module.active_adapters if n in module.modules_to_save]
+        _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+    for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
+        if attr in model.__dict__:
+            object.__delattr__(model, attr)
+    return model
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
+    """Freeze everything except the parameters of the active adapters (and their ``modules_to_save`` copies)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    active = set(active_adapters(model))
+    for _, layer in adapter_layers(model):
+        for pname, p in layer.named_parameters():
+            if not pname.startswith("base_layer.") and any(f".{n}." in f".{pname}." for n in active):
+                p.requires_grad_(True)
+    for _, module in _saved_modules(model):
+        for n in module.active_adapters:
+            for p in module.modules_to_save[n].parameters():
+                p.requires_grad_(True)
+    return model
+
+
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """``(trainable, total)`` parameter counts (quantized bases count their stored elements)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParameterCount(trainable, total)
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination: str = "cat",
+    rank: int | None = None,
+) -> None:
+    """Combine LoRA adapters into a new one.
+
+    * ``"cat"`` (exact): stacks the factors, new rank ``Σ r_i``: ``ΔW = Σ w_i s_i B_i A_i``.
+    * ``"svd"``: the best rank-``rank`` approximation (truncated SVD) of that same ``ΔW``.
+    * ``"linear"``: PEFT's factor averaging, ``A = Σ √w_i s_i A_i``, ``B = Σ √w_i B_i`` (all ranks
+      equal); cheap but *not* equal to ``Σ w_i ΔW_i`` unless the adapters share factors.
+
+    The new adapter has scaling 1 (``alpha = rank``) and is added inactive.
+
+    Raises:
+        ValueError: unknown adapters/combination, DoRA adapters, mismatched lengths or ranks.
+    """
+    if combination not in ("cat", "svd", "linear"):
+        raise ValueError(f"combination must be 'cat', 'svd' or 'linear', got {combination!r}")
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} and {len(weights)}")
+    _require_adapters(model, adapters)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    if any(getattr(configs[a], "use_dora", False) for a in adapters):
+        raise ValueError("weighted combination is defined for plain LoRA adapters, not DoRA")
+    if combination == "svd" and (rank is None or rank <= 0):
+        raise ValueError(f"combination='svd' needs a positive rank, got {rank!r}")
+    if combination == "linear":
+        ranks = {configs[a].r for a in adapters} | {r for a in adapters for r in configs[a].rank_pattern.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"combination='linear' needs adapters of equal rank, got ranks {sorted(ranks)}")
+    ranks: dict[str, int] = {}
+    for lname, layer in adapter_layers(model):
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names()]
+        if not present:
+            continue
+        a_new, b_new = _combine(layer, present, combination, rank)
+        r = ranks[lname] = a_new.shape[0]
+        layer.add_adapter(adapter_name, r=r, alpha=float(r), adapter_dtype=layer.lora_A[present[0][0]].weight.dtype)
+        with torch.no_grad():
+            layer.lora_A[adapter_name].weight.copy_(a_new)
+            layer.lora_B[adapter_name].weight.copy_(b_new)
+    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    configs[adapter_name] = LoRAConfig(
+        r=default_r,
+        alpha=float(default_r),
+        target_modules=sorted(ranks),
+        rank_pattern={_exact(n): r for n, r in ranks.items() if r != default_r},
+        alpha_pattern={_exact(n): float(r) for n, r in ranks.items() if r != default_r},
+    )
+    object.__setattr__(model, CONFIGS_ATTR, configs)
+
+
+def _exact(name: str) -> str:
+    """A rank/alpha pattern that matches exactly this dotted module name."""
+    return "^" + name.replace(".", r"\.")
+
+
+def _combine(layer: LoRALinear, present, combination: str, rank: int | None):
+    f32 = lambda t: t.detach().float()  # noqa: E731
+    if combination == "linear":
+        # PEFT's convention: both factors carry sqrt(|w·s|), A also the sign.
+        roots = [(n, math.sqrt(abs(w * layer.scaling[n])), math.copysign(1.0, w)) for n, w in present]
+        a = sum(root * sign * f32(layer.lora_A[n].weight) for n, root, sign in roots)
+        b = sum(root * f32(layer.lora_B[n].weight) for n, root, _ in roots)
+        return a, b
+    a = torch.cat([w * layer.scaling[n] * f32(layer.lora_A[n].weight) for n, w in present], dim=0)
+    b = torch.cat([f32(layer.lora_B[n].weight) for n, _ in present], dim=1)
+    if combination == "cat":
+        return a, b
+    delta = b @ a
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.numel())
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    a_new = delta.new_zeros(rank, delta.shape[1])
+    b_new = delta.new_zeros(delta.shape[0], rank)
+    a_new[:k] = s.sqrt()[:, None] * vh
+    b_new[:, :k] = u * s.sqrt()
+    return a_new, b_new

@@ -1,0 +1,210 @@
+"""Save and load LoRA / DoRA adapters in PEFT's on-disk format.
+
+A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` fields) and
+``adapter_model.safetensors`` with PEFT's key names::
+
+    base_model.model.<module>.lora_A.weight          (r, in)
+    base_model.model.<module>.lora_B.weight          (out, r)
+    base_model.model.<module>.lora_magnitude_vector  (out,)      DoRA only
+    base_model.model.<module>.weight / .bias                     modules_to_save
+
+so ``peft.PeftModel.from_pretrained(base, path)`` loads what we save and
+:func:`load_adapter` loads what PEFT saves. Both files are written to temporary
+names and renamed into place: a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignlab.adapters.base import SavedModule
+from alignlab.adapters.config import LoRAConfig
+from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
+from alignlab.adapters.lora import LoRALinear
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def _peft_init(init: str):
+    return _PEFT_INIT.get(init, init)  # pissa_niter_K has the same spelling in PEFT
+
+
+def _our_init(value) -> str:
+    if value is True or value is None:
+        return "kaiming"
+    if value is False:
+        return "kaiming"  # PEFT's "no init": the weights are loaded over it anyway
+    if isinstance(value, str) and (value in ("gaussian", "pissa", "olora") or value.startswith("pissa_niter_")):
+        return value
+    raise ValueError(f"adapter_config.json: init_lora_weights={value!r} is not supported (supported: true, gaussian, pissa, pissa_niter_K, olora)")
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (see module docstring), detached, on CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(model, adapter_name).items()}
+
+
+def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict:
+    """PEFT ``LoraConfig`` fields for ``config``, with ``target_modules`` resolved to exact module names."""
+    layers = {n: l for n, l in adapter_layers(model) if adapter_name in l.adapter_names()}
+    rank_pattern = {_exact(n): l.r[adapter_name] for n, l in layers.items() if l.r[adapter_name] != config.r}
+    alpha_pattern = {_exact(n): l.alpha[adapter_name] for n, l in layers.items() if l.alpha[adapter_name] != float(config.alpha)}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(layers),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": _peft_init(config.init),
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def _exact(name: str) -> str:
+    return "^" + name.replace(".", r"\.")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's format.
+
+    Raises:
+        ValueError: the model has no adapter of that name (lists the ones it has).
+    """
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(configs)}")
+    config = configs[adapter_name]
+    if not isinstance(config, LoRAConfig):
+        raise ValueError(f"save_adapter writes LoRA/DoRA adapters; {adapter_name!r} is a {type(config).__name__}")
+    merged = [n for n, l in adapter_layers(model) if adapter_name in l.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base (e.g. {merged[0]!r}); unmerge before saving")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model, adapter_name)
+    meta = json.dumps(peft_config_dict(model, config, adapter_name), indent=2, sort_keys=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
+    return out
+
+
+def config_from_peft(raw: dict) -> LoRAConfig:
+    """A :class:`LoRAConfig` from the contents of a PEFT ``adapter_config.json``.
+
+    Raises:
+        ValueError: not a LoRA adapter, or a PEFT feature alignlab does not support.
+    """
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    for key, ok in (("fan_in_fan_out", False), ("lora_bias", False), ("layers_to_transform", None)):
+        if raw.get(key, ok) not in (ok,):
+            raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"adapter_config.json: bias={raw['bias']!r} is not supported (only 'none')")
+    target = raw.get("target_modules")
+    if target is None:
+        raise ValueError("adapter_config.json: target_modules is missing")
+    return LoRAConfig(
+        r=int(raw["r"]),
+        alpha=float(raw.get("lora_alpha", 8)),
+        dropout=float(raw.get("lora_dropout", 0.0)),
+        target_modules=target if isinstance(target, str) else list(target),
+        exclude_modules=raw.get("exclude_modules"),
+        rank_pattern=dict(raw.get("rank_pattern") or {}),
+        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        init=_our_init(raw.get("init_lora_weights", True)),
+        modules_to_save=raw.get("modules_to_save") or None,
+    )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT-format LoRA/rsLoRA/DoRA adapter from ``path`` into ``model`` (in place; returns it).
+
+    Raises:
+        FileNotFoundError: ``path`` lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
+        ValueError: missing or unexpected keys, or shape mismatches (the key is named).
+    """
+    root = Path(path)
+    for fname in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (root / fname).is_file():
+            raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
+    config = config_from_peft(json.loads((root / CONFIG_NAME).read_text()))
+    state = load_file(str(root / WEIGHTS_NAME))
+    inject(model, config, adapter_name)
+    try:
+        _copy_into(model, state, adapter_name)
+    except ValueError:
+        from alignlab.adapters.inject import delete_adapter
+
+        delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    expected = _adapter_tensors(model, adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"adapter file lacks {len(missing)} key(s) the model needs, e.g. {missing[0]!r}")
+    if unexpected:
+        raise ValueError(f"adapter file has {len(unexpected)} key(s) that match no adapted module, e.g. {unexpected[0]!r}")
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise ValueError(f"{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} in the model")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The live parameters of one adapter, keyed by PEFT's names."""
+    refs = {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, LoRALinear) and adapter_name in layer.adapter_names():
+            refs[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            refs[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if layer.is_dora(adapter_name):
+                refs[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
+            for pname, p in module.modules_to_save[adapter_name].named_parameters():
+                refs[f"{PREFIX}{name}.{pname}"] = p
+    return refs

@@ -1,0 +1,304 @@
+"""LoRA: low-rank adaptation of a frozen linear layer.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685::
+
+    y = W₀x + b + s·B A dropout(x),   A: (r, in), B: (out, r)
+
+with ``s = α / r``, or ``s = α / √r`` for rsLoRA (Kalajdzievski, "A Rank
+Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv 2312.03732).
+
+Initialisations (``init=``):
+
+* ``"kaiming"`` (default): ``A ~ kaiming_uniform(a=√5)``, ``B = 0`` -- the adapted
+  layer starts equal to the base.
+* ``"gaussian"``: ``A ~ N(0, 1/r²)``, ``B = 0``.
+* ``"pissa"`` / ``"pissa_niter_K"``: PiSSA (Meng et al., arXiv 2404.02948). With
+  ``W = U S Vᵀ``: ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ`` and the base keeps the
+  residual ``W − s·BA``; ``_niter_K`` uses a randomized SVD with K subspace iterations.
+* ``"olora"``: OLoRA (Büyükakyüz, arXiv 2406.01775). With ``W = QR``: ``B = Q_r``,
+  ``A = R_r`` and the base keeps ``W − s·BA``.
+
+PiSSA and OLoRA rewrite the base weight, so the layer output is unchanged at
+initialisation either way. With ``use_dora=True`` the adapter is DoRA (see
+``dora.py``); :class:`DoRALinear` is the same layer with that default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
+
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``α/r`` (LoRA) or ``α/√r`` (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The LoRA branch ``s·B A x``: ``x (..., in)``, ``a (r, in)``, ``b (out, r)`` → ``(..., out)``."""
+    return F.linear(F.linear(x, a), b) * scale
+
+
+def _check_init(init: str) -> None:
+    if init in ("kaiming", "gaussian", "pissa", "olora") or _PISSA_NITER.fullmatch(init):
+        return
+    raise ValueError(f"init must be one of {INITS} (K an integer), got {init!r}")
+
+
+def _check_rank(r: int) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r}")
+
+
+class LoRALinear(AdapterLayer):
+    """A linear layer (``nn.Linear`` or a quantized linear such as ``NF4Linear``) with LoRA adapters.
+
+    ``LoRALinear(base, r, alpha)`` computes ``y = base(x) + s·B A dropout(x)``; several named
+    adapters can live side by side (``add_adapter``), any subset active at once.
+
+    Args:
+        base: the layer to adapt, ``(..., in) -> (..., out)``; it is frozen.
+        r: rank (> 0).
+        alpha: scaling numerator (``s = α/r``, or ``α/√r`` with ``use_rslora``).
+        dropout: dropout probability on the adapter input.
+        init: one of ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``.
+        use_rslora: rank-stabilised scaling.
+        use_dora: make this adapter DoRA (magnitude + direction).
+        adapter_name: name of the first adapter.
+        adapter_dtype: dtype of ``A``/``B``/``m``; default fp32 for 16-bit or quantized bases
+            (as PEFT does), else the base dtype.
+    Raises:
+        TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_name: str = "default",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not (isinstance(base, nn.Linear) or is_quantized(base)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear (e.g. NF4Linear), got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.init: dict[str, str] = {}
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        self.active_adapters = [adapter_name]
+
+    # -- adapters -------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add a named adapter (inactive until listed in ``active_adapters``)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        _check_rank(r)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_init(init)
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        if init in ("pissa", "olora") or init.startswith("pissa_niter_"):
+            if is_quantized(self.base_layer):
+                raise ValueError(f"init={init!r} rewrites the base weight and is not supported on a quantized base")
+            if self.adapter_names():
+                raise ValueError(f"init={init!r} rewrites the base weight; it must be the first adapter on a layer")
+
+        weight = dense_weight(self.base_layer)
+        if adapter_dtype is None:
+            adapter_dtype = weight.dtype if weight.dtype == torch.float32 or weight.dtype == torch.float64 else torch.float32
+            if is_quantized(self.base_layer):
+                adapter_dtype = torch.float32
+        device = weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.alpha[name], self.use_rslora[name], self.init[name] = r, float(alpha), use_rslora, init
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        self._initialise(name, init)
+        if use_dora:
+            w = dense_weight(self.base_layer)
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            with torch.no_grad():
+                m = dora_weight_norm(w, a, b, self.scaling[name]).to(adapter_dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def _initialise(self, name: str, init: str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        r, s = self.r[name], self.scaling[name]
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+                nn.init.zeros_(b)
+            elif init == "olora":
+                w = dense_weight(self.base_layer)
+                q, rr = torch.linalg.qr(w.float())
+                b_new, a_new = q[:, :r], rr[:r]
+                self._set_factors_and_residual(name, a_new, b_new, w)
+            else:  # PiSSA
+                w = dense_weight(self.base_layer)
+                niter = _PISSA_NITER.fullmatch(init)
+                if niter:
+                    u, sv, v = torch.svd_lowrank(w.float(), q=r, niter=int(niter.group(1)))
+                    vh = v.T
+                else:
+                    u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                root = (sv[:r] / s).sqrt()
+                self._set_factors_and_residual(name, root[:, None] * vh[:r], u[:, :r] * root, w)
+
+    def _set_factors_and_residual(self, name: str, a_new, b_new, w) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a_new.shape != a.shape:  # rank larger than min(in, out): pad the extra rows/cols with zeros
+            a_pad, b_pad = torch.zeros_like(a, dtype=torch.float32), torch.zeros_like(b, dtype=torch.float32)
+            a_pad[: a_new.shape[0]], b_pad[:, : b_new.shape[1]] = a_new, b_new
+            a_new, b_new = a_pad, b_pad
+        a.copy_(a_new)
+        b.copy_(b_new)
+        residual = w.float() - self.scaling[name] * (b.float() @ a.float())
+        set_dense_weight_(self.base_layer, residual.to(w.dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        for store in (self.r, self.alpha, self.scaling, self.use_rslora, self.init):
+            store.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·B A`` in fp32, ``(out, in)`` (plain LoRA; for DoRA see ``merge``)."""
+        self._check_name(name)
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
+        names = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        for name in names:
+            device = self.lora_A[name].weight.device
+            if device != x.device:
+                raise ValueError(f"input is on {x.device} but adapter {name!r} is on {device}; move the model or the input")
+        out = self.base_layer(x)
+        for name in names:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            xa = self.lora_dropout[name](x.to(a.dtype))
+            if self.is_dora(name):
+                out = out + self._dora(x, xa, out, name).to(out.dtype)
+            else:
+                out = out + lora_forward(xa, a, b, self.scaling[name]).to(out.dtype)
+        return out
+
+    def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+        bias = self.base_layer.bias
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            base_out = out if bias is None else out - bias
+        else:  # dropout changed the input: the base term is taken on the dropped input, as PEFT does
+            base_out = self.base_layer(xa.to(x.dtype))
+            base_out = base_out if bias is None else base_out - bias
+        w = dense_weight(self.base_layer)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return dora_delta(xa, base_out, w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+
+    # -- merge ----------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight, in fp32, rounding once."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        with torch.no_grad():
+            for name in names:
+                w = dense_weight(self.base_layer)
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                if self.is_dora(name):
+                    new, norm = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+                    self._merge_norms[name] = norm
+                else:
+                    new = (w.float() + self.delta_weight(name)).to(w.dtype)
+                set_dense_weight_(self.base_layer, new)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo ``merge`` (exact up to one rounding of the base dtype)."""
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                w = dense_weight(self.base_layer)
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                if self.is_dora(name):
+                    norm = self._merge_norms.pop(name)
+                    new = dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm)
+                else:
+                    new = (w.float() - self.delta_weight(name)).to(w.dtype)
+                set_dense_weight_(self.base_layer, new)
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, s={self.scaling[n]:g}{', dora' if self.is_dora(n) else ''}" for n in self.adapter_names()]
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{'; '.join(parts)}], active={self.active_adapters}"
+
+
+class DoRALinear(LoRALinear):
+    """:class:`LoRALinear` whose adapters are DoRA (``use_dora=True`` by default); see ``dora.py``."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, init: str = "kaiming",
+                 use_rslora: bool = False, use_dora: bool = True, adapter_name: str = "default",
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_name, adapter_dtype)

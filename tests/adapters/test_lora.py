@@ -1,0 +1,260 @@
+"""LoRALinear / DoRALinear against the papers' formulas written out here."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.adapters import DoRALinear, LoRALinear, dora_weight_norm, lora_scaling
+
+
+def _layer(in_f=12, out_f=10, bias=True, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    return LoRALinear(base, **kw)
+
+
+def _randomise(layer, name="default", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+    return layer
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_is_base_plus_scaled_low_rank(use_rslora):
+    layer = _randomise(_layer(r=3, alpha=6.0, use_rslora=use_rslora))
+    x = torch.randn(4, 5, 12)
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = 6.0 / math.sqrt(3) if use_rslora else 6.0 / 3
+    expected = x @ w.T + b + s * (x @ a.T @ bb.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer.scaling["default"] == pytest.approx(s)
+    assert lora_scaling(3, 6.0, use_rslora) == pytest.approx(s)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_zero_b_inits_start_at_the_base(init):
+    layer = _layer(r=4, alpha=8, init=init)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert torch.count_nonzero(layer.lora_A["default"].weight) > 0
+
+
+def test_gaussian_init_std_is_one_over_r():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(4000, 4), r=8, alpha=8, init="gaussian")
+    assert layer.lora_A["default"].weight.std().item() == pytest.approx(1 / 8, rel=0.05)
+
+
+def test_pissa_keeps_the_principal_part_in_the_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=3, alpha=6, init="pissa")
+    s = layer.scaling["default"]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    u, sv, vh = torch.linalg.svd(w0.double())
+    principal = (u[:, :3] * sv[:3]) @ vh[:3]
+    torch.testing.assert_close((s * b @ a).double(), principal, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight.double(), w0.double() - principal, rtol=1e-4, atol=1e-5)
+    # A and B share the singular values evenly: B = U √(S/s), A = √(S/s) Vᵀ
+    torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1), rtol=1e-4, atol=1e-5)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), x @ w0.T + base.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_pissa_niter_is_close_to_exact_svd():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, alpha=4, init="pissa_niter_8")
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ w0.T + base.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_olora_uses_qr_factors():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=3, alpha=3, init="olora")
+    b = layer.lora_B["default"].weight
+    torch.testing.assert_close(b.T @ b, torch.eye(3), rtol=1e-5, atol=1e-5)  # orthonormal columns
+    a = layer.lora_A["default"].weight
+    assert torch.allclose(a.tril(-1)[:, :3], torch.zeros(3, 3), atol=1e-6)  # R is upper triangular
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), x @ w0.T + base.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_lora_float64():
+    layer = _randomise(_layer(6, 5, dtype=torch.float64, r=2, alpha=3.0), seed=3)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    torch.autograd.gradcheck(lambda x: layer(x), (x,))
+    # the module's gradient w.r.t. its own factors equals the autograd gradient of the formula
+    x2 = torch.randn(3, 6, dtype=torch.float64)
+    layer(x2).square().sum().backward()
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (layer.base_layer(x2) + layer.scaling["default"] * (x2 @ a_ref.T @ b_ref.T)).square().sum().backward()
+    torch.testing.assert_close(a.grad, a_ref.grad)
+    torch.testing.assert_close(b.grad, b_ref.grad)
+
+
+def _dora(in_f=12, out_f=10, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    layer = DoRALinear(nn.Linear(in_f, out_f, dtype=dtype), r=3, alpha=6)
+    _randomise(layer, seed=seed + 1)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.randn(out_f))
+    return layer
+
+
+def test_dora_forward_is_paper_formula():
+    layer = _dora()
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, s = layer.lora_magnitude_vector["default"], layer.scaling["default"]
+    v = w + s * b @ a
+    w_adapted = m[:, None] * v / v.norm(dim=1, keepdim=True)
+    x = torch.randn(4, 3, 12)
+    torch.testing.assert_close(layer(x), x @ w_adapted.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_gradient_treats_norm_as_constant():
+    layer = _dora(seed=4)
+    x = torch.randn(7, 12)
+    layer(x).sin().sum().backward()
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    m = layer.lora_magnitude_vector["default"].detach().clone().requires_grad_()
+    s = layer.scaling["default"]
+    v = w + s * b @ a
+    y = x @ (m[:, None] * v / v.norm(dim=1, keepdim=True).detach()).T + bias
+    y.sin().sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, a.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].grad, m.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_magnitude_starts_at_row_norms_and_output_at_base():
+    torch.manual_seed(0)
+    base = nn.Linear(9, 7)
+    layer = DoRALinear(base, r=2, alpha=2)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], base.weight.norm(dim=1))
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def test_dora_weight_norm_matches_dense_norm_without_forming_it():
+    torch.manual_seed(0)
+    w, a, b = torch.randn(33, 17, dtype=torch.float64), torch.randn(5, 17, dtype=torch.float64), torch.randn(33, 5, dtype=torch.float64)
+    dense = (w + 0.7 * b @ a).norm(dim=1)
+    torch.testing.assert_close(dora_weight_norm(w, a, b, 0.7).double(), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_dropout_in_training_uses_dropped_input_for_base_term():
+    layer = _dora(seed=2)
+    layer.lora_dropout["default"] = nn.Dropout(0.5)
+    layer.train()
+    x = torch.randn(6, 12)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    xd = layer.lora_dropout["default"](x)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, s = layer.lora_magnitude_vector["default"], layer.scaling["default"]
+    g = m / (w + s * b @ a).norm(dim=1)
+    expected = (x @ w.T + bias) + (g - 1) * (xd @ w.T) + g * s * (xd @ a.T @ b.T)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_unmerge_fp32(dora):
+    layer = _dora() if dora else _randomise(_layer(r=3, alpha=6))
+    x = torch.randn(5, 12)
+    w0 = layer.base_layer.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # merged adapter is not added twice
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nothing to unmerge"):
+        layer.unmerge()
+
+
+def test_bf16_merge_rounds_once():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 64, dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=8, alpha=16)
+    _randomise(layer)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-3)
+    w32 = base.weight.float()
+    exact = w32 + layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    layer.merge()
+    merged = base.weight.float()
+    assert torch.equal(merged, exact.to(torch.bfloat16).float())  # correctly rounded, once
+    naive = (w32.to(torch.bfloat16) + (exact - w32).to(torch.bfloat16)).float()
+    assert (merged - exact).abs().sum() <= (naive - exact).abs().sum()
+
+
+def test_bf16_base_with_fp32_adapter_keeps_base_dtype():
+    layer = _layer(dtype=torch.bfloat16, r=2, alpha=2)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    out = layer(torch.randn(3, 12, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"r": 0}, ValueError, "r must be a positive"),
+        ({"r": -2}, ValueError, "r must be a positive"),
+        ({"r": 2.5}, TypeError, "r must be an int"),
+        ({"alpha": 0}, ValueError, "alpha must be a positive"),
+        ({"dropout": 1.0}, ValueError, "dropout"),
+        ({"init": "xavier"}, ValueError, "init must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _layer(**kwargs)
+
+
+def test_base_must_be_linear():
+    with pytest.raises(TypeError, match="base must be nn.Linear"):
+        LoRALinear(nn.Conv1d(3, 3, 1))
+
+
+def test_device_mismatch_is_reported():
+    layer = _layer(r=2)
+    with pytest.raises(ValueError, match="input is on meta"):
+        layer(torch.empty(2, 12, device="meta"))
+
+
+def test_named_adapters_on_one_layer():
+    layer = _randomise(_layer(r=2, alpha=2))
+    layer.add_adapter("other", r=3, alpha=3)
+    _randomise(layer, "other", seed=5)
+    x = torch.randn(4, 12)
+    base = layer.base_layer(x)
+    d1 = layer(x) - base
+    layer.active_adapters = ["other"]
+    d2 = layer(x) - base
+    layer.active_adapters = ["default", "other"]
+    torch.testing.assert_close(layer(x) - base, d1 + d2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("other")
+    layer.delete_adapter("other")
+    assert layer.adapter_names() == ["default"]
+    assert layer.active_adapters == ["default"]
