@@ -1,0 +1,752 @@
+"""Model-merging methods as plain functions on tensors.
+
+Every function takes one tensor per model (all of the same shape, e.g. one
+``(out_features, in_features)`` projection of each checkpoint) and returns the
+merged tensor in the dtype of the first input. Arithmetic runs in float32
+(float64 when the inputs are float64), the way merges of bf16 checkpoints are
+usually done, and is cast back once at the end.
+
+Notation: ``θ_0`` is the base (pre-trained) tensor, ``θ_i`` the fine-tuned ones,
+``δ_i = θ_i − θ_0`` their task vectors and ``w_i`` the per-model weights.
+
+The task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA) share
+one combination step, :func:`combine_deltas`; each method only decides how to
+sparsify each ``δ_i`` before it. Where mergekit (arcee-ai/mergekit) implements the
+same method the defaults follow it, so a recipe gives the same numbers in both;
+the differences that remain are listed in each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "breadcrumbs",
+    "chipalign",
+    "combine_deltas",
+    "dare",
+    "dare_mask",
+    "della",
+    "della_mask",
+    "karcher",
+    "linear",
+    "magnitude_mask",
+    "model_stock",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]
+
+Consensus = Literal["sum", "count"]
+Rescale = Literal["inverse", "l1"]
+
+# SLERP works through the flattened tensors in chunks of this many elements so
+# its float32 scratch stays bounded whatever the tensor size (and so the norms
+# and dot product are reduced in the same order as mergekit's, which makes the
+# outputs bit-identical).
+_SLERP_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+    if len(tensors) == 0:
+        raise ValueError(f"expected at least one tensor in {names!r}, got none")
+    first = tensors[0]
+    for t, name in zip(tensors, names):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {names[0]} has shape {tuple(first.shape)}"
+            )
+
+
+def _check_models(base: Tensor, models: Sequence[Tensor]) -> None:
+    if isinstance(models, Tensor):
+        raise TypeError("models must be a sequence of tensors (one per model), not a single tensor")
+    if len(models) == 0:
+        raise ValueError("models must hold at least one fine-tuned tensor, got an empty sequence")
+    _check_tensors([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+
+
+def _per_model(value, n: int, name: str, default: float | None = None) -> list[float]:
+    """Broadcast a scalar or check a per-model sequence of floats."""
+    if value is None:
+        if default is None:
+            raise ValueError(f"{name} is required")
+        value = default
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        out = [float(value)] * n
+    else:
+        out = [float(v) for v in value]
+        if len(out) != n:
+            raise ValueError(f"{name} has {len(out)} entries but there are {n} models")
+    if any(not math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
+
+
+def _densities(density, n: int) -> list[float]:
+    out = _per_model(density, n, "density", 1.0)
+    for d in out:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {d}")
+    return out
+
+
+# --------------------------------------------------------------------------- plain averages
+
+
+def linear(
+    tensors: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
+) -> Tensor:
+    r"""Weighted average of whole models ("model soup").
+
+    .. math:: \theta = \frac{\sum_i w_i \theta_i}{\sum_i w_i}
+              \quad(\text{or } \sum_i w_i\theta_i \text{ with } normalize=False)
+
+    Paper: Wortsman et al., "Model soups: averaging weights of multiple fine-tuned
+    models improves accuracy without increasing inference time", arXiv:2203.05482.
+
+    Args:
+        tensors: one tensor per model, any shape, all the same shape.
+        weights: one weight per model; equal weights when omitted.
+        normalize: divide by ``Σ w_i``.
+
+    Raises:
+        ValueError: empty input, mismatched shapes, wrong number of weights, or
+            ``normalize=True`` with weights summing to 0.
+        TypeError: non-floating tensors.
+    """
+    if isinstance(tensors, Tensor):
+        raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
+    _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
+    w = _per_model(weights, len(tensors), "weights", 1.0)
+    total = math.fsum(w)
+    if normalize and abs(total) < 1e-8:
+        raise ValueError(f"weights sum to {total}; cannot normalize (pass normalize=False)")
+    wd = _work_dtype(tensors[0])
+    out = torch.zeros(tensors[0].shape, dtype=wd, device=tensors[0].device)
+    for t, wi in zip(tensors, w):
+        out.add_(t.to(wd), alpha=wi)
+    if normalize:
+        out.div_(total)
+    return out.to(tensors[0].dtype)
+
+
+# --------------------------------------------------------------------------- task vectors
+
+
+def combine_deltas(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    r"""Add weighted task vectors to the base, optionally with TIES sign election.
+
+    Without consensus (task arithmetic):
+
+    .. math:: \theta = \theta_0 + \lambda \frac{\sum_i w_i\delta_i}{Z},\quad Z=\sum_i w_i
+
+    With ``consensus="sum"`` (TIES): per element the elected sign is
+    ``γ = sign(Σ_i w_i δ_i)`` (``+`` on ties), the mask is ``m_i = [sign(w_iδ_i) = γ]``
+    (zeros never agree) and
+
+    .. math:: \theta = \theta_0 + \lambda \frac{\sum_i m_i w_i\delta_i}{Z},\quad
+              Z = \sum_i m_i w_i \;(\text{1 where it is 0})
+
+    ``consensus="count"`` elects the sign by the number of models instead of mass.
+    ``Z`` is used only when ``normalize=True``; a whole-model ``Σ w_i`` smaller than
+    1e-8 is replaced by 1 (mergekit does the same).
+
+    Args:
+        base: ``θ_0``, any shape.
+        deltas: the (already sparsified) task vectors, same shape as ``base``, in
+            the working dtype (float32/float64).
+        weights: ``w_i``, one per delta.
+
+    Returns:
+        The merged tensor in ``base.dtype``.
+    """
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    if len(deltas) != len(weights):
+        raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
+    wd = _work_dtype(base)
+    weighted = [d.to(wd) * w for d, w in zip(deltas, weights)]
+    if consensus is None:
+        mixed = weighted[0].clone() if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
+        divisor = math.fsum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        if normalize:
+            mixed /= divisor
+    else:
+        if consensus == "sum":
+            positive = torch.stack(weighted).sum(dim=0) >= 0
+        else:
+            votes = torch.stack([d.sign() for d in weighted]).sum(dim=0)
+            positive = votes >= 0
+        mixed = torch.zeros_like(weighted[0])
+        divisor = torch.zeros_like(weighted[0])
+        for d, w in zip(weighted, weights):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed += torch.where(agree, d, 0.0)
+            divisor += torch.where(agree, w, 0.0)
+            del agree
+        divisor[divisor == 0] = 1.0
+        if normalize:
+            mixed /= divisor
+    if lambda_ != 1.0:
+        mixed *= lambda_
+    return (base.to(wd) + mixed).to(base.dtype)
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    r"""Boolean mask keeping the ``k = max(1, ⌊density·n⌋)`` largest ``|δ|``.
+
+    The TIES "trim" step. Ties at the threshold are broken by position (the
+    earlier element wins), i.e. the order of a stable descending sort; the
+    selection itself runs in O(n) with ``kthvalue``. ``density >= 1`` keeps
+    everything, ``density <= 0`` nothing.
+
+    Args:
+        delta: a task vector, any shape (``n`` elements).
+        density: fraction of elements to keep.
+
+    Returns:
+        A ``bool`` tensor shaped like ``delta``.
+    """
+    n = delta.numel()
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0.0 or n == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))
+    mag = delta.detach().abs().reshape(-1).float()
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = (mag == threshold).nonzero().squeeze(1)
+        keep[tied[:missing]] = True
+    return keep.reshape(delta.shape)
+
+
+def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
+    """Bernoulli(``density``) keep-mask shaped like ``delta`` (the DARE drop step)."""
+    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=delta.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def della_mask(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""DELLA's MagPrune: keep probabilities that grow with the magnitude rank.
+
+    Within each row (the last dimension; a 1-D tensor is one row) the elements
+    are ranked by ``|δ|``; with ``r̂ ∈ [0, 1]`` the normalised rank (0 = smallest)
+    the keep probability is ``p = density − ε + 2ε·r̂``, so the mean keep rate is
+    ``density`` and large entries survive more often.
+
+    Returns:
+        ``(mask, keep_prob)``, both shaped like ``delta``.
+
+    Raises:
+        ValueError: unless ``0 < density − ε`` and ``density + ε < 1``.
+    """
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(
+            f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={density}, epsilon={epsilon}"
+        )
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
+    width = rows.shape[-1]
+    ranks = rows.abs().float().argsort(dim=-1, stable=True).argsort(dim=-1).float()
+    rank01 = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
+    keep_prob = (density - epsilon) + 2.0 * epsilon * rank01
+    mask = torch.bernoulli(keep_prob, generator=generator).bool()
+    return mask.reshape(delta.shape), keep_prob.reshape(delta.shape)
+
+
+def _rescale(delta: Tensor, kept: Tensor, rescale: Rescale | None, keep_prob) -> Tensor:
+    """Zero the dropped entries of ``delta`` and rescale what is left."""
+    out = torch.where(kept, delta, 0.0)
+    if rescale is None:
+        return out
+    if rescale == "inverse":
+        return out / keep_prob
+    if rescale == "l1":
+        before, after = delta.abs().sum(), out.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return out
+        return out * (before / after)
+    raise ValueError(f"rescale must be None, 'inverse' or 'l1', got {rescale!r}")
+
+
+def _deltas(base: Tensor, models: Sequence[Tensor]) -> list[Tensor]:
+    wd = _work_dtype(base)
+    b = base.to(wd)
+    return [m.to(wd) - b for m in models]
+
+
+def task_arithmetic(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float] | float | None = None,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    r"""Task arithmetic: add weighted task vectors to the base.
+
+    .. math:: \theta = \theta_0 + \lambda\,\frac{\sum_i w_i(\theta_i-\theta_0)}{Z},
+              \quad Z = \textstyle\sum_i w_i \text{ if normalize else } 1
+
+    Paper: Ilharco et al., "Editing Models with Task Arithmetic", arXiv:2212.04089.
+    Defaults (``weights=1``, ``normalize=False``) follow mergekit's ``task_arithmetic``.
+
+    Args:
+        base: ``θ_0``, any shape.
+        models: the fine-tuned ``θ_i``, same shape as ``base``.
+        weights: ``w_i`` (scalar or one per model), default 1.
+        normalize: divide by ``Σ w_i`` (left as 1 when that sum is ~0).
+        lambda_: global scale of the merged task vector.
+
+    Raises:
+        ValueError: no models, mismatched shapes (naming the offending tensor),
+            wrong number of weights. TypeError: non-floating tensors.
+    """
+    _check_models(base, models)
+    w = _per_model(weights, len(models), "weights", 1.0)
+    return combine_deltas(base, _deltas(base, models), w, normalize=normalize, lambda_=lambda_)
+
+
+def ties(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float] | float | None = None,
+    *,
+    density: Sequence[float] | float = 1.0,
+    consensus: Consensus = "sum",
+    normalize: bool = True,
+    lambda_: float = 1.0,
+) -> Tensor:
+    r"""TIES-Merging: trim, elect sign, disjoint mean.
+
+    1. Trim: keep the top-``density`` fraction of each ``δ_i`` by magnitude
+       (:func:`magnitude_mask`).
+    2. Elect: ``γ = sign(Σ_i w_i δ̂_i)`` per element (``+`` when the sum is 0).
+    3. Disjoint mean over the models that agree with ``γ``:
+
+    .. math:: \theta = \theta_0 + \lambda\frac{\sum_i m_i w_i\hat\delta_i}{\sum_i m_i w_i},
+              \quad m_i = [\operatorname{sign}(w_i\hat\delta_i) = \gamma]
+
+    Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging
+    Models", arXiv:2306.01708. Matches mergekit's ``ties`` (sign elected by the
+    weighted mass, ``normalize=True`` by default, a zero divisor replaced by 1).
+    Only ties *at* the trim threshold may resolve differently: we keep the
+    earliest positions, mergekit keeps whatever an unstable ``argsort`` returns.
+
+    Args:
+        base: ``θ_0``, any shape.
+        models: the fine-tuned ``θ_i``.
+        weights: ``w_i`` (scalar or per model), default 1.
+        density: fraction kept by the trim step (scalar or per model).
+        consensus: ``"sum"`` (by mass, the paper) or ``"count"`` (by votes).
+        normalize: divide by the agreeing weight mass.
+        lambda_: scale of the merged task vector.
+
+    Raises:
+        ValueError: bad density (outside [0, 1]), weights, shapes or consensus.
+    """
+    _check_models(base, models)
+    w = _per_model(weights, len(models), "weights", 1.0)
+    dens = _densities(density, len(models))
+    deltas = []
+    for d, rho in zip(_deltas(base, models), dens):
+        deltas.append(d if rho >= 1.0 else torch.where(magnitude_mask(d, rho), d, 0.0))
+    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def dare(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float] | float | None = None,
+    *,
+    density: Sequence[float] | float,
+    consensus: Consensus | None = None,
+    rescale: Rescale | None = "inverse",
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""DARE: drop each delta entry with probability ``p = 1 − density``, rescale.
+
+    .. math:: \hat\delta_i = \frac{m_i \odot \delta_i}{1-p},\quad m_i\sim\text{Bernoulli}(1-p)
+
+    then combine like task arithmetic (``consensus=None``, "DARE linear") or like
+    TIES (``consensus="sum"``, "DARE-TIES"). ``rescale="l1"`` instead rescales each
+    ``δ̂_i`` to the L1 norm of ``δ_i`` (what mergekit's ``dare_*`` methods do).
+
+    Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from
+    Homologous Models as a Free Lunch", arXiv:2311.03099.
+
+    Args:
+        density: keep probability ``1 − p`` (scalar or per model), in [0, 1].
+        generator: seeded ``torch.Generator`` for reproducible masks.
+        Others as in :func:`ties`.
+    """
+    _check_models(base, models)
+    w = _per_model(weights, len(models), "weights", 1.0)
+    dens = _densities(density, len(models))
+    deltas = []
+    for d, rho in zip(_deltas(base, models), dens):
+        if rho >= 1.0:
+            deltas.append(d)
+        elif rho <= 0.0:
+            deltas.append(torch.zeros_like(d))
+        else:
+            deltas.append(_rescale(d, dare_mask(d, rho, generator), rescale, rho))
+    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def breadcrumbs(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float] | float | None = None,
+    *,
+    density: Sequence[float] | float,
+    gamma: float = 0.01,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    r"""Model Breadcrumbs: drop both tails of each task vector.
+
+    With ``n`` elements sorted by ``|δ|`` (ties by position), drop the
+    ``⌊γ n⌋`` largest (outliers) and then the smallest, so that ``⌊density·n⌋``
+    elements remain (fewer outliers are dropped when ``density + γ > 1``). The
+    surviving deltas are combined as in task arithmetic, or TIES with
+    ``consensus="sum"``.
+
+    Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
+    Merging with Sparse Masks", arXiv:2312.06795. Parametrised like mergekit's
+    ``breadcrumbs`` (``density``, ``gamma``).
+    """
+    _check_models(base, models)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    w = _per_model(weights, len(models), "weights", 1.0)
+    dens = _densities(density, len(models))
+    deltas = []
+    for d, rho in zip(_deltas(base, models), dens):
+        if rho >= 1.0:
+            deltas.append(d)
+            continue
+        n = d.numel()
+        keep_n = int(rho * n)
+        top_n = int(gamma * n)
+        bottom_n = max(0, n - keep_n - top_n)
+        order = d.abs().reshape(-1).float().sort(stable=True).indices
+        mask = torch.zeros(n, dtype=torch.bool, device=d.device)
+        mask[order[bottom_n : bottom_n + keep_n]] = True
+        deltas.append(torch.where(mask.reshape(d.shape), d, 0.0))
+    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def della(
+    base: Tensor,
+    models: Sequence[Tensor],
+    weights: Sequence[float] | float | None = None,
+    *,
+    density: Sequence[float] | float,
+    epsilon: float = 0.15,
+    consensus: Consensus | None = "sum",
+    rescale: Rescale | None = "inverse",
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""DELLA-Merging: magnitude-ranked adaptive drop, then TIES-style fusion.
+
+    Each entry is kept with probability ``p_k = density − ε + 2ε·r̂`` where ``r̂``
+    is its normalised magnitude rank in its row (:func:`della_mask`); kept
+    entries are rescaled by ``1/p_k`` (``rescale="inverse"``, the paper) or the
+    whole task vector back to its L1 norm (``"l1"``, mergekit). Sign election
+    and disjoint mean follow (set ``consensus=None`` for "DELLA linear").
+
+    Paper: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging
+    through Magnitude-Based Sampling", arXiv:2406.11617.
+
+    Raises:
+        ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for density < 1).
+    """
+    _check_models(base, models)
+    w = _per_model(weights, len(models), "weights", 1.0)
+    dens = _densities(density, len(models))
+    deltas = []
+    for d, rho in zip(_deltas(base, models), dens):
+        if rho >= 1.0:
+            deltas.append(d)
+            continue
+        mask, keep_prob = della_mask(d, rho, epsilon, generator)
+        deltas.append(_rescale(d, mask, rescale, keep_prob.to(d.dtype)))
+    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+# --------------------------------------------------------------------------- spherical
+
+
+def slerp(
+    a: Tensor,
+    b: Tensor,
+    t: float,
+    *,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> Tensor:
+    r"""Spherical linear interpolation of two flattened tensors.
+
+    With ``â = a/‖a‖``, ``b̂ = b/‖b‖`` and ``Ω = arccos(â·b̂)``:
+
+    .. math:: \operatorname{slerp}(a, b; t) = \frac{\sin((1-t)\Omega)}{\sin\Omega}\,a
+              + \frac{\sin(t\Omega)}{\sin\Omega}\,b
+
+    (the coefficients are applied to the un-normalised ``a`` and ``b``).
+    **Fallback:** when ``|â·b̂| > dot_threshold`` (default 0.9995, i.e. the
+    vectors are within ~1.8° of colinear or antipodal) ``sin Ω`` is too small to
+    divide by, and plain lerp ``(1−t)a + t b`` is returned instead. Norms below
+    ``eps`` count as 1. ``t = 0`` gives ``a``, ``t = 1`` gives ``b``.
+
+    Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; used
+    for weights by mergekit's ``slerp`` (``a`` = base model), whose numbers this
+    reproduces bit for bit.
+
+    Args:
+        a, b: same shape, any (flattened internally).
+        t: interpolation factor (any real; usually in [0, 1]).
+
+    Returns:
+        The interpolated tensor, shape and dtype of ``a``.
+    """
+    _check_tensors([a, b], ["a", "b"])
+    wd = _work_dtype(a)
+    x, y = a.reshape(-1), b.reshape(-1)
+    if x.numel() == 0:
+        return a.clone()
+    chunks = range(0, x.numel(), _SLERP_CHUNK)
+
+    def piece(v: Tensor, s: int) -> Tensor:
+        return v[s : s + _SLERP_CHUNK].to(wd)
+
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(x, s)) for s in chunks]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(y, s)) for s in chunks]))
+    norm_a = torch.where(norm_a > eps, norm_a, 1.0)
+    norm_b = torch.where(norm_b > eps, norm_b, 1.0)
+    dot = torch.stack([(piece(x, s) / norm_a * (piece(y, s) / norm_b)).sum() for s in chunks]).sum()
+    dot = dot.clamp(-1.0, 1.0)
+    tt = torch.tensor(t, dtype=wd)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = 1 - tt, tt
+    else:
+        omega = torch.acos(dot)
+        sin_omega = torch.sin(omega)
+        coef_a = torch.sin((1 - tt) * omega) / sin_omega
+        coef_b = torch.sin(tt * omega) / sin_omega
+    out = torch.empty_like(x)
+    for s in chunks:
+        out[s : s + _SLERP_CHUNK] = coef_a * piece(x, s) + coef_b * piece(y, s)
+    return out.reshape(a.shape)
+
+
+def chipalign(
+    instruct: Tensor,
+    domain: Tensor,
+    lam: float,
+    *,
+    eps: float = 1e-8,
+) -> Tensor:
+    r"""ChipAlign geodesic interpolation: directions on the sphere, norms apart.
+
+    Project both weights onto the unit sphere, interpolate the directions along
+    the great circle and the norms geometrically:
+
+    .. math::
+        \bar W_k = W_k/\|W_k\|_F,\quad \Theta = \arccos\langle\bar W_I,\bar W_D\rangle
+
+        W = \|W_I\|^{1-\lambda}\|W_D\|^{\lambda}\left(
+            \frac{\sin((1-\lambda)\Theta)}{\sin\Theta}\bar W_I +
+            \frac{\sin(\lambda\Theta)}{\sin\Theta}\bar W_D\right)
+
+    ``λ = 0`` returns the instruction model, ``λ = 1`` the domain model. When
+    ``sin Θ`` is ~0 (colinear directions) the direction is lerped and
+    re-normalised. A zero tensor has no direction; then the other one's is used.
+
+    Paper: Deng, Bai & Ren, "ChipAlign: Instruction Alignment in Large Language
+    Models for Chip Design via Geodesic Interpolation", arXiv:2412.19819.
+
+    Args:
+        instruct: ``W_I`` from the instruction-aligned model, any shape.
+        domain: ``W_D`` from the domain (e.g. chip) model, same shape.
+        lam: ``λ``, weight of the domain model, in [0, 1].
+    """
+    _check_tensors([instruct, domain], ["instruct", "domain"])
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    wd = _work_dtype(instruct)
+    wi, wdm = instruct.to(wd), domain.to(wd)
+    ni, nd = torch.linalg.vector_norm(wi), torch.linalg.vector_norm(wdm)
+    if ni <= eps and nd <= eps:
+        return torch.zeros_like(instruct)
+    ui = wi / ni if ni > eps else wdm / nd
+    ud = wdm / nd if nd > eps else ui
+    dot = (ui * ud).sum().clamp(-1.0, 1.0)
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    if sin_theta < 1e-6:
+        direction = (1 - lam) * ui + lam * ud
+        direction = direction / torch.linalg.vector_norm(direction).clamp_min(eps)
+    else:
+        direction = (torch.sin((1 - lam) * theta) * ui + torch.sin(lam * theta) * ud) / sin_theta
+    norm = ni.clamp_min(eps) ** (1 - lam) * nd.clamp_min(eps) ** lam
+    return (norm * direction).to(instruct.dtype)
+
+
+def karcher(
+    tensors: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> Tensor:
+    r"""Weighted Karcher (Riemannian) mean of the tensors' directions, times their mean norm.
+
+    With unit directions ``u_i = θ_i/‖θ_i‖`` and weights ``α_i`` normalised to sum
+    to 1, the Karcher mean ``μ`` on the sphere minimises ``Σ α_i d(μ, u_i)²``
+    (``d`` = geodesic distance). It is found by the fixed-point iteration
+
+    .. math:: v = \sum_i \alpha_i \frac{\phi_i}{\sin\phi_i}(u_i - \cos\phi_i\,\mu),\;
+              \phi_i = \arccos\langle\mu,u_i\rangle,\qquad
+              \mu \leftarrow \cos\|v\|\,\mu + \sin\|v\|\,\frac{v}{\|v\|}
+
+    starting from the normalised weighted average, until ``‖v‖ < tol``. The
+    result is ``(Σ α_i ‖θ_i‖) μ``. Zero tensors (norm < tol) have no direction and
+    are left out of the direction average.
+
+    Karcher, "Riemannian center of mass and mollifier smoothing", Comm. Pure
+    Appl. Math. 1977; as a merge method in mergekit's ``karcher``.
+
+    Args:
+        tensors: one tensor per model, same shape.
+        weights: ``α_i`` (normalised internally), equal when omitted.
+    """
+    if isinstance(tensors, Tensor):
+        raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
+    _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    alpha = _per_model(weights, len(tensors), "weights", 1.0)
+    if any(a < 0 for a in alpha) or math.fsum(alpha) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {alpha}")
+    total = math.fsum(alpha)
+    alpha = [a / total for a in alpha]
+    wd = _work_dtype(tensors[0])
+    flat = [t.to(wd).reshape(-1) for t in tensors]
+    norms = [torch.linalg.vector_norm(f) for f in flat]
+    scale = sum(a * n for a, n in zip(alpha, norms))
+    live = [(a, f / n) for a, f, n in zip(alpha, flat, norms) if n > tol]
+    if not live:
+        return torch.zeros_like(tensors[0])
+    live_total = math.fsum(a for a, _ in live)
+    live = [(a / live_total, u) for a, u in live]
+    mu = sum(a * u for a, u in live)
+    mu_norm = torch.linalg.vector_norm(mu)
+    mu = live[0][1].clone() if mu_norm < tol else mu / mu_norm
+    for _ in range(max_iter):
+        v = torch.zeros_like(mu)
+        for a, u in live:
+            cos_phi = torch.dot(mu, u).clamp(-1.0, 1.0)
+            phi = torch.acos(cos_phi)
+            if phi < tol:
+                continue
+            v += a * (phi / torch.sin(phi)) * (u - cos_phi * mu)
+        v_norm = torch.linalg.vector_norm(v)
+        if v_norm < tol:
+            break
+        mu = torch.cos(v_norm) * mu + torch.sin(v_norm) * (v / v_norm)
+        mu = mu / torch.linalg.vector_norm(mu)
+    return (scale * mu).reshape(tensors[0].shape).to(tensors[0].dtype)
+
+
+def model_stock(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    filter_wise: bool = False,
+) -> Tensor:
+    r"""Model Stock: interpolate the fine-tuned average toward the base by angle.
+
+    With ``N`` fine-tuned models, ``cos θ`` the mean pairwise cosine between the
+    task vectors ``δ_i = θ_i − θ_0``:
+
+    .. math:: t = \frac{N\cos\theta}{1 + (N-1)\cos\theta},\qquad
+              \theta = t\,\frac{1}{N}\sum_i\theta_i + (1-t)\,\theta_0
+
+    ``t`` is set to 0 (the base is kept) where the denominator vanishes.
+    ``filter_wise=True`` computes one ``t`` per row (last dimension) instead of
+    one per tensor.
+
+    Paper: Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned
+    models", arXiv:2403.19522.
+
+    Raises:
+        ValueError: fewer than 2 fine-tuned models (no angle to measure).
+    """
+    _check_models(base, models)
+    if len(models) < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models, got {len(models)}")
+    wd = _work_dtype(base)
+    shape = base.shape
+    if filter_wise and base.dim() >= 1:
+        to_rows = lambda t: t.to(wd).reshape(-1, shape[-1]) if base.dim() > 1 else t.to(wd).reshape(1, -1)  # noqa: E731
+    else:
+        to_rows = lambda t: t.to(wd).reshape(1, -1)  # noqa: E731
+    b = to_rows(base)
+    ws = [to_rows(m) for m in models]
+    deltas = [w - b for w in ws]
+    cos = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            den = (torch.linalg.vector_norm(deltas[i], dim=-1) * torch.linalg.vector_norm(deltas[j], dim=-1)).clamp_min(1e-6)
+            cos.append(((deltas[i] * deltas[j]).sum(dim=-1) / den).clamp(-1.0, 1.0))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(models)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * c / torch.where(singular, 1.0, den))
+    avg = sum(ws) / n
+    return (t * avg + (1 - t) * b).reshape(shape).to(base.dtype)

@@ -1,0 +1,411 @@
+"""Merge methods vs formulas written out independently (numpy, float64) and vs mergekit."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alignlab.merging import methods as M
+
+
+def _models(n=3, shape=(17, 13), dtype=torch.float32, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+def _np(t):
+    return t.double().numpy()
+
+
+# --------------------------------------------------------------------------- numpy oracles
+
+
+def np_topk_mask(delta, density):
+    flat = np.abs(delta).ravel()
+    k = max(1, int(density * flat.size))
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+def np_ties(base, models, weights, density, normalize=True, lam=1.0):
+    deltas = []
+    for m in models:
+        d = m - base
+        deltas.append(np.where(np_topk_mask(d, density), d, 0.0) if density < 1 else d)
+    wd = [w * d for w, d in zip(weights, deltas)]
+    total = sum(wd)
+    sign = np.where(total >= 0, 1.0, -1.0)
+    num = np.zeros_like(base)
+    den = np.zeros_like(base)
+    for w, d in zip(weights, wd):
+        agree = np.sign(d) == sign
+        num += np.where(agree, d, 0)
+        den += np.where(agree, w, 0)
+    den[den == 0] = 1
+    mixed = num / den if normalize else num
+    return base + lam * mixed
+
+
+def np_slerp(a, b, t, thr=0.9995):
+    x, y = a.ravel(), b.ravel()
+    dot = np.clip(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)), -1, 1)
+    if abs(dot) > thr:
+        return ((1 - t) * x + t * y).reshape(a.shape)
+    om = np.arccos(dot)
+    return ((np.sin((1 - t) * om) * x + np.sin(t * om) * y) / np.sin(om)).reshape(a.shape)
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def test_linear_formula():
+    _, ms = _models(4)
+    w = [0.1, 0.5, -0.2, 0.9]
+    want = sum(wi * _np(m) for wi, m in zip(w, ms))
+    np.testing.assert_allclose(_np(M.linear(ms, w)), want / sum(w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(M.linear(ms, w, normalize=False)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(M.linear(ms)), sum(_np(m) for m in ms) / 4, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic_formula(normalize):
+    base, ms = _models(3)
+    w, lam = [0.5, 0.3, 0.7], 0.8
+    mixed = sum(wi * (_np(m) - _np(base)) for wi, m in zip(w, ms))
+    if normalize:
+        mixed = mixed / sum(w)
+    got = M.task_arithmetic(base, ms, w, normalize=normalize, lambda_=lam)
+    np.testing.assert_allclose(_np(got), _np(base) + lam * mixed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.01])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_formula(density, normalize):
+    base, ms = _models(3, shape=(31, 7))
+    w = [0.5, 0.3, 0.7]
+    got = M.ties(base, ms, w, density=density, normalize=normalize, lambda_=0.9)
+    want = np_ties(_np(base), [_np(m) for m in ms], w, density, normalize, 0.9)
+    np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_count_consensus_and_per_model_density():
+    base = torch.zeros(5)
+    ms = [torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0]), torch.tensor([1.0, 3.0, -0.2, 0.0, -1.0]),
+          torch.tensor([-5.0, 1.0, -0.1, 1.0, -1.0])]
+    # by mass: elem0 sum=-3 -> '-', only model 2 agrees; by count: 2 of 3 positive -> '+'
+    by_mass = M.ties(base, ms, density=1.0)
+    by_count = M.ties(base, ms, density=1.0, consensus="count")
+    assert by_mass[0] == -5.0 and by_count[0] == 1.0
+    # elem3: only model 2 is nonzero; zeros never agree so the mean is over one model
+    assert by_mass[3] == 1.0
+    dens = M.ties(base, ms, density=[1.0, 0.2, 1.0])  # model 1 keeps only its top element (3.0)
+    want = np_ties(np.zeros(5), [_np(ms[0]), np.array([0, 3.0, 0, 0, 0]), _np(ms[2])], [1, 1, 1], 1.0)
+    np.testing.assert_allclose(_np(dens), want)
+
+
+def test_magnitude_mask_ties_broken_by_position():
+    d = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0])
+    mask = M.magnitude_mask(d, 0.5)  # k=3 of the four |2|s: the first three
+    assert mask.tolist() == [False, True, True, False, True, False]
+    assert M.magnitude_mask(d, 0.0).sum() == 0 and M.magnitude_mask(d, 1.0).all()
+    assert M.magnitude_mask(d, 0.01).sum() == 1  # at least one element survives a positive density
+
+
+def test_slerp_formula_and_endpoints():
+    a, (b,) = _models(1, shape=(40, 9), scale=1.0)
+    for t in (0.0, 0.3, 0.5, 1.0, 1.4):
+        np.testing.assert_allclose(_np(M.slerp(a, b, t)), np_slerp(_np(a), _np(b), t), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(M.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(M.slerp(a, b, 1.0), b, rtol=1e-5, atol=1e-5)
+
+
+def test_slerp_lerp_fallback_threshold():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1000, generator=g, dtype=torch.float64)
+    noise = torch.randn(1000, generator=g, dtype=torch.float64)
+    noise -= (noise @ a) / (a @ a) * a  # orthogonal to a
+    for cos, lerp in ((0.9999, True), (0.999, False)):
+        # b at angle arccos(cos) from a
+        b = cos * a / a.norm() + math.sqrt(1 - cos**2) * noise / noise.norm()
+        b = 3.0 * b
+        got = M.slerp(a, b, 0.25)
+        lerped = 0.75 * a + 0.25 * b
+        assert torch.allclose(got, lerped, rtol=0, atol=1e-12) is lerp
+        np.testing.assert_allclose(got.numpy(), np_slerp(a.numpy(), b.numpy(), 0.25), rtol=1e-10)
+    # antipodal: also lerp (no unique great circle)
+    torch.testing.assert_close(M.slerp(a, -a, 0.25), 0.75 * a - 0.25 * a)
+
+
+def test_slerp_chunked_equals_unchunked(monkeypatch):
+    a, (b,) = _models(1, shape=(1000, 7), scale=1.0, dtype=torch.float64)
+    whole = M.slerp(a, b, 0.4)
+    monkeypatch.setattr(M, "_SLERP_CHUNK", 999)  # last chunk partial
+    torch.testing.assert_close(M.slerp(a, b, 0.4), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_dare_drops_and_rescales():
+    base, ms = _models(2, shape=(200, 50))
+    g = torch.Generator().manual_seed(0)
+    out = M.dare(base, ms[:1], density=0.3, generator=g)
+    d = _np(ms[0]) - _np(base)
+    got = _np(out) - _np(base)
+    kept = np.abs(got) > 0
+    np.testing.assert_allclose(got[kept], d[kept] / 0.3, rtol=1e-4, atol=1e-6)  # rescale 1/(1-p)
+    assert abs(kept.mean() - 0.3) < 0.02
+    # seeded -> reproducible; another seed -> different mask
+    again = M.dare(base, ms[:1], density=0.3, generator=torch.Generator().manual_seed(0))
+    other = M.dare(base, ms[:1], density=0.3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
+    assert not torch.equal(out, other)
+    # unbiased: the expectation of the dropped-and-rescaled delta is the delta itself
+    b, m = base[:4, :5], ms[0][:4, :5]
+    mean = sum(_np(M.dare(b, [m], density=0.5, generator=torch.Generator().manual_seed(s))) for s in range(1000)) / 1000
+    sd = np.abs(d[:4, :5]) / math.sqrt(1000)  # per-entry std of the mean at density 0.5
+    assert (np.abs(mean - _np(b) - d[:4, :5]) <= 5 * sd + 1e-6).all()
+
+
+def test_dare_l1_rescale_and_ties():
+    base, ms = _models(3, shape=(64, 16))
+    g = torch.Generator().manual_seed(0)
+    out = M.dare(base, ms[:1], density=0.5, rescale="l1", generator=g)
+    d = _np(ms[0]) - _np(base)
+    np.testing.assert_allclose(np.abs(_np(out) - _np(base)).sum(), np.abs(d).sum(), rtol=1e-4)
+    # with consensus the masked deltas go through the TIES combination
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    dt = M.dare(base, ms, [1, 2, 3], density=0.6, consensus="sum", normalize=True, generator=g1)
+    masked = [_np(base) + np.where(M.dare_mask(m, 0.6, g2).numpy(), _np(m) - _np(base), 0) / 0.6 for m in ms]
+    np.testing.assert_allclose(_np(dt), np_ties(_np(base), masked, [1, 2, 3], 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_breadcrumbs_drops_both_tails():
+    base = torch.zeros(10)
+    m = torch.arange(1.0, 11.0) * torch.tensor([1, -1] * 5)
+    out = M.breadcrumbs(base, [m], density=0.5, gamma=0.2)
+    # keep 5 of 10: drop the 2 largest |.| (10, 9) and the 3 smallest (1, 2, 3)
+    want = np.where(np.isin(np.abs(_np(m)), [4, 5, 6, 7, 8]), _np(m), 0)
+    np.testing.assert_array_equal(_np(out), want)
+
+
+def test_della_keep_probabilities_and_rescale():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(8, 11, generator=g)
+    mask, p = M.della_mask(delta, 0.5, 0.2, torch.Generator().manual_seed(0))
+    ranks = np.argsort(np.argsort(np.abs(delta.numpy()), axis=1, kind="stable"), axis=1, kind="stable")
+    np.testing.assert_allclose(p.numpy(), 0.3 + 0.4 * ranks / 10, rtol=1e-6)
+    base = torch.zeros(8, 11)
+    out = M.della(base, [delta], density=0.5, epsilon=0.2, consensus=None, normalize=False,
+                  generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(out.numpy(), np.where(mask.numpy(), delta.numpy() / p.numpy(), 0), rtol=1e-5)
+    big = torch.randn(400, 500, generator=g)
+    m, _ = M.della_mask(big, 0.4, 0.1, g)
+    assert abs(m.float().mean().item() - 0.4) < 0.01
+    top = big.abs() > big.abs().quantile(0.9)
+    assert m[top].float().mean() > 0.48  # large entries survive more often
+    with pytest.raises(ValueError, match="epsilon"):
+        M.della(base, [delta], density=0.9, epsilon=0.2)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_model_stock_formula(n):
+    base, ms = _models(n, shape=(12, 5))
+    b = _np(base).ravel()
+    ds = [_np(m).ravel() - b for m in ms]
+    cos = np.mean([ds[i] @ ds[j] / np.linalg.norm(ds[i]) / np.linalg.norm(ds[j])
+                   for i in range(n) for j in range(i + 1, n)])
+    t = n * cos / (1 + (n - 1) * cos)
+    want = t * sum(_np(m) for m in ms) / n + (1 - t) * _np(base)
+    np.testing.assert_allclose(_np(M.model_stock(base, ms)), want, rtol=1e-4, atol=1e-5)
+    # filter-wise: one t per row
+    fw = M.model_stock(base, ms, filter_wise=True)
+    for r in range(3):
+        np.testing.assert_allclose(_np(fw[r]), _np(M.model_stock(base[r], [m[r] for m in ms])), rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_two_points_is_slerp_midpoint():
+    a, (b,) = _models(1, shape=(30,), scale=1.0, dtype=torch.float64)
+    na, nb = a.norm(), b.norm()
+    mid = np_slerp((a / na).numpy(), (b / nb).numpy(), 0.5)
+    want = (na + nb).item() / 2 * mid / np.linalg.norm(mid)
+    np.testing.assert_allclose(M.karcher([a, b]).numpy(), want, rtol=1e-6)
+
+
+def test_karcher_stationarity_three_points():
+    _, ms = _models(3, shape=(50,), scale=1.0, dtype=torch.float64)
+    w = [0.2, 0.5, 0.3]
+    mu = M.karcher(ms, w, max_iter=100, tol=1e-12).numpy()
+    mu_hat = mu / np.linalg.norm(mu)
+    grad = np.zeros_like(mu_hat)  # sum_i w_i log_mu(u_i) vanishes at the Karcher mean
+    for wi, m in zip(w, ms):
+        u = m.numpy() / np.linalg.norm(m.numpy())
+        c = np.clip(mu_hat @ u, -1, 1)
+        phi = np.arccos(c)
+        grad += wi * phi / np.sin(phi) * (u - c * mu_hat)
+    assert np.linalg.norm(grad) < 1e-8
+    assert np.isclose(np.linalg.norm(mu), sum(wi * m.norm().item() for wi, m in zip(w, ms)))
+
+
+def test_chipalign_geodesic():
+    wi, (wd,) = _models(1, shape=(20, 6), scale=1.5, dtype=torch.float64)
+    wd = 2.0 * wd
+    ni, nd = np.linalg.norm(_np(wi)), np.linalg.norm(_np(wd))
+    for lam in (0.0, 0.3, 0.6, 1.0):
+        got = _np(M.chipalign(wi, wd, lam))
+        direction = np_slerp(_np(wi) / ni, _np(wd) / nd, lam)
+        want = ni ** (1 - lam) * nd**lam * direction
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(_np(M.chipalign(wi, wd, 0.0)), _np(wi), rtol=1e-12)
+    np.testing.assert_allclose(_np(M.chipalign(wi, wd, 1.0)), _np(wd), rtol=1e-12)
+    # colinear: direction is shared, only the norm interpolates (geometrically)
+    np.testing.assert_allclose(_np(M.chipalign(wi, 4 * wi, 0.5)), _np(2 * wi), rtol=1e-9)
+    with pytest.raises(ValueError, match="lam"):
+        M.chipalign(wi, wd, 1.5)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+ALL_TASK = {
+    "task_arithmetic": lambda b, ms: M.task_arithmetic(b, ms, 0.7),
+    "ties": lambda b, ms: M.ties(b, ms, density=0.3),
+    "dare": lambda b, ms: M.dare(b, ms, density=0.5, generator=torch.Generator().manual_seed(0)),
+    "dare_ties": lambda b, ms: M.dare(b, ms, density=0.5, consensus="sum", generator=torch.Generator().manual_seed(0)),
+    "breadcrumbs": lambda b, ms: M.breadcrumbs(b, ms, density=0.5),
+    "della": lambda b, ms: M.della(b, ms, density=0.5, generator=torch.Generator().manual_seed(0)),
+    "model_stock": lambda b, ms: M.model_stock(b, ms),
+}
+ALL_SYMMETRIC = {
+    "linear": lambda ms: M.linear(ms),
+    "karcher": lambda ms: M.karcher(ms),
+    "slerp": lambda ms: M.slerp(ms[0], ms[1], 0.3),
+    "chipalign": lambda ms: M.chipalign(ms[0], ms[1], 0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_TASK))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_identical_models_give_the_model_and_keep_dtype(name, dtype):
+    base, (m,) = _models(1, dtype=dtype)
+    out = ALL_TASK[name](base, [m, m.clone()])
+    assert out.dtype == dtype and out.shape == base.shape
+    same = ALL_TASK[name](base, [base.clone(), base.clone()])  # zero task vectors
+    torch.testing.assert_close(same, base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(ALL_SYMMETRIC))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_identical_inputs_symmetric(name, dtype):
+    _, (m,) = _models(1, dtype=dtype)
+    out = ALL_SYMMETRIC[name]([m, m.clone(), m.clone()])
+    assert out.dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(out, m, rtol=tol, atol=tol)
+
+
+def test_one_model():
+    base, (m,) = _models(1)
+    torch.testing.assert_close(M.linear([m]), m)
+    torch.testing.assert_close(M.karcher([m]), m)
+    torch.testing.assert_close(M.task_arithmetic(base, [m]), m, rtol=0, atol=1e-6)
+    torch.testing.assert_close(M.ties(base, [m]), m, rtol=0, atol=1e-6)  # density 1, one model: m itself
+    with pytest.raises(ValueError, match="at least 2"):
+        M.model_stock(base, [m])
+
+
+def test_weights_summing_to_zero():
+    base, ms = _models(2)
+    with pytest.raises(ValueError, match="sum to"):
+        M.linear(ms, [1.0, -1.0])
+    torch.testing.assert_close(M.linear(ms, [1.0, -1.0], normalize=False), ms[0] - ms[1])
+    # task arithmetic with normalize: a vanishing total weight is left as 1 (as mergekit)
+    got = M.task_arithmetic(base, ms, [1.0, -1.0], normalize=True)
+    torch.testing.assert_close(got, base + (ms[0] - ms[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_shapes_name_the_tensor():
+    base, ms = _models(2)
+    bad = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"models\[1\] has shape \(3, 3\)"):
+        M.ties(base, [ms[0], bad])
+    with pytest.raises(ValueError, match=r"tensors\[2\]"):
+        M.linear([ms[0], ms[1], bad])
+    with pytest.raises(ValueError, match=r"\bb\b has shape"):
+        M.slerp(base, bad, 0.5)
+
+
+def test_bad_arguments():
+    base, ms = _models(2)
+    with pytest.raises(ValueError, match="density"):
+        M.ties(base, ms, density=1.5)
+    with pytest.raises(ValueError, match="weights has 3 entries"):
+        M.task_arithmetic(base, ms, [1, 2, 3])
+    with pytest.raises(ValueError, match="empty"):
+        M.ties(base, [])
+    with pytest.raises(TypeError, match="floating"):
+        M.linear([torch.ones(3, dtype=torch.int64)] * 2)
+    with pytest.raises(TypeError, match="sequence"):
+        M.ties(base, ms[0])
+    with pytest.raises(ValueError, match="consensus"):
+        M.ties(base, ms, consensus="vote")
+
+
+def test_empty_tensors():
+    e = torch.zeros(0, 4)
+    assert M.slerp(e, e, 0.5).shape == (0, 4)
+    assert M.ties(e, [e, e], density=0.5).shape == (0, 4)
+
+
+# --------------------------------------------------------------------------- mergekit parity
+
+def _mergekit():
+    return pytest.importorskip("mergekit.merge_methods", reason="mergekit is the oracle for these checks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_mergekit(dtype):
+    mk = _mergekit()
+    base, ms = _models(3, shape=(33, 21), dtype=dtype)
+    W = [0.5, 0.3, 0.7]
+    ids = {1: 0.5, 2: 0.3, 3: 0.7}
+
+    def run(name, tensors, params, base_index=0):
+        return mk.merge_tensors(tensors, name, parameters=params, base_index=base_index,
+                                dtype=torch.float32, out_dtype=dtype)
+
+    cases = [
+        (run("slerp", [base, ms[0]], {"t": 0.3}), M.slerp(base, ms[0], 0.3)),
+        (run("task_arithmetic", [base, *ms], {"weight": ids, "normalize": True, "lambda": 0.8}),
+         M.task_arithmetic(base, ms, W, normalize=True, lambda_=0.8)),
+        (run("linear", [base, *ms], {"weight": [0.1, *W]}, None), M.linear([base, *ms], [0.1, *W])),
+        (run("model_stock", [base, *ms], {}), M.model_stock(base, ms)),
+        (run("karcher", [base, *ms], {}, None), M.karcher([base, *ms])),
+        (run("ties", [base, *ms], {"weight": ids, "density": 1.0}), M.ties(base, ms, W, density=1.0)),
+    ]
+    if dtype == torch.float32:  # continuous values: no ties at the trim threshold
+        cases += [
+            (run("ties", [base, *ms], {"weight": ids, "density": 0.4}), M.ties(base, ms, W, density=0.4)),
+            (run("breadcrumbs", [base, *ms], {"weight": ids, "density": 0.6, "gamma": 0.05}),
+             M.breadcrumbs(base, ms, W, density=0.6, gamma=0.05)),
+        ]
+    for theirs, ours in cases:
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_ties_matches_mergekit_up_to_threshold_ties():
+    """bf16 task vectors repeat values; only elements tied at the trim threshold may differ."""
+    mk = _mergekit()
+    base, ms = _models(2, shape=(64, 48), dtype=torch.bfloat16)
+    theirs = mk.merge_tensors([base, *ms], "ties", parameters={"weight": 1.0, "density": 0.4},
+                              base_index=0, dtype=torch.float32, out_dtype=torch.bfloat16)
+    ours = M.ties(base, ms, density=0.4)
+    at_threshold = torch.zeros_like(base, dtype=torch.bool)
+    for m in ms:
+        d = (m.float() - base.float()).abs()
+        k = int(0.4 * d.numel())
+        at_threshold |= d == d.reshape(-1).sort(descending=True).values[k - 1]
+    diff = ours != theirs
+    assert not (diff & ~at_threshold).any()
