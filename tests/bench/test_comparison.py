@@ -1,0 +1,211 @@
+"""compare(): ordering, interleaving, errors, tables, JSON schema, plot."""
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+from alignlab.bench import Comparison, compare, save_results
+
+
+def _sleeper(seconds):
+    def fn():
+        time.sleep(seconds)
+
+    return fn
+
+
+def test_results_keep_input_order_and_rank_by_time():
+    cmp = compare({"slow": _sleeper(0.004), "fast": _sleeper(0.0005)}, device="cpu", warmup=1, rep=5, memory=False)
+    assert list(cmp.results) == ["slow", "fast"]
+    slow, fast = cmp["slow"], cmp["fast"]
+    # time.sleep never returns early, so the medians are bounded below by the sleep.
+    assert slow.median_ms >= 4.0 and fast.median_ms >= 0.5
+    assert slow.median_ms > fast.median_ms
+    assert cmp.fastest() == "fast"
+    assert cmp.baseline == "slow"
+    assert cmp.time_ratio("slow") == pytest.approx(1.0)
+    assert cmp.time_ratio("fast") == pytest.approx(fast.median_ms / slow.median_ms)
+    assert cmp.time_ratio("fast") < 1.0
+    for m in (slow, fast):
+        assert m.n == 5 and m.p10_ms <= m.median_ms <= m.p90_ms
+
+
+def test_contestants_are_interleaved_and_rotated():
+    log = []
+
+    def make(name):
+        def fn():
+            log.append(name)
+
+        return fn
+
+    compare({k: make(k) for k in "abc"}, device="cpu", warmup=0, rep=6, memory=False)
+    assert len(log) == 18
+    rounds = [log[i : i + 3] for i in range(0, 18, 3)]
+    for r in rounds:  # every round calls each contestant once
+        assert sorted(r) == ["a", "b", "c"]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]  # the leader rotates
+    assert all(x != y for x, y in zip(log, log[1:]))  # never the same one twice in a row
+
+
+def test_time_and_memory_come_from_the_same_run():
+    calls = {"x": 0}
+
+    def fn(t):
+        calls["x"] += 1
+        return t * 2
+
+    t = torch.ones(1000)
+    cmp = compare({"x": fn}, t, warmup=2, rep=3)
+    # 2 warm-up + 1 memory + 3 timed calls, all inside one compare().
+    assert calls["x"] == 6
+    # the output, plus a few bytes for the scalar 2 that torch wraps into a 0-d tensor
+    assert t.nbytes <= cmp["x"].peak_bytes <= t.nbytes + 64
+    assert cmp["x"].memory_method == "torch_profiler_cpu"
+
+
+def test_erroring_contestant_is_reported_not_raised():
+    def boom(x):
+        raise RuntimeError("shape mismatch on purpose")
+
+    x = torch.ones(10)
+    cmp = compare({"ours": lambda x: x + 1, "broken": boom, "peer": lambda x: x * 2}, x, warmup=1, rep=3)
+    assert cmp["broken"].error == "RuntimeError: shape mismatch on purpose"
+    assert not cmp["broken"].ok and cmp["broken"].n == 0
+    assert cmp["ours"].ok and cmp["peer"].ok and cmp["peer"].n == 3
+    table = cmp.table()
+    assert "RuntimeError: shape mismatch on purpose" in table
+    assert "| broken |" in cmp.markdown()
+    assert cmp.time_ratio("broken") is None
+    doc = json.loads(cmp.to_json())
+    broken = next(r for r in doc["results"] if r["name"] == "broken")
+    assert broken["median_ms"] is None and broken["error"].startswith("RuntimeError")
+
+
+def test_contestant_failing_midway_keeps_nothing_partial():
+    state = {"n": 0}
+
+    def flaky():
+        state["n"] += 1
+        if state["n"] > 3:
+            raise ValueError("ran out")
+
+    cmp = compare({"ok": lambda: None, "flaky": flaky}, device="cpu", warmup=1, rep=5, memory=False)
+    assert cmp["flaky"].error == "ValueError: ran out" and cmp["flaky"].times_ms == []
+    assert cmp["ok"].n == 5
+
+
+def test_table_columns_and_roofline_percentages():
+    a = torch.randn(64, 64)
+    cmp = compare(
+        {"mm": torch.matmul, "mm2": lambda a, b: (a @ b).clone()},
+        a,
+        a,
+        rep=3,
+        warmup=1,
+        bytes_moved=3 * a.nbytes,
+        flops=2 * 64**3,
+        name="matmul 64",
+        meta={"shape": (64, 64)},
+    )
+    header = cmp.table().splitlines()[1]
+    for col in ("median ms", "p10 ms", "p90 ms", "time / mm", "peak mem", "mem / mm", "% copy BW", "% matmul"):
+        assert col in header
+    assert "error" not in header
+    m = cmp["mm"]
+    expected = 100 * (3 * a.nbytes / (m.median_ms * 1e-3)) / cmp.copy_bandwidth
+    assert m.pct_copy_bandwidth() == pytest.approx(expected)
+    assert cmp.peak_dtype == "float32"  # roofline in the inputs' dtype
+    expected = 100 * (2 * 64**3 / (m.median_ms * 1e-3)) / cmp.matmul_peak
+    assert m.pct_matmul_peak() == pytest.approx(expected)
+    md = cmp.markdown().splitlines()
+    assert md[0].startswith("*matmul 64") and md[2].startswith("| name |") and md[3].startswith("|---|")
+
+
+_RESULT_KEYS = {
+    "name": str, "median_ms": float, "p10_ms": float, "p90_ms": float, "mean_ms": float, "min_ms": float,
+    "times_ms": list, "n": int, "peak_bytes": int, "memory_method": str, "device": str, "device_name": str,
+    "dtype": str, "versions": dict, "bytes_moved": int, "flops": type(None), "copy_bandwidth": float,
+    "matmul_peak": type(None), "pct_copy_bandwidth": float, "pct_matmul_peak": type(None),
+    "time_ratio": float, "memory_ratio": float, "error": type(None),
+}
+
+
+def test_json_schema_and_atomic_save(tmp_path):
+    x = torch.ones(256)
+    cmp = compare({"a": lambda x: x + 1, "b": lambda x: x.clone() * 3}, x, rep=3, warmup=1, bytes_moved=2 * x.nbytes,
+                  meta={"shape": torch.Size([256]), "dtype": torch.float32})
+    path = cmp.save_json(tmp_path / "sub" / "r.json")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temp file left
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "alignlab.bench.comparison/1"
+    assert set(doc) == {"schema", "name", "created", "device", "device_name", "dtype", "versions", "baseline",
+                        "bytes_moved", "flops", "roofline", "meta", "fastest", "results"}
+    assert doc["meta"] == {"shape": [256], "dtype": "torch.float32"}
+    assert doc["device"] == "cpu" and doc["dtype"] == "float32" and doc["baseline"] == "a"
+    assert {"torch", "python", "alignlab"} <= set(doc["versions"])
+    assert doc["roofline"]["copy_bandwidth_bytes_per_s"] > 0 and doc["roofline"]["matmul_flops_per_s"] is None
+    assert [r["name"] for r in doc["results"]] == ["a", "b"]
+    for r in doc["results"]:
+        for key, typ in _RESULT_KEYS.items():
+            assert isinstance(r[key], typ), (key, r[key])
+        assert len(r["times_ms"]) == r["n"] == 3
+
+    out = save_results(tmp_path / "all.json", [cmp, cmp], meta={"script": "test"})
+    all_doc = json.loads(out.read_text())
+    assert all_doc["schema"] == "alignlab.bench.results/1" and len(all_doc["comparisons"]) == 2
+    with pytest.raises(TypeError, match=r"comparisons\[0\]"):
+        save_results(tmp_path / "bad.json", [doc])
+
+
+def test_failed_save_leaves_old_file_intact(tmp_path, monkeypatch):
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    path = cmp.save_json(tmp_path / "r.json")
+    before = path.read_text()
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("alignlab.bench.comparison.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cmp.save_json(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="contestants"):
+        compare([lambda: None])
+    with pytest.raises(TypeError, match="contestants"):
+        compare({})
+    with pytest.raises(TypeError, match="'f' must be callable"):
+        compare({"f": 3}, device="cpu")
+    with pytest.raises(ValueError, match="baseline"):
+        compare({"f": lambda: None}, baseline="g")
+    with pytest.raises(ValueError, match="bytes_moved"):
+        compare({"f": lambda: None}, bytes_moved=-1)
+    with pytest.raises(ValueError, match="flops"):
+        compare({"f": lambda: None}, flops=float("nan"))
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    cmp = compare({"a": lambda: None, "b": _sleeper(0.0005)}, device="cpu", rep=3, warmup=0, memory=False)
+    path = cmp.plot(tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"alignlab\[plot\]"):
+        cmp.plot(tmp_path / "p.png")
+
+
+def test_comparison_is_constructible_from_measurements():
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    again = Comparison(results=cmp.results, baseline="a")
+    assert again.table().splitlines()[2:] == cmp.table().splitlines()[2:]

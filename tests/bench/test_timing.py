@@ -1,0 +1,147 @@
+"""measure(): memory accounting of known allocations, timing sanity, validation."""
+
+import time
+import tracemalloc
+
+import pytest
+import torch
+
+from alignlab.bench import Measurement, format_bytes, measure
+
+N = 1_000_000  # float32 elements: 4 MB
+
+
+def test_tracemalloc_does_not_see_torch_tensors():
+    """Why the CPU path uses the profiler: tracemalloc misses c10 allocations."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        t = torch.ones(N)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < t.nbytes // 10
+
+
+def test_peak_of_returned_tensor_is_its_size():
+    m = measure(lambda: torch.ones(N), device="cpu", warmup=1, rep=2)
+    assert m.peak_bytes == 4 * N
+    assert m.memory_method == "torch_profiler_cpu"
+
+
+def test_peak_counts_freed_temporaries_at_their_high_water():
+    def fn():
+        kept = torch.ones(N)  # 4 MB, returned
+        tmp = torch.ones(2 * N)  # 8 MB, freed before the next allocation
+        del tmp
+        other = torch.ones(N // 2)  # 2 MB, freed at return
+        return kept + other[0]  # + 4 MB output
+
+    m = measure(fn, device="cpu", warmup=0, rep=1)
+    # high water: kept + tmp = 12 MB; later kept + other + out = 10 MB.
+    assert m.peak_bytes == 12 * N
+
+
+def test_baseline_excludes_inputs():
+    x = torch.ones(4 * N)
+    m = measure(torch.neg, x, warmup=0, rep=1)
+    assert m.peak_bytes == x.nbytes  # only the output, not the 16 MB input
+
+
+def test_timing_is_bounded_by_a_known_sleep():
+    m = measure(time.sleep, 0.002, device="cpu", warmup=1, rep=5, memory=False)
+    assert 2.0 <= m.p10_ms <= m.median_ms <= m.p90_ms
+    assert m.median_ms < 200  # generous: CI machines stall, but not by 100x
+    assert m.memory_method == "skipped" and m.peak_bytes is None
+
+
+def test_context_fields():
+    x = torch.ones(8, dtype=torch.bfloat16)
+    m = measure(torch.exp, x, rep=2, warmup=1, name="exp")
+    assert m.name == "exp" and m.device == "cpu" and m.dtype == "bfloat16"
+    assert m.versions["torch"] == torch.__version__
+    assert m.n == 2 and len(m.times_ms) == 2
+    assert "exp: median" in str(m)
+
+
+def test_kwargs_are_forwarded():
+    seen = {}
+
+    def fn(x, *, scale):
+        seen["scale"] = scale
+        return x * scale
+
+    measure(fn, torch.ones(3), scale=5.0, rep=1, warmup=0)
+    assert seen["scale"] == 5.0
+
+
+def test_auto_rep_targets_a_quarter_second():
+    m = measure(time.sleep, 0.005, device="cpu", warmup=3, memory=False)
+    # int(0.25 s / call time): at most 50 since sleep(5 ms) never returns early;
+    # the lower bound allows a slow CI machine.
+    assert 20 <= m.n <= 50
+    m = measure(time.sleep, 0.05, device="cpu", warmup=1, memory=False)
+    assert m.n == 10  # floor
+    m = measure(lambda: None, device="cpu", warmup=1, memory=False)
+    assert m.n == 2000  # capped
+
+
+def test_measure_propagates_errors():
+    def boom():
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        measure(boom, device="cpu")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="warmup"):
+        measure(lambda: None, warmup=-1)
+    with pytest.raises(ValueError, match="rep"):
+        measure(lambda: None, rep=0)
+    with pytest.raises(TypeError, match="callable"):
+        measure(3)
+    with pytest.raises(ValueError, match="device"):
+        measure(lambda: None, device="not-a-device")
+
+
+def test_roofline_percentages_follow_their_formula():
+    m = Measurement(
+        name="x", median_ms=2.0, p10_ms=1.0, p90_ms=3.0, mean_ms=2.0, min_ms=1.0, times_ms=[2.0],
+        peak_bytes=0, memory_method="skipped", device="cpu", device_name="cpu", dtype=None, versions={},
+        copy_bandwidth=1e9, matmul_peak=1e12,
+    )
+    # 1e6 bytes in 2 ms = 5e8 B/s = 50% of 1e9 B/s; 1e9 flops in 2 ms = 5e11 = 50% of 1e12.
+    assert m.pct_copy_bandwidth(1e6) == pytest.approx(50.0)
+    assert m.pct_matmul_peak(1e9) == pytest.approx(50.0)
+    assert m.pct_copy_bandwidth() is None  # no bytes_moved given
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_of_known_allocation():
+    x = torch.ones(N, device="cuda")
+
+    def fn(x):
+        tmp = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # 64 MiB, freed
+        del tmp
+        return x * 2  # 4 MB output
+
+    m = measure(fn, x, warmup=1, rep=3)
+    assert m.memory_method == "cuda_max_memory_allocated"
+    assert m.peak_bytes == 64 * 2**20  # the freed temporary is the high water; x is baseline
+    assert m.device.startswith("cuda") and m.device_name
+
+
+@pytest.mark.cuda
+def test_cuda_event_times_agree_with_do_bench():
+    triton_testing = pytest.importorskip("triton.testing")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    m = measure(torch.matmul, a, a, warmup=5, rep=50)
+    ref = triton_testing.do_bench(lambda: torch.matmul(a, a), warmup=25, rep=100, return_mode="median")
+    assert m.median_ms == pytest.approx(ref, rel=0.15)
