@@ -1,0 +1,761 @@
+r"""Offline preference losses on sequence log-probabilities.
+
+Every loss here is a plain function of per-sequence log-probabilities
+(``log pi(y|x)`` summed, or averaged, over the completion tokens; see
+:func:`alignlab.losses.logprobs.sequence_logprobs`).  The user runs the policy
+and the reference in their own loop, then calls e.g.::
+
+    loss, metrics = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1)
+    loss.backward()
+
+Each function returns ``(loss, metrics)``.  ``metrics`` holds detached 0-d
+tensors (no host sync is forced); the keys follow TRL's trainers:
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` plus per-loss
+extras.
+
+Notation: :math:`\pi_c, \pi_r` policy log-probs of the chosen / rejected
+completion, :math:`\rho_c, \rho_r` the same under the reference, the implicit
+log-ratios :math:`h_c = \pi_c - \rho_c`, :math:`h_r = \pi_r - \rho_r`, and
+:math:`\Delta = h_c - h_r`.
+
+Half-precision inputs are upcast to float32 before the loss is formed; float64
+stays float64.  An empty batch gives a zero loss that is still connected to the
+graph and NaN means in ``metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "CPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
+    "UNA_LOSS_TYPES",
+    "dpo_loss",
+    "kto_loss",
+    "orpo_loss",
+    "simpo_loss",
+    "cpo_loss",
+    "una_loss",
+]
+
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_pair",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+"""Valid ``loss_type`` values of :func:`dpo_loss` (``aot_unpaired`` is TRL>=1.0's name for ``aot_pair``)."""
+
+# loss types whose loss is a function of the single logit z = beta * Delta; the R-DPO length margin enters there.
+_LOGIT_LOSS_TYPES = frozenset({"sigmoid", "robust", "hinge", "exo_pair", "discopop", "sigmoid_norm"})
+# loss types that divide the log-ratios by the completion length when lengths are given.
+_LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})
+
+CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
+KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
+UNA_LOSS_TYPES: tuple[str, ...] = ("mse", "bce")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------------------------------------
+def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
+    """All given tensors: floating, 1-D, one shape.  Returns the dtype the loss is computed in."""
+    shape = None
+    first = None
+    dtype = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (batch,), got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must have shape (batch,), got {tuple(t.shape)}")
+        if shape is None:
+            shape, first = t.shape, name
+        elif t.shape != shape:
+            raise ValueError(
+                f"batch size mismatch: {first} has shape {tuple(shape)} but {name} has shape {tuple(t.shape)}"
+            )
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    assert dtype is not None
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+
+
+def _check_label_smoothing(label_smoothing: float, upper: float = 1.0) -> float:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < upper:
+        raise ValueError(f"label_smoothing must lie in [0, {upper}), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Completion lengths as a float tensor shaped like ``like``; every length must be >= 1."""
+    if lengths is None:
+        return None
+    t = torch.as_tensor(lengths, device=like.device)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one length per sequence), got {tuple(t.shape)}")
+    t = t.to(like.dtype)
+    if t.numel() and bool((t < 1).any()):
+        raise ValueError(f"{name} must be >= 1 everywhere (number of completion tokens)")
+    return t
+
+
+def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_example
+    if reduction == "sum" or per_example.numel() == 0:
+        # an empty batch contributes nothing (mean of nothing would be NaN and poison the step)
+        return per_example.sum()
+    return per_example.mean()
+
+
+def _mean(t: torch.Tensor) -> torch.Tensor:
+    """Detached mean for logging; NaN for an empty tensor, like TRL."""
+    t = t.detach()
+    if t.numel() == 0:
+        return torch.full((), float("nan"), dtype=t.dtype, device=t.device)
+    return t.float().mean() if t.dtype in (torch.float16, torch.bfloat16) else t.mean()
+
+
+def _pair_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)),
+        "logps/chosen": _mean(chosen_logps),
+        "logps/rejected": _mean(rejected_logps),
+    }
+
+
+def _smoothed_sigmoid(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    r""":math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)` (conservative DPO when :math:`\varepsilon>0`)."""
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = loss * (1.0 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO family
+# ----------------------------------------------------------------------------------------------------------------
+def _dpo_per_pair(
+    loss_type: str,
+    *,
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+    len_c: torch.Tensor | None,
+    len_r: torch.Tensor | None,
+    length_margin: torch.Tensor | None,
+    discopop_tau: float,
+) -> torch.Tensor:
+    hc, hr = pc - rc, pr - rr
+    if loss_type in _LENGTH_NORMALISED and len_c is not None:
+        delta = hc / len_c - hr / len_r
+    else:
+        delta = hc - hr
+
+    if loss_type in _LOGIT_LOSS_TYPES:
+        z = beta * delta
+        if length_margin is not None:
+            z = z + length_margin
+        if loss_type in ("sigmoid", "sigmoid_norm"):
+            return _smoothed_sigmoid(z, label_smoothing)
+        if loss_type == "robust":
+            eps = label_smoothing
+            return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+        if loss_type == "hinge":
+            return torch.relu(1.0 - z)
+        if loss_type == "exo_pair":
+            eps = label_smoothing
+            # KL(softmax over {chosen, rejected} of the implicit rewards || [1 - eps, eps])
+            return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+                F.logsigmoid(-z) - math.log(eps)
+            )
+        # discopop: blend of the logistic and the exponential loss, gated by sigmoid(z / tau)
+        gate = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1.0 - gate) + torch.exp(-z) * gate
+
+    if loss_type == "ipo":
+        return (delta - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * hc) - 0.5 * F.logsigmoid(-beta * hc) - 0.5 * F.logsigmoid(-beta * hr)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * hc) - F.logsigmoid(-beta * hr)
+    if loss_type == "sppo_hard":
+        return (hc - 0.5 / beta) ** 2 + (hr + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        # optimal transport between the policy's and the reference's distribution of pair log-ratios
+        delta = torch.sort(pc - pr).values - torch.sort(rc - rr).values
+        return _smoothed_sigmoid(beta * delta, label_smoothing)
+    if loss_type in ("aot_pair", "aot_unpaired"):
+        delta = torch.sort(hc).values - torch.sort(hr).values
+        return _smoothed_sigmoid(beta * delta, label_smoothing)
+    if loss_type == "apo_zero":
+        return (1.0 - torch.sigmoid(beta * hc)) + torch.sigmoid(beta * hr)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * hc) + (1.0 - torch.sigmoid(beta * (hc - hr)))
+    raise AssertionError(loss_type)  # unreachable: validated by the caller
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    reference_free: bool = False,
+    chosen_lengths: torch.Tensor | Sequence[int] | None = None,
+    rejected_lengths: torch.Tensor | Sequence[int] | None = None,
+    length_alpha: float = 0.0,
+    discopop_tau: float = 0.05,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Direct Preference Optimization and its variants.
+
+    With :math:`z = \beta\Delta + \alpha(|y_c| - |y_r|)` (the second term only for R-DPO, ``length_alpha=α``):
+
+    ============== ===============================================================================================
+    ``loss_type``  per-pair loss
+    ============== ===============================================================================================
+    ``sigmoid``    :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)`; DPO, Rafailov et al.
+                   "Direct Preference Optimization" (arXiv 2305.18290); :math:`\varepsilon` =
+                   ``label_smoothing`` > 0 is conservative DPO (cDPO, Mitchell 2023).
+    ``robust``     :math:`\frac{-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)}{1-2\varepsilon}`,
+                   rDPO, "Provably Robust DPO" (arXiv 2403.00409); needs :math:`0\le\varepsilon<1/2`.
+    ``ipo``        :math:`(\Delta' - \frac{1}{2\beta})^2`, IPO, "A General Theoretical Paradigm to Understand
+                   Learning from Human Preferences" (arXiv 2310.12036). :math:`\Delta'` uses per-token averaged
+                   log-ratios when ``chosen_lengths``/``rejected_lengths`` are given (TRL's convention), else
+                   :math:`\Delta` as passed.
+    ``hinge``      :math:`\max(0, 1 - z)`, SLiC, "Calibrating Sequence Likelihood" (arXiv 2305.10425).
+    ``exo_pair``   :math:`\sigma(z)(\log\sigma(z) - \log(1-\varepsilon)) + \sigma(-z)(\log\sigma(-z) -
+                   \log\varepsilon)`, EXO, "Towards Efficient Exact Optimization of Language Model Alignment"
+                   (arXiv 2402.00856); needs :math:`\varepsilon>0` (1e-3 recommended).
+    ``nca_pair``   :math:`-\log\sigma(\beta h_c) - \tfrac12\log\sigma(-\beta h_c) - \tfrac12\log\sigma(-\beta h_r)`,
+                   NCA, "Noise Contrastive Alignment of Language Models with Explicit Rewards" (arXiv 2402.05369).
+    ``bco_pair``   :math:`-\log\sigma(\beta h_c) - \log\sigma(-\beta h_r)`, BCO, "Binary Classifier Optimization
+                   for Large Language Model Alignment" (arXiv 2404.04656), without the running reward shift.
+    ``sppo_hard``  :math:`(h_c - \frac{1}{2\beta})^2 + (h_r + \frac{1}{2\beta})^2`, SPPO with hard win
+                   probabilities, "Self-Play Preference Optimization" (arXiv 2405.00675).
+    ``aot``        :math:`-(1-\varepsilon)\log\sigma(\beta d) - \varepsilon\log\sigma(-\beta d)`,
+                   :math:`d = \mathrm{sort}(\pi_c-\pi_r) - \mathrm{sort}(\rho_c-\rho_r)` over the batch; AOT,
+                   "Distributional Preference Alignment of LLMs via Optimal Transport" (arXiv 2406.05882).
+    ``aot_pair``   same with :math:`d = \mathrm{sort}(h_c) - \mathrm{sort}(h_r)` (alias ``aot_unpaired``).
+    ``apo_zero``   :math:`1 - \sigma(\beta h_c) + \sigma(\beta h_r)`, APO, "Anchored Preference Optimization"
+                   (arXiv 2408.06266), eq. 7.
+    ``apo_down``   :math:`\sigma(\beta h_c) + 1 - \sigma(\beta\Delta)`, APO eq. 8.
+    ``discopop``   :math:`(1-g)(-\log\sigma(z)) + g\,e^{-z}`, :math:`g=\sigma(z/\tau)`, DiscoPOP, "Discovering
+                   Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414).
+    ``sigmoid_norm`` ``sigmoid`` on per-token averaged log-ratios (lengths required).
+    ============== ===============================================================================================
+
+    R-DPO ("Disentangling Length from Quality in Direct Preference Optimization", arXiv 2403.19159) adds the
+    margin :math:`\alpha(|y_c| - |y_r|)` inside the logit of the logit-based types (``sigmoid``, ``robust``,
+    ``hinge``, ``exo_pair``, ``discopop``, ``sigmoid_norm``).  Reference-free mode (``reference_free=True``)
+    sets :math:`\rho_c=\rho_r=0`.
+
+    ``loss_type`` may be a sequence (e.g. ``("sigmoid", "bco_pair")``, as in MPO); the loss is then
+    :math:`\sum_k w_k \cdot \mathrm{reduce}(\ell_k)` with ``loss_weights`` :math:`w_k` (default 1).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(batch,)`` summed completion log-probs of the policy.
+        ref_chosen_logps, ref_rejected_logps: ``(batch,)`` the same under the reference; ``None`` only with
+            ``reference_free=True``.
+        beta: :math:`\beta > 0`, the KL-regularisation strength (:math:`\tau` for IPO).
+        loss_type: one of :data:`DPO_LOSS_TYPES` or a sequence of them.
+        label_smoothing: :math:`\varepsilon`, the assumed label-flip rate.
+        chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts (R-DPO, ``ipo``, ``sigmoid_norm``).
+        length_alpha: :math:`\alpha` of R-DPO (0 disables it).
+        discopop_tau: :math:`\tau` of DiscoPOP.
+        reduction: ``"mean"`` (over pairs), ``"sum"`` or ``"none"`` (per-pair losses, ``(batch,)``; for ``aot``
+            they are indexed by sorted rank, not by pair).
+
+    Returns:
+        ``(loss, metrics)``; ``metrics["rewards/chosen"]`` is the batch mean of :math:`\beta h_c` (and so on) as
+        TRL logs it.
+
+    Raises:
+        ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
+            (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
+            reference log-probs or lengths.
+    """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not loss_types:
+        raise ValueError("loss_type must name at least one loss type")
+    for lt in loss_types:
+        if lt not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {lt!r}; valid loss types are {list(DPO_LOSS_TYPES)}")
+    if loss_weights is None:
+        loss_weights = [1.0] * len(loss_types)
+    elif len(loss_weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}")
+    beta = _check_positive("beta", beta)
+    discopop_tau = _check_positive("discopop_tau", discopop_tau)
+    _check_reduction(reduction)
+    upper = 0.5 if "robust" in loss_types else 1.0
+    label_smoothing = _check_label_smoothing(label_smoothing, upper)
+    if "exo_pair" in loss_types and label_smoothing <= 0.0:
+        raise ValueError("loss_type='exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+
+    if reference_free:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("reference_free=True ignores the reference: pass ref_chosen_logps=ref_rejected_logps=None")
+    elif ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
+
+    dtype = _check_logps(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if reference_free:
+        rc = rr = torch.zeros((), dtype=dtype, device=pc.device)
+    else:
+        rc, rr = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+
+    len_c = _lengths("chosen_lengths", chosen_lengths, pc)
+    len_r = _lengths("rejected_lengths", rejected_lengths, pc)
+    if (len_c is None) != (len_r is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if "sigmoid_norm" in loss_types and len_c is None:
+        raise ValueError("loss_type='sigmoid_norm' needs chosen_lengths and rejected_lengths")
+    length_margin = None
+    if length_alpha:
+        if not math.isfinite(length_alpha):
+            raise ValueError(f"length_alpha must be finite, got {length_alpha!r}")
+        if len_c is None:
+            raise ValueError("length_alpha (R-DPO) needs chosen_lengths and rejected_lengths")
+        bad = [lt for lt in loss_types if lt not in _LOGIT_LOSS_TYPES]
+        if bad:
+            raise ValueError(
+                f"length_alpha (R-DPO) applies to the logit-based loss types {sorted(_LOGIT_LOSS_TYPES)}, not {bad}"
+            )
+        length_margin = length_alpha * (len_c - len_r)
+
+    loss = None
+    for lt, weight in zip(loss_types, loss_weights):
+        per_pair = _dpo_per_pair(
+            lt,
+            pc=pc,
+            pr=pr,
+            rc=rc,
+            rr=rr,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            len_c=len_c,
+            len_r=len_r,
+            length_margin=length_margin,
+            discopop_tau=discopop_tau,
+        )
+        term = float(weight) * _reduce(per_pair, reduction)
+        loss = term if loss is None else loss + term
+
+    metrics = _pair_metrics(beta * (pc - rc), beta * (pr - rr), pc, pr)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO
+# ----------------------------------------------------------------------------------------------------------------
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    policy_kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    *,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    kl: torch.Tensor | float | None = None,
+    loss_type: str = "kto",
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Kahneman–Tversky Optimization on unpaired, binary-labelled completions.
+
+    "KTO: Model Alignment as Prospect Theoretic Optimization" (Ethayarajh et al., arXiv 2402.01306), eq. 7:
+
+    .. math::
+        h = \pi(y|x) - \rho(y|x),\qquad
+        \ell = \begin{cases} \lambda_D\,(1 - \sigma(\beta(h - z_0))) & y\ \text{desirable}\\
+                             \lambda_U\,(1 - \sigma(\beta(z_0 - h))) & y\ \text{undesirable}\end{cases}
+
+    The reference point :math:`z_0` is the batch estimate of :math:`\mathrm{KL}(\pi\|\rho)` from mismatched
+    (prompt, completion) pairs, :math:`z_0 = \max(0, \mathrm{mean}(\pi_{KL} - \rho_{KL}))`, detached (no gradient
+    flows through it), as in TRL.  ``loss_type="apo_zero_unpaired"`` is APO-zero for unpaired data
+    (arXiv 2408.06266): :math:`1-\sigma(\beta h)` for desirable, :math:`\sigma(\beta h)` for undesirable, no
+    :math:`z_0`.  With ``reduction="mean"`` the loss is the mean over all completions.
+
+    Args:
+        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
+        desirable: ``(batch,)`` bool (or 0/1) labels, True for desirable completions.
+        policy_kl_logps, ref_kl_logps: ``(n_kl,)`` log-probs of the mismatched completions (policy is used only
+            for :math:`z_0`, no gradient).  Required for ``loss_type="kto"`` unless ``kl`` is given.
+        beta: :math:`\beta > 0`.
+        desirable_weight, undesirable_weight: :math:`\lambda_D, \lambda_U > 0`.
+        kl: an explicit reference point :math:`z_0` (overrides the KL log-probs).
+        loss_type: one of :data:`KTO_LOSS_TYPES`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per completion, in input order).
+
+    Returns:
+        ``(loss, metrics)`` with ``kl``, ``rewards/chosen`` (mean :math:`\beta h` over desirable),
+        ``rewards/rejected``, ``rewards/margins`` (their difference), ``logps/chosen``, ``logps/rejected``.
+
+    Raises:
+        ValueError: bad shapes/dtypes, ``beta <= 0``, non-positive weights, unknown ``loss_type``, missing
+            KL log-probs.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}")
+    beta = _check_positive("beta", beta)
+    desirable_weight = _check_positive("desirable_weight", desirable_weight)
+    undesirable_weight = _check_positive("undesirable_weight", undesirable_weight)
+    _check_reduction(reduction)
+    dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps)
+    if not isinstance(desirable, torch.Tensor) or desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable must be a tensor of shape {tuple(policy_logps.shape)}")
+    if desirable.is_floating_point() and bool(((desirable != 0) & (desirable != 1)).any()):
+        raise ValueError("desirable must hold booleans (or exactly 0/1)")
+    is_good = desirable.to(device=policy_logps.device, dtype=torch.bool)
+
+    pi, ref = policy_logps.to(dtype), ref_logps.to(dtype)
+    h = pi - ref
+    if loss_type == "apo_zero_unpaired":
+        z0 = torch.zeros((), dtype=dtype, device=pi.device)
+        good_loss = 1.0 - torch.sigmoid(beta * h)
+        bad_loss = torch.sigmoid(beta * h)
+    else:
+        if kl is not None:
+            z0 = torch.as_tensor(kl, dtype=dtype, device=pi.device).detach()
+            if z0.dim() != 0:
+                raise ValueError(f"kl must be a scalar, got shape {tuple(z0.shape)}")
+        else:
+            if policy_kl_logps is None or ref_kl_logps is None:
+                raise ValueError(
+                    "loss_type='kto' needs policy_kl_logps and ref_kl_logps (mismatched-pair log-probs) or kl"
+                )
+            kl_dtype = _check_logps(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+            diff = (policy_kl_logps.to(kl_dtype) - ref_kl_logps.to(kl_dtype)).detach()
+            z0 = (diff.mean() if diff.numel() else diff.sum()).clamp(min=0).to(dtype)
+        good_loss = 1.0 - torch.sigmoid(beta * (h - z0))
+        bad_loss = 1.0 - torch.sigmoid(beta * (z0 - h))
+    per_example = torch.where(is_good, desirable_weight * good_loss, undesirable_weight * bad_loss)
+    loss = _reduce(per_example, reduction)
+
+    rewards = beta * h.detach()
+    chosen_r, rejected_r = rewards[is_good], rewards[~is_good]
+    metrics = {
+        "kl": z0.detach(),
+        "rewards/chosen": _mean(chosen_r),
+        "rewards/rejected": _mean(rejected_r),
+        "rewards/margins": _mean(chosen_r) - _mean(rejected_r),
+        "logps/chosen": _mean(pi[is_good]),
+        "logps/rejected": _mean(pi[~is_good]),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference-free losses: ORPO, SimPO, CPO
+# ----------------------------------------------------------------------------------------------------------------
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log(1 - e^{x})` for :math:`x < 0`, switching formulas at :math:`-\log 2` (Mächler 2012)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _nll(name: str, nll: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if nll is None:
+        return None
+    if not isinstance(nll, torch.Tensor) or not nll.is_floating_point() or nll.dim() != 0:
+        raise ValueError(f"{name} must be a floating-point scalar tensor (the mean NLL of the chosen completions)")
+    return nll.to(dtype)
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_nll_loss: torch.Tensor | None = None,
+    beta: float = 0.1,
+    *,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Odds-Ratio Preference Optimization.
+
+    "ORPO: Monolithic Preference Optimization without Reference Model" (Hong et al., arXiv 2403.07691):
+
+    .. math::
+        \log\mathrm{odds}(y) = \bar\pi(y) - \log(1 - e^{\bar\pi(y)}),\qquad
+        \mathcal L = \mathcal L_{\mathrm{NLL}} - \beta\,\mathrm{mean}\,
+            \log\sigma\big(\log\mathrm{odds}(y_c) - \log\mathrm{odds}(y_r)\big)
+
+    where :math:`\bar\pi` is the **per-token average** completion log-prob (must be < 0) and
+    :math:`\beta` is the paper's :math:`\lambda`.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(batch,)`` averaged log-probs (``average=True`` in
+            :func:`~alignlab.losses.logprobs.sequence_logprobs`).
+        chosen_nll_loss: scalar SFT loss on the chosen completions; ``None`` leaves only the odds-ratio term.
+        beta: :math:`\lambda > 0`.
+        reduction: ``"mean"``/``"sum"`` over pairs of the odds-ratio term, or ``"none"`` for per-pair
+            :math:`-\beta\log\sigma(\cdot)` (the NLL is then not added).
+
+    Returns:
+        ``(loss, metrics)``; extra metrics ``log_odds_ratio`` (mean log-sigmoid), ``log_odds_chosen`` (mean
+        log-odds difference) and ``nll_loss``.  Rewards are :math:`\beta\bar\pi` as TRL logs them.
+
+    Raises:
+        ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``.
+    """
+    beta = _check_positive("beta", beta)
+    _check_reduction(reduction)
+    dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    nll = _nll("chosen_nll_loss", chosen_nll_loss, dtype)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+    ratio = F.logsigmoid(log_odds)
+    per_pair = -beta * ratio
+    loss = _reduce(per_pair, reduction)
+    if nll is not None and reduction != "none":
+        loss = loss + nll
+    metrics = _pair_metrics(beta * pc, beta * pr, pc, pr)
+    metrics["log_odds_ratio"] = _mean(ratio)
+    metrics["log_odds_chosen"] = _mean(log_odds)
+    if nll is not None:
+        metrics["nll_loss"] = nll.detach()
+    return loss, metrics
+
+
+def _cpo_per_pair(
+    loss_type: str, margin: torch.Tensor, beta: float, label_smoothing: float, gamma: float
+) -> torch.Tensor:
+    if loss_type == "simpo":
+        return _smoothed_sigmoid(beta * margin - gamma, label_smoothing)
+    if loss_type == "sigmoid":
+        return _smoothed_sigmoid(beta * margin, label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * margin)
+    return (margin - 1.0 / (2.0 * beta)) ** 2  # ipo
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    *,
+    chosen_lengths: torch.Tensor | Sequence[int] | None = None,
+    rejected_lengths: torch.Tensor | Sequence[int] | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Simple Preference Optimization (reference-free, length-normalised, target margin).
+
+    "SimPO: Simple Preference Optimization with a Reference-Free Reward" (Meng et al., arXiv 2405.14734), eq. 6:
+
+    .. math::
+        \ell = -\log\sigma\Big(\frac{\beta}{|y_c|}\log\pi(y_c) - \frac{\beta}{|y_r|}\log\pi(y_r) - \gamma\Big)
+
+    (with ``label_smoothing`` :math:`\varepsilon`, the conservative form
+    :math:`-(1-\varepsilon)\log\sigma(u) - \varepsilon\log\sigma(-u)`).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(batch,)`` per-token **averaged** log-probs, or summed
+            log-probs together with ``chosen_lengths``/``rejected_lengths`` (then divided here).
+        beta: :math:`\beta > 0` (the paper uses 2.0–2.5).
+        gamma: the target reward margin :math:`\gamma` (absolute, not the ratio :math:`\gamma/\beta`).
+        label_smoothing: :math:`\varepsilon \in [0, 1)`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        ``(loss, metrics)``; rewards are :math:`\beta\,\overline{\log\pi}` as TRL's CPO/SimPO trainer logs them.
+
+    Raises:
+        ValueError: bad shapes/dtypes/lengths, ``beta <= 0``, ``label_smoothing`` outside [0, 1).
+    """
+    beta = _check_positive("beta", beta)
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    _check_reduction(reduction)
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    len_c = _lengths("chosen_lengths", chosen_lengths, pc)
+    len_r = _lengths("rejected_lengths", rejected_lengths, pc)
+    if (len_c is None) != (len_r is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if len_c is not None:
+        pc, pr = pc / len_c, pr / len_r
+    loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, float(gamma)), reduction)
+    return loss, _pair_metrics(beta * pc, beta * pr, pc, pr)
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_nll_loss: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    *,
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Contrastive Preference Optimization: reference-free DPO plus a behaviour-cloning NLL term.
+
+    "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation"
+    (Xu et al., arXiv 2401.08417), eq. 3:
+
+    .. math::
+        \mathcal L = \mathrm{mean}\big[-\log\sigma(\beta(\pi_c - \pi_r))\big] + \alpha_{\mathrm{CPO}}\,
+        \mathcal L_{\mathrm{NLL}}(y_c)
+
+    ``loss_type`` swaps the preference term like in :func:`dpo_loss` (``hinge``, ``ipo``) or to SimPO's
+    :math:`-\log\sigma(\beta(\pi_c-\pi_r) - \gamma)` (``simpo``; CPO-SimPO).  For ``ipo``/``simpo`` pass
+    per-token averaged log-probs, as TRL does.  ``alpha`` :math:`\ne 0` applies the AlphaPO reward shape
+    (arXiv 2501.03884) :math:`r(y) = (1 - p(y)^{-\alpha})/\alpha` in place of :math:`\log p(y)`.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(batch,)`` completion log-probs.
+        chosen_nll_loss: scalar NLL of the chosen completions; required when ``cpo_alpha != 0``.
+        beta: :math:`\beta > 0`.
+        loss_type: one of :data:`CPO_LOSS_TYPES`.
+        label_smoothing: :math:`\varepsilon` for ``sigmoid``/``simpo``.
+        cpo_alpha: weight of the NLL term.
+        simpo_gamma: :math:`\gamma` for ``loss_type="simpo"``.
+        alpha: AlphaPO exponent (0 = plain log-probs).
+        reduction: ``"mean"``/``"sum"`` (plus the NLL term) or ``"none"`` (per-pair preference term only).
+
+    Returns:
+        ``(loss, metrics)``; rewards :math:`\beta\pi` (or :math:`\beta r` under AlphaPO), ``nll_loss``.
+
+    Raises:
+        ValueError: bad shapes/dtypes, ``beta <= 0``, unknown ``loss_type``, ``cpo_alpha != 0`` without
+            ``chosen_nll_loss``.
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(CPO_LOSS_TYPES)}")
+    beta = _check_positive("beta", beta)
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    _check_reduction(reduction)
+    dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    nll = _nll("chosen_nll_loss", chosen_nll_loss, dtype)
+    if cpo_alpha and nll is None:
+        raise ValueError("cpo_alpha != 0 needs chosen_nll_loss (the behaviour-cloning term); pass cpo_alpha=0.0 to drop it")
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if alpha:
+        rc = (1.0 - torch.exp(-alpha * pc)) / alpha
+        rr = (1.0 - torch.exp(-alpha * pr)) / alpha
+    else:
+        rc, rr = pc, pr
+    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, float(simpo_gamma)), reduction)
+    if cpo_alpha and reduction != "none":
+        loss = loss + cpo_alpha * nll
+    metrics = _pair_metrics(beta * rc, beta * rr, pc, pr)
+    if nll is not None:
+        metrics["nll_loss"] = nll.detach()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UNA
+# ----------------------------------------------------------------------------------------------------------------
+def una_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "mse",
+    *,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""UNA: align the implicit reward with an explicit reward or score.
+
+    "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a Generalized Implicit Reward Function" (Wang et al.,
+    arXiv 2408.15339).  With the implicit reward :math:`r_\theta = \beta(\pi(y|x) - \rho(y|x))` and an explicit
+    score :math:`s \in [0, 1]` (a binary label, or a reward-model / rater score normalised to [0, 1]):
+
+    .. math::
+        \ell_{\mathrm{MSE}} = (\sigma(r_\theta) - s)^2,\qquad
+        \ell_{\mathrm{BCE}} = -s\log\sigma(r_\theta) - (1-s)\log\sigma(-r_\theta)
+
+    Works on unpaired completions; for pairs, concatenate chosen and rejected.
+
+    Args:
+        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
+        scores: ``(batch,)`` explicit rewards in [0, 1].
+        beta: :math:`\beta > 0`.
+        loss_type: ``"mse"`` or ``"bce"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        ``(loss, metrics)`` with ``rewards/implicit`` (mean :math:`r_\theta`), ``rewards/explicit`` (mean s).
+
+    Raises:
+        ValueError: bad shapes/dtypes, scores outside [0, 1], ``beta <= 0``, unknown ``loss_type``.
+    """
+    if loss_type not in UNA_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(UNA_LOSS_TYPES)}")
+    beta = _check_positive("beta", beta)
+    _check_reduction(reduction)
+    dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
+    s = scores.to(dtype)
+    if s.numel() and bool(((s < 0) | (s > 1)).any()):
+        raise ValueError("scores must lie in [0, 1] (normalise explicit rewards first)")
+    r = beta * (policy_logps.to(dtype) - ref_logps.to(dtype))
+    if loss_type == "mse":
+        per_example = (torch.sigmoid(r) - s) ** 2
+    else:
+        per_example = -s * F.logsigmoid(r) - (1.0 - s) * F.logsigmoid(-r)
+    metrics = {"rewards/implicit": _mean(r), "rewards/explicit": _mean(s)}
+    return _reduce(per_example, reduction), metrics

@@ -1,0 +1,531 @@
+"""Preference losses against TRL 1.16's trainers (run on plain tensors) and against the papers' formulas.
+
+TRL's DPO/KTO losses live inside ``_compute_loss(model, inputs)``; we drive them with a stand-in model whose
+output carries per-token log-probs we choose, on a trainer built with ``object.__new__`` (no datasets, no
+accelerate set-up).  Gradients are compared through the per-token log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlab.losses.preference import (
+    DPO_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+    una_loss,
+)
+
+trl = pytest.importorskip("trl")
+
+B, L = 5, 9  # pairs, sequence length of the stand-in batch
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TRL oracles
+# ------------------------------------------------------------------------------------------------------------------
+class _StandInModel:
+    """Plays the policy: returns the per-token log-probs it was given (and neutral extras TRL logs)."""
+
+    def __init__(self, by_input: dict[int, torch.Tensor]):
+        self.by_input = by_input
+        self.training = True
+
+    def __call__(self, input_ids, **kwargs):
+        lp = self.by_input[id(input_ids)]
+        n, t = lp.shape
+        return SimpleNamespace(
+            log_probs=lp,
+            entropy=torch.zeros(n, t, dtype=lp.dtype),
+            mean_logits=torch.zeros(n, t, dtype=lp.dtype),
+            is_top1=torch.zeros(n, t, dtype=torch.bool),
+            aux_loss=None,
+        )
+
+
+def _accelerator():
+    ident = lambda x: x  # noqa: E731
+    return SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=ident, gather=ident, num_processes=1)
+
+
+def _trainer(cls, **attrs):
+    trainer = object.__new__(cls)
+    trainer.accelerator = _accelerator()
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    trainer.aux_loss_enabled = False
+    for k, v in attrs.items():
+        setattr(trainer, k, v)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trl_dpo():
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    def run(per_token, completion_mask, ref_c, ref_r, loss_types, beta, label_smoothing=0.0, loss_weights=None):
+        model = _StandInModel({})
+        input_ids = torch.ones(per_token.shape[0], per_token.shape[1] + 1, dtype=torch.long)
+        model.by_input[id(input_ids)] = per_token
+        trainer = _trainer(
+            DPOTrainer,
+            model=model,
+            beta=beta,
+            precompute_ref_logps=True,
+            loss_types=list(loss_types),
+            loss_weights=loss_weights or [1.0] * len(loss_types),
+            ld_alpha=None,
+            f_divergence_type="reverse_kl",
+            label_smoothing=label_smoothing,
+            use_weighting=False,
+            args=SimpleNamespace(discopop_tau=0.05),
+        )
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "completion_mask": completion_mask,
+            "ref_chosen_logps": ref_c,
+            "ref_rejected_logps": ref_r,
+        }
+        loss = trainer._compute_loss(model, inputs, return_outputs=False)
+        return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    return run
+
+
+def _dpo_batch(seed: int, dtype=torch.float64):
+    """Per-token log-probs (2B, L-1), completion mask (2B, L) with varied lengths, reference log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L, (2 * B,), generator=g)
+    completion_mask = (torch.arange(L)[None, :] >= L - lengths[:, None]).long()
+    per_token = -torch.rand(2 * B, L - 1, generator=g, dtype=dtype) * 2.0
+    per_token = per_token * completion_mask[:, 1:]  # what a fused LM head returns: 0 outside the completion
+    ref = (-torch.rand(2 * B, generator=g, dtype=dtype) * 2.0) * lengths + torch.randn(2 * B, generator=g, dtype=dtype)
+    return per_token.requires_grad_(True), completion_mask, ref[:B], ref[B:], lengths
+
+
+TRL_DPO_TYPES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+]
+
+
+@pytest.mark.parametrize("loss_type", TRL_DPO_TYPES)
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_dpo_matches_trl(trl_dpo, loss_type, beta):
+    per_token, cmask, ref_c, ref_r, lengths = _dpo_batch(seed=TRL_DPO_TYPES.index(loss_type))
+    ls = {"robust": 0.2, "exo_pair": 1e-3}.get(loss_type, 0.0)
+    # TRL's `sigmoid` ignores label_smoothing; the cDPO form is tested against the formula separately
+    want, want_metrics = trl_dpo(per_token, cmask, ref_c, ref_r, [loss_type], beta, ls)
+    (want_grad,) = torch.autograd.grad(want, per_token)
+
+    logps = per_token.sum(1)
+    kwargs = {}
+    if loss_type in ("ipo", "sigmoid_norm"):
+        kwargs = dict(chosen_lengths=cmask[:B].sum(1), rejected_lengths=cmask[B:].sum(1))
+    got, metrics = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=ls, **kwargs)
+    (got_grad,) = torch.autograd.grad(got, per_token)
+
+    # TRL builds exo_pair's log(1 - eps), log(eps) from a float32 tensor
+    rtol = 1e-5 if loss_type == "exo_pair" else 1e-10
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=max(rtol, 1e-9), atol=1e-12)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        # TRL averages the accuracies in float32
+        assert metrics[key].item() == pytest.approx(want_metrics[key], rel=1e-7, abs=1e-12), key
+
+
+def test_dpo_multiple_loss_types_match_trl(trl_dpo):
+    per_token, cmask, ref_c, ref_r, _ = _dpo_batch(seed=3)
+    types, weights = ["sigmoid", "bco_pair", "apo_zero"], [0.8, 0.2, 1.5]
+    want, _ = trl_dpo(per_token, cmask, ref_c, ref_r, types, 0.3, loss_weights=weights)
+    logps = per_token.sum(1)
+    got, _ = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, beta=0.3, loss_type=types, loss_weights=weights)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-10, atol=1e-12)
+
+
+def test_dpo_reference_free_matches_trl_with_zero_reference(trl_dpo):
+    per_token, cmask, _, _, _ = _dpo_batch(seed=4)
+    zeros = torch.zeros(B, dtype=per_token.dtype)
+    want, _ = trl_dpo(per_token, cmask, zeros, zeros, ["sigmoid"], 0.5)
+    logps = per_token.sum(1)
+    got, metrics = dpo_loss(logps[:B], logps[B:], None, None, beta=0.5, reference_free=True)
+    torch.testing.assert_close(got, want.to(got.dtype))
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.5 * logps[:B].mean().item())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DPO: formulas written out independently
+# ------------------------------------------------------------------------------------------------------------------
+def _pairs(seed, n=6, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    xs = [(-torch.rand(n, generator=g, dtype=dtype) * 30).requires_grad_(requires_grad) for _ in range(4)]
+    return xs
+
+
+def _logsig(x):
+    return -torch.log1p(torch.exp(-x))
+
+
+def test_conservative_dpo_label_smoothing_formula():
+    pc, pr, rc, rr = _pairs(0)
+    beta, eps = 0.2, 0.1
+    z = beta * ((pc - rc) - (pr - rr))
+    want = (-(1 - eps) * _logsig(z) - eps * _logsig(-z)).mean()
+    got, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
+    torch.testing.assert_close(got, want)
+
+
+def test_rdpo_length_margin_formula():
+    pc, pr, rc, rr = _pairs(1)
+    lc = torch.tensor([3, 10, 7, 1, 4, 8])
+    lr = torch.tensor([5, 2, 7, 9, 4, 1])
+    beta, alpha = 0.1, 0.05
+    # Park et al. (arXiv 2403.19159): -log sigmoid(beta*h_c - beta*h_r + alpha*(|y_c| - |y_r|))
+    z = beta * (pc - rc) - beta * (pr - rr) + alpha * (lc - lr).double()
+    want = -_logsig(z).mean()
+    got, _ = dpo_loss(pc, pr, rc, rr, beta=beta, chosen_lengths=lc, rejected_lengths=lr, length_alpha=alpha)
+    torch.testing.assert_close(got, want)
+    hinge, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="hinge", chosen_lengths=lc, rejected_lengths=lr, length_alpha=alpha)
+    torch.testing.assert_close(hinge, torch.relu(1 - z).mean())
+
+
+def test_aot_pair_is_aot_unpaired():
+    pc, pr, rc, rr = _pairs(2)
+    a, _ = dpo_loss(pc, pr, rc, rr, loss_type="aot_pair")
+    b, _ = dpo_loss(pc, pr, rc, rr, loss_type="aot_unpaired")
+    hc, hr = pc - rc, pr - rr
+    want = -_logsig(0.1 * (hc.sort().values - hr.sort().values)).mean()
+    torch.testing.assert_close(a, want)
+    torch.testing.assert_close(b, want)
+
+
+def test_ipo_without_lengths_is_the_paper_formula():
+    pc, pr, rc, rr = _pairs(3)
+    tau = 0.4
+    want = (((pc - rc) - (pr - rr) - 1 / (2 * tau)) ** 2).mean()
+    got, _ = dpo_loss(pc, pr, rc, rr, beta=tau, loss_type="ipo")
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_gradcheck_float64(loss_type):
+    pc, pr, rc, rr = _pairs(5, n=4, requires_grad=True)
+    pc, pr, rc, rr = [x / 10 for x in (pc, pr, rc, rr)]  # keep sigmoids away from saturation
+    ls = {"robust": 0.1, "exo_pair": 1e-2}.get(loss_type, 0.05)
+    lengths = dict(chosen_lengths=torch.tensor([2, 3, 1, 4]), rejected_lengths=torch.tensor([3, 3, 2, 1]))
+    extra = dict(length_alpha=0.01) if loss_type in ("sigmoid", "robust", "hinge", "exo_pair", "discopop") else {}
+    if loss_type in ("ipo", "sigmoid_norm") or extra:
+        extra.update(lengths)
+
+    def f(a, b, c, d):
+        return dpo_loss(a, b, c, d, beta=0.3, loss_type=loss_type, label_smoothing=ls, **extra)[0]
+
+    leaves = [x.detach().requires_grad_(True) for x in (pc, pr, rc, rr)]
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_dpo_reduction_none_per_pair_and_grads():
+    pc, pr, rc, rr = _pairs(6, requires_grad=True)
+    per_pair, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, reduction="none")
+    z = 0.25 * ((pc - rc) - (pr - rr))
+    torch.testing.assert_close(per_pair, -_logsig(z))
+    w = torch.linspace(0.1, 2.0, pc.numel(), dtype=pc.dtype)
+    (g,) = torch.autograd.grad((per_pair * w).sum(), pc)
+    # d/dpc of -w * logsigmoid(0.25 * (...)) = -w * 0.25 * sigmoid(-z)
+    torch.testing.assert_close(g, -w * 0.25 * torch.sigmoid(-z.detach()))
+    total, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, reduction="sum")
+    torch.testing.assert_close(total, per_pair.sum())
+
+
+def test_dpo_bf16_inputs_upcast():
+    pc, pr, rc, rr = _pairs(7, n=64, dtype=torch.float64)
+    ref, _ = dpo_loss(*(x.bfloat16().double() for x in (pc, pr, rc, rr)), beta=0.1)
+    got, metrics = dpo_loss(*(x.bfloat16() for x in (pc, pr, rc, rr)), beta=0.1)
+    assert got.dtype == torch.float32 and metrics["rewards/chosen"].dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dpo_metrics_definitions():
+    pc, pr, rc, rr = _pairs(8)
+    _, m = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    cr, rj = 0.5 * (pc - rc), 0.5 * (pr - rr)
+    assert m["rewards/chosen"].item() == pytest.approx(cr.mean().item())
+    assert m["rewards/rejected"].item() == pytest.approx(rj.mean().item())
+    assert m["rewards/margins"].item() == pytest.approx((cr - rj).mean().item())
+    assert m["rewards/accuracies"].item() == pytest.approx((cr > rj).double().mean().item())
+    assert not any(v.requires_grad for v in m.values())
+
+
+def test_dpo_empty_batch_and_single_pair():
+    e = torch.zeros(0, dtype=torch.float32, requires_grad=True)
+    loss, m = dpo_loss(e, e, e.detach(), e.detach())
+    loss.backward()
+    assert loss.item() == 0.0 and math.isnan(m["rewards/chosen"].item())
+    one = [torch.tensor([v], dtype=torch.float64) for v in (-3.0, -5.0, -4.0, -4.5)]
+    got, _ = dpo_loss(*one, beta=1.0)
+    assert got.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(1.0 - (-0.5))))))
+
+
+def test_dpo_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        dpo_loss(x, torch.zeros(4), x, x)
+    with pytest.raises(ValueError, match="floating-point"):
+        dpo_loss(torch.zeros(3, dtype=torch.long), x, x, x)
+    with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+        dpo_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, beta=-1.0)
+    with pytest.raises(ValueError, match="valid loss types are .*'sigmoid'.*'discopop'"):
+        dpo_loss(x, x, x, x, loss_type="dpo")
+    with pytest.raises(ValueError, match="exo_pair"):
+        dpo_loss(x, x, x, x, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="reference_free"):
+        dpo_loss(x, x)
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(x, x, x, x, length_alpha=0.1)
+    with pytest.raises(ValueError, match="R-DPO"):
+        dpo_loss(x, x, x, x, loss_type="ipo", length_alpha=0.1, chosen_lengths=[1, 1, 1], rejected_lengths=[1, 1, 1])
+    with pytest.raises(ValueError, match="reduction"):
+        dpo_loss(x, x, x, x, reduction="avg")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# KTO
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trl_kto():
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    def run(per_token, kl_per_token, labels, ref_logps, ref_kl_logps, loss_type, beta, wd, wu):
+        model = _StandInModel({})
+        input_ids = torch.ones(per_token.shape[0], per_token.shape[1] + 1, dtype=torch.long)
+        kl_ids = torch.ones(kl_per_token.shape[0], kl_per_token.shape[1] + 1, dtype=torch.long)
+        model.by_input[id(input_ids)] = per_token
+        model.by_input[id(kl_ids)] = kl_per_token
+        trainer = _trainer(
+            KTOTrainer,
+            model=model,
+            beta=beta,
+            precompute_ref_logps=True,
+            loss_type=loss_type,
+            desirable_weight=wd,
+            undesirable_weight=wu,
+            calculate_KL=loss_type == "kto",
+        )
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "completion_mask": torch.ones_like(input_ids),
+            "KL_input_ids": kl_ids,
+            "KL_attention_mask": torch.ones_like(kl_ids),
+            "KL_completion_mask": torch.ones_like(kl_ids),
+            "label": labels,
+            "ref_logps": ref_logps,
+            "ref_KL_logps": ref_kl_logps,
+        }
+        loss = trainer._compute_loss(model, inputs, return_outputs=False)
+        return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    return run
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("kl_sign", [1.0, -1.0])  # -1: the KL estimate is negative and clamps to 0
+def test_kto_matches_trl(trl_kto, loss_type, kl_sign):
+    g = torch.Generator().manual_seed(11)
+    n = 7
+    per_token = (-torch.rand(n, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    kl_per_token = -torch.rand(n, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([True, False, True, True, False, False, True])
+    ref = per_token.detach().sum(1) + torch.randn(n, generator=g, dtype=torch.float64)
+    ref_kl = kl_per_token.sum(1) - kl_sign * torch.rand(n, generator=g, dtype=torch.float64)
+    want, wm = trl_kto(per_token, kl_per_token, labels, ref, ref_kl, loss_type, 0.3, 1.3, 0.7)
+    (want_grad,) = torch.autograd.grad(want, per_token)
+
+    got, m = kto_loss(
+        per_token.sum(1), ref, labels, kl_per_token.sum(1), ref_kl, beta=0.3,
+        desirable_weight=1.3, undesirable_weight=0.7, loss_type=loss_type,
+    )
+    (got_grad,) = torch.autograd.grad(got, per_token)
+    torch.testing.assert_close(got, want.to(got.dtype))
+    torch.testing.assert_close(got_grad, want_grad)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert m[key].item() == pytest.approx(wm[key], rel=1e-9, abs=1e-12), key
+
+
+def test_kto_formula_and_errors():
+    pi = torch.tensor([-2.0, -3.0, -1.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-2.5, -2.0, -1.5], dtype=torch.float64)
+    good = torch.tensor([1, 0, 1])
+    loss, m = kto_loss(pi, ref, good, beta=0.5, kl=0.2)
+    h = (pi.detach() - ref).tolist()
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = ((1 - s(0.5 * (h[0] - 0.2))) + (1 - s(0.5 * (0.2 - h[1]))) + (1 - s(0.5 * (h[2] - 0.2)))) / 3
+    assert loss.item() == pytest.approx(want)
+    assert torch.autograd.gradcheck(lambda p: kto_loss(p, ref, good, beta=0.5, kl=0.2)[0], (pi,))
+    with pytest.raises(ValueError, match="policy_kl_logps"):
+        kto_loss(pi, ref, good)
+    with pytest.raises(ValueError, match="valid loss types"):
+        kto_loss(pi, ref, good, kl=0.0, loss_type="bco")
+    with pytest.raises(ValueError, match="desirable"):
+        kto_loss(pi, ref, torch.tensor([1, 0]), kl=0.0)
+    with pytest.raises(ValueError, match="desirable_weight"):
+        kto_loss(pi, ref, good, kl=0.0, desirable_weight=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ORPO / CPO / SimPO
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trl_cpo():
+    from trl.experimental.cpo import CPOTrainer
+
+    def run(pc, pr, nll, loss_type, beta, ls, gamma, cpo_alpha, alpha):
+        t = _trainer(CPOTrainer, beta=beta, loss_type=loss_type, label_smoothing=ls, simpo_gamma=gamma, alpha=alpha)
+        losses, cr, rr = t.cpo_loss(pc, pr)
+        return losses.mean() + cpo_alpha * nll, cr, rr
+
+    return run
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+@pytest.mark.parametrize("alpha", [0.0, 0.25])
+def test_cpo_matches_trl(trl_cpo, loss_type, alpha):
+    g = torch.Generator().manual_seed(21)
+    pc = (-torch.rand(6, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    pr = (-torch.rand(6, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    nll = (-pc).mean()
+    ls = 0.1 if loss_type in ("sigmoid", "simpo") else 0.0
+    want, cr, _ = trl_cpo(pc, pr, nll, loss_type, 0.3, ls, 0.7, 0.8, alpha)
+    got, m = cpo_loss(pc, pr, nll, beta=0.3, loss_type=loss_type, label_smoothing=ls, simpo_gamma=0.7, cpo_alpha=0.8, alpha=alpha)
+    torch.testing.assert_close(got, want)
+    gw = torch.autograd.grad(want, (pc, pr))
+    gg = torch.autograd.grad(got, (pc, pr))
+    torch.testing.assert_close(gg, gw)
+    assert m["rewards/chosen"].item() == pytest.approx(cr.mean().item())
+
+
+def test_simpo_matches_trl_cpo_simpo(trl_cpo):
+    g = torch.Generator().manual_seed(22)
+    sums_c = -torch.rand(6, generator=g, dtype=torch.float64) * 20
+    sums_r = -torch.rand(6, generator=g, dtype=torch.float64) * 20
+    lc, lr = torch.tensor([4, 9, 2, 7, 5, 3]), torch.tensor([8, 1, 6, 6, 2, 10])
+    want, _, _ = trl_cpo(sums_c / lc, sums_r / lr, torch.zeros(()), "simpo", 2.5, 0.05, 1.2, 0.0, 0.0)
+    got, _ = simpo_loss(sums_c, sums_r, beta=2.5, gamma=1.2, label_smoothing=0.05, chosen_lengths=lc, rejected_lengths=lr)
+    torch.testing.assert_close(got, want)
+    # the paper's eq. 6 written out
+    u = 2.5 * sums_c / lc - 2.5 * sums_r / lr - 1.2
+    torch.testing.assert_close(got, (-0.95 * _logsig(u) - 0.05 * _logsig(-u)).mean())
+    leaves = (sums_c.clone().requires_grad_(True), sums_r.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: simpo_loss(a, b, chosen_lengths=lc, rejected_lengths=lr)[0], leaves)
+
+
+@pytest.fixture(scope="module")
+def trl_orpo():
+    from trl.experimental.orpo import ORPOTrainer
+
+    def run(pc, pr, nll, beta):
+        t = _trainer(ORPOTrainer, beta=beta)
+        losses, cr, rr, ratio, log_odds = t.odds_ratio_loss(pc, pr)
+        return nll - losses.mean(), ratio, log_odds
+
+    return run
+
+
+def test_orpo_matches_trl(trl_orpo):
+    g = torch.Generator().manual_seed(31)
+    # averaged log-probs on both sides of the -log 2 switch of log1mexp
+    pc = torch.cat([-torch.rand(4, generator=g, dtype=torch.float64) * 0.6 - 1e-3, -torch.rand(4, generator=g, dtype=torch.float64) * 5 - 0.7])
+    pr = torch.cat([-torch.rand(4, generator=g, dtype=torch.float64) * 5 - 0.7, -torch.rand(4, generator=g, dtype=torch.float64) * 0.6 - 1e-3])
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    nll = -pc.mean()
+    want, ratio, log_odds = trl_orpo(pc, pr, nll, 0.2)
+    got, m = orpo_loss(pc, pr, nll, beta=0.2)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, (pc, pr)), torch.autograd.grad(want, (pc, pr)))
+    assert m["log_odds_ratio"].item() == pytest.approx(ratio.item())
+    assert m["log_odds_chosen"].item() == pytest.approx(log_odds.item())
+    # eq. 4/7 of the paper with probabilities
+    p_c, p_r = pc.detach().exp(), pr.detach().exp()
+    odds = (p_c / (1 - p_c)) / (p_r / (1 - p_r))
+    torch.testing.assert_close(got.detach(), nll.detach() - 0.2 * torch.log(odds / (1 + odds)).mean())
+    assert torch.autograd.gradcheck(lambda a, b: orpo_loss(a, b, beta=0.2)[0], (pc.detach().requires_grad_(), pr.detach().requires_grad_()))
+
+
+def test_cpo_and_orpo_errors():
+    x = -torch.rand(3)
+    with pytest.raises(ValueError, match="chosen_nll_loss"):
+        cpo_loss(x, x)
+    with pytest.raises(ValueError, match="valid loss types are"):
+        cpo_loss(x, x, cpo_alpha=0.0, loss_type="robust")
+    with pytest.raises(ValueError, match="chosen_nll_loss"):
+        orpo_loss(x, x, torch.zeros(3))
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        simpo_loss(x, -torch.rand(2))
+    with pytest.raises(ValueError, match="lengths"):
+        simpo_loss(x, x, chosen_lengths=[1, 2, 0], rejected_lengths=[1, 1, 1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# UNA
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", ["mse", "bce"])
+def test_una_formula_and_gradcheck(loss_type):
+    g = torch.Generator().manual_seed(41)
+    pi = (-torch.rand(6, generator=g, dtype=torch.float64) * 10).requires_grad_(True)
+    ref = -torch.rand(6, generator=g, dtype=torch.float64) * 10
+    s = torch.tensor([1.0, 0.0, 0.3, 0.9, 0.5, 0.0], dtype=torch.float64)
+    got, m = una_loss(pi, ref, s, beta=0.2, loss_type=loss_type)
+    r = 0.2 * (pi.detach() - ref)
+    sig = 1 / (1 + torch.exp(-r))
+    if loss_type == "mse":
+        want = ((sig - s) ** 2).mean()
+    else:
+        want = -(s * torch.log(sig) + (1 - s) * torch.log(1 - sig)).mean()
+    torch.testing.assert_close(got.detach(), want)
+    assert m["rewards/implicit"].item() == pytest.approx(r.mean().item())
+    assert torch.autograd.gradcheck(lambda p: una_loss(p, ref, s, beta=0.2, loss_type=loss_type)[0], (pi,))
+
+
+def test_una_bce_on_binary_labels_is_bce_with_logits():
+    pi, ref = -torch.rand(8, dtype=torch.float64) * 5, -torch.rand(8, dtype=torch.float64) * 5
+    y = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.float64)
+    got, _ = una_loss(pi, ref, y, beta=0.5, loss_type="bce")
+    torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(0.5 * (pi - ref), y))
+
+
+def test_una_errors():
+    x = -torch.rand(3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        una_loss(x, x, torch.tensor([0.0, 1.5, 0.2]))
+    with pytest.raises(ValueError, match="valid loss types"):
+        una_loss(x, x, torch.zeros(3), loss_type="l1")
