@@ -111,9 +111,9 @@ class Comparison:
             parts.append(first.dtype)
         parts.append(f"torch {first.versions.get('torch', '?')}")
         if self.copy_bandwidth:
-            parts.append(f"copy BW {self.copy_bandwidth / 1e9:.0f} GB/s")
+            parts.append(f"copy BW {self.copy_bandwidth / 1e9:.4g} GB/s")
         if self.matmul_peak:
-            parts.append(f"matmul {self.matmul_peak / 1e12:.1f} TFLOP/s ({self.peak_dtype})")
+            parts.append(f"matmul {self.matmul_peak / 1e12:.4g} TFLOP/s ({self.peak_dtype})")
         if self.meta:
             parts.append(", ".join(f"{k}={v}" for k, v in self.meta.items()))
         return " | ".join(parts)
@@ -230,7 +230,7 @@ def compare(
     flops: float | None = None,
     baseline: str | None = None,
     flush_cache: bool = True,
-    memory: bool = True,
+    memory: bool | str = True,
     peak_dtype: torch.dtype | None = None,
     name: str | None = None,
     meta: Mapping[str, Any] | None = None,

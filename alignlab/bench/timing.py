@@ -166,7 +166,7 @@ def measure(
     bytes_moved: float | None = None,
     flops: float | None = None,
     flush_cache: bool = True,
-    memory: bool = True,
+    memory: bool | str = True,
     name: str | None = None,
     **kwargs: Any,
 ) -> Measurement:
@@ -188,7 +188,10 @@ def measure(
         flops: floating-point operations of one call, for
             :meth:`Measurement.pct_matmul_peak`.
         flush_cache: on CUDA, clear the L2 cache before each timed call.
-        memory: take peak memory (one extra call; on CPU under the profiler).
+        memory: ``True`` takes peak memory from the allocator of ``device``
+            (one extra call; on CPU under the profiler); ``"rss"`` takes the
+            peak resident set size of the whole process instead (Linux; counts
+            NumPy, mmapped files and other threads too); ``False`` skips it.
         name: label of the result (default ``fn.__name__``).
 
     Returns:
@@ -225,7 +228,7 @@ def run_contestants(
     rep: int | None,
     device: str | torch.device | None,
     flush_cache: bool,
-    memory: bool,
+    memory: bool | str,
     catch: bool,
 ) -> dict[str, Measurement]:
     """Warm up, take peak memory, then time all contestants in interleaved rounds.
@@ -245,6 +248,8 @@ def run_contestants(
     if rep is not None and (not isinstance(rep, int) or rep < 1):
         raise ValueError(f"rep must be None or an int >= 1, got {rep!r}")
 
+    if memory not in (True, False, "rss"):
+        raise ValueError(f"memory must be True, False or 'rss', got {memory!r}")
     dev = _resolve_device(device, args, kwargs)
     timer = _CudaTimer(dev, flush_cache) if dev.type == "cuda" else _CpuTimer()
     errors: dict[str, str] = {}
@@ -276,7 +281,10 @@ def run_contestants(
     peaks: dict[str, tuple[int | None, str]] = {}
     for key in list(live) if memory else []:
         try:
-            peaks[key] = _peak_memory(contestants[key], args, kwargs, dev)
+            if memory == "rss":
+                peaks[key] = _rss_peak(contestants[key], args, kwargs)
+            else:
+                peaks[key] = _peak_memory(contestants[key], args, kwargs, dev)
         except Exception as exc:  # noqa: BLE001 - reported in the table
             if not catch:
                 raise
@@ -425,6 +433,64 @@ def _cpu_peak_memory(
         running += size
         peak = max(peak, running)
     return peak, "torch_profiler_cpu"
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _rss_peak(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int | None, str]:
+    """Peak RSS above the RSS before the call.
+
+    Linux keeps the high-water mark ``VmHWM`` and resets it to the current
+    RSS when "5" is written to ``/proc/self/clear_refs``: exact, no sampling.
+    Where that is refused, a thread samples RSS every millisecond (psutil),
+    which can miss peaks shorter than that.
+    """
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        base = _read_status_kib("VmRSS")
+        out = fn(*args, **kwargs)
+        peak = _read_status_kib("VmHWM")
+        del out
+        return max(peak - base, 0) * 1024, "rss_hwm"
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        warnings.warn("memory='rss' needs Linux /proc or psutil; reporting None", RuntimeWarning, stacklevel=3)
+        out = fn(*args, **kwargs)
+        del out
+        return None, "unavailable"
+    import threading
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    high = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            high[0] = max(high[0], proc.memory_info().rss)
+            done.wait(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        out = fn(*args, **kwargs)
+        high[0] = max(high[0], proc.memory_info().rss)
+        del out
+    finally:
+        done.set()
+        thread.join()
+    return max(high[0] - base, 0), "rss_sampled"
 
 
 def _release(device: torch.device) -> None:

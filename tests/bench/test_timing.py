@@ -145,3 +145,41 @@ def test_cuda_event_times_agree_with_do_bench():
     m = measure(torch.matmul, a, a, warmup=5, rep=50)
     ref = triton_testing.do_bench(lambda: torch.matmul(a, a), warmup=25, rep=100, return_mode="median")
     assert m.median_ms == pytest.approx(ref, rel=0.15)
+
+
+def test_rss_mode_sees_a_touched_allocation():
+    def fn():
+        return torch.ones(16 * N)  # 64 MB, every page written
+
+    m = measure(fn, device="cpu", warmup=0, rep=1, memory="rss")
+    assert m.memory_method in ("rss_hwm", "rss_sampled")
+    # RSS counts whole pages and whatever else the process touched meanwhile.
+    assert 64 * N * 0.98 <= m.peak_bytes <= 64 * N + (16 << 20)
+
+
+def test_rss_fallback_sampler(monkeypatch):
+    pytest.importorskip("psutil")
+    import builtins
+
+    real_open = builtins.open
+
+    def no_clear_refs(path, *a, **k):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError("refused")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_clear_refs)
+
+    def fn():
+        t = torch.ones(16 * N)
+        time.sleep(0.02)  # long enough for the 1 ms sampler
+        return t
+
+    m = measure(fn, device="cpu", warmup=0, rep=1, memory="rss")
+    assert m.memory_method == "rss_sampled"
+    assert 64 * N * 0.98 <= m.peak_bytes <= 64 * N + (16 << 20)
+
+
+def test_bad_memory_mode():
+    with pytest.raises(ValueError, match="memory"):
+        measure(lambda: None, memory="allocator")
