@@ -1,1 +1,17 @@
-"""alignlab.quant"""
+"""alignlab.quant: NF4 (4-bit NormalFloat) weights and the frozen NF4 linear layer used by QLoRA."""
+
+from alignlab.quant.nf4 import (
+    NF4Tensor,
+    nf4_dequantize,
+    nf4_from_bnb_state_dict,
+    nf4_quantize,
+    nf4_to_bnb_state_dict,
+)
+
+__all__ = [
+    "NF4Tensor",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "nf4_to_bnb_state_dict",
+    "nf4_from_bnb_state_dict",
+]

@@ -1,0 +1,493 @@
+"""4-bit NormalFloat (NF4) blockwise quantization with double quantization.
+
+From *QLoRA: Efficient Finetuning of Quantized LLMs* (Dettmers et al., 2023,
+arXiv 2305.14314).  A weight ``W`` of any shape is flattened row-major and cut
+into blocks of ``blocksize`` values (the last block may be shorter).  Each block
+``b`` keeps its absolute maximum ``s_b = max_i |w_i|`` and every value becomes
+the index of the nearest entry of the 16-level NF4 codebook ``q``:
+
+    c_i = argmin_j | w_i / s_b - q_j |,        w_i ~ q[c_i] * s_b.
+
+Two 4-bit codes share a byte, the even flat index in the high nibble.
+
+**Double quantization** stores the fp32 block scales ``s`` in 8 bits: subtract
+their mean ``mu``, cut ``s - mu`` into blocks of 256, and quantize each with the
+signed 8-bit *dynamic* map (Dettmers, *8-bit Approximations for Parallelism in
+Deep Learning*, arXiv 1511.04561) scaled by that block's own absmax.  Then
+``s_b ~ d[a_b] * t_{b // 256} + mu``.
+
+The bytes, scales and maps produced here are identical to
+``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``, so weights move
+freely between alignlab, bitsandbytes and ``transformers`` 4-bit checkpoints
+(:func:`nf4_to_bnb_state_dict`, :func:`nf4_from_bnb_state_dict`).
+
+Optional **ICQ** calibration (IR-QLoRA, *Accurate LoRA-Finetuning Quantization
+of LLMs via Information Retention*, Qin et al. 2024, arXiv 2402.05445) shifts
+every block by a scalar ``tau_b`` chosen to maximise the entropy of its codes,
+``w_i ~ q[c_i] * s_b + tau_b``; such tensors carry a per-block ``shift`` and have
+no bitsandbytes equivalent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+
+__all__ = [
+    "NF4Tensor",
+    "nf4_code",
+    "dynamic_map",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "nf4_absmax",
+    "nf4_to_bnb_state_dict",
+    "nf4_from_bnb_state_dict",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256
+
+# The 16 NF4 levels: quantiles of N(0, 1) at evenly spaced probabilities between
+# 1 - 0.9677083 and 0.9677083 (8 positive, 7 negative, plus an exact zero),
+# normalised to [-1, 1].  Stored as the float32 values every implementation uses.
+_NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The NF4 codebook, shape ``(16,)`` float32, sorted ascending."""
+    device = torch.device(device)
+    key = ("nf4", device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def _build_dynamic_map() -> torch.Tensor:
+    # Signed dynamic-exponent map, 8 bits, up to 7 exponent bits: for decade
+    # e = 10^(i-6), i = 0..6, the midpoints of 2^i + 1 evenly spaced fractions in
+    # [0.1, 1] (with both signs), plus the "no indicator bit" extras, 0 and 1.
+    values: list[float] = []
+    for i in range(7):
+        fractions = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (fractions[:-1] + fractions[1:]) / 2.0
+        values += ((10 ** (i - 6)) * mids).tolist()
+        values += (-(10 ** (i - 6)) * mids).tolist()
+    # 2^(7-7) - 1 = 0 extra items for 7 exponent bits; the last two levels:
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit dynamic quantization map used for double quantization, ``(256,)`` float32."""
+    device = torch.device(device)
+    key = ("dynamic", device)
+    if key not in _TABLES:
+        _TABLES[key] = _build_dynamic_map().to(device)
+    return _TABLES[key]
+
+
+@dataclass
+class NF4Tensor:
+    """A weight stored as packed NF4 codes plus its quantization state.
+
+    Attributes:
+        data: ``(ceil(numel / 2),)`` uint8, two codes a byte, even index in the high nibble.
+        absmax: ``(num_blocks,)`` float32 block scales, or uint8 codes when double-quantized.
+        shape: logical shape of the weight, e.g. ``(out_features, in_features)``.
+        dtype: dtype of the original weight (the default dequantization dtype).
+        blocksize: values per block (power of two, 32..4096).
+        nested_absmax: ``(ceil(num_blocks / 256),)`` float32 scales of the double quantization.
+        nested_offset: scalar float32, the mean subtracted from ``absmax`` before double quantization.
+        shift: optional ``(num_blocks,)`` float32 ICQ shifts (``None`` without calibration).
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    nested_offset: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    nested_blocksize: int = field(default=NESTED_BLOCKSIZE)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def to(self, device: torch.device | str) -> "NF4Tensor":
+        """A copy of this tensor with every buffer on ``device``."""
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            data=move(self.data),
+            absmax=move(self.absmax),
+            nested_absmax=move(self.nested_absmax),
+            nested_offset=move(self.nested_offset),
+            shift=move(self.shift),
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """See :func:`nf4_dequantize`."""
+        return nf4_dequantize(self, dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors and metadata as a flat dict of tensors (safetensors-friendly)."""
+        out = {"data": self.data, "absmax": self.absmax}
+        if self.double_quant:
+            out["nested_absmax"] = self.nested_absmax
+            out["nested_offset"] = self.nested_offset.reshape(1)
+        if self.shift is not None:
+            out["shift"] = self.shift
+        meta = {
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "blocksize": self.blocksize,
+            "nested_blocksize": self.nested_blocksize,
+        }
+        out["meta"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> "NF4Tensor":
+        """Inverse of :meth:`state_dict`; raises ``ValueError`` on inconsistent sizes."""
+        missing = {"data", "absmax", "meta"} - set(sd)
+        if missing:
+            raise ValueError(f"NF4 state dict is missing keys {sorted(missing)}")
+        meta = json.loads(bytes(sd["meta"].cpu().tolist()).decode("utf-8"))
+        nested = sd.get("nested_absmax")
+        t = cls(
+            data=sd["data"],
+            absmax=sd["absmax"],
+            shape=torch.Size(meta["shape"]),
+            dtype=getattr(torch, meta["dtype"]),
+            blocksize=int(meta["blocksize"]),
+            nested_absmax=nested,
+            nested_offset=None if nested is None else sd["nested_offset"].reshape(()),
+            shift=sd.get("shift"),
+            nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        )
+        t.validate()
+        return t
+
+    def validate(self) -> None:
+        """Check that buffer sizes agree with ``shape`` and ``blocksize``; raise ``ValueError`` if not."""
+        _check_blocksize(self.blocksize)
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
+        n = self.numel
+        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
+            raise ValueError(
+                f"packed data must be uint8 with {(n + 1) // 2} bytes for shape {tuple(self.shape)}, "
+                f"got {self.data.dtype} with {self.data.numel()}"
+            )
+        nb = self.num_blocks
+        if self.absmax.numel() != nb:
+            raise ValueError(f"absmax must have {nb} entries for shape {tuple(self.shape)} and blocksize "
+                             f"{self.blocksize}, got {self.absmax.numel()}")
+        if self.double_quant:
+            if self.absmax.dtype != torch.uint8:
+                raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
+            nb2 = -(-nb // self.nested_blocksize)
+            if self.nested_absmax.numel() != nb2:
+                raise ValueError(f"nested_absmax must have {nb2} entries, got {self.nested_absmax.numel()}")
+            if self.nested_offset is None:
+                raise ValueError("nested_offset is required with nested_absmax")
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
+        if self.shift is not None and self.shift.numel() != nb:
+            raise ValueError(f"shift must have {nb} entries, got {self.shift.numel()}")
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``(num_blocks, blocksize)`` view of a flat tensor, the last block zero-padded."""
+    pad = (-flat.numel()) % blocksize
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, blocksize)
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of a sorted codebook; a tie goes to the lower level."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints)
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    codes = codes.to(torch.uint8)
+    if codes.numel() % 2:
+        # the odd tail nibble encodes 0.0 (code 7), the code for an all-zero pad
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def _unpack(data: torch.Tensor, n: int) -> torch.Tensor:
+    codes = torch.stack([data >> 4, data & 15], dim=-1).reshape(-1)
+    return codes[:n].long()
+
+
+def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization of float32 ``x`` to the dynamic map: ``(codes uint8, absmax f32)``."""
+    n = x.numel()
+    blocks = _blocks(x.float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    codes = _nearest_code(scaled, dynamic_map(x.device))
+    # an all-zero block (0 / 0 in bitsandbytes' C search) is stored as code 0; it decodes to 0 either way
+    codes = torch.where(absmax[:, None] == 0, 0, codes).reshape(-1)[:n]
+    return codes.to(torch.uint8), absmax
+
+
+def nf4_absmax(t: NF4Tensor) -> torch.Tensor:
+    """The fp32 block scales ``s`` of ``t`` (undoing double quantization), shape ``(num_blocks,)``."""
+    if not t.double_quant:
+        return t.absmax
+    code = dynamic_map(t.device)
+    nested = t.nested_absmax.float().repeat_interleave(t.nested_blocksize)[: t.num_blocks]
+    return code[t.absmax.long()] * nested + t.nested_offset
+
+
+def _icq_shift(blocks: torch.Tensor, lengths: torch.Tensor, lam: float, steps: int) -> torch.Tensor:
+    """Per-block shift tau maximising the entropy of the NF4 codes of ``w - tau``.
+
+    IR-QLoRA (arXiv 2402.05445) searches ``tau = tau0 + lambda * sigma`` around the
+    block median ``tau0`` for ``lambda in [-lam, lam]`` (``sigma`` the block std).
+    Candidates are tried in order of ``|lambda|`` so that among equal entropies the
+    smallest move from the median wins.
+    """
+    code = nf4_code(blocks.device)
+    valid = torch.arange(blocks.shape[1], device=blocks.device)[None, :] < lengths[:, None]
+    masked = torch.where(valid, blocks, torch.nan)
+    tau0 = masked.nanmedian(dim=1).values
+    mean = masked.nanmean(dim=1)
+    sigma = ((torch.where(valid, blocks - mean[:, None], 0) ** 2).sum(1) / lengths).sqrt()
+    lambdas = torch.linspace(-lam, lam, 2 * steps + 1, device=blocks.device)
+    lambdas = lambdas[lambdas.abs().argsort(stable=True)]
+    best_h = torch.full_like(tau0, -1.0)
+    best_tau = tau0.clone()
+    for lmb in lambdas:
+        tau = tau0 + lmb * sigma
+        shifted = torch.where(valid, blocks - tau[:, None], 0)
+        s = shifted.abs().amax(1).clamp(min=1e-38)
+        c = _nearest_code((shifted / s[:, None]).clamp(-1, 1), code)
+        # padding positions land on code 7; remove them from the histogram
+        h = _entropy_masked(c, valid, lengths)
+        better = h > best_h + 1e-6
+        best_h = torch.where(better, h, best_h)
+        best_tau = torch.where(better, tau, best_tau)
+    return best_tau
+
+
+def _entropy_masked(codes: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    counts = torch.zeros(codes.shape[0], 16, device=codes.device)
+    counts.scatter_add_(1, codes, valid.float())
+    p = counts / lengths[:, None]
+    return -(p * torch.log2(p.clamp(min=1e-30))).sum(-1)
+
+
+def nf4_quantize(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    calibrate: str | None = None,
+    icq_lambda: float = 0.1,
+    icq_steps: int = 50,
+) -> NF4Tensor:
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) to NF4 in blocks of ``blocksize``.
+
+    ``double_quant`` also quantizes the block scales to 8 bits (blocks of 256).
+    ``calibrate="icq"`` adds IR-QLoRA's per-block entropy-maximising shift (searched
+    over ``2 * icq_steps + 1`` values of ``lambda`` in ``[-icq_lambda, icq_lambda]``).
+
+    Byte-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize=...,
+    quant_type="nf4", compress_statistics=double_quant)`` without calibration.
+
+    Raises:
+        TypeError: ``w`` is not a floating tensor of a supported dtype.
+        ValueError: bad ``blocksize``, empty ``w``, or unknown ``calibrate``.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"w must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
+    _check_blocksize(blocksize)
+    if w.numel() == 0:
+        raise ValueError("w must have at least one element")
+    if calibrate not in (None, "icq"):
+        raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
+
+    n = w.numel()
+    flat = w.detach().reshape(-1).float()
+    blocks = _blocks(flat, blocksize)
+    shift = None
+    if calibrate == "icq":
+        lengths = torch.full((blocks.shape[0],), blocksize, device=w.device, dtype=torch.float32)
+        lengths[-1] = n - (blocks.shape[0] - 1) * blocksize
+        shift = _icq_shift(blocks, lengths, icq_lambda, icq_steps)
+        valid = torch.arange(blocksize, device=w.device)[None, :] < lengths[:, None]
+        blocks = torch.where(valid, blocks - shift[:, None], 0)
+    absmax = blocks.abs().amax(dim=1)
+    # multiply by the reciprocal (not divide): this is the rounding bitsandbytes uses
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    codes = _nearest_code(scaled.reshape(-1)[:n], nf4_code(w.device))
+    t = NF4Tensor(
+        data=_pack(codes),
+        absmax=absmax,
+        shape=torch.Size(w.shape),
+        dtype=w.dtype,
+        blocksize=blocksize,
+        shift=shift,
+    )
+    if double_quant:
+        offset = absmax.mean()
+        qabs, nested = _quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+        t.absmax, t.nested_absmax, t.nested_offset = qabs, nested, offset
+    return t
+
+
+def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize to a tensor of ``t.shape``: ``w_i = q[c_i] * s_b (+ tau_b)``, computed in fp32.
+
+    This is the pure-PyTorch reference every NF4 kernel is tested against, and it
+    returns the same values as ``bitsandbytes.functional.dequantize_4bit``.
+    """
+    dtype = dtype or t.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    n = t.numel
+    values = nf4_code(t.device)[_unpack(t.data.reshape(-1), n)]
+    blocks = _blocks(values, t.blocksize) * nf4_absmax(t)[:, None]
+    if t.shift is not None:
+        blocks = blocks + t.shift[:, None]
+    return blocks.reshape(-1)[:n].reshape(t.shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# bitsandbytes / transformers checkpoint format
+# ---------------------------------------------------------------------------
+
+_QS_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def nf4_to_bnb_state_dict(t: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tensor]:
+    """The entries ``bitsandbytes.nn.Linear4bit`` (and thus ``transformers``) save for a 4-bit weight.
+
+    Keys: ``{prefix}``, ``{prefix}.absmax``, ``{prefix}.quant_map``, and with double
+    quantization ``{prefix}.nested_absmax``, ``{prefix}.nested_quant_map``; plus
+    ``{prefix}.quant_state.bitsandbytes__nf4``, a uint8 tensor of JSON metadata.
+
+    Raises:
+        ValueError: ``t`` carries ICQ shifts, which the format cannot store.
+    """
+    if t.shift is not None:
+        raise ValueError("ICQ-calibrated NF4 tensors (with shift) have no bitsandbytes representation")
+    meta: dict = {
+        "quant_type": "nf4",
+        "blocksize": t.blocksize,
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+    }
+    out = {
+        prefix: t.data.reshape(-1, 1),
+        f"{prefix}.absmax": t.absmax,
+        f"{prefix}.quant_map": nf4_code(t.device).clone(),
+    }
+    if t.double_quant:
+        out[f"{prefix}.nested_absmax"] = t.nested_absmax
+        out[f"{prefix}.nested_quant_map"] = dynamic_map(t.device).clone()
+        meta.update(
+            nested_blocksize=t.nested_blocksize,
+            nested_dtype="float32",
+            nested_offset=float(t.nested_offset.item()),
+        )
+    # json.dumps' default separators are what bitsandbytes writes
+    out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def nf4_from_bnb_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
+    """Build an :class:`NF4Tensor` from the bitsandbytes/transformers keys under ``prefix``.
+
+    Raises:
+        ValueError: a key is missing, the quant type is not NF4, the codebooks differ
+            from NF4 / the dynamic map, or sizes disagree with the recorded shape.
+    """
+    needed = [prefix, f"{prefix}.absmax", f"{prefix}.{_QS_KEY}"]
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        other = [k for k in sd if k.startswith(f"{prefix}.quant_state.") and k != f"{prefix}.{_QS_KEY}"]
+        if other:
+            raise ValueError(f"only NF4 weights are supported, found {other}")
+        raise ValueError(f"bitsandbytes state dict is missing keys {missing}")
+    meta = json.loads(bytes(sd[f"{prefix}.{_QS_KEY}"].cpu().tolist()).decode("utf-8"))
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+    data = sd[prefix]
+    if f"{prefix}.quant_map" in sd and not torch.equal(sd[f"{prefix}.quant_map"].cpu().float(), nf4_code()):
+        raise ValueError(f"{prefix}.quant_map is not the NF4 codebook")
+    nested = sd.get(f"{prefix}.nested_absmax")
+    if nested is not None:
+        qmap = sd.get(f"{prefix}.nested_quant_map")
+        if qmap is not None and not torch.equal(qmap.cpu().float(), dynamic_map()):
+            raise ValueError(f"{prefix}.nested_quant_map is not the 8-bit dynamic map")
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise ValueError(f"nested_dtype must be float32, got {meta['nested_dtype']!r}")
+    t = NF4Tensor(
+        data=data.reshape(-1).contiguous() if data.dtype == torch.uint8 else data.reshape(-1).contiguous().view(torch.uint8),
+        absmax=sd[f"{prefix}.absmax"],
+        shape=torch.Size(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        blocksize=int(meta["blocksize"]),
+        nested_absmax=nested,
+        nested_offset=None
+        if nested is None
+        else torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=nested.device),
+        nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+    )
+    t.validate()
+    return t
