@@ -1,0 +1,78 @@
+"""DRFR: the Decomposed Requirements Following Ratio.
+
+From "InFoBench: Evaluating Instruction Following Ability in Large Language
+Models" (Qin et al., 2024, arXiv:2401.03601). Each instruction :math:`i` is
+broken into requirements :math:`j = 1..m_i`; a judge (human or model) answers
+yes/no for each, :math:`r_{ij} \\in \\{0, 1\\}`. Then
+
+.. math::
+
+    \\mathrm{DRFR} = \\frac{\\sum_i \\sum_j r_{ij}}{\\sum_i m_i}
+
+i.e. requirements are pooled, so an instruction with many requirements
+weighs more than one with few. The judgements come from the caller (for an
+LLM judge see :mod:`alignlab.eval.judge`); this module only aggregates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["drfr", "parse_yes_no"]
+
+_YES = {"yes", "y", "true", "1"}
+_NO = {"no", "n", "false", "0"}
+
+
+def parse_yes_no(answer: bool | int | str) -> bool:
+    """One judgement as a bool: ``True``/``1``/``"YES"`` or ``False``/``0``/``"NO"``.
+
+    Strings are matched on their first word, case-insensitively, ignoring
+    trailing punctuation (``"Yes, because ..."`` is yes).
+
+    Raises:
+        ValueError: anything else (an unparsable judge answer should be seen,
+            not counted as a failure).
+    """
+    if isinstance(answer, bool):
+        return answer
+    if isinstance(answer, int) and answer in (0, 1):
+        return bool(answer)
+    if isinstance(answer, str):
+        words = answer.strip().split()
+        first = words[0].strip(".,:;!\"'()[]").lower() if words else ""
+        if first in _YES:
+            return True
+        if first in _NO:
+            return False
+    raise ValueError(f"answer: expected a yes/no judgement (bool, 0/1, 'yes'/'no'), got {answer!r}")
+
+
+def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: bool = False):
+    """Decomposed Requirements Following Ratio.
+
+    Args:
+        judgements: per instruction, the judgement of each of its requirements
+            (anything :func:`parse_yes_no` accepts).
+        per_instruction: also return each instruction's own ratio.
+
+    Returns:
+        The DRFR in ``[0, 1]``, or ``(drfr, [ratio_i, ...])`` when
+        ``per_instruction``.
+
+    Raises:
+        ValueError: no requirements at all, an instruction with no
+            requirements, or an unparsable judgement.
+    """
+    if isinstance(judgements, (str, bytes)) or not judgements:
+        raise ValueError("judgements: expected a non-empty sequence of per-instruction judgement lists")
+    satisfied, total, ratios = 0, 0, []
+    for i, row in enumerate(judgements):
+        if isinstance(row, (str, bytes)) or len(row) == 0:
+            raise ValueError(f"judgements[{i}]: expected a non-empty sequence of requirement judgements")
+        hits = sum(parse_yes_no(a) for a in row)
+        satisfied += hits
+        total += len(row)
+        ratios.append(hits / len(row))
+    score = satisfied / total
+    return (score, ratios) if per_instruction else score

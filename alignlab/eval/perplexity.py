@@ -1,0 +1,175 @@
+"""Token-weighted perplexity of a causal language model.
+
+.. math::
+
+    \\mathrm{PPL} = \\exp\\Big(-\\frac{1}{N}\\sum_{i=1}^{N} \\log p_\\theta(x_{t_i} \\mid x_{<t_i})\\Big)
+
+where the sum runs over every scored token of every sequence of every batch
+(token-weighted: a long sequence counts more than a short one, unlike the mean
+of per-sequence perplexities). A token is scored when its label is not
+``ignore_index`` and its attention-mask entry is 1; the first token of a
+sequence has no context and is never scored.
+
+Long sequences are scored with a sliding window of ``max_length`` tokens
+that advances by ``stride < max_length`` tokens: every token after the first
+is scored exactly once, by the window that first reaches it, with at least
+``max_length - stride`` tokens of context (fewer only in the first window).
+The default ``stride = max_length - 1`` makes windows share a single token
+(fast, least context); a small stride approaches the full-context perplexity
+(slow). This is the procedure of the HF "Perplexity of fixed-length models"
+guide, except that no token is left unscored at a window border (the guide's
+``stride == max_length`` drops the first token of every window), written so
+padded batches and label masks work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["negative_log_likelihood", "perplexity"]
+
+
+def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: int):
+    """Normalise one batch to ``(input_ids, attention_mask, labels)``, all ``(batch, seq)``."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(
+            "batches: expected an iterable of (batch, seq) LongTensors or of mappings with an 'input_ids' key, "
+            f"got an item of type {type(batch).__name__}"
+        )
+    input_ids = batch["input_ids"]
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(
+            f"batches: 'input_ids' must be an integer tensor of shape (batch, seq), got "
+            f"{getattr(input_ids, 'shape', type(input_ids))}"
+        )
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    labels = batch.get("labels")
+    labels = input_ids.clone() if labels is None else labels.clone()
+    if mask.shape != input_ids.shape or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"batches: 'attention_mask' {tuple(mask.shape)} and 'labels' {tuple(labels.shape)} must match "
+            f"'input_ids' {tuple(input_ids.shape)}"
+        )
+    labels[~mask] = ignore_index
+    # Move the real tokens of every row to the front (a stable sort keeps their
+    # order). Left-padded rows then read like right-padded ones, so the default
+    # position ids 0..len-1 are right for every model, not only for the ones
+    # that derive them from the mask.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), mask.gather(1, order), labels.gather(1, order)
+
+
+def _window_starts(length: int, max_length: int, stride: int) -> list[int]:
+    starts, begin = [0], 0
+    while begin + max_length < length:
+        begin += stride
+        starts.append(begin)
+    return starts
+
+
+@torch.no_grad()
+def negative_log_likelihood(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    ignore_index: int = -100,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and the number of scored tokens.
+
+    Args:
+        model: a causal LM; ``model(input_ids=..., attention_mask=...)`` returns
+            logits ``(batch, seq, vocab)`` or an object with a ``.logits``
+            attribute (any HF ``*ForCausalLM``). It is put in eval mode for the
+            call and restored afterwards.
+        batches: iterable of ``(batch, seq)`` ``input_ids`` tensors or of
+            mappings with ``input_ids`` and optional ``attention_mask`` (1 =
+            real token; left or right padding) and ``labels`` (``ignore_index``
+            = not scored, e.g. a masked prompt). ``labels`` are the tokens
+            themselves, not shifted: HF convention.
+        max_length: window length; ``None`` scores each sequence in one pass.
+        stride: window step, ``1 <= stride < max_length`` so the token at a
+            window start still has context; defaults to ``max_length - 1``.
+            Needs ``max_length``.
+        ignore_index: label value that is not scored.
+
+    Returns:
+        ``(total_nll, num_tokens)``; accumulated in float64.
+
+    Raises:
+        ValueError / TypeError: malformed batches or window arguments.
+    """
+    if max_length is None and stride is not None:
+        raise ValueError("stride: needs max_length to be set too")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    if stride is None and max_length is not None:
+        stride = max_length - 1
+    if max_length is not None and (not isinstance(stride, int) or not 1 <= stride < max_length):
+        raise ValueError(f"stride: expected an int with 1 <= stride < max_length={max_length}, got {stride!r}")
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            input_ids, mask, labels = _as_batch(batch, ignore_index)
+            device = next(model.parameters(), input_ids).device
+            input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+            length = int(mask.sum(1).max()) if mask.numel() else 0
+            window = length if max_length is None else max_length
+            scored_until = 1  # the first token has no context
+            for begin in _window_starts(length, window, stride or window):
+                end = min(begin + window, length)
+                targets = labels[:, begin:end].clone()
+                # Tokens before `scored_until` were scored by an earlier window;
+                # here they only serve as context.
+                targets[:, : max(scored_until - begin, 0)] = ignore_index
+                scored_until = end
+                rows = (targets[:, 1:] != ignore_index).any(1).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                out = model(input_ids=input_ids[rows, begin:end], attention_mask=mask[rows, begin:end].long())
+                logits = out.logits if hasattr(out, "logits") else out
+                shift_labels = targets[rows, 1:]
+                keep = shift_labels != ignore_index
+                nll = nn.functional.cross_entropy(
+                    logits[:, :-1][keep].float(), shift_labels[keep], reduction="sum"
+                )
+                total += float(nll.double())
+                count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def perplexity(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    ignore_index: int = -100,
+) -> float:
+    """Token-weighted perplexity ``exp(total_nll / num_tokens)`` over all batches.
+
+    Arguments as in :func:`negative_log_likelihood`.
+
+    Raises:
+        ValueError: no token was scored (empty batches or everything masked),
+            plus everything :func:`negative_log_likelihood` raises.
+    """
+    total, count = negative_log_likelihood(
+        model, batches, max_length=max_length, stride=stride, ignore_index=ignore_index
+    )
+    if count == 0:
+        raise ValueError("batches: no token was scored (empty input, or every label is ignore_index)")
+    return math.exp(total / count)

@@ -1,0 +1,130 @@
+"""Score generations with a reward model, in padded batches.
+
+A reward model maps a token sequence (prompt + response) to a scalar
+:math:`r_\\phi(x, y)`, e.g. a Bradley-Terry model trained as in "Training
+language models to follow instructions with human feedback" (Ouyang et al.,
+2022, arXiv:2203.02155). With HF that is an ``*ForSequenceClassification``
+model with ``num_labels=1``, which reads the score at the last non-padding
+token of each row.
+
+Sequences are sorted by length before batching (less padding), right-padded,
+and the scores are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["reward_scores"]
+
+
+def _token_lists(sequences, tokenizer) -> list[list[int]]:
+    if isinstance(sequences, str):
+        raise TypeError("sequences: expected a sequence of texts or token-id sequences, got a single string")
+    out = []
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, str):
+            if tokenizer is None:
+                raise ValueError(f"sequences[{i}]: texts need a tokenizer (pass tokenizer=...)")
+            seq = tokenizer(seq)["input_ids"]
+        if isinstance(seq, torch.Tensor):
+            if seq.dim() != 1 or seq.is_floating_point():
+                raise ValueError(f"sequences[{i}]: expected a 1-d integer tensor, got shape {tuple(seq.shape)}")
+            seq = seq.tolist()
+        seq = [int(t) for t in seq]
+        if not seq:
+            raise ValueError(f"sequences[{i}]: empty sequence")
+        out.append(seq)
+    return out
+
+
+def _pad_id(model, tokenizer, pad_token_id: int | None) -> int | None:
+    if pad_token_id is not None:
+        return pad_token_id
+    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if config_pad is not None:
+        return config_pad
+    return getattr(tokenizer, "pad_token_id", None)
+
+
+@torch.no_grad()
+def reward_scores(
+    model: nn.Module | Callable[..., torch.Tensor],
+    sequences: Sequence[Sequence[int] | torch.Tensor | str],
+    *,
+    tokenizer=None,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    label_index: int | None = None,
+) -> torch.Tensor:
+    """Reward of each sequence, computed ``batch_size`` at a time.
+
+    Args:
+        model: reward model; ``model(input_ids=(b, t), attention_mask=(b, t))``
+            returns ``(b,)``, ``(b, 1)`` or ``(b, num_labels)`` scores, or an
+            object with ``.logits`` of that shape. ``nn.Module`` models are put
+            in eval mode for the call and restored afterwards.
+        sequences: full texts (with ``tokenizer``) or token ids, one per
+            generation, of any lengths.
+        tokenizer: HF-style tokenizer, ``tokenizer(text)["input_ids"]``; only
+            needed for texts.
+        batch_size: sequences per forward pass.
+        pad_token_id: id used for right padding; defaults to
+            ``model.config.pad_token_id`` then ``tokenizer.pad_token_id``.
+            HF sequence-classification models locate the last real token
+            through this id, so it must be the model's own.
+        label_index: which column of ``(b, num_labels)`` scores to return;
+            required when ``num_labels > 1``.
+
+    Returns:
+        ``(len(sequences),)`` float32 tensor on the CPU.
+
+    Raises:
+        ValueError: empty sequence, bad ``batch_size``, missing pad id for
+            unequal lengths, or multi-column scores without ``label_index``.
+        TypeError: a single string instead of a sequence of them.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    tokens = _token_lists(sequences, tokenizer)
+    if not tokens:
+        return torch.empty(0)
+    pad = _pad_id(model, tokenizer, pad_token_id)
+    if pad is None and len({len(t) for t in tokens}) > 1 and batch_size > 1:
+        raise ValueError("pad_token_id: needed to batch sequences of different lengths (set it or model.config.pad_token_id)")
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    device = params[0].device if params else torch.device("cpu")
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if was_training is not None:
+        model.eval()
+    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+    scores = torch.empty(len(tokens), dtype=torch.float32)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = len(tokens[idx[0]])
+            ids = torch.full((len(idx), width), pad if pad is not None else 0, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(tokens[i])] = torch.tensor(tokens[i])
+                mask[row, : len(tokens[i])] = 1
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            out = out.logits if hasattr(out, "logits") else out
+            if out.dim() == 2 and out.shape[1] == 1:
+                out = out[:, 0]
+            elif out.dim() == 2:
+                if label_index is None:
+                    raise ValueError(
+                        f"label_index: the model returns {out.shape[1]} scores per sequence; choose one column"
+                    )
+                out = out[:, label_index]
+            if out.shape != (len(idx),):
+                raise ValueError(f"model: expected (batch,) or (batch, num_labels) scores, got {tuple(out.shape)}")
+            scores[torch.tensor(idx)] = out.float().cpu()
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    return scores

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+
+from alignlab.eval import (
+    PairwiseJudgement,
+    bootstrap_ci,
+    judge_pairwise,
+    judge_single,
+    pairwise_prompt,
+    parse_pairwise_verdict,
+    parse_rating,
+    single_answer_prompt,
+    win_rate,
+    win_rate_ci,
+)
+
+
+def test_templates_fill_every_field():
+    p = pairwise_prompt("Q?", "first answer", "second answer")
+    assert "Q?" in p and p.index("first answer") < p.index("second answer") and "[[C]]" in p
+    s = single_answer_prompt("Q?", "ans", reference="ref")
+    assert "ans" in s and "ref" in s and "[[5]]" in s
+    assert "Reference" not in single_answer_prompt("Q?", "ans")
+    assert "{" not in p and "{" not in s
+
+
+def test_parsers():
+    assert parse_pairwise_verdict("thinking [[A]] ... final: [[B]]") == "B"
+    assert parse_pairwise_verdict("[[ C ]]") == "tie"
+    assert parse_pairwise_verdict("A is better") is None
+    assert parse_rating("Rating: [[7]]") == 7.0
+    assert parse_rating("Rating: [[7.5]]") == 7.5
+    assert parse_rating("[[11]]") is None and parse_rating("no rating") is None
+
+
+def _positional_judge(prefer: str):
+    """A judge that always prefers a position, whatever the answers."""
+    return lambda prompt: f"... [[{prefer}]]"
+
+
+def _content_judge(good: str):
+    """A judge that prefers the answer containing `good`, wherever it is shown."""
+
+    def judge(prompt):
+        a = prompt.split("[Answer A]")[1].split("[End of answer A]")[0]
+        return "[[A]]" if good in a else "[[B]]"
+
+    return judge
+
+
+def test_position_swap_debiasing():
+    # a purely positional judge is inconsistent across the swap -> tie
+    for prefer in "AB":
+        j = judge_pairwise(_positional_judge(prefer), "q", "x", "y")
+        assert j.winner == "tie" and not j.consistent
+    # a content judge is consistent, whichever side holds the good answer
+    assert judge_pairwise(_content_judge("good"), "q", "good", "bad").winner == "a"
+    j = judge_pairwise(_content_judge("good"), "q", "bad", "good")
+    assert j == PairwiseJudgement(winner="b", verdicts=("b", "b"), consistent=True)
+    # without swap, the single verdict is taken as is
+    assert judge_pairwise(_positional_judge("A"), "q", "x", "y", swap=False).winner == "a"
+    # unparsable replies never decide
+    assert judge_pairwise(lambda p: "no verdict", "q", "x", "y").winner == "tie"
+    calls = []
+    judge_pairwise(lambda p: calls.append(p) or "[[C]]", "q", "x", "y")
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_judge_single_and_errors():
+    assert judge_single(lambda p: "ok. Rating: [[8]]", "q", "a") == 8.0
+    with pytest.raises(TypeError, match="judge"):
+        judge_pairwise("not callable", "q", "a", "b")
+    with pytest.raises(TypeError, match="reply"):
+        judge_single(lambda p: 3, "q", "a")
+
+
+def test_win_rate_with_ties():
+    outcomes = ["a", "a", "b", "tie", "a", "tie"]
+    assert win_rate(outcomes) == pytest.approx((3 + 0.5 * 2) / 6)
+    assert win_rate(outcomes, ties="exclude") == pytest.approx(3 / 4)
+    assert win_rate([1, 0, 0.5]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="outcomes"):
+        win_rate(["x"])
+    with pytest.raises(ValueError, match="outcomes"):
+        win_rate([])
+    with pytest.raises(ValueError, match="tie"):
+        win_rate(["tie"], ties="exclude")
+    with pytest.raises(ValueError, match="ties"):
+        win_rate(["a"], ties="zero")
+
+
+def test_bootstrap_ci_seeded_and_close_to_normal_approximation():
+    rng = np.random.default_rng(123)
+    values = (rng.random(400) < 0.6).astype(float)
+    p = values.mean()
+    low, high = bootstrap_ci(values, n_resamples=4000, seed=7)
+    assert bootstrap_ci(values, n_resamples=4000, seed=7) == (low, high)
+    normal = rng.normal(size=50)  # continuous data: a new seed moves the interval
+    assert bootstrap_ci(normal, seed=1) == bootstrap_ci(normal, seed=1) != bootstrap_ci(normal, seed=2)
+    half = 1.959964 * np.sqrt(p * (1 - p) / values.size)  # Wald interval of a proportion
+    assert low == pytest.approx(p - half, abs=0.01)
+    assert high == pytest.approx(p + half, abs=0.01)
+    assert low < p < high
+
+
+def test_bootstrap_ci_statistics_and_errors():
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    # a statistic without an axis keyword falls back to a loop and gives the same interval
+    vals = np.arange(30.0)
+    vec = bootstrap_ci(vals, statistic=np.median, n_resamples=500, seed=1)
+    loop = bootstrap_ci(vals, statistic=lambda x: float(np.median(x)), n_resamples=500, seed=1)
+    assert vec == pytest.approx(loop)
+    rate, low, high = win_rate_ci(["a"] * 30 + ["b"] * 10 + ["tie"] * 10, seed=0)
+    assert rate == pytest.approx(35 / 50) and low < rate < high
+    with pytest.raises(ValueError, match="values"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=1.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_ci([1.0], n_resamples=0)

@@ -1,0 +1,66 @@
+import sys
+
+import pytest
+
+from alignlab.eval import bleu, chrf, rouge
+
+# The example of sacrebleu's README, with the scores it publishes:
+# BLEU = 48.53 82.4/50.0/45.5/37.5 (BP = 0.943 ...), chrF2 = 59.73
+SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
+REF_STREAMS = [
+    ["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+    ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."],
+]
+PER_EXAMPLE = [list(r) for r in zip(*REF_STREAMS)]
+
+
+def test_sacrebleu_readme_example():
+    assert bleu(SYS, PER_EXAMPLE) == pytest.approx(48.53, abs=5e-3)
+    assert chrf(SYS, PER_EXAMPLE) == pytest.approx(59.73, abs=5e-3)
+
+
+def test_bleu_single_reference_and_variable_reference_counts():
+    assert bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(100.0)
+    # a missing second reference must not change a perfect match nor crash
+    assert bleu(["a b c d e", "f g h i j"], [["a b c d e", "x"], "f g h i j"]) == pytest.approx(100.0)
+    assert chrf(["a b c d e"], [["zzz", "a b c d e"]]) == pytest.approx(100.0)
+
+
+def test_rouge_hand_computed_on_rouge_score_readme_pair():
+    # rouge-score README pair; with the Porter stemmer:
+    # target     the quick brown fox jump over the lazi dog   (9 tokens)
+    # prediction the quick brown dog jump on the log          (8 tokens)
+    # unigram overlap: the x2, quick, brown, dog, jump = 6
+    # bigram overlap: "the quick", "quick brown" = 2 of 8 (target) and 7 (prediction)
+    # LCS: the quick brown jump the = 5
+    def f(p, r):
+        return 2 * p * r / (p + r)
+
+    out = rouge(["The quick brown dog jumps on the log."], ["The quick brown fox jumps over the lazy dog"])
+    assert out["rouge1"] == pytest.approx(f(6 / 8, 6 / 9))
+    assert out["rouge2"] == pytest.approx(f(2 / 7, 2 / 8))
+    assert out["rougeL"] == pytest.approx(f(5 / 8, 5 / 9))
+
+
+def test_rouge_mean_over_examples_and_best_reference():
+    out = rouge(["a b c", "x y"], [["q r s", "a b c"], "x z"], rouge_types=["rouge1"])
+    assert out["rouge1"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_errors_and_missing_extra(monkeypatch):
+    with pytest.raises(ValueError, match="equal lengths"):
+        bleu(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="reference"):
+        rouge(["a"], [[]])
+    with pytest.raises(TypeError, match="bare string"):
+        chrf("abc", "abc")
+    with pytest.raises(ValueError, match="rouge_types"):
+        rouge(["a"], ["a"], rouge_types="rouge1")
+
+    # A None entry in sys.modules makes the import fail, as if the extra were not installed.
+    for mod in ["sacrebleu", "sacrebleu.metrics", "rouge_score", "rouge_score.rouge_scorer"]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(ImportError, match=r"alignlab\[eval\]"):
+        bleu(["a"], ["a"])
+    with pytest.raises(ImportError, match=r"alignlab\[eval\]"):
+        rouge(["a"], ["a"])

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignlab.eval import negative_log_likelihood, perplexity
+
+
+_CACHE = {}
+
+
+def _token_nll(model, ids: torch.Tensor, t: int, begin: int = 0) -> float:
+    """-log p(ids[t] | ids[begin:t]) from an unbatched, unpadded forward pass.
+
+    A causal model's logits at position t-1 of ids[begin:] depend only on
+    ids[begin:t], so one pass per (sequence, begin) serves every t.
+    """
+    key = (id(model), tuple(ids.tolist()), begin)
+    if key not in _CACHE:
+        with torch.no_grad():
+            logits = model(input_ids=ids[begin:][None]).logits[0].double()
+        _CACHE[key] = -torch.log_softmax(logits, -1)
+    return float(_CACHE[key][t - begin - 1, ids[t]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(seed=0, vocab_size=64)
+
+
+def _sequences(lengths, seed=0, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g) for n in lengths]
+
+
+def _pad(seqs, left=False):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padded_batches_match_direct_token_weighted_computation(model, left):
+    seqs = _sequences([7, 3, 12, 1, 9])
+    direct = [_token_nll(model, s, t) for s in seqs for t in range(1, len(s))]
+    expected = math.exp(sum(direct) / len(direct))  # token-weighted, not per-sequence mean
+    ids, mask = _pad(seqs, left=left)
+    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
+    total, count = negative_log_likelihood(model, batches)
+    assert count == len(direct) == sum(len(s) - 1 for s in seqs)
+    assert total == pytest.approx(sum(direct), rel=1e-5)
+    assert perplexity(model, batches) == pytest.approx(expected, rel=1e-5)
+    per_seq_mean = sum(math.exp(sum(_token_nll(model, s, t) for t in range(1, len(s))) / (len(s) - 1))
+                       for s in seqs if len(s) > 1) / 4
+    assert abs(expected - per_seq_mean) > 1e-3  # the two definitions really differ here
+
+
+def test_labels_mask_prompt_tokens(model):
+    (s,) = _sequences([10], seed=1)
+    labels = s.clone()
+    labels[:4] = -100
+    direct = [_token_nll(model, s, t) for t in range(4, 10)]
+    total, count = negative_log_likelihood(model, [{"input_ids": s[None], "labels": labels[None]}])
+    assert count == 6
+    assert total == pytest.approx(sum(direct), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length,stride", [(4, 3), (5, 2), (6, 1), (40, None)])
+def test_strided_windows_match_per_token_context_definition(model, max_length, stride):
+    seqs = _sequences([13, 5, 9], seed=2)
+    step = max_length - 1 if stride is None else stride
+    direct = []
+    for s in seqs:
+        for t in range(1, len(s)):
+            # token t is scored by the first window [k*step, k*step + max_length) that contains it
+            begin = next(k * step for k in range(len(s)) if k * step + max_length > t)
+            assert begin < t
+            direct.append(_token_nll(model, s, t, begin))
+    ids, mask = _pad(seqs)
+    total, count = negative_log_likelihood(
+        model, [{"input_ids": ids, "attention_mask": mask}], max_length=max_length, stride=stride
+    )
+    assert count == len(direct)
+    assert total == pytest.approx(sum(direct), rel=1e-5)
+
+
+def test_plain_tensor_batches_and_training_mode_restored(model):
+    ids = torch.stack(_sequences([6, 6], seed=3))
+    model.train()
+    try:
+        ppl = perplexity(model, [ids])
+        assert model.training
+    finally:
+        model.eval()
+    direct = [_token_nll(model, s, t) for s in ids for t in range(1, 6)]
+    assert ppl == pytest.approx(math.exp(sum(direct) / len(direct)), rel=1e-5)
+
+
+def test_bad_input(model):
+    ids = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, [ids], max_length=4, stride=4)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, [ids], stride=2)
+    with pytest.raises(ValueError, match="max_length"):
+        perplexity(model, [ids], max_length=1)
+    with pytest.raises(ValueError, match="no token"):
+        perplexity(model, [])
+    with pytest.raises(ValueError, match="input_ids"):
+        perplexity(model, [torch.ones(5, dtype=torch.long)])
+    with pytest.raises(TypeError, match="batches"):
+        perplexity(model, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        perplexity(model, [{"input_ids": ids, "attention_mask": torch.ones(1, 4)}])

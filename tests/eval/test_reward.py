@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from alignlab.eval import reward_scores
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0,
+    )
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+def _seqs():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 64, (n,), generator=g) for n in [5, 9, 2, 7, 9, 3, 1]]
+
+
+def test_batched_scores_match_one_by_one(reward_model):
+    seqs = _seqs()
+    with torch.no_grad():
+        expected = torch.stack([reward_model(input_ids=s[None]).logits[0, 0] for s in seqs])
+    for batch_size in (1, 3, 16):
+        got = reward_scores(reward_model, seqs, batch_size=batch_size)
+        assert got.shape == (len(seqs),)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    as_lists = reward_scores(reward_model, [s.tolist() for s in seqs], batch_size=4)
+    torch.testing.assert_close(as_lists, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_texts_through_a_tokenizer_and_plain_callables():
+    vocab = {w: i + 1 for i, w in enumerate("good bad fine the movie was".split())}
+
+    def tokenizer(text):
+        return {"input_ids": [vocab[w] for w in text.split()]}
+
+    good_id = vocab["good"]
+
+    def count_good(input_ids, attention_mask):
+        return ((input_ids == good_id) & attention_mask.bool()).sum(1).float()
+
+    texts = ["the movie was good good", "bad", "good"]
+    scores = reward_scores(count_good, texts, tokenizer=tokenizer, pad_token_id=0, batch_size=2)
+    torch.testing.assert_close(scores, torch.tensor([2.0, 0.0, 1.0]))
+
+
+def test_multi_label_and_errors(reward_model):
+    def two_heads(input_ids, attention_mask):
+        return torch.stack([attention_mask.sum(1).float(), -attention_mask.sum(1).float()], 1)
+
+    seqs = [[1, 2, 3], [4]]
+    torch.testing.assert_close(reward_scores(two_heads, seqs, pad_token_id=0, label_index=1), torch.tensor([-3.0, -1.0]))
+    with pytest.raises(ValueError, match="label_index"):
+        reward_scores(two_heads, seqs, pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        reward_scores(two_heads, seqs, label_index=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        reward_scores(reward_model, ["text"])
+    with pytest.raises(ValueError, match="empty"):
+        reward_scores(reward_model, [[]])
+    with pytest.raises(ValueError, match="batch_size"):
+        reward_scores(reward_model, [[1]], batch_size=0)
+    with pytest.raises(TypeError, match="single string"):
+        reward_scores(reward_model, "text")
+    assert reward_scores(reward_model, []).shape == (0,)
