@@ -551,8 +551,11 @@ def _device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _static_versions() -> tuple[tuple[str, str], ...]:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("alignlab", "triton", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel"):
+    import alignlab
+
+    # alignlab's own version from the import, so a source checkout on PYTHONPATH reports it too.
+    found = {"python": platform.python_version(), "torch": torch.__version__, "alignlab": alignlab.__version__}
+    for dist in ("triton", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel"):
         try:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

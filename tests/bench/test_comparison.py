@@ -209,3 +209,17 @@ def test_comparison_is_constructible_from_measurements():
     cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
     again = Comparison(results=cmp.results, baseline="a")
     assert again.table().splitlines()[2:] == cmp.table().splitlines()[2:]
+
+
+@pytest.mark.cuda
+def test_cuda_oom_contestant_is_reported_and_others_run():
+    x = torch.ones(1 << 20, device="cuda")
+
+    def huge(x):
+        return torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB
+
+    cmp = compare({"ok": lambda x: x * 2, "huge": huge}, x, warmup=2, rep=10, bytes_moved=2 * x.nbytes)
+    assert cmp["huge"].error.startswith("OutOfMemoryError")
+    ok = cmp["ok"]
+    assert ok.n == 10 and ok.peak_bytes == x.nbytes and ok.memory_method == "cuda_max_memory_allocated"
+    assert 0 < ok.pct_copy_bandwidth() < 110
