@@ -107,7 +107,7 @@ def _distill_rows_kernel(
             h = ps * (ls - lt + 1.0)
         elif KIND == 2:
             m = beta * pt + (1.0 - beta) * ps
-            lm = tl.where(m > 0.0, tl.log(m), 0.0)
+            lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
             h = (1.0 - beta) * ps * (ls - lm)
             el = beta * pt * (lt - lm) + h
         else:
@@ -138,7 +138,7 @@ def _distill_rows_kernel(
                 h = ps * (ls - lt + 1.0)
             elif KIND == 2:
                 m = beta * pt + (1.0 - beta) * ps
-                lm = tl.where(m > 0.0, tl.log(m), 0.0)
+                lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
                 h = (1.0 - beta) * ps * (ls - lm)
             else:
                 diff = ps - pt

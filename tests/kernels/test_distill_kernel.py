@@ -1,0 +1,116 @@
+"""Triton distillation row kernel vs. its PyTorch reference (float64), forward and gradient.
+
+On CPU this runs under ``TRITON_INTERPRET=1`` (tiny shapes, fp32/fp16); bf16 is checked on CUDA.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from alignlab.kernels.distill import distill_rows  # noqa: E402
+from alignlab.losses.distill import distill_loss, distill_rows_torch, fused_linear_distill_loss  # noqa: E402
+
+KINDS = ["forward_kl", "reverse_kl", "jsd", "tv"]
+
+
+def _rows(rows, vocab, device, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, vocab, generator=g) * scale).to(device)
+    t = (torch.randn(rows, vocab, generator=g) * scale).to(device)
+    w = torch.rand(rows, generator=g).to(device)
+    return s, t, w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 77), (2, 130)])
+def test_rows_forward_and_gradient_fp32(kernel_device, kind, rows, vocab):
+    s, t, w = _rows(rows, vocab, kernel_device)
+    want_loss, want_dz = distill_rows_torch(s.double(), t.double(), kind, 0.3, 1.5, w.double())
+    dz = torch.full_like(s, float("nan"))  # poisoned: every element must be written
+    loss = distill_rows(s, t, kind, beta=0.3, temperature=1.5, grad_scale=w, grad_out=dz)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz.double(), want_dz, rtol=1e-4, atol=1e-6)
+    only_loss = distill_rows(s, t, kind, beta=0.3, temperature=1.5)
+    torch.testing.assert_close(only_loss, loss)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_fp16_teacher_and_gradient_over_student_bytes(kernel_device, kind):
+    s, t, w = _rows(4, 77, kernel_device, seed=1)
+    t16 = t.half()
+    want_loss, want_dz = distill_rows_torch(s.double(), t16.double(), kind, 0.7, 0.9, w.double())
+    buf = s.clone()
+    out = buf.view(torch.float16)[:, :77]  # 16-bit gradient written over each row's own fp32 bytes
+    loss = distill_rows(buf, t16, kind, beta=0.7, temperature=0.9, grad_scale=w, grad_out=out)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), want_dz, rtol=2e-3, atol=1e-5)
+
+
+def test_rows_extreme_logits_stay_finite(kernel_device):
+    s, t, w = _rows(2, 70, kernel_device, scale=60.0, seed=2)
+    for kind in KINDS:
+        dz = torch.empty_like(s)
+        loss = distill_rows(s, t, kind, beta=0.5, temperature=1.0, grad_scale=w, grad_out=dz)
+        want_loss, want_dz = distill_rows_torch(s.double(), t.double(), kind, 0.5, 1.0, w.double())
+        assert torch.isfinite(loss).all() and torch.isfinite(dz).all()
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-4)
+        # Probabilities underflow here; bound the error by the gradient's own scale.
+        assert (dz.double() - want_dz).abs().max().item() <= 1e-4 * max(1.0, want_dz.abs().max().item())
+
+
+def test_rows_bad_arguments(kernel_device):
+    s, t, w = _rows(2, 8, kernel_device)
+    with pytest.raises(ValueError, match="kind"):
+        distill_rows(s, t, "kl")
+    with pytest.raises(ValueError, match="float32"):
+        distill_rows(s.half(), t, "jsd")
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distill_rows(s, t[:, :4], "jsd")
+    with pytest.raises(ValueError, match="grad_scale"):
+        distill_rows(s, t, "jsd", grad_out=torch.empty_like(s))
+
+
+@pytest.mark.usefixtures("triton_mode")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["jsd", "reverse_kl"])
+def test_fused_loss_triton_path_matches_unfused(kernel_device, dtype, kind):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 16, generator=g)).to(kernel_device, dtype).requires_grad_(True)
+    w = (torch.randn(69, 16, generator=g) * 0.3).to(kernel_device, dtype).requires_grad_(True)
+    th = torch.randn(2, 5, 12, generator=g).to(kernel_device, dtype)
+    tw = (torch.randn(69, 12, generator=g) * 0.3).to(kernel_device, dtype)
+    mask = (torch.rand(2, 5, generator=g) > 0.2).to(kernel_device)
+    up = torch.randn(2, 5, generator=g).to(kernel_device)
+    for reduction in ("mean", "none"):
+        got = fused_linear_distill_loss(
+            x, w, teacher_hidden=th, teacher_weight=tw, kind=kind, beta=0.25, mask=mask, reduction=reduction, chunk_size=3
+        )
+        x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+        want = distill_loss(x64 @ w64.T, th.double() @ tw.double().T, kind, beta=0.25, mask=mask, reduction=reduction)
+        g_up = up.to(got.dtype) if reduction == "none" else None
+        gx, gw = torch.autograd.grad(got, (x, w), g_up)
+        rx, rw = torch.autograd.grad(want, (x64, w64), None if g_up is None else g_up.double())
+        tol = 1e-5 if dtype == torch.float32 else 5e-3
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        for a, b in ((gx, rx), (gw, rw)):
+            assert ((a.double() - b).norm() / b.norm()).item() < tol
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("triton_mode")
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_bf16_cuda_matches_float64(kind):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 64, generator=g).cuda().bfloat16().requires_grad_(True)
+    w = (torch.randn(1000, 64, generator=g) * 0.2).cuda().bfloat16().requires_grad_(True)
+    t = (torch.randn(3, 50, 1000, generator=g) * 2).cuda().bfloat16()
+    mask = (torch.rand(3, 50, generator=g) > 0.2).cuda()
+    got = fused_linear_distill_loss(x, w, t, kind=kind, mask=mask, chunk_size=37)
+    gx, gw = torch.autograd.grad(got, (x, w))
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    want = distill_loss(x64 @ w64.T, t.double(), kind, mask=mask)
+    rx, rw = torch.autograd.grad(want, (x64, w64))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for a, b in ((gx, rx), (gw, rw)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-2

@@ -1,0 +1,281 @@
+"""Distillation losses against divergences written out by hand in float64, gradcheck, and the
+fused chunked form against the unfused one (torch reference path)."""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.losses.distill import (
+    distill_loss,
+    forward_kl,
+    fused_linear_distill_loss,
+    generalized_jsd,
+    reverse_kl,
+    sequence_divergence,
+    sequence_kd_labels,
+    sequence_kd_loss,
+    total_variation,
+)
+
+KINDS = ["forward_kl", "reverse_kl", "jsd", "tv"]
+
+
+def _probs(z, tau):
+    """softmax written out element by element in float64."""
+    z = z.double() / tau
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def _oracle(s, t, kind, beta=0.5, tau=1.0):
+    """Per-token divergence straight from the textbook definitions."""
+    p, q = _probs(t, tau), _probs(s, tau)  # p: teacher, q: student
+
+    def kl(a, b):
+        return (a * (torch.log(a) - torch.log(b))).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl(p, q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    return 0.5 * (q - p).abs().sum(-1)
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    return s, t, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_divergence_matches_formula(logits, kind, tau, reduction):
+    s, t, mask = logits
+    per_tok = _oracle(s, t, kind, 0.3, tau)
+    w = mask.double()
+    want = {"none": per_tok * w, "sum": (per_tok * w).sum(), "mean": (per_tok * w).sum() / w.sum()}[reduction]
+    got = distill_loss(s, t, kind, beta=0.3, temperature=tau, mask=mask, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_named_wrappers_and_beta_endpoints(logits):
+    s, t, _ = logits
+    torch.testing.assert_close(forward_kl(s, t), _oracle(s, t, "forward_kl").mean())
+    torch.testing.assert_close(reverse_kl(s, t), _oracle(s, t, "reverse_kl").mean())
+    torch.testing.assert_close(total_variation(s, t), _oracle(s, t, "tv").mean())
+    torch.testing.assert_close(generalized_jsd(s, t, beta=0.0), forward_kl(s, t))
+    torch.testing.assert_close(generalized_jsd(s, t, beta=1.0), reverse_kl(s, t))
+    # JSD(beta) with student and teacher swapped is JSD(1 - beta).
+    torch.testing.assert_close(generalized_jsd(s, t, beta=0.2), generalized_jsd(t, s, beta=0.8))
+    # The symmetric JSD is bounded by log 2 and TV by 1.
+    assert distill_loss(s, t, "jsd", reduction="none").max() <= math.log(2)
+    assert distill_loss(s, t, "tv", reduction="none").max() <= 1.0
+
+
+def test_identical_distributions_give_zero(logits):
+    s, _, _ = logits
+    for kind in KINDS:
+        assert distill_loss(s, s + 3.0, kind).abs().item() < 1e-12  # shift-invariant softmax
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_gradcheck(kind, reduction):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    f = lambda s_: distill_loss(s_, t, kind, beta=0.4, temperature=1.3, mask=w, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (s,), fast_mode=True)
+
+
+def test_teacher_gets_no_gradient_and_all_masked_is_zero(logits):
+    s, t, _ = logits
+    s = s.clone().requires_grad_(True)
+    t = t.clone().requires_grad_(True)
+    loss = distill_loss(s, t, "jsd", mask=torch.zeros(2, 5, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and t.grad is None
+    assert torch.all(s.grad == 0) and not torch.isnan(s.grad).any()
+
+
+def test_bad_arguments(logits):
+    s, t, mask = logits
+    with pytest.raises(ValueError, match="kind"):
+        distill_loss(s, t, "kl")
+    with pytest.raises(ValueError, match="beta"):
+        distill_loss(s, t, "jsd", beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        distill_loss(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        distill_loss(s, t, reduction="batchmean")
+    with pytest.raises(ValueError, match="must match"):
+        distill_loss(s, t[..., :-1])
+    with pytest.raises(ValueError, match="mask"):
+        distill_loss(s, t, mask=mask[:, :-1])
+    with pytest.raises(TypeError):
+        distill_loss(s.tolist(), t)
+
+
+# --------------------------------------------------------------------------- fused
+
+
+def _problem(n_lead=(2, 5), hidden=8, vocab=11, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*n_lead, hidden, generator=g, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.5).requires_grad_(True)
+    th = torch.randn(*n_lead, 6, generator=g, dtype=dtype)
+    tw = torch.randn(vocab, 6, generator=g, dtype=dtype) * 0.5
+    mask = torch.rand(*n_lead, generator=g) > 0.3
+    return x, w, th, tw, mask
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+def test_fused_matches_unfused_float64(kind, reduction, chunk, teacher_form):
+    x, w, th, tw, mask = _problem()
+    t_logits = th @ tw.T
+    kw = dict(kind=kind, beta=0.3, temperature=1.7, mask=mask, reduction=reduction)
+    if teacher_form == "logits":
+        got = fused_linear_distill_loss(x, w, t_logits, chunk_size=chunk, **kw)
+    else:
+        got = fused_linear_distill_loss(x, w, teacher_hidden=th, teacher_weight=tw, chunk_size=chunk, **kw)
+    want = distill_loss(x @ w.T, t_logits, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    up = torch.randn_like(want)  # per-token upstream gradients exercise reduction="none"
+    g_got = torch.autograd.grad(got, (x, w), up)
+    g_want = torch.autograd.grad(want, (x, w), up)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_gradcheck(kind, reduction):
+    x, w, _, _, mask = _problem(n_lead=(5,), hidden=4, vocab=6)
+    t = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    f = lambda x_, w_: fused_linear_distill_loss(  # noqa: E731
+        x_, w_, t, kind=kind, beta=0.4, temperature=0.8, mask=mask, reduction=reduction, chunk_size=2
+    )
+    assert torch.autograd.gradcheck(f, (x, w), fast_mode=True)
+
+
+@pytest.mark.usefixtures("torch_mode")
+def test_fused_frozen_weight_frozen_hidden_and_upstream_scale():
+    x, w, th, tw, _ = _problem()
+    t = th @ tw.T
+    w_frozen = w.detach()
+    loss = fused_linear_distill_loss(x, w_frozen, t, kind="reverse_kl", chunk_size=4) * 3.0
+    (gx,) = torch.autograd.grad(loss, (x,))
+    ref = distill_loss(x @ w_frozen.T, t, "reverse_kl") * 3.0
+    torch.testing.assert_close(gx, torch.autograd.grad(ref, (x,))[0])
+    x_frozen = x.detach()
+    loss = fused_linear_distill_loss(x_frozen, w, t, kind="tv", chunk_size=4)
+    (gw,) = torch.autograd.grad(loss, (w,))
+    torch.testing.assert_close(gw, torch.autograd.grad(distill_loss(x_frozen @ w.T, t, "tv"), (w,))[0])
+    with torch.no_grad():
+        v = fused_linear_distill_loss(x, w, t)
+    torch.testing.assert_close(v, distill_loss(x @ w.T, t).detach())
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_low_precision_close_to_float64(dtype):
+    x, w, th, tw, mask = _problem(n_lead=(3, 7), hidden=16, vocab=37, dtype=torch.float64)
+    xl = x.detach().to(dtype).requires_grad_(True)
+    wl = w.detach().to(dtype).requires_grad_(True)
+    got = fused_linear_distill_loss(xl, wl, teacher_hidden=th.to(dtype), teacher_weight=tw.to(dtype), mask=mask, chunk_size=5)
+    gx, gw = torch.autograd.grad(got, (xl, wl))
+    assert got.dtype == torch.float32 and gx.dtype == dtype and gw.dtype == dtype
+    x64, w64 = xl.detach().double().requires_grad_(True), wl.detach().double().requires_grad_(True)
+    want = distill_loss(x64 @ w64.T, th.to(dtype).double() @ tw.to(dtype).double().T, mask=mask)
+    rx, rw = torch.autograd.grad(want, (x64, w64))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    for a, b in ((gx, rx), (gw, rw)):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+
+
+@pytest.mark.usefixtures("torch_mode")
+def test_fused_empty_batch_and_all_masked():
+    x, w, th, tw, _ = _problem()
+    empty = x[:0].detach().requires_grad_(True)
+    loss = fused_linear_distill_loss(empty, w, torch.zeros(0, 5, 11, dtype=torch.float64))
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == empty.shape and torch.all(w.grad == 0)
+    none = fused_linear_distill_loss(empty, w, torch.zeros(0, 5, 11, dtype=torch.float64), reduction="none")
+    assert none.shape == (0, 5)
+    zero_mask = torch.zeros(2, 5, dtype=torch.bool)
+    loss = fused_linear_distill_loss(x, w, th @ tw.T, mask=zero_mask)
+    gx, _ = torch.autograd.grad(loss, (x, w))
+    assert loss.item() == 0.0 and torch.all(gx == 0)
+
+
+def test_fused_bad_arguments():
+    x, w, th, tw, mask = _problem()
+    t = th @ tw.T
+    with pytest.raises(ValueError, match="either teacher_logits"):
+        fused_linear_distill_loss(x, w)
+    with pytest.raises(ValueError, match="either teacher_logits"):
+        fused_linear_distill_loss(x, w, t, teacher_hidden=th, teacher_weight=tw)
+    with pytest.raises(ValueError, match="either teacher_logits"):
+        fused_linear_distill_loss(x, w, teacher_hidden=th)
+    with pytest.raises(ValueError, match="student_weight"):
+        fused_linear_distill_loss(x, w[:, :-1], t)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        fused_linear_distill_loss(x, w, t[..., :-1])
+    with pytest.raises(ValueError, match="teacher_weight"):
+        fused_linear_distill_loss(x, w, teacher_hidden=th, teacher_weight=tw[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_distill_loss(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="mask"):
+        fused_linear_distill_loss(x, w, t, mask=mask[:1])
+    with pytest.raises(ValueError, match="dtype"):
+        fused_linear_distill_loss(x, w.float(), t)
+
+
+# --------------------------------------------------------------------------- sequence level
+
+
+def test_sequence_kd_labels_by_hand():
+    seqs = torch.tensor(
+        [
+            [5, 6, 7, 8, 2, 0, 0],  # prompt 2, generated 7 8 EOS(2), then pad(0)
+            [5, 6, 7, 2, 9, 9, 9],  # prompt 3, generated EOS then junk after it
+        ]
+    )
+    labels = sequence_kd_labels(seqs, [2, 3], pad_token_id=0, eos_token_id=2)
+    want = torch.tensor([[-100, -100, 7, 8, 2, -100, -100], [-100, -100, -100, 2, -100, -100, -100]])
+    assert torch.equal(labels, want)
+    # pad == eos (common for Llama-style tokenizers): the first generated EOS stays a target.
+    seqs = torch.tensor([[5, 6, 7, 2, 2, 2]])
+    assert sequence_kd_labels(seqs, [2], pad_token_id=2, eos_token_id=2).tolist() == [[-100, -100, 7, 2, -100, -100]]
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        sequence_kd_labels(seqs, [9])
+
+
+def test_sequence_kd_loss_and_divergence_by_hand():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, 3, 1, -100], [-100, -100, 5, 0]])
+    logp = torch.log_softmax(logits, -1)
+    nll0 = -(logp[0, 0, 3] + logp[0, 1, 1])
+    nll1 = -(logp[1, 1, 5] + logp[1, 2, 0])
+    torch.testing.assert_close(sequence_kd_loss(logits, labels, reduction="none"), torch.stack([nll0, nll1]).float())
+    torch.testing.assert_close(sequence_kd_loss(logits, labels), ((nll0 + nll1) / 4).float())
+    tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    m = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    torch.testing.assert_close(sequence_divergence(tok, m), torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(sequence_divergence(tok, m, normalize=False), torch.tensor([3.0, 0.0]))
