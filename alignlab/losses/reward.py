@@ -1,0 +1,612 @@
+r"""Reward-model and online-RL losses on tensors: Bradley–Terry, PPO/GAE, KL estimators, GRPO, RLOO.
+
+Conventions shared by every function here:
+
+* token-level tensors are ``(batch, seq)``: ``logprobs`` are per-token log-probs of the sampled completion
+  tokens (:func:`alignlab.losses.logprobs.token_logprobs` or ``linear_logprobs``), ``mask`` marks the real
+  completion tokens (1) vs prompt/padding (0).  ``mask=None`` means every position counts.  Masked positions
+  never contribute to a loss, a mean, a variance or a gradient, whatever value they hold (NaN included for
+  the inputs that are only read under the mask).
+* sequence-level rewards are ``(batch,)``; for grouped methods (GRPO, RLOO) the ``group_size`` completions of
+  one prompt are contiguous: ``[p0 g0, p0 g1, ..., p1 g0, ...]``.
+* losses return ``(loss, metrics)`` with detached 0-d metric tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "GRPO_LOSS_TYPES",
+    "bradley_terry_loss",
+    "kl_penalty",
+    "masked_mean",
+    "whiten",
+    "gae",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "group_advantages",
+    "grpo_loss",
+    "rloo_advantages",
+]
+
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+_GROUP_SCALES = ("group", "batch", "none")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checks and masked statistics
+# ------------------------------------------------------------------------------------------------------------------
+def _float(name: str, t: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    dims = (dim,) if isinstance(dim, int) else dim
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def _mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The mask as a bool tensor of ``like``'s shape (all True when None)."""
+    if mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(like.shape)}, got {getattr(mask, 'shape', mask)}")
+    if mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must hold booleans or exactly 0/1")
+    return mask.to(device=like.device, dtype=torch.bool)
+
+
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
+    r""":math:`\sum_t m_t x_t / \sum_t m_t` over ``dim`` (all elements when None); 0 where nothing is counted.
+
+    Masked-out entries are replaced by 0 before the sum, so NaN/inf padding cannot leak in.
+    """
+    m = _mask(mask, values)
+    x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    count = m.sum() if dim is None else m.sum(dim)
+    total = x.sum() if dim is None else x.sum(dim)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    r"""Masked whitening :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` over all unmasked entries.
+
+    :math:`\sigma^2` is the unbiased (Bessel-corrected) masked variance, as TRL's ``masked_whiten``;
+    ``shift_mean=False`` adds :math:`\mu` back (only the scale changes).  Masked entries come back as 0.
+
+    Raises:
+        ValueError: fewer than two unmasked entries (the variance is undefined).
+    """
+    m = _mask(mask, values)
+    n = int(m.sum())
+    if n < 2:
+        raise ValueError(f"whiten needs at least 2 unmasked values, got {n}")
+    mean = masked_mean(values, m)
+    centred = torch.where(m, values - mean, torch.zeros((), dtype=values.dtype, device=values.device))
+    var = (centred**2).sum() / (n - 1)
+    out = centred * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_example
+    if reduction == "sum" or per_example.numel() == 0:
+        return per_example.sum()
+    if reduction == "mean":
+        return per_example.mean()
+    raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reward modelling
+# ------------------------------------------------------------------------------------------------------------------
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    *,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Pairwise Bradley–Terry loss for a scalar reward model.
+
+    .. math::
+        \mathcal L = -\mathrm{mean}\,\log\sigma(r_c - r_r - m)
+            + \eta\,\mathrm{mean}\,(r_c + r_r)^2
+
+    The pairwise ranking loss of "Training language models to follow instructions with human feedback"
+    (Ouyang et al., arXiv 2203.02155); the margin :math:`m` (e.g. from preference strength) as in Llama 2
+    (arXiv 2307.09288); the centring term :math:`\eta` (``center_coef``) pulls rewards towards zero mean, from
+    "Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking"
+    (Eisenstein et al., arXiv 2312.09244), as TRL's ``center_rewards_coefficient``.
+
+    Args:
+        chosen_rewards, rejected_rewards: ``(batch,)`` reward-model outputs.
+        margin: ``(batch,)`` or scalar :math:`m`; None = 0.
+        center_coef: :math:`\eta \ge 0`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per pair, centring term included per pair).
+
+    Returns:
+        ``(loss, metrics)`` with ``accuracy`` (fraction :math:`r_c > r_r`), ``margin`` (mean :math:`r_c - r_r`).
+
+    Raises:
+        ValueError: mismatched shapes, non-float inputs, negative ``center_coef``.
+    """
+    _float("chosen_rewards", chosen_rewards, 1)
+    _float("rejected_rewards", rejected_rewards, 1)
+    _same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
+    if not center_coef >= 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+    dtype = _compute_dtype(chosen_rewards, rejected_rewards)
+    rc, rr = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
+    diff = rc - rr
+    if margin is not None:
+        m = torch.as_tensor(margin, device=rc.device).to(dtype)
+        if m.dim() != 0 and m.shape != rc.shape:
+            raise ValueError(f"margin must be a scalar or of shape {tuple(rc.shape)}, got {tuple(m.shape)}")
+        per_pair = -F.logsigmoid(diff - m)
+    else:
+        per_pair = -F.logsigmoid(diff)
+    if center_coef:
+        per_pair = per_pair + center_coef * (rc + rr) ** 2
+    d = diff.detach()
+    metrics = {
+        "accuracy": (d > 0).to(dtype).mean() if d.numel() else torch.full((), float("nan"), dtype=dtype),
+        "margin": d.mean() if d.numel() else torch.full((), float("nan"), dtype=dtype),
+    }
+    return _reduce(per_pair, reduction), metrics
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# KL estimators
+# ------------------------------------------------------------------------------------------------------------------
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str = "k3",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-token estimate of :math:`\mathrm{KL}(\pi\|\pi_{\mathrm{ref}})` from tokens sampled from :math:`\pi`.
+
+    With :math:`\delta = \log\pi(y_t) - \log\pi_{\mathrm{ref}}(y_t)` (J. Schulman, "Approximating KL
+    Divergence", 2020):
+
+    * ``k1`` :math:`= \delta` (unbiased, high variance, can be negative),
+    * ``k2`` :math:`= \tfrac12\delta^2` (biased, low variance),
+    * ``k3`` :math:`= e^{-\delta} - 1 + \delta` (unbiased, non-negative; GRPO's choice, arXiv 2402.03300).
+
+    Args:
+        logprobs, ref_logprobs: ``(batch, seq)`` (any shape, equal).
+        estimator: one of :data:`KL_ESTIMATORS`.
+        mask: positions to keep; others are 0.
+
+    Returns:
+        Tensor of the input shape; gradients flow to ``logprobs`` (and ``ref_logprobs`` if it requires them).
+
+    Raises:
+        ValueError: unknown estimator (lists the valid ones), shape mismatch, non-float inputs.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators are {list(KL_ESTIMATORS)}")
+    _float("logprobs", logprobs)
+    _float("ref_logprobs", ref_logprobs)
+    _same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
+    m = _mask(mask, logprobs)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # zero the log-ratio under the mask first so padding (even inf/NaN) cannot reach exp() or the gradient
+    delta = torch.where(m, logprobs - ref_logprobs, zero)
+    if estimator == "k1":
+        kl = delta
+    elif estimator == "k2":
+        kl = 0.5 * delta**2
+    else:
+        kl = torch.expm1(-delta) + delta
+    return torch.where(m, kl, zero)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# PPO
+# ------------------------------------------------------------------------------------------------------------------
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    *,
+    last_values: torch.Tensor | None = None,
+    whiten_advantages: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Generalized Advantage Estimation over token positions.
+
+    "High-Dimensional Continuous Control Using Generalized Advantage Estimation" (Schulman et al.,
+    arXiv 1506.02438):
+
+    .. math::
+        \delta_t = r_t + \gamma V_{t+1} - V_t,\qquad
+        \hat A_t = \delta_t + \gamma\lambda\,\hat A_{t+1},\qquad \hat R_t = \hat A_t + V_t
+
+    Masked positions are skipped, not treated as steps: the recursion jumps from one unmasked token to the
+    next unmasked one, so left/right padding and holes (e.g. tool-output tokens) give the same numbers as the
+    compacted sequence.  After the last unmasked token :math:`V = ` ``last_values`` (0 by default: the episode
+    ends) and :math:`\hat A = 0`.  Returns use the raw advantages; ``whiten_advantages`` then whitens the
+    advantages over all unmasked tokens of the batch (:func:`whiten`).
+
+    Args:
+        rewards: ``(batch, seq)`` per-token rewards (typically the score on the last token minus a KL penalty).
+        values: ``(batch, seq)`` value-head outputs (treated as constants: the result is detached).
+        mask: ``(batch, seq)`` completion mask.
+        gamma: discount :math:`\gamma \in [0, 1]`; lam: :math:`\lambda \in [0, 1]`.
+        last_values: ``(batch,)`` bootstrap value after the final token (truncated episodes).
+        whiten_advantages: whiten the advantages (not the returns).
+
+    Returns:
+        ``(advantages, returns)``, both ``(batch, seq)``, 0 at masked positions, detached.
+
+    Raises:
+        ValueError: shape/dtype mismatches, ``gamma``/``lam`` outside [0, 1].
+    """
+    _float("rewards", rewards, 2)
+    _float("values", values, 2)
+    _same_shape("rewards", rewards, values=values)
+    for name, v in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+    m = _mask(mask, rewards)
+    dtype = _compute_dtype(rewards, values)
+    r = torch.where(m, rewards.detach().to(dtype), torch.zeros((), dtype=dtype, device=rewards.device))
+    v = torch.where(m, values.detach().to(dtype), torch.zeros((), dtype=dtype, device=rewards.device))
+    batch, seq = r.shape
+    next_value = torch.zeros(batch, dtype=dtype, device=r.device)
+    if last_values is not None:
+        _float("last_values", last_values, 1)
+        if last_values.shape != (batch,):
+            raise ValueError(f"last_values must have shape ({batch},), got {tuple(last_values.shape)}")
+        next_value = last_values.detach().to(dtype).clone()
+    next_adv = torch.zeros(batch, dtype=dtype, device=r.device)
+    adv = torch.zeros_like(r)
+    for t in range(seq - 1, -1, -1):
+        mt = m[:, t]
+        a_t = r[:, t] + gamma * next_value - v[:, t] + gamma * lam * next_adv
+        adv[:, t] = torch.where(mt, a_t, torch.zeros((), dtype=dtype, device=r.device))
+        next_adv = torch.where(mt, a_t, next_adv)
+        next_value = torch.where(mt, v[:, t], next_value)
+    returns = torch.where(m, adv + v, torch.zeros((), dtype=dtype, device=r.device))
+    if whiten_advantages:
+        adv = whiten(adv, m)
+    return adv, returns
+
+
+def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    _float("advantages", advantages, (1, 2))
+    if advantages.dim() == 1:
+        if advantages.shape[0] != like.shape[0]:
+            raise ValueError(f"advantages must have shape ({like.shape[0]},) or {tuple(like.shape)}, got {tuple(advantages.shape)}")
+        return advantages.unsqueeze(1)
+    if advantages.shape != like.shape:
+        raise ValueError(f"advantages must have shape ({like.shape[0]},) or {tuple(like.shape)}, got {tuple(advantages.shape)}")
+    return advantages
+
+
+def _aggregate(per_token: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation == "token":
+        return masked_mean(per_token, m)
+    if aggregation == "sequence":
+        return masked_mean(per_token, m, dim=1).mean() if per_token.shape[0] else per_token.sum()
+    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip_range: float = 0.2,
+    *,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""PPO's clipped surrogate objective, as a loss.
+
+    "Proximal Policy Optimization Algorithms" (Schulman et al., arXiv 1707.06347), with
+    :math:`\rho_t = \exp(\log\pi(y_t) - \log\pi_{\mathrm{old}}(y_t))`:
+
+    .. math::
+        \ell_t = \max\big(-\rho_t A_t,\; -\mathrm{clip}(\rho_t, 1-\epsilon_{lo}, 1+\epsilon_{hi}) A_t\big)
+
+    ``clip_range_high`` sets an asymmetric :math:`\epsilon_{hi}` ("clip-higher", DAPO arXiv 2503.14476);
+    ``dual_clip`` :math:`c > 1` caps the loss of negative-advantage tokens at :math:`-cA_t` (dual-clip PPO,
+    arXiv 1912.09729).  ``aggregation="token"`` averages over all unmasked tokens of the batch,
+    ``"sequence"`` averages within each sequence first.
+
+    Args:
+        logprobs: ``(batch, seq)`` current log-probs (with gradient).
+        old_logprobs: ``(batch, seq)`` log-probs of the sampling policy (no gradient is taken through them).
+        advantages: ``(batch, seq)`` or ``(batch,)`` (broadcast over tokens).
+        mask: ``(batch, seq)`` completion mask.
+        clip_range: :math:`\epsilon_{lo} > 0`.
+
+    Returns:
+        ``(loss, metrics)`` with ``clipfrac`` (fraction of unmasked tokens where the clipped term was taken),
+        ``approx_kl`` (masked mean of :math:`\tfrac12(\log\rho)^2`), ``ratio`` (masked mean of :math:`\rho`).
+
+    Raises:
+        ValueError: shape/dtype mismatches, non-positive clip ranges, ``dual_clip <= 1``.
+    """
+    _float("logprobs", logprobs, 2)
+    _float("old_logprobs", old_logprobs, 2)
+    _same_shape("logprobs", logprobs, old_logprobs=old_logprobs)
+    adv = _broadcast_advantages(advantages, logprobs)
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
+    hi = clip_range if clip_range_high is None else clip_range_high
+    if not hi > 0:
+        raise ValueError(f"clip_range_high must be > 0, got {clip_range_high!r}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    m = _mask(mask, logprobs)
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
+    adv = torch.where(m, adv.detach().to(dtype), zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * adv
+    clipped = -torch.clamp(ratio, 1.0 - clip_range, 1.0 + hi) * adv
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
+    loss = _aggregate(per_token, m, aggregation)
+    metrics = {
+        "clipfrac": masked_mean((clipped > unclipped).to(dtype), m).detach(),
+        "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, m),
+        "ratio": masked_mean(ratio.detach(), m),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip_range_value: float | None = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""PPO's clipped value loss.
+
+    .. math::
+        \mathcal L_V = \tfrac12\,\mathrm{mean}_t\,\max\big((V_t - \hat R_t)^2,\;
+            (V^{\mathrm{old}}_t + \mathrm{clip}(V_t - V^{\mathrm{old}}_t, -\epsilon, \epsilon) - \hat R_t)^2\big)
+
+    (arXiv 1707.06347 and the OpenAI baselines implementation); ``clip_range_value=None`` gives the plain
+    :math:`\tfrac12\,\mathrm{mean}(V - \hat R)^2`.  Masked mean over tokens.
+
+    Returns:
+        ``(loss, metrics)`` with ``vf_clipfrac``.
+
+    Raises:
+        ValueError: shape/dtype mismatches, non-positive clip range.
+    """
+    _float("values", values, 2)
+    _float("old_values", old_values, 2)
+    _float("returns", returns, 2)
+    _same_shape("values", values, old_values=old_values, returns=returns)
+    if clip_range_value is not None and not clip_range_value > 0:
+        raise ValueError(f"clip_range_value must be > 0 or None, got {clip_range_value!r}")
+    m = _mask(mask, values)
+    dtype = _compute_dtype(values, old_values, returns)
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    v = torch.where(m, values.to(dtype), zero)
+    old = torch.where(m, old_values.detach().to(dtype), zero)
+    ret = torch.where(m, returns.detach().to(dtype), zero)
+    err = (v - ret) ** 2
+    if clip_range_value is None:
+        per_token = err
+        clipfrac = torch.zeros((), dtype=dtype, device=values.device)
+    else:
+        v_clipped = old + torch.clamp(v - old, -clip_range_value, clip_range_value)
+        err_clipped = (v_clipped - ret) ** 2
+        per_token = torch.maximum(err, err_clipped)
+        clipfrac = masked_mean((err_clipped > err).to(dtype), m).detach()
+    return 0.5 * masked_mean(per_token, m), {"vf_clipfrac": clipfrac}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GRPO / RLOO
+# ------------------------------------------------------------------------------------------------------------------
+def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor:
+    _float("rewards", rewards, 1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < minimum:
+        raise ValueError(f"group_size must be an int >= {minimum}, got {group_size!r}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size={group_size}")
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    r"""GRPO's group-relative advantages, one per completion.
+
+    "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (Shao et al.,
+    arXiv 2402.03300): :math:`A_i = (r_i - \mathrm{mean}_g(r)) / (\mathrm{std}_g(r) + \epsilon)` over the
+    ``group_size`` completions of the same prompt (unbiased std, like TRL).  ``scale="batch"`` divides by the
+    std of the whole batch instead; ``scale="none"`` only centres (Dr. GRPO, "Understanding R1-Zero-Like
+    Training: A Critical Perspective", arXiv 2503.20783).
+
+    Args:
+        rewards: ``(batch,)`` with contiguous groups; batch must be a multiple of ``group_size``.
+        group_size: completions per prompt, >= 1 (a group of 1 gets advantage 0).
+        scale: ``"group"``, ``"batch"`` or ``"none"``.
+        eps: added to the std.
+
+    Returns:
+        ``(batch,)`` advantages (detached).
+
+    Raises:
+        ValueError: bad shapes, group size, or ``scale``.
+    """
+    if scale not in _GROUP_SCALES:
+        raise ValueError(f"scale must be one of {list(_GROUP_SCALES)}, got {scale!r}")
+    g = _grouped(rewards, group_size, 1).detach()
+    g = g.to(_compute_dtype(g))
+    centred = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = g.std(dim=1, keepdim=True).expand_as(g).reshape(-1) if group_size > 1 else torch.zeros_like(centred)
+    else:
+        std = g.reshape(-1).std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype, device=g.device)
+    return centred / (std + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    r"""REINFORCE leave-one-out advantages.
+
+    "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs"
+    (Ahmadian et al., arXiv 2402.14740), after Kool et al. 2019:
+
+    .. math::
+        A_i = r_i - \frac{1}{k-1}\sum_{j\ne i} r_j = \frac{k}{k-1}\,(r_i - \bar r)
+
+    for the :math:`k` = ``group_size`` completions of one prompt.  ``normalize`` then standardises the
+    advantages over the batch (TRL's ``normalize_advantages``).
+
+    Returns:
+        ``(batch,)`` advantages (detached).
+
+    Raises:
+        ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards.
+    """
+    g = _grouped(rewards, group_size, 2).detach()
+    g = g.to(_compute_dtype(g))
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    adv = (g - baseline).reshape(-1)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std() + eps)
+    return adv
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    *,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""GRPO policy loss with its aggregation variants.
+
+    Per token, with :math:`\rho_t = \pi(y_t)/\pi_{\mathrm{old}}(y_t)` and the sequence's advantage :math:`A`
+    (:func:`group_advantages`):
+
+    .. math::
+        \ell_t = -\min\big(\rho_t A,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{hi}) A\big)
+            + \beta\,\mathrm{KL}_{k3}(\pi\|\pi_{\mathrm{ref}})_t
+
+    then aggregated (``loss_type``):
+
+    * ``grpo`` — sequence-level: mean over sequences of the per-sequence token mean (DeepSeekMath,
+      arXiv 2402.03300);
+    * ``bnpo`` — token-level: sum over all unmasked tokens / their count;
+    * ``dapo`` — token-level over the *global* batch: sum / ``num_items`` (total unmasked tokens across
+      gradient-accumulation steps; this batch's count by default); with ``epsilon_high`` for clip-higher
+      (DAPO, arXiv 2503.14476);
+    * ``dr_grpo`` — sum / (batch · ``max_completion_length``), a constant normaliser free of length bias
+      (Dr. GRPO, arXiv 2503.20783; pair it with ``group_advantages(..., scale="none")``).
+
+    Args:
+        logprobs: ``(batch, seq)`` current per-token log-probs (with gradient).
+        advantages: ``(batch,)`` or ``(batch, seq)``.
+        mask: ``(batch, seq)`` completion mask.
+        old_logprobs: sampling-policy log-probs; None = on-policy (``logprobs.detach()``, ratio 1).
+        ref_logprobs: reference log-probs, required when ``beta > 0``.
+        beta: KL coefficient.
+        epsilon, epsilon_high: clip range (``epsilon_high`` defaults to ``epsilon``).
+        max_completion_length: normaliser of ``dr_grpo`` (default: ``seq``).
+        num_items: normaliser of ``dapo``.
+
+    Returns:
+        ``(loss, metrics)`` with ``clip_ratio`` (fraction of unmasked tokens clipped), and ``kl`` (masked mean
+        k3) when ``beta > 0``.
+
+    Raises:
+        ValueError: unknown ``loss_type`` (lists the valid ones), shape/dtype mismatches, ``beta < 0``,
+            ``beta > 0`` without ``ref_logprobs``, non-positive clip ranges.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(GRPO_LOSS_TYPES)}")
+    _float("logprobs", logprobs, 2)
+    if old_logprobs is not None:
+        _float("old_logprobs", old_logprobs, 2)
+    if ref_logprobs is not None:
+        _float("ref_logprobs", ref_logprobs, 2)
+    _same_shape("logprobs", logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    adv = _broadcast_advantages(advantages, logprobs)
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    hi = epsilon if epsilon_high is None else epsilon_high
+    if not (epsilon > 0 and hi > 0):
+        raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon!r}, {epsilon_high!r}")
+    m = _mask(mask, logprobs)
+    dtype = _compute_dtype(logprobs, adv)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    lp = logprobs.to(dtype)
+    old = lp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
+    ratio = torch.exp(torch.where(m, lp - old, zero))
+    a = torch.where(m, adv.detach().to(dtype).expand_as(lp), zero)
+    surr1 = ratio * a
+    surr2 = torch.clamp(ratio, 1.0 - epsilon, 1.0 + hi) * a
+    per_token = -torch.minimum(surr1, surr2)
+    metrics: dict[str, torch.Tensor] = {"clip_ratio": masked_mean((surr2 < surr1).to(dtype), m).detach()}
+    if beta > 0:
+        kl = kl_penalty(lp, ref_logprobs.detach().to(dtype), "k3", m)
+        per_token = per_token + beta * kl
+        metrics["kl"] = masked_mean(kl.detach(), m)
+    per_token = torch.where(m, per_token, zero)
+
+    if loss_type == "grpo":
+        loss = _aggregate(per_token, m, "sequence")
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / m.sum().clamp(min=1)
+    elif loss_type == "dapo":
+        n = m.sum() if num_items is None else torch.as_tensor(num_items, device=lp.device)
+        loss = per_token.sum() / n.clamp(min=1).to(dtype)
+    else:
+        length = logprobs.shape[1] if max_completion_length is None else max_completion_length
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+        loss = per_token.sum() / (max(logprobs.shape[0], 1) * length)
+    return loss, metrics

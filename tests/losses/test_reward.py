@@ -1,0 +1,322 @@
+"""Reward-model and RL losses against hand-computed values and straightforward loops written in the test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignlab.losses.reward import (
+    bradley_terry_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    whiten,
+)
+
+D = torch.float64
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=D)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bradley–Terry
+# ------------------------------------------------------------------------------------------------------------------
+def test_bradley_terry_hand_values():
+    rc, rr = t(2.0, 0.5), t(1.0, 1.5)
+    loss, m = bradley_terry_loss(rc, rr)
+    # -log sigmoid(1) and -log sigmoid(-1)
+    assert loss.item() == pytest.approx((softplus(-1.0) + softplus(1.0)) / 2)
+    assert m["accuracy"].item() == 0.5 and m["margin"].item() == pytest.approx(0.0)
+    loss, _ = bradley_terry_loss(rc, rr, margin=t(0.5, 0.25), center_coef=0.01)
+    want = (softplus(-(1.0 - 0.5)) + softplus(-(-1.0 - 0.25))) / 2 + 0.01 * ((3.0**2 + 2.0**2) / 2)
+    assert loss.item() == pytest.approx(want)
+    per_pair, _ = bradley_terry_loss(rc, rr, margin=0.5, reduction="none")
+    torch.testing.assert_close(per_pair, t(softplus(-0.5), softplus(1.5)))
+
+
+def test_bradley_terry_gradcheck_and_errors():
+    rc = torch.randn(5, dtype=D, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    rr = torch.randn(5, dtype=D, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b, margin=0.3, center_coef=0.1)[0], (rc, rr))
+    with pytest.raises(ValueError, match="shape"):
+        bradley_terry_loss(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="floating"):
+        bradley_terry_loss(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+    with pytest.raises(ValueError, match="center_coef"):
+        bradley_terry_loss(torch.zeros(3), torch.zeros(3), center_coef=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# KL estimators
+# ------------------------------------------------------------------------------------------------------------------
+def test_kl_estimators_hand_values_and_mask():
+    lp = t([-1.0, -2.0, float("nan")])
+    ref = t([-1.5, -1.0, 0.0])
+    mask = torch.tensor([[1, 1, 0]])
+    # delta = 0.5, -1.0
+    torch.testing.assert_close(kl_penalty(lp, ref, "k1", mask), t([0.5, -1.0, 0.0]))
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2", mask), t([0.125, 0.5, 0.0]))
+    torch.testing.assert_close(kl_penalty(lp, ref, "k3", mask), t([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0, 0.0]))
+
+
+def test_kl_estimators_are_unbiased_or_not():
+    # two categorical distributions; sample tokens from p, average the estimators, compare with the exact KL
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=D)
+    q = torch.tensor([0.2, 0.3, 0.5], dtype=D)
+    exact = (p * (p / q).log()).sum()
+    # the exact expectations of each estimator under p (no sampling noise)
+    lp, lq = p.log()[None], q.log()[None]
+    e_k1 = (p * kl_penalty(lp, lq, "k1")[0]).sum()
+    e_k3 = (p * kl_penalty(lp, lq, "k3")[0]).sum()
+    e_k2 = (p * kl_penalty(lp, lq, "k2")[0]).sum()
+    torch.testing.assert_close(e_k1, exact)
+    torch.testing.assert_close(e_k3, exact)
+    assert abs(e_k2.item() - exact.item()) > 1e-3  # k2 is biased
+    del g
+
+
+def test_kl_errors():
+    with pytest.raises(ValueError, match="valid estimators are"):
+        kl_penalty(torch.zeros(2, 2), torch.zeros(2, 2), "k4")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# masked statistics
+# ------------------------------------------------------------------------------------------------------------------
+def test_masked_mean_and_whiten():
+    x = t([1.0, 2.0, 100.0], [3.0, float("inf"), 5.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 3 + 5) / 4)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), t(1.5, 4.0))
+    w = whiten(x, mask)
+    vals = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=D)
+    want = (vals - vals.mean()) / torch.sqrt(vals.var(unbiased=True) + 1e-8)
+    torch.testing.assert_close(w[mask.bool()], want)
+    assert w[0, 2].item() == 0.0 and w[1, 1].item() == 0.0
+    ws = whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(ws[mask.bool()], want + vals.mean())
+    with pytest.raises(ValueError, match="at least 2"):
+        whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GAE
+# ------------------------------------------------------------------------------------------------------------------
+def test_gae_hand_computed():
+    r = t([0.0, 0.0, 1.0])
+    v = t([0.5, 0.6, 0.7])
+    gamma, lam = 0.9, 0.8
+    # t=2: delta = 1 - 0.7 = 0.3, A2 = 0.3
+    # t=1: delta = 0 + 0.9*0.7 - 0.6 = 0.03, A1 = 0.03 + 0.72*0.3 = 0.246
+    # t=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04, A0 = 0.04 + 0.72*0.246 = 0.21712
+    adv, ret = gae(r, v, gamma=gamma, lam=lam, whiten_advantages=False)
+    torch.testing.assert_close(adv, t([0.21712, 0.246, 0.3]))
+    torch.testing.assert_close(ret, t([0.71712, 0.846, 1.0]))
+    adv, _ = gae(r, v, gamma=gamma, lam=lam, last_values=t(2.0), whiten_advantages=False)
+    # t=2: delta = 1 + 0.9*2 - 0.7 = 2.1
+    assert adv[0, 2].item() == pytest.approx(2.1)
+
+
+def test_gae_padding_and_holes_equal_compacted():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(3, 5, dtype=D, generator=g)
+    v = torch.randn(3, 5, dtype=D, generator=g)
+    # left padding, right padding, a hole in the middle
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    r_pad = torch.where(mask, r, torch.full_like(r, float("nan")))  # padding content must not matter
+    v_pad = torch.where(mask, v, torch.full_like(v, 1e6))
+    adv, ret = gae(r_pad, v_pad, mask, gamma=0.95, lam=0.9, whiten_advantages=False)
+    for i in range(3):
+        idx = mask[i].nonzero().squeeze(1)
+        a_c, r_c = gae(r[i, idx][None], v[i, idx][None], gamma=0.95, lam=0.9, whiten_advantages=False)
+        torch.testing.assert_close(adv[i, idx], a_c[0])
+        torch.testing.assert_close(ret[i, idx], r_c[0])
+    assert bool((adv[~mask] == 0).all()) and bool((ret[~mask] == 0).all())
+    adv_w, _ = gae(r_pad, v_pad, mask, gamma=0.95, lam=0.9)
+    vals = adv[mask]
+    torch.testing.assert_close(adv_w[mask], (vals - vals.mean()) / torch.sqrt(vals.var() + 1e-8))
+
+
+def test_gae_errors():
+    with pytest.raises(ValueError, match="gamma"):
+        gae(torch.zeros(1, 3), torch.zeros(1, 3), gamma=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        gae(torch.zeros(1, 3), torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# PPO
+# ------------------------------------------------------------------------------------------------------------------
+def test_ppo_policy_loss_hand_values():
+    # ratios: e^0.5 = 1.6487 (clipped at 1.2 for A>0), e^-0.5 = 0.6065 (clipped at 0.8 for A<0), 1.1, masked
+    lp = t([0.5, -0.5, math.log(1.1), 9.0])
+    old = t([0.0, 0.0, 0.0, 0.0])
+    adv = t([2.0, -1.0, 1.0, 5.0])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, m = ppo_policy_loss(lp, old, adv, mask, clip_range=0.2)
+    # per token: max(-r A, -clip(r) A): -min(1.6487*2, 1.2*2) = -2.4 ; max(0.6065, 0.8) = 0.8 ; -1.1
+    want = (-2.4 + 0.8 - 1.1) / 3
+    assert loss.item() == pytest.approx(want)
+    assert m["clipfrac"].item() == pytest.approx(2 / 3)
+    assert m["approx_kl"].item() == pytest.approx((0.125 + 0.125 + 0.5 * math.log(1.1) ** 2) / 3)
+    # asymmetric clip: 1 + 0.3 upper bound
+    loss_hi, _ = ppo_policy_loss(lp, old, adv, mask, clip_range=0.2, clip_range_high=0.3)
+    assert loss_hi.item() == pytest.approx((-2.6 + 0.8 - 1.1) / 3)
+    # dual clip c=3 caps the A<0 token at -c*A = 3 (not binding here); with a large ratio it binds
+    lp2, adv2 = t([2.0]), t([-1.0])
+    l2, _ = ppo_policy_loss(lp2, t([0.0]), adv2, dual_clip=3.0)
+    assert l2.item() == pytest.approx(3.0)  # instead of e^2 = 7.39
+    # gradient: only the unclipped token (index 2) moves, d/dlp(-r A) = -r A = -1.1
+    lp_g = lp.clone().requires_grad_(True)
+    ppo_policy_loss(lp_g, old, adv, mask)[0].backward()
+    torch.testing.assert_close(lp_g.grad, t([0.0, 0.0, -1.1 / 3, 0.0]))
+
+
+def test_ppo_policy_loss_sequence_aggregation():
+    lp = t([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    adv = t(1.0, 3.0)  # per-sequence, broadcast
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    tok, _ = ppo_policy_loss(lp, lp, adv, mask, aggregation="token")
+    seq, _ = ppo_policy_loss(lp, lp, adv, mask, aggregation="sequence")
+    assert tok.item() == pytest.approx(-(1 + 3 * 3) / 4)
+    assert seq.item() == pytest.approx(-(1 + 3) / 2)
+
+
+def test_ppo_value_loss_hand_values():
+    v = t([1.0, 2.0, 0.0])
+    old = t([0.5, 2.0, 0.0])
+    ret = t([2.0, 1.0, 7.0])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = ppo_value_loss(v, old, ret, mask, clip_range_value=0.2)
+    # token 0: (1-2)^2 = 1 ; clipped v = 0.5 + 0.2 = 0.7 -> (0.7-2)^2 = 1.69 ; max = 1.69
+    # token 1: (2-1)^2 = 1 ; clipped = 2 -> 1 ; max = 1
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert m["vf_clipfrac"].item() == pytest.approx(0.5)
+    plain, _ = ppo_value_loss(v, old, ret, mask, clip_range_value=None)
+    assert plain.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GRPO / RLOO
+# ------------------------------------------------------------------------------------------------------------------
+def test_group_advantages_hand_values():
+    r = t(1.0, 0.0, 0.0, 1.0, 2.0, 4.0)
+    a = group_advantages(r, 3)
+    # group 1: mean 1/3, unbiased std sqrt(1/3)
+    s1 = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    # group 2: mean 7/3
+    s2 = math.sqrt(((4 / 3) ** 2 + (1 / 3) ** 2 + (5 / 3) ** 2) / 2)
+    want = [2 / 3 / (s1 + 1e-4), -1 / 3 / (s1 + 1e-4), -1 / 3 / (s1 + 1e-4), -4 / 3 / (s2 + 1e-4), -1 / 3 / (s2 + 1e-4), 5 / 3 / (s2 + 1e-4)]
+    torch.testing.assert_close(a, torch.tensor(want, dtype=D))
+    torch.testing.assert_close(group_advantages(r, 3, scale="none"), t(2 / 3, -1 / 3, -1 / 3, -4 / 3, -1 / 3, 5 / 3))
+    sb = r.std().item()
+    torch.testing.assert_close(group_advantages(r, 3, scale="batch"), t(2 / 3, -1 / 3, -1 / 3, -4 / 3, -1 / 3, 5 / 3) / (sb + 1e-4))
+    # identical rewards in a group: zero advantage, no NaN
+    torch.testing.assert_close(group_advantages(t(1.0, 1.0), 2), t(0.0, 0.0))
+
+
+def test_rloo_hand_values():
+    r = t(1.0, 2.0, 6.0, 0.0, 4.0)[:4]
+    a = rloo_advantages(r, 2)
+    torch.testing.assert_close(a, t(-1.0, 1.0, 6.0, -6.0))
+    a3 = rloo_advantages(t(3.0, 0.0, 0.0), 3)
+    torch.testing.assert_close(a3, t(3.0, -1.5, -1.5))
+    n = rloo_advantages(r, 2, normalize=True)
+    torch.testing.assert_close(n, (a - a.mean()) / (a.std() + 1e-4))
+    with pytest.raises(ValueError, match="group_size"):
+        rloo_advantages(r, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        rloo_advantages(r, 3)
+
+
+def _grpo_batch():
+    lp = t([-1.0, -2.0, -0.5, 0.0], [-0.3, -0.1, 0.0, 0.0])
+    old = t([-1.0, -2.3, -0.2, 0.0], [-0.3, -0.5, 0.0, 0.0])
+    ref = t([-1.2, -2.0, -0.5, 0.0], [-0.1, -0.1, 0.0, 0.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = t(1.0, -0.5)
+    return lp, old, ref, mask, adv
+
+
+def _grpo_per_token_by_hand(beta):
+    lp, old, ref, mask, adv = _grpo_batch()
+    out = torch.zeros(2, 4, dtype=D)
+    for i in range(2):
+        for j in range(4):
+            if not mask[i, j]:
+                continue
+            r = math.exp(lp[i, j].item() - old[i, j].item())
+            a = adv[i].item()
+            loss = -min(r * a, min(max(r, 0.8), 1.28) * a)
+            d = lp[i, j].item() - ref[i, j].item()
+            loss += beta * (math.exp(-d) - 1 + d)
+            out[i, j] = loss
+    return out, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_grpo_aggregations_hand_computed(loss_type):
+    lp, old, ref, mask, adv = _grpo_batch()
+    per_tok, _ = _grpo_per_token_by_hand(beta=0.04)
+    if loss_type == "grpo":
+        want = (per_tok[0].sum() / 3 + per_tok[1].sum() / 2) / 2
+    elif loss_type in ("bnpo", "dapo"):
+        want = per_tok.sum() / 5
+    else:
+        want = per_tok.sum() / (2 * 16)
+    got, m = grpo_loss(
+        lp, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon=0.2, epsilon_high=0.28,
+        loss_type=loss_type, max_completion_length=16,
+    )
+    assert got.item() == pytest.approx(want.item())
+    assert "kl" in m and 0.0 <= m["clip_ratio"].item() <= 1.0
+    if loss_type == "dapo":  # global token count from gradient accumulation
+        got2, _ = grpo_loss(lp, adv, mask, old, ref, 0.04, 0.2, epsilon_high=0.28, loss_type="dapo", num_items=20)
+        assert got2.item() == pytest.approx(per_tok.sum().item() / 20)
+
+
+def test_grpo_on_policy_gradient_is_advantage_weighted_logprob_gradient():
+    # with old = current (ratio 1) and beta = 0, d loss / d logp_t = -A / (len * batch) for grpo
+    lp, _, _, mask, adv = _grpo_batch()
+    lp = lp.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, adv, mask)
+    loss.backward()
+    want = torch.zeros(2, 4, dtype=D)
+    want[0, :3] = -1.0 / 3 / 2
+    want[1, :2] = 0.5 / 2 / 2
+    torch.testing.assert_close(lp.grad, want)
+
+
+def test_grpo_gradcheck_and_errors():
+    lp, old, ref, mask, adv = _grpo_batch()
+    leaf = lp.clone().requires_grad_(True)
+    for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
+        assert torch.autograd.gradcheck(lambda x: grpo_loss(x, adv, mask, old, ref, 0.1, loss_type=lt)[0], (leaf,))
+    with pytest.raises(ValueError, match="valid loss types are"):
+        grpo_loss(lp, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(lp, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(lp, t(1.0, 2.0, 3.0), mask)
+
+
+def test_rl_losses_bf16_inputs_compute_in_float32():
+    lp, old, ref, mask, adv = _grpo_batch()
+    got, _ = grpo_loss(lp.bfloat16(), adv.bfloat16(), mask, old.bfloat16(), ref.bfloat16(), 0.04)
+    assert got.dtype == torch.float32
+    want, _ = grpo_loss(lp.bfloat16().double(), adv.bfloat16().double(), mask, old.bfloat16().double(), ref.bfloat16().double(), 0.04)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
