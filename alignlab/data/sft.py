@@ -1,0 +1,196 @@
+"""Supervised fine-tuning data: chat-template rendering and completion-only labels.
+
+A conversation is a list of ``{"role": ..., "content": ...}`` messages. It
+is rendered with the user's tokenizer (``tokenizer.apply_chat_template``), so
+the model sees exactly the format it will see at inference, and tokenised
+once. Labels copy the input ids on assistant tokens and are ``-100``
+(``IGNORE_INDEX``) elsewhere, so the usual next-token cross-entropy is the
+completion-only SFT loss
+
+    L = - Σ_t m_t log p(x_t | x_<t) / Σ_t m_t,   m_t = 1 iff token t belongs to an assistant turn.
+
+The assistant spans are found without template-specific markers: the
+rendering of ``messages[:k]`` with the generation prompt must be a prefix of
+the rendering of ``messages[:k+1]``, and the characters in between are the
+k-th assistant turn (its content plus the template's end-of-turn text).
+Tokens are mapped to characters through the fast tokenizer's offsets, or
+(slow tokenizers) the text is tokenised span by span.
+
+Everything works one example at a time, so :func:`tokenize_chats` streams
+over any iterable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, TypedDict
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenizedExample",
+    "render_chat",
+    "tokenize_chat",
+    "tokenize_chats",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+Message = Mapping[str, Any]
+
+
+class TokenizedExample(TypedDict):
+    """One tokenised sample: ``input_ids`` and ``labels`` (``-100`` = no loss), equal lengths."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "tokenizer has no chat_template: set tokenizer.chat_template to a Jinja template "
+            "(or use a chat/instruct tokenizer)"
+        )
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] must be a mapping with 'role' and 'content', got {m!r}")
+
+
+def render_chat(messages: Sequence[Message], tokenizer: Any, add_generation_prompt: bool = False,
+                **template_kwargs: Any) -> str:
+    """The chat-template text of ``messages`` (no tokenisation).
+
+    Raises ``ValueError`` if the tokenizer has no chat template or a message
+    lacks ``role``/``content``.
+    """
+    _check_tokenizer(tokenizer)
+    _check_messages(messages)
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+
+
+def _assistant_spans(messages: Sequence[Message], tokenizer: Any, train_on: str,
+                     template_kwargs: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+    full = render_chat(messages, tokenizer, **template_kwargs)
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError("conversation has no assistant turn: nothing to train on")
+    if train_on == "last":
+        turns = turns[-1:]
+    spans = []
+    for k in turns:
+        if k == 0:
+            raise ValueError("an assistant turn must follow at least one prompt message (messages[0] is assistant)")
+        prefix = render_chat(messages[:k], tokenizer, add_generation_prompt=True, **template_kwargs)
+        through = render_chat(messages[: k + 1], tokenizer, **template_kwargs)
+        if not (through.startswith(prefix) and full.startswith(through)):
+            raise ValueError(
+                "the chat template is not prefix-consistent (rendering messages[:k] with the generation prompt "
+                f"is not a prefix of rendering messages[:k+1], k={k}); completion masks cannot be derived"
+            )
+        if len(through) > len(prefix):
+            spans.append((len(prefix), len(through)))
+    return full, spans
+
+
+def _tokenize_with_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> TokenizedExample:
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = []
+        for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+            inside = any(start < e and end > s for s, e in spans) if end > start else any(
+                s <= start < e for s, e in spans
+            )
+            labels.append(tok if inside else IGNORE_INDEX)
+        return {"input_ids": ids, "labels": labels}
+    # slow tokenizer: tokenise the text piece by piece (pieces are cut at turn boundaries)
+    ids, labels, cursor = [], [], 0
+    for s, e in spans + [(len(text), len(text))]:
+        for piece, train in ((text[cursor:s], False), (text[s:e], True)):
+            if piece:
+                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if train else [IGNORE_INDEX] * len(piece_ids))
+        cursor = e
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_chat(
+    messages: Sequence[Message],
+    tokenizer: Any,
+    max_length: int | None = None,
+    train_on: Literal["all", "last"] = "all",
+    overflow: Literal["error", "truncate"] = "error",
+    **template_kwargs: Any,
+) -> TokenizedExample:
+    """Render + tokenise one conversation with completion-only labels.
+
+    Args:
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+        tokenizer: a ``transformers`` tokenizer with a ``chat_template``.
+        max_length: longest allowed sequence; ``None`` for no limit.
+        train_on: ``"all"`` assistant turns or only the ``"last"`` one.
+        overflow: ``"error"`` raises when longer than ``max_length``;
+            ``"truncate"`` keeps the first ``max_length`` tokens (raises if
+            no supervised token survives).
+        **template_kwargs: passed to ``apply_chat_template``.
+
+    Returns ``{"input_ids": list[int], "labels": list[int]}``.
+
+    Raises ``ValueError`` for: a tokenizer without chat template, malformed
+    messages, no assistant turn, a template that is not prefix-consistent,
+    an over-long sequence (``overflow="error"``).
+    """
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    if overflow not in ("error", "truncate"):
+        raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+    text, spans = _assistant_spans(messages, tokenizer, train_on, template_kwargs)
+    example = _tokenize_with_spans(text, spans, tokenizer)
+    n = len(example["input_ids"])
+    if max_length is not None and n > max_length:
+        if overflow == "error":
+            raise ValueError(f"sequence has {n} tokens, longer than max_length={max_length}")
+        example = {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
+    if all(label == IGNORE_INDEX for label in example["labels"]):
+        raise ValueError("no supervised token left (assistant turns empty or truncated away)")
+    return example
+
+
+def tokenize_chats(
+    conversations: Iterable[Sequence[Message] | Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int | None = None,
+    train_on: Literal["all", "last"] = "all",
+    overflow: Literal["error", "truncate", "skip"] = "error",
+    **template_kwargs: Any,
+) -> Iterator[TokenizedExample]:
+    """Lazily :func:`tokenize_chat` every conversation of an iterable (a list or a ``{"messages": [...]}`` row).
+
+    ``overflow="skip"`` drops over-long conversations (logged at INFO level)
+    instead of raising.
+    """
+    for i, conv in enumerate(conversations):
+        messages = conv["messages"] if isinstance(conv, Mapping) else conv
+        try:
+            yield tokenize_chat(messages, tokenizer, max_length, train_on,
+                                "error" if overflow == "skip" else overflow, **template_kwargs)
+        except ValueError as err:
+            if overflow == "skip" and "longer than max_length" in str(err):
+                logger.info("skipping conversation %d: %s", i, err)
+                continue
+            raise ValueError(f"conversation {i}: {err}") from err

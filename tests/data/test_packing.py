@@ -1,0 +1,160 @@
+"""Packing: a packed forward of a tiny Llama equals the unpadded per-sample forward."""
+
+import pytest
+import torch
+
+from alignlab.data.packing import (
+    collate_packed,
+    collate_padded,
+    collate_padding_free,
+    cu_seq_lens_from_position_ids,
+    pack_examples,
+    packed_attention_mask,
+)
+from alignlab.data.sft import IGNORE_INDEX
+
+LENGTHS = [5, 9, 1, 7, 12, 3]
+
+
+def make_examples(vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        labels = [t if i >= n // 2 else IGNORE_INDEX for i, t in enumerate(ids)]  # completion = 2nd half
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def per_sample(model, examples):
+    """Oracle: each sample alone, no padding, default positions and mask."""
+    logits, losses = [], []
+    for e in examples:
+        ids = torch.tensor([e["input_ids"]])
+        out = model(ids).logits[0]
+        logits.append(out)
+        lab = torch.tensor(e["labels"])
+        lab[0] = IGNORE_INDEX
+        losses.append(torch.nn.functional.cross_entropy(out[:-1], lab[1:], ignore_index=IGNORE_INDEX,
+                                                        reduction="sum"))
+    return logits, torch.stack(losses).sum()
+
+
+def packed_loss_sum(logits, labels):
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def test_pack_examples_layout():
+    rows = list(pack_examples(iter(make_examples()), max_length=16))
+    assert [r["seq_lens"] for r in rows] == [[5, 9, 1], [7], [12, 3]]
+    for r in rows:
+        assert r["position_ids"] == [p for n in r["seq_lens"] for p in range(n)]
+        starts = [sum(r["seq_lens"][:k]) for k in range(len(r["seq_lens"]))]
+        assert all(r["labels"][s] == IGNORE_INDEX for s in starts)
+    with pytest.raises(ValueError, match="longer than max_length=10"):
+        list(pack_examples(make_examples(), max_length=10))
+    assert [r["seq_lens"] for r in pack_examples(make_examples(), 10, overflow="skip")] == [[5], [9, 1], [7, 3]]
+
+
+def test_packed_mask_written_out():
+    m = packed_attention_mask([[2, 3], [4]], length=6)[:, 0]
+    expect = torch.zeros(2, 6, 6, dtype=torch.bool)
+    for b, segs in enumerate([[(0, 2), (2, 5), (5, 6)], [(0, 4), (4, 5), (5, 6)]]):
+        for s, e in segs:
+            for i in range(s, e):
+                for j in range(s, i + 1):
+                    expect[b, i, j] = True
+    assert torch.equal(m, expect)
+    pos = torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 0]])
+    assert torch.equal(packed_attention_mask(pos)[:, 0], expect)
+    add = packed_attention_mask([[2, 3]], dtype=torch.float32)
+    assert add.dtype == torch.float32 and add.max() == 0 and add.min() == torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_equal_per_sample(attn):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=3, vocab_size=64, hidden_size=32, num_layers=2)
+    model.set_attn_implementation(attn)
+    examples = make_examples()
+    rows = list(pack_examples(examples, max_length=16))
+    batch = collate_packed(rows, pad_token_id=0, length=16)
+    mask = packed_attention_mask([r["seq_lens"] for r in rows], 16, dtype=torch.float32)
+    assert torch.equal(mask == 0, batch["attention_mask"])
+    with torch.no_grad():
+        ref_logits, ref_loss = per_sample(model, examples)
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+    k = 0
+    for b, r in enumerate(rows):
+        start = 0
+        for n in r["seq_lens"]:
+            torch.testing.assert_close(out[b, start:start + n], ref_logits[k], rtol=1e-5, atol=1e-5)
+            start, k = start + n, k + 1
+    torch.testing.assert_close(packed_loss_sum(out, batch["labels"]), ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_free_equals_per_sample_with_gradients():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=4, vocab_size=64, hidden_size=32, num_layers=2)
+    examples = make_examples(seed=1)
+    batch = collate_padding_free(examples)
+    assert batch["input_ids"].shape == (1, sum(LENGTHS))
+    assert batch["cu_seq_lens"].tolist() == [0, 5, 14, 15, 22, 34, 37]
+    assert torch.equal(cu_seq_lens_from_position_ids(batch["position_ids"]), batch["cu_seq_lens"])
+    assert batch["max_length"] == 12
+
+    _, ref_loss = per_sample(model, examples)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # no attention_mask: transformers derives the block-diagonal mask from the position resets
+    # (only without a KV cache, hence use_cache=False)
+    out = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    loss = packed_loss_sum(out, batch["labels"])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    # and the explicit mask gives the same logits
+    with torch.no_grad():
+        mask = packed_attention_mask(batch["position_ids"], dtype=torch.float32)
+        torch.testing.assert_close(model(batch["input_ids"], position_ids=batch["position_ids"],
+                                         attention_mask=mask).logits, out.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_naive_concatenation_differs():
+    """The test above can fail: without resets and block mask, samples leak into each other."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=4, vocab_size=64, hidden_size=32, num_layers=2)
+    examples = make_examples(seed=1)
+    batch = collate_padding_free(examples)
+    with torch.no_grad():
+        ref, _ = per_sample(model, examples)
+        leaky = model(batch["input_ids"]).logits[0]
+    assert not torch.allclose(leaky[5:14], ref[1], atol=1e-4)
+
+
+def test_collate_padded_and_errors():
+    ex = make_examples()[:2]
+    right = collate_padded(ex, pad_token_id=0, pad_to_multiple_of=8)
+    assert right["input_ids"].shape == (2, 16)
+    assert right["attention_mask"].sum(1).tolist() == [5, 9]
+    assert right["labels"][0, 5:].eq(IGNORE_INDEX).all() and right["input_ids"][0, 5:].eq(0).all()
+    left = collate_padded(ex, pad_token_id=0, padding_side="left")
+    assert left["input_ids"][0, -5:].tolist() == ex[0]["input_ids"]
+    with pytest.raises(ValueError, match="empty"):
+        collate_padded([], 0)
+    with pytest.raises(ValueError, match="empty"):
+        collate_padding_free([])
+    with pytest.raises(ValueError, match="differ in length"):
+        list(pack_examples([{"input_ids": [1, 2], "labels": [1]}], 4))
+    with pytest.raises(ValueError, match="max_length"):
+        list(pack_examples([], 0))
+    with pytest.raises(ValueError, match="shorter"):
+        packed_attention_mask([[3, 3]], length=5)
+    with pytest.raises(ValueError, match="start at 0"):
+        cu_seq_lens_from_position_ids(torch.tensor([[1, 2]]))

@@ -1,0 +1,93 @@
+"""Chat-template SFT: completion-only labels, streaming, errors."""
+
+import pytest
+
+from alignlab.data.sft import IGNORE_INDEX, render_chat, tokenize_chat, tokenize_chats
+
+CONV = [
+    {"role": "system", "content": "be nice"},
+    {"role": "user", "content": "hello how are you ?"},
+    {"role": "assistant", "content": "i am fine thanks"},
+    {"role": "user", "content": "what is two plus two ?"},
+    {"role": "assistant", "content": "four"},
+]
+
+
+def supervised(example):
+    return [t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX]
+
+
+def test_labels_are_exactly_assistant_turns(chat_tokenizer):
+    tok = chat_tokenizer
+    ex = tokenize_chat(CONV, tok)
+    # oracle: the whole rendering, tokenised without special tokens
+    text = tok.apply_chat_template(CONV, tokenize=False)
+    assert ex["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    # supervised tokens = each assistant content followed by the end-of-turn marker
+    expected = tok("i am fine thanks <|end|>", add_special_tokens=False)["input_ids"] + tok(
+        "four <|end|>", add_special_tokens=False)["input_ids"]
+    assert supervised(ex) == expected
+    # labels copy input ids where supervised
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ex["input_ids"], ex["labels"]))
+    last = tokenize_chat(CONV, tok, train_on="last")
+    assert supervised(last) == tok("four <|end|>", add_special_tokens=False)["input_ids"]
+    assert last["input_ids"] == ex["input_ids"]
+
+
+class SlowView:
+    """The same tokenizer seen as a slow one (no offsets): exercises the span-by-span path."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.chat_template = tok.chat_template
+
+    def apply_chat_template(self, *a, **k):
+        return self.tok.apply_chat_template(*a, **k)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+
+def test_slow_path_agrees_with_offsets_path(chat_tokenizer):
+    assert tokenize_chat(CONV, SlowView(chat_tokenizer)) == tokenize_chat(CONV, chat_tokenizer)
+
+
+def test_streaming_and_overflow(chat_tokenizer):
+    convs = ({"messages": CONV[:3]} if i % 2 else CONV for i in range(5))  # a generator
+    out = list(tokenize_chats(convs, chat_tokenizer))
+    assert len(out) == 5
+    n_long = len(out[0]["input_ids"])
+    n_short = len(out[1]["input_ids"])
+    assert n_short < n_long
+    kept = list(tokenize_chats([CONV, CONV[:3]], chat_tokenizer, max_length=n_short, overflow="skip"))
+    assert [len(e["input_ids"]) for e in kept] == [n_short]
+    with pytest.raises(ValueError, match=r"conversation 0: sequence has \d+ tokens, longer than max_length"):
+        list(tokenize_chats([CONV], chat_tokenizer, max_length=n_short))
+    cut = tokenize_chat(CONV, chat_tokenizer, max_length=n_short + 1, overflow="truncate")
+    assert len(cut["input_ids"]) == n_short + 1 and len(cut["labels"]) == n_short + 1
+
+
+def test_errors(chat_tokenizer, make_chat_tokenizer):
+    with pytest.raises(ValueError, match="no assistant turn"):
+        tokenize_chat(CONV[:2], chat_tokenizer)
+    with pytest.raises(ValueError, match="chat_template"):
+        tokenize_chat(CONV, make_chat_tokenizer(chat_template=None))
+    with pytest.raises(ValueError, match="role"):
+        tokenize_chat([{"content": "hi"}], chat_tokenizer)
+    with pytest.raises(ValueError, match="non-empty"):
+        tokenize_chat([], chat_tokenizer)
+    with pytest.raises(ValueError, match="follow"):
+        tokenize_chat([{"role": "assistant", "content": "hello"}], chat_tokenizer)
+    with pytest.raises(TypeError, match="tokenizer"):
+        tokenize_chat(CONV, object())
+    # a template that drops history when a generation prompt is added is not prefix-consistent
+    bad = make_chat_tokenizer(
+        "{% if add_generation_prompt %}<|assistant|> {% else %}{% for m in messages %}{{ m['content'] }} "
+        "{% endfor %}{% endif %}")
+    with pytest.raises(ValueError, match="prefix-consistent"):
+        tokenize_chat(CONV, bad)
+    with pytest.raises(ValueError, match="supervised"):
+        tokenize_chat(CONV, chat_tokenizer, max_length=3, overflow="truncate")
+    assert render_chat(CONV[:2], chat_tokenizer, add_generation_prompt=True).endswith("<|assistant|> ")
