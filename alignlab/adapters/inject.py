@@ -179,15 +179,19 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (it must not be merged)."""
+    """Remove adapter ``name`` from every layer (it must not be merged); layers left empty are unwrapped."""
     _require_adapters(model, [name])
-    for _, layer in adapter_layers(model):
+    for lname, layer in list(adapter_layers(model)):
         if name in layer.adapter_names():
             layer.delete_adapter(name)
-    for _, module in _saved_modules(model):
+        if not layer.adapter_names():  # the last adapter went: put the plain base back
+            _set_submodule(model, lname, layer.base_layer)
+    for mname, module in list(_saved_modules(model)):
         if name in module.modules_to_save:
             del module.modules_to_save[name]
             module.active_adapters = [n for n in module.active_adapters if n != name]
+        if not module.modules_to_save:
+            _set_submodule(model, mname, module.original_module)
     configs = adapter_configs(model)
     del configs[name]
     object.__setattr__(model, CONFIGS_ATTR, configs)

@@ -236,9 +236,9 @@ class LoRALinear(AdapterLayer):
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             xa = self.lora_dropout[name](x.to(a.dtype))
             if self.is_dora(name):
-                out = out + self._dora(x, xa, out, name).to(out.dtype)
+                out = (out + self._dora(x, xa, out, name)).to(out.dtype)
             else:
-                out = out + lora_forward(xa, a, b, self.scaling[name]).to(out.dtype)
+                out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out
 
     def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:

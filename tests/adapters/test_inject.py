@@ -1,0 +1,207 @@
+"""Injection, named adapters, disable/merge/unload, trainable marking and error paths."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    LoRAConfig,
+    LoRALinear,
+    SavedModule,
+    adapter_layers,
+    add_weighted_adapter,
+    count_parameters,
+    delete_adapter,
+    disabled,
+    find_targets,
+    inject,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
+)
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, name="default", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            if name in layer.adapter_names():
+                b = layer.lora_B[name].weight
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+def test_target_forms():
+    model = make_tiny_llama()
+    assert all(n.endswith(("q_proj", "v_proj")) for n in find_targets(model, LoRAConfig(target_modules=["q_proj", "v_proj"])))
+    assert len(find_targets(model, LoRAConfig(target_modules=["q_proj", "v_proj"]))) == 4
+    assert find_targets(model, LoRAConfig(target_modules=r".*layers\.1\.mlp\.(up|down)_proj")) == [
+        "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    all_linear = find_targets(model, LoRAConfig(target_modules="all-linear"))
+    assert len(all_linear) == 2 * 7 and "lm_head" not in all_linear
+    excl = find_targets(model, LoRAConfig(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"]))
+    assert len(excl) == 2 * 5
+
+
+def test_rank_and_alpha_patterns():
+    model = inject(make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 rank_pattern={r"layers\.0\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 3}))
+    layers = dict(adapter_layers(model))
+    assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 2
+    assert layers["model.layers.1.self_attn.q_proj"].r["default"] == 4
+    assert layers["model.layers.0.self_attn.v_proj"].alpha["default"] == 3
+    assert layers["model.layers.0.self_attn.q_proj"].alpha["default"] == 8
+
+
+def test_no_match_lists_what_exists():
+    with pytest.raises(ValueError, match=r"no module matched.*q_proj"):
+        inject(make_tiny_llama(), LoRAConfig(target_modules=["query"]))
+
+
+def test_inject_starts_at_base_and_freezes_base():
+    model = make_tiny_llama()
+    ref = model(IDS).logits
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    torch.testing.assert_close(model(IDS).logits, ref)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # trainable count = Σ r·(in + out) over adapted layers (LoRA's parameter formula)
+    expected = sum(4 * (l.in_features + l.out_features) for _, l in adapter_layers(model))
+    count = count_parameters(model)
+    assert count.trainable == expected
+    assert count.total == sum(p.numel() for p in model.parameters())
+
+
+def test_disabled_equals_base_and_restores():
+    model = make_tiny_llama()
+    ref = model(IDS).logits
+    _randomise(inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])))
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    adapted = model(IDS).logits
+    assert not torch.allclose(adapted, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref)
+    torch.testing.assert_close(model(IDS).logits, adapted)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_and_unload(use_dora):
+    model = make_tiny_llama()
+    w_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    _randomise(inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora)))
+    adapted = model(IDS).logits
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        merge(model)
+    with pytest.raises(ValueError, match="unmerge"):
+        with disabled(model):
+            pass
+    unmerge(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base_layer.weight, w_before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+    plain = merge_and_unload(model)
+    assert not list(adapter_layers(plain))
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
+    torch.testing.assert_close(plain(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_named_adapters_switch_combine_delete():
+    model = make_tiny_llama()
+    ref = model(IDS).logits
+    inject(model, LoRAConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"]))
+    inject(model, LoRAConfig(r=3, alpha=6, target_modules=["q_proj", "v_proj"]), adapter_name="b")
+    _randomise(model, "default", 1)
+    _randomise(model, "b", 2)
+    out_a = model(IDS).logits  # the second adapter is added inactive
+    set_adapter(model, "b")
+    out_b = model(IDS).logits
+    assert not torch.allclose(out_a, out_b)
+    # only the active adapter trains
+    assert all(("b" in n.split(".")) for n, p in model.named_parameters() if p.requires_grad)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref)
+    with pytest.raises(ValueError, match="not found"):
+        set_adapter(model, "nope")
+    with pytest.raises(ValueError, match="already exists"):
+        inject(model, LoRAConfig(target_modules=["q_proj"]), adapter_name="b")
+    delete_adapter(model, "b")
+    set_adapter(model, "default")
+    torch.testing.assert_close(model(IDS).logits, out_a)
+
+
+def _delta(layer, name):
+    return layer.delta_weight(name)
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_weighted_combination_is_weighted_sum_of_deltas(combination):
+    model = make_tiny_llama()
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    inject(model, LoRAConfig(r=3, alpha=3, target_modules=["q_proj", "v_proj"]), adapter_name="b")
+    _randomise(model, "default", 1)
+    _randomise(model, "b", 2)
+    add_weighted_adapter(model, ["default", "b"], [0.7, -0.4], "mix", combination=combination, rank=5)
+    for _, layer in adapter_layers(model):
+        expected = 0.7 * _delta(layer, "default") - 0.4 * _delta(layer, "b")
+        torch.testing.assert_close(_delta(layer, "mix"), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_combination_errors():
+    model = inject(make_tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="combination must be"):
+        add_weighted_adapter(model, ["default"], [1.0], "x", combination="ties")
+    with pytest.raises(ValueError, match="equal length"):
+        add_weighted_adapter(model, ["default"], [1.0, 2.0], "x")
+    with pytest.raises(ValueError, match="positive rank"):
+        add_weighted_adapter(model, ["default"], [1.0], "x", combination="svd")
+
+
+def test_modules_to_save_trains_a_copy():
+    model = make_tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert isinstance(model.lm_head, SavedModule)
+    assert model.lm_head.modules_to_save["default"].weight.requires_grad
+    assert not model.lm_head.original_module.weight.requires_grad
+    with pytest.raises(ValueError, match="modules_to_save"):
+        inject(make_tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["nothing"]))
+
+
+def test_plain_module_tree_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    inject(model, LoRAConfig(r=2, target_modules="all-linear"))
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)
+    model(torch.randn(3, 8)).sum().backward()
+    assert model[0].lora_A["default"].weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"r": 0}, ValueError, "r must be a positive"),
+        ({"init": "nope"}, ValueError, "init must be one of"),
+        ({"target_modules": 3}, TypeError, "target_modules"),
+        ({"target_modules": "("}, ValueError, "not a valid regular expression"),
+        ({"rank_pattern": {"q": 0}}, ValueError, "rank_pattern"),
+        ({"alpha": -1}, ValueError, "alpha"),
+    ],
+)
+def test_config_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LoRAConfig(**kwargs)
+
+
+def test_inject_type_errors():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        inject("model", LoRAConfig())
+    with pytest.raises(TypeError, match="config must be"):
+        inject(make_tiny_llama(), {"r": 2})
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge(make_tiny_llama())

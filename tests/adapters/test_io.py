@@ -1,0 +1,100 @@
+"""PEFT-format save/load: files, atomic writes and every error path."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import LoRAConfig, adapter_layers, inject, load_adapter, merge, save_adapter
+
+IDS = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+def _trained(use_dora=False):
+    model = inject(make_tiny_llama(), LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    return model
+
+
+def test_roundtrip_and_key_names(tmp_path):
+    model = _trained(use_dora=True)
+    save_adapter(model, tmp_path)
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" in keys
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    assert len(keys) == 4 * 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    fresh = load_adapter(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
+
+
+def test_missing_key_is_named(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    del state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.lora_B"):
+        load_adapter(model, tmp_path)
+    assert not list(adapter_layers(model))  # a failed load leaves no half-loaded adapter behind
+
+
+def test_shape_mismatch_and_unexpected_keys_are_named(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    state[key] = torch.zeros(5, 32)
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight: shape \(5, 32\)"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    state[key] = torch.zeros(2, 32)
+    state["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(2, 32)
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"k_proj\.lora_A"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_config_errors(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type must be 'LORA'"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(make_tiny_llama(), tmp_path / "nowhere")
+
+
+def test_save_errors(tmp_path):
+    model = _trained()
+    with pytest.raises(ValueError, match="not found"):
+        save_adapter(model, tmp_path, adapter_name="other")
+    merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        save_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_failed_write_leaves_previous_files_intact(tmp_path, monkeypatch):
+    model = _trained()
+    save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    import alignlab.adapters.io as io
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

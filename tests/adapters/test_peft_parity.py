@@ -1,0 +1,167 @@
+"""Same numbers and same files as PEFT (installed as a test-only oracle) on a tiny random Llama."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    LoRAConfig,
+    adapter_layers,
+    add_weighted_adapter,
+    inject,
+    load_adapter,
+    save_adapter,
+)
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# fp32: both sides run the same math in a different order; bf16: one bf16 rounding of the activations
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _ours_and_peft(dtype=torch.float32, use_rslora=False, use_dora=False, init="kaiming", r=4, alpha=8):
+    base = make_tiny_llama().to(dtype)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=r, alpha=alpha, target_modules=TARGETS, use_rslora=use_rslora,
+                                                  use_dora=use_dora, init=init))
+    peft_init = {"kaiming": True}.get(init, init)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=TARGETS, use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=peft_init))
+    return base, ours, theirs
+
+
+def _randomise_and_copy(ours, theirs=None, seed=0):
+    """Give our adapters non-zero random weights and copy them into PEFT's (same module structure)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in adapter_layers(ours):
+        with torch.no_grad():
+            for key, p in (("lora_A", layer.lora_A["default"].weight), ("lora_B", layer.lora_B["default"].weight)):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                state[f"base_model.model.{name}.{key}.default.weight"] = p.detach().clone()
+            if layer.is_dora("default"):
+                m = layer.lora_magnitude_vector["default"]
+                m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g))
+                state[f"base_model.model.{name}.lora_magnitude_vector.default.weight"] = m.detach().clone()
+    if theirs is not None:
+        _, unexpected = theirs.load_state_dict(state, strict=False)
+        assert not unexpected
+    return state
+
+
+def _grads(model, peft_names=False):
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            key = n.replace("base_model.model.", "") if peft_names else n
+            key = key.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+            out[key] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_outputs_and_gradients_match_peft(dtype, variant):
+    _, ours, theirs = _ours_and_peft(dtype, use_rslora=variant == "rslora", use_dora=variant == "dora")
+    _randomise_and_copy(ours, theirs)
+    y_ours, y_theirs = ours(IDS).logits, theirs(IDS).logits
+    torch.testing.assert_close(y_ours, y_theirs, **TOL[dtype])
+    y_ours.float().square().mean().backward()
+    y_theirs.float().square().mean().backward()
+    g_ours, g_theirs = _grads(ours), _grads(theirs, peft_names=True)
+    assert set(g_ours) == set(g_theirs) and g_ours
+    for k in g_ours:
+        scale = g_theirs[k].abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(g_ours[k] / scale, g_theirs[k] / scale, **TOL[dtype], msg=k)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_init_match_peft(init):
+    _, ours, theirs = _ours_and_peft(init=init, r=3, alpha=6)
+    theirs_sd = theirs.state_dict()
+    for name, layer in adapter_layers(ours):
+        for key in ("lora_A", "lora_B"):
+            mine = getattr(layer, key)["default"].weight
+            peer = theirs_sd[f"base_model.model.{name}.{key}.default.weight"]
+            # singular/QR vectors are defined up to sign: compare the product instead of the factors
+        prod = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        peer_prod = theirs_sd[f"base_model.model.{name}.lora_B.default.weight"] @ theirs_sd[f"base_model.model.{name}.lora_A.default.weight"]
+        torch.testing.assert_close(prod, peer_prod, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base_layer.weight, theirs_sd[f"base_model.model.{name}.base_layer.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_saved_by_alignlab_loads_in_peft(tmp_path, variant):
+    base, ours, _ = _ours_and_peft(use_rslora=variant == "rslora", use_dora=variant == "dora")
+    _randomise_and_copy(ours)
+    save_adapter(ours, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] == (variant == "dora")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(IDS).logits, ours(IDS).logits, **TOL[torch.float32])
+
+
+def test_rank_pattern_and_modules_to_save_roundtrip_through_peft(tmp_path):
+    base = make_tiny_llama()
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=TARGETS, rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+                                                  alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in adapter_layers(ours):
+            layer.lora_B["default"].weight.copy_(0.2 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+        ours.lm_head.modules_to_save["default"].weight.add_(0.3)
+    save_adapter(ours, tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-5)
+    # and back: PEFT saves, we load
+    loaded.save_pretrained(str(tmp_path / "b"))
+    again = load_adapter(copy.deepcopy(base), tmp_path / "b")
+    torch.testing.assert_close(again(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_saved_by_peft_loads_in_alignlab(tmp_path, variant):
+    base, _, theirs = _ours_and_peft(use_rslora=variant == "rslora", use_dora=variant == "dora")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, **TOL[torch.float32])
+
+
+def test_linear_combination_matches_peft():
+    base = make_tiny_llama()
+    ours = copy.deepcopy(base)
+    theirs = None
+    for name, seed in (("default", 1), ("b", 2)):
+        inject(ours, LoRAConfig(r=3, alpha=6, target_modules=["q_proj"]), adapter_name=name)
+        cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"])
+        if theirs is None:
+            theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+        else:
+            theirs.add_adapter(name, cfg)
+        g = torch.Generator().manual_seed(seed)
+        state = {}
+        with torch.no_grad():
+            for lname, layer in adapter_layers(ours):
+                if name in layer.adapter_names():
+                    for key in ("lora_A", "lora_B"):
+                        p = getattr(layer, key)[name].weight
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g))
+                        state[f"base_model.model.{lname}.{key}.{name}.weight"] = p.detach().clone()
+        theirs.load_state_dict(state, strict=False)
+    add_weighted_adapter(ours, ["default", "b"], [0.6, 0.9], "mix", combination="linear")
+    theirs.add_weighted_adapter(["default", "b"], [0.6, 0.9], "mix", combination_type="linear")
+    theirs_sd = theirs.state_dict()
+    for lname, layer in adapter_layers(ours):
+        for key in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, key)["mix"].weight, theirs_sd[f"base_model.model.{lname}.{key}.mix.weight"])
