@@ -1,0 +1,196 @@
+"""Fused (hidden states + lm_head) preference losses give the unfused numbers: loss and gradients.
+
+The unfused oracle is written out here: full logits ``h W^T + b``, ``log_softmax``, gather, masked sum, then
+the log-prob loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlab.losses.fused_preference import (
+    completion_logps,
+    fused_linear_cpo,
+    fused_linear_dpo,
+    fused_linear_kto,
+    fused_linear_orpo,
+    fused_linear_simpo,
+)
+from alignlab.losses.preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+
+B, T, H, V = 3, 7, 16, 37  # odd sizes: chunks of 4 rows leave a partial last chunk
+
+
+def _batch(seed: int, dtype=torch.float64, n_seq: int = 2 * B, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_seq, T, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype).requires_grad_(True)
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_(True) if bias else None
+    labels = torch.randint(0, V, (n_seq, T), generator=g)
+    # prompt prefix of varying length and right padding: both ignored
+    for i in range(n_seq):
+        labels[i, : 1 + i % 3] = -100
+        labels[i, T - (i % 2) :] = -100
+    return hidden, weight, b, labels
+
+
+def _unfused_token_logps(hidden, weight, bias, labels):
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = labels != -100
+    tok = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1) * valid
+    return tok, valid.sum(1).double()
+
+
+def _grads(loss, *ts):
+    return torch.autograd.grad(loss, [t for t in ts if t is not None], retain_graph=True)
+
+
+def _close(a, b, tol):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.double(), y.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "robust"])
+@pytest.mark.parametrize("nll_alpha", [0.0, 0.7])
+def test_fused_dpo_matches_unfused(loss_type, nll_alpha):
+    hidden, weight, bias, labels = _batch(0)
+    g = torch.Generator().manual_seed(1)
+    ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    ls = 0.1 if loss_type == "robust" else 0.0
+    got, gm = fused_linear_dpo(
+        hidden, weight, labels, ref[:B], ref[B:], bias=bias, beta=0.2, loss_type=loss_type,
+        label_smoothing=ls, nll_alpha=nll_alpha, chunk_size=4,
+    )
+    tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
+    seq = tok.sum(1)
+    want, wm = dpo_loss(
+        seq[:B], seq[B:], ref[:B], ref[B:], beta=0.2, loss_type=loss_type, label_smoothing=ls,
+        chosen_lengths=counts[:B], rejected_lengths=counts[B:],
+    )
+    if nll_alpha:
+        want = want + nll_alpha * (-tok[:B].sum() / counts[:B].sum())
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+    assert gm["rewards/margins"].item() == pytest.approx(wm["rewards/margins"].item())
+
+
+def test_fused_dpo_reference_from_hidden_equals_precomputed():
+    hidden, weight, bias, labels = _batch(2)
+    ref_hidden = (hidden.detach() + 0.1 * torch.randn(hidden.shape, dtype=hidden.dtype, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        ref_tok, _ = _unfused_token_logps(ref_hidden, weight, bias, labels)
+    ref_seq = ref_tok.sum(1)
+    a, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, chunk_size=5)
+    b, _ = fused_linear_dpo(hidden, weight, labels, ref_seq[:B], ref_seq[B:], bias=bias, chunk_size=5)
+    torch.testing.assert_close(a, b)
+    _close(_grads(a, hidden, weight, bias), _grads(b, hidden, weight, bias), 1e-12)
+    # a separate reference head
+    ref_w = weight.detach() * 1.1
+    c, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_w)
+    with torch.no_grad():
+        ref_tok2, _ = _unfused_token_logps(ref_hidden, ref_w, None, labels)
+    d, _ = dpo_loss(*(_unfused_token_logps(hidden, weight, bias, labels)[0].sum(1).split(B)), *ref_tok2.sum(1).split(B))
+    torch.testing.assert_close(c, d)
+
+
+def test_fused_dpo_reference_free_and_average():
+    hidden, weight, _, labels = _batch(4, bias=False)
+    got, _ = fused_linear_dpo(hidden, weight, labels, reference_free=True, average_log_prob=True, beta=1.0)
+    tok, counts = _unfused_token_logps(hidden, weight, None, labels)
+    avg = tok.sum(1) / counts
+    want = -torch.nn.functional.logsigmoid(avg[:B] - avg[B:]).mean()
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-10)
+
+
+def test_fused_orpo_simpo_cpo_match_unfused():
+    hidden, weight, bias, labels = _batch(5)
+    tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
+    seq, avg = tok.sum(1), tok.sum(1) / counts
+    nll = -tok[:B].sum() / counts[:B].sum()
+
+    got, _ = fused_linear_orpo(hidden, weight, labels, bias=bias, beta=0.3, chunk_size=4)
+    want, _ = orpo_loss(avg[:B], avg[B:], nll, beta=0.3)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
+    got, _ = fused_linear_simpo(hidden, weight, labels, bias=bias, beta=2.0, gamma=0.4, chunk_size=4)
+    want, _ = simpo_loss(avg[:B], avg[B:], beta=2.0, gamma=0.4)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
+    got, _ = fused_linear_cpo(hidden, weight, labels, bias=bias, beta=0.2, cpo_alpha=0.5, chunk_size=4)
+    want, _ = cpo_loss(seq[:B], seq[B:], nll, beta=0.2, cpo_alpha=0.5)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
+
+def test_fused_kto_matches_unfused():
+    hidden, weight, bias, labels = _batch(6, n_seq=5)
+    desirable = torch.tensor([True, False, True, True, False])
+    ref_hidden = hidden.detach() * 0.9
+    got, _ = fused_linear_kto(hidden, weight, labels, desirable, bias=bias, ref_hidden=ref_hidden, kl=0.3, beta=0.5)
+    tok, _ = _unfused_token_logps(hidden, weight, bias, labels)
+    with torch.no_grad():
+        ref_tok, _ = _unfused_token_logps(ref_hidden, weight, bias, labels)
+    want, _ = kto_loss(tok.sum(1), ref_tok.sum(1), desirable, kl=0.3, beta=0.5)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_fused_dpo_low_precision_close_to_float64(dtype, tol):
+    hidden, weight, bias, labels = _batch(7, dtype=dtype)
+    ref = -torch.rand(2 * B, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 20
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, chunk_size=4)
+    assert got.dtype == torch.float64 or got.dtype == torch.float32
+    h64, w64, b64 = (x.detach().double().requires_grad_(True) for x in (hidden, weight, bias))
+    tok, _ = _unfused_token_logps(h64, w64, b64, labels)
+    want, _ = dpo_loss(*tok.sum(1).split(B), ref[:B], ref[B:])
+    assert got.item() == pytest.approx(want.item(), rel=tol, abs=tol)
+    _close(_grads(got, hidden, weight, bias), _grads(want, h64, w64, b64), tol)
+
+
+def test_fused_dpo_triton_interpreter_matches_torch(triton_mode):
+    hidden, weight, bias, labels = _batch(9, dtype=torch.float32)
+    ref = -torch.rand(2 * B, generator=torch.Generator().manual_seed(10)) * 20
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, chunk_size=8, nll_alpha=1.0)
+    g_got = _grads(got, hidden, weight, bias)
+    tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
+    want, _ = dpo_loss(*tok.sum(1).split(B), ref[:B].double(), ref[B:].double(), chosen_lengths=counts[:B], rejected_lengths=counts[B:])
+    want = want + (-tok[:B].sum() / counts[:B].sum())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    _close(g_got, _grads(want, hidden, weight, bias), 1e-5)
+
+
+def test_completion_logps_and_fully_ignored_sequence():
+    hidden, weight, bias, labels = _batch(11)
+    labels[0] = -100  # a chosen sequence without any scored token
+    tok, seq, counts = completion_logps(hidden, weight, labels, bias)
+    want_tok, want_counts = _unfused_token_logps(hidden, weight, bias, labels)
+    torch.testing.assert_close(tok, want_tok)
+    torch.testing.assert_close(counts, want_counts)
+    assert seq[0].item() == 0.0
+    loss, _ = fused_linear_dpo(hidden, weight, labels, *(-torch.ones(2 * B, dtype=torch.float64)).split(B), bias=bias, loss_type="ipo")
+    assert torch.isfinite(loss)
+
+
+def test_fused_errors():
+    hidden, weight, bias, labels = _batch(12, n_seq=5)
+    ref = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="even batch"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref)
+    hidden, weight, bias, labels = _batch(12)
+    ref = torch.zeros(B, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, ref_hidden=hidden.detach())
+    with pytest.raises(ValueError, match=r"\(batch, seq, hidden\)"):
+        fused_linear_dpo(hidden[0], weight, labels[0], ref, ref)
+    with pytest.raises(ValueError, match="valid loss types"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="nope")
+    with pytest.raises(ValueError, match="ref_logps or ref_hidden"):
+        fused_linear_kto(hidden, weight, labels, torch.ones(2 * B, dtype=torch.bool), kl=0.0)
