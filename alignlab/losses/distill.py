@@ -284,7 +284,10 @@ def _chunk_rows(
 def _default_chunk(n: int, vocab: int, teacher_is_hidden: bool) -> int:
     # About 256 MiB of fp32 logits per chunk (student, plus teacher when computed here).
     row_bytes = 4 * vocab * (2 if teacher_is_hidden else 1)
-    return max(1, min(n, (256 * 2**20) // max(row_bytes, 1)))
+    rows = (256 * 2**20) // max(row_bytes, 1)
+    if rows >= 128:
+        rows -= rows % 64  # GEMM-friendly row counts
+    return max(1, min(n, rows))
 
 
 def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunk, want_dx, want_dw):
