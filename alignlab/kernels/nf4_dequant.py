@@ -1,0 +1,105 @@
+"""Triton kernel: packed NF4 (+ double-quantized scales) -> bf16 / fp16 / fp32.
+
+Computes, for every flat index ``i`` of the weight,
+
+    w_i = q[c_i] * s_{i // blocksize} (+ tau_{i // blocksize}),
+    s_b = d[a_b] * t_{b // 256} + mu          (double quantization),
+
+with ``q`` the NF4 codebook and ``d`` the 8-bit dynamic map (see
+:mod:`alignlab.quant.nf4`, whose :func:`~alignlab.quant.nf4.nf4_dequantize` is
+the reference).  One program reads ``BLOCK`` packed bytes and writes ``2 * BLOCK``
+values; scales are gathered per byte (both nibbles of a byte share a block
+because blocksizes are even), so the kernel is one pass: read 0.5 byte + the
+scale share per value, write one value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.quant.nf4 import NF4Tensor, SUPPORTED_DTYPES, dynamic_map, nf4_code, nf4_dequantize
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton
+    triton = None
+
+__all__ = ["nf4_dequant"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE: tl.constexpr,
+                        NESTED_BS: tl.constexpr):
+        """fp32 scale of the NF4 blocks ``bidx`` (undoing double quantization when ``DOUBLE``)."""
+        if DOUBLE:
+            a = tl.load(absmax_ptr + bidx, mask=mask, other=0).to(tl.int32)
+            t = tl.load(nested_ptr + bidx // NESTED_BS, mask=mask, other=0.0).to(tl.float32)
+            mu = tl.load(offset_ptr).to(tl.float32)
+            s = tl.load(code2_ptr + a, mask=mask, other=0.0).to(tl.float32) * t + mu
+        else:
+            s = tl.load(absmax_ptr + bidx, mask=mask, other=0.0).to(tl.float32)
+        return s
+
+    @triton.jit
+    def _nf4_dequant_kernel(
+        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, out_ptr,
+        n_elements, n_bytes,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(data_ptr + offs, mask=mask, other=0).to(tl.int32)
+        bidx = (offs * 2) // BLOCKSIZE
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE, NESTED_BS)
+        hi = tl.load(code_ptr + (byte >> 4)) * s
+        lo = tl.load(code_ptr + (byte & 15)) * s
+        if HAS_SHIFT:
+            tau = tl.load(shift_ptr + bidx, mask=mask, other=0.0)
+            hi += tau
+            lo += tau
+        vals = tl.join(hi, lo).reshape(2 * BLOCK)
+        out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
+
+
+def _launch_dequant(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = t.numel
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    dev = t.device
+    dummy = t.data
+    block = 256 if interpreting() else 1024
+    grid = (triton.cdiv(t.data.numel(), block),)
+    _nf4_dequant_kernel[grid](
+        t.data, t.absmax,
+        t.nested_absmax if t.double_quant else dummy,
+        t.nested_offset if t.double_quant else dummy,
+        t.shift if t.shift is not None else dummy,
+        nf4_code(dev), dynamic_map(dev), out,
+        n, t.data.numel(),
+        BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+        HAS_SHIFT=t.shift is not None, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize an :class:`~alignlab.quant.nf4.NF4Tensor` to ``dtype`` (default: its original dtype).
+
+    Runs the Triton kernel when :func:`~alignlab.kernels.dispatch.use_triton` allows,
+    else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
+
+    Raises:
+        TypeError: ``dtype`` is not fp32 / fp16 / bf16.
+    """
+    dtype = dtype or t.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if triton is not None and use_triton(t.data):
+        return _launch_dequant(t, dtype)
+    return nf4_dequantize(t, dtype)

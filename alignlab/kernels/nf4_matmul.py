@@ -1,0 +1,320 @@
+"""Triton kernels: matrix products with an NF4 weight, dequantized tile by tile in registers.
+
+Forward (QLoRA base layer, Dettmers et al. 2023, arXiv 2305.14314):
+
+    y = x W^T (+ b),     x: (M, K),  W: (N, K) stored as NF4,  y: (M, N)
+
+Backward to the input (the weight is frozen, so this is the only product):
+
+    dx = dy W,           dy: (M, N),  dx: (M, K)
+
+Each program loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes, turns it
+into ``(BLOCK_N, BLOCK_K)`` values ``q[c] * s`` in registers (see
+:mod:`alignlab.kernels.nf4_dequant`) and feeds ``tl.dot``; the full weight is
+never written to memory.
+
+Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``:
+
+* ``M <= 16`` (decode): the fused kernel with a 16-row tile.  The weight read
+  dominates (``N K / 2`` bytes against ``2 M (N + K)``), so the kernel is
+  bandwidth-bound and a fused read of 4-bit data beats any 16-bit product.
+* ``16 < M < LARGE_M``: the fused kernel with larger tiles.
+* ``M >= LARGE_M`` (prefill / training): dequantize with the Triton kernel into a
+  temporary and call cuBLAS.  There the product costs ``2 M N K`` flops against
+  ``2.5 N K`` bytes of dequantization, i.e. ~7% of the matmul time at M = 4096,
+  while a Triton ``tl.dot`` that has to stage register-dequantized tiles through
+  shared memory reaches clearly less than cuBLAS' tensor-core rate on Hopper
+  (see ``benchmarks/nf4.py`` for the measured crossover).
+* Odd ``K`` (rows not byte-aligned): dequantize + matmul.
+
+The torch reference (``ALIGNLAB_KERNELS=torch`` or CPU tensors) is
+``x @ nf4_dequantize(W).T``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize
+
+try:
+    import triton
+    import triton.language as tl
+
+    from alignlab.kernels.nf4_dequant import nf4_block_scale
+except ImportError:  # pragma: no cover
+    triton = None
+
+__all__ = ["nf4_matmul", "nf4_matmul_t", "LARGE_M", "SMALL_M"]
+
+SMALL_M = 16
+# Row count from which dequantize + cuBLAS beats the fused kernel (measured on H100, see module doc).
+LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "128"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _nf4_weight_tile(
+        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+        rn, rkb, N, K,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Dequantized fp32 tile ``W[rn, 2*rkb[0] : 2*rkb[0] + BLOCK_K]`` of shape ``(BLOCK_N, BLOCK_K)``.
+
+        Rows past ``N`` / columns past ``K`` come back finite (not zero): callers
+        mask the other operand or the store instead.
+        """
+        half_k = K // 2
+        mask = (rn[:, None] < N) & (rkb[None, :] < half_k)
+        rows = rn[:, None].to(tl.int64)
+        byte = tl.load(data_ptr + rows * half_k + rkb[None, :], mask=mask, other=0).to(tl.int32)
+        bidx = (rows * K + 2 * rkb[None, :]) // BLOCKSIZE
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE, NESTED_BS)
+        hi = tl.load(code_ptr + (byte >> 4)) * s
+        lo = tl.load(code_ptr + (byte & 15)) * s
+        if HAS_SHIFT:
+            tau = tl.load(shift_ptr + bidx, mask=mask, other=0.0)
+            hi += tau
+            lo += tau
+        return tl.join(hi, lo).reshape(BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _nf4_mm_kernel(
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, bias_ptr, y_ptr,
+        M, N, K, stride_xm, stride_ym,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """y[M, N] = x[M, K] @ W[N, K]^T (+ bias)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped ordering: consecutive programs share weight tiles in L2
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        rkb = tl.arange(0, BLOCK_K // 2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        for k0 in range(0, K, BLOCK_K):
+            xk = k0 + rk
+            x = tl.load(x_rows + xk[None, :], mask=(rm[:, None] < M) & (xk[None, :] < K), other=0.0)
+            w = _nf4_weight_tile(
+                data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                rn, k0 // 2 + rkb, N, K, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT, BLOCK_N, BLOCK_K,
+            )
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _nf4_mm_t_kernel(
+        dy_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, dx_ptr,
+        M, N, K, stride_dym, stride_dxm,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """dx[M, K] = dy[M, N] @ W[N, K]; programs tile (M, K) and loop over N."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_k = tl.cdiv(K, BLOCK_K)
+        group = pid // (GROUP_M * num_k)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
+        pid_k = (pid % (GROUP_M * num_k)) // size_m
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rkb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn0 = tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        dy_rows = dy_ptr + rm[:, None].to(tl.int64) * stride_dym
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + rn0
+            dy = tl.load(dy_rows + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+            w = _nf4_weight_tile(
+                data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                rn, rkb, N, K, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT, BLOCK_N, BLOCK_K,
+            )
+            if IEEE:
+                acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(dy, w.to(dy.dtype))
+        dx = dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + rk[None, :]
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+    def _configs(small: bool):
+        out = []
+        if small:
+            for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3),
+                                 (64, 256, 4, 3), (16, 1024, 8, 2), (64, 128, 4, 4)]:
+                out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1},
+                                         num_warps=w, num_stages=s))
+        else:
+            for bm, bn, bk, w, s in [(64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)]:
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                         num_warps=w, num_stages=s))
+        return out
+
+    def _m_bucket(M: int) -> int:
+        return 1 if M <= 1 else (16 if M <= 16 else 128 if M <= 128 else 1024)
+
+    _KEY = ["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE"]
+
+    def _tuned(kernel, small: bool):
+        return triton.autotune(configs=_configs(small), key=_KEY)(kernel)
+
+    # M_BUCKET is an unused constexpr-free int argument: it only keys the autotuner.
+    @triton.jit
+    def _fwd(x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, bias_ptr,
+             y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
+             BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        _nf4_mm_kernel(x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                       bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT,
+                       HAS_BIAS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+    @triton.jit
+    def _bwd(dy_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, dx_ptr,
+             M, N, K, stride_dym, stride_dxm, M_BUCKET,
+             BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+             IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        _nf4_mm_t_kernel(dy_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                         dx_ptr, M, N, K, stride_dym, stride_dxm, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT, IEEE,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+    _fwd_small, _fwd_large = _tuned(_fwd, True), _tuned(_fwd, False)
+    _bwd_small, _bwd_large = _tuned(_bwd, True), _tuned(_bwd, False)
+
+
+def _state_args(t: NF4Tensor):
+    dev, dummy = t.device, t.data
+    return (
+        t.data, t.absmax,
+        t.nested_absmax if t.double_quant else dummy,
+        t.nested_offset if t.double_quant else dummy,
+        t.shift if t.shift is not None else dummy,
+        nf4_code(dev), dynamic_map(dev),
+    )
+
+
+def _meta(t: NF4Tensor, dtype: torch.dtype) -> dict:
+    return dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+                HAS_SHIFT=t.shift is not None, IEEE=dtype == torch.float32)
+
+
+def _fixed(M: int) -> dict:
+    """One small config for the interpreter (no autotuning there)."""
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=4)
+
+
+def _check(x: torch.Tensor, t: NF4Tensor, dim: int, name: str) -> None:
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"weight must be an NF4Tensor, got {type(t).__name__}")
+    if len(t.shape) != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(t.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
+    if x.shape[-1] != t.shape[dim]:
+        raise ValueError(f"{name}.shape[-1] must be {t.shape[dim]}, got {tuple(x.shape)}")
+
+
+def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for an NF4 weight ``W`` of shape ``(N, K)``.
+
+    Args:
+        x: ``(..., K)`` activations, fp32/fp16/bf16; the output has ``x.dtype``.
+        t: the NF4 weight, logical shape ``(N, K)``.
+        bias: optional ``(N,)``.
+
+    Returns:
+        ``(..., N)``.
+
+    Raises:
+        TypeError / ValueError: wrong weight type, dtype or last dimension.
+    """
+    _check(x, t, 1, "x")
+    N, K = t.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*lead, N)
+    if not (triton is not None and use_triton(x2, t.data)):
+        w = nf4_dequantize(t, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if K % 2 or M >= LARGE_M:
+        w = nf4_dequant(t, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (x2, *_state_args(t), bias if bias is not None else y, y, M, N, K, x2.stride(0), y.stride(0),
+            _m_bucket(M))
+    meta = dict(_meta(t, x.dtype), HAS_BIAS=bias is not None)
+    if interpreting():
+        cfg = _fixed(M)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _fwd[grid](*args, **meta, **cfg)
+    else:
+        kern = _fwd_small if M <= SMALL_M else _fwd_large
+        kern[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+    return y.reshape(*lead, N)
+
+
+def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
+    """``dy @ W`` for an NF4 weight ``W`` of shape ``(N, K)``: the input gradient of :func:`nf4_matmul`.
+
+    Args:
+        dy: ``(..., N)``.
+
+    Returns:
+        ``(..., K)`` in ``dy.dtype``.
+    """
+    _check(dy, t, 0, "dy")
+    N, K = t.shape
+    lead = dy.shape[:-1]
+    d2 = dy.reshape(-1, N)
+    M = d2.shape[0]
+    if M == 0:
+        return dy.new_empty(*lead, K)
+    if not (triton is not None and use_triton(d2, t.data)):
+        return dy @ nf4_dequantize(t, dy.dtype)
+    if K % 2 or M >= LARGE_M:
+        return dy @ nf4_dequant(t, dy.dtype)
+    if d2.stride(-1) != 1:
+        d2 = d2.contiguous()
+    dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
+    args = (d2, *_state_args(t), dx, M, N, K, d2.stride(0), dx.stride(0), _m_bucket(M))
+    meta = _meta(t, dy.dtype)
+    if interpreting():
+        cfg = _fixed(M)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+        _bwd[grid](*args, **meta, **cfg)
+    else:
+        kern = _bwd_small if M <= SMALL_M else _bwd_large
+        kern[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](*args, **meta)
+    return dx.reshape(*lead, K)

@@ -1,0 +1,259 @@
+"""Frozen NF4 linear layer: the quantized base of QLoRA / QDoRA.
+
+``NF4Linear`` computes ``y = x W^T + b`` with ``W`` stored as 4-bit NormalFloat
+(QLoRA, Dettmers et al. 2023, arXiv 2305.14314; format in
+:mod:`alignlab.quant.nf4`).  The weight is frozen: the only gradient is the one
+to the input, ``dx = dy W``, which the backward recomputes from the packed
+weight (fused kernel, or a transient dequantization) instead of keeping a
+dequantized copy alive between forward and backward.
+
+Its ``state_dict`` uses the keys ``bitsandbytes.nn.Linear4bit`` and
+``transformers`` write (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``, ``bias``), so a 4-bit checkpoint saved
+by ``transformers`` loads into a model converted with :func:`quantize_model`, and
+saving writes that format back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+from alignlab.quant.nf4 import (
+    SUPPORTED_DTYPES,
+    NF4Tensor,
+    nf4_from_bnb_state_dict,
+    nf4_quantize,
+    nf4_to_bnb_state_dict,
+)
+
+__all__ = ["NF4Linear", "quantize_model"]
+
+_BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
+_ICQ_KEY = "weight.icq_shift"
+
+
+class _NF4LinearFn(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` frozen NF4; saves only references to the packed weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
+        ctx.t = t
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        return nf4_matmul(x, t, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        dx = nf4_matmul_t(dy, ctx.t) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.bias_needs_grad else None
+        return dx, db, None
+
+
+class NF4Linear(nn.Module):
+    """``y = x W^T + b`` with a frozen NF4 weight ``W`` of shape ``(out_features, in_features)``.
+
+    Inputs are cast to ``compute_dtype`` for the product and the result is cast
+    back to the input dtype.  Shapes: ``x (..., in_features) -> (..., out_features)``.
+    The layer has no trainable parameters (the bias, if any, is frozen too).
+
+    Build one with :meth:`from_linear`; :func:`quantize_model` converts a whole model.
+    """
+
+    def __init__(
+        self,
+        weight: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        calibrate: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Tensor):
+            raise TypeError(f"weight must be an NF4Tensor, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        weight.validate()
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.compute_dtype = compute_dtype
+        self.calibrate = calibrate
+        self._set_weight(weight)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        calibrate: str | None = None,
+    ) -> "NF4Linear":
+        """Quantize ``linear.weight`` (``(out, in)``, fp32/fp16/bf16) and keep ``linear.bias`` frozen.
+
+        Raises:
+            TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype.
+            ValueError: the weight is not 2-D, or ``blocksize`` is not a power of two in 32..4096.
+        """
+        w = getattr(linear, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"linear must have a tensor .weight, got {type(linear).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"linear.weight must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+        if w.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"linear.weight must be fp32/fp16/bf16, got {w.dtype}")
+        t = nf4_quantize(w.detach(), blocksize=blocksize, double_quant=double_quant, calibrate=calibrate)
+        bias = getattr(linear, "bias", None)
+        return cls(t, bias if isinstance(bias, torch.Tensor) else None, compute_dtype, calibrate)
+
+    def _set_weight(self, t: NF4Tensor) -> None:
+        self._shape = torch.Size(t.shape)
+        self._orig_dtype = t.dtype
+        self.blocksize = t.blocksize
+        self.double_quant = t.double_quant
+        self._nested_blocksize = t.nested_blocksize
+        # non-persistent: the state dict is written in bitsandbytes' layout instead
+        for name, value in zip(_BUFFERS, (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift)):
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def quant_weight(self) -> NF4Tensor:
+        """The packed weight as an :class:`~alignlab.quant.nf4.NF4Tensor` (shares storage with the buffers)."""
+        return NF4Tensor(
+            data=self.qdata, absmax=self.qabsmax, shape=self._shape, dtype=self._orig_dtype,
+            blocksize=self.blocksize, nested_absmax=self.qnested_absmax, nested_offset=self.qnested_offset,
+            shift=self.qshift, nested_blocksize=self._nested_blocksize,
+        )
+
+    # -- the adapter contract -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
+        in_dtype = x.dtype
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = _NF4LinearFn.apply(x.to(self.compute_dtype), bias, self.quant_weight)
+        return y.to(in_dtype) if in_dtype in SUPPORTED_DTYPES else y
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
+        return nf4_dequant(self.quant_weight, dtype or self.compute_dtype)
+
+    @torch.no_grad()
+    def load_dense_weight_(self, w: torch.Tensor) -> "NF4Linear":
+        """Re-quantize a dense ``(out_features, in_features)`` weight into this layer, in place.
+
+        Keeps blocksize, double quantization and calibration; used by adapter merge / PiSSA.
+
+        Raises:
+            ValueError: ``w`` has the wrong shape.  TypeError: unsupported dtype.
+        """
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (self.out_features, self.in_features):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"w must have shape ({self.out_features}, {self.in_features}), got {got}")
+        t = nf4_quantize(w.detach().to(self.qdata.device), blocksize=self.blocksize,
+                         double_quant=self.double_quant, calibrate=self.calibrate)
+        t.dtype = self._orig_dtype
+        self._set_weight(t)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+    # -- device moves keep the quantization buffers' dtypes ---------------------------------------
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in _BUFFERS}
+        for name in _BUFFERS:
+            self._buffers[name] = None
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, device=saved["qdata"].device))
+        for name, buf in saved.items():
+            self._buffers[name] = None if buf is None else buf.to(probe.device)
+        return self
+
+    # -- bitsandbytes / transformers state dict ------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        t = self.quant_weight
+        shift = t.shift
+        t.shift = None
+        for k, v in nf4_to_bnb_state_dict(t, prefix=f"{prefix}weight").items():
+            destination[k] = v if keep_vars else v.detach()
+        if shift is not None:
+            destination[f"{prefix}{_ICQ_KEY}"] = shift
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        mine = {k: v for k, v in mine.items() if k == "weight" or k.startswith("weight.")}
+        for k in mine:
+            if prefix + k in unexpected_keys:
+                unexpected_keys.remove(prefix + k)
+        if "weight" not in mine:
+            missing_keys.append(prefix + "weight")
+            return
+        try:
+            t = nf4_from_bnb_state_dict(mine, prefix="weight")
+        except ValueError as e:
+            error_msgs.append(f"{prefix}weight: {e}")
+            return
+        if tuple(t.shape) != (self.out_features, self.in_features):
+            error_msgs.append(
+                f"{prefix}weight: checkpoint has shape {tuple(t.shape)}, "
+                f"this layer expects ({self.out_features}, {self.in_features})"
+            )
+            return
+        if _ICQ_KEY in mine:
+            t.shift = mine[_ICQ_KEY]
+        dev = self.qdata.device
+        self._set_weight(t.to(dev))
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(p == name or p == last or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_model(
+    model: nn.Module,
+    skip: Iterable[str] = ("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    calibrate: str | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` leaf of ``model`` by an :class:`NF4Linear`, in place; returns ``model``.
+
+    ``skip`` holds module names (full dotted name, last component, dotted suffix or
+    an ``fnmatch`` pattern) to leave in full precision (``lm_head`` by default, as in QLoRA).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.  ValueError: bad ``blocksize``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _matches(name, skip)]
+    for name, lin in targets:
+        q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
+                                  compute_dtype=compute_dtype, calibrate=calibrate)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, q)
+    return model

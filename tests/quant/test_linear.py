@@ -1,0 +1,199 @@
+"""NF4Linear and quantize_model: forward/backward, frozen weight, checkpoint interop, errors."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+from alignlab.quant.linear import NF4Linear, quantize_model
+from alignlab.quant.nf4 import nf4_code, nf4_quantize
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover
+        bnb = None
+
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
+
+
+def _dequant_formula(layer: NF4Linear) -> torch.Tensor:
+    """Independent dequantization from the bitsandbytes-format state dict (fp32)."""
+    sd = layer.state_dict()
+    data = sd["weight"].reshape(-1).long()
+    codes = torch.stack([data >> 4, data & 15], 1).reshape(-1)
+    n = layer.out_features * layer.in_features
+    if "weight.nested_absmax" in sd:
+        import json
+
+        meta = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
+        q8 = sd["weight.absmax"].long()
+        nested = sd["weight.nested_absmax"].repeat_interleave(256)[: q8.numel()]
+        absmax = sd["weight.nested_quant_map"][q8] * nested + torch.tensor(meta["nested_offset"], dtype=torch.float32)
+    else:
+        absmax = sd["weight.absmax"]
+    idx = torch.arange(n) // layer.blocksize
+    return (nf4_code()[codes[:n]] * absmax[idx]).reshape(layer.out_features, layer.in_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_forward_backward_match_dense_formula(dtype, double_quant, torch_mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(80, 24, bias=True)
+    q = NF4Linear.from_linear(lin, blocksize=32, double_quant=double_quant, compute_dtype=dtype)
+    w = _dequant_formula(q).to(dtype)
+    x = torch.randn(2, 3, 80, dtype=dtype, requires_grad=True)
+    y = q(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref, w, lin.bias.detach().to(dtype))
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert not any(p.requires_grad for p in q.parameters())
+    torch.testing.assert_close(q.dequantize(torch.float32), _dequant_formula(q))
+
+
+def test_backward_saves_no_dense_weight():
+    q = NF4Linear.from_linear(nn.Linear(128, 64), compute_dtype=torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = q(x)
+    assert all(n < 64 * 128 for n in saved), saved
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@needs_bnb
+def test_matches_bitsandbytes_linear4bit():
+    torch.manual_seed(1)
+    w = torch.randn(48, 64) * 0.05
+    b = torch.randn(48)
+    layer = bnb.nn.Linear4bit(64, 48, bias=True, compress_statistics=True, quant_type="nf4",
+                              compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    layer.bias = nn.Parameter(b)
+    layer = layer.to("cpu")
+    sd = layer.state_dict()
+    q = NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
+    assert not q.load_state_dict(sd).unexpected_keys
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), layer(x), rtol=1e-5, atol=1e-5)
+    # and write the same bytes back
+    back = q.state_dict()
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_quantize_model_tiny_llama_and_checkpoint_roundtrip():
+    model = make_tiny_llama(seed=0)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    quantize_model(model, compute_dtype=torch.float32)
+    names = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert "lm_head" not in names and isinstance(model.lm_head, nn.Linear)
+    assert len(names) == 2 * 7  # q k v o gate up down per layer
+    with torch.no_grad():
+        out = model(ids).logits
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 0.2
+    sd = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    fresh = quantize_model(make_tiny_llama(seed=1), compute_dtype=torch.float32)
+    res = fresh.load_state_dict(sd)
+    assert not res.missing_keys and not res.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, out)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+@needs_bnb
+def test_loads_bitsandbytes_checkpoint_of_a_whole_model():
+    """A checkpoint whose 4-bit entries come from bitsandbytes (what transformers saves) loads, and saves back."""
+    model = make_tiny_llama(seed=2)
+    sd = {}
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and name != "lm_head":
+            layer = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compress_statistics=True,
+                                      quant_type="nf4", compute_dtype=torch.float32)
+            layer.weight = bnb.nn.Params4bit(mod.weight.detach().clone(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            layer = layer.to("cpu")
+            sd.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    for k, v in model.state_dict().items():
+        if not any(k.startswith(p.rsplit(".weight", 1)[0] + ".weight") for p in sd if p.endswith(".weight")):
+            sd.setdefault(k, v)
+    target = quantize_model(make_tiny_llama(seed=3), compute_dtype=torch.float32)
+    res = target.load_state_dict(sd)
+    assert not res.missing_keys and not res.unexpected_keys
+    out = target.state_dict()
+    assert set(out) == set(sd)
+    for k in sd:
+        assert torch.equal(out[k], sd[k]), k
+
+
+def test_errors():
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 3))
+
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear.from_linear(Conv())
+    lin = nn.Linear(64, 8)
+    with pytest.raises(ValueError, match="blocksize"):
+        NF4Linear.from_linear(lin, blocksize=48)
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        NF4Linear.from_linear(lin.to(torch.float64))
+    with pytest.raises(TypeError, match="compute_dtype"):
+        NF4Linear.from_linear(nn.Linear(64, 8), compute_dtype=torch.int8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        quantize_model("model")
+    q = NF4Linear.from_linear(nn.Linear(64, 8))
+    other = NF4Linear.from_linear(nn.Linear(64, 16))
+    with pytest.raises(RuntimeError, match=r"checkpoint has shape \(16, 64\)"):
+        q.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="in_features"):
+        q(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="shape"):
+        q.load_dense_weight_(torch.randn(8, 32))
+
+
+def test_load_dense_weight_and_dtype_moves():
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(64, 8), blocksize=32, compute_dtype=torch.float32)
+    w = torch.randn(8, 64)
+    q.load_dense_weight_(w)
+    expected = nf4_quantize(w, blocksize=32, double_quant=True)
+    assert torch.equal(q.qdata, expected.data) and torch.equal(q.qabsmax, expected.absmax)
+    q16 = q.to(torch.float16)
+    assert q16.qnested_absmax.dtype == torch.float32 and q16.qabsmax.dtype == torch.uint8
+    assert q16.bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_path_matches_torch_path(dtype, monkeypatch):
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(48, 20), blocksize=32, compute_dtype=dtype)
+    x = torch.randn(3, 48, dtype=dtype)
+    outs = []
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("ALIGNLAB_KERNELS", mode)
+        xi = x.clone().requires_grad_(True)
+        y = q(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xi.grad))
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[1][0], **tol)
+    torch.testing.assert_close(outs[0][1], outs[1][1], **tol)
