@@ -49,7 +49,7 @@ def _copy_bandwidth(device: str, nbytes: int) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     # No cache flush: the buffers dwarf every cache, and the flush would only add noise.
-    m = measure(dst.copy_, src, warmup=3, rep=20 if src.is_cuda else 5, flush_cache=False, memory=False, name="copy")
+    m = measure(dst.copy_, src, warmup=5, rep=100 if src.is_cuda else 5, flush_cache=False, memory=False, name="copy")
     return 2 * nbytes / (m.median_ms * 1e-3)
 
 
@@ -85,5 +85,5 @@ def _matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    m = measure(torch.matmul, a, b, out=out, warmup=3, rep=20 if a.is_cuda else 5, flush_cache=False, memory=False, name="matmul")
+    m = measure(torch.matmul, a, b, out=out, warmup=5, rep=30 if a.is_cuda else 5, flush_cache=False, memory=False, name="matmul")
     return 2 * n**3 / (m.median_ms * 1e-3) / 1e12

@@ -183,3 +183,34 @@ def test_rss_fallback_sampler(monkeypatch):
 def test_bad_memory_mode():
     with pytest.raises(ValueError, match="memory"):
         measure(lambda: None, memory="allocator")
+
+
+def test_times_are_read_only_after_a_sync(monkeypatch):
+    """Stands in for CUDA events: a time read before ``sync`` would be garbage there."""
+    import alignlab.bench.timing as timing
+
+    class StrictTimer:
+        def __init__(self):
+            self.calls = self.synced = self.syncs = 0
+
+        def time(self, fn, args, kwargs):
+            fn(*args, **kwargs)
+            self.calls += 1
+            index = self.calls
+
+            def read():
+                assert index <= self.synced, "time read before the GPU was synchronised"
+                return 1.0
+
+            return read
+
+        def sync(self):
+            self.synced = self.calls
+            self.syncs += 1
+
+    timer = StrictTimer()
+    monkeypatch.setattr(timing, "_CpuTimer", lambda: timer)
+    m = measure(lambda: None, device="cpu", warmup=2, rep=None, memory=False)
+    assert m.n == 250 and m.median_ms == 1.0  # 0.25 s of 1 ms calls
+    # timed calls in batches of _SYNC_EVERY, plus the warm-up sync and the final one.
+    assert timer.syncs == 2 + 250 // timing._SYNC_EVERY
