@@ -1,0 +1,66 @@
+"""Triton NF4 dequantization vs the PyTorch reference (interpreter on CPU, bf16 on the GPU)."""
+
+import pytest
+import torch
+
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.quant.nf4 import nf4_code, nf4_dequantize, nf4_quantize
+
+pytest.importorskip("triton")
+
+
+def _formula(t):
+    """q[c_i] * s_{i // blocksize}, computed from the packed bytes without alignlab's dequantizer."""
+    n = t.numel
+    data = t.data.long().cpu()
+    codes = torch.stack([data >> 4, data & 15], 1).reshape(-1)[:n]
+    if t.double_quant:
+        from alignlab.quant.nf4 import dynamic_map
+
+        nested = t.nested_absmax.cpu().repeat_interleave(256)[: t.num_blocks]
+        s = dynamic_map()[t.absmax.long().cpu()] * nested + t.nested_offset.cpu()
+    else:
+        s = t.absmax.cpu()
+    out = nf4_code()[codes] * s[torch.arange(n) // t.blocksize]
+    if t.shift is not None:
+        out = out + t.shift.cpu()[torch.arange(n) // t.blocksize]
+    return out.reshape(t.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,blocksize", [((7, 13), 32), ((33, 64), 64), ((1, 1), 32), ((5, 300), 128),
+                                             ((3, 2, 100), 256)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequant_interpreter(dtype, shape, blocksize, double_quant, triton_mode):
+    g = torch.Generator().manual_seed(0)
+    t = nf4_quantize(torch.randn(*shape, generator=g), blocksize=blocksize, double_quant=double_quant)
+    out = nf4_dequant(t, dtype)
+    assert out.shape == shape and out.dtype == dtype
+    assert torch.equal(out, nf4_dequantize(t, dtype))
+    assert torch.equal(out, _formula(t).to(dtype))
+
+
+def test_dequant_interpreter_icq_shift(triton_mode):
+    g = torch.Generator().manual_seed(1)
+    t = nf4_quantize(torch.randn(6, 64, generator=g) + 0.3, blocksize=32, calibrate="icq", icq_steps=5)
+    assert torch.equal(nf4_dequant(t, torch.float32), _formula(t))
+
+
+def test_bad_dtype():
+    t = nf4_quantize(torch.randn(4, 64))
+    with pytest.raises(TypeError, match="dtype"):
+        nf4_dequant(t, torch.int8)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequant_cuda(dtype, double_quant):
+    g = torch.Generator().manual_seed(2)
+    for shape, bs in [((4096, 4096), 64), ((1000, 333), 64), ((257, 1024), 4096), ((3, 5), 32)]:
+        w = torch.randn(*shape, generator=g).cuda()
+        t = nf4_quantize(w, blocksize=bs, double_quant=double_quant)
+        out = nf4_dequant(t, dtype)
+        torch.cuda.synchronize()
+        assert torch.equal(out, nf4_dequantize(t, dtype))
+        assert torch.equal(out.cpu(), _formula(t.to("cpu")).to(dtype))
