@@ -1,0 +1,114 @@
+"""Best-of-N (rejection) sampling: draw N candidates, keep the highest-scoring one.
+
+Used as an inference-time alignment baseline in e.g. "Scaling Laws for Reward
+Model Overoptimization" (Gao et al., 2022, arXiv:2210.10760): for a prompt
+:math:`x`, sample :math:`y_1..y_N \\sim \\pi(\\cdot \\mid x)` and return
+:math:`\\arg\\max_i r(x, y_i)`. Its KL from :math:`\\pi` is at most
+:math:`\\log N - (N-1)/N` nats.
+
+:func:`rerank` works on any candidates (texts, token lists) and any scorer;
+:func:`best_of_n` drives ``model.generate`` for HF-style models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["BestOfNOutput", "best_of_n", "rerank"]
+
+T = TypeVar("T")
+
+
+def rerank(
+    candidates: Sequence[T], score_fn: Callable[[Sequence[T]], Sequence[float] | torch.Tensor]
+) -> tuple[T, int, list[float]]:
+    """Score all candidates with one call and pick the best (first one on ties).
+
+    Returns:
+        ``(best_candidate, best_index, scores)``.
+
+    Raises:
+        ValueError: no candidates, or ``score_fn`` returns the wrong number of scores.
+    """
+    if len(candidates) == 0:
+        raise ValueError("candidates: expected at least one candidate")
+    raw = score_fn(candidates)
+    scores = [float(s) for s in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
+    if len(scores) != len(candidates):
+        raise ValueError(f"score_fn: expected {len(candidates)} scores, got {len(scores)}")
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return candidates[best], best, scores
+
+
+@dataclass
+class BestOfNOutput:
+    """Result of :func:`best_of_n`.
+
+    Attributes:
+        sequences: ``(batch, seq)`` the best candidate per prompt (prompt included).
+        candidates: ``(batch, n, seq)`` every candidate.
+        scores: ``(batch, n)`` their scores.
+        best_index: ``(batch,)`` index of the chosen candidate.
+    """
+
+    sequences: torch.Tensor
+    candidates: torch.Tensor
+    scores: torch.Tensor
+    best_index: torch.Tensor
+
+
+@torch.no_grad()
+def best_of_n(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    score_fn: Callable[[torch.LongTensor], torch.Tensor],
+    *,
+    n: int,
+    attention_mask: torch.Tensor | None = None,
+    **generate_kwargs,
+) -> BestOfNOutput:
+    """Sample ``n`` continuations per prompt with ``model.generate`` and keep the best.
+
+    Args:
+        model: anything with HF's ``generate(input_ids, attention_mask=...,
+            num_return_sequences=..., **kwargs)``.
+        input_ids: ``(batch, prompt_len)`` prompts (left-padded when batched).
+        score_fn: maps ``(batch * n, seq)`` generated sequences (prompt
+            included, grouped by prompt) to ``(batch * n,)`` scores, e.g. a
+            reward model via :func:`alignlab.eval.reward_scores`.
+        n: candidates per prompt (>= 1).
+        attention_mask: ``(batch, prompt_len)``.
+        generate_kwargs: passed on (``max_new_tokens``, ``temperature``,
+            ``logits_processor``, ...); ``do_sample`` defaults to True.
+
+    Returns:
+        :class:`BestOfNOutput`; ties go to the earliest candidate.
+
+    Raises:
+        ValueError: ``n < 1``, bad ``input_ids`` or a wrong number of scores.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected shape (batch, prompt_len), got {tuple(input_ids.shape)}")
+    generate_kwargs.setdefault("do_sample", True)
+    out = model.generate(input_ids, attention_mask=attention_mask, num_return_sequences=n, **generate_kwargs)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    batch = input_ids.shape[0]
+    scores = torch.as_tensor(score_fn(sequences), dtype=torch.float32).to(sequences.device)
+    if scores.shape != (batch * n,):
+        raise ValueError(f"score_fn: expected {batch * n} scores, got shape {tuple(scores.shape)}")
+    candidates = sequences.view(batch, n, -1)
+    scores = scores.view(batch, n)
+    best = scores.argmax(1)  # first maximum on ties
+    return BestOfNOutput(
+        sequences=candidates[torch.arange(batch, device=best.device), best],
+        candidates=candidates,
+        scores=scores,
+        best_index=best,
+    )

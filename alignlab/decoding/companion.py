@@ -1,0 +1,115 @@
+"""A second language model that follows a generation and yields its next-token logits.
+
+Contrastive decoding (an amateur) and proxy-tuning (an expert and an
+anti-expert) need, at every step of ``model.generate(...)``, the next-token
+logits of other models on the same token prefix. A logits processor only
+sees ``input_ids`` ``(batch, seq)``; :class:`CompanionLM` turns that into
+``(batch, vocab)`` logits, keeping a KV cache so each step costs one token
+of compute. When the prefix is not the previous one plus a token (a new
+``generate`` call, beam search reordering rows), it recomputes from scratch,
+so results never depend on the cache.
+
+Left padding is recognised from ``pad_token_id``: the leading run of pad
+tokens in each row is masked and position ids count real tokens only, as
+``generate`` does for the main model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CompanionLM"]
+
+
+class CompanionLM:
+    """Next-token logits of ``model`` on the sequences being generated.
+
+    Args:
+        model: HF-style causal LM accepting ``input_ids``, ``attention_mask``,
+            ``position_ids``, ``past_key_values`` and ``use_cache`` and
+            returning ``.logits`` ``(batch, seq, vocab)``.
+        pad_token_id: id of left padding (the generating model's
+            ``generation_config.pad_token_id``); ``None`` = no padding.
+        use_cache: keep a KV cache between consecutive steps.
+
+    Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
+    ``(batch, vocab)`` on ``input_ids.device``.
+    """
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.use_cache = use_cache
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cached prefix (frees the KV cache)."""
+        self._prefix: torch.Tensor | None = None
+        self._cache = None
+
+    def _mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.pad_token_id is None:
+            return torch.ones_like(input_ids)
+        return ((input_ids != self.pad_token_id).cumsum(1) > 0).long()
+
+    def _continues_prefix(self, input_ids: torch.Tensor) -> bool:
+        prefix = self._prefix
+        return (
+            prefix is not None
+            and prefix.shape[0] == input_ids.shape[0]
+            and prefix.shape[1] + 1 == input_ids.shape[1]
+            and torch.equal(prefix, input_ids[:, :-1])
+        )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
+        device = next(self.model.parameters(), input_ids).device
+        ids = input_ids.to(device)
+        mask = self._mask(ids)
+        if self.use_cache and self._continues_prefix(input_ids):
+            out = self.model(
+                input_ids=ids[:, -1:],
+                attention_mask=mask,
+                position_ids=(mask.sum(1, keepdim=True) - 1).clamp(min=0),
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        else:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=self.use_cache,
+            )
+        if self.use_cache:
+            self._cache = out.past_key_values
+            self._prefix = input_ids.clone()
+        return out.logits[:, -1].float().to(input_ids.device)
+
+
+def common_vocab(*logits: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Cut ``(batch, vocab_i)`` logits to their common vocabulary prefix.
+
+    Models of one family often differ only in embedding padding (e.g. 32000 vs
+    32016 rows); the real tokens share ids, the padded tail has no meaning.
+
+    Raises:
+        ValueError: batch sizes differ.
+    """
+    if len({t.shape[0] for t in logits}) != 1:
+        raise ValueError(f"logits: batch sizes differ: {[tuple(t.shape) for t in logits]}")
+    vocab = min(t.shape[-1] for t in logits)
+    return [t[..., :vocab] for t in logits], vocab
+
+
+def pad_vocab(scores: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Extend ``(batch, v)`` scores to ``(batch, vocab)`` with ``-inf`` (tokens outside the common vocabulary)."""
+    if scores.shape[-1] == vocab:
+        return scores
+    tail = scores.new_full((*scores.shape[:-1], vocab - scores.shape[-1]), float("-inf"))
+    return torch.cat([scores, tail], -1)

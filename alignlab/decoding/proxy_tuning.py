@@ -1,0 +1,86 @@
+"""Proxy-tuning: steer a large base model with the logit difference of a small tuned/untuned pair.
+
+From "Tuning Language Models by Proxy" (Liu et al., 2024, arXiv:2401.08565).
+With a large base model :math:`M`, a small tuned expert :math:`M^+` and its
+untuned version, the anti-expert :math:`M^-` (same vocabulary),
+
+.. math::
+
+    s(v) = \\log p_M(v \\mid x) + \\alpha\\,\\big(\\log p_{M^+}(v \\mid x) - \\log p_{M^-}(v \\mid x)\\big),
+    \\qquad p(v \\mid x) \\propto p_M(v \\mid x) \\Big(\\frac{p_{M^+}(v \\mid x)}{p_{M^-}(v \\mid x)}\\Big)^{\\alpha}
+
+The paper writes the sum on logits; log-probabilities differ from logits by
+a per-row constant, so after the softmax both give the same distribution
+(log-probs keep the numbers in a sane range). :math:`\\alpha = 1` is the
+paper's setting; it is also the general "logit arithmetic" of combining models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
+
+__all__ = ["ProxyTuningLogitsProcessor", "proxy_tuning_logits"]
+
+
+def proxy_tuning_logits(
+    base_logits: torch.Tensor,
+    expert_logits: torch.Tensor,
+    antiexpert_logits: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Proxy-tuned scores ``log p_base + alpha * (log p_expert - log p_antiexpert)``.
+
+    Args:
+        base_logits: ``(batch, vocab)`` (any leading shape) of the large base model.
+        expert_logits: same leading shape, the small tuned model.
+        antiexpert_logits: same leading shape, the small untuned model.
+        alpha: strength of the steering (0 = base model alone).
+
+    Returns:
+        float32 scores with the shape of ``base_logits``. When the vocabulary
+        sizes differ (embedding padding), only the shared ids are scored; the
+        rest get ``-inf``.
+
+    Raises:
+        ValueError: leading shapes differ.
+    """
+    if not (base_logits.shape[:-1] == expert_logits.shape[:-1] == antiexpert_logits.shape[:-1]):
+        raise ValueError(
+            "base_logits/expert_logits/antiexpert_logits: leading shapes differ: "
+            f"{tuple(base_logits.shape)}, {tuple(expert_logits.shape)}, {tuple(antiexpert_logits.shape)}"
+        )
+    vocab = base_logits.shape[-1]
+    logps = [torch.log_softmax(t.float(), -1) for t in (base_logits, expert_logits, antiexpert_logits)]
+    (base, expert, anti), _ = common_vocab(*logps)
+    return pad_vocab(base + alpha * (expert - anti), vocab)
+
+
+class ProxyTuningLogitsProcessor:
+    """HF logits processor: the generating model is the large base, steered by ``expert - antiexpert``.
+
+    Args:
+        expert: small tuned causal LM.
+        antiexpert: the same small model before tuning.
+        alpha: steering strength.
+        pad_token_id: the left-padding id of batched prompts.
+
+    ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
+    Place it first among custom processors; ``generate`` applies its own
+    warpers (temperature, top-k, ...) before custom ones.
+    """
+
+    def __init__(
+        self, expert: nn.Module, antiexpert: nn.Module, *, alpha: float = 1.0, pad_token_id: int | None = None
+    ) -> None:
+        self.expert = CompanionLM(expert, pad_token_id=pad_token_id)
+        self.antiexpert = CompanionLM(antiexpert, pad_token_id=pad_token_id)
+        self.alpha = alpha
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return proxy_tuning_logits(
+            scores, self.expert(input_ids), self.antiexpert(input_ids), alpha=self.alpha
+        ).to(scores.dtype)

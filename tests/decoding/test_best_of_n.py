@@ -1,0 +1,54 @@
+import pytest
+import torch
+from conftest import make_tiny_llama
+from transformers import LogitsProcessorList
+
+from alignlab.decoding import BestOfNOutput, ContrastiveDecodingLogitsProcessor, best_of_n, rerank
+
+
+def test_rerank_any_candidates():
+    best, idx, scores = rerank(["a", "bbb", "cc", "bbb"], lambda xs: [len(x) for x in xs])
+    assert (best, idx, scores) == ("bbb", 1, [1.0, 3.0, 2.0, 3.0])
+    assert rerank([1, 2], lambda xs: torch.tensor([0.5, -1.0]))[1] == 0
+    with pytest.raises(ValueError, match="candidates"):
+        rerank([], len)
+    with pytest.raises(ValueError, match="score_fn"):
+        rerank(["a"], lambda xs: [1, 2])
+
+
+def test_best_of_n_with_generate():
+    model = make_tiny_llama(seed=0, vocab_size=64)
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([[0, 4, 5], [7, 8, 9]])
+    mask = (ids != 0).long()
+
+    def score_fn(seqs):  # number of generated tokens below 20
+        return (seqs[:, 3:] < 20).sum(1).float()
+
+    torch.manual_seed(0)
+    out = best_of_n(model, ids, score_fn, n=5, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    assert isinstance(out, BestOfNOutput)
+    assert out.candidates.shape == (2, 5, 9) and out.scores.shape == (2, 5) and out.sequences.shape == (2, 9)
+    for b in range(2):
+        # every candidate continues its own prompt
+        assert out.candidates[b, :, :3].eq(ids[b]).all()
+        recomputed = score_fn(out.candidates[b])
+        torch.testing.assert_close(out.scores[b], recomputed)
+        assert out.best_index[b] == int(recomputed.argmax())
+        assert out.scores[b, out.best_index[b]] == recomputed.max()
+        assert torch.equal(out.sequences[b], out.candidates[b, out.best_index[b]])
+    assert len({tuple(c.tolist()) for c in out.candidates[1]}) > 1  # really sampled
+    with pytest.raises(ValueError, match="score_fn"):
+        best_of_n(model, ids, lambda s: torch.zeros(3), n=2, max_new_tokens=1, pad_token_id=0)
+    with pytest.raises(ValueError, match="n"):
+        best_of_n(model, ids, score_fn, n=0)
+
+
+def test_processors_compose_in_a_logits_processor_list():
+    model = make_tiny_llama(seed=0, vocab_size=64)
+    model.generation_config.eos_token_id = None
+    amateur = make_tiny_llama(seed=1, vocab_size=64, num_layers=1)
+    procs = LogitsProcessorList([ContrastiveDecodingLogitsProcessor(amateur)])
+    out = best_of_n(model, torch.tensor([[3, 4]]), lambda s: s[:, -1].float(), n=3, max_new_tokens=3,
+                    do_sample=False, num_beams=3, logits_processor=procs)
+    assert out.candidates.shape == (1, 3, 5)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignlab.decoding import CompanionLM
+
+PAD = 0
+
+
+def _no_eos(model):
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 64, (n,), generator=g) for n in (5, 2, 4)]
+    ids = torch.full((3, 5), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 5 - len(r):] = r
+    return ids, (ids != PAD).long()
+
+
+def _oracle_last_logits(model, input_ids):
+    """Unbatched, unpadded, uncached forward per row."""
+    out = []
+    with torch.no_grad():
+        for row in input_ids:
+            start = int((row != PAD).nonzero()[0])
+            out.append(model(input_ids=row[start:][None]).logits[0, -1])
+    return torch.stack(out)
+
+
+class _Recorder:
+    def __init__(self, companion, oracle_model):
+        self.companion, self.oracle_model, self.checked, self.steps = companion, oracle_model, 0, 0
+
+    def __call__(self, input_ids, scores):
+        got = self.companion(input_ids)
+        torch.testing.assert_close(got, _oracle_last_logits(self.oracle_model, input_ids), rtol=1e-4, atol=1e-4)
+        self.checked += 1
+        return scores
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_cached_logits_match_uncached_oracle_during_generate(num_beams):
+    main = _no_eos(make_tiny_llama(seed=0, vocab_size=64))
+    other = make_tiny_llama(seed=1, vocab_size=64, num_layers=1)
+    ids, mask = _prompts()
+    rec = _Recorder(CompanionLM(other, pad_token_id=PAD), other)
+    widths = []
+    hook = other.model.embed_tokens.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    out = main.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=num_beams,
+                        logits_processor=[rec])
+    assert out.shape == (3, 9)
+    hook.remove()
+    assert rec.checked == 4
+    companion_widths = widths[0::4]  # each step: one companion pass, then three oracle passes (one per row)
+    if num_beams == 1:  # one full prompt pass, then one token per step
+        assert companion_widths == [5, 1, 1, 1]
+    # a second generate call starts from a fresh prefix: the cache must not leak across calls
+    main.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, logits_processor=[rec])
+    assert rec.checked == 6
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="model"):
+        CompanionLM(lambda x: x)
+    with pytest.raises(ValueError, match="input_ids"):
+        CompanionLM(make_tiny_llama(num_layers=1))(torch.ones(3, dtype=torch.long))

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignlab.decoding import ContrastiveDecodingLogitsProcessor, contrastive_logits
+
+PAD = 0
+
+
+def _cd_oracle(expert_logits, amateur_logits, alpha, tau=1.0):
+    """The paper's definition, in probability space and float64."""
+    p_e = torch.softmax(expert_logits.double(), -1)
+    p_a = torch.softmax(amateur_logits.double() / tau, -1)
+    head = p_e >= alpha * p_e.max(-1, keepdim=True).values
+    return torch.where(head, p_e.log() - p_a.log(), torch.tensor(-math.inf, dtype=torch.float64))
+
+
+def test_hand_built_logits():
+    e = torch.tensor([[2.0, 1.0, 0.0, -3.0], [0.0, 0.0, 0.0, 0.0]])
+    a = torch.tensor([[3.0, 0.0, 0.0, -1.0], [1.0, 2.0, 3.0, 4.0]])
+    out = contrastive_logits(e, a, alpha=0.1)
+    # row 0: p_e ~ [.66, .24, .09, .003]; .09 < .066? no -> token 2 stays, token 3 is cut
+    assert torch.isinf(out[0, 3]) and torch.isfinite(out[0, :3]).all()
+    torch.testing.assert_close(out.double(), _cd_oracle(e, a, 0.1))
+    # the amateur's confidence in token 0 makes token 1 the contrastive choice
+    assert out[0].argmax() == 1 and e[0].argmax() == 0
+    # uniform expert: everything plausible, the amateur's least likely token wins
+    assert out[1].argmax() == 0
+    # alpha = 1 keeps only the expert's argmax
+    assert torch.isfinite(contrastive_logits(e[:1], a[:1], alpha=1.0)).sum() == 1
+    torch.testing.assert_close(contrastive_logits(e, a, alpha=0.3, amateur_temperature=0.5).double(),
+                               _cd_oracle(e, a, 0.3, 0.5))
+
+
+def test_invariant_to_per_row_logit_shifts_and_vocab_padding():
+    g = torch.Generator().manual_seed(0)
+    e, a = torch.randn(3, 11, generator=g), torch.randn(3, 11, generator=g)
+    base = contrastive_logits(e, a)
+    torch.testing.assert_close(contrastive_logits(e + 5.0, a - 2.0), base)
+    # an amateur with a padded vocabulary: the common ids agree with the oracle on the amateur cut back
+    a_pad = torch.cat([a, torch.full((3, 5), -30.0)], -1)
+    out = contrastive_logits(e, a_pad)
+    assert out.shape == (3, 11)
+    torch.testing.assert_close(out.double(), _cd_oracle(e, a, 0.1), rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="alpha"):
+        contrastive_logits(x, x, alpha=0.0)
+    with pytest.raises(ValueError, match="amateur_temperature"):
+        contrastive_logits(x, x, amateur_temperature=0)
+    with pytest.raises(ValueError, match="leading shapes"):
+        contrastive_logits(x, torch.zeros(3, 4))
+
+
+def _greedy_oracle(expert, amateur, prompt, steps, alpha):
+    ids = prompt.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            e = expert(input_ids=ids[None]).logits[0, -1]
+            a = amateur(input_ids=ids[None]).logits[0, -1]
+            ids = torch.cat([ids, _cd_oracle(e, a, alpha).argmax()[None]])
+    return ids
+
+
+def test_generate_matches_greedy_oracle_with_left_padded_batch():
+    expert = make_tiny_llama(seed=0, vocab_size=64)
+    expert.generation_config.eos_token_id = None
+    amateur = make_tiny_llama(seed=3, vocab_size=64, num_layers=1)
+    prompts = [torch.tensor([5, 9, 17, 33]), torch.tensor([40, 8])]
+    ids = torch.tensor([[5, 9, 17, 33], [PAD, PAD, 40, 8]])
+    proc = ContrastiveDecodingLogitsProcessor(amateur, alpha=0.1, pad_token_id=PAD)
+    out = expert.generate(ids, attention_mask=(ids != PAD).long(), max_new_tokens=6, do_sample=False,
+                          pad_token_id=PAD, logits_processor=[proc])
+    for row, prompt in zip(out, prompts):
+        expected = _greedy_oracle(expert, amateur, prompt, 6, 0.1)
+        assert row[-len(expected):].tolist() == expected.tolist()
+    plain = expert.generate(ids, attention_mask=(ids != PAD).long(), max_new_tokens=6, do_sample=False,
+                            pad_token_id=PAD)
+    assert not torch.equal(plain, out)  # the processor really changed the decoding

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignlab.decoding import ProxyTuningLogitsProcessor, proxy_tuning_logits
+
+
+def test_distribution_is_base_times_expert_ratio_to_the_alpha():
+    g = torch.Generator().manual_seed(0)
+    base, exp, anti = (torch.randn(4, 9, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    for alpha in (0.0, 0.5, 1.0, 2.0):
+        p = torch.softmax(proxy_tuning_logits(base, exp, anti, alpha=alpha).double(), -1)
+        unnorm = torch.softmax(base, -1) * (torch.softmax(exp, -1) / torch.softmax(anti, -1)) ** alpha
+        torch.testing.assert_close(p, unnorm / unnorm.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_hand_built_values_and_vocab_padding():
+    base = torch.tensor([[0.0, 0.0, 0.0]])
+    exp = torch.tensor([[2.0, 0.0, 0.0]])
+    anti = torch.tensor([[0.0, 0.0, 0.0]])
+    out = proxy_tuning_logits(base, exp, anti)
+    # log(1/3) + (log softmax(exp) - log(1/3)) = log softmax(exp)
+    torch.testing.assert_close(out, torch.log_softmax(exp, -1))
+    # a base model with a padded vocabulary keeps its width; the extra ids get -inf
+    wide = torch.cat([base, torch.zeros(1, 2)], -1)
+    out = proxy_tuning_logits(wide, exp, anti)
+    assert out.shape == (1, 5) and torch.isinf(out[0, 3:]).all()
+    with pytest.raises(ValueError, match="leading shapes"):
+        proxy_tuning_logits(base, exp, torch.zeros(2, 3))
+
+
+def test_generate_identity_when_expert_equals_antiexpert_and_oracle_otherwise():
+    base = make_tiny_llama(seed=0, vocab_size=64)
+    base.generation_config.eos_token_id = None
+    small_a = make_tiny_llama(seed=1, vocab_size=64, num_layers=1)
+    small_b = make_tiny_llama(seed=2, vocab_size=64, num_layers=1)
+    ids = torch.tensor([[3, 14, 15, 9, 26]])
+    plain = base.generate(ids, max_new_tokens=6, do_sample=False)
+    same = base.generate(ids, max_new_tokens=6, do_sample=False,
+                         logits_processor=[ProxyTuningLogitsProcessor(small_a, small_a)])
+    assert torch.equal(plain, same)
+
+    out = base.generate(ids, max_new_tokens=6, do_sample=False,
+                        logits_processor=[ProxyTuningLogitsProcessor(small_b, small_a, alpha=1.0)])
+    seq = ids[0]
+    with torch.no_grad():
+        for _ in range(6):
+            p = [torch.softmax(m(input_ids=seq[None]).logits[0, -1].double(), -1) for m in (base, small_b, small_a)]
+            seq = torch.cat([seq, (p[0] * p[1] / p[2]).argmax()[None]])
+    assert out[0].tolist() == seq.tolist()
+    assert not torch.equal(out, plain)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignlab.decoding import RewardGuidedLogitsProcessor, reward_guided_logits, reward_model_fn
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_hand_built_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    out = reward_guided_logits(logits, torch.tensor([[1, 2]]), torch.tensor([[0.0, 5.0]]), weight=0.5)
+    inf = float("inf")
+    torch.testing.assert_close(out, torch.tensor([[-inf, 3.0, 4.5, -inf]]))
+    with pytest.raises(ValueError, match="candidate"):
+        reward_guided_logits(logits, torch.tensor([[1, 2]]), torch.tensor([[0.0]]), weight=1.0)
+
+
+def test_processor_scores_every_top_k_extension():
+    seen = []
+
+    def reward_fn(ids):
+        seen.append(ids.clone())
+        return (ids[:, -1] % 3).float()  # depends on the candidate token
+
+    scores = torch.tensor([[0.0, 4.0, 3.0, 2.0, 1.0], [5.0, 0.0, 0.0, 0.0, 6.0]])
+    prefix = torch.tensor([[7, 8], [9, 10]])
+    out = RewardGuidedLogitsProcessor(reward_fn, weight=2.0, top_k=3)(prefix, scores)
+    ext = seen[0]
+    assert ext.shape == (6, 3) and ext[:3, :2].eq(prefix[0]).all() and ext[3:, :2].eq(prefix[1]).all()
+    inf = float("inf")
+    # row 0: top-3 = 1, 2, 3 -> 4 + 2*1, 3 + 2*2, 2 + 2*0 ; row 1: top-3 = 4, 0, then the first zero (id 1)
+    expected = torch.tensor([[-inf, 6.0, 7.0, 2.0, -inf], [5.0, 2.0, -inf, -inf, 8.0]])
+    assert torch.isinf(out).sum() == 4
+    torch.testing.assert_close(out[0], expected[0])
+    assert out[1, 0] == 5.0 and out[1, 4] == 8.0
+    with pytest.raises(ValueError, match="top_k"):
+        RewardGuidedLogitsProcessor(reward_fn, top_k=0)
+    with pytest.raises(ValueError, match="weight"):
+        RewardGuidedLogitsProcessor(reward_fn, weight=-1.0)
+    with pytest.raises(TypeError, match="reward_fn"):
+        RewardGuidedLogitsProcessor(3)
+    with pytest.raises(ValueError, match="rewards"):
+        RewardGuidedLogitsProcessor(lambda ids: torch.zeros(1), top_k=2)(prefix, scores)
+
+
+def _reward_model():
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0,
+    )
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+def test_generate_matches_args_greedy_oracle_with_a_reward_model():
+    policy = make_tiny_llama(seed=0, vocab_size=64)
+    policy.generation_config.eos_token_id = None
+    rm = _reward_model()
+    ids = torch.tensor([[0, 0, 12, 30], [5, 6, 7, 8]])
+    weight, k, steps = 3.0, 4, 4
+    reward_fn = reward_model_fn(rm, pad_token_id=0, batch_size=5)
+    proc = RewardGuidedLogitsProcessor(reward_fn, weight=weight, top_k=k)
+    out = policy.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=steps, do_sample=False,
+                          pad_token_id=0, logits_processor=[proc])
+    plain = policy.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=steps, do_sample=False,
+                            pad_token_id=0)
+    assert not torch.equal(out, plain)
+    with torch.no_grad():
+        for row, prompt in zip(out, ([12, 30], [5, 6, 7, 8])):
+            seq = torch.tensor(prompt)
+            for _ in range(steps):
+                logits = policy(input_ids=seq[None]).logits[0, -1]
+                best, best_score = None, -float("inf")
+                for v in logits.topk(k).indices.tolist():
+                    r = rm(input_ids=torch.cat([seq, torch.tensor([v])])[None]).logits[0, 0]
+                    if logits[v] + weight * r > best_score:
+                        best, best_score = v, logits[v] + weight * r
+                seq = torch.cat([seq, torch.tensor([best])])
+            assert row[-len(seq):].tolist() == seq.tolist()
