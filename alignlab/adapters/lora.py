@@ -237,6 +237,9 @@ class LoRALinear(AdapterLayer):
             xa = self.lora_dropout[name](x.to(a.dtype))
             if self.is_dora(name):
                 out = (out + self._dora(x, xa, out, name)).to(out.dtype)
+            elif a.dtype == out.dtype:  # one GEMM adds s·(xA)Bᵀ into out in its epilogue: no extra pass
+                flat = out.reshape(-1, out.shape[-1])
+                out = torch.addmm(flat, F.linear(xa, a).reshape(-1, a.shape[0]), b.T, alpha=self.scaling[name]).view(out.shape)
             else:
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out
