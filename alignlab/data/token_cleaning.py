@@ -1,0 +1,219 @@
+"""Token cleaning: drop uninformative supervised tokens from the SFT loss.
+
+"Token Cleaning: Fine-Grained Data Selection for LLM Supervised
+Fine-Tuning", Pang et al., ICML 2025, arXiv:2502.01968. Each supervised
+token ``x_j`` (context ``x_<j``) gets the influence score
+
+    I(x_j) = ℓ(x_j | x_<j; θ_base) - ℓ(x_j | x_<j; θ_ref),   ℓ = -log p,
+
+how much easier the token became for a reference model ``θ_ref`` (trained on
+good data) than for the base model. Tokens the reference has not learned any
+better (``I ≈ 0`` or negative: common phrases, noise) carry little task
+information; the top ``keep_ratio`` of tokens by ``I`` keep their labels, the
+others are set to ``-100``.
+
+* **fixed-model** cleaning: one pass with a fixed base and a fixed
+  reference; the paper ranks globally over the data set — compute a
+  threshold with :func:`influence_threshold` over (a sample of) the data,
+  or rank per batch / per sequence.
+* **self-evolving** cleaning: the reference is the model being trained (or
+  its latest snapshot): at each round the current model scores the next
+  chunk of data against the fixed base, and the cleaned chunk trains it
+  further. :class:`TokenCleaner` takes the current model at call time.
+
+Labels follow the ``transformers`` convention: ``labels[b, t]`` is the token
+at ``t``, predicted from logits at ``t - 1``; ``-100`` means no loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from alignlab.data.sft import IGNORE_INDEX
+
+__all__ = [
+    "TokenCleaner",
+    "clean_labels",
+    "influence_threshold",
+    "token_influence",
+    "token_losses",
+]
+
+
+@torch.no_grad()
+def token_losses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token NLL ``-log p(labels[b,t] | input_ids[b,<t])``, shape ``(batch, seq)``, float32.
+
+    ``NaN`` where ``labels == -100`` and at ``t = 0``. ``model(input_ids, ...)``
+    must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
+    logits tensor itself; ``position_ids`` are forwarded (packed rows).
+    Raises ``ValueError`` on shape mismatch.
+    """
+    if input_ids.shape != labels.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must be equal "
+                         "(batch, seq) shapes")
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+        kwargs["use_cache"] = False  # transformers only derives packed masks without a KV cache
+    out = model(input_ids, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}")
+    target = labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target.masked_fill(~valid, 0), reduction="none"
+    )
+    result = torch.full(labels.shape, math.nan, dtype=torch.float32, device=labels.device)
+    result[:, 1:] = nll.masked_fill(~valid, math.nan)
+    return result
+
+
+def token_influence(
+    base: nn.Module,
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Influence ``ℓ_base - ℓ_ref`` per token, ``(batch, seq)``; ``NaN`` on unsupervised positions."""
+    return token_losses(base, input_ids, labels, attention_mask, position_ids) - token_losses(
+        reference, input_ids, labels, attention_mask, position_ids
+    )
+
+
+def _check_ratio(keep_ratio: float) -> None:
+    if not (isinstance(keep_ratio, (int, float)) and 0.0 <= keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
+
+
+def clean_labels(
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    keep_ratio: float | None = None,
+    scope: Literal["batch", "sequence"] = "batch",
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """New labels keeping only the most informative supervised tokens.
+
+    Either ``threshold`` (keep ``scores >= threshold``, e.g. a data-set-wide
+    value from :func:`influence_threshold`) or ``keep_ratio``: keep the top
+    ``⌈ρ · n⌉`` supervised tokens by score, ranked over the whole batch
+    (``scope="batch"``) or within each row (``"sequence"``); ties go to the
+    earlier token. Positions already ``-100`` stay so; NaN scores are
+    dropped. ``labels``/``scores``: ``(batch, seq)``. Returns a new tensor.
+    Raises ``ValueError`` if neither or both of ``keep_ratio`` and
+    ``threshold`` are given, or on shape mismatch.
+    """
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must have equal shapes")
+    if (keep_ratio is None) == (threshold is None):
+        raise ValueError("give exactly one of keep_ratio and threshold")
+    supervised = (labels != IGNORE_INDEX) & ~torch.isnan(scores)
+    if threshold is not None:
+        keep = supervised & (scores >= threshold)
+        return labels.masked_fill(~keep, IGNORE_INDEX)
+    _check_ratio(keep_ratio)
+    if scope not in ("batch", "sequence"):
+        raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
+    rows = scores.reshape(1, -1) if scope == "batch" else scores
+    sup = supervised.reshape(rows.shape)
+    masked = rows.float().masked_fill(~sup, -math.inf)
+    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    k = torch.ceil(sup.sum(dim=1).double() * keep_ratio).long()
+    keep = ((rank < k[:, None]) & sup).reshape(labels.shape)
+    return labels.masked_fill(~keep, IGNORE_INDEX)
+
+
+def influence_threshold(scores: Iterable[torch.Tensor], keep_ratio: float) -> float:
+    """Global threshold so that a share ``keep_ratio`` of all finite scores is ``>=`` it.
+
+    ``scores``: an iterable of score tensors (e.g. one per batch, NaN =
+    unsupervised) — the data-set-wide ranking of fixed-model cleaning. Holds
+    the finite scores in memory (4 bytes each). Raises ``ValueError`` if no
+    finite score is seen.
+    """
+    _check_ratio(keep_ratio)
+    pool = [s[torch.isfinite(s)].float().flatten().cpu() for s in scores]
+    flat = torch.cat(pool) if pool else torch.empty(0)
+    if flat.numel() == 0:
+        raise ValueError("no finite score found")
+    k = math.ceil(flat.numel() * keep_ratio)
+    if k == 0:
+        return math.inf
+    return float(torch.topk(flat, k).values[-1])
+
+
+class TokenCleaner:
+    """Apply token cleaning to batches (``input_ids``, ``labels``, optional mask / positions).
+
+    Args:
+        base: the base model ``θ_base`` (usually the pre-trained model), frozen.
+        reference: the fixed reference model (``mode="fixed"``); ``None`` in
+            ``"self_evolving"`` mode, where the current model is passed to
+            :meth:`__call__`.
+        keep_ratio / scope / threshold: as in :func:`clean_labels`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        reference: nn.Module | None = None,
+        mode: Literal["fixed", "self_evolving"] = "fixed",
+        keep_ratio: float | None = 0.6,
+        scope: Literal["batch", "sequence"] = "batch",
+        threshold: float | None = None,
+    ):
+        if mode not in ("fixed", "self_evolving"):
+            raise ValueError(f"mode must be 'fixed' or 'self_evolving', got {mode!r}")
+        if mode == "fixed" and reference is None:
+            raise ValueError("mode='fixed' needs a reference model")
+        if mode == "self_evolving" and reference is not None:
+            raise ValueError("mode='self_evolving' takes the current model at call time; pass reference=None")
+        if threshold is not None:
+            keep_ratio = None
+        self.base, self.reference, self.mode = base, reference, mode
+        self.keep_ratio, self.scope, self.threshold = keep_ratio, scope, threshold
+
+    def scores(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """Influence scores ``(batch, seq)`` for ``batch``; ``model`` = current model in self-evolving mode."""
+        reference = self._reference(model)
+        was_training = [m.training for m in (self.base, reference)]
+        self.base.eval()
+        reference.eval()
+        try:
+            return token_influence(self.base, reference, batch["input_ids"], batch["labels"],
+                                   batch.get("attention_mask"), batch.get("position_ids"))
+        finally:
+            self.base.train(was_training[0])
+            reference.train(was_training[1])
+
+    def __call__(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """The cleaned label tensor for ``batch`` (the input is not modified)."""
+        return clean_labels(batch["labels"], self.scores(batch, model), self.keep_ratio, self.scope, self.threshold)
+
+    def _reference(self, model: nn.Module | None) -> nn.Module:
+        if self.mode == "fixed":
+            if model is not None:
+                raise ValueError("mode='fixed' uses its own reference; do not pass a model")
+            return self.reference
+        if model is None:
+            raise ValueError("mode='self_evolving' needs the current model: cleaner(batch, model)")
+        return model

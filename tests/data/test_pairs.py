@@ -1,0 +1,140 @@
+"""Preference pair builders and collation."""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.data.pairs import (
+    collate_preference,
+    counterfactual_pairs,
+    llm_judge,
+    online_feedback_pairs,
+    pairs_from_scores,
+    parse_judge_score,
+    self_rewarding_pairs,
+    spin_pairs,
+    tokenize_preference,
+)
+from alignlab.data.sft import IGNORE_INDEX
+
+
+class RecordingGenerator:
+    """A fake sampler: answers from the system prompt + the last user message, records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, batch):
+        self.calls.append(batch)
+        out = []
+        for msgs in batch:
+            system = next((m["content"] for m in msgs if m["role"] == "system"), "plain")
+            out.append(f"{system} answer to {msgs[-1]['content']}")
+        return out
+
+
+def test_counterfactual_pairs_streaming_and_prompts():
+    gen = RecordingGenerator()
+    prompts = (f"q{i}" for i in range(5))  # a generator
+    pairs = list(counterfactual_pairs(prompts, gen, "be nice", "be rude", batch_size=2))
+    assert len(pairs) == 5 and len(gen.calls) == 6  # 3 batches x (desired, undesired)
+    assert [len(c) for c in gen.calls] == [2, 2, 2, 2, 1, 1]
+    assert pairs[3] == {"prompt": [{"role": "user", "content": "q3"}], "chosen": "be nice answer to q3",
+                        "rejected": "be rude answer to q3"}
+    # the steering prompts were used for generation, not in the training prompt
+    assert gen.calls[0][0][0] == {"role": "system", "content": "be nice"}
+    # "discourage" variant: no system prompt for chosen, an existing system message is replaced
+    gen2 = RecordingGenerator()
+    p = list(counterfactual_pairs([[{"role": "system", "content": "old"}, {"role": "user", "content": "x"}]],
+                                  gen2, None, "be rude", train_system="be helpful"))
+    assert p[0]["chosen"] == "plain answer to x" and p[0]["rejected"] == "be rude answer to x"
+    assert p[0]["prompt"][0] == {"role": "system", "content": "be helpful"} and len(p[0]["prompt"]) == 2
+    with pytest.raises(ValueError, match="differ"):
+        list(counterfactual_pairs(["x"], gen, "a", "a"))
+    with pytest.raises(ValueError, match="generate returned"):
+        list(counterfactual_pairs(["x"], lambda b: [], "a", "b"))
+
+
+def test_spin_pairs():
+    data = [
+        {"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "truth0"}]},
+        {"prompt": "q1", "response": "truth1"},
+        {"prompt": "q2", "response": "plain answer to q2"},  # model already matches: dropped
+    ]
+    pairs = list(spin_pairs(iter(data), RecordingGenerator(), batch_size=2))
+    assert pairs == [
+        {"prompt": [{"role": "user", "content": "q0"}], "chosen": "truth0", "rejected": "plain answer to q0"},
+        {"prompt": [{"role": "user", "content": "q1"}], "chosen": "truth1", "rejected": "plain answer to q1"},
+    ]
+    assert len(list(spin_pairs(data, RecordingGenerator(), skip_identical=False))) == 3
+    with pytest.raises(ValueError, match="examples\\[0\\]"):
+        list(spin_pairs([{"text": "x"}], RecordingGenerator()))
+    with pytest.raises(ValueError, match="assistant"):
+        list(spin_pairs([{"messages": [{"role": "user", "content": "q"}]}], RecordingGenerator()))
+
+
+def test_pairs_from_scores():
+    c = ["a", "b", "c", "d"]
+    assert pairs_from_scores("q", c, [3, 5, 1, 5]) == [
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": "b", "rejected": "c"}]
+    assert pairs_from_scores("q", c, [2, 2, 2, 2]) == []  # no preference signal
+    assert pairs_from_scores("q", c, [3, 4, 1, 5], min_margin=4) == []
+    got = {(p["chosen"], p["rejected"]) for p in pairs_from_scores("q", c, [3, math.nan, 1, 5], strategy="all")}
+    assert got == {("a", "c"), ("d", "a"), ("d", "c")}
+    assert pairs_from_scores("q", c, [math.nan, 1, math.nan, math.nan]) == []
+    with pytest.raises(ValueError, match="differ in length"):
+        pairs_from_scores("q", c, [1, 2])
+    recs = [{"prompt": "q", "candidates": ["x", "y"], "scores": [1, 2]}, {"prompt": "r", "candidates": ["z", "w"],
+                                                                          "scores": [1, 1]}]
+    assert [p["chosen"] for p in self_rewarding_pairs(recs)] == ["y"]
+    with pytest.raises(ValueError, match="missing"):
+        list(self_rewarding_pairs([{"prompt": "q"}]))
+
+
+def test_judge_parsing_and_online_feedback():
+    assert parse_judge_score("Good answer.\nScore: 4") == 4.0
+    assert parse_judge_score("score=2.5 ... final Score: 3") == 3.0
+    assert math.isnan(parse_judge_score("no number here"))
+    assert math.isnan(parse_judge_score("Score: 9", max_score=5))
+
+    counter = {"n": 0}
+
+    def sampler(batch):  # different samples on each call
+        counter["n"] += 1
+        return [f"draft{counter['n']} for {m[-1]['content']}" for m in batch]
+
+    def judge_llm(batch):  # reads the candidate out of the judge prompt, scores by draft number
+        return [f"Fine. Score: {int(m[0]['content'].split('draft')[1][0])}" for m in batch]
+
+    judge = llm_judge(judge_llm)
+    assert judge([{"role": "user", "content": "q"}], ["draft1 x", "draft3 y"]) == [1.0, 3.0]
+    pairs = list(online_feedback_pairs(["q0", "q1"], sampler, judge, num_candidates=3))
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("draft3 for q0", "draft1 for q0"),
+                                                             ("draft3 for q1", "draft1 for q1")]
+    with pytest.raises(ValueError, match="num_candidates"):
+        list(online_feedback_pairs(["q"], sampler, judge, num_candidates=1))
+
+
+def test_tokenize_and_collate_preference(chat_tokenizer):
+    tok = chat_tokenizer
+    pair = {"prompt": [{"role": "user", "content": "what is the capital of france ?"}],
+            "chosen": "paris", "rejected": "the capital of france is a dog"}
+    ex = tokenize_preference(pair, tok)
+    for side in ("chosen", "rejected"):
+        sup = [t for t, lab in zip(ex[f"{side}_input_ids"], ex[f"{side}_labels"]) if lab != IGNORE_INDEX]
+        assert sup == tok(pair[side] + " <|end|>", add_special_tokens=False)["input_ids"]
+    pad = tok.pad_token_id
+    batch = collate_preference([ex, ex], pad_token_id=pad)
+    n_c, n_r = len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])
+    assert batch["input_ids"].shape == (4, max(n_c, n_r))
+    assert batch["attention_mask"].sum(1).tolist() == [n_c, n_c, n_r, n_r]
+    assert batch["input_ids"][0, :n_c].tolist() == ex["chosen_input_ids"]
+    assert batch["input_ids"][2, :n_r].tolist() == ex["rejected_input_ids"]
+    assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX)
+    with pytest.raises(ValueError, match="missing"):
+        tokenize_preference({"prompt": "x"}, tok)
+    with pytest.raises(ValueError, match="empty"):
+        collate_preference([], pad)
+    with pytest.raises(ValueError, match="rejected_input_ids"):
+        collate_preference([{"chosen_input_ids": [1], "chosen_labels": [1]}], pad)

@@ -1,0 +1,163 @@
+"""Token cleaning: per-token losses, influence ranking, fixed vs self-evolving modes."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.data.packing import collate_padding_free
+from alignlab.data.sft import IGNORE_INDEX
+from alignlab.data.token_cleaning import (
+    TokenCleaner,
+    clean_labels,
+    influence_threshold,
+    token_influence,
+    token_losses,
+)
+
+
+class Bigram(nn.Module):
+    """logits[t] = W[x_t] + bias: a model whose preferences we can set by hand."""
+
+    def __init__(self, vocab=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.table[input_ids] + self.bias
+
+
+def make_batch(vocab=16, seed=0, b=3, n=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, n), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX  # prompt
+    labels[1, 7:] = IGNORE_INDEX  # a shorter answer
+    return ids, labels
+
+
+def test_token_losses_match_written_out_nll():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=1)
+    ids, labels = make_batch(vocab=32)
+    got = token_losses(model, ids, labels)
+    with torch.no_grad():
+        logp = model(ids).logits.float().log_softmax(-1)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if t == 0 or labels[b, t] == IGNORE_INDEX:
+                assert math.isnan(got[b, t].item())
+            else:
+                assert got[b, t].item() == pytest.approx(-logp[b, t - 1, labels[b, t]].item(), rel=1e-5)
+
+
+def test_packed_scores_equal_unpacked():
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=1)
+    ref = make_tiny_llama(seed=1, vocab_size=32, hidden_size=32, num_layers=1)
+    ids, labels = make_batch(vocab=32)
+    examples = [{"input_ids": ids[b].tolist(), "labels": labels[b].tolist()} for b in range(3)]
+    packed = collate_padding_free(examples)
+    got = token_influence(base, ref, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
+    want = token_influence(base, ref, ids, labels).flatten()
+    torch.testing.assert_close(got.flatten(), want, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def oracle_clean(labels, scores, ratio, scope):
+    out = labels.clone()
+    groups = [list(range(labels.numel()))] if scope == "batch" else [
+        list(range(r * labels.shape[1], (r + 1) * labels.shape[1])) for r in range(labels.shape[0])]
+    flat_l, flat_s = labels.flatten(), scores.flatten()
+    for grp in groups:
+        sup = [i for i in grp if flat_l[i] != IGNORE_INDEX and not math.isnan(flat_s[i])]
+        k = math.ceil(len(sup) * ratio)
+        kept = set(sorted(sup, key=lambda i: (-flat_s[i].item(), i))[:k])
+        for i in grp:
+            if i not in kept:
+                out.view(-1)[i] = IGNORE_INDEX
+    return out
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.6, 1.0])
+def test_clean_labels_matches_bruteforce(scope, ratio):
+    ids, labels = make_batch(n=12)
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(-3, 3, labels.shape, generator=g).float()  # ties
+    scores[0, 5] = math.nan
+    got = clean_labels(labels, scores, ratio, scope)
+    assert torch.equal(got, oracle_clean(labels, scores, ratio, scope))
+    assert torch.equal(labels, ids.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX))  # input untouched
+
+
+def test_threshold_mode_and_global_threshold():
+    g = torch.Generator().manual_seed(2)
+    chunks = [torch.randn(2, 50, generator=g) for _ in range(4)]
+    chunks[0][0, :10] = math.nan
+    thr = influence_threshold(iter(chunks), keep_ratio=0.25)
+    finite = torch.cat([c[torch.isfinite(c)] for c in chunks])
+    assert int((finite >= thr).sum()) == math.ceil(0.25 * finite.numel())
+    labels = torch.zeros(2, 50, dtype=torch.long)
+    out = clean_labels(labels, chunks[1], threshold=thr)
+    assert torch.equal(out != IGNORE_INDEX, chunks[1] >= thr)
+
+
+def test_influence_finds_the_tokens_the_reference_learned():
+    base, ref = Bigram(seed=0), Bigram(seed=0)
+    with torch.no_grad():
+        ref.bias[7] = 5.0  # the reference has learned to predict token 7
+    ids, labels = make_batch(seed=3, n=40)
+    target = labels == 7
+    assert target.sum() >= 3
+    scores = token_influence(base, ref, ids, labels)
+    # written out: l_base - l_ref = (lse(z_base) - z_base[y]) - (lse(z_ref) - z_ref[y])
+    zb, zr = base(ids)[:, :-1], ref(ids)[:, :-1]
+    y = labels[:, 1:].clamp_min(0)[..., None]
+    expect = (zb.logsumexp(-1) - zb.gather(-1, y)[..., 0]) - (zr.logsumexp(-1) - zr.gather(-1, y)[..., 0])
+    sup = labels[:, 1:] != IGNORE_INDEX
+    torch.testing.assert_close(scores[:, 1:][sup], expect[sup].detach(), rtol=1e-5, atol=1e-5)
+    sup_full = (labels != IGNORE_INDEX)
+    sup_full[:, 0] = False
+    ratio = (target & sup_full).sum().item() / sup_full.sum().item()
+    cleaned = TokenCleaner(base, ref, keep_ratio=ratio)({"input_ids": ids, "labels": labels})
+    assert torch.equal(cleaned != IGNORE_INDEX, target & sup_full)
+
+
+def test_self_evolving_uses_current_model():
+    base, ref = Bigram(seed=0), Bigram(seed=1)
+    ids, labels = make_batch()
+    batch = {"input_ids": ids, "labels": labels}
+    fixed = TokenCleaner(base, ref, keep_ratio=0.5)(batch)
+    evolving = TokenCleaner(base, mode="self_evolving", keep_ratio=0.5)
+    ref.train()
+    assert torch.equal(evolving(batch, ref), fixed)
+    assert ref.training  # mode restored
+    with torch.no_grad():
+        ref.bias[3] = 4.0  # the current model moved on: the mask follows it
+    assert not torch.equal(evolving(batch, ref), fixed)
+
+
+def test_errors():
+    base = Bigram()
+    ids, labels = make_batch()
+    with pytest.raises(ValueError, match="reference"):
+        TokenCleaner(base)
+    with pytest.raises(ValueError, match="self_evolving"):
+        TokenCleaner(base, base, mode="self_evolving")
+    with pytest.raises(ValueError, match="current model"):
+        TokenCleaner(base, mode="self_evolving")({"input_ids": ids, "labels": labels})
+    with pytest.raises(ValueError, match="exactly one"):
+        clean_labels(labels, labels.float())
+    with pytest.raises(ValueError, match="keep_ratio"):
+        clean_labels(labels, labels.float(), 1.5)
+    with pytest.raises(ValueError, match="shapes"):
+        clean_labels(labels, labels[:, :3].float(), 0.5)
+    with pytest.raises(ValueError, match="input_ids"):
+        token_losses(base, ids, labels[:, :3])
+    with pytest.raises(ValueError, match="finite"):
+        influence_threshold([torch.tensor([math.nan])], 0.5)
