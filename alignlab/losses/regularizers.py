@@ -1,0 +1,383 @@
+r"""Regularisers against catastrophic forgetting: EWC (offline and online) and L2-SP.
+
+Elastic Weight Consolidation (Kirkpatrick et al., "Overcoming catastrophic
+forgetting in neural networks", arXiv:1612.00796) anchors every parameter to its
+value :math:`\theta^*` after the previous task, weighted by the diagonal of the
+Fisher information :math:`F`:
+
+.. math::  \Omega(\theta) = \frac{\lambda}{2} \sum_i F_i (\theta_i - \theta^*_i)^2 .
+
+:func:`estimate_fisher` estimates :math:`F_i = \mathbb{E}_x \mathbb{E}_y
+[(\partial_{\theta_i} \log p_\theta(y\mid x))^2]` from a data loader, either with
+the data's own labels ("empirical" Fisher) or with labels sampled from the model
+("true" Fisher; see Kunstner et al., "Limitations of the Empirical Fisher
+Approximation", arXiv:1905.12558, for why they differ). Online EWC (Schwarz et
+al., "Progress & Compress", arXiv:1805.06370) keeps one running Fisher,
+:math:`F \leftarrow \gamma F + F_{\text{new}}`, and moves the anchor to the
+newest parameters (:meth:`EWC.consolidate`).
+
+L2-SP (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer Learning
+with Convolutional Networks", arXiv:1802.01483) pulls fine-tuned weights towards
+the pretrained ones and decays parameters that have no pretrained value:
+
+.. math::  \Omega(w) = \frac{\alpha}{2} \sum_{\text{layers } l} \sum_i a_{l,i}
+           (w_{l,i} - w^0_{l,i})^2 + \frac{\beta}{2} \lVert w_{\text{new}} \rVert^2 ,
+
+where :math:`a` are optional layer-wise (one number per parameter name pattern)
+or element-wise (a tensor shaped like the parameter) weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP"]
+
+Weight = Union[float, torch.Tensor]
+Weights = Union[None, float, Mapping[str, Weight], Callable[[str, torch.Tensor], Weight]]
+
+
+def _named_trainable(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if names is None:
+        return params
+    names = list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"params names not found among the model's trainable parameters: {missing[:5]}")
+    return {n: params[n] for n in names}
+
+
+def _split_examples(batch: Any) -> list:
+    """Split a batch (tensor, tuple/list or dict of tensors sharing dim 0) into single examples."""
+    if isinstance(batch, torch.Tensor):
+        return [batch[i : i + 1] for i in range(batch.shape[0])]
+    if isinstance(batch, Mapping):
+        sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor)}
+        if len(sizes) != 1:
+            raise ValueError("per_example=True needs every tensor in a dict batch to share its first dimension")
+        n = sizes.pop()
+        return [{k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for i in range(n)]
+    if isinstance(batch, (tuple, list)):
+        sizes = {v.shape[0] for v in batch if isinstance(v, torch.Tensor)}
+        if len(sizes) != 1:
+            raise ValueError("per_example=True needs every tensor in a tuple batch to share its first dimension")
+        n = sizes.pop()
+        return [type(batch)(v[i : i + 1] if isinstance(v, torch.Tensor) else v for v in batch) for i in range(n)]
+    raise TypeError(f"per_example=True cannot split a batch of type {type(batch).__name__}; pass per_example=False")
+
+
+def estimate_fisher(
+    model: nn.Module,
+    data: Iterable,
+    forward: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    mode: str = "empirical",
+    per_example: bool = True,
+    num_batches: int | None = None,
+    samples: int = 1,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    params: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""Diagonal Fisher information of ``model`` averaged over the examples of ``data``.
+
+    For each example :math:`x` the log-likelihood is
+    :math:`\ell = \sum_j \log \mathrm{softmax}(z_j)[y_j]` over its non-ignored
+    positions :math:`j` (tokens, or the single class of a classifier), and the
+    estimate is :math:`F_i = \frac{1}{N}\sum_x (\partial_{\theta_i} \ell)^2`.
+
+    Args:
+        model: the network; its trainable parameters (``requires_grad``) get a Fisher entry.
+        data: an iterable of batches (a ``DataLoader``, a list, a generator).
+        forward: ``forward(model, batch) -> (logits, labels)`` with ``logits`` ``(..., classes)``
+            and ``labels`` ``(...)`` long, ``ignore_index`` where no target (e.g. shifted LM
+            logits ``(batch, seq-1, vocab)`` and labels ``(batch, seq-1)``).
+        mode: ``"empirical"`` uses the batch's labels; ``"true"`` samples labels from the
+            model's own predictive distribution at the non-ignored positions.
+        per_example: split each batch along dim 0 and square per-example gradients (the
+            definition). ``False`` squares whole-batch gradients of the summed log-likelihood
+            -- cheaper, but a different (biased) estimator; the division is then by batches.
+        num_batches: stop after this many batches (``None``: the whole iterable).
+        samples: labels drawn per example in ``"true"`` mode (Monte-Carlo average).
+        ignore_index: label value without a target.
+        generator: RNG for ``"true"`` mode (seed it for reproducibility).
+        params: restrict to these parameter names.
+
+    Returns:
+        ``{name: tensor shaped like the parameter}`` in float32 (float64 for float64 parameters).
+
+    Raises:
+        ValueError: unknown ``mode``, ``samples < 1``, empty ``data``, logits/labels shape mismatch.
+        TypeError: ``model`` is not a module, or a batch cannot be split per example.
+    """
+    if mode not in ("empirical", "true"):
+        raise ValueError(f"mode must be 'empirical' or 'true', got {mode!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    named = _named_trainable(model, params)
+    fisher = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in named.items()}
+    plist = list(named.values())
+    count = 0
+    for b, batch in enumerate(data):
+        if num_batches is not None and b >= num_batches:
+            break
+        units = _split_examples(batch) if per_example else [batch]
+        for unit in units:
+            logits, labels = forward(model, unit)
+            if logits.shape[:-1] != labels.shape:
+                raise ValueError(
+                    f"forward must return logits (..., classes) and labels (...); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+                )
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            valid = labels != ignore_index
+            for _ in range(samples if mode == "true" else 1):
+                if mode == "true":
+                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+                    drawn = torch.multinomial(probs, 1, generator=generator).view(labels.shape)
+                    target = torch.where(valid, drawn, torch.zeros_like(drawn))
+                else:
+                    target = torch.where(valid, labels, torch.zeros_like(labels))
+                ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid).sum()
+                grads = torch.autograd.grad(ll, plist, retain_graph=mode == "true", allow_unused=True)
+                weight = 1.0 / samples if mode == "true" else 1.0
+                for (n, _), g in zip(named.items(), grads):
+                    if g is not None:
+                        fisher[n].add_(g.to(fisher[n].dtype).square(), alpha=weight)
+            count += 1
+    if count == 0:
+        raise ValueError("data yielded no batches; cannot estimate a Fisher")
+    for f in fisher.values():
+        f.div_(count)
+    return fisher
+
+
+def ewc_penalty(
+    params: Mapping[str, torch.Tensor],
+    anchor: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
+    lam: float = 1.0,
+) -> torch.Tensor:
+    r"""``lam / 2 * sum_i F_i (theta_i - theta*_i)^2`` over the names in ``fisher``.
+
+    Args:
+        params: current parameters ``{name: tensor}`` (gradients flow into them).
+        anchor: ``theta*`` with the same names and shapes (treated as constants).
+        fisher: diagonal Fisher ``F`` with the same names and shapes.
+        lam: ``lambda >= 0``.
+
+    Returns:
+        scalar tensor (0 when ``fisher`` is empty).
+
+    Raises:
+        ValueError: a name of ``fisher`` missing from ``params``/``anchor``, a shape mismatch, ``lam < 0``.
+    """
+    if not isinstance(lam, (int, float)) or lam < 0:
+        raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+    total = None
+    for name, f in fisher.items():
+        if name not in params or name not in anchor:
+            raise ValueError(f"parameter {name!r} of fisher is missing from params or anchor")
+        p, a = params[name], anchor[name]
+        if p.shape != f.shape or a.shape != f.shape:
+            raise ValueError(f"shape mismatch for {name!r}: param {tuple(p.shape)}, anchor {tuple(a.shape)}, fisher {tuple(f.shape)}")
+        term = (f.to(p.device) * (p - a.to(p.device, p.dtype).detach()).square().to(f.dtype)).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return 0.5 * lam * total
+
+
+class EWC:
+    """Elastic Weight Consolidation state: anchor parameters + diagonal Fisher (buffers).
+
+    >>> ewc = EWC(model, fisher, lam=100.0)              # doctest: +SKIP
+    >>> loss = task_loss + ewc.penalty(model)             # doctest: +SKIP
+    >>> ewc.consolidate(model, new_fisher, gamma=0.9)     # online EWC after the next task
+
+    Args:
+        model: the network; the anchor is a detached copy of its current parameters named in ``fisher``.
+        fisher: ``{name: tensor}`` from :func:`estimate_fisher`.
+        lam: ``lambda >= 0``.
+
+    Raises:
+        ValueError: as :func:`ewc_penalty`, checked at construction.
+    """
+
+    def __init__(self, model: nn.Module, fisher: Mapping[str, torch.Tensor], lam: float = 1.0):
+        if not isinstance(lam, (int, float)) or lam < 0:
+            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+        self.lam = float(lam)
+        self.names = list(fisher)
+        self._fisher: dict[str, torch.Tensor] = {}
+        self._anchor: dict[str, torch.Tensor] = {}
+        self._set(model, fisher)
+
+    def _set(self, model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        for name, f in fisher.items():
+            if name not in params:
+                raise ValueError(f"fisher names parameter {name!r}, which the model does not have")
+            if params[name].shape != f.shape:
+                raise ValueError(f"fisher[{name!r}] has shape {tuple(f.shape)}, parameter has {tuple(params[name].shape)}")
+            self._fisher[name] = f.detach().clone()
+            self._anchor[name] = params[name].detach().clone()
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        return dict(self._fisher)
+
+    @property
+    def anchor(self) -> dict[str, torch.Tensor]:
+        return dict(self._anchor)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``lam/2 * sum F (theta - theta*)^2`` for the model's current parameters (scalar)."""
+        params = dict(model.named_parameters())
+        return ewc_penalty(params, self._anchor, self._fisher, self.lam)
+
+    def consolidate(self, model: nn.Module, fisher: Mapping[str, torch.Tensor], gamma: float = 1.0) -> None:
+        """Online EWC update: ``F <- gamma F + F_new`` and ``theta* <- theta`` (current params).
+
+        ``gamma=1`` accumulates Fishers of all past tasks with the newest anchor; Progress &
+        Compress uses ``gamma < 1`` to forget old tasks' importance gradually.
+
+        Raises:
+            ValueError: ``gamma`` outside ``[0, 1]`` or Fisher names/shapes differing from the stored ones.
+        """
+        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if set(fisher) != set(self._fisher):
+            raise ValueError("consolidate needs a Fisher over the same parameter names as before")
+        merged = {}
+        for name, f in fisher.items():
+            old = self._fisher[name]
+            if f.shape != old.shape:
+                raise ValueError(f"fisher[{name!r}] shape {tuple(f.shape)} != stored {tuple(old.shape)}")
+            merged[name] = gamma * old + f.to(old.device, old.dtype)
+        self._set(model, merged)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"lam", "fisher", "anchor"}`` as plain tensors (``torch.save``-able)."""
+        return {"lam": self.lam, "fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if set(state) != {"lam", "fisher", "anchor"}:
+            raise ValueError("state must have keys 'lam', 'fisher', 'anchor'")
+        self.lam = float(state["lam"])
+        self._fisher = {k: v.clone() for k, v in state["fisher"].items()}
+        self._anchor = {k: v.clone() for k, v in state["anchor"].items()}
+        self.names = list(self._fisher)
+
+
+def _weight_for(name: str, param: torch.Tensor, weights: Weights) -> Weight | None:
+    """Regularisation weight of one parameter; ``None`` means 'not regularised'."""
+    if weights is None:
+        return 1.0
+    if isinstance(weights, (int, float)):
+        return float(weights)
+    if callable(weights) and not isinstance(weights, Mapping):
+        return weights(name, param)
+    for pattern, value in weights.items():
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def l2sp_penalty(
+    params: Mapping[str, torch.Tensor],
+    pretrained: Mapping[str, torch.Tensor],
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    weights: Weights = None,
+) -> torch.Tensor:
+    r"""L2-SP: ``alpha/2 sum a (w - w0)^2`` over pretrained params + ``beta/2 ||w_new||^2``.
+
+    Args:
+        params: current parameters ``{name: tensor}``.
+        pretrained: starting-point values ``w0``; names absent here count as "new" (``beta`` term).
+        alpha: strength of the pull to the pretrained weights (``>= 0``).
+        beta: plain weight decay on new parameters (``>= 0``).
+        weights: per-parameter factor ``a`` on the ``alpha`` term: ``None`` (1 everywhere), a float,
+            a mapping from names or ``fnmatch`` patterns (``"model.layers.0.*"``, first match wins)
+            to a float (layer-wise) or a tensor broadcastable to the parameter (element-wise), or a
+            callable ``(name, param) -> float | tensor``. With a mapping, a pretrained parameter that
+            matches no pattern is not regularised.
+
+    Returns:
+        scalar tensor.
+
+    Raises:
+        ValueError: negative ``alpha``/``beta``, shape mismatch with ``pretrained`` or a weight tensor.
+        TypeError: ``weights`` of an unsupported type.
+    """
+    for label, v in (("alpha", alpha), ("beta", beta)):
+        if not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{label} must be a number >= 0, got {v!r}")
+    if weights is not None and not isinstance(weights, (int, float, Mapping)) and not callable(weights):
+        raise TypeError(f"weights must be None, a float, a mapping or a callable, got {type(weights).__name__}")
+    sp = None
+    new = None
+    for name, p in params.items():
+        if name in pretrained:
+            w0 = pretrained[name]
+            if w0.shape != p.shape:
+                raise ValueError(f"pretrained[{name!r}] has shape {tuple(w0.shape)}, parameter has {tuple(p.shape)}")
+            a = _weight_for(name, p, weights)
+            if a is None:
+                continue
+            sq = (p - w0.to(p.device, p.dtype).detach()).square()
+            if isinstance(a, torch.Tensor):
+                try:
+                    sq = torch.broadcast_to(a.to(p.device, p.dtype), p.shape) * sq
+                except RuntimeError as exc:
+                    raise ValueError(f"weight tensor for {name!r} does not broadcast to {tuple(p.shape)}") from exc
+            else:
+                sq = float(a) * sq
+            term = sq.sum()
+            sp = term if sp is None else sp + term
+        elif beta:
+            term = p.square().sum()
+            new = term if new is None else new + term
+    zero = torch.zeros(())
+    return 0.5 * alpha * (zero if sp is None else sp) + 0.5 * beta * (zero if new is None else new)
+
+
+class L2SP:
+    """Keeps a detached copy of the starting weights and returns the L2-SP penalty of a model.
+
+    >>> reg = L2SP(model, alpha=0.01, beta=0.01, weights={"lm_head.*": 0.0})  # doctest: +SKIP
+    >>> loss = task_loss + reg(model)                                       # doctest: +SKIP
+
+    Args:
+        model: its current trainable parameters become the pretrained reference ``w0``.
+        alpha, beta, weights: as :func:`l2sp_penalty`.
+        exclude: names or patterns of parameters to treat as new (``beta`` term), e.g. a fresh head.
+    """
+
+    def __init__(self, model: nn.Module, *, alpha: float = 1.0, beta: float = 0.0, weights: Weights = None,
+                 exclude: Iterable[str] = ()):
+        exclude = list(exclude)
+        self.alpha, self.beta, self.weights = alpha, beta, weights
+        self.pretrained = {
+            n: p.detach().clone()
+            for n, p in _named_trainable(model).items()
+            if not any(n == e or fnmatch.fnmatchcase(n, e) for e in exclude)
+        }
+        l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return l2sp_penalty(
+            _named_trainable(model), self.pretrained, alpha=self.alpha, beta=self.beta, weights=self.weights
+        )

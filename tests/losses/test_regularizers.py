@@ -1,0 +1,177 @@
+"""EWC and L2-SP against hand-derived gradients and penalties."""
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.losses.regularizers import EWC, L2SP, estimate_fisher, ewc_penalty, l2sp_penalty
+
+
+def _softmax_regression(seed=0, d=3, c=4):
+    torch.manual_seed(seed)
+    model = nn.Linear(d, c).double()
+    x = torch.randn(6, d, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1, -100])  # last example has no target
+    return model, x, y
+
+
+def _forward(model, batch):
+    x, y = batch
+    return model(x), y
+
+
+def _hand_grads(model, x, y):
+    """d log softmax(Wx+b)[y] / d(W, b) = (e_y - p) x^T, (e_y - p): per example, by hand."""
+    W, b = model.weight.detach(), model.bias.detach()
+    p = torch.softmax(x @ W.T + b, -1)
+    e = torch.nn.functional.one_hot(y.clamp(min=0), W.shape[0]).double()
+    r = e - p
+    return torch.einsum("nc,nd->ncd", r, x), r, p
+
+
+def test_empirical_fisher_matches_hand_computation():
+    model, x, y = _softmax_regression()
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]  # two batches
+    fisher = estimate_fisher(model, data, _forward, mode="empirical")
+    gw, gb, _ = _hand_grads(model, x, y)
+    valid = (y != -100).double()
+    n = x.shape[0]  # the example without a target still counts as an example (zero gradient)
+    want_w = (gw.square() * valid[:, None, None]).sum(0) / n
+    want_b = (gb.square() * valid[:, None]).sum(0) / n
+    torch.testing.assert_close(fisher["weight"], want_w)
+    torch.testing.assert_close(fisher["bias"], want_b)
+
+
+def test_batch_fisher_squares_summed_gradients():
+    model, x, y = _softmax_regression()
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    fisher = estimate_fisher(model, data, _forward, per_example=False)
+    gw, _, _ = _hand_grads(model, x, y)
+    valid = (y != -100).double()[:, None, None]
+    g1 = (gw[:4] * valid[:4]).sum(0)
+    g2 = (gw[4:] * valid[4:]).sum(0)
+    torch.testing.assert_close(fisher["weight"], (g1.square() + g2.square()) / 2)
+
+
+def test_true_fisher_converges_to_expectation_over_model_labels():
+    model, x, y = _softmax_regression(seed=1)
+    x, y = x[:2], y[:2]
+    gen = torch.Generator().manual_seed(0)
+    fisher = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=3000, generator=gen)
+    # Exact: E_x sum_c p_c ((e_c - p) x^T)^2
+    W, b = model.weight.detach(), model.bias.detach()
+    p = torch.softmax(x @ W.T + b, -1)
+    want = torch.zeros_like(W)
+    for i in range(2):
+        for c in range(W.shape[0]):
+            r = torch.nn.functional.one_hot(torch.tensor(c), W.shape[0]).double() - p[i]
+            want += p[i, c] * torch.outer(r, x[i]).square()
+    want /= 2
+    assert ((fisher["weight"] - want).norm() / want.norm()).item() < 0.06
+    # Reproducible with the same seed.
+    again = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=50, generator=torch.Generator().manual_seed(3))
+    again2 = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=50, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again["weight"], again2["weight"])
+
+
+def test_fisher_dict_batches_num_batches_and_errors():
+    model, x, y = _softmax_regression()
+    data = [{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}]
+    f = estimate_fisher(model, data, lambda m, b: (m(b["x"]), b["y"]), num_batches=1, params=["weight"])
+    assert set(f) == {"weight"}
+    gw, _, _ = _hand_grads(model, x[:3], y[:3])
+    torch.testing.assert_close(f["weight"], gw.square().mean(0))
+    with pytest.raises(ValueError, match="mode"):
+        estimate_fisher(model, data, _forward, mode="exact")
+    with pytest.raises(ValueError, match="no batches"):
+        estimate_fisher(model, [], _forward)
+    with pytest.raises(ValueError, match="params"):
+        estimate_fisher(model, data, _forward, params=["nope"])
+    with pytest.raises(ValueError, match="logits"):
+        estimate_fisher(model, [(x, y[:2])], _forward, per_example=False)
+
+
+def test_ewc_penalty_value_and_gradient():
+    model, _, _ = _softmax_regression()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    params = dict(model.named_parameters())
+    pen = ewc_penalty(params, anchor, fisher, lam=3.0)
+    want = sum(1.5 * (fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher)
+    torch.testing.assert_close(pen, want)
+    pen.backward()
+    for n, p in params.items():  # d/dtheta = lam F (theta - theta*)
+        torch.testing.assert_close(p.grad, 3.0 * fisher[n] * (p.detach() - anchor[n]))
+
+
+def test_ewc_class_and_online_consolidation():
+    model, _, _ = _softmax_regression()
+    f1 = {"weight": torch.full((4, 3), 2.0, dtype=torch.float64)}
+    ewc = EWC(model, f1, lam=1.0)
+    assert ewc.penalty(model).item() == 0.0
+    theta1 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert ewc.penalty(model).item() == pytest.approx(0.5 * 2.0 * 12)
+    f2 = {"weight": torch.ones(4, 3, dtype=torch.float64)}
+    ewc.consolidate(model, f2, gamma=0.5)  # F = 0.5 * 2 + 1 = 2, anchor = theta1 + 1
+    torch.testing.assert_close(ewc.fisher["weight"], torch.full((4, 3), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(ewc.anchor["weight"], theta1 + 1.0)
+    assert ewc.penalty(model).item() == 0.0
+    state = ewc.state_dict()
+    other = EWC(model, f2)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.fisher["weight"], ewc.fisher["weight"])
+    with pytest.raises(ValueError, match="gamma"):
+        ewc.consolidate(model, f2, gamma=2.0)
+    with pytest.raises(ValueError, match="same parameter names"):
+        ewc.consolidate(model, {"bias": torch.ones(4)})
+    with pytest.raises(ValueError, match="shape"):
+        EWC(model, {"weight": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match="lam"):
+        EWC(model, f1, lam=-1)
+
+
+def test_l2sp_layerwise_elementwise_and_new_params():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    reg = L2SP(net, alpha=2.0, beta=0.5, weights={"0.*": 3.0, "1.weight": torch.tensor([1.0, 0.0]).view(2, 1)},
+               exclude=["1.bias"])
+    assert reg(net).item() == pytest.approx(0.5 * 0.5 * net[1].bias.detach().square().sum().item())
+    w0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3)
+    pen = reg(net)
+    p = dict(net.named_parameters())
+    d = {n: p[n].detach() - w0[n] for n in p}
+    want = 0.5 * 2.0 * (
+        3.0 * (d["0.weight"].square().sum() + d["0.bias"].square().sum())
+        + (d["1.weight"][0].square().sum())  # row weight 1, row 1 weight 0
+    ) + 0.5 * 0.5 * p["1.bias"].detach().square().sum()
+    assert pen.item() == pytest.approx(want.item(), rel=1e-6)
+    pen.backward()
+    torch.testing.assert_close(net[0].weight.grad, 2.0 * 3.0 * d["0.weight"])
+    torch.testing.assert_close(net[1].weight.grad[1], torch.zeros(3))
+    torch.testing.assert_close(net[1].bias.grad, 0.5 * p["1.bias"].detach())
+
+
+def test_l2sp_callable_weights_unmatched_and_errors():
+    torch.manual_seed(0)
+    params = {"a": torch.ones(2, requires_grad=True), "b": torch.ones(3, requires_grad=True)}
+    w0 = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    assert l2sp_penalty(params, w0, alpha=1.0, weights=lambda n, p: 2.0 if n == "a" else 0.0).item() == pytest.approx(2.0)
+    assert l2sp_penalty(params, w0, weights={"a": 1.0}).item() == pytest.approx(1.0)  # "b" matches no pattern
+    assert l2sp_penalty(params, w0).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="alpha"):
+        l2sp_penalty(params, w0, alpha=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        l2sp_penalty(params, {"a": torch.zeros(3)})
+    with pytest.raises(ValueError, match="broadcast"):
+        l2sp_penalty(params, w0, weights={"a": torch.ones(5)})
+    with pytest.raises(TypeError, match="weights"):
+        l2sp_penalty(params, w0, weights="all")
