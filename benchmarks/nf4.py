@@ -1,0 +1,233 @@
+"""NF4 kernels (issue 4): alignlab vs bitsandbytes vs bf16 cuBLAS, one run, one GPU.
+
+For each weight shape ``out x in`` (4096x4096, 14336x4096, 4096x14336, 8192x8192,
+28672x8192), bf16 activations, blocksize 64 with double quantization:
+
+* ``dequant``: NF4 -> bf16.  Bytes: packed codes ``N K / 2`` + 8-bit scales
+  ``N K / 64`` + nested scales, read; ``2 N K`` written.
+* ``M=1`` and ``M=16``: ``y = x W^T``.  Bytes: the packed weight and its scales,
+  plus ``x`` and ``y``.  bf16 cuBLAS reads ``2 N K``.
+* ``M=4096`` forward ``x W^T`` and backward ``dy W`` (training).  FLOP ``2 M N K``.
+
+Contestants: ``alignlab`` (dispatching :func:`alignlab.kernels.nf4_matmul.nf4_matmul`
+/ ``nf4_matmul_t`` / ``nf4_dequant``), ``bnb`` (bitsandbytes' ``dequantize_4bit``,
+``matmul_4bit`` -- its GEMV kernel at M=1 -- and for the backward what its
+``MatMul4Bit.backward`` does: dequantize, then ``dy @ W``), ``bf16`` (cuBLAS with a
+dense bf16 weight), and at M>=16 ``alignlab_fused`` (the fused kernel forced) /
+``alignlab_dequant_mm`` (Triton dequant + cuBLAS) so the dispatch rule is visible.
+Times: CUDA-event medians, L2 flushed before each call (``alignlab.bench.compare``);
+"% copy BW" uses the device-to-device copy measured in the same run.
+
+Also checks, on the GPU, that alignlab's quantization gives the same bytes as
+bitsandbytes' CUDA ``quantize_4bit``.
+
+    python benchmarks/nf4.py [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from alignlab.bench import compare, copy_bandwidth, matmul_tflops, save_results
+from alignlab.kernels import nf4_matmul as mm
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+
+
+def _bnb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as F
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            print(f"bitsandbytes not importable ({exc}); bnb rows skipped")
+            return None, None
+    return bnb, F
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _nf4_bytes(N, K, t):
+    return N * K / 2 + t.absmax.numel() * t.absmax.element_size() + 4 * t.nested_absmax.numel()
+
+
+def byte_check(F, shapes):
+    """alignlab quantization vs bitsandbytes' CUDA quantize_4bit on the benchmark shapes."""
+    out = {}
+    for N, K in shapes:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        t = nf4_quantize(w, blocksize=64, double_quant=True)
+        res = {
+            "packed_equal": bool(torch.equal(q.reshape(-1), t.data)),
+            "nested_absmax_equal": bool(torch.equal(st.state2.absmax, t.nested_absmax)),
+            "offset_equal": bool(st.offset.item() == t.nested_offset.item()),
+            "absmax_code_mismatches": int((st.absmax != t.absmax).sum().item()),
+            "dequant_equal_on_bnb_state": None,
+        }
+        from alignlab.quant.nf4 import nf4_from_bnb_state_dict
+
+        sd = {"weight": q, **{f"weight.{k}": v for k, v in st.as_dict(packed=True).items()}}
+        t2 = nf4_from_bnb_state_dict(sd)
+        res["dequant_equal_on_bnb_state"] = bool(torch.equal(nf4_dequant(t2, torch.bfloat16),
+                                                             F.dequantize_4bit(q, st, quant_type="nf4")))
+        out[f"{N}x{K}"] = res
+        print(f"byte check {N}x{K}: {res}", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="first two shapes only")
+    p.add_argument("--out", default="benchmarks/results/nf4.json")
+    p.add_argument("--rep", type=int, default=None)
+    p.add_argument("--sections", default="check,dequant,m1,m16,m4096,bwd,crossover")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/nf4.py needs a CUDA GPU")
+    sections = set(args.sections.split(","))
+    bnb, F = _bnb()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth("cuda")
+    tflops = matmul_tflops("cuda", torch.bfloat16)
+    print(f"device {torch.cuda.get_device_name()}  copy {copy_bw / 1e9:.0f} GB/s  bf16 matmul {tflops:.0f} TFLOP/s",
+          flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": copy_bw / 1e9, "bf16_tflops": tflops}
+    if F is not None and "check" in sections:
+        meta["byte_check_vs_bnb_cuda"] = byte_check(F, shapes[:2])
+    comps = []
+    summary = []
+    kw = dict(rep=args.rep, memory=False)
+
+    def run(name, contestants, shape_meta, bytes_moved=None, flops=None):
+        c = compare(contestants, name=name, bytes_moved=bytes_moved, flops=flops, meta=shape_meta, **kw)
+        print(c.table(), flush=True)
+        comps.append(c)
+        row = {"name": name, **shape_meta}
+        for k, m in c.results.items():
+            row[f"{k}_ms"] = m.median_ms if m.ok else None
+            if bytes_moved and m.ok:
+                row[f"{k}_pct_copy"] = m.pct_copy_bandwidth()
+            if flops and m.ok:
+                row[f"{k}_pct_matmul"] = m.pct_matmul_peak()
+            if not m.ok:
+                row[f"{k}_error"] = m.error
+        summary.append(row)
+        return c
+
+    for N, K in shapes:
+        w = (torch.randn(N, K, device="cuda", dtype=dt) * 0.02)
+        t = nf4_quantize(w, blocksize=64, double_quant=True)
+        wd = nf4_dequantize(t, dt)
+        wbytes = _nf4_bytes(N, K, t)
+        if F is not None:
+            qb, stb = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            # the weight bnb's layers hold: Params4bit layout, used as W^T by matmul_4bit
+        del w
+        sm = {"N": N, "K": K}
+
+        if "dequant" in sections:
+            out = nf4_dequant(t, dt)
+            assert torch.equal(out, wd)
+            cont = {"alignlab": lambda: nf4_dequant(t, dt)}
+            if F is not None:
+                cont["bnb"] = lambda: F.dequantize_4bit(qb, stb, quant_type="nf4")
+            cont["copy_bf16"] = lambda: wd.clone()
+            run("dequant", cont, sm, bytes_moved=wbytes + 2 * N * K)
+
+        for M in [1, 16]:
+            if f"m{M}" not in sections:
+                continue
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+            ref = x.double() @ wd.double().T
+            err = _rel(nf4_matmul(x, t), ref)
+            assert err < 1e-2, err
+            cont = {"alignlab": lambda: nf4_matmul(x, t)}
+            if F is not None:
+                cont["bnb"] = lambda: bnb.matmul_4bit(x, qb.t(), quant_state=stb)
+                summary.append({"name": f"bnb_err_m{M}", "N": N, "K": K,
+                                "rel_err": _rel(bnb.matmul_4bit(x, qb.t(), quant_state=stb), ref)})
+            cont["bf16"] = lambda: torch.nn.functional.linear(x, wd)
+            if M == 16:
+                cont["alignlab_dequant_mm"] = lambda: torch.nn.functional.linear(x, nf4_dequant(t, dt))
+            run(f"M={M}", cont, {**sm, "M": M, "rel_err": err}, bytes_moved=wbytes + 2 * M * (N + K))
+
+        if "m4096" in sections or "bwd" in sections:
+            M = 4096
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+            dy = torch.randn(M, N, device="cuda", dtype=dt)
+            if "m4096" in sections:
+                cont = {"alignlab": lambda: nf4_matmul(x, t)}
+                if F is not None:
+                    cont["bnb"] = lambda: bnb.matmul_4bit(x, qb.t(), quant_state=stb)
+                cont["bf16"] = lambda: torch.nn.functional.linear(x, wd)
+
+                def fused():
+                    old, mm.LARGE_M = mm.LARGE_M, 1 << 30
+                    try:
+                        return nf4_matmul(x, t)
+                    finally:
+                        mm.LARGE_M = old
+
+                cont["alignlab_fused"] = fused
+                run("M=4096 fwd", cont, {**sm, "M": M}, flops=2 * M * N * K)
+            if "bwd" in sections:
+                cont = {"alignlab": lambda: nf4_matmul_t(dy, t)}
+                if F is not None:
+                    cont["bnb"] = lambda: dy @ F.dequantize_4bit(qb, stb, quant_type="nf4").to(dt)
+                cont["bf16"] = lambda: dy @ wd
+
+                def fused_t():
+                    old, mm.LARGE_M = mm.LARGE_M, 1 << 30
+                    try:
+                        return nf4_matmul_t(dy, t)
+                    finally:
+                        mm.LARGE_M = old
+
+                cont["alignlab_fused"] = fused_t
+                run("M=4096 bwd dX", cont, {**sm, "M": M}, flops=2 * M * N * K)
+            del x, dy
+        del t, wd
+        torch.cuda.empty_cache()
+
+    if "crossover" in sections:
+        N, K = 4096, 4096
+        t = nf4_quantize(torch.randn(N, K, device="cuda", dtype=dt) * 0.02, blocksize=64)
+        wd = nf4_dequantize(t, dt)
+        for M in [32, 64, 128, 256, 512, 1024]:
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+
+            def fused():
+                old, mm.LARGE_M = mm.LARGE_M, 1 << 30
+                try:
+                    return nf4_matmul(x, t)
+                finally:
+                    mm.LARGE_M = old
+
+            run("crossover", {"fused": fused,
+                              "dequant_mm": lambda: torch.nn.functional.linear(x, nf4_dequant(t, dt)),
+                              "bf16": lambda: torch.nn.functional.linear(x, wd)},
+                {"N": N, "K": K, "M": M}, flops=2 * M * N * K)
+
+    meta["summary"] = summary
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_results(args.out, comps, meta=meta)
+    print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
