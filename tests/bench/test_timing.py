@@ -79,7 +79,7 @@ def test_auto_rep_targets_a_quarter_second():
     m = measure(time.sleep, 0.005, device="cpu", warmup=3, memory=False)
     # int(0.25 s / call time): at most 50 since sleep(5 ms) never returns early;
     # the lower bound allows a slow CI machine.
-    assert 20 <= m.n <= 50
+    assert 15 <= m.n <= 50
     m = measure(time.sleep, 0.05, device="cpu", warmup=1, memory=False)
     assert m.n == 10  # floor
     m = measure(lambda: None, device="cpu", warmup=1, memory=False)
