@@ -1,0 +1,98 @@
+"""Replay mixing: counts by hand, determinism, iterables, and the map-style batch sampler."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from alignlab.data.replay import ReplayBatchSampler, ReplayMixer, replay_counts
+
+
+def test_counts_by_hand():
+    assert list(itertools.islice(replay_counts(4, 0.25), 5)) == [1, 1, 1, 1, 1]
+    assert list(itertools.islice(replay_counts(5, 0.1), 6)) == [0, 1, 0, 1, 0, 1]  # 0.5 per batch
+    assert list(itertools.islice(replay_counts(8, 0.05), 5)) == [0, 0, 1, 0, 1]  # 0.4 per batch
+    assert list(itertools.islice(replay_counts(8, 0.0), 3)) == [0, 0, 0]
+    # Long run: exactly floor(n f B) replayed after n batches; each batch floor or ceil of f B.
+    c = list(itertools.islice(replay_counts(7, 0.05), 1000))
+    assert sum(c) == math.floor(1000 * 7 * 0.05 + 1e-9) and set(c) <= {0, 1}
+
+
+def test_mixer_content_order_and_fraction():
+    task = list(range(100))
+    general = [f"g{i}" for i in range(7)]
+    batches = list(ReplayMixer(task, general, batch_size=10, replay_fraction=0.2, seed=3, with_source=True))
+    flat = [x for b in batches for x in b]
+    task_seen = [x for s, x in flat if s == "task"]
+    assert task_seen == task  # every task example once, order kept
+    assert all(sum(s == "general" for s, _ in b) == 2 for b in batches[:-1])
+    # the general stream is cycled: batch b replays the next k_b examples of the cycle
+    pos = 0
+    for b in batches:
+        got = sorted(x for s, x in b if s == "general")
+        assert got == sorted(general[(pos + i) % 7] for i in range(len(got)))
+        pos += len(got)
+    assert all(len(b) == 10 for b in batches[:-1])
+
+
+def test_mixer_deterministic_and_seed_dependent():
+    def run(seed, epoch=0):
+        m = ReplayMixer(range(50), range(1000, 1100), batch_size=8, replay_fraction=0.3, seed=seed)
+        m.set_epoch(epoch)
+        return list(m)
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    assert run(0, epoch=1) != run(0, epoch=0)
+
+
+def test_mixer_on_one_shot_generators_and_endless_general():
+    task = (i for i in range(13))
+    general = itertools.count(1000)
+    batches = list(ReplayMixer(task, general, batch_size=4, replay_fraction=0.25, seed=0))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 2]  # 3+3+3+3 task, last 1 task + 1 general
+    assert sorted(x for b in batches for x in b if x < 1000) == list(range(13))
+    assert list(ReplayMixer(iter([]), general, batch_size=4)) == []
+    batches = list(ReplayMixer(range(13), general, batch_size=4, replay_fraction=0.25, drop_last=True))
+    assert [len(b) for b in batches] == [4, 4, 4, 4]
+
+
+def test_mixer_errors():
+    with pytest.raises(ValueError, match="replay_fraction"):
+        ReplayMixer([1], [2], batch_size=4, replay_fraction=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ReplayMixer([1], [2], batch_size=0)
+    with pytest.raises(TypeError, match="general"):
+        ReplayMixer([1], 5, batch_size=2)
+    with pytest.raises(ValueError, match="general data ran out"):
+        list(ReplayMixer(range(10), iter([]), batch_size=2, replay_fraction=0.5))
+    with pytest.raises(ValueError, match="general data ran out"):
+        list(ReplayMixer(range(10), iter([1]), batch_size=2, replay_fraction=0.5))
+
+
+def test_batch_sampler_indices_and_dataloader():
+    sampler = ReplayBatchSampler(23, 5, batch_size=4, replay_fraction=0.25, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 8  # ceil(23 / 3)
+    task_idx = [i for b in batches for i in b if i < 23]
+    gen_idx = [i for b in batches for i in b if i >= 23]
+    assert sorted(task_idx) == list(range(23)) and len(gen_idx) == 8
+    assert all(23 <= i < 28 for i in gen_idx)
+    assert sorted(gen_idx[:5]) == list(range(23, 28))  # without replacement within a cycle
+    assert batches == list(ReplayBatchSampler(23, 5, batch_size=4, replay_fraction=0.25, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    ds = torch.utils.data.ConcatDataset(
+        [torch.utils.data.TensorDataset(torch.arange(23)), torch.utils.data.TensorDataset(-torch.arange(1, 6))]
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=ReplayBatchSampler(23, 5, batch_size=4, replay_fraction=0.25))
+    got = [b[0] for b in loader]
+    assert all(int((t < 0).sum()) == 1 for t in got)
+    unshuffled = list(ReplayBatchSampler(6, 2, batch_size=3, replay_fraction=0.0, shuffle=False))
+    assert unshuffled == [[0, 1, 2], [3, 4, 5]]
+    assert len(ReplayBatchSampler(23, 5, batch_size=4, replay_fraction=0.25, drop_last=True)) == 7
+    with pytest.raises(ValueError, match="general_size"):
+        ReplayBatchSampler(4, 0, batch_size=2, replay_fraction=0.5)
+    with pytest.raises(ValueError, match="task_size"):
+        ReplayBatchSampler(0, 4, batch_size=2)
