@@ -1,12 +1,24 @@
 r"""Preference losses straight from the last hidden states and the ``lm_head`` weight.
 
 The unfused path builds the ``(tokens, vocab)`` logits, a log-softmax of the same size and their gradients:
-for 4 sequences x 1024 tokens x 128k vocab in bf16 that is several GiB.  Here the per-token log-probs come
-from :func:`alignlab.losses.logprobs.linear_logprobs`, which walks the tokens chunk by chunk (matmul + fused
-log-sum-exp, Triton on CUDA) and recomputes each chunk in its custom backward, so only ``(batch, seq)``
-log-probs are kept.  Everything after that (sums per sequence, the loss formula) is ordinary autograd on
-those small tensors, reusing the log-prob losses of :mod:`alignlab.losses.preference`: the numbers are the
-unfused ones, only the memory differs.
+for 4 sequences x 1024 tokens x 128k vocab in bf16 that is several GiB.  Here the logits only ever exist
+one chunk of rows at a time, and everything after the per-token log-probs (sums per sequence, the loss
+formula) is the log-prob loss of :mod:`alignlab.losses.preference` on small ``(batch, seq)`` tensors: the
+numbers are the unfused ones, only time and memory differ.
+
+Two schedules, one result:
+
+* ``eager=False`` (default): per-token log-probs from :func:`alignlab.losses.logprobs.linear_logprobs`,
+  whose custom backward recomputes each chunk.  Four ``(tokens x hidden x vocab)`` matmuls (one forward,
+  three backward), workspace of one chunk, ordinary autograd semantics (any number of backward calls,
+  the log-probs can feed anything).
+* ``eager=True``: the loss and its gradients are computed in the forward call, in two passes over the
+  chunks: pass 1 gets each row's log-sum-exp and label logit, the loss then gives the per-token upstream
+  gradient, pass 2 turns each chunk into ``dL/dZ`` in place and runs the two gradient matmuls.  Chunks that
+  fit in ``resident_bytes`` stay alive between the passes and are not recomputed, so a batch that fits costs
+  three matmuls (Liger-Kernel's count) instead of four; ``resident_bytes=0`` gives the lean four-matmul
+  schedule.  Backward only scales the stored gradients, which must be used once (``retain_graph`` is fine,
+  but a second ``backward`` adds the same gradients again, as any stored-gradient scheme would).
 
 Layout: ``hidden`` is ``(2B, seq, hidden)`` with the B chosen sequences first and the B rejected ones after
 (the concatenated batch of TRL / Liger); ``labels`` is ``(2B, seq)`` **aligned with** ``hidden``
@@ -20,19 +32,32 @@ lm_head defaults to the policy's (the usual LoRA set-up, where the head is froze
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from alignlab.losses.logprobs import linear_logprobs
+from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
+from alignlab.losses.logprobs import (
+    check_linear_inputs,
+    default_chunk_rows,
+    linear_logprobs,
+    scatter_rows,
+    select_scored_rows,
+)
 from alignlab.losses.preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 
 __all__ = [
     "completion_logps",
+    "fused_linear_preference",
     "fused_linear_dpo",
     "fused_linear_orpo",
     "fused_linear_simpo",
     "fused_linear_cpo",
     "fused_linear_kto",
 ]
+
+LossFromTokens = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+_DEFAULT_RESIDENT_BYTES = 512 * 2**20
 
 
 def completion_logps(
@@ -57,13 +82,164 @@ def completion_logps(
     Raises:
         ValueError/TypeError: as :func:`~alignlab.losses.logprobs.linear_logprobs`, or ``hidden`` not 3-D.
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be (batch, seq, hidden), got {getattr(hidden, 'shape', type(hidden))}")
+    _check_3d(hidden)
     tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
     counts = (labels != ignore_index).sum(dim=1).to(tok.dtype)
     return tok, tok.sum(dim=1), counts
 
 
+def _check_3d(hidden: torch.Tensor) -> None:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be (batch, seq, hidden), got {getattr(hidden, 'shape', type(hidden))}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the eager two-pass schedule
+# ------------------------------------------------------------------------------------------------------------------
+class _EagerLinearLoss(torch.autograd.Function):
+    """Loss and its gradients w.r.t. hidden/weight/bias in the forward call; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, loss_fn, chunk_size, resident_bytes, ignore_index, aux):
+        vocab, hdim = weight.shape
+        n_rows = labels.numel()
+        index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab)
+        rows = y.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        dev = hidden.device
+        step = max(1, min(rows, chunk_size or default_chunk_rows(rows, vocab, h.element_size(), dev)))
+        chunk_bytes = step * vocab * h.element_size()
+        n_chunks = -(-rows // step)
+        fit = resident_bytes // chunk_bytes
+        # keep whole chunks alive between the passes while they fit; the rest share one scratch buffer
+        n_keep = n_chunks if fit >= n_chunks else max(0, fit - 1)
+        w_t = weight.t()
+
+        def logits(s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+            if bias is not None:
+                return torch.addmm(bias, h[s:e], w_t, out=out)
+            return torch.mm(h[s:e], w_t, out=out)
+
+        lse = torch.empty(rows, dtype=acc, device=dev)
+        tgt = torch.empty(rows, dtype=acc, device=dev)
+        kept: dict[int, torch.Tensor] = {}
+        scratch = None
+        for i, s in enumerate(range(0, rows, step)):
+            e = min(s + step, rows)
+            if i >= n_chunks - n_keep:  # the last chunks of pass 1 are the first of pass 2: keep those
+                z = logits(s, e, torch.empty(e - s, vocab, dtype=h.dtype, device=dev))
+                kept[s] = z
+            else:
+                if scratch is None:
+                    scratch = torch.empty(step, vocab, dtype=h.dtype, device=dev)
+                z = logits(s, e, scratch[: e - s])
+            st = chunk_softmax_grad_(z, y[s:e])
+            lse[s:e], tgt[s:e] = st.lse, st.target
+
+        tok = scatter_rows(tgt - lse, index, n_rows).view(labels.shape)
+        with torch.enable_grad():
+            leaf = tok.detach().requires_grad_(True)
+            loss, metrics = loss_fn(leaf)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("eager=True needs a scalar loss (reduction='mean' or 'sum')")
+            (g_tok,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        aux.update(metrics)
+        g = torch.zeros(n_rows, dtype=acc, device=dev) if g_tok is None else g_tok.reshape(-1).to(acc)
+        if index is not None:
+            g = g.index_select(0, index)
+        scale = -g  # d(logp)/dZ = -(d loss_CE/dZ): the kernel's gradient is that of the CE loss
+
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+        if need_h or need_w or need_b:
+            # pass 2 in reverse: resident chunks first, freed as soon as they are used
+            starts = list(range(0, rows, step))
+            for s in reversed(starts):
+                e = min(s + step, rows)
+                z = kept.pop(s, None)
+                if z is None:
+                    if scratch is None:
+                        scratch = torch.empty(step, vocab, dtype=h.dtype, device=dev)
+                    z = logits(s, e, scratch[: e - s])
+                chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e])
+                if need_h:
+                    torch.mm(z, weight, out=grad_h[s:e])
+                if need_w:
+                    grad_w.addmm_(z.t(), h[s:e])
+                if need_b:
+                    grad_b += z.sum(dim=0, dtype=acc)
+                del z
+        kept.clear()
+        del scratch
+        if need_h:
+            grad_h = scatter_rows(grad_h, index, n_rows).view(hidden.shape)
+        ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = []
+        for gr in ctx.grads:
+            # in place: the stored gradients are not used again, and a weight-sized temporary would double
+            # the largest buffer of the whole step
+            grads.append(None if gr is None else gr.mul_(grad_loss.to(gr.dtype)))
+        ctx.grads = (None, None, None)
+        return (*grads, None, None, None, None, None, None)
+
+
+def fused_linear_preference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_from_token_logps: LossFromTokens,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Any loss of the per-token log-probs, computed from hidden states chunk by chunk.
+
+    ``loss_from_token_logps(token_logps) -> (loss, metrics)`` receives the ``(batch, seq)`` float32 log-probs
+    (0 at ignored positions) and may do anything differentiable with them; only ``hidden``, ``weight`` and
+    ``bias`` receive gradients.  See the module docstring for the two schedules.
+
+    Args:
+        hidden: ``(batch, seq, hidden)``; weight: ``(vocab, hidden)``; labels: ``(batch, seq)`` aligned.
+        eager: compute the gradients in the forward call (needs a scalar loss).
+        resident_bytes: with ``eager``, the most bytes of logits chunks kept alive between the two passes
+            (default 512 MiB); ``0`` recomputes every chunk.
+
+    Raises:
+        ValueError/TypeError: bad shapes/dtypes (as ``linear_logprobs``), a negative ``resident_bytes``,
+            a non-scalar loss with ``eager``.
+    """
+    _check_3d(hidden)
+    check_linear_inputs(hidden, weight, labels, bias, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not eager or not needs_grad:
+        tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
+        return loss_from_token_logps(tok)
+    if resident_bytes is None:
+        resident_bytes = _DEFAULT_RESIDENT_BYTES
+    if not isinstance(resident_bytes, int) or resident_bytes < 0:
+        raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
+    aux: dict[str, torch.Tensor] = {}
+    loss = _EagerLinearLoss.apply(
+        hidden, weight, bias, labels, loss_from_token_logps, chunk_size, resident_bytes, ignore_index, aux
+    )
+    return loss, aux
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the losses
+# ------------------------------------------------------------------------------------------------------------------
 def _split_pairs(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if t.shape[0] % 2:
         raise ValueError(f"{name} must stack B chosen then B rejected sequences (even batch), got batch {t.shape[0]}")
@@ -76,10 +252,8 @@ def _nll(tok: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return -tok.sum() / counts.sum().clamp(min=1)
 
 
-def _reference_logps(
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    ref_hidden: torch.Tensor | None,
+def _reference_seq_logps(
+    ref_hidden: torch.Tensor,
     ref_weight: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
     weight: torch.Tensor,
@@ -87,12 +261,8 @@ def _reference_logps(
     labels: torch.Tensor,
     chunk_size: int | None,
     ignore_index: int,
-    average: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if ref_hidden is None:
-        return ref_chosen_logps, ref_rejected_logps
-    if ref_chosen_logps is not None or ref_rejected_logps is not None:
-        raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference sequence log-prob sums and counts from reference hidden states, without gradient."""
     with torch.no_grad():
         w = weight if ref_weight is None else ref_weight
         b = bias if ref_weight is None and ref_bias is None else ref_bias
@@ -100,9 +270,7 @@ def _reference_logps(
             ref_hidden.detach(), w.detach(), labels, None if b is None else b.detach(),
             chunk_size=chunk_size, ignore_index=ignore_index,
         )
-        if average:
-            seq = seq / counts.clamp(min=1)
-    return _split_pairs("ref_hidden", seq)
+    return seq, counts
 
 
 def fused_linear_dpo(
@@ -123,6 +291,8 @@ def fused_linear_dpo(
     nll_alpha: float = 0.0,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
     **dpo_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""DPO (every :func:`~alignlab.losses.preference.dpo_loss` variant) from hidden states.
@@ -143,6 +313,7 @@ def fused_linear_dpo(
             policy head); neither = pass ``reference_free=True``.
         beta, loss_type, label_smoothing, **dpo_kwargs: as :func:`~alignlab.losses.preference.dpo_loss`.
         chunk_size: rows of logits per chunk (see ``linear_logprobs``).
+        eager, resident_bytes: the schedule (module docstring).
 
     Returns:
         ``(loss, metrics)`` as ``dpo_loss`` (plus ``nll_loss`` when ``nll_alpha`` != 0); gradients reach
@@ -152,27 +323,39 @@ def fused_linear_dpo(
         ValueError: odd batch, both reference forms given, and everything ``dpo_loss``/``linear_logprobs``
             reject.
     """
-    tok, seq, counts = completion_logps(
-        policy_hidden, lm_head_weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index
-    )
-    if average_log_prob:
-        seq = seq / counts.clamp(min=1)
-    pc, pr = _split_pairs("policy_hidden", seq)
-    rc, rr = _reference_logps(
-        ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels,
-        chunk_size, ignore_index, average_log_prob,
-    )
+    _check_3d(policy_hidden)
+    counts = (labels != ignore_index).sum(dim=1).to(torch.float64 if policy_hidden.dtype == torch.float64 else torch.float32)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
+    rc, rr = ref_chosen_logps, ref_rejected_logps
+    if ref_hidden is not None:
+        if rc is not None or rr is not None:
+            raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+        ref_seq, _ = _reference_seq_logps(
+            ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels, chunk_size, ignore_index
+        )
+        if average_log_prob:
+            ref_seq = ref_seq / counts.clamp(min=1)
+        rc, rr = _split_pairs("ref_hidden", ref_seq)
     dpo_kwargs.setdefault("chosen_lengths", len_c)
     dpo_kwargs.setdefault("rejected_lengths", len_r)
-    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, **dpo_kwargs)
-    if nll_alpha:
-        tok_c, _ = _split_pairs("policy_hidden", tok)
-        cnt_c, _ = _split_pairs("labels", counts)
-        nll = _nll(tok_c, cnt_c)
-        loss = loss + nll_alpha * nll
-        metrics["nll_loss"] = nll.detach()
-    return loss, metrics
+
+    def loss_fn(tok: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        seq = tok.sum(dim=1)
+        if average_log_prob:
+            seq = seq / counts.clamp(min=1)
+        pc, pr = _split_pairs("policy_hidden", seq)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, **dpo_kwargs)
+        if nll_alpha:
+            tok_c, _ = _split_pairs("policy_hidden", tok)
+            nll = _nll(tok_c, _split_pairs("labels", counts)[0])
+            loss = loss + nll_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
+
+    return fused_linear_preference(
+        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
+    )
 
 
 def fused_linear_orpo(
@@ -184,19 +367,27 @@ def fused_linear_orpo(
     beta: float = 0.1,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""ORPO (:func:`~alignlab.losses.preference.orpo_loss`) from hidden states: per-token averaged
     log-probs for the odds ratio plus the chosen completions' mean token NLL.
 
-    Shapes, layout and errors as :func:`fused_linear_dpo`.
+    Shapes, layout, schedules and errors as :func:`fused_linear_dpo`.
     """
-    tok, seq, counts = completion_logps(
-        policy_hidden, lm_head_weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index
+    _check_3d(policy_hidden)
+    counts = (labels != ignore_index).sum(dim=1).float()
+
+    def loss_fn(tok):
+        avg = tok.sum(dim=1) / counts.to(tok.dtype).clamp(min=1)
+        pc, pr = _split_pairs("policy_hidden", avg)
+        tok_c, _ = _split_pairs("policy_hidden", tok)
+        return orpo_loss(pc, pr, _nll(tok_c, _split_pairs("labels", counts)[0].to(tok.dtype)), beta=beta)
+
+    return fused_linear_preference(
+        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
     )
-    pc, pr = _split_pairs("policy_hidden", seq / counts.clamp(min=1))
-    tok_c, _ = _split_pairs("policy_hidden", tok)
-    cnt_c, _ = _split_pairs("labels", counts)
-    return orpo_loss(pc, pr, _nll(tok_c, cnt_c), beta=beta)
 
 
 def fused_linear_simpo(
@@ -210,15 +401,23 @@ def fused_linear_simpo(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""SimPO (:func:`~alignlab.losses.preference.simpo_loss`) from hidden states (length-normalised by the
-    scored-token counts).  Shapes, layout and errors as :func:`fused_linear_dpo`."""
-    _, seq, counts = completion_logps(
-        policy_hidden, lm_head_weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index
+    scored-token counts).  Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
+    _check_3d(policy_hidden)
+    counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
+
+    def loss_fn(tok):
+        pc, pr = _split_pairs("policy_hidden", tok.sum(dim=1))
+        lc, lr = _split_pairs("labels", counts)
+        return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
+
+    return fused_linear_preference(
+        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
     )
-    pc, pr = _split_pairs("policy_hidden", seq)
-    lc, lr = _split_pairs("labels", counts.clamp(min=1))
-    return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
 
 
 def fused_linear_cpo(
@@ -235,23 +434,33 @@ def fused_linear_cpo(
     average_log_prob: bool | None = None,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""CPO (:func:`~alignlab.losses.preference.cpo_loss`) from hidden states, NLL of the chosen completions
     included.  ``average_log_prob`` defaults to True for ``ipo``/``simpo`` (TRL's choice), else False.
-    Shapes, layout and errors as :func:`fused_linear_dpo`."""
-    tok, seq, counts = completion_logps(
-        policy_hidden, lm_head_weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index
-    )
+    Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
+    _check_3d(policy_hidden)
+    counts = (labels != ignore_index).sum(dim=1).float()
     if average_log_prob is None:
         average_log_prob = loss_type in ("ipo", "simpo")
-    if average_log_prob:
-        seq = seq / counts.clamp(min=1)
-    pc, pr = _split_pairs("policy_hidden", seq)
-    tok_c, _ = _split_pairs("policy_hidden", tok)
-    cnt_c, _ = _split_pairs("labels", counts)
-    return cpo_loss(
-        pc, pr, _nll(tok_c, cnt_c) if cpo_alpha else None, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
+
+    def loss_fn(tok):
+        c = counts.to(tok.dtype)
+        seq = tok.sum(dim=1)
+        if average_log_prob:
+            seq = seq / c.clamp(min=1)
+        pc, pr = _split_pairs("policy_hidden", seq)
+        tok_c, _ = _split_pairs("policy_hidden", tok)
+        nll = _nll(tok_c, _split_pairs("labels", c)[0]) if cpo_alpha else None
+        return cpo_loss(
+            pc, pr, nll, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+            cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
+        )
+
+    return fused_linear_preference(
+        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
     )
 
 
@@ -275,6 +484,8 @@ def fused_linear_kto(
     loss_type: str = "kto",
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    eager: bool = False,
+    resident_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""KTO (:func:`~alignlab.losses.preference.kto_loss`) from hidden states, on unpaired completions.
 
@@ -285,24 +496,25 @@ def fused_linear_kto(
         ref_logps: ``(batch,)`` reference log-probs, or ``ref_hidden`` (+ ``ref_weight``/``ref_bias``).
         kl, policy_kl_logps, ref_kl_logps: the KL reference point, as ``kto_loss``.
 
-    Returns / Raises: as :func:`~alignlab.losses.preference.kto_loss`.
+    Returns / Raises: as :func:`~alignlab.losses.preference.kto_loss`; ``ValueError`` without a reference.
     """
-    _, seq, _ = completion_logps(
-        policy_hidden, lm_head_weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index
-    )
+    _check_3d(policy_hidden)
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass either ref_hidden or ref_logps, not both")
-        with torch.no_grad():
-            w = lm_head_weight if ref_weight is None else ref_weight
-            b = bias if ref_weight is None and ref_bias is None else ref_bias
-            _, ref_logps, _ = completion_logps(
-                ref_hidden.detach(), w.detach(), labels, None if b is None else b.detach(),
-                chunk_size=chunk_size, ignore_index=ignore_index,
-            )
+        ref_logps, _ = _reference_seq_logps(
+            ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels, chunk_size, ignore_index
+        )
     if ref_logps is None:
         raise ValueError("fused_linear_kto needs ref_logps or ref_hidden")
-    return kto_loss(
-        seq, ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta=beta, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight, kl=kl, loss_type=loss_type,
+
+    def loss_fn(tok):
+        return kto_loss(
+            tok.sum(dim=1), ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta=beta,
+            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, kl=kl, loss_type=loss_type,
+        )
+
+    return fused_linear_preference(
+        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
     )

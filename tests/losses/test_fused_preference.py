@@ -21,6 +21,14 @@ from alignlab.losses.preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, 
 
 B, T, H, V = 3, 7, 16, 37  # odd sizes: chunks of 4 rows leave a partial last chunk
 
+# the lazy schedule (linear_logprobs + autograd) and the eager one with all, some or no chunks kept alive
+SCHEDULES = {
+    "lazy": {},
+    "eager-all-resident": dict(eager=True, resident_bytes=2**30),
+    "eager-some-resident": dict(eager=True, resident_bytes=3 * 4 * V * 8),
+    "eager-recompute": dict(eager=True, resident_bytes=0),
+}
+
 
 def _batch(seed: int, dtype=torch.float64, n_seq: int = 2 * B, bias: bool = True):
     g = torch.Generator().manual_seed(seed)
@@ -54,16 +62,20 @@ def _close(a, b, tol):
         torch.testing.assert_close(x.double(), y.double(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "robust"])
-@pytest.mark.parametrize("nll_alpha", [0.0, 0.7])
-def test_fused_dpo_matches_unfused(loss_type, nll_alpha):
+@pytest.mark.parametrize(
+    "loss_type,nll_alpha,schedule",
+    [("sigmoid", 0.7, sch) for sch in SCHEDULES]
+    + [(lt, 0.0, "lazy") for lt in ("sigmoid", "ipo", "apo_zero", "robust")]
+    + [("ipo", 0.0, "eager-some-resident"), ("robust", 0.7, "eager-recompute")],
+)
+def test_fused_dpo_matches_unfused(loss_type, nll_alpha, schedule):
     hidden, weight, bias, labels = _batch(0)
     g = torch.Generator().manual_seed(1)
     ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
     ls = 0.1 if loss_type == "robust" else 0.0
     got, gm = fused_linear_dpo(
         hidden, weight, labels, ref[:B], ref[B:], bias=bias, beta=0.2, loss_type=loss_type,
-        label_smoothing=ls, nll_alpha=nll_alpha, chunk_size=4,
+        label_smoothing=ls, nll_alpha=nll_alpha, chunk_size=4, **SCHEDULES[schedule],
     )
     tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
     seq = tok.sum(1)
@@ -107,33 +119,36 @@ def test_fused_dpo_reference_free_and_average():
     _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-10)
 
 
-def test_fused_orpo_simpo_cpo_match_unfused():
+@pytest.mark.parametrize("schedule", ["lazy", "eager-some-resident"])
+def test_fused_orpo_simpo_cpo_match_unfused(schedule):
+    sched = SCHEDULES[schedule]
     hidden, weight, bias, labels = _batch(5)
     tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
     seq, avg = tok.sum(1), tok.sum(1) / counts
     nll = -tok[:B].sum() / counts[:B].sum()
 
-    got, _ = fused_linear_orpo(hidden, weight, labels, bias=bias, beta=0.3, chunk_size=4)
+    got, _ = fused_linear_orpo(hidden, weight, labels, bias=bias, beta=0.3, chunk_size=4, **sched)
     want, _ = orpo_loss(avg[:B], avg[B:], nll, beta=0.3)
     torch.testing.assert_close(got, want)
     _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
 
-    got, _ = fused_linear_simpo(hidden, weight, labels, bias=bias, beta=2.0, gamma=0.4, chunk_size=4)
+    got, _ = fused_linear_simpo(hidden, weight, labels, bias=bias, beta=2.0, gamma=0.4, chunk_size=4, **sched)
     want, _ = simpo_loss(avg[:B], avg[B:], beta=2.0, gamma=0.4)
     torch.testing.assert_close(got, want)
     _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
 
-    got, _ = fused_linear_cpo(hidden, weight, labels, bias=bias, beta=0.2, cpo_alpha=0.5, chunk_size=4)
+    got, _ = fused_linear_cpo(hidden, weight, labels, bias=bias, beta=0.2, cpo_alpha=0.5, chunk_size=4, **sched)
     want, _ = cpo_loss(seq[:B], seq[B:], nll, beta=0.2, cpo_alpha=0.5)
     torch.testing.assert_close(got, want)
     _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
 
 
-def test_fused_kto_matches_unfused():
+@pytest.mark.parametrize("schedule", ["lazy", "eager-recompute"])
+def test_fused_kto_matches_unfused(schedule):
     hidden, weight, bias, labels = _batch(6, n_seq=5)
     desirable = torch.tensor([True, False, True, True, False])
     ref_hidden = hidden.detach() * 0.9
-    got, _ = fused_linear_kto(hidden, weight, labels, desirable, bias=bias, ref_hidden=ref_hidden, kl=0.3, beta=0.5)
+    got, _ = fused_linear_kto(hidden, weight, labels, desirable, bias=bias, ref_hidden=ref_hidden, kl=0.3, beta=0.5, **SCHEDULES[schedule])
     tok, _ = _unfused_token_logps(hidden, weight, bias, labels)
     with torch.no_grad():
         ref_tok, _ = _unfused_token_logps(ref_hidden, weight, bias, labels)
@@ -155,10 +170,11 @@ def test_fused_dpo_low_precision_close_to_float64(dtype, tol):
     _close(_grads(got, hidden, weight, bias), _grads(want, h64, w64, b64), tol)
 
 
-def test_fused_dpo_triton_interpreter_matches_torch(triton_mode):
+@pytest.mark.parametrize("eager", [False, True])
+def test_fused_dpo_triton_interpreter_matches_torch(triton_mode, eager):
     hidden, weight, bias, labels = _batch(9, dtype=torch.float32)
     ref = -torch.rand(2 * B, generator=torch.Generator().manual_seed(10)) * 20
-    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, chunk_size=8, nll_alpha=1.0)
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, chunk_size=8, nll_alpha=1.0, eager=eager, resident_bytes=8 * V * 4)
     g_got = _grads(got, hidden, weight, bias)
     tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
     want, _ = dpo_loss(*tok.sum(1).split(B), ref[:B].double(), ref[B:].double(), chosen_lengths=counts[:B], rejected_lengths=counts[B:])
@@ -194,3 +210,28 @@ def test_fused_errors():
         fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="nope")
     with pytest.raises(ValueError, match="ref_logps or ref_hidden"):
         fused_linear_kto(hidden, weight, labels, torch.ones(2 * B, dtype=torch.bool), kl=0.0)
+
+
+def test_eager_backward_scales_by_upstream_gradient_and_respects_frozen_inputs():
+    hidden, weight, bias, labels = _batch(13)
+    ref = -torch.rand(2 * B, generator=torch.Generator().manual_seed(14), dtype=torch.float64) * 20
+    lazy, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias)
+    g_lazy = _grads(3.5 * lazy, hidden, weight, bias)
+    eager, m = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, eager=True, chunk_size=5)
+    assert "rewards/chosen" in m
+    torch.testing.assert_close(eager, lazy)
+    _close(_grads(3.5 * eager, hidden, weight, bias), g_lazy, 1e-10)
+    # a frozen lm_head (LoRA set-up): only the hidden gradient is produced
+    w_frozen = weight.detach()
+    loss, _ = fused_linear_dpo(hidden, w_frozen, labels, ref[:B], ref[B:], eager=True)
+    (gh,) = torch.autograd.grad(loss, hidden)
+    lazy2, _ = fused_linear_dpo(hidden, w_frozen, labels, ref[:B], ref[B:])
+    torch.testing.assert_close(gh, torch.autograd.grad(lazy2, hidden)[0])
+    # no grad needed: forward only, same value
+    with torch.no_grad():
+        v, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, eager=True)
+    torch.testing.assert_close(v, lazy.detach())
+    with pytest.raises(ValueError, match="resident_bytes"):
+        fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], eager=True, resident_bytes=-1)
+    with pytest.raises(ValueError, match="scalar loss"):
+        fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], eager=True, reduction="none")
