@@ -1,0 +1,464 @@
+"""Streaming merges of HF-style safetensors checkpoints, one tensor at a time.
+
+``merge_checkpoints(recipe, out_dir)`` never holds a whole model: for every
+output tensor it reads that tensor from each input checkpoint (plain positioned
+reads from the safetensors files, no mmap, so the page cache is not charged to
+the process), merges it with the functions of :mod:`alignlab.merging.methods`,
+and appends the bytes to the output shard, whose header was laid out up front
+from the inputs' headers. Peak memory is therefore
+``O(largest tensor x number of models)`` (about twice that while the next
+tensor is prefetched on a background thread), independent of model size.
+
+The output is ``model-0000i-of-0000n.safetensors`` shards plus
+``model.safetensors.index.json``, built in a temporary directory next to
+``out_dir`` and renamed into place only when complete: an error (missing tensor,
+shape mismatch, bad parameter, full disk) leaves no partial output behind.
+Non-weight files of the base model (``config.json``, tokenizer files, ...) are
+copied over.
+
+safetensors layout (https://github.com/huggingface/safetensors): an 8-byte
+little-endian header length ``N``, ``N`` bytes of JSON mapping each tensor name
+to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
+end of the header), then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from alignlab.merging import methods as M
+from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
+
+__all__ = ["SafetensorsCheckpoint", "merge_checkpoints", "merge_tensor"]
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+_ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+_TORCH_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute position of the first byte in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {n} > file size {size})")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+class SafetensorsCheckpoint:
+    """Lazy view of a checkpoint directory (or a single ``.safetensors`` file).
+
+    Only the JSON headers are read on construction; :meth:`read` loads one
+    tensor with positioned reads. Shards are found through
+    ``model.safetensors.index.json`` when present, else every ``*.safetensors``
+    file in the directory is used.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_file():
+            files = [self.path]
+        elif self.path.is_dir():
+            index = self.path / INDEX_NAME
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+            else:
+                files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in checkpoint {str(self.path)!r}")
+        else:
+            raise FileNotFoundError(f"checkpoint {str(self.path)!r} does not exist")
+        self.entries: dict[str, _Entry] = {}
+        for file in files:
+            header, start = _read_header(file)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _ST_TO_TORCH:
+                    raise ValueError(f"tensor {name!r} in {file} has unsupported dtype {info['dtype']}")
+                begin, end = info["data_offsets"]
+                self.entries[name] = _Entry(file, _ST_TO_TORCH[info["dtype"]], tuple(info["shape"]), start + begin, end - begin)
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        """Load tensor ``name`` into a fresh CPU tensor (or into the ``uint8`` buffer ``out``)."""
+        e = self.entries[name]
+        buf = torch.empty(e.nbytes, dtype=torch.uint8) if out is None else out
+        if buf.dtype != torch.uint8 or buf.numel() != e.nbytes or not buf.is_contiguous():
+            raise ValueError(f"out must be a contiguous uint8 tensor of {e.nbytes} bytes for {name!r}")
+        fh = self._handles.get(e.file)
+        if fh is None:
+            fh = self._handles[e.file] = open(e.file, "rb", buffering=0)
+        view, done = memoryview(buf.numpy()), 0
+        while done < e.nbytes:
+            got = os.preadv(fh.fileno(), [view[done:]], e.offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file reading {name!r} from {e.file}")
+            done += got
+        return buf.view(e.dtype).reshape(e.shape)
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "SafetensorsCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- merging one tensor
+
+
+def _rescale_arg(value: Any) -> str | None:
+    if value is True:
+        return "inverse"
+    if value is False or value is None:
+        return None
+    if value in ("inverse", "l1"):
+        return value
+    raise ValueError(f"rescale must be true, false, 'inverse' or 'l1', got {value!r}")
+
+
+def _generator(recipe: Recipe, name: str) -> torch.Generator:
+    # Seeded per tensor name so masks do not depend on the order tensors are visited in.
+    return torch.Generator().manual_seed(((recipe.random_seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
+
+
+def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> Tensor:
+    """Merge one tensor ``name`` given each input checkpoint's copy (keyed by path).
+
+    This is what :func:`merge_checkpoints` runs per tensor; it is exposed so that
+    in-memory state dicts can be merged with exactly the same semantics.
+    """
+    r = recipe
+    method = r.merge_method
+    if method in ("linear", "karcher"):
+        inputs = [tensors[m.path] for m in r.models]
+        weights = [r.value("weight", name, m, 1.0) for m in r.models]
+        if method == "linear":
+            return M.linear(inputs, weights, normalize=bool(r.value("normalize", name, default=True)))
+        return M.karcher(inputs, weights, max_iter=int(r.value("max_iter", name, default=10)),
+                         tol=float(r.value("tol", name, default=1e-5)))
+    base = tensors[r.base_model]
+    ft = r.fine_tuned
+    others = [tensors[m.path] for m in ft]
+    if method == "slerp":
+        t = r.value("t", name, ft[0])
+        if t is None:
+            raise ValueError("slerp needs parameter 't'")
+        return M.slerp(base, others[0], float(t))
+    if method == "chipalign":
+        lam = r.value("lambda", name, ft[0])
+        if lam is None:
+            raise ValueError("chipalign needs parameter 'lambda' (weight of the domain model)")
+        return M.chipalign(base, others[0], float(lam))
+    if method == "model_stock":
+        return M.model_stock(base, others, filter_wise=bool(r.value("filter_wise", name, default=False)))
+
+    weights = [float(r.value("weight", name, m, 1.0)) for m in ft]
+    lam = float(r.value("lambda", name, default=1.0))
+    if method == "task_arithmetic":
+        return M.task_arithmetic(base, others, weights, normalize=bool(r.value("normalize", name, default=False)),
+                                 lambda_=lam)
+    density = [r.value("density", name, m, 1.0) for m in ft]
+    consensus = "sum" if method.endswith("ties") or method == "della" else None
+    consensus = r.value("consensus", name, default=consensus) if consensus else None
+    if method == "ties":
+        return M.ties(base, others, weights, density=density, consensus=consensus,
+                      normalize=bool(r.value("normalize", name, default=True)), lambda_=lam)
+    if method in ("dare_linear", "dare_ties"):
+        return M.dare(base, others, weights, density=density, consensus=consensus,
+                      rescale=_rescale_arg(r.value("rescale", name, default=True)),
+                      normalize=bool(r.value("normalize", name, default=False)), lambda_=lam,
+                      generator=_generator(r, name))
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        return M.breadcrumbs(base, others, weights, density=density, gamma=float(r.value("gamma", name, default=0.01)),
+                             consensus=consensus, normalize=bool(r.value("normalize", name, default=False)),
+                             lambda_=lam)
+    if method in ("della", "della_linear"):
+        eps = [float(r.value("epsilon", name, m, 0.15)) for m in ft]
+        if len(set(eps)) > 1:
+            raise ValueError("della: per-model epsilon values must be equal")
+        return M.della(base, others, weights, density=density, epsilon=eps[0], consensus=consensus,
+                       rescale=_rescale_arg(r.value("rescale", name, default=True)),
+                       normalize=bool(r.value("normalize", name, default=method == "della")), lambda_=lam,
+                       generator=_generator(r, name))
+    raise ValueError(f"unknown merge_method {method!r}")  # recipe validation makes this unreachable
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class _OutSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _plan_shards(specs: list[_OutSpec], max_bytes: int) -> list[list[_OutSpec]]:
+    shards: list[list[_OutSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def _header_bytes(specs: list[_OutSpec]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for s in specs:
+        header[s.name] = {"dtype": _TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    for src in sorted(base_dir.iterdir()):
+        if not src.is_file() or src.name.endswith(_WEIGHT_SUFFIXES) or src.name.endswith(".index.json"):
+            continue
+        if src.name == "config.json" and dtype is not None:
+            cfg = json.loads(src.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = _TORCH_NAMES[dtype]
+            (out / src.name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copy2(src, out / src.name)
+
+
+def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return recipe_from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    raise TypeError(f"recipe must be a Recipe, a mapping or a path to a YAML file, got {type(recipe).__name__}")
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        log.info("tqdm is not installed; merging without a progress bar")
+        return None
+    return tqdm(total=total, unit="tensor", desc="merging")
+
+
+def merge_checkpoints(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    prefetch: bool = True,
+) -> Path:
+    """Merge checkpoints tensor by tensor according to ``recipe``; write ``out_dir``.
+
+    Args:
+        recipe: a :class:`~alignlab.merging.recipe.Recipe`, a mapping in the
+            YAML schema, or the path of a YAML file.
+        out_dir: output directory; must not exist (or be empty) unless ``overwrite``.
+        overwrite: replace an existing non-empty ``out_dir`` (only after the new
+            merge has fully succeeded).
+        progress: show a tqdm bar over tensors (silently off without tqdm).
+        prefetch: read the next tensor on a background thread while merging the
+            current one (faster; up to 2x the input working set).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: unknown method, bad parameters, a tensor missing from a
+            model or with a different shape (the message names model and tensor).
+        FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
+        FileNotFoundError: an input checkpoint does not exist.
+    """
+    r = _as_recipe(recipe)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"out_dir {str(out)!r} exists and is not empty (pass overwrite=True to replace it)")
+    ref_path = r.base_model if r.base_model is not None else r.models[0].path
+    paths = list(dict.fromkeys([ref_path, *(m.path for m in r.models)]))
+
+    with ExitStack() as stack:
+        ckpts = {p: stack.enter_context(SafetensorsCheckpoint(p)) for p in paths}
+        specs = _validate(r, ckpts, ref_path)
+        shards = _plan_shards(specs, r.out_shard_size)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _write_shards(r, ckpts, shards, tmp, progress, prefetch)
+            ref_dir = ref_path if ref_path.is_dir() else ref_path.parent
+            _copy_side_files(ref_dir, tmp, r.dtype)
+            _install(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Path) -> list[_OutSpec]:
+    """Check every tensor of the reference model against all models before writing anything."""
+    ref = ckpts[ref_path]
+    specs = []
+    for name in ref.names():
+        e = ref.entries[name]
+        for p, ck in ckpts.items():
+            if p == ref_path:
+                continue
+            if name not in ck:
+                raise ValueError(f"model {str(p)!r} has no tensor {name!r} (present in {str(ref_path)!r})")
+            if ck.entries[name].shape != e.shape:
+                raise ValueError(
+                    f"tensor {name!r} has shape {list(ck.entries[name].shape)} in model {str(p)!r} "
+                    f"but {list(e.shape)} in {str(ref_path)!r}"
+                )
+        floating = e.dtype.is_floating_point and e.dtype.itemsize > 1
+        specs.append(_OutSpec(name, r.dtype if (floating and r.dtype is not None) else e.dtype, e.shape))
+    for p, ck in ckpts.items():
+        extra = set(ck.names()) - set(ref.names())
+        if extra:
+            log.warning("model %s has %d tensors not in %s; they are ignored (e.g. %s)", p, len(extra), ref_path,
+                        sorted(extra)[0])
+    return specs
+
+
+def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool) -> None:
+    n = len(shards)
+    order = [s for shard in shards for s in shard]
+    bar = _progress(len(order), progress)
+
+    def load(spec: _OutSpec, pool: ThreadPoolExecutor | None):
+        # Buffers are allocated here, on the calling thread: allocating them on the
+        # reader thread would make glibc keep a second malloc arena resident.
+        bufs = {p: torch.empty(ck.entries[spec.name].nbytes, dtype=torch.uint8) for p, ck in ckpts.items()}
+
+        def fill() -> dict[Path, Tensor]:
+            return {p: ckpts[p].read(spec.name, out=b) for p, b in bufs.items()}
+
+        return pool.submit(fill) if pool is not None else fill()
+
+    def merged(spec: _OutSpec, tensors: dict[Path, Tensor]) -> Tensor:
+        ref = tensors[r.base_model if r.base_model is not None else r.models[0].path]
+        if not (ref.dtype.is_floating_point and ref.dtype.itemsize > 1) or ref.numel() == 0:
+            return ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
+        try:
+            res = merge_tensor(r, spec.name, tensors)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
+        return res.to(spec.dtype)
+
+    weight_map = {}
+    total = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it: Iterator[_OutSpec] = iter(order)
+        nxt = next(it, None)
+        pending = load(nxt, pool) if (prefetch and nxt is not None) else None
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            with open(tmp / fname, "wb") as f:
+                f.write(_header_bytes(shard))
+                for spec in shard:
+                    if pending is not None:
+                        tensors = pending.result()
+                        following = next(it, None)
+                        pending = load(following, pool) if following is not None else None
+                    else:
+                        tensors = load(spec, None)
+                    res = merged(spec, tensors)
+                    del tensors
+                    if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
+                        raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
+                    f.write(memoryview(res.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                    weight_map[spec.name] = fname
+                    total += spec.nbytes
+                    del res
+                    if bar is not None:
+                        bar.update(1)
+                f.flush()
+                os.fsync(f.fileno())
+    if bar is not None:
+        bar.close()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

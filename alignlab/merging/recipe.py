@@ -1,0 +1,224 @@
+"""Merge recipes: a readable subset of mergekit's YAML format.
+
+.. code-block:: yaml
+
+    merge_method: ties            # see METHODS below
+    base_model: ./llama-base
+    models:
+      - model: ./llama-math
+        parameters: {weight: 0.6, density: 0.5}
+      - model: ./llama-code
+        parameters:
+          weight:                 # per-tensor-name filters: first match wins,
+            - {filter: mlp, value: 0.8}   # an entry without `filter` is the default
+            - {value: 0.4}
+          density: 0.5
+    parameters: {normalize: true, lambda: 1.0}   # method-wide parameters
+    dtype: bfloat16               # output dtype (arithmetic is float32); default: the base's
+    random_seed: 0                # DARE/DELLA masks
+    out_shard_size: 2GB
+
+A parameter given under ``models[i].parameters`` applies to that model; under
+the top-level ``parameters`` it applies to all models (a per-model value wins).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+# method name -> (needs a base model, min fine-tuned models, max fine-tuned models or None)
+METHODS: dict[str, tuple[bool, int, int | None]] = {
+    "linear": (False, 1, None),
+    "karcher": (False, 1, None),
+    "task_arithmetic": (True, 1, None),
+    "ties": (True, 1, None),
+    "dare_linear": (True, 1, None),
+    "dare_ties": (True, 1, None),
+    "breadcrumbs": (True, 1, None),
+    "breadcrumbs_ties": (True, 1, None),
+    "della": (True, 1, None),
+    "della_linear": (True, 1, None),
+    "model_stock": (True, 2, None),
+    "slerp": (True, 1, 1),
+    "chipalign": (True, 1, 1),
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64,
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """``"2GB"`` / ``"500MB"`` / ``1_000_000`` -> bytes (powers of 1000, as HF's ``max_shard_size``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"out_shard_size must be positive, got {value}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"out_shard_size must be an int or a size like '2GB', got {value!r}")
+    size = int(float(m.group(1)) * 1000 ** "_KMGT".index(m.group(2).upper() or "_"))
+    if size <= 0:
+        raise ValueError(f"out_shard_size must be positive, got {value!r}")
+    return size
+
+
+@dataclass
+class ModelEntry:
+    """One input checkpoint (a directory) and its per-model parameters."""
+
+    path: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A validated merge recipe; build it with :func:`load_recipe` or directly."""
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: Path | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    random_seed: int = 0
+    out_shard_size: int = 5 * 1000**3
+
+    @property
+    def fine_tuned(self) -> list[ModelEntry]:
+        """The models other than the base (a listed base model is the base, not an input)."""
+        if self.base_model is None:
+            return list(self.models)
+        return [m for m in self.models if m.path != self.base_model]
+
+    def value(self, name: str, tensor: str, model: ModelEntry | None = None, default: Any = None) -> Any:
+        """Resolve parameter ``name`` for ``tensor`` (and ``model``), applying name filters."""
+        raw = model.parameters.get(name) if model is not None else None
+        if raw is None:
+            raw = self.parameters.get(name)
+        if raw is None:
+            return default
+        if not isinstance(raw, list):
+            return raw
+        for entry in raw:
+            filt = entry.get("filter")
+            if filt is None or filt in tensor:
+                return entry["value"]
+        if default is not None:
+            return default
+        where = f" of model {str(model.path)!r}" if model is not None else ""
+        raise ValueError(f"parameter {name!r}{where} has no filter matching tensor {tensor!r} and no default entry")
+
+
+def _check_value(name: str, value: Any, where: str) -> None:
+    """Validate the numeric parameters every method shares, naming where they came from."""
+    values = [e["value"] for e in value] if isinstance(value, list) else [value]
+    for v in values:
+        if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        ):
+            raise ValueError(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
+        if name == "density" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"density of {where} must be in [0, 1], got {v}")
+
+
+def _check_filters(name: str, value: Any, where: str) -> None:
+    if not isinstance(value, list):
+        return
+    for entry in value:
+        if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
+            raise ValueError(
+                f"parameter {name!r} of {where}: list entries must be {{filter: <substring>, value: <x>}}, got {entry!r}"
+                " (mergekit's per-layer gradients are not supported)"
+            )
+
+
+def _resolve_path(p: Any, root: Path | None) -> Path:
+    if not isinstance(p, (str, os.PathLike)):
+        raise ValueError(f"model paths must be strings, got {p!r}")
+    path = Path(os.path.expanduser(str(p)))
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return path
+
+
+def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = None) -> Recipe:
+    """Validate a recipe mapping (as parsed from YAML); relative paths resolve against ``root``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
+    known = {"merge_method", "base_model", "models", "parameters", "dtype", "random_seed", "out_shard_size"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown recipe keys {sorted(unknown)}; expected some of {sorted(known)}")
+    method = data.get("merge_method")
+    if method not in METHODS:
+        raise ValueError(f"unknown merge_method {method!r}; expected one of {sorted(METHODS)}")
+    rootp = Path(root) if root is not None else None
+    base = _resolve_path(data["base_model"], rootp) if data.get("base_model") is not None else None
+    raw_models = data.get("models") or []
+    if not isinstance(raw_models, list):
+        raise ValueError("models must be a list of {model: <path>, parameters: {...}}")
+    models = []
+    for i, entry in enumerate(raw_models):
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise ValueError(f"models[{i}] must be a mapping with a 'model' path, got {entry!r}")
+        params = dict(entry.get("parameters") or {})
+        path = _resolve_path(entry["model"], rootp)
+        for k, v in params.items():
+            _check_filters(k, v, f"model {str(path)!r}")
+            _check_value(k, v, f"model {str(path)!r}")
+        models.append(ModelEntry(path, params))
+    params = dict(data.get("parameters") or {})
+    for k, v in params.items():
+        _check_filters(k, v, "the recipe")
+        _check_value(k, v, "the recipe")
+    dtype = data.get("dtype")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    recipe = Recipe(
+        merge_method=method,
+        models=models,
+        base_model=base,
+        parameters=params,
+        dtype=dtype,
+        random_seed=int(data.get("random_seed", 0)),
+        out_shard_size=parse_size(data.get("out_shard_size", 5 * 1000**3)),
+    )
+    needs_base, lo, hi = METHODS[method]
+    if needs_base and base is None:
+        raise ValueError(f"merge_method {method!r} needs a base_model")
+    n = len(recipe.fine_tuned)
+    if n < lo or (hi is not None and n > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        raise ValueError(f"merge_method {method!r} needs {want} model(s) besides the base, got {n}")
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a YAML recipe (needs the optional ``pyyaml``).
+
+    Relative model paths resolve against the current directory, as in mergekit.
+    """
+    try:
+        import yaml
+    except ImportError as e:  # pragma: no cover - exercised only without pyyaml
+        raise ImportError("reading YAML merge recipes needs pyyaml: pip install 'alignlab[yaml]'") from e
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return recipe_from_dict(data)
