@@ -1,5 +1,6 @@
 """alignlab.quant: NF4 (4-bit NormalFloat) weights and the frozen NF4 linear layer used by QLoRA."""
 
+from alignlab.quant.linear import NF4Linear, quantize_model
 from alignlab.quant.nf4 import (
     NF4Tensor,
     nf4_dequantize,
@@ -9,9 +10,11 @@ from alignlab.quant.nf4 import (
 )
 
 __all__ = [
+    "NF4Linear",
     "NF4Tensor",
-    "nf4_quantize",
     "nf4_dequantize",
-    "nf4_to_bnb_state_dict",
     "nf4_from_bnb_state_dict",
+    "nf4_quantize",
+    "nf4_to_bnb_state_dict",
+    "quantize_model",
 ]
