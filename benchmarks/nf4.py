@@ -111,6 +111,7 @@ def main(argv=None):
         meta["byte_check_vs_bnb_cuda"] = byte_check(F, shapes[:2])
     comps = []
     summary = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     kw = dict(rep=args.rep, memory=False)
 
     def run(name, contestants, shape_meta, bytes_moved=None, flops=None):
@@ -127,6 +128,8 @@ def main(argv=None):
             if not m.ok:
                 row[f"{k}_error"] = m.error
         summary.append(row)
+        meta["summary"] = summary
+        save_results(args.out, comps, meta=meta)  # after every row: a cut-off run keeps what it measured
         return c
 
     for N, K in shapes:
