@@ -79,7 +79,20 @@ def check_against_float64(x, w, th, tw, rows: int, chunk: int | None) -> dict:
     return out
 
 
-def run(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, chunks: list[int], skip_eager: bool, dev: str = "cuda"):
+def _with_config(fn, block: int, warps: int):
+    """Run ``fn`` with another row-kernel block size / warp count (a tuning sweep)."""
+    import alignlab.kernels.distill as kd
+
+    orig = kd._block_size
+    kd._block_size = lambda vocab: (block, warps)
+    try:
+        return fn()
+    finally:
+        kd._block_size = orig
+
+
+def run(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, chunks: list, skip_eager: bool, dev: str = "cuda",
+        kernel_configs: tuple = ()):
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
     w = torch.randn(vocab, hidden, device=dev, dtype=dtype, generator=g) * hidden**-0.5
@@ -101,13 +114,16 @@ def run(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, chunks: list[i
         params = (xs, ws) if train_w else (xs,)
         grad_bytes = sum(p.numel() * p.element_size() for p in params)
 
-        def ours(chunk=None):
-            loss = fused_linear_distill_loss(xs, ws, teacher_hidden=th, teacher_weight=tw, kind="jsd", beta=0.5, chunk_size=chunk)
+        def ours(chunk=None, grad_chunk=None):
+            loss = fused_linear_distill_loss(xs, ws, teacher_hidden=th, teacher_weight=tw, kind="jsd", beta=0.5,
+                                             chunk_size=chunk, grad_chunk_size=grad_chunk)
             return torch.autograd.grad(loss, params)
 
         contestants = {"alignlab": ours}
-        for c in chunks:
-            contestants[f"alignlab_chunk{c}"] = lambda c=c: ours(c)
+        for c, gc_ in chunks:
+            contestants[f"alignlab_{c}_{gc_}"] = lambda c=c, gc_=gc_: ours(c, gc_)
+        for block, warps in kernel_configs:
+            contestants[f"alignlab_b{block}_w{warps}"] = lambda block=block, warps=warps: _with_config(ours, block, warps)
         if liger_fn is not None:
             def liger_ops():
                 loss = liger_fn.apply(xs, ws, th, tw, None, 0.5, -100, 1.0)
@@ -175,15 +191,18 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--chunks", default="128,512", help="extra chunk sizes of ours to sweep (comma list, may be empty)")
+    ap.add_argument("--chunks", default="256:256,128:1024,256:1024,512:512",
+                    help="extra chunk_size:grad_chunk_size pairs of ours to sweep (comma list, may be empty)")
+    ap.add_argument("--kernel-configs", default="", help="row-kernel BLOCK:warps pairs to sweep, e.g. 4096:16,2048:4")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/distill.json")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script itself")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/distill.py needs a CUDA GPU")
-    chunks = [int(c) for c in args.chunks.split(",") if c]
-    comparisons, checks, peak = run(args.tokens, args.hidden, args.vocab, getattr(torch, args.dtype), chunks, args.skip_eager, args.device)
+    chunks = [tuple(int(v) for v in c.split(":")) for c in args.chunks.split(",") if c]
+    comparisons, checks, peak = run(args.tokens, args.hidden, args.vocab, getattr(torch, args.dtype), chunks, args.skip_eager, args.device,
+                                   [tuple(int(v) for v in c.split(":")) for c in args.kernel_configs.split(",") if c])
     path = save_results(args.out, comparisons, meta={"checks": checks, "bf16_matmul_peak": peak,
                                                       "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"})
     print("wrote", path)

@@ -150,7 +150,7 @@ def _distill_rows_kernel(
 def _block_size(vocab: int) -> tuple[int, int]:
     if interpreting():
         return min(64, triton.next_power_of_2(max(vocab, 1))), 1
-    return min(4096, triton.next_power_of_2(max(vocab, 1))), 8
+    return min(4096, max(16, triton.next_power_of_2(vocab))), 8
 
 
 def distill_rows(

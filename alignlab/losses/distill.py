@@ -256,8 +256,13 @@ def _chunk_rows(
     beta: float,
     temperature: float,
     grad_scale: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ):
-    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` in ``x.dtype``."""
+    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` in ``x.dtype``.
+
+    ``dL/dz`` goes into ``out`` when given (``(end - start, vocab)``), else over the bytes of
+    the chunk's own fp32 student logits.
+    """
     compute = torch.promote_types(x.dtype, torch.float32)
     s = _logits(x[start:end], w, compute)
     if teacher[0] == "logits":
@@ -270,44 +275,71 @@ def _chunk_rows(
 
         if scale is None:
             return distill_rows(s, t, kind, beta=beta, temperature=temperature), None
-        if x.dtype == torch.float32:
+        if out is None and x.dtype == torch.float32:
             out = s
-        else:
+        elif out is None:
             # The 16-bit gradient of each row goes into the first half of that row's fp32 bytes.
             out = s.view(x.dtype)[:, : s.shape[1]]
         loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale, grad_out=out)
         return loss, out
     loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale)
-    return loss, None if dz is None else dz.to(x.dtype)
+    if dz is None:
+        return loss, None
+    if out is None:
+        return loss, dz.to(x.dtype)
+    out.copy_(dz)
+    return loss, out
 
 
-def _default_chunk(n: int, vocab: int, teacher_is_hidden: bool) -> int:
-    # About 256 MiB of fp32 logits per chunk (student, plus teacher when computed here).
-    row_bytes = 4 * vocab * (2 if teacher_is_hidden else 1)
-    rows = (256 * 2**20) // max(row_bytes, 1)
-    if rows >= 128:
-        rows -= rows % 64  # GEMM-friendly row counts
-    return max(1, min(n, rows))
+def _default_chunks(n: int, vocab: int, itemsize: int, teacher_is_hidden: bool) -> tuple[int, int]:
+    """Rows per logits chunk (~128 MiB of fp32 logits) and per gradient GEMM (~128 MiB of dL/dz)."""
+
+    def fit(budget: int, row_bytes: int) -> int:
+        rows = budget // max(row_bytes, 1)
+        if rows >= 128:
+            rows -= rows % 64  # GEMM-friendly row counts
+        return max(1, min(n, rows))
+
+    rows = fit(128 * 2**20, 4 * vocab * (2 if teacher_is_hidden else 1))
+    grad_rows = fit(128 * 2**20, itemsize * vocab)
+    return rows, max(rows, grad_rows - grad_rows % rows)
 
 
-def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunk, want_dx, want_dw):
-    """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w."""
-    n = x.shape[0]
+def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want_dx, want_dw):
+    """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w.
+
+    ``chunks = (rows, grad_rows)``: logits are formed ``rows`` tokens at a time; ``dL/dz`` of
+    ``grad_rows`` tokens is gathered before the two gradient GEMMs, so they run with a long
+    inner dimension (``dW += dz^T x`` is memory-bound for short ones). With
+    ``grad_rows == rows`` the gradient is written over the logits buffer and needs no extra memory.
+    """
+    n, vocab = x.shape[0], w.shape[0]
+    rows, grad_rows = chunks
     compute = torch.promote_types(x.dtype, torch.float32)
     losses = torch.empty(n, dtype=compute, device=x.device)
+    need_grad = want_dx or want_dw
+    if not need_grad:
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            losses[start:end], _ = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, None)
+        return losses, None, None
     dx = torch.empty_like(x) if want_dx else None
     dw = torch.zeros_like(w) if want_dw else None
-    need_grad = want_dx or want_dw
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        loss, dz = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, grad_scale if need_grad else None)
-        losses[start:end] = loss
-        if dz is None:
-            continue
+    gather = grad_rows > rows
+    dz_buf = torch.empty(min(grad_rows, n), vocab, dtype=x.dtype, device=x.device) if gather and n else None
+    for g0 in range(0, n, grad_rows if gather else rows):
+        g1 = min(n, g0 + (grad_rows if gather else rows))
+        dz = None
+        for start in range(g0, g1, rows):
+            end = min(g1, start + rows)
+            out = dz_buf[start - g0 : end - g0] if gather else None
+            losses[start:end], dz = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, grad_scale, out)
+        if gather:
+            dz = dz_buf[: g1 - g0]
         if want_dx:
-            torch.mm(dz, w, out=dx[start:end])
+            torch.mm(dz, w, out=dx[g0:g1])
         if want_dw:
-            dw.addmm_(dz.t(), x[start:end])
+            dw.addmm_(dz.t(), x[g0:g1])
         del dz
     return losses, dx, dw
 
@@ -317,14 +349,14 @@ class _FusedLinearDistill(torch.autograd.Function):
     ``reduction="none"`` recomputes them in backward with the per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, teacher_a, teacher_b, weights, kind, beta, temperature, reduction, chunk):
+    def forward(ctx, x, w, teacher_a, teacher_b, weights, kind, beta, temperature, reduction, chunks):
         teacher = ("logits", teacher_a) if teacher_b is None else ("hidden", teacher_a, teacher_b)
         want_dx = ctx.needs_input_grad[0]
         want_dw = ctx.needs_input_grad[1]
         ctx.reduction = reduction
-        ctx.meta = (teacher, kind, beta, temperature, chunk)
+        ctx.meta = (teacher, kind, beta, temperature, chunks)
         if reduction == "none" or not (want_dx or want_dw):
-            losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunk, False, False)
+            losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
             ctx.save_for_backward(x, w, weights)
             ctx.teacher_tensors = teacher[1:]
             return losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
@@ -333,7 +365,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         else:
             denom = weights.sum()
             scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-        losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunk, want_dx, want_dw)
+        losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
         ctx.save_for_backward(dx, dw)
         return (losses * scale).sum()
 
@@ -347,11 +379,11 @@ class _FusedLinearDistill(torch.autograd.Function):
                 dw = None if dw is None else dw * grad_out.to(dw.dtype)
             return (dx, dw) + n_none
         x, w, weights = ctx.saved_tensors
-        teacher, kind, beta, temperature, chunk = ctx.meta
+        teacher, kind, beta, temperature, chunks = ctx.meta
         teacher = (teacher[0],) + tuple(ctx.teacher_tensors)
         scale = grad_out.to(weights.dtype) * weights
         _, dx, dw = _run_chunks(
-            x, w, teacher, kind, beta, temperature, scale, chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            x, w, teacher, kind, beta, temperature, scale, chunks, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         return (dx, dw) + n_none
 
@@ -369,6 +401,7 @@ def fused_linear_distill_loss(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    grad_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Distillation divergence from hidden states without materialising full logits.
 
@@ -376,8 +409,10 @@ def fused_linear_distill_loss(
     ``distill_loss(student_hidden @ student_weight.T, teacher_logits, ...)``, where the teacher
     logits are either given or ``teacher_hidden @ teacher_weight.T``. Tokens are processed in
     chunks of ``chunk_size`` rows; only ``(chunk, vocab)`` float32 logits of the student (and of
-    the teacher, when computed here) exist at a time, and the 16-bit gradient of a chunk is written
-    over the bytes of its own student logits. For ``"mean"``/``"sum"`` the gradients of the
+    the teacher, when computed here) exist at a time. Their gradient ``dL/dz`` (in the input
+    dtype) is gathered over ``grad_chunk_size`` rows before the gradient GEMMs
+    ``dx = dz W`` and ``dW += dz^T x``; with ``grad_chunk_size == chunk_size`` it is written over
+    the bytes of the chunk's own logits instead (least memory, slower GEMMs). For ``"mean"``/``"sum"`` the gradients of the
     student hidden state and weight are computed during forward (so backward is a scale); for
     ``"none"`` forward returns per-token losses and backward recomputes the chunk logits once,
     weighting each token by its upstream gradient.
@@ -390,7 +425,10 @@ def fused_linear_distill_loss(
         teacher_hidden: ``(..., teacher_hidden)`` teacher last hidden state.
         teacher_weight: ``(vocab, teacher_hidden)`` teacher ``lm_head`` weight.
         kind, beta, temperature, mask, reduction: as in :func:`distill_loss`.
-        chunk_size: rows per chunk; default keeps about 256 MiB of fp32 logits per chunk.
+        chunk_size: rows per logits chunk; default keeps about 128 MiB of fp32 logits per chunk.
+        grad_chunk_size: rows per gradient GEMM, a multiple of ``chunk_size`` (rounded down);
+            default keeps about 128 MiB of ``dL/dz``. Workspace is roughly
+            ``chunk_size * vocab * (4 or 8) + grad_chunk_size * vocab * itemsize`` bytes.
 
     Returns:
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
@@ -438,12 +476,15 @@ def fused_linear_distill_loss(
         teacher_a = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(x.dtype)
         teacher_b = teacher_weight.detach().to(x.dtype)
     n = x.shape[0]
-    if chunk_size is None:
-        chunk = _default_chunk(n, vocab, teacher_b is not None)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    else:
-        chunk = chunk_size
+    for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{label} must be a positive int or None, got {v!r}")
+    rows, grad_rows = _default_chunks(n, vocab, x.element_size(), teacher_b is not None)
+    if chunk_size is not None:
+        rows = chunk_size
+        grad_rows = max(rows, grad_rows - grad_rows % rows)
+    if grad_chunk_size is not None:
+        grad_rows = max(rows, grad_chunk_size - grad_chunk_size % rows)
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -453,7 +494,7 @@ def fused_linear_distill_loss(
         mask = mask.reshape(-1)
     weights = _weights(mask, torch.Size([n]), x.device, compute)
     out = _FusedLinearDistill.apply(
-        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, chunk
+        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, (rows, grad_rows)
     )
     return out.reshape(lead) if reduction == "none" else out
 

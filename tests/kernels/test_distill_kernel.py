@@ -74,7 +74,8 @@ def test_rows_bad_arguments(kernel_device):
 @pytest.mark.usefixtures("triton_mode")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["jsd", "reverse_kl"])
-def test_fused_loss_triton_path_matches_unfused(kernel_device, dtype, kind):
+@pytest.mark.parametrize("grad_chunk", [3, 6])  # 3: gradient over the logits' bytes; 6: gathered
+def test_fused_loss_triton_path_matches_unfused(kernel_device, dtype, kind, grad_chunk):
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(2, 5, 16, generator=g)).to(kernel_device, dtype).requires_grad_(True)
     w = (torch.randn(69, 16, generator=g) * 0.3).to(kernel_device, dtype).requires_grad_(True)
@@ -84,7 +85,8 @@ def test_fused_loss_triton_path_matches_unfused(kernel_device, dtype, kind):
     up = torch.randn(2, 5, generator=g).to(kernel_device)
     for reduction in ("mean", "none"):
         got = fused_linear_distill_loss(
-            x, w, teacher_hidden=th, teacher_weight=tw, kind=kind, beta=0.25, mask=mask, reduction=reduction, chunk_size=3
+            x, w, teacher_hidden=th, teacher_weight=tw, kind=kind, beta=0.25, mask=mask, reduction=reduction, chunk_size=3,
+            grad_chunk_size=grad_chunk,
         )
         x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
         want = distill_loss(x64 @ w64.T, th.double() @ tw.double().T, kind, beta=0.25, mask=mask, reduction=reduction)
@@ -106,7 +108,7 @@ def test_fused_bf16_cuda_matches_float64(kind):
     w = (torch.randn(1000, 64, generator=g) * 0.2).cuda().bfloat16().requires_grad_(True)
     t = (torch.randn(3, 50, 1000, generator=g) * 2).cuda().bfloat16()
     mask = (torch.rand(3, 50, generator=g) > 0.2).cuda()
-    got = fused_linear_distill_loss(x, w, t, kind=kind, mask=mask, chunk_size=37)
+    got = fused_linear_distill_loss(x, w, t, kind=kind, mask=mask, chunk_size=37, grad_chunk_size=37 if kind == "tv" else 74)
     gx, gw = torch.autograd.grad(got, (x, w))
     x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     want = distill_loss(x64 @ w64.T, t.double(), kind, mask=mask)

@@ -141,16 +141,18 @@ def _problem(n_lead=(2, 5), hidden=8, vocab=11, dtype=torch.float64, seed=0):
 @pytest.mark.usefixtures("torch_mode")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("chunk,grad_chunk", [(1, 1), (2, 7), (64, None)])
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
-def test_fused_matches_unfused_float64(kind, reduction, chunk, teacher_form):
+def test_fused_matches_unfused_float64(kind, reduction, chunk, grad_chunk, teacher_form):
     x, w, th, tw, mask = _problem()
     t_logits = th @ tw.T
     kw = dict(kind=kind, beta=0.3, temperature=1.7, mask=mask, reduction=reduction)
     if teacher_form == "logits":
-        got = fused_linear_distill_loss(x, w, t_logits, chunk_size=chunk, **kw)
+        got = fused_linear_distill_loss(x, w, t_logits, chunk_size=chunk, grad_chunk_size=grad_chunk, **kw)
     else:
-        got = fused_linear_distill_loss(x, w, teacher_hidden=th, teacher_weight=tw, chunk_size=chunk, **kw)
+        got = fused_linear_distill_loss(
+            x, w, teacher_hidden=th, teacher_weight=tw, chunk_size=chunk, grad_chunk_size=grad_chunk, **kw
+        )
     want = distill_loss(x @ w.T, t_logits, **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     up = torch.randn_like(want)  # per-token upstream gradients exercise reduction="none"
@@ -196,7 +198,9 @@ def test_fused_low_precision_close_to_float64(dtype):
     x, w, th, tw, mask = _problem(n_lead=(3, 7), hidden=16, vocab=37, dtype=torch.float64)
     xl = x.detach().to(dtype).requires_grad_(True)
     wl = w.detach().to(dtype).requires_grad_(True)
-    got = fused_linear_distill_loss(xl, wl, teacher_hidden=th.to(dtype), teacher_weight=tw.to(dtype), mask=mask, chunk_size=5)
+    got = fused_linear_distill_loss(
+        xl, wl, teacher_hidden=th.to(dtype), teacher_weight=tw.to(dtype), mask=mask, chunk_size=5, grad_chunk_size=10
+    )
     gx, gw = torch.autograd.grad(got, (xl, wl))
     assert got.dtype == torch.float32 and gx.dtype == dtype and gw.dtype == dtype
     x64, w64 = xl.detach().double().requires_grad_(True), wl.detach().double().requires_grad_(True)
@@ -240,6 +244,8 @@ def test_fused_bad_arguments():
         fused_linear_distill_loss(x, w, teacher_hidden=th, teacher_weight=tw[:-1])
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_distill_loss(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="grad_chunk_size"):
+        fused_linear_distill_loss(x, w, t, grad_chunk_size=-1)
     with pytest.raises(ValueError, match="mask"):
         fused_linear_distill_loss(x, w, t, mask=mask[:1])
     with pytest.raises(ValueError, match="dtype"):
