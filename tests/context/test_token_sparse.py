@@ -174,3 +174,19 @@ def test_errors():
         TokenSparse(nn.Identity(), 1.5)
     with pytest.raises(ValueError, match="no submodule"):
         apply_token_sparsity(nn.Sequential(nn.Linear(2, 2)), 0.5)
+
+
+def test_bf16_and_empty_batch():
+    torch.manual_seed(0)
+    mlp = GatedMLP(h=16, inter=32, dtype=torch.bfloat16)
+    x = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    keep = select_tokens(torch.randn(2, 9), 0.5)
+    y = token_sparse_apply(mlp, x, keep)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, mlp(x))  # default bf16 tolerances
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.all(x.grad[~keep] == 0) and x.grad[keep].abs().sum() > 0
+    empty = torch.zeros(0, 4, 16, dtype=torch.bfloat16)
+    out = token_sparse_apply(mlp, empty, torch.zeros(0, 4, dtype=torch.bool))
+    assert out.shape == (0, 4, 16)
+    assert select_tokens(torch.zeros(0, 4), 0.5).shape == (0, 4)
