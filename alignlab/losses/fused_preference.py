@@ -15,9 +15,9 @@ Two schedules, one result:
 * ``eager=True``: the loss and its gradients are computed in the forward call, in two passes over the
   chunks: pass 1 gets each row's log-sum-exp and label logit, the loss then gives the per-token upstream
   gradient, pass 2 turns each chunk into ``dL/dZ`` in place and runs the two gradient matmuls.  Chunks that
-  fit in ``resident_bytes`` stay alive between the passes and are not recomputed, so a batch that fits costs
-  three matmuls (Liger-Kernel's count) instead of four; ``resident_bytes=0`` gives the lean four-matmul
-  schedule.  Backward only scales the stored gradients, which must be used once (``retain_graph`` is fine,
+  fit in ``resident_bytes`` stay alive between the passes (as one block, one matmul per direction) and are
+  not recomputed, so a batch that fits costs three matmuls (Liger-Kernel's count) instead of four;
+  ``resident_bytes=0`` gives the lean four-matmul schedule.  Backward only scales the stored gradients, which must be used once (``retain_graph`` is fine,
   but a second ``backward`` adds the same gradients again, as any stored-gradient scheme would).
 
 Layout: ``hidden`` is ``(2B, seq, hidden)`` with the B chosen sequences first and the B rejected ones after
@@ -97,22 +97,29 @@ def _check_3d(hidden: torch.Tensor) -> None:
 # the eager two-pass schedule
 # ------------------------------------------------------------------------------------------------------------------
 class _EagerLinearLoss(torch.autograd.Function):
-    """Loss and its gradients w.r.t. hidden/weight/bias in the forward call; backward scales them."""
+    """Loss and its gradients w.r.t. hidden/weight/bias in the forward call; backward scales them.
+
+    Rows are split into a leading part walked in chunks through one scratch buffer (recomputed in pass 2)
+    and a trailing resident block whose logits stay alive between the passes; the block is one matmul in
+    each direction (and its weight gradient is written, not accumulated, which saves a read-modify-write of
+    the weight-sized buffer per chunk).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, loss_fn, chunk_size, resident_bytes, ignore_index, aux):
-        vocab, hdim = weight.shape
+        vocab = weight.shape[0]
         n_rows = labels.numel()
         index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab)
         rows = y.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         dev = hidden.device
         step = max(1, min(rows, chunk_size or default_chunk_rows(rows, vocab, h.element_size(), dev)))
-        chunk_bytes = step * vocab * h.element_size()
-        n_chunks = -(-rows // step)
-        fit = resident_bytes // chunk_bytes
-        # keep whole chunks alive between the passes while they fit; the rest share one scratch buffer
-        n_keep = n_chunks if fit >= n_chunks else max(0, fit - 1)
+        row_bytes = vocab * h.element_size()
+        if rows * row_bytes <= resident_bytes:
+            keep = rows
+        else:  # what is left of the budget once the scratch chunk is paid for
+            keep = max(0, (resident_bytes - step * row_bytes) // row_bytes)
+        r0 = rows - keep
         w_t = weight.t()
 
         def logits(s: int, e: int, out: torch.Tensor) -> torch.Tensor:
@@ -122,19 +129,16 @@ class _EagerLinearLoss(torch.autograd.Function):
 
         lse = torch.empty(rows, dtype=acc, device=dev)
         tgt = torch.empty(rows, dtype=acc, device=dev)
-        kept: dict[int, torch.Tensor] = {}
-        scratch = None
-        for i, s in enumerate(range(0, rows, step)):
-            e = min(s + step, rows)
-            if i >= n_chunks - n_keep:  # the last chunks of pass 1 are the first of pass 2: keep those
-                z = logits(s, e, torch.empty(e - s, vocab, dtype=h.dtype, device=dev))
-                kept[s] = z
-            else:
-                if scratch is None:
-                    scratch = torch.empty(step, vocab, dtype=h.dtype, device=dev)
-                z = logits(s, e, scratch[: e - s])
-            st = chunk_softmax_grad_(z, y[s:e])
+        scratch = torch.empty(min(step, r0), vocab, dtype=h.dtype, device=dev) if r0 else None
+        for s in range(0, r0, step):
+            e = min(s + step, r0)
+            st = chunk_softmax_grad_(logits(s, e, scratch[: e - s]), y[s:e])
             lse[s:e], tgt[s:e] = st.lse, st.target
+        block = None
+        if keep:
+            block = logits(r0, rows, torch.empty(keep, vocab, dtype=h.dtype, device=dev))
+            st = chunk_softmax_grad_(block, y[r0:])
+            lse[r0:], tgt[r0:] = st.lse, st.target
 
         tok = scatter_rows(tgt - lse, index, n_rows).view(labels.shape)
         with torch.enable_grad():
@@ -152,28 +156,32 @@ class _EagerLinearLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None
         grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
-        if need_h or need_w or need_b:
-            # pass 2 in reverse: resident chunks first, freed as soon as they are used
-            starts = list(range(0, rows, step))
-            for s in reversed(starts):
-                e = min(s + step, rows)
-                z = kept.pop(s, None)
-                if z is None:
-                    if scratch is None:
-                        scratch = torch.empty(step, vocab, dtype=h.dtype, device=dev)
-                    z = logits(s, e, scratch[: e - s])
-                chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e])
-                if need_h:
-                    torch.mm(z, weight, out=grad_h[s:e])
-                if need_w:
+
+        def backprop(z: torch.Tensor, s: int, e: int) -> None:
+            nonlocal grad_w
+            chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e])
+            if need_h:
+                torch.mm(z, weight, out=grad_h[s:e])
+            if need_w:
+                if grad_w is None:
+                    grad_w = z.t() @ h[s:e]
+                else:
                     grad_w.addmm_(z.t(), h[s:e])
-                if need_b:
-                    grad_b += z.sum(dim=0, dtype=acc)
-                del z
-        kept.clear()
-        del scratch
+            if need_b:
+                grad_b.add_(z.sum(dim=0, dtype=acc))
+
+        if need_h or need_w or need_b:
+            if block is not None:
+                backprop(block, r0, rows)
+                block = None
+            for s in range(0, r0, step):
+                e = min(s + step, r0)
+                backprop(logits(s, e, scratch[: e - s]), s, e)
+        del block, scratch
+        if need_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
         if need_h:
             grad_h = scatter_rows(grad_h, index, n_rows).view(hidden.shape)
         ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
