@@ -54,6 +54,8 @@ __all__ = ["nf4_matmul", "nf4_matmul_t", "LARGE_M", "SMALL_M"]
 SMALL_M = 16
 # Row count from which dequantize + cuBLAS beats the fused kernel (measured on H100, see module doc).
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "128"))
+# M == 1 takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0).
+USE_GEMV = os.environ.get("ALIGNLAB_NF4_GEMV", "1") != "0"
 
 
 if triton is not None:
@@ -209,6 +211,58 @@ if triton is not None:
     _fwd_small, _fwd_large = _tuned(_fwd, True), _tuned(_fwd, False)
     _bwd_small, _bwd_large = _tuned(_bwd, True), _tuned(_bwd, False)
 
+    @triton.jit
+    def _nf4_gemv_kernel(
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, bias_ptr, y_ptr,
+        N, K,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[N] = W[N, K] x[K] for one row x, with K % BLOCKSIZE == 0 and BLOCK_K % BLOCKSIZE == 0.
+
+        No tensor cores and no nibble interleaving: x is read as its even and odd
+        halves, which multiply the high and low nibbles.  Because the scale is constant
+        over a block, products are summed per block first and scaled once:
+        sum_i q_i s_b x_i = s_b sum_i q_i x_i  (and + tau_b sum_i x_i with ICQ).
+        """
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rows = rn[:, None].to(tl.int64)
+        half_k = K // 2
+        jb = tl.arange(0, BLOCK_K // 2)
+        nb_row = K // BLOCKSIZE
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // 2 + jb
+            kmask = kb < half_k
+            xe = tl.load(x_ptr + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
+            byte = tl.load(data_ptr + rows * half_k + kb[None, :], mask=nmask[:, None] & kmask[None, :],
+                           other=0).to(tl.int32)
+            prod = tl.load(code_ptr + (byte >> 4)) * xe[None, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :]
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, NB, BLOCKSIZE // 2)), axis=2)
+            rb = k0 // BLOCKSIZE + tl.arange(0, NB)
+            bmask = nmask[:, None] & (rb[None, :] < nb_row)
+            bidx = rows * nb_row + rb[None, :]
+            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, bmask, DOUBLE, NESTED_BS)
+            acc += part * s
+            if HAS_SHIFT:
+                xs = tl.sum(tl.reshape(xe + xo, (NB, BLOCKSIZE // 2)), axis=1)
+                acc += tl.load(shift_ptr + bidx, mask=bmask, other=0.0) * xs[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+    _gemv_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                 for bn, bk, w, st in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 3),
+                                       (4, 1024, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (2, 1024, 4, 4)]],
+        key=["N", "K", "BLOCKSIZE", "DOUBLE"],
+    )(_nf4_gemv_kernel)
+
 
 def _state_args(t: NF4Tensor):
     dev, dummy = t.device, t.data
@@ -272,6 +326,15 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 1 and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
+        gargs = (x2, *_state_args(t), bias if bias is not None else y, y, N, K)
+        gmeta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+                     HAS_SHIFT=t.shift is not None, HAS_BIAS=bias is not None)
+        if interpreting():
+            _nf4_gemv_kernel[(triton.cdiv(N, 4),)](*gargs, **gmeta, BLOCK_N=4, BLOCK_K=max(64, t.blocksize))
+        else:
+            _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*gargs, **gmeta)
+        return y.reshape(*lead, N)
     args = (x2, *_state_args(t), bias if bias is not None else y, y, M, N, K, x2.stride(0), y.stride(0),
             _m_bucket(M))
     meta = dict(_meta(t, x.dtype), HAS_BIAS=bias is not None)

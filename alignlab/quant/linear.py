@@ -23,8 +23,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from alignlab.kernels.nf4_dequant import nf4_dequant
-from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
@@ -44,12 +42,16 @@ class _NF4LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
+        from alignlab.kernels.nf4_matmul import nf4_matmul  # kernels import alignlab.quant.nf4
+
         ctx.t = t
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
         return nf4_matmul(x, t, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        from alignlab.kernels.nf4_matmul import nf4_matmul_t
+
         dx = nf4_matmul_t(dy, ctx.t) if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.bias_needs_grad else None
         return dx, db, None
@@ -148,6 +150,8 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
         return nf4_dequant(self.quant_weight, dtype or self.compute_dtype)
 
     @torch.no_grad()

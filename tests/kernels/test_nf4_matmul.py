@@ -27,7 +27,7 @@ def _case(N, K, M, dtype, double_quant=True, blocksize=32, seed=0, device="cpu",
 
 
 # (N, K, M): odd N, K not a multiple of the tile, M=1, M between tiles, M past LARGE_M (dequant path)
-SHAPES = [(40, 64, 1), (33, 70, 5), (17, 96, 16), (24, 62, 20), (9, 34, 3), (8, 64, 130)]
+SHAPES = [(40, 64, 1), (37, 128, 1), (33, 70, 5), (17, 96, 16), (24, 62, 20), (9, 34, 3), (8, 64, 130)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -50,6 +50,7 @@ def test_matmul_interpreter_odd_k_icq_and_batch_dims(triton_mode):
     assert _rel(y.reshape(4, 12), x.double() @ wd.T) < 1e-5
     t, x, dy, b, wd = _case(16, 64, 3, torch.float32, icq=True)
     assert _rel(nf4_matmul(x, t), x.double() @ wd.T) < 1e-5
+    assert _rel(nf4_matmul(x[:1], t), x[:1].double() @ wd.T) < 1e-5  # GEMV + shift
     assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-5
 
 
