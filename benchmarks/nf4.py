@@ -167,6 +167,16 @@ def main(argv=None):
             cont["bf16"] = lambda: torch.nn.functional.linear(x, wd)
             if M == 16:
                 cont["alignlab_dequant_mm"] = lambda: torch.nn.functional.linear(x, nf4_dequant(t, dt))
+            else:
+                def dot_kernel():
+                    old, mm.USE_GEMV = mm.USE_GEMV, False
+                    try:
+                        return nf4_matmul(x, t)
+                    finally:
+                        mm.USE_GEMV = old
+
+                assert _rel(dot_kernel(), ref) < 1e-2
+                cont["alignlab_tl_dot"] = dot_kernel
             run(f"M={M}", cont, {**sm, "M": M, "rel_err": err}, bytes_moved=wbytes + 2 * M * (N + K))
 
         if "m4096" in sections or "bwd" in sections:
