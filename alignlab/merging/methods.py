@@ -189,12 +189,17 @@ def combine_deltas(
     Returns:
         The merged tensor in ``base.dtype``.
     """
-    if consensus not in (None, "sum", "count"):
-        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
     if len(deltas) != len(weights):
         raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
     wd = _work_dtype(base)
-    weighted = [d.to(wd) * w for d, w in zip(deltas, weights)]
+    return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_)
+
+
+def _combine(base, weighted, weights, consensus, normalize, lambda_) -> Tensor:
+    """:func:`combine_deltas` on already weighted deltas ``w_i δ_i`` that it may overwrite."""
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    wd = weighted[0].dtype
     if consensus is None:
         mixed = weighted[0].clone() if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
         divisor = math.fsum(weights)
@@ -204,16 +209,24 @@ def combine_deltas(
             mixed /= divisor
     else:
         if consensus == "sum":
-            positive = torch.stack(weighted).sum(dim=0) >= 0
+            total = weighted[0].clone()
+            for d in weighted[1:]:
+                total += d
         else:
-            votes = torch.stack([d.sign() for d in weighted]).sum(dim=0)
-            positive = votes >= 0
-        mixed = torch.zeros_like(weighted[0])
-        divisor = torch.zeros_like(weighted[0])
+            total = weighted[0].sign()
+            for d in weighted[1:]:
+                total += d.sign()
+        positive = total >= 0
+        del total
+        mixed = divisor = None
         for d, w in zip(weighted, weights):
             agree = torch.where(positive, d > 0, d < 0)
-            mixed += torch.where(agree, d, 0.0)
-            divisor += torch.where(agree, w, 0.0)
+            d.mul_(agree)  # the disagreeing entries drop out of the mean
+            if mixed is None:
+                mixed, divisor = d, agree.to(wd) * w
+            else:
+                mixed += d
+                divisor.add_(agree, alpha=w)
             del agree
         divisor[divisor == 0] = 1.0
         if normalize:
@@ -342,7 +355,7 @@ def task_arithmetic(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    return combine_deltas(base, _deltas(base, models), w, normalize=normalize, lambda_=lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(_deltas(base, models), w)], w, None, normalize, lambda_)
 
 
 def ties(
@@ -387,9 +400,11 @@ def ties(
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
     deltas = []
-    for d, rho in zip(_deltas(base, models), dens):
-        deltas.append(d if rho >= 1.0 else torch.where(magnitude_mask(d, rho), d, 0.0))
-    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    for d, rho, wi in zip(_deltas(base, models), dens, w):
+        if rho < 1.0:
+            d.mul_(magnitude_mask(d, rho))
+        deltas.append(d.mul_(wi))
+    return _combine(base, deltas, w, consensus, normalize, lambda_)
 
 
 def dare(
@@ -431,7 +446,7 @@ def dare(
             deltas.append(torch.zeros_like(d))
         else:
             deltas.append(_rescale(d, dare_mask(d, rho, generator), rescale, rho))
-    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
 
 
 def breadcrumbs(
@@ -475,7 +490,7 @@ def breadcrumbs(
         mask = torch.zeros(n, dtype=torch.bool, device=d.device)
         mask[order[bottom_n : bottom_n + keep_n]] = True
         deltas.append(torch.where(mask.reshape(d.shape), d, 0.0))
-    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
 
 
 def della(
@@ -515,7 +530,7 @@ def della(
             continue
         mask, keep_prob = della_mask(d, rho, epsilon, generator)
         deltas.append(_rescale(d, mask, rescale, keep_prob.to(d.dtype)))
-    return combine_deltas(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
 
 
 # --------------------------------------------------------------------------- spherical
