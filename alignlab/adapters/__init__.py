@@ -1,4 +1,4 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA; injection and PEFT-format I/O."""
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
 from alignlab.adapters.config import LoRAConfig
@@ -20,8 +20,11 @@ from alignlab.adapters.inject import (
     set_adapter,
     unmerge,
 )
+from alignlab.adapters.ia3 import IA3Config, IA3Linear
 from alignlab.adapters.io import adapter_state_dict, load_adapter, save_adapter
+from alignlab.adapters.kron import LoKrConfig, LoKrLinear, factorization
 from alignlab.adapters.lora import DoRALinear, LoRALinear, lora_forward, lora_scaling
+from alignlab.adapters.vera import VeRAConfig, VeRALinear, VeRAProjections
 
 add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a model already has one
 
@@ -31,4 +34,5 @@ __all__ = [
     "add_weighted_adapter", "count_parameters", "delete_adapter", "disabled", "dora_weight_norm",
     "find_targets", "inject", "load_adapter", "lora_forward", "lora_scaling", "mark_only_adapters_trainable",
     "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
+    "IA3Config", "IA3Linear", "LoKrConfig", "LoKrLinear", "factorization", "VeRAConfig", "VeRALinear", "VeRAProjections",
 ]

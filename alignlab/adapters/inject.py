@@ -101,15 +101,22 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in this model; pick another name or delete_adapter first")
-    targets = find_targets(model, config)
+    # A config may choose its own targets (e.g. whole blocks, the input embedding) and prepare
+    # state shared by its layers (e.g. VeRA's frozen random projections) before they are built.
+    own_finder = getattr(config, "find_targets", None)
+    targets = own_finder(model) if callable(own_finder) else find_targets(model, config)
     if not targets:
         existing = sorted({n for n, _ in _candidates(model)})
         suffixes = sorted({n.split(".")[-1] for n in existing})
+        exclude = getattr(config, "exclude_modules", None)
         raise ValueError(
-            f"no module matched target_modules={config.target_modules!r}"
-            + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
+            f"no module matched target_modules={getattr(config, 'target_modules', None)!r}"
+            + (f" (exclude_modules={exclude!r})" if exclude else "")
             + f"; linear modules in this model end with {suffixes} (e.g. {existing[:3]})"
         )
+    prepare = getattr(config, "prepare", None)
+    if callable(prepare):
+        prepare(model, targets, adapter_name)
     first = not configs
     for name in targets:
         module = model.get_submodule(name)
@@ -132,6 +139,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     object.__setattr__(model, CONFIGS_ATTR, configs)
     if first:
         object.__setattr__(model, "alignlab_active_adapters", [adapter_name])
+    attach = getattr(config, "attach", None)
+    if callable(attach):  # model-level wiring, e.g. the forward hook that prepends soft prompts
+        attach(model, adapter_name)
     mark_only_adapters_trainable(model)
     return model
 

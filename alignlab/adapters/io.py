@@ -1,4 +1,4 @@
-"""Save and load LoRA / DoRA adapters in PEFT's on-disk format.
+"""Save and load adapters in PEFT's on-disk format (LoRA / DoRA and every other family).
 
 A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` fields) and
 ``adapter_model.safetensors`` with PEFT's key names::
@@ -9,7 +9,12 @@ A directory with ``adapter_config.json`` (PEFT's ``LoraConfig`` fields) and
     base_model.model.<module>.weight / .bias                     modules_to_save
 
 so ``peft.PeftModel.from_pretrained(base, path)`` loads what we save and
-:func:`load_adapter` loads what PEFT saves. Both files are written to temporary
+:func:`load_adapter` loads what PEFT saves. Other adapter families plug in through
+their config (``peft_type``, ``peft_config_dict(model, name)``, ``from_peft(raw)``,
+optionally ``extra_tensors(model, name)`` for tensors that live on no single layer)
+and their layers (``peft_tensors(name)``: tensors keyed relative to the layer).
+Families PEFT lacks use the same layout with ``peft_type = "ALIGNLAB_<METHOD>"``
+and a ``format_version`` field. Both files are written to temporary
 names and renamed into place: a crash never leaves a half-written adapter.
 """
 
@@ -109,15 +114,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(configs)}")
     config = configs[adapter_name]
-    if not isinstance(config, LoRAConfig):
-        raise ValueError(f"save_adapter writes LoRA/DoRA adapters; {adapter_name!r} is a {type(config).__name__}")
+    if not isinstance(config, LoRAConfig) and not hasattr(config, "peft_config_dict"):
+        raise ValueError(f"save_adapter cannot write {adapter_name!r}: {type(config).__name__} has no file format")
     merged = [n for n, l in adapter_layers(model) if adapter_name in l.merged_adapters]
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into the base (e.g. {merged[0]!r}); unmerge before saving")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model, adapter_name)
-    meta = json.dumps(peft_config_dict(model, config, adapter_name), indent=2, sort_keys=True)
+    raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
+    meta = json.dumps(raw, indent=2, sort_keys=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
     return out
@@ -165,7 +171,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
-    config = config_from_peft(json.loads((root / CONFIG_NAME).read_text()))
+    config = _config_from_file(json.loads((root / CONFIG_NAME).read_text()))
     state = load_file(str(root / WEIGHTS_NAME))
     inject(model, config, adapter_name)
     try:
@@ -176,6 +182,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         delete_adapter(model, adapter_name)
         raise
     return model
+
+
+def _config_from_file(raw: dict):
+    """The alignlab config for a PEFT (or alignlab-format) ``adapter_config.json``, dispatched on ``peft_type``."""
+    kind = raw.get("peft_type")
+    if kind == "LORA":
+        return config_from_peft(raw)
+    registry = _config_registry()
+    if kind not in registry:
+        raise ValueError(f"adapter_config.json: peft_type must be 'LORA' or one of {sorted(registry)}, got {kind!r}")
+    if "lora_alpha" in raw and kind != "ADALORA":
+        raise ValueError(f"adapter_config.json: peft_type must be 'LORA' for a config with LoRA fields (lora_alpha), got {kind!r}")
+    return registry[kind].from_peft(raw)
+
+
+def _config_registry() -> dict:
+    from alignlab.adapters.ia3 import IA3Config
+    from alignlab.adapters.kron import LoKrConfig
+    from alignlab.adapters.vera import VeRAConfig
+
+    classes = (IA3Config, LoKrConfig, VeRAConfig)
+    return {cls.peft_type: cls for cls in classes}
 
 
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -203,6 +231,12 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
             refs[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
             if layer.is_dora(adapter_name):
                 refs[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+        elif hasattr(layer, "peft_tensors") and adapter_name in layer.adapter_names():
+            for key, tensor in layer.peft_tensors(adapter_name).items():
+                refs[f"{PREFIX}{name}.{key}"] = tensor
+    config = adapter_configs(model).get(adapter_name)
+    if hasattr(config, "extra_tensors"):
+        refs.update(config.extra_tensors(model, adapter_name))
     for name, module in model.named_modules():
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
             for pname, p in module.modules_to_save[adapter_name].named_parameters():

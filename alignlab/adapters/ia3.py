@@ -1,0 +1,250 @@
+"""(IA)³: learned rescaling vectors on a frozen linear layer's output or input.
+
+Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+In-Context Learning", arXiv 2205.05638. A vector ``l`` rescales activations::
+
+    y = l ⊙ (W x + b)          attention keys / values (``l``: (out,))
+    y = W (l ⊙ x) + b          feed-forward modules     (``l``: (in,))
+
+``l`` starts at ones, so the adapted model starts equal to the base. Both forms
+fold into the weight (``W ← diag(l) W``, ``b ← l ⊙ b``; or ``W ← W diag(l)``),
+so (IA)³ is mergeable. Trainable parameters: ``Σ out`` over the key/value
+modules plus ``Σ in`` over the feed-forward ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.config import _compile, _is_str_list, name_matches
+
+FORMAT_VERSION = 1
+
+
+def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True) -> None:
+    """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts."""
+    if isinstance(target_modules, str):
+        if not (allow_all_linear and target_modules == "all-linear"):
+            _compile("target_modules", target_modules)
+    elif not _is_str_list(target_modules) or not target_modules:
+        raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
+    if exclude_modules is not None and not isinstance(exclude_modules, str) and not _is_str_list(exclude_modules):
+        raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+def layers_holding(model: nn.Module, adapter_name: str, cls: type) -> dict[str, AdapterLayer]:
+    """``{dotted name: layer}`` of the ``cls`` layers of ``model`` that hold ``adapter_name``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls) and adapter_name in m.adapter_names()}
+
+
+def own_format_dict(kind: str, config) -> dict:
+    """The ``adapter_config.json`` of a method PEFT lacks: every dataclass field, versioned."""
+    raw = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
+    for key, value in raw.items():
+        if isinstance(value, (set, tuple)):
+            raw[key] = sorted(value)
+    return {"peft_type": kind, "format_version": FORMAT_VERSION, **raw}
+
+
+def own_format_config(cls: type, raw: dict):
+    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"adapter_config.json: format_version {version!r} is not supported (this alignlab reads {FORMAT_VERSION})")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(raw) - names - {"peft_type", "format_version"})
+    if unknown:
+        raise ValueError(f"adapter_config.json: unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def exact_names(names) -> list[str]:
+    return sorted(names)
+
+
+class IA3Linear(AdapterLayer):
+    """A linear layer with named (IA)³ vectors; see the module docstring for the math.
+
+    Args:
+        base: ``nn.Linear`` (or quantized linear) ``(..., in) -> (..., out)``; frozen.
+        feedforward: scale the input (``l``: ``(in,)``) instead of the output (``l``: ``(out,)``).
+        adapter_name: name of the first adapter.
+        init_ones: start at ``l = 1`` (identity); ``False`` draws ``l ~ N(0, 1)`` (for tests).
+    Raises:
+        TypeError: ``base`` is not a linear layer.
+    """
+
+    def __init__(self, base: nn.Module, feedforward: bool = False, adapter_name: str = "default", init_ones: bool = True) -> None:
+        if not (isinstance(base, nn.Linear) or is_quantized(base)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.feedforward = feedforward
+        self.ia3_l = nn.ParameterDict()
+        self.add_adapter(adapter_name, init_ones)
+        self.active_adapters = [adapter_name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.ia3_l.keys())
+
+    def add_adapter(self, name: str, init_ones: bool = True) -> None:
+        check_adapter_name(name)
+        if name in self.ia3_l:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        weight = dense_weight(self.base_layer)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+        n = self.in_features if self.feedforward else self.out_features
+        init = torch.ones(n, device=weight.device, dtype=dtype) if init_ones else torch.randn(n, dtype=dtype).to(weight.device)
+        self.ia3_l[name] = nn.Parameter(init)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        del self.ia3_l[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        # PEFT stores (out, 1) for output scaling and (1, in) for input scaling
+        vec = self.ia3_l[name]
+        return {"ia3_l": vec.view(1, -1) if self.feedforward else vec.view(-1, 1)}
+
+    def _scale(self, names: list[str]) -> torch.Tensor | None:
+        scale = None
+        for name in names:
+            scale = self.ia3_l[name] if scale is None else scale * self.ia3_l[name]
+        return scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``."""
+        if self.disabled:
+            return self.base_layer(x)
+        names = [n for n in self.active_adapters if n in self.ia3_l and n not in self.merged_adapters]
+        scale = self._scale(names)
+        if scale is None:
+            return self.base_layer(x)
+        if self.feedforward:
+            return self.base_layer((x * scale).to(x.dtype))
+        out = self.base_layer(x)
+        return (out * scale).to(out.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once.
+
+        Raises:
+            ValueError: an adapter is already merged, adapters are disabled, or ``l`` has a zero
+                entry (the merge could not be undone).
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would apply it twice")
+            if bool((self.ia3_l[name] == 0).any()):
+                raise ValueError(f"adapter {name!r} has zero entries in l; merging it could not be undone")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        for name in names:
+            self._apply(self.ia3_l[name].detach().float())
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        while self.merged_adapters:
+            self._apply(1.0 / self.ia3_l[self.merged_adapters.pop()].detach().float())
+
+    def _apply(self, factor: torch.Tensor) -> None:
+        w = dense_weight(self.base_layer)
+        new = w.float() * (factor[None, :] if self.feedforward else factor[:, None])
+        set_dense_weight_(self.base_layer, new.to(w.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None and not self.feedforward:
+            with torch.no_grad():
+                bias.copy_((bias.float() * factor).to(bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, feedforward={self.feedforward}, adapters={self.adapter_names()}, active={self.active_adapters}"
+
+
+@dataclass
+class IA3Config:
+    """Settings for ``inject(model, IA3Config(...))``.
+
+    Args:
+        target_modules: linear modules to rescale (forms as in ``LoRAConfig``); default: the
+            paper's keys, values and the FFN down projection of Llama-style models.
+        feedforward_modules: the subset of targets whose *input* is rescaled (names/suffixes or regex).
+        exclude_modules: targets to skip.
+        init_ones: ``l = 1`` at the start (identity). ``False`` draws random vectors.
+    Raises:
+        TypeError/ValueError: malformed target specs, or feedforward modules that are not targets.
+    """
+
+    peft_type = "IA3"
+
+    target_modules: str | list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: str | list[str] = field(default_factory=lambda: ["down_proj"])
+    exclude_modules: str | list[str] | None = None
+    init_ones: bool = True
+
+    def __post_init__(self) -> None:
+        check_target_spec(self.target_modules, self.exclude_modules)
+        if isinstance(self.feedforward_modules, str):
+            _compile("feedforward_modules", self.feedforward_modules)
+        elif not _is_str_list(self.feedforward_modules):
+            raise TypeError(f"feedforward_modules must be a regex string or a list of names, got {self.feedforward_modules!r}")
+        if _is_str_list(self.feedforward_modules) and _is_str_list(self.target_modules):
+            extra = [f for f in self.feedforward_modules
+                     if not any(f == t or f.endswith("." + t) or t.endswith("." + f) for t in self.target_modules)]
+            if extra:
+                raise ValueError(f"feedforward_modules must be a subset of target_modules; {extra} are not targets")
+
+    def is_feedforward(self, name: str) -> bool:
+        spec = self.feedforward_modules
+        return bool(spec) and name_matches(spec if isinstance(spec, str) else list(spec), name)
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> IA3Linear:
+        return IA3Linear(module, self.is_feedforward(name), adapter_name, self.init_ones)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, IA3Linear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add an IA3 adapter to it")
+        layer.add_adapter(adapter_name, self.init_ones)
+
+    # -- PEFT format --------------------------------------------------------------------------------
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, IA3Linear)
+        return {
+            "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "target_modules": exact_names(layers),
+            "feedforward_modules": exact_names(n for n, l in layers.items() if l.feedforward),
+            "exclude_modules": None, "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "IA3Config":
+        if raw.get("fan_in_fan_out", False):
+            raise ValueError("adapter_config.json: fan_in_fan_out=True is not supported by alignlab")
+        if raw.get("modules_to_save"):
+            raise ValueError("adapter_config.json: modules_to_save is not supported for IA3 adapters")
+        target = raw.get("target_modules")
+        if target is None:
+            raise ValueError("adapter_config.json: target_modules is missing")
+        ff = raw.get("feedforward_modules") or []
+        return cls(target_modules=target if isinstance(target, str) else list(target),
+                   feedforward_modules=ff if isinstance(ff, str) else list(ff),
+                   exclude_modules=raw.get("exclude_modules"))
+

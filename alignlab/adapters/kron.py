@@ -1,0 +1,268 @@
+"""LoKr / KronA: Kronecker-product adapters.
+
+KronA: Edalati et al., "KronA: Parameter Efficient Tuning with Kronecker Adapter",
+arXiv 2212.10650; LoKr: Yeh et al., "Navigating Text-To-Image Customization: From
+LyCORIS Fine-Tuning to Model Evaluation", arXiv 2309.14859. The update is a
+Kronecker product of two small factors::
+
+    y = W x + b + s·(W₁ ⊗ W₂) x,     W₁: (out₁, in₁), W₂: (out₂, in₂),  s = α / r
+
+with ``out = out₁·out₂`` and ``in = in₁·in₂`` chosen by :func:`factorization`
+(the most balanced split, the smaller factor at most ``decompose_factor``).
+``W₂`` (and ``W₁`` with ``decompose_both``) is itself low-rank, ``W₂ = W₂ₐ W₂ᵦ`` of rank
+``r``, whenever ``r < max(out₂, in₂)/2``; otherwise it is a full matrix (KronA is
+the all-full case). ``W₁`` starts at zero so the layer starts equal to the base.
+
+The product is never formed in the forward pass: with ``x`` reshaped to
+``X (in₁, in₂)``, ``(W₁ ⊗ W₂) vec(X) = vec(W₁ X W₂ᵀ)``. Mergeable:
+``ΔW = s·kron(W₁, W₂)``. Trainable parameters per layer:
+``out₁·in₁`` (or ``r(out₁+in₁)``) + ``out₂·in₂`` (or ``r(out₂+in₂)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.config import _pattern_value
+from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m·n = dimension``, ``m ≤ n``, ``m + n`` smallest, and ``m ≤ factor`` when ``factor > 0``.
+
+    A ``factor`` that divides ``dimension`` is taken as ``m`` directly, even above ``√dimension``
+    (LyCORIS' and PEFT's rule, kept so that files are interchangeable).
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor <= 0 else factor
+    best = (1, dimension)
+    for m in range(2, math.isqrt(dimension) + 1):
+        if dimension % m == 0 and m <= limit:
+            best = (m, dimension // m)
+    return best
+
+
+class LoKrLinear(AdapterLayer):
+    """A linear layer with LoKr adapters; see the module docstring for the math.
+
+    Args:
+        base: ``nn.Linear`` ``(..., in) -> (..., out)``; frozen.
+        r: rank of the low-rank factors.
+        alpha: scaling numerator (``s = α/r``).
+        decompose_both: make ``W₁`` low-rank too when ``r < max(out₁, in₁)/2``.
+        decompose_factor: upper bound on the smaller factor of each split (``-1``: balanced).
+        adapter_name: name of the first adapter.
+        init_zero: ``W₁ = 0`` at the start (identity); ``False`` draws every factor at random.
+    Raises:
+        TypeError/ValueError: not a linear base, bad rank or alpha.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
+                 decompose_factor: int = -1, adapter_name: str = "default", init_zero: bool = True) -> None:
+        if not (isinstance(base, nn.Linear) or is_quantized(base)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+            setattr(self, key, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.add_adapter(adapter_name, r, alpha, decompose_both, decompose_factor, init_zero)
+        self.active_adapters = [adapter_name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r.keys())
+
+    def shapes(self, decompose_factor: int = -1) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((out₁, in₁), (out₂, in₂))`` of the factors."""
+        out1, out2 = factorization(self.out_features, decompose_factor)
+        in1, in2 = factorization(self.in_features, decompose_factor)
+        return (out1, in1), (out2, in2)
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
+                    decompose_factor: int = -1, init_zero: bool = True) -> None:
+        check_adapter_name(name)
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        (out1, in1), (out2, in2) = self.shapes(decompose_factor)
+        weight = dense_weight(self.base_layer)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+
+        def new(*shape):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=weight.device))
+
+        full1 = not (decompose_both and r < max(out1, in1) / 2)
+        full2 = not (r < max(out2, in2) / 2)
+        if full1:
+            self.lokr_w1[name] = new(out1, in1)
+        else:
+            self.lokr_w1_a[name], self.lokr_w1_b[name] = new(out1, r), new(r, in1)
+        if full2:
+            self.lokr_w2[name] = new(out2, in2)
+        else:
+            self.lokr_w2_a[name], self.lokr_w2_b[name] = new(out2, r), new(r, in2)
+        self.r[name], self.scaling[name] = r, float(alpha) / r
+        with torch.no_grad():
+            for store in (self.lokr_w1, self.lokr_w1_a, self.lokr_w1_b, self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b):
+                if name in store:
+                    nn.init.kaiming_uniform_(store[name], a=math.sqrt(5))
+            if init_zero:  # the first factor of W₁ is zero: ΔW = 0
+                (self.lokr_w1[name] if full1 else self.lokr_w1_a[name]).zero_()
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for store in (self.lokr_w1, self.lokr_w1_a, self.lokr_w1_b, self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b):
+            if name in store:
+                del store[name]
+        self.r.pop(name)
+        self.scaling.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+            store = getattr(self, key)
+            if name in store:
+                out[key] = store[name]
+        return out
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W₁, W₂)``, each formed from its low-rank factors where it has them."""
+        w1 = self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name] @ self.lokr_w1_b[name]
+        w2 = self.lokr_w2[name] if name in self.lokr_w2 else self.lokr_w2_a[name] @ self.lokr_w2_b[name]
+        return w1, w2
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·kron(W₁, W₂)`` in fp32, ``(out, in)``."""
+        self._check_name(name)
+        w1, w2 = self.factors(name)
+        return self.scaling[name] * torch.kron(w1.float(), w2.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``."""
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        result = out
+        for name in self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            w1, w2 = self.factors(name)
+            xs = x.to(w1.dtype).reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+            y = torch.matmul(torch.matmul(w1, xs), w2.T)  # W₁ X W₂ᵀ: (..., out₁, out₂)
+            result = result + self.scaling[name] * y.reshape(*x.shape[:-1], self.out_features)
+        return result.to(out.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        with torch.no_grad():
+            for name in names:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        with torch.no_grad():
+            while self.merged_adapters:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"
+
+
+@dataclass
+class LoKrConfig:
+    """Settings for ``inject(model, LoKrConfig(...))``.
+
+    Args:
+        r: rank of the low-rank factors (large ``r`` gives full factors: KronA).
+        alpha: scaling numerator, ``s = α/r``.
+        target_modules / exclude_modules: as in ``LoRAConfig``.
+        rank_pattern / alpha_pattern: ``{regex: value}`` overrides as in ``LoRAConfig``.
+        decompose_both: also factor ``W₁`` into rank ``r``.
+        decompose_factor: bound on the smaller factor of each dimension split (``-1``: balanced).
+        init_zero: start at ``ΔW = 0``.
+    Raises:
+        TypeError/ValueError: bad rank, alpha, factor or targets.
+    """
+
+    peft_type = "LOKR"
+
+    r: int = 8
+    alpha: float = 8.0
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    init_zero: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
+        check_target_spec(self.target_modules, self.exclude_modules)
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoKrLinear:
+        return LoKrLinear(module, _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.alpha),
+                          self.decompose_both, self.decompose_factor, adapter_name, self.init_zero)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, LoKrLinear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a LoKr adapter to it")
+        layer.add_adapter(adapter_name, _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.alpha),
+                          self.decompose_both, self.decompose_factor, self.init_zero)
+
+    # -- PEFT format --------------------------------------------------------------------------------
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, LoKrLinear)
+        return {
+            "peft_type": "LOKR", "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "r": self.r, "alpha": self.alpha, "target_modules": exact_names(layers),
+            "exclude_modules": None, "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+            "decompose_both": self.decompose_both, "decompose_factor": self.decompose_factor, "rank_dropout": 0.0,
+            "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "LoKrConfig":
+        for key, ok in (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None), ("modules_to_save", None)):
+            if raw.get(key, ok) != ok:
+                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for LoKr")
+        target = raw.get("target_modules")
+        if target is None:
+            raise ValueError("adapter_config.json: target_modules is missing")
+        return cls(r=int(raw["r"]), alpha=float(raw.get("alpha", 8.0)),
+                   target_modules=target if isinstance(target, str) else list(target),
+                   exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
+                   alpha_pattern=dict(raw.get("alpha_pattern") or {}), decompose_both=bool(raw.get("decompose_both", False)),
+                   decompose_factor=int(raw.get("decompose_factor", -1)))

@@ -1,0 +1,246 @@
+"""VeRA: vector-based random matrix adaptation.
+
+Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", arXiv 2310.11454.
+One pair of frozen random matrices ``A (r, in_max)`` and ``B (out_max, r)`` is shared
+by every adapted layer; each layer trains only two scaling vectors::
+
+    y = W x + b + Λ_b B Λ_d A x,      Λ_b = diag(b) (out,),  Λ_d = diag(d) (r,)
+
+where a layer uses the top-left ``(r, in)`` / ``(out, r)`` slices of the shared
+matrices. ``b`` starts at zero (identity at the start), ``d`` at ``d_initial``.
+``A`` and ``B`` are Kaiming-uniform draws from a generator seeded with
+``projection_prng_key``, so they can be regenerated instead of stored.
+Trainable parameters per layer: ``out + r``. Mergeable: ``ΔW = Λ_b B Λ_d A``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
+
+PREFIX = "base_model."
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    bound = math.sqrt(6.0 / shape[1])  # gain √2, fan_in = shape[1]: bound = √3·√2/√fan_in
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeRAProjections(nn.Module):
+    """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``)."""
+
+    def __init__(self, r: int, in_max: int, out_max: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        a = _kaiming_uniform((r, in_max), g)  # A is drawn first, then B, from the same stream
+        b = _kaiming_uniform((out_max, r), g)
+        self.register_buffer("A", a, persistent=False)
+        self.register_buffer("B", b, persistent=False)
+
+
+class VeRALinear(AdapterLayer):
+    """A linear layer with VeRA adapters; see the module docstring for the math.
+
+    Args:
+        base: ``nn.Linear`` ``(..., in) -> (..., out)``; frozen.
+        projections: the shared :class:`VeRAProjections` (at least ``in``/``out`` wide, ``r`` rows).
+        r: rank (``≤`` the projections' rank).
+        dropout: dropout on the adapter input.
+        d_initial: initial value of ``d``.
+        adapter_name: name of the first adapter.
+    Raises:
+        TypeError/ValueError: not a linear base, projections too small, bad rank/dropout.
+    """
+
+    def __init__(self, base: nn.Module, projections: VeRAProjections, r: int, dropout: float = 0.0,
+                 d_initial: float = 0.1, adapter_name: str = "default") -> None:
+        if not (isinstance(base, nn.Linear) or is_quantized(base)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.vera_lambda_b = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_dropout = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.add_adapter(adapter_name, projections, r, dropout, d_initial)
+        self.active_adapters = [adapter_name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.vera_lambda_b.keys())
+
+    def add_adapter(self, name: str, projections: VeRAProjections, r: int, dropout: float = 0.0, d_initial: float = 0.1) -> None:
+        check_adapter_name(name)
+        if name in self.vera_lambda_b:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        if projections.A.shape[1] < self.in_features or projections.B.shape[0] < self.out_features or projections.A.shape[0] < r:
+            raise ValueError(f"shared projections A{tuple(projections.A.shape)}, B{tuple(projections.B.shape)} are too small "
+                             f"for a ({self.out_features}, {self.in_features}) layer of rank {r}")
+        weight = dense_weight(self.base_layer)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=dtype))
+        self.vera_lambda_d[name] = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device, dtype=dtype))
+        self.vera_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.projections[name] = projections.to(weight.device)
+        self.r[name] = r
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout, self.projections):
+            del store[name]
+        self.r.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b[name], "vera_lambda_d": self.vera_lambda_d[name]}
+
+    def _factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        proj, r = self.projections[name], self.r[name]
+        return proj.A[:r, : self.in_features].to(dtype), proj.B[: self.out_features, :r].to(dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``Λ_b B Λ_d A`` in fp32, ``(out, in)``."""
+        self._check_name(name)
+        a, b = self._factors(name, torch.float32)
+        lb, ld = self.vera_lambda_b[name].float(), self.vera_lambda_d[name].float()
+        return (lb[:, None] * b) @ (ld[:, None] * a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``."""
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        result = out
+        for name in self.active_adapters:
+            if name not in self.vera_lambda_b or name in self.merged_adapters:
+                continue
+            lb, ld = self.vera_lambda_b[name], self.vera_lambda_d[name]
+            a, b = self._factors(name, lb.dtype)
+            h = self.vera_dropout[name](x.to(lb.dtype))
+            result = result + lb * F.linear(ld * F.linear(h, a), b)
+        return result.to(out.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        with torch.no_grad():
+            for name in names:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        with torch.no_grad():
+            while self.merged_adapters:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"
+
+
+@dataclass
+class VeRAConfig:
+    """Settings for ``inject(model, VeRAConfig(...))``.
+
+    Args:
+        r: rank of the shared projections (VeRA uses far larger ranks than LoRA, e.g. 256).
+        target_modules / exclude_modules: as in ``LoRAConfig``.
+        dropout: dropout on the adapter input.
+        d_initial: initial value of the ``d`` vectors (``b`` starts at zero).
+        projection_prng_key: seed of the shared random matrices.
+    Raises:
+        TypeError/ValueError: non-positive rank, bad dropout, malformed targets.
+    """
+
+    peft_type = "VERA"
+
+    r: int = 256
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    dropout: float = 0.0
+    d_initial: float = 0.1
+    projection_prng_key: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_target_spec(self.target_modules, self.exclude_modules)
+        self._projections: VeRAProjections | None = None
+        self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed
+
+    def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
+        """Draw the shared projections, as wide as the widest target layer."""
+        shapes = []
+        for name in targets:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdapterLayer) else module
+            shapes.append((base.out_features, base.in_features))
+        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        self._projections = VeRAProjections(self.r, in_max, out_max, self.projection_prng_key)
+
+    def _shared(self) -> VeRAProjections:
+        if self._projections is None:
+            raise ValueError("VeRAConfig.prepare(model, targets, name) must run before layers are built (inject does it)")
+        return self._projections
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> VeRALinear:
+        return VeRALinear(module, self._shared(), self.r, self.dropout, self.d_initial, adapter_name)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, VeRALinear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a VeRA adapter to it")
+        layer.add_adapter(adapter_name, self._shared(), self.r, self.dropout, self.d_initial)
+
+    # -- PEFT format --------------------------------------------------------------------------------
+    def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        layers = layers_holding(model, adapter_name, VeRALinear)
+        if not layers or not self._save_projection:
+            return {}
+        proj = next(iter(layers.values())).projections[adapter_name]
+        return {f"{PREFIX}vera_A": proj.A, f"{PREFIX}vera_B": proj.B}
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, VeRALinear)
+        return {
+            "peft_type": "VERA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "r": self.r, "target_modules": exact_names(layers), "vera_dropout": self.dropout,
+            "d_initial": self.d_initial, "projection_prng_key": self.projection_prng_key, "save_projection": self._save_projection,
+            "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_weights": True,
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "VeRAConfig":
+        for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)):
+            if raw.get(key, ok) != ok:
+                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for VeRA")
+        target = raw.get("target_modules")
+        if target is None:
+            raise ValueError("adapter_config.json: target_modules is missing")
+        config = cls(r=int(raw["r"]), target_modules=target if isinstance(target, str) else list(target),
+                   exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("vera_dropout", 0.0)),
+                   d_initial=float(raw.get("d_initial", 0.1)), projection_prng_key=int(raw.get("projection_prng_key", 0)))
+        config._save_projection = bool(raw.get("save_projection", True))
+        return config

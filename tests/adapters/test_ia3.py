@@ -1,0 +1,88 @@
+"""(IA)³: identity at init, the paper's formula, merge/unmerge, parameter count, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import IA3Config, IA3Linear, adapter_layers, count_parameters, disabled, inject, merge, unmerge
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.ia3_l.values():
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_identity_at_init_and_disabled():
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, IA3Config())
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    _randomise(model)
+    assert not torch.allclose(model(IDS).logits, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_formula(feedforward):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    layer = IA3Linear(lin, feedforward=feedforward, init_ones=False)
+    x = torch.randn(3, 4, 6)
+    l = layer.ia3_l["default"].detach()
+    want = (x * l) @ lin.weight.T + lin.bias if feedforward else l * (x @ lin.weight.T + lin.bias)
+    y = layer(x)
+    assert y.shape == (3, 4, 5)
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_merge_unmerge(feedforward):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    layer = IA3Linear(lin, feedforward=feedforward, init_ones=False)
+    x = torch.randn(4, 6)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer(x), y, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(lin.weight, w0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lin.bias, b0, rtol=1e-6, atol=1e-7)
+
+
+def test_model_merge_and_parameter_count():
+    model = _randomise(inject(make_tiny_llama(), IA3Config()))
+    y = model(IDS).logits
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-4, atol=1e-5)
+    unmerge(model)
+    # paper: one vector per key/value output and per FFN (down_proj) input
+    cfg = model.config
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    assert count_parameters(model).trainable == cfg.num_hidden_layers * (2 * kv + cfg.intermediate_size)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="subset of target_modules"):
+        IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
+    with pytest.raises(TypeError, match="target_modules"):
+        IA3Config(target_modules=[])
+    with pytest.raises(ValueError, match="no module matched"):
+        inject(make_tiny_llama(), IA3Config(target_modules=["nope"], feedforward_modules=[]))
+    layer = IA3Linear(nn.Linear(3, 2))
+    with torch.no_grad():
+        layer.ia3_l["default"][0] = 0
+    with pytest.raises(ValueError, match="zero entries"):
+        layer.merge()
+    with pytest.raises(TypeError, match="nn.Linear"):
+        IA3Linear(nn.Conv1d(2, 2, 1))

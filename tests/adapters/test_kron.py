@@ -1,0 +1,69 @@
+"""LoKr / KronA: factorization, the Kronecker identity, identity at init, merge, parameter count, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import LoKrConfig, LoKrLinear, adapter_layers, count_parameters, disabled, factorization, inject, merge, unmerge
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_factorization_examples():
+    assert factorization(256) == (16, 16)
+    assert factorization(128) == (8, 16)
+    assert factorization(127) == (1, 127)
+    assert factorization(72) == (8, 9)
+    assert factorization(128, 4) == (4, 32)
+    assert factorization(72, 5) == (4, 18)  # 5 does not divide: largest divisor ≤ 5
+
+
+@pytest.mark.parametrize("r, decompose_both", [(1, False), (2, True), (64, False)])
+def test_forward_equals_dense_kron(r, decompose_both):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 18)
+    layer = LoKrLinear(lin, r=r, alpha=3.0, decompose_both=decompose_both, init_zero=False)
+    w1, w2 = layer.factors("default")
+    delta = (3.0 / r) * torch.kron(w1, w2).detach()  # written out: s · W₁ ⊗ W₂
+    assert delta.shape == (18, 24)
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(layer(x), lin(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
+    full2 = "default" in layer.lokr_w2
+    assert full2 == (r >= max(w2.shape) / 2)
+
+
+def test_identity_merge_and_count():
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(2)
+    want = 0
+    for _, layer in adapter_layers(model):
+        (o1, i1), (o2, i2) = layer.shapes()
+        r = 2
+        want += (o1 * i1) + (o2 * i2 if r >= max(o2, i2) / 2 else r * (o2 + i2))
+        with torch.no_grad():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    assert count_parameters(model).trainable == want
+    y = model(IDS).logits
+    assert not torch.allclose(y, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-4, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="r must be"):
+        LoKrConfig(r=0)
+    with pytest.raises(ValueError, match="decompose_factor"):
+        LoKrConfig(decompose_factor=0)
+    with pytest.raises(ValueError, match="alpha"):
+        LoKrLinear(nn.Linear(4, 4), alpha=-1.0)

@@ -1,0 +1,82 @@
+"""VeRA: shared frozen projections, identity at init, formula, merge, parameter count, errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import VeRAConfig, VeRALinear, VeRAProjections, adapter_layers, count_parameters, disabled, inject, merge, unmerge
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in list(layer.vera_lambda_b.values()) + list(layer.vera_lambda_d.values()):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_identity_shared_projections_and_count():
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, VeRAConfig(r=6, target_modules=["q_proj", "v_proj", "up_proj"]))
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    layers = [l for _, l in adapter_layers(model)]
+    assert len({id(l.projections["default"]) for l in layers}) == 1  # one pair for the whole model
+    proj = layers[0].projections["default"]
+    cfg = model.config
+    assert proj.A.shape == (6, cfg.hidden_size) and proj.B.shape == (cfg.intermediate_size, 6)
+    # A, B ~ U(±√(6/fan_in)): the bound holds and the draw is not degenerate
+    assert proj.A.abs().max() <= math.sqrt(6 / cfg.hidden_size) and proj.B.abs().max() <= math.sqrt(6 / 6)
+    assert not any(b.requires_grad for b in (proj.A, proj.B))
+    # paper: out + r trainable numbers per adapted layer
+    want = sum(l.out_features + 6 for l in layers)
+    assert count_parameters(model).trainable == want
+    _randomise(model)
+    assert not torch.allclose(model(IDS).logits, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+
+
+def test_formula_and_merge():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    w0 = lin.weight.detach().clone()
+    proj = VeRAProjections(4, 8, 7, seed=3)
+    layer = VeRALinear(lin, proj, r=3)
+    with torch.no_grad():
+        layer.vera_lambda_b["default"].normal_()
+        layer.vera_lambda_d["default"].normal_()
+    b, d = layer.vera_lambda_b["default"].detach(), layer.vera_lambda_d["default"].detach()
+    a_s, b_s = proj.A[:3, :6], proj.B[:5, :3]
+    x = torch.randn(2, 3, 6)
+    want = x @ lin.weight.T + lin.bias + ((x @ a_s.T) * d) @ b_s.T * b
+    torch.testing.assert_close(layer(x), want)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x), want, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(lin.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_model_merge_roundtrip():
+    model = _randomise(inject(make_tiny_llama(), VeRAConfig(r=4, target_modules=["q_proj", "down_proj"])))
+    y = model(IDS).logits
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-4, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        VeRAConfig(r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        VeRAConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="too small"):
+        VeRALinear(nn.Linear(9, 5), VeRAProjections(4, 8, 7, seed=0), r=3)
