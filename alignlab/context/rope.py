@@ -11,15 +11,13 @@ this file changes the ``inv_freq`` vector ``θ`` (and some a scalar attention
 temperature) so that a model pre-trained on ``L`` positions works on
 ``s · L``:
 
-=============  ============================================================  ==================
-method         ``inv_freq``                                                  paper
-=============  ============================================================  ==================
-linear (PI)    ``θ_i / s``                                                   arXiv:2306.15595
-NTK-aware      ``b' = b · s^{d/(d-2)}``                                      bloc97 (2023), arXiv:2309.00071 §3.1
-dynamic NTK    NTK-aware with ``s' = max(1, s·ℓ/L - (s-1))`` at length ℓ     emozilla (2023), arXiv:2309.00071 §3.3
-YaRN           ``(1-γ_i) θ_i/s + γ_i θ_i`` with a ramp γ; temperature         arXiv:2309.00071
-LongRoPE       ``θ_i / λ_i`` with searched per-dimension factors λ            arXiv:2402.13753
-=============  ============================================================  ==================
+* linear (PI): ``θ_i / s`` — arXiv:2306.15595;
+* NTK-aware: base ``b' = b · s^{d/(d-2)}`` — bloc97 (2023), arXiv:2309.00071 §3.1;
+* dynamic NTK: NTK-aware with ``s' = max(1, s·ℓ/L - (s-1))`` at the current
+  length ``ℓ`` — emozilla (2023), arXiv:2309.00071 §3.3;
+* YaRN: ``w_i θ_i/s + (1-w_i) θ_i`` with a ramp ``w`` over the pairs, plus an
+  attention temperature — arXiv:2309.00071;
+* LongRoPE: ``θ_i / λ_i`` with searched per-pair factors ``λ`` — arXiv:2402.13753.
 
 All functions return float32 tensors of shape ``(d/2,)``; the attention
 scaling (``mscale``) multiplies ``cos`` and ``sin`` — i.e. both ``q`` and
@@ -138,7 +136,7 @@ def dynamic_ntk_inv_freq(
 
 def yarn_ramp(dim: int, base: float, original_max_position_embeddings: int, beta_fast: float = 32.0,
               beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
-    """YaRN's per-frequency interpolation weight ``1 - γ_i`` in ``[0, 1]``, shape ``(dim/2,)``.
+    """YaRN's per-pair interpolation weight ``w_i`` in ``[0, 1]`` (1 = fully interpolated), shape ``(dim/2,)``.
 
     Pair ``i`` turns ``r_i = L θ_i / 2π`` times over the original context
     ``L``. Pairs with ``r_i > β_fast`` (high frequency) keep ``θ_i``

@@ -25,7 +25,14 @@ from alignlab.data.pairs import (
     spin_pairs,
     tokenize_preference,
 )
-from alignlab.data.sft import IGNORE_INDEX, TokenizedExample, render_chat, tokenize_chat, tokenize_chats
+from alignlab.data.sft import (
+    IGNORE_INDEX,
+    SequenceTooLongError,
+    TokenizedExample,
+    render_chat,
+    tokenize_chat,
+    tokenize_chats,
+)
 from alignlab.data.token_cleaning import (
     TokenCleaner,
     clean_labels,
@@ -38,6 +45,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PackedExample",
     "PreferencePair",
+    "SequenceTooLongError",
     "TokenCleaner",
     "TokenizedExample",
     "clean_labels",

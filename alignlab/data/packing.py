@@ -30,7 +30,7 @@ from typing import Literal, TypedDict
 
 import torch
 
-from alignlab.data.sft import IGNORE_INDEX, TokenizedExample
+from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
     "PackedExample",
@@ -73,8 +73,9 @@ def pack_examples(
 
     A row is emitted when the next sample does not fit. Each sample's first
     label is set to ``-100`` (see module docstring). Samples are never split.
-    ``overflow``: a sample longer than ``max_length`` raises ``ValueError``
-    (``"error"``) or is dropped (``"skip"``).
+    ``overflow``: a sample longer than ``max_length`` raises
+    :class:`~alignlab.data.sft.SequenceTooLongError` (a ``ValueError``;
+    ``"error"``) or is dropped (``"skip"``).
     """
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
@@ -86,7 +87,7 @@ def pack_examples(
         if len(ids) > max_length:
             if overflow == "skip":
                 continue
-            raise ValueError(f"example {i} has {len(ids)} tokens, longer than max_length={max_length}")
+            raise SequenceTooLongError(f"example {i} has {len(ids)} tokens, longer than max_length={max_length}")
         if len(row["input_ids"]) + len(ids) > max_length:
             yield row
             row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}

@@ -28,6 +28,7 @@ from typing import Any, Literal, TypedDict
 
 __all__ = [
     "IGNORE_INDEX",
+    "SequenceTooLongError",
     "TokenizedExample",
     "render_chat",
     "tokenize_chat",
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 Message = Mapping[str, Any]
+
+
+class SequenceTooLongError(ValueError):
+    """A tokenised sample is longer than the allowed ``max_length``."""
 
 
 class TokenizedExample(TypedDict):
@@ -151,7 +156,8 @@ def tokenize_chat(
 
     Raises ``ValueError`` for: a tokenizer without chat template, malformed
     messages, no assistant turn, a template that is not prefix-consistent,
-    an over-long sequence (``overflow="error"``).
+    an over-long sequence (``overflow="error"``; :class:`SequenceTooLongError`,
+    a ``ValueError`` subclass).
     """
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
@@ -164,7 +170,7 @@ def tokenize_chat(
     n = len(example["input_ids"])
     if max_length is not None and n > max_length:
         if overflow == "error":
-            raise ValueError(f"sequence has {n} tokens, longer than max_length={max_length}")
+            raise SequenceTooLongError(f"sequence has {n} tokens, longer than max_length={max_length}")
         example = {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
     if all(label == IGNORE_INDEX for label in example["labels"]):
         raise ValueError("no supervised token left (assistant turns empty or truncated away)")
@@ -189,8 +195,10 @@ def tokenize_chats(
         try:
             yield tokenize_chat(messages, tokenizer, max_length, train_on,
                                 "error" if overflow == "skip" else overflow, **template_kwargs)
-        except ValueError as err:
-            if overflow == "skip" and "longer than max_length" in str(err):
+        except SequenceTooLongError as err:
+            if overflow == "skip":
                 logger.info("skipping conversation %d: %s", i, err)
                 continue
+            raise SequenceTooLongError(f"conversation {i}: {err}") from err
+        except ValueError as err:
             raise ValueError(f"conversation {i}: {err}") from err

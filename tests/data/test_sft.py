@@ -2,7 +2,7 @@
 
 import pytest
 
-from alignlab.data.sft import IGNORE_INDEX, render_chat, tokenize_chat, tokenize_chats
+from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, render_chat, tokenize_chat, tokenize_chats
 
 CONV = [
     {"role": "system", "content": "be nice"},
@@ -63,13 +63,15 @@ def test_streaming_and_overflow(chat_tokenizer):
     assert n_short < n_long
     kept = list(tokenize_chats([CONV, CONV[:3]], chat_tokenizer, max_length=n_short, overflow="skip"))
     assert [len(e["input_ids"]) for e in kept] == [n_short]
-    with pytest.raises(ValueError, match=r"conversation 0: sequence has \d+ tokens, longer than max_length"):
+    with pytest.raises(SequenceTooLongError, match=r"conversation 0: sequence has \d+ tokens, longer than max_length"):
         list(tokenize_chats([CONV], chat_tokenizer, max_length=n_short))
     cut = tokenize_chat(CONV, chat_tokenizer, max_length=n_short + 1, overflow="truncate")
     assert len(cut["input_ids"]) == n_short + 1 and len(cut["labels"]) == n_short + 1
 
 
 def test_errors(chat_tokenizer, make_chat_tokenizer):
+    with pytest.raises(ValueError, match="conversation 1: conversation has no assistant turn"):
+        list(tokenize_chats([CONV, CONV[:2]], chat_tokenizer, overflow="skip"))  # skip only skips long ones
     with pytest.raises(ValueError, match="no assistant turn"):
         tokenize_chat(CONV[:2], chat_tokenizer)
     with pytest.raises(ValueError, match="chat_template"):
