@@ -36,3 +36,29 @@ def chat_tokenizer():
 def make_chat_tokenizer():
     """The builder itself, for tests that need a variant template (tests/conftest.py owns the `conftest` name)."""
     return build_chat_tokenizer
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """A byte-level BPE (GPT-2 / Qwen style) trained locally, with a ChatML template."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["system user assistant", "The capital of France is Paris.", "What is two plus two? Four!",
+              "Hello, how are you today? I am fine, thanks."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>", additional_special_tokens=special[1:])
+    fast.chat_template = CHATML
+    return fast

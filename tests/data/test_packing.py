@@ -158,3 +158,14 @@ def test_collate_padded_and_errors():
         packed_attention_mask([[3, 3]], length=5)
     with pytest.raises(ValueError, match="start at 0"):
         cu_seq_lens_from_position_ids(torch.tensor([[1, 2]]))
+
+
+def test_padding_free_matches_transformers_flattening_collator():
+    transformers = pytest.importorskip("transformers")
+    examples = make_examples(seed=2)
+    peer = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples, return_tensors="pt")
+    ours = collate_padding_free(examples)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(ours[key], peer[key]), key
+    assert torch.equal(ours["cu_seq_lens"].long(), peer["cu_seq_lens_q"].long())
+    assert ours["max_length"] == int(peer["max_length_q"])

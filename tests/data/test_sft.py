@@ -93,3 +93,24 @@ def test_errors(chat_tokenizer, make_chat_tokenizer):
     with pytest.raises(ValueError, match="supervised"):
         tokenize_chat(CONV, chat_tokenizer, max_length=3, overflow="truncate")
     assert render_chat(CONV[:2], chat_tokenizer, add_generation_prompt=True).endswith("<|assistant|> ")
+
+
+def test_chatml_byte_level_bpe(chatml_tokenizer):
+    """A Qwen/ChatML-style template over byte-level BPE: answers (with their end-of-turn) are supervised."""
+    tok = chatml_tokenizer
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And two plus two?"},
+            {"role": "assistant", "content": "Four, thanks!"}]
+    ex = tokenize_chat(conv, tok)
+    assert ex["input_ids"] == tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    # decode each supervised run: exactly the answers followed by the template's end of turn
+    runs, cur = [], []
+    for t, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    assert [tok.decode(r) for r in runs] == ["Paris.<|im_end|>\n", "Four, thanks!<|im_end|>\n"]
