@@ -59,6 +59,20 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _with(module, attr, value, fn):
+    """``fn`` run with ``module.attr = value`` (a dispatch knob), restored afterwards."""
+
+    def wrapped():
+        old = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, attr, old)
+
+    return wrapped
+
+
 def _nf4_bytes(N, K, t):
     return N * K / 2 + t.absmax.numel() * t.absmax.element_size() + 4 * t.nested_absmax.numel()
 
@@ -197,6 +211,8 @@ def main(argv=None):
                         mm.LARGE_M = old
 
                 cont["alignlab_fused"] = fused
+                for ch in (2, 4):
+                    cont[f"alignlab_pipe{ch}"] = _with(mm, "PIPELINE_CHUNKS", ch, lambda: nf4_matmul(x, t))
                 run("M=4096 fwd", cont, {**sm, "M": M}, flops=2 * M * N * K)
             if "bwd" in sections:
                 cont = {"alignlab": lambda: nf4_matmul_t(dy, t)}
@@ -212,6 +228,8 @@ def main(argv=None):
                         mm.LARGE_M = old
 
                 cont["alignlab_fused"] = fused_t
+                for ch in (2, 4):
+                    cont[f"alignlab_pipe{ch}"] = _with(mm, "PIPELINE_CHUNKS", ch, lambda: nf4_matmul_t(dy, t))
                 run("M=4096 bwd dX", cont, {**sm, "M": M}, flops=2 * M * N * K)
             del x, dy
         del t, wd

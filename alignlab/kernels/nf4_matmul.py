@@ -56,6 +56,8 @@ SMALL_M = 16
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "128"))
 # M == 1 takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0).
 USE_GEMV = os.environ.get("ALIGNLAB_NF4_GEMV", "1") != "0"
+# M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
+PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
 
 
 if triton is not None:
@@ -256,6 +258,25 @@ if triton is not None:
             y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
+    @triton.jit
+    def _nf4_dequant_tile_kernel(
+        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, out_ptr,
+        n0, k0, rows, cols, N, K, stride_out,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[:rows, :cols] = W[n0 : n0 + rows, k0 : k0 + cols] (k0 even)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        ln = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        lkb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        w = _nf4_weight_tile(data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                             n0 + ln, k0 // 2 + lkb, N, K, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT,
+                             BLOCK_N, BLOCK_K)
+        lk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        dst = out_ptr + ln[:, None].to(tl.int64) * stride_out + lk[None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
+
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 3),
@@ -320,6 +341,11 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     if not (triton is not None and use_triton(x2, t.data)):
         w = nf4_dequantize(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and x2.is_cuda:
+        y = _pipelined(x2.contiguous(), t, PIPELINE_CHUNKS, transpose=True)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y.reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -366,6 +392,8 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         return dy.new_empty(*lead, K)
     if not (triton is not None and use_triton(d2, t.data)):
         return dy @ nf4_dequantize(t, dy.dtype)
+    if M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and d2.is_cuda:
+        return _pipelined(d2.contiguous(), t, PIPELINE_CHUNKS, transpose=False).reshape(*lead, K)
     if K % 2 or M >= LARGE_M:
         return dy @ nf4_dequant(t, dy.dtype)
     if d2.stride(-1) != 1:
@@ -381,3 +409,63 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         kern = _bwd_small if M <= SMALL_M else _bwd_large
         kern[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](*args, **meta)
     return dx.reshape(*lead, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large M: dequantize chunk i+1 on a side stream while cuBLAS multiplies chunk i
+# ---------------------------------------------------------------------------------------------
+
+_SIDE_STREAMS: dict = {}
+
+
+def _dequant_tile(t: NF4Tensor, n0: int, k0: int, out: torch.Tensor) -> None:
+    rows, cols = out.shape
+    N, K = t.shape
+    bn, bk = 32, 128
+    grid = (triton.cdiv(rows, bn), triton.cdiv(cols, bk))
+    _nf4_dequant_tile_kernel[grid](*_state_args(t), out, n0, k0, rows, cols, N, K, out.stride(0),
+                                   BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+                                   HAS_SHIFT=t.shift is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+
+
+def _pipelined(a: torch.Tensor, t: NF4Tensor, chunks: int, transpose: bool) -> torch.Tensor:
+    """``a @ W^T`` (``transpose``) or ``a @ W``, W dequantized in ``chunks`` slices overlapping the GEMMs.
+
+    Forward slices the output features (rows of W); backward the input features
+    (columns of W).  Two slice buffers alternate between the streams, so extra
+    memory is ``2 / chunks`` of a dense weight.
+    """
+    N, K = t.shape
+    M = a.shape[0]
+    dtype = a.dtype
+    total = N if transpose else K
+    step = -(-total // chunks)
+    step += step % 2  # even column starts keep bytes aligned
+    out = torch.empty(M, total, dtype=dtype, device=a.device)
+    main = torch.cuda.current_stream(a.device)
+    side = _SIDE_STREAMS.setdefault(a.device, torch.cuda.Stream(a.device))
+    shape = (step, K) if transpose else (N, step)
+    bufs = [torch.empty(shape, dtype=dtype, device=a.device) for _ in range(min(2, chunks))]
+    side.wait_stream(main)
+    done = []
+    for i, c0 in enumerate(range(0, total, step)):
+        c1 = min(c0 + step, total)
+        buf = bufs[i % len(bufs)]
+        view = buf[: c1 - c0] if transpose else buf[:, : c1 - c0]
+        with torch.cuda.stream(side):
+            if i >= len(bufs):
+                side.wait_event(done[i - len(bufs)])
+            _dequant_tile(t, c0 if transpose else 0, 0 if transpose else c0, view)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        main.wait_event(ready)
+        if transpose:
+            torch.mm(a, view.t(), out=out[:, c0:c1])
+        else:
+            torch.mm(a, view, out=out[:, c0:c1])
+        ev = torch.cuda.Event()
+        ev.record(main)
+        done.append(ev)
+    for b in bufs:
+        b.record_stream(side)
+    return out

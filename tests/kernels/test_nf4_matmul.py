@@ -91,3 +91,21 @@ def test_fused_kernel_on_large_m_cuda(monkeypatch):
     t, x, dy, b, wd = _case(2048, 1024, 1000, torch.bfloat16, blocksize=64, device="cuda")
     assert _rel(nf4_matmul(x, t, b), x.double() @ wd.T + b.double()) < 1e-2
     assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-2
+
+
+def test_dequant_tile_interpreter(triton_mode):
+    """The slice dequantizer used by the pipelined large-M path."""
+    t, x, dy, b, wd = _case(37, 70, 1, torch.float32, blocksize=32)
+    out = torch.full((10, 20), float("nan"))
+    mm._dequant_tile(t, 5, 24, out[:9, :16])
+    assert torch.equal(out[:9, :16].double(), wd[5:14, 24:40])
+    assert out[9:].isnan().all() and out[:, 16:].isnan().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_pipelined_large_m_cuda(chunks, monkeypatch):
+    monkeypatch.setattr(mm, "PIPELINE_CHUNKS", chunks)
+    t, x, dy, b, wd = _case(1000, 1026, 300, torch.bfloat16, blocksize=64, device="cuda")
+    assert _rel(nf4_matmul(x, t, b), x.double() @ wd.T + b.double()) < 1e-2
+    assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-2
