@@ -268,7 +268,9 @@ def _chunk_rows(
     if teacher[0] == "logits":
         t = teacher[1][start:end]
     else:
-        t = _logits(teacher[1][start:end], teacher[2], compute)
+        # 16-bit teachers give 16-bit logits, as their own forward would (and half the buffer).
+        th = teacher[1][start:end]
+        t = th @ teacher[2].t() if th.element_size() < 4 else _logits(th, teacher[2], compute)
     scale = None if grad_scale is None else grad_scale[start:end]
     if compute == torch.float32 and use_triton(s, t):
         from alignlab.kernels.distill import distill_rows
@@ -291,8 +293,12 @@ def _chunk_rows(
     return loss, out
 
 
-def _default_chunks(n: int, vocab: int, itemsize: int, teacher_is_hidden: bool) -> tuple[int, int]:
-    """Rows per logits chunk (~128 MiB of fp32 logits) and per gradient GEMM (~128 MiB of dL/dz)."""
+def _default_chunks(n: int, vocab: int, itemsize: int, teacher_itemsize: int, weight_grad: bool) -> tuple[int, int]:
+    """Rows per logits chunk (~192 MiB of logits) and per gradient GEMM (~256 MiB of dL/dz).
+
+    Without a weight gradient the gradient is written over the logits (no gathering): gathering
+    pays off through ``dW += dz^T x``, whose short inner dimension makes it memory-bound.
+    """
 
     def fit(budget: int, row_bytes: int) -> int:
         rows = budget // max(row_bytes, 1)
@@ -300,8 +306,10 @@ def _default_chunks(n: int, vocab: int, itemsize: int, teacher_is_hidden: bool) 
             rows -= rows % 64  # GEMM-friendly row counts
         return max(1, min(n, rows))
 
-    rows = fit(128 * 2**20, 4 * vocab * (2 if teacher_is_hidden else 1))
-    grad_rows = fit(128 * 2**20, itemsize * vocab)
+    rows = fit(192 * 2**20, (4 + teacher_itemsize) * vocab)
+    if not weight_grad:
+        return rows, rows
+    grad_rows = fit(256 * 2**20, itemsize * vocab)
     return rows, max(rows, grad_rows - grad_rows % rows)
 
 
@@ -354,6 +362,11 @@ class _FusedLinearDistill(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         want_dw = ctx.needs_input_grad[1]
         ctx.reduction = reduction
+        rows, grad_rows = chunks
+        if grad_rows is None:  # the default depends on whether the weight wants a gradient
+            grad_rows = _default_chunks(x.shape[0], w.shape[0], x.element_size(), 4, want_dw)[1]
+            grad_rows = max(rows, grad_rows - grad_rows % rows)
+        chunks = (rows, grad_rows)
         ctx.meta = (teacher, kind, beta, temperature, chunks)
         if reduction == "none" or not (want_dx or want_dw):
             losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
@@ -409,7 +422,8 @@ def fused_linear_distill_loss(
     ``distill_loss(student_hidden @ student_weight.T, teacher_logits, ...)``, where the teacher
     logits are either given or ``teacher_hidden @ teacher_weight.T``. Tokens are processed in
     chunks of ``chunk_size`` rows; only ``(chunk, vocab)`` float32 logits of the student (and of
-    the teacher, when computed here) exist at a time. Their gradient ``dL/dz`` (in the input
+    the teacher, when computed here; a 16-bit teacher's logits stay 16-bit, as its own forward
+    would give them) exist at a time. Their gradient ``dL/dz`` (in the input
     dtype) is gathered over ``grad_chunk_size`` rows before the gradient GEMMs
     ``dx = dz W`` and ``dW += dz^T x``; with ``grad_chunk_size == chunk_size`` it is written over
     the bytes of the chunk's own logits instead (least memory, slower GEMMs). For ``"mean"``/``"sum"`` the gradients of the
@@ -425,10 +439,13 @@ def fused_linear_distill_loss(
         teacher_hidden: ``(..., teacher_hidden)`` teacher last hidden state.
         teacher_weight: ``(vocab, teacher_hidden)`` teacher ``lm_head`` weight.
         kind, beta, temperature, mask, reduction: as in :func:`distill_loss`.
-        chunk_size: rows per logits chunk; default keeps about 128 MiB of fp32 logits per chunk.
+        chunk_size: rows per logits chunk; default keeps about 192 MiB of logits per chunk
+            (256 rows at ``vocab=128256`` with a bf16 teacher computed here).
         grad_chunk_size: rows per gradient GEMM, a multiple of ``chunk_size`` (rounded down);
-            default keeps about 128 MiB of ``dL/dz``. Workspace is roughly
-            ``chunk_size * vocab * (4 or 8) + grad_chunk_size * vocab * itemsize`` bytes.
+            default: about 256 MiB of ``dL/dz`` when ``student_weight`` needs a gradient (1024
+            rows at ``vocab=128256``, bf16), else ``chunk_size``. Workspace is roughly
+            ``chunk_size * vocab * (4 + teacher itemsize) + grad_chunk_size * vocab * itemsize``
+            bytes (the second term only when ``grad_chunk_size > chunk_size``).
 
     Returns:
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
@@ -479,12 +496,12 @@ def fused_linear_distill_loss(
     for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{label} must be a positive int or None, got {v!r}")
-    rows, grad_rows = _default_chunks(n, vocab, x.element_size(), teacher_b is not None)
-    if chunk_size is not None:
-        rows = chunk_size
-        grad_rows = max(rows, grad_rows - grad_rows % rows)
-    if grad_chunk_size is not None:
-        grad_rows = max(rows, grad_chunk_size - grad_chunk_size % rows)
+    if teacher_b is None:
+        t_item = 0  # teacher logits are an input, no buffer
+    else:
+        t_item = x.element_size() if x.element_size() < 4 else 4
+    rows = chunk_size if chunk_size is not None else _default_chunks(n, vocab, x.element_size(), t_item, False)[0]
+    grad_rows = None if grad_chunk_size is None else max(rows, grad_chunk_size - grad_chunk_size % rows)
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
