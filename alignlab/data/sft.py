@@ -185,16 +185,18 @@ def tokenize_chats(
     overflow: Literal["error", "truncate", "skip"] = "error",
     **template_kwargs: Any,
 ) -> Iterator[TokenizedExample]:
-    """Lazily :func:`tokenize_chat` every conversation of an iterable (a list or a ``{"messages": [...]}`` row).
+    """Lazily :func:`tokenize_chat` every conversation of an iterable.
 
-    ``overflow="skip"`` drops over-long conversations (logged at INFO level)
-    instead of raising.
+    Each item is a message list, a ``{"messages": [...]}`` row, or a
+    ``{"prompt": str | messages, "completion": str}`` row (the completion
+    becomes the assistant turn). ``overflow="skip"`` drops over-long
+    conversations (logged at INFO level) instead of raising.
     """
     for i, conv in enumerate(conversations):
-        messages = conv["messages"] if isinstance(conv, Mapping) else conv
         try:
-            yield tokenize_chat(messages, tokenizer, max_length, train_on,
-                                "error" if overflow == "skip" else overflow, **template_kwargs)
+            messages = _row_messages(conv)
+            example = tokenize_chat(messages, tokenizer, max_length, train_on,
+                                    "error" if overflow == "skip" else overflow, **template_kwargs)
         except SequenceTooLongError as err:
             if overflow == "skip":
                 logger.info("skipping conversation %d: %s", i, err)
@@ -202,3 +204,16 @@ def tokenize_chats(
             raise SequenceTooLongError(f"conversation {i}: {err}") from err
         except ValueError as err:
             raise ValueError(f"conversation {i}: {err}") from err
+        yield example
+
+
+def _row_messages(row: Sequence[Message] | Mapping[str, Any]) -> Sequence[Message]:
+    if not isinstance(row, Mapping):
+        return row
+    if "messages" in row:
+        return row["messages"]
+    if "prompt" in row and "completion" in row:
+        prompt = row["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return prompt + [{"role": "assistant", "content": row["completion"]}]
+    raise ValueError(f"a row must hold 'messages' or 'prompt' + 'completion', got keys {sorted(row)}")

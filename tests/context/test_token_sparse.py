@@ -190,3 +190,16 @@ def test_bf16_and_empty_batch():
     out = token_sparse_apply(mlp, empty, torch.zeros(0, 4, dtype=torch.bool))
     assert out.shape == (0, 4, 16)
     assert select_tokens(torch.zeros(0, 4), 0.5).shape == (0, 4)
+
+
+def test_explicit_keep_mask_is_used():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=0, vocab_size=64, hidden_size=32, num_layers=2).train()
+    apply_token_sparsity(model, keep_ratio=0.5)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.model.layers[0].mlp.keep = torch.zeros(2, 12, dtype=torch.bool)  # layer 0 trains on no token
+    model.model.layers[1].mlp.keep = torch.ones(2, 12, dtype=torch.bool)  # layer 1 on all
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.model.layers[0].mlp.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.model.layers[1].mlp.parameters())

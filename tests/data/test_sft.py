@@ -114,3 +114,15 @@ def test_chatml_byte_level_bpe(chatml_tokenizer):
             runs, cur = runs + [cur], []
     runs += [cur] if cur else []
     assert [tok.decode(r) for r in runs] == ["Paris.<|im_end|>\n", "Four, thanks!<|im_end|>\n"]
+
+
+def test_prompt_completion_rows(chat_tokenizer):
+    rows = [{"prompt": "hello how are you ?", "completion": "i am fine"},
+            {"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hello"}],
+             "completion": "yes"}]
+    out = list(tokenize_chats(rows, chat_tokenizer))
+    assert supervised(out[0]) == chat_tokenizer("i am fine <|end|>", add_special_tokens=False)["input_ids"]
+    assert out[1] == tokenize_chat([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hello"},
+                                    {"role": "assistant", "content": "yes"}], chat_tokenizer)
+    with pytest.raises(ValueError, match="conversation 0: a row must hold"):
+        list(tokenize_chats([{"text": "hello"}], chat_tokenizer))
