@@ -100,9 +100,8 @@ def main() -> None:
     tokens = supervised = 0
     for step in range(1, args.steps + 1):
         step_rows = [next(rows) for _ in range(args.rows_per_step)]
-        batch = collate_packed(step_rows, tokenizer.pad_token_id, length=args.max_length)
-        mask = packed_attention_mask(batch["position_ids"], dtype=torch.float32)
-        out = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+        batch = collate_packed(step_rows, tokenizer.pad_token_id, length=args.max_length, mask_dtype=torch.float32)
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["labels"])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -207,15 +207,17 @@ def collate_padded(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(rows: Sequence[PackedExample], pad_token_id: int,
-                   length: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int | None = None,
+                   mask_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Stack packed rows into ``(batch, length)`` tensors, right-padded.
 
     Returns ``input_ids``, ``labels`` (pads ``-100``), ``position_ids``
-    (0 on padding: each pad is its own one-token segment) and a bool
+    (0 on padding: each pad is its own one-token segment) and
     ``attention_mask`` ``(batch, 1, length, length)`` from
-    :func:`packed_attention_mask`; convert it with ``dtype=`` if the model
-    needs an additive mask.
+    :func:`packed_attention_mask`: bool (True = may attend) when
+    ``mask_dtype`` is ``None``, else additive in ``mask_dtype``. Use the
+    model's compute dtype for ``transformers``' eager attention, which adds
+    the mask to the scores (a bool mask would be added as 0/1).
     """
     if len(rows) == 0:
         raise ValueError("rows is empty")
@@ -235,5 +237,5 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int,
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "attention_mask": packed_attention_mask([r["seq_lens"] for r in rows], length),
+        "attention_mask": packed_attention_mask([r["seq_lens"] for r in rows], length, dtype=mask_dtype),
     }

@@ -81,8 +81,9 @@ def test_packed_rows_equal_per_sample(attn):
     examples = make_examples()
     rows = list(pack_examples(examples, max_length=16))
     batch = collate_packed(rows, pad_token_id=0, length=16)
-    mask = packed_attention_mask([r["seq_lens"] for r in rows], 16, dtype=torch.float32)
+    mask = collate_packed(rows, pad_token_id=0, length=16, mask_dtype=torch.float32)["attention_mask"]
     assert torch.equal(mask == 0, batch["attention_mask"])
+    assert torch.equal(packed_attention_mask(batch["position_ids"]), batch["attention_mask"])
     with torch.no_grad():
         ref_logits, ref_loss = per_sample(model, examples)
         out = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
