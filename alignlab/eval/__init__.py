@@ -5,7 +5,7 @@ rouge-score, the ``eval`` extra), pass@k with a subprocess code runner, DRFR,
 LLM-as-judge helpers and batched reward-model scoring.
 """
 
-from alignlab.eval.code import ExecutionResult, pass_at_k, run_tests
+from alignlab.eval.code_eval import ExecutionResult, pass_at_k, run_tests
 from alignlab.eval.drfr import drfr, parse_yes_no
 from alignlab.eval.judge import (
     PAIRWISE_TEMPLATE,

@@ -117,3 +117,16 @@ def test_bad_input(model):
         perplexity(model, [[1, 2, 3]])
     with pytest.raises(ValueError, match="attention_mask"):
         perplexity(model, [{"input_ids": ids, "attention_mask": torch.ones(1, 4)}])
+
+
+def test_bf16_model_close_to_fp32_and_empty_rows_skipped(model):
+    seqs = _sequences([9, 4], seed=4)
+    ids, mask = _pad(seqs)
+    fp32 = perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
+    bf16_model = make_tiny_llama(seed=0, vocab_size=64).to(torch.bfloat16)
+    bf16 = perplexity(bf16_model, [{"input_ids": ids, "attention_mask": mask}])
+    assert bf16 == pytest.approx(fp32, rel=0.03)
+    # an all-padding row and an empty batch contribute nothing
+    ids2, mask2 = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)]), torch.cat([mask, torch.zeros(1, 9, dtype=torch.long)])
+    empty = {"input_ids": torch.zeros(0, 9, dtype=torch.long)}
+    assert perplexity(model, [{"input_ids": ids2, "attention_mask": mask2}, empty]) == pytest.approx(fp32, rel=1e-6)
