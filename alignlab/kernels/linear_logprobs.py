@@ -35,6 +35,7 @@ row, two passes over the vocabulary in blocks) and a PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -135,6 +136,7 @@ if triton_available():
         lse_ptr,
         tgt_ptr,
         mean_ptr,
+        n_rows,
         V,
         smoothing,
         z_loss,
@@ -144,60 +146,97 @@ if triton_available():
         WRITE_GRAD: tl.constexpr,
         WANT_MEAN: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        VEC_LSE: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        y = tl.load(labels_ptr + row).to(tl.int64)
+        # Rows are strided over the programs (a persistent grid when there are fewer
+        # programs than rows): fewer rows in flight keeps more of each row in L2
+        # between the statistics pass and the gradient pass.
         offs = tl.arange(0, BLOCK_V)
-        zy = tl.load(base + y).to(tl.float32)
-        if HAS_CAP:
-            zy = softcap * _tanh(zy / softcap)
-        tl.store(tgt_ptr + row, zy)
-        if LSE_IN:
-            lse = tl.load(lse_ptr + row).to(tl.float32)
-        else:
-            # Online log-sum-exp: one exp per element, block maxima rescale the running sum.
-            m = tl.zeros([], dtype=tl.float32) - float("inf")
-            s = tl.zeros([], dtype=tl.float32)
-            zs = tl.zeros([], dtype=tl.float32)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                msk = cols < V
-                z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
-                if HAS_CAP:
-                    z = softcap * _tanh(z / softcap)
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            # int64 offsets: rows * vocab passes 2**31 at 16k rows of a 128k vocabulary.
+            base = logits_ptr + (row + tl.zeros([], dtype=tl.int64)) * stride_row
+            y = tl.load(labels_ptr + row).to(tl.int64)
+            zy = tl.load(base + y).to(tl.float32)
+            if HAS_CAP:
+                zy = softcap * _tanh(zy / softcap)
+            tl.store(tgt_ptr + row, zy)
+            if LSE_IN:
+                lse = tl.load(lse_ptr + row).to(tl.float32)
+            elif VEC_LSE:
+                # Online log-sum-exp kept per lane: two exps per element but no cross-warp
+                # reduction (and barrier) inside the loop; lanes are merged once at the end.
+                m_v = tl.zeros([BLOCK_V], dtype=tl.float32) - float("inf")
+                s_v = tl.zeros([BLOCK_V], dtype=tl.float32)
+                zs_v = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for blk in range(0, n_blocks):
+                    cols = blk * BLOCK_V + offs
+                    msk = cols < V
+                    z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+                    if HAS_CAP:
+                        z = softcap * _tanh(z / softcap)
+                    if WANT_MEAN:
+                        zs_v += tl.where(msk, z, 0.0)
+                    z = tl.where(msk, z, float("-inf"))
+                    new_m = tl.maximum(m_v, z)
+                    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+                    s_v = s_v * tl.exp(m_v - safe_m) + tl.exp(z - safe_m)
+                    m_v = new_m
+                m = tl.max(m_v, axis=0)
+                lse = m + tl.log(tl.sum(s_v * tl.exp(m_v - m), axis=0))
+                zs = tl.sum(zs_v, axis=0)
+            else:
+                # Online log-sum-exp: one exp per element, block maxima rescale the running sum.
+                m = tl.zeros([], dtype=tl.float32) - float("inf")
+                s = tl.zeros([], dtype=tl.float32)
+                zs = tl.zeros([], dtype=tl.float32)
+                for blk in range(0, n_blocks):
+                    cols = blk * BLOCK_V + offs
+                    msk = cols < V
+                    z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+                    if HAS_CAP:
+                        z = softcap * _tanh(z / softcap)
+                    if WANT_MEAN:
+                        zs += tl.sum(tl.where(msk, z, 0.0), axis=0)
+                    z = tl.where(msk, z, float("-inf"))
+                    new_m = tl.maximum(m, tl.max(z, axis=0))
+                    s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+                    m = new_m
+                lse = m + tl.log(s)
+            if not LSE_IN:
+                tl.store(lse_ptr + row, lse)
                 if WANT_MEAN:
-                    zs += tl.sum(tl.where(msk, z, 0.0), axis=0)
-                z = tl.where(msk, z, float("-inf"))
-                new_m = tl.maximum(m, tl.max(z, axis=0))
-                s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
-                m = new_m
-            lse = m + tl.log(s)
-            tl.store(lse_ptr + row, lse)
-            if WANT_MEAN:
-                tl.store(mean_ptr + row, zs / V)
-        if WRITE_GRAD:
-            g = tl.load(gscale_ptr + row).to(tl.float32)
-            coef = g * (1.0 + 2.0 * z_loss * lse)
-            off = g * smoothing / V
-            hit = g * (1.0 - smoothing)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                msk = cols < V
-                z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
-                if HAS_CAP:
-                    t = _tanh(z / softcap)
-                    z = softcap * t
-                d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
-                if HAS_CAP:
-                    d = d * (1.0 - t * t)
-                tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=msk)
+                    tl.store(mean_ptr + row, zs / V)
+            if WRITE_GRAD:
+                g = tl.load(gscale_ptr + row).to(tl.float32)
+                coef = g * (1.0 + 2.0 * z_loss * lse)
+                off = g * smoothing / V
+                hit = g * (1.0 - smoothing)
+                # Walk the row backwards: the blocks read last by the statistics pass
+                # are the likeliest to still sit in L2.
+                for i in range(0, n_blocks):
+                    cols = (n_blocks - 1 - i) * BLOCK_V + offs
+                    msk = cols < V
+                    z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+                    if HAS_CAP:
+                        t = _tanh(z / softcap)
+                        z = softcap * t
+                    d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
+                    if HAS_CAP:
+                        d = d * (1.0 - t * t)
+                    tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=msk)
 
 
-def _launch_config(vocab: int) -> tuple[int, int]:
+def _launch_config(vocab: int) -> tuple[int, int, int, bool]:
+    """``(BLOCK_V, num_warps, programs per SM, per-lane lse)``; 0 programs per SM = one per row."""
     if interpreting():
-        return min(triton.next_power_of_2(vocab), 256), 1
-    return min(triton.next_power_of_2(vocab), 4096), 8
+        return min(triton.next_power_of_2(vocab), 256), 1, 0, False
+    return min(triton.next_power_of_2(vocab), 4096), 8, 0, False
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def chunk_softmax_grad_triton_(
@@ -210,8 +249,13 @@ def chunk_softmax_grad_triton_(
     smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    _config: tuple[int, int, int, bool] | None = None,
 ) -> RowStats:
-    """Triton launcher of :func:`chunk_softmax_grad_` (float16/bfloat16/float32 logits)."""
+    """Triton launcher of :func:`chunk_softmax_grad_` (float16/bfloat16/float32 logits).
+
+    ``_config`` = ``(BLOCK_V, num_warps, programs per SM, per-lane lse)`` overrides the launch
+    configuration (benchmarks, tests); 0 programs per SM launches one program per row.
+    """
     _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap)
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton path takes float16/bfloat16/float32 logits, got {logits.dtype}")
@@ -223,8 +267,11 @@ def chunk_softmax_grad_triton_(
     if rows == 0:
         return RowStats(lse_out, target, mean)
     gscale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else target
-    block_v, num_warps = _launch_config(vocab)
-    _chunk_softmax_grad_kernel[(rows,)](
+    block_v, num_warps, per_sm, vec_lse = _config or _launch_config(vocab)
+    grid = rows
+    if per_sm and logits.is_cuda:
+        grid = min(rows, per_sm * _sm_count(logits.device.index or 0))
+    _chunk_softmax_grad_kernel[(grid,)](
         logits,
         logits.stride(0),
         labels.contiguous(),
@@ -232,6 +279,7 @@ def chunk_softmax_grad_triton_(
         lse_out,
         target,
         mean if mean is not None else target,
+        rows,
         vocab,
         float(smoothing),
         float(z_loss),
@@ -241,6 +289,7 @@ def chunk_softmax_grad_triton_(
         WRITE_GRAD=grad_scale is not None,
         WANT_MEAN=want_mean,
         BLOCK_V=block_v,
+        VEC_LSE=bool(vec_lse),
         num_warps=num_warps,
     )
     return RowStats(lse_out, target, mean)

@@ -41,6 +41,7 @@ import torch
 
 from alignlab.losses.logprobs import (
     check_linear_inputs,
+    default_chunk_rows,
     linear_chunked_pass,
     scatter_rows,
     select_scored_rows,
@@ -49,6 +50,9 @@ from alignlab.losses.logprobs import (
 __all__ = ["CrossEntropyOutput", "count_tokens", "linear_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+# With gradients computed in the forward pass, dL/dW (vocab x hidden) is read and written
+# once per chunk: larger chunks than the log-prob default pay off (see docs/losses-logprobs.md).
+_CE_CUDA_CHUNK_BYTES = 2**30
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -87,6 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_all = labels.numel()
         index, h, y = select_scored_rows(hidden, labels, ignore_index, weight.shape[0])
         n = y.numel()
+        if chunk_size is None:
+            chunk_size = default_chunk_rows(n, weight.shape[0], hidden.element_size(), hidden.device,
+                                            cuda_budget=_CE_CUDA_CHUNK_BYTES)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         w_rows = None
         if token_weights is not None:
@@ -201,8 +208,9 @@ def linear_cross_entropy(
         z_loss: ``zeta >= 0``, weight of ``lse^2``.
         logit_softcap: soft cap ``c > 0`` or None.
         token_weights: optional ``(batch, seq)`` float weights ``w_t`` (may require grad).
-        chunk_size: rows of logits per chunk (default: 256 MiB of logits on CUDA, 32 MiB on CPU).
-            Larger chunks re-read ``dL/dW`` less often (faster), smaller ones use less memory.
+        chunk_size: rows of logits per chunk (default: 1 GiB of logits on CUDA, e.g. 4096 rows
+            of a 128k bf16 vocabulary; 32 MiB on CPU). Larger chunks read and write ``dL/dW``
+            fewer times (faster); smaller ones use less memory (256 rows: Liger's footprint).
 
     Returns:
         :class:`CrossEntropyOutput` ``(loss, n_tokens)``.

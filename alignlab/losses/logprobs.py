@@ -138,9 +138,11 @@ def sequence_logprobs(
 # --------------------------------------------------------------------------- #
 # The chunked engine: hidden states + lm_head weight, never the full logits
 # --------------------------------------------------------------------------- #
-def default_chunk_rows(n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
-    """Rows per chunk: a fixed logits-chunk budget in bytes, balanced so the last chunk is not a sliver."""
-    budget = _CUDA_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+def default_chunk_rows(
+    n_rows: int, vocab: int, itemsize: int, device: torch.device, cuda_budget: int = _CUDA_CHUNK_BYTES
+) -> int:
+    """Rows per chunk: a logits-chunk budget in bytes, balanced so the last chunk is not a sliver."""
+    budget = cuda_budget if device.type == "cuda" else _CPU_CHUNK_BYTES
     rows = max(1, budget // max(1, vocab * itemsize))
     if device.type == "cuda" and rows >= 64:
         rows = 1 << (rows.bit_length() - 1)  # power of two: friendlier matmul tiles
@@ -300,8 +302,11 @@ def select_scored_rows(
     else:
         h = h.index_select(0, index)
         y = y.index_select(0, index)
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+    if y.numel():
+        lo, hi = torch.aminmax(y)
+        lo, hi = torch.stack([lo, hi]).tolist()  # one device sync for both bounds
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
     return index, h.contiguous(), y.to(torch.int64).contiguous()
 
 

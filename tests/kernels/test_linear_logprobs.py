@@ -26,12 +26,13 @@ def _oracle(logits, labels, grad_scale, smoothing, z_loss, softcap):
     return lse.detach(), zy.detach(), z.mean(1).detach(), x.grad
 
 
+@pytest.mark.parametrize("config", [None, (64, 1, 0, True)], ids=["default", "per-lane-lse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "rows,vocab,smoothing,z_loss,softcap",
     [(3, 300, 0.0, 0.0, None), (1, 257, 0.1, 1e-3, None), (5, 33, 0.2, 0.0, 4.0), (2, 1, 0.0, 0.0, None)],
 )
-def test_kernel_matches_oracle_and_reference(kernel_device, dtype, rows, vocab, smoothing, z_loss, softcap):
+def test_kernel_matches_oracle_and_reference(kernel_device, dtype, rows, vocab, smoothing, z_loss, softcap, config):
     g = torch.Generator().manual_seed(rows * 1000 + vocab)
     logits = (3 * torch.randn(rows, vocab, generator=g)).to(dtype).to(kernel_device)
     labels = torch.randint(0, vocab, (rows,), generator=g).to(kernel_device)
@@ -40,7 +41,7 @@ def test_kernel_matches_oracle_and_reference(kernel_device, dtype, rows, vocab, 
 
     kw = dict(want_mean=True, smoothing=smoothing, z_loss=z_loss, softcap=softcap)
     z_tri, z_ref = logits.clone(), logits.clone()
-    st = chunk_softmax_grad_triton_(z_tri, labels, grad_scale=scale, **kw)
+    st = chunk_softmax_grad_triton_(z_tri, labels, grad_scale=scale, _config=config, **kw)
     st_ref = chunk_softmax_grad_reference_(z_ref, labels, grad_scale=scale, **kw)
     tol = dict(atol=2e-5, rtol=2e-5)
     for got, ref in ((st.lse, lse_o), (st.target, zy_o), (st.mean, mean_o)):
@@ -51,7 +52,7 @@ def test_kernel_matches_oracle_and_reference(kernel_device, dtype, rows, vocab, 
 
     # statistics-only pass leaves the logits alone; the gradient pass with a saved lse matches
     z_stats = logits.clone()
-    st2 = chunk_softmax_grad_triton_(z_stats, labels, softcap=softcap)
+    st2 = chunk_softmax_grad_triton_(z_stats, labels, softcap=softcap, _config=config)
     assert torch.equal(z_stats, logits)
     torch.testing.assert_close(st2.lse, st.lse)
     z_lse = logits.clone()
