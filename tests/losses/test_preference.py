@@ -25,8 +25,6 @@ from alignlab.losses.preference import (
     una_loss,
 )
 
-trl = pytest.importorskip("trl")
-
 B, L = 5, 9  # pairs, sequence length of the stand-in batch
 
 
@@ -71,6 +69,7 @@ def _trainer(cls, **attrs):
 
 @pytest.fixture(scope="module")
 def trl_dpo():
+    pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     def run(per_token, completion_mask, ref_c, ref_r, loss_types, beta, label_smoothing=0.0, loss_weights=None):
@@ -322,6 +321,7 @@ def test_dpo_errors():
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trl_kto():
+    pytest.importorskip("trl")
     from trl.trainer.kto_trainer import KTOTrainer
 
     def run(per_token, kl_per_token, labels, ref_logps, ref_kl_logps, loss_type, beta, wd, wu):
@@ -406,6 +406,7 @@ def test_kto_formula_and_errors():
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trl_cpo():
+    pytest.importorskip("trl")
     from trl.experimental.cpo import CPOTrainer
 
     def run(pc, pr, nll, loss_type, beta, ls, gamma, cpo_alpha, alpha):
@@ -450,6 +451,7 @@ def test_simpo_matches_trl_cpo_simpo(trl_cpo):
 
 @pytest.fixture(scope="module")
 def trl_orpo():
+    pytest.importorskip("trl")
     from trl.experimental.orpo import ORPOTrainer
 
     def run(pc, pr, nll, beta):

@@ -74,7 +74,6 @@ def test_kl_estimators_hand_values_and_mask():
 
 def test_kl_estimators_are_unbiased_or_not():
     # two categorical distributions; sample tokens from p, average the estimators, compare with the exact KL
-    g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.2], dtype=D)
     q = torch.tensor([0.2, 0.3, 0.5], dtype=D)
     exact = (p * (p / q).log()).sum()
@@ -86,7 +85,6 @@ def test_kl_estimators_are_unbiased_or_not():
     torch.testing.assert_close(e_k1, exact)
     torch.testing.assert_close(e_k3, exact)
     assert abs(e_k2.item() - exact.item()) > 1e-3  # k2 is biased
-    del g
 
 
 def test_kl_errors():
@@ -230,7 +228,7 @@ def test_group_advantages_hand_values():
 
 
 def test_rloo_hand_values():
-    r = t(1.0, 2.0, 6.0, 0.0, 4.0)[:4]
+    r = t(1.0, 2.0, 6.0, 0.0)
     a = rloo_advantages(r, 2)
     torch.testing.assert_close(a, t(-1.0, 1.0, 6.0, -6.0))
     a3 = rloo_advantages(t(3.0, 0.0, 0.0), 3)
