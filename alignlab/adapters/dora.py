@@ -93,3 +93,59 @@ def dora_unmerged_weight(
     w.mul_((norm / magnitude.float()).unsqueeze(1))
     w.addmm_(b.float(), a.float(), alpha=-scale)
     return w.to(merged.dtype)
+
+
+class _DoRALinearFn(torch.autograd.Function):
+    """``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`` with ``g = m / norm`` (norm constant), hand-written backward.
+
+    One GEMM pair computes ``z = x Wᵀ + s(xAᵀ)Bᵀ`` (adapter added in the epilogue) and one
+    pass applies ``g`` and the bias; backward needs ``z`` only for ``∂L/∂m = Σ_t ∂L/∂y_t ⊙ z_t / norm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, magnitude, norm):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.T
+        z = x2 @ weight.T
+        z.addmm_(xa, b.T, alpha=scale)
+        g = (magnitude.float() / norm).to(z.dtype)
+        y = z * g if bias is None else torch.addcmul(bias, z, g)
+        ctx.save_for_backward(x2, weight, a, b, xa, z, g, norm)
+        ctx.scale, ctx.x_shape, ctx.m_dtype = scale, x.shape, magnitude.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, a, b, xa, z, g, norm = ctx.saved_tensors
+        gy = gy.reshape(-1, gy.shape[-1])
+        gz = gy * g
+        gb = gz @ (b * ctx.scale)
+        dx = dw = dbias = da = db = dm = None
+        if ctx.needs_input_grad[0]:
+            dx = (gz @ weight).addmm_(gb, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = gz.T @ x2
+        if ctx.needs_input_grad[2]:
+            dbias = gy.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = gb.T @ x2
+        if ctx.needs_input_grad[4]:
+            db = (gz.T @ xa).mul_(ctx.scale)
+        if ctx.needs_input_grad[6]:
+            dm = ((gy * z).sum(0, dtype=torch.float32) / norm).to(ctx.m_dtype)
+        return dx, dw, dbias, da, db, None, dm, None
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """Fused DoRA linear: ``y = m ⊙ (W + sBA) x / ‖W + sBA‖_row + bias`` (norm detached, as in the paper).
+
+    Args:
+        x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None; a: ``(r, in)``; b: ``(out, r)``;
+        magnitude: ``(out,)``. ``x``, ``weight``, ``a``, ``b`` share one dtype.
+    Returns:
+        ``(..., out)``; same values and gradients as the unfused DoRA expression.
+    """
+    with torch.no_grad():
+        norm = dora_weight_norm(weight, a, b, scale)
+    return _DoRALinearFn.apply(x, weight, bias, a, b, scale, magnitude, norm)

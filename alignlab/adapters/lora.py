@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
-from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
+from alignlab.adapters.dora import dora_delta, dora_linear, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -231,6 +231,8 @@ class LoRALinear(AdapterLayer):
             device = self.lora_A[name].weight.device
             if device != x.device:
                 raise ValueError(f"input is on {x.device} but adapter {name!r} is on {device}; move the model or the input")
+        if len(names) == 1 and self._can_fuse(x, names[0]):
+            return self._fused(x, names[0])
         out = self.base_layer(x)
         for name in names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -243,6 +245,18 @@ class LoRALinear(AdapterLayer):
             else:
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out
+
+    def _can_fuse(self, x: torch.Tensor, name: str) -> bool:
+        """One adapter, plain nn.Linear base, one dtype throughout, no active dropout."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
+                and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training))
+
+    def _fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        if self.is_dora(name):
+            return dora_linear(x, base.weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+        return lora_linear(x, base.weight, base.bias, a, b, self.scaling[name])
 
     def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
         bias = self.base_layer.bias
@@ -305,3 +319,52 @@ class DoRALinear(LoRALinear):
                  use_rslora: bool = False, use_dora: bool = True, adapter_name: str = "default",
                  adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_name, adapter_dtype)
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` with a hand-written backward.
+
+    Autograd would write ``dx`` twice (base and adapter branch) and sum them in an
+    extra pass; here the adapter's part of ``dx`` is added inside the second GEMM's
+    epilogue (``addmm_``), and the forward does the same for ``y``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.T
+        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+        y.addmm_(xa, b.T, alpha=scale)
+        ctx.save_for_backward(x2, weight, a, b, xa)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, a, b, xa = ctx.saved_tensors
+        g = gy.reshape(-1, gy.shape[-1])
+        gb = g @ (b * ctx.scale)  # (N, r): gradient reaching x Aᵀ
+        dx = dw = dbias = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ weight).addmm_(gb, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = g.T @ x2
+        if ctx.needs_input_grad[2]:
+            dbias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = gb.T @ x2
+        if ctx.needs_input_grad[4]:
+            db = (g.T @ xa).mul_(ctx.scale)
+        return dx, dw, dbias, da, db, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Fused LoRA linear ``y = x Wᵀ + bias + s·B A x`` (all tensors one dtype).
+
+    Args:
+        x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None; a: ``(r, in)``; b: ``(out, r)``.
+    Returns:
+        ``(..., out)``. Same values and gradients as the unfused expression, fewer memory passes.
+    """
+    return _LoRALinearFn.apply(x, weight, bias, a, b, scale)

@@ -258,3 +258,49 @@ def test_named_adapters_on_one_layer():
     layer.delete_adapter("other")
     assert layer.adapter_names() == ["default"]
     assert layer.active_adapters == ["default"]
+
+
+def test_fused_lora_linear_gradcheck_all_inputs():
+    from alignlab.adapters.lora import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((2, 3, 7), (5, 7), (5,)))
+    a, b = (torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((3, 7), (5, 3)))
+    torch.autograd.gradcheck(lambda *t: lora_linear(*t, 0.7), (x, w, bias, a, b))
+    torch.autograd.gradcheck(lambda x, w, a, b: lora_linear(x, w, None, a, b, 1.3), (x, w, a, b))
+
+
+def test_fused_dora_linear_matches_unfused_expression():
+    from alignlab.adapters.dora import dora_linear
+
+    g = torch.Generator().manual_seed(1)
+    make = lambda *s: torch.randn(s, dtype=torch.float64, generator=g).requires_grad_()  # noqa: E731
+    x, w, bias, a, b = make(4, 2, 7), make(5, 7), make(5), make(3, 7), make(5, 3)
+    m = (1 + 0.1 * torch.randn(5, dtype=torch.float64, generator=g)).requires_grad_()
+    y = dora_linear(x, w, bias, a, b, 0.8, m)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad(y, (x, w, bias, a, b, m), gy)
+    v = w + 0.8 * b @ a
+    y_ref = x @ (m[:, None] * v / v.norm(dim=1, keepdim=True).detach()).T + bias
+    refs = torch.autograd.grad(y_ref, (x, w, bias, a, b, m), gy)
+    torch.testing.assert_close(y, y_ref)
+    for got, ref, name in zip(grads, refs, "x w bias a b m".split()):
+        torch.testing.assert_close(got, ref, msg=name)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_takes_fused_path_only_when_safe(dora, monkeypatch):
+    import alignlab.adapters.lora as lora_mod
+
+    calls = []
+    for fn in ("lora_linear", "dora_linear"):
+        orig = getattr(lora_mod, fn)
+        monkeypatch.setattr(lora_mod, fn, lambda *a, _o=orig, _n=fn, **k: calls.append(_n) or _o(*a, **k))
+    layer = _dora() if dora else _randomise(_layer(r=2, alpha=2))
+    x = torch.randn(3, 12)
+    layer(x)
+    assert calls == ["dora_linear" if dora else "lora_linear"]
+    layer.lora_dropout["default"] = nn.Dropout(0.1)
+    layer.train()
+    layer(x)
+    assert len(calls) == 1  # active dropout: the unfused path
