@@ -1,6 +1,7 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning; injection and PEFT-format I/O."""
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
+from alignlab.adapters.bitfit import BitFitConfig, BitFitLayer
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.dora import dora_weight_norm
 from alignlab.adapters.inject import (
@@ -24,6 +25,7 @@ from alignlab.adapters.ia3 import IA3Config, IA3Linear
 from alignlab.adapters.io import adapter_state_dict, load_adapter, save_adapter
 from alignlab.adapters.kron import LoKrConfig, LoKrLinear, factorization
 from alignlab.adapters.lora import DoRALinear, LoRALinear, lora_forward, lora_scaling
+from alignlab.adapters.prompt import PrefixEncoder, PrefixTuningConfig, PromptTuningConfig, SoftPromptEmbedding
 from alignlab.adapters.vera import VeRAConfig, VeRALinear, VeRAProjections
 
 add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a model already has one
@@ -35,4 +37,5 @@ __all__ = [
     "find_targets", "inject", "load_adapter", "lora_forward", "lora_scaling", "mark_only_adapters_trainable",
     "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "IA3Config", "IA3Linear", "LoKrConfig", "LoKrLinear", "factorization", "VeRAConfig", "VeRALinear", "VeRAProjections",
+    "BitFitConfig", "BitFitLayer", "PrefixEncoder", "PrefixTuningConfig", "PromptTuningConfig", "SoftPromptEmbedding",
 ]

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -111,3 +112,50 @@ def test_gradients_match_peft(method):
             want = g_theirs[f"{name}.{key}"].reshape(p.shape)
             scale = want.abs().max().clamp_min(1e-12)
             torch.testing.assert_close(p.grad / scale, want / scale, **TOL, msg=f"{name}.{key}")
+
+
+MASK = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
+
+
+def _copy_prefix_into_peft(ours, theirs):
+    enc = ours.get_input_embeddings().prefix_encoder["default"]
+    pe = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        pe.embedding.weight.copy_(enc.embedding)
+        if enc.transform is not None:
+            for i in (0, 2):
+                pe.transform[i].weight.copy_(enc.transform[i].weight)
+                pe.transform[i].bias.copy_(enc.transform[i].bias)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_projection"])
+def test_soft_prompts_match_peft_and_load_both_ways(tmp_path, method):
+    from alignlab.adapters import PrefixTuningConfig, PromptTuningConfig
+
+    base = make_tiny_llama()
+    if method == "prompt":
+        ours = inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=3, seed=2))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        with torch.no_grad():
+            theirs.prompt_encoder["default"].embedding.weight.copy_(ours.get_input_embeddings().prompt_embeddings["default"])
+    else:
+        proj = method == "prefix_projection"
+        ours = inject(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=proj, encoder_hidden_size=8))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=proj, encoder_hidden_size=8))
+        _copy_prefix_into_peft(ours, theirs)
+    kw = dict(input_ids=IDS, attention_mask=MASK, labels=IDS)
+    a, b = ours(**kw), theirs(**kw)
+    torch.testing.assert_close(a.logits, b.logits, **TOL)
+    torch.testing.assert_close(a.loss, b.loss, **TOL)
+    assert not torch.allclose(a.logits[:, -9:], base(input_ids=IDS, attention_mask=MASK).logits, **TOL)
+    # alignlab -> PEFT
+    save_adapter(ours, tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(**kw).logits, a.logits, **TOL)
+    # PEFT -> alignlab
+    theirs.save_pretrained(str(tmp_path / "p"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(again(**kw).logits, a.logits, **TOL)

@@ -1,0 +1,200 @@
+"""BitFit: train only the bias terms.
+
+Ben Zaken, Ravfogel and Goldberg, "BitFit: Simple Parameter-efficient Fine-tuning
+for Transformer-based Masked Language-models", arXiv 2106.10199. Every weight is
+frozen; only biases move. Written as a trainable offset ``δ`` on a frozen bias::
+
+    y = f(x) + δ,      δ ∈ R^{out}, δ = 0 at the start
+
+which trains exactly the same function as unfreezing ``b`` (``b + δ``) but keeps the
+original bias for ``disabled()`` and lets several named bias sets coexist. A module
+with no bias (Llama's linears) gets a new one, so BitFit also applies to bias-free
+models. Mergeable: ``b ← b + δ`` (a bias-less ``nn.Linear`` gains a bias parameter).
+Trainable parameters: ``Σ out`` over the selected modules (the paper's subset
+variant trains only the query and FFN-intermediate biases: select them with
+``target_modules``).
+
+PEFT has no BitFit; files use ``peft_type = "ALIGNLAB_BITFIT"`` (versioned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, SavedModule, is_quantized
+from alignlab.adapters.config import name_matches
+from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, layers_holding, own_format_config, own_format_dict
+
+
+def _bias_size(module: nn.Module) -> int | None:
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter):
+        return bias.numel()
+    if isinstance(module, nn.Linear) or is_quantized(module):
+        return module.out_features
+    return None
+
+
+class BitFitLayer(AdapterLayer):
+    """Any module whose output ends in a bias-sized dimension, plus named trainable bias offsets.
+
+    Args:
+        base: a module with a ``bias`` parameter (``nn.Linear``, ``nn.LayerNorm``, ...) or a
+            bias-less ``nn.Linear``; frozen. Output ``(..., out)``.
+        adapter_name: name of the first bias set.
+    Raises:
+        TypeError: the module has neither a bias nor ``out_features``.
+    """
+
+    def __init__(self, base: nn.Module, adapter_name: str = "default") -> None:
+        size = _bias_size(base)
+        if size is None:
+            raise TypeError(f"BitFit needs a module with a bias or an nn.Linear, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.size = size
+        self.bitfit_bias = nn.ParameterDict()
+        self._added_bias = False  # merge created the base bias (bias-less linear)
+        self.add_adapter(adapter_name)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def out_features(self) -> int:
+        return self.size
+
+    def adapter_names(self) -> list[str]:
+        return list(self.bitfit_bias.keys())
+
+    def add_adapter(self, name: str) -> None:
+        check_adapter_name(name)
+        if name in self.bitfit_bias:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        ref = next(iter(self.base_layer.parameters()), None)
+        device = ref.device if ref is not None else None
+        dtype = torch.float32 if ref is None or ref.dtype in (torch.float16, torch.bfloat16, torch.uint8) else ref.dtype
+        self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.size, device=device, dtype=dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        del self.bitfit_bias[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"bitfit_bias": self.bitfit_bias[name]}
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(*args, **kwargs)
+        if self.disabled:
+            return out
+        names = [n for n in self.active_adapters if n in self.bitfit_bias and n not in self.merged_adapters]
+        if not names:
+            return out
+        delta = sum(self.bitfit_bias[n] for n in names)
+        return (out + delta).to(out.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        if is_quantized(self.base_layer):
+            raise ValueError("BitFit offsets cannot be merged into a quantized base")
+        base = self.base_layer
+        with torch.no_grad():
+            if getattr(base, "bias", None) is None and names:
+                w = base.weight
+                base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
+                self._added_bias = True
+            for name in names:
+                base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float()).to(base.bias.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        base = self.base_layer
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float()).to(base.bias.dtype))
+        if self._added_bias:
+            base.bias = None
+            self._added_bias = False
+
+
+@dataclass
+class BitFitConfig:
+    """Settings for ``inject(model, BitFitConfig(...))``.
+
+    Args:
+        target_modules: ``"all-biases"`` (every module that already has a bias), ``"all-linear"``
+            (every linear but the output head, adding biases where missing), a regex string or a
+            list of names/suffixes (e.g. the paper's subset ``["q_proj", "up_proj"]``).
+        exclude_modules: names/suffixes or regex to skip.
+    Raises:
+        TypeError: malformed targets.
+    """
+
+    peft_type = "ALIGNLAB_BITFIT"
+
+    target_modules: str | list[str] = "all-biases"
+    exclude_modules: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_target_spec("all-linear" if self.target_modules == "all-biases" else self.target_modules, self.exclude_modules)
+
+    def find_targets(self, model: nn.Module) -> list[str]:
+        from alignlab.adapters.inject import _output_head_names
+
+        heads = _output_head_names(model)
+        names, inside = [], []
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(p + ".") for p in inside):
+                continue
+            if isinstance(module, (AdapterLayer, SavedModule)):
+                inside.append(name)
+                if not isinstance(module, BitFitLayer):
+                    continue
+                module = module.base_layer
+            if _bias_size(module) is None:
+                continue
+            if self.target_modules == "all-biases":
+                ok = isinstance(getattr(module, "bias", None), nn.Parameter)
+            elif self.target_modules == "all-linear":
+                ok = _bias_size(module) is not None and (isinstance(module, nn.Linear) or is_quantized(module)) \
+                    and name not in heads and name.split(".")[-1] not in heads
+            else:
+                ok = name_matches(self.target_modules, name)
+            if ok and not (self.exclude_modules is not None and name_matches(self.exclude_modules, name)):
+                names.append(name)
+        if not names and self.target_modules == "all-biases":
+            raise ValueError("target_modules='all-biases': this model has no bias parameters; "
+                             "use 'all-linear' or a list of modules to add trainable biases to bias-free linears")
+        return names
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> BitFitLayer:
+        return BitFitLayer(module, adapter_name)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, BitFitLayer):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add BitFit biases to it")
+        layer.add_adapter(adapter_name)
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, BitFitLayer)
+        return own_format_dict(self.peft_type, BitFitConfig(target_modules=sorted(layers)))
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "BitFitConfig":
+        return own_format_config(cls, raw)

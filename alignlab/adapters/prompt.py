@@ -1,0 +1,414 @@
+"""Soft prompts: prompt tuning and prefix tuning.
+
+* Prompt tuning -- Lester, Al-Rfou and Constant, "The Power of Scale for
+  Parameter-Efficient Prompt Tuning", arXiv 2104.08691. ``n`` trainable embeddings
+  ``P (n, d)`` are prepended to the input embeddings::
+
+      h⁰ = [P; E(x)]   (batch, n + seq, d)
+
+  so the logits gain ``n`` leading positions (their labels are set to ``-100``).
+  Trainable parameters: ``n·d``. Initialisation: rows of the vocabulary embedding,
+  either random tokens or the (repeated) tokens of a text (``init_token_ids``).
+* Prefix tuning -- Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for
+  Generation", arXiv 2101.00190. Every attention layer ``l`` attends to ``n``
+  extra key/value pairs ``(K_l, V_l)``, fed in as a pre-filled HF KV cache::
+
+      Attn_l(x) = softmax(Q [K_l; K(x)]ᵀ/√d_h) [V_l; V(x)]
+
+  Positions of the real tokens start at ``n`` (as with any cached prefix). With
+  ``prefix_projection`` the prefixes are the output of the paper's
+  reparameterisation MLP ``P = MLP(E')``, ``E' (n, d_kv)``, ``MLP: d_kv → h → 2·L·d_kv``
+  (tanh), which trains more stably; the saved file holds only the resulting
+  prefixes (as PEFT does). Trainable parameters: ``n·2·L·d_kv`` (plain) or
+  ``n·d_kv + (d_kv+1)·h + (h+1)·2·L·d_kv`` (projection), ``d_kv = kv_heads·head_dim``.
+
+Both live on a wrapper of the input embedding (:class:`SoftPromptEmbedding`, an
+:class:`AdapterLayer`, so ``disabled()``/``set_adapter``/trainable marking work) and a
+forward pre-hook on the model that rewrites the call's ``input_ids``/
+``inputs_embeds``/``attention_mask``/``labels``/``past_key_values``. Several active
+adapters are concatenated. Soft prompts cannot be merged. Intended for training
+and scoring calls (``model(input_ids=..., attention_mask=..., labels=...)``);
+calls that already carry a non-empty KV cache (incremental decoding) are passed
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.ia3 import check_adapter_name
+
+HOOK_ATTR = "_alignlab_soft_prompt_hook"
+
+
+class PrefixEncoder(nn.Module):
+    """The prefixes of one adapter: ``(n, 2·L·d_kv)``, directly or through the reparameterisation MLP."""
+
+    def __init__(self, n: int, num_layers: int, token_dim: int, projection_hidden: int | None, init_std: float = 1.0) -> None:
+        super().__init__()
+        self.n, self.num_layers, self.token_dim = n, num_layers, token_dim
+        width = num_layers * 2 * token_dim
+        if projection_hidden:
+            self.embedding = nn.Parameter(torch.randn(n, token_dim) * init_std)
+            self.transform = nn.Sequential(nn.Linear(token_dim, projection_hidden), nn.Tanh(),
+                                           nn.Linear(projection_hidden, width))
+        else:
+            self.embedding = nn.Parameter(torch.randn(n, width) * init_std)
+            self.transform = None
+
+    def forward(self) -> torch.Tensor:
+        """``(n, 2·L·d_kv)``."""
+        return self.embedding if self.transform is None else self.transform(self.embedding)
+
+
+class SoftPromptEmbedding(AdapterLayer):
+    """The model's input embedding plus named soft prompts (prompt tuning) or prefixes (prefix tuning).
+
+    Its own forward is the plain embedding; the model-level pre-hook reads :meth:`prompt`
+    and :meth:`prefix`. Raises ``TypeError`` if ``base`` is not an embedding with ``weight``.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        if not hasattr(base, "weight") or base.weight.dim() != 2:
+            raise TypeError(f"soft prompts need an input embedding with a 2-D weight, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.prompt_embeddings = nn.ParameterDict()
+        self.prefix_encoder = nn.ModuleDict()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.prompt_embeddings.keys()) + list(self.prefix_encoder.keys())
+
+    def add_prompt(self, name: str, init: torch.Tensor) -> None:
+        self._new_name(name)
+        self.prompt_embeddings[name] = nn.Parameter(init.detach().clone().float())
+
+    def add_prefix(self, name: str, encoder: PrefixEncoder) -> None:
+        self._new_name(name)
+        self.prefix_encoder[name] = encoder.to(self.base_layer.weight.device)
+
+    def _new_name(self, name: str) -> None:
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        store = self.prompt_embeddings if name in self.prompt_embeddings else self.prefix_encoder
+        del store[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(*args, **kwargs)
+
+    def _live(self) -> list[str]:
+        return [] if self.disabled else [n for n in self.active_adapters if n in self.adapter_names()]
+
+    def prompt(self) -> torch.Tensor | None:
+        """Concatenated soft prompts of the active prompt-tuning adapters, ``(n, d)``, or ``None``."""
+        parts = [self.prompt_embeddings[n] for n in self._live() if n in self.prompt_embeddings]
+        return torch.cat(parts, dim=0) if parts else None
+
+    def prefix(self) -> list[PrefixEncoder]:
+        return [self.prefix_encoder[n] for n in self._live() if n in self.prefix_encoder]
+
+
+def _input_embedding_name(model: nn.Module, explicit: str | None) -> str:
+    if explicit is not None:
+        try:
+            model.get_submodule(explicit)
+        except AttributeError:
+            raise ValueError(f"embedding_module: no module named {explicit!r} in this model") from None
+        return explicit
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if emb is not None and (module is emb or (isinstance(module, SoftPromptEmbedding) and module.base_layer is emb)):
+            return name
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, SoftPromptEmbedding)):
+            return name
+    raise ValueError("no input embedding found; pass embedding_module='<dotted name>'")
+
+
+def _holder(model: nn.Module) -> SoftPromptEmbedding | None:
+    for module in model.modules():
+        if isinstance(module, SoftPromptEmbedding):
+            return module
+    return None
+
+
+def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
+    holder = _holder(model)
+    if holder is None:
+        return None
+    prompt, prefixes = holder.prompt(), holder.prefix()
+    if prompt is None and not prefixes:
+        return None
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return None  # incremental decoding: the prompt is already in the cache
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1:
+            raise ValueError("soft prompts: pass everything but input_ids as keyword arguments")
+        kwargs["input_ids"] = args[0]
+    ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        if ids is None:
+            raise ValueError("soft prompts need input_ids or inputs_embeds")
+        embeds = holder.base_layer(ids)
+    batch, device = embeds.shape[0], embeds.device
+    n = 0
+    if prompt is not None:
+        n = prompt.shape[0]
+        embeds = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+        if kwargs.get("labels") is not None:
+            labels = kwargs["labels"]
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        if kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"]
+            kwargs["position_ids"] = torch.cat([torch.arange(n, device=device).expand(pos.shape[0], -1), pos + n], dim=1)
+    if prefixes:
+        kwargs["past_key_values"] = _prefix_cache(model, prefixes, batch, embeds.dtype)
+        n_prefix = sum(p.n for p in prefixes)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n_prefix
+        n += n_prefix
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    kwargs["input_ids"] = None
+    kwargs["inputs_embeds"] = embeds
+    return (), kwargs
+
+
+def _kv_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` from an HF config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError("prefix tuning needs an HF model with a .config (num_hidden_layers, num_attention_heads)")
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, head_dim
+
+
+def _prefix_cache(model: nn.Module, prefixes: list[PrefixEncoder], batch: int, dtype: torch.dtype):
+    from transformers import DynamicCache
+
+    layers, kv, head_dim = _kv_layout(model)
+    per_layer = []
+    for enc in prefixes:
+        flat = enc().to(dtype)  # (n, 2·L·d_kv) laid out as [layer][k|v][head][head_dim]
+        per_layer.append(flat.view(enc.n, layers * 2, kv, head_dim).permute(1, 2, 0, 3))  # (2L, kv, n, hd)
+    stacked = torch.cat(per_layer, dim=2)
+    cache = DynamicCache()
+    for layer in range(layers):
+        k = stacked[2 * layer].unsqueeze(0).expand(batch, -1, -1, -1)
+        v = stacked[2 * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
+        cache.update(k, v, layer)
+    return cache
+
+
+def _attach_hook(model: nn.Module) -> None:
+    if getattr(model, HOOK_ATTR, None) is None:
+        object.__setattr__(model, HOOK_ATTR, model.register_forward_pre_hook(_soft_prompt_hook, with_kwargs=True))
+
+
+def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
+    from alignlab.adapters.inject import _set_submodule
+
+    module = model.get_submodule(name)
+    if isinstance(module, SoftPromptEmbedding):
+        return module
+    holder = SoftPromptEmbedding(module)
+    _set_submodule(model, name, holder)
+    return holder
+
+
+def _check_virtual_tokens(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+
+@dataclass
+class PromptTuningConfig:
+    """Settings for ``inject(model, PromptTuningConfig(...))``.
+
+    Args:
+        num_virtual_tokens: ``n`` (> 0).
+        init_token_ids: initialise from the embeddings of these token ids (e.g. a tokenized task
+            description), repeated or cut to ``n``; ``None`` samples ``n`` random vocabulary rows.
+        seed: seed of the random initialisation.
+        embedding_module: dotted name of the input embedding (default: ``get_input_embeddings()``).
+    Raises:
+        ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids``.
+    """
+
+    peft_type = "PROMPT_TUNING"
+
+    num_virtual_tokens: int = 20
+    init_token_ids: list[int] | None = None
+    seed: int = 0
+    embedding_module: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_virtual_tokens(self.num_virtual_tokens)
+        if self.init_token_ids is not None and (not self.init_token_ids or not all(isinstance(t, int) for t in self.init_token_ids)):
+            raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
+
+    def find_targets(self, model: nn.Module) -> list[str]:
+        return [_input_embedding_name(model, self.embedding_module)]
+
+    def _init(self, holder: SoftPromptEmbedding) -> torch.Tensor:
+        table = holder.base_layer.weight
+        vocab = table.shape[0]
+        if self.init_token_ids is None:
+            g = torch.Generator().manual_seed(self.seed)
+            ids = torch.randint(0, vocab, (self.num_virtual_tokens,), generator=g)
+        else:
+            if max(self.init_token_ids) >= vocab or min(self.init_token_ids) < 0:
+                raise ValueError(f"init_token_ids must be in [0, {vocab}), got {self.init_token_ids}")
+            reps = -(-self.num_virtual_tokens // len(self.init_token_ids))
+            ids = torch.tensor((self.init_token_ids * reps)[: self.num_virtual_tokens])
+        return table.detach()[ids.to(table.device)]
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> SoftPromptEmbedding:
+        holder = SoftPromptEmbedding(module)
+        holder.add_prompt(adapter_name, self._init(holder))
+        return holder
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, SoftPromptEmbedding):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a soft prompt to it")
+        layer.add_prompt(adapter_name, self._init(layer))
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        _attach_hook(model)
+
+    # -- PEFT format --------------------------------------------------------------------------------
+    def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        holder = _holder(model)
+        return {"prompt_embeddings": holder.prompt_embeddings[adapter_name]}
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        holder = _holder(model)
+        cfg = getattr(model, "config", None)
+        return {
+            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": holder.out_features,
+            "num_transformer_submodules": 1, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "num_layers": getattr(cfg, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "PromptTuningConfig":
+        if raw.get("num_transformer_submodules", 1) != 1:
+            raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
+        return cls(num_virtual_tokens=int(raw["num_virtual_tokens"]))
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Settings for ``inject(model, PrefixTuningConfig(...))`` (HF decoder-only models).
+
+    Args:
+        num_virtual_tokens: prefix length ``n`` (> 0).
+        prefix_projection: train through the reparameterisation MLP (Li & Liang §4.3).
+        encoder_hidden_size: hidden width ``h`` of that MLP.
+        init_std: std of the random initial prefix (or MLP input) embeddings.
+        seed: seed of the initialisation.
+        embedding_module: dotted name of the input embedding holding the prefixes.
+    Raises:
+        ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, or a model without an HF config.
+    """
+
+    peft_type = "PREFIX_TUNING"
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 512
+    init_std: float = 1.0
+    seed: int = 0
+    embedding_module: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_virtual_tokens(self.num_virtual_tokens)
+        if isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0:
+            raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
+        self._layout: tuple[int, int, int] | None = None
+
+    def find_targets(self, model: nn.Module) -> list[str]:
+        _kv_layout(model)
+        return [_input_embedding_name(model, self.embedding_module)]
+
+    def _encoder(self, holder: SoftPromptEmbedding) -> PrefixEncoder:
+        if self._layout is None:
+            raise ValueError("PrefixTuningConfig.prepare(model, targets, name) must run first (inject does it)")
+        layers, kv, head_dim = self._layout
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the global RNG
+            torch.manual_seed(self.seed)
+            enc = PrefixEncoder(self.num_virtual_tokens, layers, kv * head_dim,
+                                self.encoder_hidden_size if self.prefix_projection else None, self.init_std)
+        return enc
+
+    def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
+        self._layout = _kv_layout(model)
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> SoftPromptEmbedding:
+        holder = SoftPromptEmbedding(module)
+        holder.add_prefix(adapter_name, self._encoder(holder))
+        return holder
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, SoftPromptEmbedding):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a prefix to it")
+        layer.add_prefix(adapter_name, self._encoder(layer))
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        _attach_hook(model)
+
+    # -- PEFT format --------------------------------------------------------------------------------
+    def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        enc = _holder(model).prefix_encoder[adapter_name]
+        # with the MLP the file holds its output, the prefixes themselves (PEFT's inference format)
+        return {"prompt_embeddings": enc.embedding if enc.transform is None else enc()}
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers, kv, head_dim = _kv_layout(model)
+        return {
+            "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": kv * head_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": kv, "num_layers": layers,
+            "encoder_hidden_size": self.encoder_hidden_size, "prefix_projection": self.prefix_projection,
+            "init_weights": None, "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "PrefixTuningConfig":
+        if raw.get("num_transformer_submodules", 1) != 1:
+            raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
+        if raw.get("prefix_projection"):
+            warnings.warn("loading a prefix trained with prefix_projection: the file holds the final prefixes, "
+                          "so the reparameterisation MLP is not rebuilt", stacklevel=3)
+        return cls(num_virtual_tokens=int(raw["num_virtual_tokens"]), prefix_projection=False)

@@ -1,0 +1,81 @@
+"""BitFit: bias offsets, identity at init, merge (also into bias-less linears), counts, own file format, errors."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import BitFitConfig, BitFitLayer, adapter_layers, count_parameters, disabled, inject, load_adapter, merge, save_adapter, unmerge
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.bitfit_bias.values():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_formula_and_merge_with_existing_bias():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    b0 = lin.bias.detach().clone()
+    layer = BitFitLayer(lin)
+    with torch.no_grad():
+        layer.bitfit_bias["default"].normal_()
+    x = torch.randn(3, 5)
+    want = x @ lin.weight.T + b0 + layer.bitfit_bias["default"].detach()
+    torch.testing.assert_close(layer(x), want)
+    layer.merge()
+    torch.testing.assert_close(lin(x), want)
+    layer.unmerge()
+    torch.testing.assert_close(lin.bias, b0)
+
+
+def test_llama_all_linear_identity_count_merge():
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    with pytest.raises(ValueError, match="no bias parameters"):
+        inject(make_tiny_llama(), BitFitConfig())
+    model = inject(base, BitFitConfig(target_modules="all-linear"))
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    # one bias per output unit of every linear except the head
+    want = sum(m.out_features for n, m in make_tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    assert count_parameters(model).trainable == want
+    _randomise(model)
+    y = model(IDS).logits
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    merge(model)
+    q = model.model.layers[0].self_attn.q_proj.base_layer
+    assert q.bias is not None and not q.bias.requires_grad
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-5)
+    unmerge(model)
+    assert q.bias is None
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def test_subset_and_own_format_roundtrip(tmp_path):
+    model = _randomise(inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", "up_proj"])))
+    assert len(list(adapter_layers(model))) == 4
+    save_adapter(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "ALIGNLAB_BITFIT" and raw["format_version"] == 1
+    fresh = load_adapter(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="bias"):
+        BitFitLayer(nn.ReLU())
+    with pytest.raises(ValueError, match="no module matched"):
+        inject(make_tiny_llama(), BitFitConfig(target_modules=["nope"]))

@@ -1,0 +1,106 @@
+"""Prompt tuning and prefix tuning: shapes, labels/mask handling, identity when disabled, counts, errors."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    count_parameters,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    set_adapter,
+)
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+MASK = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+
+
+def test_prompt_tuning_shapes_labels_and_count():
+    base = make_tiny_llama()
+    ref = base(input_ids=IDS, attention_mask=MASK).logits
+    model = inject(base, PromptTuningConfig(num_virtual_tokens=3))
+    out = model(input_ids=IDS, attention_mask=MASK, labels=IDS)
+    assert out.logits.shape == (2, 10, 128)
+    # virtual positions carry label -100; the last virtual position predicts the first real token
+    want = torch.nn.functional.cross_entropy(out.logits[:, 2:-1].reshape(-1, 128), IDS.reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+    assert count_parameters(model).trainable == 3 * model.config.hidden_size
+    with disabled(model):
+        torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge(model)
+
+
+def test_prompt_init_from_token_ids_and_gradients():
+    model = inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=5, init_token_ids=[3, 9]))
+    holder = model.get_input_embeddings()
+    table = holder.base_layer.weight
+    torch.testing.assert_close(holder.prompt_embeddings["default"], table[[3, 9, 3, 9, 3]])
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert holder.prompt_embeddings["default"].grad.abs().sum() > 0
+    assert table.grad is None
+
+
+def test_prompt_equals_explicit_concatenation():
+    base = make_tiny_llama()
+    model = inject(base, PromptTuningConfig(num_virtual_tokens=2, seed=4))
+    holder = model.get_input_embeddings()
+    embeds = torch.cat([holder.prompt_embeddings["default"].detach().expand(2, -1, -1), holder.base_layer(IDS)], dim=1)
+    with disabled(model):
+        want = model(inputs_embeds=embeds).logits
+    torch.testing.assert_close(model(input_ids=IDS).logits, want)
+
+
+def test_prefix_tuning_shapes_count_and_attention_to_prefix():
+    base = make_tiny_llama()
+    ref = base(input_ids=IDS, attention_mask=MASK).logits
+    model = inject(base, PrefixTuningConfig(num_virtual_tokens=4))
+    out = model(input_ids=IDS, attention_mask=MASK, labels=IDS)
+    assert out.logits.shape == ref.shape
+    assert not torch.allclose(out.logits, ref)
+    cfg = model.config
+    d_kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    assert count_parameters(model).trainable == 4 * 2 * cfg.num_hidden_layers * d_kv
+    with disabled(model):
+        torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, ref, rtol=0, atol=0)
+    out.loss.backward()
+    assert model.get_input_embeddings().prefix_encoder["default"].embedding.grad.abs().sum() > 0
+
+
+def test_prefix_projection_count():
+    model = inject(make_tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8))
+    cfg = model.config
+    d_kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    width = 2 * cfg.num_hidden_layers * d_kv
+    assert count_parameters(model).trainable == 3 * d_kv + (d_kv + 1) * 8 + (8 + 1) * width
+
+
+def test_two_prompts_switch_and_delete():
+    base = make_tiny_llama()
+    ref = base(input_ids=IDS).logits
+    model = inject(base, PromptTuningConfig(num_virtual_tokens=2))
+    inject(model, PromptTuningConfig(num_virtual_tokens=3, seed=1), adapter_name="b")
+    assert model(input_ids=IDS).logits.shape[1] == 9
+    set_adapter(model, "b")
+    assert model(input_ids=IDS).logits.shape[1] == 10
+    delete_adapter(model, "b")
+    delete_adapter(model, "default")
+    torch.testing.assert_close(model(input_ids=IDS).logits, ref)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        PromptTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        PrefixTuningConfig(num_virtual_tokens=-1)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        PrefixTuningConfig(encoder_hidden_size=0)
+    with pytest.raises(ValueError, match="init_token_ids"):
+        inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, init_token_ids=[500]))
+    with pytest.raises(ValueError, match="embedding_module"):
+        inject(make_tiny_llama(), PromptTuningConfig(embedding_module="model.nope"))
