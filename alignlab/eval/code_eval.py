@@ -128,7 +128,12 @@ def _run_one(source: str, timeout: float, max_memory_bytes: int | None) -> Execu
                     pass
             else:
                 proc.kill()
-            _, err = proc.communicate()
+            try:
+                _, err = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe
+                proc.kill()
+                proc.wait()
+                err = b""
             return ExecutionResult(False, "timeout", None, err.decode("utf-8", "replace")[-2000:])
     stderr = err.decode("utf-8", "replace")[-2000:]
     ok = proc.returncode == 0

@@ -81,3 +81,7 @@ def test_generate_matches_greedy_oracle_with_left_padded_batch():
     plain = expert.generate(ids, attention_mask=(ids != PAD).long(), max_new_tokens=6, do_sample=False,
                             pad_token_id=PAD)
     assert not torch.equal(plain, out)  # the processor really changed the decoding
+    res = expert.generate(ids, attention_mask=(ids != PAD).long(), max_new_tokens=3, do_sample=False,
+                          pad_token_id=PAD, logits_processor=[proc], output_scores=True, return_dict_in_generate=True)
+    assert res.sequences.shape == (2, 7) and len(res.scores) == 3
+    assert all(s.shape == (2, 64) for s in res.scores)

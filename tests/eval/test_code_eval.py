@@ -100,3 +100,32 @@ def test_runner_errors():
         run_tests(["a"], "", timeout=0)
     with pytest.raises(ValueError, match="max_workers"):
         run_tests(["a"], "", max_workers=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line for line in f)  # zombies are dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to inspect processes")
+def test_timeout_kills_grandchildren(tmp_path):
+    pid_file = tmp_path / "pid"
+    src = (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "while True:\n    pass"
+    )
+    (r,) = run_tests([src], "", timeout=3.0)
+    assert r.status == "timeout"
+    pid = int(pid_file.read_text())
+    import time
+
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
