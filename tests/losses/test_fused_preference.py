@@ -235,3 +235,28 @@ def test_eager_backward_scales_by_upstream_gradient_and_respects_frozen_inputs()
         fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], eager=True, resident_bytes=-1)
     with pytest.raises(ValueError, match="scalar loss"):
         fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], eager=True, reduction="none")
+
+
+LIGER_TYPES = ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
+
+
+@pytest.mark.parametrize("loss_type", LIGER_TYPES)
+def test_fused_dpo_matches_liger(loss_type):
+    """Liger-Kernel's LigerFusedLinearDPOLoss (torch path, compile off) as a second, fused oracle."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, _, labels = _batch(20, bias=False)
+    ref_hidden = hidden.detach() * 0.9 + 0.05
+    ls = {"robust": 0.1, "exo_pair": 1e-3}.get(loss_type, 0.0)
+    nll = loss_type in ("sigmoid", "apo_zero")  # RPO-style NLL term on a couple of types
+    avg = loss_type in ("hinge", "nca_pair")
+    peer = liger.LigerFusedLinearDPOLoss(
+        beta=0.2, compiled=False, use_ref_model=True, loss_type=loss_type, label_smoothing=ls,
+        compute_nll_loss=nll, alpha=0.5, average_log_prob=avg,
+    )
+    want = peer(weight, hidden, labels, ref_input=ref_hidden, ref_weight=weight.detach())[0]
+    got, _ = fused_linear_dpo(
+        hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight.detach(), beta=0.2, loss_type=loss_type,
+        label_smoothing=ls, nll_alpha=0.5 if nll else 0.0, average_log_prob=avg, eager=loss_type == "discopop",
+    )
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-7)
+    _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-6)
