@@ -367,11 +367,12 @@ class _FusedLinearDistill(torch.autograd.Function):
             grad_rows = _default_chunks(x.shape[0], w.shape[0], x.element_size(), 4, want_dw)[1]
             grad_rows = max(rows, grad_rows - grad_rows % rows)
         chunks = (rows, grad_rows)
-        ctx.meta = (teacher, kind, beta, temperature, chunks)
+        ctx.meta = (teacher[0], kind, beta, temperature, chunks)
         if reduction == "none" or not (want_dx or want_dw):
             losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
-            ctx.save_for_backward(x, w, weights)
-            ctx.teacher_tensors = teacher[1:]
+            if reduction == "none":  # backward recomputes the chunks
+                ctx.save_for_backward(x, w, weights)
+                ctx.teacher_tensors = teacher[1:]
             return losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
         if reduction == "sum":
             scale = weights
@@ -392,8 +393,8 @@ class _FusedLinearDistill(torch.autograd.Function):
                 dw = None if dw is None else dw * grad_out.to(dw.dtype)
             return (dx, dw) + n_none
         x, w, weights = ctx.saved_tensors
-        teacher, kind, beta, temperature, chunks = ctx.meta
-        teacher = (teacher[0],) + tuple(ctx.teacher_tensors)
+        form, kind, beta, temperature, chunks = ctx.meta
+        teacher = (form,) + tuple(ctx.teacher_tensors)
         scale = grad_out.to(weights.dtype) * weights
         _, dx, dw = _run_chunks(
             x, w, teacher, kind, beta, temperature, scale, chunks, ctx.needs_input_grad[0], ctx.needs_input_grad[1]

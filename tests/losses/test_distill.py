@@ -227,6 +227,23 @@ def test_fused_empty_batch_and_all_masked():
     assert loss.item() == 0.0 and torch.all(gx == 0)
 
 
+@pytest.mark.usefixtures("torch_mode")
+def test_fused_packed_equals_padded_and_single_token():
+    x, w, th, tw, mask = _problem(n_lead=(3, 6))
+    t = th @ tw.T
+    padded = fused_linear_distill_loss(x, w, t, mask=mask, kind="reverse_kl", chunk_size=4)
+    gx_pad, gw_pad = torch.autograd.grad(padded, (x, w))
+    xp = x.detach()[mask].requires_grad_(True)  # packed: only the real tokens, (n_valid, hidden)
+    packed = fused_linear_distill_loss(xp, w, t[mask], kind="reverse_kl", chunk_size=4)
+    gx_pack, gw_pack = torch.autograd.grad(packed, (xp, w))
+    torch.testing.assert_close(padded, packed)
+    torch.testing.assert_close(gw_pad, gw_pack)
+    torch.testing.assert_close(gx_pad[mask], gx_pack)
+    assert torch.all(gx_pad[~mask] == 0)
+    one = fused_linear_distill_loss(x[:1, :1], w, t[:1, :1], kind="tv", reduction="none")
+    torch.testing.assert_close(one, distill_loss(x[:1, :1] @ w.T, t[:1, :1], "tv", reduction="none"))
+
+
 def test_fused_bad_arguments():
     x, w, th, tw, mask = _problem()
     t = th @ tw.T

@@ -57,7 +57,7 @@ def test_true_fisher_converges_to_expectation_over_model_labels():
     model, x, y = _softmax_regression(seed=1)
     x, y = x[:2], y[:2]
     gen = torch.Generator().manual_seed(0)
-    fisher = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=3000, generator=gen)
+    fisher = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=1000, generator=gen)
     # Exact: E_x sum_c p_c ((e_c - p) x^T)^2
     W, b = model.weight.detach(), model.bias.detach()
     p = torch.softmax(x @ W.T + b, -1)
@@ -67,7 +67,9 @@ def test_true_fisher_converges_to_expectation_over_model_labels():
             r = torch.nn.functional.one_hot(torch.tensor(c), W.shape[0]).double() - p[i]
             want += p[i, c] * torch.outer(r, x[i]).square()
     want /= 2
-    assert ((fisher["weight"] - want).norm() / want.norm()).item() < 0.06
+    assert ((fisher["weight"] - want).norm() / want.norm()).item() < 0.1
+    empirical = estimate_fisher(model, [(x, y)], _forward, mode="empirical")
+    assert ((empirical["weight"] - want).norm() / want.norm()).item() > 0.3  # the two really differ here
     # Reproducible with the same seed.
     again = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=50, generator=torch.Generator().manual_seed(3))
     again2 = estimate_fisher(model, [(x, y)], _forward, mode="true", samples=50, generator=torch.Generator().manual_seed(3))
