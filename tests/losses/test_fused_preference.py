@@ -260,3 +260,22 @@ def test_fused_dpo_matches_liger(loss_type):
     )
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-7)
     _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-6)
+
+
+@pytest.mark.parametrize("which", ["orpo", "simpo", "cpo"])
+def test_fused_orpo_simpo_cpo_match_liger(which):
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, _, labels = _batch(21, bias=False)
+    if which == "orpo":
+        peer = liger.LigerFusedLinearORPOLoss(beta=0.3, compiled=False)
+        got, _ = fused_linear_orpo(hidden, weight, labels, beta=0.3)
+    elif which == "simpo":
+        peer = liger.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.4, label_smoothing=0.05, compute_nll_loss=False, compiled=False)
+        got, _ = fused_linear_simpo(hidden, weight, labels, beta=2.0, gamma=0.4, label_smoothing=0.05, eager=True)
+    else:
+        peer = liger.LigerFusedLinearCPOLoss(beta=0.2, alpha=0.7, label_smoothing=0.1, compiled=False)
+        got, _ = fused_linear_cpo(hidden, weight, labels, beta=0.2, cpo_alpha=0.7, label_smoothing=0.1)
+    want = peer(weight, hidden, labels)
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-7)
+    _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-6)
