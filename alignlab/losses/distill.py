@@ -50,6 +50,7 @@ __all__ = [
     "generalized_jsd",
     "total_variation",
     "fused_linear_distill_loss",
+    "distill_rows_torch",
     "sequence_divergence",
     "sequence_kd_labels",
     "sequence_kd_loss",
