@@ -318,3 +318,54 @@ def test_rl_losses_bf16_inputs_compute_in_float32():
     assert got.dtype == torch.float32
     want, _ = grpo_loss(lp.bfloat16().double(), adv.bfloat16().double(), mask, old.bfloat16().double(), ref.bfloat16().double(), 0.04)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GRPO against TRL 1.16's GRPOTrainer._compute_loss, driven on plain tensors
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_matches_trl(loss_type, beta):
+    pytest.importorskip("trl")
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    g = torch.Generator().manual_seed(7)
+    n, T = 6, 5
+    mask = torch.ones(n, T, dtype=torch.long)
+    for i, length in enumerate([5, 3, 1, 4, 2, 5]):
+        mask[i, length:] = 0
+    lp = (-torch.rand(n, T, generator=g, dtype=D) * 2).requires_grad_(True)
+    old = lp.detach() + 0.3 * torch.randn(n, T, generator=g, dtype=D)
+    ref = lp.detach() + 0.2 * torch.randn(n, T, generator=g, dtype=D)
+    adv = group_advantages(torch.rand(n, generator=g, dtype=D), 3)
+
+    ident = lambda x, **_: x  # noqa: E731
+    trainer = object.__new__(GRPOTrainer)
+    for k, v in dict(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=8, _entropy_bonus_enabled=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=SimpleNamespace(gather=ident, reduce=ident, gather_for_metrics=ident, num_processes=1),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+    ).items():
+        setattr(trainer, k, v)
+    inputs = dict(
+        prompt_ids=torch.zeros(n, 2, dtype=torch.long), prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.zeros(n, T, dtype=torch.long), completion_mask=mask, advantages=adv,
+        old_per_token_logps=old, ref_per_token_logps=ref, num_items_in_batch=mask.sum().to(D),
+    )
+    want = trainer._compute_loss(None, inputs)
+    (want_grad,) = torch.autograd.grad(want, lp)
+    got, _ = grpo_loss(
+        lp, adv, mask, old_logprobs=old, ref_logprobs=ref if beta else None, beta=beta, epsilon=0.2,
+        epsilon_high=0.28, loss_type=loss_type, max_completion_length=8,
+    )
+    (got_grad,) = torch.autograd.grad(got, lp)
+    torch.testing.assert_close(got, want.to(got.dtype))
+    torch.testing.assert_close(got_grad, want_grad)
