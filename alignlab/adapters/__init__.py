@@ -1,7 +1,8 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion; injection and PEFT-format I/O."""
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
 from alignlab.adapters.bitfit import BitFitConfig, BitFitLayer
+from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckLayer, FusionLayer
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.dora import dora_weight_norm
 from alignlab.adapters.inject import (
@@ -38,4 +39,5 @@ __all__ = [
     "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "IA3Config", "IA3Linear", "LoKrConfig", "LoKrLinear", "factorization", "VeRAConfig", "VeRALinear", "VeRAProjections",
     "BitFitConfig", "BitFitLayer", "PrefixEncoder", "PrefixTuningConfig", "PromptTuningConfig", "SoftPromptEmbedding",
+    "AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "FusionLayer",
 ]

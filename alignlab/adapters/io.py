@@ -199,12 +199,13 @@ def _config_from_file(raw: dict):
 
 def _config_registry() -> dict:
     from alignlab.adapters.bitfit import BitFitConfig
+    from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig
     from alignlab.adapters.ia3 import IA3Config
     from alignlab.adapters.kron import LoKrConfig
     from alignlab.adapters.prompt import PrefixTuningConfig, PromptTuningConfig
     from alignlab.adapters.vera import VeRAConfig
 
-    classes = (BitFitConfig, IA3Config, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeRAConfig)
+    classes = (AdapterFusionConfig, BitFitConfig, BottleneckConfig, IA3Config, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeRAConfig)
     return {cls.peft_type: cls for cls in classes}
 
 

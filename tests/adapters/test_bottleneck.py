@@ -1,0 +1,130 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer, parallel) and AdapterFusion."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    AdapterFusionConfig,
+    BottleneckConfig,
+    BottleneckLayer,
+    adapter_layers,
+    count_parameters,
+    disabled,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+)
+from alignlab.adapters.bottleneck import bottleneck_parameters, fused_parameters
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model, name="default", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            if name in layer.adapter_down:
+                for p in list(layer.adapter_up[name].parameters()) + list(layer.adapter_down[name].parameters()):
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("placement, blocks", [("houlsby", 2), ("pfeiffer", 1), ("parallel", 1)])
+def test_identity_count_and_disable(placement, blocks):
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, BottleneckConfig(reduction_factor=4, placement=placement))
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert count_parameters(model).trainable == layers * blocks * (2 * hidden * (hidden // 4) + hidden // 4 + hidden)
+    assert bottleneck_parameters(hidden, 4) == 2 * hidden * 8 + 8 + hidden
+    _randomise(model)
+    assert not torch.allclose(model(IDS).logits, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge(model)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_formula(parallel):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    layer = BottleneckLayer(block, hidden=8, bottleneck=3, non_linearity="gelu", parallel=parallel, scaling=2.0)
+    with torch.no_grad():
+        layer.adapter_up["default"].weight.normal_()
+        layer.adapter_up["default"].bias.normal_()
+    d, u = layer.adapter_down["default"], layer.adapter_up["default"]
+    x = torch.randn(2, 5, 8)
+    h = block(x)
+    z = x if parallel else h
+    want = h + 2.0 * (torch.nn.functional.gelu(z @ d.weight.T + d.bias) @ u.weight.T + u.bias)
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_fusion_starts_at_average_and_trains_only_fusion(tmp_path):
+    base = make_tiny_llama()
+    model = inject(base, BottleneckConfig(reduction_factor=4, placement="pfeiffer"), "a")
+    inject(model, BottleneckConfig(reduction_factor=4, placement="pfeiffer"), "b")
+    _randomise(model, "a", 1)
+    _randomise(model, "b", 2)
+    inject(model, AdapterFusionConfig(adapters=["a", "b"]), "fusion")
+    set_adapter(model, "fusion")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapter_fusion.fusion." in n for n in trainable)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert count_parameters(model).trainable == layers * fused_parameters(hidden)
+    # exact average at the start when the query/key projections are zero: V = I, uniform weights
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.adapter_fusion["fusion"].query.weight.zero_()
+    y_fused = model(IDS).logits
+    set_adapter(model, ["a", "b"])  # the sum of both adapters
+    for _, layer in adapter_layers(model):
+        for n in ("a", "b"):
+            layer.scaling[n] *= 0.5
+    torch.testing.assert_close(y_fused, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    for _, layer in adapter_layers(model):
+        for n in ("a", "b"):
+            layer.scaling[n] *= 2.0
+    set_adapter(model, "fusion")
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.adapter_fusion["fusion"].query.weight.normal_()
+    y = model(IDS).logits
+    y.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    # own file format: adapters first, then the fusion
+    for name in ("a", "b", "fusion"):
+        save_adapter(model, tmp_path / name, adapter_name=name)
+    assert json.loads((tmp_path / "fusion" / "adapter_config.json").read_text())["peft_type"] == "ALIGNLAB_FUSION"
+    fresh = make_tiny_llama()
+    for name in ("a", "b", "fusion"):
+        load_adapter(fresh, tmp_path / name, adapter_name=name)
+    set_adapter(fresh, "fusion")
+    torch.testing.assert_close(fresh(IDS).logits, y)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="larger than the hidden size"):
+        inject(make_tiny_llama(), BottleneckConfig(reduction_factor=64))
+    with pytest.raises(ValueError, match="reduction_factor"):
+        BottleneckConfig(reduction_factor=0)
+    with pytest.raises(ValueError, match="placement"):
+        BottleneckConfig(placement="sideways")
+    with pytest.raises(ValueError, match="non_linearity"):
+        BottleneckConfig(non_linearity="softsign")
+    with pytest.raises(ValueError, match="no module matched"):
+        inject(make_tiny_llama(), BottleneckConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="at least two"):
+        AdapterFusionConfig(adapters=["a"])
+    model = inject(make_tiny_llama(), BottleneckConfig(placement="pfeiffer"), "a")
+    with pytest.raises(ValueError, match="no block holds"):
+        inject(model, AdapterFusionConfig(adapters=["a", "zzz"]), "f")
