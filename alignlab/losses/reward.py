@@ -14,7 +14,6 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
