@@ -302,3 +302,22 @@ def test_sequence_kd_loss_and_divergence_by_hand():
     m = torch.tensor([[1, 1, 0], [0, 0, 0]])
     torch.testing.assert_close(sequence_divergence(tok, m), torch.tensor([1.5, 0.0]))
     torch.testing.assert_close(sequence_divergence(tok, m, normalize=False), torch.tensor([3.0, 0.0]))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_matches_trl_gkd(beta, monkeypatch):
+    """The peer users know: TRL's GKD generalized_jsd_loss (token mean over label-masked positions)."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        pytest.skip("this trl version has no experimental GKD trainer")
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = -100
+    want = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=1.7)
+    got = distill_loss(s, t, "jsd", beta=beta, temperature=1.7, mask=labels != -100)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
