@@ -162,7 +162,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif need_h or need_w or need_b:
             # reduction="none", or a second backward through a retained graph: recompute.
             _, h, y = select_scored_rows(hidden, labels, ignore_index, weight.shape[0])
-            gs = g_rows
+            post = None
+            if reduction == "none":
+                gs = g_rows
+            elif hidden.dtype == torch.float16:  # as in forward: keep 1/N out of the fp16 logits
+                gs, post = grad_loss.to(acc).expand(row_loss.shape), norm
+            else:
+                gs = g_rows
             if token_weights is not None:
                 tw = token_weights.reshape(-1)
                 gs = gs * (tw if index is None else tw.index_select(0, index)).to(acc)
@@ -170,6 +176,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, weight, y, bias, grad_scale=gs.contiguous(), lse=lse, need_hidden_grad=need_h,
                 need_weight_grad=need_w, need_bias_grad=need_b, **dict(opts, want_mean=False),
             )
+            if post is not None and post != 1.0:
+                gh, gw, gb = (t.mul_(post) if t is not None else None for t in (gh, gw, gb))
         grad_hidden = scatter_rows(gh, index, n_all).view(hidden.shape) if need_h and gh is not None else None
         grad_weight = gw if need_w else None
         grad_bias = gb.to(bias.dtype) if need_b and gb is not None else None

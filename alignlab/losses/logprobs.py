@@ -30,8 +30,12 @@ import torch
 from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
+    "check_linear_inputs",
+    "default_chunk_rows",
     "linear_chunked_pass",
     "linear_logprobs",
+    "scatter_rows",
+    "select_scored_rows",
     "sequence_logprobs",
     "token_logprobs",
 ]

@@ -247,3 +247,19 @@ def test_backward_twice_through_retained_graph(torch_mode):
     first = w.grad.clone()
     (2 * loss).backward()
     torch.testing.assert_close(w.grad, 3 * first, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_twice_fp16_triton(triton_mode, kernel_device):
+    """The recompute path (second backward) keeps 1/N out of the fp16 logits like the forward does."""
+    hidden, weight, _, labels, _, _ = _data(11)
+    h = hidden.half().to(kernel_device).requires_grad_()
+    w = weight.half().to(kernel_device).requires_grad_()
+    loss = linear_cross_entropy(h, w, labels.to(kernel_device), chunk_size=4).loss
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    loss.backward()
+    torch.testing.assert_close(w.grad, first, atol=1e-3, rtol=1e-3)
+    h64, w64 = _leaves(hidden.half(), weight.half(), dtype=torch.float64)
+    _plain(h64, w64, labels).backward()
+    torch.testing.assert_close(first.cpu().double(), w64.grad, atol=2e-3, rtol=2e-2)
