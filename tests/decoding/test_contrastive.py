@@ -69,6 +69,8 @@ def _greedy_oracle(expert, amateur, prompt, steps, alpha):
 def test_generate_matches_greedy_oracle_with_left_padded_batch():
     expert = make_tiny_llama(seed=0, vocab_size=64)
     expert.generation_config.eos_token_id = None
+    with torch.no_grad():  # a peaked expert, so the plausibility constraint cuts tokens during generation
+        expert.lm_head.weight.mul_(6.0)
     amateur = make_tiny_llama(seed=3, vocab_size=64, num_layers=1)
     prompts = [torch.tensor([5, 9, 17, 33]), torch.tensor([40, 8])]
     ids = torch.tensor([[5, 9, 17, 33], [PAD, PAD, 40, 8]])
@@ -85,3 +87,4 @@ def test_generate_matches_greedy_oracle_with_left_padded_batch():
                           pad_token_id=PAD, logits_processor=[proc], output_scores=True, return_dict_in_generate=True)
     assert res.sequences.shape == (2, 7) and len(res.scores) == 3
     assert all(s.shape == (2, 64) for s in res.scores)
+    assert all(torch.isinf(s).any(-1).all() for s in res.scores)  # implausible tokens were cut
