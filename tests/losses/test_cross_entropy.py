@@ -263,3 +263,24 @@ def test_backward_twice_fp16_triton(triton_mode, kernel_device):
     h64, w64 = _leaves(hidden.half(), weight.half(), dtype=torch.float64)
     _plain(h64, w64, labels).backward()
     torch.testing.assert_close(first.cpu().double(), w64.grad, atol=2e-3, rtol=2e-2)
+
+
+def test_matches_llama_loss_and_grads(torch_mode, tiny_llama):
+    """On a tiny random Llama: same loss and lm_head/hidden gradients as LlamaForCausalLM(labels=...)."""
+    model = tiny_llama
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, -2:] = -100
+    model.zero_grad()
+    model(input_ids=ids, labels=labels).loss.backward()
+    ref_grad = model.lm_head.weight.grad.clone()
+    ref_loss = model(input_ids=ids, labels=labels).loss.detach()
+    model.zero_grad()
+    hidden = model.model(input_ids=ids).last_hidden_state
+    out = linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, labels[:, 1:])
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, atol=1e-6, rtol=1e-5)
+    assert out.n_tokens.item() == int((labels[:, 1:] != -100).sum())
