@@ -1,5 +1,14 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion, AdaLoRA/SoRA; injection and PEFT-format I/O."""
 
+from alignlab.adapters.adalora import (
+    AdaLoRAAllocator,
+    AdaLoRAConfig,
+    AdaLoRALinear,
+    SoRAConfig,
+    active_ranks,
+    orthogonal_regularizer,
+    sora_proximal_step,
+)
 from alignlab.adapters.base import AdapterLayer, SavedModule
 from alignlab.adapters.bitfit import BitFitConfig, BitFitLayer
 from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckLayer, FusionLayer
@@ -40,4 +49,6 @@ __all__ = [
     "IA3Config", "IA3Linear", "LoKrConfig", "LoKrLinear", "factorization", "VeRAConfig", "VeRALinear", "VeRAProjections",
     "BitFitConfig", "BitFitLayer", "PrefixEncoder", "PrefixTuningConfig", "PromptTuningConfig", "SoftPromptEmbedding",
     "AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "FusionLayer",
+    "AdaLoRAAllocator", "AdaLoRAConfig", "AdaLoRALinear", "SoRAConfig", "active_ranks", "orthogonal_regularizer",
+    "sora_proximal_step",
 ]

@@ -198,6 +198,7 @@ def _config_from_file(raw: dict):
 
 
 def _config_registry() -> dict:
+    from alignlab.adapters.adalora import AdaLoRAConfig, SoRAConfig
     from alignlab.adapters.bitfit import BitFitConfig
     from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig
     from alignlab.adapters.ia3 import IA3Config
@@ -205,7 +206,7 @@ def _config_registry() -> dict:
     from alignlab.adapters.prompt import PrefixTuningConfig, PromptTuningConfig
     from alignlab.adapters.vera import VeRAConfig
 
-    classes = (AdapterFusionConfig, BitFitConfig, BottleneckConfig, IA3Config, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeRAConfig)
+    classes = (AdaLoRAConfig, SoRAConfig, AdapterFusionConfig, BitFitConfig, BottleneckConfig, IA3Config, LoKrConfig, PrefixTuningConfig, PromptTuningConfig, VeRAConfig)
     return {cls.peft_type: cls for cls in classes}
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import make_tiny_llama
 
 from alignlab.adapters import (
+    AdaLoRAConfig,
     IA3Config,
     LoKrConfig,
     VeRAConfig,
@@ -34,6 +35,8 @@ METHODS = {
              lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "v_proj", "down_proj"])),
     "lokr_both": (lambda: LoKrConfig(r=1, alpha=2, target_modules=["o_proj", "up_proj"], decompose_both=True, decompose_factor=4),
                   lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=["o_proj", "up_proj"], decompose_both=True, decompose_factor=4)),
+    "adalora": (lambda: AdaLoRAConfig(init_r=4, target_r=2, alpha=6, total_step=10, target_modules=["q_proj", "v_proj"]),
+                lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=6, total_step=10, target_modules=["q_proj", "v_proj"])),
 }
 
 
@@ -159,3 +162,27 @@ def test_soft_prompts_match_peft_and_load_both_ways(tmp_path, method):
         warnings.simplefilter("ignore")
         again = load_adapter(copy.deepcopy(base), tmp_path / "p")
     torch.testing.assert_close(again(**kw).logits, a.logits, **TOL)
+
+
+def test_adalora_file_after_allocation_loads_in_alignlab(tmp_path):
+    """PEFT saves only the kept ranks (rank_pattern): alignlab rebuilds the smaller layers, same outputs."""
+    base = make_tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=6, total_step=6, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.1)
+    _randomise(theirs, 6, lambda n, p: "lora_E" in n)
+    for step in range(6):
+        theirs(IDS).logits.square().mean().backward()
+        opt.step()
+        theirs.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    theirs.save_pretrained(str(tmp_path / "p"))
+    raw = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert raw["rank_pattern"]
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    ranks = {n: l.lora_A["default"].shape[0] for n, l in adapter_layers(ours)}
+    assert sum(ranks.values()) == 2 * 4 and sorted(set(ranks.values())) != [4]
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, **TOL)
+    save_adapter(ours, tmp_path / "a")  # and back: the reduced layers with the same rank_pattern
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(again(IDS).logits, theirs(IDS).logits, **TOL)

@@ -1,0 +1,429 @@
+"""Adaptive-rank LoRA: AdaLoRA and SoRA.
+
+Both write the update in SVD-like form with a per-rank scalar::
+
+    y = W x + b + s · P diag(λ) Q x,     Q: (r, in), λ: (r,), P: (out, r)
+
+* AdaLoRA -- Zhang et al., "AdaLoRA: Adaptive Budget Allocation for
+  Parameter-Efficient Fine-Tuning", arXiv 2303.10512. ``λ = 0`` and ``P, Q ~ N(0, 0.02²)``
+  at the start, ``s = α / (r + 10⁻⁵)`` (PEFT's convention). The importance of each
+  triplet ``(P_{:,i}, λ_i, Q_{i,:})`` is ``S_i = s(λ_i) + mean_j s(Q_ij) + mean_k s(P_ki)``,
+  with ``s(w) = Ī(w)·Ū(w)``, ``I = |w·∂L/∂w|`` smoothed by EMAs::
+
+      Ī ← β₁ Ī + (1−β₁) I,      Ū ← β₂ Ū + (1−β₂) |I − Ī|
+
+  A cubic schedule lowers the total budget from ``Σ r_init`` to ``target_r · #layers``
+  between ``tinit`` and ``total_step − tfinal``; every ``deltaT`` steps the lowest
+  scores are masked (``λ_i ← 0``). :class:`AdaLoRAAllocator` is the step hook you
+  call after ``optimizer.step()`` and before ``zero_grad()`` (it reads the gradients); add
+  :func:`orthogonal_regularizer` ``· orth_reg_weight`` to the loss
+  (``R = mean over factors of ‖QQᵀ − I‖_F`` and ``‖PᵀP − I‖_F``).
+* SoRA -- Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models",
+  arXiv 2311.11696. ``λ`` is a gate (starts at 1, ``P = 0``, ``Q`` Kaiming),
+  ``s = α/r``, and after every optimizer step a proximal L1 update
+  (:func:`sora_proximal_step`) soft-thresholds it::
+
+      λ ← sign(λ) · max(|λ| − η·ξ, 0)
+
+  which drives gates to exactly zero and so prunes ranks (:func:`active_ranks`).
+
+Trainable parameters per layer: ``r(in + out + 1)``. Mergeable: ``ΔW = s·P diag(λ) Q``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding, own_format_config, own_format_dict
+
+
+class AdaLoRALinear(AdapterLayer):
+    """A linear layer with SVD-form adapters ``s·P diag(λ) Q`` (AdaLoRA and SoRA).
+
+    Args:
+        base: ``nn.Linear`` ``(..., in) -> (..., out)``; frozen.
+        r: rank of ``P``/``Q`` in this layer.
+        scaling: ``s``.
+        init: ``"adalora"`` (λ=0, P,Q ~ N(0, 0.02²)) or ``"sora"`` (λ=1, P=0, Q Kaiming).
+        dropout: dropout on the adapter input.
+        adapter_name: name of the first adapter.
+    Raises:
+        TypeError/ValueError: not a linear base, bad rank/init/dropout.
+    """
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0,
+                 adapter_name: str = "default") -> None:
+        if not (isinstance(base, nn.Linear) or is_quantized(base)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.add_adapter(adapter_name, r, scaling, init, dropout)
+        self.active_adapters = [adapter_name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0) -> None:
+        check_adapter_name(name)
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {r!r}")
+        if init not in ("adalora", "sora"):
+            raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        weight = dense_weight(self.base_layer)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+        a = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
+        b = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
+        if init == "adalora":
+            nn.init.normal_(a, std=0.02)
+            nn.init.normal_(b, std=0.02)
+            e = torch.zeros(r, 1, dtype=dtype, device=weight.device)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+            e = torch.ones(r, 1, dtype=dtype, device=weight.device)
+        self.lora_A[name], self.lora_B[name], self.lora_E[name] = nn.Parameter(a), nn.Parameter(b), nn.Parameter(e)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = float(scaling)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for store in (self.lora_A, self.lora_B, self.lora_E, self.lora_dropout):
+            del store[name]
+        self.scaling.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name], "lora_E": self.lora_E[name]}
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·P diag(λ) Q`` in fp32, ``(out, in)``."""
+        self._check_name(name)
+        return self.scaling[name] * (self.lora_B[name].float() @ (self.lora_A[name].float() * self.lora_E[name].float()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``."""
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        result = out
+        for name in self.active_adapters:
+            if name not in self.lora_A or name in self.merged_adapters:
+                continue
+            a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+            h = self.lora_dropout[name](x.to(a.dtype))
+            result = result + (h @ (a * e).T @ b.T) * self.scaling[name]
+        return result.to(out.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        with torch.no_grad():
+            for name in names:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        with torch.no_grad():
+            while self.merged_adapters:
+                w = dense_weight(self.base_layer)
+                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = {n: int(self.lora_A[n].shape[0]) for n in self.adapter_names()}
+        return f"in={self.in_features}, out={self.out_features}, r={ranks}, active={self.active_adapters}"
+
+
+def _check_common(r: int, alpha: float, dropout: float, target_modules, exclude_modules, r_name: str = "r") -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{r_name} must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_target_spec(target_modules, exclude_modules)
+
+
+@dataclass
+class AdaLoRAConfig:
+    """Settings for ``inject(model, AdaLoRAConfig(...))`` and :class:`AdaLoRAAllocator`.
+
+    Args:
+        init_r: starting rank of every layer; target_r: average final rank.
+        alpha: numerator of ``s = α/(init_r + 10⁻⁵)``.
+        total_step: number of training steps (needed by the budget schedule).
+        tinit / tfinal: warm-up steps at the full budget / final steps at the target budget.
+        deltaT: steps between reallocations.
+        beta1 / beta2: EMA factors of sensitivity and uncertainty.
+        orth_reg_weight: weight of :func:`orthogonal_regularizer` (added by the user's loop).
+        target_modules / exclude_modules / dropout: as in ``LoRAConfig``.
+        rank_pattern: ``{"<module>.lora_E": [bool] * init_r}`` kept ranks (set when loading a PEFT
+            file saved after allocation; such layers hold only the kept ranks).
+    Raises:
+        ValueError: non-positive ranks, ``target_r > init_r``, a schedule that does not fit in
+            ``total_step``, betas outside (0, 1).
+    """
+
+    peft_type = "ADALORA"
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    total_step: int = 1000
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: str | list[str] | None = None
+    dropout: float = 0.0
+    rank_pattern: dict[str, list[bool]] | None = None
+
+    def __post_init__(self) -> None:
+        _check_common(self.init_r, self.alpha, self.dropout, self.target_modules, self.exclude_modules, "init_r")
+        if isinstance(self.target_r, bool) or not isinstance(self.target_r, int) or not 0 < self.target_r <= self.init_r:
+            raise ValueError(f"target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
+        if not isinstance(self.total_step, int) or self.total_step <= 0:
+            raise ValueError(f"total_step must be a positive integer, got {self.total_step!r}")
+        if self.tinit < 0 or self.tfinal < 0 or self.tinit + self.tfinal >= self.total_step:
+            raise ValueError(f"need 0 ≤ tinit, tfinal and tinit + tfinal < total_step, got tinit={self.tinit}, "
+                             f"tfinal={self.tfinal}, total_step={self.total_step}")
+        if not isinstance(self.deltaT, int) or self.deltaT <= 0:
+            raise ValueError(f"deltaT must be a positive integer, got {self.deltaT!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.init_r + 1e-5)
+
+    def _rank(self, name: str) -> int:
+        if self.rank_pattern and f"{name}.lora_E" in self.rank_pattern:
+            return int(sum(bool(v) for v in self.rank_pattern[f"{name}.lora_E"]))
+        return self.init_r
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> AdaLoRALinear:
+        return AdaLoRALinear(module, self._rank(name), self.scaling, "adalora", self.dropout, adapter_name)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, AdaLoRALinear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add an AdaLoRA adapter to it")
+        layer.add_adapter(adapter_name, self._rank(name), self.scaling, "adalora", self.dropout)
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, AdaLoRALinear)
+        return {
+            "peft_type": "ADALORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "r": self.init_r, "init_r": self.init_r, "target_r": self.target_r,
+            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": exact_names(layers),
+            "exclude_modules": None, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
+            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
+            "total_step": self.total_step, "rank_pattern": self.rank_pattern, "init_lora_weights": True,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
+        for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False), ("use_rslora", False),
+                        ("layers_to_transform", None), ("modules_to_save", None)):
+            if raw.get(key, ok) != ok:
+                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for AdaLoRA")
+        target = raw.get("target_modules")
+        if target is None:
+            raise ValueError("adapter_config.json: target_modules is missing")
+        return cls(init_r=int(raw["init_r"]), target_r=int(raw["target_r"]), alpha=float(raw.get("lora_alpha", 8)),
+                   total_step=int(raw["total_step"]), tinit=int(raw.get("tinit", 0)), tfinal=int(raw.get("tfinal", 0)),
+                   deltaT=int(raw.get("deltaT", 1)), beta1=float(raw.get("beta1", 0.85)), beta2=float(raw.get("beta2", 0.85)),
+                   orth_reg_weight=float(raw.get("orth_reg_weight", 0.5)),
+                   target_modules=target if isinstance(target, str) else list(target),
+                   exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("lora_dropout", 0.0)),
+                   rank_pattern=raw.get("rank_pattern") or None)
+
+
+def orthogonal_regularizer(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """``mean over P, Q of ‖QQᵀ − I‖_F, ‖PᵀP − I‖_F`` across the AdaLoRA layers (a scalar; 0 with no layers)."""
+    terms = []
+    for layer in layers_holding(model, adapter_name, AdaLoRALinear).values():
+        a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        if a.numel() == 0:
+            continue
+        for cov in (a @ a.T, b.T @ b):
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+class AdaLoRAAllocator:
+    """AdaLoRA's budget schedule and importance-based rank masking (the user's step hook).
+
+    >>> alloc = AdaLoRAAllocator(model, config)                        # doctest: +SKIP
+    >>> loss = task_loss + config.orth_reg_weight * orthogonal_regularizer(model)
+    >>> loss.backward(); optimizer.step(); alloc.step(global_step); optimizer.zero_grad()
+
+    Args:
+        model: a model with AdaLoRA adapter ``adapter_name`` injected.
+        config: its :class:`AdaLoRAConfig`.
+    Raises:
+        ValueError: the model holds no AdaLoRA layers of that name.
+    """
+
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig, adapter_name: str = "default") -> None:
+        self.config, self.adapter_name = config, adapter_name
+        self.layers = layers_holding(model, adapter_name, AdaLoRALinear)
+        if not self.layers:
+            raise ValueError(f"model holds no AdaLoRA layers for adapter {adapter_name!r}")
+        self.initial_budget = sum(l.lora_A[adapter_name].shape[0] for l in self.layers.values())
+        self.target_budget = config.target_r * len(self.layers)
+        self.ipt_avg: dict[tuple[str, str], torch.Tensor] = {}
+        self.unc_avg: dict[tuple[str, str], torch.Tensor] = {}
+        self.rank_pattern: dict[str, list[bool]] | None = None
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """``(budget, mask_now)``: cubic decay ``b_T + (b_0 − b_T)(1 − (t − t_i)/(T − t_f − t_i))³``."""
+        c = self.config
+        if step <= c.tinit:
+            return self.initial_budget, False
+        if step > c.total_step - c.tfinal:
+            return self.target_budget, True
+        frac = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        return int((self.initial_budget - self.target_budget) * frac ** 3 + self.target_budget), step % c.deltaT == 0
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """EMA of sensitivity ``|w·g|`` and its uncertainty, for every ``P``, ``λ``, ``Q`` entry (needs ``.grad``)."""
+        b1, b2 = self.config.beta1, self.config.beta2
+        for name, layer in self.layers.items():
+            for kind in ("lora_A", "lora_B", "lora_E"):
+                p = getattr(layer, kind)[self.adapter_name]
+                if p.grad is None:
+                    continue
+                key = (name, kind)
+                ipt = (p * p.grad).abs()
+                avg = self.ipt_avg.get(key, torch.zeros_like(p))
+                unc = self.unc_avg.get(key, torch.zeros_like(p))
+                avg = b1 * avg + (1 - b1) * ipt
+                self.ipt_avg[key], self.unc_avg[key] = avg, b2 * unc + (1 - b2) * (ipt - avg).abs()
+
+    def _score(self, name: str, kind: str) -> torch.Tensor:
+        return self.ipt_avg[(name, kind)] * self.unc_avg[(name, kind)]
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Zero the ``λ`` of the ``initial_budget − budget`` least important triplets; returns kept ranks."""
+        scores = {}
+        for name in self.layers:
+            s_e = self._score(name, "lora_E").view(-1)
+            s_a = self._score(name, "lora_A").mean(dim=1)
+            s_b = self._score(name, "lora_B").mean(dim=0)
+            scores[name] = s_e + s_a + s_b
+        k = self.initial_budget - budget
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k=k).values.item() if k > 0 else -math.inf
+        pattern = {}
+        for name, layer in self.layers.items():
+            keep = scores[name] > threshold
+            layer.lora_E[self.adapter_name].masked_fill_(~keep.view(-1, 1), 0.0)
+            pattern[f"{name}.lora_E"] = keep.tolist()
+        self.rank_pattern = pattern
+        return pattern
+
+    def step(self, global_step: int) -> tuple[int, dict[str, list[bool]] | None]:
+        """Call after ``optimizer.step()``, gradients still present: update importance (until the final phase), mask when scheduled.
+
+        Returns ``(budget, rank_pattern or None)``.
+        """
+        if global_step < self.config.total_step - self.config.tfinal:
+            self.update_importance()
+        budget, mask_now = self.budget(global_step)
+        mask_now = mask_now or global_step >= self.config.total_step - self.config.tfinal  # final phase: keep the pattern
+        pattern = self.mask_to_budget(budget) if mask_now and self.ipt_avg else None
+        return budget, pattern
+
+
+@dataclass
+class SoRAConfig:
+    """Settings for ``inject(model, SoRAConfig(...))``; prune with :func:`sora_proximal_step`.
+
+    Args:
+        r: maximum rank; alpha: ``s = α/r``.
+        target_modules / exclude_modules / dropout: as in ``LoRAConfig``.
+    Raises:
+        ValueError/TypeError: bad rank, alpha, dropout or targets.
+    """
+
+    peft_type = "ALIGNLAB_SORA"
+
+    r: int = 8
+    alpha: float = 8.0
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self.r, self.alpha, self.dropout, self.target_modules, self.exclude_modules)
+
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> AdaLoRALinear:
+        return AdaLoRALinear(module, self.r, self.alpha / self.r, "sora", self.dropout, adapter_name)
+
+    def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        if not isinstance(layer, AdaLoRALinear):
+            raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a SoRA adapter to it")
+        layer.add_adapter(adapter_name, self.r, self.alpha / self.r, "sora", self.dropout)
+
+    def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        layers = layers_holding(model, adapter_name, AdaLoRALinear)
+        return own_format_dict(self.peft_type, SoRAConfig(self.r, self.alpha, sorted(layers), None, self.dropout))
+
+    @classmethod
+    def from_peft(cls, raw: dict) -> "SoRAConfig":
+        return own_format_config(cls, raw)
+
+
+@torch.no_grad()
+def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_name: str = "default") -> int:
+    """SoRA's proximal L1 update on every gate, ``λ ← sign(λ)·max(|λ| − lr·sparsity, 0)``; returns the gates now zero.
+
+    Call after ``optimizer.step()`` (exclude the gates from weight decay). Raises ``ValueError`` on
+    negative ``lr``/``sparsity``.
+    """
+    if lr < 0 or sparsity < 0:
+        raise ValueError(f"lr and sparsity must be non-negative, got lr={lr!r}, sparsity={sparsity!r}")
+    zeros = 0
+    for layer in layers_holding(model, adapter_name, AdaLoRALinear).values():
+        g = layer.lora_E[adapter_name]
+        g.copy_(g.sign() * (g.abs() - lr * sparsity).clamp_min(0.0))
+        zeros += int((g == 0).sum())
+    return zeros
+
+
+def active_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
+    """``{module: number of non-zero λ}`` -- the effective rank of each AdaLoRA/SoRA layer."""
+    return {n: int((l.lora_E[adapter_name] != 0).sum()) for n, l in layers_holding(model, adapter_name, AdaLoRALinear).items()}

@@ -1,0 +1,156 @@
+"""AdaLoRA and SoRA: formula, identity at init, merge, counts, budget schedule, masking, regulariser, proximal step."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    AdaLoRAAllocator,
+    AdaLoRAConfig,
+    AdaLoRALinear,
+    SoRAConfig,
+    active_ranks,
+    adapter_layers,
+    count_parameters,
+    disabled,
+    inject,
+    load_adapter,
+    merge,
+    orthogonal_regularizer,
+    save_adapter,
+    sora_proximal_step,
+    unmerge,
+)
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+TARGETS = ["q_proj", "v_proj"]
+
+
+def test_formula_and_merge():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    w0 = lin.weight.detach().clone()
+    layer = AdaLoRALinear(lin, r=3, scaling=0.7)
+    with torch.no_grad():
+        layer.lora_E["default"].normal_()
+    p, lam, q = layer.lora_B["default"].detach(), layer.lora_E["default"].detach().view(-1), layer.lora_A["default"].detach()
+    x = torch.randn(4, 6)
+    want = lin(x) + 0.7 * x @ (p @ torch.diag(lam) @ q).T
+    torch.testing.assert_close(layer(x), want)
+    layer.merge()
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(lin.weight, w0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [AdaLoRAConfig(init_r=4, target_r=2, target_modules=TARGETS), SoRAConfig(r=4, target_modules=TARGETS)])
+def test_identity_count_disable_merge(cfg):
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, cfg)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    layers = [l for _, l in adapter_layers(model)]
+    assert count_parameters(model).trainable == sum(4 * (l.in_features + l.out_features + 1) for l in layers)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for l in layers:
+            l.lora_E["default"].copy_(torch.randn(4, 1, generator=g))
+            l.lora_B["default"].copy_(0.3 * torch.randn(l.lora_B["default"].shape, generator=g))
+    y = model(IDS).logits
+    assert not torch.allclose(y, ref)
+    with disabled(model):
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-4, atol=1e-5)
+    unmerge(model)
+
+
+def test_budget_schedule_is_cubic():
+    model = inject(make_tiny_llama(), AdaLoRAConfig(init_r=6, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=3, target_modules=TARGETS))
+    alloc = AdaLoRAAllocator(model, AdaLoRAConfig(init_r=6, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=3, target_modules=TARGETS))
+    b0, bt = 4 * 6, 4 * 2
+    assert alloc.budget(1) == (b0, False)
+    for t in (3, 6, 9, 15):
+        want = int((b0 - bt) * (1 - (t - 2) / (20 - 4 - 2)) ** 3 + bt)
+        assert alloc.budget(t) == (want, t % 3 == 0)
+    assert alloc.budget(17) == (bt, True)
+
+
+def test_allocator_matches_peft():
+    peft = pytest.importorskip("peft")
+    base = make_tiny_llama()
+    kw = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, deltaT=1, beta1=0.8, beta2=0.7)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(target_modules=TARGETS, lora_alpha=8, **kw))
+    cfg = AdaLoRAConfig(target_modules=TARGETS, alpha=8, **kw)
+    ours = inject(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(3)
+    sd = theirs.state_dict()
+    with torch.no_grad():
+        for name, layer in adapter_layers(ours):
+            for kind in ("lora_A", "lora_B", "lora_E"):
+                t = torch.randn(sd[f"base_model.model.{name}.{kind}.default"].shape, generator=g)
+                getattr(layer, kind)["default"].copy_(t)
+                sd[f"base_model.model.{name}.{kind}.default"].copy_(t)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-4, atol=1e-5)
+    alloc = AdaLoRAAllocator(ours, cfg)
+    opt_o = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.05)
+    opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
+    for step in range(8):
+        for model, opt in ((ours, opt_o), (theirs, opt_t)):
+            opt.zero_grad()
+            model(IDS).logits.square().mean().backward()
+        opt_o.step()
+        opt_t.step()
+        _, pattern = alloc.step(step)
+        theirs.base_model.update_and_allocate(step)
+        sd = theirs.state_dict()
+        for name, layer in adapter_layers(ours):
+            torch.testing.assert_close(layer.lora_E["default"], sd[f"base_model.model.{name}.lora_E.default"],
+                                       rtol=1e-4, atol=1e-6, msg=f"step {step} {name}")
+    assert sum(active_ranks(ours).values()) == 4 * 2  # at the target budget at the end
+    final = {k.replace("base_model.model.", "").replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}
+    assert alloc.rank_pattern == final
+
+
+def test_orthogonal_regularizer_formula():
+    model = inject(make_tiny_llama(), AdaLoRAConfig(init_r=3, target_r=1, target_modules=["q_proj"]))
+    want = []
+    for _, l in adapter_layers(model):
+        a, b = l.lora_A["default"].detach(), l.lora_B["default"].detach()
+        want += [((a @ a.T - torch.eye(3)) ** 2).sum().sqrt(), ((b.T @ b - torch.eye(3)) ** 2).sum().sqrt()]
+    torch.testing.assert_close(orthogonal_regularizer(model), torch.stack(want).mean())
+
+
+def test_sora_proximal_step_prunes_and_roundtrips(tmp_path):
+    model = inject(make_tiny_llama(), SoRAConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for _, l in adapter_layers(model):
+            l.lora_E["default"].copy_(torch.tensor([[0.05], [-0.5], [2.0], [-0.02]]))
+            l.lora_B["default"].normal_()
+    zeros = sora_proximal_step(model, lr=0.1, sparsity=1.0)
+    assert zeros == 2 * 4
+    for _, l in adapter_layers(model):
+        torch.testing.assert_close(l.lora_E["default"].view(-1), torch.tensor([0.0, -0.4, 1.9, 0.0]))
+    assert set(active_ranks(model).values()) == {2}
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
+    with pytest.raises(ValueError, match="non-negative"):
+        sora_proximal_step(model, lr=-1, sparsity=1)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="target_r"):
+        AdaLoRAConfig(init_r=4, target_r=8)
+    with pytest.raises(ValueError, match="tinit"):
+        AdaLoRAConfig(total_step=10, tinit=5, tfinal=5)
+    with pytest.raises(ValueError, match="beta1"):
+        AdaLoRAConfig(beta1=1.0)
+    with pytest.raises(ValueError, match="r must be"):
+        SoRAConfig(r=0)
+    with pytest.raises(ValueError, match="no AdaLoRA layers"):
+        AdaLoRAAllocator(make_tiny_llama(), AdaLoRAConfig())
