@@ -1,4 +1,4 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion, AdaLoRA/SoRA; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion, AdaLoRA/SoRA, ALPS head selection; injection and PEFT-format I/O."""
 
 from alignlab.adapters.adalora import (
     AdaLoRAAllocator,
@@ -31,6 +31,7 @@ from alignlab.adapters.inject import (
     set_adapter,
     unmerge,
 )
+from alignlab.adapters.heads import head_scores, restrict_to_heads, select_heads, selected_parameter_count, top_heads
 from alignlab.adapters.ia3 import IA3Config, IA3Linear
 from alignlab.adapters.io import adapter_state_dict, load_adapter, save_adapter
 from alignlab.adapters.kron import LoKrConfig, LoKrLinear, factorization
@@ -50,5 +51,5 @@ __all__ = [
     "BitFitConfig", "BitFitLayer", "PrefixEncoder", "PrefixTuningConfig", "PromptTuningConfig", "SoftPromptEmbedding",
     "AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "FusionLayer",
     "AdaLoRAAllocator", "AdaLoRAConfig", "AdaLoRALinear", "SoRAConfig", "active_ranks", "orthogonal_regularizer",
-    "sora_proximal_step",
+    "sora_proximal_step", "head_scores", "restrict_to_heads", "select_heads", "selected_parameter_count", "top_heads",
 ]

@@ -1,0 +1,212 @@
+"""ALPS-style attention-head selection: train only the heads that fine-tuning moves most.
+
+Chen et al., "ALPS: Attention Localization and Pruning Strategy for Efficient
+Alignment of Large Language Models", arXiv 2505.18799. The idea: a short probe
+fine-tune reveals which attention heads the task changes; restricting later
+training to the top ~10% of heads (the rest frozen) costs a tenth of the
+attention parameters and forgets less.
+
+Per head ``(l, h)`` of a Llama-style attention block, the head's own parameters are
+the rows ``h·d … (h+1)·d`` of ``W_q`` and the same columns of ``W_o`` (``d`` = head
+dim; keys/values are shared by a group under GQA). The score compares the base
+and probe-tuned parameters ``θ, θ'`` of the head:
+
+* ``"wasserstein"`` (default): 1-D Wasserstein-1 distance between the two empirical
+  weight distributions, ``W₁ = mean |sort(θ) − sort(θ')|``;
+* ``"l2"``: relative change ``‖θ' − θ‖ / ‖θ‖``.
+
+:func:`select_heads` runs the probe on a copy of the model (the model passed in is
+untouched) and returns the top ``fraction`` of heads; :func:`restrict_to_heads`
+freezes everything except the attention projections and masks the gradient rows
+(``W_q``, ``W_k``, ``W_v``) and columns (``W_o``) of the unselected heads.
+This is not an adapter: the selected slices of the base weights are trained in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Where one attention block's projections live and its head layout."""
+
+    name: str
+    module: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
+    """Llama-style attention modules (with ``q_proj``/``k_proj``/``v_proj``/``o_proj``), in model order.
+
+    Raises:
+        ValueError: no such module, or head counts missing from ``model.config``.
+    """
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    blocks = []
+    for name, module in model.named_modules():
+        if all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            heads = getattr(module, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
+            kv = getattr(module, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or heads
+            head_dim = getattr(module, "head_dim", None) or (getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None))
+            if not heads or not head_dim:
+                raise ValueError(f"{name}: cannot tell the number of heads / head dim (no model.config)")
+            blocks.append(AttentionBlock(name, module, int(heads), int(kv), int(head_dim)))
+    if not blocks:
+        raise ValueError("no attention block with q_proj/k_proj/v_proj/o_proj found in this model")
+    return blocks
+
+
+def _weight(proj: nn.Module) -> torch.Tensor:
+    return proj.base_layer.weight if hasattr(proj, "base_layer") else proj.weight
+
+
+def _head_params(block: AttentionBlock, head: int) -> torch.Tensor:
+    d = block.head_dim
+    q = _weight(block.module.q_proj)[head * d:(head + 1) * d]
+    o = _weight(block.module.o_proj)[:, head * d:(head + 1) * d]
+    return torch.cat([q.reshape(-1), o.reshape(-1)]).detach().float()
+
+
+def head_scores(base: nn.Module, tuned: nn.Module, metric: str = "wasserstein") -> torch.Tensor:
+    """How much each head moved between ``base`` and ``tuned``: ``(num_layers, num_heads)``.
+
+    Raises:
+        ValueError: unknown metric, or models with different attention layouts.
+    """
+    if metric not in ("wasserstein", "l2"):
+        raise ValueError(f"metric must be 'wasserstein' or 'l2', got {metric!r}")
+    a, b = attention_blocks(base), attention_blocks(tuned)
+    if [(x.num_heads, x.head_dim) for x in a] != [(x.num_heads, x.head_dim) for x in b]:
+        raise ValueError("base and tuned models have different attention layouts")
+    scores = torch.zeros(len(a), a[0].num_heads)
+    for i, (x, y) in enumerate(zip(a, b)):
+        for h in range(x.num_heads):
+            p, q = _head_params(x, h), _head_params(y, h)
+            if metric == "wasserstein":
+                scores[i, h] = (p.sort().values - q.sort().values).abs().mean()
+            else:
+                scores[i, h] = (q - p).norm() / p.norm().clamp_min(1e-12)
+    return scores
+
+
+def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, int]]:
+    """The ``⌈fraction · #heads⌉`` highest-scoring ``(layer, head)`` pairs, best first."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    k = max(1, int(torch.tensor(fraction * scores.numel()).ceil().item()))
+    flat = scores.flatten().topk(k).indices.tolist()
+    return [(i // scores.shape[1], i % scores.shape[1]) for i in flat]
+
+
+def select_heads(
+    model: nn.Module,
+    data: Iterable[dict],
+    fraction: float = 0.1,
+    steps: int = 20,
+    lr: float = 1e-4,
+    metric: str = "wasserstein",
+) -> list[tuple[int, int]]:
+    """Probe-fine-tune the attention projections of a copy of ``model`` and return the top heads.
+
+    Args:
+        model: an HF causal LM (its ``forward(**batch)`` returns ``.loss``); not modified.
+        data: batches (dicts with ``input_ids``, ``labels``, ...); up to ``steps`` are used.
+        fraction: share of heads to keep (ALPS: 0.1).
+        steps / lr: length and Adam learning rate of the probe.
+        metric: see :func:`head_scores`.
+    Returns:
+        ``[(layer_index, head_index), ...]`` best first.
+    Raises:
+        ValueError: bad fraction/steps, empty data, or batches without a loss.
+    """
+    if not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    probe = copy.deepcopy(model).train()
+    params = _attention_parameters(probe)
+    for p in probe.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    used = 0
+    for batch in itertools.islice(data, steps):
+        out = probe(**batch)
+        if getattr(out, "loss", None) is None:
+            raise ValueError("the model returned no loss: batches must carry labels")
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        used += 1
+    if not used:
+        raise ValueError("data yielded no batches")
+    return top_heads(head_scores(model, probe, metric), fraction)
+
+
+def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [_weight(getattr(b.module, p)) for b in attention_blocks(model) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+
+def _row_mask(n_rows: int, heads: set[int], d: int, device) -> torch.Tensor:
+    mask = torch.zeros(n_rows, 1, device=device)
+    for h in heads:
+        mask[h * d:(h + 1) * d] = 1.0
+    return mask
+
+
+def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Train only the selected heads: freeze the rest of the model, mask the other heads' gradients.
+
+    Query/output slices of a selected head train; key/value rows train for every KV group that
+    holds a selected head (GQA). Returns the hook handles (``h.remove()`` to lift the masks).
+
+    Raises:
+        ValueError: a ``(layer, head)`` outside the model.
+    """
+    blocks = attention_blocks(model)
+    chosen: dict[int, set[int]] = {}
+    for layer, head in heads:
+        if not (0 <= layer < len(blocks) and 0 <= head < blocks[layer].num_heads):
+            raise ValueError(f"head ({layer}, {head}) is outside the model ({len(blocks)} layers × {blocks[0].num_heads} heads)")
+        chosen.setdefault(layer, set()).add(head)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for i, b in enumerate(blocks):
+        sel = chosen.get(i, set())
+        group = b.num_heads // b.num_kv_heads
+        kv_sel = {h // group for h in sel}
+        for proj, selected, transpose in (("q_proj", sel, False), ("k_proj", kv_sel, False), ("v_proj", kv_sel, False), ("o_proj", sel, True)):
+            w = _weight(getattr(b.module, proj))
+            if not selected:
+                continue
+            w.requires_grad_(True)
+            n = w.shape[1] if transpose else w.shape[0]
+            mask = _row_mask(n, selected, b.head_dim, w.device).to(w.dtype)
+            mask = mask.T if transpose else mask
+            handles.append(w.register_hook(lambda g, m=mask: g * m))
+    return handles
+
+
+def selected_parameter_count(model: nn.Module, heads: Iterable[tuple[int, int]]) -> int:
+    """Trainable numbers under :func:`restrict_to_heads`: ``Σ_sel 2·d·hidden + Σ_kv-groups 2·d·hidden``."""
+    blocks = attention_blocks(model)
+    heads = list(heads)
+    total = 0
+    for i, b in enumerate(blocks):
+        sel = {h for l, h in heads if l == i}
+        group = b.num_heads // b.num_kv_heads
+        hidden = _weight(b.module.q_proj).shape[1]
+        total += 2 * b.head_dim * hidden * (len(sel) + len({h // group for h in sel}))
+    return total
