@@ -53,7 +53,11 @@ __all__ = ["nf4_matmul", "nf4_matmul_t", "LARGE_M", "SMALL_M"]
 
 SMALL_M = 16
 # Row count from which dequantize + cuBLAS beats the fused kernel (measured on H100, see module doc).
-LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "128"))
+# The fused tl.dot kernels run for SMALL_M < M < LARGE_M (backward: M < LARGE_M).  Default 0 = never:
+# measured on an H100 (benchmarks/nf4.py, 4096x4096, bf16) they lose to Triton dequant + cuBLAS at every
+# M from 16 to 4096 (M=32: 0.65 ms vs 0.033 ms; M=4096: 6.9 ms vs 0.19 ms) -- the register-dequantized
+# tile has to be re-laid-out for the tensor cores, and that costs more than writing and re-reading it.
+LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
 # M == 1 takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0).
 USE_GEMV = os.environ.get("ALIGNLAB_NF4_GEMV", "1") != "0"
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
@@ -215,48 +219,56 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv_kernel(
-        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, bias_ptr, y_ptr,
-        N, K,
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, lut_ptr, code2_ptr, y_ptr,
+        M, N, K, stride_xm, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        """y[N] = W[N, K] x[K] for one row x, with K % BLOCKSIZE == 0 and BLOCK_K % BLOCKSIZE == 0.
+        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M <= 16, K % BLOCKSIZE == 0; no tensor cores.
 
-        No tensor cores and no nibble interleaving: x is read as its even and odd
-        halves, which multiply the high and low nibbles.  Because the scale is constant
-        over a block, products are summed per block first and scaled once:
-        sum_i q_i s_b x_i = s_b sum_i q_i x_i  (and + tau_b sum_i x_i with ICQ).
+        Each step reads one quantization block of BLOCK_N rows, ``(BLOCK_N, BLOCKSIZE / 2)``
+        bytes.  A 256-entry table maps a byte to both of its levels at once (one
+        load per byte), x is read as its even / odd halves (no nibble interleave),
+        and since the scale is constant over a block it multiplies the block's
+        partial sums once:  sum_i q_i s_b x_i = s_b sum_i q_i x_i  (+ tau_b sum_i x_i).
+        With ``SPLIT > 1`` programs also split K and add into fp32 ``y`` atomically.
         """
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rows = rn[:, None].to(tl.int64)
+        rows = rn.to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        jj = tl.arange(0, HB)
         half_k = K // 2
-        jb = tl.arange(0, BLOCK_K // 2)
         nb_row = K // BLOCKSIZE
-        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
-        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kb = k0 // 2 + jb
-            kmask = kb < half_k
-            xe = tl.load(x_ptr + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
-            byte = tl.load(data_ptr + rows * half_k + kb[None, :], mask=nmask[:, None] & kmask[None, :],
-                           other=0).to(tl.int32)
-            prod = tl.load(code_ptr + (byte >> 4)) * xe[None, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :]
-            part = tl.sum(tl.reshape(prod, (BLOCK_N, NB, BLOCKSIZE // 2)), axis=2)
-            rb = k0 // BLOCKSIZE + tl.arange(0, NB)
-            bmask = nmask[:, None] & (rb[None, :] < nb_row)
-            bidx = rows * nb_row + rb[None, :]
-            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, bmask, DOUBLE, NESTED_BS)
-            acc += part * s
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        for k0 in range(k_start, k_end, BLOCKSIZE):
+            kb = k0 // 2 + jj
+            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :], mask=nmask[:, None], other=0)
+            pair = tl.load(lut_ptr + byte.to(tl.int32))
+            lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+            hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            xe = tl.load(x_rows + 2 * kb[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_rows + 2 * kb[None, :] + 1, mask=mmask[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(hi[None, :, :] * xe[:, None, :] + lo[None, :, :] * xo[:, None, :], axis=2)
+            bidx = rows * nb_row + k0 // BLOCKSIZE
+            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nmask, DOUBLE, NESTED_BS)
+            acc += part * s[None, :]
             if HAS_SHIFT:
-                xs = tl.sum(tl.reshape(xe + xo, (NB, BLOCKSIZE // 2)), axis=1)
-                acc += tl.load(shift_ptr + bidx, mask=bmask, other=0.0) * xs[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+                tau = tl.load(shift_ptr + bidx, mask=nmask, other=0.0)
+                acc += tl.sum(xe + xo, axis=1)[:, None] * tau[None, :]
+        dst = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        omask = mmask[:, None] & nmask[None, :]
+        if SPLIT > 1:
+            tl.atomic_add(dst, acc, mask=omask)
+        else:
+            tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
     def _nf4_dequant_tile_kernel(
@@ -278,11 +290,54 @@ if triton is not None:
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
 
     _gemv_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                 for bn, bk, w, st in [(4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 3),
-                                       (4, 1024, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (2, 1024, 4, 4)]],
-        key=["N", "K", "BLOCKSIZE", "DOUBLE"],
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                 for bn, w, st in [(16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3), (32, 2, 5),
+                                   (128, 4, 4), (256, 8, 3)]],
+        key=["N", "K", "BLOCK_M", "BLOCKSIZE", "DOUBLE", "SPLIT"],
+        reset_to_zero=["y_ptr"],
     )(_nf4_gemv_kernel)
+
+_PAIR_LUTS: dict = {}
+
+
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    """int64 table: byte b -> (bits of q[b >> 4]) << 32 | (bits of q[b & 15])."""
+    if device not in _PAIR_LUTS:
+        bits = nf4_code(device).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256, device=device)
+        _PAIR_LUTS[device] = (bits[b >> 4] << 32) | bits[b & 15]
+    return _PAIR_LUTS[device]
+
+
+def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Small-M path (M <= 16, K % blocksize == 0)."""
+    M, K = x2.shape
+    N = t.shape[0]
+    nb_row = K // t.blocksize
+    block_m = max(1, triton.next_power_of_2(M))
+    # enough programs to fill the GPU: split K when the output rows alone give too few
+    if interpreting():
+        split = 2 if nb_row >= 2 else 1
+    else:
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        split = max(1, min(nb_row // 4, -(-4 * sms // triton.cdiv(N, 64))))
+    blocks_per = -(-nb_row // split)
+    split = -(-nb_row // blocks_per)
+    acc_dtype = torch.float32 if split > 1 else x2.dtype
+    y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
+    st = _state_args(t)
+    args = (x2, st[0], st[1], st[2], st[3], st[4], _pair_lut(x2.device), st[6], y, M, N, K, x2.stride(0),
+            blocks_per * t.blocksize)
+    meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+                HAS_SHIFT=t.shift is not None, BLOCK_M=block_m, SPLIT=split)
+    if interpreting():
+        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16)
+    else:
+        _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]), split)](*args, **meta)
+    if bias is not None:
+        y = y + bias
+    return y.to(x2.dtype)
+
 
 
 def _state_args(t: NF4Tensor):
@@ -341,26 +396,19 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     if not (triton is not None and use_triton(x2, t.data)):
         w = nf4_dequantize(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    if M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and x2.is_cuda:
+    if M > SMALL_M and M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and x2.is_cuda:
         y = _pipelined(x2.contiguous(), t, PIPELINE_CHUNKS, transpose=True)
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
+    if M <= SMALL_M and K % t.blocksize == 0 and USE_GEMV:
+        return _gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 1 and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
-        gargs = (x2, *_state_args(t), bias if bias is not None else y, y, N, K)
-        gmeta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                     HAS_SHIFT=t.shift is not None, HAS_BIAS=bias is not None)
-        if interpreting():
-            _nf4_gemv_kernel[(triton.cdiv(N, 4),)](*gargs, **gmeta, BLOCK_N=4, BLOCK_K=max(64, t.blocksize))
-        else:
-            _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*gargs, **gmeta)
-        return y.reshape(*lead, N)
     args = (x2, *_state_args(t), bias if bias is not None else y, y, M, N, K, x2.stride(0), y.stride(0),
             _m_bucket(M))
     meta = dict(_meta(t, x.dtype), HAS_BIAS=bias is not None)
@@ -392,7 +440,7 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         return dy.new_empty(*lead, K)
     if not (triton is not None and use_triton(d2, t.data)):
         return dy @ nf4_dequantize(t, dy.dtype)
-    if M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and d2.is_cuda:
+    if M > SMALL_M and M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and d2.is_cuda:
         return _pipelined(d2.contiguous(), t, PIPELINE_CHUNKS, transpose=False).reshape(*lead, K)
     if K % 2 or M >= LARGE_M:
         return dy @ nf4_dequant(t, dy.dtype)

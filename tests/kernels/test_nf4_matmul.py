@@ -27,12 +27,18 @@ def _case(N, K, M, dtype, double_quant=True, blocksize=32, seed=0, device="cpu",
 
 
 # (N, K, M): odd N, K not a multiple of the tile, M=1, M between tiles, M past LARGE_M (dequant path)
-SHAPES = [(40, 64, 1), (37, 128, 1), (33, 70, 5), (17, 96, 16), (24, 62, 20), (9, 34, 3), (8, 64, 130)]
+SHAPES = [(40, 64, 1), (37, 128, 1), (33, 70, 5), (17, 96, 16), (24, 64, 7), (24, 62, 20), (9, 34, 3),
+          (8, 64, 130)]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,K,M", SHAPES)
-def test_matmul_interpreter(N, K, M, dtype, triton_mode):
+def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
+    """Default dispatch (GEMV kernel for M <= 16, else dequant + matmul) and the fused tl.dot kernels."""
+    if fused:
+        monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
+        monkeypatch.setattr(mm, "USE_GEMV", False)
     t, x, dy, b, wd = _case(N, K, M, dtype, double_quant=(N % 2 == 0))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     y = nf4_matmul(x, t, b)
@@ -43,7 +49,11 @@ def test_matmul_interpreter(N, K, M, dtype, triton_mode):
     assert _rel(dx, dy.double() @ wd) < tol
 
 
-def test_matmul_interpreter_odd_k_icq_and_batch_dims(triton_mode):
+@pytest.mark.parametrize("fused", [False, True])
+def test_matmul_interpreter_odd_k_icq_and_batch_dims(fused, triton_mode, monkeypatch):
+    if fused:
+        monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
+        monkeypatch.setattr(mm, "USE_GEMV", False)
     t, x, dy, b, wd = _case(12, 33, 4, torch.float32, icq=True)
     y = nf4_matmul(x.reshape(2, 2, 33), t)
     assert y.shape == (2, 2, 12)
