@@ -3,6 +3,38 @@
 Take the piece you need: adapters (LoRA, DoRA, ...), NF4 quantization (QLoRA),
 preference / RL / distillation losses, merge functions. Every piece is a plain
 ``torch.nn.Module`` or a function on tensors.
+
+The subpackages are the API (``alignlab.adapters``, ``alignlab.quant``,
+``alignlab.losses``, ``alignlab.merging``, ``alignlab.context``, ``alignlab.data``,
+``alignlab.eval``, ``alignlab.decoding``, ``alignlab.bench``); the most used
+names are also re-exported here. Subpackages load on first access, so
+``import alignlab`` stays cheap.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_SUBPACKAGES = ("adapters", "bench", "context", "data", "decoding", "eval", "kernels", "losses", "merging", "quant")
+_EXPORTS = {
+    "LoRAConfig": "adapters", "LoRALinear": "adapters", "DoRALinear": "adapters", "inject": "adapters",
+    "disabled": "adapters", "merge": "adapters", "unmerge": "adapters", "merge_and_unload": "adapters",
+    "save_adapter": "adapters", "load_adapter": "adapters", "count_parameters": "adapters",
+    "linear_cross_entropy": "losses", "linear_logprobs": "losses", "sequence_logprobs": "losses",
+    "dpo_loss": "losses", "fused_linear_dpo": "losses", "fused_linear_distill_loss": "losses",
+    "measure": "bench", "compare": "bench",
+}
+
+__all__ = ["__version__", *_SUBPACKAGES, *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"alignlab.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"alignlab.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'alignlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

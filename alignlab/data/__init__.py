@@ -1,4 +1,4 @@
-"""alignlab.data: SFT formatting and packing, preference pairs, token cleaning.
+"""alignlab.data: SFT formatting and packing, preference pairs, token cleaning, replay mixing.
 
 Plain functions over Python iterables and lists of token ids; ``transformers``
 is only needed for the chat template (the user's tokenizer).
@@ -25,6 +25,7 @@ from alignlab.data.pairs import (
     spin_pairs,
     tokenize_preference,
 )
+from alignlab.data.replay import ReplayBatchSampler, ReplayMixer, replay_counts
 from alignlab.data.sft import (
     IGNORE_INDEX,
     SequenceTooLongError,
@@ -42,6 +43,9 @@ from alignlab.data.token_cleaning import (
 )
 
 __all__ = [
+    "ReplayBatchSampler",
+    "ReplayMixer",
+    "replay_counts",
     "IGNORE_INDEX",
     "PackedExample",
     "PreferencePair",

@@ -1,0 +1,45 @@
+"""The package surface: version, re-exports, and the rule that peers are test oracles only."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import alignlab
+
+PKG = Path(alignlab.__file__).parent
+ORACLES = {"peft", "bitsandbytes", "trl", "mergekit", "liger_kernel"}
+
+
+def test_version_matches_metadata():
+    from importlib.metadata import version
+
+    assert alignlab.__version__ == version("alignlab")
+
+
+def test_every_export_resolves():
+    for name in alignlab.__all__:
+        assert getattr(alignlab, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        alignlab.nope
+
+
+def test_library_never_imports_test_oracles():
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.relative_to(PKG)}: {n}" for n in names if n.split(".")[0] in ORACLES]
+    assert not offenders, offenders
+
+
+def test_import_is_cheap():
+    code = "import sys, alignlab; print(any(m.startswith(('transformers', 'peft', 'trl')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
