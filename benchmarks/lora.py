@@ -8,9 +8,10 @@ no adapter: one forward GEMM and one dX GEMM.
 Two adapter precisions: bf16 adapters (PEFT with ``autocast_adapter_dtype=False``)
 and fp32 adapters on the bf16 base (both libraries' default).
 
-Run: ``python benchmarks/lora.py`` on a CUDA machine (writes benchmarks/results/lora.json).
+Run: ``python benchmarks/lora.py [--out PATH]`` on a CUDA machine (default benchmarks/results/lora.json).
 """
 
+import argparse
 import copy
 import json
 import sys
@@ -40,7 +41,7 @@ def _randomise(layer):
                 p.normal_(0, 0.02)
 
 
-def main(tokens=8192, features=4096, r=16):
+def main(out: Path, tokens=8192, features=4096, r=16):
     if not torch.cuda.is_available():
         sys.exit("benchmarks/lora.py needs a CUDA GPU")
     import peft
@@ -77,12 +78,13 @@ def main(tokens=8192, features=4096, r=16):
         print(cmp.table())
         print(cmp.markdown())
         results.append(cmp.to_dict())
-    out = Path(__file__).parent / "results" / "lora.json"
-    out.parent.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"versions": library_versions(), "results": results}, indent=2, default=str))
     tmp.replace(out)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
+    main(parser.parse_args().out)
