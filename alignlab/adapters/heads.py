@@ -20,6 +20,8 @@ untouched) and returns the top ``fraction`` of heads; :func:`restrict_to_heads`
 freezes everything except the attention projections and masks the gradient rows
 (``W_q``, ``W_k``, ``W_v``) and columns (``W_o``) of the unselected heads.
 This is not an adapter: the selected slices of the base weights are trained in place.
+Use an optimizer without decoupled weight decay on these matrices (``weight_decay=0``):
+decay would still shrink the masked slices. Adam/SGD leave zero-gradient entries unchanged.
 """
 
 from __future__ import annotations
