@@ -38,7 +38,7 @@ import os
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.kernels.nf4_dequant import nf4_dequant, nf4_pair_lut
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -297,18 +297,6 @@ if triton is not None:
         reset_to_zero=["y_ptr"],
     )(_nf4_gemv_kernel)
 
-_PAIR_LUTS: dict = {}
-
-
-def _pair_lut(device: torch.device) -> torch.Tensor:
-    """int64 table: byte b -> (bits of q[b >> 4]) << 32 | (bits of q[b & 15])."""
-    if device not in _PAIR_LUTS:
-        bits = nf4_code(device).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        b = torch.arange(256, device=device)
-        _PAIR_LUTS[device] = (bits[b >> 4] << 32) | bits[b & 15]
-    return _PAIR_LUTS[device]
-
-
 def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Small-M path (M <= 16, K % blocksize == 0)."""
     M, K = x2.shape
@@ -326,7 +314,7 @@ def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Te
     acc_dtype = torch.float32 if split > 1 else x2.dtype
     y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
     st = _state_args(t)
-    args = (x2, st[0], st[1], st[2], st[3], st[4], _pair_lut(x2.device), st[6], y, M, N, K, x2.stride(0),
+    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, M, N, K, x2.stride(0),
             blocks_per * t.blocksize)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, BLOCK_M=block_m, SPLIT=split)
