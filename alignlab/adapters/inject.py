@@ -45,6 +45,8 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
+        if isinstance(module, AdapterLayer) and not _is_linear_leaf(module.base_layer):
+            continue  # a block-level wrapper (bottleneck adapter, soft prompt): its linears stay targetable
         if isinstance(module, (AdapterLayer, SavedModule)):
             inside.append(name)
             if isinstance(module, AdapterLayer):
@@ -342,6 +344,9 @@ def add_weighted_adapter(
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists")
+    if not all(isinstance(configs[a], LoRAConfig) for a in adapters):
+        kinds = sorted({type(configs[a]).__name__ for a in adapters})
+        raise ValueError(f"add_weighted_adapter combines LoRA adapters; got {kinds}")
     if any(getattr(configs[a], "use_dora", False) for a in adapters):
         raise ValueError("weighted combination is defined for plain LoRA adapters, not DoRA")
     if combination == "svd" and (rank is None or rank <= 0):

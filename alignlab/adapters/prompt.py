@@ -275,6 +275,19 @@ class PromptTuningConfig:
         if self.init_token_ids is not None and (not self.init_token_ids or not all(isinstance(t, int) for t in self.init_token_ids)):
             raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
 
+    @classmethod
+    def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **kwargs) -> "PromptTuningConfig":
+        """Initialise the prompt from the embeddings of ``text`` (Lester et al.'s class-label / text init).
+
+        ``tokenizer`` is any callable returning ``{"input_ids": [...]}`` (e.g. an HF tokenizer);
+        special tokens are not added. Raises ``ValueError`` if ``text`` tokenizes to nothing.
+        """
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if not ids:
+            raise ValueError(f"text {text!r} produced no tokens")
+        return cls(num_virtual_tokens=num_virtual_tokens, init_token_ids=ids, **kwargs)
+
     def find_targets(self, model: nn.Module) -> list[str]:
         return [_input_embedding_name(model, self.embedding_module)]
 

@@ -128,3 +128,21 @@ def test_config_errors():
     model = inject(make_tiny_llama(), BottleneckConfig(placement="pfeiffer"), "a")
     with pytest.raises(ValueError, match="no block holds"):
         inject(model, AdapterFusionConfig(adapters=["a", "zzz"]), "f")
+
+
+def test_lora_inside_a_bottleneck_wrapped_block():
+    """Block-level wrappers leave their linears targetable: Houlsby adapters + LoRA on q/v together."""
+    from alignlab.adapters import LoRAConfig, LoRALinear, add_weighted_adapter
+
+    base = make_tiny_llama()
+    ref = base(IDS).logits
+    model = inject(base, BottleneckConfig(reduction_factor=4, placement="houlsby"), "ad")
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), "lo")
+    lora = [n for n, l in adapter_layers(model) if isinstance(l, LoRALinear)]
+    assert len(lora) == 4 and all(".self_attn.base_layer." in n for n in lora)
+    set_adapter(model, ["ad", "lo"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A.lo" in n for n in trainable) and any("adapter_down.ad" in n for n in trainable)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)  # both start as the identity
+    with pytest.raises(ValueError, match="combines LoRA adapters"):
+        add_weighted_adapter(model, ["ad", "lo"], [1.0, 1.0], "mix")

@@ -104,3 +104,17 @@ def test_config_errors():
         inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, init_token_ids=[500]))
     with pytest.raises(ValueError, match="embedding_module"):
         inject(make_tiny_llama(), PromptTuningConfig(embedding_module="model.nope"))
+
+
+def test_init_from_text_with_a_tokenizer():
+    def tokenizer(text, add_special_tokens=True):  # a stand-in with the HF call signature
+        assert add_special_tokens is False
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    cfg = PromptTuningConfig.from_text("abc", tokenizer, num_virtual_tokens=4)
+    assert cfg.init_token_ids == [97, 98, 99]
+    model = inject(make_tiny_llama(), cfg)
+    holder = model.get_input_embeddings()
+    torch.testing.assert_close(holder.prompt_embeddings["default"], holder.base_layer.weight[[97, 98, 99, 97]])
+    with pytest.raises(ValueError, match="no tokens"):
+        PromptTuningConfig.from_text("", tokenizer)
