@@ -26,10 +26,11 @@ Both live on a wrapper of the input embedding (:class:`SoftPromptEmbedding`, an
 :class:`AdapterLayer`, so ``disabled()``/``set_adapter``/trainable marking work) and a
 forward pre-hook on the model that rewrites the call's ``input_ids``/
 ``inputs_embeds``/``attention_mask``/``labels``/``past_key_values``. Several active
-adapters are concatenated. Soft prompts cannot be merged. Intended for training
-and scoring calls (``model(input_ids=..., attention_mask=..., labels=...)``);
-calls that already carry a non-empty KV cache (incremental decoding) are passed
-through unchanged.
+adapters are concatenated. Soft prompts cannot be merged. Training/scoring calls
+(``model(input_ids=..., attention_mask=..., labels=...)``) and HF ``generate()``
+work: a call with a non-empty KV cache (incremental decoding) already holds the
+virtual tokens, so only its attention mask and positions are shifted past them.
+Pass everything but ``input_ids`` by keyword.
 """
 
 from __future__ import annotations
@@ -159,14 +160,17 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     prompt, prefixes = holder.prompt(), holder.prefix()
     if prompt is None and not prefixes:
         return None
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-        return None  # incremental decoding: the prompt is already in the cache
     kwargs = dict(kwargs)
     if args:
         if len(args) > 1:
             raise ValueError("soft prompts: pass everything but input_ids as keyword arguments")
         kwargs["input_ids"] = args[0]
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        # incremental decoding: the virtual tokens are already in the cache; the caller's mask and
+        # positions count only real tokens, so shift them past the virtual ones
+        n = (0 if prompt is None else prompt.shape[0]) + sum(p.n for p in prefixes)
+        return (), _shift_for_virtual(kwargs, n, n)
     ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
@@ -174,28 +178,39 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
             raise ValueError("soft prompts need input_ids or inputs_embeds")
         embeds = holder.base_layer(ids)
     batch, device = embeds.shape[0], embeds.device
-    n = 0
+    n_prompt = 0 if prompt is None else prompt.shape[0]
+    n_prefix = sum(p.n for p in prefixes)
     if prompt is not None:
-        n = prompt.shape[0]
         embeds = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
         if kwargs.get("labels") is not None:
             labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"]
-            kwargs["position_ids"] = torch.cat([torch.arange(n, device=device).expand(pos.shape[0], -1), pos + n], dim=1)
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
+        for key in ("position_ids", "cache_position"):  # the virtual tokens take positions 0..n-1
+            if kwargs.get(key) is not None:
+                pos = kwargs[key]
+                head = torch.arange(n_prompt, device=device, dtype=pos.dtype)
+                kwargs[key] = torch.cat([head.expand(*pos.shape[:-1], -1), pos + n_prompt], dim=-1)
     if prefixes:
         kwargs["past_key_values"] = _prefix_cache(model, prefixes, batch, embeds.dtype)
-        n_prefix = sum(p.n for p in prefixes)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + n_prefix
-        n += n_prefix
+        for key in ("position_ids", "cache_position"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key] + n_prefix
     mask = kwargs.get("attention_mask")
     if mask is not None:
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n_prompt + n_prefix), mask], dim=1)
     kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = embeds
     return (), kwargs
+
+
+def _shift_for_virtual(kwargs: dict, n_mask: int, n_pos: int) -> dict:
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n_mask), mask], dim=1)
+    for key in ("position_ids", "cache_position"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key] + n_pos
+    return kwargs
 
 
 def _kv_layout(model: nn.Module) -> tuple[int, int, int]:

@@ -118,3 +118,22 @@ def test_init_from_text_with_a_tokenizer():
     torch.testing.assert_close(holder.prompt_embeddings["default"], holder.base_layer.weight[[97, 98, 99, 97]])
     with pytest.raises(ValueError, match="no tokens"):
         PromptTuningConfig.from_text("", tokenizer)
+
+
+@pytest.mark.parametrize("cfg", [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3, init_std=0.5)])
+def test_generate_with_cache_equals_full_recompute(cfg):
+    """HF generate (incremental, KV cache) scores equal a no-cache recompute of the whole sequence each step."""
+    model = inject(make_tiny_llama(), cfg)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    seq, msk = ids, mask
+    for step in range(4):
+        pos = (msk.cumsum(-1) - 1).clamp_min(0)  # generate's positions for left-padded rows
+        logits = model(input_ids=seq, attention_mask=msk, position_ids=pos).logits[:, -1]
+        torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
+        nxt = logits.argmax(-1, keepdim=True)
+        seq, msk = torch.cat([seq, nxt], 1), torch.cat([msk, torch.ones_like(nxt)], 1)
+    assert torch.equal(out.sequences, seq)
