@@ -19,6 +19,7 @@ PEFT has no BitFit; files use ``peft_type = "ALIGNLAB_BITFIT"`` (versioned).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,11 @@ class BitFitLayer(AdapterLayer):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if self.merged:
             raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
-        ref = next(iter(self.base_layer.parameters()), None)
+        # a quantized base may hold only buffers (packed uint8 weights): take the device from either
+        ref = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
         device = ref.device if ref is not None else None
-        dtype = torch.float32 if ref is None or ref.dtype in (torch.float16, torch.bfloat16, torch.uint8) else ref.dtype
+        floating = ref is not None and ref.dtype in (torch.float32, torch.float64)
+        dtype = ref.dtype if floating and not is_quantized(self.base_layer) else torch.float32
         self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.size, device=device, dtype=dtype))
 
     def delete_adapter(self, name: str) -> None:

@@ -8,6 +8,7 @@ from conftest import make_tiny_llama
 
 from alignlab.adapters import (
     AdaLoRALinear,
+    BitFitConfig,
     BitFitLayer,
     IA3Config,
     IA3Linear,
@@ -97,3 +98,22 @@ def test_bf16_model_merge_roundtrip(cfg):
     torch.testing.assert_close(model(IDS).logits.float(), y, rtol=5e-2, atol=5e-2)
     unmerge(model)
     torch.testing.assert_close(model(IDS).logits.float(), y, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("cfg", [IA3Config(), VeRAConfig(r=8, target_modules=["q_proj", "down_proj"]),
+                                 LoKrConfig(r=2, target_modules=["q_proj", "down_proj"]), SoRAConfig(r=2, target_modules=["v_proj"]),
+                                 BitFitConfig(target_modules=["o_proj"])])
+def test_on_an_nf4_quantized_base(cfg, torch_mode):
+    """QLoRA-style: the families wrap NF4Linear leaves; identity at init, gradients reach only the adapters."""
+    from alignlab.quant import NF4Linear, quantize_model
+
+    base = quantize_model(make_tiny_llama(), blocksize=32, compute_dtype=torch.float32)
+    ref = base(IDS).logits
+    model = inject(base, cfg)
+    layers = [l for _, l in adapter_layers(model)]
+    assert layers and all(isinstance(l.base_layer, NF4Linear) for l in layers)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)
+    model(IDS).logits.square().mean().backward()
+    grads = [p.grad for l in layers for n, p in l.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert all(p.dtype == torch.float32 for l in layers for n, p in l.named_parameters() if p.requires_grad)
