@@ -93,6 +93,19 @@ def nf4_pair_lut(device: torch.device) -> torch.Tensor:
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
+_PAIR_LUTS: dict = {}
+
+
+def nf4_pair_lut(device: torch.device) -> torch.Tensor:
+    """int64 table ``(256,)``: byte ``b`` -> ``(bits of q[b >> 4]) << 32 | (bits of q[b & 15])``."""
+    device = torch.device(device)
+    if device not in _PAIR_LUTS:
+        bits = nf4_code(device).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256, device=device)
+        _PAIR_LUTS[device] = (bits[b >> 4] << 32) | bits[b & 15]
+    return _PAIR_LUTS[device]
+
+
 def _launch_dequant(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, nbytes = t.numel, t.data.numel()
     dev = t.device

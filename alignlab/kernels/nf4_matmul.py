@@ -220,51 +220,62 @@ if triton is not None:
     @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, lut_ptr, code2_ptr, y_ptr,
-        M, N, K, stride_xm, k_per_split,
+        N, K, stride_xm, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        M: tl.constexpr, BLOCK_MP: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M <= 16, K % BLOCKSIZE == 0; no tensor cores.
+        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= 16, K % BLOCKSIZE == 0, BLOCK_K % BLOCKSIZE == 0.
 
-        Each step reads one quantization block of BLOCK_N rows, ``(BLOCK_N, BLOCKSIZE / 2)``
-        bytes.  A 256-entry table maps a byte to both of its levels at once (one
-        load per byte), x is read as its even / odd halves (no nibble interleave),
-        and since the scale is constant over a block it multiplies the block's
-        partial sums once:  sum_i q_i s_b x_i = s_b sum_i q_i x_i  (+ tau_b sum_i x_i).
+        No tensor cores.  Each step reads a ``(BLOCK_N, BLOCK_K / 2)`` tile of bytes (large,
+        because loops without ``tl.dot`` are not software-pipelined: the bytes in flight
+        are the tile).  A 256-entry table maps a byte to both of its levels in one load,
+        x is read as its even / odd halves (no nibble interleave), and the block scale
+        multiplies per-block partial sums:  sum_i q_i s_b x_i = s_b sum_i q_i x_i
+        (+ tau_b sum_i x_i).  The dequantized tile is reused for all M rows of x.
         With ``SPLIT > 1`` programs also split K and add into fp32 ``y`` atomically.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         HB: tl.constexpr = BLOCKSIZE // 2
+        NBLK: tl.constexpr = BLOCK_K // BLOCKSIZE
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         rows = rn.to(tl.int64)
-        rm = tl.arange(0, BLOCK_M)
-        mmask = rm < M
-        jj = tl.arange(0, HB)
+        rmp = tl.arange(0, BLOCK_MP)
+        jj = tl.arange(0, BLOCK_K // 2)
+        jb = tl.arange(0, NBLK)
         half_k = K // 2
         nb_row = K // BLOCKSIZE
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_MP, BLOCK_N), dtype=tl.float32)
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-        for k0 in range(k_start, k_end, BLOCKSIZE):
+        for k0 in range(k_start, k_end, BLOCK_K):
             kb = k0 // 2 + jj
-            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :], mask=nmask[:, None], other=0)
+            kmask = 2 * kb < k_end
+            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :],
+                           mask=nmask[:, None] & kmask[None, :], other=0)
             pair = tl.load(lut_ptr + byte.to(tl.int32))
             lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
             hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            xe = tl.load(x_rows + 2 * kb[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-            xo = tl.load(x_rows + 2 * kb[None, :] + 1, mask=mmask[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(hi[None, :, :] * xe[:, None, :] + lo[None, :, :] * xo[:, None, :], axis=2)
-            bidx = rows * nb_row + k0 // BLOCKSIZE
-            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nmask, DOUBLE, NESTED_BS)
-            acc += part * s[None, :]
+            rb = k0 // BLOCKSIZE + jb
+            bmask = nmask[:, None] & (rb[None, :] < k_end // BLOCKSIZE)
+            bidx = rows[:, None] * nb_row + rb[None, :]
+            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, bmask, DOUBLE, NESTED_BS)
             if HAS_SHIFT:
-                tau = tl.load(shift_ptr + bidx, mask=nmask, other=0.0)
-                acc += tl.sum(xe + xo, axis=1)[:, None] * tau[None, :]
-        dst = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        omask = mmask[:, None] & nmask[None, :]
+                tau = tl.load(shift_ptr + bidx, mask=bmask, other=0.0)
+            for m in tl.static_range(M):
+                xe = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
+                xo = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
+                prod = hi * xe[None, :] + lo * xo[None, :]
+                blk = tl.sum(tl.reshape(prod, (BLOCK_N, NBLK, HB)), axis=2) * s
+                if HAS_SHIFT:
+                    xs = tl.sum(tl.reshape(xe + xo, (NBLK, HB)), axis=1)
+                    blk += tau * xs[None, :]
+                part = tl.sum(blk, axis=1)
+                acc += tl.where(rmp[:, None] == m, part[None, :], 0.0)
+        dst = y_ptr + rmp[:, None].to(tl.int64) * N + rn[None, :]
+        omask = (rmp[:, None] < M) & nmask[None, :]
         if SPLIT > 1:
             tl.atomic_add(dst, acc, mask=omask)
         else:
@@ -290,41 +301,44 @@ if triton is not None:
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
 
     _gemv_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for bn, w, st in [(16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3), (32, 2, 5),
-                                   (128, 4, 4), (256, 8, 3)]],
-        key=["N", "K", "BLOCK_M", "BLOCKSIZE", "DOUBLE", "SPLIT"],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
+                 for bn, bk, w in [(16, 1024, 8), (32, 512, 8), (16, 512, 4), (32, 1024, 8), (64, 256, 8),
+                                   (8, 1024, 4), (64, 512, 8), (4, 1024, 4), (8, 512, 4)]],
+        key=["N", "K", "M", "BLOCKSIZE", "DOUBLE", "SPLIT"],
         reset_to_zero=["y_ptr"],
     )(_nf4_gemv_kernel)
 
+_KCHUNK = 1024  # split-K granularity: a multiple of every BLOCK_K above
+
+
 def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Small-M path (M <= 16, K % blocksize == 0)."""
+    """Small-M path (M <= 16, K % blocksize == 0, blocksize <= 256)."""
     M, K = x2.shape
     N = t.shape[0]
-    nb_row = K // t.blocksize
-    block_m = max(1, triton.next_power_of_2(M))
-    # enough programs to fill the GPU: split K when the output rows alone give too few
     if interpreting():
-        split = 2 if nb_row >= 2 else 1
+        chunk = max(64, t.blocksize)
+        split = 2 if K >= 2 * chunk else 1
     else:
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        split = max(1, min(nb_row // 4, -(-4 * sms // triton.cdiv(N, 64))))
-    blocks_per = -(-nb_row // split)
-    split = -(-nb_row // blocks_per)
+        chunk = _KCHUNK
+        # enough programs to fill the GPU twice over when the output rows alone are too few
+        split = max(1, min(triton.cdiv(K, chunk), triton.cdiv(4 * sms, triton.cdiv(N, 16))))
+    per = triton.cdiv(triton.cdiv(K, split), chunk) * chunk
+    split = triton.cdiv(K, per)
     acc_dtype = torch.float32 if split > 1 else x2.dtype
     y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
     st = _state_args(t)
-    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, M, N, K, x2.stride(0),
-            blocks_per * t.blocksize)
+    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, N, K, x2.stride(0), per)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, BLOCK_M=block_m, SPLIT=split)
+                HAS_SHIFT=t.shift is not None, M=M, BLOCK_MP=triton.next_power_of_2(M), SPLIT=split)
     if interpreting():
-        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16)
+        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16, BLOCK_K=max(64, t.blocksize))
     else:
         _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]), split)](*args, **meta)
     if bias is not None:
         y = y + bias
     return y.to(x2.dtype)
+
 
 
 
@@ -389,7 +403,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if M <= SMALL_M and K % t.blocksize == 0 and USE_GEMV:
+    if M <= SMALL_M and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
         return _gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)

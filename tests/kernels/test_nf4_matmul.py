@@ -27,7 +27,7 @@ def _case(N, K, M, dtype, double_quant=True, blocksize=32, seed=0, device="cpu",
 
 
 # (N, K, M): odd N, K not a multiple of the tile, M=1, M between tiles, M past LARGE_M (dequant path)
-SHAPES = [(40, 64, 1), (37, 128, 1), (33, 70, 5), (17, 96, 16), (24, 64, 7), (24, 62, 20), (9, 34, 3),
+SHAPES = [(40, 64, 1), (37, 128, 1), (21, 256, 2), (33, 70, 5), (17, 96, 16), (24, 64, 7), (24, 62, 20), (9, 34, 3),
           (8, 64, 130)]
 
 
