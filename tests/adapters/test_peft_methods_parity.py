@@ -94,7 +94,7 @@ def test_vera_without_saved_projection_regenerates_them(tmp_path):
     torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, **TOL)
 
 
-@pytest.mark.parametrize("method", ["ia3", "lokr"])
+@pytest.mark.parametrize("method", ["ia3", "lokr", "lokr_both", "vera", "adalora"])
 def test_gradients_match_peft(method):
     ours_cfg, theirs_cfg = METHODS[method]
     base = make_tiny_llama()
