@@ -95,6 +95,9 @@ def dora_unmerged_weight(
     return w.to(merged.dtype)
 
 
+_DM_BLOCK_ROWS = 2048
+
+
 class _DoRALinearFn(torch.autograd.Function):
     """``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`` with ``g = m / norm`` (norm constant), hand-written backward.
 
@@ -118,21 +121,29 @@ class _DoRALinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x2, weight, a, b, xa, z, g, norm = ctx.saved_tensors
         gy = gy.reshape(-1, gy.shape[-1])
-        gz = gy * g
-        gb = gz @ (b * ctx.scale)
+        gb = gy @ (b * (g[:, None] * ctx.scale))  # (N, r): gradient reaching x Aᵀ
         dx = dw = dbias = da = db = dm = None
         if ctx.needs_input_grad[0]:
-            dx = (gz @ weight).addmm_(gb, a).view(ctx.x_shape)
+            # ∂L/∂z = gy ⊙ g; fold g into whichever operand is smaller (W rows or the token rows)
+            if gy.shape[0] >= weight.shape[1]:
+                dx = gy @ (weight * g[:, None])
+            else:
+                dx = (gy * g) @ weight
+            dx = dx.addmm_(gb, a).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = gz.T @ x2
+            dw = (gy * g).T @ x2
         if ctx.needs_input_grad[2]:
             dbias = gy.sum(0)
         if ctx.needs_input_grad[3]:
             da = gb.T @ x2
         if ctx.needs_input_grad[4]:
-            db = (gz.T @ xa).mul_(ctx.scale)
+            db = (gy.T @ xa).mul_(g[:, None] * ctx.scale)
         if ctx.needs_input_grad[6]:
-            dm = ((gy * z).sum(0, dtype=torch.float32) / norm).to(ctx.m_dtype)
+            # Σ_t gy_t ⊙ z_t in row blocks: no (N, out) temporary
+            acc = torch.zeros(gy.shape[1], dtype=torch.float32, device=gy.device)
+            for start in range(0, gy.shape[0], _DM_BLOCK_ROWS):
+                acc += (gy[start:start + _DM_BLOCK_ROWS] * z[start:start + _DM_BLOCK_ROWS]).sum(0, dtype=torch.float32)
+            dm = (acc / norm).to(ctx.m_dtype)
         return dx, dw, dbias, da, db, None, dm, None
 
 

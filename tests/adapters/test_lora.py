@@ -270,12 +270,15 @@ def test_fused_lora_linear_gradcheck_all_inputs():
     torch.autograd.gradcheck(lambda x, w, a, b: lora_linear(x, w, None, a, b, 1.3), (x, w, a, b))
 
 
-def test_fused_dora_linear_matches_unfused_expression():
+@pytest.mark.parametrize("tokens", [(4, 2), (1, 3)])  # 8 rows >= in (scale W) and 3 rows < in (scale gy)
+def test_fused_dora_linear_matches_unfused_expression(tokens, monkeypatch):
+    import alignlab.adapters.dora as dora_mod
     from alignlab.adapters.dora import dora_linear
 
+    monkeypatch.setattr(dora_mod, "_DM_BLOCK_ROWS", 3)  # several blocks for dL/dm, the last one partial
     g = torch.Generator().manual_seed(1)
     make = lambda *s: torch.randn(s, dtype=torch.float64, generator=g).requires_grad_()  # noqa: E731
-    x, w, bias, a, b = make(4, 2, 7), make(5, 7), make(5), make(3, 7), make(5, 3)
+    x, w, bias, a, b = make(*tokens, 7), make(5, 7), make(5), make(3, 7), make(5, 3)
     m = (1 + 0.1 * torch.randn(5, dtype=torch.float64, generator=g)).requires_grad_()
     y = dora_linear(x, w, bias, a, b, 0.8, m)
     gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
