@@ -7,6 +7,7 @@ from alignlab.adapters.adalora import (
     SoRAConfig,
     active_ranks,
     orthogonal_regularizer,
+    prune_ranks,
     sora_proximal_step,
 )
 from alignlab.adapters.base import AdapterLayer, SavedModule
@@ -50,6 +51,6 @@ __all__ = [
     "IA3Config", "IA3Linear", "LoKrConfig", "LoKrLinear", "factorization", "VeRAConfig", "VeRALinear", "VeRAProjections",
     "BitFitConfig", "BitFitLayer", "PrefixEncoder", "PrefixTuningConfig", "PromptTuningConfig", "SoftPromptEmbedding",
     "AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "FusionLayer",
-    "AdaLoRAAllocator", "AdaLoRAConfig", "AdaLoRALinear", "SoRAConfig", "active_ranks", "orthogonal_regularizer",
+    "AdaLoRAAllocator", "AdaLoRAConfig", "AdaLoRALinear", "SoRAConfig", "active_ranks", "orthogonal_regularizer", "prune_ranks",
     "sora_proximal_step", "head_scores", "restrict_to_heads", "select_heads", "selected_parameter_count", "top_heads",
 ]

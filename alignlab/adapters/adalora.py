@@ -25,7 +25,8 @@ Both write the update in SVD-like form with a per-rank scalar::
 
       λ ← sign(λ) · max(|λ| − η·ξ, 0)
 
-  which drives gates to exactly zero and so prunes ranks (:func:`active_ranks`).
+  which drives gates to exactly zero and so prunes ranks (:func:`active_ranks`);
+  :func:`prune_ranks` then drops them from the tensors (also for AdaLoRA after allocation).
 
 Trainable parameters per layer: ``r(in + out + 1)``. Mergeable: ``ΔW = s·P diag(λ) Q``.
 """
@@ -386,21 +387,28 @@ class SoRAConfig:
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_common(self.r, self.alpha, self.dropout, self.target_modules, self.exclude_modules)
+        if not isinstance(self.rank_pattern, dict) or not all(isinstance(v, int) and v >= 0 for v in self.rank_pattern.values()):
+            raise ValueError(f"rank_pattern must map module names to ranks ≥ 0, got {self.rank_pattern!r}")
+
+    def _rank(self, name: str) -> int:
+        return self.rank_pattern.get(name, self.r)  # exact module names, written by prune_ranks
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> AdaLoRALinear:
-        return AdaLoRALinear(module, self.r, self.alpha / self.r, "sora", self.dropout, adapter_name)
+        return AdaLoRALinear(module, self._rank(name), self.alpha / self.r, "sora", self.dropout, adapter_name)
 
     def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
         if not isinstance(layer, AdaLoRALinear):
             raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a SoRA adapter to it")
-        layer.add_adapter(adapter_name, self.r, self.alpha / self.r, "sora", self.dropout)
+        layer.add_adapter(adapter_name, self._rank(name), self.alpha / self.r, "sora", self.dropout)
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, AdaLoRALinear)
-        return own_format_dict(self.peft_type, SoRAConfig(self.r, self.alpha, sorted(layers), None, self.dropout))
+        return own_format_dict(self.peft_type, SoRAConfig(self.r, self.alpha, sorted(layers), None, self.dropout,
+                                                          dict(self.rank_pattern)))
 
     @classmethod
     def from_peft(cls, raw: dict) -> "SoRAConfig":
@@ -427,3 +435,43 @@ def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_nam
 def active_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
     """``{module: number of non-zero λ}`` -- the effective rank of each AdaLoRA/SoRA layer."""
     return {n: int((l.lora_E[adapter_name] != 0).sum()) for n, l in layers_holding(model, adapter_name, AdaLoRALinear).items()}
+
+
+@torch.no_grad()
+def prune_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
+    """Drop the ranks whose ``λ`` is exactly zero, shrinking ``P``, ``λ``, ``Q``; returns the new rank per layer.
+
+    The output is unchanged (a zero ``λ_i`` contributes nothing). The stored config learns the new
+    ranks (AdaLoRA: PEFT's ``rank_pattern`` over ``init_r``; SoRA: ``rank_pattern`` of exact names), so
+    the adapter saves and reloads at its pruned size. Rebuild the optimizer afterwards.
+
+    Raises:
+        ValueError: the adapter is not AdaLoRA/SoRA, or is merged.
+    """
+    from alignlab.adapters.inject import adapter_configs, mark_only_adapters_trainable
+
+    config = adapter_configs(model).get(adapter_name)
+    if not isinstance(config, (AdaLoRAConfig, SoRAConfig)):
+        raise ValueError(f"prune_ranks needs an AdaLoRA or SoRA adapter; {adapter_name!r} is {type(config).__name__}")
+    layers = layers_holding(model, adapter_name, AdaLoRALinear)
+    merged = [n for n, l in layers.items() if adapter_name in l.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]!r}); unmerge before pruning")
+    ranks = {}
+    for name, layer in layers.items():
+        keep = layer.lora_E[adapter_name].view(-1) != 0
+        for store, rows in ((layer.lora_A, True), (layer.lora_E, True), (layer.lora_B, False)):
+            old = store[adapter_name]
+            store[adapter_name] = nn.Parameter((old[keep] if rows else old[:, keep]).clone())
+        ranks[name] = int(keep.sum())
+        if isinstance(config, AdaLoRAConfig):
+            key = f"{name}.lora_E"
+            before = (config.rank_pattern or {}).get(key, [True] * config.init_r)
+            kept = iter(keep.tolist())
+            pattern = dict(config.rank_pattern or {})
+            pattern[key] = [bool(b) and next(kept) for b in before]
+            config.rank_pattern = pattern
+        else:
+            config.rank_pattern = {**config.rank_pattern, name: ranks[name]}
+    mark_only_adapters_trainable(model)
+    return ranks

@@ -12,6 +12,7 @@ from alignlab.adapters import (
     AdaLoRAAllocator,
     AdaLoRAConfig,
     AdaLoRALinear,
+    IA3Config,
     SoRAConfig,
     active_ranks,
     adapter_layers,
@@ -154,3 +155,51 @@ def test_config_errors():
         SoRAConfig(r=0)
     with pytest.raises(ValueError, match="no AdaLoRA layers"):
         AdaLoRAAllocator(make_tiny_llama(), AdaLoRAConfig())
+
+
+def test_sora_prune_ranks_shrinks_keeps_outputs_and_roundtrips(tmp_path):
+    from alignlab.adapters import prune_ranks
+
+    model = inject(make_tiny_llama(), SoRAConfig(r=4, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for i, (_, l) in enumerate(adapter_layers(model)):
+            l.lora_B["default"].copy_(torch.randn(l.lora_B["default"].shape, generator=g))
+            l.lora_E["default"].view(-1)[: i % 4] = 0  # layers keep 4, 3, 2, 1 ranks
+    y = model(IDS).logits
+    ranks = prune_ranks(model)
+    assert sorted(ranks.values()) == [1, 2, 3, 4]
+    assert all(l.lora_A["default"].shape[0] == ranks[n] == l.lora_B["default"].shape[1] for n, l in adapter_layers(model))
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(model(IDS).logits, y)
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(fresh(IDS).logits, y)
+
+
+def test_adalora_prune_after_allocation_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from alignlab.adapters import prune_ranks
+
+    base = make_tiny_llama()
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, alpha=6, total_step=6, tinit=1, tfinal=2, target_modules=TARGETS)
+    model = inject(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for _, l in adapter_layers(model):
+            l.lora_E["default"].normal_()
+    alloc = AdaLoRAAllocator(model, cfg)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(6):
+        model(IDS).logits.square().mean().backward()
+        opt.step()
+        alloc.step(step)
+        opt.zero_grad()
+    y = model(IDS).logits
+    ranks = prune_ranks(model)
+    assert sum(ranks.values()) == 2 * 4
+    torch.testing.assert_close(model(IDS).logits, y)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(theirs(IDS).logits, y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="AdaLoRA or SoRA"):
+        prune_ranks(inject(make_tiny_llama(), IA3Config()))
