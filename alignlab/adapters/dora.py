@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 
 def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row norms ``‖W + s·B·A‖`` in fp32, shape ``(out,)``, with no dense temporary for fp32 ``W``.
+    """Row norms ``‖W + s·B·A‖`` in fp32 (fp64 for fp64 inputs), shape ``(out,)``; no dense temporary for fp32 ``W``.
 
     Args:
         weight: base weight ``(out, in)``.
@@ -35,9 +35,8 @@ def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
         b: LoRA ``B`` ``(out, r)``.
         scale: LoRA scaling ``s``.
     """
-    w = weight.float()
-    a = a.float()
-    b = b.float()
+    dt = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    w, a, b = weight.to(dt), a.to(dt), b.to(dt)
     w_sq = torch.linalg.vector_norm(w, dim=1).square()
     wa = F.linear(a, w).T  # (out, r) = W Aᵀ
     cross = (b * wa).sum(dim=1)
@@ -67,7 +66,7 @@ def dora_delta(
         ``(..., out)`` in ``x``'s dtype.
     """
     norm = dora_weight_norm(weight, a.detach(), b.detach(), scale).detach()
-    g = (magnitude.float() / norm).to(x.dtype)
+    g = (magnitude.to(norm.dtype) / norm).to(x.dtype)
     lora_out = F.linear(F.linear(x, a), b) * scale
     return (g - 1) * base_out.to(x.dtype) + g * lora_out
 
@@ -111,7 +110,7 @@ class _DoRALinearFn(torch.autograd.Function):
         xa = x2 @ a.T
         z = x2 @ weight.T
         z.addmm_(xa, b.T, alpha=scale)
-        g = (magnitude.float() / norm).to(z.dtype)
+        g = (magnitude.to(norm.dtype) / norm).to(z.dtype)
         y = z * g if bias is None else torch.addcmul(bias, z, g)
         ctx.save_for_backward(x2, weight, a, b, xa, z, g, norm)
         ctx.scale, ctx.x_shape, ctx.m_dtype = scale, x.shape, magnitude.dtype
@@ -140,9 +139,10 @@ class _DoRALinearFn(torch.autograd.Function):
             db = (gy.T @ xa).mul_(g[:, None] * ctx.scale)
         if ctx.needs_input_grad[6]:
             # Σ_t gy_t ⊙ z_t in row blocks: no (N, out) temporary
-            acc = torch.zeros(gy.shape[1], dtype=torch.float32, device=gy.device)
+            dt = torch.promote_types(gy.dtype, torch.float32)
+            acc = torch.zeros(gy.shape[1], dtype=dt, device=gy.device)
             for start in range(0, gy.shape[0], _DM_BLOCK_ROWS):
-                acc += (gy[start:start + _DM_BLOCK_ROWS] * z[start:start + _DM_BLOCK_ROWS]).sum(0, dtype=torch.float32)
+                acc += (gy[start:start + _DM_BLOCK_ROWS] * z[start:start + _DM_BLOCK_ROWS]).sum(0, dtype=dt)
             dm = (acc / norm).to(ctx.m_dtype)
         return dx, dw, dbias, da, db, None, dm, None
 
