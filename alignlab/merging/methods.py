@@ -49,6 +49,8 @@ Rescale = Literal["inverse", "l1"]
 # and dot product are reduced in the same order as mergekit's, which makes the
 # outputs bit-identical).
 _SLERP_CHUNK = 1 << 20
+# Element-wise merges (task arithmetic, TIES after its thresholds) run over chunks of this size.
+_CHUNK = 1 << 21
 
 
 # --------------------------------------------------------------------------- checks
@@ -221,19 +223,21 @@ def _combine(base, weighted, weights, consensus, normalize, lambda_) -> Tensor:
         mixed = divisor = None
         for d, w in zip(weighted, weights):
             agree = torch.where(positive, d > 0, d < 0)
-            d.mul_(agree)  # the disagreeing entries drop out of the mean
+            disagree = agree.logical_not_()
+            d.masked_fill_(disagree, 0.0)  # the disagreeing entries drop out of the mean
             if mixed is None:
-                mixed, divisor = d, agree.to(wd) * w
+                mixed, divisor = d, torch.full_like(d, w).masked_fill_(disagree, 0.0)
             else:
                 mixed += d
-                divisor.add_(agree, alpha=w)
+                divisor += torch.full_like(d, w).masked_fill_(disagree, 0.0)
             del agree
-        divisor[divisor == 0] = 1.0
+        divisor.masked_fill_(divisor == 0, 1.0)
         if normalize:
             mixed /= divisor
     if lambda_ != 1.0:
         mixed *= lambda_
-    return (base.to(wd) + mixed).to(base.dtype)
+    mixed += base  # in place, base promoted element-wise: equal to base.to(wd) + mixed
+    return mixed.to(base.dtype)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -258,13 +262,38 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * n))
     mag = delta.detach().abs().reshape(-1).float()
-    threshold = torch.kthvalue(mag, n - k + 1).values
+    threshold = _kth_largest(mag, k)
     keep = mag > threshold
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))
     if missing > 0:
         tied = (mag == threshold).nonzero().squeeze(1)
         keep[tied[:missing]] = True
     return keep.reshape(delta.shape)
+
+
+def _kth_largest(values: Tensor, k: int) -> Tensor:
+    """Exact ``k``-th largest entry of a 1-D tensor, usually without a full selection pass.
+
+    A fixed-seed sample brackets the answer between two sample quantiles; the
+    exact value is then selected among the few entries inside the bracket. If the
+    bracket misses (it has a probability far below 1e-6), fall back to ``kthvalue``
+    over everything. Either way the result is exact.
+    """
+    n = values.numel()
+    if n <= 1 << 18:
+        return torch.kthvalue(values, n - k + 1).values
+    s = 1 << 16
+    idx = torch.randint(n, (s,), generator=torch.Generator(device=values.device).manual_seed(0), device=values.device)
+    sample = values[idx].sort().values
+    q = (n - k + 0.5) / n  # where the answer sits, as an ascending fraction
+    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 32
+    lo = sample[max(0, int(q * s - margin))]
+    hi = sample[min(s - 1, int(q * s + margin))]
+    above = int(torch.count_nonzero(values > hi))
+    band = values[(values >= lo) & (values <= hi)]
+    if above < k <= above + band.numel():
+        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
@@ -323,7 +352,8 @@ def _rescale(delta: Tensor, kept: Tensor, rescale: Rescale | None, keep_prob) ->
 def _deltas(base: Tensor, models: Sequence[Tensor]) -> list[Tensor]:
     wd = _work_dtype(base)
     b = base.to(wd)
-    return [m.to(wd) - b for m in models]
+    # sub promotes the 16-bit operand element by element: same values as m.to(wd) - b, one pass fewer
+    return [torch.sub(m, b) if m.dtype != wd else m - b for m in models]
 
 
 def task_arithmetic(
@@ -355,7 +385,7 @@ def task_arithmetic(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    return _combine(base, [d.mul_(wi) for d, wi in zip(_deltas(base, models), w)], w, None, normalize, lambda_)
+    return _chunked(base, models, w, lambda d, i: d, None, normalize, lambda_)
 
 
 def ties(
@@ -399,12 +429,55 @@ def ties(
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
-    deltas = []
-    for d, rho, wi in zip(_deltas(base, models), dens, w):
-        if rho < 1.0:
-            d.mul_(magnitude_mask(d, rho))
-        deltas.append(d.mul_(wi))
-    return _combine(base, deltas, w, consensus, normalize, lambda_)
+    if consensus not in ("sum", "count"):
+        raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    wd = _work_dtype(base)
+    # Trim thresholds need each whole task vector once; everything after is element-wise and
+    # runs chunk by chunk, so the float32 scratch is ~one tensor instead of ~five.
+    trims = []
+    for m, rho in zip(models, dens):
+        if rho >= 1.0 or base.numel() == 0:
+            trims.append(None)
+            continue
+        mag = m.to(wd, copy=True).reshape(-1)
+        mag.sub_(base.reshape(-1)).abs_()
+        k = max(1, int(rho * mag.numel())) if rho > 0 else 0
+        if k == 0:
+            trims.append((math.inf, 0))
+            continue
+        thr = _kth_largest(mag, k)
+        trims.append((float(thr), k - int(torch.count_nonzero(mag > thr))))  # ties at thr to keep
+        del mag
+
+    def trim(d: Tensor, i: int) -> Tensor:
+        if trims[i] is None:
+            return d
+        thr, tied_left = trims[i]
+        mag = d.abs()
+        keep = mag > thr
+        if tied_left > 0:
+            tied = (mag == thr).nonzero().squeeze(1)[:tied_left]
+            keep[tied] = True
+            trims[i] = (thr, tied_left - tied.numel())
+        return d.masked_fill_(keep.logical_not_(), 0.0)
+
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_)
+
+
+def _chunked(base, models, weights, trim, consensus, normalize, lambda_) -> Tensor:
+    """Apply trim + :func:`_combine` over consecutive chunks of the flattened tensors (in order)."""
+    wd = _work_dtype(base)
+    flat_b = base.reshape(-1)
+    flat_m = [m.reshape(-1) for m in models]
+    out = torch.empty_like(flat_b)
+    for s in range(0, flat_b.numel(), _CHUNK):
+        b = flat_b[s : s + _CHUNK]
+        deltas = []
+        for i, (m, wi) in enumerate(zip(flat_m, weights)):
+            d = m[s : s + _CHUNK].to(wd, copy=True).sub_(b)
+            deltas.append(trim(d, i).mul_(wi))
+        out[s : s + _CHUNK] = _combine(b, deltas, weights, consensus, normalize, lambda_)
+    return out.reshape(base.shape)
 
 
 def dare(

@@ -409,3 +409,37 @@ def test_ties_matches_mergekit_up_to_threshold_ties():
         at_threshold |= d == d.reshape(-1).sort(descending=True).values[k - 1]
     diff = ours != theirs
     assert not (diff & ~at_threshold).any()
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 21])
+def test_ties_chunked_with_many_threshold_ties(monkeypatch, chunk):
+    """Integer task vectors: lots of |δ| tied at the threshold, kept in position order across chunks."""
+    monkeypatch.setattr(M, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (37, 11), generator=g).float()
+    ms = [base + torch.randint(-3, 4, (37, 11), generator=g).float() for _ in range(3)]
+    w = [0.25, 0.5, 0.125]  # dyadic: exact sums, so sign election at 0 agrees with the float64 oracle
+    for density in (0.1, 0.35, 0.8):
+        got = M.ties(base, ms, w, density=density)
+        want = np_ties(_np(base), [_np(m) for m in ms], w, density)
+        np.testing.assert_allclose(_np(got), want, rtol=1e-6, atol=1e-6)
+    got = M.task_arithmetic(base, ms, [0.2, 0.5, 0.3], lambda_=0.5)
+    want = _np(base) + 0.5 * sum(w * (_np(m) - _np(base)) for w, m in zip([0.2, 0.5, 0.3], ms))
+    np.testing.assert_allclose(_np(got), want, rtol=1e-6, atol=1e-6)
+
+
+def test_kth_largest_sampled_path_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.randn(300_001, generator=g).abs(), torch.randint(0, 50, (400_000,), generator=g).float()):
+        for k in (1, 17, 150_000, values.numel() - 3, values.numel()):
+            want = values.sort(descending=True).values[k - 1]
+            assert M._kth_largest(values, k) == want
+
+
+@pytest.mark.parametrize("name", list(ALL_TASK))
+def test_inputs_are_not_modified(name):
+    base, ms = _models(2)
+    copies = [base.clone()] + [m.clone() for m in ms]
+    ALL_TASK[name](base, ms)
+    for before, after in zip(copies, [base, *ms]):
+        assert torch.equal(before, after)
