@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding, own_format_config, own_format_dict
 
 
@@ -56,6 +56,8 @@ class AdaLoRALinear(AdapterLayer):
     Raises:
         TypeError/ValueError: not a linear base, bad rank/init/dropout.
     """
+
+    mergeable = True
 
     def __init__(self, base: nn.Module, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0,
                  adapter_name: str = "default") -> None:
@@ -131,28 +133,6 @@ class AdaLoRALinear(AdapterLayer):
             h = self.lora_dropout[name](x.to(a.dtype))
             result = result + (h @ (a * e).T @ b.T) * self.scaling[name]
         return result.to(out.dtype)
-
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
-        with torch.no_grad():
-            for name in names:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
-        with torch.no_grad():
-            while self.merged_adapters:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
 
     def extra_repr(self) -> str:
         ranks = {n: int(self.lora_A[n].shape[0]) for n in self.adapter_names()}

@@ -71,11 +71,55 @@ class AdapterLayer(nn.Module, abc.ABC):
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (raises ``ValueError`` if absent or merged)."""
 
+    #: whether ``merge`` can fold this method into the base; additive methods only define ``delta_weight``
+    mergeable = False
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(f"{type(self).__name__} adapters cannot be merged into the base weight")
+        """Fold adapters (default: the active ones) into the base, each in fp32 with one rounding.
+
+        Raises:
+            ValueError: the method is not mergeable, an adapter is unknown or already merged,
+                or adapters are disabled.
+        """
+        if not self.mergeable:
+            raise ValueError(f"{type(self).__name__} adapters cannot be merged into the base weight")
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._check_name(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would apply it twice")
+        if self.disabled:
+            raise ValueError("cannot merge while adapters are disabled")
+        self._check_mergeable(names)
+        with torch.no_grad():
+            for name in names:
+                self._merge_one(name)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        raise ValueError(f"{type(self).__name__} adapters cannot be unmerged")
+        """Undo ``merge``, last merged first (exact up to one rounding of the base dtype)."""
+        if not self.mergeable:
+            raise ValueError(f"{type(self).__name__} adapters cannot be unmerged")
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged; nothing to unmerge")
+        with torch.no_grad():
+            while self.merged_adapters:
+                self._unmerge_one(self.merged_adapters.pop())
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The additive update ``ΔW`` of adapter ``name`` in fp32, ``(out, in)`` (additive methods)."""
+        raise ValueError(f"{type(self).__name__} adapters have no additive weight update")
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        """Method-specific refusals, raised before anything is changed."""
+
+    def _merge_one(self, name: str) -> None:
+        w = dense_weight(self.base_layer)
+        set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        w = dense_weight(self.base_layer)
+        set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(name)).to(w.dtype))
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names()]

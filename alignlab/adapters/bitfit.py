@@ -50,6 +50,8 @@ class BitFitLayer(AdapterLayer):
         TypeError: the module has neither a bias nor ``out_features``.
     """
 
+    mergeable = True
+
     def __init__(self, base: nn.Module, adapter_name: str = "default") -> None:
         size = _bias_size(base)
         if size is None:
@@ -103,35 +105,22 @@ class BitFitLayer(AdapterLayer):
         delta = sum(self.bitfit_bias[n] for n in names)
         return (out + delta).to(out.dtype)
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
+    def _check_mergeable(self, names: list[str]) -> None:
         if is_quantized(self.base_layer):
             raise ValueError("BitFit offsets cannot be merged into a quantized base")
-        base = self.base_layer
-        with torch.no_grad():
-            if getattr(base, "bias", None) is None and names:
-                w = base.weight
-                base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
-                self._added_bias = True
-            for name in names:
-                base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float()).to(base.bias.dtype))
-                self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
+    def _merge_one(self, name: str) -> None:
         base = self.base_layer
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float()).to(base.bias.dtype))
-        if self._added_bias:
+        if getattr(base, "bias", None) is None:  # a bias-free linear gets one while merged
+            w = base.weight
+            base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
+            self._added_bias = True
+        base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float()).to(base.bias.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        base = self.base_layer
+        base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float()).to(base.bias.dtype))
+        if self._added_bias and not self.merged_adapters:
             base.bias = None
             self._added_bias = False
 

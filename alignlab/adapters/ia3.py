@@ -83,6 +83,8 @@ class IA3Linear(AdapterLayer):
         TypeError: ``base`` is not a linear layer.
     """
 
+    mergeable = True
+
     def __init__(self, base: nn.Module, feedforward: bool = False, adapter_name: str = "default", init_ones: bool = True) -> None:
         if not (isinstance(base, nn.Linear) or is_quantized(base)):
             raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
@@ -140,31 +142,17 @@ class IA3Linear(AdapterLayer):
         out = self.base_layer(x)
         return (out * scale).to(out.dtype)
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once.
-
-        Raises:
-            ValueError: an adapter is already merged, adapters are disabled, or ``l`` has a zero
-                entry (the merge could not be undone).
-        """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
+    def _check_mergeable(self, names: list[str]) -> None:
         for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would apply it twice")
             if bool((self.ia3_l[name] == 0).any()):
                 raise ValueError(f"adapter {name!r} has zero entries in l; merging it could not be undone")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
-        for name in names:
-            self._apply(self.ia3_l[name].detach().float())
-            self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
-        while self.merged_adapters:
-            self._apply(1.0 / self.ia3_l[self.merged_adapters.pop()].detach().float())
+    def _merge_one(self, name: str) -> None:
+        """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once."""
+        self._apply(self.ia3_l[name].detach().float())
+
+    def _unmerge_one(self, name: str) -> None:
+        self._apply(1.0 / self.ia3_l[name].detach().float())
 
     def _apply(self, factor: torch.Tensor) -> None:
         w = dense_weight(self.base_layer)

@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, SavedModule, dense_weight, is_quantized
+from alignlab.adapters.base import AdapterLayer, SavedModule, is_quantized
 from alignlab.adapters.config import LoRAConfig, name_matches
 from alignlab.adapters.lora import LoRALinear
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
 from alignlab.adapters.config import _pattern_value
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
 
@@ -62,6 +62,8 @@ class LoKrLinear(AdapterLayer):
     Raises:
         TypeError/ValueError: not a linear base, bad rank or alpha.
     """
+
+    mergeable = True
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
                  decompose_factor: int = -1, adapter_name: str = "default", init_zero: bool = True) -> None:
@@ -167,28 +169,6 @@ class LoKrLinear(AdapterLayer):
             y = torch.matmul(torch.matmul(w1, xs), w2.T)  # W₁ X W₂ᵀ: (..., out₁, out₂)
             result = result + self.scaling[name] * y.reshape(*x.shape[:-1], self.out_features)
         return result.to(out.dtype)
-
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
-        with torch.no_grad():
-            for name in names:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
-        with torch.no_grad():
-            while self.merged_adapters:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"

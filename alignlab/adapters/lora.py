@@ -83,6 +83,8 @@ class LoRALinear(AdapterLayer):
         TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``.
     """
 
+    mergeable = True
+
     def __init__(
         self,
         base: nn.Module,
@@ -270,42 +272,22 @@ class LoRALinear(AdapterLayer):
         return dora_delta(xa, base_out, w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
 
     # -- merge ----------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weight, in fp32, rounding once."""
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
-        with torch.no_grad():
-            for name in names:
-                w = dense_weight(self.base_layer)
-                a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                if self.is_dora(name):
-                    new, norm = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
-                    self._merge_norms[name] = norm
-                else:
-                    new = (w.float() + self.delta_weight(name)).to(w.dtype)
-                set_dense_weight_(self.base_layer, new)
-                self.merged_adapters.append(name)
+    # merge()/unmerge() come from AdapterLayer; plain LoRA adds delta_weight, DoRA needs its own fold.
+    def _merge_one(self, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._merge_one(name)
+        w = dense_weight(self.base_layer)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        new, self._merge_norms[name] = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+        set_dense_weight_(self.base_layer, new)
 
-    def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to one rounding of the base dtype)."""
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                w = dense_weight(self.base_layer)
-                a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                if self.is_dora(name):
-                    norm = self._merge_norms.pop(name)
-                    new = dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm)
-                else:
-                    new = (w.float() - self.delta_weight(name)).to(w.dtype)
-                set_dense_weight_(self.base_layer, new)
+    def _unmerge_one(self, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._unmerge_one(name)
+        w = dense_weight(self.base_layer)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        norm = self._merge_norms.pop(name)
+        set_dense_weight_(self.base_layer, dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm))
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, s={self.scaling[n]:g}{', dora' if self.is_dora(n) else ''}" for n in self.adapter_names()]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
 
 PREFIX = "base_model."
@@ -58,6 +58,8 @@ class VeRALinear(AdapterLayer):
     Raises:
         TypeError/ValueError: not a linear base, projections too small, bad rank/dropout.
     """
+
+    mergeable = True
 
     def __init__(self, base: nn.Module, projections: VeRAProjections, r: int, dropout: float = 0.0,
                  d_initial: float = 0.1, adapter_name: str = "default") -> None:
@@ -131,28 +133,6 @@ class VeRALinear(AdapterLayer):
             h = self.vera_dropout[name](x.to(lb.dtype))
             result = result + lb * F.linear(ld * F.linear(h, a), b)
         return result.to(out.dtype)
-
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._check_name(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged; merging twice would add it twice")
-        if self.disabled:
-            raise ValueError("cannot merge while adapters are disabled")
-        with torch.no_grad():
-            for name in names:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged; nothing to unmerge")
-        with torch.no_grad():
-            while self.merged_adapters:
-                w = dense_weight(self.base_layer)
-                set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(self.merged_adapters.pop())).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"
