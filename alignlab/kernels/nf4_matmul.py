@@ -33,6 +33,7 @@ The torch reference (``ALIGNLAB_KERNELS=torch`` or CPU tensors) is
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -222,57 +223,47 @@ if triton is not None:
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, lut_ptr, code2_ptr, y_ptr,
         N, K, stride_xm, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        M: tl.constexpr, BLOCK_MP: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        M: tl.constexpr, BLOCK_MP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= 16, K % BLOCKSIZE == 0, BLOCK_K % BLOCKSIZE == 0.
+        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= 16 and K % BLOCKSIZE == 0; no tensor cores.
 
-        No tensor cores.  Each step reads a ``(BLOCK_N, BLOCK_K / 2)`` tile of bytes (large,
-        because loops without ``tl.dot`` are not software-pipelined: the bytes in flight
-        are the tile).  A 256-entry table maps a byte to both of its levels in one load,
-        x is read as its even / odd halves (no nibble interleave), and the block scale
-        multiplies per-block partial sums:  sum_i q_i s_b x_i = s_b sum_i q_i x_i
-        (+ tau_b sum_i x_i).  The dequantized tile is reused for all M rows of x.
-        With ``SPLIT > 1`` programs also split K and add into fp32 ``y`` atomically.
+        Each step reads one quantization block of ``BLOCK_N`` rows, a ``(BLOCK_N,
+        BLOCKSIZE / 2)`` byte tile, so every row of the tile has a single scale and
+        no reshaping is needed:  sum_i q_i s_b x_i = s_b sum_i q_i x_i  (+ tau_b sum_i x_i).
+        A 256-entry table maps a byte to both of its levels in one load, x is read as
+        its even / odd halves (no nibble interleave), and the dequantized tile is reused
+        for all M rows of x.  With ``SPLIT > 1`` programs also split K and add into an
+        fp32 ``y`` atomically (enough programs to keep the memory system busy).
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         HB: tl.constexpr = BLOCKSIZE // 2
-        NBLK: tl.constexpr = BLOCK_K // BLOCKSIZE
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         rows = rn.to(tl.int64)
         rmp = tl.arange(0, BLOCK_MP)
-        jj = tl.arange(0, BLOCK_K // 2)
-        jb = tl.arange(0, NBLK)
+        jj = tl.arange(0, HB)
         half_k = K // 2
         nb_row = K // BLOCKSIZE
         acc = tl.zeros((BLOCK_MP, BLOCK_N), dtype=tl.float32)
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCKSIZE):
             kb = k0 // 2 + jj
-            kmask = 2 * kb < k_end
-            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :],
-                           mask=nmask[:, None] & kmask[None, :], other=0)
+            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :], mask=nmask[:, None], other=0)
             pair = tl.load(lut_ptr + byte.to(tl.int32))
             lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
             hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            rb = k0 // BLOCKSIZE + jb
-            bmask = nmask[:, None] & (rb[None, :] < k_end // BLOCKSIZE)
-            bidx = rows[:, None] * nb_row + rb[None, :]
-            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, bmask, DOUBLE, NESTED_BS)
+            bidx = rows * nb_row + k0 // BLOCKSIZE
+            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nmask, DOUBLE, NESTED_BS)
             if HAS_SHIFT:
-                tau = tl.load(shift_ptr + bidx, mask=bmask, other=0.0)
+                tau = tl.load(shift_ptr + bidx, mask=nmask, other=0.0)
             for m in tl.static_range(M):
-                xe = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
-                xo = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
-                prod = hi * xe[None, :] + lo * xo[None, :]
-                blk = tl.sum(tl.reshape(prod, (BLOCK_N, NBLK, HB)), axis=2) * s
+                xe = tl.load(x_ptr + m * stride_xm + 2 * kb).to(tl.float32)
+                xo = tl.load(x_ptr + m * stride_xm + 2 * kb + 1).to(tl.float32)
+                part = tl.sum(hi * xe[None, :] + lo * xo[None, :], axis=1) * s
                 if HAS_SHIFT:
-                    xs = tl.sum(tl.reshape(xe + xo, (NBLK, HB)), axis=1)
-                    blk += tau * xs[None, :]
-                part = tl.sum(blk, axis=1)
+                    part += tau * tl.sum(xe + xo, axis=0)
                 acc += tl.where(rmp[:, None] == m, part[None, :], 0.0)
         dst = y_ptr + rmp[:, None].to(tl.int64) * N + rn[None, :]
         omask = (rmp[:, None] < M) & nmask[None, :]
@@ -301,43 +292,47 @@ if triton is not None:
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
 
     _gemv_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-                 for bn, bk, w in [(16, 1024, 8), (32, 512, 8), (16, 512, 4), (32, 1024, 8), (64, 256, 8),
-                                   (8, 1024, 4), (64, 512, 8), (4, 1024, 4), (8, 512, 4)]],
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                 for bn, w, st in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (256, 8, 1),
+                                   (512, 8, 2), (64, 2, 4), (128, 4, 1)]],
         key=["N", "K", "M", "BLOCKSIZE", "DOUBLE", "SPLIT"],
         reset_to_zero=["y_ptr"],
     )(_nf4_gemv_kernel)
 
-_KCHUNK = 1024  # split-K granularity: a multiple of every BLOCK_K above
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Small-M path (M <= 16, K % blocksize == 0, blocksize <= 256)."""
+    """Small-M path (M <= 16, K % blocksize == 0)."""
     M, K = x2.shape
     N = t.shape[0]
+    nb_row = K // t.blocksize
     if interpreting():
-        chunk = max(64, t.blocksize)
-        split = 2 if K >= 2 * chunk else 1
+        split = 2 if nb_row >= 2 else 1
     else:
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        chunk = _KCHUNK
-        # enough programs to fill the GPU twice over when the output rows alone are too few
-        split = max(1, min(triton.cdiv(K, chunk), triton.cdiv(4 * sms, triton.cdiv(N, 16))))
-    per = triton.cdiv(triton.cdiv(K, split), chunk) * chunk
-    split = triton.cdiv(K, per)
+        sms = _sm_count(x2.device)
+        # about four programs per SM when the output rows alone (tiles of ~128) are too few
+        split = max(1, min(nb_row // 2, triton.cdiv(4 * sms, triton.cdiv(N, 128))))
+    per_blocks = triton.cdiv(nb_row, split)
+    split = triton.cdiv(nb_row, per_blocks)
     acc_dtype = torch.float32 if split > 1 else x2.dtype
     y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
     st = _state_args(t)
-    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, N, K, x2.stride(0), per)
+    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, N, K, x2.stride(0),
+            per_blocks * t.blocksize)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, M=M, BLOCK_MP=triton.next_power_of_2(M), SPLIT=split)
     if interpreting():
-        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16, BLOCK_K=max(64, t.blocksize))
+        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16)
     else:
         _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]), split)](*args, **meta)
     if bias is not None:
         y = y + bias
     return y.to(x2.dtype)
+
 
 
 

@@ -103,11 +103,13 @@ def test_fused_kernel_on_large_m_cuda(monkeypatch):
     assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-2
 
 
-def test_dequant_tile_interpreter(triton_mode):
+def test_dequant_tile_kernel(triton_mode, kernel_device):
     """The slice dequantizer used by the pipelined large-M path."""
-    t, x, dy, b, wd = _case(37, 70, 1, torch.float32, blocksize=32)
-    out = torch.full((10, 20), float("nan"))
+    t, x, dy, b, wd = _case(37, 70, 1, torch.float32, blocksize=32, device=kernel_device)
+    wd = wd.cpu()
+    out = torch.full((10, 20), float("nan"), device=kernel_device)
     mm._dequant_tile(t, 5, 24, out[:9, :16])
+    out = out.cpu()
     assert torch.equal(out[:9, :16].double(), wd[5:14, 24:40])
     assert out[9:].isnan().all() and out[:, 16:].isnan().all()
 
