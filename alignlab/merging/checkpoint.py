@@ -326,8 +326,9 @@ def merge_checkpoints(
         overwrite: replace an existing non-empty ``out_dir`` (only after the new
             merge has fully succeeded).
         progress: show a tqdm bar over tensors (silently off without tqdm).
-        prefetch: read the next tensor on a background thread while merging the
-            current one (faster; up to 2x the input working set).
+        prefetch: read the next tensor and write the previous result on background
+            threads while merging the current one (faster; up to 2x the input
+            working set plus one output tensor).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -416,7 +417,9 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
 
     weight_map = {}
     total = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # One reader thread prefetches the next tensor, one writer thread appends the previous
+    # result: disk I/O overlaps the arithmetic, and at most one output tensor waits in memory.
+    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=1) as writer:
         it: Iterator[_OutSpec] = iter(order)
         nxt = next(it, None)
         pending = load(nxt, pool) if (prefetch and nxt is not None) else None
@@ -424,6 +427,7 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             with open(tmp / fname, "wb") as f:
                 f.write(_header_bytes(shard))
+                written = None
                 for spec in shard:
                     if pending is not None:
                         tensors = pending.result()
@@ -435,12 +439,19 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
                     del tensors
                     if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
                         raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
-                    f.write(memoryview(res.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                    if written is not None:
+                        written.result()  # keeps the order, surfaces write errors, bounds memory
+                    data = memoryview(res.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    written = writer.submit(f.write, data) if prefetch else None
+                    if not prefetch:
+                        f.write(data)
                     weight_map[spec.name] = fname
                     total += spec.nbytes
-                    del res
+                    del res, data
                     if bar is not None:
                         bar.update(1)
+                if written is not None:
+                    written.result()
                 f.flush()
                 os.fsync(f.fileno())
     if bar is not None:
