@@ -8,24 +8,29 @@ Backward to the input (the weight is frozen, so this is the only product):
 
     dx = dy W,           dy: (M, N),  dx: (M, K)
 
-Each program loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes, turns it
-into ``(BLOCK_N, BLOCK_K)`` values ``q[c] * s`` in registers (see
-:mod:`alignlab.kernels.nf4_dequant`) and feeds ``tl.dot``; the full weight is
-never written to memory.
+The fused kernels load ``(BLOCK_N, BLOCK_K / 2)`` tiles of packed bytes and turn
+them into values ``q[c] * s`` in registers (see :mod:`alignlab.kernels.nf4_dequant`),
+never writing the full weight; the GEMV kernel reduces them on CUDA cores, the
+``tl.dot`` kernels feed the tensor cores.
 
-Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``:
+Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
+from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= 16`` (decode): the fused kernel with a 16-row tile.  The weight read
-  dominates (``N K / 2`` bytes against ``2 M (N + K)``), so the kernel is
-  bandwidth-bound and a fused read of 4-bit data beats any 16-bit product.
-* ``16 < M < LARGE_M``: the fused kernel with larger tiles.
-* ``M >= LARGE_M`` (prefill / training): dequantize with the Triton kernel into a
-  temporary and call cuBLAS.  There the product costs ``2 M N K`` flops against
-  ``2.5 N K`` bytes of dequantization, i.e. ~7% of the matmul time at M = 4096,
-  while a Triton ``tl.dot`` that has to stage register-dequantized tiles through
-  shared memory reaches clearly less than cuBLAS' tensor-core rate on Hopper
-  (see ``benchmarks/nf4.py`` for the measured crossover).
-* Odd ``K`` (rows not byte-aligned): dequantize + matmul.
+* ``M <= GEMV_MAX_M`` (default 1, decode): the split-K GEMV kernel (no tensor
+  cores; one quantization block per step, a byte -> level-pair table, per-block
+  scaling of partial sums).  It handles ``M <= 16``, but at ``M = 4`` and ``16``
+  dequantize + cuBLAS was measured faster, so the default only sends ``M = 1``.
+  It does **not** reach the issue's bandwidth target yet (best: 15% of copy
+  bandwidth at 28672x8192, where bitsandbytes' GEMV reaches 37%).
+* everything else (and odd ``K``, blocksizes > 256): the Triton dequantization
+  kernel into a temporary, then cuBLAS.  At training shapes this costs
+  ``2.5 N K`` bytes against ``2 M N K`` flops, ~10% over a bf16 product at
+  ``M = 4096`` (measured 1.11x; bitsandbytes 1.13x).
+* the fused ``tl.dot`` kernels (register-dequantized tiles feeding the tensor
+  cores, forward and ``dx``) are kept, tested, and opt-in through ``LARGE_M``:
+  measured 20-40x slower than dequantize + cuBLAS at every M from 16 to 4096.
+* ``PIPELINE_CHUNKS > 1`` overlaps slice dequantization on a side stream with
+  the GEMMs; measured 7-15% slower than one dequantization + one GEMM, so off.
 
 The torch reference (``ALIGNLAB_KERNELS=torch`` or CPU tensors) is
 ``x @ nf4_dequantize(W).T``.
@@ -59,8 +64,11 @@ SMALL_M = 16
 # M from 16 to 4096 (M=32: 0.65 ms vs 0.033 ms; M=4096: 6.9 ms vs 0.19 ms) -- the register-dequantized
 # tile has to be re-laid-out for the tensor cores, and that costs more than writing and re-reading it.
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
-# M == 1 takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0).
+# M <= GEMV_MAX_M takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0, blocksize
+# <= 256).  The kernel handles M <= 16, but on an H100 it beat dequant + cuBLAS only at M = 1 (28672x8192:
+# 0.27 ms vs ~0.42 ms); at M = 4 / 16 dequant + cuBLAS was faster (0.42 vs 0.47 ms, 0.42 vs 1.5 ms).
 USE_GEMV = os.environ.get("ALIGNLAB_NF4_GEMV", "1") != "0"
+GEMV_MAX_M = int(os.environ.get("ALIGNLAB_NF4_GEMV_MAX_M", "1"))
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
 PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
 
@@ -398,7 +406,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if M <= SMALL_M and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
+    if M <= min(GEMV_MAX_M, SMALL_M) and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
         return _gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)

@@ -35,7 +35,8 @@ SHAPES = [(40, 64, 1), (37, 128, 1), (21, 256, 2), (33, 70, 5), (17, 96, 16), (2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,K,M", SHAPES)
 def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
-    """Default dispatch (GEMV kernel for M <= 16, else dequant + matmul) and the fused tl.dot kernels."""
+    """GEMV kernel (M <= 16) / dequant + matmul, and the fused tl.dot kernels."""
+    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
     if fused:
         monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
         monkeypatch.setattr(mm, "USE_GEMV", False)
@@ -51,6 +52,7 @@ def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_matmul_interpreter_odd_k_icq_and_batch_dims(fused, triton_mode, monkeypatch):
+    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
     if fused:
         monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
         monkeypatch.setattr(mm, "USE_GEMV", False)
@@ -86,7 +88,8 @@ def test_errors():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (1000, 334, 1), (1000, 334, 7), (4096, 1024, 16),
                                    (333, 512, 17), (4096, 4096, 100), (1024, 4096, 300), (3000, 1002, 16)])
-def test_matmul_cuda(N, K, M, dtype):
+def test_matmul_cuda(N, K, M, dtype, monkeypatch):
+    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
     t, x, dy, b, wd = _case(N, K, M, dtype, blocksize=64, device="cuda")
     y = nf4_matmul(x, t, b)
     assert _rel(y, x.double() @ wd.T + b.double()) < 1e-2
@@ -110,7 +113,8 @@ def test_dequant_tile_kernel(triton_mode, kernel_device):
     out = torch.full((10, 20), float("nan"), device=kernel_device)
     mm._dequant_tile(t, 5, 24, out[:9, :16])
     out = out.cpu()
-    assert torch.equal(out[:9, :16].double(), wd[5:14, 24:40])
+    # on the GPU d[a] * t + mu may be one FMA: allow the last bit of the fp32 scale
+    torch.testing.assert_close(out[:9, :16].double(), wd[5:14, 24:40], rtol=3e-7, atol=0)
     assert out[9:].isnan().all() and out[:, 16:].isnan().all()
 
 
