@@ -197,3 +197,34 @@ def test_triton_path_matches_torch_path(dtype, monkeypatch):
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[0][0], outs[1][0], **tol)
     torch.testing.assert_close(outs[0][1], outs[1][1], **tol)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_qdora_inject_and_merge(use_dora):
+    """LoRA / DoRA wrap NF4Linear (QLoRA / QDoRA); merging re-quantizes the merged dense weight."""
+    from alignlab.adapters import LoRAConfig, disabled, inject, merge_and_unload
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    quantize_model(base, skip=(), compute_dtype=torch.float32)
+    model = inject(base, LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():  # give B a non-zero value so the adapter matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.randn(5, 64)
+    y = model(x)
+    y.sum().backward()
+    assert all(p.grad is not None for p in trainable)
+    with torch.no_grad(), disabled(model):
+        y_base = model(x)
+    merged = merge_and_unload(model)
+    assert isinstance(merged[0], NF4Linear) and isinstance(merged[2], NF4Linear)
+    with torch.no_grad():
+        y2 = merged(x)
+    # the merge moved the quantized base to the adapted model (up to re-quantization error)
+    rel = ((y2 - y.detach()).norm() / y.detach().norm()).item()
+    rel_base = ((y_base - y.detach()).norm() / y.detach().norm()).item()
+    assert rel < 0.4 * rel_base
