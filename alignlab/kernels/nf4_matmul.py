@@ -17,8 +17,7 @@ Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
 * ``M <= GEMV_MAX_M`` (default 1, decode): the split-K GEMV kernel (no tensor
-  cores; one quantization block per step, a byte -> level-pair table, per-block
-  scaling of partial sums).  It handles ``M <= 16``, but at ``M = 4`` and ``16``
+  cores; one quantization block per step, per-block scaling of partial sums).  It handles ``M <= 16``, but at ``M = 4`` and ``16``
   dequantize + cuBLAS was measured faster, so the default only sends ``M = 1``.
   It does **not** reach the issue's bandwidth target yet (best: 15% of copy
   bandwidth at 28672x8192, where bitsandbytes' GEMV reaches 37%).
@@ -44,7 +43,7 @@ import os
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.nf4_dequant import nf4_dequant, nf4_pair_lut
+from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -228,7 +227,7 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv_kernel(
-        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, lut_ptr, code2_ptr, y_ptr,
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
         N, K, stride_xm, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         M: tl.constexpr, BLOCK_MP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -238,7 +237,7 @@ if triton is not None:
         Each step reads one quantization block of ``BLOCK_N`` rows, a ``(BLOCK_N,
         BLOCKSIZE / 2)`` byte tile, so every row of the tile has a single scale and
         no reshaping is needed:  sum_i q_i s_b x_i = s_b sum_i q_i x_i  (+ tau_b sum_i x_i).
-        A 256-entry table maps a byte to both of its levels in one load, x is read as
+        Levels come from the 16-entry codebook, x is read as
         its even / odd halves (no nibble interleave), and the dequantized tile is reused
         for all M rows of x.  With ``SPLIT > 1`` programs also split K and add into an
         fp32 ``y`` atomically (enough programs to keep the memory system busy).
@@ -259,9 +258,11 @@ if triton is not None:
         for k0 in range(k_start, k_end, BLOCKSIZE):
             kb = k0 // 2 + jj
             byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :], mask=nmask[:, None], other=0)
-            pair = tl.load(lut_ptr + byte.to(tl.int32))
-            lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
-            hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            byte = byte.to(tl.int32)
+            # 16-entry fp32 table: 64 bytes, one cache line, so a warp's gather is one L1 wavefront
+            # (a 256-entry table of level pairs spans 16 lines and measured slower in nf4_dequant)
+            hi = tl.load(code_ptr + (byte >> 4))
+            lo = tl.load(code_ptr + (byte & 15))
             bidx = rows * nb_row + k0 // BLOCKSIZE
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nmask, DOUBLE, NESTED_BS)
             if HAS_SHIFT:
@@ -329,7 +330,7 @@ def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Te
     acc_dtype = torch.float32 if split > 1 else x2.dtype
     y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
     st = _state_args(t)
-    args = (x2, st[0], st[1], st[2], st[3], st[4], nf4_pair_lut(x2.device), st[6], y, N, K, x2.stride(0),
+    args = (x2, *st, y, N, K, x2.stride(0),
             per_blocks * t.blocksize)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, M=M, BLOCK_MP=triton.next_power_of_2(M), SPLIT=split)
