@@ -19,12 +19,13 @@ from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 * ``M <= GEMV_MAX_M`` (default 1, decode): the split-K GEMV kernel (no tensor
   cores; one quantization block per step, per-block scaling of partial sums).  It handles ``M <= 16``, but at ``M = 4`` and ``16``
   dequantize + cuBLAS was measured faster, so the default only sends ``M = 1``.
-  It does **not** reach the issue's bandwidth target yet (best: 15% of copy
-  bandwidth at 28672x8192, where bitsandbytes' GEMV reaches 37%).
+  It does **not** reach the issue's bandwidth target yet (best measured: 15% of
+  copy bandwidth at 28672x8192, with a 256-entry level-pair table since replaced
+  by the 16-entry codebook; bitsandbytes' GEMV reaches 37%).
 * everything else (and odd ``K``, blocksizes > 256): the Triton dequantization
   kernel into a temporary, then cuBLAS.  At training shapes this costs
   ``2.5 N K`` bytes against ``2 M N K`` flops, ~10% over a bf16 product at
-  ``M = 4096`` (measured 1.11x; bitsandbytes 1.13x).
+  ``M = 4096`` (measured 1.09-1.11x, forward and backward; bitsandbytes 1.12-1.17x).
 * the fused ``tl.dot`` kernels (register-dequantized tiles feeding the tensor
   cores, forward and ``dx``) are kept, tested, and opt-in through ``LARGE_M``:
   measured 20-40x slower than dequantize + cuBLAS at every M from 16 to 4096.
