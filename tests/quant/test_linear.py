@@ -228,3 +228,48 @@ def test_qlora_qdora_inject_and_merge(use_dora):
     rel = ((y2 - y.detach()).norm() / y.detach().norm()).item()
     rel_base = ((y_base - y.detach()).norm() / y.detach().norm()).item()
     assert rel < 0.4 * rel_base
+
+
+def test_transformers_4bit_checkpoint_roundtrip(tmp_path):
+    """A checkpoint written by transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant) loads
+    into quantize_model(...) with the same logits as transformers' own 4-bit model, and saves back byte-exact."""
+    transformers = pytest.importorskip("transformers")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    if bnb is None:
+        pytest.skip("bitsandbytes not installed")
+    def llama(seed):
+        # bitsandbytes' CPU 4-bit matmul needs out_features % 32 == 0 (intermediate 128, not conftest's 136)
+        torch.manual_seed(seed)
+        config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    dense = llama(4)
+    dense.save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=cfg,
+                                                                device_map="cpu")
+        hf4.save_pretrained(tmp_path / "q4")
+    sd = safetensors_torch.load_file(tmp_path / "q4" / "model.safetensors")
+    assert "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in sd
+
+    ours = quantize_model(llama(5), compute_dtype=torch.float32)
+    res = ours.load_state_dict(sd, strict=False)
+    assert not res.unexpected_keys
+    assert all("rotary" in k or "lm_head" in k for k in res.missing_keys), res.missing_keys
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = hf4(ids).logits
+        out = ours(ids).logits
+    # bitsandbytes' CPU 4-bit matmul repacks the weight and runs at reduced precision, so compare
+    # the logits by relative norm (a wrong block, nibble or scale would give errors of order 1)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel  # seen: ~2e-3
+    back = ours.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k
