@@ -229,6 +229,8 @@ class LoRALinear(AdapterLayer):
         if self.disabled:
             return self.base_layer(x)
         names = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if names and not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:

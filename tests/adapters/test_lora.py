@@ -242,6 +242,11 @@ def test_device_mismatch_is_reported():
         layer(torch.empty(2, 12, device="meta"))
 
 
+def test_integer_input_is_reported():
+    with pytest.raises(TypeError, match="floating-point"):
+        _layer(r=2)(torch.ones(2, 12, dtype=torch.long))
+
+
 def test_named_adapters_on_one_layer():
     layer = _randomise(_layer(r=2, alpha=2))
     layer.add_adapter("other", r=3, alpha=3)
