@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ties", "slerp"])
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs per tool; medians are reported")
     ap.add_argument("--out-json", default=str(ROOT / "benchmarks" / "results" / "merging.json"))
     args = ap.parse_args()
 
@@ -233,15 +234,26 @@ def main() -> None:
             ours_yaml, mk_yaml = recipes(method, paths)
             (work / f"{method}.ours.yaml").write_text(ours_yaml)
             (work / f"{method}.mk.yaml").write_text(mk_yaml)
-            run = {"method": method, "load_avg_before": os.getloadavg()[0]}
-            run["ours"] = measure([sys.executable, "-m", "alignlab.merging", str(work / f"{method}.ours.yaml"),
-                                   str(work / f"out_{method}_ours"), "--no-progress"], work / f"{method}.ours.log")
-            print(method, "ours", run["ours"], flush=True)
+            run = {"method": method, "load_avg_before": os.getloadavg()[0], "repeats": args.repeats}
+            ours_cmd = [sys.executable, "-m", "alignlab.merging", str(work / f"{method}.ours.yaml"),
+                        str(work / f"out_{method}_ours"), "--no-progress"]
+            mk_cmd = [mk_cli, str(work / f"{method}.mk.yaml"), str(work / f"out_{method}_mk"), "--quiet",
+                      "--no-copy-tokenizer", "--no-write-model-card"]
+            samples = {"ours": [], "mergekit": []}
+            for rep in range(args.repeats):  # alternate the two, so load changes hit both alike
+                last = rep == args.repeats - 1
+                for who, cmd in (("ours", ours_cmd), ("mergekit", mk_cmd)):
+                    if who == "mergekit" and not have_mk:
+                        continue
+                    samples[who].append(measure(cmd, work / f"{method}.{who}.log"))
+                    print(method, who, samples[who][-1], flush=True)
+                    if not last:
+                        shutil.rmtree(cmd[4] if who == "ours" else cmd[2], ignore_errors=True)
+            for who, ss in samples.items():
+                if ss:
+                    run[who] = {k: sorted(s[k] for s in ss)[len(ss) // 2] for k in ("wall_s", "peak_rss_mb")}
+                    run[who]["samples"] = ss
             if have_mk:
-                run["mergekit"] = measure([mk_cli, str(work / f"{method}.mk.yaml"),
-                                           str(work / f"out_{method}_mk"), "--quiet", "--no-copy-tokenizer",
-                                           "--no-write-model-card"], work / f"{method}.mk.log")
-                print(method, "mergekit", run["mergekit"], flush=True)
                 run["speedup"] = round(run["mergekit"]["wall_s"] / run["ours"]["wall_s"], 2)
                 run["rss_ratio"] = round(run["ours"]["peak_rss_mb"] / run["mergekit"]["peak_rss_mb"], 3)
                 run["parity"] = compare(work / f"out_{method}_ours", work / f"out_{method}_mk", method, paths)
