@@ -23,6 +23,7 @@ _EXPORTS = {
     "linear_cross_entropy": "losses", "linear_logprobs": "losses", "sequence_logprobs": "losses",
     "dpo_loss": "losses", "fused_linear_dpo": "losses", "fused_linear_distill_loss": "losses",
     "measure": "bench", "compare": "bench",
+    "merge_checkpoints": "merging",
     "NF4Linear": "quant", "quantize_model": "quant", "nf4_quantize": "quant", "nf4_dequantize": "quant",
 }
 
