@@ -191,7 +191,8 @@ def main(argv=None):
 
         if "dequant" in sections:
             out = nf4_dequant(t, dt)
-            assert torch.equal(out, wd)
+            # the kernel may fuse the double-quant scale into an FMA: allow one 16-bit rounding step
+            torch.testing.assert_close(out, wd, rtol=2 ** -7, atol=0)
             cont = {"alignlab": lambda: nf4_dequant(t, dt)}
             if F is not None:
                 cont["bnb"] = lambda: F.dequantize_4bit(qb, stb, quant_type="nf4")
