@@ -58,14 +58,11 @@ class AdaLoRALinear(AdapterLayer):
     """
 
     mergeable = True
+    linear_base = True
 
     def __init__(self, base: nn.Module, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0,
                  adapter_name: str = "default") -> None:
-        if not (isinstance(base, nn.Linear) or is_quantized(base)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()

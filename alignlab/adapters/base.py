@@ -44,8 +44,15 @@ def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
 class AdapterLayer(nn.Module, abc.ABC):
     """Base class: ``base_layer`` + named adapters; subclasses add the math."""
 
+    #: subclasses that wrap a single linear map set this; other bases then raise ``TypeError``
+    linear_base = False
+
     def __init__(self, base_layer: nn.Module) -> None:
+        if self.linear_base and not (isinstance(base_layer, nn.Linear) or is_quantized(base_layer)):
+            raise TypeError(f"base must be nn.Linear or a quantized linear (e.g. NF4Linear), got {type(base_layer).__name__}")
         super().__init__()
+        for p in base_layer.parameters():  # the base is frozen; only adapter parameters train
+            p.requires_grad_(False)
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

@@ -57,8 +57,6 @@ class BitFitLayer(AdapterLayer):
         if size is None:
             raise TypeError(f"BitFit needs a module with a bias or an nn.Linear, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.size = size
         self.bitfit_bias = nn.ParameterDict()
         self._added_bias = False  # merge created the base bias (bias-less linear)

@@ -87,8 +87,6 @@ class BottleneckLayer(AdapterLayer):
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, non_linearity: str = "relu",
                  parallel: bool = False, scaling: float = 1.0, adapter_name: str = "default") -> None:
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.hidden = hidden
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()

@@ -84,13 +84,10 @@ class IA3Linear(AdapterLayer):
     """
 
     mergeable = True
+    linear_base = True
 
     def __init__(self, base: nn.Module, feedforward: bool = False, adapter_name: str = "default", init_ones: bool = True) -> None:
-        if not (isinstance(base, nn.Linear) or is_quantized(base)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.feedforward = feedforward
         self.ia3_l = nn.ParameterDict()
         self.add_adapter(adapter_name, init_ones)

@@ -64,14 +64,11 @@ class LoKrLinear(AdapterLayer):
     """
 
     mergeable = True
+    linear_base = True
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
                  decompose_factor: int = -1, adapter_name: str = "default", init_zero: bool = True) -> None:
-        if not (isinstance(base, nn.Linear) or is_quantized(base)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
             setattr(self, key, nn.ParameterDict())
         self.r: dict[str, int] = {}

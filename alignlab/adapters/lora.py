@@ -84,6 +84,7 @@ class LoRALinear(AdapterLayer):
     """
 
     mergeable = True
+    linear_base = True
 
     def __init__(
         self,
@@ -97,11 +98,7 @@ class LoRALinear(AdapterLayer):
         adapter_name: str = "default",
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
-        if not (isinstance(base, nn.Linear) or is_quantized(base)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear (e.g. NF4Linear), got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()

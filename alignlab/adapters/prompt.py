@@ -78,8 +78,6 @@ class SoftPromptEmbedding(AdapterLayer):
         if not hasattr(base, "weight") or base.weight.dim() != 2:
             raise TypeError(f"soft prompts need an input embedding with a 2-D weight, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.prompt_embeddings = nn.ParameterDict()
         self.prefix_encoder = nn.ModuleDict()
 

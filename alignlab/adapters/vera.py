@@ -60,14 +60,11 @@ class VeRALinear(AdapterLayer):
     """
 
     mergeable = True
+    linear_base = True
 
     def __init__(self, base: nn.Module, projections: VeRAProjections, r: int, dropout: float = 0.0,
                  d_initial: float = 0.1, adapter_name: str = "default") -> None:
-        if not (isinstance(base, nn.Linear) or is_quantized(base)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear, got {type(base).__name__}")
         super().__init__(base)
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
