@@ -312,3 +312,25 @@ def test_layer_takes_fused_path_only_when_safe(dora, monkeypatch):
     layer.train()
     layer(x)
     assert len(calls) == 1  # active dropout: the unfused path
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rows", [0, 1])
+def test_empty_batch_and_single_token(dora, rows):
+    layer = _dora() if dora else _randomise(_layer(r=2, alpha=2))
+    x = torch.randn(rows, 12, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (rows, 10)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    b_grad = layer.lora_B["default"].weight.grad
+    assert torch.isfinite(b_grad).all() and (rows > 0 or not b_grad.any())
+    if rows:
+        w, bias = layer.base_layer.weight, layer.base_layer.bias
+        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        v = w + s * b @ a
+        if dora:
+            m = layer.lora_magnitude_vector["default"]
+            torch.testing.assert_close(y, x @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).T + bias)
+        else:
+            torch.testing.assert_close(y, x @ v.T + bias)
