@@ -225,16 +225,8 @@ def main(argv=None):
                 if F is not None:
                     cont["bnb"] = lambda: bnb.matmul_4bit(x, qb.t(), quant_state=stb)
                 cont["bf16"] = lambda: torch.nn.functional.linear(x, wd)
-
-                def fused():
-                    old, mm.LARGE_M = mm.LARGE_M, 1 << 30
-                    try:
-                        return nf4_matmul(x, t)
-                    finally:
-                        mm.LARGE_M = old
-
-                if args.variants:
-                    cont["alignlab_fused"] = fused
+                if args.variants:  # LARGE_M past any M forces the fused tl.dot kernel
+                    cont["alignlab_fused"] = _with(mm, "LARGE_M", 1 << 30, lambda: nf4_matmul(x, t))
                 for ch in (2, 4) if args.variants else ():
                     cont[f"alignlab_pipe{ch}"] = _with(mm, "PIPELINE_CHUNKS", ch, lambda: nf4_matmul(x, t))
                 run("M=4096 fwd", cont, {**sm, "M": M}, flops=2 * M * N * K)
@@ -243,16 +235,8 @@ def main(argv=None):
                 if F is not None:
                     cont["bnb"] = lambda: dy @ F.dequantize_4bit(qb, stb, quant_type="nf4").to(dt)
                 cont["bf16"] = lambda: dy @ wd
-
-                def fused_t():
-                    old, mm.LARGE_M = mm.LARGE_M, 1 << 30
-                    try:
-                        return nf4_matmul_t(dy, t)
-                    finally:
-                        mm.LARGE_M = old
-
-                if args.variants:
-                    cont["alignlab_fused"] = fused_t
+                if args.variants:  # LARGE_M past any M forces the fused tl.dot kernel
+                    cont["alignlab_fused"] = _with(mm, "LARGE_M", 1 << 30, lambda: nf4_matmul_t(dy, t))
                 for ch in (2, 4) if args.variants else ():
                     cont[f"alignlab_pipe{ch}"] = _with(mm, "PIPELINE_CHUNKS", ch, lambda: nf4_matmul_t(dy, t))
                 run("M=4096 bwd dX", cont, {**sm, "M": M}, flops=2 * M * N * K)
