@@ -16,12 +16,15 @@ Contestants: ``alignlab`` (dispatching :func:`alignlab.kernels.nf4_matmul.nf4_ma
 dense bf16 weight), and at M>=16 ``alignlab_fused`` (the fused kernel forced) /
 ``alignlab_dequant_mm`` (Triton dequant + cuBLAS) so the dispatch rule is visible.
 Times: CUDA-event medians, L2 flushed before each call (``alignlab.bench.compare``);
-"% copy BW" uses the device-to-device copy measured in the same run.
+"% copy BW" uses the device-to-device copy measured in the same run.  With
+``--graphs`` the dequantize and M <= 16 rows are instead CUDA-graph replays over
+rotating weights (no host overhead, no L2 reuse), each against a device copy of
+the same number of bytes timed the same way (:func:`decode_rows`).
 
 Also checks, on the GPU, that alignlab's quantization gives the same bytes as
 bitsandbytes' CUDA ``quantize_4bit``.
 
-    python benchmarks/nf4.py [--quick] [--out PATH]
+    python benchmarks/nf4.py [--quick] [--graphs] [--out PATH]
 """
 
 from __future__ import annotations
@@ -73,26 +76,6 @@ def _with(module, attr, value, fn):
     return wrapped
 
 
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph (replayed per call): times without host launch overhead.
-
-    At decode shapes one call moves a few MB in a few microseconds, less than the
-    Python + launch cost of any contestant, so eager timings there measure the host.
-    Falls back to ``fn`` when capture fails (the row then says so in its name's meta).
-    """
-    try:
-        fn()  # compile / autotune outside the capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g.replay
-    except Exception as exc:  # pragma: no cover - depends on the peer library
-        print(f"graph capture failed ({type(exc).__name__}: {exc}); timing eagerly")
-        torch.cuda.synchronize()
-        return fn
-
-
 def _nf4_bytes(N, K, t):
     return N * K / 2 + t.absmax.numel() * t.absmax.element_size() + 4 * t.nested_absmax.numel()
 
@@ -122,6 +105,114 @@ def byte_check(F, shapes):
     return out
 
 
+L2_BYTES = 200e6  # rotate inputs until each timed graph touches this much (H100 L2: 50 MB)
+
+
+def _graph_us(fns, reps=7):
+    """Median µs per call of a CUDA graph that calls ``fns[0]``, ``fns[1]``, ... once each.
+
+    Decode-sized calls move a few MB in a few µs: timed eagerly they measure the
+    host's launch overhead, and repeated on one buffer they measure the L2 cache.
+    So each contestant is captured as one graph over ``len(fns)`` calls on
+    *different* inputs (together larger than the L2) and the replay time is divided
+    by that count.  The copy it is compared with is timed the same way.
+    """
+    for f in fns[:2]:
+        f()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
+def _copy_us(nbytes):
+    """Device-to-device copy moving ``nbytes`` (read + written), best of torch's memcpy and a Triton copy."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(src, dst, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + o, tl.load(src + o, mask=o < n), mask=o < n)
+
+    half = int(nbytes // 2)
+    count = max(2, -(-int(L2_BYTES) // max(half, 1)))
+    src = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(count)]
+    dst = [torch.empty_like(b) for b in src]
+    memcpy = _graph_us([lambda b=b, d=d: d.copy_(b) for b, d in zip(src, dst)])
+    grid = (triton.cdiv(half, 8192),)
+    kernel = _graph_us([lambda b=b, d=d: _copy[grid](b, d, half, BLOCK=8192, num_warps=8)
+                        for b, d in zip(src, dst)])
+    return min(memcpy, kernel)
+
+
+def decode_rows(bnb, F, N, K, sections, dt=torch.bfloat16):
+    """Dequantize and M = 1 / 4 / 16 products on rotating weights, CUDA-graph timed; one dict per row."""
+    t = nf4_quantize(torch.randn(N, K, device="cuda", dtype=dt) * 0.02, blocksize=64, double_quant=True)
+    wbytes = _nf4_bytes(N, K, t)
+    count = max(3, -(-int(L2_BYTES) // int(wbytes)))
+    ts = [t] + [nf4_quantize(torch.randn(N, K, device="cuda", dtype=dt) * 0.02, blocksize=64)
+                for _ in range(count - 1)]
+    qs = []
+    if F is not None:
+        qs = [F.quantize_4bit(torch.randn(N, K, device="cuda", dtype=dt) * 0.02, blocksize=64, quant_type="nf4",
+                              compress_statistics=True) for _ in range(count)]
+    wds = [nf4_dequantize(t, dt)] + [torch.randn(N, K, device="cuda", dtype=dt)
+                                     for _ in range(max(1, -(-int(L2_BYTES) // (2 * N * K)) - 1))]
+    rows = []
+
+    def row(name, moved, cont, **extra):
+        copy = _copy_us(moved)
+        r = {"name": name, "N": N, "K": K, "bytes": moved, "copy_us": copy, **extra}
+        for k, fns in cont.items():
+            r[f"{k}_us"] = _graph_us(fns)
+            r[f"{k}_pct_copy"] = 100 * copy / r[f"{k}_us"]
+        for k in cont:
+            if k != "alignlab":
+                r[f"{k}_over_alignlab"] = r[f"{k}_us"] / r["alignlab_us"]
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        rows.append(r)
+
+    if "dequant" in sections:
+        out = nf4_dequant(t, dt)
+        torch.testing.assert_close(out, wds[0], rtol=2 ** -7, atol=0)
+        cont = {"alignlab": [lambda tt=tt: nf4_dequant(tt, dt) for tt in ts]}
+        if F is not None:
+            cont["bnb"] = [lambda q=q: F.dequantize_4bit(q[0], q[1], quant_type="nf4") for q in qs]
+        row("dequant", wbytes + 2 * N * K, cont)
+    for M in (1, 4, 16):
+        if f"m{M}" not in sections:
+            continue
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        ref = x.double() @ wds[0].double().T
+        err = _rel(nf4_matmul(x, t), ref)
+        assert err < 1e-2, err
+        cont = {"alignlab": [lambda tt=tt: nf4_matmul(x, tt) for tt in ts]}
+        extra = {"M": M, "rel_err": err}
+        if F is not None:
+            cont["bnb"] = [lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]) for q in qs]
+            extra["bnb_rel_err"] = _rel(bnb.matmul_4bit(x, qs[0][0].t(), quant_state=qs[0][1]),
+                                        x.double() @ F.dequantize_4bit(qs[0][0], qs[0][1]).double().T)
+        cont["bf16"] = [lambda wd=wd: torch.nn.functional.linear(x, wd) for wd in wds]
+        if M > 1:
+            cont["alignlab_dequant_mm"] = [lambda tt=tt: torch.nn.functional.linear(x, nf4_dequant(tt, dt))
+                                           for tt in ts]
+        row(f"M={M}", wbytes + 2 * M * (N + K), cont, **extra)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="first two shapes only")
@@ -129,7 +220,8 @@ def main(argv=None):
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--sections", default="check,dequant,m1,m4,m16,m4096,bwd")
     p.add_argument("--graphs", action="store_true",
-                   help="time CUDA-graph replays (no host launch overhead; decode-style)")
+                   help="dequant / M<=16 rows: CUDA-graph replays over rotating weights, against a copy of the "
+                        "same bytes timed the same way (decode-style; see decode_rows)")
     p.add_argument("--variants", action="store_true",
                    help="also time the fused tl.dot kernel and the pipelined path at M=4096 (slow)")
     args = p.parse_args(argv)
@@ -159,8 +251,6 @@ def main(argv=None):
     kw = dict(rep=args.rep, memory=False)
 
     def run(name, contestants, shape_meta, bytes_moved=None, flops=None):
-        if args.graphs:
-            contestants = {k: _graphed(f) for k, f in contestants.items()}
         c = compare(contestants, name=name, bytes_moved=bytes_moved, flops=flops, meta=shape_meta, **kw)
         print(c.table(), flush=True)
         comps.append(c)
@@ -179,6 +269,13 @@ def main(argv=None):
         return c
 
     for N, K in shapes:
+        if args.graphs:
+            summary.extend(decode_rows(bnb, F, N, K, sections))
+            meta["summary"] = summary
+            save_results(args.out, comps, meta=meta)
+            sections_here = sections - {"dequant", "m1", "m4", "m16"}
+        else:
+            sections_here = sections
         w = (torch.randn(N, K, device="cuda", dtype=dt) * 0.02)
         t = nf4_quantize(w, blocksize=64, double_quant=True)
         wd = nf4_dequantize(t, dt)
@@ -189,7 +286,7 @@ def main(argv=None):
         del w
         sm = {"N": N, "K": K}
 
-        if "dequant" in sections:
+        if "dequant" in sections_here:
             out = nf4_dequant(t, dt)
             # the kernel may fuse the double-quant scale into an FMA: allow one 16-bit rounding step
             torch.testing.assert_close(out, wd, rtol=2 ** -7, atol=0)
@@ -200,7 +297,7 @@ def main(argv=None):
             run("dequant", cont, sm, bytes_moved=wbytes + 2 * N * K)
 
         for M in [1, 4, 16]:
-            if f"m{M}" not in sections:
+            if f"m{M}" not in sections_here:
                 continue
             x = torch.randn(M, K, device="cuda", dtype=dt)
             ref = x.double() @ wd.double().T

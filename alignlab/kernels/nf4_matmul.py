@@ -10,18 +10,18 @@ Backward to the input (the weight is frozen, so this is the only product):
 
 The fused kernels load ``(BLOCK_N, BLOCK_K / 2)`` tiles of packed bytes and turn
 them into values ``q[c] * s`` in registers (see :mod:`alignlab.kernels.nf4_dequant`),
-never writing the full weight; the GEMV kernel reduces them on CUDA cores, the
-``tl.dot`` kernels feed the tensor cores.
+never writing the full weight, and feed them to ``tl.dot``.
 
 Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= GEMV_MAX_M`` (default 1, decode): the split-K GEMV kernel (no tensor
-  cores; one quantization block per step, per-block scaling of partial sums).  It handles ``M <= 16``, but at ``M = 4`` and ``16``
-  dequantize + cuBLAS was measured faster, so the default only sends ``M = 1``.
-  It does **not** reach the issue's bandwidth target yet (best measured: 15% of
-  copy bandwidth at 28672x8192, with a 256-entry level-pair table since replaced
-  by the 16-entry codebook; bitsandbytes' GEMV reaches 37%).
+* ``M <= SMALL_M`` (16, decode; ``K % blocksize == 0``, blocksize <= 256):
+  :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
+  ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked
+  up in registers.  Measured (CUDA graphs, H100): 1.3-1.6x faster than a bf16
+  cuBLAS GEMV at ``M = 1`` and on par with bitsandbytes' (0.85-1.06x); at
+  ``M = 16`` 0.95-1.25x the bf16 time and 1.5-2.7x faster than bitsandbytes.
+  ``ALIGNLAB_NF4_SMALL=0`` sends these rows to dequantize + cuBLAS instead.
 * everything else (and odd ``K``, blocksizes > 256): the Triton dequantization
   kernel into a temporary, then cuBLAS.  At training shapes this costs
   ``2.5 N K`` bytes against ``2 M N K`` flops, ~10% over a bf16 product at
@@ -38,13 +38,13 @@ The torch reference (``ALIGNLAB_KERNELS=torch`` or CPU tensors) is
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.kernels.nf4_small import small_m_matmul
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -64,11 +64,9 @@ SMALL_M = 16
 # M from 16 to 4096 (M=32: 0.65 ms vs 0.033 ms; M=4096: 6.9 ms vs 0.19 ms) -- the register-dequantized
 # tile has to be re-laid-out for the tensor cores, and that costs more than writing and re-reading it.
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
-# M <= GEMV_MAX_M takes the tensor-core-free GEMV kernel (needs in_features % blocksize == 0, blocksize
-# <= 256).  The kernel handles M <= 16, but on an H100 it beat dequant + cuBLAS only at M = 1 (28672x8192:
-# 0.27 ms vs ~0.42 ms); at M = 4 / 16 dequant + cuBLAS was faster (0.42 vs 0.47 ms, 0.42 vs 1.5 ms).
-USE_GEMV = os.environ.get("ALIGNLAB_NF4_GEMV", "1") != "0"
-GEMV_MAX_M = int(os.environ.get("ALIGNLAB_NF4_GEMV_MAX_M", "1"))
+# M <= SMALL_M takes alignlab.kernels.nf4_small (needs in_features % blocksize == 0, blocksize <= 256):
+# on an H100 it beat dequant + cuBLAS at every benchmark shape for M = 1, 4 and 16 (1.5-2.5x).
+USE_SMALL = os.environ.get("ALIGNLAB_NF4_SMALL", "1") != "0"
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
 PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
 
@@ -223,64 +221,8 @@ if triton is not None:
                          dx_ptr, M, N, K, stride_dym, stride_dxm, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT, IEEE,
                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
-    _fwd_small, _fwd_large = _tuned(_fwd, True), _tuned(_fwd, False)
+    _fwd_large = _tuned(_fwd, False)
     _bwd_small, _bwd_large = _tuned(_bwd, True), _tuned(_bwd, False)
-
-    @triton.jit
-    def _nf4_gemv_kernel(
-        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        N, K, stride_xm, k_per_split,
-        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        M: tl.constexpr, BLOCK_MP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= 16 and K % BLOCKSIZE == 0; no tensor cores.
-
-        Each step reads one quantization block of ``BLOCK_N`` rows, a ``(BLOCK_N,
-        BLOCKSIZE / 2)`` byte tile, so every row of the tile has a single scale and
-        no reshaping is needed:  sum_i q_i s_b x_i = s_b sum_i q_i x_i  (+ tau_b sum_i x_i).
-        Levels come from the 16-entry codebook, x is read as
-        its even / odd halves (no nibble interleave), and the dequantized tile is reused
-        for all M rows of x.  With ``SPLIT > 1`` programs also split K and add into an
-        fp32 ``y`` atomically (enough programs to keep the memory system busy).
-        """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        HB: tl.constexpr = BLOCKSIZE // 2
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rows = rn.to(tl.int64)
-        rmp = tl.arange(0, BLOCK_MP)
-        jj = tl.arange(0, HB)
-        half_k = K // 2
-        nb_row = K // BLOCKSIZE
-        acc = tl.zeros((BLOCK_MP, BLOCK_N), dtype=tl.float32)
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, K)
-        for k0 in range(k_start, k_end, BLOCKSIZE):
-            kb = k0 // 2 + jj
-            byte = tl.load(data_ptr + rows[:, None] * half_k + kb[None, :], mask=nmask[:, None], other=0)
-            byte = byte.to(tl.int32)
-            # 16-entry fp32 table: 64 bytes, one cache line, so a warp's gather is one L1 wavefront
-            # (a 256-entry table of level pairs spans 16 lines and measured slower in nf4_dequant)
-            hi = tl.load(code_ptr + (byte >> 4))
-            lo = tl.load(code_ptr + (byte & 15))
-            bidx = rows * nb_row + k0 // BLOCKSIZE
-            s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nmask, DOUBLE, NESTED_BS)
-            if HAS_SHIFT:
-                tau = tl.load(shift_ptr + bidx, mask=nmask, other=0.0)
-            for m in tl.static_range(M):
-                xe = tl.load(x_ptr + m * stride_xm + 2 * kb).to(tl.float32)
-                xo = tl.load(x_ptr + m * stride_xm + 2 * kb + 1).to(tl.float32)
-                part = tl.sum(hi * xe[None, :] + lo * xo[None, :], axis=1) * s
-                if HAS_SHIFT:
-                    part += tau * tl.sum(xe + xo, axis=0)
-                acc += tl.where(rmp[:, None] == m, part[None, :], 0.0)
-        dst = y_ptr + rmp[:, None].to(tl.int64) * N + rn[None, :]
-        omask = (rmp[:, None] < M) & nmask[None, :]
-        if SPLIT > 1:
-            tl.atomic_add(dst, acc, mask=omask)
-        else:
-            tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
     def _nf4_dequant_tile_kernel(
@@ -300,51 +242,6 @@ if triton is not None:
         lk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         dst = out_ptr + ln[:, None].to(tl.int64) * stride_out + lk[None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
-
-    _gemv_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for bn, w, st in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (256, 8, 1),
-                                   (512, 8, 2), (64, 2, 4), (128, 4, 1)]],
-        key=["N", "K", "M", "BLOCKSIZE", "DOUBLE", "SPLIT"],
-        reset_to_zero=["y_ptr"],
-    )(_nf4_gemv_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _gemv(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Small-M path (M <= 16, K % blocksize == 0)."""
-    M, K = x2.shape
-    N = t.shape[0]
-    nb_row = K // t.blocksize
-    if interpreting():
-        split = 2 if nb_row >= 2 else 1
-    else:
-        sms = _sm_count(x2.device)
-        # about four programs per SM when the output rows alone (tiles of ~128) are too few
-        split = max(1, min(nb_row // 2, triton.cdiv(4 * sms, triton.cdiv(N, 128))))
-    per_blocks = triton.cdiv(nb_row, split)
-    split = triton.cdiv(nb_row, per_blocks)
-    acc_dtype = torch.float32 if split > 1 else x2.dtype
-    y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x2.device, dtype=acc_dtype)
-    st = _state_args(t)
-    args = (x2, *st, y, N, K, x2.stride(0),
-            per_blocks * t.blocksize)
-    meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, M=M, BLOCK_MP=triton.next_power_of_2(M), SPLIT=split)
-    if interpreting():
-        _nf4_gemv_kernel[(triton.cdiv(N, 16), split)](*args, **meta, BLOCK_N=16)
-    else:
-        _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]), split)](*args, **meta)
-    if bias is not None:
-        y = y + bias
-    return y.to(x2.dtype)
-
-
-
 
 
 def _state_args(t: NF4Tensor):
@@ -408,8 +305,8 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if M <= min(GEMV_MAX_M, SMALL_M) and K % t.blocksize == 0 and t.blocksize <= 256 and USE_GEMV:
-        return _gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
+    if M <= SMALL_M and K % t.blocksize == 0 and t.blocksize <= 256 and USE_SMALL:
+        return small_m_matmul(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -424,8 +321,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _fwd[grid](*args, **meta, **cfg)
     else:
-        kern = _fwd_small if M <= SMALL_M else _fwd_large
-        kern[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        _fwd_large[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
     return y.reshape(*lead, N)
 
 

@@ -35,11 +35,10 @@ SHAPES = [(40, 64, 1), (37, 128, 1), (21, 256, 2), (33, 70, 5), (17, 96, 16), (2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,K,M", SHAPES)
 def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
-    """GEMV kernel (M <= 16) / dequant + matmul, and the fused tl.dot kernels."""
-    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
+    """Small-M kernels (M <= 16) / dequant + matmul, and the fused tl.dot kernels."""
     if fused:
         monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
-        monkeypatch.setattr(mm, "USE_GEMV", False)
+        monkeypatch.setattr(mm, "USE_SMALL", False)
     t, x, dy, b, wd = _case(N, K, M, dtype, double_quant=(N % 2 == 0))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     y = nf4_matmul(x, t, b)
@@ -52,17 +51,16 @@ def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_matmul_interpreter_odd_k_icq_and_batch_dims(fused, triton_mode, monkeypatch):
-    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
     if fused:
         monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
-        monkeypatch.setattr(mm, "USE_GEMV", False)
+        monkeypatch.setattr(mm, "USE_SMALL", False)
     t, x, dy, b, wd = _case(12, 33, 4, torch.float32, icq=True)
     y = nf4_matmul(x.reshape(2, 2, 33), t)
     assert y.shape == (2, 2, 12)
     assert _rel(y.reshape(4, 12), x.double() @ wd.T) < 1e-5
     t, x, dy, b, wd = _case(16, 64, 3, torch.float32, icq=True)
     assert _rel(nf4_matmul(x, t), x.double() @ wd.T) < 1e-5
-    assert _rel(nf4_matmul(x[:1], t), x[:1].double() @ wd.T) < 1e-5  # GEMV + shift
+    assert _rel(nf4_matmul(x[:1], t), x[:1].double() @ wd.T) < 1e-5  # M = 1 kernel + shift
     assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-5
 
 
@@ -88,8 +86,7 @@ def test_errors():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (1000, 334, 1), (1000, 334, 7), (4096, 1024, 16),
                                    (333, 512, 17), (4096, 4096, 100), (1024, 4096, 300), (3000, 1002, 16)])
-def test_matmul_cuda(N, K, M, dtype, monkeypatch):
-    monkeypatch.setattr(mm, "GEMV_MAX_M", 16)
+def test_matmul_cuda(N, K, M, dtype):
     t, x, dy, b, wd = _case(N, K, M, dtype, blocksize=64, device="cuda")
     y = nf4_matmul(x, t, b)
     assert _rel(y, x.double() @ wd.T + b.double()) < 1e-2

@@ -1,0 +1,102 @@
+"""Small-M NF4 kernels (alignlab.kernels.nf4_small) vs the float64 product of the reference dequantization."""
+
+import pytest
+import torch
+
+from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+pytest.importorskip("triton")
+from alignlab.kernels.nf4_small import _decode4_asm, small_m_matmul  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _case(N, K, M, dtype, blocksize, double_quant=True, icq=False, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.1
+    t = nf4_quantize(w.to(device), blocksize=blocksize, double_quant=double_quant,
+                     calibrate="icq" if icq else None, icq_steps=4)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype)
+    return t, x, b, nf4_dequantize(t, torch.float32).double().cpu()
+
+
+# (N, K, M, blocksize): N not a multiple of any tile, K one block / several / not a multiple of the split,
+# M = 1 (GEMV) and 2..16 (tl.dot), blocksizes 32..256
+CASES = [(1, 64, 1, 64), (37, 192, 1, 64), (40, 96, 1, 32), (17, 512, 1, 256), (33, 128, 2, 32), (21, 320, 5, 64),
+         (16, 256, 16, 128), (9, 64, 11, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,K,M,bs", CASES)
+def test_small_m_interpreter(N, K, M, bs, dtype, triton_mode):
+    t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    y = small_m_matmul(x, t)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert _rel(y, x.double().cpu() @ wd.T) < tol
+    yb = small_m_matmul(x, t, b)
+    assert _rel(yb, x.double().cpu() @ wd.T + b.double().cpu()) < tol
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("split", [1, 3, 64])
+def test_split_and_icq_shift(kernel, split, triton_mode):
+    """Every K split (none, uneven, more slices than blocks) and the ICQ shift tau."""
+    t, x, b, wd = _case(19, 448, 1, torch.float32, 32, icq=True)
+    assert t.shift is not None
+    y = small_m_matmul(x, t, kernel=kernel, split=split, nb=2)
+    assert _rel(y, x.double() @ wd.T) < 1e-5
+
+
+def test_bad_arguments(triton_mode):
+    t, x, b, wd = _case(8, 64, 2, torch.float32, 32)
+    with pytest.raises(ValueError, match="gemv"):
+        small_m_matmul(x, t, kernel="gemv")
+    with pytest.raises(ValueError, match="kernel"):
+        small_m_matmul(x, t, kernel="mma")
+    with pytest.raises(ValueError, match="1..16"):
+        small_m_matmul(torch.randn(17, 64), t)
+
+
+def test_register_codebook_matches_levels():
+    """The PTX table (two byte planes of the fp16 levels) encodes exactly the fp16-rounded NF4 codebook."""
+    from alignlab.quant.nf4 import nf4_code
+
+    asm = _decode4_asm()
+    consts = {}
+    for line in asm.splitlines():
+        if line.startswith("mov.b32 ") and line.split()[1].rstrip(",")[0] in "LH":
+            name, value = line[len("mov.b32 "):].rstrip(";").split(", ")
+            consts[name] = int(value)
+    lo = b"".join(consts[f"L{i}"].to_bytes(4, "little") for i in range(4))
+    hi = b"".join(consts[f"H{i}"].to_bytes(4, "little") for i in range(4))
+    bits = torch.tensor([lo[i] | hi[i] << 8 for i in range(16)], dtype=torch.int32).to(torch.int16)
+    levels = bits.view(torch.float16).float()
+    assert torch.equal(levels, nf4_code(torch.device("cpu")).half().float())
+    assert (levels - nf4_code(torch.device("cpu"))).abs().max() <= 3e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,K,M,bs", [(4096, 4096, 1, 64), (1000, 320, 1, 64), (4097, 4160, 16, 64),
+                                      (129, 256, 16, 128), (65, 512, 5, 256), (33, 96, 1, 32), (300, 640, 3, 64)])
+def test_small_m_cuda(N, K, M, bs, dtype):
+    """GPU paths: in-register codebook (16-bit x) and gathered fp32 levels (fp32 x), every kernel and split."""
+    t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1), device="cuda")
+    ref = x.double().cpu() @ wd.T + b.double().cpu()
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for kernel in (["gemv", "dot"] if M == 1 else ["dot"]):
+        for split in (1, 8):
+            y = small_m_matmul(x, t, b, kernel=kernel, split=split)
+            assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
+
+
+@pytest.mark.cuda
+def test_small_m_cuda_icq_shift():
+    t, x, b, wd = _case(300, 640, 1, torch.bfloat16, 64, icq=True, device="cuda")
+    for M in (1, 7):
+        xm = torch.randn(M, 640, device="cuda", dtype=torch.bfloat16)
+        assert _rel(small_m_matmul(xm, t).cpu(), xm.double().cpu() @ wd.T) < 5e-3
