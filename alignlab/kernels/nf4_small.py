@@ -218,20 +218,6 @@ def _state_args(t: NF4Tensor):
     )
 
 
-if triton is not None:
-    # Candidates measured best on an H100 for some benchmark shape (benchmarks/nf4.py); the autotuner
-    # picks per (N, K, M).  Split slices add into a zeroed fp32 buffer, hence reset_to_zero.
-    _KEY = ["N", "K", "BLOCKSIZE", "DOUBLE", "ASM"]
-    _gemv_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "NB": nb, "SPLIT": sp}, num_warps=4, num_stages=1)
-                 for bn, nb, sp in [(64, 2, 8), (64, 2, 4), (32, 4, 4)]],
-        key=_KEY, reset_to_zero=["y_ptr"])(_gemv_kernel)
-    _dot_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "NB": nb, "SPLIT": sp}, num_warps=w, num_stages=1)
-                 for bn, nb, sp, w in [(128, 1, 8, 4), (128, 2, 8, 8), (64, 2, 8, 4), (128, 1, 4, 4)]],
-        key=_KEY + ["M"], reset_to_zero=["y_ptr"])(_dot_kernel)
-
-
 def small_m_matmul(
     x2: torch.Tensor,
     t: NF4Tensor,
@@ -253,10 +239,12 @@ def small_m_matmul(
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
         kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
-        block_n, nb, split, num_warps: a fixed launch configuration (rows per
-            program, quantization blocks per step, K slices); when none of
-            ``block_n / nb / split`` is given the autotuner picks among the
-            configurations measured best on an H100.
+        block_n, nb, split, num_warps: launch configuration (rows per program,
+            quantization blocks per step, K slices).  Defaults, the best measured
+            across the benchmark shapes on an H100 (``benchmarks/nf4.py``):
+            64 rows x 2 blocks for ``"gemv"``, 128 rows x 1 block for ``"dot"``,
+            K split 8 ways, 4 warps.  (An autotuner over the per-shape winners was
+            tried and measured no better: its picks lost up to 14% at 28672x8192.)
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
 
     Returns:
@@ -273,34 +261,26 @@ def small_m_matmul(
         raise ValueError(f"x2 must have 1..16 rows, got {M}")
     if asm is None:
         asm = x2.dtype != torch.float32 and torch.version.hip is None
-    fixed = interpreting() or block_n is not None or nb is not None or split is not None
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
         block_n = block_n or (64 if kernel == "gemv" else 128)
         nb = nb or (2 if kernel == "gemv" else 1)
         split = split or 8
-    atomic = not fixed or split > 1
+    atomic = split > 1
     y = (torch.zeros if atomic else torch.empty)(M, N, device=x2.device,
                                                  dtype=torch.float32 if atomic else x2.dtype)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ASM=bool(asm) and not interpreting())
-    if fixed:
-        meta.update(BLOCK_N=block_n, NB=nb, SPLIT=split)
-        if not interpreting():
-            meta.update(num_warps=num_warps, num_stages=1)
-        grid = (triton.cdiv(N, block_n), split)
-        gemv, dot = _gemv_kernel, _dot_kernel
-    else:
-        def grid(c):
-            return triton.cdiv(N, c["BLOCK_N"]), c["SPLIT"]
-
-        gemv, dot = _gemv_tuned, _dot_tuned
+    meta.update(BLOCK_N=block_n, NB=nb, SPLIT=split)
+    if not interpreting():
+        meta.update(num_warps=num_warps, num_stages=1)
+    grid = (triton.cdiv(N, block_n), split)
     if kernel == "gemv":
-        gemv[grid](x2, *_state_args(t), y, N, K, K // 2, **meta)
+        _gemv_kernel[grid](x2, *_state_args(t), y, N, K, K // 2, **meta)
     else:
-        dot[grid](x2, *_state_args(t), y, M, N, K, K // 2, x2.stride(0), y.stride(0),
-                  IEEE=x2.dtype == torch.float32, BLOCK_M=16, **meta)
+        _dot_kernel[grid](x2, *_state_args(t), y, M, N, K, K // 2, x2.stride(0), y.stride(0),
+                          IEEE=x2.dtype == torch.float32, BLOCK_M=16, **meta)
     if bias is not None:
         y = y.add_(bias.float()) if atomic else y.float() + bias.float()
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
