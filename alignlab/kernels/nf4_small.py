@@ -103,9 +103,9 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        N, K, half_k,
+        N, K, half_k, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
@@ -118,8 +118,6 @@ if triton is not None:
         rj = tl.arange(0, HB)
         rt = tl.arange(0, 2)
         nb_row = K // BLOCKSIZE
-        # SPLIT slices of whole NB-block steps; trailing slices may be empty
-        k_per_split = tl.cdiv(tl.cdiv(K, NB * BLOCKSIZE), SPLIT) * (NB * BLOCKSIZE)
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         acc = tl.zeros((BLOCK_N, NB, HB), dtype=tl.float32)
@@ -140,7 +138,7 @@ if triton is not None:
                 tau = tl.load(shift_ptr + bidx, mask=m2, other=0.0)
                 acc += tau[:, :, None] * (xe + xo)[None, :, :]
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if SPLIT > 1:
+        if ATOMIC:
             tl.atomic_add(y_ptr + rn, y, mask=nmask)
         else:
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -148,9 +146,9 @@ if triton is not None:
     @triton.jit
     def _dot_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        M, N, K, half_k, stride_xm, stride_ym,
+        M, N, K, half_k, stride_xm, stride_ym, k_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        IEEE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NB: tl.constexpr, ASM: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0."""
@@ -166,8 +164,6 @@ if triton is not None:
         rj = tl.arange(0, HB)
         rt = tl.arange(0, 2)
         nb_row = K // BLOCKSIZE
-        # SPLIT slices of whole NB-block steps; trailing slices may be empty
-        k_per_split = tl.cdiv(tl.cdiv(K, NB * BLOCKSIZE), SPLIT) * (NB * BLOCKSIZE)
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         x_rows = x_ptr + rm.to(tl.int64)[:, None, None, None] * stride_xm
@@ -201,7 +197,7 @@ if triton is not None:
                 acc += tl.dot(xo, tl.trans(lo.to(xo.dtype)))
         dst = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         omask = mmask[:, None] & nmask[None, :]
-        if SPLIT > 1:
+        if ATOMIC:
             tl.atomic_add(dst, acc, mask=omask)
         else:
             tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=omask)
@@ -227,7 +223,7 @@ def small_m_matmul(
     block_n: int | None = None,
     nb: int | None = None,
     split: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     asm: bool | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= 16``.
@@ -240,11 +236,10 @@ def small_m_matmul(
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
         kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
         block_n, nb, split, num_warps: launch configuration (rows per program,
-            quantization blocks per step, K slices).  Defaults, the best measured
-            across the benchmark shapes on an H100 (``benchmarks/nf4.py``):
-            64 rows x 2 blocks for ``"gemv"``, 128 rows x 1 block for ``"dot"``,
-            K split 8 ways, 4 warps.  (An autotuner over the per-shape winners was
-            tried and measured no better: its picks lost up to 14% at 28672x8192.)
+            quantization blocks per step, K slices, warps).  Defaults, the best
+            measured on an H100 (``benchmarks/nf4.py``): 64 rows x 2 blocks for
+            ``"gemv"``; for ``"dot"`` 128 rows x 1 block when ``N > 4096``, else
+            64 x 2 (``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways.
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
 
     Returns:
@@ -264,22 +259,36 @@ def small_m_matmul(
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
-        block_n = block_n or (64 if kernel == "gemv" else 128)
-        nb = nb or (2 if kernel == "gemv" else 1)
+        # Best configs of an H100 sweep (benchmarks/RESULTS.md): with few output rows (N <= 4096) the
+        # tl.dot kernel wants two blocks per step (up to 13% faster there, no gain for larger N).
+        if kernel == "gemv":
+            cfg = (64, 2, 4)
+        elif N > 4096:
+            cfg = (128, 1, 4)
+        else:
+            cfg = (64, 2, 4) if M <= 4 else (128, 2, 8)
+        block_n, nb = block_n or cfg[0], nb or cfg[1]
+        num_warps = num_warps or cfg[2]
         split = split or 8
+    # SPLIT slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
+    # the kernel: Triton then knows it is a multiple of 16 and vectorizes the loads (computing it in the
+    # kernel measured 10-20% slower for the tl.dot kernel on an H100).
+    step = nb * t.blocksize
+    per = triton.cdiv(triton.cdiv(K, step), split) * step
+    split = triton.cdiv(K, per)
     atomic = split > 1
     y = (torch.zeros if atomic else torch.empty)(M, N, device=x2.device,
                                                  dtype=torch.float32 if atomic else x2.dtype)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ASM=bool(asm) and not interpreting())
-    meta.update(BLOCK_N=block_n, NB=nb, SPLIT=split)
+    meta.update(BLOCK_N=block_n, NB=nb, ATOMIC=atomic)
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=1)
     grid = (triton.cdiv(N, block_n), split)
     if kernel == "gemv":
-        _gemv_kernel[grid](x2, *_state_args(t), y, N, K, K // 2, **meta)
+        _gemv_kernel[grid](x2, *_state_args(t), y, N, K, K // 2, per, **meta)
     else:
-        _dot_kernel[grid](x2, *_state_args(t), y, M, N, K, K // 2, x2.stride(0), y.stride(0),
+        _dot_kernel[grid](x2, *_state_args(t), y, M, N, K, K // 2, x2.stride(0), y.stride(0), per,
                           IEEE=x2.dtype == torch.float32, BLOCK_M=16, **meta)
     if bias is not None:
         y = y.add_(bias.float()) if atomic else y.float() + bias.float()
