@@ -19,8 +19,8 @@ from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
   :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
   ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked
   up in registers.  Measured (CUDA graphs, H100): 1.3-1.6x faster than a bf16
-  cuBLAS GEMV at ``M = 1`` and on par with bitsandbytes' (0.85-1.06x); at
-  ``M = 16`` 0.95-1.25x the bf16 time and 1.5-2.7x faster than bitsandbytes.
+  cuBLAS GEMV at ``M = 1`` and on par with bitsandbytes' (0.86-1.05x); at
+  ``M = 16`` 0.91-1.16x the bf16 speed and 1.5-2.8x faster than bitsandbytes.
   ``ALIGNLAB_NF4_SMALL=0`` sends these rows to dequantize + cuBLAS instead.
 * everything else (and odd ``K``, blocksizes > 256): the Triton dequantization
   kernel into a temporary, then cuBLAS.  At training shapes this costs
@@ -65,7 +65,7 @@ SMALL_M = 16
 # tile has to be re-laid-out for the tensor cores, and that costs more than writing and re-reading it.
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
 # M <= SMALL_M takes alignlab.kernels.nf4_small (needs in_features % blocksize == 0, blocksize <= 256):
-# on an H100 it beat dequant + cuBLAS at every benchmark shape for M = 1, 4 and 16 (1.5-2.5x).
+# on an H100 it beat dequant + cuBLAS at every benchmark shape for M = 4 and 16 (1.5-3.2x).
 USE_SMALL = os.environ.get("ALIGNLAB_NF4_SMALL", "1") != "0"
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
 PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))

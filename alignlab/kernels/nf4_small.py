@@ -263,7 +263,7 @@ def small_m_matmul(
         # tl.dot kernel wants two blocks per step (up to 13% faster there, no gain for larger N).
         if kernel == "gemv":
             cfg = (64, 2, 4)
-        elif N > 4096:
+        elif N > 4096 or t.blocksize > 64 or x2.dtype == torch.float32:
             cfg = (128, 1, 4)
         else:
             cfg = (64, 2, 4) if M <= 4 else (128, 2, 8)
