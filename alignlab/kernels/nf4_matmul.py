@@ -44,8 +44,8 @@ import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.nf4_dequant import nf4_dequant
-from alignlab.kernels.nf4_small import small_m_matmul
-from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize
+from alignlab.kernels.nf4_small import _state_args, small_m_matmul
+from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
 try:
     import triton
@@ -242,17 +242,6 @@ if triton is not None:
         lk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         dst = out_ptr + ln[:, None].to(tl.int64) * stride_out + lk[None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(ln[:, None] < rows) & (lk[None, :] < cols))
-
-
-def _state_args(t: NF4Tensor):
-    dev, dummy = t.device, t.data
-    return (
-        t.data, t.absmax,
-        t.nested_absmax if t.double_quant else dummy,
-        t.nested_offset if t.double_quant else dummy,
-        t.shift if t.shift is not None else dummy,
-        nf4_code(dev), dynamic_map(dev),
-    )
 
 
 def _meta(t: NF4Tensor, dtype: torch.dtype) -> dict:
