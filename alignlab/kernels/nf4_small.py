@@ -58,7 +58,10 @@ def _decode4_asm() -> str:
 
     ``$4`` holds four bytes; ``$0, $1`` get the fp16 levels of their high nibbles
     (as two fp16 pairs, byte order kept), ``$2, $3`` those of the low nibbles.
-    Same in-register codebook as :func:`_lut_asm`.
+    The codebook lives in eight registers as two byte planes (low and high bytes
+    of the fp16 levels); ``prmt`` looks up four codes per instruction in an
+    8-entry half, a third ``prmt`` picks the half by each code's top bit, and a
+    last one pairs the two bytes of each level.  No memory access.
     """
     bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(torch.float16).view(torch.int16).tolist()]
     lo = [b & 0xFF for b in bits]
@@ -270,7 +273,7 @@ def small_m_matmul(
         block_n, nb = block_n or cfg[0], nb or cfg[1]
         num_warps = num_warps or cfg[2]
         split = split or 8
-    # SPLIT slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
+    # `split` slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
     # the kernel: Triton then knows it is a multiple of 16 (likely why computing it in the
     # kernel measured 10-20% slower for the tl.dot kernel on an H100).
     step = nb * t.blocksize
