@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--chunks", default="256:256,256:512,512:1024",
+    ap.add_argument("--chunks", default="256:256,384:768,512:1536,1024:1024",
                     help="extra chunk_size:grad_chunk_size pairs of ours to sweep (comma list, may be empty)")
     ap.add_argument("--kernel-configs", default="", help="row-kernel BLOCK:warps pairs to sweep, e.g. 4096:16,2048:4")
     ap.add_argument("--skip-eager", action="store_true")

@@ -19,12 +19,10 @@ generalised JSD(beta)  ``beta KL(p_t||m) + (1-beta) KL(p_s||m)``  ``(1-beta) p_s
 total variation        ``1/2 sum |p_s - p_t|``                   ``1/2 p_s sign(p_s - p_t)``
 =====================  ========================================  ==============================
 
-The gradient may be written over the student logits themselves: with
-``ALIAS_HALF`` the 16-bit gradient of row ``i`` goes into the first half of
-the bytes of that row's fp32 logits (row stride ``2V`` in 16-bit elements), so
-the fused loss needs no third ``(chunk, vocab)`` buffer. A block's stores then
-land on fp32 elements this program has already read, and a barrier after the
-loads keeps every warp's reads ahead of any warp's writes.
+The gradient may be written over the student logits themselves (``grad_out`` is
+``student_logits``): sweep 3 stores each block where it has just loaded it, with
+the same layout, so every element is read before it is overwritten by the same
+thread. The fused loss relies on this to need no second ``(chunk, vocab)`` buffer.
 
 The launcher :func:`distill_rows` validates shapes; callers reach it through
 :mod:`alignlab.losses.distill`, which dispatches with
@@ -58,7 +56,6 @@ def _distill_rows_kernel(
     beta,
     KIND: tl.constexpr,
     HAS_GRAD: tl.constexpr,
-    ALIAS_HALF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -128,8 +125,6 @@ def _distill_rows_kernel(
             inb = cols < V
             ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
             lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
-            if ALIAS_HALF:
-                tl.debug_barrier()
             ps = tl.exp(ls)
             pt = tl.exp(lt)
             if KIND == 0:
@@ -166,29 +161,33 @@ def distill_rows(
     """Per-row divergence and (optionally) its gradient with respect to the student logits.
 
     Args:
-        student_logits: ``(rows, vocab)`` float32, unit stride along the vocab.
+        student_logits: ``(rows, vocab)`` float32/float16/bfloat16, unit stride along the vocab.
         teacher_logits: ``(rows, vocab)`` float32/float16/bfloat16, unit stride along the vocab.
         kind: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tv"``.
         beta: JSD mixing weight (ignored by the other kinds).
         temperature: ``tau`` in ``softmax(z / tau)``.
-        grad_scale: ``(rows,)`` float32 per-row factor on the gradient; required with ``grad_out``.
-        grad_out: ``(rows, vocab)`` output for ``dL/ds`` (times ``grad_scale``). It may be
-            ``student_logits`` itself, or a 16-bit view of its bytes with row stride ``2 * vocab``
-            (see the module docstring).
+        grad_scale: ``(rows,)`` per-row factor on the gradient; required with ``grad_out``.
+        grad_out: ``(rows, vocab)`` float output for ``dL/ds`` (times ``grad_scale``), unit stride
+            along the vocab. It may be ``student_logits`` itself (the gradient replaces the logits).
 
     Returns:
         ``(rows,)`` float32 divergence of each row (unscaled).
 
     Raises:
-        ValueError: on mismatched shapes, non-unit vocab stride or an unknown ``kind``.
+        ValueError: on mismatched shapes, unsupported dtypes, non-unit vocab stride or an unknown ``kind``.
     """
     if kind not in KIND_CODES:
         raise ValueError(f"kind must be one of {sorted(KIND_CODES)}, got {kind!r}")
-    if student_logits.dim() != 2 or student_logits.dtype != torch.float32:
-        raise ValueError("student_logits must be a 2-D float32 tensor (rows, vocab)")
-    if teacher_logits.shape != student_logits.shape:
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if student_logits.dim() != 2 or student_logits.dtype not in floats:
         raise ValueError(
-            f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}"
+            f"student_logits must be a 2-D float32/float16/bfloat16 tensor (rows, vocab), got "
+            f"{student_logits.dtype} of shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape or teacher_logits.dtype not in floats:
+        raise ValueError(
+            f"teacher_logits must be float32/float16/bfloat16 of shape {tuple(student_logits.shape)}, got "
+            f"{teacher_logits.dtype} of shape {tuple(teacher_logits.shape)}"
         )
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if x.shape[1] > 1 and x.stride(1) != 1:
@@ -198,13 +197,13 @@ def distill_rows(
     if rows == 0:
         return loss
     has_grad = grad_out is not None
-    alias_half = False
     if has_grad:
         if grad_scale is None or grad_scale.shape != (rows,):
             raise ValueError("grad_scale must be a (rows,) tensor when grad_out is given")
         if grad_out.shape != student_logits.shape or (vocab > 1 and grad_out.stride(1) != 1):
             raise ValueError("grad_out must be (rows, vocab) with unit stride along the vocab")
-        alias_half = grad_out.data_ptr() == student_logits.data_ptr() and grad_out.element_size() < 4
+        if grad_out.dtype not in floats:
+            raise ValueError(f"grad_out must be float32/float16/bfloat16, got {grad_out.dtype}")
         grad_scale = grad_scale.to(torch.float32).contiguous()
     else:
         grad_out = student_logits
@@ -224,7 +223,6 @@ def distill_rows(
         float(beta),
         KIND=KIND_CODES[kind],
         HAS_GRAD=has_grad,
-        ALIAS_HALF=alias_half,
         BLOCK=block,
         num_warps=warps,
     )

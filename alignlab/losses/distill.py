@@ -235,18 +235,6 @@ def distill_rows_torch(
     return loss, dz
 
 
-def _logits(x: torch.Tensor, w: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    """``x @ w.T`` as ``compute`` without rounding through the 16-bit input dtype on CUDA."""
-    if x.dtype == compute:
-        return x @ w.t()
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype:
-        try:
-            return torch.mm(x, w.t(), out_dtype=compute)
-        except (TypeError, RuntimeError):
-            pass
-    return (x @ w.t()).to(compute)
-
-
 def _chunk_rows(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -259,46 +247,40 @@ def _chunk_rows(
     grad_scale: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ):
-    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` in ``x.dtype``.
+    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` over the chunk's logits.
 
-    ``dL/dz`` goes into ``out`` when given (``(end - start, vocab)``), else over the bytes of
-    the chunk's own fp32 student logits.
+    The student logits ``x W^T`` are formed in ``x.dtype`` (into ``out`` when given, a
+    ``(end - start, vocab)`` buffer), as the model's own ``lm_head`` would give them; the divergence
+    is computed from them in float32. With ``grad_scale`` the gradient replaces the logits in
+    place and that buffer is returned.
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
-    s = _logits(x[start:end], w, compute)
+    s = torch.mm(x[start:end], w.t(), out=out)
     if teacher[0] == "logits":
         t = teacher[1][start:end]
-    else:
-        # 16-bit teachers give 16-bit logits, as their own forward would (and half the buffer).
-        th = teacher[1][start:end]
-        t = th @ teacher[2].t() if th.element_size() < 4 else _logits(th, teacher[2], compute)
+    else:  # a teacher's logits in its own dtype, as its forward would give them
+        t = teacher[1][start:end] @ teacher[2].t()
     scale = None if grad_scale is None else grad_scale[start:end]
-    if compute == torch.float32 and use_triton(s, t):
+    if s.dtype != torch.float64 and use_triton(s, t):
         from alignlab.kernels.distill import distill_rows
 
-        if scale is None:
-            return distill_rows(s, t, kind, beta=beta, temperature=temperature), None
-        if out is None and x.dtype == torch.float32:
-            out = s
-        elif out is None:
-            # The 16-bit gradient of each row goes into the first half of that row's fp32 bytes.
-            out = s.view(x.dtype)[:, : s.shape[1]]
-        loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale, grad_out=out)
-        return loss, out
+        loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale,
+                            grad_out=None if scale is None else s)
+        return loss, None if scale is None else s
     loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale)
     if dz is None:
         return loss, None
-    if out is None:
-        return loss, dz.to(x.dtype)
-    out.copy_(dz)
-    return loss, out
+    return loss, s.copy_(dz)
 
 
 def _default_chunks(n: int, vocab: int, itemsize: int, teacher_itemsize: int, weight_grad: bool) -> tuple[int, int]:
-    """Rows per logits chunk (~192 MiB of logits) and per gradient GEMM (~256 MiB of dL/dz).
+    """Rows per logits chunk and per gradient GEMM.
 
-    Without a weight gradient the gradient is written over the logits (no gathering): gathering
-    pays off through ``dW += dz^T x``, whose short inner dimension makes it memory-bound.
+    Without a weight gradient: chunks of about 192 MiB of student + teacher logits, each gradient
+    written over its own logits. With one: the student logits of about 256 MiB of rows are kept
+    (their gradients written in place) before ``dx = dz W`` and ``dW += dz^T x`` run over all of
+    them at once, because the weight-gradient GEMM has the rows as its inner dimension and is
+    slow and memory-bound (a read-modify-write of ``dW``) for short ones; the teacher's logits are
+    formed half of those rows at a time (about 128 MiB for a 16-bit teacher).
     """
 
     def fit(budget: int, row_bytes: int) -> int:
@@ -307,49 +289,56 @@ def _default_chunks(n: int, vocab: int, itemsize: int, teacher_itemsize: int, we
             rows -= rows % 64  # GEMM-friendly row counts
         return max(1, min(n, rows))
 
-    rows = fit(192 * 2**20, (4 + teacher_itemsize) * vocab)
     if not weight_grad:
+        rows = fit(192 * 2**20, (itemsize + teacher_itemsize) * vocab)
         return rows, rows
     grad_rows = fit(256 * 2**20, itemsize * vocab)
+    rows = max(1, grad_rows // 2) if grad_rows >= 2 and teacher_itemsize else grad_rows
     return rows, max(rows, grad_rows - grad_rows % rows)
+
+
+def _resolve_chunks(n, vocab, itemsize, teacher_itemsize, weight_grad, chunk_size, grad_chunk_size) -> tuple[int, int]:
+    """``(rows, grad_rows)`` from the user's ``chunk_size``/``grad_chunk_size`` (``None`` = default)."""
+    d_rows, d_grad = _default_chunks(n, vocab, itemsize, teacher_itemsize, weight_grad)
+    if chunk_size is None and grad_chunk_size is None:
+        return d_rows, d_grad
+    rows = chunk_size if chunk_size is not None else min(d_rows, grad_chunk_size)
+    grad = grad_chunk_size if grad_chunk_size is not None else (d_grad if weight_grad else rows)
+    return rows, max(rows, grad - grad % rows)
 
 
 def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want_dx, want_dw):
     """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w.
 
-    ``chunks = (rows, grad_rows)``: logits are formed ``rows`` tokens at a time; ``dL/dz`` of
-    ``grad_rows`` tokens is gathered before the two gradient GEMMs, so they run with a long
-    inner dimension (``dW += dz^T x`` is memory-bound for short ones). With
-    ``grad_rows == rows`` the gradient is written over the logits buffer and needs no extra memory.
+    ``chunks = (rows, grad_rows)``: logits are formed ``rows`` tokens at a time into one buffer of
+    ``grad_rows`` rows, where their gradients ``dL/dz`` replace them; once the buffer is full the two
+    gradient GEMMs run over it (``dW += dz^T x`` is memory-bound for short inner dimensions).
     """
     n, vocab = x.shape[0], w.shape[0]
     rows, grad_rows = chunks
-    compute = torch.promote_types(x.dtype, torch.float32)
-    losses = torch.empty(n, dtype=compute, device=x.device)
+    losses = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     need_grad = want_dx or want_dw
-    if not need_grad:
-        for start in range(0, n, rows):
-            end = min(n, start + rows)
-            losses[start:end], _ = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, None)
-        return losses, None, None
+    step = grad_rows if need_grad else rows
+    buf = torch.empty(min(step, n), vocab, dtype=x.dtype, device=x.device) if n else None
     dx = torch.empty_like(x) if want_dx else None
-    dw = torch.zeros_like(w) if want_dw else None
-    gather = grad_rows > rows
-    dz_buf = torch.empty(min(grad_rows, n), vocab, dtype=x.dtype, device=x.device) if gather and n else None
-    for g0 in range(0, n, grad_rows if gather else rows):
-        g1 = min(n, g0 + (grad_rows if gather else rows))
-        dz = None
+    dw = None
+    for g0 in range(0, n, step):
+        g1 = min(n, g0 + step)
         for start in range(g0, g1, rows):
             end = min(g1, start + rows)
-            out = dz_buf[start - g0 : end - g0] if gather else None
-            losses[start:end], dz = _chunk_rows(x, w, teacher, start, end, kind, beta, temperature, grad_scale, out)
-        if gather:
-            dz = dz_buf[: g1 - g0]
+            losses[start:end], _ = _chunk_rows(
+                x, w, teacher, start, end, kind, beta, temperature, grad_scale if need_grad else None,
+                buf[start - g0 : end - g0],
+            )
+        if not need_grad:
+            continue
+        dz = buf[: g1 - g0]
         if want_dx:
             torch.mm(dz, w, out=dx[g0:g1])
-        if want_dw:
-            dw.addmm_(dz.t(), x[g0:g1])
-        del dz
+        if want_dw:  # the first block writes dW (no zero fill, no read), later ones accumulate
+            dw = dz.t() @ x[g0:g1] if dw is None else dw.addmm_(dz.t(), x[g0:g1])
+    if want_dw and dw is None:
+        dw = torch.zeros_like(w)
     return losses, dx, dw
 
 
@@ -363,11 +352,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         want_dw = ctx.needs_input_grad[1]
         ctx.reduction = reduction
-        rows, grad_rows = chunks
-        if grad_rows is None:  # the default depends on whether the weight wants a gradient
-            grad_rows = _default_chunks(x.shape[0], w.shape[0], x.element_size(), 4, want_dw)[1]
-            grad_rows = max(rows, grad_rows - grad_rows % rows)
-        chunks = (rows, grad_rows)
+        chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), 0 if teacher_b is None else x.element_size(),
+                                 want_dw, *chunks)
         ctx.meta = (teacher[0], kind, beta, temperature, chunks)
         if reduction == "none" or not (want_dx or want_dw):
             losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
@@ -422,16 +408,313 @@ def fused_linear_distill_loss(
 
     Equal (up to float rounding) to
     ``distill_loss(student_hidden @ student_weight.T, teacher_logits, ...)``, where the teacher
-    logits are either given or ``teacher_hidden @ teacher_weight.T``. Tokens are processed in
-    chunks of ``chunk_size`` rows; only ``(chunk, vocab)`` float32 logits of the student (and of
-    the teacher, when computed here; a 16-bit teacher's logits stay 16-bit, as its own forward
-    would give them) exist at a time. Their gradient ``dL/dz`` (in the input
-    dtype) is gathered over ``grad_chunk_size`` rows before the gradient GEMMs
-    ``dx = dz W`` and ``dW += dz^T x``; with ``grad_chunk_size == chunk_size`` it is written over
-    the bytes of the chunk's own logits instead (least memory, slower GEMMs). For ``"mean"``/``"sum"`` the gradients of the
-    student hidden state and weight are computed during forward (so backward is a scale); for
-    ``"none"`` forward returns per-token losses and backward recomputes the chunk logits once,
-    weighting each token by its upstream gradient.
+    logits are either given or ``teacher_hidden @ teacher_weight.T``: logits are formed in the
+    input dtype, as the models' own ``lm_head`` layers give them (one rounding after the GEMM's
+    float32 accumulation), and the divergence and its gradient are computed from them in float32.
+    Tokens are processed ``chunk_size`` rows at a time, so only ``(chunk, vocab)`` logits exist.
+    When the student weight needs a gradient, the student logits of ``grad_chunk_size`` rows are
+    kept in one buffer, each chunk's gradient ``dL/dz`` written over its own logits, and the
+    gradient GEMMs ``dx = dz W`` and ``dW += dz^T x`` run once per full buffer (a long inner
+    dimension keeps the weight-gradient GEMM compute-bound). For ``"mean"``/``"sum"`` the
+    gradients are computed during forward (so backward is a scale); for ``"none"`` forward
+    returns per-token losses and backward recomputes the chunk logits once, weighting each token
+    by its upstream gradient.
+
+    Args:
+        student_hidden: ``(..., hidden)`` student last hidden state, e.g. ``(batch, seq, hidden)``.
+        student_weight: ``(vocab, hidden)`` student ``lm_head`` weight (no bias).
+        teacher_logits: ``(..., vocab)`` teacher logits (any float dtype). Give either this or
+            ``teacher_hidden`` + ``teacher_weight``. The teacher never receives gradients.
+        teacher_hidden: ``(..., teacher_hidden)`` teacher last hidden state.
+        teacher_weight: ``(vocab, teacher_hidden)`` teacher ``lm_head`` weight.
+        kind, beta, temperature, mask, reduction: as in :func:`distill_loss`.
+        chunk_size: rows per logits chunk. Default: half of ``grad_chunk_size`` when the teacher
+            logits are computed here and the weight needs a gradient (512 rows at
+            ``vocab=128256``, bf16), all of it with given teacher logits, and about 192 MiB of
+            student + teacher logits otherwise (384 rows).
+        grad_chunk_size: rows of logits kept for one pair of gradient GEMMs, a multiple of
+            ``chunk_size`` (rounded down). Default: about 256 MiB of logits when the weight needs
+            a gradient (1024 rows at ``vocab=128256``, bf16), else ``chunk_size``. Workspace is
+            about ``grad_chunk_size * vocab * itemsize`` plus ``chunk_size * vocab * itemsize``
+            for teacher logits computed here.
+
+    Returns:
+        Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: mismatched shapes, unknown ``kind``/``reduction``, ``beta`` outside ``[0, 1]``,
+            ``temperature <= 0``.
+        TypeError: non-tensor inputs or mask.
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor of shape (..., vocab)")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must match"
+        )
+    kind = _check_kind(kind, beta)
+    _check_common(temperature, reduction)
+    per_token = _token_divergence(student_logits, teacher_logits.detach(), kind, float(beta), float(temperature))
+    w = _weights(mask, student_logits.shape[:-1], per_token.device, per_token.dtype)
+    return _reduce(per_token, w, reduction)
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``KL(p_t || p_s)`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "forward_kl", temperature=temperature, mask=mask, reduction=reduction)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``KL(p_s || p_t)`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "reverse_kl", temperature=temperature, mask=mask, reduction=reduction)
+
+
+def generalized_jsd(
+    student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean"
+) -> torch.Tensor:
+    """Generalised JSD(beta) of GKD (arXiv:2306.13649); see :func:`distill_loss`."""
+    return distill_loss(
+        student_logits, teacher_logits, "jsd", beta=beta, temperature=temperature, mask=mask, reduction=reduction
+    )
+
+
+def total_variation(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
+    """``1/2 sum |p_s - p_t|`` per token; see :func:`distill_loss` for arguments and shapes."""
+    return distill_loss(student_logits, teacher_logits, "tv", temperature=temperature, mask=mask, reduction=reduction)
+
+
+# --------------------------------------------------------------------------- fused chunked form
+
+
+def distill_rows_torch(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    kind: str,
+    beta: float,
+    temperature: float,
+    grad_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch reference of :func:`alignlab.kernels.distill.distill_rows`.
+
+    Takes ``(rows, vocab)`` logits ``s`` (student) and ``t`` (teacher), returns the per-row
+    divergence ``(rows,)`` and, when ``grad_scale`` ``(rows,)`` is given,
+    ``grad_scale[:, None] * dL/ds`` ``(rows, vocab)`` computed in closed form:
+    ``dL/ds = (h - p_s * sum(h)) / tau`` with ``h = dL/d log p_s`` (see the kernel module).
+    """
+    inv_tau = 1.0 / temperature
+    compute = torch.promote_types(s.dtype, torch.float32)
+    ls = torch.log_softmax(s.to(compute) * inv_tau, dim=-1)
+    lt = torch.log_softmax(t.to(compute) * inv_tau, dim=-1)
+    ps, pt = ls.exp(), lt.exp()
+    if kind == "forward_kl":
+        loss = (pt * (lt - ls)).sum(-1)
+        h = -pt
+    elif kind == "reverse_kl":
+        r = ls - lt
+        loss = (ps * r).sum(-1)
+        h = ps * (r + 1.0)
+    elif kind == "jsd":
+        m = beta * pt + (1.0 - beta) * ps
+        lm = torch.where(m > 0, m.log(), torch.zeros_like(m))
+        h = (1.0 - beta) * ps * (ls - lm)
+        loss = (beta * pt * (lt - lm)).sum(-1) + h.sum(-1)
+    else:
+        diff = ps - pt
+        loss = 0.5 * diff.abs().sum(-1)
+        h = 0.5 * ps * torch.sign(diff)
+    if grad_scale is None:
+        return loss, None
+    dz = (h - ps * h.sum(-1, keepdim=True)) * (grad_scale.to(compute) * inv_tau)[:, None]
+    return loss, dz
+
+
+def _chunk_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    teacher: tuple,
+    start: int,
+    end: int,
+    kind: str,
+    beta: float,
+    temperature: float,
+    grad_scale: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+):
+    """Divergence of rows ``start:end`` and, with ``grad_scale``, ``dL/dz`` over the chunk's logits.
+
+    The student logits ``x W^T`` are formed in ``x.dtype`` (into ``out`` when given, a
+    ``(end - start, vocab)`` buffer), as the model's own ``lm_head`` would give them; the divergence
+    is computed from them in float32. With ``grad_scale`` the gradient replaces the logits in
+    place and that buffer is returned.
+    """
+    s = torch.mm(x[start:end], w.t(), out=out)
+    if teacher[0] == "logits":
+        t = teacher[1][start:end]
+    else:  # a teacher's logits in its own dtype, as its forward would give them
+        t = teacher[1][start:end] @ teacher[2].t()
+    scale = None if grad_scale is None else grad_scale[start:end]
+    if s.dtype != torch.float64 and use_triton(s, t):
+        from alignlab.kernels.distill import distill_rows
+
+        loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale,
+                            grad_out=None if scale is None else s)
+        return loss, None if scale is None else s
+    loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale)
+    if dz is None:
+        return loss, None
+    return loss, s.copy_(dz)
+
+
+def _default_chunks(n: int, vocab: int, itemsize: int, teacher_itemsize: int, weight_grad: bool) -> tuple[int, int]:
+    """Rows per logits chunk and per gradient GEMM.
+
+    Without a weight gradient: chunks of about 192 MiB of student + teacher logits, each gradient
+    written over its own logits. With one: the student logits of about 256 MiB of rows are kept
+    (their gradients written in place) before ``dx = dz W`` and ``dW += dz^T x`` run over all of
+    them at once, because the weight-gradient GEMM has the rows as its inner dimension and is
+    slow and memory-bound (a read-modify-write of ``dW``) for short ones; the teacher's logits are
+    formed half of those rows at a time (about 128 MiB for a 16-bit teacher).
+    """
+
+    def fit(budget: int, row_bytes: int) -> int:
+        rows = budget // max(row_bytes, 1)
+        if rows >= 128:
+            rows -= rows % 64  # GEMM-friendly row counts
+        return max(1, min(n, rows))
+
+    if not weight_grad:
+        rows = fit(192 * 2**20, (itemsize + teacher_itemsize) * vocab)
+        return rows, rows
+    grad_rows = fit(256 * 2**20, itemsize * vocab)
+    rows = max(1, grad_rows // 2) if grad_rows >= 2 and teacher_itemsize else grad_rows
+    return rows, max(rows, grad_rows - grad_rows % rows)
+
+
+def _resolve_chunks(n, vocab, itemsize, teacher_itemsize, weight_grad, chunk_size, grad_chunk_size) -> tuple[int, int]:
+    """``(rows, grad_rows)`` from the user's ``chunk_size``/``grad_chunk_size`` (``None`` = default)."""
+    d_rows, d_grad = _default_chunks(n, vocab, itemsize, teacher_itemsize, weight_grad)
+    if chunk_size is None and grad_chunk_size is None:
+        return d_rows, d_grad
+    rows = chunk_size if chunk_size is not None else min(d_rows, grad_chunk_size)
+    grad = grad_chunk_size if grad_chunk_size is not None else (d_grad if weight_grad else rows)
+    return rows, max(rows, grad - grad % rows)
+
+
+def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want_dx, want_dw):
+    """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w.
+
+    ``chunks = (rows, grad_rows)``: logits are formed ``rows`` tokens at a time into one buffer of
+    ``grad_rows`` rows, where their gradients ``dL/dz`` replace them; once the buffer is full the two
+    gradient GEMMs run over it (``dW += dz^T x`` is memory-bound for short inner dimensions).
+    """
+    n, vocab = x.shape[0], w.shape[0]
+    rows, grad_rows = chunks
+    losses = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    need_grad = want_dx or want_dw
+    step = grad_rows if need_grad else rows
+    buf = torch.empty(min(step, n), vocab, dtype=x.dtype, device=x.device) if n else None
+    dx = torch.empty_like(x) if want_dx else None
+    dw = None
+    for g0 in range(0, n, step):
+        g1 = min(n, g0 + step)
+        for start in range(g0, g1, rows):
+            end = min(g1, start + rows)
+            losses[start:end], _ = _chunk_rows(
+                x, w, teacher, start, end, kind, beta, temperature, grad_scale if need_grad else None,
+                buf[start - g0 : end - g0],
+            )
+        if not need_grad:
+            continue
+        dz = buf[: g1 - g0]
+        if want_dx:
+            torch.mm(dz, w, out=dx[g0:g1])
+        if want_dw:  # the first block writes dW (no zero fill, no read), later ones accumulate
+            dw = dz.t() @ x[g0:g1] if dw is None else dw.addmm_(dz.t(), x[g0:g1])
+    if want_dw and dw is None:
+        dw = torch.zeros_like(w)
+    return losses, dx, dw
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Chunked ``lm_head`` + divergence; scalar reductions compute the gradients in forward,
+    ``reduction="none"`` recomputes them in backward with the per-token upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, teacher_a, teacher_b, weights, kind, beta, temperature, reduction, chunks):
+        teacher = ("logits", teacher_a) if teacher_b is None else ("hidden", teacher_a, teacher_b)
+        want_dx = ctx.needs_input_grad[0]
+        want_dw = ctx.needs_input_grad[1]
+        ctx.reduction = reduction
+        chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), 0 if teacher_b is None else x.element_size(),
+                                 want_dw, *chunks)
+        ctx.meta = (teacher[0], kind, beta, temperature, chunks)
+        if reduction == "none" or not (want_dx or want_dw):
+            losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
+            if reduction == "none":  # backward recomputes the chunks
+                ctx.save_for_backward(x, w, weights)
+                ctx.teacher_tensors = teacher[1:]
+            return losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
+        if reduction == "sum":
+            scale = weights
+        else:
+            denom = weights.sum()
+            scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+        losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
+        ctx.save_for_backward(dx, dw)
+        return (losses * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n_none = (None,) * 8
+        if ctx.reduction != "none":
+            dx, dw = ctx.saved_tensors
+            if not torch.equal(grad_out, torch.ones_like(grad_out)):
+                dx = None if dx is None else dx * grad_out.to(dx.dtype)
+                dw = None if dw is None else dw * grad_out.to(dw.dtype)
+            return (dx, dw) + n_none
+        x, w, weights = ctx.saved_tensors
+        form, kind, beta, temperature, chunks = ctx.meta
+        teacher = (form,) + tuple(ctx.teacher_tensors)
+        scale = grad_out.to(weights.dtype) * weights
+        _, dx, dw = _run_chunks(
+            x, w, teacher, kind, beta, temperature, scale, chunks, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return (dx, dw) + n_none
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    grad_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation divergence from hidden states without materialising full logits.
+
+    Equal (up to float rounding) to
+    ``distill_loss(student_hidden @ student_weight.T, teacher_logits, ...)``, where the teacher
+    logits are either given or ``teacher_hidden @ teacher_weight.T``: logits are formed in the
+    input dtype, as the models' own ``lm_head`` layers give them (one rounding after the GEMM's
+    float32 accumulation), and the divergence and its gradient are computed from them in float32.
+    Tokens are processed ``chunk_size`` rows at a time, so only ``(chunk, vocab)`` logits exist.
+    When the student weight needs a gradient, the student logits of ``grad_chunk_size`` rows are
+    kept in one buffer, each chunk's gradient ``dL/dz`` written over its own logits, and the
+    gradient GEMMs ``dx = dz W`` and ``dW += dz^T x`` run once per full buffer (a long inner
+    dimension keeps the weight-gradient GEMM compute-bound). For ``"mean"``/``"sum"`` the
+    gradients are computed during forward (so backward is a scale); for ``"none"`` forward
+    returns per-token losses and backward recomputes the chunk logits once, weighting each token
+    by its upstream gradient.
 
     Args:
         student_hidden: ``(..., hidden)`` student last hidden state, e.g. ``(batch, seq, hidden)``.
@@ -498,12 +781,6 @@ def fused_linear_distill_loss(
     for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{label} must be a positive int or None, got {v!r}")
-    if teacher_b is None:
-        t_item = 0  # teacher logits are an input, no buffer
-    else:
-        t_item = x.element_size() if x.element_size() < 4 else 4
-    rows = chunk_size if chunk_size is not None else _default_chunks(n, vocab, x.element_size(), t_item, False)[0]
-    grad_rows = None if grad_chunk_size is None else max(rows, grad_chunk_size - grad_chunk_size % rows)
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -513,7 +790,7 @@ def fused_linear_distill_loss(
         mask = mask.reshape(-1)
     weights = _weights(mask, torch.Size([n]), x.device, compute)
     out = _FusedLinearDistill.apply(
-        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, (rows, grad_rows)
+        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, (chunk_size, grad_chunk_size)
     )
     return out.reshape(lead) if reduction == "none" else out
 

@@ -32,6 +32,7 @@ lm_head defaults to the policy's (the usual LoRA set-up, where the head is froze
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -40,11 +41,12 @@ from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     check_linear_inputs,
     default_chunk_rows,
+    linear_chunked_pass,
     linear_logprobs,
     scatter_rows,
     select_scored_rows,
 )
-from alignlab.losses.preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from alignlab.losses.preference import _lengths_known_valid, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 
 __all__ = [
     "completion_logps",
@@ -106,10 +108,10 @@ class _EagerLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, loss_fn, chunk_size, resident_bytes, ignore_index, aux):
+    def forward(ctx, hidden, weight, bias, labels, loss_fn, chunk_size, resident_bytes, ignore_index, aux, sel):
         vocab = weight.shape[0]
         n_rows = labels.numel()
-        index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab)
+        index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab) if sel is None else sel
         rows = y.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         dev = hidden.device
@@ -189,13 +191,14 @@ class _EagerLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = []
-        for gr in ctx.grads:
+        grads = list(ctx.grads)
+        ctx.grads = (None, None, None)
+        # ``loss.backward()`` passes 1: skip a pass over the weight-sized gradient (one host sync to know)
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             # in place: the stored gradients are not used again, and a weight-sized temporary would double
             # the largest buffer of the whole step
-            grads.append(None if gr is None else gr.mul_(grad_loss.to(gr.dtype)))
-        ctx.grads = (None, None, None)
-        return (*grads, None, None, None, None, None, None)
+            grads = [None if gr is None else gr.mul_(grad_loss.to(gr.dtype)) for gr in grads]
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_linear_preference(
@@ -228,6 +231,18 @@ def fused_linear_preference(
     """
     _check_3d(hidden)
     check_linear_inputs(hidden, weight, labels, bias, chunk_size)
+    return _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk_size, ignore_index, eager,
+                             resident_bytes)
+
+
+def _eager_with_grad(eager: bool, *tensors: torch.Tensor | None) -> bool:
+    return eager and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk_size, ignore_index, eager,
+                      resident_bytes, sel=None):
+    """:func:`fused_linear_preference` after its checks; ``sel`` is ``select_scored_rows``' result when the
+    caller already has it (it costs a host sync)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
@@ -240,7 +255,7 @@ def fused_linear_preference(
         raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     aux: dict[str, torch.Tensor] = {}
     loss = _EagerLinearLoss.apply(
-        hidden, weight, bias, labels, loss_from_token_logps, chunk_size, resident_bytes, ignore_index, aux
+        hidden, weight, bias, labels, loss_from_token_logps, chunk_size, resident_bytes, ignore_index, aux, sel
     )
     return loss, aux
 
@@ -269,16 +284,26 @@ def _reference_seq_logps(
     labels: torch.Tensor,
     chunk_size: int | None,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference sequence log-prob sums and counts from reference hidden states, without gradient."""
+    sel: tuple | None = None,
+) -> torch.Tensor:
+    """Reference sequence log-prob sums from reference hidden states, without gradient.
+
+    ``sel``: the policy's ``select_scored_rows`` result for the same labels, reused (saves a host sync).
+    """
     with torch.no_grad():
-        w = weight if ref_weight is None else ref_weight
+        w = (weight if ref_weight is None else ref_weight).detach()
         b = bias if ref_weight is None and ref_bias is None else ref_bias
-        _, seq, counts = completion_logps(
-            ref_hidden.detach(), w.detach(), labels, None if b is None else b.detach(),
-            chunk_size=chunk_size, ignore_index=ignore_index,
-        )
-    return seq, counts
+        b = None if b is None else b.detach()
+        if sel is None:
+            _, seq, _ = completion_logps(ref_hidden.detach(), w, labels, b, chunk_size=chunk_size,
+                                         ignore_index=ignore_index)
+            return seq
+        check_linear_inputs(ref_hidden, w, labels, b, chunk_size)
+        index, _, y = sel
+        rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+        rows = rows if index is None else rows.index_select(0, index)
+        st, _, _, _ = linear_chunked_pass(rows.contiguous(), w, y, b, chunk_size=chunk_size)
+        return scatter_rows(st.target - st.lse, index, labels.numel()).view(labels.shape).sum(dim=1)
 
 
 def fused_linear_dpo(
@@ -332,18 +357,23 @@ def fused_linear_dpo(
             reject.
     """
     _check_3d(policy_hidden)
+    check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
     counts = (labels != ignore_index).sum(dim=1).to(torch.float64 if policy_hidden.dtype == torch.float64 else torch.float32)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
     rc, rr = ref_chosen_logps, ref_rejected_logps
+    sel = None
     if ref_hidden is not None:
         if rc is not None or rr is not None:
             raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
-        ref_seq, _ = _reference_seq_logps(
-            ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels, chunk_size, ignore_index
+        if _eager_with_grad(eager, policy_hidden, lm_head_weight, bias):
+            sel = select_scored_rows(policy_hidden, labels, ignore_index, lm_head_weight.shape[0])
+        ref_seq = _reference_seq_logps(
+            ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels, chunk_size, ignore_index, sel
         )
         if average_log_prob:
             ref_seq = ref_seq / counts.clamp(min=1)
         rc, rr = _split_pairs("ref_hidden", ref_seq)
+    ours = "chosen_lengths" not in dpo_kwargs and "rejected_lengths" not in dpo_kwargs
     dpo_kwargs.setdefault("chosen_lengths", len_c)
     dpo_kwargs.setdefault("rejected_lengths", len_r)
 
@@ -352,7 +382,9 @@ def fused_linear_dpo(
         if average_log_prob:
             seq = seq / counts.clamp(min=1)
         pc, pr = _split_pairs("policy_hidden", seq)
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, **dpo_kwargs)
+        with _lengths_known_valid() if ours else contextlib.nullcontext():  # ours are clamped to >= 1
+            loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                     **dpo_kwargs)
         if nll_alpha:
             tok_c, _ = _split_pairs("policy_hidden", tok)
             nll = _nll(tok_c, _split_pairs("labels", counts)[0])
@@ -360,10 +392,8 @@ def fused_linear_dpo(
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    return fused_linear_preference(
-        policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
-        ignore_index=ignore_index, eager=eager, resident_bytes=resident_bytes,
-    )
+    return _fused_preference(policy_hidden, lm_head_weight, labels, loss_fn, bias, chunk_size, ignore_index, eager,
+                             resident_bytes, sel)
 
 
 def fused_linear_orpo(
@@ -420,7 +450,9 @@ def fused_linear_simpo(
     def loss_fn(tok):
         pc, pr = _split_pairs("policy_hidden", tok.sum(dim=1))
         lc, lr = _split_pairs("labels", counts)
-        return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
+        with _lengths_known_valid():  # clamped to >= 1 above
+            return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc,
+                              rejected_lengths=lr)
 
     return fused_linear_preference(
         policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
@@ -510,7 +542,7 @@ def fused_linear_kto(
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass either ref_hidden or ref_logps, not both")
-        ref_logps, _ = _reference_seq_logps(
+        ref_logps = _reference_seq_logps(
             ref_hidden, ref_weight, ref_bias, lm_head_weight, bias, labels, chunk_size, ignore_index
         )
     if ref_logps is None:

@@ -26,8 +26,10 @@ graph and NaN means in ``metrics``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,20 @@ def _check_label_smoothing(label_smoothing: float, upper: float = 1.0) -> float:
     return float(label_smoothing)
 
 
+_LENGTHS_VALID = contextvars.ContextVar("alignlab_lengths_valid", default=False)
+
+
+@contextlib.contextmanager
+def _lengths_known_valid() -> Iterator[None]:
+    """For callers that built the lengths themselves (counts clamped to >= 1): skip the value check,
+    which reads the tensor on the host and so would stall a CUDA stream that is still busy."""
+    token = _LENGTHS_VALID.set(True)
+    try:
+        yield
+    finally:
+        _LENGTHS_VALID.reset(token)
+
+
 def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torch.Tensor) -> torch.Tensor | None:
     """Completion lengths as a float tensor shaped like ``like``; every length must be >= 1."""
     if lengths is None:
@@ -128,7 +144,7 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     if t.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)} (one length per sequence), got {tuple(t.shape)}")
     t = t.to(like.dtype)
-    if t.numel() and bool((t < 1).any()):
+    if t.numel() and not _LENGTHS_VALID.get() and bool((t < 1).any()):
         raise ValueError(f"{name} must be >= 1 everywhere (number of completion tokens)")
     return t
 

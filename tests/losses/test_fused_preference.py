@@ -90,23 +90,32 @@ def test_fused_dpo_matches_unfused(loss_type, nll_alpha, schedule):
     assert gm["rewards/margins"].item() == pytest.approx(wm["rewards/margins"].item())
 
 
-def test_fused_dpo_reference_from_hidden_equals_precomputed():
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_fused_dpo_reference_from_hidden_equals_precomputed(schedule):
     hidden, weight, bias, labels = _batch(2)
     ref_hidden = (hidden.detach() + 0.1 * torch.randn(hidden.shape, dtype=hidden.dtype, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
         ref_tok, _ = _unfused_token_logps(ref_hidden, weight, bias, labels)
     ref_seq = ref_tok.sum(1)
-    a, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, chunk_size=5)
+    a, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, chunk_size=5, **SCHEDULES[schedule])
     b, _ = fused_linear_dpo(hidden, weight, labels, ref_seq[:B], ref_seq[B:], bias=bias, chunk_size=5)
     torch.testing.assert_close(a, b)
     _close(_grads(a, hidden, weight, bias), _grads(b, hidden, weight, bias), 1e-12)
     # a separate reference head
     ref_w = weight.detach() * 1.1
-    c, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_w)
+    c, _ = fused_linear_dpo(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_w, **SCHEDULES[schedule])
     with torch.no_grad():
         ref_tok2, _ = _unfused_token_logps(ref_hidden, ref_w, None, labels)
     d, _ = dpo_loss(*(_unfused_token_logps(hidden, weight, bias, labels)[0].sum(1).split(B)), *ref_tok2.sum(1).split(B))
     torch.testing.assert_close(c, d)
+
+
+def test_fused_dpo_still_checks_lengths_the_caller_passes():
+    hidden, weight, _, labels = _batch(2, bias=False)
+    ref = torch.zeros(B, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="ipo",
+                         chosen_lengths=torch.zeros(B), rejected_lengths=torch.ones(B))
 
 
 def test_fused_dpo_reference_free_and_average():
