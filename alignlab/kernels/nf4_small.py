@@ -18,8 +18,15 @@ weight back (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
   K), so the work per weight does not grow with ``M``.
 
 Both split K over a second grid axis (the output rows alone give too few
-programs to keep the memory system busy); partial sums then meet in an fp32
-buffer through atomic adds.
+programs to keep the memory system busy). Each K slice stores its fp32 partial
+in a workspace and counts itself in; the last slice of an output tile to
+arrive adds the partials in slice order (plus the bias) and writes ``y`` in
+the activation dtype. One launch per product, no zero-filled accumulator, no
+cast afterwards, and the sum is deterministic (fixed order, unlike atomic
+adds). Measured on an H100 (CUDA graphs) this made M = 16 1.1x faster than
+the previous atomic-add + cast version at N >= 14336 and the same at 4096 x
+4096; eagerly it saves two of three launches. The arrival counters stay
+allocated per (device, stream) and each launch leaves them at zero.
 
 The levels: on an NVIDIA GPU with 16-bit activations, :func:`nf4_levels` looks
 the 16-entry codebook up *in registers* (inline PTX ``prmt`` byte permutes, see
@@ -104,11 +111,49 @@ if triton is not None:
             return tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
 
     @triton.jit
+    def _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE: tl.constexpr, NB: tl.constexpr):
+        """The ``(rows, NB, BLOCKSIZE / 2)`` packed bytes of the NB blocks starting at column ``k0``."""
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rb = tl.arange(0, NB)
+        rj = tl.arange(0, HB)
+        m3 = (nmask[:, None] & (k0 + rb * BLOCKSIZE < k_end)[None, :])[:, :, None]
+        off = rows[:, None, None] * half_k + (k0 // 2 + rb * HB)[None, :, None] + rj[None, None, :]
+        return tl.load(data_ptr + off, mask=m3, other=0)
+
+    @triton.jit
+    def _finish(part, offs, mask, n_out, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Write ``part`` (+ bias) to ``y``, or, with ``SPLIT``, this K slice's partial to the workspace; the
+        last slice of a tile to arrive sums the partials in fixed order and writes ``y`` (one launch, no
+        zero-filled accumulator, deterministic).
+
+        Arrival count per output tile in ``cnt_ptr`` (zero before the launch; the last slice resets it):
+        all threads store, a CTA barrier, then one release/acquire atomic -- the ordering CUTLASS's
+        split-K semaphore relies on; the partials are then read through L2 (``.cg``), past the L1.
+        """
+        if SPLIT:
+            tl.store(ws_ptr + pid_k * n_out + offs, part, mask=mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_split - 1:
+                part = tl.zeros_like(part)
+                for k in range(0, n_split):
+                    part += tl.load(ws_ptr + k * n_out + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        N, K, half_k, k_per_split,
+        ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
@@ -127,9 +172,7 @@ if triton is not None:
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             bmask = k0 + rb * BLOCKSIZE < k_end
             m2 = nmask[:, None] & bmask[None, :]
-            m3 = m2[:, :, None]
-            off = rows[:, None, None] * half_k + (k0 // 2 + rb * HB)[None, :, None] + rj[None, None, :]
-            byte = tl.load(data_ptr + off, mask=m3, other=0)
+            byte = _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE, NB)
             hi, lo = nf4_levels(byte, code_ptr, ASM)
             bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
@@ -141,18 +184,15 @@ if triton is not None:
                 tau = tl.load(shift_ptr + bidx, mask=m2, other=0.0)
                 acc += tau[:, :, None] * (xe + xo)[None, :, :]
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if ATOMIC:
-            tl.atomic_add(y_ptr + rn, y, mask=nmask)
-        else:
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+        _finish(y, rn, nmask, N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn, pid_n, pid_k, n_split, SPLIT, HAS_BIAS)
 
     @triton.jit
     def _dot_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        M, N, K, half_k, stride_xm, stride_ym, k_per_split,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NB: tl.constexpr, ASM: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
@@ -174,8 +214,7 @@ if triton is not None:
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             bmask = k0 + rb * BLOCKSIZE < k_end
             m2 = nmask[:, None] & bmask[None, :]
-            off = rows[:, None, None] * half_k + (k0 // 2 + rb * HB)[None, :, None] + rj[None, None, :]
-            byte = tl.load(data_ptr + off, mask=m2[:, :, None], other=0)
+            byte = _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE, NB)
             bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
             hi, lo = nf4_levels(byte, code_ptr, ASM)
@@ -198,12 +237,36 @@ if triton is not None:
             else:
                 acc += tl.dot(xe, tl.trans(hi.to(xe.dtype)))
                 acc += tl.dot(xo, tl.trans(lo.to(xo.dtype)))
-        dst = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]  # y and each workspace slice are (M, N), contiguous
         omask = mmask[:, None] & nmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(dst, acc, mask=omask)
-        else:
-            tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=omask)
+        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
+                SPLIT, HAS_BIAS)
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros for the split-K arrival counts, kept per (device, stream) between calls.
+
+    Each launch leaves its counters at zero again, so a buffer is filled once, not per call; it is
+    per stream because two launches running at once must not share one. During CUDA-graph capture
+    a buffer can only be reused (its zero fill would be captured, not run), so a stream with none
+    yet gets a fresh one per call, filled inside the graph.
+    """
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if not torch.cuda.is_current_stream_capturing():
+        if len(_COUNTERS) >= 64:  # streams come and go; a dropped buffer returns to its stream's pool
+            _COUNTERS.clear()
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _state_args(t: NF4Tensor):
@@ -279,20 +342,24 @@ def small_m_matmul(
     step = nb * t.blocksize
     per = triton.cdiv(triton.cdiv(K, step), split) * step
     split = triton.cdiv(K, per)
-    atomic = split > 1
-    y = (torch.zeros if atomic else torch.empty)(M, N, device=x2.device,
-                                                 dtype=torch.float32 if atomic else x2.dtype)
+    tiles = triton.cdiv(N, block_n)
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if split > 1:
+        ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
+        cnt = _arrival_counters(x2.device, tiles)
+    else:
+        ws = cnt = y
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ASM=bool(asm) and not interpreting())
-    meta.update(BLOCK_N=block_n, NB=nb, ATOMIC=atomic)
+    meta.update(BLOCK_N=block_n, NB=nb, SPLIT=split > 1, HAS_BIAS=bias is not None)
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=1)
-    grid = (triton.cdiv(N, block_n), split)
+    grid = (tiles, split)
+    b = bias if bias is not None else y
     if kernel == "gemv":
-        _gemv_kernel[grid](x2, *_state_args(t), y, N, K, K // 2, per, **meta)
+        _gemv_kernel[grid](x2, *_state_args(t), y, ws, cnt, b, N, K, K // 2, per, split, **meta)
     else:
-        _dot_kernel[grid](x2, *_state_args(t), y, M, N, K, K // 2, x2.stride(0), y.stride(0), per,
+        _dot_kernel[grid](x2, *_state_args(t), y, ws, cnt, b, M, N, K, K // 2, x2.stride(0), per, split,
                           IEEE=x2.dtype == torch.float32, BLOCK_M=16, **meta)
-    if bias is not None:
-        y = y.add_(bias.float()) if atomic else y.float() + bias.float()
-    return y if y.dtype == x2.dtype else y.to(x2.dtype)
+    return y
+

@@ -51,6 +51,17 @@ def test_split_and_icq_shift(kernel, split, triton_mode):
     assert _rel(y, x.double() @ wd.T) < 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+def test_split_fixup_with_bias(kernel, triton_mode):
+    """The last K slice of each tile to finish sums the partials and adds the bias (uneven split: the last
+    slice is shorter)."""
+    t, x, b, wd = _case(37, 448, 1 if kernel == "gemv" else 3, torch.float32, 32)
+    want = x.double() @ wd.T + b.double()
+    for split in (1, 5):
+        y = small_m_matmul(x, t, b, kernel=kernel, split=split, nb=2)
+        assert _rel(y, want) < 1e-5, split
+
+
 def test_bad_arguments(triton_mode):
     t, x, b, wd = _case(8, 64, 2, torch.float32, 32)
     with pytest.raises(ValueError, match="gemv"):
@@ -100,3 +111,30 @@ def test_small_m_cuda_icq_shift():
     for M in (1, 7):
         xm = torch.randn(M, 640, device="cuda", dtype=torch.bfloat16)
         assert _rel(small_m_matmul(xm, t).cpu(), xm.double().cpu() @ wd.T) < 5e-3
+
+
+@pytest.mark.cuda
+def test_split_counters_return_to_zero_and_graph_capture():
+    """Each launch leaves its arrival counters at zero (the next launch relies on it), across kernels, shapes
+    and splits; a CUDA graph captured on a fresh stream (counters filled inside the graph) replays correctly."""
+    from alignlab.kernels import nf4_small
+
+    cases = [_case(N, K, M, torch.bfloat16, 64, device="cuda", seed=N) for N, K, M in
+             [(1000, 512, 1), (4097, 1024, 16), (300, 640, 5), (1000, 512, 1)]]
+    for _ in range(3):
+        for t, x, b, wd in cases:
+            for split in (3, 8):
+                y = small_m_matmul(x, t, b, split=split)
+                assert _rel(y.cpu(), x.double().cpu() @ wd.T + b.double().cpu()) < 5e-3
+    torch.cuda.synchronize()
+    assert nf4_small._COUNTERS and all(int(c.abs().sum()) == 0 for c in nf4_small._COUNTERS.values())
+    t, x, b, wd = cases[1]
+    want = x.double().cpu() @ wd.T + b.double().cpu()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=torch.cuda.Stream()):
+        y = small_m_matmul(x, t, b)
+    for _ in range(3):
+        y.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert _rel(y.cpu(), want) < 5e-3
