@@ -25,8 +25,8 @@ the activation dtype. One launch per product, no zero-filled accumulator, no
 cast afterwards, and the sum is deterministic (fixed order, unlike atomic
 adds). Measured on an H100 (CUDA graphs) this made M = 16 1.1x faster than
 the previous atomic-add + cast version at N >= 14336 and the same at 4096 x
-4096; eagerly it saves two of three launches. The arrival counters stay
-allocated per (device, stream) and each launch leaves them at zero.
+4096; eagerly it saves two of three launches. The arrival counters stay allocated
+(a row per CUDA stream) and each launch leaves them at zero.
 
 The levels: on an NVIDIA GPU with 16-bit activations, :func:`nf4_levels` looks
 the 16-entry codebook up *in registers* (inline PTX ``prmt`` byte permutes, see
@@ -243,30 +243,37 @@ if triton is not None:
                 SPLIT, HAS_BIAS)
 
 
-_COUNTERS: dict = {}
+_SLOTS, _SLOT_SIZE = 64, 4096
+_POOLS: dict = {}
+_SLOT_OF: dict = {}
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros for the split-K arrival counts, kept per (device, stream) between calls.
+    """``n`` int32 zeros for the split-K arrival counts of one launch.
 
-    Each launch leaves its counters at zero again, so a buffer is filled once, not per call; it is
-    per stream because two launches running at once must not share one. During CUDA-graph capture
-    a buffer can only be reused (its zero fill would be captured, not run), so a stream with none
-    yet gets a fresh one per call, filled inside the graph.
+    Every launch leaves its counters at zero again, so they are not filled per call: each device
+    has one zeroed pool, made at its first call, with a row of counters per CUDA stream (two
+    launches running at once must not share counters). A stream gets its row on first sight, also
+    during CUDA-graph capture, so captured graphs need no fill either (a graph keeps the row of the
+    stream it was captured on: replay it where no eager call on that stream runs at the same time).
+    Without a pool yet during capture, beyond 64 streams or 4096 tiles, the counters are a fresh
+    zero-filled tensor instead (correct, one small fill kernel more).
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or n > _SLOT_SIZE:
         return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    if not torch.cuda.is_current_stream_capturing():
-        if len(_COUNTERS) >= 64:  # streams come and go; a dropped buffer returns to its stream's pool
-            _COUNTERS.clear()
-        _COUNTERS[key] = buf
-    return buf
+    pool = _POOLS.get(device.index)
+    if pool is None:
+        if torch.cuda.is_current_stream_capturing():  # a fill made now would only run inside the graph
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        pool = _POOLS[device.index] = torch.zeros(_SLOTS, _SLOT_SIZE, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    slot = _SLOT_OF.get(key)
+    if slot is None:
+        used = sum(1 for k in _SLOT_OF if k[0] == device.index)
+        if used >= _SLOTS:
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        slot = _SLOT_OF[key] = used
+    return pool[slot, :n]
 
 
 def _state_args(t: NF4Tensor):
