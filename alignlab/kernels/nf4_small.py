@@ -121,6 +121,29 @@ if triton is not None:
         return tl.load(data_ptr + off, mask=m3, other=0)
 
     @triton.jit
+    def _x_pairs(x_ptr, k0, rb, rj, bmask, BLOCKSIZE: tl.constexpr):
+        """fp32 ``(x[2j], x[2j+1])`` of the NB blocks from ``k0``, each ``(NB, BLOCKSIZE / 2)``.
+
+        16-bit x is read as 32-bit words (one per pair) and split with integer ops: the words load in
+        the layout the byte tile needs, where a split of ``(NB, HB, 2)`` values went through shared memory.
+        """
+        HB: tl.constexpr = BLOCKSIZE // 2
+        if x_ptr.dtype.element_ty == tl.float32:
+            rt = tl.arange(0, 2)
+            xoff = k0 + rb[:, None, None] * BLOCKSIZE + 2 * rj[None, :, None] + rt[None, None, :]
+            xe, xo = tl.split(tl.load(x_ptr + xoff, mask=bmask[:, None, None], other=0.0))
+        else:
+            words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + rb[:, None] * HB + rj[None, :])
+            xw = tl.load(words, mask=bmask[:, None], other=0)
+            if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 -> fp32 is the 16 bits moved to the top
+                xe = (xw << 16).to(tl.float32, bitcast=True)
+                xo = (xw & -65536).to(tl.float32, bitcast=True)
+            else:
+                xe = (xw & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                xo = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return xe, xo
+
+    @triton.jit
     def _finish(part, offs, mask, n_out, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Write ``part`` (+ bias) to ``y``, or, with ``SPLIT``, this K slice's partial to the workspace; the
@@ -164,7 +187,6 @@ if triton is not None:
         rows = rn.to(tl.int64)
         rb = tl.arange(0, NB)
         rj = tl.arange(0, HB)
-        rt = tl.arange(0, 2)
         nb_row = K // BLOCKSIZE
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
@@ -176,9 +198,7 @@ if triton is not None:
             hi, lo = nf4_levels(byte, code_ptr, ASM)
             bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
-            xoff = k0 + rb[:, None, None] * BLOCKSIZE + 2 * rj[None, :, None] + rt[None, None, :]
-            xv = tl.load(x_ptr + xoff, mask=bmask[:, None, None], other=0.0).to(tl.float32)
-            xe, xo = tl.split(xv)
+            xe, xo = _x_pairs(x_ptr, k0, rb, rj, bmask, BLOCKSIZE)
             acc += (hi * xe[None, :, :] + lo * xo[None, :, :]) * s[:, :, None]
             if HAS_SHIFT:
                 tau = tl.load(shift_ptr + bidx, mask=m2, other=0.0)
@@ -310,9 +330,9 @@ def small_m_matmul(
         kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
         block_n, nb, split, num_warps: launch configuration (rows per program,
             quantization blocks per step, K slices, warps).  Defaults, the best
-            measured on an H100 (``benchmarks/nf4.py``): 64 rows x 2 blocks for
-            ``"gemv"``; for ``"dot"`` 128 rows x 1 block when ``N > 4096``, else
-            64 x 2 (``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways.
+            measured on an H100 (``benchmarks/nf4.py``): 128 rows x 1 block when
+            ``N > 4096``, else 64 x 2 for ``"gemv"`` and 64 x 2 (``M <= 4``) or
+            128 x 2 with 8 warps for ``"dot"``; K split 8 ways.
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
 
     Returns:
@@ -332,10 +352,11 @@ def small_m_matmul(
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
-        # Best configs of an H100 sweep (benchmarks/RESULTS.md): with few output rows (N <= 4096) the
-        # tl.dot kernel wants two blocks per step (up to 13% faster there, no gain for larger N).
+        # Best configs of H100 sweeps (benchmarks/RESULTS.md): with few output rows (N <= 4096) both kernels
+        # want two blocks per step and fewer rows per program (up to 13% faster for tl.dot, 15% for the GEMV);
+        # with more rows, 128 rows x 1 block (up to 11% faster for the GEMV at 28672 x 8192).
         if kernel == "gemv":
-            cfg = (64, 2, 4)
+            cfg = (128, 1, 4) if N > 4096 else (64, 2, 4)
         elif N > 4096 or t.blocksize > 64 or x2.dtype == torch.float32:
             cfg = (128, 1, 4)
         else:
