@@ -42,6 +42,29 @@ KIND_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "t
 
 
 @triton.jit
+def _terms(ls, lt, beta, KIND: tl.constexpr):
+    """Per-element loss term ``el``, ``h = dL/d log p_s`` and ``p_s`` from the log-probs (table above)."""
+    ps = tl.exp(ls)
+    pt = tl.exp(lt)
+    if KIND == 0:
+        el = pt * (lt - ls)
+        h = -pt
+    elif KIND == 1:
+        el = ps * (ls - lt)
+        h = ps * (ls - lt + 1.0)
+    elif KIND == 2:
+        m = beta * pt + (1.0 - beta) * ps
+        lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
+        h = (1.0 - beta) * ps * (ls - lm)
+        el = beta * pt * (lt - lm) + h
+    else:
+        diff = ps - pt
+        el = 0.5 * tl.abs(diff)
+        h = 0.5 * ps * tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+    return el, h, ps
+
+
+@triton.jit
 def _distill_rows_kernel(
     S,
     s_stride,
@@ -94,23 +117,7 @@ def _distill_rows_kernel(
         inb = cols < V
         ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
         lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
-        ps = tl.exp(ls)
-        pt = tl.exp(lt)
-        if KIND == 0:
-            el = pt * (lt - ls)
-            h = -pt
-        elif KIND == 1:
-            el = ps * (ls - lt)
-            h = ps * (ls - lt + 1.0)
-        elif KIND == 2:
-            m = beta * pt + (1.0 - beta) * ps
-            lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
-            h = (1.0 - beta) * ps * (ls - lm)
-            el = beta * pt * (lt - lm) + h
-        else:
-            diff = ps - pt
-            el = 0.5 * tl.abs(diff)
-            h = 0.5 * ps * tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+        el, h, _ = _terms(ls, lt, beta, KIND)
         loss_acc += tl.where(inb, el, 0.0)
         h_acc += tl.where(inb, h, 0.0)
     tl.store(LOSS + row, tl.sum(loss_acc, axis=0))
@@ -125,19 +132,7 @@ def _distill_rows_kernel(
             inb = cols < V
             ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
             lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
-            ps = tl.exp(ls)
-            pt = tl.exp(lt)
-            if KIND == 0:
-                h = -pt
-            elif KIND == 1:
-                h = ps * (ls - lt + 1.0)
-            elif KIND == 2:
-                m = beta * pt + (1.0 - beta) * ps
-                lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
-                h = (1.0 - beta) * ps * (ls - lm)
-            else:
-                diff = ps - pt
-                h = 0.5 * ps * tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+            _, h, ps = _terms(ls, lt, beta, KIND)  # the unused loss term is compiled away
             dz = g * (h - ps * h_sum)
             tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=inb)
 

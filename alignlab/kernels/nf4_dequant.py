@@ -45,6 +45,19 @@ if triton is not None:
         return s
 
     @triton.jit
+    def nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                   DOUBLE: tl.constexpr, NESTED_BS: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """fp32 weights of the high and low nibbles of int32 ``byte`` (blocks ``bidx``): level x scale (+ tau)."""
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE, NESTED_BS)
+        hi = tl.load(code_ptr + (byte >> 4)) * s
+        lo = tl.load(code_ptr + (byte & 15)) * s
+        if HAS_SHIFT:
+            tau = tl.load(shift_ptr + bidx, mask=mask, other=0.0)
+            hi += tau
+            lo += tau
+        return hi, lo
+
+    @triton.jit
     def _nf4_dequant_kernel(
         data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, out_ptr,
         n_elements, n_bytes,
@@ -56,13 +69,8 @@ if triton is not None:
         mask = offs < n_bytes
         byte = tl.load(data_ptr + offs, mask=mask, other=0).to(tl.int32)
         bidx = (offs * 2) // BLOCKSIZE
-        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE, NESTED_BS)
-        hi = tl.load(code_ptr + (byte >> 4)) * s
-        lo = tl.load(code_ptr + (byte & 15)) * s
-        if HAS_SHIFT:
-            tau = tl.load(shift_ptr + bidx, mask=mask, other=0.0)
-            hi += tau
-            lo += tau
+        hi, lo = nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                            DOUBLE, NESTED_BS, HAS_SHIFT)
         vals = tl.join(hi, lo).reshape(2 * BLOCK)
         out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)

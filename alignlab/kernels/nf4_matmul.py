@@ -51,7 +51,7 @@ try:
     import triton
     import triton.language as tl
 
-    from alignlab.kernels.nf4_dequant import nf4_block_scale
+    from alignlab.kernels.nf4_dequant import nf4_decode
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -74,6 +74,14 @@ PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
 if triton is not None:
 
     @triton.jit
+    def _grouped(pid, num_m, num_other, GROUP_M: tl.constexpr):
+        """Program id -> (row tile, other tile) in groups of GROUP_M row tiles: consecutive programs
+        share weight tiles in L2."""
+        first_m = (pid // (GROUP_M * num_other)) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (pid % (GROUP_M * num_other)) % size_m, (pid % (GROUP_M * num_other)) // size_m
+
+    @triton.jit
     def _nf4_weight_tile(
         data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
         rn, rkb, N, K,
@@ -90,13 +98,8 @@ if triton is not None:
         rows = rn[:, None].to(tl.int64)
         byte = tl.load(data_ptr + rows * half_k + rkb[None, :], mask=mask, other=0).to(tl.int32)
         bidx = (rows * K + 2 * rkb[None, :]) // BLOCKSIZE
-        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, mask, DOUBLE, NESTED_BS)
-        hi = tl.load(code_ptr + (byte >> 4)) * s
-        lo = tl.load(code_ptr + (byte & 15)) * s
-        if HAS_SHIFT:
-            tau = tl.load(shift_ptr + bidx, mask=mask, other=0.0)
-            hi += tau
-            lo += tau
+        hi, lo = nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                            DOUBLE, NESTED_BS, HAS_SHIFT)
         return tl.join(hi, lo).reshape(BLOCK_N, BLOCK_K)
 
     @triton.jit
@@ -108,15 +111,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """y[M, N] = x[M, K] @ W[N, K]^T (+ bias)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # grouped ordering: consecutive programs share weight tiles in L2
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,14 +144,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """dx[M, K] = dy[M, N] @ W[N, K]; programs tile (M, K) and loop over N."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        group = pid // (GROUP_M * num_k)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
-        pid_k = (pid % (GROUP_M * num_k)) // size_m
+        pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rkb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
