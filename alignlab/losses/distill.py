@@ -496,7 +496,8 @@ def fused_linear_distill_loss(
         mask = mask.reshape(-1)
     weights = _weights(mask, torch.Size([n]), x.device, compute)
     out = _FusedLinearDistill.apply(
-        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction, (chunk_size, grad_chunk_size)
+        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction,
+        (chunk_size, grad_chunk_size),
     )
     return out.reshape(lead) if reduction == "none" else out
 
