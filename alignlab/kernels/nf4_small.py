@@ -354,6 +354,8 @@ def small_m_matmul(
         raise ValueError(f"x2 must have 1..16 rows, got {M}")
     if asm is None:
         asm = x2.dtype != torch.float32 and torch.version.hip is None
+    if kernel == "gemv" and x2.element_size() == 2 and x2.data_ptr() % 4:
+        x2 = x2.clone()  # the GEMV reads 16-bit x as 32-bit pairs (_x_pairs): the row must start 4-byte aligned
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:

@@ -1,5 +1,6 @@
 """Small-M NF4 kernels (alignlab.kernels.nf4_small) vs the float64 product of the reference dequantization."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,80 @@ def test_register_codebook_matches_levels():
     levels = bits.view(torch.float16).float()
     assert torch.equal(levels, nf4_code(torch.device("cpu")).half().float())
     assert (levels - nf4_code(torch.device("cpu"))).abs().max() <= 3e-4
+
+
+class _PTX:
+    """A tiny interpreter for the integer PTX of :func:`_decode4_asm`, with the semantics the PTX ISA gives
+    (``prmt``: byte ``c & 7`` of ``{b, a}``, its sign replicated when ``c & 8``).  Lets CI check the lookup and
+    the byte order of the assembly on CPU; the GPU tests check the hardware."""
+
+    def __init__(self, operands):
+        self.r = {f"${i}": v for i, v in enumerate(operands)}
+
+    def val(self, tok):
+        return self.r[tok] if tok in self.r else int(tok) & 0xFFFFFFFF
+
+    @staticmethod
+    def halves(v):
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+
+    def run(self, asm, outputs="$0"):
+        for line in asm.splitlines():
+            line = line.strip().rstrip(";")
+            if not line or line in "{}" or line.startswith(".reg"):
+                continue
+            op, rest = line.split(None, 1)
+            d, *a = (t.strip() for t in rest.split(","))
+            v = [self.val(t) for t in a]
+            if op == "mov.b32":
+                out = v[0]
+            elif op == "and.b32":
+                out = v[0] & v[1]
+            elif op == "or.b32":
+                out = v[0] | v[1]
+            elif op == "shr.u32":
+                out = v[0] >> v[1]
+            elif op == "prmt.b32":
+                src = (v[1] << 32 | v[0]).to_bytes(8, "little")
+                out = 0
+                for i in range(4):
+                    c = (v[2] >> 4 * i) & 15
+                    byte = src[c & 7]
+                    if c & 8:
+                        byte = 0xFF if byte & 0x80 else 0
+                    out |= byte << 8 * i
+            else:
+                raise AssertionError(f"no emulation for {op}")
+            self.r[d] = out
+        return [self.r[o] for o in outputs.split(",")]
+
+
+def test_decode4_asm_emulated_gives_levels_of_every_nibble():
+    """The in-register lookup (:func:`_decode4_asm`), run by a PTX interpreter: four bytes give the fp16 levels of
+    their high nibbles in ``$0, $1`` and of their low nibbles in ``$2, $3``, byte order kept, for every code."""
+    from alignlab.quant.nf4 import nf4_code
+
+    levels = nf4_code(torch.device("cpu")).half().double().numpy()
+    rng = np.random.default_rng(0)
+    for trial in range(64):
+        b = rng.integers(0, 256, 4) if trial else np.array([0x0F, 0xF0, 0x78, 0x87])
+        word = int(b[0]) | int(b[1]) << 8 | int(b[2]) << 16 | int(b[3]) << 24
+        r = _PTX([0, 0, 0, 0, word]).run(_decode4_asm(), outputs="$0,$1,$2,$3")
+        hi = np.concatenate([_PTX.halves(r[0]), _PTX.halves(r[1])])
+        lo = np.concatenate([_PTX.halves(r[2]), _PTX.halves(r[3])])
+        assert np.array_equal(hi, levels[b >> 4]) and np.array_equal(lo, levels[b & 15]), b
+
+
+@pytest.mark.cuda
+def test_gemv_x_not_4byte_aligned():
+    """The GEMV reads 16-bit x as 32-bit pairs: an x view that starts 2 bytes past a 4-byte boundary is copied
+    first (it would otherwise be a misaligned read)."""
+    t, x, b, wd = _case(64, 256, 1, torch.bfloat16, 64, device="cuda")
+    buf = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+    xv = buf[1:].view(1, -1)
+    xv.copy_(x)
+    assert xv.data_ptr() % 4
+    assert _rel(small_m_matmul(xv, t, b, kernel="gemv").cpu(), x.double().cpu() @ wd.T + b.double().cpu()) < 5e-3
 
 
 @pytest.mark.cuda
