@@ -30,6 +30,8 @@ class LoRAConfig:
         init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_K"`` or ``"olora"``.
         modules_to_save: names/suffixes of modules trained in full next to the adapters (e.g. ``["lm_head"]``).
         adapter_dtype: dtype of the adapter weights (default: fp32 on 16-bit or quantized bases).
+        exact_fp32: adapter math in fp32, rounded once into the output, on the layers this config
+            creates (default False: autocast semantics, the fast path; see ``LoRALinear``).
     """
 
     r: int = 8
@@ -44,6 +46,7 @@ class LoRAConfig:
     init: str = "kaiming"
     modules_to_save: list[str] | None = None
     adapter_dtype: torch.dtype | None = None
+    exact_fp32: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -53,6 +56,8 @@ class LoRAConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         _check_init(self.init)
+        if not isinstance(self.exact_fp32, bool):
+            raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 _compile("target_modules", self.target_modules)
@@ -81,7 +86,7 @@ class LoRAConfig:
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoRALinear:
         return LoRALinear(module, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
-                          self.use_rslora, self.use_dora, adapter_name, self.adapter_dtype)
+                          self.use_rslora, self.use_dora, adapter_name, self.adapter_dtype, self.exact_fp32)
 
     def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
         if not isinstance(layer, LoRALinear):

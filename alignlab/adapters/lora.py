@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
-from alignlab.adapters.dora import dora_delta, dora_linear, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
+from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
+from alignlab.adapters.fused import dora_linear, lora_linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -79,6 +80,10 @@ class LoRALinear(AdapterLayer):
         adapter_name: name of the first adapter.
         adapter_dtype: dtype of ``A``/``B``/``m``; default fp32 for 16-bit or quantized bases
             (as PEFT does), else the base dtype.
+        exact_fp32: run the adapter branch in fp32 and round once into the output (slower). By
+            default (False) the adapter math follows the activations, as under ``torch.autocast``:
+            fp32 factors are cast to the compute dtype per call (fused path, fp32 accumulation,
+            fp32 gradients; see :mod:`alignlab.adapters.fused`). A plain attribute: flip it any time.
     Raises:
         TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``.
     """
@@ -97,8 +102,12 @@ class LoRALinear(AdapterLayer):
         use_dora: bool = False,
         adapter_name: str = "default",
         adapter_dtype: torch.dtype | None = None,
+        exact_fp32: bool = False,
     ) -> None:
         super().__init__(base)
+        if not isinstance(exact_fp32, bool):
+            raise TypeError(f"exact_fp32 must be a bool, got {type(exact_fp32).__name__}")
+        self.exact_fp32 = exact_fp32
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -226,20 +235,26 @@ class LoRALinear(AdapterLayer):
         if self.disabled:
             return self.base_layer(x)
         names = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if names and not x.is_floating_point():
+        if not names:
+            return self.base_layer(x)
+        if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        if len(names) == 1:
+            dtype = self._fused_dtype(x, names[0])
+            if dtype is not None:
+                return self._fused(x, names[0], dtype)
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:
                 raise ValueError(f"input is on {x.device} but adapter {name!r} is on {device}; move the model or the input")
-        if len(names) == 1 and self._can_fuse(x, names[0]):
-            return self._fused(x, names[0])
         out = self.base_layer(x)
         for name in names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if not self.exact_fp32 and a.dtype != out.dtype:  # autocast semantics: the factors come to the activations
+                a, b = a.to(out.dtype), b.to(out.dtype)
             xa = self.lora_dropout[name](x.to(a.dtype))
             if self.is_dora(name):
-                out = (out + self._dora(x, xa, out, name)).to(out.dtype)
+                out = (out + self._dora(x, xa, out, name, a, b)).to(out.dtype)
             elif a.dtype == out.dtype:  # one GEMM adds s·(xA)Bᵀ into out in its epilogue: no extra pass
                 flat = out.reshape(-1, out.shape[-1])
                 out = torch.addmm(flat, F.linear(xa, a).reshape(-1, a.shape[0]), b.T, alpha=self.scaling[name]).view(out.shape)
@@ -247,19 +262,41 @@ class LoRALinear(AdapterLayer):
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out
 
-    def _can_fuse(self, x: torch.Tensor, name: str) -> bool:
-        """One adapter, plain nn.Linear base, one dtype throughout, no active dropout."""
+    def _fused_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
+        """The compute dtype of the fused path for this call, or None where it does not apply.
+
+        It applies to one active adapter without active dropout on a plain ``nn.Linear`` whose weight
+        has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``); with
+        ``exact_fp32`` only where that compute dtype is at least fp32.
+        """
+        from alignlab.quant.linear import NF4Linear
+
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
         base = self.base_layer
-        return (type(base) is nn.Linear and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
-                and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training))
+        if type(base) is nn.Linear:
+            dtype = base.weight.dtype
+            if x.dtype != dtype:
+                return None
+        elif type(base) is NF4Linear:
+            dtype = base.compute_dtype
+        else:
+            return None
+        if self.exact_fp32 and dtype.itemsize < 4:
+            return None
+        return dtype
 
-    def _fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        if a.device != x.device:
+            raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
+        weight = base.weight if type(base) is nn.Linear else base.quant_weight
         if self.is_dora(name):
-            return dora_linear(x, base.weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name])
-        return lora_linear(x, base.weight, base.bias, a, b, self.scaling[name])
+            return dora_linear(x, weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name], dtype)
+        return lora_linear(x, weight, base.bias, a, b, self.scaling[name], dtype)
 
-    def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str, a: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
         if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             base_out = out if bias is None else out - bias
@@ -267,7 +304,6 @@ class LoRALinear(AdapterLayer):
             base_out = self.base_layer(xa.to(x.dtype))
             base_out = base_out if bias is None else base_out - bias
         w = dense_weight(self.base_layer)
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return dora_delta(xa, base_out, w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
 
     # -- merge ----------------------------------------------------------------------------------
@@ -298,54 +334,5 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, init: str = "kaiming",
                  use_rslora: bool = False, use_dora: bool = True, adapter_name: str = "default",
-                 adapter_dtype: torch.dtype | None = None) -> None:
-        super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_name, adapter_dtype)
-
-
-class _LoRALinearFn(torch.autograd.Function):
-    """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` with a hand-written backward.
-
-    Autograd would write ``dx`` twice (base and adapter branch) and sum them in an
-    extra pass; here the adapter's part of ``dx`` is added inside the second GEMM's
-    epilogue (``addmm_``), and the forward does the same for ``y``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ a.T
-        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-        y.addmm_(xa, b.T, alpha=scale)
-        ctx.save_for_backward(x2, weight, a, b, xa)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x2, weight, a, b, xa = ctx.saved_tensors
-        g = gy.reshape(-1, gy.shape[-1])
-        gb = g @ (b * ctx.scale)  # (N, r): gradient reaching x Aᵀ
-        dx = dw = dbias = da = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ weight).addmm_(gb, a).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = g.T @ x2
-        if ctx.needs_input_grad[2]:
-            dbias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            da = gb.T @ x2
-        if ctx.needs_input_grad[4]:
-            db = (g.T @ xa).mul_(ctx.scale)
-        return dx, dw, dbias, da, db, None
-
-
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """Fused LoRA linear ``y = x Wᵀ + bias + s·B A x`` (all tensors one dtype).
-
-    Args:
-        x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None; a: ``(r, in)``; b: ``(out, r)``.
-    Returns:
-        ``(..., out)``. Same values and gradients as the unfused expression, fewer memory passes.
-    """
-    return _LoRALinearFn.apply(x, weight, bias, a, b, scale)
+                 adapter_dtype: torch.dtype | None = None, exact_fp32: bool = False) -> None:
+        super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_name, adapter_dtype, exact_fp32)

@@ -25,11 +25,14 @@
 Both live on a wrapper of the input embedding (:class:`SoftPromptEmbedding`, an
 :class:`AdapterLayer`, so ``disabled()``/``set_adapter``/trainable marking work) and a
 forward pre-hook on the model that rewrites the call's ``input_ids``/
-``inputs_embeds``/``attention_mask``/``labels``/``past_key_values``. Several active
+``inputs_embeds``/``attention_mask``/``labels`` and the KV cache (``cache`` or the older
+``past_key_values``, whichever the call uses; see :mod:`alignlab.hf_cache`). Several active
 adapters are concatenated. Soft prompts cannot be merged. Training/scoring calls
 (``model(input_ids=..., attention_mask=..., labels=...)``) and HF ``generate()``
 work: a call with a non-empty KV cache (incremental decoding) already holds the
 virtual tokens, so only its attention mask and positions are shifted past them.
+A call with ``use_cache=False`` recomputes the whole sequence and ignores any cache
+passed along (``generate(use_cache=False)`` passes the previous step's back).
 Pass everything but ``input_ids`` by keyword.
 """
 
@@ -43,6 +46,7 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.ia3 import check_adapter_name
+from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
 
@@ -163,7 +167,11 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
         if len(args) > 1:
             raise ValueError("soft prompts: pass everything but input_ids as keyword arguments")
         kwargs["input_ids"] = args[0]
-    cache = kwargs.get("past_key_values")
+    cache_key, cache = find_cache(kwargs)
+    if kwargs.get("use_cache") is False and cache is not None:
+        # generate(use_cache=False) still hands back the cache the previous step returned (ours, for prefix
+        # tuning) with the whole sequence as input: a recompute, so the stale cache must not be extended
+        kwargs[cache_key], cache = None, None
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         # incremental decoding: the virtual tokens are already in the cache; the caller's mask and
         # positions count only real tokens, so shift them past the virtual ones
@@ -189,7 +197,11 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
                 head = torch.arange(n_prompt, device=device, dtype=pos.dtype)
                 kwargs[key] = torch.cat([head.expand(*pos.shape[:-1], -1), pos + n_prompt], dim=-1)
     if prefixes:
-        kwargs["past_key_values"] = _prefix_cache(model, prefixes, batch, embeds.dtype)
+        # the prefixes become the cache, under the name the caller used (else the one the model declares);
+        # an empty cache the caller passed (generate's first step) is replaced, never passed twice
+        for key in CACHE_KEYWORDS:
+            kwargs.pop(key, None)
+        kwargs[cache_key or cache_keyword(model)] = _prefix_cache(model, prefixes, batch, embeds.dtype)
         for key in ("position_ids", "cache_position"):
             if kwargs.get(key) is not None:
                 kwargs[key] = kwargs[key] + n_prefix

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alignlab.hf_cache import cache_keyword, output_cache
+
 __all__ = ["CompanionLM"]
 
 
@@ -27,7 +29,8 @@ class CompanionLM:
 
     Args:
         model: HF-style causal LM accepting ``input_ids``, ``attention_mask``,
-            ``position_ids``, ``past_key_values`` and ``use_cache`` and
+            ``position_ids``, a KV cache (``cache`` or, before transformers
+            renamed it, ``past_key_values``) and ``use_cache``, and
             returning ``.logits`` ``(batch, seq, vocab)``.
         pad_token_id: id of left padding (the generating model's
             ``generation_config.pad_token_id``); ``None`` = no padding.
@@ -76,8 +79,8 @@ class CompanionLM:
                 input_ids=ids[:, -1:],
                 attention_mask=mask,
                 position_ids=(mask.sum(1, keepdim=True) - 1).clamp(min=0),
-                past_key_values=self._cache,
                 use_cache=True,
+                **{cache_keyword(self.model): self._cache},
             )
         else:
             out = self.model(
@@ -87,7 +90,7 @@ class CompanionLM:
                 use_cache=self.use_cache,
             )
         if self.use_cache:
-            self._cache = out.past_key_values
+            self._cache = output_cache(out)
             self._prefix = input_ids.clone()
         return out.logits[:, -1].float().to(input_ids.device)
 

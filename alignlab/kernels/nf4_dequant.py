@@ -59,10 +59,10 @@ if triton is not None:
 
     @triton.jit
     def _nf4_dequant_kernel(
-        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, out_ptr,
-        n_elements, n_bytes,
+        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, row_scale_ptr, out_ptr,
+        n_elements, n_bytes, n_cols,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        BLOCK: tl.constexpr,
+        ROW_SCALE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -71,12 +71,15 @@ if triton is not None:
         bidx = (offs * 2) // BLOCKSIZE
         hi, lo = nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
                             DOUBLE, NESTED_BS, HAS_SHIFT)
+        if ROW_SCALE:  # the two values of a byte sit in different rows when n_cols is odd
+            hi *= tl.load(row_scale_ptr + (offs * 2) // n_cols, mask=(offs * 2) < n_elements, other=0.0)
+            lo *= tl.load(row_scale_ptr + (offs * 2 + 1) // n_cols, mask=(offs * 2 + 1) < n_elements, other=0.0)
         vals = tl.join(hi, lo).reshape(2 * BLOCK)
         out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
 
 
-def _launch_dequant(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
     n = t.numel
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     dev = t.device
@@ -88,26 +91,39 @@ def _launch_dequant(t: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
         t.nested_absmax if t.double_quant else dummy,
         t.nested_offset if t.double_quant else dummy,
         t.shift if t.shift is not None else dummy,
-        nf4_code(dev), dynamic_map(dev), out,
-        n, t.data.numel(),
+        nf4_code(dev), dynamic_map(dev), row_scale if row_scale is not None else dummy, out,
+        n, t.data.numel(), t.shape[-1],
         BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-        HAS_SHIFT=t.shift is not None, BLOCK=block, num_warps=4,
+        HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, BLOCK=block, num_warps=4,
     )
     return out
 
 
-def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize an :class:`~alignlab.quant.nf4.NF4Tensor` to ``dtype`` (default: its original dtype).
+
+    With ``row_scale`` (fp32, ``(out_features,)``, for a 2-D weight) row ``i`` comes out
+    multiplied by ``row_scale[i]`` in fp32 before the one rounding to ``dtype``: DoRA's
+    backward folds its magnitude scaling into the weight this way, at no extra pass.
 
     Runs the Triton kernel when :func:`~alignlab.kernels.dispatch.use_triton` allows,
     else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
 
     Raises:
-        TypeError: ``dtype`` is not fp32 / fp16 / bf16.
+        TypeError: ``dtype`` is not fp32 / fp16 / bf16, or ``row_scale`` is not fp32.
+        ValueError: ``row_scale`` is not ``(out_features,)`` for a 2-D weight.
     """
     dtype = dtype or t.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if row_scale is not None:
+        if len(t.shape) != 2 or tuple(row_scale.shape) != (t.shape[0],):
+            raise ValueError(f"row_scale must have shape ({t.shape[0]},) for a 2-D weight of shape {tuple(t.shape)}, "
+                             f"got {tuple(row_scale.shape)}")
+        if row_scale.dtype != torch.float32:
+            raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
     if triton is not None and use_triton(t.data):
-        return _launch_dequant(t, dtype)
-    return nf4_dequantize(t, dtype)
+        return _launch_dequant(t, dtype, None if row_scale is None else row_scale.contiguous())
+    if row_scale is None:
+        return nf4_dequantize(t, dtype)
+    return (nf4_dequantize(t, torch.float32) * row_scale[:, None]).to(dtype)

@@ -120,20 +120,72 @@ def test_init_from_text_with_a_tokenizer():
         PromptTuningConfig.from_text("", tokenizer)
 
 
-@pytest.mark.parametrize("cfg", [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3, init_std=0.5)])
-def test_generate_with_cache_equals_full_recompute(cfg):
-    """HF generate (incremental, KV cache) scores equal a no-cache recompute of the whole sequence each step."""
-    model = inject(make_tiny_llama(), cfg)
+SOFT_PROMPTS = [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3, init_std=0.5)]
+
+
+def _greedy_by_recompute(model, ids, mask, steps):
+    """Greedy scores from a full no-cache recompute of the whole sequence at every step (the oracle)."""
+    seq, msk, scores = ids, mask, []
+    for _ in range(steps):
+        pos = (msk.cumsum(-1) - 1).clamp_min(0)  # generate's positions for left-padded rows
+        logits = model(input_ids=seq, attention_mask=msk, position_ids=pos, use_cache=False).logits[:, -1]
+        scores.append(logits)
+        nxt = logits.argmax(-1, keepdim=True)
+        seq, msk = torch.cat([seq, nxt], 1), torch.cat([msk, torch.ones_like(nxt)], 1)
+    return seq, scores
+
+
+def _left_padded_batch():
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("cfg", SOFT_PROMPTS)
+def test_generate_equals_full_recompute(cfg, use_cache):
+    """HF generate (incremental with a KV cache, or recomputing) scores equal a recompute of the whole sequence."""
+    model = inject(make_tiny_llama(), cfg)
+    ids, mask = _left_padded_batch()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                         output_scores=True, return_dict_in_generate=True)
-    seq, msk = ids, mask
+                         output_scores=True, return_dict_in_generate=True, use_cache=use_cache)
+    seq, scores = _greedy_by_recompute(model, ids, mask, 4)
     for step in range(4):
-        pos = (msk.cumsum(-1) - 1).clamp_min(0)  # generate's positions for left-padded rows
-        logits = model(input_ids=seq, attention_mask=msk, position_ids=pos).logits[:, -1]
-        torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
-        nxt = logits.argmax(-1, keepdim=True)
-        seq, msk = torch.cat([seq, nxt], 1), torch.cat([msk, torch.ones_like(nxt)], 1)
+        torch.testing.assert_close(out.scores[step], scores[step], rtol=1e-4, atol=1e-4)
     assert torch.equal(out.sequences, seq)
+
+
+def _cache_keywords():
+    """Both spellings where this transformers' models take both; the old one alone on releases before the rename."""
+    import inspect
+
+    import transformers
+
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    new = pytest.param("cache", marks=pytest.mark.skipif(
+        "cache" not in params, reason=f"transformers {transformers.__version__} has no `cache` keyword (renamed in 5.2x)"))
+    return ["past_key_values", new]
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("keyword", _cache_keywords())
+@pytest.mark.parametrize("cfg", SOFT_PROMPTS)
+def test_incremental_decoding_with_either_cache_keyword(cfg, keyword):
+    """A hand-written decoding loop passing the cache as `past_key_values=` or `cache=` equals the recompute."""
+    from alignlab.hf_cache import output_cache
+
+    model = inject(make_tiny_llama(), cfg)
+    ids, mask = _left_padded_batch()
+    seq, scores = _greedy_by_recompute(model, ids, mask, 4)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    msk = mask
+    for step in range(4):
+        logits = out.logits[:, -1]
+        torch.testing.assert_close(logits, scores[step], rtol=1e-4, atol=1e-4)
+        nxt = seq[:, ids.shape[1] + step, None]
+        msk = torch.cat([msk, torch.ones_like(nxt)], 1)
+        pos = msk.sum(-1, keepdim=True) - 1
+        out = model(input_ids=nxt, attention_mask=msk, position_ids=pos, use_cache=True,
+                    **{keyword: output_cache(out)})

@@ -3,6 +3,7 @@ import torch
 from conftest import make_tiny_llama
 
 from alignlab.decoding import CompanionLM
+from alignlab.hf_cache import cache_keyword
 
 PAD = 0
 
@@ -69,3 +70,29 @@ def test_errors():
         CompanionLM(lambda x: x)
     with pytest.raises(ValueError, match="input_ids"):
         CompanionLM(make_tiny_llama(num_layers=1))(torch.ones(3, dtype=torch.long))
+
+
+class _OldKeywordLM(torch.nn.Module):
+    """A model that only knows the pre-rename keyword (`past_key_values`), as transformers 4.x models do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        self.seen.append(past_key_values is not None)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, **{cache_keyword(self.inner): past_key_values})
+
+
+def test_cache_is_passed_under_the_keyword_the_model_declares(recwarn):
+    """Incremental steps reuse the cache under `cache` or `past_key_values`, whichever forward declares."""
+    inner = make_tiny_llama(seed=1, vocab_size=64, num_layers=1)
+    ids = torch.cat([_prompts()[0], torch.randint(3, 64, (3, 2), generator=torch.Generator().manual_seed(1))], 1)
+    for model in (inner, _OldKeywordLM(inner)):
+        companion = CompanionLM(model, pad_token_id=PAD)
+        for width in range(5, 8):  # the prompts, then one token at a time
+            torch.testing.assert_close(companion(ids[:, :width]), _oracle_last_logits(inner, ids[:, :width]),
+                                       rtol=1e-4, atol=1e-4)
+    assert model.seen == [False, True, True]
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)], "a deprecated keyword was used"

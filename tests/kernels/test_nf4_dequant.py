@@ -70,3 +70,25 @@ def test_dequant_cuda(dtype, double_quant):
             # last bit of the fp32 scale, i.e. at most one unit in the last place of the output
             ulp = {torch.float32: 3e-7, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
             torch.testing.assert_close(out.float(), nf4_dequantize(t, dtype).float(), rtol=ulp, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (33, 64), (1, 1), (5, 300)])  # odd columns: a byte spans two rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequant_row_scale_interpreter(shape, dtype, triton_mode, kernel_device):
+    """Row ``i`` times ``row_scale[i]`` in fp32, one rounding: equal to the formula scaled and rounded."""
+    g = torch.Generator().manual_seed(1)
+    t = nf4_quantize(torch.randn(shape, generator=g), blocksize=32).to(kernel_device)
+    scale = torch.rand(shape[0], generator=g).add_(0.5).to(kernel_device)
+    got = nf4_dequant(t, dtype, scale)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), (_formula(t) * scale.cpu()[:, None]).to(dtype), rtol=0, atol=0)
+
+
+def test_dequant_row_scale_torch_path_and_errors(torch_mode):
+    t = nf4_quantize(torch.randn(6, 40), blocksize=32)
+    scale = torch.linspace(0.5, 2, 6)
+    torch.testing.assert_close(nf4_dequant(t, torch.float32, scale), _formula(t) * scale[:, None])
+    with pytest.raises(ValueError, match="row_scale"):
+        nf4_dequant(t, torch.float32, scale[:5])
+    with pytest.raises(TypeError, match="row_scale"):
+        nf4_dequant(t, torch.float32, scale.double())

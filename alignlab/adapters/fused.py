@@ -1,0 +1,215 @@
+"""Fused LoRA and DoRA linears over a frozen dense or NF4 base: one autograd function each.
+
+LoRA (Hu et al., arXiv 2106.09685) and DoRA (Liu et al., arXiv 2402.09353)::
+
+    LoRA:  y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ
+    DoRA:  y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias,   g = m / ‖W + s·B A‖_row  (norm constant in backward)
+
+``W (out, in)`` is a dense tensor or an :class:`~alignlab.quant.nf4.NF4Tensor` (QLoRA /
+QDoRA); ``A (r, in)``, ``B (out, r)``, ``m (out,)``.
+
+Precision (autocast semantics). The products run in the *compute dtype* ``c``: the
+dense weight's dtype, or the NF4 layer's ``compute_dtype``. ``A``, ``B`` are cast to
+``c`` per call (``r·(in + out)`` elements; fp32 master weights stay fp32) and every
+GEMM accumulates in fp32. Gradients of ``A``, ``B``, ``m`` come back in their own
+dtype; on CUDA the factor-gradient GEMMs write fp32 directly (``torch.mm(...,
+out_dtype=)``), so an fp32 master gets an unrounded gradient. For the exact fp32
+adapter branch, :class:`~alignlab.adapters.lora.LoRALinear` has ``exact_fp32=True``
+(it then skips this path).
+
+What is saved for backward: ``x`` (in ``c``; the same tensor object the caller holds
+when it is already in ``c``), ``x Aᵀ (tokens, r)``, ``A``/``B`` in ``c`` and, for DoRA,
+``z = x Wᵀ + s(xAᵀ)Bᵀ`` in ``c`` (the magnitude gradient is ``Σ_t ∂L/∂y ⊙ z / norm``).
+Never ``W + s·B A``, a dequantized weight, or an fp32 ``(tokens, out)`` temporary.
+
+Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized again, into
+one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
+``dA = (s·dy B)ᵀ x``, ``dB = s·dyᵀ (x Aᵀ)`` (DoRA: rows times ``g``), ``dm`` by one
+column-dot kernel; a dense weight or bias that requires grad gets it too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignlab.quant.nf4 import NF4Tensor
+
+__all__ = ["lora_linear", "dora_linear"]
+
+# CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` returned in ``dtype``: written in fp32 by the GEMM itself on CUDA, else rounded then cast."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 Wᵀ (+ bias)`` as a fresh ``(tokens, out)`` tensor in ``x2``'s dtype."""
+    if isinstance(weight, NF4Tensor):
+        from alignlab.kernels.nf4_matmul import nf4_matmul
+
+        return nf4_matmul(x2, weight, None if bias is None else bias.to(x2.dtype))
+    return x2 @ weight.T if bias is None else torch.addmm(bias.to(x2.dtype), x2, weight.T)
+
+
+def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(g ⊙ row_scale) W`` as a fresh ``(tokens, in)`` tensor; ``row_scale`` (``(out,)``, fp32 or fp64) is
+    folded into whichever operand is smaller (for NF4, into the one dequantization)."""
+    if isinstance(weight, NF4Tensor):
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+        from alignlab.kernels.nf4_matmul import SMALL_M, nf4_matmul_t
+
+        if g.shape[0] <= SMALL_M:  # decode-sized: the small-M kernels read the packed weight directly
+            return nf4_matmul_t(g if row_scale is None else g * row_scale.to(g.dtype), weight)
+        return g @ nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float())
+    if row_scale is None:
+        return g @ weight
+    if g.shape[0] >= weight.shape[1]:
+        return g @ (weight * row_scale.to(weight.dtype)[:, None])
+    return (g * row_scale.to(g.dtype)) @ weight
+
+
+def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2.to(dtype), a.to(dtype), b.to(dtype)
+
+
+class _LoRAFn(torch.autograd.Function):
+    """``y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ``: the adapter term is added in the second GEMM's epilogue
+    (``addmm_``), forward and ``dx`` alike, so neither branch costs an extra pass over the output."""
+
+    @staticmethod
+    def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype):
+        weight = quant_w if quant_w is not None else dense_w
+        x2, ac, bc = _as_compute(x, a, b, dtype)
+        xa = x2 @ ac.T
+        y = _base_forward(x2, weight, bias)
+        y.addmm_(xa, bc.T, alpha=scale)
+        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2 if need_x else None, dense_w, ac, bc, xa if ctx.needs_input_grad[4] else None)
+        ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
+        ctx.ab_dtypes = (a.dtype, b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, dense_w, ac, bc, xa = ctx.saved_tensors
+        weight = ctx.quant_w if ctx.quant_w is not None else dense_w
+        g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+        gb = g @ (bc * ctx.scale)  # (tokens, r): the gradient reaching x Aᵀ
+        dx = dw = dbias = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (g.T @ x2).to(dense_w.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            db = _mm_to(g.T, xa, ctx.ab_dtypes[1]).mul_(ctx.scale)
+        return dx, dw, dbias, da, db, None, None, None
+
+
+class _DoRAFn(torch.autograd.Function):
+    """``y = g ⊙ z + bias``, ``z = x Wᵀ + s·(x Aᵀ) Bᵀ``, ``g = m / norm`` with ``norm`` a constant."""
+
+    @staticmethod
+    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm):
+        weight = quant_w if quant_w is not None else dense_w
+        x2, ac, bc = _as_compute(x, a, b, dtype)
+        xa = x2 @ ac.T
+        z = _base_forward(x2, weight, None)
+        z.addmm_(xa, bc.T, alpha=scale)
+        g = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
+        gc = g.to(dtype)
+        y = z * gc if bias is None else torch.addcmul(bias.to(dtype), z, gc)
+        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2 if need_x else None, dense_w, ac, bc, xa if ctx.needs_input_grad[4] else None,
+                              z if ctx.needs_input_grad[5] else None, g, norm)
+        ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
+        ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        from alignlab.kernels.dora import column_dot
+
+        x2, dense_w, ac, bc, xa, z, g, norm = ctx.saved_tensors
+        weight = ctx.quant_w if ctx.quant_w is not None else dense_w
+        gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+        gs = g * ctx.scale
+        gb = gy @ (bc * gs[:, None].to(bc.dtype))  # (tokens, r): the gradient reaching x Aᵀ
+        dx = dw = dbias = da = db = dm = None
+        if ctx.needs_input_grad[0]:
+            dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = gy.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = _mm_to(gb.T, x2, ctx.dtypes[0])
+        if ctx.needs_input_grad[4]:
+            db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
+            db = db.mul_(gs[:, None].to(db.dtype)).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[5]:
+            dm = (column_dot(gy, z) / norm).to(ctx.dtypes[2])
+        return dx, dw, dbias, da, db, dm, None, None, None, None
+
+
+def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
+    if isinstance(weight, NF4Tensor):
+        return None, weight
+    if isinstance(weight, torch.Tensor):
+        return weight, None
+    raise TypeError(f"weight must be a tensor or an NF4Tensor, got {type(weight).__name__}")
+
+
+def _compute_dtype(x: torch.Tensor, weight, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return x.dtype if isinstance(weight, NF4Tensor) else weight.dtype
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused LoRA linear ``y = x Wᵀ + bias + s·B A x``.
+
+    Args:
+        x: ``(..., in)``; weight: ``(out, in)`` dense tensor or NF4Tensor; bias: ``(out,)`` or None;
+        a: ``(r, in)``; b: ``(out, r)`` (any float dtype, e.g. fp32 masters).
+        scale: ``s``.
+        dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight.
+    Returns:
+        ``(..., out)`` in ``x.dtype``; gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` /
+        ``bias`` that require grad) in their own dtypes.
+    """
+    dense_w, quant_w = _split(weight)
+    return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, _compute_dtype(x, weight, dtype))
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float, magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused DoRA linear: ``y = m ⊙ (W + sBA) x / ‖W + sBA‖_row + bias`` (norm detached, as in the paper).
+
+    The row norm comes from :func:`alignlab.kernels.dora.dora_row_norm` (one pass over the
+    packed or dense weight, never forming ``W + sBA``), with ``A``, ``B`` in the compute dtype.
+
+    Args:
+        as :func:`lora_linear`, plus magnitude: ``m``, ``(out,)``.
+    Returns:
+        ``(..., out)`` in ``x.dtype``; same values and gradients as the unfused DoRA expression.
+    """
+    from alignlab.kernels.dora import dora_row_norm
+
+    dense_w, quant_w = _split(weight)
+    dtype = _compute_dtype(x, weight, dtype)
+    with torch.no_grad():
+        norm = dora_row_norm(weight, a.detach().to(dtype), b.detach().to(dtype), scale)
+    return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm)

@@ -1,0 +1,259 @@
+"""QLoRA / QDoRA training steps of a Llama-3-8B-shaped stack vs PEFT + bitsandbytes and the frozen bf16 floor (GPU).
+
+Shape (issue 18): 4 decoder layers of Llama-3-8B (hidden 4096, MLP 14336, 32 heads, 8 KV heads) and its
+128k-vocabulary head, seq 2048, batch 1 and 4; LoRA r=16, alpha=32 on q/k/v/o/gate/up/down; AdamW on the
+adapter weights; HF ``LlamaForCausalLM`` forward with ``labels`` (its own loss). Every contestant runs
+with its library's defaults unless the row says otherwise ("bf16 adapters" = adapter weights in bf16):
+
+* floor -- the same bf16 model, frozen, forward + backward to the input embeddings (no weight gradients);
+* alignlab -- ``quantize_model`` (NF4, double quantization, blocksize 64, lm_head kept bf16) + ``inject``;
+* PEFT + bitsandbytes -- ``bnb.nn.Linear4bit`` (nf4, double quantization, bf16 compute) + ``get_peft_model``.
+
+A step is forward + backward + ``optimizer.step()`` + ``zero_grad``. Per contestant: warm-up steps, then
+timed steps with CUDA events (median ms/step), tokens/s, peak allocated memory over the timed steps, and
+the first and last loss of the timed steps (all contestants start from the same weights and data, so
+the losses must track each other). ``--compile`` adds ``torch.compile(model)`` rows (the first step's
+time, compile included, is reported as compile time).
+
+Also the host cost of one adapted NF4 linear forward call (``--host``): median wall time to enqueue
+one call at M = 1 and M = 2048 rows, against a bf16 ``nn.Linear`` call and a bitsandbytes + PEFT one.
+
+Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile] [--host] [--out PATH]`` on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignlab.adapters import LoRAConfig, inject
+from alignlab.bench import library_versions
+from alignlab.quant import quantize_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ = 2048
+
+
+def llama8b_stack(layers: int = 4):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    return model.requires_grad_(False)
+
+
+def _randomise_b(model, seed=1):
+    """Non-zero B (and so a non-trivial adapter from the first step): same values for every library."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32).mul_(0.01))
+
+
+def alignlab_model(base, dora: bool, adapter_dtype):
+    model = quantize_model(copy.deepcopy(base), compute_dtype=torch.bfloat16)
+    inject(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS, use_dora=dora, adapter_dtype=adapter_dtype))
+    _randomise_b(model)
+    return model
+
+
+def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
+    import bitsandbytes as bnb
+    import peft
+
+    model = copy.deepcopy(base)
+    for name, lin in list(model.named_modules()):
+        if type(lin) is not nn.Linear or name.endswith("lm_head"):
+            continue
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)
+        q = q.cuda()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    torch.cuda.empty_cache()
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=dora, lora_dropout=0.0)
+    model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=adapter_dtype == torch.float32)
+    if adapter_dtype == torch.bfloat16:
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    _randomise_b(model)
+    return model
+
+
+def floor_model(base):
+    model = copy.deepcopy(base)
+    model.enable_input_require_grads()  # backward runs to the input embeddings, no weight gradients
+    return model
+
+
+def run_steps(model, ids, warmup: int, steps: int, compiled: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    fwd = torch.compile(model) if compiled else model
+
+    def step():
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        losses.append(step())
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return dict(ms=statistics.median(times), ms_p10=sorted(times)[len(times) // 10],
+                ms_p90=sorted(times)[(9 * len(times)) // 10], first_step_s=first_step_s,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                first_loss=losses[0].item(), last_loss=losses[-1].item())
+
+
+def contestants(base, which: list[str]):
+    table = {
+        "floor (bf16, frozen)": lambda: floor_model(base),
+        "alignlab QLoRA, defaults": lambda: alignlab_model(base, False, None),
+        "alignlab QLoRA, bf16 adapters": lambda: alignlab_model(base, False, torch.bfloat16),
+        "PEFT + bnb QLoRA, defaults": lambda: peft_bnb_model(base, False, torch.float32),
+        "PEFT + bnb QLoRA, bf16 adapters": lambda: peft_bnb_model(base, False, torch.bfloat16),
+        "alignlab QDoRA, defaults": lambda: alignlab_model(base, True, None),
+        "alignlab QDoRA, bf16 adapters": lambda: alignlab_model(base, True, torch.bfloat16),
+        "PEFT + bnb QDoRA, defaults": lambda: peft_bnb_model(base, True, torch.float32),
+    }
+    return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
+
+
+def host_cost(base, reps: int = 300):
+    """Median host time to enqueue one forward call of a single adapted layer (q_proj-shaped, 4096x4096)."""
+    import bitsandbytes as bnb  # noqa: F401
+    import peft
+
+    lin = base.model.layers[0].self_attn.q_proj
+    ours = alignlab_model_layer(lin)
+    wrapper = nn.Module()
+    wrapper.lin = copy.deepcopy(lin)
+    bnb_model = peft_bnb_model(wrapper, False, torch.float32, targets=["lin"])
+    theirs = bnb_model.base_model.model.lin
+    rows = {}
+    for m in (1, SEQ):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for name, layer in (("bf16 nn.Linear (frozen)", lin), ("alignlab QLoRA layer", ours),
+                            ("PEFT + bnb QLoRA layer", theirs)):
+            for _ in range(20):
+                layer(x)
+            torch.cuda.synchronize()
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                layer(x)
+                samples.append((time.perf_counter() - t0) * 1e6)
+                if len(samples) % 50 == 0:
+                    torch.cuda.synchronize()  # keep the launch queue from filling (that would time the GPU)
+            rows[f"{name}, M={m}"] = statistics.median(samples)
+    del peft
+    return rows
+
+
+def alignlab_model_layer(lin):
+    holder = nn.Module()
+    holder.lin = copy.deepcopy(lin)
+    quantize_model(holder, skip=())
+    inject(holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
+    _randomise_b(holder)
+    return holder.lin
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--only-compile", action="store_true")
+    parser.add_argument("--host", action="store_true", help="host cost of one adapted layer call")
+    parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
+    base = llama8b_stack(args.layers)
+    modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
+    results = []
+    for compiled in modes:
+        for batch in args.batches:
+            ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), device="cuda",
+                                generator=torch.Generator(device="cuda").manual_seed(batch))
+            for name, build in contestants(base, args.which).items():
+                model = build()
+                if compiled:
+                    torch._dynamo.reset()
+                r = run_steps(model, ids, args.warmup, args.steps, compiled)
+                r.update(name=name, batch=batch, compiled=compiled, tokens_per_s=batch * SEQ / (r["ms"] / 1e3))
+                results.append(r)
+                print(f"{'compiled' if compiled else 'eager   '} b{batch} {name:34s} {r['ms']:8.1f} ms "
+                      f"(p10 {r['ms_p10']:.1f}, p90 {r['ms_p90']:.1f})  {r['tokens_per_s']:9.0f} tok/s  "
+                      f"{r['peak_gib']:6.2f} GiB  loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}  "
+                      f"first step {r['first_step_s']:.1f} s", flush=True)
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+    print()
+    for compiled in modes:
+        for batch in args.batches:
+            rows = [r for r in results if r["batch"] == batch and r["compiled"] == compiled]
+            floor = next((r for r in rows if r["name"].startswith("floor")), None)
+            print(f"| {'compiled' if compiled else 'eager'}, batch {batch} | ms/step (x floor) | tokens/s | peak GiB "
+                  f"| loss first -> last | first step s |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                ratio = f" ({r['ms'] / floor['ms']:.2f})" if floor else ""
+                print(f"| {r['name']} | {r['ms']:.1f}{ratio} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
+                      f"{r['first_loss']:.4f} -> {r['last_loss']:.4f} | {r['first_step_s']:.1f} |")
+            print()
+    host = host_cost(base) if args.host else {}
+    for k, v in host.items():
+        print(f"host enqueue, one forward call: {k:40s} {v:7.1f} us")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
+                               "steps": results, "host_us": host}, indent=2, default=str))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The fused LoRA / DoRA paths over dense and NF4 bases: formulas, precision, checkpointing, compile."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import LoRAConfig, LoRALinear, adapter_layers, inject
+from alignlab.adapters.fused import dora_linear, lora_linear
+from alignlab.quant.linear import NF4Linear, quantize_model
+from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+
+def _formula(x, w, bias, a, b, s, m=None):
+    """The LoRA / DoRA output in float64 from the dense weight (DoRA's norm detached, as in the paper)."""
+    x, w, a, b = x.double(), w.double(), a.double(), b.double()
+    v = w + s * b @ a
+    if m is not None:
+        v = m.double()[:, None] * v / v.norm(dim=1, keepdim=True).detach()
+    y = x @ v.T
+    return y if bias is None else y + bias.double()
+
+
+def _inputs(tokens, in_f, out_f, r, dora, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    a = (torch.randn(r, in_f, generator=g) / 3).requires_grad_()
+    b = (torch.randn(out_f, r, generator=g) / 3).requires_grad_()
+    m = (w.norm(dim=1) * (1 + 0.1 * torch.randn(out_f, generator=g))).requires_grad_() if dora else None
+    x = torch.randn(*tokens, in_f, generator=g)
+    return x, w, bias, a, b, m
+
+
+def _check(fn_out, x, refs_from, tol):
+    y, leaves = fn_out
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, gy)
+    ref_y, ref_leaves = refs_from()
+    ref_grads = torch.autograd.grad(ref_y, ref_leaves, gy.double())
+    torch.testing.assert_close(y.double(), ref_y, **tol)
+    for got, ref in zip(grads, ref_grads):
+        assert got.dtype == torch.float32  # fp32 leaves get fp32 gradients whatever the compute dtype
+        torch.testing.assert_close(got.double(), ref, **tol)
+
+
+# (tokens, in, out, r): M = 0, M = 1 (small-M kernels), > 16 rows (dequantize + matmul), odd sizes;
+# in = 70 is not a multiple of the NF4 blocksize (the generic path)
+CASES = [((0,), 64, 37, 3), ((1,), 64, 37, 3), ((2, 11), 64, 37, 5), ((23,), 70, 19, 2)]
+
+
+@pytest.mark.parametrize("tokens,in_f,out_f,r", CASES)
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("mode,dtype", [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)])
+def test_nf4_fused_matches_formula(tokens, in_f, out_f, r, dora, mode, dtype, monkeypatch, kernel_device):
+    """QLoRA / QDoRA fused function vs the float64 formula on the dequantized weight: output and the
+    gradients of x, A, B (and m); fp32 masters, compute dtype fp32 or fp16 (Triton interpreter on CPU)."""
+    if mode == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ALIGNLAB_KERNELS", mode)
+    x, w, bias, a, b, m = _inputs(tokens, in_f, out_f, r, dora)
+    t = nf4_quantize(w, blocksize=32).to(kernel_device)
+    dense = nf4_dequantize(t, torch.float32).cpu()
+    dev = lambda v: None if v is None else v.detach().to(kernel_device).requires_grad_(v.requires_grad)  # noqa: E731
+    xd, ad, bd, md = dev(x.requires_grad_()), dev(a), dev(b), dev(m)
+    s = 1.7
+    if dora:
+        y = dora_linear(xd.to(dtype), t, bias.to(kernel_device), ad, bd, s, md, dtype)
+    else:
+        y = lora_linear(xd.to(dtype), t, bias.to(kernel_device), ad, bd, s, dtype)
+    leaves = [v for v in (xd, ad, bd, md) if v is not None]
+
+    def ref():
+        ref_leaves = [v.detach().double().requires_grad_() for v in (x, a, b) + ((m,) if dora else ())]
+        return _formula(ref_leaves[0], dense, bias, *ref_leaves[1:3], s, *ref_leaves[3:]), ref_leaves
+
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    _check((y, leaves), x, ref, tol)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_dense_fused_with_fp32_masters_on_16bit_base(dora, torch_mode):
+    """bf16 base, fp32 factors: the factors are cast per call, gradients come back fp32, and the values
+    are within bf16 rounding of the float64 formula."""
+    x, w, bias, a, b, m = _inputs((3, 5), 48, 24, 4, dora, seed=2)
+    wb, xb = w.bfloat16(), x.bfloat16().requires_grad_()
+    s = 2.0
+    y = dora_linear(xb, wb, bias.bfloat16(), a, b, s, m) if dora else lora_linear(xb, wb, bias.bfloat16(), a, b, s)
+    assert y.dtype == torch.bfloat16
+    leaves = [v for v in (xb, a, b, m) if v is not None]
+    y_ref_in = [v.detach().double().requires_grad_() for v in (xb, a, b) + ((m,) if dora else ())]
+    y_ref = _formula(y_ref_in[0], wb, bias.bfloat16(), *y_ref_in[1:3], s, *y_ref_in[3:])
+    gy = torch.randn(y.shape).bfloat16()
+    grads = torch.autograd.grad(y, leaves, gy)
+    refs = torch.autograd.grad(y_ref, y_ref_in, gy.double())
+    rel = lambda p, q: ((p.double() - q).norm() / q.norm()).item()  # noqa: E731
+    assert rel(y, y_ref) < 1e-2
+    assert [g.dtype for g in grads[1:]] == [torch.float32] * (len(grads) - 1)
+    for got, ref in zip(grads, refs):
+        assert rel(got, ref) < 2e-2
+
+
+def _qlora_layer(dora: bool, **kw) -> LoRALinear:
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(64, 40, bias=True), blocksize=32, compute_dtype=torch.float32)
+    layer = LoRALinear(base, r=4, alpha=8, use_dora=dora, **kw)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    return layer
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_over_nf4_takes_the_fused_path_unless_asked_not_to(dora, monkeypatch, torch_mode):
+    import alignlab.adapters.lora as lora_mod
+
+    calls = []
+    for fn in ("lora_linear", "dora_linear"):
+        orig = getattr(lora_mod, fn)
+        monkeypatch.setattr(lora_mod, fn, lambda *a, _o=orig, _n=fn, **k: calls.append(_n) or _o(*a, **k))
+    layer = _qlora_layer(dora)
+    x = torch.randn(6, 64)
+    y = layer(x)
+    assert calls == ["dora_linear" if dora else "lora_linear"]
+    layer.exact_fp32 = True  # fp32 compute dtype: exact already, so still fused
+    layer(x)
+    assert len(calls) == 2
+    layer.base_layer.compute_dtype = torch.bfloat16  # 16-bit compute + exact_fp32: the unfused fp32 path
+    y_exact = layer(x)
+    assert len(calls) == 2
+    layer.exact_fp32 = False
+    y_fast = layer(x)
+    assert len(calls) == 3 and y_fast.dtype == y_exact.dtype == torch.float32
+    torch.testing.assert_close(y_fast, y, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y_exact, y, rtol=3e-2, atol=3e-2)
+    with pytest.raises(TypeError, match="exact_fp32"):
+        LoRAConfig(exact_fp32="yes")
+
+
+def _qlora_llama(dora: bool):
+    model = quantize_model(make_tiny_llama(num_layers=2), compute_dtype=torch.float32)
+    inject(model, LoRAConfig(r=4, alpha=8, use_dora=dora))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B["default"].weight.copy_(0.1 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_gives_the_same_gradients(dora, reentrant, torch_mode):
+    model = _qlora_llama(dora)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.train()
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # the frozen embedding's output must carry grad into re-entrant checkpointed blocks
+        model.enable_input_require_grads()
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_torch_compile_whole_model_has_no_graph_break(dora, torch_mode):
+    """fullgraph=True fails on any graph break; aot_eager also traces the fused backward."""
+    model = _qlora_llama(dora)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss, grads = _loss_and_grads(compiled, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for k in grads_ref:
+        torch.testing.assert_close(grads[k.replace("_orig_mod.", "")] if k in grads else grads["_orig_mod." + k],
+                                   grads_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_qlora_layer_matches_peft_style_unfused_sum(torch_mode):
+    """The fused QLoRA layer equals base(x) + s·B A x computed module by module (fp32 compute)."""
+    layer = _qlora_layer(False)
+    x = torch.randn(3, 7, 64)
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + s * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    copy.deepcopy(layer)  # layers stay copyable (the fused path keeps no per-call state)

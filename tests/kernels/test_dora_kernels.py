@@ -1,0 +1,87 @@
+"""DoRA kernels (row norm of W + s·B A over a dense or NF4 weight; column dot) vs their references."""
+
+import pytest
+import torch
+
+from alignlab.kernels.dora import column_dot, dora_row_norm
+from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+pytest.importorskip("triton")
+
+
+def _norm_formula(w, a, b, s):
+    """‖W + s·B A‖ per row, with the merged weight formed in float64 (the thing the kernel avoids)."""
+    return (w.double() + s * b.double() @ a.double()).norm(dim=1)
+
+
+# (out, in, r): partial row and column blocks, r below / at / above one tl.dot tile of 16, in=2
+SHAPES = [(37, 70, 3), (16, 32, 16), (1, 2, 1), (50, 130, 20)]
+
+
+@pytest.mark.parametrize("out_f,in_f,r", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("quant", [False, True])
+def test_row_norm_interpreter(out_f, in_f, r, dtype, quant, triton_mode, kernel_device):
+    g = torch.Generator().manual_seed(out_f + r)
+    w = torch.randn(out_f, in_f, generator=g)
+    a, b = torch.randn(r, in_f, generator=g) / 4, torch.randn(out_f, r, generator=g) / 4
+    if quant:
+        weight = nf4_quantize(w, blocksize=32).to(kernel_device)
+        dense = nf4_dequantize(weight, torch.float32).cpu()
+    else:
+        weight = w.to(dtype).to(kernel_device)
+        dense = weight.float().cpu()
+    a_c, b_c = a.to(dtype), b.to(dtype)
+    got = dora_row_norm(weight, a_c.to(kernel_device), b_c.to(kernel_device), 0.7)
+    assert got.dtype == torch.float32 and got.shape == (out_f,)
+    ref = _norm_formula(dense, a_c, b_c, 0.7)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16 operands of the B A tile product
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol)
+
+
+def test_row_norm_torch_path_fp64_and_empty(torch_mode):
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((9, 11), (2, 11), (9, 2)))
+    torch.testing.assert_close(dora_row_norm(w, a, b, 1.5), _norm_formula(w, a, b, 1.5))
+    t = nf4_quantize(w.float(), blocksize=32)
+    torch.testing.assert_close(dora_row_norm(t, a.float(), b.float(), 1.5).double(),
+                               _norm_formula(nf4_dequantize(t, torch.float32), a, b, 1.5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a must be"):
+        dora_row_norm(w, a[:, :5], b, 1.0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        dora_row_norm(w, a.float(), b, 1.0)
+
+
+@pytest.mark.parametrize("T,C,splits", [(0, 5, None), (1, 1, None), (13, 37, None), (40, 70, 3), (64, 33, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_column_dot_interpreter(T, C, splits, dtype, triton_mode, kernel_device):
+    g = torch.Generator().manual_seed(T + C)
+    u, v = torch.randn(T, C, generator=g).to(dtype), torch.randn(T, C, generator=g).to(dtype)
+    got = column_dot(u.to(kernel_device), v.to(kernel_device), splits=splits)
+    assert got.dtype == torch.float32 and got.shape == (C,)
+    torch.testing.assert_close(got.cpu().double(), (u.double() * v.double()).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_column_dot_strided_and_errors(triton_mode, kernel_device):
+    base = torch.randn(20, 30).to(kernel_device)
+    u, v = base[:, ::2], base[:, 1::2]  # non-unit column stride
+    torch.testing.assert_close(column_dot(u, v, splits=2).cpu().double(), (u.double() * v.double()).sum(0).cpu(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        column_dot(u, v[:, :3])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", [False, True])
+def test_row_norm_and_column_dot_cuda_bf16(quant):
+    torch.manual_seed(0)
+    out_f, in_f, r = 1000, 4100, 16
+    w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+    a = (torch.randn(r, in_f, device="cuda") / 30).bfloat16()
+    b = (torch.randn(out_f, r, device="cuda") / 30).bfloat16()
+    weight = nf4_quantize(w, blocksize=64) if quant else w
+    dense = nf4_dequantize(weight, torch.float32) if quant else w.float()
+    torch.testing.assert_close(dora_row_norm(weight, a, b, 2.0).double(), _norm_formula(dense, a, b, 2.0),
+                               rtol=1e-4, atol=1e-4)
+    u, v = torch.randn(2, 3000, 777, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(column_dot(u, v).double(), (u.double() * v.double()).sum(0), rtol=1e-4, atol=1e-3)
