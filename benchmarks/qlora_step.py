@@ -56,7 +56,7 @@ def llama8b_stack(layers: int = 4):
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.config.use_cache = False
-    return model.requires_grad_(False)
+    return model.requires_grad_(False).cpu()  # each contestant copies it to the GPU: peaks are its own
 
 
 def _randomise_b(model, seed=1):
@@ -69,7 +69,8 @@ def _randomise_b(model, seed=1):
 
 
 def alignlab_model(base, dora: bool, adapter_dtype):
-    model = quantize_model(copy.deepcopy(base), compute_dtype=torch.bfloat16)
+    model = quantize_model(copy.deepcopy(base).cuda(), compute_dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
     inject(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS, use_dora=dora, adapter_dtype=adapter_dtype))
     _randomise_b(model)
     return model
@@ -80,12 +81,16 @@ def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
     import peft
 
     model = copy.deepcopy(base)
+    for name, module in list(model.named_modules()):  # everything but the linears to quantize goes to the GPU
+        if type(module) is not nn.Linear or name.endswith("lm_head"):
+            for key, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                t.data = t.data.cuda()
     for name, lin in list(model.named_modules()):
         if type(lin) is not nn.Linear or name.endswith("lm_head"):
             continue
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
                                      compress_statistics=True, blocksize=64)
         q = q.cuda()
         parent, _, child = name.rpartition(".")
@@ -102,7 +107,7 @@ def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
 
 
 def floor_model(base):
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).cuda()
     model.enable_input_require_grads()  # backward runs to the input embeddings, no weight gradients
     return model
 
@@ -162,7 +167,7 @@ def host_cost(base, reps: int = 300):
     import bitsandbytes as bnb  # noqa: F401
     import peft
 
-    lin = base.model.layers[0].self_attn.q_proj
+    lin = copy.deepcopy(base.model.layers[0].self_attn.q_proj).cuda()
     ours = alignlab_model_layer(lin)
     wrapper = nn.Module()
     wrapper.lin = copy.deepcopy(lin)
@@ -188,9 +193,66 @@ def host_cost(base, reps: int = 300):
     return rows
 
 
+def profile_step(model, ids, top: int = 12):
+    """One eager step under torch.profiler: wall time, summed GPU kernel time, and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels.setdefault(e.name, [0.0, 0])
+            kernels[e.name][0] += e.device_time / 1e3
+            kernels[e.name][1] += 1
+    busy = sum(v[0] for v in kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    print(f"    profile: wall {wall:.1f} ms, GPU kernels {busy:.1f} ms, {sum(v[1] for v in kernels.values())} launches")
+    for name, (ms, n) in ranked:
+        print(f"      {ms:7.2f} ms  {n:5d}x  {name[:110]}")
+    return dict(wall_ms=wall, gpu_ms=busy, top=[(n, ms, c) for n, (ms, c) in ranked])
+
+
+def host_profile(base, calls: int = 200):
+    """Where the host time of one adapted NF4 layer's forward call goes (cProfile, M = 1 and 2048)."""
+    import cProfile
+    import pstats
+
+    lin = copy.deepcopy(base.model.layers[0].self_attn.q_proj).cuda()
+    layer = alignlab_model_layer(lin)
+    for m in (1, SEQ):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(20):
+            layer(x)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(calls):
+            layer(x)
+            if i % 50 == 49:
+                torch.cuda.synchronize()
+        prof.disable()
+        print(f"--- host profile, alignlab QLoRA layer forward, M={m}, {calls} calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def alignlab_model_layer(lin):
     holder = nn.Module()
-    holder.lin = copy.deepcopy(lin)
+    holder.lin = copy.deepcopy(lin).cuda()
     quantize_model(holder, skip=())
     inject(holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
     _randomise_b(holder)
@@ -206,6 +268,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--only-compile", action="store_true")
     parser.add_argument("--host", action="store_true", help="host cost of one adapted layer call")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-contestant profile of one eager step: GPU busy time and the top kernels")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile of one adapted layer's calls")
     parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
@@ -223,6 +288,8 @@ def main():
                 if compiled:
                     torch._dynamo.reset()
                 r = run_steps(model, ids, args.warmup, args.steps, compiled)
+                if args.profile and not compiled:
+                    r["profile"] = profile_step(model, ids)
                 r.update(name=name, batch=batch, compiled=compiled, tokens_per_s=batch * SEQ / (r["ms"] / 1e3))
                 results.append(r)
                 print(f"{'compiled' if compiled else 'eager   '} b{batch} {name:34s} {r['ms']:8.1f} ms "
@@ -245,6 +312,8 @@ def main():
                 print(f"| {r['name']} | {r['ms']:.1f}{ratio} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
                       f"{r['first_loss']:.4f} -> {r['last_loss']:.4f} | {r['first_step_s']:.1f} |")
             print()
+    if args.host_profile:
+        host_profile(base)
     host = host_cost(base) if args.host else {}
     for k, v in host.items():
         print(f"host enqueue, one forward call: {k:40s} {v:7.1f} us")

@@ -19,8 +19,9 @@ adapter branch, :class:`~alignlab.adapters.lora.LoRALinear` has ``exact_fp32=Tru
 
 What is saved for backward: ``x`` (in ``c``; the same tensor object the caller holds
 when it is already in ``c``), ``x Aᵀ (tokens, r)``, ``A``/``B`` in ``c`` and, for DoRA,
-``z = x Wᵀ + s(xAᵀ)Bᵀ`` in ``c`` (the magnitude gradient is ``Σ_t ∂L/∂y ⊙ z / norm``).
-Never ``W + s·B A``, a dequantized weight, or an fp32 ``(tokens, out)`` temporary.
+the output ``y`` (the magnitude gradient is ``Σ_t ∂L/∂y ⊙ (y - bias) / m``). Never
+``W + s·B A``, a dequantized weight, or an fp32 ``(tokens, out)`` temporary. DoRA's
+``g`` is folded into the dequantized weight and into ``B``: no pass over the output.
 
 Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized again, into
 one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
@@ -49,12 +50,32 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2 Wᵀ (+ bias)`` as a fresh ``(tokens, out)`` tensor in ``x2``'s dtype."""
-    if isinstance(weight, NF4Tensor):
-        from alignlab.kernels.nf4_matmul import nf4_matmul
+def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None, row_scale: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``(x2 Wᵀ) ⊙ row_scale (+ bias)`` as a fresh ``(tokens, out)`` tensor in ``x2``'s dtype.
 
-        return nf4_matmul(x2, weight, None if bias is None else bias.to(x2.dtype))
+    ``row_scale`` (``(out,)``, fp32 or fp64) is folded into the weight where that is the smaller
+    operand (for NF4 at more than 16 rows: into the one dequantization, at no extra pass), else
+    applied to the product.
+    """
+    if isinstance(weight, NF4Tensor):
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+        from alignlab.kernels.nf4_matmul import SMALL_M, nf4_matmul
+
+        bias = None if bias is None else bias.to(x2.dtype)
+        if row_scale is None:
+            return nf4_matmul(x2, weight, bias)
+        if x2.shape[0] > SMALL_M:
+            w = nf4_dequant(weight, x2.dtype, row_scale.float())
+            return x2 @ w.T if bias is None else torch.addmm(bias, x2, w.T)
+        y = nf4_matmul(x2, weight).mul_(row_scale.to(x2.dtype))
+        return y if bias is None else y.add_(bias)
+    if row_scale is not None:
+        if x2.shape[0] >= weight.shape[1]:
+            weight = weight * row_scale.to(weight.dtype)[:, None]
+        else:
+            y = (x2 @ weight.T).mul_(row_scale.to(x2.dtype))
+            return y if bias is None else y.add_(bias.to(x2.dtype))
     return x2 @ weight.T if bias is None else torch.addmm(bias.to(x2.dtype), x2, weight.T)
 
 
@@ -118,21 +139,29 @@ class _LoRAFn(torch.autograd.Function):
 
 
 class _DoRAFn(torch.autograd.Function):
-    """``y = g ⊙ z + bias``, ``z = x Wᵀ + s·(x Aᵀ) Bᵀ``, ``g = m / norm`` with ``norm`` a constant."""
+    """``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias``, ``g = m / norm`` with ``norm`` a constant.
+
+    ``g`` is folded into the weight (the NF4 dequantization or the smaller GEMM operand) and into
+    ``B``, so ``y`` comes out of one GEMM plus the adapter's ``addmm`` epilogue, with no pass over
+    ``(tokens, out)`` to scale it. The magnitude gradient needs ``z = (y - bias) / g``:
+    ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm = Σ_t ∂L/∂y ⊙ (y - bias) / m``, so ``y`` is saved (often the
+    very tensor the next op saves too) and no ``z`` is formed. A row with ``m`` exactly 0 has lost
+    ``z`` (its output is the bias alone): its magnitude gradient is returned as 0.
+    """
 
     @staticmethod
     def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm):
         weight = quant_w if quant_w is not None else dense_w
         x2, ac, bc = _as_compute(x, a, b, dtype)
-        xa = x2 @ ac.T
-        z = _base_forward(x2, weight, None)
-        z.addmm_(xa, bc.T, alpha=scale)
         g = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
-        gc = g.to(dtype)
-        y = z * gc if bias is None else torch.addcmul(bias.to(dtype), z, gc)
+        xa = x2 @ ac.T
+        y = _base_forward(x2, weight, bias, g)
+        y.addmm_(xa, (bc.to(g.dtype) * g[:, None]).to(dtype).T, alpha=scale)
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        need_m = ctx.needs_input_grad[5]
         ctx.save_for_backward(x2 if need_x else None, dense_w, ac, bc, xa if ctx.needs_input_grad[4] else None,
-                              z if ctx.needs_input_grad[5] else None, g, norm)
+                              y if need_m else None, magnitude if need_m else None,
+                              bias if need_m and bias is not None else None, g)
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -141,7 +170,7 @@ class _DoRAFn(torch.autograd.Function):
     def backward(ctx, gy):
         from alignlab.kernels.dora import column_dot
 
-        x2, dense_w, ac, bc, xa, z, g, norm = ctx.saved_tensors
+        x2, dense_w, ac, bc, xa, y, magnitude, bias, g = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
         gs = g * ctx.scale
@@ -159,7 +188,11 @@ class _DoRAFn(torch.autograd.Function):
             db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
             db = db.mul_(gs[:, None].to(db.dtype)).to(ctx.dtypes[1])
         if ctx.needs_input_grad[5]:
-            dm = (column_dot(gy, z) / norm).to(ctx.dtypes[2])
+            acc = column_dot(gy, y)  # Σ_t gy ⊙ y, fp32
+            if bias is not None:  # Σ_t gy ⊙ (y - bias)
+                acc = acc - bias.to(acc.dtype) * gy.sum(0, dtype=acc.dtype)
+            m = magnitude.to(acc.dtype)
+            dm = torch.where(m == 0, 0.0, acc / m).to(ctx.dtypes[2])
         return dx, dw, dbias, da, db, dm, None, None, None, None
 
 

@@ -38,13 +38,13 @@ def _inputs(tokens, in_f, out_f, r, dora, seed=0):
 def _check(fn_out, x, refs_from, tol):
     y, leaves = fn_out
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
-    grads = torch.autograd.grad(y, leaves, gy)
+    grads = torch.autograd.grad(y, leaves, gy.to(y.device))
     ref_y, ref_leaves = refs_from()
     ref_grads = torch.autograd.grad(ref_y, ref_leaves, gy.double())
-    torch.testing.assert_close(y.double(), ref_y, **tol)
+    torch.testing.assert_close(y.cpu().double(), ref_y, **tol)
     for got, ref in zip(grads, ref_grads):
         assert got.dtype == torch.float32  # fp32 leaves get fp32 gradients whatever the compute dtype
-        torch.testing.assert_close(got.double(), ref, **tol)
+        torch.testing.assert_close(got.cpu().double(), ref, **tol)
 
 
 # (tokens, in, out, r): M = 0, M = 1 (small-M kernels), > 16 rows (dequantize + matmul), odd sizes;
@@ -89,6 +89,7 @@ def test_dense_fused_with_fp32_masters_on_16bit_base(dora, torch_mode):
     wb, xb = w.bfloat16(), x.bfloat16().requires_grad_()
     s = 2.0
     y = dora_linear(xb, wb, bias.bfloat16(), a, b, s, m) if dora else lora_linear(xb, wb, bias.bfloat16(), a, b, s)
+    assert not y.is_cuda
     assert y.dtype == torch.bfloat16
     leaves = [v for v in (xb, a, b, m) if v is not None]
     y_ref_in = [v.detach().double().requires_grad_() for v in (xb, a, b) + ((m,) if dora else ())]
@@ -182,9 +183,10 @@ def test_torch_compile_whole_model_has_no_graph_break(dora, torch_mode):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss, grads = _loss_and_grads(compiled, ids)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    for k in grads_ref:
-        torch.testing.assert_close(grads[k.replace("_orig_mod.", "")] if k in grads else grads["_orig_mod." + k],
-                                   grads_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k, ref in grads_ref.items():
+        got = grads[k] if k in grads else grads["_orig_mod." + k]
+        scale = ref.abs().max().clamp_min(1e-12)  # fp32, other op order: compare relative to the tensor's size
+        torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_qlora_layer_matches_peft_style_unfused_sum(torch_mode):
@@ -194,3 +196,38 @@ def test_qlora_layer_matches_peft_style_unfused_sum(torch_mode):
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     torch.testing.assert_close(layer(x), layer.base_layer(x) + s * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
     copy.deepcopy(layer)  # layers stay copyable (the fused path keeps no per-call state)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_saves_only_what_backward_needs(dora, torch_mode):
+    """QLoRA / QDoRA save x (the caller's own tensor), x·Aᵀ, the cast factors and, for DoRA, z in the compute
+    dtype: never a dequantized or merged (out, in) weight, and no fp32 (tokens, out) temporary."""
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(96, 80, bias=False), blocksize=32, compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8, use_dora=dora)  # fp32 masters
+    x = torch.randn(3, 50, 96, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert not any(t.numel() >= 80 * 96 and t.dim() == 2 and t.shape[-1] == 96 and t.shape[0] == 80 for t in saved)
+    assert not any(t.dtype == torch.float32 and t.numel() >= 150 * 80 for t in saved)
+    big = [t for t in saved if t.numel() >= 150 * 80]
+    assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a copy
+    assert len(big) == (2 if dora else 1), [(tuple(t.shape), t.dtype) for t in big]  # x (and z)
+
+
+def test_dora_zero_magnitude_row_gets_zero_magnitude_gradient(torch_mode):
+    """A row with m = 0 outputs its bias alone; the documented magnitude gradient there is 0, elsewhere the formula."""
+    x, w, bias, a, b, m = _inputs((6,), 20, 9, 3, True, seed=4)
+    m = m.detach().clone()
+    m[3] = 0.0
+    m.requires_grad_()
+    y = dora_linear(x, w, bias, a, b, 0.5, m)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (dm,) = torch.autograd.grad(y, [m], gy)
+    m_ref = m.detach().double().requires_grad_()
+    (dm_ref,) = torch.autograd.grad(_formula(x, w, bias, a, b, 0.5, m_ref), [m_ref], gy.double())
+    assert dm[3] == 0 and torch.isfinite(dm).all()
+    keep = torch.arange(9) != 3
+    torch.testing.assert_close(dm[keep].double(), dm_ref[keep], rtol=1e-4, atol=1e-5)
