@@ -47,7 +47,7 @@ def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
 def dora_delta(
     x: torch.Tensor,
     base_out: torch.Tensor,
-    weight: torch.Tensor,
+    weight,
     a: torch.Tensor,
     b: torch.Tensor,
     scale: float,
@@ -58,14 +58,17 @@ def dora_delta(
     Args:
         x: adapter input ``(..., in)`` (after dropout), in the adapter dtype.
         base_out: ``W x`` *without bias* for this same ``x``, ``(..., out)``.
-        weight: dense base weight ``(out, in)``.
+        weight: base weight ``(out, in)``, dense or an ``NF4Tensor`` (the norm kernel reads it packed).
         a, b: LoRA factors ``(r, in)``, ``(out, r)``.
         scale: LoRA scaling ``s``.
         magnitude: ``m``, ``(out,)``.
     Returns:
         ``(..., out)`` in ``x``'s dtype.
     """
-    norm = dora_weight_norm(weight, a.detach(), b.detach(), scale).detach()
+    from alignlab.kernels.dora import dora_row_norm
+
+    with torch.no_grad():
+        norm = dora_row_norm(weight, a.detach(), b.detach(), scale)
     g = (magnitude.to(norm.dtype) / norm).to(x.dtype)
     lora_out = F.linear(F.linear(x, a), b) * scale
     return (g - 1) * base_out.to(x.dtype) + g * lora_out

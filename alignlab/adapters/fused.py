@@ -112,8 +112,9 @@ class _LoRAFn(torch.autograd.Function):
         xa = x2 @ ac.T
         y = _base_forward(x2, weight, bias)
         y.addmm_(xa, bc.T, alpha=scale)
-        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
-        ctx.save_for_backward(x2 if need_x else None, dense_w, ac, bc, xa if ctx.needs_input_grad[4] else None)
+        # saved whatever needs_input_grad says: x2 is the caller's tensor, xa is (tokens, r); and torch.compile
+        # (seen with torch 2.11) traces forward with needs_input_grad all False, which would drop the gradients
+        ctx.save_for_backward(x2, dense_w, ac, bc, xa)
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.ab_dtypes = (a.dtype, b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -157,11 +158,8 @@ class _DoRAFn(torch.autograd.Function):
         xa = x2 @ ac.T
         y = _base_forward(x2, weight, bias, g)
         y.addmm_(xa, (bc.to(g.dtype) * g[:, None]).to(dtype).T, alpha=scale)
-        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
-        need_m = ctx.needs_input_grad[5]
-        ctx.save_for_backward(x2 if need_x else None, dense_w, ac, bc, xa if ctx.needs_input_grad[4] else None,
-                              y if need_m else None, magnitude if need_m else None,
-                              bias if need_m and bias is not None else None, g)
+        # saved whatever needs_input_grad says (see _LoRAFn.forward)
+        ctx.save_for_backward(x2, dense_w, ac, bc, xa, y, magnitude, bias, g)
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)

@@ -239,7 +239,9 @@ class LoRALinear(AdapterLayer):
             return self.base_layer(x)
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
-        if len(names) == 1:
+        # torch.compile traces the plain path below and fuses it itself: with torch 2.11 it dropped the
+        # fused functions' gradients (seen on an H200), so compiled graphs never contain them
+        if len(names) == 1 and not torch.compiler.is_compiling():
             dtype = self._fused_dtype(x, names[0])
             if dtype is not None:
                 return self._fused(x, names[0], dtype)
@@ -303,8 +305,12 @@ class LoRALinear(AdapterLayer):
         else:  # dropout changed the input: the base term is taken on the dropped input, as PEFT does
             base_out = self.base_layer(xa.to(x.dtype))
             base_out = base_out if bias is None else base_out - bias
-        w = dense_weight(self.base_layer)
-        return dora_delta(xa, base_out, w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+        base = self.base_layer
+        from alignlab.quant.linear import NF4Linear
+
+        # the packed weight goes to the row-norm kernel as it is; other bases are dequantized first
+        weight = base.quant_weight if type(base) is NF4Linear else dense_weight(base)
+        return dora_delta(xa, base_out, weight, a, b, self.scaling[name], self.lora_magnitude_vector[name])
 
     # -- merge ----------------------------------------------------------------------------------
     # merge()/unmerge() come from AdapterLayer; plain LoRA adds delta_weight, DoRA needs its own fold.

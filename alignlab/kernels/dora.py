@@ -71,7 +71,7 @@ if triton is not None:
                 ba = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
             else:
                 ba = tl.dot(b, a)
-            v = tl.where(ok, w + scale * ba, 0.0)
+            v = tl.where(ok, w + (scale * ba).to(tl.float32), 0.0)  # under torch.compile `scale` arrives as fp64
             acc += tl.sum(v * v, axis=1)
         tl.store(out_ptr + rn, tl.sqrt(acc), mask=row_ok)
 
