@@ -232,28 +232,52 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(p == name or p == last or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Dotted names of the model's output head: HF's ``get_output_embeddings()``, else leaves named ``lm_head``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, m in model.named_modules() if head is not None and m is head}
+    return names or {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
+
+
 def quantize_model(
     model: nn.Module,
-    skip: Iterable[str] = ("lm_head",),
+    skip: Iterable[str] = (),
     blocksize: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
     calibrate: str | None = None,
+    quantize_head: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` leaf of ``model`` by an :class:`NF4Linear`, in place; returns ``model``.
 
-    ``skip`` holds module names (full dotted name, last component, dotted suffix or
-    an ``fnmatch`` pattern) to leave in full precision (``lm_head`` by default, as in QLoRA).
+    The output head (``model.get_output_embeddings()`` for HF models, else a module named
+    ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``. ``skip``
+    names further modules to leave alone (full dotted name, last component, dotted suffix or an
+    ``fnmatch`` pattern); each must match at least one ``nn.Linear``.
+
+    Quantize before adding adapters: a model that already holds adapter layers is refused.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.  ValueError: bad ``blocksize``.
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer; adapters present.
     """
+    from alignlab.adapters.base import AdapterLayer
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _matches(name, skip)]
+    adapted = [name for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    if adapted:
+        raise ValueError(f"model already has adapter layers (e.g. {adapted[0]!r}); call quantize_model before "
+                         "inject, so that the adapters wrap the NF4 layers")
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    unmatched = [p for p in skip if not any(_matches(name, (p,)) for name, _ in linears)]
+    if unmatched:
+        raise ValueError(f"skip: {unmatched} match no nn.Linear of the model (names, suffixes or fnmatch patterns)")
+    head = set() if quantize_head else _output_head_names(model)
+    targets = [(name, m) for name, m in linears if name not in head and not _matches(name, skip)]
     for name, lin in targets:
         q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
                                   compute_dtype=compute_dtype, calibrate=calibrate)

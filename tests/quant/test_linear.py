@@ -273,3 +273,24 @@ def test_transformers_4bit_checkpoint_roundtrip(tmp_path):
     back = ours.state_dict()
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
+
+
+def test_quantize_model_keeps_the_head_whatever_skip_says_and_rejects_unknown_names():
+    """`skip` adds to the kept head instead of replacing it; a name that matches nothing is an error."""
+    model = quantize_model(make_tiny_llama(), skip=["o_proj"], compute_dtype=torch.float32)
+    assert type(model.lm_head) is nn.Linear
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    with pytest.raises(ValueError, match=r"skip: \['nope'\] match no nn.Linear"):
+        quantize_model(make_tiny_llama(), skip=["nope"])
+    model = quantize_model(make_tiny_llama(), quantize_head=True, compute_dtype=torch.float32)
+    assert isinstance(model.lm_head, NF4Linear)
+
+
+def test_quantize_model_after_inject_is_refused_with_the_order_to_use():
+    from alignlab.adapters import LoRAConfig, inject
+
+    model = inject(make_tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="call quantize_model before inject"):
+        quantize_model(model)
+    assert type(model.model.layers[0].self_attn.q_proj.lora_A["default"]) is nn.Linear  # untouched
