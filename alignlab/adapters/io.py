@@ -123,9 +123,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model, adapter_name)
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
+    raw.update({k: v for k, v in _model_identity(model).items() if k in raw and raw[k] is None})
     meta = json.dumps(raw, indent=2, sort_keys=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
+    return out
+
+
+# HF head classes -> PEFT task types (what AutoPeftModel* dispatch on)
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
+def _model_identity(model: nn.Module) -> dict:
+    """``base_model_name_or_path`` (from an HF model's config) and ``task_type`` (from its head class), when known."""
+    out = {}
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name:
+        out["base_model_name_or_path"] = name
+    cls = type(model).__name__
+    task = next((t for suffix, t in _TASK_TYPES if cls.endswith(suffix)), None)
+    if task is not None:
+        out["task_type"] = task
     return out
 
 

@@ -213,6 +213,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a YAML recipe (needs the optional ``pyyaml``).
 
     Relative model paths resolve against the current directory, as in mergekit.
+
+    Raises:
+        ValueError: the file is not valid YAML (with the line and column) or not a valid recipe.
     """
     try:
         import yaml
@@ -220,5 +223,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise ImportError("reading YAML merge recipes needs pyyaml: pip install 'alignlab[yaml]'") from e
     path = Path(path)
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
     return recipe_from_dict(data)

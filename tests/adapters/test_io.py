@@ -98,3 +98,26 @@ def test_failed_write_leaves_previous_files_intact(tmp_path, monkeypatch):
         save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_saved_config_names_the_base_model_so_auto_peft_loads_it(tmp_path):
+    """A model from `from_pretrained` writes its path and task type, so PEFT's Auto class can rebuild it alone."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    make_tiny_llama().save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = inject(base, LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    assert cfg["task_type"] == "CAUSAL_LM"
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    # a model built from a config alone has no path to name: the field stays empty
+    save_adapter(_trained(), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] is None

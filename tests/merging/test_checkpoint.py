@@ -327,3 +327,22 @@ def test_peak_memory_is_bounded_by_tensor_not_model(tmp_path):
     print(f"peak RSS grew {grew_mib:.1f} MiB")
     assert grew_mib < total_in_mib / 3, f"peak RSS grew {grew_mib:.1f} MiB merging {total_in_mib} MiB of inputs"
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 4  # 48 MiB of output in 16 MB shards
+
+
+def test_yaml_syntax_error_is_one_error_line(tmp_path):
+    """A recipe that is not YAML gets the CLI's one-line `error:` with the line and column, no traceback."""
+    pytest.importorskip("yaml")
+    from alignlab.merging.__main__ import main
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("merge_method: ties\nmodels:\n  - model: [a, b\nparameters: {weight: 1}\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: not valid YAML at line \d+, column \d+"):
+        load_recipe(bad)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([str(bad), str(tmp_path / "out")]) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid YAML" in lines[0], lines
