@@ -192,7 +192,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
     config = _config_from_file(json.loads((root / CONFIG_NAME).read_text()))
+    _drop_absent_modules_to_save(model, config)
     state = load_file(str(root / WEIGHTS_NAME))
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
     inject(model, config, adapter_name)
     try:
         _copy_into(model, state, adapter_name)
@@ -200,8 +202,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         from alignlab.adapters.inject import delete_adapter
 
         delete_adapter(model, adapter_name)
+        for p in model.parameters():  # inject froze the base: leave the model as it was
+            if id(p) in trainable:
+                p.requires_grad_(trainable[id(p)])
         raise
     return model
+
+
+def _drop_absent_modules_to_save(model: nn.Module, config) -> None:
+    """Keep the ``modules_to_save`` names this model has, as PEFT does when loading.
+
+    PEFT writes its task heads for every architecture (``["classifier", "score"]`` for
+    ``SEQ_CLS``); a model has one of them. The file's weights for a kept module are still
+    checked key by key, so nothing the model has is skipped.
+    """
+    wanted = getattr(config, "modules_to_save", None)
+    if not wanted:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    kept = [w for w in wanted if any(n == w or n.endswith("." + w) for n in names)]
+    config.modules_to_save = kept or None
 
 
 def _config_from_file(raw: dict):

@@ -121,3 +121,41 @@ def test_saved_config_names_the_base_model_so_auto_peft_loads_it(tmp_path):
     # a model built from a config alone has no path to name: the field stays empty
     save_adapter(_trained(), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_peft_seq_cls_adapter_loads_although_it_names_both_task_heads(tmp_path):
+    """PEFT's SEQ_CLS adapters list modules_to_save=["classifier", "score"]; a Llama has only `score`."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    def classifier(seed):
+        torch.manual_seed(seed)
+        cfg = make_tiny_llama().config
+        cfg.num_labels, cfg.pad_token_id = 3, 0
+        return transformers.LlamaForSequenceClassification(cfg).eval()
+
+    theirs = peft.get_peft_model(classifier(0), peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                                target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path)
+    assert set(json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]) >= {"classifier", "score"}
+    ours = load_adapter(classifier(0), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_load_leaves_requires_grad_as_it_was(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in state if "lora_A" in k)
+    state[key] = torch.zeros(3, *state[key].shape[1:])  # wrong rank
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    model = make_tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mix of flags, as a user may have set them
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter(model, tmp_path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
