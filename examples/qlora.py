@@ -8,13 +8,19 @@ NormalFloat with double quantization and trains low-rank adapters on top:
 On CPU this runs the PyTorch reference path; on a CUDA GPU the same script runs
 alignlab's Triton NF4 kernels (fused GEMV / matmul, dequantization).
 
-    python examples/qlora.py [--steps 20] [--out /tmp/qlora_adapter] [--dora]
+    python examples/qlora.py [--steps 20] [--out DIR] [--dora]
+
+The adapter is saved in PEFT's layout (to ``--out``, or a temporary directory that is
+removed at the end), reloaded onto a freshly quantized copy of the same base, and the
+reloaded model must reproduce the trained one's logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,12 +38,12 @@ def tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64, layers: int = 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--out", default="qlora_adapter")
+    p.add_argument("--out", default=None, help="adapter directory (default: a temporary one, removed at the end)")
     p.add_argument("--dora", action="store_true", help="QDoRA: DoRA adapters on the NF4 base")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from alignlab.adapters import LoRAConfig, count_parameters, inject, save_adapter
+    from alignlab.adapters import LoRAConfig, count_parameters, inject, load_adapter, save_adapter
     from alignlab.quant import NF4Linear, quantize_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,9 +82,20 @@ def main(argv=None) -> float:
             print(f"step {step:3d}  loss {last:.4f}")
     print(f"loss {first:.4f} -> {last:.4f} in {time.time() - t0:.1f}s")
 
-    # 4. save only the adapter (adapter_config.json + adapter_model.safetensors, PEFT layout)
-    path = save_adapter(model, args.out)
-    print(f"adapter saved to {path}")
+    # 4. save only the adapter (adapter_config.json + adapter_model.safetensors, PEFT layout), then
+    #    reload it onto a freshly quantized copy of the same base: the logits must come back
+    with tempfile.TemporaryDirectory(prefix="alignlab-qlora-") as tmp:
+        path = save_adapter(model, args.out or Path(tmp) / "adapter")
+        print(f"adapter saved to {path}")
+        fresh = quantize_model(tiny_llama(args.seed).to(device), compute_dtype=compute_dtype)
+        reloaded = load_adapter(fresh, path)
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        diff = (model(input_ids=batch).logits - reloaded(input_ids=batch).logits).abs().max().item()
+    print(f"reloaded adapter reproduces the logits to {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit("the reloaded adapter does not reproduce the trained model")
     return last
 
 

@@ -36,7 +36,7 @@ def counting_batch(batch: int, length: int, vocab: int, gen: torch.Generator) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default=None, help="adapter directory (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="adapter directory (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -68,14 +68,16 @@ def main() -> None:
     if not last < first:
         raise SystemExit("loss did not go down")
 
-    out = args.out or tempfile.mkdtemp(prefix="alignlab-quickstart-")
-    save_adapter(model, out)
-    reloaded = load_adapter(base, out)
+    with tempfile.TemporaryDirectory(prefix="alignlab-quickstart-") as tmp:  # removed at the end
+        out = args.out or tmp
+        save_adapter(model, out)
+        reloaded = load_adapter(base, out)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
         diff = (model(eval_ids).logits - reloaded(eval_ids).logits).abs().max().item()
-    print(f"saved PEFT-format adapter to {out}; reloaded outputs differ by {diff:.2e}")
+    print(f"saved PEFT-format adapter to {out if args.out else 'a temporary directory'}; "
+          f"reloaded outputs differ by {diff:.2e}")
     if diff > 1e-5:
         raise SystemExit("reloaded adapter does not reproduce the outputs")
 
