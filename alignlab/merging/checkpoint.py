@@ -223,7 +223,8 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> T
                       normalize=bool(r.value("normalize", name, default=False)), lambda_=lam,
                       generator=_generator(r, name))
     if method in ("breadcrumbs", "breadcrumbs_ties"):
-        return M.breadcrumbs(base, others, weights, density=density, gamma=float(r.value("gamma", name, default=0.01)),
+        gamma = [float(r.value("gamma", name, m, 0.01)) for m in ft]
+        return M.breadcrumbs(base, others, weights, density=density, gamma=gamma,
                              consensus=consensus, normalize=bool(r.value("normalize", name, default=False)),
                              lambda_=lam)
     if method in ("della", "della_linear"):

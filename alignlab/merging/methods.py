@@ -528,7 +528,7 @@ def breadcrumbs(
     weights: Sequence[float] | float | None = None,
     *,
     density: Sequence[float] | float,
-    gamma: float = 0.01,
+    gamma: Sequence[float] | float = 0.01,
     consensus: Consensus | None = None,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -546,12 +546,14 @@ def breadcrumbs(
     ``breadcrumbs`` (``density``, ``gamma``).
     """
     _check_models(base, models)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    gammas = _per_model(gamma, len(models), "gamma")
+    bad = [g for g in gammas if not 0.0 <= g <= 1.0]
+    if bad:
+        raise ValueError(f"gamma must be in [0, 1], got {bad[0]}")
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
     deltas = []
-    for d, rho in zip(_deltas(base, models), dens):
+    for d, rho, gamma in zip(_deltas(base, models), dens, gammas):
         if rho >= 1.0:
             deltas.append(d)
             continue

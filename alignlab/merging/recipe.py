@@ -50,6 +50,35 @@ METHODS: dict[str, tuple[bool, int, int | None]] = {
     "chipalign": (True, 1, 1),
 }
 
+# method name -> (parameters read per model, parameters read once for the whole merge). A per-model
+# parameter may also be given once under the top-level `parameters` (it then applies to every model);
+# anything else is a typo or a parameter the method does not use, and the recipe is refused.
+_WEIGHTED = {"weight"}
+_SPARSE = {"weight", "density"}
+PARAMETERS: dict[str, tuple[frozenset, frozenset]] = {name: (frozenset(per), frozenset(wide)) for name, (per, wide) in {
+    "linear": (_WEIGHTED, {"normalize"}),
+    "karcher": (_WEIGHTED, {"max_iter", "tol"}),
+    "task_arithmetic": (_WEIGHTED, {"normalize", "lambda"}),
+    "ties": (_SPARSE, {"normalize", "lambda", "consensus"}),
+    "dare_linear": (_SPARSE, {"normalize", "lambda", "rescale"}),
+    "dare_ties": (_SPARSE, {"normalize", "lambda", "rescale", "consensus"}),
+    "breadcrumbs": (_SPARSE | {"gamma"}, {"normalize", "lambda"}),
+    "breadcrumbs_ties": (_SPARSE | {"gamma"}, {"normalize", "lambda", "consensus"}),
+    "della": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale", "consensus"}),
+    "della_linear": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale"}),
+    "model_stock": (set(), {"filter_wise"}),
+    "slerp": ({"t"}, set()),
+    "chipalign": ({"lambda"}, set()),
+}.items()}
+
+
+def _check_names(params: Mapping[str, Any], allowed: frozenset, method: str, where: str) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"parameter(s) {unknown} of {where} are not used by merge_method {method!r}; "
+                         f"it accepts {sorted(allowed) or 'none'} there")
+
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -175,13 +204,18 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
             raise ValueError(f"models[{i}] must be a mapping with a 'model' path, got {entry!r}")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise ValueError(f"models[{i}]: unknown key(s) {extra}; an entry has 'model' and 'parameters'")
         params = dict(entry.get("parameters") or {})
         path = _resolve_path(entry["model"], rootp)
+        _check_names(params, PARAMETERS[method][0], method, f"model {str(path)!r}")
         for k, v in params.items():
             _check_filters(k, v, f"model {str(path)!r}")
             _check_value(k, v, f"model {str(path)!r}")
         models.append(ModelEntry(path, params))
     params = dict(data.get("parameters") or {})
+    _check_names(params, PARAMETERS[method][0] | PARAMETERS[method][1], method, "the recipe's parameters")
     for k, v in params.items():
         _check_filters(k, v, "the recipe")
         _check_value(k, v, "the recipe")

@@ -346,3 +346,43 @@ def test_yaml_syntax_error_is_one_error_line(tmp_path):
         assert main([str(bad), str(tmp_path / "out")]) == 2
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid YAML" in lines[0], lines
+
+
+def test_per_model_gamma_is_used_for_breadcrumbs(three_models):
+    """`models[i].parameters.gamma` reaches breadcrumbs (it used to be read at the top level only)."""
+    tmp, states = three_models
+    params = {"a": {"weight": 0.6, "density": 0.5, "gamma": 0.05}, "b": {"weight": 0.4, "density": 0.5, "gamma": 0.2}}
+    merge_checkpoints(recipe(tmp, "breadcrumbs", params), tmp / "out")
+    merged = {}
+    for f in (tmp / "out").glob("*.safetensors"):
+        merged.update(load_file(f))
+    n = "layers.0.mlp.up.weight"
+    want = M.breadcrumbs(states["base"][n], [states["a"][n], states["b"][n]], [0.6, 0.4], density=0.5,
+                         gamma=[0.05, 0.2]).to(merged[n].dtype)
+    assert torch.equal(merged[n], want)
+    default = M.breadcrumbs(states["base"][n], [states["a"][n], states["b"][n]], [0.6, 0.4], density=0.5)
+    assert not torch.equal(merged[n], default.to(merged[n].dtype))
+
+
+@pytest.mark.parametrize("where,params,message", [
+    ("model", {"a": {"weight": 0.6, "densty": 0.5}}, r"\['densty'\] of model .* merge_method 'ties'.*accepts \['density', 'weight'\]"),
+    ("model", {"a": {"weight": 0.6, "normalize": True}}, r"\['normalize'\] of model"),  # method-wide only
+    ("model", {"a": {"gamma": 0.1}}, r"\['gamma'\] of model .* 'ties'"),  # breadcrumbs' parameter
+    ("top", {"densty": 0.5}, r"\['densty'\] of the recipe's parameters .* 'ties'"),
+])
+def test_unknown_or_unused_parameters_are_refused(three_models, where, params, message):
+    tmp, _ = three_models
+    if where == "model":
+        r = recipe(tmp, "ties", params)
+    else:
+        r = {**recipe(tmp, "ties"), "parameters": params}
+    with pytest.raises(ValueError, match=message):
+        recipe_from_dict(r)
+
+
+def test_unknown_keys_in_a_model_entry_are_refused(three_models):
+    tmp, _ = three_models
+    r = recipe(tmp, "ties")
+    r["models"][0] = {"model": r["models"][0]["model"], "paramters": {"weight": 0.5}}
+    with pytest.raises(ValueError, match=r"models\[0\]: unknown key\(s\) \['paramters'\]"):
+        recipe_from_dict(r)
