@@ -175,11 +175,14 @@ def _generator(recipe: Recipe, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(((recipe.random_seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
 
 
-def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> Tensor:
+def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_dtype: torch.dtype | None = None
+                 ) -> Tensor:
     """Merge one tensor ``name`` given each input checkpoint's copy (keyed by path).
 
     This is what :func:`merge_checkpoints` runs per tensor; it is exposed so that
-    in-memory state dicts can be merged with exactly the same semantics.
+    in-memory state dicts can be merged with exactly the same semantics. The arithmetic is
+    float32 (float64 for float64 inputs) and the result is rounded once, to ``out_dtype``
+    (default: the dtype of the first input).
     """
     r = recipe
     method = r.merge_method
@@ -187,8 +190,9 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> T
         inputs = [tensors[m.path] for m in r.models]
         weights = [r.value("weight", name, m, 1.0) for m in r.models]
         if method == "linear":
-            return M.linear(inputs, weights, normalize=bool(r.value("normalize", name, default=True)))
-        return M.karcher(inputs, weights, max_iter=int(r.value("max_iter", name, default=10)),
+            return M.linear(inputs, weights, out_dtype=out_dtype,
+                            normalize=bool(r.value("normalize", name, default=True)))
+        return M.karcher(inputs, weights, out_dtype=out_dtype, max_iter=int(r.value("max_iter", name, default=10)),
                          tol=float(r.value("tol", name, default=1e-5)))
     base = tensors[r.base_model]
     ft = r.fine_tuned
@@ -197,41 +201,44 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> T
         t = r.value("t", name, ft[0])
         if t is None:
             raise ValueError("slerp needs parameter 't'")
-        return M.slerp(base, others[0], float(t))
+        return M.slerp(base, others[0], float(t), out_dtype=out_dtype)
     if method == "chipalign":
         lam = r.value("lambda", name, ft[0])
         if lam is None:
             raise ValueError("chipalign needs parameter 'lambda' (weight of the domain model)")
-        return M.chipalign(base, others[0], float(lam))
+        return M.chipalign(base, others[0], float(lam), out_dtype=out_dtype)
     if method == "model_stock":
-        return M.model_stock(base, others, filter_wise=bool(r.value("filter_wise", name, default=False)))
+        return M.model_stock(base, others, out_dtype=out_dtype,
+                             filter_wise=bool(r.value("filter_wise", name, default=False)))
 
     weights = [float(r.value("weight", name, m, 1.0)) for m in ft]
     lam = float(r.value("lambda", name, default=1.0))
     if method == "task_arithmetic":
-        return M.task_arithmetic(base, others, weights, normalize=bool(r.value("normalize", name, default=False)),
+        return M.task_arithmetic(base, others, weights, out_dtype=out_dtype,
+                                 normalize=bool(r.value("normalize", name, default=False)),
                                  lambda_=lam)
     density = [r.value("density", name, m, 1.0) for m in ft]
     consensus = "sum" if method.endswith("ties") or method == "della" else None
     consensus = r.value("consensus", name, default=consensus) if consensus else None
     if method == "ties":
-        return M.ties(base, others, weights, density=density, consensus=consensus,
+        return M.ties(base, others, weights, out_dtype=out_dtype, density=density, consensus=consensus,
                       normalize=bool(r.value("normalize", name, default=True)), lambda_=lam)
     if method in ("dare_linear", "dare_ties"):
-        return M.dare(base, others, weights, density=density, consensus=consensus,
+        return M.dare(base, others, weights, out_dtype=out_dtype, density=density, consensus=consensus,
                       rescale=_rescale_arg(r.value("rescale", name, default=True)),
                       normalize=bool(r.value("normalize", name, default=False)), lambda_=lam,
                       generator=_generator(r, name))
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         gamma = [float(r.value("gamma", name, m, 0.01)) for m in ft]
-        return M.breadcrumbs(base, others, weights, density=density, gamma=gamma,
+        return M.breadcrumbs(base, others, weights, out_dtype=out_dtype, density=density, gamma=gamma,
                              consensus=consensus, normalize=bool(r.value("normalize", name, default=False)),
                              lambda_=lam)
     if method in ("della", "della_linear"):
         eps = [float(r.value("epsilon", name, m, 0.15)) for m in ft]
         if len(set(eps)) > 1:
             raise ValueError("della: per-model epsilon values must be equal")
-        return M.della(base, others, weights, density=density, epsilon=eps[0], consensus=consensus,
+        return M.della(base, others, weights, out_dtype=out_dtype, density=density, epsilon=eps[0],
+                       consensus=consensus,
                        rescale=_rescale_arg(r.value("rescale", name, default=True)),
                        normalize=bool(r.value("normalize", name, default=method == "della")), lambda_=lam,
                        generator=_generator(r, name))
@@ -411,10 +418,10 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
         if not (ref.dtype.is_floating_point and ref.dtype.itemsize > 1) or ref.numel() == 0:
             return ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
         try:
-            res = merge_tensor(r, spec.name, tensors)
+            res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype)  # rounded once, to the output dtype
         except (ValueError, TypeError) as e:
             raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
-        return res.to(spec.dtype)
+        return res
 
     weight_map = {}
     total = 0

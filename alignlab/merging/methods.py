@@ -2,9 +2,10 @@
 
 Every function takes one tensor per model (all of the same shape, e.g. one
 ``(out_features, in_features)`` projection of each checkpoint) and returns the
-merged tensor in the dtype of the first input. Arithmetic runs in float32
-(float64 when the inputs are float64), the way merges of bf16 checkpoints are
-usually done, and is cast back once at the end.
+merged tensor in ``out_dtype`` (default: the dtype of the first input).
+Arithmetic runs in float32 (float64 when the inputs are float64), the way merges
+of bf16 checkpoints are usually done, and the result is rounded once, to
+``out_dtype``: bf16 inputs merged into float32 keep every float32 digit.
 
 Notation: ``θ_0`` is the base (pre-trained) tensor, ``θ_i`` the fine-tuned ones,
 ``δ_i = θ_i − θ_0`` their task vectors and ``w_i`` the per-model weights.
@@ -118,6 +119,7 @@ def linear(
     weights: Sequence[float] | None = None,
     *,
     normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Weighted average of whole models ("model soup").
 
@@ -150,7 +152,7 @@ def linear(
         out.add_(t.to(wd), alpha=wi)
     if normalize:
         out.div_(total)
-    return out.to(tensors[0].dtype)
+    return out.to(out_dtype or tensors[0].dtype)
 
 
 # --------------------------------------------------------------------------- task vectors
@@ -164,6 +166,7 @@ def combine_deltas(
     consensus: Consensus | None = None,
     normalize: bool = False,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Add weighted task vectors to the base, optionally with TIES sign election.
 
@@ -194,10 +197,11 @@ def combine_deltas(
     if len(deltas) != len(weights):
         raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
     wd = _work_dtype(base)
-    return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_)
+    return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_,
+                    out_dtype)
 
 
-def _combine(base, weighted, weights, consensus, normalize, lambda_) -> Tensor:
+def _combine(base, weighted, weights, consensus, normalize, lambda_, out_dtype=None) -> Tensor:
     """:func:`combine_deltas` on already weighted deltas ``w_i δ_i`` that it may overwrite."""
     if consensus not in (None, "sum", "count"):
         raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
@@ -237,7 +241,7 @@ def _combine(base, weighted, weights, consensus, normalize, lambda_) -> Tensor:
     if lambda_ != 1.0:
         mixed *= lambda_
     mixed += base  # in place, base promoted element-wise: equal to base.to(wd) + mixed
-    return mixed.to(base.dtype)
+    return mixed.to(out_dtype or base.dtype)  # the one rounding
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -363,6 +367,7 @@ def task_arithmetic(
     *,
     normalize: bool = False,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Task arithmetic: add weighted task vectors to the base.
 
@@ -385,7 +390,7 @@ def task_arithmetic(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    return _chunked(base, models, w, lambda d, i: d, None, normalize, lambda_)
+    return _chunked(base, models, w, lambda d, i: d, None, normalize, lambda_, out_dtype)
 
 
 def ties(
@@ -397,6 +402,7 @@ def ties(
     consensus: Consensus = "sum",
     normalize: bool = True,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""TIES-Merging: trim, elect sign, disjoint mean.
 
@@ -461,22 +467,22 @@ def ties(
             trims[i] = (thr, tied_left - tied.numel())
         return d.masked_fill_(keep.logical_not_(), 0.0)
 
-    return _chunked(base, models, w, trim, consensus, normalize, lambda_)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype)
 
 
-def _chunked(base, models, weights, trim, consensus, normalize, lambda_) -> Tensor:
+def _chunked(base, models, weights, trim, consensus, normalize, lambda_, out_dtype=None) -> Tensor:
     """Apply trim + :func:`_combine` over consecutive chunks of the flattened tensors (in order)."""
     wd = _work_dtype(base)
     flat_b = base.reshape(-1)
     flat_m = [m.reshape(-1) for m in models]
-    out = torch.empty_like(flat_b)
+    out = torch.empty(flat_b.shape, dtype=out_dtype or base.dtype, device=base.device)
     for s in range(0, flat_b.numel(), _CHUNK):
         b = flat_b[s : s + _CHUNK]
         deltas = []
         for i, (m, wi) in enumerate(zip(flat_m, weights)):
             d = m[s : s + _CHUNK].to(wd, copy=True).sub_(b)
             deltas.append(trim(d, i).mul_(wi))
-        out[s : s + _CHUNK] = _combine(b, deltas, weights, consensus, normalize, lambda_)
+        out[s : s + _CHUNK] = _combine(b, deltas, weights, consensus, normalize, lambda_, out.dtype)
     return out.reshape(base.shape)
 
 
@@ -491,6 +497,7 @@ def dare(
     normalize: bool = False,
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""DARE: drop each delta entry with probability ``p = 1 − density``, rescale.
 
@@ -519,7 +526,7 @@ def dare(
             deltas.append(torch.zeros_like(d))
         else:
             deltas.append(_rescale(d, dare_mask(d, rho, generator), rescale, rho))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
 
 
 def breadcrumbs(
@@ -532,6 +539,7 @@ def breadcrumbs(
     consensus: Consensus | None = None,
     normalize: bool = False,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Model Breadcrumbs: drop both tails of each task vector.
 
@@ -565,7 +573,7 @@ def breadcrumbs(
         mask = torch.zeros(n, dtype=torch.bool, device=d.device)
         mask[order[bottom_n : bottom_n + keep_n]] = True
         deltas.append(torch.where(mask.reshape(d.shape), d, 0.0))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
 
 
 def della(
@@ -580,6 +588,7 @@ def della(
     normalize: bool = True,
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""DELLA-Merging: magnitude-ranked adaptive drop, then TIES-style fusion.
 
@@ -605,7 +614,7 @@ def della(
             continue
         mask, keep_prob = della_mask(d, rho, epsilon, generator)
         deltas.append(_rescale(d, mask, rescale, keep_prob.to(d.dtype)))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_)
+    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
 
 
 # --------------------------------------------------------------------------- spherical
@@ -618,6 +627,7 @@ def slerp(
     *,
     dot_threshold: float = 0.9995,
     eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Spherical linear interpolation of two flattened tensors.
 
@@ -647,7 +657,7 @@ def slerp(
     wd = _work_dtype(a)
     x, y = a.reshape(-1), b.reshape(-1)
     if x.numel() == 0:
-        return a.clone()
+        return a.to(out_dtype or a.dtype, copy=True)
     chunks = range(0, x.numel(), _SLERP_CHUNK)
 
     def piece(v: Tensor, s: int) -> Tensor:
@@ -667,7 +677,7 @@ def slerp(
         sin_omega = torch.sin(omega)
         coef_a = torch.sin((1 - tt) * omega) / sin_omega
         coef_b = torch.sin(tt * omega) / sin_omega
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=out_dtype or a.dtype, device=x.device)
     for s in chunks:
         out[s : s + _SLERP_CHUNK] = coef_a * piece(x, s) + coef_b * piece(y, s)
     return out.reshape(a.shape)
@@ -679,6 +689,7 @@ def chipalign(
     lam: float,
     *,
     eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""ChipAlign geodesic interpolation: directions on the sphere, norms apart.
 
@@ -723,7 +734,7 @@ def chipalign(
     else:
         direction = (torch.sin((1 - lam) * theta) * ui + torch.sin(lam * theta) * ud) / sin_theta
     norm = ni.clamp_min(eps) ** (1 - lam) * nd.clamp_min(eps) ** lam
-    return (norm * direction).to(instruct.dtype)
+    return (norm * direction).to(out_dtype or instruct.dtype)
 
 
 def karcher(
@@ -732,6 +743,7 @@ def karcher(
     *,
     max_iter: int = 10,
     tol: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Weighted Karcher (Riemannian) mean of the tensors' directions, times their mean norm.
 
@@ -789,7 +801,7 @@ def karcher(
             break
         mu = torch.cos(v_norm) * mu + torch.sin(v_norm) * (v / v_norm)
         mu = mu / torch.linalg.vector_norm(mu)
-    return (scale * mu).reshape(tensors[0].shape).to(tensors[0].dtype)
+    return (scale * mu).reshape(tensors[0].shape).to(out_dtype or tensors[0].dtype)
 
 
 def model_stock(
@@ -797,6 +809,7 @@ def model_stock(
     models: Sequence[Tensor],
     *,
     filter_wise: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Model Stock: interpolate the fine-tuned average toward the base by angle.
 
@@ -839,4 +852,4 @@ def model_stock(
     singular = den.abs() < 1e-6
     t = torch.where(singular, 0.0, n * c / torch.where(singular, 1.0, den))
     avg = sum(ws) / n
-    return (t * avg + (1 - t) * b).reshape(shape).to(base.dtype)
+    return (t * avg + (1 - t) * b).reshape(shape).to(out_dtype or base.dtype)

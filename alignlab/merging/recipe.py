@@ -14,7 +14,8 @@
             - {value: 0.4}
           density: 0.5
     parameters: {normalize: true, lambda: 1.0}   # method-wide parameters
-    dtype: bfloat16               # output dtype (arithmetic is float32); default: the base's
+    dtype: bfloat16               # mergekit's compute dtype; here the output dtype unless out_dtype is set
+    out_dtype: bfloat16           # output dtype (default: dtype, else the base's); arithmetic is float32
     random_seed: 0                # DARE/DELLA masks
     out_shard_size: 2GB
 
@@ -186,7 +187,8 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     """Validate a recipe mapping (as parsed from YAML); relative paths resolve against ``root``."""
     if not isinstance(data, Mapping):
         raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "random_seed", "out_shard_size"}
+    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed",
+             "out_shard_size"}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown recipe keys {sorted(unknown)}; expected some of {sorted(known)}")
@@ -219,11 +221,14 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     for k, v in params.items():
         _check_filters(k, v, "the recipe")
         _check_value(k, v, "the recipe")
-    dtype = data.get("dtype")
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+    # mergekit's meaning: `dtype` is the compute dtype and `out_dtype` the file's (default: `dtype`).
+    # alignlab computes in float32 (float64 for float64 checkpoints) whatever `dtype` says, so here
+    # `dtype` only decides the file's dtype when `out_dtype` is absent: the same YAML, the same files.
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in DTYPES:
+            raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {data[key]!r}")
+    chosen = data.get("out_dtype") if data.get("out_dtype") is not None else data.get("dtype")
+    dtype = DTYPES[chosen] if chosen is not None else None
     recipe = Recipe(
         merge_method=method,
         models=models,

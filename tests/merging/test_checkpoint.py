@@ -386,3 +386,37 @@ def test_unknown_keys_in_a_model_entry_are_refused(three_models):
     r["models"][0] = {"model": r["models"][0]["model"], "paramters": {"weight": 0.5}}
     with pytest.raises(ValueError, match=r"models\[0\]: unknown key\(s\) \['paramters'\]"):
         recipe_from_dict(r)
+
+
+def _bf16_models(tmp_path):
+    base = {n: t.bfloat16() if t.is_floating_point() else t for n, t in toy_state(0).items()}
+    states = {"base": base}
+    for name, seed in (("a", 1), ("b", 2)):
+        st = toy_state(seed, 0.1, {n: t.float() if t.is_floating_point() else t for n, t in base.items()})
+        states[name] = {n: t.bfloat16() if t.is_floating_point() else t for n, t in st.items()}
+    for name, st in states.items():
+        write_checkpoint(tmp_path / name, st)
+    return states
+
+
+@pytest.mark.parametrize("keys,want", [({"dtype": "float32"}, torch.float32),
+                                       ({"dtype": "float32", "out_dtype": "bfloat16"}, torch.bfloat16),
+                                       ({"out_dtype": "float32"}, torch.float32), ({}, torch.bfloat16)])
+def test_output_dtype_is_rounded_once_with_mergekit_keys(tmp_path, keys, want):
+    """bf16 checkpoints: the file's dtype is out_dtype, else dtype (mergekit's meaning), else the base's;
+    float32 arithmetic is rounded once to it, so a float32 file holds float32 digits."""
+    states = _bf16_models(tmp_path)
+    params = {"a": {"weight": 0.6}, "b": {"weight": 0.3}}
+    merge_checkpoints({**recipe(tmp_path, "task_arithmetic", params), **keys, "parameters": {"lambda": 0.7}},
+                      tmp_path / "out")
+    merged = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(f))
+    n = "layers.0.mlp.up.weight"
+    exact = M.task_arithmetic(states["base"][n], [states["a"][n], states["b"][n]], [0.6, 0.3], lambda_=0.7,
+                              out_dtype=torch.float32)
+    assert merged[n].dtype == want
+    assert torch.equal(merged[n], exact.to(want))
+    if want == torch.float32:
+        assert not torch.equal(merged[n], merged[n].bfloat16().float())  # not bf16-rounded values
+    assert torch.equal(merged["position_ids"], states["base"]["position_ids"])

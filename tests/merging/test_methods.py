@@ -364,8 +364,11 @@ def _mergekit():
     return pytest.importorskip("mergekit.merge_methods", reason="mergekit is the oracle for these checks")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_mergekit(dtype):
+@pytest.mark.parametrize("dtype,out", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.bfloat16, torch.float32)])
+def test_matches_mergekit(dtype, out):
+    """float32 arithmetic on both sides, mergekit's out_dtype against ours: bit-identical. bf16 checkpoints
+    merged into float32 keep float32 digits (rounded once), as mergekit's `dtype: float32, out_dtype: float32`."""
     mk = _mergekit()
     base, ms = _models(3, shape=(33, 21), dtype=dtype)
     W = [0.5, 0.3, 0.7]
@@ -373,26 +376,30 @@ def test_matches_mergekit(dtype):
 
     def run(name, tensors, params, base_index=0):
         return mk.merge_tensors(tensors, name, parameters=params, base_index=base_index,
-                                dtype=torch.float32, out_dtype=dtype)
+                                dtype=torch.float32, out_dtype=out)
 
+    o = dict(out_dtype=out)
     cases = [
-        (run("slerp", [base, ms[0]], {"t": 0.3}), M.slerp(base, ms[0], 0.3)),
+        (run("slerp", [base, ms[0]], {"t": 0.3}), M.slerp(base, ms[0], 0.3, **o)),
         (run("task_arithmetic", [base, *ms], {"weight": ids, "normalize": True, "lambda": 0.8}),
-         M.task_arithmetic(base, ms, W, normalize=True, lambda_=0.8)),
-        (run("linear", [base, *ms], {"weight": [0.1, *W]}, None), M.linear([base, *ms], [0.1, *W])),
-        (run("model_stock", [base, *ms], {}), M.model_stock(base, ms)),
-        (run("karcher", [base, *ms], {}, None), M.karcher([base, *ms])),
-        (run("ties", [base, *ms], {"weight": ids, "density": 1.0}), M.ties(base, ms, W, density=1.0)),
+         M.task_arithmetic(base, ms, W, normalize=True, lambda_=0.8, **o)),
+        (run("linear", [base, *ms], {"weight": [0.1, *W]}, None), M.linear([base, *ms], [0.1, *W], **o)),
+        (run("model_stock", [base, *ms], {}), M.model_stock(base, ms, **o)),
+        (run("karcher", [base, *ms], {}, None), M.karcher([base, *ms], **o)),
+        (run("ties", [base, *ms], {"weight": ids, "density": 1.0}), M.ties(base, ms, W, density=1.0, **o)),
     ]
     if dtype == torch.float32:  # continuous values: no ties at the trim threshold
         cases += [
-            (run("ties", [base, *ms], {"weight": ids, "density": 0.4}), M.ties(base, ms, W, density=0.4)),
+            (run("ties", [base, *ms], {"weight": ids, "density": 0.4}), M.ties(base, ms, W, density=0.4, **o)),
             (run("breadcrumbs", [base, *ms], {"weight": ids, "density": 0.6, "gamma": 0.05}),
-             M.breadcrumbs(base, ms, W, density=0.6, gamma=0.05)),
+             M.breadcrumbs(base, ms, W, density=0.6, gamma=0.05, **o)),
         ]
     for theirs, ours in cases:
-        assert ours.dtype == theirs.dtype
+        assert ours.dtype == theirs.dtype == out
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    if (dtype, out) == (torch.bfloat16, torch.float32):  # not bf16 values in a float32 file
+        merged = M.task_arithmetic(base, ms, W, lambda_=0.8, out_dtype=out)
+        assert not torch.equal(merged, merged.bfloat16().float())
 
 
 def test_ties_matches_mergekit_up_to_threshold_ties():
