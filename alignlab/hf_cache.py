@@ -1,7 +1,7 @@
 """The KV-cache keyword of a Hugging Face model call, across transformers releases.
 
 transformers renamed the cache argument of every model ``forward`` (and of the
-model outputs) from ``past_key_values`` to ``cache`` (5.2x; the old name is
+model outputs) from ``past_key_values`` to ``cache`` (5.24; the old name is
 accepted with a deprecation warning until 5.40), and ``generate()`` now hands the
 cache over under the new name. Code that rewrites a model call in a forward
 pre-hook (soft prompts) or drives incremental decoding itself (decoding
@@ -38,7 +38,7 @@ def _declared_cache_keyword(cls: type) -> str:
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which ``model.forward`` takes its KV cache.
 
-    ``"cache"`` where the forward declares it (transformers ≥ 5.2x), otherwise
+    ``"cache"`` where the forward declares it (transformers ≥ 5.24), otherwise
     ``"past_key_values"`` (older releases, and models outside transformers).
     Read once per model class.
     """

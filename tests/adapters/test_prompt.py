@@ -164,7 +164,7 @@ def _cache_keywords():
 
     params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
     new = pytest.param("cache", marks=pytest.mark.skipif(
-        "cache" not in params, reason=f"transformers {transformers.__version__} has no `cache` keyword (renamed in 5.2x)"))
+        "cache" not in params, reason=f"transformers {transformers.__version__} has no `cache` keyword (renamed in 5.24)"))
     return ["past_key_values", new]
 
 
