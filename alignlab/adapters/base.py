@@ -98,20 +98,36 @@ class AdapterLayer(nn.Module, abc.ABC):
         if self.disabled:
             raise ValueError("cannot merge while adapters are disabled")
         self._check_mergeable(names)
+        if not self.merged_adapters and hasattr(self.base_layer, "quant_weight"):
+            # a quantized base cannot be un-merged by arithmetic (re-quantizing W + ΔW - ΔW moves the codes):
+            # keep the packed weight from before the first merge (0.5 byte a weight) and put it back
+            self._premerge_weight = self.base_layer.quant_weight
         with torch.no_grad():
             for name in names:
                 self._merge_one(name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Undo ``merge``, last merged first (exact up to one rounding of the base dtype)."""
+        """Undo ``merge``, last merged first (exact up to one rounding of the base dtype; exact for a
+        quantized base, whose packed weight from before the merge is restored)."""
         if not self.mergeable:
             raise ValueError(f"{type(self).__name__} adapters cannot be unmerged")
         if not self.merged_adapters:
             raise ValueError("no adapter is merged; nothing to unmerge")
+        snapshot = getattr(self, "_premerge_weight", None)
         with torch.no_grad():
             while self.merged_adapters:
-                self._unmerge_one(self.merged_adapters.pop())
+                name = self.merged_adapters.pop()
+                if snapshot is None:
+                    self._unmerge_one(name)
+                else:
+                    self._forget_merge(name)
+            if snapshot is not None:
+                self.base_layer.load_quant_weight_(snapshot)
+                self._premerge_weight = None
+
+    def _forget_merge(self, name: str) -> None:
+        """Drop what ``_merge_one`` kept for undoing ``name`` (when the base is restored wholesale)."""
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The additive update ``ΔW`` of adapter ``name`` in fp32, ``(out, in)`` (additive methods)."""

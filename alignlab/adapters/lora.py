@@ -322,6 +322,9 @@ class LoRALinear(AdapterLayer):
         new, self._merge_norms[name] = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
         set_dense_weight_(self.base_layer, new)
 
+    def _forget_merge(self, name: str) -> None:
+        self._merge_norms.pop(name, None)
+
     def _unmerge_one(self, name: str) -> None:
         if not self.is_dora(name):
             return super()._unmerge_one(name)

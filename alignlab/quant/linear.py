@@ -172,6 +172,20 @@ class NF4Linear(nn.Module):
         self._set_weight(t)
         return self
 
+    @torch.no_grad()
+    def load_quant_weight_(self, t: NF4Tensor) -> "NF4Linear":
+        """Put a packed weight back in place (e.g. :attr:`quant_weight` saved earlier); no re-quantization.
+
+        Raises:
+            TypeError: ``t`` is not an NF4Tensor.  ValueError: its shape differs from the layer's.
+        """
+        if not isinstance(t, NF4Tensor):
+            raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"t must have shape ({self.out_features}, {self.in_features}), got {tuple(t.shape)}")
+        self._set_weight(t.to(self.qdata.device))
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")

@@ -294,3 +294,29 @@ def test_quantize_model_after_inject_is_refused_with_the_order_to_use():
     with pytest.raises(ValueError, match="call quantize_model before inject"):
         quantize_model(model)
     assert type(model.model.layers[0].self_attn.q_proj.lora_A["default"]) is nn.Linear  # untouched
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
+    """Merging re-quantizes W + ΔW; unmerge puts the packed weight from before the merge back (bit-exact)."""
+    from alignlab.adapters import LoRAConfig, adapter_layers, inject, merge, unmerge
+
+    model = quantize_model(make_tiny_llama(), compute_dtype=torch.float32)
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], use_dora=use_dora))
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = [layer.base_layer.qdata.clone() for _, layer in adapter_layers(model)]
+    with torch.no_grad():
+        y0 = model(input_ids=ids).logits
+        merge(model)
+        y_merged = model(input_ids=ids).logits
+        unmerge(model)
+        y1 = model(input_ids=ids).logits
+    assert not torch.equal(y_merged, y0)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for q, (_, layer) in zip(before, adapter_layers(model)):
+        assert torch.equal(layer.base_layer.qdata, q) and not layer.merged_adapters
+    with pytest.raises(TypeError, match="NF4Tensor"):
+        next(adapter_layers(model))[1].base_layer.load_quant_weight_(torch.zeros(3))
