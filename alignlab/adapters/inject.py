@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -242,6 +243,8 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         raise ValueError("model holds no adapter layers; nothing to merge")
     if adapter_names is not None:
         _require_adapters(model, adapter_names)
+    _untie_before_merge(model, [(n, l) for n, l in layers
+                                 if any(a in l.adapter_names() for a in (adapter_names or l.active_adapters))])
     for name, layer in layers:
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         try:
@@ -263,6 +266,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Merge adapters and replace every adapter layer by its (updated) base; returns a plain model."""
+    _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
+                                if any(a in l.adapter_names() and a not in l.merged_adapters
+                                       for a in (adapter_names or l.active_adapters))])
     for name, layer in list(adapter_layers(model)):
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         names = [n for n in names if n not in layer.merged_adapters]
@@ -276,6 +282,28 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     return model
+
+
+def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Give a base weight that is tied to another module (an ``lm_head`` tied to the input embedding)
+    its own copy before a merge writes into it, with a warning, as PEFT warns: merging into a
+    shared tensor would silently change the other module too."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name, layer in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
+        if not others:
+            continue
+        warnings.warn(f"{name}.weight is tied to {others}; merging into it unties it (the other module keeps "
+                      "the original weight, and config.tie_word_embeddings is set to False)", stacklevel=3)
+        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:

@@ -205,3 +205,31 @@ def test_inject_type_errors():
         inject(make_tiny_llama(), {"r": 2})
     with pytest.raises(ValueError, match="nothing to merge"):
         merge(make_tiny_llama())
+
+
+@pytest.mark.parametrize("unload", [False, True])
+def test_merge_into_a_tied_head_unties_it_with_a_warning(unload):
+    """A LoRA on an lm_head tied to the input embedding: merging must not move the embedding."""
+    import warnings
+
+    model = make_tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as Llama-3.2 / Gemma checkpoints are
+    embed = model.model.embed_tokens.weight.detach().clone()
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B["default"].weight.normal_(0, 0.5)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="tied"):
+        out = merge_and_unload(model) if unload else merge(model)
+    torch.testing.assert_close(out.model.embed_tokens.weight, embed, rtol=0, atol=0)
+    assert out.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(out(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once untied, nothing more to warn about
+        if not unload:
+            unmerge(out)
+            merge(out)
