@@ -1,9 +1,11 @@
 """Evaluate a tiny model before and after a few LoRA steps: perplexity, EM/F1, ROUGE.
 
 Runs on CPU in seconds, with no download: a random-weight Llama and a
-word-level tokenizer built from a synthetic question-answering set
-("question : what colour is the kite ? answer : deep red ."). The model
-learns the answers with LoRA; we measure
+word-level tokenizer built from a synthetic reading-comprehension set
+("the kite is deep red . question : what colour is the kite ? answer : deep red .").
+The model learns with LoRA to answer from the context on training items; the
+scores are measured on held-out items (object and colour pairs it never saw
+together). We measure
 
 - perplexity of the answer tokens given the question (``alignlab.eval.perplexity``),
 - SQuAD exact match and token F1 of greedy answers (``alignlab.eval.squad_scores``),
@@ -12,7 +14,7 @@ learns the answers with LoRA; we measure
 print them as a table and, when matplotlib is installed (``alignlab[plot]``),
 save a bar chart.
 
-    python examples/evaluate.py --steps 120 --plot evaluate.png
+    python examples/evaluate.py --steps 80 --plot evaluate.png
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ class WordTokenizer:
         return " ".join(self.vocab[i] for i in ids if i != 0)
 
 
-def build_data(seed: int) -> list[tuple[str, str]]:
+def build_data(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) items: every object with every colour phrase; held-out pairs are never trained on."""
     rng = random.Random(seed)
-    return [(f"question : what colour is the {o} ? answer :", f"{rng.choice(SHADES)} {rng.choice(COLOURS)}")
-            for o in OBJECTS]
+    items = [(f"the {o} is {s} {c} . question : what colour is the {o} ? answer :", f"{s} {c}")
+             for o in OBJECTS for s in SHADES for c in COLOURS]
+    rng.shuffle(items)
+    return items[:96], items[-32:]
 
 
 def make_model(vocab_size: int, eos_id: int):
@@ -157,26 +162,26 @@ def save_plot(before: dict[str, float], after: dict[str, float], path: str) -> b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="LoRA optimisation steps")
+    parser.add_argument("--steps", type=int, default=80, help="LoRA optimisation steps")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--plot", default="evaluate.png", help="PNG path for the chart ('' = no plot)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    data = build_data(args.seed)
-    words = [w for q, a in data for w in (q + " " + a + " .").split()] + SHADES + COLOURS
+    train, held_out = build_data(args.seed)
+    words = [w for q, a in train + held_out for w in (q + " " + a + " .").split()]
     tok = WordTokenizer(words)
     model = make_model(len(tok.vocab), eos_id=tok.ids["."])
 
     start = time.perf_counter()
-    before = evaluate(model, tok, data)
-    loss = train_lora(model, tok, data, args.steps, args.lr)
-    after = evaluate(model, tok, data)
+    before = evaluate(model, tok, held_out)
+    loss = train_lora(model, tok, train, args.steps, args.lr)
+    after = evaluate(model, tok, held_out)
     count = count_parameters(model)
 
     print(f"LoRA r=16 on all linear layers: {count.trainable} trainable of {count.total} parameters, "
-          f"{args.steps} steps, final loss {loss:.3f}")
+          f"{args.steps} steps on {len(train)} items, final loss {loss:.3f}; scores on {len(held_out)} held-out items")
     print(f"{'metric':<12} {'before':>10} {'after':>10}")
     for name in before:
         print(f"{name:<12} {before[name]:>10.3f} {after[name]:>10.3f}")

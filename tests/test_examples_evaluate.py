@@ -17,6 +17,7 @@ def test_evaluate_example_runs_and_writes_plot(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "scores on 32 held-out items" in proc.stdout
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.strip()}
     for metric in ("perplexity", "exact_match", "f1", "rouge1", "rouge2", "rougeL"):
         before, after = map(float, rows[metric])
@@ -27,3 +28,12 @@ def test_evaluate_example_runs_and_writes_plot(tmp_path):
     else:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == (["metrics.png"] if plot.exists() else [])  # no temp file left behind
+
+
+def test_evaluate_example_held_out_items_are_not_trained_on():
+    spec = importlib.util.spec_from_file_location("evaluate_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train, held_out = module.build_data(0)
+    assert len(held_out) == 32 and not set(held_out) & set(train)
+    assert all(q.split(" is ")[1].startswith(a) for q, a in held_out)  # the answer is in the context
