@@ -11,8 +11,8 @@ together). We measure
 - SQuAD exact match and token F1 of greedy answers (``alignlab.eval.squad_scores``),
 - ROUGE-1/2/L of the same answers (``alignlab.eval.rouge``, needs ``alignlab[eval]``),
 
-print them as a table and, when matplotlib is installed (``alignlab[plot]``),
-save a bar chart.
+print them as a table and, with ``--plot PATH`` and matplotlib installed
+(``alignlab[plot]``), save a bar chart; nothing is written otherwise.
 
     python examples/evaluate.py --steps 80 --plot evaluate.png
 """
@@ -164,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80, help="LoRA optimisation steps")
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--plot", default="evaluate.png", help="PNG path for the chart ('' = no plot)")
+    parser.add_argument("--plot", default="", help="write the chart to this PNG path (default: no file)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -37,3 +37,10 @@ def test_evaluate_example_held_out_items_are_not_trained_on():
     train, held_out = module.build_data(0)
     assert len(held_out) == 32 and not set(held_out) & set(train)
     assert all(q.split(" is ")[1].startswith(a) for q, a in held_out)  # the answer is in the context
+
+
+def test_evaluate_example_writes_nothing_by_default(tmp_path):
+    proc = subprocess.run([sys.executable, EXAMPLE, "--steps", "2"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path) == []
