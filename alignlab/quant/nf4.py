@@ -345,7 +345,8 @@ def nf4_quantize(
     over ``2 * icq_steps + 1`` values of ``lambda`` in ``[-icq_lambda, icq_lambda]``).
 
     Byte-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize=...,
-    quant_type="nf4", compress_statistics=double_quant)`` without calibration.
+    quant_type="nf4", compress_statistics=double_quant)`` without calibration (for fp32
+    weights on CUDA, up to about one code in 10⁷ on a decision threshold; docs/quantization.md).
 
     Raises:
         TypeError: ``w`` is not a floating tensor of a supported dtype.
