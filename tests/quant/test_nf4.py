@@ -273,3 +273,20 @@ def test_icq_raises_entropy_and_lowers_error_on_skewed_weights():
     icq2 = nf4_quantize(w, blocksize=64, double_quant=True, calibrate="icq", icq_steps=5)
     back = NF4Tensor.from_state_dict(icq2.state_dict())
     assert torch.equal(nf4_dequantize(back), nf4_dequantize(icq2))
+
+
+def test_nf4_decision_thresholds_are_bitsandbytes_and_ties_go_down():
+    """The 15 midpoints equal bitsandbytes' CUDA decision thresholds (its kernel's fp32 constants), and a
+    value exactly on a threshold takes the lower code, as its strict `x > threshold` does."""
+    from alignlab.quant.nf4 import _nearest_code, nf4_code
+
+    bnb_thresholds = torch.tensor([
+        -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+        -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+        0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+        0.5016634166240692, 0.6427869200706482, 0.8614784181118011], dtype=torch.float32)
+    code = nf4_code()
+    assert torch.equal((code[:-1] + code[1:]) / 2, bnb_thresholds)
+    above = torch.nextafter(bnb_thresholds, torch.full_like(bnb_thresholds, 2.0))
+    assert _nearest_code(bnb_thresholds, code).tolist() == list(range(15))
+    assert _nearest_code(above, code).tolist() == list(range(1, 16))
