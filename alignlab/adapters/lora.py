@@ -35,6 +35,7 @@ from torch import nn
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 from alignlab.adapters.fused import dora_linear, lora_linear
+from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -271,8 +272,6 @@ class LoRALinear(AdapterLayer):
         has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``); with
         ``exact_fp32`` only where that compute dtype is at least fp32.
         """
-        from alignlab.quant.linear import NF4Linear
-
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         base = self.base_layer
@@ -306,8 +305,6 @@ class LoRALinear(AdapterLayer):
             base_out = self.base_layer(xa.to(x.dtype))
             base_out = base_out if bias is None else base_out - bias
         base = self.base_layer
-        from alignlab.quant.linear import NF4Linear
-
         # the packed weight goes to the row-norm kernel as it is; other bases are dequantized first
         weight = base.quant_weight if type(base) is NF4Linear else dense_weight(base)
         return dora_delta(xa, base_out, weight, a, b, self.scaling[name], self.lora_magnitude_vector[name])

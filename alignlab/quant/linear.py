@@ -246,13 +246,6 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(p == name or p == last or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Dotted names of the model's output head: HF's ``get_output_embeddings()``, else leaves named ``lm_head``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name for name, m in model.named_modules() if head is not None and m is head}
-    return names or {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
-
-
 def quantize_model(
     model: nn.Module,
     skip: Iterable[str] = (),
@@ -276,6 +269,7 @@ def quantize_model(
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer; adapters present.
     """
     from alignlab.adapters.base import AdapterLayer
+    from alignlab.adapters.inject import _output_head_names  # the head "all-linear" leaves out, too
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
