@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.quant.nf4 import NF4Tensor
 
 try:
     import triton
@@ -121,7 +122,7 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     N, K = shape
     fits = not quant or K % 2 == 0
     if not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b)):
-        dense = nf4_dequantize(weight, torch.float32) if quant else weight
+        dense = nf4_dequant(weight, torch.float32) if quant else weight  # the dequant kernel where it applies
         return dora_weight_norm(dense, a, b, scale)
     out = torch.empty(N, dtype=torch.float32, device=data.device)
     if N == 0:
