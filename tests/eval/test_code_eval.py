@@ -1,5 +1,8 @@
 import math
 import os
+import signal
+import sys
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -45,6 +48,32 @@ def test_pass_at_k_errors():
         pass_at_k(3, 4, 1)
 
 
+@pytest.mark.parametrize(
+    "n,c,k,error,match",
+    [
+        (5.5, 2, 1, ValueError, "n: expected whole numbers"),
+        (5, 2.5, 1, ValueError, "c: expected whole numbers"),
+        ([5, 5.5], [1, 1], 1, ValueError, "n: expected whole"),
+        (float("nan"), 1, 1, ValueError, "n: expected whole"),
+        (True, 1, 1, TypeError, "n: expected integer"),
+        ("5", 1, 1, TypeError, "n: expected integer"),
+        (5, 1, 1.0, TypeError, "k: expected an int"),
+        (5, 1, True, TypeError, "k: expected an int"),
+        ([5, 5], [1], 1, ValueError, r"n/c: .*shapes \(2,\) and \(1,\)"),
+        ([5, 5, 5], [1, 2], 1, ValueError, "n/c"),
+        ([5, 5], 1, 1, ValueError, "c: expected one count per problem"),
+    ],
+)
+def test_pass_at_k_refuses_fractional_counts_and_silent_broadcasting(n, c, k, error, match):
+    with pytest.raises(error, match=match):
+        pass_at_k(n, c, k)
+
+
+def test_pass_at_k_whole_floats_and_a_shared_n_are_accepted():
+    assert pass_at_k(5.0, np.float64(2.0), 1) == pytest.approx(0.4)
+    np.testing.assert_allclose(pass_at_k(10, [3, 0, 10], 2), [float(_exact(10, c, 2)) for c in (3, 0, 10)])
+
+
 PROGRAMS = [
     "def add(a, b):\n    return a + b",  # pass
     "def add(a, b):\n    return a - b",  # wrong answer
@@ -56,7 +85,7 @@ TEST = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
 
 
 def test_runner_pass_fail_timeout_crash():
-    results = run_tests(PROGRAMS, TEST, timeout=3.0, max_workers=len(PROGRAMS))
+    results = run_tests(PROGRAMS, TEST, timeout=1.5, max_workers=len(PROGRAMS))
     assert [r.status for r in results] == ["passed", "failed", "timeout", "failed", "failed"]
     assert [r.passed for r in results] == [True, False, False, False, False]
     assert results[0].returncode == 0
@@ -71,10 +100,10 @@ def test_runner_isolates_caller_state_and_cwd():
     os.environ[marker] = "1"
     try:
         src = (
-            "import os, sys\n"
+            "import os\n"
             f"assert {marker!r} not in os.environ\n"
             "open('scratch.txt', 'w').write('x')\n"
-            "sys.exit(0 if os.path.basename(os.getcwd()).startswith('alignlab_exec_') else 3)"
+            "assert os.path.basename(os.getcwd()).startswith('alignlab_exec_')"
         )
         (r,) = run_tests([src], "")
     finally:
@@ -110,22 +139,96 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to inspect processes")
-def test_timeout_kills_grandchildren(tmp_path):
-    pid_file = tmp_path / "pid"
-    src = (
-        "import subprocess, sys\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "while True:\n    pass"
-    )
-    (r,) = run_tests([src], "", timeout=3.0)
-    assert r.status == "timeout"
-    pid = int(pid_file.read_text())
-    import time
+@pytest.fixture
+def pid_dir(tmp_path):
+    """Programs write the pids of the processes they start here; any still alive after the test are killed."""
+    yield tmp_path
+    for f in tmp_path.glob("pid*"):
+        for pid in map(int, f.read_text().split()):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
-    for _ in range(50):
-        if not _alive(pid):
-            break
-        time.sleep(0.1)
-    assert not _alive(pid)
+
+def _spawner(pid_dir, *, setsid: bool, daemon: bool) -> str:
+    """Source that starts a sleeping child (in its own session if ``setsid``) and, if ``daemon``, a
+    double-forked grandchild whose parent exits at once; the pids go to ``pid_dir/pids``."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    return (
+        "import os, subprocess\n"
+        f"child = subprocess.Popen({sleeper!r}, start_new_session={setsid})\n"
+        "pids = [child.pid]\n"
+        + (
+            "r, w = os.pipe()\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        os.write(w, str(os.getpid()).encode())\n"
+            "        os.execv(" + repr(sys.executable) + ", " + repr(sleeper) + ")\n"
+            "    os._exit(0)\n"
+            "os.close(w)\n"
+            "pids.append(int(os.read(r, 32)))\n"
+            if daemon
+            else ""
+        )
+        + f"open({str(pid_dir / 'pids')!r}, 'w').write(' '.join(map(str, pids)))\n"
+    )
+
+
+def _wait_dead(pids, seconds=2.0):
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+ADD_TEST = "assert add(2, 3) == 5"
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "def add(a, b): return a - b\nexit()",
+        "def add(a, b): return a - b\nimport sys\nsys.exit(0)",
+        "def add(a, b): return a - b\nimport os\nos._exit(0)",
+        "import sys\ndef add(a, b): return a - b\ndef main(): return 0\nif __name__ == '__main__':\n    sys.exit(main())",
+        "def add(a, b):\n    raise SystemExit(0)",  # an exit inside the tested function
+        "def add(a, b): return a + b\nexit()",  # right answer, but the program never lets the tests run
+    ],
+)
+def test_an_early_exit_never_passes(program):
+    (r,) = run_tests([program], ADD_TEST, timeout=5.0)
+    assert r.status == "failed" and not r.passed, r
+
+
+def test_main_guard_does_not_run_and_the_tests_do():
+    program = "import sys\ndef add(a, b): return a + b\nif __name__ == '__main__':\n    sys.exit(1)"
+    good, bad = run_tests([program, program], [ADD_TEST, "assert add(2, 3) == 6"], timeout=5.0, max_workers=2)
+    assert good.passed and good.status == "passed", good.stderr
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to inspect processes")
+@pytest.mark.parametrize("setsid", [False, True])
+def test_exit_with_children_left_sleeping_passes_at_once_and_kills_them(pid_dir, setsid):
+    program = _spawner(pid_dir, setsid=setsid, daemon=setsid) + "def add(a, b): return a + b"
+    start = time.monotonic()
+    (r,) = run_tests([program], ADD_TEST, timeout=2.0)
+    elapsed = time.monotonic() - start
+    pids = list(map(int, (pid_dir / "pids").read_text().split()))
+    assert r.status == "passed" and r.passed, r
+    assert elapsed < 2.0  # the verdict did not wait for the sleeping children
+    assert r.leftover_processes == len(pids)
+    assert _wait_dead(pids) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to inspect processes")
+@pytest.mark.parametrize("setsid", [False, True])
+def test_timeout_kills_every_descendant(pid_dir, setsid):
+    program = _spawner(pid_dir, setsid=setsid, daemon=setsid) + "while True:\n    pass"
+    start = time.monotonic()
+    (r,) = run_tests([program], "", timeout=1.0)
+    elapsed = time.monotonic() - start
+    pids = list(map(int, (pid_dir / "pids").read_text().split()))
+    assert r.status == "timeout" and r.returncode is None
+    assert elapsed < 3.0
+    assert _wait_dead(pids) == []
