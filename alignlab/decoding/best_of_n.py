@@ -8,13 +8,20 @@ Model Overoptimization" (Gao et al., 2022, arXiv:2210.10760): for a prompt
 
 :func:`rerank` works on any candidates (texts, token lists) and any scorer;
 :func:`best_of_n` drives ``model.generate`` for HF-style models.
+
+A NaN score (a reward model that overflowed, an unparsable judge reply such
+as :func:`alignlab.data.parse_judge_score`'s NaN) never wins: with
+``nan="lose"`` (default) it ranks below every number, ``-inf`` included; with
+``nan="raise"`` it is a ``ValueError``. Only when every candidate of a prompt
+is NaN is the first one returned, with a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -22,26 +29,63 @@ from torch import nn
 __all__ = ["BestOfNOutput", "best_of_n", "rerank"]
 
 T = TypeVar("T")
+NanPolicy = Literal["lose", "raise"]
+
+
+def _check_nan_policy(nan: str) -> None:
+    if nan not in ("lose", "raise"):
+        raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
+
+
+def _best_index(scores: torch.Tensor, nan: NanPolicy) -> torch.Tensor:
+    """``(batch, n)`` scores -> ``(batch,)`` index of the first maximum, NaN ranked below everything."""
+    is_nan = scores.isnan()
+    if is_nan.any():
+        if nan == "raise":
+            rows, cols = is_nan.nonzero(as_tuple=True)
+            where = [(int(r), int(c)) for r, c in zip(rows[:5], cols[:5])]
+            raise ValueError(f"score_fn: NaN scores at (prompt, candidate) {where}{' ...' if rows.numel() > 5 else ''}")
+        if is_nan.all(1).any():
+            rows = is_nan.all(1).nonzero().flatten().tolist()
+            warnings.warn(
+                f"score_fn: every candidate of prompt(s) {rows} scored NaN; returning the first candidate there",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    top = scores.masked_fill(is_nan, float("-inf")).amax(1, keepdim=True)
+    is_best = ~is_nan & (scores == top)
+    return is_best.to(torch.uint8).argmax(1)  # argmax returns the first maximum; all-NaN rows give 0
 
 
 def rerank(
-    candidates: Sequence[T], score_fn: Callable[[Sequence[T]], Sequence[float] | torch.Tensor]
+    candidates: Sequence[T],
+    score_fn: Callable[[Sequence[T]], Sequence[float] | torch.Tensor],
+    *,
+    nan: NanPolicy = "lose",
 ) -> tuple[T, int, list[float]]:
     """Score all candidates with one call and pick the best (first one on ties).
+
+    Args:
+        candidates: anything ``score_fn`` accepts (texts, token lists).
+        score_fn: maps the candidates to one score each.
+        nan: ``"lose"`` ranks NaN scores below every number; ``"raise"``
+            refuses them.
 
     Returns:
         ``(best_candidate, best_index, scores)``.
 
     Raises:
-        ValueError: no candidates, or ``score_fn`` returns the wrong number of scores.
+        ValueError: no candidates, ``score_fn`` returns the wrong number of
+            scores, a NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
+    _check_nan_policy(nan)
     if len(candidates) == 0:
         raise ValueError("candidates: expected at least one candidate")
     raw = score_fn(candidates)
     scores = [float(s) for s in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
     if len(scores) != len(candidates):
         raise ValueError(f"score_fn: expected {len(candidates)} scores, got {len(scores)}")
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    best = int(_best_index(torch.tensor([scores], dtype=torch.float64), nan)[0])
     return candidates[best], best, scores
 
 
@@ -70,6 +114,7 @@ def best_of_n(
     *,
     n: int,
     attention_mask: torch.Tensor | None = None,
+    nan: NanPolicy = "lose",
     **generate_kwargs,
 ) -> BestOfNOutput:
     """Sample ``n`` continuations per prompt with ``model.generate`` and keep the best.
@@ -83,15 +128,21 @@ def best_of_n(
             reward model via :func:`alignlab.eval.reward_scores`.
         n: candidates per prompt (>= 1).
         attention_mask: ``(batch, prompt_len)``.
+        nan: ``"lose"`` ranks NaN scores below every number; ``"raise"``
+            refuses them (checked before anything is chosen).
         generate_kwargs: passed on (``max_new_tokens``, ``temperature``,
             ``logits_processor``, ...); ``do_sample`` defaults to True.
 
     Returns:
-        :class:`BestOfNOutput`; ties go to the earliest candidate.
+        :class:`BestOfNOutput`; ties go to the earliest candidate, NaN
+        scores never win (a prompt whose scores are all NaN gets its first
+        candidate, with a ``RuntimeWarning``).
 
     Raises:
-        ValueError: ``n < 1``, bad ``input_ids`` or a wrong number of scores.
+        ValueError: ``n < 1``, bad ``input_ids``, a wrong number of scores, a
+            NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
+    _check_nan_policy(nan)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     if input_ids.dim() != 2:
@@ -105,7 +156,7 @@ def best_of_n(
         raise ValueError(f"score_fn: expected {batch * n} scores, got shape {tuple(scores.shape)}")
     candidates = sequences.view(batch, n, -1)
     scores = scores.view(batch, n)
-    best = scores.argmax(1)  # first maximum on ties
+    best = _best_index(scores, nan)
     return BestOfNOutput(
         sequences=candidates[torch.arange(batch, device=best.device), best],
         candidates=candidates,

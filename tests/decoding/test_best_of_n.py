@@ -52,3 +52,61 @@ def test_processors_compose_in_a_logits_processor_list():
     out = best_of_n(model, torch.tensor([[3, 4]]), lambda s: s[:, -1].float(), n=3, max_new_tokens=3,
                     do_sample=False, num_beams=3, logits_processor=procs)
     assert out.candidates.shape == (1, 3, 5)
+
+
+NAN = float("nan")
+
+
+class _FixedGenerator(torch.nn.Module):
+    """``generate`` returns ``n`` fixed candidates per prompt: candidate ``j`` ends with token ``j``."""
+
+    def generate(self, input_ids, attention_mask=None, num_return_sequences=1, **kwargs):
+        rows = input_ids.repeat_interleave(num_return_sequences, 0)
+        last = torch.arange(num_return_sequences).repeat(input_ids.shape[0])[:, None]
+        return torch.cat([rows, last], 1)
+
+
+def _reference_best(scores):
+    """First index of the largest non-NaN score (written out independently of the library)."""
+    finite = [(s, -i) for i, s in enumerate(scores) if s == s]
+    return -max(finite)[1]
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[1.0, NAN, 0.5, 0.2], [NAN, 1.0, 0.0], [NAN, float("-inf")], [0.3, NAN, NAN, 0.3], [float("-inf"), NAN, float("-inf")]],
+)
+def test_nan_scores_never_win(scores):
+    best, idx, got = rerank(list("abcd")[: len(scores)], lambda xs: torch.tensor(scores))
+    assert idx == _reference_best(scores) and best == "abcd"[idx]
+    assert [s != s for s in got] == [s != s for s in scores]  # the scores come back as given
+    batch = 3
+    out = best_of_n(_FixedGenerator(), torch.zeros(batch, 2, dtype=torch.long),
+                    lambda seqs: torch.tensor(scores)[seqs[:, -1]], n=len(scores))
+    assert out.best_index.tolist() == [_reference_best(scores)] * batch
+    assert out.sequences[:, -1].tolist() == [_reference_best(scores)] * batch
+
+
+def test_nan_raise_option_and_all_nan_rows():
+    with pytest.raises(ValueError, match="score_fn: NaN"):
+        rerank(["a", "b"], lambda xs: [1.0, NAN], nan="raise")
+    with pytest.raises(ValueError, match=r"score_fn: NaN scores at \(prompt, candidate\) \[\(1, 0\)\]"):
+        best_of_n(_FixedGenerator(), torch.zeros(2, 1, dtype=torch.long),
+                  lambda seqs: torch.tensor([0.0, 1.0, NAN, 1.0]), n=2, nan="raise")
+    assert rerank(["a", "b"], lambda xs: [0.0, 1.0], nan="raise")[1] == 1
+    with pytest.raises(ValueError, match="nan: expected 'lose' or 'raise'"):
+        rerank(["a"], lambda xs: [1.0], nan="ignore")
+    with pytest.warns(RuntimeWarning, match=r"prompt\(s\) \[1\]"):
+        out = best_of_n(_FixedGenerator(), torch.zeros(2, 1, dtype=torch.long),
+                        lambda seqs: torch.tensor([0.0, 1.0, NAN, NAN]), n=2)
+    assert out.best_index.tolist() == [1, 0]
+
+
+def test_unparsable_judge_reply_loses_in_rerank():
+    from alignlab.data import parse_judge_score
+
+    replies = {"x": "Score: 2", "y": "I cannot rate this.", "z": "Score: 4"}
+    best, idx, scores = rerank(["y", "x", "z"], lambda xs: [parse_judge_score(replies[c]) for c in xs])
+    assert (best, idx) == ("z", 2) and scores[0] != scores[0]
+    best, idx, _ = rerank(["y", "x"], lambda xs: [parse_judge_score(replies[c]) for c in xs])
+    assert (best, idx) == ("x", 1)
