@@ -13,11 +13,20 @@ same softmax), :math:`r` a reward model scoring the prefix extended by
 :math:`v`, and :math:`w` the weight. Greedy decoding over :math:`s` is
 ARGS-greedy, sampling from :math:`\\mathrm{softmax}(s)` ARGS-stochastic. Cost:
 :math:`k` reward evaluations of ``(seq + 1)`` tokens per step and sequence.
+
+A NaN reward never wins: with ``nan="lose"`` (default) that candidate gets
+:math:`s(v) = -\\infty`; if all :math:`k` rewards of a row are NaN the row
+keeps the plain top-:math:`k` logits (the reward says nothing there) and a
+``RuntimeWarning`` is issued; ``nan="raise"`` raises ``ValueError`` instead.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -28,7 +37,12 @@ __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_
 
 
 def reward_guided_logits(
-    logits: torch.Tensor, candidate_ids: torch.Tensor, candidate_rewards: torch.Tensor, *, weight: float
+    logits: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_rewards: torch.Tensor,
+    *,
+    weight: float,
+    nan: Literal["lose", "raise"] = "lose",
 ) -> torch.Tensor:
     """ARGS scores from one step.
 
@@ -36,22 +50,45 @@ def reward_guided_logits(
         logits: ``(batch, vocab)``.
         candidate_ids: ``(batch, k)`` token ids to keep.
         candidate_rewards: ``(batch, k)`` reward of the prefix extended by each candidate.
-        weight: reward weight :math:`w`.
+        weight: reward weight :math:`w` (0 ignores the rewards, NaN included).
+        nan: ``"lose"``: a NaN reward makes its candidate ``-inf`` (a row of
+            only NaN rewards keeps its plain logits, with a ``RuntimeWarning``);
+            ``"raise"``: a NaN reward is a ``ValueError``.
 
     Returns:
         float32 ``(batch, vocab)``: ``logit + weight * reward`` at the
         candidates, ``-inf`` elsewhere.
 
     Raises:
-        ValueError: shapes do not line up.
+        ValueError: shapes do not line up, a NaN reward with ``nan="raise"``,
+            or an unknown ``nan``.
     """
+    if nan not in ("lose", "raise"):
+        raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
     if logits.dim() != 2 or candidate_ids.shape != candidate_rewards.shape or candidate_ids.shape[0] != logits.shape[0]:
         raise ValueError(
             "logits/candidate_ids/candidate_rewards: expected (batch, vocab), (batch, k), (batch, k); got "
             f"{tuple(logits.shape)}, {tuple(candidate_ids.shape)}, {tuple(candidate_rewards.shape)}"
         )
     logits = logits.float()
-    picked = logits.gather(1, candidate_ids) + weight * candidate_rewards.to(logits.device).float()
+    picked = logits.gather(1, candidate_ids)
+    if weight != 0:
+        rewards = candidate_rewards.to(logits.device).float()
+        is_nan = rewards.isnan()
+        if is_nan.any():
+            if nan == "raise":
+                raise ValueError(f"candidate_rewards: NaN rewards in row(s) {is_nan.any(1).nonzero().flatten().tolist()}")
+            hopeless = is_nan.all(1, keepdim=True)
+            if hopeless.any():
+                warnings.warn(
+                    f"candidate_rewards: every reward of row(s) {hopeless.flatten().nonzero().flatten().tolist()} "
+                    "is NaN; those rows keep the plain top-k logits",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            rewards = rewards.masked_fill(is_nan, 0.0)
+            picked = picked.masked_fill(is_nan & ~hopeless, float("-inf"))
+        picked = picked + weight * rewards
     return torch.full_like(logits, float("-inf")).scatter(1, candidate_ids, picked)
 
 
@@ -84,22 +121,34 @@ class RewardGuidedLogitsProcessor:
     Args:
         reward_fn: maps ``(n, seq + 1)`` candidate sequences (prefix + one
             candidate token) to ``(n,)`` rewards; see :func:`reward_model_fn`.
-        weight: reward weight :math:`w` (>= 0; 0 = plain top-k of the model).
+        weight: reward weight :math:`w` (finite, >= 0; 0 = plain top-k of the model).
         top_k: candidates per step (>= 1).
+        nan: what a NaN reward does, as in :func:`reward_guided_logits`
+            (``"lose"`` or ``"raise"``).
 
     ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
     """
 
-    def __init__(self, reward_fn: Callable[[torch.LongTensor], torch.Tensor], *, weight: float = 1.0, top_k: int = 10):
+    def __init__(
+        self,
+        reward_fn: Callable[[torch.LongTensor], torch.Tensor],
+        *,
+        weight: float = 1.0,
+        top_k: int = 10,
+        nan: Literal["lose", "raise"] = "lose",
+    ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
-        if weight < 0:
-            raise ValueError(f"weight: expected >= 0, got {weight!r}")
+        if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight: expected a finite number >= 0, got {weight!r}")
+        if nan not in ("lose", "raise"):
+            raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
         self.reward_fn = reward_fn
         self.weight = weight
         self.top_k = top_k
+        self.nan = nan
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch, vocab = scores.shape
@@ -109,4 +158,5 @@ class RewardGuidedLogitsProcessor:
         rewards = torch.as_tensor(self.reward_fn(extended), dtype=torch.float32)
         if rewards.shape != (batch * k,):
             raise ValueError(f"reward_fn: expected {batch * k} rewards, got shape {tuple(rewards.shape)}")
-        return reward_guided_logits(scores, candidates, rewards.view(batch, k), weight=self.weight).to(scores.dtype)
+        out = reward_guided_logits(scores, candidates, rewards.view(batch, k), weight=self.weight, nan=self.nan)
+        return out.to(scores.dtype)

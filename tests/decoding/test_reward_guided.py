@@ -78,3 +78,34 @@ def test_generate_matches_args_greedy_oracle_with_a_reward_model():
                         best, best_score = v, logits[v] + weight * r
                 seq = torch.cat([seq, torch.tensor([best])])
             assert row[-len(seq):].tolist() == seq.tolist()
+
+
+def test_nan_rewards_lose_or_raise():
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    ids = torch.tensor([[1, 2], [1, 2], [1, 2]])
+    rewards = torch.tensor([[nan, -5.0], [0.0, 1.0], [nan, nan]])
+    with pytest.warns(RuntimeWarning, match=r"row\(s\) \[2\]"):
+        out = reward_guided_logits(logits, ids, rewards, weight=0.5)
+    # row 0: the NaN candidate loses even to a much worse reward; row 2: only NaN, plain logits kept
+    expected = torch.tensor([[-inf, -inf, -0.5, -inf], [-inf, 3.0, 2.5, -inf], [-inf, 3.0, 2.0, -inf]])
+    torch.testing.assert_close(out, expected)
+    assert not out.isnan().any() and out.argmax(1).tolist() == [2, 1, 1]
+    torch.testing.assert_close(reward_guided_logits(logits, ids, rewards, weight=0.0),
+                               torch.tensor([[-inf, 3.0, 2.0, -inf]] * 3))  # weight 0 ignores rewards
+    with pytest.raises(ValueError, match=r"candidate_rewards: NaN rewards in row\(s\) \[0, 2\]"):
+        reward_guided_logits(logits, ids, rewards, weight=0.5, nan="raise")
+    with pytest.raises(ValueError, match="nan: expected"):
+        reward_guided_logits(logits, ids, rewards, weight=0.5, nan="skip")
+
+    proc = RewardGuidedLogitsProcessor(lambda ext: torch.where(ext[:, -1] == 1, nan, 0.0), weight=1.0, top_k=2)
+    out = proc(torch.tensor([[7]]), logits[:1])
+    assert out.argmax(1).tolist() == [2]  # token 1 has the best logit but a NaN reward
+    with pytest.raises(ValueError, match="NaN rewards"):
+        RewardGuidedLogitsProcessor(lambda ext: torch.full((ext.shape[0],), nan), top_k=2, nan="raise")(
+            torch.tensor([[7]]), logits[:1])
+    for bad in (nan, inf, "1"):
+        with pytest.raises(ValueError, match="weight"):
+            RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), weight=bad)
+    with pytest.raises(ValueError, match="nan"):
+        RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), nan="zero")
