@@ -248,7 +248,13 @@ JUDGE_TEMPLATE = (
 
 
 def parse_judge_score(text: str, max_score: float = 5.0) -> float:
-    """The last ``Score: x`` in a judge's answer; NaN when absent or outside ``[0, max_score]``."""
+    """The last ``Score: x`` in a judge's answer; NaN when absent or outside ``[0, max_score]``.
+
+    A NaN never wins where scores are maximised: :func:`pairs_from_scores`
+    drops it, :func:`alignlab.decoding.rerank` and
+    :func:`alignlab.decoding.best_of_n` rank it last (or raise with
+    ``nan="raise"``).
+    """
     found = _SCORE.findall(text or "")
     if not found:
         return math.nan
