@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
+from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding, own_format_config, own_format_dict
 
 
@@ -224,13 +224,13 @@ class AdaLoRAConfig:
             "exclude_modules": None, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
             "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
             "total_step": self.total_step, "rank_pattern": self.rank_pattern, "init_lora_weights": True,
-            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+            "bias": "none", "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": None, "use_rslora": False, "use_dora": False,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
-        for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False), ("use_rslora", False),
+        for key, ok in (("bias", "none"), ("use_dora", False), ("use_rslora", False),
                         ("layers_to_transform", None), ("modules_to_save", None)):
             if raw.get(key, ok) != ok:
                 raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for AdaLoRA")

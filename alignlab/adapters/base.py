@@ -12,19 +12,59 @@ from __future__ import annotations
 
 import abc
 import copy
+import sys
+from typing import Iterable
 
 import torch
 from torch import nn
 
 
-def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense ``(out, in)`` tensor.
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2, GPT, ...): a linear map whose
+    weight is stored transposed, ``(in, out)``, computing ``y = x W + b``.
 
-    ``nn.Linear`` returns its parameter; a quantized base (e.g. ``NF4Linear``)
-    returns a dequantized temporary through its ``dequantize()`` method.
+    Looked up in ``sys.modules`` so that alignlab never imports ``transformers`` itself: a model
+    holding a ``Conv1D`` has imported it already.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether adapters of the linear families can wrap ``module``: ``nn.Linear``, a quantized
+    linear (e.g. ``NF4Linear``) or ``transformers``' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_quantized(module) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module (see :func:`is_linear_like`)."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def fan_in_fan_out(layers: Iterable[nn.Module]) -> bool:
+    """PEFT's ``fan_in_fan_out`` for a saved adapter: True where an adapted base is a ``Conv1D``.
+
+    PEFT derives the flag from each layer's type when it builds the layer (and corrects a config
+    that says otherwise, with a warning), so alignlab writes the value PEFT would and ignores it
+    when reading: the adapter tensors are ``(…, in)`` / ``(out, …)`` for either storage.
+    """
+    return any(is_conv1d(getattr(layer, "base_layer", layer)) for layer in layers)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense ``(out, in)`` tensor, whatever its storage.
+
+    ``nn.Linear`` returns its parameter; a quantized base (e.g. ``NF4Linear``) returns a
+    dequantized temporary through its ``dequantize()`` method; a ``Conv1D`` (weight stored
+    ``(in, out)``) returns a contiguous transposed copy (a temporary too: write back with
+    :func:`set_dense_weight_`).
     """
     if hasattr(base, "dequantize"):
         return base.dequantize()
+    if is_conv1d(base):
+        return base.weight.T.contiguous()
     return base.weight
 
 
@@ -33,12 +73,13 @@ def is_quantized(base: nn.Module) -> bool:
 
 
 def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
-    """Write a dense ``(out, in)`` weight back into the base (re-quantizing a quantized base)."""
+    """Write a dense ``(out, in)`` weight back into the base (re-quantizing a quantized base,
+    transposing into a ``Conv1D``'s ``(in, out)`` storage)."""
     if is_quantized(base):
         base.load_dense_weight_(weight)
     else:
         with torch.no_grad():
-            base.weight.copy_(weight)
+            base.weight.copy_(weight.T if is_conv1d(base) else weight)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -48,8 +89,9 @@ class AdapterLayer(nn.Module, abc.ABC):
     linear_base = False
 
     def __init__(self, base_layer: nn.Module) -> None:
-        if self.linear_base and not (isinstance(base_layer, nn.Linear) or is_quantized(base_layer)):
-            raise TypeError(f"base must be nn.Linear or a quantized linear (e.g. NF4Linear), got {type(base_layer).__name__}")
+        if self.linear_base and not is_linear_like(base_layer):
+            raise TypeError("base must be nn.Linear, a quantized linear (e.g. NF4Linear) or transformers' Conv1D, "
+                            f"got {type(base_layer).__name__}")
         super().__init__()
         for p in base_layer.parameters():  # the base is frozen; only adapter parameters train
             p.requires_grad_(False)
@@ -60,11 +102,11 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return linear_features(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return linear_features(self.base_layer)[1]
 
     @property
     def merged(self) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, SavedModule, is_quantized
+from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like, is_quantized, linear_features
 from alignlab.adapters.config import name_matches
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, layers_holding, own_format_config, own_format_dict
 
@@ -34,8 +34,8 @@ def _bias_size(module: nn.Module) -> int | None:
     bias = getattr(module, "bias", None)
     if isinstance(bias, nn.Parameter):
         return bias.numel()
-    if isinstance(module, nn.Linear) or is_quantized(module):
-        return module.out_features
+    if is_linear_like(module):
+        return linear_features(module)[1]
     return None
 
 
@@ -162,7 +162,7 @@ class BitFitConfig:
             if self.target_modules == "all-biases":
                 ok = isinstance(getattr(module, "bias", None), nn.Parameter)
             elif self.target_modules == "all-linear":
-                ok = _bias_size(module) is not None and (isinstance(module, nn.Linear) or is_quantized(module)) \
+                ok = _bias_size(module) is not None and is_linear_like(module) \
                     and name not in heads and name.split(".")[-1] not in heads
             else:
                 ok = name_matches(self.target_modules, name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized, set_dense_weight_
 from alignlab.adapters.config import _compile, _is_str_list, name_matches
 
 FORMAT_VERSION = 1
@@ -216,13 +216,11 @@ class IA3Config:
             "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "revision": None,
             "inference_mode": True, "target_modules": exact_names(layers),
             "feedforward_modules": exact_names(n for n, l in layers.items() if l.feedforward),
-            "exclude_modules": None, "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True,
+            "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": None, "init_ia3_weights": True,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "IA3Config":
-        if raw.get("fan_in_fan_out", False):
-            raise ValueError("adapter_config.json: fan_in_fan_out=True is not supported by alignlab")
         if raw.get("modules_to_save"):
             raise ValueError("adapter_config.json: modules_to_save is not supported for IA3 adapters")
         target = raw.get("target_modules")

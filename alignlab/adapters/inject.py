@@ -1,7 +1,8 @@
 """Put adapters into any model and manage them: inject, disable, merge, switch, combine.
 
 Adapters wrap the model's leaves in place; the model class is never changed, so
-``transformers`` models and any ``nn.Module`` tree with ``nn.Linear`` leaves work.
+``transformers`` models and any ``nn.Module`` tree with ``nn.Linear`` leaves work (also GPT-2's
+``Conv1D`` leaves, whose weight is stored transposed).
 The config of every injected adapter is kept on the model (attribute
 ``alignlab_adapter_configs``) for :func:`save_adapter`.
 """
@@ -16,7 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, SavedModule, is_quantized
+from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
 from alignlab.adapters.config import LoRAConfig, name_matches
 from alignlab.adapters.lora import LoRALinear
 
@@ -36,23 +37,19 @@ def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
             yield name, module
 
 
-def _is_linear_leaf(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_quantized(module)
-
-
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear leaves and existing adapter layers, not looking inside adapter wrappers."""
     found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, AdapterLayer) and not _is_linear_leaf(module.base_layer):
+        if isinstance(module, AdapterLayer) and not is_linear_like(module.base_layer):
             continue  # a block-level wrapper (bottleneck adapter, soft prompt): its linears stay targetable
         if isinstance(module, (AdapterLayer, SavedModule)):
             inside.append(name)
             if isinstance(module, AdapterLayer):
                 found.append((name, module))
-        elif _is_linear_leaf(module) and name:
+        elif is_linear_like(module) and name:
             found.append((name, module))
     return found
 

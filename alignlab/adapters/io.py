@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignlab.adapters.base import SavedModule
+from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
 from alignlab.adapters.lora import LoRALinear
@@ -81,7 +81,7 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "init_lora_weights": _peft_init(config.init),
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out(layers.values()),
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -157,7 +157,8 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     """
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
-    for key, ok in (("fan_in_fan_out", False), ("lora_bias", False), ("layers_to_transform", None)):
+    # fan_in_fan_out is not checked: as in PEFT, each layer's type decides (True for GPT-2's Conv1D)
+    for key, ok in (("lora_bias", False), ("layers_to_transform", None)):
         if raw.get(key, ok) not in (ok,):
             raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab")
     if raw.get("bias", "none") != "none":

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
+from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized, linear_features
 from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
 
 PREFIX = "base_model."
@@ -173,7 +173,8 @@ class VeRAConfig:
         for name in targets:
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, AdapterLayer) else module
-            shapes.append((base.out_features, base.in_features))
+            in_features, out_features = linear_features(base)
+            shapes.append((out_features, in_features))
         out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
         self._projections = VeRAProjections(self.r, in_max, out_max, self.projection_prng_key)
 
@@ -204,13 +205,13 @@ class VeRAConfig:
             "peft_type": "VERA", "task_type": None, "base_model_name_or_path": None, "revision": None,
             "inference_mode": True, "r": self.r, "target_modules": exact_names(layers), "vera_dropout": self.dropout,
             "d_initial": self.d_initial, "projection_prng_key": self.projection_prng_key, "save_projection": self._save_projection,
-            "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_weights": True,
+            "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": None, "init_weights": True,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "VeRAConfig":
-        for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)):
+        for key, ok in (("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)):
             if raw.get(key, ok) != ok:
                 raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for VeRA")
         target = raw.get("target_modules")

@@ -17,7 +17,9 @@ saving writes that format back.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from types import SimpleNamespace
 from typing import Iterable
 
 import torch
@@ -132,12 +134,22 @@ class NF4Linear(nn.Module):
 
     @property
     def quant_weight(self) -> NF4Tensor:
-        """The packed weight as an :class:`~alignlab.quant.nf4.NF4Tensor` (shares storage with the buffers)."""
-        return NF4Tensor(
-            data=self.qdata, absmax=self.qabsmax, shape=self._shape, dtype=self._orig_dtype,
-            blocksize=self.blocksize, nested_absmax=self.qnested_absmax, nested_offset=self.qnested_offset,
-            shift=self.qshift, nested_blocksize=self._nested_blocksize,
-        )
+        """The packed weight as an :class:`~alignlab.quant.nf4.NF4Tensor` (shares storage with the buffers).
+
+        The same object is handed out until a buffer is replaced (device moves, loading, re-quantizing):
+        building it anew per forward call cost host time. Treat it as read-only.
+        """
+        t, b = self.__dict__.get("_quant_weight"), self._buffers
+        if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]
+                or t.nested_absmax is not b["qnested_absmax"] or t.nested_offset is not b["qnested_offset"]
+                or t.dtype is not self._orig_dtype or t.shape is not self._shape):
+            t = NF4Tensor(
+                data=b["qdata"], absmax=b["qabsmax"], shape=self._shape, dtype=self._orig_dtype,
+                blocksize=self.blocksize, nested_absmax=b["qnested_absmax"], nested_offset=b["qnested_offset"],
+                shift=b["qshift"], nested_blocksize=self._nested_blocksize,
+            )
+            self.__dict__["_quant_weight"] = t
+        return t
 
     # -- the adapter contract -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,8 +218,7 @@ class NF4Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         t = self.quant_weight
         shift = t.shift
-        t.shift = None
-        for k, v in nf4_to_bnb_state_dict(t, prefix=f"{prefix}weight").items():
+        for k, v in nf4_to_bnb_state_dict(dataclasses.replace(t, shift=None), prefix=f"{prefix}weight").items():
             destination[k] = v if keep_vars else v.detach()
         if shift is not None:
             destination[f"{prefix}{_ICQ_KEY}"] = shift
@@ -257,6 +268,10 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` leaf of ``model`` by an :class:`NF4Linear`, in place; returns ``model``.
 
+    ``transformers``' ``Conv1D`` leaves (GPT-2; weight stored transposed, ``(in, out)``) are
+    quantized too, as ``transformers`` + ``bitsandbytes`` do: the ``NF4Linear`` holds the
+    ``(out, in)`` matrix, so it computes the same map and its codes are those of that matrix.
+
     The output head (``model.get_output_embeddings()`` for HF models, else a module named
     ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``. ``skip``
     names further modules to leave alone (full dotted name, last component, dotted suffix or an
@@ -268,7 +283,7 @@ def quantize_model(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer; adapters present.
     """
-    from alignlab.adapters.base import AdapterLayer
+    from alignlab.adapters.base import AdapterLayer, is_conv1d
     from alignlab.adapters.inject import _output_head_names  # the head "all-linear" leaves out, too
 
     if not isinstance(model, nn.Module):
@@ -280,13 +295,15 @@ def quantize_model(
     if adapted:
         raise ValueError(f"model already has adapter layers (e.g. {adapted[0]!r}); call quantize_model before "
                          "inject, so that the adapters wrap the NF4 layers")
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m)]
     unmatched = [p for p in skip if not any(_matches(name, (p,)) for name, _ in linears)]
     if unmatched:
-        raise ValueError(f"skip: {unmatched} match no nn.Linear of the model (names, suffixes or fnmatch patterns)")
+        raise ValueError(f"skip: {unmatched} match no nn.Linear or Conv1D of the model (names, suffixes or fnmatch patterns)")
     head = set() if quantize_head else _output_head_names(model)
     targets = [(name, m) for name, m in linears if name not in head and not _matches(name, skip)]
     for name, lin in targets:
+        if is_conv1d(lin):  # quantize the (out, in) matrix; from_linear reads only .weight and .bias
+            lin = SimpleNamespace(weight=lin.weight.detach().T.contiguous(), bias=lin.bias)
         q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
                                   compute_dtype=compute_dtype, calibrate=calibrate)
         parent_name, _, child = name.rpartition(".")

@@ -67,11 +67,23 @@ def test_config_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type must be 'LORA'"):
         load_adapter(make_tiny_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
-    with pytest.raises(ValueError, match="fan_in_fan_out"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
         load_adapter(make_tiny_llama(), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(make_tiny_llama(), tmp_path / "nowhere")
+
+
+def test_fan_in_fan_out_follows_the_layer_type_as_in_peft(tmp_path):
+    """PEFT sets fan_in_fan_out per layer from its type (False for nn.Linear, with a warning): a file
+    that says True loads on a Llama exactly as one that says False."""
+    model = _trained()
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load_adapter(make_tiny_llama(), tmp_path)(ids).logits, model(ids).logits)
 
 
 def test_save_errors(tmp_path):
