@@ -43,20 +43,24 @@ KIND_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "t
 
 @triton.jit
 def _terms(ls, lt, beta, KIND: tl.constexpr):
-    """Per-element loss term ``el``, ``h = dL/d log p_s`` and ``p_s`` from the log-probs (table above)."""
+    """Per-element loss term ``el``, ``h = dL/d log p_s`` and ``p_s`` from the log-probs (table above).
+
+    A term whose leading probability is 0 is 0 (``0 log 0 = 0``), whatever the logs hold: ``-inf``
+    logits (top-k or vocabulary-masked distributions) give finite losses and gradients.
+    """
     ps = tl.exp(ls)
     pt = tl.exp(lt)
     if KIND == 0:
-        el = pt * (lt - ls)
+        el = tl.where(pt > 0.0, pt * (lt - ls), 0.0)
         h = -pt
     elif KIND == 1:
-        el = ps * (ls - lt)
-        h = ps * (ls - lt + 1.0)
+        h = tl.where(ps > 0.0, ps * (ls - lt + 1.0), 0.0)
+        el = tl.where(ps > 0.0, ps * (ls - lt), 0.0)
     elif KIND == 2:
         m = beta * pt + (1.0 - beta) * ps
         lm = tl.where(m > 0.0, tl.log(tl.maximum(m, 1e-30)), 0.0)
-        h = (1.0 - beta) * ps * (ls - lm)
-        el = beta * pt * (lt - lm) + h
+        h = tl.where(ps > 0.0, (1.0 - beta) * ps * (ls - lm), 0.0)
+        el = tl.where(pt > 0.0, beta * pt * (lt - lm), 0.0) + h
     else:
         diff = ps - pt
         el = 0.5 * tl.abs(diff)

@@ -22,6 +22,11 @@ gradient scale.
 Reductions over tokens with per-token weights :math:`w` (a padding mask or
 float weights): ``"mean"`` :math:`\sum w_i L_i / \sum w_i` (0 when every weight
 is 0), ``"sum"`` :math:`\sum w_i L_i`, ``"none"`` :math:`w_i L_i` per token.
+Float weights must be finite and ``>= 0`` (checked, one device sync per call).
+
+Entries of zero probability contribute nothing (:math:`0 \log 0 = 0`), so ``-inf`` logits
+(a top-k or vocabulary-masked teacher, or the same entries ``-inf`` in both) give the finite
+limit with finite gradients. Tokens of weight 0 are ignored whatever they hold (``inf``, NaN).
 
 :func:`fused_linear_distill_loss` takes the student's last hidden state and
 ``lm_head`` weight and either teacher logits or the teacher's hidden state and
@@ -80,6 +85,11 @@ def _check_common(temperature: float, reduction: str) -> None:
 
 
 def _weights(mask: torch.Tensor | None, lead_shape: torch.Size, device, dtype) -> torch.Tensor:
+    """Per-token weights from a bool/int/float ``mask``.
+
+    Non-bool masks are checked to be finite and ``>= 0``; that check reads one flag back from the
+    device (one sync per call). Bool masks need no check and cost no sync.
+    """
     if mask is None:
         return torch.ones(lead_shape, device=device, dtype=dtype)
     if not isinstance(mask, torch.Tensor):
@@ -88,6 +98,10 @@ def _weights(mask: torch.Tensor | None, lead_shape: torch.Size, device, dtype) -
         raise ValueError(f"mask must have shape {tuple(lead_shape)} (the logits without the vocab dim), got {tuple(mask.shape)}")
     if mask.is_complex():
         raise TypeError(f"mask must be bool or real-valued, got {mask.dtype}")
+    if mask.dtype != torch.bool and mask.numel():
+        bad = (mask < 0) | ~torch.isfinite(mask) if mask.is_floating_point() else mask < 0
+        if bool(bad.any()):
+            raise ValueError("mask weights must be finite and >= 0 (a bool padding mask or float token weights)")
     return mask.to(device=device, dtype=dtype)
 
 
@@ -105,19 +119,43 @@ def _reduce(per_token: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.T
 # --------------------------------------------------------------------------- token level
 
 
-def _token_divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, temperature: float) -> torch.Tensor:
-    """Per-token divergence from logits ``(..., vocab)``; differentiable in ``s``."""
+def _xlog_ratio(p: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """``p * (la - lb)`` elementwise with ``0 log 0 = 0``: entries where ``p == 0`` give 0 whatever
+    ``la``/``lb`` hold (``-inf`` for a top-k or vocabulary-masked distribution), and their gradient is 0."""
+    live = p > 0
+    return p * (torch.where(live, la, 0.0) - torch.where(live, lb, 0.0))
+
+
+def _log_mixture(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log(beta p_t + (1 - beta) p_s)`` by logsumexp (stable for tiny probabilities); entries that
+    are ``-inf`` in both get a finite placeholder, so that no NaN reaches the gradient."""
+    dead = torch.isneginf(lt) & torch.isneginf(ls)
+    lt, ls = torch.where(dead, 0.0, lt), torch.where(dead, 0.0, ls)
+    return torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), dim=0)
+
+
+def _token_divergence(
+    s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, temperature: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token divergence from logits ``(..., vocab)``; differentiable in ``s``.
+
+    ``keep`` ``(...)`` bool: tokens outside it have their logits replaced by zeros first, so that
+    whatever they hold (``inf``, NaN) reaches neither the value nor the gradient.
+    """
     compute = torch.promote_types(s.dtype, torch.float32)
-    ls = F.log_softmax(s.to(compute) / temperature, dim=-1)
-    lt = F.log_softmax(t.to(compute) / temperature, dim=-1)
+    s, t = s.to(compute) / temperature, t.to(compute) / temperature  # fresh tensors: safe to fill in place
+    if keep is not None:
+        s.masked_fill_(~keep[..., None], 0.0)
+        t.masked_fill_(~keep[..., None], 0.0)
+    ls = F.log_softmax(s, dim=-1)
+    lt = F.log_softmax(t, dim=-1)
     if kind == "forward_kl":
-        return (lt.exp() * (lt - ls)).sum(-1)
+        return _xlog_ratio(lt.exp(), lt, ls).sum(-1)
     if kind == "reverse_kl":
-        return (ls.exp() * (ls - lt)).sum(-1)
+        return _xlog_ratio(ls.exp(), ls, lt).sum(-1)
     if kind == "jsd":
-        # log m = logsumexp(log beta + lt, log(1-beta) + ls), stable for tiny probabilities.
-        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), dim=0)
-        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        lm = _log_mixture(lt, ls, beta)
+        return beta * _xlog_ratio(lt.exp(), lt, lm).sum(-1) + (1.0 - beta) * _xlog_ratio(ls.exp(), ls, lm).sum(-1)
     return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
 
 
@@ -147,7 +185,7 @@ def distill_loss(
 
     Raises:
         ValueError: mismatched shapes, unknown ``kind``/``reduction``, ``beta`` outside ``[0, 1]``,
-            ``temperature <= 0``.
+            ``temperature <= 0``, negative or non-finite ``mask`` weights.
         TypeError: non-tensor inputs or mask.
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -161,8 +199,10 @@ def distill_loss(
         )
     kind = _check_kind(kind, beta)
     _check_common(temperature, reduction)
-    per_token = _token_divergence(student_logits, teacher_logits.detach(), kind, float(beta), float(temperature))
-    w = _weights(mask, student_logits.shape[:-1], per_token.device, per_token.dtype)
+    compute = torch.promote_types(student_logits.dtype, torch.float32)
+    w = _weights(mask, student_logits.shape[:-1], student_logits.device, compute)
+    keep = None if mask is None else w != 0
+    per_token = _token_divergence(student_logits, teacher_logits.detach(), kind, float(beta), float(temperature), keep)
     return _reduce(per_token, w, reduction)
 
 
@@ -213,18 +253,18 @@ def distill_rows_torch(
     ls = torch.log_softmax(s.to(compute) * inv_tau, dim=-1)
     lt = torch.log_softmax(t.to(compute) * inv_tau, dim=-1)
     ps, pt = ls.exp(), lt.exp()
+    # Entries with probability 0 (-inf logits) contribute 0 to the sums (0 log 0 = 0).
     if kind == "forward_kl":
-        loss = (pt * (lt - ls)).sum(-1)
+        loss = _xlog_ratio(pt, lt, ls).sum(-1)
         h = -pt
     elif kind == "reverse_kl":
-        r = ls - lt
-        loss = (ps * r).sum(-1)
-        h = ps * (r + 1.0)
+        loss = _xlog_ratio(ps, ls, lt).sum(-1)
+        h = _xlog_ratio(ps, ls, lt) + ps
     elif kind == "jsd":
         m = beta * pt + (1.0 - beta) * ps
         lm = torch.where(m > 0, m.log(), torch.zeros_like(m))
-        h = (1.0 - beta) * ps * (ls - lm)
-        loss = (beta * pt * (lt - lm)).sum(-1) + h.sum(-1)
+        h = (1.0 - beta) * _xlog_ratio(ps, ls, lm)
+        loss = beta * _xlog_ratio(pt, lt, lm).sum(-1) + h.sum(-1)
     else:
         diff = ps - pt
         loss = 0.5 * diff.abs().sum(-1)
@@ -257,6 +297,8 @@ def _chunk_rows(
     s = torch.mm(x[start:end], w.t(), out=out)
     if teacher[0] == "logits":
         t = teacher[1][start:end]
+        if teacher[2] is not None:  # masked rows: whatever they hold must not reach the loss
+            t = t.masked_fill(~teacher[2][start:end, None], 0.0)
     else:  # a teacher's logits in its own dtype, as its forward would give them
         t = teacher[1][start:end] @ teacher[2].t()
     scale = None if grad_scale is None else grad_scale[start:end]
@@ -347,8 +389,8 @@ class _FusedLinearDistill(torch.autograd.Function):
     ``reduction="none"`` recomputes them in backward with the per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, teacher_a, teacher_b, weights, kind, beta, temperature, reduction, chunks):
-        teacher = ("logits", teacher_a) if teacher_b is None else ("hidden", teacher_a, teacher_b)
+    def forward(ctx, x, w, teacher_a, teacher_b, teacher_keep, weights, kind, beta, temperature, reduction, chunks):
+        teacher = ("logits", teacher_a, teacher_keep) if teacher_b is None else ("hidden", teacher_a, teacher_b)
         want_dx = ctx.needs_input_grad[0]
         want_dw = ctx.needs_input_grad[1]
         ctx.reduction = reduction
@@ -372,7 +414,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        n_none = (None,) * 8
+        n_none = (None,) * 9
         if ctx.reduction != "none":
             dx, dw = ctx.saved_tensors
             if not torch.equal(grad_out, torch.ones_like(grad_out)):
@@ -495,8 +537,17 @@ def fused_linear_distill_loss(
             raise ValueError(f"mask must have shape {tuple(lead)}, got {tuple(mask.shape)}")
         mask = mask.reshape(-1)
     weights = _weights(mask, torch.Size([n]), x.device, compute)
+    keep = None
+    if mask is not None:
+        # Rows of weight 0 are zeroed (a copy of the hidden states; the teacher's logits chunk by chunk),
+        # so that inf/NaN there reaches neither the loss nor, through dW = dz^T x, the gradient.
+        keep = weights != 0
+        x = x.masked_fill(~keep[:, None], 0.0)
+        if teacher_b is not None:
+            teacher_a = teacher_a.masked_fill(~keep[:, None], 0.0)
     out = _FusedLinearDistill.apply(
-        x, student_weight, teacher_a, teacher_b, weights, kind, float(beta), float(temperature), reduction,
+        x, student_weight, teacher_a, teacher_b, keep if teacher_b is None else None, weights, kind, float(beta),
+        float(temperature), reduction,
         (chunk_size, grad_chunk_size),
     )
     return out.reshape(lead) if reduction == "none" else out

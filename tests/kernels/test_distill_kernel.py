@@ -121,3 +121,61 @@ def test_fused_bf16_cuda_matches_unfused(kind):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     for a, b in ((gx, rx), (gw, rw)):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+
+
+def _minus_inf_rows(kernel_device, kind):
+    """Rows whose teacher is top-4 (-inf elsewhere) or, for reverse KL (+inf then), whose entries
+    1, 6 and 7 are -inf in both student and teacher (a vocabulary mask)."""
+    s, t, w = _rows(3, 19, kernel_device, seed=5)
+    if kind == "reverse_kl":
+        banned = torch.tensor([1, 6, 7], device=kernel_device)
+        return s.index_fill(-1, banned, float("-inf")), t.index_fill(-1, banned, float("-inf")), w
+    top = t.topk(4, dim=-1).indices
+    return s, torch.full_like(t, float("-inf")).scatter(-1, top, t.gather(-1, top)), w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_minus_inf_logits_give_the_finite_limit(kernel_device, kind):
+    s, t, w = _minus_inf_rows(kernel_device, kind)
+    # Oracle: the float64 autograd path (checked against the formula over the support in tests/losses).
+    s64 = s.double().cpu().requires_grad_(True)
+    want_loss = distill_loss(s64, t.double().cpu(), kind, beta=0.3, temperature=1.5, reduction="none")
+    (want_dz,) = torch.autograd.grad(want_loss, s64, w.double().cpu())
+    dz = torch.full_like(s, float("nan"))
+    loss = distill_rows(s, t, kind, beta=0.3, temperature=1.5, grad_scale=w, grad_out=dz)
+    assert torch.isfinite(loss).all() and torch.isfinite(dz).all()
+    torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz.double().cpu(), want_dz, rtol=1e-4, atol=1e-6)
+    ref_loss, ref_dz = distill_rows_torch(s.double(), t.double(), kind, 0.3, 1.5, w.double())
+    torch.testing.assert_close(ref_loss.cpu(), want_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref_dz.cpu(), want_dz, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures("triton_mode")
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_triton_path_ignores_masked_garbage_and_minus_inf(kernel_device, kind):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 16, generator=g)
+    w = torch.randn(37, 16, generator=g) * 0.3
+    t = torch.randn(2, 5, 37, generator=g) * 2
+    if kind != "reverse_kl":  # a vocabulary-masked teacher (reverse KL would be +inf)
+        t[..., [3, 30]] = float("-inf")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 4] = False
+    x_bad, t_bad = x.clone(), t.clone()
+    x_bad[~mask] = float("nan")
+    t_bad[0, 1] = float("inf")
+    t_bad[1, 4] = float("nan")
+    xl = x_bad.to(kernel_device).requires_grad_(True)
+    wl = w.to(kernel_device).requires_grad_(True)
+    got = fused_linear_distill_loss(xl, wl, t_bad.to(kernel_device), kind=kind, beta=0.3, mask=mask.to(kernel_device),
+                                    chunk_size=3, grad_chunk_size=6)
+    gx, gw = torch.autograd.grad(got, (xl, wl))
+    xk, w64 = x[mask].double().requires_grad_(True), w.double().requires_grad_(True)
+    want = distill_loss(xk @ w64.T, t[mask].double(), kind, beta=0.3)  # masked rows dropped
+    rx, rw = torch.autograd.grad(want, (xk, w64))
+    assert torch.isfinite(got) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.all(gx[~mask.to(kernel_device)] == 0)
+    torch.testing.assert_close(gx[mask.to(kernel_device)].double().cpu(), rx, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)

@@ -321,3 +321,181 @@ def test_jsd_matches_trl_gkd(beta, monkeypatch):
     want = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=1.7)
     got = distill_loss(s, t, "jsd", beta=beta, temperature=1.7, mask=labels != -100)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- -inf logits, masked garbage
+
+
+def _oracle_support(s, t, kind, beta=0.5, tau=1.0):
+    """Per-token divergence in float64 over the entries that carry probability only (0 log 0 = 0):
+    entries of zero probability are dropped from each sum before any log is taken."""
+    p, q = _probs(t, tau), _probs(s, tau)  # p: teacher, q: student
+
+    def kl(a, b):
+        out = []
+        for ar, br in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
+            sel = ar > 0
+            out.append((ar[sel] * (ar[sel].log() - br[sel].log())).sum())
+        return torch.stack(out).reshape(a.shape[:-1])
+
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    return 0.5 * (q - p).abs().sum(-1)
+
+
+def _minus_inf_logits(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 3, 10, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 3, 10, generator=g, dtype=torch.float64) * 2
+    top_k = t.topk(4, dim=-1).indices
+    t_topk = torch.full_like(t, float("-inf")).scatter(-1, top_k, t.gather(-1, top_k))  # a top-4 teacher
+    vocab_mask = torch.zeros(10, dtype=torch.bool)
+    vocab_mask[[1, 6, 7]] = True  # entries outside the vocabulary: -inf in both
+    return s, t_topk, s.masked_fill(vocab_mask, float("-inf")), t.masked_fill(vocab_mask, float("-inf"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_minus_inf_logits_give_the_finite_limit(kind):
+    s, t_topk, s_vm, t_vm = _minus_inf_logits()
+    cases = [(s_vm, t_vm)]  # the same entries -inf in both: every divergence is finite
+    if kind != "reverse_kl":  # KL(p_s || top-k teacher) is +inf: the student has mass where the teacher has none
+        cases.append((s, t_topk))
+    for s_, t_ in cases:
+        leaf = s_.clone().requires_grad_(True)
+        got = distill_loss(leaf, t_, kind, beta=0.3, temperature=1.3, reduction="none")
+        ref_leaf = s_.clone().requires_grad_(True)
+        want = _oracle_support(ref_leaf, t_, kind, beta=0.3, tau=1.3)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        up = torch.randn_like(want)
+        (g_got,) = torch.autograd.grad(got, leaf, up)
+        (g_want,) = torch.autograd.grad(want, ref_leaf, up)
+        assert torch.isfinite(g_got).all()
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    if kind == "reverse_kl":
+        assert distill_loss(s, t_topk, kind, reduction="none").eq(float("inf")).all()
+
+
+def _garbage_at_masked(s, t, mask):
+    """Copies of s and t whose masked-out tokens hold NaN, +inf and an all -inf row."""
+    s, t = s.clone(), t.clone()
+    idx = (~mask).nonzero().tolist()
+    assert len(idx) >= 3
+    s[tuple(idx[0])] = float("nan")
+    t[tuple(idx[1])] = float("inf")
+    t[tuple(idx[2])] = float("-inf")
+    s[tuple(idx[2])][0] = float("inf")
+    return s, t
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_tokens_holding_inf_or_nan_do_not_leak(kind, reduction):
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    s_bad, t_bad = _garbage_at_masked(s, t, mask)
+    for m in (mask, mask.double() * 1.5):
+        leaf = s_bad.clone().requires_grad_(True)
+        got = distill_loss(leaf, t_bad, kind, mask=m, reduction=reduction)
+        kept = s[mask].clone().requires_grad_(True)  # oracle: the masked tokens dropped altogether
+        per = _oracle(kept, t[mask], kind) * m[mask]
+        want = {"none": torch.zeros(3, 4, dtype=torch.float64).masked_scatter(mask, per), "sum": per.sum(),
+                "mean": per.sum() / m[mask].sum()}[reduction]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        up = torch.randn_like(got)
+        (g_got,) = torch.autograd.grad(got, leaf, up)
+        (g_kept,) = torch.autograd.grad(want, kept, up)
+        assert torch.isfinite(g_got).all() and torch.all(g_got[~mask] == 0)
+        torch.testing.assert_close(g_got[mask], g_kept, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_mask_weights_must_be_finite_and_non_negative(logits, bad):
+    s, t, mask = logits
+    w = mask.double()
+    w[0, 0] = bad
+    with pytest.raises(ValueError, match="mask weights must be finite and >= 0"):
+        distill_loss(s, t, mask=w)
+    with pytest.raises(ValueError, match="mask weights must be finite and >= 0"):
+        fused_linear_distill_loss(torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(13, 4, dtype=torch.float64),
+                                  t, mask=w)
+    with pytest.raises(ValueError, match="mask weights"):
+        sequence_divergence(torch.ones(2, 5), w)
+    if bad == -1.0:
+        with pytest.raises(ValueError, match="mask weights"):
+            distill_loss(s, t, mask=w.long())
+
+
+def _fused_edge_case(kind, teacher_form, seed=4):
+    """Inputs of the fused form with masked rows holding NaN/inf in every input and, except for
+    reverse KL (which is +inf then), a teacher whose entries 2 and 5 are -inf; and the float64
+    oracle's view of them (masked rows dropped, zero-probability entries dropped from the sums)."""
+    x, w, th, tw, mask = _problem(n_lead=(2, 5), hidden=8, vocab=11, seed=seed)
+    mask[0, 0] = mask[1, 1] = False
+    t_logits = th @ tw.T
+    if kind != "reverse_kl":
+        t_logits = t_logits.index_fill(-1, torch.tensor([2, 5]), float("-inf"))
+    x_bad = x.detach().clone()
+    x_bad[~mask] = float("nan")
+    if teacher_form == "logits":
+        t_bad = t_logits.clone()
+        t_bad[~mask] = float("nan")
+        t_bad[0, 0, 3] = float("inf")
+        teacher = dict(teacher_logits=t_bad)
+    else:
+        t_logits = th @ tw.T  # a hidden-state teacher has finite logits
+        th_bad = th.clone()
+        th_bad[~mask] = float("inf")
+        teacher = dict(teacher_hidden=th_bad, teacher_weight=tw)
+    return x_bad, w.detach(), teacher, t_logits, mask, x.detach()
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+def test_fused_minus_inf_and_masked_garbage(kind, reduction, teacher_form):
+    x_bad, w, teacher, t_logits, mask, x = _fused_edge_case(kind, teacher_form)
+    x_leaf, w_leaf = x_bad.requires_grad_(True), w.clone().requires_grad_(True)
+    got = fused_linear_distill_loss(x_leaf, w_leaf, **teacher, kind=kind, beta=0.3, temperature=1.2, mask=mask,
+                                    reduction=reduction, chunk_size=3, grad_chunk_size=6)
+    xk, wk = x[mask].clone().requires_grad_(True), w.clone().requires_grad_(True)
+    per = _oracle_support(xk @ wk.T, t_logits[mask], kind, beta=0.3, tau=1.2)
+    want = torch.zeros(2, 5, dtype=torch.float64).masked_scatter(mask, per) if reduction == "none" else per.mean()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    up = torch.randn_like(got)
+    gx, gw = torch.autograd.grad(got, (x_leaf, w_leaf), up)
+    rx, rw = torch.autograd.grad(want, (xk, wk), up)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.all(gx[~mask] == 0)
+    torch.testing.assert_close(gx[mask], rx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-12)
+
+
+def test_trl_reductions_map_to_ours(monkeypatch):
+    """docs/distillation.md's table: TRL's "batchmean" (with and without labels) and "mean"."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        pytest.skip("this trl version has no experimental GKD trainer")
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 4), generator=g)
+    labels[1, 1:] = -100
+    jsd = GKDTrainer.generalized_jsd_loss
+    torch.testing.assert_close(distill_loss(s, t, "jsd", beta=0.4, mask=labels != -100),
+                               jsd(s, t, labels=labels, beta=0.4, reduction="batchmean"))
+    torch.testing.assert_close(distill_loss(s, t, "jsd", beta=0.4, reduction="sum") / 3,
+                               jsd(s, t, beta=0.4, reduction="batchmean"))
+    torch.testing.assert_close(distill_loss(s, t, "jsd", beta=0.4, reduction="sum") / (3 * 4 * 7),
+                               jsd(s, t, beta=0.4, reduction="mean"))
