@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from alignlab.adapters import (
     AdaLoRAConfig,
+    BitFitConfig,
     IA3Config,
     LoKrConfig,
     LoRAConfig,
@@ -85,6 +86,8 @@ def test_targets_by_name_and_all_linear_find_conv1d_like_peft():
     ours = find_targets(base, LoRAConfig(target_modules="all-linear"))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear"))
     assert sorted(ours) == sorted(theirs.targeted_module_names) == sorted(CONV_NAMES)  # lm_head (tied to wte) left out
+    bitfit = inject(copy.deepcopy(base), BitFitConfig(target_modules="all-linear"))
+    assert sorted(n for n, _ in adapter_layers(bitfit)) == sorted(CONV_NAMES)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
