@@ -12,7 +12,9 @@ with published numbers. Both libraries are the optional ``eval`` extra
 - chrF: "chrF: character n-gram F-score for automatic MT evaluation"
   (Popović, 2015). Corpus level, 0-100, character 6-grams, :math:`\\beta=2`.
 - ROUGE: "ROUGE: A Package for Automatic Evaluation of Summaries" (Lin, 2004).
-  Per-example F-measure (best over references), averaged; 0-1.
+  Per-example F-measure (best over references), averaged; 0-1. rouge-score's
+  default tokenizer keeps only ``[a-z0-9]`` runs, so Chinese, Japanese, Thai,
+  Cyrillic or Arabic text scores 0 unless a ``tokenizer`` is given.
 
 References are given per prediction: one string or a sequence of strings
 (any number per example).
@@ -20,7 +22,8 @@ References are given per prediction: one string or a sequence of strings
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["bleu", "chrf", "rouge"]
 
@@ -82,12 +85,26 @@ def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
     return float(metrics.CHRF(**kwargs).corpus_score(list(predictions), _reference_streams(refs)).score)
 
 
+class _TokenizerAdapter:
+    """rouge-score's tokenizer interface (``.tokenize(text) -> list[str]``) over a callable or object."""
+
+    def __init__(self, tokenize: Callable[[str], Sequence[str]]):
+        self._tokenize = tokenize
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = self._tokenize(text)
+        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+            raise TypeError(f"tokenizer: expected a list of str tokens, got {tokens!r:.80}")
+        return list(tokens)
+
+
 def rouge(
     predictions: Sequence[str],
     references: Sequence[str | Sequence[str]],
     *,
     rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
-    use_stemmer: bool = True,
+    use_stemmer: bool | None = None,
+    tokenizer: Callable[[str], Sequence[str]] | Any | None = None,
 ) -> dict[str, float]:
     """Mean ROUGE F-measure per type (0-1), best reference per example.
 
@@ -96,21 +113,46 @@ def rouge(
         references: per example, one string or several.
         rouge_types: any types rouge-score knows (``rouge1``, ``rouge2``,
             ``rougeL``, ``rougeLsum``, ...).
-        use_stemmer: Porter stemming, as in the original ROUGE-1.5.5 ``-m``.
+        use_stemmer: Porter stemming in rouge-score's default tokenizer, as in
+            the original ROUGE-1.5.5 ``-m``; ``None`` means on without a
+            ``tokenizer``. With a ``tokenizer`` it must stay ``None``/``False``
+            (rouge-score would silently ignore it; stem inside your tokenizer).
+        tokenizer: replaces rouge-score's English-only default tokenizer
+            (lower-case, ``[a-z0-9]`` runs): a callable ``str -> list[str]``
+            such as ``lambda s: [c for c in s if not c.isspace()]``
+            (characters, for Chinese/Japanese) or ``jieba.lcut``, or an
+            object with a ``tokenize(text)`` method (rouge-score's
+            ``tokenizers.Tokenizer`` interface, an HF tokenizer). Tokens are
+            compared as given: no lower-casing, no stemming.
 
     Returns:
         ``{rouge_type: mean F-measure}``.
 
     Raises:
         ImportError: rouge-score is missing (``pip install alignlab[eval]``).
-        ValueError: mismatched lengths, an example without references, or
-            no ``rouge_types``.
+        ValueError: mismatched lengths, an example without references, no
+            ``rouge_types``, or ``use_stemmer=True`` with a ``tokenizer``.
+        TypeError: ``tokenizer`` is neither callable nor has ``tokenize``, or
+            returns something other than a list of strings.
     """
     refs = _per_example_refs(predictions, references)
     if isinstance(rouge_types, str) or not rouge_types:
         raise ValueError(f"rouge_types: expected a non-empty sequence of names, got {rouge_types!r}")
+    if tokenizer is not None:
+        if use_stemmer:
+            raise ValueError("use_stemmer: rouge-score ignores it when a tokenizer is given; stem inside the tokenizer")
+        if callable(getattr(tokenizer, "tokenize", None)):
+            tokenizer = _TokenizerAdapter(tokenizer.tokenize)
+        elif callable(tokenizer):
+            tokenizer = _TokenizerAdapter(tokenizer)
+        else:
+            raise TypeError(
+                f"tokenizer: expected a callable str -> list[str] or an object with .tokenize, got {type(tokenizer).__name__}"
+            )
     scorer_module = _require("rouge_score.rouge_scorer", "rouge-score")
-    scorer = scorer_module.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    scorer = scorer_module.RougeScorer(
+        list(rouge_types), use_stemmer=True if use_stemmer is None else bool(use_stemmer), tokenizer=tokenizer
+    )
     totals = dict.fromkeys(rouge_types, 0.0)
     for prediction, example_refs in zip(predictions, refs):
         scores = scorer.score_multi(example_refs, prediction)

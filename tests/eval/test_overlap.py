@@ -64,3 +64,47 @@ def test_errors_and_missing_extra(monkeypatch):
         bleu(["a"], ["a"])
     with pytest.raises(ImportError, match=r"alignlab\[eval\]"):
         rouge(["a"], ["a"])
+
+
+def _chars(text):
+    return [c for c in text if not c.isspace()]
+
+
+def test_rouge_with_a_tokenizer_scores_non_latin_text():
+    pytest.importorskip("rouge_score")
+
+    def f(p, r):
+        return 2 * p * r / (p + r)
+
+    pred, ref = "我 喜欢 吃 苹果", "我们 喜欢 吃 香蕉 和 苹果"
+    # characters: pred 我喜欢吃苹果 (6), ref 我们喜欢吃香蕉和苹果 (10)
+    # unigram overlap 我 喜 欢 吃 苹 果 = 6; bigrams pred 5, ref 9, shared 喜欢 欢吃 苹果 = 3
+    # LCS 我喜欢吃苹果 = 6
+    expected = {"rouge1": f(6 / 6, 6 / 10), "rouge2": f(3 / 5, 3 / 9), "rougeL": f(6 / 6, 6 / 10)}
+    assert rouge([pred], [ref]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}  # the default drops CJK
+    assert rouge([pred], [ref], tokenizer=_chars) == pytest.approx(expected)
+
+    class WordTokenizer:  # rouge-score's interface: an object with .tokenize
+        def tokenize(self, text):
+            return text.split()
+
+    # words: pred 我 喜欢 吃 苹果 (4), ref 6 words; shared 我? no (我们); 喜欢 吃 苹果 = 3; LCS 3
+    words = rouge([pred], [ref], tokenizer=WordTokenizer(), rouge_types=["rouge1", "rougeL"])
+    assert words == pytest.approx({"rouge1": f(3 / 4, 3 / 6), "rougeL": f(3 / 4, 3 / 6)})
+
+
+def test_rouge_tokenizer_matches_rouge_score_default_and_errors():
+    tokenizers = pytest.importorskip("rouge_score.tokenizers")
+    preds, refs = ["The quick brown dog jumps on the log."], ["The quick brown fox jumps over the lazy dog"]
+    assert rouge(preds, refs, tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True)) == rouge(preds, refs)
+    assert rouge(preds, refs, tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False)) == rouge(
+        preds, refs, use_stemmer=False
+    )
+    with pytest.raises(ValueError, match="use_stemmer"):
+        rouge(preds, refs, tokenizer=_chars, use_stemmer=True)
+    with pytest.raises(TypeError, match="tokenizer: expected a callable"):
+        rouge(preds, refs, tokenizer=3)
+    with pytest.raises(TypeError, match="tokenizer: expected a list of str"):
+        rouge(preds, refs, tokenizer=lambda s: s)
+    with pytest.raises(TypeError, match="tokenizer: expected a list of str"):
+        rouge(preds, refs, tokenizer=lambda s: [len(s)])
