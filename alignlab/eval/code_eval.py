@@ -171,13 +171,18 @@ def run_candidate(marker_fd, err_fd):
         sys.stderr.write(f"SystemExit({exit_.code!r}) raised while running the {stage}: counted as a failure\n")
         sys.stderr.flush()
         os._exit(1)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as error:
+        traceback.print_exception(type(error), error, error.__traceback__.tb_next)  # skip this runner frame
         sys.stderr.flush()
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(marker_fd, str(os.getpid()).encode())
+    try:
+        os.write(marker_fd, str(os.getpid()).encode())
+    except OSError:
+        sys.stderr.write("[runner] the candidate closed the runner's result pipe: the tests' outcome is unknown\n")
+        sys.stderr.flush()
+        os._exit(1)
     os._exit(0)
 
 
