@@ -77,7 +77,8 @@ def reward_guided_logits(
         is_nan = rewards.isnan()
         if is_nan.any():
             if nan == "raise":
-                raise ValueError(f"candidate_rewards: NaN rewards in row(s) {is_nan.any(1).nonzero().flatten().tolist()}")
+                rows = is_nan.any(1).nonzero().flatten().tolist()
+                raise ValueError(f"candidate_rewards: NaN rewards in row(s) {rows}")
             hopeless = is_nan.all(1, keepdim=True)
             if hopeless.any():
                 warnings.warn(

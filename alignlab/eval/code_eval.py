@@ -349,7 +349,8 @@ def _run_one(program: str, tests: str, timeout: float, max_memory_bytes: int | N
         report = json.loads(out)
     except ValueError:
         note = supervisor_err.decode("utf-8", "replace")
-        return ExecutionResult(False, "failed", None, (stderr + "\n[runner] the supervisor died: " + note)[-_STDERR_TAIL:])
+        stderr += "\n[runner] the supervisor died: " + note
+        return ExecutionResult(False, "failed", None, stderr[-_STDERR_TAIL:])
     if report["timed_out"]:
         return ExecutionResult(False, "timeout", None, stderr[-_STDERR_TAIL:], report["leftover"])
     passed = bool(report["tests_finished"])

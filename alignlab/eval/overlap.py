@@ -147,7 +147,8 @@ def rouge(
             tokenizer = _TokenizerAdapter(tokenizer)
         else:
             raise TypeError(
-                f"tokenizer: expected a callable str -> list[str] or an object with .tokenize, got {type(tokenizer).__name__}"
+                "tokenizer: expected a callable str -> list[str] or an object with .tokenize, "
+                f"got {type(tokenizer).__name__}"
             )
     scorer_module = _require("rouge_score.rouge_scorer", "rouge-score")
     scorer = scorer_module.RougeScorer(

@@ -74,7 +74,8 @@ def _reference_best(scores):
 
 @pytest.mark.parametrize(
     "scores",
-    [[1.0, NAN, 0.5, 0.2], [NAN, 1.0, 0.0], [NAN, float("-inf")], [0.3, NAN, NAN, 0.3], [float("-inf"), NAN, float("-inf")]],
+    [[1.0, NAN, 0.5, 0.2], [NAN, 1.0, 0.0], [NAN, float("-inf")], [0.3, NAN, NAN, 0.3],
+     [float("-inf"), NAN, float("-inf")]],
 )
 def test_nan_scores_never_win(scores):
     best, idx, got = rerank(list("abcd")[: len(scores)], lambda xs: torch.tensor(scores))

@@ -192,7 +192,8 @@ ADD_TEST = "assert add(2, 3) == 5"
         "def add(a, b): return a - b\nexit()",
         "def add(a, b): return a - b\nimport sys\nsys.exit(0)",
         "def add(a, b): return a - b\nimport os\nos._exit(0)",
-        "import sys\ndef add(a, b): return a - b\ndef main(): return 0\nif __name__ == '__main__':\n    sys.exit(main())",
+        "import sys\ndef add(a, b): return a - b\ndef main(): return 0\n"
+        "if __name__ == '__main__':\n    sys.exit(main())",
         "def add(a, b):\n    raise SystemExit(0)",  # an exit inside the tested function
         "def add(a, b): return a + b\nexit()",  # right answer, but the program never lets the tests run
     ],
