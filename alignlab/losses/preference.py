@@ -453,7 +453,8 @@ def kto_loss(
 
     Args:
         policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
-        desirable: ``(batch,)`` bool (or 0/1) labels, True for desirable completions.
+        desirable: ``(batch,)`` bool (or 0/1) labels, True for desirable completions. Non-bool labels are
+            checked to be 0/1 (one device sync).
         policy_kl_logps, ref_kl_logps: ``(n_kl,)`` log-probs of the mismatched completions (policy is used only
             for :math:`z_0`, no gradient).  Required for ``loss_type="kto"`` unless ``kl`` is given.
         beta: :math:`\beta > 0`.
@@ -467,8 +468,8 @@ def kto_loss(
         ``rewards/rejected``, ``rewards/margins`` (their difference), ``logps/chosen``, ``logps/rejected``.
 
     Raises:
-        ValueError: bad shapes/dtypes, ``beta <= 0``, non-positive weights, unknown ``loss_type``, missing
-            KL log-probs.
+        ValueError: bad shapes/dtypes, ``beta <= 0``, non-positive weights, unknown ``loss_type``, missing or
+            empty KL log-probs, labels other than 0/1.
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}")
@@ -479,8 +480,8 @@ def kto_loss(
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps)
     if not isinstance(desirable, torch.Tensor) or desirable.shape != policy_logps.shape:
         raise ValueError(f"desirable must be a tensor of shape {tuple(policy_logps.shape)}")
-    if desirable.is_floating_point() and bool(((desirable != 0) & (desirable != 1)).any()):
-        raise ValueError("desirable must hold booleans (or exactly 0/1)")
+    if desirable.dtype != torch.bool and bool(((desirable != 0) & (desirable != 1)).any()):
+        raise ValueError("desirable must hold booleans (or exactly 0/1)")  # one sync, only for non-bool labels
     is_good = desirable.to(device=policy_logps.device, dtype=torch.bool)
 
     pi, ref = policy_logps.to(dtype), ref_logps.to(dtype)
@@ -500,8 +501,13 @@ def kto_loss(
                     "loss_type='kto' needs policy_kl_logps and ref_kl_logps (mismatched-pair log-probs) or kl"
                 )
             kl_dtype = _check_logps(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+            if policy_kl_logps.numel() == 0:
+                raise ValueError(
+                    "policy_kl_logps and ref_kl_logps are empty: z0 needs at least one mismatched pair "
+                    "(or pass kl= explicitly)"
+                )
             diff = (policy_kl_logps.to(kl_dtype) - ref_kl_logps.to(kl_dtype)).detach()
-            z0 = (diff.mean() if diff.numel() else diff.sum()).clamp(min=0).to(dtype)
+            z0 = diff.mean().clamp(min=0).to(dtype)
         good_loss = 1.0 - torch.sigmoid(beta * (h - z0))
         bad_loss = 1.0 - torch.sigmoid(beta * (z0 - h))
     per_example = torch.where(is_good, desirable_weight * good_loss, undesirable_weight * bad_loss)
@@ -524,8 +530,39 @@ def kto_loss(
 # reference-free losses: ORPO, SimPO, CPO
 # ----------------------------------------------------------------------------------------------------------------
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log(1 - e^{x})` for :math:`x < 0`, switching formulas at :math:`-\log 2` (Mächler 2012)."""
-    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    r""":math:`\log(1 - e^{x})` for :math:`x \le 0`, switching formulas at :math:`-\log 2` (Mächler 2012).
+
+    Each branch sees only inputs on its own side of the switch, so the branch not taken holds no
+    ``inf`` whose gradient (times the zero that ``where`` gives it) would be NaN."""
+    far = x < -math.log(2.0)
+    return torch.where(far, torch.log1p(-torch.exp(torch.where(far, x, -1.0))), torch.log(-torch.expm1(torch.where(far, -1.0, x))))
+
+
+class _OddsRatioLogSigmoid(torch.autograd.Function):
+    r""":math:`\log\sigma(\log\mathrm{odds}(y_c) - \log\mathrm{odds}(y_r))` per pair, with a backward
+    that stays finite up to :math:`\bar\pi_c = 0` (where :math:`\log\mathrm{odds}(y_c) = +\infty`).
+
+    With :math:`o = \log\mathrm{odds}` and :math:`L = o_c - o_r`, autograd would form
+    :math:`\sigma(-L)\cdot 1/(1 - e^{\bar\pi_c})`, i.e. :math:`0\cdot\infty` at the limit. Written as
+    :math:`\partial/\partial\bar\pi_c = 1 / (-\mathrm{expm1}(\bar\pi_c) + e^{\bar\pi_c - o_r})` it
+    tends to :math:`e^{o_r}`, the odds of the rejected completion; the rejected side is
+    :math:`-\sigma(-L) / (-\mathrm{expm1}(\bar\pi_r))` (infinite, as the loss, at :math:`\bar\pi_r = 0`).
+    """
+
+    @staticmethod
+    def forward(ctx, pc, pr):
+        oc, orr = pc - _log1mexp(pc), pr - _log1mexp(pr)
+        log_odds = oc - orr
+        ctx.save_for_backward(pc, pr, orr, log_odds)
+        return F.logsigmoid(log_odds), log_odds
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_log_odds):
+        pc, pr, orr, log_odds = ctx.saved_tensors
+        d_pc = 1.0 / (-torch.expm1(pc) + torch.exp(pc - orr))
+        d_pr = -torch.sigmoid(-log_odds) / -torch.expm1(pr)
+        return grad * d_pc, grad * d_pr
 
 
 def _nll(name: str, nll: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -553,8 +590,11 @@ def orpo_loss(
         \mathcal L = \mathcal L_{\mathrm{NLL}} - \beta\,\mathrm{mean}\,
             \log\sigma\big(\log\mathrm{odds}(y_c) - \log\mathrm{odds}(y_r)\big)
 
-    where :math:`\bar\pi` is the **per-token average** completion log-prob (must be < 0) and
-    :math:`\beta` is the paper's :math:`\lambda`.
+    where :math:`\bar\pi` is the **per-token average** completion log-prob (:math:`\le 0`) and
+    :math:`\beta` is the paper's :math:`\lambda`. At :math:`\bar\pi(y_c) = 0` the odds-ratio term is 0 and
+    its gradient the finite limit :math:`-\beta\,e^{\bar\pi(y_r)}/(1 - e^{\bar\pi(y_r)})` (per pair, before
+    the mean); at :math:`\bar\pi(y_r) = 0` it is :math:`+\infty`. Checking that no log-prob is positive reads
+    one flag back from the device (one sync per call).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(batch,)`` averaged log-probs (``average=True`` in
@@ -569,15 +609,19 @@ def orpo_loss(
         log-odds difference) and ``nll_loss``.  Rewards are :math:`\beta\bar\pi` as TRL logs them.
 
     Raises:
-        ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``.
+        ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``, a log-prob ``> 0``.
     """
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     nll = _nll("chosen_nll_loss", chosen_nll_loss, dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
-    log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
-    ratio = F.logsigmoid(log_odds)
+    if pc.numel() and bool(((pc > 0) | (pr > 0)).any()):
+        raise ValueError(
+            "policy_chosen_logps and policy_rejected_logps must be <= 0 (per-token averaged log-probs); "
+            "a positive value is no log-probability"
+        )
+    ratio, log_odds = _OddsRatioLogSigmoid.apply(pc, pr)
     per_pair = -beta * ratio
     loss = _reduce(per_pair, reduction)
     if nll is not None and reduction != "none":

@@ -535,3 +535,65 @@ def test_una_errors():
         una_loss(x, x, torch.tensor([0.0, 1.5, 0.2]))
     with pytest.raises(ValueError, match="valid loss types"):
         una_loss(x, x, torch.zeros(3), loss_type="l1")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# edge values (issue 27)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _orpo_term_grad_formula(pc, pr, beta):
+    """d/d pc and d/d pr of -beta * log sigmoid(log odds_c - log odds_r), written out in float64 from
+    sigma(-L) / (1 - e^pc); at pc = 0 the limit -beta * e^pr / (1 - e^pr)."""
+    pc, pr = pc.double(), pr.double()
+    odds_c, odds_r = pc.exp() / -torch.expm1(pc), pr.exp() / -torch.expm1(pr)
+    sig_neg = odds_r / (odds_r + odds_c)  # sigma(-L)
+    d_pc = torch.where(pc == 0, -beta * odds_r, -beta * sig_neg / -torch.expm1(pc))
+    d_pr = beta * sig_neg / -torch.expm1(pr)
+    return d_pc, d_pr
+
+
+@pytest.mark.parametrize("chosen", [0.0, -1e-9, -1e-6])
+def test_orpo_gradient_finite_up_to_a_zero_chosen_logprob(chosen):
+    pc = torch.tensor([chosen, -0.3, -2.0], dtype=torch.float32, requires_grad=True)
+    pr = torch.tensor([-0.7, -1e-3, -40.0], dtype=torch.float32, requires_grad=True)
+    loss, m = orpo_loss(pc, pr, beta=0.2, reduction="sum")
+    g_pc, g_pr = torch.autograd.grad(loss, (pc, pr))
+    want_pc, want_pr = _orpo_term_grad_formula(pc.detach(), pr.detach(), 0.2)
+    assert torch.isfinite(loss) and torch.isfinite(g_pc).all() and torch.isfinite(g_pr).all()
+    torch.testing.assert_close(g_pc.double(), want_pc, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_pr.double(), want_pr, rtol=1e-5, atol=1e-7)
+    p_c, p_r = pc.detach().double().exp(), pr.detach().double().exp()
+    inv_odds = ((1 - p_c) / p_c) / ((1 - p_r) / p_r)  # -log(odds / (1 + odds)) = log(1 + 1/odds)
+    torch.testing.assert_close(loss.detach().double(), (0.2 * torch.log1p(inv_odds)).sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_orpo_gradient_matches_formula_and_gradcheck_near_zero():
+    pc = torch.tensor([-1e-12, -1e-4, -0.69, -0.7, -30.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-0.5, -1e-5, -0.7, -0.69, -1e-3], dtype=torch.float64, requires_grad=True)
+    loss, _ = orpo_loss(pc, pr, beta=0.3, reduction="sum")
+    g = torch.autograd.grad(loss, (pc, pr))
+    for a, b in zip(g, _orpo_term_grad_formula(pc.detach(), pr.detach(), 0.3)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: orpo_loss(a, b, beta=0.3)[0], (pc[1:], pr[1:]), eps=1e-8)
+
+
+def test_orpo_positive_logprob_raises():
+    with pytest.raises(ValueError, match="must be <= 0"):
+        orpo_loss(torch.tensor([-0.1, 0.2]), torch.tensor([-0.5, -0.5]))
+    with pytest.raises(ValueError, match="must be <= 0"):
+        orpo_loss(torch.tensor([-0.1, -0.2]), torch.tensor([-0.5, 1e-3]))
+    loss, _ = orpo_loss(torch.tensor([-0.1]), torch.tensor([0.0]))  # rejected at probability 1: +inf, not NaN
+    assert loss.item() == float("inf")
+
+
+def test_kto_rejects_labels_other_than_0_1_and_empty_kl_logps():
+    pi = torch.tensor([-2.0, -3.0, -1.0])
+    ref = torch.tensor([-2.5, -2.0, -1.5])
+    for bad in (torch.tensor([2, 0, 1]), torch.tensor([1, -1, 0]), torch.tensor([1.0, 0.5, 0.0])):
+        with pytest.raises(ValueError, match="desirable must hold booleans"):
+            kto_loss(pi, ref, bad, kl=0.0)
+    with pytest.raises(ValueError, match="policy_kl_logps and ref_kl_logps are empty"):
+        kto_loss(pi, ref, torch.tensor([True, False, True]), torch.empty(0), torch.empty(0))
+    # one mismatched pair is enough, and gives z0 = max(0, pi_kl - ref_kl)
+    _, m = kto_loss(pi, ref, torch.tensor([True, False, True]), torch.tensor([-1.0]), torch.tensor([-1.5]))
+    assert m["kl"].item() == pytest.approx(0.5)
