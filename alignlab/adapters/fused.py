@@ -96,9 +96,11 @@ def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = N
     return (g * row_scale.to(g.dtype)) @ weight
 
 
-def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2.to(dtype), a.to(dtype), b.to(dtype)
+def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, cast):
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    if cast is not None:  # the caller's cached casts of a and b (LoRALinear keeps them per parameter version)
+        return x2, cast[0], cast[1]
+    return x2, a.to(dtype), b.to(dtype)
 
 
 class _LoRAFn(torch.autograd.Function):
@@ -106,9 +108,9 @@ class _LoRAFn(torch.autograd.Function):
     (``addmm_``), forward and ``dx`` alike, so neither branch costs an extra pass over the output."""
 
     @staticmethod
-    def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype):
+    def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype, cast):
         weight = quant_w if quant_w is not None else dense_w
-        x2, ac, bc = _as_compute(x, a, b, dtype)
+        x2, ac, bc = _as_compute(x, a, b, dtype, cast)
         xa = x2 @ ac.T
         y = _base_forward(x2, weight, bias)
         y.addmm_(xa, bc.T, alpha=scale)
@@ -136,7 +138,7 @@ class _LoRAFn(torch.autograd.Function):
             da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
         if ctx.needs_input_grad[4]:
             db = _mm_to(g.T, xa, ctx.ab_dtypes[1]).mul_(ctx.scale)
-        return dx, dw, dbias, da, db, None, None, None
+        return dx, dw, dbias, da, db, None, None, None, None
 
 
 class _DoRAFn(torch.autograd.Function):
@@ -151,9 +153,9 @@ class _DoRAFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm):
+    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast):
         weight = quant_w if quant_w is not None else dense_w
-        x2, ac, bc = _as_compute(x, a, b, dtype)
+        x2, ac, bc = _as_compute(x, a, b, dtype, cast)
         g = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
         xa = x2 @ ac.T
         y = _base_forward(x2, weight, bias, g)
@@ -191,7 +193,7 @@ class _DoRAFn(torch.autograd.Function):
                 acc = acc - bias.to(acc.dtype) * gy.sum(0, dtype=acc.dtype)
             m = magnitude.to(acc.dtype)
             dm = torch.where(m == 0, 0.0, acc / m).to(ctx.dtypes[2])
-        return dx, dw, dbias, da, db, dm, None, None, None, None
+        return dx, dw, dbias, da, db, dm, None, None, None, None, None
 
 
 def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
@@ -209,7 +211,8 @@ def _compute_dtype(x: torch.Tensor, weight, dtype: torch.dtype | None) -> torch.
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+                b: torch.Tensor, scale: float, dtype: torch.dtype | None = None, *,
+                cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Fused LoRA linear ``y = x Wᵀ + bias + s·B A x``.
 
     Args:
@@ -217,30 +220,44 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         a: ``(r, in)``; b: ``(out, r)`` (any float dtype, e.g. fp32 masters).
         scale: ``s``.
         dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight.
+        cast: ``(a, b)`` already in the compute dtype, detached (a module's cache of them); they must
+            hold the current values of ``a`` and ``b``. Default: cast per call.
     Returns:
         ``(..., out)`` in ``x.dtype``; gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` /
         ``bias`` that require grad) in their own dtypes.
     """
     dense_w, quant_w = _split(weight)
-    return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, _compute_dtype(x, weight, dtype))
+    return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, _compute_dtype(x, weight, dtype), cast)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scale: float, magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+                b: torch.Tensor, scale: float, magnitude: torch.Tensor, dtype: torch.dtype | None = None, *,
+                cast: tuple[torch.Tensor, torch.Tensor] | None = None, norm: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Fused DoRA linear: ``y = m ⊙ (W + sBA) x / ‖W + sBA‖_row + bias`` (norm detached, as in the paper).
 
     The row norm comes from :func:`alignlab.kernels.dora.dora_row_norm` (one pass over the
     packed or dense weight, never forming ``W + sBA``), with ``A``, ``B`` in the compute dtype.
 
     Args:
-        as :func:`lora_linear`, plus magnitude: ``m``, ``(out,)``.
+        as :func:`lora_linear`, plus magnitude: ``m``, ``(out,)``; norm: the row norms for the current
+        ``W``, ``a``, ``b`` (a module's cache of them; default: computed per call).
     Returns:
         ``(..., out)`` in ``x.dtype``; same values and gradients as the unfused DoRA expression.
     """
-    from alignlab.kernels.dora import dora_row_norm
-
     dense_w, quant_w = _split(weight)
     dtype = _compute_dtype(x, weight, dtype)
+    if norm is None:
+        norm = dora_norm(weight, a, b, scale, dtype, cast)
+    return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast)
+
+
+def dora_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
+              cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``‖W + s·B A‖_row`` (detached) as :func:`dora_linear` uses it, with ``A``, ``B`` in ``dtype``."""
+    from alignlab.kernels.dora import dora_row_norm
+
     with torch.no_grad():
-        norm = dora_row_norm(weight, a.detach().to(dtype), b.detach().to(dtype), scale)
-    return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm)
+        if cast is None:
+            cast = a.detach().to(dtype), b.detach().to(dtype)
+        return dora_row_norm(weight, cast[0], cast[1], scale)

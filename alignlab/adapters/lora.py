@@ -34,7 +34,7 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
-from alignlab.adapters.fused import dora_linear, lora_linear
+from alignlab.adapters.fused import dora_linear, dora_norm, lora_linear
 from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
@@ -119,6 +119,10 @@ class LoRALinear(AdapterLayer):
         self.use_rslora: dict[str, bool] = {}
         self.init: dict[str, str] = {}
         self._merge_norms: dict[str, torch.Tensor] = {}
+        # fused path, per adapter: A and B in the compute dtype, and DoRA's row norm, kept while the parameters
+        # (and the base weight) are unchanged -- the version counters say so -- instead of re-made every call
+        self._casts: dict[str, tuple] = {}
+        self._norms: dict[str, tuple] = {}
         self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         self.active_adapters = [adapter_name]
 
@@ -219,7 +223,7 @@ class LoRALinear(AdapterLayer):
         for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in store:
                 del store[name]
-        for store in (self.r, self.alpha, self.scaling, self.use_rslora, self.init):
+        for store in (self.r, self.alpha, self.scaling, self.use_rslora, self.init, self._casts, self._norms):
             store.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -292,9 +296,37 @@ class LoRALinear(AdapterLayer):
         if a.device != x.device:
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
+        scale = self.scaling[name]
+        cast = self._cast_factors(name, a, b, dtype)
         if self.is_dora(name):
-            return dora_linear(x, weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name], dtype)
-        return lora_linear(x, weight, base.bias, a, b, self.scaling[name], dtype)
+            norm = self._row_norm(name, weight, a, b, scale, dtype, cast)
+            return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
+                               cast=cast, norm=norm)
+        return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
+
+    def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """``(A, B)`` in ``dtype``, detached, re-made only when a factor changed (in-place updates bump its
+        version counter; a replaced tensor has another address)."""
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, torch.is_inference_mode_enabled())
+        hit = self._casts.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            cast = (a.detach().to(dtype), b.detach().to(dtype))
+        self._casts[name] = (key, cast)
+        return cast
+
+    def _row_norm(self, name: str, weight, a, b, scale: float, dtype: torch.dtype, cast: tuple) -> torch.Tensor:
+        """DoRA's ``‖W + s·B A‖_row`` for the fused path, recomputed only when ``cast`` (so A or B), the base
+        weight or the scale changed: eval, generation, gradient accumulation and checkpoint recomputation
+        reuse it."""
+        version = weight._version if isinstance(weight, torch.Tensor) else 0
+        hit = self._norms.get(name)
+        if hit is not None and hit[0] is cast and hit[1] is weight and hit[2] == version and hit[3] == scale:
+            return hit[4]
+        norm = dora_norm(weight, a, b, scale, dtype, cast)
+        self._norms[name] = (cast, weight, version, scale, norm)
+        return norm
 
     def _dora(self, x: torch.Tensor, xa: torch.Tensor, out: torch.Tensor, name: str, a: torch.Tensor,
               b: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.launch import launch
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -32,7 +33,7 @@ try:
     import triton.language as tl
 
     from alignlab.kernels.nf4_matmul import _nf4_weight_tile
-    from alignlab.kernels.nf4_small import _state_args
+    from alignlab.kernels.nf4_dequant import _state_args
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
@@ -134,12 +135,11 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     meta = (dict(BLOCKSIZE=weight.blocksize, NESTED_BS=weight.nested_blocksize, DOUBLE=weight.double_quant,
                  HAS_SHIFT=weight.shift is not None) if quant
             else dict(BLOCKSIZE=64, NESTED_BS=256, DOUBLE=False, HAS_SHIFT=False))
-    _row_norm_kernel[(triton.cdiv(N, block_n),)](
-        data, data, *state[1:], a, b, out, N, K, a.shape[0],
-        0 if quant else data.stride(0), a.stride(0), b.stride(0), float(scale),
-        QUANT=quant, IEEE=a.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=4, **meta,
-    )
+    launch(_row_norm_kernel, (triton.cdiv(N, block_n),),
+           (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
+            b.stride(0), float(scale)),
+           dict(QUANT=quant, IEEE=a.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+                num_warps=4, **meta))
     return out
 
 
@@ -169,6 +169,6 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
     rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, rows_per_split)
     part = torch.empty(splits, C, dtype=torch.float32, device=u.device)
-    _column_dot_kernel[(col_blocks, splits)](u, v, part, T, C, rows_per_split, u.stride(0), v.stride(0),
-                                             BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+    launch(_column_dot_kernel, (col_blocks, splits), (u, v, part, T, C, rows_per_split, u.stride(0), v.stride(0)),
+           dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4))
     return part[0] if splits == 1 else part.sum(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.launch import launch
 from alignlab.quant.nf4 import NF4Tensor, SUPPORTED_DTYPES, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -79,23 +80,40 @@ if triton is not None:
         tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
 
 
-def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
-    n = t.numel
-    out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    dev = t.device
-    dummy = t.data
-    block = 256 if interpreting() else 1024
-    grid = (triton.cdiv(t.data.numel(), block),)
-    _nf4_dequant_kernel[grid](
+def _state_args(t: NF4Tensor) -> tuple:
+    """The seven pointer arguments every NF4 kernel takes (packed codes, scales, double-quant state,
+    ICQ shift, the two code tables; unused ones replaced by ``t.data``), kept on ``t`` while its fields
+    are the same objects."""
+    if torch.compiler.is_compiling():  # traced code: no side effects on Python objects
+        return _pointer_args(t)
+    c = t.__dict__.get("_kernel_args")
+    if (c is not None and c[0] is t.data and c[1] is t.absmax and c[2] is t.nested_absmax
+            and c[3] is t.nested_offset and c[4] is t.shift and c[5] == t.double_quant):
+        return c[6]
+    args = _pointer_args(t)
+    t.__dict__["_kernel_args"] = (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift, t.double_quant, args)
+    return args
+
+
+def _pointer_args(t: NF4Tensor) -> tuple:
+    dev, dummy = t.data.device, t.data
+    return (
         t.data, t.absmax,
         t.nested_absmax if t.double_quant else dummy,
         t.nested_offset if t.double_quant else dummy,
         t.shift if t.shift is not None else dummy,
-        nf4_code(dev), dynamic_map(dev), row_scale if row_scale is not None else dummy, out,
-        n, t.data.numel(), t.shape[-1],
-        BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-        HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, BLOCK=block, num_warps=4,
+        nf4_code(dev), dynamic_map(dev),
     )
+
+
+def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=dtype, device=t.data.device)
+    block = 256 if interpreting() else 1024
+    packed = t.data.numel()
+    launch(_nf4_dequant_kernel, (triton.cdiv(packed, block),),
+           (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, packed, t.shape[-1]),
+           dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+                HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, BLOCK=block, num_warps=4))
     return out
 
 

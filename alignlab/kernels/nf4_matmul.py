@@ -43,8 +43,8 @@ import os
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.nf4_dequant import nf4_dequant
-from alignlab.kernels.nf4_small import _state_args, small_m_matmul
+from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
+from alignlab.kernels.nf4_small import small_m_matmul
 from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
 try:

@@ -50,7 +50,9 @@ import threading
 import torch
 
 from alignlab.kernels.dispatch import interpreting
-from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code
+from alignlab.kernels.launch import launch
+from alignlab.kernels.nf4_dequant import _state_args
+from alignlab.quant.nf4 import NF4Tensor, nf4_code
 
 try:
     import triton
@@ -269,6 +271,7 @@ if triton is not None:
 _SLOTS, _SLOT_SIZE = 64, 4096
 _POOLS: dict = {}
 _SLOT_OF: dict = {}
+_VIEWS: dict = {}
 _SLOT_LOCK = threading.Lock()
 
 
@@ -281,35 +284,30 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     during CUDA-graph capture, so captured graphs need no fill either (a graph keeps the row of the
     stream it was captured on: replay it where no eager call on that stream runs at the same time).
     Without a pool yet during capture, beyond 64 streams or 4096 tiles, the counters are a fresh
-    zero-filled tensor instead (correct, one small fill kernel more).
+    zero-filled tensor instead (correct, one small fill kernel more). The views handed out are
+    remembered per (device, stream, n): later calls cost one dictionary lookup.
     """
     if device.type != "cuda" or n > _SLOT_SIZE:
         return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index), n)
+    view = _VIEWS.get(key)
+    if view is not None:
+        return view
     with _SLOT_LOCK:  # threads launching on different streams must get different rows
         pool = _POOLS.get(device.index)
         if pool is None:
             if torch.cuda.is_current_stream_capturing():  # a fill made now would only run inside the graph
                 return torch.zeros(n, dtype=torch.int32, device=device)
             pool = _POOLS[device.index] = torch.zeros(_SLOTS, _SLOT_SIZE, dtype=torch.int32, device=device)
-        slot = _SLOT_OF.get(key)
+        stream = key[:2]
+        slot = _SLOT_OF.get(stream)
         if slot is None:
             used = sum(1 for k in _SLOT_OF if k[0] == device.index)
             if used >= _SLOTS:
                 return torch.zeros(n, dtype=torch.int32, device=device)
-            slot = _SLOT_OF[key] = used
-    return pool[slot, :n]
-
-
-def _state_args(t: NF4Tensor):
-    dev, dummy = t.device, t.data
-    return (
-        t.data, t.absmax,
-        t.nested_absmax if t.double_quant else dummy,
-        t.nested_offset if t.double_quant else dummy,
-        t.shift if t.shift is not None else dummy,
-        nf4_code(dev), dynamic_map(dev),
-    )
+            slot = _SLOT_OF[stream] = used
+        view = _VIEWS[key] = pool[slot, :n]
+    return view
 
 
 def small_m_matmul(
@@ -345,6 +343,35 @@ def small_m_matmul(
     """
     M, K = x2.shape
     N = t.shape[0]
+    overrides = (kernel, block_n, nb, split, num_warps, asm)
+    key = (M, N, K, x2.dtype, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
+           bias is not None, interpreting(), overrides)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(M, N, K, x2.dtype, t, bias is not None, *overrides)
+    which, grid, split, scalars, meta = plan
+    if which == "gemv" and x2.element_size() == 2 and x2.data_ptr() % 4:
+        x2 = x2.clone()  # the GEMV reads 16-bit x as 32-bit pairs (_x_pairs): the row must start 4-byte aligned
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if split > 1:
+        ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
+        cnt = _arrival_counters(x2.device, grid[0])
+    else:
+        ws = cnt = y
+    b = bias if bias is not None else y
+    if which == "gemv":
+        launch(_gemv_kernel, grid, (x2, *_state_args(t), y, ws, cnt, b, *scalars), meta)
+    else:
+        launch(_dot_kernel, grid, (x2, *_state_args(t), y, ws, cnt, b, M, *scalars[:3], x2.stride(0), *scalars[3:]),
+               meta)
+    return y
+
+
+_PLANS: dict = {}
+
+
+def _plan(M, N, K, dtype, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, asm):
+    """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
     kernel = kernel or ("gemv" if M == 1 else "dot")
     if kernel not in ("gemv", "dot"):
         raise ValueError(f"kernel must be 'gemv' or 'dot', got {kernel!r}")
@@ -353,9 +380,7 @@ def small_m_matmul(
     if not 1 <= M <= 16:
         raise ValueError(f"x2 must have 1..16 rows, got {M}")
     if asm is None:
-        asm = x2.dtype != torch.float32 and torch.version.hip is None
-    if kernel == "gemv" and x2.element_size() == 2 and x2.data_ptr() % 4:
-        x2 = x2.clone()  # the GEMV reads 16-bit x as 32-bit pairs (_x_pairs): the row must start 4-byte aligned
+        asm = dtype != torch.float32 and torch.version.hip is None
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
@@ -364,7 +389,7 @@ def small_m_matmul(
         # with more rows, 128 rows x 1 block (up to 11% faster for the GEMV at 28672 x 8192).
         if kernel == "gemv":
             cfg = (128, 1, 4) if N > 4096 else (64, 2, 4)
-        elif N > 4096 or t.blocksize > 64 or x2.dtype == torch.float32:
+        elif N > 4096 or t.blocksize > 64 or dtype == torch.float32:
             cfg = (128, 1, 4)
         else:
             cfg = (64, 2, 4) if M <= 4 else (128, 2, 8)
@@ -377,24 +402,12 @@ def small_m_matmul(
     step = nb * t.blocksize
     per = triton.cdiv(triton.cdiv(K, step), split) * step
     split = triton.cdiv(K, per)
-    tiles = triton.cdiv(N, block_n)
-    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    if split > 1:
-        ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
-        cnt = _arrival_counters(x2.device, tiles)
-    else:
-        ws = cnt = y
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, ASM=bool(asm) and not interpreting())
-    meta.update(BLOCK_N=block_n, NB=nb, SPLIT=split > 1, HAS_BIAS=bias is not None)
+                HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
+                ASM=bool(asm) and not interpreting())
+    if kernel == "dot":
+        meta.update(IEEE=dtype == torch.float32, BLOCK_M=16)
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=1)
-    grid = (tiles, split)
-    b = bias if bias is not None else y
-    if kernel == "gemv":
-        _gemv_kernel[grid](x2, *_state_args(t), y, ws, cnt, b, N, K, K // 2, per, split, **meta)
-    else:
-        _dot_kernel[grid](x2, *_state_args(t), y, ws, cnt, b, M, N, K, K // 2, x2.stride(0), per, split,
-                          IEEE=x2.dtype == torch.float32, BLOCK_M=16, **meta)
-    return y
+    return kernel, (triton.cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta
 

@@ -195,7 +195,7 @@ def test_qlora_layer_matches_peft_style_unfused_sum(torch_mode):
     x = torch.randn(3, 7, 64)
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     torch.testing.assert_close(layer(x), layer.base_layer(x) + s * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
-    copy.deepcopy(layer)  # layers stay copyable (the fused path keeps no per-call state)
+    copy.deepcopy(layer)  # layers stay copyable (with the fused path's cached casts)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -231,3 +231,74 @@ def test_dora_zero_magnitude_row_gets_zero_magnitude_gradient(torch_mode):
     assert dm[3] == 0 and torch.isfinite(dm).all()
     keep = torch.arange(9) != 3
     torch.testing.assert_close(dm[keep].double(), dm_ref[keep], rtol=1e-4, atol=1e-5)
+
+
+def _bf16_layer(dora: bool) -> LoRALinear:
+    torch.manual_seed(3)
+    layer = LoRALinear(nn.Linear(48, 24, bias=True).bfloat16().requires_grad_(False), r=4, alpha=8, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    return layer
+
+
+def _uncached(layer: LoRALinear, x):
+    """The fused function with fresh casts and norm: what the layer must give whatever it cached."""
+    base, a, b = layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    if layer.is_dora("default"):
+        return dora_linear(x, base.weight, base.bias, a, b, s, layer.lora_magnitude_vector["default"])
+    return lora_linear(x, base.weight, base.bias, a, b, s)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_cached_factor_casts_and_norm_follow_every_change(dora, torch_mode):
+    """The fused path keeps A, B in bf16 (and DoRA's row norm) between calls: an optimizer step, an in-place
+    edit, a replaced tensor, a changed base weight or scale must each show in the very next output."""
+    layer = _bf16_layer(dora)
+    x = torch.randn(5, 48).bfloat16()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+
+    def same():
+        torch.testing.assert_close(layer(x), _uncached(layer, x), rtol=0, atol=0)
+
+    same()
+    assert layer._casts["default"][1][0].dtype == torch.bfloat16
+    first = layer(x)
+    layer(x).float().square().sum().backward()
+    opt.step()  # in-place update: version counters move
+    same()
+    assert not torch.equal(layer(x), first)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.mul_(-1)
+    same()
+    layer.lora_B["default"].weight.data = torch.randn(24, 4)  # a new tensor (version counter not bumped)
+    same()
+    with torch.no_grad():
+        layer.base_layer.weight.add_(0.25)  # the base weight changes DoRA's norm
+    same()
+    layer.scaling["default"] = 3.0
+    same()
+
+
+def test_cached_casts_made_in_inference_mode_do_not_reach_autograd(torch_mode):
+    layer = _bf16_layer(False)
+    x = torch.randn(3, 48).bfloat16().requires_grad_()
+    with torch.inference_mode():
+        layer(x.detach())
+    layer(x).float().sum().backward()  # would fail if an inference tensor were saved for backward
+    assert layer.lora_A["default"].weight.grad is not None and x.grad is not None
+
+
+def test_quant_weight_object_is_reused_until_a_buffer_changes():
+    base = NF4Linear.from_linear(nn.Linear(64, 8), blocksize=32, compute_dtype=torch.float32)
+    t = base.quant_weight
+    assert base.quant_weight is t
+    sd = base.state_dict()  # saving must not change the cached object (it once set shift to None on it)
+    assert base.quant_weight is t and "weight" in sd
+    base.load_dense_weight_(torch.randn(8, 64))
+    assert base.quant_weight is not t and base.quant_weight.data is base.qdata
+    base.to(torch.float64)  # a module move re-registers the buffers: a new object over the new buffers
+    t3 = base.quant_weight
+    assert t3.data is base.qdata and t3.absmax is base.qabsmax
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(base(x), x @ nf4_dequantize(t3, torch.float32).T + base.bias.float())

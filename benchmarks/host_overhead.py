@@ -1,0 +1,114 @@
+"""Host cost of one eager call, piece by piece: where the enqueue time of an NF4 / QLoRA layer call goes (GPU).
+
+Eager decoding and small-batch training steps are host-bound: the GPU waits while Python enqueues the
+next kernel. This script times, per call, the median wall time of a loop of calls (the GPU queue is
+drained every 50 calls so that it never fills and the numbers stay host time), for a ladder of pieces
+from a bare ``torch.empty`` to a whole adapted ``LoRALinear`` forward, at one shape (default the
+q_proj of Llama-3-8B, 4096 x 4096, M = 1, bf16). Compare each row with the bf16 ``nn.Linear`` row.
+
+Run: ``python benchmarks/host_overhead.py [--m 1] [--n 4096] [--k 4096] [--out PATH]`` on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignlab.adapters import LoRAConfig, inject
+from alignlab.bench import library_versions
+from alignlab.quant import NF4Linear
+
+
+def per_call_us(fn, reps: int = 400, warmup: int = 30) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+        if i % 50 == 49:
+            torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=1)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host_overhead.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/host_overhead.py needs a CUDA GPU")
+    from alignlab.kernels.dispatch import use_triton
+    from alignlab.kernels.nf4_matmul import nf4_matmul
+    from alignlab.kernels.nf4_small import small_m_matmul
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    lin = nn.Linear(args.k, args.n, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    q = NF4Linear.from_linear(lin)
+    holder = nn.Module()
+    holder.lin = NF4Linear.from_linear(lin)
+    inject(holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
+    lora = holder.lin
+    dense_holder = nn.Module()
+    dense_holder.lin = nn.Linear(args.k, args.n, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    inject(dense_holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
+    dense_lora = dense_holder.lin
+    x = torch.randn(args.m, args.k, device=dev, dtype=dt)
+    xg = x.clone().requires_grad_(True)
+    a32 = torch.randn(16, args.k, device=dev)
+    t = q.quant_weight
+
+    rows = {
+        "torch.empty((M, N))": lambda: torch.empty(args.m, args.n, device=dev, dtype=dt),
+        "fp32 (16, K) .to(bf16)": lambda: a32.to(dt),
+        "x @ A^T (r = 16)": lambda: x @ a32.to(dt).T,
+        "autograd.Function identity (x needs grad)": lambda: _Identity.apply(xg),
+        "use_triton(x)": lambda: use_triton(x),
+        "NF4Linear.quant_weight": lambda: q.quant_weight,
+        "small_m_matmul (launch + Python)": (lambda: small_m_matmul(x, t)) if args.m <= 16 else None,
+        "nf4_matmul": lambda: nf4_matmul(x, t),
+        "bf16 nn.Linear": lambda: lin(x),
+        "bf16 nn.Linear, x needs grad": lambda: lin(xg),
+        "NF4Linear": lambda: q(x),
+        "NF4Linear, x needs grad": lambda: q(xg),
+        "LoRA on bf16 nn.Linear, x needs grad": lambda: dense_lora(xg),
+        "LoRA on NF4Linear (QLoRA), no grad": lambda: lora(x),
+        "LoRA on NF4Linear (QLoRA), x needs grad": lambda: lora(xg),
+    }
+    out = {}
+    for name, fn in rows.items():
+        if fn is None:
+            continue
+        out[name] = per_call_us(fn)
+        print(f"{name:45s} {out[name]:8.1f} us", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
+                               "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out}, indent=2))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
