@@ -178,7 +178,7 @@ def run_candidate(marker_fd, err_fd):
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.write(marker_fd, str(os.getpid()).encode())
+        os.write(marker_fd, f"{os.getpid()}\n".encode())
     except OSError:
         sys.stderr.write("[runner] the candidate closed the runner's result pipe: the tests' outcome is unknown\n")
         sys.stderr.flush()
@@ -299,13 +299,13 @@ if status is None:
 reap()
 os.set_blocking(marker_r, False)
 try:
-    marker = os.read(marker_r, 64)
+    marker = os.read(marker_r, 4096)
 except BlockingIOError:
     marker = b""
 sys.stdout.write(json.dumps({
     "timed_out": status is None,
     "returncode": None if status is None else os.waitstatus_to_exitcode(status),
-    "tests_finished": marker == str(pid).encode(),
+    "tests_finished": str(pid).encode() in marker.split(b"\n"),  # a forked copy may have written too
     "leftover": leftover,
 }))
 '''
@@ -338,17 +338,25 @@ def _run_one(program: str, tests: str, timeout: float, max_memory_bytes: int | N
             # The supervisor enforces `timeout` itself; this is a backstop should it hang.
             out, supervisor_err = supervisor.communicate(json.dumps(job).encode("utf-8"), timeout=timeout + 60.0)
         except subprocess.TimeoutExpired:
-            os.killpg(supervisor.pid, signal.SIGKILL)
+            try:
+                os.killpg(supervisor.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             out, supervisor_err = supervisor.communicate()
         try:
-            with open(stderr_path, encoding="utf-8", errors="replace") as f:
-                stderr = f.read()
+            with open(stderr_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4 * _STDERR_TAIL))  # a flood of output stays on disk
+                stderr = f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             stderr = ""
     try:
         report = json.loads(out)
     except ValueError:
-        note = supervisor_err.decode("utf-8", "replace")
+        try:  # what is left of the candidate's tree still holds the supervisor's process group
+            os.killpg(supervisor.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        note = supervisor_err.decode("utf-8", "replace") or f"exit status {supervisor.returncode}"
         stderr += "\n[runner] the supervisor died: " + note
         return ExecutionResult(False, "failed", None, stderr[-_STDERR_TAIL:])
     if report["timed_out"]:

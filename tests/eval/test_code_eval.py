@@ -213,6 +213,19 @@ def test_failure_reports_are_specific():
     assert r_exit.status == "failed" and "SystemExit(0) raised while running the program" in r_exit.stderr
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to inspect processes")
+def test_a_candidate_that_kills_its_supervisor_fails_and_is_killed(pid_dir):
+    program = (
+        "import os, signal, time\n"
+        f"open({str(pid_dir / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+        "os.kill(os.getppid(), signal.SIGKILL)\n"
+        "time.sleep(60)"
+    )
+    (r,) = run_tests([program], "", timeout=5.0)
+    assert r.status == "failed" and "supervisor died" in r.stderr
+    assert _wait_dead([int((pid_dir / "pid").read_text())]) == []
+
+
 def test_main_guard_does_not_run_and_the_tests_do():
     program = "import sys\ndef add(a, b): return a + b\nif __name__ == '__main__':\n    sys.exit(1)"
     good, bad = run_tests([program, program], [ADD_TEST, "assert add(2, 3) == 6"], timeout=5.0, max_workers=2)
