@@ -16,6 +16,12 @@ k-th assistant turn (its content plus the template's end-of-turn text).
 Tokens are mapped to characters through the fast tokenizer's offsets, or
 (slow tokenizers) the text is tokenised span by span.
 
+Prompt/completion rows (``{"prompt": ..., "completion": ...}``) are supervised
+on the completion only, as TRL's ``completion_only_loss``: the labelled span runs
+from the end of the prompt rendered with the generation prompt to the end of the
+conversation, so assistant turns inside a multi-turn prompt are context, not
+targets (``completion_only_loss=False`` labels them too, as for ``messages``).
+
 Everything works one example at a time, so :func:`tokenize_chats` streams
 over any iterable.
 """
@@ -63,12 +69,19 @@ def _check_tokenizer(tokenizer: Any) -> None:
         )
 
 
-def _check_messages(messages: Sequence[Message]) -> None:
+def _check_messages(messages: Sequence[Message], name: str = "messages") -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise ValueError(f"{name} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] must be a mapping with 'role' and 'content', got {m!r}")
+            raise ValueError(f"{name}[{i}] must be a mapping with 'role' and 'content', got {m!r}")
+        content = m["content"]
+        # A list is a multimodal/content-parts message; None is allowed beside tool calls only.
+        if not isinstance(content, (str, list)) and not (content is None and m.get("tool_calls")):
+            raise TypeError(
+                f"{name}[{i}]['content'] must be a str (or a list of content parts), got "
+                f"{type(content).__name__}: {content!r}"
+            )
 
 
 def render_chat(messages: Sequence[Message], tokenizer: Any, add_generation_prompt: bool = False,
@@ -159,13 +172,35 @@ def tokenize_chat(
     an over-long sequence (``overflow="error"``; :class:`SequenceTooLongError`,
     a ``ValueError`` subclass).
     """
+    _check_options(train_on, overflow, max_length)
+    text, spans = _assistant_spans(messages, tokenizer, train_on, template_kwargs)
+    return _finish(text, spans, tokenizer, max_length, overflow)
+
+
+def _check_options(train_on: str, overflow: str, max_length: int | None) -> None:
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     if overflow not in ("error", "truncate"):
         raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
-    text, spans = _assistant_spans(messages, tokenizer, train_on, template_kwargs)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
+
+
+def _completion_span(prompt: Sequence[Message], completion: Sequence[Message], tokenizer: Any,
+                     template_kwargs: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering of ``prompt + completion`` and the completion's character span in it."""
+    prefix = render_chat(prompt, tokenizer, add_generation_prompt=True, **template_kwargs)
+    full = render_chat(list(prompt) + list(completion), tokenizer, **template_kwargs)
+    if not full.startswith(prefix):
+        raise ValueError(
+            "the chat template is not prefix-consistent (the prompt rendered with the generation prompt is not "
+            "a prefix of prompt + completion); the completion span cannot be derived"
+        )
+    return full, [(len(prefix), len(full))] if len(full) > len(prefix) else []
+
+
+def _finish(text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length: int | None,
+            overflow: str) -> TokenizedExample:
     example = _tokenize_with_spans(text, spans, tokenizer)
     n = len(example["input_ids"])
     if max_length is not None and n > max_length:
@@ -183,20 +218,42 @@ def tokenize_chats(
     max_length: int | None = None,
     train_on: Literal["all", "last"] = "all",
     overflow: Literal["error", "truncate", "skip"] = "error",
+    completion_only_loss: bool = True,
     **template_kwargs: Any,
 ) -> Iterator[TokenizedExample]:
     """Lazily :func:`tokenize_chat` every conversation of an iterable.
 
     Each item is a message list, a ``{"messages": [...]}`` row, or a
-    ``{"prompt": str | messages, "completion": str}`` row (the completion
-    becomes the assistant turn). ``overflow="skip"`` drops over-long
-    conversations (logged at INFO level) instead of raising.
+    ``{"prompt": str | messages, "completion": str | messages}`` row (TRL's
+    formats; a string completion becomes one assistant turn, a string prompt one
+    user turn). ``overflow="skip"`` drops over-long conversations (logged at INFO
+    level) instead of raising.
+
+    ``completion_only_loss`` (prompt/completion rows only): ``True`` (default, as
+    TRL's ``completion_only_loss``) labels only the completion, everything
+    rendered after the prompt and its generation prompt; ``False`` treats the row
+    as one conversation and labels its assistant turns as ``train_on`` says,
+    those inside a multi-turn prompt included.
+
+    Raises ``ValueError``/``TypeError`` naming the conversation for malformed
+    rows (e.g. a ``content`` that is not a string), besides :func:`tokenize_chat`'s.
     """
+    if not isinstance(completion_only_loss, bool):
+        raise TypeError(f"completion_only_loss must be a bool, got {completion_only_loss!r}")
+    if overflow not in ("error", "truncate", "skip"):
+        raise ValueError(f"overflow must be 'error', 'truncate' or 'skip', got {overflow!r}")
+    row_overflow = "error" if overflow == "skip" else overflow
+    _check_options(train_on, row_overflow, max_length)
     for i, conv in enumerate(conversations):
         try:
-            messages = _row_messages(conv)
-            example = tokenize_chat(messages, tokenizer, max_length, train_on,
-                                    "error" if overflow == "skip" else overflow, **template_kwargs)
+            prompt, completion = _row_prompt_completion(conv)
+            if prompt is not None and completion_only_loss:
+                _check_tokenizer(tokenizer)
+                text, spans = _completion_span(prompt, completion, tokenizer, template_kwargs)
+                example = _finish(text, spans, tokenizer, max_length, row_overflow)
+            else:
+                messages = completion if prompt is None else list(prompt) + list(completion)
+                example = tokenize_chat(messages, tokenizer, max_length, train_on, row_overflow, **template_kwargs)
         except SequenceTooLongError as err:
             if overflow == "skip":
                 logger.info("skipping conversation %d: %s", i, err)
@@ -204,16 +261,28 @@ def tokenize_chats(
             raise SequenceTooLongError(f"conversation {i}: {err}") from err
         except ValueError as err:
             raise ValueError(f"conversation {i}: {err}") from err
+        except TypeError as err:
+            raise TypeError(f"conversation {i}: {err}") from err
         yield example
 
 
-def _row_messages(row: Sequence[Message] | Mapping[str, Any]) -> Sequence[Message]:
+def _row_prompt_completion(
+    row: Sequence[Message] | Mapping[str, Any],
+) -> tuple[list[Message] | None, list[Message]]:
+    """``(prompt, completion)`` messages of a prompt/completion row, ``(None, messages)`` otherwise."""
     if not isinstance(row, Mapping):
-        return row
+        _check_messages(row)
+        return None, list(row)
     if "messages" in row:
-        return row["messages"]
+        _check_messages(row["messages"])
+        return None, list(row["messages"])
     if "prompt" in row and "completion" in row:
-        prompt = row["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return prompt + [{"role": "assistant", "content": row["completion"]}]
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        _check_messages(prompt, "prompt")
+        _check_messages(completion, "completion")
+        return list(prompt), list(completion)
     raise ValueError(f"a row must hold 'messages' or 'prompt' + 'completion', got keys {sorted(row)}")

@@ -126,3 +126,67 @@ def test_prompt_completion_rows(chat_tokenizer):
                                     {"role": "assistant", "content": "yes"}], chat_tokenizer)
     with pytest.raises(ValueError, match="conversation 0: a row must hold"):
         list(tokenize_chats([{"text": "hello"}], chat_tokenizer))
+
+
+# --------------------------------------------------------------------------- prompt/completion rows (issue 27)
+
+MULTI_TURN_PROMPT = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hello how are you ?"},
+                     {"role": "assistant", "content": "i am fine thanks"}, {"role": "user", "content": "two plus two ?"}]
+
+
+def _trl_completion_only(tok, prompt, completion):
+    """TRL's SFT tokenisation of a conversational prompt/completion row with completion_only_loss:
+    its own helpers where this TRL has them, else the same steps written out."""
+    try:
+        from trl.data_utils import _tokenize, common_prefix_length
+    except ImportError:
+        def _tokenize(t, messages, **kw):
+            out = t.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+            return {"input_ids": list(out["input_ids"])}
+
+        def common_prefix_length(a, b):
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            return n
+    prompt_ids = _tokenize(tok, prompt, add_generation_prompt=True)["input_ids"]
+    ids = list(_tokenize(tok, prompt + completion)["input_ids"])
+    n = common_prefix_length(prompt_ids, ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n + ids[n:]}
+
+
+@pytest.mark.parametrize("completion_as", ["str", "messages"])
+def test_prompt_completion_rows_train_on_the_completion_only_as_trl(chat_tokenizer, chatml_tokenizer, completion_as):
+    completion = [{"role": "assistant", "content": "four"}]
+    row = {"prompt": MULTI_TURN_PROMPT, "completion": "four" if completion_as == "str" else completion}
+    for tok in (chat_tokenizer, chatml_tokenizer):
+        (got,) = tokenize_chats([row], tok)
+        assert got == _trl_completion_only(tok, MULTI_TURN_PROMPT, completion)
+        assert tok.decode(supervised(got)).strip().startswith("four")
+        # the old behaviour on request: every assistant turn, the prompt's included
+        (both,) = tokenize_chats([row], tok, completion_only_loss=False)
+        assert both == tokenize_chat(MULTI_TURN_PROMPT + completion, tok)
+        assert len(supervised(both)) > len(supervised(got))
+        (last,) = tokenize_chats([row], tok, completion_only_loss=False, train_on="last")
+        assert last == got
+
+
+def test_trl_conversational_completion_with_several_messages(chatml_tokenizer):
+    completion = [{"role": "assistant", "content": "Four!"}, {"role": "user", "content": "thanks"},
+                  {"role": "assistant", "content": "I am fine."}]
+    (got,) = tokenize_chats([{"prompt": MULTI_TURN_PROMPT[:2], "completion": completion}], chatml_tokenizer)
+    assert got == _trl_completion_only(chatml_tokenizer, MULTI_TURN_PROMPT[:2], completion)
+
+
+@pytest.mark.parametrize("content", [3, None, 2.5, {"text": "hi"}])
+def test_bad_message_content_is_our_type_error(chat_tokenizer, content):
+    conv = [{"role": "user", "content": content}, {"role": "assistant", "content": "four"}]
+    with pytest.raises(TypeError, match=r"messages\[0\]\['content'\] must be a str"):
+        tokenize_chat(conv, chat_tokenizer)
+    with pytest.raises(TypeError, match=r"conversation 1: messages\[0\]\['content'\] must be a str"):
+        list(tokenize_chats([CONV, conv], chat_tokenizer))
+    with pytest.raises(TypeError, match=r"conversation 0: completion\[0\]\['content'\] must be a str"):
+        list(tokenize_chats([{"prompt": "hi", "completion": [{"role": "assistant", "content": content}]}],
+                            chat_tokenizer))
+    with pytest.raises(ValueError, match="conversation 0: completion must be a non-empty list"):
+        list(tokenize_chats([{"prompt": "hi", "completion": 3}], chat_tokenizer))
