@@ -128,6 +128,15 @@ if triton_available():
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
+    def _load_capped(base, cols, V, softcap, HAS_CAP: tl.constexpr):
+        # One block of a row for the statistics pass: fp32 logits, soft-capped, 0 past the vocabulary.
+        msk = cols < V
+        z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            z = softcap * _tanh(z / softcap)
+        return z, msk
+
+    @triton.jit
     def _chunk_softmax_grad_kernel(
         logits_ptr,
         stride_row,
@@ -170,11 +179,7 @@ if triton_available():
                 s_v = tl.zeros([BLOCK_V], dtype=tl.float32)
                 zs_v = tl.zeros([BLOCK_V], dtype=tl.float32)
                 for blk in range(0, n_blocks):
-                    cols = blk * BLOCK_V + offs
-                    msk = cols < V
-                    z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
-                    if HAS_CAP:
-                        z = softcap * _tanh(z / softcap)
+                    z, msk = _load_capped(base, blk * BLOCK_V + offs, V, softcap, HAS_CAP)
                     if WANT_MEAN:
                         zs_v += tl.where(msk, z, 0.0)
                     z = tl.where(msk, z, float("-inf"))
@@ -191,11 +196,7 @@ if triton_available():
                 s = tl.zeros([], dtype=tl.float32)
                 zs = tl.zeros([], dtype=tl.float32)
                 for blk in range(0, n_blocks):
-                    cols = blk * BLOCK_V + offs
-                    msk = cols < V
-                    z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
-                    if HAS_CAP:
-                        z = softcap * _tanh(z / softcap)
+                    z, msk = _load_capped(base, blk * BLOCK_V + offs, V, softcap, HAS_CAP)
                     if WANT_MEAN:
                         zs += tl.sum(tl.where(msk, z, 0.0), axis=0)
                     z = tl.where(msk, z, float("-inf"))
@@ -328,12 +329,9 @@ def chunk_softmax_grad_(
     Raises:
         ValueError: on mismatched shapes or out-of-range ``smoothing``/``z_loss``/``softcap``.
     """
-    if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return chunk_softmax_grad_triton_(
-            logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
-            smoothing=smoothing, z_loss=z_loss, softcap=softcap,
-        )
-    return chunk_softmax_grad_reference_(
+    kernel = use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    impl = chunk_softmax_grad_triton_ if kernel else chunk_softmax_grad_reference_
+    return impl(
         logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
         smoothing=smoothing, z_loss=z_loss, softcap=softcap,
     )

@@ -86,13 +86,17 @@ def completion_logps(
     """
     _check_3d(hidden)
     tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
-    counts = (labels != ignore_index).sum(dim=1).to(tok.dtype)
-    return tok, tok.sum(dim=1), counts
+    return tok, tok.sum(dim=1), _scored_counts(labels, ignore_index, hidden)
 
 
 def _check_3d(hidden: torch.Tensor) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be (batch, seq, hidden), got {getattr(hidden, 'shape', type(hidden))}")
+
+
+def _scored_counts(labels: torch.Tensor, ignore_index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` scored tokens per sequence, in the dtype of the log-probs (float64 for float64 hidden)."""
+    return (labels != ignore_index).sum(dim=1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -244,10 +248,7 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
                       resident_bytes, sel=None):
     """:func:`fused_linear_preference` after its checks; ``sel`` is ``select_scored_rows``' result when the
     caller already has it (it costs a host sync)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if not eager or not needs_grad:
+    if not _eager_with_grad(eager, hidden, weight, bias):
         tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
         return loss_from_token_logps(tok)
     if resident_bytes is None:
@@ -271,9 +272,19 @@ def _split_pairs(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return t[:half], t[half:]
 
 
-def _nll(tok: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL over all scored tokens of the given sequences (TRL/Liger's chosen NLL)."""
-    return -tok.sum() / counts.sum().clamp(min=1)
+def _pair_logps(tok: torch.Tensor, counts: torch.Tensor, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected sequence log-probs, ``(B,)`` each: sums, or means over the scored tokens."""
+    seq = tok.sum(dim=1)
+    if average:
+        seq = seq / counts.clamp(min=1)
+    return _split_pairs("policy_hidden", seq)
+
+
+def _chosen_nll(tok: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL over all scored tokens of the chosen sequences (TRL/Liger's chosen NLL)."""
+    tok_c, _ = _split_pairs("policy_hidden", tok)
+    counts_c, _ = _split_pairs("labels", counts)
+    return -tok_c.sum() / counts_c.sum().clamp(min=1)
 
 
 def _reference_seq_logps(
@@ -359,7 +370,7 @@ def fused_linear_dpo(
     """
     _check_3d(policy_hidden)
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
-    counts = (labels != ignore_index).sum(dim=1).to(torch.float64 if policy_hidden.dtype == torch.float64 else torch.float32)
+    counts = _scored_counts(labels, ignore_index, policy_hidden)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
     rc, rr = ref_chosen_logps, ref_rejected_logps
     sel = None
@@ -379,16 +390,12 @@ def fused_linear_dpo(
     dpo_kwargs.setdefault("rejected_lengths", len_r)
 
     def loss_fn(tok: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        seq = tok.sum(dim=1)
-        if average_log_prob:
-            seq = seq / counts.clamp(min=1)
-        pc, pr = _split_pairs("policy_hidden", seq)
+        pc, pr = _pair_logps(tok, counts, average_log_prob)
         with _lengths_known_valid() if ours else contextlib.nullcontext():  # ours are clamped to >= 1
             loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                      **dpo_kwargs)
         if nll_alpha:
-            tok_c, _ = _split_pairs("policy_hidden", tok)
-            nll = _nll(tok_c, _split_pairs("labels", counts)[0])
+            nll = _chosen_nll(tok, counts)
             loss = loss + nll_alpha * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
@@ -415,13 +422,11 @@ def fused_linear_orpo(
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`.
     """
     _check_3d(policy_hidden)
-    counts = (labels != ignore_index).sum(dim=1).float()
+    counts = _scored_counts(labels, ignore_index, policy_hidden)
 
     def loss_fn(tok):
-        avg = tok.sum(dim=1) / counts.to(tok.dtype).clamp(min=1)
-        pc, pr = _split_pairs("policy_hidden", avg)
-        tok_c, _ = _split_pairs("policy_hidden", tok)
-        return orpo_loss(pc, pr, _nll(tok_c, _split_pairs("labels", counts)[0].to(tok.dtype)), beta=beta)
+        pc, pr = _pair_logps(tok, counts, average=True)
+        return orpo_loss(pc, pr, _chosen_nll(tok, counts), beta=beta)
 
     return fused_linear_preference(
         policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
@@ -449,7 +454,7 @@ def fused_linear_simpo(
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
 
     def loss_fn(tok):
-        pc, pr = _split_pairs("policy_hidden", tok.sum(dim=1))
+        pc, pr = _pair_logps(tok, counts, average=False)
         lc, lr = _split_pairs("labels", counts)
         with _lengths_known_valid():  # clamped to >= 1 above
             return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc,
@@ -482,18 +487,13 @@ def fused_linear_cpo(
     included.  ``average_log_prob`` defaults to True for ``ipo``/``simpo`` (TRL's choice), else False.
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
-    counts = (labels != ignore_index).sum(dim=1).float()
+    counts = _scored_counts(labels, ignore_index, policy_hidden)
     if average_log_prob is None:
         average_log_prob = loss_type in ("ipo", "simpo")
 
     def loss_fn(tok):
-        c = counts.to(tok.dtype)
-        seq = tok.sum(dim=1)
-        if average_log_prob:
-            seq = seq / c.clamp(min=1)
-        pc, pr = _split_pairs("policy_hidden", seq)
-        tok_c, _ = _split_pairs("policy_hidden", tok)
-        nll = _nll(tok_c, _split_pairs("labels", c)[0]) if cpo_alpha else None
+        pc, pr = _pair_logps(tok, counts, average_log_prob)
+        nll = _chosen_nll(tok, counts) if cpo_alpha else None
         return cpo_loss(
             pc, pr, nll, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
             cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
