@@ -43,16 +43,20 @@ _ENABLED = (
     and os.environ.get("ALIGNLAB_FAST_LAUNCH", "1") != "0"
 )
 _CACHE: dict = {}
-_INT32 = (-(2**31), 2**31)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton reads it once too, when kernels are defined
+_Tensor = torch.Tensor
 
 
-def _spec(a):
-    """The part of one argument's value that selects a compiled kernel."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is int:
-        return _INT32[0] <= a < _INT32[1], a == 1, a % 16 == 0
-    return type(a), a  # bools, floats, None: by value (floats only select fp32, finer is harmless)
+def _key(args: tuple) -> tuple:
+    """What selects a compiled kernel, per argument: a tensor's dtype and 16-byte alignment; an int's
+    width class, ``== 1`` and divisibility by 16; any other value itself (bools, floats, None).
+    Written inline (no call per argument): this runs on every launch."""
+    return tuple([
+        (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor)
+        else (-2147483648 <= a < 2147483648, a == 1, a & 15 == 0) if a.__class__ is int
+        else a
+        for a in args
+    ])
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
@@ -64,17 +68,17 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
         args: the runtime arguments in signature order (tensors, ints, floats, bools, None).
         meta: constexpr parameters by name, plus launch options (``num_warps``, ``num_stages``).
     """
-    if not _ENABLED or torch.compiler.is_compiling() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
         kernel[grid](*args, **meta)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, tuple(meta.items()), *map(_spec, args))
+    key = (kernel, device, tuple(meta.items()), _key(args))
     entry = _CACHE.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
         names = kernel.arg_names[len(args):]
-        if compiled is None or any(n not in meta for n in names):  # defaults or something unusual: leave it to Triton
-            return
+        if getattr(compiled, "function", None) is None or any(n not in meta for n in names):
+            return  # defaults or something unusual: leave every call of this key to Triton
         _CACHE[key] = (compiled, tuple(meta[n] for n in names))
         return
     compiled, tail = entry
