@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized
-from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding, own_format_config, own_format_dict
+from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
+from alignlab.adapters.config import check_dropout, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.inject import layers_holding
+from alignlab.adapters.io import own_format_config, own_format_dict, peft_header, peft_targets, refuse_unsupported
 
 
 class AdaLoRALinear(AdapterLayer):
@@ -59,55 +61,35 @@ class AdaLoRALinear(AdapterLayer):
 
     mergeable = True
     linear_base = True
+    adapter_stores = {"lora_A": nn.ParameterDict, "lora_B": nn.ParameterDict, "lora_E": nn.ParameterDict,
+                      "lora_dropout": nn.ModuleDict, "scaling": dict}
 
     def __init__(self, base: nn.Module, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0,
                  adapter_name: str = "default") -> None:
         super().__init__(base)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_E = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
         self.add_adapter(adapter_name, r, scaling, init, dropout)
         self.active_adapters = [adapter_name]
 
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(self, name: str, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0) -> None:
-        check_adapter_name(name)
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self._check_new_adapter(name)
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"r must be a non-negative integer, got {r!r}")
         if init not in ("adalora", "sora"):
             raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
-        if self.merged:
-            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
-        weight = dense_weight(self.base_layer)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
-        a = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
-        b = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
+        dtype, device = self._adapter_dtype_device()
+        a = torch.empty(r, self.in_features, dtype=dtype, device=device)
+        b = torch.empty(self.out_features, r, dtype=dtype, device=device)
         if init == "adalora":
             nn.init.normal_(a, std=0.02)
             nn.init.normal_(b, std=0.02)
-            e = torch.zeros(r, 1, dtype=dtype, device=weight.device)
+            e = torch.zeros(r, 1, dtype=dtype, device=device)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
-            e = torch.ones(r, 1, dtype=dtype, device=weight.device)
+            e = torch.ones(r, 1, dtype=dtype, device=device)
         self.lora_A[name], self.lora_B[name], self.lora_E[name] = nn.Parameter(a), nn.Parameter(b), nn.Parameter(e)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = float(scaling)
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for store in (self.lora_A, self.lora_B, self.lora_E, self.lora_dropout):
-            del store[name]
-        self.scaling.pop(name)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name], "lora_E": self.lora_E[name]}
@@ -117,19 +99,11 @@ class AdaLoRALinear(AdapterLayer):
         self._check_name(name)
         return self.scaling[name] * (self.lora_B[name].float() @ (self.lora_A[name].float() * self.lora_E[name].float()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)``."""
-        out = self.base_layer(x)
-        if self.disabled:
-            return out
-        result = out
-        for name in self.active_adapters:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue
-            a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
-            h = self.lora_dropout[name](x.to(a.dtype))
-            result = result + (h @ (a * e).T @ b.T) * self.scaling[name]
-        return result.to(out.dtype)
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·P diag(λ) Q dropout(x)``: ``x (..., in) -> (..., out)`` in the adapter dtype."""
+        a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+        h = self.lora_dropout[name](x.to(a.dtype))
+        return (h @ (a * e).T @ b.T) * self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = {n: int(self.lora_A[n].shape[0]) for n in self.adapter_names()}
@@ -137,12 +111,9 @@ class AdaLoRALinear(AdapterLayer):
 
 
 def _check_common(r: int, alpha: float, dropout: float, target_modules, exclude_modules, r_name: str = "r") -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{r_name} must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_positive_int(r, r_name)
+    check_positive_number(alpha, "alpha")
+    check_dropout(dropout)
     check_target_spec(target_modules, exclude_modules)
 
 
@@ -218,9 +189,8 @@ class AdaLoRAConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, AdaLoRALinear)
         return {
-            "peft_type": "ADALORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "r": self.init_r, "init_r": self.init_r, "target_r": self.target_r,
-            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": exact_names(layers),
+            **peft_header("ADALORA"), "r": self.init_r, "init_r": self.init_r, "target_r": self.target_r,
+            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": sorted(layers),
             "exclude_modules": None, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
             "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
             "total_step": self.total_step, "rank_pattern": self.rank_pattern, "init_lora_weights": True,
@@ -230,18 +200,13 @@ class AdaLoRAConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
-        for key, ok in (("bias", "none"), ("use_dora", False), ("use_rslora", False),
-                        ("layers_to_transform", None), ("modules_to_save", None)):
-            if raw.get(key, ok) != ok:
-                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for AdaLoRA")
-        target = raw.get("target_modules")
-        if target is None:
-            raise ValueError("adapter_config.json: target_modules is missing")
+        refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
+                                            ("layers_to_transform", None), ("modules_to_save", None)))
         return cls(init_r=int(raw["init_r"]), target_r=int(raw["target_r"]), alpha=float(raw.get("lora_alpha", 8)),
                    total_step=int(raw["total_step"]), tinit=int(raw.get("tinit", 0)), tfinal=int(raw.get("tfinal", 0)),
                    deltaT=int(raw.get("deltaT", 1)), beta1=float(raw.get("beta1", 0.85)), beta2=float(raw.get("beta2", 0.85)),
                    orth_reg_weight=float(raw.get("orth_reg_weight", 0.5)),
-                   target_modules=target if isinstance(target, str) else list(target),
+                   target_modules=peft_targets(raw),
                    exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("lora_dropout", 0.0)),
                    rank_pattern=raw.get("rank_pattern") or None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import itertools
 import sys
 from typing import Iterable
 
@@ -82,11 +83,27 @@ def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
             base.weight.copy_(weight.T if is_conv1d(base) else weight)
 
 
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
 class AdapterLayer(nn.Module, abc.ABC):
-    """Base class: ``base_layer`` + named adapters; subclasses add the math."""
+    """Base class: ``base_layer`` + named adapters; subclasses add the math.
+
+    The bookkeeping every family shares lives here: a subclass declares its per-adapter containers
+    in ``adapter_stores`` (``{attribute: nn.ModuleDict | nn.ParameterDict | dict}``, keyed by adapter
+    name; the first holds every adapter, the others may hold some), which the constructor creates,
+    and gets :meth:`adapter_names` and :meth:`delete_adapter`; ``add_adapter`` starts with
+    :meth:`_check_new_adapter` and allocates with :meth:`_adapter_dtype_device`. An additive
+    family (``y = base(x) + Σ Δ_name(x)``) only defines :meth:`delta_output`; others override
+    ``forward``.
+    """
 
     #: subclasses that wrap a single linear map set this; other bases then raise ``TypeError``
     linear_base = False
+    #: the per-adapter containers, ``{attribute: container type}``, the first holding every adapter
+    adapter_stores: dict[str, type] = {}
 
     def __init__(self, base_layer: nn.Module) -> None:
         if self.linear_base and not is_linear_like(base_layer):
@@ -99,6 +116,8 @@ class AdapterLayer(nn.Module, abc.ABC):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        for attr, kind in self.adapter_stores.items():
+            setattr(self, attr, kind())
 
     @property
     def in_features(self) -> int:
@@ -112,13 +131,53 @@ class AdapterLayer(nn.Module, abc.ABC):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    @abc.abstractmethod
     def adapter_names(self) -> list[str]:
-        """Names of the adapters this layer holds."""
+        """Names of the adapters this layer holds (the keys of the first of ``adapter_stores``)."""
+        return list(getattr(self, next(iter(self.adapter_stores))).keys())
 
-    @abc.abstractmethod
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (raises ``ValueError`` if absent or merged)."""
+        """Remove adapter ``name`` from every one of ``adapter_stores`` (raises ``ValueError`` if absent or merged)."""
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for attr in self.adapter_stores:
+            store = getattr(self, attr)
+            if name in store:
+                del store[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _check_new_adapter(self, name: str) -> None:
+        """Refuse a malformed or taken name, or adding while merged (``ValueError``)."""
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged:
+            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+
+    def _adapter_dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
+        """Dtype and device of new adapter tensors: the base's device, and its dtype where that is
+        fp32/fp64; fp32 master weights over a 16-bit or quantized base (as PEFT keeps them)."""
+        # a quantized base may hold only buffers (packed uint8 weights): take the device from either
+        ref = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
+        if ref is None:
+            return torch.float32, None
+        full = ref.dtype in (torch.float32, torch.float64) and not is_quantized(self.base_layer)
+        return (ref.dtype if full else torch.float32), ref.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + Σ delta_output(name, x)`` over the active, unmerged adapters; ``(..., in) -> (..., out)``."""
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        result, held = out, getattr(self, next(iter(self.adapter_stores)))
+        for name in self.active_adapters:
+            if name in held and name not in self.merged_adapters:
+                result = result + self.delta_output(name, x)
+        return result.to(out.dtype)
+
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output (additive families)."""
+        raise NotImplementedError(f"{type(self).__name__} defines its own forward")
 
     #: whether ``merge`` can fold this method into the base; additive methods only define ``delta_weight``
     mergeable = False

@@ -19,15 +19,15 @@ PEFT has no BitFit; files use ``peft_type = "ALIGNLAB_BITFIT"`` (versioned).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like, is_quantized, linear_features
-from alignlab.adapters.config import name_matches
-from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, layers_holding, own_format_config, own_format_dict
+from alignlab.adapters.base import AdapterLayer, is_linear_like, is_quantized, linear_features
+from alignlab.adapters.config import check_target_spec, name_matches
+from alignlab.adapters.inject import _output_head_names, layers_holding, modules_outside_adapters
+from alignlab.adapters.io import own_format_config, own_format_dict
 
 
 def _bias_size(module: nn.Module) -> int | None:
@@ -51,6 +51,7 @@ class BitFitLayer(AdapterLayer):
     """
 
     mergeable = True
+    adapter_stores = {"bitfit_bias": nn.ParameterDict}
 
     def __init__(self, base: nn.Module, adapter_name: str = "default") -> None:
         size = _bias_size(base)
@@ -58,7 +59,6 @@ class BitFitLayer(AdapterLayer):
             raise TypeError(f"BitFit needs a module with a bias or an nn.Linear, got {type(base).__name__}")
         super().__init__(base)
         self.size = size
-        self.bitfit_bias = nn.ParameterDict()
         self._added_bias = False  # merge created the base bias (bias-less linear)
         self.add_adapter(adapter_name)
         self.active_adapters = [adapter_name]
@@ -67,28 +67,10 @@ class BitFitLayer(AdapterLayer):
     def out_features(self) -> int:
         return self.size
 
-    def adapter_names(self) -> list[str]:
-        return list(self.bitfit_bias.keys())
-
     def add_adapter(self, name: str) -> None:
-        check_adapter_name(name)
-        if name in self.bitfit_bias:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if self.merged:
-            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
-        # a quantized base may hold only buffers (packed uint8 weights): take the device from either
-        ref = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
-        device = ref.device if ref is not None else None
-        floating = ref is not None and ref.dtype in (torch.float32, torch.float64)
-        dtype = ref.dtype if floating and not is_quantized(self.base_layer) else torch.float32
+        self._check_new_adapter(name)
+        dtype, device = self._adapter_dtype_device()
         self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.size, device=device, dtype=dtype))
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
-        del self.bitfit_bias[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"bitfit_bias": self.bitfit_bias[name]}
@@ -145,17 +127,10 @@ class BitFitConfig:
         check_target_spec("all-linear" if self.target_modules == "all-biases" else self.target_modules, self.exclude_modules)
 
     def find_targets(self, model: nn.Module) -> list[str]:
-        from alignlab.adapters.inject import _output_head_names
-
         heads = _output_head_names(model)
-        names, inside = [], []
-        for name, module in model.named_modules():
-            if not name or any(name.startswith(p + ".") for p in inside):
-                continue
-            if isinstance(module, (AdapterLayer, SavedModule)):
-                inside.append(name)
-                if not isinstance(module, BitFitLayer):
-                    continue
+        names = []
+        for name, module in modules_outside_adapters(model, BitFitLayer):
+            if isinstance(module, BitFitLayer):
                 module = module.base_layer
             if _bias_size(module) is None:
                 continue

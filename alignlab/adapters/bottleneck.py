@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, SavedModule
+from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import name_matches
-from alignlab.adapters.ia3 import check_adapter_name, layers_holding, own_format_config, own_format_dict
+from alignlab.adapters.inject import layers_holding, modules_outside_adapters
+from alignlab.adapters.io import own_format_config, own_format_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"], "parallel": ["mlp"]}
@@ -108,21 +109,13 @@ class BottleneckLayer(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.adapter_down.keys()) + list(self.adapter_fusion.keys())
 
-    def _device_dtype(self):
-        ref = next(iter(self.base_layer.parameters()), None)
-        if ref is None:
-            return None, torch.float32
-        return ref.device, (torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype)
-
     def add_adapter(self, name: str, bottleneck: int, non_linearity: str = "relu", parallel: bool = False, scaling: float = 1.0) -> None:
-        check_adapter_name(name)
-        if name in self.adapter_names():
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self._check_new_adapter(name)
         if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck <= 0:
             raise ValueError(f"bottleneck size must be a positive integer, got {bottleneck!r}")
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
-        device, dtype = self._device_dtype()
+        dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)
         with torch.no_grad():
@@ -133,13 +126,11 @@ class BottleneckLayer(AdapterLayer):
         self.parallel[name], self.scaling[name] = parallel, float(scaling)
 
     def add_fusion(self, name: str, adapters: list[str], temperature: float = 1.0) -> None:
-        check_adapter_name(name)
-        if name in self.adapter_names():
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self._check_new_adapter(name)
         missing = [a for a in adapters if a not in self.adapter_down]
         if missing:
             raise ValueError(f"AdapterFusion needs bottleneck adapters {missing}, which this layer lacks")
-        device, dtype = self._device_dtype()
+        dtype, device = self._adapter_dtype_device()
         self.adapter_fusion[name] = FusionLayer(self.hidden, adapters, temperature).to(device=device, dtype=dtype)
 
     def delete_adapter(self, name: str) -> None:
@@ -194,17 +185,8 @@ class BottleneckLayer(AdapterLayer):
 
 
 def _find_blocks(model: nn.Module, spec, exclude) -> list[str]:
-    names, inside = [], []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, (AdapterLayer, SavedModule)):
-            inside.append(name)
-            if not isinstance(module, BottleneckLayer):
-                continue
-        if name_matches(spec, name) and not (exclude is not None and name_matches(exclude, name)):
-            names.append(name)
-    return names
+    return [name for name, _ in modules_outside_adapters(model, BottleneckLayer)
+            if name_matches(spec, name) and not (exclude is not None and name_matches(exclude, name))]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``LoRAConfig``: which modules get which LoRA / DoRA adapter."""
+"""``LoRAConfig``: which modules get which LoRA / DoRA adapter; the checks every adapter config shares."""
 
 from __future__ import annotations
 
@@ -49,31 +49,14 @@ class LoRAConfig:
     exact_fp32: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_int(self.r, "r")
+        check_positive_number(self.alpha, "alpha")
+        check_dropout(self.dropout)
         _check_init(self.init)
         if not isinstance(self.exact_fp32, bool):
             raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                _compile("target_modules", self.target_modules)
-        elif not _is_str_list(self.target_modules) or not self.target_modules:
-            raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {self.target_modules!r}")
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str) and not _is_str_list(self.exclude_modules):
-            raise TypeError(f"exclude_modules must be a regex string or a list of names, got {self.exclude_modules!r}")
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            if not isinstance(pattern, dict):
-                raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
-            for key, value in pattern.items():
-                _compile(name, key)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
-                if name == "rank_pattern" and not isinstance(value, int):
-                    raise ValueError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
+        check_target_spec(self.target_modules, self.exclude_modules)
+        check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
@@ -93,6 +76,47 @@ class LoRAConfig:
             raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a LoRA adapter to it")
         layer.add_adapter(adapter_name, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
                           self.use_rslora, self.use_dora, self.adapter_dtype)
+
+
+def check_positive_int(value, arg: str) -> None:
+    """``ValueError`` naming ``arg`` unless ``value`` is an int > 0 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+
+
+def check_positive_number(value, arg: str) -> None:
+    """``ValueError`` naming ``arg`` unless ``value`` is an int or float > 0 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{arg} must be a positive number, got {value!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True) -> None:
+    """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts."""
+    if isinstance(target_modules, str):
+        if not (allow_all_linear and target_modules == "all-linear"):
+            _compile("target_modules", target_modules)
+    elif not _is_str_list(target_modules) or not target_modules:
+        raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
+    if exclude_modules is not None and not isinstance(exclude_modules, str) and not _is_str_list(exclude_modules):
+        raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")
+
+
+def check_patterns(rank_pattern: dict, alpha_pattern: dict) -> None:
+    """``{regex: value}`` overrides: valid regexes, positive int ranks, positive alphas."""
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pattern, dict):
+            raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            _compile(name, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+            if name == "rank_pattern" and not isinstance(value, int):
+                raise ValueError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
 
 
 def _is_str_list(value) -> bool:

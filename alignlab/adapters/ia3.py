@@ -14,61 +14,15 @@ modules plus ``Σ in`` over the feed-forward ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized, set_dense_weight_
-from alignlab.adapters.config import _compile, _is_str_list, name_matches
-
-FORMAT_VERSION = 1
-
-
-def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True) -> None:
-    """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts."""
-    if isinstance(target_modules, str):
-        if not (allow_all_linear and target_modules == "all-linear"):
-            _compile("target_modules", target_modules)
-    elif not _is_str_list(target_modules) or not target_modules:
-        raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
-    if exclude_modules is not None and not isinstance(exclude_modules, str) and not _is_str_list(exclude_modules):
-        raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")
-
-
-def check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-
-
-def layers_holding(model: nn.Module, adapter_name: str, cls: type) -> dict[str, AdapterLayer]:
-    """``{dotted name: layer}`` of the ``cls`` layers of ``model`` that hold ``adapter_name``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, cls) and adapter_name in m.adapter_names()}
-
-
-def own_format_dict(kind: str, config) -> dict:
-    """The ``adapter_config.json`` of a method PEFT lacks: every dataclass field, versioned."""
-    raw = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
-    for key, value in raw.items():
-        if isinstance(value, (set, tuple)):
-            raw[key] = sorted(value)
-    return {"peft_type": kind, "format_version": FORMAT_VERSION, **raw}
-
-
-def own_format_config(cls: type, raw: dict):
-    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"adapter_config.json: format_version {version!r} is not supported (this alignlab reads {FORMAT_VERSION})")
-    names = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(raw) - names - {"peft_type", "format_version"})
-    if unknown:
-        raise ValueError(f"adapter_config.json: unknown field(s) {unknown} for {cls.__name__}")
-    return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def exact_names(names) -> list[str]:
-    return sorted(names)
+from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, set_dense_weight_
+from alignlab.adapters.config import _compile, _is_str_list, check_target_spec, name_matches
+from alignlab.adapters.inject import layers_holding
+from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
 
 class IA3Linear(AdapterLayer):
@@ -85,35 +39,20 @@ class IA3Linear(AdapterLayer):
 
     mergeable = True
     linear_base = True
+    adapter_stores = {"ia3_l": nn.ParameterDict}
 
     def __init__(self, base: nn.Module, feedforward: bool = False, adapter_name: str = "default", init_ones: bool = True) -> None:
         super().__init__(base)
         self.feedforward = feedforward
-        self.ia3_l = nn.ParameterDict()
         self.add_adapter(adapter_name, init_ones)
         self.active_adapters = [adapter_name]
 
-    def adapter_names(self) -> list[str]:
-        return list(self.ia3_l.keys())
-
     def add_adapter(self, name: str, init_ones: bool = True) -> None:
-        check_adapter_name(name)
-        if name in self.ia3_l:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if self.merged:
-            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
-        weight = dense_weight(self.base_layer)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+        self._check_new_adapter(name)
+        dtype, device = self._adapter_dtype_device()
         n = self.in_features if self.feedforward else self.out_features
-        init = torch.ones(n, device=weight.device, dtype=dtype) if init_ones else torch.randn(n, dtype=dtype).to(weight.device)
+        init = torch.ones(n, device=device, dtype=dtype) if init_ones else torch.randn(n, dtype=dtype).to(device)
         self.ia3_l[name] = nn.Parameter(init)
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
-        del self.ia3_l[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         # PEFT stores (out, 1) for output scaling and (1, in) for input scaling
@@ -213,21 +152,16 @@ class IA3Config:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, IA3Linear)
         return {
-            "peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "target_modules": exact_names(layers),
-            "feedforward_modules": exact_names(n for n, l in layers.items() if l.feedforward),
+            **peft_header("IA3"), "target_modules": sorted(layers),
+            "feedforward_modules": sorted(n for n, l in layers.items() if l.feedforward),
             "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": None, "init_ia3_weights": True,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "IA3Config":
-        if raw.get("modules_to_save"):
-            raise ValueError("adapter_config.json: modules_to_save is not supported for IA3 adapters")
-        target = raw.get("target_modules")
-        if target is None:
-            raise ValueError("adapter_config.json: target_modules is missing")
+        refuse_unsupported(raw, "IA3", (("modules_to_save", None),))
         ff = raw.get("feedforward_modules") or []
-        return cls(target_modules=target if isinstance(target, str) else list(target),
+        return cls(target_modules=peft_targets(raw),
                    feedforward_modules=ff if isinstance(ff, str) else list(ff),
                    exclude_modules=raw.get("exclude_modules"))
 

@@ -31,6 +31,26 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
+def layers_holding(model: nn.Module, adapter_name: str, cls: type) -> dict[str, AdapterLayer]:
+    """``{dotted name: layer}`` of the ``cls`` layers of ``model`` that hold ``adapter_name``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls) and adapter_name in m.adapter_names()}
+
+
+def modules_outside_adapters(model: nn.Module, family: type) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for the modules of ``model`` a ``family`` config may target: not the root,
+    nothing inside an adapter wrapper, and no wrapper but those of ``family`` itself (which take a
+    further adapter)."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, (AdapterLayer, SavedModule)):
+            inside.append(name)
+            if not isinstance(module, family):
+                continue
+        yield name, module
+
+
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     for name, module in model.named_modules():
         if isinstance(module, SavedModule):

@@ -14,7 +14,9 @@ their config (``peft_type``, ``peft_config_dict(model, name)``, ``from_peft(raw)
 optionally ``extra_tensors(model, name)`` for tensors that live on no single layer)
 and their layers (``peft_tensors(name)``: tensors keyed relative to the layer).
 Families PEFT lacks use the same layout with ``peft_type = "ALIGNLAB_<METHOD>"``
-and a ``format_version`` field. Both files are written to temporary
+and a ``format_version`` field. The pieces every family's config shares to write and read
+its ``adapter_config.json`` live here (:func:`peft_header`, :func:`peft_targets`,
+:func:`refuse_unsupported`, :func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
 names and renamed into place: a crash never leaves a half-written adapter.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -37,6 +40,7 @@ from alignlab.adapters.lora import LoRALinear
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1  # of the alignlab-only formats (peft_type "ALIGNLAB_<METHOD>")
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
@@ -54,6 +58,53 @@ def _our_init(value) -> str:
     raise ValueError(f"adapter_config.json: init_lora_weights={value!r} is not supported (supported: true, gaussian, pissa, pissa_niter_K, olora)")
 
 
+# -- what every family's config uses to write and read its adapter_config.json ------------------------
+def peft_header(peft_type: str) -> dict:
+    """The fields a PEFT ``adapter_config.json`` opens with (``save_adapter`` fills in the model's identity)."""
+    return {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True}
+
+
+def peft_targets(raw: dict) -> str | list[str]:
+    """``target_modules`` of a PEFT ``adapter_config.json`` (a regex string or a list of names).
+
+    Raises:
+        ValueError: the field is missing.
+    """
+    target = raw.get("target_modules")
+    if target is None:
+        raise ValueError("adapter_config.json: target_modules is missing")
+    return target if isinstance(target, str) else list(target)
+
+
+def refuse_unsupported(raw: dict, method: str, supported: tuple[tuple[str, object], ...]) -> None:
+    """``ValueError`` naming the first ``(key, only supported value)`` pair that ``raw`` sets otherwise."""
+    for key, ok in supported:
+        if raw.get(key, ok) != ok:
+            raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for {method}")
+
+
+def own_format_dict(kind: str, config) -> dict:
+    """The ``adapter_config.json`` of a method PEFT lacks: every dataclass field, versioned."""
+    raw = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
+    for key, value in raw.items():
+        if isinstance(value, (set, tuple)):
+            raw[key] = sorted(value)
+    return {"peft_type": kind, "format_version": FORMAT_VERSION, **raw}
+
+
+def own_format_config(cls: type, raw: dict):
+    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"adapter_config.json: format_version {version!r} is not supported (this alignlab reads {FORMAT_VERSION})")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(raw) - names - {"peft_type", "format_version"})
+    if unknown:
+        raise ValueError(f"adapter_config.json: unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (see module docstring), detached, on CPU."""
     return {k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(model, adapter_name).items()}
@@ -65,10 +116,7 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
     rank_pattern = {_exact(n): l.r[adapter_name] for n, l in layers.items() if l.r[adapter_name] != config.r}
     alpha_pattern = {_exact(n): l.alpha[adapter_name] for n, l in layers.items() if l.alpha[adapter_name] != float(config.alpha)}
     return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
+        **peft_header("LORA"),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -84,7 +132,6 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "fan_in_fan_out": fan_in_fan_out(layers.values()),
         "layers_to_transform": None,
         "layers_pattern": None,
-        "revision": None,
     }
 
 
@@ -158,19 +205,12 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
     # fan_in_fan_out is not checked: as in PEFT, each layer's type decides (True for GPT-2's Conv1D)
-    for key, ok in (("lora_bias", False), ("layers_to_transform", None)):
-        if raw.get(key, ok) not in (ok,):
-            raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab")
-    if raw.get("bias", "none") != "none":
-        raise ValueError(f"adapter_config.json: bias={raw['bias']!r} is not supported (only 'none')")
-    target = raw.get("target_modules")
-    if target is None:
-        raise ValueError("adapter_config.json: target_modules is missing")
+    refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("layers_to_transform", None), ("bias", "none")))
     return LoRAConfig(
         r=int(raw["r"]),
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=target if isinstance(target, str) else list(target),
+        target_modules=peft_targets(raw),
         exclude_modules=raw.get("exclude_modules"),
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),

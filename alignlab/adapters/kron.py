@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized
-from alignlab.adapters.config import _pattern_value
-from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
+from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.config import _pattern_value, check_patterns, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.inject import layers_holding
+from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
+
+FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # PEFT's names
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -65,19 +68,13 @@ class LoKrLinear(AdapterLayer):
 
     mergeable = True
     linear_base = True
+    adapter_stores = {"r": dict, "scaling": dict, **dict.fromkeys(FACTORS, nn.ParameterDict)}
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
                  decompose_factor: int = -1, adapter_name: str = "default", init_zero: bool = True) -> None:
         super().__init__(base)
-        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
-            setattr(self, key, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
         self.add_adapter(adapter_name, r, alpha, decompose_both, decompose_factor, init_zero)
         self.active_adapters = [adapter_name]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.r.keys())
 
     def shapes(self, decompose_factor: int = -1) -> tuple[tuple[int, int], tuple[int, int]]:
         """``((out₁, in₁), (out₂, in₂))`` of the factors."""
@@ -87,21 +84,14 @@ class LoKrLinear(AdapterLayer):
 
     def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
                     decompose_factor: int = -1, init_zero: bool = True) -> None:
-        check_adapter_name(name)
-        if name in self.r:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if self.merged:
-            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        self._check_new_adapter(name)
+        check_positive_int(r, "r")
+        check_positive_number(alpha, "alpha")
         (out1, in1), (out2, in2) = self.shapes(decompose_factor)
-        weight = dense_weight(self.base_layer)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
+        dtype, device = self._adapter_dtype_device()
 
         def new(*shape):
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=weight.device))
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
         full1 = not (decompose_both and r < max(out1, in1) / 2)
         full2 = not (r < max(out2, in2) / 2)
@@ -115,30 +105,14 @@ class LoKrLinear(AdapterLayer):
             self.lokr_w2_a[name], self.lokr_w2_b[name] = new(out2, r), new(r, in2)
         self.r[name], self.scaling[name] = r, float(alpha) / r
         with torch.no_grad():
-            for store in (self.lokr_w1, self.lokr_w1_a, self.lokr_w1_b, self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b):
-                if name in store:
-                    nn.init.kaiming_uniform_(store[name], a=math.sqrt(5))
+            for key in FACTORS:
+                if name in getattr(self, key):
+                    nn.init.kaiming_uniform_(getattr(self, key)[name], a=math.sqrt(5))
             if init_zero:  # the first factor of W₁ is zero: ΔW = 0
                 (self.lokr_w1[name] if full1 else self.lokr_w1_a[name]).zero_()
 
-    def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for store in (self.lokr_w1, self.lokr_w1_a, self.lokr_w1_b, self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b):
-            if name in store:
-                del store[name]
-        self.r.pop(name)
-        self.scaling.pop(name)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        out = {}
-        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
-            store = getattr(self, key)
-            if name in store:
-                out[key] = store[name]
-        return out
+        return {key: getattr(self, key)[name] for key in FACTORS if name in getattr(self, key)}
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W₁, W₂)``, each formed from its low-rank factors where it has them."""
@@ -152,20 +126,12 @@ class LoKrLinear(AdapterLayer):
         w1, w2 = self.factors(name)
         return self.scaling[name] * torch.kron(w1.float(), w2.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)``."""
-        out = self.base_layer(x)
-        if self.disabled:
-            return out
-        result = out
-        for name in self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            w1, w2 = self.factors(name)
-            xs = x.to(w1.dtype).reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
-            y = torch.matmul(torch.matmul(w1, xs), w2.T)  # W₁ X W₂ᵀ: (..., out₁, out₂)
-            result = result + self.scaling[name] * y.reshape(*x.shape[:-1], self.out_features)
-        return result.to(out.dtype)
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·(W₁ ⊗ W₂) x`` as ``s·vec(W₁ X W₂ᵀ)``: ``x (..., in) -> (..., out)`` in the adapter dtype."""
+        w1, w2 = self.factors(name)
+        xs = x.to(w1.dtype).reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        y = torch.matmul(torch.matmul(w1, xs), w2.T)  # W₁ X W₂ᵀ: (..., out₁, out₂)
+        return self.scaling[name] * y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"
@@ -200,10 +166,9 @@ class LoKrConfig:
     init_zero: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        check_positive_int(self.r, "r")
+        check_positive_number(self.alpha, "alpha")
+        check_patterns(self.rank_pattern, self.alpha_pattern)
         if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
         check_target_spec(self.target_modules, self.exclude_modules)
@@ -222,8 +187,7 @@ class LoKrConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, LoKrLinear)
         return {
-            "peft_type": "LOKR", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "r": self.r, "alpha": self.alpha, "target_modules": exact_names(layers),
+            **peft_header("LOKR"), "r": self.r, "alpha": self.alpha, "target_modules": sorted(layers),
             "exclude_modules": None, "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "decompose_both": self.decompose_both, "decompose_factor": self.decompose_factor, "rank_dropout": 0.0,
             "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
@@ -232,14 +196,9 @@ class LoKrConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "LoKrConfig":
-        for key, ok in (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None), ("modules_to_save", None)):
-            if raw.get(key, ok) != ok:
-                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for LoKr")
-        target = raw.get("target_modules")
-        if target is None:
-            raise ValueError("adapter_config.json: target_modules is missing")
-        return cls(r=int(raw["r"]), alpha=float(raw.get("alpha", 8.0)),
-                   target_modules=target if isinstance(target, str) else list(target),
+        refuse_unsupported(raw, "LoKr", (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None),
+                                         ("modules_to_save", None)))
+        return cls(r=int(raw["r"]), alpha=float(raw.get("alpha", 8.0)), target_modules=peft_targets(raw),
                    exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
                    alpha_pattern=dict(raw.get("alpha_pattern") or {}), decompose_both=bool(raw.get("decompose_both", False)),
                    decompose_factor=int(raw.get("decompose_factor", -1)))

@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.ia3 import check_adapter_name
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
@@ -97,17 +96,12 @@ class SoftPromptEmbedding(AdapterLayer):
         return list(self.prompt_embeddings.keys()) + list(self.prefix_encoder.keys())
 
     def add_prompt(self, name: str, init: torch.Tensor) -> None:
-        self._new_name(name)
+        self._check_new_adapter(name)
         self.prompt_embeddings[name] = nn.Parameter(init.detach().clone().float())
 
     def add_prefix(self, name: str, encoder: PrefixEncoder) -> None:
-        self._new_name(name)
+        self._check_new_adapter(name)
         self.prefix_encoder[name] = encoder.to(self.base_layer.weight.device)
-
-    def _new_name(self, name: str) -> None:
-        check_adapter_name(name)
-        if name in self.adapter_names():
-            raise ValueError(f"adapter {name!r} already exists on this layer")
 
     def delete_adapter(self, name: str) -> None:
         self._check_name(name)

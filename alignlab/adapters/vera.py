@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, is_quantized, linear_features
-from alignlab.adapters.ia3 import check_adapter_name, check_target_spec, exact_names, layers_holding
+from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
+from alignlab.adapters.config import check_dropout, check_positive_int, check_target_spec
+from alignlab.adapters.inject import layers_holding
+from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
 PREFIX = "base_model."
 
@@ -61,46 +63,26 @@ class VeRALinear(AdapterLayer):
 
     mergeable = True
     linear_base = True
+    adapter_stores = {"vera_lambda_b": nn.ParameterDict, "vera_lambda_d": nn.ParameterDict, "vera_dropout": nn.ModuleDict,
+                      "projections": nn.ModuleDict, "r": dict}
 
     def __init__(self, base: nn.Module, projections: VeRAProjections, r: int, dropout: float = 0.0,
                  d_initial: float = 0.1, adapter_name: str = "default") -> None:
         super().__init__(base)
-        self.vera_lambda_b = nn.ParameterDict()
-        self.vera_lambda_d = nn.ParameterDict()
-        self.vera_dropout = nn.ModuleDict()
-        self.projections = nn.ModuleDict()
-        self.r: dict[str, int] = {}
         self.add_adapter(adapter_name, projections, r, dropout, d_initial)
         self.active_adapters = [adapter_name]
 
-    def adapter_names(self) -> list[str]:
-        return list(self.vera_lambda_b.keys())
-
     def add_adapter(self, name: str, projections: VeRAProjections, r: int, dropout: float = 0.0, d_initial: float = 0.1) -> None:
-        check_adapter_name(name)
-        if name in self.vera_lambda_b:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        if self.merged:
-            raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
+        self._check_new_adapter(name)
         if projections.A.shape[1] < self.in_features or projections.B.shape[0] < self.out_features or projections.A.shape[0] < r:
             raise ValueError(f"shared projections A{tuple(projections.A.shape)}, B{tuple(projections.B.shape)} are too small "
                              f"for a ({self.out_features}, {self.in_features}) layer of rank {r}")
-        weight = dense_weight(self.base_layer)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or is_quantized(self.base_layer) else weight.dtype
-        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=dtype))
-        self.vera_lambda_d[name] = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device, dtype=dtype))
+        dtype, device = self._adapter_dtype_device()
+        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
+        self.vera_lambda_d[name] = nn.Parameter(torch.full((r,), float(d_initial), device=device, dtype=dtype))
         self.vera_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.projections[name] = projections.to(weight.device)
+        self.projections[name] = projections.to(device)
         self.r[name] = r
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout, self.projections):
-            del store[name]
-        self.r.pop(name)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b[name], "vera_lambda_d": self.vera_lambda_d[name]}
@@ -116,20 +98,12 @@ class VeRALinear(AdapterLayer):
         lb, ld = self.vera_lambda_b[name].float(), self.vera_lambda_d[name].float()
         return (lb[:, None] * b) @ (ld[:, None] * a)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)``."""
-        out = self.base_layer(x)
-        if self.disabled:
-            return out
-        result = out
-        for name in self.active_adapters:
-            if name not in self.vera_lambda_b or name in self.merged_adapters:
-                continue
-            lb, ld = self.vera_lambda_b[name], self.vera_lambda_d[name]
-            a, b = self._factors(name, lb.dtype)
-            h = self.vera_dropout[name](x.to(lb.dtype))
-            result = result + lb * F.linear(ld * F.linear(h, a), b)
-        return result.to(out.dtype)
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``Λ_b B Λ_d A dropout(x)``: ``x (..., in) -> (..., out)`` in the adapter dtype."""
+        lb, ld = self.vera_lambda_b[name], self.vera_lambda_d[name]
+        a, b = self._factors(name, lb.dtype)
+        h = self.vera_dropout[name](x.to(lb.dtype))
+        return lb * F.linear(ld * F.linear(h, a), b)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, active={self.active_adapters}"
@@ -159,10 +133,8 @@ class VeRAConfig:
     projection_prng_key: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_int(self.r, "r")
+        check_dropout(self.dropout)
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed
@@ -202,8 +174,7 @@ class VeRAConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, VeRALinear)
         return {
-            "peft_type": "VERA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "r": self.r, "target_modules": exact_names(layers), "vera_dropout": self.dropout,
+            **peft_header("VERA"), "r": self.r, "target_modules": sorted(layers), "vera_dropout": self.dropout,
             "d_initial": self.d_initial, "projection_prng_key": self.projection_prng_key, "save_projection": self._save_projection,
             "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": None, "init_weights": True,
             "layers_to_transform": None, "layers_pattern": None,
@@ -211,13 +182,8 @@ class VeRAConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "VeRAConfig":
-        for key, ok in (("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)):
-            if raw.get(key, ok) != ok:
-                raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for VeRA")
-        target = raw.get("target_modules")
-        if target is None:
-            raise ValueError("adapter_config.json: target_modules is missing")
-        config = cls(r=int(raw["r"]), target_modules=target if isinstance(target, str) else list(target),
+        refuse_unsupported(raw, "VeRA", (("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)))
+        config = cls(r=int(raw["r"]), target_modules=peft_targets(raw),
                    exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("vera_dropout", 0.0)),
                    d_initial=float(raw.get("d_initial", 0.1)), projection_prng_key=int(raw.get("projection_prng_key", 0)))
         config._save_projection = bool(raw.get("save_projection", True))
