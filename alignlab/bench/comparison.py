@@ -181,42 +181,68 @@ class Comparison:
         """Write :meth:`to_json` to ``path`` atomically (temp file + rename); creates parent folders."""
         return _atomic_write_text(Path(path), self.to_json() + "\n")
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Bar chart of median times with p10--p90 whiskers, saved atomically to ``path``.
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Bar charts of the contestants: median time with p10--p90 whiskers, and peak memory.
+
+        The baseline's bars are drawn in another colour, and each bar is labelled with its
+        ratio to the baseline (as in :meth:`table`). The memory panel is drawn when at least one
+        contestant's peak memory was measured. Failed contestants are left out.
+
+        Args:
+            path: where to save a PNG (written atomically, parent folders created). ``None``
+                (for notebooks): return the figure instead; Jupyter shows it once, inline.
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path` when given, else a ``matplotlib.figure.Figure``
+            (not registered with ``pyplot``, so it leaks no global state).
 
         Raises:
             ImportError: matplotlib is not installed (``pip install alignlab[plot]``).
+            ValueError: no contestant succeeded (nothing to draw).
         """
         try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            import matplotlib  # noqa: F401  (first: a missing matplotlib fails here, not mid-import)
+            from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError("Comparison.plot needs matplotlib: pip install 'alignlab[plot]'") from exc
         ok = [m for m in self.results.values() if m.ok]
-        fig, ax = plt.subplots(figsize=(max(3.0, 1.2 * len(self.results) + 1.5), 3.2))
+        if not ok:
+            raise ValueError("plot: every contestant failed, there is nothing to draw")
+        with_memory = any(m.peak_bytes is not None for m in ok)
+        width = max(3.0, 1.2 * len(ok) + 1.5)
+        fig = Figure(figsize=(2 * width if with_memory else width, 3.2))
+        axes = fig.subplots(1, 2 if with_memory else 1, squeeze=False)[0]
+        names = [m.name for m in ok]
+        colors = ["C0" if m.name == self.baseline else "C1" for m in ok]
+        xs = list(range(len(ok)))
+        ax = axes[0]
+        err = [[m.median_ms - m.p10_ms for m in ok], [m.p90_ms - m.median_ms for m in ok]]
+        bars = ax.bar(xs, [m.median_ms for m in ok], yerr=err, capsize=4, color=colors)
+        ax.bar_label(bars, [_fmt_ratio(self.time_ratio(n)) for n in names], fontsize=8, padding=2)
+        ax.set_ylabel("median time (ms)")
+        if with_memory:
+            ax = axes[1]
+            mem = [0.0 if m.peak_bytes is None else m.peak_bytes / 2**20 for m in ok]
+            bars = ax.bar(xs, mem, color=colors)
+            ax.bar_label(bars, [_fmt_ratio(self.memory_ratio(n)) for n in names], fontsize=8, padding=2)
+            ax.set_ylabel("peak memory (MiB)")
+        for ax in axes:
+            ax.set_xticks(xs, names, rotation=15 if len(ok) > 3 else 0)
+            ax.margins(y=0.15)
+        fig.suptitle(self.name or "comparison", fontsize=10)
+        fig.tight_layout()
+        if path is None:
+            return fig
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
+        os.close(fd)
         try:
-            xs = range(len(ok))
-            med = [m.median_ms for m in ok]
-            err = [[m.median_ms - m.p10_ms for m in ok], [m.p90_ms - m.median_ms for m in ok]]
-            ax.bar(xs, med, yerr=err, capsize=4, color=["C0" if m.name == self.baseline else "C1" for m in ok])
-            ax.set_xticks(list(xs), [m.name for m in ok])
-            ax.set_ylabel("median time (ms)")
-            ax.set_title(self.name or "comparison", fontsize=10)
-            fig.tight_layout()
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-            os.close(fd)
-            try:
-                fig.savefig(tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        finally:
-            plt.close(fig)
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
 

@@ -1,0 +1,125 @@
+"""benchmarks/plot.py (charts of benchmarks/results/*.json) and ``Comparison.plot()``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignlab.bench import Comparison, Measurement
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def plot_mod():
+    spec = importlib.util.spec_from_file_location("benchmarks_plot", ROOT / "benchmarks" / "plot.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _m(name: str, ms: float, peak: int | None = None, error: str | None = None) -> Measurement:
+    return Measurement(
+        name=name, median_ms=ms, p10_ms=0.9 * ms, p90_ms=1.1 * ms, mean_ms=ms, min_ms=0.8 * ms, times_ms=[ms] * 3,
+        peak_bytes=peak, memory_method="test", device="cpu", device_name="test", dtype="float32",
+        versions={"torch": "x"}, error=error,
+    )
+
+
+def _comparison(**kw) -> Comparison:
+    results = {m.name: m for m in (_m("ours", 2.0, 3 << 20), _m("peer", 5.0, 8 << 20), _m("broken", float("nan"), error="E: x"))}
+    return Comparison(results=results, baseline="peer", name="op", **kw)
+
+
+def test_plots_every_committed_result_into_a_temp_dir(plot_mod, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
+    written = plot_mod.plot_all(RESULTS, tmp_path)
+    want = sorted(p.stem for p in RESULTS.glob("*.json"))
+    assert sorted(p.stem for p in written) == want and want
+    for p in written:
+        assert p.parent == tmp_path and p.read_bytes()[:8] == PNG
+    assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
+
+
+def test_every_committed_result_has_a_known_layout_with_a_floor_or_a_reason(plot_mod):
+    for f in RESULTS.glob("*.json"):
+        doc = json.loads(f.read_text())
+        panels = plot_mod.panels(doc, f.name)
+        assert panels, f.name
+        for p in panels:
+            assert any(r.seconds for r in p.rows), f"{f.name}: {p.title} has no timed contestant"
+            # only the merging runs (two whole programs, no roofline) come without a floor
+            assert p.floor_s or doc.get("benchmark") == "merging", f"{f.name}: {p.title} has no floor"
+
+
+def test_floor_is_the_roofline_when_bytes_or_flops_are_known(plot_mod):
+    cmp = _comparison(bytes_moved=4e9, copy_bandwidth=2e12, flops=3e9, matmul_peak=1e12)
+    (panel,) = plot_mod.panels({"comparisons": [cmp.to_dict()]})
+    assert panel.floor_s == pytest.approx(max(4e9 / 2e12, 3e9 / 1e12))
+    assert panel.floor_label == "roofline"
+    ours = next(r for r in panel.rows if r.name == "ours")
+    assert ours.seconds == pytest.approx(2e-3) and ours.peak_bytes == 3 << 20
+    assert next(r for r in panel.rows if r.name == "broken").seconds is None
+
+
+def test_floor_is_a_contestant_named_floor_else_the_baseline(plot_mod):
+    (panel,) = plot_mod.panels({"comparisons": [_comparison().to_dict()]})
+    assert (panel.floor_s, panel.floor_label) == (pytest.approx(5e-3), "peer")
+    results = {"floor (frozen)": _m("floor (frozen)", 1.5), "ours": _m("ours", 2.0)}
+    named = Comparison(results=results, baseline="ours", name="op", flops=1e9, matmul_peak=1e15)
+    (panel,) = plot_mod.panels({"results": [named.to_dict()]})  # lora.json's layout
+    assert (panel.floor_s, panel.floor_label) == (pytest.approx(1.5e-3), "floor (frozen)")
+
+
+def test_bad_input_is_refused(plot_mod, tmp_path):
+    with pytest.raises(ValueError, match="unknown results layout"):
+        plot_mod.panels({"something": 1}, "x.json")
+    with pytest.raises(ValueError, match="results"):
+        plot_mod.plot_all(tmp_path / "missing", tmp_path)
+    with pytest.raises(ValueError, match="no \\*.json"):
+        plot_mod.plot_all(tmp_path, tmp_path / "out")
+
+
+def test_results_md_shows_every_plot():
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    shown = set(re.findall(r"\(results/plots/([\w.-]+\.png)\)", text))
+    committed = {p.name for p in (RESULTS / "plots").glob("*.png")}
+    assert committed, "benchmarks/results/plots/ holds no PNG: run python benchmarks/plot.py"
+    assert committed == shown, f"RESULTS.md and results/plots/ disagree: {sorted(committed ^ shown)}"
+    assert committed == {f"{p.stem}.png" for p in RESULTS.glob("*.json")}, "a result has no plot (or the reverse)"
+
+
+def test_comparison_plot_returns_a_figure_outside_pyplot():
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    before = plt.get_fignums()
+    fig = _comparison().plot()
+    assert isinstance(fig, Figure) and plt.get_fignums() == before
+    time_ax, mem_ax = fig.axes  # memory was measured: a second panel
+    assert [t.get_text() for t in time_ax.get_xticklabels()] == ["ours", "peer"]  # the failed one is left out
+    heights = [b.get_height() for b in mem_ax.patches]
+    assert heights == pytest.approx([3.0, 8.0])  # MiB
+    no_mem = Comparison(results={"a": _m("a", 1.0)}, baseline="a")
+    assert len(no_mem.plot().axes) == 1
+
+
+def test_comparison_plot_to_a_file_and_errors(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
+    path = _comparison().plot(tmp_path / "sub" / "c.png")
+    assert path == tmp_path / "sub" / "c.png" and path.read_bytes()[:8] == PNG
+    failed = Comparison(results={"x": _m("x", float("nan"), error="E: y")}, baseline="x")
+    with pytest.raises(ValueError, match="every contestant failed"):
+        failed.plot()
