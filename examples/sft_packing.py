@@ -69,7 +69,7 @@ def answer_accuracy(model, tokenizer, seed: int, n: int = 64) -> float:
     """Teacher-forced accuracy on the supervised (assistant) tokens of fresh dialogues."""
     stream = tokenize_chats((c for c, _ in zip(conversations(seed), range(n))), tokenizer)
     rows = list(pack_examples(stream, max_length=128))
-    batch = collate_packed(rows, tokenizer.pad_token_id)
+    batch = collate_packed(rows, tokenizer.pad_token_id, mask_dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         logits = model(batch["input_ids"], position_ids=batch["position_ids"],

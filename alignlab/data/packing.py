@@ -25,6 +25,7 @@ total)`` row with ``cu_seq_lens``; :func:`collate_padded` right-pads.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, TypedDict
 
@@ -160,16 +161,19 @@ def collate_padding_free(examples: Sequence[TokenizedExample]) -> dict[str, torc
     Returns ``input_ids``, ``labels`` (first label of each sample ``-100``),
     ``position_ids`` (restarting at 0) — all ``(1, total)`` long — plus
     ``cu_seq_lens`` ``(n + 1,)`` int32 and ``max_length`` for varlen
-    attention kernels. With ``transformers`` >= 4.5x pass ``input_ids``,
-    ``labels``, ``position_ids``, ``use_cache=False`` and no
-    ``attention_mask`` (it derives the sample boundaries from the position
-    resets, but only when no KV cache is built), or add
+    attention kernels, and ``use_cache=False``. With ``transformers`` >= 5
+    pass ``input_ids``, ``labels``, ``position_ids``, ``use_cache=False`` and
+    no ``attention_mask`` (``model(**batch)`` does): it derives the sample
+    boundaries from the position resets, but only when no KV cache is built.
+    With the cache on (the default of most configs outside training) the
+    samples attend to each other silently. Or add
     ``attention_mask=packed_attention_mask(batch["position_ids"], dtype=...)``.
-    Raises ``ValueError`` on an empty list or malformed sample.
+    Raises ``ValueError`` on an empty list or an empty/malformed sample.
     """
     if len(examples) == 0:
         raise ValueError("examples is empty")
-    packed = list(pack_examples(examples, max_length=sum(len(e["input_ids"]) for e in examples)))
+    total = sum(len(_validate(e, i)[0]) for i, e in enumerate(examples))  # names an empty sample first
+    packed = list(pack_examples(examples, max_length=total))
     row = packed[0]
     lens = torch.tensor(row["seq_lens"])
     return {
@@ -178,6 +182,7 @@ def collate_padding_free(examples: Sequence[TokenizedExample]) -> dict[str, torc
         "position_ids": torch.tensor([row["position_ids"]], dtype=torch.long),
         "cu_seq_lens": torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32),
         "max_length": int(lens.max()),
+        "use_cache": False,
     }
 
 
@@ -207,20 +212,50 @@ def collate_padded(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+_BOOL_MASK_ATTENTION = ("sdpa", "flex_attention")
+
+
 def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int | None = None,
-                   mask_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                   mask_dtype: torch.dtype | None = None,
+                   attn_implementation: str | None = None) -> dict[str, torch.Tensor]:
     """Stack packed rows into ``(batch, length)`` tensors, right-padded.
 
     Returns ``input_ids``, ``labels`` (pads ``-100``), ``position_ids``
     (0 on padding: each pad is its own one-token segment) and
     ``attention_mask`` ``(batch, 1, length, length)`` from
-    :func:`packed_attention_mask`: bool (True = may attend) when
-    ``mask_dtype`` is ``None``, else additive in ``mask_dtype``. Use the
-    model's compute dtype for ``transformers``' eager attention, which adds
-    the mask to the scores (a bool mask would be added as 0/1).
+    :func:`packed_attention_mask`, of the kind the attention in use needs:
+
+    * ``mask_dtype`` given: additive (0 / dtype min) in that dtype, right for every
+      ``transformers`` attention that takes a 4-D mask;
+    * else ``attn_implementation="eager"`` (pass ``model.config._attn_implementation``):
+      additive float32 — eager attention *adds* the mask to the scores, so a bool
+      mask would be added as 0/1 and change the logits;
+    * else ``"sdpa"``/``"flex_attention"``: bool (True = may attend), 4x smaller;
+    * else (neither given): bool, with a ``UserWarning`` that it is wrong under eager
+      attention.
+
+    Raises ``ValueError`` for an empty ``rows``, a short ``length`` or another
+    ``attn_implementation`` (flash-attention kernels take no 4-D mask: use
+    :func:`collate_padding_free`'s ``position_ids``/``cu_seq_lens``, or pass ``mask_dtype``).
     """
     if len(rows) == 0:
         raise ValueError("rows is empty")
+    if mask_dtype is None:
+        if attn_implementation == "eager":
+            mask_dtype = torch.float32
+        elif attn_implementation is None:
+            warnings.warn(
+                "collate_packed returns a bool attention_mask, right for SDPA and flex attention but added as 0/1 "
+                "(wrong logits) by eager attention; pass attn_implementation=model.config._attn_implementation "
+                "or mask_dtype=<compute dtype> to get the right kind",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif attn_implementation not in _BOOL_MASK_ATTENTION:
+            raise ValueError(
+                f"attn_implementation must be 'eager', 'sdpa', 'flex_attention' or None, got {attn_implementation!r} "
+                "(flash-attention kernels take no 4-D mask: use collate_padding_free, or pass mask_dtype)"
+            )
     need = max(len(r["input_ids"]) for r in rows)
     length = need if length is None else length
     if length < need:

@@ -80,13 +80,18 @@ def test_packed_rows_equal_per_sample(attn):
     model.set_attn_implementation(attn)
     examples = make_examples()
     rows = list(pack_examples(examples, max_length=16))
-    batch = collate_packed(rows, pad_token_id=0, length=16)
-    mask = collate_packed(rows, pad_token_id=0, length=16, mask_dtype=torch.float32)["attention_mask"]
-    assert torch.equal(mask == 0, batch["attention_mask"])
-    assert torch.equal(packed_attention_mask(batch["position_ids"]), batch["attention_mask"])
+    batch = collate_packed(rows, pad_token_id=0, length=16, mask_dtype=torch.float32)
+    mask = batch["attention_mask"]
+    assert torch.equal(packed_attention_mask(batch["position_ids"], dtype=torch.float32), mask)
+    # the mask of the attention in use, with no dtype given: additive for eager, bool for SDPA
+    auto = collate_packed(rows, pad_token_id=0, length=16, attn_implementation=model.config._attn_implementation)
+    assert auto["attention_mask"].dtype == (torch.float32 if attn == "eager" else torch.bool)
+    assert torch.equal(auto["attention_mask"] == 0 if attn == "eager" else auto["attention_mask"], mask == 0)
     with torch.no_grad():
         ref_logits, ref_loss = per_sample(model, examples)
         out = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+        out_auto = model(**{k: auto[k] for k in ("input_ids", "position_ids", "attention_mask")}).logits
+    torch.testing.assert_close(out_auto, out, rtol=1e-5, atol=1e-5)
     k = 0
     for b, r in enumerate(rows):
         start = 0
@@ -170,3 +175,41 @@ def test_padding_free_matches_transformers_flattening_collator():
         assert torch.equal(ours[key], peer[key]), key
     assert torch.equal(ours["cu_seq_lens"].long(), peer["cu_seq_lens_q"].long())
     assert ours["max_length"] == int(peer["max_length_q"])
+
+
+def test_collate_packed_bool_mask_trap_is_visible():
+    """Eager attention adds the mask to the scores: a bool mask changes the logits (the trap), so the
+    default bool mask warns and asks for the attention implementation."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=3, vocab_size=64, hidden_size=32, num_layers=2)
+    model.set_attn_implementation("eager")
+    rows = list(pack_examples(make_examples(), max_length=16))
+    with pytest.warns(UserWarning, match="bool attention_mask.*eager"):
+        plain = collate_packed(rows, pad_token_id=0, length=16)
+    right = collate_packed(rows, pad_token_id=0, length=16, attn_implementation="eager")
+    with torch.no_grad():
+        wrong = model(plain["input_ids"], position_ids=plain["position_ids"], attention_mask=plain["attention_mask"])
+        good = model(right["input_ids"], position_ids=right["position_ids"], attention_mask=right["attention_mask"])
+    assert (wrong.logits - good.logits).abs().max() > 1e-2  # the trap is real
+    with pytest.raises(ValueError, match="attn_implementation"):
+        collate_packed(rows, pad_token_id=0, attn_implementation="flash_attention_2")
+
+
+def test_padding_free_batch_carries_use_cache_false_and_names_an_empty_sample():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=4, vocab_size=64, hidden_size=32, num_layers=2)
+    examples = make_examples(seed=1)
+    batch = collate_padding_free(examples)
+    assert batch["use_cache"] is False and model.config.use_cache  # the model's default would build a cache
+    with torch.no_grad():
+        ref, _ = per_sample(model, examples)
+        out = model(**batch).logits[0]  # extra keys (cu_seq_lens, max_length) are ignored by eager/SDPA
+        cached = model(batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    torch.testing.assert_close(out[5:14], ref[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cached[5:14], ref[1], atol=1e-4)  # with a cache the samples leak
+    with pytest.raises(ValueError, match="example 0 is empty"):
+        collate_padding_free([{"input_ids": [], "labels": []}])
+    with pytest.raises(ValueError, match="example 1 is empty"):
+        collate_padding_free([examples[0], {"input_ids": [], "labels": []}])
