@@ -133,7 +133,12 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds (the keys of the first of ``adapter_stores``)."""
-        return list(getattr(self, next(iter(self.adapter_stores))).keys())
+        return list(self._first_store().keys())
+
+    def _first_store(self):
+        if not self.adapter_stores:
+            raise NotImplementedError(f"{type(self).__name__} declares no adapter_stores: it must define adapter_names")
+        return getattr(self, next(iter(self.adapter_stores)))
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` from every one of ``adapter_stores`` (raises ``ValueError`` if absent or merged)."""
@@ -169,7 +174,7 @@ class AdapterLayer(nn.Module, abc.ABC):
         out = self.base_layer(x)
         if self.disabled:
             return out
-        result, held = out, getattr(self, next(iter(self.adapter_stores)))
+        result, held = out, self._first_store()
         for name in self.active_adapters:
             if name in held and name not in self.merged_adapters:
                 result = result + self.delta_output(name, x)
