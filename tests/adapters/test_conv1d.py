@@ -181,3 +181,17 @@ def test_quantize_model_quantizes_conv1d_as_its_out_in_matrix():
 def test_non_linear_base_is_refused_naming_the_accepted_kinds():
     with pytest.raises(TypeError, match="Conv1D"):
         LoRALinear(torch.nn.Embedding(10, 4))
+
+
+def test_dora_row_norm_kernel_reads_a_conv1d_weight_right(triton_mode):
+    """The Triton row-norm kernel (interpreted on CPU) takes the (out, in) view of a Conv1D weight."""
+    conv = Conv1D(12, 16)
+    layer = LoRALinear(conv, r=3, alpha=6, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].add_(torch.rand(12))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    merged = conv.weight.T + 2.0 * b @ a  # (out, in)
+    dense = layer.lora_magnitude_vector["default"][:, None] * merged / merged.norm(dim=1, keepdim=True)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, dense, conv.bias), rtol=1e-4, atol=1e-5)
