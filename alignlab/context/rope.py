@@ -269,6 +269,22 @@ class RopeScaling:
                 object.__setattr__(self, name, tuple(float(v) for v in value))
 
 
+def _check_longrope_factors(scaling: RopeScaling, dim: int) -> None:
+    """Both LongRoPE factor sets, whatever the length: ``dim/2`` finite entries > 0 each (checked on the
+    host, no device sync), so that a wrong set fails when it is given, not at the first long forward."""
+    for name in ("long_factor", "short_factor"):
+        value = getattr(scaling, name)
+        if value is None:
+            continue
+        if len(value) != dim // 2:
+            raise ValueError(
+                f"{name} must have dim/2 = {dim // 2} entries (one per rotary pair of the head dim {dim}), "
+                f"got {len(value)}"
+            )
+        if not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError(f"{name} must hold finite factors > 0, got {list(value)}")
+
+
 def scaled_inv_freq(
     scaling: RopeScaling,
     dim: int,
@@ -280,7 +296,9 @@ def scaled_inv_freq(
     """``(inv_freq (dim/2,), attention_scaling)`` for ``scaling`` at current length ``seq_len``.
 
     ``seq_len`` matters for ``dynamic`` (NTK factor) and ``longrope`` (short vs
-    long factors); ``None`` means "within the original window" for both.
+    long factors); ``None`` means "within the original window" for both. Both
+    LongRoPE factor sets are checked (``dim/2`` finite entries > 0) whatever
+    ``seq_len`` is; a wrong one raises ``ValueError``.
     """
     if not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
@@ -301,6 +319,7 @@ def scaled_inv_freq(
             attn = yarn_attention_scaling(s, scaling.mscale, scaling.mscale_all_dim)
         return inv, float(attn)
     # longrope
+    _check_longrope_factors(scaling, dim)
     use_long = seq_len is not None and seq_len > original
     factors = scaling.long_factor if use_long else (scaling.short_factor or (1.0,) * (dim // 2))
     attn = scaling.attention_factor
@@ -385,7 +404,9 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     :class:`RopeScaling`; ``ValueError`` if the config already uses a scaled
     RoPE, if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
     different from the config's ``max_position_embeddings`` (``transformers``
-    reads the original length from there), or if no rotary module is found.
+    reads the original length from there), if LongRoPE factors do not have
+    ``head_dim * partial_rotary_factor / 2`` entries, or if no rotary module is
+    found. Nothing is changed when it raises.
     """
     if not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
@@ -418,6 +439,7 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     ]
     if not rotary:
         raise ValueError("no rotary module (submodule with an inv_freq buffer) found in model")
+    scaled_inv_freq(scaling, dim, theta, original)  # every check of the scaling against this model, before any change
 
     params = _hf_rope_parameters(scaling, theta, original, dim)
     if new_style:

@@ -218,3 +218,28 @@ def test_errors():
     apply_rope_scaling(model, RopeScaling("linear", 2.0))
     with pytest.raises(ValueError, match="already"):
         apply_rope_scaling(model, RopeScaling("linear", 2.0))
+
+
+@pytest.mark.parametrize("which", ["long_factor", "short_factor"])
+def test_longrope_factors_checked_at_apply_time(which):
+    """A factor set of the wrong length fails when it is given (scaled_inv_freq at any length, and
+    apply_rope_scaling before touching the model), not at the first forward past the window."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1, vocab_size=64, hidden_size=32, num_layers=1)  # head_dim 8: 4 rotary pairs
+    good = {"long_factor": [1.0, 1.5, 2.5, 4.0], "short_factor": [1.0, 1.0, 1.1, 1.2]}
+    bad = dict(good, **{which: [1.0, 2.0, 3.0]})
+    scaling = RopeScaling("longrope", 4.0, original_max_position_embeddings=16, **bad)
+    with pytest.raises(ValueError, match=f"{which} must have dim/2 = 4 entries"):
+        scaled_inv_freq(scaling, 8, 10000.0)  # seq_len=None: within the window
+    with pytest.raises(ValueError, match=f"{which} must have dim/2 = 4 entries"):
+        scaled_inv_freq(scaling, 8, 10000.0, seq_len=100)
+    before = model.config.to_dict()
+    rotary = model.model.rotary_emb
+    with pytest.raises(ValueError, match=f"{which} must have dim/2 = 4 entries"):
+        apply_rope_scaling(model, scaling)
+    assert model.config.to_dict() == before and model.model.rotary_emb is rotary  # nothing changed
+    nonpositive = dict(good, **{which: [1.0, 0.0, 2.0, float("nan")]})
+    with pytest.raises(ValueError, match=f"{which} must hold finite factors > 0"):
+        apply_rope_scaling(model, RopeScaling("longrope", 4.0, original_max_position_embeddings=16, **nonpositive))
+    apply_rope_scaling(model, RopeScaling("longrope", 4.0, original_max_position_embeddings=16, **good))
