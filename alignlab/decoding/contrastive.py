@@ -30,6 +30,16 @@ from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
 __all__ = ["ContrastiveDecodingLogitsProcessor", "contrastive_logits"]
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    """Rows of ``model``'s input embedding (``config.vocab_size`` as a fallback), ``None`` if unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if isinstance(getattr(emb, "num_embeddings", None), int):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha: expected a plausibility threshold in (0, 1], got {alpha!r}")
@@ -95,6 +105,9 @@ class ContrastiveDecodingLogitsProcessor:
             :class:`~alignlab.decoding.companion.CompanionLM`).
 
     ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
+    Raises ``ValueError`` when ``input_ids`` hold an id beyond the amateur's
+    vocabulary (a prompt token a smaller amateur cannot embed); the check reads
+    the largest id back from the device, one sync per step.
     """
 
     def __init__(
@@ -109,10 +122,18 @@ class ContrastiveDecodingLogitsProcessor:
         if not amateur_temperature > 0:
             raise ValueError(f"amateur_temperature: expected > 0, got {amateur_temperature!r}")
         self.amateur = CompanionLM(amateur, pad_token_id=pad_token_id)
+        self.amateur_vocab = _vocab_size(amateur)
         self.alpha = alpha
         self.amateur_temperature = amateur_temperature
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.amateur_vocab is not None and input_ids.numel():
+            top = int(input_ids.max())
+            if top >= self.amateur_vocab:
+                raise ValueError(
+                    f"input_ids: id {top} is beyond the amateur's vocabulary ({self.amateur_vocab} ids); contrastive "
+                    "decoding needs an amateur that shares the expert's tokenizer (prompt and pad ids included)"
+                )
         amateur_logits = self.amateur(input_ids)
         return contrastive_logits(
             scores, amateur_logits, alpha=self.alpha, amateur_temperature=self.amateur_temperature

@@ -17,12 +17,22 @@ paper's setting; it is also the general "logit arithmetic" of combining models.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
 
 __all__ = ["ProxyTuningLogitsProcessor", "proxy_tuning_logits"]
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a real number (the steering strength), got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha: expected a finite steering strength, got {alpha!r}")
+    return float(alpha)
 
 
 def proxy_tuning_logits(
@@ -46,8 +56,10 @@ def proxy_tuning_logits(
         rest get ``-inf``.
 
     Raises:
-        ValueError: leading shapes differ.
+        ValueError: leading shapes differ, or ``alpha`` is NaN or infinite.
+        TypeError: ``alpha`` is not a real number.
     """
+    alpha = _check_alpha(alpha)
     if not (base_logits.shape[:-1] == expert_logits.shape[:-1] == antiexpert_logits.shape[:-1]):
         raise ValueError(
             "base_logits/expert_logits/antiexpert_logits: leading shapes differ: "
@@ -65,7 +77,7 @@ class ProxyTuningLogitsProcessor:
     Args:
         expert: small tuned causal LM.
         antiexpert: the same small model before tuning.
-        alpha: steering strength.
+        alpha: steering strength, a finite real number (``ValueError``/``TypeError`` otherwise).
         pad_token_id: the left-padding id of batched prompts.
 
     ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
@@ -76,9 +88,9 @@ class ProxyTuningLogitsProcessor:
     def __init__(
         self, expert: nn.Module, antiexpert: nn.Module, *, alpha: float = 1.0, pad_token_id: int | None = None
     ) -> None:
+        self.alpha = _check_alpha(alpha)
         self.expert = CompanionLM(expert, pad_token_id=pad_token_id)
         self.antiexpert = CompanionLM(antiexpert, pad_token_id=pad_token_id)
-        self.alpha = alpha
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return proxy_tuning_logits(

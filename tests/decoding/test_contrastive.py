@@ -88,3 +88,18 @@ def test_generate_matches_greedy_oracle_with_left_padded_batch():
     assert res.sequences.shape == (2, 7) and len(res.scores) == 3
     assert all(s.shape == (2, 64) for s in res.scores)
     assert all(torch.isinf(s).any(-1).all() for s in res.scores)  # implausible tokens were cut
+
+
+def test_prompt_id_beyond_a_smaller_amateur_vocabulary_is_our_value_error():
+    expert = make_tiny_llama(seed=0, vocab_size=64)
+    expert.generation_config.eos_token_id = None
+    amateur = make_tiny_llama(seed=3, vocab_size=48, num_layers=1)  # padded to fewer ids than the expert
+    proc = ContrastiveDecodingLogitsProcessor(amateur, alpha=0.1)
+    assert proc.amateur_vocab == 48
+    with pytest.raises(ValueError, match="id 50 is beyond the amateur's vocabulary \\(48 ids\\)"):
+        expert.generate(torch.tensor([[5, 50, 7]]), max_new_tokens=2, do_sample=False, pad_token_id=PAD,
+                        logits_processor=[proc])
+    # ids within the shared vocabulary decode; the expert's extra ids are never proposed
+    out = expert.generate(torch.tensor([[5, 9, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=PAD,
+                          logits_processor=[proc])
+    assert int(out.max()) < 48

@@ -49,3 +49,20 @@ def test_generate_identity_when_expert_equals_antiexpert_and_oracle_otherwise():
             seq = torch.cat([seq, (p[0] * p[1] / p[2]).argmax()[None]])
     assert out[0].tolist() == seq.tolist()
     assert not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_alpha_is_rejected(alpha):
+    x = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="alpha: expected a finite steering strength"):
+        proxy_tuning_logits(x, x, x, alpha=alpha)
+    small = make_tiny_llama(seed=1, vocab_size=64, num_layers=1)
+    with pytest.raises(ValueError, match="alpha"):
+        ProxyTuningLogitsProcessor(small, small, alpha=alpha)
+
+
+def test_alpha_must_be_a_real_number():
+    x = torch.zeros(2, 5)
+    for bad in ("1", None, True, torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="alpha: expected a real number"):
+            proxy_tuning_logits(x, x, x, alpha=bad)
