@@ -40,6 +40,8 @@ import torch
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     check_linear_inputs,
+    chunk_backward,
+    chunk_logits,
     default_chunk_rows,
     linear_chunked_pass,
     linear_logprobs,
@@ -128,21 +130,16 @@ class _EagerLinearLoss(torch.autograd.Function):
         r0 = rows - keep
         w_t = weight.t()
 
-        def logits(s: int, e: int, out: torch.Tensor) -> torch.Tensor:
-            if bias is not None:
-                return torch.addmm(bias, h[s:e], w_t, out=out)
-            return torch.mm(h[s:e], w_t, out=out)
-
         lse = torch.empty(rows, dtype=acc, device=dev)
         tgt = torch.empty(rows, dtype=acc, device=dev)
         scratch = torch.empty(min(step, r0), vocab, dtype=h.dtype, device=dev) if r0 else None
         for s in range(0, r0, step):
             e = min(s + step, r0)
-            st = chunk_softmax_grad_(logits(s, e, scratch[: e - s]), y[s:e])
+            st = chunk_softmax_grad_(chunk_logits(h[s:e], w_t, bias, scratch[: e - s]), y[s:e])
             lse[s:e], tgt[s:e] = st.lse, st.target
         block = None
         if keep:
-            block = logits(r0, rows, torch.empty(keep, vocab, dtype=h.dtype, device=dev))
+            block = chunk_logits(h[r0:], w_t, bias, torch.empty(keep, vocab, dtype=h.dtype, device=dev))
             st = chunk_softmax_grad_(block, y[r0:])
             lse[r0:], tgt[r0:] = st.lse, st.target
 
@@ -168,15 +165,7 @@ class _EagerLinearLoss(torch.autograd.Function):
         def backprop(z: torch.Tensor, s: int, e: int) -> None:
             nonlocal grad_w
             chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e])
-            if need_h:
-                torch.mm(z, weight, out=grad_h[s:e])
-            if need_w:
-                if grad_w is None:
-                    grad_w = z.t() @ h[s:e]
-                else:
-                    grad_w.addmm_(z.t(), h[s:e])
-            if need_b:
-                grad_b.add_(z.sum(dim=0, dtype=acc))
+            grad_w = chunk_backward(z, h[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
 
         if need_h or need_w or need_b:
             if block is not None:
@@ -184,7 +173,7 @@ class _EagerLinearLoss(torch.autograd.Function):
                 block = None
             for s in range(0, r0, step):
                 e = min(s + step, r0)
-                backprop(logits(s, e, scratch[: e - s]), s, e)
+                backprop(chunk_logits(h[s:e], w_t, bias, scratch[: e - s]), s, e)
         del block, scratch
         if need_w and grad_w is None:
             grad_w = torch.zeros_like(weight)

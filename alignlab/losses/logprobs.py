@@ -31,6 +31,8 @@ from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
     "check_linear_inputs",
+    "chunk_backward",
+    "chunk_logits",
     "default_chunk_rows",
     "linear_chunked_pass",
     "linear_logprobs",
@@ -156,6 +158,41 @@ def default_chunk_rows(
     return math.ceil(n_rows / n_chunks)
 
 
+def chunk_logits(h_c: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``Z = H_c W^T (+ b)`` for one chunk: ``h_c`` ``(rows, hidden)``, ``w_t`` ``(hidden, vocab)``, written into
+    and returned as ``out`` ``(rows, vocab)`` (one matmul)."""
+    if bias is not None:
+        return torch.addmm(bias, h_c, w_t, out=out)
+    return torch.mm(h_c, w_t, out=out)
+
+
+def chunk_backward(
+    dz: torch.Tensor,
+    h_c: torch.Tensor,
+    weight: torch.Tensor,
+    grad_h_c: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    need_weight_grad: bool,
+) -> torch.Tensor | None:
+    """The gradient matmuls of one chunk from its ``dZ`` ``(rows, vocab)``; returns ``grad_w``.
+
+    ``dH_c = dZ W`` into ``grad_h_c`` ``(rows, hidden)``; ``dW += dZ^T H_c`` when ``need_weight_grad`` (with
+    ``grad_w`` None, the first chunk, it is written to a new buffer instead: no weight-sized zero fill);
+    ``db += sum_t dZ_t`` into ``grad_b``. A None ``grad_h_c``/``grad_b`` skips that gradient.
+    """
+    if grad_h_c is not None:
+        torch.mm(dz, weight, out=grad_h_c)
+    if need_weight_grad:
+        if grad_w is None:
+            grad_w = dz.t() @ h_c
+        else:
+            grad_w.addmm_(dz.t(), h_c)
+    if grad_b is not None:
+        grad_b += dz.sum(dim=0, dtype=grad_b.dtype)
+    return grad_w
+
+
 def linear_chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -216,12 +253,7 @@ def linear_chunked_pass(
     w_t = weight.t()
     for s in range(0, rows, step):
         e = min(s + step, rows)
-        h_c = hidden[s:e]
-        z = buf[: e - s]
-        if bias is not None:
-            torch.addmm(bias, h_c, w_t, out=z)
-        else:
-            torch.mm(h_c, w_t, out=z)
+        z = chunk_logits(hidden[s:e], w_t, bias, buf[: e - s])
         st = chunk_softmax_grad_(
             z,
             labels[s:e],
@@ -236,18 +268,8 @@ def linear_chunked_pass(
         tgt_out[s:e] = st.target
         if want_mean:
             mean_out[s:e] = st.mean
-        if not grads:
-            continue
-        # z now holds dL/dZ for the chunk.
-        if need_h:
-            torch.mm(z, weight, out=grad_h[s:e])
-        if need_w:
-            if grad_w is None:
-                grad_w = z.t() @ h_c
-            else:
-                grad_w.addmm_(z.t(), h_c)
-        if need_b:
-            grad_b += z.sum(dim=0, dtype=acc)
+        if grads:  # z now holds dL/dZ for the chunk
+            grad_w = chunk_backward(z, hidden[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
     return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
 
 
