@@ -78,17 +78,25 @@ def _distill_rows_kernel(
     dz_stride,
     LOSS,
     SCALE,
+    KEEP,
     V,
     inv_tau,
     beta,
     KIND: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * s_stride
     t_row = T + row * t_stride
     offs = tl.arange(0, BLOCK)
+    # A dropped row (KEEP 0) reads nothing: it is taken as all-zero logits (loss 0, gradient 0),
+    # whatever its memory holds.
+    if HAS_KEEP:
+        n_live = tl.where(tl.load(KEEP + row) != 0, V, 0)
+    else:
+        n_live = V
 
     # Sweep 1: per-lane online max / rescaled sum, folded into one LSE at the end.
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -98,8 +106,9 @@ def _distill_rows_kernel(
     for start in range(0, V, BLOCK):
         cols = start + offs
         inb = cols < V
-        s = tl.load(s_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
-        t = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
+        ld = cols < n_live
+        s = tl.where(inb, tl.load(s_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau, float("-inf"))
+        t = tl.where(inb, tl.load(t_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau, float("-inf"))
         ms_new = tl.maximum(ms, s)
         mt_new = tl.maximum(mt, t)
         safe_s = tl.where(ms_new == float("-inf"), 0.0, ms_new)
@@ -119,23 +128,30 @@ def _distill_rows_kernel(
     for start in range(0, V, BLOCK):
         cols = start + offs
         inb = cols < V
-        ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
-        lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
+        ld = cols < n_live
+        ls = tl.load(s_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau - lse_s
+        lt = tl.load(t_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau - lse_t
         el, h, _ = _terms(ls, lt, beta, KIND)
         loss_acc += tl.where(inb, el, 0.0)
         h_acc += tl.where(inb, h, 0.0)
-    tl.store(LOSS + row, tl.sum(loss_acc, axis=0))
+    row_loss = tl.sum(loss_acc, axis=0)
+    if HAS_KEEP:
+        row_loss = tl.where(n_live > 0, row_loss, 0.0)
+    tl.store(LOSS + row, row_loss)
     h_sum = tl.sum(h_acc, axis=0)
 
     # Sweep 3: the gradient with respect to the raw student logits.
     if HAS_GRAD:
         g = tl.load(SCALE + row).to(tl.float32) * inv_tau
+        if HAS_KEEP:
+            g = tl.where(n_live > 0, g, 0.0)  # exactly 0 for a dropped row, whatever its scale
         dz_row = DZ + row * dz_stride
         for start in range(0, V, BLOCK):
             cols = start + offs
             inb = cols < V
-            ls = tl.load(s_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_s
-            lt = tl.load(t_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_tau - lse_t
+            ld = cols < n_live
+            ls = tl.load(s_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau - lse_s
+            lt = tl.load(t_row + cols, mask=ld, other=0.0).to(tl.float32) * inv_tau - lse_t
             _, h, ps = _terms(ls, lt, beta, KIND)  # the unused loss term is compiled away
             dz = g * (h - ps * h_sum)
             tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=inb)
@@ -156,6 +172,7 @@ def distill_rows(
     temperature: float = 1.0,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row divergence and (optionally) its gradient with respect to the student logits.
 
@@ -168,6 +185,8 @@ def distill_rows(
         grad_scale: ``(rows,)`` per-row factor on the gradient; required with ``grad_out``.
         grad_out: ``(rows, vocab)`` float output for ``dL/ds`` (times ``grad_scale``), unit stride
             along the vocab. It may be ``student_logits`` itself (the gradient replaces the logits).
+        keep: ``(rows,)`` bool; a row where it is False is not read and counts as all-zero logits
+            (divergence 0, gradient 0), whatever it holds (``inf``/NaN of masked tokens).
 
     Returns:
         ``(rows,)`` float32 divergence of each row (unscaled).
@@ -175,6 +194,9 @@ def distill_rows(
     Raises:
         ValueError: on mismatched shapes, unsupported dtypes, non-unit vocab stride or an unknown ``kind``.
     """
+    if keep is not None and (keep.shape != student_logits.shape[:1] or keep.dtype != torch.bool):
+        raise ValueError(f"keep must be a bool tensor of shape ({student_logits.shape[0]},), got "
+                         f"{keep.dtype} of shape {tuple(keep.shape)}")
     if kind not in KIND_CODES:
         raise ValueError(f"kind must be one of {sorted(KIND_CODES)}, got {kind!r}")
     floats = (torch.float32, torch.float16, torch.bfloat16)
@@ -217,11 +239,13 @@ def distill_rows(
         grad_out.stride(0),
         loss,
         grad_scale,
+        loss if keep is None else keep.to(torch.int8).contiguous(),
         vocab,
         1.0 / float(temperature),
         float(beta),
         KIND=KIND_CODES[kind],
         HAS_GRAD=has_grad,
+        HAS_KEEP=keep is not None,
         BLOCK=block,
         num_warps=warps,
     )

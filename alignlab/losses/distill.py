@@ -240,6 +240,7 @@ def distill_rows_torch(
     beta: float,
     temperature: float,
     grad_scale: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`alignlab.kernels.distill.distill_rows`.
 
@@ -247,9 +248,12 @@ def distill_rows_torch(
     divergence ``(rows,)`` and, when ``grad_scale`` ``(rows,)`` is given,
     ``grad_scale[:, None] * dL/ds`` ``(rows, vocab)`` computed in closed form:
     ``dL/ds = (h - p_s * sum(h)) / tau`` with ``h = dL/d log p_s`` (see the kernel module).
+    Rows where ``keep`` ``(rows,)`` is False count as all-zero logits (loss 0, gradient 0).
     """
     inv_tau = 1.0 / temperature
     compute = torch.promote_types(s.dtype, torch.float32)
+    if keep is not None:
+        s, t = s.masked_fill(~keep[:, None], 0.0), t.masked_fill(~keep[:, None], 0.0)
     ls = torch.log_softmax(s.to(compute) * inv_tau, dim=-1)
     lt = torch.log_softmax(t.to(compute) * inv_tau, dim=-1)
     ps, pt = ls.exp(), lt.exp()
@@ -269,9 +273,12 @@ def distill_rows_torch(
         diff = ps - pt
         loss = 0.5 * diff.abs().sum(-1)
         h = 0.5 * ps * torch.sign(diff)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
     if grad_scale is None:
         return loss, None
-    dz = (h - ps * h.sum(-1, keepdim=True)) * (grad_scale.to(compute) * inv_tau)[:, None]
+    scale = grad_scale.to(compute) if keep is None else torch.where(keep, grad_scale.to(compute), 0.0)
+    dz = (h - ps * h.sum(-1, keepdim=True)) * (scale * inv_tau)[:, None]
     return loss, dz
 
 
@@ -295,10 +302,11 @@ def _chunk_rows(
     place and that buffer is returned.
     """
     s = torch.mm(x[start:end], w.t(), out=out)
+    keep = None
     if teacher[0] == "logits":
         t = teacher[1][start:end]
-        if teacher[2] is not None:  # masked rows: whatever they hold must not reach the loss
-            t = t.masked_fill(~teacher[2][start:end, None], 0.0)
+        if teacher[2] is not None:  # masked rows: whatever the given teacher logits hold there is dropped
+            keep = teacher[2][start:end]
     else:  # a teacher's logits in its own dtype, as its forward would give them
         t = teacher[1][start:end] @ teacher[2].t()
     scale = None if grad_scale is None else grad_scale[start:end]
@@ -306,9 +314,9 @@ def _chunk_rows(
         from alignlab.kernels.distill import distill_rows
 
         loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale,
-                            grad_out=None if scale is None else s)
+                            grad_out=None if scale is None else s, keep=keep)
         return loss, None if scale is None else s
-    loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale)
+    loss, dz = distill_rows_torch(s, t, kind, beta, temperature, scale, keep)
     if dz is None:
         return loss, None
     return loss, s.copy_(dz)
@@ -539,8 +547,9 @@ def fused_linear_distill_loss(
     weights = _weights(mask, torch.Size([n]), x.device, compute)
     keep = None
     if mask is not None:
-        # Rows of weight 0 are zeroed (a copy of the hidden states; the teacher's logits chunk by chunk),
-        # so that inf/NaN there reaches neither the loss nor, through dW = dz^T x, the gradient.
+        # Rows of weight 0 are zeroed in a copy of the hidden states (given teacher logits are skipped
+        # there row by row, unread by the kernel), so that inf/NaN there reaches neither the loss nor,
+        # through dW = dz^T x, the gradient.
         keep = weights != 0
         x = x.masked_fill(~keep[:, None], 0.0)
         if teacher_b is not None:

@@ -179,3 +179,22 @@ def test_fused_triton_path_ignores_masked_garbage_and_minus_inf(kernel_device, k
     assert torch.all(gx[~mask.to(kernel_device)] == 0)
     torch.testing.assert_close(gx[mask.to(kernel_device)].double().cpu(), rx, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_keep_drops_rows_unread(kernel_device, kind):
+    s, t, w = _rows(4, 37, kernel_device, seed=8)
+    keep = torch.tensor([True, False, True, False], device=kernel_device)
+    s_bad, t_bad = s.clone(), t.clone()
+    s_bad[1], t_bad[1, 3], t_bad[3] = float("nan"), float("inf"), float("-inf")
+    dz = torch.full_like(s, float("nan"))
+    loss = distill_rows(s_bad, t_bad, kind, beta=0.4, temperature=1.1, grad_scale=w, grad_out=dz, keep=keep)
+    want_loss, want_dz = distill_rows_torch(s.double(), t.double(), kind, 0.4, 1.1, w.double())
+    ref_loss, ref_dz = distill_rows_torch(s_bad.double(), t_bad.double(), kind, 0.4, 1.1, w.double(), keep)
+    assert torch.all(loss[~keep] == 0) and torch.all(dz[~keep] == 0) and torch.all(ref_dz[~keep] == 0)
+    torch.testing.assert_close(loss[keep].double(), want_loss[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz[keep].double(), want_dz[keep], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ref_loss, torch.where(keep, want_loss, 0.0))
+    torch.testing.assert_close(ref_dz[keep], want_dz[keep])
+    with pytest.raises(ValueError, match="keep"):
+        distill_rows(s, t, kind, keep=keep[:2])
