@@ -246,6 +246,22 @@ def test_eager_backward_scales_by_upstream_gradient_and_respects_frozen_inputs()
         fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], eager=True, reduction="none")
 
 
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_frozen_hidden_gets_only_head_gradients(schedule):
+    """Hidden states that need no gradient (a frozen trunk): the chunk step skips dL/dH, the head's are exact."""
+    hidden, weight, bias, labels = _batch(15)
+    hidden = hidden.detach()
+    ref = -torch.rand(2 * B, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 20
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, nll_alpha=0.5, chunk_size=4,
+                              **SCHEDULES[schedule])
+    tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
+    want, _ = dpo_loss(tok.sum(1)[:B], tok.sum(1)[B:], ref[:B], ref[B:], chosen_lengths=counts[:B],
+                       rejected_lengths=counts[B:])
+    want = want + 0.5 * -tok[:B].sum() / counts[:B].sum()
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, weight, bias), _grads(want, weight, bias), 1e-10)
+
+
 LIGER_TYPES = ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
 
 
