@@ -103,22 +103,27 @@ def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.
     return x2, a.to(dtype), b.to(dtype)
 
 
+def _lora_out(x2: torch.Tensor, weight, bias, ac: torch.Tensor, bc: torch.Tensor, scale: float):
+    """``(x2 Wᵀ + bias + s·(x2 Aᵀ) Bᵀ, x2 Aᵀ)``; the adapter term added in the second GEMM's epilogue."""
+    xa = x2 @ ac.T
+    y = _base_forward(x2, weight, bias)
+    return y.addmm_(xa, bc.T, alpha=scale), xa
+
+
 class _LoRAFn(torch.autograd.Function):
     """``y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ``: the adapter term is added in the second GEMM's epilogue
     (``addmm_``), forward and ``dx`` alike, so neither branch costs an extra pass over the output."""
 
     @staticmethod
     def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype, cast):
-        weight = quant_w if quant_w is not None else dense_w
         x2, ac, bc = _as_compute(x, a, b, dtype, cast)
-        xa = x2 @ ac.T
-        y = _base_forward(x2, weight, bias)
-        y.addmm_(xa, bc.T, alpha=scale)
+        y, xa = _lora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, bc, scale)
         # saved whatever needs_input_grad says: x2 is the caller's tensor, xa is (tokens, r); and torch.compile
         # (seen with torch 2.11) traces forward with needs_input_grad all False, which would drop the gradients
         ctx.save_for_backward(x2, dense_w, ac, bc, xa)
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.ab_dtypes = (a.dtype, b.dtype)
+        ctx.b_scaled = cast[2] if cast is not None and len(cast) > 2 else None  # a cached s·B, if the caller has one
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     @staticmethod
@@ -126,7 +131,7 @@ class _LoRAFn(torch.autograd.Function):
         x2, dense_w, ac, bc, xa = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
-        gb = g @ (bc * ctx.scale)  # (tokens, r): the gradient reaching x Aᵀ
+        gb = g @ (ctx.b_scaled if ctx.b_scaled is not None else bc * ctx.scale)  # (tokens, r): reaches x Aᵀ
         dx = dw = dbias = da = db = None
         if ctx.needs_input_grad[0]:
             dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
@@ -139,6 +144,17 @@ class _LoRAFn(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             db = _mm_to(g.T, xa, ctx.ab_dtypes[1]).mul_(ctx.scale)
         return dx, dw, dbias, da, db, None, None, None, None
+
+
+def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm):
+    """DoRA's output and what its backward reuses: ``(y, x Aᵀ, g, s·g, s·g ⊙ B)``, ``g = m / norm``."""
+    g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
+    gs = (g * scale)[:, None]
+    # s·g folded into B once, rounded once from the master B: forward's epilogue and backward's x Aᵀ gradient
+    bgs = (b.detach().to(g.dtype) * gs).to(dtype)
+    xa = x2 @ ac.T
+    y = _base_forward(x2, weight, bias, g)
+    return y.addmm_(xa, bgs.T), xa, g, gs, bgs
 
 
 class _DoRAFn(torch.autograd.Function):
@@ -154,27 +170,23 @@ class _DoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast):
-        weight = quant_w if quant_w is not None else dense_w
-        x2, ac, bc = _as_compute(x, a, b, dtype, cast)
-        g = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
-        xa = x2 @ ac.T
-        y = _base_forward(x2, weight, bias, g)
-        y.addmm_(xa, (bc.to(g.dtype) * g[:, None]).to(dtype).T, alpha=scale)
+        x2, ac, _ = _as_compute(x, a, b, dtype, cast)
+        y, xa, g, gs, bgs = _dora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, b, magnitude,
+                                      scale, dtype, norm)
         # saved whatever needs_input_grad says (see _LoRAFn.forward)
-        ctx.save_for_backward(x2, dense_w, ac, bc, xa, y, magnitude, bias, g)
-        ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
+        ctx.save_for_backward(x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs)
+        ctx.quant_w, ctx.x_shape, ctx.x_dtype = quant_w, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        from alignlab.kernels.dora import column_dot
+        from alignlab.kernels.dora import magnitude_grad
 
-        x2, dense_w, ac, bc, xa, y, magnitude, bias, g = ctx.saved_tensors
+        x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
-        gs = g * ctx.scale
-        gb = gy @ (bc * gs[:, None].to(bc.dtype))  # (tokens, r): the gradient reaching x Aᵀ
+        gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
         dx = dw = dbias = da = db = dm = None
         if ctx.needs_input_grad[0]:
             dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
@@ -186,13 +198,9 @@ class _DoRAFn(torch.autograd.Function):
             da = _mm_to(gb.T, x2, ctx.dtypes[0])
         if ctx.needs_input_grad[4]:
             db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
-            db = db.mul_(gs[:, None].to(db.dtype)).to(ctx.dtypes[1])
+            db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
         if ctx.needs_input_grad[5]:
-            acc = column_dot(gy, y)  # Σ_t gy ⊙ y, fp32
-            if bias is not None:  # Σ_t gy ⊙ (y - bias)
-                acc = acc - bias.to(acc.dtype) * gy.sum(0, dtype=acc.dtype)
-            m = magnitude.to(acc.dtype)
-            dm = torch.where(m == 0, 0.0, acc / m).to(ctx.dtypes[2])
+            dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
         return dx, dw, dbias, da, db, dm, None, None, None, None, None
 
 
@@ -220,14 +228,23 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         a: ``(r, in)``; b: ``(out, r)`` (any float dtype, e.g. fp32 masters).
         scale: ``s``.
         dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight.
-        cast: ``(a, b)`` already in the compute dtype, detached (a module's cache of them); they must
-            hold the current values of ``a`` and ``b``. Default: cast per call.
+        cast: ``(a, b)`` already in the compute dtype, detached (a module's cache of them), optionally
+            with ``s·b`` in that dtype as a third entry; they must hold the current values of ``a`` and
+            ``b``. Default: cast per call.
     Returns:
         ``(..., out)`` in ``x.dtype``; gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` /
         ``bias`` that require grad) in their own dtypes.
     """
     dense_w, quant_w = _split(weight)
-    return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, _compute_dtype(x, weight, dtype), cast)
+    dtype = _compute_dtype(x, weight, dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                    or (dense_w is not None and dense_w.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast)
+    # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
+    x2, ac, bc = _as_compute(x, a, b, dtype, cast)
+    y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
+    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -249,7 +266,13 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     dtype = _compute_dtype(x, weight, dtype)
     if norm is None:
         norm = dora_norm(weight, a, b, scale, dtype, cast)
-    return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast)
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or magnitude.requires_grad
+                                    or (dense_w is not None and dense_w.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast)
+    x2, ac, _ = _as_compute(x, a, b, dtype, cast)  # nothing to differentiate: no autograd bookkeeping
+    y = _dora_out(x2, weight, bias, ac, b, magnitude, scale, dtype, norm)[0]
+    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def dora_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,

@@ -297,22 +297,23 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
-        cast = self._cast_factors(name, a, b, dtype)
+        cast = self._cast_factors(name, a, b, dtype, scale)
         if self.is_dora(name):
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast)
             return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
 
-    def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """``(A, B)`` in ``dtype``, detached, re-made only when a factor changed (in-place updates bump its
-        version counter; a replaced tensor has another address)."""
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, torch.is_inference_mode_enabled())
+    def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float) -> tuple:
+        """``(A, B, s·B)`` in ``dtype``, detached, re-made only when a factor or the scale changed (in-place
+        updates bump a tensor's version counter; a replaced tensor has another address)."""
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, torch.is_inference_mode_enabled())
         hit = self._casts.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            cast = (a.detach().to(dtype), b.detach().to(dtype))
+            bc = b.detach().to(dtype)
+            cast = (a.detach().to(dtype), bc, bc * scale)
         self._casts[name] = (key, cast)
         return cast
 

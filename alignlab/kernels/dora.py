@@ -9,10 +9,13 @@ DoRA (Liu et al., arXiv 2402.09353) scales each output row of ``W + s·B A`` by
   ``s·(B A)`` tile from one ``tl.dot`` of ``(BLOCK_N, r) x (r, BLOCK_K)``, and
   accumulates squares. The merged weight ``W + s·B A`` is never written: the pass
   reads 0.5 byte (NF4) or 2 bytes (bf16) per weight element and the small factors.
-* :func:`column_dot` -- ``Σ_t u[t, i]·v[t, i]``, ``(out,)`` in fp32: the magnitude
-  gradient ``∂L/∂m_i = Σ_t ∂L/∂y[t, i] · z[t, i] / n_i``. Programs own a column block
-  and a slice of rows and write fp32 partial sums, added in a fixed order (deterministic),
-  so no ``(tokens, out)`` product is formed.
+* :func:`column_dot` -- ``Σ_t u[t, i]·v[t, i]``, ``(out,)`` in fp32. Programs own a column
+  block and a slice of rows and write fp32 partial sums, added in a fixed order
+  (deterministic), so no ``(tokens, out)`` product is formed.
+* :func:`magnitude_grad` -- the same reduction specialised to the magnitude gradient
+  ``∂L/∂m_i = Σ_t ∂L/∂y[t, i] · (y[t, i] - bias_i) / m_i`` (``Σ_t ∂L/∂y`` alongside for the
+  bias), finished in the kernel: one or two launches instead of a reduction plus five
+  elementwise ops on ``(out,)`` vectors, which cost more host time than GPU time.
 
 References (used on CPU, for float64, and under ``ALIGNLAB_KERNELS=torch``):
 :func:`alignlab.adapters.dora.dora_weight_norm` on the dequantized weight, and
@@ -37,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["dora_row_norm", "column_dot"]
+__all__ = ["dora_row_norm", "column_dot", "magnitude_grad"]
 
 
 if triton is not None:
@@ -93,6 +96,61 @@ if triton is not None:
             v = tl.load(v_ptr + rows * stride_v + rc[None, :], mask=ok, other=0.0).to(tl.float32)
             acc += tl.sum(u * v, axis=0)
         tl.store(part_ptr + split.to(tl.int64) * C + rc, acc, mask=rc < C)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _magnitude_grad_kernel(gy_ptr, y_ptr, bias_ptr, m_ptr, part_ptr, dm_ptr, T, C, rows_per_split, stride_g,
+                               stride_y, HAS_BIAS: tl.constexpr, FINISH: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        """Per row slice: Σ_t gy·y and (with a bias) Σ_t gy, in fp32. With one slice (FINISH) it also
+        writes ``dm = (Σ gy·y - bias·Σ gy) / m`` (0 where ``m == 0``) in ``m``'s dtype."""
+        rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        split = tl.program_id(1)
+        cmask = rc < C
+        t0 = split * rows_per_split
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for dt in range(0, rows_per_split, BLOCK_T):
+            rt = t0 + dt + tl.arange(0, BLOCK_T)
+            ok = (rt[:, None] < T) & (rt[:, None] < t0 + rows_per_split) & cmask[None, :]
+            rows = rt[:, None].to(tl.int64)
+            g = tl.load(gy_ptr + rows * stride_g + rc[None, :], mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + rows * stride_y + rc[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(g * y, axis=0)
+            if HAS_BIAS:
+                acc_g += tl.sum(g, axis=0)
+        if FINISH:
+            _magnitude_finish(acc, acc_g, rc, cmask, bias_ptr, m_ptr, dm_ptr, HAS_BIAS)
+        else:
+            base = part_ptr + split.to(tl.int64) * (2 * C)
+            tl.store(base + rc, acc, mask=cmask)
+            if HAS_BIAS:
+                tl.store(base + C + rc, acc_g, mask=cmask)
+
+    @triton.jit
+    def _magnitude_finish(acc, acc_g, rc, cmask, bias_ptr, m_ptr, dm_ptr, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            acc -= tl.load(bias_ptr + rc, mask=cmask, other=0.0).to(tl.float32) * acc_g
+        m = tl.load(m_ptr + rc, mask=cmask, other=1.0).to(tl.float32)
+        dm = tl.where(m == 0.0, 0.0, acc / m)
+        tl.store(dm_ptr + rc, dm.to(dm_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _magnitude_sum_kernel(part_ptr, bias_ptr, m_ptr, dm_ptr, C, splits, HAS_BIAS: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+        """Adds the row slices' partial sums in slice order, then finishes as above."""
+        rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = rc < C
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for i in range(0, splits):
+            base = part_ptr + i * (2 * C)
+            acc += tl.load(base + rc, mask=cmask, other=0.0)
+            if HAS_BIAS:
+                acc_g += tl.load(base + C + rc, mask=cmask, other=0.0)
+        _magnitude_finish(acc, acc_g, rc, cmask, bias_ptr, m_ptr, dm_ptr, HAS_BIAS)
 
 
 def _check_factors(shape: tuple[int, int], a: torch.Tensor, b: torch.Tensor) -> None:
@@ -172,3 +230,53 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
     launch(_column_dot_kernel, (col_blocks, splits), (u, v, part, T, C, rows_per_split, u.stride(0), v.stride(0)),
            dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4))
     return part[0] if splits == 1 else part.sum(0)
+
+
+def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, magnitude: torch.Tensor,
+                   splits: int | None = None) -> torch.Tensor:
+    """DoRA's magnitude gradient from the output: ``∂L/∂m = Σ_t gy ⊙ (y - bias) / m``, 0 where ``m == 0``.
+
+    ``gy``, ``y``: ``(T, C)``; ``bias``: ``(C,)`` or None; ``magnitude``: ``(C,)``. Sums in fp32 (fp64 for
+    fp64 inputs), the result in ``magnitude``'s dtype. The kernel path reads ``gy`` and ``y`` once and writes
+    ``dm`` directly (one launch; two when the rows are split over programs to fill the GPU).
+
+    Raises:
+        ValueError: shapes that do not fit.
+    """
+    if gy.dim() != 2 or gy.shape != y.shape:
+        raise ValueError(f"gy and y must be 2-D of one shape, got {tuple(gy.shape)} and {tuple(y.shape)}")
+    T, C = gy.shape
+    if tuple(magnitude.shape) != (C,) or (bias is not None and tuple(bias.shape) != (C,)):
+        raise ValueError(f"magnitude and bias must have shape ({C},), got {tuple(magnitude.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    fp64 = torch.float64 in (gy.dtype, y.dtype, magnitude.dtype)
+    if not (triton is not None and not fp64 and use_triton(gy, y, magnitude)) or T == 0:
+        dt = torch.float64 if fp64 else torch.float32
+        g = gy.to(dt)
+        acc = (g * y.to(dt)).sum(0)
+        if bias is not None:
+            acc = acc - bias.to(dt) * g.sum(0)
+        m = magnitude.to(dt)
+        return torch.where(m == 0, 0.0, acc / m).to(magnitude.dtype)
+    if gy.stride(1) != 1:
+        gy = gy.contiguous()
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    magnitude = magnitude.contiguous()
+    block_t, block_c = (8, 32) if interpreting() else (32, 256)
+    col_blocks = triton.cdiv(C, block_c)
+    if splits is None:  # as column_dot: about 4 programs per SM-sized slice of columns, each >= 256 rows
+        splits = 1 if interpreting() else max(1, min(triton.cdiv(T, 256), triton.cdiv(512, col_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, rows_per_split)
+    dm = torch.empty(C, dtype=magnitude.dtype, device=gy.device)
+    part = dm if splits == 1 else torch.empty(splits, 2, C, dtype=torch.float32, device=gy.device)
+    b = bias if bias is not None else magnitude
+    has_bias = bias is not None
+    launch(_magnitude_grad_kernel, (col_blocks, splits),
+           (gy, y, b, magnitude, part, dm, T, C, rows_per_split, gy.stride(0), y.stride(0)),
+           dict(HAS_BIAS=has_bias, FINISH=splits == 1, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4))
+    if splits > 1:
+        launch(_magnitude_sum_kernel, (col_blocks,), (part, b, magnitude, dm, C, splits),
+               dict(HAS_BIAS=has_bias, BLOCK_C=block_c, num_warps=4))
+    return dm

@@ -157,7 +157,13 @@ class NF4Linear(nn.Module):
             raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
         in_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = _NF4LinearFn.apply(x.to(self.compute_dtype), bias, self.quant_weight)
+        xc = x.to(self.compute_dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _NF4LinearFn.apply(xc, bias, self.quant_weight)
+        else:  # inference / generation: no autograd bookkeeping per call
+            from alignlab.kernels.nf4_matmul import nf4_matmul
+
+            y = nf4_matmul(xc, self.quant_weight, bias)
         return y.to(in_dtype) if in_dtype in SUPPORTED_DTYPES else y
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -302,3 +302,26 @@ def test_quant_weight_object_is_reused_until_a_buffer_changes():
     assert t3.data is base.qdata and t3.absmax is base.qabsmax
     x = torch.randn(2, 64)
     torch.testing.assert_close(base(x), x @ nf4_dequantize(t3, torch.float32).T + base.bias.float())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("quant", [False, True])
+def test_no_grad_calls_skip_autograd_and_give_the_same_output(dora, quant, monkeypatch, torch_mode):
+    """Inference calls run the fused math without an autograd function: same values, no graph."""
+    import alignlab.adapters.fused as fused_mod
+    import alignlab.quant.linear as linear_mod
+
+    layer = _qlora_layer(dora) if quant else _bf16_layer(dora)
+    x = torch.randn(4, 64 if quant else 48).to(torch.float32 if quant else torch.bfloat16)
+    with_grad = layer(x.clone().requires_grad_())
+    applied = []
+    for cls in (fused_mod._LoRAFn, fused_mod._DoRAFn, linear_mod._NF4LinearFn):
+        monkeypatch.setattr(cls, "apply", lambda *a, _o=cls.apply, **k: applied.append(1) or _o(*a, **k))
+    with torch.no_grad():
+        plain = layer(x)
+    assert applied == [] and plain.grad_fn is None
+    torch.testing.assert_close(plain, with_grad.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        base_out = layer.base_layer(x)
+    assert applied == []
+    torch.testing.assert_close(base_out, layer.base_layer(x.clone().requires_grad_()).detach(), rtol=0, atol=0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignlab.kernels.dora import column_dot, dora_row_norm
+from alignlab.kernels.dora import column_dot, dora_row_norm, magnitude_grad
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
 pytest.importorskip("triton")
@@ -69,6 +69,39 @@ def test_column_dot_strided_and_errors(triton_mode, kernel_device):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one shape"):
         column_dot(u, v[:, :3])
+
+
+def _magnitude_grad_formula(gy, y, bias, m):
+    """The paper's magnitude gradient written out in float64: Σ_t gy ⊙ (y - bias) / m, 0 where m == 0."""
+    z = y.double() - (0 if bias is None else bias.double())
+    dm = (gy.double() * z).sum(0) / m.double()
+    return torch.where(m == 0, torch.zeros_like(dm), dm)
+
+
+@pytest.mark.parametrize("T,C,splits", [(0, 5, None), (1, 1, None), (13, 37, None), (40, 70, 3), (64, 33, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_magnitude_grad_interpreter(T, C, splits, dtype, with_bias, triton_mode, kernel_device):
+    g = torch.Generator().manual_seed(T + 3 * C)
+    gy, y = torch.randn(T, C, generator=g).to(dtype), torch.randn(T, C, generator=g).to(dtype)
+    bias = torch.randn(C, generator=g) if with_bias else None
+    m = torch.rand(C, generator=g) + 0.5
+    m[0] = 0.0  # a row whose magnitude is exactly zero gets a zero gradient
+    dev = kernel_device
+    got = magnitude_grad(gy.to(dev), y.to(dev), None if bias is None else bias.to(dev), m.to(dev), splits=splits)
+    assert got.dtype == m.dtype and got.shape == (C,)
+    torch.testing.assert_close(got.cpu().double(), _magnitude_grad_formula(gy, y, bias, m), rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_grad_reference_path_fp64_and_errors(torch_mode):
+    g = torch.Generator().manual_seed(1)
+    gy, y, bias = torch.randn(7, 5, generator=g).double(), torch.randn(7, 5, generator=g).double(), torch.randn(5).double()
+    m = torch.rand(5, generator=g).double() + 0.1
+    torch.testing.assert_close(magnitude_grad(gy, y, bias, m), _magnitude_grad_formula(gy, y, bias, m))
+    with pytest.raises(ValueError, match="one shape"):
+        magnitude_grad(gy, y[:, :3], bias, m)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        magnitude_grad(gy, y, bias, m[:4])
 
 
 @pytest.mark.cuda
