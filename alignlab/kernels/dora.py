@@ -177,6 +177,8 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     quant = isinstance(weight, NF4Tensor)
     shape = tuple(weight.shape)
     _check_factors(shape, a, b)
+    if not quant and weight.stride(1) != 1:  # the kernel walks rows with one stride: a column-major view is copied
+        weight = weight.contiguous()
     data = weight.data if quant else weight
     N, K = shape
     fits = not quant or K % 2 == 0

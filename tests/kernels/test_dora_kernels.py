@@ -118,3 +118,13 @@ def test_row_norm_and_column_dot_cuda_bf16(quant):
                                rtol=1e-4, atol=1e-4)
     u, v = torch.randn(2, 3000, 777, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(column_dot(u, v).double(), (u.double() * v.double()).sum(0), rtol=1e-4, atol=1e-3)
+
+
+def test_row_norm_of_a_transposed_dense_view(triton_mode, kernel_device):
+    """A weight stored (in, out) and handed over as its transpose (GPT-2's Conv1D layout) is read right."""
+    g = torch.Generator().manual_seed(5)
+    stored = torch.randn(24, 40, generator=g).to(kernel_device)  # (in, out)
+    w = stored.T  # (out, in), column-major
+    a, b = torch.randn(3, 24, generator=g).to(kernel_device), torch.randn(40, 3, generator=g).to(kernel_device)
+    ref = (w.double() + 0.5 * b.double() @ a.double()).norm(dim=1)
+    torch.testing.assert_close(dora_row_norm(w, a, b, 0.5).double(), ref, rtol=1e-4, atol=1e-4)
