@@ -248,5 +248,8 @@ def distill_rows(
         HAS_KEEP=keep is not None,
         BLOCK=block,
         num_warps=warps,
+        # No fused multiply-adds: sweeps 2 and 3 then round log p identically, so that the sign of a
+        # tie in TV (p_s = p_t, e.g. a one-token vocabulary) cannot differ between loss and gradient.
+        enable_fp_fusion=False,
     )
     return loss

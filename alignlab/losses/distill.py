@@ -262,8 +262,9 @@ def distill_rows_torch(
         loss = _xlog_ratio(pt, lt, ls).sum(-1)
         h = -pt
     elif kind == "reverse_kl":
-        loss = _xlog_ratio(ps, ls, lt).sum(-1)
-        h = _xlog_ratio(ps, ls, lt) + ps
+        term = _xlog_ratio(ps, ls, lt)
+        loss = term.sum(-1)
+        h = term + ps
     elif kind == "jsd":
         m = beta * pt + (1.0 - beta) * ps
         lm = torch.where(m > 0, m.log(), torch.zeros_like(m))
