@@ -1,5 +1,5 @@
-"""The docs site builds with ``mkdocs build --strict``: broken links, pages left out of the nav and
-unresolved API references fail the build, so they fail this test."""
+"""The docs site builds with ``mkdocs build --strict``: broken links, missing anchors and unresolved
+API references fail the build, so they fail this test."""
 
 from __future__ import annotations
 
