@@ -100,14 +100,20 @@ def test_results_md_shows_every_plot():
     assert committed == {f"{p.stem}.png" for p in RESULTS.glob("*.json")}, "a result has no plot (or the reverse)"
 
 
-def test_comparison_plot_returns_a_figure_outside_pyplot():
+def test_comparison_plot_returns_a_pyplot_figure_for_notebooks():
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    before = plt.get_fignums()
     fig = _comparison().plot()
-    assert isinstance(fig, Figure) and plt.get_fignums() == before
+    try:
+        _check_figure(fig, Figure, plt)
+    finally:
+        plt.close("all")
+
+
+def _check_figure(fig, Figure, plt):
+    assert isinstance(fig, Figure) and plt.fignum_exists(fig.number)  # pyplot owns it: Jupyter shows it
     time_ax, mem_ax = fig.axes  # memory was measured: a second panel
     assert [t.get_text() for t in time_ax.get_xticklabels()] == ["ours", "peer"]  # the failed one is left out
     heights = [b.get_height() for b in mem_ax.patches]
@@ -118,7 +124,11 @@ def test_comparison_plot_returns_a_figure_outside_pyplot():
 
 def test_comparison_plot_to_a_file_and_errors(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
     path = _comparison().plot(tmp_path / "sub" / "c.png")
+    assert plt.get_fignums() == before, "a figure saved to a file must not stay open in pyplot"
     assert path == tmp_path / "sub" / "c.png" and path.read_bytes()[:8] == PNG
     failed = Comparison(results={"x": _m("x", float("nan"), error="E: y")}, baseline="x")
     with pytest.raises(ValueError, match="every contestant failed"):

@@ -189,12 +189,12 @@ class Comparison:
         contestant's peak memory was measured. Failed contestants are left out.
 
         Args:
-            path: where to save a PNG (written atomically, parent folders created). ``None``
-                (for notebooks): return the figure instead; Jupyter shows it once, inline.
+            path: where to save a PNG (written atomically, parent folders created; the figure is
+                not kept by ``pyplot``). ``None`` (for notebooks): the figure is made with ``pyplot``,
+                so Jupyter shows it inline, and returned for further styling.
 
         Returns:
-            ``path`` as a :class:`~pathlib.Path` when given, else a ``matplotlib.figure.Figure``
-            (not registered with ``pyplot``, so it leaks no global state).
+            ``path`` as a :class:`~pathlib.Path` when given, else the ``matplotlib.figure.Figure``.
 
         Raises:
             ImportError: matplotlib is not installed (``pip install alignlab[plot]``).
@@ -210,7 +210,13 @@ class Comparison:
             raise ValueError("plot: every contestant failed, there is nothing to draw")
         with_memory = any(m.peak_bytes is not None for m in ok)
         width = max(3.0, 1.2 * len(ok) + 1.5)
-        fig = Figure(figsize=(2 * width if with_memory else width, 3.2))
+        size = (2 * width if with_memory else width, 3.2)
+        if path is None:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=size)
+        else:
+            fig = Figure(figsize=size)
         axes = fig.subplots(1, 2 if with_memory else 1, squeeze=False)[0]
         names = [m.name for m in ok]
         colors = ["C0" if m.name == self.baseline else "C1" for m in ok]
