@@ -9,8 +9,11 @@ The files come in two layouts:
   comparison. The *floor* is the contestant whose name starts with "floor" when there is one, else
   the roofline time from ``bytes_moved`` / measured copy bandwidth and ``flops`` / measured matmul
   peak (the larger of the two), else the baseline contestant.
-* the scripts' own layouts (``cross_entropy``, ``preference``, ``qlora_step``, ``merging``): the floor
-  each script measured (``floor_ms``, the frozen bf16 step), or none (merging: absolute wall time).
+* the scripts' own layouts (``cross_entropy``, ``preference``, ``qlora_step``, ``host_overhead``,
+  ``merging``): the floor each script measured (``floor_ms``, the frozen bf16 step, a plain bf16
+  ``nn.Linear`` call), or none (merging: absolute wall time).
+
+A file of another layout is skipped with a note on stderr (teach :func:`panels` its layout).
 
 A panel shows time ÷ floor (1.0 = at the floor) and peak memory per contestant. A file with many
 panels and no memory (the NF4 kernel sweeps) becomes one dot chart: a row per panel, a marker per
@@ -85,6 +88,11 @@ def panels(doc: Any, name: str = "") -> list[Panel]:
             title = f"QLoRA training step, batch {batch}" + (", compiled" if compiled else "")
             out.append(Panel(title, rows, _s(floor["ms"]) if floor else None, floor["name"] if floor else ""))
         return out
+    if "host_us" in doc and "shape" in doc:  # host_overhead.json: host time per eager call, no GPU work timed
+        rows = [Row(k, v / 1e6, None) for k, v in doc["host_us"].items()]
+        floor = next((r for r in rows if r.name == "bf16 nn.Linear"), None)
+        title = _shape_title(f"host time per eager call, {doc.get('device', '')}", doc["shape"])
+        return [Panel(title, rows, floor.seconds if floor else None, floor.name if floor else "")]
     if doc.get("benchmark") == "merging":
         out = []
         for run in doc["runs"]:
@@ -243,7 +251,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_all(results: Path, out: Path) -> list[Path]:
-    """One PNG per ``*.json`` in ``results``, written to ``out``; returns the paths written."""
+    """One PNG per ``*.json`` of a known layout in ``results``, written to ``out``; returns the paths written.
+
+    Raises:
+        ValueError: ``results`` is not a folder or holds no ``*.json``.
+    """
     results, out = Path(results), Path(out)
     if not results.is_dir():
         raise ValueError(f"results must be a folder, got {results}")
@@ -252,10 +264,13 @@ def plot_all(results: Path, out: Path) -> list[Path]:
         raise ValueError(f"results holds no *.json file: {results}")
     written = []
     for f in files:
-        ps = panels(json.loads(f.read_text()), f.name)
-        if not ps:
+        try:
+            ps = panels(json.loads(f.read_text()), f.name)
+        except ValueError as exc:  # a new benchmark's own layout: say so, draw the others
+            print(f"skipped {exc}", file=sys.stderr)
             continue
-        written.append(_save(figure(f.stem, ps), out / f"{f.stem}.png"))
+        if ps:
+            written.append(_save(figure(f.stem, ps), out / f"{f.stem}.png"))
     return written
 
 
