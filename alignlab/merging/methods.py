@@ -20,6 +20,7 @@ the differences that remain are listed in each docstring.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Literal, Sequence
 
 import torch
@@ -437,6 +438,15 @@ def ties(
     dens = _densities(density, len(models))
     if consensus not in ("sum", "count"):
         raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    if _work_dtype(base) == torch.float32 and base.numel() > 0:
+        got = _ties_float32(base, models, w, dens, consensus, normalize, lambda_, out_dtype)
+        if got is not None:
+            return got
+    return _ties_reference(base, models, w, dens, consensus, normalize, lambda_, out_dtype)
+
+
+def _ties_reference(base, models, w, dens, consensus, normalize, lambda_, out_dtype) -> Tensor:
+    """TIES with float/bool torch ops; the definition the float32 fast path must match bit for bit."""
     wd = _work_dtype(base)
     # Trim thresholds need each whole task vector once; everything after is element-wise and
     # runs chunk by chunk, so the float32 scratch is ~one tensor instead of ~five.
@@ -468,6 +478,165 @@ def ties(
         return d.masked_fill_(keep.logical_not_(), 0.0)
 
     return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype)
+
+
+# The float32 TIES path avoids torch's bool-mask kernels: on CPU `where`, `masked_fill_` and
+# boolean indexing cost ~5 ns per element against ~0.3-0.5 ns for plain arithmetic. Masks are
+# instead int32 words of all ones / all zeros applied with a bitwise AND, or float 0/1 factors,
+# and every pass runs over chunks small enough to stay in cache, in preallocated buffers.
+_FAST_CHUNK = 1 << 18
+_ABS_BITS = 0x7FFFFFFF  # clears the sign bit of a float32 viewed as int32
+_TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32: exponent and 7 mantissa bits
+_INF_TOP = 0x7F80  # top 16 bits of +inf; bins from here on hold inf or NaN
+
+
+def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the ``k``-th largest value counted by ``hist`` (bin ``i`` counts value ``i``),
+    and how many values lie in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, k))
+    b = hist.numel() - 1 - j
+    return b, int(from_top[j]) - int(hist[b])
+
+
+def _trim_thresholds(flat_b: Tensor, flat_m: list[Tensor], ks: list[int | None], step: int):
+    """Exact ``k``-th largest ``|m_i − b|`` per model, as a float32 bit pattern, by radix selection.
+
+    Non-negative float32 values order like their bit patterns read as integers, so two counting
+    passes find the ``k``-th largest exactly: a histogram of the top 16 bits picks the bin that holds
+    it, a histogram of the low 16 bits inside that bin picks the value. O(n), no sort, no
+    whole-tensor scratch. Returns, per model, ``(threshold bits, elements equal to it to keep)``
+    (``None`` where nothing is trimmed), or ``None`` when some trimmed task vector holds inf or NaN.
+    """
+    n = flat_b.numel()
+    live = [i for i, k in enumerate(ks) if k]
+    out: list[tuple[int, int] | None] = [None if k is None else (0x7F800000, 0) for k in ks]  # k = 0: drop all
+    if not live:
+        return out
+    b32, d = torch.empty(step), torch.empty(step)
+    bits = torch.empty(step, dtype=torch.int32)
+
+    def counts(minlength: int, key) -> dict[int, Tensor]:
+        hist = {i: torch.zeros(minlength, dtype=torch.int64) for i in live}
+        for s in range(0, n, step):
+            L = min(step, n - s)
+            b32[:L].copy_(flat_b[s : s + L])
+            for i in live:
+                torch.sub(flat_m[i][s : s + L], b32[:L], out=d[:L])
+                ab = torch.bitwise_and(d[:L].view(torch.int32), _ABS_BITS, out=bits[:L])
+                hist[i] += torch.bincount(key(i, ab), minlength=minlength)
+        return hist
+
+    top = counts(_TOP_BINS, lambda i, ab: ab.bitwise_right_shift_(16))
+    if any(int(top[i][_INF_TOP:].sum()) for i in live):
+        return None
+    picked = {i: _kth_bin(top[i], ks[i]) for i in live}
+    # keys 1..65536 are the low 16 bits + 1 of the values in the picked bin; 0 and 65537 collect the rest
+    low = counts(65538, lambda i, ab: ab.sub_((picked[i][0] << 16) - 1).clamp_(0, 65537))
+    for i in live:
+        bin_, above = picked[i]
+        lo, above_in_bin = _kth_bin(low[i][1:65537], ks[i] - above)
+        out[i] = ((bin_ << 16) | lo, ks[i] - above - above_in_bin)
+    return out
+
+
+def _bits_to_float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _ties_float32(base, models, w, dens, consensus, normalize, lambda_, out_dtype) -> Tensor | None:
+    """:func:`_ties_reference` for float32 arithmetic, bit for bit, in ~1/5 of its time.
+
+    Returns None (the caller falls back to the reference) for float64 inputs or when a trimmed task
+    vector holds inf/NaN. Chunks whose weighted task vectors are not all finite (where 0/1 factors
+    would not behave like masks) are merged by the reference formulas.
+    """
+    if any(m.dtype == torch.float64 for m in models) or base.device.type != "cpu":
+        return None
+    n = base.numel()
+    step = min(_FAST_CHUNK, n)
+    flat_b = base.reshape(-1)
+    flat_m = [m.reshape(-1) for m in models]
+    ks = [None if rho >= 1.0 else (max(1, int(rho * n)) if rho > 0 else 0) for rho in dens]
+    trims = _trim_thresholds(flat_b, flat_m, ks, step)
+    if trims is None:
+        return None
+    tied_left = [t[1] if t is not None else 0 for t in trims]
+    out = torch.empty(n, dtype=out_dtype or base.dtype)
+    b32, total, sign, agree, mixed, div = (torch.empty(step) for _ in range(6))
+    ones = torch.ones(step)
+    deltas = [torch.empty(step) for _ in models]
+    abs_bits, keep = torch.empty(step, dtype=torch.int32), torch.empty(step, dtype=torch.int32)
+    for s in range(0, n, step):
+        L = min(step, n - s)
+        b = b32[:L]
+        b.copy_(flat_b[s : s + L])
+        es, ties_at = [], []
+        for i, (m, wi) in enumerate(zip(flat_m, w)):
+            d = torch.sub(m[s : s + L], b, out=deltas[i][:L])
+            ties_at.append(None)
+            if trims[i] is not None:
+                thr = trims[i][0]
+                ab = torch.bitwise_and(d.view(torch.int32), _ABS_BITS, out=abs_bits[:L])
+                k = torch.sub(ab, thr, out=keep[:L]).neg_().bitwise_right_shift_(31)  # -1 where |d| > thr, else 0
+                if tied_left[i] > 0:  # the first positions at the threshold are kept too
+                    idx = (ab == thr).nonzero().squeeze(1)[: tied_left[i]]
+                    k[idx] = -1
+                    tied_left[i] -= idx.numel()
+                    ties_at[i] = idx
+                d.view(torch.int32).bitwise_and_(k)
+            es.append(d.mul_(wi))
+        t = total[:L]
+        if consensus == "sum":
+            torch.add(es[0], es[1], out=t) if len(es) > 1 else t.copy_(es[0])
+            for e in es[2:]:
+                t += e
+            finite = math.isfinite(float(t.sum()))
+        else:
+            torch.sign(es[0], out=t)
+            for e in es[1:]:
+                t += e.sign()
+            finite = math.isfinite(math.fsum(float(e.sum()) for e in es))
+        if not finite:
+            out[s : s + L] = _ties_chunk_reference(flat_b[s : s + L], [m[s : s + L] for m in flat_m], w, trims,
+                                                   ties_at, consensus, normalize, lambda_, out.dtype)
+            continue
+        # elected sign g = +1 where the total is >= 0, else -1 (a -0 total only arises when every
+        # w_i δ_i is 0, which then agrees with neither sign anyway)
+        g = torch.copysign(ones[:L], t, out=sign[:L])
+        mix, dv, a = mixed[:L], div[:L], agree[:L]
+        for i, (e, wi) in enumerate(zip(es, w)):
+            torch.mul(e, g, out=a).relu_().sign_()  # 1 where w_i δ_i is non-zero with the elected sign, else 0
+            if i == 0:
+                torch.mul(e, a, out=mix)
+                if normalize:
+                    torch.mul(a, wi, out=dv)
+            else:
+                mix.addcmul_(e, a)  # e·a is exact, so fused or not this is the reference's sum
+                if normalize:
+                    dv.add_(a, alpha=wi)
+        mix.add_(0.0)  # a sum of zeros comes out +0, like the reference's masked_fill_(…, 0.0)
+        if normalize:
+            z = torch.abs(dv, out=a).sign_().sub_(1.0).neg_()  # 1 where the agreeing weight is 0, else 0
+            mix.div_(dv.add_(z))
+        if lambda_ != 1.0:
+            mix.mul_(lambda_)
+        torch.add(mix, b, out=out[s : s + L])  # the one rounding
+    return out.reshape(base.shape)
+
+
+def _ties_chunk_reference(b, ms, w, trims, ties_at, consensus, normalize, lambda_, out_dtype) -> Tensor:
+    """One chunk of :func:`_ties_reference`, given the thresholds and the tied positions it keeps."""
+    deltas = []
+    for m, wi, trim, idx in zip(ms, w, trims, ties_at):
+        d = m.to(torch.float32, copy=True).sub_(b)
+        if trim is not None:
+            keep = d.abs() > _bits_to_float(trim[0])
+            if idx is not None:
+                keep[idx] = True
+            d.masked_fill_(keep.logical_not_(), 0.0)
+        deltas.append(d.mul_(wi))
+    return _combine(b, deltas, w, consensus, normalize, lambda_, out_dtype)
 
 
 def _chunked(base, models, weights, trim, consensus, normalize, lambda_, out_dtype=None) -> Tensor:
@@ -659,15 +828,19 @@ def slerp(
     if x.numel() == 0:
         return a.to(out_dtype or a.dtype, copy=True)
     chunks = range(0, x.numel(), _SLERP_CHUNK)
+    # two reusable working-dtype buffers: no allocation (and page faults) per chunk, in-place arithmetic
+    bx = torch.empty(min(_SLERP_CHUNK, x.numel()), dtype=wd, device=x.device)
+    by = torch.empty_like(bx)
 
-    def piece(v: Tensor, s: int) -> Tensor:
-        return v[s : s + _SLERP_CHUNK].to(wd)
+    def piece(buf: Tensor, v: Tensor, s: int) -> Tensor:
+        part = v[s : s + _SLERP_CHUNK]
+        return buf[: part.numel()].copy_(part)
 
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(x, s)) for s in chunks]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(y, s)) for s in chunks]))
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(bx, x, s)) for s in chunks]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(by, y, s)) for s in chunks]))
     norm_a = torch.where(norm_a > eps, norm_a, 1.0)
     norm_b = torch.where(norm_b > eps, norm_b, 1.0)
-    dot = torch.stack([(piece(x, s) / norm_a * (piece(y, s) / norm_b)).sum() for s in chunks]).sum()
+    dot = torch.stack([piece(bx, x, s).div_(norm_a).mul_(piece(by, y, s).div_(norm_b)).sum() for s in chunks]).sum()
     dot = dot.clamp(-1.0, 1.0)
     tt = torch.tensor(t, dtype=wd)
     if dot.abs() > dot_threshold:
@@ -679,7 +852,7 @@ def slerp(
         coef_b = torch.sin(tt * omega) / sin_omega
     out = torch.empty(x.shape, dtype=out_dtype or a.dtype, device=x.device)
     for s in chunks:
-        out[s : s + _SLERP_CHUNK] = coef_a * piece(x, s) + coef_b * piece(y, s)
+        torch.add(piece(bx, x, s).mul_(coef_a), piece(by, y, s).mul_(coef_b), out=out[s : s + _SLERP_CHUNK])
     return out.reshape(a.shape)
 
 

@@ -450,3 +450,76 @@ def test_inputs_are_not_modified(name):
     ALL_TASK[name](base, ms)
     for before, after in zip(copies, [base, *ms]):
         assert torch.equal(before, after)
+
+
+# --------------------------------------------------------------------------- float32 TIES fast path
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _ties_cases():
+    g = torch.Generator().manual_seed(5)
+    n = 3001
+    smooth = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    yield "bf16", smooth, [(smooth.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(3)]
+    ints = torch.randint(-3, 4, (n,), generator=g).half()  # |δ| repeats: thousands of ties at each threshold
+    yield "ties", ints, [ints + torch.randint(-3, 4, (n,), generator=g).half() for _ in range(3)]
+    zeros = torch.zeros(n)
+    zeros[::2] = -0.0  # signed zeros in the base and in the task vectors: the output's zero signs must match
+    yield "zeros", zeros, [torch.randint(-1, 2, (n,), generator=g).float() * 0.0, ints.float()[:n] * 0.5, -ints.float()]
+
+
+@pytest.mark.parametrize("case", ["bf16", "ties", "zeros"])
+def test_ties_float32_path_is_bit_identical_to_reference(monkeypatch, case):
+    """The bitwise-mask fast path equals the masked_fill/where reference bit for bit, ties at the
+    threshold carried across chunk boundaries included."""
+    monkeypatch.setattr(M, "_FAST_CHUNK", 256)
+    base, ms = next((b, m) for name, b, m in _ties_cases() if name == case)
+    for n_models in (1, 2, 3):
+        for density in (0.5, [0.3, 1.0, 0.05][:n_models], 0.0, 1.0):
+            for consensus in ("sum", "count"):
+                for normalize, lam, w in ((True, 1.0, [0.6, 0.4, 0.25]), (False, -0.7, [-1.0, 1.0, 0.5])):
+                    for out in (None, torch.float32):
+                        dens = M._densities(density, n_models)
+                        want = M._ties_reference(base, ms[:n_models], w[:n_models], dens, consensus, normalize, lam,
+                                                 out)
+                        got = M.ties(base, ms[:n_models], w[:n_models], density=density, consensus=consensus,
+                                     normalize=normalize, lambda_=lam, out_dtype=out)
+                        assert got.dtype == want.dtype
+                        assert torch.equal(_bits(got), _bits(want)), (n_models, density, consensus, normalize, out)
+
+
+def test_ties_float32_path_non_finite_falls_back_exactly(monkeypatch):
+    """inf/NaN task vectors (where 0/1 factors would not act as masks) give the reference's numbers."""
+    monkeypatch.setattr(M, "_FAST_CHUNK", 64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, generator=g)
+    y, z = x + torch.randn(1000, generator=g), x + torch.randn(1000, generator=g)
+    y[5], y[900], z[7] = float("inf"), -float("inf"), float("nan")
+    big = torch.full((300,), 3e38)
+    for base, ms in ((x, [y, z]), (x, [x + 1, y]), (x, [z]), (-big, [big, big])):
+        for density in (0.5, 1.0, 0.0, [1.0, 0.5][: len(ms)]):
+            for consensus in ("sum", "count"):
+                dens = M._densities(density, len(ms))
+                want = M._ties_reference(base, ms, [1.0] * len(ms), dens, consensus, True, 1.0, None)
+                got = M.ties(base, ms, density=density, consensus=consensus)
+                assert torch.equal(_bits(got), _bits(want))
+
+
+def test_trim_thresholds_are_the_kth_largest_magnitudes():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(20_000, generator=g).bfloat16()
+    ms = [(base.float() + torch.randn(20_000, generator=g) * s).bfloat16() for s in (1e-3, 1.0, 0.0)]
+    ks = [1, 7_000, 20_000]
+    got = M._trim_thresholds(base, ms, ks, 999)
+    for m, k, (bits, tied) in zip(ms, ks, got):
+        mag = (m.float() - base.float()).abs()
+        thr = mag.sort(descending=True).values[k - 1]
+        assert bits == int(thr.view(torch.int32))
+        assert tied == k - int((mag > thr).sum()) >= 1
+    assert M._trim_thresholds(base, ms, [None, 0, None], 999) == [None, (0x7F800000, 0), None]
+    inf = ms[1].clone()
+    inf[3] = float("inf")
+    assert M._trim_thresholds(base, [inf], [5], 999) is None
