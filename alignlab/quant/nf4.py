@@ -86,28 +86,37 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _TABLES[key]
 
 
-def _build_dynamic_map() -> torch.Tensor:
-    # Signed dynamic-exponent map, 8 bits, up to 7 exponent bits: for decade
-    # e = 10^(i-6), i = 0..6, the midpoints of 2^i + 1 evenly spaced fractions in
-    # [0.1, 1] (with both signs), plus the "no indicator bit" extras, 0 and 1.
+def _build_dynamic_map(signed: bool = True) -> torch.Tensor:
+    # Dynamic-exponent map, 8 bits, up to 7 exponent bits: for decade e = 10^(i-6),
+    # i = 0..6, the midpoints of evenly spaced fractions in [0.1, 1] -- 2^i + 1 of
+    # them with both signs (signed), 2^(i+1) + 1 positive ones (unsigned: the sign
+    # bit becomes one more fraction bit) -- plus the "no indicator bit" extras, 0 and 1.
     values: list[float] = []
     for i in range(7):
-        fractions = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        fractions = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
         mids = (fractions[:-1] + fractions[1:]) / 2.0
         values += ((10 ** (i - 6)) * mids).tolist()
-        values += (-(10 ** (i - 6)) * mids).tolist()
+        if signed:
+            values += (-(10 ** (i - 6)) * mids).tolist()
     # 2^(7-7) - 1 = 0 extra items for 7 exponent bits; the last two levels:
     values += [0.0, 1.0]
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
 
 
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The signed 8-bit dynamic quantization map used for double quantization, ``(256,)`` float32."""
+def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torch.Tensor:
+    """The 8-bit dynamic quantization map, ``(256,)`` float32, sorted ascending.
+
+    ``signed=True`` (values in ``[-1, 1]``) is the map of double quantization and of
+    the first Adam moment; ``signed=False`` (values in ``[0, 1]``, one more fraction
+    bit per decade) that of the second moment in 8-bit optimizers (Dettmers et al.,
+    *8-bit Optimizers via Block-wise Quantization*, arXiv 2110.02861). Both equal
+    ``bitsandbytes.functional.create_dynamic_map(signed)``.
+    """
     device = torch.device(device)
-    key = ("dynamic", device)
+    key = ("dynamic" if signed else "dynamic_unsigned", device)
     if key not in _TABLES:
-        _TABLES[key] = _build_dynamic_map().to(device)
+        _TABLES[key] = _build_dynamic_map(signed).to(device)
     return _TABLES[key]
 
 
@@ -271,13 +280,16 @@ def _unpack(data: torch.Tensor, n: int) -> torch.Tensor:
     return codes[:n].long()
 
 
-def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise absmax quantization of float32 ``x`` to the dynamic map: ``(codes uint8, absmax f32)``."""
+def _quantize_blockwise_8bit(
+    x: torch.Tensor, blocksize: int, code: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization of float32 ``x`` to a sorted 256-level map (default: the signed
+    dynamic map): ``(codes uint8, absmax f32)``."""
     n = x.numel()
     blocks = _blocks(x.float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    codes = _nearest_code(scaled, dynamic_map(x.device))
+    codes = _nearest_code(scaled, dynamic_map(x.device) if code is None else code)
     # an all-zero block (0 / 0 in bitsandbytes' C search) is stored as code 0; it decodes to 0 either way
     codes = torch.where(absmax[:, None] == 0, 0, codes).reshape(-1)[:n]
     return codes.to(torch.uint8), absmax
