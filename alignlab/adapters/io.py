@@ -36,6 +36,7 @@ from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
 from alignlab.adapters.lora import LoRALinear
+from alignlab.distributed import barrier, full_tensor, is_sharded, is_writer, like_target, unwrap
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -106,8 +107,12 @@ def own_format_config(cls: type, raw: dict):
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (see module docstring), detached, on CPU."""
-    return {k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(model, adapter_name).items()}
+    """The adapter's tensors under PEFT's key names (see module docstring), detached, on CPU.
+
+    On a model sharded by FSDP2 every rank must call it: each tensor is gathered whole.
+    """
+    tensors = _adapter_tensors(unwrap(model), adapter_name)
+    return {k: full_tensor(v.detach()).contiguous().cpu() for k, v in tensors.items()}
 
 
 def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict:
@@ -154,9 +159,14 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's format.
 
+    Under ``torch.distributed`` (FSDP2 or DDP) call it on every rank: the adapter is gathered
+    whole and rank 0 alone writes the files (the same bytes a single process writes); the
+    other ranks wait until they are in place.
+
     Raises:
         ValueError: the model has no adapter of that name (lists the ones it has).
     """
+    model = unwrap(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(configs)}")
@@ -167,13 +177,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into the base (e.g. {merged[0]!r}); unmerge before saving")
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model, adapter_name)
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
     raw.update({k: v for k, v in _model_identity(model).items() if k in raw and raw[k] is None})
     meta = json.dumps(raw, indent=2, sort_keys=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
+    barrier()
     return out
 
 
@@ -224,15 +236,24 @@ def config_from_peft(raw: dict) -> LoRAConfig:
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA/rsLoRA/DoRA adapter from ``path`` into ``model`` (in place; returns it).
 
+    A model already sharded by FSDP2 cannot take new layers: inject the adapter (same config)
+    before ``fully_shard``; ``load_adapter`` then copies the file's weights into its shards (every
+    rank reads the file and keeps its own part). A DDP-wrapped model is unwrapped.
+
     Raises:
         FileNotFoundError: ``path`` lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
-        ValueError: missing or unexpected keys, or shape mismatches (the key is named).
+        ValueError: missing or unexpected keys, or shape mismatches (the key is named); a sharded
+            model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
+    model = unwrap(model)
     root = Path(path)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
     config = _config_from_file(json.loads((root / CONFIG_NAME).read_text()))
+    if is_sharded(model):
+        _load_into_sharded(model, config, load_file(str(root / WEIGHTS_NAME)), adapter_name)
+        return model
     _drop_absent_modules_to_save(model, config)
     state = load_file(str(root / WEIGHTS_NAME))
     trainable = {id(p): p.requires_grad for p in model.parameters()}
@@ -248,6 +269,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 p.requires_grad_(trainable[id(p)])
         raise
     return model
+
+
+def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    have = adapter_configs(model).get(adapter_name)
+    if have is None:
+        raise ValueError(f"model is sharded (FSDP2) and has no adapter {adapter_name!r}: inject it before fully_shard, "
+                         "then load_adapter copies the weights into its shards")
+    fields_ = ("r", "alpha", "use_rslora", "use_dora")
+    if type(have) is not type(config) or (isinstance(config, LoRAConfig) and any(
+            float(getattr(have, f)) != float(getattr(config, f)) for f in fields_)):
+        raise ValueError(f"adapter {adapter_name!r} of the sharded model differs from the file's "
+                         f"({type(have).__name__} vs {type(config).__name__}; compared {fields_})")
+    _copy_into(model, state, adapter_name)
 
 
 def _drop_absent_modules_to_save(model: nn.Module, config) -> None:
@@ -304,7 +338,7 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
             raise ValueError(f"{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} in the model")
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+            target.copy_(like_target(state[key], target))
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,169 @@
+"""More than one GPU: QLoRA / LoRA / DoRA models under PyTorch's FSDP2 and DDP.
+
+alignlab adds no communication of its own: the training step runs through PyTorch's
+``fully_shard`` (FSDP2) or ``DistributedDataParallel``; saving and loading adapters
+gathers / scatters through ``DTensor`` (``full_tensor``, ``distribute_tensor``).
+
+What is sharded. FSDP2 shards *parameters*: under :func:`shard_model` every rank holds
+``1 / world`` of each float parameter (embeddings, norms, ``lm_head``, adapter factors,
+DoRA magnitudes) and all-gathers a block's parameters just before its forward / backward.
+:class:`~alignlab.quant.NF4Linear` keeps its packed 4-bit weight in frozen *buffers*,
+which FSDP2 leaves alone: they stay **replicated**, bit for bit, on every rank (uint8
+stays uint8; nothing is cast or reinterpreted). Per-GPU memory of the model is therefore
+
+    NF4 bytes of all quantized linears  +  (float parameters) / world,
+
+about 0.56 bytes per quantized weight (4 bits + double-quantized scales): a 70B base in
+NF4 (~35 GB) must fit on each GPU; sharding the NF4 bytes too is left for later.
+
+Mixed precision (FSDP2's ``MixedPrecisionPolicy``): keep fp32 master adapter weights
+(the sharded parameters and the optimizer state stay fp32), all-gather and compute in
+bf16 (``param_dtype=torch.bfloat16``) and reduce-scatter gradients in fp32
+(``reduce_dtype=torch.float32``) -- :func:`bf16_policy`. The NF4 base computes in its own
+``compute_dtype`` whatever the policy says.
+
+Only adapter parameters carry gradients and optimizer state: :func:`~alignlab.adapters.inject`
+freezes everything else, so build the optimizer from
+``[p for p in model.parameters() if p.requires_grad]``. ``with disabled(model):`` (the DPO
+reference pass) works unchanged under FSDP2 and DDP.
+
+Order of operations: ``quantize_model`` -> ``inject`` (or ``load_adapter``) -> :func:`shard_model`
+(or :func:`ddp_model`) -> optimizer. ``save_adapter`` and ``load_adapter``
+accept the sharded (or DDP-wrapped) model on every rank; see :mod:`alignlab.adapters.io`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["shard_model", "bf16_policy", "ddp_model", "unwrap", "is_writer", "barrier", "full_tensor", "like_target", "is_sharded",
+           "full_state_dict"]
+
+
+def bf16_policy():
+    """``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: bf16 all-gather and
+    compute, fp32 gradient reduction, fp32 sharded master weights and optimizer state."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_model(
+    model: nn.Module,
+    block_types: Iterable[str | type] | None = None,
+    mesh=None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """``fully_shard`` every transformer block of ``model``, then the model itself; returns ``model``.
+
+    Blocks are the modules whose class is in ``block_types`` (classes or class names); by default
+    a ``transformers`` model's ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``). Each block is
+    one FSDP2 unit (one all-gather before its forward and backward); the rest (embeddings, final
+    norm, ``lm_head``) forms the root unit. Call it after ``inject``: adapters added later would
+    not be sharded.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no ``block_types`` given and the model declares none, or none of them occurs.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if block_types is None:
+        block_types = getattr(model, "_no_split_modules", None)
+        if not block_types:
+            raise ValueError("block_types must be given: the model declares no _no_split_modules")
+    wanted = {t if isinstance(t, str) else t.__name__ for t in block_types}
+    blocks = [m for m in model.modules() if type(m).__name__ in wanted and m is not model]
+    if not blocks:
+        raise ValueError(f"block_types={sorted(wanted)} match no module of {type(model).__name__}")
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
+              "reshard_after_forward": reshard_after_forward}
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """``DistributedDataParallel(model, **kwargs)`` that does not re-broadcast buffers before each forward.
+
+    DDP's default copies every buffer from rank 0 at each forward; here the buffers include the
+    frozen NF4 bytes of the whole base (identical on every rank after the initial sync), so that
+    would move the entire quantized model per step. Only the adapters' gradients are all-reduced.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        kwargs.setdefault("forward_sync_buffers", False)
+    else:  # torch < 2.13 spells it broadcast_buffers
+        kwargs.setdefault("broadcast_buffers", False)
+    return DistributedDataParallel(model, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a ``DistributedDataParallel`` wrapper (FSDP2 needs none: it shards in place)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded ``DTensor`` is all-gathered (every rank must call), a plain tensor is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_target(src: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``src`` (the whole tensor, the same on every rank) laid out as ``target``: this rank's shard
+    when ``target`` is a ``DTensor`` (no communication: each rank slices its own part), else ``src``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    src = src.to(device=target.device, dtype=target.dtype)
+    if not isinstance(target, DTensor):
+        return src
+    return distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 / tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole ``state_dict()`` of a sharded model on rank 0, on CPU (``{}`` on other ranks).
+
+    Every rank must call it: each sharded tensor is all-gathered in turn (one at a time, so
+    the peak extra memory per GPU is the largest parameter). ``NF4Linear`` layers write
+    bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_state...``), so the base of
+    an FSDP2 QLoRA model loads into ``transformers`` with ``BitsAndBytesConfig`` as a
+    single-process one does.
+    """
+    out = {}
+    for key, value in unwrap(model).state_dict().items():
+        value = full_tensor(value)
+        if is_writer():
+            out[key] = value.detach().cpu()
+    return out

@@ -1,0 +1,134 @@
+"""Two gloo ranks on CPU (FSDP2 and DDP) against one process on the same global batch.
+
+One spawn trains every case (FSDP2 / DDP x LoRA / DoRA on an NF4 Llama, plus FSDP2 with the
+bf16 mixed-precision policy) and saves adapters; a second spawn -- fresh processes, as after a
+kill -- resumes from the saved adapters. The oracle is the same script run here in a single
+process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if not torch.distributed.is_available():  # pragma: no cover - every CPU wheel ships gloo
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the worker by module name
+import fsdp_worker as w  # noqa: E402
+
+from alignlab.adapters import disabled, save_adapter  # noqa: E402
+
+CASES = ("fsdp_lora", "fsdp_dora", "ddp_lora", "ddp_dora")
+FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out: Path, phase: str) -> dict:
+    torch.multiprocessing.spawn(w.worker, args=(2, _free_port(), str(out), phase), nprocs=2, join=True)
+    return torch.load(out / f"{phase}.pt", weights_only=False)
+
+
+def _single(dora: bool, out: Path):
+    model = w.build(dora)
+    ids = w.global_batch()
+    save_adapter(model, out / "init")
+    losses, grads, _ = w.train(model, ids)
+    save_adapter(model, out / "trained")
+    with torch.no_grad():
+        next_loss = float(w.loss_of(model, ids))
+        with disabled(model):
+            ref_loss = float(w.loss_of(model, ids))
+    return model, {"losses": losses, "grads": grads, "next_loss": next_loss, "ref_loss": ref_loss}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    train = _spawn(out, "train")
+    restart = _spawn(out, "restart")
+    single = {}
+    for dora in (False, True):
+        name = "dora" if dora else "lora"
+        single[name] = _single(dora, out / "single" / name)
+    return out, train, restart, single
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_adapter_grads_match_one_process(runs, case):
+    _, train, _, single = runs
+    got, want = train[case], single[case.split("_")[1]][1]
+    torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
+    for step, (g, s) in enumerate(zip(got["grads"], want["grads"])):
+        assert sorted(g) == sorted(s), f"step {step}: gradient carried by other parameters than the adapter's"
+        assert all(("lora_" in n) for n in g), sorted(g)
+        for n in s:
+            torch.testing.assert_close(g[n], s[n], rtol=1e-4, atol=1e-6, msg=f"step {step}: {n}")
+    # optimizer state exists for adapter parameters only (SGD momentum: one buffer each)
+    assert got["opt_state"] == len(want["grads"][0])
+    assert got["next_loss"] == pytest.approx(want["next_loss"], rel=1e-5)
+    assert got["ref_loss"] == pytest.approx(want["ref_loss"], rel=1e-5)  # disabled(model): the DPO reference pass
+    assert got["ref_loss"] != pytest.approx(got["next_loss"], rel=1e-3)  # and it really turned the adapters off
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_saved_adapter_files(runs, case):
+    out, _, _, _ = runs
+    kind = case.split("_")[1]
+    for fname in FILES:  # same adapter weights: rank 0 writes the bytes a single process writes
+        assert (out / case / "init" / fname).read_bytes() == (out / "single" / kind / "init" / fname).read_bytes()
+    assert (out / case / "trained" / FILES[1]).read_bytes() == (out / "single" / kind / "trained" / FILES[1]).read_bytes()
+    from safetensors.torch import load_file
+
+    got, want = (load_file(str(d / FILES[0])) for d in (out / case / "trained", out / "single" / kind / "trained"))
+    assert sorted(got) == sorted(want)
+    for k in want:  # trained in two ranks: equal to float tolerance (the reduction order differs)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert not [p for p in (out / case).rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_restart_from_saved_adapter_resumes_with_the_same_loss(runs, case):
+    _, train, restart, _ = runs
+    assert restart[case]["loss"] == pytest.approx(train[case]["next_loss"], rel=1e-6)
+
+
+def test_loading_an_adapter_the_sharded_model_lacks_is_refused(runs):
+    assert "inject it before fully_shard" in runs[2]["missing_adapter_error"]
+
+
+def test_fsdp_shards_float_params_and_keeps_nf4_bytes_whole(runs):
+    _, train, _, single = runs
+    for case in ("fsdp_lora", "fsdp_dora"):
+        b = train[case]["bytes"]
+        assert b["param_bytes_local"] <= b["param_bytes_full"] // 2 + 4096  # 1/world (+ padding of dim 0)
+        model = single[case.split("_")[1]][0]
+        assert b["buffer_bytes"] == sum(x.numel() * x.element_size() for x in model.buffers())  # replicated
+
+
+def test_full_state_dict_equals_one_process(runs):
+    _, train, _, single = runs
+    got, want = train["fsdp_lora"]["state_dict"], single["lora"][0].state_dict()
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype, k
+        if v.dtype == torch.uint8 or "lora_" not in k:  # NF4 bytes, scales, frozen weights: bit for bit
+            assert torch.equal(got[k], v), k
+        else:
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(k.endswith("weight.quant_state.bitsandbytes__nf4") for k in got)
+
+
+def test_bf16_mixed_precision_tracks_fp32(runs):
+    _, train, _, single = runs
+    torch.testing.assert_close(train["fsdp_bf16"]["losses"], single["lora"][1]["losses"], rtol=2e-2, atol=0)
