@@ -20,6 +20,7 @@ import torch.nn.functional as F
 __all__ = [
     "KL_ESTIMATORS",
     "GRPO_LOSS_TYPES",
+    "IS_MODES",
     "bradley_terry_loss",
     "kl_penalty",
     "masked_mean",
@@ -34,6 +35,7 @@ __all__ = [
 
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 _GROUP_SCALES = ("group", "batch", "none")
 
 
@@ -509,6 +511,29 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
     return adv
 
 
+def is_weights(
+    old: torch.Tensor, sampling: torch.Tensor, m: torch.Tensor, mode: str, is_min: float | None, is_max: float | None
+) -> torch.Tensor:
+    """Detached importance weights ``pi_old / pi_sampler`` per token ``(batch, seq)`` or per sequence ``(batch, 1)``."""
+    zero = torch.zeros((), dtype=old.dtype, device=old.device)
+    diff = torch.nan_to_num(torch.where(m, old - sampling.detach().to(old.dtype), zero), nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=1, keepdim=True)
+    w = torch.exp(diff)
+    lo = -float("inf") if is_min is None else is_min
+    hi = float("inf") if is_max is None else is_max
+    if mode.endswith("truncate"):
+        return w.clamp(min=lo, max=hi)
+    return w.masked_fill((w < lo) | (w > hi), 0.0)
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float) -> torch.Tensor:
+    r"""Per-token :math:`-\min(\rho A, \mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon_{hi}) A)` with
+    :math:`\rho = e^{\log\rho}`: the one formula shared by :func:`grpo_loss` and the fused GRPO."""
+    ratio = torch.exp(log_ratio)
+    return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -522,26 +547,49 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items: int | torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    sampling_logprobs: torch.Tensor | None = None,
+    is_mode: str = "token_truncate",
+    is_min: float | None = None,
+    is_max: float | None = 3.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""GRPO policy loss with its aggregation variants.
+    r"""GRPO policy loss with its aggregation variants, GSPO's sequence ratio and off-policy correction.
 
-    Per token, with :math:`\rho_t = \pi(y_t)/\pi_{\mathrm{old}}(y_t)` and the sequence's advantage :math:`A`
-    (:func:`group_advantages`):
+    Per token, with the importance ratio :math:`\rho_t = \pi(y_t)/\pi_{\mathrm{old}}(y_t)` and the sequence's
+    advantage :math:`A` (:func:`group_advantages`):
 
     .. math::
-        \ell_t = -\min\big(\rho_t A,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{hi}) A\big)
-            + \beta\,\mathrm{KL}_{k3}(\pi\|\pi_{\mathrm{ref}})_t
+        \ell_t = -\min\big(\rho_t A,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{hi}) A\big)\,w_t
+            + \beta\,\mathrm{KL}_{k}(\pi\|\pi_{\mathrm{ref}})_t
 
-    then aggregated (``loss_type``):
+    * ``importance_sampling_level="sequence"`` (GSPO, "Group Sequence Policy Optimization", arXiv 2507.18071)
+      replaces :math:`\rho_t` by :math:`\exp(\frac1{|y|}\sum_t \log\rho_t)`, one ratio per sequence;
+    * :math:`w_t` corrects for a sampling engine whose log-probs ``sampling_logprobs`` differ from the
+      trainer's (vLLM vs. training kernels; truncated importance sampling, Yao et al. 2025 "Your Efficient RL
+      Framework Secretly Brings You Off-Policy RL Training"): :math:`w_t = \exp(\log\pi_{\mathrm{old}}(y_t)
+      - \log\pi_{\mathrm{sampler}}(y_t))` (summed over the sequence for ``is_mode="sequence_*"``), detached,
+      then ``*_truncate`` clamps it to ``[is_min, is_max]`` and ``*_mask`` zeroes it outside; :math:`w_t=1`
+      without ``sampling_logprobs``.  This is TRL's ``vllm_importance_sampling_mode`` /
+      ``vllm_importance_sampling_clip_min`` / ``_clip_max``;
+    * the KL estimator :math:`k` is ``kl_estimator`` (:func:`kl_penalty`, ``k3`` as GRPO).
 
-    * ``grpo`` — sequence-level: mean over sequences of the per-sequence token mean (DeepSeekMath,
-      arXiv 2402.03300);
-    * ``bnpo`` — token-level: sum over all unmasked tokens / their count;
-    * ``dapo`` — token-level over the *global* batch: sum / ``num_items`` (total unmasked tokens across
-      gradient-accumulation steps; this batch's count by default); with ``epsilon_high`` for clip-higher
-      (DAPO, arXiv 2503.14476);
-    * ``dr_grpo`` — sum / (batch · ``max_completion_length``), a constant normaliser free of length bias
-      (Dr. GRPO, arXiv 2503.20783; pair it with ``group_advantages(..., scale="none")``).
+    Then aggregated (``loss_type``); ``num_items`` is the normaliser over the whole optimiser step (all
+    gradient-accumulation micro-batches and all ranks), so that summing the micro-batch losses gives the
+    big-batch loss exactly:
+
+    * ``grpo`` — mean over sequences of the per-sequence token mean (DeepSeekMath, arXiv 2402.03300):
+      :math:`\sum_i \bar\ell_i / N_{seq}`, ``num_items`` = total sequences (this batch's by default);
+    * ``bnpo`` — sum over all unmasked tokens / their count (``num_items`` = total tokens, default local);
+    * ``dapo`` — as ``bnpo`` (DAPO, arXiv 2503.14476, pair with ``epsilon_high`` for clip-higher);
+    * ``dr_grpo`` — sum / (sequences · ``max_completion_length``) (Dr. GRPO, arXiv 2503.20783; pair it with
+      ``group_advantages(..., scale="none")``); ``num_items`` = total sequences.
+
+    With ``entropy`` (per-token entropies, e.g. from :func:`~alignlab.losses.fused_rl.fused_linear_grpo`)
+    the metric ``entropy`` is reported and ``entropy_coef`` :math:`c` subtracts :math:`c` times their token
+    mean (over ``num_items`` tokens for ``bnpo``/``dapo``, else this batch's tokens), as TRL's entropy bonus.
 
     Args:
         logprobs: ``(batch, seq)`` current per-token log-probs (with gradient).
@@ -552,29 +600,47 @@ def grpo_loss(
         beta: KL coefficient.
         epsilon, epsilon_high: clip range (``epsilon_high`` defaults to ``epsilon``).
         max_completion_length: normaliser of ``dr_grpo`` (default: ``seq``).
-        num_items: normaliser of ``dapo``.
+        num_items: step-wide normaliser (above).
+        importance_sampling_level: ``"token"`` or ``"sequence"``.
+        kl_estimator: one of :data:`KL_ESTIMATORS`.
+        entropy: ``(batch, seq)`` per-token entropies; entropy_coef: bonus coefficient (needs ``entropy``).
+        sampling_logprobs: ``(batch, seq)`` log-probs reported by the sampling engine.
+        is_mode: ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"`` or ``"sequence_mask"``.
+        is_min, is_max: bounds of the importance weight (None = unbounded on that side).
 
     Returns:
-        ``(loss, metrics)`` with ``clip_ratio`` (fraction of unmasked tokens clipped), and ``kl`` (masked mean
-        k3) when ``beta > 0``.
+        ``(loss, metrics)`` with TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean`` (token means, or sequence means at sequence level), ``clip_ratio`` (=
+        ``region_mean``), ``kl`` when ``beta > 0``, ``entropy`` with ``entropy``, and
+        ``sampling/importance_sampling_ratio/{min,mean,max}`` with ``sampling_logprobs``.
 
     Raises:
-        ValueError: unknown ``loss_type`` (lists the valid ones), shape/dtype mismatches, ``beta < 0``,
-            ``beta > 0`` without ``ref_logprobs``, non-positive clip ranges.
+        ValueError: unknown ``loss_type``/``importance_sampling_level``/``kl_estimator``/``is_mode`` (lists the
+            valid ones), shape/dtype mismatches, ``beta < 0``, ``beta > 0`` without ``ref_logprobs``,
+            non-positive clip ranges, ``entropy_coef`` without ``entropy``.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(GRPO_LOSS_TYPES)}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid estimators are {list(KL_ESTIMATORS)}")
+    if is_mode not in IS_MODES:
+        raise ValueError(f"unknown is_mode {is_mode!r}; valid modes are {list(IS_MODES)}")
     _float("logprobs", logprobs, 2)
-    if old_logprobs is not None:
-        _float("old_logprobs", old_logprobs, 2)
-    if ref_logprobs is not None:
-        _float("ref_logprobs", ref_logprobs, 2)
-    _same_shape("logprobs", logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
+                    ("sampling_logprobs", sampling_logprobs)):
+        if t is not None:
+            _float(name, t, 2)
+    _same_shape("logprobs", logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropy=entropy,
+                sampling_logprobs=sampling_logprobs)
     adv = _broadcast_advantages(advantages, logprobs)
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
+    if entropy_coef and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
     hi = epsilon if epsilon_high is None else epsilon_high
     if not (epsilon > 0 and hi > 0):
         raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon!r}, {epsilon_high!r}")
@@ -583,28 +649,61 @@ def grpo_loss(
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     lp = logprobs.to(dtype)
     old = lp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
-    ratio = torch.exp(torch.where(m, lp - old, zero))
+    log_ratio = torch.where(m, lp - old, zero)
     a = torch.where(m, adv.detach().to(dtype).expand_as(lp), zero)
-    surr1 = ratio * a
-    surr2 = torch.clamp(ratio, 1.0 - epsilon, 1.0 + hi) * a
-    per_token = -torch.minimum(surr1, surr2)
-    metrics: dict[str, torch.Tensor] = {"clip_ratio": masked_mean((surr2 < surr1).to(dtype), m).detach()}
+    if importance_sampling_level == "sequence":
+        log_ratio = log_ratio.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+        a_clip = adv.detach().to(dtype)[:, :1] if adv.dim() == 2 and adv.shape[1] else adv.detach().to(dtype)
+    else:
+        a_clip = a
+    ratio = torch.exp(log_ratio)
+    per_token = clipped_surrogate(log_ratio, a, epsilon, hi)
+    metrics: dict[str, torch.Tensor] = {}
+    low = ((ratio < 1.0 - epsilon) & (a_clip < 0)).to(dtype).detach()
+    high = ((ratio > 1.0 + hi) & (a_clip > 0)).to(dtype).detach()
+    if importance_sampling_level == "sequence":  # one value per sequence, averaged over sequences (as TRL)
+        def stat(x):
+            return x.mean() if x.numel() else zero
+    else:
+        def stat(x):
+            return masked_mean(x, m)
+    metrics["clip_ratio/low_mean"] = stat(low)
+    metrics["clip_ratio/high_mean"] = stat(high)
+    metrics["clip_ratio/region_mean"] = stat(torch.maximum(low, high))
+    metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
+    if sampling_logprobs is not None:
+        w = is_weights(old, sampling_logprobs, m, is_mode, is_min, is_max)
+        per_token = per_token * w
+        if is_mode.startswith("sequence"):
+            w_tok = w.expand_as(lp)
+        else:
+            w_tok = w
+        wm = w_tok[m]
+        metrics["sampling/importance_sampling_ratio/min"] = wm.min() if wm.numel() else zero
+        metrics["sampling/importance_sampling_ratio/mean"] = masked_mean(w_tok, m)
+        metrics["sampling/importance_sampling_ratio/max"] = wm.max() if wm.numel() else zero
     if beta > 0:
-        kl = kl_penalty(lp, ref_logprobs.detach().to(dtype), "k3", m)
+        kl = kl_penalty(lp, ref_logprobs.detach().to(dtype), kl_estimator, m)
         per_token = per_token + beta * kl
         metrics["kl"] = masked_mean(kl.detach(), m)
     per_token = torch.where(m, per_token, zero)
 
+    n_seq = max(logprobs.shape[0], 1) if num_items is None else num_items
     if loss_type == "grpo":
-        loss = _aggregate(per_token, m, "sequence")
-    elif loss_type == "bnpo":
-        loss = per_token.sum() / m.sum().clamp(min=1)
-    elif loss_type == "dapo":
+        per_seq = per_token.sum(dim=1) / m.sum(dim=1).clamp(min=1).to(dtype)
+        loss = per_seq.sum() / torch.as_tensor(n_seq, device=lp.device).clamp(min=1).to(dtype)
+    elif loss_type in ("bnpo", "dapo"):
         n = m.sum() if num_items is None else torch.as_tensor(num_items, device=lp.device)
         loss = per_token.sum() / n.clamp(min=1).to(dtype)
     else:
         length = logprobs.shape[1] if max_completion_length is None else max_completion_length
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-        loss = per_token.sum() / (max(logprobs.shape[0], 1) * length)
+        loss = per_token.sum() / (torch.as_tensor(n_seq, device=lp.device).clamp(min=1).to(dtype) * length)
+    if entropy is not None:
+        ent = torch.where(m, entropy.to(dtype), zero)
+        metrics["entropy"] = masked_mean(ent.detach(), m)
+        if entropy_coef:
+            n_tok = num_items if loss_type in ("bnpo", "dapo") and num_items is not None else m.sum()
+            loss = loss - entropy_coef * ent.sum() / torch.as_tensor(n_tok, device=lp.device).clamp(min=1).to(dtype)
     return loss, metrics

@@ -1,0 +1,290 @@
+"""fused_linear_grpo against grpo_loss on materialised float64 logits (the oracle), every option."""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.losses.fused_rl import fused_linear_grpo, packed_to_padded
+from alignlab.losses.reward import grpo_loss, kl_penalty
+
+B, T, H, V = 6, 7, 24, 53  # odd shapes: 42 rows (37 unmasked) over 53 vocabulary entries
+D = torch.float64
+
+
+def _data(seed=0, bias=False, dtype=D):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=D)
+    weight = torch.randn(V, H, generator=g, dtype=D) * 0.4
+    b = torch.randn(V, generator=g, dtype=D) * 0.3 if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([7, 5, 6, 7, 3, 4])  # 32 tokens + ragged padding
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv = torch.randn(B, generator=g, dtype=D)
+    old = torch.randn(B, T, generator=g, dtype=D) * 0.3 - 4.0  # ratios far from 1: both clips fire
+    ref = torch.randn(B, T, generator=g, dtype=D) * 0.3 - 4.0
+    samp = old + torch.randn(B, T, generator=g, dtype=D) * 0.5
+    ref_hidden = hidden + 0.1 * torch.randn(B, T, H, generator=g, dtype=D)
+    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), bias=None if b is None else b.to(dtype), ids=ids,
+                mask=mask, adv=adv, old=old, ref=ref, samp=samp, ref_hidden=ref_hidden.to(dtype))
+
+
+def _oracle_logps(hidden, weight, bias, ids, temperature):
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    logp_all = torch.log_softmax(z / temperature, dim=-1)
+    lp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, ent
+
+
+def _oracle(d, temperature=1.0, ref_from_hidden=False, entropy=False, **kw):
+    h = d["hidden"].detach().double().clone().requires_grad_(True)
+    w = d["weight"].detach().double().clone().requires_grad_(True)
+    b = None if d["bias"] is None else d["bias"].detach().double().clone().requires_grad_(True)
+    lp, ent = _oracle_logps(h, w, b, d["ids"], temperature)
+    ref = kw.pop("ref_logprobs", None)
+    if ref_from_hidden:
+        with torch.no_grad():
+            ref, _ = _oracle_logps(d["ref_hidden"].double(), w, b, d["ids"], temperature)
+    loss, metrics = grpo_loss(lp, d["adv"], d["mask"], ref_logprobs=ref, entropy=ent if entropy else None, **kw)
+    loss.backward()
+    return loss.detach(), metrics, h.grad, w.grad, None if b is None else b.grad
+
+
+def _fused(d, temperature=1.0, ref_from_hidden=False, entropy=False, chunk_size=5, **kw):
+    h = d["hidden"].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(True)
+    b = None if d["bias"] is None else d["bias"].clone().requires_grad_(True)
+    if ref_from_hidden:
+        kw["ref_hidden"] = d["ref_hidden"]
+    loss, metrics = fused_linear_grpo(h, w, d["ids"], d["adv"], d["mask"], bias=b, temperature=temperature,
+                                      compute_entropy=entropy, chunk_size=chunk_size, **kw)
+    loss.backward()
+    return loss.detach(), metrics, h.grad, w.grad, None if b is None else b.grad
+
+
+def _close(got, want, tol=1e-9):
+    for g, w in zip(got[:1] + got[2:], want[:1] + want[2:]):
+        if w is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol)
+    assert set(got[1]) == set(want[1])
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k].double(), want[1][k].double(), rtol=tol, atol=tol, msg=k)
+
+
+CASES = [
+    dict(),
+    dict(loss_type="bnpo", epsilon_high=0.28),
+    dict(loss_type="dapo", epsilon=0.1, epsilon_high=0.28, num_items=50),
+    dict(loss_type="dr_grpo", max_completion_length=9),
+    dict(loss_type="grpo", num_items=9),
+    dict(importance_sampling_level="sequence"),
+    dict(importance_sampling_level="sequence", loss_type="dapo", beta=0.05),
+    dict(beta=0.04, kl_estimator="k1"),
+    dict(beta=0.04, kl_estimator="k2", loss_type="bnpo"),
+    dict(beta=0.04, kl_estimator="k3", loss_type="dapo"),
+    dict(sampling=True),
+    dict(sampling=True, is_mode="token_mask", is_min=0.5, is_max=1.5),
+    dict(sampling=True, is_mode="sequence_truncate", is_max=2.0),
+    dict(sampling=True, is_mode="sequence_mask", is_max=3.0, no_old=True),
+    dict(sampling=True, is_mode="token_truncate", no_old=True),
+    dict(entropy=True),
+    dict(entropy=True, entropy_coef=0.01, loss_type="dapo"),
+    dict(entropy=True, entropy_coef=0.02, importance_sampling_level="sequence", beta=0.1),
+    dict(temperature=0.7, beta=0.04),
+    dict(no_old=True, beta=0.04),
+    dict(ref_from_hidden=True, beta=0.04, temperature=1.3),
+    dict(bias=True, beta=0.04, entropy=True, entropy_coef=0.01),
+]
+
+
+def _split(case):
+    case = dict(case)
+    d = _data(bias=case.pop("bias", False))
+    sampling, no_old = case.pop("sampling", False), case.pop("no_old", False)
+    kw = dict(case)
+    if not no_old:
+        kw["old_logprobs"] = d["old"]
+    if sampling:
+        kw["sampling_logprobs"] = d["samp"]
+    if kw.get("beta", 0) > 0 and not kw.get("ref_from_hidden"):
+        kw["ref_logprobs"] = d["ref"]
+    return d, kw
+
+
+@pytest.mark.parametrize("case", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) or "default" for c in CASES])
+def test_matches_float64_oracle(case, torch_mode):
+    d, kw = _split(case)
+    _close(_fused(d, **kw), _oracle(d, **kw))
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[16]], ids=["dapo", "gspo", "entropy_bonus"])
+def test_triton_row_kernel_path(case, triton_mode):
+    d, kw = _split(case)
+    d = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == D and k in ("hidden", "weight", "ref_hidden")
+             else v) for k, v in d.items()}
+    _close(_fused(d, **kw), _oracle(d, **kw), tol=2e-5)
+
+
+def test_metric_names_are_trls(torch_mode):
+    d, kw = _split(dict(sampling=True, beta=0.04))
+    _, metrics = fused_linear_grpo(d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"], compute_entropy=True,
+                                   chunk_size=8, **kw)
+    # TRL GRPOTrainer._compute_loss logs these names ("clip_ratio/*", "kl", "entropy") and
+    # _generate_and_score_completions the "sampling/importance_sampling_ratio/*" ones
+    assert {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "entropy",
+            "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+            "sampling/importance_sampling_ratio/max"} <= set(metrics)
+    assert 0 < float(metrics["clip_ratio/low_mean"]) < 1 and 0 < float(metrics["clip_ratio/high_mean"]) < 1
+
+
+def test_importance_sampling_scales_the_policy_gradient_exactly(torch_mode):
+    # with beta = 0 every token's policy term is multiplied by w_t = min(exp(old_t - sampler_t), cap):
+    # d loss / d logp_t must be w_t times the uncorrected one, token by token (the bug class of Liger #1082)
+    d, kw = _split(dict())
+    lp = _oracle_logps(d["hidden"], d["weight"], None, d["ids"], 1.0)[0].requires_grad_(True)
+    base, _ = grpo_loss(lp, d["adv"], d["mask"], d["old"])
+    (g0,) = torch.autograd.grad(base, lp)
+    corr, _ = grpo_loss(lp, d["adv"], d["mask"], d["old"], sampling_logprobs=d["samp"], is_max=1.7)
+    (g1,) = torch.autograd.grad(corr, lp)
+    w = torch.exp(d["old"] - d["samp"]).clamp(max=1.7)
+    torch.testing.assert_close(g1, g0 * w * d["mask"], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(g1, g0)
+    # and the fused loss turns that into the chain rule through the logits: the same dL/dlogp, fed back
+    got = _fused(d, sampling_logprobs=d["samp"], is_max=1.7, **kw)
+    h = d["hidden"].clone().requires_grad_(True)
+    lp_h, _ = _oracle_logps(h, d["weight"], None, d["ids"], 1.0)
+    (gh,) = torch.autograd.grad((lp_h * (g0 * w)).sum(), h)
+    torch.testing.assert_close(got[2], gh, rtol=1e-9, atol=1e-12)
+
+
+def test_packed_equals_padded(torch_mode):
+    d, kw = _split(dict(beta=0.04, entropy_coef=0.01, sampling=True))
+    want = _fused(d, entropy=True, **kw)
+    m = d["mask"]
+    lengths = m.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+    def pack(t):
+        return t[m]
+
+    h = pack(d["hidden"]).clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(True)
+    side = {k: pack(v) for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+    loss, metrics = fused_linear_grpo(h.unsqueeze(0), w, pack(d["ids"]).unsqueeze(0), d["adv"], cu_seqlens=cu,
+                                      compute_entropy=True, chunk_size=4, **{k: v.unsqueeze(0) for k, v in side.items()},
+                                      **rest)
+    loss.backward()
+    torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, want[2][m], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, want[3], rtol=1e-10, atol=1e-12)
+    for k in want[1]:
+        torch.testing.assert_close(metrics[k], want[1][k], msg=k)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_gradient_accumulation_with_step_normaliser(loss_type, torch_mode):
+    # k micro-batches (as k ranks or k accumulation steps), each normalised by the step-wide count
+    # (sequences for grpo/dr_grpo, tokens for bnpo/dapo): the sum of their losses and gradients is the big batch's
+    d, kw = _split(dict(beta=0.04, sampling=True))
+    big = _fused(d, loss_type=loss_type, **kw)
+    n_items = B if loss_type in ("grpo", "dr_grpo") else int(d["mask"].sum())
+    w = d["weight"].clone().requires_grad_(True)
+    h = d["hidden"].clone().requires_grad_(True)
+    total = 0.0
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven micro-batches
+        side = {k: v[sl] for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        loss, _ = fused_linear_grpo(h[sl], w, d["ids"][sl], d["adv"][sl], d["mask"][sl], loss_type=loss_type,
+                                    num_items=n_items, max_completion_length=T, chunk_size=3, beta=0.04, **side)
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, big[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, big[2], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(w.grad, big[3], rtol=1e-10, atol=1e-13)
+
+
+def test_no_grad_and_frozen_head(torch_mode):
+    d, kw = _split(dict(beta=0.04))
+    want = _oracle(d, **kw)
+    with torch.no_grad():
+        loss, _ = fused_linear_grpo(d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"], **kw)
+    torch.testing.assert_close(loss, want[0])
+    h = d["hidden"].clone().requires_grad_(True)
+    loss, _ = fused_linear_grpo(h, d["weight"], d["ids"], d["adv"], d["mask"], chunk_size=6, **kw)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(h.grad, 2.5 * want[2])
+
+
+def test_memory_stays_chunk_sized(torch_mode):
+    # the largest tensor allocated is a chunk of logits, never (rows, vocab)
+    d, kw = _split(dict(entropy_coef=0.01))
+    seen = []
+    h = d["hidden"].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(True)
+    w_storage = w.untyped_storage().data_ptr()
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == V \
+                    and out.untyped_storage().data_ptr() != w_storage:  # views of the weight are not logits
+                seen.append(out.shape[0])
+            return out
+
+    with Spy():
+        loss, _ = fused_linear_grpo(h, w, d["ids"], d["adv"], d["mask"], chunk_size=4, **kw)
+        loss.backward()
+    assert seen and max(seen) <= 4
+
+
+def test_errors():
+    d, kw = _split(dict())
+    args = (d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"])
+    with pytest.raises(ValueError, match="loss_type"):
+        fused_linear_grpo(*args, loss_type="ppo")
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_grpo(*args, temperature=0.0)
+    with pytest.raises(ValueError, match="ref_logprobs or ref_hidden"):
+        fused_linear_grpo(*args, beta=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_grpo(*args, beta=0.1, ref_logprobs=d["ref"], ref_hidden=d["ref_hidden"])
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        fused_linear_grpo(*args, importance_sampling_level="group")
+    with pytest.raises(ValueError, match="is_mode"):
+        fused_linear_grpo(*args, sampling_logprobs=d["samp"], is_mode="clip")
+    with pytest.raises(TypeError, match="completion_ids"):
+        fused_linear_grpo(d["hidden"], d["weight"], d["ids"].double(), d["adv"])
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_grpo(d["hidden"].float(), d["weight"], d["ids"], d["adv"])
+    with pytest.raises(ValueError, match="completion_ids must be in"):
+        fused_linear_grpo(d["hidden"], d["weight"], d["ids"] + V, d["adv"])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        fused_linear_grpo(*args, old_logprobs=d["old"][:, :3])
+    with pytest.raises(ValueError, match="advantages"):
+        fused_linear_grpo(*args[:3], d["adv"][:4], d["mask"])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fused_linear_grpo(d["hidden"][0], d["weight"], d["ids"][0], d["adv"][:1], cu_seqlens=torch.tensor([0, 3]))
+
+
+def test_packed_to_padded_roundtrip():
+    x = torch.arange(10.0).view(5, 2)
+    padded, mask = packed_to_padded(x, torch.tensor([0, 2, 2, 5]))
+    assert padded.shape == (3, 3, 2) and mask.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
+    assert torch.equal(padded[mask], x)
+    assert math.isclose(float(padded[1].abs().sum()), 0.0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        packed_to_padded(x, torch.tensor([0, 3]))
+
+
+def test_kl_estimators_against_schulman():
+    # k1/k2/k3 of J. Schulman, "Approximating KL Divergence": independent formulas written out
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -0.5])
+    r = torch.exp(ref - lp)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), -torch.log(r))
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), 0.5 * torch.log(r) ** 2)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k3"), r - 1 - torch.log(r))
