@@ -288,3 +288,71 @@ def test_kl_estimators_against_schulman():
     torch.testing.assert_close(kl_penalty(lp, ref, "k1"), -torch.log(r))
     torch.testing.assert_close(kl_penalty(lp, ref, "k2"), 0.5 * torch.log(r) ** 2)
     torch.testing.assert_close(kl_penalty(lp, ref, "k3"), r - 1 - torch.log(r))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the new grpo_loss options against TRL 1.16's GRPOTrainer._compute_loss, driven on plain tensors
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("is_mode", [None, "token_truncate", "sequence_mask"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_loss_options_match_trl(level, is_mode, loss_type):
+    pytest.importorskip("trl", minversion="1.16")
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    g = torch.Generator().manual_seed(3)
+    n, t = 6, 5
+    mask = torch.ones(n, t, dtype=torch.long)
+    for i, length in enumerate([5, 3, 1, 4, 2, 5]):
+        mask[i, length:] = 0
+    lp = (-torch.rand(n, t, generator=g, dtype=D) * 2).requires_grad_(True)
+    ent = (torch.rand(n, t, generator=g, dtype=D) * 3).requires_grad_(True)
+    old = lp.detach() + 0.3 * torch.randn(n, t, generator=g, dtype=D)
+    ref = lp.detach() + 0.2 * torch.randn(n, t, generator=g, dtype=D)
+    samp = old + 0.4 * torch.randn(n, t, generator=g, dtype=D)
+    adv = torch.randn(n, generator=g, dtype=D)
+    cap = 1.5
+    inputs = dict(
+        prompt_ids=torch.zeros(n, 2, dtype=torch.long), prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.zeros(n, t, dtype=torch.long), completion_mask=mask, advantages=adv,
+        old_per_token_logps=old, ref_per_token_logps=ref, num_items_in_batch=mask.sum().to(D),
+    )
+    if is_mode is not None:
+        # the weight as TRL's GRPOTrainer._generate_and_score_completions builds it (vllm_importance_sampling_mode)
+        diff = (old - samp) * mask
+        if is_mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        ratio = torch.exp(diff)
+        inputs["importance_sampling_ratio"] = ratio.clamp(max=cap) if is_mode.endswith("truncate") \
+            else ratio.masked_fill(ratio > cap, 0.0)
+
+    ident = lambda x, **_: x  # noqa: E731
+    metrics_log = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer = object.__new__(GRPOTrainer)
+    for k, v in dict(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, ent, None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level,
+        beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, use_vllm=is_mode is not None,
+        vllm_importance_sampling_correction=is_mode is not None, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=8, _entropy_bonus_enabled=True,
+        entropy_coef=0.03, use_adaptive_entropy=False, aux_loss_enabled=False, _metrics=metrics_log,
+        accelerator=SimpleNamespace(gather=ident, reduce=ident, gather_for_metrics=ident, num_processes=1,
+                                    sync_gradients=False),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+    ).items():
+        setattr(trainer, k, v)
+    want = trainer._compute_loss(None, inputs)
+    want_grads = torch.autograd.grad(want, (lp, ent))
+    kw = {} if is_mode is None else dict(sampling_logprobs=samp, is_mode=is_mode, is_max=cap)
+    got, metrics = grpo_loss(lp, adv, mask, old, ref, beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type,
+                             importance_sampling_level=level, entropy=ent, entropy_coef=0.03, **kw)
+    got_grads = torch.autograd.grad(got, (lp, ent))
+    torch.testing.assert_close(got, want.to(got.dtype))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    for name in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        # TRL averages the clip indicators in float32
+        assert float(metrics[name]) == pytest.approx(metrics_log["train"][name][0], rel=1e-6, abs=1e-12), name
