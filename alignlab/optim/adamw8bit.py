@@ -1,0 +1,347 @@
+"""AdamW with blockwise 8-bit moments, optionally kept in pinned CPU memory.
+
+*8-bit Optimizers via Block-wise Quantization* (Dettmers et al., 2022, arXiv 2110.02861), as QLoRA
+(arXiv 2305.14314) pairs it with NF4 weights. AdamW (Loshchilov & Hutter, arXiv 1711.05101) with step
+``t``, ``c1 = 1 - b1^t``, ``c2 = sqrt(1 - b2^t)``:
+
+    m <- b1 m + (1 - b1) g,    v <- b2 v + (1 - b2) g^2
+    p <- p (1 - lr wd) - (lr / c1) m / (sqrt(v) / c2 + eps)
+
+Between steps ``m`` and ``v`` live as one byte per value: the flat tensor is cut into blocks of
+``blocksize`` (256) values, each block keeps its absmax ``a`` in float32 and each value the index of the
+nearest level of a 256-level dynamic map scaled by ``a`` -- the *signed* map for ``m``, the *unsigned*
+one for ``v`` (:func:`alignlab.quant.nf4.dynamic_map`, the maps of bitsandbytes and of the double
+quantization of NF4 scales). State bytes per parameter: ``2 + 8 / blocksize`` (2.03) against 8 for fp32
+moments, 0.254x. Parameters with fewer than ``min_8bit_size`` elements (norms, biases) keep fp32
+moments, as bitsandbytes does.
+
+On CUDA one Triton kernel (:mod:`alignlab.kernels.adamw8bit`) does dequantize, update and requantize of a
+block in registers; elsewhere (and with ``ALIGNLAB_KERNELS=torch``) :func:`adamw8bit_reference_` does the
+same in PyTorch ops with the same rounding of codes.
+
+**Offloaded state** (``offload=True``): the 8-bit moments of CUDA parameters live in pinned CPU memory.
+A step streams them through two staging buffers on the GPU: while parameter ``i`` is updated on a side
+stream, the state of ``i + 1`` is copied in on a copy stream and that of ``i - 1`` copied back on a
+third, so PCIe transfers overlap the updates and each other (both directions). ``step()`` returns
+without waiting; the current stream waits only for the last parameter update, so the next forward
+starts as soon as the parameters are written while the last copies back still run. GPU memory for the
+state: two staging buffers of the largest parameter, ``4 n_max`` bytes. CPU parameters take the same
+staging path synchronously (the same math, how it is tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from alignlab.kernels.dispatch import use_triton
+from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
+
+__all__ = ["AdamW8bit", "adamw8bit_reference_", "dequantize_moments", "state_bytes"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(signed map, unsigned map, signed midpoints, unsigned midpoints) on ``device``."""
+    if device not in _MAPS:
+        s, u = dynamic_map("cpu"), dynamic_map("cpu", signed=False)
+        _MAPS[device] = tuple(t.to(device) for t in (s, u, (s[:-1] + s[1:]) / 2, (u[:-1] + u[1:]) / 2))
+    return _MAPS[device]
+
+
+def _hyper(step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> list[float]:
+    """The per-step scalars ``[1 - lr wd, lr / c1, c2, b1, 1 - b1, b2, 1 - b2, eps]``, rounded to float32
+    once, so that the kernel and the reference multiply by the same numbers."""
+    b1, b2 = betas
+    c1 = 1.0 - b1**step
+    c2 = math.sqrt(1.0 - b2**step)
+    values = [1.0 - lr * weight_decay, lr / c1, c2, b1, 1.0 - b1, b2, 1.0 - b2, eps]
+    return torch.tensor(values, dtype=torch.float32).tolist()
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = codes.numel()
+    return code[codes.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]
+
+
+def dequantize_moments(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 moments ``(m, v)``, each ``(n,)``, from an 8-bit state's ``codes`` ``(2, n)`` uint8 and
+    ``absmax`` ``(2, ceil(n / blocksize))`` float32."""
+    s, u, _, _ = _maps(codes.device)
+    return _dequantize(codes[0], absmax[0], s, blocksize), _dequantize(codes[1], absmax[1], u, blocksize)
+
+
+def adamw8bit_reference_(
+    p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, hyper: list[float], blocksize: int
+) -> None:
+    """One AdamW step in place on ``p`` (any shape, ``n`` elements), ``codes`` ``(2, n)`` uint8 and
+    ``absmax`` ``(2, ceil(n / blocksize))`` float32, in PyTorch ops. ``hyper`` as ``_hyper`` builds it."""
+    decay, step_size, c2, b1, omb1, b2, omb2, eps = hyper
+    s, u, _, _ = _maps(codes.device)
+    m = _dequantize(codes[0], absmax[0], s, blocksize)
+    v = _dequantize(codes[1], absmax[1], u, blocksize)
+    g32 = g.reshape(-1).float()
+    m = b1 * m + omb1 * g32
+    v = b2 * v + omb2 * (g32 * g32)
+    p32 = p.reshape(-1).float() * decay - step_size * (m / (v.sqrt() / c2 + eps))
+    p.copy_(p32.view_as(p))
+    for row, (x, code) in enumerate(((m, s), (v, u))):
+        q, a = _quantize_blockwise_8bit(x, blocksize, code)
+        codes[row].copy_(q)
+        absmax[row].copy_(a)
+
+
+def _fp32_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float]) -> None:
+    decay, step_size, c2, b1, omb1, b2, omb2, eps = hyper
+    g32 = g.float()
+    m.mul_(b1).add_(g32, alpha=omb1)
+    v.mul_(b2).addcmul_(g32, g32, value=omb2)
+    p.copy_(p.float() * decay - step_size * (m / (v.sqrt() / c2 + eps)))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (on any device), for memory accounting."""
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor))
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with blockwise 8-bit moments (module docstring: the math, the state layout, offloading).
+
+    Args:
+        params: parameters or parameter groups (float32, float16 or bfloat16).
+        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW` (decoupled weight decay).
+        blocksize: values per quantization block, a power of two in ``[32, 4096]`` (256 as bitsandbytes).
+        min_8bit_size: parameters with fewer elements keep fp32 moments.
+        offload: keep the 8-bit moments of CUDA parameters in pinned CPU memory (module docstring).
+
+    State per parameter: ``step`` (int) and either ``codes`` ``(2, n)`` uint8 (row 0 ``m``, row 1 ``v``)
+    with ``absmax`` ``(2, ceil(n / blocksize))`` float32, or ``exp_avg`` / ``exp_avg_sq`` float32.
+    ``state_dict()`` / ``load_state_dict()`` round-trip them bit for bit.
+
+    Raises:
+        ValueError: a hyper-parameter out of range (named in the message).
+        TypeError: a parameter that is not a float32/float16/bfloat16 tensor, or a sparse gradient.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        blocksize: int = 256,
+        min_8bit_size: int = 4096,
+        offload: bool = False,
+    ):
+        if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
+            raise ValueError(f"blocksize: expected a power of two in [32, 4096], got {blocksize!r}")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size: expected an int >= 0, got {min_8bit_size!r}")
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload: expected a bool, got {type(offload).__name__}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.blocksize, self.min_8bit_size, self.offload = blocksize, min_8bit_size, offload
+        self._staging: dict[torch.device, list] = {}
+        self._streams: dict[torch.device, tuple] = {}
+        self._pending: list = []
+        self._free: dict[int, Any] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group)
+        for i, p in enumerate(group["params"]):
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"params[{i}]: expected a float32, float16 or bfloat16 tensor, got {p.dtype}")
+
+    # ---- state -------------------------------------------------------------------------------------------
+
+    def _quantized(self, p: torch.Tensor) -> bool:
+        return p.numel() >= self.min_8bit_size
+
+    def _home(self, p: torch.Tensor) -> tuple[torch.device, bool]:
+        """Where the 8-bit state of ``p`` lives and whether that memory is pinned."""
+        if self.offload and p.is_cuda:
+            return torch.device("cpu"), True
+        return p.device, False
+
+    def _new_state(self, p: torch.Tensor) -> dict[str, Any]:
+        if not self._quantized(p):
+            return {"step": 0, "exp_avg": torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+                    "exp_avg_sq": torch.zeros(p.shape, dtype=torch.float32, device=p.device)}
+        device, pin = self._home(p)
+        nb = -(-p.numel() // self.blocksize)
+        # code 0 with absmax 0 decodes to 0 in both maps: m = v = 0
+        return {"step": 0,
+                "codes": torch.zeros((2, p.numel()), dtype=torch.uint8, device=device, pin_memory=pin),
+                "absmax": torch.zeros((2, nb), dtype=torch.float32, device=device, pin_memory=pin)}
+
+    def state_dict(self) -> dict[str, Any]:
+        self._wait_pending()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (torch's own loader would cast the float32 state to
+        each parameter's dtype; here it stays float32, 8-bit state goes back to its home device).
+
+        Raises:
+            ValueError: a saved tensor whose shape does not fit its parameter.
+        """
+        self._wait_pending()
+        saved = state_dict["state"]
+        ids = [g["params"] for g in state_dict["param_groups"]]
+        super().load_state_dict(state_dict)
+        for group, group_ids in zip(self.param_groups, ids):
+            for p, i in zip(group["params"], group_ids):
+                if i not in saved:
+                    continue
+                src, st = saved[i], self.state[p]
+                if "codes" in src:
+                    fresh = self._new_state(p) if self._quantized(p) else None
+                    if fresh is None or src["codes"].shape != fresh["codes"].shape \
+                            or src["absmax"].shape != fresh["absmax"].shape:
+                        raise ValueError(f"state_dict: 8-bit state of parameter {i} has codes "
+                                         f"{tuple(src['codes'].shape)}, which does not fit a parameter of "
+                                         f"{p.numel()} elements with min_8bit_size={self.min_8bit_size}, "
+                                         f"blocksize={self.blocksize}")
+                    fresh["codes"].copy_(src["codes"])
+                    fresh["absmax"].copy_(src["absmax"])
+                    st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
+                else:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if tuple(src[key].shape) != tuple(p.shape):
+                            raise ValueError(f"state_dict: {key} of parameter {i} has shape "
+                                             f"{tuple(src[key].shape)}, expected {tuple(p.shape)}")
+                        st[key] = src[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    # ---- step --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hyper_cache: dict[tuple, tuple[list[float], dict]] = {}
+        streamed: dict[torch.device, list] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("AdamW8bit does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st.update(self._new_state(p))
+                st["step"] += 1
+                key = (st["step"], group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+                if key not in hyper_cache:
+                    hyper_cache[key] = (_hyper(*key), {})
+                hyper, on_device = hyper_cache[key]
+                if "exp_avg" in st:
+                    _fp32_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], hyper)
+                elif self.offload:
+                    streamed.setdefault(p.device, []).append((p, st, hyper, on_device))
+                else:
+                    self._update(p, p.grad, st["codes"], st["absmax"], hyper, on_device)
+        for device, items in streamed.items():
+            self._offloaded_step(device, items)
+        return loss
+
+    def _update(self, p, g, codes, absmax, hyper, on_device) -> None:
+        if use_triton(p, g, codes) and p.is_contiguous():
+            from alignlab.kernels.adamw8bit import adamw8bit_kernel_step
+
+            if p.device not in on_device:
+                on_device[p.device] = torch.tensor(hyper, dtype=torch.float32).to(p.device, non_blocking=True)
+            scal = on_device[p.device]
+            if p.is_cuda:
+                scal.record_stream(torch.cuda.current_stream(p.device))
+            adamw8bit_kernel_step(p, g.contiguous(), codes, absmax, _maps(p.device), scal, self.blocksize)
+        else:
+            adamw8bit_reference_(p, g, codes, absmax, hyper, self.blocksize)
+
+    def _buffers(self, device: torch.device, items: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = max(p.numel() for p, *_ in items)
+        bufs = self._staging.get(device)
+        if bufs is None or bufs[0][0].numel() < 2 * n:
+            self._wait_pending()
+            nb = -(-n // self.blocksize)
+            bufs = [(torch.empty(2 * n, dtype=torch.uint8, device=device),
+                     torch.empty(2 * nb, dtype=torch.float32, device=device)) for _ in range(2)]
+            self._staging[device] = bufs
+        return bufs
+
+    def _offloaded_step(self, device: torch.device, items: list) -> None:
+        bufs = self._buffers(device, items)
+        cuda = device.type == "cuda"
+        if cuda and device not in self._streams:
+            self._streams[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
+        h2d, comp, d2h = self._streams[device] if cuda else (None, None, None)
+        main = torch.cuda.current_stream(device) if cuda else None
+        ctx = torch.cuda.stream if cuda else (lambda s: contextlib.nullcontext())
+        ready = _record(main)
+        done = None
+        for i, (p, st, hyper, on_device) in enumerate(items):
+            k = i % 2
+            n, nb = p.numel(), st["absmax"].shape[1]
+            codes, absmax = bufs[k][0][: 2 * n].view(2, n), bufs[k][1][: 2 * nb].view(2, nb)
+            with ctx(h2d):
+                if cuda and k in self._free:
+                    h2d.wait_event(self._free[k])
+                codes.copy_(st["codes"], non_blocking=True)
+                absmax.copy_(st["absmax"], non_blocking=True)
+                loaded = _record(h2d)
+            with ctx(comp):
+                if cuda:
+                    comp.wait_event(ready)
+                    comp.wait_event(loaded)
+                    p.grad.record_stream(comp)  # zero_grad on the main stream must not free it under us
+                self._update(p, p.grad, codes, absmax, hyper, on_device)
+                done = _record(comp)
+            with ctx(d2h):
+                if cuda:
+                    d2h.wait_event(done)
+                st["codes"].copy_(codes, non_blocking=True)
+                st["absmax"].copy_(absmax, non_blocking=True)
+                if cuda:
+                    self._free[k] = _record(d2h)
+        if cuda:
+            main.wait_event(done)
+            self._pending = list(self._free.values())
+
+    def _wait_pending(self) -> None:
+        """Block the host until the copies back of the last offloaded step have landed in CPU memory."""
+        for event in self._pending:
+            event.synchronize()
+        self._pending = []
+
+
+def _record(stream):
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"lr: expected a float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    if not isinstance(wd, (int, float)) or wd < 0:
+        raise ValueError(f"weight_decay: expected a float >= 0, got {wd!r}")

@@ -1,0 +1,320 @@
+"""AdamW8bit: the maps and codes against bitsandbytes and a brute-force nearest level, the Triton step
+against the torch reference, 200 steps against fp32 torch AdamW, one step against bitsandbytes'
+AdamW8bit from the same state, state_dict round trips and the offloaded state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from alignlab.optim import AdamW8bit, adamw8bit_reference_, dequantize_moments, state_bytes
+from alignlab.optim.adamw8bit import _hyper
+from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is the test oracle for the 8-bit maps and steps")
+
+
+# ---- maps and codes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_maps_equal_bitsandbytes(signed):
+    bnb = _bnb()
+    assert torch.equal(dynamic_map(signed=signed), bnb.functional.create_dynamic_map(signed=signed).float())
+    code = dynamic_map(signed=signed)
+    assert code.shape == (256,) and bool((code[1:] > code[:-1]).all())
+    assert code.max().item() == 1.0 and (-1.0 < code.min().item() < -0.99 if signed else code.min().item() == 0.0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_are_the_nearest_level(signed):
+    """Brute force: |x / a - map[c]| is minimal over all 256 levels (bitsandbytes' CPU quantizer is not
+    exactly nearest for the unsigned map, so it is not the oracle here)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, generator=g)
+    x = x if signed else x * x
+    code = dynamic_map(signed=signed)
+    q, a = _quantize_blockwise_8bit(x, 256, code)
+    scaled = (x.view(-1)[:2816].view(-1, 256) / a[:11, None]).reshape(-1)
+    err = (scaled[:, None] - code[None, :]).abs()
+    assert torch.equal(err.gather(1, q[:2816].long()[:, None]).squeeze(1), err.min(1).values)
+
+
+# ---- the step: kernel vs reference ----------------------------------------------------------------------
+
+def _state(n, blocksize, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=g).to(dtype)
+    m = torch.randn(n, generator=g) * 1e-2
+    v = torch.rand(n, generator=g) * 1e-4
+    codes = torch.empty(2, n, dtype=torch.uint8)
+    nb = -(-n // blocksize)
+    absmax = torch.empty(2, nb)
+    for row, (x, signed) in enumerate(((m, True), (v, False))):
+        q, a = _quantize_blockwise_8bit(x, blocksize, dynamic_map(signed=signed))
+        codes[row], absmax[row] = q, a
+    grad = (torch.randn(n, generator=g) * 1e-2).to(dtype)
+    return p, grad, codes, absmax
+
+
+@pytest.mark.parametrize("n,blocksize,dtype", [(256, 256, torch.float32), (1000, 256, torch.float32),
+                                               (700, 64, torch.bfloat16), (129, 128, torch.float16)])
+def test_triton_step_matches_reference(n, blocksize, dtype, triton_mode):
+    from alignlab.kernels.adamw8bit import adamw8bit_kernel_step
+    from alignlab.optim.adamw8bit import _maps
+
+    p, grad, codes, absmax = _state(n, blocksize, seed=n, dtype=dtype)
+    grad[:blocksize] = 0  # an all-zero gradient block next to live ones
+    hyper = _hyper(3, 1e-2, (0.9, 0.999), 1e-8, 0.1)
+    p_ref, c_ref, a_ref = p.clone(), codes.clone(), absmax.clone()
+    adamw8bit_reference_(p_ref, grad, c_ref, a_ref, hyper, blocksize)
+    adamw8bit_kernel_step(p, grad, codes, absmax, _maps(p.device), torch.tensor(hyper), blocksize)
+    if dtype == torch.float32:
+        assert torch.allclose(p, p_ref, rtol=1e-6, atol=1e-6)
+    else:  # within one 16-bit ulp: Triton's CPU interpreter truncates float32 -> bf16 (the GPU rounds to nearest)
+        assert torch.allclose(p.float(), p_ref.float(), rtol=2**-7, atol=0)
+    assert torch.allclose(absmax, a_ref, rtol=1e-6, atol=0)
+    # a value that lands within float rounding of a midpoint may round the other way; no more than that
+    assert (codes != c_ref).float().mean().item() <= 2e-3
+    assert (codes.int() - c_ref.int()).abs().max().item() <= 1
+
+
+def test_optimizer_uses_the_kernel_and_agrees(triton_mode, monkeypatch):
+    import alignlab.kernels.adamw8bit as kmod
+
+    calls = []
+    real = kmod.adamw8bit_kernel_step
+    monkeypatch.setattr(kmod, "adamw8bit_kernel_step", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    torch.manual_seed(0)
+    pa = torch.nn.Parameter(torch.randn(20, 30))
+    pb = torch.nn.Parameter(pa.detach().clone())
+    oa = AdamW8bit([pa], lr=1e-2, min_8bit_size=0)
+    for step in range(3):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+        oa.step()
+    assert len(calls) == 3
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")
+    ob = AdamW8bit([pb], lr=1e-2, min_8bit_size=0)
+    torch.manual_seed(0)
+    torch.randn(20, 30)
+    for step in range(3):
+        pb.grad = torch.randn_like(pb)
+        ob.step()
+    assert torch.allclose(pa, pb, rtol=0, atol=1e-6)
+
+
+# ---- against fp32 AdamW and bitsandbytes ----------------------------------------------------------------
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32),
+                               torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+
+
+def test_tracks_fp32_adamw_over_200_steps():
+    """Stated tolerance: over 200 steps of a regression MLP (three 8-bit weights, fp32 state for biases and
+    norms) the loss stays within 5% of torch AdamW's (relative, every step after the first 10) and the
+    final weights differ from AdamW's by less than 5% of how far AdamW moved them."""
+    ref, ours = _mlp(0), _mlp(0)
+    w0 = [p.detach().clone() for p in ref.parameters()]
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=1e-2)
+    opt = AdamW8bit(ours.parameters(), lr=3e-3, weight_decay=1e-2, min_8bit_size=1024)
+    assert sum("codes" in s for s in opt.state.values()) == 0  # lazy state
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(32, 8, generator=g)
+    worst = 0.0
+    for step in range(200):
+        x = torch.randn(64, 32, generator=g)
+        y = torch.tanh(x @ teacher)
+        losses = []
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+        if step >= 10:
+            worst = max(worst, abs(losses[1] - losses[0]) / losses[0])
+    assert sum("codes" in s for s in opt.state.values()) == 2  # the two hidden-layer weights
+    assert losses[0] < 0.3 * torch.tanh(torch.randn(64, 32, generator=g) @ teacher).pow(2).mean().item()
+    assert worst < 0.05, worst
+    for p_ref, p, p0 in zip(ref.parameters(), ours.parameters(), w0):
+        assert (p - p_ref).norm() < 0.05 * (p_ref - p0).norm()
+
+
+def _bnb_state_to_ours(st):
+    codes = torch.stack([st["state1"].reshape(-1), st["state2"].reshape(-1)])
+    return codes.clone(), torch.stack([st["absmax1"], st["absmax2"]]).clone()
+
+
+def test_step_equals_bitsandbytes_adamw8bit_from_the_same_state():
+    """bitsandbytes 0.50's AdamW8bit runs on CPU tensors: run it 5 steps, copy its 8-bit state into ours,
+    take one more step with both on the same gradient. The parameters agree to float32 rounding (the
+    update uses the same dequantized moments); the new codes may differ where bitsandbytes' CPU quantizer
+    does not pick the nearest level (ours is nearest: its reconstruction error is never larger)."""
+    bnb = _bnb()
+    torch.manual_seed(0)
+    pb = torch.nn.Parameter(torch.randn(48, 100))
+    ob = bnb.optim.AdamW8bit([pb], lr=1e-2, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.05, min_8bit_size=0)
+    for _ in range(5):
+        pb.grad = torch.randn_like(pb)
+        ob.step()
+    pa = torch.nn.Parameter(pb.detach().clone())
+    oa = AdamW8bit([pa], lr=1e-2, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.05, min_8bit_size=0)
+    codes, absmax = _bnb_state_to_ours(ob.state[pb])
+    oa.load_state_dict({"state": {0: {"step": 5, "codes": codes, "absmax": absmax}},
+                        "param_groups": [dict(oa.param_groups[0], params=[0])]})
+    g = torch.randn_like(pb)
+    pa.grad, pb.grad = g.clone(), g.clone()
+    before = pb.detach().clone()
+    oa.step()
+    ob.step()
+    assert torch.allclose(pa, pb, rtol=0, atol=1e-6)
+    assert (pa - before).abs().mean() > 1e-3  # a real step was compared
+    c_ours, a_ours = oa.state[pa]["codes"], oa.state[pa]["absmax"]
+    c_bnb, a_bnb = _bnb_state_to_ours(ob.state[pb])
+    assert torch.allclose(a_ours, a_bnb, rtol=1e-6, atol=0)
+    assert (c_ours[0] != c_bnb[0]).float().mean() < 0.01
+    m_o, v_o = dequantize_moments(c_ours, a_ours)
+    m_b, v_b = dequantize_moments(c_bnb, a_bnb)
+    # the exact moments of this step, recomputed from the loaded state in float64
+    m0, v0 = dequantize_moments(codes, absmax)
+    m_true = 0.9 * m0.double() + 0.1 * g.reshape(-1).double()
+    v_true = 0.995 * v0.double() + 0.005 * g.reshape(-1).double() ** 2
+    for ours, theirs, true in ((m_o, m_b, m_true), (v_o, v_b, v_true)):
+        assert bool(((ours.double() - true).abs() <= (theirs.double() - true).abs() + 1e-7).all())
+
+
+def test_trajectory_tracks_bitsandbytes_within_quantization_noise():
+    """20 steps from the same start: both trajectories differ (different rounding of a few codes) by
+    less than 3% of the distance travelled."""
+    bnb = _bnb()
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 130)
+    pa, pb = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    oa = AdamW8bit([pa], lr=1e-2, min_8bit_size=0)
+    ob = bnb.optim.AdamW8bit([pb], lr=1e-2, min_8bit_size=0)
+    for _ in range(20):
+        g = torch.randn_like(w0) + 0.5 * w0  # a consistent direction plus noise
+        pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert (pa - pb).norm() < 0.03 * (pb - w0).norm()
+
+
+# ---- state_dict, offloading, memory, errors -------------------------------------------------------------
+
+def _train(opt, params, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_is_exact(dtype):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 70).to(dtype)), torch.nn.Parameter(torch.randn(16).to(dtype))]
+    opt = AdamW8bit(params, lr=1e-2, min_8bit_size=100)
+    _train(opt, params, 3, seed=1)
+    sd = copy.deepcopy(opt.state_dict())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = AdamW8bit(twins, lr=1e-2, min_8bit_size=100)
+    opt2.load_state_dict(sd)
+    for p, q in zip(params, twins):
+        for key, value in opt.state[p].items():
+            other = opt2.state[q][key]
+            assert torch.equal(value, other) and value.dtype == other.dtype if torch.is_tensor(value) \
+                else value == other
+    assert opt2.state[twins[0]]["absmax"].dtype == torch.float32
+    assert opt2.state[twins[1]]["exp_avg"].dtype == torch.float32
+    _train(opt, params, 2, seed=2)
+    _train(opt2, twins, 2, seed=2)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_a_mismatched_state():
+    p = torch.nn.Parameter(torch.randn(50, 50))
+    opt = AdamW8bit([p], min_8bit_size=0)
+    _train(opt, [p], 1, seed=0)
+    sd = opt.state_dict()
+    other = AdamW8bit([torch.nn.Parameter(torch.randn(60, 50))], min_8bit_size=0)
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict(sd)
+
+
+def test_offloaded_equals_in_memory_on_cpu():
+    torch.manual_seed(0)
+    shapes = [(33, 77), (300,), (8,), (16, 256)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa = AdamW8bit(a, lr=5e-3, min_8bit_size=64)
+    ob = AdamW8bit(b, lr=5e-3, min_8bit_size=64, offload=True)
+    _train(oa, a, 4, seed=3)
+    _train(ob, b, 4, seed=3)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, value in oa.state[p].items():
+            assert torch.equal(value, ob.state[q][key]) if torch.is_tensor(value) else value == ob.state[q][key]
+    assert len(ob._staging[torch.device("cpu")]) == 2
+
+
+def test_state_is_at_most_0_27_of_fp32_adamw():
+    p = torch.nn.Parameter(torch.zeros(256, 1024))
+    ours = AdamW8bit([p])
+    ref = torch.optim.AdamW([p])
+    p.grad = torch.ones_like(p)
+    ours.step()
+    ref.step()
+    ratio = state_bytes(ours) / sum(t.numel() * t.element_size() for t in ref.state[p].values() if t.dim())
+    assert ratio <= 0.27 and math.isclose(ratio, (2 + 8 / 256) / 8, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1e-8), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(blocksize=100), "blocksize"),
+    (dict(min_8bit_size=-1), "min_8bit_size"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(4))], **kwargs)
+
+
+def test_bad_types_are_named():
+    with pytest.raises(TypeError, match="params"):
+        AdamW8bit([torch.zeros(4, dtype=torch.int32)])
+    with pytest.raises(TypeError, match="offload"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(4))], offload="yes")
+
+
+# ---- CUDA: streams --------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_offloaded_step_on_cuda_overlaps_and_matches():
+    """On a GPU the offloaded state lives in pinned CPU memory, the step enqueues its copies and updates
+    without blocking the host, and the result equals the in-GPU-memory optimizer's."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")) for _ in range(4)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa = AdamW8bit(a, lr=1e-3)
+    ob = AdamW8bit(b, lr=1e-3, offload=True)
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        oa.step()
+        ob.step()
+        # the next "forward" on the current stream sees the updated parameters
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    st = ob.state[b[0]]
+    assert st["codes"].device.type == "cpu" and st["codes"].is_pinned()
+    sd = ob.state_dict()  # waits for the copies back
+    assert torch.equal(sd["state"][0]["codes"], oa.state[a[0]]["codes"].cpu())
