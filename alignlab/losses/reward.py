@@ -312,11 +312,21 @@ def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch
     return advantages
 
 
-def _aggregate(per_token: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
+def _aggregate(
+    per_token: torch.Tensor, m: torch.Tensor, aggregation: str, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token mean, or mean of per-sequence means; ``num_items`` (step-wide tokens / sequences) replaces the
+    local count in the outer division."""
     if aggregation == "token":
-        return masked_mean(per_token, m)
+        if num_items is None:
+            return masked_mean(per_token, m)
+        n = torch.as_tensor(num_items, device=per_token.device).clamp(min=1).to(per_token.dtype)
+        return torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum() / n
     if aggregation == "sequence":
-        return masked_mean(per_token, m, dim=1).mean() if per_token.shape[0] else per_token.sum()
+        if num_items is None:
+            return masked_mean(per_token, m, dim=1).mean() if per_token.shape[0] else per_token.sum()
+        n = torch.as_tensor(num_items, device=per_token.device).clamp(min=1).to(per_token.dtype)
+        return masked_mean(per_token, m, dim=1).sum() / n
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
 
 
@@ -330,6 +340,7 @@ def ppo_policy_loss(
     clip_range_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""PPO's clipped surrogate objective, as a loss.
 
@@ -342,7 +353,10 @@ def ppo_policy_loss(
     ``clip_range_high`` sets an asymmetric :math:`\epsilon_{hi}` ("clip-higher", DAPO arXiv 2503.14476);
     ``dual_clip`` :math:`c > 1` caps the loss of negative-advantage tokens at :math:`-cA_t` (dual-clip PPO,
     arXiv 1912.09729).  ``aggregation="token"`` averages over all unmasked tokens of the batch,
-    ``"sequence"`` averages within each sequence first.
+    ``"sequence"`` averages within each sequence first.  ``num_items`` (unmasked tokens for ``"token"``,
+    sequences for ``"sequence"``, counted over the whole optimiser step: every gradient-accumulation
+    micro-batch and rank) replaces this batch's count in the outer division, so the micro-batch losses sum to
+    the big-batch loss exactly.
 
     Args:
         logprobs: ``(batch, seq)`` current log-probs (with gradient).
@@ -380,7 +394,7 @@ def ppo_policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
-    loss = _aggregate(per_token, m, aggregation)
+    loss = _aggregate(per_token, m, aggregation, num_items)
     metrics = {
         "clipfrac": masked_mean((clipped > unclipped).to(dtype), m).detach(),
         "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, m),

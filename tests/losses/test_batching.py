@@ -1,0 +1,205 @@
+"""Real batching for the losses of alignlab.losses: padding-free (packed) batches and gradient accumulation.
+
+Packed = padded: a packed batch (sequences concatenated, boundaries in ``cu_seqlens``, as from reset
+``position_ids``) must give the padded batch's loss and gradients.  Gradient accumulation: ``k`` uneven
+micro-batches, each normalised by the step-wide count named in the loss's docstring, must sum to the big
+batch's loss and gradients (the Unsloth #2055 / #3527 bug class: a mean of micro-batch means is not the mean).
+
+Covered elsewhere: ``linear_cross_entropy`` (test_cross_entropy.py: packed, and ``count_tokens`` accumulation),
+``linear_logprobs`` (test_logprobs.py: packed), ``fused_linear_distill_loss`` (test_distill.py: packed),
+``fused_linear_grpo`` (test_fused_rl.py: packed, accumulation for every aggregation).
+"""
+
+import pytest
+import torch
+
+from alignlab.data import cu_seq_lens_from_position_ids
+from alignlab.losses import (
+    fused_linear_cpo,
+    fused_linear_distill_loss,
+    fused_linear_dpo,
+    fused_linear_kto,
+    fused_linear_orpo,
+    fused_linear_simpo,
+    grpo_loss,
+    packed_to_padded,
+    ppo_policy_loss,
+    rloo_advantages,
+)
+
+D = torch.float64
+H, V = 12, 29
+LENGTHS = [5, 2, 4, 3, 1, 4, 3, 2]  # 8 sequences, ragged
+
+
+def _packed(seed=0, lengths=LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    hidden = torch.randn(n, H, generator=g, dtype=D)
+    ids = torch.randint(0, V, (n,), generator=g)
+    position_ids = torch.cat([torch.arange(k) for k in lengths])[None]
+    cu = cu_seq_lens_from_position_ids(position_ids)  # boundaries from the reset position_ids
+    return hidden, ids, cu, g
+
+
+def _padded_from(hidden, ids, cu, g):
+    """The same sequences in a padded batch, with junk hidden states under the padding."""
+    h_pad, mask = packed_to_padded(hidden, cu)
+    h_pad = torch.where(mask[..., None], h_pad, torch.randn(h_pad.shape, generator=g, dtype=D) * 50)
+    y_pad, _ = packed_to_padded(ids, cu, fill=-100)
+    return h_pad, y_pad, mask
+
+
+PREFERENCE = {
+    "dpo": lambda h, w, y: fused_linear_dpo(h, w, y, torch.full((h.shape[0] // 2,), -3.0, dtype=D),
+                                            torch.full((h.shape[0] // 2,), -4.0, dtype=D), chunk_size=5)[0],
+    "dpo_eager": lambda h, w, y: fused_linear_dpo(h, w, y, reference_free=True, eager=True, chunk_size=5)[0],
+    "orpo": lambda h, w, y: fused_linear_orpo(h, w, y, chunk_size=5)[0],
+    "simpo": lambda h, w, y: fused_linear_simpo(h, w, y, chunk_size=5, eager=True)[0],
+    "cpo": lambda h, w, y: fused_linear_cpo(h, w, y, chunk_size=5)[0],
+    "kto": lambda h, w, y: fused_linear_kto(h, w, y, torch.arange(h.shape[0]) % 3 == 0,
+                                            torch.full((h.shape[0],), -3.0, dtype=D), kl=0.1, chunk_size=5)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE))
+def test_preference_packed_equals_padded(name, torch_mode):
+    hidden, ids, cu, g = _packed()
+    w = torch.randn(V, H, generator=g, dtype=D) * 0.3
+    h_pad, y_pad, _ = _padded_from(hidden, ids, cu, g)
+    # padded batch
+    hp, wp = h_pad.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    want = PREFERENCE[name](hp, wp, y_pad)
+    want.backward()
+    # padding-free: the model ran on (1, total, hidden) with reset position_ids; the loss gets its
+    # sequences back through packed_to_padded (a differentiable gather; rows of padding cost no matmul)
+    hk, wk = hidden.clone()[None].requires_grad_(True), w.clone().requires_grad_(True)
+    h_seq, mask = packed_to_padded(hk, cu)
+    y_seq, _ = packed_to_padded(ids[None], cu, fill=-100)
+    got = PREFERENCE[name](h_seq, wk, y_seq)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hk.grad[0], hp.grad[mask], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(wk.grad, wp.grad, rtol=1e-10, atol=1e-12)
+    assert float(hp.grad[~mask].abs().max()) == 0.0
+
+
+# pair-mean losses: each micro-batch's mean is weighted by (its pairs / the step's pairs)
+GA_PREFERENCE = {
+    "dpo": lambda h, w, y, rc, rr: fused_linear_dpo(h, w, y, rc, rr, chunk_size=4, eager=True)[0],
+    "dpo_sum": lambda h, w, y, rc, rr: fused_linear_dpo(h, w, y, rc, rr, chunk_size=4, reduction="sum")[0],
+    "simpo": lambda h, w, y, rc, rr: fused_linear_simpo(h, w, y, chunk_size=4)[0],
+    "cpo_no_nll": lambda h, w, y, rc, rr: fused_linear_cpo(h, w, y, cpo_alpha=0.0, chunk_size=4)[0],
+    "kto_fixed_kl": lambda h, w, y, rc, rr: fused_linear_kto(  # desirable: the first half of the rows
+        h, w, y, torch.arange(h.shape[0]) < h.shape[0] // 2, torch.cat([rc, rr]), kl=0.2, chunk_size=4)[0],
+}
+
+
+def _pairs_of(t, sl, half):
+    return torch.cat([t[sl], t[half:][sl]])
+
+
+@pytest.mark.parametrize("name", list(GA_PREFERENCE))
+def test_preference_gradient_accumulation(name, torch_mode):
+    g = torch.Generator().manual_seed(1)
+    pairs, T = 5, 6
+    h = torch.randn(2 * pairs, T, H, generator=g, dtype=D)
+    w = torch.randn(V, H, generator=g, dtype=D) * 0.3
+    y = torch.randint(0, V, (2 * pairs, T), generator=g)
+    y[torch.rand(2 * pairs, T, generator=g) < 0.3] = -100
+    y[:, 0] = torch.randint(0, V, (2 * pairs,), generator=g)  # every completion scores at least one token
+    rc, rr = torch.randn(pairs, generator=g, dtype=D) - 5, torch.randn(pairs, generator=g, dtype=D) - 5
+    fn = GA_PREFERENCE[name]
+    hb, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    big = fn(hb, wb, y, rc, rr)
+    big.backward()
+    hm, wm = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    total = 0.0
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 5)):
+        n = sl.stop - sl.start
+        loss = fn(_pairs_of(hm, sl, pairs), wm, _pairs_of(y, sl, pairs), rc[sl], rr[sl])
+        # the documented normalisation: "mean" losses × (micro-batch examples / step examples); "sum" losses
+        # / step examples
+        scale = 1.0 / pairs if name == "dpo_sum" else n / pairs
+        (loss * scale).backward()
+        total = total + loss.detach() * scale
+    big_value = big.detach() / pairs if name == "dpo_sum" else big.detach()
+    torch.testing.assert_close(total, big_value, rtol=1e-12, atol=1e-12)
+    gscale = 1.0 / pairs if name == "dpo_sum" else 1.0
+    torch.testing.assert_close(hm.grad, hb.grad * gscale, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(wm.grad, wb.grad * gscale, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_ppo_packed_and_accumulation(aggregation):
+    g = torch.Generator().manual_seed(2)
+    n = sum(LENGTHS)
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    lp_packed = (-torch.rand(n, generator=g, dtype=D) * 3).requires_grad_(True)
+    old_packed = lp_packed.detach() + 0.3 * torch.randn(n, generator=g, dtype=D)
+    rewards = torch.rand(len(LENGTHS), generator=g, dtype=D)
+    adv = rloo_advantages(rewards, group_size=4)  # on the whole generation batch, before any split
+    lp, mask = packed_to_padded(lp_packed, cu)
+    old, _ = packed_to_padded(old_packed, cu)
+    big, _ = ppo_policy_loss(lp, old, adv, mask, aggregation=aggregation)
+    (g_big,) = torch.autograd.grad(big, lp_packed, retain_graph=True)
+    # packed = padded: the same sequences padded independently (junk under the padding)
+    lp2 = torch.where(mask, lp, torch.full_like(lp, float("nan")))
+    again, _ = ppo_policy_loss(lp2, old, adv, mask, aggregation=aggregation)
+    torch.testing.assert_close(again, big)
+    # accumulation over uneven micro-batches with the step-wide count
+    n_items = int(mask.sum()) if aggregation == "token" else len(LENGTHS)
+    total, g_sum = 0.0, torch.zeros_like(lp_packed)
+    for sl in (slice(0, 3), slice(3, 4), slice(4, 8)):
+        loss, _ = ppo_policy_loss(lp[sl], old[sl], adv[sl], mask[sl], aggregation=aggregation, num_items=n_items)
+        (gm,) = torch.autograd.grad(loss, lp_packed, retain_graph=True)
+        total, g_sum = total + loss.detach(), g_sum + gm
+    torch.testing.assert_close(total, big.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_sum, g_big, rtol=1e-12, atol=1e-14)
+    # the bug class: a mean of micro-batch means is not the big-batch mean for ragged micro-batches
+    naive = sum(ppo_policy_loss(lp[sl], old[sl], adv[sl], mask[sl], aggregation=aggregation)[0].detach()
+                for sl in (slice(0, 3), slice(3, 4), slice(4, 8))) / 3
+    assert abs(float(naive - big)) > 1e-6
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_rloo_with_grpo_loss_accumulation(loss_type):
+    g = torch.Generator().manual_seed(4)
+    b, t = 8, 5
+    lp = (-torch.rand(b, t, generator=g, dtype=D) * 3).requires_grad_(True)
+    mask = torch.arange(t)[None] < torch.tensor(LENGTHS).clamp(max=t)[:, None]
+    adv = rloo_advantages(torch.rand(b, generator=g, dtype=D), group_size=4)
+    big, _ = grpo_loss(lp, adv, mask, lp.detach() + 0.1, loss_type=loss_type)
+    (g_big,) = torch.autograd.grad(big, lp)
+    n_items = b if loss_type == "grpo" else int(mask.sum())
+    total, g_sum = 0.0, torch.zeros_like(lp)
+    for sl in (slice(0, 4), slice(4, 8)):  # one group per micro-batch
+        loss, _ = grpo_loss(lp[sl], adv[sl], mask[sl], lp.detach()[sl] + 0.1, loss_type=loss_type, num_items=n_items)
+        (gm,) = torch.autograd.grad(loss, lp)
+        total, g_sum = total + loss.detach(), g_sum + gm
+    torch.testing.assert_close(total, big.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_sum, g_big, rtol=1e-12, atol=1e-14)
+
+
+def test_distill_gradient_accumulation(torch_mode):
+    # reduction="sum" per micro-batch / the step's (mask) token count = the big batch's "mean"
+    g = torch.Generator().manual_seed(5)
+    b, t = 5, 4
+    x = torch.randn(b, t, H, generator=g, dtype=D)
+    w = torch.randn(V, H, generator=g, dtype=D) * 0.3
+    teacher = torch.randn(b, t, V, generator=g, dtype=D)
+    mask = torch.rand(b, t, generator=g) < 0.7
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    big = fused_linear_distill_loss(xb, wb, teacher, kind="jsd", mask=mask, chunk_size=3)
+    big.backward()
+    xm, wm = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    n_step = mask.sum()
+    total = 0.0
+    for sl in (slice(0, 2), slice(2, 3), slice(3, 5)):
+        loss = fused_linear_distill_loss(xm[sl], wm, teacher[sl], kind="jsd", mask=mask[sl], reduction="sum",
+                                         chunk_size=3) / n_step
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, big.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xm.grad, xb.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(wm.grad, wb.grad, rtol=1e-10, atol=1e-13)
