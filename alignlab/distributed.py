@@ -13,7 +13,7 @@ stays uint8; nothing is cast or reinterpreted). Per-GPU memory of the model is t
 
     NF4 bytes of all quantized linears  +  (float parameters) / world,
 
-about 0.56 bytes per quantized weight (4 bits + double-quantized scales): a 70B base in
+about 0.52 bytes per quantized weight (4 bits + double-quantized scales): a 70B base in
 NF4 (~35 GB) must fit on each GPU; sharding the NF4 bytes too is left for later.
 
 Mixed precision (FSDP2's ``MixedPrecisionPolicy``): keep fp32 master adapter weights
