@@ -1,0 +1,42 @@
+"""benchmarks/grpo.py: argument parsing and a tiny CPU dry run (the GPU run is recorded in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmarks_grpo", ROOT / "benchmarks" / "grpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_args(bench):
+    a = bench.parse_args([])
+    assert (a.completions, a.seq, a.hidden, a.vocab) == (8, 2048, 4096, 151936)  # the issue's shape
+    q = bench.parse_args(["--quick"])
+    assert (q.completions, q.seq, q.hidden, q.vocab) == (2, 512, 1024, 32768)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seq", "0"])
+
+
+def test_cpu_dry_run(bench, tmp_path, torch_mode):
+    out = tmp_path / "grpo.json"
+    report = bench.main(["--device", "cpu", "--completions", "2", "--seq", "6", "--hidden", "8", "--vocab", "32",
+                         "--rep", "1", "--warmup", "1", "--no-liger", "--out", str(out)])
+    assert json.loads(out.read_text())["shape"]["rows"] == 12
+    assert report["liger_skipped"] == "--no-liger"
+    for rows in report["settings"].values():
+        names = {r["name"]: r for r in rows}
+        assert set(names) == {"naive (full logits) + grpo_loss", "alignlab fused_linear_grpo",
+                              "alignlab fused_linear_grpo +entropy"}
+        ours = names["alignlab fused_linear_grpo"]
+        assert ours["grad_hidden_rel"] < 1e-5 and ours["grad_weight_rel"] < 1e-5 and ours["loss_abs_err"] < 1e-5
