@@ -32,11 +32,12 @@ import shutil
 import struct
 import uuid
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -399,73 +400,95 @@ def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Pat
 
 
 def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool) -> None:
+    """Read, merge and write every tensor, in order, as a bounded pipeline.
+
+    Worker threads (as many as ``torch.get_num_threads()``, one with ``prefetch=False``) each read
+    one tensor's inputs and merge it with single-threaded torch ops; this thread writes the results
+    in file order. A tensor is started only while the bytes of the tensors in flight (inputs plus
+    output) stay within the footprint of the largest single tensor, so peak memory is that of about
+    one largest tensor however many run at once, and never depends on the model size. Independent
+    tensors on separate threads keep both cores busy without the per-op barriers of intra-op
+    parallelism, which stall whenever another process holds a core.
+    """
     n = len(shards)
-    order = [s for shard in shards for s in shard]
+    order = [(i, s) for i, shard in enumerate(shards) for s in shard]
     bar = _progress(len(order), progress)
+    ref_path = r.base_model if r.base_model is not None else r.models[0].path
 
-    def load(spec: _OutSpec, pool: ThreadPoolExecutor | None):
-        # Buffers are allocated here, on the calling thread: allocating them on the
-        # reader thread would make glibc keep a second malloc arena resident.
-        bufs = {p: torch.empty(ck.entries[spec.name].nbytes, dtype=torch.uint8) for p, ck in ckpts.items()}
+    def cost(spec: _OutSpec) -> int:
+        return sum(ck.entries[spec.name].nbytes for ck in ckpts.values()) + spec.nbytes
 
-        def fill() -> dict[Path, Tensor]:
-            return {p: ckpts[p].read(spec.name, out=b) for p, b in bufs.items()}
+    budget = max((cost(s) for _, s in order), default=0)
 
-        return pool.submit(fill) if pool is not None else fill()
-
-    def merged(spec: _OutSpec, tensors: dict[Path, Tensor]) -> Tensor:
-        ref = tensors[r.base_model if r.base_model is not None else r.models[0].path]
+    def job(spec: _OutSpec) -> Tensor:
+        tensors = {p: ck.read(spec.name) for p, ck in ckpts.items()}
+        ref = tensors[ref_path]
         if not (ref.dtype.is_floating_point and ref.dtype.itemsize > 1) or ref.numel() == 0:
-            return ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
-        try:
-            res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype)  # rounded once, to the output dtype
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
-        return res
+            res = ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
+        else:
+            try:
+                res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype)  # rounded once, to the output dtype
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
+        if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
+            raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
+        return res.contiguous()
 
-    weight_map = {}
-    total = 0
-    # One reader thread prefetches the next tensor, one writer thread appends the previous
-    # result: disk I/O overlaps the arithmetic, and at most one output tensor waits in memory.
-    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=1) as writer:
-        it: Iterator[_OutSpec] = iter(order)
-        nxt = next(it, None)
-        pending = load(nxt, pool) if (prefetch and nxt is not None) else None
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            with open(tmp / fname, "wb") as f:
-                f.write(_header_bytes(shard))
-                written = None
-                for spec in shard:
-                    if pending is not None:
-                        tensors = pending.result()
-                        following = next(it, None)
-                        pending = load(following, pool) if following is not None else None
-                    else:
-                        tensors = load(spec, None)
-                    res = merged(spec, tensors)
-                    del tensors
-                    if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
-                        raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
-                    if written is not None:
-                        written.result()  # keeps the order, surfaces write errors, bounds memory
-                    data = memoryview(res.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    written = writer.submit(f.write, data) if prefetch else None
-                    if not prefetch:
-                        f.write(data)
-                    weight_map[spec.name] = fname
-                    total += spec.nbytes
-                    del res, data
-                    if bar is not None:
-                        bar.update(1)
-                if written is not None:
-                    written.result()
-                f.flush()
-                os.fsync(f.fileno())
+    workers = max(1, torch.get_num_threads()) if prefetch else 1
+    threads = torch.get_num_threads()
+    weight_map, total = {}, 0
+    files: dict[int, Any] = {}
+    try:
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()  # (shard index, spec, future), in file order
+            in_flight, nxt = 0, 0
+            while nxt < len(order) or pending:
+                # admit tensors while they fit (always at least one), keeping every worker fed
+                while nxt < len(order) and len(pending) <= workers and (
+                        not pending or in_flight + cost(order[nxt][1]) <= budget):
+                    i, spec = order[nxt]
+                    pending.append((i, spec, pool.submit(job, spec)))
+                    in_flight += cost(spec)
+                    nxt += 1
+                i, spec, fut = pending.popleft()
+                res = fut.result()
+                f = files.get(i)
+                if f is None:
+                    for j in list(files):
+                        _close_shard(files.pop(j))
+                    f = files[i] = _open_shard(tmp, shards, i)
+                f.write(memoryview(res.reshape(-1).view(torch.uint8).numpy()))
+                del res, fut
+                weight_map[spec.name] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                total += spec.nbytes
+                in_flight -= cost(spec)
+                if bar is not None:
+                    bar.update(1)
+        for i in list(files):
+            _close_shard(files.pop(i))
+        if not order:  # an empty model still gets its (empty) shard
+            _close_shard(_open_shard(tmp, shards, 0))
+    finally:
+        torch.set_num_threads(threads)
+        for f in files.values():
+            f.close()
     if bar is not None:
         bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _open_shard(tmp: Path, shards: list[list[_OutSpec]], i: int):
+    f = open(tmp / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", "wb")
+    f.write(_header_bytes(shards[i]))
+    return f
+
+
+def _close_shard(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
 
 
 def _install(tmp: Path, out: Path) -> None:

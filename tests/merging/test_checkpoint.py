@@ -420,3 +420,47 @@ def test_output_dtype_is_rounded_once_with_mergekit_keys(tmp_path, keys, want):
     if want == torch.float32:
         assert not torch.equal(merged[n], merged[n].bfloat16().float())  # not bf16-rounded values
     assert torch.equal(merged["position_ids"], states["base"]["position_ids"])
+
+
+def test_parallel_pipeline_writes_the_sequential_bytes_and_restores_threads(three_models, monkeypatch):
+    """Several tensors merged at once (one per torch thread) give the same files, byte for byte, as
+    the one-at-a-time path; the in-flight bytes stay within the largest tensor's footprint; torch's
+    thread count is restored afterwards, also after an error."""
+    tmp, _ = three_models
+    r = recipe(tmp, "ties", {"a": {"weight": 0.6, "density": 0.5}, "b": {"weight": 0.4, "density": 0.3}},
+               out_shard_size=1200)
+    threads = torch.get_num_threads()
+    merge_checkpoints(r, tmp / "seq", prefetch=False)
+    import alignlab.merging.checkpoint as C
+
+    live, most = [0], [0]
+    real = C.merge_tensor
+
+    def tracked(recipe_, name, tensors, out_dtype=None):
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        live[0] += nbytes
+        most[0] = max(most[0], live[0])
+        try:
+            return real(recipe_, name, tensors, out_dtype)
+        finally:
+            live[0] -= nbytes
+
+    monkeypatch.setattr(C, "merge_tensor", tracked)
+    try:
+        torch.set_num_threads(3)
+        merge_checkpoints(r, tmp / "par")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(p.name for p in (tmp / "seq").iterdir())
+    assert files == sorted(p.name for p in (tmp / "par").iterdir()) and len(files) > 3
+    for name in files:
+        assert (tmp / "seq" / name).read_bytes() == (tmp / "par" / name).read_bytes(), name
+    largest = 3 * 50 * 16 * 4  # embed/lm_head: three float32 (50, 16) inputs
+    assert 0 < most[0] <= largest
+
+    bad = recipe(tmp, "ties", {"a": {"density": 0.5}, "b": {"density": 0.5}}, out_shard_size=1200)
+    monkeypatch.setattr(C, "merge_tensor", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        merge_checkpoints(bad, tmp / "err")
+    assert torch.get_num_threads() == threads and not (tmp / "err").exists()
