@@ -5,16 +5,19 @@ alignlab adds no communication of its own: the training step runs through PyTorc
 gathers / scatters through ``DTensor`` (``full_tensor``, ``distribute_tensor``).
 
 What is sharded. FSDP2 shards *parameters*: under :func:`shard_model` every rank holds
-``1 / world`` of each float parameter (embeddings, norms, ``lm_head``, adapter factors,
-DoRA magnitudes) and all-gathers a block's parameters just before its forward / backward.
-:class:`~alignlab.quant.NF4Linear` keeps its packed 4-bit weight in frozen *buffers*,
-which FSDP2 leaves alone: they stay **replicated**, bit for bit, on every rank (uint8
-stays uint8; nothing is cast or reinterpreted). Per-GPU memory of the model is therefore
+``1 / world`` of each parameter (embeddings, norms, ``lm_head``, adapter factors, DoRA
+magnitudes) and all-gathers a block's parameters just before its forward / backward.
+:func:`shard_model` first makes the packed uint8 bytes of every
+:class:`~alignlab.quant.NF4Linear` (codes and 8-bit scales) frozen parameters too
+(:mod:`alignlab.quant.fsdp`), so they are sharded the same way; FSDP2 all-gathers them as
+bytes (uint8 stays uint8; no cast, no float reinterpretation). The small float scales stay
+replicated. Per GPU the model takes about
 
-    NF4 bytes of all quantized linears  +  (float parameters) / world,
+    (0.52 bytes per quantized weight + float parameters) / world  +  4 / (64 * 256) bytes per quantized weight,
 
-about 0.52 bytes per quantized weight (4 bits + double-quantized scales): a 70B base in
-NF4 (~35 GB) must fit on each GPU; sharding the NF4 bytes too is left for later.
+e.g. ~35 GB / world for a 70B base in NF4. (Calling ``fully_shard`` yourself on a model
+that was not converted keeps the NF4 buffers replicated: correct, but the whole NF4 base
+sits on every GPU.)
 
 Mixed precision (FSDP2's ``MixedPrecisionPolicy``): keep fp32 master adapter weights
 (the sharded parameters and the optimizer state stay fp32), all-gather and compute in
@@ -64,14 +67,17 @@ def shard_model(
     Blocks are the modules whose class is in ``block_types`` (classes or class names); by default
     a ``transformers`` model's ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``). Each block is
     one FSDP2 unit (one all-gather before its forward and backward); the rest (embeddings, final
-    norm, ``lm_head``) forms the root unit. Call it after ``inject``: adapters added later would
-    not be sharded.
+    norm, ``lm_head``) forms the root unit. The NF4 layers are made shardable first
+    (:func:`alignlab.quant.fsdp.shardable_nf4_`). Call it after ``inject`` / ``load_adapter``:
+    adapters added later would not be sharded.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: no ``block_types`` given and the model declares none, or none of them occurs.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from alignlab.quant.fsdp import shardable_nf4_
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -85,6 +91,7 @@ def shard_model(
         raise ValueError(f"block_types={sorted(wanted)} match no module of {type(model).__name__}")
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
               "reshard_after_forward": reshard_after_forward}
+    shardable_nf4_(model)
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

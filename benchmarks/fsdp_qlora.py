@@ -12,7 +12,8 @@ q/k/v/o/gate/up/down, AdamW on the adapters. Contestants (each starts from the s
 
 Per contestant: median ms/step (CUDA events) over the timed steps, tokens/s per rank, memory allocated
 once the model is built (the model's own state on this GPU) and the peak over the timed steps, the
-bytes of this rank's parameter shards and of its (replicated) buffers -- the NF4 base --, and the first
+bytes of this rank's parameter shards (the packed NF4 bytes are parameters under ``shard_model``) and
+of its replicated buffers (fp32 second-level scales), and the first
 and last timed loss. At world size 1 this measures what FSDP2 / DDP cost over the plain model; with
 ``torchrun --nproc_per_node N`` the same script gives the per-GPU numbers of N ranks.
 
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
                 model_gib = "n/a" if row["model_gib"] is None else f"{row['model_gib']:.2f}"
                 print(f"{name:22s} {row['ms']:9.1f} ms/step {row['tokens_per_s']:9.0f} tok/s/rank  "
                       f"model {model_gib} GiB  peak {peak} GiB  param shard {row['param_shard_mib']:.1f} MiB  "
-                      f"buffers (NF4) {row['buffer_mib']:.1f} MiB  loss {row['first_loss']:.4f} -> {row['last_loss']:.4f}",
+                      f"replicated buffers {row['buffer_mib']:.1f} MiB  loss {row['first_loss']:.4f} -> {row['last_loss']:.4f}",
                       flush=True)
             del model
             gc.collect()

@@ -4,8 +4,8 @@
 
 On GPUs each rank takes one device and talks NCCL; on CPU the ranks talk gloo. Each rank
 trains on its own slice of the global batch; FSDP2 (:func:`alignlab.distributed.shard_model`)
-shards the float parameters (adapters, embeddings, norms, ``lm_head``) and keeps the NF4 base
-bytes whole on every rank; on GPU the bf16 mixed-precision policy computes in bf16 and reduces
+shards the parameters (adapters, embeddings, norms, ``lm_head``) and the packed NF4 bytes of
+the base; on GPU the bf16 mixed-precision policy computes in bf16 and reduces
 gradients in fp32 over fp32 master adapter weights. Only the adapter trains.
 
 At the end ``save_adapter`` gathers the adapter and rank 0 writes it in PEFT's layout; a fresh
@@ -79,10 +79,9 @@ def main(argv=None) -> float:
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     try:
         model = build(args, device, compute_dtype)
-        counts = count_parameters(unwrap(model))
+        trainable = count_parameters(unwrap(model)).trainable
         if is_writer():
-            print(f"world={world} backend={dist.get_backend()} {'DDP' if args.ddp else 'FSDP2'}  "
-                  f"trainable={counts.trainable}  total={counts.total}")
+            print(f"world={world} backend={dist.get_backend()} {'DDP' if args.ddp else 'FSDP2'}  trainable={trainable}")
 
         # a toy task: continue a fixed repeating pattern; each rank takes its rows of the global batch
         g = torch.Generator().manual_seed(args.seed)

@@ -107,13 +107,17 @@ def test_loading_an_adapter_the_sharded_model_lacks_is_refused(runs):
     assert "inject it before fully_shard" in runs[2]["missing_adapter_error"]
 
 
-def test_fsdp_shards_float_params_and_keeps_nf4_bytes_whole(runs):
+def test_fsdp_shards_parameters_and_nf4_bytes(runs):
     _, train, _, single = runs
+    nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
     for case in ("fsdp_lora", "fsdp_dora"):
         b = train[case]["bytes"]
-        assert b["param_bytes_local"] <= b["param_bytes_full"] // 2 + 4096  # 1/world (+ padding of dim 0)
         model = single[case.split("_")[1]][0]
-        assert b["buffer_bytes"] == sum(x.numel() * x.element_size() for x in model.buffers())  # replicated
+        packed = [x for x in model.buffers() if x.dtype == torch.uint8]  # NF4 codes + 8-bit scales
+        assert nbytes(packed) > nbytes(model.parameters()) / 10  # a real share of this tiny model
+        assert b["param_bytes_full"] == nbytes(model.parameters()) + nbytes(packed)  # the bytes became parameters
+        assert b["param_bytes_local"] <= b["param_bytes_full"] // 2 + 4096  # 1/world of them (+ dim-0 padding)
+        assert b["buffer_bytes"] == nbytes(x for x in model.buffers() if x.dtype != torch.uint8)  # float scales
 
 
 def test_full_state_dict_equals_one_process(runs):

@@ -1,0 +1,125 @@
+"""NF4 weights FSDP2 can shard: the packed uint8 bytes become frozen parameters.
+
+FSDP2 (``fully_shard``) shards *parameters* along dim 0 and all-gathers them before a
+unit's forward and backward; :class:`~alignlab.quant.NF4Linear` keeps its weight in
+*buffers*, which FSDP2 replicates. :func:`shardable_nf4_` turns the uint8 buffers of every
+``NF4Linear`` -- the packed codes ``qdata`` ``(ceil(out * in / 2),)`` and, with double
+quantization, the 8-bit block scales ``qabsmax`` ``(num_blocks,)`` -- into frozen
+``nn.Parameter``\\ s. FSDP2 then keeps ``1 / world`` of those bytes per rank and the
+all-gather rebuilds exactly the single-process bytes:
+
+* it never casts a non-float parameter (``MixedPrecisionPolicy.param_dtype`` applies to
+  floating-point ones only), and it all-gathers a unit whose dtypes differ as raw bytes:
+  uint8 stays uint8, nothing is reinterpreted as a float;
+* the float pieces of the quantization state (fp32 scales without double quantization,
+  the fp32 second-level scales and offset, ICQ shifts) stay replicated buffers, since a
+  bf16 policy would round them: ``4 / (64 * 256)`` bytes per weight with double
+  quantization, ``4 / 64`` without.
+
+Per GPU that is ``(0.5 + 1 / 64) / world`` bytes per quantized weight plus the small
+replicated scales, instead of ``0.52`` bytes. The layer's ``state_dict`` still has
+bitsandbytes' keys, the whole tensors (every rank must call ``state_dict()``: the bytes are
+gathered). Convert before ``fully_shard``; :func:`alignlab.distributed.shard_model` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from alignlab.quant.linear import NF4Linear
+from alignlab.quant.nf4 import NF4Tensor
+
+__all__ = ["ShardableNF4Linear", "shardable_nf4_"]
+
+_NAMES = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
+
+
+def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class ShardableNF4Linear(NF4Linear):
+    """An :class:`~alignlab.quant.NF4Linear` whose uint8 quantization tensors are frozen parameters.
+
+    Same math, same ``state_dict`` (bitsandbytes keys, whole tensors). Made by
+    :func:`shardable_nf4_`, which converts layers in place; re-quantizing it
+    (``load_dense_weight_``, ``load_state_dict``) is refused once FSDP2 has sharded it.
+    """
+
+    def _tensor(self, name: str) -> torch.Tensor | None:
+        p = self._parameters.get(name)
+        return p if p is not None else self._buffers.get(name)
+
+    @property
+    def quant_weight(self) -> NF4Tensor:
+        """The packed weight; inside FSDP2's forward / backward the all-gathered bytes.
+
+        Outside them (sharded), the bytes are gathered here: a collective, so every rank must ask.
+        """
+        data, absmax, nested, offset, shift = (_whole(self._tensor(n)) for n in _NAMES)
+        return NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
+                         blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
+                         nested_blocksize=self._nested_blocksize)
+
+    def _make_parameters(self) -> None:
+        for name in ("qdata", "qabsmax"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype == torch.uint8:
+                del self._buffers[name]
+                self._parameters[name] = nn.Parameter(buf, requires_grad=False)
+
+    def _set_weight(self, t: NF4Tensor) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self._parameters.values() if p is not None):
+            raise ValueError("cannot replace the NF4 weight of a layer FSDP2 has sharded: merge, re-quantize or "
+                             "load the base before shard_model / fully_shard")
+        for name in ("qdata", "qabsmax"):
+            self._parameters.pop(name, None)
+        super()._set_weight(t)
+        self._make_parameters()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("qdata", "qabsmax"):  # written as bitsandbytes' weight / weight.absmax instead
+            destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        ours = (prefix + "qdata", prefix + "qabsmax")  # read from bitsandbytes' keys, not under these names
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in ours]
+
+    def _apply(self, fn, recurse=True):
+        # the uint8 parameters survive nn.Module._apply (only floating-point tensors change dtype);
+        # the float buffers keep their dtype as in NF4Linear
+        saved = {n: self._buffers[n] for n in _NAMES if n in self._buffers}
+        for name in saved:
+            self._buffers[name] = None
+        nn.Module._apply(self, fn, recurse)
+        probe = fn(torch.empty(0, device=self._tensor("qdata").device))
+        for name, buf in saved.items():
+            self._buffers[name] = None if buf is None else buf.to(probe.device)
+        return self
+
+
+def shardable_nf4_(model: nn.Module) -> nn.Module:
+    """Convert every :class:`~alignlab.quant.NF4Linear` of ``model`` in place (see the module
+    docstring); returns ``model``. Layers converted already are left as they are.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if type(module) is NF4Linear:
+            module.__class__ = ShardableNF4Linear
+            module.__dict__.pop("_quant_weight", None)
+            module._make_parameters()
+    return model
