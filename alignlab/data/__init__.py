@@ -1,9 +1,22 @@
-"""alignlab.data: SFT formatting and packing, preference pairs, token cleaning, replay mixing.
+"""alignlab.data: SFT formatting and packing, preference pairs, AI-feedback loops, token cleaning, replay mixing.
 
 Plain functions over Python iterables and lists of token ids; ``transformers``
 is only needed for the chat template (the user's tokenizer).
 """
 
+from alignlab.data.ai_feedback import (
+    ConstitutionalRecord,
+    OAIFBatch,
+    Principle,
+    constitutional_comparisons,
+    constitutional_revisions,
+    hf_generator,
+    lm_preference,
+    oaif_batch,
+    revision_pairs,
+    revision_sft_examples,
+    sample_completions,
+)
 from alignlab.data.packing import (
     PackedExample,
     collate_packed,
@@ -43,6 +56,17 @@ from alignlab.data.token_cleaning import (
 )
 
 __all__ = [
+    "ConstitutionalRecord",
+    "OAIFBatch",
+    "Principle",
+    "constitutional_comparisons",
+    "constitutional_revisions",
+    "hf_generator",
+    "lm_preference",
+    "oaif_batch",
+    "revision_pairs",
+    "revision_sft_examples",
+    "sample_completions",
     "ReplayBatchSampler",
     "ReplayMixer",
     "replay_counts",
