@@ -308,8 +308,9 @@ def fused_linear_grpo(
         advantages: ``(batch,)`` (packed: ``(n_seq,)``) or per token in ``completion_ids``' layout.
         completion_mask: tokens that count (default all); masked rows cost no matmul.
         old_logprobs, ref_logprobs, sampling_logprobs: per-token, in ``completion_ids``' layout.
-        beta, epsilon, epsilon_high, loss_type, importance_sampling_level, kl_estimator, entropy_coef, is_mode,
-            is_min, is_max, max_completion_length, num_items: as ``grpo_loss``.
+        beta, epsilon, epsilon_high, loss_type: as ``grpo_loss``.
+        importance_sampling_level, kl_estimator, entropy_coef: as ``grpo_loss``.
+        is_mode, is_min, is_max, max_completion_length, num_items: as ``grpo_loss``.
         temperature: :math:`\tau > 0` of the sampler (TRL divides the logits by it).
         compute_entropy: report the ``entropy`` metric (implied by ``entropy_coef != 0``).
         cu_seqlens: ``(n_seq + 1,)`` boundaries of the packed layout.
