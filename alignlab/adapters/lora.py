@@ -283,7 +283,7 @@ class LoRALinear(AdapterLayer):
             dtype = base.weight.dtype
             if x.dtype != dtype:
                 return None
-        elif type(base) is NF4Linear:
+        elif isinstance(base, NF4Linear):  # and its FSDP2-shardable form (alignlab.quant.fsdp)
             dtype = base.compute_dtype
         else:
             return None
@@ -339,7 +339,7 @@ class LoRALinear(AdapterLayer):
             base_out = base_out if bias is None else base_out - bias
         base = self.base_layer
         # the packed weight goes to the row-norm kernel as it is; other bases are dequantized first
-        weight = base.quant_weight if type(base) is NF4Linear else dense_weight(base)
+        weight = base.quant_weight if isinstance(base, NF4Linear) else dense_weight(base)
         return dora_delta(xa, base_out, weight, a, b, self.scaling[name], self.lora_magnitude_vector[name])
 
     # -- merge ----------------------------------------------------------------------------------

@@ -59,10 +59,17 @@ class ShardableNF4Linear(NF4Linear):
 
         Outside them (sharded), the bytes are gathered here: a collective, so every rank must ask.
         """
-        data, absmax, nested, offset, shift = (_whole(self._tensor(n)) for n in _NAMES)
-        return NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
-                         blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
-                         nested_blocksize=self._nested_blocksize)
+        parts = tuple(self._tensor(n) for n in _NAMES)
+        hit = self.__dict__.get("_quant_weight_of")
+        if hit is not None and all(x is y for x, y in zip(hit[0], parts)):  # FSDP2 reuses the unsharded tensors
+            return hit[1]
+        data, absmax, nested, offset, shift = (_whole(p) for p in parts)
+        t = NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
+                      blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
+                      nested_blocksize=self._nested_blocksize)
+        if not any(x is not y for x, y in zip(parts, (data, absmax, nested, offset, shift))):
+            self.__dict__["_quant_weight_of"] = (parts, t)  # never keep a gathered copy of sharded bytes
+        return t
 
     def _make_parameters(self) -> None:
         for name in ("qdata", "qabsmax"):
