@@ -400,7 +400,8 @@ def oaif_batch(
         TypeError: ``prefer`` or ``decode`` not callable.
     """
     if not callable(prefer):
-        raise TypeError(f"prefer: expected a callable (question, a, b) -> 'a' | 'b' | 'tie', got {type(prefer).__name__}")
+        raise TypeError(
+            f"prefer: expected a callable (question, a, b) -> 'a' | 'b' | 'tie', got {type(prefer).__name__}")
     if not callable(decode):
         raise TypeError(f"decode: expected a callable token ids -> str, got {type(decode).__name__}")
     if questions is not None and len(questions) != len(prompts):
@@ -421,7 +422,8 @@ def oaif_batch(
         winner = _winner(verdict, i)
         if winner == "tie":
             continue
-        (win, win_text), (lose, lose_text) = ((ca, text_a), (cb, text_b)) if winner == "a" else ((cb, text_b), (ca, text_a))
+        first, second = (ca, text_a), (cb, text_b)
+        (win, win_text), (lose, lose_text) = (first, second) if winner == "a" else (second, first)
         prompt = list(map(int, prompt))
         rows_c.append({"input_ids": prompt + win, "labels": [IGNORE_INDEX] * len(prompt) + win})
         rows_r.append({"input_ids": prompt + lose, "labels": [IGNORE_INDEX] * len(prompt) + lose})

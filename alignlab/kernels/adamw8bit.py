@@ -98,7 +98,8 @@ def adamw8bit_kernel_step(
 ) -> None:
     """Launch the fused step in place on ``p`` (contiguous), ``codes`` ``(2, n)`` uint8 and ``absmax``
     ``(2, num_blocks)`` float32. ``maps`` = (signed map, unsigned map, their midpoints), on ``p``'s device;
-    ``scalars`` = float32 ``[1 - lr wd, lr / c1, c2, b1, 1 - b1, b2, 1 - b2, eps]`` there too. Shapes are checked by the caller."""
+    ``scalars`` = float32 ``[1 - lr wd, lr / c1, c2, b1, 1 - b1, b2, 1 - b2, eps]`` there too. Shapes are
+    checked by the caller."""
     n = p.numel()
     grid = (triton.cdiv(n, blocksize),)
     smap, umap, smid, umid = maps

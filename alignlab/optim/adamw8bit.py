@@ -70,7 +70,9 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     return code[codes.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]
 
 
-def dequantize_moments(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_moments(
+    codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 moments ``(m, v)``, each ``(n,)``, from an 8-bit state's ``codes`` ``(2, n)`` uint8 and
     ``absmax`` ``(2, ceil(n / blocksize))`` float32."""
     s, u, _, _ = _maps(codes.device)

@@ -91,7 +91,8 @@ def _answers(prompt):
 
 def polite_judge(prompt):
     a, b = _answers(prompt)
-    return "[[A]]" if "please" in a and "please" not in b else "[[B]]" if "please" in b and "please" not in a else "[[C]]"
+    pa, pb = "please" in a, "please" in b
+    return "[[A]]" if pa and not pb else "[[B]]" if pb and not pa else "[[C]]"
 
 
 def test_constitutional_comparisons_pick_by_the_judge_and_debias_position():
@@ -203,7 +204,8 @@ def test_oaif_batch_shapes_masks_and_judge_decides(policy):
         prompt = PROMPTS[i]
         length = len(prompt) + len(completion)
         assert b["input_ids"][row, :length].tolist() == prompt + completion
-        assert b["labels"][row, :len(prompt)].eq(-100).all() and b["labels"][row, len(prompt):length].tolist() == completion
+        assert b["labels"][row, :len(prompt)].eq(-100).all()
+        assert b["labels"][row, len(prompt):length].tolist() == completion
         assert b["labels"][row, length:].eq(-100).all() and b["attention_mask"][row].tolist() == [1] * length + [0] * (
             b["input_ids"].shape[1] - length)
         assert b["input_ids"][row, length:].eq(PAD).all()
