@@ -279,3 +279,23 @@ def test_oaif_custom_sampler_and_errors(policy):
             sample_completions(policy, [[2]], **kwargs)
     with pytest.raises(ValueError, match="prompts"):
         sample_completions(policy, [[]])
+
+
+def test_hf_generator_batches_like_single_calls(chat_tokenizer):
+    """Left padding inside the batch does not change a greedy answer; the tokenizer's padding side is restored."""
+    from conftest import make_tiny_llama
+
+    from alignlab.data.ai_feedback import hf_generator
+
+    model = make_tiny_llama(seed=1, vocab_size=len(chat_tokenizer), hidden_size=32, num_layers=1)
+    generate = hf_generator(model, chat_tokenizer, max_new_tokens=4, do_sample=False,
+                            pad_token_id=chat_tokenizer.pad_token_id)
+    convs = [[{"role": "user", "content": "hello"}],
+             [{"role": "system", "content": "be nice"}, {"role": "user", "content": "what is the capital of france"}]]
+    side = chat_tokenizer.padding_side
+    both = generate(convs)
+    assert chat_tokenizer.padding_side == side
+    assert len(both) == 2 and all(isinstance(t, str) for t in both)
+    assert both == [generate([c])[0] for c in convs]
+    recs = list(constitutional_revisions(["hello"], generate, PRINCIPLES))
+    assert len(recs[0].responses) == 2
