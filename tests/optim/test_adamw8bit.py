@@ -250,7 +250,11 @@ def test_load_state_dict_rejects_a_mismatched_state():
         other.load_state_dict(sd)
 
 
-def test_offloaded_equals_in_memory_on_cpu():
+@pytest.mark.parametrize("mode", ["torch_mode", "triton_mode"])
+def test_offloaded_equals_in_memory_on_cpu(mode, request):
+    """The staging path (two buffers, views per parameter size, copies in and out) with the reference step
+    and with the Triton step under the interpreter: bit-identical to the in-memory optimizer."""
+    request.getfixturevalue(mode)
     torch.manual_seed(0)
     shapes = [(33, 77), (300,), (8,), (16, 256)]
     a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
