@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output directory (created atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-prefetch", action="store_true", help="do not read ahead (lowest memory)")
+    parser.add_argument("--no-prefetch", action="store_true", help="merge one tensor at a time (no worker threads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -5,9 +5,10 @@ output tensor it reads that tensor from each input checkpoint (plain positioned
 reads from the safetensors files, no mmap, so the page cache is not charged to
 the process), merges it with the functions of :mod:`alignlab.merging.methods`,
 and appends the bytes to the output shard, whose header was laid out up front
-from the inputs' headers. Peak memory is therefore
-``O(largest tensor x number of models)`` (about twice that while the next
-tensor is prefetched on a background thread), independent of model size.
+from the inputs' headers. Several tensors may be in flight on worker threads,
+but only as many as fit in the footprint (inputs plus output) of the largest
+single tensor, so peak memory is ``O(largest tensor x number of models)``,
+independent of model size.
 
 The output is ``model-0000i-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json``, built in a temporary directory next to
@@ -335,9 +336,11 @@ def merge_checkpoints(
         overwrite: replace an existing non-empty ``out_dir`` (only after the new
             merge has fully succeeded).
         progress: show a tqdm bar over tensors (silently off without tqdm).
-        prefetch: read the next tensor and write the previous result on background
-            threads while merging the current one (faster; up to 2x the input
-            working set plus one output tensor).
+        prefetch: merge up to ``torch.get_num_threads()`` tensors at once on worker
+            threads (each with single-threaded torch ops; the thread setting is
+            restored afterwards) while this thread writes finished ones; the tensors
+            in flight never exceed the largest single tensor's inputs plus output.
+            False: one tensor at a time.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
