@@ -356,3 +356,13 @@ def test_grpo_loss_options_match_trl(level, is_mode, loss_type):
     for name in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         # TRL averages the clip indicators in float32
         assert float(metrics[name]) == pytest.approx(metrics_log["train"][name][0], rel=1e-6, abs=1e-12), name
+
+
+def test_no_mask_and_all_masked(torch_mode):
+    d, kw = _split(dict(beta=0.04))
+    d["mask"] = torch.ones(B, T, dtype=torch.bool)  # every row kept: hidden rows are a view
+    _close(_fused(d, **kw), _oracle(d, **kw))
+    h = d["hidden"].clone().requires_grad_(True)
+    loss, _ = fused_linear_grpo(h, d["weight"], d["ids"], d["adv"], torch.zeros(B, T, dtype=torch.bool), **kw)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(h.grad.abs().max()) == 0.0
