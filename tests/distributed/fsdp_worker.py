@@ -19,15 +19,20 @@ from alignlab.quant import quantize_model
 GLOBAL_BATCH, SEQ, VOCAB, STEPS = 4, 16, 128, 3
 
 
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
 def build(dora: bool, with_adapter: bool = True, seed: int = 0):
     """Tiny random Llama, NF4 base (fp32 compute, for exact parity), LoRA/DoRA r=4 on every linear;
     ``lora_B`` drawn at random so that every adapter factor gets a gradient at the first step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = quantize_model(LlamaForCausalLM(cfg), compute_dtype=torch.float32)
+    model = quantize_model(LlamaForCausalLM(llama_config()), compute_dtype=torch.float32)
     if not with_adapter:
         return model
     inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=dora))

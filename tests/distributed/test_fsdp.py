@@ -136,3 +136,38 @@ def test_full_state_dict_equals_one_process(runs):
 def test_bf16_mixed_precision_tracks_fp32(runs):
     _, train, _, single = runs
     torch.testing.assert_close(train["fsdp_bf16"]["losses"], single["lora"][1]["losses"], rtol=2e-2, atol=0)
+
+
+def test_gathered_state_dict_loads_into_transformers_4bit(runs, tmp_path):
+    """The base part of the FSDP2 model's gathered state dict, put in a checkpoint directory that
+    transformers wrote with BitsAndBytesConfig, loads there with no missing or unexpected key and
+    holds exactly our bytes."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    sd = runs[1]["fsdp_lora"]["state_dict"]
+    base = {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
+    transformers.LlamaForCausalLM(w.llama_config()).save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=cfg,
+                                                               device_map="cpu")
+        hf.save_pretrained(tmp_path / "q4")
+        theirs = load_file(str(tmp_path / "q4" / "model.safetensors"))
+        assert sorted(base) == sorted(theirs)  # the same layout transformers writes
+        save_file(base, str(tmp_path / "q4" / "model.safetensors"), metadata={"format": "pt"})
+        hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu",
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    layers = [k[: -len(".weight.absmax")] for k in base if k.endswith(".weight.absmax")]
+    assert len(layers) == 14
+    for name in layers:  # bitsandbytes' Linear4bit now holds our codes and scales
+        weight = hf.get_submodule(name).weight
+        assert torch.equal(weight.data.flatten(), base[f"{name}.weight"].flatten()), name
+        assert torch.equal(weight.quant_state.absmax, base[f"{name}.weight.absmax"]), name
+        assert torch.equal(weight.quant_state.state2.absmax, base[f"{name}.weight.nested_absmax"]), name
