@@ -203,3 +203,27 @@ def test_distill_gradient_accumulation(torch_mode):
     torch.testing.assert_close(total, big.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(xm.grad, xb.grad, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(wm.grad, wb.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_grpo_accumulation_across_two_gloo_ranks(tmp_path, torch_mode):
+    # two processes, uneven shards; num_items = all_reduce(SUM) of the local counts; DDP-style gradient
+    # averaging with the loss scaled by the world size: equals the single-process big batch for every aggregation
+    import socket
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the worker by module name
+    import grpo_rank_worker as w
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(w.worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "grpo_ranks.pt", weights_only=False)
+    hidden, weight, ids, mask, adv, old, ref = w.global_batch()
+    for loss_type, (loss, grad) in got.items():
+        wt = weight.clone().requires_grad_(True)
+        big = w.local_loss(hidden, wt, ids, mask, adv, old, ref, loss_type, None)
+        big.backward()
+        torch.testing.assert_close(loss, big.detach(), rtol=1e-12, atol=1e-12, msg=loss_type)
+        torch.testing.assert_close(grad, wt.grad, rtol=1e-10, atol=1e-13, msg=loss_type)
