@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "bf16_policy", "ddp_model", "unwrap", "is_writer", "barrier", "full_tensor", "like_target", "is_sharded",
-           "full_state_dict"]
+__all__ = ["shard_model", "bf16_policy", "ddp_model", "unwrap", "is_writer", "barrier", "full_tensor", "like_target",
+           "is_sharded", "full_state_dict"]
 
 
 def bf16_policy():
