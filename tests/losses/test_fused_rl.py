@@ -366,3 +366,20 @@ def test_no_mask_and_all_masked(torch_mode):
     loss, _ = fused_linear_grpo(h, d["weight"], d["ids"], d["adv"], torch.zeros(B, T, dtype=torch.bool), **kw)
     loss.backward()
     assert float(loss.detach()) == 0.0 and float(h.grad.abs().max()) == 0.0
+
+
+def test_bfloat16_inputs_and_sliced_hidden(torch_mode):
+    # bf16 hidden/weight (logits chunk in bf16, statistics in float32) and a non-contiguous hidden slice, as
+    # model(...).last_hidden_state[:, plen - 1 : -1] gives
+    d, kw = _split(dict(beta=0.04, entropy_coef=0.01))
+    big = torch.cat([d["hidden"], torch.zeros(B, 1, H, dtype=D)], dim=1).to(torch.bfloat16)
+    h_full = big.clone().requires_grad_(True)
+    w = d["weight"].to(torch.bfloat16).requires_grad_(True)
+    loss, metrics = fused_linear_grpo(h_full[:, :T], w, d["ids"], d["adv"], d["mask"], compute_entropy=True, **kw)
+    loss.backward()
+    d64 = dict(d, hidden=big[:, :T].double(), weight=w.detach().double())
+    want = _oracle(d64, entropy=True, **kw)
+    torch.testing.assert_close(loss.double(), want[0], rtol=1e-2, atol=1e-3)  # logits rounded to bf16, as lm_head gives
+    torch.testing.assert_close(h_full.grad[:, :T].double(), want[2], rtol=3e-2, atol=3e-3)
+    assert float(h_full.grad[:, T:].abs().max()) == 0.0
+    torch.testing.assert_close(w.grad.double(), want[3], rtol=3e-2, atol=3e-3)
