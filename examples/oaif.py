@@ -11,7 +11,7 @@ The policy is LoRA on a random Llama; the DPO reference is the same model with a
 (``with disabled(model):``); the loss is :func:`alignlab.losses.fused_preference.fused_linear_dpo` on the
 last hidden states. At step 0 policy == reference, so the loss is exactly log 2.
 
-    python examples/oaif.py [--steps 10] [--prompts 12]
+    python examples/oaif.py [--steps 20] [--prompts 16]
 
 Needs ``transformers`` (``pip install 'alignlab[hf]'``).
 """
@@ -61,15 +61,15 @@ def mean_length(model, prompts, max_new_tokens: int, seed: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--prompts", type=int, default=12, help="prompts per step (two samples each)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per step (two samples each)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # tiny tensors: more intra-op threads only add synchronisation
     model = tiny_llama(args.seed)
     inject(model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
