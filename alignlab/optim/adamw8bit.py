@@ -265,7 +265,9 @@ class AdamW8bit(torch.optim.Optimizer):
             from alignlab.kernels.adamw8bit import adamw8bit_kernel_step
 
             if p.device not in on_device:
-                on_device[p.device] = torch.tensor(hyper, dtype=torch.float32).to(p.device, non_blocking=True)
+                host = torch.tensor(hyper, dtype=torch.float32)
+                # from pageable memory the copy would first wait for the stream (the backward): pin it
+                on_device[p.device] = (host.pin_memory() if p.is_cuda else host).to(p.device, non_blocking=True)
             scal = on_device[p.device]
             if p.is_cuda:
                 scal.record_stream(torch.cuda.current_stream(p.device))
