@@ -261,7 +261,7 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _update(self, p, g, codes, absmax, hyper, on_device) -> None:
-        if use_triton(p, g, codes) and p.is_contiguous():
+        if use_triton(p, g, codes) and p.is_contiguous() and p.numel() < 2**31:  # int32 offsets in the kernel
             from alignlab.kernels.adamw8bit import adamw8bit_kernel_step
 
             if p.device not in on_device:
