@@ -28,6 +28,14 @@ arXiv:1512.00567; z-loss ``zeta`` as in PaLM, arXiv:2204.02311), so
 with ``p = softmax(z)`` and ``g_t`` the per-row gradient scale. A log-prob
 ``z_y - lse`` is the loss with ``eps = zeta = 0`` and ``g_t = -dL/dlogp_t``.
 
+Optionally (RL losses log it, and may reward it) the entropy of each row,
+
+    ent_t = lse_t - E_t,   E_t = sum_v p_v z_v,
+
+comes out of the same statistics pass (one more online sum), and its gradient
+``e_t * dent_t/dz_v = -e_t p_v (z_v - E_t)`` (``e_t`` the per-row upstream
+gradient of the entropy) is added to ``dL/dz`` in the gradient pass.
+
 Two implementations with the same contract: a Triton kernel (one program per
 row, two passes over the vocabulary in blocks) and a PyTorch reference.
 :func:`chunk_softmax_grad_` picks one through :func:`alignlab.kernels.dispatch.use_triton`.
@@ -48,19 +56,22 @@ __all__ = ["RowStats", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
 class RowStats(NamedTuple):
     """Per-row statistics of a logits chunk, each ``(rows,)`` in float32 (float64 for float64 logits).
 
-    ``mean`` is ``None`` unless it was asked for.
+    ``mean`` is ``None`` unless it was asked for; ``entropy`` and ``expected`` (``E_t``) unless
+    ``want_entropy``.
     """
 
     lse: torch.Tensor
     target: torch.Tensor
     mean: torch.Tensor | None
+    entropy: torch.Tensor | None = None
+    expected: torch.Tensor | None = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap) -> None:
+def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected=None, entropy_grad=None) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be (rows, vocab), got shape {tuple(logits.shape)}")
     if logits.stride(1) != 1:
@@ -74,6 +85,11 @@ def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap) -> None:
         raise ValueError(f"grad_scale must have shape ({rows},), got {tuple(grad_scale.shape)}")
     if lse is not None and grad_scale is None:
         raise ValueError("lse is only taken together with grad_scale (the gradient pass)")
+    if entropy_grad is not None:
+        if grad_scale is None or entropy_grad.shape != (rows,):
+            raise ValueError(f"entropy_grad must have shape ({rows},) and come with grad_scale")
+        if lse is not None and (expected is None or expected.shape != (rows,)):
+            raise ValueError(f"entropy_grad with a saved lse needs the saved expected logits ({rows},)")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
     if z_loss < 0.0:
@@ -92,30 +108,43 @@ def chunk_softmax_grad_reference_(
     smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    want_entropy: bool = False,
+    expected: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> RowStats:
     """PyTorch reference of :func:`chunk_softmax_grad_` (same arguments, same contract)."""
-    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap)
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad)
     acc = _acc_dtype(logits.dtype)
     z = logits.to(acc)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    if lse is None:
+    fresh = lse is None
+    if fresh:
         lse = torch.logsumexp(z, dim=1)
     else:
         lse = lse.to(acc)
     target = z.gather(1, labels.view(-1, 1)).squeeze(1)
     mean = z.mean(dim=1) if want_mean else None
+    entropy = None
+    if fresh and (want_entropy or entropy_grad is not None):
+        expected = (torch.exp(z - lse[:, None]) * z).sum(dim=1)
+        entropy = lse - expected
+    if not want_entropy:
+        entropy = None
     if grad_scale is not None:
         vocab = logits.shape[1]
         g = grad_scale.to(acc)
-        d = torch.exp(z - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+        coef = (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+        if entropy_grad is not None:
+            coef = coef - entropy_grad.to(acc)[:, None] * (z - expected.to(acc)[:, None])
+        d = torch.exp(z - lse[:, None]) * coef
         if smoothing:
             d -= (g * (smoothing / vocab))[:, None]
         d.scatter_add_(1, labels.view(-1, 1), -(g * (1.0 - smoothing))[:, None])
         if softcap is not None:
             d *= 1.0 - (z / softcap) ** 2
         logits.copy_(d)
-    return RowStats(lse, target, mean)
+    return RowStats(lse, target, mean, entropy, expected if want_entropy else None)
 
 
 if triton_available():
@@ -145,6 +174,9 @@ if triton_available():
         lse_ptr,
         tgt_ptr,
         mean_ptr,
+        ent_ptr,
+        ez_ptr,
+        egrad_ptr,
         n_rows,
         V,
         smoothing,
@@ -156,6 +188,8 @@ if triton_available():
         WANT_MEAN: tl.constexpr,
         BLOCK_V: tl.constexpr,
         VEC_LSE: tl.constexpr,
+        WANT_ENT: tl.constexpr,
+        ENT_GRAD: tl.constexpr,
     ):
         # Rows are strided over the programs (a persistent grid when there are fewer
         # programs than rows): fewer rows in flight keeps more of each row in L2
@@ -170,8 +204,11 @@ if triton_available():
             if HAS_CAP:
                 zy = softcap * _tanh(zy / softcap)
             tl.store(tgt_ptr + row, zy)
+            ez = tl.zeros([], dtype=tl.float32)
             if LSE_IN:
                 lse = tl.load(lse_ptr + row).to(tl.float32)
+                if ENT_GRAD:
+                    ez = tl.load(ez_ptr + row).to(tl.float32)
             elif VEC_LSE:
                 # Online log-sum-exp kept per lane: two exps per element but no cross-warp
                 # reduction (and barrier) inside the loop; lanes are merged once at the end.
@@ -195,24 +232,36 @@ if triton_available():
                 m = tl.zeros([], dtype=tl.float32) - float("inf")
                 s = tl.zeros([], dtype=tl.float32)
                 zs = tl.zeros([], dtype=tl.float32)
+                sz = tl.zeros([], dtype=tl.float32)  # sum exp(z - m) z, for the entropy
                 for blk in range(0, n_blocks):
                     z, msk = _load_capped(base, blk * BLOCK_V + offs, V, softcap, HAS_CAP)
                     if WANT_MEAN:
                         zs += tl.sum(tl.where(msk, z, 0.0), axis=0)
+                    zv = z
                     z = tl.where(msk, z, float("-inf"))
                     new_m = tl.maximum(m, tl.max(z, axis=0))
-                    s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+                    e = tl.exp(z - new_m)
+                    s = s * tl.exp(m - new_m) + tl.sum(e, axis=0)
+                    if WANT_ENT or ENT_GRAD:
+                        sz = sz * tl.exp(m - new_m) + tl.sum(tl.where(msk, e * zv, 0.0), axis=0)
                     m = new_m
                 lse = m + tl.log(s)
+                ez = sz / s
             if not LSE_IN:
                 tl.store(lse_ptr + row, lse)
                 if WANT_MEAN:
                     tl.store(mean_ptr + row, zs / V)
+                if WANT_ENT:
+                    tl.store(ent_ptr + row, lse - ez)
+                    tl.store(ez_ptr + row, ez)
             if WRITE_GRAD:
                 g = tl.load(gscale_ptr + row).to(tl.float32)
                 coef = g * (1.0 + 2.0 * z_loss * lse)
                 off = g * smoothing / V
                 hit = g * (1.0 - smoothing)
+                eg = tl.zeros([], dtype=tl.float32)
+                if ENT_GRAD:
+                    eg = tl.load(egrad_ptr + row).to(tl.float32)
                 # Walk the row backwards: the blocks read last by the statistics pass
                 # are the likeliest to still sit in L2.
                 for i in range(0, n_blocks):
@@ -222,7 +271,10 @@ if triton_available():
                     if HAS_CAP:
                         t = _tanh(z / softcap)
                         z = softcap * t
-                    d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
+                    if ENT_GRAD:
+                        d = tl.exp(z - lse) * (coef - eg * (z - ez)) - off - tl.where(cols == y, hit, 0.0)
+                    else:
+                        d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
                     if HAS_CAP:
                         d = d * (1.0 - t * t)
                     tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=msk)
@@ -253,6 +305,9 @@ def chunk_softmax_grad_triton_(
     smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    want_entropy: bool = False,
+    expected: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
     _config: tuple[int, int, int, bool] | None = None,
 ) -> RowStats:
     """Triton launcher of :func:`chunk_softmax_grad_` (float16/bfloat16/float32 logits).
@@ -260,7 +315,7 @@ def chunk_softmax_grad_triton_(
     ``_config`` = ``(BLOCK_V, num_warps, programs per SM, per-lane lse)`` overrides the launch
     configuration (benchmarks, tests); 0 programs per SM launches one program per row.
     """
-    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap)
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad)
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton path takes float16/bfloat16/float32 logits, got {logits.dtype}")
     rows, vocab = logits.shape
@@ -268,10 +323,18 @@ def chunk_softmax_grad_triton_(
     lse_out = lse.to(torch.float32).contiguous() if lse is not None else torch.empty(rows, device=dev)
     target = torch.empty(rows, device=dev, dtype=torch.float32)
     mean = torch.empty(rows, device=dev, dtype=torch.float32) if want_mean else None
+    ent = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy else None
+    if expected is not None and lse is not None:
+        ez = expected.to(torch.float32).contiguous()
+    else:
+        ez = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy else None
     if rows == 0:
-        return RowStats(lse_out, target, mean)
+        return RowStats(lse_out, target, mean, ent, ez)
     gscale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else target
+    egrad = entropy_grad.to(torch.float32).contiguous() if entropy_grad is not None else target
     block_v, num_warps, per_sm, vec_lse = _config or _launch_config(vocab)
+    if want_entropy or entropy_grad is not None:
+        vec_lse = False  # the entropy sum lives in the scalar online loop
     grid = rows
     if per_sm and logits.is_cuda:
         grid = min(rows, per_sm * _sm_count(logits.device.index or 0))
@@ -283,6 +346,9 @@ def chunk_softmax_grad_triton_(
         lse_out,
         target,
         mean if mean is not None else target,
+        ent if ent is not None else target,
+        ez if ez is not None else target,
+        egrad,
         rows,
         vocab,
         float(smoothing),
@@ -294,9 +360,11 @@ def chunk_softmax_grad_triton_(
         WANT_MEAN=want_mean,
         BLOCK_V=block_v,
         VEC_LSE=bool(vec_lse),
+        WANT_ENT=bool(want_entropy),
+        ENT_GRAD=entropy_grad is not None,
         num_warps=num_warps,
     )
-    return RowStats(lse_out, target, mean)
+    return RowStats(lse_out, target, mean, ent, ez)
 
 
 def chunk_softmax_grad_(
@@ -309,6 +377,9 @@ def chunk_softmax_grad_(
     smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    want_entropy: bool = False,
+    expected: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> RowStats:
     """Row statistics of a logits chunk and, optionally, its gradient written in place.
 
@@ -322,6 +393,10 @@ def chunk_softmax_grad_(
         grad_scale: ``(rows,)`` per-row scale ``g_t`` of the gradient; ``None`` = statistics only.
         want_mean: also return the mean capped logit per row (label smoothing needs it).
         smoothing, z_loss, softcap: ``eps``, ``zeta`` and ``c`` of the module docstring.
+        want_entropy: also return each row's entropy and expected logit ``E_t`` (statistics pass).
+        expected: ``(rows,)`` ``E_t`` saved by an earlier pass (with ``lse`` and ``entropy_grad``).
+        entropy_grad: ``(rows,)`` upstream gradient ``e_t`` of the entropy, added to the written gradient
+            (with ``grad_scale``; pass ``0`` scales for an entropy-only gradient).
 
     Returns:
         :class:`RowStats` ``(lse, target, mean)``, float32 (float64 for float64 logits).
@@ -333,5 +408,6 @@ def chunk_softmax_grad_(
     impl = chunk_softmax_grad_triton_ if kernel else chunk_softmax_grad_reference_
     return impl(
         logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
-        smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+        smoothing=smoothing, z_loss=z_loss, softcap=softcap, want_entropy=want_entropy,
+        expected=expected, entropy_grad=entropy_grad,
     )

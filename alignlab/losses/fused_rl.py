@@ -6,16 +6,16 @@ bonus, the entropy :math:`H_t` of :math:`\pi(\cdot\mid x_{<t})`.  The unfused pa
 ``(batch·seq, vocab)`` logits (and their log-softmax and gradient) for that: 16k completion rows at the Qwen
 vocabulary are 5 GB in bf16 per copy.  Here logits exist one chunk of rows at a time:
 
-* per chunk ``Z = (H_c W^T + b) / \tau`` (the temperature folded into the matmul's ``alpha``), log-sum-exp and
-  label logit from the row kernel of :mod:`alignlab.kernels.linear_logprobs`, the entropy
-  :math:`H_t = \mathrm{lse}_t - \sum_v p_v z_v` when asked for;
+* per chunk ``Z = (H_c W^T + b) / \tau`` (the temperature folded into the matmul's ``alpha``), log-sum-exp,
+  label logit and, when asked for, the entropy :math:`H_t = \mathrm{lse}_t - \sum_v p_v z_v` from the row
+  kernel of :mod:`alignlab.kernels.linear_logprobs` (one pass over the chunk);
 * the loss is linear in per-token terms (each aggregation is a weighted token sum with weights known before
   the pass), so the upstream gradients :math:`\partial\mathcal L/\partial\log\pi(y_t)` and
   :math:`\partial\mathcal L/\partial H_t` of the chunk's tokens come from a tiny autograd over ``(rows,)``
   vectors of the shared formula (:func:`~alignlab.losses.reward.clipped_surrogate`,
   :func:`~alignlab.losses.reward.kl_penalty`);
-* they are turned into ``dL/dZ`` in place, :math:`\partial\log\pi(y)/\partial z_v = [v=y] - p_v`,
-  :math:`\partial H/\partial z_v = -p_v (z_v - \sum_u p_u z_u)`, and fed to the chunk's two gradient matmuls.
+* the same kernel turns them into ``dL/dZ`` in place, :math:`\partial\log\pi(y)/\partial z_v = [v=y] - p_v`,
+  :math:`\partial H/\partial z_v = -p_v (z_v - \sum_u p_u z_u)`, fed to the chunk's two gradient matmuls.
 
 Token-level ratios cost three matmuls in all (Liger-Kernel's count): one pass, forward and backward per
 chunk.  GSPO's sequence-level ratio (and sequence-level importance weights without ``old_logprobs``) couple
@@ -115,14 +115,6 @@ def _logits(h_c, w_t, bias, scale, out):
     return torch.addmm(out, h_c, w_t, beta=0.0, alpha=scale, out=out)
 
 
-def _entropy_stats(z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(p, E_p[z], H)`` of a logits chunk, in the accumulation dtype (PyTorch, any device)."""
-    zf = z.to(lse.dtype)
-    p = torch.exp(zf - lse[:, None])
-    ez = (p * zf).sum(dim=1)
-    return p, ez, lse - ez
-
-
 def _stream(h, weight, bias, y, scale, chunk, want_entropy, grad_fn, need):
     """Walk the rows in chunks: statistics, and with ``grad_fn`` the gradient matmuls of each chunk.
 
@@ -146,22 +138,18 @@ def _stream(h, weight, bias, y, scale, chunk, want_entropy, grad_fn, need):
     for s in range(0, rows, chunk):
         e = min(s + chunk, rows)
         z = _logits(h[s:e], w_t, bias, scale, buf[: e - s])
-        st = chunk_softmax_grad_(z, y[s:e])
+        st = chunk_softmax_grad_(z, y[s:e], want_entropy=want_entropy)
         logp[s:e] = st.target - st.lse
-        p = ez = None
         if want_entropy:
-            p, ez, ent[s:e] = _entropy_stats(z, st.lse)
+            ent[s:e] = st.entropy
         if grad_fn is None:
             continue
         g_lp, g_ent = grad_fn(s, e, logp[s:e], None if ent is None else ent[s:e])
-        if g_ent is None:  # the kernel writes g (p - onehot); dlogp/dz = onehot - p, and dz/dZ_raw = scale
-            p = None
-            chunk_softmax_grad_(z, y[s:e], lse=st.lse, grad_scale=-g_lp * scale)
-        else:  # dL/dz_v = g_lp ([v = y] - p_v) - g_ent p_v (z_v - E_p[z])
-            d = p.mul_(-(g_lp[:, None] + g_ent[:, None] * (z.to(acc) - ez[:, None])))
-            d.scatter_add_(1, y[s:e, None], g_lp[:, None])
-            z.copy_(d.mul_(scale))
-            p = d = None
+        # the kernel writes the gradient of sum_t (g_t (lse_t - z_y) + e_t H_t) over the chunk: log-probs are
+        # minus the first term, and dz/dZ_raw = scale (the temperature)
+        chunk_softmax_grad_(z, y[s:e], lse=st.lse, grad_scale=-g_lp * scale,
+                            expected=st.expected if g_ent is not None else None,
+                            entropy_grad=None if g_ent is None else g_ent * scale)
         grad_w = chunk_backward(z, h[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
     return logp, ent, grad_h, grad_w, grad_b
 
@@ -320,8 +308,7 @@ def fused_linear_grpo(
         temperature: :math:`\tau > 0` of the sampler (TRL divides the logits by it).
         compute_entropy: report the ``entropy`` metric (implied by ``entropy_coef != 0``).
         cu_seqlens: ``(n_seq + 1,)`` boundaries of the packed layout.
-        chunk_size: rows of logits per chunk (default: 1 GiB of logits on CUDA, a quarter of it with the
-            entropy; 32 MiB on CPU).
+        chunk_size: rows of logits per chunk (default: 1 GiB of logits on CUDA, 32 MiB on CPU).
 
     Returns:
         ``(loss, metrics)`` as ``grpo_loss``; gradients reach ``hidden``, ``lm_head_weight`` and ``bias``.
@@ -411,9 +398,7 @@ def fused_linear_grpo(
     old_pad, samp_pad = side("old_logprobs", old_logprobs), side("sampling_logprobs", sampling_logprobs)
     scale = 1.0 / float(temperature)
     want_entropy = bool(compute_entropy or entropy_coef)
-    # the entropy's float32 temporaries are ~4x a bf16 chunk: a quarter of the budget keeps the workspace
-    budget = _CUDA_CHUNK_BYTES // 4 if want_entropy else _CUDA_CHUNK_BYTES
-    step = chunk_size or default_chunk_rows(max(1, y.numel()), vocab, hidden.element_size(), dev, budget)
+    step = chunk_size or default_chunk_rows(max(1, y.numel()), vocab, hidden.element_size(), dev, _CUDA_CHUNK_BYTES)
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
