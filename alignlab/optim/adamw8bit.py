@@ -155,7 +155,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._staging: dict[torch.device, list] = {}
         self._streams: dict[torch.device, tuple] = {}
         self._pending: list = []
-        self._free: dict[int, Any] = {}
+        self._free: dict[tuple[torch.device, int], Any] = {}  # (device, staging buffer) -> its last copy back
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -301,8 +301,8 @@ class AdamW8bit(torch.optim.Optimizer):
             n, nb = p.numel(), st["absmax"].shape[1]
             codes, absmax = bufs[k][0][: 2 * n].view(2, n), bufs[k][1][: 2 * nb].view(2, nb)
             with ctx(h2d):
-                if cuda and k in self._free:
-                    h2d.wait_event(self._free[k])
+                if cuda and (device, k) in self._free:
+                    h2d.wait_event(self._free[device, k])
                 codes.copy_(st["codes"], non_blocking=True)
                 absmax.copy_(st["absmax"], non_blocking=True)
                 loaded = _record(h2d)
@@ -319,7 +319,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 st["codes"].copy_(codes, non_blocking=True)
                 st["absmax"].copy_(absmax, non_blocking=True)
                 if cuda:
-                    self._free[k] = _record(d2h)
+                    self._free[device, k] = _record(d2h)
         if cuda:
             main.wait_event(done)
             self._pending = list(self._free.values())
