@@ -92,6 +92,9 @@ def shard_model(
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
               "reshard_after_forward": reshard_after_forward}
     shardable_nf4_(model)
+    for module in model.modules():  # FSDP2 refills gathered factors without a version bump: no stale casts
+        if hasattr(module, "cache_casts"):
+            module.cache_casts = False
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

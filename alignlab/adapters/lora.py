@@ -91,6 +91,10 @@ class LoRALinear(AdapterLayer):
 
     mergeable = True
     linear_base = True
+    #: reuse the compute-dtype copies of A and B while their version and address stay the same;
+    #: ``alignlab.distributed.shard_model`` turns it off: FSDP2 refills the gathered factors in place
+    #: without bumping their version, possibly at the same address
+    cache_casts = True
 
     def __init__(
         self,
@@ -309,7 +313,7 @@ class LoRALinear(AdapterLayer):
         updates bump a tensor's version counter; a replaced tensor has another address)."""
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, torch.is_inference_mode_enabled())
         hit = self._casts.get(name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and self.cache_casts:
             return hit[1]
         with torch.no_grad():
             bc = b.detach().to(dtype)

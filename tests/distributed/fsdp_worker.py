@@ -122,6 +122,7 @@ def worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
                     model = wrap(build(dora), how)
                     results[name] = run_case(model, ids, out, name)
                     if how == "fsdp":
+                        results[name]["cache_casts"] = [m.cache_casts for m in model.modules() if hasattr(m, "cache_casts")]
                         results[name]["bytes"] = local_bytes(model)
                         results[name]["state_dict"] = full_state_dict(model)
             model = wrap(build(False), "fsdp", mp_policy=bf16_policy())

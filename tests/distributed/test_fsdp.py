@@ -171,3 +171,30 @@ def test_gathered_state_dict_loads_into_transformers_4bit(runs, tmp_path):
         assert torch.equal(weight.data.flatten(), base[f"{name}.weight"].flatten()), name
         assert torch.equal(weight.quant_state.absmax, base[f"{name}.weight.absmax"]), name
         assert torch.equal(weight.quant_state.state2.absmax, base[f"{name}.weight.nested_absmax"]), name
+
+
+def test_cast_cache_is_off_under_fsdp2(runs):
+    """FSDP2 refills the gathered adapter factors in place without bumping their version (version 0
+    at every step on CPU; on GPU the caching allocator may also give back the same address), so the
+    fused path must not reuse a compute-dtype copy keyed on (version, address)."""
+    for case in ("fsdp_lora", "fsdp_dora"):
+        flags = runs[1][case]["cache_casts"]
+        assert flags and not any(flags)
+
+
+@pytest.mark.parametrize("cache_casts", [True, False])
+def test_without_the_cast_cache_a_silent_refill_is_seen(cache_casts):
+    """bf16 compute with fp32 factors (the GPU default): the fused path works on bf16 copies of A, B."""
+    from torch import nn
+
+    from alignlab.adapters import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 4).to(torch.bfloat16), r=2)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    before = layer(x)
+    layer.cache_casts = cache_casts
+    layer.lora_A["default"].weight.data.mul_(2)  # through .data: same address, same version, as FSDP2's refill
+    after = layer(x)
+    assert torch.equal(after, before) == cache_casts  # the cache cannot see such a refill; off, it is read
