@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="benchmarks/results/grpo.json")
     ap.add_argument("--device", default="cuda", help="'cpu' only to smoke-test the script on tiny shapes")
     ap.add_argument("--no-liger", action="store_true", help="leave Liger out (e.g. no compiler available)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="completion lengths uniform in [seq/2, seq] (default: every completion is seq tokens, so "
+                         "all 16k rows are scored and the floor counts them all)")
     args = ap.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -113,8 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref_hidden = (hidden.detach().float() + 0.05 * torch.randn(B, T, H, device=dev)).to(dt)
     weight = (torch.randn(V, H, device=dev) / H**0.5).to(dt).requires_grad_()
     ids = torch.randint(0, V, (B, T), device=dev)
-    lengths = torch.randint(T // 2, T + 1, (B,), device=dev)
-    mask = torch.arange(T, device=dev)[None] < lengths[:, None]  # ragged completions
+    if args.ragged:  # masked rows cost us no matmul; the floor below still counts every row
+        lengths = torch.randint(T // 2, T + 1, (B,), device=dev)
+    else:
+        lengths = torch.full((B,), T, device=dev)
+    mask = torch.arange(T, device=dev)[None] < lengths[:, None]
     adv = torch.randn(B, device=dev)
     with torch.no_grad():
         lp0 = naive_token_logps(hidden.detach().float(), weight.detach().float(), ids)
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": library_versions(),
-        "shape": dict(completions=B, seq=T, rows=B * T, scored_rows=int(mask.sum()), hidden=H, vocab=V,
+        "shape": dict(completions=B, seq=T, rows=B * T, scored_rows=int(mask.sum()), ragged=args.ragged, hidden=H,
+                      vocab=V,
                       dtype=str(dt).replace("torch.", "")),
         "one_matmul_ms_cublas": ms_mm,
         "liger_skipped": liger_reason,

@@ -40,7 +40,8 @@ def tiny_llama(seed: int):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.2, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.2,  # logits that can move
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -66,7 +67,8 @@ def main() -> None:
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model = tiny_llama(args.seed)
-    inject(model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    inject(model, LoRAConfig(r=8, alpha=16, target_modules=targets))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)

@@ -30,7 +30,7 @@ def test_parse_args(bench):
 
 def test_cpu_dry_run(bench, tmp_path, torch_mode):
     out = tmp_path / "grpo.json"
-    report = bench.main(["--device", "cpu", "--completions", "2", "--seq", "6", "--hidden", "8", "--vocab", "32",
+    report = bench.main(["--device", "cpu", "--completions", "2", "--seq", "6", "--hidden", "8", "--vocab", "32", "--ragged",
                          "--rep", "1", "--warmup", "1", "--no-liger", "--out", str(out)])
     assert json.loads(out.read_text())["shape"]["rows"] == 12
     assert report["liger_skipped"] == "--no-liger"

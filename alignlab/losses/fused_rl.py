@@ -56,7 +56,9 @@ __all__ = ["fused_linear_grpo", "packed_to_padded"]
 _CUDA_CHUNK_BYTES = 2**30
 
 
-def packed_to_padded(values: torch.Tensor, cu_seqlens: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_to_padded(
+    values: torch.Tensor, cu_seqlens: torch.Tensor, fill: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack a padding-free tensor into a padded batch (differentiable gather).
 
     Args:
@@ -91,7 +93,8 @@ def _packed_total(values: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
 def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int, int]:
     """Padded flat position of every packed row, the number of sequences and the longest length."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D tensor (n_seq + 1,), got {getattr(cu_seqlens, 'shape', cu_seqlens)}")
+        got = getattr(cu_seqlens, "shape", cu_seqlens)
+        raise ValueError(f"cu_seqlens must be a 1-D tensor (n_seq + 1,), got {got}")
     if cu_seqlens.is_floating_point():
         raise ValueError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
     cu = cu_seqlens.to(torch.int64)
@@ -326,7 +329,8 @@ def fused_linear_grpo(
             completion_ids.dtype == torch.bool:
         raise TypeError(f"completion_ids must be an integer tensor, got {getattr(completion_ids, 'dtype', None)}")
     if lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
-        raise ValueError(f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got {tuple(lm_head_weight.shape)}")
+        raise ValueError(
+            f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got {tuple(lm_head_weight.shape)}")
     if hidden.dtype != lm_head_weight.dtype:
         raise TypeError(f"hidden and lm_head_weight must share a dtype, got {hidden.dtype}, {lm_head_weight.dtype}")
     if bias is not None and (bias.shape != (lm_head_weight.shape[0],) or bias.dtype != lm_head_weight.dtype):
@@ -356,7 +360,8 @@ def fused_linear_grpo(
     dev, vocab, hdim = hidden.device, lm_head_weight.shape[0], hidden.shape[-1]
     packed = cu_seqlens is not None
     if not packed and completion_ids.dim() != 2:
-        raise ValueError(f"completion_ids must be (batch, seq) (or packed with cu_seqlens), got {tuple(completion_ids.shape)}")
+        raise ValueError(
+            f"completion_ids must be (batch, seq) (or packed with cu_seqlens), got {tuple(completion_ids.shape)}")
     if packed and not (completion_ids.dim() == 1 or (completion_ids.dim() == 2 and completion_ids.shape[0] == 1)):
         raise ValueError(f"packed completion_ids must be (total,) or (1, total), got {tuple(completion_ids.shape)}")
     if completion_mask is not None and completion_mask.shape != completion_ids.shape:
@@ -401,7 +406,8 @@ def fused_linear_grpo(
     step = chunk_size or default_chunk_rows(max(1, y.numel()), vocab, hidden.element_size(), dev, _CUDA_CHUNK_BYTES)
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
+            raise ValueError(
+                f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
         rw = (lm_head_weight if ref_weight is None else ref_weight).detach()
         rb = bias if ref_weight is None and ref_bias is None else ref_bias
         with torch.no_grad():

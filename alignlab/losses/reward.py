@@ -541,7 +541,9 @@ def is_weights(
     return w.masked_fill((w < lo) | (w > hi), 0.0)
 
 
-def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float) -> torch.Tensor:
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
+) -> torch.Tensor:
     r"""Per-token :math:`-\min(\rho A, \mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon_{hi}) A)` with
     :math:`\rho = e^{\log\rho}`: the one formula shared by :func:`grpo_loss` and the fused GRPO."""
     ratio = torch.exp(log_ratio)
