@@ -130,7 +130,8 @@ def recipes(method: str, paths: list[Path]) -> tuple[str, str]:
 _MEASURE = (
     "import resource, subprocess, sys, time\n"
     "t = time.perf_counter(); p = subprocess.run(sys.argv[1:]); t = time.perf_counter() - t\n"
-    "print('RESULT', p.returncode, t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print('RESULT', p.returncode, t, u.ru_maxrss, u.ru_utime + u.ru_stime)\n"
 )
 
 
@@ -140,10 +141,12 @@ def measure(cmd: list[str], log: Path) -> dict:
         proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], stdout=subprocess.PIPE, stderr=f, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1].split()
-    rc, wall, rss_kb = int(line[1]), float(line[2]), int(line[3])
+    rc, wall, rss_kb, cpu = int(line[1]), float(line[2]), int(line[3]), float(line[4])
     if rc != 0:
         raise RuntimeError(f"{cmd[0]} failed (rc={rc}); see {log}:\n" + log.read_text()[-3000:])
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1)}
+    # CPU seconds (user + system) depend much less than wall time on what else the machine runs
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1), "cpu_s": round(cpu, 2),
+            "load_avg_after": round(os.getloadavg()[0], 2)}
 
 
 def threshold_ties(base: torch.Tensor, models: list[torch.Tensor], density: float) -> torch.Tensor:
@@ -251,7 +254,7 @@ def main() -> None:
                         shutil.rmtree(cmd[4] if who == "ours" else cmd[2], ignore_errors=True)
             for who, ss in samples.items():
                 if ss:
-                    run[who] = {k: sorted(s[k] for s in ss)[len(ss) // 2] for k in ("wall_s", "peak_rss_mb")}
+                    run[who] = {k: sorted(s[k] for s in ss)[len(ss) // 2] for k in ("wall_s", "peak_rss_mb", "cpu_s")}
                     run[who]["samples"] = ss
             if have_mk:
                 run["speedup"] = round(run["mergekit"]["wall_s"] / run["ours"]["wall_s"], 2)
