@@ -40,9 +40,7 @@ import torch
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
 from alignlab.losses.reward import (
-    GRPO_LOSS_TYPES,
-    IS_MODES,
-    KL_ESTIMATORS,
+    check_grpo_options,
     clipped_surrogate,
     grpo_loss,
     is_weights,
@@ -342,14 +340,7 @@ def fused_linear_grpo(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if loss_type not in GRPO_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(GRPO_LOSS_TYPES)}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid estimators are {list(KL_ESTIMATORS)}")
-    if is_mode not in IS_MODES:
-        raise ValueError(f"unknown is_mode {is_mode!r}; valid modes are {list(IS_MODES)}")
+    check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     if ref_hidden is not None and ref_logprobs is not None:
         raise ValueError("pass either ref_logprobs or ref_hidden, not both")
     if beta > 0 and ref_hidden is None and ref_logprobs is None:

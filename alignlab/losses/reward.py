@@ -550,6 +550,19 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
 
 
+def check_grpo_options(loss_type: str, importance_sampling_level: str, kl_estimator: str, is_mode: str) -> None:
+    """ValueError naming the option and the valid values, for the string options of the GRPO family
+    (shared by :func:`grpo_loss` and :func:`alignlab.losses.fused_rl.fused_linear_grpo`)."""
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(GRPO_LOSS_TYPES)}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid estimators are {list(KL_ESTIMATORS)}")
+    if is_mode not in IS_MODES:
+        raise ValueError(f"unknown is_mode {is_mode!r}; valid modes are {list(IS_MODES)}")
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -635,14 +648,7 @@ def grpo_loss(
             valid ones), shape/dtype mismatches, ``beta < 0``, ``beta > 0`` without ``ref_logprobs``,
             non-positive clip ranges, ``entropy_coef`` without ``entropy``.
     """
-    if loss_type not in GRPO_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(GRPO_LOSS_TYPES)}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid estimators are {list(KL_ESTIMATORS)}")
-    if is_mode not in IS_MODES:
-        raise ValueError(f"unknown is_mode {is_mode!r}; valid modes are {list(IS_MODES)}")
+    check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     _float("logprobs", logprobs, 2)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
                     ("sampling_logprobs", sampling_logprobs)):
