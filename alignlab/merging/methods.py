@@ -493,6 +493,7 @@ _FAST_CHUNK = 1 << 18
 _ABS_BITS = 0x7FFFFFFF  # clears the sign bit of a float32 viewed as int32
 _TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32: exponent and 7 mantissa bits
 _INF_TOP = 0x7F80  # top 16 bits of +inf; bins from here on hold inf or NaN
+_RADIX_MIN = 1 << 16  # below this many elements one kthvalue is cheaper than two 32K/64K-bin histograms
 
 
 def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
@@ -517,6 +518,15 @@ def _trim_thresholds(flat_b: Tensor, flat_m: list[Tensor], ks: list[int | None],
     live = [i for i, k in enumerate(ks) if k]
     out: list[tuple[int, int] | None] = [None if k is None else (0x7F800000, 0) for k in ks]  # k = 0: drop all
     if not live:
+        return out
+    if n <= _RADIX_MIN:
+        b32 = flat_b.float()
+        for i in live:
+            mag = torch.sub(flat_m[i], b32).abs_()
+            if not bool(torch.isfinite(mag).all()):
+                return None
+            thr = torch.kthvalue(mag, n - ks[i] + 1).values
+            out[i] = (int(thr.view(torch.int32)), ks[i] - int(torch.count_nonzero(mag > thr)))
         return out
     b32, d = torch.empty(step), torch.empty(step)
     bits = torch.empty(step, dtype=torch.int32)

@@ -480,20 +480,20 @@ def _ties_cases():
 def test_ties_float32_path_is_bit_identical_to_reference(monkeypatch, case):
     """The bitwise-mask fast path equals the masked_fill/where reference bit for bit, ties at the
     threshold carried across chunk boundaries included."""
-    monkeypatch.setattr(M, "_FAST_CHUNK", 256)
+    monkeypatch.setattr(M, "_FAST_CHUNK", 1024)
+    monkeypatch.setattr(M, "_RADIX_MIN", 1000)  # the histogram selection, not the small-tensor kthvalue
     base, ms = next((b, m) for name, b, m in _ties_cases() if name == case)
     for n_models in (1, 2, 3):
         for density in (0.5, [0.3, 1.0, 0.05][:n_models], 0.0, 1.0):
             for consensus in ("sum", "count"):
-                for normalize, lam, w in ((True, 1.0, [0.6, 0.4, 0.25]), (False, -0.7, [-1.0, 1.0, 0.5])):
-                    for out in (None, torch.float32):
-                        dens = M._densities(density, n_models)
-                        want = M._ties_reference(base, ms[:n_models], w[:n_models], dens, consensus, normalize, lam,
-                                                 out)
-                        got = M.ties(base, ms[:n_models], w[:n_models], density=density, consensus=consensus,
-                                     normalize=normalize, lambda_=lam, out_dtype=out)
-                        assert got.dtype == want.dtype
-                        assert torch.equal(_bits(got), _bits(want)), (n_models, density, consensus, normalize, out)
+                for normalize, lam, w, out in ((True, 1.0, [0.6, 0.4, 0.25], None),
+                                               (False, -0.7, [-1.0, 1.0, 0.5], torch.float32)):
+                    dens = M._densities(density, n_models)
+                    want = M._ties_reference(base, ms[:n_models], w[:n_models], dens, consensus, normalize, lam, out)
+                    got = M.ties(base, ms[:n_models], w[:n_models], density=density, consensus=consensus,
+                                 normalize=normalize, lambda_=lam, out_dtype=out)
+                    assert got.dtype == want.dtype
+                    assert torch.equal(_bits(got), _bits(want)), (n_models, density, consensus, normalize, out)
 
 
 def test_ties_float32_path_non_finite_falls_back_exactly(monkeypatch):
@@ -513,7 +513,9 @@ def test_ties_float32_path_non_finite_falls_back_exactly(monkeypatch):
                 assert torch.equal(_bits(got), _bits(want))
 
 
-def test_trim_thresholds_are_the_kth_largest_magnitudes():
+@pytest.mark.parametrize("radix_min", [0, 1 << 16])  # histogram selection; one kthvalue for small tensors
+def test_trim_thresholds_are_the_kth_largest_magnitudes(monkeypatch, radix_min):
+    monkeypatch.setattr(M, "_RADIX_MIN", radix_min)
     g = torch.Generator().manual_seed(2)
     base = torch.randn(20_000, generator=g).bfloat16()
     ms = [(base.float() + torch.randn(20_000, generator=g) * s).bfloat16() for s in (1e-3, 1.0, 0.0)]
@@ -525,9 +527,10 @@ def test_trim_thresholds_are_the_kth_largest_magnitudes():
         assert bits == int(thr.view(torch.int32))
         assert tied == k - int((mag > thr).sum()) >= 1
     assert M._trim_thresholds(base, ms, [None, 0, None], 999) == [None, (0x7F800000, 0), None]
-    inf = ms[1].clone()
-    inf[3] = float("inf")
-    assert M._trim_thresholds(base, [inf], [5], 999) is None
+    for bad in (float("inf"), float("nan")):
+        m = ms[1].clone()
+        m[3] = bad
+        assert M._trim_thresholds(base, [m], [5], 999) is None
 
 
 _SCRATCH_SCRIPT = r"""
