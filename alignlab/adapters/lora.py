@@ -91,10 +91,13 @@ class LoRALinear(AdapterLayer):
 
     mergeable = True
     linear_base = True
-    #: reuse the compute-dtype copies of A and B while their version and address stay the same;
-    #: ``alignlab.distributed.shard_model`` turns it off: FSDP2 refills the gathered factors in place
-    #: without bumping their version, possibly at the same address
-    cache_casts = True
+    #: opt-in: keep the compute-dtype copies of A and B (and DoRA's row norm) between calls while the
+    #: factors' version counters and addresses stay the same. Off by default because some writes are
+    #: invisible to both: ``p.data.add_(...)`` / ``p.data.copy_(...)`` (common in hand-written update
+    #: loops) and FSDP2's in-place refill of gathered parameters leave the version unchanged at the same
+    #: address, so a cached cast would silently be stale. Safe when the factors change only through
+    #: optimizer steps, ``copy_`` under ``no_grad``, or replacement; it saves two casts per call.
+    cache_casts = False
 
     def __init__(
         self,
@@ -301,30 +304,42 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
-        cast = self._cast_factors(name, a, b, dtype, scale)
-        if self.is_dora(name):
+        dora = self.is_dora(name)
+        cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
+        if dora:
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast)
             return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
 
-    def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float) -> tuple:
-        """``(A, B, s·B)`` in ``dtype``, detached, re-made only when a factor or the scale changed (in-place
-        updates bump a tensor's version counter; a replaced tensor has another address)."""
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, torch.is_inference_mode_enabled())
+    def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float,
+                      scaled: bool) -> tuple:
+        """``(A, B)`` in ``dtype``, detached, plus ``s·B`` when ``scaled`` (LoRA's backward uses it). With
+        ``cache_casts`` they are kept until a factor or the scale changed as far as version counters and
+        addresses tell (see ``cache_casts`` for the writes they miss); otherwise made per call."""
+        if not self.cache_casts:
+            self._casts.pop(name, None)
+            with torch.no_grad():
+                bc = b.detach().to(dtype)
+                return (a.detach().to(dtype), bc, bc * scale) if scaled else (a.detach().to(dtype), bc)
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, scaled,
+               torch.is_inference_mode_enabled())
         hit = self._casts.get(name)
-        if hit is not None and hit[0] == key and self.cache_casts:
+        if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
             bc = b.detach().to(dtype)
-            cast = (a.detach().to(dtype), bc, bc * scale)
+            cast = (a.detach().to(dtype), bc, bc * scale) if scaled else (a.detach().to(dtype), bc)
         self._casts[name] = (key, cast)
         return cast
 
     def _row_norm(self, name: str, weight, a, b, scale: float, dtype: torch.dtype, cast: tuple) -> torch.Tensor:
-        """DoRA's ``‖W + s·B A‖_row`` for the fused path, recomputed only when ``cast`` (so A or B), the base
-        weight or the scale changed: eval, generation, gradient accumulation and checkpoint recomputation
-        reuse it."""
+        """DoRA's ``‖W + s·B A‖_row`` for the fused path; with ``cache_casts``, recomputed only when ``cast``
+        (so A or B), the base weight or the scale changed: eval, generation, gradient accumulation and
+        checkpoint recomputation then reuse it."""
+        if not self.cache_casts:
+            self._norms.pop(name, None)
+            return dora_norm(weight, a, b, scale, dtype, cast)
         version = weight._version if isinstance(weight, torch.Tensor) else 0
         hit = self._norms.get(name)
         if hit is not None and hit[0] is cast and hit[1] is weight and hit[2] == version and hit[3] == scale:

@@ -255,6 +255,7 @@ def test_cached_factor_casts_and_norm_follow_every_change(dora, torch_mode):
     """The fused path keeps A, B in bf16 (and DoRA's row norm) between calls: an optimizer step, an in-place
     edit, a replaced tensor, a changed base weight or scale must each show in the very next output."""
     layer = _bf16_layer(dora)
+    layer.cache_casts = True
     x = torch.randn(5, 48).bfloat16()
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
 
@@ -280,8 +281,26 @@ def test_cached_factor_casts_and_norm_follow_every_change(dora, torch_mode):
     same()
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_by_default_nothing_is_cached_so_data_edits_are_seen(dora, torch_mode):
+    """``p.data.add_`` changes values without a version bump: with the default (no cast cache) the next call
+    sees it; with ``cache_casts`` it cannot, which is why the cache is opt-in."""
+    layer = _bf16_layer(dora)
+    assert layer.cache_casts is False
+    x = torch.randn(5, 48).bfloat16()
+    before = layer(x)
+    layer.lora_B["default"].weight.data.add_(0.5)  # no version bump, same address
+    torch.testing.assert_close(layer(x), _uncached(layer, x), rtol=0, atol=0)
+    assert not torch.equal(layer(x), before)
+    layer.cache_casts = True
+    layer(x)
+    layer.lora_B["default"].weight.data.add_(0.5)
+    assert not torch.equal(layer(x), _uncached(layer, x))  # the documented blind spot of the opt-in cache
+
+
 def test_cached_casts_made_in_inference_mode_do_not_reach_autograd(torch_mode):
     layer = _bf16_layer(False)
+    layer.cache_casts = True
     x = torch.randn(3, 48).bfloat16().requires_grad_()
     with torch.inference_mode():
         layer(x.detach())
