@@ -193,8 +193,8 @@ def test_without_the_cast_cache_a_silent_refill_is_seen(cache_casts):
     layer = LoRALinear(nn.Linear(8, 4).to(torch.bfloat16), r=2)
     nn.init.normal_(layer.lora_B["default"].weight)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
-    before = layer(x)
     layer.cache_casts = cache_casts
+    before = layer(x)
     layer.lora_A["default"].weight.data.mul_(2)  # through .data: same address, same version, as FSDP2's refill
     after = layer(x)
     assert torch.equal(after, before) == cache_casts  # the cache cannot see such a refill; off, it is read
