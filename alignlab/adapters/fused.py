@@ -26,7 +26,7 @@ the output ``y`` (the magnitude gradient is ``Σ_t ∂L/∂y ⊙ (y - bias) / m`
 Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized again, into
 one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
 ``dA = (s·dy B)ᵀ x``, ``dB = s·dyᵀ (x Aᵀ)`` (DoRA: rows times ``g``), ``dm`` by one
-column-dot kernel; a dense weight or bias that requires grad gets it too.
+kernel (:func:`alignlab.kernels.dora.magnitude_grad`); a dense weight or bias that requires grad gets it too.
 """
 
 from __future__ import annotations

@@ -317,20 +317,17 @@ class LoRALinear(AdapterLayer):
         """``(A, B)`` in ``dtype``, detached, plus ``s·B`` when ``scaled`` (LoRA's backward uses it). With
         ``cache_casts`` they are kept until a factor or the scale changed as far as version counters and
         addresses tell (see ``cache_casts`` for the writes they miss); otherwise made per call."""
-        if not self.cache_casts:
-            self._casts.pop(name, None)
-            with torch.no_grad():
-                bc = b.detach().to(dtype)
-                return (a.detach().to(dtype), bc, bc * scale) if scaled else (a.detach().to(dtype), bc)
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, scaled,
                torch.is_inference_mode_enabled())
-        hit = self._casts.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            bc = b.detach().to(dtype)
-            cast = (a.detach().to(dtype), bc, bc * scale) if scaled else (a.detach().to(dtype), bc)
-        self._casts[name] = (key, cast)
+        hit = self._casts.pop(name, None)
+        if self.cache_casts and hit is not None and hit[0] == key:
+            cast = hit[1]
+        else:
+            with torch.no_grad():
+                bc = b.detach().to(dtype)
+                cast = (a.detach().to(dtype), bc, bc * scale) if scaled else (a.detach().to(dtype), bc)
+        if self.cache_casts:
+            self._casts[name] = (key, cast)
         return cast
 
     def _row_norm(self, name: str, weight, a, b, scale: float, dtype: torch.dtype, cast: tuple) -> torch.Tensor:

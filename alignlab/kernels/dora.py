@@ -203,6 +203,20 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     return out
 
 
+def _column_plan(T: int, C: int, splits: int | None) -> tuple[int, int, int, int, int]:
+    """Tiles of the column reductions: ``(block_t, block_c, column blocks, rows per split, splits)``.
+
+    Default ``splits``: enough programs to fill the GPU, about 4 per SM-sized slice of columns, each at
+    least 256 rows (one under the interpreter).
+    """
+    block_t, block_c = (8, 32) if interpreting() else (32, 256)
+    col_blocks = triton.cdiv(C, block_c)
+    if splits is None:
+        splits = 1 if interpreting() else max(1, min(triton.cdiv(T, 256), triton.cdiv(512, col_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    return block_t, block_c, col_blocks, rows_per_split, triton.cdiv(T, rows_per_split)
+
+
 def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """``Σ_t u[t, c] · v[t, c]`` for two ``(T, C)`` tensors, ``(C,)`` in fp32 (fp64 for fp64 inputs).
 
@@ -221,13 +235,7 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
         u = u.contiguous()
     if v.stride(1) != 1:
         v = v.contiguous()
-    block_t, block_c = (8, 32) if interpreting() else (32, 256)
-    col_blocks = triton.cdiv(C, block_c)
-    # enough programs to fill the GPU: about 4 per SM-sized slice of columns, each at least 256 rows
-    if splits is None:
-        splits = 1 if interpreting() else max(1, min(triton.cdiv(T, 256), triton.cdiv(512, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    block_t, block_c, col_blocks, rows_per_split, splits = _column_plan(T, C, splits)
     part = torch.empty(splits, C, dtype=torch.float32, device=u.device)
     launch(_column_dot_kernel, (col_blocks, splits), (u, v, part, T, C, rows_per_split, u.stride(0), v.stride(0)),
            dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4))
@@ -265,12 +273,7 @@ def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
     if y.stride(1) != 1:
         y = y.contiguous()
     magnitude = magnitude.contiguous()
-    block_t, block_c = (8, 32) if interpreting() else (32, 256)
-    col_blocks = triton.cdiv(C, block_c)
-    if splits is None:  # as column_dot: about 4 programs per SM-sized slice of columns, each >= 256 rows
-        splits = 1 if interpreting() else max(1, min(triton.cdiv(T, 256), triton.cdiv(512, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    block_t, block_c, col_blocks, rows_per_split, splits = _column_plan(T, C, splits)
     dm = torch.empty(C, dtype=magnitude.dtype, device=gy.device)
     part = dm if splits == 1 else torch.empty(splits, 2, C, dtype=torch.float32, device=gy.device)
     b = bias if bias is not None else magnitude
