@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.kernels.dispatch import use_triton
+from alignlab.losses.fused_rl import _packed_positions
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -644,34 +645,62 @@ def sequence_kd_labels(
 
 
 def sequence_kd_loss(
-    student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of the student on teacher-generated targets.
 
     ``student_logits[:, i]`` predicts ``labels[:, i + 1]`` (the usual causal shift is done here).
+
+    Padding-free batches: pass the packed ``(1, total, vocab)`` logits, ``(1, total)`` labels and their
+    ``cu_seqlens`` (e.g. from ``alignlab.data.cu_seq_lens_from_position_ids``); the shift then never scores
+    a sequence's first token from the previous sequence's last position, so the loss equals the padded
+    batch's.  Gradient accumulation: ``reduction="sum"`` divided by the scored targets of the whole step
+    (``count_tokens`` of ``labels[:, 1:]`` over micro-batches and ranks) sums to the big batch's mean.
 
     Args:
         student_logits: ``(batch, seq, vocab)``.
         labels: ``(batch, seq)`` from :func:`sequence_kd_labels`.
         ignore_index: masked label value.
         reduction: ``"mean"`` over target tokens, ``"sum"``, or ``"none"`` (``(batch,)`` summed
-            negative log-likelihood per sequence).
+            negative log-likelihood per sequence; ``(n_seq,)`` with ``cu_seqlens``).
+        cu_seqlens: ``(n_seq + 1,)`` boundaries of a packed batch.
 
     Raises:
-        ValueError: on shape mismatch or unknown ``reduction``.
+        ValueError: on shape mismatch, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
+            leading dimension is not 1.
     """
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logits = student_logits[:, :-1].float()
+    logits = student_logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     target = labels[:, 1:]
+    seq_of_target = None
+    if cu_seqlens is not None:
+        if labels.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, labels must be packed (1, total), got {tuple(labels.shape)}")
+        total = labels.shape[1]
+        _packed_positions(cu_seqlens, total)  # validates cu_seqlens against the packed length
+        cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+        starts = cu[1:-1]
+        starts = starts[(starts > 0) & (starts < total)]
+        target = target.clone()
+        target[0, starts - 1] = ignore_index  # a sequence's first token has no prediction inside it
+        seq_of_target = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])[1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index, reduction="none")
     nll = nll.view(target.shape)
     valid = target != ignore_index
     if reduction == "none":
+        if seq_of_target is not None:
+            return nll.new_zeros(cu.numel() - 1).index_add(0, seq_of_target, nll[0])
         return nll.sum(-1)
-    total = nll.sum()
+    total_nll = nll.sum()
     if reduction == "sum":
-        return total
-    return total / valid.sum().clamp(min=1)
+        return total_nll
+    return total_nll / valid.sum().clamp(min=1)

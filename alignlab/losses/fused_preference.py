@@ -48,7 +48,16 @@ from alignlab.losses.logprobs import (
     scatter_rows,
     select_scored_rows,
 )
-from alignlab.losses.preference import _lengths_known_valid, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from alignlab.losses.preference import (
+    _lengths_known_valid,
+    _over,
+    check_num_items,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
     "completion_logps",
@@ -269,9 +278,12 @@ def _pair_logps(tok: torch.Tensor, counts: torch.Tensor, average: bool) -> tuple
     return _split_pairs("policy_hidden", seq)
 
 
-def _chosen_nll(tok: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL over all scored tokens of the chosen sequences (TRL/Liger's chosen NLL)."""
+def _chosen_nll(tok: torch.Tensor, counts: torch.Tensor, num_nll_tokens=None) -> torch.Tensor:
+    """Mean token NLL over all scored tokens of the chosen sequences (TRL/Liger's chosen NLL); with
+    ``num_nll_tokens``, their NLL sum over that step-wide count instead."""
     tok_c, _ = _split_pairs("policy_hidden", tok)
+    if num_nll_tokens is not None:
+        return _over(-tok_c.sum(), num_nll_tokens)
     counts_c, _ = _split_pairs("labels", counts)
     return -tok_c.sum() / counts_c.sum().clamp(min=1)
 
@@ -327,6 +339,7 @@ def fused_linear_dpo(
     ignore_index: int = -100,
     eager: bool = False,
     resident_bytes: int | None = None,
+    num_nll_tokens: int | torch.Tensor | None = None,
     **dpo_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""DPO (every :func:`~alignlab.losses.preference.dpo_loss` variant) from hidden states.
@@ -338,6 +351,12 @@ def fused_linear_dpo(
     The completion token counts are passed to ``dpo_loss`` as ``chosen_lengths``/``rejected_lengths``
     (``ipo`` and ``sigmoid_norm`` normalise by them, as TRL; R-DPO's ``length_alpha`` uses them).
 
+    Gradient accumulation (exact, micro-batches and ranks): ``num_items`` (passed on to ``dpo_loss``) = pairs of the whole optimiser step
+    divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen tokens of the step divides
+    this batch's chosen-token NLL sum; summing the micro-batch losses then gives the big-batch loss and
+    gradients.  With only ``num_items`` the NLL stays this batch's token mean (not exact when micro-batches
+    hold different numbers of chosen tokens).
+
     Args:
         policy_hidden: ``(2B, seq, hidden)``, chosen first.
         lm_head_weight: ``(vocab, hidden)``, same dtype as ``policy_hidden``.
@@ -348,6 +367,7 @@ def fused_linear_dpo(
         beta, loss_type, label_smoothing, **dpo_kwargs: as :func:`~alignlab.losses.preference.dpo_loss`.
         chunk_size: rows of logits per chunk (see ``linear_logprobs``).
         eager, resident_bytes: the schedule (module docstring).
+        num_nll_tokens: scored chosen tokens of the whole step, the normaliser of the NLL term (above).
 
     Returns:
         ``(loss, metrics)`` as ``dpo_loss`` (plus ``nll_loss`` when ``nll_alpha`` != 0); gradients reach
@@ -359,6 +379,7 @@ def fused_linear_dpo(
     """
     _check_3d(policy_hidden)
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
+    check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
     rc, rr = ref_chosen_logps, ref_rejected_logps
@@ -384,7 +405,7 @@ def fused_linear_dpo(
             loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                      **dpo_kwargs)
         if nll_alpha:
-            nll = _chosen_nll(tok, counts)
+            nll = _chosen_nll(tok, counts, num_nll_tokens)
             loss = loss + nll_alpha * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
@@ -404,18 +425,28 @@ def fused_linear_orpo(
     ignore_index: int = -100,
     eager: bool = False,
     resident_bytes: int | None = None,
+    num_items: int | torch.Tensor | None = None,
+    num_nll_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""ORPO (:func:`~alignlab.losses.preference.orpo_loss`) from hidden states: per-token averaged
     log-probs for the odds ratio plus the chosen completions' mean token NLL.
 
+    Gradient accumulation (exact, micro-batches and ranks): ``num_items`` = pairs of the whole optimiser step
+    divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen tokens of the step divides
+    this batch's chosen-token NLL sum; summing the micro-batch losses then gives the big-batch loss and
+    gradients.  With only ``num_items`` the NLL stays this batch's token mean (not exact when micro-batches
+    hold different numbers of chosen tokens).
+
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`.
     """
     _check_3d(policy_hidden)
+    check_num_items("num_items", num_items)
+    check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
 
     def loss_fn(tok):
         pc, pr = _pair_logps(tok, counts, average=True)
-        return orpo_loss(pc, pr, _chosen_nll(tok, counts), beta=beta)
+        return orpo_loss(pc, pr, _chosen_nll(tok, counts, num_nll_tokens), beta=beta, num_items=num_items)
 
     return fused_linear_preference(
         policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
@@ -436,10 +467,13 @@ def fused_linear_simpo(
     ignore_index: int = -100,
     eager: bool = False,
     resident_bytes: int | None = None,
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""SimPO (:func:`~alignlab.losses.preference.simpo_loss`) from hidden states (length-normalised by the
-    scored-token counts).  Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
+    scored-token counts).  ``num_items``: pairs of the whole optimiser step (exact gradient accumulation).
+    Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
+    check_num_items("num_items", num_items)
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
 
     def loss_fn(tok):
@@ -447,7 +481,7 @@ def fused_linear_simpo(
         lc, lr = _split_pairs("labels", counts)
         with _lengths_known_valid():  # clamped to >= 1 above
             return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc,
-                              rejected_lengths=lr)
+                              rejected_lengths=lr, num_items=num_items)
 
     return fused_linear_preference(
         policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,
@@ -471,21 +505,32 @@ def fused_linear_cpo(
     ignore_index: int = -100,
     eager: bool = False,
     resident_bytes: int | None = None,
+    num_items: int | torch.Tensor | None = None,
+    num_nll_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""CPO (:func:`~alignlab.losses.preference.cpo_loss`) from hidden states, NLL of the chosen completions
     included.  ``average_log_prob`` defaults to True for ``ipo``/``simpo`` (TRL's choice), else False.
+
+    Gradient accumulation (exact, micro-batches and ranks): ``num_items`` = pairs of the whole optimiser step
+    divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen tokens of the step divides
+    this batch's chosen-token NLL sum; summing the micro-batch losses then gives the big-batch loss and
+    gradients.  With only ``num_items`` the NLL stays this batch's token mean (not exact when micro-batches
+    hold different numbers of chosen tokens).
+
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
+    check_num_items("num_items", num_items)
+    check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     if average_log_prob is None:
         average_log_prob = loss_type in ("ipo", "simpo")
 
     def loss_fn(tok):
         pc, pr = _pair_logps(tok, counts, average_log_prob)
-        nll = _chosen_nll(tok, counts) if cpo_alpha else None
+        nll = _chosen_nll(tok, counts, num_nll_tokens) if cpo_alpha else None
         return cpo_loss(
             pc, pr, nll, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-            cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
+            cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, num_items=num_items,
         )
 
     return fused_linear_preference(
@@ -516,6 +561,7 @@ def fused_linear_kto(
     ignore_index: int = -100,
     eager: bool = False,
     resident_bytes: int | None = None,
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""KTO (:func:`~alignlab.losses.preference.kto_loss`) from hidden states, on unpaired completions.
 
@@ -525,10 +571,13 @@ def fused_linear_kto(
         desirable: ``(batch,)`` bool.
         ref_logps: ``(batch,)`` reference log-probs, or ``ref_hidden`` (+ ``ref_weight``/``ref_bias``).
         kl, policy_kl_logps, ref_kl_logps: the KL reference point, as ``kto_loss``.
+        num_items: completions of the whole optimiser step; with ``kl`` from the step (``kto_loss``'s two-pass
+            recipe) the micro-batch losses sum to the big-batch loss exactly.
 
     Returns / Raises: as :func:`~alignlab.losses.preference.kto_loss`; ``ValueError`` without a reference.
     """
     _check_3d(policy_hidden)
+    check_num_items("num_items", num_items)
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass either ref_hidden or ref_logps, not both")
@@ -542,6 +591,7 @@ def fused_linear_kto(
         return kto_loss(
             tok.sum(dim=1), ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta=beta,
             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, kl=kl, loss_type=loss_type,
+            num_items=num_items,
         )
 
     return fused_linear_preference(

@@ -42,6 +42,7 @@ from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
 from alignlab.losses.reward import (
     check_grpo_options,
     clipped_surrogate,
+    entropy_normaliser,
     grpo_loss,
     is_weights,
     kl_penalty,
@@ -202,7 +203,7 @@ def _token_grad_fn(row_pos, mask_pad, adv, old_pad, ref_pad, w_pad, samp_pad, op
     else:
         mcl = opts["max_completion_length"] or length
         seq_w = (1.0 / (norm(n_seq if num_items is None else num_items) * mcl)).expand(n_seq)
-    n_tok_ent = num_items if loss_type in ("bnpo", "dapo") and num_items is not None else n_tok_local
+    n_tok_ent = entropy_normaliser(loss_type, num_items, opts["num_tokens"], n_tok_local)
     adv_tok = adv.dim() == 2
 
     def grad_fn(s, e, lp, ent):
@@ -286,6 +287,7 @@ def fused_linear_grpo(
     max_completion_length: int | None = None,
     num_items: int | torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""GRPO / BNPO / Dr. GRPO / DAPO / GSPO loss from hidden states, never materialising the full logits.
@@ -305,7 +307,7 @@ def fused_linear_grpo(
         old_logprobs, ref_logprobs, sampling_logprobs: per-token, in ``completion_ids``' layout.
         beta, epsilon, epsilon_high, loss_type: as ``grpo_loss``.
         importance_sampling_level, kl_estimator, entropy_coef: as ``grpo_loss``.
-        is_mode, is_min, is_max, max_completion_length, num_items: as ``grpo_loss``.
+        is_mode, is_min, is_max, max_completion_length, num_items, num_tokens: as ``grpo_loss``.
         temperature: :math:`\tau > 0` of the sampler (TRL divides the logits by it).
         compute_entropy: report the ``entropy`` metric (implied by ``entropy_coef != 0``).
         cu_seqlens: ``(n_seq + 1,)`` boundaries of the packed layout.
@@ -414,7 +416,7 @@ def fused_linear_grpo(
     else:
         adv = advantages.detach() if isinstance(advantages, torch.Tensor) else advantages
     opts = dict(epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, beta=beta,
-                max_completion_length=max_completion_length, num_items=num_items,
+                max_completion_length=max_completion_length, num_items=num_items, num_tokens=num_tokens,
                 importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
                 entropy_coef=entropy_coef, is_mode=is_mode, is_min=is_min, is_max=is_max)
 

@@ -19,6 +19,12 @@ completion, :math:`\rho_c, \rho_r` the same under the reference, the implicit
 log-ratios :math:`h_c = \pi_c - \rho_c`, :math:`h_r = \pi_r - \rho_r`, and
 :math:`\Delta = h_c - h_r`.
 
+Gradient accumulation: every loss takes ``num_items=``, the number of pairs (completions for KTO and
+UNA) in the whole optimiser step, summed over micro-batches and ranks; the mean over this batch becomes
+this batch's sum over ``num_items``, so the micro-batch losses add up to the big-batch loss exactly.  A
+``num_items`` that is not an int or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
+``reduction`` other than ``"mean"``.
+
 Half-precision inputs are upcast to float32 before the loss is formed; float64
 stays float64.  An empty batch gives a zero loss that is still connected to the
 graph and NaN means in ``metrics``.
@@ -68,6 +74,8 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 
 # loss types whose loss is a function of the single logit z = beta * Delta; the R-DPO length margin enters there.
 _LOGIT_LOSS_TYPES = frozenset({"sigmoid", "robust", "hinge", "exo_pair", "discopop", "sigmoid_norm"})
+# loss types that sort over the batch: they couple every pair of the batch, so no per-micro-batch form is exact.
+_BATCH_SORTED = frozenset({"aot", "aot_pair", "aot_unpaired"})
 # loss types that divide the log-ratios by the completion length when lengths are given.
 _LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})
 
@@ -149,7 +157,31 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     return t
 
 
-def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
+def check_num_items(name: str, value: int | torch.Tensor | None, reduction: str = "mean") -> None:
+    """``value`` is None, an int >= 0 or a 0-d integer/float tensor (read on the device, no sync); it replaces
+    the denominator of a mean, so it needs ``reduction="mean"``."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be an int or a 0-d real tensor (a step-wide count), got "
+                             f"shape {tuple(value.shape)} dtype {value.dtype}")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-d tensor (a step-wide count), got {type(value).__name__}")
+    elif value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if reduction != "mean":
+        raise ValueError(f"{name} replaces the denominator of the mean: it needs reduction='mean', got {reduction!r}")
+
+
+def _over(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """``total / max(count, 1)``: a sum divided by a step-wide count (empty steps give 0, not NaN)."""
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1).to(total.dtype)
+
+
+def _reduce(per_example: torch.Tensor, reduction: str, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    if num_items is not None:
+        return _over(per_example.sum(), num_items)
     if reduction == "none":
         return per_example
     if reduction == "sum" or per_example.numel() == 0:
@@ -273,6 +305,7 @@ def dpo_loss(
     length_alpha: float = 0.0,
     discopop_tau: float = 0.05,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Direct Preference Optimization and its variants.
 
@@ -332,6 +365,9 @@ def dpo_loss(
         discopop_tau: :math:`\tau` of DiscoPOP.
         reduction: ``"mean"`` (over pairs), ``"sum"`` or ``"none"`` (per-pair losses, ``(batch,)``; for ``aot``
             they are indexed by sorted rank, not by pair).
+        num_items: pairs in the whole optimiser step (every gradient-accumulation micro-batch and rank); the
+            mean becomes this batch's sum over ``num_items``, so the micro-batch losses sum to the big-batch
+            loss exactly.  Not with ``aot``/``aot_pair``, whose sort runs over the batch.
 
     Returns:
         ``(loss, metrics)``; ``metrics["rewards/chosen"]`` is the batch mean of :math:`\beta h_c` (and so on) as
@@ -340,7 +376,8 @@ def dpo_loss(
     Raises:
         ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
             (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
-            reference log-probs or lengths.
+            reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean.
+        TypeError: ``num_items`` neither an int nor a tensor.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:
@@ -355,6 +392,12 @@ def dpo_loss(
     beta = _check_positive("beta", beta)
     discopop_tau = _check_positive("discopop_tau", discopop_tau)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
+    if num_items is not None and _BATCH_SORTED.intersection(loss_types):
+        raise ValueError(
+            "num_items cannot make the aot loss types exact: they sort the log-ratios over the batch, and a "
+            "micro-batch's sort is not the step's; run the whole step as one batch"
+        )
     upper = 0.5 if "robust" in loss_types else 1.0
     label_smoothing = _check_label_smoothing(label_smoothing, upper)
     if "exo_pair" in loss_types and label_smoothing <= 0.0:
@@ -412,7 +455,7 @@ def dpo_loss(
             length_margin=length_margin,
             discopop_tau=discopop_tau,
         )
-        term = float(weight) * _reduce(per_pair, reduction)
+        term = float(weight) * _reduce(per_pair, reduction, num_items)
         loss = term if loss is None else loss + term
 
     metrics = _pair_metrics(beta * (pc - rc), beta * (pr - rr), pc, pr)
@@ -435,6 +478,7 @@ def kto_loss(
     kl: torch.Tensor | float | None = None,
     loss_type: str = "kto",
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Kahneman–Tversky Optimization on unpaired, binary-labelled completions.
 
@@ -451,6 +495,13 @@ def kto_loss(
     (arXiv 2408.06266): :math:`1-\sigma(\beta h)` for desirable, :math:`\sigma(\beta h)` for undesirable, no
     :math:`z_0`.  With ``reduction="mean"`` the loss is the mean over all completions.
 
+    Gradient accumulation, exactly: :math:`z_0` is a statistic of the whole batch, so estimating it per
+    micro-batch gives each micro-batch another reference point.  Two passes make the step exact at no extra
+    forward: first run the mismatched completions of every micro-batch (no gradient) and sum
+    :math:`\sum(\pi_{KL} - 
+ho_{KL})` and their count over the step (and over ranks: all-reduce both sums),
+    then call each micro-batch with ``kl = max(0, sum / count)`` and ``num_items`` = completions of the step.
+
     Args:
         policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
         desirable: ``(batch,)`` bool (or 0/1) labels, True for desirable completions. Non-bool labels are
@@ -462,6 +513,8 @@ def kto_loss(
         kl: an explicit reference point :math:`z_0` (overrides the KL log-probs).
         loss_type: one of :data:`KTO_LOSS_TYPES`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per completion, in input order).
+        num_items: completions in the whole optimiser step (micro-batches and ranks): the mean becomes this
+            batch's sum over ``num_items``.
 
     Returns:
         ``(loss, metrics)`` with ``kl``, ``rewards/chosen`` (mean :math:`\beta h` over desirable),
@@ -477,6 +530,7 @@ def kto_loss(
     desirable_weight = _check_positive("desirable_weight", desirable_weight)
     undesirable_weight = _check_positive("undesirable_weight", undesirable_weight)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps)
     if not isinstance(desirable, torch.Tensor) or desirable.shape != policy_logps.shape:
         raise ValueError(f"desirable must be a tensor of shape {tuple(policy_logps.shape)}")
@@ -511,7 +565,7 @@ def kto_loss(
         good_loss = 1.0 - torch.sigmoid(beta * (h - z0))
         bad_loss = 1.0 - torch.sigmoid(beta * (z0 - h))
     per_example = torch.where(is_good, desirable_weight * good_loss, undesirable_weight * bad_loss)
-    loss = _reduce(per_example, reduction)
+    loss = _reduce(per_example, reduction, num_items)
 
     rewards = beta * h.detach()
     chosen_r, rejected_r = rewards[is_good], rewards[~is_good]
@@ -580,6 +634,7 @@ def orpo_loss(
     beta: float = 0.1,
     *,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Odds-Ratio Preference Optimization.
 
@@ -603,6 +658,10 @@ def orpo_loss(
         beta: :math:`\lambda > 0`.
         reduction: ``"mean"``/``"sum"`` over pairs of the odds-ratio term, or ``"none"`` for per-pair
             :math:`-\beta\log\sigma(\cdot)` (the NLL is then not added).
+        num_items: pairs in the whole optimiser step (micro-batches and ranks): the preference term becomes
+            this batch's sum over ``num_items``.  For exact accumulation pass ``chosen_nll_loss`` normalised
+            step-wide too: this batch's chosen-token NLL **sum** over the step's chosen tokens (e.g.
+            ``linear_cross_entropy(..., reduction="sum").loss / count_tokens(step_chosen_labels)``).
 
     Returns:
         ``(loss, metrics)``; extra metrics ``log_odds_ratio`` (mean log-sigmoid), ``log_odds_chosen`` (mean
@@ -613,6 +672,7 @@ def orpo_loss(
     """
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     nll = _nll("chosen_nll_loss", chosen_nll_loss, dtype)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
@@ -623,7 +683,7 @@ def orpo_loss(
         )
     ratio, log_odds = _OddsRatioLogSigmoid.apply(pc, pr)
     per_pair = -beta * ratio
-    loss = _reduce(per_pair, reduction)
+    loss = _reduce(per_pair, reduction, num_items)
     if nll is not None and reduction != "none":
         loss = loss + nll
     metrics = _pair_metrics(beta * pc, beta * pr, pc, pr)
@@ -656,6 +716,7 @@ def simpo_loss(
     chosen_lengths: torch.Tensor | Sequence[int] | None = None,
     rejected_lengths: torch.Tensor | Sequence[int] | None = None,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Simple Preference Optimization (reference-free, length-normalised, target margin).
 
@@ -674,6 +735,8 @@ def simpo_loss(
         gamma: the target reward margin :math:`\gamma` (absolute, not the ratio :math:`\gamma/\beta`).
         label_smoothing: :math:`\varepsilon \in [0, 1)`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        num_items: pairs in the whole optimiser step (micro-batches and ranks): the mean becomes this batch's
+            sum over ``num_items``.
 
     Returns:
         ``(loss, metrics)``; rewards are :math:`\beta\,\overline{\log\pi}` as TRL's CPO/SimPO trainer logs them.
@@ -684,6 +747,7 @@ def simpo_loss(
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
@@ -694,7 +758,7 @@ def simpo_loss(
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     if len_c is not None:
         pc, pr = pc / len_c, pr / len_r
-    loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, float(gamma)), reduction)
+    loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, float(gamma)), reduction, num_items)
     return loss, _pair_metrics(beta * pc, beta * pr, pc, pr)
 
 
@@ -710,6 +774,7 @@ def cpo_loss(
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Contrastive Preference Optimization: reference-free DPO plus a behaviour-cloning NLL term.
 
@@ -735,6 +800,10 @@ def cpo_loss(
         simpo_gamma: :math:`\gamma` for ``loss_type="simpo"``.
         alpha: AlphaPO exponent (0 = plain log-probs).
         reduction: ``"mean"``/``"sum"`` (plus the NLL term) or ``"none"`` (per-pair preference term only).
+        num_items: pairs in the whole optimiser step (micro-batches and ranks): the preference term becomes
+            this batch's sum over ``num_items``.  For exact accumulation pass ``chosen_nll_loss`` normalised
+            step-wide too: this batch's chosen-token NLL **sum** over the step's chosen tokens (e.g.
+            ``linear_cross_entropy(..., reduction="sum").loss / count_tokens(step_chosen_labels)``).
 
     Returns:
         ``(loss, metrics)``; rewards :math:`\beta\pi` (or :math:`\beta r` under AlphaPO), ``nll_loss``.
@@ -748,6 +817,7 @@ def cpo_loss(
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     nll = _nll("chosen_nll_loss", chosen_nll_loss, dtype)
     if cpo_alpha and nll is None:
@@ -758,7 +828,7 @@ def cpo_loss(
         rr = (1.0 - torch.exp(-alpha * pr)) / alpha
     else:
         rc, rr = pc, pr
-    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, float(simpo_gamma)), reduction)
+    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, float(simpo_gamma)), reduction, num_items)
     if cpo_alpha and reduction != "none":
         loss = loss + cpo_alpha * nll
     metrics = _pair_metrics(beta * rc, beta * rr, pc, pr)
@@ -778,6 +848,7 @@ def una_loss(
     loss_type: str = "mse",
     *,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""UNA: align the implicit reward with an explicit reward or score.
 
@@ -797,6 +868,8 @@ def una_loss(
         beta: :math:`\beta > 0`.
         loss_type: ``"mse"`` or ``"bce"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        num_items: completions in the whole optimiser step (micro-batches and ranks): the mean becomes this
+            batch's sum over ``num_items``.
 
     Returns:
         ``(loss, metrics)`` with ``rewards/implicit`` (mean :math:`r_\theta`), ``rewards/explicit`` (mean s).
@@ -808,6 +881,7 @@ def una_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(UNA_LOSS_TYPES)}")
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
+    check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
     s = scores.to(dtype)
     if s.numel() and bool(((s < 0) | (s > 1)).any()):
@@ -818,4 +892,4 @@ def una_loss(
     else:
         per_example = -s * F.logsigmoid(r) - (1.0 - s) * F.logsigmoid(-r)
     metrics = {"rewards/implicit": _mean(r), "rewards/explicit": _mean(s)}
-    return _reduce(per_example, reduction), metrics
+    return _reduce(per_example, reduction, num_items), metrics

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignlab.losses.preference import check_num_items
+
 __all__ = [
     "KL_ESTIMATORS",
     "GRPO_LOSS_TYPES",
@@ -131,6 +133,7 @@ def bradley_terry_loss(
     center_coef: float = 0.0,
     *,
     reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Pairwise Bradley–Terry loss for a scalar reward model.
 
@@ -149,13 +152,19 @@ def bradley_terry_loss(
         margin: ``(batch,)`` or scalar :math:`m`; None = 0.
         center_coef: :math:`\eta \ge 0`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per pair, centring term included per pair).
+        num_items: pairs in the whole optimiser step (gradient-accumulation micro-batches and ranks): the
+            mean becomes this batch's sum over ``num_items``, so the micro-batch losses sum to the big-batch
+            loss exactly.
 
     Returns:
         ``(loss, metrics)`` with ``accuracy`` (fraction :math:`r_c > r_r`), ``margin`` (mean :math:`r_c - r_r`).
 
     Raises:
-        ValueError: mismatched shapes, non-float inputs, negative ``center_coef``.
+        ValueError: mismatched shapes, non-float inputs, negative ``center_coef``, ``num_items`` with a
+            reduction other than ``"mean"``.
+        TypeError: ``num_items`` neither an int nor a tensor.
     """
+    check_num_items("num_items", num_items, reduction)
     _float("chosen_rewards", chosen_rewards, 1)
     _float("rejected_rewards", rejected_rewards, 1)
     _same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
@@ -178,6 +187,8 @@ def bradley_terry_loss(
         "accuracy": (d > 0).to(dtype).mean() if d.numel() else torch.full((), float("nan"), dtype=dtype),
         "margin": d.mean() if d.numel() else torch.full((), float("nan"), dtype=dtype),
     }
+    if num_items is not None:
+        return per_pair.sum() / torch.as_tensor(num_items, device=per_pair.device).clamp(min=1).to(dtype), metrics
     return _reduce(per_pair, reduction), metrics
 
 
@@ -409,6 +420,8 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor | None = None,
     clip_range_value: float | None = 0.2,
+    *,
+    num_items: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""PPO's clipped value loss.
 
@@ -417,14 +430,18 @@ def ppo_value_loss(
             (V^{\mathrm{old}}_t + \mathrm{clip}(V_t - V^{\mathrm{old}}_t, -\epsilon, \epsilon) - \hat R_t)^2\big)
 
     (arXiv 1707.06347 and the OpenAI baselines implementation); ``clip_range_value=None`` gives the plain
-    :math:`\tfrac12\,\mathrm{mean}(V - \hat R)^2`.  Masked mean over tokens.
+    :math:`\tfrac12\,\mathrm{mean}(V - \hat R)^2`.  Masked mean over tokens; ``num_items`` (unmasked tokens
+    of the whole optimiser step: every gradient-accumulation micro-batch and rank) replaces this batch's count,
+    so the micro-batch losses sum to the big-batch loss exactly.
 
     Returns:
         ``(loss, metrics)`` with ``vf_clipfrac``.
 
     Raises:
-        ValueError: shape/dtype mismatches, non-positive clip range.
+        ValueError: shape/dtype mismatches, non-positive clip range, a ``num_items`` tensor that is not 0-d.
+        TypeError: ``num_items`` neither an int nor a tensor.
     """
+    check_num_items("num_items", num_items)
     _float("values", values, 2)
     _float("old_values", old_values, 2)
     _float("returns", returns, 2)
@@ -446,7 +463,7 @@ def ppo_value_loss(
         err_clipped = (v_clipped - ret) ** 2
         per_token = torch.maximum(err, err_clipped)
         clipfrac = masked_mean((err_clipped > err).to(dtype), m).detach()
-    return 0.5 * masked_mean(per_token, m), {"vf_clipfrac": clipfrac}
+    return 0.5 * _aggregate(per_token, m, "token", num_items), {"vf_clipfrac": clipfrac}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -550,6 +567,16 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
 
 
+def entropy_normaliser(loss_type: str, num_items, num_tokens, local_tokens: torch.Tensor):
+    """Token count the entropy bonus divides by: ``num_tokens``, else ``num_items`` where it counts tokens
+    (``bnpo``/``dapo``), else this batch's unmasked tokens."""
+    if num_tokens is not None:
+        return num_tokens
+    if loss_type in ("bnpo", "dapo") and num_items is not None:
+        return num_items
+    return local_tokens
+
+
 def check_grpo_options(loss_type: str, importance_sampling_level: str, kl_estimator: str, is_mode: str) -> None:
     """ValueError naming the option and the valid values, for the string options of the GRPO family
     (shared by :func:`grpo_loss` and :func:`alignlab.losses.fused_rl.fused_linear_grpo`)."""
@@ -576,6 +603,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items: int | torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
     importance_sampling_level: str = "token",
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
@@ -618,7 +646,9 @@ def grpo_loss(
 
     With ``entropy`` (per-token entropies, e.g. from :func:`~alignlab.losses.fused_rl.fused_linear_grpo`)
     the metric ``entropy`` is reported and ``entropy_coef`` :math:`c` subtracts :math:`c` times their token
-    mean (over ``num_items`` tokens for ``bnpo``/``dapo``, else this batch's tokens), as TRL's entropy bonus.
+    mean, as TRL's entropy bonus: this batch's entropy sum over ``num_tokens``, the unmasked tokens of the
+    whole optimiser step (default: ``num_items`` for ``bnpo``/``dapo``, else this batch's tokens), so that
+    with ``num_items`` and ``num_tokens`` every loss type, bonus included, accumulates exactly.
 
     Args:
         logprobs: ``(batch, seq)`` current per-token log-probs (with gradient).
@@ -630,6 +660,7 @@ def grpo_loss(
         epsilon, epsilon_high: clip range (``epsilon_high`` defaults to ``epsilon``).
         max_completion_length: normaliser of ``dr_grpo`` (default: ``seq``).
         num_items: step-wide normaliser (above).
+        num_tokens: unmasked tokens of the whole step, the entropy bonus's normaliser (above).
         importance_sampling_level: ``"token"`` or ``"sequence"``.
         kl_estimator: one of :data:`KL_ESTIMATORS`.
         entropy: ``(batch, seq)`` per-token entropies; entropy_coef: bonus coefficient (needs ``entropy``).
@@ -663,6 +694,8 @@ def grpo_loss(
         raise ValueError("beta > 0 needs ref_logprobs")
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
+    check_num_items("num_items", num_items)
+    check_num_items("num_tokens", num_tokens)
     hi = epsilon if epsilon_high is None else epsilon_high
     if not (epsilon > 0 and hi > 0):
         raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon!r}, {epsilon_high!r}")
@@ -726,6 +759,6 @@ def grpo_loss(
         ent = torch.where(m, entropy.to(dtype), zero)
         metrics["entropy"] = masked_mean(ent.detach(), m)
         if entropy_coef:
-            n_tok = num_items if loss_type in ("bnpo", "dapo") and num_items is not None else m.sum()
+            n_tok = entropy_normaliser(loss_type, num_items, num_tokens, m.sum())
             loss = loss - entropy_coef * ent.sum() / torch.as_tensor(n_tok, device=lp.device).clamp(min=1).to(dtype)
     return loss, metrics

@@ -227,3 +227,159 @@ def test_grpo_accumulation_across_two_gloo_ranks(tmp_path, torch_mode):
         big.backward()
         torch.testing.assert_close(loss, big.detach(), rtol=1e-12, atol=1e-12, msg=loss_type)
         torch.testing.assert_close(grad, wt.grad, rtol=1e-10, atol=1e-13, msg=loss_type)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# packed = padded for the losses on sequence log-probs / rewards: the model and the log-probs run padding-free,
+# one segment sum per sequence gives the loss its (batch,) inputs
+# ------------------------------------------------------------------------------------------------------------
+def _lp(name):
+    from alignlab.losses import bradley_terry_loss, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss, una_loss
+
+    def pairs(s):
+        return s[: s.shape[0] // 2], s[s.shape[0] // 2:]
+
+    fns = {
+        "dpo_loss": lambda s, n, r: dpo_loss(*pairs(s), *pairs(s.detach() * 0.9), beta=0.5)[0],
+        "kto_loss": lambda s, n, r: kto_loss(s, s.detach() * 0.9 - 0.1, torch.arange(s.shape[0]) % 2 == 0,
+                                             kl=0.05)[0],
+        "orpo_loss": lambda s, n, r: orpo_loss(*pairs(s / n), beta=0.3)[0],
+        "simpo_loss": lambda s, n, r: simpo_loss(*pairs(s), chosen_lengths=pairs(n)[0],
+                                                 rejected_lengths=pairs(n)[1])[0],
+        "cpo_loss": lambda s, n, r: cpo_loss(*pairs(s), cpo_alpha=0.0)[0],
+        "una_loss": lambda s, n, r: una_loss(s, s.detach() - 0.2, torch.linspace(0, 1, s.shape[0], dtype=D))[0],
+        "bradley_terry_loss": lambda s, n, r: bradley_terry_loss(*pairs(r), center_coef=0.1)[0],
+    }
+    return fns[name]
+
+
+@pytest.mark.parametrize("name", ["dpo_loss", "kto_loss", "orpo_loss", "simpo_loss", "cpo_loss", "una_loss",
+                                  "bradley_terry_loss"])
+def test_sequence_level_losses_packed_equals_padded(name, torch_mode):
+    from alignlab.losses import linear_logprobs
+
+    fn = _lp(name)
+    hidden, ids, cu, g = _packed(seed=7)
+    w = torch.randn(V, H, generator=g, dtype=D) * 0.3
+    v_head = torch.randn(H, generator=g, dtype=D)  # a reward model's value head, for Bradley-Terry
+    lengths = torch.tensor(LENGTHS, dtype=D)
+    h_pad, y_pad, mask = _padded_from(hidden, ids, cu, g)
+
+    def run(h, y, packed):
+        wl = w.clone().requires_grad_(True)
+        tok = linear_logprobs(h, wl, y, chunk_size=5)
+        if packed:
+            seq = packed_to_padded(tok[0], cu)[0].sum(dim=1)  # one segment sum per sequence
+            last = h[0, cu[1:] - 1]
+        else:
+            seq = tok.sum(dim=1)
+            last = h[torch.arange(h.shape[0]), lengths.long() - 1]
+        loss = fn(seq, lengths, last @ v_head)
+        return (loss, *torch.autograd.grad(loss, (h, wl), allow_unused=True))
+
+    hp = h_pad.clone().requires_grad_(True)
+    want, gh_pad, gw_pad = run(hp, y_pad, False)
+    hk = hidden.clone()[None].requires_grad_(True)
+    got, gh, gw = run(hk, ids[None], True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh[0], gh_pad[mask], rtol=1e-10, atol=1e-12)
+    assert float(gh_pad[~mask].abs().max()) == 0.0
+    if gw is not None:
+        torch.testing.assert_close(gw, gw_pad, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# packed = padded for the token-level losses that have no test elsewhere
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tv"])
+def test_distill_loss_packed_equals_padded(kind):
+    from alignlab.losses import distill_loss, sequence_divergence
+
+    g = torch.Generator().manual_seed(8)
+    n = sum(LENGTHS)
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    s_packed = torch.randn(1, n, V, generator=g, dtype=D, requires_grad=True)
+    t_packed = torch.randn(1, n, V, generator=g, dtype=D)
+    s_pad, mask = packed_to_padded(s_packed, cu)
+    junk = torch.randn(s_pad.shape, generator=g, dtype=D) * 30
+    s_pad2 = torch.where(mask[..., None], s_pad, junk)  # the padded batch holds junk under its padding
+    t_pad, _ = packed_to_padded(t_packed, cu, fill=float("nan"))
+    for reduction in ("mean", "sum"):
+        got = distill_loss(s_packed, t_packed, kind, temperature=1.5, reduction=reduction)
+        want = distill_loss(s_pad2, t_pad, kind, temperature=1.5, mask=mask, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        (g1,) = torch.autograd.grad(got, s_packed, retain_graph=True)
+        (g2,) = torch.autograd.grad(want, s_packed, retain_graph=True)
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-13)
+    # per-sequence values: token losses of the packed row, unpacked, give the padded batch's
+    tok = distill_loss(s_packed, t_packed, kind, reduction="none")[0]
+    got = sequence_divergence(*packed_to_padded(tok, cu))
+    want = sequence_divergence(distill_loss(s_pad2, t_pad, kind, mask=mask, reduction="none"), mask)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sequence_kd_loss_packed_equals_padded():
+    from alignlab.losses import sequence_kd_loss
+
+    g = torch.Generator().manual_seed(9)
+    n = sum(LENGTHS)
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    logits = torch.randn(1, n, V, generator=g, dtype=D, requires_grad=True)
+    labels = torch.randint(0, V, (1, n), generator=g)
+    labels[torch.rand(1, n, generator=g) < 0.2] = -100
+    l_pad, mask = packed_to_padded(logits, cu)
+    l_pad = torch.where(mask[..., None], l_pad, torch.randn(l_pad.shape, generator=g, dtype=D) * 30)
+    y_pad, _ = packed_to_padded(labels, cu, fill=-100)
+    for reduction in ("mean", "sum", "none"):
+        got = sequence_kd_loss(logits, labels, reduction=reduction, cu_seqlens=cu)
+        want = sequence_kd_loss(l_pad, y_pad, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        (g1,) = torch.autograd.grad(got.sum(), logits, retain_graph=True)
+        (g2,) = torch.autograd.grad(want.sum(), logits, retain_graph=True)
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-13)
+    # without the boundaries the shift scores each sequence's first token from the previous sequence
+    wrong = sequence_kd_loss(logits, labels, reduction="sum")
+    assert abs(float(wrong - sequence_kd_loss(l_pad, y_pad, reduction="sum"))) > 1e-6
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sequence_kd_loss(logits, labels, cu_seqlens=torch.tensor([0, 3, 2, n]))
+    with pytest.raises(ValueError, match="packed"):
+        sequence_kd_loss(l_pad, y_pad, cu_seqlens=cu)
+
+
+def test_rl_token_losses_and_gae_packed_equal_padded():
+    from alignlab.losses import gae, grpo_loss, kl_penalty, ppo_value_loss
+
+    g = torch.Generator().manual_seed(10)
+    n = sum(LENGTHS)
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    lp_packed = (-torch.rand(n, generator=g, dtype=D) * 3).requires_grad_(True)
+    old_p, ref_p, ent_p = (torch.rand(n, generator=g, dtype=D) * s for s in (-3, -3, 2))
+    lp, mask = packed_to_padded(lp_packed, cu)
+    nan = float("nan")
+    old, ref, ent = (packed_to_padded(x, cu, fill=nan)[0] for x in (old_p, ref_p, ent_p))
+    adv = torch.randn(len(LENGTHS), generator=g, dtype=D)
+    junk = torch.where(mask, lp, torch.full_like(lp, nan))  # a padded batch with NaN under its padding
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        got, _ = grpo_loss(lp, adv, mask, old, ref, beta=0.1, loss_type=loss_type, entropy=ent, entropy_coef=0.2)
+        want, _ = grpo_loss(junk, adv, mask, old, ref, beta=0.1, loss_type=loss_type, entropy=ent, entropy_coef=0.2)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(*(torch.autograd.grad(x, lp_packed, retain_graph=True)[0] for x in (got, want)))
+    got, _ = ppo_value_loss(lp, old, ref, mask)
+    want, _ = ppo_value_loss(junk, old, ref, mask)
+    torch.testing.assert_close(got, want)
+    # kl_penalty is per token: on the packed row directly
+    torch.testing.assert_close(kl_penalty(lp_packed, ref_p)[None], kl_penalty(lp, ref, mask=mask)[mask][None])
+    # GAE runs along each sequence: on the unpacked batch it equals a hand-padded one with junk under the padding,
+    # and rows are independent of the batch they sit in unless the advantages are whitened
+    rewards, values = (packed_to_padded(torch.randn(n, generator=g, dtype=D), cu)[0] for _ in range(2))
+    a1, r1 = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    a2, r2 = gae(torch.where(mask, rewards, 1e3), torch.where(mask, values, -1e3), mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, r2)
+    a_raw, _ = gae(rewards, values, mask, gamma=0.9, lam=0.8, whiten_advantages=False)
+    for sl in (slice(0, 3), slice(3, 8)):
+        a_mb, _ = gae(rewards[sl], values[sl], mask[sl], gamma=0.9, lam=0.8, whiten_advantages=False)
+        torch.testing.assert_close(a_mb, a_raw[sl], rtol=0, atol=0)
+    # a packed row read as one sequence runs the recursion across the boundaries: not the same numbers
+    wrong, _ = gae(rewards[mask][None], values[mask][None], gamma=0.9, lam=0.8, whiten_advantages=False)
+    assert not torch.allclose(wrong[0], a_raw[mask])

@@ -296,8 +296,10 @@ def test_sequence_kd_loss_and_divergence_by_hand():
     logp = torch.log_softmax(logits, -1)
     nll0 = -(logp[0, 0, 3] + logp[0, 1, 1])
     nll1 = -(logp[1, 1, 5] + logp[1, 2, 0])
-    torch.testing.assert_close(sequence_kd_loss(logits, labels, reduction="none"), torch.stack([nll0, nll1]).float())
-    torch.testing.assert_close(sequence_kd_loss(logits, labels), ((nll0 + nll1) / 4).float())
+    # float64 logits stay float64 (half precision is upcast to float32)
+    torch.testing.assert_close(sequence_kd_loss(logits, labels, reduction="none"), torch.stack([nll0, nll1]))
+    torch.testing.assert_close(sequence_kd_loss(logits, labels), (nll0 + nll1) / 4)
+    assert sequence_kd_loss(logits.to(torch.bfloat16), labels).dtype == torch.float32
     tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     m = torch.tensor([[1, 1, 0], [0, 0, 0]])
     torch.testing.assert_close(sequence_divergence(tok, m), torch.tensor([1.5, 0.0]))
