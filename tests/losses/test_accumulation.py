@@ -376,19 +376,20 @@ def _cross_entropy():
 
 CASES: dict[str, Callable[[], Case]] = {
     # preference, fused: pair term over num_items, NLL over num_nll_tokens
-    "fused_linear_dpo+nll (RPO)": lambda: _rpo(eager=False),
-    "fused_linear_dpo+nll (RPO) eager": lambda: _rpo(eager=True),
+    "fused_linear_dpo": lambda: _fused_pair(fused_linear_dpo, with_nll=False, reference_free=True, beta=0.4),
+    "fused_linear_dpo_rpo_nll": lambda: _rpo(eager=False),
+    "fused_linear_dpo_rpo_nll_eager": lambda: _rpo(eager=True),
     "fused_linear_orpo": lambda: _fused_pair(fused_linear_orpo),
-    "fused_linear_orpo eager": lambda: _fused_pair(fused_linear_orpo, eager=True),
-    "fused_linear_cpo+nll": lambda: _fused_pair(fused_linear_cpo),
-    "fused_linear_cpo simpo+nll": lambda: _fused_pair(fused_linear_cpo, loss_type="simpo"),
+    "fused_linear_orpo_eager": lambda: _fused_pair(fused_linear_orpo, eager=True),
+    "fused_linear_cpo_nll": lambda: _fused_pair(fused_linear_cpo),
+    "fused_linear_cpo_simpo_nll": lambda: _fused_pair(fused_linear_cpo, loss_type="simpo"),
     "fused_linear_simpo": lambda: _fused_pair(fused_linear_simpo, with_nll=False),
-    "fused_linear_kto two-pass kl": _fused_kto,
+    "fused_linear_kto_two_pass_kl": _fused_kto,
     # preference, unfused (sequence log-probs in)
-    "kto_loss two-pass kl": _kto_unfused,
+    "kto_loss_two_pass_kl": _kto_unfused,
     "dpo_loss": lambda: _unfused(lambda d, c, kw: dpo_loss(
         d["pc"], d["pr"], d["rc"], d["rr"], beta=0.3, loss_type=("sigmoid", "bco_pair"), **kw)[0]),
-    "dpo_loss ipo with lengths": lambda: _unfused(lambda d, c, kw: dpo_loss(
+    "dpo_loss_ipo_lengths": lambda: _unfused(lambda d, c, kw: dpo_loss(
         d["pc"], d["pr"], d["rc"], d["rr"], loss_type="ipo", chosen_lengths=d["len"][:, 0],
         rejected_lengths=d["len"][:, 1], **kw)[0]),
     "orpo_loss": lambda: _unfused(lambda d, c, kw: orpo_loss(d["pc"], d["pr"], _nll_term(d, c), beta=0.2, **kw)[0]),
@@ -396,15 +397,15 @@ CASES: dict[str, Callable[[], Case]] = {
     "simpo_loss": lambda: _unfused(lambda d, c, kw: simpo_loss(
         d["pc"], d["pr"], chosen_lengths=d["len"][:, 0], rejected_lengths=d["len"][:, 1], **kw)[0]),
     "una_loss": lambda: _unfused(lambda d, c, kw: una_loss(d["pc"], d["rc"], d["scores"], beta=2.0, **kw)[0]),
-    "una_loss bce": lambda: _unfused(lambda d, c, kw: una_loss(d["pc"], d["rc"], d["scores"], loss_type="bce",
+    "una_loss_bce": lambda: _unfused(lambda d, c, kw: una_loss(d["pc"], d["rc"], d["scores"], loss_type="bce",
                                                                **kw)[0]),
     "bradley_terry_loss": _bradley_terry,
     # RL
-    "grpo_loss grpo+entropy": lambda: _grpo_entropy("grpo"),
-    "grpo_loss dr_grpo+entropy": lambda: _grpo_entropy("dr_grpo"),
-    "grpo_loss dapo+entropy": lambda: _grpo_entropy("dapo"),
-    "fused_linear_grpo grpo+entropy": lambda: _fused_grpo_entropy("grpo"),
-    "fused_linear_grpo bnpo+entropy": lambda: _fused_grpo_entropy("bnpo"),
+    "grpo_loss_grpo_entropy": lambda: _grpo_entropy("grpo"),
+    "grpo_loss_dr_grpo_entropy": lambda: _grpo_entropy("dr_grpo"),
+    "grpo_loss_dapo_entropy": lambda: _grpo_entropy("dapo"),
+    "fused_linear_grpo_grpo_entropy": lambda: _fused_grpo_entropy("grpo"),
+    "fused_linear_grpo_bnpo_entropy": lambda: _fused_grpo_entropy("bnpo"),
     "ppo_policy_loss": _ppo_policy,
     "ppo_value_loss": _ppo_value,
     # SFT and distillation
