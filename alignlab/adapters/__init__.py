@@ -15,6 +15,7 @@ from alignlab.adapters.bitfit import BitFitConfig, BitFitLayer
 from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckLayer, FusionLayer
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.dora import dora_weight_norm
+from alignlab.adapters.embedding import LoRAEmbedding, TrainableTokensLayer
 from alignlab.adapters.inject import (
     ParameterCount,
     active_adapters,
@@ -43,7 +44,8 @@ from alignlab.adapters.vera import VeRAConfig, VeRALinear, VeRAProjections
 add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a model already has one
 
 __all__ = [
-    "AdapterLayer", "DoRALinear", "LoRAConfig", "LoRALinear", "ParameterCount", "SavedModule",
+    "AdapterLayer", "DoRALinear", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ParameterCount", "SavedModule",
+    "TrainableTokensLayer",
     "active_adapters", "adapter_configs", "adapter_layers", "adapter_state_dict", "add_adapter",
     "add_weighted_adapter", "count_parameters", "delete_adapter", "disabled", "dora_weight_norm",
     "find_targets", "inject", "load_adapter", "lora_forward", "lora_scaling", "mark_only_adapters_trainable",

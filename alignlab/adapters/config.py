@@ -32,6 +32,12 @@ class LoRAConfig:
         adapter_dtype: dtype of the adapter weights (default: fp32 on 16-bit or quantized bases).
         exact_fp32: adapter math in fp32, rounded once into the output, on the layers this config
             creates (default False: autocast semantics, the fast path; see ``LoRALinear``).
+        trainable_token_indices: train only these rows of the input embedding (a list of token ids) or
+            of named modules (``{"embed_tokens": [ids]}``), e.g. new special tokens; a tied output head
+            shares the rows (PEFT's option of that name; see :mod:`alignlab.adapters.embedding`).
+
+    ``nn.Embedding`` modules named in ``target_modules`` get LoRA in PEFT's embedding layout
+    (:class:`~alignlab.adapters.embedding.LoRAEmbedding`); ``"all-linear"`` never selects them.
     """
 
     r: int = 8
@@ -47,6 +53,9 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None
     adapter_dtype: torch.dtype | None = None
     exact_fp32: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+
+    adapts_embeddings = True  # find_targets also offers nn.Embedding leaves to this config
 
     def __post_init__(self) -> None:
         check_positive_int(self.r, "r")
@@ -59,6 +68,12 @@ class LoRAConfig:
         check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.trainable_token_indices is not None:
+            from alignlab.adapters.embedding import check_token_indices
+
+            spec = self.trainable_token_indices
+            for key, ids in (spec.items() if isinstance(spec, dict) else [(None, spec)]):
+                check_token_indices(ids, "trainable_token_indices" + ("" if key is None else f"[{key!r}]"))
 
     # -- resolution per module ------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
@@ -67,15 +82,48 @@ class LoRAConfig:
     def alpha_for(self, name: str) -> float:
         return _pattern_value(self.alpha_pattern, name, self.alpha)
 
-    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoRALinear:
+    def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> nn.Module:
+        if isinstance(module, nn.Embedding):
+            from alignlab.adapters.embedding import LoRAEmbedding
+
+            self._check_embedding(name)
+            return LoRAEmbedding(module, self.rank_for(name), self.alpha_for(name), self.use_rslora, adapter_name,
+                                 self.adapter_dtype)
         return LoRALinear(module, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
                           self.use_rslora, self.use_dora, adapter_name, self.adapter_dtype, self.exact_fp32)
 
     def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
+        from alignlab.adapters.embedding import LoRAEmbedding
+
+        if isinstance(layer, LoRAEmbedding):
+            self._check_embedding(name)
+            layer.add_adapter(adapter_name, self.rank_for(name), self.alpha_for(name), self.use_rslora, self.adapter_dtype)
+            return
         if not isinstance(layer, LoRALinear):
             raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a LoRA adapter to it")
         layer.add_adapter(adapter_name, self.rank_for(name), self.alpha_for(name), self.dropout, self.init,
                           self.use_rslora, self.use_dora, self.adapter_dtype)
+
+    def _check_embedding(self, name: str) -> None:
+        if self.use_dora:
+            raise ValueError(f"use_dora: DoRA on the embedding {name!r} is not supported; leave it out of target_modules")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init={self.init!r} is not supported on the embedding {name!r} (it starts with A = 0, "
+                             "B ~ N(0, 1), as in PEFT)")
+
+    # -- trainable token rows: checked before any layer is built, added after the LoRA layers -----------
+    def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
+        if self.trainable_token_indices is not None:
+            from alignlab.adapters.embedding import token_row_plan
+
+            token_row_plan(model, self.trainable_token_indices, set(targets))
+
+    def attach(self, model: nn.Module, adapter_name: str) -> None:
+        if self.trainable_token_indices is not None:
+            from alignlab.adapters.embedding import add_trainable_tokens
+
+            active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])
+            add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype)
 
 
 def check_positive_int(value, arg: str) -> None:

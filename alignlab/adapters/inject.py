@@ -57,19 +57,21 @@ def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
             yield name, module
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear leaves and existing adapter layers, not looking inside adapter wrappers."""
+def _candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[str, nn.Module]]:
+    """Linear leaves (and ``nn.Embedding`` leaves if ``embeddings``) and existing adapter layers,
+    not looking inside adapter wrappers."""
     found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, AdapterLayer) and not is_linear_like(module.base_layer):
+        if isinstance(module, AdapterLayer) and not is_linear_like(module.base_layer) and not (
+                embeddings and isinstance(module.base_layer, nn.Embedding)):
             continue  # a block-level wrapper (bottleneck adapter, soft prompt): its linears stay targetable
         if isinstance(module, (AdapterLayer, SavedModule)):
             inside.append(name)
             if isinstance(module, AdapterLayer):
                 found.append((name, module))
-        elif is_linear_like(module) and name:
+        elif (is_linear_like(module) or (embeddings and isinstance(module, nn.Embedding))) and name:
             found.append((name, module))
     return found
 
@@ -85,10 +87,12 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Dotted names of the modules ``config`` selects in ``model``."""
-    candidates = _candidates(model)
+    # a config that can adapt embeddings (LoRA) finds them by name; "all-linear" never picks them
+    candidates = _candidates(model, embeddings=getattr(config, "adapts_embeddings", False))
     if config.target_modules == "all-linear":
         heads = _output_head_names(model)
-        names = [n for n, _ in candidates if n not in heads and n.split(".")[-1] not in heads]
+        names = [n for n, m in candidates if n not in heads and n.split(".")[-1] not in heads
+                 and is_linear_like(getattr(m, "base_layer", m))]
     else:
         names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
     if config.exclude_modules is not None:
@@ -310,8 +314,8 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         owners.setdefault(id(p), []).append(pname)
     for name, layer in layers:
         weight = getattr(layer.base_layer, "weight", None)
-        if not isinstance(weight, nn.Parameter):
-            continue
+        if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
+            continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
         others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
         if not others:
             continue

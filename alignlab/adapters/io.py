@@ -14,7 +14,9 @@ their config (``peft_type``, ``peft_config_dict(model, name)``, ``from_peft(raw)
 optionally ``extra_tensors(model, name)`` for tensors that live on no single layer)
 and their layers (``peft_tensors(name)``: tensors keyed relative to the layer).
 Families PEFT lacks use the same layout with ``peft_type = "ALIGNLAB_<METHOD>"``
-and a ``format_version`` field. The pieces every family's config shares to write and read
+and a ``format_version`` field. LoRA on fused MoE expert weights (:mod:`alignlab.adapters.experts`) is
+written as PEFT's ``target_parameters`` (PEFT >= 0.19.1 layout); with DoRA or dropout there, which
+PEFT's ``ParamWrapper`` lacks, the same fields and keys go out as ``peft_type = "ALIGNLAB_LORA"``. The pieces every family's config shares to write and read
 its ``adapter_config.json`` live here (:func:`peft_header`, :func:`peft_targets`,
 :func:`refuse_unsupported`, :func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
 names and renamed into place: a crash never leaves a half-written adapter.
@@ -34,6 +36,7 @@ from torch import nn
 
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig
+from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
 from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
 from alignlab.adapters.lora import LoRALinear
 from alignlab.distributed import barrier, full_tensor, is_sharded, is_writer, like_target, unwrap
@@ -42,6 +45,7 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1  # of the alignlab-only formats (peft_type "ALIGNLAB_<METHOD>")
+OWN_LORA_TYPE = "ALIGNLAB_LORA"  # LoRA with what PEFT cannot read: DoRA or dropout on fused expert weights
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
@@ -117,15 +121,23 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict:
     """PEFT ``LoraConfig`` fields for ``config``, with ``target_modules`` resolved to exact module names."""
-    layers = {n: l for n, l in adapter_layers(model) if adapter_name in l.adapter_names()}
+    from alignlab.adapters.embedding import TrainableTokensLayer
+
+    layers = {n: l for n, l in adapter_layers(model)
+              if adapter_name in l.adapter_names() and not isinstance(l, TrainableTokensLayer)}
+    experts = {n: layers.pop(n) for n in list(layers) if isinstance(layers[n], ExpertLoRA)}
     rank_pattern = {_exact(n): l.r[adapter_name] for n, l in layers.items() if l.r[adapter_name] != config.r}
     alpha_pattern = {_exact(n): l.alpha[adapter_name] for n, l in layers.items() if l.alpha[adapter_name] != float(config.alpha)}
-    return {
+    params = {f"{n}.{p}": (l.r[adapter_name][p], l.alpha[adapter_name][p]) for n, l in experts.items() for p in l.r[adapter_name]}
+    rank_pattern.update({_exact(k): r for k, (r, _) in params.items() if r != config.r})
+    alpha_pattern.update({_exact(k): a for k, (_, a) in params.items() if a != float(config.alpha)})
+    raw = {
         **peft_header("LORA"),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),
+        "target_parameters": sorted(params) or None,
         "exclude_modules": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -137,7 +149,11 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "fan_in_fan_out": fan_in_fan_out(layers.values()),
         "layers_to_transform": None,
         "layers_pattern": None,
+        "trainable_token_indices": config.trainable_token_indices,
     }
+    if experts and (config.use_dora or config.dropout > 0):  # PEFT's ParamWrapper has neither: our own format
+        raw.update(peft_type=OWN_LORA_TYPE, format_version=FORMAT_VERSION)
+    return raw
 
 
 def _exact(name: str) -> str:
@@ -222,7 +238,8 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         r=int(raw["r"]),
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=peft_targets(raw),
+        target_modules=[] if raw.get("target_modules") is None and raw.get("target_parameters") else peft_targets(raw),
+        target_parameters=list(raw.get("target_parameters") or []) or None,
         exclude_modules=raw.get("exclude_modules"),
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),
@@ -230,6 +247,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         use_dora=bool(raw.get("use_dora", False)),
         init=_our_init(raw.get("init_lora_weights", True)),
         modules_to_save=raw.get("modules_to_save") or None,
+        trainable_token_indices=raw.get("trainable_token_indices"),
     )
 
 
@@ -250,7 +268,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
-    config = _config_from_file(json.loads((root / CONFIG_NAME).read_text()))
+    raw = json.loads((root / CONFIG_NAME).read_text())
+    config = _config_from_file(raw)
+    check_peft_expert_layout(model, config, raw)
     if is_sharded(model):
         _load_into_sharded(model, config, load_file(str(root / WEIGHTS_NAME)), adapter_name)
         return model
@@ -304,6 +324,11 @@ def _config_from_file(raw: dict):
     kind = raw.get("peft_type")
     if kind == "LORA":
         return config_from_peft(raw)
+    if kind == OWN_LORA_TYPE:
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"adapter_config.json: format_version {raw.get('format_version')!r} is not supported "
+                             f"(this alignlab reads {FORMAT_VERSION})")
+        return config_from_peft({k: v for k, v in raw.items() if k != "format_version"} | {"peft_type": "LORA"})
     registry = _config_registry()
     if kind not in registry:
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA' or one of {sorted(registry)}, got {kind!r}")
@@ -327,6 +352,12 @@ def _config_registry() -> dict:
 
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
     expected = _adapter_tensors(model, adapter_name)
+    # PEFT also writes the whole table of an embedding that carries LoRA (its default,
+    # save_embedding_layers="auto"), and loads it back into the base: so do we
+    from alignlab.adapters.embedding import LoRAEmbedding
+
+    expected.update({f"{PREFIX}{n}.base_layer.weight": l.base_layer.weight for n, l in adapter_layers(model)
+                     if isinstance(l, LoRAEmbedding) and f"{PREFIX}{n}.base_layer.weight" in state})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:

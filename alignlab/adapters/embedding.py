@@ -1,0 +1,405 @@
+"""Adapters on token embeddings: LoRA on ``nn.Embedding`` and training selected token rows.
+
+**LoRA on an embedding** (Hu et al., *LoRA*, arXiv 2106.09685, as PEFT lays it out). With the
+frozen table ``E (V, H)`` and token ids ``t``::
+
+    y = E[t] + s · (Aᵀ[t]) Bᵀ,      A: (r, V), B: (H, r),  s = α/r (α/√r with rsLoRA)
+
+i.e. ``ΔE = s · (B A)ᵀ``, shape ``(V, H)``. As in PEFT, ``A`` starts at zero and ``B ~ N(0, 1)``
+(so the layer starts equal to the base), no dropout is applied to the ids, and the tensors are
+saved as ``<module>.lora_embedding_A`` ``(r, V)`` and ``<module>.lora_embedding_B`` ``(H, r)``.
+
+**Trainable token rows** (PEFT's ``trainable_token_indices``): for a few token ids ``I`` (e.g.
+new special tokens) the layer holds their rows ``D (|I|, H)`` as a trainable parameter, starting
+as copies of ``E[I]``, and reads them instead of the frozen table::
+
+    y = D[slot(t)] if t ∈ I else E[t]
+
+so only those rows get gradients and change; the ``V - |I|`` others stay frozen and no
+``(V, H)`` gradient is ever formed. Saved as ``<module>.token_adapter.trainable_tokens_delta``
+``(|I|, H)`` (the rows themselves, not a difference, as PEFT stores them).
+
+**Tied input / output embeddings.** With trainable rows, an output head (``nn.Linear``) whose
+weight *is* the embedding's parameter gets a tied layer sharing ``D``: its logits for the ids in
+``I`` are ``x Dᵀ`` (plus the head's bias), so input and output stay tied through training, merging
+and saving (only the embedding's copy is written, as PEFT does). LoRA on a tied embedding changes
+the input side only; the head keeps computing with the frozen table (PEFT's default), and merging
+unties the two with a warning (see :func:`alignlab.adapters.merge`).
+
+Both layers scale their contribution by the base's ``embed_scale`` when it has one (Gemma's
+scaled word embedding), as the base itself does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.adapters.base import AdapterLayer
+
+__all__ = ["LoRAEmbedding", "TrainableTokensLayer", "check_token_indices"]
+
+
+def _embed_scale(base: nn.Module) -> torch.Tensor | float | None:
+    scale = getattr(base, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        raise ValueError(f"embed_scale of {type(base).__name__} must be a scalar, got shape {tuple(scale.shape)}")
+    return scale
+
+
+def _scaled(y: torch.Tensor, scale) -> torch.Tensor:
+    if scale is None:
+        return y
+    return y * (scale.to(y.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
+def check_token_indices(indices, arg: str = "trainable_token_indices") -> list[int]:
+    """``indices`` as a list of distinct non-negative ints; ``TypeError`` / ``ValueError`` naming ``arg``."""
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, (list, tuple)):
+        raise TypeError(f"{arg} must be a list of token ids, got {type(indices).__name__}")
+    if not indices:
+        raise ValueError(f"{arg} must name at least one token id")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{arg} must hold non-negative int token ids, got {i!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{arg} must not repeat a token id, got {list(indices)}")
+    return list(indices)
+
+
+class LoRAEmbedding(AdapterLayer):
+    """``nn.Embedding`` (or a subclass such as a scaled word embedding) with LoRA adapters.
+
+    ``y = E[t] + s · Aᵀ[t] Bᵀ`` (see the module docstring); ``t (...)`` int ids → ``(..., H)``.
+    Several named adapters may live side by side; the active ones are summed.
+
+    Args:
+        base: the embedding to adapt (frozen), weight ``(V, H)``.
+        r, alpha, use_rslora: rank and scaling (``s = α/r``, or ``α/√r``).
+        adapter_name: name of the first adapter.
+        adapter_dtype: dtype of ``A``/``B``; default fp32 over a 16-bit table, else the table's dtype.
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Embedding``.  ValueError: bad rank or alpha.
+    """
+
+    mergeable = True
+    adapter_stores = {"lora_embedding_A": nn.ParameterDict, "lora_embedding_B": nn.ParameterDict}
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, use_rslora: bool = False,
+                 adapter_name: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"base must be an nn.Embedding, got {type(base).__name__}")
+        super().__init__(base)
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.add_adapter(adapter_name, r, alpha, use_rslora, adapter_dtype)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, use_rslora: bool = False,
+                    adapter_dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` with ``A = 0``, ``B ~ N(0, 1)`` (inactive until listed in ``active_adapters``)."""
+        self._check_new_adapter(name)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        weight = self.base_layer.weight
+        if adapter_dtype is None:
+            adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        v, h = weight.shape
+        a = torch.zeros(r, v, dtype=adapter_dtype, device=weight.device)
+        b = torch.randn(h, r, dtype=torch.float32).to(device=weight.device, dtype=adapter_dtype)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.r[name], self.alpha[name], self.use_rslora[name] = r, float(alpha), bool(use_rslora)
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for store in (self.r, self.alpha, self.scaling, self.use_rslora):
+            store.pop(name, None)
+
+    def is_dora(self, name: str) -> bool:
+        return False
+
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        delta = F.embedding(x, a.T) @ b.T * self.scaling[name]
+        return _scaled(delta, _embed_scale(self.base_layer))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``ΔE = s · (B A)ᵀ`` in fp32, ``(V, H)`` (without ``embed_scale``, which the base applies)."""
+        self._check_name(name)
+        return self.scaling[name] * (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT's keys, relative to this layer: ``lora_embedding_A`` ``(r, V)``, ``lora_embedding_B`` ``(H, r)``."""
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.adapter_names()]
+        return f"num_embeddings={self.in_features}, dim={self.out_features}, adapters=[{'; '.join(parts)}], active={self.active_adapters}"
+
+
+class _Rows(nn.Module):
+    """The frozen originals and index tensors of one adapter's rows (buffers: they follow device moves, and
+    are not part of the state dict)."""
+
+    def __init__(self, indices: list[int], original: torch.Tensor, num_rows: int) -> None:
+        super().__init__()
+        idx = torch.tensor(indices, dtype=torch.long, device=original.device)
+        slot = torch.full((num_rows,), -1, dtype=torch.long, device=original.device)
+        slot[idx] = torch.arange(len(indices), device=original.device)
+        self.register_buffer("index", idx, persistent=False)
+        self.register_buffer("slot", slot, persistent=False)  # token id -> row of D, or -1
+        self.register_buffer("original", original.detach().clone(), persistent=False)
+
+
+class TrainableTokensLayer(AdapterLayer):
+    """Train only the rows ``I`` of an embedding (or of a tied output head); see the module docstring.
+
+    On an ``nn.Embedding``: ``y = D[slot(t)]`` for ids in ``I``, ``E[t]`` otherwise. On an
+    ``nn.Linear`` head ``(V, H)``: ``logits = x Eᵀ + b`` with the columns of ``I`` recomputed as
+    ``x Dᵀ + b[I]``. ``tied_to`` makes this layer use another layer's ``D`` parameters (same objects):
+    such a layer writes nothing to the adapter file.
+
+    Args:
+        base: ``nn.Embedding`` ``(V, H)`` or ``nn.Linear`` with ``out_features = V``.
+        indices: distinct token ids in ``[0, V)``.
+        adapter_name: name of the first adapter.
+        tied_to: the layer on the tied embedding, whose rows this one shares.
+        adapter_dtype: dtype of ``D``; default fp32 over a 16-bit table, else the table's dtype.
+
+    Raises:
+        TypeError: ``base`` is neither.  ValueError: bad or out-of-range ``indices``.
+    """
+
+    mergeable = True
+    keeps_ties = True  # merging writes the rows into the shared table: both tied modules should see them
+    adapter_stores = {"trainable_tokens_delta": nn.ParameterDict, "token_rows": nn.ModuleDict}
+
+    def __init__(self, base: nn.Module, indices: list[int], adapter_name: str = "default",
+                 tied_to: "TrainableTokensLayer | None" = None, adapter_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TypeError(f"trainable token rows need an nn.Embedding or a tied nn.Linear head, got {type(base).__name__}")
+        super().__init__(base)
+        # a plain list hides the other layer from named_modules / state_dict (its rows are saved there)
+        self._tied = [tied_to] if tied_to is not None else []
+        self.add_adapter(adapter_name, indices, adapter_dtype)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def tied_to(self) -> "TrainableTokensLayer | None":
+        return self._tied[0] if self._tied else None
+
+    @property
+    def num_rows(self) -> int:
+        w = self.base_layer.weight
+        return int(w.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings if isinstance(self.base_layer, nn.Embedding) else self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim if isinstance(self.base_layer, nn.Embedding) else self.base_layer.out_features
+
+    def token_indices(self, name: str) -> list[int]:
+        """The token ids adapter ``name`` trains."""
+        self._check_name(name)
+        return self.token_rows[name].index.tolist()
+
+    def add_adapter(self, name: str, indices: list[int], adapter_dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` training rows ``indices`` (for a tied layer: share the tied layer's ``name``)."""
+        self._check_new_adapter(name)
+        indices = check_token_indices(indices)
+        bad = [i for i in indices if i >= self.num_rows]
+        if bad:
+            raise ValueError(f"trainable_token_indices: ids {bad} are out of range for a table of {self.num_rows} rows")
+        weight = self.base_layer.weight
+        original = weight.detach()[torch.tensor(indices, device=weight.device)]
+        tied = self.tied_to
+        if tied is not None:
+            if name not in tied.adapter_names() or tied.token_indices(name) != indices:
+                raise ValueError(f"tied layer has no adapter {name!r} with the same token ids")
+            rows = tied.trainable_tokens_delta[name]
+        else:
+            if adapter_dtype is None:
+                adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            rows = nn.Parameter(original.to(adapter_dtype).clone())
+        self.trainable_tokens_delta[name] = rows
+        self.token_rows[name] = _Rows(indices, original, self.num_rows)
+
+    def set_active(self, names: list[str]) -> None:
+        names = [n for n in names if n in self.adapter_names()]
+        seen: set[int] = set()
+        for n in names:
+            ids = set(self.token_indices(n))
+            if ids & seen:
+                raise ValueError(f"adapters {names} train overlapping token ids ({sorted(ids & seen)[:5]}); "
+                                 "activate adapters with disjoint trainable_token_indices")
+            seen |= ids
+        self.active_adapters = names
+
+    def _live(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.trainable_tokens_delta and n not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        for name in self._live():
+            rows, meta = self.trainable_tokens_delta[name], self.token_rows[name]
+            if isinstance(self.base_layer, nn.Embedding):
+                slot = meta.slot[x]
+                picked = _scaled(rows[slot.clamp(min=0)].to(out.dtype), _embed_scale(self.base_layer))
+                out = torch.where((slot >= 0).unsqueeze(-1), picked, out)
+            else:
+                bias = self.base_layer.bias
+                cols = F.linear(x.to(out.dtype), rows.to(out.dtype), None if bias is None else bias[meta.index])
+                out = out.index_copy(out.dim() - 1, meta.index, cols)
+        return out
+
+    # -- merge: the rows are written into the table (and put back from the frozen originals) -----------
+    def _merge_one(self, name: str) -> None:
+        w = self.base_layer.weight
+        w.index_copy_(0, self.token_rows[name].index, self.trainable_tokens_delta[name].detach().to(w.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        w = self.base_layer.weight
+        meta = self.token_rows[name]
+        w.index_copy_(0, meta.index, meta.original.to(w.dtype))
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        seen: set[int] = set()
+        for n in list(self.merged_adapters) + names:
+            ids = set(self.token_indices(n))
+            if ids & seen:
+                raise ValueError(f"adapter {n!r} trains token ids another merged adapter wrote; merge disjoint ones")
+            seen |= ids
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """``token_adapter.trainable_tokens_delta`` ``(|I|, H)``; nothing for a tied layer (PEFT saves one copy)."""
+        if self.tied_to is not None:
+            return {}
+        return {"token_adapter.trainable_tokens_delta": self.trainable_tokens_delta[name]}
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: {len(self.token_rows[n].index)} rows" for n in self.adapter_names()]
+        tied = ", tied" if self.tied_to is not None else ""
+        return f"adapters=[{'; '.join(parts)}]{tied}, active={self.active_adapters}"
+
+
+# -- where trainable rows go (LoRAConfig.trainable_token_indices) -----------------------------------------
+def _input_embedding_name(model: nn.Module) -> str:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    names = [n for n, m in model.named_modules() if n and emb is not None and m is emb]
+    if not names:
+        names = [n for n, m in model.named_modules() if n == "embed_tokens" or n.endswith(".embed_tokens")]
+    if len(names) != 1:
+        raise ValueError("trainable_token_indices: found no single input embedding (get_input_embeddings() or a module "
+                         f"named embed_tokens; got {names}); pass {{module name: [ids]}} instead")
+    return names[0]
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, TrainableTokensLayer) else module
+
+
+def token_row_plan(model: nn.Module, spec, lora_targets=()) -> list[tuple[str, list[int], list[str]]]:
+    """``[(module name, token ids, names of tied heads)]`` for ``trainable_token_indices`` = ``spec``.
+
+    ``spec`` is a list of ids (for the input embedding: ``get_input_embeddings()``, else the module
+    named ``embed_tokens``) or ``{module name or dotted suffix: ids}``. The tied heads of an embedding
+    are the ``nn.Linear`` modules whose weight is the embedding's weight parameter.
+
+    Raises:
+        ValueError: a name matches no module, a target is not an ``nn.Embedding`` / ``nn.Linear`` (or
+            already holds another adapter, e.g. LoRA in ``lora_targets``), ids are out of range.
+    """
+    from alignlab.adapters.config import name_matches
+
+    if isinstance(spec, dict):
+        wanted = {str(k): check_token_indices(v, f"trainable_token_indices[{k!r}]") for k, v in spec.items()}
+    else:
+        wanted = {_input_embedding_name(model): check_token_indices(spec)}
+    plan = []
+    modules = dict(model.named_modules())
+    wrappers = tuple(p + "." for p, m in modules.items() if p and isinstance(m, AdapterLayer))
+    for key, ids in wanted.items():
+        names = [n for n in modules if n and name_matches([key], n) and not n.startswith(wrappers)]
+        if not names:
+            raise ValueError(f"trainable_token_indices: no module named {key!r} in this model")
+        for name in names:
+            module = modules[name]
+            if name in lora_targets or (isinstance(module, AdapterLayer) and not isinstance(module, TrainableTokensLayer)):
+                raise ValueError(f"trainable_token_indices: {name!r} also gets a {type(module).__name__ if isinstance(module, AdapterLayer) else 'LoRA'} "
+                                 "adapter; a module takes either trainable token rows or LoRA (as in PEFT)")
+            if not isinstance(_base(module), (nn.Embedding, nn.Linear)):
+                raise ValueError(f"trainable_token_indices: {name!r} is a {type(module).__name__}, expected an nn.Embedding "
+                                 "or an nn.Linear output head")
+            rows = int(_base(module).weight.shape[0])
+            bad = [i for i in ids if i >= rows]
+            if bad:
+                raise ValueError(f"trainable_token_indices: ids {bad} are out of range for {name!r} ({rows} rows)")
+            plan.append((name, ids, _tied_heads(modules, name) if isinstance(_base(module), nn.Embedding) else []))
+    return plan
+
+
+def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
+    weight = _base(modules[name]).weight
+    inside = [p for p, m in modules.items() if p and isinstance(m, AdapterLayer)]
+    heads = []
+    for n, m in modules.items():
+        if not n or n == name or any(n.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(_base(m), nn.Linear) and _base(m).weight is weight:
+            if isinstance(m, AdapterLayer) and not isinstance(m, TrainableTokensLayer):
+                raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} holds a {type(m).__name__}; "
+                                 "its rows could not follow the trained token rows")
+            heads.append(n)
+    return heads
+
+
+def add_trainable_tokens(model: nn.Module, spec, adapter_name: str, active: bool,
+                         adapter_dtype: torch.dtype | None = None) -> None:
+    """Wrap (or extend) the modules ``spec`` selects with :class:`TrainableTokensLayer` adapter ``adapter_name``
+    (active there if ``active``), tied heads included; see :func:`token_row_plan` for ``spec`` and what raises."""
+    from alignlab.adapters.inject import _set_submodule
+
+    def put(name: str, make, extend) -> None:
+        module = model.get_submodule(name)
+        if isinstance(module, TrainableTokensLayer):
+            extend(module)
+        else:
+            module = make(module)
+            module.active_adapters = []
+            _set_submodule(model, name, module)
+        if active:
+            module.set_active(module.active_adapters + [adapter_name])
+
+    for name, ids, heads in token_row_plan(model, spec):
+        put(name, lambda m: TrainableTokensLayer(m, ids, adapter_name, adapter_dtype=adapter_dtype),
+            lambda m: m.add_adapter(adapter_name, ids, adapter_dtype))
+        layer = model.get_submodule(name)
+        for head in heads:
+            def extend(m, layer=layer):
+                m._tied = [layer]
+                m.add_adapter(adapter_name, ids)
+            put(head, lambda m, layer=layer: TrainableTokensLayer(m, ids, adapter_name, tied_to=layer), extend)

@@ -1,0 +1,312 @@
+"""LoRA on nn.Embedding and trainable token rows: the math written out, and PEFT (test-only oracle) for
+numbers and files, both ways, on a tiny random Llama (tied and untied input/output embeddings)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    LoRAConfig,
+    LoRAEmbedding,
+    TrainableTokensLayer,
+    adapter_layers,
+    delete_adapter,
+    disabled,
+    inject,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
+
+V = 128
+IDS = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+NEW = [3, 17, 127]  # "new special tokens"
+IDS[0, :3] = torch.tensor(NEW)  # make sure they occur
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _llama(tie=False, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    return model
+
+
+def _randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _trainable(model, strip=("base_model.model.", ".default")):
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            for s in strip:
+                n = n.replace(s, "")
+            out[n] = p
+    return out
+
+
+def _copy_ours_into_peft(ours, theirs):
+    """Our adapter tensors into PEFT's parameters (same dotted names once PEFT's prefix/suffix are stripped)."""
+    mine = {n.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta"): p
+            for n, p in _trainable(ours).items()}
+    peft_params = _trainable(theirs)
+    assert sorted(mine) == sorted(peft_params)
+    with torch.no_grad():
+        for n, p in peft_params.items():
+            p.copy_(mine[n])
+
+
+# -- LoRA on nn.Embedding -----------------------------------------------------------------------------
+def test_lora_embedding_is_the_formula():
+    torch.manual_seed(0)
+    emb = nn.Embedding(11, 6)
+    layer = LoRAEmbedding(emb, r=3, alpha=6.0)
+    assert tuple(layer.lora_embedding_A["default"].shape) == (3, 11)
+    assert tuple(layer.lora_embedding_B["default"].shape) == (6, 3)
+    ids = torch.tensor([[0, 5, 10], [2, 2, 7]])
+    torch.testing.assert_close(layer(ids), emb(ids))  # A = 0 at init
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].normal_()
+    a, b, e = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"], emb.weight
+    expected = e[ids] + 2.0 * a.T[ids] @ b.T  # s = alpha / r = 2
+    torch.testing.assert_close(layer(ids), expected)
+    torch.testing.assert_close(layer.delta_weight("default"), 2.0 * (b @ a).T)
+    layer.merge()
+    torch.testing.assert_close(emb.weight[ids], expected)
+    layer.unmerge()
+    torch.testing.assert_close(layer(ids), expected)
+
+
+def test_lora_embedding_rslora_and_embed_scale():
+    class Scaled(nn.Embedding):  # Gemma-style: the table's output is multiplied by a scalar
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.embed_scale = 4.0
+
+        def forward(self, x):
+            return super().forward(x) * self.embed_scale
+
+    torch.manual_seed(0)
+    emb = Scaled(9, 4)
+    layer = LoRAEmbedding(emb, r=4, alpha=2.0, use_rslora=True)
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].normal_()
+    ids = torch.tensor([1, 8, 3])
+    a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    torch.testing.assert_close(layer(ids), 4.0 * (emb.weight[ids] + 1.0 * a.T[ids] @ b.T))  # s = 2 / sqrt(4)
+
+
+def _lora_pair(tie=False, targets=("q_proj", "embed_tokens")):
+    peft = pytest.importorskip("peft")
+    base = _llama(tie)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=list(targets)))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    _randomise(ours)
+    _copy_ours_into_peft(ours, theirs)
+    return base, ours, theirs
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lora_embedding_matches_peft_outputs_and_gradients(tie):
+    base, ours, theirs = _lora_pair(tie)
+    assert isinstance(ours.model.embed_tokens, LoRAEmbedding)
+    y, y_ref = ours(IDS).logits, theirs(IDS).logits
+    torch.testing.assert_close(y, y_ref, **TOL)
+    assert not torch.allclose(y, base(IDS).logits, atol=1e-3)
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    g_ref = {n.replace("token_adapter.", ""): p.grad for n, p in _trainable(theirs).items()}
+    for n, p in _trainable(ours).items():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6)
+    if tie:  # PEFT's default for a tied head: it keeps computing with the frozen table
+        assert ours.lm_head.weight is ours.model.embed_tokens.base_layer.weight
+
+
+def test_lora_embedding_files_load_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, ours, theirs = _lora_pair()
+    expected = ours(IDS).logits
+    save_adapter(ours, tmp_path / "ours")
+    sd = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert tuple(sd["base_model.model.model.embed_tokens.lora_embedding_A"].shape) == (4, V)
+    assert tuple(sd["base_model.model.model.embed_tokens.lora_embedding_B"].shape) == (32, 4)
+    raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in raw["target_modules"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(IDS).logits, expected, **TOL)
+
+    theirs.save_pretrained(tmp_path / "peft")  # PEFT also writes the whole table (embed_tokens.base_layer.weight)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(mine(IDS).logits, expected, **TOL)
+
+
+def test_lora_embedding_merge_on_a_tied_model_unties_with_a_warning():
+    _, ours, _ = _lora_pair(tie=True)
+    expected = ours(IDS).logits
+    with pytest.warns(UserWarning, match="tied"):
+        merge_and_unload(ours)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert ours.config.tie_word_embeddings is False
+    torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_embedding_refusals():
+    model = _llama()
+    with pytest.raises(ValueError, match="use_dora"):
+        inject(copy.deepcopy(model), LoRAConfig(target_modules=["embed_tokens"], use_dora=True))
+    with pytest.raises(ValueError, match="init"):
+        inject(copy.deepcopy(model), LoRAConfig(target_modules=["embed_tokens"], init="olora"))
+    with pytest.raises(TypeError, match="nn.Embedding"):
+        LoRAEmbedding(nn.Linear(3, 4))
+    # "all-linear" never picks the embedding
+    inject(model, LoRAConfig())
+    assert not any(isinstance(l, LoRAEmbedding) for _, l in adapter_layers(model))
+
+
+# -- trainable token rows -----------------------------------------------------------------------------
+def test_only_the_selected_rows_change_in_training():
+    model = inject(_llama(), LoRAConfig(target_modules=["q_proj"], trainable_token_indices=NEW))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, TrainableTokensLayer)
+    table = layer.base_layer.weight
+    before = table.detach().clone()
+    torch.testing.assert_close(layer.trainable_tokens_delta["default"], before[NEW])  # rows start as copies
+    assert not table.requires_grad
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    rows = layer.trainable_tokens_delta["default"]
+    assert not torch.allclose(rows, before[NEW])
+    torch.testing.assert_close(table, before)  # the table itself never moves
+    # the layer reads the trained rows for those ids and the table for every other id
+    out = layer(IDS)
+    hit = torch.isin(IDS, torch.tensor(NEW))
+    slot = {t: i for i, t in enumerate(NEW)}
+    expected = torch.stack([rows[slot[int(t)]] if h else before[int(t)] for t, h in zip(IDS.flatten(), hit.flatten())])
+    torch.testing.assert_close(out.reshape(-1, out.shape[-1]), expected.detach())
+    merge(model)  # the rows are written into the table; unmerge puts the originals back
+    torch.testing.assert_close(table[NEW], rows.detach())
+    unmerge(model)
+    torch.testing.assert_close(table, before)
+
+
+def _token_pair(tie, spec=NEW):
+    peft = pytest.importorskip("peft")
+    base = _llama(tie)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], trainable_token_indices=spec))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                       trainable_token_indices=spec))
+    _randomise(ours)
+    _copy_ours_into_peft(ours, theirs)
+    return base, ours, theirs
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_tokens_match_peft_outputs_gradients_and_a_training_step(tie):
+    _, ours, theirs = _token_pair(tie)
+    if tie:  # the tied head shares the rows (one parameter), as PEFT ties its token adapters
+        head = ours.lm_head
+        assert isinstance(head, TrainableTokensLayer) and head.tied_to is ours.model.embed_tokens
+        assert head.trainable_tokens_delta["default"] is ours.model.embed_tokens.trainable_tokens_delta["default"]
+    else:
+        assert not isinstance(ours.lm_head, TrainableTokensLayer)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, theirs)]
+    for _ in range(2):
+        losses = [m(IDS, labels=IDS).loss for m in (ours, theirs)]
+        torch.testing.assert_close(losses[0], losses[1], **TOL)
+        for loss, opt in zip(losses, opts):
+            loss.backward()
+        g_ref = {n.replace("token_adapter.", ""): p.grad for n, p in _trainable(theirs).items()}
+        for n, p in _trainable(ours).items():
+            torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, **TOL)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_tokens_files_load_both_ways(tmp_path, tie):
+    peft = pytest.importorskip("peft")
+    base, ours, theirs = _token_pair(tie)
+    expected = ours(IDS).logits
+    save_adapter(ours, tmp_path / "ours")
+    sd = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert tuple(sd["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape) == (3, 32)
+    assert not any("lm_head" in k for k in sd)  # a tied head is not written twice
+    raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert raw["trainable_token_indices"] == NEW and raw["target_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(IDS).logits, expected, **TOL)
+
+    theirs.save_pretrained(tmp_path / "peft")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert isinstance(mine.lm_head, TrainableTokensLayer) == tie
+    torch.testing.assert_close(mine(IDS).logits, expected, **TOL)
+
+
+def test_trainable_tokens_on_a_tied_model_merge_into_both_and_stay_tied():
+    _, ours, _ = _token_pair(tie=True)
+    expected = ours(IDS).logits
+    with disabled(ours):
+        plain = ours(IDS).logits
+    assert not torch.allclose(plain, expected, atol=1e-4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no untying
+        merge_and_unload(ours)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    torch.testing.assert_close(ours(IDS).logits, expected, **TOL)
+
+
+def test_trainable_tokens_dict_form_several_adapters_and_errors():
+    model = _llama()
+    inject(model, LoRAConfig(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2]}))
+    inject(model, LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[5]), "other")
+    layer = model.model.embed_tokens
+    assert layer.adapter_names() == ["default", "other"] and layer.active_adapters == ["default"]
+    set_adapter(model, ["default", "other"])
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
+        "trainable_tokens_delta.default", "trainable_tokens_delta.other"]
+    inject(model, LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[2, 9]), "overlap")
+    with pytest.raises(ValueError, match="overlapping"):
+        set_adapter(model, ["default", "overlap"])
+    delete_adapter(model, "other")
+    assert layer.adapter_names() == ["default", "overlap"]
+
+    fresh = _llama()
+    with pytest.raises(ValueError, match="either trainable token rows or LoRA"):
+        inject(fresh, LoRAConfig(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[1]))
+    assert not any(True for _ in adapter_layers(fresh))  # refused before anything was built
+    with pytest.raises(ValueError, match="out of range"):
+        inject(fresh, LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[V]))
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        inject(fresh, LoRAConfig(target_modules=["q_proj"], trainable_token_indices={"nope": [1]}))
+    with pytest.raises(ValueError, match="repeat"):
+        LoRAConfig(trainable_token_indices=[1, 1])
+    with pytest.raises(TypeError, match="trainable_token_indices"):
+        LoRAConfig(trainable_token_indices=5)
+    with pytest.raises(ValueError, match="non-negative"):
+        LoRAConfig(trainable_token_indices={"embed_tokens": [-1]})
