@@ -91,22 +91,49 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    moments: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""Masked whitening :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` over all unmasked entries.
 
     :math:`\sigma^2` is the unbiased (Bessel-corrected) masked variance, as TRL's ``masked_whiten``;
     ``shift_mean=False`` adds :math:`\mu` back (only the scale changes).  Masked entries come back as 0.
 
+    ``moments`` whitens with the statistics of a larger batch than ``values``, e.g. the advantages of every
+    rank: ``(3,)`` = :math:`(n, \sum x, \sum x^2)` over its unmasked entries, summed over the pieces (one
+    ``all_reduce(SUM)`` of ``torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])`` per rank, in
+    float64); then :math:`\mu = \sum x / n` and :math:`\sigma^2 = (\sum x^2 - n\mu^2)/(n-1)`, and each piece
+    whitens exactly as the whole batch would.
+
     Raises:
-        ValueError: fewer than two unmasked entries (the variance is undefined).
+        ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
+            ``(3,)``.
     """
     m = _mask(mask, values)
-    n = int(m.sum())
-    if n < 2:
-        raise ValueError(f"whiten needs at least 2 unmasked values, got {n}")
-    mean = masked_mean(values, m)
-    centred = torch.where(m, values - mean, torch.zeros((), dtype=values.dtype, device=values.device))
-    var = (centred**2).sum() / (n - 1)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    if moments is not None:
+        if not isinstance(moments, torch.Tensor) or moments.shape != (3,):
+            raise ValueError(f"moments must be a (3,) tensor (count, sum, sum of squares), got "
+                             f"{getattr(moments, 'shape', type(moments).__name__)}")
+        n_all, s1, s2 = moments.to(device=values.device, dtype=torch.float64).unbind()
+        if float(n_all) < 2:  # one sync, as the count check below
+            raise ValueError(f"whiten needs at least 2 unmasked values, got moments with count {float(n_all)}")
+        mean64 = s1 / n_all
+        var64 = ((s2 - n_all * mean64 * mean64) / (n_all - 1)).clamp(min=0)
+        mean, var = mean64.to(values.dtype), var64.to(values.dtype)
+        centred = torch.where(m, values - mean, zero)
+    else:
+        n = int(m.sum())
+        if n < 2:
+            raise ValueError(f"whiten needs at least 2 unmasked values, got {n}")
+        mean = masked_mean(values, m)
+        centred = torch.where(m, values - mean, zero)
+        var = (centred**2).sum() / (n - 1)
     out = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -266,6 +293,12 @@ def gae(
     compacted sequence.  After the last unmasked token :math:`V = ` ``last_values`` (0 by default: the episode
     ends) and :math:`\hat A = 0`.  Returns use the raw advantages; ``whiten_advantages`` then whitens the
     advantages over all unmasked tokens of the batch (:func:`whiten`).
+
+    Batching: each row depends only on itself, so GAE on any subset of the rows gives those rows' numbers,
+    except for the whitening, a statistic of the whole batch.  Run it once per rollout, before splitting into
+    micro-batches; across ranks, call it with ``whiten_advantages=False``, all-reduce the advantages'
+    moments and whiten with them (``whiten(adv, mask, moments=...)``): the same advantages as one process
+    holding every rank's rollout.
 
     Args:
         rewards: ``(batch, seq)`` per-token rewards (typically the score on the last token minus a KL penalty).

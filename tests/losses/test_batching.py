@@ -383,3 +383,30 @@ def test_rl_token_losses_and_gae_packed_equal_padded():
     # a packed row read as one sequence runs the recursion across the boundaries: not the same numbers
     wrong, _ = gae(rewards[mask][None], values[mask][None], gamma=0.9, lam=0.8, whiten_advantages=False)
     assert not torch.allclose(wrong[0], a_raw[mask])
+
+
+def test_gae_whitening_across_ranks_with_all_reduced_moments():
+    from alignlab.losses import gae, whiten
+
+    g = torch.Generator().manual_seed(11)
+    b, t = 7, 6
+    rewards, values = torch.randn(b, t, generator=g, dtype=D), torch.randn(b, t, generator=g, dtype=D)
+    mask = torch.arange(t)[None] < torch.tensor([6, 2, 5, 1, 4, 6, 3])[:, None]
+    want, want_ret = gae(rewards, values, mask, gamma=0.95, lam=0.9)  # one process holding the whole rollout
+    shards = (slice(0, 2), slice(2, 7))  # two ranks, uneven
+    local = [gae(rewards[s], values[s], mask[s], gamma=0.95, lam=0.9, whiten_advantages=False) for s in shards]
+    moments = sum(torch.stack([mask[s].sum(), (a * mask[s]).sum(), (a * a * mask[s]).sum()]).to(D)
+                  for s, (a, _) in zip(shards, local))  # all_reduce(SUM) of each rank's (n, sum, sum of squares)
+    for s, (a, ret) in zip(shards, local):
+        torch.testing.assert_close(whiten(a, mask[s], moments=moments), want[s], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ret, want_ret[s], rtol=0, atol=0)
+        # whitening a rank's shard with its own statistics is not the whole rollout's whitening
+        assert not torch.allclose(whiten(a, mask[s]), want[s])
+    # moments of the values themselves reproduce the one-batch whitening, shift_mean=False included
+    a_all = gae(rewards, values, mask, whiten_advantages=False)[0]
+    mom = torch.stack([mask.sum(), (a_all * mask).sum(), (a_all * a_all * mask).sum()]).to(D)
+    torch.testing.assert_close(whiten(a_all, mask, False, moments=mom), whiten(a_all, mask, False))
+    with pytest.raises(ValueError, match="moments"):
+        whiten(a_all, mask, moments=mom[:2])
+    with pytest.raises(ValueError, match="at least 2"):
+        whiten(a_all, mask, moments=torch.tensor([1.0, 0.5, 0.25]))
