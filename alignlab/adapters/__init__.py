@@ -1,4 +1,4 @@
-"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA, PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion, AdaLoRA/SoRA, ALPS head selection; injection and PEFT-format I/O."""
+"""Parameter-efficient adapters: LoRA, rsLoRA, DoRA (also on fused MoE expert weights), PiSSA/OLoRA init, (IA)³, VeRA, LoKr/KronA, BitFit, prompt/prefix tuning, bottleneck adapters + AdapterFusion, AdaLoRA/SoRA, ALPS head selection; injection and PEFT-format I/O."""
 
 from alignlab.adapters.adalora import (
     AdaLoRAAllocator,
@@ -15,6 +15,7 @@ from alignlab.adapters.bitfit import BitFitConfig, BitFitLayer
 from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig, BottleneckLayer, FusionLayer
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.dora import dora_weight_norm
+from alignlab.adapters.experts import ExpertLoRA
 from alignlab.adapters.embedding import LoRAEmbedding, TrainableTokensLayer
 from alignlab.adapters.inject import (
     ParameterCount,
@@ -44,7 +45,7 @@ from alignlab.adapters.vera import VeRAConfig, VeRALinear, VeRAProjections
 add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a model already has one
 
 __all__ = [
-    "AdapterLayer", "DoRALinear", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ParameterCount", "SavedModule",
+    "AdapterLayer", "DoRALinear", "ExpertLoRA", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ParameterCount", "SavedModule",
     "TrainableTokensLayer",
     "active_adapters", "adapter_configs", "adapter_layers", "adapter_state_dict", "add_adapter",
     "add_weighted_adapter", "count_parameters", "delete_adapter", "disabled", "dora_weight_norm",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear, _check_init
 
 
@@ -21,7 +22,13 @@ class LoRAConfig:
         dropout: dropout on the adapter input.
         target_modules: which ``nn.Linear`` leaves to adapt: ``"all-linear"`` (every linear except
             the output head), a regex string (full match on the module's dotted name), or a list of
-            names/suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
+            names/suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``). Default
+            ``"all-linear"``, or ``[]`` (no linear) when ``target_parameters`` is given.
+        target_parameters: fused 3-D expert weights of MoE blocks to adapt, one LoRA pair per expert
+            (:class:`~alignlab.adapters.experts.ExpertLoRA`): dotted parameter names or suffixes, as
+            PEFT's ``target_parameters`` (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``).
+        include_experts: with ``target_modules="all-linear"``, also adapt every fused expert weight
+            (off by default: ``"all-linear"`` alone covers ``nn.Linear`` leaves only).
         exclude_modules: same forms as ``target_modules`` (except ``"all-linear"``); matches are skipped.
         rank_pattern / alpha_pattern: ``{regex: value}`` overrides; a pattern applies to a module whose
             name matches ``(^|.*\\.)pattern$``.
@@ -43,7 +50,9 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] | None = None
+    target_parameters: list[str] | None = None
+    include_experts: bool = False
     exclude_modules: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -64,7 +73,15 @@ class LoRAConfig:
         _check_init(self.init)
         if not isinstance(self.exact_fp32, bool):
             raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
-        check_target_spec(self.target_modules, self.exclude_modules)
+        if self.target_parameters is not None and (not _is_str_list(self.target_parameters) or not self.target_parameters):
+            raise TypeError(f"target_parameters must be a non-empty list of parameter names, got {self.target_parameters!r}")
+        if self.target_modules is None:
+            self.target_modules = [] if self.target_parameters else "all-linear"
+        if not isinstance(self.include_experts, bool):
+            raise TypeError(f"include_experts must be a bool, got {self.include_experts!r}")
+        if self.include_experts and self.target_modules != "all-linear":
+            raise ValueError("include_experts extends target_modules='all-linear'; name expert weights with target_parameters instead")
+        check_target_spec(self.target_modules, self.exclude_modules, allow_empty=bool(self.target_parameters))
         check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
@@ -82,7 +99,23 @@ class LoRAConfig:
     def alpha_for(self, name: str) -> float:
         return _pattern_value(self.alpha_pattern, name, self.alpha)
 
+    def expert_parameters(self, model: nn.Module) -> dict[str, list[str]]:
+        """``{experts module name: [expert weight names]}`` this config adapts in ``model``."""
+        if not self.target_parameters and not self.include_experts:
+            return {}
+        return find_expert_targets(model, self.target_parameters, self.include_experts)
+
+    def _expert_args(self, module: nn.Module, name: str) -> tuple[dict[str, int], dict[str, float]]:
+        """Ranks and alphas of the expert weights of ``module`` (at ``name``) that this config targets;
+        rank/alpha patterns match the parameter's dotted name, as in PEFT."""
+        params = [p for p in fused_expert_parameters(module) if self.include_experts or any(
+            f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in self.target_parameters or ())]
+        return {p: self.rank_for(f"{name}.{p}") for p in params}, {p: self.alpha_for(f"{name}.{p}") for p in params}
+
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> nn.Module:
+        if fused_expert_parameters(module):
+            return ExpertLoRA(module, *self._expert_args(module, name), self.dropout, self.init, self.use_rslora,
+                              self.use_dora, adapter_name, self.adapter_dtype, self.exact_fp32)
         if isinstance(module, nn.Embedding):
             from alignlab.adapters.embedding import LoRAEmbedding
 
@@ -98,6 +131,10 @@ class LoRAConfig:
         if isinstance(layer, LoRAEmbedding):
             self._check_embedding(name)
             layer.add_adapter(adapter_name, self.rank_for(name), self.alpha_for(name), self.use_rslora, self.adapter_dtype)
+            return
+        if isinstance(layer, ExpertLoRA):
+            layer.add_adapter(adapter_name, *self._expert_args(layer.base_layer, name), self.dropout, self.init,
+                              self.use_rslora, self.use_dora, self.adapter_dtype)
             return
         if not isinstance(layer, LoRALinear):
             raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add a LoRA adapter to it")
@@ -143,12 +180,13 @@ def check_dropout(dropout: float) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
-def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True) -> None:
-    """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts."""
+def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True, allow_empty: bool = False) -> None:
+    """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts
+    (an empty list only with ``allow_empty``: other targets are named elsewhere)."""
     if isinstance(target_modules, str):
         if not (allow_all_linear and target_modules == "all-linear"):
             _compile("target_modules", target_modules)
-    elif not _is_str_list(target_modules) or not target_modules:
+    elif not _is_str_list(target_modules) or not (target_modules or allow_empty):
         raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
     if exclude_modules is not None and not isinstance(exclude_modules, str) and not _is_str_list(exclude_modules):
         raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")

@@ -52,10 +52,24 @@ quantized replacement keeps those attributes.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
+from alignlab.adapters.lora import lora_scaling
 
+#: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
+#: wrappers in that order, which decides its file's key names)
+EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
+EXPERT_INITS = ("kaiming", "gaussian")
+
+
+# -- the base, as the forward sees it --------------------------------------------------------------
 def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     """The frozen base weight of expert parameter ``name`` as ``(E, out, in)``.
 
@@ -77,3 +91,453 @@ def set_expert_weight_(experts: nn.Module, name: str, weight: torch.Tensor) -> N
         return
     with torch.no_grad():
         expert_weight(experts, name).copy_(weight)
+
+
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of the fused 3-D expert weights of a transformers 5.x experts module (in the order of
+    :data:`EXPERT_PARAMETERS`); empty for any other module.
+
+    An experts module is one that ``@use_experts_implementation`` decorated (it has ``num_experts``,
+    ``has_gate`` and ``is_transposed``) or a quantized stand-in with the same attributes.
+    """
+    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed")):
+        return []
+    return [n for n in EXPERT_PARAMETERS if _is_3d(getattr(module, n, None)) or _is_3d_quantized(module, n)]
+
+
+def _is_3d(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 3
+
+
+def _is_3d_quantized(module: nn.Module, name: str) -> bool:
+    return hasattr(module, "dequantize_experts") and name in getattr(module, "expert_parameters", ())
+
+
+def find_expert_targets(model: nn.Module, target_parameters: Sequence[str] | None, all_experts: bool = False
+                        ) -> dict[str, list[str]]:
+    """``{experts module name: [parameter names]}`` selected in ``model``.
+
+    ``target_parameters`` entries match a parameter's dotted name exactly or as a suffix
+    (``"mlp.experts.gate_up_proj"`` matches ``model.layers.0.mlp.experts.gate_up_proj``), as PEFT's
+    ``target_parameters`` do; ``all_experts`` selects every fused expert weight.
+
+    Raises:
+        ValueError: an entry names a parameter that is not a fused expert weight, or matches nothing
+            (the message lists the fused expert weights the model has).
+    """
+    wanted = list(target_parameters or [])
+    found: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for mname, module in _experts_modules(model):
+        for pname in fused_expert_parameters(module):
+            key = f"{mname}.{pname}"
+            hits = [t for t in wanted if key == t or key.endswith("." + t)]
+            used.update(hits)
+            if hits or all_experts:
+                found.setdefault(mname, []).append(pname)
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        other = [t for t in missing if _names_any_parameter(model, t)]
+        have = sorted({p for _, mod in _experts_modules(model) for p in fused_expert_parameters(mod)})
+        if other:
+            raise ValueError(f"target_parameters: {other[0]!r} is not a fused expert weight; LoRA on parameters covers "
+                             f"the 3-D expert weights ({', '.join(EXPERT_PARAMETERS)}) of transformers 5.x MoE blocks "
+                             "(train other parameters in full with modules_to_save)")
+        raise ValueError(f"target_parameters: {missing[0]!r} matched no parameter; the fused expert weights of this "
+                         f"model are named {have or 'nothing (no transformers 5.x experts module found)'}")
+    return found
+
+
+def _experts_modules(model: nn.Module):
+    """``(name, experts module)`` pairs; an :class:`ExpertLoRA` stands for the module it wraps."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, ExpertLoRA):
+            inside.append(name)
+            yield name, module.base_layer
+        elif isinstance(module, AdapterLayer):
+            inside.append(name)
+        elif fused_expert_parameters(module):
+            yield name, module
+
+
+def _names_any_parameter(model: nn.Module, target: str) -> bool:
+    return any(n == target or n.endswith("." + target) for n, _ in model.named_parameters())
+
+
+# -- grouped matmul --------------------------------------------------------------------------------
+class ExpertGroups(NamedTuple):
+    """The ``(token, slot)`` pairs of one call sorted by expert: ``ids (S,)`` the expert of each sorted row,
+    ``perm (S,)`` the flat slot index (``token·k + slot``) each sorted row came from, ``offsets (E,)`` int32
+    cumulative row counts (``grouped_mm``'s ``offs``)."""
+
+    ids: torch.Tensor
+    perm: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_routing(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertGroups":
+        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(ids, minlength=num_experts)
+        return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """Row ``t`` of ``x (S, in)`` times ``weight[groups.ids[t]]ᵀ``, ``weight (E, out, in)`` → ``(S, out)``.
+
+    One ``grouped_mm`` over all experts where torch has it for these tensors (CPU: fp32/bf16; CUDA:
+    bf16 on sm80+; 16-byte aligned strides), else one batched matmul over the rows padded to the
+    largest group (any dtype). Never a loop over experts.
+    """
+    wt = weight.transpose(1, 2)  # (E, in, out)
+    if _grouped_mm_applies(x, wt):
+        return F.grouped_mm(x, wt, offs=groups.offsets)
+    return _padded_bmm(x, wt, groups)
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def _grouped_mm_applies(x: torch.Tensor, wt: torch.Tensor) -> bool:
+    if _GROUPED_MM is None or x.dtype != wt.dtype or x.device != wt.device or torch.compiler.is_compiling():
+        return False
+    if x.is_cuda:
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    else:
+        ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    size = x.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+                  for t in (x, wt))
+    return ok and aligned and x.stride(-1) == 1 and 1 in wt.stride()[1:]
+
+
+def _padded_bmm(x: torch.Tensor, wt: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """The reference: rows scattered into ``(E, C, in)`` (C = the largest group), one ``bmm``, gathered back."""
+    counts = torch.diff(groups.offsets, prepend=groups.offsets.new_zeros(1)).long()
+    starts = groups.offsets.long() - counts
+    pos = torch.arange(x.shape[0], device=x.device) - starts[groups.ids]
+    capacity = int(counts.max()) if counts.numel() else 0
+    padded = x.new_zeros(wt.shape[0], capacity, x.shape[1]).index_put((groups.ids, pos), x)
+    return torch.bmm(padded, wt.to(x.dtype))[groups.ids, pos]
+
+
+def _pad_rank(r: int, dtype: torch.dtype) -> int:
+    """The rank rounded up so that an ``(…, r)`` row is a multiple of 16 bytes (``grouped_mm``'s alignment)."""
+    per = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-r // per) * per
+
+
+# -- the layer -------------------------------------------------------------------------------------
+class ExpertLoRA(AdapterLayer):
+    """A transformers 5.x experts module with LoRA / DoRA on its fused expert weights.
+
+    ``ExpertLoRA(experts, {"gate_up_proj": 8, "down_proj": 8}, alpha=16)`` gives every expert of each
+    named parameter its own pair ``A_e (r, in)``, ``B_e (out, r)``; the forward (see the module
+    docstring) is a drop-in for the experts module's: ``(hidden (T, H), top_k_index (T, k),
+    top_k_weights (T, k)) -> (T, H)``.
+
+    Args:
+        base: the experts module (``gate_up_proj``/``up_proj``, ``down_proj`` 3-D parameters); frozen.
+        ranks: ``{parameter name: r}`` of the first adapter.
+        alpha: scaling numerator, one for all parameters or ``{parameter name: α}``.
+        dropout, init, use_rslora, use_dora, adapter_name, adapter_dtype, exact_fp32: as for
+            :class:`~alignlab.adapters.lora.LoRALinear`; ``init`` is ``"kaiming"`` or ``"gaussian"``
+            (PiSSA/OLoRA, which rewrite the base, are not defined here).
+    Raises:
+        TypeError: ``base`` is not an experts module.
+        ValueError: unknown parameter names, bad rank/alpha/dropout/init, an expert-parallel module.
+    """
+
+    mergeable = True
+    adapter_stores = {"lora_A": nn.ModuleDict, "lora_B": nn.ModuleDict, "lora_magnitude_vector": nn.ModuleDict,
+                      "lora_dropout": nn.ModuleDict, "r": dict, "alpha": dict, "scaling": dict, "use_rslora": dict,
+                      "init": dict}
+
+    def __init__(self, base: nn.Module, ranks: dict[str, int], alpha: float | dict[str, float] = 8.0,
+                 dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
+                 adapter_name: str = "default", adapter_dtype: torch.dtype | None = None,
+                 exact_fp32: bool = False) -> None:
+        if not fused_expert_parameters(base):
+            raise TypeError("base must be a transformers 5.x experts module (3-D gate_up_proj/up_proj and down_proj, "
+                            f"num_experts, has_gate, is_transposed), got {type(base).__name__}")
+        if getattr(base, "_is_expert_parallel", False):
+            raise ValueError("expert-parallel experts modules are not supported (each rank would hold a slice of E)")
+        super().__init__(base)
+        if not isinstance(exact_fp32, bool):
+            raise TypeError(f"exact_fp32 must be a bool, got {type(exact_fp32).__name__}")
+        self.exact_fp32 = exact_fp32
+        self._merge_norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._premerge_state: dict | None = None
+        self.add_adapter(adapter_name, ranks, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def num_experts(self) -> int:
+        return self.base_layer.num_experts
+
+    def shape(self, param: str) -> tuple[int, int, int]:
+        """``(E, out, in)`` of expert parameter ``param``."""
+        return tuple(expert_weight(self.base_layer, param).shape)
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, name: str, ranks: dict[str, int], alpha: float | dict[str, float] = 8.0,
+                    dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
+                    adapter_dtype: torch.dtype | None = None) -> None:
+        """Add a named adapter on the parameters in ``ranks`` (inactive until listed in ``active_adapters``)."""
+        self._check_new_adapter(name)
+        have = fused_expert_parameters(self.base_layer)
+        if not isinstance(ranks, dict) or not ranks or any(p not in have for p in ranks):
+            raise ValueError(f"ranks must map some of this module's expert parameters {have} to ranks, got {ranks!r}")
+        alphas = alpha if isinstance(alpha, dict) else {p: alpha for p in ranks}
+        for p, r in ranks.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ValueError(f"rank of {p!r} must be a positive integer, got {r!r}")
+            a = alphas.get(p)
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0:
+                raise ValueError(f"alpha of {p!r} must be a positive number, got {a!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if init not in EXPERT_INITS:
+            raise ValueError(f"init must be one of {EXPERT_INITS} on expert parameters, got {init!r}")
+        default_dtype, device = self._adapter_dtype_device()
+        dtype = adapter_dtype or default_dtype
+        E = self.num_experts
+        A, B, M = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        for p in [q for q in EXPERT_PARAMETERS if q in ranks]:
+            r, (_, out, inp) = ranks[p], self.shape(p)
+            A[p] = nn.Parameter(torch.empty(E * r, inp, device=device, dtype=dtype))
+            B[p] = nn.Parameter(torch.zeros(out, r * E, device=device, dtype=dtype))
+            with torch.no_grad():
+                if init == "kaiming":  # per expert the same bound as LoRALinear's: fan_in = in
+                    nn.init.kaiming_uniform_(A[p], a=math.sqrt(5))
+                else:
+                    nn.init.normal_(A[p], std=1.0 / r)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name] = {p: ranks[p] for p in A}
+        self.alpha[name] = {p: float(alphas[p]) for p in A}
+        self.scaling[name] = {p: lora_scaling(ranks[p], alphas[p], use_rslora) for p in A}
+        self.use_rslora[name], self.init[name] = use_rslora, init
+        if use_dora:
+            with torch.no_grad():
+                for p in A:
+                    M[p] = nn.Parameter(self._row_norm(name, p, torch.float32).to(dtype))
+            self.lora_magnitude_vector[name] = M
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def parameters_of(self, name: str) -> list[str]:
+        """The expert parameters adapter ``name`` adapts, in :data:`EXPERT_PARAMETERS` order."""
+        self._check_name(name)
+        return list(self.lora_A[name].keys())
+
+    def factors(self, name: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert views of adapter ``name``'s factors on ``param``: ``A (E, r, in)``, ``B (E, out, r)``."""
+        a, b = self.lora_A[name][param], self.lora_B[name][param]
+        E = self.num_experts
+        return a.view(E, -1, a.shape[1]), b.view(b.shape[0], -1, E).permute(2, 0, 1)
+
+    def delta_weight(self, name: str, param: str | None = None) -> torch.Tensor:
+        """``s·B_e A_e`` for every expert in fp32, ``(E, out, in)`` (plain LoRA; ``param`` may be left out
+        when the adapter has one)."""
+        params = self.parameters_of(name)
+        if param is None:
+            if len(params) != 1:
+                raise ValueError(f"adapter {name!r} adapts {params}; name the parameter")
+            param = params[0]
+        a, b = self.factors(name, param)
+        return self.scaling[name][param] * torch.bmm(b.float(), a.float())
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args, **kwargs) -> torch.Tensor:
+        names = [] if self.disabled else [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        base = self.base_layer
+        groups = ExpertGroups.from_routing(top_k_index, base.num_experts)
+        x = hidden_states[groups.perm // top_k_index.shape[-1]]
+        if base.has_gate:
+            h = base._apply_gate(self._project("gate_up_proj", x, groups, names))
+        else:
+            h = base.act_fn(self._project("up_proj", x, groups, names))
+        y = self._project("down_proj", h, groups, names)
+        if getattr(base, "has_post_expert_norm", False):
+            y = base.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[groups.perm].unsqueeze(-1)
+        out = torch.empty_like(y).index_copy(0, groups.perm, y)  # back to (token, slot) order
+        return out.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _project(self, param: str, x: torch.Tensor, groups: ExpertGroups, names: list[str]) -> torch.Tensor:
+        """``W_e x + Σ_adapters Δ_e(x) + b_e`` for the sorted rows ``x (S, in)`` → ``(S, out)``."""
+        base = self.base_layer
+        w = expert_weight(base, param)
+        x = x.to(w.dtype)
+        out = grouped_linear(x, w, groups)
+        adapters = [n for n in names if param in self.lora_A[n]]
+        if adapters:
+            base_out = out
+            for n in adapters:
+                out = out + self._delta(n, param, x, base_out, w, groups)
+            out = out.to(w.dtype)
+        bias = getattr(base, f"{param}_bias", None) if getattr(base, "has_bias", False) else None
+        return out if bias is None else out + bias[groups.ids].to(out.dtype)
+
+    def _delta(self, name: str, param: str, x: torch.Tensor, base_out: torch.Tensor, w: torch.Tensor,
+               groups: ExpertGroups) -> torch.Tensor:
+        """What adapter ``name`` adds on ``param``: ``s·B_e A_e x`` (LoRA) or ``(g_e − 1)·W_e x + g_e·s·B_e A_e x``
+        with ``g_e = m_e / ‖W_e + s·B_e A_e‖_row`` (DoRA); in the compute dtype, fp32 with ``exact_fp32``."""
+        dtype = torch.promote_types(w.dtype, torch.float32) if self.exact_fp32 else w.dtype
+        a, b = self._cast_factors(name, param, dtype)
+        xd = self.lora_dropout[name](x.to(dtype))
+        lora = grouped_linear(grouped_linear(xd, a, groups) * self.scaling[name][param], b, groups)
+        if not self.is_dora(name):
+            return lora
+        with torch.no_grad():
+            norm = self._row_norm(name, param, torch.float32)
+        g = (self.lora_magnitude_vector[name][param].float() / norm)[groups.ids].to(dtype)  # (S, out)
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            # dropout changed the input: the base term is taken on the dropped input, as LoRALinear (and PEFT) do
+            base_out = grouped_linear(xd.to(w.dtype), w, groups)
+        return (g - 1) * base_out.to(dtype) + g * lora
+
+    def _cast_factors(self, name: str, param: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A (E, r', in)`` and ``B (E, out, r')`` in ``dtype`` for :func:`grouped_linear`, the rank zero-padded to
+        a 16-byte row (``grouped_mm``'s alignment; the padding adds nothing). Differentiable."""
+        a, b = self.factors(name, param)
+        E, r, inp = a.shape
+        rp = _pad_rank(r, dtype)
+        if rp == r:
+            return a.to(dtype), b.to(dtype, memory_format=torch.contiguous_format)
+        a_pad = a.new_zeros(E, rp, inp, dtype=dtype)
+        b_pad = b.new_zeros(E, b.shape[1], rp, dtype=dtype)
+        a_pad[:, :r] = a
+        b_pad[:, :, :r] = b
+        return a_pad, b_pad
+
+    def _row_norm(self, name: str, param: str, dtype: torch.dtype) -> torch.Tensor:
+        """``‖W_e + s·B_e A_e‖`` per expert and output row, ``(E, out)``, without forming the sum:
+        ``‖W_e,i‖² + 2s·⟨B_e,i, (W_e A_eᵀ)_i⟩ + s²·B_e,i (A_e A_eᵀ) B_e,iᵀ`` (see ``dora.py``)."""
+        w = expert_weight(self.base_layer, param)
+        a, b = self.factors(name, param)
+        s = self.scaling[name][param]
+        a32, b32 = a.detach().to(dtype), b.detach().to(dtype)
+        w_sq = torch.linalg.vector_norm(w.detach(), dim=2, dtype=dtype).square()
+        wa = torch.bmm(w.detach(), a.detach().to(w.dtype).transpose(1, 2)).to(dtype)  # (E, out, r)
+        cross = (b32 * wa).sum(dim=2)
+        quad = (torch.bmm(b32, torch.bmm(a32, a32.transpose(1, 2))) * b32).sum(dim=2)
+        return (w_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
+
+    # -- merge ----------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        if not self.merged_adapters and hasattr(self.base_layer, "quantized_state"):
+            # re-quantizing W + ΔW − ΔW moves the codes: keep the packed weights from before the first merge
+            self._premerge_state = {p: self.base_layer.quantized_state(p) for p in fused_expert_parameters(self.base_layer)}
+        super().merge(adapter_names)
+
+    def unmerge(self) -> None:
+        state = self._premerge_state
+        if state is None or not self.merged_adapters:
+            return super().unmerge()
+        self.merged_adapters.clear()
+        self._merge_norms.clear()
+        for p, packed in state.items():
+            self.base_layer.load_quantized_state_(p, packed)
+        self._premerge_state = None
+
+    def _merge_one(self, name: str) -> None:
+        for p in self.parameters_of(name):
+            if self.is_dora(name):
+                norms = []
+
+                def fold(e, w_e, a_e, b_e, s, p=p):
+                    new, norm = dora_merged_weight(w_e, a_e, b_e, s, self.lora_magnitude_vector[name][p][e])
+                    norms.append(norm)
+                    return new
+
+                self._fold(name, p, fold)
+                self._merge_norms[(name, p)] = torch.stack(norms)
+            else:
+                self._fold(name, p, lambda e, w_e, a_e, b_e, s: (w_e.float() + s * (b_e.float() @ a_e.float())).to(w_e.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        for p in self.parameters_of(name):
+            if self.is_dora(name):
+                norms = self._merge_norms.pop((name, p))
+                self._fold(name, p, lambda e, w_e, a_e, b_e, s, p=p: dora_unmerged_weight(
+                    w_e, a_e, b_e, s, self.lora_magnitude_vector[name][p][e], norms[e]))
+            else:
+                self._fold(name, p, lambda e, w_e, a_e, b_e, s: (w_e.float() - s * (b_e.float() @ a_e.float())).to(w_e.dtype))
+
+    def _fold(self, name: str, param: str, update) -> None:
+        """``W_e ← update(e, W_e, A_e, B_e, s)`` expert by expert (one fp32 ``(out, in)`` temporary at a time),
+        written back through :func:`set_expert_weight_` where the weight is not a view of the parameter."""
+        w = expert_weight(self.base_layer, param)
+        a, b = self.factors(name, param)
+        s = self.scaling[name][param]
+        for e in range(w.shape[0]):
+            w[e].copy_(update(e, w[e], a[e], b[e], s))
+        if hasattr(self.base_layer, "load_dense_experts_"):
+            set_expert_weight_(self.base_layer, param, w)
+
+    def _forget_merge(self, name: str) -> None:
+        for p in list(self.lora_A[name].keys()) if name in self.lora_A else []:
+            self._merge_norms.pop((name, p), None)
+
+    # -- PEFT file layout -----------------------------------------------------------------------
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors under PEFT's keys relative to this module: PEFT wraps each targeted
+        parameter in one ``ParamWrapper``, nested in registration order (the first parameter innermost), so
+        the key of the i-th of n carries ``n − 1 − i`` ``base_layer.`` prefixes. DoRA's
+        ``lora_magnitude_vector`` (``(E, out)``) has no PEFT counterpart (alignlab's own format)."""
+        params = self.parameters_of(name)
+        out = {}
+        for i, p in enumerate(params):
+            prefix = "base_layer." * (len(params) - 1 - i)
+            out[f"{prefix}lora_A.weight"] = self.lora_A[name][p]
+            out[f"{prefix}lora_B.weight"] = self.lora_B[name][p]
+            if self.is_dora(name):
+                out[f"{prefix}lora_magnitude_vector"] = self.lora_magnitude_vector[name][p]
+        return out
+
+    def extra_repr(self) -> str:
+        parts = []
+        for n in self.adapter_names():
+            ranks = ", ".join(f"{p}: r={self.r[n][p]}, s={self.scaling[n][p]:g}" for p in self.r[n])
+            parts.append(f"{n}: {ranks}{', dora' if self.is_dora(n) else ''}")
+        return f"experts={self.num_experts}, adapters=[{'; '.join(parts)}], active={self.active_adapters}"
+
+
+# -- files written by older PEFT -------------------------------------------------------------------
+PEFT_EXPERT_LAYOUT_FIX = (0, 19, 1)
+
+
+def check_peft_expert_layout(model: nn.Module, config, raw: dict) -> None:
+    """Refuse a PEFT file whose expert factors are laid out the other way round.
+
+    PEFT before 0.19.1 read every 3-D parameter as ``(E, in, out)``; for the ``(E, out, in)`` storage
+    of Mixtral or Qwen3-MoE (``is_transposed`` False) its ``lora_A`` then sits on the output side
+    and ``lora_B`` on the input side. Such files load with shapes that may even fit, so they are
+    refused by their ``peft_version`` rather than read wrong. ``is_transposed`` modules (gpt-oss) read
+    the same in every version.
+
+    Raises:
+        ValueError: ``raw`` (an ``adapter_config.json``) comes from PEFT < 0.19.1 and targets an
+            ``(E, out, in)`` expert weight of ``model``.
+    """
+    version = raw.get("peft_version")
+    if raw.get("peft_type") != "LORA" or not raw.get("target_parameters") or not isinstance(version, str):
+        return
+    parts = [int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit()]
+    if tuple(parts) >= PEFT_EXPERT_LAYOUT_FIX:
+        return
+    expert_parameters = getattr(config, "expert_parameters", None)
+    for name in (expert_parameters(model) if callable(expert_parameters) else {}):
+        module = model.get_submodule(name)
+        if not getattr(getattr(module, "base_layer", module), "is_transposed", False):
+            raise ValueError(f"adapter_config.json: written by PEFT {version}, which stored the factors of (E, out, in) "
+                             f"expert weights such as {name!r} transposed (fixed in PEFT 0.19.1); load it with that "
+                             "PEFT and save it again with PEFT >= 0.19.1")

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
 from alignlab.adapters.config import LoRAConfig, name_matches
+from alignlab.adapters.experts import ExpertLoRA
 from alignlab.adapters.lora import LoRALinear
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
@@ -97,7 +98,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
     if config.exclude_modules is not None:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
-    return names
+    experts = getattr(config, "expert_parameters", None)  # MoE blocks whose fused expert weights it adapts
+    return names + [n for n in (experts(model) if callable(experts) else {}) if n not in names]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -398,6 +400,8 @@ def add_weighted_adapter(
         raise ValueError(f"add_weighted_adapter combines LoRA adapters; got {kinds}")
     if any(getattr(configs[a], "use_dora", False) for a in adapters):
         raise ValueError("weighted combination is defined for plain LoRA adapters, not DoRA")
+    if any(isinstance(layer, ExpertLoRA) and set(adapters) & set(layer.adapter_names()) for _, layer in adapter_layers(model)):
+        raise ValueError("weighted combination of adapters on fused expert weights is not supported")
     if combination == "svd" and (rank is None or rank <= 0):
         raise ValueError(f"combination='svd' needs a positive rank, got {rank!r}")
     if combination == "linear":
