@@ -470,3 +470,27 @@ def test_num_items_arguments_are_checked():
     a = una_loss(pc, pr, s, num_items=torch.tensor(9))[0]
     torch.testing.assert_close(a, una_loss(pc, pr, s, num_items=9)[0])
     torch.testing.assert_close(a, una_loss(pc, pr, s, reduction="sum")[0] / 9)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
+def test_aot_accumulation_is_bounded_not_exact(loss_type):
+    """AOT sorts over the batch, so micro-batches pair other ranks; the documented bound:
+    0 <= L_acc - L_big <= beta * min(range(x), range(y)) for the sorted-against values x, y."""
+    g = _g(20)
+    beta = 0.7
+    gaps = []
+    for trial in range(20):
+        n = 9
+        pc, pr, rc, rr = (torch.randn(n, generator=g, dtype=D) * 2 for _ in range(4))
+        ls = 0.2 if trial % 2 else 0.0
+        big = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=ls)[0]
+        cuts = sorted(torch.randperm(n - 1, generator=g)[:2].add(1).tolist())
+        parts = list(zip([0, *cuts], [*cuts, n]))
+        acc = sum(dpo_loss(pc[lo:hi], pr[lo:hi], rc[lo:hi], rr[lo:hi], beta=beta, loss_type=loss_type,
+                           label_smoothing=ls)[0] * (hi - lo) / n for lo, hi in parts)
+        x, y = (pc - pr, rc - rr) if loss_type == "aot" else (pc - rc, pr - rr)
+        bound = beta * min(float(x.max() - x.min()), float(y.max() - y.min()))
+        gap = float(acc - big)
+        assert -1e-12 <= gap <= bound + 1e-12, (trial, gap, bound)
+        gaps.append(gap)
+    assert max(gaps) > 1e-3  # not exact

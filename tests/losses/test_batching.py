@@ -410,3 +410,25 @@ def test_gae_whitening_across_ranks_with_all_reduced_moments():
         whiten(a_all, mask, moments=mom[:2])
     with pytest.raises(ValueError, match="at least 2"):
         whiten(a_all, mask, moments=torch.tensor([1.0, 0.5, 0.25]))
+
+
+def test_logprob_helpers_packed_equal_padded(torch_mode):
+    from alignlab.losses import completion_logps, sequence_logprobs, token_logprobs
+
+    hidden, ids, cu, g = _packed(seed=12)
+    w = torch.randn(V, H, generator=g, dtype=D) * 0.3
+    h_pad, y_pad, mask = _padded_from(hidden, ids, cu, g)
+    logits_packed = (hidden @ w.T)[None]
+    logits_pad = h_pad @ w.T
+    # per token: the packed row needs no boundaries
+    torch.testing.assert_close(token_logprobs(logits_packed, ids[None])[0], token_logprobs(logits_pad, y_pad)[mask])
+    # per sequence: unpack, then the padded batch's numbers (sum and mean)
+    for average in (False, True):
+        got = sequence_logprobs(*[packed_to_padded(x, cu, fill=f)[0] for x, f in ((logits_packed, 0.0), (ids[None], -100))],
+                                average=average)
+        torch.testing.assert_close(got, sequence_logprobs(logits_pad, y_pad, average=average))
+    tok, seq, counts = completion_logps(packed_to_padded(hidden, cu)[0], w, packed_to_padded(ids, cu, fill=-100)[0])
+    want_tok, want_seq, want_counts = completion_logps(h_pad, w, y_pad)
+    torch.testing.assert_close(seq, want_seq)
+    torch.testing.assert_close(counts, want_counts)
+    torch.testing.assert_close(seq, packed_to_padded(token_logprobs(logits_packed, ids[None])[0], cu)[0].sum(1))
