@@ -48,6 +48,31 @@ from alignlab.distributed import bf16_policy, ddp_model, is_writer, shard_model 
 from alignlab.quant import quantize_model  # noqa: E402
 
 
+def _frozen_integer_shards_on_old_torch() -> None:
+    """torch < 2.13 only (the GPU image has 2.11; alignlab's floor is 2.13): there FSDP2 wraps every shard in
+    ``nn.Parameter(data)`` with the default ``requires_grad=True``, which a uint8 tensor cannot take, so
+    ``fully_shard`` of the packed NF4 bytes raises. torch 2.13 passes the original parameter's
+    ``requires_grad``. This shim gives torch 2.11's FSDP2 module that behaviour for non-float data only;
+    nothing else changes. Not needed (and not applied) on the versions alignlab supports."""
+    import types
+
+    from torch import nn
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+        return
+
+    class _Meta(type):
+        def __instancecheck__(cls, obj):  # isinstance checks in that module still see nn.Parameter
+            return isinstance(obj, nn.Parameter)
+
+    class Parameter(metaclass=_Meta):
+        def __new__(cls, data=None, requires_grad=True):
+            return nn.Parameter(data, requires_grad=requires_grad and data.is_floating_point())
+
+    _fsdp_param.nn = types.SimpleNamespace(**{**vars(nn), "Parameter": Parameter})
+
+
 def tiny_base():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,6 +92,8 @@ def build(base, device, wrapper: str):
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(0.01 * torch.randn(p.shape, generator=g))
+    if wrapper.startswith("FSDP2"):
+        _frozen_integer_shards_on_old_torch()
     if wrapper == "FSDP2, bf16 policy":
         return shard_model(model, mp_policy=bf16_policy())
     if wrapper == "FSDP2, no policy":
