@@ -494,3 +494,25 @@ def test_aot_accumulation_is_bounded_not_exact(loss_type):
         assert -1e-12 <= gap <= bound + 1e-12, (trial, gap, bound)
         gaps.append(gap)
     assert max(gaps) > 1e-3  # not exact
+
+
+def test_docs_inventory_covers_every_name_and_names_real_tests():
+    """docs/rl.md "Batching: what is exact": one row per name of alignlab.losses.__all__, and every test it
+    names exists (A cases in CASES, test functions in tests/losses)."""
+    import re
+    from pathlib import Path
+
+    import alignlab.losses as losses
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "rl.md").read_text()
+    table = text.split("### Batching: what is exact", 1)[1].split("**Not exact, and why.**", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    names = [n for row in rows for n in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row.split("|")[1])]
+    assert sorted(names) == sorted(losses.__all__)
+    sources = "\n".join(p.read_text() for p in (root / "tests" / "losses").glob("*.py"))
+    for row in rows:
+        for test in re.findall(r"\b(test_\w+)\b(?!\.)", row):
+            assert f"def {test}(" in sources, test
+        for case in re.findall(r"`\[(\w+)\]`", row):
+            assert case in CASES or f'"{case}"' in sources, case
