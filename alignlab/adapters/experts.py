@@ -45,7 +45,7 @@ look for methods on the wrapped experts module first:
   ``load_quantized_state_(name, state)`` on unmerge, where the module has both.
 
 Everything else the forward needs comes from the transformers experts module itself:
-``num_experts``, ``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate`` / ``act_fn``,
+``num_experts``, ``is_transposed``, ``has_gate`` (where present), ``has_bias``, ``_apply_gate`` / ``act_fn``,
 optional ``has_post_expert_norm`` / ``post_expert_norm`` and ``<name>_bias`` parameters; a
 quantized replacement keeps those attributes.
 """
@@ -97,10 +97,10 @@ def fused_expert_parameters(module: nn.Module) -> list[str]:
     """Names of the fused 3-D expert weights of a transformers 5.x experts module (in the order of
     :data:`EXPERT_PARAMETERS`); empty for any other module.
 
-    An experts module is one that ``@use_experts_implementation`` decorated (it has ``num_experts``,
-    ``has_gate`` and ``is_transposed``) or a quantized stand-in with the same attributes.
+    An experts module is one that ``@use_experts_implementation`` decorated (it has ``num_experts``
+    and ``is_transposed``) or a quantized stand-in with the same attributes.
     """
-    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed")):
+    if not all(hasattr(module, a) for a in ("num_experts", "is_transposed")):
         return []
     return [n for n in EXPERT_PARAMETERS if _is_3d(getattr(module, n, None)) or _is_3d_quantized(module, n)]
 
@@ -165,6 +165,11 @@ def _experts_modules(model: nn.Module):
 
 def _names_any_parameter(model: nn.Module, target: str) -> bool:
     return any(n == target or n.endswith("." + target) for n, _ in model.named_parameters())
+
+
+def _has_gate(experts: nn.Module) -> bool:
+    """Whether the first projection is a fused ``gate_up_proj`` (transformers < 5.1 has no ``has_gate``)."""
+    return getattr(experts, "has_gate", "gate_up_proj" in fused_expert_parameters(experts))
 
 
 # -- grouped matmul --------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ class ExpertLoRA(AdapterLayer):
                  exact_fp32: bool = False) -> None:
         if not fused_expert_parameters(base):
             raise TypeError("base must be a transformers 5.x experts module (3-D gate_up_proj/up_proj and down_proj, "
-                            f"num_experts, has_gate, is_transposed), got {type(base).__name__}")
+                            f"num_experts, is_transposed), got {type(base).__name__}")
         if getattr(base, "_is_expert_parallel", False):
             raise ValueError("expert-parallel experts modules are not supported (each rank would hold a slice of E)")
         super().__init__(base)
@@ -360,7 +365,7 @@ class ExpertLoRA(AdapterLayer):
         base = self.base_layer
         groups = ExpertGroups.from_routing(top_k_index, base.num_experts)
         x = hidden_states[groups.perm // top_k_index.shape[-1]]
-        if base.has_gate:
+        if _has_gate(base):
             h = base._apply_gate(self._project("gate_up_proj", x, groups, names))
         else:
             h = base.act_fn(self._project("up_proj", x, groups, names))
