@@ -1,5 +1,7 @@
-"""alignlab.quant: NF4 (4-bit NormalFloat) weights and the frozen NF4 linear layer used by QLoRA."""
+"""alignlab.quant: NF4 (4-bit NormalFloat) weights and the frozen NF4 linear layer used by QLoRA
+(and the frozen NF4 experts of mixture-of-experts blocks)."""
 
+from alignlab.quant.experts import NF4Experts
 from alignlab.quant.linear import NF4Linear, quantize_model
 from alignlab.quant.nf4 import (
     NF4Tensor,
@@ -10,6 +12,7 @@ from alignlab.quant.nf4 import (
 )
 
 __all__ = [
+    "NF4Experts",
     "NF4Linear",
     "NF4Tensor",
     "nf4_dequantize",

@@ -274,6 +274,11 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` leaf of ``model`` by an :class:`NF4Linear`, in place; returns ``model``.
 
+    The fused 3-D expert weights of ``transformers`` 5.x mixture-of-experts blocks (``mlp.experts``
+    modules of Mixtral, Qwen3-MoE, gpt-oss, ...) are quantized too: each experts module becomes an
+    :class:`~alignlab.quant.experts.NF4Experts`, every expert's ``(out, in)`` matrix quantized as
+    bitsandbytes would quantize that 2-D weight (``skip=["experts"]`` keeps them dense).
+
     ``transformers``' ``Conv1D`` leaves (GPT-2; weight stored transposed, ``(in, out)``) are
     quantized too, as ``transformers`` + ``bitsandbytes`` do: the ``NF4Linear`` holds the
     ``(out, in)`` matrix, so it computes the same map and its codes are those of that matrix.
@@ -287,10 +292,12 @@ def quantize_model(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer; adapters present.
+        ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
+            adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only).
     """
     from alignlab.adapters.base import AdapterLayer, is_conv1d
     from alignlab.adapters.inject import _output_head_names  # the head "all-linear" leaves out, too
+    from alignlab.quant.experts import NF4Experts, is_fused_experts
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -302,9 +309,15 @@ def quantize_model(
         raise ValueError(f"model already has adapter layers (e.g. {adapted[0]!r}); call quantize_model before "
                          "inject, so that the adapters wrap the NF4 layers")
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m)]
-    unmatched = [p for p in skip if not any(_matches(name, (p,)) for name, _ in linears)]
+    experts = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
+    unmatched = [p for p in skip if not any(_matches(name, (p,)) for name, _ in linears + experts)]
     if unmatched:
-        raise ValueError(f"skip: {unmatched} match no nn.Linear or Conv1D of the model (names, suffixes or fnmatch patterns)")
+        raise ValueError(f"skip: {unmatched} match no nn.Linear, Conv1D or experts module of the model "
+                         "(names, suffixes or fnmatch patterns)")
+    experts = [(name, m) for name, m in experts if not _matches(name, skip)]
+    if experts and calibrate is not None:
+        raise ValueError(f"calibrate={calibrate!r} is not supported for expert weights (e.g. {experts[0][0]!r}); "
+                         "pass skip=['experts'] to keep them dense, or calibrate=None")
     head = set() if quantize_head else _output_head_names(model)
     targets = [(name, m) for name, m in linears if name not in head and not _matches(name, skip)]
     for name, lin in targets:
@@ -315,4 +328,8 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)
+    for name, module in experts:
+        q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model

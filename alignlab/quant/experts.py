@@ -1,0 +1,359 @@
+"""Frozen NF4 expert weights of mixture-of-experts blocks (QLoRA for MoE models).
+
+transformers 5.x keeps the experts of an MoE block as fused 3-D parameters of one module
+(``model.layers.i.mlp.experts``): ``gate_up_proj`` ``(E, 2·I, H)`` and ``down_proj`` ``(E, H, I)``
+for Mixtral and Qwen3-MoE; gpt-oss stores them transposed, ``(E, H, 2·I)`` and ``(E, I, H)``
+(``is_transposed``), and adds biases ``gate_up_proj_bias`` ``(E, 2·I)``, ``down_proj_bias`` ``(E, H)``.
+
+:class:`NF4Experts` replaces such a module. Every expert ``e`` of every fused weight is one
+``(out, in)`` matrix ``W_e`` (the transposed slice for gpt-oss, as ``Conv1D`` weights are handled
+in :func:`~alignlab.quant.quantize_model`), quantized on its own exactly as
+``bitsandbytes.functional.quantize_4bit(W_e, quant_type="nf4")`` would (QLoRA, Dettmers et al. 2023,
+arXiv 2305.14314; format in :mod:`alignlab.quant.nf4`): its packed bytes, block scales, second-level
+scales and offset are those of that 2-D weight (:meth:`NF4Experts.quant_weight`,
+:meth:`NF4Experts.bnb_state_dict`). The experts' pieces are stacked into buffers
+``{name}_qdata (E, ⌈out·in/2⌉)`` uint8, ``{name}_qabsmax (E, nb)`` (uint8 codes with double
+quantization, else fp32), ``{name}_nested_absmax (E, ⌈nb/256⌉)`` fp32 and ``{name}_nested_offset (E,)``
+fp32, which is also the module's state dict. Biases stay frozen parameters in their dtype.
+
+The forward is the block's: with the ``(token, slot)`` pairs sorted by expert,
+
+    y_t = Σ_slots  w_{t,k} · W^down_e  g(W^gate_up_e x_t + b_e) + b'_e,     e = the slot's expert,
+
+``g`` the block's gate (``_apply_gate``, or ``act_fn(gate) * up``). Only the experts some token is
+routed to are touched, one at a time: each product runs through the NF4 matmul of
+:class:`~alignlab.quant.NF4Linear` (Triton on CUDA, dequantize + matmul on CPU), and the input
+gradient re-dequantizes that expert in the backward, so no dense expert weight outlives its product.
+
+Memory: ``0.5 + 1/64 + 4/(64·256)`` bytes per weight with double quantization (blocksize 64), plus
+4 bytes of offset per expert matrix: about ``0.258×`` the bf16 stack (see docs/moe.md).
+
+For expert LoRA (:class:`alignlab.adapters.experts.ExpertLoRA`, QLoRA on experts) the module offers
+the base interface that wrapper reads: :meth:`~NF4Experts.dequantize_experts`,
+:meth:`~NF4Experts.load_dense_experts_`, :meth:`~NF4Experts.quantized_state` /
+:meth:`~NF4Experts.load_quantized_state_`, plus :meth:`~NF4Experts.linear_sorted` (``W_e x`` for rows
+sorted by expert, re-dequantizing in the backward instead of keeping the dense stack).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from alignlab.quant.nf4 import (
+    NESTED_BLOCKSIZE,
+    SUPPORTED_DTYPES,
+    NF4Tensor,
+    dynamic_map,
+    nf4_code,
+    nf4_quantize,
+    nf4_to_bnb_state_dict,
+)
+
+__all__ = ["NF4Experts", "EXPERT_WEIGHTS", "is_fused_experts"]
+
+#: the fused expert weights transformers 5.x MoE blocks hold (``up_proj`` where the experts have no gate)
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+_PARTS = ("qdata", "qabsmax", "nested_absmax", "nested_offset")
+
+
+def _stored(module: nn.Module) -> list[str]:
+    e = getattr(module, "num_experts", None)
+    return [n for n in EXPERT_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)
+            and getattr(module, n).dim() == 3 and getattr(module, n).shape[0] == e]
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers 5.x experts module: an int ``num_experts`` and fused 3-D
+    ``gate_up_proj`` / ``up_proj`` / ``down_proj`` weights with one slice per expert."""
+    return isinstance(getattr(module, "num_experts", None), int) and not isinstance(module, NF4Experts) and bool(_stored(module))
+
+
+class _SortedNF4Linear(torch.autograd.Function):
+    """``W_e x`` for rows sorted by expert; saves only the packed weights, re-dequantizes in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, experts: "NF4Experts", name: str, spans: list) -> torch.Tensor:
+        ctx.experts, ctx.name, ctx.spans = experts, name, spans
+        return experts._sorted_matmul(x, name, spans, transpose=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        dx = ctx.experts._sorted_matmul(dy, ctx.name, ctx.spans, transpose=True) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+class NF4Experts(nn.Module):
+    """The frozen NF4 experts of one MoE block; a drop-in for the transformers experts module.
+
+    ``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``, in the
+    dtype of ``hidden_states`` (products in ``compute_dtype``). Build one with :meth:`from_experts`;
+    :func:`~alignlab.quant.quantize_model` converts every experts module of a model.
+
+    Attributes kept from the original module: ``num_experts``, ``has_gate``, ``has_bias``,
+    ``is_transposed`` (how the *original* stored its weights; :meth:`dequantize_experts` always
+    returns ``(E, out, in)``), ``act_fn`` / ``_apply_gate`` and the block's other settings.
+    ``expert_parameters`` lists the quantized weights.
+    """
+
+    def __init__(self, original: nn.Module, weights: dict[str, list[NF4Tensor]],
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        if not weights:
+            raise ValueError("weights must hold at least one fused expert weight")
+        self.num_experts = int(original.num_experts)
+        for name, ts in weights.items():
+            if name not in EXPERT_WEIGHTS:
+                raise ValueError(f"weights: {name!r} is not one of {EXPERT_WEIGHTS}")
+            if len(ts) != self.num_experts or any(len(t.shape) != 2 or t.shape != ts[0].shape for t in ts):
+                raise ValueError(f"weights[{name!r}] must hold {self.num_experts} NF4 matrices of one (out, in) shape")
+        self.compute_dtype = compute_dtype
+        self.expert_parameters = tuple(n for n in EXPERT_WEIGHTS if n in weights)
+        # the block's own settings and helpers (gate clamps, activation, post-expert norm, config, ...)
+        skip = set(EXPERT_WEIGHTS) | {f"{n}_bias" for n in EXPERT_WEIGHTS} | {"training"}
+        for key, value in vars(original).items():
+            if not key.startswith("_") and key not in skip:
+                self.__dict__[key] = value
+        for key, module in original.named_children():
+            self.add_module(key, module)
+        self.is_transposed = bool(getattr(original, "is_transposed", False))
+        self.has_gate = bool(getattr(original, "has_gate", "gate_up_proj" in weights))
+        self._is_expert_parallel = bool(getattr(original, "_is_expert_parallel", False))
+        self._gate_fn = getattr(type(original), "_apply_gate", None)
+        self._meta: dict[str, tuple] = {}
+        for name, ts in weights.items():
+            self._set_stack(name, ts)
+        biases = [n for n in self.expert_parameters if isinstance(getattr(original, f"{n}_bias", None), torch.Tensor)]
+        self.has_bias = bool(getattr(original, "has_bias", bool(biases)))
+        for n in biases:
+            b = getattr(original, f"{n}_bias")
+            setattr(self, f"{n}_bias", nn.Parameter(b.detach(), requires_grad=False))
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_experts(cls, experts: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                     compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Experts":
+        """Quantize every expert slice of ``experts``' fused weights, each as its own ``(out, in)`` matrix.
+
+        Raises:
+            TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`) or a weight
+                has an unsupported dtype.
+            ValueError: bad ``blocksize``.
+        """
+        if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
+            raise TypeError("experts must be a transformers experts module with fused 3-D weights (num_experts, "
+                            f"gate_up_proj/up_proj/down_proj), got {type(experts).__name__}")
+        transposed = bool(getattr(experts, "is_transposed", False))
+        weights = {}
+        for name in _stored(experts):
+            stack = getattr(experts, name).detach()
+            if stack.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"experts.{name} must be fp32/fp16/bf16, got {stack.dtype}")
+            weights[name] = [nf4_quantize((w.T if transposed else w).contiguous(), blocksize=blocksize,
+                                          double_quant=double_quant) for w in stack]
+        return cls(experts, weights, compute_dtype)
+
+    def _set_stack(self, name: str, ts: list[NF4Tensor]) -> None:
+        t0 = ts[0]
+        self._meta[name] = (torch.Size(t0.shape), t0.dtype, t0.blocksize, t0.double_quant, t0.nested_blocksize)
+        if any(t.shift is not None for t in ts):
+            raise ValueError("ICQ-calibrated NF4 tensors are not supported for experts")
+        stacks = [torch.stack([t.data for t in ts]), torch.stack([t.absmax for t in ts])]
+        if t0.double_quant:
+            stacks += [torch.stack([t.nested_absmax for t in ts]), torch.stack([t.nested_offset.reshape(()) for t in ts])]
+        else:
+            stacks += [None, None]
+        for part, value in zip(_PARTS, stacks):
+            self.register_buffer(f"{name}_{part}", value)
+        self.__dict__.pop("_views", None)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._meta:
+            raise ValueError(f"name must be one of this module's expert weights {self.expert_parameters}, got {name!r}")
+
+    # -- the packed weights -----------------------------------------------------------------------
+    def shape_of(self, name: str) -> torch.Size:
+        """``(out, in)`` of one expert's matrix of weight ``name``."""
+        self._check_name(name)
+        return self._meta[name][0]
+
+    def quant_weight(self, name: str, expert: int) -> NF4Tensor:
+        """Expert ``expert``'s ``(out, in)`` matrix of weight ``name`` as an :class:`NF4Tensor` (views of the
+        stacked buffers: bitsandbytes' bytes and scales for that 2-D weight)."""
+        self._check_name(name)
+        shape, dtype, blocksize, dq, nbs = self._meta[name]
+        b = self._buffers
+        return NF4Tensor(
+            data=b[f"{name}_qdata"][expert], absmax=b[f"{name}_qabsmax"][expert], shape=shape, dtype=dtype,
+            blocksize=blocksize, nested_absmax=b[f"{name}_nested_absmax"][expert] if dq else None,
+            nested_offset=b[f"{name}_nested_offset"][expert] if dq else None, nested_blocksize=nbs,
+        )
+
+    def bnb_state_dict(self, name: str, expert: int, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The keys ``bitsandbytes.nn.Linear4bit`` would save for expert ``expert``'s matrix of ``name``."""
+        return nf4_to_bnb_state_dict(self.quant_weight(name, expert), prefix=prefix)
+
+    def dequantize_experts(self, name: str, expert_ids: torch.Tensor | list[int] | None = None,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weights ``(k, out, in)`` of experts ``expert_ids`` (default: all ``E``) of ``name``,
+        in ``dtype`` (default ``compute_dtype``): ``w = q[c] · s_b`` per block, as :func:`nf4_dequantize`.
+
+        Raises:
+            ValueError: unknown ``name``.
+        """
+        self._check_name(name)
+        shape, _, blocksize, dq, nbs = self._meta[name]
+        b = self._buffers
+        data, absmax = b[f"{name}_qdata"], b[f"{name}_qabsmax"]
+        nested, offset = (b[f"{name}_nested_absmax"], b[f"{name}_nested_offset"]) if dq else (None, None)
+        if expert_ids is not None:
+            ids = torch.as_tensor(expert_ids, dtype=torch.long, device=data.device).reshape(-1)
+            data, absmax = data[ids], absmax[ids]
+            if dq:
+                nested, offset = nested[ids], offset[ids]
+        k, n = data.shape[0], shape[0] * shape[1]
+        codes = torch.stack([data >> 4, data & 15], dim=-1).reshape(k, -1)[:, :n].long()
+        values = nf4_code(data.device)[codes]
+        nb = absmax.shape[1]
+        scales = absmax
+        if dq:
+            scales = dynamic_map(data.device)[absmax.long()] * nested.repeat_interleave(nbs, dim=1)[:, :nb] + offset[:, None]
+        pad = nb * blocksize - n
+        if pad:
+            values = torch.nn.functional.pad(values, (0, pad))
+        w = (values.view(k, nb, blocksize) * scales[:, :, None]).reshape(k, -1)[:, :n]
+        return w.reshape(k, *shape).to(dtype or self.compute_dtype)
+
+    @torch.no_grad()
+    def load_dense_experts_(self, name: str, weight: torch.Tensor) -> "NF4Experts":
+        """Re-quantize dense ``(E, out, in)`` weights into ``name``, in place (used by adapter merges).
+
+        Raises:
+            ValueError: unknown ``name`` or wrong shape.  TypeError: unsupported dtype.
+        """
+        self._check_name(name)
+        shape, dtype, blocksize, dq, _ = self._meta[name]
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.num_experts, *shape):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight must have shape ({self.num_experts}, {shape[0]}, {shape[1]}), got {got}")
+        dev = self._buffers[f"{name}_qdata"].device
+        ts = [nf4_quantize(w.to(dev), blocksize=blocksize, double_quant=dq) for w in weight.detach()]
+        for t in ts:
+            t.dtype = dtype
+        self._set_stack(name, ts)
+        return self
+
+    def quantized_state(self, name: str) -> dict[str, torch.Tensor | None]:
+        """The packed buffers of ``name`` (references; give them back with :meth:`load_quantized_state_`)."""
+        self._check_name(name)
+        return {part: self._buffers[f"{name}_{part}"] for part in _PARTS}
+
+    def load_quantized_state_(self, name: str, state: dict) -> None:
+        """Put packed buffers from :meth:`quantized_state` back in place (no re-quantization).
+
+        Raises:
+            ValueError: unknown ``name`` or buffers of other shapes.
+        """
+        self._check_name(name)
+        for part in _PARTS:
+            have, new = self._buffers[f"{name}_{part}"], state.get(part)
+            if (have is None) != (new is None) or (have is not None and have.shape != new.shape):
+                raise ValueError(f"state[{part!r}] does not fit weight {name!r} of this module")
+        for part in _PARTS:
+            self._buffers[f"{name}_{part}"] = state[part]
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self._gate_fn is not None:
+            return self._gate_fn(self, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def _sorted_matmul(self, x: torch.Tensor, name: str, spans: list, transpose: bool) -> torch.Tensor:
+        from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+
+        shape = self._meta[name][0]
+        out = x.new_empty(x.shape[0], shape[0] if not transpose else shape[1])
+        for expert, start, stop in spans:
+            t = self.quant_weight(name, expert)
+            rows = x[start:stop]
+            out[start:stop] = nf4_matmul_t(rows, t) if transpose else nf4_matmul(rows, t)
+        return out
+
+    @staticmethod
+    def spans(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+        """``[(expert, start, stop)]`` of the non-empty groups, from cumulative row counts ``offsets (E,)``."""
+        ends = offsets.tolist()
+        out, start = [], 0
+        for e, stop in enumerate(ends):
+            if stop > start:
+                out.append((e, start, int(stop)))
+            start = int(stop)
+        return out
+
+    def linear_sorted(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``W_e x_t`` for rows ``x (S, in)`` sorted by expert, ``offsets (E,)`` the cumulative row counts
+        (``grouped_mm``'s ``offs``) → ``(S, out)`` in ``x``'s dtype; no bias. Only the experts with rows are
+        dequantized, one at a time; the input gradient re-dequantizes them (nothing dense is saved).
+
+        Raises:
+            ValueError: unknown ``name``, or ``x`` of the wrong width.
+        """
+        self._check_name(name)
+        if x.dim() != 2 or x.shape[1] != self._meta[name][0][1]:
+            raise ValueError(f"x must be (rows, {self._meta[name][0][1]}) for {name!r}, got {tuple(x.shape)}")
+        spans = self.spans(offsets)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SortedNF4Linear.apply(x, self, name, spans)
+        return self._sorted_matmul(x, name, spans, transpose=False)
+
+    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        y = self.linear_sorted(name, x, offsets)
+        bias = getattr(self, f"{name}_bias", None) if self.has_bias else None
+        return y if bias is None else y + bias[ids].to(y.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``."""
+        k = top_k_index.shape[-1]
+        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        valid = ids < self.num_experts  # expert-parallel sentinels route nowhere
+        counts = torch.bincount(ids[valid], minlength=self.num_experts)
+        offsets = torch.cumsum(counts, 0)
+        n = int(offsets[-1]) if offsets.numel() else 0
+        ids, perm = ids[:n], perm[:n]
+        x = hidden_states[perm // k].to(self.compute_dtype)
+        if self.has_gate:
+            h = self._apply_gate(self._project("gate_up_proj", x, ids, offsets))
+        else:
+            h = self.act_fn(self._project("up_proj", x, ids, offsets))
+        y = self._project("down_proj", h, ids, offsets)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
+        out = torch.zeros_like(hidden_states)
+        return out.index_add(0, perm // k, y.to(hidden_states.dtype))
+
+    # -- device moves keep the quantization buffers' dtypes ---------------------------------------
+    def _apply(self, fn, recurse=True):
+        names = [f"{n}_{p}" for n in self._meta for p in _PARTS]
+        saved = {name: self._buffers[name] for name in names}
+        for name in names:
+            self._buffers[name] = None
+        super()._apply(fn, recurse)
+        ref = next(b for b in saved.values() if b is not None)
+        probe = fn(torch.empty(0, device=ref.device))
+        for name, buf in saved.items():
+            self._buffers[name] = None if buf is None else buf.to(probe.device)
+        return self
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: {self.num_experts}×{tuple(self._meta[n][0])}" for n in self.expert_parameters]
+        return (f"{', '.join(parts)}, blocksize={self._meta[self.expert_parameters[0]][2]}, "
+                f"double_quant={self._meta[self.expert_parameters[0]][3]}, compute_dtype={self.compute_dtype}")
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weights (packed codes and every scale) and the biases."""
+        tensors = [b for n, b in self._buffers.items() if b is not None] + list(self.parameters())
+        return sum(t.numel() * t.element_size() for t in tensors)
