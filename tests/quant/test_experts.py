@@ -231,3 +231,75 @@ def test_load_dense_and_quantized_state_round_trip():
         assert torch.equal(q.quant_weight("down_proj", e).data, ref.data)
     q.load_quantized_state_("down_proj", before)
     torch.testing.assert_close(q.dequantize_experts("down_proj"), w, rtol=0, atol=0)
+
+
+# -- QLoRA on experts: the expert LoRA of alignlab.adapters.experts over the NF4 base -----------------------
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _qlora(kind, seed=0):
+    from alignlab.adapters import LoRAConfig, inject
+
+    model = quantize_model(tiny_moe(kind, seed=seed), compute_dtype=torch.float32)
+    return inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_qlora_on_experts_equals_lora_on_the_dequantized_experts(kind):
+    from alignlab.adapters.experts import ExpertLoRA
+
+    original = tiny_moe(kind)
+    model = _qlora(kind)
+    layer = _experts(model)
+    assert isinstance(layer, ExpertLoRA) and isinstance(layer.base_layer, NF4Experts)
+    # the twin: the original transformers experts holding the dequantized weights, under the same factors
+    twin = copy.deepcopy(model)
+    twin.model.layers[0].mlp.experts.base_layer = _dense_reference(_experts(original), layer.base_layer, torch.float32)
+    twin.model.layers[0].mlp.experts.base_layer.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    twin_params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                twin_params[n].copy_(p)
+    ids = torch.randint(0, 64, (2, 7), generator=g)
+    y, y_ref = model(ids).logits, twin(ids).logits
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_qlora_on_a_quantized_mixtral_trains_saves_and_loads(tmp_path):
+    from alignlab.adapters import load_adapter, merge, save_adapter, unmerge
+
+    model = _qlora("mixtral")
+    base = _experts(model).base_layer
+    packed = {n: base.quantized_state(n)["qdata"].clone() for n in base.expert_parameters}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(base.quantized_state(n)["qdata"], packed[n]) for n in packed)  # the base never moves
+    expected = model(ids).logits
+    save_adapter(model, tmp_path)
+    fresh = quantize_model(tiny_moe("mixtral"), compute_dtype=torch.float32)
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
+    # merging re-quantizes W + ΔW; unmerging gives the packed base back byte for byte
+    merge(fresh)
+    torch.testing.assert_close(fresh(ids).logits, expected, rtol=0.05, atol=0.05)
+    unmerge(fresh)
+    fresh_base = _experts(fresh).base_layer
+    assert all(torch.equal(fresh_base.quantized_state(n)["qdata"], packed[n]) for n in packed)
+    torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
