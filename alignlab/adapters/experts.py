@@ -44,6 +44,12 @@ look for methods on the wrapped experts module first:
   what ``quantized_state(name)`` returns before the first merge and gives it back through
   ``load_quantized_state_(name, state)`` on unmerge, where the module has both.
 
+Where the module has ``linear_sorted(name, x, offsets) -> (S, out)`` (``W_e x_t`` for rows sorted by
+expert, ``offsets`` the cumulative row counts; e.g. :class:`~alignlab.quant.NF4Experts`, which
+re-dequantizes in the backward), the base product goes through it instead of :func:`expert_weight` +
+grouped matmul, so no dense stack is kept for the backward; ``shape_of(name) -> (out, in)`` spares
+a dequantization where only the shape is wanted.
+
 Everything else the forward needs comes from the transformers experts module itself:
 ``num_experts``, ``is_transposed``, ``has_gate`` (where present), ``has_bias``, ``_apply_gate`` / ``act_fn``,
 optional ``has_post_expert_norm`` / ``post_expert_norm`` and ``<name>_bias`` parameters; a
@@ -284,7 +290,10 @@ class ExpertLoRA(AdapterLayer):
 
     def shape(self, param: str) -> tuple[int, int, int]:
         """``(E, out, in)`` of expert parameter ``param``."""
-        return tuple(expert_weight(self.base_layer, param).shape)
+        base = self.base_layer
+        if hasattr(base, "shape_of"):
+            return (self.num_experts, *base.shape_of(param))
+        return tuple(expert_weight(base, param).shape)
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, ranks: dict[str, int], alpha: float | dict[str, float] = 8.0,
@@ -379,23 +388,32 @@ class ExpertLoRA(AdapterLayer):
     def _project(self, param: str, x: torch.Tensor, groups: ExpertGroups, names: list[str]) -> torch.Tensor:
         """``W_e x + Σ_adapters Δ_e(x) + b_e`` for the sorted rows ``x (S, in)`` → ``(S, out)``."""
         base = self.base_layer
-        w = expert_weight(base, param)
-        x = x.to(w.dtype)
-        out = grouped_linear(x, w, groups)
+        x, out = self._base_linear(param, x, groups)
         adapters = [n for n in names if param in self.lora_A[n]]
         if adapters:
             base_out = out
             for n in adapters:
-                out = out + self._delta(n, param, x, base_out, w, groups)
-            out = out.to(w.dtype)
+                out = out + self._delta(n, param, x, base_out, groups)
+            out = out.to(base_out.dtype)
         bias = getattr(base, f"{param}_bias", None) if getattr(base, "has_bias", False) else None
         return out if bias is None else out + bias[groups.ids].to(out.dtype)
 
-    def _delta(self, name: str, param: str, x: torch.Tensor, base_out: torch.Tensor, w: torch.Tensor,
+    def _base_linear(self, param: str, x: torch.Tensor, groups: ExpertGroups) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, W_e x)`` with ``x`` cast to the base's compute dtype: through the module's ``linear_sorted``
+        where it has one, else :func:`expert_weight` and :func:`grouped_linear`."""
+        base = self.base_layer
+        if hasattr(base, "linear_sorted"):
+            x = x.to(base.compute_dtype)
+            return x, base.linear_sorted(param, x, groups.offsets)
+        w = expert_weight(base, param)
+        x = x.to(w.dtype)
+        return x, grouped_linear(x, w, groups)
+
+    def _delta(self, name: str, param: str, x: torch.Tensor, base_out: torch.Tensor,
                groups: ExpertGroups) -> torch.Tensor:
         """What adapter ``name`` adds on ``param``: ``s·B_e A_e x`` (LoRA) or ``(g_e − 1)·W_e x + g_e·s·B_e A_e x``
         with ``g_e = m_e / ‖W_e + s·B_e A_e‖_row`` (DoRA); in the compute dtype, fp32 with ``exact_fp32``."""
-        dtype = torch.promote_types(w.dtype, torch.float32) if self.exact_fp32 else w.dtype
+        dtype = torch.promote_types(x.dtype, torch.float32) if self.exact_fp32 else x.dtype
         a, b = self._cast_factors(name, param, dtype)
         xd = self.lora_dropout[name](x.to(dtype))
         lora = grouped_linear(grouped_linear(xd, a, groups) * self.scaling[name][param], b, groups)
@@ -406,7 +424,7 @@ class ExpertLoRA(AdapterLayer):
         g = (self.lora_magnitude_vector[name][param].float() / norm)[groups.ids].to(dtype)  # (S, out)
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             # dropout changed the input: the base term is taken on the dropped input, as LoRALinear (and PEFT) do
-            base_out = grouped_linear(xd.to(w.dtype), w, groups)
+            base_out = self._base_linear(param, xd, groups)[1]
         return (g - 1) * base_out.to(dtype) + g * lora
 
     def _cast_factors(self, name: str, param: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -331,3 +331,43 @@ def test_peft_trained_adapter_matches_ours_step_for_step(kind, tmp_path):
     layer = ours.model.layers[0].mlp.experts
     for key, tensor in layer.peft_tensors("default").items():
         torch.testing.assert_close(tensor.grad, g_theirs[f"model.layers.0.mlp.experts.{key}"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_quantized_base_through_the_module_interface(kind, dora):
+    """On NF4 experts (QLoRA for MoE) the wrapper equals itself on the dequantized dense experts; merge
+    re-quantizes and unmerge puts the packed weights back bit for bit."""
+    from alignlab.quant import NF4Experts
+
+    base = _experts(_model(kind))
+    quant = NF4Experts.from_experts(copy.deepcopy(base))
+    quant.compute_dtype = torch.float32
+    dense = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ("gate_up_proj", "down_proj"):
+            w = quant.dequantize_experts(p, dtype=torch.float32)
+            getattr(dense, p).copy_(w.transpose(1, 2) if dense.is_transposed else w)
+    on_quant = ExpertLoRA(quant, {"gate_up_proj": 4, "down_proj": 4}, alpha=8.0, use_dora=dora)
+    on_dense = ExpertLoRA(dense, {"gate_up_proj": 4, "down_proj": 4}, alpha=8.0, use_dora=dora)
+    on_dense.load_state_dict({k: v for k, v in on_quant.state_dict().items() if "lora_" in k}, strict=False)
+    _randomise(on_quant)
+    _randomise(on_dense)
+    h, idx, w = _routing()
+    grads = []
+    for layer in (on_quant, on_dense):
+        hh = h.clone().requires_grad_()
+        out = layer(hh, idx, w)
+        out.backward(torch.ones_like(out))
+        grads.append([out.detach(), hh.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    packed = {p: {k: v.clone() for k, v in quant.quantized_state(p).items()} for p in quant.expert_parameters}
+    before = on_quant(h, idx, w).detach()
+    on_quant.merge()
+    assert not torch.equal(quant.quantized_state("down_proj")["qdata"], packed["down_proj"]["qdata"])
+    on_quant.unmerge()
+    for p, state in packed.items():
+        for k, v in state.items():
+            assert torch.equal(quant.quantized_state(p)[k], v)
+    torch.testing.assert_close(on_quant(h, idx, w), before, rtol=0, atol=0)
