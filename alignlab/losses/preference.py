@@ -22,7 +22,7 @@ log-ratios :math:`h_c = \pi_c - \rho_c`, :math:`h_r = \pi_r - \rho_r`, and
 Gradient accumulation: every loss takes ``num_items=``, the number of pairs (completions for KTO and
 UNA) in the whole optimiser step, summed over micro-batches and ranks; the mean over this batch becomes
 this batch's sum over ``num_items``, so the micro-batch losses add up to the big-batch loss exactly.  A
-``num_items`` that is not an int or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
+``num_items`` that is not a number >= 0 or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
 ``reduction`` other than ``"mean"``.
 
 Half-precision inputs are upcast to float32 before the loss is formed; float64
@@ -157,19 +157,20 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     return t
 
 
-def check_num_items(name: str, value: int | torch.Tensor | None, reduction: str = "mean") -> None:
-    """``value`` is None, an int >= 0 or a 0-d integer/float tensor (read on the device, no sync); it replaces
-    the denominator of a mean, so it needs ``reduction="mean"``."""
+def check_num_items(name: str, value: int | float | torch.Tensor | None, reduction: str = "mean") -> None:
+    """``value`` is None, a number >= 0 (a count, or a count over the world size) or a 0-d integer/float
+    tensor (read on the device, no sync); it replaces the denominator of a mean, so it needs
+    ``reduction="mean"``."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            raise ValueError(f"{name} must be an int or a 0-d real tensor (a step-wide count), got "
+            raise ValueError(f"{name} must be a number or a 0-d real tensor (a step-wide count), got "
                              f"shape {tuple(value.shape)} dtype {value.dtype}")
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or a 0-d tensor (a step-wide count), got {type(value).__name__}")
-    elif value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a 0-d tensor (a step-wide count), got {type(value).__name__}")
+    elif not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if reduction != "mean":
         raise ValueError(f"{name} replaces the denominator of the mean: it needs reduction='mean', got {reduction!r}")
 
@@ -377,7 +378,7 @@ def dpo_loss(
         ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
             (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean.
-        TypeError: ``num_items`` neither an int nor a tensor.
+        TypeError: ``num_items`` neither a number nor a tensor.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:

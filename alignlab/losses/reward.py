@@ -189,7 +189,7 @@ def bradley_terry_loss(
     Raises:
         ValueError: mismatched shapes, non-float inputs, negative ``center_coef``, ``num_items`` with a
             reduction other than ``"mean"``.
-        TypeError: ``num_items`` neither an int nor a tensor.
+        TypeError: ``num_items`` neither a number nor a tensor.
     """
     check_num_items("num_items", num_items, reduction)
     _float("chosen_rewards", chosen_rewards, 1)
@@ -472,7 +472,7 @@ def ppo_value_loss(
 
     Raises:
         ValueError: shape/dtype mismatches, non-positive clip range, a ``num_items`` tensor that is not 0-d.
-        TypeError: ``num_items`` neither an int nor a tensor.
+        TypeError: ``num_items`` neither a number nor a tensor.
     """
     check_num_items("num_items", num_items)
     _float("values", values, 2)

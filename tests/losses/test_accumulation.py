@@ -447,7 +447,12 @@ def test_big_batch_equals_micro_batches_equals_two_ranks(name, torch_mode):
 def test_num_items_arguments_are_checked():
     pc, pr = -torch.rand(4, dtype=D), -torch.rand(4, dtype=D)
     with pytest.raises(TypeError, match="num_items"):
-        dpo_loss(pc, pr, pc, pr, num_items=2.5)
+        dpo_loss(pc, pr, pc, pr, num_items="4")
+    with pytest.raises(ValueError, match="num_items"):
+        kto_loss(pc, pr, pc > -0.5, kl=0.0, num_items=float("nan"))
+    # a count over the world size (TRL passes num_items / W instead of scaling the loss) is a float
+    torch.testing.assert_close(dpo_loss(pc, pr, pc * 0.5, pr, num_items=2.5)[0],
+                               dpo_loss(pc, pr, pc * 0.5, pr, reduction="sum")[0] / 2.5)
     with pytest.raises(ValueError, match="num_items"):
         simpo_loss(pc, pr, num_items=-1)
     with pytest.raises(ValueError, match="num_items"):
@@ -462,7 +467,7 @@ def test_num_items_arguments_are_checked():
         grpo_loss(pc[None], pc[:1], num_tokens="7")
     with pytest.raises(TypeError, match="num_nll_tokens"):
         fused_linear_orpo(torch.zeros(2, 3, H, dtype=D), torch.zeros(V, H, dtype=D), torch.zeros(2, 3, dtype=torch.long),
-                          num_nll_tokens=1.0)
+                          num_nll_tokens=[1])
     with pytest.raises(TypeError, match="num_items"):
         ppo_value_loss(pc[None], pc[None], pc[None], num_items=[3])
     # a tensor count is read on the device (no host sync) and gives the int's result: the sum over the count
