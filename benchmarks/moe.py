@@ -15,7 +15,8 @@ every trainable parameter. Contestants, in one process on the same weights and r
 * ``PEFT LoRA target_parameters``: ``peft.LoraConfig(target_parameters=[...])`` on the same block
   (``grouped_mm`` experts), with the same factors (the relative difference of the outputs is printed and saved).
 
-``--nf4`` will add the same adapters on NF4-quantized experts (see :func:`nf4_contestants`).
+``--nf4`` adds the block with NF4-quantized experts (:class:`alignlab.quant.NF4Experts`), frozen and with the
+same LoRA on it (QLoRA on experts; see :func:`nf4_contestants`).
 
 The % of matmul peak is of the floor's FLOPs: forward ``2·S·(H·2I + I·H)`` with ``S = tokens·top_k`` plus the
 same again for the input gradient (the router's matmuls and the adapters' thin products are not counted).
@@ -124,10 +125,24 @@ def peft_block(base, ours, rank: int):
 
 
 def nf4_contestants(args, base, x, g) -> dict:
-    """The ``--nf4`` rows: the same LoRA on NF4-quantized experts (frozen NF4 block, alignlab LoRA on it,
-    PEFT + bitsandbytes where it supports 3-D experts). Left to the NF4-experts work: fill in here."""
-    print("--nf4: NF4 experts are not in this alignlab yet; no NF4 rows", flush=True)
-    return {}
+    """The ``--nf4`` rows: the block after :func:`alignlab.quant.quantize_model` (every expert's ``(out, in)``
+    matrix in NF4, bitsandbytes' bytes; :class:`alignlab.quant.NF4Experts`), frozen, and with the same LoRA on
+    it (QLoRA on experts). PEFT + bitsandbytes has no 4-bit 3-D expert weights, so no peer row. Prints the
+    stored bytes of the expert weights (bf16 vs NF4) and the relative output change that quantization makes."""
+    from alignlab.quant import NF4Experts, quantize_model
+
+    frozen = quantize_model(copy.deepcopy(base), compute_dtype=torch.bfloat16)
+    assert isinstance(frozen.experts, NF4Experts)
+    qlora = inject(copy.deepcopy(frozen), LoRAConfig(r=args.rank, alpha=2 * args.rank, target_parameters=TARGETS))
+    assert isinstance(qlora.experts, ExpertLoRA)
+    randomise(qlora)
+    dense = sum(p.numel() * p.element_size() for p in base.experts.parameters())
+    packed = frozen.experts.nbytes()
+    print(f"expert weights: bf16 {dense / 2**20:.1f} MiB, NF4 {packed / 2**20:.1f} MiB ({packed / dense:.3f}x, "
+          "codes + 8-bit scales + second-level scales + offsets)", flush=True)
+    print(f"relative output difference, NF4 experts vs bf16 experts: {rel(output(frozen, x), output(base, x)):.2e}",
+          flush=True)
+    return {"frozen block, NF4 experts": fwd_bwd(frozen, x, g), "alignlab LoRA on NF4 experts (QLoRA)": fwd_bwd(qlora, x, g)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
