@@ -351,11 +351,11 @@ def fused_linear_dpo(
     The completion token counts are passed to ``dpo_loss`` as ``chosen_lengths``/``rejected_lengths``
     (``ipo`` and ``sigmoid_norm`` normalise by them, as TRL; R-DPO's ``length_alpha`` uses them).
 
-    Gradient accumulation (exact, micro-batches and ranks): ``num_items`` (passed on to ``dpo_loss``) = pairs of the whole optimiser step
-    divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen tokens of the step divides
-    this batch's chosen-token NLL sum; summing the micro-batch losses then gives the big-batch loss and
-    gradients.  With only ``num_items`` the NLL stays this batch's token mean (not exact when micro-batches
-    hold different numbers of chosen tokens).
+    Gradient accumulation (exact, micro-batches and ranks): ``num_items`` (passed on to ``dpo_loss``) = pairs
+    of the whole optimiser step divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen
+    tokens of the step divides this batch's chosen-token NLL sum; summing the micro-batch losses then gives
+    the big-batch loss and gradients.  With only ``num_items`` the NLL stays this batch's token mean (not
+    exact when micro-batches hold different numbers of chosen tokens).
 
     Args:
         policy_hidden: ``(2B, seq, hidden)``, chosen first.

@@ -466,8 +466,8 @@ def test_num_items_arguments_are_checked():
     with pytest.raises(TypeError, match="num_tokens"):
         grpo_loss(pc[None], pc[:1], num_tokens="7")
     with pytest.raises(TypeError, match="num_nll_tokens"):
-        fused_linear_orpo(torch.zeros(2, 3, H, dtype=D), torch.zeros(V, H, dtype=D), torch.zeros(2, 3, dtype=torch.long),
-                          num_nll_tokens=[1])
+        fused_linear_orpo(torch.zeros(2, 3, H, dtype=D), torch.zeros(V, H, dtype=D),
+                          torch.zeros(2, 3, dtype=torch.long), num_nll_tokens=[1])
     with pytest.raises(TypeError, match="num_items"):
         ppo_value_loss(pc[None], pc[None], pc[None], num_items=[3])
     # a tensor count is read on the device (no host sync) and gives the int's result: the sum over the count

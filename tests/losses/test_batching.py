@@ -424,8 +424,8 @@ def test_logprob_helpers_packed_equal_padded(torch_mode):
     torch.testing.assert_close(token_logprobs(logits_packed, ids[None])[0], token_logprobs(logits_pad, y_pad)[mask])
     # per sequence: unpack, then the padded batch's numbers (sum and mean)
     for average in (False, True):
-        got = sequence_logprobs(*[packed_to_padded(x, cu, fill=f)[0] for x, f in ((logits_packed, 0.0), (ids[None], -100))],
-                                average=average)
+        unpacked = [packed_to_padded(x, cu, fill=f)[0] for x, f in ((logits_packed, 0.0), (ids[None], -100))]
+        got = sequence_logprobs(*unpacked, average=average)
         torch.testing.assert_close(got, sequence_logprobs(logits_pad, y_pad, average=average))
     tok, seq, counts = completion_logps(packed_to_padded(hidden, cu)[0], w, packed_to_padded(ids, cu, fill=-100)[0])
     want_tok, want_seq, want_counts = completion_logps(h_pad, w, y_pad)
