@@ -1,14 +1,16 @@
 """Streaming merges of HF-style safetensors checkpoints, one tensor at a time.
 
 ``merge_checkpoints(recipe, out_dir)`` never holds a whole model: for every
-output tensor it reads that tensor from each input checkpoint (plain positioned
-reads from the safetensors files, no mmap, so the page cache is not charged to
-the process), merges it with the functions of :mod:`alignlab.merging.methods`,
-and appends the bytes to the output shard, whose header was laid out up front
-from the inputs' headers. Several tensors may be in flight on worker threads,
-but only as many as fit in the footprint (inputs plus output) of the largest
-single tensor, so peak memory is ``O(largest tensor x number of models)``,
-independent of model size.
+output tensor it maps that tensor's bytes in each input checkpoint (one mmap per
+tensor, released when the tensor is done, so the page cache pages are charged to
+the process only while they are in use), merges it with the functions of
+:mod:`alignlab.merging.methods`, and writes the result with positioned writes
+into its place in the output shard, whose header was laid out up front from the
+inputs' headers; the chunked methods write chunk by chunk, so no whole-tensor
+output buffer exists. Several tensors may be in flight on worker threads, but
+only as many as fit in the footprint (inputs plus output) of the largest single
+tensor, so peak memory is ``O(largest tensor x number of models)``, independent
+of model size.
 
 The output is ``model-0000i-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json``, built in a temporary directory next to
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -130,6 +133,23 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def map(self, name: str) -> Tensor:
+        """Tensor ``name`` as a private (copy-on-write) memory map of its bytes in the file.
+
+        Nothing is copied or allocated: the pages come straight from the page cache, many per
+        fault, and leave the process when the returned tensor (the last reference to the map) is
+        freed. Writes to the tensor stay private. The file must not be truncated while it is mapped.
+        """
+        e = self.entries[name]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+        with open(e.file, "rb") as f:
+            mm = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        # the tensor keeps the map alive; it is unmapped when the tensor is freed
+        return torch.frombuffer(mm, dtype=torch.uint8, count=e.nbytes, offset=e.offset - start).view(
+            e.dtype).reshape(e.shape)
+
     def read(self, name: str, out: Tensor | None = None) -> Tensor:
         """Load tensor ``name`` into a fresh CPU tensor (or into the ``uint8`` buffer ``out``)."""
         e = self.entries[name]
@@ -177,14 +197,18 @@ def _generator(recipe: Recipe, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(((recipe.random_seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
 
 
-def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_dtype: torch.dtype | None = None
-                 ) -> Tensor:
+def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_dtype: torch.dtype | None = None,
+                 *, out: Any = None) -> Tensor | None:
     """Merge one tensor ``name`` given each input checkpoint's copy (keyed by path).
 
     This is what :func:`merge_checkpoints` runs per tensor; it is exposed so that
     in-memory state dicts can be merged with exactly the same semantics. The arithmetic is
     float32 (float64 for float64 inputs) and the result is rounded once, to ``out_dtype``
     (default: the dtype of the first input).
+
+    ``out`` (internal): a chunk writer that the chunked methods (slerp, task arithmetic, TIES, DARE,
+    breadcrumbs, DELLA) write the result into, chunk by chunk, returning None; the other methods
+    ignore it and return the merged tensor.
     """
     r = recipe
     method = r.merge_method
@@ -203,7 +227,7 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
         t = r.value("t", name, ft[0])
         if t is None:
             raise ValueError("slerp needs parameter 't'")
-        return M.slerp(base, others[0], float(t), out_dtype=out_dtype)
+        return M.slerp(base, others[0], float(t), out_dtype=out_dtype, out=out)
     if method == "chipalign":
         lam = r.value("lambda", name, ft[0])
         if lam is None:
@@ -216,14 +240,14 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
     weights = [float(r.value("weight", name, m, 1.0)) for m in ft]
     lam = float(r.value("lambda", name, default=1.0))
     if method == "task_arithmetic":
-        return M.task_arithmetic(base, others, weights, out_dtype=out_dtype,
+        return M.task_arithmetic(base, others, weights, out_dtype=out_dtype, out=out,
                                  normalize=bool(r.value("normalize", name, default=False)),
                                  lambda_=lam)
     density = [r.value("density", name, m, 1.0) for m in ft]
     consensus = "sum" if method.endswith("ties") or method == "della" else None
     consensus = r.value("consensus", name, default=consensus) if consensus else None
     if method == "ties":
-        return M.ties(base, others, weights, out_dtype=out_dtype, density=density, consensus=consensus,
+        return M.ties(base, others, weights, out_dtype=out_dtype, out=out, density=density, consensus=consensus,
                       normalize=bool(r.value("normalize", name, default=True)), lambda_=lam)
     if method in ("dare_linear", "dare_ties"):
         return M.dare(base, others, weights, out_dtype=out_dtype, density=density, consensus=consensus,
@@ -402,16 +426,65 @@ def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Pat
     return specs
 
 
-def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool) -> None:
-    """Read, merge and write every tensor, in order, as a bounded pipeline.
+class _FileDest:
+    """Writes one merged tensor into its place in an output shard, chunk by chunk (positioned
+    writes from the worker thread, out of order across tensors), through one small reused buffer."""
 
-    Worker threads (as many as ``torch.get_num_threads()``, one with ``prefetch=False``) each read
-    one tensor's inputs and merge it with single-threaded torch ops; this thread writes the results
-    in file order. A tensor is started only while the bytes of the tensors in flight (inputs plus
-    output) stay within the footprint of the largest single tensor, so peak memory is that of about
-    one largest tensor however many run at once, and never depends on the model size. Independent
-    tensors on separate threads keep both cores busy without the per-op barriers of intra-op
-    parallelism, which stall whenever another process holds a core.
+    __slots__ = ("fd", "offset", "dtype", "itemsize", "buf")
+
+    def __init__(self, fd: int, offset: int, dtype: torch.dtype):
+        self.fd, self.offset, self.dtype = fd, offset, dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.buf: Tensor | None = None
+
+    def chunk(self, start: int, length: int) -> Tensor:
+        if self.buf is None or self.buf.numel() < length:
+            self.buf = torch.empty(length, dtype=self.dtype)
+        return self.buf[:length]
+
+    def put(self, start: int, values: Tensor) -> None:
+        _pwrite(self.fd, values, self.offset + start * self.itemsize)
+
+    def write(self, tensor: Tensor) -> None:
+        _pwrite(self.fd, tensor, self.offset)
+
+
+def _start_writeback():
+    """``start(fd, offset, nbytes)``: ask the kernel to begin writing a finished file range to disk
+    without waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the disk works while
+    the merge goes on and the closing fsync only waits for the tail. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (OSError, AttributeError, TypeError):
+        return lambda fd, offset, nbytes: None
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE; errors ignored
+
+
+_WRITEBACK_BYTES = 64 << 20  # start writing back a shard's finished bytes whenever this many have accumulated
+
+
+def _pwrite(fd: int, tensor: Tensor, pos: int) -> None:
+    data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], pos + done)
+
+
+def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool) -> None:
+    """Map, merge and write every tensor as a bounded pipeline.
+
+    Worker threads (as many as ``torch.get_num_threads()``, one with ``prefetch=False``) each map one
+    tensor's inputs, merge it with single-threaded torch ops and write the result into its place in
+    the output shard (all shards are created, headers written and sized up front). This thread
+    admits tensors in file order and collects them in that order. A tensor is started only while
+    the bytes of the tensors in flight (inputs plus output) stay within the footprint of the
+    largest single tensor, so peak memory is that of about one largest tensor however many run at
+    once, and never depends on the model size. Independent tensors on separate threads keep both
+    cores busy without the per-op barriers of intra-op parallelism, which stall whenever another
+    process holds a core. Each shard is fsynced once, at the end.
     """
     n = len(shards)
     order = [(i, s) for i, shard in enumerate(shards) for s in shard]
@@ -423,75 +496,78 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
 
     budget = max((cost(s) for _, s in order), default=0)
 
-    def job(spec: _OutSpec) -> Tensor:
-        tensors = {p: ck.read(spec.name) for p, ck in ckpts.items()}
+    def job(fd: int, offset: int, spec: _OutSpec) -> None:
+        tensors = {p: ck.map(spec.name) for p, ck in ckpts.items()}
         ref = tensors[ref_path]
+        dest = _FileDest(fd, offset, spec.dtype)
         if not (ref.dtype.is_floating_point and ref.dtype.itemsize > 1) or ref.numel() == 0:
             res = ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
         else:
-            try:
-                res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype)  # rounded once, to the output dtype
+            try:  # rounded once, to the output dtype; the chunked methods write through dest themselves
+                res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype, out=dest)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
-        if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
-            raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
-        return res.contiguous()
+        if res is not None:
+            if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
+                raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
+            dest.write(res)
 
     workers = max(1, torch.get_num_threads()) if prefetch else 1
     threads = torch.get_num_threads()
     weight_map, total = {}, 0
-    files: dict[int, Any] = {}
+    fds: list[int] = []
+    writeback = _start_writeback()
+    flushed = {}  # shard index -> end of the range already handed to writeback
     try:
+        offsets = {}
+        for i, shard in enumerate(shards if order else shards[:1]):  # an empty model still gets its shard
+            header = _header_bytes(shard)
+            fd = os.open(tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+            _pwrite(fd, torch.frombuffer(bytearray(header), dtype=torch.uint8), 0)
+            pos = len(header)
+            for spec in shard:
+                offsets[spec.name] = pos
+                pos += spec.nbytes
         torch.set_num_threads(1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque = deque()  # (shard index, spec, future), in file order
             in_flight, nxt = 0, 0
-            while nxt < len(order) or pending:
-                # admit tensors while they fit (always at least one), keeping every worker fed
-                while nxt < len(order) and len(pending) <= workers and (
-                        not pending or in_flight + cost(order[nxt][1]) <= budget):
-                    i, spec = order[nxt]
-                    pending.append((i, spec, pool.submit(job, spec)))
-                    in_flight += cost(spec)
-                    nxt += 1
-                i, spec, fut = pending.popleft()
-                res = fut.result()
-                f = files.get(i)
-                if f is None:
-                    for j in list(files):
-                        _close_shard(files.pop(j))
-                    f = files[i] = _open_shard(tmp, shards, i)
-                f.write(memoryview(res.reshape(-1).view(torch.uint8).numpy()))
-                del res, fut
-                weight_map[spec.name] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                total += spec.nbytes
-                in_flight -= cost(spec)
-                if bar is not None:
-                    bar.update(1)
-        for i in list(files):
-            _close_shard(files.pop(i))
-        if not order:  # an empty model still gets its (empty) shard
-            _close_shard(_open_shard(tmp, shards, 0))
+            try:
+                while nxt < len(order) or pending:
+                    # admit tensors while they fit (always at least one), keeping every worker fed
+                    while nxt < len(order) and len(pending) <= workers and (
+                            not pending or in_flight + cost(order[nxt][1]) <= budget):
+                        i, spec = order[nxt]
+                        pending.append((i, spec, pool.submit(job, fds[i], offsets[spec.name], spec)))
+                        in_flight += cost(spec)
+                        nxt += 1
+                    i, spec, fut = pending.popleft()
+                    fut.result()
+                    end = offsets[spec.name] + spec.nbytes  # everything before it in the shard is written too
+                    if end - flushed.get(i, 0) >= _WRITEBACK_BYTES:
+                        writeback(fds[i], flushed.get(i, 0), end - flushed.get(i, 0))
+                        flushed[i] = end
+                    weight_map[spec.name] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                    total += spec.nbytes
+                    in_flight -= cost(spec)
+                    if bar is not None:
+                        bar.update(1)
+            except BaseException:
+                for _, _, fut in pending:
+                    fut.cancel()
+                raise
+        for fd in fds:
+            os.fsync(fd)
     finally:
         torch.set_num_threads(threads)
-        for f in files.values():
-            f.close()
+        for fd in fds:
+            os.close(fd)
     if bar is not None:
         bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _open_shard(tmp: Path, shards: list[list[_OutSpec]], i: int):
-    f = open(tmp / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", "wb")
-    f.write(_header_bytes(shards[i]))
-    return f
-
-
-def _close_shard(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
 
 
 def _install(tmp: Path, out: Path) -> None:

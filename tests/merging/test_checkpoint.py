@@ -436,12 +436,12 @@ def test_parallel_pipeline_writes_the_sequential_bytes_and_restores_threads(thre
     live, most = [0], [0]
     real = C.merge_tensor
 
-    def tracked(recipe_, name, tensors, out_dtype=None):
+    def tracked(recipe_, name, tensors, out_dtype=None, **kw):
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         live[0] += nbytes
         most[0] = max(most[0], live[0])
         try:
-            return real(recipe_, name, tensors, out_dtype)
+            return real(recipe_, name, tensors, out_dtype, **kw)
         finally:
             live[0] -= nbytes
 
