@@ -204,10 +204,8 @@ class AdapterLayer(nn.Module, abc.ABC):
         if self.disabled:
             raise ValueError("cannot merge while adapters are disabled")
         self._check_mergeable(names)
-        if not self.merged_adapters and hasattr(self.base_layer, "quant_weight"):
-            # a quantized base cannot be un-merged by arithmetic (re-quantizing W + ΔW - ΔW moves the codes):
-            # keep the packed weight from before the first merge (0.5 byte a weight) and put it back
-            self._premerge_weight = self.base_layer.quant_weight
+        if not self.merged_adapters:
+            self._premerge_weight = self._base_snapshot()
         with torch.no_grad():
             for name in names:
                 self._merge_one(name)
@@ -229,8 +227,18 @@ class AdapterLayer(nn.Module, abc.ABC):
                 else:
                     self._forget_merge(name)
             if snapshot is not None:
-                self.base_layer.load_quant_weight_(snapshot)
+                self._restore_base(snapshot)
                 self._premerge_weight = None
+
+    def _base_snapshot(self):
+        """What ``unmerge`` puts back instead of subtracting, or None: a quantized base cannot be un-merged
+        by arithmetic (re-quantizing W + ΔW − ΔW moves the codes), so its packed weight from before the
+        first merge is kept (0.5 byte a weight)."""
+        return self.base_layer.quant_weight if hasattr(self.base_layer, "quant_weight") else None
+
+    def _restore_base(self, snapshot) -> None:
+        """Put back what :meth:`_base_snapshot` kept."""
+        self.base_layer.load_quant_weight_(snapshot)
 
     def _forget_merge(self, name: str) -> None:
         """Drop what ``_merge_one`` kept for undoing ``name`` (when the base is restored wholesale)."""

@@ -108,8 +108,8 @@ class LoRAConfig:
     def _expert_args(self, module: nn.Module, name: str) -> tuple[dict[str, int], dict[str, float]]:
         """Ranks and alphas of the expert weights of ``module`` (at ``name``) that this config targets;
         rank/alpha patterns match the parameter's dotted name, as in PEFT."""
-        params = [p for p in fused_expert_parameters(module) if self.include_experts or any(
-            f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in self.target_parameters or ())]
+        params = [p for p in fused_expert_parameters(module)
+                  if self.include_experts or name_matches(self.target_parameters, f"{name}.{p}")]
         return {p: self.rank_for(f"{name}.{p}") for p in params}, {p: self.alpha_for(f"{name}.{p}") for p in params}
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> nn.Module:

@@ -131,13 +131,14 @@ def find_expert_targets(model: nn.Module, target_parameters: Sequence[str] | Non
         ValueError: an entry names a parameter that is not a fused expert weight, or matches nothing
             (the message lists the fused expert weights the model has).
     """
+    from alignlab.adapters.config import name_matches  # config imports this module
+
     wanted = list(target_parameters or [])
     found: dict[str, list[str]] = {}
     used: set[str] = set()
     for mname, module in _experts_modules(model):
         for pname in fused_expert_parameters(module):
-            key = f"{mname}.{pname}"
-            hits = [t for t in wanted if key == t or key.endswith("." + t)]
+            hits = [t for t in wanted if name_matches([t], f"{mname}.{pname}")]
             used.update(hits)
             if hits or all_experts:
                 found.setdefault(mname, []).append(pname)
@@ -170,7 +171,9 @@ def _experts_modules(model: nn.Module):
 
 
 def _names_any_parameter(model: nn.Module, target: str) -> bool:
-    return any(n == target or n.endswith("." + target) for n, _ in model.named_parameters())
+    from alignlab.adapters.config import name_matches
+
+    return any(name_matches([target], n) for n, _ in model.named_parameters())
 
 
 def _has_gate(experts: nn.Module) -> bool:
@@ -280,7 +283,6 @@ class ExpertLoRA(AdapterLayer):
             raise TypeError(f"exact_fp32 must be a bool, got {type(exact_fp32).__name__}")
         self.exact_fp32 = exact_fp32
         self._merge_norms: dict[tuple[str, str], torch.Tensor] = {}
-        self._premerge_state: dict | None = None
         self.add_adapter(adapter_name, ranks, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         self.active_adapters = [adapter_name]
 
@@ -455,21 +457,16 @@ class ExpertLoRA(AdapterLayer):
         return (w_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
     # -- merge ----------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        if not self.merged_adapters and hasattr(self.base_layer, "quantized_state"):
-            # re-quantizing W + ΔW − ΔW moves the codes: keep the packed weights from before the first merge
-            self._premerge_state = {p: self.base_layer.quantized_state(p) for p in fused_expert_parameters(self.base_layer)}
-        super().merge(adapter_names)
+    def _base_snapshot(self) -> dict | None:
+        """A quantized base's packed weights from before the first merge (``quantized_state``), else None."""
+        base = self.base_layer
+        if not hasattr(base, "quantized_state"):
+            return None
+        return {p: base.quantized_state(p) for p in fused_expert_parameters(base)}
 
-    def unmerge(self) -> None:
-        state = self._premerge_state
-        if state is None or not self.merged_adapters:
-            return super().unmerge()
-        self.merged_adapters.clear()
-        self._merge_norms.clear()
-        for p, packed in state.items():
+    def _restore_base(self, snapshot: dict) -> None:
+        for p, packed in snapshot.items():
             self.base_layer.load_quantized_state_(p, packed)
-        self._premerge_state = None
 
     def _merge_one(self, name: str) -> None:
         for p in self.parameters_of(name):
@@ -507,7 +504,7 @@ class ExpertLoRA(AdapterLayer):
             set_expert_weight_(self.base_layer, param, w)
 
     def _forget_merge(self, name: str) -> None:
-        for p in list(self.lora_A[name].keys()) if name in self.lora_A else []:
+        for p in self.lora_A[name].keys():
             self._merge_norms.pop((name, p), None)
 
     # -- PEFT file layout -----------------------------------------------------------------------

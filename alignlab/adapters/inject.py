@@ -96,10 +96,11 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                  and is_linear_like(getattr(m, "base_layer", m))]
     else:
         names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
+    experts = getattr(config, "expert_parameters", None)  # MoE blocks whose fused expert weights it adapts
+    names += [n for n in (experts(model) if callable(experts) else {}) if n not in names]
     if config.exclude_modules is not None:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
-    experts = getattr(config, "expert_parameters", None)  # MoE blocks whose fused expert weights it adapts
-    return names + [n for n in (experts(model) if callable(experts) else {}) if n not in names]
+    return names
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

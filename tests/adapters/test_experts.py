@@ -232,6 +232,9 @@ def test_all_linear_covers_experts_only_when_asked():
     assert experts.r["default"] == {"gate_up_proj": 2, "down_proj": 3}  # rank patterns match the parameter's name
     only = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=["down_proj"]))
     assert all(isinstance(l, ExpertLoRA) for _, l in adapter_layers(only))
+    skip0 = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=["down_proj"],
+                                                    exclude_modules=["model.layers.0.mlp.experts"]))
+    assert [n for n, _ in adapter_layers(skip0)] == ["model.layers.1.mlp.experts"]
 
 
 def test_named_adapters_switch_sum_and_delete():
