@@ -96,3 +96,80 @@ def test_dequant_row_scale_torch_path_and_errors(torch_mode):
         nf4_dequant(t, torch.float32, scale[:5])
     with pytest.raises(TypeError, match="row_scale"):
         nf4_dequant(t, torch.float32, scale.double())
+
+
+# ---- the merged QLoRA / QDoRA weight: row_scale ⊙ W + s·B A in one pass ----
+
+def _merged_formula(t, a, b, scale, row_scale=None):
+    """float64 oracle from the packed bytes: (q[c]·s) ⊙ row_scale + scale·B A."""
+    w = _formula(t).double()
+    w = w if row_scale is None else w * row_scale.double().cpu()[:, None]
+    return w + scale * (b.double().cpu() @ a.double().cpu())
+
+
+@pytest.mark.parametrize("shape,rank", [((7, 14), 1), ((33, 64), 16), ((1, 2), 3), ((40, 300), 20), ((17, 130), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_row_scale", [False, True])
+def test_dequant_lora_interpreter(shape, rank, dtype, with_row_scale, triton_mode, kernel_device):
+    """Odd row counts, column counts that are not a multiple of the tile, ranks below and above 16."""
+    from alignlab.kernels.nf4_dequant import lora_merge_supported, nf4_dequant_lora
+
+    g = torch.Generator().manual_seed(3)
+    t = nf4_quantize(torch.randn(shape, generator=g), blocksize=32, double_quant=shape[1] % 64 == 0).to(kernel_device)
+    a = (0.3 * torch.randn(rank, shape[1], generator=g)).to(kernel_device, dtype)
+    b = (0.3 * torch.randn(shape[0], rank, generator=g)).to(kernel_device, dtype)
+    rs = torch.rand(shape[0], generator=g).add_(0.5).to(kernel_device) if with_row_scale else None
+    assert lora_merge_supported(t, a)
+    got = nf4_dequant_lora(t, dtype, a, b, 0.75, rs)
+    assert got.shape == shape and got.dtype == dtype
+    want = _merged_formula(t, a, b, 0.75, rs)
+    tol = 2e-6 if dtype == torch.float32 else 1e-3  # one rounding to the output dtype (+ fp32 accumulation)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+
+
+def test_dequant_lora_torch_path_and_errors(torch_mode):
+    from alignlab.kernels.nf4_dequant import lora_merge_supported, nf4_dequant_lora
+
+    g = torch.Generator().manual_seed(4)
+    t = nf4_quantize(torch.randn(6, 40, generator=g), blocksize=32)
+    a, b = torch.randn(4, 40, generator=g), torch.randn(6, 4, generator=g)
+    assert not lora_merge_supported(t, a)  # torch mode: the reference runs
+    rs = torch.linspace(0.5, 2, 6)
+    torch.testing.assert_close(nf4_dequant_lora(t, torch.float32, a, b, 2.0, rs).double(),
+                               _merged_formula(t, a, b, 2.0, rs), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="a must be"):
+        nf4_dequant_lora(t, torch.float32, a[:, :39], b, 1.0)
+    with pytest.raises(ValueError, match="a must be"):
+        nf4_dequant_lora(t, torch.float32, a, b[:5], 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        nf4_dequant_lora(t, torch.float32, a.half(), b, 1.0)
+    with pytest.raises(ValueError, match="row_scale"):
+        nf4_dequant_lora(t, torch.float32, a, b, 1.0, rs.double())
+
+
+def test_dequant_lora_odd_columns_or_large_rank_not_supported(triton_mode):
+    from alignlab.kernels.nf4_dequant import MAX_MERGE_RANK, lora_merge_supported
+
+    t = nf4_quantize(torch.randn(4, 33), blocksize=32)
+    assert not lora_merge_supported(t, torch.randn(2, 33))  # a byte would straddle two rows
+    t = nf4_quantize(torch.randn(4, 64), blocksize=32)
+    assert lora_merge_supported(t, torch.randn(MAX_MERGE_RANK, 64))
+    assert not lora_merge_supported(t, torch.randn(MAX_MERGE_RANK + 1, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_lora_cuda(dtype):
+    from alignlab.kernels.nf4_dequant import nf4_dequant_lora
+
+    g = torch.Generator().manual_seed(5)
+    for (n, k), r in [((4096, 4096), 16), ((1000, 334), 7), ((14336, 4096), 64), ((3, 6), 1)]:
+        t = nf4_quantize(torch.randn(n, k, generator=g).cuda(), blocksize=64, double_quant=True)
+        a = (0.05 * torch.randn(r, k, generator=g)).cuda().to(dtype)
+        b = (0.05 * torch.randn(n, r, generator=g)).cuda().to(dtype)
+        rs = torch.rand(n, generator=g).add_(0.5).cuda()
+        for row_scale in (None, rs):
+            got = nf4_dequant_lora(t, dtype, a, b, 2.0, row_scale)
+            want = _merged_formula(t.to("cpu"), a, b, 2.0, row_scale)
+            ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+            torch.testing.assert_close(got.cpu().double(), want, rtol=ulp, atol=1e-6)
