@@ -138,7 +138,10 @@ class LoRAEmbedding(AdapterLayer):
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        delta = F.embedding(x, a.T) @ b.T * self.scaling[name]
+        base = self.base_layer
+        # the base's padding row and frequency scaling shape the gradient of A as they do the table's (as in PEFT)
+        delta = F.embedding(x, a.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq) @ b.T
+        delta = delta * self.scaling[name]
         return _scaled(delta, _embed_scale(self.base_layer))
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -161,6 +164,7 @@ class _Rows(nn.Module):
 
     def __init__(self, indices: list[int], original: torch.Tensor, num_rows: int) -> None:
         super().__init__()
+        self.ids = frozenset(indices)
         idx = torch.tensor(indices, dtype=torch.long, device=original.device)
         slot = torch.full((num_rows,), -1, dtype=torch.long, device=original.device)
         slot[idx] = torch.arange(len(indices), device=original.device)
@@ -267,7 +271,11 @@ class TrainableTokensLayer(AdapterLayer):
             rows, meta = self.trainable_tokens_delta[name], self.token_rows[name]
             if isinstance(self.base_layer, nn.Embedding):
                 slot = meta.slot[x]
-                picked = _scaled(rows[slot.clamp(min=0)].to(out.dtype), _embed_scale(self.base_layer))
+                picked = rows[slot.clamp(min=0)]
+                pad = self.base_layer.padding_idx
+                if pad is not None and pad in meta.ids:  # the padding row gets no gradient
+                    picked = torch.where((x == pad).unsqueeze(-1), picked.detach(), picked)
+                picked = _scaled(picked.to(out.dtype), _embed_scale(self.base_layer))
                 out = torch.where((slot >= 0).unsqueeze(-1), picked, out)
             else:
                 bias = self.base_layer.bias

@@ -34,12 +34,12 @@ IDS[0, :3] = torch.tensor(NEW)  # make sure they occur
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _llama(tie=False, seed=0):
+def _llama(tie=False, seed=0, pad=None):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=tie)
+                                      tie_word_embeddings=tie, pad_token_id=pad)
     model = transformers.LlamaForCausalLM(config).eval()
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     return model
@@ -114,9 +114,9 @@ def test_lora_embedding_rslora_and_embed_scale():
     torch.testing.assert_close(layer(ids), 4.0 * (emb.weight[ids] + 1.0 * a.T[ids] @ b.T))  # s = 2 / sqrt(4)
 
 
-def _lora_pair(tie=False, targets=("q_proj", "embed_tokens")):
+def _lora_pair(tie=False, targets=("q_proj", "embed_tokens"), pad=None):
     peft = pytest.importorskip("peft")
-    base = _llama(tie)
+    base = _llama(tie, pad=pad)
     ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=list(targets)))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     _randomise(ours)
@@ -124,9 +124,10 @@ def _lora_pair(tie=False, targets=("q_proj", "embed_tokens")):
     return base, ours, theirs
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_lora_embedding_matches_peft_outputs_and_gradients(tie):
-    base, ours, theirs = _lora_pair(tie)
+@pytest.mark.parametrize("tie, pad", [(False, None), (True, None), (False, 17)])
+def test_lora_embedding_matches_peft_outputs_and_gradients(tie, pad):
+    """``pad``: a padding id in the batch, whose column of A gets no gradient (the table's padding row rule)."""
+    base, ours, theirs = _lora_pair(tie, pad=pad)
     assert isinstance(ours.model.embed_tokens, LoRAEmbedding)
     y, y_ref = ours(IDS).logits, theirs(IDS).logits
     torch.testing.assert_close(y, y_ref, **TOL)
@@ -138,6 +139,8 @@ def test_lora_embedding_matches_peft_outputs_and_gradients(tie):
         torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6)
     if tie:  # PEFT's default for a tied head: it keeps computing with the frozen table
         assert ours.lm_head.weight is ours.model.embed_tokens.base_layer.weight
+    if pad is not None:
+        assert not ours.model.embed_tokens.lora_embedding_A["default"].grad[:, pad].any()
 
 
 def test_lora_embedding_files_load_both_ways(tmp_path):
@@ -211,9 +214,9 @@ def test_only_the_selected_rows_change_in_training():
     torch.testing.assert_close(table, before)
 
 
-def _token_pair(tie, spec=NEW):
+def _token_pair(tie, spec=NEW, pad=None):
     peft = pytest.importorskip("peft")
-    base = _llama(tie)
+    base = _llama(tie, pad=pad)
     ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], trainable_token_indices=spec))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                                        trainable_token_indices=spec))
@@ -222,9 +225,10 @@ def _token_pair(tie, spec=NEW):
     return base, ours, theirs
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_trainable_tokens_match_peft_outputs_gradients_and_a_training_step(tie):
-    _, ours, theirs = _token_pair(tie)
+@pytest.mark.parametrize("tie, pad", [(False, None), (True, None), (False, 17)])
+def test_trainable_tokens_match_peft_outputs_gradients_and_a_training_step(tie, pad):
+    """``pad``: one of the trained ids is the padding id, whose row gets no gradient from the input side."""
+    _, ours, theirs = _token_pair(tie, pad=pad)
     if tie:  # the tied head shares the rows (one parameter), as PEFT ties its token adapters
         head = ours.lm_head
         assert isinstance(head, TrainableTokensLayer) and head.tied_to is ours.model.embed_tokens
