@@ -290,6 +290,64 @@ def _dpo_per_pair(
     raise AssertionError(loss_type)  # unreachable: validated by the caller
 
 
+def _aot_margins(loss_type: str, pc, pr, rc, rr):
+    """The two vectors AOT sorts against each other: policy vs reference margins (``aot``), or the chosen vs
+    rejected log-ratios (``aot_pair``)."""
+    return (pc - pr, rc - rr) if loss_type == "aot" else (pc - rc, pr - rr)
+
+
+def _aot_step_per_pair(loss_type, pc, pr, rc, rr, step, offset, beta, label_smoothing):
+    r"""AOT's terms for this batch's pairs when the sort runs over the whole step.
+
+    With the step's values :math:`\hat x, \hat y` from a first pass (no gradient), the :math:`k`-th
+    smallest :math:`x` is paired with the :math:`k`-th smallest :math:`y`.  Each local :math:`x_i` contributes
+    :math:`f(\beta(x_i - \hat y_{(r_i)}))`; each local :math:`y_j` the gradient of
+    :math:`f(\beta(\hat x_{(s_j)} - y_j))` with value 0, so that summed over the step every sorted pair is
+    counted once and every input gets the gradient of the one-batch sort.
+    """
+    spc, spr, src, srr = step
+    x, y = _aot_margins(loss_type, pc, pr, rc, rr)
+    xs, ys = _aot_margins(loss_type, spc, spr, src, srr)
+    y, ys = y.expand_as(x), ys.expand_as(xs)  # a reference-free zero reference is a scalar
+    idx = torch.arange(offset, offset + x.shape[0], device=x.device)
+    order_x, order_y = torch.argsort(xs, stable=True), torch.argsort(ys, stable=True)
+    rank_x, rank_y = torch.empty_like(order_x), torch.empty_like(order_y)
+    rank_x[order_x] = torch.arange(xs.shape[0], device=x.device)
+    rank_y[order_y] = torch.arange(ys.shape[0], device=x.device)
+    y_partner = ys[order_y][rank_x[idx]]  # the y sorted against each local x
+    x_partner = xs[order_x][rank_y[idx]]  # the x sorted against each local y
+
+    def f(z):
+        return _smoothed_sigmoid(beta * z, label_smoothing)
+
+    per = f(x - y_partner)
+    if y.requires_grad:  # the y side: its gradient, and a value of exactly 0
+        per = per + (f(x_partner - y) - f(x_partner - y.detach()).detach())
+    return per
+
+
+def _check_aot_step(step, offset, n, dtype, device, reference_free):
+    """The step's four log-prob vectors, detached and in ``dtype``; ``offset`` in range."""
+    if not isinstance(step, (tuple, list)) or len(step) != 4:
+        raise ValueError("aot_step_logps must be a tuple (policy_chosen, policy_rejected, ref_chosen, ref_rejected) "
+                         "of the whole step's sequence log-probs")
+    names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+    out = []
+    for name, t in zip(names, step):
+        if t is None and reference_free and name.startswith("ref"):
+            out.append(torch.zeros((), dtype=dtype, device=device))
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
+            raise ValueError(f"aot_step_logps[{name}] must be a floating-point (n_step,) tensor")
+        if t.shape != step[0].shape:
+            raise ValueError(f"aot_step_logps[{name}] has shape {tuple(t.shape)}, expected {tuple(step[0].shape)}")
+        out.append(t.detach().to(device=device, dtype=dtype))
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= step[0].shape[0] - n:
+        raise ValueError(f"aot_step_offset must be an int in [0, {step[0].shape[0] - n}] (where this batch's "
+                         f"{n} pairs sit in the step), got {offset!r}")
+    return tuple(out)
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -307,6 +365,8 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
+    aot_step_logps: Sequence[torch.Tensor | None] | None = None,
+    aot_step_offset: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Direct Preference Optimization and its variants.
 
@@ -368,7 +428,14 @@ def dpo_loss(
             they are indexed by sorted rank, not by pair).
         num_items: pairs in the whole optimiser step (every gradient-accumulation micro-batch and rank); the
             mean becomes this batch's sum over ``num_items``, so the micro-batch losses sum to the big-batch
-            loss exactly.  Not with ``aot``/``aot_pair``, whose sort runs over the batch.
+            loss exactly.  ``aot``/``aot_pair`` sort over the batch and need ``aot_step_logps`` as well.
+        aot_step_logps: for the ``aot`` types under accumulation, the step's four sequence log-prob vectors
+            ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``, ``(n_step,)`` each, from a first
+            pass without gradient over every micro-batch (gathered over ranks; the references may be None
+            with ``reference_free``).  The sort then runs over the step, and summing the micro-batch losses
+            gives the one-batch loss and gradients, provided the second pass reproduces the first pass's
+            values.  The mean divides by ``num_items`` (default ``n_step``).
+        aot_step_offset: where this batch's first pair sits in the ``aot_step_logps`` vectors.
 
     Returns:
         ``(loss, metrics)``; ``metrics["rewards/chosen"]`` is the batch mean of :math:`\beta h_c` (and so on) as
@@ -394,10 +461,15 @@ def dpo_loss(
     discopop_tau = _check_positive("discopop_tau", discopop_tau)
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
-    if num_items is not None and _BATCH_SORTED.intersection(loss_types):
+    sorted_types = _BATCH_SORTED.intersection(loss_types)
+    if aot_step_logps is not None and not sorted_types:
+        raise ValueError(f"aot_step_logps applies to the aot loss types {sorted(_BATCH_SORTED)}, not {loss_types}")
+    if aot_step_logps is not None and reduction == "none":
+        raise ValueError("aot_step_logps needs reduction='mean' or 'sum' (per-pair terms of a step-wide sort)")
+    if num_items is not None and sorted_types and aot_step_logps is None:
         raise ValueError(
-            "num_items cannot make the aot loss types exact: they sort the log-ratios over the batch, and a "
-            "micro-batch's sort is not the step's; run the whole step as one batch"
+            "num_items alone cannot make the aot loss types exact: they sort the log-ratios over the batch, and "
+            "a micro-batch's sort is not the step's; pass the step's log-probs as aot_step_logps too"
         )
     upper = 0.5 if "robust" in loss_types else 1.0
     label_smoothing = _check_label_smoothing(label_smoothing, upper)
@@ -428,6 +500,11 @@ def dpo_loss(
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     if "sigmoid_norm" in loss_types and len_c is None:
         raise ValueError("loss_type='sigmoid_norm' needs chosen_lengths and rejected_lengths")
+    step = None
+    if aot_step_logps is not None:
+        step = _check_aot_step(aot_step_logps, aot_step_offset, pc.shape[0], dtype, pc.device, reference_free)
+        if num_items is None and reduction == "mean":
+            num_items = step[0].shape[0]
     length_margin = None
     if length_alpha:
         if not math.isfinite(length_alpha):
@@ -443,6 +520,11 @@ def dpo_loss(
 
     loss = None
     for lt, weight in zip(loss_types, loss_weights):
+        if step is not None and lt in _BATCH_SORTED:
+            per_pair = _aot_step_per_pair(lt, pc, pr, rc, rr, step, aot_step_offset, beta, label_smoothing)
+            term = float(weight) * _reduce(per_pair, reduction, num_items)
+            loss = term if loss is None else loss + term
+            continue
         per_pair = _dpo_per_pair(
             lt,
             pc=pc,

@@ -511,7 +511,7 @@ def test_docs_inventory_covers_every_name_and_names_real_tests():
 
     root = Path(__file__).resolve().parents[2]
     text = (root / "docs" / "rl.md").read_text()
-    table = text.split("### Batching: what is exact", 1)[1].split("**Not exact, and why.**", 1)[0]
+    table = text.split("### Batching: what is exact", 1)[1].split("**Not exact in one pass, and why.**", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     names = [n for row in rows for n in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row.split("|")[1])]
     assert sorted(names) == sorted(losses.__all__)
@@ -521,3 +521,50 @@ def test_docs_inventory_covers_every_name_and_names_real_tests():
             assert f"def {test}(" in sources, test
         for case in re.findall(r"`\[(\w+)\]`", row):
             assert case in CASES or f'"{case}"' in sources, case
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_aot_two_pass_is_exact(loss_type, reference_free):
+    """With the step's log-probs from a first pass (gathered over ranks), each micro-batch sorts against the
+    whole step: k micro-batches and 2 ranks give the one-batch AOT loss and gradients."""
+    g = _g(21)
+    pc, pr = ((torch.randn(N, generator=g, dtype=D) - 4).requires_grad_(True) for _ in range(2))
+    rc, rr = (torch.randn(N, generator=g, dtype=D) - 4 for _ in range(2))
+    refs = (None, None) if reference_free else (rc, rr)
+    kw = dict(beta=0.6, loss_type=loss_type, label_smoothing=0.1, reference_free=reference_free)
+    big = dpo_loss(pc, pr, *refs, **kw)[0]
+    g_big = torch.autograd.grad(big, (pc, pr))
+    step = (pc.detach(), pr.detach(), *refs)  # pass 1, no gradient (all_gather over ranks)
+    for ranks in ([MICRO], RANKS):
+        world, total, grads = len(ranks), 0.0, [torch.zeros(N, dtype=D), torch.zeros(N, dtype=D)]
+        for parts in ranks:
+            for lo, hi in parts:
+                local_refs = refs if reference_free else (rc[lo:hi], rr[lo:hi])
+                loss = dpo_loss(pc[lo:hi], pr[lo:hi], *local_refs, aot_step_logps=step, aot_step_offset=lo,
+                                **kw)[0] * world
+                for acc, gr in zip(grads, torch.autograd.grad(loss, (pc, pr))):
+                    acc += gr / world  # DDP's average over ranks
+                total = total + loss.detach() / world
+        torch.testing.assert_close(total, big.detach(), rtol=1e-12, atol=1e-13)
+        for gr, gb in zip(grads, g_big):
+            torch.testing.assert_close(gr, gb, rtol=1e-10, atol=1e-13)
+    # reduction="sum" over the step's pairs is the same thing
+    s = sum(dpo_loss(pc[lo:hi], pr[lo:hi], *(refs if reference_free else (rc[lo:hi], rr[lo:hi])),
+                     aot_step_logps=step, aot_step_offset=lo, reduction="sum", **kw)[0].detach() for lo, hi in MICRO)
+    torch.testing.assert_close(s / N, big.detach())
+
+
+def test_aot_step_arguments_are_checked():
+    pc, pr = -torch.rand(4, dtype=D), -torch.rand(4, dtype=D)
+    step = (pc, pr, pc, pr)
+    with pytest.raises(ValueError, match="aot_step_logps applies"):
+        dpo_loss(pc, pr, pc, pr, aot_step_logps=step)
+    with pytest.raises(ValueError, match="aot_step_offset"):
+        dpo_loss(pc[:2], pr[:2], pc[:2], pr[:2], loss_type="aot", aot_step_logps=step, aot_step_offset=3)
+    with pytest.raises(ValueError, match="aot_step_logps"):
+        dpo_loss(pc, pr, pc, pr, loss_type="aot", aot_step_logps=step[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        dpo_loss(pc, pr, pc, pr, loss_type="aot", aot_step_logps=step, reduction="none")
+    with pytest.raises(ValueError, match="aot_step_logps"):
+        dpo_loss(pc, pr, pc, pr, loss_type="aot", num_items=8)
