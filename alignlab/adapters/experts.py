@@ -241,8 +241,13 @@ def _padded_bmm(x: torch.Tensor, wt: torch.Tensor, groups: ExpertGroups) -> torc
 
 def _pad_rank(r: int, dtype: torch.dtype) -> int:
     """The rank rounded up so that an ``(…, r)`` row is a multiple of 16 bytes (``grouped_mm``'s alignment)."""
-    per = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    per = max(1, 16 // dtype.itemsize)
     return -(-r // per) * per
+
+
+def _add_low_rank(sign: float):
+    """The plain-LoRA fold for :meth:`ExpertLoRA._fold`: ``W_e ± s·B_e A_e`` in fp32, rounded once."""
+    return lambda e, w_e, a_e, b_e, s: torch.addmm(w_e.float(), b_e.float(), a_e.float(), alpha=sign * s).to(w_e.dtype)
 
 
 # -- the layer -------------------------------------------------------------------------------------
@@ -472,27 +477,26 @@ class ExpertLoRA(AdapterLayer):
 
     def _merge_one(self, name: str) -> None:
         for p in self.parameters_of(name):
-            if self.is_dora(name):
-                norms = []
+            if not self.is_dora(name):
+                self._fold(name, p, _add_low_rank(+1.0))
+                continue
+            m, norms = self.lora_magnitude_vector[name][p], []
 
-                def fold(e, w_e, a_e, b_e, s, p=p):
-                    new, norm = dora_merged_weight(w_e, a_e, b_e, s, self.lora_magnitude_vector[name][p][e])
-                    norms.append(norm)
-                    return new
+            def fold(e, w_e, a_e, b_e, s):
+                new, norm = dora_merged_weight(w_e, a_e, b_e, s, m[e])
+                norms.append(norm)
+                return new
 
-                self._fold(name, p, fold)
-                self._merge_norms[(name, p)] = torch.stack(norms)
-            else:
-                self._fold(name, p, lambda e, w_e, a_e, b_e, s: (w_e.float() + s * (b_e.float() @ a_e.float())).to(w_e.dtype))
+            self._fold(name, p, fold)
+            self._merge_norms[(name, p)] = torch.stack(norms)
 
     def _unmerge_one(self, name: str) -> None:
         for p in self.parameters_of(name):
-            if self.is_dora(name):
-                norms = self._merge_norms.pop((name, p))
-                self._fold(name, p, lambda e, w_e, a_e, b_e, s, p=p: dora_unmerged_weight(
-                    w_e, a_e, b_e, s, self.lora_magnitude_vector[name][p][e], norms[e]))
-            else:
-                self._fold(name, p, lambda e, w_e, a_e, b_e, s: (w_e.float() - s * (b_e.float() @ a_e.float())).to(w_e.dtype))
+            if not self.is_dora(name):
+                self._fold(name, p, _add_low_rank(-1.0))
+                continue
+            m, norms = self.lora_magnitude_vector[name][p], self._merge_norms.pop((name, p))
+            self._fold(name, p, lambda e, w_e, a_e, b_e, s: dora_unmerged_weight(w_e, a_e, b_e, s, m[e], norms[e]))
 
     def _fold(self, name: str, param: str, update) -> None:
         """``W_e ← update(e, W_e, A_e, B_e, s)`` expert by expert (one fp32 ``(out, in)`` temporary at a time),

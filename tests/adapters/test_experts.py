@@ -72,7 +72,7 @@ def _randomise(layer: ExpertLoRA, name="default", seed=1):
     with torch.no_grad():
         for store in (layer.lora_A[name], layer.lora_B[name]) + ((layer.lora_magnitude_vector[name],) if layer.is_dora(name) else ()):
             for p in store.values():
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
 def _reference(layer: ExpertLoRA, names=("default",), dtype=None):
@@ -374,3 +374,29 @@ def test_quantized_base_through_the_module_interface(kind, dora):
         for k, v in state.items():
             assert torch.equal(quant.quantized_state(p)[k], v)
     torch.testing.assert_close(on_quant(h, idx, w), before, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_cuda_bf16_grouped_mm_path(kind, dora):
+    """On a GPU, bf16 experts take torch's grouped_mm: output and factor gradients against an fp32 run of the
+    formed weight (same bf16 base weights)."""
+    base = _experts(_model(kind)).to("cuda", torch.bfloat16)
+    layer = ExpertLoRA(copy.deepcopy(base), {"gate_up_proj": 16, "down_proj": 16}, alpha=32.0, use_dora=dora)
+    _randomise(layer)
+    h, idx, w = (t.cuda() for t in _routing(T=64))
+    params = [p for p in layer.parameters() if p.requires_grad]
+    cot = torch.randn(64, H, device="cuda")
+
+    def run(fn, dtype):
+        for p in params:
+            p.grad = None
+        out = fn(h.to(dtype), idx, w.to(dtype))
+        out.float().backward(cot)
+        return [out.detach().float()] + [p.grad.float().clone() for p in params]
+
+    ours = run(layer, torch.bfloat16)
+    ref = run(_reference(layer, dtype=torch.float32), torch.float32)
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
