@@ -198,15 +198,27 @@ class NF4Experts(nn.Module):
     def dequantize_experts(self, name: str, expert_ids: torch.Tensor | list[int] | None = None,
                            dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weights ``(k, out, in)`` of experts ``expert_ids`` (default: all ``E``) of ``name``,
-        in ``dtype`` (default ``compute_dtype``): ``w = q[c] · s_b`` per block, as :func:`nf4_dequantize`.
+        in ``dtype`` (default ``compute_dtype``): ``w = q[c] · s_b`` per block, as :func:`nf4_dequantize`
+        (the Triton dequantization kernel per expert on CUDA, one vectorized pass in PyTorch otherwise).
 
         Raises:
             ValueError: unknown ``name``.
         """
         self._check_name(name)
+        from alignlab.kernels.dispatch import use_triton
+
         shape, _, blocksize, dq, nbs = self._meta[name]
         b = self._buffers
         data, absmax = b[f"{name}_qdata"], b[f"{name}_qabsmax"]
+        dtype = dtype or self.compute_dtype
+        if use_triton(data):  # one dequantization kernel per expert, each writing its slice
+            from alignlab.kernels.nf4_dequant import nf4_dequant
+
+            ids = range(self.num_experts) if expert_ids is None else torch.as_tensor(expert_ids).reshape(-1).tolist()
+            out = torch.empty(len(ids), *shape, dtype=dtype, device=data.device)
+            for i, e in enumerate(ids):
+                out[i] = nf4_dequant(self.quant_weight(name, int(e)), dtype)
+            return out
         nested, offset = (b[f"{name}_nested_absmax"], b[f"{name}_nested_offset"]) if dq else (None, None)
         if expert_ids is not None:
             ids = torch.as_tensor(expert_ids, dtype=torch.long, device=data.device).reshape(-1)
@@ -224,7 +236,7 @@ class NF4Experts(nn.Module):
         if pad:
             values = torch.nn.functional.pad(values, (0, pad))
         w = (values.view(k, nb, blocksize) * scales[:, :, None]).reshape(k, -1)[:, :n]
-        return w.reshape(k, *shape).to(dtype or self.compute_dtype)
+        return w.reshape(k, *shape).to(dtype)
 
     @torch.no_grad()
     def load_dense_experts_(self, name: str, weight: torch.Tensor) -> "NF4Experts":

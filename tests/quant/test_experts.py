@@ -139,6 +139,25 @@ def test_block_output_and_input_gradient_equal_the_dequantized_block(kind, dtype
     torch.testing.assert_close(xa.grad, xb.grad, **tol)
 
 
+def test_the_triton_path_gives_the_same_block(triton_mode):
+    """The NF4 matmul / dequantization kernels (interpreter on CPU, the GPU when there is one) in the block."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = NF4Experts.from_experts(_experts(tiny_moe("gpt_oss")), compute_dtype=torch.float32).to(device)
+    x, idx, w = (t.to(device) for t in _routing(tokens=5))
+    x.requires_grad_()
+    y = q(x, idx, w)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    full = q.dequantize_experts("down_proj", [2, 0])
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ALIGNLAB_KERNELS", "torch")
+        x2 = x.detach().clone().requires_grad_()
+        y2 = q(x2, idx, w)
+        (gx2,) = torch.autograd.grad(y2, x2, torch.ones_like(y2))
+        torch.testing.assert_close(full, q.dequantize_experts("down_proj", [2, 0]), rtol=0, atol=0)
+    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, gx2, rtol=1e-4, atol=1e-5)
+
+
 def test_only_the_routed_experts_are_dequantized(monkeypatch):
     q = NF4Experts.from_experts(_experts(tiny_moe("mixtral", experts=6)), compute_dtype=torch.float32)
     seen = []
