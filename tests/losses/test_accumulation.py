@@ -568,3 +568,26 @@ def test_aot_step_arguments_are_checked():
         dpo_loss(pc, pr, pc, pr, loss_type="aot", aot_step_logps=step, reduction="none")
     with pytest.raises(ValueError, match="aot_step_logps"):
         dpo_loss(pc, pr, pc, pr, loss_type="aot", num_items=8)
+
+
+def test_aot_two_pass_through_fused_dpo(torch_mode):
+    """fused_linear_dpo passes aot_step_logps on to dpo_loss: pass 1 = completion_logps without gradient."""
+    from alignlab.losses import completion_logps
+
+    d = _pair_hidden_data(22)
+    h, w = d["h"].clone().requires_grad_(True), d["w"].clone().requires_grad_(True)
+    kw = dict(beta=0.5, loss_type="aot_pair", chunk_size=4)
+    big = fused_linear_dpo(_stack(h), w, _stack(d["y"]), d["rc"], d["rr"], **kw)[0]
+    g_big = torch.autograd.grad(big, (h, w))
+    with torch.no_grad():
+        seq = completion_logps(_stack(h), w, _stack(d["y"]))[1]
+    step = (seq[:N], seq[N:], d["rc"], d["rr"])
+    total, gh, gw = 0.0, torch.zeros_like(h), torch.zeros_like(w)
+    for lo, hi in MICRO:
+        loss = fused_linear_dpo(_stack(h[lo:hi]), w, _stack(d["y"][lo:hi]), d["rc"][lo:hi], d["rr"][lo:hi],
+                                aot_step_logps=step, aot_step_offset=lo, **kw)[0]
+        a, b = torch.autograd.grad(loss, (h, w))
+        total, gh, gw = total + loss.detach(), gh + a, gw + b
+    torch.testing.assert_close(total, big.detach(), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(gh, g_big[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, g_big[1], rtol=1e-9, atol=1e-12)
