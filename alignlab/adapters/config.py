@@ -51,8 +51,6 @@ class LoRAConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: str | list[str] | None = None
-    target_parameters: list[str] | None = None
-    include_experts: bool = False
     exclude_modules: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -63,6 +61,9 @@ class LoRAConfig:
     adapter_dtype: torch.dtype | None = None
     exact_fp32: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # last, so that positional construction keeps its meaning
+    target_parameters: list[str] | None = None
+    include_experts: bool = False
 
     adapts_embeddings = True  # find_targets also offers nn.Embedding leaves to this config
 
