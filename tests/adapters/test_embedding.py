@@ -314,3 +314,19 @@ def test_trainable_tokens_dict_form_several_adapters_and_errors():
         LoRAConfig(trainable_token_indices=5)
     with pytest.raises(ValueError, match="non-negative"):
         LoRAConfig(trainable_token_indices={"embed_tokens": [-1]})
+
+
+def test_trainable_rows_of_an_untied_head_by_name_match_peft_both_ways(tmp_path):
+    """``{module: ids}`` may name the output head (an nn.Linear): its logits for those ids come from trained rows."""
+    peft = pytest.importorskip("peft")
+    spec = {"embed_tokens": [3, 17], "lm_head": [5, 127]}
+    base, ours, theirs = _token_pair(False, spec=spec)
+    assert isinstance(ours.lm_head, TrainableTokensLayer) and ours.lm_head.tied_to is None
+    expected = ours(IDS).logits
+    torch.testing.assert_close(expected, theirs(IDS).logits, **TOL)
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in keys
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "peft")(IDS).logits, expected, **TOL)
