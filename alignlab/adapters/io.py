@@ -16,7 +16,8 @@ and their layers (``peft_tensors(name)``: tensors keyed relative to the layer).
 Families PEFT lacks use the same layout with ``peft_type = "ALIGNLAB_<METHOD>"``
 and a ``format_version`` field. LoRA on fused MoE expert weights (:mod:`alignlab.adapters.experts`) is
 written as PEFT's ``target_parameters`` (PEFT >= 0.19.1 layout); with DoRA or dropout there, which
-PEFT's ``ParamWrapper`` lacks, the same fields and keys go out as ``peft_type = "ALIGNLAB_LORA"``. The pieces every family's config shares to write and read
+PEFT's ``ParamWrapper`` lacks, the same fields and keys go out as ``peft_type = "ALIGNLAB_LORA"``.
+The pieces every family's config shares to write and read
 its ``adapter_config.json`` live here (:func:`peft_header`, :func:`peft_targets`,
 :func:`refuse_unsupported`, :func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
 names and renamed into place: a crash never leaves a half-written adapter.
@@ -98,11 +99,16 @@ def own_format_dict(kind: str, config) -> dict:
     return {"peft_type": kind, "format_version": FORMAT_VERSION, **raw}
 
 
-def own_format_config(cls: type, raw: dict):
-    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
+def check_format_version(raw: dict) -> None:
+    """``ValueError`` unless ``raw`` (an alignlab-format ``adapter_config.json``) has this alignlab's ``format_version``."""
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"adapter_config.json: format_version {version!r} is not supported (this alignlab reads {FORMAT_VERSION})")
+
+
+def own_format_config(cls: type, raw: dict):
+    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
+    check_format_version(raw)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(raw) - names - {"peft_type", "format_version"})
     if unknown:
@@ -325,9 +331,7 @@ def _config_from_file(raw: dict):
     if kind == "LORA":
         return config_from_peft(raw)
     if kind == OWN_LORA_TYPE:
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"adapter_config.json: format_version {raw.get('format_version')!r} is not supported "
-                             f"(this alignlab reads {FORMAT_VERSION})")
+        check_format_version(raw)
         return config_from_peft({k: v for k, v in raw.items() if k != "format_version"} | {"peft_type": "LORA"})
     registry = _config_registry()
     if kind not in registry:

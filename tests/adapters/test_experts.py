@@ -277,6 +277,24 @@ def test_refusals(tmp_path):
         load_adapter(copy.deepcopy(model), tmp_path)
 
 
+@pytest.mark.parametrize("extra", [dict(use_dora=True), dict(dropout=0.1)])
+def test_what_peft_cannot_read_goes_out_in_our_own_versioned_format(extra, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _model("gpt_oss")
+    ours = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=BOTH, **extra))
+    save_adapter(ours, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "ALIGNLAB_LORA" and raw["format_version"] == 1
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert ("base_model.model.model.layers.0.mlp.experts.base_layer.lora_magnitude_vector" in keys) == ("use_dora" in extra)
+    loaded = load_adapter(copy.deepcopy(model), tmp_path)
+    assert loaded.model.layers[0].mlp.experts.is_dora("default") == ("use_dora" in extra)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version"):
+        load_adapter(copy.deepcopy(model), tmp_path)
+
+
 # -- PEFT as the oracle ----------------------------------------------------------------------------
 def _peft_or_skip(kind: str):
     peft = pytest.importorskip("peft")
