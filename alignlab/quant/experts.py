@@ -316,13 +316,15 @@ class NF4Experts(nn.Module):
         self._check_name(name)
         if x.dim() != 2 or x.shape[1] != self._meta[name][0][1]:
             raise ValueError(f"x must be (rows, {self._meta[name][0][1]}) for {name!r}, got {tuple(x.shape)}")
-        spans = self.spans(offsets)
+        return self._linear_spans(name, x, self.spans(offsets))
+
+    def _linear_spans(self, name: str, x: torch.Tensor, spans: list) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _SortedNF4Linear.apply(x, self, name, spans)
         return self._sorted_matmul(x, name, spans, transpose=False)
 
-    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        y = self.linear_sorted(name, x, offsets)
+    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, spans: list) -> torch.Tensor:
+        y = self._linear_spans(name, x, spans)
         bias = getattr(self, f"{name}_bias", None) if self.has_bias else None
         return y if bias is None else y + bias[ids].to(y.dtype)
 
@@ -332,15 +334,15 @@ class NF4Experts(nn.Module):
         ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         valid = ids < self.num_experts  # expert-parallel sentinels route nowhere
         counts = torch.bincount(ids[valid], minlength=self.num_experts)
-        offsets = torch.cumsum(counts, 0)
-        n = int(offsets[-1]) if offsets.numel() else 0
+        spans = self.spans(torch.cumsum(counts, 0))  # the one host sync of the call
+        n = spans[-1][2] if spans else 0
         ids, perm = ids[:n], perm[:n]
         x = hidden_states[perm // k].to(self.compute_dtype)
         if self.has_gate:
-            h = self._apply_gate(self._project("gate_up_proj", x, ids, offsets))
+            h = self._apply_gate(self._project("gate_up_proj", x, ids, spans))
         else:
-            h = self.act_fn(self._project("up_proj", x, ids, offsets))
-        y = self._project("down_proj", h, ids, offsets)
+            h = self.act_fn(self._project("up_proj", x, ids, spans))
+        y = self._project("down_proj", h, ids, spans)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)

@@ -322,3 +322,15 @@ def test_qlora_on_a_quantized_mixtral_trains_saves_and_loads(tmp_path):
     fresh_base = _experts(fresh).base_layer
     assert all(torch.equal(fresh_base.quantized_state(n)["qdata"], packed[n]) for n in packed)
     torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_no_tokens_and_sentinel_routes():
+    """An empty batch gives an empty output; ids >= E (expert-parallel sentinels) contribute nothing."""
+    experts = _experts(tiny_moe("mixtral"))
+    q = NF4Experts.from_experts(experts, compute_dtype=torch.float32)
+    x, idx, w = _routing(tokens=6)
+    assert q(x[:0], idx[:0], w[:0]).shape == (0, 64)
+    masked = idx.clone()
+    masked[:, 1] = q.num_experts  # second slot routes nowhere
+    only_first = q(x, idx[:, :1], w[:, :1])
+    torch.testing.assert_close(q(x, masked, w), only_first, rtol=0, atol=0)
