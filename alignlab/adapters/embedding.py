@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.base import AdapterLayer, SavedModule
 
 __all__ = ["LoRAEmbedding", "TrainableTokensLayer", "check_token_indices"]
 
@@ -372,11 +372,14 @@ def token_row_plan(model: nn.Module, spec, lora_targets=()) -> list[tuple[str, l
 
 def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
     weight = _base(modules[name]).weight
-    inside = [p for p, m in modules.items() if p and isinstance(m, AdapterLayer)]
+    inside = tuple(p + "." for p, m in modules.items() if p and isinstance(m, (AdapterLayer, SavedModule)))
     heads = []
     for n, m in modules.items():
-        if not n or n == name or any(n.startswith(p + ".") for p in inside):
+        if not n or n == name or n.startswith(inside):
             continue
+        if isinstance(m, SavedModule) and getattr(_base(m.original_module), "weight", None) is weight:
+            raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} is trained in full "
+                             "(modules_to_save); leave it out of one of the two")
         if isinstance(_base(m), nn.Linear) and _base(m).weight is weight:
             if isinstance(m, AdapterLayer) and not isinstance(m, TrainableTokensLayer):
                 raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} holds a {type(m).__name__}; "

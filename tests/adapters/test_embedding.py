@@ -330,3 +330,9 @@ def test_trainable_rows_of_an_untied_head_by_name_match_peft_both_ways(tmp_path)
     assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in keys
     torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits, expected, **TOL)
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "peft")(IDS).logits, expected, **TOL)
+
+
+def test_a_tied_head_trained_in_full_is_refused():
+    with pytest.raises(ValueError, match="modules_to_save"):
+        inject(_llama(tie=True), LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                            trainable_token_indices=NEW))
