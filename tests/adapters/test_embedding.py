@@ -32,6 +32,7 @@ IDS = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
 NEW = [3, 17, 127]  # "new special tokens"
 IDS[0, :3] = torch.tensor(NEW)  # make sure they occur
 TOL = dict(rtol=1e-5, atol=1e-6)
+EXACT = dict(rtol=0, atol=0)  # files loaded either way: the very same numbers
 
 
 def _llama(tie=False, seed=0, pad=None):
@@ -154,12 +155,12 @@ def test_lora_embedding_files_load_both_ways(tmp_path):
     raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert "model.embed_tokens" in raw["target_modules"]
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(loaded(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(loaded(IDS).logits, expected, **EXACT)
 
     theirs.save_pretrained(tmp_path / "peft")  # PEFT also writes the whole table (embed_tokens.base_layer.weight)
     assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
     mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(mine(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(mine(IDS).logits, expected, **EXACT)
 
 
 def test_lora_embedding_merge_on_a_tied_model_unties_with_a_warning():
@@ -262,12 +263,12 @@ def test_trainable_tokens_files_load_both_ways(tmp_path, tie):
     raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert raw["trainable_token_indices"] == NEW and raw["target_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(loaded(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(loaded(IDS).logits, expected, **EXACT)
 
     theirs.save_pretrained(tmp_path / "peft")
     mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert isinstance(mine.lm_head, TrainableTokensLayer) == tie
-    torch.testing.assert_close(mine(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(mine(IDS).logits, expected, **EXACT)
 
 
 def test_trainable_tokens_on_a_tied_model_merge_into_both_and_stay_tied():
@@ -328,8 +329,8 @@ def test_trainable_rows_of_an_untied_head_by_name_match_peft_both_ways(tmp_path)
     theirs.save_pretrained(tmp_path / "peft")
     keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
     assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in keys
-    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits, expected, **TOL)
-    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "peft")(IDS).logits, expected, **TOL)
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits, expected, **EXACT)
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "peft")(IDS).logits, expected, **EXACT)
 
 
 def test_a_tied_head_trained_in_full_is_refused():
