@@ -334,3 +334,36 @@ def test_no_tokens_and_sentinel_routes():
     masked[:, 1] = q.num_experts  # second slot routes nowhere
     only_first = q(x, idx[:, :1], w[:, :1])
     torch.testing.assert_close(q(x, masked, w), only_first, rtol=0, atol=0)
+
+
+class _UngatedExperts(nn.Module):
+    """Experts without a gate, as transformers' decorator describes them (``has_gate=False``: ``up_proj``
+    ``(E, I, H)``, ``act_fn``, ``down_proj`` ``(E, H, I)``); the reference loop is written out here."""
+
+    def __init__(self, experts=3, hidden=64, inter=96):
+        super().__init__()
+        self.num_experts, self.has_gate, self.has_bias, self.is_transposed = experts, False, False, False
+        self.up_proj = nn.Parameter(torch.randn(experts, inter, hidden) * 0.05)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) * 0.05)
+        self.act_fn = nn.GELU()
+
+    def forward(self, x, idx, w):
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for slot in range(idx.shape[1]):
+                e = int(idx[t, slot])
+                out[t] += w[t, slot] * (self.down_proj[e] @ self.act_fn(self.up_proj[e] @ x[t]))
+        return out
+
+
+def test_experts_without_a_gate():
+    torch.manual_seed(0)
+    experts = _UngatedExperts()
+    q = NF4Experts.from_experts(experts, compute_dtype=torch.float32)
+    assert q.expert_parameters == ("up_proj", "down_proj") and not q.has_gate
+    x, idx, w = _routing(tokens=7, experts=3)
+    ref = copy.deepcopy(experts)
+    with torch.no_grad():
+        ref.up_proj.copy_(q.dequantize_experts("up_proj"))
+        ref.down_proj.copy_(q.dequantize_experts("down_proj"))
+    torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-6)
