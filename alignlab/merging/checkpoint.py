@@ -250,20 +250,20 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
         return M.ties(base, others, weights, out_dtype=out_dtype, out=out, density=density, consensus=consensus,
                       normalize=bool(r.value("normalize", name, default=True)), lambda_=lam)
     if method in ("dare_linear", "dare_ties"):
-        return M.dare(base, others, weights, out_dtype=out_dtype, density=density, consensus=consensus,
+        return M.dare(base, others, weights, out_dtype=out_dtype, out=out, density=density, consensus=consensus,
                       rescale=_rescale_arg(r.value("rescale", name, default=True)),
                       normalize=bool(r.value("normalize", name, default=False)), lambda_=lam,
                       generator=_generator(r, name))
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         gamma = [float(r.value("gamma", name, m, 0.01)) for m in ft]
-        return M.breadcrumbs(base, others, weights, out_dtype=out_dtype, density=density, gamma=gamma,
+        return M.breadcrumbs(base, others, weights, out_dtype=out_dtype, out=out, density=density, gamma=gamma,
                              consensus=consensus, normalize=bool(r.value("normalize", name, default=False)),
                              lambda_=lam)
     if method in ("della", "della_linear"):
         eps = [float(r.value("epsilon", name, m, 0.15)) for m in ft]
         if len(set(eps)) > 1:
             raise ValueError("della: per-model epsilon values must be equal")
-        return M.della(base, others, weights, out_dtype=out_dtype, density=density, epsilon=eps[0],
+        return M.della(base, others, weights, out_dtype=out_dtype, out=out, density=density, epsilon=eps[0],
                        consensus=consensus,
                        rescale=_rescale_arg(r.value("rescale", name, default=True)),
                        normalize=bool(r.value("normalize", name, default=method == "della")), lambda_=lam,
@@ -522,7 +522,8 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
         offsets = {}
         for i, shard in enumerate(shards if order else shards[:1]):  # an empty model still gets its shard
             header = _header_bytes(shard)
-            fd = os.open(tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            path = tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
             _pwrite(fd, torch.frombuffer(bytearray(header), dtype=torch.uint8), 0)

@@ -50,7 +50,7 @@ Rescale = Literal["inverse", "l1"]
 # float32 copies of both inputs to stay in cache, so its scratch is bounded whatever the tensor size.
 _SLERP_CHUNK = 1 << 16
 # Element-wise merges (task arithmetic, TIES after its thresholds) run over chunks of this size.
-_CHUNK = 1 << 21
+_CHUNK = 1 << 18
 
 
 # --------------------------------------------------------------------------- output
@@ -548,50 +548,90 @@ def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
 def _trim_thresholds(flat_b: Tensor, flat_m: list[Tensor], ks: list[int | None], step: int):
     """Exact ``k``-th largest ``|m_i − b|`` per model, as a float32 bit pattern, by radix selection.
 
+    Returns, per model, ``(threshold bits, elements equal to it to keep)`` (``None`` where nothing is
+    trimmed; ``k = 0`` drops everything), or ``None`` when some trimmed task vector holds inf or NaN.
+    See :func:`_order_stats`.
+    """
+    stats = _order_stats(flat_b, flat_m, [[k] if k else [] for k in ks], step)
+    if stats is None:
+        return None
+    out: list[tuple[int, int] | None] = []
+    for k, st in zip(ks, stats):
+        if k is None:
+            out.append(None)
+        elif k == 0:
+            out.append((0x7F800000, 0))
+        else:
+            bits, greater, _ = st[0]
+            out.append((bits, k - greater))
+    return out
+
+
+def _order_stats(flat_b: Tensor, flat_m: list[Tensor], ks: list[list[int]], step: int):
+    """The ``k``-th largest ``|m_i − b|`` (float32) for every ``k`` in ``ks[i]``, by radix selection.
+
     Non-negative float32 values order like their bit patterns read as integers, so two counting
-    passes find the ``k``-th largest exactly: a histogram of the top 16 bits picks the bin that holds
+    passes find any order statistic exactly: a histogram of the top 16 bits picks the bin that holds
     it, a histogram of the low 16 bits inside that bin picks the value. O(n), no sort, no
-    whole-tensor scratch. Returns, per model, ``(threshold bits, elements equal to it to keep)``
-    (``None`` where nothing is trimmed), or ``None`` when some trimmed task vector holds inf or NaN.
+    whole-tensor scratch. Returns, per model, one ``(bits, greater, equal)`` per requested ``k``
+    (``1 <= k <= n``): the value's bit pattern and how many elements are larger than / equal to it;
+    or ``None`` when a model with requests holds inf or NaN.
     """
     n = flat_b.numel()
-    live = [i for i, k in enumerate(ks) if k]
-    out: list[tuple[int, int] | None] = [None if k is None else (0x7F800000, 0) for k in ks]  # k = 0: drop all
+    live = [i for i, kk in enumerate(ks) if kk]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in ks]
     if not live:
         return out
+    # |δ| is computed in the working dtype and then rounded to float32 (what the selection orders by)
+    wd = torch.float64 if any(t.dtype == torch.float64 for t in [flat_b, *flat_m]) else torch.float32
     if n <= _RADIX_MIN:
-        b32 = flat_b.float()
+        bw = flat_b.to(wd)
         for i in live:
-            mag = torch.sub(flat_m[i], b32).abs_()
+            mag = torch.sub(flat_m[i], bw).float().abs_()
             if not bool(torch.isfinite(mag).all()):
                 return None
-            thr = torch.kthvalue(mag, n - ks[i] + 1).values
-            out[i] = (int(thr.view(torch.int32)), ks[i] - int(torch.count_nonzero(mag > thr)))
+            for k in ks[i]:
+                thr = torch.kthvalue(mag, n - k + 1).values
+                out[i].append((int(thr.view(torch.int32)), int(torch.count_nonzero(mag > thr)),
+                               int(torch.count_nonzero(mag == thr))))
         return out
-    b32, d = torch.empty(step), torch.empty(step)
+    bw, dw, d = torch.empty(step, dtype=wd), torch.empty(step, dtype=wd), torch.empty(step)
     bits = torch.empty(step, dtype=torch.int32)
 
-    def counts(minlength: int, key) -> dict[int, Tensor]:
-        hist = {i: torch.zeros(minlength, dtype=torch.int64) for i in live}
+    def counts(minlength: int, keys) -> dict:
+        """Histograms over all chunks: ``keys(i, |δ| bits)`` yields (label, key tensor) pairs."""
+        hist: dict = {}
         for s in range(0, n, step):
             L = min(step, n - s)
-            b32[:L].copy_(flat_b[s : s + L])
+            bw[:L].copy_(flat_b[s : s + L])
             for i in live:
-                torch.sub(flat_m[i][s : s + L], b32[:L], out=d[:L])
+                if wd == torch.float32:
+                    torch.sub(flat_m[i][s : s + L], bw[:L], out=d[:L])
+                else:
+                    d[:L].copy_(torch.sub(flat_m[i][s : s + L], bw[:L], out=dw[:L]))
                 ab = torch.bitwise_and(d[:L].view(torch.int32), _ABS_BITS, out=bits[:L])
-                hist[i] += torch.bincount(key(i, ab), minlength=minlength)
+                for label, key in keys(i, ab):
+                    h = torch.bincount(key, minlength=minlength)
+                    hist[label] = h if label not in hist else hist[label].add_(h)
         return hist
 
-    top = counts(_TOP_BINS, lambda i, ab: ab.bitwise_right_shift_(16))
+    top = counts(_TOP_BINS, lambda i, ab: [(i, ab.bitwise_right_shift_(16))])
     if any(int(top[i][_INF_TOP:].sum()) for i in live):
         return None
-    picked = {i: _kth_bin(top[i], ks[i]) for i in live}
+    picked = {(i, k): _kth_bin(top[i], k) for i in live for k in ks[i]}
+    bins = {i: sorted({picked[(i, k)][0] for k in ks[i]}) for i in live}
     # keys 1..65536 are the low 16 bits + 1 of the values in the picked bin; 0 and 65537 collect the rest
-    low = counts(65538, lambda i, ab: ab.sub_((picked[i][0] << 16) - 1).clamp_(0, 65537))
+    def low_keys(i, ab):  # in place for the last (usually only) bin
+        return [((i, b), (ab.sub_ if j == len(bins[i]) - 1 else ab.sub)((b << 16) - 1).clamp_(0, 65537))
+                for j, b in enumerate(bins[i])]
+
+    low = counts(65538, low_keys)
     for i in live:
-        bin_, above = picked[i]
-        lo, above_in_bin = _kth_bin(low[i][1:65537], ks[i] - above)
-        out[i] = ((bin_ << 16) | lo, ks[i] - above - above_in_bin)
+        for k in ks[i]:
+            bin_, above = picked[(i, k)]
+            hist = low[(i, bin_)][1:65537]
+            lo, above_in_bin = _kth_bin(hist, k - above)
+            out[i].append(((bin_ << 16) | lo, above + above_in_bin, int(hist[lo])))
     return out
 
 
@@ -717,6 +757,84 @@ def _chunked(base, models, weights, trim, consensus, normalize, lambda_, out_dty
     return result
 
 
+def _streams(generator: torch.Generator | None, draws: list[int], prepass=None) -> list[torch.Generator | None]:
+    """One generator per model, each in the state where drawing model after model would start it.
+
+    The masks used to be drawn for every element of model 0, then of model 1, ... from one generator;
+    the chunked methods draw chunk by chunk, alternating models, so each model gets a stream of its
+    own started at the same place, and the masks come out the same bit for bit (a Bernoulli draw
+    consumes one 32-bit value per element, in element order, however the draws are chunked).
+    ``draws[i]``: elements model ``i`` draws for (0: none). ``prepass(i, g)``, when given, consumes
+    exactly model ``i``'s draws from ``g`` (computing from them, e.g. L1 norms); without it they are
+    skipped by drawing into scratch, except the last model's, whose stream is the caller's generator
+    itself. Either way the caller's generator ends where drawing everything would leave it.
+    """
+    g = generator if generator is not None else torch.default_generator
+    live = [i for i, n in enumerate(draws) if n]
+    out: list[torch.Generator | None] = [None] * len(draws)
+    for i in live:
+        if prepass is None and i == live[-1]:
+            out[i] = g
+            break
+        out[i] = torch.Generator(device=g.device)
+        out[i].set_state(g.get_state())
+        if prepass is not None:
+            prepass(i, g)
+        else:
+            _skip(g, draws[i])
+    return out
+
+
+def _skip(g: torch.Generator, n: int) -> None:
+    """Consume the random numbers of ``n`` Bernoulli draws (one 32-bit value each) from ``g``."""
+    step = min(n, _CHUNK)
+    probs, scratch = torch.full((step,), 0.5), torch.empty(step)
+    for s in range(0, n, step):
+        L = min(step, n - s)
+        torch.bernoulli(probs[:L], generator=g, out=scratch[:L])
+
+
+def _random_trim(base, models, dens, rescale, generator, step, draw):
+    """The per-chunk ``trim`` of DARE / DELLA: drop entries at random, then rescale.
+
+    ``draw(i, d, g) -> (kept, keep_prob)`` draws model ``i``'s keep mask for the chunk ``d`` of its
+    task vector. ``rescale="l1"`` needs each whole task vector's L1 norm before and after dropping,
+    so the masks are drawn twice: once in a first pass for the norms (summed per chunk in float32,
+    across chunks in float64) and again, from the same generator states, while merging.
+    """
+    if rescale not in (None, "inverse", "l1"):
+        raise ValueError(f"rescale must be None, 'inverse' or 'l1', got {rescale!r}")
+    n = base.numel()
+    wd = _work_dtype(base)
+    flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
+    draws = [n if 0.0 < rho < 1.0 else 0 for rho in dens]
+    factors: dict[int, float | None] = {}
+
+    def l1_prepass(i: int, g: torch.Generator) -> None:
+        before = after = 0.0
+        for s in range(0, n, step):
+            d = flat_m[i][s : s + step].to(wd, copy=True).sub_(flat_b[s : s + step])
+            kept, _ = draw(i, d, g)
+            before += float(d.abs().sum())
+            after += float(torch.where(kept, d, 0.0).abs_().sum())
+        factors[i] = None if before < 1e-7 or after < 1e-7 else before / after
+
+    gens = _streams(generator, draws, l1_prepass if rescale == "l1" else None)
+
+    def trim(d: Tensor, i: int, s: int) -> Tensor:
+        if not draws[i]:
+            return d if dens[i] >= 1.0 else d.zero_()
+        kept, keep_prob = draw(i, d, gens[i])
+        d = torch.where(kept, d, 0.0)
+        if rescale == "inverse":
+            return d / keep_prob
+        if rescale == "l1" and factors[i] is not None:
+            return d * factors[i]
+        return d
+
+    return trim
+
+
 def dare(
     base: Tensor,
     models: Sequence[Tensor],
@@ -729,7 +847,8 @@ def dare(
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
-) -> Tensor:
+    out: Tensor | None = None,
+) -> Tensor | None:
     r"""DARE: drop each delta entry with probability ``p = 1 − density``, rescale.
 
     .. math:: \hat\delta_i = \frac{m_i \odot \delta_i}{1-p},\quad m_i\sim\text{Bernoulli}(1-p)
@@ -741,6 +860,10 @@ def dare(
     Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from
     Homologous Models as a Free Lunch", arXiv:2311.03099.
 
+    Runs over chunks of the flattened tensors (scratch bounded by a chunk, not by the tensor). The
+    masks are those of :func:`dare_mask` on each whole task vector, model after model, from
+    ``generator`` (see :func:`_streams`); the L1 norms of ``rescale="l1"`` are summed per chunk.
+
     Args:
         density: keep probability ``1 − p`` (scalar or per model), in [0, 1].
         generator: seeded ``torch.Generator`` for reproducible masks.
@@ -749,15 +872,14 @@ def dare(
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
-    deltas = []
-    for d, rho in zip(_deltas(base, models), dens):
-        if rho >= 1.0:
-            deltas.append(d)
-        elif rho <= 0.0:
-            deltas.append(torch.zeros_like(d))
-        else:
-            deltas.append(_rescale(d, dare_mask(d, rho, generator), rescale, rho))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
+    step = _CHUNK
+    probs = {i: torch.full((min(step, base.numel()),), rho) for i, rho in enumerate(dens) if 0.0 < rho < 1.0}
+
+    def draw(i, d, g):
+        return torch.bernoulli(probs[i][: d.numel()], generator=g).bool(), dens[i]
+
+    trim = _random_trim(base, models, dens, rescale, generator, step, draw)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
 
 
 def breadcrumbs(
@@ -771,7 +893,8 @@ def breadcrumbs(
     normalize: bool = False,
     lambda_: float = 1.0,
     out_dtype: torch.dtype | None = None,
-) -> Tensor:
+    out: Tensor | None = None,
+) -> Tensor | None:
     r"""Model Breadcrumbs: drop both tails of each task vector.
 
     With ``n`` elements sorted by ``|δ|`` (ties by position), drop the
@@ -783,6 +906,11 @@ def breadcrumbs(
     Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
     Merging with Sparse Masks", arXiv:2312.06795. Parametrised like mergekit's
     ``breadcrumbs`` (``density``, ``gamma``).
+
+    Cost: no sort. The two boundary values (ascending ranks ``a`` and ``a + keep − 1`` of |δ| as
+    float32) come from the radix selection of :func:`ties`, then one chunked pass keeps what lies
+    between them, and of the elements equal to a boundary the ones a stable sort would put inside
+    (by position). Task vectors with inf/NaN fall back to a whole-tensor sort.
     """
     _check_models(base, models)
     gammas = _per_model(gamma, len(models), "gamma")
@@ -791,20 +919,60 @@ def breadcrumbs(
         raise ValueError(f"gamma must be in [0, 1], got {bad[0]}")
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
-    deltas = []
-    for d, rho, gamma in zip(_deltas(base, models), dens, gammas):
-        if rho >= 1.0:
-            deltas.append(d)
+    n = base.numel()
+    flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
+    bounds: list[tuple[int, int, int] | None] = []  # per trimmed model: first kept ascending rank, count
+    for rho, gamma in zip(dens, gammas):
+        if rho >= 1.0 or n == 0:
+            bounds.append(None)
             continue
-        n = d.numel()
         keep_n = int(rho * n)
-        top_n = int(gamma * n)
-        bottom_n = max(0, n - keep_n - top_n)
-        order = d.abs().reshape(-1).float().sort(stable=True).indices
-        mask = torch.zeros(n, dtype=torch.bool, device=d.device)
-        mask[order[bottom_n : bottom_n + keep_n]] = True
-        deltas.append(torch.where(mask.reshape(d.shape), d, 0.0))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
+        bounds.append((max(0, n - keep_n - int(gamma * n)), keep_n))
+    ks = [[n - b[0], n - b[0] - b[1] + 1] if b is not None and b[1] > 0 else [] for b in bounds]
+    stats = _order_stats(flat_b, flat_m, ks, min(_FAST_CHUNK, max(n, 1)))
+    wd = _work_dtype(base)
+    rules: dict[int, list] = {}  # model -> [lo bits, hi bits, equal-to-lo to skip, equal-to-hi to take]
+    whole: dict[int, Tensor] = {}  # masks of task vectors with inf/NaN (sorted as a whole)
+    for i, b in enumerate(bounds):
+        if b is None or b[1] == 0:
+            continue
+        if stats is None:
+            d = flat_m[i].to(wd) - flat_b.to(wd)
+            order = d.abs().float().sort(stable=True).indices
+            whole[i] = torch.zeros(n, dtype=torch.bool)
+            whole[i][order[b[0] : b[0] + b[1]]] = True
+            continue
+        (lo, g_lo, e_lo), (hi, g_hi, e_hi) = stats[i]
+        first, last = b[0], b[0] + b[1] - 1  # kept ascending ranks; elements below lo: n - g_lo - e_lo
+        skip = first - (n - g_lo - e_lo)
+        take = b[1] if lo == hi else last - (n - g_hi - e_hi) + 1
+        rules[i] = [lo, hi, skip, take]
+
+    def trim(d: Tensor, i: int, s: int) -> Tensor:
+        b = bounds[i]
+        if b is None:
+            return d
+        if b[1] == 0:
+            return d.zero_()
+        if i in whole:
+            return torch.where(whole[i][s : s + d.numel()], d, 0.0)
+        lo, hi, skip, take = rules[i]
+        ab = (d.float() if d.dtype != torch.float32 else d).view(torch.int32) & _ABS_BITS
+        keep = (ab > lo) & (ab < hi)
+        at_lo = (ab == lo).nonzero().squeeze(1)
+        used = min(skip, at_lo.numel())
+        rules[i][2] -= used
+        if lo == hi:
+            kept = at_lo[used : used + take]
+            rules[i][3] -= kept.numel()
+        else:
+            keep[at_lo[used:]] = True
+            kept = (ab == hi).nonzero().squeeze(1)[:take]
+            rules[i][3] -= kept.numel()
+        keep[kept] = True
+        return torch.where(keep, d, 0.0)
+
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out)
 
 
 def della(
@@ -820,7 +988,8 @@ def della(
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
-) -> Tensor:
+    out: Tensor | None = None,
+) -> Tensor | None:
     r"""DELLA-Merging: magnitude-ranked adaptive drop, then TIES-style fusion.
 
     Each entry is kept with probability ``p_k = density − ε + 2ε·r̂`` where ``r̂``
@@ -832,20 +1001,29 @@ def della(
     Paper: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging
     through Magnitude-Based Sampling", arXiv:2406.11617.
 
+    Runs over chunks of whole rows (the last dimension; a 1-D tensor is one row), so scratch is
+    bounded by a chunk, not by the tensor; masks as :func:`della_mask` on each whole task vector,
+    model after model, from ``generator``.
+
     Raises:
         ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for density < 1).
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     dens = _densities(density, len(models))
-    deltas = []
-    for d, rho in zip(_deltas(base, models), dens):
-        if rho >= 1.0:
-            deltas.append(d)
-            continue
-        mask, keep_prob = della_mask(d, rho, epsilon, generator)
-        deltas.append(_rescale(d, mask, rescale, keep_prob.to(d.dtype)))
-    return _combine(base, [d.mul_(wi) for d, wi in zip(deltas, w)], w, consensus, normalize, lambda_, out_dtype)
+    for rho in dens:
+        if rho < 1.0 and not (0.0 < rho - epsilon and rho + epsilon < 1.0):
+            raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={rho}, "
+                             f"epsilon={epsilon}")
+    width = base.shape[-1] if base.dim() > 0 else 1
+    step = max(1, _CHUNK // max(width, 1)) * max(width, 1)
+
+    def draw(i, d, g):
+        kept, keep_prob = della_mask(d.reshape(-1, width), dens[i], epsilon, g)
+        return kept.reshape(-1), keep_prob.reshape(-1).to(d.dtype)
+
+    trim = _random_trim(base, models, dens, rescale, generator, step, draw)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
 
 
 # --------------------------------------------------------------------------- spherical

@@ -215,6 +215,114 @@ def test_della_keep_probabilities_and_rescale():
         M.della(base, [delta], density=0.9, epsilon=0.2)
 
 
+def _whole_tensor_masks(base, ms, dens, generator, draw):
+    """Masked task vectors the straightforward way: whole tensors, model after model, one generator."""
+    wd = torch.float64 if base.dtype == torch.float64 else torch.float32
+    out = []
+    for m, rho in zip(ms, dens):
+        d = m.to(wd) - base.to(wd)
+        if rho >= 1.0:
+            out.append((d, None, None))
+        elif rho <= 0.0:
+            out.append((torch.zeros_like(d), None, None))
+        else:
+            kept, p = draw(d, rho, generator)
+            out.append((d, kept, p))
+    return out
+
+
+def _rescaled(d, kept, p, rescale):
+    if kept is None:
+        return d
+    r = torch.where(kept, d, 0.0)
+    if rescale == "inverse":
+        return r / p
+    if rescale == "l1":
+        before, after = d.abs().sum(), r.abs().sum()
+        return r if before < 1e-7 or after < 1e-7 else r * (before / after)
+    return r
+
+
+def _np_breadcrumbs_mask(d, density, gamma):
+    """Stable ascending sort of |δ| (float32): keep ranks [n - keep - ⌊γn⌋, ... + keep) (clamped at 0)."""
+    flat = np.abs(d.float().numpy().ravel())
+    n, keep = flat.size, int(density * flat.size)
+    start = max(0, n - keep - int(gamma * n))
+    mask = np.zeros(n, bool)
+    mask[np.argsort(flat, kind="stable")[start : start + keep]] = True
+    return torch.from_numpy(mask.reshape(d.shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 53), (4001,), (3, 7, 11)])
+def test_dare_della_breadcrumbs_chunked_equal_the_whole_tensor_formulation(monkeypatch, dtype, shape):
+    """Chunked DARE / DELLA / breadcrumbs (tiny chunks, many chunks, partial last chunk; radix selection
+    forced) against the whole-tensor formulation: each model's mask drawn over its whole task vector, model
+    after model from one generator (dare_mask / della_mask), breadcrumbs by a stable sort, combined by
+    combine_deltas. Bit for bit, and the caller's generator ends in the same state; the one exception is
+    rescale="l1" with float32 arithmetic, whose L1 norms are now summed chunk by chunk (float64 across
+    chunks), so the rescale factor, and with it the result, may move by a float32 ulp or two."""
+    monkeypatch.setattr(M, "_CHUNK", 1000)
+    monkeypatch.setattr(M, "_FAST_CHUNK", 512)
+    monkeypatch.setattr(M, "_RADIX_MIN", 100)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g).to(dtype)
+    ms = [(base.double() + torch.randn(shape, generator=g) * s).to(dtype) for s in (0.01, 0.1, 0.0)]
+    W = [0.5, -0.3, 0.7]
+    width = shape[-1]
+    draws = {
+        "dare": (lambda d, rho, gen: (M.dare_mask(d, rho, gen), rho)),
+        "della": (lambda d, rho, gen: (lambda mp: (mp[0], mp[1].to(d.dtype)))(
+            M.della_mask(d.reshape(-1, width), rho, 0.1, gen))),
+    }
+    cases = [dict(density=[0.3, 0.8, 0.5]), dict(density=0.5, consensus="sum", normalize=True),
+             dict(density=[1.0, 0.6, 0.2], rescale=None, consensus="count"),
+             dict(density=[0.4, 1.0, 0.7], rescale="l1")]
+    for name, draw in draws.items():
+        for kw in cases:
+            kw = {"rescale": "inverse", "consensus": None, "normalize": False, **kw}
+            dens = M._densities(kw["density"], 3)
+            g_ref, g_new = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+            parts = _whole_tensor_masks(base, ms, dens, g_ref, draw)
+            masked = [_rescaled(d, k, p, kw["rescale"]) if k is None else
+                      _rescaled(d.reshape(k.shape), k, p, kw["rescale"]).reshape(d.shape) for d, k, p in parts]
+            want = M.combine_deltas(base, masked, W, consensus=kw["consensus"], normalize=kw["normalize"])
+            extra = {"epsilon": 0.1} if name == "della" else {}
+            got = getattr(M, name)(base, ms, W, generator=g_new, **kw, **extra)
+            assert torch.equal(g_ref.get_state(), g_new.get_state()), (name, kw)
+            if kw["rescale"] == "l1" and dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=3e-7, atol=3e-7 * float(want.abs().max()))
+            else:
+                assert torch.equal(got, want), (name, kw, int((got != want).sum()))
+    for density, gamma in ((0.5, 0.1), (0.9, 0.2), (0.01, 0.0), (0.6, 0.5), (0.0, 0.1)):
+        for consensus in (None, "sum"):
+            masked = [torch.where(_np_breadcrumbs_mask(m.double() - base.double() if dtype == torch.float64
+                                                       else m.float() - base.float(), density, gamma),
+                                  m.to(torch.float64 if dtype == torch.float64 else torch.float32) - base.to(
+                                      torch.float64 if dtype == torch.float64 else torch.float32), 0.0) for m in ms]
+            want = M.combine_deltas(base, masked, W, consensus=consensus)
+            got = M.breadcrumbs(base, ms, W, density=density, gamma=gamma, consensus=consensus)
+            assert torch.equal(got, want), (density, gamma, consensus)
+
+
+def test_breadcrumbs_ties_at_both_boundaries_and_non_finite(monkeypatch):
+    """Many elements equal to each boundary value (kept or dropped by position like a stable sort),
+    boundaries equal to each other, and a task vector with inf/NaN (whole-tensor sort fallback)."""
+    monkeypatch.setattr(M, "_CHUNK", 7)
+    monkeypatch.setattr(M, "_FAST_CHUNK", 16)
+    monkeypatch.setattr(M, "_RADIX_MIN", 8)
+    base = torch.zeros(60)
+    for values in ([1.0] * 20 + [2.0] * 20 + [3.0] * 20, [2.0] * 60, [-1.0, 1.0, 2.0] * 20):
+        m = torch.tensor(values)
+        for density, gamma in ((0.5, 0.2), (0.3, 0.0), (0.9, 0.05), (0.25, 0.5)):
+            want = torch.where(_np_breadcrumbs_mask(m, density, gamma), m, 0.0)
+            torch.testing.assert_close(M.breadcrumbs(base, [m], density=density, gamma=gamma), want, rtol=0, atol=0)
+    m = torch.arange(60.0)
+    m[5], m[40] = float("inf"), float("-inf")
+    want = torch.where(_np_breadcrumbs_mask(m, 0.5, 0.1), m, 0.0)
+    torch.testing.assert_close(M.breadcrumbs(base, [m], density=0.5, gamma=0.1), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_model_stock_formula(n):
     base, ms = _models(n, shape=(12, 5))
@@ -567,10 +675,18 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
 g = torch.Generator().manual_seed(0)
-n = 1 << 22
-base = (torch.randn(n, generator=g) * 0.02).bfloat16()
-ms = [(base.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(2)]
-fn = lambda: M.ties(base, ms, [0.6, 0.4], density=0.5)
+shape = (2048, 4096)  # 8 Mi elements
+base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+ms = [(base.float() + torch.randn(shape, generator=g) * 0.002).bfloat16() for _ in range(2)]
+gen = torch.Generator().manual_seed(0)
+fn = {
+    "ties": lambda: M.ties(base, ms, [0.6, 0.4], density=0.5),
+    "dare": lambda: M.dare(base, ms, [0.6, 0.4], density=0.5, consensus="sum", generator=gen),
+    "dare_l1": lambda: M.dare(base, ms, [0.6, 0.4], density=0.5, rescale="l1", generator=gen),
+    "della": lambda: M.della(base, ms, [0.6, 0.4], density=0.5, epsilon=0.1, generator=gen),
+    "breadcrumbs": lambda: M.breadcrumbs(base, ms, [0.6, 0.4], density=0.5, gamma=0.05, consensus="sum"),
+    "slerp": lambda: M.slerp(base, ms[0], 0.4),
+}[sys.argv[1]]
 peak, done = [0], threading.Event()
 def sample():
     while not done.is_set():
@@ -588,13 +704,16 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status") or sys.platform != "linux",
                     reason="RSS sampling reads /proc and trims the heap with glibc's malloc_trim (Linux)")
-def test_ties_scratch_is_a_few_chunks_not_the_tensor():
-    """Besides its output, TIES holds a few cache-sized chunks: no whole-tensor float32 copy
-    (4 Mi elements: one float32 copy of |δ| alone is 16 MiB; the whole-tensor version peaked at 70)."""
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_l1", "della", "breadcrumbs", "slerp"])
+def test_scratch_is_a_few_chunks_not_the_tensor(method):
+    """Besides its output, each method holds a few chunks of 2**18 elements (1 MiB in float32): no
+    whole-tensor float32 copy. 8 Mi elements: one float32 copy of a task vector alone is 32 MiB; the
+    whole-tensor DARE took 192 MiB beyond its output, DARE with L1 rescaling 184, DELLA 312, breadcrumbs
+    344, against 7-15 MiB chunked (measured on the same script)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT, method], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     extra = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"TIES scratch beyond the output: {extra:.1f} MiB")
+    print(f"{method} scratch beyond the output: {extra:.1f} MiB")
     assert extra < 24  # ~12 buffers of 2**18 elements (1 MiB each) and allocator slack
