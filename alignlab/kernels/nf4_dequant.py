@@ -15,6 +15,8 @@ scale share per value, write one value.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
@@ -29,8 +31,9 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 
 __all__ = ["nf4_dequant", "nf4_dequant_lora", "lora_merge_supported"]
 
-# rank cap of the merged LoRA dequantization (one tl.dot of K = R per tile); above it callers take the unmerged path
-MAX_MERGE_RANK = 128
+# rank cap of the merged LoRA dequantization (r fp32 updates per element on the CUDA cores); above it callers
+# take the unmerged path (base GEMM + the adapter term in a second GEMM's epilogue)
+MAX_MERGE_RANK = 32
 
 
 if triton is not None:
@@ -88,40 +91,39 @@ if triton is not None:
         data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, a_ptr, b_ptr,
         row_scale_ptr, out_ptr, n_rows, n_cols, rank, scale,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        ROW_SCALE: tl.constexpr, IEEE: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr,
+        ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr,
     ):
-        """One ``(BLOCK_N, 2 HALF_K)`` tile of ``row_scale ⊙ W + s·B A``: the packed bytes decoded in
-        registers, the rank-``R`` product of the matching ``B`` rows and ``A`` columns added in fp32,
-        one rounding at the store. ``n_cols`` is even, so no byte straddles two rows."""
+        """One ``(BLOCK_N, 2 HALF_K)`` tile of ``row_scale ⊙ W + s·B A``: the packed bytes decoded in registers
+        (high nibbles = even columns, low = odd), the rank-``r`` product added as ``r`` fp32 outer-product
+        updates on the CUDA cores in the decode's own layout (a tensor-core ``tl.dot`` here needs a layout
+        conversion of the whole tile, measured 3x slower than the plain dequantization), one rounding at the
+        store. ``n_cols`` is even, so no byte straddles two rows."""
         pid_n = tl.program_id(0).to(tl.int64)
         pid_k = tl.program_id(1).to(tl.int64)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         half_cols = n_cols // 2
         bcols = pid_k * HALF_K + tl.arange(0, HALF_K)
         rmask = rows < n_rows
-        mask = rmask[:, None] & (bcols < half_cols)[None, :]
+        cmask = bcols < half_cols
+        mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * half_cols + bcols[None, :]
         byte = tl.load(data_ptr + offs, mask=mask, other=0).to(tl.int32)
         hi, lo = nf4_decode(byte, (offs * 2) // BLOCKSIZE, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr,
                             code_ptr, code2_ptr, DOUBLE, NESTED_BS, HAS_SHIFT)
-        w = tl.join(hi, lo).reshape(BLOCK_N, 2 * HALF_K)
         if ROW_SCALE:
-            w *= tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+            rs = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+            hi *= rs
+            lo *= rs
+        for k in range(rank):
+            bk = tl.load(b_ptr + rows * rank + k, mask=rmask, other=0.0).to(tl.float32) * scale
+            ae = tl.load(a_ptr + k * n_cols + 2 * bcols, mask=cmask, other=0.0).to(tl.float32)
+            ao = tl.load(a_ptr + k * n_cols + 2 * bcols + 1, mask=cmask, other=0.0).to(tl.float32)
+            hi += bk[:, None] * ae[None, :]
+            lo += bk[:, None] * ao[None, :]
+        w = tl.join(hi, lo).reshape(BLOCK_N, 2 * HALF_K)
         cols = pid_k * (2 * HALF_K) + tl.arange(0, 2 * HALF_K)
-        cmask = cols < n_cols
-        rr = tl.arange(0, R)
-        # fp32 operands: a 16-bit A or B is exact in tf32 (10-bit mantissa), so tf32 tensor cores lose nothing
-        # there; fp32 factors take the IEEE product
-        bt = tl.load(b_ptr + rows[:, None] * rank + rr[None, :], mask=rmask[:, None] & (rr < rank)[None, :],
-                     other=0.0).to(tl.float32)
-        at = tl.load(a_ptr + rr[:, None] * n_cols + cols[None, :], mask=(rr < rank)[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
-        if IEEE:
-            w += scale * tl.dot(bt, at, input_precision="ieee")
-        else:
-            w += scale * tl.dot(bt, at, input_precision="tf32")
         tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+                 mask=rmask[:, None] & (cols < n_cols)[None, :])
 
 
 def _state_args(t: NF4Tensor) -> tuple:
@@ -198,8 +200,8 @@ def lora_merge_supported(t: NF4Tensor, a: torch.Tensor) -> bool:
             and use_triton(t.data, a))
 
 
-# (BLOCK_N, HALF_K, num_warps) of the merged kernel; the interpreter gets a small tile
-_MERGE_TILE = (64, 128, 8)
+# (BLOCK_N, HALF_K, num_warps) of the merged kernel (benchmarks/nf4_merge.py); the interpreter gets a small tile
+_MERGE_TILE = tuple(int(v) for v in os.environ.get("ALIGNLAB_NF4_MERGE_TILE", "32,128,4").split(","))
 
 
 def nf4_dequant_lora(t: NF4Tensor, dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -249,6 +251,6 @@ def nf4_dequant_lora(t: NF4Tensor, dtype: torch.dtype, a: torch.Tensor, b: torch
            (*_state_args(t), a.contiguous(), b.contiguous(), row_scale.contiguous() if row_scale is not None else t.data, out,
             out_f, in_f, rank, float(scale)),
            dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, IEEE=dtype == torch.float32,
-                R=max(16, triton.next_power_of_2(rank)), BLOCK_N=block_n, HALF_K=half_k, num_warps=warps))
+                HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, BLOCK_N=block_n, HALF_K=half_k,
+                num_warps=warps))
     return out
