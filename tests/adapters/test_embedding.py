@@ -337,3 +337,25 @@ def test_a_tied_head_trained_in_full_is_refused():
     with pytest.raises(ValueError, match="modules_to_save"):
         inject(_llama(tie=True), LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"],
                                             trainable_token_indices=NEW))
+
+
+def test_peft_file_with_tied_embedding_lora_is_refused_not_misread(tmp_path):
+    """PEFT's ``ensure_weight_tying=True`` also puts the embedding's LoRA on a tied head (``lm_head.lora_A/B``);
+    alignlab keeps LoRA on the input side only, so such a file is refused by its extra keys."""
+    peft = pytest.importorskip("peft")
+    if "ensure_weight_tying" not in {f.name for f in __import__("dataclasses").fields(peft.LoraConfig)}:
+        pytest.skip(f"peft {peft.__version__} has no ensure_weight_tying")
+    base = _llama(tie=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True,
+                                                                       target_modules=["q_proj", "embed_tokens"]))
+    theirs.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    if not any("lm_head" in k for k in load_file(tmp_path / "adapter_model.safetensors")):
+        # this PEFT does not put the embedding's LoRA on the tied head: the file is plain and reads the same
+        _randomise(theirs)
+        theirs.save_pretrained(tmp_path)
+        torch.testing.assert_close(load_adapter(model, tmp_path)(IDS).logits, theirs(IDS).logits, **TOL)
+        return
+    with pytest.raises(ValueError, match="lm_head"):
+        load_adapter(model, tmp_path)
+    assert not any(True for _ in adapter_layers(model))  # left as it was
