@@ -464,3 +464,21 @@ def test_parallel_pipeline_writes_the_sequential_bytes_and_restores_threads(thre
     with pytest.raises(ValueError, match="boom"):
         merge_checkpoints(bad, tmp / "err")
     assert torch.get_num_threads() == threads and not (tmp / "err").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory maps (Linux)")
+@pytest.mark.parametrize("method,params", [("slerp", {"a": {"t": 0.3}}), ("della", {"a": {"density": 0.5}})])
+def test_inputs_are_mapped_per_tensor_and_released(three_models, method, params):
+    """Inputs are read through one private map per tensor: after the merge no input file is mapped any
+    more (a map left behind per tensor would hold the whole model in the process by the end), and the
+    mapped tensors are the bytes safetensors reads."""
+    tmp, states = three_models
+    models = ("a",) if method == "slerp" else ("a", "b")
+    merge_checkpoints(recipe(tmp, method, params, models=models), tmp / "out")
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    for name in ("base", "a", "b"):
+        assert str(tmp / name) + "/" not in maps
+    ck = SafetensorsCheckpoint(tmp / "a")
+    for name, t in states["a"].items():
+        assert torch.equal(ck.map(name), t), name
