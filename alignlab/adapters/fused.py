@@ -31,17 +31,11 @@ kernel (:func:`alignlab.kernels.dora.magnitude_grad`); a dense weight or bias th
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["lora_linear", "dora_linear"]
-
-# NF4 weight at more than a decode's rows: dequantize W + s·B A in one pass and run one GEMM (forward and dx)
-# instead of adding the adapter term in a second GEMM's epilogue. ALIGNLAB_MERGE_LORA=0 turns it off.
-MERGE_LORA = os.environ.get("ALIGNLAB_MERGE_LORA", "1") != "0"
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
@@ -109,28 +103,9 @@ def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.
     return x2, a.to(dtype), b.to(dtype)
 
 
-def _merged(rows: int, weight, ac: torch.Tensor, bc: torch.Tensor, scale: float,
-            row_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``row_scale ⊙ W + s·B A`` dequantized in one pass, when ``W`` is NF4, the product has more rows
-    than a decode (so ``W`` is dequantized for cuBLAS anyway) and the merged kernel runs; else None."""
-    if not isinstance(weight, NF4Tensor) or not MERGE_LORA:
-        return None
-    from alignlab.kernels.nf4_dequant import lora_merge_supported, nf4_dequant_lora
-    from alignlab.kernels.nf4_matmul import SMALL_M
-
-    if rows <= SMALL_M or not lora_merge_supported(weight, ac):
-        return None
-    return nf4_dequant_lora(weight, ac.dtype, ac, bc, scale, None if row_scale is None else row_scale.float())
-
-
 def _lora_out(x2: torch.Tensor, weight, bias, ac: torch.Tensor, bc: torch.Tensor, scale: float):
-    """``(x2 Wᵀ + bias + s·(x2 Aᵀ) Bᵀ, x2 Aᵀ)``: one GEMM with the merged NF4 weight where that runs,
-    else the adapter term added in the second GEMM's epilogue."""
+    """``(x2 Wᵀ + bias + s·(x2 Aᵀ) Bᵀ, x2 Aᵀ)``; the adapter term added in the second GEMM's epilogue."""
     xa = x2 @ ac.T
-    w = _merged(x2.shape[0], weight, ac, bc, scale)
-    if w is not None:
-        y = x2 @ w.T if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.T)
-        return y, xa
     y = _base_forward(x2, weight, bias)
     return y.addmm_(xa, bc.T, alpha=scale), xa
 
@@ -156,19 +131,10 @@ class _LoRAFn(torch.autograd.Function):
         x2, dense_w, ac, bc, xa = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+        gb = g @ (ctx.b_scaled if ctx.b_scaled is not None else bc * ctx.scale)  # (tokens, r): reaches x Aᵀ
         dx = dw = dbias = da = db = None
-        w = _merged(g.shape[0], weight, ac, bc, ctx.scale) if ctx.needs_input_grad[0] else None
-        if w is not None:  # dx = dy (W + s·B A): one GEMM, and dy Bᵀ only if A needs its gradient
-            dx = (g @ w).view(ctx.x_shape).to(ctx.x_dtype)
-            del w
-            if not ctx.needs_input_grad[3]:
-                gb = None
-            else:
-                gb = g @ (ctx.b_scaled if ctx.b_scaled is not None else bc * ctx.scale)
-        else:
-            gb = g @ (ctx.b_scaled if ctx.b_scaled is not None else bc * ctx.scale)  # (tokens, r): reaches x Aᵀ
-            if ctx.needs_input_grad[0]:
-                dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0]:
+            dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = (g.T @ x2).to(dense_w.dtype)
         if ctx.needs_input_grad[2]:
@@ -187,10 +153,6 @@ def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dty
     # s·g folded into B once, rounded once from the master B: forward's epilogue and backward's x Aᵀ gradient
     bgs = (b.detach().to(g.dtype) * gs).to(dtype)
     xa = x2 @ ac.T
-    w = _merged(x2.shape[0], weight, ac, bgs, 1.0, g)
-    if w is not None:  # g ⊙ W + (s·g ⊙ B) A in one dequantization: one GEMM
-        y = x2 @ w.T if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.T)
-        return y, xa, g, gs, bgs
     y = _base_forward(x2, weight, bias, g)
     return y.addmm_(xa, bgs.T), xa, g, gs, bgs
 
@@ -224,16 +186,10 @@ class _DoRAFn(torch.autograd.Function):
         x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+        gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
         dx = dw = dbias = da = db = dm = None
-        w = _merged(gy.shape[0], weight, ac, bgs, 1.0, g) if ctx.needs_input_grad[0] else None
-        if w is not None:  # dx = dy (g ⊙ W + (s·g ⊙ B) A): one GEMM
-            dx = (gy @ w).view(ctx.x_shape).to(ctx.x_dtype)
-            del w
-            gb = gy @ bgs if ctx.needs_input_grad[3] else None
-        else:
-            gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
-            if ctx.needs_input_grad[0]:
-                dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0]:
+            dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
         if ctx.needs_input_grad[2]:

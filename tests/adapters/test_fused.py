@@ -344,33 +344,3 @@ def test_no_grad_calls_skip_autograd_and_give_the_same_output(dora, quant, monke
         base_out = layer.base_layer(x)
     assert applied == []
     torch.testing.assert_close(base_out, layer.base_layer(x.clone().requires_grad_()).detach(), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dora", [False, True])
-def test_training_shapes_over_nf4_run_one_merged_dequantization(dora, monkeypatch, triton_mode, kernel_device):
-    """More rows than a decode: forward and dx each dequantize ``g ⊙ W + s·B A`` once (the merged kernel) and
-    the epilogue GEMM is gone; ``ALIGNLAB_MERGE_LORA=0``'s path (MERGE_LORA False) gives the same numbers."""
-    import alignlab.adapters.fused as fused
-    import alignlab.kernels.nf4_dequant as deq
-
-    x, w, bias, a, b, m = _inputs((20,), 64, 24, 4, dora, seed=3)
-    t = nf4_quantize(w, blocksize=32).to(kernel_device)
-    calls = []
-    real = deq.nf4_dequant_lora
-    monkeypatch.setattr(deq, "nf4_dequant_lora", lambda *args, **kw: calls.append(1) or real(*args, **kw))
-
-    def run():
-        leaves = [v.detach().to(kernel_device).requires_grad_() for v in (x, a, b) + ((m,) if dora else ())]
-        if dora:
-            y = dora_linear(leaves[0], t, bias.to(kernel_device), *leaves[1:3], 1.5, leaves[3], torch.float32)
-        else:
-            y = lora_linear(leaves[0], t, bias.to(kernel_device), *leaves[1:3], 1.5, torch.float32)
-        return [y, *torch.autograd.grad(y, leaves, torch.ones_like(y))]
-
-    merged = run()
-    assert len(calls) == 2  # forward and dx
-    monkeypatch.setattr(fused, "MERGE_LORA", False)
-    unmerged = run()
-    assert len(calls) == 2
-    for got, want in zip(merged, unmerged):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
