@@ -155,19 +155,24 @@ class NF4Experts(nn.Module):
                                           double_quant=double_quant) for w in stack]
         return cls(experts, weights, compute_dtype)
 
-    def _set_stack(self, name: str, ts: list[NF4Tensor]) -> None:
-        t0 = ts[0]
-        self._meta[name] = (torch.Size(t0.shape), t0.dtype, t0.blocksize, t0.double_quant, t0.nested_blocksize)
-        if any(t.shift is not None for t in ts):
-            raise ValueError("ICQ-calibrated NF4 tensors are not supported for experts")
-        stacks = [torch.stack([t.data for t in ts]), torch.stack([t.absmax for t in ts])]
-        if t0.double_quant:
-            stacks += [torch.stack([t.nested_absmax for t in ts]), torch.stack([t.nested_offset.reshape(()) for t in ts])]
-        else:
-            stacks += [None, None]
-        for part, value in zip(_PARTS, stacks):
-            self.register_buffer(f"{name}_{part}", value)
-        self.__dict__.pop("_views", None)
+    def _set_stack(self, name: str, ts: list[NF4Tensor] | None, stacks: dict | None = None) -> None:
+        """(Re)place the stacked pieces of ``name``: from per-expert tensors ``ts``, or ready ``stacks``."""
+        if ts is not None:
+            t0 = ts[0]
+            self._meta[name] = (torch.Size(t0.shape), t0.dtype, t0.blocksize, t0.double_quant, t0.nested_blocksize)
+            if any(t.shift is not None for t in ts):
+                raise ValueError("ICQ-calibrated NF4 tensors are not supported for experts")
+            stacks = {"qdata": torch.stack([t.data for t in ts]), "qabsmax": torch.stack([t.absmax for t in ts]),
+                      "nested_absmax": None, "nested_offset": None}
+            if t0.double_quant:
+                stacks["nested_absmax"] = torch.stack([t.nested_absmax for t in ts])
+                stacks["nested_offset"] = torch.stack([t.nested_offset.reshape(()) for t in ts])
+        for part in _PARTS:
+            self.register_buffer(f"{name}_{part}", stacks[part])
+
+    def _part(self, name: str, part: str) -> torch.Tensor | None:
+        """One stacked piece (``qdata``, ``qabsmax``, ``nested_absmax``, ``nested_offset``) of weight ``name``."""
+        return self._buffers[f"{name}_{part}"]
 
     def _check_name(self, name: str) -> None:
         if name not in self._meta:
@@ -184,11 +189,11 @@ class NF4Experts(nn.Module):
         stacked buffers: bitsandbytes' bytes and scales for that 2-D weight)."""
         self._check_name(name)
         shape, dtype, blocksize, dq, nbs = self._meta[name]
-        b = self._buffers
+        part = self._part
         return NF4Tensor(
-            data=b[f"{name}_qdata"][expert], absmax=b[f"{name}_qabsmax"][expert], shape=shape, dtype=dtype,
-            blocksize=blocksize, nested_absmax=b[f"{name}_nested_absmax"][expert] if dq else None,
-            nested_offset=b[f"{name}_nested_offset"][expert] if dq else None, nested_blocksize=nbs,
+            data=part(name, "qdata")[expert], absmax=part(name, "qabsmax")[expert], shape=shape, dtype=dtype,
+            blocksize=blocksize, nested_absmax=part(name, "nested_absmax")[expert] if dq else None,
+            nested_offset=part(name, "nested_offset")[expert] if dq else None, nested_blocksize=nbs,
         )
 
     def bnb_state_dict(self, name: str, expert: int, prefix: str = "weight") -> dict[str, torch.Tensor]:
@@ -208,8 +213,7 @@ class NF4Experts(nn.Module):
         from alignlab.kernels.dispatch import use_triton
 
         shape, _, blocksize, dq, nbs = self._meta[name]
-        b = self._buffers
-        data, absmax = b[f"{name}_qdata"], b[f"{name}_qabsmax"]
+        data, absmax = self._part(name, "qdata"), self._part(name, "qabsmax")
         dtype = dtype or self.compute_dtype
         if use_triton(data):  # one dequantization kernel per expert, each writing its slice
             from alignlab.kernels.nf4_dequant import nf4_dequant
@@ -219,7 +223,7 @@ class NF4Experts(nn.Module):
             for i, e in enumerate(ids):
                 out[i] = nf4_dequant(self.quant_weight(name, int(e)), dtype)
             return out
-        nested, offset = (b[f"{name}_nested_absmax"], b[f"{name}_nested_offset"]) if dq else (None, None)
+        nested, offset = (self._part(name, "nested_absmax"), self._part(name, "nested_offset")) if dq else (None, None)
         if expert_ids is not None:
             ids = torch.as_tensor(expert_ids, dtype=torch.long, device=data.device).reshape(-1)
             data, absmax = data[ids], absmax[ids]
@@ -250,7 +254,7 @@ class NF4Experts(nn.Module):
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.num_experts, *shape):
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"weight must have shape ({self.num_experts}, {shape[0]}, {shape[1]}), got {got}")
-        dev = self._buffers[f"{name}_qdata"].device
+        dev = self._part(name, "qdata").device
         ts = [nf4_quantize(w.to(dev), blocksize=blocksize, double_quant=dq) for w in weight.detach()]
         for t in ts:
             t.dtype = dtype
@@ -260,7 +264,7 @@ class NF4Experts(nn.Module):
     def quantized_state(self, name: str) -> dict[str, torch.Tensor | None]:
         """The packed buffers of ``name`` (references; give them back with :meth:`load_quantized_state_`)."""
         self._check_name(name)
-        return {part: self._buffers[f"{name}_{part}"] for part in _PARTS}
+        return {part: self._part(name, part) for part in _PARTS}
 
     def load_quantized_state_(self, name: str, state: dict) -> None:
         """Put packed buffers from :meth:`quantized_state` back in place (no re-quantization).
@@ -270,11 +274,10 @@ class NF4Experts(nn.Module):
         """
         self._check_name(name)
         for part in _PARTS:
-            have, new = self._buffers[f"{name}_{part}"], state.get(part)
+            have, new = self._part(name, part), state.get(part)
             if (have is None) != (new is None) or (have is not None and have.shape != new.shape):
                 raise ValueError(f"state[{part!r}] does not fit weight {name!r} of this module")
-        for part in _PARTS:
-            self._buffers[f"{name}_{part}"] = state[part]
+        self._set_stack(name, None, {part: state[part] for part in _PARTS})
 
     # -- forward ----------------------------------------------------------------------------------
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -351,12 +354,14 @@ class NF4Experts(nn.Module):
 
     # -- device moves keep the quantization buffers' dtypes ---------------------------------------
     def _apply(self, fn, recurse=True):
-        names = [f"{n}_{p}" for n in self._meta for p in _PARTS]
+        names = [f"{n}_{p}" for n in self._meta for p in _PARTS if f"{n}_{p}" in self._buffers]
         saved = {name: self._buffers[name] for name in names}
         for name in names:
             self._buffers[name] = None
         super()._apply(fn, recurse)
-        ref = next(b for b in saved.values() if b is not None)
+        ref = next((b for b in saved.values() if b is not None), None)
+        if ref is None:
+            return self
         probe = fn(torch.empty(0, device=ref.device))
         for name, buf in saved.items():
             self._buffers[name] = None if buf is None else buf.to(probe.device)

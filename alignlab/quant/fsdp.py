@@ -20,6 +20,10 @@ Per GPU that is ``(0.5 + 1 / 64) / world`` bytes per quantized weight plus the s
 replicated scales, instead of ``0.52`` bytes. The layer's ``state_dict`` still has
 bitsandbytes' keys, the whole tensors (every rank must call ``state_dict()``: the bytes are
 gathered). Convert before ``fully_shard``; :func:`alignlab.distributed.shard_model` does.
+
+:class:`~alignlab.quant.experts.NF4Experts` (MoE expert weights) is converted the same way: its
+stacked uint8 codes ``{name}_qdata (E, ⌈out·in/2⌉)`` and 8-bit scales ``{name}_qabsmax (E, nb)``
+become frozen parameters, which FSDP2 shards along the expert dimension.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alignlab.quant.experts import NF4Experts
 from alignlab.quant.linear import NF4Linear
 from alignlab.quant.nf4 import NF4Tensor
 
-__all__ = ["ShardableNF4Linear", "shardable_nf4_"]
+__all__ = ["ShardableNF4Experts", "ShardableNF4Linear", "shardable_nf4_"]
 
 _NAMES = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 
@@ -115,9 +120,38 @@ class ShardableNF4Linear(NF4Linear):
         return self
 
 
+class ShardableNF4Experts(NF4Experts):
+    """An :class:`~alignlab.quant.experts.NF4Experts` whose uint8 stacks are frozen parameters (FSDP2 shards
+    them along the experts); same math and state dict. Made by :func:`shardable_nf4_`. Outside FSDP2's
+    forward / backward the pieces are gathered where read (a collective: every rank must ask);
+    re-quantizing or restoring packed weights is refused once FSDP2 has sharded it."""
+
+    def _part(self, name: str, part: str) -> torch.Tensor | None:
+        key = f"{name}_{part}"
+        p = self._parameters.get(key)
+        return _whole(p) if p is not None else self._buffers.get(key)
+
+    def _make_parameters(self) -> None:
+        for key, buf in list(self._buffers.items()):
+            if buf is not None and buf.dtype == torch.uint8:
+                del self._buffers[key]
+                self._parameters[key] = nn.Parameter(buf, requires_grad=False)
+
+    def _set_stack(self, name: str, ts, stacks=None) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self._parameters.values() if p is not None):
+            raise ValueError("cannot replace the NF4 expert weights of a module FSDP2 has sharded: merge, re-quantize "
+                             "or load the base before shard_model / fully_shard")
+        for part in ("qdata", "qabsmax"):
+            self._parameters.pop(f"{name}_{part}", None)
+        super()._set_stack(name, ts, stacks)
+        self._make_parameters()
+
+
 def shardable_nf4_(model: nn.Module) -> nn.Module:
-    """Convert every :class:`~alignlab.quant.NF4Linear` of ``model`` in place (see the module
-    docstring); returns ``model``. Layers converted already are left as they are.
+    """Convert every :class:`~alignlab.quant.NF4Linear` and :class:`~alignlab.quant.NF4Experts` of ``model``
+    in place (see the module docstring); returns ``model``. Modules converted already are left as they are.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -128,5 +162,8 @@ def shardable_nf4_(model: nn.Module) -> nn.Module:
         if type(module) is NF4Linear:
             module.__class__ = ShardableNF4Linear
             module.__dict__.pop("_quant_weight", None)
+            module._make_parameters()
+        elif type(module) is NF4Experts:
+            module.__class__ = ShardableNF4Experts
             module._make_parameters()
     return model
