@@ -76,10 +76,21 @@ def alignlab_model(base, dora: bool, adapter_dtype):
     return model
 
 
-def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
+def bnb_linear4bit(lin: nn.Linear):
+    """``bnb.nn.Linear4bit`` on the GPU holding ``lin``'s weight (nf4, double quantization, blocksize 64, bf16 compute)."""
     import bitsandbytes as bnb
-    import peft
 
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True, blocksize=64)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+    return q.cuda()
+
+
+def bnb_nf4_model(base):
+    """A GPU copy of ``base`` with every ``nn.Linear`` but the head replaced by :func:`bnb_linear4bit`."""
     model = copy.deepcopy(base)
     for name, module in list(model.named_modules()):  # everything but the linears to quantize goes to the GPU
         if type(module) is not nn.Linear or name.endswith("lm_head"):
@@ -88,14 +99,16 @@ def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
     for name, lin in list(model.named_modules()):
         if type(lin) is not nn.Linear or name.endswith("lm_head"):
             continue
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True, blocksize=64)
-        q = q.cuda()
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        setattr(model.get_submodule(parent), child, bnb_linear4bit(lin))
     torch.cuda.empty_cache()
+    return model
+
+
+def peft_bnb_model(base, dora: bool, adapter_dtype, targets=TARGETS):
+    import peft
+
+    model = bnb_nf4_model(base)
     cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=dora, lora_dropout=0.0)
     model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=adapter_dtype == torch.float32)
     if adapter_dtype == torch.bfloat16:
