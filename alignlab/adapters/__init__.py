@@ -16,7 +16,7 @@ from alignlab.adapters.bottleneck import AdapterFusionConfig, BottleneckConfig, 
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.dora import dora_weight_norm
 from alignlab.adapters.experts import ExpertLoRA
-from alignlab.adapters.embedding import LoRAEmbedding, TrainableTokensLayer
+from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead, TrainableTokensLayer
 from alignlab.adapters.inject import (
     ParameterCount,
     active_adapters,
@@ -46,7 +46,7 @@ add_adapter = inject  # `add_adapter(model, config, "name")` reads better when a
 
 __all__ = [
     "AdapterLayer", "DoRALinear", "ExpertLoRA", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "ParameterCount", "SavedModule",
-    "TrainableTokensLayer",
+    "TiedLoRAHead", "TrainableTokensLayer",
     "active_adapters", "adapter_configs", "adapter_layers", "adapter_state_dict", "add_adapter",
     "add_weighted_adapter", "count_parameters", "delete_adapter", "disabled", "dora_weight_norm",
     "find_targets", "inject", "load_adapter", "lora_forward", "lora_scaling", "mark_only_adapters_trainable",

@@ -42,6 +42,9 @@ class LoRAConfig:
         trainable_token_indices: train only these rows of the input embedding (a list of token ids) or
             of named modules (``{"embed_tokens": [ids]}``), e.g. new special tokens; a tied output head
             shares the rows (PEFT's option of that name; see :mod:`alignlab.adapters.embedding`).
+        ensure_weight_tying: LoRA on an embedding whose table an output head shares acts on the head too
+            (``logits = x Eᵀ + s·(x B) A``, the same factors; PEFT's option of that name). Default False:
+            the head keeps the frozen table, and merging unties the two.
 
     ``nn.Embedding`` modules named in ``target_modules`` get LoRA in PEFT's embedding layout
     (:class:`~alignlab.adapters.embedding.LoRAEmbedding`); ``"all-linear"`` never selects them.
@@ -61,6 +64,7 @@ class LoRAConfig:
     adapter_dtype: torch.dtype | None = None
     exact_fp32: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
     # last, so that positional construction keeps its meaning
     target_parameters: list[str] | None = None
     include_experts: bool = False
@@ -86,6 +90,8 @@ class LoRAConfig:
         check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise TypeError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import check_token_indices
 
@@ -157,10 +163,14 @@ class LoRAConfig:
             token_row_plan(model, self.trainable_token_indices, set(targets))
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
+        active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])
+        if self.ensure_weight_tying:
+            from alignlab.adapters.embedding import tie_lora_heads
+
+            tie_lora_heads(model, adapter_name, active)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import add_trainable_tokens
 
-            active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])
             add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype)
 
 

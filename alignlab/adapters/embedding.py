@@ -24,7 +24,9 @@ weight *is* the embedding's parameter gets a tied layer sharing ``D``: its logit
 ``I`` are ``x Dᵀ`` (plus the head's bias), so input and output stay tied through training, merging
 and saving (only the embedding's copy is written, as PEFT does). LoRA on a tied embedding changes
 the input side only; the head keeps computing with the frozen table (PEFT's default), and merging
-unties the two with a warning (see :func:`alignlab.adapters.merge`).
+unties the two with a warning (see :func:`alignlab.adapters.merge`). With ``ensure_weight_tying``
+the head gets a :class:`TiedLoRAHead` instead: ``logits = x Eᵀ + s·(x B) A``, the embedding's own
+factors, and merging writes ``ΔE`` once into the shared table.
 
 Both layers scale their contribution by the base's ``embed_scale`` when it has one (Gemma's
 scaled word embedding), as the base itself does.
@@ -40,7 +42,7 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
 
-__all__ = ["LoRAEmbedding", "TrainableTokensLayer", "check_token_indices"]
+__all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_token_indices", "tie_lora_heads"]
 
 
 def _embed_scale(base: nn.Module) -> torch.Tensor | float | None:
@@ -88,6 +90,11 @@ class LoRAEmbedding(AdapterLayer):
 
     mergeable = True
     adapter_stores = {"lora_embedding_A": nn.ParameterDict, "lora_embedding_B": nn.ParameterDict}
+
+    @property
+    def keeps_ties(self) -> bool:
+        """With a :class:`TiedLoRAHead` on the tied head, merging writes into the shared table (no untying)."""
+        return bool(self.__dict__.get("_tied_heads"))
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, use_rslora: bool = False,
                  adapter_name: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
@@ -156,6 +163,114 @@ class LoRAEmbedding(AdapterLayer):
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.adapter_names()]
         return f"num_embeddings={self.in_features}, dim={self.out_features}, adapters=[{'; '.join(parts)}], active={self.active_adapters}"
+
+
+class TiedLoRAHead(AdapterLayer):
+    """The output head tied to a :class:`LoRAEmbedding`, carrying that embedding's LoRA (PEFT's
+    ``ensure_weight_tying``): with the head's weight the table ``E (V, H)``, ``ΔE = s·(B A)ᵀ`` gives
+
+        logits = x Eᵀ + s · (x B) A,      x (..., H) → (..., V)
+
+    with the embedding's own ``A (r, V)`` and ``B (H, r)`` (no parameters of its own). PEFT writes them as the
+    head's ``lora_A.weight = Bᵀ (r, H)`` and ``lora_B.weight = Aᵀ (V, r)``; so does :meth:`peft_tensors`.
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Linear`` or ``source`` not a :class:`LoRAEmbedding`.
+    """
+
+    mergeable = True
+    keeps_ties = True
+    adapter_stores = {"tied_adapters": dict}
+
+    def __init__(self, base: nn.Module, source: LoRAEmbedding, adapter_name: str = "default") -> None:
+        if not isinstance(base, nn.Linear) or not isinstance(source, LoRAEmbedding):
+            raise TypeError(f"a tied LoRA head needs an nn.Linear head and a LoRAEmbedding, got {type(base).__name__} "
+                            f"and {type(source).__name__}")
+        super().__init__(base)
+        self._source = [source]  # a plain list: the embedding is saved and moved as its own module
+        source.__dict__.setdefault("_tied_heads", []).append(self)
+        self.add_adapter(adapter_name)
+        self.active_adapters = [adapter_name]
+
+    @property
+    def source(self) -> LoRAEmbedding:
+        return self._source[0]
+
+    def add_adapter(self, name: str) -> None:
+        """Mirror the embedding's adapter ``name`` (raises ``ValueError`` if it has none)."""
+        self._check_new_adapter(name)
+        if name not in self.source.adapter_names():
+            raise ValueError(f"the tied embedding has no adapter {name!r}")
+        self.tied_adapters[name] = None
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        src = self.source
+        return src.lora_embedding_A[name], src.lora_embedding_B[name], src.scaling[name]
+
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b, s = self._factors(name)
+        return (x.to(b.dtype) @ b) @ a * s
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        self._check_name(name)
+        return self.source.delta_weight(name)
+
+    def _shares_table(self) -> bool:
+        return self.base_layer.weight is self.source.base_layer.weight
+
+    def _merge_one(self, name: str) -> None:
+        if not self._shares_table():  # a shared table is written once, by the embedding's merge
+            super()._merge_one(name)
+
+    def _unmerge_one(self, name: str) -> None:
+        if not self._shares_table():
+            super()._unmerge_one(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if not self.adapter_names() and self in self.source.__dict__.get("_tied_heads", []):
+            self.source.__dict__["_tied_heads"].remove(self)  # about to be unwrapped: the table may untie again
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT's keys for the tied head: ``lora_A.weight`` = ``Bᵀ`` ``(r, H)``, ``lora_B.weight`` = ``Aᵀ`` ``(V, r)``
+        (views of the embedding's factors: loading writes the same values into them)."""
+        a, b, _ = self._factors(name)
+        return {"lora_A.weight": b.T, "lora_B.weight": a.T}
+
+
+def tie_lora_heads(model: nn.Module, adapter_name: str, active: bool) -> list[str]:
+    """Give every ``nn.Linear`` whose weight is the table of a :class:`LoRAEmbedding` holding ``adapter_name``
+    a :class:`TiedLoRAHead` for it; returns the heads' names.
+
+    Raises:
+        ValueError: such a head already holds another adapter layer.
+    """
+    from alignlab.adapters.inject import _set_submodule
+
+    modules = dict(model.named_modules())
+    sources = [(n, m) for n, m in modules.items() if isinstance(m, LoRAEmbedding) and adapter_name in m.adapter_names()]
+    inside = tuple(p + "." for p, m in modules.items() if p and isinstance(m, (AdapterLayer, SavedModule)))
+    heads = []
+    for emb_name, emb in sources:
+        table = emb.base_layer.weight
+        for n, m in modules.items():
+            if not n or n.startswith(inside) and not isinstance(m, TiedLoRAHead):
+                continue
+            base = m.base_layer if isinstance(m, AdapterLayer) else m
+            if not isinstance(base, nn.Linear) or base.weight is not table:
+                continue
+            if isinstance(m, TiedLoRAHead):
+                m.add_adapter(adapter_name)
+            elif isinstance(m, (AdapterLayer, SavedModule)):
+                raise ValueError(f"ensure_weight_tying: the head {n!r} tied to {emb_name!r} holds a {type(m).__name__}")
+            else:
+                m = TiedLoRAHead(m, emb, adapter_name)
+                m.active_adapters = []
+                _set_submodule(model, n, m)
+            if active:
+                m.set_active(m.active_adapters + [adapter_name])
+            heads.append(n)
+    return heads
 
 
 class _Rows(nn.Module):

@@ -127,10 +127,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict:
     """PEFT ``LoraConfig`` fields for ``config``, with ``target_modules`` resolved to exact module names."""
-    from alignlab.adapters.embedding import TrainableTokensLayer
+    from alignlab.adapters.embedding import TiedLoRAHead, TrainableTokensLayer
 
     layers = {n: l for n, l in adapter_layers(model)
-              if adapter_name in l.adapter_names() and not isinstance(l, TrainableTokensLayer)}
+              if adapter_name in l.adapter_names() and not isinstance(l, (TrainableTokensLayer, TiedLoRAHead))}
     experts = {n: layers.pop(n) for n in list(layers) if isinstance(layers[n], ExpertLoRA)}
     rank_pattern = {_exact(n): l.r[adapter_name] for n, l in layers.items() if l.r[adapter_name] != config.r}
     alpha_pattern = {_exact(n): l.alpha[adapter_name] for n, l in layers.items() if l.alpha[adapter_name] != float(config.alpha)}
@@ -156,6 +156,7 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "layers_to_transform": None,
         "layers_pattern": None,
         "trainable_token_indices": config.trainable_token_indices,
+        "ensure_weight_tying": config.ensure_weight_tying,
     }
     if experts and (config.use_dora or config.dropout > 0):  # PEFT's ParamWrapper has neither: our own format
         raw.update(peft_type=OWN_LORA_TYPE, format_version=FORMAT_VERSION)
@@ -254,6 +255,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         init=_our_init(raw.get("init_lora_weights", True)),
         modules_to_save=raw.get("modules_to_save") or None,
         trainable_token_indices=raw.get("trainable_token_indices"),
+        ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
     )
 
 
@@ -285,6 +287,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     inject(model, config, adapter_name)
     try:
+        if _drop_tied_heads_the_file_lacks(model, state, adapter_name):
+            config.ensure_weight_tying = False
         _copy_into(model, state, adapter_name)
     except ValueError:
         from alignlab.adapters.inject import delete_adapter
@@ -308,6 +312,24 @@ def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor],
         raise ValueError(f"adapter {adapter_name!r} of the sharded model differs from the file's "
                          f"({type(have).__name__} vs {type(config).__name__}; compared {fields_})")
     _copy_into(model, state, adapter_name)
+
+
+def _drop_tied_heads_the_file_lacks(model: nn.Module, state: dict, adapter_name: str) -> bool:
+    """Older PEFT (0.18) writes ``ensure_weight_tying`` but leaves a tied head without the embedding's LoRA
+    (no ``<head>.lora_A.weight`` in the file): read such a file as it was trained, with the head untouched.
+    Returns whether a tied head was dropped."""
+    from alignlab.adapters.embedding import TiedLoRAHead
+    from alignlab.adapters.inject import _set_submodule
+
+    dropped = False
+    for name, layer in list(adapter_layers(model)):
+        if isinstance(layer, TiedLoRAHead) and adapter_name in layer.adapter_names() \
+                and f"{PREFIX}{name}.lora_A.weight" not in state:
+            layer.delete_adapter(adapter_name)
+            dropped = True
+            if not layer.adapter_names():
+                _set_submodule(model, name, layer.base_layer)
+    return dropped
 
 
 def _drop_absent_modules_to_save(model: nn.Module, config) -> None:
@@ -358,10 +380,10 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
     expected = _adapter_tensors(model, adapter_name)
     # PEFT also writes the whole table of an embedding that carries LoRA (its default,
     # save_embedding_layers="auto"), and loads it back into the base: so do we
-    from alignlab.adapters.embedding import LoRAEmbedding
+    from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead
 
     expected.update({f"{PREFIX}{n}.base_layer.weight": l.base_layer.weight for n, l in adapter_layers(model)
-                     if isinstance(l, LoRAEmbedding) and f"{PREFIX}{n}.base_layer.weight" in state})
+                     if isinstance(l, (LoRAEmbedding, TiedLoRAHead)) and f"{PREFIX}{n}.base_layer.weight" in state})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:

@@ -64,11 +64,12 @@ def _trainable(model, strip=("base_model.model.", ".default")):
     return out
 
 
-def _copy_ours_into_peft(ours, theirs):
-    """Our adapter tensors into PEFT's parameters (same dotted names once PEFT's prefix/suffix are stripped)."""
+def _copy_ours_into_peft(ours, theirs, skip=()):
+    """Our adapter tensors into PEFT's parameters (same dotted names once PEFT's prefix/suffix are stripped);
+    ``skip``: PEFT parameter name prefixes that are views of others (a tied head's factors)."""
     mine = {n.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta"): p
             for n, p in _trainable(ours).items()}
-    peft_params = _trainable(theirs)
+    peft_params = {n: p for n, p in _trainable(theirs).items() if not n.startswith(tuple(skip))}
     assert sorted(mine) == sorted(peft_params)
     with torch.no_grad():
         for n, p in peft_params.items():
@@ -339,23 +340,88 @@ def test_a_tied_head_trained_in_full_is_refused():
                                             trainable_token_indices=NEW))
 
 
-def test_peft_file_with_tied_embedding_lora_is_refused_not_misread(tmp_path):
-    """PEFT's ``ensure_weight_tying=True`` also puts the embedding's LoRA on a tied head (``lm_head.lora_A/B``);
-    alignlab keeps LoRA on the input side only, so such a file is refused by its extra keys."""
+def _peft_ties_lora_heads(peft) -> bool:
+    """Whether this PEFT puts an embedding's LoRA on the tied head with ``ensure_weight_tying`` (0.21 does)."""
+    import dataclasses
+
+    if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
+        return False
+    probe = peft.get_peft_model(_llama(tie=True), peft.LoraConfig(r=2, target_modules=["embed_tokens"],
+                                                                   ensure_weight_tying=True))
+    return hasattr(probe.base_model.model.lm_head, "lora_A")
+
+
+def test_ensure_weight_tying_puts_the_embedding_lora_on_the_tied_head_as_peft_does(tmp_path):
+    """``logits = x Eᵀ + s·(x B) A`` on the head with the embedding's own factors: outputs, gradients and files
+    against PEFT (both ways, bit-identical after loading); merging keeps the tie and the outputs."""
+    from alignlab.adapters import TiedLoRAHead
+
     peft = pytest.importorskip("peft")
-    if "ensure_weight_tying" not in {f.name for f in __import__("dataclasses").fields(peft.LoraConfig)}:
-        pytest.skip(f"peft {peft.__version__} has no ensure_weight_tying")
+    if not _peft_ties_lora_heads(peft):
+        pytest.skip(f"peft {peft.__version__} does not put the embedding's LoRA on a tied head")
     base = _llama(tie=True)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True,
-                                                                       target_modules=["q_proj", "embed_tokens"]))
-    theirs.save_pretrained(tmp_path)
-    model = copy.deepcopy(base)
-    if not any("lm_head" in k for k in load_file(tmp_path / "adapter_model.safetensors")):
-        # this PEFT does not put the embedding's LoRA on the tied head: the file is plain and reads the same
-        _randomise(theirs)
-        theirs.save_pretrained(tmp_path)
-        torch.testing.assert_close(load_adapter(model, tmp_path)(IDS).logits, theirs(IDS).logits, **TOL)
-        return
-    with pytest.raises(ValueError, match="lm_head"):
-        load_adapter(model, tmp_path)
-    assert not any(True for _ in adapter_layers(model))  # left as it was
+    targets = ["q_proj", "embed_tokens"]
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=targets, ensure_weight_tying=True))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                       ensure_weight_tying=True))
+    head = ours.lm_head
+    assert isinstance(head, TiedLoRAHead) and head.source is ours.model.embed_tokens
+    _randomise(ours)
+    _copy_ours_into_peft(ours, theirs, skip=["lm_head.lora_"])  # PEFT's head factors are views of the embedding's
+    a, b = ours.model.embed_tokens.lora_embedding_A["default"], ours.model.embed_tokens.lora_embedding_B["default"]
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(head(x), x @ base.lm_head.weight.T + 2.0 * (x @ b) @ a)  # s = 8 / 4
+    y, y_ref = ours(IDS).logits, theirs(IDS).logits
+    torch.testing.assert_close(y, y_ref, **TOL)
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    # PEFT keeps the head's factors as separate leaves sharing the embedding's storage, so the tied gradient
+    # (ours: one set of factors) is the sum of its two: dA = dA_emb + dB_headᵀ, dB = dB_emb + dA_headᵀ
+    g_ref = {n: p.grad for n, p in _trainable(theirs).items()}
+    g_ref["model.embed_tokens.lora_embedding_A"] = g_ref["model.embed_tokens.lora_embedding_A"] + g_ref.pop("lm_head.lora_B.weight").T
+    g_ref["model.embed_tokens.lora_embedding_B"] = g_ref["model.embed_tokens.lora_embedding_B"] + g_ref.pop("lm_head.lora_A.weight").T
+    assert sorted(g_ref) == sorted(_trainable(ours))
+    for n, p in _trainable(ours).items():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6)
+
+    expected = ours(IDS).logits.detach()
+    save_adapter(ours, tmp_path / "ours")
+    raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert raw["ensure_weight_tying"] is True and "lm_head" not in raw["target_modules"]
+    sd = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert torch.equal(sd["base_model.model.lm_head.lora_A.weight"], b.detach().T)
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits,
+                               expected, **EXACT)
+    theirs.save_pretrained(tmp_path / "peft")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert isinstance(mine.lm_head, TiedLoRAHead)
+    torch.testing.assert_close(mine(IDS).logits, expected, **EXACT)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no untying
+        merge_and_unload(ours)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ensure_weight_tying_file_of_a_peft_that_left_the_head_alone(tmp_path):
+    """A file whose ``ensure_weight_tying`` came without head keys (PEFT 0.18) reads with the head untouched;
+    built here by dropping the head keys from our own file."""
+    from safetensors.torch import save_file
+
+    base = _llama(tie=True)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=["embed_tokens"], ensure_weight_tying=True))
+    _randomise(ours)
+    save_adapter(ours, tmp_path)
+    sd = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items() if "lm_head" not in k}
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    mine = load_adapter(copy.deepcopy(base), tmp_path)
+    assert not isinstance(mine.lm_head, LoRAEmbedding) and type(mine.lm_head) is nn.Linear
+    untied = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        untied.model.embed_tokens.lora_embedding_A["default"].copy_(ours.model.embed_tokens.lora_embedding_A["default"])
+        untied.model.embed_tokens.lora_embedding_B["default"].copy_(ours.model.embed_tokens.lora_embedding_B["default"])
+    torch.testing.assert_close(mine(IDS).logits, untied(IDS).logits, **EXACT)
+
