@@ -403,6 +403,10 @@ def add_weighted_adapter(
         raise ValueError("weighted combination is defined for plain LoRA adapters, not DoRA")
     if any(isinstance(layer, ExpertLoRA) and set(adapters) & set(layer.adapter_names()) for _, layer in adapter_layers(model)):
         raise ValueError("weighted combination of adapters on fused expert weights is not supported")
+    if any(not isinstance(layer, (LoRALinear, ExpertLoRA)) and set(adapters) & set(layer.adapter_names())
+           for _, layer in adapter_layers(model)):  # embedding LoRA, trainable token rows
+        raise ValueError("weighted combination covers LoRA on linear layers; these adapters also adapt an embedding "
+                         "(LoRA or trainable token rows)")
     if combination == "svd" and (rank is None or rank <= 0):
         raise ValueError(f"combination='svd' needs a positive rank, got {rank!r}")
     if combination == "linear":

@@ -425,3 +425,13 @@ def test_ensure_weight_tying_file_of_a_peft_that_left_the_head_alone(tmp_path):
         untied.model.embed_tokens.lora_embedding_B["default"].copy_(ours.model.embed_tokens.lora_embedding_B["default"])
     torch.testing.assert_close(mine(IDS).logits, untied(IDS).logits, **EXACT)
 
+
+
+def test_weighted_combination_of_embedding_adapters_is_refused():
+    from alignlab.adapters import add_weighted_adapter
+
+    for config in (LoRAConfig(target_modules=["q_proj", "embed_tokens"]),
+                   LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[1])):
+        model = inject(_llama(), config)
+        with pytest.raises(ValueError, match="embedding"):
+            add_weighted_adapter(model, ["default"], [1.0], "mix")
