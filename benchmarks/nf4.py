@@ -21,6 +21,12 @@ Times: CUDA-event medians, L2 flushed before each call (``alignlab.bench.compare
 rotating weights (no host overhead, no L2 reuse), each against a device copy of
 the same number of bytes timed the same way (:func:`decode_rows`).
 
+Section ``eager`` (on by default): one layer call per contestant -- ``NF4Linear``, bitsandbytes'
+``Linear4bit``, bf16 ``nn.Linear`` -- at M = 1, 2, 4, ..., 64: the eager per-call wall time (median of
+``perf_counter`` around single calls, the queue drained every 50 calls: ``host_overhead.per_call_us``) next to
+the CUDA-graph kernel time of the same call over rotating layers (:func:`eager_rows`).  Where the eager time is
+the larger, a plain eager loop (``generate()``) is bound by the host, not by the kernel.
+
 Also checks, on the GPU, that alignlab's quantization gives the same bytes as
 bitsandbytes' CUDA ``quantize_4bit``.
 
@@ -34,13 +40,20 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from host_overhead import per_call_us  # noqa: E402
+from qlora_step import bnb_linear4bit  # noqa: E402
 
 from alignlab.bench import compare, copy_bandwidth, matmul_tflops, save_results
 from alignlab.kernels import nf4_matmul as mm
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+from alignlab.quant import NF4Linear
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
@@ -213,12 +226,55 @@ def decode_rows(bnb, F, N, K, sections, dt=torch.bfloat16):
     return rows
 
 
+EAGER_M = (1, 2, 4, 8, 16, 32, 64)
+
+
+def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
+    """Eager per-call wall time and CUDA-graph kernel time of one layer call, per contestant and M; one dict per M.
+
+    Contestants are whole modules, as a model calls them: ``NF4Linear`` (alignlab), ``bnb.nn.Linear4bit``
+    and a bf16 ``nn.Linear``.  The graph time is :func:`_graph_us` over enough copies of the layer (different
+    random weights) to exceed the L2 cache; the eager time is the median host time of single calls on the
+    first copy (``host_overhead.per_call_us``).  ``*_eager_over_graph`` > 1: an eager loop of such calls
+    waits on Python, not on the GPU.
+    """
+    def count(nbytes):
+        return max(2, -(-int(L2_BYTES) // int(nbytes)))
+
+    def linear():
+        lin = nn.Linear(K, N, bias=False, device="cuda", dtype=dt).requires_grad_(False)
+        nn.init.normal_(lin.weight, std=0.02)
+        return lin
+
+    layers = {"alignlab": [NF4Linear.from_linear(linear()) for _ in range(count(N * K * 0.53))],
+              "bf16": [linear() for _ in range(count(2 * N * K))]}
+    if with_bnb:
+        layers["bnb"] = [bnb_linear4bit(linear()) for _ in range(count(N * K * 0.53))]
+    rows = []
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        r = {"name": f"eager M={M}", "N": N, "K": K, "M": M}
+        with torch.no_grad():
+            for k, mods in layers.items():
+                for m in mods:
+                    m(x)  # first-call work (autotune, lazy state) outside timing and capture
+                r[f"{k}_eager_us"] = per_call_us(lambda m=mods[0]: m(x))
+                r[f"{k}_graph_us"] = _graph_us([lambda m=m: m(x) for m in mods])
+                r[f"{k}_eager_over_graph"] = r[f"{k}_eager_us"] / r[f"{k}_graph_us"]
+        rows.append(r)
+        print(f"{N}x{K} M={M:3d} per call, eager wall / CUDA-graph kernel (us): "
+              + "  ".join(f"{k} {r[f'{k}_eager_us']:6.1f} / {r[f'{k}_graph_us']:6.1f}" for k in layers), flush=True)
+    del layers
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="first two shapes only")
     p.add_argument("--out", default="benchmarks/results/nf4.json")
     p.add_argument("--rep", type=int, default=None)
-    p.add_argument("--sections", default="check,dequant,m1,m4,m16,m4096,bwd")
+    p.add_argument("--sections", default="check,eager,dequant,m1,m4,m16,m4096,bwd")
     p.add_argument("--graphs", action="store_true",
                    help="dequant / M<=16 rows: CUDA-graph replays over rotating weights, against a copy of the "
                         "same bytes timed the same way (decode-style; see decode_rows)")
@@ -269,6 +325,10 @@ def main(argv=None):
         return c
 
     for N, K in shapes:
+        if "eager" in sections:
+            summary.extend(eager_rows(F is not None, N, K))
+            meta["summary"] = summary
+            save_results(args.out, comps, meta=meta)
         if args.graphs:
             summary.extend(decode_rows(bnb, F, N, K, sections))
             meta["summary"] = summary

@@ -1,0 +1,293 @@
+"""End-to-end greedy decoding with HF ``generate()``: bf16 vs alignlab NF4 vs bitsandbytes NF4 (GPU; CPU ``--quick``).
+
+Model: the Llama-3-8B-shaped stack of ``benchmarks/qlora_step.py`` (4 decoder layers, hidden 4096, MLP 14336,
+32 heads, 8 KV heads, 128k-vocabulary head), random weights, bf16. Contestants, each built from the same
+weights and moved to the device on its own (so the peak memory is its own):
+
+* ``bf16`` -- the dense model;
+* ``alignlab NF4`` -- ``alignlab.quant.quantize_model(model, compute_dtype=torch.bfloat16)`` (NF4, double
+  quantization, blocksize 64, head kept bf16);
+* ``bnb NF4`` -- every linear but the head as ``bnb.nn.Linear4bit`` (nf4, double quantization, blocksize 64, bf16
+  compute); skipped, with the reason printed, when bitsandbytes cannot run on the device.
+
+For each batch (1, 8, 32): a 32-token random prompt (the same for every contestant), greedy decoding of exactly
+128 new tokens with the KV cache. One warm-up ``generate``, then ``--reps`` timed ones (synchronize + wall clock
+around each call; the median is reported), then one ``generate`` of a single token, which is the prefill alone.
+Reported: tokens/s = new tokens x batch / time of the whole call, ms per decode step = (whole call - prefill call)
+/ (new tokens - 1), prefill ms, peak allocated memory during the timed calls, and how many generated tokens are
+identical to bf16's and to bitsandbytes' (greedy decoding of random weights is full of near-ties, so one flipped
+argmax changes the rest of a row: NF4 vs bf16 differs; alignlab vs bnb compute on the same NF4 bytes and should
+mostly agree).
+
+Modes: ``eager`` (dynamic cache, no compilation: what a user's plain ``generate`` call costs, host overhead
+included) and, with ``--graphs``, ``graphs``: ``cache_implementation="static"``, with which ``transformers``
+compiles the decode step's forward with ``torch.compile(mode="reduce-overhead")`` (a CUDA graph replay per step;
+the prefill stays eager). The first warm-up calls of that mode, compilation included, are reported as
+``compile_s``.
+
+Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--out PATH]`` on a CUDA
+machine; ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qlora_step import bnb_nf4_model, llama8b_stack  # noqa: E402
+
+from alignlab.bench import library_versions  # noqa: E402
+from alignlab.quant import quantize_model  # noqa: E402
+
+PROMPT = 32
+NEW_TOKENS = 128
+
+
+def tiny_llama():
+    """A 2-layer random Llama with hidden size 64, bf16, on the CPU (the ``--quick`` model)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).requires_grad_(False)
+
+
+def bnb_unavailable(device: str) -> str | None:
+    """Why bitsandbytes NF4 cannot run here, or ``None`` when it can."""
+    if device != "cuda":
+        return f"bitsandbytes NF4 rows need CUDA (device is {device})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes  # noqa: F401
+            import bitsandbytes.functional as F
+
+            w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+            F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    except Exception as exc:  # noqa: BLE001 - any failure means "no bnb here"
+        return f"bitsandbytes cannot run on CUDA here: {type(exc).__name__}: {exc}"
+    return None
+
+
+def builders(base, device: str, skip_bnb: str | None) -> dict:
+    def bf16():
+        return copy.deepcopy(base).to(device)
+
+    def alignlab():
+        return quantize_model(copy.deepcopy(base).to(device), compute_dtype=torch.bfloat16)
+
+    table = {"bf16": bf16, "alignlab NF4": alignlab}
+    if skip_bnb is None:
+        table["bnb NF4"] = lambda: bnb_nf4_model(base)
+    return table
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _generate(model, ids, new_tokens: int, graphs: bool):
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
+    if graphs:  # a compileable cache on CUDA: transformers compiles the decode forward (its CompileConfig)
+        kwargs["cache_implementation"] = "static"
+    return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def _timed(fn, device: str):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def run_generate(model, ids, new_tokens: int, reps: int, graphs: bool, device: str) -> dict:
+    """Warm-up, timed whole calls, one prefill-only call; returns timings, peak memory and the new tokens."""
+    warmups = 2 if graphs else 1  # reduce-overhead records its CUDA graph on a later call than the first
+    warm_s = []
+    for _ in range(warmups):
+        _, s = _timed(lambda: _generate(model, ids, new_tokens, graphs), device)
+        warm_s.append(s)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        out, s = _timed(lambda: _generate(model, ids, new_tokens, graphs), device)
+        times.append(s)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    _, prefill_s = _timed(lambda: _generate(model, ids, 1, graphs), device)
+    new = out[:, ids.shape[1]:]
+    if new.shape[1] != new_tokens:
+        raise RuntimeError(f"generate returned {new.shape[1]} new tokens, expected {new_tokens}")
+    total = statistics.median(times)
+    batch = ids.shape[0]
+    return dict(s=total, s_min=min(times), s_max=max(times), tokens_per_s=new_tokens * batch / total,
+                decode_step_ms=1e3 * (total - prefill_s) / max(new_tokens - 1, 1), prefill_ms=1e3 * prefill_s,
+                peak_gib=peak, compile_s=sum(warm_s) - warmups * total if graphs else None, tokens=new.cpu())
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Fraction of identical generated tokens, and the mean position of the first difference per row."""
+    same = a == b
+    first = torch.where(same.all(1), torch.full((a.shape[0],), a.shape[1]), (~same).int().argmax(1))
+    return dict(identical=same.float().mean().item(), first_diff=first.float().mean().item())
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(results: list[dict], modes: list[str], batches: list[int]):
+    for mode in modes:
+        for batch in batches:
+            rows = [r for r in results if r["mode"] == mode and r["batch"] == batch]
+            if not rows:
+                continue
+            ref = {r["name"]: r for r in rows if "tokens_per_s" in r}
+            print(f"\n| {mode}, batch {batch} | tokens/s | x bf16 | x bnb | ms/decode step | prefill ms | peak GiB "
+                  f"| same tokens as bf16 | same as bnb |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                if "error" in r:
+                    print(f"| {r['name']} | error: {r['error'][:120]} |||||||")
+                    continue
+                tps = r["tokens_per_s"]
+                x_bf16 = tps / ref["bf16"]["tokens_per_s"] if "bf16" in ref else None
+                x_bnb = tps / ref["bnb NF4"]["tokens_per_s"] if "bnb NF4" in ref else None
+                print(f"| {r['name']} | {tps:.0f} | {_fmt(x_bf16, '.2f')} | {_fmt(x_bnb, '.2f')} "
+                      f"| {r['decode_step_ms']:.2f} | {r['prefill_ms']:.1f} | {_fmt(r['peak_gib'], '.2f')} "
+                      f"| {_fmt(r.get('vs_bf16', {}).get('identical'), '.1%')} "
+                      f"| {_fmt(r.get('vs_bnb NF4', {}).get('identical'), '.1%')} |")
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """Issue targets: alignlab NF4 >= bf16 and >= 1.2x bnb NF4 in tokens/s, per mode and batch."""
+    out = []
+    for r in results:
+        if r["name"] != "alignlab NF4" or "error" in r:
+            continue
+        peers = {p["name"]: p for p in results if p["mode"] == r["mode"] and p["batch"] == r["batch"]
+                 and "tokens_per_s" in p}
+        for peer, factor in (("bf16", 1.0), ("bnb NF4", 1.2)):
+            if peer not in peers:
+                continue
+            ratio = r["tokens_per_s"] / peers[peer]["tokens_per_s"]
+            out.append(dict(mode=r["mode"], batch=r["batch"], target=f">= {factor}x {peer}", ratio=ratio,
+                            met=ratio >= factor))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random Llama (hidden 64, 2 layers), 8 new tokens; runs on the CPU")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 32 (--quick: 1 4)")
+    parser.add_argument("--new-tokens", type=int, default=None, help=f"default {NEW_TOKENS} (--quick: 8)")
+    parser.add_argument("--reps", type=int, default=None, help="timed generate calls per contestant and batch; "
+                                                                "default 3 (--quick: 1)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also the static-cache mode, decode step compiled with reduce-overhead (CUDA graphs)")
+    parser.add_argument("--only-graphs", action="store_true", help="the static-cache mode alone")
+    parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/nf4_generate.py needs a CUDA GPU (or --quick --device cpu)")
+    new_tokens = args.new_tokens or (8 if args.quick else NEW_TOKENS)
+    args.batches = args.batches or ([1, 4] if args.quick else [1, 8, 32])
+    args.reps = args.reps or (1 if args.quick else 3)
+    modes = ([] if args.only_graphs else ["eager"]) + (["graphs"] if args.graphs or args.only_graphs else [])
+    if "graphs" in modes and device != "cuda":
+        print("note: on the CPU transformers does not compile the decode step; graphs mode = static cache only")
+    skip_bnb = bnb_unavailable(device)
+    if skip_bnb:
+        print(f"bnb NF4 skipped: {skip_bnb}")
+    t_start = time.perf_counter()
+    base = tiny_llama() if args.quick else llama8b_stack()
+    base.generation_config.eos_token_id = None  # exactly new_tokens per row
+    table = {k: v for k, v in builders(base, device, skip_bnb).items()
+             if not args.which or any(w in k for w in args.which)}
+    print(f"model built in {time.perf_counter() - t_start:.1f} s; modes {modes}, batches {args.batches}, "
+          f"prompt {PROMPT}, new tokens {new_tokens}", flush=True)
+
+    results = []
+    for name, build in table.items():
+        try:
+            model = build()
+        except Exception as exc:  # noqa: BLE001 - a broken contestant is reported, the others still run
+            print(f"{name}: build failed: {type(exc).__name__}: {exc}", flush=True)
+            results += [dict(name=name, mode=m, batch=b, error=f"build: {exc}") for m in modes for b in args.batches]
+            continue
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for mode in modes:
+            for batch in args.batches:
+                ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
+                                    generator=torch.Generator().manual_seed(batch)).to(device)
+                if mode == "graphs":
+                    torch._dynamo.reset()  # one compilation per contestant and batch, never hitting the recompile limit
+                row = dict(name=name, mode=mode, batch=batch)
+                try:
+                    row.update(run_generate(model, ids, new_tokens, args.reps, mode == "graphs", device))
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                results.append(row)
+                if "error" in row:
+                    print(f"{mode:6s} b{batch:<3d} {name:13s} error: {row['error'][:300]}", flush=True)
+                    continue
+                comp = "" if row["compile_s"] is None else f"  warm-up/compile {row['compile_s']:.1f} s"
+                print(f"{mode:6s} b{batch:<3d} {name:13s} {row['tokens_per_s']:9.0f} tok/s  "
+                      f"{row['decode_step_ms']:7.2f} ms/step  prefill {row['prefill_ms']:7.1f} ms  "
+                      f"peak {_fmt(row['peak_gib'], '.2f')} GiB{comp}", flush=True)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    for r in results:  # token agreement with each reference contestant of the same mode and batch
+        if "tokens" not in r:
+            continue
+        for ref in results:
+            if (ref["name"] in ("bf16", "bnb NF4") and ref["name"] != r["name"] and "tokens" in ref
+                    and (ref["mode"], ref["batch"]) == (r["mode"], r["batch"])):
+                r[f"vs_{ref['name']}"] = _agreement(r["tokens"], ref["tokens"])
+    print_tables(results, modes, args.batches)
+    goals = targets(results)
+    if goals:
+        print()
+    for g in goals:
+        print(f"target {g['mode']:6s} b{g['batch']:<3d} alignlab NF4 {g['target']:14s}: {g['ratio']:.2f}x "
+              f"{'met' if g['met'] else 'MISSED'}")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+
+    for r in results:
+        r.pop("tokens", None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    tmp.write_text(json.dumps({"versions": library_versions(), "device": device_name,
+                               "model": "tiny random Llama (--quick)" if args.quick else "llama8b_stack(4)",
+                               "prompt": PROMPT, "new_tokens": new_tokens, "reps": args.reps,
+                               "results": results, "targets": goals}, indent=2, default=str))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
