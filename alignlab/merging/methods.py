@@ -1060,8 +1060,10 @@ def slerp(
     and ``a·b`` together (float32 dot products per cache-sized chunk, summed in float64), so
     ``â·b̂ = a·b / (‖a‖‖b‖)``; the second writes ``c_a a + c_b b``. mergekit instead makes three
     passes (the two norms, then the dot product of the normalised tensors, all float32 reductions):
-    the two agree up to float32 rounding of ``â·b̂``, which moves the coefficients by an ulp or so
-    and, rounded to bf16, about one element in 10⁵–10⁶ by one bf16 ulp.
+    the two agree up to float32 rounding of ``â·b̂``, which ``acos`` amplifies by ``1/sin Ω`` for
+    near-colinear tensors. On a 32000×2048 bf16 pair at cos Ω = 0.995 our float32 result is within
+    6e-8 of the formula in float64, mergekit's within 2.2e-6; rounded to bf16, 0.45% of mergekit's
+    elements and 0.017% of ours differ by one ulp from the float64 formula rounded to bf16.
 
     Args:
         a, b: same shape, any (flattened internally).
