@@ -605,8 +605,8 @@ def _order_stats(flat_b: Tensor, flat_m: list[Tensor], ks: list[list[int]], step
             L = min(step, n - s)
             bw[:L].copy_(flat_b[s : s + L])
             for i in live:
-                if wd == torch.float32:
-                    torch.sub(flat_m[i][s : s + L], bw[:L], out=d[:L])
+                if wd == torch.float32:  # widen, then subtract: ~2x faster than one mixed-dtype sub
+                    d[:L].copy_(flat_m[i][s : s + L]).sub_(bw[:L])
                 else:
                     d[:L].copy_(torch.sub(flat_m[i][s : s + L], bw[:L], out=dw[:L]))
                 ab = torch.bitwise_and(d[:L].view(torch.int32), _ABS_BITS, out=bits[:L])
@@ -667,7 +667,7 @@ def _ties_float32(base, models, w, dens, consensus, normalize, lambda_, dest) ->
         b.copy_(flat_b[s : s + L])
         es, ties_at = [], []
         for i, (m, wi) in enumerate(zip(flat_m, w)):
-            d = torch.sub(m[s : s + L], b, out=deltas[i][:L])
+            d = deltas[i][:L].copy_(m[s : s + L]).sub_(b)  # widen, then subtract (faster than a mixed sub)
             ties_at.append(None)
             if trims[i] is not None:
                 thr = trims[i][0]
@@ -746,7 +746,7 @@ def _chunked(base, models, weights, trim, consensus, normalize, lambda_, out_dty
     flat_m = [m.reshape(-1) for m in models]
     step = step or _CHUNK
     for s in range(0, flat_b.numel(), step):
-        b = flat_b[s : s + step]
+        b = flat_b[s : s + step].to(wd)  # widened once per chunk (exact), not once per model
         deltas = []
         for i, (m, wi) in enumerate(zip(flat_m, weights)):
             d = m[s : s + step].to(wd, copy=True).sub_(b)
