@@ -362,8 +362,8 @@ def merge_checkpoints(
         progress: show a tqdm bar over tensors (silently off without tqdm).
         prefetch: merge up to ``torch.get_num_threads()`` tensors at once on worker
             threads (each with single-threaded torch ops; the thread setting is
-            restored afterwards) while this thread writes finished ones; the tensors
-            in flight never exceed the largest single tensor's inputs plus output.
+            restored afterwards), each writing its result into its place in the shard;
+            the tensors in flight never exceed the largest single tensor's inputs plus output.
             False: one tensor at a time.
 
     Returns:
