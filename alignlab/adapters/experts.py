@@ -208,9 +208,54 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) 
     largest group (any dtype). Never a loop over experts.
     """
     wt = weight.transpose(1, 2)  # (E, in, out)
+    if torch.compiler.is_compiling():
+        # the group sizes decide the padded shape (data-dependent), which inductor cannot lower; the op is
+        # opaque to the compiler and runs the eager path below inside the graph
+        return torch.ops.alignlab.grouped_linear(x, wt, groups.ids, groups.offsets)
+    return _grouped_linear_eager(x, wt, groups.ids, groups.offsets)
+
+
+def _grouped_linear_eager(x: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_applies(x, wt):
-        return F.grouped_mm(x, wt, offs=groups.offsets)
-    return _padded_bmm(x, wt, groups)
+        return F.grouped_mm(x, wt, offs=offsets)
+    return _padded_bmm(x, wt, ExpertGroups(ids, ids, offsets))  # perm: unused by the padded path
+
+
+@torch.library.custom_op("alignlab::grouped_linear", mutates_args=())
+def _grouped_linear_op(x: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear_eager(x, wt, ids, offsets)
+
+
+@_grouped_linear_op.register_fake
+def _(x, wt, ids, offsets):
+    return x.new_empty(x.shape[0], wt.shape[2])
+
+
+@torch.library.custom_op("alignlab::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward_op(x: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                                grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gx = _grouped_linear_eager(grad, wt.transpose(1, 2).to(grad.dtype), ids, offsets)
+    # dW_e = X_eᵀ G_e over expert e's rows: both scattered into (E, C, ·) as in the forward's padded path
+    padded_x, _ = _padded_rows(x, ids, offsets, wt.shape[0])
+    padded_g, _ = _padded_rows(grad.to(x.dtype), ids, offsets, wt.shape[0])
+    return gx.to(x.dtype).contiguous(), torch.bmm(padded_x.transpose(1, 2), padded_g).to(wt.dtype).contiguous()
+
+
+@_grouped_linear_backward_op.register_fake
+def _(x, wt, ids, offsets, grad):
+    return x.new_empty(x.shape), wt.new_empty(wt.shape)
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_linear_grad(ctx, grad):
+    gx, gw = torch.ops.alignlab.grouped_linear_backward(*ctx.saved_tensors, grad)
+    return gx, gw, None, None
+
+
+_grouped_linear_op.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
@@ -231,12 +276,16 @@ def _grouped_mm_applies(x: torch.Tensor, wt: torch.Tensor) -> bool:
 
 def _padded_bmm(x: torch.Tensor, wt: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
     """The reference: rows scattered into ``(E, C, in)`` (C = the largest group), one ``bmm``, gathered back."""
-    counts = torch.diff(groups.offsets, prepend=groups.offsets.new_zeros(1)).long()
-    starts = groups.offsets.long() - counts
-    pos = torch.arange(x.shape[0], device=x.device) - starts[groups.ids]
-    capacity = int(counts.max()) if counts.numel() else 0
-    padded = x.new_zeros(wt.shape[0], capacity, x.shape[1]).index_put((groups.ids, pos), x)
+    padded, pos = _padded_rows(x, groups.ids, groups.offsets, wt.shape[0])
     return torch.bmm(padded, wt.to(x.dtype))[groups.ids, pos]
+
+
+def _padded_rows(x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted rows ``x (S, d)`` scattered into ``(E, C, d)`` (zeros past each group's end), and each row's slot."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+    pos = torch.arange(x.shape[0], device=x.device) - (offsets.long() - counts)[ids]
+    capacity = int(counts.max()) if counts.numel() else 0
+    return x.new_zeros(num_experts, capacity, x.shape[1]).index_put((ids, pos), x), pos
 
 
 def _pad_rank(r: int, dtype: torch.dtype) -> int:
