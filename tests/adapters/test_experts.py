@@ -443,3 +443,17 @@ def test_torch_compile_fullgraph_equals_the_formed_weight():
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_file_from_transformers_4_expert_names_loads(tmp_path):
+    """PEFT rewrites target_modules=[gate_proj, up_proj, down_proj] on a MoE model into target_parameters with
+    rank and alpha doubled for the fused gate_up_proj (rank_pattern / alpha_pattern regexes): same logits here."""
+    peft = _peft_or_skip("qwen3_moe")
+    model = _model("qwen3_moe")
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+    if not theirs.peft_config["default"].target_parameters:
+        pytest.skip(f"peft {peft.__version__} does not convert transformers 4.x expert names")
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(model), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-4, atol=1e-5)
