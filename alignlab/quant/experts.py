@@ -24,6 +24,11 @@ The forward is the block's: with the ``(token, slot)`` pairs sorted by expert,
 routed to are touched, one at a time: each product runs through the NF4 matmul of
 :class:`~alignlab.quant.NF4Linear` (Triton on CUDA, dequantize + matmul on CPU), and the input
 gradient re-dequantizes that expert in the backward, so no dense expert weight outlives its product.
+Under ``torch.compile`` which experts run, on which rows, comes from the routing (data the compiler cannot
+trace), so that loop runs inside the opaque op ``alignlab::nf4_grouped_linear`` (packed buffers as plain
+tensor arguments, backward = the same op on ``W_eᵀ``), as :func:`alignlab.adapters.experts.grouped_linear`
+does for dense experts; the compiled forward keeps every ``(token, slot)`` row instead of syncing to drop
+expert-parallel sentinels, and zeroes their routing weight.
 
 Memory: ``0.5 + 1/64 + 4/(64·256)`` bytes per weight with double quantization (blocksize 64), plus
 4 bytes of offset per expert matrix: about ``0.258×`` the bf16 stack (see docs/moe.md).
@@ -81,6 +86,64 @@ class _SortedNF4Linear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         dx = ctx.experts._sorted_matmul(dy, ctx.name, ctx.spans, transpose=True) if ctx.needs_input_grad[0] else None
         return dx, None, None, None
+
+
+def _expert_nf4(parts: tuple, meta: tuple, expert: int) -> NF4Tensor:
+    """Expert ``expert``'s :class:`NF4Tensor` from the stacked ``parts`` (qdata, qabsmax, nested_absmax,
+    nested_offset) and ``meta`` (shape, dtype, blocksize, double_quant, nested_blocksize) of one weight."""
+    data, absmax, nested, offset = parts
+    shape, dtype, blocksize, dq, nbs = meta
+    return NF4Tensor(data=data[expert], absmax=absmax[expert], shape=shape, dtype=dtype, blocksize=blocksize,
+                     nested_absmax=nested[expert] if dq else None, nested_offset=offset[expert] if dq else None,
+                     nested_blocksize=nbs)
+
+
+def _nf4_sorted_matmul(x: torch.Tensor, weight_of, shape: torch.Size, spans: list, transpose: bool) -> torch.Tensor:
+    """``W_e x`` (or ``W_eᵀ x`` with ``transpose``) over each span's rows ``(expert, start, stop)``, expert
+    ``e``'s ``(out, in) = shape`` matrix being ``weight_of(e)`` (an :class:`NF4Tensor`), dequantized one at a
+    time; rows past the last span (routed nowhere) are zero."""
+    from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+
+    width = shape[1] if transpose else shape[0]
+    covered = spans[-1][2] if spans else 0
+    out = x.new_empty(x.shape[0], width) if covered == x.shape[0] else x.new_zeros(x.shape[0], width)
+    for expert, start, stop in spans:
+        t = weight_of(expert)
+        rows = x[start:stop]
+        out[start:stop] = nf4_matmul_t(rows, t) if transpose else nf4_matmul(rows, t)
+    return out
+
+
+# Under torch.compile the per-expert loop (its spans come from the routing, a host sync) runs inside an opaque
+# op, as alignlab::grouped_linear does for the dense expert LoRA path; the packed buffers are plain arguments.
+@torch.library.custom_op("alignlab::nf4_grouped_linear", mutates_args=())
+def _nf4_grouped_linear_op(x: torch.Tensor, qdata: torch.Tensor, qabsmax: torch.Tensor,
+                           nested_absmax: torch.Tensor | None, nested_offset: torch.Tensor | None,
+                           offsets: torch.Tensor, shape: list[int], dtype: torch.dtype, blocksize: int,
+                           nested_blocksize: int, transpose: bool) -> torch.Tensor:
+    meta = (torch.Size(shape), dtype, blocksize, nested_absmax is not None, nested_blocksize)
+    parts = (qdata, qabsmax, nested_absmax, nested_offset)
+    return _nf4_sorted_matmul(x, lambda e: _expert_nf4(parts, meta, e), meta[0], NF4Experts.spans(offsets), transpose)
+
+
+@_nf4_grouped_linear_op.register_fake
+def _(x, qdata, qabsmax, nested_absmax, nested_offset, offsets, shape, dtype, blocksize, nested_blocksize, transpose):
+    return x.new_empty(x.shape[0], shape[1] if transpose else shape[0])
+
+
+def _nf4_grouped_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.settings = inputs[6:]
+
+
+def _nf4_grouped_linear_grad(ctx, grad):
+    *settings, transpose = ctx.settings
+    # the weights are frozen: only the input gradient, the same product with W_e transposed
+    gx = torch.ops.alignlab.nf4_grouped_linear(grad, *ctx.saved_tensors, *settings, not transpose)
+    return (gx,) + (None,) * 10
+
+
+_nf4_grouped_linear_op.register_autograd(_nf4_grouped_linear_grad, setup_context=_nf4_grouped_linear_setup)
 
 
 class NF4Experts(nn.Module):
@@ -174,6 +237,9 @@ class NF4Experts(nn.Module):
         """One stacked piece (``qdata``, ``qabsmax``, ``nested_absmax``, ``nested_offset``) of weight ``name``."""
         return self._buffers[f"{name}_{part}"]
 
+    def _parts(self, name: str) -> tuple:
+        return tuple(self._part(name, part) for part in _PARTS)
+
     def _check_name(self, name: str) -> None:
         if name not in self._meta:
             raise ValueError(f"name must be one of this module's expert weights {self.expert_parameters}, got {name!r}")
@@ -188,13 +254,7 @@ class NF4Experts(nn.Module):
         """Expert ``expert``'s ``(out, in)`` matrix of weight ``name`` as an :class:`NF4Tensor` (views of the
         stacked buffers: bitsandbytes' bytes and scales for that 2-D weight)."""
         self._check_name(name)
-        shape, dtype, blocksize, dq, nbs = self._meta[name]
-        part = self._part
-        return NF4Tensor(
-            data=part(name, "qdata")[expert], absmax=part(name, "qabsmax")[expert], shape=shape, dtype=dtype,
-            blocksize=blocksize, nested_absmax=part(name, "nested_absmax")[expert] if dq else None,
-            nested_offset=part(name, "nested_offset")[expert] if dq else None, nested_blocksize=nbs,
-        )
+        return _expert_nf4(self._parts(name), self._meta[name], expert)
 
     def bnb_state_dict(self, name: str, expert: int, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The keys ``bitsandbytes.nn.Linear4bit`` would save for expert ``expert``'s matrix of ``name``."""
@@ -287,15 +347,7 @@ class NF4Experts(nn.Module):
         return self.act_fn(gate) * up
 
     def _sorted_matmul(self, x: torch.Tensor, name: str, spans: list, transpose: bool) -> torch.Tensor:
-        from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
-
-        shape = self._meta[name][0]
-        out = x.new_empty(x.shape[0], shape[0] if not transpose else shape[1])
-        for expert, start, stop in spans:
-            t = self.quant_weight(name, expert)
-            rows = x[start:stop]
-            out[start:stop] = nf4_matmul_t(rows, t) if transpose else nf4_matmul(rows, t)
-        return out
+        return _nf4_sorted_matmul(x, lambda e: self.quant_weight(name, e), self._meta[name][0], spans, transpose)
 
     @staticmethod
     def spans(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -311,7 +363,8 @@ class NF4Experts(nn.Module):
     def linear_sorted(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``W_e x_t`` for rows ``x (S, in)`` sorted by expert, ``offsets (E,)`` the cumulative row counts
         (``grouped_mm``'s ``offs``) → ``(S, out)`` in ``x``'s dtype; no bias. Only the experts with rows are
-        dequantized, one at a time; the input gradient re-dequantizes them (nothing dense is saved).
+        dequantized, one at a time; the input gradient re-dequantizes them (nothing dense is saved). Under
+        ``torch.compile`` this is the op ``alignlab::nf4_grouped_linear``; rows past ``offsets[-1]`` give zeros.
 
         Raises:
             ValueError: unknown ``name``, or ``x`` of the wrong width.
@@ -319,36 +372,61 @@ class NF4Experts(nn.Module):
         self._check_name(name)
         if x.dim() != 2 or x.shape[1] != self._meta[name][0][1]:
             raise ValueError(f"x must be (rows, {self._meta[name][0][1]}) for {name!r}, got {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return self._linear_op(name, x, offsets)
         return self._linear_spans(name, x, self.spans(offsets))
+
+    def _linear_op(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """:meth:`linear_sorted` as the opaque op ``alignlab::nf4_grouped_linear`` (for torch.compile)."""
+        shape, dtype, blocksize, _, nbs = self._meta[name]
+        return torch.ops.alignlab.nf4_grouped_linear(x, *self._parts(name), offsets, list(shape), dtype, blocksize,
+                                                     nbs, False)
 
     def _linear_spans(self, name: str, x: torch.Tensor, spans: list) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _SortedNF4Linear.apply(x, self, name, spans)
         return self._sorted_matmul(x, name, spans, transpose=False)
 
-    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, spans: list) -> torch.Tensor:
-        y = self._linear_spans(name, x, spans)
+    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, linear) -> torch.Tensor:
+        y = linear(name, x)
         bias = getattr(self, f"{name}_bias", None) if self.has_bias else None
         return y if bias is None else y + bias[ids].to(y.dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``."""
         k = top_k_index.shape[-1]
-        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
-        valid = ids < self.num_experts  # expert-parallel sentinels route nowhere
-        counts = torch.bincount(ids[valid], minlength=self.num_experts)
-        spans = self.spans(torch.cumsum(counts, 0))  # the one host sync of the call
-        n = spans[-1][2] if spans else 0
-        ids, perm = ids[:n], perm[:n]
+        if torch.compiler.is_compiling():
+            # no host sync: every (token, slot) row stays; sentinel rows (ids >= E) sort last, get zero
+            # products from the op and zero routing weight, and index the biases only through clamped ids
+            from alignlab.adapters.experts import ExpertGroups
+
+            groups = ExpertGroups.from_routing(top_k_index, self.num_experts)
+            ids, perm = groups.ids, groups.perm
+            weights = top_k_weights.reshape(-1)[perm] * (ids < self.num_experts)
+            ids = ids.clamp(max=self.num_experts - 1)
+
+            def linear(name, x):
+                return self._linear_op(name, x, groups.offsets)
+        else:
+            ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+            valid = ids < self.num_experts  # expert-parallel sentinels route nowhere
+            counts = torch.bincount(ids[valid], minlength=self.num_experts)
+            spans = self.spans(torch.cumsum(counts, 0))  # the one host sync of the call
+            n = spans[-1][2] if spans else 0
+            ids, perm = ids[:n], perm[:n]
+            weights = top_k_weights.reshape(-1)[perm]
+
+            def linear(name, x):
+                return self._linear_spans(name, x, spans)
         x = hidden_states[perm // k].to(self.compute_dtype)
         if self.has_gate:
-            h = self._apply_gate(self._project("gate_up_proj", x, ids, spans))
+            h = self._apply_gate(self._project("gate_up_proj", x, ids, linear))
         else:
-            h = self.act_fn(self._project("up_proj", x, ids, spans))
-        y = self._project("down_proj", h, ids, spans)
+            h = self.act_fn(self._project("up_proj", x, ids, linear))
+        y = self._project("down_proj", h, ids, linear)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
-        y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
+        y = y * weights.unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, perm // k, y.to(hidden_states.dtype))
 
