@@ -26,7 +26,8 @@ def _triples(state):
         yield kind, base, [a, b]
 
 
-def test_bit_identical_to_mergekit_on_real_weights(minilm_state):
+def test_equal_to_mergekit_on_real_weights(minilm_state):
+    """Bit-identical for the deterministic methods; SLERP up to float32 rounding of its reductions."""
     mk = _mergekit()
     w, ids = [0.6, 0.4], {1: 0.6, 2: 0.4}
 
@@ -35,8 +36,13 @@ def test_bit_identical_to_mergekit_on_real_weights(minilm_state):
                                 dtype=torch.float32, out_dtype=torch.float32)
 
     for kind, base, ms in _triples(minilm_state):
+        # SLERP: the norms and the dot product come from one fused pass here, so float32 summation order differs
+        # from mergekit's; equal up to that rounding, and at least as close as mergekit to the float64 formula
+        theirs, ours = run("slerp", [ms[0], ms[1]], {"t": 0.3}), M.slerp(ms[0], ms[1], 0.3)
+        exact = M.slerp(ms[0].double(), ms[1].double(), 0.3)
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-7, msg=f"slerp on {kind}")
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() * 1.01 + 1e-9, kind
         cases = {
-            "slerp": (run("slerp", [ms[0], ms[1]], {"t": 0.3}), M.slerp(ms[0], ms[1], 0.3)),
             "task_arithmetic": (run("task_arithmetic", [base, *ms], {"weight": ids, "lambda": 0.9}),
                                 M.task_arithmetic(base, ms, w, lambda_=0.9)),
             "linear": (run("linear", [base, *ms], {"weight": [0.2, *w]}, None), M.linear([base, *ms], [0.2, *w])),
