@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["launch"]
+__all__ = ["launch", "bind"]
 
 # Triton releases whose compiled-kernel launcher takes (grid x, y, z, stream, function, packed metadata,
 # launch metadata, enter hook, exit hook, *every argument incl. constexprs), with launch hooks in
@@ -89,3 +89,32 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     hooks = triton.knobs.runtime
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook, *full)
+
+
+def bind(kernel, grid: tuple, args: tuple, meta: dict):
+    """The compiled kernel that ``launch(kernel, grid, args, meta)`` runs, as ``go(stream, args)``; or None.
+
+    For callers that launch one specialization many times (a layer's decode call): ``go`` skips even the
+    key computation of :func:`launch`, so the caller must only pass argument tuples that Triton would
+    specialize the same way as ``args`` (same dtypes, 16-byte alignment classes, int classes; ``grid``
+    and ``meta`` fixed) and a raw stream of the bound device. None where :func:`launch` would not take
+    its fast path, or before its first call with this key (which compiles).
+    """
+    if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
+        return None
+    entry = _CACHE.get((kernel, torch.cuda.current_device(), tuple(meta.items()), _key(args)))
+    if entry is None:
+        return None
+    compiled, tail = entry
+    run, function, packed, metadata = compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata
+    g0 = grid[0]
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    hooks = triton.knobs.runtime
+
+    def go(stream: int, args: tuple) -> None:
+        full = (*args, *tail)
+        run(g0, g1, g2, stream, function, packed, metadata(grid, stream, *full), hooks.launch_enter_hook,
+            hooks.launch_exit_hook, *full)
+
+    return go

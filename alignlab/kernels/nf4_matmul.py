@@ -44,7 +44,8 @@ import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
-from alignlab.kernels.nf4_small import small_m_matmul
+from alignlab.kernels.nf4_configs import max_rows
+from alignlab.kernels.nf4_small import small_m_matmul, small_m_runner
 from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
 try:
@@ -55,7 +56,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["nf4_matmul", "nf4_matmul_t", "LARGE_M", "SMALL_M"]
+__all__ = ["nf4_matmul", "nf4_matmul_t", "decode_runner", "LARGE_M", "SMALL_M"]
 
 SMALL_M = 16
 # Row count from which dequantize + cuBLAS beats the fused kernel (measured on H100, see module doc).
@@ -282,7 +283,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if M <= SMALL_M and K % t.blocksize == 0 and t.blocksize <= 256 and USE_SMALL:
+    if (M <= SMALL_M or M <= max_rows(x2.device)) and K % t.blocksize == 0 and t.blocksize <= 256 and USE_SMALL:
         return small_m_matmul(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)
@@ -300,6 +301,22 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     else:
         _fwd_large[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
     return y.reshape(*lead, N)
+
+
+def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None):
+    """A cheaper repeat of ``nf4_matmul(x, t, bias)`` for decode-sized ``x``, or None.
+
+    Returns ``run(x, bias)`` (see :func:`alignlab.kernels.nf4_small.small_m_runner`) where
+    :func:`nf4_matmul` takes the small-``M`` kernels for this ``x``, after it has run once for its shape;
+    None otherwise (then call :func:`nf4_matmul`).
+    """
+    K = t.shape[1]
+    M = x.numel() // max(K, 1)
+    if not (x.is_cuda and x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16) and USE_SMALL
+            and 0 < M <= max(SMALL_M, max_rows(x.device)) and K % t.blocksize == 0 and t.blocksize <= 256
+            and triton is not None and use_triton(x, t.data)):
+        return None
+    return small_m_runner(x, t, bias)
 
 
 def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:

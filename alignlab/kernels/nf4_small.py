@@ -50,7 +50,8 @@ import threading
 import torch
 
 from alignlab.kernels.dispatch import interpreting
-from alignlab.kernels.launch import launch
+from alignlab.kernels.launch import bind, launch
+from alignlab.kernels.nf4_configs import m_bucket, small_config
 from alignlab.kernels.nf4_dequant import _state_args
 from alignlab.quant.nf4 import NF4Tensor, nf4_code
 
@@ -62,7 +63,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["small_m_matmul"]
+__all__ = ["small_m_matmul", "small_m_runner", "MAX_M"]
 
 
 def _decode4_asm() -> str:
@@ -320,9 +321,10 @@ def small_m_matmul(
     nb: int | None = None,
     split: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
     asm: bool | None = None,
 ) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= 16``.
+    """``x2 @ W^T (+ bias)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= MAX_M`` (64).
 
     Args:
         x2: ``(M, K)`` activations with a contiguous last dimension.
@@ -331,11 +333,9 @@ def small_m_matmul(
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
         kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
-        block_n, nb, split, num_warps: launch configuration (rows per program,
-            quantization blocks per step, K slices, warps).  Defaults, the best
-            measured on an H100 (``benchmarks/nf4.py``): 128 rows x 1 block when
-            ``N > 4096``, else 64 x 2 for ``"gemv"`` and 64 x 2 (``M <= 4``) or
-            128 x 2 with 8 warps for ``"dot"``; K split 8 ways.
+        block_n, nb, split, num_warps, num_stages: launch configuration (rows per program,
+            quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
+            measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
 
     Returns:
@@ -343,12 +343,12 @@ def small_m_matmul(
     """
     M, K = x2.shape
     N = t.shape[0]
-    overrides = (kernel, block_n, nb, split, num_warps, asm)
-    key = (M, N, K, x2.dtype, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
+    overrides = (kernel, block_n, nb, split, num_warps, num_stages, asm)
+    key = (M, N, K, x2.dtype, x2.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
            bias is not None, interpreting(), overrides)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(M, N, K, x2.dtype, t, bias is not None, *overrides)
+        plan = _PLANS[key] = _plan(M, N, K, x2.dtype, x2.device, t, bias is not None, *overrides)
     which, grid, split, scalars, meta = plan
     if which == "gemv" and x2.element_size() == 2 and x2.data_ptr() % 4:
         x2 = x2.clone()  # the GEMV reads 16-bit x as 32-bit pairs (_x_pairs): the row must start 4-byte aligned
@@ -367,35 +367,115 @@ def small_m_matmul(
     return y
 
 
+def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
+    """``run(x, bias) -> y`` doing what :func:`small_m_matmul` does for calls like this one, at less host cost.
+
+    Valid for inputs ``x`` of ``x``'s shape, strides, dtype, device and 16-byte alignment class, with a
+    bias of ``bias``'s presence and dtype, launched on the current CUDA stream; the caller keys its
+    cache by those (``NF4Linear``'s decode path). ``x`` is ``(..., K)`` with rows at one stride and
+    ``y`` comes back ``(..., N)``. Per call: one ``torch.empty`` for ``y`` and the launch; the split-K
+    workspace of up to 16 MiB is a buffer kept per stream (fresh during CUDA-graph capture; launches on
+    one stream run in order, so they can share it). None where the fast launch is not available
+    (Triton interpreter, ``torch.compile``, unchecked Triton versions), before :func:`small_m_matmul`
+    ran this shape once (which compiles), or for an ``x`` whose rows are not at one stride.
+    """
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    M, N = x.numel() // max(K, 1), t.shape[0]
+    if x.dim() < 2 or x.stride(-1) != 1 or M == 0 or torch.cuda.is_current_stream_capturing():
+        return None
+    row = x.stride(-2)
+    for i in range(x.dim() - 2):  # all leading dims must collapse onto one row stride
+        if x.shape[i] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+    key = (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
+           bias is not None, interpreting(), (None,) * 7)
+    plan = _PLANS.get(key)
+    if plan is None:
+        return None
+    which, grid, split, scalars, meta = plan
+    if which == "gemv" and x.element_size() == 2 and x.data_ptr() % 4:
+        return None
+    device, dtype, out_shape = x.device, x.dtype, (*lead, N)
+    state = _state_args(t)
+    y0 = torch.empty(out_shape, device=device, dtype=dtype)
+    pooled = None
+    if split > 1:
+        cnt = _arrival_counters(device, grid[0])
+        if split * M * N <= _WS_MAX:
+            pooled = _workspace(device, split * M * N)
+        ws0 = pooled if pooled is not None else torch.empty(split * M * N, device=device, dtype=torch.float32)
+    else:
+        cnt = ws0 = y0
+
+    def build(xx, y, ws, b):
+        b = b if b is not None else y
+        if split == 1:
+            ws = c = y
+        else:
+            c = cnt
+        if which == "gemv":
+            return (xx, *state, y, ws, c, b, *scalars)
+        return (xx, *state, y, ws, c, b, M, *scalars[:3], row, *scalars[3:])
+
+    kernel = _gemv_kernel if which == "gemv" else _dot_kernel
+    go = bind(kernel, grid, build(x, y0, ws0, bias), meta)
+    if go is None:
+        return None
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    capturing = torch.cuda.is_current_stream_capturing
+    empty = torch.empty
+    f32 = torch.float32
+
+    def run(xx: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = empty(out_shape, device=device, dtype=dtype)
+        ws = pooled
+        if split > 1 and (ws is None or capturing()):
+            ws = empty(split * M * N, device=device, dtype=f32)
+        go(stream, build(xx, y, ws, b))
+        return y
+
+    return run
+
+
+_WS_MAX = 1 << 22  # fp32 elements (16 MiB) of split-K workspace kept per stream
+_WS: dict = {}
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor | None:
+    """A view of ``numel`` fp32 elements of this stream's kept workspace (grown to the largest asked);
+    None while capturing a CUDA graph (the caller then allocates in the graph's pool)."""
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    buf = _WS.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WS[key] = torch.empty(numel, device=device, dtype=torch.float32)
+    return buf[:numel]
+
+
+MAX_M = 64
 _PLANS: dict = {}
 
 
-def _plan(M, N, K, dtype, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, asm):
+def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
+          asm):
     """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
     kernel = kernel or ("gemv" if M == 1 else "dot")
     if kernel not in ("gemv", "dot"):
         raise ValueError(f"kernel must be 'gemv' or 'dot', got {kernel!r}")
     if kernel == "gemv" and M != 1:
         raise ValueError(f"kernel='gemv' takes one row of x, got {M}")
-    if not 1 <= M <= 16:
-        raise ValueError(f"x2 must have 1..16 rows, got {M}")
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"x2 must have 1..{MAX_M} rows, got {M}")
     if asm is None:
         asm = dtype != torch.float32 and torch.version.hip is None
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
-        # Best configs of H100 sweeps (benchmarks/RESULTS.md): with few output rows (N <= 4096) both kernels
-        # want two blocks per step and fewer rows per program (up to 13% faster for tl.dot, 15% for the GEMV);
-        # with more rows, 128 rows x 1 block (up to 11% faster for the GEMV at 28672 x 8192).
-        if kernel == "gemv":
-            cfg = (128, 1, 4) if N > 4096 else (64, 2, 4)
-        elif N > 4096 or t.blocksize > 64 or dtype == torch.float32:
-            cfg = (128, 1, 4)
-        else:
-            cfg = (64, 2, 4) if M <= 4 else (128, 2, 8)
+        cfg = small_config(kernel, M, N, K, t.blocksize, dtype, device)
         block_n, nb = block_n or cfg[0], nb or cfg[1]
-        num_warps = num_warps or cfg[2]
-        split = split or 8
+        split, num_warps, num_stages = split or cfg[2], num_warps or cfg[3], num_stages or cfg[4]
     # `split` slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
     # the kernel: Triton then knows it is a multiple of 16 (likely why computing it in the
     # kernel measured 10-20% slower for the tl.dot kernel on an H100).
@@ -406,8 +486,8 @@ def _plan(M, N, K, dtype, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, spl
                 HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
                 ASM=bool(asm) and not interpreting())
     if kernel == "dot":
-        meta.update(IEEE=dtype == torch.float32, BLOCK_M=16)
+        meta.update(IEEE=dtype == torch.float32, BLOCK_M=max(16, m_bucket(M)))
     if not interpreting():
-        meta.update(num_warps=num_warps, num_stages=1)
+        meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (triton.cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta
 

@@ -27,7 +27,7 @@ def _case(N, K, M, dtype, blocksize, double_quant=True, icq=False, device="cpu",
 # (N, K, M, blocksize): N not a multiple of any tile, K one block / several / not a multiple of the split,
 # M = 1 (GEMV) and 2..16 (tl.dot), blocksizes 32..256
 CASES = [(1, 64, 1, 64), (37, 192, 1, 64), (40, 96, 1, 32), (17, 512, 1, 256), (33, 128, 2, 32), (21, 320, 5, 64),
-         (16, 256, 16, 128), (9, 64, 11, 32)]
+         (16, 256, 16, 128), (9, 64, 11, 32), (19, 128, 17, 64), (23, 64, 33, 32), (5, 128, 64, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -69,8 +69,8 @@ def test_bad_arguments(triton_mode):
         small_m_matmul(x, t, kernel="gemv")
     with pytest.raises(ValueError, match="kernel"):
         small_m_matmul(x, t, kernel="mma")
-    with pytest.raises(ValueError, match="1..16"):
-        small_m_matmul(torch.randn(17, 64), t)
+    with pytest.raises(ValueError, match="1..64"):
+        small_m_matmul(torch.randn(65, 64), t)
 
 
 def test_register_codebook_matches_levels():
@@ -168,7 +168,8 @@ def test_gemv_x_not_4byte_aligned():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,K,M,bs", [(4096, 4096, 1, 64), (1000, 320, 1, 64), (4097, 4160, 16, 64),
-                                      (129, 256, 16, 128), (65, 512, 5, 256), (33, 96, 1, 32), (300, 640, 3, 64)])
+                                      (129, 256, 16, 128), (65, 512, 5, 256), (33, 96, 1, 32), (300, 640, 3, 64),
+                                      (4097, 4160, 33, 64), (1000, 320, 64, 64), (129, 256, 47, 128)])
 def test_small_m_cuda(N, K, M, bs, dtype):
     """GPU paths: in-register codebook (16-bit x) and gathered fp32 levels (fp32 x), every kernel and split."""
     t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1), device="cuda")
@@ -178,6 +179,10 @@ def test_small_m_cuda(N, K, M, bs, dtype):
         for split in (1, 8):
             y = small_m_matmul(x, t, b, kernel=kernel, split=split)
             assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
+    for stages in (2, 3):  # the pipelined loops the per-device tables may pick
+        y = small_m_matmul(x, t, b, num_stages=stages, split=4)
+        assert _rel(y.cpu(), ref) < tol, stages
+    assert _rel(small_m_matmul(x, t, b).cpu(), ref) < tol  # this GPU's table (or the fallback rules)
 
 
 @pytest.mark.cuda

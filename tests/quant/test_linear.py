@@ -320,3 +320,65 @@ def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
         assert torch.equal(layer.base_layer.qdata, q) and not layer.merged_adapters
     with pytest.raises(TypeError, match="NF4Tensor"):
         next(adapter_layers(model))[1].base_layer.load_quant_weight_(torch.zeros(3))
+
+
+# -- the eager decode path (kept launchers; issue 24) ---------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 64])
+def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias):
+    """No-grad CUDA calls go through a launcher kept per input layout and stream: each call, new inputs of
+    the same layout, a sliced (non-contiguous) input, a second stream and a CUDA graph give what
+    nf4_matmul gives; replacing the weight drops the launchers."""
+    from alignlab.kernels.nf4_matmul import nf4_matmul
+
+    torch.manual_seed(rows)
+    lin = nn.Linear(256, 320, bias=bias, device="cuda", dtype=torch.bfloat16)
+    layer = NF4Linear.from_linear(lin)
+    b = None if layer.bias is None else layer.bias
+    with torch.no_grad():
+        for step in range(3):  # first call builds the launcher, the next ones use it
+            x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(layer(x), nf4_matmul(x, layer.quant_weight, b), rtol=0, atol=0)
+        from alignlab.kernels.nf4_configs import max_rows
+
+        runners = layer.quant_weight.__dict__.get("_runners")
+        assert bool(runners) == (rows <= max(16, max_rows(x.device))), "launcher kept where small-M kernels run"
+        big = torch.randn(2, rows, 300, device="cuda", dtype=torch.bfloat16)
+        xs = big[:, :, 7:263]  # rows at a stride of 300, unaligned start
+        for _ in range(2):
+            torch.testing.assert_close(layer(xs), nf4_matmul(xs.contiguous(), layer.quant_weight, b),
+                                       rtol=0, atol=0)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                y_side = layer(x)
+        side.synchronize()
+        torch.testing.assert_close(y_side, nf4_matmul(x, layer.quant_weight, b), rtol=0, atol=0)
+        xg = x.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = layer(xg)
+        for _ in range(2):
+            xg.copy_(torch.randn_like(xg))
+            g.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(yg, nf4_matmul(xg, layer.quant_weight, b), rtol=0, atol=0)
+        layer.load_dense_weight_(torch.randn(320, 256, device="cuda"))
+        assert "_runners" not in layer.quant_weight.__dict__
+        torch.testing.assert_close(layer(x), nf4_matmul(x, layer.quant_weight, b), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_decode_path_keeps_errors_and_grad_rules():
+    lin = nn.Linear(128, 64, device="cuda", dtype=torch.bfloat16)
+    layer = NF4Linear.from_linear(lin)
+    with torch.no_grad():
+        layer(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="in_features=128"):
+            layer(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()  # grad-requiring calls keep the autograd path
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,0 +1,93 @@
+"""Launch configurations of the decode-sized NF4 kernels (:mod:`alignlab.kernels.nf4_small`), per GPU.
+
+A configuration is ``(block_n, nb, split, num_warps, num_stages)``: output rows per program,
+quantization blocks per loop step, K slices, warps, software-pipeline stages. The best one depends on
+the GPU (an H200 moves ~1.45x the bytes per second of an H100 with the same SMs, so it wants more bytes
+in flight per SM) and on the shape, so the tables below are *measured*: ``benchmarks/nf4_tune.py``
+times every candidate on the GPU at hand (CUDA graphs over rotating weights, bf16 activations,
+blocksize 64 with double quantization) at the five benchmark shapes and ``M = 1, 2, 4, ..., 64``,
+and prints the table to paste here.
+
+At run time :func:`small_config` picks the table by the device's name (:func:`device_key`) and, within
+it, the entry of the measured shape nearest to the call's ``(N, K)`` (log distance) at the call's row
+bucket (``M`` rounded up to a power of two). Devices without a table, blocksizes other than 64 and fp32
+activations take :func:`heuristic_config`: the rules measured on an H100 before the tables existed.
+
+:func:`max_rows` is the largest ``M`` for which the table's device measured the small-``M`` kernels
+faster than dequantize + cuBLAS; above it :func:`alignlab.kernels.nf4_matmul.nf4_matmul` dequantizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["device_key", "small_config", "heuristic_config", "max_rows", "TABLES"]
+
+# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}
+# H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
+TABLES: dict[str, dict] = {}
+
+
+_NAMES: dict[int, str] = {}
+
+
+def _device_name(index: int) -> str | None:
+    """The CUDA device's name, looked up once per index (a plain dict: ``torch.compile`` traces a lookup of
+    it; while tracing, an index not seen eagerly yet gives ``None`` and so the fallback rules)."""
+    name = _NAMES.get(index)
+    if name is None and not torch.compiler.is_compiling():
+        name = _NAMES[index] = torch.cuda.get_device_name(index)
+    return name
+
+
+def device_key(device: torch.device) -> str | None:
+    """``"H200"``, ``"H100"``, ... for an NVIDIA GPU whose name holds one of the table keys, else ``None``."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    if name is None:
+        return None
+    for key in sorted(TABLES, key=len, reverse=True):
+        if key in name:
+            return key
+    return None
+
+
+def m_bucket(m: int) -> int:
+    """``m`` rounded up to a power of two (the tables' row buckets)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.dtype) -> tuple:
+    """The H100-measured rules: 128 rows x 1 block per step when ``N > 4096``; else 64 x 2 (GEMV, and
+    ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage."""
+    if kernel == "gemv":
+        bn, nb, warps = (128, 1, 4) if N > 4096 else (64, 2, 4)
+    elif N > 4096 or blocksize > 64 or dtype == torch.float32:
+        bn, nb, warps = 128, 1, 4
+    else:
+        bn, nb, warps = (64, 2, 4) if M <= 4 else (128, 2, 8)
+    if M > 16:  # larger row tiles: keep the register tile (BLOCK_M x BLOCK_N) at the 16-row size
+        bn = max(32, bn * 16 // m_bucket(M))
+    return bn, nb, 8, warps, 1
+
+
+def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple:
+    """``(block_n, nb, split, num_warps, num_stages)`` for one call shape on ``device``."""
+    key = device_key(device)
+    if key is None or blocksize != 64 or dtype == torch.float32:
+        return heuristic_config(kernel, M, N, blocksize, dtype)
+    shapes = TABLES[key]["configs"].get((kernel, m_bucket(M)))
+    if not shapes:
+        return heuristic_config(kernel, M, N, blocksize, dtype)
+    near = min(shapes, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
+    return shapes[near]
+
+
+def max_rows(device: torch.device, default: int = 16) -> int:
+    """Largest ``M`` the small-``M`` kernels take on ``device`` (measured per table; ``default`` without one)."""
+    key = device_key(device)
+    return default if key is None else TABLES[key].get("max_m", default)

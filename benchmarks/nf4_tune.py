@@ -1,0 +1,204 @@
+"""Measure launch configurations of the decode-sized NF4 kernels on the GPU at hand (issue 24).
+
+For each of the five benchmark shapes (``out x in``) and ``M = 1, 2, 4, ..., 64`` rows of bf16 activations
+(blocksize 64, double quantization), a coordinate search over ``(block_n, nb, split, num_warps,
+num_stages)`` of :func:`alignlab.kernels.nf4_small.small_m_matmul`: start from the configuration the
+current table (or the H100 rules) gives, try every value of one parameter with the others held, keep the
+fastest, move to the next parameter; two passes. Every time is a CUDA-graph replay over rotating weights
+(more bytes than the L2 holds, no host overhead: ``nf4._graph_us``), median of 5. In the same run, per
+shape and M: bf16 cuBLAS on a dense weight, NF4 dequantize + cuBLAS, and a device copy of the bytes the
+kernel moves (``nf4._copy_us``), so the table says where the small kernels win at all.
+
+Kernels for the first pass are compiled beforehand in parallel worker processes (Triton's on-disk cache
+then serves the timing process); ``--deadline`` bounds the search (seconds, whatever is not searched
+keeps its starting configuration).
+
+Prints the table to paste into ``alignlab/kernels/nf4_configs.py`` (``TABLES[<device>]``) and writes
+``benchmarks/results/nf4_tune_<device>.json``.
+
+    python benchmarks/nf4_tune.py [--ms 1 2 4 8 16 32 64] [--deadline 330] [--workers 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nf4 import SHAPES, _copy_us, _graph_us, _nf4_bytes  # noqa: E402
+
+from alignlab.bench import library_versions  # noqa: E402
+from alignlab.kernels import nf4_configs  # noqa: E402
+from alignlab.kernels.nf4_dequant import nf4_dequant  # noqa: E402
+from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
+from alignlab.quant.nf4 import nf4_quantize  # noqa: E402
+
+SPACE = {
+    "block_n": (32, 64, 128, 256),
+    "nb": (1, 2, 4),
+    "split": (1, 2, 4, 8, 16),
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3),
+}
+NAMES = tuple(SPACE)
+L2_BYTES = 200e6
+
+
+def _start(M: int, N: int, K: int) -> tuple:
+    kernel = "gemv" if M == 1 else "dot"
+    return nf4_configs.heuristic_config(kernel, M, N, 64, torch.bfloat16)
+
+
+def _neighbours(cfg: tuple):
+    for i, name in enumerate(NAMES):
+        for v in SPACE[name]:
+            if v != cfg[i]:
+                yield cfg[:i] + (v,) + cfg[i + 1:]
+
+
+def _compile_worker(jobs):
+    """Run each (M, N, K, cfg) once on small random data: compiles into Triton's disk cache."""
+    torch.cuda.init()
+    weights = {}
+    for M, N, K, cfg in jobs:
+        if (N, K) not in weights:
+            weights[N, K] = nf4_quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        try:
+            small_m_matmul(x, weights[N, K], **dict(zip(NAMES, cfg)))
+        except Exception:  # noqa: BLE001 - out of resources etc.: the timing pass records it
+            pass
+    torch.cuda.synchronize()
+    return len(jobs)
+
+
+def precompile(ms, workers: int) -> float:
+    t0 = time.perf_counter()
+    jobs = []
+    for (N, K), M in itertools.product(SHAPES, ms):
+        start = _start(M, N, K)
+        jobs += [(M, N, K, c) for c in (start, *_neighbours(start))]
+    seen, uniq = set(), []
+    for M, N, K, c in jobs:  # Triton compiles per specialization, not per shape value
+        k = (min(M, 2) if M < 16 else M, N > 4096, c)
+        if k not in seen:
+            seen.add(k)
+            uniq.append((M, N, K, c))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pool.map(_compile_worker, [uniq[i::workers] for i in range(workers)])
+    print(f"precompiled {len(uniq)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
+    return time.perf_counter() - t0
+
+
+def search(M, N, K, ts, deadline: float) -> dict:
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ nf4_dequant(ts[0], torch.float32).double().T
+    timed: dict = {}
+
+    def time_cfg(cfg):
+        if cfg not in timed:
+            kw = dict(zip(NAMES, cfg))
+            try:
+                y = small_m_matmul(x, ts[0], **kw)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    raise AssertionError(f"relative error {err}")
+                timed[cfg] = _graph_us([lambda t=t: small_m_matmul(x, t, **kw) for t in ts], reps=5)
+            except Exception as e:  # noqa: BLE001
+                timed[cfg] = float("inf")
+                print(f"  {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return timed[cfg]
+
+    start = _start(M, N, K)
+    best = start
+    time_cfg(best)
+    for _ in range(2):
+        for i, name in enumerate(NAMES):
+            if time.perf_counter() > deadline:
+                break
+            for v in SPACE[name]:
+                cand = best[:i] + (v,) + best[i + 1:]
+                if time_cfg(cand) < timed[best]:
+                    best = cand
+    return {"start": start, "start_us": timed[start], "best": best, "best_us": timed[best], "tried": len(timed)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,14336x4096")
+    p.add_argument("--deadline", type=float, default=330.0, help="seconds for the whole search")
+    p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    t_start = time.perf_counter()
+    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    name = torch.cuda.get_device_name()
+    key = next((k for k in ("H200", "H100", "A100", "L40S", "B200") if k in name), name.replace(" ", "_"))
+    if args.workers > 1:
+        precompile(args.ms, args.workers)
+    deadline = t_start + args.deadline
+    rows = []
+    for N, K in shapes:
+        t = nf4_quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64)
+        wbytes = _nf4_bytes(N, K, t)
+        count = max(3, -(-int(L2_BYTES) // int(wbytes)))
+        ts = [t] + [nf4_quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64)
+                    for _ in range(count - 1)]
+        wds = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+               for _ in range(max(2, -(-int(L2_BYTES) // (2 * N * K))))]
+        for M in args.ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            r = {"N": N, "K": K, "M": M}
+            r.update(search(M, N, K, ts, deadline))
+            r["bf16_us"] = _graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wds], reps=5)
+            r["dequant_mm_us"] = _graph_us([lambda tt=tt: torch.nn.functional.linear(x, nf4_dequant(tt))
+                                            for tt in ts], reps=5)
+            r["copy_us"] = _copy_us(wbytes + 2 * M * (N + K))
+            r["best_pct_copy"] = 100 * r["copy_us"] / r["best_us"]
+            r["bf16_over_best"] = r["bf16_us"] / r["best_us"]
+            rows.append(r)
+            print(f"{N}x{K} M={M:2d} start {r['start']} {r['start_us']:.1f} us -> best {r['best']} "
+                  f"{r['best_us']:.1f} us ({r['best_pct_copy']:.0f}% copy), bf16 {r['bf16_us']:.1f}, "
+                  f"dequant+mm {r['dequant_mm_us']:.1f} ({r['tried']} tried, {time.perf_counter() - t_start:.0f} s)",
+                  flush=True)
+        del ts, wds
+        torch.cuda.empty_cache()
+
+    configs: dict = {}
+    for r in rows:
+        kernel = "gemv" if r["M"] == 1 else "dot"
+        configs.setdefault((kernel, nf4_configs.m_bucket(r["M"])), {})[(r["N"], r["K"])] = tuple(r["best"])
+    wins = {m: all(r["best_us"] < r["dequant_mm_us"] for r in rows if r["M"] == m) for m in args.ms}
+    max_m = 0
+    for m in sorted(args.ms):
+        if not wins[m]:
+            break
+        max_m = m
+    print(f"\nTABLES[{key!r}] = {{\"max_m\": {max_m}, \"configs\": {{")
+    for k, v in configs.items():
+        print(f"    {k!r}: {{" + ", ".join(f"{s!r}: {c!r}" for s, c in v.items()) + "},")
+    print("}}")
+    out = args.out or Path(__file__).parent / "results" / f"nf4_tune_{key}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": name, "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "space": SPACE, "max_m": max_m, "rows": rows, "seconds": time.perf_counter() - t_start}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Per-device launch tables of the decode-sized NF4 kernels (alignlab.kernels.nf4_configs)."""
+
+import pytest
+import torch
+
+from alignlab.kernels import nf4_configs
+from alignlab.kernels.nf4_configs import heuristic_config, m_bucket, max_rows, small_config
+
+
+def test_m_bucket():
+    assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 33, 64)] == [1, 2, 4, 4, 8, 16, 32, 64, 64]
+
+
+def test_heuristic_rules():
+    """The H100-measured rules, kept for devices without a table."""
+    bf16 = torch.bfloat16
+    assert heuristic_config("gemv", 1, 14336, 64, bf16) == (128, 1, 8, 4, 1)
+    assert heuristic_config("gemv", 1, 4096, 64, bf16) == (64, 2, 8, 4, 1)
+    assert heuristic_config("dot", 4, 4096, 64, bf16) == (64, 2, 8, 4, 1)
+    assert heuristic_config("dot", 16, 4096, 64, bf16) == (128, 2, 8, 8, 1)
+    assert heuristic_config("dot", 16, 4096, 64, torch.float32) == (128, 1, 8, 4, 1)
+    assert heuristic_config("dot", 64, 4096, 64, bf16)[0] == 32  # the row tile grows, the column tile shrinks
+
+
+def test_cpu_and_unknown_devices_fall_back():
+    cpu = torch.device("cpu")
+    assert nf4_configs.device_key(cpu) is None
+    assert small_config("dot", 8, 4096, 4096, 64, torch.bfloat16, cpu) == heuristic_config(
+        "dot", 8, 4096, 64, torch.bfloat16)
+    assert max_rows(cpu) == 16
+
+
+def test_table_lookup_takes_the_nearest_measured_shape(monkeypatch):
+    """A table entry is picked by row bucket and by log distance to the measured (N, K); blocksizes other
+    than 64 and fp32 activations keep the fallback rules; max_rows comes from the table."""
+    table = {"max_m": 64, "configs": {
+        ("dot", 32): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
+        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2)},
+    }}
+    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
+    dev = torch.device("cpu")
+    bf16 = torch.bfloat16
+    assert small_config("dot", 17, 5000, 4096, 64, bf16, dev) == (32, 2, 4, 4, 2)
+    assert small_config("dot", 32, 20000, 8192, 64, bf16, dev) == (64, 1, 16, 8, 3)
+    assert small_config("gemv", 1, 128, 128, 64, bf16, dev) == (256, 1, 4, 8, 2)
+    # no entry for this bucket / blocksize / dtype: the rules
+    assert small_config("dot", 4, 4096, 4096, 64, bf16, dev) == heuristic_config("dot", 4, 4096, 64, bf16)
+    assert small_config("dot", 32, 4096, 4096, 128, bf16, dev) == heuristic_config("dot", 32, 4096, 128, bf16)
+    assert small_config("dot", 32, 4096, 4096, 64, torch.float32, dev) == heuristic_config(
+        "dot", 32, 4096, 64, torch.float32)
+    assert max_rows(dev) == 64
+
+
+def test_device_key_matches_names(monkeypatch):
+    monkeypatch.setitem(nf4_configs.TABLES, "H200", {"max_m": 16, "configs": {}})
+    monkeypatch.setitem(nf4_configs._NAMES, 0, "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert nf4_configs.device_key(torch.device("cuda", 0)) == "H200"
+    monkeypatch.setitem(nf4_configs._NAMES, 0, "NVIDIA A10G")
+    assert nf4_configs.device_key(torch.device("cuda", 0)) is None
