@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from types import SimpleNamespace
 from typing import Iterable
 
@@ -35,6 +36,9 @@ from alignlab.quant.nf4 import (
 
 __all__ = ["NF4Linear", "quantize_model"]
 
+# Eager decode launchers (NF4Linear._decode): opt-in until measured and tested on a GPU (issue 24); set
+# ALIGNLAB_DECODE_LAUNCHERS=1 (read at import) or this attribute to turn them on.
+DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "0") == "1"
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
 
@@ -156,7 +160,8 @@ class NF4Linear(nn.Module):
         t = self.quant_weight
         bias = self.bias
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if x.dtype is self.compute_dtype and not grad and x.is_cuda and not torch.compiler.is_compiling():
+        if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
+                and not torch.compiler.is_compiling()):
             # decode path: a launcher kept per input layout and stream (see _decode), ~one launch of host work
             runners = t.__dict__.get("_runners")
             dev = x.get_device()

@@ -221,3 +221,31 @@ def test_split_counters_return_to_zero_and_graph_capture():
         torch.cuda.synchronize()
         assert _rel(y.cpu(), want) < 5e-3
     assert len(nf4_small._SLOT_OF) >= 2 and int(pool.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("M,bias,K", [(1, False, 64), (1, True, 192), (5, True, 192), (40, False, 192), (64, True, 64)])
+def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mode, monkeypatch):
+    """small_m_runner's argument tuples, checked on CPU: its launches go through the interpreter (Triton's
+    compiled launcher, which it binds on a GPU, does not exist here). Rows at a stride (a slice of a wider
+    tensor, leading dims collapsed), repeated calls on new inputs, the kept workspace."""
+    from alignlab.kernels import nf4_small
+
+    monkeypatch.setattr(nf4_small, "bind", lambda kernel, grid, args, meta:
+                        (lambda stream, a: kernel[grid](*a, **meta)))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    t, _, b, wd = _case(37, K, M, torch.float32, 64)
+    b = b if bias else None
+    wide = torch.randn(2, M, K + 8)
+    x = wide[:1, :, 4:K + 4]  # (1, M, K), rows K + 8 apart
+    assert nf4_small.small_m_runner(x, t, b) is None  # no plan for this shape yet
+    small_m_matmul(x.reshape(M, K), t, b)
+    run = nf4_small.small_m_runner(x, t, b)
+    assert run is not None
+    for seed in range(2):
+        wide.copy_(torch.randn(2, M, K + 8, generator=torch.Generator().manual_seed(seed)))
+        y = run(x, b)
+        want = x.reshape(M, K).double() @ wd.T + (0 if b is None else b.double())
+        assert y.shape == (1, M, 37) and _rel(y.reshape(M, 37), want) < 1e-5
+    if M > 1:  # rows that do not sit at one stride: no runner (the caller takes small_m_matmul)
+        assert nf4_small.small_m_runner(torch.randn(M, 2, K + 8)[:, :1, 4:K + 4], t, b) is None

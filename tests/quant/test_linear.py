@@ -328,12 +328,14 @@ def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
 @pytest.mark.cuda
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40, 64])
-def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias):
-    """No-grad CUDA calls go through a launcher kept per input layout and stream: each call, new inputs of
+def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias, monkeypatch):
+    """With ALIGNLAB_DECODE_LAUNCHERS on, no-grad CUDA calls go through a launcher kept per input layout and stream: each call, new inputs of
     the same layout, a sliced (non-contiguous) input, a second stream and a CUDA graph give what
     nf4_matmul gives; replacing the weight drops the launchers."""
     from alignlab.kernels.nf4_matmul import nf4_matmul
+    from alignlab.quant import linear
 
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
     torch.manual_seed(rows)
     lin = nn.Linear(256, 320, bias=bias, device="cuda", dtype=torch.bfloat16)
     layer = NF4Linear.from_linear(lin)
@@ -372,7 +374,10 @@ def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias):
 
 
 @pytest.mark.cuda
-def test_decode_path_keeps_errors_and_grad_rules():
+def test_decode_path_keeps_errors_and_grad_rules(monkeypatch):
+    from alignlab.quant import linear
+
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
     lin = nn.Linear(128, 64, device="cuda", dtype=torch.bfloat16)
     layer = NF4Linear.from_linear(lin)
     with torch.no_grad():
