@@ -59,7 +59,7 @@ quantized replacement keeps those attributes.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ from torch import nn
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import lora_scaling
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, expert_mlp
 
 #: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
 #: wrappers in that order, which decides its file's key names)
@@ -182,24 +183,6 @@ def _has_gate(experts: nn.Module) -> bool:
 
 
 # -- grouped matmul --------------------------------------------------------------------------------
-class ExpertGroups(NamedTuple):
-    """The ``(token, slot)`` pairs of one call sorted by expert: ``ids (S,)`` the expert of each sorted row,
-    ``perm (S,)`` the flat slot index (``token·k + slot``) each sorted row came from, ``offsets (E,)`` int32
-    cumulative row counts (``grouped_mm``'s ``offs``)."""
-
-    ids: torch.Tensor
-    perm: torch.Tensor
-    offsets: torch.Tensor
-
-    @classmethod
-    def from_routing(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertGroups":
-        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
-        # histc, not bincount: bincount sizes its output from the data (a device-to-host sync per call);
-        # histc takes float input on CPU and integer input on CUDA
-        counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0, max=num_experts - 1)
-        return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
-
-
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
     """Row ``t`` of ``x (S, in)`` times ``weight[groups.ids[t]]ᵀ``, ``weight (E, out, in)`` → ``(S, out)``.
 
@@ -432,20 +415,13 @@ class ExpertLoRA(AdapterLayer):
         base = self.base_layer
         groups = ExpertGroups.from_routing(top_k_index, base.num_experts)
         x = hidden_states[groups.perm // top_k_index.shape[-1]]
-        if _has_gate(base):
-            h = base._apply_gate(self._project("gate_up_proj", x, groups, names))
-        else:
-            h = base.act_fn(self._project("up_proj", x, groups, names))
-        y = self._project("down_proj", h, groups, names)
-        if getattr(base, "has_post_expert_norm", False):
-            y = base.post_expert_norm(y)
+        y = expert_mlp(base, x, lambda param, rows: self._project(param, rows, groups, names), _has_gate(base))
         y = y * top_k_weights.reshape(-1)[groups.perm].unsqueeze(-1)
         out = torch.empty_like(y).index_copy(0, groups.perm, y)  # back to (token, slot) order
         return out.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _project(self, param: str, x: torch.Tensor, groups: ExpertGroups, names: list[str]) -> torch.Tensor:
         """``W_e x + Σ_adapters Δ_e(x) + b_e`` for the sorted rows ``x (S, in)`` → ``(S, out)``."""
-        base = self.base_layer
         x, out = self._base_linear(param, x, groups)
         adapters = [n for n in names if param in self.lora_A[n]]
         if adapters:
@@ -453,8 +429,7 @@ class ExpertLoRA(AdapterLayer):
             for n in adapters:
                 out = out + self._delta(n, param, x, base_out, groups)
             out = out.to(base_out.dtype)
-        bias = getattr(base, f"{param}_bias", None) if getattr(base, "has_bias", False) else None
-        return out if bias is None else out + bias[groups.ids].to(out.dtype)
+        return add_expert_bias(self.base_layer, param, out, groups.ids)
 
     def _base_linear(self, param: str, x: torch.Tensor, groups: ExpertGroups) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, W_e x)`` with ``x`` cast to the base's compute dtype: through the module's ``linear_sorted``

@@ -16,7 +16,8 @@ scales and offset are those of that 2-D weight (:meth:`NF4Experts.quant_weight`,
 quantization, else fp32), ``{name}_nested_absmax (E, ⌈nb/256⌉)`` fp32 and ``{name}_nested_offset (E,)``
 fp32, which is also the module's state dict. Biases stay frozen parameters in their dtype.
 
-The forward is the block's: with the ``(token, slot)`` pairs sorted by expert,
+The forward is the block's (the loop of :mod:`alignlab.expert_routing`, shared with expert LoRA): with
+the ``(token, slot)`` pairs sorted by expert,
 
     y_t = Σ_slots  w_{t,k} · W^down_e  g(W^gate_up_e x_t + b_e) + b'_e,     e = the slot's expert,
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, expert_mlp
 from alignlab.quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
@@ -387,19 +389,12 @@ class NF4Experts(nn.Module):
             return _SortedNF4Linear.apply(x, self, name, spans)
         return self._sorted_matmul(x, name, spans, transpose=False)
 
-    def _project(self, name: str, x: torch.Tensor, ids: torch.Tensor, linear) -> torch.Tensor:
-        y = linear(name, x)
-        bias = getattr(self, f"{name}_bias", None) if self.has_bias else None
-        return y if bias is None else y + bias[ids].to(y.dtype)
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``."""
         k = top_k_index.shape[-1]
         if torch.compiler.is_compiling():
             # no host sync: every (token, slot) row stays; sentinel rows (ids >= E) sort last, get zero
             # products from the op and zero routing weight, and index the biases only through clamped ids
-            from alignlab.adapters.experts import ExpertGroups
-
             groups = ExpertGroups.from_routing(top_k_index, self.num_experts)
             ids, perm = groups.ids, groups.perm
             weights = top_k_weights.reshape(-1)[perm] * (ids < self.num_experts)
@@ -419,13 +414,7 @@ class NF4Experts(nn.Module):
             def linear(name, x):
                 return self._linear_spans(name, x, spans)
         x = hidden_states[perm // k].to(self.compute_dtype)
-        if self.has_gate:
-            h = self._apply_gate(self._project("gate_up_proj", x, ids, linear))
-        else:
-            h = self.act_fn(self._project("up_proj", x, ids, linear))
-        y = self._project("down_proj", h, ids, linear)
-        if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
+        y = expert_mlp(self, x, lambda name, rows: add_expert_bias(self, name, linear(name, rows), ids), self.has_gate)
         y = y * weights.unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, perm // k, y.to(hidden_states.dtype))

@@ -1,0 +1,71 @@
+"""The routed expert MLP of a mixture-of-experts block, shared by the dense and the quantized experts.
+
+An MoE block sends token ``t`` to ``k`` experts (``top_k_index (T, k)``, weights ``top_k_weights (T, k)``) and
+adds their outputs:
+
+    y_t = Σ_slots  w_{t,k} · post_norm( W^down_e  g(W^gate_up_e x_t + b_e) + b'_e ),     e = the slot's expert,
+
+``g`` the block's gate (``_apply_gate``: ``act_fn(gate) * up`` for Mixtral and Qwen3-MoE, gpt-oss's clamped
+GLU), or ``act_fn(W^up_e x_t + b_e)`` for experts without a gate (``has_gate`` False). The ``(token, slot)``
+pairs are sorted by expert first (:class:`ExpertGroups`), so that each expert's rows are contiguous and
+every projection is one pass over the groups.
+
+Two modules run this loop: :class:`~alignlab.adapters.experts.ExpertLoRA` (grouped matmuls plus the
+low-rank terms) and :class:`~alignlab.quant.NF4Experts` (one NF4 matmul per routed expert). Each owns its
+projection ``W_e x`` and how the weighted rows go back to the tokens; :func:`expert_mlp` owns the rest.
+This module imports neither, so :mod:`alignlab.quant` does not load :mod:`alignlab.adapters`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias"]
+
+
+class ExpertGroups(NamedTuple):
+    """The ``(token, slot)`` pairs of one call sorted by expert: ``ids (S,)`` the expert of each sorted row,
+    ``perm (S,)`` the flat slot index (``token·k + slot``) each sorted row came from, ``offsets (E,)`` int32
+    cumulative row counts (``grouped_mm``'s ``offs``). Ids ``>= E`` (expert-parallel sentinels) sort last and
+    are counted in no group."""
+
+    ids: torch.Tensor
+    perm: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_routing(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertGroups":
+        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        # histc, not bincount: bincount sizes its output from the data (a device-to-host sync per call);
+        # histc takes float input on CPU and integer input on CUDA
+        counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0, max=num_experts - 1)
+        return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def add_expert_bias(experts: nn.Module, name: str, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``y + b_e`` for rows ``y (S, out)`` of experts ``ids (S,)``, where the block has ``has_bias`` and a
+    ``<name>_bias (E, out)``; ``y`` unchanged otherwise."""
+    bias = getattr(experts, f"{name}_bias", None) if getattr(experts, "has_bias", False) else None
+    return y if bias is None else y + bias[ids].to(y.dtype)
+
+
+def expert_mlp(experts: nn.Module, x: torch.Tensor, project: Callable[[str, torch.Tensor], torch.Tensor],
+               gated: bool) -> torch.Tensor:
+    """The expert MLP on rows ``x (S, H)`` sorted by expert → ``(S, H)``, before the routing weights.
+
+    ``project(name, rows)`` is ``W_e x + b_e`` of expert weight ``name`` on the sorted rows (the caller's
+    matmul, adapters and bias). ``gated``: the first projection is a fused ``gate_up_proj`` and goes through
+    ``experts._apply_gate``; else ``up_proj`` through ``experts.act_fn``. The block's
+    ``post_expert_norm`` follows where ``has_post_expert_norm`` is set.
+    """
+    if gated:
+        h = experts._apply_gate(project("gate_up_proj", x))
+    else:
+        h = experts.act_fn(project("up_proj", x))
+    y = project("down_proj", h)
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    return y
