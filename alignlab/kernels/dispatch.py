@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -31,13 +30,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+try:  # once, at import: a plain module constant is what torch.compile traces cheaply (an lru_cache warned)
+    import triton  # noqa: F401
+
+    _TRITON = True
+except ImportError:  # pragma: no cover - CPU installs without triton
+    _TRITON = False
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton imports in this process."""
+    return _TRITON
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
