@@ -1,16 +1,17 @@
 """What each rank runs in ``test_fsdp_moe.py`` (and the single-process oracle runs the same functions): QLoRA on
-the NF4 experts (and attention) of a tiny random Mixtral, sharded by FSDP2."""
+the NF4 experts (and attention) of a tiny random Mixtral, sharded by FSDP2. The rank set-up, the batch and the
+training loop are ``fsdp_worker``'s."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import fsdp_worker as fw  # on sys.path: the test file puts this folder there, and spawned ranks inherit it
 from alignlab.adapters import LoRAConfig, inject, save_adapter
-from alignlab.distributed import full_state_dict, full_tensor, shard_model, unwrap
+from alignlab.distributed import full_state_dict, shard_model
 from alignlab.quant import quantize_model
 
 GLOBAL_BATCH, SEQ, VOCAB, STEPS = 4, 12, 64, 2
@@ -28,49 +29,23 @@ def build(seed: int = 0):
                            max_position_embeddings=64)
     model = quantize_model(MixtralForCausalLM(config), compute_dtype=torch.float32)
     inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=TARGETS))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return fw.randomise_lora_b(model, seed + 1)
 
 
 def global_batch() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-
-
-def global_mean(x: torch.Tensor) -> float:
-    x = x.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return float(x)
+    return fw.global_batch(GLOBAL_BATCH, SEQ, VOCAB)
 
 
 def train(model, ids):
-    """SGD; the global losses and the whole adapter gradients of each step (the router is not trained)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.5)
-    losses, grads = [], []
-    for _ in range(STEPS):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(global_mean(loss))
-        grads.append({n: full_tensor(p.grad).clone() for n, p in unwrap(model).named_parameters() if p.grad is not None})
-        opt.step()
-        opt.zero_grad()
+    """Plain SGD; the global losses and the whole adapter gradients of each step (the router is not trained)."""
+    losses, grads, _ = fw.train(model, ids, steps=STEPS, momentum=0.0)
     return losses, grads
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["ALIGNLAB_KERNELS"] = "torch"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fw.init_gloo(rank, world, port)
     try:
         out = Path(out)
         model = shard_model(build())

@@ -36,7 +36,12 @@ def build(dora: bool, with_adapter: bool = True, seed: int = 0):
     if not with_adapter:
         return model
     inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=dora))
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomise_lora_b(model, seed + 1)
+
+
+def randomise_lora_b(model, seed: int):
+    """``lora_B`` drawn at random (it starts at zero), so that every adapter factor gets a gradient at the first step."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -44,8 +49,8 @@ def build(dora: bool, with_adapter: bool = True, seed: int = 0):
     return model
 
 
-def global_batch() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+def global_batch(batch: int = GLOBAL_BATCH, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
 
 
 def global_mean(x: torch.Tensor) -> float:
@@ -61,10 +66,10 @@ def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def train(model, ids, steps: int = STEPS):
-    """SGD with momentum; returns the global losses and the whole adapter gradients of each step."""
+def train(model, ids, steps: int = STEPS, momentum: float = 0.9):
+    """SGD (lr 0.5); returns the global losses and the whole adapter gradients of each step, and the optimiser."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD(params, lr=0.5, momentum=momentum)
     losses, grads = [], []
     for _ in range(steps):
         loss = loss_of(model, ids)
@@ -105,12 +110,17 @@ def run_case(model, ids, out: Path, name: str) -> dict:
     return {"losses": losses, "grads": grads, "next_loss": next_loss, "ref_loss": ref_loss, "opt_state": n_state}
 
 
-def worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the gloo group on localhost, one thread a rank, PyTorch kernels (the CPU reference path)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["ALIGNLAB_KERNELS"] = "torch"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    init_gloo(rank, world, port)
     try:
         out = Path(out)
         ids = global_batch().chunk(world)[rank]
