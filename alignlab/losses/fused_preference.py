@@ -50,13 +50,13 @@ from alignlab.losses.logprobs import (
 )
 from alignlab.losses.preference import (
     _lengths_known_valid,
-    _over,
     check_num_items,
     cpo_loss,
     dpo_loss,
     kto_loss,
     orpo_loss,
     simpo_loss,
+    step_count,
 )
 
 __all__ = [
@@ -282,9 +282,10 @@ def _chosen_nll(tok: torch.Tensor, counts: torch.Tensor, num_nll_tokens=None) ->
     """Mean token NLL over all scored tokens of the chosen sequences (TRL/Liger's chosen NLL); with
     ``num_nll_tokens``, their NLL sum over that step-wide count instead."""
     tok_c, _ = _split_pairs("policy_hidden", tok)
-    if num_nll_tokens is not None:
-        return _over(-tok_c.sum(), num_nll_tokens)
     counts_c, _ = _split_pairs("labels", counts)
+    if num_nll_tokens is not None:
+        total = -tok_c.sum()
+        return total / step_count("num_nll_tokens", num_nll_tokens, counts_c.sum(), total.dtype, total.device)
     return -tok_c.sum() / counts_c.sum().clamp(min=1)
 
 

@@ -39,6 +39,7 @@ import torch
 
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
+from alignlab.losses.preference import step_count
 from alignlab.losses.reward import (
     check_grpo_options,
     clipped_surrogate,
@@ -193,17 +194,19 @@ def _token_grad_fn(row_pos, mask_pad, adv, old_pad, ref_pad, w_pad, samp_pad, op
     dev = mask_pad.device
     hi = opts["epsilon"] if opts["epsilon_high"] is None else opts["epsilon_high"]
 
-    def norm(x):  # float64: the weights are rounded once, to the log-prob dtype, when used
-        return torch.as_tensor(x, device=dev).to(torch.float64).clamp(min=1)
+    def norm(local, local_count):  # float64: the weights are rounded once, to the log-prob dtype, when used
+        if num_items is None:
+            return torch.as_tensor(local, device=dev).to(torch.float64).clamp(min=1)
+        return step_count("num_items", num_items, local_count, torch.float64, dev)
 
     if loss_type == "grpo":
-        seq_w = 1.0 / (counts.clamp(min=1) * norm(n_seq if num_items is None else num_items))
+        seq_w = 1.0 / (counts.clamp(min=1) * norm(n_seq, n_seq))
     elif loss_type in ("bnpo", "dapo"):
-        seq_w = (1.0 / norm(n_tok_local if num_items is None else num_items)).expand(n_seq)
+        seq_w = (1.0 / norm(n_tok_local, n_tok_local)).expand(n_seq)
     else:
         mcl = opts["max_completion_length"] or length
-        seq_w = (1.0 / (norm(n_seq if num_items is None else num_items) * mcl)).expand(n_seq)
-    n_tok_ent = entropy_normaliser(loss_type, num_items, opts["num_tokens"], n_tok_local)
+        seq_w = (1.0 / (norm(n_seq, n_seq) * mcl)).expand(n_seq)
+    n_tok_ent = entropy_normaliser(loss_type, num_items, opts["num_tokens"], n_tok_local, torch.float64)
     adv_tok = adv.dim() == 2
 
     def grad_fn(s, e, lp, ent):
@@ -227,7 +230,7 @@ def _token_grad_fn(row_pos, mask_pad, adv, old_pad, ref_pad, w_pad, samp_pad, op
             leaves = [leaf]
             if want_ent_grad:
                 leaf_e = ent.detach().requires_grad_(True)
-                total = total - opts["entropy_coef"] * leaf_e.sum() / norm(n_tok_ent).to(dt)
+                total = total - opts["entropy_coef"] * leaf_e.sum() / n_tok_ent.to(dt)
                 leaves.append(leaf_e)
             grads = torch.autograd.grad(total, leaves)
         return grads[0], (grads[1] if want_ent_grad else None)

@@ -23,7 +23,8 @@ Gradient accumulation: every loss takes ``num_items=``, the number of pairs (com
 UNA) in the whole optimiser step, summed over micro-batches and ranks; the mean over this batch becomes
 this batch's sum over ``num_items``, so the micro-batch losses add up to the big-batch loss exactly.  A
 ``num_items`` that is not a number >= 0 or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
-``reduction`` other than ``"mean"``.
+``reduction`` other than ``"mean"``.  ``num_items=0`` means an empty step: it gives a zero loss on an empty batch
+and raises ``ValueError`` on a batch with pairs (a 0-d tensor is not checked, to spare a device sync).
 
 Half-precision inputs are upcast to float32 before the loss is formed; float64
 stays float64.  An empty batch gives a zero loss that is still connected to the
@@ -175,14 +176,35 @@ def check_num_items(name: str, value: int | float | torch.Tensor | None, reducti
         raise ValueError(f"{name} replaces the denominator of the mean: it needs reduction='mean', got {reduction!r}")
 
 
-def _over(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
-    """``total / max(count, 1)``: a sum divided by a step-wide count (empty steps give 0, not NaN)."""
-    return total / torch.as_tensor(count, device=total.device).clamp(min=1).to(total.dtype)
+def step_count(name: str, count: int | float | torch.Tensor, local_count: int | torch.Tensor,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A step-wide count (``num_items``, ``num_tokens``, ``num_nll_tokens``; see :func:`check_num_items`) as the
+    0-d ``dtype`` denominator of this batch's sum.
+
+    0 means the whole step is empty, so this batch must have nothing to count: then the denominator is 1 and
+    the loss 0 (not NaN). A count under 1 (a count over the world size) divides as it is. ``local_count`` is
+    what this batch has to count; it is read only when ``count`` is the number 0 (a tensor then costs one
+    device sync). A 0-d tensor ``count`` is not checked (that would sync every call): 0 divides as 1.
+
+    Raises:
+        ValueError: ``count`` is the number 0 and ``local_count > 0``.
+    """
+    if isinstance(count, torch.Tensor):
+        c = count.to(device)
+        return torch.where(c > 0, c, torch.ones_like(c)).to(dtype)
+    if count == 0:
+        have = int(local_count)
+        if have > 0:
+            raise ValueError(f"{name} must be > 0: it counts the whole step (micro-batches and ranks), which "
+                             f"includes this batch's {have}; 0 means an empty step")
+        count = 1
+    return torch.as_tensor(count, device=device).to(dtype)
 
 
 def _reduce(per_example: torch.Tensor, reduction: str, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     if num_items is not None:
-        return _over(per_example.sum(), num_items)
+        total = per_example.sum()
+        return total / step_count("num_items", num_items, per_example.numel(), total.dtype, total.device)
     if reduction == "none":
         return per_example
     if reduction == "sum" or per_example.numel() == 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses.preference import check_num_items
+from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -215,7 +215,7 @@ def bradley_terry_loss(
         "margin": d.mean() if d.numel() else torch.full((), float("nan"), dtype=dtype),
     }
     if num_items is not None:
-        return per_pair.sum() / torch.as_tensor(num_items, device=per_pair.device).clamp(min=1).to(dtype), metrics
+        return per_pair.sum() / step_count("num_items", num_items, per_pair.numel(), dtype, per_pair.device), metrics
     return _reduce(per_pair, reduction), metrics
 
 
@@ -364,12 +364,12 @@ def _aggregate(
     if aggregation == "token":
         if num_items is None:
             return masked_mean(per_token, m)
-        n = torch.as_tensor(num_items, device=per_token.device).clamp(min=1).to(per_token.dtype)
+        n = step_count("num_items", num_items, m.sum(), per_token.dtype, per_token.device)
         return torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum() / n
     if aggregation == "sequence":
         if num_items is None:
             return masked_mean(per_token, m, dim=1).mean() if per_token.shape[0] else per_token.sum()
-        n = torch.as_tensor(num_items, device=per_token.device).clamp(min=1).to(per_token.dtype)
+        n = step_count("num_items", num_items, per_token.shape[0], per_token.dtype, per_token.device)
         return masked_mean(per_token, m, dim=1).sum() / n
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
 
@@ -600,14 +600,19 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
 
 
-def entropy_normaliser(loss_type: str, num_items, num_tokens, local_tokens: torch.Tensor):
-    """Token count the entropy bonus divides by: ``num_tokens``, else ``num_items`` where it counts tokens
-    (``bnpo``/``dapo``), else this batch's unmasked tokens."""
+def entropy_normaliser(loss_type: str, num_items, num_tokens, local_tokens: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Token count the entropy bonus divides by, a 0-d ``dtype`` tensor: ``num_tokens``, else ``num_items`` where it
+    counts tokens (``bnpo``/``dapo``), else this batch's unmasked tokens ``local_tokens`` (at least 1).
+
+    Raises:
+        ValueError: the step-wide count is 0 while this batch has unmasked tokens (see :func:`step_count`).
+    """
     if num_tokens is not None:
-        return num_tokens
+        return step_count("num_tokens", num_tokens, local_tokens, dtype, local_tokens.device)
     if loss_type in ("bnpo", "dapo") and num_items is not None:
-        return num_items
-    return local_tokens
+        return step_count("num_items", num_items, local_tokens, dtype, local_tokens.device)
+    return local_tokens.clamp(min=1).to(dtype)
 
 
 def check_grpo_options(loss_type: str, importance_sampling_level: str, kl_estimator: str, is_mode: str) -> None:
@@ -776,22 +781,24 @@ def grpo_loss(
         metrics["kl"] = masked_mean(kl.detach(), m)
     per_token = torch.where(m, per_token, zero)
 
-    n_seq = max(logprobs.shape[0], 1) if num_items is None else num_items
-    if loss_type == "grpo":
-        per_seq = per_token.sum(dim=1) / m.sum(dim=1).clamp(min=1).to(dtype)
-        loss = per_seq.sum() / torch.as_tensor(n_seq, device=lp.device).clamp(min=1).to(dtype)
-    elif loss_type in ("bnpo", "dapo"):
-        n = m.sum() if num_items is None else torch.as_tensor(num_items, device=lp.device)
-        loss = per_token.sum() / n.clamp(min=1).to(dtype)
-    else:
-        length = logprobs.shape[1] if max_completion_length is None else max_completion_length
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-        loss = per_token.sum() / (torch.as_tensor(n_seq, device=lp.device).clamp(min=1).to(dtype) * length)
+    if loss_type in ("bnpo", "dapo"):  # num_items counts tokens
+        n = m.sum().clamp(min=1).to(dtype) if num_items is None else step_count("num_items", num_items, m.sum(), dtype, lp.device)
+        loss = per_token.sum() / n
+    else:  # grpo, dr_grpo: num_items counts sequences
+        n_seq = step_count("num_items", max(logprobs.shape[0], 1) if num_items is None else num_items,
+                           logprobs.shape[0], dtype, lp.device)
+        if loss_type == "grpo":
+            per_seq = per_token.sum(dim=1) / m.sum(dim=1).clamp(min=1).to(dtype)
+            loss = per_seq.sum() / n_seq
+        else:
+            length = logprobs.shape[1] if max_completion_length is None else max_completion_length
+            if not isinstance(length, int) or length < 1:
+                raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+            loss = per_token.sum() / (n_seq * length)
     if entropy is not None:
         ent = torch.where(m, entropy.to(dtype), zero)
         metrics["entropy"] = masked_mean(ent.detach(), m)
         if entropy_coef:
-            n_tok = entropy_normaliser(loss_type, num_items, num_tokens, m.sum())
-            loss = loss - entropy_coef * ent.sum() / torch.as_tensor(n_tok, device=lp.device).clamp(min=1).to(dtype)
+            n_tok = entropy_normaliser(loss_type, num_items, num_tokens, m.sum(), dtype)
+            loss = loss - entropy_coef * ent.sum() / n_tok
     return loss, metrics

@@ -47,6 +47,7 @@ from alignlab.losses import (
     total_variation,
     una_loss,
 )
+from alignlab.losses.reward import GRPO_LOSS_TYPES
 
 D = torch.float64
 H, V, T = 6, 11, 5
@@ -475,6 +476,50 @@ def test_num_items_arguments_are_checked():
     a = una_loss(pc, pr, s, num_items=torch.tensor(9))[0]
     torch.testing.assert_close(a, una_loss(pc, pr, s, num_items=9)[0])
     torch.testing.assert_close(a, una_loss(pc, pr, s, reduction="sum")[0] / 9)
+
+
+def test_a_zero_step_count_means_an_empty_step():
+    """A step-wide count of 0 says the whole step is empty: with pairs or tokens in this batch it is refused
+    (it used to divide by 1 and return this batch's sum); with nothing to count the loss is 0, not NaN."""
+    pc, pr = -torch.rand(4, generator=_g(1), dtype=D), -torch.rand(4, generator=_g(2), dtype=D)
+    lp = -torch.rand(2, T, generator=_g(3), dtype=D)
+    adv, s = torch.tensor([0.5, -1.0], dtype=D), torch.rand(4, generator=_g(4), dtype=D)
+    hid, w = torch.randn(2, T, H, generator=_g(5), dtype=D), torch.randn(V, H, generator=_g(6), dtype=D)
+    ids = torch.randint(0, V, (2, T), generator=_g(7))
+    calls = {
+        "dpo": lambda n: dpo_loss(pc, pr, pc * 0.5, pr, num_items=n),
+        "kto": lambda n: kto_loss(pc, pr, pc > -0.5, kl=0.0, num_items=n),
+        "simpo": lambda n: simpo_loss(pc, pr, num_items=n),
+        "orpo": lambda n: orpo_loss(pc, pr, num_items=n),
+        "cpo": lambda n: cpo_loss(pc, pr, cpo_alpha=0.0, num_items=n),
+        "una": lambda n: una_loss(pc, pr, s, num_items=n),
+        "bradley_terry": lambda n: bradley_terry_loss(pc, pr, num_items=n),
+        "ppo_policy_token": lambda n: ppo_policy_loss(lp, lp.detach(), adv, num_items=n),
+        "ppo_policy_sequence": lambda n: ppo_policy_loss(lp, lp.detach(), adv, aggregation="sequence", num_items=n),
+        "ppo_value": lambda n: ppo_value_loss(lp, lp.detach(), lp.detach() + 1, num_items=n),
+        **{f"grpo_{t}": (lambda t: lambda n: grpo_loss(lp, adv, loss_type=t, num_items=n))(t) for t in GRPO_LOSS_TYPES},
+        **{f"fused_grpo_{t}": (lambda t: lambda n: fused_linear_grpo(hid, w, ids, adv, loss_type=t, num_items=n))(t)
+           for t in GRPO_LOSS_TYPES},
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="num_items must be > 0"):
+            call(0)
+        with pytest.raises(ValueError, match="num_items must be > 0"):
+            call(0.0)
+    with pytest.raises(ValueError, match="num_tokens must be > 0"):
+        grpo_loss(lp, adv, entropy=-lp.detach(), entropy_coef=0.1, num_tokens=0)
+    with pytest.raises(ValueError, match="num_nll_tokens must be > 0"):
+        fused_linear_orpo(torch.randn(2, T, H, dtype=D), w, ids, num_nll_tokens=0)
+    empty = torch.zeros(0, dtype=D, requires_grad=True)
+    for loss in (dpo_loss(empty, empty, empty, empty, num_items=0)[0], bradley_terry_loss(empty, empty, num_items=0)[0],
+                 grpo_loss(lp, adv, torch.zeros(2, T, dtype=torch.bool), loss_type="dapo", num_items=0)[0]):
+        assert loss.item() == 0.0
+    # a count under 1 (a count over the world size: 1 pair on 4 ranks) divides as it is, a number or a tensor
+    for n in (0.25, torch.tensor(0.25, dtype=D)):
+        torch.testing.assert_close(dpo_loss(pc, pr, pc * 0.5, pr, num_items=n)[0],
+                                   dpo_loss(pc, pr, pc * 0.5, pr, reduction="sum")[0] / 0.25)
+        torch.testing.assert_close(grpo_loss(lp, adv, loss_type="dapo", num_items=n)[0],
+                                   grpo_loss(lp, adv, loss_type="dapo", num_items=1)[0] / 0.25)
 
 
 @pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
