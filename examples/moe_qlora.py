@@ -11,16 +11,17 @@
    a freshly built, resized and quantized base: the reloaded model reproduces the trained one's logits
    (the new rows travel in the adapter file, so their random initialisation does not matter).
 
+The training loop and the save-and-reload check are ``qlora.py``'s (imported from next to this file).
+
     python examples/moe_qlora.py [--steps 20] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
+from qlora import check_reload, train  # examples/ is on sys.path when this file runs as a script
 
 NEW_TOKENS = 2
 
@@ -45,7 +46,7 @@ def main(argv=None) -> float:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from alignlab.adapters import LoRAConfig, count_parameters, inject, load_adapter, save_adapter
+    from alignlab.adapters import LoRAConfig, count_parameters, inject
     from alignlab.quant import NF4Experts, NF4Linear, quantize_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,35 +72,16 @@ def main(argv=None) -> float:
     body = torch.randint(0, vocab - NEW_TOKENS, (10,), generator=g)
     pattern = torch.cat([torch.tensor(new_ids[:1]), body, torch.tensor(new_ids[1:])])
     batch = pattern.repeat(4, 4)[:, :36].to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    first = last = None
-    for step in range(args.steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        first = loss.item() if first is None else first
-        last = loss.item()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {last:.4f}")
-    print(f"loss {first:.4f} -> {last:.4f}")
+    last = train(model, batch, args.steps)
 
-    with tempfile.TemporaryDirectory(prefix="alignlab-moe-qlora-") as tmp:
-        path = save_adapter(model, args.out or Path(tmp) / "adapter")
-        print(f"adapter saved to {path}")
+    def fresh_base():  # other values in the new rows: the adapter brings its own
         fresh = tiny_mixtral(args.seed).to(device)
-        with torch.no_grad():  # other values in the new rows: the adapter brings its own
+        with torch.no_grad():
             fresh.model.embed_tokens.weight[new_ids] = 0.0
             fresh.lm_head.weight[new_ids] = 0.0
-        reloaded = load_adapter(quantize_model(fresh, compute_dtype=compute_dtype), path)
-    model.eval()
-    reloaded.eval()
-    with torch.no_grad():
-        diff = (model(input_ids=batch).logits - reloaded(input_ids=batch).logits).abs().max().item()
-    print(f"reloaded adapter reproduces the logits to {diff:.2e}")
-    if diff > 1e-4:
-        raise SystemExit("the reloaded adapter does not reproduce the trained model")
+        return quantize_model(fresh, compute_dtype=compute_dtype)
+
+    check_reload(model, batch, args.out, fresh_base)
     return last
 
 

@@ -43,7 +43,7 @@ def main(argv=None) -> float:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from alignlab.adapters import LoRAConfig, count_parameters, inject, load_adapter, save_adapter
+    from alignlab.adapters import LoRAConfig, count_parameters, inject
     from alignlab.quant import NF4Linear, quantize_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,29 +66,49 @@ def main(argv=None) -> float:
     vocab = model.config.vocab_size
     pattern = torch.randint(0, vocab, (16,), generator=g)
     batch = pattern.repeat(4, 4)[:, :48].to(device)  # (batch, seq)
+    last = train(model, batch, args.steps, autocast_dtype=compute_dtype if device == "cuda" else None)
+
+    # 4. save only the adapter (adapter_config.json + adapter_model.safetensors, PEFT layout), then
+    #    reload it onto a freshly quantized copy of the same base: the logits must come back
+    check_reload(model, batch, args.out, lambda: quantize_model(tiny_llama(args.seed).to(device), compute_dtype=compute_dtype))
+    return last
+
+
+def train(model, batch: torch.Tensor, steps: int, autocast_dtype: torch.dtype | None = None) -> float:
+    """AdamW (lr 3e-3) on the next-token loss of ``batch (batch, seq)`` for ``steps`` steps, under autocast to
+    ``autocast_dtype`` where given; prints the loss every fifth step and returns the last one."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     first = last = None
     t0 = time.time()
-    for step in range(args.steps):
-        with torch.autocast(device_type=device, dtype=compute_dtype, enabled=device == "cuda"):
+    for step in range(steps):
+        with torch.autocast(device_type=batch.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         first = loss.item() if first is None else first
         last = loss.item()
-        if step % 5 == 0 or step == args.steps - 1:
+        if step % 5 == 0 or step == steps - 1:
             print(f"step {step:3d}  loss {last:.4f}")
     print(f"loss {first:.4f} -> {last:.4f} in {time.time() - t0:.1f}s")
+    return last
 
-    # 4. save only the adapter (adapter_config.json + adapter_model.safetensors, PEFT layout), then
-    #    reload it onto a freshly quantized copy of the same base: the logits must come back
+
+def check_reload(model, batch: torch.Tensor, out: str | None, fresh_base) -> float:
+    """Save ``model``'s adapter (PEFT layout) to ``out`` (default: a temporary directory, removed after), load it
+    onto ``fresh_base()`` (a newly built, quantized base) and return the largest logit difference on ``batch``.
+
+    Raises:
+        SystemExit: the reloaded model's logits differ by more than 1e-4.
+    """
+    from alignlab.adapters import load_adapter, save_adapter
+
     with tempfile.TemporaryDirectory(prefix="alignlab-qlora-") as tmp:
-        path = save_adapter(model, args.out or Path(tmp) / "adapter")
+        path = save_adapter(model, out or Path(tmp) / "adapter")
         print(f"adapter saved to {path}")
-        fresh = quantize_model(tiny_llama(args.seed).to(device), compute_dtype=compute_dtype)
-        reloaded = load_adapter(fresh, path)
+        reloaded = load_adapter(fresh_base(), path)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
@@ -96,7 +116,7 @@ def main(argv=None) -> float:
     print(f"reloaded adapter reproduces the logits to {diff:.2e}")
     if diff > 1e-4:
         raise SystemExit("the reloaded adapter does not reproduce the trained model")
-    return last
+    return diff
 
 
 if __name__ == "__main__":
