@@ -40,8 +40,13 @@ class ExpertGroups(NamedTuple):
     def from_routing(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertGroups":
         ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         # histc, not bincount: bincount sizes its output from the data (a device-to-host sync per call);
-        # histc takes float input on CPU and integer input on CUDA
-        counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0, max=num_experts - 1)
+        # histc takes float input on CPU and integer input on CUDA. With one expert its range would be
+        # min == max, which histc replaces by the data's own range (sentinels counted): compare instead.
+        if num_experts == 1:
+            counts = (ids == 0).sum(0, keepdim=True)
+        else:
+            counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0,
+                                 max=num_experts - 1)
         return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
 
 

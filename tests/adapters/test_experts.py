@@ -457,3 +457,13 @@ def test_peft_file_from_transformers_4_expert_names_loads(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(copy.deepcopy(model), tmp_path)
     torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 5])
+def test_group_offsets_count_only_real_experts(num_experts):
+    """offsets[e] = rows routed to experts <= e; expert-parallel sentinel ids (>= E) count in no group, also
+    with a single expert (torch.histc with min == max would take the data's own range)."""
+    ids = torch.tensor([0, num_experts, 0, num_experts - 1, num_experts + 3, 0])
+    groups = ExpertGroups.from_routing(ids, num_experts)
+    want = torch.cumsum(torch.stack([(ids == e).sum() for e in range(num_experts)]), 0).to(torch.int32)
+    torch.testing.assert_close(groups.offsets, want)
