@@ -21,6 +21,7 @@ Decode greedily (or with beam search) over :math:`s`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -40,9 +41,22 @@ def _vocab_size(model: nn.Module) -> int | None:
     return size if isinstance(size, int) else None
 
 
+def _check_real(value, name: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is a real number (NumPy scalars are; bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+
+
 def _check_alpha(alpha: float) -> None:
+    _check_real(alpha, "alpha")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha: expected a plausibility threshold in (0, 1], got {alpha!r}")
+
+
+def _check_temperature(amateur_temperature: float) -> None:
+    _check_real(amateur_temperature, "amateur_temperature")
+    if not amateur_temperature > 0:
+        raise ValueError(f"amateur_temperature: expected > 0, got {amateur_temperature!r}")
 
 
 def contrastive_logits(
@@ -68,11 +82,11 @@ def contrastive_logits(
         ``expert_logits``.
 
     Raises:
-        ValueError: bad ``alpha``/``amateur_temperature`` or leading shapes differ.
+        ValueError: ``alpha`` outside ``(0, 1]``, ``amateur_temperature <= 0`` (or NaN), or leading shapes differ.
+        TypeError: ``alpha`` or ``amateur_temperature`` is not a real number (a bool is not).
     """
     _check_alpha(alpha)
-    if not amateur_temperature > 0:
-        raise ValueError(f"amateur_temperature: expected > 0, got {amateur_temperature!r}")
+    _check_temperature(amateur_temperature)
     if expert_logits.shape[:-1] != amateur_logits.shape[:-1]:
         raise ValueError(
             f"expert_logits/amateur_logits: leading shapes differ: {tuple(expert_logits.shape)} vs "
@@ -119,8 +133,7 @@ class ContrastiveDecodingLogitsProcessor:
         pad_token_id: int | None = None,
     ) -> None:
         _check_alpha(alpha)
-        if not amateur_temperature > 0:
-            raise ValueError(f"amateur_temperature: expected > 0, got {amateur_temperature!r}")
+        _check_temperature(amateur_temperature)
         self.amateur = CompanionLM(amateur, pad_token_id=pad_token_id)
         self.amateur_vocab = _vocab_size(amateur)
         self.alpha = alpha

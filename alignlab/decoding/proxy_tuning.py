@@ -18,6 +18,7 @@ paper's setting; it is also the general "logit arithmetic" of combining models.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ __all__ = ["ProxyTuningLogitsProcessor", "proxy_tuning_logits"]
 
 
 def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    # numbers.Real admits NumPy scalars (np.float32 is no float subclass); a bool is no strength
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha: expected a real number (the steering strength), got {type(alpha).__name__}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha: expected a finite steering strength, got {alpha!r}")

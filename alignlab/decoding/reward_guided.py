@@ -36,6 +36,13 @@ from alignlab.eval.reward import reward_scores
 __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_fn"]
 
 
+def _check_weight(weight, expected: str, minimum: float | None = None) -> None:
+    """``ValueError`` naming ``weight`` unless it is a finite real number (>= ``minimum``); a bool is not."""
+    ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and math.isfinite(weight)
+    if not ok or (minimum is not None and weight < minimum):
+        raise ValueError(f"weight: expected {expected}, got {weight!r}")
+
+
 def reward_guided_logits(
     logits: torch.Tensor,
     candidate_ids: torch.Tensor,
@@ -50,7 +57,7 @@ def reward_guided_logits(
         logits: ``(batch, vocab)``.
         candidate_ids: ``(batch, k)`` token ids to keep.
         candidate_rewards: ``(batch, k)`` reward of the prefix extended by each candidate.
-        weight: reward weight :math:`w` (0 ignores the rewards, NaN included).
+        weight: reward weight :math:`w`, a finite real number (0 ignores the rewards, NaN included).
         nan: ``"lose"``: a NaN reward makes its candidate ``-inf`` (a row of
             only NaN rewards keeps its plain logits, with a ``RuntimeWarning``);
             ``"raise"``: a NaN reward is a ``ValueError``.
@@ -61,10 +68,11 @@ def reward_guided_logits(
 
     Raises:
         ValueError: shapes do not line up, a NaN reward with ``nan="raise"``,
-            or an unknown ``nan``.
+            an unknown ``nan``, or a ``weight`` that is not a finite number.
     """
     if nan not in ("lose", "raise"):
         raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
+    _check_weight(weight, "a finite number")
     if logits.dim() != 2 or candidate_ids.shape != candidate_rewards.shape or candidate_ids.shape[0] != logits.shape[0]:
         raise ValueError(
             "logits/candidate_ids/candidate_rewards: expected (batch, vocab), (batch, k), (batch, k); got "
@@ -140,10 +148,9 @@ class RewardGuidedLogitsProcessor:
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
-        if not isinstance(top_k, int) or top_k < 1:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
-        if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight: expected a finite number >= 0, got {weight!r}")
+        _check_weight(weight, "a finite number >= 0", minimum=0)
         if nan not in ("lose", "raise"):
             raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
         self.reward_fn = reward_fn

@@ -103,3 +103,19 @@ def test_prompt_id_beyond_a_smaller_amateur_vocabulary_is_our_value_error():
     out = expert.generate(torch.tensor([[5, 9, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=PAD,
                           logits_processor=[proc])
     assert int(out.max()) < 48
+
+
+def test_alpha_and_temperature_types_are_checked():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    # a bool is not a threshold (True would silently mean alpha = 1); strings and None are not numbers
+    for bad in (True, "0.1", None, torch.tensor(0.1)):
+        with pytest.raises(TypeError, match="alpha: expected a real number"):
+            contrastive_logits(x, y, alpha=bad)
+    for bad in (True, "1", None):
+        with pytest.raises(TypeError, match="amateur_temperature: expected a real number"):
+            contrastive_logits(x, y, amateur_temperature=bad)
+    # NumPy scalars are real numbers
+    torch.testing.assert_close(contrastive_logits(x, y, alpha=np.float32(0.25), amateur_temperature=np.float32(0.5)),
+                               contrastive_logits(x, y, alpha=0.25, amateur_temperature=0.5))

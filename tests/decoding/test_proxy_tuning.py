@@ -66,3 +66,18 @@ def test_alpha_must_be_a_real_number():
     for bad in ("1", None, True, torch.tensor(1.0)):
         with pytest.raises(TypeError, match="alpha: expected a real number"):
             proxy_tuning_logits(x, x, x, alpha=bad)
+
+
+def test_numpy_scalar_alpha_is_a_real_number():
+    # a sweep such as `for alpha in np.linspace(0, 2, 5)` hands over NumPy scalars; float32 is not a
+    # Python float subclass but is a real number, and must give the float's result
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    base, exp, anti = (torch.randn(2, 7, generator=g) for _ in range(3))
+    for alpha in (np.float32(0.5), np.float64(0.5), np.float16(0.5)):
+        torch.testing.assert_close(proxy_tuning_logits(base, exp, anti, alpha=alpha),
+                                   proxy_tuning_logits(base, exp, anti, alpha=0.5))
+    torch.testing.assert_close(proxy_tuning_logits(base, exp, anti, alpha=np.int64(2)),
+                               proxy_tuning_logits(base, exp, anti, alpha=2.0))
+    with pytest.raises(ValueError, match="alpha: expected a finite steering strength"):
+        proxy_tuning_logits(base, exp, anti, alpha=np.float32("nan"))

@@ -109,3 +109,21 @@ def test_nan_rewards_lose_or_raise():
             RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), weight=bad)
     with pytest.raises(ValueError, match="nan"):
         RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), nan="zero")
+
+
+def test_function_weight_must_be_a_finite_number():
+    # the processor refuses a NaN/inf weight; the plain function gave all-NaN scores for NaN
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    ids, rewards = torch.tensor([[1, 2]]), torch.tensor([[0.0, 5.0]])
+    for bad in (float("nan"), float("inf"), "1", None, True):
+        with pytest.raises(ValueError, match="weight: expected a finite number"):
+            reward_guided_logits(logits, ids, rewards, weight=bad)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(reward_guided_logits(logits, ids, rewards, weight=np.float32(0.5)),
+                               reward_guided_logits(logits, ids, rewards, weight=0.5))
+
+
+def test_processor_refuses_bool_top_k_and_weight():
+    for kwargs in ({"top_k": True}, {"weight": True}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), **kwargs)
