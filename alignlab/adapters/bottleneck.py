@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import name_matches
+from alignlab.adapters.config import check_finite_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -204,7 +204,8 @@ class BottleneckConfig:
         hidden_size: block width; default ``model.config.hidden_size``.
     Raises:
         ValueError: ``reduction_factor`` not a positive number or larger than the hidden size,
-            unknown placement or non-linearity, no hidden size available.
+            unknown placement or non-linearity, a NaN or infinite ``scaling``, no hidden size available.
+        TypeError: ``scaling`` is not a real number.
     """
 
     peft_type = "ALIGNLAB_BOTTLENECK"
@@ -224,6 +225,7 @@ class BottleneckConfig:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+        check_finite_number(self.scaling, "scaling")
         if self.target_modules is None:
             self.target_modules = list(PLACEMENTS[self.placement])
         self._hidden: int | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -184,6 +186,22 @@ def check_positive_number(value, arg: str) -> None:
     """``ValueError`` naming ``arg`` unless ``value`` is an int or float > 0 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{arg} must be a positive number, got {value!r}")
+
+
+def check_finite_number(value, arg: str, minimum: float | None = None) -> None:
+    """``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
+    ``ValueError`` if it is NaN, infinite or below ``minimum``. A NaN here would reach every output."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {value!r}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{arg} must be a finite number{bound}, got {value!r}")
+
+
+def check_bool(value, arg: str) -> None:
+    """``TypeError`` naming ``arg`` unless ``value`` is a bool (a truthy string would switch a flag on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg} must be a bool, got {value!r}")
 
 
 def check_dropout(dropout: float) -> None:

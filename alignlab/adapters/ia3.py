@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, set_dense_weight_
-from alignlab.adapters.config import _compile, _is_str_list, check_target_spec, name_matches
+from alignlab.adapters.config import _compile, _is_str_list, check_bool, check_target_spec, name_matches
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -114,7 +114,8 @@ class IA3Config:
         exclude_modules: targets to skip.
         init_ones: ``l = 1`` at the start (identity). ``False`` draws random vectors.
     Raises:
-        TypeError/ValueError: malformed target specs, or feedforward modules that are not targets.
+        TypeError/ValueError: malformed target specs, feedforward modules that are not targets, or
+            an ``init_ones`` that is not a bool.
     """
 
     peft_type = "IA3"
@@ -126,6 +127,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         check_target_spec(self.target_modules, self.exclude_modules)
+        check_bool(self.init_ones, "init_ones")
         if isinstance(self.feedforward_modules, str):
             _compile("feedforward_modules", self.feedforward_modules)
         elif not _is_str_list(self.feedforward_modules):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import _pattern_value, check_patterns, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import _pattern_value, check_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -150,7 +150,8 @@ class LoKrConfig:
         decompose_factor: bound on the smaller factor of each dimension split (``-1``: balanced).
         init_zero: start at ``ΔW = 0``.
     Raises:
-        TypeError/ValueError: bad rank, alpha, factor or targets.
+        TypeError/ValueError: bad rank, alpha, factor or targets; ``decompose_both`` or ``init_zero``
+            that is not a bool.
     """
 
     peft_type = "LOKR"
@@ -169,6 +170,8 @@ class LoKrConfig:
         check_positive_int(self.r, "r")
         check_positive_number(self.alpha, "alpha")
         check_patterns(self.rank_pattern, self.alpha_pattern)
+        check_bool(self.decompose_both, "decompose_both")
+        check_bool(self.init_zero, "init_zero")
         if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
         check_target_spec(self.target_modules, self.exclude_modules)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.config import check_bool, check_finite_number
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
@@ -372,7 +373,9 @@ class PrefixTuningConfig:
         seed: seed of the initialisation.
         embedding_module: dotted name of the input embedding holding the prefixes.
     Raises:
-        ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, or a model without an HF config.
+        ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, an ``init_std`` that is negative, NaN or
+            infinite, or a model without an HF config.
+        TypeError: ``prefix_projection`` is not a bool or ``init_std`` not a real number.
     """
 
     peft_type = "PREFIX_TUNING"
@@ -386,6 +389,8 @@ class PrefixTuningConfig:
 
     def __post_init__(self) -> None:
         _check_virtual_tokens(self.num_virtual_tokens)
+        check_bool(self.prefix_projection, "prefix_projection")
+        check_finite_number(self.init_std, "init_std", minimum=0.0)
         if isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0:
             raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
         self._layout: tuple[int, int, int] | None = None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
-from alignlab.adapters.config import check_dropout, check_positive_int, check_target_spec
+from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -120,7 +120,8 @@ class VeRAConfig:
         d_initial: initial value of the ``d`` vectors (``b`` starts at zero).
         projection_prng_key: seed of the shared random matrices.
     Raises:
-        TypeError/ValueError: non-positive rank, bad dropout, malformed targets.
+        TypeError/ValueError: non-positive rank, bad dropout, a ``d_initial`` that is not a finite
+            number, a ``projection_prng_key`` that is not an int, malformed targets.
     """
 
     peft_type = "VERA"
@@ -135,6 +136,9 @@ class VeRAConfig:
     def __post_init__(self) -> None:
         check_positive_int(self.r, "r")
         check_dropout(self.dropout)
+        check_finite_number(self.d_initial, "d_initial")
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+            raise TypeError(f"projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed

@@ -146,3 +146,11 @@ def test_lora_inside_a_bottleneck_wrapped_block():
     torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)  # both start as the identity
     with pytest.raises(ValueError, match="combines LoRA adapters"):
         add_weighted_adapter(model, ["ad", "lo"], [1.0, 1.0], "mix")
+
+
+def test_config_refuses_a_non_finite_scaling():
+    # scaling=NaN used to give NaN logits from the first forward (W_up = 0 times NaN)
+    for bad in (float("nan"), float("inf"), "4", None, True):
+        with pytest.raises((ValueError, TypeError), match="scaling"):
+            BottleneckConfig(scaling=bad)
+    BottleneckConfig(placement="parallel", scaling=4)

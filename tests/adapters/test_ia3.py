@@ -86,3 +86,8 @@ def test_config_errors():
         layer.merge()
     with pytest.raises(TypeError, match="nn.Linear"):
         IA3Linear(nn.Conv1d(2, 2, 1))
+
+
+def test_config_init_ones_must_be_a_bool():
+    with pytest.raises(TypeError, match="init_ones"):
+        IA3Config(init_ones="yes")

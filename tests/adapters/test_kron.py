@@ -67,3 +67,10 @@ def test_errors():
         LoKrConfig(decompose_factor=0)
     with pytest.raises(ValueError, match="alpha"):
         LoKrLinear(nn.Linear(4, 4), alpha=-1.0)
+
+
+def test_config_flags_must_be_bools():
+    # decompose_both="no" is truthy: it used to decompose silently
+    for field in ("decompose_both", "init_zero"):
+        with pytest.raises(TypeError, match=field):
+            LoKrConfig(**{field: "no"})

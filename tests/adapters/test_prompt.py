@@ -189,3 +189,12 @@ def test_incremental_decoding_with_either_cache_keyword(cfg, keyword):
         pos = msk.sum(-1, keepdim=True) - 1
         out = model(input_ids=nxt, attention_mask=msk, position_ids=pos, use_cache=True,
                     **{keyword: output_cache(out)})
+
+
+def test_prefix_config_refuses_a_non_finite_init_std_and_non_bool_flags():
+    # init_std=NaN used to give NaN prefixes, hence NaN logits
+    for bad in (float("nan"), float("inf"), -1.0, "1", None, True):
+        with pytest.raises((ValueError, TypeError), match="init_std"):
+            PrefixTuningConfig(init_std=bad)
+    with pytest.raises(TypeError, match="prefix_projection"):
+        PrefixTuningConfig(prefix_projection="no")

@@ -80,3 +80,14 @@ def test_errors():
         VeRAConfig(dropout=1.5)
     with pytest.raises(ValueError, match="too small"):
         VeRALinear(nn.Linear(9, 5), VeRAProjections(4, 8, 7, seed=0), r=3)
+
+
+def test_config_refuses_a_non_finite_d_initial_and_a_non_integer_seed():
+    # d_initial=NaN used to give NaN logits from the first forward (b = 0 times NaN)
+    for bad in (float("nan"), float("inf"), "0.1", None, True):
+        with pytest.raises((ValueError, TypeError), match="d_initial"):
+            VeRAConfig(r=4, d_initial=bad)
+    for bad in (1.5, "7", None, True):
+        with pytest.raises((ValueError, TypeError), match="projection_prng_key"):
+            VeRAConfig(r=4, projection_prng_key=bad)
+    VeRAConfig(r=4, d_initial=0.0, projection_prng_key=0)  # zero is a number like any other
