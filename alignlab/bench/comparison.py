@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from alignlab.bench.timing import Measurement, format_bytes, library_versions, run_contestants
+from alignlab.bench.timing import Measurement, format_bytes, library_versions, roofline_count, run_contestants
 
 SCHEMA = "alignlab.bench.comparison/1"
 RESULTS_SCHEMA = "alignlab.bench.results/1"
@@ -299,9 +299,7 @@ def compare(
         baseline = next(iter(contestants))
     if baseline not in contestants:
         raise ValueError(f"baseline must be one of {list(contestants)}, got {baseline!r}")
-    for label, value in (("bytes_moved", bytes_moved), ("flops", flops)):
-        if value is not None and (not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
-            raise ValueError(f"{label} must be a positive number or None, got {value!r}")
+    bytes_moved, flops = roofline_count(bytes_moved, "bytes_moved"), roofline_count(flops, "flops")
 
     results = run_contestants(
         contestants,

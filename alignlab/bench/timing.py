@@ -33,6 +33,7 @@ import gc
 import importlib.metadata
 import logging
 import math
+import numbers
 import platform
 import time
 import warnings
@@ -201,9 +202,10 @@ def measure(
         exception raised by ``fn`` propagates.
 
     Raises:
-        ValueError: ``warmup < 0`` or ``rep < 1``.
+        ValueError: ``warmup < 0``, ``rep < 1``, or ``bytes_moved``/``flops`` not a positive number.
         TypeError: ``fn`` is not callable.
     """
+    bytes_moved, flops = roofline_count(bytes_moved, "bytes_moved"), roofline_count(flops, "flops")
     label = name or getattr(fn, "__name__", None) or type(fn).__name__
     results = run_contestants(
         {label: fn},
@@ -219,6 +221,20 @@ def measure(
     m = results[label]
     m.bytes_moved, m.flops = bytes_moved, flops
     return m
+
+
+def roofline_count(value: Any, label: str) -> int | float | None:
+    """``bytes_moved`` / ``flops`` as a Python ``int`` or ``float`` (``None`` stays ``None``).
+
+    Any positive finite real number counts, NumPy scalars included (``2 * np.prod(shape)``
+    is an ``np.int64``); a bool, a string, zero, a negative, NaN or infinity is a
+    ``ValueError`` naming ``label``: it would print a meaningless percentage.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{label} must be a positive number or None, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def run_contestants(

@@ -223,3 +223,13 @@ def test_cuda_oom_contestant_is_reported_and_others_run():
     ok = cmp["ok"]
     assert ok.n == 10 and ok.peak_bytes == x.nbytes and ok.memory_method == "cuda_max_memory_allocated"
     assert 0 < ok.pct_copy_bandwidth() < 110
+
+
+def test_numpy_counts_are_accepted_and_written_as_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    x = torch.randn(16, 16)
+    cmp = compare({"mm": torch.matmul}, x, x, rep=2, warmup=0, memory=False,
+                  flops=2 * np.prod(x.shape) * 16, bytes_moved=np.int64(3 * x.nbytes))
+    assert cmp.flops == 2 * 16**3 and cmp.bytes_moved == 3 * x.nbytes
+    data = json.loads(cmp.to_json())
+    assert data["flops"] == 2 * 16**3 and data["results"][0]["bytes_moved"] == 3 * x.nbytes

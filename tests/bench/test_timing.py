@@ -214,3 +214,20 @@ def test_times_are_read_only_after_a_sync(monkeypatch):
     assert m.n == 250 and m.median_ms == 1.0  # 0.25 s of 1 ms calls
     # timed calls in batches of _SYNC_EVERY, plus the warm-up sync and the final one.
     assert timer.syncs == 2 + 250 // timing._SYNC_EVERY
+
+
+def test_roofline_inputs_are_checked_as_in_compare():
+    # measure took a negative or NaN count silently and printed a negative / NaN percentage
+    for label in ("bytes_moved", "flops"):
+        for bad in (-1, 0, float("nan"), float("inf"), "8", True):
+            with pytest.raises(ValueError, match=label):
+                measure(lambda: None, rep=1, warmup=0, memory=False, **{label: bad})
+
+
+def test_numpy_counts_are_numbers():
+    # flops=2 * np.prod(shape) is a NumPy integer; it is a count like any other and stays JSON-ready
+    np = pytest.importorskip("numpy")
+    m = measure(lambda: None, rep=1, warmup=0, memory=False, flops=np.int64(2) * np.prod((4, 4)),
+                bytes_moved=np.float32(64.0))
+    assert m.flops == 32 and m.bytes_moved == 64
+    assert type(m.flops) is int and type(m.bytes_moved) is float  # plain Python numbers, as JSON wants
