@@ -177,6 +177,12 @@ def _last_user(messages: list[dict[str, Any]]) -> str:
     return next((str(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
 
 
+def _literal_braces(text: str) -> str:
+    """``text`` with its braces doubled, so that it survives the template's second ``str.format``
+    (question and answers) as written instead of being read as placeholders."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def constitutional_comparisons(
     prompts: Iterable[str | Sequence[Message]],
     generate: Generate,
@@ -213,7 +219,7 @@ def constitutional_comparisons(
             if a.strip() == b.strip():
                 continue
             verdict = judge_pairwise(judge, _last_user(messages), a, b, swap=swap,
-                                     template=template.format(principle=principle))
+                                     template=template.format(principle=_literal_braces(principle)))
             if verdict.winner == "tie":
                 continue
             chosen, rejected = (a, b) if verdict.winner == "a" else (b, a)

@@ -299,3 +299,20 @@ def test_hf_generator_batches_like_single_calls(chat_tokenizer):
     assert both == [generate([c])[0] for c in convs]
     recs = list(constitutional_revisions(["hello"], generate, PRINCIPLES))
     assert len(recs[0].responses) == 2
+
+
+def test_constitutional_comparisons_principle_with_braces_reaches_the_judge_verbatim():
+    # the principle is put into the template before the question and answers are: braces in it
+    # (a JSON example, a set) used to be read as placeholders on the second fill (KeyError '"a"')
+    principle = 'Which answer returns valid JSON such as {"a": 1} (or the empty object {})?'
+    calls = iter(range(10**6))
+    seen = []
+
+    def judge(prompt):
+        seen.append(prompt)
+        return "[[A]]"
+
+    pairs = list(constitutional_comparisons(["q {x}"], lambda b: [f"s{next(calls)}" for _ in b], judge,
+                                            [principle], swap=False))
+    assert pairs == [{"prompt": [{"role": "user", "content": "q {x}"}], "chosen": "s0", "rejected": "s1"}]
+    assert principle in seen[0] and "q {x}" in seen[0]
