@@ -34,6 +34,7 @@ Trainable parameters per layer: ``r(in + out + 1)``. Mergeable: ``ΔW = s·P dia
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -357,15 +358,19 @@ class SoRAConfig:
         return own_format_config(cls, raw)
 
 
+def _non_negative_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 @torch.no_grad()
 def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_name: str = "default") -> int:
     """SoRA's proximal L1 update on every gate, ``λ ← sign(λ)·max(|λ| − lr·sparsity, 0)``; returns the gates now zero.
 
     Call after ``optimizer.step()`` (exclude the gates from weight decay). Raises ``ValueError`` on
-    negative ``lr``/``sparsity``.
+    an ``lr``/``sparsity`` that is not a non-negative finite number (NaN would turn every gate into NaN).
     """
-    if lr < 0 or sparsity < 0:
-        raise ValueError(f"lr and sparsity must be non-negative, got lr={lr!r}, sparsity={sparsity!r}")
+    if not all(_non_negative_finite(v) for v in (lr, sparsity)):
+        raise ValueError(f"lr and sparsity must be non-negative finite numbers, got lr={lr!r}, sparsity={sparsity!r}")
     zeros = 0
     for layer in layers_holding(model, adapter_name, AdaLoRALinear).values():
         g = layer.lora_E[adapter_name]

@@ -203,3 +203,14 @@ def test_adalora_prune_after_allocation_loads_in_peft(tmp_path):
     torch.testing.assert_close(theirs(IDS).logits, y, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="AdaLoRA or SoRA"):
         prune_ranks(inject(make_tiny_llama(), IA3Config()))
+
+
+def test_sora_proximal_step_refuses_nan_and_infinite_steps():
+    # lr=NaN passed the `lr < 0` check and turned every gate into NaN (NaN logits, counted as active ranks)
+    model = inject(make_tiny_llama(), SoRAConfig(r=4, target_modules=TARGETS))
+    before = {n: l.lora_E["default"].clone() for n, l in adapter_layers(model)}
+    for lr, sparsity in ((float("nan"), 1.0), (0.1, float("nan")), (float("inf"), 1.0), ("0.1", 1.0)):
+        with pytest.raises(ValueError, match="non-negative"):
+            sora_proximal_step(model, lr=lr, sparsity=sparsity)
+    for n, l in adapter_layers(model):
+        torch.testing.assert_close(l.lora_E["default"], before[n])  # nothing touched
