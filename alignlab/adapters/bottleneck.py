@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import check_finite_number, name_matches
+from alignlab.adapters.config import check_finite_number, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -285,8 +285,7 @@ class AdapterFusionConfig:
         if not isinstance(self.adapters, (list, tuple)) or len(self.adapters) < 2 or not all(isinstance(a, str) for a in self.adapters):
             raise ValueError(f"adapters must list at least two bottleneck adapter names, got {self.adapters!r}")
         self.adapters = list(self.adapters)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature!r}")
+        check_positive_number(self.temperature, "temperature")
 
     def find_targets(self, model: nn.Module) -> list[str]:
         layers = {n: m for n, m in model.named_modules() if isinstance(m, BottleneckLayer)}

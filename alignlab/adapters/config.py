@@ -183,9 +183,10 @@ def check_positive_int(value, arg: str) -> None:
 
 
 def check_positive_number(value, arg: str) -> None:
-    """``ValueError`` naming ``arg`` unless ``value`` is an int or float > 0 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{arg} must be a positive number, got {value!r}")
+    """``ValueError`` naming ``arg`` unless ``value`` is a finite int or float > 0 (a bool is not;
+    NaN and inf are not, as they would reach every output through the scaling)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
 
 
 def check_finite_number(value, arg: str, minimum: float | None = None) -> None:
@@ -228,8 +229,8 @@ def check_patterns(rank_pattern: dict, alpha_pattern: dict) -> None:
             raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
         for key, value in pattern.items():
             _compile(name, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}[{key!r}] must be a positive finite number, got {value!r}")
             if name == "rank_pattern" and not isinstance(value, int):
                 raise ValueError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
 

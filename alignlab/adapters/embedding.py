@@ -122,8 +122,8 @@ class LoRAEmbedding(AdapterLayer):
         self._check_new_adapter(name)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         weight = self.base_layer.weight
         if adapter_dtype is None:
             adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

@@ -154,8 +154,8 @@ class LoRALinear(AdapterLayer):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         _check_rank(r)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _check_init(init)

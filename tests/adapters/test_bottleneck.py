@@ -154,3 +154,9 @@ def test_config_refuses_a_non_finite_scaling():
         with pytest.raises((ValueError, TypeError), match="scaling"):
             BottleneckConfig(scaling=bad)
     BottleneckConfig(placement="parallel", scaling=4)
+
+
+def test_fusion_temperature_must_be_a_positive_finite_number():
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            AdapterFusionConfig(adapters=["a", "b"], temperature=bad)

@@ -332,3 +332,22 @@ def test_empty_batch_and_single_token(dora, rows):
             torch.testing.assert_close(y, x @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).T + bias)
         else:
             torch.testing.assert_close(y, x @ v.T + bias)
+
+
+def test_non_finite_alpha_is_refused_by_configs_and_layers():
+    # alpha=NaN (or inf) passed the `alpha <= 0` checks; with B = 0 at the start, s·BAx = NaN·0
+    # made every output NaN before the first step
+    from alignlab.adapters import AdaLoRAConfig, LoKrConfig, LoRAConfig, SoRAConfig
+    from alignlab.adapters.embedding import LoRAEmbedding
+
+    for bad in (float("nan"), float("inf")):
+        for make in (lambda: LoRAConfig(alpha=bad), lambda: LoKrConfig(alpha=bad), lambda: SoRAConfig(alpha=bad),
+                     lambda: AdaLoRAConfig(alpha=bad)):
+            with pytest.raises(ValueError, match="alpha must be a positive"):
+                make()
+        with pytest.raises(ValueError, match=r"alpha_pattern\['q_proj'\] must be a positive"):
+            LoRAConfig(alpha_pattern={"q_proj": bad})
+        with pytest.raises(ValueError, match="alpha must be a positive"):
+            LoRALinear(nn.Linear(4, 3), r=2, alpha=bad)
+        with pytest.raises(ValueError, match="alpha must be a positive"):
+            LoRAEmbedding(nn.Embedding(5, 4), 2, bad)
