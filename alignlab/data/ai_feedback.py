@@ -24,6 +24,8 @@ Randomness (principle draws, sampling) comes from explicit seeds: the same seed 
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -286,18 +288,17 @@ def sample_completions(
     ``temperature=0`` is greedy.
 
     Raises:
-        ValueError: empty prompts or prompt, ``num_samples < 1``, ``max_new_tokens < 1``, negative
-            ``temperature``, ``top_k < 1``.
+        ValueError: empty prompts or prompt, ``num_samples < 1``, ``max_new_tokens < 1``, a negative,
+            NaN or infinite ``temperature``, ``top_k < 1`` (a bool is no count).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected a value >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     device = next(model.parameters()).device
     rows = [list(map(int, p)) for p in prompts for _ in range(num_samples)]

@@ -316,3 +316,12 @@ def test_constitutional_comparisons_principle_with_braces_reaches_the_judge_verb
                                             [principle], swap=False))
     assert pairs == [{"prompt": [{"role": "user", "content": "q {x}"}], "chosen": "s0", "rejected": "s1"}]
     assert principle in seen[0] and "q {x}" in seen[0]
+
+
+def test_sample_completions_refuses_nan_temperature_and_bool_counts(policy):
+    # temperature=NaN passed the `< 0` check and failed inside torch.multinomial; True counted as 1
+    for kwargs, match in [(dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+                          (dict(temperature="1"), "temperature"), (dict(num_samples=True), "num_samples"),
+                          (dict(max_new_tokens=True), "max_new_tokens"), (dict(top_k=True), "top_k")]:
+        with pytest.raises(ValueError, match=match):
+            sample_completions(policy, [[2]], **kwargs)
