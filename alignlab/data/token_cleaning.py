@@ -55,7 +55,8 @@ def token_losses(
 ) -> torch.Tensor:
     """Per-token NLL ``-log p(labels[b,t] | input_ids[b,<t])``, shape ``(batch, seq)``, float32.
 
-    ``NaN`` where ``labels == -100`` and at ``t = 0``. ``model(input_ids, ...)``
+    ``NaN`` where ``labels == -100``, at ``t = 0`` and where position ``t - 1`` is padding
+    (``attention_mask`` 0: the first real token of a left-padded row). ``model(input_ids, ...)``
     must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
     logits tensor itself; ``position_ids`` are forwarded (packed rows).
     Raises ``ValueError`` on shape mismatch.
@@ -75,6 +76,9 @@ def token_losses(
         raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}")
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # a token is predicted from the position before it: after a pad (left padding) there is no context
+        valid &= attention_mask[:, :-1].to(device=valid.device).bool()
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), target.masked_fill(~valid, 0), reduction="none"
     )

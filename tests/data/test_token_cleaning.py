@@ -161,3 +161,20 @@ def test_errors():
         token_losses(base, ids, labels[:, :3])
     with pytest.raises(ValueError, match="finite"):
         influence_threshold([torch.tensor([math.nan])], 0.5)
+
+
+def test_left_padding_never_scores_a_token_from_a_pad():
+    # With left padding and labels -100 on the pads only, the first real token used to be scored from
+    # the pad before it: a loss with no real context, then ranked by clean_labels like any other.
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=1)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(1, 32, (6,), generator=g)
+    alone = token_losses(model, seq[None], seq[None])
+    for pad in (0, 3):
+        ids = torch.cat([torch.zeros(pad, dtype=torch.long), seq])[None]
+        mask = (torch.arange(pad + 6) >= pad).long()[None]
+        left = token_losses(model, ids, ids.masked_fill(mask == 0, IGNORE_INDEX), attention_mask=mask)
+        assert left[:, :pad + 1].isnan().all()  # the pads and the first real token: no context
+        torch.testing.assert_close(left[:, pad:], alone, rtol=1e-4, atol=1e-5, equal_nan=True)
