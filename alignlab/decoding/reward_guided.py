@@ -106,11 +106,16 @@ def reward_model_fn(
 ) -> Callable[[torch.LongTensor], torch.Tensor]:
     """Wrap a reward model as ``reward_fn(input_ids (n, seq)) -> (n,)`` for :class:`RewardGuidedLogitsProcessor`.
 
-    Leading ``pad_token_id`` tokens (left padding of batched prompts) are
-    dropped before scoring; scoring goes through
+    Leading ``pad_token_id`` tokens (left padding of batched prompts, the id
+    given to ``generate``) are dropped before scoring; scoring goes through
     :func:`alignlab.eval.reward_scores` (right padding, batches of
-    ``batch_size``). The reward model must share the policy's tokenizer.
+    ``batch_size``) with the reward model's own ``config.pad_token_id`` as
+    the right-padding id (``pad_token_id`` only when it has none): HF
+    sequence classifiers find the last real token through their own id. The
+    reward model must share the policy's tokenizer.
     """
+    own_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    right_pad = own_pad if own_pad is not None else pad_token_id
 
     def reward_fn(input_ids: torch.LongTensor) -> torch.Tensor:
         rows = []
@@ -119,7 +124,7 @@ def reward_model_fn(
                 real = (row != pad_token_id).nonzero()
                 row = row[int(real[0]) :] if real.numel() else row[-1:]
             rows.append(row)
-        return reward_scores(model, rows, pad_token_id=pad_token_id, batch_size=batch_size)
+        return reward_scores(model, rows, pad_token_id=right_pad, batch_size=batch_size)
 
     return reward_fn
 

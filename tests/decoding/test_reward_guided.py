@@ -127,3 +127,19 @@ def test_processor_refuses_bool_top_k_and_weight():
     for kwargs in ({"top_k": True}, {"weight": True}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), **kwargs)
+
+
+def test_reward_model_fn_right_pads_with_the_reward_models_own_pad_id():
+    # The generating pad id (here 0) strips the left padding; the reward model finds its last real
+    # token through *its* config.pad_token_id, so right padding must use that id. Padding with 0
+    # made it read a padded position: a silently wrong reward for every shorter row of a batch.
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=63, num_labels=1)
+    torch.manual_seed(0)
+    rm = transformers.LlamaForSequenceClassification(cfg).eval()
+    rows = [torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13, 14, 15])]
+    with torch.no_grad():
+        want = torch.stack([rm(input_ids=r[None]).logits[0, 0] for r in rows])
+    left_padded = torch.zeros(2, 7, dtype=torch.long)
+    left_padded[0], left_padded[1, 3:] = rows[0], rows[1]
+    torch.testing.assert_close(reward_model_fn(rm, pad_token_id=0)(left_padded), want)
