@@ -316,7 +316,12 @@ class LoRALinear(AdapterLayer):
                       scaled: bool) -> tuple:
         """``(A, B)`` in ``dtype``, detached, plus ``s·B`` when ``scaled`` (LoRA's backward uses it). With
         ``cache_casts`` they are kept until a factor or the scale changed as far as version counters and
-        addresses tell (see ``cache_casts`` for the writes they miss); otherwise made per call."""
+        addresses tell (see ``cache_casts`` for the writes they miss); otherwise made per call, without
+        ``s·B`` (the backward then scales ``B`` itself: the same op, not spent on calls with no backward)."""
+        if not self.cache_casts:  # the default; detached tensors record no graph, so no no_grad context either
+            if self._casts:
+                self._casts.clear()
+            return a.detach().to(dtype), b.detach().to(dtype)
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, scaled,
                torch.is_inference_mode_enabled())
         hit = self._casts.pop(name, None)
