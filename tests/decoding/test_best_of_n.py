@@ -111,3 +111,29 @@ def test_unparsable_judge_reply_loses_in_rerank():
     assert (best, idx) == ("z", 2) and scores[0] != scores[0]
     best, idx, _ = rerank(["y", "x"], lambda xs: [parse_judge_score(replies[c]) for c in xs])
     assert (best, idx) == ("x", 1)
+
+
+def test_documented_reward_recipe_scores_candidates_without_their_left_padding():
+    # generate's sequences of a batch keep the prompts' left padding; a reward model fed those rows
+    # as they are (reward_scores(rm, seqs), the old docs recipe) attends to the pads and scores a
+    # padded prompt's candidates differently. reward_model_fn strips the padding first.
+    transformers = pytest.importorskip("transformers")
+    from alignlab.decoding import reward_model_fn
+    from alignlab.eval import reward_scores
+
+    policy = make_tiny_llama(seed=0, vocab_size=64)
+    policy.generation_config.eos_token_id = None
+    torch.manual_seed(5)
+    rm = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0)).eval()
+    ids = torch.tensor([[0, 0, 0, 12, 30], [5, 6, 7, 8, 9]])
+    torch.manual_seed(0)
+    out = best_of_n(policy, ids, reward_model_fn(rm, pad_token_id=0), n=3, attention_mask=(ids != 0).long(),
+                    max_new_tokens=4, pad_token_id=0)
+    with torch.no_grad():
+        alone = torch.stack([torch.stack([rm(input_ids=c[3 if b == 0 else 0:][None]).logits[0, 0] for c in row])
+                             for b, row in enumerate(out.candidates)])
+    torch.testing.assert_close(out.scores, alone)
+    padded = reward_scores(rm, out.candidates.flatten(0, 1)).view(2, 3)
+    assert not torch.allclose(padded[0], alone[0])  # what the old recipe computed for the padded prompt
