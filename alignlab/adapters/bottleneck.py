@@ -225,7 +225,7 @@ class BottleneckConfig:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
-        check_finite_number(self.scaling, "scaling")
+        self.scaling = check_finite_number(self.scaling, "scaling")
         if self.target_modules is None:
             self.target_modules = list(PLACEMENTS[self.placement])
         self._hidden: int | None = None

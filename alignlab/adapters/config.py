@@ -189,14 +189,17 @@ def check_positive_number(value, arg: str) -> None:
         raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
 
 
-def check_finite_number(value, arg: str, minimum: float | None = None) -> None:
-    """``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
+def check_finite_number(value, arg: str, minimum: float | None = None) -> float:
+    """``value`` as a Python float (a NumPy scalar kept as is would not serialise into a saved config).
+
+    ``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
     ``ValueError`` if it is NaN, infinite or below ``minimum``. A NaN here would reach every output."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be a real number, got {value!r}")
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{arg} must be a finite number{bound}, got {value!r}")
+    return float(value)
 
 
 def check_bool(value, arg: str) -> None:

@@ -390,7 +390,7 @@ class PrefixTuningConfig:
     def __post_init__(self) -> None:
         _check_virtual_tokens(self.num_virtual_tokens)
         check_bool(self.prefix_projection, "prefix_projection")
-        check_finite_number(self.init_std, "init_std", minimum=0.0)
+        self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
         if isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0:
             raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
         self._layout: tuple[int, int, int] | None = None

@@ -136,7 +136,7 @@ class VeRAConfig:
     def __post_init__(self) -> None:
         check_positive_int(self.r, "r")
         check_dropout(self.dropout)
-        check_finite_number(self.d_initial, "d_initial")
+        self.d_initial = check_finite_number(self.d_initial, "d_initial")
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
             raise TypeError(f"projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
         check_target_spec(self.target_modules, self.exclude_modules)

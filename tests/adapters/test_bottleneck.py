@@ -160,3 +160,10 @@ def test_fusion_temperature_must_be_a_positive_finite_number():
     for bad in (float("nan"), float("inf"), 0.0, -1.0):
         with pytest.raises(ValueError, match="temperature"):
             AdapterFusionConfig(adapters=["a", "b"], temperature=bad)
+
+
+def test_numpy_scaling_is_stored_as_a_float(tmp_path):
+    np = pytest.importorskip("numpy")
+    cfg = BottleneckConfig(placement="parallel", scaling=np.float32(4.0))
+    assert type(cfg.scaling) is float and cfg.scaling == 4.0
+    save_adapter(inject(make_tiny_llama(), cfg), tmp_path)  # used to fail: float32 is not JSON serializable

@@ -91,3 +91,15 @@ def test_config_refuses_a_non_finite_d_initial_and_a_non_integer_seed():
         with pytest.raises((ValueError, TypeError), match="projection_prng_key"):
             VeRAConfig(r=4, projection_prng_key=bad)
     VeRAConfig(r=4, d_initial=0.0, projection_prng_key=0)  # zero is a number like any other
+
+
+def test_numpy_d_initial_is_stored_as_a_float(tmp_path):
+    # a NumPy scalar passes as a real number; kept as is, it broke save_adapter (not JSON serializable)
+    np = pytest.importorskip("numpy")
+    from alignlab.adapters import load_adapter, save_adapter
+
+    cfg = VeRAConfig(r=4, target_modules=["q_proj"], d_initial=np.float32(0.25))
+    assert type(cfg.d_initial) is float and cfg.d_initial == 0.25
+    model = inject(make_tiny_llama(), cfg)
+    save_adapter(model, tmp_path)
+    load_adapter(make_tiny_llama(), tmp_path)
