@@ -187,7 +187,7 @@ def pairs_from_scores(
         return []
     if strategy == "best_worst":
         best = max(valid, key=lambda t: (t[0], -t[1]))
-        worst = min(valid, key=lambda t: (t[0], -t[1]))
+        worst = min(valid, key=lambda t: (t[0], t[1]))
         if best[0] - worst[0] <= min_margin:
             return []
         return [{"prompt": messages, "chosen": candidates[best[1]], "rejected": candidates[worst[1]]}]

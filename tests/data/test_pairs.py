@@ -78,6 +78,8 @@ def test_pairs_from_scores():
     c = ["a", "b", "c", "d"]
     assert pairs_from_scores("q", c, [3, 5, 1, 5]) == [
         {"prompt": [{"role": "user", "content": "q"}], "chosen": "b", "rejected": "c"}]
+    assert pairs_from_scores("q", c, [3, 5, 1, 5]) == pairs_from_scores("q", c, [3, 5, 1, 4])  # first best wins
+    assert pairs_from_scores("q", c, [3, 0, 0, 5])[0]["rejected"] == "b"  # and the first worst
     assert pairs_from_scores("q", c, [2, 2, 2, 2]) == []  # no preference signal
     assert pairs_from_scores("q", c, [3, 4, 1, 5], min_margin=4) == []
     got = {(p["chosen"], p["rejected"]) for p in pairs_from_scores("q", c, [3, math.nan, 1, 5], strategy="all")}
