@@ -350,7 +350,7 @@ class ExpertLoRA(AdapterLayer):
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ValueError(f"rank of {p!r} must be a positive integer, got {r!r}")
             a = alphas.get(p)
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:  # NaN fails too
                 raise ValueError(f"alpha of {p!r} must be a positive number, got {a!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

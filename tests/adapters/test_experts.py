@@ -268,6 +268,9 @@ def test_refusals(tmp_path):
         inject(copy.deepcopy(model), LoRAConfig(target_parameters=BOTH, init="pissa"))
     with pytest.raises(TypeError, match="experts module"):
         ExpertLoRA(model.model.layers[0].mlp.gate, {"gate_up_proj": 2})
+    for bad in (float("nan"), float("inf"), 0.0, True):  # a NaN alpha would reach every output
+        with pytest.raises(ValueError, match="alpha of 'down_proj'"):
+            ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": 2}, alpha=bad)
     # a file from PEFT < 0.19.1 has (E, out, in) factors the other way round: refused, not read wrong
     ours = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=BOTH))
     save_adapter(ours, tmp_path)
