@@ -14,6 +14,7 @@ import abc
 import copy
 import itertools
 import sys
+import warnings
 from typing import Iterable
 
 import torch
@@ -204,6 +205,11 @@ class AdapterLayer(nn.Module, abc.ABC):
         if self.disabled:
             raise ValueError("cannot merge while adapters are disabled")
         self._check_mergeable(names)
+        if is_quantized(self.base_layer):
+            # one warning per process, not per layer: the default filter shows a location's warning once
+            warnings.warn("merging into a quantized base re-quantizes W + ΔW, so the merged layer differs from "
+                          "base + adapter by that rounding; unmerge() puts the packed weight from before the "
+                          "merge back exactly", UserWarning, stacklevel=2)
         if not self.merged_adapters:
             self._premerge_weight = self._base_snapshot()
         with torch.no_grad():

@@ -192,6 +192,16 @@ def test_merge_unmerge_fp32(dora):
         layer.unmerge()
 
 
+def test_merging_into_a_dense_base_does_not_warn():
+    import warnings
+
+    layer = LoRALinear(nn.Linear(8, 6), r=2, alpha=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.merge()
+        layer.unmerge()
+
+
 def test_bf16_merge_rounds_once():
     torch.manual_seed(0)
     base = nn.Linear(256, 64, dtype=torch.bfloat16)

@@ -310,7 +310,8 @@ def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
     before = [layer.base_layer.qdata.clone() for _, layer in adapter_layers(model)]
     with torch.no_grad():
         y0 = model(input_ids=ids).logits
-        merge(model)
+        with pytest.warns(UserWarning, match="re-quantizes"):  # PEFT warns too: outputs move by the rounding
+            merge(model)
         y_merged = model(input_ids=ids).logits
         unmerge(model)
         y1 = model(input_ids=ids).logits
