@@ -165,7 +165,7 @@ class NF4Linear(nn.Module):
             # decode path: a launcher kept per input layout and stream (see _decode), ~one launch of host work
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
-            key = (x.shape, x.stride(), x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
+            key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
                    None if bias is None else bias.dtype)
             run = None if runners is None else runners.get(key)
             if run is not None:
@@ -187,7 +187,7 @@ class NF4Linear(nn.Module):
     def _decode(self, x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> torch.Tensor:
         """No-grad call with ``x`` already in the compute dtype on CUDA: :func:`nf4_matmul`, then, where it took
         the decode-sized kernels, a launcher for the next calls with the same ``key`` (input shape, strides,
-        alignment, device, stream, bias dtype), kept on the packed weight ``t`` (so replaced with it)."""
+        dtype, alignment, device, stream, bias dtype), kept on the packed weight ``t`` (so replaced with it)."""
         from alignlab.kernels.nf4_matmul import decode_runner, nf4_matmul
 
         if x.shape[-1] != self.in_features:
