@@ -34,12 +34,12 @@ Trainable parameters per layer: ``r(in + out + 1)``. Mergeable: ``ΔW = s·P dia
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
 from alignlab.adapters.config import check_dropout, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
@@ -73,8 +73,9 @@ class AdaLoRALinear(AdapterLayer):
 
     def add_adapter(self, name: str, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0) -> None:
         self._check_new_adapter(name)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        if not is_int(r) or r < 0:
             raise ValueError(f"r must be a non-negative integer, got {r!r}")
+        r = int(r)
         if init not in ("adalora", "sora"):
             raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
         dtype, device = self._adapter_dtype_device()
@@ -111,11 +112,10 @@ class AdaLoRALinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r={ranks}, active={self.active_adapters}"
 
 
-def _check_common(r: int, alpha: float, dropout: float, target_modules, exclude_modules, r_name: str = "r") -> None:
-    check_positive_int(r, r_name)
-    check_positive_number(alpha, "alpha")
-    check_dropout(dropout)
+def _check_common(r: int, alpha: float, dropout: float, target_modules, exclude_modules, r_name: str = "r") -> tuple[int, float, float]:
+    """``(r, alpha, dropout)`` as Python numbers, so that the config serialises to JSON."""
     check_target_spec(target_modules, exclude_modules)
+    return check_positive_int(r, r_name), check_positive_number(alpha, "alpha"), check_dropout(dropout)
 
 
 @dataclass
@@ -156,16 +156,16 @@ class AdaLoRAConfig:
     rank_pattern: dict[str, list[bool]] | None = None
 
     def __post_init__(self) -> None:
-        _check_common(self.init_r, self.alpha, self.dropout, self.target_modules, self.exclude_modules, "init_r")
-        if isinstance(self.target_r, bool) or not isinstance(self.target_r, int) or not 0 < self.target_r <= self.init_r:
+        self.init_r, self.alpha, self.dropout = _check_common(self.init_r, self.alpha, self.dropout, self.target_modules,
+                                                              self.exclude_modules, "init_r")
+        if not is_int(self.target_r) or not 0 < self.target_r <= self.init_r:
             raise ValueError(f"target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
-        if not isinstance(self.total_step, int) or self.total_step <= 0:
-            raise ValueError(f"total_step must be a positive integer, got {self.total_step!r}")
+        self.target_r = int(self.target_r)
+        self.total_step = check_positive_int(self.total_step, "total_step")
         if self.tinit < 0 or self.tfinal < 0 or self.tinit + self.tfinal >= self.total_step:
             raise ValueError(f"need 0 ≤ tinit, tfinal and tinit + tfinal < total_step, got tinit={self.tinit}, "
                              f"tfinal={self.tfinal}, total_step={self.total_step}")
-        if not isinstance(self.deltaT, int) or self.deltaT <= 0:
-            raise ValueError(f"deltaT must be a positive integer, got {self.deltaT!r}")
+        self.deltaT = check_positive_int(self.deltaT, "deltaT")
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
@@ -333,9 +333,10 @@ class SoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_common(self.r, self.alpha, self.dropout, self.target_modules, self.exclude_modules)
-        if not isinstance(self.rank_pattern, dict) or not all(isinstance(v, int) and v >= 0 for v in self.rank_pattern.values()):
+        self.r, self.alpha, self.dropout = _check_common(self.r, self.alpha, self.dropout, self.target_modules, self.exclude_modules)
+        if not isinstance(self.rank_pattern, dict) or not all(is_int(v) and v >= 0 for v in self.rank_pattern.values()):
             raise ValueError(f"rank_pattern must map module names to ranks ≥ 0, got {self.rank_pattern!r}")
+        self.rank_pattern = {k: int(v) for k, v in self.rank_pattern.items()}
 
     def _rank(self, name: str) -> int:
         return self.rank_pattern.get(name, self.r)  # exact module names, written by prune_ranks
@@ -359,7 +360,7 @@ class SoRAConfig:
 
 
 def _non_negative_finite(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_finite_real(value) and value >= 0
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import check_finite_number, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
@@ -111,8 +112,9 @@ class BottleneckLayer(AdapterLayer):
 
     def add_adapter(self, name: str, bottleneck: int, non_linearity: str = "relu", parallel: bool = False, scaling: float = 1.0) -> None:
         self._check_new_adapter(name)
-        if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck <= 0:
+        if not is_int(bottleneck) or bottleneck <= 0:
             raise ValueError(f"bottleneck size must be a positive integer, got {bottleneck!r}")
+        bottleneck = int(bottleneck)
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         dtype, device = self._adapter_dtype_device()
@@ -219,8 +221,9 @@ class BottleneckConfig:
     hidden_size: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}")
+        if not is_finite_real(self.reduction_factor) or self.reduction_factor <= 0:
+            raise ValueError(f"reduction_factor must be a positive finite number, got {self.reduction_factor!r}")
+        self.reduction_factor = as_python_number(self.reduction_factor)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
@@ -285,7 +288,7 @@ class AdapterFusionConfig:
         if not isinstance(self.adapters, (list, tuple)) or len(self.adapters) < 2 or not all(isinstance(a, str) for a in self.adapters):
             raise ValueError(f"adapters must list at least two bottleneck adapter names, got {self.adapters!r}")
         self.adapters = list(self.adapters)
-        check_positive_number(self.temperature, "temperature")
+        self.temperature = check_positive_number(self.temperature, "temperature")
 
     def find_targets(self, model: nn.Module) -> list[str]:
         layers = {n: m for n, m in model.named_modules() if isinstance(m, BottleneckLayer)}

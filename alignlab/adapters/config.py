@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+# check_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
+from alignlab._checks import as_python_number, check_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear, _check_init
 
@@ -74,9 +74,10 @@ class LoRAConfig:
     adapts_embeddings = True  # find_targets also offers nn.Embedding leaves to this config
 
     def __post_init__(self) -> None:
-        check_positive_int(self.r, "r")
-        check_positive_number(self.alpha, "alpha")
-        check_dropout(self.dropout)
+        # stored as Python numbers: a NumPy scalar from a sweep would not serialise into adapter_config.json
+        self.r = check_positive_int(self.r, "r")
+        self.alpha = check_positive_number(self.alpha, "alpha")
+        self.dropout = check_dropout(self.dropout)
         _check_init(self.init)
         if not isinstance(self.exact_fp32, bool):
             raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
@@ -89,7 +90,7 @@ class LoRAConfig:
         if self.include_experts and self.target_modules != "all-linear":
             raise ValueError("include_experts extends target_modules='all-linear'; name expert weights with target_parameters instead")
         check_target_spec(self.target_modules, self.exclude_modules, allow_empty=bool(self.target_parameters))
-        check_patterns(self.rank_pattern, self.alpha_pattern)
+        self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if not isinstance(self.ensure_weight_tying, bool):
@@ -176,41 +177,11 @@ class LoRAConfig:
             add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype)
 
 
-def check_positive_int(value, arg: str) -> None:
-    """``ValueError`` naming ``arg`` unless ``value`` is an int > 0 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-
-
-def check_positive_number(value, arg: str) -> None:
-    """``ValueError`` naming ``arg`` unless ``value`` is a finite int or float > 0 (a bool is not;
-    NaN and inf are not, as they would reach every output through the scaling)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
-
-
-def check_finite_number(value, arg: str, minimum: float | None = None) -> float:
-    """``value`` as a Python float (a NumPy scalar kept as is would not serialise into a saved config).
-
-    ``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
-    ``ValueError`` if it is NaN, infinite or below ``minimum``. A NaN here would reach every output."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{arg} must be a real number, got {value!r}")
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{arg} must be a finite number{bound}, got {value!r}")
-    return float(value)
-
-
-def check_bool(value, arg: str) -> None:
-    """``TypeError`` naming ``arg`` unless ``value`` is a bool (a truthy string would switch a flag on)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{arg} must be a bool, got {value!r}")
-
-
-def check_dropout(dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+def check_dropout(dropout: float) -> float:
+    """``dropout`` as a Python float; ``ValueError`` unless it is a real number in [0, 1) (a bool is not)."""
+    if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True, allow_empty: bool = False) -> None:
@@ -225,17 +196,20 @@ def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = 
         raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")
 
 
-def check_patterns(rank_pattern: dict, alpha_pattern: dict) -> None:
-    """``{regex: value}`` overrides: valid regexes, positive int ranks, positive alphas."""
+def check_patterns(rank_pattern: dict, alpha_pattern: dict) -> tuple[dict[str, int], dict[str, float]]:
+    """``{regex: value}`` overrides: valid regexes, positive integer ranks, positive finite alphas.
+
+    Returns copies holding Python numbers (NumPy scalars are accepted, and would not serialise to JSON)."""
     for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if not isinstance(pattern, dict):
             raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
         for key, value in pattern.items():
             _compile(name, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if not is_finite_real(value) or not value > 0:
                 raise ValueError(f"{name}[{key!r}] must be a positive finite number, got {value!r}")
-            if name == "rank_pattern" and not isinstance(value, int):
+            if name == "rank_pattern" and not is_int(value):
                 raise ValueError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
+    return {k: int(v) for k, v in rank_pattern.items()}, {k: as_python_number(v) for k, v in alpha_pattern.items()}
 
 
 def _is_str_list(value) -> bool:

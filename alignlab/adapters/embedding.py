@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab._checks import check_positive_int, check_positive_number, is_int
 from alignlab.adapters.base import AdapterLayer, SavedModule
 
 __all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_token_indices", "tie_lora_heads"]
@@ -65,11 +66,11 @@ def check_token_indices(indices, arg: str = "trainable_token_indices") -> list[i
     if not indices:
         raise ValueError(f"{arg} must name at least one token id")
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+        if not is_int(i) or i < 0:
             raise ValueError(f"{arg} must hold non-negative int token ids, got {i!r}")
     if len(set(indices)) != len(indices):
         raise ValueError(f"{arg} must not repeat a token id, got {list(indices)}")
-    return list(indices)
+    return [int(i) for i in indices]
 
 
 class LoRAEmbedding(AdapterLayer):
@@ -120,10 +121,8 @@ class LoRAEmbedding(AdapterLayer):
                     adapter_dtype: torch.dtype | None = None) -> None:
         """Add adapter ``name`` with ``A = 0``, ``B ~ N(0, 1)`` (inactive until listed in ``active_adapters``)."""
         self._check_new_adapter(name)
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        r = check_positive_int(r, "r")
+        alpha = check_positive_number(alpha, "alpha")
         weight = self.base_layer.weight
         if adapter_dtype is None:
             adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

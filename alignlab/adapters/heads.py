@@ -34,6 +34,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from alignlab._checks import check_positive_int, is_real
+
 
 @dataclass(frozen=True)
 class AttentionBlock:
@@ -131,10 +133,9 @@ def select_heads(
     Raises:
         ValueError: bad fraction/steps, empty data, or batches without a loss.
     """
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    steps = check_positive_int(steps, "steps")
+    if not is_real(fraction) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     probe = copy.deepcopy(model).train()
     params = _attention_parameters(probe)
     for p in probe.parameters():

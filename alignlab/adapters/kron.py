@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import _pattern_value, check_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
@@ -85,8 +86,8 @@ class LoKrLinear(AdapterLayer):
     def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, decompose_both: bool = False,
                     decompose_factor: int = -1, init_zero: bool = True) -> None:
         self._check_new_adapter(name)
-        check_positive_int(r, "r")
-        check_positive_number(alpha, "alpha")
+        r = check_positive_int(r, "r")
+        alpha = check_positive_number(alpha, "alpha")
         (out1, in1), (out2, in2) = self.shapes(decompose_factor)
         dtype, device = self._adapter_dtype_device()
 
@@ -167,13 +168,14 @@ class LoKrConfig:
     init_zero: bool = True
 
     def __post_init__(self) -> None:
-        check_positive_int(self.r, "r")
-        check_positive_number(self.alpha, "alpha")
-        check_patterns(self.rank_pattern, self.alpha_pattern)
+        self.r = check_positive_int(self.r, "r")
+        self.alpha = check_positive_number(self.alpha, "alpha")
+        self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
         check_bool(self.decompose_both, "decompose_both")
         check_bool(self.init_zero, "init_zero")
-        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
+        if not is_int(self.decompose_factor) or self.decompose_factor == 0 or self.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
+        self.decompose_factor = int(self.decompose_factor)
         check_target_spec(self.target_modules, self.exclude_modules)
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoKrLinear:

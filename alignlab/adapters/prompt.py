@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alignlab._checks import check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import check_bool, check_finite_number
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
@@ -264,9 +265,8 @@ def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
     return holder
 
 
-def _check_virtual_tokens(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+def _check_virtual_tokens(n) -> int:
+    return check_positive_int(n, "num_virtual_tokens")
 
 
 @dataclass
@@ -291,9 +291,11 @@ class PromptTuningConfig:
     embedding_module: str | None = None
 
     def __post_init__(self) -> None:
-        _check_virtual_tokens(self.num_virtual_tokens)
-        if self.init_token_ids is not None and (not self.init_token_ids or not all(isinstance(t, int) for t in self.init_token_ids)):
-            raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
+        self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
+        if self.init_token_ids is not None:
+            if not self.init_token_ids or not all(is_int(t) for t in self.init_token_ids):
+                raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
+            self.init_token_ids = [int(t) for t in self.init_token_ids]
 
     @classmethod
     def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **kwargs) -> "PromptTuningConfig":
@@ -388,11 +390,10 @@ class PrefixTuningConfig:
     embedding_module: str | None = None
 
     def __post_init__(self) -> None:
-        _check_virtual_tokens(self.num_virtual_tokens)
+        self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
         check_bool(self.prefix_projection, "prefix_projection")
         self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
-        if isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0:
-            raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
+        self.encoder_hidden_size = check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
         self._layout: tuple[int, int, int] | None = None
 
     def find_targets(self, model: nn.Module) -> list[str]:

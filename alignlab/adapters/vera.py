@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
 from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_target_spec
 from alignlab.adapters.inject import layers_holding
@@ -134,11 +135,12 @@ class VeRAConfig:
     projection_prng_key: int = 0
 
     def __post_init__(self) -> None:
-        check_positive_int(self.r, "r")
-        check_dropout(self.dropout)
+        self.r = check_positive_int(self.r, "r")
+        self.dropout = check_dropout(self.dropout)
         self.d_initial = check_finite_number(self.d_initial, "d_initial")
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+        if not is_int(self.projection_prng_key):
             raise TypeError(f"projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
+        self.projection_prng_key = int(self.projection_prng_key)
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.bench.timing import _resolve_device, measure
 
 _COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -39,9 +40,9 @@ def copy_bandwidth(device: str | torch.device | None = None, *, nbytes: int | No
     """
     dev = _resolve_device(device, (), {})
     nbytes = _COPY_BYTES.get(dev.type, 64 << 20) if nbytes is None else nbytes
-    if not isinstance(nbytes, int) or nbytes <= 0 or nbytes % 4:
+    if not is_int(nbytes) or nbytes <= 0 or nbytes % 4:
         raise ValueError(f"nbytes must be a positive multiple of 4, got {nbytes!r}")
-    return _copy_bandwidth(str(dev), nbytes)
+    return _copy_bandwidth(str(dev), int(nbytes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,9 +75,9 @@ def matmul_tflops(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     dev = _resolve_device(device, (), {})
     n = _MATMUL_N.get(dev.type, 512) if n is None else n
-    if not isinstance(n, int) or n <= 0:
+    if not is_int(n) or n <= 0:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    return _matmul_tflops(str(dev), dtype, n)
+    return _matmul_tflops(str(dev), dtype, int(n))
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,6 @@ import gc
 import importlib.metadata
 import logging
 import math
-import numbers
 import platform
 import time
 import warnings
@@ -42,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from alignlab._checks import as_python_number, is_finite_real, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +233,9 @@ def roofline_count(value: Any, label: str) -> int | float | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    if not is_finite_real(value) or not value > 0:
         raise ValueError(f"{label} must be a positive number or None, got {value!r}")
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return as_python_number(value)
 
 
 def run_contestants(
@@ -261,10 +262,11 @@ def run_contestants(
             raise TypeError(f"contestant names must be str, got {type(key).__name__}")
         if not callable(fn):
             raise TypeError(f"contestant {key!r} must be callable, got {type(fn).__name__}")
-    if not isinstance(warmup, int) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if rep is not None and (not isinstance(rep, int) or rep < 1):
+    if rep is not None and (not is_int(rep) or rep < 1):
         raise ValueError(f"rep must be None or an int >= 1, got {rep!r}")
+    warmup, rep = int(warmup), None if rep is None else int(rep)
 
     if memory not in (True, False, "rss"):
         raise ValueError(f"memory must be True, False or 'rss', got {memory!r}")

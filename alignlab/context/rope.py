@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignlab._checks import is_finite_real, is_int
+
 __all__ = [
     "RopeScaling",
     "ScaledRotaryEmbedding",
@@ -60,15 +62,17 @@ KINDS = ("linear", "ntk", "dynamic", "yarn", "longrope")
 
 
 def _check_dim_base(dim: int, base: float) -> None:
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 2 or dim % 2:
+    if not is_int(dim) or dim < 2 or dim % 2:
         raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
     if not base > 1.0:
         raise ValueError(f"base must be > 1, got {base!r}")
 
 
-def _check_factor(factor: float, name: str = "factor") -> None:
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1.0):
+def _check_factor(factor: float, name: str = "factor") -> float:
+    """``factor`` as a Python float: a finite real >= 1 (NumPy scalars too; a bool is not)."""
+    if not (is_finite_real(factor) and factor >= 1.0):
         raise ValueError(f"{name} must be a finite number >= 1, got {factor!r}")
+    return float(factor)
 
 
 def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -87,7 +91,7 @@ def linear_inv_freq(dim: int, base: float, factor: float, device: torch.device |
     "Extending Context Window of Large Language Models via Positional
     Interpolation", Chen et al., arXiv:2306.15595. Shape ``(dim/2,)``.
     """
-    _check_factor(factor)
+    factor = _check_factor(factor)
     return rope_inv_freq(dim, base, device) / factor
 
 
@@ -100,7 +104,7 @@ def ntk_inv_freq(dim: int, base: float, factor: float, device: torch.device | st
     arXiv:2309.00071 §3.1. Shape ``(dim/2,)``. Raises ``ValueError`` for
     ``dim == 2`` (the exponent is undefined).
     """
-    _check_factor(factor)
+    factor = _check_factor(factor)
     _check_dim_base(dim, base)
     if dim == 2:
         raise ValueError("ntk scaling needs dim > 2 (exponent d/(d-2))")
@@ -123,7 +127,7 @@ def dynamic_ntk_inv_freq(
     Recompute it for every forward pass (``ℓ`` = largest position + 1).
     Shape ``(dim/2,)``.
     """
-    _check_factor(factor)
+    factor = _check_factor(factor)
     if seq_len < 1 or original_max_position_embeddings < 1:
         raise ValueError(
             f"seq_len and original_max_position_embeddings must be >= 1, got {seq_len}, "
@@ -196,7 +200,7 @@ def yarn_inv_freq(
     Peng et al., arXiv:2309.00071. Pair with :func:`yarn_attention_scaling`.
     Shape ``(dim/2,)``.
     """
-    _check_factor(factor)
+    factor = _check_factor(factor)
     theta = rope_inv_freq(dim, base, device)
     w = yarn_ramp(dim, base, original_max_position_embeddings, beta_fast, beta_slow, truncate).to(theta.device)
     return w * (theta / factor) + (1.0 - w) * theta
@@ -260,7 +264,7 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        _check_factor(self.factor)
+        object.__setattr__(self, "factor", _check_factor(self.factor))  # a Python float in saved configs
         if self.kind == "longrope" and self.long_factor is None:
             raise ValueError("kind='longrope' needs long_factor (one factor per rotary pair)")
         for name in ("long_factor", "short_factor"):

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from alignlab._checks import is_real
+
 __all__ = [
     "TokenSparse",
     "apply_token_sparsity",
@@ -53,8 +55,9 @@ def select_tokens(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, seq), got shape {tuple(scores.shape)}")
-    if not (isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0):
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    if not (is_real(keep_ratio) and 0.0 < keep_ratio <= 1.0):  # NaN fails the range test
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    keep_ratio = float(keep_ratio)
     valid = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if valid.shape != scores.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} != scores shape {tuple(scores.shape)}")
@@ -135,8 +138,8 @@ class TokenSparse(nn.Module):
 
     def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
         super().__init__()
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if not (is_real(keep_ratio) and 0.0 < keep_ratio <= 1.0):
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
         self.module = module
         self.keep_ratio = float(keep_ratio)
         self.scorer = scorer

@@ -24,8 +24,6 @@ Randomness (principle draws, sampling) comes from explicit seeds: the same seed 
 
 from __future__ import annotations
 
-import math
-import numbers
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import Any
 
 import torch
 
+from alignlab._checks import is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -121,7 +120,7 @@ def constitutional_revisions(
         TypeError: ``generate`` returning non-strings.
     """
     principles = _check_principles(principles)
-    if not isinstance(rounds, int) or rounds < 1:
+    if not is_int(rounds) or rounds < 1:
         raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
     rng = random.Random(seed)
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
@@ -294,11 +293,12 @@ def sample_completions(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+    if not is_finite_real(temperature) or temperature < 0:
         raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    temperature = float(temperature)
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     device = next(model.parameters()).device
     rows = [list(map(int, p)) for p in prompts for _ in range(num_samples)]

@@ -31,6 +31,7 @@ from typing import Literal, TypedDict
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
@@ -78,7 +79,7 @@ def pack_examples(
     :class:`~alignlab.data.sft.SequenceTooLongError` (a ``ValueError``;
     ``"error"``) or is dropped (``"skip"``).
     """
-    if not isinstance(max_length, int) or max_length < 1:
+    if not is_int(max_length) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if overflow not in ("error", "skip"):
         raise ValueError(f"overflow must be 'error' or 'skip', got {overflow!r}")

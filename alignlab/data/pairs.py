@@ -38,6 +38,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -75,7 +76,7 @@ def _as_messages(prompt: str | Sequence[Message], name: str = "prompt") -> list[
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    if not isinstance(size, int) or size < 1:
+    if not is_int(size) or size < 1:
         raise ValueError(f"batch_size must be a positive int, got {size!r}")
     batch: list[Any] = []
     for item in items:

@@ -36,16 +36,20 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
+from alignlab._checks import is_int, is_real
+
 __all__ = ["replay_counts", "ReplayMixer", "ReplayBatchSampler"]
 
 
 def _check(batch_size: int, replay_fraction: float) -> Fraction:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(replay_fraction, bool) or not isinstance(replay_fraction, (int, float, Fraction)):
+    if not is_real(replay_fraction):  # Python and NumPy reals, Fraction; not a bool
         raise TypeError(f"replay_fraction must be a number, got {type(replay_fraction).__name__}")
-    if not 0 <= replay_fraction < 1:
+    if not 0 <= replay_fraction < 1:  # NaN fails too
         raise ValueError(f"replay_fraction must lie in [0, 1), got {replay_fraction!r}")
+    if not isinstance(replay_fraction, Fraction):
+        replay_fraction = float(replay_fraction)  # Fraction() refuses np.float32
     # 0.05 as a float is not 1/20; the nearest small fraction keeps long-run counts exact.
     return Fraction(replay_fraction).limit_denominator(10**6)
 
@@ -61,8 +65,10 @@ def replay_counts(batch_size: int, replay_fraction: float, start: int = 0) -> It
     Raises:
         ValueError: ``batch_size < 1`` or ``f`` outside ``[0, 1)``.
     """
-    f = _check(batch_size, replay_fraction) * batch_size
-    b = start
+    return _counts(_check(batch_size, replay_fraction) * batch_size, start)  # checked now, not at the first next()
+
+
+def _counts(f: Fraction, b: int) -> Iterator[int]:
     while True:
         yield int((b + 1) * f) - int(b * f)
         b += 1
@@ -100,7 +106,9 @@ class ReplayMixer:
         task: iterable of task examples; one pass over it is one epoch (a one-shot iterator
             gives one epoch).
         general: iterable of general examples, cycled as needed; keep it re-iterable or endless.
-            Its position carries over from epoch to epoch.
+            Its position carries over from epoch to epoch (and from one ``iter()`` to the next), so
+            the general examples an epoch replays depend on what earlier iterations consumed;
+            :meth:`set_epoch` changes only where they are placed. A new mixer starts it afresh.
         batch_size: examples per batch ``B``.
         replay_fraction: ``f`` in ``[0, 1)``.
         seed: seeds where the replayed examples go inside each batch.
@@ -169,6 +177,11 @@ class ReplayBatchSampler:
     per epoch; general indices are ``task_size..task_size+general_size-1``, drawn without
     replacement from a fresh permutation each time the previous one is used up.
 
+    Unlike :class:`ReplayMixer`, nothing carries over between epochs: every ``iter()`` depends
+    only on ``seed`` and the epoch, and starts a new general permutation (the rest of the last
+    epoch's is dropped). Without :meth:`set_epoch` every epoch repeats the same batches, general
+    examples included, as ``DistributedSampler`` does.
+
     Args:
         task_size: number of task examples (``>= 1``).
         general_size: number of general examples (``>= 1``, or 0 with ``replay_fraction=0``).
@@ -192,9 +205,9 @@ class ReplayBatchSampler:
         drop_last: bool = False,
     ):
         _check(batch_size, replay_fraction)
-        if isinstance(task_size, bool) or not isinstance(task_size, int) or task_size < 1:
+        if not is_int(task_size) or task_size < 1:
             raise ValueError(f"task_size must be a positive int, got {task_size!r}")
-        if isinstance(general_size, bool) or not isinstance(general_size, int) or general_size < 0:
+        if not is_int(general_size) or general_size < 0:
             raise ValueError(f"general_size must be a non-negative int, got {general_size!r}")
         if general_size == 0 and replay_fraction > 0:
             raise ValueError("general_size must be >= 1 when replay_fraction > 0")

@@ -32,6 +32,8 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
+from alignlab._checks import is_int
+
 __all__ = [
     "IGNORE_INDEX",
     "SequenceTooLongError",
@@ -182,7 +184,7 @@ def _check_options(train_on: str, overflow: str, max_length: int | None) -> None
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     if overflow not in ("error", "truncate"):
         raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+    if max_length is not None and (not is_int(max_length) or max_length < 1):
         raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
 
 

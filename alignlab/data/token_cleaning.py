@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from alignlab._checks import is_real
 from alignlab.data.sft import IGNORE_INDEX
 
 __all__ = [
@@ -101,9 +102,11 @@ def token_influence(
     )
 
 
-def _check_ratio(keep_ratio: float) -> None:
-    if not (isinstance(keep_ratio, (int, float)) and 0.0 <= keep_ratio <= 1.0):
-        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
+def _check_ratio(keep_ratio: float) -> float:
+    """``keep_ratio`` as a Python float: a real number in [0, 1] (NumPy scalars too; a bool, NaN are not)."""
+    if not (is_real(keep_ratio) and 0.0 <= keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio must be a number in [0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
 
 
 def clean_labels(
@@ -132,7 +135,7 @@ def clean_labels(
     if threshold is not None:
         keep = supervised & (scores >= threshold)
         return labels.masked_fill(~keep, IGNORE_INDEX)
-    _check_ratio(keep_ratio)
+    keep_ratio = _check_ratio(keep_ratio)
     if scope not in ("batch", "sequence"):
         raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
     rows = scores.reshape(1, -1) if scope == "batch" else scores
@@ -154,7 +157,7 @@ def influence_threshold(scores: Iterable[torch.Tensor], keep_ratio: float) -> fl
     the finite scores in memory (4 bytes each). Raises ``ValueError`` if no
     finite score is seen.
     """
-    _check_ratio(keep_ratio)
+    keep_ratio = _check_ratio(keep_ratio)
     pool = [s[torch.isfinite(s)].float().flatten().cpu() for s in scores]
     flat = torch.cat(pool) if pool else torch.empty(0)
     if flat.numel() == 0:

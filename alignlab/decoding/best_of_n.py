@@ -67,7 +67,8 @@ def rerank(
 
     Args:
         candidates: anything ``score_fn`` accepts (texts, token lists).
-        score_fn: maps the candidates to one score each.
+        score_fn: maps the candidates to one score each: a sequence of numbers or a tensor,
+            of shape ``(n,)`` or ``(n, 1)`` (a reward head's column) for ``n`` candidates.
         nan: ``"lose"`` ranks NaN scores below every number; ``"raise"``
             refuses them.
 
@@ -75,18 +76,30 @@ def rerank(
         ``(best_candidate, best_index, scores)``.
 
     Raises:
-        ValueError: no candidates, ``score_fn`` returns the wrong number of
-            scores, a NaN score with ``nan="raise"``, or an unknown ``nan``.
+        ValueError: no candidates, ``score_fn`` returns anything but ``n`` numbers
+            shaped ``(n,)`` or ``(n, 1)``, a NaN score with ``nan="raise"``, or an
+            unknown ``nan``.
     """
     _check_nan_policy(nan)
     if len(candidates) == 0:
         raise ValueError("candidates: expected at least one candidate")
-    raw = score_fn(candidates)
-    scores = [float(s) for s in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
-    if len(scores) != len(candidates):
-        raise ValueError(f"score_fn: expected {len(candidates)} scores, got {len(scores)}")
+    scores = _score_list(score_fn(candidates), len(candidates))
     best = int(_best_index(torch.tensor([scores], dtype=torch.float64), nan)[0])
     return candidates[best], best, scores
+
+
+def _score_list(raw, n: int) -> list[float]:
+    """``score_fn``'s answer as ``n`` Python floats; it may be shaped ``(n,)`` or ``(n, 1)``."""
+    expected = f"score_fn: expected {n} scores, shape ({n},) or ({n}, 1)"
+    try:
+        t = raw.detach().cpu() if isinstance(raw, torch.Tensor) else torch.tensor(raw, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{expected}, got {raw!r}") from None
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{expected}, got shape {tuple(t.shape)}")
+    return [float(s) for s in t.tolist()]
 
 
 @dataclass

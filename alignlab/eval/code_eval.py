@@ -40,7 +40,6 @@ container or VM (e.g. ``docker run --network none --read-only``, or
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -51,6 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from alignlab._checks import is_finite_real, is_int
 
 __all__ = ["ExecutionResult", "pass_at_k", "run_tests"]
 
@@ -89,7 +90,7 @@ def pass_at_k(n: int | Sequence[int] | np.ndarray, c: int | Sequence[int] | np.n
         ValueError: fractional counts, ``n`` and ``c`` of different shapes,
             ``k < 1``, ``k > n``, ``c < 0`` or ``c > n``.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not is_int(k):
         raise TypeError(f"k: expected an int >= 1, got {k!r}")
     if k < 1:
         raise ValueError(f"k: expected an int >= 1, got {k!r}")
@@ -415,14 +416,15 @@ def run_tests(
         raise ValueError(f"tests: expected one string or {len(programs)} strings, got {len(tests)}")
     if not all(isinstance(s, str) for s in programs + tests):
         raise TypeError("programs/tests: every entry must be a str")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+    if not is_finite_real(timeout) or not timeout > 0:
         raise ValueError(f"timeout: expected finite seconds > 0, got {timeout!r}")
-    if max_memory_bytes is not None and (
-        isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int) or max_memory_bytes < 1
-    ):
-        raise ValueError(f"max_memory_bytes: expected an int >= 1 or None, got {max_memory_bytes!r}")
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+    if max_memory_bytes is not None:
+        if not is_int(max_memory_bytes) or max_memory_bytes < 1:
+            raise ValueError(f"max_memory_bytes: expected an int >= 1 or None, got {max_memory_bytes!r}")
+        max_memory_bytes = int(max_memory_bytes)  # it travels to the supervisor as JSON
+    if not is_int(max_workers) or max_workers < 1:
         raise ValueError(f"max_workers: expected an int >= 1, got {max_workers!r}")
+    max_workers = int(max_workers)
     if not hasattr(os, "fork"):
         raise OSError("run_tests: needs a POSIX system with fork(); run it under WSL or in a Linux container")
     with ThreadPoolExecutor(max_workers=max_workers) as pool:

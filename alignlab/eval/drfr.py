@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from alignlab._checks import is_int
+
 __all__ = ["drfr", "parse_yes_no"]
 
 _YES = {"yes", "y", "true", "1"}
@@ -34,9 +36,13 @@ def parse_yes_no(answer: bool | int | str) -> bool:
         ValueError: anything else (an unparsable judge answer should be seen,
             not counted as a failure).
     """
+    return _judgement(answer, "answer")
+
+
+def _judgement(answer, where: str) -> bool:
     if isinstance(answer, bool):
         return answer
-    if isinstance(answer, int) and answer in (0, 1):
+    if is_int(answer) and answer in (0, 1):  # NumPy integers too
         return bool(answer)
     if isinstance(answer, str):
         words = answer.strip().split()
@@ -45,7 +51,7 @@ def parse_yes_no(answer: bool | int | str) -> bool:
             return True
         if first in _NO:
             return False
-    raise ValueError(f"answer: expected a yes/no judgement (bool, 0/1, 'yes'/'no'), got {answer!r}")
+    raise ValueError(f"{where}: expected a yes/no answer (bool, 0/1, 'yes'/'no'), got {answer!r}")
 
 
 def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: bool = False):
@@ -62,7 +68,7 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
 
     Raises:
         ValueError: no requirements at all, an instruction with no
-            requirements, or an unparsable judgement.
+            requirements, or an unparsable judgement (named as ``judgements[i][j]``).
     """
     if isinstance(judgements, (str, bytes)) or not judgements:
         raise ValueError("judgements: expected a non-empty sequence of per-instruction judgement lists")
@@ -70,7 +76,7 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
     for i, row in enumerate(judgements):
         if isinstance(row, (str, bytes)) or len(row) == 0:
             raise ValueError(f"judgements[{i}]: expected a non-empty sequence of requirement judgements")
-        hits = sum(parse_yes_no(a) for a in row)
+        hits = sum(_judgement(a, f"judgements[{i}][{j}]") for j, a in enumerate(row))
         satisfied += hits
         total += len(row)
         ratios.append(hits / len(row))

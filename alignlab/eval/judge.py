@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alignlab._checks import is_int, is_real
+
 __all__ = [
     "PAIRWISE_TEMPLATE",
     "SINGLE_ANSWER_TEMPLATE",
@@ -192,7 +194,7 @@ def _outcome_values(outcomes: Sequence[str | float | PairwiseJudgement]) -> np.n
             if o.lower() not in _OUTCOME_VALUE:
                 raise ValueError(f"outcomes[{i}]: expected 'a', 'b' or 'tie', got {o!r}")
             values.append(_OUTCOME_VALUE[o.lower()])
-        elif isinstance(o, (int, float, np.number)) and float(o) in (0.0, 0.5, 1.0):
+        elif is_real(o) and float(o) in (0.0, 0.5, 1.0):  # a bool is no outcome: which side, and ties?
             values.append(float(o))
         else:
             raise ValueError(f"outcomes[{i}]: expected 'a'/'b'/'tie' or 1/0/0.5, got {o!r}")
@@ -203,13 +205,13 @@ def win_rate(outcomes: Sequence[str | float | PairwiseJudgement], *, ties: str =
     """Win rate of side ``a``.
 
     Args:
-        outcomes: per pair ``"a"``/``"b"``/``"tie"`` (or 1/0/0.5, or
-            :class:`PairwiseJudgement`).
+        outcomes: per pair ``"a"``/``"b"``/``"tie"`` (or the numbers 1/0/0.5, Python or NumPy,
+            or :class:`PairwiseJudgement`). A bool is refused: ``True`` cannot say tie.
         ties: ``"half"`` counts a tie as half a win; ``"exclude"`` drops ties
             from numerator and denominator.
 
     Raises:
-        ValueError: empty outcomes, unknown outcome, unknown ``ties``, or only
+        ValueError: empty outcomes, unknown outcome (a bool included), unknown ``ties``, or only
             ties with ``ties="exclude"``.
     """
     values = _outcome_values(outcomes)
@@ -254,7 +256,7 @@ def bootstrap_ci(
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size == 0:
         raise ValueError(f"values: expected a non-empty 1-d sequence, got shape {data.shape}")
-    if not isinstance(n_resamples, int) or n_resamples < 1:
+    if not is_int(n_resamples) or n_resamples < 1:
         raise ValueError(f"n_resamples: expected an int >= 1, got {n_resamples!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")

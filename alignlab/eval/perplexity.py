@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from alignlab._checks import is_int
+
 __all__ = ["negative_log_likelihood", "perplexity"]
 
 
@@ -109,11 +111,11 @@ def negative_log_likelihood(
     """
     if max_length is None and stride is not None:
         raise ValueError("stride: needs max_length to be set too")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+    if max_length is not None and (not is_int(max_length) or max_length < 2):
         raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
     if stride is None and max_length is not None:
         stride = max_length - 1
-    if max_length is not None and (not isinstance(stride, int) or not 1 <= stride < max_length):
+    if max_length is not None and (not is_int(stride) or not 1 <= stride < max_length):
         raise ValueError(f"stride: expected an int with 1 <= stride < max_length={max_length}, got {stride!r}")
 
     was_training = model.training

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from alignlab._checks import is_int
+
 __all__ = ["reward_scores"]
 
 
@@ -87,7 +89,7 @@ def reward_scores(
             unequal lengths, or multi-column scores without ``label_index``.
         TypeError: a single string instead of a sequence of them.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:

@@ -42,6 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from alignlab._checks import is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 
@@ -69,7 +70,7 @@ __all__ = [
 def _check_kind(kind: str, beta: float) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+    if not is_real(beta) or not 0.0 <= beta <= 1.0:  # Python or NumPy real, not a bool; NaN fails the range
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     if kind == "jsd" and beta == 0.0:
         return "forward_kl"
@@ -78,11 +79,13 @@ def _check_kind(kind: str, beta: float) -> str:
     return kind
 
 
-def _check_common(temperature: float, reduction: str) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+def _check_common(temperature: float, reduction: str) -> float:
+    """``temperature`` as a Python float; ``ValueError`` for a bad temperature or reduction."""
+    if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return float(temperature)
 
 
 def _weights(mask: torch.Tensor | None, lead_shape: torch.Size, device, dtype) -> torch.Tensor:
@@ -199,7 +202,8 @@ def distill_loss(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must match"
         )
     kind = _check_kind(kind, beta)
-    _check_common(temperature, reduction)
+    beta = float(beta)
+    temperature = _check_common(temperature, reduction)
     compute = torch.promote_types(student_logits.dtype, torch.float32)
     w = _weights(mask, student_logits.shape[:-1], student_logits.device, compute)
     keep = None if mask is None else w != 0
@@ -511,7 +515,8 @@ def fused_linear_distill_loss(
     if student_weight.dtype != student_hidden.dtype:
         raise ValueError(f"student_weight dtype {student_weight.dtype} != student_hidden dtype {student_hidden.dtype}")
     kind = _check_kind(kind, beta)
-    _check_common(temperature, reduction)
+    beta = float(beta)
+    temperature = _check_common(temperature, reduction)
     lead = student_hidden.shape[:-1]
     vocab = student_weight.shape[0]
     has_hidden = teacher_hidden is not None or teacher_weight is not None
@@ -537,7 +542,7 @@ def fused_linear_distill_loss(
         teacher_b = teacher_weight.detach().to(x.dtype)
     n = x.shape[0]
     for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{label} must be a positive int or None, got {v!r}")
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     check_linear_inputs,
@@ -251,7 +252,7 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
         return loss_from_token_logps(tok)
     if resident_bytes is None:
         resident_bytes = _DEFAULT_RESIDENT_BYTES
-    if not isinstance(resident_bytes, int) or resident_bytes < 0:
+    if not is_int(resident_bytes) or resident_bytes < 0:
         raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     aux: dict[str, torch.Tensor] = {}
     loss = _EagerLinearLoss.apply(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from alignlab._checks import is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
 from alignlab.losses.preference import step_count
@@ -341,9 +342,10 @@ def fused_linear_grpo(
     if hidden.shape[:-1] != completion_ids.shape:
         raise ValueError(f"completion_ids must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(completion_ids.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if not is_finite_real(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = float(temperature)
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     if ref_hidden is not None and ref_logprobs is not None:

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
@@ -305,7 +306,7 @@ def check_linear_inputs(
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
     if hidden.device != weight.device or labels.device != hidden.device:
         raise ValueError("hidden, weight and labels must be on one device")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 

@@ -41,6 +41,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from alignlab._checks import is_finite_real, is_int, is_real
+
 __all__ = [
     "DPO_LOSS_TYPES",
     "CPO_LOSS_TYPES",
@@ -115,7 +117,7 @@ def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
 
 
 def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_finite_real(value) or value <= 0:  # Python or NumPy real; not a bool, NaN or inf
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -126,7 +128,7 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_label_smoothing(label_smoothing: float, upper: float = 1.0) -> float:
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < upper:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < upper:  # NaN fails the range test
         raise ValueError(f"label_smoothing must lie in [0, {upper}), got {label_smoothing!r}")
     return float(label_smoothing)
 
@@ -168,7 +170,7 @@ def check_num_items(name: str, value: int | float | torch.Tensor | None, reducti
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must be a number or a 0-d real tensor (a step-wide count), got "
                              f"shape {tuple(value.shape)} dtype {value.dtype}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif not is_real(value):
         raise TypeError(f"{name} must be a number or a 0-d tensor (a step-wide count), got {type(value).__name__}")
     elif not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -364,7 +366,7 @@ def _check_aot_step(step, offset, n, dtype, device, reference_free):
         if t.shape != step[0].shape:
             raise ValueError(f"aot_step_logps[{name}] has shape {tuple(t.shape)}, expected {tuple(step[0].shape)}")
         out.append(t.detach().to(device=device, dtype=dtype))
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= step[0].shape[0] - n:
+    if not is_int(offset) or not 0 <= offset <= step[0].shape[0] - n:
         raise ValueError(f"aot_step_offset must be an int in [0, {step[0].shape[0] - n}] (where this batch's "
                          f"{n} pairs sit in the step), got {offset!r}")
     return tuple(out)

@@ -30,11 +30,14 @@ or element-wise (a tensor shaped like the parameter) weights.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import torch
 from torch import nn
+
+from alignlab._checks import is_finite_real, is_int, is_real
 
 __all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP"]
 
@@ -120,9 +123,9 @@ def estimate_fisher(
     """
     if mode not in ("empirical", "true"):
         raise ValueError(f"mode must be 'empirical' or 'true', got {mode!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+    if num_batches is not None and (not is_int(num_batches) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     named = _named_trainable(model, params)
     fisher = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in named.items()}
@@ -181,8 +184,9 @@ def ewc_penalty(
     Raises:
         ValueError: a name of ``fisher`` missing from ``params``/``anchor``, a shape mismatch, ``lam < 0``.
     """
-    if not isinstance(lam, (int, float)) or lam < 0:
-        raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+    if not is_finite_real(lam) or lam < 0:  # a NaN lam would pass "< 0" and poison the loss
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    lam = float(lam)
     total = None
     for name, f in fisher.items():
         if name not in params or name not in anchor:
@@ -214,8 +218,8 @@ class EWC:
     """
 
     def __init__(self, model: nn.Module, fisher: Mapping[str, torch.Tensor], lam: float = 1.0):
-        if not isinstance(lam, (int, float)) or lam < 0:
-            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+        if not is_finite_real(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         self.lam = float(lam)
         self.names = list(fisher)
         self._fisher: dict[str, torch.Tensor] = {}
@@ -254,8 +258,9 @@ class EWC:
         Raises:
             ValueError: ``gamma`` outside ``[0, 1]`` or Fisher names/shapes differing from the stored ones.
         """
-        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if not is_real(gamma) or not 0.0 <= gamma <= 1.0:  # NaN fails the range test
+            raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+        gamma = float(gamma)
         if set(fisher) != set(self._fisher):
             raise ValueError("consolidate needs a Fisher over the same parameter names as before")
         merged = {}
@@ -284,7 +289,7 @@ def _weight_for(name: str, param: torch.Tensor, weights: Weights) -> Weight | No
     """Regularisation weight of one parameter; ``None`` means 'not regularised'."""
     if weights is None:
         return 1.0
-    if isinstance(weights, (int, float)):
+    if is_real(weights):
         return float(weights)
     if callable(weights) and not isinstance(weights, Mapping):
         return weights(name, param)
@@ -323,10 +328,13 @@ def l2sp_penalty(
         TypeError: ``weights`` of an unsupported type.
     """
     for label, v in (("alpha", alpha), ("beta", beta)):
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{label} must be a number >= 0, got {v!r}")
-    if weights is not None and not isinstance(weights, (int, float, Mapping)) and not callable(weights):
+        if not is_finite_real(v) or v < 0:
+            raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
+    if weights is not None and not is_real(weights) and not isinstance(weights, Mapping) and not callable(weights):
         raise TypeError(f"weights must be None, a float, a mapping or a callable, got {type(weights).__name__}")
+    if is_real(weights) and not math.isfinite(weights):
+        raise ValueError(f"weights must be finite, got {weights!r}")
+    alpha, beta = float(alpha), float(beta)
     sp = None
     new = None
     for name, p in params.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignlab._checks import is_int
 from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
@@ -504,7 +505,7 @@ def ppo_value_loss(
 # ------------------------------------------------------------------------------------------------------------------
 def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor:
     _float("rewards", rewards, 1)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < minimum:
+    if not is_int(group_size) or group_size < minimum:
         raise ValueError(f"group_size must be an int >= {minimum}, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size={group_size}")
@@ -792,7 +793,7 @@ def grpo_loss(
             loss = per_seq.sum() / n_seq
         else:
             length = logprobs.shape[1] if max_completion_length is None else max_completion_length
-            if not isinstance(length, int) or length < 1:
+            if not is_int(length) or length < 1:
                 raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
             loss = per_token.sum() / (n_seq * length)
     if entropy is not None:

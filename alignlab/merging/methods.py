@@ -26,6 +26,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from alignlab._checks import is_real
+
 __all__ = [
     "breadcrumbs",
     "chipalign",
@@ -128,9 +130,12 @@ def _per_model(value, n: int, name: str, default: float | None = None) -> list[f
         value = default
     if isinstance(value, Tensor):
         value = value.tolist()
-    if isinstance(value, (int, float)):
+    if is_real(value):  # Python or NumPy scalar, not a bool
         out = [float(value)] * n
     else:
+        value = [value] if isinstance(value, bool) else list(value)
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be a number or one number per model, not a bool, got {value!r}")
         out = [float(v) for v in value]
         if len(out) != n:
             raise ValueError(f"{name} has {len(out)} entries but there are {n} models")

@@ -25,7 +25,6 @@ the top-level ``parameters`` it applies to all models (a per-model value wins).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from alignlab._checks import is_finite_real, is_int
 
 # method name -> (needs a base model, min fine-tuned models, max fine-tuned models or None)
 METHODS: dict[str, tuple[bool, int, int | None]] = {
@@ -92,10 +93,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 
 def parse_size(value: int | str) -> int:
     """``"2GB"`` / ``"500MB"`` / ``1_000_000`` -> bytes (powers of 1000, as HF's ``max_shard_size``)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         if value <= 0:
             raise ValueError(f"out_shard_size must be positive, got {value}")
-        return value
+        return int(value)
     m = _SIZE.match(str(value))
     if not m:
         raise ValueError(f"out_shard_size must be an int or a size like '2GB', got {value!r}")
@@ -156,7 +157,7 @@ def _check_value(name: str, value: Any, where: str) -> None:
     values = [e["value"] for e in value] if isinstance(value, list) else [value]
     for v in values:
         if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            not is_finite_real(v)  # NumPy scalars too; not a bool
         ):
             raise ValueError(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
         if name == "density" and not 0.0 <= v <= 1.0:

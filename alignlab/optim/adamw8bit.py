@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from alignlab._checks import is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
 
@@ -144,10 +145,11 @@ class AdamW8bit(torch.optim.Optimizer):
         min_8bit_size: int = 4096,
         offload: bool = False,
     ):
-        if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
+        if not is_int(blocksize) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
             raise ValueError(f"blocksize: expected a power of two in [32, 4096], got {blocksize!r}")
-        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        if not is_int(min_8bit_size) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size: expected an int >= 0, got {min_8bit_size!r}")
+        blocksize, min_8bit_size = int(blocksize), int(min_8bit_size)
         if not isinstance(offload, bool):
             raise TypeError(f"offload: expected a bool, got {type(offload).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -340,12 +342,17 @@ def _record(stream):
 
 
 def _check_group(group: dict[str, Any]) -> None:
+    """Validate a param group's hyper-parameters and store them as Python floats, in place.
+
+    Python and NumPy reals are accepted; a bool, a tensor, NaN or inf is not (a NaN ``lr`` would pass a
+    ``< 0`` test and turn every parameter into NaN at the first step)."""
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or lr < 0:
-        raise ValueError(f"lr: expected a float >= 0, got {lr!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+    if not is_finite_real(lr) or lr < 0:
+        raise ValueError(f"lr: expected a finite float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    if not isinstance(wd, (int, float)) or wd < 0:
-        raise ValueError(f"weight_decay: expected a float >= 0, got {wd!r}")
+    if not is_finite_real(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if not is_finite_real(wd) or wd < 0:
+        raise ValueError(f"weight_decay: expected a finite float >= 0, got {wd!r}")
+    group.update(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd))

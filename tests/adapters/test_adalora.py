@@ -214,3 +214,16 @@ def test_sora_proximal_step_refuses_nan_and_infinite_steps():
             sora_proximal_step(model, lr=lr, sparsity=sparsity)
     for n, l in adapter_layers(model):
         torch.testing.assert_close(l.lora_E["default"], before[n])  # nothing touched
+
+
+def test_numpy_scalars_accepted_bools_refused():
+    np = pytest.importorskip("numpy")
+    cfg = AdaLoRAConfig(init_r=np.int64(4), target_r=np.int32(2), alpha=np.float32(8), total_step=np.int64(100),
+                        deltaT=np.int64(5), target_modules=TARGETS)
+    assert (cfg.init_r, cfg.target_r, cfg.alpha, cfg.total_step, cfg.deltaT) == (4, 2, 8.0, 100, 5)
+    assert all(type(v) is int for v in (cfg.init_r, cfg.target_r, cfg.total_step, cfg.deltaT))
+    sora = SoRAConfig(r=np.int64(4), alpha=np.float32(2), rank_pattern={"x": np.int64(1)}, target_modules=TARGETS)
+    assert (sora.r, sora.alpha, type(sora.rank_pattern["x"])) == (4, 2.0, int)
+    for kw in ({"target_r": True}, {"total_step": True}, {"alpha": float("nan")}):
+        with pytest.raises(ValueError):
+            AdaLoRAConfig(target_modules=TARGETS, **kw)

@@ -167,3 +167,13 @@ def test_numpy_scaling_is_stored_as_a_float(tmp_path):
     cfg = BottleneckConfig(placement="parallel", scaling=np.float32(4.0))
     assert type(cfg.scaling) is float and cfg.scaling == 4.0
     save_adapter(inject(make_tiny_llama(), cfg), tmp_path)  # used to fail: float32 is not JSON serializable
+
+
+def test_numpy_scalars_accepted_bools_refused():
+    np = pytest.importorskip("numpy")
+    cfg = BottleneckConfig(reduction_factor=np.float32(4), scaling=np.float32(0.5))
+    assert (cfg.reduction_factor, cfg.scaling) == (4.0, 0.5)
+    assert type(cfg.reduction_factor) is float and type(BottleneckConfig(reduction_factor=np.int64(4)).reduction_factor) is int
+    for bad in (True, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="reduction_factor"):
+            BottleneckConfig(reduction_factor=bad)

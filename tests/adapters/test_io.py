@@ -171,3 +171,25 @@ def test_failed_load_leaves_requires_grad_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         load_adapter(model, tmp_path)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_numpy_scalars_in_lora_config_save_as_python_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    # A sweep over np.linspace / np.float32 values: accepted, stored (and saved) as Python numbers.
+    cfg = LoRAConfig(r=np.int64(2), alpha=np.float32(16), dropout=np.float32(0.0), target_modules=["q_proj"],
+                     rank_pattern={"q_proj": np.int32(4)}, alpha_pattern={"q_proj": np.float64(8.0)})
+    ref = LoRAConfig(r=2, alpha=16.0, dropout=0.0, target_modules=["q_proj"], rank_pattern={"q_proj": 4},
+                     alpha_pattern={"q_proj": 8.0})
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.rank_pattern, cfg.alpha_pattern) == (
+        ref.r, ref.alpha, ref.dropout, ref.rank_pattern, ref.alpha_pattern)
+    assert type(cfg.r) is int and type(cfg.alpha) is float and type(cfg.rank_pattern["q_proj"]) is int
+    save_adapter(inject(make_tiny_llama(), cfg), tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["lora_alpha"] == 16.0 and saved["r"] == 2
+
+
+@pytest.mark.parametrize("kw", [{"r": True}, {"alpha": True}, {"alpha": float("nan")}, {"dropout": True},
+                                {"dropout": float("nan")}, {"rank_pattern": {"q": True}}, {"alpha_pattern": {"q": False}}])
+def test_lora_config_refuses_bools_and_nan(kw):
+    with pytest.raises(ValueError):
+        LoRAConfig(**kw)

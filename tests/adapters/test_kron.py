@@ -74,3 +74,13 @@ def test_config_flags_must_be_bools():
     for field in ("decompose_both", "init_zero"):
         with pytest.raises(TypeError, match=field):
             LoKrConfig(**{field: "no"})
+
+
+def test_numpy_scalars_accepted_bools_refused():
+    np = pytest.importorskip("numpy")
+    cfg = LoKrConfig(r=np.int64(4), alpha=np.float32(8), decompose_factor=np.int16(2))
+    assert (cfg.r, cfg.alpha, cfg.decompose_factor) == (4, 8.0, 2)
+    assert (type(cfg.r), type(cfg.alpha), type(cfg.decompose_factor)) == (int, float, int)
+    for kw in ({"r": True}, {"alpha": float("nan")}, {"decompose_factor": True}):
+        with pytest.raises(ValueError):
+            LoKrConfig(**kw)

@@ -198,3 +198,13 @@ def test_prefix_config_refuses_a_non_finite_init_std_and_non_bool_flags():
             PrefixTuningConfig(init_std=bad)
     with pytest.raises(TypeError, match="prefix_projection"):
         PrefixTuningConfig(prefix_projection="no")
+
+
+def test_numpy_integers_accepted_bools_refused():
+    np = pytest.importorskip("numpy")
+    cfg = PromptTuningConfig(num_virtual_tokens=np.int64(4), init_token_ids=[np.int64(1), 2])
+    assert cfg.num_virtual_tokens == 4 and type(cfg.num_virtual_tokens) is int and cfg.init_token_ids == [1, 2]
+    assert PrefixTuningConfig(num_virtual_tokens=np.int32(3)).num_virtual_tokens == 3
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match="num_virtual_tokens"):
+            PromptTuningConfig(num_virtual_tokens=bad)

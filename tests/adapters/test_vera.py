@@ -103,3 +103,14 @@ def test_numpy_d_initial_is_stored_as_a_float(tmp_path):
     model = inject(make_tiny_llama(), cfg)
     save_adapter(model, tmp_path)
     load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_numpy_scalars_accepted_bools_refused():
+    np = pytest.importorskip("numpy")
+    cfg = VeRAConfig(r=np.int64(8), dropout=np.float32(0.25), d_initial=np.float32(0.5), projection_prng_key=np.int64(3))
+    assert (cfg.r, cfg.dropout, cfg.d_initial, cfg.projection_prng_key) == (8, 0.25, 0.5, 3)
+    assert {type(cfg.r), type(cfg.projection_prng_key)} == {int} and type(cfg.dropout) is float
+    with pytest.raises(TypeError):
+        VeRAConfig(projection_prng_key=True)
+    with pytest.raises(ValueError):
+        VeRAConfig(r=True)

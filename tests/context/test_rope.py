@@ -243,3 +243,18 @@ def test_longrope_factors_checked_at_apply_time(which):
     with pytest.raises(ValueError, match=f"{which} must hold finite factors > 0"):
         apply_rope_scaling(model, RopeScaling("longrope", 4.0, original_max_position_embeddings=16, **nonpositive))
     apply_rope_scaling(model, RopeScaling("longrope", 4.0, original_max_position_embeddings=16, **good))
+
+
+def test_numpy_factor_matches_python_factor():
+    np = pytest.importorskip("numpy")
+    # a sweep over np.linspace(1, 16, ...) hands np.float64 / np.float32 factors
+    for fn in (linear_inv_freq, ntk_inv_freq):
+        torch.testing.assert_close(fn(64, 10000.0, np.float32(16)), fn(64, 10000.0, 16.0))
+    torch.testing.assert_close(rope_inv_freq(np.int64(64)), rope_inv_freq(64))
+    scaling = RopeScaling("linear", factor=np.float32(4))
+    assert scaling.factor == 4.0 and type(scaling.factor) is float
+    for bad in (True, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="factor"):
+            linear_inv_freq(64, 10000.0, bad)
+    with pytest.raises(ValueError, match="dim"):
+        rope_inv_freq(True)

@@ -203,3 +203,16 @@ def test_explicit_keep_mask_is_used():
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is None or torch.all(p.grad == 0) for p in model.model.layers[0].mlp.parameters())
     assert all(p.grad.abs().sum() > 0 for p in model.model.layers[1].mlp.parameters())
+
+
+def test_keep_ratio_numpy_scalar_matches_python_float():
+    np = pytest.importorskip("numpy")
+    scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    for ratio in np.linspace(0.1, 1.0, 4, dtype=np.float32):
+        assert torch.equal(select_tokens(scores, ratio), select_tokens(scores, float(ratio)))
+    assert TokenSparse(nn.Identity(), np.float32(0.5)).keep_ratio == 0.5
+    for bad in (True, float("nan")):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            select_tokens(scores, bad)
+        with pytest.raises(ValueError, match="keep_ratio"):
+            TokenSparse(nn.Identity(), bad)

@@ -96,3 +96,37 @@ def test_batch_sampler_indices_and_dataloader():
         ReplayBatchSampler(4, 0, batch_size=2, replay_fraction=0.5)
     with pytest.raises(ValueError, match="task_size"):
         ReplayBatchSampler(0, 4, batch_size=2)
+
+
+def test_numpy_scalars_match_python_numbers():
+    np = pytest.importorskip("numpy")
+    take = lambda f, b: list(itertools.islice(replay_counts(b, f), 50))  # noqa: E731
+    assert take(np.float32(0.25), np.int64(8)) == take(0.25, 8)
+    assert take(np.float64(0.05), 8) == take(0.05, 8)
+    sampler = ReplayBatchSampler(np.int64(10), np.int64(5), batch_size=np.int64(4), replay_fraction=np.float32(0.25))
+    assert list(sampler) == list(ReplayBatchSampler(10, 5, batch_size=4, replay_fraction=0.25))
+    mixer = ReplayMixer(range(6), range(100, 103), batch_size=np.int64(3), replay_fraction=np.float32(0.5))
+    assert list(mixer) == list(ReplayMixer(range(6), range(100, 103), batch_size=3, replay_fraction=0.5))
+    with pytest.raises(TypeError, match="replay_fraction"):
+        replay_counts(8, True)
+    with pytest.raises(ValueError, match="replay_fraction"):
+        replay_counts(8, float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        replay_counts(True, 0.1)
+
+
+def test_epoch_behaviour_of_the_general_data_as_documented():
+    # ReplayMixer: the general stream's position carries over to the next iteration.
+    mixer = ReplayMixer(range(4), range(100, 110), batch_size=2, replay_fraction=0.5, seed=0)
+    general = lambda batches: [x for b in batches for x in b if x >= 100]  # noqa: E731
+    assert general(list(mixer)) == [100, 101, 102, 103]
+    mixer.set_epoch(1)
+    assert general(list(mixer)) == [104, 105, 106, 107]
+    # ReplayBatchSampler: a pure function of (seed, epoch); a new permutation every epoch.
+    sampler = ReplayBatchSampler(4, 10, batch_size=2, replay_fraction=0.5, seed=0)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first

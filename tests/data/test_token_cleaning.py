@@ -178,3 +178,17 @@ def test_left_padding_never_scores_a_token_from_a_pad():
         left = token_losses(model, ids, ids.masked_fill(mask == 0, IGNORE_INDEX), attention_mask=mask)
         assert left[:, :pad + 1].isnan().all()  # the pads and the first real token: no context
         torch.testing.assert_close(left[:, pad:], alone, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_keep_ratio_numpy_scalar_matches_python_float():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    labels, scores = torch.randint(0, 50, (2, 8), generator=g), torch.randn(2, 8, generator=g)
+    for ratio in (np.float32(0.5), np.float64(0.25), np.int64(1)):
+        assert torch.equal(clean_labels(labels, scores, ratio), clean_labels(labels, scores, float(ratio)))
+        assert influence_threshold([scores], ratio) == influence_threshold([scores], float(ratio))
+    for bad in (True, float("nan")):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            clean_labels(labels, scores, bad)
+        with pytest.raises(ValueError, match="keep_ratio"):
+            influence_threshold([scores], bad)

@@ -137,3 +137,18 @@ def test_documented_reward_recipe_scores_candidates_without_their_left_padding()
     torch.testing.assert_close(out.scores, alone)
     padded = reward_scores(rm, out.candidates.flatten(0, 1)).view(2, 3)
     assert not torch.allclose(padded[0], alone[0])  # what the old recipe computed for the padded prompt
+
+
+def test_rerank_accepts_a_column_of_scores():
+    # A reward head returns (n, 1); the docstring promises one score per candidate.
+    col = rerank(["a", "b", "c"], lambda xs: torch.tensor([[0.1], [0.9], [0.3]]))
+    flat = rerank(["a", "b", "c"], lambda xs: torch.tensor([0.1, 0.9, 0.3]))
+    assert col[:2] == flat[:2] == ("b", 1)
+    assert col[2] == pytest.approx(flat[2])
+    assert rerank(["a", "b"], lambda xs: [[2.0], [1.0]])[1] == 0
+
+
+def test_rerank_bad_score_shapes_name_score_fn():
+    for raw in (torch.zeros(2, 2), torch.zeros(2, 1, 1), torch.tensor(1.0), [[1.0, 2.0], [3.0, 4.0]], ["x", "y"]):
+        with pytest.raises(ValueError, match=r"score_fn: expected 2 scores, shape \(2,\) or \(2, 1\)"):
+            rerank(["a", "b"], lambda xs, raw=raw: raw)

@@ -255,3 +255,10 @@ def test_timeout_kills_every_descendant(pid_dir, setsid):
     assert r.status == "timeout" and r.returncode is None
     assert elapsed < 2.0 + 3.0  # nothing kept the runner waiting after the timeout
     assert _wait_dead(pids) == []
+
+
+def test_pass_at_k_numpy_integer_k_matches_int_and_bool_refused():
+    np = pytest.importorskip("numpy")
+    assert pass_at_k(10, 3, np.int64(2)) == pass_at_k(10, 3, 2)
+    with pytest.raises(TypeError, match="k"):
+        pass_at_k(10, 3, True)

@@ -29,3 +29,18 @@ def test_drfr_errors():
         drfr([[True], []])
     with pytest.raises(ValueError, match="answer"):
         drfr([["unsure"]])
+
+
+def test_drfr_error_names_the_offending_judgement():
+    with pytest.raises(ValueError, match=r"judgements\[1\]\[2\]: .*'unsure'"):
+        drfr([["yes"], ["yes", "no", "unsure"]])
+    with pytest.raises(ValueError, match=r"judgements\[0\]\[0\]"):
+        drfr([[2]])
+
+
+def test_parse_yes_no_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert parse_yes_no(np.int64(1)) is True and parse_yes_no(np.uint8(0)) is False
+    assert drfr([[np.int64(1), np.int64(0)]]) == drfr([[1, 0]]) == 0.5
+    with pytest.raises(ValueError, match="answer"):
+        parse_yes_no(np.int64(2))

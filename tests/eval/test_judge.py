@@ -118,3 +118,17 @@ def test_bootstrap_ci_statistics_and_errors():
         bootstrap_ci([1.0], confidence=1.0)
     with pytest.raises(ValueError, match="n_resamples"):
         bootstrap_ci([1.0], n_resamples=0)
+
+
+def test_win_rate_refuses_bools():
+    # The documented inputs are 'a'/'b'/'tie' or 1/0/0.5; a bool says nothing about ties or sides.
+    for bad in (True, False, np.bool_(True)):
+        with pytest.raises(ValueError, match=r"outcomes\[1\]"):
+            win_rate(["a", bad])
+
+
+def test_win_rate_numpy_scalars_match_python_numbers():
+    outcomes = [np.float32(1.0), np.int64(0), np.float64(0.5), np.float32(1)]
+    assert win_rate(outcomes) == win_rate([1, 0, 0.5, 1]) == pytest.approx(0.625)
+    with pytest.raises(ValueError, match=r"outcomes\[0\]"):
+        win_rate([np.float32("nan")])

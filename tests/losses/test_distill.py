@@ -501,3 +501,15 @@ def test_trl_reductions_map_to_ours(monkeypatch):
                                jsd(s, t, beta=0.4, reduction="batchmean"))
     torch.testing.assert_close(distill_loss(s, t, "jsd", beta=0.4, reduction="sum") / (3 * 4 * 7),
                                jsd(s, t, beta=0.4, reduction="mean"))
+
+
+def test_numpy_temperature_and_beta_match_python_numbers():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    want = distill_loss(s, t, beta=0.25, temperature=2.0)
+    torch.testing.assert_close(distill_loss(s, t, beta=np.float32(0.25), temperature=np.float32(2)), want)
+    torch.testing.assert_close(distill_loss(s, t, beta=np.float64(0.25), temperature=np.int64(2)), want)
+    for kw in ({"beta": True}, {"beta": float("nan")}, {"temperature": True}, {"temperature": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            distill_loss(s, t, **kw)

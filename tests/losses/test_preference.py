@@ -597,3 +597,18 @@ def test_kto_rejects_labels_other_than_0_1_and_empty_kl_logps():
     # one mismatched pair is enough, and gives z0 = max(0, pi_kl - ref_kl)
     _, m = kto_loss(pi, ref, torch.tensor([True, False, True]), torch.tensor([-1.0]), torch.tensor([-1.5]))
     assert m["kl"].item() == pytest.approx(0.5)
+
+
+def test_dpo_numpy_scalars_match_python_numbers():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(4, generator=g) for _ in range(4))
+    want, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2, num_items=8)
+    got, _ = dpo_loss(pc, pr, rc, rr, beta=np.float32(0.1), label_smoothing=np.float32(0.2), num_items=np.int64(8))
+    torch.testing.assert_close(got, want)
+    for kw, arg in (({"beta": True}, "beta"), ({"beta": float("nan")}, "beta"), ({"label_smoothing": True}, "label_smoothing"),
+                    ({"label_smoothing": float("nan")}, "label_smoothing")):
+        with pytest.raises(ValueError, match=arg):
+            dpo_loss(pc, pr, rc, rr, **kw)
+    with pytest.raises(TypeError, match="num_items"):
+        dpo_loss(pc, pr, rc, rr, num_items=True)

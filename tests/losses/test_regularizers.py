@@ -177,3 +177,21 @@ def test_l2sp_callable_weights_unmatched_and_errors():
         l2sp_penalty(params, w0, weights={"a": torch.ones(5)})
     with pytest.raises(TypeError, match="weights"):
         l2sp_penalty(params, w0, weights="all")
+
+
+def test_numpy_strengths_match_python_numbers_and_nan_is_refused():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    p, a, f = ({"w": torch.randn(3, generator=g)} for _ in range(3))
+    assert torch.equal(ewc_penalty(p, a, f, lam=np.float32(0.5)), ewc_penalty(p, a, f, lam=0.5))
+    assert torch.equal(l2sp_penalty(p, a, alpha=np.float32(0.5), beta=np.int64(1), weights=np.float32(2)),
+                       l2sp_penalty(p, a, alpha=0.5, beta=1, weights=2.0))
+    for bad in (True, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam"):
+            ewc_penalty(p, a, f, lam=bad)
+        with pytest.raises(ValueError, match="alpha"):
+            l2sp_penalty(p, a, alpha=bad)
+    with pytest.raises(ValueError, match="weights"):
+        l2sp_penalty(p, a, weights=float("nan"))
+    with pytest.raises(TypeError, match="weights"):
+        l2sp_penalty(p, a, weights=True)

@@ -717,3 +717,12 @@ def test_scratch_is_a_few_chunks_not_the_tensor(method):
     extra = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{method} scratch beyond the output: {extra:.1f} MiB")
     assert extra < 24  # ~12 buffers of 2**18 elements (1 MiB each) and allocator slack
+
+
+def test_per_model_weights_accept_numpy_scalars_refuse_bools():
+    ms = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    torch.testing.assert_close(M.linear(ms, np.float32(2.0)), M.linear(ms, 2.0))
+    torch.testing.assert_close(M.linear(ms, [np.float32(1), np.int64(3)]), M.linear(ms, [1.0, 3.0]))
+    for bad in (True, [True, 1.0]):
+        with pytest.raises(TypeError, match="weights"):
+            M.linear(ms, bad)

@@ -353,3 +353,16 @@ def test_offloaded_step_does_not_block_the_host():
     end.record()
     torch.cuda.synchronize()
     assert host_ms < 0.5 * start.elapsed_time(end), (host_ms, start.elapsed_time(end))
+
+
+def test_numpy_hyperparameters_are_stored_as_floats_and_nan_refused():
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = AdamW8bit([p], lr=np.float32(1e-3), betas=(np.float32(0.9), 0.999), eps=np.float64(1e-8),
+                    weight_decay=np.float32(0.0), blocksize=np.int64(64))
+    g = opt.param_groups[0]
+    assert all(type(v) is float for v in (g["lr"], g["eps"], g["weight_decay"], *g["betas"]))
+    assert g["lr"] == float(np.float32(1e-3))
+    for kw in ({"lr": float("nan")}, {"lr": True}, {"eps": float("inf")}, {"weight_decay": float("nan")}, {"blocksize": True}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            AdamW8bit([torch.nn.Parameter(torch.randn(4))], **kw)

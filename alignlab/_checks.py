@@ -1,0 +1,71 @@
+"""Argument checks for numbers, shared by every subpackage (no alignlab imports, so no cycles).
+
+A sweep hands over NumPy scalars (``np.linspace(...)[i]`` is an ``np.float64``, ``np.float32(16)``
+is not a ``float``, ``np.int64(8)`` is not an ``int``), so "is it a number" means
+:class:`numbers.Real` / :class:`numbers.Integral`, which NumPy registers its scalars with. A bool
+is an ``int`` to Python but never a meaningful count or weight here, so it is refused. A 0-d array
+or tensor is not a scalar to these checks.
+
+The ``check_*`` helpers return the value as a Python ``float`` / ``int``, so whatever is stored
+from them serialises into JSON and a saved config.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def is_real(value) -> bool:
+    """Whether ``value`` is a Python or NumPy real scalar other than a bool (NaN and inf included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    """:func:`is_real` and neither NaN nor ±inf."""
+    return is_real(value) and math.isfinite(value)
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer other than a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_finite_number(value, arg: str, minimum: float | None = None) -> float:
+    """``value`` as a Python float (a NumPy scalar kept as is would not serialise into a saved config).
+
+    ``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
+    ``ValueError`` if it is NaN, infinite or below ``minimum``. A NaN here would reach every output."""
+    if not is_real(value):
+        raise TypeError(f"{arg} must be a real number, got {value!r}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{arg} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def as_python_number(value) -> int | float:
+    """A real scalar as a Python ``int`` (if integral, e.g. ``np.int64``) or ``float`` (e.g. ``np.float32``)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def check_positive_number(value, arg: str) -> int | float:
+    """``value`` as a Python number (:func:`as_python_number`); ``ValueError`` naming ``arg`` unless it
+    is a finite real > 0 (a bool is not; NaN and inf are not, as they would reach every output through
+    a scaling)."""
+    if not is_finite_real(value) or not value > 0:
+        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
+    return as_python_number(value)
+
+
+def check_positive_int(value, arg: str) -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``arg`` unless it is an integer > 0 (a bool is not)."""
+    if not is_int(value) or value <= 0:
+        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_bool(value, arg: str) -> None:
+    """``TypeError`` naming ``arg`` unless ``value`` is a bool (a truthy string would switch a flag on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg} must be a bool, got {value!r}")
