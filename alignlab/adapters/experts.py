@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import lora_scaling
@@ -347,11 +348,13 @@ class ExpertLoRA(AdapterLayer):
             raise ValueError(f"ranks must map some of this module's expert parameters {have} to ranks, got {ranks!r}")
         alphas = alpha if isinstance(alpha, dict) else {p: alpha for p in ranks}
         for p, r in ranks.items():
-            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            if not is_int(r) or r <= 0:
                 raise ValueError(f"rank of {p!r} must be a positive integer, got {r!r}")
             a = alphas.get(p)
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:  # NaN fails too
+            if not is_finite_real(a) or a <= 0:  # NaN and inf fail too
                 raise ValueError(f"alpha of {p!r} must be a positive number, got {a!r}")
+        ranks = {p: int(r) for p, r in ranks.items()}
+        alphas = {p: as_python_number(alphas[p]) for p in ranks}
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if init not in EXPERT_INITS:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 from alignlab.adapters.fused import dora_linear, dora_norm, lora_linear
@@ -57,11 +58,13 @@ def _check_init(init: str) -> None:
     raise ValueError(f"init must be one of {INITS} (K an integer), got {init!r}")
 
 
-def _check_rank(r: int) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
+def _check_rank(r: int) -> int:
+    """``r`` as a Python int (NumPy integers accepted, bools refused)."""
+    if not is_int(r):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got {r}")
+    return int(r)
 
 
 class LoRALinear(AdapterLayer):
@@ -153,9 +156,10 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        _check_rank(r)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+        r = _check_rank(r)
+        if not is_finite_real(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        alpha = as_python_number(alpha)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _check_init(init)

@@ -271,6 +271,11 @@ def test_refusals(tmp_path):
     for bad in (float("nan"), float("inf"), 0.0, True):  # a NaN alpha would reach every output
         with pytest.raises(ValueError, match="alpha of 'down_proj'"):
             ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": 2}, alpha=bad)
+    import numpy as np  # a sweep's NumPy numbers are numbers
+
+    layer = ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": np.int64(2)}, alpha=np.float32(4.0))
+    assert layer.r["default"] == {"down_proj": 2} and type(layer.r["default"]["down_proj"]) is int
+    assert layer.scaling["default"]["down_proj"] == 2.0
     # a file from PEFT < 0.19.1 has (E, out, in) factors the other way round: refused, not read wrong
     ours = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=BOTH))
     save_adapter(ours, tmp_path)

@@ -361,3 +361,18 @@ def test_non_finite_alpha_is_refused_by_configs_and_layers():
             LoRALinear(nn.Linear(4, 3), r=2, alpha=bad)
         with pytest.raises(ValueError, match="alpha must be a positive"):
             LoRAEmbedding(nn.Embedding(5, 4), 2, bad)
+
+
+def test_numpy_rank_and_alpha_are_python_numbers_inside():
+    """A sweep's np.int64 rank and np.float32 alpha give the same layer as Python numbers (stored as such)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    a = LoRALinear(nn.Linear(8, 6), r=np.int64(2), alpha=np.float32(4.0))
+    torch.manual_seed(0)
+    b = LoRALinear(nn.Linear(8, 6), r=2, alpha=4.0)
+    assert type(a.r["default"]) is int and type(a.alpha["default"]) is float
+    assert a.scaling == b.scaling
+    for bad in (True, np.float32("nan"), float("inf")):
+        with pytest.raises((TypeError, ValueError), match="r must|alpha must"):
+            LoRALinear(nn.Linear(8, 6), r=2 if bad is not True else bad, alpha=4.0 if bad is True else bad)
