@@ -74,14 +74,19 @@ def dora_delta(
     return (g - 1) * base_out.to(x.dtype) + g * lora_out
 
 
-def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor):
+def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor,
+                       unmerged: torch.Tensor | None = None):
     """Fold DoRA into the base: returns ``(W', norm)`` with ``W' = m ⊙ (W + sBA)/norm`` in ``weight``'s dtype.
+
+    ``norm = ‖W₀ + sBA‖_row`` is taken on ``unmerged`` (``W₀``, the base without any merged adapter;
+    default ``weight``), as forward takes it. When other adapters were merged first, ``weight`` holds
+    them (``W = W₀ + ΔW_other``) and forward computed ``m/‖W₀ + sBA‖ ⊙ (W₀ + ΔW_other + sBA) x``.
 
     Computed in fp32 and rounded once, so a bf16 merge loses no more than one rounding.
     ``norm`` is returned so the merge can be undone exactly in fp32.
     """
     w = weight.float().clone() if weight.dtype == torch.float32 else weight.float()
-    norm = dora_weight_norm(w, a, b, scale)
+    norm = dora_weight_norm(w if unmerged is None else unmerged, a, b, scale)
     w.addmm_(b.float(), a.float(), alpha=scale)
     w.mul_((magnitude.float() / norm).unsqueeze(1))
     return w.to(weight.dtype), norm

@@ -374,8 +374,26 @@ class LoRALinear(AdapterLayer):
             return super()._merge_one(name)
         w = dense_weight(self.base_layer)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        new, self._merge_norms[name] = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name])
+        unmerged = self._unmerged_weight() if self.merged_adapters else None
+        new, self._merge_norms[name] = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name],
+                                                          unmerged)
         set_dense_weight_(self.base_layer, new)
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the adapters merged so far, fp32 ``(out, in)``: DoRA's row norm is taken
+        on it, in merge as in forward. A quantized base kept its packed weight from before the first merge;
+        a dense one is replayed backwards, last merged first (one fp32 rounding per step)."""
+        snapshot = getattr(self, "_premerge_weight", None)
+        if snapshot is not None:
+            return snapshot.dequantize(torch.float32)
+        w = dense_weight(self.base_layer).float().clone()
+        for name in reversed(self.merged_adapters):
+            if self.is_dora(name):
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                w = dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], self._merge_norms[name])
+            else:
+                w -= self.delta_weight(name)
+        return w
 
     def _forget_merge(self, name: str) -> None:
         self._merge_norms.pop(name, None)

@@ -192,6 +192,31 @@ def test_merge_unmerge_fp32(dora):
         layer.unmerge()
 
 
+@pytest.mark.parametrize("first_dora", [False, True])
+@pytest.mark.parametrize("one_call", [True, False])
+def test_merging_dora_after_another_adapter_keeps_the_forward(first_dora, one_call):
+    # Two active adapters on one layer, the second DoRA. Forward takes DoRA's row norm from the
+    # unmerged base, ‖W + s·B₂A₂‖, so the merge must too, not from W + ΔW₁ with the first one folded in.
+    layer = _randomise(_layer(r=3, alpha=6, use_dora=first_dora))
+    layer.add_adapter("b", r=2, alpha=3, use_dora=True)
+    _randomise(layer, "b", seed=2)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["b"].mul_(1.5)
+    layer.active_adapters = ["default", "b"]
+    x = torch.randn(5, 12)
+    w0 = layer.base_layer.weight.detach().clone()
+    y = layer(x)
+    if one_call:
+        layer.merge()
+    else:
+        layer.merge(["default"])
+        layer.merge(["b"])
+    torch.testing.assert_close(layer.base_layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()  # fp32 arithmetic both ways through factors of size ~1: a few ulps of the merged weight
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=5e-5)
+
+
 def test_merging_into_a_dense_base_does_not_warn():
     import warnings
 
