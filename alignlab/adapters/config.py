@@ -11,7 +11,7 @@ from torch import nn
 # check_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
 from alignlab._checks import as_python_number, check_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
-from alignlab.adapters.lora import LoRALinear, _check_init
+from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype
 
 
 @dataclass
@@ -79,6 +79,9 @@ class LoRAConfig:
         self.alpha = check_positive_number(self.alpha, "alpha")
         self.dropout = check_dropout(self.dropout)
         _check_init(self.init)
+        check_bool(self.use_rslora, "use_rslora")
+        check_bool(self.use_dora, "use_dora")
+        check_adapter_dtype(self.adapter_dtype)
         if not isinstance(self.exact_fp32, bool):
             raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
         if self.target_parameters is not None and (not _is_str_list(self.target_parameters) or not self.target_parameters):

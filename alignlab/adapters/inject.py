@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from alignlab._checks import check_finite_number
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
 from alignlab.adapters.config import LoRAConfig, name_matches
 from alignlab.adapters.experts import ExpertLoRA
@@ -204,8 +205,17 @@ def _require_adapters(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` (one name or several, summed) the active adapters."""
-    names = [names] if isinstance(names, str) else list(names)
+    """Make ``names`` (one name or several, summed) the active adapters.
+
+    Raises:
+        TypeError: ``names`` is neither a string nor a sequence of strings.
+        ValueError: an unknown adapter name.
+    """
+    if isinstance(names, str):
+        names = [names]
+    elif not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names must be an adapter name or a list of names, got {names!r}")
+    names = list(names)
     _require_adapters(model, names)
     for _, layer in adapter_layers(model):
         layer.set_active(names)
@@ -257,11 +267,14 @@ def disabled(model: nn.Module):
 
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
-    """Fold adapters (default: the active ones) into the base weights; forward output is unchanged.
+    """Fold adapters (default: the active ones; one name or a list) into the base weights; forward
+    output is unchanged.
 
     Raises:
-        ValueError: an adapter is already merged, or the model holds no adapters.
+        TypeError: ``adapter_names`` is not None, a string or a sequence of strings.
+        ValueError: an adapter is unknown or already merged, or the model holds no adapters.
     """
+    adapter_names = _adapter_name_list(adapter_names)
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model holds no adapter layers; nothing to merge")
@@ -278,6 +291,17 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     return model
 
 
+def _adapter_name_list(adapter_names) -> list[str] | None:
+    """``adapter_names`` as a list (a single string is one name, not its letters), or None."""
+    if adapter_names is None:
+        return None
+    if isinstance(adapter_names, str):
+        return [adapter_names]
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (or one name), got {adapter_names!r}")
+    return list(adapter_names)
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` on every layer that has merged adapters."""
     layers = [(n, m) for n, m in adapter_layers(model) if m.merged]
@@ -289,7 +313,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
-    """Merge adapters and replace every adapter layer by its (updated) base; returns a plain model."""
+    """Merge adapters (default: the active ones; one name or a list) and replace every adapter layer by
+    its (updated) base; returns a plain model."""
+    adapter_names = _adapter_name_list(adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
                                        for a in (adapter_names or l.active_adapters))])
@@ -389,7 +415,7 @@ def add_weighted_adapter(
     """
     if combination not in ("cat", "svd", "linear"):
         raise ValueError(f"combination must be 'cat', 'svd' or 'linear', got {combination!r}")
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    adapters, weights = list(adapters), [check_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if not adapters or len(adapters) != len(weights):
         raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} and {len(weights)}")
     _require_adapters(model, adapters)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_python_number, is_finite_real, is_int
+from alignlab._checks import as_python_number, check_bool, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 from alignlab.adapters.fused import dora_linear, dora_norm, lora_linear
@@ -53,9 +53,17 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
 
 
 def _check_init(init: str) -> None:
+    if not isinstance(init, str):
+        raise TypeError(f"init must be a string, one of {INITS}, got {init!r}")
     if init in ("kaiming", "gaussian", "pissa", "olora") or _PISSA_NITER.fullmatch(init):
         return
     raise ValueError(f"init must be one of {INITS} (K an integer), got {init!r}")
+
+
+def check_adapter_dtype(dtype) -> None:
+    """``TypeError`` unless ``dtype`` is None or a floating-point ``torch.dtype`` (factors must take gradients)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"adapter_dtype must be None or a floating-point torch.dtype, got {dtype!r}")
 
 
 def _check_rank(r: int) -> int:
@@ -160,8 +168,11 @@ class LoRALinear(AdapterLayer):
         if not is_finite_real(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         alpha = as_python_number(alpha)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_bool(use_rslora, "use_rslora")
+        check_bool(use_dora, "use_dora")
+        check_adapter_dtype(adapter_dtype)
         _check_init(init)
         if self.merged:
             raise ValueError("cannot add an adapter while adapters are merged; unmerge first")

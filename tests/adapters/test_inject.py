@@ -10,6 +10,7 @@ from alignlab.adapters import (
     LoRAConfig,
     LoRALinear,
     SavedModule,
+    adapter_configs,
     adapter_layers,
     add_weighted_adapter,
     count_parameters,
@@ -191,6 +192,13 @@ def test_plain_module_tree_works():
         ({"target_modules": "("}, ValueError, "not a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, ValueError, "rank_pattern"),
         ({"alpha": -1}, ValueError, "alpha"),
+        # a truthy string or None must not switch a flag silently
+        ({"use_rslora": "yes"}, TypeError, "use_rslora must be a bool"),
+        ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
+        ({"use_dora": None}, TypeError, "use_dora must be a bool"),
+        ({"init": None}, TypeError, "init must be a string"),
+        ({"adapter_dtype": "bf16"}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
+        ({"adapter_dtype": torch.int8}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
     ],
 )
 def test_config_errors(kwargs, exc, match):
@@ -205,6 +213,31 @@ def test_inject_type_errors():
         inject(make_tiny_llama(), {"r": 2})
     with pytest.raises(ValueError, match="nothing to merge"):
         merge(make_tiny_llama())
+
+
+def test_set_adapter_and_merge_take_one_name_as_a_string():
+    model = make_tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="other")
+    with pytest.raises(TypeError, match="names must be an adapter name or a list of names"):
+        set_adapter(model, 5)
+    merge(model, "other")  # one name, not its letters 'o', 't', ...
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.merged_adapters == ["other"]
+    unmerge(model)
+    with pytest.raises(TypeError, match="adapter_names must be a list of adapter names"):
+        merge(model, 3)
+    plain = merge_and_unload(model, "other")
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "0.5", True])
+def test_add_weighted_adapter_refuses_non_finite_weights(weight):
+    model = make_tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises((TypeError, ValueError), match=r"weights\[0\]"):
+        add_weighted_adapter(model, ["default"], [weight], "mix")
+    assert "mix" not in adapter_configs(model)
 
 
 @pytest.mark.parametrize("unload", [False, True])

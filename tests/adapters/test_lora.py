@@ -259,6 +259,11 @@ def test_bf16_base_with_fp32_adapter_keeps_base_dtype():
         ({"alpha": 0}, ValueError, "alpha must be a positive"),
         ({"dropout": 1.0}, ValueError, "dropout"),
         ({"init": "xavier"}, ValueError, "init must be one of"),
+        ({"dropout": "0.1"}, ValueError, "dropout must be a number"),
+        ({"dropout": None}, ValueError, "dropout must be a number"),
+        ({"use_rslora": "no"}, TypeError, "use_rslora must be a bool"),
+        ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
+        ({"adapter_dtype": torch.int64}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
