@@ -296,7 +296,9 @@ class LoRALinear(AdapterLayer):
 
         It applies to one active adapter without active dropout on a plain ``nn.Linear`` whose weight
         has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``); with
-        ``exact_fp32`` only where that compute dtype is at least fp32.
+        ``exact_fp32`` only where that compute dtype is at least fp32. Under ``torch.autocast`` an
+        ``nn.Linear`` computes in the autocast dtype, not its weight's: where that differs, the plain
+        path runs, so that the layer follows autocast as the base alone would.
         """
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
@@ -304,6 +306,10 @@ class LoRALinear(AdapterLayer):
         if type(base) is nn.Linear:
             dtype = base.weight.dtype
             if x.dtype != dtype:
+                return None
+            device = x.device.type  # e.g. "meta" has no autocast state to ask about
+            if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                    and torch.get_autocast_dtype(device) != dtype):
                 return None
         elif isinstance(base, NF4Linear):  # and its FSDP2-shardable form (alignlab.quant.fsdp)
             dtype = base.compute_dtype

@@ -140,6 +140,28 @@ def test_default_mixed_precision_is_as_accurate_as_peft_under_autocast(variant):
     assert sum(ratios) / len(ratios) <= 1.1, ratios
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_fp32_model_under_autocast_matches_peft(variant):
+    """Mixed precision the usual way: an fp32 model run under ``torch.autocast(bfloat16)``. The base
+    linears then compute in bf16, so the adapter must follow autocast as PEFT's does (no dropout, one
+    adapter: the case that would otherwise take the fused path)."""
+    _, ours, theirs = _ours_and_peft(torch.float32, use_dora=variant == "dora")
+    _randomise_and_copy(ours, theirs)
+    outs = []
+    for model in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(IDS).logits
+        y.float().square().mean().backward()
+        outs.append(y)
+    assert outs[0].dtype == outs[1].dtype
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), **TOL[torch.bfloat16])
+    g_ours, g_theirs = _grads(ours), _grads(theirs, peft_names=True)
+    assert set(g_ours) == set(g_theirs) and g_ours
+    for k in g_ours:
+        assert g_ours[k].dtype == torch.float32
+        assert _rel(g_ours[k], g_theirs[k]) < 2e-2, k
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_olora_init_match_peft(init):
     _, ours, theirs = _ours_and_peft(init=init, r=3, alpha=6)
