@@ -179,6 +179,14 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _check_model_and_path(model, path) -> None:
+    """``TypeError`` naming the argument unless ``model`` is an ``nn.Module`` and ``path`` a str or path."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a directory), got {type(path).__name__}")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's format.
 
@@ -187,8 +195,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     other ranks wait until they are in place.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         ValueError: the model has no adapter of that name (lists the ones it has).
     """
+    _check_model_and_path(model, path)
     model = unwrap(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
@@ -267,10 +277,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     rank reads the file and keeps its own part). A DDP-wrapped model is unwrapped.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         FileNotFoundError: ``path`` lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
         ValueError: missing or unexpected keys, or shape mismatches (the key is named); a sharded
             model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
+    _check_model_and_path(model, path)
     model = unwrap(model)
     root = Path(path)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):

@@ -96,6 +96,19 @@ def test_save_errors(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_argument_types_are_named(tmp_path):
+    model = _trained()
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        save_adapter(model, None)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        save_adapter("model", tmp_path)
+    save_adapter(model, tmp_path)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        load_adapter(make_tiny_llama(), 5)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        load_adapter("model", tmp_path)
+
+
 def test_failed_write_leaves_previous_files_intact(tmp_path, monkeypatch):
     model = _trained()
     save_adapter(model, tmp_path)
