@@ -328,7 +328,8 @@ def quantize_model(
     Quantize before adding adapters: a model that already holds adapter layers is refused.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``; ``skip`` is not a name or names; ``double_quant`` or
+            ``quantize_head`` is not a bool.
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
             adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only).
     """
@@ -338,9 +339,16 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for flag, value in (("double_quant", double_quant), ("quantize_head", quantize_head)):
+        if not isinstance(value, bool):  # a truthy string like "no" would switch it on
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(skip, Iterable):
+        raise TypeError(f"skip must be a module name or an iterable of names, got {skip!r}")
     skip = tuple(skip)
+    if not all(isinstance(p, str) for p in skip):
+        raise TypeError(f"skip must hold module names (strings), got {skip!r}")
     adapted = [name for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if adapted:
         raise ValueError(f"model already has adapter layers (e.g. {adapted[0]!r}); call quantize_model before "

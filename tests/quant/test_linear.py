@@ -285,6 +285,18 @@ def test_quantize_model_keeps_the_head_whatever_skip_says_and_rejects_unknown_na
         quantize_model(make_tiny_llama(), skip=["nope"])
     model = quantize_model(make_tiny_llama(), quantize_head=True, compute_dtype=torch.float32)
     assert isinstance(model.lm_head, NF4Linear)
+    model = quantize_model(make_tiny_llama(), skip=(n for n in ["o_proj"]), compute_dtype=torch.float32)
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear  # a generator of names is read once
+
+
+def test_quantize_model_refuses_flags_and_names_of_the_wrong_type():
+    """A truthy string would switch a flag on silently; a bare int has no names to skip."""
+    for kw, match in ((dict(double_quant="no"), "double_quant must be a bool"),
+                      (dict(quantize_head="yes"), "quantize_head must be a bool"),
+                      (dict(skip=5), "skip must be a module name"),
+                      (dict(skip=["o_proj", 3]), "skip must hold module names")):
+        with pytest.raises(TypeError, match=match):
+            quantize_model(make_tiny_llama(), **kw)
 
 
 def test_quantize_model_after_inject_is_refused_with_the_order_to_use():
