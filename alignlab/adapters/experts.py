@@ -491,6 +491,29 @@ class ExpertLoRA(AdapterLayer):
         return (w_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
     # -- merge ----------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the expert weights; a DoRA adapter is folded first.
+
+        Forward adds DoRA as ``(g_e − 1)·W_e x + g_e·s·B_e A_e x`` on the *unmerged* ``W_e`` beside the other
+        adapters' terms, so its fold ``g_e ⊙ (W_e + s·B_e A_e)`` is exact only onto a base with nothing
+        merged yet: it goes first (then the LoRA terms add on top), and a DoRA adapter that would meet another
+        DoRA adapter or an already merged one on the same expert parameter is refused.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names.sort(key=lambda n: not self.is_dora(n))  # stable: DoRA first, the rest in the order given
+        super().merge(names)
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        for p in {p for n in names for p in self.lora_A[n].keys()}:
+            dora = [n for n in names if self.is_dora(n) and p in self.lora_A[n]]
+            merged = [n for n in self.merged_adapters if p in self.lora_A[n]]
+            if dora and (len(dora) > 1 or merged):
+                raise ValueError(
+                    f"cannot merge DoRA adapter {dora[0]!r} on {p!r} together with "
+                    f"{(dora[1:] + merged)[0]!r}: a DoRA fold is exact only onto the unmerged expert weights and "
+                    "at most one DoRA adapter per parameter; merge it alone first (unmerge() the others), or "
+                    "keep them unmerged")
+
     def _base_snapshot(self) -> dict | None:
         """A quantized base's packed weights from before the first merge (``quantized_state``), else None."""
         base = self.base_layer

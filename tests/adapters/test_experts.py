@@ -475,3 +475,29 @@ def test_group_offsets_count_only_real_experts(num_experts):
     groups = ExpertGroups.from_routing(ids, num_experts)
     want = torch.cumsum(torch.stack([(ids == e).sum() for e in range(num_experts)]), 0).to(torch.int32)
     torch.testing.assert_close(groups.offsets, want)
+
+
+def test_merge_of_lora_and_dora_together_equals_forward():
+    """Forward adds DoRA's term on the unmerged W_e beside the LoRA term: merge folds the DoRA adapter first
+    (whatever the order asked), so the merged experts give the forward's output and unmerge undoes it; a
+    second DoRA adapter, or a DoRA adapter onto an already merged one, is refused before anything changes."""
+    layer = ExpertLoRA(copy.deepcopy(_experts(_model("mixtral"))), {"gate_up_proj": 4, "down_proj": 4}, alpha=8.0)
+    layer.add_adapter("d", {"gate_up_proj": 4, "down_proj": 4}, alpha=8.0, use_dora=True)
+    _randomise(layer, "default", seed=1)
+    _randomise(layer, "d", seed=2)
+    layer.active_adapters = ["default", "d"]
+    h, idx, w = _routing()
+    with torch.no_grad():
+        y = layer(h, idx, w)
+        layer.merge(["default", "d"])
+        assert layer.merged_adapters == ["d", "default"]
+        torch.testing.assert_close(layer(h, idx, w), y, rtol=1e-4, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer(h, idx, w), y, rtol=1e-4, atol=1e-5)
+        layer.add_adapter("d2", {"down_proj": 2}, alpha=4.0, use_dora=True)
+        with pytest.raises(ValueError, match="cannot merge DoRA adapter 'd'"):
+            layer.merge(["d", "d2"])
+        layer.merge(["default"])
+        with pytest.raises(ValueError, match="cannot merge DoRA adapter 'd'"):
+            layer.merge(["d"])
+        assert layer.merged_adapters == ["default"]
