@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -211,11 +211,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         TypeError: ``names`` is neither a string nor a sequence of strings.
         ValueError: an unknown adapter name.
     """
-    if isinstance(names, str):
-        names = [names]
-    elif not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"names must be an adapter name or a list of names, got {names!r}")
-    names = list(names)
+    names = _adapter_name_list(names, "names")
     _require_adapters(model, names)
     for _, layer in adapter_layers(model):
         layer.set_active(names)
@@ -291,15 +287,17 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     return model
 
 
-def _adapter_name_list(adapter_names) -> list[str] | None:
-    """``adapter_names`` as a list (a single string is one name, not its letters), or None."""
+def _adapter_name_list(adapter_names, arg: str = "adapter_names") -> list[str] | None:
+    """``adapter_names`` as a list (a single string is one name, not its letters; any iterable of names,
+    e.g. ``dict.keys()``, is read once), or None."""
     if adapter_names is None:
         return None
     if isinstance(adapter_names, str):
         return [adapter_names]
-    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-        raise TypeError(f"adapter_names must be a list of adapter names (or one name), got {adapter_names!r}")
-    return list(adapter_names)
+    names = list(adapter_names) if isinstance(adapter_names, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{arg} must be an adapter name or an iterable of names, got {adapter_names!r}")
+    return names
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -219,13 +219,18 @@ def test_set_adapter_and_merge_take_one_name_as_a_string():
     model = make_tiny_llama()
     inject(model, LoRAConfig(r=2, target_modules=["q_proj"]))
     inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="other")
-    with pytest.raises(TypeError, match="names must be an adapter name or a list of names"):
+    with pytest.raises(TypeError, match="names must be an adapter name or an iterable of names"):
         set_adapter(model, 5)
+    with pytest.raises(TypeError, match="names must be an adapter name or an iterable of names"):
+        set_adapter(model, ["other", 5])
+    set_adapter(model, {"default": 1, "other": 2}.keys())  # any iterable of names
+    assert model.model.layers[0].self_attn.q_proj.active_adapters == ["default", "other"]
+    set_adapter(model, "default")
     merge(model, "other")  # one name, not its letters 'o', 't', ...
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.merged_adapters == ["other"]
     unmerge(model)
-    with pytest.raises(TypeError, match="adapter_names must be a list of adapter names"):
+    with pytest.raises(TypeError, match="adapter_names must be an adapter name or an iterable of names"):
         merge(model, 3)
     plain = merge_and_unload(model, "other")
     assert not any(isinstance(m, LoRALinear) for m in plain.modules())
