@@ -283,7 +283,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if (M <= SMALL_M or M <= max_rows(x2.device)) and K % t.blocksize == 0 and t.blocksize <= 256 and USE_SMALL:
+    if _takes_small(M, K, t, x2.device):
         return small_m_matmul(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)
@@ -312,11 +312,16 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
     """
     K = t.shape[1]
     M = x.numel() // max(K, 1)
-    if not (x.is_cuda and x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16) and USE_SMALL
-            and 0 < M <= max(SMALL_M, max_rows(x.device)) and K % t.blocksize == 0 and t.blocksize <= 256
-            and triton is not None and use_triton(x, t.data)):
+    if not (x.is_cuda and x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16) and M > 0
+            and _takes_small(M, K, t, x.device) and triton is not None and use_triton(x, t.data)):
         return None
     return small_m_runner(x, t, bias)
+
+
+def _takes_small(M: int, K: int, t: NF4Tensor, device: torch.device) -> bool:
+    """Whether :func:`nf4_matmul` sends ``M`` rows to the small-M kernels (given the Triton path)."""
+    return (USE_SMALL and (M <= SMALL_M or M <= max_rows(device)) and K % t.blocksize == 0
+            and t.blocksize <= 256)
 
 
 def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:

@@ -344,8 +344,7 @@ def small_m_matmul(
     M, K = x2.shape
     N = t.shape[0]
     overrides = (kernel, block_n, nb, split, num_warps, num_stages, asm)
-    key = (M, N, K, x2.dtype, x2.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
-           bias is not None, interpreting(), overrides)
+    key = _plan_key(M, N, K, x2, t, bias, overrides)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _plan(M, N, K, x2.dtype, x2.device, t, bias is not None, *overrides)
@@ -358,13 +357,24 @@ def small_m_matmul(
         cnt = _arrival_counters(x2.device, grid[0])
     else:
         ws = cnt = y
+    kernel = _gemv_kernel if which == "gemv" else _dot_kernel
+    launch(kernel, grid, _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars), meta)
+    return y
+
+
+def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overrides: tuple) -> tuple:
+    """What a launch plan of :func:`_plan` depends on."""
+    return (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
+            bias is not None, interpreting(), overrides)
+
+
+def _kernel_args(which: str, x, state: tuple, y, ws, cnt, bias, M: int, row: int, scalars: tuple) -> tuple:
+    """The runtime arguments of :func:`_gemv_kernel` / :func:`_dot_kernel` (a missing bias is passed as ``y``,
+    unused under ``HAS_BIAS=False``; ``row`` is the stride between rows of ``x``)."""
     b = bias if bias is not None else y
     if which == "gemv":
-        launch(_gemv_kernel, grid, (x2, *_state_args(t), y, ws, cnt, b, *scalars), meta)
-    else:
-        launch(_dot_kernel, grid, (x2, *_state_args(t), y, ws, cnt, b, M, *scalars[:3], x2.stride(0), *scalars[3:]),
-               meta)
-    return y
+        return (x, *state, y, ws, cnt, b, *scalars)
+    return (x, *state, y, ws, cnt, b, M, *scalars[:3], row, *scalars[3:])
 
 
 def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
@@ -388,9 +398,7 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     for i in range(x.dim() - 2):  # all leading dims must collapse onto one row stride
         if x.shape[i] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
             return None
-    key = (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
-           bias is not None, interpreting(), (None,) * 7)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(_plan_key(M, N, K, x, t, bias, (None,) * 7))
     if plan is None:
         return None
     which, grid, split, scalars, meta = plan
@@ -409,14 +417,11 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
         cnt = ws0 = y0
 
     def build(xx, y, ws, b):
-        b = b if b is not None else y
-        if split == 1:
-            ws = c = y
+        if split == 1:  # no workspace and no counters: the kernel is given y in their places
+            ws = cnt_ = y
         else:
-            c = cnt
-        if which == "gemv":
-            return (xx, *state, y, ws, c, b, *scalars)
-        return (xx, *state, y, ws, c, b, M, *scalars[:3], row, *scalars[3:])
+            cnt_ = cnt
+        return _kernel_args(which, xx, state, y, ws, cnt_, b, M, row, scalars)
 
     kernel = _gemv_kernel if which == "gemv" else _dot_kernel
     go = bind(kernel, grid, build(x, y0, ws0, bias), meta)
