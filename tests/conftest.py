@@ -67,3 +67,23 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32,
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def run_cpu_example(script: str, *args: str, timeout: int = 180) -> str:
+    """Run ``examples/<script>`` with ``args`` in a fresh process on the CPU (no GPU visible), from the
+    repository root; assert it exits 0 and return its stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "examples" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def step_losses(stdout: str) -> list[float]:
+    """The last number of each ``step ...`` line an example prints."""
+    return [float(line.split()[-1]) for line in stdout.splitlines() if line.startswith("step")]

@@ -1,13 +1,13 @@
 """Smoke test: examples/qlora.py trains a QLoRA adapter on CPU and saves it in PEFT layout."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_cpu_example, step_losses
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,12 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_qlora_example_runs_and_adapter_reloads(tmp_path):
     out = tmp_path / "adapter"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "qlora.py"), "--steps", "3", "--out", str(out)],
-                          capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "NF4 layers=14" in proc.stdout
-    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    stdout = run_cpu_example("qlora.py", "--steps", "3", "--out", str(out))
+    assert "NF4 layers=14" in stdout
+    losses = step_losses(stdout)
     assert losses[-1] < losses[0]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
