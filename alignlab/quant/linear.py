@@ -36,7 +36,7 @@ from alignlab.quant.nf4 import (
 
 __all__ = ["NF4Linear", "quantize_model"]
 
-# Eager decode launchers (NF4Linear._decode): opt-in until measured and tested on a GPU (issue 24); set
+# Eager decode launchers (NF4Linear.forward, _keep_launcher): opt-in until measured and tested on a GPU (issue 24); set
 # ALIGNLAB_DECODE_LAUNCHERS=1 (read at import) or this attribute to turn them on.
 DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "0") == "1"
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
@@ -160,9 +160,10 @@ class NF4Linear(nn.Module):
         t = self.quant_weight
         bias = self.bias
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        key = None
         if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
                 and not torch.compiler.is_compiling()):
-            # decode path: a launcher kept per input layout and stream (see _decode), ~one launch of host work
+            # decode path: a launcher kept per input layout and stream (see _keep_launcher), ~one launch of host work
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
             key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
@@ -170,38 +171,34 @@ class NF4Linear(nn.Module):
             run = None if runners is None else runners.get(key)
             if run is not None:
                 return run(x, bias)
-            return self._decode(x, t, bias, key)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
         in_dtype = x.dtype
-        bias = None if bias is None else bias.to(self.compute_dtype)
+        bias_c = None if bias is None else bias.to(self.compute_dtype)
         xc = x.to(self.compute_dtype)
         if grad:
-            y = _NF4LinearFn.apply(xc, bias, t)
+            y = _NF4LinearFn.apply(xc, bias_c, t)
         else:  # inference / generation: no autograd bookkeeping per call
             from alignlab.kernels.nf4_matmul import nf4_matmul
 
-            y = nf4_matmul(xc, t, bias)
+            y = nf4_matmul(xc, t, bias_c)
+            if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
+                self._keep_launcher(x, t, bias, key)
         return y.to(in_dtype) if in_dtype in SUPPORTED_DTYPES else y
 
-    def _decode(self, x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> torch.Tensor:
-        """No-grad call with ``x`` already in the compute dtype on CUDA: :func:`nf4_matmul`, then, where it took
-        the decode-sized kernels, a launcher for the next calls with the same ``key`` (input shape, strides,
-        dtype, alignment, device, stream, bias dtype), kept on the packed weight ``t`` (so replaced with it)."""
-        from alignlab.kernels.nf4_matmul import decode_runner, nf4_matmul
+    @staticmethod
+    def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
+        """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels, keep a
+        launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
+        stream, bias dtype) on the packed weight ``t`` (so it is replaced with it)."""
+        from alignlab.kernels.nf4_matmul import decode_runner
 
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
-        b = None if bias is None else bias.to(self.compute_dtype)
-        y = nf4_matmul(x, t, b)
-        if b is bias:  # a bias in another dtype is cast per call: no launcher
-            run = decode_runner(x, t, bias)
-            if run is not None:
-                runners = t.__dict__.setdefault("_runners", {})
-                if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
-                    runners.pop(next(iter(runners)))
-                runners[key] = run
-        return y
+        run = decode_runner(x, t, bias)
+        if run is not None:
+            runners = t.__dict__.setdefault("_runners", {})
+            if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
+                runners.pop(next(iter(runners)))
+            runners[key] = run
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
