@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from alignlab._checks import check_bool
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
@@ -336,9 +337,8 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for flag, value in (("double_quant", double_quant), ("quantize_head", quantize_head)):
-        if not isinstance(value, bool):  # a truthy string like "no" would switch it on
-            raise TypeError(f"{flag} must be a bool, got {value!r}")
+    check_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
+    check_bool(quantize_head, "quantize_head")
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(skip, Iterable):
