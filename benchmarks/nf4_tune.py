@@ -2,9 +2,9 @@
 
 For each of the five benchmark shapes (``out x in``) and ``M = 1, 2, 4, ..., 64`` rows of bf16 activations
 (blocksize 64, double quantization), a coordinate search over ``(block_n, nb, split, num_warps,
-num_stages, swap)`` of :func:`alignlab.kernels.nf4_small.small_m_matmul`: start from the H100 rules
-(for ``tl.dot`` once with each operand order), try every value of one parameter with the others held,
-keep the fastest, move to the next parameter; two passes. Every time is a CUDA-graph replay over rotating weights
+num_stages)`` of :func:`alignlab.kernels.nf4_small.small_m_matmul`: start from the configuration the
+current table (or the H100 rules) gives, try every value of one parameter with the others held, keep the
+fastest, move to the next parameter; two passes. Every time is a CUDA-graph replay over rotating weights
 (more bytes than the L2 holds, no host overhead: ``nf4._graph_us``), median of 5. In the same run, per
 shape and M: bf16 cuBLAS on a dense weight, NF4 dequantize + cuBLAS, and a device copy of the bytes the
 kernel moves (``nf4._copy_us``), so the table says where the small kernels win at all.
@@ -47,7 +47,6 @@ SPACE = {
     "split": (1, 2, 4, 8, 16),
     "num_warps": (2, 4, 8),
     "num_stages": (1, 2, 3),
-    "swap": (0, 1),
 }
 NAMES = tuple(SPACE)
 L2_BYTES = 200e6
@@ -58,18 +57,9 @@ def _start(M: int, N: int, K: int) -> tuple:
     return nf4_configs.heuristic_config(kernel, M, N, 64, torch.bfloat16)
 
 
-def _starts(M: int, N: int, K: int) -> list:
-    start = _start(M, N, K)
-    return [start] if M == 1 else [start, start[:5] + (1,)]
-
-
-def _values(name: str, M: int):
-    return (0,) if name == "swap" and M == 1 else SPACE[name]
-
-
-def _neighbours(cfg: tuple, M: int):
+def _neighbours(cfg: tuple):
     for i, name in enumerate(NAMES):
-        for v in _values(name, M):
+        for v in SPACE[name]:
             if v != cfg[i]:
                 yield cfg[:i] + (v,) + cfg[i + 1:]
 
@@ -94,8 +84,8 @@ def precompile(ms, workers: int) -> float:
     t0 = time.perf_counter()
     jobs = []
     for (N, K), M in itertools.product(SHAPES, ms):
-        for start in _starts(M, N, K):
-            jobs += [(M, N, K, c) for c in (start, *_neighbours(start, M))]
+        start = _start(M, N, K)
+        jobs += [(M, N, K, c) for c in (start, *_neighbours(start))]
     seen, uniq = set(), []
     for M, N, K, c in jobs:  # Triton compiles per specialization, not per shape value
         k = (min(M, 2) if M < 16 else M, N > 4096, c)
@@ -129,20 +119,16 @@ def search(M, N, K, ts, deadline: float) -> dict:
         return timed[cfg]
 
     start = _start(M, N, K)
-    time_cfg(start)
-    bests = []
-    for best in _starts(M, N, K):
-        time_cfg(best)
-        for _ in range(2):
-            for i, name in enumerate(NAMES):
-                if time.perf_counter() > deadline:
-                    break
-                for v in _values(name, M):
-                    cand = best[:i] + (v,) + best[i + 1:]
-                    if time_cfg(cand) < timed[best]:
-                        best = cand
-        bests.append(best)
-    best = min(bests, key=timed.get)
+    best = start
+    time_cfg(best)
+    for _ in range(2):
+        for i, name in enumerate(NAMES):
+            if time.perf_counter() > deadline:
+                break
+            for v in SPACE[name]:
+                cand = best[:i] + (v,) + best[i + 1:]
+                if time_cfg(cand) < timed[best]:
+                    best = cand
     return {"start": start, "start_us": timed[start], "best": best, "best_us": timed[best], "tried": len(timed)}
 
 

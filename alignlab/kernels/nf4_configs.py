@@ -1,8 +1,7 @@
 """Launch configurations of the decode-sized NF4 kernels (:mod:`alignlab.kernels.nf4_small`), per GPU.
 
-A configuration is ``(block_n, nb, split, num_warps, num_stages, swap)``: output rows per program,
-quantization blocks per loop step, K slices, warps, software-pipeline stages, and (``tl.dot`` kernel
-only, 0 for the GEMV) whether the dequantized weight tile is the left operand of the product. The best one depends on
+A configuration is ``(block_n, nb, split, num_warps, num_stages)``: output rows per program,
+quantization blocks per loop step, K slices, warps, software-pipeline stages. The best one depends on
 the GPU (an H200 moves ~1.45x the bytes per second of an H100 with the same SMs, so it wants more bytes
 in flight per SM) and on the shape, so the tables below are *measured*: ``benchmarks/nf4_tune.py``
 times every candidate on the GPU at hand (CUDA graphs over rotating weights, bf16 activations,
@@ -26,7 +25,7 @@ import torch
 
 __all__ = ["device_key", "small_config", "heuristic_config", "max_rows", "TABLES"]
 
-# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages, swap)}}}
+# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}
 # H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
 TABLES: dict[str, dict] = {}
 
@@ -63,23 +62,21 @@ def m_bucket(m: int) -> int:
 
 def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.dtype) -> tuple:
     """The H100-measured rules: 128 rows x 1 block per step when ``N > 4096``; else 64 x 2 (GEMV, and
-    ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage; the weight
-    tile as the right operand. fp32 activations with blocksize 256 take 64 rows (128 overflow the
-    shared memory of the fp32 product)."""
+    ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage."""
     if kernel == "gemv":
         bn, nb, warps = (128, 1, 4) if N > 4096 else (64, 2, 4)
     elif N > 4096 or blocksize > 64 or dtype == torch.float32:
-        bn, nb, warps = (64 if dtype == torch.float32 and blocksize > 128 else 128), 1, 4
+        bn, nb, warps = 128, 1, 4
     else:
         bn, nb, warps = (64, 2, 4) if M <= 4 else (128, 2, 8)
     if M > 16:  # larger row tiles: keep the register tile (BLOCK_M x BLOCK_N) at the 16-row size
         bn = max(32, bn * 16 // m_bucket(M))
-    return bn, nb, 8, warps, 1, 0
+    return bn, nb, 8, warps, 1
 
 
 def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: torch.dtype,
                  device: torch.device) -> tuple:
-    """``(block_n, nb, split, num_warps, num_stages, swap)`` for one call shape on ``device``."""
+    """``(block_n, nb, split, num_warps, num_stages)`` for one call shape on ``device``."""
     key = device_key(device)
     if key is None or blocksize != 64 or dtype == torch.float32:
         return heuristic_config(kernel, M, N, blocksize, dtype)

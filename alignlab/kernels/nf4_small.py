@@ -218,14 +218,9 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
     ):
-        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0.
-
-        ``SWAP`` accumulates ``y^T = W x^T`` instead: the dequantized tile is then the left operand of the
-        product, which Hopper's ``wgmma`` can take straight from registers (the right one is staged
-        through shared memory), and the row tile is the product's narrow side.
-        """
+        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         HB: tl.constexpr = BLOCKSIZE // 2
@@ -241,10 +236,7 @@ if triton is not None:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         x_rows = x_ptr + rm.to(tl.int64)[:, None, None, None] * stride_xm
-        if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             bmask = k0 + rb * BLOCKSIZE < k_end
             m2 = nmask[:, None] & bmask[None, :]
@@ -266,28 +258,14 @@ if triton is not None:
             hi = tl.reshape(hi, (BLOCK_N, NB * HB))
             lo = tl.reshape(lo, (BLOCK_N, NB * HB))
             if IEEE:
-                if SWAP:
-                    acc += tl.dot(hi, tl.trans(xe.to(tl.float32)), input_precision="ieee")
-                    acc += tl.dot(lo, tl.trans(xo.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(xe.to(tl.float32), tl.trans(hi), input_precision="ieee")
-                    acc += tl.dot(xo.to(tl.float32), tl.trans(lo), input_precision="ieee")
-            elif SWAP:
-                acc += tl.dot(hi.to(xe.dtype), tl.trans(xe))
-                acc += tl.dot(lo.to(xo.dtype), tl.trans(xo))
+                acc += tl.dot(xe.to(tl.float32), tl.trans(hi), input_precision="ieee")
+                acc += tl.dot(xo.to(tl.float32), tl.trans(lo), input_precision="ieee")
             else:
                 acc += tl.dot(xe, tl.trans(hi.to(xe.dtype)))
                 acc += tl.dot(xo, tl.trans(lo.to(xo.dtype)))
-        # y and each workspace slice are (M, N), contiguous
-        if SWAP:
-            offs = rm[None, :].to(tl.int64) * N + rn[:, None]
-            omask = nmask[:, None] & mmask[None, :]
-            bias_offs = rn[:, None]
-        else:
-            offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-            omask = mmask[:, None] & nmask[None, :]
-            bias_offs = rn[None, :]
-        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]  # y and each workspace slice are (M, N), contiguous
+        omask = mmask[:, None] & nmask[None, :]
+        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS)
 
 
@@ -344,7 +322,6 @@ def small_m_matmul(
     split: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    swap: bool | None = None,
     asm: bool | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= MAX_M`` (64).
@@ -356,9 +333,8 @@ def small_m_matmul(
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
         kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
-        block_n, nb, split, num_warps, num_stages, swap: launch configuration (rows per program,
-            quantization blocks per step, K slices, warps, pipeline stages, and for ``"dot"`` whether the
-            weight tile is the product's left operand).  Defaults: the
+        block_n, nb, split, num_warps, num_stages: launch configuration (rows per program,
+            quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
             measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
 
@@ -367,7 +343,7 @@ def small_m_matmul(
     """
     M, K = x2.shape
     N = t.shape[0]
-    overrides = (kernel, block_n, nb, split, num_warps, num_stages, swap, asm)
+    overrides = (kernel, block_n, nb, split, num_warps, num_stages, asm)
     key = _plan_key(M, N, K, x2, t, bias, overrides)
     plan = _PLANS.get(key)
     if plan is None:
@@ -422,7 +398,7 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     for i in range(x.dim() - 2):  # all leading dims must collapse onto one row stride
         if x.shape[i] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
             return None
-    plan = _PLANS.get(_plan_key(M, N, K, x, t, bias, (None,) * 8))
+    plan = _PLANS.get(_plan_key(M, N, K, x, t, bias, (None,) * 7))
     if plan is None:
         return None
     which, grid, split, scalars, meta = plan
@@ -488,7 +464,7 @@ _PLANS: dict = {}
 
 
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
-          swap, asm):
+          asm):
     """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
     kernel = kernel or ("gemv" if M == 1 else "dot")
     if kernel not in ("gemv", "dot"):
@@ -505,7 +481,6 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         cfg = small_config(kernel, M, N, K, t.blocksize, dtype, device)
         block_n, nb = block_n or cfg[0], nb or cfg[1]
         split, num_warps, num_stages = split or cfg[2], num_warps or cfg[3], num_stages or cfg[4]
-        swap = cfg[5] if swap is None else swap
     # `split` slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
     # the kernel: Triton then knows it is a multiple of 16 (likely why computing it in the
     # kernel measured 10-20% slower for the tl.dot kernel on an H100).
@@ -516,7 +491,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                 HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
                 ASM=bool(asm) and not interpreting())
     if kernel == "dot":
-        meta.update(IEEE=dtype == torch.float32, BLOCK_M=max(16, m_bucket(M)), SWAP=bool(swap))
+        meta.update(IEEE=dtype == torch.float32, BLOCK_M=max(16, m_bucket(M)))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (triton.cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta

@@ -14,11 +14,11 @@ def test_m_bucket():
 def test_heuristic_rules():
     """The H100-measured rules, kept for devices without a table."""
     bf16 = torch.bfloat16
-    assert heuristic_config("gemv", 1, 14336, 64, bf16) == (128, 1, 8, 4, 1, 0)
-    assert heuristic_config("gemv", 1, 4096, 64, bf16) == (64, 2, 8, 4, 1, 0)
-    assert heuristic_config("dot", 4, 4096, 64, bf16) == (64, 2, 8, 4, 1, 0)
-    assert heuristic_config("dot", 16, 4096, 64, bf16) == (128, 2, 8, 8, 1, 0)
-    assert heuristic_config("dot", 16, 4096, 64, torch.float32) == (128, 1, 8, 4, 1, 0)
+    assert heuristic_config("gemv", 1, 14336, 64, bf16) == (128, 1, 8, 4, 1)
+    assert heuristic_config("gemv", 1, 4096, 64, bf16) == (64, 2, 8, 4, 1)
+    assert heuristic_config("dot", 4, 4096, 64, bf16) == (64, 2, 8, 4, 1)
+    assert heuristic_config("dot", 16, 4096, 64, bf16) == (128, 2, 8, 8, 1)
+    assert heuristic_config("dot", 16, 4096, 64, torch.float32) == (128, 1, 8, 4, 1)
     assert heuristic_config("dot", 64, 4096, 64, bf16)[0] == 32  # the row tile grows, the column tile shrinks
 
 
@@ -34,16 +34,16 @@ def test_table_lookup_takes_the_nearest_measured_shape(monkeypatch):
     """A table entry is picked by row bucket and by log distance to the measured (N, K); blocksizes other
     than 64 and fp32 activations keep the fallback rules; max_rows comes from the table."""
     table = {"max_m": 64, "configs": {
-        ("dot", 32): {(4096, 4096): (32, 2, 4, 4, 2, 1), (28672, 8192): (64, 1, 16, 8, 3, 0)},
-        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2, 0)},
+        ("dot", 32): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
+        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2)},
     }}
     monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
     dev = torch.device("cpu")
     bf16 = torch.bfloat16
-    assert small_config("dot", 17, 5000, 4096, 64, bf16, dev) == (32, 2, 4, 4, 2, 1)
-    assert small_config("dot", 32, 20000, 8192, 64, bf16, dev) == (64, 1, 16, 8, 3, 0)
-    assert small_config("gemv", 1, 128, 128, 64, bf16, dev) == (256, 1, 4, 8, 2, 0)
+    assert small_config("dot", 17, 5000, 4096, 64, bf16, dev) == (32, 2, 4, 4, 2)
+    assert small_config("dot", 32, 20000, 8192, 64, bf16, dev) == (64, 1, 16, 8, 3)
+    assert small_config("gemv", 1, 128, 128, 64, bf16, dev) == (256, 1, 4, 8, 2)
     # no entry for this bucket / blocksize / dtype: the rules
     assert small_config("dot", 4, 4096, 4096, 64, bf16, dev) == heuristic_config("dot", 4, 4096, 64, bf16)
     assert small_config("dot", 32, 4096, 4096, 128, bf16, dev) == heuristic_config("dot", 32, 4096, 128, bf16)

@@ -52,18 +52,6 @@ def test_split_and_icq_shift(kernel, split, triton_mode):
     assert _rel(y, x.double() @ wd.T) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("N,K,M", [(21, 320, 5), (19, 128, 17), (3, 128, 2)])
-def test_swapped_operands(N, K, M, dtype, triton_mode):
-    """``swap=True`` (weight tile as the left operand, y^T accumulated) gives the same product, with bias and
-    an uneven K split (the transposed stores of the partials, the fix-up and the output)."""
-    t, x, b, wd = _case(N, K, M, dtype, 32, double_quant=True)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for split in (1, 3):
-        y = small_m_matmul(x, t, b, kernel="dot", swap=True, split=split, nb=2)
-        assert y.shape == (M, N) and _rel(y, x.double() @ wd.T + b.double()) < tol, split
-
-
 @pytest.mark.parametrize("kernel", ["gemv", "dot"])
 def test_split_fixup_with_bias(kernel, triton_mode):
     """The last K slice of each tile to finish sums the partials and adds the bias (uneven split: the last
@@ -191,9 +179,6 @@ def test_small_m_cuda(N, K, M, bs, dtype):
         for split in (1, 8):
             y = small_m_matmul(x, t, b, kernel=kernel, split=split)
             assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
-    for swap in (False, True):  # both operand orders of the tl.dot kernel
-        y = small_m_matmul(x, t, b, kernel="dot", swap=swap, split=4)
-        assert _rel(y.cpu(), ref) < tol, swap
     for stages in (2, 3):  # the pipelined loops the per-device tables may pick
         y = small_m_matmul(x, t, b, num_stages=stages, split=4)
         assert _rel(y.cpu(), ref) < tol, stages
