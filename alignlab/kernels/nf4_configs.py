@@ -27,7 +27,26 @@ __all__ = ["device_key", "small_config", "heuristic_config", "max_rows", "TABLES
 
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}
 # H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
-TABLES: dict[str, dict] = {}
+TABLES: dict[str, dict] = {
+    # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6); max_m: above 16 rows
+    # dequantize + cuBLAS was as fast or faster at 4096 x 4096.
+    "H200": {"max_m": 16, "configs": {
+        ("gemv", 1): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (64, 1, 8, 2, 1), (4096, 14336): (64, 2, 8, 4, 3),
+                      (8192, 8192): (128, 1, 8, 4, 3), (28672, 8192): (64, 1, 16, 2, 1)},
+        ("dot", 2): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (128, 1, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 1),
+                     (8192, 8192): (128, 1, 8, 4, 1), (28672, 8192): (128, 1, 8, 4, 1)},
+        ("dot", 4): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (128, 1, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 1),
+                     (8192, 8192): (128, 1, 8, 4, 1), (28672, 8192): (128, 1, 8, 4, 1)},
+        ("dot", 8): {(4096, 4096): (128, 2, 8, 8, 1), (14336, 4096): (128, 1, 8, 4, 1), (4096, 14336): (128, 2, 8, 8, 1),
+                     (8192, 8192): (128, 1, 8, 4, 1), (28672, 8192): (128, 1, 8, 4, 1)},
+        ("dot", 16): {(4096, 4096): (128, 2, 8, 8, 1), (14336, 4096): (128, 1, 8, 4, 1),
+                      (4096, 14336): (128, 2, 8, 8, 1), (8192, 8192): (128, 1, 8, 4, 1), (28672, 8192): (128, 1, 8, 4, 1)},
+        ("dot", 32): {(4096, 4096): (256, 4, 8, 8, 1), (14336, 4096): (256, 1, 4, 4, 3),
+                      (4096, 14336): (256, 4, 8, 8, 1), (8192, 8192): (256, 2, 8, 4, 1), (28672, 8192): (256, 2, 8, 4, 1)},
+        ("dot", 64): {(4096, 4096): (256, 2, 8, 8, 1), (14336, 4096): (256, 1, 4, 4, 1),
+                      (4096, 14336): (256, 2, 8, 8, 1), (8192, 8192): (256, 1, 8, 4, 1), (28672, 8192): (256, 1, 2, 4, 1)},
+    }},
+}
 
 
 _NAMES: dict[int, str] = {}
@@ -62,11 +81,12 @@ def m_bucket(m: int) -> int:
 
 def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.dtype) -> tuple:
     """The H100-measured rules: 128 rows x 1 block per step when ``N > 4096``; else 64 x 2 (GEMV, and
-    ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage."""
+    ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage. fp32
+    activations with blocksize 256 take 64 rows (128 overflow the shared memory of the fp32 product)."""
     if kernel == "gemv":
         bn, nb, warps = (128, 1, 4) if N > 4096 else (64, 2, 4)
     elif N > 4096 or blocksize > 64 or dtype == torch.float32:
-        bn, nb, warps = 128, 1, 4
+        bn, nb, warps = (64 if dtype == torch.float32 and blocksize > 128 else 128), 1, 4
     else:
         bn, nb, warps = (64, 2, 4) if M <= 4 else (128, 2, 8)
     if M > 16:  # larger row tiles: keep the register tile (BLOCK_M x BLOCK_N) at the 16-row size

@@ -19,6 +19,7 @@ def test_heuristic_rules():
     assert heuristic_config("dot", 4, 4096, 64, bf16) == (64, 2, 8, 4, 1)
     assert heuristic_config("dot", 16, 4096, 64, bf16) == (128, 2, 8, 8, 1)
     assert heuristic_config("dot", 16, 4096, 64, torch.float32) == (128, 1, 8, 4, 1)
+    assert heuristic_config("dot", 5, 65, 256, torch.float32)[0] == 64  # 128 rows overflow shared memory
     assert heuristic_config("dot", 64, 4096, 64, bf16)[0] == 32  # the row tile grows, the column tile shrinks
 
 
@@ -59,3 +60,14 @@ def test_device_key_matches_names(monkeypatch):
     assert nf4_configs.device_key(torch.device("cuda", 0)) == "H200"
     monkeypatch.setitem(nf4_configs._NAMES, 0, "NVIDIA A10G")
     assert nf4_configs.device_key(torch.device("cuda", 0)) is None
+
+
+def test_shipped_tables_are_well_formed():
+    """Every shipped entry: a row bucket the kernels take and a 5-value configuration of legal sizes."""
+    for key, table in nf4_configs.TABLES.items():
+        assert 1 <= table["max_m"] <= 64, key
+        for (kernel, bucket), shapes in table["configs"].items():
+            assert kernel in ("gemv", "dot") and bucket == m_bucket(bucket) and (kernel == "gemv") == (bucket == 1)
+            for (n, k), (bn, nb, split, warps, stages) in shapes.items():
+                assert n > 0 and k > 0 and bn in (16, 32, 64, 128, 256) and nb in (1, 2, 4), (key, n, k)
+                assert split >= 1 and warps in (1, 2, 4, 8, 16) and stages >= 1, (key, n, k)
