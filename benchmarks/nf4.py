@@ -53,6 +53,7 @@ from alignlab.bench import compare, copy_bandwidth, matmul_tflops, save_results
 from alignlab.kernels import nf4_matmul as mm
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+from alignlab.quant import linear as qlinear
 from alignlab.quant import NF4Linear
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
@@ -229,6 +230,9 @@ def decode_rows(bnb, F, N, K, sections, dt=torch.bfloat16):
 EAGER_M = (1, 2, 4, 8, 16, 32, 64)
 
 
+_LAUNCHERS_DEFAULT = qlinear.DECODE_LAUNCHERS
+
+
 def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
     """Eager per-call wall time and CUDA-graph kernel time of one layer call, per contestant and M; one dict per M.
 
@@ -246,8 +250,9 @@ def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
         nn.init.normal_(lin.weight, std=0.02)
         return lin
 
-    layers = {"alignlab": [NF4Linear.from_linear(linear()) for _ in range(count(N * K * 0.53))],
-              "bf16": [linear() for _ in range(count(2 * N * K))]}
+    nf4 = [NF4Linear.from_linear(linear()) for _ in range(count(N * K * 0.53))]
+    # "alignlab+L": the same layers with the opt-in decode launchers (alignlab.quant.linear.DECODE_LAUNCHERS)
+    layers = {"alignlab": nf4, "alignlab+L": nf4, "bf16": [linear() for _ in range(count(2 * N * K))]}
     if with_bnb:
         layers["bnb"] = [bnb_linear4bit(linear()) for _ in range(count(N * K * 0.53))]
     rows = []
@@ -256,11 +261,13 @@ def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
         r = {"name": f"eager M={M}", "N": N, "K": K, "M": M}
         with torch.no_grad():
             for k, mods in layers.items():
+                qlinear.DECODE_LAUNCHERS = k == "alignlab+L" or _LAUNCHERS_DEFAULT
                 for m in mods:
                     m(x)  # first-call work (autotune, lazy state) outside timing and capture
                 r[f"{k}_eager_us"] = per_call_us(lambda m=mods[0]: m(x))
                 r[f"{k}_graph_us"] = _graph_us([lambda m=m: m(x) for m in mods])
                 r[f"{k}_eager_over_graph"] = r[f"{k}_eager_us"] / r[f"{k}_graph_us"]
+        qlinear.DECODE_LAUNCHERS = _LAUNCHERS_DEFAULT
         rows.append(r)
         print(f"{N}x{K} M={M:3d} per call, eager wall / CUDA-graph kernel (us): "
               + "  ".join(f"{k} {r[f'{k}_eager_us']:6.1f} / {r[f'{k}_graph_us']:6.1f}" for k in layers), flush=True)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qlora_step import bnb_nf4_model, llama8b_stack  # noqa: E402
 
 from alignlab.bench import library_versions  # noqa: E402
+from alignlab.quant import linear as qlinear  # noqa: E402
 from alignlab.quant import quantize_model  # noqa: E402
 
 PROMPT = 32
@@ -89,7 +90,7 @@ def builders(base, device: str, skip_bnb: str | None) -> dict:
     def alignlab():
         return quantize_model(copy.deepcopy(base).to(device), compute_dtype=torch.bfloat16)
 
-    table = {"bf16": bf16, "alignlab NF4": alignlab}
+    table = {"bf16": bf16, "alignlab NF4": alignlab, "alignlab NF4+L": alignlab}  # +L: decode launchers on
     if skip_bnb is None:
         table["bnb NF4"] = lambda: bnb_nf4_model(base)
     return table
@@ -178,7 +179,7 @@ def targets(results: list[dict]) -> list[dict]:
     """Issue targets: alignlab NF4 >= bf16 and >= 1.2x bnb NF4 in tokens/s, per mode and batch."""
     out = []
     for r in results:
-        if r["name"] != "alignlab NF4" or "error" in r:
+        if not r["name"].startswith("alignlab NF4") or "error" in r:
             continue
         peers = {p["name"]: p for p in results if p["mode"] == r["mode"] and p["batch"] == r["batch"]
                  and "tokens_per_s" in p}
@@ -186,7 +187,7 @@ def targets(results: list[dict]) -> list[dict]:
             if peer not in peers:
                 continue
             ratio = r["tokens_per_s"] / peers[peer]["tokens_per_s"]
-            out.append(dict(mode=r["mode"], batch=r["batch"], target=f">= {factor}x {peer}", ratio=ratio,
+            out.append(dict(name=r["name"], mode=r["mode"], batch=r["batch"], target=f">= {factor}x {peer}", ratio=ratio,
                             met=ratio >= factor))
     return out
 
@@ -227,7 +228,9 @@ def main(argv=None):
           f"prompt {PROMPT}, new tokens {new_tokens}", flush=True)
 
     results = []
+    launchers_default = qlinear.DECODE_LAUNCHERS
     for name, build in table.items():
+        qlinear.DECODE_LAUNCHERS = name.endswith("+L") or launchers_default
         try:
             model = build()
         except Exception as exc:  # noqa: BLE001 - a broken contestant is reported, the others still run
@@ -272,7 +275,7 @@ def main(argv=None):
     if goals:
         print()
     for g in goals:
-        print(f"target {g['mode']:6s} b{g['batch']:<3d} alignlab NF4 {g['target']:14s}: {g['ratio']:.2f}x "
+        print(f"target {g['mode']:6s} b{g['batch']:<3d} {g['name']:14s} {g['target']:14s}: {g['ratio']:.2f}x "
               f"{'met' if g['met'] else 'MISSED'}")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
