@@ -251,8 +251,8 @@ def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
         return lin
 
     nf4 = [NF4Linear.from_linear(linear()) for _ in range(count(N * K * 0.53))]
-    # "alignlab+L": the same layers with the opt-in decode launchers (alignlab.quant.linear.DECODE_LAUNCHERS)
-    layers = {"alignlab": nf4, "alignlab+L": nf4, "bf16": [linear() for _ in range(count(2 * N * K))]}
+    # "alignlab-L": the same layers with the decode launchers off (alignlab.quant.linear.DECODE_LAUNCHERS)
+    layers = {"alignlab": nf4, "alignlab-L": nf4, "bf16": [linear() for _ in range(count(2 * N * K))]}
     if with_bnb:
         layers["bnb"] = [bnb_linear4bit(linear()) for _ in range(count(N * K * 0.53))]
     rows = []
@@ -261,7 +261,7 @@ def eager_rows(with_bnb, N, K, ms=EAGER_M, dt=torch.bfloat16):
         r = {"name": f"eager M={M}", "N": N, "K": K, "M": M}
         with torch.no_grad():
             for k, mods in layers.items():
-                qlinear.DECODE_LAUNCHERS = k == "alignlab+L" or _LAUNCHERS_DEFAULT
+                qlinear.DECODE_LAUNCHERS = _LAUNCHERS_DEFAULT and k != "alignlab-L"
                 for m in mods:
                     m(x)  # first-call work (autotune, lazy state) outside timing and capture
                 r[f"{k}_eager_us"] = per_call_us(lambda m=mods[0]: m(x))

@@ -90,7 +90,8 @@ def builders(base, device: str, skip_bnb: str | None) -> dict:
     def alignlab():
         return quantize_model(copy.deepcopy(base).to(device), compute_dtype=torch.bfloat16)
 
-    table = {"bf16": bf16, "alignlab NF4": alignlab, "alignlab NF4+L": alignlab}  # +L: decode launchers on
+    # "-L": the eager decode launchers turned off (alignlab.quant.linear.DECODE_LAUNCHERS)
+    table = {"bf16": bf16, "alignlab NF4": alignlab, "alignlab NF4-L": alignlab}
     if skip_bnb is None:
         table["bnb NF4"] = lambda: bnb_nf4_model(base)
     return table
@@ -230,7 +231,7 @@ def main(argv=None):
     results = []
     launchers_default = qlinear.DECODE_LAUNCHERS
     for name, build in table.items():
-        qlinear.DECODE_LAUNCHERS = name.endswith("+L") or launchers_default
+        qlinear.DECODE_LAUNCHERS = launchers_default and not name.endswith("-L")
         try:
             model = build()
         except Exception as exc:  # noqa: BLE001 - a broken contestant is reported, the others still run

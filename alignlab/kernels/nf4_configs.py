@@ -28,9 +28,10 @@ __all__ = ["device_key", "small_config", "heuristic_config", "max_rows", "TABLES
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}
 # H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
 TABLES: dict[str, dict] = {
-    # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6); max_m: above 16 rows
-    # dequantize + cuBLAS was as fast or faster at 4096 x 4096.
-    "H200": {"max_m": 16, "configs": {
+    # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6). max_m: at M = 32 the small
+    # kernel measured 0.74x the time of dequantize + cuBLAS at four shapes and 1.01x at 4096 x 4096; at
+    # M = 64 it was slower at every shape.
+    "H200": {"max_m": 32, "configs": {
         ("gemv", 1): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (64, 1, 8, 2, 1), (4096, 14336): (64, 2, 8, 4, 3),
                       (8192, 8192): (128, 1, 8, 4, 3), (28672, 8192): (64, 1, 16, 2, 1)},
         ("dot", 2): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (128, 1, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 1),

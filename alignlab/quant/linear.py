@@ -37,9 +37,11 @@ from alignlab.quant.nf4 import (
 
 __all__ = ["NF4Linear", "quantize_model"]
 
-# Eager decode launchers (NF4Linear.forward, _keep_launcher): opt-in until measured and tested on a GPU (issue 24); set
-# ALIGNLAB_DECODE_LAUNCHERS=1 (read at import) or this attribute to turn them on.
-DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "0") == "1"
+# Eager decode launchers (NF4Linear.forward, _keep_launcher): on by default since measured on an H200 (issue 24,
+# benchmarks/RESULTS.md: 17-25 us per eager call at M <= 16 instead of 46-82 us); ALIGNLAB_DECODE_LAUNCHERS=0 (read
+# at import) or this attribute set to False turns them off.
+DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "1") != "0"
+_DECODE_ROWS = 64  # inputs with more rows never take the decode kernels: no launcher lookup for them
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
 
@@ -163,15 +165,17 @@ class NF4Linear(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         key = None
         if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
-                and not torch.compiler.is_compiling()):
+                and x.numel() <= _DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()):
             # decode path: a launcher kept per input layout and stream (see _keep_launcher), ~one launch of host work
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
             key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
                    None if bias is None else bias.dtype)
-            run = None if runners is None else runners.get(key)
-            if run is not None:
+            run = False if runners is None else runners.get(key, False)
+            if run:
                 return run(x, bias)
+            if run is None:  # this layout is known not to take the decode kernels
+                key = None
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
         in_dtype = x.dtype
@@ -191,15 +195,17 @@ class NF4Linear(nn.Module):
     def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
         """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels, keep a
         launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
-        stream, bias dtype) on the packed weight ``t`` (so it is replaced with it)."""
+        stream, bias dtype) on the packed weight ``t`` (so it is replaced with it); elsewhere keep ``None``,
+        so that layout skips this step from then on."""
         from alignlab.kernels.nf4_matmul import decode_runner
 
         run = decode_runner(x, t, bias)
-        if run is not None:
-            runners = t.__dict__.setdefault("_runners", {})
-            if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
-                runners.pop(next(iter(runners)))
-            runners[key] = run
+        if run is None and torch.cuda.is_current_stream_capturing():
+            return  # no launcher is made during capture: the next call outside it may still get one
+        runners = t.__dict__.setdefault("_runners", {})
+        if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
+            runners.pop(next(iter(runners)))
+        runners[key] = run  # None: this layout takes another path, not looked at again
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
