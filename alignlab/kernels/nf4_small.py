@@ -99,7 +99,9 @@ def _decode4_asm() -> str:
         "prmt.b32 $3, pl1, ph1, 25152;",   # (b2 lo, b3 lo)
         "}",
     ]
-    return "\n".join(out)
+    # one line: torch.compile (Inductor) copies the string into generated Python source, where a line break
+    # inside the literal is a syntax error
+    return " ".join(out).replace("\n", " ")
 
 
 if triton is not None:

@@ -78,8 +78,9 @@ def test_register_codebook_matches_levels():
     from alignlab.quant.nf4 import nf4_code
 
     asm = _decode4_asm()
+    assert "\n" not in asm  # Inductor copies the string into a one-line literal of its generated source
     consts = {}
-    for line in asm.splitlines():
+    for line in _statements(asm):
         if line.startswith("mov.b32 ") and line.split()[1].rstrip(",")[0] in "LH":
             name, value = line[len("mov.b32 "):].rstrip(";").split(", ")
             consts[name] = int(value)
@@ -89,6 +90,11 @@ def test_register_codebook_matches_levels():
     levels = bits.view(torch.float16).float()
     assert torch.equal(levels, nf4_code(torch.device("cpu")).half().float())
     assert (levels - nf4_code(torch.device("cpu"))).abs().max() <= 3e-4
+
+
+def _statements(asm: str) -> list:
+    """The PTX statements of an inline-asm string (one line, ``;``-terminated, in ``{ }``)."""
+    return [st.strip() for st in asm.replace("{", ";").replace("}", ";").split(";") if st.strip()]
 
 
 class _PTX:
@@ -107,8 +113,7 @@ class _PTX:
         return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
 
     def run(self, asm, outputs="$0"):
-        for line in asm.splitlines():
-            line = line.strip().rstrip(";")
+        for line in _statements(asm):
             if not line or line in "{}" or line.startswith(".reg"):
                 continue
             op, rest = line.split(None, 1)

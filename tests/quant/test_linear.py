@@ -403,3 +403,18 @@ def test_decode_path_keeps_errors_and_grad_rules(monkeypatch):
     x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()  # grad-requiring calls keep the autograd path
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 8])
+def test_compiled_decode_matches_eager(rows):
+    """torch.compile of a model with NF4Linear at decode sizes (the GEMV and the small tl.dot kernel, whose inline
+    PTX string Inductor copies into its generated source) runs and gives the eager result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(NF4Linear.from_linear(nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16)), nn.ReLU(),
+                          NF4Linear.from_linear(nn.Linear(192, 64, bias=False, device="cuda", dtype=torch.bfloat16)))
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
