@@ -364,6 +364,31 @@ def small_m_matmul(
     return y
 
 
+# Under torch.compile the small-M product runs inside an opaque op: Dynamo cannot trace the address check of
+# small_m_matmul nor launch its kernels with symbolic row counts, and Inductor would see the kept split-K
+# counters as mutated graph inputs (no CUDA graph then). The packed weight's parts are plain arguments.
+@torch.library.custom_op("alignlab::nf4_small_matmul", mutates_args=())
+def _small_m_op(x2: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                nested_offset: torch.Tensor | None, shift: torch.Tensor | None, bias: torch.Tensor | None,
+                shape: list[int], dtype: torch.dtype, blocksize: int, nested_blocksize: int) -> torch.Tensor:
+    t = NF4Tensor(data=data, absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                  nested_absmax=nested_absmax, nested_offset=nested_offset, shift=shift,
+                  nested_blocksize=nested_blocksize)
+    return small_m_matmul(x2, t, bias)
+
+
+@_small_m_op.register_fake
+def _(x2, data, absmax, nested_absmax, nested_offset, shift, bias, shape, dtype, blocksize, nested_blocksize):
+    return x2.new_empty(x2.shape[0], shape[0])
+
+
+def small_m_matmul_op(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`small_m_matmul` (default configuration) as the custom op ``alignlab::nf4_small_matmul``, for
+    traced code (``torch.compile``); no autograd (the weight is frozen, callers handle ``x``'s gradient)."""
+    return torch.ops.alignlab.nf4_small_matmul(x2, t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift,
+                                               bias, list(t.shape), t.dtype, t.blocksize, t.nested_blocksize)
+
+
 def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overrides: tuple) -> tuple:
     """What a launch plan of :func:`_plan` depends on."""
     return (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,

@@ -255,3 +255,18 @@ def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mo
         assert y.shape == (1, M, 37) and _rel(y.reshape(M, 37), want) < 1e-5
     if M > 1:  # rows that do not sit at one stride: no runner (the caller takes small_m_matmul)
         assert nf4_small.small_m_runner(torch.randn(M, 2, K + 8)[:, :1, 4:K + 4], t, b) is None
+
+
+def test_traced_small_m_product_is_one_graph(triton_mode):
+    """Under torch.compile (fullgraph, dynamic row counts) nf4_matmul's small-M path is the opaque op
+    alignlab::nf4_small_matmul: no graph break, and the values of the eager call (GEMV and tl.dot, bias)."""
+    from alignlab.kernels.nf4_matmul import nf4_matmul
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        torch._dynamo.reset()
+        t, x, b, wd = _case(37, 192, 3, dtype, 64)
+        f = torch.compile(lambda x, b: nf4_matmul(x, t, b), backend="aot_eager", fullgraph=True, dynamic=True)
+        for M in (1, 3, 5):
+            xm = torch.randn(M, 192).to(dtype)
+            y = f(xm, b)
+            assert y.shape == (M, 37) and _rel(y, xm.double() @ wd.T + b.double()) < tol, (dtype, M)
