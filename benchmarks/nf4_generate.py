@@ -188,8 +188,8 @@ def targets(results: list[dict]) -> list[dict]:
             if peer not in peers:
                 continue
             ratio = r["tokens_per_s"] / peers[peer]["tokens_per_s"]
-            out.append(dict(name=r["name"], mode=r["mode"], batch=r["batch"], target=f">= {factor}x {peer}", ratio=ratio,
-                            met=ratio >= factor))
+            out.append(dict(name=r["name"], mode=r["mode"], batch=r["batch"], target=f">= {factor}x {peer}",
+                            ratio=ratio, met=ratio >= factor))
     return out
 
 

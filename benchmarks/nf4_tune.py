@@ -192,8 +192,9 @@ def main(argv=None):
     print("}}")
     out = args.out or Path(__file__).parent / "results" / f"nf4_tune_{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": name, "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "space": SPACE, "max_m": max_m, "rows": rows, "seconds": time.perf_counter() - t_start}
+    doc = {"device": name, "versions": library_versions(),
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "space": SPACE, "max_m": max_m,
+           "rows": rows, "seconds": time.perf_counter() - t_start}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, out)

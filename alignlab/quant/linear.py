@@ -38,8 +38,8 @@ from alignlab.quant.nf4 import (
 __all__ = ["NF4Linear", "quantize_model"]
 
 # Eager decode launchers (NF4Linear.forward, _keep_launcher): on by default since measured on an H200 (issue 24,
-# benchmarks/RESULTS.md: 17-25 us per eager call at M <= 16 instead of 46-82 us); ALIGNLAB_DECODE_LAUNCHERS=0 (read
-# at import) or this attribute set to False turns them off.
+# benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32 instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0
+# (read at import) or this attribute set to False turns them off.
 DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "1") != "0"
 _DECODE_ROWS = 64  # inputs with more rows never take the decode kernels: no launcher lookup for them
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
@@ -170,7 +170,7 @@ class NF4Linear(nn.Module):
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
             key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
-                   None if bias is None else bias.dtype)
+                   None if bias is None else bias.dtype, os.environ.get("ALIGNLAB_KERNELS"))  # a flip re-dispatches
             run = False if runners is None else runners.get(key, False)
             if run:
                 return run(x, bias)
@@ -195,8 +195,8 @@ class NF4Linear(nn.Module):
     def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
         """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels, keep a
         launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
-        stream, bias dtype) on the packed weight ``t`` (so it is replaced with it); elsewhere keep ``None``,
-        so that layout skips this step from then on."""
+        stream, bias dtype, ``ALIGNLAB_KERNELS``) on the packed weight ``t`` (so it is replaced with it);
+        elsewhere keep ``None``, so that layout skips this step from then on."""
         from alignlab.kernels.nf4_matmul import decode_runner
 
         run = decode_runner(x, t, bias)

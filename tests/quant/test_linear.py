@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import make_tiny_llama
 from alignlab.quant.linear import NF4Linear, quantize_model
-from alignlab.quant.nf4 import nf4_code, nf4_quantize
+from alignlab.quant.nf4 import nf4_code, nf4_dequantize, nf4_quantize
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -342,9 +342,9 @@ def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40, 64, 100])
 def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias, monkeypatch):
-    """With the decode launchers on (the default), no-grad CUDA calls go through a launcher kept per input layout and stream: each call, new inputs of
-    the same layout, a sliced (non-contiguous) input, a second stream and a CUDA graph give what
-    nf4_matmul gives; replacing the weight drops the launchers."""
+    """With the decode launchers on (the default), no-grad CUDA calls go through a launcher kept per input
+    layout and stream: each call, new inputs of the same layout, a sliced (non-contiguous) input, a second
+    stream and a CUDA graph give what nf4_matmul gives; replacing the weight drops the launchers."""
     from alignlab.kernels.nf4_matmul import nf4_matmul
     from alignlab.quant import linear
 
@@ -397,9 +397,14 @@ def test_decode_path_keeps_errors_and_grad_rules(monkeypatch):
     lin = nn.Linear(128, 64, device="cuda", dtype=torch.bfloat16)
     layer = NF4Linear.from_linear(lin)
     with torch.no_grad():
-        layer(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16))
+        x1 = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+        layer(x1)
+        layer(x1)  # a launcher now serves this layout
         with pytest.raises(ValueError, match="in_features=128"):
             layer(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16))
+        monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")  # a flip of the dispatch is obeyed, launcher or not
+        want = nn.functional.linear(x1, nf4_dequantize(layer.quant_weight, torch.bfloat16), layer.bias)
+        torch.testing.assert_close(layer(x1), want, rtol=0, atol=0)
     x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()  # grad-requiring calls keep the autograd path
     assert x.grad is not None and x.grad.abs().sum() > 0
