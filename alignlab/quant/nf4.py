@@ -37,6 +37,8 @@ from typing import Mapping
 
 import torch
 
+from alignlab._checks import is_int
+
 __all__ = [
     "NF4Tensor",
     "nf4_code",
@@ -248,9 +250,12 @@ class NF4Tensor:
             raise ValueError(f"shift must have {nb} entries, got {self.shift.numel()}")
 
 
-def _check_blocksize(blocksize: int) -> None:
-    if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+def _check_blocksize(blocksize: int) -> int:
+    """``blocksize`` as a Python int (it goes into the JSON meta of a state dict); ``ValueError`` unless it
+    is an integer (NumPy's too, a bool not) and a power of two between 32 and 4096."""
+    if not is_int(blocksize) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
+    return int(blocksize)
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -368,7 +373,7 @@ def nf4_quantize(
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"w must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
-    _check_blocksize(blocksize)
+    blocksize = _check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError("w must have at least one element")
     if calibrate not in (None, "icq"):

@@ -180,6 +180,20 @@ def test_bad_blocksize(bs):
         nf4_quantize(torch.randn(4, 64), blocksize=bs)
 
 
+def test_blocksize_numpy_int_accepted_bool_float_refused():
+    np = pytest.importorskip("numpy")
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    for bs in (np.int64(64), np.int32(32)):
+        t = nf4_quantize(w, blocksize=bs)
+        ref = nf4_quantize(w, blocksize=int(bs))
+        assert type(t.blocksize) is int and t.blocksize == int(bs)
+        assert torch.equal(t.data, ref.data) and torch.equal(nf4_dequantize(t), nf4_dequantize(ref))
+        assert NF4Tensor.from_state_dict(t.state_dict()).blocksize == int(bs)  # the JSON meta takes it
+    for bad in (True, 64.0, np.float64(64), np.int64(48), "64"):
+        with pytest.raises((TypeError, ValueError), match="blocksize"):
+            nf4_quantize(w, blocksize=bad)
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="dtype"):
         nf4_quantize(torch.ones(4, 4, dtype=torch.int32))
