@@ -109,6 +109,14 @@ def _check_ratio(keep_ratio: float) -> float:
     return float(keep_ratio)
 
 
+def _check_threshold(threshold: float) -> float:
+    """``threshold`` as a Python float: a real number, ±inf included (:func:`influence_threshold` returns
+    inf to keep nothing); not a bool, and not NaN, which ``scores >= NaN`` would turn into dropping every token."""
+    if not is_real(threshold) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a real number (not NaN), got {threshold!r}")
+    return float(threshold)
+
+
 def clean_labels(
     labels: torch.Tensor,
     scores: torch.Tensor,
@@ -125,7 +133,8 @@ def clean_labels(
     earlier token. Positions already ``-100`` stay so; NaN scores are
     dropped. ``labels``/``scores``: ``(batch, seq)``. Returns a new tensor.
     Raises ``ValueError`` if neither or both of ``keep_ratio`` and
-    ``threshold`` are given, or on shape mismatch.
+    ``threshold`` are given, if ``threshold`` is NaN or not a number, or on
+    shape mismatch.
     """
     if labels.shape != scores.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must have equal shapes")
@@ -133,7 +142,7 @@ def clean_labels(
         raise ValueError("give exactly one of keep_ratio and threshold")
     supervised = (labels != IGNORE_INDEX) & ~torch.isnan(scores)
     if threshold is not None:
-        keep = supervised & (scores >= threshold)
+        keep = supervised & (scores >= _check_threshold(threshold))
         return labels.masked_fill(~keep, IGNORE_INDEX)
     keep_ratio = _check_ratio(keep_ratio)
     if scope not in ("batch", "sequence"):

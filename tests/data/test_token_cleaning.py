@@ -192,3 +192,16 @@ def test_keep_ratio_numpy_scalar_matches_python_float():
             clean_labels(labels, scores, bad)
         with pytest.raises(ValueError, match="keep_ratio"):
             influence_threshold([scores], bad)
+
+
+def test_threshold_nan_refused_inf_kept():
+    g = torch.Generator().manual_seed(0)
+    labels, scores = torch.randint(0, 50, (2, 8), generator=g), torch.randn(2, 8, generator=g)
+    for bad in (float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="threshold"):
+            clean_labels(labels, scores, threshold=bad)
+    # influence_threshold returns inf when nothing is kept: still a valid threshold
+    assert (clean_labels(labels, scores, threshold=math.inf) == IGNORE_INDEX).all()
+    assert torch.equal(clean_labels(labels, scores, threshold=-math.inf), labels)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(clean_labels(labels, scores, threshold=np.float32(0.25)), clean_labels(labels, scores, threshold=0.25))
