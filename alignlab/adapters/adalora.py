@@ -134,8 +134,8 @@ class AdaLoRAConfig:
         rank_pattern: ``{"<module>.lora_E": [bool] * init_r}`` kept ranks (set when loading a PEFT
             file saved after allocation; such layers hold only the kept ranks).
     Raises:
-        ValueError: non-positive ranks, ``target_r > init_r``, a schedule that does not fit in
-            ``total_step``, betas outside (0, 1).
+        ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
+            integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1).
     """
 
     peft_type = "ADALORA"
@@ -162,13 +162,21 @@ class AdaLoRAConfig:
             raise ValueError(f"target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
         self.target_r = int(self.target_r)
         self.total_step = check_positive_int(self.total_step, "total_step")
-        if self.tinit < 0 or self.tfinal < 0 or self.tinit + self.tfinal >= self.total_step:
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(f"need 0 ≤ tinit, tfinal and tinit + tfinal < total_step, got tinit={self.tinit}, "
                              f"tfinal={self.tfinal}, total_step={self.total_step}")
         self.deltaT = check_positive_int(self.deltaT, "deltaT")
+        # β₁ = 0 makes Ī = I, so Ū = |I − Ī| = 0 and every score 0; β = 1 keeps an EMA at its zero start
         for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not is_finite_real(value) or not 0 < value < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+            setattr(self, name, float(value))
 
     @property
     def scaling(self) -> float:

@@ -227,3 +227,19 @@ def test_numpy_scalars_accepted_bools_refused():
     for kw in ({"target_r": True}, {"total_step": True}, {"alpha": float("nan")}):
         with pytest.raises(ValueError):
             AdaLoRAConfig(target_modules=TARGETS, **kw)
+
+
+def test_schedule_and_beta_types_checked():
+    np = pytest.importorskip("numpy")
+    cfg = AdaLoRAConfig(total_step=100, tinit=np.int64(10), tfinal=np.int32(20), beta1=np.float32(0.5),
+                        beta2=np.float64(0.75), target_modules=TARGETS)
+    assert (cfg.tinit, cfg.tfinal, cfg.beta1, cfg.beta2) == (10, 20, 0.5, 0.75)
+    assert [type(v) for v in (cfg.tinit, cfg.tfinal, cfg.beta1, cfg.beta2)] == [int, int, float, float]
+    for name in ("tinit", "tfinal"):
+        for bad in (-1, 2.5, np.float64(3), True, "5", None):
+            with pytest.raises(ValueError, match=f"{name} must be a non-negative integer"):
+                AdaLoRAConfig(total_step=100, target_modules=TARGETS, **{name: bad})
+    for name in ("beta1", "beta2"):
+        for bad in (0, 1, 1.5, -0.1, float("nan"), True, "0.85", None):
+            with pytest.raises(ValueError, match=f"{name} must be"):
+                AdaLoRAConfig(target_modules=TARGETS, **{name: bad})
