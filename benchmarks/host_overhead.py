@@ -40,6 +40,14 @@ def per_call_us(fn, reps: int = 400, warmup: int = 30) -> float:
     return statistics.median(samples)
 
 
+def _no_grad(layer, x, decode_kernel=False):
+    """One call of an adapted layer under ``torch.no_grad()`` (generation), optionally with
+    ``LoRALinear.decode_kernel`` on for this call."""
+    layer.decode_kernel = decode_kernel
+    with torch.no_grad():
+        return layer(x)
+
+
 class _Identity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -94,8 +102,10 @@ def main():
         "NF4Linear": lambda: q(x),
         "NF4Linear, x needs grad": lambda: q(xg),
         "LoRA on bf16 nn.Linear, x needs grad": lambda: dense_lora(xg),
-        "LoRA on NF4Linear (QLoRA), no grad": lambda: lora(x),
+        "LoRA on NF4Linear (QLoRA), x needs no grad": lambda: lora(x),
         "LoRA on NF4Linear (QLoRA), x needs grad": lambda: lora(xg),
+        "LoRA on NF4Linear (QLoRA), torch.no_grad()": lambda: _no_grad(lora, x),
+        "  the same with decode_kernel (opt-in)": lambda: _no_grad(lora, x, decode_kernel=True),
     }
     out = {}
     for name, fn in rows.items():
