@@ -20,6 +20,7 @@ from alignlab.context.token_sparse import (
     apply_token_sparsity,
     attention_information_scores,
     select_tokens,
+    set_token_mask,
     token_sparse_apply,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "rope_inv_freq",
     "scaled_inv_freq",
     "select_tokens",
+    "set_token_mask",
     "token_sparse_apply",
     "yarn_attention_scaling",
     "yarn_inv_freq",

@@ -38,6 +38,7 @@ __all__ = [
     "apply_token_sparsity",
     "attention_information_scores",
     "select_tokens",
+    "set_token_mask",
     "token_sparse_apply",
 ]
 
@@ -132,8 +133,10 @@ class TokenSparse(nn.Module):
     (a bool ``(batch, seq)`` mask set by the caller, e.g. from
     :func:`attention_information_scores` + :func:`select_tokens`) when not
     ``None``, else from ``scorer(hidden)`` (default: L2 norm of the token's
-    input) via :func:`select_tokens`. In eval mode, under ``no_grad`` or with
-    ``keep_ratio == 1`` it is the plain module.
+    input) via :func:`select_tokens`, restricted to ``self.valid`` when set
+    (the batch's attention mask, see :func:`set_token_mask`: padding is never
+    kept and ``ρ`` counts each row's real tokens). In eval mode, under
+    ``no_grad`` or with ``keep_ratio == 1`` it is the plain module.
     """
 
     def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
@@ -144,6 +147,7 @@ class TokenSparse(nn.Module):
         self.keep_ratio = float(keep_ratio)
         self.scorer = scorer
         self.keep: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not self.training or not torch.is_grad_enabled() or hidden.dim() != 3:
@@ -153,7 +157,8 @@ class TokenSparse(nn.Module):
             if self.keep_ratio >= 1.0:
                 return self.module(hidden)
             scores = self.scorer(hidden) if self.scorer is not None else hidden.detach().float().norm(dim=-1)
-            keep = select_tokens(scores, self.keep_ratio)
+            valid = None if self.valid is None else self.valid.to(scores.device)
+            keep = select_tokens(scores, self.keep_ratio, valid)
         return token_sparse_apply(self.module, hidden, keep.to(hidden.device))
 
 
@@ -178,3 +183,23 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, TokenSparse(getattr(owner, child), keep_ratio, scorer))
     return names
+
+
+def set_token_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> int:
+    """Give every :class:`TokenSparse` in ``model`` the batch's ``attention_mask`` (``(batch, seq)``, 1/True
+    for real tokens) for its scorer's selection, or ``None`` to clear it; call it per batch, before the
+    forward. Returns how many wrappers were set.
+
+    Raises:
+        TypeError: ``attention_mask`` is neither a 2-D tensor nor None.
+    """
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise TypeError(f"attention_mask must be a (batch, seq) tensor or None, got {got}")
+    mask = None if attention_mask is None else attention_mask.bool()
+    n = 0
+    for m in model.modules():
+        if isinstance(m, TokenSparse):
+            m.valid = mask
+            n += 1
+    return n

@@ -11,6 +11,7 @@ from alignlab.context.token_sparse import (
     apply_token_sparsity,
     attention_information_scores,
     select_tokens,
+    set_token_mask,
     token_sparse_apply,
 )
 
@@ -216,3 +217,31 @@ def test_keep_ratio_numpy_scalar_matches_python_float():
             select_tokens(scores, bad)
         with pytest.raises(ValueError, match="keep_ratio"):
             TokenSparse(nn.Identity(), bad)
+
+
+def test_attention_mask_keeps_padding_out_of_the_default_selection():
+    """With set_token_mask, the default scorer never keeps padding (even padding with the largest norms) and
+    keeps ceil(rho * n_b) of each row's real tokens; cleared with None, padding competes again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64))
+    apply_token_sparsity(model, keep_ratio=0.5, targets=("0",))
+    lengths = [5, 3]
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    h = torch.randn(2, 6, 8, dtype=torch.float64)
+    h[mask == 0] *= 100.0  # padding with the largest hidden-state norms
+
+    def kept_rows():
+        x = h.clone().requires_grad_(True)
+        model(x).sum().backward()
+        return x.grad.abs().sum(-1) > 0  # no residual: gradient reaches exactly the kept tokens
+
+    assert set_token_mask(model, mask) == 1
+    kept = kept_rows()
+    assert not kept[mask == 0].any()
+    assert [int(kept[i].sum()) for i in range(2)] == [math.ceil(0.5 * n) for n in lengths]
+    set_token_mask(model, None)
+    assert kept_rows()[mask == 0].any()
+    with pytest.raises(TypeError, match="attention_mask"):
+        set_token_mask(model, [1, 0])
