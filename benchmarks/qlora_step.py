@@ -18,7 +18,8 @@ time, compile included, is reported as compile time).
 Also the host cost of one adapted NF4 linear forward call (``--host``): median wall time to enqueue
 one call at M = 1 and M = 2048 rows, against a bf16 ``nn.Linear`` call and a bitsandbytes + PEFT one.
 
-Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile] [--host] [--out PATH]`` on a CUDA machine.
+Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile [--compile-mode reduce-overhead]] [--host]
+[--out PATH]`` on a CUDA machine.
 """
 
 from __future__ import annotations
@@ -125,10 +126,10 @@ def floor_model(base):
     return model
 
 
-def run_steps(model, ids, warmup: int, steps: int, compiled: bool):
+def run_steps(model, ids, warmup: int, steps: int, compiled: bool, compile_mode: str | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
 
     def step():
         loss = fwd(input_ids=ids, labels=ids).loss
@@ -136,7 +137,7 @@ def run_steps(model, ids, warmup: int, steps: int, compiled: bool):
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -280,6 +281,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--only-compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for the compiled rows, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--host", action="store_true", help="host cost of one adapted layer call")
     parser.add_argument("--profile", action="store_true",
                         help="per-contestant profile of one eager step: GPU busy time and the top kernels")
@@ -300,10 +303,11 @@ def main():
                 model = build()
                 if compiled:
                     torch._dynamo.reset()
-                r = run_steps(model, ids, args.warmup, args.steps, compiled)
+                r = run_steps(model, ids, args.warmup, args.steps, compiled, args.compile_mode)
                 if args.profile and not compiled:
                     r["profile"] = profile_step(model, ids)
-                r.update(name=name, batch=batch, compiled=compiled, tokens_per_s=batch * SEQ / (r["ms"] / 1e3))
+                r.update(name=name, batch=batch, compiled=compiled, compile_mode=args.compile_mode if compiled else None,
+                         tokens_per_s=batch * SEQ / (r["ms"] / 1e3))
                 results.append(r)
                 print(f"{'compiled' if compiled else 'eager   '} b{batch} {name:34s} {r['ms']:8.1f} ms "
                       f"(p10 {r['ms_p10']:.1f}, p90 {r['ms_p90']:.1f})  {r['tokens_per_s']:9.0f} tok/s  "
