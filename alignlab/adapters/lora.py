@@ -99,6 +99,8 @@ class LoRALinear(AdapterLayer):
             fp32 gradients; see :mod:`alignlab.adapters.fused`). A plain attribute: flip it any time.
     Raises:
         TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``.
+        In ``forward`` (with an adapter active): TypeError for a non-floating input, ValueError for an
+        input whose last dimension is not ``in_features``.
     """
 
     mergeable = True
@@ -273,6 +275,9 @@ class LoRALinear(AdapterLayer):
             return self.base_layer(x)
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        n_in = self.lora_A[names[0]].in_features  # a plain attribute: cheaper than the in_features property
+        if x.shape[-1:] != (n_in,):  # a 0-d input too
+            raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
         # torch.compile traces the plain path below and fuses it itself: with torch 2.11 it dropped the
         # fused functions' gradients (seen on an H200), so compiled graphs never contain them
         if len(names) == 1 and not torch.compiler.is_compiling():

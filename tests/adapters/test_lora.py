@@ -287,6 +287,18 @@ def test_integer_input_is_reported():
         _layer(r=2)(torch.ones(2, 12, dtype=torch.long))
 
 
+@pytest.mark.parametrize("second_adapter", [False, True])  # one adapter: fused path; two: the plain one
+def test_input_with_the_wrong_last_dimension_is_reported(second_adapter):
+    layer = _layer(r=2)
+    if second_adapter:
+        layer.add_adapter("other", r=2)
+        layer.active_adapters = ["default", "other"]
+    for x in (torch.randn(2, 13), torch.randn(12, 3), torch.tensor(1.0)):
+        for grad in (True, False):  # no_grad calls may take the decode path
+            with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="in_features=12, got shape"):
+                layer(x)
+
+
 def test_named_adapters_on_one_layer():
     layer = _randomise(_layer(r=2, alpha=2))
     layer.add_adapter("other", r=3, alpha=3)
