@@ -70,7 +70,8 @@ class NF4Linear(nn.Module):
     """``y = x W^T + b`` with a frozen NF4 weight ``W`` of shape ``(out_features, in_features)``.
 
     Inputs are cast to ``compute_dtype`` for the product and the result is cast
-    back to the input dtype.  Shapes: ``x (..., in_features) -> (..., out_features)``.
+    back to the input dtype (any floating dtype, float64 too; other dtypes raise
+    ``TypeError``).  Shapes: ``x (..., in_features) -> (..., out_features)``.
     The layer has no trainable parameters (the bias, if any, is frozen too).
 
     Build one with :meth:`from_linear`; :func:`quantize_model` converts a whole model.
@@ -115,8 +116,8 @@ class NF4Linear(nn.Module):
         """Quantize ``linear.weight`` (``(out, in)``, fp32/fp16/bf16) and keep ``linear.bias`` frozen.
 
         Raises:
-            TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype.
-            ValueError: the weight is not 2-D, or ``blocksize`` is not a power of two in 32..4096.
+            TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype; ``double_quant`` is not a bool.
+            ValueError: the weight is not 2-D or has NaN or inf, or ``blocksize`` is not a power of two in 32..4096.
         """
         w = getattr(linear, "weight", None)
         if not isinstance(w, torch.Tensor):
@@ -176,6 +177,8 @@ class NF4Linear(nn.Module):
                 return run(x, bias)
             if run is None:  # this layout is known not to take the decode kernels
                 key = None
+        if not x.is_floating_point():  # after the decode path: it takes compute_dtype inputs only
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
         in_dtype = x.dtype
@@ -189,7 +192,7 @@ class NF4Linear(nn.Module):
             y = nf4_matmul(xc, t, bias_c)
             if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
                 self._keep_launcher(x, t, bias, key)
-        return y.to(in_dtype) if in_dtype in SUPPORTED_DTYPES else y
+        return y.to(in_dtype)
 
     @staticmethod
     def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
@@ -251,12 +254,18 @@ class NF4Linear(nn.Module):
 
     # -- device moves keep the quantization buffers' dtypes ---------------------------------------
     def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, device=self.qdata.device))  # .to() out of meta raises here, as torch does
         saved = {name: getattr(self, name) for name in _BUFFERS}
         for name in _BUFFERS:
             self._buffers[name] = None
-        super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, device=saved["qdata"].device))
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:  # a failed move leaves the layer as it was, packed weight included
+            self._buffers.update(saved)
+            raise
         for name, buf in saved.items():
+            if buf is not None and buf.is_meta:  # to_empty: storage without values, for a state dict to fill
+                buf = torch.empty_like(buf, device=probe.device)
             self._buffers[name] = None if buf is None else buf.to(probe.device)
         return self
 
@@ -296,6 +305,8 @@ class NF4Linear(nn.Module):
         if _ICQ_KEY in mine:
             t.shift = mine[_ICQ_KEY]
         dev = self.qdata.device
+        if dev.type == "meta" and local_metadata.get("assign_to_params_buffers", False):
+            dev = t.data.device  # assign=True into a layer built on meta: keep the checkpoint's tensors
         self._set_weight(t.to(dev))
 
 
@@ -335,7 +346,8 @@ def quantize_model(
         TypeError: ``model`` is not an ``nn.Module``; ``skip`` is not a name or names; ``double_quant`` or
             ``quantize_head`` is not a bool.
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
-            adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only).
+            adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only); a weight
+            with NaN or inf (the message starts with the module's name).
     """
     from alignlab.adapters.base import AdapterLayer, is_conv1d
     from alignlab.adapters.inject import _output_head_names  # the head "all-linear" leaves out, too
@@ -371,13 +383,20 @@ def quantize_model(
     for name, lin in targets:
         if is_conv1d(lin):  # quantize the (out, in) matrix; from_linear reads only .weight and .bias
             lin = SimpleNamespace(weight=lin.weight.detach().T.contiguous(), bias=lin.bias)
-        q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
-                                  compute_dtype=compute_dtype, calibrate=calibrate)
+        try:
+            q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
+                                      compute_dtype=compute_dtype, calibrate=calibrate)
+        except ValueError as e:  # e.g. a NaN in one weight of many: say which
+            raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)
     for name, module in experts:
-        q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+        try:
+            q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
+                                        compute_dtype=compute_dtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model

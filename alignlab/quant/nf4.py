@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import check_bool, is_int
 
 __all__ = [
     "NF4Tensor",
@@ -366,16 +366,21 @@ def nf4_quantize(
     weights on CUDA, up to about one code in 10⁷ on a decision threshold; docs/quantization.md).
 
     Raises:
-        TypeError: ``w`` is not a floating tensor of a supported dtype.
-        ValueError: bad ``blocksize``, empty ``w``, or unknown ``calibrate``.
+        TypeError: ``w`` is not a floating tensor of a supported dtype; ``double_quant`` is not a bool.
+        ValueError: bad ``blocksize``, empty ``w``, ``w`` with NaN or inf, or unknown ``calibrate``.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"w must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
     blocksize = _check_blocksize(blocksize)
+    check_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
     if w.numel() == 0:
         raise ValueError("w must have at least one element")
+    # one NaN makes its block's scale NaN and, through the mean of the scales, every double-quantized one;
+    # a meta tensor has no values to check (it quantizes to meta buffers of the right shapes)
+    if not w.is_meta and not torch.isfinite(w).all():
+        raise ValueError("w has non-finite values (NaN or inf); its NF4 codes and scales would be NaN")
     if calibrate not in (None, "icq"):
         raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
 

@@ -289,6 +289,58 @@ def test_quantize_model_keeps_the_head_whatever_skip_says_and_rejects_unknown_na
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear  # a generator of names is read once
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_output_comes_back_in_the_input_dtype(compute_dtype):
+    """float64 in, float64 out (the product in compute_dtype, cast back); an integer input is refused."""
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(64, 16), compute_dtype=compute_dtype)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    y = q(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, q(x.detach().to(compute_dtype)).double(), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.dtype == torch.float64
+    with torch.no_grad():
+        assert q(x.detach()).dtype == torch.float64
+        for dtype in (torch.float16, torch.float32, torch.bfloat16):
+            assert q(x.detach().to(dtype)).dtype == dtype
+    for dtype in (torch.int64, torch.uint8, torch.bool):
+        with pytest.raises(TypeError, match=f"x must be a floating-point tensor, got dtype {dtype}"):
+            q(torch.ones(3, 64, dtype=dtype))
+
+
+def test_from_linear_refuses_a_truthy_non_bool_double_quant():
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        NF4Linear.from_linear(nn.Linear(64, 8), double_quant="no")
+
+
+def test_quantize_model_names_the_module_with_a_non_finite_weight():
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.up_proj: .*non-finite values"):
+        quantize_model(model)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_built_on_meta_takes_a_checkpoint(bias):
+    """Quantizing a meta linear gives meta buffers of the right shapes; to_empty + load_state_dict (or
+    assign=True) fill them; .to() out of meta raises torch's error and leaves the layer as it was."""
+    torch.manual_seed(0)
+    ref = NF4Linear.from_linear(nn.Linear(64, 32, bias=bias))
+    x = torch.randn(2, 64)
+    q = NF4Linear.from_linear(nn.Linear(64, 32, bias=bias, device="meta"))
+    assert q.qdata.is_meta and q.qdata.shape == ref.qdata.shape and q(x.to("meta")).shape == (2, 32)
+    with pytest.raises(NotImplementedError, match="to_empty"):
+        q.to("cpu")
+    assert all(getattr(q, name) is not None for name in ("qdata", "qabsmax", "qnested_absmax"))
+    q.to_empty(device="cpu").load_state_dict(ref.state_dict())
+    assert torch.equal(q(x), ref(x))
+    q = NF4Linear.from_linear(nn.Linear(64, 32, bias=bias, device="meta"))
+    q.load_state_dict(ref.state_dict(), assign=True)
+    assert not q.qdata.is_meta and torch.equal(q(x), ref(x))
+
+
 def test_quantize_model_refuses_flags_and_names_of_the_wrong_type():
     """A truthy string would switch a flag on silently; a bare int has no names to skip."""
     for kw, match in ((dict(double_quant="no"), "double_quant must be a bool"),

@@ -203,6 +203,18 @@ def test_bad_inputs():
         nf4_quantize(torch.ones(0, 4))
     with pytest.raises(ValueError, match="calibrate"):
         nf4_quantize(torch.ones(4, 64), calibrate="gptq")
+    with pytest.raises(TypeError, match="double_quant must be a bool"):  # "no" is truthy: it would switch it on
+        nf4_quantize(torch.ones(4, 64), double_quant="no")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_non_finite_weight_is_refused(bad, double_quant):
+    """One NaN would make every double-quantized scale NaN (their mean is the offset)."""
+    w = torch.randn(8, 64)
+    w[3, 5] = bad
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\)"):
+        nf4_quantize(w, double_quant=double_quant)
 
 
 @needs_bnb
