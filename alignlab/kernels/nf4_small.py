@@ -66,17 +66,19 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["small_m_matmul", "small_m_runner", "MAX_M"]
 
 
-def _decode4_asm() -> str:
+def _decode4_asm(dtype: torch.dtype = torch.float16) -> str:
     """PTX for ``tl.inline_asm_elementwise(..., pack=4)`` on packed bytes: 4 bytes -> 4 high and 4 low levels.
 
-    ``$4`` holds four bytes; ``$0, $1`` get the fp16 levels of their high nibbles
-    (as two fp16 pairs, byte order kept), ``$2, $3`` those of the low nibbles.
+    ``$4`` holds four bytes; ``$0, $1`` get the 16-bit (``dtype``: fp16 or bf16) levels of their high
+    nibbles (as two pairs, byte order kept), ``$2, $3`` those of the low nibbles.
     The codebook lives in eight registers as two byte planes (low and high bytes
-    of the fp16 levels); ``prmt`` looks up four codes per instruction in an
+    of the 16-bit levels); ``prmt`` looks up four codes per instruction in an
     8-entry half, a third ``prmt`` picks the half by each code's top bit, and a
     last one pairs the two bytes of each level.  No memory access.
     """
-    bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(torch.float16).view(torch.int16).tolist()]
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(dtype).view(torch.int16).tolist()]
     lo = [b & 0xFF for b in bits]
     hi = [b >> 8 for b in bits]
 
@@ -106,6 +108,7 @@ def _decode4_asm() -> str:
 
 if triton is not None:
     _ASM_DECODE4 = tl.constexpr(_decode4_asm())
+    _ASM_DECODE4_BF16 = tl.constexpr(_decode4_asm(torch.bfloat16))
 
     @triton.jit
     def nf4_levels(byte, code_ptr, ASM: tl.constexpr):
@@ -117,6 +120,21 @@ if triton is not None:
         else:
             b = byte.to(tl.int32)
             return tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
+
+    @triton.jit
+    def nf4_levels_as(byte, code_ptr, ASM: tl.constexpr, DTYPE: tl.constexpr):
+        """NF4 levels of the high and low nibbles of a uint8 tensor in ``DTYPE`` (fp16 / bf16 from the
+        in-register table when ``ASM``, no fp32 round trip; else gathered in fp32 and cast)."""
+        if ASM:
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise(_ASM_DECODE4_BF16, "=r,=r,=r,=r,r", [byte],
+                                                 dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                return tl.inline_asm_elementwise(_ASM_DECODE4, "=r,=r,=r,=r,r", [byte],
+                                                 dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            b = byte.to(tl.int32)
+            return tl.load(code_ptr + (b >> 4)).to(DTYPE), tl.load(code_ptr + (b & 15)).to(DTYPE)
 
     @triton.jit
     def _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE: tl.constexpr, NB: tl.constexpr):
@@ -271,6 +289,66 @@ if triton is not None:
                 SPLIT, HAS_BIAS)
 
 
+    @triton.jit
+    def _late_kernel(
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+    ):
+        """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M, scales applied late; K % BLOCKSIZE == 0.
+
+        Per quantization block: the raw levels (in x's dtype, straight from the in-register table) go into
+        ``tl.dot`` unscaled, and the block's ``(BLOCK_M, BLOCK_N)`` fp32 product is multiplied by its scale
+        column (``y = sum_b s_b * (x_b q_b^T)``). The per-weight work is the lookup alone; the scaling costs
+        ``BLOCK_M / BLOCKSIZE`` multiply-adds per weight instead of a convert, a multiply and a convert back.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rows = rn.to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        rj = tl.arange(0, HB)
+        rt = tl.arange(0, 2)
+        nb_row = K // BLOCKSIZE
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        x_rows = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm
+        w_rows = data_ptr + rows[:, None] * half_k + rj[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_end, NB * BLOCKSIZE):
+            for b in tl.static_range(NB):
+                kb = k0 + b * BLOCKSIZE
+                nok = nmask & (rn * 0 + kb < k_end)  # (vector masks: the interpreter takes no scalar one)
+                mok = mmask & (rm * 0 + kb < k_end)
+                byte = tl.load(w_rows + kb // 2, mask=nok[:, None], other=0)
+                bidx = rows * nb_row + kb // BLOCKSIZE
+                s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nok, DOUBLE, NESTED_BS)
+                xv = tl.load(x_rows + (kb + 2 * rj[None, :, None] + rt[None, None, :]),
+                             mask=mok[:, None, None], other=0.0)
+                xe, xo = tl.split(xv)
+                if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
+                    hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32)
+                    part = tl.dot(xe.to(tl.float32), tl.trans(hi), input_precision="ieee")
+                    part = tl.dot(xo.to(tl.float32), tl.trans(lo), part, input_precision="ieee")
+                else:
+                    hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty)
+                    part = tl.dot(xe, tl.trans(hi))
+                    part = tl.dot(xo, tl.trans(lo), part)
+                acc += part * s[None, :]
+                if HAS_SHIFT:
+                    tau = tl.load(shift_ptr + bidx, mask=nok, other=0.0)
+                    acc += tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)[:, None] * tau[None, :]
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]  # y and each workspace slice are (M, N), contiguous
+        omask = mmask[:, None] & nmask[None, :]
+        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
+                SPLIT, HAS_BIAS)
+
+
 _SLOTS, _SLOT_SIZE = 64, 4096
 _POOLS: dict = {}
 _SLOT_OF: dict = {}
@@ -334,7 +412,8 @@ def small_m_matmul(
             ``t.blocksize <= 256`` (the caller,
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
-        kernel: ``"gemv"`` (``M == 1`` only) or ``"dot"``; default by ``M``.
+        kernel: ``"gemv"`` (``M == 1`` only), ``"dot"`` or ``"late"`` (scales on the accumulator);
+            default by ``M``.
         block_n, nb, split, num_warps, num_stages: launch configuration (rows per program,
             quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
             measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
@@ -359,8 +438,7 @@ def small_m_matmul(
         cnt = _arrival_counters(x2.device, grid[0])
     else:
         ws = cnt = y
-    kernel = _gemv_kernel if which == "gemv" else _dot_kernel
-    launch(kernel, grid, _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars), meta)
+    launch(_KERNELS[which], grid, _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars), meta)
     return y
 
 
@@ -450,8 +528,7 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
             cnt_ = cnt
         return _kernel_args(which, xx, state, y, ws, cnt_, b, M, row, scalars)
 
-    kernel = _gemv_kernel if which == "gemv" else _dot_kernel
-    go = bind(kernel, grid, build(x, y0, ws0, bias), meta)
+    go = bind(_KERNELS[which], grid, build(x, y0, ws0, bias), meta)
     if go is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(device.index)
@@ -488,14 +565,15 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor | None:
 
 MAX_M = 64
 _PLANS: dict = {}
+_KERNELS = {"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel} if triton is not None else {}
 
 
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
           asm):
     """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
     kernel = kernel or ("gemv" if M == 1 else "dot")
-    if kernel not in ("gemv", "dot"):
-        raise ValueError(f"kernel must be 'gemv' or 'dot', got {kernel!r}")
+    if kernel not in ("gemv", "dot", "late"):
+        raise ValueError(f"kernel must be 'gemv', 'dot' or 'late', got {kernel!r}")
     if kernel == "gemv" and M != 1:
         raise ValueError(f"kernel='gemv' takes one row of x, got {M}")
     if not 1 <= M <= MAX_M:
@@ -517,8 +595,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
                 ASM=bool(asm) and not interpreting())
-    if kernel == "dot":
-        meta.update(IEEE=dtype == torch.float32, BLOCK_M=max(16, m_bucket(M)))
+    if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
+        meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (triton.cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta
