@@ -23,9 +23,11 @@ import math
 
 import torch
 
-__all__ = ["device_key", "small_config", "heuristic_config", "max_rows", "TABLES"]
+__all__ = ["device_key", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES"]
 
-# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}
+# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}.
+# A shape listed under ("late", m) takes the late-scaling kernel at that bucket (it measured faster there
+# than the "dot" entry of the same shape); the other shapes keep "dot" (see small_choice).
 # H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
 TABLES: dict[str, dict] = {
     # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6). max_m: at M = 32 the small
@@ -53,6 +55,19 @@ TABLES: dict[str, dict] = {
         ("dot", 64): {(4096, 4096): (256, 2, 8, 8, 1), (14336, 4096): (256, 1, 4, 4, 1),
                       (4096, 14336): (256, 2, 8, 8, 1), (8192, 8192): (256, 1, 8, 4, 1),
                       (28672, 8192): (256, 1, 2, 4, 1)},
+        # nf4_tune.py --kernel late, same GPU kind, 2026-12-04 (RESULTS.md, issue 24): the shapes where the late
+        # kernel took <= 0.98x the time of the "dot" entry above in the same run (0.81-0.97x)
+        ("late", 2): {(14336, 4096): (128, 2, 8, 4, 1), (4096, 14336): (128, 1, 16, 4, 1),
+                      (8192, 8192): (128, 2, 8, 4, 1), (28672, 8192): (128, 2, 4, 4, 1)},
+        ("late", 4): {(14336, 4096): (128, 2, 8, 4, 1), (4096, 14336): (128, 2, 16, 4, 1),
+                      (8192, 8192): (128, 2, 8, 4, 1), (28672, 8192): (128, 2, 4, 4, 1)},
+        ("late", 8): {(14336, 4096): (128, 2, 8, 4, 1), (4096, 14336): (256, 2, 16, 8, 1),
+                      (8192, 8192): (128, 2, 8, 4, 1), (28672, 8192): (128, 2, 8, 4, 1)},
+        ("late", 16): {(4096, 4096): (256, 1, 8, 8, 3), (14336, 4096): (128, 2, 8, 4, 1),
+                       (4096, 14336): (256, 2, 16, 8, 1), (8192, 8192): (128, 2, 8, 4, 1),
+                       (28672, 8192): (128, 2, 4, 4, 1)},
+        ("late", 32): {(4096, 4096): (256, 4, 8, 8, 1), (14336, 4096): (256, 2, 4, 4, 1),
+                       (8192, 8192): (256, 2, 8, 4, 1), (28672, 8192): (256, 2, 2, 4, 1)},
     }},
 }
 
@@ -113,6 +128,23 @@ def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: tor
         return heuristic_config(kernel, M, N, blocksize, dtype)
     near = min(shapes, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
     return shapes[near]
+
+
+def small_choice(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[str, tuple]:
+    """``(kernel, configuration)`` of the default small-``M`` product on ``device``: the GEMV at ``M = 1``;
+    above, ``"late"`` where the table's nearest measured shape is listed under ``("late", bucket)``, else
+    ``"dot"`` (with :func:`small_config`'s configuration)."""
+    kernel = "gemv" if M == 1 else "dot"
+    key = device_key(device)
+    if kernel == "dot" and key is not None and blocksize == 64 and dtype != torch.float32:
+        configs = TABLES[key]["configs"]
+        dot, late = configs.get(("dot", m_bucket(M))), configs.get(("late", m_bucket(M)))
+        if dot and late:
+            near = min(dot, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
+            if near in late:
+                return "late", late[near]
+    return kernel, small_config(kernel, M, N, K, blocksize, dtype, device)
 
 
 def max_rows(device: torch.device, default: int = 16) -> int:

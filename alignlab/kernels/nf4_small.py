@@ -51,7 +51,7 @@ import torch
 
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, launch
-from alignlab.kernels.nf4_configs import m_bucket, small_config
+from alignlab.kernels.nf4_configs import m_bucket, small_choice, small_config
 from alignlab.kernels.nf4_dequant import _state_args
 from alignlab.quant.nf4 import NF4Tensor, nf4_code
 
@@ -571,7 +571,12 @@ _KERNELS = {"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel} if t
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
           asm):
     """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
-    kernel = kernel or ("gemv" if M == 1 else "dot")
+    cfg = None
+    if kernel is None:
+        if interpreting():
+            kernel = "gemv" if M == 1 else "dot"
+        else:  # this GPU's measured choice (late-scaling kernel or tl.dot) and configuration
+            kernel, cfg = small_choice(M, N, K, t.blocksize, dtype, device)
     if kernel not in ("gemv", "dot", "late"):
         raise ValueError(f"kernel must be 'gemv', 'dot' or 'late', got {kernel!r}")
     if kernel == "gemv" and M != 1:
@@ -583,7 +588,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
         block_n, nb, split = block_n or 16, nb or 1, split or 2
     else:
-        cfg = small_config(kernel, M, N, K, t.blocksize, dtype, device)
+        cfg = cfg or small_config(kernel, M, N, K, t.blocksize, dtype, device)
         block_n, nb = block_n or cfg[0], nb or cfg[1]
         split, num_warps, num_stages = split or cfg[2], num_warps or cfg[3], num_stages or cfg[4]
     # `split` slices of whole NB-block steps.  The slice length goes in as an argument, not computed in

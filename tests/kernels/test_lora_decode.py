@@ -99,5 +99,9 @@ def test_update_cuda_bf16_and_qlora_layer(M):
         fast = layer(xx)
         ref = layer.base_layer(xx).double() + 2.0 * (xx.double() @ layer.lora_A["default"].weight.double().T) \
             @ layer.lora_B["default"].weight.double().T
-    assert ((fast.double() - ref).norm() / ref.norm()).item() < 5e-3
-    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    err_fast = ((fast.double() - ref).norm() / ref.norm()).item()
+    err_plain = ((plain.double() - ref).norm() / ref.norm()).item()
+    # the default path rounds x Aᵀ to bf16 (autocast semantics), the kernel keeps it in fp32: elementwise the two
+    # differ by more than a bf16 step where the update cancels the base, so they are compared by their errors
+    assert err_fast < 5e-3 and err_fast <= err_plain * 1.05 + 1e-4, (err_fast, err_plain)
+    assert ((fast.double() - plain.double()).norm() / ref.norm()).item() < 1e-2

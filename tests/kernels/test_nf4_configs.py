@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignlab.kernels import nf4_configs
-from alignlab.kernels.nf4_configs import heuristic_config, m_bucket, max_rows, small_config
+from alignlab.kernels.nf4_configs import heuristic_config, m_bucket, max_rows, small_choice, small_config
 
 
 def test_m_bucket():
@@ -67,7 +67,32 @@ def test_shipped_tables_are_well_formed():
     for key, table in nf4_configs.TABLES.items():
         assert 1 <= table["max_m"] <= 64, key
         for (kernel, bucket), shapes in table["configs"].items():
-            assert kernel in ("gemv", "dot") and bucket == m_bucket(bucket) and (kernel == "gemv") == (bucket == 1)
+            assert kernel in ("gemv", "dot", "late") and bucket == m_bucket(bucket)
+            assert (kernel == "gemv") == (bucket == 1) and not (kernel == "late" and bucket == 1)
+            if kernel == "late":  # small_choice picks late by the nearest "dot" shape of the same bucket
+                assert set(shapes) <= set(table["configs"].get(("dot", bucket), {})), (key, bucket)
             for (n, k), (bn, nb, split, warps, stages) in shapes.items():
                 assert n > 0 and k > 0 and bn in (16, 32, 64, 128, 256) and nb in (1, 2, 4), (key, n, k)
                 assert split >= 1 and warps in (1, 2, 4, 8, 16) and stages >= 1, (key, n, k)
+
+
+def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
+    """The default kernel: the GEMV at M = 1; above, "late" where the nearest measured "dot" shape of the bucket
+    is listed under ("late", bucket), else "dot"; no table, fp32 or other blocksizes: "dot" and the rules."""
+    table = {"max_m": 32, "configs": {
+        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2)},
+        ("dot", 8): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
+        ("late", 8): {(28672, 8192): (128, 2, 8, 4, 1)},
+    }}
+    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
+    dev = torch.device("cpu")
+    bf16 = torch.bfloat16
+    assert small_choice(1, 4096, 4096, 64, bf16, dev) == ("gemv", (256, 1, 4, 8, 2))
+    assert small_choice(5, 20000, 8192, 64, bf16, dev) == ("late", (128, 2, 8, 4, 1))
+    assert small_choice(8, 5000, 4096, 64, bf16, dev) == ("dot", (32, 2, 4, 4, 2))
+    assert small_choice(16, 20000, 8192, 64, bf16, dev) == ("dot", heuristic_config("dot", 16, 20000, 64, bf16))
+    assert small_choice(8, 20000, 8192, 64, torch.float32, dev)[0] == "dot"
+    assert small_choice(8, 20000, 8192, 128, bf16, dev)[0] == "dot"
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
+    assert small_choice(8, 20000, 8192, 64, bf16, dev) == ("dot", heuristic_config("dot", 8, 20000, 64, bf16))
