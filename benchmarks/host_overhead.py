@@ -40,10 +40,8 @@ def per_call_us(fn, reps: int = 400, warmup: int = 30) -> float:
     return statistics.median(samples)
 
 
-def _no_grad(layer, x, decode_kernel=False):
-    """One call of an adapted layer under ``torch.no_grad()`` (generation), optionally with
-    ``LoRALinear.decode_kernel`` on for this call."""
-    layer.decode_kernel = decode_kernel
+def _no_grad(layer, x):
+    """One call of an adapted layer under ``torch.no_grad()`` (generation)."""
     with torch.no_grad():
         return layer(x)
 
@@ -105,7 +103,6 @@ def main():
         "LoRA on NF4Linear (QLoRA), x needs no grad": lambda: lora(x),
         "LoRA on NF4Linear (QLoRA), x needs grad": lambda: lora(xg),
         "LoRA on NF4Linear (QLoRA), torch.no_grad()": lambda: _no_grad(lora, x),
-        "  the same with decode_kernel (opt-in)": lambda: _no_grad(lora, x, decode_kernel=True),
     }
     out = {}
     for name, fn in rows.items():

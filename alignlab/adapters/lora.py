@@ -26,7 +26,6 @@ initialisation either way. With ``use_dora=True`` the adapter is DoRA (see
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import torch
@@ -112,12 +111,6 @@ class LoRALinear(AdapterLayer):
     #: address, so a cached cast would silently be stale. Safe when the factors change only through
     #: optimizer steps, ``copy_`` under ``no_grad``, or replacement; it saves two casts per call.
     cache_casts = False
-    #: opt-in (``ALIGNLAB_LORA_DECODE=1`` at import, or this attribute): calls that need no gradient with at
-    #: most 64 rows (generation, rollouts) add the adapter term with one kernel
-    #: (:func:`alignlab.kernels.lora_decode.lora_update_`: no casts of A and B, no cuBLAS launches) on top of
-    #: the base layer's own output (``NF4Linear``'s decode launcher). Tested on CPU through the Triton
-    #: interpreter only; off until measured on a GPU.
-    decode_kernel = os.environ.get("ALIGNLAB_LORA_DECODE", "0") == "1"
 
     def __init__(
         self,
@@ -281,10 +274,6 @@ class LoRALinear(AdapterLayer):
         # torch.compile traces the plain path below and fuses it itself: with torch 2.11 it dropped the
         # fused functions' gradients (seen on an H200), so compiled graphs never contain them
         if len(names) == 1 and not torch.compiler.is_compiling():
-            if self.decode_kernel:
-                y = self._decode(x, names[0])
-                if y is not None:
-                    return y
             dtype = self._fused_dtype(x, names[0])
             if dtype is not None:
                 return self._fused(x, names[0], dtype)
@@ -306,26 +295,6 @@ class LoRALinear(AdapterLayer):
             else:
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out
-
-    def _decode(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """``base(x) + s·(x Aᵀ) Bᵀ`` with the update in one kernel, for a call that needs no gradient and has
-        at most 64 rows (see ``decode_kernel``); None where that does not apply (the other paths then run)."""
-        from alignlab.kernels.dispatch import use_triton
-        from alignlab.kernels.lora_decode import MAX_RANK, MAX_ROWS, lora_update_
-
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if (self.is_dora(name) or (self.training and not isinstance(self.lora_dropout[name], nn.Identity))
-                or (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad))
-                or x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or a.shape[0] > MAX_RANK
-                or not use_triton(x, a, b)):
-            return None
-        y = self.base_layer(x)
-        if not y.is_contiguous():
-            y = y.contiguous()
-        x2 = x.reshape(-1, x.shape[-1])
-        lora_update_(y.view(-1, y.shape[-1]), x2 if x2.stride(-1) == 1 else x2.contiguous(), a.detach(), b.detach(),
-                     self.scaling[name])
-        return y
 
     def _fused_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
         """The compute dtype of the fused path for this call, or None where it does not apply.
