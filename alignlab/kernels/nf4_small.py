@@ -17,7 +17,11 @@ weight back (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
   and cast to ``x.dtype``, feeds two ``tl.dot`` calls (even and odd halves of
   K), so the work per weight does not grow with ``M``.
 
-Both split K over a second grid axis (the output rows alone give too few
+* :func:`_late_kernel` (``2 <= M <= 32``, tensor cores, the default on the H200 where its table says so):
+  the raw levels in x's dtype go into ``tl.dot`` unscaled, one quantization block at a time, and each
+  block's fp32 product is multiplied by its scale column -- the lookup is the only per-weight work.
+
+All three split K over a second grid axis (the output rows alone give too few
 programs to keep the memory system busy). Each K slice stores its fp32 partial
 in a workspace and counts itself in; the last slice of an output tile to
 arrive adds the partials in slice order (plus the bias) and writes ``y`` in
