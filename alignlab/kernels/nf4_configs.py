@@ -23,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["device_key", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES"]
+__all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES"]
 
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}.
 # A shape listed under ("late", m) takes the late-scaling kernel at that bucket (it measured faster there
@@ -82,6 +82,16 @@ def _device_name(index: int) -> str | None:
     if name is None and not torch.compiler.is_compiling():
         name = _NAMES[index] = torch.cuda.get_device_name(index)
     return name
+
+
+def note_device(device: torch.device) -> None:
+    """Look ``device``'s name up now, outside any trace (a CUDA device; a no-op otherwise and while compiling).
+
+    Called where NF4 weights arrive on a GPU (quantization, ``NF4Linear`` moves): ``torch.compile`` then
+    traces :func:`max_rows` / :func:`device_key` with the real table, also when no eager NF4 product ran
+    before the first compiled call (it would otherwise trace the fallback rules, e.g. ``M <= 16``)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        device_key(device)
 
 
 def device_key(device: torch.device) -> str | None:

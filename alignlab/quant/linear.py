@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_bool
+from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
@@ -267,6 +268,7 @@ class NF4Linear(nn.Module):
             if buf is not None and buf.is_meta:  # to_empty: storage without values, for a state dict to fill
                 buf = torch.empty_like(buf, device=probe.device)
             self._buffers[name] = None if buf is None else buf.to(probe.device)
+        note_device(probe.device)  # this GPU's launch tables, known before any torch.compile trace
         return self
 
     # -- bitsandbytes / transformers state dict ------------------------------------------------------

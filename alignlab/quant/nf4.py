@@ -38,6 +38,7 @@ from typing import Mapping
 import torch
 
 from alignlab._checks import check_bool, is_int
+from alignlab.kernels.nf4_configs import note_device
 
 __all__ = [
     "NF4Tensor",
@@ -410,6 +411,7 @@ def nf4_quantize(
         offset = absmax.mean()
         qabs, nested = _quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
         t.absmax, t.nested_absmax, t.nested_offset = qabs, nested, offset
+    note_device(w.device)  # the launch tables of this GPU, known before any torch.compile trace
     return t
 
 

@@ -96,3 +96,37 @@ def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
     assert small_choice(8, 20000, 8192, 128, bf16, dev)[0] == "dot"
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
     assert small_choice(8, 20000, 8192, 64, bf16, dev) == ("dot", heuristic_config("dot", 8, 20000, 64, bf16))
+
+
+def test_device_name_is_known_before_a_trace(monkeypatch):
+    """Where NF4 weights arrive on a GPU the device's name is looked up eagerly (note_device), so that a
+    torch.compile trace, which cannot look it up, sees that GPU's table (max_m) and not the fallback rules."""
+    from torch import nn
+
+    from alignlab.quant import NF4Linear
+
+    monkeypatch.setattr(nf4_configs, "_NAMES", {})
+    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", {"max_m": 32, "configs": {}})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA FAKE9")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert max_rows(cuda0) == 16 and nf4_configs.note_device(cuda0) is None and not nf4_configs._NAMES
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    nf4_configs.note_device(torch.device("cpu"))
+    assert not nf4_configs._NAMES
+    nf4_configs.note_device(cuda0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a trace
+    assert max_rows(cuda0) == 32
+    # the places that call it: quantization and NF4Linear's device moves
+    seen = []
+    import alignlab.quant.linear as linear_mod
+    import alignlab.quant.nf4 as nf4_mod
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(nf4_mod, "note_device", seen.append)
+    monkeypatch.setattr(linear_mod, "note_device", seen.append)
+    layer = NF4Linear.from_linear(nn.Linear(64, 8))
+    layer.to(torch.float32)
+    assert seen == [torch.device("cpu")] * 2
