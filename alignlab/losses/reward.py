@@ -415,8 +415,11 @@ def ppo_policy_loss(
         ``approx_kl`` (masked mean of :math:`\tfrac12(\log\rho)^2`), ``ratio`` (masked mean of :math:`\rho`).
 
     Raises:
-        ValueError: shape/dtype mismatches, non-positive clip ranges, ``dual_clip <= 1``.
+        ValueError: shape/dtype mismatches, non-positive clip ranges, ``dual_clip <= 1``, a negative or non-finite
+            ``num_items``, a ``num_items`` tensor that is not 0-d.
+        TypeError: ``num_items`` neither a number nor a tensor.
     """
+    check_num_items("num_items", num_items)
     _float("logprobs", logprobs, 2)
     _float("old_logprobs", old_logprobs, 2)
     _same_shape("logprobs", logprobs, old_logprobs=old_logprobs)

@@ -636,3 +636,17 @@ def test_aot_two_pass_through_fused_dpo(torch_mode):
     torch.testing.assert_close(total, big.detach(), rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(gh, g_big[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gw, g_big[1], rtol=1e-9, atol=1e-12)
+
+
+def test_ppo_policy_loss_checks_num_items():
+    """ppo_policy_loss divided by any num_items it was given: -1 flipped the loss's sign, a (2,) tensor gave a
+    (2,) loss, NaN a NaN loss; it now refuses them like every other loss."""
+    lp, old = torch.rand(2, 3, dtype=D), torch.rand(2, 3, dtype=D)
+    adv = torch.rand(2, dtype=D)
+    for aggregation in ("token", "sequence"):
+        for bad in (-1, float("nan"), torch.ones(2)):
+            with pytest.raises(ValueError, match="num_items"):
+                ppo_policy_loss(lp, old, adv, aggregation=aggregation, num_items=bad)
+        for bad in ("6", True, [6]):
+            with pytest.raises(TypeError, match="num_items"):
+                ppo_policy_loss(lp, old, adv, aggregation=aggregation, num_items=bad)
