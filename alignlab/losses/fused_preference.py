@@ -50,6 +50,7 @@ from alignlab.losses.logprobs import (
     select_scored_rows,
 )
 from alignlab.losses.preference import (
+    _LENGTH_NORMALISED,
     _lengths_known_valid,
     check_num_items,
     cpo_loss,
@@ -376,12 +377,17 @@ def fused_linear_dpo(
         ``policy_hidden``, ``lm_head_weight`` and ``bias``.
 
     Raises:
-        ValueError: odd batch, both reference forms given, and everything ``dpo_loss``/``linear_logprobs``
-            reject.
+        ValueError: odd batch, both reference forms given, ``average_log_prob`` with ``ipo``/``sigmoid_norm``
+            (they average per token already: the log-probs would be divided by the counts twice), and
+            everything ``dpo_loss``/``linear_logprobs`` reject.
     """
     _check_3d(policy_hidden)
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
     check_num_items("num_nll_tokens", num_nll_tokens)
+    normalised = _LENGTH_NORMALISED.intersection([loss_type] if isinstance(loss_type, str) else loss_type)
+    if average_log_prob and normalised:
+        raise ValueError(f"loss_type {sorted(normalised)} divides the log-ratios by the completion lengths itself; "
+                         "average_log_prob=True would divide them twice: leave it False")
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
     rc, rr = ref_chosen_logps, ref_rejected_logps

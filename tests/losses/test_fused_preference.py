@@ -128,6 +128,26 @@ def test_fused_dpo_reference_free_and_average():
     _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-10)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", ("sigmoid", "ipo")])
+def test_fused_dpo_average_log_prob_refused_where_the_loss_averages_itself(loss_type):
+    """ipo and sigmoid_norm divide by the scored-token counts the fused DPO passes them; averaged log-probs
+    on top were divided twice (IPO on log-ratio / length^2, silently). Without average_log_prob the loss
+    is the per-token averaged one, written out here (IPO's TRL form)."""
+    hidden, weight, _, labels = _batch(5, bias=False)
+    ref_hidden = hidden.detach() * 0.9
+    with pytest.raises(ValueError, match="average_log_prob"):
+        fused_linear_dpo(hidden, weight, labels, ref_hidden=ref_hidden, loss_type=loss_type, average_log_prob=True)
+    if loss_type != "ipo":
+        return
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref_hidden=ref_hidden, loss_type="ipo", beta=0.5)
+    tok, counts = _unfused_token_logps(hidden, weight, None, labels)
+    ref_tok, _ = _unfused_token_logps(ref_hidden, weight.detach(), None, labels)  # the reference has no gradient
+    h = (tok.sum(1) - ref_tok.sum(1)) / counts
+    want = ((h[:B] - h[B:] - 1.0 / (2 * 0.5)) ** 2).mean()
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-10)
+
+
 @pytest.mark.parametrize("schedule", ["lazy", "eager-some-resident"])
 def test_fused_orpo_simpo_cpo_match_unfused(schedule):
     sched = SCHEDULES[schedule]
