@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import is_finite_real, is_int, is_real
+from alignlab._checks import check_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 
@@ -585,9 +585,11 @@ def sequence_divergence(token_losses: torch.Tensor, mask: torch.Tensor | None = 
 
     Raises:
         ValueError: if ``token_losses`` is not 2-D or ``mask`` has another shape.
+        TypeError: ``normalize`` not a bool.
     """
     if not isinstance(token_losses, torch.Tensor) or token_losses.dim() != 2:
         raise ValueError("token_losses must be a (batch, seq) tensor")
+    check_bool(normalize, "normalize")
     w = _weights(mask, token_losses.shape, token_losses.device, token_losses.dtype)
     total = (token_losses * w).sum(-1)
     if not normalize:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import check_bool, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
 from alignlab.losses.preference import step_count
@@ -321,7 +321,8 @@ def fused_linear_grpo(
         ``(loss, metrics)`` as ``grpo_loss``; gradients reach ``hidden``, ``lm_head_weight`` and ``bias``.
 
     Raises:
-        TypeError: non-float hidden/weight, integer ids of the wrong kind, dtype mismatches.
+        TypeError: non-float hidden/weight, integer ids of the wrong kind, dtype mismatches, ``compute_entropy``
+            not a bool.
         ValueError: bad shapes, unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``,
             ids outside ``[0, vocab)``, ``temperature <= 0``, a bad ``cu_seqlens``.
     """
@@ -348,6 +349,7 @@ def fused_linear_grpo(
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
+    check_bool(compute_entropy, "compute_entropy")
     if ref_hidden is not None and ref_logprobs is not None:
         raise ValueError("pass either ref_logprobs or ref_hidden, not both")
     if beta > 0 and ref_hidden is None and ref_logprobs is None:

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import check_bool, is_int
 from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
@@ -123,9 +123,11 @@ def sequence_logprobs(
         ``(batch,)`` float32 (float64 for float64 logits).
 
     Raises:
-        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels``.
+        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels``;
+            ``average`` not a bool (TypeError).
     """
     _check_logits_labels(logits, labels)
+    check_bool(average, "average")
     if labels.dim() < 1:
         raise ValueError("labels must have at least a batch dimension")
     tok = token_logprobs(logits, labels, ignore_index)

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import is_finite_real, is_int, is_real
+from alignlab._checks import check_bool, is_finite_real, is_int, is_real
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -469,7 +469,7 @@ def dpo_loss(
         ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
             (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean.
-        TypeError: ``num_items`` neither a number nor a tensor.
+        TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:
@@ -481,6 +481,7 @@ def dpo_loss(
         loss_weights = [1.0] * len(loss_types)
     elif len(loss_weights) != len(loss_types):
         raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}")
+    check_bool(reference_free, "reference_free")  # a truthy string would drop the reference silently
     beta = _check_positive("beta", beta)
     discopop_tau = _check_positive("discopop_tau", discopop_tau)
     _check_reduction(reduction)

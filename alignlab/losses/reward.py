@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import is_int
+from alignlab._checks import check_bool, is_int
 from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
@@ -114,7 +114,9 @@ def whiten(
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
             ``(3,)``.
+        TypeError: ``shift_mean`` not a bool.
     """
+    check_bool(shift_mean, "shift_mean")
     m = _mask(mask, values)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if moments is not None:
@@ -314,10 +316,12 @@ def gae(
 
     Raises:
         ValueError: shape/dtype mismatches, ``gamma``/``lam`` outside [0, 1].
+        TypeError: ``whiten_advantages`` not a bool.
     """
     _float("rewards", rewards, 2)
     _float("values", values, 2)
     _same_shape("rewards", rewards, values=values)
+    check_bool(whiten_advantages, "whiten_advantages")
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
@@ -569,7 +573,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
 
     Raises:
         ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards.
+        TypeError: ``normalize`` not a bool.
     """
+    check_bool(normalize, "normalize")
     g = _grouped(rewards, group_size, 2).detach()
     g = g.to(_compute_dtype(g))
     baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)

@@ -513,3 +513,8 @@ def test_numpy_temperature_and_beta_match_python_numbers():
     for kw in ({"beta": True}, {"beta": float("nan")}, {"temperature": True}, {"temperature": float("nan")}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             distill_loss(s, t, **kw)
+
+
+def test_sequence_divergence_normalize_must_be_a_bool():
+    with pytest.raises(TypeError, match="normalize"):
+        sequence_divergence(torch.rand(2, 3), normalize="no")

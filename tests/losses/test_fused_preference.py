@@ -324,3 +324,17 @@ def test_fused_orpo_simpo_cpo_match_liger(which):
     want = want[0] if isinstance(want, tuple) else want
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-7)
     _close(_grads(got, hidden, weight), _grads(want, hidden, weight), 1e-6)
+
+
+def test_schedule_and_average_flags_must_be_bools():
+    """A truthy string switched the eager schedule or the averaging on."""
+    hidden, weight, _, labels = _batch(6, bias=False)
+    ref = torch.zeros(B, dtype=torch.float64)
+    with pytest.raises(TypeError, match="eager"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, eager="no")
+    with pytest.raises(TypeError, match="eager"):
+        fused_linear_orpo(hidden, weight, labels, eager=1)
+    with pytest.raises(TypeError, match="average_log_prob"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, average_log_prob="no")
+    with pytest.raises(TypeError, match="average_log_prob"):
+        fused_linear_cpo(hidden, weight, labels, average_log_prob=0)

@@ -383,3 +383,11 @@ def test_bfloat16_inputs_and_sliced_hidden(torch_mode):
     torch.testing.assert_close(h_full.grad[:, :T].double(), want[2], rtol=3e-2, atol=3e-3)
     assert float(h_full.grad[:, T:].abs().max()) == 0.0
     torch.testing.assert_close(w.grad.double(), want[3], rtol=3e-2, atol=3e-3)
+
+
+def test_compute_entropy_must_be_a_bool():
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="compute_entropy"):
+        fused_linear_grpo(hidden, weight, ids, torch.ones(2, dtype=torch.float64), compute_entropy="no")

@@ -195,3 +195,9 @@ def test_linear_logprobs_bad_input():
         linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="bias"):
         linear_logprobs(h, w, torch.zeros(2, dtype=torch.long), bias=torch.zeros(8))
+
+
+def test_sequence_logprobs_average_must_be_a_bool():
+    logits, labels = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="average"):
+        sequence_logprobs(logits, labels, average="no")

@@ -612,3 +612,13 @@ def test_dpo_numpy_scalars_match_python_numbers():
             dpo_loss(pc, pr, rc, rr, **kw)
     with pytest.raises(TypeError, match="num_items"):
         dpo_loss(pc, pr, rc, rr, num_items=True)
+
+
+def test_reference_free_must_be_a_bool():
+    """reference_free="no" is truthy: it used to drop the reference and give the reference-free loss silently."""
+    pc, pr = -torch.rand(3, dtype=torch.float64), -torch.rand(3, dtype=torch.float64)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="reference_free"):
+            dpo_loss(pc, pr, reference_free=bad)
+    with pytest.raises(TypeError, match="reference_free"):
+        dpo_loss(pc, pr, pc * 0.5, pr * 0.5, reference_free=0)

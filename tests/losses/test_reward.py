@@ -373,3 +373,14 @@ def test_grpo_matches_trl(loss_type, beta):
     (got_grad,) = torch.autograd.grad(got, lp)
     torch.testing.assert_close(got, want.to(got.dtype))
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_rl_flags_must_be_bools():
+    """A truthy string ("no") switched whitening or normalisation on."""
+    x = torch.rand(2, 3, dtype=D)
+    with pytest.raises(TypeError, match="shift_mean"):
+        whiten(x, shift_mean="no")
+    with pytest.raises(TypeError, match="whiten_advantages"):
+        gae(x, x, whiten_advantages="no")
+    with pytest.raises(TypeError, match="normalize"):
+        rloo_advantages(x.reshape(-1), 2, normalize=1)
