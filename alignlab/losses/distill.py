@@ -498,8 +498,8 @@ def fused_linear_distill_loss(
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
 
     Raises:
-        ValueError: inconsistent shapes, both or neither teacher forms, bad ``chunk_size``,
-            plus the conditions of :func:`distill_loss`.
+        ValueError: inconsistent shapes, both or neither teacher forms, non-float teacher logits / hidden
+            states / weight, bad ``chunk_size``, plus the conditions of :func:`distill_loss`.
         TypeError: non-tensor arguments.
     """
     if not isinstance(student_hidden, torch.Tensor) or not isinstance(student_weight, torch.Tensor):
@@ -526,12 +526,19 @@ def fused_linear_distill_loss(
     if teacher_logits is not None:
         if not isinstance(teacher_logits, torch.Tensor):
             raise TypeError("teacher_logits must be a torch.Tensor")
+        if not teacher_logits.is_floating_point():  # integer logits would be divided by tau as integers
+            raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
         if teacher_logits.shape != (*lead, vocab):
             raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(teacher_logits.shape)}")
         teacher_a, teacher_b = teacher_logits.detach().reshape(-1, vocab), None
         if teacher_a.stride(-1) != 1:
             teacher_a = teacher_a.contiguous()
     else:
+        for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} must be floating point, got {t.dtype}")
         if teacher_hidden.shape[:-1] != lead or teacher_hidden.dim() != student_hidden.dim():
             raise ValueError(f"teacher_hidden must have leading shape {tuple(lead)}, got {tuple(teacher_hidden.shape)}")
         if teacher_weight.dim() != 2 or teacher_weight.shape != (vocab, teacher_hidden.shape[-1]):

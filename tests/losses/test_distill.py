@@ -518,3 +518,18 @@ def test_numpy_temperature_and_beta_match_python_numbers():
 def test_sequence_divergence_normalize_must_be_a_bool():
     with pytest.raises(TypeError, match="normalize"):
         sequence_divergence(torch.rand(2, 3), normalize="no")
+
+
+def test_fused_refuses_integer_teacher():
+    """distill_loss refused integer teacher logits; the fused form took them (and an integer teacher hidden
+    state) and returned a number."""
+    h, w = torch.randn(2, 3, 4), torch.randn(7, 4)
+    teacher = torch.randint(-3, 3, (2, 3, 7))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distill_loss(h @ w.T, teacher)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        fused_linear_distill_loss(h, w, teacher)
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_linear_distill_loss(h, w, teacher_hidden=h.long(), teacher_weight=w)
+    with pytest.raises(TypeError, match="teacher_weight"):
+        fused_linear_distill_loss(h, w, teacher_hidden=h, teacher_weight=w.tolist())
