@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, is_finite_real, is_int, is_real
+from alignlab._checks import check_bool, check_finite_number, is_finite_real, is_int, is_real
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -154,8 +154,10 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     t = torch.as_tensor(lengths, device=like.device)
     if t.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)} (one length per sequence), got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must hold token counts, got dtype {t.dtype}")
     t = t.to(like.dtype)
-    if t.numel() and not _LENGTHS_VALID.get() and bool((t < 1).any()):
+    if t.numel() and not _LENGTHS_VALID.get() and bool((~(t >= 1)).any()):  # NaN fails >= 1
         raise ValueError(f"{name} must be >= 1 everywhere (number of completion tokens)")
     return t
 
@@ -468,8 +470,10 @@ def dpo_loss(
     Raises:
         ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
             (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
-            reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean.
-        TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool.
+            reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
+            lengths below 1 or NaN, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
+        TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
+            ``loss_weights`` entries or ``length_alpha`` not real numbers.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:
@@ -481,6 +485,8 @@ def dpo_loss(
         loss_weights = [1.0] * len(loss_types)
     elif len(loss_weights) != len(loss_types):
         raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}")
+    loss_weights = [check_finite_number(w, "loss_weights") for w in loss_weights]
+    length_alpha = check_finite_number(length_alpha, "length_alpha")
     check_bool(reference_free, "reference_free")  # a truthy string would drop the reference silently
     beta = _check_positive("beta", beta)
     discopop_tau = _check_positive("discopop_tau", discopop_tau)
@@ -532,8 +538,6 @@ def dpo_loss(
             num_items = step[0].shape[0]
     length_margin = None
     if length_alpha:
-        if not math.isfinite(length_alpha):
-            raise ValueError(f"length_alpha must be finite, got {length_alpha!r}")
         if len_c is None:
             raise ValueError("length_alpha (R-DPO) needs chosen_lengths and rejected_lengths")
         bad = [lt for lt in loss_types if lt not in _LOGIT_LOSS_TYPES]
@@ -630,7 +634,8 @@ ho_{KL})` and their count over the step (and over ranks: all-reduce both sums),
 
     Raises:
         ValueError: bad shapes/dtypes, ``beta <= 0``, non-positive weights, unknown ``loss_type``, missing or
-            empty KL log-probs, labels other than 0/1.
+            empty KL log-probs, labels other than 0/1, a NaN or infinite number ``kl``.
+        TypeError: ``kl`` neither a tensor nor a real number.
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}")
@@ -654,6 +659,8 @@ ho_{KL})` and their count over the step (and over ranks: all-reduce both sums),
         bad_loss = torch.sigmoid(beta * h)
     else:
         if kl is not None:
+            if not isinstance(kl, torch.Tensor):  # a tensor is not read back (that would sync)
+                kl = check_finite_number(kl, "kl")
             z0 = torch.as_tensor(kl, dtype=dtype, device=pi.device).detach()
             if z0.dim() != 0:
                 raise ValueError(f"kl must be a scalar, got shape {tuple(z0.shape)}")
@@ -850,14 +857,15 @@ def simpo_loss(
         ``(loss, metrics)``; rewards are :math:`\beta\,\overline{\log\pi}` as TRL's CPO/SimPO trainer logs them.
 
     Raises:
-        ValueError: bad shapes/dtypes/lengths, ``beta <= 0``, ``label_smoothing`` outside [0, 1).
+        ValueError: bad shapes/dtypes/lengths, ``beta <= 0``, ``label_smoothing`` outside [0, 1), a NaN or
+            infinite ``gamma``.
+        TypeError: ``gamma`` not a real number.
     """
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    gamma = check_finite_number(gamma, "gamma")
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     len_c = _lengths("chosen_lengths", chosen_lengths, pc)
@@ -866,7 +874,7 @@ def simpo_loss(
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     if len_c is not None:
         pc, pr = pc / len_c, pr / len_r
-    loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, float(gamma)), reduction, num_items)
+    loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, gamma), reduction, num_items)
     return loss, _pair_metrics(beta * pc, beta * pr, pc, pr)
 
 
@@ -918,12 +926,16 @@ def cpo_loss(
 
     Raises:
         ValueError: bad shapes/dtypes, ``beta <= 0``, unknown ``loss_type``, ``cpo_alpha != 0`` without
-            ``chosen_nll_loss``.
+            ``chosen_nll_loss``, a NaN or infinite ``cpo_alpha``/``simpo_gamma``/``alpha``.
+        TypeError: ``cpo_alpha``/``simpo_gamma``/``alpha`` not a real number.
     """
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(CPO_LOSS_TYPES)}")
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
+    cpo_alpha = check_finite_number(cpo_alpha, "cpo_alpha")
+    simpo_gamma = check_finite_number(simpo_gamma, "simpo_gamma")
+    alpha = check_finite_number(alpha, "alpha")
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
@@ -936,7 +948,7 @@ def cpo_loss(
         rr = (1.0 - torch.exp(-alpha * pr)) / alpha
     else:
         rc, rr = pc, pr
-    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, float(simpo_gamma)), reduction, num_items)
+    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, simpo_gamma), reduction, num_items)
     if cpo_alpha and reduction != "none":
         loss = loss + cpo_alpha * nll
     metrics = _pair_metrics(beta * rc, beta * rr, pc, pr)
@@ -983,7 +995,7 @@ def una_loss(
         ``(loss, metrics)`` with ``rewards/implicit`` (mean :math:`r_\theta`), ``rewards/explicit`` (mean s).
 
     Raises:
-        ValueError: bad shapes/dtypes, scores outside [0, 1], ``beta <= 0``, unknown ``loss_type``.
+        ValueError: bad shapes/dtypes, scores outside [0, 1] (NaN included), ``beta <= 0``, unknown ``loss_type``.
     """
     if loss_type not in UNA_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(UNA_LOSS_TYPES)}")
@@ -992,7 +1004,7 @@ def una_loss(
     check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
     s = scores.to(dtype)
-    if s.numel() and bool(((s < 0) | (s > 1)).any()):
+    if s.numel() and bool((~((s >= 0) & (s <= 1))).any()):  # NaN is outside too
         raise ValueError("scores must lie in [0, 1] (normalise explicit rewards first)")
     r = beta * (policy_logps.to(dtype) - ref_logps.to(dtype))
     if loss_type == "mse":

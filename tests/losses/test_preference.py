@@ -622,3 +622,36 @@ def test_reference_free_must_be_a_bool():
             dpo_loss(pc, pr, reference_free=bad)
     with pytest.raises(TypeError, match="reference_free"):
         dpo_loss(pc, pr, pc * 0.5, pr * 0.5, reference_free=0)
+
+
+def test_nan_and_non_number_arguments_are_refused():
+    """Each of these reached the loss as NaN (or a type error that named nothing) instead of being refused."""
+    d = torch.float64
+    pc, pr = -torch.rand(3, dtype=d) - 1, -torch.rand(3, dtype=d) - 1
+    nan = float("nan")
+    with pytest.raises(ValueError, match="scores"):
+        una_loss(pc, pr, torch.tensor([0.5, nan, 0.1], dtype=d))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, pc, pr, loss_type="ipo", chosen_lengths=torch.tensor([nan, 2, 2]), rejected_lengths=[2, 2, 2])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, pc, pr, loss_type="ipo", chosen_lengths=torch.ones(3, dtype=torch.bool),
+                 rejected_lengths=[2, 2, 2])
+    with pytest.raises(ValueError, match="loss_weights"):
+        dpo_loss(pc, pr, pc, pr, loss_type=("sigmoid", "ipo"), loss_weights=(nan, 1.0))
+    with pytest.raises(TypeError, match="length_alpha"):
+        dpo_loss(pc, pr, pc, pr, length_alpha="0.1", chosen_lengths=[1, 2, 3], rejected_lengths=[3, 2, 1])
+    with pytest.raises(ValueError, match="kl"):
+        kto_loss(pc, pr, torch.tensor([True, False, True]), kl=nan)
+    with pytest.raises(TypeError, match="kl"):
+        kto_loss(pc, pr, torch.tensor([True, False, True]), kl="0.1")
+    with pytest.raises(TypeError, match="gamma"):
+        simpo_loss(pc, pr, gamma="0.5")
+    for name in ("cpo_alpha", "simpo_gamma", "alpha"):
+        with pytest.raises(ValueError, match=name):
+            cpo_loss(pc, pr, torch.tensor(1.0, dtype=d), **{name: nan})
+        with pytest.raises(TypeError, match=name):
+            cpo_loss(pc, pr, torch.tensor(1.0, dtype=d), **{name: "1"})
+    # a tensor kl is not read back (no sync); NumPy scalars are numbers
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(kto_loss(pc, pr, torch.tensor([True, False, True]), kl=torch.tensor(0.2))[0],
+                               kto_loss(pc, pr, torch.tensor([True, False, True]), kl=np.float32(0.2))[0])
