@@ -610,8 +610,7 @@ def kto_loss(
     Gradient accumulation, exactly: :math:`z_0` is a statistic of the whole batch, so estimating it per
     micro-batch gives each micro-batch another reference point.  Two passes make the step exact at no extra
     forward: first run the mismatched completions of every micro-batch (no gradient) and sum
-    :math:`\sum(\pi_{KL} - 
-ho_{KL})` and their count over the step (and over ranks: all-reduce both sums),
+    :math:`\sum(\pi_{KL} - \rho_{KL})` and their count over the step (and over ranks: all-reduce both sums),
     then call each micro-batch with ``kl = max(0, sum / count)`` and ``num_items`` = completions of the step.
 
     Args:
