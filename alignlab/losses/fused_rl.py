@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import check_bool, is_finite_real, is_int
+from alignlab._checks import check_bool, check_finite_number, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
 from alignlab.losses.preference import step_count
@@ -352,9 +352,11 @@ def fused_linear_grpo(
     check_bool(compute_entropy, "compute_entropy")
     if ref_hidden is not None and ref_logprobs is not None:
         raise ValueError("pass either ref_logprobs or ref_hidden, not both")
+    beta = check_finite_number(beta, "beta", minimum=0.0)  # the rest of the numbers: grpo_loss on the probe below
     if beta > 0 and ref_hidden is None and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs or ref_hidden")
-    hi = epsilon if epsilon_high is None else epsilon_high
+    epsilon = check_finite_number(epsilon, "epsilon")
+    hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):
         raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon!r}, {epsilon_high!r}")
     dev, vocab, hdim = hidden.device, lm_head_weight.shape[0], hidden.shape[-1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, is_int
+from alignlab._checks import check_bool, check_finite_number, is_int
 from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
@@ -725,7 +725,9 @@ def grpo_loss(
     Raises:
         ValueError: unknown ``loss_type``/``importance_sampling_level``/``kl_estimator``/``is_mode`` (lists the
             valid ones), shape/dtype mismatches, ``beta < 0``, ``beta > 0`` without ``ref_logprobs``,
-            non-positive clip ranges, ``entropy_coef`` without ``entropy``.
+            non-positive clip ranges, ``entropy_coef`` without ``entropy``, a NaN or infinite ``beta``,
+            ``epsilon``, ``epsilon_high``, ``entropy_coef``, ``is_min`` or ``is_max``, ``is_min > is_max``.
+        TypeError: any of those numbers not a real number.
     """
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     _float("logprobs", logprobs, 2)
@@ -736,15 +738,20 @@ def grpo_loss(
     _same_shape("logprobs", logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropy=entropy,
                 sampling_logprobs=sampling_logprobs)
     adv = _broadcast_advantages(advantages, logprobs)
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    beta = check_finite_number(beta, "beta", minimum=0.0)
+    entropy_coef = check_finite_number(entropy_coef, "entropy_coef")
+    is_min = None if is_min is None else check_finite_number(is_min, "is_min")
+    is_max = None if is_max is None else check_finite_number(is_max, "is_max")
+    if is_min is not None and is_max is not None and is_min > is_max:
+        raise ValueError(f"is_min must be <= is_max, got {is_min!r} > {is_max!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     check_num_items("num_items", num_items)
     check_num_items("num_tokens", num_tokens)
-    hi = epsilon if epsilon_high is None else epsilon_high
+    epsilon = check_finite_number(epsilon, "epsilon")
+    hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):
         raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon!r}, {epsilon_high!r}")
     m = _mask(mask, logprobs)

@@ -391,3 +391,15 @@ def test_compute_entropy_must_be_a_bool():
     ids = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="compute_entropy"):
         fused_linear_grpo(hidden, weight, ids, torch.ones(2, dtype=torch.float64), compute_entropy="no")
+
+
+def test_numbers_are_checked_by_name():
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    ids, adv = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="beta"):
+        fused_linear_grpo(hidden, weight, ids, adv, beta="0.04", ref_logprobs=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="epsilon"):
+        fused_linear_grpo(hidden, weight, ids, adv, epsilon="0.2")
+    with pytest.raises(ValueError, match="entropy_coef"):
+        fused_linear_grpo(hidden, weight, ids, adv, entropy_coef=float("nan"))

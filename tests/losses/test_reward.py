@@ -384,3 +384,23 @@ def test_rl_flags_must_be_bools():
         gae(x, x, whiten_advantages="no")
     with pytest.raises(TypeError, match="normalize"):
         rloo_advantages(x.reshape(-1), 2, normalize=1)
+
+
+def test_grpo_numbers_are_checked_by_name():
+    """NaN entropy_coef / is_max reached the loss as NaN, is_min > is_max zeroed or clamped every weight to a
+    point silently, and a string beta failed inside a comparison that named nothing."""
+    lp, adv = torch.rand(2, 3, dtype=D), torch.rand(2, dtype=D)
+    ent = torch.rand(2, 3, dtype=D)
+    nan = float("nan")
+    for kw, name in ((dict(entropy=ent, entropy_coef=nan), "entropy_coef"),
+                     (dict(sampling_logprobs=lp, is_max=nan), "is_max"),
+                     (dict(sampling_logprobs=lp, is_min=nan), "is_min"),
+                     (dict(sampling_logprobs=lp, is_min=5.0, is_max=3.0), "is_min"),
+                     (dict(beta=float("inf"), ref_logprobs=lp), "beta"),
+                     (dict(epsilon_high=nan), "epsilon_high")):
+        with pytest.raises(ValueError, match=name):
+            grpo_loss(lp, adv, None, lp, **kw)
+    for kw, name in ((dict(beta="0.1", ref_logprobs=lp), "beta"), (dict(epsilon="0.2"), "epsilon"),
+                     (dict(entropy=ent, entropy_coef="1"), "entropy_coef")):
+        with pytest.raises(TypeError, match=name):
+            grpo_loss(lp, adv, None, lp, **kw)
