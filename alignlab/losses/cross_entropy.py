@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from alignlab._checks import check_finite_number
 from alignlab.losses.logprobs import (
     check_linear_inputs,
     default_chunk_rows,
@@ -224,9 +225,11 @@ def linear_cross_entropy(
         :class:`CrossEntropyOutput` ``(loss, n_tokens)``.
 
     Raises:
-        TypeError: non-float hidden/weight/token_weights, non-integer labels, mismatched dtypes.
+        TypeError: non-float hidden/weight/token_weights, non-integer labels, mismatched dtypes,
+            ``label_smoothing``/``z_loss``/``logit_softcap`` not a real number.
         ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, unknown
-            ``reduction``, ``label_smoothing`` outside ``[0, 1]``, ``z_loss < 0``, ``logit_softcap <= 0``.
+            ``reduction``, ``label_smoothing`` outside ``[0, 1]``, ``z_loss < 0``, ``logit_softcap <= 0``,
+            any of the three NaN or infinite.
 
     Example:
         >>> out = linear_cross_entropy(model.model(ids).last_hidden_state[:, :-1],
@@ -236,11 +239,11 @@ def linear_cross_entropy(
     check_linear_inputs(hidden, weight, labels, bias, chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    # NaN passed the old `float(z_loss) < 0` test, and an infinite cap gives inf * tanh(0) = NaN logits
+    if not 0.0 <= check_finite_number(label_smoothing, "label_smoothing") <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if logit_softcap is not None and not float(logit_softcap) > 0.0:
+    check_finite_number(z_loss, "z_loss", minimum=0.0)
+    if logit_softcap is not None and not check_finite_number(logit_softcap, "logit_softcap") > 0.0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
     if token_weights is not None:
         if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from alignlab._checks import check_bool, is_int
+from alignlab._checks import check_bool, check_finite_number, is_int
 from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
@@ -415,9 +415,11 @@ def linear_logprobs(
 
     Raises:
         TypeError: non-float hidden/weight, non-integer labels, mismatched dtypes.
-        ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, bad chunk_size/softcap.
+        ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, bad chunk_size/softcap (NaN and
+            inf included; a non-number softcap is a TypeError).
     """
     check_linear_inputs(hidden, weight, labels, bias, chunk_size)
-    if logit_softcap is not None and not logit_softcap > 0:
+    # an infinite cap gives inf * tanh(0) = NaN logits: None is "no cap"
+    if logit_softcap is not None and not check_finite_number(logit_softcap, "logit_softcap") > 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
     return _LinearLogprobs.apply(hidden, weight, bias, labels, chunk_size, ignore_index, logit_softcap)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.cross_entropy import CrossEntropyOutput, count_tokens, linear_cross_entropy
+from alignlab.losses.logprobs import linear_logprobs
 
 V, H = 37, 12  # vocab 37: no chunk size divides it
 
@@ -284,3 +285,17 @@ def test_matches_llama_loss_and_grads(torch_mode, tiny_llama):
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, atol=1e-6, rtol=1e-5)
     assert out.n_tokens.item() == int((labels[:, 1:] != -100).sum())
+
+
+def test_nan_and_infinite_options_are_refused():
+    """z_loss=NaN passed `z_loss < 0` and gave a NaN loss; logit_softcap=inf gave inf * tanh(0) = NaN logits;
+    a string label_smoothing failed in float() with a message that named nothing."""
+    hidden, weight, _, labels, _, _ = _data(8)
+    with pytest.raises(ValueError, match="z_loss"):
+        linear_cross_entropy(hidden, weight, labels, z_loss=float("nan"))
+    with pytest.raises(ValueError, match="logit_softcap"):
+        linear_cross_entropy(hidden, weight, labels, logit_softcap=float("inf"))
+    with pytest.raises(ValueError, match="logit_softcap"):
+        linear_logprobs(hidden, weight, labels, logit_softcap=float("inf"))
+    with pytest.raises(TypeError, match="label_smoothing"):
+        linear_cross_entropy(hidden, weight, labels, label_smoothing="0.1")
