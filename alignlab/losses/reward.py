@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, check_finite_number, is_int
+from alignlab._checks import check_bool, check_finite_number, is_int, is_real
 from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
@@ -113,10 +113,11 @@ def whiten(
 
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
-            ``(3,)``.
-        TypeError: ``shift_mean`` not a bool.
+            ``(3,)``; ``eps`` negative, NaN or infinite.
+        TypeError: ``shift_mean`` not a bool, ``eps`` not a real number.
     """
     check_bool(shift_mean, "shift_mean")
+    eps = check_finite_number(eps, "eps", minimum=0.0)
     m = _mask(mask, values)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if moments is not None:
@@ -190,20 +191,22 @@ def bradley_terry_loss(
         ``(loss, metrics)`` with ``accuracy`` (fraction :math:`r_c > r_r`), ``margin`` (mean :math:`r_c - r_r`).
 
     Raises:
-        ValueError: mismatched shapes, non-float inputs, negative ``center_coef``, ``num_items`` with a
-            reduction other than ``"mean"``.
-        TypeError: ``num_items`` neither a number nor a tensor.
+        ValueError: mismatched shapes, non-float inputs, negative or non-finite ``center_coef``, a NaN or
+            infinite number ``margin``, ``num_items`` with a reduction other than ``"mean"``.
+        TypeError: ``num_items`` neither a number nor a tensor; ``center_coef`` or a non-tensor ``margin`` not
+            a real number.
     """
     check_num_items("num_items", num_items, reduction)
     _float("chosen_rewards", chosen_rewards, 1)
     _float("rejected_rewards", rejected_rewards, 1)
     _same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
-    if not center_coef >= 0:
-        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+    center_coef = check_finite_number(center_coef, "center_coef", minimum=0.0)
     dtype = _compute_dtype(chosen_rewards, rejected_rewards)
     rc, rr = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
     diff = rc - rr
     if margin is not None:
+        if not isinstance(margin, torch.Tensor):  # a tensor margin is not read back (that would sync)
+            margin = check_finite_number(margin, "margin")
         m = torch.as_tensor(margin, device=rc.device).to(dtype)
         if m.dim() != 0 and m.shape != rc.shape:
             raise ValueError(f"margin must be a scalar or of shape {tuple(rc.shape)}, got {tuple(m.shape)}")
@@ -323,7 +326,7 @@ def gae(
     _same_shape("rewards", rewards, values=values)
     check_bool(whiten_advantages, "whiten_advantages")
     for name, v in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= v <= 1.0:
+        if not is_real(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
     m = _mask(mask, rewards)
     dtype = _compute_dtype(rewards, values)
@@ -428,12 +431,12 @@ def ppo_policy_loss(
     _float("old_logprobs", old_logprobs, 2)
     _same_shape("logprobs", logprobs, old_logprobs=old_logprobs)
     adv = _broadcast_advantages(advantages, logprobs)
-    if not clip_range > 0:
+    if not is_real(clip_range) or not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
     hi = clip_range if clip_range_high is None else clip_range_high
-    if not hi > 0:
+    if not is_real(hi) or not hi > 0:
         raise ValueError(f"clip_range_high must be > 0, got {clip_range_high!r}")
-    if dual_clip is not None and not dual_clip > 1:
+    if dual_clip is not None and (not is_real(dual_clip) or not dual_clip > 1):
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
     m = _mask(mask, logprobs)
     dtype = _compute_dtype(logprobs, old_logprobs, advantages)
@@ -487,7 +490,7 @@ def ppo_value_loss(
     _float("old_values", old_values, 2)
     _float("returns", returns, 2)
     _same_shape("values", values, old_values=old_values, returns=returns)
-    if clip_range_value is not None and not clip_range_value > 0:
+    if clip_range_value is not None and (not is_real(clip_range_value) or not clip_range_value > 0):
         raise ValueError(f"clip_range_value must be > 0 or None, got {clip_range_value!r}")
     m = _mask(mask, values)
     dtype = _compute_dtype(values, old_values, returns)
@@ -540,10 +543,11 @@ def group_advantages(
         ``(batch,)`` advantages (detached).
 
     Raises:
-        ValueError: bad shapes, group size, or ``scale``.
+        ValueError: bad shapes, group size, or ``scale``; ``eps`` negative, NaN or infinite.
     """
     if scale not in _GROUP_SCALES:
         raise ValueError(f"scale must be one of {list(_GROUP_SCALES)}, got {scale!r}")
+    eps = check_finite_number(eps, "eps", minimum=0.0)
     g = _grouped(rewards, group_size, 1).detach()
     g = g.to(_compute_dtype(g))
     centred = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
@@ -572,10 +576,12 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
         ``(batch,)`` advantages (detached).
 
     Raises:
-        ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards.
+        ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards, ``eps`` negative, NaN or
+            infinite.
         TypeError: ``normalize`` not a bool.
     """
     check_bool(normalize, "normalize")
+    eps = check_finite_number(eps, "eps", minimum=0.0)
     g = _grouped(rewards, group_size, 2).detach()
     g = g.to(_compute_dtype(g))
     baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)

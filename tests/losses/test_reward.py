@@ -404,3 +404,28 @@ def test_grpo_numbers_are_checked_by_name():
                      (dict(entropy=ent, entropy_coef="1"), "entropy_coef")):
         with pytest.raises(TypeError, match=name):
             grpo_loss(lp, adv, None, lp, **kw)
+
+
+def test_rl_numbers_are_checked_by_name():
+    """NaN eps / margin reached every output as NaN, a negative whitening eps could take the root of a
+    negative number, and string options failed in a bare comparison that named nothing."""
+    x, r = torch.rand(2, 3, dtype=D), torch.rand(4, dtype=D)
+    nan = float("nan")
+    with pytest.raises(ValueError, match="eps"):
+        group_advantages(r, 2, eps=nan)
+    with pytest.raises(ValueError, match="eps"):
+        rloo_advantages(r, 2, normalize=True, eps=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        whiten(x, eps=-1.0)
+    with pytest.raises(ValueError, match="margin"):
+        bradley_terry_loss(r, r, margin=nan)
+    with pytest.raises(TypeError, match="center_coef"):
+        bradley_terry_loss(r, r, center_coef="0.01")
+    with pytest.raises(ValueError, match="gamma"):
+        gae(x, x, gamma="0.99")
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_policy_loss(x, x, r[:2], clip_range="0.2")
+    with pytest.raises(ValueError, match="dual_clip"):
+        ppo_policy_loss(x, x, r[:2], dual_clip="3")
+    with pytest.raises(ValueError, match="clip_range_value"):
+        ppo_value_loss(x, x, x, clip_range_value="0.2")
