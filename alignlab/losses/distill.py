@@ -408,8 +408,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         want_dw = ctx.needs_input_grad[1]
         ctx.reduction = reduction
-        chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), 0 if teacher_b is None else teacher_b.element_size(),
-                                 want_dw, *chunks)
+        teacher_itemsize = 0 if teacher_b is None else teacher_b.element_size()
+        chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), teacher_itemsize, want_dw, *chunks)
         ctx.meta = (teacher[0], kind, beta, temperature, chunks)
         if reduction == "none" or not (want_dx or want_dw):
             losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
@@ -690,7 +690,12 @@ def sequence_kd_loss(
     Raises:
         ValueError: on shape mismatch, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
             leading dimension is not 1.
+        TypeError: non-float ``student_logits``, non-integer ``labels``.
     """
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
+        raise TypeError(f"student_logits must be a floating-point tensor, got {getattr(student_logits, 'dtype', None)}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {getattr(labels, 'dtype', None)}")
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
     if reduction not in REDUCTIONS:

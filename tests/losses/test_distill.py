@@ -558,3 +558,12 @@ def test_fused_teacher_hidden_keeps_the_teacher_dtype(mode, request):
     rounded = distill_loss(s_hidden.detach() @ s_weight.detach().T, t_hidden.bfloat16() @ t_weight.bfloat16().T,
                            "forward_kl")
     assert abs(float(got) - float(rounded)) > 0.05 * float(got)  # the rounding moves it: the test can tell
+
+
+def test_sequence_kd_loss_names_bad_dtypes():
+    """Float labels failed inside F.cross_entropy ("expected target dtype to be Long") naming nothing."""
+    logits = torch.randn(2, 3, 5)
+    with pytest.raises(TypeError, match="labels"):
+        sequence_kd_loss(logits, torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="student_logits"):
+        sequence_kd_loss(logits.long(), torch.zeros(2, 3, dtype=torch.long))
