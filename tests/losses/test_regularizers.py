@@ -195,3 +195,10 @@ def test_numpy_strengths_match_python_numbers_and_nan_is_refused():
         l2sp_penalty(p, a, weights=float("nan"))
     with pytest.raises(TypeError, match="weights"):
         l2sp_penalty(p, a, weights=True)
+
+
+def test_fisher_per_example_must_be_a_bool():
+    """per_example="no" is truthy: it ran the per-example estimator the caller meant to switch off."""
+    model, x, y = _softmax_regression()
+    with pytest.raises(TypeError, match="per_example"):
+        estimate_fisher(model, [(x, y)], _forward, per_example="no")
