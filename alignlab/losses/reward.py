@@ -111,6 +111,9 @@ def whiten(
     float64); then :math:`\mu = \sum x / n` and :math:`\sigma^2 = (\sum x^2 - n\mu^2)/(n-1)`, and each piece
     whitens exactly as the whole batch would.
 
+    Half-precision values are whitened in float32 and returned in their dtype (in float16 the sum of squares
+    of a few hundred advantages overflows, and the output was all zeros).
+
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
             ``(3,)``; ``eps`` negative, NaN or infinite.
@@ -119,6 +122,8 @@ def whiten(
     check_bool(shift_mean, "shift_mean")
     eps = check_finite_number(eps, "eps", minimum=0.0)
     m = _mask(mask, values)
+    out_dtype = values.dtype
+    values = values.to(_compute_dtype(values))
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if moments is not None:
         if not isinstance(moments, torch.Tensor) or moments.shape != (3,):
@@ -141,7 +146,7 @@ def whiten(
     out = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return torch.where(m, out, zero).to(out_dtype)
 
 
 def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:

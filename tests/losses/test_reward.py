@@ -429,3 +429,16 @@ def test_rl_numbers_are_checked_by_name():
         ppo_policy_loss(x, x, r[:2], dual_clip="3")
     with pytest.raises(ValueError, match="clip_range_value"):
         ppo_value_loss(x, x, x, clip_range_value="0.2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whiten_half_precision_computes_in_float32(dtype):
+    """In float16 the sum of squares of 4096 advantages of scale 12 overflows: the variance was inf and every
+    whitened value 0; bf16 lost the unit variance to its rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 512, generator=g) * 12).to(dtype)
+    mask = torch.rand(8, 512, generator=g) > 0.1
+    got = whiten(x, mask)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, whiten(x.float(), mask).to(dtype), rtol=0, atol=0)
+    assert got.float()[mask].std().item() == pytest.approx(1.0, abs=1e-3)
