@@ -717,7 +717,9 @@ def grpo_loss(
         ref_logprobs: reference log-probs, required when ``beta > 0``.
         beta: KL coefficient.
         epsilon, epsilon_high: clip range (``epsilon_high`` defaults to ``epsilon``).
-        max_completion_length: normaliser of ``dr_grpo`` (default: ``seq``).
+        max_completion_length: normaliser of ``dr_grpo`` (default: ``seq``, this batch's width, which changes
+            with the padding: pass the generation budget, as TRL does, for a packed batch to give the padded
+            one's loss and for micro-batches of different widths to accumulate exactly).
         num_items: step-wide normaliser (above).
         num_tokens: unmasked tokens of the whole step, the entropy bonus's normaliser (above).
         importance_sampling_level: ``"token"`` or ``"sequence"``.
