@@ -292,7 +292,6 @@ if triton is not None:
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS)
 
-
     @triton.jit
     def _late_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
@@ -442,7 +441,8 @@ def small_m_matmul(
         cnt = _arrival_counters(x2.device, grid[0])
     else:
         ws = cnt = y
-    launch(_KERNELS[which], grid, _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars), meta)
+    args = _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars)
+    launch(_KERNELS[which], grid, args, meta)
     return y
 
 
