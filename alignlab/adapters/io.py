@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import fields
 from pathlib import Path
 
@@ -168,8 +168,10 @@ def _exact(name: str) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """``write(tmp)`` to a fresh file next to ``path``, then rename it over ``path`` (never half-written). The
+    writer creates the file, so it gets the permissions that writer gives (the umask's for the config, as
+    PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -206,3 +206,20 @@ def test_numpy_scalars_in_lora_config_save_as_python_numbers(tmp_path):
 def test_lora_config_refuses_bools_and_nan(kw):
     with pytest.raises(ValueError):
         LoRAConfig(**kw)
+
+
+def test_saved_files_get_the_permissions_their_writers_give(tmp_path):
+    """The atomic write lets the writer create the file: the config gets the umask's permissions, as PEFT's does
+    (a mkstemp temporary made it 0600, unreadable to the others of a shared machine); the weights get what
+    safetensors' own save_file gives under that umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_adapter(_trained(), tmp_path / "a")
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "adapter_config.json").stat().st_mode & 0o777 == 0o644
+    want = (tmp_path / "plain.safetensors").stat().st_mode & 0o777
+    assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777 == want
