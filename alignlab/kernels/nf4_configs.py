@@ -127,6 +127,11 @@ def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.d
     return bn, nb, 8, warps, 1
 
 
+def _nearest(shapes, N: int, K: int) -> tuple[int, int]:
+    """The measured ``(N, K)`` of ``shapes`` nearest to ``(N, K)`` (log distance, ties by shape)."""
+    return min(shapes, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
+
+
 def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: torch.dtype,
                  device: torch.device) -> tuple:
     """``(block_n, nb, split, num_warps, num_stages)`` for one call shape on ``device``."""
@@ -136,7 +141,7 @@ def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: tor
     shapes = TABLES[key]["configs"].get((kernel, m_bucket(M)))
     if not shapes:
         return heuristic_config(kernel, M, N, blocksize, dtype)
-    near = min(shapes, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
+    near = _nearest(shapes, N, K)
     return shapes[near]
 
 
@@ -151,7 +156,7 @@ def small_choice(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, dev
         configs = TABLES[key]["configs"]
         dot, late = configs.get(("dot", m_bucket(M))), configs.get(("late", m_bucket(M)))
         if dot and late:
-            near = min(dot, key=lambda s: (abs(math.log2(s[0] / N)) + abs(math.log2(s[1] / K)), s))
+            near = _nearest(dot, N, K)
             if near in late:
                 return "late", late[near]
     return kernel, small_config(kernel, M, N, K, blocksize, dtype, device)

@@ -31,6 +31,12 @@ def test_cpu_and_unknown_devices_fall_back():
     assert max_rows(cpu) == 16
 
 
+def _use_table(monkeypatch, table):
+    """Every device gets ``table`` (as the GPU named "FAKE9")."""
+    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
+
+
 def test_table_lookup_takes_the_nearest_measured_shape(monkeypatch):
     """A table entry is picked by row bucket and by log distance to the measured (N, K); blocksizes other
     than 64 and fp32 activations keep the fallback rules; max_rows comes from the table."""
@@ -38,8 +44,7 @@ def test_table_lookup_takes_the_nearest_measured_shape(monkeypatch):
         ("dot", 32): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
         ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2)},
     }}
-    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
-    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
+    _use_table(monkeypatch, table)
     dev = torch.device("cpu")
     bf16 = torch.bfloat16
     assert small_config("dot", 17, 5000, 4096, 64, bf16, dev) == (32, 2, 4, 4, 2)
@@ -84,8 +89,7 @@ def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
         ("dot", 8): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
         ("late", 8): {(28672, 8192): (128, 2, 8, 4, 1)},
     }}
-    monkeypatch.setitem(nf4_configs.TABLES, "FAKE9", table)
-    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "FAKE9")
+    _use_table(monkeypatch, table)
     dev = torch.device("cpu")
     bf16 = torch.bfloat16
     assert small_choice(1, 4096, 4096, 64, bf16, dev) == ("gemv", (256, 1, 4, 8, 2))
