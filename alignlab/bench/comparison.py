@@ -15,7 +15,7 @@ import datetime
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -241,15 +241,8 @@ class Comparison:
             return fig
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        fmt = path.suffix.lstrip(".") or "png"
+        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
 
 
 def compare(
@@ -368,19 +361,31 @@ def save_results(
     return _atomic_write_text(Path(path), json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
+    """``write(tmp)`` to a fresh name next to ``path``, then rename it over ``path`` (never half-written).
+
+    The writer creates the file, so it gets the umask's permissions like any other file the user
+    writes (``mkstemp`` made every result 0600, unreadable to the other users of a shared machine).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic_write(path, write)
 
 
 def _json_safe(obj: Any) -> Any:

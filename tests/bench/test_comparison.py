@@ -1,6 +1,8 @@
 """compare(): ordering, interleaving, errors, tables, JSON schema, plot."""
 
+import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -174,6 +176,22 @@ def test_failed_save_leaves_old_file_intact(tmp_path, monkeypatch):
         cmp.save_json(path)
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_get_the_umask_permissions(tmp_path, umask):
+    """JSON and plot files are readable as the umask allows, like any file the user writes (not 0600)."""
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    old = os.umask(umask)
+    try:
+        paths = [cmp.save_json(tmp_path / "r.json"), save_results(tmp_path / "all.json", [cmp])]
+        if importlib.util.find_spec("matplotlib") is not None:
+            paths.append(cmp.plot(tmp_path / "p.png"))
+    finally:
+        os.umask(old)
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp file left
 
 
 def test_bad_arguments():
