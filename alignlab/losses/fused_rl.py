@@ -39,7 +39,7 @@ import torch
 
 from alignlab._checks import check_bool, check_finite_number, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
-from alignlab.losses.logprobs import chunk_backward, default_chunk_rows
+from alignlab.losses.logprobs import check_mask_values, chunk_backward, default_chunk_rows
 from alignlab.losses.preference import step_count
 from alignlab.losses.reward import (
     check_grpo_options,
@@ -307,7 +307,7 @@ def fused_linear_grpo(
         lm_head_weight: ``(vocab, hidden)``, same dtype as ``hidden``.
         completion_ids: ``(batch, seq)`` (packed: ``(total,)`` / ``(1, total)``) sampled token ids.
         advantages: ``(batch,)`` (packed: ``(n_seq,)``) or per token in ``completion_ids``' layout.
-        completion_mask: tokens that count (default all); masked rows cost no matmul.
+        completion_mask: tokens that count (default all), bools or exactly 0/1; masked rows cost no matmul.
         old_logprobs, ref_logprobs, sampling_logprobs: per-token, in ``completion_ids``' layout.
         beta, epsilon, epsilon_high, loss_type: as ``grpo_loss``.
         importance_sampling_level, kl_estimator, entropy_coef: as ``grpo_loss``.
@@ -324,7 +324,8 @@ def fused_linear_grpo(
         TypeError: non-float hidden/weight, integer ids of the wrong kind, dtype mismatches, ``compute_entropy``
             not a bool.
         ValueError: bad shapes, unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``,
-            ids outside ``[0, vocab)``, ``temperature <= 0``, a bad ``cu_seqlens``.
+            ids outside ``[0, vocab)``, ``temperature <= 0``, a bad ``cu_seqlens``, a ``completion_mask`` holding
+            anything but bools or 0/1 (a 2 or a 0.5: it selects tokens, it does not weigh them).
     """
     # ---- checks -------------------------------------------------------------------------------------------
     for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight)):
@@ -366,9 +367,11 @@ def fused_linear_grpo(
             f"completion_ids must be (batch, seq) (or packed with cu_seqlens), got {tuple(completion_ids.shape)}")
     if packed and not (completion_ids.dim() == 1 or (completion_ids.dim() == 2 and completion_ids.shape[0] == 1)):
         raise ValueError(f"packed completion_ids must be (total,) or (1, total), got {tuple(completion_ids.shape)}")
-    if completion_mask is not None and completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"completion_mask must have completion_ids' shape {tuple(completion_ids.shape)}, "
-                         f"got {tuple(completion_mask.shape)}")
+    if completion_mask is not None:
+        check_mask_values(completion_mask, "completion_mask")
+        if completion_mask.shape != completion_ids.shape:
+            raise ValueError(f"completion_mask must have completion_ids' shape {tuple(completion_ids.shape)}, "
+                             f"got {tuple(completion_mask.shape)}")
 
     # ---- layout: everything as a flat padded (n_seq * length) grid; rows = the masked-in tokens ------------
     ids = completion_ids.reshape(-1)

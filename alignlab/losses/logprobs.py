@@ -32,6 +32,7 @@ from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
     "check_linear_inputs",
+    "check_mask_values",
     "chunk_backward",
     "chunk_logits",
     "default_chunk_rows",
@@ -57,6 +58,26 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- #
 # From logits
 # --------------------------------------------------------------------------- #
+def check_mask_values(mask: torch.Tensor, arg: str) -> None:
+    """``ValueError`` naming ``arg`` unless ``mask`` is a tensor of bools or of exactly 0/1 (any real dtype).
+
+    A mask selects tokens, it does not weigh them: the losses count its tokens (averages, ``num_items``,
+    GSPO's length) and read other inputs only under it, so a 2 or a 0.5 has no single meaning (TRL's
+    ``completion_mask`` is 0/1 too). Per-token weights are a separate argument where a loss takes them.
+    Non-bool masks cost one device sync.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{arg} must be a tensor, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_complex():
+        raise ValueError(f"{arg} must hold bools or exactly 0/1, got dtype {mask.dtype}")
+    bad = (mask != 0) & (mask != 1)  # NaN included
+    if bool(bad.any()):
+        got = mask[bad][0].item()
+        raise ValueError(f"{arg} must hold bools or exactly 0/1 (a mask, not token weights), got {got!r}")
+
+
 def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating-point tensor")

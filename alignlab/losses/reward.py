@@ -4,7 +4,9 @@ Conventions shared by every function here:
 
 * token-level tensors are ``(batch, seq)``: ``logprobs`` are per-token log-probs of the sampled completion
   tokens (:func:`alignlab.losses.logprobs.token_logprobs` or ``linear_logprobs``), ``mask`` marks the real
-  completion tokens (1) vs prompt/padding (0).  ``mask=None`` means every position counts.  Masked positions
+  completion tokens (1) vs prompt/padding (0): bools or exactly 0/1 in any real dtype, anything else (2, 0.5,
+  NaN) is a ``ValueError`` as the mask selects tokens and does not weigh them
+  (:func:`~alignlab.losses.logprobs.check_mask_values`).  ``mask=None`` means every position counts.  Masked positions
   never contribute to a loss, a mean, a variance or a gradient, whatever value they hold (NaN included for
   the inputs that are only read under the mask).
 * sequence-level rewards are ``(batch,)``; for grouped methods (GRPO, RLOO) the ``group_size`` completions of
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab._checks import check_bool, check_finite_number, is_int, is_real
+from alignlab.losses.logprobs import check_mask_values
 from alignlab.losses.preference import check_num_items, step_count
 
 __all__ = [
@@ -68,8 +71,7 @@ def _mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(like, dtype=torch.bool)
     if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
         raise ValueError(f"mask must be a tensor of shape {tuple(like.shape)}, got {getattr(mask, 'shape', mask)}")
-    if mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must hold booleans or exactly 0/1")
+    check_mask_values(mask, "mask")
     return mask.to(device=like.device, dtype=torch.bool)
 
 

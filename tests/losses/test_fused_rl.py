@@ -403,3 +403,18 @@ def test_numbers_are_checked_by_name():
         fused_linear_grpo(hidden, weight, ids, adv, epsilon="0.2")
     with pytest.raises(ValueError, match="entropy_coef"):
         fused_linear_grpo(hidden, weight, ids, adv, entropy_coef=float("nan"))
+
+
+def test_completion_mask_holds_bools_or_exactly_0_1(torch_mode):
+    """completion_mask went through .to(bool) unchecked: 2 and 0.5 counted as True. Now ValueError naming it;
+    int and float 0/1 give the bool mask's numbers."""
+    d, kw = _split(dict())
+    args = (d["hidden"], d["weight"], d["ids"], d["adv"])
+    for bad in (d["mask"].long() * 2, d["mask"].double() * 0.5, torch.where(d["mask"], 1.0, float("nan"))):
+        with pytest.raises(ValueError, match="completion_mask must hold bools or exactly 0/1"):
+            fused_linear_grpo(*args, bad, **kw)
+    with pytest.raises(ValueError, match="completion_mask must be a tensor"):
+        fused_linear_grpo(*args, d["mask"].tolist(), **kw)
+    want, _ = fused_linear_grpo(*args, d["mask"], **kw)
+    for ok in (d["mask"].long(), d["mask"].double()):
+        torch.testing.assert_close(fused_linear_grpo(*args, ok, **kw)[0], want, rtol=0, atol=0)

@@ -442,3 +442,21 @@ def test_whiten_half_precision_computes_in_float32(dtype):
     assert got.dtype == dtype
     torch.testing.assert_close(got, whiten(x.float(), mask).to(dtype), rtol=0, atol=0)
     assert got.float()[mask].std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([[1, 2, 0]]), torch.tensor([[1.0, 0.5, 0.0]]),
+                                 torch.tensor([[1.0, float("nan"), 0.0]]), torch.tensor([[1, -1, 0]])],
+                         ids=["int-2", "float-half", "nan", "int-minus-1"])
+def test_masks_hold_bools_or_exactly_0_1(bad):
+    """A mask selects tokens: an int 2 used to count as True while a float 0.5 was refused; both are refused now,
+    as is NaN, naming the argument; bool, int and float 0/1 masks give the same numbers."""
+    lp, old = t([-1.0, -2.0, -0.5]), t([-1.2, -1.5, -0.4])
+    adv = t(1.0)
+    for fn in (lambda m: masked_mean(lp, m), lambda m: kl_penalty(lp, old, "k3", m),
+               lambda m: ppo_policy_loss(lp, old, adv, m)[0], lambda m: grpo_loss(lp, adv, m, old)[0],
+               lambda m: gae(lp, old, m, whiten_advantages=False)[0]):
+        with pytest.raises(ValueError, match="mask must hold bools or exactly 0/1"):
+            fn(bad)
+        want = fn(torch.tensor([[True, False, True]]))
+        for ok in (torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1, 0, 1]], dtype=torch.uint8)):
+            torch.testing.assert_close(fn(ok), want, rtol=0, atol=0)
