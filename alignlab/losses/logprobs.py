@@ -134,8 +134,8 @@ def sequence_logprobs(
     Args:
         logits: ``(batch, seq, vocab)``.
         labels: ``(batch, seq)`` aligned with ``logits`` (shift first for causal LMs).
-        mask: optional ``(batch, seq)`` bool/0-1 tensor; positions with 0 are skipped on top of
-            ``ignore_index``.
+        mask: optional ``(batch, seq)`` tensor of bools or exactly 0/1 (:func:`check_mask_values`); positions
+            with 0 are skipped on top of ``ignore_index``. It is not a token weight: ``average`` counts its tokens.
         ignore_index: label value that marks positions to skip.
         average: divide by the number of counted tokens (SimPO/IPO-style length
             normalisation); a sequence with no counted token gives 0.
@@ -144,8 +144,8 @@ def sequence_logprobs(
         ``(batch,)`` float32 (float64 for float64 logits).
 
     Raises:
-        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels``;
-            ``average`` not a bool (TypeError).
+        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels`` or that
+            holds anything but bools or 0/1 (0.5, 2, NaN: ValueError); ``average`` not a bool (TypeError).
     """
     _check_logits_labels(logits, labels)
     check_bool(average, "average")
@@ -154,6 +154,7 @@ def sequence_logprobs(
     tok = token_logprobs(logits, labels, ignore_index)
     keep = (labels != ignore_index).to(tok.dtype)
     if mask is not None:
+        check_mask_values(mask, "mask")
         if mask.shape != labels.shape:
             raise ValueError(f"mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
         keep = keep * mask.to(tok.dtype)

@@ -201,3 +201,21 @@ def test_sequence_logprobs_average_must_be_a_bool():
     logits, labels = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="average"):
         sequence_logprobs(logits, labels, average="no")
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), 2.0, -1.0])
+def test_sequence_logprobs_mask_holds_bools_or_exactly_0_1(bad):
+    """A float mask was multiplied in unchecked: 0.5 halved a token silently (while ``average`` still divided by
+    the mask's sum), NaN gave a NaN sequence. The mask is a mask, as in the RL losses: ValueError naming it."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 3), generator=g)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, bad, 1.0]])
+    for average in (False, True):
+        with pytest.raises(ValueError, match="mask must hold bools or exactly 0/1"):
+            sequence_logprobs(logits, labels, mask=mask, average=average)
+    with pytest.raises(ValueError, match="mask must be a tensor"):
+        sequence_logprobs(logits, labels, mask=[[1, 1, 0], [1, 1, 1]])
+    want = sequence_logprobs(logits, labels, mask=torch.tensor([[True, True, False], [True, True, True]]))
+    for ok in (torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])):
+        torch.testing.assert_close(sequence_logprobs(logits, labels, mask=ok), want, rtol=0, atol=0)
