@@ -733,7 +733,9 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)`` with TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-        ``clip_ratio/region_mean`` (token means, or sequence means at sequence level), ``clip_ratio`` (=
+        ``clip_ratio/region_mean`` (token means; at sequence level the mean over sequences of each one's
+        fraction of clipped tokens, judged with each token's own advantage: TRL's per-sequence mean for
+        ``(batch,)`` advantages), ``clip_ratio`` (=
         ``region_mean``), ``kl`` when ``beta > 0``, ``entropy`` with ``entropy``, and
         ``sampling/importance_sampling_ratio/{min,mean,max}`` with ``sampling_logprobs``.
 
@@ -778,17 +780,15 @@ def grpo_loss(
     a = torch.where(m, adv.detach().to(dtype).expand_as(lp), zero)
     if importance_sampling_level == "sequence":
         log_ratio = log_ratio.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
-        a_clip = adv.detach().to(dtype)[:, :1] if adv.dim() == 2 and adv.shape[1] else adv.detach().to(dtype)
-    else:
-        a_clip = a
     ratio = torch.exp(log_ratio)
     per_token = clipped_surrogate(log_ratio, a, epsilon, hi)
     metrics: dict[str, torch.Tensor] = {}
-    low = ((ratio < 1.0 - epsilon) & (a_clip < 0)).to(dtype).detach()
-    high = ((ratio > 1.0 + hi) & (a_clip > 0)).to(dtype).detach()
-    if importance_sampling_level == "sequence":  # one value per sequence, averaged over sequences (as TRL)
+    # per token, with the token's own advantage (a GSPO ratio broadcasts over its sequence)
+    low = ((ratio < 1.0 - epsilon) & (a < 0)).to(dtype).detach()
+    high = ((ratio > 1.0 + hi) & (a > 0)).to(dtype).detach()
+    if importance_sampling_level == "sequence":  # each sequence's clipped fraction, averaged over sequences
         def stat(x):
-            return x.mean() if x.numel() else zero
+            return masked_mean(x, m, dim=1).mean() if x.shape[0] else zero
     else:
         def stat(x):
             return masked_mean(x, m)

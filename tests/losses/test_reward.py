@@ -460,3 +460,46 @@ def test_masks_hold_bools_or_exactly_0_1(bad):
         want = fn(torch.tensor([[True, False, True]]))
         for ok in (torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1, 0, 1]], dtype=torch.uint8)):
             torch.testing.assert_close(fn(ok), want, rtol=0, atol=0)
+
+
+def _gspo_clip_metrics_by_hand(lp, old, adv_tok, mask, eps, eps_hi):
+    """Each sequence: one ratio exp(mean log-ratio); a token is low-clipped when that ratio < 1 - eps and the
+    token's own advantage < 0 (high: > 1 + eps_hi and > 0); the metric is the mean over sequences of each
+    sequence's clipped fraction (0 for a sequence with no token)."""
+    low, high, region = [], [], []
+    for i in range(lp.shape[0]):
+        idx = [j for j in range(lp.shape[1]) if mask[i, j]]
+        if not idx:
+            low.append(0.0), high.append(0.0), region.append(0.0)
+            continue
+        r = math.exp(sum(lp[i, j].item() - old[i, j].item() for j in idx) / len(idx))
+        lo = [r < 1 - eps and adv_tok[i, j].item() < 0 for j in idx]
+        hi = [r > 1 + eps_hi and adv_tok[i, j].item() > 0 for j in idx]
+        low.append(sum(lo) / len(idx))
+        high.append(sum(hi) / len(idx))
+        region.append(sum(a or b for a, b in zip(lo, hi)) / len(idx))
+    n = lp.shape[0]
+    return sum(low) / n, sum(high) / n, sum(region) / n
+
+
+def test_gspo_clip_metrics_use_each_tokens_own_advantage():
+    """At sequence level the clip metrics read advantages[:, :1], the first column's advantage, for the whole
+    sequence: wrong for per-token advantages and for left padding (the first column is not a token)."""
+    lp = t([0.0, -1.0, -1.2, -0.8], [-0.2, -0.1, -0.3, 0.0], [-0.5, -0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    old = t([0.0, -0.5, -0.6, -0.4], [-0.6, -0.5, -0.7, 0.0], [-0.5, -0.6, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    # row 0 left-padded, ratio e^-0.5: low side; row 1 ratio e^0.4: high side; row 2 ratio ~1; row 3 empty
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    adv = t([5.0, -1.0, 2.0, -0.5], [-1.0, 0.5, 1.5, 9.0], [-2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+    _, m = grpo_loss(lp, adv, mask, old, importance_sampling_level="sequence", epsilon=0.2, epsilon_high=0.28)
+    low, high, region = _gspo_clip_metrics_by_hand(lp, old, adv, mask, 0.2, 0.28)
+    assert (low, high) == (pytest.approx((2 / 3) / 4), pytest.approx((2 / 3) / 4))  # the hand values, checked
+    assert m["clip_ratio/low_mean"].item() == pytest.approx(low)
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(high)
+    assert m["clip_ratio/region_mean"].item() == pytest.approx(region)
+    assert m["clip_ratio"].item() == pytest.approx(region)
+    # (batch,) advantages: TRL's per-sequence indicator, unchanged
+    adv_seq = t(-1.0, 1.0, 1.0, 1.0)
+    _, m = grpo_loss(lp, adv_seq, mask, old, importance_sampling_level="sequence", epsilon=0.2, epsilon_high=0.28)
+    assert m["clip_ratio/low_mean"].item() == pytest.approx(1 / 4)
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(1 / 4)
+    assert m["clip_ratio/region_mean"].item() == pytest.approx(2 / 4)
