@@ -55,6 +55,7 @@ from alignlab.losses.preference import (
     check_num_items,
     cpo_loss,
     dpo_loss,
+    dpo_loss_types,
     kto_loss,
     orpo_loss,
     simpo_loss,
@@ -386,7 +387,7 @@ def fused_linear_dpo(
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
     check_num_items("num_nll_tokens", num_nll_tokens)
     check_bool(average_log_prob, "average_log_prob")
-    normalised = _LENGTH_NORMALISED.intersection([loss_type] if isinstance(loss_type, str) else loss_type)
+    normalised = _LENGTH_NORMALISED.intersection(dpo_loss_types(loss_type))
     if average_log_prob and normalised:
         raise ValueError(f"loss_type {sorted(normalised)} divides the log-ratios by the completion lengths itself; "
                          "average_log_prob=True would divide them twice: leave it False")

@@ -49,6 +49,7 @@ __all__ = [
     "KTO_LOSS_TYPES",
     "UNA_LOSS_TYPES",
     "dpo_loss",
+    "dpo_loss_types",
     "kto_loss",
     "orpo_loss",
     "simpo_loss",
@@ -114,6 +115,23 @@ def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
         dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     assert dtype is not None
     return torch.promote_types(dtype, torch.float32)
+
+
+def dpo_loss_types(loss_type: str | Sequence[str]) -> list[str]:
+    """``loss_type`` of :func:`dpo_loss` as a list: one name of :data:`DPO_LOSS_TYPES`, or a non-empty list/tuple
+    of them (combined with ``loss_weights``, in order). ``ValueError`` naming ``loss_type`` and listing the valid
+    names otherwise: None, a number or a set (no order to pair with the weights) included."""
+    if isinstance(loss_type, str):
+        loss_types = [loss_type]
+    elif isinstance(loss_type, (list, tuple)) and loss_type:
+        loss_types = list(loss_type)
+    else:
+        raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list/tuple of them, "
+                         f"got {loss_type!r}")
+    for lt in loss_types:
+        if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {lt!r}; valid loss types are {list(DPO_LOSS_TYPES)}")
+    return loss_types
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -445,7 +463,7 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: ``(batch,)`` the same under the reference; ``None`` only with
             ``reference_free=True``.
         beta: :math:`\beta > 0`, the KL-regularisation strength (:math:`\tau` for IPO).
-        loss_type: one of :data:`DPO_LOSS_TYPES` or a sequence of them.
+        loss_type: one of :data:`DPO_LOSS_TYPES` or a non-empty list/tuple of them.
         label_smoothing: :math:`\varepsilon`, the assumed label-flip rate.
         chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts (R-DPO, ``ipo``, ``sigmoid_norm``).
         length_alpha: :math:`\alpha` of R-DPO (0 disables it).
@@ -468,19 +486,15 @@ def dpo_loss(
         TRL logs it.
 
     Raises:
-        ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, unknown ``loss_type``
-            (the message lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
+        ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, an unknown ``loss_type``
+            or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
+            ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
             lengths below 1 or NaN, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
             ``loss_weights`` entries or ``length_alpha`` not real numbers.
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if not loss_types:
-        raise ValueError("loss_type must name at least one loss type")
-    for lt in loss_types:
-        if lt not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {lt!r}; valid loss types are {list(DPO_LOSS_TYPES)}")
+    loss_types = dpo_loss_types(loss_type)
     if loss_weights is None:
         loss_weights = [1.0] * len(loss_types)
     elif len(loss_weights) != len(loss_types):

@@ -237,6 +237,10 @@ def test_fused_errors():
         fused_linear_dpo(hidden[0], weight, labels[0], ref, ref)
     with pytest.raises(ValueError, match="valid loss types"):
         fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="nope")
+    # None failed in frozenset.intersection (unnamed TypeError), a nested list as unhashable
+    for bad in (None, 3, ["sigmoid", ["ipo"]]):
+        with pytest.raises(ValueError, match=r"loss_type.*'sigmoid', 'robust'"):
+            fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type=bad)
     with pytest.raises(ValueError, match="ref_logps or ref_hidden"):
         fused_linear_kto(hidden, weight, labels, torch.ones(2 * B, dtype=torch.bool), kl=0.0)
 

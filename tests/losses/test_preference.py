@@ -655,3 +655,21 @@ def test_nan_and_non_number_arguments_are_refused():
     np = pytest.importorskip("numpy")
     torch.testing.assert_close(kto_loss(pc, pr, torch.tensor([True, False, True]), kl=torch.tensor(0.2))[0],
                                kto_loss(pc, pr, torch.tensor([True, False, True]), kl=np.float32(0.2))[0])
+
+
+@pytest.mark.parametrize("bad", [None, 3, {"sigmoid"}, [], ["sigmoid", None], ("sigmoid", ["ipo"])],
+                         ids=["none", "int", "set", "empty", "list-with-none", "nested"])
+def test_dpo_loss_type_not_a_name_is_named(bad):
+    """loss_type=None (or 3) failed in list(loss_type) with an unnamed TypeError; a set was taken in no order
+    (to pair with loss_weights). Now a ValueError naming loss_type and listing the valid names."""
+    x = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"loss_type.*'sigmoid', 'robust', 'ipo'"):
+        dpo_loss(x, x, x, x, loss_type=bad)
+    # the other string-valued options already named themselves; kept so
+    for fn, arg in ((lambda v: kto_loss(x, x, torch.ones(2, dtype=torch.bool), kl=0.0, loss_type=v), "loss_type"),
+                    (lambda v: cpo_loss(x, x, loss_type=v), "loss_type"),
+                    (lambda v: una_loss(x, x, torch.full((2,), 0.5, dtype=torch.float64), loss_type=v), "loss_type"),
+                    (lambda v: dpo_loss(x, x, x, x, reduction=v), "reduction"),
+                    (lambda v: simpo_loss(x, x, reduction=v), "reduction")):
+        with pytest.raises(ValueError, match=arg):
+            fn(None)
