@@ -6,6 +6,9 @@ merged tensor in ``out_dtype`` (default: the dtype of the first input).
 Arithmetic runs in float32 (float64 when the inputs are float64), the way merges
 of bf16 checkpoints are usually done, and the result is rounded once, to
 ``out_dtype``: bf16 inputs merged into float32 keep every float32 digit.
+Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
+be bools, scalars (``lambda_``, ``t``, ``epsilon``, ...) finite numbers and ``out_dtype``
+a floating-point dtype; a ``TypeError``/``ValueError`` names the argument otherwise.
 
 Notation: ``θ_0`` is the base (pre-trained) tensor, ``θ_i`` the fine-tuned ones,
 ``δ_i = θ_i − θ_0`` their task vectors and ``w_i`` the per-model weights.
@@ -26,7 +29,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from alignlab._checks import is_real
+from alignlab._checks import check_bool, check_finite_number, is_int, is_real
 
 __all__ = [
     "breadcrumbs",
@@ -136,7 +139,10 @@ def _per_model(value, n: int, name: str, default: float | None = None) -> list[f
         value = [value] if isinstance(value, bool) else list(value)
         if any(isinstance(v, bool) for v in value):
             raise TypeError(f"{name} must be a number or one number per model, not a bool, got {value!r}")
-        out = [float(v) for v in value]
+        try:
+            out = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number or one number per model, got {value!r}") from None
         if len(out) != n:
             raise ValueError(f"{name} has {len(out)} entries but there are {n} models")
     if any(not math.isfinite(v) for v in out):
@@ -150,6 +156,30 @@ def _densities(density, n: int) -> list[float]:
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {d}")
     return out
+
+
+def _number(value, name: str, minimum: float | None = None) -> float:
+    """``value`` (a real number or a one-element tensor) as a finite Python float, else an error naming it."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    return check_finite_number(value, name, minimum)
+
+
+def _check_out_dtype(out_dtype) -> None:
+    """``TypeError`` unless ``out_dtype`` is None or a floating-point ``torch.dtype`` (a merge rounded to an
+    integer dtype would silently truncate every weight)."""
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
+
+
+def _check_options(normalize, lambda_, out_dtype) -> float:
+    """Check the options every task-vector method shares; ``lambda_`` as a Python float.
+
+    A truthy string such as ``"false"`` would switch ``normalize`` on, and a NaN ``lambda_`` would
+    reach every output element, so both are refused here rather than merged silently."""
+    check_bool(normalize, "normalize")
+    _check_out_dtype(out_dtype)
+    return _number(lambda_, "lambda_")
 
 
 # --------------------------------------------------------------------------- plain averages
@@ -183,6 +213,8 @@ def linear(
     if isinstance(tensors, Tensor):
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
     _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
+    check_bool(normalize, "normalize")
+    _check_out_dtype(out_dtype)
     w = _per_model(weights, len(tensors), "weights", 1.0)
     total = math.fsum(w)
     if normalize and abs(total) < 1e-8:
@@ -230,13 +262,23 @@ def combine_deltas(
         base: ``θ_0``, any shape.
         deltas: the (already sparsified) task vectors, same shape as ``base``, in
             the working dtype (float32/float64).
-        weights: ``w_i``, one per delta.
+        weights: ``w_i`` (scalar or one per delta).
 
     Returns:
-        The merged tensor in ``base.dtype``.
+        The merged tensor in ``out_dtype`` (default ``base.dtype``).
+
+    Raises:
+        ValueError: no deltas, a delta shaped unlike ``base`` (naming it), not one finite weight per
+            delta, a NaN / infinite ``lambda_`` or an unknown ``consensus``.
+        TypeError: non-floating tensors, a non-bool ``normalize``, a non-floating ``out_dtype``.
     """
-    if len(deltas) != len(weights):
-        raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
+    if isinstance(deltas, Tensor):
+        raise TypeError("deltas must be a sequence of tensors (one per model), not a single tensor")
+    if len(deltas) == 0:
+        raise ValueError("deltas must hold at least one task vector, got an empty sequence")
+    _check_tensors([base, *deltas], ["base"] + [f"deltas[{i}]" for i in range(len(deltas))])
+    weights = _per_model(weights, len(deltas), "weights")
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     wd = _work_dtype(base)
     return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_,
                     out_dtype)
@@ -299,7 +341,11 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
 
     Returns:
         A ``bool`` tensor shaped like ``delta``.
+
+    Raises:
+        ValueError: ``density`` is not a finite number (NaN has no rank to keep).
     """
+    density = _number(density, "density")
     n = delta.numel()
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
@@ -342,8 +388,13 @@ def _kth_largest(values: Tensor, k: int) -> Tensor:
 
 
 def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
-    """Bernoulli(``density``) keep-mask shaped like ``delta`` (the DARE drop step)."""
-    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=delta.device)
+    """Bernoulli(``density``) keep-mask shaped like ``delta`` (the DARE drop step).
+
+    Raises:
+        ValueError: ``density`` is not a number in [0, 1].
+    """
+    (density,) = _densities(density, 1)
+    probs = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
     return torch.bernoulli(probs, generator=generator).bool()
 
 
@@ -366,6 +417,7 @@ def della_mask(
     Raises:
         ValueError: unless ``0 < density − ε`` and ``density + ε < 1``.
     """
+    density, epsilon = _number(density, "density"), _number(epsilon, "epsilon")
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise ValueError(
             f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={density}, epsilon={epsilon}"
@@ -433,6 +485,7 @@ def task_arithmetic(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     return _chunked(base, models, w, lambda d, i, s: d, None, normalize, lambda_, out_dtype, out)
 
 
@@ -484,6 +537,7 @@ def ties(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     if consensus not in ("sum", "count"):
         raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
@@ -876,6 +930,7 @@ def dare(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     step = _CHUNK
     probs = {i: torch.full((min(step, base.numel()),), rho) for i, rho in enumerate(dens) if 0.0 < rho < 1.0}
@@ -923,6 +978,7 @@ def breadcrumbs(
     if bad:
         raise ValueError(f"gamma must be in [0, 1], got {bad[0]}")
     w = _per_model(weights, len(models), "weights", 1.0)
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     n = base.numel()
     flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
@@ -1015,7 +1071,9 @@ def della(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
+    lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
+    epsilon = _number(epsilon, "epsilon")
     for rho in dens:
         if rho < 1.0 and not (0.0 < rho - epsilon and rho + epsilon < 1.0):
             raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={rho}, "
@@ -1079,6 +1137,10 @@ def slerp(
         The interpolated tensor, shape of ``a``, dtype ``out_dtype`` (default ``a.dtype``).
     """
     _check_tensors([a, b], ["a", "b"])
+    t = _number(t, "t")  # a NaN t would give a NaN merge with no error
+    dot_threshold = _number(dot_threshold, "dot_threshold")
+    eps = _number(eps, "eps", minimum=0.0)
+    _check_out_dtype(out_dtype)
     wd = _work_dtype(a)
     dest, result = _dest(out, a, out_dtype or a.dtype)
     x, y = a.reshape(-1), b.reshape(-1)
@@ -1150,13 +1212,16 @@ def chipalign(
         lam: ``λ``, weight of the domain model, in [0, 1].
     """
     _check_tensors([instruct, domain], ["instruct", "domain"])
+    lam = _number(lam, "lam")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
+    eps = _number(eps, "eps", minimum=0.0)
+    _check_out_dtype(out_dtype)
     wd = _work_dtype(instruct)
     wi, wdm = instruct.to(wd), domain.to(wd)
     ni, nd = torch.linalg.vector_norm(wi), torch.linalg.vector_norm(wdm)
     if ni <= eps and nd <= eps:
-        return torch.zeros_like(instruct)
+        return torch.zeros_like(instruct, dtype=out_dtype or instruct.dtype)
     ui = wi / ni if ni > eps else wdm / nd
     ud = wdm / nd if nd > eps else ui
     dot = (ui * ud).sum().clamp(-1.0, 1.0)
@@ -1203,8 +1268,12 @@ def karcher(
     if isinstance(tensors, Tensor):
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
     _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
+    if not is_int(max_iter) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    tol = _number(tol, "tol", minimum=0.0)
+    _check_out_dtype(out_dtype)
     if len(tensors) == 1:
-        return tensors[0].clone()
+        return tensors[0].to(out_dtype or tensors[0].dtype, copy=True)
     alpha = _per_model(weights, len(tensors), "weights", 1.0)
     if any(a < 0 for a in alpha) or math.fsum(alpha) <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {alpha}")
@@ -1216,7 +1285,7 @@ def karcher(
     scale = sum(a * n for a, n in zip(alpha, norms))
     live = [(a, f / n) for a, f, n in zip(alpha, flat, norms) if n > tol]
     if not live:
-        return torch.zeros_like(tensors[0])
+        return torch.zeros_like(tensors[0], dtype=out_dtype or tensors[0].dtype)
     live_total = math.fsum(a for a, _ in live)
     live = [(a / live_total, u) for a, u in live]
     mu = sum(a * u for a, u in live)
@@ -1264,6 +1333,8 @@ def model_stock(
         ValueError: fewer than 2 fine-tuned models (no angle to measure).
     """
     _check_models(base, models)
+    check_bool(filter_wise, "filter_wise")
+    _check_out_dtype(out_dtype)
     if len(models) < 2:
         raise ValueError(f"model_stock needs at least 2 fine-tuned models, got {len(models)}")
     wd = _work_dtype(base)

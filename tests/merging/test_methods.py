@@ -465,6 +465,101 @@ def test_bad_arguments():
         M.ties(base, ms, consensus="vote")
 
 
+NAN = float("nan")
+TASK_VECTOR = {  # every method with normalize / lambda_ / out_dtype, called on (base, models, **kw)
+    "task_arithmetic": M.task_arithmetic,
+    "ties": lambda b, ms, **kw: M.ties(b, ms, density=0.5, **kw),
+    "dare": lambda b, ms, **kw: M.dare(b, ms, density=0.5, **kw),
+    "breadcrumbs": lambda b, ms, **kw: M.breadcrumbs(b, ms, density=0.5, **kw),
+    "della": lambda b, ms, **kw: M.della(b, ms, density=0.5, **kw),
+    "combine_deltas": lambda b, ms, **kw: M.combine_deltas(b, [m - b for m in ms], [1.0] * len(ms), **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(TASK_VECTOR))
+def test_task_vector_options_are_checked(name):
+    """A truthy string must not switch normalize on, a NaN lambda_ must not reach every output element,
+    an integer out_dtype must not truncate the weights: each is refused, naming the argument."""
+    base, ms = _models(2)
+    merge = TASK_VECTOR[name]
+    with pytest.raises(TypeError, match="normalize must be a bool, got 'false'"):
+        merge(base, ms, normalize="false")
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        merge(base, ms, normalize=1)
+    with pytest.raises(ValueError, match="lambda_ must be a finite number"):
+        merge(base, ms, lambda_=NAN)
+    with pytest.raises(TypeError, match="lambda_ must be a real number"):
+        merge(base, ms, lambda_="2")
+    with pytest.raises(TypeError, match="out_dtype"):
+        merge(base, ms, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        merge(base, ms, out_dtype="float32")
+    with pytest.raises(TypeError, match="weights must be a number or one number per model"):
+        merge(base, ms, weights=["a", "b"]) if name != "combine_deltas" else M.combine_deltas(base, ms, ["a", "b"])
+
+
+def test_scalar_and_flag_arguments_are_checked():
+    base, ms = _models(2)
+    a, b = ms
+    with pytest.raises(ValueError, match="t must be a finite number"):
+        M.slerp(a, b, NAN)
+    with pytest.raises(TypeError, match="t must be a real number"):
+        M.slerp(a, b, "0.5")
+    torch.testing.assert_close(M.slerp(a, b, torch.tensor(0.25)), M.slerp(a, b, 0.25), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dot_threshold"):
+        M.slerp(a, b, 0.5, dot_threshold=NAN)
+    with pytest.raises(TypeError, match="out_dtype"):
+        M.slerp(a, b, 0.5, out_dtype=torch.int64)
+    with pytest.raises(ValueError, match="lam must be a finite number"):
+        M.chipalign(a, b, NAN)
+    with pytest.raises(TypeError, match="lam must be a real number"):
+        M.chipalign(a, b, "0.5")
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        M.della(base, ms, density=0.5, epsilon=NAN)
+    with pytest.raises(ValueError, match="max_iter"):
+        M.karcher(ms, max_iter=-1)
+    with pytest.raises(ValueError, match="tol"):
+        M.karcher(ms, tol=NAN)
+    with pytest.raises(TypeError, match="filter_wise must be a bool"):
+        M.model_stock(base, ms, filter_wise="no")
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        M.linear(ms, normalize="no")
+    with pytest.raises(ValueError, match="density must be a finite number"):
+        M.magnitude_mask(a, NAN)
+    with pytest.raises(ValueError, match="density must be finite"):
+        M.dare_mask(a, NAN)
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        M.dare_mask(a, 1.5)
+    with pytest.raises(ValueError, match="density must be a finite number"):
+        M.della_mask(a, NAN, 0.1)
+
+
+def test_combine_deltas_checks_its_inputs():
+    base, ms = _models(2)
+    deltas = [m - base for m in ms]
+    with pytest.raises(ValueError, match=r"deltas\[1\] has shape \(3,\)"):
+        M.combine_deltas(base, [deltas[0], torch.zeros(3)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        M.combine_deltas(base, [], [])
+    with pytest.raises(ValueError, match="weights has 1 entries but there are 2"):
+        M.combine_deltas(base, deltas, [1.0])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        M.combine_deltas(base, deltas, [1.0, NAN])
+
+
+def test_out_dtype_is_kept_on_the_shortcuts():
+    """karcher of one tensor or of all-zero tensors, and chipalign of two zero tensors, return early;
+    they must still return ``out_dtype`` like the general path."""
+    _, (m,) = _models(1, dtype=torch.bfloat16)
+    z = torch.zeros(5, dtype=torch.bfloat16)
+    assert M.karcher([m], out_dtype=torch.float32).dtype == torch.float32
+    assert M.karcher([z, z], out_dtype=torch.float32).dtype == torch.float32
+    assert M.chipalign(z, z, 0.5, out_dtype=torch.float32).dtype == torch.float32
+    one = M.karcher([m], out_dtype=torch.float32)
+    torch.testing.assert_close(one, m.float(), rtol=0, atol=0)
+    assert one.data_ptr() != m.data_ptr()
+
+
 def test_empty_tensors():
     e = torch.zeros(0, 4)
     assert M.slerp(e, e, 0.5).shape == (0, 4)
