@@ -21,6 +21,9 @@
 
 A parameter given under ``models[i].parameters`` applies to that model; under
 the top-level ``parameters`` it applies to all models (a per-model value wins).
+As in mergekit, a filter matches the tensor names that contain it (``"*"``: all),
+and a filter list with no entry for a tensor falls through to the top-level
+value, then to the method's default.
 """
 
 from __future__ import annotations
@@ -134,18 +137,27 @@ class Recipe:
         return [m for m in self.models if m.path != self.base_model]
 
     def value(self, name: str, tensor: str, model: ModelEntry | None = None, default: Any = None) -> Any:
-        """Resolve parameter ``name`` for ``tensor`` (and ``model``), applying name filters."""
-        raw = model.parameters.get(name) if model is not None else None
-        if raw is None:
-            raw = self.parameters.get(name)
-        if raw is None:
-            return default
-        if not isinstance(raw, list):
-            return raw
-        for entry in raw:
-            filt = entry.get("filter")
-            if filt is None or filt in tensor:
-                return entry["value"]
+        """Resolve parameter ``name`` for ``tensor`` (and ``model``), applying name filters.
+
+        As mergekit resolves it: the model's own setting first, then the recipe-wide one, then
+        ``default``. A filter list with no entry for ``tensor`` does not decide, so the next scope
+        is asked (a per-model ``{filter: mlp, value: 0.8}`` leaves the other tensors to the
+        recipe-wide value). A filter matches tensor names containing it; ``"*"`` matches every name.
+
+        Raises:
+            ValueError: no scope decides and there is no ``default``.
+        """
+        scopes = [model.parameters] if model is not None else []
+        for params in [*scopes, self.parameters]:
+            raw = params.get(name)
+            if raw is None:
+                continue
+            if not isinstance(raw, list):
+                return raw
+            for entry in raw:
+                filt = entry.get("filter")
+                if filt is None or filt == "*" or filt in tensor:
+                    return entry["value"]
         if default is not None:
             return default
         where = f" of model {str(model.path)!r}" if model is not None else ""

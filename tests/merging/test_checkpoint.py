@@ -152,6 +152,23 @@ def test_dtype_and_filters(three_models):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_filters_fall_back_to_the_recipe_wide_value_as_in_mergekit(three_models):
+    """A per-model filter list that has no entry for a tensor leaves it to the top-level value (mergekit's
+    resolution order), not to the method's default; a ``"*"`` filter matches every tensor name."""
+    tmp, states = three_models
+    per_model = {"a": {"weight": [{"filter": "mlp", "value": 0.0}]}, "b": {"weight": [{"filter": "*", "value": 0.25}]}}
+    r = recipe(tmp, "task_arithmetic", per_model, parameters={"weight": 0.5}, dtype="float64")
+    out = merge_checkpoints(r, tmp / "out")
+    base, a, b = (states[k] for k in ("base", "a", "b"))
+    with SafetensorsCheckpoint(out) as ck:
+        got = {n: ck.read(n).clone() for n in ck.names() if base[n].is_floating_point()}
+    assert len(got) == 6
+    for n, t in got.items():
+        wa = 0.0 if "mlp" in n else 0.5
+        want = base[n].double() + wa * (a[n].double() - base[n].double()) + 0.25 * (b[n].double() - base[n].double())
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-6, msg=n)
+
+
 def test_hf_llama_roundtrip(tmp_path):
     transformers = pytest.importorskip("transformers")
     from conftest import make_tiny_llama
