@@ -1,4 +1,4 @@
-"""Argument checks for numbers, shared by every subpackage (no alignlab imports, so no cycles).
+"""Argument checks for numbers and flags, shared by every subpackage (no alignlab imports, so no cycles).
 
 A sweep hands over NumPy scalars (``np.linspace(...)[i]`` is an ``np.float64``, ``np.float32(16)``
 is not a ``float``, ``np.int64(8)`` is not an ``int``), so "is it a number" means
@@ -7,13 +7,17 @@ is an ``int`` to Python but never a meaningful count or weight here, so it is re
 or tensor is not a scalar to these checks.
 
 The ``check_*`` helpers return the value as a Python ``float`` / ``int``, so whatever is stored
-from them serialises into JSON and a saved config.
+from them serialises into JSON and a saved config. Flags likewise: :func:`as_bool` takes a NumPy bool
+and returns a Python bool; :func:`check_bool` returns nothing and so still refuses NumPy bools, for
+callers that keep the value they were given.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+
+import numpy
 
 
 def is_real(value) -> bool:
@@ -65,7 +69,24 @@ def check_positive_int(value, arg: str) -> int:
     return int(value)
 
 
+def as_bool(value, arg: str) -> bool:
+    """``value`` as a Python bool: a bool or a NumPy bool (``np.bool_``, from a sweep or an array comparison).
+
+    ``TypeError`` naming ``arg`` for anything else: a truthy string (``"no"``) would switch a flag on, and an
+    int, None, a 0-d array or a tensor is not a flag. Store the result, not ``value``: a NumPy bool would not
+    serialise into a saved config."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numpy.bool_):
+        return bool(value)
+    raise TypeError(f"{arg} must be a bool, got {value!r}")
+
+
 def check_bool(value, arg: str) -> None:
-    """``TypeError`` naming ``arg`` unless ``value`` is a bool (a truthy string would switch a flag on)."""
+    """``TypeError`` naming ``arg`` unless ``value`` is a Python bool (a truthy string would switch a flag on).
+
+    Stricter than :func:`as_bool`, it refuses NumPy bools too: for callers that keep ``value`` as given, where
+    an ``np.bool_`` would reach a saved config (``json`` cannot write it). Callers that store the returned
+    Python bool use :func:`as_bool`."""
     if not isinstance(value, bool):
         raise TypeError(f"{arg} must be a bool, got {value!r}")

@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 
@@ -599,7 +599,7 @@ def sequence_divergence(token_losses: torch.Tensor, mask: torch.Tensor | None = 
     """
     if not isinstance(token_losses, torch.Tensor) or token_losses.dim() != 2:
         raise ValueError("token_losses must be a (batch, seq) tensor")
-    check_bool(normalize, "normalize")
+    normalize = as_bool(normalize, "normalize")
     w = _weights(mask, token_losses.shape, token_losses.device, token_losses.dtype)
     total = (token_losses * w).sum(-1)
     if not normalize:

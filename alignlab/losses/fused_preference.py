@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignlab._checks import check_bool, is_int
+from alignlab._checks import as_bool, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     check_linear_inputs,
@@ -249,7 +249,7 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
                       resident_bytes, sel=None):
     """:func:`fused_linear_preference` after its checks; ``sel`` is ``select_scored_rows``' result when the
     caller already has it (it costs a host sync)."""
-    check_bool(eager, "eager")
+    eager = as_bool(eager, "eager")
     if not _eager_with_grad(eager, hidden, weight, bias):
         tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
         return loss_from_token_logps(tok)
@@ -386,7 +386,7 @@ def fused_linear_dpo(
     _check_3d(policy_hidden)
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
     check_num_items("num_nll_tokens", num_nll_tokens)
-    check_bool(average_log_prob, "average_log_prob")
+    average_log_prob = as_bool(average_log_prob, "average_log_prob")
     normalised = _LENGTH_NORMALISED.intersection(dpo_loss_types(loss_type))
     if average_log_prob and normalised:
         raise ValueError(f"loss_type {sorted(normalised)} divides the log-ratios by the completion lengths itself; "
@@ -535,7 +535,7 @@ def fused_linear_cpo(
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     if average_log_prob is None:
         average_log_prob = loss_type in ("ipo", "simpo")
-    check_bool(average_log_prob, "average_log_prob")
+    average_log_prob = as_bool(average_log_prob, "average_log_prob")
 
     def loss_fn(tok):
         pc, pr = _pair_logps(tok, counts, average_log_prob)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import check_bool, check_finite_number, is_finite_real, is_int
+from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import check_mask_values, chunk_backward, default_chunk_rows
 from alignlab.losses.preference import step_count
@@ -350,7 +350,7 @@ def fused_linear_grpo(
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
-    check_bool(compute_entropy, "compute_entropy")
+    compute_entropy = as_bool(compute_entropy, "compute_entropy")
     if ref_hidden is not None and ref_logprobs is not None:
         raise ValueError("pass either ref_logprobs or ref_hidden, not both")
     beta = check_finite_number(beta, "beta", minimum=0.0)  # the rest of the numbers: grpo_loss on the probe below

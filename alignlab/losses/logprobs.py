@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from alignlab._checks import check_bool, check_finite_number, is_int
+from alignlab._checks import as_bool, check_finite_number, is_int
 from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
 
 __all__ = [
@@ -148,7 +148,7 @@ def sequence_logprobs(
             holds anything but bools or 0/1 (0.5, 2, NaN: ValueError); ``average`` not a bool (TypeError).
     """
     _check_logits_labels(logits, labels)
-    check_bool(average, "average")
+    average = as_bool(average, "average")
     if labels.dim() < 1:
         raise ValueError("labels must have at least a batch dimension")
     tok = token_logprobs(logits, labels, ignore_index)

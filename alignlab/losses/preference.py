@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, check_finite_number, is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int, is_real
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -501,7 +501,7 @@ def dpo_loss(
         raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}")
     loss_weights = [check_finite_number(w, "loss_weights") for w in loss_weights]
     length_alpha = check_finite_number(length_alpha, "length_alpha")
-    check_bool(reference_free, "reference_free")  # a truthy string would drop the reference silently
+    reference_free = as_bool(reference_free, "reference_free")  # a truthy string would drop the reference silently
     beta = _check_positive("beta", beta)
     discopop_tau = _check_positive("discopop_tau", discopop_tau)
     _check_reduction(reduction)

@@ -37,7 +37,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from alignlab._checks import check_bool, is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 
 __all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP"]
 
@@ -123,7 +123,7 @@ def estimate_fisher(
     """
     if mode not in ("empirical", "true"):
         raise ValueError(f"mode must be 'empirical' or 'true', got {mode!r}")
-    check_bool(per_example, "per_example")  # "no" would select the other estimator
+    per_example = as_bool(per_example, "per_example")  # "no" would select the other estimator
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if num_batches is not None and (not is_int(num_batches) or num_batches < 1):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import check_bool, check_finite_number, is_int, is_real
+from alignlab._checks import as_bool, check_finite_number, is_int, is_real
 from alignlab.losses.logprobs import check_mask_values
 from alignlab.losses.preference import check_num_items, step_count
 
@@ -121,7 +121,7 @@ def whiten(
             ``(3,)``; ``eps`` negative, NaN or infinite.
         TypeError: ``shift_mean`` not a bool, ``eps`` not a real number.
     """
-    check_bool(shift_mean, "shift_mean")
+    shift_mean = as_bool(shift_mean, "shift_mean")
     eps = check_finite_number(eps, "eps", minimum=0.0)
     m = _mask(mask, values)
     out_dtype = values.dtype
@@ -331,7 +331,7 @@ def gae(
     _float("rewards", rewards, 2)
     _float("values", values, 2)
     _same_shape("rewards", rewards, values=values)
-    check_bool(whiten_advantages, "whiten_advantages")
+    whiten_advantages = as_bool(whiten_advantages, "whiten_advantages")
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not is_real(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
@@ -587,7 +587,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
             infinite.
         TypeError: ``normalize`` not a bool.
     """
-    check_bool(normalize, "normalize")
+    normalize = as_bool(normalize, "normalize")
     eps = check_finite_number(eps, "eps", minimum=0.0)
     g = _grouped(rewards, group_size, 2).detach()
     g = g.to(_compute_dtype(g))

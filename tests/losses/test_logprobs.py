@@ -219,3 +219,31 @@ def test_sequence_logprobs_mask_holds_bools_or_exactly_0_1(bad):
     want = sequence_logprobs(logits, labels, mask=torch.tensor([[True, True, False], [True, True, True]]))
     for ok in (torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])):
         torch.testing.assert_close(sequence_logprobs(logits, labels, mask=ok), want, rtol=0, atol=0)
+
+
+def test_numpy_bool_flags_are_taken_and_strings_still_refused():
+    """np.bool_ flags (a sweep's value) raised TypeError in every loss; they now act as the Python bool."""
+    import numpy as np
+
+    from alignlab.losses import dpo_loss, fused_linear_grpo, rloo_advantages, sequence_divergence, whiten
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 3), generator=g)
+    x = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    r = torch.randn(4, generator=g, dtype=torch.float64)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    calls = [
+        lambda f: sequence_logprobs(logits, labels, average=f),
+        lambda f: whiten(x, shift_mean=f),
+        lambda f: rloo_advantages(r, 2, normalize=f),
+        lambda f: sequence_divergence(x, normalize=f),
+        lambda f: dpo_loss(r, r, None, None, reference_free=f)[0] if f else dpo_loss(r, r, r, r, reference_free=f)[0],
+        lambda f: fused_linear_grpo(hidden, weight, labels, r[:2], compute_entropy=f)[1].get("entropy", x.sum()),
+    ]
+    for call in calls:
+        for flag in (True, False):
+            torch.testing.assert_close(call(np.bool_(flag)), call(flag), rtol=0, atol=0)
+        with pytest.raises(TypeError, match="must be a bool"):
+            call("no")

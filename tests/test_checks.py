@@ -1,0 +1,33 @@
+"""alignlab._checks: flags (as_bool / check_bool) from Python and NumPy."""
+
+import numpy as np
+import pytest
+import torch
+
+from alignlab._checks import as_bool, check_bool
+
+
+@pytest.mark.parametrize("value", [True, False, np.True_, np.False_, np.bool_(1), np.array([1, 2]) > 1])
+def test_as_bool_takes_python_and_numpy_bools(value):
+    """np.bool_ (a sweep's value, an array comparison's element) was refused; it comes back a Python bool."""
+    if isinstance(value, np.ndarray):
+        value = value[1]  # np.bool_ element of a comparison
+    got = as_bool(value, "flag")
+    assert type(got) is bool and got == bool(value)
+
+
+@pytest.mark.parametrize("value", ["no", "True", 1, 0, np.int64(1), 1.0, None, np.array(True), torch.tensor(True)],
+                         ids=["str-no", "str-True", "int-1", "int-0", "np-int", "float", "none", "0d-array", "tensor"])
+def test_as_bool_and_check_bool_refuse_non_flags(value):
+    with pytest.raises(TypeError, match="flag must be a bool"):
+        as_bool(value, "flag")
+    with pytest.raises(TypeError, match="flag must be a bool"):
+        check_bool(value, "flag")
+
+
+def test_check_bool_still_refuses_numpy_bools():
+    """Its callers keep the value as given (adapter configs): an np.bool_ would reach adapter_config.json, which
+    json cannot write, so it stays refused there until they store as_bool's result."""
+    with pytest.raises(TypeError, match="flag"):
+        check_bool(np.True_, "flag")
+    check_bool(True, "flag")
