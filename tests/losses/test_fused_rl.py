@@ -418,3 +418,31 @@ def test_completion_mask_holds_bools_or_exactly_0_1(torch_mode):
     want, _ = fused_linear_grpo(*args, d["mask"], **kw)
     for ok in (d["mask"].long(), d["mask"].double()):
         torch.testing.assert_close(fused_linear_grpo(*args, ok, **kw)[0], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [dict(importance_sampling_level="sequence", beta=0.04),
+                                  dict(importance_sampling_level="sequence", loss_type="dr_grpo",
+                                       max_completion_length=T, sampling=True, is_mode="sequence_truncate")],
+                         ids=["gspo", "gspo-dr_grpo-seq-is"])
+def test_gspo_per_token_advantages_packed_equals_padded(case, torch_mode):
+    """GSPO couples each sequence's tokens (two passes) and per-token advantages take the packed side-input path:
+    the packed batch gives the padded batch's loss, gradients and metrics (clip ratios included)."""
+    d, kw = _split(case)
+    g = torch.Generator().manual_seed(7)
+    d["adv"] = torch.randn(B, T, generator=g, dtype=D)  # per token
+    m = d["mask"]
+    want = _fused(d, **kw)
+    assert want[1]["clip_ratio/region_mean"] > 0  # the metric is exercised
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), m.sum(1).cumsum(0)])
+    h = d["hidden"][m].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(True)
+    side = {k: v[m] for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+    loss, metrics = fused_linear_grpo(h, w, d["ids"][m], d["adv"][m], cu_seqlens=cu, chunk_size=4, **side, **rest)
+    loss.backward()
+    torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, want[2][m], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, want[3], rtol=1e-10, atol=1e-12)
+    assert set(metrics) == set(want[1])
+    for k in want[1]:
+        torch.testing.assert_close(metrics[k], want[1][k], msg=k)
