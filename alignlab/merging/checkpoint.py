@@ -217,7 +217,7 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
         weights = [r.value("weight", name, m, 1.0) for m in r.models]
         if method == "linear":
             return M.linear(inputs, weights, out_dtype=out_dtype,
-                            normalize=bool(r.value("normalize", name, default=True)))
+                            normalize=r.value("normalize", name, default=True))
         return M.karcher(inputs, weights, out_dtype=out_dtype, max_iter=int(r.value("max_iter", name, default=10)),
                          tol=float(r.value("tol", name, default=1e-5)))
     base = tensors[r.base_model]
@@ -235,29 +235,29 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
         return M.chipalign(base, others[0], float(lam), out_dtype=out_dtype)
     if method == "model_stock":
         return M.model_stock(base, others, out_dtype=out_dtype,
-                             filter_wise=bool(r.value("filter_wise", name, default=False)))
+                             filter_wise=r.value("filter_wise", name, default=False))
 
     weights = [float(r.value("weight", name, m, 1.0)) for m in ft]
     lam = float(r.value("lambda", name, default=1.0))
     if method == "task_arithmetic":
         return M.task_arithmetic(base, others, weights, out_dtype=out_dtype, out=out,
-                                 normalize=bool(r.value("normalize", name, default=False)),
+                                 normalize=r.value("normalize", name, default=False),
                                  lambda_=lam)
     density = [r.value("density", name, m, 1.0) for m in ft]
     consensus = "sum" if method.endswith("ties") or method == "della" else None
     consensus = r.value("consensus", name, default=consensus) if consensus else None
     if method == "ties":
         return M.ties(base, others, weights, out_dtype=out_dtype, out=out, density=density, consensus=consensus,
-                      normalize=bool(r.value("normalize", name, default=True)), lambda_=lam)
+                      normalize=r.value("normalize", name, default=True), lambda_=lam)
     if method in ("dare_linear", "dare_ties"):
         return M.dare(base, others, weights, out_dtype=out_dtype, out=out, density=density, consensus=consensus,
                       rescale=_rescale_arg(r.value("rescale", name, default=True)),
-                      normalize=bool(r.value("normalize", name, default=False)), lambda_=lam,
+                      normalize=r.value("normalize", name, default=False), lambda_=lam,
                       generator=_generator(r, name))
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         gamma = [float(r.value("gamma", name, m, 0.01)) for m in ft]
         return M.breadcrumbs(base, others, weights, out_dtype=out_dtype, out=out, density=density, gamma=gamma,
-                             consensus=consensus, normalize=bool(r.value("normalize", name, default=False)),
+                             consensus=consensus, normalize=r.value("normalize", name, default=False),
                              lambda_=lam)
     if method in ("della", "della_linear"):
         eps = [float(r.value("epsilon", name, m, 0.15)) for m in ft]
@@ -266,7 +266,7 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
         return M.della(base, others, weights, out_dtype=out_dtype, out=out, density=density, epsilon=eps[0],
                        consensus=consensus,
                        rescale=_rescale_arg(r.value("rescale", name, default=True)),
-                       normalize=bool(r.value("normalize", name, default=method == "della")), lambda_=lam,
+                       normalize=r.value("normalize", name, default=method == "della"), lambda_=lam,
                        generator=_generator(r, name))
     raise ValueError(f"unknown merge_method {method!r}")  # recipe validation makes this unreachable
 

@@ -174,17 +174,38 @@ def _check_value(name: str, value: Any, where: str) -> None:
             raise ValueError(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
         if name == "density" and not 0.0 <= v <= 1.0:
             raise ValueError(f"density of {where} must be in [0, 1], got {v}")
+        if name in ("normalize", "filter_wise") and not isinstance(v, bool):
+            # bool("false") is True: a quoted YAML flag would otherwise switch the option on
+            raise ValueError(f"parameter {name!r} of {where} must be true or false, got {v!r}")
+        if name == "consensus" and v not in ("sum", "count"):
+            raise ValueError(f"parameter 'consensus' of {where} must be 'sum' or 'count', got {v!r}")
+        if name == "rescale" and not (isinstance(v, bool) or v in ("inverse", "l1")):
+            raise ValueError(f"parameter 'rescale' of {where} must be true, false, 'inverse' or 'l1', got {v!r}")
+        if name == "max_iter" and not (is_int(v) and v >= 0):
+            raise ValueError(f"parameter 'max_iter' of {where} must be an integer >= 0, got {v!r}")
+        if name == "tol" and not (is_finite_real(v) and v >= 0):
+            raise ValueError(f"parameter 'tol' of {where} must be a finite number >= 0, got {v!r}")
 
 
 def _check_filters(name: str, value: Any, where: str) -> None:
     if not isinstance(value, list):
         return
     for entry in value:
-        if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
+        if (not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}
+                or not isinstance(entry.get("filter", ""), (str, type(None)))):
             raise ValueError(
                 f"parameter {name!r} of {where}: list entries must be {{filter: <substring>, value: <x>}}, got {entry!r}"
                 " (mergekit's per-layer gradients are not supported)"
             )
+
+
+def _parameters(raw: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` block as a dict; ``ValueError`` naming ``where`` unless it is a mapping (or empty)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping of parameter names to values, got {raw!r}")
+    return dict(raw)
 
 
 def _resolve_path(p: Any, root: Path | None) -> Path:
@@ -222,14 +243,14 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ValueError(f"models[{i}]: unknown key(s) {extra}; an entry has 'model' and 'parameters'")
-        params = dict(entry.get("parameters") or {})
         path = _resolve_path(entry["model"], rootp)
+        params = _parameters(entry.get("parameters"), f"models[{i}].parameters")
         _check_names(params, PARAMETERS[method][0], method, f"model {str(path)!r}")
         for k, v in params.items():
             _check_filters(k, v, f"model {str(path)!r}")
             _check_value(k, v, f"model {str(path)!r}")
         models.append(ModelEntry(path, params))
-    params = dict(data.get("parameters") or {})
+    params = _parameters(data.get("parameters"), "parameters")
     _check_names(params, PARAMETERS[method][0] | PARAMETERS[method][1], method, "the recipe's parameters")
     for k, v in params.items():
         _check_filters(k, v, "the recipe")
@@ -240,6 +261,9 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
             raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {data[key]!r}")
+    seed = data.get("random_seed", 0)
+    if not is_int(seed):  # int(1.7) or int(True) would seed the masks with a number nobody wrote
+        raise ValueError(f"random_seed must be an integer, got {seed!r}")
     chosen = data.get("out_dtype") if data.get("out_dtype") is not None else data.get("dtype")
     dtype = DTYPES[chosen] if chosen is not None else None
     recipe = Recipe(
@@ -248,7 +272,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
         base_model=base,
         parameters=params,
         dtype=dtype,
-        random_seed=int(data.get("random_seed", 0)),
+        random_seed=int(seed),
         out_shard_size=parse_size(data.get("out_shard_size", 5 * 1000**3)),
     )
     needs_base, lo, hi = METHODS[method]

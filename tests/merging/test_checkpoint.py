@@ -222,12 +222,39 @@ def test_shape_mismatch(three_models):
     ({"base_model": None}, "needs a base_model"),
     ({"dtype": "int4"}, "dtype must be one of"),
     ({"colour": "red"}, "unknown recipe keys"),
+    # bool("false") is True: a quoted flag must not switch normalization on
+    ({"parameters": {"normalize": "false"}}, "'normalize' of the recipe must be true or false, got 'false'"),
+    ({"parameters": {"normalize": 0}}, "'normalize' of the recipe must be true or false"),
+    ({"merge_method": "model_stock", "models": ["X", "Y"], "parameters": {"filter_wise": "yes"}},
+     "'filter_wise' of the recipe must be true or false"),
+    ({"parameters": {"consensus": "vote"}}, "'consensus' of the recipe must be 'sum' or 'count'"),
+    ({"merge_method": "dare_ties", "parameters": {"rescale": "yes"}}, "'rescale' of the recipe must be true, false"),
+    ({"merge_method": "karcher", "base_model": None, "parameters": {"max_iter": 2.5}}, "'max_iter' .* integer"),
+    ({"merge_method": "karcher", "base_model": None, "parameters": {"tol": "small"}}, "'tol' .* finite number"),
+    ({"random_seed": 1.7}, "random_seed must be an integer, got 1.7"),
+    ({"random_seed": True}, "random_seed must be an integer"),
+    ({"parameters": [1]}, "parameters must be a mapping"),
+    ({"models": [{"model": "X", "parameters": ["weight"]}]}, r"models\[0\].parameters must be a mapping"),
+    ({"parameters": {"weight": [{"filter": 3, "value": 1.0}]}}, "list entries must be"),
 ])
 def test_bad_recipes(tmp_path, bad, match):
     r = {"merge_method": "ties", "base_model": "B", "models": [{"model": "X"}], **bad}
     with pytest.raises(ValueError, match=match):
         merge_checkpoints(r, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_object_flags_are_checked_by_the_methods(three_models):
+    """A Recipe built directly skips the YAML checks; its flags still reach the methods unconverted
+    (no ``bool()``), so a string is refused there instead of read as true."""
+    from alignlab.merging.checkpoint import merge_tensor
+
+    tmp, states = three_models
+    r = recipe_from_dict(recipe(tmp, "ties"))
+    r.parameters["normalize"] = "false"
+    tensors = {tmp / k: states[k]["lm_head.weight"] for k in ("base", "a", "b")}
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        merge_tensor(r, "lm_head.weight", tensors)
 
 
 def test_error_during_write_leaves_nothing(three_models):
