@@ -583,4 +583,7 @@ def _install(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a file (or link) replaced with overwrite=True: rmtree would leave it behind
+        old.unlink(missing_ok=True)

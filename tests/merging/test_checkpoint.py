@@ -279,6 +279,20 @@ def test_out_dir_policy(three_models):
     assert [p for p in tmp.iterdir() if p.name.startswith(".")] == []
 
 
+def test_overwriting_a_file_leaves_no_old_copy(three_models):
+    """overwrite=True over a plain file (or a link) replaces it and removes it; it was left as .out.old-*."""
+    tmp, _ = three_models
+    (tmp / "out").write_text("not a checkpoint")
+    (tmp / "target").write_text("kept")
+    os.symlink(tmp / "target", tmp / "link")
+    merge_checkpoints(recipe(tmp, "linear"), tmp / "out", overwrite=True)
+    merge_checkpoints(recipe(tmp, "linear"), tmp / "link", overwrite=True)
+    assert (tmp / "out" / "model.safetensors.index.json").exists()
+    assert (tmp / "link" / "model.safetensors.index.json").exists() and not (tmp / "link").is_symlink()
+    assert (tmp / "target").read_text() == "kept"
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
