@@ -567,3 +567,42 @@ def test_sequence_kd_loss_names_bad_dtypes():
         sequence_kd_loss(logits, torch.zeros(2, 3))
     with pytest.raises(TypeError, match="student_logits"):
         sequence_kd_loss(logits.long(), torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_float_token_weights_gradient_matches_closed_form(kind, reduction, fused):
+    """Float per-token weights (not a 0/1 mask) and reduction="none" with per-token upstream gradients, against
+    the KL gradients written out: with q = softmax(z / tau) (student), p the teacher's, and the coefficient c_t of
+    token t's divergence (w_t / sum w for "mean", u_t w_t for "none" with upstream u),
+    forward KL(p||q): dL/dz_t = c_t (q_t - p_t) / tau;
+    reverse KL(q||p): dL/dz_t = c_t q_t (log q_t - log p_t - KL_t) / tau;
+    dL/dx_t = dL/dz_t W, dL/dW = sum_t dL/dz_t x_t^T."""
+    x, w, th, tw, _ = _problem(n_lead=(3, 4), hidden=5, vocab=9, seed=4)
+    t = th @ tw.T
+    tau = 1.7
+    weights = torch.tensor([[0.5, 2.0, 0.0, 1.0], [0.25, 0.0, 3.0, 1.5], [1.0, 1.0, 0.75, 0.0]], dtype=torch.float64)
+    if fused:
+        got = fused_linear_distill_loss(x, w, t, kind=kind, temperature=tau, mask=weights, reduction=reduction,
+                                        chunk_size=5, grad_chunk_size=3)
+    else:
+        got = distill_loss(x @ w.T, t, kind, temperature=tau, mask=weights, reduction=reduction)
+    up = torch.linspace(-1.0, 2.0, weights.numel(), dtype=torch.float64).view(3, 4)
+    gx, gw = torch.autograd.grad(got, (x, w), up if reduction == "none" else None)
+
+    with torch.no_grad():
+        q, p = _probs(x @ w.T, tau), _probs(t, tau)
+        c = weights * up if reduction == "none" else weights / weights.sum()
+        if kind == "forward_kl":
+            dz = (q - p) / tau
+        else:
+            log_ratio = torch.log(q) - torch.log(p)
+            dz = q * (log_ratio - (q * log_ratio).sum(-1, keepdim=True)) / tau
+        dz = c[..., None] * dz
+        want_gx = dz @ w
+        want_gw = torch.einsum("btv,bth->vh", dz, x)
+    torch.testing.assert_close(gx, want_gx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, want_gw, rtol=1e-10, atol=1e-12)
+    assert float(gx[weights == 0].abs().max()) == 0.0  # weight 0: no gradient at all

@@ -458,7 +458,8 @@ def test_masks_hold_bools_or_exactly_0_1(bad):
         with pytest.raises(ValueError, match="mask must hold bools or exactly 0/1"):
             fn(bad)
         want = fn(torch.tensor([[True, False, True]]))
-        for ok in (torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1, 0, 1]], dtype=torch.uint8)):
+        for ok in (torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0]]),
+                   torch.tensor([[1, 0, 1]], dtype=torch.uint8)):
             torch.testing.assert_close(fn(ok), want, rtol=0, atol=0)
 
 
