@@ -673,3 +673,41 @@ def test_dpo_loss_type_not_a_name_is_named(bad):
                     (lambda v: simpo_loss(x, x, reduction=v), "reduction")):
         with pytest.raises(ValueError, match=arg):
             fn(None)
+
+
+def test_kto_and_simpo_reduction_none_gradients_match_hand_formulas():
+    """reduction="none" per example, weighted by per-example upstream gradients u, against the derivatives written
+    out: KTO with s = sigmoid(beta (h - z0)) desirable, d/dpi = -lambda_D beta s (1 - s); with
+    s' = sigmoid(beta (z0 - h)) undesirable, d/dpi = +lambda_U beta s' (1 - s'). SimPO with u = beta pc / Lc -
+    beta pr / Lr - gamma and label smoothing e: dl/du = -(1 - e) sigmoid(-u) + e sigmoid(u), times beta / Lc for
+    pc and -beta / Lr for pr."""
+    g = torch.Generator().manual_seed(21)
+    n = 6
+    pi = (-torch.rand(n, generator=g, dtype=torch.float64) * 20).requires_grad_(True)
+    ref = -torch.rand(n, generator=g, dtype=torch.float64) * 20
+    desirable = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    up = torch.linspace(-0.5, 2.0, n, dtype=torch.float64)
+    beta, z0, lam_d, lam_u = 0.2, 0.7, 1.3, 0.6
+    per, _ = kto_loss(pi, ref, desirable, beta=beta, kl=z0, desirable_weight=lam_d, undesirable_weight=lam_u,
+                      reduction="none")
+    (gpi,) = torch.autograd.grad(per, pi, up)
+    with torch.no_grad():
+        h = pi - ref
+        s_good, s_bad = torch.sigmoid(beta * (h - z0)), torch.sigmoid(beta * (z0 - h))
+        torch.testing.assert_close(per, torch.where(desirable, lam_d * (1 - s_good), lam_u * (1 - s_bad)))
+        want = torch.where(desirable, -lam_d * beta * s_good * (1 - s_good), lam_u * beta * s_bad * (1 - s_bad))
+    torch.testing.assert_close(gpi, up * want, rtol=1e-12, atol=1e-14)
+
+    pc = (-torch.rand(n, generator=g, dtype=torch.float64) * 30).requires_grad_(True)
+    pr = (-torch.rand(n, generator=g, dtype=torch.float64) * 30).requires_grad_(True)
+    lc, lr = torch.tensor([3, 7, 1, 4, 9, 2]), torch.tensor([5, 2, 6, 1, 3, 8])
+    beta, gamma, eps = 2.0, 0.5, 0.1
+    per, _ = simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
+                        reduction="none")
+    gc, gr = torch.autograd.grad(per, (pc, pr), up)
+    with torch.no_grad():
+        u = beta * pc / lc - beta * pr / lr - gamma
+        torch.testing.assert_close(per, -(1 - eps) * _logsig(u) - eps * _logsig(-u))
+        dl_du = -(1 - eps) * torch.sigmoid(-u) + eps * torch.sigmoid(u)
+    torch.testing.assert_close(gc, up * dl_du * beta / lc, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gr, -up * dl_du * beta / lr, rtol=1e-12, atol=1e-14)
