@@ -21,6 +21,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from alignlab._checks import check_finite_number, is_int
+from alignlab.merging.methods import _per_model
+
 __all__ = ["fold_lora", "lora_cat", "lora_delta", "lora_linear", "lora_svd"]
 
 
@@ -37,7 +40,16 @@ def _check_pair(a: Tensor, b: Tensor, where: str) -> None:
         raise TypeError(f"{where}: LoRA factors must be floating point, got {a.dtype} and {b.dtype}")
 
 
+def _scale(scale) -> float:
+    """``scale`` as a Python float; a NaN or infinite scale would reach every folded weight."""
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    return check_finite_number(scale, "scale")
+
+
 def _check_many(As: Sequence[Tensor], Bs: Sequence[Tensor], weights, scales) -> tuple[list[float], list[float]]:
+    if isinstance(As, Tensor) or isinstance(Bs, Tensor):
+        raise TypeError("As and Bs must be sequences of tensors (one per adapter), not single tensors")
     if len(As) == 0 or len(As) != len(Bs):
         raise ValueError(f"need the same positive number of A and B factors, got {len(As)} and {len(Bs)}")
     for i, (a, b) in enumerate(zip(As, Bs)):
@@ -48,16 +60,17 @@ def _check_many(As: Sequence[Tensor], Bs: Sequence[Tensor], weights, scales) -> 
                 f"{As[0].shape[1]} -> {Bs[0].shape[0]}"
             )
     n = len(As)
-    w = [1.0] * n if weights is None else [float(x) for x in weights]
-    s = [1.0] * n if scales is None else [float(x) for x in scales]
-    if len(w) != n or len(s) != n:
-        raise ValueError(f"weights and scales need one entry per adapter ({n}), got {len(w)} and {len(s)}")
-    return w, s
+    for name, value in (("weights", weights), ("scales", scales)):
+        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) != n:
+            raise ValueError(f"{name} needs one entry per adapter ({n}), got {len(value)}")
+    # a number or one finite number per adapter: not a bool, not a string read character by character
+    return _per_model(weights, n, "weights", 1.0), _per_model(scales, n, "scales", 1.0)
 
 
 def lora_delta(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     """``ΔW = s·B A`` with shape ``(out, in)``, in float32 (float64 for float64 factors)."""
     _check_pair(a, b, "lora_delta")
+    scale = _scale(scale)
     wd = _wd(a)
     return (b.to(wd) @ a.to(wd)) * scale
 
@@ -70,9 +83,12 @@ def fold_lora(weight: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tenso
         a: ``A (r, in)``. b: ``B (out, r)``. scale: ``s``.
 
     Raises:
-        ValueError: shapes that do not chain (naming which).
+        ValueError: shapes that do not chain (naming which), a NaN or infinite ``scale``.
+        TypeError: a non-floating ``weight`` (folding into integers would truncate it).
     """
     _check_pair(a, b, "fold_lora")
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"fold_lora: weight must be a floating-point tensor, got {getattr(weight, 'dtype', weight)!r}")
     if weight.dim() != 2 or weight.shape != (b.shape[0], a.shape[1]):
         raise ValueError(
             f"fold_lora: weight has shape {tuple(weight.shape)} but B A has shape {(b.shape[0], a.shape[1])}"
@@ -154,7 +170,7 @@ def lora_svd(
     Raises:
         ValueError: ``rank < 1`` or inconsistent factors.
     """
-    if int(rank) != rank or rank < 1:
+    if not is_int(rank) or rank < 1:  # not True, not 2.0 from a config that meant something else
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     a_c, b_c = lora_cat(As, Bs, weights, scales)
     q_b, r_b = torch.linalg.qr(b_c)  # (out, m), (m, R)

@@ -136,13 +136,15 @@ def _per_model(value, n: int, name: str, default: float | None = None) -> list[f
     if is_real(value):  # Python or NumPy scalar, not a bool
         out = [float(value)] * n
     else:
+        if isinstance(value, (str, bytes)):  # list("0.5") would be read character by character
+            raise TypeError(f"{name} must be a number or one number per model, got {value!r}")
         value = [value] if isinstance(value, bool) else list(value)
         if any(isinstance(v, bool) for v in value):
             raise TypeError(f"{name} must be a number or one number per model, not a bool, got {value!r}")
-        try:
-            out = [float(v) for v in value]
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a number or one number per model, got {value!r}") from None
+        value = [v.item() if isinstance(v, Tensor) and v.numel() == 1 else v for v in value]
+        if not all(is_real(v) for v in value):  # float("1e3") would accept a string from a config
+            raise TypeError(f"{name} must be a number or one number per model, got {value!r}")
+        out = [float(v) for v in value]
         if len(out) != n:
             raise ValueError(f"{name} has {len(out)} entries but there are {n} models")
     if any(not math.isfinite(v) for v in out):

@@ -83,3 +83,35 @@ def test_float32_and_errors():
         lora_cat(As, Bs, [1.0])
     with pytest.raises(TypeError, match="floating"):
         lora_cat([As[0].long()], [Bs[0]])
+
+
+def test_bad_scales_weights_and_ranks_are_refused():
+    """A NaN scale or weight would reach every folded weight, a string weight was read character by
+    character ("1" -> [1.0]), a bool passed as a weight or rank, an integer weight was truncated."""
+    As, Bs = _adapters((4,))
+    w = torch.randn(23, 17)
+    nan = float("nan")
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        fold_lora(w, As[0], Bs[0], nan)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        lora_delta(As[0], Bs[0], "2")
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        fold_lora(w.to(torch.int32), As[0], Bs[0])
+    for combine in (lora_cat, lora_linear):
+        with pytest.raises(ValueError, match="weights must be finite"):
+            combine(As, Bs, [nan])
+        with pytest.raises(ValueError, match="scales must be finite"):
+            combine(As, Bs, scales=[math.inf])
+        with pytest.raises(TypeError, match="weights must be a number"):
+            combine(As, Bs, "1")
+        with pytest.raises(TypeError, match="not a bool"):
+            combine(As, Bs, [True])
+        with pytest.raises(TypeError, match="sequences of tensors"):
+            combine(As[0], Bs[0])
+    with pytest.raises(ValueError, match="positive integer"):
+        lora_svd(As, Bs, True)
+    with pytest.raises(ValueError, match="positive integer"):
+        lora_svd(As, Bs, nan)
+    # a scalar weight applies to every adapter
+    a, b = lora_cat(As * 2, Bs * 2, 0.5)
+    torch.testing.assert_close(b @ a, Bs[0] @ As[0])

@@ -534,6 +534,18 @@ def test_scalar_and_flag_arguments_are_checked():
         M.della_mask(a, NAN, 0.1)
 
 
+def test_string_weights_are_refused_not_parsed():
+    """list("1") is ["1"] and float("1") is 1.0: a string weight from a config used to merge as a number."""
+    base, ms = _models(2)
+    with pytest.raises(TypeError, match="weights must be a number"):
+        M.task_arithmetic(base, ms[:1], "1")
+    with pytest.raises(TypeError, match="weights must be a number"):
+        M.linear(ms, ["0.5", "0.5"])
+    with pytest.raises(TypeError, match="density must be a number"):
+        M.ties(base, ms, density=["0.5", 1.0])
+    torch.testing.assert_close(M.linear(ms, [torch.tensor(1.0), np.float32(3.0)]), M.linear(ms, [1.0, 3.0]))
+
+
 def test_combine_deltas_checks_its_inputs():
     base, ms = _models(2)
     deltas = [m - base for m in ms]
