@@ -53,6 +53,7 @@ import threading
 
 import torch
 
+from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, launch
 from alignlab.kernels.nf4_configs import m_bucket, small_choice, small_config
@@ -382,7 +383,8 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         if pool is None:
             if torch.cuda.is_current_stream_capturing():  # a fill made now would only run inside the graph
                 return torch.zeros(n, dtype=torch.int32, device=device)
-            pool = _POOLS[device.index] = torch.zeros(_SLOTS, _SLOT_SIZE, dtype=torch.int32, device=device)
+            pool = _POOLS[device.index] = keep(
+                lambda: torch.zeros(_SLOTS, _SLOT_SIZE, dtype=torch.int32, device=device), device)
         stream = key[:2]
         slot = _SLOT_OF.get(stream)
         if slot is None:
@@ -563,7 +565,7 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor | None:
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _WS.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _WS[key] = torch.empty(numel, device=device, dtype=torch.float32)
+        buf = _WS[key] = keep(lambda: torch.empty(numel, device=device, dtype=torch.float32), device)
     return buf[:numel]
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from alignlab._checks import is_finite_real, is_int, is_real
+from alignlab._keep import keep
 from alignlab.kernels.dispatch import use_triton
 from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
 
@@ -52,7 +53,8 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """(signed map, unsigned map, signed midpoints, unsigned midpoints) on ``device``."""
     if device not in _MAPS:
         s, u = dynamic_map("cpu"), dynamic_map("cpu", signed=False)
-        _MAPS[device] = tuple(t.to(device) for t in (s, u, (s[:-1] + s[1:]) / 2, (u[:-1] + u[1:]) / 2))
+        _MAPS[device] = keep(lambda: tuple(t.to(device) for t in (s, u, (s[:-1] + s[1:]) / 2, (u[:-1] + u[1:]) / 2)),
+                             device)
     return _MAPS[device]
 
 

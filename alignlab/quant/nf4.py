@@ -38,6 +38,7 @@ from typing import Mapping
 import torch
 
 from alignlab._checks import check_bool, is_int
+from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
 __all__ = [
@@ -85,7 +86,7 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     device = torch.device(device)
     key = ("nf4", device)
     if key not in _TABLES:
-        _TABLES[key] = torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device)
+        _TABLES[key] = keep(lambda: torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device), device)
     return _TABLES[key]
 
 
@@ -119,7 +120,7 @@ def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torc
     device = torch.device(device)
     key = ("dynamic" if signed else "dynamic_unsigned", device)
     if key not in _TABLES:
-        _TABLES[key] = _build_dynamic_map(signed).to(device)
+        _TABLES[key] = keep(lambda: _build_dynamic_map(signed).to(device), device)
     return _TABLES[key]
 
 

@@ -475,3 +475,26 @@ def test_compiled_decode_matches_eager(rows):
         want = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_decode_keeps_nothing_in_the_graph_pool():
+    """The first decode-sized product of a process may run inside the warm-up of CUDA graph trees (a
+    ``torch.compile(mode="reduce-overhead")`` generate step): the split-K counters it keeps for later calls must
+    not come from the graph's private pool (the trees stop with "tensor(s) in the cudagraph pool not tracked as
+    outputs", seen on an H200 before alignlab._keep)."""
+    from alignlab.kernels import nf4_small
+
+    torch._dynamo.reset()
+    for kept in (nf4_small._POOLS, nf4_small._VIEWS, nf4_small._SLOT_OF, nf4_small._WS):
+        kept.clear()  # as in a fresh process: nothing made yet
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    step = torch.compile(layer, mode="reduce-overhead")
+    with torch.no_grad():
+        outs = [step(x).clone() for _ in range(4)]  # warm-up, recording, replays
+    assert nf4_small._POOLS, "this shape was expected to take a split-K kernel (arrival counters)"
+    want = x @ nf4_dequantize(layer.quant_weight, torch.bfloat16).T
+    for got in outs:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
