@@ -20,7 +20,8 @@ PEFT's ``ParamWrapper`` lacks, the same fields and keys go out as ``peft_type = 
 The pieces every family's config shares to write and read
 its ``adapter_config.json`` live here (:func:`peft_header`, :func:`peft_targets`,
 :func:`refuse_unsupported`, :func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
-names and renamed into place: a crash never leaves a half-written adapter.
+names first and only then renamed into place: an error never leaves a half-written file, nor new weights
+beside an old config.
 """
 
 from __future__ import annotations
@@ -167,17 +168,22 @@ def _exact(name: str) -> str:
     return "^" + name.replace(".", r"\.")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a fresh file next to ``path``, then rename it over ``path`` (never half-written). The
-    writer creates the file, so it gets the permissions that writer gives (the umask's for the config, as
-    PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+def _atomic_write(files: dict[Path, object]) -> None:
+    """``write(tmp)`` for every ``path: write`` to a fresh file next to ``path``, then rename each over its
+    ``path``. Every file is written before any is renamed, so a writer that fails (a full disk) leaves
+    the previous files in place as a matching pair, never new weights beside an old config. Each
+    writer creates its file, so it gets the permissions that writer gives (the umask's for the config,
+    as PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
+    tmps = {path: str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp") for path in files}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in files.items():
+            write(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
@@ -218,8 +224,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     meta = json.dumps(raw, indent=2, sort_keys=True)
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(meta))
+        _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+                       out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
     barrier()
     return out
 

@@ -125,6 +125,29 @@ def test_failed_write_leaves_previous_files_intact(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_failed_config_write_keeps_the_previous_weights_and_config_together(tmp_path, monkeypatch):
+    """Both files are written before either is renamed: a config write that fails must not leave the new
+    weights (rank 4) beside the old config (rank 2), a pair that no longer loads."""
+    old = _trained()
+    save_adapter(old, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+    new = inject(make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    write_text = type(tmp_path).write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith(".adapter_config.json."):
+            raise OSError("disk full")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(new, tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temp file left
+    torch.testing.assert_close(load_adapter(make_tiny_llama(), tmp_path)(IDS).logits, old(IDS).logits)
+
+
 def test_saved_config_names_the_base_model_so_auto_peft_loads_it(tmp_path):
     """A model from `from_pretrained` writes its path and task type, so PEFT's Auto class can rebuild it alone."""
     peft = pytest.importorskip("peft")
