@@ -18,14 +18,15 @@ adapter branch, :class:`~alignlab.adapters.lora.LoRALinear` has ``exact_fp32=Tru
 (it then skips this path).
 
 What is saved for backward: ``x`` (in ``c``; the same tensor object the caller holds
-when it is already in ``c``), ``x Aᵀ (tokens, r)``, ``A``/``B`` in ``c`` and, for DoRA,
+when it is already in ``c``), ``x Aᵀ (tokens, r)`` (LoRA: ``s·x Aᵀ``, the scale taken in by the GEMM
+that forms it), ``A``/``B`` in ``c`` and, for DoRA,
 the output ``y`` (the magnitude gradient is ``Σ_t ∂L/∂y ⊙ (y - bias) / m``). Never
 ``W + s·B A``, a dequantized weight, or an fp32 ``(tokens, out)`` temporary. DoRA's
 ``g`` is folded into the dequantized weight and into ``B``: no pass over the output.
 
 Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized again, into
 one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
-``dA = (s·dy B)ᵀ x``, ``dB = s·dyᵀ (x Aᵀ)`` (DoRA: rows times ``g``), ``dm`` by one
+``dA = (s·dy B)ᵀ x``, ``dB = dyᵀ (s·x Aᵀ)`` (DoRA: rows times ``s·g``), ``dm`` by one
 kernel (:func:`alignlab.kernels.dora.magnitude_grad`); a dense weight or bias that requires grad gets it too.
 """
 
@@ -48,6 +49,14 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if a.is_cuda and _MM_OUT_DTYPE and dtype == torch.float32:
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · (a @ b)`` by one GEMM (``alpha = scale``, ``beta = 0``: the empty output is never read),
+    rounded once; a scale of 1 is a plain product."""
+    if scale == 1.0:
+        return a @ b
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=scale)
 
 
 def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None, row_scale: torch.Tensor | None = None
@@ -104,10 +113,13 @@ def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.
 
 
 def _lora_out(x2: torch.Tensor, weight, bias, ac: torch.Tensor, bc: torch.Tensor, scale: float):
-    """``(x2 Wᵀ + bias + s·(x2 Aᵀ) Bᵀ, x2 Aᵀ)``; the adapter term added in the second GEMM's epilogue."""
-    xa = x2 @ ac.T
+    """``(x2 Wᵀ + bias + (s·x2 Aᵀ) Bᵀ, s·x2 Aᵀ)``; the adapter term added in the second GEMM's epilogue.
+
+    ``s`` goes into the first GEMM's ``alpha``: backward's ``∂L/∂B = ∂L/∂yᵀ (s·x Aᵀ)`` then needs no
+    scaling pass either."""
+    xa = _scaled_mm(x2, ac.T, scale)
     y = _base_forward(x2, weight, bias)
-    return y.addmm_(xa, bc.T, alpha=scale), xa
+    return y.addmm_(xa, bc.T), xa
 
 
 class _LoRAFn(torch.autograd.Function):
@@ -131,7 +143,8 @@ class _LoRAFn(torch.autograd.Function):
         x2, dense_w, ac, bc, xa = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
-        gb = g @ (ctx.b_scaled if ctx.b_scaled is not None else bc * ctx.scale)  # (tokens, r): reaches x Aᵀ
+        # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
+        gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
         dx = dw = dbias = da = db = None
         if ctx.needs_input_grad[0]:
             dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
@@ -142,7 +155,7 @@ class _LoRAFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
         if ctx.needs_input_grad[4]:
-            db = _mm_to(g.T, xa, ctx.ab_dtypes[1]).mul_(ctx.scale)
+            db = _mm_to(g.T, xa, ctx.ab_dtypes[1])  # xa is s·x Aᵀ
         return dx, dw, dbias, da, db, None, None, None, None
 
 

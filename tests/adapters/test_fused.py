@@ -344,3 +344,33 @@ def test_no_grad_calls_skip_autograd_and_give_the_same_output(dora, quant, monke
         base_out = layer.base_layer(x)
     assert applied == []
     torch.testing.assert_close(base_out, layer.base_layer(x.clone().requires_grad_()).detach(), rtol=0, atol=0)
+
+
+def test_lora_scale_rides_in_the_gemms():
+    """The LoRA scale s costs no pass of its own: forward takes it in the GEMM forming s·x Aᵀ, backward in the
+    one forming s·dy B (alpha), and ∂L/∂B reuses the saved s·x Aᵀ -- no elementwise multiply in either direction
+    (each was an extra kernel launch per layer call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, w, bias, a, b, _ = _inputs((3, 5), 48, 24, 4, False, seed=4)
+    xb = x.bfloat16().requires_grad_()
+    with Ops() as fwd:
+        y = lora_linear(xb, w.bfloat16(), None, a, b, 1.7)
+    gy = torch.randn(y.shape).bfloat16()
+    with Ops() as bwd:
+        grads = torch.autograd.grad(y, (xb, a, b), gy)
+    for ops in (fwd.names, bwd.names):
+        assert not {"mul", "mul_"} & set(ops), ops
+    ref_in = [v.detach().double().requires_grad_() for v in (xb, a, b)]
+    refs = torch.autograd.grad(_formula(ref_in[0], w.bfloat16(), None, ref_in[1], ref_in[2], 1.7), ref_in, gy.double())
+    for got, ref in zip(grads, refs):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
