@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from alignlab._checks import is_int, is_real
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
@@ -259,8 +260,9 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
     # fan_in_fan_out is not checked: as in PEFT, each layer's type decides (True for GPT-2's Conv1D)
     refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("layers_to_transform", None), ("bias", "none")))
+    _check_fields(raw)
     return LoRAConfig(
-        r=int(raw["r"]),
+        r=int(raw.get("r", 8)),  # PEFT's defaults for r and lora_alpha
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
         target_modules=[] if raw.get("target_modules") is None and raw.get("target_parameters") else peft_targets(raw),
@@ -275,6 +277,30 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         trainable_token_indices=raw.get("trainable_token_indices"),
         ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
     )
+
+
+def _check_fields(raw: dict) -> None:
+    """``ValueError`` naming the first LoRA field of wrong type: ``bool("false")`` is True and ``int(2.7)`` is 2,
+    so a hand-edited ``"use_rslora": "false"`` or ``"r": 2.7`` would otherwise load as a different adapter."""
+    for key in ("use_rslora", "use_dora", "ensure_weight_tying"):
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            raise ValueError(f"adapter_config.json: {key} must be true or false, got {raw[key]!r}")
+    if "r" in raw and not is_int(raw["r"]):
+        raise ValueError(f"adapter_config.json: r must be an integer, got {raw['r']!r}")
+    for key in ("lora_alpha", "lora_dropout"):
+        if raw.get(key) is not None and not is_real(raw[key]):
+            raise ValueError(f"adapter_config.json: {key} must be a number, got {raw[key]!r}")
+
+
+def _read_config(path: Path) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not valid JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
+    return raw
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
@@ -296,7 +322,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")
-    raw = json.loads((root / CONFIG_NAME).read_text())
+    raw = _read_config(root / CONFIG_NAME)
     config = _config_from_file(raw)
     check_peft_expert_layout(model, config, raw)
     if is_sharded(model):

@@ -74,6 +74,34 @@ def test_config_errors(tmp_path):
         load_adapter(make_tiny_llama(), tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("use_rslora", "false", "use_rslora must be true or false, got 'false'"),  # bool("false") is True
+    ("use_dora", 0, "use_dora must be true or false"),
+    ("r", 2.7, "r must be an integer, got 2.7"),  # int(2.7) would load a rank-2 adapter
+    ("r", "2", "r must be an integer"),
+    ("lora_alpha", "4", "lora_alpha must be a number"),
+    ("lora_dropout", True, "lora_dropout must be a number"),
+])
+def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
+    save_adapter(_trained(), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, tmp_path)
+    assert not list(adapter_layers(model))
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: not valid JSON"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: expected a JSON object"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
 def test_fan_in_fan_out_follows_the_layer_type_as_in_peft(tmp_path):
     """PEFT sets fan_in_fan_out per layer from its type (False for nn.Linear, with a warning): a file
     that says True loads on a Llama exactly as one that says False."""
