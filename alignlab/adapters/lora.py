@@ -347,7 +347,14 @@ class LoRALinear(AdapterLayer):
         if not self.cache_casts:  # the default; detached tensors record no graph, so no no_grad context either
             if self._casts:
                 self._casts.clear()
-            return a.detach().to(dtype), b.detach().to(dtype)
+            a, b = a.detach(), b.detach()
+            if a.dtype == dtype or b.dtype == dtype or a.dtype != b.dtype:
+                return a.to(dtype), b.to(dtype)
+            # both cast by one launch on CUDA (a multi-tensor copy; the CPU runs it as two copies)
+            ac = torch.empty(a.shape, dtype=dtype, device=a.device)
+            bc = torch.empty(b.shape, dtype=dtype, device=b.device)
+            torch._foreach_copy_([ac, bc], [a, b])
+            return ac, bc
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, scale, scaled,
                torch.is_inference_mode_enabled())
         hit = self._casts.pop(name, None)

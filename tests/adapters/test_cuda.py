@@ -79,3 +79,34 @@ def test_compiled_qlora_model_with_triton_kernels_matches_eager(dora):
     for k, ref in grads_ref.items():
         rel = ((grads[k].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
         assert rel < 5e-2, (k, rel)
+
+
+def _kernels(fn) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def test_qlora_layer_launch_counts():
+    """Kernel launches of one QLoRA layer call at a training size (fp32 masters, bf16 compute): forward = one
+    cast of both factors, s·x Aᵀ, the dequantization, the base GEMM, the adapter epilogue (5); backward = s·dy B,
+    the dequantization, dy W, its adapter epilogue, ∂L/∂A, ∂L/∂B (6). Host time per launch is what eager
+    small-batch steps pay, so a new launch here should be a decision, not an accident."""
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(256, 192, bias=False, device="cuda", dtype=torch.bfloat16)),
+                       r=8, alpha=16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fwd = _kernels(lambda: layer(x))
+    assert len(fwd) == 5, fwd
+    y = layer(x)
+    gy = torch.randn_like(y)
+    leaves = (x, *[p for p in layer.parameters() if p.requires_grad])
+    bwd = _kernels(lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True))
+    assert len(bwd) == 6, bwd

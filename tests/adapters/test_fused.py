@@ -374,3 +374,26 @@ def test_lora_scale_rides_in_the_gemms():
     refs = torch.autograd.grad(_formula(ref_in[0], w.bfloat16(), None, ref_in[1], ref_in[2], 1.7), ref_in, gy.double())
     for got, ref in zip(grads, refs):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_fp32_factors_are_cast_by_one_op():
+    """With fp32 masters on a 16-bit base, A and B come to the compute dtype by one multi-tensor copy (one
+    launch on CUDA instead of two), with the values a plain cast gives."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = LoRALinear(nn.Linear(48, 24).bfloat16().requires_grad_(False), r=4, alpha=8)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == torch.float32
+    with Ops() as ops:
+        ac, bc = layer._cast_factors("default", a, b, torch.bfloat16, layer.scaling["default"], scaled=True)
+    assert [n for n in ops.names if "copy" in n] == ["_foreach_copy_"], ops.names
+    assert torch.equal(ac, a.detach().bfloat16()) and torch.equal(bc, b.detach().bfloat16())
