@@ -400,6 +400,11 @@ def merge_checkpoints(
     return out
 
 
+def _mergeable(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` are merged (16/32/64-bit floats) rather than copied from the reference."""
+    return dtype.is_floating_point and dtype.itemsize > 1
+
+
 def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Path) -> list[_OutSpec]:
     """Check every tensor of the reference model against all models before writing anything."""
     ref = ckpts[ref_path]
@@ -416,7 +421,14 @@ def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Pat
                     f"tensor {name!r} has shape {list(ck.entries[name].shape)} in model {str(p)!r} "
                     f"but {list(e.shape)} in {str(ref_path)!r}"
                 )
-        floating = e.dtype.is_floating_point and e.dtype.itemsize > 1
+            if _mergeable(ck.entries[name].dtype) != _mergeable(e.dtype):
+                # a weight in one model and an integer buffer (or fp8 data) in another: no merge is meaningful,
+                # and copying the reference's would drop the other model's values without a word
+                raise ValueError(
+                    f"tensor {name!r} is {ck.entries[name].dtype} in model {str(p)!r} but {e.dtype} in "
+                    f"{str(ref_path)!r}: a 16/32/64-bit float tensor is merged, any other is copied, not both"
+                )
+        floating = _mergeable(e.dtype)
         specs.append(_OutSpec(name, r.dtype if (floating and r.dtype is not None) else e.dtype, e.shape))
     for p, ck in ckpts.items():
         extra = set(ck.names()) - set(ref.names())

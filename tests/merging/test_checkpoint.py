@@ -214,6 +214,20 @@ def test_shape_mismatch(three_models):
     assert _leftovers(tmp) == []
 
 
+@pytest.mark.parametrize("in_base", [True, False])
+def test_float_in_one_model_integer_in_another_is_refused_up_front(tmp_path, in_base):
+    """A weight in one checkpoint and an integer tensor of the same shape in another cannot be merged; it
+    failed mid-merge without the model's name (float base) or copied the base's integers silently."""
+    base = toy_state(0)
+    other = toy_state(1, 0.1, base)
+    (base if in_base else other)["layers.0.norm.weight"] = torch.arange(16, dtype=torch.int32)
+    write_checkpoint(tmp_path / "base", base)
+    write_checkpoint(tmp_path / "a", other)
+    with pytest.raises(ValueError, match=r"'layers.0.norm.weight' is torch.\w+ in model '.*/a' but torch.\w+ in"):
+        merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",)), tmp_path / "out")
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("bad,match", [
     ({"merge_method": "frankenmerge"}, "unknown merge_method 'frankenmerge'"),
     ({"models": [{"model": "X", "parameters": {"density": 1.5}}]}, r"density of model '.*X' must be in \[0, 1\]"),
