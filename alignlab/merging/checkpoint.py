@@ -91,6 +91,20 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+def _check_entry(name: str, e: _Entry, file_size: int) -> None:
+    """``ValueError`` naming the file and tensor unless its bytes lie inside the file and match its shape.
+
+    Checked when the headers are read, so a truncated download fails before anything is written,
+    not as an unnamed ``mmap`` error halfway through the merge."""
+    want = math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size()
+    if e.nbytes != want:
+        raise ValueError(f"tensor {name!r} in {e.file} holds {e.nbytes} bytes but {e.dtype} {list(e.shape)} "
+                         f"needs {want}: the header is corrupt")
+    if e.offset + e.nbytes > file_size:
+        raise ValueError(f"tensor {name!r} in {e.file} ends at byte {e.offset + e.nbytes} but the file has "
+                         f"{file_size}: the file is truncated (an interrupted download or copy?)")
+
+
 class SafetensorsCheckpoint:
     """Lazy view of a checkpoint directory (or a single ``.safetensors`` file).
 
@@ -118,13 +132,16 @@ class SafetensorsCheckpoint:
         self.entries: dict[str, _Entry] = {}
         for file in files:
             header, start = _read_header(file)
+            size = file.stat().st_size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _ST_TO_TORCH:
                     raise ValueError(f"tensor {name!r} in {file} has unsupported dtype {info['dtype']}")
-                begin, end = info["data_offsets"]
-                self.entries[name] = _Entry(file, _ST_TO_TORCH[info["dtype"]], tuple(info["shape"]), start + begin, end - begin)
+                entry = _Entry(file, _ST_TO_TORCH[info["dtype"]], tuple(info["shape"]), start + info["data_offsets"][0],
+                               info["data_offsets"][1] - info["data_offsets"][0])
+                _check_entry(name, entry, size)
+                self.entries[name] = entry
         self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:

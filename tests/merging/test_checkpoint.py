@@ -204,6 +204,27 @@ def test_missing_tensor(tmp_path, three_models):
     assert _leftovers(tmp) == []
 
 
+def test_truncated_or_corrupt_shard_is_named_before_anything_is_written(three_models):
+    """A shard cut short (an interrupted download) failed halfway through the merge with mmap's unnamed
+    'mmap length is greater than file size'; the headers' offsets are now checked against the file."""
+    tmp, _ = three_models
+    shard = tmp / "b" / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"tensor '.*' in .*/b/model.safetensors ends at byte \d+ but the file has"):
+        merge_checkpoints(recipe(tmp, "ties"), tmp / "out")
+    assert _leftovers(tmp) == []
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    assert header["embed.weight"]["shape"] == [50, 16]
+    header["embed.weight"]["shape"] = [40, 16]  # the header no longer matches the bytes it points at
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    shard.write_bytes(data[:8] + raw + b" " * (n - len(raw)) + data[8 + n :])
+    with pytest.raises(ValueError, match=r"tensor 'embed.weight' in .* holds 3200 bytes but torch.float32 \[40, 16\]"):
+        SafetensorsCheckpoint(tmp / "b")
+
+
 def test_shape_mismatch(three_models):
     tmp, states = three_models
     st = dict(states["a"])
