@@ -46,6 +46,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from alignlab._checks import check_bool
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -391,7 +392,13 @@ def merge_checkpoints(
             model or with a different shape (the message names model and tensor).
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
         FileNotFoundError: an input checkpoint does not exist.
+        TypeError: ``out_dir`` is not a str / ``os.PathLike``, or a flag is not a bool (``overwrite="no"``
+            would replace the directory).
     """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
+    for flag, value in (("overwrite", overwrite), ("progress", progress), ("prefetch", prefetch)):
+        check_bool(value, flag)
     r = _as_recipe(recipe)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -328,6 +328,19 @@ def test_overwriting_a_file_leaves_no_old_copy(three_models):
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
 
 
+def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
+    """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
+    tmp, _ = three_models
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("x")
+    for flag in ("overwrite", "progress", "prefetch"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+            merge_checkpoints(recipe(tmp, "linear"), tmp / "out", **{flag: "no"})
+    with pytest.raises(TypeError, match="out_dir must be a str or os.PathLike"):
+        merge_checkpoints(recipe(tmp, "linear"), None)
+    assert (tmp / "out" / "keep.txt").read_text() == "x"
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
