@@ -220,7 +220,8 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
     """Merge one tensor ``name`` given each input checkpoint's copy (keyed by path).
 
     This is what :func:`merge_checkpoints` runs per tensor; it is exposed so that
-    in-memory state dicts can be merged with exactly the same semantics. The arithmetic is
+    in-memory state dicts can be merged with exactly the same semantics. ``tensors`` may be keyed by
+    ``Path`` or by the strings written in the recipe (``{"./llama-math": t, ...}``). The arithmetic is
     float32 (float64 for float64 inputs) and the result is rounded once, to ``out_dtype``
     (default: the dtype of the first input).
 
@@ -229,6 +230,7 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
     ignore it and return the merged tensor.
     """
     r = recipe
+    tensors = _by_path(r, name, tensors)
     method = r.merge_method
     if method in ("linear", "karcher"):
         inputs = [tensors[m.path] for m in r.models]
@@ -287,6 +289,23 @@ def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_
                        normalize=r.value("normalize", name, default=method == "della"), lambda_=lam,
                        generator=_generator(r, name))
     raise ValueError(f"unknown merge_method {method!r}")  # recipe validation makes this unreachable
+
+
+def _by_path(r: Recipe, name: str, tensors: Mapping) -> dict[Path, Tensor]:
+    """``tensors`` keyed by ``Path``; ``ValueError`` naming the recipe's models that have no tensor there."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must map each model's path to its tensor {name!r}, got {type(tensors).__name__}")
+    out = {Path(os.path.expanduser(str(k))) if isinstance(k, (str, os.PathLike)) else k: v
+           for k, v in tensors.items()}
+    if r.merge_method in ("linear", "karcher"):  # no base: every listed model is an input
+        needed = [m.path for m in r.models]
+    else:
+        needed = [r.base_model] + [m.path for m in r.fine_tuned]
+    missing = [str(p) for p in dict.fromkeys(needed) if p not in out]
+    if missing:
+        raise ValueError(f"tensors has no {name!r} for model(s) {missing} of the recipe; "
+                         f"got keys {[str(k) for k in out]}")
+    return out
 
 
 # --------------------------------------------------------------------------- writing

@@ -116,6 +116,22 @@ def test_merged_checkpoint_equals_in_memory(three_models, method, params, fn):
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
 
 
+def test_merge_tensor_takes_the_recipe_strings_as_keys_and_names_a_missing_model():
+    """In-memory merges keyed by the recipe's own strings raised KeyError(PosixPath('base'))."""
+    from alignlab.merging.checkpoint import merge_tensor
+
+    r = recipe_from_dict({"merge_method": "task_arithmetic", "base_model": "base", "models": ["a", "b"]})
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(4, 4, generator=g) for k in ("base", "a", "b")}
+    want = M.task_arithmetic(t["base"], [t["a"], t["b"]])
+    torch.testing.assert_close(merge_tensor(r, "w", t), want, rtol=0, atol=0)
+    torch.testing.assert_close(merge_tensor(r, "w", {Path(k): v for k, v in t.items()}), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"tensors has no 'w' for model\(s\) \['b'\]"):
+        merge_tensor(r, "w", {"base": t["base"], "a": t["a"]})
+    lin = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"]})
+    torch.testing.assert_close(merge_tensor(lin, "w", {"a": t["a"], "b": t["b"]}), (t["a"] + t["b"]) / 2)
+
+
 def test_dare_is_seeded_per_tensor(three_models):
     tmp, states = three_models
     r = recipe(tmp, "dare_ties", {"a": {"density": 0.5}, "b": {"density": 0.5}}, random_seed=3)
