@@ -249,6 +249,9 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
         for k, v in params.items():
             _check_filters(k, v, f"model {str(path)!r}")
             _check_value(k, v, f"model {str(path)!r}")
+        if any(m.path == path for m in models):
+            # a model listed twice would be merged twice (its weight doubled); mergekit keys inputs by model
+            raise ValueError(f"models[{i}]: model {str(path)!r} is listed twice")
         models.append(ModelEntry(path, params))
     params = _parameters(data.get("parameters"), "parameters")
     _check_names(params, PARAMETERS[method][0] | PARAMETERS[method][1], method, "the recipe's parameters")
