@@ -6,7 +6,8 @@ merged tensor in ``out_dtype`` (default: the dtype of the first input).
 Arithmetic runs in float32 (float64 when the inputs are float64), the way merges
 of bf16 checkpoints are usually done, and the result is rounded once, to
 ``out_dtype``: bf16 inputs merged into float32 keep every float32 digit.
-Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
+Merges run without autograd (parameters can be passed as they are, e.g. ``layer.weight``; the
+result never requires grad). Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
 be bools, scalars (``lambda_``, ``t``, ``epsilon``, ...) finite numbers and ``out_dtype``
 a floating-point dtype; a ``TypeError``/``ValueError`` names the argument otherwise.
 
@@ -187,6 +188,7 @@ def _check_options(normalize, lambda_, out_dtype) -> float:
 # --------------------------------------------------------------------------- plain averages
 
 
+@torch.no_grad()
 def linear(
     tensors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
@@ -233,6 +235,7 @@ def linear(
 # --------------------------------------------------------------------------- task vectors
 
 
+@torch.no_grad()
 def combine_deltas(
     base: Tensor,
     deltas: Sequence[Tensor],
@@ -329,6 +332,7 @@ def _combine(base, weighted, weights, consensus, normalize, lambda_, out_dtype=N
     return mixed.to(out_dtype or base.dtype)  # the one rounding
 
 
+@torch.no_grad()
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     r"""Boolean mask keeping the ``k = max(1, ⌊density·n⌋)`` largest ``|δ|``.
 
@@ -389,6 +393,7 @@ def _kth_largest(values: Tensor, k: int) -> Tensor:
     return torch.kthvalue(values, n - k + 1).values
 
 
+@torch.no_grad()
 def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
     """Bernoulli(``density``) keep-mask shaped like ``delta`` (the DARE drop step).
 
@@ -400,6 +405,7 @@ def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None =
     return torch.bernoulli(probs, generator=generator).bool()
 
 
+@torch.no_grad()
 def della_mask(
     delta: Tensor,
     density: float,
@@ -455,6 +461,7 @@ def _deltas(base: Tensor, models: Sequence[Tensor]) -> list[Tensor]:
     return [torch.sub(m, b) if m.dtype != wd else m - b for m in models]
 
 
+@torch.no_grad()
 def task_arithmetic(
     base: Tensor,
     models: Sequence[Tensor],
@@ -491,6 +498,7 @@ def task_arithmetic(
     return _chunked(base, models, w, lambda d, i, s: d, None, normalize, lambda_, out_dtype, out)
 
 
+@torch.no_grad()
 def ties(
     base: Tensor,
     models: Sequence[Tensor],
@@ -896,6 +904,7 @@ def _random_trim(base, models, dens, rescale, generator, step, draw):
     return trim
 
 
+@torch.no_grad()
 def dare(
     base: Tensor,
     models: Sequence[Tensor],
@@ -944,6 +953,7 @@ def dare(
     return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
 
 
+@torch.no_grad()
 def breadcrumbs(
     base: Tensor,
     models: Sequence[Tensor],
@@ -1038,6 +1048,7 @@ def breadcrumbs(
     return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out)
 
 
+@torch.no_grad()
 def della(
     base: Tensor,
     models: Sequence[Tensor],
@@ -1094,6 +1105,7 @@ def della(
 # --------------------------------------------------------------------------- spherical
 
 
+@torch.no_grad()
 def slerp(
     a: Tensor,
     b: Tensor,
@@ -1181,6 +1193,7 @@ def slerp(
     return result
 
 
+@torch.no_grad()
 def chipalign(
     instruct: Tensor,
     domain: Tensor,
@@ -1238,6 +1251,7 @@ def chipalign(
     return (norm * direction).to(out_dtype or instruct.dtype)
 
 
+@torch.no_grad()
 def karcher(
     tensors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
@@ -1309,6 +1323,7 @@ def karcher(
     return (scale * mu).reshape(tensors[0].shape).to(out_dtype or tensors[0].dtype)
 
 
+@torch.no_grad()
 def model_stock(
     base: Tensor,
     models: Sequence[Tensor],

@@ -534,6 +534,34 @@ def test_scalar_and_flag_arguments_are_checked():
         M.della_mask(a, NAN, 0.1)
 
 
+MERGES = {
+    "linear": lambda b, ms: M.linear(ms),
+    "task_arithmetic": lambda b, ms: M.task_arithmetic(b, ms),
+    "ties": lambda b, ms: M.ties(b, ms, density=0.5),
+    "ties_density_1": lambda b, ms: M.ties(b, ms),
+    "dare": lambda b, ms: M.dare(b, ms, density=0.5, generator=torch.Generator().manual_seed(0)),
+    "della": lambda b, ms: M.della(b, ms, density=0.5, generator=torch.Generator().manual_seed(0)),
+    "breadcrumbs": lambda b, ms: M.breadcrumbs(b, ms, density=0.5),
+    "slerp": lambda b, ms: M.slerp(ms[0], ms[1], 0.3),
+    "chipalign": lambda b, ms: M.chipalign(ms[0], ms[1], 0.3),
+    "karcher": lambda b, ms: M.karcher(ms),
+    "model_stock": lambda b, ms: M.model_stock(b, ms),
+    "combine_deltas": lambda b, ms: M.combine_deltas(b, [m - b for m in ms], [1.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(MERGES))
+def test_parameters_can_be_merged_directly(name):
+    """``ties(layer.weight, [...])`` raised "functions with out=... arguments don't support automatic
+    differentiation" (TIES, SLERP) while the other methods returned a graph; every merge now runs without
+    autograd and equals the merge of the detached tensors."""
+    base, ms = _models(2, shape=(64, 48))
+    params = [torch.nn.Parameter(t.clone()) for t in (base, *ms)]
+    got = MERGES[name](params[0], params[1:])
+    assert not got.requires_grad
+    torch.testing.assert_close(got, MERGES[name](base, ms), rtol=0, atol=0)
+
+
 def test_string_weights_are_refused_not_parsed():
     """list("1") is ["1"] and float("1") is 1.0: a string weight from a config used to merge as a number."""
     base, ms = _models(2)
