@@ -105,7 +105,7 @@ def _work_dtype(t: Tensor) -> torch.dtype:
 
 def _check_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
     if len(tensors) == 0:
-        raise ValueError(f"expected at least one tensor in {names!r}, got none")
+        raise ValueError("tensors must hold at least one tensor (one per model), got an empty sequence")
     first = tensors[0]
     for t, name in zip(tensors, names):
         if not isinstance(t, Tensor):

@@ -574,6 +574,15 @@ def test_string_weights_are_refused_not_parsed():
     torch.testing.assert_close(M.linear(ms, [torch.tensor(1.0), np.float32(3.0)]), M.linear(ms, [1.0, 3.0]))
 
 
+def test_empty_model_lists_name_the_argument():
+    """linear([]) said "expected at least one tensor in [], got none", naming no argument."""
+    for merge in (M.linear, M.karcher):
+        with pytest.raises(ValueError, match="tensors must hold at least one tensor"):
+            merge([])
+    with pytest.raises(ValueError, match="models must hold at least one"):
+        M.task_arithmetic(torch.ones(3), [])
+
+
 def test_combine_deltas_checks_its_inputs():
     base, ms = _models(2)
     deltas = [m - base for m in ms]
