@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge_checkpoints(args.recipe, args.out_dir, overwrite=args.overwrite,
                                 progress=not args.no_progress, prefetch=not args.no_prefetch)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:  # OSError: a path that cannot be written, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -471,6 +471,20 @@ def test_yaml_syntax_error_is_one_error_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid YAML" in lines[0], lines
 
 
+def test_cli_reports_an_unwritable_out_dir_in_one_line(three_models, capsys):
+    """An out_dir under a regular file (NotADirectoryError, as would be a full disk or a permission error)
+    printed a traceback; every OSError is now the CLI's one-line ``error:`` with exit status 2."""
+    from alignlab.merging.__main__ import main
+
+    tmp, _ = three_models
+    (tmp / "afile").write_text("x")
+    yaml = pytest.importorskip("yaml")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe(tmp, "linear")))
+    assert main([str(tmp / "r.yaml"), str(tmp / "afile" / "sub" / "out"), "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Not a directory" in lines[0], lines
+
+
 def test_per_model_gamma_is_used_for_breadcrumbs(three_models):
     """`models[i].parameters.gamma` reaches breadcrumbs (it used to be read at the top level only)."""
     tmp, states = three_models
