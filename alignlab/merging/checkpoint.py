@@ -88,7 +88,13 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         size = os.fstat(f.fileno()).st_size
         if n > size - 8:
             raise ValueError(f"{path} is not a safetensors file (header length {n} > file size {size})")
-        header = json.loads(f.read(n))
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
     return header, 8 + n
 
 
@@ -104,6 +110,18 @@ def _check_entry(name: str, e: _Entry, file_size: int) -> None:
     if e.offset + e.nbytes > file_size:
         raise ValueError(f"tensor {name!r} in {e.file} ends at byte {e.offset + e.nbytes} but the file has "
                          f"{file_size}: the file is truncated (an interrupted download or copy?)")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an HF ``model.safetensors.index.json``; ``ValueError`` naming the file if it has none."""
+    try:
+        raw = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
+    return weight_map
 
 
 class SafetensorsCheckpoint:
@@ -122,8 +140,7 @@ class SafetensorsCheckpoint:
         elif self.path.is_dir():
             index = self.path / INDEX_NAME
             if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+                files = [self.path / f for f in dict.fromkeys(_weight_map(index).values())]
             else:
                 files = sorted(self.path.glob("*.safetensors"))
             if not files:
@@ -137,6 +154,9 @@ class SafetensorsCheckpoint:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                    raise ValueError(f"tensor {name!r} in {file}: a header entry needs dtype, shape and data_offsets, "
+                                     f"got {info!r}")
                 if info["dtype"] not in _ST_TO_TORCH:
                     raise ValueError(f"tensor {name!r} in {file} has unsupported dtype {info['dtype']}")
                 entry = _Entry(file, _ST_TO_TORCH[info["dtype"]], tuple(info["shape"]), start + info["data_offsets"][0],

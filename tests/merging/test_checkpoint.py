@@ -241,6 +241,30 @@ def test_truncated_or_corrupt_shard_is_named_before_anything_is_written(three_mo
         SafetensorsCheckpoint(tmp / "b")
 
 
+def test_unreadable_headers_and_index_name_the_file(tmp_path):
+    """A shard header or index.json that is not what it should be raised a bare JSONDecodeError, KeyError or
+    AttributeError, none naming the file; each is now a ValueError that does."""
+    import struct
+
+    write_checkpoint(tmp_path / "s", toy_state(0), shard_size=3000)
+    index = tmp_path / "s" / "model.safetensors.index.json"
+    index.write_text("{}")
+    with pytest.raises(ValueError, match=r"s/model.safetensors.index.json has no weight_map"):
+        SafetensorsCheckpoint(tmp_path / "s")
+    index.write_text("{")
+    with pytest.raises(ValueError, match=r"s/model.safetensors.index.json is not valid JSON"):
+        SafetensorsCheckpoint(tmp_path / "s")
+    shard = tmp_path / "h" / "model.safetensors"
+    shard.parent.mkdir()
+    for header, match in [(b"{abc", "its header is not JSON"), (b"[1]", "its header is a JSON list"),
+                          (b'{"w":{"dtype":"F32"}}', "tensor 'w' in .*: a header entry needs dtype, shape and data_offsets")]:
+        shard.write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(ValueError, match=r"h/model.safetensors" if "tensor" not in match else match):
+            SafetensorsCheckpoint(shard.parent)
+        with pytest.raises(ValueError, match=match):
+            SafetensorsCheckpoint(shard)
+
+
 def test_shape_mismatch(three_models):
     tmp, states = three_models
     st = dict(states["a"])
