@@ -87,10 +87,10 @@ def _compile_worker(jobs, kernel=None):
     return len(jobs)
 
 
-def precompile(ms, workers: int) -> float:
+def precompile(ms, workers: int, shapes=SHAPES) -> float:
     t0 = time.perf_counter()
     jobs = []
-    for (N, K), M in itertools.product(SHAPES, ms):
+    for (N, K), M in itertools.product(shapes, ms):
         start = _start(M, N, K)
         jobs += [(M, N, K, c) for c in (start, *_neighbours(start))]
     seen, uniq = set(), []
@@ -160,7 +160,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name()
     key = next((k for k in ("H200", "H100", "A100", "L40S", "B200") if k in name), name.replace(" ", "_"))
     if args.workers > 1:
-        precompile(args.ms, args.workers)
+        precompile(args.ms, args.workers, shapes)
     deadline = t_start + args.deadline
     rows = []
     for N, K in shapes:
