@@ -142,7 +142,9 @@ def _per_model(value, n: int, name: str, default: float | None = None) -> list[f
         value = [value] if isinstance(value, bool) else list(value)
         if any(isinstance(v, bool) for v in value):
             raise TypeError(f"{name} must be a number or one number per model, not a bool, got {value!r}")
-        value = [v.item() if isinstance(v, Tensor) and v.numel() == 1 else v for v in value]
+        # 0-d tensors / NumPy arrays and one-element tensors are numbers too
+        value = [v.item() if getattr(v, "ndim", None) == 0 or (isinstance(v, Tensor) and v.numel() == 1) else v
+                 for v in value]
         if not all(is_real(v) for v in value):  # float("1e3") would accept a string from a config
             raise TypeError(f"{name} must be a number or one number per model, got {value!r}")
         out = [float(v) for v in value]

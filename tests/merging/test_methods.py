@@ -572,6 +572,7 @@ def test_string_weights_are_refused_not_parsed():
     with pytest.raises(TypeError, match="density must be a number"):
         M.ties(base, ms, density=["0.5", 1.0])
     torch.testing.assert_close(M.linear(ms, [torch.tensor(1.0), np.float32(3.0)]), M.linear(ms, [1.0, 3.0]))
+    torch.testing.assert_close(M.linear(ms, [np.array(1.0), torch.tensor([3.0])]), M.linear(ms, [1.0, 3.0]))
 
 
 def test_empty_model_lists_name_the_argument():
