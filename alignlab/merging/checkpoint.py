@@ -598,7 +598,7 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
         for i, shard in enumerate(shards if order else shards[:1]):  # an empty model still gets its shard
             header = _header_bytes(shard)
             path = tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for any file
             fds.append(fd)
             os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
             _pwrite(fd, torch.frombuffer(bytearray(header), dtype=torch.uint8), 0)

@@ -382,6 +382,22 @@ def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     assert (tmp / "out" / "keep.txt").read_text() == "x"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_output_files_get_the_umask_permissions(three_models, umask):
+    """Shards were created 0o644 whatever the umask (a group-writable umask gave 0664 for the index but
+    0644 for the shards); every written file now gets what the umask allows."""
+    tmp, _ = three_models
+    old = os.umask(umask)
+    try:
+        out = merge_checkpoints(recipe(tmp, "linear"), tmp / "out")
+    finally:
+        os.umask(old)
+    # the base's side files (config.json, tokenizer) are copied with their own modes
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if "safetensors" in p.name}
+    assert len(modes) > 2
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
