@@ -46,7 +46,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from alignlab._checks import check_bool
+from alignlab._checks import as_bool
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -436,8 +436,8 @@ def merge_checkpoints(
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
-    for flag, value in (("overwrite", overwrite), ("progress", progress), ("prefetch", prefetch)):
-        check_bool(value, flag)
+    overwrite, progress, prefetch = (as_bool(v, f) for v, f in ((overwrite, "overwrite"), (progress, "progress"),
+                                                                 (prefetch, "prefetch")))
     r = _as_recipe(recipe)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -30,7 +30,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from alignlab._checks import check_bool, check_finite_number, is_int, is_real
+from alignlab._checks import as_bool, check_finite_number, is_int, is_real
 
 __all__ = [
     "breadcrumbs",
@@ -177,14 +177,14 @@ def _check_out_dtype(out_dtype) -> None:
         raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
 
 
-def _check_options(normalize, lambda_, out_dtype) -> float:
-    """Check the options every task-vector method shares; ``lambda_`` as a Python float.
+def _check_options(normalize, lambda_, out_dtype) -> tuple[bool, float]:
+    """Check the options every task-vector method shares: ``(normalize, lambda_)`` as Python values.
 
     A truthy string such as ``"false"`` would switch ``normalize`` on, and a NaN ``lambda_`` would
     reach every output element, so both are refused here rather than merged silently."""
-    check_bool(normalize, "normalize")
+    normalize = as_bool(normalize, "normalize")
     _check_out_dtype(out_dtype)
-    return _number(lambda_, "lambda_")
+    return normalize, _number(lambda_, "lambda_")
 
 
 # --------------------------------------------------------------------------- plain averages
@@ -219,7 +219,7 @@ def linear(
     if isinstance(tensors, Tensor):
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
     _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
-    check_bool(normalize, "normalize")
+    normalize = as_bool(normalize, "normalize")
     _check_out_dtype(out_dtype)
     w = _per_model(weights, len(tensors), "weights", 1.0)
     total = math.fsum(w)
@@ -285,7 +285,7 @@ def combine_deltas(
         raise ValueError("deltas must hold at least one task vector, got an empty sequence")
     _check_tensors([base, *deltas], ["base"] + [f"deltas[{i}]" for i in range(len(deltas))])
     weights = _per_model(weights, len(deltas), "weights")
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     wd = _work_dtype(base)
     return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_,
                     out_dtype)
@@ -496,7 +496,7 @@ def task_arithmetic(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     return _chunked(base, models, w, lambda d, i, s: d, None, normalize, lambda_, out_dtype, out)
 
 
@@ -549,7 +549,7 @@ def ties(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     if consensus not in ("sum", "count"):
         raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
@@ -943,7 +943,7 @@ def dare(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     step = _CHUNK
     probs = {i: torch.full((min(step, base.numel()),), rho) for i, rho in enumerate(dens) if 0.0 < rho < 1.0}
@@ -992,7 +992,7 @@ def breadcrumbs(
     if bad:
         raise ValueError(f"gamma must be in [0, 1], got {bad[0]}")
     w = _per_model(weights, len(models), "weights", 1.0)
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     n = base.numel()
     flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
@@ -1086,7 +1086,7 @@ def della(
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
-    lambda_ = _check_options(normalize, lambda_, out_dtype)
+    normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     epsilon = _number(epsilon, "epsilon")
     for rho in dens:
@@ -1352,7 +1352,7 @@ def model_stock(
         ValueError: fewer than 2 fine-tuned models (no angle to measure).
     """
     _check_models(base, models)
-    check_bool(filter_wise, "filter_wise")
+    filter_wise = as_bool(filter_wise, "filter_wise")
     _check_out_dtype(out_dtype)
     if len(models) < 2:
         raise ValueError(f"model_stock needs at least 2 fine-tuned models, got {len(models)}")

@@ -469,9 +469,9 @@ NAN = float("nan")
 TASK_VECTOR = {  # every method with normalize / lambda_ / out_dtype, called on (base, models, **kw)
     "task_arithmetic": M.task_arithmetic,
     "ties": lambda b, ms, **kw: M.ties(b, ms, density=0.5, **kw),
-    "dare": lambda b, ms, **kw: M.dare(b, ms, density=0.5, **kw),
+    "dare": lambda b, ms, **kw: M.dare(b, ms, density=0.5, generator=torch.Generator().manual_seed(0), **kw),
     "breadcrumbs": lambda b, ms, **kw: M.breadcrumbs(b, ms, density=0.5, **kw),
-    "della": lambda b, ms, **kw: M.della(b, ms, density=0.5, **kw),
+    "della": lambda b, ms, **kw: M.della(b, ms, density=0.5, generator=torch.Generator().manual_seed(0), **kw),
     "combine_deltas": lambda b, ms, **kw: M.combine_deltas(b, [m - b for m in ms], [1.0] * len(ms), **kw),
 }
 
@@ -490,6 +490,7 @@ def test_task_vector_options_are_checked(name):
         merge(base, ms, lambda_=NAN)
     with pytest.raises(TypeError, match="lambda_ must be a real number"):
         merge(base, ms, lambda_="2")
+    torch.testing.assert_close(merge(base, ms, normalize=np.True_), merge(base, ms, normalize=True), rtol=0, atol=0)
     with pytest.raises(TypeError, match="out_dtype"):
         merge(base, ms, out_dtype=torch.int32)
     with pytest.raises(TypeError, match="out_dtype"):
@@ -522,6 +523,8 @@ def test_scalar_and_flag_arguments_are_checked():
         M.karcher(ms, tol=NAN)
     with pytest.raises(TypeError, match="filter_wise must be a bool"):
         M.model_stock(base, ms, filter_wise="no")
+    torch.testing.assert_close(M.model_stock(base, ms, filter_wise=np.True_), M.model_stock(base, ms, filter_wise=True))
+    torch.testing.assert_close(M.linear(ms, normalize=np.False_), M.linear(ms, normalize=False))
     with pytest.raises(TypeError, match="normalize must be a bool"):
         M.linear(ms, normalize="no")
     with pytest.raises(ValueError, match="density must be a finite number"):
