@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_llama
 
@@ -346,27 +347,28 @@ def test_no_grad_calls_skip_autograd_and_give_the_same_output(dora, quant, monke
     torch.testing.assert_close(base_out, layer.base_layer(x.clone().requires_grad_()).detach(), rtol=0, atol=0)
 
 
+class _Ops(TorchDispatchMode):
+    """Records the name of every aten op run inside it (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_lora_scale_rides_in_the_gemms():
     """The LoRA scale s costs no pass of its own: forward takes it in the GEMM forming s·x Aᵀ, backward in the
     one forming s·dy B (alpha), and ∂L/∂B reuses the saved s·x Aᵀ -- no elementwise multiply in either direction
     (each was an extra kernel launch per layer call)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     x, w, bias, a, b, _ = _inputs((3, 5), 48, 24, 4, False, seed=4)
     xb = x.bfloat16().requires_grad_()
-    with Ops() as fwd:
+    with _Ops() as fwd:
         y = lora_linear(xb, w.bfloat16(), None, a, b, 1.7)
     gy = torch.randn(y.shape).bfloat16()
-    with Ops() as bwd:
+    with _Ops() as bwd:
         grads = torch.autograd.grad(y, (xb, a, b), gy)
     for ops in (fwd.names, bwd.names):
         assert not {"mul", "mul_"} & set(ops), ops
@@ -379,21 +381,10 @@ def test_lora_scale_rides_in_the_gemms():
 def test_fp32_factors_are_cast_by_one_op():
     """With fp32 masters on a 16-bit base, A and B come to the compute dtype by one multi-tensor copy (one
     launch on CUDA instead of two), with the values a plain cast gives."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     layer = LoRALinear(nn.Linear(48, 24).bfloat16().requires_grad_(False), r=4, alpha=8)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert a.dtype == torch.float32
-    with Ops() as ops:
+    with _Ops() as ops:
         ac, bc = layer._cast_factors("default", a, b, torch.bfloat16, layer.scaling["default"], scaled=True)
     assert [n for n in ops.names if "copy" in n] == ["_foreach_copy_"], ops.names
     assert torch.equal(ac, a.detach().bfloat16()) and torch.equal(bc, b.detach().bfloat16())
