@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import check_bool
+from alignlab._checks import as_bool
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -117,7 +117,7 @@ class NF4Linear(nn.Module):
         """Quantize ``linear.weight`` (``(out, in)``, fp32/fp16/bf16) and keep ``linear.bias`` frozen.
 
         Raises:
-            TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype; ``double_quant`` is not a bool.
+            TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype; ``double_quant`` is not a bool (a NumPy bool is one).
             ValueError: the weight is not 2-D or has NaN or inf, or ``blocksize`` is not a power of two in 32..4096.
         """
         w = getattr(linear, "weight", None)
@@ -346,7 +346,7 @@ def quantize_model(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``skip`` is not a name or names; ``double_quant`` or
-            ``quantize_head`` is not a bool.
+            ``quantize_head`` is not a bool (a NumPy bool is one).
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
             adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only); a weight
             with NaN or inf (the message starts with the module's name).
@@ -357,8 +357,8 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
-    check_bool(quantize_head, "quantize_head")
+    double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
+    quantize_head = as_bool(quantize_head, "quantize_head")
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(skip, Iterable):

@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import check_bool, is_int
+from alignlab._checks import as_bool, is_int
 from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
@@ -368,7 +368,7 @@ def nf4_quantize(
     weights on CUDA, up to about one code in 10⁷ on a decision threshold; docs/quantization.md).
 
     Raises:
-        TypeError: ``w`` is not a floating tensor of a supported dtype; ``double_quant`` is not a bool.
+        TypeError: ``w`` is not a floating tensor of a supported dtype; ``double_quant`` is not a bool (a NumPy bool is one).
         ValueError: bad ``blocksize``, empty ``w``, ``w`` with NaN or inf, or unknown ``calibrate``.
     """
     if not isinstance(w, torch.Tensor):
@@ -376,7 +376,7 @@ def nf4_quantize(
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"w must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
     blocksize = _check_blocksize(blocksize)
-    check_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
+    double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
     if w.numel() == 0:
         raise ValueError("w must have at least one element")
     # one NaN makes its block's scale NaN and, through the mean of the scales, every double-quantized one;

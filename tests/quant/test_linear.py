@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -312,6 +313,9 @@ def test_output_comes_back_in_the_input_dtype(compute_dtype):
 def test_from_linear_refuses_a_truthy_non_bool_double_quant():
     with pytest.raises(TypeError, match="double_quant must be a bool"):
         NF4Linear.from_linear(nn.Linear(64, 8), double_quant="no")
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        NF4Linear.from_linear(nn.Linear(64, 8), double_quant=0)
+    assert NF4Linear.from_linear(nn.Linear(64, 8), double_quant=np.True_).double_quant is True
 
 
 def test_quantize_model_names_the_module_with_a_non_finite_weight():
@@ -348,6 +352,23 @@ def test_quantize_model_refuses_flags_and_names_of_the_wrong_type():
                       (dict(skip=5), "skip must be a module name"),
                       (dict(skip=["o_proj", 3]), "skip must hold module names")):
         with pytest.raises(TypeError, match=match):
+            quantize_model(make_tiny_llama(), **kw)
+
+
+def test_quantize_model_takes_numpy_bool_flags_as_python_bools():
+    """A sweep hands over np.bool_; it means what the Python bool means, and ints and strings stay refused."""
+    torch.manual_seed(0)
+    ref = quantize_model(make_tiny_llama(), double_quant=False, quantize_head=True, compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    model = quantize_model(make_tiny_llama(), double_quant=np.False_, quantize_head=np.True_, compute_dtype=torch.float32)
+    assert isinstance(model.lm_head, NF4Linear)
+    q = model.model.layers[0].mlp.up_proj
+    assert q.double_quant is False and q.qnested_absmax is None
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for kw, name in ((dict(double_quant=0), "double_quant"), (dict(double_quant=1), "double_quant"),
+                     (dict(quantize_head=1), "quantize_head"), (dict(quantize_head="no"), "quantize_head")):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
             quantize_model(make_tiny_llama(), **kw)
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,6 +206,21 @@ def test_bad_inputs():
         nf4_quantize(torch.ones(4, 64), calibrate="gptq")
     with pytest.raises(TypeError, match="double_quant must be a bool"):  # "no" is truthy: it would switch it on
         nf4_quantize(torch.ones(4, 64), double_quant="no")
+
+
+@pytest.mark.parametrize("flag", [np.False_, np.True_])
+def test_double_quant_takes_a_numpy_bool(flag):
+    """np.bool_ from a sweep quantizes as the Python bool does; the tensor reports a Python bool."""
+    w = torch.randn(8, 64)
+    t, ref = nf4_quantize(w, double_quant=flag), nf4_quantize(w, double_quant=bool(flag))
+    assert t.double_quant is bool(flag)
+    assert torch.equal(nf4_dequantize(t), nf4_dequantize(ref))
+
+
+@pytest.mark.parametrize("bad", [0, 1, None, np.array(True)])
+def test_double_quant_refuses_ints_none_and_arrays(bad):
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        nf4_quantize(torch.ones(4, 64), double_quant=bad)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
