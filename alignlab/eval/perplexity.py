@@ -53,7 +53,12 @@ def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: in
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     labels = batch.get("labels")
-    labels = input_ids.clone() if labels is None else labels.clone()
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()):
+        raise ValueError(
+            f"batches: 'labels' must be an integer tensor of shape (batch, seq), got {getattr(labels, 'dtype', labels)!r}"
+        )
+    # cross_entropy takes only int64 targets; int32 ids (Arrow / NumPy datasets) are as good
+    labels = (input_ids if labels is None else labels).to(torch.long, copy=True)
     if mask.shape != input_ids.shape or labels.shape != input_ids.shape:
         raise ValueError(
             f"batches: 'attention_mask' {tuple(mask.shape)} and 'labels' {tuple(labels.shape)} must match "

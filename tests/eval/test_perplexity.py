@@ -130,3 +130,23 @@ def test_bf16_model_close_to_fp32_and_empty_rows_skipped(model):
     ids2, mask2 = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)]), torch.cat([mask, torch.zeros(1, 9, dtype=torch.long)])
     empty = {"input_ids": torch.zeros(0, 9, dtype=torch.long)}
     assert perplexity(model, [{"input_ids": ids2, "attention_mask": mask2}, empty]) == pytest.approx(fp32, rel=1e-6)
+
+
+def test_int32_ids_and_labels_score_as_int64(model):
+    """Arrow/NumPy datasets hand over int32 ids; cross_entropy wants int64 targets (it raised deep inside)."""
+    ids = _sequences([7, 7], seed=3)
+    ids = torch.stack(ids)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    expected = negative_log_likelihood(model, [{"input_ids": ids, "labels": labels}])
+    for batch in ({"input_ids": ids.int(), "labels": labels.int()}, {"input_ids": ids.int(), "labels": labels}):
+        total, count = negative_log_likelihood(model, [batch])
+        assert count == expected[1] == 2 * 4
+        assert total == pytest.approx(expected[0], rel=1e-6)
+    assert perplexity(model, [ids.int()]) == pytest.approx(perplexity(model, [ids]), rel=1e-6)
+
+
+def test_float_labels_are_refused_naming_labels(model):
+    ids = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="'labels' must be an integer tensor"):
+        perplexity(model, [{"input_ids": ids, "labels": ids.float()}])
