@@ -84,7 +84,11 @@ def squad_scores(
 
     Raises:
         ValueError: lengths differ or the dataset is empty.
+        TypeError: ``predictions`` or ``references`` is a bare string.
     """
+    if isinstance(predictions, str) or isinstance(references, str):
+        # a bare string is a sequence of characters: "ab" vs "ab" would score two one-letter examples
+        raise TypeError("predictions/references: expected sequences (one entry per example), got a bare string")
     if len(predictions) != len(references):
         raise ValueError(
             f"predictions/references: expected equal lengths, got {len(predictions)} and {len(references)}"

@@ -75,3 +75,10 @@ def test_squad_scores_means_and_errors():
         token_f1("a", [])
     with pytest.raises(TypeError, match="text"):
         normalize_answer(3)
+
+
+@pytest.mark.parametrize("predictions, references", [("ab", "ab"), ("ab", ["a", "b"]), (["a", "b"], "ab")])
+def test_squad_scores_refuses_a_bare_string_dataset(predictions, references):
+    """A string is a sequence of characters: squad_scores("ab", "ab") scored two one-letter examples."""
+    with pytest.raises(TypeError, match="bare string"):
+        squad_scores(predictions, references)
