@@ -60,7 +60,7 @@ def token_losses(
     (``attention_mask`` 0: the first real token of a left-padded row). ``model(input_ids, ...)``
     must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
     logits tensor itself; ``position_ids`` are forwarded (packed rows).
-    Raises ``ValueError`` on shape mismatch.
+    Raises ``ValueError`` on shape mismatch or float ``labels``.
     """
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must be equal "
@@ -75,7 +75,9 @@ def token_losses(
     logits = out.logits if hasattr(out, "logits") else out
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}")
-    target = labels[:, 1:]
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    target = labels[:, 1:].long()  # cross_entropy takes int64 targets only; int32 labels (Arrow) are as good
     valid = target != IGNORE_INDEX
     if attention_mask is not None and attention_mask.dim() == 2:
         # a token is predicted from the position before it: after a pad (left padding) there is no context

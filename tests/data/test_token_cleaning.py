@@ -205,3 +205,17 @@ def test_threshold_nan_refused_inf_kept():
     assert torch.equal(clean_labels(labels, scores, threshold=-math.inf), labels)
     np = pytest.importorskip("numpy")
     assert torch.equal(clean_labels(labels, scores, threshold=np.float32(0.25)), clean_labels(labels, scores, threshold=0.25))
+
+
+def test_int32_labels_score_and_clean_like_int64():
+    """int32 ids/labels (Arrow, NumPy datasets) crashed inside cross_entropy, which takes int64 targets only."""
+    model, reference = Bigram(seed=0), Bigram(seed=1)
+    ids, labels = make_batch()
+    expected = token_losses(model, ids, labels)
+    got = token_losses(model, ids.int(), labels.int())
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    cleaner = TokenCleaner(model, reference, keep_ratio=0.5)
+    cleaned = cleaner({"input_ids": ids.int(), "labels": labels.int()})
+    assert torch.equal(cleaned.long(), cleaner({"input_ids": ids, "labels": labels}))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        token_losses(model, ids, labels.float())
