@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# check_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
-from alignlab._checks import as_python_number, check_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
+# as_bool, check_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
+from alignlab._checks import as_bool, as_python_number, check_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype
 
@@ -79,25 +79,23 @@ class LoRAConfig:
         self.alpha = check_positive_number(self.alpha, "alpha")
         self.dropout = check_dropout(self.dropout)
         _check_init(self.init)
-        check_bool(self.use_rslora, "use_rslora")
-        check_bool(self.use_dora, "use_dora")
+        # stored as Python bools: json (adapter_config.json) cannot write a NumPy bool
+        self.use_rslora = as_bool(self.use_rslora, "use_rslora")
+        self.use_dora = as_bool(self.use_dora, "use_dora")
         check_adapter_dtype(self.adapter_dtype)
-        if not isinstance(self.exact_fp32, bool):
-            raise TypeError(f"exact_fp32 must be a bool, got {self.exact_fp32!r}")
+        self.exact_fp32 = as_bool(self.exact_fp32, "exact_fp32")
         if self.target_parameters is not None and (not _is_str_list(self.target_parameters) or not self.target_parameters):
             raise TypeError(f"target_parameters must be a non-empty list of parameter names, got {self.target_parameters!r}")
         if self.target_modules is None:
             self.target_modules = [] if self.target_parameters else "all-linear"
-        if not isinstance(self.include_experts, bool):
-            raise TypeError(f"include_experts must be a bool, got {self.include_experts!r}")
+        self.include_experts = as_bool(self.include_experts, "include_experts")
         if self.include_experts and self.target_modules != "all-linear":
             raise ValueError("include_experts extends target_modules='all-linear'; name expert weights with target_parameters instead")
         check_target_spec(self.target_modules, self.exclude_modules, allow_empty=bool(self.target_parameters))
         self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        if not isinstance(self.ensure_weight_tying, bool):
-            raise TypeError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
+        self.ensure_weight_tying = as_bool(self.ensure_weight_tying, "ensure_weight_tying")
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import check_token_indices
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import check_positive_int, check_positive_number, is_int
+from alignlab._checks import as_bool, check_positive_int, check_positive_number, is_int
 from alignlab.adapters.base import AdapterLayer, SavedModule
 
 __all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_token_indices", "tie_lora_heads"]
@@ -86,7 +86,8 @@ class LoRAEmbedding(AdapterLayer):
         adapter_dtype: dtype of ``A``/``B``; default fp32 over a 16-bit table, else the table's dtype.
 
     Raises:
-        TypeError: ``base`` is not an ``nn.Embedding``.  ValueError: bad rank or alpha.
+        TypeError: ``base`` is not an ``nn.Embedding``, or ``use_rslora`` is neither a bool nor a NumPy bool.
+        ValueError: bad rank or alpha.
     """
 
     mergeable = True
@@ -123,6 +124,7 @@ class LoRAEmbedding(AdapterLayer):
         self._check_new_adapter(name)
         r = check_positive_int(r, "r")
         alpha = check_positive_number(alpha, "alpha")
+        use_rslora = as_bool(use_rslora, "use_rslora")  # bool("no") is True: it would switch rsLoRA scaling on
         weight = self.base_layer.weight
         if adapter_dtype is None:
             adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -131,7 +133,7 @@ class LoRAEmbedding(AdapterLayer):
         b = torch.randn(h, r, dtype=torch.float32).to(device=weight.device, dtype=adapter_dtype)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self.r[name], self.alpha[name], self.use_rslora[name] = r, float(alpha), bool(use_rslora)
+        self.r[name], self.alpha[name], self.use_rslora[name] = r, float(alpha), use_rslora
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
 
     def delete_adapter(self, name: str) -> None:

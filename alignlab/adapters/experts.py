@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_python_number, is_finite_real, is_int
+from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import lora_scaling
@@ -300,7 +300,8 @@ class ExpertLoRA(AdapterLayer):
             :class:`~alignlab.adapters.lora.LoRALinear`; ``init`` is ``"kaiming"`` or ``"gaussian"``
             (PiSSA/OLoRA, which rewrite the base, are not defined here).
     Raises:
-        TypeError: ``base`` is not an experts module.
+        TypeError: ``base`` is not an experts module; a flag (``use_rslora``, ``use_dora``, ``exact_fp32``) is
+            neither a bool nor a NumPy bool.
         ValueError: unknown parameter names, bad rank/alpha/dropout/init, an expert-parallel module.
     """
 
@@ -319,9 +320,7 @@ class ExpertLoRA(AdapterLayer):
         if getattr(base, "_is_expert_parallel", False):
             raise ValueError("expert-parallel experts modules are not supported (each rank would hold a slice of E)")
         super().__init__(base)
-        if not isinstance(exact_fp32, bool):
-            raise TypeError(f"exact_fp32 must be a bool, got {type(exact_fp32).__name__}")
-        self.exact_fp32 = exact_fp32
+        self.exact_fp32 = as_bool(exact_fp32, "exact_fp32")
         self._merge_norms: dict[tuple[str, str], torch.Tensor] = {}
         self.add_adapter(adapter_name, ranks, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         self.active_adapters = [adapter_name]
@@ -359,6 +358,8 @@ class ExpertLoRA(AdapterLayer):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS} on expert parameters, got {init!r}")
+        use_rslora = as_bool(use_rslora, "use_rslora")  # "no" would switch rsLoRA scaling on
+        use_dora = as_bool(use_dora, "use_dora")
         default_dtype, device = self._adapter_dtype_device()
         dtype = adapter_dtype or default_dtype
         E = self.num_experts

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_python_number, check_bool, is_finite_real, is_int
+from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 from alignlab.adapters.fused import dora_linear, dora_norm, lora_linear
@@ -126,9 +126,7 @@ class LoRALinear(AdapterLayer):
         exact_fp32: bool = False,
     ) -> None:
         super().__init__(base)
-        if not isinstance(exact_fp32, bool):
-            raise TypeError(f"exact_fp32 must be a bool, got {type(exact_fp32).__name__}")
-        self.exact_fp32 = exact_fp32
+        self.exact_fp32 = as_bool(exact_fp32, "exact_fp32")
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -172,8 +170,8 @@ class LoRALinear(AdapterLayer):
         alpha = as_python_number(alpha)
         if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        check_bool(use_rslora, "use_rslora")
-        check_bool(use_dora, "use_dora")
+        use_rslora = as_bool(use_rslora, "use_rslora")
+        use_dora = as_bool(use_dora, "use_dora")
         check_adapter_dtype(adapter_dtype)
         _check_init(init)
         if self.merged:

@@ -116,6 +116,13 @@ def test_lora_embedding_rslora_and_embed_scale():
     torch.testing.assert_close(layer(ids), 4.0 * (emb.weight[ids] + 1.0 * a.T[ids] @ b.T))  # s = 2 / sqrt(4)
 
 
+def test_numpy_bool_use_rslora_is_a_python_bool():
+    import numpy as np  # a sweep's flags are np.bool_
+
+    layer = LoRAEmbedding(nn.Embedding(9, 4), r=4, alpha=2.0, use_rslora=np.True_)
+    assert layer.use_rslora["default"] is True and layer.scaling["default"] == 2.0 / 2  # α/√r
+
+
 def _lora_pair(tie=False, targets=("q_proj", "embed_tokens"), pad=None):
     peft = pytest.importorskip("peft")
     base = _llama(tie, pad=pad)
@@ -182,6 +189,9 @@ def test_lora_embedding_refusals():
         inject(copy.deepcopy(model), LoRAConfig(target_modules=["embed_tokens"], init="olora"))
     with pytest.raises(TypeError, match="nn.Embedding"):
         LoRAEmbedding(nn.Linear(3, 4))
+    for bad in ("no", 0, None):  # bool("no") is True: it would switch rsLoRA scaling on
+        with pytest.raises(TypeError, match="use_rslora must be a bool"):
+            LoRAEmbedding(nn.Embedding(9, 4), r=4, use_rslora=bad)
     # "all-linear" never picks the embedding
     inject(model, LoRAConfig())
     assert not any(isinstance(l, LoRAEmbedding) for _, l in adapter_layers(model))

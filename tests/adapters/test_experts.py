@@ -4,6 +4,7 @@ oracle) for numbers and files; tiny random Mixtral, Qwen3-MoE and gpt-oss (no do
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -276,6 +277,15 @@ def test_refusals(tmp_path):
     layer = ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": np.int64(2)}, alpha=np.float32(4.0))
     assert layer.r["default"] == {"down_proj": 2} and type(layer.r["default"]["down_proj"]) is int
     assert layer.scaling["default"]["down_proj"] == 2.0
+    # NumPy bools act as Python bools; strings and ints are refused (bool("no") would switch rsLoRA on)
+    layer = ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": 4}, alpha=8.0, use_rslora=np.True_,
+                       use_dora=np.False_, exact_fp32=np.True_)
+    assert layer.use_rslora["default"] is True and layer.exact_fp32 is True and not layer.is_dora("default")
+    assert layer.scaling["default"]["down_proj"] == 8.0 / math.sqrt(4)
+    for kw, name in ((dict(use_rslora="no"), "use_rslora"), (dict(use_dora=1), "use_dora"),
+                     (dict(exact_fp32=0), "exact_fp32")):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            ExpertLoRA(copy.deepcopy(_experts(model)), {"down_proj": 2}, **kw)
     # a file from PEFT < 0.19.1 has (E, out, in) factors the other way round: refused, not read wrong
     ours = inject(copy.deepcopy(model), LoRAConfig(r=2, target_parameters=BOTH))
     save_adapter(ours, tmp_path)

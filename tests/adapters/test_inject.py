@@ -1,5 +1,9 @@
 """Injection, named adapters, disable/merge/unload, trainable marking and error paths."""
 
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +24,7 @@ from alignlab.adapters import (
     inject,
     merge,
     merge_and_unload,
+    save_adapter,
     set_adapter,
     unmerge,
 )
@@ -196,6 +201,12 @@ def test_plain_module_tree_works():
         ({"use_rslora": "yes"}, TypeError, "use_rslora must be a bool"),
         ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
         ({"use_dora": None}, TypeError, "use_dora must be a bool"),
+        ({"use_rslora": 0}, TypeError, "use_rslora must be a bool"),
+        ({"exact_fp32": "no"}, TypeError, "exact_fp32 must be a bool"),
+        ({"exact_fp32": 1}, TypeError, "exact_fp32 must be a bool"),
+        ({"include_experts": 0}, TypeError, "include_experts must be a bool"),
+        ({"ensure_weight_tying": "no"}, TypeError, "ensure_weight_tying must be a bool"),
+        ({"use_rslora": np.array(True)}, TypeError, "use_rslora must be a bool"),
         ({"init": None}, TypeError, "init must be a string"),
         ({"adapter_dtype": "bf16"}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
         ({"adapter_dtype": torch.int8}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
@@ -204,6 +215,22 @@ def test_plain_module_tree_works():
 def test_config_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LoRAConfig(**kwargs)
+
+
+def test_numpy_bool_flags_are_stored_as_python_bools_and_saved_as_json_booleans(tmp_path):
+    """A sweep hands over np.bool_: it acts as the Python bool would, and adapter_config.json gets true/false
+    (json cannot write an np.bool_, so a flag kept as given would break save_adapter)."""
+    flags = dict(use_rslora=np.True_, use_dora=np.False_, exact_fp32=np.True_, include_experts=np.False_,
+                 ensure_weight_tying=np.False_)
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], **flags)
+    assert all(type(getattr(config, k)) is bool and getattr(config, k) == v for k, v in flags.items())
+    model = inject(make_tiny_llama(), config)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.exact_fp32 is True and layer.use_rslora["default"] is True and not layer.is_dora("default")
+    assert layer.scaling["default"] == 8 / math.sqrt(4)  # rsLoRA: α/√r
+    save_adapter(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["use_rslora"] is True and raw["use_dora"] is False and raw["ensure_weight_tying"] is False
 
 
 def test_inject_type_errors():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -263,12 +264,28 @@ def test_bf16_base_with_fp32_adapter_keeps_base_dtype():
         ({"dropout": None}, ValueError, "dropout must be a number"),
         ({"use_rslora": "no"}, TypeError, "use_rslora must be a bool"),
         ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
+        ({"use_rslora": 0}, TypeError, "use_rslora must be a bool"),
+        ({"use_dora": np.array(False)}, TypeError, "use_dora must be a bool"),
+        ({"exact_fp32": "no"}, TypeError, "exact_fp32 must be a bool"),
+        ({"exact_fp32": 1}, TypeError, "exact_fp32 must be a bool"),
         ({"adapter_dtype": torch.int64}, TypeError, "adapter_dtype must be None or a floating-point torch.dtype"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         _layer(**kwargs)
+
+
+def test_numpy_bool_flags_act_as_python_bools():
+    """np.bool_ from a sweep: the layer computes what the Python bool gives and keeps Python bools."""
+    layer = _layer(r=4, alpha=8.0, use_rslora=np.True_, use_dora=np.True_, exact_fp32=np.False_)
+    ref = _layer(r=4, alpha=8.0, use_rslora=True, use_dora=True, exact_fp32=False)
+    assert layer.exact_fp32 is False and layer.use_rslora["default"] is True and layer.is_dora("default")
+    assert layer.scaling["default"] == 8.0 / math.sqrt(4)
+    layer.add_adapter("other", r=2, use_rslora=np.False_)
+    assert layer.use_rslora["other"] is False and layer.scaling["other"] == 8.0 / 2
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
 
 
 def test_base_must_be_linear():
