@@ -101,6 +101,11 @@ def pack_examples(
         yield row
 
 
+def _check_mask_dtype(dtype, name: str) -> None:
+    if dtype is not None and dtype != torch.bool and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be None, torch.bool or a floating-point dtype, got {dtype!r}")
+
+
 def packed_attention_mask(
     seq_lens: Sequence[Sequence[int]] | torch.Tensor,
     length: int | None = None,
@@ -113,9 +118,11 @@ def packed_attention_mask(
     ``position_ids`` ``(batch, length)`` with resets at sample starts.
     Positions past ``sum(seq_lens[b])`` (padding) attend only to themselves so
     that no softmax row is empty. Returns a bool mask (True = may attend) when
-    ``dtype`` is ``None``, else an additive float mask (0 / dtype min) as
-    ``transformers`` accepts for ``attention_mask``.
+    ``dtype`` is ``None`` or ``torch.bool``, else an additive float mask (0 / dtype min) as
+    ``transformers`` accepts for ``attention_mask``. Raises ``ValueError`` for
+    an integer ``dtype`` (neither kind of mask).
     """
+    _check_mask_dtype(dtype, "dtype")
     if isinstance(seq_lens, torch.Tensor):
         if seq_lens.dim() != 2:
             raise ValueError(f"position_ids must be (batch, length), got shape {tuple(seq_lens.shape)}")
@@ -139,7 +146,7 @@ def packed_attention_mask(
     causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     mask = (segment[:, :, None] == segment[:, None, :]) & causal
     mask = mask[:, None]
-    if dtype is None:
+    if dtype is None or dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
@@ -227,7 +234,7 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
     :func:`packed_attention_mask`, of the kind the attention in use needs:
 
     * ``mask_dtype`` given: additive (0 / dtype min) in that dtype, right for every
-      ``transformers`` attention that takes a 4-D mask;
+      ``transformers`` attention that takes a 4-D mask (``torch.bool``: the bool mask);
     * else ``attn_implementation="eager"`` (pass ``model.config._attn_implementation``):
       additive float32 — eager attention *adds* the mask to the scores, so a bool
       mask would be added as 0/1 and change the logits;
@@ -235,12 +242,14 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
     * else (neither given): bool, with a ``UserWarning`` that it is wrong under eager
       attention.
 
-    Raises ``ValueError`` for an empty ``rows``, a short ``length`` or another
+    Raises ``ValueError`` for an empty ``rows``, a short ``length``, an integer
+    ``mask_dtype``, or another
     ``attn_implementation`` (flash-attention kernels take no 4-D mask: use
     :func:`collate_padding_free`'s ``position_ids``/``cu_seq_lens``, or pass ``mask_dtype``).
     """
     if len(rows) == 0:
         raise ValueError("rows is empty")
+    _check_mask_dtype(mask_dtype, "mask_dtype")
     if mask_dtype is None:
         if attn_implementation == "eager":
             mask_dtype = torch.float32

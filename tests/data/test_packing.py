@@ -213,3 +213,18 @@ def test_padding_free_batch_carries_use_cache_false_and_names_an_empty_sample():
         collate_padding_free([{"input_ids": [], "labels": []}])
     with pytest.raises(ValueError, match="example 1 is empty"):
         collate_padding_free([examples[0], {"input_ids": [], "labels": []}])
+
+
+def test_bool_mask_dtype_gives_the_bool_mask_and_integer_dtypes_are_refused(recwarn):
+    """mask_dtype=torch.bool (the SDPA kind) crashed in torch.finfo; an integer dtype did too, deep inside."""
+    rows = list(pack_examples(make_examples(), max_length=16))
+    bool_mask = packed_attention_mask([r["seq_lens"] for r in rows], 16)
+    assert torch.equal(packed_attention_mask([r["seq_lens"] for r in rows], 16, dtype=torch.bool), bool_mask)
+    batch = collate_packed(rows, pad_token_id=0, length=16, mask_dtype=torch.bool)
+    assert batch["attention_mask"].dtype == torch.bool and torch.equal(batch["attention_mask"], bool_mask)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # the kind was chosen: no warning
+    for dtype in (torch.long, torch.int32, torch.uint8):
+        with pytest.raises(ValueError, match="dtype must be None, torch.bool or a floating-point dtype"):
+            packed_attention_mask([[2, 1]], dtype=dtype)
+        with pytest.raises(ValueError, match="mask_dtype"):
+            collate_packed(rows, pad_token_id=0, mask_dtype=dtype)
