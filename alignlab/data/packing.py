@@ -101,6 +101,12 @@ def pack_examples(
         yield row
 
 
+def _check_pad_token_id(pad_token_id) -> None:
+    # None (a tokenizer without a pad token) failed inside torch.full; 1.5 or True were silently read as 1
+    if not is_int(pad_token_id) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be a non-negative int (set tokenizer.pad_token), got {pad_token_id!r}")
+
+
 def _check_mask_dtype(dtype, name: str) -> None:
     if dtype is not None and dtype != torch.bool and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"{name} must be None, torch.bool or a floating-point dtype, got {dtype!r}")
@@ -200,11 +206,19 @@ def collate_padded(
     pad_to_multiple_of: int | None = None,
     padding_side: Literal["right", "left"] = "right",
 ) -> dict[str, torch.Tensor]:
-    """Pad samples to one ``(batch, seq)`` batch: ``input_ids``, ``labels`` (pads ``-100``), ``attention_mask``."""
+    """Pad samples to one ``(batch, seq)`` batch: ``input_ids``, ``labels`` (pads ``-100``), ``attention_mask``.
+
+    Raises ``ValueError`` for an empty or malformed sample list, a ``pad_token_id`` that is not a
+    non-negative int (``None``: the tokenizer has no pad token), a ``pad_to_multiple_of`` that is
+    not ``None`` or a positive int, or an unknown ``padding_side``.
+    """
     if len(examples) == 0:
         raise ValueError("examples is empty")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    _check_pad_token_id(pad_token_id)
+    if pad_to_multiple_of is not None and (not is_int(pad_to_multiple_of) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
     rows = [_validate(e, i) for i, e in enumerate(examples)]
     length = max(len(ids) for ids, _ in rows)
     if pad_to_multiple_of:
@@ -242,13 +256,15 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
     * else (neither given): bool, with a ``UserWarning`` that it is wrong under eager
       attention.
 
-    Raises ``ValueError`` for an empty ``rows``, a short ``length``, an integer
+    Raises ``ValueError`` for an empty ``rows``, a bad ``pad_token_id`` (as in
+    :func:`collate_padded`), a short ``length``, an integer
     ``mask_dtype``, or another
     ``attn_implementation`` (flash-attention kernels take no 4-D mask: use
     :func:`collate_padding_free`'s ``position_ids``/``cu_seq_lens``, or pass ``mask_dtype``).
     """
     if len(rows) == 0:
         raise ValueError("rows is empty")
+    _check_pad_token_id(pad_token_id)
     _check_mask_dtype(mask_dtype, "mask_dtype")
     if mask_dtype is None:
         if attn_implementation == "eager":

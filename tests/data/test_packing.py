@@ -228,3 +228,26 @@ def test_bool_mask_dtype_gives_the_bool_mask_and_integer_dtypes_are_refused(recw
             packed_attention_mask([[2, 1]], dtype=dtype)
         with pytest.raises(ValueError, match="mask_dtype"):
             collate_packed(rows, pad_token_id=0, mask_dtype=dtype)
+
+
+@pytest.mark.parametrize("pad_token_id", [None, 1.5, True, -1, "0"])
+def test_bad_pad_token_id_is_a_value_error_naming_it(pad_token_id):
+    """None (a tokenizer without a pad token) crashed inside torch.full; 1.5 and True were read as 1."""
+    ex = make_examples()[:2]
+    with pytest.raises(ValueError, match="pad_token_id must be a non-negative int"):
+        collate_padded(ex, pad_token_id)
+    with pytest.raises(ValueError, match="pad_token_id must be a non-negative int"):
+        collate_packed(list(pack_examples(ex, 16)), pad_token_id, mask_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("multiple", [0, -3, 2.5, True])
+def test_bad_pad_to_multiple_of_is_a_value_error_naming_it(multiple):
+    """-3 was silently ignored (length rounded to a multiple of -3 <= the longest row), 2.5 crashed in torch.full."""
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be None or a positive int"):
+        collate_padded(make_examples()[:2], 0, pad_to_multiple_of=multiple)
+
+
+def test_numpy_pad_arguments_are_accepted():
+    np = pytest.importorskip("numpy")
+    batch = collate_padded(make_examples()[:2], np.int64(0), pad_to_multiple_of=np.int64(8))
+    assert batch["input_ids"].shape == (2, 16)
