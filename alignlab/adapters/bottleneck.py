@@ -41,7 +41,7 @@ from torch import nn
 
 from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import check_finite_number, check_positive_number, name_matches
+from alignlab.adapters.config import as_bool, check_finite_number, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -84,6 +84,7 @@ class BottleneckLayer(AdapterLayer):
         adapter_name: name of the first adapter.
     Raises:
         ValueError: bad sizes or non-linearity.
+        TypeError: ``parallel`` is neither a bool nor a NumPy bool.
     """
 
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, non_linearity: str = "relu",
@@ -117,6 +118,7 @@ class BottleneckLayer(AdapterLayer):
         bottleneck = int(bottleneck)
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
+        parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
         dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)

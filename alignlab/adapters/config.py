@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# as_bool, check_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
-from alignlab._checks import as_bool, as_python_number, check_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
+# as_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
+from alignlab._checks import as_bool, as_python_number, check_finite_number, check_positive_int, check_positive_number, is_finite_real, is_int
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, set_dense_weight_
-from alignlab.adapters.config import _compile, _is_str_list, check_bool, check_target_spec, name_matches
+from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_target_spec, name_matches
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -34,7 +34,7 @@ class IA3Linear(AdapterLayer):
         adapter_name: name of the first adapter.
         init_ones: start at ``l = 1`` (identity); ``False`` draws ``l ~ N(0, 1)`` (for tests).
     Raises:
-        TypeError: ``base`` is not a linear layer.
+        TypeError: ``base`` is not a linear layer; ``feedforward`` or ``init_ones`` is neither a bool nor a NumPy bool.
     """
 
     mergeable = True
@@ -43,12 +43,13 @@ class IA3Linear(AdapterLayer):
 
     def __init__(self, base: nn.Module, feedforward: bool = False, adapter_name: str = "default", init_ones: bool = True) -> None:
         super().__init__(base)
-        self.feedforward = feedforward
+        self.feedforward = as_bool(feedforward, "feedforward")  # "no" would scale the input instead of the output
         self.add_adapter(adapter_name, init_ones)
         self.active_adapters = [adapter_name]
 
     def add_adapter(self, name: str, init_ones: bool = True) -> None:
         self._check_new_adapter(name)
+        init_ones = as_bool(init_ones, "init_ones")
         dtype, device = self._adapter_dtype_device()
         n = self.in_features if self.feedforward else self.out_features
         init = torch.ones(n, device=device, dtype=dtype) if init_ones else torch.randn(n, dtype=dtype).to(device)
@@ -127,7 +128,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         check_target_spec(self.target_modules, self.exclude_modules)
-        check_bool(self.init_ones, "init_ones")
+        self.init_ones = as_bool(self.init_ones, "init_ones")
         if isinstance(self.feedforward_modules, str):
             _compile("feedforward_modules", self.feedforward_modules)
         elif not _is_str_list(self.feedforward_modules):

@@ -29,7 +29,7 @@ from torch import nn
 
 from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import _pattern_value, check_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import _pattern_value, as_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -64,7 +64,8 @@ class LoKrLinear(AdapterLayer):
         adapter_name: name of the first adapter.
         init_zero: ``W₁ = 0`` at the start (identity); ``False`` draws every factor at random.
     Raises:
-        TypeError/ValueError: not a linear base, bad rank or alpha.
+        TypeError/ValueError: not a linear base, bad rank or alpha; ``decompose_both`` or ``init_zero``
+            neither a bool nor a NumPy bool.
     """
 
     mergeable = True
@@ -88,6 +89,7 @@ class LoKrLinear(AdapterLayer):
         self._check_new_adapter(name)
         r = check_positive_int(r, "r")
         alpha = check_positive_number(alpha, "alpha")
+        decompose_both, init_zero = as_bool(decompose_both, "decompose_both"), as_bool(init_zero, "init_zero")
         (out1, in1), (out2, in2) = self.shapes(decompose_factor)
         dtype, device = self._adapter_dtype_device()
 
@@ -171,8 +173,8 @@ class LoKrConfig:
         self.r = check_positive_int(self.r, "r")
         self.alpha = check_positive_number(self.alpha, "alpha")
         self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
-        check_bool(self.decompose_both, "decompose_both")
-        check_bool(self.init_zero, "init_zero")
+        self.decompose_both = as_bool(self.decompose_both, "decompose_both")  # written to adapter_config.json
+        self.init_zero = as_bool(self.init_zero, "init_zero")
         if not is_int(self.decompose_factor) or self.decompose_factor == 0 or self.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
         self.decompose_factor = int(self.decompose_factor)

@@ -46,7 +46,7 @@ from torch import nn
 
 from alignlab._checks import check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import check_bool, check_finite_number
+from alignlab.adapters.config import as_bool, check_finite_number
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
@@ -391,7 +391,7 @@ class PrefixTuningConfig:
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
-        check_bool(self.prefix_projection, "prefix_projection")
+        self.prefix_projection = as_bool(self.prefix_projection, "prefix_projection")  # written to adapter_config.json
         self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
         self.encoder_hidden_size = check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
         self._layout: tuple[int, int, int] | None = None

@@ -69,6 +69,17 @@ def test_formula(parallel):
     torch.testing.assert_close(layer(x), want)
 
 
+def test_parallel_flag_takes_numpy_bools_and_refuses_strings():
+    np = pytest.importorskip("numpy")
+    block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    layer = BottleneckLayer(block, hidden=8, bottleneck=3, parallel=np.True_)
+    assert layer.parallel["default"] is True
+    for bad in ("no", 0, None):  # "no" would read the block input instead of its output
+        with pytest.raises(TypeError, match="parallel must be a bool"):
+            layer.add_adapter("other", 3, parallel=bad)
+    assert layer.adapter_names() == ["default"]
+
+
 def test_fusion_starts_at_average_and_trains_only_fusion(tmp_path):
     base = make_tiny_llama()
     model = inject(base, BottleneckConfig(reduction_factor=4, placement="pfeiffer"), "a")

@@ -91,3 +91,18 @@ def test_config_errors():
 def test_config_init_ones_must_be_a_bool():
     with pytest.raises(TypeError, match="init_ones"):
         IA3Config(init_ones="yes")
+    for bad in (0, 1, None):
+        with pytest.raises(TypeError, match="init_ones must be a bool"):
+            IA3Config(init_ones=bad)
+
+
+def test_numpy_bool_flags_act_as_python_bools():
+    np = pytest.importorskip("numpy")
+    assert IA3Config(init_ones=np.False_).init_ones is False
+    layer = IA3Linear(nn.Linear(6, 4), feedforward=np.True_, init_ones=np.True_)
+    assert layer.feedforward is True
+    torch.testing.assert_close(layer.ia3_l["default"].detach(), torch.ones(6))  # input scaling, identity
+    for kw, name in ((dict(feedforward="no"), "feedforward"), (dict(feedforward=0), "feedforward"),
+                     (dict(init_ones=1), "init_ones"), (dict(init_ones="no"), "init_ones")):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            IA3Linear(nn.Linear(6, 4), **kw)

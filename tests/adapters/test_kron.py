@@ -76,6 +76,30 @@ def test_config_flags_must_be_bools():
             LoKrConfig(**{field: "no"})
 
 
+def test_numpy_bool_flags_are_python_bools_in_the_layers_and_the_file(tmp_path):
+    """np.bool_ from a sweep acts as the Python bool; adapter_config.json gets a JSON boolean."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    cfg = LoKrConfig(r=1, decompose_both=np.True_, init_zero=np.False_, target_modules=["q_proj"])
+    assert cfg.decompose_both is True and cfg.init_zero is False
+    from alignlab.adapters import save_adapter
+
+    save_adapter(inject(make_tiny_llama(), cfg), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["decompose_both"] is True
+    torch.manual_seed(0)
+    ours = LoKrLinear(nn.Linear(16, 16), r=1, decompose_both=np.True_, init_zero=np.False_)
+    torch.manual_seed(0)
+    ref = LoKrLinear(nn.Linear(16, 16), r=1, decompose_both=True, init_zero=False)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    for kw in ({"decompose_both": 1}, {"init_zero": 0}, {"decompose_both": "no"}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a bool"):
+            LoKrConfig(**kw)
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a bool"):
+            LoKrLinear(nn.Linear(16, 16), **kw)
+
+
 def test_numpy_scalars_accepted_bools_refused():
     np = pytest.importorskip("numpy")
     cfg = LoKrConfig(r=np.int64(4), alpha=np.float32(8), decompose_factor=np.int16(2))

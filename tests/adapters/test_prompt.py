@@ -198,6 +198,21 @@ def test_prefix_config_refuses_a_non_finite_init_std_and_non_bool_flags():
             PrefixTuningConfig(init_std=bad)
     with pytest.raises(TypeError, match="prefix_projection"):
         PrefixTuningConfig(prefix_projection="no")
+    for bad in (0, 1):
+        with pytest.raises(TypeError, match="prefix_projection must be a bool"):
+            PrefixTuningConfig(prefix_projection=bad)
+
+
+def test_numpy_bool_prefix_projection_is_saved_as_a_json_boolean(tmp_path):
+    import json
+
+    np = pytest.importorskip("numpy")
+    from alignlab.adapters import save_adapter
+
+    cfg = PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=np.True_, encoder_hidden_size=8)
+    assert cfg.prefix_projection is True
+    save_adapter(inject(make_tiny_llama(), cfg), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["prefix_projection"] is True
 
 
 def test_numpy_integers_accepted_bools_refused():
