@@ -38,7 +38,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import check_finite_number, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -176,10 +176,14 @@ def pairs_from_scores(
     highest- against the lowest-scored candidate (first occurrence wins ties),
     kept only if ``max - min > min_margin``. ``all``: every ``(i, j)`` with
     ``s_i - s_j > min_margin``. NaN scores (an unparsable judgement) are
-    ignored. Raises ``ValueError`` if lengths differ.
+    ignored. Raises ``ValueError`` if lengths differ or ``min_margin`` is
+    negative, NaN or infinite (a negative margin would pair a candidate with
+    itself and tied candidates both ways round); ``TypeError`` if it is not
+    a real number.
     """
     if len(candidates) != len(scores):
         raise ValueError(f"candidates ({len(candidates)}) and scores ({len(scores)}) differ in length")
+    min_margin = check_finite_number(min_margin, "min_margin", minimum=0)
     if strategy not in ("best_worst", "all"):
         raise ValueError(f"strategy must be 'best_worst' or 'all', got {strategy!r}")
     messages = _as_messages(prompt)
@@ -229,6 +233,7 @@ def online_feedback_pairs(
     """
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
+    min_margin = check_finite_number(min_margin, "min_margin", minimum=0)  # before any sampling
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         samples = [_call_generate(generate, batch) for _ in range(num_candidates)]
         for b, messages in enumerate(batch):

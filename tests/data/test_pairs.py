@@ -140,3 +140,31 @@ def test_tokenize_and_collate_preference(chat_tokenizer):
         collate_preference([], pad)
     with pytest.raises(ValueError, match="rejected_input_ids"):
         collate_preference([{"chosen_input_ids": [1], "chosen_labels": [1]}], pad)
+
+
+@pytest.mark.parametrize("margin", [-1.0, math.nan, math.inf])
+def test_min_margin_must_be_a_finite_non_negative_number(margin):
+    """min_margin=-1 paired every candidate with itself and tied candidates both ways round ('all'),
+    and NaN kept every best/worst pair while dropping every 'all' pair."""
+    with pytest.raises(ValueError, match="min_margin must be a finite number >= 0"):
+        pairs_from_scores("q", ["a", "b"], [1.0, 1.0], strategy="all", min_margin=margin)
+    with pytest.raises(ValueError, match="min_margin"):
+        pairs_from_scores("q", ["a", "b"], [1.0, 2.0], min_margin=margin)
+    calls = []
+
+    def sampler(batch):
+        calls.append(batch)
+        return ["x" for _ in batch]
+
+    with pytest.raises(ValueError, match="min_margin"):
+        list(online_feedback_pairs(["q"], sampler, lambda m, c: [1.0] * len(c), min_margin=margin))
+    assert not calls  # refused before any sampling
+
+
+def test_min_margin_takes_numpy_and_python_numbers():
+    np = pytest.importorskip("numpy")
+    c, s = ["a", "b", "c"], [1.0, 2.0, 4.0]
+    assert pairs_from_scores("q", c, s, "all", min_margin=np.float32(1.5)) == pairs_from_scores(
+        "q", c, s, "all", min_margin=1.5)
+    with pytest.raises(TypeError, match="min_margin"):
+        pairs_from_scores("q", c, s, min_margin="1")
