@@ -250,15 +250,21 @@ def bootstrap_ci(
         ``(low, high)``.
 
     Raises:
-        ValueError: empty ``values``, ``n_resamples < 1`` or ``confidence``
-            outside ``(0, 1)``.
+        ValueError: empty ``values``, values that are not finite numbers (NaN,
+            inf, strings), ``n_resamples < 1`` or ``confidence`` not a number in ``(0, 1)``.
     """
-    data = np.asarray(values, dtype=np.float64)
+    raw = np.asarray(values)
+    if raw.dtype.kind not in "biuf":  # np.asarray(..., float64) would read "1" as 1.0
+        raise ValueError(f"values: expected numbers, got an array of dtype {raw.dtype}")
+    data = raw.astype(np.float64)
     if data.ndim != 1 or data.size == 0:
         raise ValueError(f"values: expected a non-empty 1-d sequence, got shape {data.shape}")
+    if not np.isfinite(data).all():  # one NaN made the interval (nan, nan) without a word
+        bad = np.flatnonzero(~np.isfinite(data))[:5].tolist()
+        raise ValueError(f"values: expected finite numbers, got NaN or inf at index {bad}")
     if not is_int(n_resamples) or n_resamples < 1:
         raise ValueError(f"n_resamples: expected an int >= 1, got {n_resamples!r}")
-    if not 0.0 < confidence < 1.0:
+    if not is_real(confidence) or not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")
     rng = np.random.default_rng(seed)
     resamples = data[rng.integers(0, data.size, size=(n_resamples, data.size))]

@@ -132,3 +132,17 @@ def test_win_rate_numpy_scalars_match_python_numbers():
     assert win_rate(outcomes) == win_rate([1, 0, 0.5, 1]) == pytest.approx(0.625)
     with pytest.raises(ValueError, match=r"outcomes\[0\]"):
         win_rate([np.float32("nan")])
+
+
+@pytest.mark.parametrize("values", [[1.0, float("nan"), 0.5], [1.0, float("inf"), 0.5], ["1", "0"], [None, 1.0]])
+def test_bootstrap_ci_refuses_non_finite_or_non_numeric_values(values):
+    """A NaN gave the interval (nan, nan) and an inf (0.5, nan) silently; strings were read as numbers."""
+    with pytest.raises(ValueError, match="values: expected"):
+        bootstrap_ci(values)
+
+
+def test_bootstrap_ci_confidence_must_be_a_number():
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0, 0.5], confidence="0.9")
+    assert bootstrap_ci([True, False, True], seed=0) == bootstrap_ci([1.0, 0.0, 1.0], seed=0)
+    assert bootstrap_ci([1.0, 0.0], confidence=np.float32(0.9)) == bootstrap_ci([1.0, 0.0], confidence=0.9)
