@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from alignlab._checks import is_int
+import numpy
+
+from alignlab._checks import as_bool, is_int
 
 __all__ = ["drfr", "parse_yes_no"]
 
@@ -27,7 +29,7 @@ _NO = {"no", "n", "false", "0"}
 
 
 def parse_yes_no(answer: bool | int | str) -> bool:
-    """One judgement as a bool: ``True``/``1``/``"YES"`` or ``False``/``0``/``"NO"``.
+    """One judgement as a bool: ``True``/``1``/``"YES"`` or ``False``/``0``/``"NO"`` (NumPy bools and integers too).
 
     Strings are matched on their first word, case-insensitively, ignoring
     trailing punctuation (``"Yes, because ..."`` is yes).
@@ -40,8 +42,8 @@ def parse_yes_no(answer: bool | int | str) -> bool:
 
 
 def _judgement(answer, where: str) -> bool:
-    if isinstance(answer, bool):
-        return answer
+    if isinstance(answer, (bool, numpy.bool_)):  # NumPy bools: a judge's ``scores > 0.5`` array
+        return bool(answer)
     if is_int(answer) and answer in (0, 1):  # NumPy integers too
         return bool(answer)
     if isinstance(answer, str):
@@ -60,7 +62,7 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
     Args:
         judgements: per instruction, the judgement of each of its requirements
             (anything :func:`parse_yes_no` accepts).
-        per_instruction: also return each instruction's own ratio.
+        per_instruction: also return each instruction's own ratio (a bool).
 
     Returns:
         The DRFR in ``[0, 1]``, or ``(drfr, [ratio_i, ...])`` when
@@ -69,7 +71,9 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
     Raises:
         ValueError: no requirements at all, an instruction with no
             requirements, or an unparsable judgement (named as ``judgements[i][j]``).
+        TypeError: ``per_instruction`` is not a bool (a string such as ``"no"`` would switch it on).
     """
+    per_instruction = as_bool(per_instruction, "per_instruction")
     if isinstance(judgements, (str, bytes)) or not judgements:
         raise ValueError("judgements: expected a non-empty sequence of per-instruction judgement lists")
     satisfied, total, ratios = 0, 0, []

@@ -44,3 +44,23 @@ def test_parse_yes_no_numpy_integers():
     assert drfr([[np.int64(1), np.int64(0)]]) == drfr([[1, 0]]) == 0.5
     with pytest.raises(ValueError, match="answer"):
         parse_yes_no(np.int64(2))
+
+
+def test_numpy_bool_judgements_count_as_bools():
+    """``judge_scores > 0.5`` gives np.bool_ entries; they were refused as unparsable."""
+    np = pytest.importorskip("numpy")
+    rows = [list(np.array([0.9, 0.2]) > 0.5), list(np.array([0.7, 0.8, 0.1]) > 0.5)]
+    assert drfr(rows) == drfr([[True, False], [True, True, False]]) == pytest.approx(3 / 5)
+    assert parse_yes_no(np.bool_(False)) is False
+
+
+@pytest.mark.parametrize("flag", ["no", 0, 1, None])
+def test_per_instruction_must_be_a_bool(flag):
+    """per_instruction="no" was truthy and returned the tuple."""
+    with pytest.raises(TypeError, match="per_instruction must be a bool"):
+        drfr([[True, False]], per_instruction=flag)
+
+
+def test_per_instruction_takes_a_numpy_bool():
+    np = pytest.importorskip("numpy")
+    assert drfr([[True, False]], per_instruction=np.bool_(True)) == (0.5, [0.5])
