@@ -78,19 +78,22 @@ def reward_scores(
             ``model.config.pad_token_id`` then ``tokenizer.pad_token_id``.
             HF sequence-classification models locate the last real token
             through this id, so it must be the model's own.
-        label_index: which column of ``(b, num_labels)`` scores to return;
-            required when ``num_labels > 1``.
+        label_index: which column of ``(b, num_labels)`` scores to return
+            (an int, negative counting from the end); required when ``num_labels > 1``.
 
     Returns:
         ``(len(sequences),)`` float32 tensor on the CPU.
 
     Raises:
         ValueError: empty sequence, bad ``batch_size``, missing pad id for
-            unequal lengths, or multi-column scores without ``label_index``.
+            unequal lengths, multi-column scores without ``label_index``, or a
+            ``label_index`` that is not an int or out of range.
         TypeError: a single string instead of a sequence of them.
     """
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if label_index is not None and not is_int(label_index):  # True would pick column 1
+        raise ValueError(f"label_index: expected None or an int, got {label_index!r}")
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:
         return torch.empty(0)
@@ -121,6 +124,10 @@ def reward_scores(
                 if label_index is None:
                     raise ValueError(
                         f"label_index: the model returns {out.shape[1]} scores per sequence; choose one column"
+                    )
+                if not -out.shape[1] <= label_index < out.shape[1]:
+                    raise ValueError(
+                        f"label_index: {label_index} is out of range for the model's {out.shape[1]} scores per sequence"
                     )
                 out = out[:, label_index]
             if out.shape != (len(idx),):

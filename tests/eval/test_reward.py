@@ -68,3 +68,23 @@ def test_multi_label_and_errors(reward_model):
     with pytest.raises(TypeError, match="single string"):
         reward_scores(reward_model, "text")
     assert reward_scores(reward_model, []).shape == (0,)
+
+
+def _two_heads(input_ids, attention_mask):
+    return torch.stack([attention_mask.sum(1).float(), -attention_mask.sum(1).float()], 1)
+
+
+@pytest.mark.parametrize("label_index", [True, 1.0, "1"])
+def test_label_index_must_be_an_int(label_index):
+    """label_index=True silently picked column 1."""
+    with pytest.raises(ValueError, match="label_index: expected None or an int"):
+        reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=label_index)
+
+
+def test_label_index_out_of_range_names_it():
+    """An out-of-range column was a bare IndexError from the indexing."""
+    with pytest.raises(ValueError, match="label_index: 2 is out of range for the model's 2 scores"):
+        reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=2)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=np.int64(-1)),
+                               torch.tensor([-3.0, -1.0]))
