@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
-from alignlab._checks import is_int, is_real
+from alignlab._checks import as_bool, is_int, is_real
 
 __all__ = ["replay_counts", "ReplayMixer", "ReplayBatchSampler"]
 
@@ -118,7 +118,8 @@ class ReplayMixer:
     Raises:
         ValueError: bad ``batch_size``/``replay_fraction``; when iterating, a general stream that is
             empty or runs out.
-        TypeError: ``task``/``general`` not iterable.
+        TypeError: ``task``/``general`` not iterable; ``drop_last``/``with_source`` not a bool (a string
+            such as ``"no"`` would switch it on).
     """
 
     def __init__(
@@ -138,7 +139,8 @@ class ReplayMixer:
         _check(batch_size, replay_fraction)
         self.task, self.general = task, general
         self.batch_size, self.replay_fraction = batch_size, replay_fraction
-        self.seed, self.drop_last, self.with_source = seed, drop_last, with_source
+        self.seed = seed
+        self.drop_last, self.with_source = as_bool(drop_last, "drop_last"), as_bool(with_source, "with_source")
         self.epoch = 0
         self._general: _Cycle | None = None
 
@@ -191,6 +193,7 @@ class ReplayBatchSampler:
 
     Raises:
         ValueError: non-positive sizes or the conditions of :func:`replay_counts`.
+        TypeError: ``shuffle``/``drop_last`` not a bool.
     """
 
     def __init__(
@@ -213,7 +216,7 @@ class ReplayBatchSampler:
             raise ValueError("general_size must be >= 1 when replay_fraction > 0")
         self.task_size, self.general_size = task_size, general_size
         self.batch_size, self.replay_fraction = batch_size, replay_fraction
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.seed, self.shuffle, self.drop_last = seed, as_bool(shuffle, "shuffle"), as_bool(drop_last, "drop_last")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

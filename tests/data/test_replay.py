@@ -130,3 +130,22 @@ def test_epoch_behaviour_of_the_general_data_as_documented():
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_flags_must_be_bools(flag):
+    """with_source="no" was truthy and yielded (source, example) pairs; shuffle="no" shuffled."""
+    for name in ("drop_last", "with_source"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            ReplayMixer(range(8), range(4), batch_size=4, **{name: flag})
+    for name in ("shuffle", "drop_last"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            ReplayBatchSampler(8, 4, batch_size=4, **{name: flag})
+
+
+def test_numpy_bool_flags_are_stored_as_python_bools():
+    np = pytest.importorskip("numpy")
+    mixer = ReplayMixer(range(8), range(4), batch_size=4, replay_fraction=0.25, with_source=np.bool_(True))
+    assert mixer.with_source is True and next(iter(mixer))[0][0] in ("task", "general")
+    sampler = ReplayBatchSampler(8, 4, batch_size=4, shuffle=np.bool_(False), drop_last=np.bool_(True))
+    assert sampler.shuffle is False and sampler.drop_last is True
