@@ -19,7 +19,8 @@ written as PEFT's ``target_parameters`` (PEFT >= 0.19.1 layout); with DoRA or dr
 PEFT's ``ParamWrapper`` lacks, the same fields and keys go out as ``peft_type = "ALIGNLAB_LORA"``.
 The pieces every family's config shares to write and read
 its ``adapter_config.json`` live here (:func:`peft_header`, :func:`peft_targets`,
-:func:`refuse_unsupported`, :func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
+:func:`refuse_unsupported`, :func:`peft_field` (one field checked, never coerced),
+:func:`own_format_dict` / :func:`own_format_config`). Both files are written to temporary
 names first and only then renamed into place: an error never leaves a half-written file, nor new weights
 beside an old config.
 """
@@ -27,6 +28,7 @@ beside an old config.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from dataclasses import fields
@@ -92,6 +94,35 @@ def refuse_unsupported(raw: dict, method: str, supported: tuple[tuple[str, objec
             raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for {method}")
 
 
+_REQUIRED = object()
+_KINDS = {"bool": "true or false", "int": "an integer", "number": "a number"}
+
+
+def peft_field(raw: dict, key: str, kind: str, default=_REQUIRED):
+    """``raw[key]`` checked as a JSON ``kind`` (``"bool"``, ``"int"`` or ``"number"``); ``default`` when absent.
+
+    Nothing is coerced: ``bool("false")`` is True and ``int(2.7)`` is 2, so a hand-edited or foreign file
+    would load as a different adapter. A bool or an integer comes back as it is, a number as a ``float``.
+    ``null`` counts as absent only where ``default`` is None (an optional field).
+
+    Raises:
+        ValueError: naming ``key``: missing without a default, a flag that is not true/false, an integer
+            that is a fraction, a string or a bool, a number that is a string, a bool, NaN or ±inf.
+    """
+    if key not in raw or (raw[key] is None and default is None):
+        if default is _REQUIRED:
+            raise ValueError(f"adapter_config.json: {key} is missing")
+        return default
+    value = raw[key]
+    if kind == "bool" and isinstance(value, bool) or kind == "int" and is_int(value):
+        return value
+    if kind == "number" and is_real(value):
+        if not math.isfinite(value):
+            raise ValueError(f"adapter_config.json: {key} must be a finite number, got {value!r}")
+        return float(value)
+    raise ValueError(f"adapter_config.json: {key} must be {_KINDS[kind]}, got {value!r}")
+
+
 def own_format_dict(kind: str, config) -> dict:
     """The ``adapter_config.json`` of a method PEFT lacks: every dataclass field, versioned."""
     raw = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
@@ -108,9 +139,14 @@ def check_format_version(raw: dict) -> None:
         raise ValueError(f"adapter_config.json: format_version {version!r} is not supported (this alignlab reads {FORMAT_VERSION})")
 
 
-def own_format_config(cls: type, raw: dict):
-    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format."""
+def own_format_config(cls: type, raw: dict, kinds: tuple[tuple[str, str], ...] = ()):
+    """Rebuild a config written by :func:`own_format_dict`; raises ``ValueError`` on a newer format.
+
+    ``kinds`` lists ``(field, kind)`` pairs checked with :func:`peft_field` first (a null is accepted,
+    the config's own default or check decides); the values then reach ``cls`` unconverted."""
     check_format_version(raw)
+    for key, kind in kinds:
+        peft_field(raw, key, kind, None)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(raw) - names - {"peft_type", "format_version"})
     if unknown:
@@ -280,16 +316,12 @@ def config_from_peft(raw: dict) -> LoRAConfig:
 
 
 def _check_fields(raw: dict) -> None:
-    """``ValueError`` naming the first LoRA field of wrong type: ``bool("false")`` is True and ``int(2.7)`` is 2,
-    so a hand-edited ``"use_rslora": "false"`` or ``"r": 2.7`` would otherwise load as a different adapter."""
+    """``ValueError`` naming the first LoRA field of wrong type (see :func:`peft_field`)."""
     for key in ("use_rslora", "use_dora", "ensure_weight_tying"):
-        if raw.get(key) is not None and not isinstance(raw[key], bool):
-            raise ValueError(f"adapter_config.json: {key} must be true or false, got {raw[key]!r}")
-    if "r" in raw and not is_int(raw["r"]):
-        raise ValueError(f"adapter_config.json: r must be an integer, got {raw['r']!r}")
-    for key in ("lora_alpha", "lora_dropout"):
-        if raw.get(key) is not None and not is_real(raw[key]):
-            raise ValueError(f"adapter_config.json: {key} must be a number, got {raw[key]!r}")
+        peft_field(raw, key, "bool", None)  # null: PEFT reads it as false, and so do we
+    peft_field(raw, "r", "int", 8)
+    peft_field(raw, "lora_alpha", "number", 8)
+    peft_field(raw, "lora_dropout", "number", 0.0)
 
 
 def _read_config(path: Path) -> dict:

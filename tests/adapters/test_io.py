@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_llama
 
 from alignlab.adapters import LoRAConfig, adapter_layers, inject, load_adapter, merge, save_adapter
+from alignlab.adapters.io import peft_field
 
 IDS = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
 
@@ -81,6 +82,8 @@ def test_config_errors(tmp_path):
     ("r", "2", "r must be an integer"),
     ("lora_alpha", "4", "lora_alpha must be a number"),
     ("lora_dropout", True, "lora_dropout must be a number"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", None, "lora_alpha must be a number, got None"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
     save_adapter(_trained(), tmp_path)
@@ -90,6 +93,24 @@ def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, mat
     with pytest.raises(ValueError, match=match):
         load_adapter(model, tmp_path)
     assert not list(adapter_layers(model))
+
+
+def test_peft_field_returns_json_values_unconverted_or_names_the_field():
+    raw = {"r": 4, "alpha": 6, "flag": False, "opt": None, "big": 2**40}
+    assert peft_field(raw, "r", "int") == 4 and type(peft_field(raw, "r", "int")) is int
+    assert peft_field(raw, "big", "int") == 2**40
+    assert peft_field(raw, "alpha", "number") == 6.0 and type(peft_field(raw, "alpha", "number")) is float
+    assert peft_field(raw, "flag", "bool", True) is False
+    assert peft_field(raw, "absent", "number", 0.5) == 0.5
+    assert peft_field(raw, "opt", "int", None) is None  # null is "unset" for an optional field
+    with pytest.raises(ValueError, match="adapter_config.json: opt must be an integer, got None"):
+        peft_field(raw, "opt", "int", 3)
+    with pytest.raises(ValueError, match="adapter_config.json: absent is missing"):
+        peft_field(raw, "absent", "int")
+    for kind, bad in (("int", True), ("int", 4.0), ("number", False), ("number", "1e-3"), ("number", float("inf")),
+                      ("bool", 1), ("bool", "true")):
+        with pytest.raises(ValueError, match="adapter_config.json: x must be"):
+            peft_field({"x": bad}, "x", kind)
 
 
 def test_unreadable_config_names_the_file(tmp_path):
