@@ -26,6 +26,8 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
+from alignlab._checks import is_int
+
 __all__ = ["BestOfNOutput", "best_of_n", "rerank"]
 
 T = TypeVar("T")
@@ -157,8 +159,9 @@ def best_of_n(
             NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
     _check_nan_policy(nan)
-    if not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:  # NumPy ints from a sweep are counts; True is not
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    n = int(n)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (batch, prompt_len), got {tuple(input_ids.shape)}")
     generate_kwargs.setdefault("do_sample", True)

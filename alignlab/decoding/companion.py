@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alignlab._checks import as_bool
 from alignlab.hf_cache import cache_keyword, output_cache
 
 __all__ = ["CompanionLM"]
@@ -34,7 +35,7 @@ class CompanionLM:
             returning ``.logits`` ``(batch, seq, vocab)``.
         pad_token_id: id of left padding (the generating model's
             ``generation_config.pad_token_id``); ``None`` = no padding.
-        use_cache: keep a KV cache between consecutive steps.
+        use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
 
     Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
     ``(batch, vocab)`` on ``input_ids.device``.
@@ -45,7 +46,7 @@ class CompanionLM:
             raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
         self.model = model
         self.pad_token_id = pad_token_id
-        self.use_cache = use_cache
+        self.use_cache = as_bool(use_cache, "use_cache")
         self.reset()
 
     def reset(self) -> None:

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from alignlab._checks import is_int
 from alignlab.eval.reward import reward_scores
 
 __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_fn"]
@@ -153,14 +154,14 @@ class RewardGuidedLogitsProcessor:
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if not is_int(top_k) or top_k < 1:  # NumPy ints too; a bool is no count
             raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
         _check_weight(weight, "a finite number >= 0", minimum=0)
         if nan not in ("lose", "raise"):
             raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
         self.reward_fn = reward_fn
         self.weight = weight
-        self.top_k = top_k
+        self.top_k = int(top_k)
         self.nan = nan
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -152,3 +152,22 @@ def test_rerank_bad_score_shapes_name_score_fn():
     for raw in (torch.zeros(2, 2), torch.zeros(2, 1, 1), torch.tensor(1.0), [[1.0, 2.0], [3.0, 4.0]], ["x", "y"]):
         with pytest.raises(ValueError, match=r"score_fn: expected 2 scores, shape \(2,\) or \(2, 1\)"):
             rerank(["a", "b"], lambda xs, raw=raw: raw)
+
+
+class _CountingGenerate(torch.nn.Module):
+    """generate() that returns the prompt plus the candidate index, to check how many were asked for."""
+
+    def generate(self, input_ids, attention_mask=None, num_return_sequences=1, **kwargs):
+        rows = input_ids.repeat_interleave(num_return_sequences, 0)
+        index = torch.arange(num_return_sequences).repeat(input_ids.shape[0])[:, None]
+        return torch.cat([rows, index], 1)
+
+
+def test_best_of_n_count_is_an_int_numpy_included_bool_refused():
+    """n=True was taken as one candidate; n=np.int64(4) from a sweep was refused."""
+    np = pytest.importorskip("numpy")
+    ids = torch.tensor([[5, 6]])
+    out = best_of_n(_CountingGenerate(), ids, lambda s: s[:, -1].float(), n=np.int64(4))
+    assert out.candidates.shape == (1, 4, 3) and int(out.best_index[0]) == 3
+    with pytest.raises(ValueError, match="n: expected an int >= 1"):
+        best_of_n(_CountingGenerate(), ids, lambda s: s[:, -1].float(), n=True)

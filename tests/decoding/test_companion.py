@@ -96,3 +96,10 @@ def test_cache_is_passed_under_the_keyword_the_model_declares(recwarn):
                                        rtol=1e-4, atol=1e-4)
     assert model.seen == [False, True, True]
     assert not [w for w in recwarn if "past_key_values" in str(w.message)], "a deprecated keyword was used"
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_use_cache_must_be_a_bool(flag):
+    """use_cache="no" was truthy and kept the cache on."""
+    with pytest.raises(TypeError, match="use_cache must be a bool"):
+        CompanionLM(torch.nn.Linear(2, 2), use_cache=flag)

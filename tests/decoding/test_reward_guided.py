@@ -143,3 +143,11 @@ def test_reward_model_fn_right_pads_with_the_reward_models_own_pad_id():
     left_padded = torch.zeros(2, 7, dtype=torch.long)
     left_padded[0], left_padded[1, 3:] = rows[0], rows[1]
     torch.testing.assert_close(reward_model_fn(rm, pad_token_id=0)(left_padded), want)
+
+
+def test_processor_takes_a_numpy_top_k():
+    np = pytest.importorskip("numpy")
+    proc = RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), top_k=np.int64(2))
+    assert proc.top_k == 2 and type(proc.top_k) is int
+    out = proc(torch.tensor([[1]]), torch.tensor([[0.0, 3.0, 1.0, 2.0]]))
+    assert torch.isfinite(out).sum() == 2
