@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import as_bool, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -230,9 +230,11 @@ def constitutional_comparisons(
 def lm_preference(judge: Callable[[str], str], *, swap: bool = True, template: str = PAIRWISE_TEMPLATE) -> Prefer:
     """A pairwise preference ``prefer(question, a, b) -> PairwiseJudgement`` from an LM judge
     ``prompt -> reply``, position-swap debiased when ``swap`` (:func:`alignlab.eval.judge.judge_pairwise`:
-    a side wins only if it wins in both orders)."""
+    a side wins only if it wins in both orders). ``TypeError`` if ``judge`` is not callable or ``swap``
+    not a bool."""
     if not callable(judge):
         raise TypeError(f"judge: expected a callable prompt -> reply, got {type(judge).__name__}")
+    swap = as_bool(swap, "swap")  # now, not at the first comparison
 
     def prefer(question: str, answer_a: str, answer_b: str) -> PairwiseJudgement:
         return judge_pairwise(judge, question, answer_a, answer_b, swap=swap, template=template)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import is_int, is_real
+from alignlab._checks import as_bool, is_int, is_real
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -146,10 +146,12 @@ def judge_pairwise(
     unparsable reply gives ``"tie"``.
 
     Raises:
-        TypeError: ``judge`` is not callable or returns a non-string.
+        TypeError: ``judge`` is not callable or returns a non-string, or ``swap`` is not a bool (a
+            string such as ``"no"`` would switch it on).
     """
     if not callable(judge):
         raise TypeError(f"judge: expected a callable prompt -> reply, got {type(judge).__name__}")
+    swap = as_bool(swap, "swap")
     orders = [(answer_a, answer_b, {"A": "a", "B": "b"})]
     if swap:
         orders.append((answer_b, answer_a, {"A": "b", "B": "a"}))

@@ -325,3 +325,10 @@ def test_sample_completions_refuses_nan_temperature_and_bool_counts(policy):
                           (dict(max_new_tokens=True), "max_new_tokens"), (dict(top_k=True), "top_k")]:
         with pytest.raises(ValueError, match=match):
             sample_completions(policy, [[2]], **kwargs)
+
+
+def test_lm_preference_swap_must_be_a_bool_when_made():
+    """swap="no" was truthy and only noticed (never refused) at the first comparison."""
+    with pytest.raises(TypeError, match="swap must be a bool"):
+        lm_preference(lambda p: "[[A]]", swap="no")
+    assert lm_preference(lambda p: "[[A]]", swap=False)("q", "x", "y").winner == "a"

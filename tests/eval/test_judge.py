@@ -146,3 +146,13 @@ def test_bootstrap_ci_confidence_must_be_a_number():
         bootstrap_ci([1.0, 0.5], confidence="0.9")
     assert bootstrap_ci([True, False, True], seed=0) == bootstrap_ci([1.0, 0.0, 1.0], seed=0)
     assert bootstrap_ci([1.0, 0.0], confidence=np.float32(0.9)) == bootstrap_ci([1.0, 0.0], confidence=0.9)
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_judge_pairwise_swap_must_be_a_bool(flag):
+    """swap="no" was truthy: the judge was asked twice and a positional judge's verdict became a tie."""
+    calls = []
+    with pytest.raises(TypeError, match="swap must be a bool"):
+        judge_pairwise(lambda p: calls.append(p) or "[[A]]", "q", "x", "y", swap=flag)
+    assert not calls
+    assert judge_pairwise(lambda p: "[[A]]", "q", "x", "y", swap=np.bool_(False)).winner == "a"
