@@ -31,7 +31,7 @@ from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import _pattern_value, as_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
-from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
+from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # PEFT's names
 
@@ -205,7 +205,8 @@ class LoKrConfig:
     def from_peft(cls, raw: dict) -> "LoKrConfig":
         refuse_unsupported(raw, "LoKr", (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None),
                                          ("modules_to_save", None)))
-        return cls(r=int(raw["r"]), alpha=float(raw.get("alpha", 8.0)), target_modules=peft_targets(raw),
+        return cls(r=peft_field(raw, "r", "int"), alpha=peft_field(raw, "alpha", "number", 8.0), target_modules=peft_targets(raw),
                    exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
-                   alpha_pattern=dict(raw.get("alpha_pattern") or {}), decompose_both=bool(raw.get("decompose_both", False)),
-                   decompose_factor=int(raw.get("decompose_factor", -1)))
+                   alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+                   decompose_both=peft_field(raw, "decompose_both", "bool", False),
+                   decompose_factor=peft_field(raw, "decompose_factor", "int", -1))
