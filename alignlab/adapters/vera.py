@@ -26,7 +26,7 @@ from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
 from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_target_spec
 from alignlab.adapters.inject import layers_holding
-from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
+from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
 PREFIX = "base_model."
 
@@ -189,8 +189,9 @@ class VeRAConfig:
     @classmethod
     def from_peft(cls, raw: dict) -> "VeRAConfig":
         refuse_unsupported(raw, "VeRA", (("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)))
-        config = cls(r=int(raw["r"]), target_modules=peft_targets(raw),
-                   exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("vera_dropout", 0.0)),
-                   d_initial=float(raw.get("d_initial", 0.1)), projection_prng_key=int(raw.get("projection_prng_key", 0)))
-        config._save_projection = bool(raw.get("save_projection", True))
+        config = cls(r=peft_field(raw, "r", "int"), target_modules=peft_targets(raw),
+                     exclude_modules=raw.get("exclude_modules"), dropout=peft_field(raw, "vera_dropout", "number", 0.0),
+                     d_initial=peft_field(raw, "d_initial", "number", 0.1),
+                     projection_prng_key=peft_field(raw, "projection_prng_key", "int", 0))
+        config._save_projection = peft_field(raw, "save_projection", "bool", True)
         return config

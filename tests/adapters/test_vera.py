@@ -1,5 +1,6 @@
 """VeRA: shared frozen projections, identity at init, formula, merge, parameter count, errors."""
 
+import json
 import math
 
 import pytest
@@ -114,3 +115,50 @@ def test_numpy_scalars_accepted_bools_refused():
         VeRAConfig(projection_prng_key=True)
     with pytest.raises(ValueError):
         VeRAConfig(r=True)
+
+
+def _saved_config(path, cfg) -> dict:
+    from alignlab.adapters import save_adapter
+
+    save_adapter(inject(make_tiny_llama(), cfg), path)
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def _fields(cfg) -> dict:
+    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
+    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path, save_projection):
+    """What PEFT writes, and what we write, comes back with the same values and Python types as before."""
+    peft = pytest.importorskip("peft")
+    kw = dict(r=4, target_modules=["q_proj", "v_proj"], projection_prng_key=3, d_initial=1)
+    theirs = peft.VeraConfig(**kw, vera_dropout=0.1, save_projection=save_projection)
+    peft.get_peft_model(make_tiny_llama(), theirs).save_pretrained(str(tmp_path / "p"))
+    expected = VeRAConfig(**kw, dropout=0.1)
+    expected._save_projection = save_projection
+    loaded = VeRAConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))
+    assert _fields(loaded) == _fields(expected)
+    assert type(loaded.d_initial) is float and type(loaded.projection_prng_key) is int
+    assert _fields(VeRAConfig.from_peft(_saved_config(tmp_path / "a", VeRAConfig(**kw, dropout=0.1)))) == _fields(
+        VeRAConfig(**kw, dropout=0.1))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("save_projection", 1, "save_projection must be true or false, got 1"),
+    ("save_projection", "false", "save_projection must be true or false"),  # bool("false") is True
+    ("r", 2.7, "r must be an integer, got 2.7"),  # int(2.7) would give rank 2
+    ("vera_dropout", "0.1", "vera_dropout must be a number, got '0.1'"),
+    ("vera_dropout", False, "vera_dropout must be a number"),
+    ("d_initial", float("nan"), "d_initial must be a finite number"),
+    ("projection_prng_key", 3.5, "projection_prng_key must be an integer"),  # int(3.5) is another seed's matrices
+    ("projection_prng_key", "3", "projection_prng_key must be an integer"),
+])
+def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
+    raw = _saved_config(tmp_path, VeRAConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        VeRAConfig.from_peft({**raw, field: value})
+    del raw["r"]
+    with pytest.raises(ValueError, match="adapter_config.json: r is missing"):
+        VeRAConfig.from_peft(raw)
