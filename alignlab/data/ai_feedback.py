@@ -267,6 +267,14 @@ def hf_generator(model: Any, tokenizer: Any, **generate_kwargs: Any) -> Generate
 # ---- OAIF: online pairs from the current policy ------------------------------------------------------------
 
 @torch.no_grad()
+def _check_token_ids(pad_token_id, eos_token_id) -> None:
+    # pad None failed inside torch.full; pad 1.5 was read as 1; eos "2" never matched, so no sample ended
+    if not is_int(pad_token_id) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id: expected a non-negative int, got {pad_token_id!r}")
+    if eos_token_id is not None and (not is_int(eos_token_id) or eos_token_id < 0):
+        raise ValueError(f"eos_token_id: expected None or a non-negative int, got {eos_token_id!r}")
+
+
 def sample_completions(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -290,7 +298,8 @@ def sample_completions(
 
     Raises:
         ValueError: empty prompts or prompt, ``num_samples < 1``, ``max_new_tokens < 1``, a negative,
-            NaN or infinite ``temperature``, ``top_k < 1`` (a bool is no count).
+            NaN or infinite ``temperature``, ``top_k < 1`` (a bool is no count), a ``pad_token_id`` that
+            is not a non-negative int or an ``eos_token_id`` that is neither that nor ``None``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
@@ -302,6 +311,7 @@ def sample_completions(
     temperature = float(temperature)
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    _check_token_ids(pad_token_id, eos_token_id)
     device = next(model.parameters()).device
     rows = [list(map(int, p)) for p in prompts for _ in range(num_samples)]
     width = max(len(r) for r in rows)
@@ -405,7 +415,8 @@ def oaif_batch(
 
     Raises:
         ValueError: ``questions`` of the wrong length, a sampler not returning two completions per
-            prompt, ``prefer`` returning something else than the above.
+            prompt, ``prefer`` returning something else than the above, bad ``pad_token_id`` /
+            ``eos_token_id`` (as in :func:`sample_completions`; checked before sampling).
         TypeError: ``prefer`` or ``decode`` not callable.
     """
     if not callable(prefer):
@@ -415,6 +426,7 @@ def oaif_batch(
         raise TypeError(f"decode: expected a callable token ids -> str, got {type(decode).__name__}")
     if questions is not None and len(questions) != len(prompts):
         raise ValueError(f"questions: expected {len(prompts)} strings (one per prompt), got {len(questions)}")
+    _check_token_ids(pad_token_id, eos_token_id)  # the batch is padded only after sampling and judging
     if sample is None:
         completions = sample_completions(policy, prompts, 2, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)

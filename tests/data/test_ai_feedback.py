@@ -332,3 +332,22 @@ def test_lm_preference_swap_must_be_a_bool_when_made():
     with pytest.raises(TypeError, match="swap must be a bool"):
         lm_preference(lambda p: "[[A]]", swap="no")
     assert lm_preference(lambda p: "[[A]]", swap=False)("q", "x", "y").winner == "a"
+
+
+@pytest.mark.parametrize("kwargs", [{"pad_token_id": None}, {"pad_token_id": 1.5}, {"pad_token_id": -1},
+                                    {"eos_token_id": "2"}, {"eos_token_id": True}])
+def test_bad_token_ids_are_refused_before_sampling(policy, kwargs):
+    """pad_token_id=None failed inside torch.full, 1.5 was read as 1, and eos_token_id="2" never matched
+    (every sample ran to max_new_tokens); oaif_batch sampled and judged before its padding step noticed."""
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name}: expected"):
+        sample_completions(policy, [[3, 4]], 2, max_new_tokens=2, **kwargs)
+    calls = []
+
+    def sample(prompts):
+        calls.append(prompts)
+        return [[[5], [6]] for _ in prompts]
+
+    with pytest.raises(ValueError, match=f"{name}: expected"):
+        oaif_batch(policy, [[3, 4]], lambda q, a, b: "a", lambda ids: str(ids), sample=sample, **kwargs)
+    assert not calls
