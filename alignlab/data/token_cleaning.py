@@ -187,7 +187,12 @@ class TokenCleaner:
         reference: the fixed reference model (``mode="fixed"``); ``None`` in
             ``"self_evolving"`` mode, where the current model is passed to
             :meth:`__call__`.
-        keep_ratio / scope / threshold: as in :func:`clean_labels`.
+        keep_ratio / scope / threshold: as in :func:`clean_labels` (``threshold`` wins over
+            ``keep_ratio``); checked here, so a bad value fails before any model runs.
+
+    Raises:
+        ValueError: an unknown ``mode``, a reference that does not suit it, or a bad ``keep_ratio``,
+            ``scope`` or ``threshold`` (neither given included).
     """
 
     def __init__(
@@ -206,7 +211,13 @@ class TokenCleaner:
         if mode == "self_evolving" and reference is not None:
             raise ValueError("mode='self_evolving' takes the current model at call time; pass reference=None")
         if threshold is not None:
-            keep_ratio = None
+            keep_ratio, threshold = None, _check_threshold(threshold)
+        elif keep_ratio is None:
+            raise ValueError("give keep_ratio or threshold")
+        else:
+            keep_ratio = _check_ratio(keep_ratio)
+            if scope not in ("batch", "sequence"):
+                raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
         self.base, self.reference, self.mode = base, reference, mode
         self.keep_ratio, self.scope, self.threshold = keep_ratio, scope, threshold
 

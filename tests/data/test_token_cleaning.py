@@ -219,3 +219,27 @@ def test_int32_labels_score_and_clean_like_int64():
     assert torch.equal(cleaned.long(), cleaner({"input_ids": ids, "labels": labels}))
     with pytest.raises(ValueError, match="labels must be an integer tensor"):
         token_losses(model, ids, labels.float())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"keep_ratio": 1.5}, "keep_ratio"),
+    ({"keep_ratio": math.nan}, "keep_ratio"),
+    ({"keep_ratio": None}, "keep_ratio or threshold"),
+    ({"scope": "token"}, "scope"),
+    ({"threshold": math.nan}, "threshold"),
+    ({"threshold": "0.1"}, "threshold"),
+])
+def test_cleaner_checks_its_options_when_made(kwargs, match):
+    """A bad keep_ratio/scope/threshold passed construction and failed only at the first call,
+    after both models had run on a batch."""
+    base = Bigram()
+    with pytest.raises(ValueError, match=match):
+        TokenCleaner(base, Bigram(seed=1), **kwargs)
+
+
+def test_cleaner_stores_python_numbers():
+    np = pytest.importorskip("numpy")
+    cleaner = TokenCleaner(Bigram(), Bigram(seed=1), keep_ratio=np.float32(0.5))
+    assert type(cleaner.keep_ratio) is float
+    cleaner = TokenCleaner(Bigram(), Bigram(seed=1), threshold=np.float64(0.25), scope="ignored with a threshold")
+    assert type(cleaner.threshold) is float and cleaner.keep_ratio is None
