@@ -43,7 +43,7 @@ from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
 from alignlab.adapters.config import check_dropout, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
-from alignlab.adapters.io import own_format_config, own_format_dict, peft_header, peft_targets, refuse_unsupported
+from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_unsupported
 
 
 class AdaLoRALinear(AdapterLayer):
@@ -211,13 +211,19 @@ class AdaLoRAConfig:
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
         refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
                                             ("layers_to_transform", None), ("modules_to_save", None)))
-        return cls(init_r=int(raw["init_r"]), target_r=int(raw["target_r"]), alpha=float(raw.get("lora_alpha", 8)),
-                   total_step=int(raw["total_step"]), tinit=int(raw.get("tinit", 0)), tfinal=int(raw.get("tfinal", 0)),
-                   deltaT=int(raw.get("deltaT", 1)), beta1=float(raw.get("beta1", 0.85)), beta2=float(raw.get("beta2", 0.85)),
-                   orth_reg_weight=float(raw.get("orth_reg_weight", 0.5)),
-                   target_modules=peft_targets(raw),
-                   exclude_modules=raw.get("exclude_modules"), dropout=float(raw.get("lora_dropout", 0.0)),
-                   rank_pattern=raw.get("rank_pattern") or None)
+        rank_pattern = raw.get("rank_pattern") or None
+        # kept-rank masks: a "false" string or a 0/1 would count as kept or dropped by truthiness
+        if rank_pattern is not None and not (isinstance(rank_pattern, dict) and all(
+                isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in rank_pattern.values())):
+            raise ValueError(f"adapter_config.json: rank_pattern must map names to lists of true/false, got {rank_pattern!r}")
+        return cls(init_r=peft_field(raw, "init_r", "int"), target_r=peft_field(raw, "target_r", "int"),
+                   alpha=peft_field(raw, "lora_alpha", "number", 8.0), total_step=peft_field(raw, "total_step", "int"),
+                   tinit=peft_field(raw, "tinit", "int", 0), tfinal=peft_field(raw, "tfinal", "int", 0),
+                   deltaT=peft_field(raw, "deltaT", "int", 1), beta1=peft_field(raw, "beta1", "number", 0.85),
+                   beta2=peft_field(raw, "beta2", "number", 0.85),
+                   orth_reg_weight=peft_field(raw, "orth_reg_weight", "number", 0.5),
+                   target_modules=peft_targets(raw), exclude_modules=raw.get("exclude_modules"),
+                   dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern)
 
 
 def orthogonal_regularizer(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
@@ -364,7 +370,7 @@ class SoRAConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "SoRAConfig":
-        return own_format_config(cls, raw)
+        return own_format_config(cls, raw, (("r", "int"), ("alpha", "number"), ("dropout", "number")))
 
 
 def _non_negative_finite(value) -> bool:

@@ -1,6 +1,7 @@
 """AdaLoRA and SoRA: formula, identity at init, merge, counts, budget schedule, masking, regulariser, proximal step."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -243,3 +244,60 @@ def test_schedule_and_beta_types_checked():
         for bad in (0, 1, 1.5, -0.1, float("nan"), True, "0.85", None):
             with pytest.raises(ValueError, match=f"{name} must be"):
                 AdaLoRAConfig(target_modules=TARGETS, **{name: bad})
+
+
+def _saved_config(path, cfg) -> dict:
+    save_adapter(inject(make_tiny_llama(), cfg), path)
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def _fields(cfg) -> dict:
+    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
+    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
+
+
+def test_peft_and_alignlab_adalora_files_load_as_the_same_config(tmp_path):
+    """What PEFT writes, and what we write, comes back with the same values and Python types as before."""
+    peft = pytest.importorskip("peft")
+    kw = dict(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2, deltaT=2, beta1=0.8, beta2=0.9, orth_reg_weight=1)
+    theirs = peft.AdaLoraConfig(**kw, lora_alpha=6, lora_dropout=0.1, target_modules=TARGETS)
+    peft.get_peft_model(make_tiny_llama(), theirs).save_pretrained(str(tmp_path / "p"))
+    expected = AdaLoRAConfig(**{**kw, "orth_reg_weight": 1.0}, alpha=6.0, dropout=0.1, target_modules=TARGETS)
+    loaded = AdaLoRAConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))
+    assert _fields(loaded) == _fields(expected)
+    ours = AdaLoRAConfig(**kw, alpha=6, dropout=0.1, target_modules=TARGETS)
+    assert _fields(AdaLoRAConfig.from_peft(_saved_config(tmp_path / "a", ours))) == _fields(expected)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("init_r", 4.5, "init_r must be an integer, got 4.5"),  # int(4.5) would give rank 4
+    ("target_r", "2", "target_r must be an integer"),
+    ("total_step", True, "total_step must be an integer"),
+    ("deltaT", 1.0, "deltaT must be an integer"),
+    ("lora_alpha", "6", "lora_alpha must be a number"),
+    ("beta1", float("nan"), "beta1 must be a finite number"),
+    ("orth_reg_weight", False, "orth_reg_weight must be a number"),
+    ("lora_dropout", "0.1", "lora_dropout must be a number"),
+    ("rank_pattern", {"model.layers.0.self_attn.q_proj.lora_E": ["false", True, True, True]}, "rank_pattern must map"),
+    ("rank_pattern", {"model.layers.0.self_attn.q_proj.lora_E": [0, 1, 1, 1]}, "rank_pattern must map"),
+])
+def test_adalora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
+    raw = _saved_config(tmp_path, AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        AdaLoRAConfig.from_peft({**raw, field: value})
+    del raw["init_r"]
+    with pytest.raises(ValueError, match="adapter_config.json: init_r is missing"):
+        AdaLoRAConfig.from_peft(raw)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("r", 2.7, "r must be an integer, got 2.7"),
+    ("alpha", "8", "alpha must be a number"),
+    ("dropout", float("inf"), "dropout must be a finite number"),
+])
+def test_sora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
+    raw = _saved_config(tmp_path, SoRAConfig(r=4, target_modules=TARGETS))
+    loaded = SoRAConfig.from_peft(raw)
+    assert (loaded.r, loaded.alpha, loaded.dropout) == (4, 8.0, 0.0) and type(loaded.r) is int
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        SoRAConfig.from_peft({**raw, field: value})
