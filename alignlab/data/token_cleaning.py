@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -111,6 +112,12 @@ def _check_ratio(keep_ratio: float) -> float:
     return float(keep_ratio)
 
 
+def _keep_count(n: int, keep_ratio: float) -> int:
+    """``⌈ρ · n⌉`` with ``ρ`` read as the decimal it prints as: in floats ``0.07 * 100`` is
+    ``7.000000000000001``, whose ceiling would keep 8 tokens of 100 instead of 7."""
+    return math.ceil(n * Fraction(repr(keep_ratio)))
+
+
 def _check_threshold(threshold: float) -> float:
     """``threshold`` as a Python float: a real number, ±inf included (:func:`influence_threshold` returns
     inf to keep nothing); not a bool, and not NaN, which ``scores >= NaN`` would turn into dropping every token."""
@@ -155,7 +162,7 @@ def clean_labels(
     order = torch.argsort(masked, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
-    k = torch.ceil(sup.sum(dim=1).double() * keep_ratio).long()
+    k = torch.tensor([_keep_count(n, keep_ratio) for n in sup.sum(dim=1).tolist()], device=rows.device)
     keep = ((rank < k[:, None]) & sup).reshape(labels.shape)
     return labels.masked_fill(~keep, IGNORE_INDEX)
 
@@ -173,7 +180,7 @@ def influence_threshold(scores: Iterable[torch.Tensor], keep_ratio: float) -> fl
     flat = torch.cat(pool) if pool else torch.empty(0)
     if flat.numel() == 0:
         raise ValueError("no finite score found")
-    k = math.ceil(flat.numel() * keep_ratio)
+    k = _keep_count(flat.numel(), keep_ratio)
     if k == 0:
         return math.inf
     return float(torch.topk(flat, k).values[-1])

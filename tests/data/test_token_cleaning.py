@@ -243,3 +243,16 @@ def test_cleaner_stores_python_numbers():
     assert type(cleaner.keep_ratio) is float
     cleaner = TokenCleaner(Bigram(), Bigram(seed=1), threshold=np.float64(0.25), scope="ignored with a threshold")
     assert type(cleaner.threshold) is float and cleaner.keep_ratio is None
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56), (0.565, 57)])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_keep_ratio_of_100_tokens_keeps_exactly_ratio_times_100(ratio, kept, scope):
+    """In floats 0.07 * 100 = 7.000000000000001, and its ceiling kept 8 tokens of 100 (0.56: 57 of 100)."""
+    labels = torch.arange(100)[None]
+    scores = torch.arange(100, dtype=torch.float32)[None]
+    cleaned = clean_labels(labels, scores, ratio, scope)
+    assert (cleaned != IGNORE_INDEX).sum() == kept
+    assert torch.equal(cleaned[0, -kept:], labels[0, -kept:])  # the top-scored ones
+    threshold = influence_threshold([scores[:, :50], scores[:, 50:]], ratio)
+    assert (scores >= threshold).sum() == kept
