@@ -47,6 +47,7 @@ from torch import nn
 from alignlab._checks import check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import as_bool, check_finite_number
+from alignlab.adapters.io import peft_field
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
@@ -265,6 +266,11 @@ def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
     return holder
 
 
+def _check_decoder_only(raw: dict) -> None:
+    if peft_field(raw, "num_transformer_submodules", "int", 1) != 1:
+        raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
+
+
 def _check_virtual_tokens(n) -> int:
     return check_positive_int(n, "num_virtual_tokens")
 
@@ -358,9 +364,8 @@ class PromptTuningConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "PromptTuningConfig":
-        if raw.get("num_transformer_submodules", 1) != 1:
-            raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
-        return cls(num_virtual_tokens=int(raw["num_virtual_tokens"]))
+        _check_decoder_only(raw)
+        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"))
 
 
 @dataclass
@@ -444,9 +449,9 @@ class PrefixTuningConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "PrefixTuningConfig":
-        if raw.get("num_transformer_submodules", 1) != 1:
-            raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
-        if raw.get("prefix_projection"):
+        _check_decoder_only(raw)
+        num_virtual_tokens = peft_field(raw, "num_virtual_tokens", "int")
+        if peft_field(raw, "prefix_projection", "bool", False):
             warnings.warn("loading a prefix trained with prefix_projection: the file holds the final prefixes, "
                           "so the reparameterisation MLP is not rebuilt", stacklevel=3)
-        return cls(num_virtual_tokens=int(raw["num_virtual_tokens"]), prefix_projection=False)
+        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False)

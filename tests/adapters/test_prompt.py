@@ -1,5 +1,8 @@
 """Prompt tuning and prefix tuning: shapes, labels/mask handling, identity when disabled, counts, errors."""
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from alignlab.adapters import (
     disabled,
     inject,
     merge,
+    save_adapter,
     set_adapter,
 )
 
@@ -223,3 +227,48 @@ def test_numpy_integers_accepted_bools_refused():
     for bad in (True, 2.0):
         with pytest.raises(ValueError, match="num_virtual_tokens"):
             PromptTuningConfig(num_virtual_tokens=bad)
+
+
+def _peft_file(tmp_path, cfg) -> dict:
+    peft = pytest.importorskip("peft")
+    peft.get_peft_model(make_tiny_llama(), cfg(peft)).save_pretrained(str(tmp_path))
+    return json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_peft_prompt_and_prefix_files_load_as_the_same_config(tmp_path):
+    """What PEFT writes (and what we write) comes back with the same values and Python types as before."""
+    raw = _peft_file(tmp_path / "prompt", lambda peft: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    loaded = PromptTuningConfig.from_peft(raw)
+    assert loaded == PromptTuningConfig(num_virtual_tokens=5) and type(loaded.num_virtual_tokens) is int
+    raw = _peft_file(tmp_path / "prefix", lambda peft: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8))
+    with pytest.warns(UserWarning, match="prefix_projection"):
+        assert PrefixTuningConfig.from_peft(raw) == PrefixTuningConfig(num_virtual_tokens=3)
+    save_adapter(inject(make_tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3)), tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prefix_projection false: no warning
+        ours = PrefixTuningConfig.from_peft(json.loads((tmp_path / "ours" / "adapter_config.json").read_text()))
+    assert ours == PrefixTuningConfig(num_virtual_tokens=3)
+
+
+@pytest.mark.parametrize("cls", [PromptTuningConfig, PrefixTuningConfig])
+@pytest.mark.parametrize("field, value, match", [
+    ("num_virtual_tokens", 4.5, "num_virtual_tokens must be an integer, got 4.5"),  # int(4.5) is 4
+    ("num_virtual_tokens", "4", "num_virtual_tokens must be an integer"),
+    ("num_transformer_submodules", 1.0, "num_transformer_submodules must be an integer"),
+    ("num_transformer_submodules", True, "num_transformer_submodules must be an integer"),  # True == 1
+])
+def test_config_fields_of_the_wrong_type_are_refused(cls, field, value, match):
+    raw = {"peft_type": cls.peft_type, "num_virtual_tokens": 4, "num_transformer_submodules": 1}
+    assert cls.from_peft(raw).num_virtual_tokens == 4
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        cls.from_peft({**raw, field: value})
+    with pytest.raises(ValueError, match="adapter_config.json: num_virtual_tokens is missing"):
+        cls.from_peft({"peft_type": cls.peft_type})
+
+
+def test_prefix_projection_must_be_a_json_boolean():
+    # "false" is truthy: it used to warn that an MLP had been trained
+    for bad in ("false", 0, 1):
+        with pytest.raises(ValueError, match="adapter_config.json: prefix_projection must be true or false"):
+            PrefixTuningConfig.from_peft({"num_virtual_tokens": 4, "prefix_projection": bad})
