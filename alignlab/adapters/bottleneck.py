@@ -266,7 +266,8 @@ class BottleneckConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "BottleneckConfig":
-        return own_format_config(cls, raw)
+        # hidden_size reaches int() in prepare: 2.7 would build 2-wide adapters
+        return own_format_config(cls, raw, (("reduction_factor", "number"), ("scaling", "number"), ("hidden_size", "int")))
 
 
 @dataclass
@@ -313,7 +314,7 @@ class AdapterFusionConfig:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "AdapterFusionConfig":
-        return own_format_config(cls, raw)
+        return own_format_config(cls, raw, (("temperature", "number"),))
 
 
 def fused_parameters(hidden: int) -> int:

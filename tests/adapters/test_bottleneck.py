@@ -188,3 +188,41 @@ def test_numpy_scalars_accepted_bools_refused():
     for bad in (True, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="reduction_factor"):
             BottleneckConfig(reduction_factor=bad)
+
+
+def _saved_config(path, model, name="default") -> dict:
+    save_adapter(model, path, adapter_name=name)
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def test_saved_configs_load_with_the_same_values_and_types(tmp_path):
+    model = inject(make_tiny_llama(), BottleneckConfig(reduction_factor=8, scaling=2), "a")
+    raw = _saved_config(tmp_path / "a", model, "a")
+    loaded = BottleneckConfig.from_peft(raw)
+    assert (loaded.reduction_factor, loaded.scaling, loaded.hidden_size) == (8, 2.0, 32)
+    assert (type(loaded.reduction_factor), type(loaded.scaling), type(loaded.hidden_size)) == (int, float, int)
+    inject(model, BottleneckConfig(), "b")
+    inject(model, AdapterFusionConfig(adapters=["a", "b"], temperature=2), "fusion")
+    assert AdapterFusionConfig.from_peft(_saved_config(tmp_path / "f", model, "fusion")).temperature == 2.0
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden_size", 2.7, "hidden_size must be an integer, got 2.7"),  # int(2.7) in prepare: 2-wide adapters
+    ("hidden_size", "32", "hidden_size must be an integer"),
+    ("hidden_size", True, "hidden_size must be an integer"),
+    ("reduction_factor", "8", "reduction_factor must be a number"),
+    ("reduction_factor", True, "reduction_factor must be a number"),
+    ("scaling", float("nan"), "scaling must be a finite number"),
+])
+def test_bottleneck_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
+    raw = _saved_config(tmp_path, inject(make_tiny_llama(), BottleneckConfig()))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
+        BottleneckConfig.from_peft({**raw, field: value})
+    assert BottleneckConfig.from_peft({**raw, "hidden_size": None}).hidden_size is None  # the model's width
+
+
+def test_fusion_temperature_in_the_file_must_be_a_number():
+    raw = {"peft_type": "ALIGNLAB_FUSION", "format_version": 1, "adapters": ["a", "b"]}
+    for bad, match in (("2", "must be a number"), (True, "must be a number"), (float("inf"), "must be a finite number")):
+        with pytest.raises(ValueError, match=f"adapter_config.json: temperature {match}"):
+            AdapterFusionConfig.from_peft({**raw, "temperature": bad})
