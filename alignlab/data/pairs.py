@@ -229,10 +229,11 @@ def online_feedback_pairs(
     Samples ``num_candidates`` answers per prompt (``generate`` is called
     ``num_candidates`` times per batch; it should sample, not decode
     greedily), scores them with ``judge(prompt_messages, candidates) ->
-    scores`` and yields :func:`pairs_from_scores`.
+    scores`` and yields :func:`pairs_from_scores`. Raises ``ValueError`` for a
+    ``num_candidates`` that is not an int >= 2, a bad ``min_margin`` or ``batch_size``.
     """
-    if num_candidates < 2:
-        raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
+    if not is_int(num_candidates) or num_candidates < 2:  # 2.5 failed in range(), "3" in the comparison
+        raise ValueError(f"num_candidates must be an int >= 2, got {num_candidates!r}")
     min_margin = check_finite_number(min_margin, "min_margin", minimum=0)  # before any sampling
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         samples = [_call_generate(generate, batch) for _ in range(num_candidates)]

@@ -168,3 +168,11 @@ def test_min_margin_takes_numpy_and_python_numbers():
         "q", c, s, "all", min_margin=1.5)
     with pytest.raises(TypeError, match="min_margin"):
         pairs_from_scores("q", c, s, min_margin="1")
+
+
+@pytest.mark.parametrize("count", [2.5, "3", True, None])
+def test_num_candidates_must_be_an_int_of_at_least_two(count):
+    """2.5 failed inside range() and "3" in a bare comparison, TypeErrors naming no argument."""
+    with pytest.raises(ValueError, match="num_candidates must be an int >= 2"):
+        list(online_feedback_pairs(["q"], lambda b: ["x" for _ in b], lambda m, c: [1.0] * len(c),
+                                   num_candidates=count))
