@@ -151,7 +151,8 @@ def revision_sft_examples(records: Iterable[ConstitutionalRecord]) -> Iterator[d
 
 def revision_pairs(records: Iterable[ConstitutionalRecord], skip_identical: bool = True) -> Iterator[PreferencePair]:
     """Preference pairs ``chosen = final revision``, ``rejected = initial answer``; pairs whose two texts
-    are equal (after stripping) are dropped when ``skip_identical``."""
+    are equal (after stripping) are dropped when ``skip_identical`` (a bool; ``TypeError`` otherwise)."""
+    skip_identical = as_bool(skip_identical, "skip_identical")
     for rec in records:
         if skip_identical and rec.final.strip() == rec.initial.strip():
             continue

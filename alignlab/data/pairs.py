@@ -38,7 +38,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import check_finite_number, is_int
+from alignlab._checks import as_bool, check_finite_number, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -118,10 +118,12 @@ def counterfactual_pairs(
     message; any system message already in the prompt is replaced). The pair's
     prompt carries ``train_system`` (``None``: no system message). Pairs
     whose two answers are identical are dropped when ``skip_identical``.
-    Raises ``ValueError`` if both system prompts are ``None`` or equal.
+    Raises ``ValueError`` if both system prompts are ``None`` or equal,
+    ``TypeError`` if ``skip_identical`` is not a bool.
     """
     if desired_system == undesired_system:
         raise ValueError("desired_system and undesired_system must differ")
+    skip_identical = as_bool(skip_identical, "skip_identical")
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         good = _call_generate(generate, [_with_system(m, desired_system) for m in batch])
         bad = _call_generate(generate, [_with_system(m, undesired_system) for m in batch])
@@ -142,8 +144,10 @@ def spin_pairs(
     Each example is ``{"messages": [..., {"role": "assistant", ...}]}`` (the
     last assistant turn is the ground truth) or ``{"prompt": str | messages,
     "response": str}``. Run once per SPIN iteration with the current model
-    behind ``generate``. Raises ``ValueError`` on an example of neither form.
+    behind ``generate``. Raises ``ValueError`` on an example of neither form,
+    ``TypeError`` if ``skip_identical`` is not a bool.
     """
+    skip_identical = as_bool(skip_identical, "skip_identical")
 
     def split(ex: Mapping[str, Any], i: int) -> tuple[list[dict[str, Any]], str]:
         if "messages" in ex:

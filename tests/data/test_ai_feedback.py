@@ -11,6 +11,7 @@ import torch
 
 from alignlab.data.ai_feedback import (
     CONSTITUTION_COMPARISON_TEMPLATE,
+    ConstitutionalRecord,
     Principle,
     constitutional_comparisons,
     constitutional_revisions,
@@ -351,3 +352,11 @@ def test_bad_token_ids_are_refused_before_sampling(policy, kwargs):
     with pytest.raises(ValueError, match=f"{name}: expected"):
         oaif_batch(policy, [[3, 4]], lambda q, a, b: "a", lambda ids: str(ids), sample=sample, **kwargs)
     assert not calls
+
+
+def test_revision_pairs_skip_identical_must_be_a_bool():
+    """skip_identical="false" was truthy and dropped unrevised records silently."""
+    rec = ConstitutionalRecord(prompt=[{"role": "user", "content": "q"}], responses=["same", "same"])
+    with pytest.raises(TypeError, match="skip_identical must be a bool"):
+        list(revision_pairs([rec], skip_identical="false"))
+    assert len(list(revision_pairs([rec], skip_identical=False))) == 1

@@ -176,3 +176,20 @@ def test_num_candidates_must_be_an_int_of_at_least_two(count):
     with pytest.raises(ValueError, match="num_candidates must be an int >= 2"):
         list(online_feedback_pairs(["q"], lambda b: ["x" for _ in b], lambda m, c: [1.0] * len(c),
                                    num_candidates=count))
+
+
+@pytest.mark.parametrize("flag", ["false", 0, None])
+def test_skip_identical_must_be_a_bool(flag):
+    """skip_identical="false" was truthy and silently dropped the pairs with equal answers."""
+    same = lambda b: ["same" for _ in b]  # noqa: E731
+    with pytest.raises(TypeError, match="skip_identical must be a bool"):
+        list(counterfactual_pairs(["q"], same, "good", "bad", skip_identical=flag))
+    with pytest.raises(TypeError, match="skip_identical must be a bool"):
+        list(spin_pairs([{"prompt": "q", "response": "same"}], same, skip_identical=flag))
+
+
+def test_skip_identical_false_keeps_equal_answers():
+    np = pytest.importorskip("numpy")
+    same = lambda b: ["same" for _ in b]  # noqa: E731
+    assert len(list(counterfactual_pairs(["q"], same, "good", "bad", skip_identical=np.bool_(False)))) == 1
+    assert len(list(spin_pairs([{"prompt": "q", "response": "same"}], same, skip_identical=False))) == 1
