@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from alignlab._checks import as_bool
+
 __all__ = ["bleu", "chrf", "rouge"]
 
 
@@ -133,9 +135,12 @@ def rouge(
         ValueError: mismatched lengths, an example without references, no
             ``rouge_types``, or ``use_stemmer=True`` with a ``tokenizer``.
         TypeError: ``tokenizer`` is neither callable nor has ``tokenize``, or
-            returns something other than a list of strings.
+            returns something other than a list of strings; ``use_stemmer`` is
+            neither ``None`` nor a bool.
     """
     refs = _per_example_refs(predictions, references)
+    if use_stemmer is not None:  # "no" would switch stemming on
+        use_stemmer = as_bool(use_stemmer, "use_stemmer")
     if isinstance(rouge_types, str) or not rouge_types:
         raise ValueError(f"rouge_types: expected a non-empty sequence of names, got {rouge_types!r}")
     if tokenizer is not None:

@@ -108,3 +108,20 @@ def test_rouge_tokenizer_matches_rouge_score_default_and_errors():
         rouge(preds, refs, tokenizer=lambda s: s)
     with pytest.raises(TypeError, match="tokenizer: expected a list of str"):
         rouge(preds, refs, tokenizer=lambda s: [len(s)])
+
+
+@pytest.mark.parametrize("flag", ["no", 0, "False"])
+def test_rouge_use_stemmer_must_be_a_bool(flag):
+    """use_stemmer="no" was read as bool("no") = True: stemming on."""
+    pytest.importorskip("rouge_score")
+    with pytest.raises(TypeError, match="use_stemmer must be a bool"):
+        rouge(["running dogs"], ["run dog"], use_stemmer=flag)
+
+
+def test_rouge_use_stemmer_false_and_numpy_bool():
+    pytest.importorskip("rouge_score")
+    np = pytest.importorskip("numpy")
+    plain = rouge(["running dogs"], ["run dog"], rouge_types=["rouge1"], use_stemmer=False)
+    assert plain == rouge(["running dogs"], ["run dog"], rouge_types=["rouge1"], use_stemmer=np.bool_(False))
+    assert plain["rouge1"] == 0.0
+    assert rouge(["running dogs"], ["run dog"], rouge_types=["rouge1"])["rouge1"] == 1.0  # stemmed by default
