@@ -267,7 +267,6 @@ def hf_generator(model: Any, tokenizer: Any, **generate_kwargs: Any) -> Generate
 
 # ---- OAIF: online pairs from the current policy ------------------------------------------------------------
 
-@torch.no_grad()
 def _check_token_ids(pad_token_id, eos_token_id) -> None:
     # pad None failed inside torch.full; pad 1.5 was read as 1; eos "2" never matched, so no sample ended
     if not is_int(pad_token_id) or pad_token_id < 0:
@@ -276,6 +275,7 @@ def _check_token_ids(pad_token_id, eos_token_id) -> None:
         raise ValueError(f"eos_token_id: expected None or a non-negative int, got {eos_token_id!r}")
 
 
+@torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],

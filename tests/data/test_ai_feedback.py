@@ -360,3 +360,14 @@ def test_revision_pairs_skip_identical_must_be_a_bool():
     with pytest.raises(TypeError, match="skip_identical must be a bool"):
         list(revision_pairs([rec], skip_identical="false"))
     assert len(list(revision_pairs([rec], skip_identical=False))) == 1
+
+
+def test_sample_completions_builds_no_autograd_graph(policy):
+    """Sampling runs under no_grad: a graph over every step's full-prefix forward would hold all activations."""
+    seen = []
+    hook = policy.register_forward_hook(lambda module, args, out: seen.append(out.logits.requires_grad))
+    try:
+        sample_completions(policy, [[3, 4]], 2, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
