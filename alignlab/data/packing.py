@@ -125,20 +125,27 @@ def packed_attention_mask(
     Positions past ``sum(seq_lens[b])`` (padding) attend only to themselves so
     that no softmax row is empty. Returns a bool mask (True = may attend) when
     ``dtype`` is ``None`` or ``torch.bool``, else an additive float mask (0 / dtype min) as
-    ``transformers`` accepts for ``attention_mask``. Raises ``ValueError`` for
-    an integer ``dtype`` (neither kind of mask).
+    ``transformers`` accepts for ``attention_mask``. ``length`` (an int) pads
+    the mask of a ``seq_lens`` list; with ``position_ids`` the length is theirs.
+    Raises ``ValueError`` for an integer ``dtype`` (neither kind of mask), lengths
+    that are not positive ints, a ``length`` that is not an int or is shorter than
+    a row, or a ``length`` that differs from the ``position_ids``' own.
     """
     _check_mask_dtype(dtype, "dtype")
+    if length is not None and not is_int(length):
+        raise ValueError(f"length must be None or an int, got {length!r}")
     if isinstance(seq_lens, torch.Tensor):
         if seq_lens.dim() != 2:
             raise ValueError(f"position_ids must be (batch, length), got shape {tuple(seq_lens.shape)}")
+        if length is not None and length != seq_lens.shape[1]:  # it was ignored without a word
+            raise ValueError(f"length={length} differs from the position_ids' length {seq_lens.shape[1]}")
         pos = seq_lens.to(device)
         segment = (pos == 0).long().cumsum(dim=1)
         length = pos.shape[1]
     else:
         rows = [list(r) for r in seq_lens]
-        if not rows or any(any(n < 1 for n in r) for r in rows):
-            raise ValueError("seq_lens must be a non-empty list of lists of positive lengths")
+        if not rows or any(any(not is_int(n) or n < 1 for n in r) for r in rows):
+            raise ValueError("seq_lens must be a non-empty list of lists of positive int lengths")
         need = max(sum(r) for r in rows)
         length = need if length is None else length
         if length < need:
@@ -282,6 +289,8 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
                 f"attn_implementation must be 'eager', 'sdpa', 'flex_attention' or None, got {attn_implementation!r} "
                 "(flash-attention kernels take no 4-D mask: use collate_padding_free, or pass mask_dtype)"
             )
+    if length is not None and not is_int(length):
+        raise ValueError(f"length must be None or an int, got {length!r}")
     need = max(len(r["input_ids"]) for r in rows)
     length = need if length is None else length
     if length < need:

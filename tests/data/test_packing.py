@@ -251,3 +251,24 @@ def test_numpy_pad_arguments_are_accepted():
     np = pytest.importorskip("numpy")
     batch = collate_padded(make_examples()[:2], np.int64(0), pad_to_multiple_of=np.int64(8))
     assert batch["input_ids"].shape == (2, 16)
+
+
+def test_packed_attention_mask_checks_lengths():
+    """Float lengths crashed inside torch.zeros; a length given with position_ids was ignored silently."""
+    with pytest.raises(ValueError, match="positive int lengths"):
+        packed_attention_mask([[2.0, 1]])
+    with pytest.raises(ValueError, match="length must be None or an int"):
+        packed_attention_mask([[2, 1]], length=4.5)
+    with pytest.raises(ValueError, match="differs from the position_ids' length 3"):
+        packed_attention_mask(torch.tensor([[0, 1, 0]]), length=5)
+    np = pytest.importorskip("numpy")
+    want = packed_attention_mask([[2, 1]], length=4)
+    assert torch.equal(packed_attention_mask([[np.int64(2), np.int64(1)]], length=np.int64(4)), want)
+    assert torch.equal(packed_attention_mask(torch.tensor([[0, 1, 0, 0]]), length=4), want)
+
+
+def test_collate_packed_length_must_be_an_int():
+    """length=20.5 crashed inside torch.full."""
+    rows = list(pack_examples(make_examples(), max_length=16))
+    with pytest.raises(ValueError, match="length must be None or an int"):
+        collate_packed(rows, pad_token_id=0, length=20.5, mask_dtype=torch.float32)
