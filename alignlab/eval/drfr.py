@@ -61,7 +61,8 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
 
     Args:
         judgements: per instruction, the judgement of each of its requirements
-            (anything :func:`parse_yes_no` accepts).
+            (anything :func:`parse_yes_no` accepts); a 2-D NumPy array of 0/1 or
+            bools works when every instruction has as many requirements.
         per_instruction: also return each instruction's own ratio (a bool).
 
     Returns:
@@ -74,7 +75,7 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
         TypeError: ``per_instruction`` is not a bool (a string such as ``"no"`` would switch it on).
     """
     per_instruction = as_bool(per_instruction, "per_instruction")
-    if isinstance(judgements, (str, bytes)) or not judgements:
+    if isinstance(judgements, (str, bytes)) or len(judgements) == 0:  # len: a NumPy array has no truth value
         raise ValueError("judgements: expected a non-empty sequence of per-instruction judgement lists")
     satisfied, total, ratios = 0, 0, []
     for i, row in enumerate(judgements):

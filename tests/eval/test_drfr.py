@@ -64,3 +64,12 @@ def test_per_instruction_must_be_a_bool(flag):
 def test_per_instruction_takes_a_numpy_bool():
     np = pytest.importorskip("numpy")
     assert drfr([[True, False]], per_instruction=np.bool_(True)) == (0.5, [0.5])
+
+
+def test_a_numpy_judgement_matrix_is_accepted():
+    """drfr(np.array(...)) failed on the array's truth value before reading a judgement."""
+    np = pytest.importorskip("numpy")
+    assert drfr(np.array([[1, 0], [1, 1]])) == pytest.approx(3 / 4)
+    assert drfr(np.array([[True, False], [True, True]]), per_instruction=True) == (0.75, [0.5, 1.0])
+    with pytest.raises(ValueError, match="judgements: expected a non-empty"):
+        drfr(np.zeros((0, 2)))
