@@ -48,7 +48,7 @@ def _per_example_refs(predictions: Sequence[str], references: Sequence[str | Seq
         raise ValueError(
             f"predictions/references: expected equal lengths, got {len(predictions)} and {len(references)}"
         )
-    if not predictions:
+    if len(predictions) == 0:  # len: a NumPy array or pandas column has no truth value
         raise ValueError("predictions: expected at least one example")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not r or not all(isinstance(x, str) for x in r) for r in refs):
@@ -141,7 +141,7 @@ def rouge(
     refs = _per_example_refs(predictions, references)
     if use_stemmer is not None:  # "no" would switch stemming on
         use_stemmer = as_bool(use_stemmer, "use_stemmer")
-    if isinstance(rouge_types, str) or not rouge_types:
+    if isinstance(rouge_types, str) or len(rouge_types) == 0:
         raise ValueError(f"rouge_types: expected a non-empty sequence of names, got {rouge_types!r}")
     if tokenizer is not None:
         if use_stemmer:

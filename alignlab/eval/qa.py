@@ -93,7 +93,7 @@ def squad_scores(
         raise ValueError(
             f"predictions/references: expected equal lengths, got {len(predictions)} and {len(references)}"
         )
-    if not predictions:
+    if len(predictions) == 0:  # len: a NumPy array or pandas column has no truth value
         raise ValueError("predictions: expected at least one example")
     em = sum(exact_match(p, r) for p, r in zip(predictions, references))
     f1 = sum(token_f1(p, r) for p, r in zip(predictions, references))

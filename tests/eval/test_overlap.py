@@ -125,3 +125,14 @@ def test_rouge_use_stemmer_false_and_numpy_bool():
     assert plain == rouge(["running dogs"], ["run dog"], rouge_types=["rouge1"], use_stemmer=np.bool_(False))
     assert plain["rouge1"] == 0.0
     assert rouge(["running dogs"], ["run dog"], rouge_types=["rouge1"])["rouge1"] == 1.0  # stemmed by default
+
+
+def test_numpy_string_arrays_are_sequences():
+    """A NumPy (or pandas) column of predictions failed on the array's truth value; so did rouge_types."""
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
+    np = pytest.importorskip("numpy")
+    preds, refs = ["the cat sat on the mat", "a dog ran"], ["the cat sat on a mat", "the dog ran"]
+    assert bleu(np.array(preds), np.array(refs)) == bleu(preds, refs)
+    assert rouge(np.array(preds), np.array(refs), rouge_types=np.array(["rouge1", "rougeL"])) == rouge(
+        preds, refs, rouge_types=["rouge1", "rougeL"])

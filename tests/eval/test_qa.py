@@ -82,3 +82,10 @@ def test_squad_scores_refuses_a_bare_string_dataset(predictions, references):
     """A string is a sequence of characters: squad_scores("ab", "ab") scored two one-letter examples."""
     with pytest.raises(TypeError, match="bare string"):
         squad_scores(predictions, references)
+
+
+def test_squad_scores_takes_numpy_string_arrays():
+    """A NumPy (or pandas) column of predictions failed on the array's truth value."""
+    np = pytest.importorskip("numpy")
+    preds, refs = ["The cat", "a dog sat"], ["cat", "dog"]
+    assert squad_scores(np.array(preds), np.array(refs)) == squad_scores(preds, refs)
