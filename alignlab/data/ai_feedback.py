@@ -302,7 +302,7 @@ def sample_completions(
             NaN or infinite ``temperature``, ``top_k < 1`` (a bool is no count), a ``pad_token_id`` that
             is not a non-negative int or an ``eos_token_id`` that is neither that nor ``None``.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):  # len: a (P, L) tensor has no truth value
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
         if not is_int(value) or value < 1:

@@ -371,3 +371,9 @@ def test_sample_completions_builds_no_autograd_graph(policy):
     finally:
         hook.remove()
     assert seen and not any(seen)
+
+
+def test_sample_completions_takes_a_prompt_tensor(policy):
+    """A (P, L) tensor of equal-length prompts failed on the tensor's truth value."""
+    as_lists = sample_completions(policy, [[3, 4], [5, 6]], 2, max_new_tokens=3, seed=1)
+    assert sample_completions(policy, torch.tensor([[3, 4], [5, 6]]), 2, max_new_tokens=3, seed=1) == as_lists
