@@ -60,12 +60,15 @@ def replay_counts(batch_size: int, replay_fraction: float, start: int = 0) -> It
     Args:
         batch_size: ``B >= 1``.
         replay_fraction: ``f`` in ``[0, 1)``.
-        start: index of the first batch.
+        start: index of the first batch, an int >= 0.
 
     Raises:
-        ValueError: ``batch_size < 1`` or ``f`` outside ``[0, 1)``.
+        ValueError: ``batch_size < 1``, ``f`` outside ``[0, 1)`` or a ``start`` that is not an int >= 0.
     """
-    return _counts(_check(batch_size, replay_fraction) * batch_size, start)  # checked now, not at the first next()
+    f = _check(batch_size, replay_fraction) * batch_size
+    if not is_int(start) or start < 0:  # int() truncates towards 0: a negative or fractional start breaks the floors
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    return _counts(f, int(start))  # checked now, not at the first next()
 
 
 def _counts(f: Fraction, b: int) -> Iterator[int]:

@@ -149,3 +149,16 @@ def test_numpy_bool_flags_are_stored_as_python_bools():
     assert mixer.with_source is True and next(iter(mixer))[0][0] in ("task", "general")
     sampler = ReplayBatchSampler(8, 4, batch_size=4, shuffle=np.bool_(False), drop_last=np.bool_(True))
     assert sampler.shuffle is False and sampler.drop_last is True
+
+
+@pytest.mark.parametrize("start", [-3, 1.5, "2", True])
+def test_replay_counts_start_must_be_a_non_negative_int(start):
+    """start=-3 gave counts off the formula (int() truncates towards zero) and start=1.5 was used as is."""
+    with pytest.raises(ValueError, match="start must be an int >= 0"):
+        replay_counts(8, 0.3, start=start)
+
+
+def test_replay_counts_from_a_start_continue_the_sequence():
+    np = pytest.importorskip("numpy")
+    whole = list(itertools.islice(replay_counts(8, 0.3), 10))
+    assert list(itertools.islice(replay_counts(8, 0.3, start=np.int64(4)), 6)) == whole[4:]
