@@ -38,7 +38,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, is_int
+from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -258,14 +258,21 @@ JUDGE_TEMPLATE = (
 )
 
 
+def _check_max_score(max_score: float) -> None:
+    if not is_finite_real(max_score) or max_score <= 0:
+        raise ValueError(f"max_score must be a finite number > 0, got {max_score!r}")
+
+
 def parse_judge_score(text: str, max_score: float = 5.0) -> float:
     """The last ``Score: x`` in a judge's answer; NaN when absent or outside ``[0, max_score]``.
 
     A NaN never wins where scores are maximised: :func:`pairs_from_scores`
     drops it, :func:`alignlab.decoding.rerank` and
     :func:`alignlab.decoding.best_of_n` rank it last (or raise with
-    ``nan="raise"``).
+    ``nan="raise"``). Raises ``ValueError`` unless ``max_score`` is a finite
+    number > 0 (a NaN one made every score NaN).
     """
+    _check_max_score(max_score)
     found = _SCORE.findall(text or "")
     if not found:
         return math.nan
@@ -278,8 +285,9 @@ def llm_judge(generate: Generate, template: str = JUDGE_TEMPLATE, max_score: flo
 
     ``template`` is formatted with ``prompt`` (the last user message),
     ``response`` and ``max_score``; scores are read with
-    :func:`parse_judge_score`.
+    :func:`parse_judge_score`. Raises ``ValueError`` for a ``max_score`` that is not a finite number > 0.
     """
+    _check_max_score(max_score)  # now, not at the first reply
 
     def judge(messages: list[dict[str, Any]], candidates: Sequence[str]) -> list[float]:
         request = next((str(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")

@@ -193,3 +193,17 @@ def test_skip_identical_false_keeps_equal_answers():
     same = lambda b: ["same" for _ in b]  # noqa: E731
     assert len(list(counterfactual_pairs(["q"], same, "good", "bad", skip_identical=np.bool_(False)))) == 1
     assert len(list(spin_pairs([{"prompt": "q", "response": "same"}], same, skip_identical=False))) == 1
+
+
+@pytest.mark.parametrize("max_score", [math.nan, -5, 0, "5", True])
+def test_max_score_must_be_a_positive_finite_number(max_score):
+    """max_score=NaN made every parsed score NaN (so no pair, silently); "5" failed in a bare comparison."""
+    with pytest.raises(ValueError, match="max_score must be a finite number > 0"):
+        parse_judge_score("Score: 3", max_score=max_score)
+    with pytest.raises(ValueError, match="max_score"):
+        llm_judge(lambda b: ["Score: 3" for _ in b], max_score=max_score)
+
+
+def test_numpy_max_score():
+    np = pytest.importorskip("numpy")
+    assert parse_judge_score("Score: 7", max_score=np.float32(10)) == 7.0
