@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
-from alignlab._checks import is_int
+from alignlab._checks import as_bool, is_int
 
 __all__ = [
     "IGNORE_INDEX",
@@ -240,8 +240,7 @@ def tokenize_chats(
     Raises ``ValueError``/``TypeError`` naming the conversation for malformed
     rows (e.g. a ``content`` that is not a string), besides :func:`tokenize_chat`'s.
     """
-    if not isinstance(completion_only_loss, bool):
-        raise TypeError(f"completion_only_loss must be a bool, got {completion_only_loss!r}")
+    completion_only_loss = as_bool(completion_only_loss, "completion_only_loss")  # NumPy bools too
     if overflow not in ("error", "truncate", "skip"):
         raise ValueError(f"overflow must be 'error', 'truncate' or 'skip', got {overflow!r}")
     row_overflow = "error" if overflow == "skip" else overflow

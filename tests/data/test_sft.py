@@ -190,3 +190,14 @@ def test_bad_message_content_is_our_type_error(chat_tokenizer, content):
                             chat_tokenizer))
     with pytest.raises(ValueError, match="conversation 0: completion must be a non-empty list"):
         list(tokenize_chats([{"prompt": "hi", "completion": 3}], chat_tokenizer))
+
+
+def test_completion_only_loss_takes_a_numpy_bool_and_refuses_strings(chat_tokenizer):
+    """A NumPy bool from a sweep was refused as not a bool; strings stay refused."""
+    np = pytest.importorskip("numpy")
+    row = {"prompt": MULTI_TURN_PROMPT, "completion": "four"}
+    for flag in (True, False):
+        assert list(tokenize_chats([row], chat_tokenizer, completion_only_loss=np.bool_(flag))) == list(
+            tokenize_chats([row], chat_tokenizer, completion_only_loss=flag))
+    with pytest.raises(TypeError, match="completion_only_loss must be a bool"):
+        list(tokenize_chats([row], chat_tokenizer, completion_only_loss="no"))
