@@ -111,7 +111,8 @@ class BestOfNOutput:
     Attributes:
         sequences: ``(batch, seq)`` the best candidate per prompt (prompt included).
         candidates: ``(batch, n, seq)`` every candidate.
-        scores: ``(batch, n)`` their scores.
+        scores: ``(batch, n)`` their scores: float64 when ``score_fn`` returns a float64
+            tensor or Python numbers (as in :func:`rerank`), else float32.
         best_index: ``(batch,)`` index of the chosen candidate.
     """
 
@@ -168,7 +169,12 @@ def best_of_n(
     out = model.generate(input_ids, attention_mask=attention_mask, num_return_sequences=n, **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
     batch = input_ids.shape[0]
-    scores = torch.as_tensor(score_fn(sequences), dtype=torch.float32).to(sequences.device)
+    raw = score_fn(sequences)
+    # float32 for every score would merge float64 rewards closer than 1e-7 into a tie (the first would win)
+    scores = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(raw, dtype=torch.float64)
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    scores = scores.to(sequences.device)
     if scores.shape != (batch * n,):
         raise ValueError(f"score_fn: expected {batch * n} scores, got shape {tuple(scores.shape)}")
     candidates = sequences.view(batch, n, -1)

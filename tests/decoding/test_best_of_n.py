@@ -171,3 +171,15 @@ def test_best_of_n_count_is_an_int_numpy_included_bool_refused():
     assert out.candidates.shape == (1, 4, 3) and int(out.best_index[0]) == 3
     with pytest.raises(ValueError, match="n: expected an int >= 1"):
         best_of_n(_CountingGenerate(), ids, lambda s: s[:, -1].float(), n=True)
+
+
+def test_best_of_n_keeps_float64_scores_apart_as_rerank_does():
+    """Scores were cast to float32, so float64 rewards 1e-9 apart tied and the first candidate won."""
+    ids = torch.tensor([[5, 6]])
+    close = [1.0, 1.0 + 1e-9, 1.0 - 1e-9]
+    for score_fn in (lambda s: torch.tensor(close, dtype=torch.float64), lambda s: list(close)):
+        out = best_of_n(_CountingGenerate(), ids, score_fn, n=3)
+        assert int(out.best_index[0]) == 1 == rerank([0, 1, 2], lambda c: close)[1]
+        assert out.scores.dtype == torch.float64
+    half = best_of_n(_CountingGenerate(), ids, lambda s: torch.tensor([1.0, 3.0, 2.0], dtype=torch.bfloat16), n=3)
+    assert half.scores.dtype == torch.float32 and int(half.best_index[0]) == 1
