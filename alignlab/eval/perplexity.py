@@ -112,7 +112,8 @@ def negative_log_likelihood(
         ``(total_nll, num_tokens)``; accumulated in float64.
 
     Raises:
-        ValueError / TypeError: malformed batches or window arguments.
+        ValueError / TypeError: malformed batches or window arguments; a single
+            tensor or mapping instead of an iterable of them (``TypeError``).
     """
     if max_length is None and stride is not None:
         raise ValueError("stride: needs max_length to be set too")
@@ -123,6 +124,11 @@ def negative_log_likelihood(
     if max_length is not None and (not is_int(stride) or not 1 <= stride < max_length):
         raise ValueError(f"stride: expected an int with 1 <= stride < max_length={max_length}, got {stride!r}")
 
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        # iterating one (batch, seq) tensor gives its rows, one mapping its keys: errors about the wrong thing
+        raise TypeError(
+            f"batches: expected an iterable of batches, got one {type(batches).__name__}; wrap it in a list"
+        )
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -150,3 +150,13 @@ def test_float_labels_are_refused_naming_labels(model):
     ids = torch.ones(1, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="'labels' must be an integer tensor"):
         perplexity(model, [{"input_ids": ids, "labels": ids.float()}])
+
+
+def test_one_batch_instead_of_an_iterable_of_batches_says_so(model):
+    """perplexity(model, ids) iterated the rows and complained that 'input_ids' were not (batch, seq);
+    perplexity(model, {"input_ids": ids}) iterated the keys."""
+    ids = torch.ones(2, 5, dtype=torch.long)
+    for one in (ids, {"input_ids": ids}):
+        with pytest.raises(TypeError, match="wrap it in a list"):
+            perplexity(model, one)
+    assert perplexity(model, [ids]) == perplexity(model, [{"input_ids": ids}])
