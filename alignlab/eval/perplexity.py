@@ -55,7 +55,8 @@ def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: in
     labels = batch.get("labels")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()):
         raise ValueError(
-            f"batches: 'labels' must be an integer tensor of shape (batch, seq), got {getattr(labels, 'dtype', labels)!r}"
+            "batches: 'labels' must be an integer tensor of shape (batch, seq), got "
+            f"{getattr(labels, 'dtype', labels)!r}"
         )
     # cross_entropy takes only int64 targets; int32 ids (Arrow / NumPy datasets) are as good
     labels = (input_ids if labels is None else labels).to(torch.long, copy=True)
