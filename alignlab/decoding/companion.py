@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignlab._checks import as_bool
+from alignlab._checks import as_bool, is_int
 from alignlab.hf_cache import cache_keyword, output_cache
 
 __all__ = ["CompanionLM"]
@@ -34,7 +34,7 @@ class CompanionLM:
             renamed it, ``past_key_values``) and ``use_cache``, and
             returning ``.logits`` ``(batch, seq, vocab)``.
         pad_token_id: id of left padding (the generating model's
-            ``generation_config.pad_token_id``); ``None`` = no padding.
+            ``generation_config.pad_token_id``), a non-negative int; ``None`` = no padding.
         use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
 
     Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
@@ -44,8 +44,11 @@ class CompanionLM:
     def __init__(self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
+        if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):
+            # 1.5 matched no token, so left padding was silently attended; True matched id 1
+            raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
         self.model = model
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
         self.use_cache = as_bool(use_cache, "use_cache")
         self.reset()
 

@@ -103,3 +103,18 @@ def test_use_cache_must_be_a_bool(flag):
     """use_cache="no" was truthy and kept the cache on."""
     with pytest.raises(TypeError, match="use_cache must be a bool"):
         CompanionLM(torch.nn.Linear(2, 2), use_cache=flag)
+
+
+@pytest.mark.parametrize("pad", [1.5, True, -1, "0"])
+def test_pad_token_id_must_be_a_non_negative_int(pad):
+    """pad_token_id=1.5 matched no token, so the left padding was attended without a word."""
+    with pytest.raises(ValueError, match="pad_token_id: expected None or a non-negative int"):
+        CompanionLM(torch.nn.Linear(2, 2), pad_token_id=pad)
+
+
+def test_numpy_pad_token_id_masks_like_an_int():
+    np = pytest.importorskip("numpy")
+    model = make_tiny_llama(seed=2, vocab_size=64, num_layers=1)
+    ids = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10]])
+    want = CompanionLM(model, pad_token_id=PAD, use_cache=False)(ids)
+    torch.testing.assert_close(CompanionLM(model, pad_token_id=np.int64(PAD), use_cache=False)(ids), want)
