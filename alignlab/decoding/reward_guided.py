@@ -113,8 +113,15 @@ def reward_model_fn(
     ``batch_size``) with the reward model's own ``config.pad_token_id`` as
     the right-padding id (``pad_token_id`` only when it has none): HF
     sequence classifiers find the last real token through their own id. The
-    reward model must share the policy's tokenizer.
+    reward model must share the policy's tokenizer. Raises ``ValueError`` for a
+    ``pad_token_id`` that is neither ``None`` nor a non-negative int, or a
+    ``batch_size`` that is not an int >= 1 (checked here, before any step).
     """
+    if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):
+        # 1.5 matched no token: the prompts' left padding was scored by the reward model
+        raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     own_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     right_pad = own_pad if own_pad is not None else pad_token_id
 

@@ -151,3 +151,12 @@ def test_processor_takes_a_numpy_top_k():
     assert proc.top_k == 2 and type(proc.top_k) is int
     out = proc(torch.tensor([[1]]), torch.tensor([[0.0, 3.0, 1.0, 2.0]]))
     assert torch.isfinite(out).sum() == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"pad_token_id": 1.5}, {"pad_token_id": True}, {"pad_token_id": -1},
+                                    {"batch_size": 0}, {"batch_size": 2.5}])
+def test_reward_model_fn_checks_its_arguments_when_made(kwargs):
+    """pad_token_id=1.5 matched no token, so the left padding was scored; a bad batch_size surfaced only
+    at the first generation step."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        reward_model_fn(lambda input_ids, attention_mask: attention_mask.sum(1).float(), **kwargs)
