@@ -86,12 +86,15 @@ def reward_scores(
 
     Raises:
         ValueError: empty sequence, bad ``batch_size``, missing pad id for
-            unequal lengths, multi-column scores without ``label_index``, or a
-            ``label_index`` that is not an int or out of range.
+            unequal lengths, a ``pad_token_id`` that is not a non-negative int,
+            multi-column scores without ``label_index``, or a ``label_index``
+            that is not an int or out of range.
         TypeError: a single string instead of a sequence of them.
     """
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):  # 1.5 was padded as 1
+        raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
     if label_index is not None and not is_int(label_index):  # True would pick column 1
         raise ValueError(f"label_index: expected None or an int, got {label_index!r}")
     tokens = _token_lists(sequences, tokenizer)

@@ -88,3 +88,10 @@ def test_label_index_out_of_range_names_it():
     np = pytest.importorskip("numpy")
     torch.testing.assert_close(reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=np.int64(-1)),
                                torch.tensor([-3.0, -1.0]))
+
+
+@pytest.mark.parametrize("pad", [1.5, True, -1, "0"])
+def test_pad_token_id_must_be_a_non_negative_int(pad):
+    """pad_token_id=1.5 was written into the long batch as 1 (a real token id) without a word."""
+    with pytest.raises(ValueError, match="pad_token_id: expected None or a non-negative int"):
+        reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=pad, label_index=0)
