@@ -54,6 +54,13 @@ def _check(batch_size: int, replay_fraction: float) -> Fraction:
     return Fraction(replay_fraction).limit_denominator(10**6)
 
 
+def _check_epoch(epoch: int) -> int:
+    # int() read 1.7 as 1 and True as 1: two epochs sharing one RNG without a word
+    if not is_int(epoch) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    return int(epoch)
+
+
 def replay_counts(batch_size: int, replay_fraction: float, start: int = 0) -> Iterator[int]:
     """Endless sequence of replayed examples per batch, ``k_b`` of the module docstring.
 
@@ -148,8 +155,10 @@ class ReplayMixer:
         self._general: _Cycle | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the placement RNG of ``epoch`` (call before each epoch, as with DistributedSampler)."""
-        self.epoch = int(epoch)
+        """Use the placement RNG of ``epoch`` (call before each epoch, as with DistributedSampler).
+
+        Raises ``ValueError`` unless ``epoch`` is an int >= 0 (NumPy ints too)."""
+        self.epoch = _check_epoch(epoch)
 
     def __iter__(self) -> Iterator[list]:
         rng = random.Random(f"{self.seed}/{self.epoch}")
@@ -223,8 +232,8 @@ class ReplayBatchSampler:
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutations of ``epoch``."""
-        self.epoch = int(epoch)
+        """Select the permutations of ``epoch``; ``ValueError`` unless it is an int >= 0 (NumPy ints too)."""
+        self.epoch = _check_epoch(epoch)
 
     def _plan(self) -> list[int]:
         """Task examples per batch for one epoch."""

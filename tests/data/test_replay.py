@@ -162,3 +162,20 @@ def test_replay_counts_from_a_start_continue_the_sequence():
     np = pytest.importorskip("numpy")
     whole = list(itertools.islice(replay_counts(8, 0.3), 10))
     assert list(itertools.islice(replay_counts(8, 0.3, start=np.int64(4)), 6)) == whole[4:]
+
+
+@pytest.mark.parametrize("epoch", [1.7, True, "1", -1])
+def test_set_epoch_takes_a_non_negative_int(epoch):
+    """set_epoch(1.7) and set_epoch(True) were read as epoch 1 through int(), "1" as 1."""
+    for obj in (ReplayMixer(range(8), range(4), batch_size=4), ReplayBatchSampler(8, 4, batch_size=4)):
+        with pytest.raises(ValueError, match="epoch must be an int >= 0"):
+            obj.set_epoch(epoch)
+
+
+def test_set_epoch_numpy_int():
+    np = pytest.importorskip("numpy")
+    sampler = ReplayBatchSampler(8, 4, batch_size=4, replay_fraction=0.25)
+    sampler.set_epoch(np.int64(3))
+    first = list(sampler)
+    sampler.set_epoch(3)
+    assert list(sampler) == first and type(sampler.epoch) is int
