@@ -25,6 +25,7 @@ total)`` row with ``cu_seq_lens``; :func:`collate_padded` right-pads.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, TypedDict
@@ -59,6 +60,10 @@ def _validate(example: TokenizedExample, index: int) -> tuple[list[int], list[in
         ids, labels = list(example["input_ids"]), list(example["labels"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"example {index} must have 'input_ids' and 'labels'") from err
+    try:  # operator.index takes ints, NumPy ints and 0-d integer tensors; not 1.5 or "a"
+        ids, labels = [operator.index(t) for t in ids], [operator.index(t) for t in labels]
+    except TypeError as err:
+        raise ValueError(f"example {index}: input_ids and labels must hold integer token ids ({err})") from err
     if len(ids) != len(labels):
         raise ValueError(f"example {index}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
     if not ids:

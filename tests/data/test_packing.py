@@ -272,3 +272,21 @@ def test_collate_packed_length_must_be_an_int():
     rows = list(pack_examples(make_examples(), max_length=16))
     with pytest.raises(ValueError, match="length must be None or an int"):
         collate_packed(rows, pad_token_id=0, length=20.5, mask_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bad", [{"input_ids": "abc", "labels": "abc"}, {"input_ids": [1.5, 2], "labels": [1, 2]}])
+def test_non_integer_token_ids_are_a_value_error_naming_the_example(bad):
+    """pack_examples packed the characters of "abc" (labels [-100, 'b', 'c']); 1.5 was truncated later."""
+    with pytest.raises(ValueError, match="example 1: input_ids and labels must hold integer token ids"):
+        list(pack_examples([{"input_ids": [1, 2], "labels": [1, 2]}, bad], 16))
+    with pytest.raises(ValueError, match="example 1"):
+        collate_padded([{"input_ids": [1, 2], "labels": [1, 2]}, bad], 0)
+
+
+def test_tensor_and_numpy_token_ids_pack_as_ints():
+    np = pytest.importorskip("numpy")
+    ex = [{"input_ids": torch.tensor([3, 4, 5]), "labels": torch.tensor([-100, 4, 5])},
+          {"input_ids": np.array([6, 7]), "labels": np.array([6, 7])}]
+    (row,) = pack_examples(ex, 8)
+    assert row["input_ids"] == [3, 4, 5, 6, 7] and all(type(t) is int for t in row["input_ids"] + row["labels"])
+    assert torch.equal(collate_padding_free(ex)["input_ids"], torch.tensor([[3, 4, 5, 6, 7]]))
