@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import as_bool, is_int, is_real
+from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -106,7 +106,13 @@ def parse_pairwise_verdict(text: str) -> str | None:
 
 
 def parse_rating(text: str, *, low: float = 1.0, high: float = 10.0) -> float | None:
-    """The last ``[[number]]`` in a judge reply; ``None`` if absent or outside ``[low, high]``."""
+    """The last ``[[number]]`` in a judge reply; ``None`` if absent or outside ``[low, high]``.
+
+    Raises ``ValueError`` unless ``low`` and ``high`` are finite numbers with ``low <= high``
+    (a reversed or NaN range turned every rating into ``None``).
+    """
+    if not (is_finite_real(low) and is_finite_real(high) and low <= high):
+        raise ValueError(f"low/high: expected finite numbers with low <= high, got {low!r} and {high!r}")
     found = _RATING.findall(text)
     if not found:
         return None

@@ -156,3 +156,11 @@ def test_judge_pairwise_swap_must_be_a_bool(flag):
         judge_pairwise(lambda p: calls.append(p) or "[[A]]", "q", "x", "y", swap=flag)
     assert not calls
     assert judge_pairwise(lambda p: "[[A]]", "q", "x", "y", swap=np.bool_(False)).winner == "a"
+
+
+@pytest.mark.parametrize("low, high", [(10, 1), (float("nan"), 10), (1, float("inf")), ("1", 10)])
+def test_parse_rating_range_must_be_finite_and_ordered(low, high):
+    """low=10, high=1 (or a NaN bound) turned every rating into None without a word."""
+    with pytest.raises(ValueError, match="low/high"):
+        parse_rating("Rating: [[5]]", low=low, high=high)
+    assert parse_rating("Rating: [[5]]", low=np.float32(1), high=np.int64(5)) == 5.0
