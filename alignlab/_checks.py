@@ -90,3 +90,17 @@ def check_bool(value, arg: str) -> None:
     Python bool use :func:`as_bool`."""
     if not isinstance(value, bool):
         raise TypeError(f"{arg} must be a bool, got {value!r}")
+
+
+def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:
+    """``value`` as a Python ``int`` token id (>= 0; NumPy integers accepted), or None where ``allow_none``.
+
+    ``ValueError`` naming ``arg`` otherwise: a float such as 1.5 would match no token (or be truncated to 1
+    by ``torch.full``), ``True`` would match id 1, and a string such as ``"2"`` never matches.
+    """
+    if value is None and allow_none:
+        return None
+    if not is_int(value) or value < 0:
+        expected = "None or a non-negative int" if allow_none else "a non-negative int"
+        raise ValueError(f"{arg}: expected {expected}, got {value!r}")
+    return int(value)

@@ -1,10 +1,10 @@
-"""alignlab._checks: flags (as_bool / check_bool) from Python and NumPy."""
+"""alignlab._checks: flags (as_bool / check_bool) and token ids from Python and NumPy."""
 
 import numpy as np
 import pytest
 import torch
 
-from alignlab._checks import as_bool, check_bool
+from alignlab._checks import as_bool, check_bool, check_token_id
 
 
 @pytest.mark.parametrize("value", [True, False, np.True_, np.False_, np.bool_(1), np.array([1, 2]) > 1])
@@ -31,3 +31,14 @@ def test_check_bool_still_refuses_numpy_bools():
     with pytest.raises(TypeError, match="flag"):
         check_bool(np.True_, "flag")
     check_bool(True, "flag")
+
+
+def test_check_token_id():
+    """Token ids are non-negative ints (NumPy ints accepted, returned as Python ints); None only where allowed."""
+    assert check_token_id(np.int64(3), "pad_token_id") == 3 and type(check_token_id(np.int64(3), "x")) is int
+    assert check_token_id(None, "eos_token_id", allow_none=True) is None
+    for bad in (None, 1.5, True, "2", -1):
+        with pytest.raises(ValueError, match="pad_token_id: expected a non-negative int"):
+            check_token_id(bad, "pad_token_id")
+    with pytest.raises(ValueError, match="eos_token_id: expected None or a non-negative int"):
+        check_token_id(-2, "eos_token_id", allow_none=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import as_bool, is_finite_real, is_int
+from alignlab._checks import as_bool, check_token_id, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -269,10 +269,8 @@ def hf_generator(model: Any, tokenizer: Any, **generate_kwargs: Any) -> Generate
 
 def _check_token_ids(pad_token_id, eos_token_id) -> None:
     # pad None failed inside torch.full; pad 1.5 was read as 1; eos "2" never matched, so no sample ended
-    if not is_int(pad_token_id) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id: expected a non-negative int, got {pad_token_id!r}")
-    if eos_token_id is not None and (not is_int(eos_token_id) or eos_token_id < 0):
-        raise ValueError(f"eos_token_id: expected None or a non-negative int, got {eos_token_id!r}")
+    check_token_id(pad_token_id, "pad_token_id")
+    check_token_id(eos_token_id, "eos_token_id", allow_none=True)
 
 
 @torch.no_grad()

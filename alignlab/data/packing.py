@@ -32,7 +32,7 @@ from typing import Literal, TypedDict
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import check_token_id, is_int
 from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
@@ -107,9 +107,9 @@ def pack_examples(
 
 
 def _check_pad_token_id(pad_token_id) -> None:
-    # None (a tokenizer without a pad token) failed inside torch.full; 1.5 or True were silently read as 1
-    if not is_int(pad_token_id) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a non-negative int (set tokenizer.pad_token), got {pad_token_id!r}")
+    # None (a tokenizer without a pad token: set tokenizer.pad_token) failed inside torch.full; 1.5 or True were
+    # silently read as 1
+    check_token_id(pad_token_id, "pad_token_id")
 
 
 def _check_mask_dtype(dtype, name: str) -> None:

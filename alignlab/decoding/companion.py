@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignlab._checks import as_bool, is_int
+from alignlab._checks import as_bool, check_token_id
 from alignlab.hf_cache import cache_keyword, output_cache
 
 __all__ = ["CompanionLM"]
@@ -44,9 +44,8 @@ class CompanionLM:
     def __init__(self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
-        if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):
-            # 1.5 matched no token, so left padding was silently attended; True matched id 1
-            raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
+        # 1.5 matched no token, so left padding was silently attended; True matched id 1
+        check_token_id(pad_token_id, "pad_token_id", allow_none=True)
         self.model = model
         self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
         self.use_cache = as_bool(use_cache, "use_cache")

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignlab._checks import is_int
+from alignlab._checks import check_token_id, is_int
 from alignlab.eval.reward import reward_scores
 
 __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_fn"]
@@ -117,9 +117,8 @@ def reward_model_fn(
     ``pad_token_id`` that is neither ``None`` nor a non-negative int, or a
     ``batch_size`` that is not an int >= 1 (checked here, before any step).
     """
-    if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):
-        # 1.5 matched no token: the prompts' left padding was scored by the reward model
-        raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
+    # 1.5 matched no token: the prompts' left padding was scored by the reward model
+    check_token_id(pad_token_id, "pad_token_id", allow_none=True)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     own_pad = getattr(getattr(model, "config", None), "pad_token_id", None)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import is_int
+from alignlab._checks import check_token_id, is_int
 
 __all__ = ["reward_scores"]
 
@@ -93,8 +93,7 @@ def reward_scores(
     """
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if pad_token_id is not None and (not is_int(pad_token_id) or pad_token_id < 0):  # 1.5 was padded as 1
-        raise ValueError(f"pad_token_id: expected None or a non-negative int, got {pad_token_id!r}")
+    check_token_id(pad_token_id, "pad_token_id", allow_none=True)  # 1.5 was padded as 1
     if label_index is not None and not is_int(label_index):  # True would pick column 1
         raise ValueError(f"label_index: expected None or an int, got {label_index!r}")
     tokens = _token_lists(sequences, tokenizer)

@@ -234,9 +234,9 @@ def test_bool_mask_dtype_gives_the_bool_mask_and_integer_dtypes_are_refused(recw
 def test_bad_pad_token_id_is_a_value_error_naming_it(pad_token_id):
     """None (a tokenizer without a pad token) crashed inside torch.full; 1.5 and True were read as 1."""
     ex = make_examples()[:2]
-    with pytest.raises(ValueError, match="pad_token_id must be a non-negative int"):
+    with pytest.raises(ValueError, match="pad_token_id: expected a non-negative int"):
         collate_padded(ex, pad_token_id)
-    with pytest.raises(ValueError, match="pad_token_id must be a non-negative int"):
+    with pytest.raises(ValueError, match="pad_token_id: expected a non-negative int"):
         collate_packed(list(pack_examples(ex, 16)), pad_token_id, mask_dtype=torch.float32)
 
 
