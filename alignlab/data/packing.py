@@ -107,8 +107,10 @@ def pack_examples(
 
 
 def _check_pad_token_id(pad_token_id) -> None:
-    # None (a tokenizer without a pad token: set tokenizer.pad_token) failed inside torch.full; 1.5 or True were
-    # silently read as 1
+    # None failed inside torch.full; 1.5 or True were silently read as 1
+    if pad_token_id is None:
+        raise ValueError("pad_token_id: expected a non-negative int, got None (a tokenizer without a pad token: "
+                         "set tokenizer.pad_token)")
     check_token_id(pad_token_id, "pad_token_id")
 
 
