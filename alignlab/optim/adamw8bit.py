@@ -163,12 +163,18 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`, then the checks of the class docstring; a group
+        that fails them is taken out again (a caught error must not leave a NaN ``lr`` to the next step)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group)
-        for i, p in enumerate(group["params"]):
-            if p.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"params[{i}]: expected a float32, float16 or bfloat16 tensor, got {p.dtype}")
+        try:
+            _check_group(group)
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"params[{i}]: expected a float32, float16 or bfloat16 tensor, got {p.dtype}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     # ---- state -------------------------------------------------------------------------------------------
 

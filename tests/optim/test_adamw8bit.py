@@ -366,3 +366,24 @@ def test_numpy_hyperparameters_are_stored_as_floats_and_nan_refused():
     for kw in ({"lr": float("nan")}, {"lr": True}, {"eps": float("inf")}, {"weight_decay": float("nan")}, {"blocksize": True}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             AdamW8bit([torch.nn.Parameter(torch.randn(4))], **kw)
+
+
+@pytest.mark.parametrize("group,error", [
+    (dict(lr=float("nan")), ValueError), (dict(betas=(0.9, 1.5)), ValueError), (dict(weight_decay=-1.0), ValueError),
+])
+def test_a_refused_param_group_is_not_kept(group, error):
+    """add_param_group raised but used to keep the group: after a caught error the next step applied a NaN
+    lr (or a beta >= 1) to the group's parameters."""
+    p, q = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    opt = AdamW8bit([p], lr=0.1)
+    with pytest.raises(error):
+        opt.add_param_group({"params": [q], **group})
+    assert len(opt.param_groups) == 1
+    q.grad = torch.ones(8)
+    opt.step()
+    assert torch.equal(q, torch.ones(8))
+    with pytest.raises(TypeError, match="params"):
+        opt.add_param_group({"params": [torch.zeros(4, dtype=torch.int32)]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [q], "lr": 0.1})  # q is free to join a valid group afterwards
+    assert len(opt.param_groups) == 2
