@@ -207,13 +207,17 @@ class AdamW8bit(torch.optim.Optimizer):
         each parameter's dtype; here it stays float32, 8-bit state goes back to its home device).
 
         Raises:
-            ValueError: a saved tensor whose shape does not fit its parameter.
+            ValueError: a saved hyper-parameter out of range (checked before anything is loaded, as
+                :meth:`add_param_group` checks it), or a saved tensor whose shape does not fit its parameter.
         """
         self._wait_pending()
+        for group in state_dict["param_groups"]:
+            _check_group({key: group[key] for key in ("lr", "betas", "eps", "weight_decay")})
         saved = state_dict["state"]
         ids = [g["params"] for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         for group, group_ids in zip(self.param_groups, ids):
+            _check_group(group)  # stores the saved values as Python floats
             for p, i in zip(group["params"], group_ids):
                 if i not in saved:
                     continue

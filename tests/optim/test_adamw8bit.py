@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -387,3 +388,23 @@ def test_a_refused_param_group_is_not_kept(group, error):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [q], "lr": 0.1})  # q is free to join a valid group afterwards
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("betas", (0.9, float("inf"))), ("eps", -1.0),
+                                       ("weight_decay", float("nan"))])
+def test_load_state_dict_checks_the_saved_hyperparameters(key, value):
+    """load_state_dict took the saved groups' lr / betas / eps / weight_decay unchecked: a NaN lr in an edited
+    or corrupted checkpoint turned every parameter into NaN at the next step."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = AdamW8bit([p], lr=0.1)
+    p.grad = torch.ones(8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=key):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0][key] == {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}[key]
+    saved["param_groups"][0].update(lr=np.float64(0.5), betas=[0.8, 0.9])
+    saved["param_groups"][0][key] = {"lr": 0.5, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.0}[key]
+    opt.load_state_dict(saved)
+    assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["betas"] == (0.8, 0.9)
