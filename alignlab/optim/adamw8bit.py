@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import use_triton
 from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
@@ -152,8 +152,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if not is_int(min_8bit_size) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size: expected an int >= 0, got {min_8bit_size!r}")
         blocksize, min_8bit_size = int(blocksize), int(min_8bit_size)
-        if not isinstance(offload, bool):
-            raise TypeError(f"offload: expected a bool, got {type(offload).__name__}")
+        offload = as_bool(offload, "offload")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.blocksize, self.min_8bit_size, self.offload = blocksize, min_8bit_size, offload
         self._staging: dict[torch.device, list] = {}

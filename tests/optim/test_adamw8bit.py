@@ -408,3 +408,12 @@ def test_load_state_dict_checks_the_saved_hyperparameters(key, value):
     saved["param_groups"][0][key] = {"lr": 0.5, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.0}[key]
     opt.load_state_dict(saved)
     assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_offload_takes_a_numpy_bool():
+    """offload=np.bool_(True) (a sweep's flag) was refused as 'got bool'; it is a flag, stored as a Python bool."""
+    opt = AdamW8bit([torch.nn.Parameter(torch.zeros(4))], offload=np.bool_(True))
+    assert opt.offload is True
+    for bad in (1, None, "no"):
+        with pytest.raises(TypeError, match="offload"):
+            AdamW8bit([torch.nn.Parameter(torch.zeros(4))], offload=bad)
