@@ -32,6 +32,7 @@ that ``save_pretrained`` / ``from_pretrained`` reproduce it with stock
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import (as_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real,
+                              is_int, is_real)
 
 __all__ = [
     "RopeScaling",
@@ -247,6 +249,14 @@ class RopeScaling:
         attention_factor: overrides the default YaRN / LongRoPE attention scaling.
         long_factor, short_factor: LongRoPE per-pair factors (``dim/2`` each);
             ``short_factor`` defaults to all ones (plain RoPE inside ``L``).
+
+    Raises ``ValueError`` naming the field for an unknown ``kind``, a ``factor``
+    below 1, an ``original_max_position_embeddings`` that is not a positive int,
+    betas that are not finite with ``beta_fast > beta_slow > 0``, a NaN / infinite
+    / negative ``mscale`` or ``mscale_all_dim``, an ``attention_factor`` that is not
+    finite and > 0, or ``kind="longrope"`` without ``long_factor``; ``TypeError`` for
+    a non-bool ``truncate`` or factor sets that are not sequences of numbers. The
+    length of the factor sets is checked against the head dim when used.
     """
 
     kind: str
@@ -262,15 +272,38 @@ class RopeScaling:
     short_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Every field is checked here and stored as a Python value (saved configs): a NaN attention factor
+        # or mscale would turn every cos / sin into NaN, and original_max_position_embeddings=0 used to fall
+        # back to the model's length without a word.
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        object.__setattr__(self, "factor", _check_factor(self.factor))  # a Python float in saved configs
+        put = functools.partial(object.__setattr__, self)
+        put("factor", _check_factor(self.factor))
+        if self.original_max_position_embeddings is not None:
+            put("original_max_position_embeddings", check_positive_int(
+                self.original_max_position_embeddings, "original_max_position_embeddings"))
+        for name in ("beta_fast", "beta_slow"):
+            put(name, check_finite_number(getattr(self, name), name))
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
+                             f"beta_slow={self.beta_slow}")
+        put("truncate", as_bool(self.truncate, "truncate"))
+        put("mscale", check_finite_number(self.mscale, "mscale", minimum=0.0))
+        if self.mscale_all_dim is not None:
+            put("mscale_all_dim", check_finite_number(self.mscale_all_dim, "mscale_all_dim", minimum=0.0))
+        if self.attention_factor is not None:
+            put("attention_factor", float(check_positive_number(self.attention_factor, "attention_factor")))
         if self.kind == "longrope" and self.long_factor is None:
             raise ValueError("kind='longrope' needs long_factor (one factor per rotary pair)")
         for name in ("long_factor", "short_factor"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.flatten().tolist()
+            if isinstance(value, (str, bytes)) or not all(is_real(v) for v in value):
+                raise TypeError(f"{name} must be a sequence of real numbers (one per rotary pair), got {value!r}")
+            put(name, tuple(float(v) for v in value))
 
 
 def _check_longrope_factors(scaling: RopeScaling, dim: int) -> None:

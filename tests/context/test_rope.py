@@ -258,3 +258,39 @@ def test_numpy_factor_matches_python_factor():
             linear_inv_freq(64, 10000.0, bad)
     with pytest.raises(ValueError, match="dim"):
         rope_inv_freq(True)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(attention_factor=float("nan")), ValueError, "attention_factor"),
+    (dict(attention_factor=0.0), ValueError, "attention_factor"),
+    (dict(mscale=float("nan")), ValueError, "mscale"),
+    (dict(mscale_all_dim=float("inf")), ValueError, "mscale_all_dim"),
+    (dict(original_max_position_embeddings=0), ValueError, "original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=1.5), ValueError, "original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=True), ValueError, "original_max_position_embeddings"),
+    (dict(beta_fast=float("nan")), ValueError, "beta_fast"),
+    (dict(beta_fast=1.0, beta_slow=2.0), ValueError, "beta_fast"),
+    (dict(truncate="no"), TypeError, "truncate"),
+    (dict(truncate=0), TypeError, "truncate"),
+])
+def test_rope_scaling_fields_are_checked(kwargs, error, match):
+    """Before, a NaN attention_factor / mscale gave NaN cos and sin, original_max_position_embeddings=0 fell
+    back to the model's length and True was read as 1, truncate='no' truncated: each is refused when given."""
+    with pytest.raises(error, match=match):
+        RopeScaling("yarn", 4.0, **kwargs)
+
+
+def test_rope_scaling_fields_are_stored_as_python_values():
+    np = pytest.importorskip("numpy")
+    s = RopeScaling("yarn", 4.0, np.int64(64), beta_fast=np.float32(16), truncate=np.bool_(False),
+                    attention_factor=np.float64(1.2))
+    assert (s.original_max_position_embeddings, s.beta_fast, s.truncate, s.attention_factor) == (64, 16.0, False, 1.2)
+    assert [type(v) for v in (s.original_max_position_embeddings, s.beta_fast, s.truncate, s.attention_factor)] \
+        == [int, float, bool, float]
+    inv, attn = scaled_inv_freq(s, 8, 10000.0)
+    torch.testing.assert_close(inv, yarn_inv_freq(8, 10000.0, 4.0, 64, 16.0, 1.0, False))
+    assert attn == 1.2
+    lr = RopeScaling("longrope", 2.0, long_factor=torch.tensor([1.0, 2.0]), short_factor=np.ones(2))
+    assert lr.long_factor == (1.0, 2.0) and lr.short_factor == (1.0, 1.0)
+    with pytest.raises(TypeError, match="long_factor"):
+        RopeScaling("longrope", 2.0, long_factor="1234")  # was read as the factors (1, 2, 3, 4)
