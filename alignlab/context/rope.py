@@ -66,8 +66,19 @@ KINDS = ("linear", "ntk", "dynamic", "yarn", "longrope")
 def _check_dim_base(dim: int, base: float) -> None:
     if not is_int(dim) or dim < 2 or dim % 2:
         raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
-    if not base > 1.0:
-        raise ValueError(f"base must be > 1, got {base!r}")
+    if not (is_finite_real(base) and base > 1.0):  # inf would zero every frequency but the first
+        raise ValueError(f"base must be a finite number > 1, got {base!r}")
+
+
+def _check_length(value, name: str, minimum: int = 1) -> int:
+    """A length (``seq_len``, ``original_max_position_embeddings``) as a Python int >= ``minimum``; a 0-d
+    integer tensor (``position_ids.max() + 1``) is read as its value."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _check_factor(factor: float, name: str = "factor") -> float:
@@ -80,7 +91,7 @@ def _check_factor(factor: float, name: str = "factor") -> float:
 def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
     """Unscaled RoPE inverse frequencies ``θ_i = base^{-2i/dim}``, shape ``(dim/2,)``.
 
-    Raises ``ValueError`` if ``dim`` is not an even int >= 2 or ``base <= 1``.
+    Raises ``ValueError`` if ``dim`` is not an even int >= 2 or ``base`` not a finite number > 1.
     """
     _check_dim_base(dim, base)
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
@@ -127,15 +138,14 @@ def dynamic_ntk_inv_freq(
     ``b' = b · s'^{d/(d-2)}`` — the form used by ``transformers`` and by
     emozilla's original post; see also YaRN, arXiv:2309.00071 §3.3.
     Recompute it for every forward pass (``ℓ`` = largest position + 1).
-    Shape ``(dim/2,)``.
+    Shape ``(dim/2,)``. Raises ``ValueError`` unless both lengths are ints >= 1
+    (a 0-d integer tensor is taken).
     """
     factor = _check_factor(factor)
-    if seq_len < 1 or original_max_position_embeddings < 1:
-        raise ValueError(
-            f"seq_len and original_max_position_embeddings must be >= 1, got {seq_len}, "
-            f"{original_max_position_embeddings}"
-        )
-    length = max(int(seq_len), int(original_max_position_embeddings))
+    seq_len = _check_length(seq_len, "seq_len")
+    original_max_position_embeddings = _check_length(original_max_position_embeddings,
+                                                     "original_max_position_embeddings")
+    length = max(seq_len, original_max_position_embeddings)
     effective = factor * length / original_max_position_embeddings - (factor - 1.0)
     return ntk_inv_freq(dim, base, effective, device)
 
@@ -155,6 +165,8 @@ def yarn_ramp(dim: int, base: float, original_max_position_embeddings: int, beta
     ``[0, d-1]`` like the reference code. arXiv:2309.00071 §3.2.
     """
     _check_dim_base(dim, base)
+    original_max_position_embeddings = _check_length(original_max_position_embeddings,
+                                                     "original_max_position_embeddings")
     if not beta_fast > beta_slow > 0:
         raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={beta_fast}, beta_slow={beta_slow}")
 
@@ -230,7 +242,11 @@ def longrope_inv_freq(
 
 
 def longrope_attention_scaling(factor: float, original_max_position_embeddings: int) -> float:
-    """LongRoPE / Phi-3 attention scaling ``sqrt(1 + ln s / ln L)`` (1 for ``s <= 1``)."""
+    """LongRoPE / Phi-3 attention scaling ``sqrt(1 + ln s / ln L)`` (1 for ``s <= 1``).
+
+    Raises ``ValueError`` unless ``original_max_position_embeddings`` is an int >= 2 (``ln L`` divides).
+    """
+    _check_length(original_max_position_embeddings, "original_max_position_embeddings", minimum=2)
     if factor <= 1.0:
         return 1.0
     return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position_embeddings))

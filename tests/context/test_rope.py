@@ -18,6 +18,7 @@ from alignlab.context.rope import (
     scaled_inv_freq,
     yarn_attention_scaling,
     yarn_inv_freq,
+    yarn_ramp,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -294,3 +295,28 @@ def test_rope_scaling_fields_are_stored_as_python_values():
     assert lr.long_factor == (1.0, 2.0) and lr.short_factor == (1.0, 1.0)
     with pytest.raises(TypeError, match="long_factor"):
         RopeScaling("longrope", 2.0, long_factor="1234")  # was read as the factors (1, 2, 3, 4)
+
+
+def test_base_and_lengths_are_checked():
+    """Before: base=inf gave inv_freq (1, 0, 0, ...) without a word, a seq_len of 150.5 was truncated and NaN
+    failed inside int(), original_max_position_embeddings=0 in yarn_ramp was a bare 'math domain error' and
+    L=1 in longrope_attention_scaling a ZeroDivisionError."""
+    for bad in (float("inf"), float("nan"), "10000", True):
+        with pytest.raises(ValueError, match="base"):
+            rope_inv_freq(8, bad)
+    with pytest.raises(ValueError, match="seq_len"):
+        dynamic_ntk_inv_freq(8, 10000.0, 2.0, 150.5, 100)
+    with pytest.raises(ValueError, match="seq_len"):
+        dynamic_ntk_inv_freq(8, 10000.0, 2.0, float("nan"), 100)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        dynamic_ntk_inv_freq(8, 10000.0, 2.0, 150, 100.0)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        yarn_ramp(8, 10000.0, 0)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        yarn_inv_freq(8, 10000.0, 2.0, -5)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        longrope_attention_scaling(4.0, 1)
+    # a 0-d integer tensor (position_ids.max() + 1) is a length
+    torch.testing.assert_close(dynamic_ntk_inv_freq(8, 10000.0, 2.0, torch.tensor(150), 100),
+                               dynamic_ntk_inv_freq(8, 10000.0, 2.0, 150, 100))
+    assert longrope_attention_scaling(4.0, 4096) == pytest.approx(math.sqrt(1 + math.log(4.0) / math.log(4096)))
