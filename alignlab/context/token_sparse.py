@@ -74,7 +74,8 @@ def select_tokens(
 def attention_information_scores(
     attn_weights: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean attention each token receives: ``s_j = mean_h Σ_i A_{h,i,j} / |{i : i may attend j}|``.
+    """Mean attention each token receives: ``s_j = mean_h Σ_{i ∈ R_j} A_{h,i,j} / |R_j|``, ``R_j`` the
+    queries that may attend key ``j`` (causally, and both real under ``attention_mask``).
 
     ``attn_weights``: ``(batch, heads, q_len, k_len)`` softmax probabilities
     (e.g. ``output_attentions=True``). The normaliser counts the queries
@@ -84,16 +85,19 @@ def attention_information_scores(
     """
     if attn_weights.dim() != 4:
         raise ValueError(f"attn_weights must be (batch, heads, q_len, k_len), got {tuple(attn_weights.shape)}")
-    b, _, q_len, k_len = attn_weights.shape
-    received = attn_weights.float().sum(dim=2).mean(dim=1)  # (batch, k_len)
+    b, heads, q_len, k_len = attn_weights.shape
     causal = torch.ones(q_len, k_len, dtype=torch.bool, device=attn_weights.device).tril(k_len - q_len)
     if attention_mask is not None:
         am = attention_mask.bool()
         if am.shape != (b, k_len):
             raise ValueError(f"attention_mask must be (batch, k_len)=({b}, {k_len}), got {tuple(am.shape)}")
-        readers = (causal[None] & am[:, -q_len:, None] & am[:, None, :]).sum(dim=1)
+        allowed = causal[None] & am[:, -q_len:, None] & am[:, None, :]  # (batch, q_len, k_len)
+        readers = allowed.sum(dim=1)
+        # padded query rows hold whatever the model wrote there (often uniform): only readers count
+        received = torch.einsum("bhqk,bqk->bk", attn_weights.float(), allowed.float()) / heads
     else:
         readers = causal.sum(dim=0).expand(b, k_len)
+        received = attn_weights.float().sum(dim=2).mean(dim=1)  # (batch, k_len)
     scores = received / readers.clamp_min(1)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask.bool(), -math.inf)

@@ -245,3 +245,34 @@ def test_attention_mask_keeps_padding_out_of_the_default_selection():
     assert kept_rows()[mask == 0].any()
     with pytest.raises(TypeError, match="attention_mask"):
         set_token_mask(model, [1, 0])
+
+
+def test_attention_information_scores_with_padding_count_only_real_readers():
+    """With an attention mask the normaliser counted only the real queries, but the sum took every query row,
+    padded ones included: a left-padded row's padding queries (whose probabilities are whatever the model
+    writes there, e.g. uniform over all keys) added mass to every real key, most to the late keys with few
+    readers, and changed the selection. The sum is over the same readers as the normaliser."""
+    torch.manual_seed(0)
+    b, h, n, pad = 2, 3, 6, 3
+    am = torch.ones(b, n, dtype=torch.long)
+    am[0, :pad] = 0  # left padding
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & am[:, None, :].bool()  # (b, q, k)
+    probs = torch.randn(b, h, n, n).masked_fill(~allowed[:, None], -math.inf).softmax(-1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    probs[0, :, :pad] = 1.0 / n  # padded query rows: uniform over all keys, as an eager HF forward gives
+    scores = attention_information_scores(probs, am)
+    for bi in range(b):
+        real = [i for i in range(n) if am[bi, i]]
+        for j in real:
+            readers = [i for i in real if i >= j]
+            expected = sum(probs[bi, hh, i, j].item() for hh in range(h) for i in readers) / (h * len(readers))
+            assert scores[bi, j].item() == pytest.approx(expected, rel=1e-5)
+    # a generation step (q_len < k_len) with left padding reads the same way
+    last = attention_information_scores(probs[:, :, -2:], am)
+    for bi in range(b):
+        for j in range(n):
+            if am[bi, j]:
+                readers = [i for i in (n - 2, n - 1) if i >= j]
+                expected = sum(probs[bi, hh, i, j].item() for hh in range(h) for i in readers)
+                expected = expected / (h * len(readers)) if readers else 0.0
+                assert last[bi, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
