@@ -145,13 +145,22 @@ class TokenSparse(nn.Module):
 
     def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
         super().__init__()
-        if not (is_real(keep_ratio) and 0.0 < keep_ratio <= 1.0):
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
         self.module = module
-        self.keep_ratio = float(keep_ratio)
+        self.keep_ratio = keep_ratio
         self.scorer = scorer
         self.keep: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+
+    @property
+    def keep_ratio(self) -> float:
+        """``ρ`` in ``(0, 1]``; checked when set (between steps too), so a 1.5 is refused, not read as dense."""
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        if not (is_real(value) and 0.0 < value <= 1.0):  # NaN fails the range test
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {value!r}")
+        self._keep_ratio = float(value)
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not self.training or not torch.is_grad_enabled() or hidden.dim() != 3:

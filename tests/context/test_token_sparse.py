@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -276,3 +277,15 @@ def test_attention_information_scores_with_padding_count_only_real_readers():
                 expected = sum(probs[bi, hh, i, j].item() for hh in range(h) for i in readers)
                 expected = expected / (h * len(readers)) if readers else 0.0
                 assert last[bi, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_keep_ratio_set_between_steps_is_checked():
+    """The docs say to set keep_ratio on the wrappers between steps; a 1.5 set there was taken as 'dense'
+    (the >= 1 shortcut) without a word. It is checked as the constructor checks it."""
+    m = TokenSparse(torch.nn.Linear(4, 4), 0.5)
+    for bad in (1.5, 0.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            m.keep_ratio = bad
+    assert m.keep_ratio == 0.5
+    m.keep_ratio = np.float32(0.25)
+    assert m.keep_ratio == 0.25 and type(m.keep_ratio) is float
