@@ -179,11 +179,14 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
                          scorer: Scorer | None = None) -> list[str]:
     """Wrap every submodule whose name ends with one of ``targets`` in :class:`TokenSparse`, in place.
 
-    Returns the wrapped names. Raises ``ValueError`` if nothing matched.
-    Undo with ``module.module`` or by reloading; set ``keep_ratio`` on the
-    wrappers to change it between steps.
+    ``targets``: module names (a single string is one name). Returns the wrapped
+    names. Raises ``ValueError`` if nothing matched, ``TypeError`` if a target is
+    not a string. Undo with ``module.module`` or by reloading; set ``keep_ratio``
+    on the wrappers to change it between steps.
     """
-    targets = tuple(targets)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)  # not its characters
+    if not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"targets must be module names (strings), got {targets!r}")
     names = [
         name for name, m in model.named_modules()
         if name and not isinstance(m, TokenSparse) and name.split(".")[-1] in targets

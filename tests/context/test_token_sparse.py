@@ -289,3 +289,15 @@ def test_keep_ratio_set_between_steps_is_checked():
     assert m.keep_ratio == 0.5
     m.keep_ratio = np.float32(0.25)
     assert m.keep_ratio == 0.25 and type(m.keep_ratio) is float
+
+
+def test_apply_token_sparsity_takes_one_target_name_as_a_string():
+    """targets='mlp' was read as its characters ('m', 'l', 'p'): it matched no 'mlp' (and would wrap a
+    module named 'm')."""
+    net = nn.Sequential()
+    net.add_module("mlp", nn.Linear(4, 4))
+    net.add_module("m", nn.Linear(4, 4))
+    assert apply_token_sparsity(net, 0.5, targets="mlp") == ["mlp"]
+    assert isinstance(net.mlp, TokenSparse) and not isinstance(net.m, TokenSparse)
+    with pytest.raises(TypeError, match="targets"):
+        apply_token_sparsity(net, 0.5, targets=[nn.Linear])
