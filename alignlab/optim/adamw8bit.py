@@ -206,14 +206,19 @@ class AdamW8bit(torch.optim.Optimizer):
         each parameter's dtype; here it stays float32, 8-bit state goes back to its home device).
 
         Raises:
-            ValueError: a saved hyper-parameter out of range (checked before anything is loaded, as
-                :meth:`add_param_group` checks it), or a saved tensor whose shape does not fit its parameter.
+            ValueError: a saved hyper-parameter out of range (as :meth:`add_param_group` checks it), or a
+                saved tensor whose shape does not fit its parameter. Both are checked before anything is
+                loaded: after the error the optimizer is as it was.
         """
         self._wait_pending()
         for group in state_dict["param_groups"]:
             _check_group({key: group[key] for key in ("lr", "betas", "eps", "weight_decay")})
         saved = state_dict["state"]
         ids = [g["params"] for g in state_dict["param_groups"]]
+        for group, group_ids in zip(self.param_groups, ids):
+            for p, i in zip(group["params"], group_ids):
+                if i in saved:
+                    self._check_saved_state(p, i, saved[i])
         super().load_state_dict(state_dict)
         for group, group_ids in zip(self.param_groups, ids):
             _check_group(group)  # stores the saved values as Python floats
@@ -222,22 +227,29 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 src, st = saved[i], self.state[p]
                 if "codes" in src:
-                    fresh = self._new_state(p) if self._quantized(p) else None
-                    if fresh is None or src["codes"].shape != fresh["codes"].shape \
-                            or src["absmax"].shape != fresh["absmax"].shape:
-                        raise ValueError(f"state_dict: 8-bit state of parameter {i} has codes "
-                                         f"{tuple(src['codes'].shape)}, which does not fit a parameter of "
-                                         f"{p.numel()} elements with min_8bit_size={self.min_8bit_size}, "
-                                         f"blocksize={self.blocksize}")
+                    fresh = self._new_state(p)
                     fresh["codes"].copy_(src["codes"])
                     fresh["absmax"].copy_(src["absmax"])
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
                 else:
                     for key in ("exp_avg", "exp_avg_sq"):
-                        if tuple(src[key].shape) != tuple(p.shape):
-                            raise ValueError(f"state_dict: {key} of parameter {i} has shape "
-                                             f"{tuple(src[key].shape)}, expected {tuple(p.shape)}")
                         st[key] = src[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _check_saved_state(self, p: torch.Tensor, i: Any, src: dict[str, Any]) -> None:
+        """``ValueError`` unless the saved state ``src`` of parameter ``i`` fits ``p``."""
+        if "codes" in src:
+            nb = -(-p.numel() // self.blocksize)
+            if not self._quantized(p) or tuple(src["codes"].shape) != (2, p.numel()) \
+                    or tuple(src["absmax"].shape) != (2, nb):
+                raise ValueError(f"state_dict: 8-bit state of parameter {i} has codes "
+                                 f"{tuple(src['codes'].shape)}, which does not fit a parameter of "
+                                 f"{p.numel()} elements with min_8bit_size={self.min_8bit_size}, "
+                                 f"blocksize={self.blocksize}")
+            return
+        for key in ("exp_avg", "exp_avg_sq"):
+            if tuple(src[key].shape) != tuple(p.shape):
+                raise ValueError(f"state_dict: {key} of parameter {i} has shape "
+                                 f"{tuple(src[key].shape)}, expected {tuple(p.shape)}")
 
     # ---- step --------------------------------------------------------------------------------------------
 

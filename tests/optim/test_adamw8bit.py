@@ -417,3 +417,25 @@ def test_offload_takes_a_numpy_bool():
     for bad in (1, None, "no"):
         with pytest.raises(TypeError, match="offload"):
             AdamW8bit([torch.nn.Parameter(torch.zeros(4))], offload=bad)
+
+
+@pytest.mark.parametrize("min_8bit_size", [0, 10**6])
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(min_8bit_size):
+    """The shape check ran after torch's loader had replaced the groups and the state: after the ValueError
+    the optimizer had the saved lr and float-cast codes of the wrong shape, and its next step crashed."""
+    p = torch.nn.Parameter(torch.randn(50, 50))
+    opt = AdamW8bit([p], min_8bit_size=min_8bit_size)
+    _train(opt, [p], 1, seed=0)
+    saved = opt.state_dict()
+    q = torch.nn.Parameter(torch.randn(60, 50))
+    other = AdamW8bit([q], lr=0.5, min_8bit_size=min_8bit_size)
+    _train(other, [q], 1, seed=1)
+    before = copy.deepcopy(other.state[q])
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict(saved)
+    assert other.param_groups[0]["lr"] == 0.5
+    assert before.keys() == other.state[q].keys()
+    assert all(torch.equal(v, other.state[q][k]) if torch.is_tensor(v) else v == other.state[q][k]
+               for k, v in before.items())
+    _train(other, [q], 1, seed=2)
+    assert torch.isfinite(q).all()
