@@ -64,7 +64,8 @@ def shard_model(
 ) -> nn.Module:
     """``fully_shard`` every transformer block of ``model``, then the model itself; returns ``model``.
 
-    Blocks are the modules whose class is in ``block_types`` (classes or class names); by default
+    Blocks are the modules whose class is in ``block_types`` (classes or class names; a single name or
+    class is one block type); by default
     a ``transformers`` model's ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``). Each block is
     one FSDP2 unit (one all-gather before its forward and backward); the rest (embeddings, final
     norm, ``lm_head``) forms the root unit. The NF4 layers are made shardable first
@@ -72,7 +73,7 @@ def shard_model(
     adapters added later would not be sharded.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or a block type is neither a class nor a name.
         ValueError: no ``block_types`` given and the model declares none, or none of them occurs.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -85,6 +86,11 @@ def shard_model(
         block_types = getattr(model, "_no_split_modules", None)
         if not block_types:
             raise ValueError("block_types must be given: the model declares no _no_split_modules")
+    if isinstance(block_types, (str, type)):  # one name, not its characters
+        block_types = (block_types,)
+    block_types = tuple(block_types)
+    if not all(isinstance(t, (str, type)) for t in block_types):
+        raise TypeError(f"block_types must be classes or class names, got {block_types!r}")
     wanted = {t if isinstance(t, str) else t.__name__ for t in block_types}
     blocks = [m for m in model.modules() if type(m).__name__ in wanted and m is not model]
     if not blocks:

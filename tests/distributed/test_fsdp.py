@@ -198,3 +198,28 @@ def test_without_the_cast_cache_a_silent_refill_is_seen(cache_casts):
     layer.lora_A["default"].weight.data.mul_(2)  # through .data: same address, same version, as FSDP2's refill
     after = layer(x)
     assert torch.equal(after, before) == cache_casts  # the cache cannot see such a refill; off, it is read
+
+
+def test_shard_model_takes_one_block_type_as_a_string(monkeypatch):
+    """block_types='Block' was read as its characters ('B', 'l', ...): no block matched and the error listed
+    the letters. One name or one class is one block type (no process group needed: fully_shard is recorded)."""
+    import torch.distributed.fsdp as fsdp
+
+    from alignlab.distributed import shard_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+    sharded = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: sharded.append(module))
+    for block_types in ("Block", Block):
+        sharded.clear()
+        model = torch.nn.Sequential(Block(), Block())
+        shard_model(model, block_types=block_types)
+        assert sharded == [model[0], model[1], model]
+    with pytest.raises(ValueError, match=r"\['Nope'\]"):
+        shard_model(torch.nn.Sequential(Block()), block_types="Nope")
+    with pytest.raises(TypeError, match="block_types"):
+        shard_model(torch.nn.Sequential(Block()), block_types=[1])
