@@ -432,10 +432,12 @@ def _hf_rope_parameters(scaling: RopeScaling, theta: float, original: int, dim: 
                       beta_slow=scaling.beta_slow, truncate=scaling.truncate)
         if scaling.attention_factor is not None:
             params["attention_factor"] = scaling.attention_factor
-        if scaling.mscale_all_dim:
+        # transformers takes the mscale ratio only when both are non-zero, and plain mscale not at all
+        if scaling.mscale and scaling.mscale_all_dim:
             params.update(mscale=scaling.mscale, mscale_all_dim=scaling.mscale_all_dim)
-        elif scaling.mscale != 1.0:
-            params["attention_factor"] = yarn_attention_scaling(scaling.factor, scaling.mscale)
+        elif scaling.attention_factor is None and (scaling.mscale != 1.0 or scaling.mscale_all_dim):
+            params["attention_factor"] = yarn_attention_scaling(scaling.factor, scaling.mscale,
+                                                                scaling.mscale_all_dim)
     elif scaling.kind == "longrope":
         params.update(original_max_position_embeddings=original, long_factor=list(scaling.long_factor),
                       short_factor=list(scaling.short_factor or (1.0,) * (dim // 2)))

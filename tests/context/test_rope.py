@@ -320,3 +320,21 @@ def test_base_and_lengths_are_checked():
     torch.testing.assert_close(dynamic_ntk_inv_freq(8, 10000.0, 2.0, torch.tensor(150), 100),
                                dynamic_ntk_inv_freq(8, 10000.0, 2.0, 150, 100))
     assert longrope_attention_scaling(4.0, 4096) == pytest.approx(math.sqrt(1 + math.log(4.0) / math.log(4096)))
+
+
+@pytest.mark.parametrize("knobs", [dict(mscale=0.0, mscale_all_dim=1.0), dict(mscale=2.0, attention_factor=1.1),
+                                   dict(mscale=1.0, mscale_all_dim=0.707), dict(mscale=2.0),
+                                   dict(mscale=1.0, mscale_all_dim=0.707, attention_factor=0.9)])
+def test_written_yarn_config_gives_the_same_attention_scaling_in_transformers(knobs):
+    """apply_rope_scaling wrote mscale=0 with mscale_all_dim as the pair (transformers then ignores both and
+    takes 0.1 ln s + 1), and with mscale != 1 overwrote a given attention_factor by the mscale value: a saved
+    checkpoint reloaded with another attention scaling than the one trained with."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1, vocab_size=64, hidden_size=32, num_layers=1)  # head_dim 8
+    scaling = RopeScaling("yarn", 8.0, **knobs)
+    apply_rope_scaling(model, scaling)
+    _, ours = scaled_inv_freq(scaling, 8, 10000.0, model.config.max_position_embeddings)
+    _, ref = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig.from_dict(model.config.to_dict()))
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(ours)
+    assert ref == pytest.approx(ours)
