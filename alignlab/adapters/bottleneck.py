@@ -208,7 +208,8 @@ class BottleneckConfig:
         hidden_size: block width; default ``model.config.hidden_size``.
     Raises:
         ValueError: ``reduction_factor`` not a positive number or larger than the hidden size,
-            unknown placement or non-linearity, a NaN or infinite ``scaling``, no hidden size available.
+            unknown placement or non-linearity, a NaN or infinite ``scaling``, a ``hidden_size`` that is not a
+            positive int, no hidden size available.
         TypeError: ``scaling`` is not a real number.
     """
 
@@ -231,6 +232,10 @@ class BottleneckConfig:
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         self.scaling = check_finite_number(self.scaling, "scaling")
+        if self.hidden_size is not None:  # 2.7 reached int() in prepare (a 2-wide block), "4096" a comparison
+            if not is_int(self.hidden_size) or self.hidden_size < 1:
+                raise ValueError(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")
+            self.hidden_size = int(self.hidden_size)
         if self.target_modules is None:
             self.target_modules = list(PLACEMENTS[self.placement])
         self._hidden: int | None = None

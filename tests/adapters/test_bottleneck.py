@@ -226,3 +226,12 @@ def test_fusion_temperature_in_the_file_must_be_a_number():
     for bad, match in (("2", "must be a number"), (True, "must be a number"), (float("inf"), "must be a finite number")):
         with pytest.raises(ValueError, match=f"adapter_config.json: temperature {match}"):
             AdapterFusionConfig.from_peft({**raw, "temperature": bad})
+
+
+def test_config_hidden_size_must_be_a_positive_int():
+    """BottleneckConfig(hidden_size=2.7) used to reach int() in prepare (2-wide blocks); NumPy ints are taken."""
+    np = pytest.importorskip("numpy")
+    assert type(BottleneckConfig(hidden_size=np.int64(32)).hidden_size) is int
+    for bad in (2.7, "32", True, 0, -4):
+        with pytest.raises(ValueError, match="hidden_size must be None or a positive int"):
+            BottleneckConfig(hidden_size=bad)
