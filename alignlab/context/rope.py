@@ -188,7 +188,12 @@ def yarn_attention_scaling(factor: float, mscale: float = 1.0, mscale_all_dim: f
 
     With DeepSeek's ``mscale`` / ``mscale_all_dim`` pair the value is the ratio
     ``(0.1·mscale·ln s + 1) / (0.1·mscale_all_dim·ln s + 1)``. arXiv:2309.00071 §3.4.
+    Raises ``ValueError`` naming an argument that is not a finite number (``mscale_all_dim`` may be None).
     """
+    check_finite_number(factor, "factor")
+    check_finite_number(mscale, "mscale")
+    if mscale_all_dim is not None:
+        check_finite_number(mscale_all_dim, "mscale_all_dim")
 
     def m(scale: float, k: float) -> float:
         return 1.0 if scale <= 1.0 else 0.1 * k * math.log(scale) + 1.0
@@ -244,8 +249,10 @@ def longrope_inv_freq(
 def longrope_attention_scaling(factor: float, original_max_position_embeddings: int) -> float:
     """LongRoPE / Phi-3 attention scaling ``sqrt(1 + ln s / ln L)`` (1 for ``s <= 1``).
 
-    Raises ``ValueError`` unless ``original_max_position_embeddings`` is an int >= 2 (``ln L`` divides).
+    Raises ``ValueError`` unless ``factor`` is a finite number and ``original_max_position_embeddings`` an
+    int >= 2 (``ln L`` divides).
     """
+    check_finite_number(factor, "factor")
     _check_length(original_max_position_embeddings, "original_max_position_embeddings", minimum=2)
     if factor <= 1.0:
         return 1.0

@@ -338,3 +338,17 @@ def test_written_yarn_config_gives_the_same_attention_scaling_in_transformers(kn
     _, ref = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig.from_dict(model.config.to_dict()))
     assert model.model.rotary_emb.attention_scaling == pytest.approx(ours)
     assert ref == pytest.approx(ours)
+
+
+def test_attention_scalings_refuse_non_finite_input():
+    """yarn_attention_scaling / longrope_attention_scaling returned NaN (or inf) for a NaN (inf) factor or
+    mscale, which then scaled every cos and sin."""
+    for call, match in ((lambda: yarn_attention_scaling(float("nan")), "factor"),
+                        (lambda: yarn_attention_scaling(float("inf")), "factor"),
+                        (lambda: yarn_attention_scaling(4.0, float("nan")), "mscale"),
+                        (lambda: yarn_attention_scaling(4.0, 1.0, float("nan")), "mscale_all_dim"),
+                        (lambda: longrope_attention_scaling(float("nan"), 4096), "factor"),
+                        (lambda: longrope_attention_scaling(float("inf"), 4096), "factor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+    assert yarn_attention_scaling(0.5) == 1.0 and longrope_attention_scaling(0.5, 4096) == 1.0  # s <= 1: 1
