@@ -152,9 +152,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def like_target(src: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``src`` (the whole tensor, the same on every rank) laid out as ``target``: this rank's shard
-    when ``target`` is a ``DTensor`` (no communication: each rank slices its own part), else ``src``."""
+    when ``target`` is a ``DTensor`` (no communication: each rank slices its own part), else ``src``.
+
+    Raises ``ValueError`` if ``src`` does not have ``target``'s (global) shape: ``target.copy_`` of the
+    result would broadcast a ``(1, n)`` source over an ``(m, n)`` target without a word."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if tuple(src.shape) != tuple(target.shape):
+        raise ValueError(f"src: expected the shape of target {tuple(target.shape)}, got {tuple(src.shape)}")
     src = src.to(device=target.device, dtype=target.dtype)
     if not isinstance(target, DTensor):
         return src

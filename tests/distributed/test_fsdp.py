@@ -223,3 +223,15 @@ def test_shard_model_takes_one_block_type_as_a_string(monkeypatch):
         shard_model(torch.nn.Sequential(Block()), block_types="Nope")
     with pytest.raises(TypeError, match="block_types"):
         shard_model(torch.nn.Sequential(Block()), block_types=[1])
+
+
+def test_like_target_refuses_another_shape():
+    """like_target returned a (1, n) source for an (m, n) plain target as is, and target.copy_ broadcast it
+    over every row without a word."""
+    from alignlab.distributed import like_target
+
+    target = torch.zeros(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"src: expected the shape of target \(3, 4\), got \(1, 4\)"):
+        like_target(torch.ones(1, 4), target)
+    out = like_target(torch.ones(3, 4, dtype=torch.float64), target)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
