@@ -467,8 +467,9 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     RoPE, if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
     different from the config's ``max_position_embeddings`` (``transformers``
     reads the original length from there), if LongRoPE factors do not have
-    ``head_dim * partial_rotary_factor / 2`` entries, or if no rotary module is
-    found. Nothing is changed when it raises.
+    ``head_dim * partial_rotary_factor / 2`` entries, if the config has one RoPE
+    per layer type (Gemma 3), or if no rotary module is found. Nothing is
+    changed when it raises.
     """
     if not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
@@ -476,6 +477,10 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     if config is None:
         raise TypeError("model must be a transformers model with a .config")
     new_style = isinstance(getattr(config, "rope_parameters", None), dict)
+    if new_style and config.rope_parameters and all(isinstance(v, dict) for v in config.rope_parameters.values()):
+        raise ValueError(  # Gemma 3 style: one RoPE per attention type (buffers '<layer_type>_inv_freq')
+            f"model has one RoPE per layer type ({sorted(config.rope_parameters)}); apply_rope_scaling "
+            "handles models with a single RoPE")
     if new_style:
         current = dict(config.rope_parameters)
         theta = float(current.get("rope_theta", getattr(config, "rope_theta", 10000.0)))

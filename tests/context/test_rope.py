@@ -352,3 +352,16 @@ def test_attention_scalings_refuse_non_finite_input():
         with pytest.raises((ValueError, TypeError), match=match):
             call()
     assert yarn_attention_scaling(0.5) == 1.0 and longrope_attention_scaling(0.5, 4096) == 1.0  # s <= 1: 1
+
+
+def test_per_layer_type_rope_is_refused_by_name():
+    """A Gemma 3 style config (one rope_parameters dict per layer type, buffers '<type>_inv_freq') was refused
+    as 'no rotary module found', which sends the reader looking for a missing module."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=128)
+    model = transformers.Gemma3ForCausalLM(cfg)
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="one RoPE per layer type"):
+        apply_rope_scaling(model, RopeScaling("linear", 2.0))
+    assert model.config.to_dict() == before
