@@ -212,7 +212,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """
         self._wait_pending()
         for group in state_dict["param_groups"]:
-            _check_group({key: group[key] for key in ("lr", "betas", "eps", "weight_decay")})
+            _check_group(dict(group))  # a copy: nothing is stored before every check passed
         saved = state_dict["state"]
         ids = [g["params"] for g in state_dict["param_groups"]]
         for group, group_ids in zip(self.param_groups, ids):
@@ -368,7 +368,11 @@ def _check_group(group: dict[str, Any]) -> None:
     """Validate a param group's hyper-parameters and store them as Python floats, in place.
 
     Python and NumPy reals are accepted; a bool, a tensor, NaN or inf is not (a NaN ``lr`` would pass a
-    ``< 0`` test and turn every parameter into NaN at the first step)."""
+    ``< 0`` test and turn every parameter into NaN at the first step). ``torch.optim.AdamW``'s
+    ``maximize`` / ``amsgrad`` switched on in a group (a migrated config) are refused: they would be ignored."""
+    for key in ("maximize", "amsgrad"):
+        if group.get(key):
+            raise ValueError(f"{key}: AdamW8bit has no {key} (the group asks for {key}={group[key]!r})")
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if not is_finite_real(lr) or lr < 0:
         raise ValueError(f"lr: expected a finite float >= 0, got {lr!r}")

@@ -439,3 +439,22 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(min_8bit_size):
                for k, v in before.items())
     _train(other, [q], 1, seed=2)
     assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("key", ["maximize", "amsgrad"])
+def test_torch_adamw_switches_in_a_group_are_refused(key):
+    """A group migrated from torch.optim.AdamW with maximize=True (or amsgrad=True) was taken and the key
+    ignored: the optimizer minimized where the config asked to maximize. Such a group, or a saved state
+    dict with it, is refused; the keys switched off are fine."""
+    p, q = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    with pytest.raises(ValueError, match=key):
+        AdamW8bit([{"params": [p], key: True}])
+    opt = AdamW8bit([{"params": [p], key: False}])
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [q], key: True})
+    ref = torch.optim.AdamW([q], **{key: True})
+    q.grad = torch.ones(8)
+    ref.step()
+    with pytest.raises(ValueError, match=key):
+        AdamW8bit([q]).load_state_dict(ref.state_dict())
+    AdamW8bit([q]).load_state_dict(torch.optim.AdamW([q]).state_dict())  # the switches off: loads
