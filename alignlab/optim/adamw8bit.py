@@ -77,7 +77,18 @@ def dequantize_moments(
     codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 moments ``(m, v)``, each ``(n,)``, from an 8-bit state's ``codes`` ``(2, n)`` uint8 and
-    ``absmax`` ``(2, ceil(n / blocksize))`` float32."""
+    ``absmax`` ``(2, ceil(n / blocksize))`` float32. Pass the optimizer's ``blocksize``.
+
+    Raises ``ValueError`` if the shapes do not fit each other and ``blocksize`` (the default 256 on the state
+    of an optimizer with ``blocksize=64`` would read a quarter of the scales, without a word)."""
+    if codes.dim() != 2 or codes.shape[0] != 2:
+        raise ValueError(f"codes: expected shape (2, n), got {tuple(codes.shape)}")
+    if not is_int(blocksize) or blocksize < 1:
+        raise ValueError(f"blocksize: expected a positive int, got {blocksize!r}")
+    nb = -(-codes.shape[1] // blocksize)
+    if tuple(absmax.shape) != (2, nb):
+        raise ValueError(f"absmax: expected shape (2, {nb}) for {codes.shape[1]} values in blocks of {blocksize}, "
+                         f"got {tuple(absmax.shape)} (is blocksize the optimizer's?)")
     s, u, _, _ = _maps(codes.device)
     return _dequantize(codes[0], absmax[0], s, blocksize), _dequantize(codes[1], absmax[1], u, blocksize)
 

@@ -458,3 +458,18 @@ def test_torch_adamw_switches_in_a_group_are_refused(key):
     with pytest.raises(ValueError, match=key):
         AdamW8bit([q]).load_state_dict(ref.state_dict())
     AdamW8bit([q]).load_state_dict(torch.optim.AdamW([q]).state_dict())  # the switches off: loads
+
+
+def test_dequantize_moments_checks_blocksize_against_the_state():
+    """With the default blocksize=256 on the state of a blocksize=64 optimizer, the scales were read a quarter
+    of them at a time (repeat_interleave then [:n]) and wrong moments came back without a word."""
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = AdamW8bit([p], blocksize=64, min_8bit_size=0)
+    _train(opt, [p], 2, seed=0)
+    st = opt.state[p]
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_moments(st["codes"], st["absmax"])
+    with pytest.raises(ValueError, match="codes"):
+        dequantize_moments(st["codes"][0], st["absmax"], 64)
+    m, v = dequantize_moments(st["codes"], st["absmax"], 64)
+    assert m.shape == v.shape == (1000,) and bool((v >= 0).all())
