@@ -477,7 +477,8 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     if config is None:
         raise TypeError("model must be a transformers model with a .config")
     new_style = isinstance(getattr(config, "rope_parameters", None), dict)
-    if new_style and config.rope_parameters and all(isinstance(v, dict) for v in config.rope_parameters.values()):
+    # one dict per layer type; older transformers releases keep a top-level rope_type beside them
+    if new_style and any(isinstance(v, dict) for v in config.rope_parameters.values()):
         raise ValueError(  # Gemma 3 style: one RoPE per attention type (buffers '<layer_type>_inv_freq')
             f"model has one RoPE per layer type ({sorted(config.rope_parameters)}); apply_rope_scaling "
             "handles models with a single RoPE")
