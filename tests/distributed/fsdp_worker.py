@@ -6,6 +6,7 @@ module name, which the spawned processes import.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     os.environ["ALIGNLAB_KERNELS"] = "torch"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that waits longer than this fails the test instead of holding CI until its wall-clock limit
+    # (one such hang, both ranks inside full_tensor's all-gather of an FSDP gradient, was seen once in CI)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
 
 
 def worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
