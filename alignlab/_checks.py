@@ -8,8 +8,7 @@ or tensor is not a scalar to these checks.
 
 The ``check_*`` helpers return the value as a Python ``float`` / ``int``, so whatever is stored
 from them serialises into JSON and a saved config. Flags likewise: :func:`as_bool` takes a NumPy bool
-and returns a Python bool; :func:`check_bool` returns nothing and so still refuses NumPy bools, for
-callers that keep the value they were given.
+and returns a Python bool.
 """
 
 from __future__ import annotations
@@ -80,16 +79,6 @@ def as_bool(value, arg: str) -> bool:
     if isinstance(value, numpy.bool_):
         return bool(value)
     raise TypeError(f"{arg} must be a bool, got {value!r}")
-
-
-def check_bool(value, arg: str) -> None:
-    """``TypeError`` naming ``arg`` unless ``value`` is a Python bool (a truthy string would switch a flag on).
-
-    Stricter than :func:`as_bool`, it refuses NumPy bools too: for callers that keep ``value`` as given, where
-    an ``np.bool_`` would reach a saved config (``json`` cannot write it). Callers that store the returned
-    Python bool use :func:`as_bool`."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{arg} must be a bool, got {value!r}")
 
 
 def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:

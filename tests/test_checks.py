@@ -1,10 +1,10 @@
-"""alignlab._checks: flags (as_bool / check_bool) and token ids from Python and NumPy."""
+"""alignlab._checks: flags (as_bool) and token ids from Python and NumPy."""
 
 import numpy as np
 import pytest
 import torch
 
-from alignlab._checks import as_bool, check_bool, check_token_id
+from alignlab._checks import as_bool, check_token_id
 
 
 @pytest.mark.parametrize("value", [True, False, np.True_, np.False_, np.bool_(1), np.array([1, 2]) > 1])
@@ -18,19 +18,9 @@ def test_as_bool_takes_python_and_numpy_bools(value):
 
 @pytest.mark.parametrize("value", ["no", "True", 1, 0, np.int64(1), 1.0, None, np.array(True), torch.tensor(True)],
                          ids=["str-no", "str-True", "int-1", "int-0", "np-int", "float", "none", "0d-array", "tensor"])
-def test_as_bool_and_check_bool_refuse_non_flags(value):
+def test_as_bool_refuses_non_flags(value):
     with pytest.raises(TypeError, match="flag must be a bool"):
         as_bool(value, "flag")
-    with pytest.raises(TypeError, match="flag must be a bool"):
-        check_bool(value, "flag")
-
-
-def test_check_bool_still_refuses_numpy_bools():
-    """Its callers keep the value as given (adapter configs): an np.bool_ would reach adapter_config.json, which
-    json cannot write, so it stays refused there until they store as_bool's result."""
-    with pytest.raises(TypeError, match="flag"):
-        check_bool(np.True_, "flag")
-    check_bool(True, "flag")
 
 
 def test_check_token_id():
