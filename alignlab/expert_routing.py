@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from alignlab._checks import check_positive_int
+
 __all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias"]
 
 
@@ -38,6 +40,12 @@ class ExpertGroups(NamedTuple):
 
     @classmethod
     def from_routing(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertGroups":
+        """The groups of ``top_k_index (T, k)`` over ``num_experts`` experts.
+
+        Raises ``ValueError`` naming ``num_experts`` unless it is an integer > 0: ``True`` would count one
+        expert, and 0 or a float failed inside ``histc``.
+        """
+        num_experts = check_positive_int(num_experts, "num_experts")
         ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         # histc, not bincount: bincount sizes its output from the data (a device-to-host sync per call);
         # histc takes float input on CPU and integer input on CUDA. With one expert its range would be
