@@ -88,10 +88,15 @@ def peft_targets(raw: dict) -> str | list[str]:
 
 
 def refuse_unsupported(raw: dict, method: str, supported: tuple[tuple[str, object], ...]) -> None:
-    """``ValueError`` naming the first ``(key, only supported value)`` pair that ``raw`` sets otherwise."""
+    """``ValueError`` naming the first ``(key, only supported value)`` pair that ``raw`` sets otherwise.
+
+    A bool matches only a bool (``0 == False`` and ``1 == True`` in Python, but a flag written as ``0`` is
+    not ``false``); a number matches an equal number (``0`` for ``0.0``)."""
     for key, ok in supported:
-        if raw.get(key, ok) != ok:
-            raise ValueError(f"adapter_config.json: {key}={raw[key]!r} is not supported by alignlab for {method}")
+        value = raw.get(key, ok)
+        if isinstance(value, bool) != isinstance(ok, bool) or value != ok:
+            raise ValueError(f"adapter_config.json: {key}={value!r} is not supported by alignlab for {method} "
+                             f"(only {json.dumps(ok)})")
 
 
 _REQUIRED = object()

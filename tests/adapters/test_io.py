@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_llama
 
 from alignlab.adapters import LoRAConfig, adapter_layers, inject, load_adapter, merge, save_adapter
-from alignlab.adapters.io import peft_field
+from alignlab.adapters.io import peft_field, refuse_unsupported
 
 IDS = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
 
@@ -93,6 +93,33 @@ def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, mat
     with pytest.raises(ValueError, match=match):
         load_adapter(model, tmp_path)
     assert not list(adapter_layers(model))
+
+
+@pytest.mark.parametrize("key,ok,value", [("lora_bias", False, 0), ("use_dora", False, 0.0), ("flag", True, 1),
+                                          ("rank_dropout", 0.0, False), ("module_dropout", 0, False)])
+def test_refuse_unsupported_tells_a_bool_from_a_number(key, ok, value):
+    """`!=` let 0 pass for false and false for 0.0 (0 == False, 1 == True in Python): a bool matches only a bool."""
+    with pytest.raises(ValueError, match=f"adapter_config.json: {key}={value!r} is not supported by alignlab for X"):
+        refuse_unsupported({key: value}, "X", ((key, ok),))
+    refuse_unsupported({key: ok}, "X", ((key, ok),))
+    refuse_unsupported({}, "X", ((key, ok),))
+
+
+def test_refuse_unsupported_takes_an_int_for_a_float_and_null_only_for_null():
+    refuse_unsupported({"rank_dropout": 0, "layers_to_transform": None, "bias": "none"}, "X",
+                       (("rank_dropout", 0.0), ("layers_to_transform", None), ("bias", "none")))
+    for key, ok, value in (("layers_to_transform", None, 0), ("layers_to_transform", None, False),
+                           ("bias", "none", None)):
+        with pytest.raises(ValueError, match=f"{key}="):
+            refuse_unsupported({key: value}, "X", ((key, ok),))
+
+
+def test_lora_bias_zero_is_refused_on_load(tmp_path):
+    save_adapter(_trained(), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": 0}))
+    with pytest.raises(ValueError, match="lora_bias=0 is not supported by alignlab for LoRA"):
+        load_adapter(make_tiny_llama(), tmp_path)
 
 
 def test_peft_field_returns_json_values_unconverted_or_names_the_field():
