@@ -52,7 +52,8 @@ def select_tokens(
 
     ``n_b`` counts the row's valid tokens (``attention_mask`` 1/True, all if
     ``None``); padding is never kept. Ties go to the earlier position.
-    Raises ``ValueError`` for ``keep_ratio`` outside ``(0, 1]`` or shape mismatch.
+    Raises ``ValueError`` for ``keep_ratio`` outside ``(0, 1]``, shape mismatch, or a NaN score on a
+    valid token (a sort ranks NaN above +inf, so it would be kept first; there is no rank to give it).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, seq), got shape {tuple(scores.shape)}")
@@ -62,6 +63,9 @@ def select_tokens(
     valid = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if valid.shape != scores.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} != scores shape {tuple(scores.shape)}")
+    n_nan = int((torch.isnan(scores) & valid).sum())  # a host sync, as token_sparse_apply's nonzero has anyway
+    if n_nan:
+        raise ValueError(f"scores must not be NaN on a valid token ({n_nan} found)")
     n_valid = valid.sum(dim=1)
     k = torch.ceil(n_valid.double() * keep_ratio).long()
     masked = scores.detach().float().masked_fill(~valid, -math.inf)

@@ -301,3 +301,12 @@ def test_apply_token_sparsity_takes_one_target_name_as_a_string():
     assert isinstance(net.mlp, TokenSparse) and not isinstance(net.m, TokenSparse)
     with pytest.raises(TypeError, match="targets"):
         apply_token_sparsity(net, 0.5, targets=[nn.Linear])
+
+
+def test_nan_score_is_refused_unless_on_padding():
+    """argsort puts NaN above +inf, so a NaN-scored token (a diverged scorer) was the first one kept."""
+    scores = torch.tensor([[0.1, math.nan, 0.3, 0.2]])
+    with pytest.raises(ValueError, match=r"scores must not be NaN on a valid token \(1 found\)"):
+        select_tokens(scores, 0.25)
+    mask = torch.tensor([[1, 0, 1, 1]])
+    assert select_tokens(scores, 0.34, mask).tolist() == [[False, False, True, True]]  # padding: never kept anyway
