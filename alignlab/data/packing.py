@@ -172,13 +172,31 @@ def packed_attention_mask(
 
 
 def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """FlashAttention varlen boundaries ``[0, n_1, n_1+n_2, …, total]`` (int32) of a flattened ``(1, total)`` row."""
+    """FlashAttention varlen boundaries ``[0, n_1, n_1+n_2, …, total]`` (int32) of a flattened ``(1, total)`` row.
+
+    ``position_ids``: ``(1, total)`` or ``(total,)`` integers that count ``0, 1, 2, …`` within each sample
+    and restart at 0 at the next (as :func:`collate_padding_free` makes them). Raises ``TypeError`` if it is
+    not a tensor; ``ValueError`` for a float or bool dtype, another shape (a batch of several rows has no
+    single row of boundaries), an empty row, or positions that do not start at 0 or do not count up by one
+    (a gap, a repeat or a negative value: such a row has no sample boundaries to read).
+    """
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+    if position_ids.dtype == torch.bool or position_ids.is_floating_point() or position_ids.is_complex():
+        raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if not (position_ids.dim() == 1 or position_ids.dim() == 2 and position_ids.shape[0] == 1):
+        raise ValueError(f"position_ids must be (1, total) or (total,), got shape {tuple(position_ids.shape)}")
     flat = position_ids.flatten()
     if flat.numel() == 0:
         raise ValueError("position_ids is empty")
+    if flat[0] != 0:
+        raise ValueError(f"position_ids must start at 0 (a sample boundary), got {int(flat[0])}")
+    bad = torch.nonzero((flat[1:] != 0) & (flat[1:] != flat[:-1] + 1)).flatten()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"position_ids must count 0, 1, 2, ... within each sample and restart at 0 at the next, "
+                         f"got {int(flat[i])} at index {i} after {int(flat[i - 1])}")
     starts = torch.nonzero(flat == 0).flatten()
-    if starts.numel() == 0 or starts[0] != 0:
-        raise ValueError("position_ids must start at 0 (a sample boundary)")
     total = torch.tensor([flat.numel()], device=flat.device)
     return torch.cat([starts, total]).to(torch.int32)
 

@@ -290,3 +290,33 @@ def test_tensor_and_numpy_token_ids_pack_as_ints():
     (row,) = pack_examples(ex, 8)
     assert row["input_ids"] == [3, 4, 5, 6, 7] and all(type(t) is int for t in row["input_ids"] + row["labels"])
     assert torch.equal(collate_padding_free(ex)["input_ids"], torch.tensor([[3, 4, 5, 6, 7]]))
+
+
+def test_cu_seq_lens_from_position_ids_takes_one_row_in_either_shape():
+    row = torch.tensor([0, 1, 2, 0, 0, 1])
+    for pos in (row, row[None], row.int()):
+        assert cu_seq_lens_from_position_ids(pos).tolist() == [0, 3, 4, 6]
+    assert cu_seq_lens_from_position_ids(row).dtype == torch.int32
+
+
+@pytest.mark.parametrize("pos,match", [
+    (torch.tensor([[0, 1, 3, 0]]), r"count 0, 1, 2, \.\.\. .* got 3 at index 2 after 1"),  # a gap
+    (torch.tensor([[0, 1, 1, 2]]), r"got 1 at index 2 after 1"),  # a repeat
+    (torch.tensor([[0, 1, -1, 0]]), r"got -1 at index 2"),  # negative
+    (torch.tensor([[0, 2, 3]]), r"got 2 at index 1 after 0"),
+    (torch.tensor([[-1, 0, 1]]), "start at 0"),
+    (torch.tensor([[0.0, 1.0, 0.0]]), "integer tensor, got dtype torch.float32"),
+    (torch.tensor([[True, False]]), "integer tensor, got dtype torch.bool"),
+    (torch.tensor([[0, 1], [0, 1]]), r"\(1, total\) or \(total,\), got shape \(2, 2\)"),  # a batch, not one row
+    (torch.zeros(1, 1, 3, dtype=torch.long), r"got shape \(1, 1, 3\)"),
+    (torch.tensor(0), r"got shape \(\)"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+])
+def test_cu_seq_lens_from_position_ids_refuses_malformed_positions(pos, match):
+    """Only a (1, total) row of integer positions that restart at 0 and count up by one within a sample has
+    boundaries; anything else used to come back as wrong boundaries (a gap or a repeat was one sample, a
+    batch of two rows was read as one row, floats matched 0.0)."""
+    with pytest.raises(ValueError, match=f"position_ids.*{match}"):
+        cu_seq_lens_from_position_ids(pos)
+    with pytest.raises(TypeError, match="position_ids must be a torch.Tensor, got list"):
+        cu_seq_lens_from_position_ids([0, 1, 2])
