@@ -60,7 +60,11 @@ def token_losses(
     ``NaN`` where ``labels == -100``, at ``t = 0`` and where position ``t - 1`` is padding
     (``attention_mask`` 0: the first real token of a left-padded row). ``model(input_ids, ...)``
     must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
-    logits tensor itself; ``position_ids`` are forwarded (packed rows).
+    logits tensor itself; ``position_ids`` are forwarded (packed rows). Without them, a 2-D
+    ``attention_mask`` gives each real token the count of real tokens before it as its position
+    (``cumsum - 1``, as ``transformers``' ``generate`` does), so a left-padded row scores as the same row
+    unpadded also under absolute position embeddings (GPT-2), where the model's own ``0 … seq-1``
+    would shift it by the padding; the model must then take ``position_ids``.
     Raises ``ValueError`` on shape mismatch or float ``labels``.
     """
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
@@ -72,6 +76,8 @@ def token_losses(
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
         kwargs["use_cache"] = False  # transformers only derives packed masks without a KV cache
+    elif attention_mask is not None and attention_mask.dim() == 2:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # a pad's is never scored
     out = model(input_ids, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if logits.shape[:2] != input_ids.shape:

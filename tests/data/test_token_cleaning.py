@@ -180,6 +180,32 @@ def test_left_padding_never_scores_a_token_from_a_pad():
         torch.testing.assert_close(left[:, pad:], alone, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+def test_left_and_right_padding_give_the_same_losses_under_absolute_positions():
+    """GPT-2 adds a learned embedding of the absolute position: without position_ids a left-padded row's
+    tokens were read at positions shifted by the padding, and their losses differed from the right-padded
+    (and unpadded) row's. Positions now come from the attention mask when the caller gives none."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 32, (n,), generator=g) for n in (7, 4)]
+    alone = [token_losses(model, s[None], s[None])[0] for s in seqs]
+    batches = {}
+    for side in ("left", "right"):
+        ids = torch.zeros(2, 7, dtype=torch.long)
+        mask = torch.zeros(2, 7, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            sl = slice(0, len(s)) if side == "right" else slice(7 - len(s), 7)
+            ids[b, sl], mask[b, sl] = s, 1
+        got = token_losses(model, ids, ids.masked_fill(mask == 0, IGNORE_INDEX), attention_mask=mask)
+        batches[side] = [got[b][mask[b].bool()] for b in range(2)]  # the real tokens' losses, in order
+    for b in range(2):
+        torch.testing.assert_close(batches["left"][b], batches["right"][b], rtol=1e-4, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(batches["left"][b], alone[b], rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert batches["left"][1][1:].isfinite().all()
+
+
 def test_keep_ratio_numpy_scalar_matches_python_float():
     np = pytest.importorskip("numpy")
     g = torch.Generator().manual_seed(0)
