@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 2 examples/fsdp_qlora.py [--ddp] [--dora] [--steps 20] [--out DIR]
 
+Started with plain ``python`` instead of ``torchrun`` it runs as a world of one process.
+
 On GPUs each rank takes one device and talks NCCL; on CPU the ranks talk gloo. Each rank
 trains on its own slice of the global batch; FSDP2 (:func:`alignlab.distributed.shard_model`)
 shards the parameters (adapters, embeddings, norms, ``lm_head``) and the packed NF4 bytes of
@@ -71,7 +73,11 @@ def main(argv=None) -> float:
     from alignlab.distributed import is_writer, unwrap
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if "RANK" in os.environ:  # started by torchrun
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:  # plain `python examples/fsdp_qlora.py`: one process, a world of one
+        print("RANK is not set (not started by torchrun): running as a world of one process")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

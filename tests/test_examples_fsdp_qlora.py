@@ -1,4 +1,4 @@
-"""Smoke test: examples/fsdp_qlora.py under torchrun with 2 CPU processes (gloo), FSDP2 and DDP."""
+"""Smoke test: examples/fsdp_qlora.py under torchrun with 2 CPU processes (gloo), FSDP2 and DDP, and alone."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cpu_example, step_losses
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +37,17 @@ def test_fsdp_qlora_example_runs_with_torchrun(tmp_path, flags):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == ("--dora" in flags)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_fsdp_qlora_example_runs_without_torchrun():
+    """Started with plain ``python`` (no RANK in the environment) it used to die in init_process_group with
+    torch's "environment variable RANK expected"; it now runs as a world of one process."""
+    env_rank = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        out = run_cpu_example("fsdp_qlora.py", "--steps", "3", timeout=240)
+    finally:
+        os.environ.update(env_rank)
+    assert "world=1 backend=gloo" in out
+    losses = step_losses(out)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert "reproduces the loss to 0.00e+00" in out
