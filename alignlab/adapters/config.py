@@ -37,7 +37,9 @@ class LoRAConfig:
         use_rslora: rank-stabilised scaling.
         use_dora: DoRA instead of plain LoRA.
         init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_K"`` or ``"olora"``.
-        modules_to_save: names/suffixes of modules trained in full next to the adapters (e.g. ``["lm_head"]``).
+        modules_to_save: modules trained in full next to the adapters (e.g. ``["lm_head"]``): every module whose
+            name ends with one of these strings, as in PEFT (a plain suffix: ``"classifier"`` takes DistilBERT's
+            ``pre_classifier`` too).
         adapter_dtype: dtype of the adapter weights (default: fp32 on 16-bit or quantized bases).
         exact_fp32: adapter math in fp32, rounded once into the output, on the layers this config
             creates (default False: autocast semantics, the fast path; see ``LoRALinear``).
@@ -229,6 +231,12 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(^|.*\.)(?:{pattern})$", name):
             return value
     return default
+
+
+def saved_module_matches(modules_to_save: list[str], name: str) -> bool:
+    """Whether a dotted module name is one of ``modules_to_save``: it ends with one of them, without a dot
+    before (PEFT's ``_set_trainable`` does ``key.endswith(target_key)``, and saves every module it wraps so)."""
+    return any(name.endswith(t) for t in modules_to_save)
 
 
 def name_matches(spec: str | list[str], name: str) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from alignlab._checks import check_finite_number
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
-from alignlab.adapters.config import LoRAConfig, name_matches
+from alignlab.adapters.config import LoRAConfig, name_matches, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA
 from alignlab.adapters.lora import LoRALinear
 
@@ -180,9 +180,9 @@ def _match_modules_to_save(model: nn.Module, config) -> list[str]:
         return []
     names = []
     for name, module in model.named_modules():
-        if name and name_matches(list(wanted), name) and not any(name.startswith(n + ".") for n in names):
+        if name and saved_module_matches(list(wanted), name) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
-    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    missing = [w for w in wanted if not any(saved_module_matches([w], n) for n in names)]
     if missing:
         raise ValueError(f"modules_to_save: no module named {missing} in this model")
     return names

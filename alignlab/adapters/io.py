@@ -40,7 +40,7 @@ from torch import nn
 
 from alignlab._checks import is_int, is_real
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
-from alignlab.adapters.config import LoRAConfig
+from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
 from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
 from alignlab.adapters.lora import LoRALinear
@@ -426,7 +426,7 @@ def _drop_absent_modules_to_save(model: nn.Module, config) -> None:
     if not wanted:
         return
     names = [n for n, _ in model.named_modules() if n]
-    kept = [w for w in wanted if any(n == w or n.endswith("." + w) for n in names)]
+    kept = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
     config.modules_to_save = kept or None
 
 

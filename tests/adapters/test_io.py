@@ -271,6 +271,38 @@ def test_peft_seq_cls_adapter_loads_although_it_names_both_task_heads(tmp_path):
         torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_modules_to_save_match_a_plain_suffix_as_in_peft(tmp_path):
+    """PEFT matches modules_to_save by `key.endswith(name)`: SEQ_CLS's "classifier" wraps DistilBERT's
+    `pre_classifier` too and saves its weights, which we refused as keys matching no module (we wanted a '.'
+    before the name). Both ways: PEFT's file loads here, ours loads in PEFT."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    def classifier():
+        torch.manual_seed(0)
+        cfg = transformers.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=1, n_heads=2,
+                                            num_labels=3, max_position_embeddings=16)
+        return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+    theirs = peft.get_peft_model(classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                               target_modules=["q_lin"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert any(k.startswith("base_model.model.pre_classifier.")
+               for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    ours = load_adapter(classifier(), tmp_path / "peft")
+    assert {type(m).__name__ for n, m in ours.named_modules() if n in ("pre_classifier", "classifier")} == {"SavedModule"}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(classifier(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_failed_load_leaves_requires_grad_as_it_was(tmp_path):
     save_adapter(_trained(), tmp_path)
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
