@@ -216,13 +216,22 @@ class AdamW8bit(torch.optim.Optimizer):
         """Load a state saved by :meth:`state_dict` (torch's own loader would cast the float32 state to
         each parameter's dtype; here it stays float32, 8-bit state goes back to its home device).
 
+        A state saved by :class:`torch.optim.AdamW` loads too: the float32 moments of a parameter with at
+        least ``min_8bit_size`` elements are quantized, as a step would (else a migrated optimizer would
+        keep 8 bytes of state per parameter for good), and ``step`` becomes an int.
+
         Raises:
-            ValueError: a saved hyper-parameter out of range (as :meth:`add_param_group` checks it), or a
-                saved tensor whose shape does not fit its parameter. Both are checked before anything is
-                loaded: after the error the optimizer is as it was.
+            ValueError: a saved hyper-parameter out of range or missing (as :meth:`add_param_group` checks
+                it), a saved state without either AdamW8bit's or torch AdamW's keys (another optimizer's),
+                or a saved tensor whose shape does not fit its parameter. All are checked before anything
+                is loaded: after the error the optimizer is as it was.
         """
         self._wait_pending()
         for group in state_dict["param_groups"]:
+            missing = [key for key in ("lr", "betas", "eps", "weight_decay") if key not in group]
+            if missing:
+                raise ValueError(f"state_dict: a param group has no {', '.join(missing)}: "
+                                 "not the state of AdamW8bit or torch.optim.AdamW")
             _check_group(dict(group))  # a copy: nothing is stored before every check passed
         saved = state_dict["state"]
         ids = [g["params"] for g in state_dict["param_groups"]]
@@ -237,10 +246,21 @@ class AdamW8bit(torch.optim.Optimizer):
                 if i not in saved:
                     continue
                 src, st = saved[i], self.state[p]
+                st["step"] = int(src["step"])  # torch.optim.AdamW saves a float tensor
                 if "codes" in src:
                     fresh = self._new_state(p)
                     fresh["codes"].copy_(src["codes"])
                     fresh["absmax"].copy_(src["absmax"])
+                    st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
+                elif self._quantized(p):  # torch.optim.AdamW's fp32 moments: quantize them, as a step would
+                    fresh = self._new_state(p)
+                    s, u, _, _ = _maps(fresh["codes"].device)
+                    for row, (key, code) in enumerate((("exp_avg", s), ("exp_avg_sq", u))):
+                        x = src[key].to(device=fresh["codes"].device, dtype=torch.float32).reshape(-1)
+                        q, a = _quantize_blockwise_8bit(x, self.blocksize, code)
+                        fresh["codes"][row].copy_(q)
+                        fresh["absmax"][row].copy_(a)
+                        del st[key]
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
                 else:
                     for key in ("exp_avg", "exp_avg_sq"):
@@ -248,6 +268,9 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _check_saved_state(self, p: torch.Tensor, i: Any, src: dict[str, Any]) -> None:
         """``ValueError`` unless the saved state ``src`` of parameter ``i`` fits ``p``."""
+        if not ({"step", "codes", "absmax"} <= src.keys() or {"step", "exp_avg", "exp_avg_sq"} <= src.keys()):
+            raise ValueError(f"state_dict: the state of parameter {i} has keys {sorted(src)}, expected step, codes "
+                             "and absmax (AdamW8bit) or step, exp_avg and exp_avg_sq (torch.optim.AdamW)")
         if "codes" in src:
             nb = -(-p.numel() // self.blocksize)
             if not self._quantized(p) or tuple(src["codes"].shape) != (2, p.numel()) \

@@ -473,3 +473,47 @@ def test_dequantize_moments_checks_blocksize_against_the_state():
         dequantize_moments(st["codes"][0], st["absmax"], 64)
     m, v = dequantize_moments(st["codes"], st["absmax"], 64)
     assert m.shape == v.shape == (1000,) and bool((v >= 0).all())
+
+
+def test_a_torch_adamw_state_loads_as_8bit_state():
+    """A state saved by torch.optim.AdamW (the migration the docs promise) loaded, but its fp32 moments stayed
+    fp32 for good, also for parameters of min_8bit_size elements or more: 8 bytes of state per parameter, not
+    2.03, without a word, and a float tensor for `step`. They are quantized on load, as a step would; the
+    small parameters keep theirs. The next steps follow torch's AdamW as a fresh 8-bit optimizer does."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 70)), torch.nn.Parameter(torch.randn(16))]
+    ref = torch.optim.AdamW(params, lr=1e-2)
+    _train(ref, params, 3, seed=1)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW8bit(twins, lr=1e-2, min_8bit_size=100)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    big, small = opt.state[twins[0]], opt.state[twins[1]]
+    assert set(big) == {"step", "codes", "absmax"} and big["step"] == 3 and type(big["step"]) is int
+    assert set(small) == {"step", "exp_avg", "exp_avg_sq"} and type(small["step"]) is int
+    assert state_bytes(opt) < 0.3 * state_bytes(ref)
+    saved = ref.state[params[0]]
+    for row, (key, signed) in enumerate((("exp_avg", True), ("exp_avg_sq", False))):
+        codes, absmax = _quantize_blockwise_8bit(saved[key].reshape(-1), 256, dynamic_map("cpu", signed=signed))
+        assert torch.equal(big["codes"][row], codes) and torch.equal(big["absmax"][row], absmax)
+    before = [p.detach().clone() for p in params]
+    _train(ref, params, 3, seed=2)
+    _train(opt, twins, 3, seed=2)
+    for p, q, b in zip(params, twins, before):
+        assert (q - p).norm() < 0.05 * (p - b).norm()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: _bnb().optim.AdamW8bit(ps, lr=0.1),
+], ids=["sgd", "bitsandbytes"])
+def test_a_foreign_state_dict_is_a_named_value_error(make):
+    """The state dict of another optimizer (SGD, or bitsandbytes' AdamW8bit, whose keys are its own) failed
+    with a bare KeyError ('betas', 'exp_avg'); it is a ValueError that says what was expected."""
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    other = make([p])
+    p.grad = torch.randn(64, 80)
+    other.step()
+    opt = AdamW8bit([torch.nn.Parameter(p.detach().clone())])
+    with pytest.raises(ValueError, match="AdamW"):
+        opt.load_state_dict(other.state_dict())
+    assert not opt.state and opt.param_groups[0]["betas"] == (0.9, 0.999)
