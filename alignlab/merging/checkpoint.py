@@ -17,7 +17,8 @@ The output is ``model-0000i-of-0000n.safetensors`` shards plus
 ``out_dir`` and renamed into place only when complete: an error (missing tensor,
 shape mismatch, bad parameter, full disk) leaves no partial output behind.
 Non-weight files of the base model (``config.json``, tokenizer files, ...) are
-copied over.
+copied over: all of them from a base folder, only the config, tokenizer, generation and
+chat-template files from beside a base given as one ``.safetensors`` file.
 
 safetensors layout (https://github.com/huggingface/safetensors): an 8-byte
 little-endian header length ``N``, ``N`` bytes of JSON mapping each tensor name
@@ -56,6 +57,13 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+# what a model folder holds besides weights: config, tokenizer, generation and chat-template files
+_MODEL_FOLDER_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json",
+})
 
 _ST_TO_TORCH = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -365,9 +373,15 @@ def _header_bytes(specs: list[_OutSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None, model_folder: bool) -> None:
+    """Copy the base's non-weight files from ``base_dir`` into ``out`` (``config.json`` with the output dtype).
+
+    ``model_folder``: the base was given as this folder, and all of its files are the model's. Otherwise it
+    was one weights file, and its folder may be anything (Downloads): only :data:`_MODEL_FOLDER_FILES` come."""
     for src in sorted(base_dir.iterdir()):
         if not src.is_file() or src.name.endswith(_WEIGHT_SUFFIXES) or src.name.endswith(".index.json"):
+            continue
+        if not model_folder and src.name not in _MODEL_FOLDER_FILES:
             continue
         if src.name == "config.json" and dtype is not None:
             cfg = json.loads(src.read_text())
@@ -454,8 +468,8 @@ def merge_checkpoints(
         tmp.mkdir()
         try:
             _write_shards(r, ckpts, shards, tmp, progress, prefetch)
-            ref_dir = ref_path if ref_path.is_dir() else ref_path.parent
-            _copy_side_files(ref_dir, tmp, r.dtype)
+            model_folder = ref_path.is_dir()
+            _copy_side_files(ref_path if model_folder else ref_path.parent, tmp, r.dtype, model_folder)
             _install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

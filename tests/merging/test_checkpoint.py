@@ -150,6 +150,35 @@ def test_dare_is_seeded_per_tensor(three_models):
                 assert torch.equal(a[n], want)
 
 
+def test_single_file_base_copies_only_model_folder_files(tmp_path):
+    """A base given as one .safetensors file had every file beside it copied into the output: from a
+    Downloads folder, the whole folder. Only what a model folder holds (config, tokenizer, generation and
+    chat-template files) comes along now; a base given as a folder still brings all its non-weight files."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for name, seed in (("base.safetensors", 0), ("a.safetensors", 1)):
+        save_file(toy_state(seed), downloads / name, metadata={"format": "pt"})
+    model_files = {"config.json": json.dumps({"model_type": "toy", "torch_dtype": "float32"}),
+                   "tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+                   "generation_config.json": "{}", "chat_template.jinja": "{{ x }}", "merges.txt": "",
+                   "vocab.json": "{}", "tokenizer.model": ""}
+    for name, text in {**model_files, "notes.txt": "x", "photo.jpg": "x", "invoice.pdf": "x", "README.md": "x",
+                       "other_index.json": "{}"}.items():
+        (downloads / name).write_text(text)
+    (downloads / "folder").mkdir()
+    out = merge_checkpoints({"merge_method": "linear", "base_model": str(downloads / "base.safetensors"),
+                             "models": [str(downloads / "base.safetensors"), str(downloads / "a.safetensors")]},
+                            tmp_path / "out")
+    assert {p.name for p in out.iterdir() if "safetensors" not in p.name} == set(model_files)
+    folder = tmp_path / "folder_base"
+    write_checkpoint(folder, toy_state(0))
+    (folder / "README.md").write_text("the model card")
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(folder), str(downloads / "a.safetensors")]},
+                            tmp_path / "out2")
+    assert {p.name for p in out.iterdir() if "safetensors" not in p.name} == {"config.json", "tokenizer.json",
+                                                                               "README.md"}
+
+
 def test_dtype_and_filters(three_models):
     tmp, states = three_models
     w = [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]
