@@ -161,10 +161,11 @@ class _LoRAFn(torch.autograd.Function):
 
 def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm):
     """DoRA's output and what its backward reuses: ``(y, x Aᵀ, g, s·g, s·g ⊙ B)``, ``g = m / norm``."""
-    g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs)
-    gs = (g * scale)[:, None]
-    # s·g folded into B once, rounded once from the master B: forward's epilogue and backward's x Aᵀ gradient
-    bgs = (b.detach().to(g.dtype) * gs).to(dtype)
+    from alignlab.kernels.dora import dora_scales
+
+    # g in fp32 (fp64 for fp64 inputs); s·g folded into B once, rounded once from the master B (forward's
+    # epilogue and backward's x Aᵀ gradient): one kernel for the three
+    g, gs, bgs = dora_scales(norm, magnitude, b, scale, dtype)
     xa = x2 @ ac.T
     y = _base_forward(x2, weight, bias, g)
     return y.addmm_(xa, bgs.T), xa, g, gs, bgs

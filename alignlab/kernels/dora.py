@@ -12,6 +12,9 @@ DoRA (Liu et al., arXiv 2402.09353) scales each output row of ``W + s·B A`` by
 * :func:`column_dot` -- ``Σ_t u[t, i]·v[t, i]``, ``(out,)`` in fp32. Programs own a column
   block and a slice of rows and write fp32 partial sums, added in a fixed order
   (deterministic), so no ``(tokens, out)`` product is formed.
+* :func:`dora_scales` -- the per-row factors of a forward call, ``g = m / n``, ``s·g`` and
+  ``s·g ⊙ B`` rounded to the compute dtype, in one launch (four elementwise ops in torch,
+  each costing more host time than GPU time on these ``(out,)`` and ``(out, r)`` vectors).
 * :func:`magnitude_grad` -- the same reduction specialised to the magnitude gradient
   ``∂L/∂m_i = Σ_t ∂L/∂y[t, i] · (y[t, i] - bias_i) / m_i`` (``Σ_t ∂L/∂y`` alongside for the
   bias), finished in the kernel: one or two launches instead of a reduction plus five
@@ -40,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["dora_row_norm", "column_dot", "magnitude_grad"]
+__all__ = ["dora_row_norm", "dora_scales", "column_dot", "magnitude_grad"]
 
 
 if triton is not None:
@@ -152,6 +155,26 @@ if triton is not None:
                 acc_g += tl.load(base + C + rc, mask=cmask, other=0.0)
         _magnitude_finish(acc, acc_g, rc, cmask, bias_ptr, m_ptr, dm_ptr, HAS_BIAS)
 
+if triton is not None:
+
+    @triton.jit
+    def _scales_kernel(m_ptr, norm_ptr, b_ptr, g_ptr, gs_ptr, bgs_ptr, N, R, stride_b, scale,
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """g = m / norm, gs = scale·g (fp32, rounded as torch rounds each op) and bgs = round(b·gs) per row."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        ok = rn < N
+        m = tl.load(m_ptr + rn, mask=ok, other=1.0).to(tl.float32)
+        n = tl.load(norm_ptr + rn, mask=ok, other=1.0)
+        g = tl.math.div_rn(m, n)  # IEEE division, as torch's (Triton's `/` is approximate in fp32)
+        gs = g * scale
+        tl.store(g_ptr + rn, g, mask=ok)
+        tl.store(gs_ptr + rn, gs, mask=ok)
+        tile = ok[:, None] & (rr[None, :] < R)
+        rows = rn[:, None].to(tl.int64)
+        b = tl.load(b_ptr + rows * stride_b + rr[None, :], mask=tile, other=0.0).to(tl.float32)
+        tl.store(bgs_ptr + rows * R + rr[None, :], (b * gs[:, None]).to(bgs_ptr.dtype.element_ty), mask=tile)
+
 
 def _check_factors(shape: tuple[int, int], a: torch.Tensor, b: torch.Tensor) -> None:
     out_f, in_f = shape
@@ -201,6 +224,48 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
            dict(QUANT=quant, IEEE=a.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
                 num_warps=4, **meta))
     return out
+
+
+def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DoRA's per-row factors for one forward call: ``(g, s·g, s·g ⊙ B)``.
+
+    ``g = m / norm`` and ``s·g`` come back in ``norm``'s dtype (fp32, or fp64 for fp64 inputs), ``s·g`` as an
+    ``(out, 1)`` column; ``s·g ⊙ B`` is formed from ``b`` (e.g. the fp32 master) in that dtype and rounded once
+    to ``dtype``. Each value is rounded as the torch expression
+    ``g = m.to(norm.dtype) / norm; gs = (g * s)[:, None]; (b.to(g.dtype) * gs).to(dtype)`` rounds it (the
+    reference path, and the meaning of the kernel's result); the kernel makes all three in one launch.
+
+    Args:
+        norm: ``(out,)`` row norms ``‖W + s·B A‖`` (:func:`dora_row_norm`).
+        magnitude: ``m``, ``(out,)``; b: ``(out, r)``; scale: ``s``; dtype: the compute dtype of ``s·g ⊙ B``.
+    Raises:
+        ValueError: shapes that do not fit.
+    """
+    out_f = norm.shape[0] if norm.dim() == 1 else -1
+    if norm.dim() != 1 or tuple(magnitude.shape) != (out_f,) or b.dim() != 2 or b.shape[0] != out_f:
+        raise ValueError(f"norm and magnitude must be (out,) and b (out, r), got norm {tuple(norm.shape)}, "
+                         f"magnitude {tuple(magnitude.shape)} and b {tuple(b.shape)}")
+    magnitude, b = magnitude.detach(), b.detach()
+    if not (triton is not None and norm.dtype == torch.float32 and b.dtype != torch.float64
+            and use_triton(norm, magnitude, b)):
+        g = magnitude.to(norm.dtype) / norm
+        gs = (g * scale)[:, None]
+        return g, gs, (b.to(g.dtype) * gs).to(dtype)
+    R = b.shape[1]
+    g = torch.empty(out_f, dtype=torch.float32, device=norm.device)
+    gs = torch.empty(out_f, 1, dtype=torch.float32, device=norm.device)
+    bgs = torch.empty(out_f, R, dtype=dtype, device=norm.device)
+    if out_f == 0:
+        return g, gs, bgs
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    block_r = max(2, triton.next_power_of_2(R))
+    block_n = 16 if interpreting() else max(16, min(128, 2048 // block_r))
+    launch(_scales_kernel, (triton.cdiv(out_f, block_n),),
+           (magnitude.contiguous(), norm.contiguous(), b, g, gs, bgs, out_f, R, b.stride(0), float(scale)),
+           dict(BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
+    return g, gs, bgs
 
 
 def _column_plan(T: int, C: int, splits: int | None) -> tuple[int, int, int, int, int]:

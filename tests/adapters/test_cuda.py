@@ -110,3 +110,22 @@ def test_qlora_layer_launch_counts():
     leaves = (x, *[p for p in layer.parameters() if p.requires_grad])
     bwd = _kernels(lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True))
     assert len(bwd) == 6, bwd
+
+
+def test_qdora_layer_launch_counts():
+    """The same count for a QDoRA layer: forward = the factor cast, the row norm, the per-row factors (g, s·g,
+    s·g ⊙ B: one kernel), x Aᵀ, the scaled dequantization, the base GEMM, the epilogue (7); backward = dy (s·g B),
+    the scaled dequantization, dy W, its epilogue, ∂L/∂A, ∂L/∂B and its row scaling, ∂L/∂m (8)."""
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(256, 192, bias=False, device="cuda", dtype=torch.bfloat16)),
+                       r=8, alpha=16, use_dora=True)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fwd = _kernels(lambda: layer(x))
+    assert len(fwd) == 7, fwd
+    y = layer(x)
+    gy = torch.randn_like(y)
+    leaves = (x, *[p for p in layer.parameters() if p.requires_grad])
+    bwd = _kernels(lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True))
+    assert len(bwd) == 8, bwd

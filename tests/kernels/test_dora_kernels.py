@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignlab.kernels.dora import column_dot, dora_row_norm, magnitude_grad
+from alignlab.kernels.dora import column_dot, dora_row_norm, dora_scales, magnitude_grad
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
 pytest.importorskip("triton")
@@ -128,3 +128,63 @@ def test_row_norm_of_a_transposed_dense_view(triton_mode, kernel_device):
     a, b = torch.randn(3, 24, generator=g).to(kernel_device), torch.randn(40, 3, generator=g).to(kernel_device)
     ref = (w.double() + 0.5 * b.double() @ a.double()).norm(dim=1)
     torch.testing.assert_close(dora_row_norm(w, a, b, 0.5).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _scales_formula(norm, m, b, s, dtype):
+    """DoRA's forward factors as the torch expression rounds them, op by op."""
+    g = m.to(norm.dtype) / norm
+    gs = (g * s)[:, None]
+    return g, gs, (b.to(g.dtype) * gs).to(dtype)
+
+
+@pytest.mark.parametrize("out_f,r", [(37, 3), (16, 16), (1, 1), (130, 20), (50, 64)])
+@pytest.mark.parametrize("b_dtype,dtype", [(torch.float32, torch.float16), (torch.float16, torch.float16),
+                                           (torch.float32, torch.float32)])
+def test_dora_scales_interpreter(out_f, r, b_dtype, dtype, triton_mode, kernel_device):
+    """One kernel for g = m / n, s·g and s·g ⊙ B, bit for bit the torch expression (partial row blocks, r not a
+    power of two, r = 1), with a zero magnitude row."""
+    g = torch.Generator().manual_seed(out_f * 7 + r)
+    norm = torch.rand(out_f, generator=g) * 3 + 0.1
+    m = torch.randn(out_f, generator=g)
+    m[0] = 0.0
+    b = (torch.randn(out_f, r, generator=g) / 5).to(b_dtype)
+    dev = kernel_device
+    got = dora_scales(norm.to(dev), m.to(dev), b.to(dev), 1.7, dtype)
+    ref = _scales_formula(norm.to(dev), m.to(dev), b.to(dev), 1.7, dtype)
+    assert [t.shape for t in got] == [(out_f,), (out_f, 1), (out_f, r)]
+    assert [t.dtype for t in got] == [torch.float32, torch.float32, dtype]
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def test_dora_scales_strided_b_empty_and_errors(triton_mode, kernel_device):
+    dev = kernel_device
+    norm, m = torch.rand(6, device=dev) + 1, torch.randn(6, device=dev)
+    b = torch.randn(3, 6, device=dev).T  # (6, 3), column-major
+    for x, y in zip(dora_scales(norm, m, b, 0.5, torch.float32), _scales_formula(norm, m, b, 0.5, torch.float32)):
+        assert torch.equal(x, y)
+    empty = dora_scales(norm[:0], m[:0], b[:0], 0.5, torch.float16)
+    assert [t.shape for t in empty] == [(0,), (0, 1), (0, 3)]
+    with pytest.raises(ValueError, match="magnitude"):
+        dora_scales(norm, m[:5], b, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="b"):
+        dora_scales(norm, m, b[:5], 0.5, torch.float32)
+
+
+def test_dora_scales_reference_path_fp64(torch_mode):
+    norm, m, b = torch.rand(5, dtype=torch.float64) + 1, torch.randn(5, dtype=torch.float64), torch.randn(5, 2)
+    got = dora_scales(norm, m, b, 2.0, torch.float64)
+    assert got[0].dtype == torch.float64
+    for x, y in zip(got, _scales_formula(norm, m, b, 2.0, torch.float64)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_dora_scales_cuda_bf16():
+    """On the GPU (bf16 output, fp32 and bf16 factors): still bit for bit the torch expression."""
+    torch.manual_seed(0)
+    norm = torch.rand(4099, device="cuda") + 0.5
+    m = torch.randn(4099, device="cuda")
+    for b in (torch.randn(4099, 16, device="cuda") / 30, (torch.randn(4099, 16, device="cuda") / 30).bfloat16()):
+        for x, y in zip(dora_scales(norm, m, b, 2.0, torch.bfloat16), _scales_formula(norm, m, b, 2.0, torch.bfloat16)):
+            assert torch.equal(x, y), (x.float() - y.float()).abs().max()
