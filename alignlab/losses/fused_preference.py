@@ -324,6 +324,15 @@ def _reference_seq_logps(
         return scatter_rows(st.target - st.lse, index, labels.numel()).view(labels.shape).sum(dim=1)
 
 
+def _check_ref_head(ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
+                    ref_bias: torch.Tensor | None) -> None:
+    """``ValueError`` for a reference head (``ref_weight``/``ref_bias``) without the hidden states it would score:
+    it was dropped without a word, with precomputed reference log-probs or with none."""
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight/ref_bias score ref_hidden, the reference hidden states, which was not given: "
+                         "pass ref_hidden too, or drop them")
+
+
 def fused_linear_dpo(
     policy_hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -379,7 +388,8 @@ def fused_linear_dpo(
         ``policy_hidden``, ``lm_head_weight`` and ``bias``.
 
     Raises:
-        ValueError: odd batch, both reference forms given, ``average_log_prob`` with ``ipo``/``sigmoid_norm``
+        ValueError: odd batch, no reference (or both forms) given, ``ref_weight``/``ref_bias`` without
+            ``ref_hidden``, ``average_log_prob`` with ``ipo``/``sigmoid_norm``
             (they average per token already: the log-probs would be divided by the counts twice), and
             everything ``dpo_loss``/``linear_logprobs`` reject.
     """
@@ -391,9 +401,13 @@ def fused_linear_dpo(
     if average_log_prob and normalised:
         raise ValueError(f"loss_type {sorted(normalised)} divides the log-ratios by the completion lengths itself; "
                          "average_log_prob=True would divide them twice: leave it False")
+    _check_ref_head(ref_hidden, ref_weight, ref_bias)
+    rc, rr = ref_chosen_logps, ref_rejected_logps
+    if ref_hidden is None and rc is None and rr is None and not dpo_kwargs.get("reference_free", False):
+        raise ValueError("fused_linear_dpo needs a reference: ref_hidden (the reference's (2B, seq, hidden) hidden "
+                         "states), or ref_chosen_logps and ref_rejected_logps, or reference_free=True")
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
-    rc, rr = ref_chosen_logps, ref_rejected_logps
     sel = None
     if ref_hidden is not None:
         if rc is not None or rr is not None:
@@ -590,6 +604,7 @@ def fused_linear_kto(
     """
     _check_3d(policy_hidden)
     check_num_items("num_items", num_items)
+    _check_ref_head(ref_hidden, ref_weight, ref_bias)
     if ref_hidden is not None:
         if ref_logps is not None:
             raise ValueError("pass either ref_hidden or ref_logps, not both")

@@ -342,3 +342,22 @@ def test_schedule_and_average_flags_must_be_bools():
         fused_linear_dpo(hidden, weight, labels, ref, ref, average_log_prob="no")
     with pytest.raises(TypeError, match="average_log_prob"):
         fused_linear_cpo(hidden, weight, labels, average_log_prob=0)
+
+
+def test_a_missing_or_half_given_reference_names_the_fused_forms():
+    """Without a reference, fused_linear_dpo said "ref_chosen_logps and ref_rejected_logps are required unless
+    reference_free=True", not naming ref_hidden, the form the fused loss exists for; and ref_weight / ref_bias
+    without ref_hidden (a reference head for hidden states never given) were dropped without a word, in DPO and
+    KTO alike. Both are ValueErrors naming ref_hidden."""
+    hidden, weight, bias, labels = _batch(13)
+    with pytest.raises(ValueError, match="ref_hidden"):
+        fused_linear_dpo(hidden, weight, labels)
+    ref = torch.zeros(B, dtype=torch.float64)
+    for kwargs in ({"ref_weight": weight.detach()}, {"ref_bias": bias.detach()}):
+        with pytest.raises(ValueError, match="ref_hidden"):
+            fused_linear_dpo(hidden, weight, labels, ref, ref, **kwargs)
+        with pytest.raises(ValueError, match="ref_hidden"):
+            fused_linear_kto(hidden, weight, labels, torch.ones(2 * B, dtype=torch.bool), torch.zeros(2 * B,
+                             dtype=torch.float64), kl=0.0, **kwargs)
+    fused_linear_dpo(hidden, weight, labels, reference_free=True)  # still fine
+    fused_linear_dpo(hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=weight.detach())
