@@ -16,6 +16,8 @@ tokens in each row is masked and position ids count real tokens only, as
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -38,7 +40,8 @@ class CompanionLM:
         use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
 
     Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
-    ``(batch, vocab)`` on ``input_ids.device``.
+    ``(batch, vocab)`` on ``input_ids.device``. The model runs in eval mode (no dropout), as in
+    :func:`alignlab.eval.perplexity`; its own mode is restored after each call.
     """
 
     def __init__(self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True) -> None:
@@ -74,6 +77,10 @@ class CompanionLM:
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
+        with _eval_mode(self.model):
+            return self._next_logits(input_ids)
+
+    def _next_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
         device = next(self.model.parameters(), input_ids).device
         ids = input_ids.to(device)
         mask = self._mask(ids)
@@ -96,6 +103,22 @@ class CompanionLM:
             self._cache = output_cache(out)
             self._prefix = input_ids.clone()
         return out.logits[:, -1].float().to(input_ids.device)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode (no dropout) inside, each submodule's own mode restored after: a companion still in
+    train mode (an expert just fine-tuned) would otherwise steer with dropout-noised logits."""
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 def common_vocab(*logits: torch.Tensor) -> tuple[list[torch.Tensor], int]:

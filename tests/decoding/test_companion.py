@@ -118,3 +118,24 @@ def test_numpy_pad_token_id_masks_like_an_int():
     ids = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10]])
     want = CompanionLM(model, pad_token_id=PAD, use_cache=False)(ids)
     torch.testing.assert_close(CompanionLM(model, pad_token_id=np.int64(PAD), use_cache=False)(ids), want)
+
+
+def test_a_companion_in_train_mode_runs_without_dropout_and_keeps_its_mode():
+    """A companion still in train mode (a small expert just fine-tuned, for proxy-tuning) ran its dropout at every
+    step: the steering logits were noisy and two identical calls disagreed. perplexity and reward_scores run the
+    model in eval mode; so does CompanionLM now, per call, and the model's own mode is left as it was."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(1, 64, (2, 6))
+    companion = CompanionLM(model, use_cache=False)
+    first, second = companion(ids), companion(ids)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits[:, -1]
+    model.train()
+    torch.testing.assert_close(first, expected)
+    companion(ids)
+    assert model.training and all(m.training for m in model.modules())
