@@ -32,7 +32,7 @@ def parse_yes_no(answer: bool | int | str) -> bool:
     """One judgement as a bool: ``True``/``1``/``"YES"`` or ``False``/``0``/``"NO"`` (NumPy bools and integers too).
 
     Strings are matched on their first word, case-insensitively, ignoring
-    trailing punctuation (``"Yes, because ..."`` is yes).
+    punctuation and markdown emphasis around it (``"Yes, because ..."`` and ``"**No**"`` are read).
 
     Raises:
         ValueError: anything else (an unparsable judge answer should be seen,
@@ -48,7 +48,8 @@ def _judgement(answer, where: str) -> bool:
         return bool(answer)
     if isinstance(answer, str):
         words = answer.strip().split()
-        first = words[0].strip(".,:;!\"'()[]").lower() if words else ""
+        # punctuation and the markdown emphasis LLM judges put around a verdict ("**Yes**,")
+        first = words[0].strip(".,:;!?\"'()[]*_`").lower() if words else ""
         if first in _YES:
             return True
         if first in _NO:

@@ -73,3 +73,15 @@ def test_a_numpy_judgement_matrix_is_accepted():
     assert drfr(np.array([[True, False], [True, True]]), per_instruction=True) == (0.75, [0.5, 1.0])
     with pytest.raises(ValueError, match="judgements: expected a non-empty"):
         drfr(np.zeros((0, 2)))
+
+
+def test_parse_yes_no_reads_through_markdown_emphasis():
+    """LLM judges often bold or code-format the verdict ("**Yes**, the response ..."); that raised ValueError
+    for a plain yes. Emphasis marks around the first word are ignored like punctuation; other words still raise."""
+    assert parse_yes_no("**Yes**, the response lists three items.") is True
+    assert parse_yes_no("__No__") is False
+    assert parse_yes_no("`yes`") is True
+    assert parse_yes_no("*No.*") is False
+    assert drfr([["**Yes**", "**No**"]]) == 0.5
+    with pytest.raises(ValueError, match="yes/no"):
+        parse_yes_no("**Maybe**")
