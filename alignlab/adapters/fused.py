@@ -159,13 +159,17 @@ class _LoRAFn(torch.autograd.Function):
         return dx, dw, dbias, da, db, None, None, None, None
 
 
-def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm):
-    """DoRA's output and what its backward reuses: ``(y, x Aᵀ, g, s·g, s·g ⊙ B)``, ``g = m / norm``."""
-    from alignlab.kernels.dora import dora_scales
+def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm, factors=None):
+    """DoRA's output and what its backward reuses: ``(y, x Aᵀ, g, s·g, s·g ⊙ B)``, ``g = m / norm``.
 
-    # g in fp32 (fp64 for fp64 inputs); s·g folded into B once, rounded once from the master B (forward's
-    # epilogue and backward's x Aᵀ gradient): one kernel for the three
-    g, gs, bgs = dora_scales(norm, magnitude, b, scale, dtype)
+    ``factors``: ``(g, s·g, s·g ⊙ B)`` where the row-norm kernel already wrote them, else made here from ``norm``:
+    g in fp32 (fp64 for fp64 inputs); s·g folded into B once, rounded once from the master B (forward's epilogue
+    and backward's x Aᵀ gradient); one kernel for the three (:func:`alignlab.kernels.dora.dora_scales`)."""
+    if factors is None:
+        from alignlab.kernels.dora import dora_scales
+
+        factors = dora_scales(norm, magnitude, b, scale, dtype)
+    g, gs, bgs = factors
     xa = x2 @ ac.T
     y = _base_forward(x2, weight, bias, g)
     return y.addmm_(xa, bgs.T), xa, g, gs, bgs
@@ -183,10 +187,10 @@ class _DoRAFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast):
+    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors):
         x2, ac, _ = _as_compute(x, a, b, dtype, cast)
         y, xa, g, gs, bgs = _dora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, b, magnitude,
-                                      scale, dtype, norm)
+                                      scale, dtype, norm, factors)
         # saved whatever needs_input_grad says (see _LoRAFn.forward)
         ctx.save_for_backward(x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs)
         ctx.quant_w, ctx.x_shape, ctx.x_dtype = quant_w, x.shape, x.dtype
@@ -215,7 +219,7 @@ class _DoRAFn(torch.autograd.Function):
             db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
         if ctx.needs_input_grad[5]:
             dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
-        return dx, dw, dbias, da, db, dm, None, None, None, None, None
+        return dx, dw, dbias, da, db, dm, None, None, None, None, None, None
 
 
 def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
@@ -278,23 +282,30 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     """
     dense_w, quant_w = _split(weight)
     dtype = _compute_dtype(x, weight, dtype)
-    if norm is None:
-        norm = dora_norm(weight, a, b, scale, dtype, cast)
+    factors = None
+    if norm is None:  # the norm and the per-row factors from one kernel
+        norm, *factors = dora_norm(weight, a, b, scale, dtype, cast, magnitude=magnitude)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or magnitude.requires_grad
                                     or (dense_w is not None and dense_w.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast)
+        return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors)
     x2, ac, _ = _as_compute(x, a, b, dtype, cast)  # nothing to differentiate: no autograd bookkeeping
-    y = _dora_out(x2, weight, bias, ac, b, magnitude, scale, dtype, norm)[0]
+    y = _dora_out(x2, weight, bias, ac, b, magnitude, scale, dtype, norm, factors)[0]
     return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def dora_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
-              cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``‖W + s·B A‖_row`` (detached) as :func:`dora_linear` uses it, with ``A``, ``B`` in ``dtype``."""
-    from alignlab.kernels.dora import dora_row_norm
+              cast: tuple[torch.Tensor, torch.Tensor] | None = None, magnitude: torch.Tensor | None = None):
+    """``‖W + s·B A‖_row`` (detached) as :func:`dora_linear` uses it, with ``A``, ``B`` in ``dtype``.
+
+    With ``magnitude``, returns ``(norm, g, s·g, s·g ⊙ B)`` instead, the factors written by the same kernel
+    (:func:`alignlab.kernels.dora.dora_norm_and_scales`, ``B`` taken from ``b`` as given, e.g. the fp32 master).
+    """
+    from alignlab.kernels.dora import dora_norm_and_scales, dora_row_norm
 
     with torch.no_grad():
         if cast is None:
             cast = a.detach().to(dtype), b.detach().to(dtype)
-        return dora_row_norm(weight, cast[0], cast[1], scale)
+        if magnitude is None:
+            return dora_row_norm(weight, cast[0], cast[1], scale)
+        return dora_norm_and_scales(weight, cast[0], cast[1], scale, magnitude, b, dtype)

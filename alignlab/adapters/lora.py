@@ -330,8 +330,8 @@ class LoRALinear(AdapterLayer):
         scale = self.scaling[name]
         dora = self.is_dora(name)
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
-        if dora:
-            norm = self._row_norm(name, weight, a, b, scale, dtype, cast)
+        if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
+            norm = self._row_norm(name, weight, a, b, scale, dtype, cast) if self.cache_casts else None
             return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)

@@ -14,7 +14,8 @@ DoRA (Liu et al., arXiv 2402.09353) scales each output row of ``W + s·B A`` by
   (deterministic), so no ``(tokens, out)`` product is formed.
 * :func:`dora_scales` -- the per-row factors of a forward call, ``g = m / n``, ``s·g`` and
   ``s·g ⊙ B`` rounded to the compute dtype, in one launch (four elementwise ops in torch,
-  each costing more host time than GPU time on these ``(out,)`` and ``(out, r)`` vectors).
+  each costing more host time than GPU time on these ``(out,)`` and ``(out, r)`` vectors);
+  :func:`dora_norm_and_scales` writes them from the row-norm kernel itself (one launch for both).
 * :func:`magnitude_grad` -- the same reduction specialised to the magnitude gradient
   ``∂L/∂m_i = Σ_t ∂L/∂y[t, i] · (y[t, i] - bias_i) / m_i`` (``Σ_t ∂L/∂y`` alongside for the
   bias), finished in the kernel: one or two launches instead of a reduction plus five
@@ -43,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["dora_row_norm", "dora_scales", "column_dot", "magnitude_grad"]
+__all__ = ["dora_row_norm", "dora_scales", "dora_norm_and_scales", "column_dot", "magnitude_grad"]
 
 
 if triton is not None:
@@ -52,11 +53,13 @@ if triton is not None:
     def _row_norm_kernel(
         w_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
         a_ptr, b_ptr, out_ptr, N, K, R, stride_w, stride_a, stride_b, scale,
+        m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr,
         QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr,
-        HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, FACTORS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """out[n] = ‖W[n, :] + scale · B[n, :] @ A‖₂ for the BLOCK_N rows of this program."""
+        """out[n] = ‖W[n, :] + scale · B[n, :] @ A‖₂ for the BLOCK_N rows of this program; with FACTORS
+        also DoRA's per-row factors from it (see _row_factors)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
         row_ok = rn < N
@@ -81,7 +84,11 @@ if triton is not None:
                 ba = tl.dot(b, a)
             v = tl.where(ok, w + (scale * ba).to(tl.float32), 0.0)  # under torch.compile `scale` arrives as fp64
             acc += tl.sum(v * v, axis=1)
-        tl.store(out_ptr + rn, tl.sqrt(acc), mask=row_ok)
+        n = tl.sqrt(acc)
+        tl.store(out_ptr + rn, n, mask=row_ok)
+        if FACTORS:
+            _row_factors(tl.where(row_ok, n, 1.0), rn, row_ok, m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, R,
+                         scale, BLOCK_R)
 
     @triton.jit
     def _column_dot_kernel(u_ptr, v_ptr, part_ptr, T, C, rows_per_split, stride_u, stride_v,
@@ -158,22 +165,27 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _scales_kernel(m_ptr, norm_ptr, b_ptr, g_ptr, gs_ptr, bgs_ptr, N, R, stride_b, scale,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """g = m / norm, gs = scale·g (fp32, rounded as torch rounds each op) and bgs = round(b·gs) per row."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rr = tl.arange(0, BLOCK_R)
-        ok = rn < N
+    def _row_factors(n, rn, ok, m_ptr, b_ptr, stride_b, g_ptr, gs_ptr, bgs_ptr, R, scale, BLOCK_R: tl.constexpr):
+        """g = m / n, gs = scale·g (fp32, rounded as torch rounds each op) and bgs = round(b·gs) for rows rn."""
         m = tl.load(m_ptr + rn, mask=ok, other=1.0).to(tl.float32)
-        n = tl.load(norm_ptr + rn, mask=ok, other=1.0)
         g = tl.math.div_rn(m, n)  # IEEE division, as torch's (Triton's `/` is approximate in fp32)
-        gs = g * scale
+        gs = (g * scale).to(tl.float32)  # fp32 as given; under torch.compile a float can arrive as fp64
         tl.store(g_ptr + rn, g, mask=ok)
         tl.store(gs_ptr + rn, gs, mask=ok)
+        rr = tl.arange(0, BLOCK_R)
         tile = ok[:, None] & (rr[None, :] < R)
         rows = rn[:, None].to(tl.int64)
         b = tl.load(b_ptr + rows * stride_b + rr[None, :], mask=tile, other=0.0).to(tl.float32)
         tl.store(bgs_ptr + rows * R + rr[None, :], (b * gs[:, None]).to(bgs_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
+    def _scales_kernel(m_ptr, norm_ptr, b_ptr, g_ptr, gs_ptr, bgs_ptr, N, R, stride_b, scale,
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """DoRA's per-row factors from given row norms (see _row_factors)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = rn < N
+        n = tl.load(norm_ptr + rn, mask=ok, other=1.0)
+        _row_factors(n, rn, ok, m_ptr, b_ptr, stride_b, g_ptr, gs_ptr, bgs_ptr, R, scale, BLOCK_R)
 
 
 def _check_factors(shape: tuple[int, int], a: torch.Tensor, b: torch.Tensor) -> None:
@@ -195,6 +207,24 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     Raises:
         ValueError / TypeError: factor shapes or dtypes that do not fit the weight.
     """
+    return _row_norm(weight, a, b, scale, None)[0]
+
+
+def dora_norm_and_scales(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                         magnitude: torch.Tensor, b_master: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(norm, g, s·g, s·g ⊙ B)``: :func:`dora_row_norm` then :func:`dora_scales` on it, in one launch on the
+    kernel path (the factors are written by the programs that finish each row's norm).
+
+    Args:
+        weight, a, b, scale: as :func:`dora_row_norm` (``a``, ``b`` in the compute dtype).
+        magnitude: ``m``, ``(out,)``; b_master: ``B`` as :func:`dora_scales` takes it (e.g. the fp32 master);
+        dtype: the dtype of ``s·g ⊙ B``.
+    """
+    return _row_norm(weight, a, b, scale, (magnitude, b_master, dtype))
+
+
+def _row_norm(weight, a, b, scale: float, factors) -> tuple:
     from alignlab.adapters.dora import dora_weight_norm
 
     quant = isinstance(weight, NF4Tensor)
@@ -205,12 +235,30 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
     data = weight.data if quant else weight
     N, K = shape
     fits = not quant or K % 2 == 0
+    if factors is not None:
+        magnitude, b_master, dtype = factors
+        if tuple(magnitude.shape) != (N,) or b_master.shape != b.shape:
+            raise ValueError(f"magnitude must be ({N},) and b_master {tuple(b.shape)}, got {tuple(magnitude.shape)} "
+                             f"and {tuple(b_master.shape)}")
+        magnitude, b_master = magnitude.detach(), b_master.detach()
+        fits = fits and b_master.dtype != torch.float64
     if not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b)):
         dense = nf4_dequant(weight, torch.float32) if quant else weight  # the dequant kernel where it applies
-        return dora_weight_norm(dense, a, b, scale)
+        norm = dora_weight_norm(dense, a, b, scale)
+        return (norm,) if factors is None else (norm, *dora_scales(norm, magnitude, b_master, scale, dtype))
     out = torch.empty(N, dtype=torch.float32, device=data.device)
+    if factors is None:
+        tail, more = (out, out, 0, out, out, out), ()  # FACTORS off: placeholders, never read
+    else:
+        R = b.shape[1]
+        more = (torch.empty(N, dtype=torch.float32, device=data.device),
+                torch.empty(N, 1, dtype=torch.float32, device=data.device),
+                torch.empty(N, R, dtype=dtype, device=data.device))
+        if b_master.stride(1) != 1:
+            b_master = b_master.contiguous()
+        tail = (magnitude.contiguous(), b_master, b_master.stride(0), *more)
     if N == 0:
-        return out
+        return (out, *more)
     a, b = a.contiguous(), b.contiguous()
     block_r = max(16, triton.next_power_of_2(a.shape[0]))
     block_n, block_k = (16, 32) if interpreting() else (16, 256)
@@ -220,10 +268,10 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
             else dict(BLOCKSIZE=64, NESTED_BS=256, DOUBLE=False, HAS_SHIFT=False))
     launch(_row_norm_kernel, (triton.cdiv(N, block_n),),
            (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
-            b.stride(0), float(scale)),
-           dict(QUANT=quant, IEEE=a.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-                num_warps=4, **meta))
-    return out
+            b.stride(0), float(scale), *tail),
+           dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, BLOCK_N=block_n,
+                BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, **meta))
+    return (out, *more)
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype

@@ -113,8 +113,9 @@ def test_qlora_layer_launch_counts():
 
 
 def test_qdora_layer_launch_counts():
-    """The same count for a QDoRA layer: forward = the factor cast, the row norm, the per-row factors (g, s·g,
-    s·g ⊙ B: one kernel), x Aᵀ, the scaled dequantization, the base GEMM, the epilogue (7); backward = dy (s·g B),
+    """The same count for a QDoRA layer: forward = the factor cast, the row norm with the per-row factors (g, s·g,
+    s·g ⊙ B) written by the same kernel, x Aᵀ, the scaled dequantization, the base GEMM, the epilogue (6); with
+    ``cache_casts`` (norm kept, factors made from it) one more (7); backward = dy (s·g B),
     the scaled dequantization, dy W, its epilogue, ∂L/∂A, ∂L/∂B and its row scaling, ∂L/∂m (8)."""
     from alignlab.quant.linear import NF4Linear
 
@@ -123,7 +124,11 @@ def test_qdora_layer_launch_counts():
                        r=8, alpha=16, use_dora=True)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     fwd = _kernels(lambda: layer(x))
-    assert len(fwd) == 7, fwd
+    assert len(fwd) == 6, fwd
+    layer.cache_casts = True
+    layer(x)  # fills the caches; A and B unchanged, so the next call reuses the casts and the norm
+    assert len(_kernels(lambda: layer(x))) == 5  # no cast, no norm; the factors kernel, x Aᵀ, dequant, GEMM, epilogue
+    layer.cache_casts = False
     y = layer(x)
     gy = torch.randn_like(y)
     leaves = (x, *[p for p in layer.parameters() if p.requires_grad])

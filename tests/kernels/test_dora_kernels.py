@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignlab.kernels.dora import column_dot, dora_row_norm, dora_scales, magnitude_grad
+from alignlab.kernels.dora import column_dot, dora_norm_and_scales, dora_row_norm, dora_scales, magnitude_grad
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
 pytest.importorskip("triton")
@@ -188,3 +188,33 @@ def test_dora_scales_cuda_bf16():
     for b in (torch.randn(4099, 16, device="cuda") / 30, (torch.randn(4099, 16, device="cuda") / 30).bfloat16()):
         for x, y in zip(dora_scales(norm, m, b, 2.0, torch.bfloat16), _scales_formula(norm, m, b, 2.0, torch.bfloat16)):
             assert torch.equal(x, y), (x.float() - y.float()).abs().max()
+
+
+@pytest.mark.parametrize("out_f,in_f,r", SHAPES)
+@pytest.mark.parametrize("quant", [False, True])
+def test_norm_and_scales_one_kernel_equals_the_two(out_f, in_f, r, quant, triton_mode, kernel_device):
+    """The row-norm kernel writing DoRA's factors gives bit for bit what the norm kernel then dora_scales give."""
+    g = torch.Generator().manual_seed(out_f * 3 + r)
+    w = torch.randn(out_f, in_f, generator=g)
+    dev = kernel_device
+    weight = nf4_quantize(w, blocksize=32).to(dev) if quant else w.half().to(dev)
+    a, b = (torch.randn(r, in_f, generator=g) / 4).to(dev), (torch.randn(out_f, r, generator=g) / 4).to(dev)
+    m = torch.randn(out_f, generator=g).to(dev)
+    ac, bc = a.half(), b.half()
+    got = dora_norm_and_scales(weight, ac, bc, 0.7, m, b, torch.float16)
+    norm = dora_row_norm(weight, ac, bc, 0.7)
+    ref = (norm, *dora_scales(norm, m, b, 0.7, torch.float16))
+    for x, y in zip(got, ref):
+        assert x.dtype == y.dtype and torch.equal(x, y), (x.float() - y.float()).abs().max()
+
+
+def test_norm_and_scales_errors_and_reference_path(torch_mode):
+    w, a, b, m = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), torch.randn(6)
+    norm, *factors = dora_norm_and_scales(w, a, b, 1.5, m, b, torch.float32)
+    torch.testing.assert_close(norm.double(), _norm_formula(w, a, b, 1.5))
+    for x, y in zip(factors, _scales_formula(norm, m, b, 1.5, torch.float32)):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="magnitude"):
+        dora_norm_and_scales(w, a, b, 1.5, m[:5], b, torch.float32)
+    with pytest.raises(ValueError, match="b_master"):
+        dora_norm_and_scales(w, a, b, 1.5, m, b[:5], torch.float32)
