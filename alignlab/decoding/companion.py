@@ -16,12 +16,11 @@ tokens in each row is masked and position ids count real tokens only, as
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from alignlab._checks import as_bool, check_token_id
+from alignlab.eval.eval_mode import eval_mode
 from alignlab.hf_cache import cache_keyword, output_cache
 
 __all__ = ["CompanionLM"]
@@ -77,7 +76,7 @@ class CompanionLM:
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self._next_logits(input_ids)
 
     def _next_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -103,22 +102,6 @@ class CompanionLM:
             self._cache = output_cache(out)
             self._prefix = input_ids.clone()
         return out.logits[:, -1].float().to(input_ids.device)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """``model`` in eval mode (no dropout) inside, each submodule's own mode restored after: a companion still in
-    train mode (an expert just fine-tuned) would otherwise steer with dropout-noised logits."""
-    training = [m for m in model.modules() if m.training]
-    if not training:
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for m in training:
-            m.training = True
 
 
 def common_vocab(*logits: torch.Tensor) -> tuple[list[torch.Tensor], int]:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import is_int
+from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["negative_log_likelihood", "perplexity"]
 
@@ -130,10 +131,8 @@ def negative_log_likelihood(
         raise TypeError(
             f"batches: expected an iterable of batches, got one {type(batches).__name__}; wrap it in a list"
         )
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in batches:
             input_ids, mask, labels = _as_batch(batch, ignore_index)
             device = next(model.parameters(), input_ids).device
@@ -160,8 +159,6 @@ def negative_log_likelihood(
                 )
                 total += float(nll.double())
                 count += int(keep.sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 

@@ -13,12 +13,14 @@ and the scores are returned in the caller's order.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from alignlab._checks import check_token_id, is_int
+from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["reward_scores"]
 
@@ -104,12 +106,10 @@ def reward_scores(
         raise ValueError("pad_token_id: needed to batch sequences of different lengths (set it or model.config.pad_token_id)")
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     device = params[0].device if params else torch.device("cpu")
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if was_training is not None:
-        model.eval()
+    mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
     scores = torch.empty(len(tokens), dtype=torch.float32)
-    try:
+    with mode:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = len(tokens[idx[0]])
@@ -135,7 +135,4 @@ def reward_scores(
             if out.shape != (len(idx),):
                 raise ValueError(f"model: expected (batch,) or (batch, num_labels) scores, got {tuple(out.shape)}")
             scores[torch.tensor(idx)] = out.float().cpu()
-    finally:
-        if was_training is not None:
-            model.train(was_training)
     return scores

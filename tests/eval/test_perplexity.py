@@ -160,3 +160,14 @@ def test_one_batch_instead_of_an_iterable_of_batches_says_so(model):
         with pytest.raises(TypeError, match="wrap it in a list"):
             perplexity(model, one)
     assert perplexity(model, [ids]) == perplexity(model, [{"input_ids": ids}])
+
+
+def test_perplexity_leaves_every_submodule_in_its_own_mode():
+    """perplexity ran the model in eval mode and then called model.train(was_training), which put every
+    submodule in train mode: a block the caller kept in eval (a frozen part, dropout switched off) came back
+    training. Each submodule's mode is restored as it was."""
+    model = make_tiny_llama().train()
+    model.model.layers[0].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    perplexity(model, [{"input_ids": torch.randint(0, 128, (1, 8))}])
+    assert {name: m.training for name, m in model.named_modules()} == before

@@ -95,3 +95,15 @@ def test_pad_token_id_must_be_a_non_negative_int(pad):
     """pad_token_id=1.5 was written into the long batch as 1 (a real token id) without a word."""
     with pytest.raises(ValueError, match="pad_token_id: expected None or a non-negative int"):
         reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=pad, label_index=0)
+
+
+def test_reward_scores_leaves_every_submodule_in_its_own_mode(reward_model):
+    """As perplexity: model.train(was_training) put a submodule the caller kept in eval back into train mode."""
+    reward_model.train()
+    reward_model.model.layers[0].eval()
+    before = {name: m.training for name, m in reward_model.named_modules()}
+    try:
+        reward_scores(reward_model, [[1, 2, 3], [4, 5]], batch_size=2)
+        assert {name: m.training for name, m in reward_model.named_modules()} == before
+    finally:
+        reward_model.eval()
