@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
+from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP"]
 
@@ -96,6 +97,7 @@ def estimate_fisher(
     :math:`\ell = \sum_j \log \mathrm{softmax}(z_j)[y_j]` over its non-ignored
     positions :math:`j` (tokens, or the single class of a classifier), and the
     estimate is :math:`F_i = \frac{1}{N}\sum_x (\partial_{\theta_i} \ell)^2`.
+    ``model`` runs in eval mode (no dropout; each submodule's mode is restored after).
 
     Args:
         model: the network; its trainable parameters (``requires_grad``) get a Fisher entry.
@@ -132,32 +134,34 @@ def estimate_fisher(
     fisher = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in named.items()}
     plist = list(named.values())
     count = 0
-    for b, batch in enumerate(data):
-        if num_batches is not None and b >= num_batches:
-            break
-        units = _split_examples(batch) if per_example else [batch]
-        for unit in units:
-            logits, labels = forward(model, unit)
-            if logits.shape[:-1] != labels.shape:
-                raise ValueError(
-                    f"forward must return logits (..., classes) and labels (...); got {tuple(logits.shape)} and {tuple(labels.shape)}"
-                )
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            valid = labels != ignore_index
-            for _ in range(samples if mode == "true" else 1):
-                if mode == "true":
-                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-                    drawn = torch.multinomial(probs, 1, generator=generator).view(labels.shape)
-                    target = torch.where(valid, drawn, torch.zeros_like(drawn))
-                else:
-                    target = torch.where(valid, labels, torch.zeros_like(labels))
-                ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid).sum()
-                grads = torch.autograd.grad(ll, plist, retain_graph=mode == "true", allow_unused=True)
-                weight = 1.0 / samples if mode == "true" else 1.0
-                for (n, _), g in zip(named.items(), grads):
-                    if g is not None:
-                        fisher[n].add_(g.to(fisher[n].dtype).square(), alpha=weight)
-            count += 1
+    with eval_mode(model):  # the Fisher of theta* itself: dropout would make it random, of thinned networks
+        for b, batch in enumerate(data):
+            if num_batches is not None and b >= num_batches:
+                break
+            units = _split_examples(batch) if per_example else [batch]
+            for unit in units:
+                logits, labels = forward(model, unit)
+                if logits.shape[:-1] != labels.shape:
+                    raise ValueError(
+                        "forward must return logits (..., classes) and labels (...); "
+                        f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
+                    )
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                valid = labels != ignore_index
+                for _ in range(samples if mode == "true" else 1):
+                    if mode == "true":
+                        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+                        drawn = torch.multinomial(probs, 1, generator=generator).view(labels.shape)
+                        target = torch.where(valid, drawn, torch.zeros_like(drawn))
+                    else:
+                        target = torch.where(valid, labels, torch.zeros_like(labels))
+                    ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid).sum()
+                    grads = torch.autograd.grad(ll, plist, retain_graph=mode == "true", allow_unused=True)
+                    weight = 1.0 / samples if mode == "true" else 1.0
+                    for (n, _), g in zip(named.items(), grads):
+                        if g is not None:
+                            fisher[n].add_(g.to(fisher[n].dtype).square(), alpha=weight)
+                count += 1
     if count == 0:
         raise ValueError("data yielded no batches; cannot estimate a Fisher")
     for f in fisher.values():

@@ -202,3 +202,23 @@ def test_fisher_per_example_must_be_a_bool():
     model, x, y = _softmax_regression()
     with pytest.raises(TypeError, match="per_example"):
         estimate_fisher(model, [(x, y)], _forward, per_example="no")
+
+
+def test_fisher_is_estimated_without_dropout_and_the_modes_are_restored():
+    """A model still in train mode after the old task (the usual moment to estimate the Fisher) ran its dropout
+    in every forward: the "empirical" Fisher came out random (two calls on the same data disagreed) and was the
+    Fisher of thinned networks, not of the parameters theta* the penalty anchors to. It is estimated in eval
+    mode (as Avalanche's EWC does), and every submodule's mode is put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 4)).double().train()
+    model[2].eval()  # a submodule the caller keeps in eval stays so
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1, 2])
+    data = [(x, y)]
+    first = estimate_fisher(model, data, _forward)
+    second = estimate_fisher(model, data, _forward)
+    assert [m.training for m in model] == [True, True, False, True]
+    want = estimate_fisher(model.eval(), data, _forward)
+    for name in want:
+        torch.testing.assert_close(first[name], want[name])
+        torch.testing.assert_close(second[name], want[name])
