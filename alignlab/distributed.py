@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "bf16_policy", "ddp_model", "unwrap", "is_writer", "barrier", "full_tensor", "like_target",
-           "is_sharded", "full_state_dict"]
+__all__ = ["shard_model", "bf16_policy", "ddp_model", "unwrap", "is_writer", "barrier", "writer_done", "full_tensor",
+           "like_target", "is_sharded", "full_state_dict"]
 
 
 def bf16_policy():
@@ -141,6 +141,26 @@ def barrier() -> None:
     """Wait for every rank (a no-op outside ``torch.distributed``)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def writer_done(error: BaseException | None, what: str) -> None:
+    """The end of a rank-0 write that every rank waits for: ``barrier()`` that also carries the outcome.
+
+    Rank 0 passes the exception its write raised (or None); every rank learns whether it succeeded, so
+    a failed write raises on all ranks instead of leaving the others waiting in a barrier that rank 0
+    never reaches. Rank 0 re-raises its own exception; the others raise ``RuntimeError`` naming ``what``.
+    Outside ``torch.distributed`` it re-raises ``error`` if there is one.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    flag = [error is None]
+    dist.broadcast_object_list(flag, src=0)  # the others wait here until rank 0 has written (or failed)
+    if error is not None:
+        raise error
+    if not flag[0]:
+        raise RuntimeError(f"rank 0 failed to write {what}; its own error says why")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
 from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
 from alignlab.adapters.lora import LoRALinear
-from alignlab.distributed import barrier, full_tensor, is_sharded, is_writer, like_target, unwrap
+from alignlab.distributed import full_tensor, is_sharded, is_writer, like_target, unwrap, writer_done
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -242,7 +242,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Under ``torch.distributed`` (FSDP2 or DDP) call it on every rank: the adapter is gathered
     whole and rank 0 alone writes the files (the same bytes a single process writes); the
-    other ranks wait until they are in place.
+    other ranks wait until they are in place. If rank 0 cannot write them, every rank raises
+    (rank 0 its own error, the others a ``RuntimeError``) instead of waiting.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
@@ -264,11 +265,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
     raw.update({k: v for k, v in _model_identity(model).items() if k in raw and raw[k] is None})
     meta = json.dumps(raw, indent=2, sort_keys=True)
+    error = None
     if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-                       out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
-    barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+                           out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
+        except Exception as e:  # every rank hears of it: the others would otherwise wait for rank 0 forever
+            error = e
+    writer_done(error, f"adapter {adapter_name!r} to {out}")
     return out
 
 

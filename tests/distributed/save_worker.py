@@ -1,0 +1,33 @@
+"""What each rank runs in ``test_save.py``: a save_adapter whose rank-0 write fails.
+
+A module of its own: ``torch.multiprocessing.spawn`` pickles the worker by module name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from alignlab.adapters import LoRAConfig, inject, save_adapter
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a short timeout: without the outcome broadcast, rank 1 would sit in a barrier rank 0 never reaches
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        model = nn.Sequential(nn.Linear(8, 8))
+        inject(model, LoRAConfig(r=2, target_modules=["0"]))
+        blocked = Path(out) / "a_file"  # a regular file where rank 0 must make a directory
+        try:
+            save_adapter(model, blocked / "adapter")
+            result = "returned"
+        except Exception as e:  # what each rank saw
+            result = f"{type(e).__name__}: {e}"
+        (Path(out) / f"rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
