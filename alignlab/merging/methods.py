@@ -1136,13 +1136,16 @@ def slerp(
     thresholds.
 
     Cost: two passes over the inputs. The first reads each chunk once and reduces ``a·a``, ``b·b``
-    and ``a·b`` together (float32 dot products per cache-sized chunk, summed in float64), so
-    ``â·b̂ = a·b / (‖a‖‖b‖)``; the second writes ``c_a a + c_b b``. mergekit instead makes three
-    passes (the two norms, then the dot product of the normalised tensors, all float32 reductions):
-    the two agree up to float32 rounding of ``â·b̂``, which ``acos`` amplifies by ``1/sin Ω`` for
-    near-colinear tensors. On a 32000×2048 bf16 pair at cos Ω = 0.995 our float32 result is within
-    6e-8 of the formula in float64, mergekit's within 2.2e-6; rounded to bf16, 0.45% of mergekit's
-    elements and 0.017% of ours differ by one ulp from the float64 formula rounded to bf16.
+    and ``a·b`` together in float64 (a product of two float32 values is exact there), so
+    ``â·b̂ = a·b / (‖a‖‖b‖)`` is correct to ~1e-16 whatever torch's thread count; the coefficients
+    follow in float64, rounded once to the working dtype, and the second pass writes
+    ``c_a a + c_b b`` in the working dtype. mergekit instead makes three passes (the two norms, then
+    the dot product of the normalised tensors, float32 reductions and coefficients): the two agree
+    up to float32 rounding of ``â·b̂``, which ``acos`` amplifies by ``1/sin Ω`` for near-colinear
+    tensors. On a 32000×2048 bf16 pair at cos Ω = 0.995 our float32 result is within 5.2e-7 of the
+    formula in float64, mergekit 0.1.5's within 7.5e-5 (torch 2.13 CPU, 2 and 16 threads alike);
+    rounded to bf16, 0.22% of mergekit's elements and 30 of ours (0.00005%) differ by one ulp from
+    the float64 formula rounded to bf16.
 
     Args:
         a, b: same shape, any (flattened internally).
@@ -1164,8 +1167,13 @@ def slerp(
     if n == 0:
         return result
     step = min(_SLERP_CHUNK, n)
-    # two reusable working-dtype buffers: each input is converted once per pass, no per-chunk allocation
-    bx = torch.empty(step, dtype=wd, device=x.device)
+    # Pass 1 in float64 buffers. A float32 torch.dot adds each thread's share in one running float32
+    # sum, so its error grows with the share: with 2 threads (CPU CI) the (300, 257) bf16 pair of
+    # tests/merging/test_methods.py had a·a 3.8e-6 relative low, a cosine 65 float32 ulps off and an
+    # output 3.4e-6 from the float64 formula (mergekit: 2.6e-6); with 16 threads 4e-7. In float64
+    # the three sums came out exact at every thread count (output 4.1e-7). Pass 1 then takes ~56
+    # instead of ~33 us per 64K-element bf16 chunk (one thread), what a float32 mul + pairwise sum takes.
+    bx = torch.empty(step, dtype=torch.float64, device=x.device)
     by = torch.empty_like(bx)
     xx = yy = xy = 0.0
     for s in range(0, n, step):
@@ -1174,18 +1182,24 @@ def slerp(
         xx += float(torch.dot(cx, cx))
         yy += float(torch.dot(cy, cy))
         xy += float(torch.dot(cx, cy))
+    if wd != torch.float64:  # pass 2 in the working dtype, as mergekit: reusable buffers, no per-chunk allocation
+        bx = torch.empty(step, dtype=wd, device=x.device)
+        by = torch.empty_like(bx)
     norm_a, norm_b = math.sqrt(xx), math.sqrt(yy)
     norm_a = norm_a if norm_a > eps else 1.0
     norm_b = norm_b if norm_b > eps else 1.0
-    dot = torch.tensor(xy / (norm_a * norm_b), dtype=wd).clamp(-1.0, 1.0)
+    cos = min(1.0, max(-1.0, xy / (norm_a * norm_b)))
     tt = torch.tensor(t, dtype=wd)
-    if dot.abs() > dot_threshold:
+    # decided in the working dtype, as mergekit; |cos| = 1 only reaches here with dot_threshold >= 1 (sin Ω = 0)
+    if abs(float(torch.tensor(cos, dtype=wd))) > dot_threshold or abs(cos) == 1.0:
         coef_a, coef_b = 1 - tt, tt
-    else:  # coefficients in the working dtype, as mergekit computes them
-        omega = torch.acos(dot)
-        sin_omega = torch.sin(omega)
-        coef_a = torch.sin((1 - tt) * omega) / sin_omega
-        coef_b = torch.sin(tt * omega) / sin_omega
+    else:
+        # From the float64 cosine in float64, rounded once to the working dtype: float32 acos and sin
+        # would add ~1e-7 relative to each coefficient, as much as the output's own rounding (on
+        # test_methods' (33, 21) float32 pair, output 4.5e-7 from the formula instead of 2.7e-7).
+        omega = math.acos(cos)
+        coef_a = torch.tensor(math.sin((1 - t) * omega) / math.sin(omega), dtype=wd)
+        coef_b = torch.tensor(math.sin(t * omega) / math.sin(omega), dtype=wd)
     ca, cb = float(coef_a), float(coef_b)  # exact: a working-dtype value widened to a Python float
     for s in range(0, n, step):
         L = min(step, n - s)
