@@ -274,7 +274,13 @@ def test_trainable_tokens_files_load_both_ways(tmp_path, tie):
     raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert raw["trainable_token_indices"] == NEW and raw["target_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(loaded(IDS).logits, expected, **EXACT)
+    # Our file gives PEFT the very logits of the PEFT model holding our rows. Our own model's tied head
+    # agrees only to rounding: PEFT computes the trained columns inside the full (..., V) GEMM over a copy
+    # of the table with the rows written in, we in a separate (..., |I|) GEMM (no (V, H) copy or
+    # gradient), and the CPU BLAS sums an N = 3 GEMM in another order than an N = 128 one (torch 2.13,
+    # MKL: 45 of 2304 logits differ, by at most 4.8e-7, 7.8e-7 relative; peft 0.18 and 0.21 alike).
+    torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, **EXACT)
+    torch.testing.assert_close(loaded(IDS).logits, expected, **(TOL if tie else EXACT))
 
     theirs.save_pretrained(tmp_path / "peft")
     mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
@@ -340,7 +346,11 @@ def test_trainable_rows_of_an_untied_head_by_name_match_peft_both_ways(tmp_path)
     theirs.save_pretrained(tmp_path / "peft")
     keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
     assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in keys
-    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits, expected, **EXACT)
+    # exact against PEFT's own model: the head's trained columns are a separate GEMM here, a slice of the
+    # full one in PEFT (see test_trainable_tokens_files_load_both_ways; here 29 of 2304 logits differ
+    # from ours, by at most 1.8e-7), so ours and PEFT's agree to TOL, as checked above
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(IDS).logits,
+                               theirs(IDS).logits, **EXACT)
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "peft")(IDS).logits, expected, **EXACT)
 
 
