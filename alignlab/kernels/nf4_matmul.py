@@ -309,14 +309,33 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
 
     Returns ``run(x, bias)`` (see :func:`alignlab.kernels.nf4_small.small_m_runner`) where
     :func:`nf4_matmul` takes the small-``M`` kernels for this ``x``, after it has run once for its shape;
-    None otherwise (then call :func:`nf4_matmul`).
+    where it dequantizes and calls cuBLAS instead (more rows than the device's small-``M`` bound), a
+    ``run`` doing just that: the dequantization launch and ``F.linear``, without the per-call checks and
+    dispatch. None otherwise (then call :func:`nf4_matmul`).
     """
     K = t.shape[1]
     M = x.numel() // max(K, 1)
     if not (x.is_cuda and x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16) and M > 0
-            and _takes_small(M, K, t, x.device) and triton is not None and use_triton(x, t.data)):
+            and triton is not None and use_triton(x, t.data)):
         return None
-    return small_m_runner(x, t, bias)
+    if _takes_small(M, K, t, x.device):
+        return small_m_runner(x, t, bias)
+    if PIPELINE_CHUNKS > 1 or not (K % 2 or M >= LARGE_M):  # nf4_matmul's other paths: no runner
+        return None
+    return _dequant_runner(t, x.dtype)
+
+
+def _dequant_runner(t: NF4Tensor, dtype: torch.dtype):
+    """``run(x, bias) = F.linear(x, W, bias)``, ``W`` dequantized to ``dtype`` per call (one transient buffer),
+    as :func:`nf4_matmul` computes it for these rows: the same launches, bit for bit."""
+    from alignlab.kernels.nf4_dequant import _launch_dequant
+
+    linear = torch.nn.functional.linear
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, _launch_dequant(t, dtype, None), bias)
+
+    return run
 
 
 def _takes_small(M: int, K: int, t: NF4Tensor, device: torch.device) -> bool:

@@ -197,8 +197,8 @@ class NF4Linear(nn.Module):
 
     @staticmethod
     def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
-        """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels, keep a
-        launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
+        """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels (or, above
+        the device's small-``M`` bound, dequantize + cuBLAS), keep a launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
         stream, bias dtype, ``ALIGNLAB_KERNELS``) on the packed weight ``t`` (so it is replaced with it);
         elsewhere keep ``None``, so that layout skips this step from then on."""
         from alignlab.kernels.nf4_matmul import decode_runner
