@@ -6,7 +6,8 @@ preference / RL / distillation losses, merge functions. Every piece is a plain
 
 The subpackages are the API (``alignlab.adapters``, ``alignlab.quant``,
 ``alignlab.losses``, ``alignlab.merging``, ``alignlab.context``, ``alignlab.data``,
-``alignlab.eval``, ``alignlab.decoding``, ``alignlab.bench``, ``alignlab.optim``); the most used
+``alignlab.eval``, ``alignlab.decoding``, ``alignlab.bench``, ``alignlab.optim``,
+``alignlab.kernels``, ``alignlab.distributed``); the most used
 names are also re-exported here. Subpackages load on first access, so
 ``import alignlab`` stays cheap.
 """
@@ -15,7 +16,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("adapters", "bench", "context", "data", "decoding", "eval", "kernels", "losses", "merging", "optim", "quant")
+_SUBPACKAGES = ("adapters", "bench", "context", "data", "decoding", "distributed", "eval", "kernels", "losses", "merging", "optim", "quant")
 _EXPORTS = {
     "LoRAConfig": "adapters", "LoRALinear": "adapters", "DoRALinear": "adapters", "inject": "adapters",
     "disabled": "adapters", "merge": "adapters", "unmerge": "adapters", "merge_and_unload": "adapters",
