@@ -380,8 +380,26 @@ class ParameterCount(NamedTuple):
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """``(trainable, total)`` parameter counts (quantized bases count their stored elements)."""
+    """``(trainable, total)`` parameter counts; a shared parameter counts once.
+
+    An NF4 weight (:class:`~alignlab.quant.NF4Linear`, :class:`~alignlab.quant.NF4Experts`) counts its
+    logical elements, ``out * in`` per matrix (its packed bytes and scales are buffers, or frozen uint8
+    parameters after :func:`~alignlab.distributed.shard_model`, and are not counted themselves), so a
+    QLoRA model has the total of its dense base -- PEFT's ``get_nb_trainable_parameters`` on a bitsandbytes
+    4-bit model gives the same numbers.
+    """
+    from alignlab.quant import NF4Experts, NF4Linear
+
     seen, trainable, total = set(), 0, 0
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            total += module.out_features * module.in_features
+        elif isinstance(module, NF4Experts):
+            total += sum(module.num_experts * module.shape_of(n).numel() for n in module.expert_parameters)
+        else:
+            continue
+        # the packed uint8 pieces FSDP conversion turns into parameters stand for the logical weight
+        seen.update(id(p) for p in module.parameters(recurse=False) if p.dtype == torch.uint8)
     for p in model.parameters():
         if id(p) in seen:
             continue

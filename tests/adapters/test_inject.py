@@ -83,6 +83,17 @@ def test_inject_starts_at_base_and_freezes_base():
     assert count.total == sum(p.numel() for p in model.parameters())
 
 
+def test_count_parameters_counts_an_nf4_base_by_its_logical_elements():
+    # QLoRA: the NF4 base holds out*in weights whatever its packing, so counts equal the dense model's
+    from alignlab.quant import quantize_model
+
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    dense = count_parameters(inject(make_tiny_llama(), config))
+    quantized = inject(quantize_model(make_tiny_llama(), compute_dtype=torch.float32), config)
+    assert count_parameters(quantized) == dense
+    assert dense.total == sum(p.numel() for p in make_tiny_llama().parameters()) + dense.trainable
+
+
 def test_disabled_equals_base_and_restores():
     model = make_tiny_llama()
     ref = model(IDS).logits

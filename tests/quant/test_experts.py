@@ -263,6 +263,14 @@ def _qlora(kind, seed=0):
     return inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_count_parameters_counts_quantized_experts_as_dense(kind):
+    from alignlab.adapters import count_parameters
+
+    dense = sum(p.numel() for p in tiny_moe(kind).parameters())
+    assert count_parameters(quantize_model(tiny_moe(kind), compute_dtype=torch.float32)).total == dense
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 def test_qlora_on_experts_equals_lora_on_the_dequantized_experts(kind):
     from alignlab.adapters.experts import ExpertLoRA

@@ -276,6 +276,29 @@ def test_transformers_4bit_checkpoint_roundtrip(tmp_path):
         assert torch.equal(back[k], v), k
 
 
+def test_count_parameters_equals_peft_on_a_bitsandbytes_4bit_model(tmp_path):
+    """QLoRA counts: ours on quantize_model + inject equal PEFT's get_nb_trainable_parameters on the same
+    model loaded in 4-bit by transformers / bitsandbytes (PEFT counts a Params4bit as 2 weights per byte)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    if bnb is None:
+        pytest.skip("bitsandbytes not installed")
+    from alignlab.adapters import LoRAConfig, count_parameters, inject
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg, device_map="cpu")
+        want = peft.get_peft_model(hf4, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ours = quantize_model(transformers.LlamaForCausalLM(config), compute_dtype=torch.float32)
+    inject(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert tuple(count_parameters(ours)) == want.get_nb_trainable_parameters()
+
+
 def test_quantize_model_keeps_the_head_whatever_skip_says_and_rejects_unknown_names():
     """`skip` adds to the kept head instead of replacing it; a name that matches nothing is an error."""
     model = quantize_model(make_tiny_llama(), skip=["o_proj"], compute_dtype=torch.float32)
