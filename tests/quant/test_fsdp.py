@@ -36,6 +36,13 @@ def test_same_outputs_and_state_dict(double_quant):
         assert torch.equal(got[k], want[k]), k
 
 
+def test_count_parameters_counts_the_logical_weight_not_the_uint8_parameters():
+    from alignlab.adapters import count_parameters
+
+    model = shardable_nf4_(nn.Sequential(_layer()))
+    assert count_parameters(model) == (0, 96 * 40 + 40)
+
+
 def test_load_state_dict_and_dtype_moves_keep_the_bytes():
     ref = _layer()
     lay = shardable_nf4_(nn.Sequential(_layer(calibrate="icq")))[0]  # different weights first
