@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -120,7 +121,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``config`` has the wrong type.
         ValueError: nothing matched ``target_modules`` (the message lists the linear modules
-            that exist), or the adapter name is already used.
+            that exist, and when a string would match a name suffix, says strings are full-name regexes
+            and gives the list form), or the adapter name is already used.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -141,6 +143,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             f"no module matched target_modules={getattr(config, 'target_modules', None)!r}"
             + (f" (exclude_modules={exclude!r})" if exclude else "")
             + f"; linear modules in this model end with {suffixes} (e.g. {existing[:3]})"
+            + _string_target_hint(getattr(config, "target_modules", None), suffixes)
         )
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
@@ -377,6 +380,16 @@ class ParameterCount(NamedTuple):
     @property
     def fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
+
+
+def _string_target_hint(target: object, suffixes: list[str]) -> str:
+    """The fix when a ``target_modules`` string was meant as a name suffix: it is a full-name regex."""
+    if not isinstance(target, str) or not any(re.fullmatch(target, s) for s in suffixes):
+        return ""
+    regex = r".*\." + (target if target in suffixes else f"({target})")
+    as_list = f"pass name suffixes as a list, target_modules=[{target!r}], or " if target in suffixes else "use "
+    return (f"; a target_modules string is a regular expression matched against the whole module name (PEFT's "
+            f'rule): {as_list}a regex such as r"{regex}"')
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

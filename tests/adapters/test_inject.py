@@ -69,6 +69,16 @@ def test_no_match_lists_what_exists():
         inject(make_tiny_llama(), LoRAConfig(target_modules=["query"]))
 
 
+@pytest.mark.parametrize("target, fix", [("q_proj", r"target_modules=['q_proj']"), ("(q|v)_proj", r".*\.((q|v)_proj)")])
+def test_a_string_target_that_names_a_suffix_says_strings_are_full_name_regexes(target, fix):
+    with pytest.raises(ValueError, match="regular expression matched against the whole module name") as err:
+        inject(make_tiny_llama(), LoRAConfig(target_modules=target))
+    assert fix in str(err.value)
+    with pytest.raises(ValueError) as err:
+        inject(make_tiny_llama(), LoRAConfig(target_modules=["query"]))
+    assert "regular expression" not in str(err.value)
+
+
 def test_inject_starts_at_base_and_freezes_base():
     model = make_tiny_llama()
     ref = model(IDS).logits
