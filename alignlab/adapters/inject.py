@@ -197,6 +197,12 @@ def adapter_configs(model: nn.Module) -> dict:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters that run in ``model``'s forward (summed when several), in order.
+
+    The first adapter injected is active; :func:`set_adapter` changes the list and
+    :func:`delete_adapter` drops a deleted name. A copy: changing it does not change the model.
+    Empty for a model with no adapters. ``with disabled(model)`` does not change it.
+    """
     return list(getattr(model, "alignlab_active_adapters", []))
 
 
@@ -249,9 +255,14 @@ def disabled(model: nn.Module):
     """Run the frozen base model inside the block (e.g. the DPO reference policy, no second copy).
 
     Raises:
-        ValueError: adapters are merged into the base weights (unmerge first).
+        ValueError: the model has no adapter layers (nothing to disable: the block would run the
+            same model, e.g. a DPO reference equal to the policy, loss stuck at log 2), or adapters
+            are merged into the base weights (unmerge first).
     """
     layers = [m for _, m in adapter_layers(model)] + [m for _, m in _saved_modules(model)]
+    if not layers:
+        raise ValueError("model has no adapter layers, so disabled(model) would run the same model; "
+                         "inject adapters first (inject(model, LoRAConfig(...)))")
     merged = [n for n, m in adapter_layers(model) if m.merged]
     if merged:
         raise ValueError(f"cannot disable adapters merged into the base (e.g. {merged[0]!r}); call unmerge(model) first")

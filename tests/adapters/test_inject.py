@@ -117,6 +117,29 @@ def test_disabled_equals_base_and_restores():
     torch.testing.assert_close(model(IDS).logits, adapted)
 
 
+def test_disabled_on_a_model_without_adapters_raises():
+    # a DPO reference "disabled" from a model that never got adapters is the policy itself
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="no adapter layers"):
+        with disabled(model):
+            pass
+
+
+def test_active_adapters_follows_inject_set_and_delete():
+    from alignlab.adapters import active_adapters
+
+    model = make_tiny_llama()
+    assert active_adapters(model) == []
+    inject(model, LoRAConfig(target_modules=["q_proj"]))
+    inject(model, LoRAConfig(target_modules=["q_proj"]), adapter_name="other")
+    assert active_adapters(model) == ["default"]
+    set_adapter(model, ["default", "other"])
+    active_adapters(model).append("x")  # a copy
+    assert active_adapters(model) == ["default", "other"]
+    delete_adapter(model, "other")
+    assert active_adapters(model) == ["default"]
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_unmerge_and_unload(use_dora):
     model = make_tiny_llama()
