@@ -37,6 +37,7 @@ from torch import nn
 
 from alignlab._checks import is_real
 from alignlab.data.sft import IGNORE_INDEX
+from alignlab.eval.eval_mode import eval_mode
 
 __all__ = [
     "TokenCleaner",
@@ -237,15 +238,10 @@ class TokenCleaner:
     def scores(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """Influence scores ``(batch, seq)`` for ``batch``; ``model`` = current model in self-evolving mode."""
         reference = self._reference(model)
-        was_training = [m.training for m in (self.base, reference)]
-        self.base.eval()
-        reference.eval()
-        try:
+        # eval_mode puts back each submodule's own mode (a block the caller froze in eval stays in eval)
+        with eval_mode(self.base), eval_mode(reference):
             return token_influence(self.base, reference, batch["input_ids"], batch["labels"],
                                    batch.get("attention_mask"), batch.get("position_ids"))
-        finally:
-            self.base.train(was_training[0])
-            reference.train(was_training[1])
 
     def __call__(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """The cleaned label tensor for ``batch`` (the input is not modified)."""

@@ -142,6 +142,21 @@ def test_self_evolving_uses_current_model():
     assert not torch.equal(evolving(batch, ref), fixed)
 
 
+def test_scoring_puts_back_each_submodules_own_mode():
+    # model.train(was_training) would set the layer the caller kept in eval back to train
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=2)
+    model = make_tiny_llama(seed=1, vocab_size=32, hidden_size=32, num_layers=2)
+    model.train()
+    model.model.layers[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+    TokenCleaner(base, mode="self_evolving", keep_ratio=0.5)({"input_ids": ids, "labels": ids}, model)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert not model.model.layers[0].training and not any(m.training for m in base.modules())
+
+
 def test_errors():
     base = Bigram()
     ids, labels = make_batch()
