@@ -57,6 +57,13 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64) -> transformers.LlamaForCaus
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_lora_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A LoRA policy: the pages that take the reference as ``disabled(model)`` need adapters to disable."""
+    from alignlab.adapters import LoRAConfig, inject
+
+    return inject(tiny_llama(seed), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
 def batch_ids(batch: int = 2, seq: int = 12, vocab_size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -118,7 +125,7 @@ def _ai_feedback(tmp_path: Path) -> dict:
     tokenizer = word_tokenizer()
     prompts = ["what is two plus two ?", "what is the capital of france ?"]
     return {"prompts": prompts, "generate": _canned_generator(), "judge": _shorter_answer_wins,
-            "model": tiny_llama(), "tokenizer": tokenizer, "step": 0,
+            "model": tiny_lora_llama(), "tokenizer": tokenizer, "step": 0,
             "prompt_ids": [tokenizer.encode(p) for p in prompts]}
 
 
@@ -194,7 +201,7 @@ def _long_context(tmp_path: Path) -> dict:
 
 
 def _losses(tmp_path: Path) -> dict:
-    model = tiny_llama()
+    model = tiny_lora_llama()
     ids = batch_ids(batch=4)
     completion_mask = torch.zeros_like(ids, dtype=torch.bool)
     completion_mask[:, 6:] = True
@@ -230,7 +237,7 @@ def tiny_mixtral() -> torch.nn.Module:
 def _rl(tmp_path: Path) -> dict:
     plen, n = 4, 8
     seq = batch_ids(batch=n, seq=plen + 6)
-    return {"model": tiny_llama(), "rewards": torch.randn(n), "seq": seq, "attn": torch.ones_like(seq),
+    return {"model": tiny_lora_llama(), "rewards": torch.randn(n), "seq": seq, "attn": torch.ones_like(seq),
             "plen": plen, "completion_ids": seq[:, plen:], "completion_mask": torch.ones(n, 6),
             "vllm_logprobs": -torch.rand(n, 6)}
 
