@@ -35,6 +35,7 @@ from alignlab._checks import as_bool, check_token_id, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
+from alignlab.eval.eval_mode import eval_mode
 from alignlab.eval.judge import PAIRWISE_TEMPLATE, PairwiseJudgement, judge_pairwise
 
 __all__ = [
@@ -292,7 +293,8 @@ def sample_completions(
     A plain reference sampler: left-padded batch, ``model(input_ids, attention_mask, position_ids).logits``
     recomputed over the whole prefix each token (no KV cache; fine for small models and tests -- pass
     :func:`oaif_batch` a ``sample`` callable backed by ``generate`` or vLLM for real runs). Draws come from
-    a ``torch.Generator`` seeded with ``seed``, so the same seed gives the same completions.
+    a ``torch.Generator`` seeded with ``seed``, so the same seed gives the same completions: the model
+    samples in eval mode (no dropout), every submodule's own mode put back after.
     ``temperature=0`` is greedy.
 
     Raises:
@@ -311,6 +313,13 @@ def sample_completions(
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     _check_token_ids(pad_token_id, eos_token_id)
+    with eval_mode(model):  # dropout in train mode would make the same seed draw other tokens
+        return _sample(model, prompts, num_samples, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id,
+                       seed)
+
+
+def _sample(model, prompts, num_samples, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id,
+            seed) -> list[list[list[int]]]:
     device = next(model.parameters()).device
     rows = [list(map(int, p)) for p in prompts for _ in range(num_samples)]
     width = max(len(r) for r in rows)
@@ -406,7 +415,8 @@ def oaif_batch(
         loss, _ = fused_linear_dpo(hidden[:, :-1], model.lm_head.weight, b["labels"][:, 1:], ref_hidden=...)
 
     Args:
-        policy: the causal LM being trained (sampled under ``no_grad``; its train/eval mode is left as is).
+        policy: the causal LM being trained (sampled under ``no_grad`` in eval mode, also by a ``sample``
+            callable; each submodule's own mode is put back after).
         prompts: ``P`` prompts as token id lists.
         sample: ``sample(prompts) -> out[i][j]`` token ids, replacing :func:`sample_completions` (which
             is called with ``max_new_tokens``, ``temperature``, ``top_k``, ``eos_token_id``,
@@ -430,7 +440,8 @@ def oaif_batch(
         completions = sample_completions(policy, prompts, 2, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
     else:
-        completions = [[list(map(int, c)) for c in cs] for cs in sample(prompts)]
+        with eval_mode(policy):
+            completions = [[list(map(int, c)) for c in cs] for cs in sample(prompts)]
         if len(completions) != len(prompts) or any(len(c) != 2 for c in completions):
             raise ValueError("sample: expected two completions for every prompt")
     rows_c, rows_r, index, chosen, rejected, judgements = [], [], [], [], [], []

@@ -175,6 +175,27 @@ def test_sample_completions_shapes_eos_and_seed(policy):
     assert out != sample_completions(policy, PROMPTS, 3, max_new_tokens=6, eos_token_id=EOS, seed=2)
 
 
+def test_sampling_runs_in_eval_mode_and_puts_back_each_submodules_mode():
+    # GPT-2 with dropout 0.5 in train mode: dropout while sampling made greedy draws differ per call
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
+                                     eos_token_id=1, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    model = transformers.GPT2LMHeadModel(config).train()
+    model.transformer.h[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    kwargs = dict(temperature=0.0, pad_token_id=0, seed=0)
+    first = sample_completions(model, [[1, 2, 3], [4, 5]], **kwargs)
+    assert first == sample_completions(model, [[1, 2, 3], [4, 5]], **kwargs)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+    seen = []
+    ob = oaif_batch(model, [[2], [3]], shorter, decode,
+                    sample=lambda ps: seen.append(model.training) or [[[4, 5], [6]] for _ in ps])
+    assert ob.num_pairs == 2 and seen == [False]
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
 def test_greedy_sampling_equals_transformers_generate(policy):
     """Left padding and position ids handled as HF does: greedy completions equal ``model.generate``'s."""
     ours = sample_completions(policy, PROMPTS, 1, max_new_tokens=5, temperature=0.0)
