@@ -6,6 +6,11 @@
 * ``torch``        -- always the PyTorch reference (debugging, tests);
 * ``triton``       -- Triton whenever it imports, also for CPU tensors when
                       ``TRITON_INTERPRET=1`` (how CI runs kernels without a GPU).
+
+``TRITON_INTERPRET`` is read once, when this module is imported, as Triton itself reads it once: a
+kernel is an interpreted or a compiled function from its definition on. Set it after import and CPU
+tensors keep taking the reference (the kernels were defined compiled; launching them on CPU tensors
+would end in Triton's "0 active drivers").
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ def kernel_mode() -> str:
     return mode
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # alignlab's kernels are defined after this import
+
+
 def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs in its CPU interpreter: ``TRITON_INTERPRET=1`` when alignlab's kernels were defined."""
+    return _INTERPRET
 
 
 try:  # once, at import: a plain module constant is what torch.compile traces cheaply (an lru_cache warned)

@@ -1,10 +1,14 @@
 """The Triton-vs-torch dispatch decision (alignlab.kernels.dispatch)."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
+from alignlab.kernels import dispatch
 from alignlab.kernels.dispatch import kernel_mode, triton_available, use_triton
 
 
@@ -13,10 +17,11 @@ def test_modes(monkeypatch):
     monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")
     assert kernel_mode() == "torch" and not use_triton(x)
     monkeypatch.setenv("ALIGNLAB_KERNELS", "auto")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(dispatch, "_INTERPRET", False)
     assert not use_triton(x)  # CPU tensors take the reference in auto mode
     monkeypatch.setenv("ALIGNLAB_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_triton(x)  # and under "triton" without the interpreter
+    monkeypatch.setattr(dispatch, "_INTERPRET", True)
     assert use_triton(x) == triton_available()  # the interpreter runs kernels on CPU tensors
     monkeypatch.setenv("ALIGNLAB_KERNELS", "fast")
     with pytest.raises(ValueError, match="ALIGNLAB_KERNELS"):
@@ -36,3 +41,23 @@ def test_use_triton_traces_without_warnings(monkeypatch):
         warnings.simplefilter("always")
         f(torch.ones(3))
     assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
+def test_triton_interpret_set_after_import_leaves_cpu_tensors_on_the_reference():
+    # Triton reads TRITON_INTERPRET once, when the kernels are defined; a later setting used to send CPU
+    # tensors to compiled kernels ("RuntimeError: 0 active drivers")
+    pytest.importorskip("triton")
+    code = """if True:
+        import os, torch
+        from alignlab.kernels.dispatch import interpreting, use_triton
+        from alignlab.losses import linear_cross_entropy
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["ALIGNLAB_KERNELS"] = "triton"
+        torch.manual_seed(0)
+        h, w, y = torch.randn(6, 8), torch.randn(16, 8), torch.randint(0, 16, (6,))
+        assert not interpreting() and not use_triton(h)
+        torch.testing.assert_close(linear_cross_entropy(h, w, y).loss, torch.nn.functional.cross_entropy(h @ w.T, y))
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALIGNLAB_KERNELS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
