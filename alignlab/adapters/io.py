@@ -466,12 +466,16 @@ def _config_registry() -> dict:
 
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
     expected = _adapter_tensors(model, adapter_name)
-    # PEFT also writes the whole table of an embedding that carries LoRA (its default,
-    # save_embedding_layers="auto"), and loads it back into the base: so do we
+    # PEFT also writes the frozen tensors of a targeted input or output embedding (lm_head is one of its
+    # EMBEDDING_LAYER_NAMES; its default save_embedding_layers="auto"), and loads them back into the base: so do we
     from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead
 
-    expected.update({f"{PREFIX}{n}.base_layer.weight": l.base_layer.weight for n, l in adapter_layers(model)
-                     if isinstance(l, (LoRAEmbedding, TiedLoRAHead)) and f"{PREFIX}{n}.base_layer.weight" in state})
+    tables = {id(_embedding_module(model, "get_input_embeddings")), id(_embedding_module(model, "get_output_embeddings"))}
+    for n, l in adapter_layers(model):
+        if isinstance(l, (LoRAEmbedding, TiedLoRAHead)) or id(l) in tables:
+            for pname, p in l.base_layer.named_parameters(recurse=False):
+                if f"{PREFIX}{n}.base_layer.{pname}" in state:
+                    expected[f"{PREFIX}{n}.base_layer.{pname}"] = p
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -484,6 +488,14 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(like_target(state[key], target))
+
+
+def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.<getter>()`` (a transformers model's input/output embedding), or None where it has none."""
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ numbers and files, both ways, on a tiny random Llama (tied and untied input/outp
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -455,3 +456,23 @@ def test_weighted_combination_of_embedding_adapters_is_refused():
         model = inject(_llama(), config)
         with pytest.raises(ValueError, match="embedding"):
             add_weighted_adapter(model, ["default"], [1.0], "mix")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens", "lm_head"]])
+def test_peft_file_with_lora_on_lm_head_loads(tmp_path, targets):
+    """PEFT's save_embedding_layers="auto" also writes the frozen ``lm_head.base_layer.weight`` when lm_head
+    (one of its EMBEDDING_LAYER_NAMES) is targeted; load_adapter refused the file as a key matching no module."""
+    peft = pytest.importorskip("peft")
+    base = _llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Setting `save_embedding_layers` to `True` ..."
+        theirs.save_pretrained(tmp_path / "peft")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
