@@ -529,6 +529,20 @@ def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tens
     return rewards.view(-1, group_size)
 
 
+def _nanstd(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Unbiased std over the non-NaN entries (``keepdim`` along ``dim``), NaN where fewer than two: TRL's
+    ``nanstd``, so that an unscorable completion's NaN reward stays out of its group's statistics."""
+    mean = torch.nanmean(t, dim=dim, keepdim=dim is not None)
+    count = (~torch.isnan(t)).sum(dim=dim, keepdim=dim is not None)
+    var = torch.nanmean((t - mean) ** 2, dim=dim, keepdim=dim is not None) * count / (count - 1)
+    return torch.where(count > 1, var, torch.full_like(var, float("nan"))).sqrt()
+
+
+def _zero_nan(adv: torch.Tensor) -> torch.Tensor:
+    """Advantage 0 where it is NaN (an unscorable completion, or the only scorable one of its group)."""
+    return adv.masked_fill(torch.isnan(adv), 0.0)
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
@@ -539,6 +553,10 @@ def group_advantages(
     ``group_size`` completions of the same prompt (unbiased std, like TRL).  ``scale="batch"`` divides by the
     std of the whole batch instead; ``scale="none"`` only centres (Dr. GRPO, "Understanding R1-Zero-Like
     Training: A Critical Perspective", arXiv 2503.20783).
+
+    A NaN reward marks a completion no reward function could score (TRL's ``None``): as in TRL's
+    ``GRPOTrainer`` it is left out of the means and stds (``nanmean``/``nanstd``) and gets advantage 0, as
+    does the only scorable completion of a group under ``scale="group"``.
 
     Args:
         rewards: ``(batch,)`` with contiguous groups; batch must be a multiple of ``group_size``.
@@ -557,14 +575,14 @@ def group_advantages(
     eps = check_finite_number(eps, "eps", minimum=0.0)
     g = _grouped(rewards, group_size, 1).detach()
     g = g.to(_compute_dtype(g))
-    centred = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+    centred = (g - torch.nanmean(g, dim=1, keepdim=True)).reshape(-1)
     if scale == "none":
-        return centred
+        return _zero_nan(centred)
     if scale == "group":
-        std = g.std(dim=1, keepdim=True).expand_as(g).reshape(-1) if group_size > 1 else torch.zeros_like(centred)
+        std = _nanstd(g, dim=1).expand_as(g).reshape(-1) if group_size > 1 else torch.zeros_like(centred)
     else:
-        std = g.reshape(-1).std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype, device=g.device)
-    return centred / (std + eps)
+        std = _nanstd(g.reshape(-1)) if g.numel() > 1 else torch.zeros((), dtype=g.dtype, device=g.device)
+    return _zero_nan(centred / (std + eps))
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = 1e-4) -> torch.Tensor:
@@ -577,7 +595,10 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
         A_i = r_i - \frac{1}{k-1}\sum_{j\ne i} r_j = \frac{k}{k-1}\,(r_i - \bar r)
 
     for the :math:`k` = ``group_size`` completions of one prompt.  ``normalize`` then standardises the
-    advantages over the batch (TRL's ``normalize_advantages``).
+    advantages over the batch (TRL's ``normalize_advantages``).  A NaN reward (an unscorable completion) is
+    left out as in TRL's ``RLOOTrainer``: the baseline averages the scorable siblings only, the normalisation
+    uses ``nanmean``/``nanstd``, and NaN advantages (the unscorable completions, and a group's only scorable
+    one) become 0.
 
     Returns:
         ``(batch,)`` advantages (detached).
@@ -591,11 +612,12 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
     eps = check_finite_number(eps, "eps", minimum=0.0)
     g = _grouped(rewards, group_size, 2).detach()
     g = g.to(_compute_dtype(g))
-    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    scorable = (~torch.isnan(g)).sum(dim=1, keepdim=True)
+    baseline = (torch.nansum(g, dim=1, keepdim=True) - g) / (scorable - 1)
     adv = (g - baseline).reshape(-1)
     if normalize:
-        adv = (adv - adv.mean()) / (adv.std() + eps)
-    return adv
+        adv = (adv - torch.nanmean(adv)) / (_nanstd(adv) + eps)
+    return _zero_nan(adv)
 
 
 def is_weights(

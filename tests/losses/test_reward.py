@@ -504,3 +504,59 @@ def test_gspo_clip_metrics_use_each_tokens_own_advantage():
     assert m["clip_ratio/low_mean"].item() == pytest.approx(1 / 4)
     assert m["clip_ratio/high_mean"].item() == pytest.approx(1 / 4)
     assert m["clip_ratio/region_mean"].item() == pytest.approx(2 / 4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# unscorable completions (NaN rewards) as TRL 1.16's GRPOTrainer / RLOOTrainer treat them
+# ------------------------------------------------------------------------------------------------------------------
+def _trl_nanstd(t, dim=None):
+    """TRL's trainer.utils.nanstd written out: unbiased std over the non-NaN entries, NaN below two of them."""
+    mean = torch.nanmean(t, dim=dim, keepdim=True)
+    count = (~torch.isnan(t)).sum(dim=dim, keepdim=True)
+    var = torch.nanmean((t - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
+    var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
+    return var.sqrt() if dim is None else var.sqrt().squeeze(dim)
+
+
+NAN_REWARDS = torch.tensor([1.0, float("nan"), 0.0, 2.0, 0.5, float("nan"), float("nan"), float("nan"), 3.0],
+                           dtype=D)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_leave_nan_rewards_out_as_trl(scale):
+    """A NaN reward (a completion no reward function could score: TRL's None) made every advantage of its group
+    NaN, and with scale="batch" of the whole batch, so the GRPO loss and every gradient were NaN. TRL 1.16
+    leaves it out of the group statistics (nanmean / nanstd) and gives it advantage 0."""
+    r, k = NAN_REWARDS, 3
+    g = r.view(-1, k)
+    mean = torch.nanmean(g, dim=1).repeat_interleave(k)
+    if scale == "group":
+        std = _trl_nanstd(g, dim=1).repeat_interleave(k)
+    else:
+        std = _trl_nanstd(r).expand_as(r)
+    want = r - mean if scale == "none" else (r - mean) / (std + 1e-4)
+    want = torch.nan_to_num(want, nan=0.0)
+    got = group_advantages(r, k, scale=scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(group_advantages(r[~torch.isnan(r)][:2], 2, scale=scale),
+                               group_advantages(torch.tensor([1.0, 0.0], dtype=D), 2, scale=scale))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rloo_advantages_leave_nan_rewards_out_as_trl(normalize):
+    """As above for RLOO: TRL's leave-one-out baseline averages the scorable siblings only (nansum over
+    count - 1), normalises with nanmean / nanstd, then zeroes the NaN advantages."""
+    r, k = NAN_REWARDS, 3
+    g = r.view(-1, k)
+    count = (~torch.isnan(g)).sum(dim=1, keepdim=True)
+    baseline = (torch.nansum(g, dim=1, keepdim=True) - g) / (count - 1)
+    want = r - baseline.reshape(-1)
+    if normalize:
+        want = (want - torch.nanmean(want)) / (_trl_nanstd(want) + 1e-4)
+    want = torch.nan_to_num(want, nan=0.0)
+    got = rloo_advantages(r, k, normalize=normalize)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    lp = torch.zeros(r.shape[0], 2, dtype=D, requires_grad=True)
+    loss, _ = grpo_loss(lp, got)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
