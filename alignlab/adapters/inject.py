@@ -445,8 +445,9 @@ def add_weighted_adapter(
 
     * ``"cat"`` (exact): stacks the factors, new rank ``Σ r_i``: ``ΔW = Σ w_i s_i B_i A_i``.
     * ``"svd"``: the best rank-``rank`` approximation (truncated SVD) of that same ``ΔW``.
-    * ``"linear"``: PEFT's factor averaging, ``A = Σ √w_i s_i A_i``, ``B = Σ √w_i B_i`` (all ranks
-      equal); cheap but *not* equal to ``Σ w_i ΔW_i`` unless the adapters share factors.
+    * ``"linear"``: PEFT's factor averaging, ``A = Σ sign(w_i s_i) √|w_i s_i| A_i``,
+      ``B = Σ √|w_i s_i| B_i`` (all ranks equal); cheap but *not* equal to ``Σ w_i ΔW_i`` unless the
+      adapters share factors.
 
     The new adapter has scaling 1 (``alpha = rank``) and is added inactive.
 
