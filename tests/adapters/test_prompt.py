@@ -272,3 +272,18 @@ def test_prefix_projection_must_be_a_json_boolean():
     for bad in ("false", 0, 1):
         with pytest.raises(ValueError, match="adapter_config.json: prefix_projection must be true or false"):
             PrefixTuningConfig.from_peft({"num_virtual_tokens": 4, "prefix_projection": bad})
+
+
+@pytest.mark.parametrize("cfg", [PromptTuningConfig(num_virtual_tokens=3, seed=2), PrefixTuningConfig(num_virtual_tokens=3)],
+                         ids=["prompt", "prefix"])
+def test_left_padded_scoring_needs_position_ids_from_the_mask(cfg):
+    """docs/peft-methods.md: without position_ids a left-padded row's real tokens sit after its pads (as in
+    PEFT's forward), so its logits are not the text's alone; position_ids from the mask make them so."""
+    model = inject(make_tiny_llama(), cfg)
+    with torch.no_grad():
+        alone = model(input_ids=IDS[1:, 2:]).logits[0, -5:]
+        pos = (MASK.cumsum(1) - 1).clamp(min=0)
+        fixed = model(input_ids=IDS, attention_mask=MASK, position_ids=pos).logits[1, -5:]
+        shifted = model(input_ids=IDS, attention_mask=MASK).logits[1, -5:]
+    torch.testing.assert_close(fixed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shifted, alone, rtol=1e-5, atol=1e-5)
