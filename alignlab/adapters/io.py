@@ -467,7 +467,9 @@ def _config_registry() -> dict:
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
     expected = _adapter_tensors(model, adapter_name)
     # PEFT also writes the frozen tensors of a targeted input or output embedding (lm_head is one of its
-    # EMBEDDING_LAYER_NAMES; its default save_embedding_layers="auto"), and loads them back into the base: so do we
+    # EMBEDDING_LAYER_NAMES; its default save_embedding_layers="auto"), or the whole untargeted tables under
+    # their base names (save_embedding_layers=True, or "auto" after a vocabulary resize), and loads them back
+    # into the base: so do we
     from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead
 
     tables = {id(_embedding_module(model, "get_input_embeddings")), id(_embedding_module(model, "get_output_embeddings"))}
@@ -476,6 +478,11 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
             for pname, p in l.base_layer.named_parameters(recurse=False):
                 if f"{PREFIX}{n}.base_layer.{pname}" in state:
                     expected[f"{PREFIX}{n}.base_layer.{pname}"] = p
+    for n, m in model.named_modules():
+        if id(m) in tables and not hasattr(m, "base_layer") and not isinstance(m, SavedModule):
+            for pname, p in m.named_parameters(recurse=False):
+                if f"{PREFIX}{n}.{pname}" in state:
+                    expected[f"{PREFIX}{n}.{pname}"] = p
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:

@@ -476,3 +476,20 @@ def test_peft_file_with_lora_on_lm_head_loads(tmp_path, targets):
     assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
     mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_peft_file_with_saved_embedding_layers_loads(tmp_path, tie):
+    """PEFT's save_embedding_layers=True (its "auto" after a vocabulary resize) writes the whole input and output
+    embeddings of the base (``model.embed_tokens.weight``, ``lm_head.weight``) next to the adapter and loads
+    them back into the base; load_adapter refused them as keys matching no adapted module."""
+    peft = pytest.importorskip("peft")
+    base = _llama(tie=tie)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():  # rows trained or added after a resize
+        theirs.base_model.model.model.embed_tokens.weight.add_(0.1)
+        theirs.base_model.model.lm_head.weight.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
