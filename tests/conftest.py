@@ -69,6 +69,21 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def saved_adapter_config(path, cfg) -> dict:
+    """The ``adapter_config.json`` that ``save_adapter`` writes for ``cfg`` injected into a tiny Llama."""
+    import json
+
+    from alignlab.adapters import inject, save_adapter
+
+    save_adapter(inject(make_tiny_llama(), cfg), path)
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def config_fields(cfg) -> dict:
+    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
+    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
+
+
 def run_cpu_example(script: str, *args: str, timeout: int = 180) -> str:
     """Run ``examples/<script>`` with ``args`` in a fresh process on the CPU (no GPU visible), from the
     repository root; assert it exits 0 and return its stdout."""

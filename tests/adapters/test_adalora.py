@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from conftest import config_fields, make_tiny_llama, saved_adapter_config
 
 from alignlab.adapters import (
     AdaLoRAAllocator,
@@ -246,16 +246,6 @@ def test_schedule_and_beta_types_checked():
                 AdaLoRAConfig(target_modules=TARGETS, **{name: bad})
 
 
-def _saved_config(path, cfg) -> dict:
-    save_adapter(inject(make_tiny_llama(), cfg), path)
-    return json.loads((path / "adapter_config.json").read_text())
-
-
-def _fields(cfg) -> dict:
-    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
-    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
-
-
 def test_peft_and_alignlab_adalora_files_load_as_the_same_config(tmp_path):
     """What PEFT writes, and what we write, comes back with the same values and Python types as before."""
     peft = pytest.importorskip("peft")
@@ -264,9 +254,9 @@ def test_peft_and_alignlab_adalora_files_load_as_the_same_config(tmp_path):
     peft.get_peft_model(make_tiny_llama(), theirs).save_pretrained(str(tmp_path / "p"))
     expected = AdaLoRAConfig(**{**kw, "orth_reg_weight": 1.0}, alpha=6.0, dropout=0.1, target_modules=TARGETS)
     loaded = AdaLoRAConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))
-    assert _fields(loaded) == _fields(expected)
+    assert config_fields(loaded) == config_fields(expected)
     ours = AdaLoRAConfig(**kw, alpha=6, dropout=0.1, target_modules=TARGETS)
-    assert _fields(AdaLoRAConfig.from_peft(_saved_config(tmp_path / "a", ours))) == _fields(expected)
+    assert config_fields(AdaLoRAConfig.from_peft(saved_adapter_config(tmp_path / "a", ours))) == config_fields(expected)
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -282,7 +272,7 @@ def test_peft_and_alignlab_adalora_files_load_as_the_same_config(tmp_path):
     ("rank_pattern", {"model.layers.0.self_attn.q_proj.lora_E": [0, 1, 1, 1]}, "rank_pattern must map"),
 ])
 def test_adalora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
-    raw = _saved_config(tmp_path, AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS))
+    raw = saved_adapter_config(tmp_path, AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS))
     with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
         AdaLoRAConfig.from_peft({**raw, field: value})
     del raw["init_r"]
@@ -296,7 +286,7 @@ def test_adalora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, va
     ("dropout", float("inf"), "dropout must be a finite number"),
 ])
 def test_sora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
-    raw = _saved_config(tmp_path, SoRAConfig(r=4, target_modules=TARGETS))
+    raw = saved_adapter_config(tmp_path, SoRAConfig(r=4, target_modules=TARGETS))
     loaded = SoRAConfig.from_peft(raw)
     assert (loaded.r, loaded.alpha, loaded.dropout) == (4, 8.0, 0.0) and type(loaded.r) is int
     with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):

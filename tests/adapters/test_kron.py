@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from conftest import config_fields, make_tiny_llama, saved_adapter_config
 
 from alignlab.adapters import (LoKrConfig, LoKrLinear, adapter_layers, count_parameters, disabled, factorization, inject, merge,
                                save_adapter, unmerge)
@@ -113,24 +113,14 @@ def test_numpy_scalars_accepted_bools_refused():
             LoKrConfig(**kw)
 
 
-def _saved_config(path, cfg) -> dict:
-    save_adapter(inject(make_tiny_llama(), cfg), path)
-    return json.loads((path / "adapter_config.json").read_text())
-
-
-def _fields(cfg) -> dict:
-    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
-    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
-
-
 def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path):
     """What PEFT writes, and what we write, comes back with the same values and Python types as before."""
     peft = pytest.importorskip("peft")
     kw = dict(r=1, alpha=2, target_modules=["o_proj", "up_proj"], decompose_both=True, decompose_factor=4)
     peft.get_peft_model(make_tiny_llama(), peft.LoKrConfig(**kw)).save_pretrained(str(tmp_path / "p"))
     expected = LoKrConfig(**{**kw, "alpha": 2.0})  # a JSON number for alpha loads as a float
-    assert _fields(LoKrConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))) == _fields(expected)
-    assert _fields(LoKrConfig.from_peft(_saved_config(tmp_path / "a", LoKrConfig(**kw)))) == _fields(expected)
+    assert config_fields(LoKrConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))) == config_fields(expected)
+    assert config_fields(LoKrConfig.from_peft(saved_adapter_config(tmp_path / "a", LoKrConfig(**kw)))) == config_fields(expected)
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -144,7 +134,7 @@ def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path):
     ("decompose_factor", "4", "decompose_factor must be an integer"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
-    raw = _saved_config(tmp_path, LoKrConfig(r=2, target_modules=["q_proj"]))
+    raw = saved_adapter_config(tmp_path, LoKrConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
         LoKrConfig.from_peft({**raw, field: value})
     del raw["r"]

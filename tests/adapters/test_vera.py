@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from conftest import config_fields, make_tiny_llama, saved_adapter_config
 
 from alignlab.adapters import VeRAConfig, VeRALinear, VeRAProjections, adapter_layers, count_parameters, disabled, inject, merge, unmerge
 
@@ -117,18 +117,6 @@ def test_numpy_scalars_accepted_bools_refused():
         VeRAConfig(r=True)
 
 
-def _saved_config(path, cfg) -> dict:
-    from alignlab.adapters import save_adapter
-
-    save_adapter(inject(make_tiny_llama(), cfg), path)
-    return json.loads((path / "adapter_config.json").read_text())
-
-
-def _fields(cfg) -> dict:
-    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
-    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
-
-
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path, save_projection):
     """What PEFT writes, and what we write, comes back with the same values and Python types as before."""
@@ -139,9 +127,9 @@ def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path, save_projecti
     expected = VeRAConfig(**kw, dropout=0.1)
     expected._save_projection = save_projection
     loaded = VeRAConfig.from_peft(json.loads((tmp_path / "p" / "adapter_config.json").read_text()))
-    assert _fields(loaded) == _fields(expected)
+    assert config_fields(loaded) == config_fields(expected)
     assert type(loaded.d_initial) is float and type(loaded.projection_prng_key) is int
-    assert _fields(VeRAConfig.from_peft(_saved_config(tmp_path / "a", VeRAConfig(**kw, dropout=0.1)))) == _fields(
+    assert config_fields(VeRAConfig.from_peft(saved_adapter_config(tmp_path / "a", VeRAConfig(**kw, dropout=0.1)))) == config_fields(
         VeRAConfig(**kw, dropout=0.1))
 
 
@@ -156,7 +144,7 @@ def test_peft_and_alignlab_files_load_as_the_same_config(tmp_path, save_projecti
     ("projection_prng_key", "3", "projection_prng_key must be an integer"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
-    raw = _saved_config(tmp_path, VeRAConfig(r=4, target_modules=["q_proj"]))
+    raw = saved_adapter_config(tmp_path, VeRAConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
         VeRAConfig.from_peft({**raw, field: value})
     del raw["r"]
