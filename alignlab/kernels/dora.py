@@ -162,8 +162,6 @@ if triton is not None:
                 acc_g += tl.load(base + C + rc, mask=cmask, other=0.0)
         _magnitude_finish(acc, acc_g, rc, cmask, bias_ptr, m_ptr, dm_ptr, HAS_BIAS)
 
-if triton is not None:
-
     @triton.jit
     def _row_factors(n, rn, ok, m_ptr, b_ptr, stride_b, g_ptr, gs_ptr, bgs_ptr, R, scale, BLOCK_R: tl.constexpr):
         """g = m / n, gs = scale·g (fp32, rounded as torch rounds each op) and bgs = round(b·gs) for rows rn."""
