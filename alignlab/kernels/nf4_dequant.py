@@ -7,10 +7,13 @@ Computes, for every flat index ``i`` of the weight,
 
 with ``q`` the NF4 codebook and ``d`` the 8-bit dynamic map (see
 :mod:`alignlab.quant.nf4`, whose :func:`~alignlab.quant.nf4.nf4_dequantize` is
-the reference).  One program reads ``BLOCK`` packed bytes and writes ``2 * BLOCK``
-values; scales are gathered per byte (both nibbles of a byte share a block
-because blocksizes are even), so the kernel is one pass: read 0.5 byte + the
-scale share per value, write one value.
+the reference).  One program reads a tile of whole quantization blocks (2048
+packed bytes on a GPU) and writes its values: one pass, reading 0.5 byte + the
+scale share per value and writing one value.  Each block's scale (and, for a
+row-scaled dequantization whose rows hold whole blocks, its row's factor) is
+loaded once per block and broadcast, not looked up per byte: on an H200 a
+per-value row lookup (a 64-bit division per value) made the row-scaled pass
+3x slower than the plain one (``benchmarks/RESULTS.md``, issue 24).
 """
 
 from __future__ import annotations
@@ -63,20 +66,35 @@ if triton is not None:
         data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, row_scale_ptr, out_ptr,
         n_elements, n_bytes, n_cols,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        ROW_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+        ROW_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, NBLK: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        """One ``(NBLK, BLOCKSIZE / 2)`` tile of packed bytes: NBLK whole quantization blocks, so each block's
+        scale is loaded once and broadcast. ``BLOCK_ROWS``: every block lies in one row (``n_cols`` a multiple
+        of ``BLOCKSIZE``), so the row scale is looked up per block too; else per value."""
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rb = tl.program_id(0).to(tl.int64) * NBLK + tl.arange(0, NBLK)
+        offs = rb[:, None] * HB + tl.arange(0, HB)[None, :]
         mask = offs < n_bytes
+        bmask = rb * HB < n_bytes
         byte = tl.load(data_ptr + offs, mask=mask, other=0).to(tl.int32)
-        bidx = (offs * 2) // BLOCKSIZE
-        hi, lo = nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
-                            DOUBLE, NESTED_BS, HAS_SHIFT)
-        if ROW_SCALE:  # the two values of a byte sit in different rows when n_cols is odd
-            hi *= tl.load(row_scale_ptr + (offs * 2) // n_cols, mask=(offs * 2) < n_elements, other=0.0)
-            lo *= tl.load(row_scale_ptr + (offs * 2 + 1) // n_cols, mask=(offs * 2 + 1) < n_elements, other=0.0)
-        vals = tl.join(hi, lo).reshape(2 * BLOCK)
-        out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rb, bmask, DOUBLE, NESTED_BS)[:, None]
+        hi = tl.load(code_ptr + (byte >> 4)) * s
+        lo = tl.load(code_ptr + (byte & 15)) * s
+        if HAS_SHIFT:
+            tau = tl.load(shift_ptr + rb, mask=bmask, other=0.0)[:, None]
+            hi += tau
+            lo += tau
+        if ROW_SCALE:
+            if BLOCK_ROWS:
+                r = tl.load(row_scale_ptr + (rb * BLOCKSIZE) // n_cols, mask=bmask, other=0.0)[:, None]
+                hi *= r
+                lo *= r
+            else:  # the two values of a byte may sit in different rows (odd n_cols)
+                hi *= tl.load(row_scale_ptr + (offs * 2) // n_cols, mask=(offs * 2) < n_elements, other=0.0)
+                lo *= tl.load(row_scale_ptr + (offs * 2 + 1) // n_cols, mask=(offs * 2 + 1) < n_elements,
+                              other=0.0)
+        vals = tl.join(hi, lo).reshape(NBLK, BLOCKSIZE)
+        out_offs = rb[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
 
 
@@ -106,14 +124,20 @@ def _pointer_args(t: NF4Tensor) -> tuple:
     )
 
 
-def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
+def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, *, block: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """Launch the kernel: about ``block`` packed bytes per program (a power of two of whole quantization
+    blocks, at least one), ``num_warps`` warps; the keywords are for benchmarks."""
     out = torch.empty(t.shape, dtype=dtype, device=t.data.device)
-    block = 256 if interpreting() else 1024
-    packed = t.data.numel()
-    launch(_nf4_dequant_kernel, (triton.cdiv(packed, block),),
-           (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, packed, t.shape[-1]),
+    interp = interpreting()
+    block = block or (256 if interp else 2048)
+    nblk = 1 << (max(1, block // (t.blocksize // 2)).bit_length() - 1)  # a power of two (tl.arange)
+    launch(_nf4_dequant_kernel, (triton.cdiv(t.num_blocks, nblk),),
+           (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(),
+            t.shape[-1]),
            dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None, BLOCK=block, num_warps=4))
+                HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None,
+                BLOCK_ROWS=t.shape[-1] % t.blocksize == 0, NBLK=nblk, num_warps=num_warps or (4 if interp else 2)))
     return out
 
 

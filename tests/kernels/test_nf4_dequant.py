@@ -96,3 +96,19 @@ def test_dequant_row_scale_torch_path_and_errors(torch_mode):
         nf4_dequant(t, torch.float32, scale[:5])
     with pytest.raises(TypeError, match="row_scale"):
         nf4_dequant(t, torch.float32, scale.double())
+
+
+@pytest.mark.parametrize("shape,blocksize", [((9, 96), 32), ((5, 100), 64), ((3, 256), 128), ((1, 70), 64)])
+@pytest.mark.parametrize("block", [16, 48, 96])  # packed bytes per program: 1..several whole blocks, many programs
+def test_dequant_tiles_over_programs(shape, blocksize, block, triton_mode, kernel_device):
+    """Several programs, a partial last quantization block, blocks crossing rows (row scale per value) and
+    rows holding whole blocks (row scale per block): the same values as the formula, plain and row-scaled
+    (on CPU under the interpreter, and on the GPU; single quantization, so no fused multiply-add to allow for)."""
+    from alignlab.kernels.nf4_dequant import _launch_dequant
+
+    g = torch.Generator().manual_seed(3)
+    t = nf4_quantize(torch.randn(shape, generator=g), blocksize=blocksize, double_quant=False).to(kernel_device)
+    assert torch.equal(_launch_dequant(t, torch.float32, None, block=block).cpu(), _formula(t))
+    scale = torch.rand(shape[0], generator=g).add_(0.5)
+    got = _launch_dequant(t, torch.float16, scale.to(kernel_device), block=block)
+    assert torch.equal(got.cpu(), (_formula(t) * scale[:, None]).to(torch.float16))
