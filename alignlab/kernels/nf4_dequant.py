@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import launch
+from alignlab.kernels.launch import bind, launch
 from alignlab.quant.nf4 import NF4Tensor, SUPPORTED_DTYPES, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["nf4_dequant"]
+__all__ = ["nf4_dequant", "dequant_runner"]
 
 
 if triton is not None:
@@ -124,21 +124,52 @@ def _pointer_args(t: NF4Tensor) -> tuple:
     )
 
 
-def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, *, block: int | None = None,
-                    num_warps: int | None = None) -> torch.Tensor:
-    """Launch the kernel: about ``block`` packed bytes per program (a power of two of whole quantization
-    blocks, at least one), ``num_warps`` warps; the keywords are for benchmarks."""
+def _call(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, block: int | None = None,
+          num_warps: int | None = None) -> tuple:
+    """``(out, grid, args, meta)`` of one launch of :func:`_nf4_dequant_kernel`: about ``block`` packed bytes per
+    program (a power of two of whole quantization blocks, at least one) and ``num_warps`` warps (defaults:
+    2048 bytes and 2 warps on a GPU, measured on an H200; ``out`` at ``args[8]``)."""
     out = torch.empty(t.shape, dtype=dtype, device=t.data.device)
     interp = interpreting()
     block = block or (256 if interp else 2048)
     nblk = 1 << (max(1, block // (t.blocksize // 2)).bit_length() - 1)  # a power of two (tl.arange)
-    launch(_nf4_dequant_kernel, (triton.cdiv(t.num_blocks, nblk),),
-           (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(),
-            t.shape[-1]),
-           dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
+    args = (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(),
+            t.shape[-1])
+    meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None,
-                BLOCK_ROWS=t.shape[-1] % t.blocksize == 0, NBLK=nblk, num_warps=num_warps or (4 if interp else 2)))
+                BLOCK_ROWS=t.shape[-1] % t.blocksize == 0, NBLK=nblk, num_warps=num_warps or (4 if interp else 2))
+    return out, (triton.cdiv(t.num_blocks, nblk),), args, meta
+
+
+def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, *, block: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """Launch the kernel (``block`` and ``num_warps`` as in :func:`_call`; the keywords are for benchmarks)."""
+    out, grid, args, meta = _call(t, dtype, row_scale, block, num_warps)
+    launch(_nf4_dequant_kernel, grid, args, meta)
     return out
+
+
+def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
+    """``make() -> W``: what ``nf4_dequant(t, dtype)`` returns, at less host cost per call.
+
+    After one dequantization of ``t`` to ``dtype`` has run (which compiled the kernel), ``make`` allocates
+    the output and launches the bound kernel on the CUDA stream current *now*, skipping the checks and the
+    launch-key computation; else it is a plain call. For callers that keep it per stream and replace it
+    with ``t`` (``NF4Linear``'s decode path above the small-``M`` bound)."""
+    _, grid, args, meta = _call(t, dtype, None)
+    go = None if torch.cuda.is_current_stream_capturing() else bind(_nf4_dequant_kernel, grid, args, meta)
+    if go is None:
+        return lambda: _launch_dequant(t, dtype, None)
+    head, tail = args[:8], args[9:]
+    shape, device, empty = t.shape, t.data.device, torch.empty
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+
+    def make() -> torch.Tensor:
+        w = empty(shape, dtype=dtype, device=device)
+        go(stream, (*head, w, *tail))
+        return w
+
+    return make
 
 
 def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -328,12 +328,13 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
 def _dequant_runner(t: NF4Tensor, dtype: torch.dtype):
     """``run(x, bias) = F.linear(x, W, bias)``, ``W`` dequantized to ``dtype`` per call (one transient buffer),
     as :func:`nf4_matmul` computes it for these rows: the same launches, bit for bit."""
-    from alignlab.kernels.nf4_dequant import _launch_dequant
+    from alignlab.kernels.nf4_dequant import dequant_runner
 
     linear = torch.nn.functional.linear
+    make = dequant_runner(t, dtype)
 
     def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return linear(x, _launch_dequant(t, dtype, None), bias)
+        return linear(x, make(), bias)
 
     return run
 
