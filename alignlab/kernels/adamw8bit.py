@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab.kernels.launch import launch
+from alignlab.kernels.launch import cdiv, launch
 
 try:
     import triton
@@ -101,7 +101,7 @@ def adamw8bit_kernel_step(
     ``scalars`` = float32 ``[1 - lr wd, lr / c1, c2, b1, 1 - b1, b2, 1 - b2, eps]`` there too. Shapes are
     checked by the caller."""
     n = p.numel()
-    grid = (triton.cdiv(n, blocksize),)
+    grid = (cdiv(n, blocksize),)
     smap, umap, smid, umid = maps
     launch(
         _adamw8bit_kernel, grid,

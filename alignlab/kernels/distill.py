@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from alignlab.kernels.dispatch import interpreting
+from alignlab.kernels.launch import next_power_of_2
 
 FORWARD_KL, REVERSE_KL, JSD, TV = 0, 1, 2, 3
 KIND_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "tv": TV}
@@ -159,8 +160,8 @@ def _distill_rows_kernel(
 
 def _block_size(vocab: int) -> tuple[int, int]:
     if interpreting():
-        return min(64, triton.next_power_of_2(max(vocab, 1))), 1
-    return min(4096, max(16, triton.next_power_of_2(vocab))), 8
+        return min(64, next_power_of_2(max(vocab, 1))), 1
+    return min(4096, max(16, next_power_of_2(vocab))), 8
 
 
 def distill_rows(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import launch
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -258,13 +258,13 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
     if N == 0:
         return (out, *more)
     a, b = a.contiguous(), b.contiguous()
-    block_r = max(16, triton.next_power_of_2(a.shape[0]))
+    block_r = max(16, next_power_of_2(a.shape[0]))
     block_n, block_k = (16, 32) if interpreting() else (16, 256)
     state = _state_args(weight) if quant else (data,) * 7
     meta = (dict(BLOCKSIZE=weight.blocksize, NESTED_BS=weight.nested_blocksize, DOUBLE=weight.double_quant,
                  HAS_SHIFT=weight.shift is not None) if quant
             else dict(BLOCKSIZE=64, NESTED_BS=256, DOUBLE=False, HAS_SHIFT=False))
-    launch(_row_norm_kernel, (triton.cdiv(N, block_n),),
+    launch(_row_norm_kernel, (cdiv(N, block_n),),
            (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
             b.stride(0), float(scale), *tail),
            dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, BLOCK_N=block_n,
@@ -306,9 +306,9 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
         return g, gs, bgs
     if b.stride(1) != 1:
         b = b.contiguous()
-    block_r = max(2, triton.next_power_of_2(R))
+    block_r = max(2, next_power_of_2(R))
     block_n = 16 if interpreting() else max(16, min(128, 2048 // block_r))
-    launch(_scales_kernel, (triton.cdiv(out_f, block_n),),
+    launch(_scales_kernel, (cdiv(out_f, block_n),),
            (magnitude.contiguous(), norm.contiguous(), b, g, gs, bgs, out_f, R, b.stride(0), float(scale)),
            dict(BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     return g, gs, bgs
@@ -321,11 +321,11 @@ def _column_plan(T: int, C: int, splits: int | None) -> tuple[int, int, int, int
     least 256 rows (one under the interpreter).
     """
     block_t, block_c = (8, 32) if interpreting() else (32, 256)
-    col_blocks = triton.cdiv(C, block_c)
+    col_blocks = cdiv(C, block_c)
     if splits is None:
-        splits = 1 if interpreting() else max(1, min(triton.cdiv(T, 256), triton.cdiv(512, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    return block_t, block_c, col_blocks, rows_per_split, triton.cdiv(T, rows_per_split)
+        splits = 1 if interpreting() else max(1, min(cdiv(T, 256), cdiv(512, col_blocks)))
+    rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    return block_t, block_c, col_blocks, rows_per_split, cdiv(T, rows_per_split)
 
 
 def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> torch.Tensor:

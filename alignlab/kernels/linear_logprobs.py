@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 
 from alignlab.kernels.dispatch import interpreting, triton_available, use_triton
+from alignlab.kernels.launch import next_power_of_2
 
 __all__ = ["RowStats", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
 
@@ -283,10 +284,10 @@ if triton_available():
 def _launch_config(vocab: int) -> tuple[int, int, int, bool]:
     """``(BLOCK_V, num_warps, programs per SM, per-lane lse)``; 0 programs per SM = one per row."""
     if interpreting():
-        return min(triton.next_power_of_2(vocab), 256), 1, 0, False
+        return min(next_power_of_2(vocab), 256), 1, 0, False
     # Measured on an H100 (bf16, 1024 x 128256 chunk, benchmarks/cross_entropy.py): wide blocks
     # and 32 warps reach ~82% of the copy bandwidth; the per-lane lse and persistent grids lost.
-    block_v = min(triton.next_power_of_2(vocab), 16384)
+    block_v = min(next_power_of_2(vocab), 16384)
     return block_v, max(4, min(32, block_v // 512)), 0, False
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import bind, launch
+from alignlab.kernels.launch import bind, cdiv, launch
 from alignlab.quant.nf4 import NF4Tensor, SUPPORTED_DTYPES, dynamic_map, nf4_code, nf4_dequantize
 
 try:
@@ -138,7 +138,7 @@ def _call(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, bloc
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None,
                 BLOCK_ROWS=t.shape[-1] % t.blocksize == 0, NBLK=nblk, num_warps=num_warps or (4 if interp else 2))
-    return out, (triton.cdiv(t.num_blocks, nblk),), args, meta
+    return out, (cdiv(t.num_blocks, nblk),), args, meta
 
 
 def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, *, block: int | None = None,

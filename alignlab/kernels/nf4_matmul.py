@@ -43,6 +43,7 @@ import os
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.launch import cdiv
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import max_rows
 from alignlab.kernels.nf4_small import small_m_matmul, small_m_matmul_op, small_m_runner
@@ -297,10 +298,10 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     meta = dict(_meta(t, x.dtype), HAS_BIAS=bias is not None)
     if interpreting():
         cfg = _fixed(M)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         _fwd[grid](*args, **meta, **cfg)
     else:
-        _fwd_large[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        _fwd_large[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)](*args, **meta)
     return y.reshape(*lead, N)
 
 
@@ -374,11 +375,11 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
     meta = _meta(t, dy.dtype)
     if interpreting():
         cfg = _fixed(M)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
         _bwd[grid](*args, **meta, **cfg)
     else:
         kern = _bwd_small if M <= SMALL_M else _bwd_large
-        kern[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)](*args, **meta)
+        kern[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(K, c["BLOCK_K"]),)](*args, **meta)
     return dx.reshape(*lead, K)
 
 
@@ -393,7 +394,7 @@ def _dequant_tile(t: NF4Tensor, n0: int, k0: int, out: torch.Tensor) -> None:
     rows, cols = out.shape
     N, K = t.shape
     bn, bk = 32, 128
-    grid = (triton.cdiv(rows, bn), triton.cdiv(cols, bk))
+    grid = (cdiv(rows, bn), cdiv(cols, bk))
     _nf4_dequant_tile_kernel[grid](*_state_args(t), out, n0, k0, rows, cols, N, K, out.stride(0),
                                    BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                                    HAS_SHIFT=t.shift is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)

@@ -55,7 +55,7 @@ import torch
 
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
-from alignlab.kernels.launch import bind, launch
+from alignlab.kernels.launch import bind, cdiv, launch
 from alignlab.kernels.nf4_configs import m_bucket, small_choice, small_config
 from alignlab.kernels.nf4_dequant import _state_args
 from alignlab.quant.nf4 import NF4Tensor, nf4_code
@@ -601,8 +601,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     # the kernel: Triton then knows it is a multiple of 16 (likely why computing it in the
     # kernel measured 10-20% slower for the tl.dot kernel on an H100).
     step = nb * t.blocksize
-    per = triton.cdiv(triton.cdiv(K, step), split) * step
-    split = triton.cdiv(K, per)
+    per = cdiv(cdiv(K, step), split) * step
+    split = cdiv(K, per)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
                 ASM=bool(asm) and not interpreting())
@@ -610,5 +610,5 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
-    return kernel, (triton.cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta
+    return kernel, (cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta
 
