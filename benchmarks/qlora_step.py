@@ -15,8 +15,9 @@ the first and last loss of the timed steps (all contestants start from the same 
 the losses must track each other). ``--compile`` adds ``torch.compile(model)`` rows (the first step's
 time, compile included, is reported as compile time).
 
-Also the host cost of one adapted NF4 linear forward call (``--host``): median wall time to enqueue
-one call at M = 1 and M = 2048 rows, against a bf16 ``nn.Linear`` call and a bitsandbytes + PEFT one.
+Also the host cost of one adapted NF4 linear call (``--host``): median wall time to enqueue one forward call,
+and one forward + backward, at M = 1 and M = 2048 rows, against a bf16 ``nn.Linear`` call and a
+bitsandbytes + PEFT one.
 
 Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile [--compile-mode reduce-overhead]] [--host]
 [--out PATH]`` on a CUDA machine.
@@ -177,7 +178,8 @@ def contestants(base, which: list[str]):
 
 
 def host_cost(base, reps: int = 300):
-    """Median host time to enqueue one forward call of a single adapted layer (q_proj-shaped, 4096x4096)."""
+    """Median host time to enqueue one forward call (and one forward + backward) of a single adapted layer
+    (q_proj-shaped, 4096x4096)."""
     import bitsandbytes as bnb  # noqa: F401
     import peft
 
@@ -190,24 +192,27 @@ def host_cost(base, reps: int = 300):
     rows = {}
     for m in (1, SEQ):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         for name, layer in (("bf16 nn.Linear (frozen)", lin), ("alignlab QLoRA layer", ours),
                             ("PEFT + bnb QLoRA layer", theirs)):
-            for _ in range(20):
-                layer(x)
-            torch.cuda.synchronize()
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                layer(x)
-                samples.append((time.perf_counter() - t0) * 1e6)
-                if len(samples) % 50 == 0:
-                    torch.cuda.synchronize()  # keep the launch queue from filling (that would time the GPU)
-            rows[f"{name}, M={m}"] = statistics.median(samples)
+            # forward alone, and forward + backward (the host work of a training step's layer call)
+            for what, call in (("", lambda: layer(x)), (" fwd+bwd", lambda: layer(x).backward(gy))):
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+                samples = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    call()
+                    samples.append((time.perf_counter() - t0) * 1e6)
+                    if len(samples) % 20 == 0:
+                        torch.cuda.synchronize()  # keep the launch queue from filling (that would time the GPU)
+                rows[f"{name}{what}, M={m}"] = statistics.median(samples)
     del peft
     return rows
 
 
-def profile_step(model, ids, top: int = 12):
+def profile_step(model, ids, top: int = 30):
     """One eager step under torch.profiler: wall time, summed GPU kernel time, and the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -333,7 +338,7 @@ def main():
         host_profile(base)
     host = host_cost(base) if args.host else {}
     for k, v in host.items():
-        print(f"host enqueue, one forward call: {k:40s} {v:7.1f} us")
+        print(f"host enqueue per call: {k:48s} {v:7.1f} us")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
