@@ -125,11 +125,12 @@ def _pointer_args(t: NF4Tensor) -> tuple:
 
 
 def _call(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, block: int | None = None,
-          num_warps: int | None = None) -> tuple:
+          num_warps: int | None = None, out: torch.Tensor | None = None) -> tuple:
     """``(out, grid, args, meta)`` of one launch of :func:`_nf4_dequant_kernel`: about ``block`` packed bytes per
     program (a power of two of whole quantization blocks, at least one) and ``num_warps`` warps (defaults:
-    2048 bytes and 2 warps on a GPU, measured on an H200; ``out`` at ``args[8]``)."""
-    out = torch.empty(t.shape, dtype=dtype, device=t.data.device)
+    2048 bytes and 2 warps on a GPU, measured on an H200); ``out`` (at ``args[8]``) is allocated unless given."""
+    if out is None:
+        out = torch.empty(t.shape, dtype=dtype, device=t.data.device)
     interp = interpreting()
     block = block or (256 if interp else 2048)
     nblk = 1 << (max(1, block // (t.blocksize // 2)).bit_length() - 1)  # a power of two (tl.arange)
@@ -156,8 +157,11 @@ def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
     the output and launches the bound kernel on the CUDA stream current *now*, skipping the checks and the
     launch-key computation; else it is a plain call. For callers that keep it per stream and replace it
     with ``t`` (``NF4Linear``'s decode path above the small-``M`` bound)."""
-    _, grid, args, meta = _call(t, dtype, None)
-    go = None if torch.cuda.is_current_stream_capturing() else bind(_nf4_dequant_kernel, grid, args, meta)
+    go = None
+    if t.data.is_cuda and not torch.cuda.is_current_stream_capturing():
+        # an empty stand-in for the output: same dtype and alignment class, so the same compiled kernel
+        _, grid, args, meta = _call(t, dtype, None, out=torch.empty(0, dtype=dtype, device=t.data.device))
+        go = bind(_nf4_dequant_kernel, grid, args, meta)
     if go is None:
         return lambda: _launch_dequant(t, dtype, None)
     head, tail = args[:8], args[9:]

@@ -112,3 +112,19 @@ def test_dequant_tiles_over_programs(shape, blocksize, block, triton_mode, kerne
     scale = torch.rand(shape[0], generator=g).add_(0.5)
     got = _launch_dequant(t, torch.float16, scale.to(kernel_device), block=block)
     assert torch.equal(got.cpu(), (_formula(t) * scale[:, None]).to(torch.float16))
+
+
+def test_dequant_runner_matches_nf4_dequant(triton_mode, kernel_device):
+    """The decode path's kept dequantization (a bound launch on a GPU, a plain launch under the interpreter)
+    gives nf4_dequant's values on every call, a fresh tensor each time."""
+    from alignlab.kernels.nf4_dequant import dequant_runner
+
+    t = nf4_quantize(torch.randn(40, 96, generator=torch.Generator().manual_seed(4)), blocksize=32).to(kernel_device)
+    dtype = torch.float16
+    ref = nf4_dequant(t, dtype)
+    make = dequant_runner(t, dtype)
+    first, second = make(), make()
+    assert first.data_ptr() != second.data_ptr()
+    for got in (first, second):
+        assert got.shape == t.shape and got.dtype == dtype
+        assert torch.equal(got, ref)
