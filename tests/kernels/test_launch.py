@@ -70,3 +70,15 @@ def test_second_call_takes_the_direct_launcher(monkeypatch):
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     _run(x[1:], y[1:], 1, 0.5, False)  # misaligned: a new key, through Triton again
     assert calls == [1] and len(launch_mod._CACHE) == 2
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    """The host-side helpers give Triton's own values (they replace triton.cdiv / triton.next_power_of_2, whose
+    Python calls cost microseconds)."""
+    from alignlab.kernels.launch import cdiv, next_power_of_2
+
+    for n in list(range(1, 1100)) + [2**20 - 1, 2**20, 2**20 + 1, 3 * 2**31]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 7, 16, 256, 4096):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert cdiv(0, 16) == 0
