@@ -92,6 +92,8 @@ class NF4Linear(nn.Module):
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
         if compute_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        if calibrate not in (None, "icq"):  # else accepted here and refused only by a later merge's re-quantization
+            raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
         weight.validate()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.compute_dtype = compute_dtype
@@ -180,7 +182,7 @@ class NF4Linear(nn.Module):
                 key = None
         if not x.is_floating_point():  # after the decode path: it takes compute_dtype inputs only
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.shape[-1] != self.in_features:
+        if x.shape[-1:] != (self.in_features,):  # a 0-d input too
             raise ValueError(f"x.shape[-1] must be in_features={self.in_features}, got {tuple(x.shape)}")
         in_dtype = x.dtype
         bias_c = None if bias is None else bias.to(self.compute_dtype)
@@ -306,6 +308,8 @@ class NF4Linear(nn.Module):
             return
         if _ICQ_KEY in mine:
             t.shift = mine[_ICQ_KEY]
+        # re-quantization (merges) keeps the calibration of the weight held, as it keeps its blocksize
+        self.calibrate = "icq" if t.shift is not None else None
         dev = self.qdata.device
         if dev.type == "meta" and local_metadata.get("assign_to_params_buffers", False):
             dev = t.data.device  # assign=True into a layer built on meta: keep the checkpoint's tensors

@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import as_bool, is_int
+from alignlab._checks import as_bool, check_finite_number, check_positive_int, is_int
 from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
@@ -369,7 +369,9 @@ def nf4_quantize(
 
     Raises:
         TypeError: ``w`` is not a floating tensor of a supported dtype; ``double_quant`` is not a bool (a NumPy bool is one).
-        ValueError: bad ``blocksize``, empty ``w``, ``w`` with NaN or inf, or unknown ``calibrate``.
+        ValueError: bad ``blocksize``, empty ``w``, ``w`` with NaN or inf, or unknown ``calibrate``; with
+            ``calibrate="icq"``, an ``icq_lambda`` that is NaN or infinite (every shift would be NaN) or an
+            ``icq_steps`` that is not a positive integer (``TypeError`` for a non-number ``icq_lambda``).
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -385,6 +387,9 @@ def nf4_quantize(
         raise ValueError("w has non-finite values (NaN or inf); its NF4 codes and scales would be NaN")
     if calibrate not in (None, "icq"):
         raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
+    if calibrate == "icq":  # a NaN or infinite lambda made every shift, so every dequantized value, NaN
+        icq_lambda = check_finite_number(icq_lambda, "icq_lambda")
+        icq_steps = check_positive_int(icq_steps, "icq_steps")
 
     n = w.numel()
     flat = w.detach().reshape(-1).float()
