@@ -209,11 +209,13 @@ class NF4Tensor:
             raise ValueError(f"NF4 state dict is missing keys {sorted(missing)}")
         meta = json.loads(bytes(sd["meta"].cpu().tolist()).decode("utf-8"))
         nested = sd.get("nested_absmax")
+        if nested is not None and "nested_offset" not in sd:
+            raise ValueError("NF4 state dict has nested_absmax but no nested_offset")
         t = cls(
             data=sd["data"],
             absmax=sd["absmax"],
             shape=torch.Size(meta["shape"]),
-            dtype=getattr(torch, meta["dtype"]),
+            dtype=_meta_dtype(meta["dtype"]),
             blocksize=int(meta["blocksize"]),
             nested_absmax=nested,
             nested_offset=None if nested is None else sd["nested_offset"].reshape(()),
@@ -239,6 +241,8 @@ class NF4Tensor:
             raise ValueError(f"absmax must have {nb} entries for shape {tuple(self.shape)} and blocksize "
                              f"{self.blocksize}, got {self.absmax.numel()}")
         if self.double_quant:
+            if not is_int(self.nested_blocksize) or self.nested_blocksize <= 0:
+                raise ValueError(f"nested_blocksize must be a positive integer, got {self.nested_blocksize!r}")
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
             nb2 = -(-nb // self.nested_blocksize)
@@ -250,6 +254,14 @@ class NF4Tensor:
             raise ValueError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
         if self.shift is not None and self.shift.numel() != nb:
             raise ValueError(f"shift must have {nb} entries, got {self.shift.numel()}")
+
+
+def _meta_dtype(name) -> torch.dtype:
+    """The torch dtype a checkpoint's metadata names (``"bfloat16"``); ``ValueError`` for anything else."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype in the NF4 metadata must name a torch dtype, got {name!r}")
+    return dtype
 
 
 def _check_blocksize(blocksize: int) -> int:
@@ -508,11 +520,13 @@ def nf4_from_bnb_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "weigh
             raise ValueError(f"{prefix}.nested_quant_map is not the 8-bit dynamic map")
         if meta.get("nested_dtype", "float32") != "float32":
             raise ValueError(f"nested_dtype must be float32, got {meta['nested_dtype']!r}")
+        if "nested_offset" not in meta:
+            raise ValueError(f"{prefix}.{_QS_KEY} has no nested_offset, which {prefix}.nested_absmax needs")
     t = NF4Tensor(
         data=data.reshape(-1).contiguous() if data.dtype == torch.uint8 else data.reshape(-1).contiguous().view(torch.uint8),
         absmax=sd[f"{prefix}.absmax"],
         shape=torch.Size(meta["shape"]),
-        dtype=getattr(torch, meta["dtype"]),
+        dtype=_meta_dtype(meta.get("dtype")),
         blocksize=int(meta["blocksize"]),
         nested_absmax=nested,
         nested_offset=None

@@ -72,3 +72,36 @@ def test_loaded_checkpoint_sets_the_calibration_that_merges_keep():
     back.load_state_dict(NF4Linear.from_linear(lin, compute_dtype=torch.float32).state_dict())  # plain into ICQ
     back.load_dense_weight_(w)
     assert back.qshift is None
+
+
+def _meta(d: dict) -> torch.Tensor:
+    import json
+
+    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
+
+
+def test_corrupt_nf4_state_dicts_raise_value_error():
+    from alignlab.quant.nf4 import NF4Tensor
+
+    sd = nf4_quantize(torch.randn(5, 37), blocksize=32).state_dict()
+    no_offset = {k: v for k, v in sd.items() if k != "nested_offset"}
+    with pytest.raises(ValueError, match="nested_offset"):  # before: KeyError
+        NF4Tensor.from_state_dict(no_offset)
+    with pytest.raises(ValueError, match="dtype"):  # before: AttributeError from getattr(torch, ...)
+        NF4Tensor.from_state_dict({**sd, "meta": _meta({"shape": [5, 37], "dtype": "nonsense", "blocksize": 32})})
+    with pytest.raises(ValueError, match="nested_blocksize"):  # before: ZeroDivisionError
+        NF4Tensor.from_state_dict({**sd, "meta": _meta({"shape": [5, 37], "dtype": "float32", "blocksize": 32,
+                                                        "nested_blocksize": 0})})
+
+
+def test_bnb_state_dict_without_nested_offset_raises_value_error_and_load_state_dict_names_it():
+    from alignlab.quant import nf4_from_bnb_state_dict, nf4_to_bnb_state_dict
+
+    q = NF4Linear.from_linear(nn.Linear(37, 5), blocksize=32, compute_dtype=torch.float32)
+    sd = nf4_to_bnb_state_dict(q.quant_weight)
+    sd["weight.quant_state.bitsandbytes__nf4"] = _meta({"quant_type": "nf4", "blocksize": 32, "dtype": "float32",
+                                                        "shape": [5, 37]})
+    with pytest.raises(ValueError, match="nested_offset"):  # before: KeyError
+        nf4_from_bnb_state_dict(sd)
+    with pytest.raises(RuntimeError, match="nested_offset"):  # before: the KeyError escaped load_state_dict
+        q.load_state_dict({**sd, "bias": q.bias})
