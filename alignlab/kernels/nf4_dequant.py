@@ -155,15 +155,24 @@ def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
 
     After one dequantization of ``t`` to ``dtype`` has run (which compiled the kernel), ``make`` allocates
     the output and launches the bound kernel on the CUDA stream current *now*, skipping the checks and the
-    launch-key computation; else it is a plain call. For callers that keep it per stream and replace it
-    with ``t`` (``NF4Linear``'s decode path above the small-``M`` bound)."""
+    launch-key computation; else (CPU tensors, the PyTorch path, during capture) it is a plain call of
+    :func:`nf4_dequant`. For callers that keep it per stream and replace it with ``t`` (``NF4Linear``'s
+    decode path above the small-``M`` bound).
+
+    Raises:
+        TypeError: ``dtype`` is not fp32 / fp16 / bf16 (``None`` is ``t``'s dtype, as for :func:`nf4_dequant`).
+    """
+    dtype = dtype or t.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     go = None
-    if t.data.is_cuda and not torch.cuda.is_current_stream_capturing():
+    if (t.data.is_cuda and triton is not None and use_triton(t.data)
+            and not torch.cuda.is_current_stream_capturing()):
         # an empty stand-in for the output: same dtype and alignment class, so the same compiled kernel
         _, grid, args, meta = _call(t, dtype, None, out=torch.empty(0, dtype=dtype, device=t.data.device))
         go = bind(_nf4_dequant_kernel, grid, args, meta)
-    if go is None:
-        return lambda: _launch_dequant(t, dtype, None)
+    if go is None:  # a CPU tensor (on CPU the kernel runs only under the interpreter), or no bound launch
+        return lambda: nf4_dequant(t, dtype)
     head, tail = args[:8], args[9:]
     shape, device, empty = t.shape, t.data.device, torch.empty
     stream = torch._C._cuda_getCurrentRawStream(device.index)
