@@ -251,7 +251,7 @@ def _check(x: torch.Tensor, t: NF4Tensor, dim: int, name: str) -> None:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(t.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
-    if x.shape[-1] != t.shape[dim]:
+    if x.shape[-1:] != (t.shape[dim],):  # a 0-d input too
         raise ValueError(f"{name}.shape[-1] must be {t.shape[dim]}, got {tuple(x.shape)}")
 
 
@@ -267,10 +267,15 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         ``(..., N)``.
 
     Raises:
-        TypeError / ValueError: wrong weight type, dtype or last dimension.
+        TypeError / ValueError: wrong weight type, dtype or last dimension; a ``bias`` not of shape ``(N,)``.
     """
     _check(x, t, 1, "x")
     N, K = t.shape
+    if bias is not None:
+        if tuple(bias.shape) != (N,):  # the kernels read N values from its start: a short one out of bounds
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        if bias.stride(0) != 1 and N > 1:  # the kernels index it as contiguous
+            bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
