@@ -387,7 +387,7 @@ def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
     block_t, block_c, col_blocks, rows_per_split, splits = _column_plan(T, C, splits)
     dm = torch.empty(C, dtype=magnitude.dtype, device=gy.device)
     part = dm if splits == 1 else torch.empty(splits, 2, C, dtype=torch.float32, device=gy.device)
-    b = bias if bias is not None else magnitude
+    b = bias.contiguous() if bias is not None else magnitude  # the kernels index it as contiguous
     has_bias = bias is not None
     launch(_magnitude_grad_kernel, (col_blocks, splits),
            (gy, y, b, magnitude, part, dm, T, C, rows_per_split, gy.stride(0), y.stride(0)),
