@@ -300,8 +300,9 @@ class LoRALinear(AdapterLayer):
         It applies to one active adapter without active dropout on a plain ``nn.Linear`` whose weight
         has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``); with
         ``exact_fp32`` only where that compute dtype is at least fp32. Under ``torch.autocast`` an
-        ``nn.Linear`` computes in the autocast dtype, not its weight's: where that differs, the plain
-        path runs, so that the layer follows autocast as the base alone would.
+        ``nn.Linear`` (and an ``NF4Linear``'s product) computes in the autocast dtype, not its weight's
+        (compute) dtype: where that differs, the plain path runs, so that the layer follows autocast as the
+        base alone would (the fused functions' GEMMs, autocast inside, mixed dtypes and raised).
         """
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
@@ -310,13 +311,13 @@ class LoRALinear(AdapterLayer):
             dtype = base.weight.dtype
             if x.dtype != dtype:
                 return None
-            device = x.device.type  # e.g. "meta" has no autocast state to ask about
-            if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-                    and torch.get_autocast_dtype(device) != dtype):
-                return None
         elif isinstance(base, NF4Linear):  # and its FSDP2-shardable form (alignlab.quant.fsdp)
             dtype = base.compute_dtype
         else:
+            return None
+        device = x.device.type  # e.g. "meta" has no autocast state to ask about
+        if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) != dtype):
             return None
         if self.exact_fp32 and dtype.itemsize < 4:
             return None
