@@ -196,13 +196,18 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
 
     Raises:
-        TypeError: ``dtype`` is not fp32 / fp16 / bf16, or ``row_scale`` is not fp32.
+        TypeError: ``t`` is not an NF4Tensor, ``dtype`` is not fp32 / fp16 / bf16, or ``row_scale`` is not an
+            fp32 tensor.
         ValueError: ``row_scale`` is not ``(out_features,)`` for a 2-D weight.
     """
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
     dtype = dtype or t.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor):
+            raise TypeError(f"row_scale must be a float32 tensor, got {type(row_scale).__name__}")
         if len(t.shape) != 2 or tuple(row_scale.shape) != (t.shape[0],):
             raise ValueError(f"row_scale must have shape ({t.shape[0]},) for a 2-D weight of shape {tuple(t.shape)}, "
                              f"got {tuple(row_scale.shape)}")

@@ -249,6 +249,8 @@ def _check(x: torch.Tensor, t: NF4Tensor, dim: int, name: str) -> None:
         raise TypeError(f"weight must be an NF4Tensor, got {type(t).__name__}")
     if len(t.shape) != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(t.shape)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
     if x.shape[-1:] != (t.shape[dim],):  # a 0-d input too

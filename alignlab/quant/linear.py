@@ -100,6 +100,8 @@ class NF4Linear(nn.Module):
         self.calibrate = calibrate
         self._set_weight(weight)
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

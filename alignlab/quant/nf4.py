@@ -438,7 +438,12 @@ def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
     This is the pure-PyTorch reference every NF4 kernel is tested against, and it
     returns the same values as ``bitsandbytes.functional.dequantize_4bit``.
+
+    Raises:
+        TypeError: ``t`` is not an NF4Tensor, or ``dtype`` is not fp32 / fp16 / bf16.
     """
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
     dtype = dtype or t.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
@@ -465,8 +470,10 @@ def nf4_to_bnb_state_dict(t: NF4Tensor, prefix: str = "weight") -> dict[str, tor
     ``{prefix}.quant_state.bitsandbytes__nf4``, a uint8 tensor of JSON metadata.
 
     Raises:
-        ValueError: ``t`` carries ICQ shifts, which the format cannot store.
+        TypeError: ``t`` is not an NF4Tensor.  ValueError: ``t`` carries ICQ shifts, which the format cannot store.
     """
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
     if t.shift is not None:
         raise ValueError("ICQ-calibrated NF4 tensors (with shift) have no bitsandbytes representation")
     meta: dict = {

@@ -105,3 +105,23 @@ def test_bnb_state_dict_without_nested_offset_raises_value_error_and_load_state_
         nf4_from_bnb_state_dict(sd)
     with pytest.raises(RuntimeError, match="nested_offset"):  # before: the KeyError escaped load_state_dict
         q.load_state_dict({**sd, "bias": q.bias})
+
+
+def test_wrong_argument_types_are_type_errors_naming_the_argument():
+    import numpy as np
+
+    from alignlab.kernels.nf4_matmul import nf4_matmul
+    from alignlab.quant import nf4_to_bnb_state_dict
+
+    t = nf4_quantize(torch.randn(4, 64))
+    w = torch.randn(4, 64)
+    # before: AttributeError / NotImplementedError ("rshift_cpu" not implemented for 'Float'), and for a NumPy
+    # row_scale the self-contradicting "row_scale must be float32, got float32"
+    for call, arg in [(lambda: nf4_dequant(w), "t"), (lambda: nf4_dequantize(w), "t"),
+                      (lambda: nf4_to_bnb_state_dict(w), "t"),
+                      (lambda: nf4_dequant(t, row_scale=[1.0] * 4), "row_scale"),
+                      (lambda: nf4_dequant(t, row_scale=np.ones(4, dtype=np.float32)), "row_scale"),
+                      (lambda: nf4_matmul([[1.0] * 64], t), "x"),
+                      (lambda: NF4Linear(t, bias=[0.0] * 4), "bias")]:
+        with pytest.raises(TypeError, match=arg):
+            call()
