@@ -245,7 +245,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         x: ``(..., in)``; weight: ``(out, in)`` dense tensor or NF4Tensor; bias: ``(out,)`` or None;
         a: ``(r, in)``; b: ``(out, r)`` (any float dtype, e.g. fp32 masters).
         scale: ``s``.
-        dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight.
+        dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight. Under
+            ``torch.autocast`` to another dtype the GEMMs inside would be autocast next to operands in
+            ``dtype`` and fail: call it with autocast off there (``LoRALinear`` then takes its plain path).
         cast: ``(a, b)`` already in the compute dtype, detached (a module's cache of them), optionally
             with ``s·b`` in that dtype as a third entry; they must hold the current values of ``a`` and
             ``b``. Default: cast per call.
@@ -275,8 +277,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     packed or dense weight, never forming ``W + sBA``), with ``A``, ``B`` in the compute dtype.
 
     Args:
-        as :func:`lora_linear`, plus magnitude: ``m``, ``(out,)``; norm: the row norms for the current
-        ``W``, ``a``, ``b`` (a module's cache of them; default: computed per call).
+        as :func:`lora_linear` (autocast too), plus magnitude: ``m``, ``(out,)``; norm: the row norms for
+        the current ``W``, ``a``, ``b`` (a module's cache of them; default: computed per call).
     Returns:
         ``(..., out)`` in ``x.dtype``; same values and gradients as the unfused DoRA expression.
     """
