@@ -48,6 +48,15 @@ def torch_mode(monkeypatch):
     yield
 
 
+@pytest.fixture(params=["torch", "triton"])
+def kernel_mode(request, monkeypatch):
+    """Each test twice: on the PyTorch reference path and on the Triton path (interpreter on CPU)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ALIGNLAB_KERNELS", request.param)
+    return request.param
+
+
 def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2):
     """A tiny random-weight Llama (no hub download) for parity tests."""
     transformers = pytest.importorskip("transformers")

@@ -12,17 +12,9 @@ from alignlab.adapters import LoRAConfig, inject
 from alignlab.quant import quantize_model
 
 
-@pytest.fixture(params=["torch", "triton"])
-def mode(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ALIGNLAB_KERNELS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("rows", [5, 20])
-def test_fp32_compute_nf4_under_bf16_autocast(mode, use_dora, rows):
+def test_fp32_compute_nf4_under_bf16_autocast(kernel_mode, use_dora, rows):
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model = quantize_model(nn.Sequential(nn.Linear(64, 8)), blocksize=32, compute_dtype=torch.float32)

@@ -8,16 +8,8 @@ from alignlab.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
 from alignlab.quant import nf4_dequantize, nf4_quantize
 
 
-@pytest.fixture(params=["torch", "triton"])
-def mode(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ALIGNLAB_KERNELS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("rows", [1, 4, 20])  # small-M kernels (GEMV, tl.dot) and dequantize + GEMM
-def test_strided_bias(mode, rows):
+def test_strided_bias(kernel_mode, rows):
     torch.manual_seed(0)
     t = nf4_quantize(torch.randn(8, 64), blocksize=32)
     x = torch.randn(rows, 64)
@@ -26,13 +18,13 @@ def test_strided_bias(mode, rows):
 
 
 @pytest.mark.parametrize("shape", [(7,), (9,), (1, 8), ()])
-def test_bias_of_another_shape_is_refused(mode, shape):
+def test_bias_of_another_shape_is_refused(kernel_mode, shape):
     t = nf4_quantize(torch.randn(8, 64), blocksize=32)
     with pytest.raises(ValueError, match="bias"):
         nf4_matmul(torch.randn(4, 64), t, torch.ones(shape))
 
 
-def test_0d_input_is_a_value_error(mode):
+def test_0d_input_is_a_value_error(kernel_mode):
     t = nf4_quantize(torch.randn(8, 64), blocksize=32)
     with pytest.raises(ValueError, match="x.shape"):  # before: IndexError
         nf4_matmul(torch.tensor(1.0), t)
