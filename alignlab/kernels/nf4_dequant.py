@@ -138,7 +138,8 @@ def _call(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, bloc
     args = (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(), n_cols)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None,
-                BLOCK_ROWS=row_scale is not None and n_cols % t.blocksize == 0, NBLK=nblk, num_warps=num_warps or (4 if interp else 2))
+                BLOCK_ROWS=row_scale is not None and n_cols % t.blocksize == 0, NBLK=nblk,
+                num_warps=num_warps or (4 if interp else 2))
     return out, (cdiv(t.num_blocks, nblk),), args, meta
 
 
