@@ -17,8 +17,9 @@ Two schedules, one result:
   gradient, pass 2 turns each chunk into ``dL/dZ`` in place and runs the two gradient matmuls.  Chunks that
   fit in ``resident_bytes`` stay alive between the passes (as one block, one matmul per direction) and are
   not recomputed, so a batch that fits costs three matmuls (Liger-Kernel's count) instead of four;
-  ``resident_bytes=0`` gives the lean four-matmul schedule.  Backward only scales the stored gradients, which must be used once (``retain_graph`` is fine,
-  but a second ``backward`` adds the same gradients again, as any stored-gradient scheme would).
+  ``resident_bytes=0`` gives the lean four-matmul schedule.  Backward only scales the stored gradients, which
+  are handed over once: a second ``backward`` through the same loss (``retain_graph=True``) raises a
+  ``RuntimeError`` instead of silently giving no gradient.
 
 Layout: ``hidden`` is ``(2B, seq, hidden)`` with the B chosen sequences first and the B rejected ones after
 (the concatenated batch of TRL / Liger); ``labels`` is ``(2B, seq)`` **aligned with** ``hidden``
@@ -74,6 +75,9 @@ __all__ = [
 
 LossFromTokens = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 _DEFAULT_RESIDENT_BYTES = 2**30
+_SECOND_BACKWARD = ("eager=True computes the gradients in the forward call and hands them over in the first backward; "
+                    "a second backward through the same loss has none left (it gave no gradient at all before): "
+                    "compute the loss again, or use eager=False, for another backward")
 
 
 def completion_logps(
@@ -196,8 +200,10 @@ class _EagerLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
+            raise RuntimeError(_SECOND_BACKWARD)
         grads = list(ctx.grads)
-        ctx.grads = (None, None, None)
+        ctx.grads = None
         # ``loss.backward()`` passes 1: skip a pass over the weight-sized gradient (one host sync to know)
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             # in place: the stored gradients are not used again, and a weight-sized temporary would double

@@ -175,8 +175,12 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
+            raise RuntimeError("fused_linear_grpo computes its gradients in the forward call and hands them over "
+                               "in the first backward; a second backward through the same loss has none left "
+                               "(it gave no gradient at all before): compute the loss again for another backward")
         grads = ctx.grads
-        ctx.grads = (None, None, None)
+        ctx.grads = None
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return (*grads, None, None)
