@@ -411,26 +411,46 @@ class _FusedLinearDistill(torch.autograd.Function):
         teacher_itemsize = 0 if teacher_b is None else teacher_b.element_size()
         chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), teacher_itemsize, want_dw, *chunks)
         ctx.meta = (teacher[0], kind, beta, temperature, chunks)
+        ctx.weight_grad = None
         if reduction == "none" or not (want_dx or want_dw):
             losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
             if reduction == "none":  # backward recomputes the chunks
                 ctx.save_for_backward(x, w, weights)
                 ctx.teacher_tensors = teacher[1:]
-            return losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
-        if reduction == "sum":
-            scale = weights
+            out = losses * weights if reduction == "none" else _reduce(losses, weights, reduction)
         else:
+            if reduction == "sum":
+                scale = weights
+            else:
+                denom = weights.sum()
+                scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+            losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
+            ctx.save_for_backward(dx, dw)
+            out = (losses * scale).sum()
+        if ctx.needs_input_grad[5]:  # float token weights that require grad, as distill_loss differentiates them
             denom = weights.sum()
-            scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-        losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
-        ctx.save_for_backward(dx, dw)
-        return (losses * scale).sum()
+            ctx.weight_grad = (torch.where(weights != 0, losses, 0.0), out,
+                               torch.where(denom > 0, denom, torch.ones_like(denom)))
+        return out
+
+    @staticmethod
+    def _weights_grad(ctx, grad_out):
+        if ctx.weight_grad is None:
+            return None
+        losses, out, denom = ctx.weight_grad
+        if ctx.reduction != "mean":  # "none": w_i L_i per token, "sum": sum_i w_i L_i
+            return grad_out.to(losses.dtype) * losses
+        return grad_out.to(losses.dtype) * (losses - out) / denom
 
     @staticmethod
     def backward(ctx, grad_out):
         n_none = (None,) * 9
+        gwt = _FusedLinearDistill._weights_grad(ctx, grad_out)
+        if gwt is not None:
+            n_none = (None, None, None, gwt) + (None,) * 5
         if ctx.reduction != "none":
-            dx, dw = ctx.saved_tensors
+            saved = ctx.saved_tensors
+            dx, dw = saved if saved else (None, None)  # no x/w gradient: nothing was saved
             if not torch.equal(grad_out, torch.ones_like(grad_out)):
                 dx = None if dx is None else dx * grad_out.to(dx.dtype)
                 dw = None if dw is None else dw * grad_out.to(dw.dtype)
