@@ -425,7 +425,12 @@ class _FusedLinearDistill(torch.autograd.Function):
                 denom = weights.sum()
                 scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
             losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
-            ctx.save_for_backward(dx, dw)
+            # Handed over by the first backward (not saved: autograd adopts dL/dx as the hidden state's .grad,
+            # which a later backward accumulates into in place); a second backward recomputes them.
+            ctx.grads = (dx, dw)
+            ctx.save_for_backward(x, w)
+            ctx.teacher_tensors = teacher[1:]
+            ctx.grad_scale = scale
             out = (losses * scale).sum()
         if ctx.needs_input_grad[5]:  # float token weights that require grad, as distill_loss differentiates them
             denom = weights.sum()
@@ -448,12 +453,21 @@ class _FusedLinearDistill(torch.autograd.Function):
         gwt = _FusedLinearDistill._weights_grad(ctx, grad_out)
         if gwt is not None:
             n_none = (None, None, None, gwt) + (None,) * 5
+        want_dx, want_dw = ctx.needs_input_grad[:2]
         if ctx.reduction != "none":
-            saved = ctx.saved_tensors
-            dx, dw = saved if saved else (None, None)  # no x/w gradient: nothing was saved
-            if not torch.equal(grad_out, torch.ones_like(grad_out)):
-                dx = None if dx is None else dx * grad_out.to(dx.dtype)
-                dw = None if dw is None else dw * grad_out.to(dw.dtype)
+            if not (want_dx or want_dw):
+                return (None, None) + n_none
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:  # a second backward through a retained graph: recompute
+                x, w = ctx.saved_tensors
+                form, kind, beta, temperature, chunks = ctx.meta
+                teacher = (form,) + tuple(ctx.teacher_tensors)
+                _, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, ctx.grad_scale, chunks, want_dx, want_dw)
+            else:
+                dx, dw = grads
+            if not torch.equal(grad_out, torch.ones_like(grad_out)):  # ours alone now: scale in place
+                dx = None if dx is None else dx.mul_(grad_out.to(dx.dtype))
+                dw = None if dw is None else dw.mul_(grad_out.to(dw.dtype))
             return (dx, dw) + n_none
         x, w, weights = ctx.saved_tensors
         form, kind, beta, temperature, chunks = ctx.meta
