@@ -316,7 +316,8 @@ def _chunk_rows(
     else:  # a teacher's logits in its own dtype, as its forward would give them
         t = teacher[1][start:end] @ teacher[2].t()
     scale = None if grad_scale is None else grad_scale[start:end]
-    if s.dtype != torch.float64 and use_triton(s, t):
+    # the kernel reads float32/float16/bfloat16: a float64 student or teacher (teacher_logits may be any float) takes the reference
+    if torch.float64 not in (s.dtype, t.dtype) and use_triton(s, t):
         from alignlab.kernels.distill import distill_rows
 
         loss = distill_rows(s, t, kind, beta=beta, temperature=temperature, grad_scale=scale,
