@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from alignlab.kernels.dispatch import interpreting
+
 try:
     import triton
 except ImportError:  # pragma: no cover
@@ -43,7 +45,7 @@ _ENABLED = (
     and os.environ.get("ALIGNLAB_FAST_LAUNCH", "1") != "0"
 )
 _CACHE: dict = {}
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton reads it once too, when kernels are defined
+_INTERPRET = interpreting()  # read once at import (alignlab.kernels.dispatch), as Triton reads it
 _Tensor = torch.Tensor
 
 
