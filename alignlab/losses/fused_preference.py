@@ -45,6 +45,7 @@ from alignlab.losses.logprobs import (
     chunk_backward,
     chunk_logits,
     default_chunk_rows,
+    hand_over_grads,
     linear_chunked_pass,
     linear_logprobs,
     scatter_rows,
@@ -200,16 +201,7 @@ class _EagerLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
-            raise RuntimeError(_SECOND_BACKWARD)
-        grads = list(ctx.grads)
-        ctx.grads = None
-        # ``loss.backward()`` passes 1: skip a pass over the weight-sized gradient (one host sync to know)
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            # in place: the stored gradients are not used again, and a weight-sized temporary would double
-            # the largest buffer of the whole step
-            grads = [None if gr is None else gr.mul_(grad_loss.to(gr.dtype)) for gr in grads]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*hand_over_grads(ctx, grad_loss, _SECOND_BACKWARD), None, None, None, None, None, None, None)
 
 
 def fused_linear_preference(

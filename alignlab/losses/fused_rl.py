@@ -39,7 +39,7 @@ import torch
 
 from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
-from alignlab.losses.logprobs import check_mask_values, chunk_backward, default_chunk_rows
+from alignlab.losses.logprobs import check_mask_values, chunk_backward, default_chunk_rows, hand_over_grads
 from alignlab.losses.preference import step_count
 from alignlab.losses.reward import (
     check_grpo_options,
@@ -158,6 +158,10 @@ def _stream(h, weight, bias, y, scale, chunk, want_entropy, grad_fn, need):
     return logp, ent, grad_h, grad_w, grad_b
 
 
+_SECOND_BACKWARD = ("fused_linear_grpo computes its gradients in the forward call and hands them over in the first "
+                    "backward; a second backward through the same loss has none left (it gave no gradient at all "
+                    "before): compute the loss again for another backward")
+
 class _FusedGRPO(torch.autograd.Function):
     """Gradients computed in the forward call by ``compute(need) -> (grad_h_rows, grad_w, grad_b, loss)``;
     backward scatters the hidden rows back and scales by the upstream gradient."""
@@ -175,15 +179,7 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
-            raise RuntimeError("fused_linear_grpo computes its gradients in the forward call and hands them over "
-                               "in the first backward; a second backward through the same loss has none left "
-                               "(it gave no gradient at all before): compute the loss again for another backward")
-        grads = ctx.grads
-        ctx.grads = None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return (*grads, None, None)
+        return (*hand_over_grads(ctx, grad_loss, _SECOND_BACKWARD), None, None)
 
 
 def _token_grad_fn(row_pos, mask_pad, adv, old_pad, ref_pad, w_pad, samp_pad, opts, n_seq, length, want_ent_grad):

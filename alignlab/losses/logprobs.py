@@ -218,6 +218,21 @@ def chunk_backward(
     return grad_w
 
 
+def hand_over_grads(ctx, grad_loss: torch.Tensor, second_backward: str) -> list:
+    """The gradients a fused loss computed in its forward call (``ctx.grads``), given to its first backward
+    scaled by ``grad_loss``; a second backward through the same loss raises ``RuntimeError(second_backward)``.
+
+    Scaled in place (they are not used again, and a weight-sized temporary would double the largest buffer of
+    the step), and not at all when ``grad_loss`` is 1 (``loss.backward()``; one host sync to know)."""
+    if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
+        raise RuntimeError(second_backward)
+    grads = list(ctx.grads)
+    ctx.grads = None
+    if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+    return grads
+
+
 def linear_chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
