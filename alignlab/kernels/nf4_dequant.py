@@ -22,7 +22,7 @@ import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import bind, cdiv, launch
-from alignlab.quant.nf4 import NF4Tensor, SUPPORTED_DTYPES, dynamic_map, nf4_code, nf4_dequantize
+from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
 
 try:
     import triton
@@ -163,9 +163,7 @@ def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
     Raises:
         TypeError: ``dtype`` is not fp32 / fp16 / bf16 (``None`` is ``t``'s dtype, as for :func:`nf4_dequant`).
     """
-    dtype = dtype or t.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    dtype = output_dtype(t, dtype)
     go = None
     if (t.data.is_cuda and triton is not None and use_triton(t.data)
             and not torch.cuda.is_current_stream_capturing()):
@@ -203,9 +201,7 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
-    dtype = dtype or t.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    dtype = output_dtype(t, dtype)
     if row_scale is not None:
         if not isinstance(row_scale, torch.Tensor):
             raise TypeError(f"row_scale must be a float32 tensor, got {type(row_scale).__name__}")

@@ -433,6 +433,15 @@ def nf4_quantize(
     return t
 
 
+def output_dtype(t: NF4Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a dequantization of ``t`` returns: ``dtype``, or ``t``'s own for None; ``TypeError`` unless
+    fp32 / fp16 / bf16 (shared by every dequantization entry point)."""
+    dtype = dtype or t.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    return dtype
+
+
 def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize to a tensor of ``t.shape``: ``w_i = q[c_i] * s_b (+ tau_b)``, computed in fp32.
 
@@ -444,9 +453,7 @@ def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
-    dtype = dtype or t.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    dtype = output_dtype(t, dtype)
     n = t.numel
     values = nf4_code(t.device)[_unpack(t.data.reshape(-1), n)]
     blocks = _blocks(values, t.blocksize) * nf4_absmax(t)[:, None]
