@@ -26,7 +26,9 @@ from alignlab.bench import library_versions
 from alignlab.quant import NF4Linear
 
 
-def per_call_us(fn, reps: int = 400, warmup: int = 30) -> float:
+def per_call_us(fn, reps: int = 400, warmup: int = 30, sync_every: int = 50) -> float:
+    """Median host µs of one ``fn()`` call, synchronizing every ``sync_every`` calls (a full launch queue
+    would time the GPU instead)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -35,7 +37,7 @@ def per_call_us(fn, reps: int = 400, warmup: int = 30) -> float:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
-        if i % 50 == 49:
+        if i % sync_every == sync_every - 1:
             torch.cuda.synchronize()
     return statistics.median(samples)
 

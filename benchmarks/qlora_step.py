@@ -37,9 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignlab.adapters import LoRAConfig, inject
-from alignlab.bench import library_versions
-from alignlab.quant import quantize_model
+sys.path.insert(0, str(Path(__file__).parent))
+from host_overhead import per_call_us  # noqa: E402
+
+from alignlab.adapters import LoRAConfig, inject  # noqa: E402
+from alignlab.bench import library_versions  # noqa: E402
+from alignlab.quant import quantize_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 2048
@@ -197,17 +200,7 @@ def host_cost(base, reps: int = 300):
                             ("PEFT + bnb QLoRA layer", theirs)):
             # forward alone, and forward + backward (the host work of a training step's layer call)
             for what, call in (("", lambda: layer(x)), (" fwd+bwd", lambda: layer(x).backward(gy))):
-                for _ in range(20):
-                    call()
-                torch.cuda.synchronize()
-                samples = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    call()
-                    samples.append((time.perf_counter() - t0) * 1e6)
-                    if len(samples) % 20 == 0:
-                        torch.cuda.synchronize()  # keep the launch queue from filling (that would time the GPU)
-                rows[f"{name}{what}, M={m}"] = statistics.median(samples)
+                rows[f"{name}{what}, M={m}"] = per_call_us(call, reps=reps, warmup=20, sync_every=20)
     del peft
     return rows
 
