@@ -35,11 +35,7 @@ def test_runner_follows_the_torch_mode(torch_mode, monkeypatch):
     assert torch.equal(mod.dequant_runner(t, torch.float32)(), nf4_dequantize(t, torch.float32))
 
 
-@pytest.mark.parametrize("mode", ["torch", "triton"])
-def test_runner_dtype_as_nf4_dequant(mode, monkeypatch):
-    if mode == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ALIGNLAB_KERNELS", mode)
+def test_runner_dtype_as_nf4_dequant(kernel_mode):
     t = nf4_quantize(torch.randn(3, 64, dtype=torch.float16))
     got = mod.dequant_runner(t, None)()  # before: float32 (torch.empty's default), not t's dtype
     assert got.dtype == torch.float16 and torch.equal(got, nf4_dequantize(t))
