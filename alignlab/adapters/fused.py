@@ -79,6 +79,8 @@ def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None, row_scale
             return x2 @ w.T if bias is None else torch.addmm(bias, x2, w.T)
         y = nf4_matmul(x2, weight).mul_(row_scale.to(x2.dtype))
         return y if bias is None else y.add_(bias)
+    if weight.dtype != x2.dtype:  # a dense weight in another dtype (an explicit dtype, autocast): cast per call
+        weight = weight.to(x2.dtype)
     if row_scale is not None:
         if x2.shape[0] >= weight.shape[1]:
             weight = weight * row_scale.to(weight.dtype)[:, None]
@@ -98,6 +100,8 @@ def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = N
         if g.shape[0] <= SMALL_M:  # decode-sized: the small-M kernels read the packed weight directly
             return nf4_matmul_t(g if row_scale is None else g * row_scale.to(g.dtype), weight)
         return g @ nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float())
+    if weight.dtype != g.dtype:
+        weight = weight.to(g.dtype)
     if row_scale is None:
         return g @ weight
     if g.shape[0] >= weight.shape[1]:
@@ -127,7 +131,7 @@ class _LoRAFn(torch.autograd.Function):
     (``addmm_``), forward and ``dx`` alike, so neither branch costs an extra pass over the output."""
 
     @staticmethod
-    def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype, cast):
+    def forward(ctx, x, dense_w, bias, a, b, scale, quant_w, dtype, cast, out_dtype):
         x2, ac, bc = _as_compute(x, a, b, dtype, cast)
         y, xa = _lora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, bc, scale)
         # saved whatever needs_input_grad says: x2 is the caller's tensor, xa is (tokens, r); and torch.compile
@@ -136,10 +140,13 @@ class _LoRAFn(torch.autograd.Function):
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.ab_dtypes = (a.dtype, b.dtype)
         ctx.b_scaled = cast[2] if cast is not None and len(cast) > 2 else None  # a cached s·B, if the caller has one
-        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
+        if _autocast_dtype(gy) is not None:  # backward run under autocast: keep its products in the compute dtype
+            with torch.autocast(gy.device.type, enabled=False):
+                return _LoRAFn.backward(ctx, gy)
         x2, dense_w, ac, bc, xa = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
@@ -156,7 +163,7 @@ class _LoRAFn(torch.autograd.Function):
             da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
         if ctx.needs_input_grad[4]:
             db = _mm_to(g.T, xa, ctx.ab_dtypes[1])  # xa is s·x Aᵀ
-        return dx, dw, dbias, da, db, None, None, None, None
+        return dx, dw, dbias, da, db, None, None, None, None, None
 
 
 def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm, factors=None):
@@ -187,7 +194,7 @@ class _DoRAFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors):
+    def forward(ctx, x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors, out_dtype):
         x2, ac, _ = _as_compute(x, a, b, dtype, cast)
         y, xa, g, gs, bgs = _dora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, b, magnitude,
                                       scale, dtype, norm, factors)
@@ -195,12 +202,15 @@ class _DoRAFn(torch.autograd.Function):
         ctx.save_for_backward(x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs)
         ctx.quant_w, ctx.x_shape, ctx.x_dtype = quant_w, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
         from alignlab.kernels.dora import magnitude_grad
 
+        if _autocast_dtype(gy) is not None:  # as _LoRAFn.backward
+            with torch.autocast(gy.device.type, enabled=False):
+                return _DoRAFn.backward(ctx, gy)
         x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
         weight = ctx.quant_w if ctx.quant_w is not None else dense_w
         gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
@@ -219,7 +229,7 @@ class _DoRAFn(torch.autograd.Function):
             db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
         if ctx.needs_input_grad[5]:
             dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
-        return dx, dw, dbias, da, db, dm, None, None, None, None, None, None
+        return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
 
 
 def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
@@ -230,10 +240,29 @@ def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
     raise TypeError(f"weight must be a tensor or an NF4Tensor, got {type(weight).__name__}")
 
 
-def _compute_dtype(x: torch.Tensor, weight, dtype: torch.dtype | None) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    return x.dtype if isinstance(weight, NF4Tensor) else weight.dtype
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives a linear's product on ``x``'s device, or None where it is off
+    (autocast leaves fp64 alone)."""
+    device = x.device.type  # e.g. "meta" has no autocast state to ask about
+    if (x.dtype is torch.float64 or not torch.amp.is_autocast_available(device)
+            or not torch.is_autocast_enabled(device)):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _dtypes(x: torch.Tensor, weight, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, bool]:
+    """``(compute dtype, output dtype, autocast off inside)`` for one call.
+
+    An explicit ``dtype`` wins and the output is in ``x.dtype``. Else, under autocast, the call computes
+    in and returns the autocast dtype, as ``F.linear`` does there; else the dense weight's dtype (an NF4
+    weight: ``x.dtype``) and ``x.dtype``. Autocast is switched off inside where its dtype is not the
+    compute dtype: the products and their epilogues then all run in the compute dtype."""
+    ac = _autocast_dtype(x)
+    if dtype is None:
+        if ac is not None:
+            return ac, ac, False
+        return (x.dtype if isinstance(weight, NF4Tensor) else weight.dtype), x.dtype, False
+    return dtype, x.dtype, ac is not None and ac != dtype
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -245,26 +274,30 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         x: ``(..., in)``; weight: ``(out, in)`` dense tensor or NF4Tensor; bias: ``(out,)`` or None;
         a: ``(r, in)``; b: ``(out, r)`` (any float dtype, e.g. fp32 masters).
         scale: ``s``.
-        dtype: compute dtype; default the dense weight's dtype, or ``x.dtype`` for an NF4 weight. Under
-            ``torch.autocast`` to another dtype the GEMMs inside would be autocast next to operands in
-            ``dtype`` and fail: call it with autocast off there (``LoRALinear`` then takes its plain path).
+        dtype: compute dtype (a dense weight is cast to it per call); default: under ``torch.autocast``
+            on ``x``'s device the autocast dtype, else the dense weight's dtype, or ``x.dtype`` for an NF4
+            weight. An explicit ``dtype`` holds under autocast too (autocast is off inside the call).
         cast: ``(a, b)`` already in the compute dtype, detached (a module's cache of them), optionally
             with ``s·b`` in that dtype as a third entry; they must hold the current values of ``a`` and
             ``b``. Default: cast per call.
     Returns:
-        ``(..., out)`` in ``x.dtype``; gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` /
-        ``bias`` that require grad) in their own dtypes.
+        ``(..., out)`` in ``x.dtype``, or in the autocast dtype where autocast chose the compute dtype (as
+        ``F.linear``); gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` / ``bias`` that require
+        grad) in their own dtypes.
     """
     dense_w, quant_w = _split(weight)
-    dtype = _compute_dtype(x, weight, dtype)
+    dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
+    if autocast_off:
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, a, b, scale, dtype, cast=cast)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                     or (dense_w is not None and dense_w.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast)
+        return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast, out_dtype)
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
-    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -280,20 +313,25 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         as :func:`lora_linear` (autocast too), plus magnitude: ``m``, ``(out,)``; norm: the row norms for
         the current ``W``, ``a``, ``b`` (a module's cache of them; default: computed per call).
     Returns:
-        ``(..., out)`` in ``x.dtype``; same values and gradients as the unfused DoRA expression.
+        ``(..., out)`` in ``x.dtype`` (under autocast: as :func:`lora_linear`); same values and gradients
+        as the unfused DoRA expression.
     """
     dense_w, quant_w = _split(weight)
-    dtype = _compute_dtype(x, weight, dtype)
+    dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
+    if autocast_off:
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(x, weight, bias, a, b, scale, magnitude, dtype, cast=cast, norm=norm)
     factors = None
     if norm is None:  # the norm and the per-row factors from one kernel
         norm, *factors = dora_norm(weight, a, b, scale, dtype, cast, magnitude=magnitude)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or magnitude.requires_grad
                                     or (dense_w is not None and dense_w.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors)
+        return _DoRAFn.apply(x, dense_w, bias, a, b, magnitude, scale, quant_w, dtype, norm, cast, factors,
+                             out_dtype)
     x2, ac, _ = _as_compute(x, a, b, dtype, cast)  # nothing to differentiate: no autograd bookkeeping
     y = _dora_out(x2, weight, bias, ac, b, magnitude, scale, dtype, norm, factors)[0]
-    return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
 
 def dora_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,

@@ -302,7 +302,7 @@ class LoRALinear(AdapterLayer):
         ``exact_fp32`` only where that compute dtype is at least fp32. Under ``torch.autocast`` an
         ``nn.Linear`` (and an ``NF4Linear``'s product) computes in the autocast dtype, not its weight's
         (compute) dtype: where that differs, the plain path runs, so that the layer follows autocast as the
-        base alone would (the fused functions' GEMMs, autocast inside, mixed dtypes and raised).
+        base alone would (its output dtype included).
         """
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None

@@ -1,0 +1,124 @@
+"""``lora_linear`` / ``dora_linear`` called directly with a compute dtype other than the dense weight's, or
+under ``torch.autocast``: they raised 'self and mat2 must have the same dtype' (a 16-bit product added into
+by an fp32 epilogue). Under autocast they now compute in and return the autocast dtype, as ``F.linear``;
+an explicit ``dtype`` wins, and the output is then in ``x``'s dtype."""
+
+import pytest
+import torch
+
+from alignlab.adapters.fused import dora_linear, lora_linear
+from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+
+def _leaves(dora: bool, out_f: int = 12, in_f: int = 64, r: int = 3, tokens=(2, 5)):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*tokens, in_f, generator=g).requires_grad_()
+    w = torch.randn(out_f, in_f, generator=g) / 4
+    bias = torch.randn(out_f, generator=g)
+    a = (torch.randn(r, in_f, generator=g) / 3).requires_grad_()
+    b = (torch.randn(out_f, r, generator=g) / 3).requires_grad_()
+    m = (w.norm(dim=1) * 1.1).requires_grad_() if dora else None
+    return x, w, bias, a, b, m
+
+
+def _oracle(x, w, bias, a, b, s, m, dtype, gy=None):
+    """The formula in float64 from operands rounded to the compute dtype (what a product in ``dtype`` with
+    fp32 accumulation approximates), with DoRA's norm detached. With ``gy``: also the float64 gradients
+    of ``x, w, a, b, m`` (m: where given)."""
+    x, w, a, b = (t.detach().to(dtype).double().requires_grad_() for t in (x, w, a, b))
+    md = None if m is None else m.detach().double().requires_grad_()
+    v = w + s * b @ a
+    if md is not None:
+        v = md[:, None] * v / v.norm(dim=1, keepdim=True).detach()
+    y = x @ v.T + bias.double()
+    if gy is None:
+        return y
+    leaves = [x, w, a, b] + ([md] if md is not None else [])
+    return y, dict(zip("xwabm", torch.autograd.grad(y, leaves, gy.double())))
+
+
+def _call(dora, x, w, bias, a, b, s, m, dtype=None):
+    if dora:
+        return dora_linear(x, w, bias, a, b, s, m, dtype)
+    return lora_linear(x, w, bias, a, b, s, dtype)
+
+
+def _close(got, want, rel):
+    """Norm-wise relative error: per-element tolerances mislead on 16-bit sums that cancel to near 0."""
+    err = (got.double() - want).norm() / want.norm().clamp_min(1e-12)
+    assert err < rel, f"relative error {err:.2e} >= {rel}"
+
+
+def _grads(y, leaves):
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    return y, torch.autograd.grad(y, leaves, gy.to(y.device)), gy
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fp32_weight_under_bf16_autocast_follows_autocast(dora):
+    x, w, bias, a, b, m = _leaves(dora)
+    leaves = [t for t in (x, a, b, m) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 2.0, m), leaves)
+    assert y.dtype == torch.bfloat16  # as F.linear under autocast
+    ref, ref_grads = _oracle(x, w, bias, a, b, 2.0, m, torch.bfloat16, gy)
+    _close(y, ref, 1e-2)
+    for got, name in zip(grads, "xabm"):
+        assert got.dtype == torch.float32
+        _close(got, ref_grads[name], 2e-2)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_explicit_dtype_casts_a_dense_weight_and_returns_x_dtype(dora):
+    x, w, bias, a, b, m = _leaves(dora)
+    w.requires_grad_()  # a trainable dense weight gets its gradient in its own dtype
+    leaves = [t for t in (x, w, a, b, m) if t is not None]
+    y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 0.5, m, torch.bfloat16), leaves)
+    assert y.dtype == torch.float32
+    ref, ref_grads = _oracle(x, w, bias, a, b, 0.5, m, torch.bfloat16, gy)
+    _close(y, ref, 1e-2)
+    for got, name in zip(grads, "xwabm"):
+        assert got.dtype == torch.float32
+        _close(got, ref_grads[name], 2e-2)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_explicit_fp32_under_bf16_autocast_is_exact_fp32(dora):
+    x, w, bias, a, b, m = _leaves(dora)
+    leaves = [t for t in (x, a, b, m) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 2.0, m, torch.float32), leaves)
+    assert y.dtype == torch.float32
+    ref, ref_grads = _oracle(x, w, bias, a, b, 2.0, m, torch.float32, gy)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # no bf16 product anywhere
+    for got, name in zip(grads, "xabm"):
+        torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_float64_is_left_alone_by_autocast(dora):
+    x, w, bias, a, b, m = _leaves(dora)
+    x, w, bias = x.detach().double().requires_grad_(), w.double(), bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _call(dora, x, w, bias, a, b, 2.0, m)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _oracle(x, w, bias, a, b, 2.0, m, torch.float64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rows", [1, 20])  # the small-M kernels and dequantize + matmul
+def test_nf4_weight_under_autocast(kernel_mode, kernel_device, dora, rows):
+    # the interpreter cannot run a bf16 tl.dot (DoRA's row norm): fp16 there, bf16 on the torch path / a GPU
+    dtype = torch.float16 if kernel_mode == "triton" and kernel_device == "cpu" else torch.bfloat16
+    x, w, bias, a, b, m = (t if t is None else t.detach().to(kernel_device).requires_grad_(t.requires_grad)
+                           for t in _leaves(dora, tokens=(rows,)))
+    t = nf4_quantize(w, blocksize=32)
+    leaves = [t_ for t_ in (x, a, b, m) if t_ is not None]
+    with torch.autocast(kernel_device, dtype=dtype):
+        y, grads, gy = _grads(_call(dora, x, t, bias, a, b, 2.0, m), leaves)
+    assert y.dtype == dtype
+    ref, ref_grads = _oracle(x.cpu(), nf4_dequantize(t, torch.float32).cpu(), bias.cpu(), a.cpu(), b.cpu(), 2.0,
+                             None if m is None else m.cpu(), dtype, gy.cpu())
+    _close(y.cpu(), ref, 1e-2)
+    for got, name in zip(grads, "xabm"):
+        _close(got.cpu(), ref_grads[name], 2e-2)
