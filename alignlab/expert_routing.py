@@ -25,7 +25,7 @@ from torch import nn
 
 from alignlab._checks import check_positive_int
 
-__all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias"]
+__all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias", "check_routing"]
 
 
 class ExpertGroups(NamedTuple):
@@ -56,6 +56,37 @@ class ExpertGroups(NamedTuple):
             counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0,
                                  max=num_experts - 1)
         return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def check_routing(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  hidden_size: int) -> None:
+    """Refuse an experts call whose tensors do not fit together: ``hidden_states`` floating ``(T, hidden_size)``,
+    ``top_k_index`` int64/int32 ``(T, k)``, ``top_k_weights`` ``(T, k)``.
+
+    Shapes and dtypes only, so no host sync: expert ids are not range-checked. Without it a 1-D index or
+    weights of another shape gave an output of the wrong shape or an ``IndexError`` deep in the loop.
+
+    Raises:
+        TypeError: a tensor of the wrong kind or dtype (a float or uint8 index would be read as a mask).
+        ValueError: the shapes do not fit, naming the argument.
+    """
+    for arg, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a tensor, got {type(t).__name__}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"top_k_index must hold int64 or int32 expert ids, got dtype {top_k_index.dtype}")
+    if not top_k_weights.is_floating_point():
+        raise TypeError(f"top_k_weights must be a floating-point tensor, got dtype {top_k_weights.dtype}")
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != hidden_size:
+        raise ValueError(f"hidden_states must be (tokens, {hidden_size}), got shape {tuple(hidden_states.shape)}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"top_k_index must be (tokens, k) with tokens = {hidden_states.shape[0]} (hidden_states' rows), "
+                         f"got shape {tuple(top_k_index.shape)}")
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, "
+                         f"got {tuple(top_k_weights.shape)}")
 
 
 def add_expert_bias(experts: nn.Module, name: str, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import lora_scaling
-from alignlab.expert_routing import ExpertGroups, add_expert_bias, expert_mlp
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp
 
 #: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
 #: wrappers in that order, which decides its file's key names)
@@ -322,6 +322,7 @@ class ExpertLoRA(AdapterLayer):
         super().__init__(base)
         self.exact_fp32 = as_bool(exact_fp32, "exact_fp32")
         self._merge_norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._hidden_size = self.shape("gate_up_proj" if _has_gate(base) else "up_proj")[2]  # for check_routing
         self.add_adapter(adapter_name, ranks, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         self.active_adapters = [adapter_name]
 
@@ -416,13 +417,14 @@ class ExpertLoRA(AdapterLayer):
         names = [] if self.disabled else [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        check_routing(hidden_states, top_k_index, top_k_weights, self._hidden_size)
         base = self.base_layer
         groups = ExpertGroups.from_routing(top_k_index, base.num_experts)
         x = hidden_states[groups.perm // top_k_index.shape[-1]]
         y = expert_mlp(base, x, lambda param, rows: self._project(param, rows, groups, names), _has_gate(base))
         y = y * top_k_weights.reshape(-1)[groups.perm].unsqueeze(-1)
         out = torch.empty_like(y).index_copy(0, groups.perm, y)  # back to (token, slot) order
-        return out.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
+        return out.view(*top_k_index.shape, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
     def _project(self, param: str, x: torch.Tensor, groups: ExpertGroups, names: list[str]) -> torch.Tensor:
         """``W_e x + Σ_adapters Δ_e(x) + b_e`` for the sorted rows ``x (S, in)`` → ``(S, out)``."""

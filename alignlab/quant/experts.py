@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignlab.expert_routing import ExpertGroups, add_expert_bias, expert_mlp
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp
 from alignlab.quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
@@ -390,7 +390,12 @@ class NF4Experts(nn.Module):
         return self._sorted_matmul(x, name, spans, transpose=False)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``."""
+        """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``.
+
+        Raises:
+            TypeError, ValueError: tensors that do not fit together (see :func:`~alignlab.expert_routing.check_routing`).
+        """
+        check_routing(hidden_states, top_k_index, top_k_weights, self._meta["gate_up_proj" if self.has_gate else "up_proj"][0][1])
         k = top_k_index.shape[-1]
         if torch.compiler.is_compiling():
             # no host sync: every (token, slot) row stays; sentinel rows (ids >= E) sort last, get zero
