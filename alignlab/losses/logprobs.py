@@ -116,7 +116,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     idx = safe.reshape(-1, 1)
     rows = max(1, _CPU_CHUNK_BYTES // max(1, vocab * 4))
     out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
-    for s in range(0, flat.shape[0], rows):
+    # at least one (maybe empty) slice: with no rows the result must still hang off logits' graph
+    for s in range(0, max(flat.shape[0], 1), rows):
         z = flat[s : s + rows].to(acc)
         out[s : s + rows] = z.gather(1, idx[s : s + rows]).squeeze(1) - torch.logsumexp(z, dim=1)
     return out.view(labels.shape) * valid
