@@ -186,7 +186,18 @@ if triton is not None:
         _row_factors(n, rn, ok, m_ptr, b_ptr, stride_b, g_ptr, gs_ptr, bgs_ptr, R, scale, BLOCK_R)
 
 
-def _check_factors(shape: tuple[int, int], a: torch.Tensor, b: torch.Tensor) -> None:
+def _check_float(**tensors) -> None:
+    """``TypeError`` naming the first argument that is not a floating-point tensor (an integer ``m`` or ``W``
+    would be truncated or read unscaled, not refused)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+
+
+def _check_factors(shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"weight must be (out, in), got shape {shape}")
+    _check_float(a=a, b=b)
     out_f, in_f = shape
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
         raise ValueError(f"a must be (r, {in_f}) and b ({out_f}, r) for a weight of shape {shape}, "
@@ -203,7 +214,8 @@ def dora_row_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Te
         a: ``(r, in)``; b: ``(out, r)``, one dtype (the products run in it, fp32 accumulation).
         scale: ``s``.
     Raises:
-        ValueError / TypeError: factor shapes or dtypes that do not fit the weight.
+        ValueError / TypeError: a weight that is not 2-D, non-float tensors, factor shapes or dtypes that do
+            not fit the weight.
     """
     return _row_norm(weight, a, b, scale, None)[0]
 
@@ -217,7 +229,10 @@ def dora_norm_and_scales(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: t
     Args:
         weight, a, b, scale: as :func:`dora_row_norm` (``a``, ``b`` in the compute dtype).
         magnitude: ``m``, ``(out,)``; b_master: ``B`` as :func:`dora_scales` takes it (e.g. the fp32 master);
-        dtype: the dtype of ``s·g ⊙ B``.
+        dtype: the dtype of ``s·g ⊙ B``, a floating-point ``torch.dtype``.
+    Raises:
+        ValueError / TypeError: as :func:`dora_row_norm`; ``magnitude``/``b_master`` of the wrong shape or not
+            float; ``dtype`` not a floating-point ``torch.dtype``.
     """
     return _row_norm(weight, a, b, scale, (magnitude, b_master, dtype))
 
@@ -226,15 +241,21 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
     from alignlab.adapters.dora import dora_weight_norm
 
     quant = isinstance(weight, NF4Tensor)
+    if not quant:
+        _check_float(weight=weight)
     shape = tuple(weight.shape)
     _check_factors(shape, a, b)
     if not quant and weight.stride(1) != 1:  # the kernel walks rows with one stride: a column-major view is copied
         weight = weight.contiguous()
     data = weight.data if quant else weight
     N, K = shape
-    fits = not quant or K % 2 == 0
+    # the kernel reduces in fp32: a float64 weight takes the reference, which keeps float64
+    fits = K % 2 == 0 if quant else weight.dtype != torch.float64
     if factors is not None:
         magnitude, b_master, dtype = factors
+        _check_float(magnitude=magnitude, b_master=b_master)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if tuple(magnitude.shape) != (N,) or b_master.shape != b.shape:
             raise ValueError(f"magnitude must be ({N},) and b_master {tuple(b.shape)}, got {tuple(magnitude.shape)} "
                              f"and {tuple(b_master.shape)}")
@@ -363,7 +384,11 @@ def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
 
     Raises:
         ValueError: shapes that do not fit.
+        TypeError: ``gy``, ``y``, ``magnitude`` or ``bias`` not a floating-point tensor.
     """
+    _check_float(gy=gy, y=y, magnitude=magnitude)
+    if bias is not None:
+        _check_float(bias=bias)
     if gy.dim() != 2 or gy.shape != y.shape:
         raise ValueError(f"gy and y must be 2-D of one shape, got {tuple(gy.shape)} and {tuple(y.shape)}")
     T, C = gy.shape
