@@ -144,26 +144,31 @@ class _LoRAFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        if _autocast_dtype(gy) is not None:  # backward run under autocast: keep its products in the compute dtype
-            with torch.autocast(gy.device.type, enabled=False):
-                return _LoRAFn.backward(ctx, gy)
-        x2, dense_w, ac, bc, xa = ctx.saved_tensors
-        weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-        g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
-        # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
-        gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
-        dx = dw = dbias = da = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (g.T @ x2).to(dense_w.dtype)
-        if ctx.needs_input_grad[2]:
-            dbias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
-        if ctx.needs_input_grad[4]:
-            db = _mm_to(g.T, xa, ctx.ab_dtypes[1])  # xa is s·x Aᵀ
-        return dx, dw, dbias, da, db, None, None, None, None, None
+        if _autocast_dtype(gy) is None:
+            return _lora_backward(ctx, gy)
+        with torch.autocast(gy.device.type, enabled=False):  # run under autocast: products stay in the compute dtype
+            return _lora_backward(ctx, gy)
+
+
+def _lora_backward(ctx, gy):
+    """:class:`_LoRAFn`'s backward, with autocast off (a module-level function: torch.compile traces it)."""
+    x2, dense_w, ac, bc, xa = ctx.saved_tensors
+    weight = ctx.quant_w if ctx.quant_w is not None else dense_w
+    g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+    # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
+    gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
+    dx = dw = dbias = da = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = (g.T @ x2).to(dense_w.dtype)
+    if ctx.needs_input_grad[2]:
+        dbias = g.sum(0)
+    if ctx.needs_input_grad[3]:
+        da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
+    if ctx.needs_input_grad[4]:
+        db = _mm_to(g.T, xa, ctx.ab_dtypes[1])  # xa is s·x Aᵀ
+    return dx, dw, dbias, da, db, None, None, None, None, None
 
 
 def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm, factors=None):
@@ -206,30 +211,35 @@ class _DoRAFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        from alignlab.kernels.dora import magnitude_grad
+        if _autocast_dtype(gy) is None:
+            return _dora_backward(ctx, gy)
+        with torch.autocast(gy.device.type, enabled=False):  # as _LoRAFn.backward
+            return _dora_backward(ctx, gy)
 
-        if _autocast_dtype(gy) is not None:  # as _LoRAFn.backward
-            with torch.autocast(gy.device.type, enabled=False):
-                return _DoRAFn.backward(ctx, gy)
-        x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
-        weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-        gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
-        gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
-        dx = dw = dbias = da = db = dm = None
-        if ctx.needs_input_grad[0]:
-            dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
-        if ctx.needs_input_grad[2]:
-            dbias = gy.sum(0)
-        if ctx.needs_input_grad[3]:
-            da = _mm_to(gb.T, x2, ctx.dtypes[0])
-        if ctx.needs_input_grad[4]:
-            db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
-            db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[5]:
-            dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
-        return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
+
+def _dora_backward(ctx, gy):
+    """:class:`_DoRAFn`'s backward, with autocast off (see :func:`_lora_backward`)."""
+    from alignlab.kernels.dora import magnitude_grad
+
+    x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
+    weight = ctx.quant_w if ctx.quant_w is not None else dense_w
+    gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+    gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
+    dx = dw = dbias = da = db = dm = None
+    if ctx.needs_input_grad[0]:
+        dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
+    if ctx.needs_input_grad[2]:
+        dbias = gy.sum(0)
+    if ctx.needs_input_grad[3]:
+        da = _mm_to(gb.T, x2, ctx.dtypes[0])
+    if ctx.needs_input_grad[4]:
+        db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
+        db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
+    if ctx.needs_input_grad[5]:
+        dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
+    return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
 
 
 def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
@@ -243,11 +253,16 @@ def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` gives a linear's product on ``x``'s device, or None where it is off
     (autocast leaves fp64 alone)."""
-    device = x.device.type  # e.g. "meta" has no autocast state to ask about
-    if (x.dtype is torch.float64 or not torch.amp.is_autocast_available(device)
-            or not torch.is_autocast_enabled(device)):
+    device = x.device.type
+    available = _AUTOCAST_AVAILABLE.get(device)
+    if available is None:  # e.g. "meta" has no autocast state to ask about
+        available = _AUTOCAST_AVAILABLE[device] = torch.amp.is_autocast_available(device)
+    if not available or not torch.is_autocast_enabled(device) or x.dtype is torch.float64:
         return None
     return torch.get_autocast_dtype(device)
+
+
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type: asked once (a per-call cost otherwise)
 
 
 def _dtypes(x: torch.Tensor, weight, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, bool]:

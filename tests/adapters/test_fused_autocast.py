@@ -122,3 +122,22 @@ def test_nf4_weight_under_autocast(kernel_mode, kernel_device, dora, rows):
     _close(y.cpu(), ref, 1e-2)
     for got, name in zip(grads, "xabm"):
         _close(got.cpu(), ref_grads[name], 2e-2)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_compiled_call_under_autocast_matches_eager(dora):
+    """torch.compile traces backward with the forward's autocast state: the autocast-off region in backward
+    must be traceable (a recursive call into the autograd function was not)."""
+    x, w, bias, a, b, m = _leaves(dora)
+    leaves = [t for t in (x, a, b, m) if t is not None]
+    fn = torch.compile(lambda x: _call(dora, x, w, bias, a, b, 2.0, m), fullgraph=True, backend="eager")
+    results = []
+    for f in (fn, lambda x: _call(dora, x, w, bias, a, b, 2.0, m)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(x)
+            results.append((y, torch.autograd.grad(y.float().sum(), leaves)))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
