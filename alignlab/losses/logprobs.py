@@ -78,6 +78,12 @@ def check_mask_values(mask: torch.Tensor, arg: str) -> None:
         raise ValueError(f"{arg} must hold bools or exactly 0/1 (a mask, not token weights), got {got!r}")
 
 
+def _check_ignore_index(ignore_index) -> None:
+    # a str compared with a tensor gives a plain False (an AttributeError further on), a float never matches
+    if not is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
 def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating-point tensor")
@@ -102,10 +108,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         float32 one leading row at a time, so at most one row of logits is upcast at once.
 
     Raises:
-        TypeError: non-float logits or non-integer labels.
+        TypeError: non-float logits or non-integer labels, ``ignore_index`` not an int.
         ValueError: shapes that do not line up, labels outside ``[0, vocab)``.
     """
     _check_logits_labels(logits, labels)
+    _check_ignore_index(ignore_index)
     vocab = logits.shape[-1]
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
@@ -359,7 +366,9 @@ def select_scored_rows(
 
     Raises:
         ValueError: a label outside ``[0, vocab)`` that is not ``ignore_index``.
+        TypeError: ``ignore_index`` not an int.
     """
+    _check_ignore_index(ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     valid = y != ignore_index
