@@ -68,7 +68,7 @@ from torch import nn
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
-from alignlab.adapters.lora import lora_scaling
+from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp
 
 #: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
@@ -346,6 +346,8 @@ class ExpertLoRA(AdapterLayer):
         have = fused_expert_parameters(self.base_layer)
         if not isinstance(ranks, dict) or not ranks or any(p not in have for p in ranks):
             raise ValueError(f"ranks must map some of this module's expert parameters {have} to ranks, got {ranks!r}")
+        if isinstance(alpha, dict) and any(p not in ranks for p in alpha):  # a misspelt key would be ignored
+            raise ValueError(f"alpha must name only parameters in ranks {list(ranks)}, got keys {list(alpha)}")
         alphas = alpha if isinstance(alpha, dict) else {p: alpha for p in ranks}
         for p, r in ranks.items():
             if not is_int(r) or r <= 0:
@@ -355,8 +357,9 @@ class ExpertLoRA(AdapterLayer):
                 raise ValueError(f"alpha of {p!r} must be a positive number, got {a!r}")
         ranks = {p: int(r) for p, r in ranks.items()}
         alphas = {p: as_python_number(alphas[p]) for p in ranks}
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_adapter_dtype(adapter_dtype)
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS} on expert parameters, got {init!r}")
         use_rslora = as_bool(use_rslora, "use_rslora")  # "no" would switch rsLoRA scaling on
@@ -395,7 +398,18 @@ class ExpertLoRA(AdapterLayer):
         return list(self.lora_A[name].keys())
 
     def factors(self, name: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert views of adapter ``name``'s factors on ``param``: ``A (E, r, in)``, ``B (E, out, r)``."""
+        """Per-expert views of adapter ``name``'s factors on ``param``: ``A (E, r, in)``, ``B (E, out, r)``.
+
+        Raises:
+            ValueError: unknown adapter ``name``, or ``param`` not adapted by it.
+        """
+        if param not in self.parameters_of(name):
+            raise ValueError(f"param must be one of the parameters adapter {name!r} adapts {self.parameters_of(name)}, "
+                             f"got {param!r}")
+        return self._views(name, param)
+
+    def _views(self, name: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factors` without the argument check (the forward and merge paths)."""
         a, b = self.lora_A[name][param], self.lora_B[name][param]
         E = self.num_experts
         return a.view(E, -1, a.shape[1]), b.view(b.shape[0], -1, E).permute(2, 0, 1)
@@ -469,7 +483,7 @@ class ExpertLoRA(AdapterLayer):
     def _cast_factors(self, name: str, param: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``A (E, r', in)`` and ``B (E, out, r')`` in ``dtype`` for :func:`grouped_linear`, the rank zero-padded to
         a 16-byte row (``grouped_mm``'s alignment; the padding adds nothing). Differentiable."""
-        a, b = self.factors(name, param)
+        a, b = self._views(name, param)
         E, r, inp = a.shape
         rp = _pad_rank(r, dtype)
         if rp == r:
@@ -484,7 +498,7 @@ class ExpertLoRA(AdapterLayer):
         """``‖W_e + s·B_e A_e‖`` per expert and output row, ``(E, out)``, without forming the sum:
         ``‖W_e,i‖² + 2s·⟨B_e,i, (W_e A_eᵀ)_i⟩ + s²·B_e,i (A_e A_eᵀ) B_e,iᵀ`` (see ``dora.py``)."""
         w = expert_weight(self.base_layer, param)
-        a, b = self.factors(name, param)
+        a, b = self._views(name, param)
         s = self.scaling[name][param]
         a32, b32 = a.detach().to(dtype), b.detach().to(dtype)
         w_sq = torch.linalg.vector_norm(w.detach(), dim=2, dtype=dtype).square()
@@ -555,7 +569,7 @@ class ExpertLoRA(AdapterLayer):
         """``W_e ← update(e, W_e, A_e, B_e, s)`` expert by expert (one fp32 ``(out, in)`` temporary at a time),
         written back through :func:`set_expert_weight_` where the weight is not a view of the parameter."""
         w = expert_weight(self.base_layer, param)
-        a, b = self.factors(name, param)
+        a, b = self._views(name, param)
         s = self.scaling[name][param]
         for e in range(w.shape[0]):
             w[e].copy_(update(e, w[e], a[e], b[e], s))
