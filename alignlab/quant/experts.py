@@ -269,7 +269,7 @@ class NF4Experts(nn.Module):
         (the Triton dequantization kernel per expert on CUDA, one vectorized pass in PyTorch otherwise).
 
         Raises:
-            ValueError: unknown ``name``.
+            ValueError: unknown ``name``.  TypeError: ``dtype`` not fp32/fp16/bf16 (an integer one truncated).
         """
         self._check_name(name)
         from alignlab.kernels.dispatch import use_triton
@@ -277,6 +277,8 @@ class NF4Experts(nn.Module):
         shape, _, blocksize, dq, nbs = self._meta[name]
         data, absmax = self._part(name, "qdata"), self._part(name, "qabsmax")
         dtype = dtype or self.compute_dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
         if use_triton(data):  # one dequantization kernel per expert, each writing its slice
             from alignlab.kernels.nf4_dequant import nf4_dequant
 
@@ -353,8 +355,14 @@ class NF4Experts(nn.Module):
 
     @staticmethod
     def spans(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
-        """``[(expert, start, stop)]`` of the non-empty groups, from cumulative row counts ``offsets (E,)``."""
+        """``[(expert, start, stop)]`` of the non-empty groups, from cumulative row counts ``offsets (E,)``.
+
+        Raises:
+            ValueError: ``offsets`` not 1-D or decreasing somewhere (a group would be dropped in silence).
+        """
         ends = offsets.tolist()
+        if offsets.dim() != 1 or any(b < a for a, b in zip([0] + ends, ends)):
+            raise ValueError(f"offsets must be non-decreasing cumulative row counts (E,), got {ends}")
         out, start = [], 0
         for e, stop in enumerate(ends):
             if stop > start:
@@ -369,14 +377,20 @@ class NF4Experts(nn.Module):
         ``torch.compile`` this is the op ``alignlab::nf4_grouped_linear``; rows past ``offsets[-1]`` give zeros.
 
         Raises:
-            ValueError: unknown ``name``, or ``x`` of the wrong width.
+            ValueError: unknown ``name``, ``x`` of the wrong width, ``offsets`` not ``(E,)`` non-decreasing counts
+                within ``x``'s rows.
         """
         self._check_name(name)
         if x.dim() != 2 or x.shape[1] != self._meta[name][0][1]:
             raise ValueError(f"x must be (rows, {self._meta[name][0][1]}) for {name!r}, got {tuple(x.shape)}")
+        if offsets.shape != (self.num_experts,):
+            raise ValueError(f"offsets must be ({self.num_experts},), got shape {tuple(offsets.shape)}")
         if torch.compiler.is_compiling():
             return self._linear_op(name, x, offsets)
-        return self._linear_spans(name, x, self.spans(offsets))
+        spans = self.spans(offsets)
+        if spans and spans[-1][2] > x.shape[0]:
+            raise ValueError(f"offsets count {spans[-1][2]} rows, more than x has ({x.shape[0]})")
+        return self._linear_spans(name, x, spans)
 
     def _linear_op(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """:meth:`linear_sorted` as the opaque op ``alignlab::nf4_grouped_linear`` (for torch.compile)."""
