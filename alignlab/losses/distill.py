@@ -188,15 +188,16 @@ def distill_loss(
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
 
     Raises:
-        ValueError: mismatched shapes, unknown ``kind``/``reduction``, ``beta`` outside ``[0, 1]``,
-            ``temperature <= 0``, negative or non-finite ``mask`` weights.
+        ValueError: mismatched shapes, an empty vocabulary, unknown ``kind``/``reduction``, ``beta`` outside
+            ``[0, 1]``, ``temperature <= 0``, negative or non-finite ``mask`` weights.
         TypeError: non-tensor inputs or mask.
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor of shape (..., vocab)")
+        if x.dim() < 1 or not x.is_floating_point() or x.shape[-1] == 0:  # no vocabulary: no distribution
+            raise ValueError(f"{name} must be a floating tensor of shape (..., vocab) with vocab >= 1, "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must match"
@@ -544,9 +545,10 @@ def fused_linear_distill_loss(
         raise ValueError("student_hidden must be (..., hidden) and student_weight (vocab, hidden)")
     if not student_hidden.is_floating_point():
         raise ValueError(f"student_hidden must be floating point, got {student_hidden.dtype}")
-    if student_weight.shape[1] != student_hidden.shape[-1]:
+    if student_weight.shape[1] != student_hidden.shape[-1] or student_weight.shape[0] == 0:
         raise ValueError(
-            f"student_weight must be (vocab, {student_hidden.shape[-1]}), got {tuple(student_weight.shape)}"
+            f"student_weight must be (vocab, {student_hidden.shape[-1]}) with vocab >= 1, "
+            f"got {tuple(student_weight.shape)}"
         )
     if student_weight.dtype != student_hidden.dtype:
         raise ValueError(f"student_weight dtype {student_weight.dtype} != student_hidden dtype {student_hidden.dtype}")
