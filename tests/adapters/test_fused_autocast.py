@@ -49,6 +49,16 @@ def _close(got, want, rel):
     assert err < rel, f"relative error {err:.2e} >= {rel}"
 
 
+def _check(y, grads, gy, names, operands, dtype, rel=(1e-2, 2e-2)):
+    """``y`` and the gradients of the leaves ``names`` (from "xwabm") against :func:`_oracle` in ``dtype``;
+    ``rel``: the norm-wise tolerances of the output and of the gradients."""
+    ref, ref_grads = _oracle(*operands, dtype, gy)
+    _close(y, ref, rel[0])
+    for got, name in zip(grads, names):
+        assert got.dtype == torch.float32  # fp32 leaves get fp32 gradients whatever the compute dtype
+        _close(got, ref_grads[name], rel[1])
+
+
 def _grads(y, leaves):
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     return y, torch.autograd.grad(y, leaves, gy.to(y.device)), gy
@@ -61,11 +71,7 @@ def test_fp32_weight_under_bf16_autocast_follows_autocast(dora):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 2.0, m), leaves)
     assert y.dtype == torch.bfloat16  # as F.linear under autocast
-    ref, ref_grads = _oracle(x, w, bias, a, b, 2.0, m, torch.bfloat16, gy)
-    _close(y, ref, 1e-2)
-    for got, name in zip(grads, "xabm"):
-        assert got.dtype == torch.float32
-        _close(got, ref_grads[name], 2e-2)
+    _check(y, grads, gy, "xabm", (x, w, bias, a, b, 2.0, m), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -75,11 +81,7 @@ def test_explicit_dtype_casts_a_dense_weight_and_returns_x_dtype(dora):
     leaves = [t for t in (x, w, a, b, m) if t is not None]
     y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 0.5, m, torch.bfloat16), leaves)
     assert y.dtype == torch.float32
-    ref, ref_grads = _oracle(x, w, bias, a, b, 0.5, m, torch.bfloat16, gy)
-    _close(y, ref, 1e-2)
-    for got, name in zip(grads, "xwabm"):
-        assert got.dtype == torch.float32
-        _close(got, ref_grads[name], 2e-2)
+    _check(y, grads, gy, "xwabm", (x, w, bias, a, b, 0.5, m), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -89,10 +91,7 @@ def test_explicit_fp32_under_bf16_autocast_is_exact_fp32(dora):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, grads, gy = _grads(_call(dora, x, w, bias, a, b, 2.0, m, torch.float32), leaves)
     assert y.dtype == torch.float32
-    ref, ref_grads = _oracle(x, w, bias, a, b, 2.0, m, torch.float32, gy)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # no bf16 product anywhere
-    for got, name in zip(grads, "xabm"):
-        torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-4, atol=1e-4)
+    _check(y, grads, gy, "xabm", (x, w, bias, a, b, 2.0, m), torch.float32, rel=(1e-6, 1e-5))  # no bf16 product
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -117,11 +116,9 @@ def test_nf4_weight_under_autocast(kernel_mode, kernel_device, dora, rows):
     with torch.autocast(kernel_device, dtype=dtype):
         y, grads, gy = _grads(_call(dora, x, t, bias, a, b, 2.0, m), leaves)
     assert y.dtype == dtype
-    ref, ref_grads = _oracle(x.cpu(), nf4_dequantize(t, torch.float32).cpu(), bias.cpu(), a.cpu(), b.cpu(), 2.0,
-                             None if m is None else m.cpu(), dtype, gy.cpu())
-    _close(y.cpu(), ref, 1e-2)
-    for got, name in zip(grads, "xabm"):
-        _close(got.cpu(), ref_grads[name], 2e-2)
+    cpu = lambda v: None if v is None else v.cpu()  # noqa: E731
+    _check(y.cpu(), [g.cpu() for g in grads], gy.cpu(), "xabm",
+           (*map(cpu, (x, nf4_dequantize(t, torch.float32), bias, a, b)), 2.0, cpu(m)), dtype)
 
 
 @pytest.mark.parametrize("dora", [False, True])
