@@ -241,6 +241,17 @@ def hand_over_grads(ctx, grad_loss: torch.Tensor, second_backward: str) -> list:
     return grads
 
 
+def _fp16_grad_unit(grad_scale: torch.Tensor) -> torch.Tensor:
+    """A power of two at or above ``max |g|``, as a 0-dim tensor in ``[2^-24, 2^15]`` (no host sync).
+
+    fp16 ``dL/dZ = g_t (p_v - [v = y])`` flushes to zero below 2^-24 (``p_v g_t`` of a 32k vocabulary for an
+    upstream gradient under ~1e-3: a mean over many tokens) and overflows past 65504 (a loss-scaled ``g``): the
+    chunks are written for ``g / unit`` and the gradients scaled back. A power of two in fp16's range divides
+    and multiplies exactly.
+    """
+    return torch.exp2(torch.log2(grad_scale.abs().max()).ceil().clamp(-24.0, 15.0))
+
+
 def linear_chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -278,7 +289,8 @@ def linear_chunked_pass(
         ``(stats, grad_hidden, grad_weight, grad_bias)``; the grads are None unless asked
         for and ``grad_scale`` was given. ``grad_weight`` accumulates over chunks in the
         weight's dtype (for bf16/fp16 that keeps the memory at one weight-sized buffer, at
-        the price of one rounding per chunk); ``grad_bias`` is float32/float64.
+        the price of one rounding per chunk); ``grad_bias`` is float32/float64. For float16 the chunks'
+        ``dL/dZ`` are written for ``g`` scaled to at most 1 (:func:`_fp16_grad_unit`).
     """
     rows, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -296,6 +308,10 @@ def linear_chunked_pass(
     mean_out = torch.empty(rows, dtype=acc, device=dev) if want_mean else None
     if rows == 0:
         return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
+    unit = None
+    if grads and hidden.dtype == torch.float16:
+        unit = _fp16_grad_unit(grad_scale)
+        grad_scale = grad_scale / unit
     step = chunk_size or default_chunk_rows(rows, vocab, hidden.element_size(), dev)
     buf = torch.empty(min(step, rows), vocab, dtype=hidden.dtype, device=dev)
     w_t = weight.t()
@@ -318,6 +334,10 @@ def linear_chunked_pass(
             mean_out[s:e] = st.mean
         if grads:  # z now holds dL/dZ for the chunk
             grad_w = chunk_backward(z, hidden[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
+    if unit is not None:
+        for t in (grad_h, grad_w, grad_b):
+            if t is not None:
+                t.mul_(unit)
     return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
 
 
