@@ -25,7 +25,7 @@ from torch import nn
 
 from alignlab._checks import check_positive_int
 
-__all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias", "check_routing"]
+__all__ = ["ExpertGroups", "expert_mlp", "add_expert_bias", "check_routing", "forward_overridden_by"]
 
 
 class ExpertGroups(NamedTuple):
@@ -56,6 +56,27 @@ class ExpertGroups(NamedTuple):
             counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0,
                                  max=num_experts - 1)
         return cls(ids, perm, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def forward_overridden_by(experts: nn.Module) -> type | None:
+    """The subclass whose own ``forward`` replaces the expert loop ``@use_experts_implementation`` put on a base
+    class of ``experts``, or None.
+
+    Both :class:`~alignlab.adapters.experts.ExpertLoRA` and :class:`~alignlab.quant.NF4Experts` stand in for the
+    decorated loop (:func:`expert_mlp`); a subclass that wraps it in code of its own (transformers' ``ErgoExperts``:
+    one row per route, then a per-expert norm before the weighted sum) would silently lose that code. The
+    decorated forward is recognised by the ``__wrapped__`` that ``functools.wraps`` leaves on it.
+    """
+    classes = type(experts).__mro__
+    for i, cls in enumerate(classes):
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        if hasattr(forward, "__wrapped__"):
+            return None  # the decorated loop itself runs
+        decorated = any(hasattr(c.__dict__.get("forward"), "__wrapped__") for c in classes[i + 1:])
+        return cls if decorated else None
+    return None
 
 
 def check_routing(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -69,7 +69,7 @@ from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
-from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 
 #: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
 #: wrappers in that order, which decides its file's key names)
@@ -300,7 +300,8 @@ class ExpertLoRA(AdapterLayer):
             :class:`~alignlab.adapters.lora.LoRALinear`; ``init`` is ``"kaiming"`` or ``"gaussian"``
             (PiSSA/OLoRA, which rewrite the base, are not defined here).
     Raises:
-        TypeError: ``base`` is not an experts module; a flag (``use_rslora``, ``use_dora``, ``exact_fp32``) is
+        TypeError: ``base`` is not an experts module, or one whose class overrides the decorated expert loop
+            with a forward of its own (:func:`~alignlab.expert_routing.forward_overridden_by`); a flag (``use_rslora``, ``use_dora``, ``exact_fp32``) is
             neither a bool nor a NumPy bool.
         ValueError: unknown parameter names, bad rank/alpha/dropout/init, an expert-parallel module.
     """
@@ -319,6 +320,11 @@ class ExpertLoRA(AdapterLayer):
                             f"num_experts, is_transposed), got {type(base).__name__}")
         if getattr(base, "_is_expert_parallel", False):
             raise ValueError("expert-parallel experts modules are not supported (each rank would hold a slice of E)")
+        custom = forward_overridden_by(base)
+        if custom is not None:
+            raise TypeError(f"base: {custom.__name__}.forward adds its own code around the decorated expert loop, which "
+                            "this wrapper replaces (the adapted block would compute something else); LoRA on its "
+                            "expert weights is not supported, target the model's linears only")
         super().__init__(base)
         self.exact_fp32 = as_bool(exact_fp32, "exact_fp32")
         self._merge_norms: dict[tuple[str, str], torch.Tensor] = {}

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp
+from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 from alignlab.quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
@@ -203,13 +203,19 @@ class NF4Experts(nn.Module):
         """Quantize every expert slice of ``experts``' fused weights, each as its own ``(out, in)`` matrix.
 
         Raises:
-            TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`) or a weight
-                has an unsupported dtype.
+            TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`), its class
+                overrides the decorated expert loop (:func:`~alignlab.expert_routing.forward_overridden_by`), or a
+                weight has an unsupported dtype.
             ValueError: bad ``blocksize``.
         """
         if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
             raise TypeError("experts must be a transformers experts module with fused 3-D weights (num_experts, "
                             f"gate_up_proj/up_proj/down_proj), got {type(experts).__name__}")
+        custom = forward_overridden_by(experts)
+        if custom is not None:
+            raise TypeError(f"experts: {custom.__name__}.forward adds its own code around the decorated expert loop, "
+                            "which NF4Experts would drop (a different block); keep it dense (quantize_model(..., "
+                            "skip=[its name]))")
         transposed = bool(getattr(experts, "is_transposed", False))
         weights = {}
         for name in _stored(experts):
