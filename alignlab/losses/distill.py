@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
+from alignlab.losses.logprobs import _fp16_grad_unit
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -376,6 +377,10 @@ def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want
     rows, grad_rows = chunks
     losses = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     need_grad = want_dx or want_dw
+    unit = None
+    if need_grad and n and x.dtype == torch.float16:  # fp16 dL/dz of g ~ 1/n would be subnormal or flushed
+        unit = _fp16_grad_unit(grad_scale)
+        grad_scale = grad_scale / unit
     step = grad_rows if need_grad else rows
     buf = torch.empty(min(step, n), vocab, dtype=x.dtype, device=x.device) if n else None
     dx = torch.empty_like(x) if want_dx else None
@@ -395,6 +400,9 @@ def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want
             torch.mm(dz, w, out=dx[g0:g1])
         if want_dw:  # the first block writes dW (no zero fill, no read), later ones accumulate
             dw = dz.t() @ x[g0:g1] if dw is None else dw.addmm_(dz.t(), x[g0:g1])
+    if unit is not None:
+        dx = None if dx is None else dx.mul_(unit)
+        dw = None if dw is None else dw.mul_(unit)
     if want_dw and dw is None:
         dw = torch.zeros_like(w)
     return losses, dx, dw
