@@ -480,7 +480,7 @@ class ExpertLoRA(AdapterLayer):
             return lora
         with torch.no_grad():
             norm = self._row_norm(name, param, torch.float32)
-        g = (self.lora_magnitude_vector[name][param].float() / norm)[groups.ids].to(dtype)  # (S, out)
+        g = (self.lora_magnitude_vector[name][param] / norm)[groups.ids].to(dtype)  # (S, out); norm: fp32 or fp64
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             # dropout changed the input: the base term is taken on the dropped input, as LoRALinear (and PEFT) do
             base_out = self._base_linear(param, xd, groups)[1]
@@ -504,6 +504,7 @@ class ExpertLoRA(AdapterLayer):
         """``‖W_e + s·B_e A_e‖`` per expert and output row, ``(E, out)``, without forming the sum:
         ``‖W_e,i‖² + 2s·⟨B_e,i, (W_e A_eᵀ)_i⟩ + s²·B_e,i (A_e A_eᵀ) B_e,iᵀ`` (see ``dora.py``)."""
         w = expert_weight(self.base_layer, param)
+        dtype = torch.promote_types(dtype, w.dtype)  # fp64 for an fp64 base: vector_norm refuses to narrow
         a, b = self._views(name, param)
         s = self.scaling[name][param]
         a32, b32 = a.detach().to(dtype), b.detach().to(dtype)
