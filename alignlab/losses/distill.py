@@ -458,6 +458,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         return grad_out.to(losses.dtype) * (losses - out) / denom
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # create_graph=True: first-order grads, no mm(out=) error
     def backward(ctx, grad_out):
         n_none = (None,) * 9
         gwt = _FusedLinearDistill._weights_grad(ctx, grad_out)

@@ -428,6 +428,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # create_graph=True: first-order grads, no mm(out=) error
     def backward(ctx, grad_logp):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         chunk_size, ignore_index, softcap = ctx.opts
