@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_dequant import nf4_dequant
@@ -335,6 +336,12 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
     return g, gs, bgs
 
 
+def _check_splits(splits) -> None:
+    # checked on both paths: the reference ignores it, the kernel path divided by it
+    if splits is not None and (not is_int(splits) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+
+
 def _column_plan(T: int, C: int, splits: int | None) -> tuple[int, int, int, int, int]:
     """Tiles of the column reductions: ``(block_t, block_c, column blocks, rows per split, splits)``.
 
@@ -355,8 +362,9 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
     ``splits`` (kernel path): how many row slices sum in parallel; default sized to fill the GPU.
 
     Raises:
-        ValueError: the shapes differ or are not 2-D.
+        ValueError: the shapes differ or are not 2-D, ``splits`` not a positive int or None.
     """
+    _check_splits(splits)
     if u.dim() != 2 or u.shape != v.shape:
         raise ValueError(f"u and v must be 2-D of one shape, got {tuple(u.shape)} and {tuple(v.shape)}")
     T, C = u.shape
@@ -383,9 +391,10 @@ def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
     ``dm`` directly (one launch; two when the rows are split over programs to fill the GPU).
 
     Raises:
-        ValueError: shapes that do not fit.
+        ValueError: shapes that do not fit, ``splits`` not a positive int or None.
         TypeError: ``gy``, ``y``, ``magnitude`` or ``bias`` not a floating-point tensor.
     """
+    _check_splits(splits)
     _check_float(gy=gy, y=y, magnitude=magnitude)
     if bias is not None:
         _check_float(bias=bias)

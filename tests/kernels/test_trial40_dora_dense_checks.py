@@ -52,3 +52,14 @@ def test_magnitude_grad_refuses_non_float_inputs(kernel_mode, bad):
     args[bad] = args[bad].round().to(torch.int64)  # an int magnitude came back truncated to int
     with pytest.raises(TypeError, match=bad):
         magnitude_grad(**args)
+
+
+@pytest.mark.parametrize("splits", [0, -1, 1.5, "2", True])
+def test_bad_splits_is_named_on_both_paths(kernel_mode, splits):
+    from alignlab.kernels.dora import column_dot
+
+    gy, y = torch.randn(10, 5), torch.randn(10, 5)
+    with pytest.raises(ValueError, match="splits"):
+        magnitude_grad(gy, y, None, torch.ones(5), splits=splits)
+    with pytest.raises(ValueError, match="splits"):
+        column_dot(gy, y, splits=splits)
