@@ -203,14 +203,19 @@ class NF4Experts(nn.Module):
         """Quantize every expert slice of ``experts``' fused weights, each as its own ``(out, in)`` matrix.
 
         Raises:
-            TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`), its class
-                overrides the decorated expert loop (:func:`~alignlab.expert_routing.forward_overridden_by`), or a
+            TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`), lacks the
+                decorated interface (``is_transposed``), its class overrides the decorated expert loop (:func:`~alignlab.expert_routing.forward_overridden_by`), or a
                 weight has an unsupported dtype.
             ValueError: bad ``blocksize``.
         """
         if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
             raise TypeError("experts must be a transformers experts module with fused 3-D weights (num_experts, "
                             f"gate_up_proj/up_proj/down_proj), got {type(experts).__name__}")
+        if not hasattr(experts, "is_transposed"):  # e.g. Llama 4's experts: forward(rows already sorted by expert)
+            raise TypeError(f"experts: {type(experts).__name__} holds fused 3-D weights but not the interface of "
+                            "transformers' @use_experts_implementation (is_transposed, forward(hidden_states, "
+                            "top_k_index, top_k_weights)) that NF4Experts takes over; keep it dense "
+                            "(quantize_model(..., skip=[its name]))")
         custom = forward_overridden_by(experts)
         if custom is not None:
             raise TypeError(f"experts: {custom.__name__}.forward adds its own code around the decorated expert loop, "
