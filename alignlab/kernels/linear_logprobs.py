@@ -58,7 +58,7 @@ class RowStats(NamedTuple):
     """Per-row statistics of a logits chunk, each ``(rows,)`` in float32 (float64 for float64 logits).
 
     ``mean`` is ``None`` unless it was asked for; ``entropy`` and ``expected`` (``E_t``) unless
-    ``want_entropy``.
+    ``want_entropy``. ``mean`` and ``entropy`` are ``None`` too when a saved ``lse`` skipped the statistics pass.
     """
 
     lse: torch.Tensor
@@ -125,7 +125,7 @@ def chunk_softmax_grad_reference_(
     else:
         lse = lse.to(acc)
     target = z.gather(1, labels.view(-1, 1)).squeeze(1)
-    mean = z.mean(dim=1) if want_mean else None
+    mean = z.mean(dim=1) if want_mean and fresh else None
     entropy = None
     if fresh and (want_entropy or entropy_grad is not None):
         expected = (torch.exp(z - lse[:, None]) * z).sum(dim=1)
@@ -323,14 +323,16 @@ def chunk_softmax_grad_triton_(
     dev = logits.device
     lse_out = lse.to(torch.float32).contiguous() if lse is not None else torch.empty(rows, device=dev)
     target = torch.empty(rows, device=dev, dtype=torch.float32)
-    mean = torch.empty(rows, device=dev, dtype=torch.float32) if want_mean else None
-    ent = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy else None
+    # a saved lse skips the statistics pass, which alone writes the mean and the entropy: none come back
+    stats = lse is None
+    mean = torch.empty(rows, device=dev, dtype=torch.float32) if want_mean and stats else None
+    ent = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy and stats else None
     if expected is not None and lse is not None:
         ez = expected.to(torch.float32).contiguous()
     else:
-        ez = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy else None
+        ez = torch.empty(rows, device=dev, dtype=torch.float32) if want_entropy and stats else None
     if rows == 0:
-        return RowStats(lse_out, target, mean, ent, ez)
+        return RowStats(lse_out, target, mean, ent, ez if want_entropy else None)
     gscale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else target
     egrad = entropy_grad.to(torch.float32).contiguous() if entropy_grad is not None else target
     block_v, num_warps, per_sm, vec_lse = _config or _launch_config(vocab)
@@ -365,7 +367,7 @@ def chunk_softmax_grad_triton_(
         ENT_GRAD=entropy_grad is not None,
         num_warps=num_warps,
     )
-    return RowStats(lse_out, target, mean, ent, ez)
+    return RowStats(lse_out, target, mean, ent, ez if want_entropy else None)
 
 
 def chunk_softmax_grad_(
@@ -392,7 +394,8 @@ def chunk_softmax_grad_(
         lse: ``(rows,)`` log-sum-exp saved by an earlier pass; skips the statistics pass
             (only together with ``grad_scale``).
         grad_scale: ``(rows,)`` per-row scale ``g_t`` of the gradient; ``None`` = statistics only.
-        want_mean: also return the mean capped logit per row (label smoothing needs it).
+        want_mean: also return the mean capped logit per row (label smoothing needs it); like the entropy, it
+            comes from the statistics pass, so it is None with a saved ``lse``.
         smoothing, z_loss, softcap: ``eps``, ``zeta`` and ``c`` of the module docstring.
         want_entropy: also return each row's entropy and expected logit ``E_t`` (statistics pass).
         expected: ``(rows,)`` ``E_t`` saved by an earlier pass (with ``lse`` and ``entropy_grad``).
