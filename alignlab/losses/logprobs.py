@@ -373,6 +373,8 @@ def check_linear_inputs(
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
     if hidden.device != weight.device or labels.device != hidden.device:
         raise ValueError("hidden, weight and labels must be on one device")
+    if bias is not None and bias.device != weight.device:
+        raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
