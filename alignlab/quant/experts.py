@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
+from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
@@ -453,15 +454,22 @@ class NF4Experts(nn.Module):
     def _apply(self, fn, recurse=True):
         names = [f"{n}_{p}" for n in self._meta for p in _PARTS if f"{n}_{p}" in self._buffers]
         saved = {name: self._buffers[name] for name in names}
+        ref = next((b for b in saved.values() if b is not None), None)
+        probe = None if ref is None else fn(torch.empty(0, device=ref.device))  # an impossible move raises here
         for name in names:
             self._buffers[name] = None
-        super()._apply(fn, recurse)
-        ref = next((b for b in saved.values() if b is not None), None)
-        if ref is None:
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:  # a failed move leaves the module as it was, packed weights included
+            self._buffers.update(saved)
+            raise
+        if probe is None:
             return self
-        probe = fn(torch.empty(0, device=ref.device))
         for name, buf in saved.items():
+            if buf is not None and buf.is_meta:  # to_empty: storage without values, for a state dict to fill
+                buf = torch.empty_like(buf, device=probe.device)
             self._buffers[name] = None if buf is None else buf.to(probe.device)
+        note_device(probe.device)  # this GPU's launch tables, known before any torch.compile trace
         return self
 
     def extra_repr(self) -> str:
