@@ -89,6 +89,14 @@ def _check_common(temperature: float, reduction: str) -> float:
     return float(temperature)
 
 
+def _check_device(ref: torch.Tensor, **tensors) -> None:
+    """``ValueError`` naming the first given tensor that is not on ``ref``'s device (a meta-device student
+    weight gave a loss read from an unwritten buffer instead of an error)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != ref.device:
+            raise ValueError(f"{name} must be on the student's device {ref.device}, got {t.device}")
+
+
 def _weights(mask: torch.Tensor | None, lead_shape: torch.Size, device, dtype) -> torch.Tensor:
     """Per-token weights from a bool/int/float ``mask``.
 
@@ -189,7 +197,7 @@ def distill_loss(
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
 
     Raises:
-        ValueError: mismatched shapes, an empty vocabulary, unknown ``kind``/``reduction``, ``beta`` outside
+        ValueError: mismatched shapes or devices, an empty vocabulary, unknown ``kind``/``reduction``, ``beta`` outside
             ``[0, 1]``, ``temperature <= 0``, negative or non-finite ``mask`` weights.
         TypeError: non-tensor inputs or mask.
     """
@@ -203,6 +211,7 @@ def distill_loss(
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must match"
         )
+    _check_device(student_logits, teacher_logits=teacher_logits)
     kind = _check_kind(kind, beta)
     beta = float(beta)
     temperature = _check_common(temperature, reduction)
@@ -544,7 +553,7 @@ def fused_linear_distill_loss(
         Scalar, or ``(...)`` for ``reduction="none"``, in float32 (float64 for float64 input).
 
     Raises:
-        ValueError: inconsistent shapes, both or neither teacher forms, non-float teacher logits / hidden
+        ValueError: inconsistent shapes, tensors off the student's device, both or neither teacher forms, non-float teacher logits / hidden
             states / weight, bad ``chunk_size``, plus the conditions of :func:`distill_loss`.
         TypeError: non-tensor arguments.
     """
@@ -561,6 +570,8 @@ def fused_linear_distill_loss(
         )
     if student_weight.dtype != student_hidden.dtype:
         raise ValueError(f"student_weight dtype {student_weight.dtype} != student_hidden dtype {student_hidden.dtype}")
+    _check_device(student_hidden, student_weight=student_weight, teacher_logits=teacher_logits,
+                  teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
     kind = _check_kind(kind, beta)
     beta = float(beta)
     temperature = _check_common(temperature, reduction)
