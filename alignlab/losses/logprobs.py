@@ -247,9 +247,10 @@ def _fp16_grad_unit(grad_scale: torch.Tensor) -> torch.Tensor:
     fp16 ``dL/dZ = g_t (p_v - [v = y])`` flushes to zero below 2^-24 (``p_v g_t`` of a 32k vocabulary for an
     upstream gradient under ~1e-3: a mean over many tokens) and overflows past 65504 (a loss-scaled ``g``): the
     chunks are written for ``g / unit`` and the gradients scaled back. A power of two in fp16's range divides
-    and multiplies exactly.
+    and multiplies exactly. A NaN ``g_t`` is left out of the max, so it spoils its own row only, as before.
     """
-    return torch.exp2(torch.log2(grad_scale.abs().max()).ceil().clamp(-24.0, 15.0))
+    top = torch.nan_to_num(grad_scale.abs(), nan=0.0).max()
+    return torch.exp2(torch.log2(top).ceil().clamp(-24.0, 15.0))
 
 
 def linear_chunked_pass(

@@ -36,3 +36,12 @@ def test_fp16_gradients_reach_the_fp16_rounding_floor(kernel_mode, entry):
     for a, b in zip(got, want):
         floor = _rel(b.half(), b)  # the true gradient rounded to fp16
         assert _rel(a, b) < 2 * floor + 1e-3
+
+
+def test_fp16_nan_upstream_spoils_only_its_row(kernel_mode):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 4, generator=g).half().requires_grad_(True)
+    w = torch.randn(9, 4, generator=g).half()
+    lp = linear_logprobs(h, w, torch.tensor([1, 2, 3]))
+    (lp * torch.tensor([1e-3, float("nan"), 1e-3], dtype=torch.float16)).sum().backward()
+    assert h.grad[1].isnan().all() and h.grad[[0, 2]].isfinite().all()
