@@ -51,7 +51,8 @@ def _config():
 
 def _routing():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(5, 64, generator=g), torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [2, 2]]), torch.rand(5, 2, generator=g)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [2, 2]])
+    return torch.randn(5, 64, generator=g), idx, torch.rand(5, 2, generator=g)
 
 
 @pytest.mark.parametrize("cls", [_Experts, _Inherits])

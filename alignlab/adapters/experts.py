@@ -301,8 +301,8 @@ class ExpertLoRA(AdapterLayer):
             (PiSSA/OLoRA, which rewrite the base, are not defined here).
     Raises:
         TypeError: ``base`` is not an experts module, or one whose class overrides the decorated expert loop
-            with a forward of its own (:func:`~alignlab.expert_routing.forward_overridden_by`); a flag (``use_rslora``, ``use_dora``, ``exact_fp32``) is
-            neither a bool nor a NumPy bool.
+            with a forward of its own (:func:`~alignlab.expert_routing.forward_overridden_by`); a flag
+            (``use_rslora``, ``use_dora``, ``exact_fp32``) is neither a bool nor a NumPy bool.
         ValueError: unknown parameter names, bad rank/alpha/dropout/init, an expert-parallel module.
     """
 

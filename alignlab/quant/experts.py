@@ -205,8 +205,8 @@ class NF4Experts(nn.Module):
 
         Raises:
             TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`), lacks the
-                decorated interface (``is_transposed``), its class overrides the decorated expert loop (:func:`~alignlab.expert_routing.forward_overridden_by`), or a
-                weight has an unsupported dtype.
+                decorated interface (``is_transposed``), its class overrides the decorated expert loop
+                (:func:`~alignlab.expert_routing.forward_overridden_by`), or a weight has an unsupported dtype.
             ValueError: bad ``blocksize``.
         """
         if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
@@ -419,9 +419,11 @@ class NF4Experts(nn.Module):
         """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``.
 
         Raises:
-            TypeError, ValueError: tensors that do not fit together (see :func:`~alignlab.expert_routing.check_routing`).
+            TypeError, ValueError: tensors that do not fit together
+                (:func:`~alignlab.expert_routing.check_routing`).
         """
-        check_routing(hidden_states, top_k_index, top_k_weights, self._meta["gate_up_proj" if self.has_gate else "up_proj"][0][1])
+        hidden = self._meta["gate_up_proj" if self.has_gate else "up_proj"][0][1]
+        check_routing(hidden_states, top_k_index, top_k_weights, hidden)
         k = top_k_index.shape[-1]
         if torch.compiler.is_compiling():
             # no host sync: every (token, slot) row stays; sentinel rows (ids >= E) sort last, get zero
