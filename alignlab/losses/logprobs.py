@@ -118,16 +118,26 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     safe = torch.where(valid, labels, 0)
     if safe.numel() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
-    acc = _acc_dtype(logits.dtype)
-    flat = logits.reshape(-1, vocab)
-    idx = safe.reshape(-1, 1)
+    return _label_logprobs(logits, safe, _acc_dtype(logits.dtype)) * valid
+
+
+def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``z_y - logsumexp(z)`` in ``acc``, a chunk of rows at a time; ``labels`` all in ``[0, vocab)``."""
+    vocab = logits.shape[-1]
+    try:
+        flat = logits.view(-1, vocab)
+    except RuntimeError:
+        # logits[:, :-1] (the causal shift) has no flat view, and reshape would copy all of the logits:
+        # one leading index at a time instead
+        return torch.stack([_label_logprobs(logits[i], labels[i], acc) for i in range(logits.shape[0])])
+    idx = labels.reshape(-1, 1)
     rows = max(1, _CPU_CHUNK_BYTES // max(1, vocab * 4))
     out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
     # at least one (maybe empty) slice: with no rows the result must still hang off logits' graph
     for s in range(0, max(flat.shape[0], 1), rows):
         z = flat[s : s + rows].to(acc)
         out[s : s + rows] = z.gather(1, idx[s : s + rows]).squeeze(1) - torch.logsumexp(z, dim=1)
-    return out.view(labels.shape) * valid
+    return out.view(labels.shape)
 
 
 def sequence_logprobs(
