@@ -124,12 +124,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``z_y - logsumexp(z)`` in ``acc``, a chunk of rows at a time; ``labels`` all in ``[0, vocab)``."""
     vocab = logits.shape[-1]
-    try:
-        flat = logits.view(-1, vocab)
-    except RuntimeError:
+    if logits.dim() > 2 and not logits.is_contiguous():
         # logits[:, :-1] (the causal shift) has no flat view, and reshape would copy all of the logits:
-        # one leading index at a time instead
+        # one leading index at a time instead (a 2-D slice always reshapes to a view)
         return torch.stack([_label_logprobs(logits[i], labels[i], acc) for i in range(logits.shape[0])])
+    flat = logits.reshape(-1, vocab)
     idx = labels.reshape(-1, 1)
     rows = max(1, _CPU_CHUNK_BYTES // max(1, vocab * 4))
     out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
