@@ -299,6 +299,24 @@ def distill_rows_torch(
     return loss, dz
 
 
+class _UnflatRows:
+    """Rows ``start:end`` of ``(batch, seq, vocab)`` teacher logits that have no flat ``(-1, vocab)`` view (the
+    causal shift ``logits[:, :-1]``), put together one chunk at a time: ``reshape`` would copy all of them."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        seq = self.logits.shape[1]
+        parts, r = [], rows.start
+        while r < rows.stop:
+            b, i = divmod(r, seq)
+            j = min(seq, i + rows.stop - r)
+            parts.append(self.logits[b, i:j])
+            r += j - i
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _chunk_rows(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -535,7 +553,8 @@ def fused_linear_distill_loss(
         student_hidden: ``(..., hidden)`` student last hidden state, e.g. ``(batch, seq, hidden)``.
         student_weight: ``(vocab, hidden)`` student ``lm_head`` weight (no bias).
         teacher_logits: ``(..., vocab)`` teacher logits (any float dtype). Give either this or
-            ``teacher_hidden`` + ``teacher_weight``. The teacher never receives gradients.
+            ``teacher_hidden`` + ``teacher_weight``. The teacher never receives gradients. A
+            ``(batch, seq, vocab)`` view such as ``logits[:, :-1]`` is read chunk by chunk, not copied.
         teacher_hidden: ``(..., teacher_hidden)`` teacher last hidden state.
         teacher_weight: ``(vocab, teacher_hidden)`` teacher ``lm_head`` weight.
         kind, beta, temperature, mask, reduction: as in :func:`distill_loss`.
@@ -588,9 +607,13 @@ def fused_linear_distill_loss(
             raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
         if teacher_logits.shape != (*lead, vocab):
             raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(teacher_logits.shape)}")
-        teacher_a, teacher_b = teacher_logits.detach().reshape(-1, vocab), None
-        if teacher_a.stride(-1) != 1:
-            teacher_a = teacher_a.contiguous()
+        teacher_a, teacher_b = teacher_logits.detach(), None
+        if teacher_a.dim() == 3 and teacher_a.stride(-1) == 1 and not teacher_a.is_contiguous():
+            teacher_a = _UnflatRows(teacher_a)
+        else:
+            teacher_a = teacher_a.reshape(-1, vocab)
+            if teacher_a.stride(-1) != 1:
+                teacher_a = teacher_a.contiguous()
     else:
         for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
             if not isinstance(t, torch.Tensor):
