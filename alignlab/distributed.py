@@ -75,6 +75,8 @@ def shard_model(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a block type is neither a class nor a name.
         ValueError: no ``block_types`` given and the model declares none, or none of them occurs.
+        RuntimeError: this torch's FSDP2 cannot shard the NF4 bytes (torch 2.11 makes every shard require
+            grad, which a uint8 tensor cannot: pytorch/pytorch#177844; torch 2.13 shards them).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -101,9 +103,17 @@ def shard_model(
     for module in model.modules():  # FSDP2 refills gathered factors without a version bump: no stale casts
         if hasattr(module, "cache_casts"):
             module.cache_casts = False
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    try:
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    except RuntimeError as e:
+        if "can require gradients" not in str(e):
+            raise
+        raise RuntimeError(
+            f"torch {torch.__version__}'s FSDP2 makes every shard require grad, which the NF4 layers' uint8 bytes "
+            "cannot (pytorch/pytorch#177844; torch 2.13 shards them): upgrade torch, or build the model again and "
+            "call fully_shard on it yourself, without shard_model (the NF4 bytes then stay whole on every rank)") from e
     return model
 
 

@@ -474,7 +474,8 @@ def nf4_to_bnb_state_dict(t: NF4Tensor, prefix: str = "weight") -> dict[str, tor
 
     Keys: ``{prefix}``, ``{prefix}.absmax``, ``{prefix}.quant_map``, and with double
     quantization ``{prefix}.nested_absmax``, ``{prefix}.nested_quant_map``; plus
-    ``{prefix}.quant_state.bitsandbytes__nf4``, a uint8 tensor of JSON metadata.
+    ``{prefix}.quant_state.bitsandbytes__nf4``, a uint8 tensor of JSON metadata. For ``t`` on the meta device
+    every entry is a meta tensor, the metadata too (its nested offset is a value meta tensors do not hold).
 
     Raises:
         TypeError: ``t`` is not an NF4Tensor.  ValueError: ``t`` carries ICQ shifts, which the format cannot store.
@@ -500,10 +501,11 @@ def nf4_to_bnb_state_dict(t: NF4Tensor, prefix: str = "weight") -> dict[str, tor
         meta.update(
             nested_blocksize=t.nested_blocksize,
             nested_dtype="float32",
-            nested_offset=float(t.nested_offset.item()),
+            nested_offset=0.0 if t.nested_offset.is_meta else float(t.nested_offset.item()),
         )
     # json.dumps' default separators are what bitsandbytes writes
-    out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    out[f"{prefix}.{_QS_KEY}"] = blob.to("meta") if t.data.is_meta else blob
     return out
 
 

@@ -58,3 +58,28 @@ def test_load_state_dict_and_dtype_moves_keep_the_bytes():
 def test_rejects_a_non_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         shardable_nf4_("not a model")
+
+
+def test_shard_model_explains_an_fsdp2_that_cannot_shard_uint8(monkeypatch):
+    """torch 2.11's FSDP2 wraps each shard in a Parameter that requires grad, which uint8 cannot (seen on the
+    GPU image): shard_model says so and what to do, instead of torch's bare message. Simulated here: CI's
+    torch shards the bytes."""
+    import torch.distributed.fsdp as fsdp
+
+    from alignlab.distributed import shard_model
+
+    def fully_shard(module, **kwargs):
+        nn.Parameter(torch.zeros(2, dtype=torch.uint8))  # what the old FSDPParam did with a uint8 shard
+
+    monkeypatch.setattr(fsdp, "fully_shard", fully_shard)
+    model = nn.Sequential(nn.Sequential(_layer()))
+    with pytest.raises(RuntimeError, match=r"pytorch/pytorch#177844.*upgrade torch") as info:
+        shard_model(model, block_types=["Sequential"])
+    assert "can require gradients" in str(info.value.__cause__)
+
+    def other_failure(module, **kwargs):
+        raise RuntimeError("no process group")
+
+    monkeypatch.setattr(fsdp, "fully_shard", other_failure)
+    with pytest.raises(RuntimeError, match="^no process group$"):  # anything else passes through unchanged
+        shard_model(nn.Sequential(nn.Sequential(_layer())), block_types=["Sequential"])
