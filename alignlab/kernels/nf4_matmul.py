@@ -15,17 +15,19 @@ never writing the full weight, and feed them to ``tl.dot``.
 Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= SMALL_M`` (16, decode; ``K % blocksize == 0``, blocksize <= 256):
+* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200:
+  :func:`alignlab.kernels.nf4_configs.max_rows`; ``K % blocksize == 0``, blocksize <= 256):
   :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
   ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked
-  up in registers.  Measured (CUDA graphs, H100): 1.3-1.6x faster than a bf16
-  cuBLAS GEMV at ``M = 1`` and on par with bitsandbytes' (0.86-1.05x); at
-  ``M = 16`` 0.91-1.16x the bf16 speed and 1.5-2.8x faster than bitsandbytes.
-  ``ALIGNLAB_NF4_SMALL=0`` sends these rows to dequantize + cuBLAS instead.
+  up in registers.  Measured on an H100 (CUDA graphs, newest run in
+  ``benchmarks/RESULTS.md``): 1.50-1.74x faster than a bf16 cuBLAS GEMV at ``M = 1``
+  and 0.99-1.13x bitsandbytes' speed; at ``M = 16`` 1.01-1.30x the bf16 speed and
+  1.7-2.9x faster than bitsandbytes. On the H200 ``M = 2..32`` is slower than bf16
+  (RESULTS.md, issue 24). ``ALIGNLAB_NF4_SMALL=0`` sends these rows to dequantize + cuBLAS instead.
 * everything else (and odd ``K``, blocksizes > 256): the Triton dequantization
   kernel into a temporary, then cuBLAS.  At training shapes this costs
-  ``2.5 N K`` bytes against ``2 M N K`` flops, ~10% over a bf16 product at
-  ``M = 4096`` (measured 1.09-1.11x, forward and backward; bitsandbytes 1.12-1.17x).
+  ``2.5 N K`` bytes against ``2 M N K`` flops, ~7-13% over a bf16 product at
+  ``M = 4096`` (H100: 1.08-1.13x, forward and backward; bitsandbytes 1.12-1.21x).
 * the fused ``tl.dot`` kernels (register-dequantized tiles feeding the tensor
   cores, forward and ``dx``) are kept, tested, and opt-in through ``LARGE_M``:
   measured 20-40x slower than dequantize + cuBLAS at every M from 16 to 4096.
