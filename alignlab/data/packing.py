@@ -240,6 +240,9 @@ def collate_padded(
 ) -> dict[str, torch.Tensor]:
     """Pad samples to one ``(batch, seq)`` batch: ``input_ids``, ``labels`` (pads ``-100``), ``attention_mask``.
 
+    With ``padding_side="left"`` each sample's first label is ``-100`` too: the shifted loss would predict it
+    from the pad before it (right padding never scores it), so both sides score the same tokens.
+
     Raises ``ValueError`` for an empty or malformed sample list, a ``pad_token_id`` that is not a
     non-negative int (``None``: the tokenizer has no pad token), a ``pad_to_multiple_of`` that is
     not ``None`` or a positive int, or an unknown ``padding_side``.
@@ -262,6 +265,8 @@ def collate_padded(
         sl = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
         input_ids[b, sl] = torch.tensor(ids)
         labels[b, sl] = torch.tensor(lab)
+        if padding_side == "left":
+            labels[b, sl.start] = IGNORE_INDEX
         attention_mask[b, sl] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
