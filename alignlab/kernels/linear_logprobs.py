@@ -78,6 +78,8 @@ def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary dimension")
     rows = logits.shape[0]
+    if labels.dtype not in (torch.int32, torch.int64):  # what the reference's gather takes
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     if labels.shape != (rows,):
         raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
     if lse is not None and lse.shape != (rows,):
@@ -406,6 +408,7 @@ def chunk_softmax_grad_(
         :class:`RowStats` ``(lse, target, mean)``, float32 (float64 for float64 logits).
 
     Raises:
+        TypeError: labels not int32/int64.
         ValueError: on mismatched shapes or out-of-range ``smoothing``/``z_loss``/``softcap``.
     """
     kernel = use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)

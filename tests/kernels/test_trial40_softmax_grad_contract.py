@@ -19,3 +19,10 @@ def test_a_saved_lse_gives_no_pass_statistics(kernel_mode, want):
     torch.testing.assert_close(again.target, st.target)
     want_dz = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels, 9)
     torch.testing.assert_close(z, want_dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.float32])
+def test_labels_must_be_int32_or_int64_on_both_paths(kernel_mode, dtype):
+    # the reference's gather refused these with a RuntimeError while the kernel read them as indices
+    with pytest.raises(TypeError, match="labels"):
+        chunk_softmax_grad_(torch.randn(3, 5), torch.tensor([0, 1, 4]).to(dtype))
