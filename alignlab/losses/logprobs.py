@@ -115,7 +115,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     _check_ignore_index(ignore_index)
     vocab = logits.shape[-1]
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
+    safe = torch.where(valid, labels, 0).long()  # gather takes int64 (int32) indices only
     if safe.numel() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
     return _label_logprobs(logits, safe, _acc_dtype(logits.dtype)) * valid
