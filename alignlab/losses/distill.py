@@ -782,7 +782,7 @@ def sequence_kd_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = student_logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    target = labels[:, 1:]
+    target = labels[:, 1:].long()  # cross_entropy takes int64 targets only (int32 token ids are common)
     seq_of_target = None
     if cu_seqlens is not None:
         if labels.shape[0] != 1:
