@@ -58,8 +58,9 @@ def token_losses(
 ) -> torch.Tensor:
     """Per-token NLL ``-log p(labels[b,t] | input_ids[b,<t])``, shape ``(batch, seq)``, float32.
 
-    ``NaN`` where ``labels == -100``, at ``t = 0`` and where position ``t - 1`` is padding
-    (``attention_mask`` 0: the first real token of a left-padded row). ``model(input_ids, ...)``
+    ``NaN`` where ``labels == -100``, at ``t = 0``, where position ``t - 1`` is padding
+    (``attention_mask`` 0: the first real token of a left-padded row) and, with ``(batch, seq)``
+    ``position_ids``, where ``position_ids[b, t] == 0`` (a packed sample's first token). ``model(input_ids, ...)``
     must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
     logits tensor itself; ``position_ids`` are forwarded (packed rows). Without them, a 2-D
     ``attention_mask`` gives each real token the count of real tokens before it as its position
@@ -90,6 +91,9 @@ def token_losses(
     if attention_mask is not None and attention_mask.dim() == 2:
         # a token is predicted from the position before it: after a pad (left padding) there is no context
         valid &= attention_mask[:, :-1].to(device=valid.device).bool()
+    if position_ids is not None and position_ids.shape == labels.shape:
+        # a packed row: a sample's first token (position 0) would be predicted from the previous sample
+        valid &= position_ids[:, 1:].to(device=valid.device) != 0
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), target.masked_fill(~valid, 0), reduction="none"
     )
