@@ -42,6 +42,12 @@ __all__ = ["lora_linear", "dora_linear"]
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; no call into torch when it already is (a no-op ``Tensor.to`` still costs ~1-2 us of
+    host time, and these run several times per layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` returned in ``dtype``: written in fp32 by the GEMM itself on CUDA, else rounded then cast."""
     if a.dtype == dtype:
@@ -110,7 +116,7 @@ def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = N
 
 
 def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, cast):
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
     if cast is not None:  # the caller's cached casts of a and b (LoRALinear keeps them per parameter version)
         return x2, cast[0], cast[1]
     return x2, a.to(dtype), b.to(dtype)
@@ -140,7 +146,7 @@ class _LoRAFn(torch.autograd.Function):
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.ab_dtypes = (a.dtype, b.dtype)
         ctx.b_scaled = cast[2] if cast is not None and len(cast) > 2 else None  # a cached s·B, if the caller has one
-        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+        return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
@@ -154,12 +160,12 @@ def _lora_backward(ctx, gy):
     """:class:`_LoRAFn`'s backward, with autocast off (a module-level function: torch.compile traces it)."""
     x2, dense_w, ac, bc, xa = ctx.saved_tensors
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-    g = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+    g = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
     # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
     gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
     dx = dw = dbias = da = db = None
     if ctx.needs_input_grad[0]:
-        dx = _base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        dx = _to(_base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape), ctx.x_dtype)
     if ctx.needs_input_grad[1]:
         dw = (g.T @ x2).to(dense_w.dtype)
     if ctx.needs_input_grad[2]:
@@ -207,7 +213,7 @@ class _DoRAFn(torch.autograd.Function):
         ctx.save_for_backward(x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs)
         ctx.quant_w, ctx.x_shape, ctx.x_dtype = quant_w, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+        return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
@@ -223,11 +229,11 @@ def _dora_backward(ctx, gy):
 
     x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-    gy = gy.reshape(-1, gy.shape[-1]).to(ac.dtype)
+    gy = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
     gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
     dx = dw = dbias = da = db = dm = None
     if ctx.needs_input_grad[0]:
-        dx = _base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape).to(ctx.x_dtype)
+        dx = _to(_base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape), ctx.x_dtype)
     if ctx.needs_input_grad[1]:
         dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
     if ctx.needs_input_grad[2]:
@@ -312,7 +318,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
-    return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+    return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -346,7 +352,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
                              out_dtype)
     x2, ac, _ = _as_compute(x, a, b, dtype, cast)  # nothing to differentiate: no autograd bookkeeping
     y = _dora_out(x2, weight, bias, ac, b, magnitude, scale, dtype, norm, factors)[0]
-    return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+    return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
 
 def dora_norm(weight: torch.Tensor | NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
