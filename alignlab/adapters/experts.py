@@ -59,6 +59,7 @@ quantized replacement keeps those attributes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -537,6 +538,10 @@ class ExpertLoRA(AdapterLayer):
                     f"{(dora[1:] + merged)[0]!r}: a DoRA fold is exact only onto the unmerged expert weights and "
                     "at most one DoRA adapter per parameter; merge it alone first (unmerge() the others), or "
                     "keep them unmerged")
+        if hasattr(self.base_layer, "load_dense_experts_"):  # the warning AdapterLayer.merge gives a quantized linear
+            warnings.warn("merging into quantized experts re-quantizes W_e + ΔW_e, so the merged block differs from "
+                          "base + adapter by that rounding; unmerge() puts the packed weights from before the merge "
+                          "back exactly", UserWarning, stacklevel=4)
 
     def _base_snapshot(self) -> dict | None:
         """A quantized base's packed weights from before the first merge (``quantized_state``), else None."""
