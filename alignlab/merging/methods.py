@@ -1355,7 +1355,9 @@ def model_stock(
     .. math:: t = \frac{N\cos\theta}{1 + (N-1)\cos\theta},\qquad
               \theta = t\,\frac{1}{N}\sum_i\theta_i + (1-t)\,\theta_0
 
-    ``t`` is set to 0 (the base is kept) where the denominator vanishes.
+    ``t`` is set to 0 (the base is kept) where the denominator vanishes, and a cosine with a zero task
+    vector counts as 0. Unlike mergekit, which divides by the norm product clamped at 1e-6, the cosine
+    does not shrink for small task vectors (the same numbers where the product is at least 1e-6).
     ``filter_wise=True`` computes one ``t`` per row (last dimension) instead of
     one per tensor.
 
@@ -1382,8 +1384,11 @@ def model_stock(
     cos = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
-            den = (torch.linalg.vector_norm(deltas[i], dim=-1) * torch.linalg.vector_norm(deltas[j], dim=-1)).clamp_min(1e-6)
-            cos.append(((deltas[i] * deltas[j]).sum(dim=-1) / den).clamp(-1.0, 1.0))
+            # mergekit clamps the norm product at 1e-6, which shrinks the cosine of small task vectors
+            # (rows of a filter-wise merge, a small learning rate); only a zero product is left out here
+            den = torch.linalg.vector_norm(deltas[i], dim=-1) * torch.linalg.vector_norm(deltas[j], dim=-1)
+            dot = (deltas[i] * deltas[j]).sum(dim=-1)
+            cos.append(torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0))
     c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(models)
     den = 1 + (n - 1) * c
