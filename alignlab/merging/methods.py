@@ -1082,15 +1082,16 @@ def della(
     model after model, from ``generator``.
 
     Raises:
-        ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for density < 1).
+        ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for 0 < density < 1; density 0
+            drops the model's task vector, 1 keeps it whole).
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     dens = _densities(density, len(models))
     epsilon = _number(epsilon, "epsilon")
-    for rho in dens:
-        if rho < 1.0 and not (0.0 < rho - epsilon and rho + epsilon < 1.0):
+    for rho in dens:  # density 0 drops the model, as mergekit's della_magprune gives a zero task vector
+        if 0.0 < rho < 1.0 and not (0.0 < rho - epsilon and rho + epsilon < 1.0):
             raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={rho}, "
                              f"epsilon={epsilon}")
     width = base.shape[-1] if base.dim() > 0 else 1
