@@ -227,11 +227,12 @@ class AdapterLayer(nn.Module, abc.ABC):
         snapshot = getattr(self, "_premerge_weight", None)
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
+                name = self.merged_adapters[-1]
                 if snapshot is None:
-                    self._unmerge_one(name)
+                    self._unmerge_one(name)  # may refuse (DoRA rows a merge zeroed): the adapter stays merged
                 else:
                     self._forget_merge(name)
+                self.merged_adapters.pop()
             if snapshot is not None:
                 self._restore_base(snapshot)
                 self._premerge_weight = None

@@ -100,7 +100,7 @@ class BitFitLayer(AdapterLayer):
     def _unmerge_one(self, name: str) -> None:
         base = self.base_layer
         base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float()).to(base.bias.dtype))
-        if self._added_bias and not self.merged_adapters:
+        if self._added_bias and len(self.merged_adapters) <= 1:  # the last merged one (unmerge pops it after this)
             base.bias = None
             self._added_bias = False
 

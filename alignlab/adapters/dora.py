@@ -11,6 +11,11 @@ row) and a direction::
 in backward (detached): gradients reach ``m``, ``A`` and ``B`` through the
 numerator only, which saves memory and matches PEFT's numerics.
 
+A row whose ``W + s·B·A`` is all zero (a pruned or padding row of the base) has no
+direction: its factor ``m / ‖·‖`` is taken as 0 (:func:`dora_gain`), so the row gives
+the bias alone and no gradient. PEFT divides 0 by 0 there, and the NaN reaches every
+gradient of the model through ``∂L/∂x``.
+
 The norm is computed *without* forming ``W + s·B·A``: row by row,
 
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·⟨B_i, (W Aᵀ)_i⟩ + s²·B_i (A Aᵀ) B_iᵀ,
@@ -44,6 +49,13 @@ def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     return (w_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(0.0).sqrt()
 
 
+def dora_gain(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``g = m / norm`` per row in ``norm``'s dtype, and 0 where ``norm`` is 0 (an all-zero row of ``W + s·B·A``);
+    differentiable in ``m`` with a zero gradient on those rows (no 0 · inf)."""
+    zero = norm == 0
+    return (magnitude.to(norm.dtype) / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+
+
 def dora_delta(
     x: torch.Tensor,
     base_out: torch.Tensor,
@@ -69,7 +81,7 @@ def dora_delta(
 
     with torch.no_grad():
         norm = dora_row_norm(weight, a.detach(), b.detach(), scale)
-    g = (magnitude.to(norm.dtype) / norm).to(x.dtype)
+    g = dora_gain(magnitude, norm).to(x.dtype)
     lora_out = F.linear(F.linear(x, a), b) * scale
     return (g - 1) * base_out.to(x.dtype) + g * lora_out
 
@@ -88,15 +100,25 @@ def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
     w = weight.float().clone() if weight.dtype == torch.float32 else weight.float()
     norm = dora_weight_norm(w if unmerged is None else unmerged, a, b, scale)
     w.addmm_(b.float(), a.float(), alpha=scale)
-    w.mul_((magnitude.float() / norm).unsqueeze(1))
+    w.mul_(dora_gain(magnitude.float(), norm).unsqueeze(1))
     return w.to(weight.dtype), norm
 
 
 def dora_unmerged_weight(
     merged: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor, norm: torch.Tensor
 ) -> torch.Tensor:
-    """Invert :func:`dora_merged_weight`: ``W = W' ⊙ norm/m − sBA``."""
+    """Invert :func:`dora_merged_weight`: ``W = W' ⊙ norm/m − sBA``.
+
+    A row with ``norm`` 0 had ``W = −sBA`` (its merged row is 0): that is what comes back. A row with ``m`` 0 and a
+    non-zero norm was zeroed by the merge and its weights are gone: ``ValueError`` (nothing is changed).
+    """
+    m = magnitude.float()
+    lost = (m == 0) & (norm != 0)
+    if lost.any():
+        rows = lost.nonzero().flatten().tolist()
+        raise ValueError(f"cannot unmerge: rows {rows[:8]}{' ...' if len(rows) > 8 else ''} have magnitude 0, so the "
+                         "merge zeroed them and their base weights cannot be recovered; reload the base weights")
     w = merged.float().clone() if merged.dtype == torch.float32 else merged.float()
-    w.mul_((norm / magnitude.float()).unsqueeze(1))
+    w.mul_((norm.to(m.dtype) / m.masked_fill(m == 0, 1.0)).unsqueeze(1))  # m == 0 here only where norm == 0
     w.addmm_(b.float(), a.float(), alpha=-scale)
     return w.to(merged.dtype)

@@ -68,7 +68,7 @@ from torch import nn
 
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.dora import dora_merged_weight, dora_unmerged_weight
+from alignlab.adapters.dora import dora_gain, dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 
@@ -481,7 +481,7 @@ class ExpertLoRA(AdapterLayer):
             return lora
         with torch.no_grad():
             norm = self._row_norm(name, param, torch.float32)
-        g = (self.lora_magnitude_vector[name][param] / norm)[groups.ids].to(dtype)  # (S, out); norm: fp32 or fp64
+        g = dora_gain(self.lora_magnitude_vector[name][param], norm)[groups.ids].to(dtype)  # (S, out); fp32 or fp64 norm
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             # dropout changed the input: the base term is taken on the dropped input, as LoRALinear (and PEFT) do
             base_out = self._base_linear(param, xd, groups)[1]
@@ -570,6 +570,10 @@ class ExpertLoRA(AdapterLayer):
             self._merge_norms[(name, p)] = torch.stack(norms)
 
     def _unmerge_one(self, name: str) -> None:
+        for p in self.parameters_of(name) if self.is_dora(name) else ():  # refuse before any expert changes
+            if ((self.lora_magnitude_vector[name][p] == 0) & (self._merge_norms[(name, p)] != 0)).any():
+                raise ValueError(f"cannot unmerge {name!r}: rows of {p!r} have magnitude 0, so the merge zeroed them "
+                                 "and their base weights cannot be recovered; reload the base weights")
         for p in self.parameters_of(name):
             if not self.is_dora(name):
                 self._fold(name, p, _add_low_rank(-1.0))

@@ -431,8 +431,9 @@ class LoRALinear(AdapterLayer):
             return super()._unmerge_one(name)
         w = dense_weight(self.base_layer)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        norm = self._merge_norms.pop(name)
+        norm = self._merge_norms[name]  # dropped once the unmerge succeeded (it can refuse: dora_unmerged_weight)
         set_dense_weight_(self.base_layer, dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm))
+        del self._merge_norms[name]
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, s={self.scaling[n]:g}{', dora' if self.is_dora(n) else ''}" for n in self.adapter_names()]

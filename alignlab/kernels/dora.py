@@ -165,9 +165,11 @@ if triton is not None:
 
     @triton.jit
     def _row_factors(n, rn, ok, m_ptr, b_ptr, stride_b, g_ptr, gs_ptr, bgs_ptr, R, scale, BLOCK_R: tl.constexpr):
-        """g = m / n, gs = scale·g (fp32, rounded as torch rounds each op) and bgs = round(b·gs) for rows rn."""
+        """g = m / n (0 where n == 0: dora_gain), gs = scale·g (fp32, rounded as torch rounds each op) and
+        bgs = round(b·gs) for rows rn."""
         m = tl.load(m_ptr + rn, mask=ok, other=1.0).to(tl.float32)
-        g = tl.math.div_rn(m, n)  # IEEE division, as torch's (Triton's `/` is approximate in fp32)
+        zero = n == 0.0
+        g = tl.where(zero, 0.0, tl.math.div_rn(m, tl.where(zero, 1.0, n)))  # IEEE division, as torch's
         gs = (g * scale).to(tl.float32)  # fp32 as given; under torch.compile a float can arrive as fp64
         tl.store(g_ptr + rn, g, mask=ok)
         tl.store(gs_ptr + rn, gs, mask=ok)
@@ -298,10 +300,10 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DoRA's per-row factors for one forward call: ``(g, s·g, s·g ⊙ B)``.
 
-    ``g = m / norm`` and ``s·g`` come back in ``norm``'s dtype (fp32, or fp64 for fp64 inputs), ``s·g`` as an
+    ``g = m / norm`` (0 on a row whose norm is 0: :func:`alignlab.adapters.dora.dora_gain`) and ``s·g`` come back in ``norm``'s dtype (fp32, or fp64 for fp64 inputs), ``s·g`` as an
     ``(out, 1)`` column; ``s·g ⊙ B`` is formed from ``b`` (e.g. the fp32 master) in that dtype and rounded once
     to ``dtype``. Each value is rounded as the torch expression
-    ``g = m.to(norm.dtype) / norm; gs = (g * s)[:, None]; (b.to(g.dtype) * gs).to(dtype)`` rounds it (the
+    ``g = dora_gain(m, norm); gs = (g * s)[:, None]; (b.to(g.dtype) * gs).to(dtype)`` rounds it (the
     reference path, and the meaning of the kernel's result); the kernel makes all three in one launch.
 
     Args:
@@ -317,7 +319,9 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
     magnitude, b = magnitude.detach(), b.detach()
     if not (triton is not None and norm.dtype == torch.float32 and b.dtype != torch.float64
             and use_triton(norm, magnitude, b)):
-        g = magnitude.to(norm.dtype) / norm
+        from alignlab.adapters.dora import dora_gain
+
+        g = dora_gain(magnitude, norm)
         gs = (g * scale)[:, None]
         return g, gs, (b.to(g.dtype) * gs).to(dtype)
     R = b.shape[1]
