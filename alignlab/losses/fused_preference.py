@@ -41,6 +41,7 @@ import torch
 from alignlab._checks import as_bool, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
+    _fp16_grad_unit,
     check_linear_inputs,
     chunk_backward,
     chunk_logits,
@@ -172,6 +173,10 @@ class _EagerLinearLoss(torch.autograd.Function):
         if index is not None:
             g = g.index_select(0, index)
         scale = -g  # d(logp)/dZ = -(d loss_CE/dZ): the kernel's gradient is that of the CE loss
+        unit = None
+        if h.dtype == torch.float16 and rows:  # fp16 g p_v of a small g would flush: write dZ for g / unit
+            unit = _fp16_grad_unit(scale)
+            scale = scale / unit
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
@@ -192,6 +197,10 @@ class _EagerLinearLoss(torch.autograd.Function):
                 e = min(s + step, r0)
                 backprop(chunk_logits(h[s:e], w_t, bias, scratch[: e - s]), s, e)
         del block, scratch
+        if unit is not None:
+            for t in (grad_h, grad_w, grad_b):
+                if t is not None:
+                    t.mul_(unit)
         if need_w and grad_w is None:
             grad_w = torch.zeros_like(weight)
         if need_h:

@@ -20,8 +20,10 @@ vocabulary are 5 GB in bf16 per copy.  Here logits exist one chunk of rows at a 
 Token-level ratios cost three matmuls in all (Liger-Kernel's count): one pass, forward and backward per
 chunk.  GSPO's sequence-level ratio (and sequence-level importance weights without ``old_logprobs``) couple
 the tokens of a sequence, so a statistics pass comes first and the gradient pass recomputes each chunk
-(four matmuls).  Everything is computed in the forward call; backward only scales the stored gradients
-(use them once, as the eager schedule of :mod:`alignlab.losses.fused_preference`).  The returned loss and
+(four matmuls); so does float16, whose chunks are written for the gradients over one power of two found
+from all of them (a small per-token gradient times ``p_v`` would flush to zero in fp16).  Everything is
+computed in the forward call; backward only scales the stored gradients (use them once, as the eager
+schedule of :mod:`alignlab.losses.fused_preference`).  The returned loss and
 metrics are :func:`~alignlab.losses.reward.grpo_loss` applied to the streamed log-probs: the numbers are the
 unfused ones.
 
@@ -39,7 +41,13 @@ import torch
 
 from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
-from alignlab.losses.logprobs import check_mask_values, chunk_backward, default_chunk_rows, hand_over_grads
+from alignlab.losses.logprobs import (
+    _fp16_grad_unit,
+    check_mask_values,
+    chunk_backward,
+    default_chunk_rows,
+    hand_over_grads,
+)
 from alignlab.losses.preference import step_count
 from alignlab.losses.reward import (
     check_grpo_options,
@@ -452,8 +460,11 @@ def fused_linear_grpo(
     if samp_pad is not None and old_pad is not None:  # importance weights known up front
         w_pad = is_weights(view(old_pad), view(samp_pad), mask_pad, is_mode, is_min, is_max).expand(n_seq, length)
         w_pad = w_pad.reshape(-1)
+    # fp16 takes the two passes too: dZ = g p_v of a small g would flush in the fp16 chunk, and only with every
+    # g known before the gradient pass can all chunks be written for g over one power of two
     one_pass = importance_sampling_level == "token" and (w_pad is not None or samp_pad is None
-                                                         or is_mode.startswith("token"))
+                                                         or is_mode.startswith("token")) \
+        and hidden.dtype != torch.float16
     ent_grad = bool(entropy_coef)
 
     def compute(need):
@@ -474,8 +485,14 @@ def fused_linear_grpo(
             grads = torch.autograd.grad(loss_, [t for t in (leaf_lp, leaf_ent) if t is not None], allow_unused=True)
         g_lp = _rows_of(grads[0], row_pos, lp)
         g_ent = _rows_of(grads[1], row_pos, lp) if ent_grad else None
+        unit = None
+        if h_rows.dtype == torch.float16 and g_lp.numel():
+            unit = _fp16_grad_unit(g_lp if g_ent is None else torch.cat([g_lp, g_ent]))
+            g_lp, g_ent = g_lp / unit, None if g_ent is None else g_ent / unit
         _, _, gh, gw, gb = _stream(h_rows, lm_head_weight, bias, y, scale, step, ent_grad,
                                    lambda s, e, _lp, _ent: (g_lp[s:e], None if g_ent is None else g_ent[s:e]), need)
+        if unit is not None:
+            gh, gw, gb = (None if t is None else t.mul_(unit) for t in (gh, gw, gb))
         return gh, gw, gb, _finish(lp, ent)
 
     result: dict = {}
