@@ -52,6 +52,7 @@ from alignlab.quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
     NF4Tensor,
+    check_quantizable,
     dynamic_map,
     nf4_code,
     nf4_quantize,
@@ -207,8 +208,22 @@ class NF4Experts(nn.Module):
             TypeError: ``experts`` is not a fused experts module (see :func:`is_fused_experts`), lacks the
                 decorated interface (``is_transposed``), its class overrides the decorated expert loop
                 (:func:`~alignlab.expert_routing.forward_overridden_by`), or a weight has an unsupported dtype.
-            ValueError: bad ``blocksize``.
+            ValueError: bad ``blocksize``; a weight with NaN or inf.
         """
+        cls.check_convertible(experts)
+        transposed = bool(getattr(experts, "is_transposed", False))
+        weights = {}
+        for name in _stored(experts):
+            stack = getattr(experts, name).detach()
+            weights[name] = [nf4_quantize((w.T if transposed else w).contiguous(), blocksize=blocksize,
+                                          double_quant=double_quant) for w in stack]
+        return cls(experts, weights, compute_dtype)
+
+    @staticmethod
+    def check_convertible(experts: nn.Module) -> None:
+        """What :meth:`from_experts` refuses, checked without quantizing (``quantize_model`` checks every module
+        before replacing any): the ``TypeError`` cases of :meth:`from_experts`, and ``ValueError`` for a weight
+        with NaN or inf."""
         if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
             raise TypeError("experts must be a transformers experts module with fused 3-D weights (num_experts, "
                             f"gate_up_proj/up_proj/down_proj), got {type(experts).__name__}")
@@ -222,15 +237,11 @@ class NF4Experts(nn.Module):
             raise TypeError(f"experts: {custom.__name__}.forward adds its own code around the decorated expert loop, "
                             "which NF4Experts would drop (a different block); keep it dense (quantize_model(..., "
                             "skip=[its name]))")
-        transposed = bool(getattr(experts, "is_transposed", False))
-        weights = {}
         for name in _stored(experts):
             stack = getattr(experts, name).detach()
             if stack.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"experts.{name} must be fp32/fp16/bf16, got {stack.dtype}")
-            weights[name] = [nf4_quantize((w.T if transposed else w).contiguous(), blocksize=blocksize,
-                                          double_quant=double_quant) for w in stack]
-        return cls(experts, weights, compute_dtype)
+            check_quantizable(stack, f"experts.{name}")
 
     def _set_stack(self, name: str, ts: list[NF4Tensor] | None, stacks: dict | None = None) -> None:
         """(Re)place the stacked pieces of ``name``: from per-expert tensors ``ts``, or ready ``stacks``."""

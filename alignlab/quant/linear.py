@@ -31,6 +31,7 @@ from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
+    check_quantizable,
     nf4_from_bnb_state_dict,
     nf4_quantize,
     nf4_to_bnb_state_dict,
@@ -356,6 +357,8 @@ def quantize_model(
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
             adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only); a weight
             with NaN or inf (the message starts with the module's name).
+        A refusal (these errors, and an experts module :meth:`NF4Experts.from_experts` refuses) comes before
+        any module is replaced: the model is left as it was.
     """
     from alignlab.adapters.base import AdapterLayer, is_conv1d
     from alignlab.adapters.inject import _output_head_names  # the head "all-linear" leaves out, too
@@ -388,6 +391,15 @@ def quantize_model(
                          "pass skip=['experts'] to keep them dense, or calibrate=None")
     head = set() if quantize_head else _output_head_names(model)
     targets = [(name, m) for name, m in linears if name not in head and not _matches(name, skip)]
+    # everything is checked before anything is replaced: a refused module leaves the model as it was
+    for name, module in targets + experts:
+        try:
+            if is_fused_experts(module):
+                NF4Experts.check_convertible(module)
+            else:
+                check_quantizable(module.weight, "weight")
+        except (TypeError, ValueError) as e:  # e.g. a NaN in one weight of many: say which
+            raise type(e)(f"{name}: {e}") from e
     for name, lin in targets:
         if is_conv1d(lin):  # quantize the (out, in) matrix; from_linear reads only .weight and .bias
             lin = SimpleNamespace(weight=lin.weight.detach().T.contiguous(), bias=lin.bias)

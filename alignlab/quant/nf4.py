@@ -361,6 +361,21 @@ def _entropy_masked(codes: torch.Tensor, valid: torch.Tensor, lengths: torch.Ten
     return -(p * torch.log2(p.clamp(min=1e-30))).sum(-1)
 
 
+def check_quantizable(w, name: str = "w") -> None:
+    """The checks :func:`nf4_quantize` makes of its input, on their own (``quantize_model`` makes them for every
+    weight before replacing any): ``TypeError`` for a non-tensor or an unsupported dtype, ``ValueError`` for
+    an empty tensor or one with NaN or inf (a meta tensor has no values to check)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"{name} must have at least one element")
+    # one NaN makes its block's scale NaN and, through the mean of the scales, every double-quantized one
+    if not w.is_meta and not torch.isfinite(w).all():
+        raise ValueError(f"{name} has non-finite values (NaN or inf); its NF4 codes and scales would be NaN")
+
+
 def nf4_quantize(
     w: torch.Tensor,
     blocksize: int = 64,
@@ -385,18 +400,9 @@ def nf4_quantize(
             ``calibrate="icq"``, an ``icq_lambda`` that is NaN or infinite (every shift would be NaN) or an
             ``icq_steps`` that is not a positive integer (``TypeError`` for a non-number ``icq_lambda``).
     """
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"w must have dtype in {SUPPORTED_DTYPES}, got {w.dtype}")
+    check_quantizable(w)  # a meta tensor passes (it quantizes to meta buffers of the right shapes)
     blocksize = _check_blocksize(blocksize)
     double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
-    if w.numel() == 0:
-        raise ValueError("w must have at least one element")
-    # one NaN makes its block's scale NaN and, through the mean of the scales, every double-quantized one;
-    # a meta tensor has no values to check (it quantizes to meta buffers of the right shapes)
-    if not w.is_meta and not torch.isfinite(w).all():
-        raise ValueError("w has non-finite values (NaN or inf); its NF4 codes and scales would be NaN")
     if calibrate not in (None, "icq"):
         raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
     if calibrate == "icq":  # a NaN or infinite lambda made every shift, so every dequantized value, NaN

@@ -540,3 +540,31 @@ def test_reduce_overhead_decode_keeps_nothing_in_the_graph_pool():
     want = x @ nf4_dequantize(layer.quant_weight, torch.bfloat16).T
     for got in outs:
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_quantize_model_replaces_nothing_when_it_refuses_a_module():
+    """A NaN in a late layer (or an experts module NF4Experts cannot take) used to be found after the earlier
+    linears were already NF4: the model was left half converted. Now everything is checked first."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.down_proj: weight has non-finite values"):
+        quantize_model(model)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_quantize_model_checks_experts_before_replacing_linears():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=3)
+    model = transformers.MixtralForCausalLM(config)
+    experts = model.model.layers[1].mlp.experts
+    with torch.no_grad():
+        experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"experts: experts\.down_proj has non-finite values"):
+        quantize_model(model)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    assert model.model.layers[1].mlp.experts is experts
