@@ -14,6 +14,7 @@ if not _HAS_GPU:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 
@@ -111,3 +112,25 @@ def run_cpu_example(script: str, *args: str, timeout: int = 180) -> str:
 def step_losses(stdout: str) -> list[float]:
     """The last number of each ``step ...`` line an example prints."""
     return [float(line.split()[-1]) for line in stdout.splitlines() if line.startswith("step")]
+
+
+_VIEW_OPS = (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.view.default,
+             torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.t.default,
+             torch.ops.aten.transpose.int, torch.ops.aten.as_strided.default, torch.ops.aten._unsafe_view.default)
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the numel of the largest tensor any op *makes* while active (views do not count): a test that a
+    function does not copy a big input (e.g. ``reshape`` of a non-contiguous slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in _VIEW_OPS:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+        return out

@@ -4,27 +4,10 @@ copy, doubling the largest tensor of a distillation step)."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import LargestOutput
 
 from alignlab.losses.distill import fused_linear_distill_loss
-
-_VIEWS = (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.view.default,
-          torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.t.default,
-          torch.ops.aten.transpose.int, torch.ops.aten.as_strided.default, torch.ops.aten._unsafe_view.default)
-
-
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func not in _VIEWS:
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -43,7 +26,7 @@ def test_shifted_teacher_logits_match_and_are_not_copied(kernel_mode, reduction)
         return out.detach(), h.grad, w.grad
 
     want = run(teacher.contiguous())
-    with _LargestOutput() as mode:
+    with LargestOutput() as mode:
         got = run(teacher)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

@@ -3,23 +3,10 @@ copy the logits: ``reshape(-1, vocab)`` of that view made a full ``(batch, seq -
 the largest tensor of the step."""
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import LargestOutput
 
 from alignlab.losses.logprobs import sequence_logprobs, token_logprobs
-
-
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and func not in (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int,
-                                                            torch.ops.aten.view.default, torch.ops.aten.alias.default):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_shifted_logits_are_not_copied():
@@ -28,7 +15,7 @@ def test_shifted_logits_are_not_copied():
     labels = torch.randint(0, 50, (3, 6), generator=g)
     labels[0, 2] = -100
     shifted, targets = logits[:, :-1], labels[:, 1:]
-    with _LargestOutput() as mode:
+    with LargestOutput() as mode:
         got = token_logprobs(shifted, targets)
     assert mode.largest < shifted.numel() // 2  # one batch row of logits at a time, at most
     want = torch.log_softmax(shifted.double(), -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
