@@ -74,6 +74,27 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32,
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def make_experts(kind: str = "mixtral", hidden: int = 64, intermediate: int = 32, num_experts: int = 3,
+                 std: float = 0.1, seed: int = 0) -> "torch.nn.Module":
+    """A tiny ``transformers`` experts module (fused 3-D weights; ``kind`` "mixtral" or "gpt_oss", whose biases
+    are parameters too) with every parameter drawn from N(0, std²)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts)
+    if kind == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        experts = MixtralExperts(transformers.MixtralConfig(**sizes))
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        experts = GptOssExperts(transformers.GptOssConfig(**sizes))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, std)
+    return experts
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -49,7 +49,6 @@ from torch import nn
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
-    NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
     NF4Tensor,
     check_quantizable,

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_experts
+
 from alignlab.adapters import LoRALinear
 from alignlab.adapters.dora import dora_gain, dora_merged_weight, dora_unmerged_weight
 from alignlab.quant import NF4Linear
@@ -106,16 +108,10 @@ def test_functional_merge_round_trip_with_zero_rows():
 def test_expert_dora_with_a_zero_row():
     """ExpertLoRA's DoRA takes the same rule: an all-zero row of one expert (m = 0 there) gives no NaN, in the
     output, the gradients or a merge / unmerge round trip."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
     from alignlab.adapters import ExpertLoRA
 
-    torch.manual_seed(0)
-    experts = MixtralExperts(transformers.MixtralConfig(hidden_size=16, intermediate_size=12, num_local_experts=3))
+    experts = make_experts(hidden=16, intermediate=12, std=0.2)
     with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.2)
         experts.down_proj[1, 5] = 0  # expert 1's output row 5 (down_proj is (E, hidden, intermediate))
     layer = ExpertLoRA(experts, {"down_proj": 2}, alpha=4.0, use_dora=True)
     assert layer.lora_magnitude_vector["default"]["down_proj"][1, 5] == 0

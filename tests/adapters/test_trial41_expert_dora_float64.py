@@ -8,23 +8,13 @@ import copy
 import pytest
 import torch
 
-from alignlab.adapters import ExpertLoRA
+from conftest import make_experts
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+from alignlab.adapters import ExpertLoRA
 
 
 def _experts(kind):
-    torch.manual_seed(0)
-    if kind == "mixtral":
-        experts = MixtralExperts(transformers.MixtralConfig(hidden_size=16, intermediate_size=12, num_local_experts=3))
-    else:
-        experts = GptOssExperts(transformers.GptOssConfig(hidden_size=16, intermediate_size=12, num_local_experts=3))
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.2)
-    return experts.double()
+    return make_experts(kind, hidden=16, intermediate=12, std=0.2).double()
 
 
 def _formed(layer: ExpertLoRA):

@@ -8,20 +8,14 @@ import warnings
 import pytest
 import torch
 
+from conftest import make_experts
+
 from alignlab.adapters import ExpertLoRA
 from alignlab.quant import NF4Experts
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
-
 
 def _experts():
-    torch.manual_seed(0)
-    experts = MixtralExperts(transformers.MixtralConfig(hidden_size=64, intermediate_size=32, num_local_experts=3))
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.1)
-    return experts
+    return make_experts()
 
 
 def _adapted(base):

@@ -7,19 +7,13 @@ import copy
 import pytest
 import torch
 
-from alignlab.quant import NF4Experts
+from conftest import make_experts
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
+from alignlab.quant import NF4Experts
 
 
 def _quantized():
-    torch.manual_seed(0)
-    experts = GptOssExperts(transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=3))
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.1)
-    return NF4Experts.from_experts(experts, compute_dtype=torch.float32)  # gpt-oss: biases are parameters too
+    return NF4Experts.from_experts(make_experts("gpt_oss"), compute_dtype=torch.float32)  # gpt-oss: biases are parameters too
 
 
 ROUTING = (torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([[0, 1], [1, 2], [2, 0]]),

@@ -4,11 +4,10 @@ DoRA's per-call dequantization, in ExpertLoRA's forward and backward, against th
 import pytest
 import torch
 
+from conftest import make_experts
+
 from alignlab.adapters import ExpertLoRA
 from alignlab.quant import NF4Experts
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
 
 
 def _run(layer, x, idx, w):
@@ -21,11 +20,7 @@ def _run(layer, x, idx, w):
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_expert_lora_on_nf4_experts_triton_equals_torch(triton_mode, dora):
-    torch.manual_seed(0)
-    experts = MixtralExperts(transformers.MixtralConfig(hidden_size=64, intermediate_size=32, num_local_experts=3))
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.1)
+    experts = make_experts()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = NF4Experts.from_experts(experts, compute_dtype=torch.float32).to(device)
     layer = ExpertLoRA(q, {"gate_up_proj": 2, "down_proj": 2}, alpha=4.0, use_dora=dora)
