@@ -109,14 +109,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
     Raises:
         TypeError: non-float logits or non-integer labels, ``ignore_index`` not an int.
-        ValueError: shapes that do not line up, labels outside ``[0, vocab)``.
+        ValueError: shapes that do not line up, labels outside ``[0, vocab)`` (checked in eager mode; under
+            ``torch.compile`` the graph has no host read-back and ``gather`` refuses such a label itself).
     """
     _check_logits_labels(logits, labels)
     _check_ignore_index(ignore_index)
     vocab = logits.shape[-1]
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()  # gather takes int64 (int32) indices only
-    if safe.numel() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
+    # the range check reads two numbers back to the host: eager only (under torch.compile it would break the
+    # graph; gather's own bounds check stands there)
+    if safe.numel() and not torch.compiler.is_compiling() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
     return _label_logprobs(logits, safe, _acc_dtype(logits.dtype)) * valid
 
