@@ -184,16 +184,23 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     n_prompt = 0 if prompt is None else prompt.shape[0]
     n_prefix = sum(p.n for p in prefixes)
     if prompt is not None:
+        seq = embeds.shape[1]
         embeds = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
-        if kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
+        labels = kwargs.get("labels")
+        # per-token labels gain -100 at the virtual tokens; a sequence classifier's (batch,) labels, or
+        # float multi-label targets, describe the sequence and stay as they are (as in PEFT)
+        if labels is not None and labels.dim() >= 2 and labels.shape[1] == seq and not labels.is_floating_point():
             kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
+        if kwargs.get("token_type_ids") is not None:  # BERT-style segment ids: the virtual tokens are segment 0
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n_prompt), types], dim=1)
         for key in ("position_ids", "cache_position"):  # the virtual tokens take positions 0..n-1
             if kwargs.get(key) is not None:
                 pos = kwargs[key]
                 head = torch.arange(n_prompt, device=device, dtype=pos.dtype)
                 kwargs[key] = torch.cat([head.expand(*pos.shape[:-1], -1), pos + n_prompt], dim=-1)
     if prefixes:
+        _refuse_checkpointed_prefix(model)
         # the prefixes become the cache, under the name the caller used (else the one the model declares);
         # an empty cache the caller passed (generate's first step) is replaced, never passed twice
         for key in CACHE_KEYWORDS:
@@ -208,6 +215,16 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = embeds
     return (), kwargs
+
+
+def _refuse_checkpointed_prefix(model: nn.Module) -> None:
+    # a checkpointed HF layer drops the KV cache it is given while training (a replay would write it twice), so
+    # the prefixes would vanish while the mask still counts them: a shape error deep in attention, or worse
+    if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                       for m in model.modules()):
+        raise ValueError("prefix tuning does not work with gradient checkpointing while training: transformers "
+                         "drops the KV cache that holds the prefixes in checkpointed layers; call "
+                         "model.gradient_checkpointing_disable() (prompt tuning works with checkpointing)")
 
 
 def _shift_for_virtual(kwargs: dict, n_mask: int, n_pos: int) -> dict:
