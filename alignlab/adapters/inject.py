@@ -45,13 +45,32 @@ def modules_outside_adapters(model: nn.Module, family: type) -> Iterator[tuple[s
     further adapter)."""
     inside: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
+        if not name or _is_inside(name, inside):
+            continue
+        if _is_block_wrapper(module) and not isinstance(module, family):
+            inside += _adapter_children(name, module)
             continue
         if isinstance(module, (AdapterLayer, SavedModule)):
             inside.append(name)
             if not isinstance(module, family):
                 continue
         yield name, module
+
+
+def _is_inside(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _is_block_wrapper(module: nn.Module) -> bool:
+    """An adapter layer around something other than one linear map (a bottleneck-wrapped block, an
+    embedding holding soft prompts): the modules of the wrapped block stay targetable."""
+    return isinstance(module, AdapterLayer) and not is_linear_like(module.base_layer)
+
+
+def _adapter_children(name: str, wrapper: nn.Module) -> list[str]:
+    """The wrapper's own adapter modules (a bottleneck's down/up projections, fusion layers, a prefix MLP):
+    never targets, or a second family would wrap the first one's parameters."""
+    return [f"{name}.{child}" if name else child for child, _ in wrapper.named_children() if child != "base_layer"]
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
@@ -65,11 +84,11 @@ def _candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[str, n
     not looking inside adapter wrappers."""
     found, inside = [], []
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+        if _is_inside(name, inside):
             continue
-        if isinstance(module, AdapterLayer) and not is_linear_like(module.base_layer) and not (
-                embeddings and isinstance(module.base_layer, nn.Embedding)):
-            continue  # a block-level wrapper (bottleneck adapter, soft prompt): its linears stay targetable
+        if _is_block_wrapper(module) and not (embeddings and isinstance(module.base_layer, nn.Embedding)):
+            inside += _adapter_children(name, module)
+            continue
         if isinstance(module, (AdapterLayer, SavedModule)):
             inside.append(name)
             if isinstance(module, AdapterLayer):
