@@ -86,12 +86,12 @@ class IA3Linear(AdapterLayer):
 
     def _merge_one(self, name: str) -> None:
         """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once."""
-        self._apply(self.ia3_l[name].detach().float())
+        self._rescale_base(self.ia3_l[name].detach().float())
 
     def _unmerge_one(self, name: str) -> None:
-        self._apply(1.0 / self.ia3_l[name].detach().float())
+        self._rescale_base(1.0 / self.ia3_l[name].detach().float())
 
-    def _apply(self, factor: torch.Tensor) -> None:
+    def _rescale_base(self, factor: torch.Tensor) -> None:
         w = dense_weight(self.base_layer)
         new = w.float() * (factor[None, :] if self.feedforward else factor[:, None])
         set_dense_weight_(self.base_layer, new.to(w.dtype))
