@@ -226,10 +226,22 @@ class AdaLoRAConfig:
                    dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern)
 
 
+def _svd_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoRALinear]:
+    """The AdaLoRA/SoRA layers holding ``adapter_name``; a name none holds is a ``ValueError`` (a typo, or the
+    default name after ``inject(..., "adalora")``, would otherwise regularize or prune nothing, silently)."""
+    layers = layers_holding(model, adapter_name, AdaLoRALinear)
+    if not layers:
+        present = sorted({n for _, l in model.named_modules() if isinstance(l, AdaLoRALinear) for n in l.adapter_names()})
+        raise ValueError(f"adapter_name={adapter_name!r}: no AdaLoRA/SoRA layer holds it; this model's AdaLoRA/SoRA "
+                         f"adapters: {present}")
+    return layers
+
+
 def orthogonal_regularizer(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
-    """``mean over P, Q of ‖QQᵀ − I‖_F, ‖PᵀP − I‖_F`` across the AdaLoRA layers (a scalar; 0 with no layers)."""
+    """``mean over P, Q of ‖QQᵀ − I‖_F, ‖PᵀP − I‖_F`` across the AdaLoRA layers (a scalar; 0 when every rank
+    is pruned). Raises ``ValueError`` when no AdaLoRA layer holds ``adapter_name``."""
     terms = []
-    for layer in layers_holding(model, adapter_name, AdaLoRALinear).values():
+    for layer in _svd_layers(model, adapter_name).values():
         a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         if a.numel() == 0:
             continue
@@ -251,10 +263,13 @@ class AdaLoRAAllocator:
         model: a model with AdaLoRA adapter ``adapter_name`` injected.
         config: its :class:`AdaLoRAConfig`.
     Raises:
+        TypeError: ``config`` is not an :class:`AdaLoRAConfig`.
         ValueError: the model holds no AdaLoRA layers of that name.
     """
 
     def __init__(self, model: nn.Module, config: AdaLoRAConfig, adapter_name: str = "default") -> None:
+        if not isinstance(config, AdaLoRAConfig):  # a SoRAConfig has no budget schedule
+            raise TypeError(f"config must be an AdaLoRAConfig, got {type(config).__name__}")
         self.config, self.adapter_name = config, adapter_name
         self.layers = layers_holding(model, adapter_name, AdaLoRALinear)
         if not self.layers:
@@ -382,12 +397,13 @@ def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_nam
     """SoRA's proximal L1 update on every gate, ``λ ← sign(λ)·max(|λ| − lr·sparsity, 0)``; returns the gates now zero.
 
     Call after ``optimizer.step()`` (exclude the gates from weight decay). Raises ``ValueError`` on
-    an ``lr``/``sparsity`` that is not a non-negative finite number (NaN would turn every gate into NaN).
+    an ``lr``/``sparsity`` that is not a non-negative finite number (NaN would turn every gate into NaN),
+    or when no SoRA layer holds ``adapter_name``.
     """
     if not all(_non_negative_finite(v) for v in (lr, sparsity)):
         raise ValueError(f"lr and sparsity must be non-negative finite numbers, got lr={lr!r}, sparsity={sparsity!r}")
     zeros = 0
-    for layer in layers_holding(model, adapter_name, AdaLoRALinear).values():
+    for layer in _svd_layers(model, adapter_name).values():
         g = layer.lora_E[adapter_name]
         g.copy_(g.sign() * (g.abs() - lr * sparsity).clamp_min(0.0))
         zeros += int((g == 0).sum())
@@ -395,8 +411,9 @@ def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_nam
 
 
 def active_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
-    """``{module: number of non-zero λ}`` -- the effective rank of each AdaLoRA/SoRA layer."""
-    return {n: int((l.lora_E[adapter_name] != 0).sum()) for n, l in layers_holding(model, adapter_name, AdaLoRALinear).items()}
+    """``{module: number of non-zero λ}`` -- the effective rank of each AdaLoRA/SoRA layer (``ValueError`` when none
+    holds ``adapter_name``)."""
+    return {n: int((l.lora_E[adapter_name] != 0).sum()) for n, l in _svd_layers(model, adapter_name).items()}
 
 
 @torch.no_grad()

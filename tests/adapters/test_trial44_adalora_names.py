@@ -1,0 +1,47 @@
+"""AdaLoRA/SoRA helpers refuse an adapter name no layer holds instead of regularizing or pruning nothing (the
+docs' loop injected "adalora" and called orthogonal_regularizer(model), which read "default": a silent 0)."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import (
+    AdaLoRAAllocator,
+    AdaLoRAConfig,
+    SoRAConfig,
+    active_ranks,
+    inject,
+    orthogonal_regularizer,
+    sora_proximal_step,
+)
+
+
+def test_orthogonal_regularizer_needs_a_held_adapter_name():
+    config = AdaLoRAConfig(init_r=4, target_r=2, total_step=10)
+    model = inject(make_tiny_llama(), config, "adalora")
+    with pytest.raises(ValueError, match=r"adapter_name='default'.*\['adalora'\]"):
+        orthogonal_regularizer(model)
+    reg = orthogonal_regularizer(model, "adalora")
+    assert reg > 0  # P, Q ~ N(0, 0.02²) are far from orthonormal
+    reg.backward()
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.lora_A["adalora"].grad.abs().sum() > 0
+
+
+def test_sora_helpers_need_a_held_adapter_name():
+    model = inject(make_tiny_llama(), SoRAConfig(r=4), "sora")
+    with pytest.raises(ValueError, match="adapter_name='default'"):
+        sora_proximal_step(model, lr=0.5, sparsity=1.0)
+    with pytest.raises(ValueError, match="adapter_name='default'"):
+        active_ranks(model)
+    assert sora_proximal_step(model, lr=0.5, sparsity=1.0, adapter_name="sora") == 0  # gates 1 → 0.5
+    assert set(active_ranks(model, "sora").values()) == {4}
+    assert sora_proximal_step(model, lr=0.5, sparsity=1.0, adapter_name="sora") == 14 * 4
+
+
+def test_allocator_refuses_a_sora_config():
+    config = SoRAConfig(r=4)
+    model = inject(make_tiny_llama(), config)
+    with pytest.raises(TypeError, match="AdaLoRAConfig"):
+        AdaLoRAAllocator(model, config)
