@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_python_number, is_finite_real, is_int
-from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.base import AdapterLayer, is_linear_like, linear_features
 from alignlab.adapters.config import as_bool, check_finite_number, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
@@ -249,6 +249,13 @@ class BottleneckConfig:
             raise ValueError("BottleneckConfig: pass hidden_size= (the model has no config.hidden_size)")
         if self.reduction_factor > hidden:
             raise ValueError(f"reduction_factor={self.reduction_factor} is larger than the hidden size {hidden}: the bottleneck would be empty")
+        for name in targets:
+            # a block of width `hidden` reads or writes it through some linear: a file from a model of another
+            # width (its hidden_size is written there) would load and fail at the first forward
+            widths = {w for m in model.get_submodule(name).modules() if is_linear_like(m) for w in linear_features(m)}
+            if widths and int(hidden) not in widths:
+                raise ValueError(f"hidden size {hidden} does not fit block {name!r}, whose linears are {sorted(widths)} wide "
+                                 "(an adapter saved from a model of another width, or a wrong hidden_size=)")
         self._hidden = int(hidden)
 
     def bottleneck(self) -> int:
