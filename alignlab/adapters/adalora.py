@@ -41,7 +41,7 @@ from torch import nn
 
 from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
-from alignlab.adapters.config import check_dropout, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -112,6 +112,13 @@ class AdaLoRALinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r={ranks}, active={self.active_adapters}"
 
 
+def _check_rank_pattern(pattern, where: str) -> None:
+    # kept-rank masks: a "false" string or a 0/1 would count as kept or dropped by truthiness
+    if pattern is not None and not (isinstance(pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(b, bool) for b in v) for k, v in pattern.items())):
+        raise ValueError(f"{where} must map '<module>.lora_E' names to lists of true/false, got {pattern!r}")
+
+
 def _check_common(r: int, alpha: float, dropout: float, target_modules, exclude_modules, r_name: str = "r") -> tuple[int, float, float]:
     """``(r, alpha, dropout)`` as Python numbers, so that the config serialises to JSON."""
     check_target_spec(target_modules, exclude_modules)
@@ -135,7 +142,9 @@ class AdaLoRAConfig:
             file saved after allocation; such layers hold only the kept ranks).
     Raises:
         ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
-            integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1).
+            integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1), a NaN,
+            infinite or negative ``orth_reg_weight``, a ``rank_pattern`` that is not ``{name: [bool, ...]}``.
+        TypeError: an ``orth_reg_weight`` that is not a real number.
     """
 
     peft_type = "ADALORA"
@@ -177,6 +186,9 @@ class AdaLoRAConfig:
             if not is_finite_real(value) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
             setattr(self, name, float(value))
+        # the user's loop multiplies the regularizer by it: NaN would reach the loss, a string fail there
+        self.orth_reg_weight = check_finite_number(self.orth_reg_weight, "orth_reg_weight", minimum=0.0)
+        _check_rank_pattern(self.rank_pattern, "rank_pattern")
 
     @property
     def scaling(self) -> float:
@@ -212,10 +224,7 @@ class AdaLoRAConfig:
         refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
                                             ("layers_to_transform", None), ("modules_to_save", None)))
         rank_pattern = raw.get("rank_pattern") or None
-        # kept-rank masks: a "false" string or a 0/1 would count as kept or dropped by truthiness
-        if rank_pattern is not None and not (isinstance(rank_pattern, dict) and all(
-                isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in rank_pattern.values())):
-            raise ValueError(f"adapter_config.json: rank_pattern must map names to lists of true/false, got {rank_pattern!r}")
+        _check_rank_pattern(rank_pattern, "adapter_config.json: rank_pattern")
         return cls(init_r=peft_field(raw, "init_r", "int"), target_r=peft_field(raw, "target_r", "int"),
                    alpha=peft_field(raw, "lora_alpha", "number", 8.0), total_step=peft_field(raw, "total_step", "int"),
                    tinit=peft_field(raw, "tinit", "int", 0), tfinal=peft_field(raw, "tfinal", "int", 0),

@@ -288,6 +288,12 @@ def _check_decoder_only(raw: dict) -> None:
         raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
 
 
+def _check_seed(seed) -> int:
+    if not is_int(seed):  # torch.manual_seed would truncate 1.5, or fail only at inject on "1"
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return int(seed)
+
+
 def _check_virtual_tokens(n) -> int:
     return check_positive_int(n, "num_virtual_tokens")
 
@@ -303,7 +309,8 @@ class PromptTuningConfig:
         seed: seed of the random initialisation.
         embedding_module: dotted name of the input embedding (default: ``get_input_embeddings()``).
     Raises:
-        ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids``.
+        ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids`` (a list, tuple or 1-D tensor of ids).
+        TypeError: a ``seed`` that is not an int.
     """
 
     peft_type = "PROMPT_TUNING"
@@ -315,10 +322,14 @@ class PromptTuningConfig:
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
+        self.seed = _check_seed(self.seed)
         if self.init_token_ids is not None:
-            if not self.init_token_ids or not all(is_int(t) for t in self.init_token_ids):
+            ids = self.init_token_ids
+            if getattr(ids, "ndim", None) == 1:  # a tokenizer's tensor / array of ids
+                ids = ids.tolist()
+            if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(t) for t in ids):
                 raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
-            self.init_token_ids = [int(t) for t in self.init_token_ids]
+            self.init_token_ids = [int(t) for t in ids]
 
     @classmethod
     def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **kwargs) -> "PromptTuningConfig":
@@ -399,7 +410,7 @@ class PrefixTuningConfig:
     Raises:
         ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, an ``init_std`` that is negative, NaN or
             infinite, or a model without an HF config.
-        TypeError: ``prefix_projection`` is not a bool or ``init_std`` not a real number.
+        TypeError: ``prefix_projection`` is not a bool, ``init_std`` not a real number, ``seed`` not an int.
     """
 
     peft_type = "PREFIX_TUNING"
@@ -416,6 +427,7 @@ class PrefixTuningConfig:
         self.prefix_projection = as_bool(self.prefix_projection, "prefix_projection")  # written to adapter_config.json
         self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
         self.encoder_hidden_size = check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        self.seed = _check_seed(self.seed)
         self._layout: tuple[int, int, int] | None = None
 
     def find_targets(self, model: nn.Module) -> list[str]:
