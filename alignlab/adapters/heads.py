@@ -34,7 +34,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import check_positive_int, is_real
+from alignlab._checks import check_positive_int, is_int, is_real
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,15 @@ def head_scores(base: nn.Module, tuned: nn.Module, metric: str = "wasserstein") 
     return scores
 
 
+def _check_fraction(fraction) -> None:
+    # True is 1 (every head) and "0.1" fails deep in a comparison: both are a caller's mistake
+    if not is_real(fraction) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+
+
 def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, int]]:
     """The ``⌈fraction · #heads⌉`` highest-scoring ``(layer, head)`` pairs, best first."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    _check_fraction(fraction)
     k = max(1, int(torch.tensor(fraction * scores.numel()).ceil().item()))
     flat = scores.flatten().topk(k).indices.tolist()
     return [(i // scores.shape[1], i % scores.shape[1]) for i in flat]
@@ -134,8 +139,7 @@ def select_heads(
         ValueError: bad fraction/steps, empty data, or batches without a loss.
     """
     steps = check_positive_int(steps, "steps")
-    if not is_real(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    _check_fraction(fraction)
     probe = copy.deepcopy(model).train()
     params = _attention_parameters(probe)
     for p in probe.parameters():
@@ -175,11 +179,14 @@ def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> lis
     holds a selected head (GQA). Returns the hook handles (``h.remove()`` to lift the masks).
 
     Raises:
-        ValueError: a ``(layer, head)`` outside the model.
+        ValueError: an entry that is not a ``(layer, head)`` pair of ints, or one outside the model.
     """
     blocks = attention_blocks(model)
     chosen: dict[int, set[int]] = {}
-    for layer, head in heads:
+    for pair in heads:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(i) for i in pair)):
+            raise ValueError(f"heads must be (layer, head) pairs of ints, got {pair!r}")
+        layer, head = (int(i) for i in pair)
         if not (0 <= layer < len(blocks) and 0 <= head < blocks[layer].num_heads):
             raise ValueError(f"head ({layer}, {head}) is outside the model ({len(blocks)} layers × {blocks[0].num_heads} heads)")
         chosen.setdefault(layer, set()).add(head)

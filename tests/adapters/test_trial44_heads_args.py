@@ -1,0 +1,25 @@
+"""ALPS head selection: malformed arguments are refused naming them (True selected every head; "0.1", a
+float layer index or a 1-tuple failed deep inside with unrelated TypeErrors)."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import restrict_to_heads, top_heads
+
+
+@pytest.mark.parametrize("fraction", [True, "0.1", None])
+def test_top_heads_fraction_must_be_a_number_in_range(fraction):
+    with pytest.raises(ValueError, match="fraction must be a number"):
+        top_heads(torch.rand(2, 4), fraction)
+    assert len(top_heads(torch.rand(2, 4), 0.25)) == 2
+
+
+@pytest.mark.parametrize("pair", [(0.0, 1), ("0", 1), (0,), (0, 1, 2), (True, 1), 3])
+def test_restrict_to_heads_takes_pairs_of_ints(pair):
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="heads must be"):
+        restrict_to_heads(model, [pair])
+    handles = restrict_to_heads(model, [(1, 3)])
+    assert len(handles) == 4 and model.model.layers[1].self_attn.q_proj.weight.requires_grad
