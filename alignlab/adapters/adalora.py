@@ -303,17 +303,21 @@ class AdaLoRAAllocator:
     def update_importance(self) -> None:
         """EMA of sensitivity ``|w·g|`` and its uncertainty, for every ``P``, ``λ``, ``Q`` entry (needs ``.grad``)."""
         b1, b2 = self.config.beta1, self.config.beta2
-        for name, layer in self.layers.items():
-            for kind in ("lora_A", "lora_B", "lora_E"):
-                p = getattr(layer, kind)[self.adapter_name]
-                if p.grad is None:
-                    continue
-                key = (name, kind)
-                ipt = (p * p.grad).abs()
-                avg = self.ipt_avg.get(key, torch.zeros_like(p))
-                unc = self.unc_avg.get(key, torch.zeros_like(p))
-                avg = b1 * avg + (1 - b1) * ipt
-                self.ipt_avg[key], self.unc_avg[key] = avg, b2 * unc + (1 - b2) * (ipt - avg).abs()
+        params = [(name, kind, getattr(layer, kind)[self.adapter_name])
+                  for name, layer in self.layers.items() for kind in ("lora_A", "lora_B", "lora_E")]
+        if all(p.grad is None for _, _, p in params):
+            # after zero_grad() (set_to_none) nothing would be scored, and no rank ever masked
+            raise ValueError("AdaLoRAAllocator.step reads the adapter's gradients, and none has one: call it after "
+                             "backward() and optimizer.step(), before optimizer.zero_grad()")
+        for name, kind, p in params:
+            if p.grad is None:  # a layer this batch did not reach
+                continue
+            key = (name, kind)
+            ipt = (p * p.grad).abs()
+            avg = self.ipt_avg.get(key, torch.zeros_like(p))
+            unc = self.unc_avg.get(key, torch.zeros_like(p))
+            avg = b1 * avg + (1 - b1) * ipt
+            self.ipt_avg[key], self.unc_avg[key] = avg, b2 * unc + (1 - b2) * (ipt - avg).abs()
 
     def _score(self, name: str, kind: str) -> torch.Tensor:
         return self.ipt_avg[(name, kind)] * self.unc_avg[(name, kind)]
@@ -340,7 +344,8 @@ class AdaLoRAAllocator:
     def step(self, global_step: int) -> tuple[int, dict[str, list[bool]] | None]:
         """Call after ``optimizer.step()``, gradients still present: update importance (until the final phase), mask when scheduled.
 
-        Returns ``(budget, rank_pattern or None)``.
+        Returns ``(budget, rank_pattern or None)``. Raises ``ValueError`` when importance is due and no adapter
+        parameter has a gradient (called after ``zero_grad()``).
         """
         if global_step < self.config.total_step - self.config.tfinal:
             self.update_importance()

@@ -45,3 +45,23 @@ def test_allocator_refuses_a_sora_config():
     model = inject(make_tiny_llama(), config)
     with pytest.raises(TypeError, match="AdaLoRAConfig"):
         AdaLoRAAllocator(model, config)
+
+
+def test_allocator_step_after_zero_grad_is_refused_not_silently_skipped():
+    config = AdaLoRAConfig(init_r=4, target_r=2, total_step=4, target_modules=["q_proj", "v_proj"])
+    model = inject(make_tiny_llama(), config)
+    alloc = AdaLoRAAllocator(model, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # λ = 0 at the start leaves P and Q without gradient: give every triplet a score
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(generator=g)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()  # set_to_none: before, no score was kept and no rank was ever masked
+    with pytest.raises(ValueError, match="before optimizer.zero_grad"):
+        alloc.step(1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for step in range(1, 4):
+        budget, pattern = alloc.step(step)
+    assert pattern is not None and sum(active_ranks(model).values()) == budget == 2 * 4
