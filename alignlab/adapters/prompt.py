@@ -24,9 +24,12 @@
 
 Both live on a wrapper of the input embedding (:class:`SoftPromptEmbedding`, an
 :class:`AdapterLayer`, so ``disabled()``/``set_adapter``/trainable marking work) and a
-forward pre-hook on the model that rewrites the call's ``input_ids``/
-``inputs_embeds``/``attention_mask``/``labels`` and the KV cache (``cache`` or the older
-``past_key_values``, whichever the call uses; see :mod:`alignlab.hf_cache`). Several active
+forward pre-hook on the backbone (an HF task model's ``base_model``, so a direct
+``model.model(...)`` call for hidden states gets the prompts too) that rewrites the call's
+``input_ids``/``inputs_embeds``/``attention_mask``/``token_type_ids`` and the KV cache
+(``cache`` or the older ``past_key_values``, whichever the call uses; see
+:mod:`alignlab.hf_cache`); a second pre-hook on the task model gives per-token ``labels``
+``-100`` at the virtual tokens. Several active
 adapters are concatenated. Soft prompts cannot be merged. Training/scoring calls
 (``model(input_ids=..., attention_mask=..., labels=...)``) and HF ``generate()``
 work: a call with a non-empty KV cache (incremental decoding) already holds the
@@ -267,9 +270,40 @@ def _prefix_cache(model: nn.Module, prefixes: list[PrefixEncoder], batch: int, d
     return cache
 
 
+def _label_hook(model: nn.Module, args: tuple, kwargs: dict):
+    """On a task model around the hooked backbone: give its per-token ``labels`` ``-100`` at the virtual tokens
+    (the backbone's hook adds the tokens themselves, so ``model.model(...)`` calls get them too)."""
+    holder = _holder(model)
+    labels = kwargs.get("labels")
+    prompt = None if holder is None or labels is None else holder.prompt()
+    if prompt is None:
+        return None
+    cache_key, cache = find_cache(kwargs)
+    if cache is not None and kwargs.get("use_cache") is not False and hasattr(cache, "get_seq_length") \
+            and cache.get_seq_length() > 0:
+        return None  # incremental decoding: no virtual tokens in this call
+    ids = args[0] if args else kwargs.get("input_ids")
+    tokens = ids if ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None or not (labels.dim() >= 2 and labels.shape[1] == tokens.shape[1] and not labels.is_floating_point()):
+        return None  # sequence-level labels (a classifier's) stay as they are
+    kwargs = dict(kwargs)
+    kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], prompt.shape[0]), -100), labels], dim=1)
+    return args, kwargs
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module whose forward embeds the input ids: an HF task model's ``base_model`` (``model.model`` of a
+    ``LlamaForCausalLM``), which the fused losses call directly for hidden states, else ``model`` itself."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model and _holder(base) is not None else model
+
+
 def _attach_hook(model: nn.Module) -> None:
-    if getattr(model, HOOK_ATTR, None) is None:
-        object.__setattr__(model, HOOK_ATTR, model.register_forward_pre_hook(_soft_prompt_hook, with_kwargs=True))
+    backbone = _backbone(model)
+    if getattr(backbone, HOOK_ATTR, None) is None:
+        object.__setattr__(backbone, HOOK_ATTR, backbone.register_forward_pre_hook(_soft_prompt_hook, with_kwargs=True))
+    if backbone is not model and getattr(model, HOOK_ATTR, None) is None:
+        object.__setattr__(model, HOOK_ATTR, model.register_forward_pre_hook(_label_hook, with_kwargs=True))
 
 
 def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
