@@ -33,6 +33,7 @@ Trainable parameters per layer: ``r(in + out + 1)``. Mergeable: ``ΔW = s·P dia
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -434,22 +435,29 @@ def active_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, i
 def prune_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
     """Drop the ranks whose ``λ`` is exactly zero, shrinking ``P``, ``λ``, ``Q``; returns the new rank per layer.
 
-    The output is unchanged (a zero ``λ_i`` contributes nothing). The stored config learns the new
+    The output is unchanged (a zero ``λ_i`` contributes nothing). The adapter's stored config
+    (``adapter_configs(model)[adapter_name]``, a copy of the one given to ``inject``) learns the new
     ranks (AdaLoRA: PEFT's ``rank_pattern`` over ``init_r``; SoRA: ``rank_pattern`` of exact names), so
     the adapter saves and reloads at its pruned size. Rebuild the optimizer afterwards.
 
     Raises:
         ValueError: the adapter is not AdaLoRA/SoRA, or is merged.
     """
-    from alignlab.adapters.inject import adapter_configs, mark_only_adapters_trainable
+    from alignlab.adapters.inject import CONFIGS_ATTR, adapter_configs, mark_only_adapters_trainable
 
-    config = adapter_configs(model).get(adapter_name)
+    configs = adapter_configs(model)
+    config = configs.get(adapter_name)
     if not isinstance(config, (AdaLoRAConfig, SoRAConfig)):
         raise ValueError(f"prune_ranks needs an AdaLoRA or SoRA adapter; {adapter_name!r} is {type(config).__name__}")
     layers = layers_holding(model, adapter_name, AdaLoRALinear)
     merged = [n for n, l in layers.items() if adapter_name in l.merged_adapters]
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]!r}); unmerge before pruning")
+    # this adapter's own copy: one config object may serve several adapters (inject(m, cfg, "a"); inject(m, cfg, "b")),
+    # whose files would otherwise claim the ranks pruned here
+    config = copy.copy(config)
+    configs[adapter_name] = config
+    object.__setattr__(model, CONFIGS_ATTR, configs)
     ranks = {}
     for name, layer in layers.items():
         keep = layer.lora_E[adapter_name].view(-1) != 0
