@@ -17,12 +17,13 @@ transformers = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 
 
-@use_experts_implementation(has_gate=False)
+# gated (gate_up_proj): the layout every transformers 5.x decorator takes (has_gate=False needs 5.1 or newer)
+@use_experts_implementation
 class _Experts(nn.Module):
     def __init__(self, config, experts=3, hidden=64, inter=32):
         super().__init__()
         self.num_experts = experts
-        self.up_proj = nn.Parameter(torch.randn(experts, inter, hidden) * 0.1)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.1)
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) * 0.1)
         self.act_fn = nn.ReLU()
 
@@ -31,8 +32,8 @@ class _Experts(nn.Module):
         for t in range(hidden_states.shape[0]):
             for slot in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, slot])
-                h = self.act_fn(self.up_proj[e] @ hidden_states[t])
-                out[t] += top_k_weights[t, slot] * (self.down_proj[e] @ h)
+                gate, up = (self.gate_up_proj[e] @ hidden_states[t]).chunk(2)
+                out[t] += top_k_weights[t, slot] * (self.down_proj[e] @ (self.act_fn(gate) * up))
         return out
 
 
@@ -62,7 +63,7 @@ def test_the_decorated_loop_is_wrapped_with_the_module_s_own_output(cls):
     assert forward_overridden_by(experts) is None
     x, idx, w = _routing()
     expected = experts(x, idx, w)
-    torch.testing.assert_close(ExpertLoRA(copy.deepcopy(experts), {"up_proj": 2})(x, idx, w), expected)  # B = 0
+    torch.testing.assert_close(ExpertLoRA(copy.deepcopy(experts), {"gate_up_proj": 2})(x, idx, w), expected)  # B = 0
     q = NF4Experts.from_experts(experts, compute_dtype=torch.float32)
     assert q(x, idx, w).shape == expected.shape
 
@@ -72,7 +73,7 @@ def test_a_forward_of_its_own_around_the_decorated_loop_is_refused():
     experts = _Overrides(_config())
     assert forward_overridden_by(experts) is _Overrides
     with pytest.raises(TypeError, match="_Overrides.forward adds its own code"):
-        ExpertLoRA(copy.deepcopy(experts), {"up_proj": 2})
+        ExpertLoRA(copy.deepcopy(experts), {"gate_up_proj": 2})
     with pytest.raises(TypeError, match="_Overrides.forward adds its own code"):
         NF4Experts.from_experts(experts)
 
