@@ -203,13 +203,14 @@ class BottleneckConfig:
         placement: ``"houlsby"`` (serial after attention and FFN), ``"pfeiffer"`` (serial after
             FFN), ``"parallel"`` (He et al., beside the FFN).
         scaling: ``s`` (He et al. use 4 for parallel adapters).
-        target_modules: blocks to adapt (names/suffixes or regex); default from ``placement``.
+        target_modules: blocks to adapt (names/suffixes or regex); default from ``placement``
+            (Llama-style names, ``self_attn`` / ``mlp``: each must name a block of the model).
         exclude_modules: blocks to skip.
         hidden_size: block width; default ``model.config.hidden_size``.
     Raises:
         ValueError: ``reduction_factor`` not a positive number or larger than the hidden size,
             unknown placement or non-linearity, a NaN or infinite ``scaling``, a ``hidden_size`` that is not a
-            positive int, no hidden size available.
+            positive int, no hidden size available, a default placement block the model lacks.
         TypeError: ``scaling`` is not a real number.
     """
 
@@ -236,11 +237,20 @@ class BottleneckConfig:
             if not is_int(self.hidden_size) or self.hidden_size < 1:
                 raise ValueError(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")
             self.hidden_size = int(self.hidden_size)
-        if self.target_modules is None:
+        self._default_targets = self.target_modules is None
+        if self._default_targets:
             self.target_modules = list(PLACEMENTS[self.placement])
         self._hidden: int | None = None
 
     def find_targets(self, model: nn.Module) -> list[str]:
+        if self._default_targets:
+            # the placement's Llama-style block names: on GPT-2 ("attn") or OPT (no "mlp") only some would
+            # match, and "houlsby" would quietly adapt one block kind of the two
+            missing = [t for t in self.target_modules if not _find_blocks(model, [t], None)]
+            if missing:
+                raise ValueError(f"placement={self.placement!r} adapts the blocks named {self.target_modules}, and this model "
+                                 f"has no {missing}: pass target_modules= with its attention / feed-forward block names "
+                                 "(e.g. GPT-2: ['attn', 'mlp'])")
         return _find_blocks(model, self.target_modules, self.exclude_modules)
 
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:

@@ -30,3 +30,17 @@ def test_explicit_hidden_size_must_fit_the_blocks():
         inject(make_tiny_llama(hidden_size=32), BottleneckConfig(reduction_factor=4, hidden_size=48))
     model = inject(make_tiny_llama(hidden_size=32), BottleneckConfig(reduction_factor=4, hidden_size=32))
     assert model(input_ids=IDS).logits.shape == (2, 5, 128)
+
+
+def test_default_houlsby_placement_on_gpt2_names_the_missing_block():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    # GPT-2 calls its attention "attn": before, only the two MLPs got adapters (a Pfeiffer placement), silently
+    with pytest.raises(ValueError, match=r"has no \['self_attn'\]: pass target_modules="):
+        inject(gpt2, BottleneckConfig(reduction_factor=4))
+    assert not any(isinstance(m, BottleneckLayer) for m in gpt2.modules())
+    inject(gpt2, BottleneckConfig(reduction_factor=4, target_modules=["attn", "mlp"]))
+    wrapped = sorted(n for n, m in gpt2.named_modules() if isinstance(m, BottleneckLayer))
+    assert wrapped == [f"transformer.h.{i}.{b}" for i in range(2) for b in ("attn", "mlp")]
+    assert gpt2(input_ids=IDS).logits.shape == (2, 5, 128)
