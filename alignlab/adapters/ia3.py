@@ -21,7 +21,7 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, set_dense_weight_
 from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_target_spec, name_matches
-from alignlab.adapters.inject import layers_holding
+from alignlab.adapters.inject import _candidates, find_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
 
@@ -104,13 +104,16 @@ class IA3Linear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.feedforward}, adapters={self.adapter_names()}, active={self.active_adapters}"
 
 
+DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
+
+
 @dataclass
 class IA3Config:
     """Settings for ``inject(model, IA3Config(...))``.
 
     Args:
         target_modules: linear modules to rescale (forms as in ``LoRAConfig``); default: the
-            paper's keys, values and the FFN down projection of Llama-style models.
+            paper's keys, values and the FFN down projection of Llama-style models (each must exist).
         feedforward_modules: the subset of targets whose *input* is rescaled (names/suffixes or regex).
         exclude_modules: targets to skip.
         init_ones: ``l = 1`` at the start (identity). ``False`` draws random vectors.
@@ -121,12 +124,15 @@ class IA3Config:
 
     peft_type = "IA3"
 
-    target_modules: str | list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    target_modules: str | list[str] | None = None
     feedforward_modules: str | list[str] = field(default_factory=lambda: ["down_proj"])
     exclude_modules: str | list[str] | None = None
     init_ones: bool = True
 
     def __post_init__(self) -> None:
+        self._default_targets = self.target_modules is None
+        if self._default_targets:
+            self.target_modules = list(DEFAULT_TARGETS)
         check_target_spec(self.target_modules, self.exclude_modules)
         self.init_ones = as_bool(self.init_ones, "init_ones")
         if isinstance(self.feedforward_modules, str):
@@ -138,6 +144,18 @@ class IA3Config:
                      if not any(f == t or f.endswith("." + t) or t.endswith("." + f) for t in self.target_modules)]
             if extra:
                 raise ValueError(f"feedforward_modules must be a subset of target_modules; {extra} are not targets")
+
+    def find_targets(self, model: nn.Module) -> list[str]:
+        names = find_targets(model, self)
+        if self._default_targets:
+            # the paper's keys, values and FFN output under Llama's names: on OPT ("fc2") the FFN vectors
+            # would be missing without a word
+            linears = [n for n, _ in _candidates(model)]
+            missing = [t for t in self.target_modules if not any(name_matches([t], n) for n in linears)]
+            if missing and names:
+                raise ValueError(f"the default target_modules {self.target_modules} are Llama-style and this model has "
+                                 f"no {missing}: pass target_modules= and feedforward_modules= with its names")
+        return names
 
     def is_feedforward(self, name: str) -> bool:
         spec = self.feedforward_modules
