@@ -346,8 +346,13 @@ class AdaLoRAAllocator:
         """Call after ``optimizer.step()``, gradients still present: update importance (until the final phase), mask when scheduled.
 
         Returns ``(budget, rank_pattern or None)``. Raises ``ValueError`` when importance is due and no adapter
-        parameter has a gradient (called after ``zero_grad()``).
+        parameter has a gradient (called after ``zero_grad()``), or when the layers' ranks changed since this
+        allocator was built (``prune_ranks``: build a new allocator for the smaller adapter).
         """
+        ranks = sum(l.lora_A[self.adapter_name].shape[0] for l in self.layers.values())
+        if ranks != self.initial_budget:  # its scores and budgets are per rank of the layers it was built on
+            raise ValueError(f"adapter {self.adapter_name!r} has {ranks} ranks, this allocator was built on {self.initial_budget} "
+                             "(prune_ranks since?): build a new AdaLoRAAllocator")
         if global_step < self.config.total_step - self.config.tfinal:
             self.update_importance()
         budget, mask_now = self.budget(global_step)

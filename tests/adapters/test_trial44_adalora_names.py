@@ -13,6 +13,7 @@ from alignlab.adapters import (
     active_ranks,
     inject,
     orthogonal_regularizer,
+    prune_ranks,
     sora_proximal_step,
 )
 
@@ -65,3 +66,27 @@ def test_allocator_step_after_zero_grad_is_refused_not_silently_skipped():
     for step in range(1, 4):
         budget, pattern = alloc.step(step)
     assert pattern is not None and sum(active_ranks(model).values()) == budget == 2 * 4
+
+
+def test_allocator_after_prune_ranks_asks_for_a_new_one():
+    config = AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"])
+    model = inject(make_tiny_llama(), config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(generator=g)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    alloc = AdaLoRAAllocator(model, config)
+    for step in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        alloc.step(step)
+        model.zero_grad()
+    kept = sum(prune_ranks(model).values())
+    assert kept < 16
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match="build a new AdaLoRAAllocator"):  # a shape error in the EMA before
+        alloc.step(4)
+    fresh = AdaLoRAAllocator(model, config)
+    assert fresh.initial_budget == kept
+    fresh.step(4)
