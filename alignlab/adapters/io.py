@@ -263,7 +263,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     out = Path(path)
     state = adapter_state_dict(model, adapter_name)
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
-    raw.update({k: v for k, v in _model_identity(model).items() if k in raw and raw[k] is None})
+    identity = _model_identity(model)
+    if not _holds_task_heads(model, identity.get("task_type"), raw.get("modules_to_save")):
+        identity.pop("task_type")
+    raw.update({k: v for k, v in identity.items() if k in raw and raw[k] is None})
     meta = json.dumps(raw, indent=2, sort_keys=True)
     error = None
     if is_writer():
@@ -281,6 +284,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
+# the heads PEFT trains for a task type (its modules_to_save for SEQ_CLS etc.), whose weights it then reads from the file
+_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+
+
+def _holds_task_heads(model: nn.Module, task: str | None, modules_to_save: list[str] | None) -> bool:
+    """Whether a file naming ``task`` holds the heads PEFT reads for it; without them (a classifier the adapter
+    left frozen) PEFT fails on the missing key, so such a file is written without a task type (a plain ``PeftModel``,
+    the same outputs)."""
+    heads = [n for n, _ in model.named_modules() if n and saved_module_matches(_TASK_HEADS.get(task, []), n)
+             and not any(n.startswith(h + ".") for h in _saved_module_names(model))]
+    return all(saved_module_matches(list(modules_to_save or []), n) for n in heads)
+
+
+def _saved_module_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, SavedModule)]
 
 
 def _model_identity(model: nn.Module) -> dict:
