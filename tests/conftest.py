@@ -92,6 +92,9 @@ def make_experts(kind: str = "mixtral", hidden: int = 64, intermediate: int = 32
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0, std)
+    # a model sets this on its config; transformers 5.0's expert dispatch reads it (None raised KeyError there)
+    if getattr(experts.config, "_experts_implementation", None) is None:
+        experts.config._experts_implementation = "eager"
     return experts
 
 

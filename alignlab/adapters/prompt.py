@@ -222,9 +222,10 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 def _refuse_checkpointed_prefix(model: nn.Module) -> None:
     # a checkpointed HF layer drops the KV cache it is given while training (a replay would write it twice), so
-    # the prefixes would vanish while the mask still counts them: a shape error deep in attention, or worse
-    if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
-                                       for m in model.modules()):
+    # the prefixes would vanish while the mask still counts them: a shape error deep in attention, or worse.
+    # transformers 5.0 drops it in training mode under no_grad too (newer releases only when grad is on): refused
+    # in training mode whatever the grad mode, so the rule is the same on every supported release
+    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules()):
         raise ValueError("prefix tuning does not work with gradient checkpointing while training: transformers "
                          "drops the KV cache that holds the prefixes in checkpointed layers; call "
                          "model.gradient_checkpointing_disable() (prompt tuning works with checkpointing)")
