@@ -6,20 +6,14 @@ import copy
 import pytest
 import torch
 
-from alignlab.adapters import ExpertLoRA
+from conftest import make_experts
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+from alignlab.adapters import ExpertLoRA
 
 
 @pytest.fixture(scope="module")
 def experts():
-    torch.manual_seed(0)
-    module = MixtralExperts(transformers.MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=3))
-    with torch.no_grad():
-        module.gate_up_proj.normal_(0, 0.1)
-        module.down_proj.normal_(0, 0.1)
-    return module
+    return make_experts(hidden=16, intermediate=24)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

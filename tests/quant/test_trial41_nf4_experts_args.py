@@ -5,20 +5,14 @@ rows from the product)."""
 import pytest
 import torch
 
-from alignlab.quant import NF4Experts
+from conftest import make_experts
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+from alignlab.quant import NF4Experts
 
 
 @pytest.fixture(scope="module")
 def experts():
-    torch.manual_seed(0)
-    module = MixtralExperts(transformers.MixtralConfig(hidden_size=64, intermediate_size=32, num_local_experts=3))
-    with torch.no_grad():
-        module.gate_up_proj.normal_(0, 0.1)
-        module.down_proj.normal_(0, 0.1)
-    return NF4Experts.from_experts(module, compute_dtype=torch.float32)
+    return NF4Experts.from_experts(make_experts(), compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "float32"])
