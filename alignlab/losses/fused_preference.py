@@ -382,7 +382,8 @@ def fused_linear_dpo(
         policy_hidden: ``(2B, seq, hidden)``, chosen first.
         lm_head_weight: ``(vocab, hidden)``, same dtype as ``policy_hidden``.
         labels: ``(2B, seq)`` aligned with ``policy_hidden``; ``ignore_index`` marks unscored positions.
-        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed reference log-probs, or
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed reference log-probs, on the policy's scale:
+            completion sums, or per-token means with ``average_log_prob=True`` (they are used as given), or
         ref_hidden: ``(2B, seq, hidden)`` reference hidden states (with ``ref_weight``/``ref_bias``, default the
             policy head); neither = pass ``reference_free=True``.
         beta, loss_type, label_smoothing, **dpo_kwargs: as :func:`~alignlab.losses.preference.dpo_loss`.
