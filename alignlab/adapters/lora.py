@@ -35,7 +35,7 @@ from torch import nn
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, set_dense_weight_
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
-from alignlab.adapters.fused import dora_linear, dora_norm, lora_linear
+from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, lora_linear
 from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
@@ -315,9 +315,8 @@ class LoRALinear(AdapterLayer):
             dtype = base.compute_dtype
         else:
             return None
-        device = x.device.type  # e.g. "meta" has no autocast state to ask about
-        if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-                and torch.get_autocast_dtype(device) != dtype):
+        autocast = _autocast_dtype(x)  # None off autocast, on a device without it, and for fp64 (left alone)
+        if autocast is not None and autocast != dtype:
             return None
         if self.exact_fp32 and dtype.itemsize < 4:
             return None
