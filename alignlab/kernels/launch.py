@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["launch", "bind", "cdiv", "next_power_of_2"]
+__all__ = ["launch", "bind", "cdiv", "next_power_of_2", "options"]
 
 # Triton releases whose compiled-kernel launcher takes (grid x, y, z, stream, function, packed metadata,
 # launch metadata, enter hook, exit hook, *every argument incl. constexprs), with launch hooks in
@@ -45,6 +45,11 @@ _ENABLED = (
     and os.environ.get("ALIGNLAB_FAST_LAUNCH", "1") != "0"
 )
 _CACHE: dict = {}
+# Launch options every alignlab kernel asks for explicitly. FMA contraction (``a * b + c`` as one fused
+# multiply-add): on by default in every Triton so far, but Triton 3.9 warns at each compile that leaves it unset
+# and 3.10 turns it off by default (ptxas ``--fmad=false``), which would make each kernel issue a multiply and
+# an add where it now issues one FMA -- slower, and rounded differently from what the tests measured.
+_OPTIONS = {"enable_fp_fusion": True}
 _INTERPRET = interpreting()  # read once at import (alignlab.kernels.dispatch), as Triton reads it
 _Tensor = torch.Tensor
 
@@ -58,6 +63,13 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``), for host code (see :func:`cdiv`)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def options() -> dict:
+    """Keyword options for a direct ``kernel[grid](...)`` launch (see ``_OPTIONS``); none while ``torch.compile``
+    traces the launch (Dynamo takes only the launch options it knows, and Inductor compiles the kernel with its
+    own)."""
+    return {} if torch.compiler.is_compiling() else _OPTIONS
 
 
 def _key(args: tuple) -> tuple:
@@ -82,13 +94,13 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
         meta: constexpr parameters by name, plus launch options (``num_warps``, ``num_stages``).
     """
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta, **options())
         return
     device = torch.cuda.current_device()
     key = (kernel, device, tuple(meta.items()), _key(args))
     entry = _CACHE.get(key)
     if entry is None:
-        compiled = kernel[grid](*args, **meta)
+        compiled = kernel[grid](*args, **meta, **_OPTIONS)
         names = kernel.arg_names[len(args):]
         if getattr(compiled, "function", None) is None or any(n not in meta for n in names):
             return  # defaults or something unusual: leave every call of this key to Triton

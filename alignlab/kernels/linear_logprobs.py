@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from alignlab.kernels.dispatch import interpreting, triton_available, use_triton
-from alignlab.kernels.launch import next_power_of_2
+from alignlab.kernels.launch import next_power_of_2, options
 
 __all__ = ["RowStats", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
 
@@ -368,6 +368,7 @@ def chunk_softmax_grad_triton_(
         WANT_ENT=bool(want_entropy),
         ENT_GRAD=entropy_grad is not None,
         num_warps=num_warps,
+        **options(),
     )
     return RowStats(lse_out, target, mean, ent, ez if want_entropy else None)
 

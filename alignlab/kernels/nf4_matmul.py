@@ -45,7 +45,7 @@ import os
 import torch
 
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import cdiv
+from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import max_rows
 from alignlab.kernels.nf4_small import small_m_matmul, small_m_matmul_op, small_m_runner
@@ -308,9 +308,9 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     if interpreting():
         cfg = _fixed(M)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-        _fwd[grid](*args, **meta, **cfg)
+        _fwd[grid](*args, **meta, **cfg, **options())
     else:
-        _fwd_large[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        _fwd_large[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)](*args, **meta, **options())
     return y.reshape(*lead, N)
 
 
@@ -385,10 +385,10 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
     if interpreting():
         cfg = _fixed(M)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-        _bwd[grid](*args, **meta, **cfg)
+        _bwd[grid](*args, **meta, **cfg, **options())
     else:
         kern = _bwd_small if M <= SMALL_M else _bwd_large
-        kern[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(K, c["BLOCK_K"]),)](*args, **meta)
+        kern[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(K, c["BLOCK_K"]),)](*args, **meta, **options())
     return dx.reshape(*lead, K)
 
 
@@ -406,7 +406,8 @@ def _dequant_tile(t: NF4Tensor, n0: int, k0: int, out: torch.Tensor) -> None:
     grid = (cdiv(rows, bn), cdiv(cols, bk))
     _nf4_dequant_tile_kernel[grid](*_state_args(t), out, n0, k0, rows, cols, N, K, out.stride(0),
                                    BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                                   HAS_SHIFT=t.shift is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                                   HAS_SHIFT=t.shift is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+                                   **options())
 
 
 def _pipelined(a: torch.Tensor, t: NF4Tensor, chunks: int, transpose: bool) -> torch.Tensor:
