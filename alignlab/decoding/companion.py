@@ -11,7 +11,10 @@ so results never depend on the cache.
 
 Left padding is recognised from ``pad_token_id``: the leading run of pad
 tokens in each row is masked and position ids count real tokens only, as
-``generate`` does for the main model.
+``generate`` does for the main model. An id the companion cannot embed (its
+vocabulary is padded to fewer rows than the generating model's) is refused with
+a ``ValueError`` before its forward, instead of an ``IndexError`` inside the
+embedding (a device assert on CUDA).
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from alignlab.hf_cache import cache_keyword, output_cache
 __all__ = ["CompanionLM"]
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of ``model``'s input embedding (``config.vocab_size`` as a fallback), ``None`` if unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if isinstance(getattr(emb, "num_embeddings", None), int):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 class CompanionLM:
     """Next-token logits of ``model`` on the sequences being generated.
 
@@ -37,13 +50,17 @@ class CompanionLM:
         pad_token_id: id of left padding (the generating model's
             ``generation_config.pad_token_id``), a non-negative int; ``None`` = no padding.
         use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
+        name: what the companion is (``"amateur"``, ``"expert"``, ...), for error messages.
 
     Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
-    ``(batch, vocab)`` on ``input_ids.device``. The model runs in eval mode (no dropout), as in
+    ``(batch, vocab)`` on ``input_ids.device``. Raises ``ValueError`` when ``input_ids`` hold an
+    id beyond the model's vocabulary (read back from the device: one sync per call). The model runs in eval mode (no dropout), as in
     :func:`alignlab.eval.perplexity`; its own mode is restored after each call.
     """
 
-    def __init__(self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True, name: str = "model"
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
         # 1.5 matched no token, so left padding was silently attended; True matched id 1
@@ -51,6 +68,8 @@ class CompanionLM:
         self.model = model
         self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
         self.use_cache = as_bool(use_cache, "use_cache")
+        self.name = name
+        self.vocab_size = vocab_size(model)
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +95,13 @@ class CompanionLM:
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
+        if self.vocab_size is not None and input_ids.numel():
+            top = int(input_ids.max())
+            if top >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids: id {top} is beyond the {self.name}'s vocabulary ({self.vocab_size} ids); the "
+                    f"{self.name} must share the generating model's tokenizer (prompt and pad ids included)"
+                )
         with eval_mode(self.model):
             return self._next_logits(input_ids)
 

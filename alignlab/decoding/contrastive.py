@@ -31,16 +31,6 @@ from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
 __all__ = ["ContrastiveDecodingLogitsProcessor", "contrastive_logits"]
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    """Rows of ``model``'s input embedding (``config.vocab_size`` as a fallback), ``None`` if unknown."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if isinstance(getattr(emb, "num_embeddings", None), int):
-        return emb.num_embeddings
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    return size if isinstance(size, int) else None
-
-
 def _check_real(value, name: str) -> None:
     """``TypeError`` naming ``name`` unless ``value`` is a real number (NumPy scalars are; bools are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -134,19 +124,12 @@ class ContrastiveDecodingLogitsProcessor:
     ) -> None:
         _check_alpha(alpha)
         _check_temperature(amateur_temperature)
-        self.amateur = CompanionLM(amateur, pad_token_id=pad_token_id)
-        self.amateur_vocab = _vocab_size(amateur)
+        self.amateur = CompanionLM(amateur, pad_token_id=pad_token_id, name="amateur")
+        self.amateur_vocab = self.amateur.vocab_size
         self.alpha = alpha
         self.amateur_temperature = amateur_temperature
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.amateur_vocab is not None and input_ids.numel():
-            top = int(input_ids.max())
-            if top >= self.amateur_vocab:
-                raise ValueError(
-                    f"input_ids: id {top} is beyond the amateur's vocabulary ({self.amateur_vocab} ids); contrastive "
-                    "decoding needs an amateur that shares the expert's tokenizer (prompt and pad ids included)"
-                )
         amateur_logits = self.amateur(input_ids)
         return contrastive_logits(
             scores, amateur_logits, alpha=self.alpha, amateur_temperature=self.amateur_temperature

@@ -83,6 +83,8 @@ class ProxyTuningLogitsProcessor:
         pad_token_id: the left-padding id of batched prompts.
 
     ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
+    Raises ``ValueError`` when ``input_ids`` hold an id beyond the expert's or the
+    anti-expert's vocabulary (a prompt token a smaller model cannot embed).
     Place it first among custom processors; ``generate`` applies its own
     warpers (temperature, top-k, ...) before custom ones.
     """
@@ -91,8 +93,8 @@ class ProxyTuningLogitsProcessor:
         self, expert: nn.Module, antiexpert: nn.Module, *, alpha: float = 1.0, pad_token_id: int | None = None
     ) -> None:
         self.alpha = _check_alpha(alpha)
-        self.expert = CompanionLM(expert, pad_token_id=pad_token_id)
-        self.antiexpert = CompanionLM(antiexpert, pad_token_id=pad_token_id)
+        self.expert = CompanionLM(expert, pad_token_id=pad_token_id, name="expert")
+        self.antiexpert = CompanionLM(antiexpert, pad_token_id=pad_token_id, name="antiexpert")
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return proxy_tuning_logits(

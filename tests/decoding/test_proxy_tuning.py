@@ -81,3 +81,22 @@ def test_numpy_scalar_alpha_is_a_real_number():
                                proxy_tuning_logits(base, exp, anti, alpha=2.0))
     with pytest.raises(ValueError, match="alpha: expected a finite steering strength"):
         proxy_tuning_logits(base, exp, anti, alpha=np.float32("nan"))
+
+
+@pytest.mark.parametrize("small_vocab", [48, 56])
+def test_prompt_id_beyond_a_smaller_expert_vocabulary_is_our_value_error(small_vocab):
+    """A prompt id that the (padded-to-fewer-ids) expert or anti-expert cannot embed raised a bare
+    IndexError from inside its embedding (a device assert on CUDA); contrastive decoding's amateur
+    already had this check."""
+    base = make_tiny_llama(seed=0, vocab_size=64)
+    base.generation_config.eos_token_id = None
+    expert = make_tiny_llama(seed=1, vocab_size=small_vocab, num_layers=1)
+    antiexpert = make_tiny_llama(seed=2, vocab_size=48 + 56 - small_vocab, num_layers=1)
+    proc = ProxyTuningLogitsProcessor(expert, antiexpert)
+    with pytest.raises(ValueError, match=r"id 50 is beyond the (anti)?expert's vocabulary \(48 ids\)"):
+        base.generate(torch.tensor([[5, 50, 7]]), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                      logits_processor=[proc])
+    # ids the three models share decode; ids only the base has are never proposed
+    out = base.generate(torch.tensor([[5, 9, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                        logits_processor=[proc])
+    assert int(out[:, 3:].max()) < 48
