@@ -80,16 +80,20 @@ def forward_overridden_by(experts: nn.Module) -> type | None:
 
 
 def check_routing(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                  hidden_size: int) -> None:
+                  hidden_size: int, num_experts: int | None = None) -> None:
     """Refuse an experts call whose tensors do not fit together: ``hidden_states`` floating ``(T, hidden_size)``,
     ``top_k_index`` int64/int32 ``(T, k)``, ``top_k_weights`` ``(T, k)``.
 
-    Shapes and dtypes only, so no host sync: expert ids are not range-checked. Without it a 1-D index or
-    weights of another shape gave an output of the wrong shape or an ``IndexError`` deep in the loop.
+    Shapes and dtypes always (no host sync); without it a 1-D index or weights of another shape gave an output of
+    the wrong shape or an ``IndexError`` deep in the loop. Expert ids are range-checked only where they are
+    host memory: a CPU ``top_k_index`` outside ``torch.compile`` (one ``aminmax``). On an accelerator the check
+    would be a device-to-host sync on every call, and under compile a data-dependent branch, so there ids are
+    taken as given. The range is ``0 <= id < num_experts``; with ``num_experts`` None only ``id >= 0``, for a
+    module that reads ids ``>= E`` as expert-parallel sentinels that route nowhere.
 
     Raises:
         TypeError: a tensor of the wrong kind or dtype (a float or uint8 index would be read as a mask).
-        ValueError: the shapes do not fit, naming the argument.
+        ValueError: the shapes do not fit, naming the argument; an expert id out of range (CPU).
     """
     for arg, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
         if not isinstance(t, torch.Tensor):
@@ -108,6 +112,12 @@ def check_routing(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, "
                          f"got {tuple(top_k_weights.shape)}")
+    if top_k_index.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(top_k_index))
+        if low < 0 or (num_experts is not None and high >= num_experts):
+            bad = low if low < 0 else high
+            want = f"in [0, {num_experts})" if num_experts is not None else ">= 0"
+            raise ValueError(f"top_k_index must hold expert ids {want}, got {bad}")
 
 
 def add_expert_bias(experts: nn.Module, name: str, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,20 @@ def test_routing_tensors_that_do_not_fit_are_refused_naming_the_argument(bad):
     for name, module in _modules().items():
         with pytest.raises(error, match=message):
             module(*make(x, idx, w))
+
+
+@pytest.mark.parametrize("bad_id", [-1, -E - 1, E, E + 2])
+def test_expert_ids_out_of_range_are_refused_on_cpu_naming_the_argument(bad_id):
+    """Before: ExpertLoRA raised IndexError from its padded matmul or bias gather (or, with -1, could take the
+    rows for another expert's); NF4Experts' bincount raised RuntimeError on a negative id. NF4Experts reads ids
+    >= E as expert-parallel sentinels (routed nowhere), so only negative ids are refused there; ExpertLoRA
+    refuses expert-parallel modules, so every id must name one of its experts."""
+    x, idx, w = torch.randn(3, H), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.rand(3, 2)
+    idx[1, 1] = bad_id
+    for name, module in _modules().items():
+        if name == "nf4" and bad_id >= E:
+            torch.testing.assert_close(module(x, idx, w), module(x, idx, w * (idx < E)), rtol=0, atol=0)
+            continue
+        want = ">= 0" if name == "nf4" else f"in \\[0, {E}\\)"
+        with pytest.raises(ValueError, match=f"top_k_index must hold expert ids {want}, got {bad_id}"):
+            module(x, idx, w)

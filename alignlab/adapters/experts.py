@@ -438,8 +438,9 @@ class ExpertLoRA(AdapterLayer):
         names = [] if self.disabled else [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        check_routing(hidden_states, top_k_index, top_k_weights, self._hidden_size)
         base = self.base_layer
+        # expert-parallel modules are refused at construction, so every id must name one of the experts
+        check_routing(hidden_states, top_k_index, top_k_weights, self._hidden_size, base.num_experts)
         groups = ExpertGroups.from_routing(top_k_index, base.num_experts)
         x = hidden_states[groups.perm // top_k_index.shape[-1]]
         y = expert_mlp(base, x, lambda param, rows: self._project(param, rows, groups, names), _has_gate(base))

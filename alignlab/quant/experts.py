@@ -426,10 +426,11 @@ class NF4Experts(nn.Module):
         return self._sorted_matmul(x, name, spans, transpose=False)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``.
+        """``(T, H)`` tokens, their experts ``(T, k)`` and routing weights ``(T, k)`` → ``(T, H)``. Ids ``>= E``
+        are expert-parallel sentinels: those slots add nothing.
 
         Raises:
-            TypeError, ValueError: tensors that do not fit together
+            TypeError, ValueError: tensors that do not fit together, or (CPU index) a negative expert id
                 (:func:`~alignlab.expert_routing.check_routing`).
         """
         hidden = self._meta["gate_up_proj" if self.has_gate else "up_proj"][0][1]
