@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -102,26 +102,54 @@ def reward_guided_logits(
     return torch.full_like(logits, float("-inf")).scatter(1, candidate_ids, picked)
 
 
+def _eos_ids(eos_token_id) -> frozenset[int]:
+    """``eos_token_id`` (None, an id, or a sequence of ids) as a set of ids; ``ValueError`` otherwise."""
+    if eos_token_id is None:
+        return frozenset()
+    ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+    for i in ids:
+        check_token_id(i, "eos_token_id")
+    return frozenset(int(i) for i in ids)
+
+
 def reward_model_fn(
-    model: nn.Module | Callable[..., torch.Tensor], *, pad_token_id: int | None = None, batch_size: int = 32
+    model: nn.Module | Callable[..., torch.Tensor],
+    *,
+    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    batch_size: int = 32,
 ) -> Callable[[torch.LongTensor], torch.Tensor]:
     """Wrap a reward model as ``reward_fn(input_ids (n, seq)) -> (n,)`` for :class:`RewardGuidedLogitsProcessor`.
 
-    Leading ``pad_token_id`` tokens (left padding of batched prompts, the id
-    given to ``generate``) are dropped before scoring; scoring goes through
-    :func:`alignlab.eval.reward_scores` (right padding, batches of
-    ``batch_size``) with the reward model's own ``config.pad_token_id`` as
-    the right-padding id (``pad_token_id`` only when it has none): HF
-    sequence classifiers find the last real token through their own id. The
-    reward model must share the policy's tokenizer. Raises ``ValueError`` for a
-    ``pad_token_id`` that is neither ``None`` nor a non-negative int, or a
-    ``batch_size`` that is not an int >= 1 (checked here, before any step).
+    Each row is scored as the sequence it stands for: the leading ``pad_token_id``
+    tokens (left padding of batched prompts, the id given to ``generate``) are
+    dropped, and so is the trailing run of them (``generate`` fills a row that
+    has finished with that id up to the batch's longest row), except that one is
+    kept when ``pad_token_id`` is itself an end-of-sequence id and no other eos
+    precedes the run (that one is then the eos that ended the row). ``eos_token_id`` (an id or a list of ids) defaults
+    to the reward model's ``config.eos_token_id``: the reward model shares the
+    policy's tokenizer.
+
+    Scoring goes through :func:`alignlab.eval.reward_scores` (right padding,
+    batches of ``batch_size``) with the reward model's own
+    ``config.pad_token_id`` as the right-padding id (``pad_token_id`` only when
+    it has none): HF sequence classifiers find the last real token through their
+    own id. Raises ``ValueError`` for a ``pad_token_id`` that is neither
+    ``None`` nor a non-negative int, an ``eos_token_id`` that is not one or a
+    list of them, or a ``batch_size`` that is not an int >= 1 (checked here,
+    before any step).
     """
     # 1.5 matched no token: the prompts' left padding was scored by the reward model
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    own_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    config = getattr(model, "config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos_ids = _eos_ids(eos_token_id)
+    # pad == eos: the first of a finished row's trailing pads is the eos it generated (unless another eos ended it)
+    pad_ends_rows = pad_token_id is not None and pad_token_id in eos_ids
+    own_pad = getattr(config, "pad_token_id", None)
     right_pad = own_pad if own_pad is not None else pad_token_id
 
     def reward_fn(input_ids: torch.LongTensor) -> torch.Tensor:
@@ -129,7 +157,13 @@ def reward_model_fn(
         for row in input_ids:
             if pad_token_id is not None:
                 real = (row != pad_token_id).nonzero()
-                row = row[int(real[0]) :] if real.numel() else row[-1:]
+                if real.numel():
+                    end = int(real[-1]) + 1
+                    if pad_ends_rows and end < row.numel() and int(row[end - 1]) not in eos_ids:
+                        end += 1
+                    row = row[int(real[0]) : end]
+                else:
+                    row = row[-1:]
             rows.append(row)
         return reward_scores(model, rows, pad_token_id=right_pad, batch_size=batch_size)
 

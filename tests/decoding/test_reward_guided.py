@@ -154,9 +154,67 @@ def test_processor_takes_a_numpy_top_k():
 
 
 @pytest.mark.parametrize("kwargs", [{"pad_token_id": 1.5}, {"pad_token_id": True}, {"pad_token_id": -1},
-                                    {"batch_size": 0}, {"batch_size": 2.5}])
+                                    {"batch_size": 0}, {"batch_size": 2.5},
+                                    {"eos_token_id": 1.5}, {"eos_token_id": [2, -1]}])
 def test_reward_model_fn_checks_its_arguments_when_made(kwargs):
     """pad_token_id=1.5 matched no token, so the left padding was scored; a bad batch_size surfaced only
     at the first generation step."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         reward_model_fn(lambda input_ids, attention_mask: attention_mask.sum(1).float(), **kwargs)
+
+
+def _classifier(pad_token_id: int, eos_token_id: int | None = None):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_token_id,
+                                   eos_token_id=eos_token_id, num_labels=1)
+    torch.manual_seed(0)
+    return transformers.LlamaForSequenceClassification(cfg).eval()
+
+
+def _alone(rows: torch.Tensor, prompt_len: int, pad: int, eos: set[int]) -> list[torch.Tensor]:
+    """Each row as it would be generated alone: no left padding, cut right after its first generated eos."""
+    out = []
+    for row in rows:
+        start = int((row != pad).nonzero()[0])
+        new = row[prompt_len:].tolist()
+        end = next((prompt_len + i + 1 for i, t in enumerate(new) if t in eos), row.numel())
+        out.append(row[start:end])
+    return out
+
+
+@pytest.mark.parametrize("pad", [0, 2])  # a pad id of its own; the pad id that is also the eos
+def test_reward_model_fn_scores_a_finished_candidate_without_the_pads_generate_appends(pad):
+    """generate fills a row that ended early with pad_token_id up to the batch's longest; the reward
+    model (whose own pad id differs) read those pads as text and scored the last of them, so
+    best-of-N ranked every candidate that stopped early by a wrong reward."""
+    from alignlab.decoding import best_of_n
+
+    eos = [2, 9, 17, 33, 41, 50]
+    policy = make_tiny_llama(seed=0, vocab_size=64)
+    rm = _classifier(pad_token_id=63, eos_token_id=eos)
+    ids = torch.tensor([[pad, pad, 12, 30], [5, 6, 7, 8]])
+    torch.manual_seed(1)
+    out = best_of_n(policy, ids, reward_model_fn(rm, pad_token_id=pad), n=4, attention_mask=(ids != pad).long(),
+                    max_new_tokens=8, pad_token_id=pad, eos_token_id=eos)
+    rows = out.candidates.flatten(0, 1)
+    alone = _alone(rows, 4, pad, set(eos))
+    assert any(r.numel() < rows.shape[1] - 2 for r in alone)  # some candidates really stopped early
+    with torch.no_grad():
+        want = torch.stack([rm(input_ids=r[None]).logits[0, 0] for r in alone])
+    torch.testing.assert_close(out.scores.flatten(), want)
+
+
+def test_reward_model_fn_trailing_pads_with_pad_as_eos_keep_the_generated_eos():
+    seen = []
+
+    def recorder(input_ids, attention_mask):
+        seen.extend(r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask))
+        return attention_mask.sum(1).float()
+
+    rows = torch.tensor([[2, 5, 6, 2, 2], [5, 6, 7, 9, 2], [2, 2, 5, 6, 7], [5, 6, 7, 8, 2]])
+    reward_model_fn(recorder, pad_token_id=2, eos_token_id=[2, 9])(rows)
+    # the pad that ended row 0 is its eos; row 1 ended on 9; row 3 generated the pad id 2 as its eos
+    assert sorted(seen) == sorted([[5, 6, 2], [5, 6, 7, 9], [5, 6, 7], [5, 6, 7, 8, 2]])  # any batching order
+    seen.clear()
+    reward_model_fn(recorder, pad_token_id=0, eos_token_id=9)(torch.tensor([[0, 5, 9, 0, 0], [5, 6, 7, 8, 9]]))
+    assert sorted(seen) == [[5, 6, 7, 8, 9], [5, 9]]
