@@ -140,9 +140,10 @@ def best_of_n(
             num_return_sequences=..., **kwargs)``.
         input_ids: ``(batch, prompt_len)`` prompts (left-padded when batched).
         score_fn: maps ``(batch * n, seq)`` generated sequences (prompt
-            included, grouped by prompt, with the prompts' left padding) to
+            included, grouped by prompt, with the prompts' left padding and,
+            after a candidate that stopped early, ``generate``'s pad tokens) to
             ``(batch * n,)`` scores, e.g. a reward model via
-            :func:`alignlab.decoding.reward_model_fn`, which strips that padding.
+            :func:`alignlab.decoding.reward_model_fn`, which strips both.
         n: candidates per prompt (>= 1).
         attention_mask: ``(batch, prompt_len)``.
         nan: ``"lose"`` ranks NaN scores below every number; ``"raise"``
