@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _fp16_grad_unit
+from alignlab.losses.logprobs import _fp16_grad_unit, default_chunk_rows
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -741,6 +741,53 @@ def sequence_kd_labels(
     return labels
 
 
+class _ShiftedNLL(torch.autograd.Function):
+    """``nll[b, i] = logsumexp(z[b, i]) − z[b, i, y[b, i]]`` for logits ``z (B, S, V)`` and shifted targets ``y``
+    ``(B, S − 1)`` (0 where ``valid`` is False), in fp32 (fp64 for fp64 logits) a chunk of rows at a time.
+
+    Only a chunk is ever upcast, and the backward recomputes its chunk from the saved logits, so neither pass
+    holds an fp32 ``(tokens, vocab)`` copy (``F.cross_entropy`` on the upcast logits kept two). The gradient
+    ``g·(softmax(z) − onehot(y))`` is written in the logits' dtype, zero on the last position and on rows that are
+    not ``valid`` (NaN logits there reach neither pass). The backward is made of differentiable ops on the saved
+    input, so a second derivative (``create_graph=True``) is the true one.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        nll = torch.zeros(target.shape, dtype=acc, device=logits.device)
+        for b, rows in _shifted_chunks(logits):
+            z = logits[b, rows].to(acc)
+            picked = z.gather(1, target[b, rows, None]).squeeze(1)
+            nll[b, rows] = torch.where(valid[b, rows], torch.logsumexp(z, dim=1) - picked, 0.0)
+        ctx.save_for_backward(logits, target, valid)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, target, valid = ctx.saved_tensors
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for b, rows in _shifted_chunks(logits):
+            keep = valid[b, rows, None]
+            z = torch.where(keep, logits[b, rows].to(acc), 0.0)  # finite rows: the zero scale below then zeroes them
+            y = target[b, rows, None]
+            dz = torch.softmax(z, dim=1).scatter_add(1, y, torch.full(y.shape, -1.0, dtype=acc, device=z.device))
+            scale = torch.where(keep, grad[b, rows, None].to(acc), 0.0)
+            out[b, rows] = (dz * scale).to(logits.dtype)
+        return out, None, None
+
+
+def _shifted_chunks(logits: torch.Tensor):
+    """``(batch index, row slice)`` over the positions ``0 … S − 2`` of ``logits (B, S, V)`` that predict a next
+    token, sized so that one fp32 chunk stays within the CPU/CUDA logits budget of :mod:`~alignlab.losses.logprobs`."""
+    n = logits.shape[1] - 1
+    step = default_chunk_rows(max(n, 1), logits.shape[-1], 4, logits.device)
+    for b in range(logits.shape[0]):
+        for start in range(0, n, step):
+            yield b, slice(start, min(start + step, n))
+
+
 def sequence_kd_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -751,7 +798,10 @@ def sequence_kd_loss(
 ) -> torch.Tensor:
     """Next-token cross-entropy of the student on teacher-generated targets.
 
-    ``student_logits[:, i]`` predicts ``labels[:, i + 1]`` (the usual causal shift is done here).
+    ``student_logits[:, i]`` predicts ``labels[:, i + 1]`` (the usual causal shift is done here):
+    ``nll_i = logsumexp(z_i) − z_{i, y_{i+1}}`` in fp32 (fp64 for fp64 logits), a chunk of rows at a time, so no
+    fp32 copy of the ``(batch, seq, vocab)`` logits is made or kept for the backward (it recomputes each chunk;
+    the gradient is written in the logits' dtype).
 
     Padding-free batches: pass the packed ``(1, total, vocab)`` logits, ``(1, total)`` labels and their
     ``cu_seqlens`` (e.g. from ``alignlab.data.cu_seq_lens_from_position_ids``); the shift then never scores
@@ -769,7 +819,8 @@ def sequence_kd_loss(
 
     Raises:
         ValueError: on shape mismatch, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
-            leading dimension is not 1.
+            leading dimension is not 1; a label outside ``[0, vocab)`` that is not ``ignore_index`` (checked for
+            CPU labels outside ``torch.compile``; elsewhere it would cost a host sync per call).
         TypeError: non-float ``student_logits``, non-integer ``labels``.
     """
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
@@ -780,9 +831,7 @@ def sequence_kd_loss(
         raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logits = student_logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    target = labels[:, 1:].long()  # cross_entropy takes int64 targets only (int32 token ids are common)
+    target = labels[:, 1:].long()  # gather takes int64 indices only (int32 token ids are common)
     seq_of_target = None
     if cu_seqlens is not None:
         if labels.shape[0] != 1:
@@ -795,9 +844,16 @@ def sequence_kd_loss(
         target = target.clone()
         target[0, starts - 1] = ignore_index  # a sequence's first token has no prediction inside it
         seq_of_target = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])[1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index, reduction="none")
-    nll = nll.view(target.shape)
     valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    vocab = student_logits.shape[-1]
+    # labels are host memory on CPU: range-checked there (gather's own IndexError names nothing); on CUDA the
+    # check would be a host sync per call
+    if safe.is_cpu and safe.numel() and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(safe))
+        if low < 0 or high >= vocab:
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got {low if low < 0 else high}")
+    nll = _ShiftedNLL.apply(student_logits, safe, valid)
     if reduction == "none":
         if seq_of_target is not None:
             return nll.new_zeros(cu.numel() - 1).index_add(0, seq_of_target, nll[0])
