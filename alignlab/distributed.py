@@ -74,7 +74,8 @@ def shard_model(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a block type is neither a class nor a name.
-        ValueError: no ``block_types`` given and the model declares none, or none of them occurs.
+        ValueError: no ``block_types`` given and the model declares none, or none of them occurs; no
+            ``mesh`` and no process group (``init_process_group`` not called, not started by ``torchrun``).
         RuntimeError: this torch's FSDP2 cannot shard the NF4 bytes (torch 2.11 makes every shard require
             grad, which a uint8 tensor cannot: pytorch/pytorch#177844; torch 2.13 shards them).
     """
@@ -107,6 +108,15 @@ def shard_model(
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+    except ValueError as e:
+        # with no mesh, fully_shard builds one over the default group, starting it from torchrun's environment
+        if mesh is not None or (dist.is_available() and dist.is_initialized()):
+            raise
+        raise ValueError(
+            "mesh: None shards over the default process group, and there is no torch.distributed process group: "
+            "call torch.distributed.init_process_group ('gloo' on CPU, 'nccl' on GPUs) before shard_model, and "
+            "start the script with torchrun (for one process: init_process_group(backend, "
+            "store=torch.distributed.HashStore(), rank=0, world_size=1)), or pass a DeviceMesh as mesh") from e
     except RuntimeError as e:
         if "can require gradients" not in str(e):
             raise

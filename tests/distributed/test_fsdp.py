@@ -235,3 +235,18 @@ def test_like_target_refuses_another_shape():
         like_target(torch.ones(1, 4), target)
     out = like_target(torch.ones(3, 4, dtype=torch.float64), target)
     assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
+
+
+def test_shard_model_without_a_process_group_says_to_start_one(monkeypatch):
+    """Started with plain ``python`` (no init_process_group, no torchrun environment), shard_model failed inside
+    torch's implicit env:// rendezvous with 'environment variable RANK expected, but not set', which does not say
+    that a process group is what is missing, nor how to make one."""
+    from alignlab.distributed import shard_model
+
+    if torch.distributed.is_initialized():  # pragma: no cover - the test process never joins a group
+        pytest.skip("a process group is initialized in this process")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"no torch\.distributed process group.*init_process_group.*torchrun"):
+        shard_model(model, block_types="Sequential")
