@@ -243,21 +243,29 @@ def _generator(recipe: Recipe, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(((recipe.random_seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
 
 
-def merge_tensor(recipe: Recipe, name: str, tensors: Mapping[Path, Tensor], out_dtype: torch.dtype | None = None,
-                 *, out: Any = None) -> Tensor | None:
+def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: str, tensors: Mapping[Path, Tensor],
+                 out_dtype: torch.dtype | None = None, *, out: Any = None) -> Tensor | None:
     """Merge one tensor ``name`` given each input checkpoint's copy (keyed by path).
 
     This is what :func:`merge_checkpoints` runs per tensor; it is exposed so that
-    in-memory state dicts can be merged with exactly the same semantics. ``tensors`` may be keyed by
-    ``Path`` or by the strings written in the recipe (``{"./llama-math": t, ...}``). The arithmetic is
-    float32 (float64 for float64 inputs) and the result is rounded once, to ``out_dtype``
-    (default: the dtype of the first input).
+    in-memory state dicts can be merged with exactly the same semantics. ``recipe`` is what
+    :func:`merge_checkpoints` takes: a :class:`~alignlab.merging.recipe.Recipe`, a mapping in the YAML
+    schema or the path of a YAML file (validated on every call: over a whole state dict, build the
+    ``Recipe`` once with :func:`~alignlab.merging.recipe.recipe_from_dict` or ``load_recipe``).
+    ``tensors`` may be keyed by ``Path`` or by the strings written in the recipe
+    (``{"./llama-math": t, ...}``). The arithmetic is float32 (float64 for float64 inputs) and the
+    result is rounded once, to ``out_dtype`` (default: the dtype of the first input).
+
+    Raises:
+        ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), or what
+            the method raises (shapes, parameters).
+        TypeError: ``recipe`` is none of the above, ``tensors`` is not a mapping.
 
     ``out`` (internal): a chunk writer that the chunked methods (slerp, task arithmetic, TIES, DARE,
     breadcrumbs, DELLA) write the result into, chunk by chunk, returning None; the other methods
     ignore it and return the merged tensor.
     """
-    r = recipe
+    r = _as_recipe(recipe)  # a mapping raised AttributeError: 'dict' object has no attribute 'merge_method'
     tensors = _by_path(r, name, tensors)
     method = r.merge_method
     if method in ("linear", "karcher"):

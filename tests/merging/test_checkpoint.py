@@ -132,6 +132,32 @@ def test_merge_tensor_takes_the_recipe_strings_as_keys_and_names_a_missing_model
     torch.testing.assert_close(merge_tensor(lin, "w", {"a": t["a"], "b": t["b"]}), (t["a"] + t["b"]) / 2)
 
 
+def test_merge_tensor_takes_the_recipe_as_merge_checkpoints_does(tmp_path, monkeypatch):
+    """merge_checkpoints takes a Recipe, a mapping or a YAML path; merge_tensor, the same per-tensor step for
+    in-memory state dicts, took only a Recipe: the mapping of the docs raised AttributeError ('dict' object
+    has no attribute 'merge_method')."""
+    from alignlab.merging.checkpoint import merge_tensor
+
+    data = {"merge_method": "ties", "base_model": "base",
+            "models": [{"model": "a", "parameters": {"weight": 0.6, "density": 0.5}},
+                       {"model": "b", "parameters": {"weight": 0.4, "density": 0.5}}]}
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(8, 8, generator=g) for k in ("base", "a", "b")}
+    want = M.ties(t["base"], [t["a"], t["b"]], [0.6, 0.4], density=0.5)
+    torch.testing.assert_close(merge_tensor(data, "w", t), want, rtol=0, atol=0)
+    pytest.importorskip("yaml")
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # relative model paths resolve against the current directory
+    torch.testing.assert_close(merge_tensor(tmp_path / "r.yaml", "w", t), want, rtol=0, atol=0)
+    torch.testing.assert_close(merge_tensor("r.yaml", "w", t), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown merge_method"):
+        merge_tensor({**data, "merge_method": "tie"}, "w", t)
+    with pytest.raises(TypeError, match="recipe must be a Recipe, a mapping or a path"):
+        merge_tensor(3, "w", t)
+
+
 def test_dare_is_seeded_per_tensor(three_models):
     tmp, states = three_models
     r = recipe(tmp, "dare_ties", {"a": {"density": 0.5}, "b": {"density": 0.5}}, random_seed=3)
