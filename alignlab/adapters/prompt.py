@@ -323,6 +323,49 @@ def _check_decoder_only(raw: dict) -> None:
         raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
 
 
+#: the PEFT task types whose wrappers prepend a soft prompt (a plain ``PeftModel``, task type None, runs the
+#: base model without it)
+PROMPT_TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def _check_task_type(task_type) -> str | None:
+    if task_type is not None and task_type not in PROMPT_TASK_TYPES:
+        raise ValueError(f"task_type must be None (taken from the model) or one of {PROMPT_TASK_TYPES}, got {task_type!r}")
+    return task_type
+
+
+def _prompt_task(model: nn.Module, task_type: str | None) -> str:
+    """The PEFT task type a soft-prompt file of ``model`` names: ``task_type`` where given, else the model's head
+    (``…ForSequenceClassification`` → ``SEQ_CLS`` etc.), else ``CAUSAL_LM`` for a model that generates and
+    ``FEATURE_EXTRACTION`` for a bare backbone (PEFT's causal-LM wrapper needs generate's hooks)."""
+    from alignlab.adapters.io import _TASK_HEADS, _model_identity
+
+    if task_type is not None:
+        return task_type
+    task = _model_identity(model).get("task_type")
+    if task in _TASK_HEADS:
+        return task
+    return "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else "FEATURE_EXTRACTION"
+
+
+def _task_heads(model: nn.Module, task: str) -> list[str]:
+    """The head modules of ``model`` that PEFT's wrapper for ``task`` trains and reads back from the file
+    (``classifier``/``score`` for ``SEQ_CLS``, ``qa_outputs`` for ``QUESTION_ANS``); none for other tasks.
+
+    Raises:
+        ValueError: ``task`` needs such a head and ``model`` has none.
+    """
+    from alignlab.adapters.config import saved_module_matches
+    from alignlab.adapters.io import _TASK_HEADS
+
+    wanted = _TASK_HEADS.get(task, [])
+    heads = [n for n, _ in model.named_modules() if n and saved_module_matches(wanted, n)]
+    if wanted and not heads:
+        raise ValueError(f"task_type {task!r}: PEFT reads the model's {' or '.join(wanted)} head from the file, and "
+                         f"this {type(model).__name__} has none")
+    return heads
+
+
 def _check_seed(seed) -> int:
     if not is_int(seed):  # torch.manual_seed would truncate 1.5, or fail only at inject on "1"
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -343,8 +386,14 @@ class PromptTuningConfig:
             description), repeated or cut to ``n``; ``None`` samples ``n`` random vocabulary rows.
         seed: seed of the random initialisation.
         embedding_module: dotted name of the input embedding (default: ``get_input_embeddings()``).
+        task_type: the PEFT task type the saved file names (one of :data:`PROMPT_TASK_TYPES`); ``None`` takes
+            it from the model: ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` for an HF classifier or QA model,
+            ``CAUSAL_LM`` for a model that generates, ``FEATURE_EXTRACTION`` for a bare backbone. PEFT's
+            wrappers for the three head tasks read the head's weights from the file, so they are saved with
+            the prompt (and loaded back into the head).
     Raises:
-        ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids`` (a list, tuple or 1-D tensor of ids).
+        ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids`` (a list, tuple or 1-D tensor of ids),
+            an unknown ``task_type``.
         TypeError: a ``seed`` that is not an int.
     """
 
@@ -354,10 +403,12 @@ class PromptTuningConfig:
     init_token_ids: list[int] | None = None
     seed: int = 0
     embedding_module: str | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
         self.seed = _check_seed(self.seed)
+        self.task_type = _check_task_type(self.task_type)
         if self.init_token_ids is not None:
             ids = self.init_token_ids
             if getattr(ids, "ndim", None) == 1:  # a tokenizer's tensor / array of ids
@@ -411,24 +462,32 @@ class PromptTuningConfig:
     # -- PEFT format --------------------------------------------------------------------------------
     def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         holder = _holder(model)
-        return {"prompt_embeddings": holder.prompt_embeddings[adapter_name]}
+        tensors = {"prompt_embeddings": holder.prompt_embeddings[adapter_name]}
+        # the head PEFT's classifier wrappers read back (its prompt-learning keys: "base_model.<module>.<param>")
+        for head in _task_heads(model, _prompt_task(model, self.task_type)):
+            for pname, p in model.get_submodule(head).named_parameters():
+                tensors[f"base_model.{head}.{pname}"] = p
+        return tensors
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         holder = _holder(model)
         cfg = getattr(model, "config", None)
+        task = _prompt_task(model, self.task_type)
         return {
-            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
+            "peft_type": "PROMPT_TUNING", "task_type": task, "base_model_name_or_path": None, "revision": None,
             "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": holder.out_features,
             "num_transformer_submodules": 1, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
             "num_layers": getattr(cfg, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-            "modules_to_save": None,
+            "modules_to_save": _task_heads(model, task) or None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "PromptTuningConfig":
         _check_decoder_only(raw)
-        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"))
+        task = raw.get("task_type")  # the file's task decides whether it holds a head; others read as CAUSAL_LM
+        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"),
+                   task_type=task if task in PROMPT_TASK_TYPES else "CAUSAL_LM")
 
 
 @dataclass

@@ -239,7 +239,7 @@ def test_peft_prompt_and_prefix_files_load_as_the_same_config(tmp_path):
     """What PEFT writes (and what we write) comes back with the same values and Python types as before."""
     raw = _peft_file(tmp_path / "prompt", lambda peft: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     loaded = PromptTuningConfig.from_peft(raw)
-    assert loaded == PromptTuningConfig(num_virtual_tokens=5) and type(loaded.num_virtual_tokens) is int
+    assert loaded == PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM") and type(loaded.num_virtual_tokens) is int
     raw = _peft_file(tmp_path / "prefix", lambda peft: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8))
     with pytest.warns(UserWarning, match="prefix_projection"):

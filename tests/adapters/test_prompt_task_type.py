@@ -1,0 +1,81 @@
+"""A prompt-tuning file names the PEFT task type of the model it came from. It always said CAUSAL_LM: PEFT 0.21
+then wrapped a BERT classifier in PeftModelForCausalLM and failed ('prepare_inputs_for_generation'); a bare
+backbone likewise. PEFT's classifier/QA wrappers also read the head from the file, so it is saved there."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from alignlab.adapters import PromptTuningConfig, adapter_configs, inject, load_adapter, save_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+MASK = torch.tensor([[1] * 7, [1] * 5 + [0, 0]])
+
+BERTS = {  # head class -> (task type, the output compared, the head PEFT reads from the file)
+    "BertForSequenceClassification": ("SEQ_CLS", "logits", ["classifier"]),
+    "BertForTokenClassification": ("TOKEN_CLS", "logits", ["classifier"]),
+    "BertForQuestionAnswering": ("QUESTION_ANS", "start_logits", ["qa_outputs"]),
+    "BertModel": ("FEATURE_EXTRACTION", "last_hidden_state", None),
+}
+
+
+def _bert(cls_name):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64,
+                                     num_labels=2 if "Question" in cls_name else 3)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def _outputs(model, key):
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK)[key]
+
+
+@pytest.mark.parametrize("cls_name", list(BERTS))
+def test_saved_prompt_loads_in_peft_and_back_with_the_same_outputs(cls_name, tmp_path):
+    task, key, heads = BERTS[cls_name]
+    model = inject(_bert(cls_name), PromptTuningConfig(num_virtual_tokens=3, seed=1))
+    want = _outputs(model, key)
+    save_adapter(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (raw["task_type"], raw["modules_to_save"]) == (task, heads)
+    theirs = peft.PeftModel.from_pretrained(_bert(cls_name), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(theirs, key), want)
+    torch.testing.assert_close(_outputs(load_adapter(_bert(cls_name), tmp_path), key), want)
+
+
+def test_peft_classifier_prompt_with_its_trained_head_loads_into_ours(tmp_path):
+    """PEFT trains the classifier next to the prompt (SEQ_CLS); its file failed to load ('no adapted module')."""
+    theirs = peft.get_peft_model(_bert("BertForSequenceClassification"),
+                                 peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(_bert("BertForSequenceClassification"), tmp_path)
+    assert adapter_configs(ours)["default"].task_type == "SEQ_CLS"
+    torch.testing.assert_close(_outputs(ours, "logits"), _outputs(theirs.eval(), "logits"))
+
+
+def test_causal_lm_keeps_its_task_type_and_a_given_task_type_is_written(tmp_path):
+    model = inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2))
+    save_adapter(model, tmp_path / "lm")
+    assert json.loads((tmp_path / "lm" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    model = inject(_bert("BertForSequenceClassification"),
+                   PromptTuningConfig(num_virtual_tokens=2, task_type="FEATURE_EXTRACTION"))
+    save_adapter(model, tmp_path / "fe")
+    raw = json.loads((tmp_path / "fe" / "adapter_config.json").read_text())
+    assert (raw["task_type"], raw["modules_to_save"]) == ("FEATURE_EXTRACTION", None)
+    with pytest.raises(ValueError, match="task_type must be None .* or one of"):
+        PromptTuningConfig(task_type="SEQ_2_SEQ_LM")
+    model = inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT reads the model's classifier or score head"):
+        save_adapter(model, tmp_path / "bad")
