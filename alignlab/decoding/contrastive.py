@@ -96,10 +96,11 @@ def contrastive_logits(
 class ContrastiveDecodingLogitsProcessor:
     """HF logits processor: the generating model is the expert, ``amateur`` a smaller LM.
 
-    Use as ``model.generate(..., logits_processor=LogitsProcessorList([proc]))``
-    with greedy or beam search. ``generate`` runs its own processors
-    (temperature, top-k, ...) *before* custom ones, so with sampling the
-    expert scores arrive already warped.
+    Use as ``model.generate(..., logits_processor=LogitsProcessorList([proc]))``,
+    greedy or beam search as in the paper. ``generate`` runs its own logits
+    processors (repetition penalty, ...) *before* custom ones and its sampling
+    warpers (temperature, top-k, ...) *after* them, so with sampling those act
+    on the contrastive scores.
 
     Args:
         amateur: causal LM sharing the expert's tokenizer.

@@ -85,8 +85,9 @@ class ProxyTuningLogitsProcessor:
     ``__call__(input_ids (batch, seq), scores (batch, vocab)) -> (batch, vocab)``.
     Raises ``ValueError`` when ``input_ids`` hold an id beyond the expert's or the
     anti-expert's vocabulary (a prompt token a smaller model cannot embed).
-    Place it first among custom processors; ``generate`` applies its own
-    warpers (temperature, top-k, ...) before custom ones.
+    Place it first among custom processors; ``generate`` applies its own logits
+    processors (repetition penalty, ...) before custom ones and its sampling
+    warpers (temperature, top-k, ...) after them, on the proxy-tuned scores.
     """
 
     def __init__(

@@ -119,3 +119,19 @@ def test_alpha_and_temperature_types_are_checked():
     # NumPy scalars are real numbers
     torch.testing.assert_close(contrastive_logits(x, y, alpha=np.float32(0.25), amateur_temperature=np.float32(0.5)),
                                contrastive_logits(x, y, alpha=0.25, amateur_temperature=0.5))
+
+
+def test_sampling_warpers_act_on_the_contrastive_scores_not_before_them():
+    """The docs said generate's temperature / top-k ran before custom processors, so that with sampling the
+    expert logits arrived already warped. transformers runs its sampling warpers after the custom processors:
+    the processor sees the raw expert logits, and temperature then divides the contrastive scores."""
+    expert = make_tiny_llama(seed=0, vocab_size=64)
+    amateur = make_tiny_llama(seed=3, vocab_size=64, num_layers=1)
+    ids = torch.tensor([[5, 9, 7]])
+    proc = ContrastiveDecodingLogitsProcessor(amateur, alpha=0.1)
+    out = expert.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_k=0,
+                          max_new_tokens=1, pad_token_id=PAD, eos_token_id=None, logits_processor=[proc],
+                          output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = contrastive_logits(expert(ids).logits[:, -1], amateur(ids).logits[:, -1], alpha=0.1) / 0.7
+    torch.testing.assert_close(out.scores[0], want)
