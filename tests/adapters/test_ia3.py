@@ -106,3 +106,21 @@ def test_numpy_bool_flags_act_as_python_bools():
                      (dict(init_ones=1), "init_ones"), (dict(init_ones="no"), "init_ones")):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             IA3Linear(nn.Linear(6, 4), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_half_precision_merge_is_the_exact_product_rounded_once(dtype, feedforward):
+    """Guard: the fp32 vector is folded into a 16-bit weight in fp32 and rounded once; a product taken in the
+    weight's dtype (l rounded first) misses the once-rounded fp64 formula on hundreds of these entries."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(dtype)
+    with torch.no_grad():
+        base.weight.mul_(torch.logspace(-6, 2, 64).to(dtype))  # down to fp16's subnormal range
+    w0, b0 = base.weight.detach().double(), base.bias.detach().double()
+    layer = IA3Linear(base, feedforward=feedforward, init_ones=False)
+    l = layer.ia3_l["default"].detach().double()
+    layer.merge()
+    want = w0 * (l[None, :] if feedforward else l[:, None])
+    assert torch.equal(layer.base_layer.weight.detach(), want.to(dtype))
+    assert torch.equal(layer.base_layer.bias.detach(), (b0 if feedforward else b0 * l).to(dtype))
