@@ -1,6 +1,6 @@
 """Model-merging methods as plain functions on tensors.
 
-Every function takes one tensor per model (all of the same shape, e.g. one
+Every function takes one tensor per model (all of the same shape, on one device, e.g. one
 ``(out_features, in_features)`` projection of each checkpoint) and returns the
 merged tensor in ``out_dtype`` (default: the dtype of the first input).
 Arithmetic runs in float32 (float64 when the inputs are float64), the way merges
@@ -116,6 +116,11 @@ def _check_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} but {names[0]} has shape {tuple(first.shape)}"
             )
+        if t.device != first.device:
+            # no merge moves tensors between devices: mixed inputs raised torch's unnamed "Expected all
+            # tensors to be on the same device" in some methods, copied silently in others
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}; "
+                             "move every input to one device")
 
 
 def _check_models(base: Tensor, models: Sequence[Tensor]) -> None:

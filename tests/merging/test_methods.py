@@ -586,6 +586,21 @@ def test_parameters_can_be_merged_directly(name):
     torch.testing.assert_close(got, MERGES[name](base, ms), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", list(MERGES))
+@pytest.mark.parametrize("which", [1, 2])
+def test_inputs_on_two_devices_are_a_named_value_error(name, which):
+    """Inputs on two devices raised torch's unnamed "Expected all tensors to be on the same device" in some
+    methods and were copied across in others (TIES on a CPU base read CUDA models chunk by chunk); ``linear``
+    of a CPU and a meta tensor returned a CPU tensor without a word. Now every method names the tensor. The
+    meta device stands in for a second device (CI has no GPU)."""
+    base, ms = _models(2, shape=(64, 48))
+    inputs = [base, *ms]
+    inputs[which] = inputs[which].to("meta")
+    merge = MERGES[name] if name != "combine_deltas" else lambda b, ds: M.combine_deltas(b, ds, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"is on (meta|cpu) but \S+ is on (cpu|meta)"):
+        merge(inputs[0], inputs[1:])
+
+
 def test_string_weights_are_refused_not_parsed():
     """list("1") is ["1"] and float("1") is 1.0: a string weight from a config used to merge as a number."""
     base, ms = _models(2)
