@@ -91,11 +91,12 @@ DTYPES = {
     "float64": torch.float64,
 }
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
 
 def parse_size(value: int | str) -> int:
-    """``"2GB"`` / ``"500MB"`` / ``1_000_000`` -> bytes (powers of 1000, as HF's ``max_shard_size``)."""
+    """``"2GB"`` / ``"500MB"`` / ``1_000_000`` -> bytes: powers of 1000, and of 1024 for ``"2GiB"`` / ``"512MiB"``,
+    as HF's ``max_shard_size``."""
     if is_int(value):
         if value <= 0:
             raise ValueError(f"out_shard_size must be positive, got {value}")
@@ -103,7 +104,8 @@ def parse_size(value: int | str) -> int:
     m = _SIZE.match(str(value))
     if not m:
         raise ValueError(f"out_shard_size must be an int or a size like '2GB', got {value!r}")
-    size = int(float(m.group(1)) * 1000 ** "_KMGT".index(m.group(2).upper() or "_"))
+    base = 1024 if m.group(3) else 1000  # "GiB" read as "GB" made shards 7% smaller than asked
+    size = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
     if size <= 0:
         raise ValueError(f"out_shard_size must be positive, got {value!r}")
     return size

@@ -714,3 +714,15 @@ def test_inputs_are_mapped_per_tensor_and_released(three_models, method, params)
     ck = SafetensorsCheckpoint(tmp / "a")
     for name, t in states["a"].items():
         assert torch.equal(ck.map(name), t), name
+
+
+def test_out_shard_size_reads_binary_units_as_powers_of_1024():
+    """HF's max_shard_size reads "5GB" as 5e9 bytes and "5GiB" as 5 * 2**30; "GiB" was read as "GB" (shards 7%
+    smaller than asked)."""
+    from alignlab.merging.recipe import parse_size
+
+    assert parse_size("5GB") == 5 * 1000**3 and parse_size("500MB") == 500 * 1000**2
+    assert parse_size("5GiB") == 5 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("1.5KiB") == 1536
+    assert parse_size("2gib") == 2 * 2**30 and parse_size(1234) == 1234
+    r = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"], "out_shard_size": "1TiB"})
+    assert r.out_shard_size == 2**40
