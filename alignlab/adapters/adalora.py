@@ -58,7 +58,8 @@ class AdaLoRALinear(AdapterLayer):
         dropout: dropout on the adapter input.
         adapter_name: name of the first adapter.
     Raises:
-        TypeError/ValueError: not a linear base, bad rank/init/dropout.
+        TypeError/ValueError: not a linear base, a rank that is not an int ``>= 0`` (a pruned layer may hold 0),
+            an unknown init, a dropout outside ``[0, 1)``, a ``scaling`` that is not a finite number.
     """
 
     mergeable = True
@@ -79,6 +80,8 @@ class AdaLoRALinear(AdapterLayer):
         r = int(r)
         if init not in ("adalora", "sora"):
             raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
+        scaling = check_finite_number(scaling, "scaling")
+        dropout = check_dropout(dropout)
         dtype, device = self._adapter_dtype_device()
         a = torch.empty(r, self.in_features, dtype=dtype, device=device)
         b = torch.empty(self.out_features, r, dtype=dtype, device=device)

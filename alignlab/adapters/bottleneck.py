@@ -41,7 +41,7 @@ from torch import nn
 
 from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, is_linear_like, linear_features
-from alignlab.adapters.config import as_bool, check_finite_number, check_positive_number, name_matches
+from alignlab.adapters.config import as_bool, check_finite_number, check_positive_int, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -49,12 +49,24 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.Si
 PLACEMENTS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"], "parallel": ["mlp"]}
 
 
+def _check_fusion_adapters(adapters) -> list[str]:
+    if not isinstance(adapters, (list, tuple)) or len(adapters) < 2 or not all(isinstance(a, str) for a in adapters):
+        raise ValueError(f"adapters must list at least two bottleneck adapter names, got {adapters!r}")
+    return list(adapters)
+
+
 class FusionLayer(nn.Module):
-    """Attention over adapter outputs at one block (see the module docstring)."""
+    """Attention over adapter outputs at one block (see the module docstring).
+
+    Raises ``ValueError``/``TypeError`` naming the argument, as :class:`AdapterFusionConfig` does: ``hidden`` not a
+    positive int, fewer than two ``adapters`` names, a ``temperature`` that is not a positive finite number.
+    """
 
     def __init__(self, hidden: int, adapters: list[str], temperature: float = 1.0) -> None:
         super().__init__()
-        self.adapters, self.temperature = list(adapters), float(temperature)
+        hidden = check_positive_int(hidden, "hidden")
+        self.adapters = _check_fusion_adapters(adapters)
+        self.temperature = float(check_positive_number(temperature, "temperature"))
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
         with torch.no_grad():
             for lin in (self.query, self.key):
@@ -83,14 +95,15 @@ class BottleneckLayer(AdapterLayer):
         scaling: ``s``.
         adapter_name: name of the first adapter.
     Raises:
-        ValueError: bad sizes or non-linearity.
-        TypeError: ``parallel`` is neither a bool nor a NumPy bool.
+        ValueError: ``hidden`` or ``bottleneck`` not a positive int, an unknown non-linearity, a ``scaling`` that is
+            NaN or infinite.
+        TypeError: ``parallel`` is neither a bool nor a NumPy bool; ``scaling`` not a real number.
     """
 
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, non_linearity: str = "relu",
                  parallel: bool = False, scaling: float = 1.0, adapter_name: str = "default") -> None:
         super().__init__(base)
-        self.hidden = hidden
+        self.hidden = check_positive_int(hidden, "hidden")
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
@@ -119,6 +132,7 @@ class BottleneckLayer(AdapterLayer):
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
+        scaling = check_finite_number(scaling, "scaling")  # NaN would reach every output
         dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)
@@ -310,9 +324,7 @@ class AdapterFusionConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.adapters, (list, tuple)) or len(self.adapters) < 2 or not all(isinstance(a, str) for a in self.adapters):
-            raise ValueError(f"adapters must list at least two bottleneck adapter names, got {self.adapters!r}")
-        self.adapters = list(self.adapters)
+        self.adapters = _check_fusion_adapters(self.adapters)
         self.temperature = check_positive_number(self.temperature, "temperature")
 
     def find_targets(self, model: nn.Module) -> list[str]:

@@ -42,6 +42,7 @@ from torch import nn
 
 from alignlab._checks import as_bool, check_positive_int, check_positive_number, is_int
 from alignlab.adapters.base import AdapterLayer, SavedModule
+from alignlab.adapters.lora import check_adapter_dtype
 
 __all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_token_indices", "tie_lora_heads"]
 
@@ -86,7 +87,8 @@ class LoRAEmbedding(AdapterLayer):
         adapter_dtype: dtype of ``A``/``B``; default fp32 over a 16-bit table, else the table's dtype.
 
     Raises:
-        TypeError: ``base`` is not an ``nn.Embedding``, or ``use_rslora`` is neither a bool nor a NumPy bool.
+        TypeError: ``base`` is not an ``nn.Embedding``, ``use_rslora`` is neither a bool nor a NumPy bool, or
+            ``adapter_dtype`` is neither None nor a floating-point dtype.
         ValueError: bad rank or alpha.
     """
 
@@ -125,6 +127,7 @@ class LoRAEmbedding(AdapterLayer):
         r = check_positive_int(r, "r")
         alpha = check_positive_number(alpha, "alpha")
         use_rslora = as_bool(use_rslora, "use_rslora")  # bool("no") is True: it would switch rsLoRA scaling on
+        check_adapter_dtype(adapter_dtype)
         weight = self.base_layer.weight
         if adapter_dtype is None:
             adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -305,7 +308,8 @@ class TrainableTokensLayer(AdapterLayer):
         adapter_dtype: dtype of ``D``; default fp32 over a 16-bit table, else the table's dtype.
 
     Raises:
-        TypeError: ``base`` is neither.  ValueError: bad or out-of-range ``indices``.
+        TypeError: ``base`` is neither, or ``adapter_dtype`` is neither None nor a floating-point dtype.
+        ValueError: bad or out-of-range ``indices``.
     """
 
     mergeable = True
@@ -348,6 +352,7 @@ class TrainableTokensLayer(AdapterLayer):
         """Add adapter ``name`` training rows ``indices`` (for a tied layer: share the tied layer's ``name``)."""
         self._check_new_adapter(name)
         indices = check_token_indices(indices)
+        check_adapter_dtype(adapter_dtype)
         bad = [i for i in indices if i >= self.num_rows]
         if bad:
             raise ValueError(f"trainable_token_indices: ids {bad} are out of range for a table of {self.num_rows} rows")

@@ -36,6 +36,12 @@ from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_u
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # PEFT's names
 
 
+def _check_decompose_factor(factor) -> int:
+    if not is_int(factor) or factor == 0 or factor < -1:
+        raise ValueError(f"decompose_factor must be -1 or a positive integer, got {factor!r}")
+    return int(factor)
+
+
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """``(m, n)`` with ``m·n = dimension``, ``m ≤ n``, ``m + n`` smallest, and ``m ≤ factor`` when ``factor > 0``.
 
@@ -64,8 +70,8 @@ class LoKrLinear(AdapterLayer):
         adapter_name: name of the first adapter.
         init_zero: ``W₁ = 0`` at the start (identity); ``False`` draws every factor at random.
     Raises:
-        TypeError/ValueError: not a linear base, bad rank or alpha; ``decompose_both`` or ``init_zero``
-            neither a bool nor a NumPy bool.
+        TypeError/ValueError: not a linear base, bad rank or alpha, a ``decompose_factor`` that is neither -1 nor a
+            positive int (as :class:`LoKrConfig`); ``decompose_both`` or ``init_zero`` neither a bool nor a NumPy bool.
     """
 
     mergeable = True
@@ -90,6 +96,7 @@ class LoKrLinear(AdapterLayer):
         r = check_positive_int(r, "r")
         alpha = check_positive_number(alpha, "alpha")
         decompose_both, init_zero = as_bool(decompose_both, "decompose_both"), as_bool(init_zero, "init_zero")
+        decompose_factor = _check_decompose_factor(decompose_factor)  # 0 or 3.5 gave a split of its own making
         (out1, in1), (out2, in2) = self.shapes(decompose_factor)
         dtype, device = self._adapter_dtype_device()
 
@@ -175,9 +182,7 @@ class LoKrConfig:
         self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
         self.decompose_both = as_bool(self.decompose_both, "decompose_both")  # written to adapter_config.json
         self.init_zero = as_bool(self.init_zero, "init_zero")
-        if not is_int(self.decompose_factor) or self.decompose_factor == 0 or self.decompose_factor < -1:
-            raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
-        self.decompose_factor = int(self.decompose_factor)
+        self.decompose_factor = _check_decompose_factor(self.decompose_factor)
         check_target_spec(self.target_modules, self.exclude_modules)
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoKrLinear:

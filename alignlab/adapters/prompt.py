@@ -57,10 +57,21 @@ HOOK_ATTR = "_alignlab_soft_prompt_hook"
 
 
 class PrefixEncoder(nn.Module):
-    """The prefixes of one adapter: ``(n, 2·L·d_kv)``, directly or through the reparameterisation MLP."""
+    """The prefixes of one adapter: ``(n, 2·L·d_kv)``, directly or through the reparameterisation MLP
+    (``projection_hidden`` wide; None: no MLP).
+
+    Raises ``ValueError``/``TypeError`` naming the argument, as :class:`PrefixTuningConfig` does: ``n``,
+    ``num_layers``, ``token_dim`` or a given ``projection_hidden`` not a positive int, an ``init_std`` that is
+    negative, NaN or infinite.
+    """
 
     def __init__(self, n: int, num_layers: int, token_dim: int, projection_hidden: int | None, init_std: float = 1.0) -> None:
         super().__init__()
+        n = check_positive_int(n, "n")
+        num_layers, token_dim = check_positive_int(num_layers, "num_layers"), check_positive_int(token_dim, "token_dim")
+        if projection_hidden is not None:
+            projection_hidden = check_positive_int(projection_hidden, "projection_hidden")
+        init_std = check_finite_number(init_std, "init_std", minimum=0.0)
         self.n, self.num_layers, self.token_dim = n, num_layers, token_dim
         width = num_layers * 2 * token_dim
         if projection_hidden:

@@ -37,10 +37,15 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
 
 
 class VeRAProjections(nn.Module):
-    """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``)."""
+    """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``).
+
+    Raises ``ValueError`` naming the argument unless ``r``, ``in_max`` and ``out_max`` are positive ints (``r = 0``
+    divided by zero in the Kaiming bound).
+    """
 
     def __init__(self, r: int, in_max: int, out_max: int, seed: int) -> None:
         super().__init__()
+        r, in_max, out_max = (check_positive_int(v, a) for v, a in ((r, "r"), (in_max, "in_max"), (out_max, "out_max")))
         g = torch.Generator().manual_seed(seed)
         a = _kaiming_uniform((r, in_max), g)  # A is drawn first, then B, from the same stream
         b = _kaiming_uniform((out_max, r), g)
@@ -59,7 +64,9 @@ class VeRALinear(AdapterLayer):
         d_initial: initial value of ``d``.
         adapter_name: name of the first adapter.
     Raises:
-        TypeError/ValueError: not a linear base, projections too small, bad rank/dropout.
+        TypeError/ValueError: not a linear base, projections too small, a rank that is not a positive int, a
+            dropout outside ``[0, 1)``, a ``d_initial`` that is not a finite number (the checks of
+            :class:`VeRAConfig`, so a layer built by hand is held to them too).
     """
 
     mergeable = True
@@ -75,6 +82,9 @@ class VeRALinear(AdapterLayer):
 
     def add_adapter(self, name: str, projections: VeRAProjections, r: int, dropout: float = 0.0, d_initial: float = 0.1) -> None:
         self._check_new_adapter(name)
+        r = check_positive_int(r, "r")
+        dropout = check_dropout(dropout)
+        d_initial = check_finite_number(d_initial, "d_initial")
         if projections.A.shape[1] < self.in_features or projections.B.shape[0] < self.out_features or projections.A.shape[0] < r:
             raise ValueError(f"shared projections A{tuple(projections.A.shape)}, B{tuple(projections.B.shape)} are too small "
                              f"for a ({self.out_features}, {self.in_features}) layer of rank {r}")
