@@ -370,15 +370,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     A model already sharded by FSDP2 cannot take new layers: inject the adapter (same config)
     before ``fully_shard``; ``load_adapter`` then copies the file's weights into its shards (every
-    rank reads the file and keeps its own part). A DDP-wrapped model is unwrapped.
+    rank reads the file and keeps its own part). The same holds for a model already wrapped in
+    ``DistributedDataParallel``, which all-reduces only the parameters it had when it was made: the
+    file is copied into the adapter injected before wrapping (or load into the plain model, then wrap).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         FileNotFoundError: ``path`` lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
-        ValueError: missing or unexpected keys, or shape mismatches (the key is named); a sharded
-            model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
+        ValueError: missing or unexpected keys, or shape mismatches (the key is named); a sharded or
+            DDP-wrapped model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
     _check_model_and_path(model, path)
+    wrapped = unwrap(model) is not model
     model = unwrap(model)
     root = Path(path)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
@@ -387,8 +390,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     raw = _read_config(root / CONFIG_NAME)
     config = _config_from_file(raw)
     check_peft_expert_layout(model, config, raw)
-    if is_sharded(model):
-        _load_into_sharded(model, config, load_file(str(root / WEIGHTS_NAME)), adapter_name)
+    if is_sharded(model) or wrapped:
+        how = "sharded (FSDP2)" if is_sharded(model) else "wrapped in DistributedDataParallel"
+        _load_into_sharded(model, config, load_file(str(root / WEIGHTS_NAME)), adapter_name, how)
         return model
     _drop_absent_modules_to_save(model, config)
     state = load_file(str(root / WEIGHTS_NAME))
@@ -409,15 +413,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return model
 
 
-def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor], adapter_name: str,
+                       how: str = "sharded (FSDP2)") -> None:
+    """Copy the file into adapter ``adapter_name`` the model already has: a model that is ``how`` cannot take new
+    parameters (FSDP2 would not shard them, DDP would not all-reduce their gradients)."""
     have = adapter_configs(model).get(adapter_name)
     if have is None:
-        raise ValueError(f"model is sharded (FSDP2) and has no adapter {adapter_name!r}: inject it before fully_shard, "
-                         "then load_adapter copies the weights into its shards")
+        if how.startswith("sharded"):
+            hint = "inject it before fully_shard, then load_adapter copies the weights into its shards"
+        else:  # DDP registered its parameters at construction: new ones would train apart on each rank
+            hint = ("load_adapter into the plain model, then wrap it (DDP all-reduces only the parameters it had when "
+                    "it was made), or inject the adapter before wrapping and load_adapter copies the weights into it")
+        raise ValueError(f"model is {how} and has no adapter {adapter_name!r}: {hint}")
     fields_ = ("r", "alpha", "use_rslora", "use_dora")
     if type(have) is not type(config) or (isinstance(config, LoRAConfig) and any(
             float(getattr(have, f)) != float(getattr(config, f)) for f in fields_)):
-        raise ValueError(f"adapter {adapter_name!r} of the sharded model differs from the file's "
+        raise ValueError(f"adapter {adapter_name!r} of the {how.split()[0]} model differs from the file's "
                          f"({type(have).__name__} vs {type(config).__name__}; compared {fields_})")
     _copy_into(model, state, adapter_name)
 

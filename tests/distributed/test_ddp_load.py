@@ -1,0 +1,61 @@
+"""load_adapter on a model already wrapped in DistributedDataParallel (one gloo process, in this process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
+from alignlab.distributed import ddp_model
+
+if not dist.is_available():  # pragma: no cover - every CPU wheel ships gloo
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+
+@pytest.fixture
+def world_of_one():
+    if dist.is_initialized():  # pragma: no cover - the test process never joins a group otherwise
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _model(adapter: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    if adapter:
+        inject(model, LoRAConfig(r=2, alpha=4, target_modules=["0", "2"]))
+    return model
+
+
+def test_load_adapter_into_a_ddp_model_copies_into_the_parameters_ddp_reduces(world_of_one, tmp_path):
+    """load_adapter unwrapped a DDP model and injected new adapter parameters into it: DDP had registered its
+    parameters when it was made, so the new ones were never all-reduced and the ranks trained apart without a
+    word (seen at world size 2: after two steps the ranks' lora_B differed). With the adapter injected before
+    wrapping, load_adapter said it already existed. It now copies into the adapter the wrapped model has, as
+    into a sharded one, and refuses a wrapped model without it."""
+    trained = _model(adapter=True)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_adapter(trained, tmp_path / "a")
+
+    with pytest.raises(ValueError, match="DistributedDataParallel.*has no adapter 'default'.*then wrap"):
+        load_adapter(ddp_model(_model(adapter=False)), tmp_path / "a")
+
+    wrapped = ddp_model(_model(adapter=True))
+    reduced = {id(p) for p in wrapped.parameters()}
+    load_adapter(wrapped, tmp_path / "a")
+    want = dict(trained.named_parameters())
+    for name, p in wrapped.module.named_parameters():
+        if p.requires_grad:
+            assert id(p) in reduced, name
+            torch.testing.assert_close(p, want[name], rtol=0, atol=0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(wrapped(x), trained(x))
