@@ -130,6 +130,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """DDP all-reduces the parameters a model had when it was wrapped, FSDP2 shards the ones it had when sharded:
+    adapter parameters added afterwards would train apart on each rank, so refuse them."""
+    from alignlab.distributed import is_sharded, unwrap
+
+    if unwrap(model) is not model:
+        raise ValueError("model is wrapped in DistributedDataParallel: inject before ddp_model (DDP all-reduces only "
+                         "the parameters the model had when it was wrapped)")
+    if is_sharded(model):
+        raise ValueError("model is sharded (FSDP2): inject before shard_model / fully_shard (FSDP2 shards and reduces "
+                         "only the parameters the model had when it was sharded)")
+
+
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
     """Replace the modules ``config`` selects with adapter layers, in place; returns ``model``.
 
@@ -141,12 +154,14 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         TypeError: ``model`` is not an ``nn.Module`` or ``config`` has the wrong type.
         ValueError: nothing matched ``target_modules`` (the message lists the linear modules
             that exist, and when a string would match a name suffix, says strings are full-name regexes
-            and gives the list form), or the adapter name is already used.
+            and gives the list form), the adapter name is already used, or ``model`` is already wrapped
+            in ``DistributedDataParallel`` or sharded by FSDP2 (inject before wrapping).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(config, "new_layer"):
         raise TypeError(f"config must be an adapter config such as LoRAConfig, got {type(config).__name__}")
+    _check_not_wrapped(model)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in this model; pick another name or delete_adapter first")

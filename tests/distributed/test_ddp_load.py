@@ -1,4 +1,4 @@
-"""load_adapter on a model already wrapped in DistributedDataParallel (one gloo process, in this process)."""
+"""Adapters and a model already wrapped in DistributedDataParallel or sharded by FSDP2 (one gloo process, in this process)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,24 @@ def test_load_adapter_into_a_ddp_model_copies_into_the_parameters_ddp_reduces(wo
             torch.testing.assert_close(p, want[name], rtol=0, atol=0)
     x = torch.randn(3, 8)
     torch.testing.assert_close(wrapped(x), trained(x))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_inject_refuses_a_wrapped_or_sharded_model(world_of_one):
+    """inject into a model already wrapped in DDP (or sharded by FSDP2) added adapter parameters that DDP does not
+    all-reduce (FSDP2 does not shard or reduce them): each rank trained its own copy, without a word."""
+    from alignlab.distributed import shard_model
+
+    with pytest.raises(ValueError, match="DistributedDataParallel.*before ddp_model"):
+        inject(ddp_model(_model(adapter=False)), LoRAConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="sharded.*before shard_model"):
+        inject(shard_model(nn.Sequential(_Block(), _Block()), block_types=_Block),
+               LoRAConfig(r=2, target_modules="all-linear"))
