@@ -874,12 +874,19 @@ def _random_trim(base, models, dens, rescale, generator, step, draw):
     """The per-chunk ``trim`` of DARE / DELLA: drop entries at random, then rescale.
 
     ``draw(i, d, g) -> (kept, keep_prob)`` draws model ``i``'s keep mask for the chunk ``d`` of its
-    task vector. ``rescale="l1"`` needs each whole task vector's L1 norm before and after dropping,
+    task vector, on the CPU from the CPU generator ``g``, and returns it on ``d``'s device. ``rescale="l1"`` needs each whole task vector's L1 norm before and after dropping,
     so the masks are drawn twice: once in a first pass for the norms (summed per chunk in float32,
     across chunks in float64) and again, from the same generator states, while merging.
     """
     if rescale not in (None, "inverse", "l1"):
         raise ValueError(f"rescale must be None, 'inverse' or 'l1', got {rescale!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        # the masks are drawn on the CPU (then moved to the tensors' device), so that one seed gives one merge
+        # on every device and the per-model streams of _streams hold exactly (CUDA's Philox advances by launch)
+        raise ValueError(f"generator must be a CPU torch.Generator (masks are drawn on the CPU and moved to the "
+                         f"tensors' device), got one on {generator.device}")
     n = base.numel()
     wd = _work_dtype(base)
     flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
@@ -943,8 +950,14 @@ def dare(
 
     Args:
         density: keep probability ``1 − p`` (scalar or per model), in [0, 1].
-        generator: seeded ``torch.Generator`` for reproducible masks.
+        generator: seeded CPU ``torch.Generator`` for reproducible masks (default: torch's global CPU
+            generator). The masks are drawn on the CPU and moved to the tensors' device, so one seed gives
+            one merge on every device.
         Others as in :func:`ties`.
+
+    Raises:
+        ValueError: as :func:`ties`, or a ``generator`` that is not on the CPU.
+        TypeError: a ``generator`` that is not a ``torch.Generator``.
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
@@ -953,8 +966,8 @@ def dare(
     step = _CHUNK
     probs = {i: torch.full((min(step, base.numel()),), rho) for i, rho in enumerate(dens) if 0.0 < rho < 1.0}
 
-    def draw(i, d, g):
-        return torch.bernoulli(probs[i][: d.numel()], generator=g).bool(), dens[i]
+    def draw(i, d, g):  # drawn on the CPU: a CPU mask in torch.where with a CUDA d raised a device error
+        return torch.bernoulli(probs[i][: d.numel()], generator=g).bool().to(d.device), dens[i]
 
     trim = _random_trim(base, models, dens, rescale, generator, step, draw)
     return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
@@ -1084,11 +1097,12 @@ def della(
 
     Runs over chunks of whole rows (the last dimension; a 1-D tensor is one row), so scratch is
     bounded by a chunk, not by the tensor; masks as :func:`della_mask` on each whole task vector,
-    model after model, from ``generator``.
+    model after model, from ``generator`` (a CPU generator, as in :func:`dare`: the masks are drawn
+    on the CPU and moved to the tensors' device).
 
     Raises:
         ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for 0 < density < 1; density 0
-            drops the model's task vector, 1 keeps it whole).
+            drops the model's task vector, 1 keeps it whole), or a ``generator`` not on the CPU.
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
@@ -1102,9 +1116,9 @@ def della(
     width = base.shape[-1] if base.dim() > 0 else 1
     step = max(1, _CHUNK // max(width, 1)) * max(width, 1)
 
-    def draw(i, d, g):
-        kept, keep_prob = della_mask(d.reshape(-1, width), dens[i], epsilon, g)
-        return kept.reshape(-1), keep_prob.reshape(-1).to(d.dtype)
+    def draw(i, d, g):  # ranked and drawn on the CPU (a CUDA d with the CPU generator raised a device error)
+        kept, keep_prob = della_mask(d.reshape(-1, width).cpu(), dens[i], epsilon, g)
+        return kept.reshape(-1).to(d.device), keep_prob.reshape(-1).to(d.device, d.dtype)
 
     trim = _random_trim(base, models, dens, rescale, generator, step, draw)
     return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)

@@ -196,6 +196,36 @@ def test_breadcrumbs_drops_both_tails():
     np.testing.assert_array_equal(_np(out), want)
 
 
+def test_dare_masks_follow_the_tensors_device():
+    """DARE drew its masks on the CPU and applied them with ``torch.where`` to task vectors on the inputs'
+    device: on CUDA tensors it raised "Expected all tensors to be on the same device" (DELLA drew from a CPU
+    generator on CUDA tensors: "Expected a 'cuda' device type for generator"). Masks are still drawn on the CPU
+    (one seed, one merge on every device) and moved to the tensors' device. The meta device stands in for
+    CUDA here (CI has no GPU): the same device check failed on it."""
+    base, ms = _models(2, shape=(64, 48))
+    base, ms = base.to("meta"), [m.to("meta") for m in ms]
+    for kw in ({}, {"rescale": None, "consensus": "sum"}, {"density": [0.5, 1.0]}):
+        out = M.dare(base, ms, **{"density": 0.5, **kw})
+        assert out.device.type == "meta" and out.shape == base.shape
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator"):
+        M.dare(*_models(1), density=0.5, generator=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["dare", "dare_l1", "della"])
+def test_dare_and_della_on_cuda_equal_the_cpu_merge(method):
+    base, ms = _models(3, shape=(300, 257))
+    merge = {"dare": lambda b, m, g: M.dare(b, m, density=0.4, generator=g),
+             "dare_l1": lambda b, m, g: M.dare(b, m, density=0.4, rescale="l1", consensus="sum", generator=g),
+             "della": lambda b, m, g: M.della(b, m, density=0.4, epsilon=0.1, generator=g)}[method]
+    want = merge(base, ms, torch.Generator().manual_seed(0))
+    got = merge(base.cuda(), [m.cuda() for m in ms], torch.Generator().manual_seed(0))
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
+        merge(base.cuda(), [m.cuda() for m in ms], torch.Generator("cuda").manual_seed(0))
+
+
 def test_della_keep_probabilities_and_rescale():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(8, 11, generator=g)
