@@ -1032,7 +1032,7 @@ def breadcrumbs(
         if stats is None:
             d = flat_m[i].to(wd) - flat_b.to(wd)
             order = d.abs().float().sort(stable=True).indices
-            whole[i] = torch.zeros(n, dtype=torch.bool)
+            whole[i] = torch.zeros(n, dtype=torch.bool, device=d.device)
             whole[i][order[b[0] : b[0] + b[1]]] = True
             continue
         (lo, g_lo, e_lo), (hi, g_hi, e_hi) = stats[i]

@@ -226,6 +226,16 @@ def test_dare_and_della_on_cuda_equal_the_cpu_merge(method):
         merge(base.cuda(), [m.cuda() for m in ms], torch.Generator("cuda").manual_seed(0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_breadcrumbs_with_inf_on_cuda_equals_the_cpu_merge():
+    """Task vectors with inf/NaN take breadcrumbs' whole-tensor sort, whose mask was a CPU tensor."""
+    base, ms = _models(2, shape=(300, 257))
+    ms[0][3, 5] = float("inf")
+    want = M.breadcrumbs(base, ms, density=0.5)
+    got = M.breadcrumbs(base.cuda(), [m.cuda() for m in ms], density=0.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_della_keep_probabilities_and_rescale():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(8, 11, generator=g)
