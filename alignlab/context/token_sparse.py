@@ -143,7 +143,9 @@ class TokenSparse(nn.Module):
     ``None``, else from ``scorer(hidden)`` (default: L2 norm of the token's
     input) via :func:`select_tokens`, restricted to ``self.valid`` when set
     (the batch's attention mask, see :func:`set_token_mask`: padding is never
-    kept and ``ρ`` counts each row's real tokens). In eval mode, under
+    kept and ``ρ`` counts each row's real tokens). The module gets the chosen
+    tokens as one sequence, ``(1, tokens, hidden)``, so blocks that want
+    ``(batch, seq, hidden)`` (transformers' MoE blocks) work too. In eval mode, under
     ``no_grad`` or with ``keep_ratio == 1`` it is the plain module.
     """
 
@@ -176,7 +178,11 @@ class TokenSparse(nn.Module):
             scores = self.scorer(hidden) if self.scorer is not None else hidden.detach().float().norm(dim=-1)
             valid = None if self.valid is None else self.valid.to(scores.device)
             keep = select_tokens(scores, self.keep_ratio, valid)
-        return token_sparse_apply(self.module, hidden, keep.to(hidden.device))
+        return token_sparse_apply(self._on_tokens, hidden, keep.to(hidden.device))
+
+    def _on_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        # (tokens, hidden) as one sequence: MoE blocks (Mixtral, Qwen2-MoE) unpack (batch, seq, hidden) from their input
+        return self.module(tokens[None])[0]
 
 
 def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[str] = ("mlp",),

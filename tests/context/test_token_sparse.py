@@ -310,3 +310,47 @@ def test_nan_score_is_refused_unless_on_padding():
         select_tokens(scores, 0.25)
     mask = torch.tensor([[1, 0, 1, 1]])
     assert select_tokens(scores, 0.34, mask).tolist() == [[False, False, True, True]]  # padding: never kept anyway
+
+
+class _NeedsSequences(nn.Module):
+    """A token-wise block that, like transformers' MoE blocks, unpacks ``(batch, seq, hidden)`` from its input."""
+
+    def __init__(self, hidden: int = 6):
+        super().__init__()
+        self.lin = nn.Linear(hidden, hidden)
+
+    def forward(self, h):
+        batch, seq, hidden = h.shape
+        return torch.tanh(self.lin(h.reshape(batch * seq, hidden))).view(batch, seq, hidden)
+
+
+def test_token_sparse_wraps_a_block_that_wants_batch_seq_hidden():
+    """TokenSparse handed its module a (tokens, hidden) matrix; transformers' MoE blocks (Mixtral's, Qwen2-MoE's,
+    which ``apply_token_sparsity``'s default target 'mlp' names) unpack three dims from their input and failed with
+    'not enough values to unpack'. The module now gets (1, tokens, hidden), as a batch of one sequence."""
+    torch.manual_seed(0)
+    block = _NeedsSequences().double()
+    wrapped = TokenSparse(block, keep_ratio=0.5).train()
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    out = wrapped(h)
+    torch.testing.assert_close(out, block(h))
+    out.square().sum().backward()
+    assert h.grad is not None and block.lin.weight.grad is not None
+
+
+def test_token_sparse_on_a_tiny_mixtral():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    dense = transformers.MixtralForCausalLM(config).train()
+    sparse = transformers.MixtralForCausalLM(config).train()
+    sparse.load_state_dict(dense.state_dict())
+    assert apply_token_sparsity(sparse, keep_ratio=0.5) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss = sparse(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, dense(input_ids=ids, labels=ids).loss)
+    loss.backward()
+    grads = [p.grad for n, p in sparse.named_parameters() if "experts" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
