@@ -377,6 +377,13 @@ def _task_heads(model: nn.Module, task: str) -> list[str]:
     return heads
 
 
+def _head_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
+    """The parameters of ``task``'s heads (:func:`_task_heads`) under PEFT's prompt-learning keys,
+    ``base_model.<module>.<param>``."""
+    return {f"base_model.{head}.{pname}": p for head in _task_heads(model, task)
+            for pname, p in model.get_submodule(head).named_parameters()}
+
+
 def _check_seed(seed) -> int:
     if not is_int(seed):  # torch.manual_seed would truncate 1.5, or fail only at inject on "1"
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -473,12 +480,8 @@ class PromptTuningConfig:
     # -- PEFT format --------------------------------------------------------------------------------
     def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         holder = _holder(model)
-        tensors = {"prompt_embeddings": holder.prompt_embeddings[adapter_name]}
-        # the head PEFT's classifier wrappers read back (its prompt-learning keys: "base_model.<module>.<param>")
-        for head in _task_heads(model, _prompt_task(model, self.task_type)):
-            for pname, p in model.get_submodule(head).named_parameters():
-                tensors[f"base_model.{head}.{pname}"] = p
-        return tensors
+        return {"prompt_embeddings": holder.prompt_embeddings[adapter_name],
+                **_head_tensors(model, _prompt_task(model, self.task_type))}
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         holder = _holder(model)
@@ -512,9 +515,11 @@ class PrefixTuningConfig:
         init_std: std of the random initial prefix (or MLP input) embeddings.
         seed: seed of the initialisation.
         embedding_module: dotted name of the input embedding holding the prefixes.
+        task_type: the PEFT task type the saved file names, as for :class:`PromptTuningConfig` (None: from the
+            model; a classifier's head is saved with the prefixes).
     Raises:
         ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, an ``init_std`` that is negative, NaN or
-            infinite, or a model without an HF config.
+            infinite, an unknown ``task_type``, or a model without an HF config.
         TypeError: ``prefix_projection`` is not a bool, ``init_std`` not a real number, ``seed`` not an int.
     """
 
@@ -526,9 +531,11 @@ class PrefixTuningConfig:
     init_std: float = 1.0
     seed: int = 0
     embedding_module: str | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
+        self.task_type = _check_task_type(self.task_type)
         self.prefix_projection = as_bool(self.prefix_projection, "prefix_projection")  # written to adapter_config.json
         self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
         self.encoder_hidden_size = check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
@@ -569,16 +576,18 @@ class PrefixTuningConfig:
     def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         enc = _holder(model).prefix_encoder[adapter_name]
         # with the MLP the file holds its output, the prefixes themselves (PEFT's inference format)
-        return {"prompt_embeddings": enc.embedding if enc.transform is None else enc()}
+        return {"prompt_embeddings": enc.embedding if enc.transform is None else enc(),
+                **_head_tensors(model, _prompt_task(model, self.task_type))}
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers, kv, head_dim = _kv_layout(model)
+        task = _prompt_task(model, self.task_type)
         return {
-            "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
+            "peft_type": "PREFIX_TUNING", "task_type": task, "base_model_name_or_path": None, "revision": None,
             "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": kv * head_dim,
             "num_transformer_submodules": 1, "num_attention_heads": kv, "num_layers": layers,
             "encoder_hidden_size": self.encoder_hidden_size, "prefix_projection": self.prefix_projection,
-            "init_weights": None, "modules_to_save": None,
+            "init_weights": None, "modules_to_save": _task_heads(model, task) or None,
         }
 
     @classmethod
@@ -588,4 +597,6 @@ class PrefixTuningConfig:
         if peft_field(raw, "prefix_projection", "bool", False):
             warnings.warn("loading a prefix trained with prefix_projection: the file holds the final prefixes, "
                           "so the reparameterisation MLP is not rebuilt", stacklevel=3)
-        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False)
+        task = raw.get("task_type")
+        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False,
+                   task_type=task if task in PROMPT_TASK_TYPES else "CAUSAL_LM")

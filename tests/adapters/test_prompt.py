@@ -243,12 +243,12 @@ def test_peft_prompt_and_prefix_files_load_as_the_same_config(tmp_path):
     raw = _peft_file(tmp_path / "prefix", lambda peft: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8))
     with pytest.warns(UserWarning, match="prefix_projection"):
-        assert PrefixTuningConfig.from_peft(raw) == PrefixTuningConfig(num_virtual_tokens=3)
+        assert PrefixTuningConfig.from_peft(raw) == PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
     save_adapter(inject(make_tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3)), tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # prefix_projection false: no warning
         ours = PrefixTuningConfig.from_peft(json.loads((tmp_path / "ours" / "adapter_config.json").read_text()))
-    assert ours == PrefixTuningConfig(num_virtual_tokens=3)
+    assert ours == PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
 
 
 @pytest.mark.parametrize("cls", [PromptTuningConfig, PrefixTuningConfig])

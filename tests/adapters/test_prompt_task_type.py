@@ -1,5 +1,5 @@
-"""A prompt-tuning file names the PEFT task type of the model it came from. It always said CAUSAL_LM: PEFT 0.21
-then wrapped a BERT classifier in PeftModelForCausalLM and failed ('prepare_inputs_for_generation'); a bare
+"""A prompt- or prefix-tuning file names the PEFT task type of the model it came from. It always said CAUSAL_LM:
+PEFT then wrapped a BERT classifier in PeftModelForCausalLM and failed ('prepare_inputs_for_generation'); a bare
 backbone likewise. PEFT's classifier/QA wrappers also read the head from the file, so it is saved there."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_llama
 
-from alignlab.adapters import PromptTuningConfig, adapter_configs, inject, load_adapter, save_adapter
+from alignlab.adapters import PrefixTuningConfig, PromptTuningConfig, adapter_configs, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -79,3 +79,31 @@ def test_causal_lm_keeps_its_task_type_and_a_given_task_type_is_written(tmp_path
     model = inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT reads the model's classifier or score head"):
         save_adapter(model, tmp_path / "bad")
+
+
+def _llama_classifier():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, num_labels=3, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("make, head", [(_llama_classifier, "score"),
+                                        (lambda: _bert("BertForSequenceClassification"), "classifier")],
+                         ids=["llama", "bert"])
+def test_saved_prefix_on_a_classifier_names_seq_cls_and_loads_back(make, head, tmp_path):
+    model = inject(make(), PrefixTuningConfig(num_virtual_tokens=3))
+    want = _outputs(model, "logits")
+    save_adapter(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (raw["task_type"], raw["modules_to_save"]) == ("SEQ_CLS", [head])
+    torch.testing.assert_close(_outputs(load_adapter(make(), tmp_path), "logits"), want)
+    theirs = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    assert type(theirs).__name__ == "PeftModelForSequenceClassification"
+    try:
+        got = _outputs(theirs, "logits")
+    except ValueError as e:  # PEFT 0.21 looks for a past_key_values keyword, which transformers 5.24 renamed
+        if "does not support past key values" not in str(e):
+            raise
+        pytest.skip(f"peft {peft.__version__} with transformers {transformers.__version__}: {e}")
+    torch.testing.assert_close(got, want)
