@@ -756,10 +756,10 @@ class _ShiftedNLL(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(logits.dtype, torch.float32)
         nll = torch.zeros(target.shape, dtype=acc, device=logits.device)
-        for b, rows in _shifted_chunks(logits):
-            z = logits[b, rows].to(acc)
-            picked = z.gather(1, target[b, rows, None]).squeeze(1)
-            nll[b, rows] = torch.where(valid[b, rows], torch.logsumexp(z, dim=1) - picked, 0.0)
+        for at in _shifted_chunks(logits):
+            z = logits[at].to(acc)
+            picked = z.gather(-1, target[at].unsqueeze(-1)).squeeze(-1)
+            nll[at] = torch.where(valid[at], torch.logsumexp(z, dim=-1) - picked, 0.0)
         ctx.save_for_backward(logits, target, valid)
         return nll
 
@@ -768,24 +768,32 @@ class _ShiftedNLL(torch.autograd.Function):
         logits, target, valid = ctx.saved_tensors
         acc = torch.promote_types(logits.dtype, torch.float32)
         out = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-        for b, rows in _shifted_chunks(logits):
-            keep = valid[b, rows, None]
-            z = torch.where(keep, logits[b, rows].to(acc), 0.0)  # finite rows: the zero scale below then zeroes them
-            y = target[b, rows, None]
-            dz = torch.softmax(z, dim=1).scatter_add(1, y, torch.full(y.shape, -1.0, dtype=acc, device=z.device))
-            scale = torch.where(keep, grad[b, rows, None].to(acc), 0.0)
-            out[b, rows] = (dz * scale).to(logits.dtype)
+        for at in _shifted_chunks(logits):
+            keep = valid[at].unsqueeze(-1)
+            z = torch.where(keep, logits[at].to(acc), 0.0)  # finite rows: the zero scale below then zeroes them
+            y = target[at].unsqueeze(-1)
+            dz = torch.softmax(z, dim=-1).scatter_add(-1, y, torch.full(y.shape, -1.0, dtype=acc, device=z.device))
+            scale = torch.where(keep, grad[at].unsqueeze(-1).to(acc), 0.0)
+            out[at] = (dz * scale).to(logits.dtype)
         return out, None, None
 
 
 def _shifted_chunks(logits: torch.Tensor):
-    """``(batch index, row slice)`` over the positions ``0 … S − 2`` of ``logits (B, S, V)`` that predict a next
-    token, sized so that one fp32 chunk stays within the CPU/CUDA logits budget of :mod:`~alignlab.losses.logprobs`."""
-    n = logits.shape[1] - 1
-    step = default_chunk_rows(max(n, 1), logits.shape[-1], 4, logits.device)
-    for b in range(logits.shape[0]):
+    """``(batch slice, position slice)`` pairs covering the positions ``0 … S − 2`` of ``logits (B, S, V)`` that
+    predict a next token, each chunk within the CPU/CUDA fp32 logits budget of :mod:`~alignlab.losses.logprobs`:
+    whole rows of the batch together where one fits, else one row in pieces (few Python steps either way)."""
+    batch, n = logits.shape[0], logits.shape[1] - 1
+    if n <= 0:
+        return
+    step = default_chunk_rows(batch * n, logits.shape[-1], 4, logits.device)
+    if step >= n:
+        per = step // n
+        for b in range(0, batch, per):
+            yield slice(b, b + per), slice(0, n)
+        return
+    for b in range(batch):
         for start in range(0, n, step):
-            yield b, slice(start, min(start + step, n))
+            yield slice(b, b + 1), slice(start, min(start + step, n))
 
 
 def sequence_kd_loss(
