@@ -213,8 +213,9 @@ class AdamW8bit(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict` (torch's own loader would cast the float32 state to
-        each parameter's dtype; here it stays float32, 8-bit state goes back to its home device).
+        """Load a state saved by :meth:`state_dict` (torch's own loader would cast every saved tensor to its
+        parameter's dtype and device; here float32 moments stay float32, 8-bit state goes back to its home
+        device, and nothing but the state itself is allocated).
 
         A state saved by :class:`torch.optim.AdamW` loads too: the float32 moments of a parameter with at
         least ``min_8bit_size`` elements are quantized, as a step would (else a migrated optimizer would
@@ -239,13 +240,28 @@ class AdamW8bit(torch.optim.Optimizer):
             for p, i in zip(group["params"], group_ids):
                 if i in saved:
                     self._check_saved_state(p, i, saved[i])
-        super().load_state_dict(state_dict)
+        # torch's loader casts every saved tensor to its parameter's dtype and device before it is stored:
+        # the uint8 codes became float32 (bf16) copies on the parameter's device, for all parameters at once,
+        # the 8 (4) bytes per parameter of fp32 AdamW state that this optimizer exists to avoid (on the GPU
+        # with offload=True too), only to be replaced below. torch loads the groups; the state is built here,
+        # straight from the saved tensors, in a post-hook that runs before any other (which then see it).
+        mapped = {i for group_ids in ids for i in group_ids}
+        handle = self.register_load_state_dict_post_hook(lambda opt: self._load_state(saved, ids), prepend=True)
+        try:
+            super().load_state_dict({**state_dict, "state": {k: v for k, v in saved.items() if k not in mapped}})
+        finally:
+            handle.remove()
+
+    def _load_state(self, saved: dict[Any, dict[str, Any]], ids: list[list[Any]]) -> None:
+        """Store the checked saved state ``saved`` of the parameters with saved ids ``ids`` (per group)."""
+        moments = ("step", "codes", "absmax", "exp_avg", "exp_avg_sq")
         for group, group_ids in zip(self.param_groups, ids):
             _check_group(group)  # stores the saved values as Python floats
             for p, i in zip(group["params"], group_ids):
                 if i not in saved:
                     continue
-                src, st = saved[i], self.state[p]
+                src = saved[i]
+                st = self.state[p] = {k: v for k, v in src.items() if k not in moments}
                 st["step"] = int(src["step"])  # torch.optim.AdamW saves a float tensor
                 if "codes" in src:
                     fresh = self._new_state(p)
@@ -260,7 +276,6 @@ class AdamW8bit(torch.optim.Optimizer):
                         q, a = _quantize_blockwise_8bit(x, self.blocksize, code)
                         fresh["codes"][row].copy_(q)
                         fresh["absmax"][row].copy_(a)
-                        del st[key]
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
                 else:
                     for key in ("exp_avg", "exp_avg_sq"):

@@ -250,6 +250,44 @@ def test_state_dict_round_trip_is_exact(dtype):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_state_dict_allocates_no_more_than_the_8bit_state(dtype):
+    """torch's loader casts every saved tensor to its parameter's dtype and device: the uint8 codes of every
+    parameter became float32 (bf16) copies on the parameter's device before this optimizer replaced them, a
+    transient of 8 (4) bytes per parameter, fp32 AdamW's whole state, the memory 8-bit state exists to avoid
+    (with offload=True on the GPU). Counted here as the bytes of every tensor an op creates during the load;
+    post-hooks still see the loaded state."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func._schema.is_mutable:  # in-place ops and copy_ into existing tensors allocate nothing
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        Allocations.nbytes += t.numel() * t.element_size()
+            return out
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 200).to(dtype)) for _ in range(3)]
+    opt = AdamW8bit(params, lr=1e-2)
+    _train(opt, params, 2, seed=1)
+    sd = copy.deepcopy(opt.state_dict())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = AdamW8bit(twins, lr=1e-2)
+    seen = []
+    opt2.register_load_state_dict_post_hook(lambda o: seen.append(state_bytes(o)))
+    with Allocations():
+        opt2.load_state_dict(sd)
+    assert Allocations.nbytes <= 1.1 * state_bytes(opt)  # the 8-bit state itself, not float copies of it
+    assert seen == [state_bytes(opt)]
+    _train(opt, params, 2, seed=2)
+    _train(opt2, twins, 2, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+
+
 def test_load_state_dict_rejects_a_mismatched_state():
     p = torch.nn.Parameter(torch.randn(50, 50))
     opt = AdamW8bit([p], min_8bit_size=0)
