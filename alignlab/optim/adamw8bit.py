@@ -172,6 +172,24 @@ class AdamW8bit(torch.optim.Optimizer):
         self._free: dict[tuple[torch.device, int], Any] = {}  # (device, staging buffer) -> its last copy back
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's pickles only ``defaults``, ``state`` and ``param_groups``: ``copy.deepcopy(opt)`` and
+        ``torch.save(opt)`` lost ``blocksize``, ``min_8bit_size`` and ``offload`` (the copy's ``step()`` raised
+        AttributeError). They travel now; staging buffers, streams and pending copies stay with this process."""
+        self._wait_pending()
+        return {**super().__getstate__(), "blocksize": self.blocksize, "min_8bit_size": self.min_8bit_size,
+                "offload": self.offload}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._staging, self._streams, self._pending, self._free = {}, {}, [], {}
+        if self.offload and torch.cuda.is_available():  # a copy of pinned memory is pageable: pin it again
+            for st in self.state.values():
+                for key in ("codes", "absmax"):
+                    t = st.get(key) if isinstance(st, dict) else None
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_pinned():
+                        st[key] = t.pin_memory()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.add_param_group`, then the checks of the class docstring; a group
         that fails them is taken out again (a caught error must not leave a NaN ``lr`` to the next step)."""

@@ -288,6 +288,28 @@ def test_load_state_dict_allocates_no_more_than_the_8bit_state(dtype):
     assert all(torch.equal(p, q) for p, q in zip(params, twins))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_deepcopied_or_pickled_optimizer_steps_on_as_the_original(offload):
+    """torch's Optimizer pickles only defaults, state and param_groups: copy.deepcopy(opt) and torch.save(opt)
+    lost blocksize, min_8bit_size and offload, and the copy's step() raised AttributeError."""
+    import io
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 70)), torch.nn.Parameter(torch.randn(16))]
+    opt = AdamW8bit(params, lr=1e-2, blocksize=64, min_8bit_size=100, offload=offload)
+    _train(opt, params, 2, seed=1)
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(opt), torch.load(buf, weights_only=False)]
+    _train(opt, params, 2, seed=2)
+    for other in copies:
+        assert (other.blocksize, other.min_8bit_size, other.offload) == (64, 100, offload)
+        twins = [p for group in other.param_groups for p in group["params"]]
+        _train(other, twins, 2, seed=2)
+        assert all(torch.equal(p, q) for p, q in zip(params, twins))
+
+
 def test_load_state_dict_rejects_a_mismatched_state():
     p = torch.nn.Parameter(torch.randn(50, 50))
     opt = AdamW8bit([p], min_8bit_size=0)
