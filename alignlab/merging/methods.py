@@ -874,8 +874,9 @@ def _random_trim(base, models, dens, rescale, generator, step, draw):
     """The per-chunk ``trim`` of DARE / DELLA: drop entries at random, then rescale.
 
     ``draw(i, d, g) -> (kept, keep_prob)`` draws model ``i``'s keep mask for the chunk ``d`` of its
-    task vector, on the CPU from the CPU generator ``g``, and returns it on ``d``'s device. ``rescale="l1"`` needs each whole task vector's L1 norm before and after dropping,
-    so the masks are drawn twice: once in a first pass for the norms (summed per chunk in float32,
+    task vector, on the CPU from the CPU generator ``g``, and returns it on ``d``'s device.
+    ``rescale="l1"`` needs each whole task vector's L1 norm before and after dropping, so the masks
+    are drawn twice: once in a first pass for the norms (summed per chunk in float32,
     across chunks in float64) and again, from the same generator states, while merging.
     """
     if rescale not in (None, "inverse", "l1"):
