@@ -19,6 +19,8 @@ embedding (a device assert on CUDA).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -27,6 +29,27 @@ from alignlab.eval.eval_mode import eval_mode
 from alignlab.hf_cache import cache_keyword, output_cache
 
 __all__ = ["CompanionLM"]
+
+
+def _warn_if_sharded(model: nn.Module, name: str) -> None:
+    """``RuntimeWarning`` for a companion sharded by FSDP2 over several ranks: ``generate`` stops calling logits
+    processors on a rank whose rows have all finished (``synced_gpus`` keeps only the generating model running
+    there), so the companion's all-gathers on the other ranks would wait for it until the group's timeout."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    from alignlab.distributed import is_sharded
+
+    if is_sharded(model):
+        warnings.warn(
+            f"the {name} is sharded (FSDP2) over {dist.get_world_size()} ranks: generate() stops calling logits "
+            f"processors on a rank whose rows have all finished, and the {name}'s all-gathers on the other ranks then "
+            "wait for it until the process group times out; keep it whole on every rank, or give every rank the "
+            "same number of steps (eos_token_id=None)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def vocab_size(model: nn.Module) -> int | None:
@@ -54,7 +77,10 @@ class CompanionLM:
 
     Call with ``input_ids`` ``(batch, seq)``; returns float32 logits
     ``(batch, vocab)`` on ``input_ids.device``. Raises ``ValueError`` when ``input_ids`` hold an
-    id beyond the model's vocabulary (read back from the device: one sync per call). The model runs in eval mode (no dropout), as in
+    id beyond the model's vocabulary (read back from the device: one sync per call). A model
+    sharded by FSDP2 over several ranks gets a ``RuntimeWarning`` when the companion is made:
+    ``generate`` skips logits processors on a rank that has finished, so the other ranks'
+    all-gathers would wait for it. The model runs in eval mode (no dropout), as in
     :func:`alignlab.eval.perplexity`; its own mode is restored after each call.
     """
 
@@ -70,6 +96,7 @@ class CompanionLM:
         self.use_cache = as_bool(use_cache, "use_cache")
         self.name = name
         self.vocab_size = vocab_size(model)
+        _warn_if_sharded(model, name)
         self.reset()
 
     def reset(self) -> None:

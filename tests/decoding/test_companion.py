@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -139,3 +141,30 @@ def test_a_companion_in_train_mode_runs_without_dropout_and_keeps_its_mode():
     torch.testing.assert_close(first, expected)
     companion(ids)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_companion_sharded_across_ranks_is_warned_about(monkeypatch):
+    """generate(...) on several ranks stops calling logits processors on a rank whose rows have all finished
+    (synced_gpus keeps only the generating model running there). A companion sharded by FSDP2 then all-gathers
+    on the other ranks alone: they waited until the process group's timeout (seen at world size 2 with gloo:
+    'Timed out waiting 20000ms'). Said when the companion is made; a replicated one, or one process, is fine."""
+    import torch.distributed as dist
+
+    from alignlab.distributed import shard_model
+
+    if not dist.is_available() or dist.is_initialized():  # pragma: no cover
+        pytest.skip("needs torch.distributed and no process group in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = shard_model(make_tiny_llama(seed=1, vocab_size=64, num_layers=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            CompanionLM(sharded)  # one process: nothing to wait for
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        with pytest.warns(RuntimeWarning, match="amateur.*sharded.*2 ranks.*eos_token_id=None"):
+            CompanionLM(sharded, name="amateur")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            CompanionLM(make_tiny_llama(seed=1, vocab_size=64, num_layers=1))  # replicated: no collectives
+    finally:
+        dist.destroy_process_group()
