@@ -173,7 +173,7 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch's pickles only ``defaults``, ``state`` and ``param_groups``: ``copy.deepcopy(opt)`` and
+        """torch's Optimizer pickles only ``defaults``, ``state`` and ``param_groups``: ``copy.deepcopy(opt)`` and
         ``torch.save(opt)`` lost ``blocksize``, ``min_8bit_size`` and ``offload`` (the copy's ``step()`` raised
         AttributeError). They travel now; staging buffers, streams and pending copies stay with this process."""
         self._wait_pending()
