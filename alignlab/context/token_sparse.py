@@ -84,7 +84,8 @@ def attention_information_scores(
     ``attn_weights``: ``(batch, heads, q_len, k_len)`` softmax probabilities
     (e.g. ``output_attentions=True``). The normaliser counts the queries
     allowed to see key ``j`` (causal ⇒ ``q_len - j`` without padding), so
-    late tokens are not penalised for having fewer readers. Returns
+    late tokens are not penalised for having fewer readers; rows of padded
+    queries are ignored whatever they hold (NaN included). Returns
     ``(batch, k_len)``; padded keys get ``-inf``.
     """
     if attn_weights.dim() != 4:
@@ -97,8 +98,11 @@ def attention_information_scores(
             raise ValueError(f"attention_mask must be (batch, k_len)=({b}, {k_len}), got {tuple(am.shape)}")
         allowed = causal[None] & am[:, -q_len:, None] & am[:, None, :]  # (batch, q_len, k_len)
         readers = allowed.sum(dim=1)
-        # padded query rows hold whatever the model wrote there (often uniform): only readers count
-        received = torch.einsum("bhqk,bqk->bk", attn_weights.float(), allowed.float()) / heads
+        # padded query rows hold whatever the model wrote there (uniform, or NaN after an all -inf row): only
+        # readers count, selected rather than multiplied by 0 (0 * NaN is NaN); summing heads first keeps the
+        # selected copy (batch, q_len, k_len)
+        per_query = attn_weights.float().sum(dim=1)
+        received = torch.where(allowed, per_query, 0.0).sum(dim=1) / heads
     else:
         readers = causal.sum(dim=0).expand(b, k_len)
         received = attn_weights.float().sum(dim=2).mean(dim=1)  # (batch, k_len)

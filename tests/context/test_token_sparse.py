@@ -354,3 +354,20 @@ def test_token_sparse_on_a_tiny_mixtral():
     loss.backward()
     grads = [p.grad for n, p in sparse.named_parameters() if "experts" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_attention_information_scores_ignore_nan_in_padded_query_rows():
+    """A softmax over a row whose keys are all masked with -inf (a padded query, in attention written by hand
+    or by kernels that mask with -inf) is NaN. Those rows have no readers, yet 0 * NaN in the masked sum made
+    every key's score NaN, and select_tokens then refused the batch."""
+    torch.manual_seed(0)
+    b, h, n, pad = 2, 3, 6, 2
+    am = torch.ones(b, n, dtype=torch.long)
+    am[1, :pad] = 0
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & am[:, None, :].bool()
+    probs = torch.randn(b, h, n, n).masked_fill(~allowed[:, None], -math.inf).softmax(-1)
+    assert probs[1, :, :pad].isnan().all()  # the padded queries' rows
+    scores = attention_information_scores(probs, am)
+    torch.testing.assert_close(scores, attention_information_scores(torch.nan_to_num(probs, nan=0.0), am))
+    assert torch.isfinite(scores[am.bool()]).all()
+    assert select_tokens(scores, 0.5, am).sum(1).tolist() == [3, 2]
