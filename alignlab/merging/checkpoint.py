@@ -13,7 +13,8 @@ tensor, so peak memory is ``O(largest tensor x number of models)``, independent
 of model size.
 
 The output is ``model-0000i-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json``, built in a temporary directory next to
+``model.safetensors.index.json`` (from PEFT adapter folders, one ``adapter_model.safetensors``),
+built in a temporary directory next to
 ``out_dir`` and renamed into place only when complete: an error (missing tensor,
 shape mismatch, bad parameter, full disk) leaves no partial output behind.
 Non-weight files of the base model (``config.json``, tokenizer files, ...) are
@@ -56,6 +57,7 @@ __all__ = ["SafetensorsCheckpoint", "merge_checkpoints", "merge_tensor"]
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_NAME = "adapter_model.safetensors"  # with adapter_config.json: a PEFT adapter folder
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 # what a model folder holds besides weights: config, tokenizer, generation and chat-template files
 _MODEL_FOLDER_FILES = frozenset({
@@ -470,12 +472,15 @@ def merge_checkpoints(
     with ExitStack() as stack:
         ckpts = {p: stack.enter_context(SafetensorsCheckpoint(p)) for p in paths}
         specs = _validate(r, ckpts, ref_path)
-        shards = _plan_shards(specs, r.out_shard_size)
+        # a PEFT adapter in gives a PEFT adapter out: one adapter_model.safetensors (PEFT reads no shards and no
+        # index) beside the copied adapter_config.json; as model shards neither PEFT nor load_adapter found it
+        adapter = _is_adapter(ref_path)
+        shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _write_shards(r, ckpts, shards, tmp, progress, prefetch)
+            _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
             model_folder = ref_path.is_dir()
             _copy_side_files(ref_path if model_folder else ref_path.parent, tmp, r.dtype, model_folder)
             _install(tmp, out)
@@ -483,6 +488,11 @@ def merge_checkpoints(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _is_adapter(path: Path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    return path.is_dir() and (path / "adapter_config.json").is_file() and (path / ADAPTER_NAME).is_file()
 
 
 def _mergeable(dtype: torch.dtype) -> bool:
@@ -570,7 +580,8 @@ def _pwrite(fd: int, tensor: Tensor, pos: int) -> None:
         done += os.pwrite(fd, data[done:], pos + done)
 
 
-def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool) -> None:
+def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool,
+                  single: str | None = None) -> None:
     """Map, merge and write every tensor as a bounded pipeline.
 
     Worker threads (as many as ``torch.get_num_threads()``, one with ``prefetch=False``) each map one
@@ -584,6 +595,8 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
     process holds a core. Each shard is fsynced once, at the end.
     """
     n = len(shards)
+    # ``single``: one file of that name and no index (a PEFT adapter), else HF's sharded layout
+    names = [single] if single is not None else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     order = [(i, s) for i, shard in enumerate(shards) for s in shard]
     bar = _progress(len(order), progress)
     ref_path = r.base_model if r.base_model is not None else r.models[0].path
@@ -619,7 +632,7 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
         offsets = {}
         for i, shard in enumerate(shards if order else shards[:1]):  # an empty model still gets its shard
             header = _header_bytes(shard)
-            path = tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path = tmp / names[i]
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for any file
             fds.append(fd)
             os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
@@ -647,7 +660,7 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
                     if end - flushed.get(i, 0) >= _WRITEBACK_BYTES:
                         writeback(fds[i], flushed.get(i, 0), end - flushed.get(i, 0))
                         flushed[i] = end
-                    weight_map[spec.name] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                    weight_map[spec.name] = names[i]
                     total += spec.nbytes
                     in_flight -= cost(spec)
                     if bar is not None:
@@ -664,8 +677,9 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
             os.close(fd)
     if bar is not None:
         bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if single is None:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _install(tmp: Path, out: Path) -> None:

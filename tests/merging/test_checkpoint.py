@@ -726,3 +726,35 @@ def test_out_shard_size_reads_binary_units_as_powers_of_1024():
     assert parse_size("2gib") == 2 * 2**30 and parse_size(1234) == 1234
     r = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"], "out_shard_size": "1TiB"})
     assert r.out_shard_size == 2**40
+
+
+def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
+    """Two LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors) were read, but the
+    merge was written as model-00001-of-00001.safetensors + an index beside the copied adapter_config.json:
+    neither PEFT nor load_adapter found an adapter there. An adapter folder in gives one out."""
+    from safetensors.torch import load_file
+
+    from alignlab import LoRAConfig, inject, load_adapter, save_adapter
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    for seed, name in enumerate(("a", "b")):
+        m = inject(model(), LoRAConfig(r=4, target_modules=["0", "2"]))
+        g = torch.Generator().manual_seed(seed)
+        for n, p in m.named_parameters():
+            if "lora" in n:
+                p.data.copy_(torch.randn(p.shape, generator=g))
+        save_adapter(m, tmp_path / name)
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")]},
+                            tmp_path / "merged")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("a", "b"))
+    merged = load_file(out / "adapter_model.safetensors")
+    assert set(merged) == set(a)
+    for k in a:
+        torch.testing.assert_close(merged[k], (a[k] + b[k]) / 2, rtol=0, atol=0)
+    m = load_adapter(model(), out)
+    got = {n: p for n, p in m.named_parameters() if "lora" in n}
+    assert len(got) == len(a)
