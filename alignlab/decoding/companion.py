@@ -69,7 +69,8 @@ class CompanionLM:
         model: HF-style causal LM accepting ``input_ids``, ``attention_mask``,
             ``position_ids``, a KV cache (``cache`` or, before transformers
             renamed it, ``past_key_values``) and ``use_cache``, and
-            returning ``.logits`` ``(batch, seq, vocab)``.
+            returning ``.logits`` ``(batch, seq, vocab)``. A model that returns no cache is
+            run on the whole prefix at every step.
         pad_token_id: id of left padding (the generating model's
             ``generation_config.pad_token_id``), a non-negative int; ``None`` = no padding.
         use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
@@ -153,7 +154,8 @@ class CompanionLM:
             )
         if self.use_cache:
             self._cache = output_cache(out)
-            self._prefix = input_ids.clone()
+            # a model that returned no cache needs the whole prefix again at the next step
+            self._prefix = input_ids.clone() if self._cache is not None else None
         return out.logits[:, -1].float().to(input_ids.device)
 
 

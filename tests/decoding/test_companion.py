@@ -168,3 +168,31 @@ def test_a_companion_sharded_across_ranks_is_warned_about(monkeypatch):
             CompanionLM(make_tiny_llama(seed=1, vocab_size=64, num_layers=1))  # replicated: no collectives
     finally:
         dist.destroy_process_group()
+
+
+class _NoCacheLM(torch.nn.Module):
+    """A causal LM that takes and returns no KV cache (extra keywords ignored); each position's logits depend
+    on the whole prefix (running sum of the ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.out = torch.nn.Linear(8, 10)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.out(self.emb(input_ids.cumsum(1) % 50)))
+
+
+def test_a_model_that_returns_no_cache_is_recomputed_not_fed_one_token():
+    """With use_cache=True the companion fed only the newest token at the next step whatever the model had
+    returned; a model without a KV cache then saw one token, not the prefix, and gave wrong logits silently."""
+    torch.manual_seed(0)
+    model = _NoCacheLM()
+    companion = CompanionLM(model)
+    ids = torch.tensor([[3, 4, 5], [7, 1, 2]])
+    for step in range(3):
+        got = companion(ids)
+        torch.testing.assert_close(got, model(ids).logits[:, -1])
+        ids = torch.cat([ids, got.argmax(-1, keepdim=True)], 1)
