@@ -491,8 +491,10 @@ def merge_checkpoints(
 
 
 def _is_adapter(path: Path) -> bool:
-    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    return path.is_dir() and (path / "adapter_config.json").is_file() and (path / ADAPTER_NAME).is_file()
+    """Whether ``path`` is a PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors`` as its
+    only weights (a model folder that also ships its adapter is read, and written, as the model)."""
+    return (path.is_dir() and (path / "adapter_config.json").is_file() and not (path / INDEX_NAME).exists()
+            and [p.name for p in path.glob("*.safetensors")] == [ADAPTER_NAME])
 
 
 def _mergeable(dtype: torch.dtype) -> bool:

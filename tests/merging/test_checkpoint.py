@@ -758,3 +758,10 @@ def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
     m = load_adapter(model(), out)
     got = {n: p for n, p in m.named_parameters() if "lora" in n}
     assert len(got) == len(a)
+    # a model folder that also ships its adapter is merged as the model (sharded, with its index)
+    for name in ("a", "b"):
+        save_file({"w": torch.randn(3, 3, generator=torch.Generator().manual_seed(len(name)))},
+                  tmp_path / name / "model.safetensors")
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")]},
+                            tmp_path / "merged2")
+    assert (out / "model.safetensors.index.json").exists() and not (out / "adapter_model.safetensors").exists()
