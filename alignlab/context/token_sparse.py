@@ -151,15 +151,47 @@ class TokenSparse(nn.Module):
     tokens as one sequence, ``(1, tokens, hidden)``, so blocks that want
     ``(batch, seq, hidden)`` (transformers' MoE blocks) work too. In eval mode, under
     ``no_grad`` or with ``keep_ratio == 1`` it is the plain module.
+
+    The wrapper takes the place of ``module`` without adding a level to the module tree: it shares
+    the block's parameters, buffers and children, so every name (``named_modules``, the state
+    dict, adapter files, FSDP2) is the one the plain model has; the block's own attributes are
+    read through it, its state-dict layout is its own, and ``self.module`` is the block itself.
     """
 
     def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
         super().__init__()
-        self.module = module
+        # held outside the module tree: a child 'module' put '.module' into every name below it, so adapters
+        # saved from a token-sparse model matched nothing in a plain one (PEFT dropped them silently)
+        self.__dict__["module"] = module
+        self.__dict__["scorer"] = scorer
+        for shared in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, shared, getattr(module, shared))
+        self.training = module.training
         self.keep_ratio = keep_ratio
-        self.scorer = scorer
         self.keep: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("module")
+            if module is None:
+                raise
+            return getattr(module, name)  # the block's plain attributes (hidden_size, top_k, ...)
+
+    def train(self, mode: bool = True) -> TokenSparse:
+        super().train(mode)  # the shared children follow; the block itself is no child
+        self.module.training = mode
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.module._save_to_state_dict(destination, prefix, keep_vars)  # its own key layout (e.g. NF4Linear's)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.module._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
 
     @property
     def keep_ratio(self) -> float:
@@ -195,7 +227,8 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
 
     ``targets``: module names (a single string is one name). Returns the wrapped
     names. Raises ``ValueError`` if nothing matched, ``TypeError`` if a target is
-    not a string. Undo with ``module.module`` or by reloading; set ``keep_ratio``
+    not a string. Names are unchanged (see :class:`TokenSparse`). Undo by putting
+    each wrapper's ``.module`` back in its place, or by reloading; set ``keep_ratio``
     on the wrappers to change it between steps.
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)  # not its characters
@@ -204,7 +237,6 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
     names = [
         name for name, m in model.named_modules()
         if name and not isinstance(m, TokenSparse) and name.split(".")[-1] in targets
-        and not name.endswith(".module")
     ]
     if not names:
         raise ValueError(f"no submodule named one of {targets} found")

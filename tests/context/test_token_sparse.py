@@ -371,3 +371,49 @@ def test_attention_information_scores_ignore_nan_in_padded_query_rows():
     torch.testing.assert_close(scores, attention_information_scores(torch.nan_to_num(probs, nan=0.0), am))
     assert torch.isfinite(scores[am.bool()]).all()
     assert select_tokens(scores, 0.5, am).sum(1).tolist() == [3, 2]
+
+
+def _tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_wrapping_keeps_every_name_so_saved_adapters_and_checkpoints_match_the_plain_model(tmp_path):
+    """TokenSparse held the block as a child named 'module', so every name under it gained '.module'
+    ('model.layers.0.mlp.module.gate_proj'): an adapter saved from a token-sparse model carried those names
+    (PEFT matched none of them and dropped the MLP LoRA without a word; load_adapter into a plain model refused
+    the file), and a state dict / save_pretrained checkpoint had keys a plain model does not. The wrapper now
+    leaves names, state dict and train/eval mode of the block as they were."""
+    from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
+
+    plain = _tiny_llama()
+    names = [n for n, _ in plain.named_modules()]
+    keys = list(plain.state_dict())
+    sparse = _tiny_llama()
+    apply_token_sparsity(sparse, keep_ratio=0.5, targets=("mlp", "o_proj"))
+    assert [n for n, _ in sparse.named_modules()] == names
+    assert list(sparse.state_dict()) == keys and [n for n, _ in sparse.named_parameters()] == \
+        [n for n, _ in plain.named_parameters()]
+    sparse.load_state_dict(plain.state_dict())  # strict: same keys both ways
+    block = sparse.model.layers[0].mlp
+    assert isinstance(block, TokenSparse) and block.down_proj is block.module.down_proj
+    assert block.intermediate_size == 48
+    sparse.eval()
+    assert not block.module.training and not sparse.model.layers[0].self_attn.o_proj.module.training
+    sparse.train()
+    assert block.module.training
+
+    inject(sparse, LoRAConfig(r=2, target_modules=["gate_proj", "o_proj"]))
+    with torch.no_grad():
+        for n, p in sparse.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    save_adapter(sparse, tmp_path / "a")
+    reloaded = load_adapter(_tiny_llama(), tmp_path / "a")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, sparse(ids).logits)
