@@ -23,6 +23,7 @@ Label convention: ``labels[..., t]`` is the token scored by ``logits[..., t, :]`
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -104,8 +105,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         ignore_index: label value that marks positions to skip.
 
     Returns:
-        ``(batch, seq)`` float32 (float64 for float64 logits). The log-sum-exp runs in
-        float32 one leading row at a time, so at most one row of logits is upcast at once.
+        ``(batch, seq)`` float32 (float64 for float64 logits). The log-sum-exp runs in float32 a chunk of rows
+        at a time (32 MiB of fp32 on CPU, 256 MiB on CUDA), and under autograd only the logits themselves are
+        kept: the backward recomputes each chunk, so no fp32 ``(tokens, vocab)`` copy is ever made. The
+        gradient is written in the logits' dtype, 0 at ignored positions whatever their logits hold.
 
     Raises:
         TypeError: non-float logits or non-integer labels, ``ignore_index`` not an int.
@@ -121,25 +124,66 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     # graph; gather's own bounds check stands there)
     if safe.numel() and not torch.compiler.is_compiling() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
-    return _label_logprobs(logits, safe, _acc_dtype(logits.dtype)) * valid
+    return _LabelLogprobs.apply(logits, safe, valid)
 
 
-def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``z_y - logsumexp(z)`` in ``acc``, a chunk of rows at a time; ``labels`` all in ``[0, vocab)``."""
-    vocab = logits.shape[-1]
-    if logits.dim() > 2 and not logits.is_contiguous():
-        # logits[:, :-1] (the causal shift) has no flat view, and reshape would copy all of the logits:
-        # one leading index at a time instead (a 2-D slice always reshapes to a view)
-        return torch.stack([_label_logprobs(logits[i], labels[i], acc) for i in range(logits.shape[0])])
-    flat = logits.reshape(-1, vocab)
-    idx = labels.reshape(-1, 1)
-    rows = max(1, _CPU_CHUNK_BYTES // max(1, vocab * 4))
-    out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
-    # at least one (maybe empty) slice: with no rows the result must still hang off logits' graph
-    for s in range(0, max(flat.shape[0], 1), rows):
-        z = flat[s : s + rows].to(acc)
-        out[s : s + rows] = z.gather(1, idx[s : s + rows]).squeeze(1) - torch.logsumexp(z, dim=1)
-    return out.view(labels.shape)
+class _LabelLogprobs(torch.autograd.Function):
+    """``out = z_y − logsumexp(z)`` per row of logits ``z (..., vocab)``, 0 where ``valid`` is False (``labels`` are
+    in ``[0, vocab)`` everywhere), in fp32 (fp64 for fp64 logits) a chunk of rows at a time.
+
+    Only a chunk is ever upcast, and autograd keeps the logits themselves (no fp32 copy): the backward recomputes
+    each chunk and writes ``g·(onehot(y) − softmax(z))`` in the logits' dtype, 0 on rows that are not ``valid``
+    (whatever they hold, NaN included). It is made of differentiable ops on the saved logits, so a second
+    derivative (``create_graph=True``) is the true one.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        acc = _acc_dtype(logits.dtype)
+        out = torch.zeros(labels.shape, dtype=acc, device=logits.device)
+        for at in _row_chunks(logits):
+            z = logits[at].to(acc)
+            picked = z.gather(-1, labels[at].unsqueeze(-1)).squeeze(-1)
+            out[at] = torch.where(valid[at], picked - torch.logsumexp(z, dim=-1), 0.0)
+        ctx.save_for_backward(logits, labels, valid)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels, valid = ctx.saved_tensors
+        acc = _acc_dtype(logits.dtype)
+        out = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for at in _row_chunks(logits):
+            keep = valid[at].unsqueeze(-1)
+            z = torch.where(keep, logits[at].to(acc), 0.0)  # finite rows: the zero scale below then zeroes them
+            y = labels[at].unsqueeze(-1)
+            dz = torch.softmax(z, dim=-1).neg().scatter_add(-1, y, torch.ones(y.shape, dtype=acc, device=z.device))
+            scale = torch.where(keep, grad[at].unsqueeze(-1).to(acc), 0.0)
+            out[at] = (dz * scale).to(logits.dtype)
+        return out, None, None
+
+
+def _row_chunks(logits: torch.Tensor):
+    """Index tuples covering every row of ``logits (..., vocab)``, each a view of at most one fp32 chunk of the
+    CPU/CUDA logits budget (:func:`default_chunk_rows`): whole rows of the last-but-one leading dimension
+    together where one fits, else one row in pieces. Views only, so a non-contiguous ``logits[:, :-1]`` (the
+    causal shift) is never copied."""
+    if logits.dim() == 1:  # one row, labels 0-dim
+        yield ()
+        return
+    *outer, n = logits.shape[:-1]
+    if n == 0 or 0 in outer:
+        return
+    step = default_chunk_rows(math.prod(outer) * n, logits.shape[-1], _acc_dtype(logits.dtype).itemsize, logits.device)
+    if step >= n and outer:
+        per = step // n
+        for idx in itertools.product(*(range(d) for d in outer[:-1])):
+            for b in range(0, outer[-1], per):
+                yield (*idx, slice(b, b + per))
+        return
+    for idx in itertools.product(*(range(d) for d in outer)):
+        for start in range(0, n, step):
+            yield (*idx, slice(start, start + step))
 
 
 def sequence_logprobs(
