@@ -37,18 +37,17 @@ ever exist. Its per-row work runs in a Triton kernel on CUDA
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _fp16_grad_unit, default_chunk_rows
+from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks, default_chunk_rows
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
+# fp32 chunk of distill_loss on CUDA: its torch row work holds about eight fp32 temporaries of a chunk
+_CUDA_DIVERGENCE_CHUNK_BYTES = 64 * 2**20
 
 __all__ = [
     "KINDS",
@@ -139,39 +138,6 @@ def _xlog_ratio(p: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Te
     return p * (torch.where(live, la, 0.0) - torch.where(live, lb, 0.0))
 
 
-def _log_mixture(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
-    """``log(beta p_t + (1 - beta) p_s)`` by logsumexp (stable for tiny probabilities); entries that
-    are ``-inf`` in both get a finite placeholder, so that no NaN reaches the gradient."""
-    dead = torch.isneginf(lt) & torch.isneginf(ls)
-    lt, ls = torch.where(dead, 0.0, lt), torch.where(dead, 0.0, ls)
-    return torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), dim=0)
-
-
-def _token_divergence(
-    s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, temperature: float, keep: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-token divergence from logits ``(..., vocab)``; differentiable in ``s``.
-
-    ``keep`` ``(...)`` bool: tokens outside it have their logits replaced by zeros first, so that
-    whatever they hold (``inf``, NaN) reaches neither the value nor the gradient.
-    """
-    compute = torch.promote_types(s.dtype, torch.float32)
-    s, t = s.to(compute) / temperature, t.to(compute) / temperature  # fresh tensors: safe to fill in place
-    if keep is not None:
-        s.masked_fill_(~keep[..., None], 0.0)
-        t.masked_fill_(~keep[..., None], 0.0)
-    ls = F.log_softmax(s, dim=-1)
-    lt = F.log_softmax(t, dim=-1)
-    if kind == "forward_kl":
-        return _xlog_ratio(lt.exp(), lt, ls).sum(-1)
-    if kind == "reverse_kl":
-        return _xlog_ratio(ls.exp(), ls, lt).sum(-1)
-    if kind == "jsd":
-        lm = _log_mixture(lt, ls, beta)
-        return beta * _xlog_ratio(lt.exp(), lt, lm).sum(-1) + (1.0 - beta) * _xlog_ratio(ls.exp(), ls, lm).sum(-1)
-    return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
-
-
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -183,6 +149,10 @@ def distill_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Token-level distillation divergence between student and teacher logits.
+
+    Computed in float32 (float64 for a float64 student) a chunk of rows at a time; under autograd only the two
+    logits tensors are kept and the backward recomputes each chunk, so no fp32 ``(tokens, vocab)`` copy is made
+    or kept. The gradient is written in the student's dtype.
 
     Args:
         student_logits: ``(..., vocab)``, e.g. ``(batch, seq, vocab)``; gradients flow into it.
@@ -218,8 +188,41 @@ def distill_loss(
     compute = torch.promote_types(student_logits.dtype, torch.float32)
     w = _weights(mask, student_logits.shape[:-1], student_logits.device, compute)
     keep = None if mask is None else w != 0
-    per_token = _token_divergence(student_logits, teacher_logits.detach(), kind, float(beta), float(temperature), keep)
+    per_token = _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), keep, kind, beta, temperature)
     return _reduce(per_token, w, reduction)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-token divergence of student logits ``s (..., vocab)`` from teacher logits ``t`` (same shape), in fp32
+    (fp64 for fp64 students) a chunk of rows at a time by :func:`distill_rows_torch`.
+
+    Only a chunk is ever upcast, and autograd keeps the two given logits tensors themselves: the backward
+    recomputes each chunk and writes ``g·dL/ds`` (the closed form of :func:`distill_rows_torch`) in the student's
+    dtype, so neither pass holds an fp32 ``(tokens, vocab)`` tensor (plain autograd through the log-softmaxes kept
+    several). Rows outside ``keep`` give 0 and a zero gradient whatever they hold. The backward is made of
+    differentiable ops on the saved student logits, so a second derivative (``create_graph=True``) is the true one.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, keep, kind, beta, temperature):
+        out = torch.zeros(s.shape[:-1], dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
+        for at in _row_chunks(s, cuda_budget=_CUDA_DIVERGENCE_CHUNK_BYTES):
+            out[at], _ = distill_rows_torch(s[at], t[at], kind, beta, temperature, None,
+                                            None if keep is None else keep[at])
+        ctx.save_for_backward(s, t, keep)
+        ctx.opts = (kind, beta, temperature)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, keep = ctx.saved_tensors
+        kind, beta, temperature = ctx.opts
+        out = torch.zeros_like(s, memory_format=torch.contiguous_format)
+        for at in _row_chunks(s, cuda_budget=_CUDA_DIVERGENCE_CHUNK_BYTES):
+            _, dz = distill_rows_torch(s[at], t[at], kind, beta, temperature, grad[at],
+                                       None if keep is None else keep[at])
+            out[at] = dz.to(s.dtype)
+        return out, None, None, None, None, None
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean") -> torch.Tensor:
@@ -260,8 +263,8 @@ def distill_rows_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`alignlab.kernels.distill.distill_rows`.
 
-    Takes ``(rows, vocab)`` logits ``s`` (student) and ``t`` (teacher), returns the per-row
-    divergence ``(rows,)`` and, when ``grad_scale`` ``(rows,)`` is given,
+    Takes ``(rows, vocab)`` logits ``s`` (student) and ``t`` (teacher) (any leading shape in place of ``rows``),
+    returns the per-row divergence ``(rows,)`` and, when ``grad_scale`` ``(rows,)`` is given,
     ``grad_scale[:, None] * dL/ds`` ``(rows, vocab)`` computed in closed form:
     ``dL/ds = (h - p_s * sum(h)) / tau`` with ``h = dL/d log p_s`` (see the kernel module).
     Rows where ``keep`` ``(rows,)`` is False count as all-zero logits (loss 0, gradient 0).
@@ -269,7 +272,7 @@ def distill_rows_torch(
     inv_tau = 1.0 / temperature
     compute = torch.promote_types(s.dtype, torch.float32)
     if keep is not None:
-        s, t = s.masked_fill(~keep[:, None], 0.0), t.masked_fill(~keep[:, None], 0.0)
+        s, t = s.masked_fill(~keep[..., None], 0.0), t.masked_fill(~keep[..., None], 0.0)
     ls = torch.log_softmax(s.to(compute) * inv_tau, dim=-1)
     lt = torch.log_softmax(t.to(compute) * inv_tau, dim=-1)
     ps, pt = ls.exp(), lt.exp()
@@ -295,7 +298,7 @@ def distill_rows_torch(
     if grad_scale is None:
         return loss, None
     scale = grad_scale.to(compute) if keep is None else torch.where(keep, grad_scale.to(compute), 0.0)
-    dz = (h - ps * h.sum(-1, keepdim=True)) * (scale * inv_tau)[:, None]
+    dz = (h - ps * h.sum(-1, keepdim=True)) * (scale * inv_tau)[..., None]
     return loss, dz
 
 

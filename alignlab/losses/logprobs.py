@@ -163,18 +163,20 @@ class _LabelLogprobs(torch.autograd.Function):
         return out, None, None
 
 
-def _row_chunks(logits: torch.Tensor):
+def _row_chunks(logits: torch.Tensor, cuda_budget: int = _CUDA_CHUNK_BYTES):
     """Index tuples covering every row of ``logits (..., vocab)``, each a view of at most one fp32 chunk of the
-    CPU/CUDA logits budget (:func:`default_chunk_rows`): whole rows of the last-but-one leading dimension
-    together where one fits, else one row in pieces. Views only, so a non-contiguous ``logits[:, :-1]`` (the
-    causal shift) is never copied."""
+    CPU/CUDA logits budget (:func:`default_chunk_rows`, ``cuda_budget`` bytes on CUDA): whole rows of the
+    last-but-one leading dimension together where one fits, else one row in pieces. Views only, so a
+    non-contiguous ``logits[:, :-1]`` (the causal shift) is never copied."""
     if logits.dim() == 1:  # one row, labels 0-dim
         yield ()
         return
     *outer, n = logits.shape[:-1]
     if n == 0 or 0 in outer:
         return
-    step = default_chunk_rows(math.prod(outer) * n, logits.shape[-1], _acc_dtype(logits.dtype).itemsize, logits.device)
+    step = default_chunk_rows(
+        math.prod(outer) * n, logits.shape[-1], _acc_dtype(logits.dtype).itemsize, logits.device, cuda_budget
+    )
     if step >= n and outer:
         per = step // n
         for idx in itertools.product(*(range(d) for d in outer[:-1])):
