@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import bind, cdiv, launch
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
@@ -30,7 +31,35 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["nf4_dequant", "dequant_runner"]
+__all__ = ["nf4_dequant", "dequant_runner", "code_planes", "kernel_code"]
+
+_KERNEL_CODES: dict = {}
+
+
+def code_planes(dtype: torch.dtype) -> tuple[int, ...]:
+    """The NF4 codebook rounded to ``dtype`` (``torch.float16`` or ``torch.bfloat16``) as eight 32-bit words
+    (signed ints): ``L0..L3`` hold the low bytes of levels ``4i..4i+3`` in byte order, ``H0..H3`` their high
+    bytes. These byte planes are the table of the in-register lookup of :mod:`alignlab.kernels.nf4_small`."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(dtype).view(torch.int16).tolist()]
+    words = [sum(((b >> shift) & 0xFF) << 8 * j for j, b in enumerate(bits[4 * i:4 * i + 4]))
+             for shift in (0, 8) for i in range(4)]
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
+
+
+def kernel_code(device: torch.device) -> torch.Tensor:
+    """The code table every NF4 kernel takes as ``code_ptr``: 528 float32 words, the 16 fp32 levels (what the
+    gathering kernels read), then 32 copies of :func:`code_planes` of fp16 and 32 of bf16 (int32 bit patterns),
+    which the in-register lookup loads once per program, each row from its own copy
+    (:func:`alignlab.kernels.nf4_small.nf4_table` says why). Kept per device."""
+    device = torch.device(device)
+    table = _KERNEL_CODES.get(device)
+    if table is None:
+        planes = torch.tensor(code_planes(torch.float16) * 32 + code_planes(torch.bfloat16) * 32, dtype=torch.int32)
+        table = _KERNEL_CODES[device] = keep(
+            lambda: torch.cat([nf4_code(device), planes.view(torch.float32).to(device)]), device)
+    return table
 
 
 if triton is not None:
@@ -120,7 +149,7 @@ def _pointer_args(t: NF4Tensor) -> tuple:
         t.nested_absmax if t.double_quant else dummy,
         t.nested_offset if t.double_quant else dummy,
         t.shift if t.shift is not None else dummy,
-        nf4_code(dev), dynamic_map(dev),
+        kernel_code(dev), dynamic_map(dev),
     )
 
 

@@ -49,6 +49,7 @@ The torch reference is ``x @ nf4_dequantize(W).T``
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -57,8 +58,8 @@ from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, cdiv, launch
 from alignlab.kernels.nf4_configs import m_bucket, small_choice, small_config
-from alignlab.kernels.nf4_dequant import _state_args
-from alignlab.quant.nf4 import NF4Tensor, nf4_code
+from alignlab.kernels.nf4_dequant import _state_args, code_planes
+from alignlab.quant.nf4 import NF4Tensor
 
 try:
     import triton
@@ -71,34 +72,39 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["small_m_matmul", "small_m_runner", "MAX_M"]
 
 
-def _decode4_asm(dtype: torch.dtype = torch.float16) -> str:
+def _decode4_asm(dtype: torch.dtype | None = torch.float16) -> str:
     """PTX for ``tl.inline_asm_elementwise(..., pack=4)`` on packed bytes: 4 bytes -> 4 high and 4 low levels.
 
-    ``$4`` holds four bytes; ``$0, $1`` get the 16-bit (``dtype``: fp16 or bf16) levels of their high
-    nibbles (as two pairs, byte order kept), ``$2, $3`` those of the low nibbles.
-    The codebook lives in eight registers as two byte planes (low and high bytes
-    of the 16-bit levels); ``prmt`` looks up four codes per instruction in an
-    8-entry half, a third ``prmt`` picks the half by each code's top bit, and a
-    last one pairs the two bytes of each level.  No memory access.
+    ``$4`` holds four bytes; ``$0, $1`` get the 16-bit levels of their high nibbles (as two pairs, byte
+    order kept), ``$2, $3`` those of the low nibbles. The codebook is eight words, two byte planes (low and
+    high bytes of the 16-bit levels, :func:`~alignlab.kernels.nf4_dequant.code_planes`); ``prmt`` looks up four
+    codes per instruction in an 8-entry half, a third ``prmt`` picks the half by each code's top bit, and a
+    last one pairs the two bytes of each level. No memory access.
+
+    With ``dtype`` (fp16 or bf16 levels) the words are immediates written into the string. With
+    ``dtype=None`` they are operands, loaded once per program by :func:`nf4_table` and passed four times each
+    by the ``pack=4`` call: ``L_i`` is ``$(5 + 4i)``, ``H_i`` is ``$(21 + 4i)``. Why both: with immediates
+    ptxas keeps the words in uniform registers and, at most configurations, copies one back into a regular
+    register before each lookup (``prmt`` takes one table operand from a register), about two extra
+    instructions per packed byte; register operands remove those copies but hold eight more registers,
+    which at the largest tiles spills (SASS for sm_90 compiled offline; ``benchmarks/RESULTS.md``).
     """
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
-    bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(dtype).view(torch.int16).tolist()]
-    lo = [b & 0xFF for b in bits]
-    hi = [b >> 8 for b in bits]
-
-    def word(bs, i):
-        return bs[4 * i] | bs[4 * i + 1] << 8 | bs[4 * i + 2] << 16 | bs[4 * i + 3] << 24
-
-    out = ["{", ".reg .b32 s, m, s2, m2, t0, t1, pl0, pl1, ph0, ph1, L0, L1, L2, L3, H0, H1, H2, H3;"]
-    out += [f"mov.b32 L{i}, {word(lo, i)};\nmov.b32 H{i}, {word(hi, i)};" for i in range(4)]
+    if dtype is None:
+        L = [f"${5 + 4 * i}" for i in range(4)]
+        H = [f"${21 + 4 * i}" for i in range(4)]
+        out = ["{", ".reg .b32 s, m, s2, m2, t0, t1, pl0, pl1, ph0, ph1;"]
+    else:
+        words = code_planes(dtype)  # ValueError for other dtypes
+        L, H = [f"L{i}" for i in range(4)], [f"H{i}" for i in range(4)]
+        out = ["{", ".reg .b32 s, m, s2, m2, t0, t1, pl0, pl1, ph0, ph1, L0, L1, L2, L3, H0, H1, H2, H3;"]
+        out += [f"mov.b32 {name}, {w & 0xFFFFFFFF};" for name, w in zip(L + H, words)]
     out += [
         "and.b32 s, $4, 2004318071;", "and.b32 m, $4, -2004318072;", "shr.u32 m, m, 1;", "or.b32 m, m, 839922192;",
         "shr.u32 s2, s, 16;", "shr.u32 m2, m, 16;",
-        "prmt.b32 t0, L0, L1, s;\nprmt.b32 t1, L2, L3, s;\nprmt.b32 pl0, t0, t1, m;",
-        "prmt.b32 t0, H0, H1, s;\nprmt.b32 t1, H2, H3, s;\nprmt.b32 ph0, t0, t1, m;",
-        "prmt.b32 t0, L0, L1, s2;\nprmt.b32 t1, L2, L3, s2;\nprmt.b32 pl1, t0, t1, m2;",
-        "prmt.b32 t0, H0, H1, s2;\nprmt.b32 t1, H2, H3, s2;\nprmt.b32 ph1, t0, t1, m2;",
+        f"prmt.b32 t0, {L[0]}, {L[1]}, s; prmt.b32 t1, {L[2]}, {L[3]}, s; prmt.b32 pl0, t0, t1, m;",
+        f"prmt.b32 t0, {H[0]}, {H[1]}, s; prmt.b32 t1, {H[2]}, {H[3]}, s; prmt.b32 ph0, t0, t1, m;",
+        f"prmt.b32 t0, {L[0]}, {L[1]}, s2; prmt.b32 t1, {L[2]}, {L[3]}, s2; prmt.b32 pl1, t0, t1, m2;",
+        f"prmt.b32 t0, {H[0]}, {H[1]}, s2; prmt.b32 t1, {H[2]}, {H[3]}, s2; prmt.b32 ph1, t0, t1, m2;",
         # pl0 / ph0 bytes: codes of (b0 lo, b0 hi, b1 lo, b1 hi); pl1 / ph1 the same for bytes 2, 3
         "prmt.b32 $0, pl0, ph0, 29521;",   # 0x7351: (b0 hi, b1 hi)
         "prmt.b32 $1, pl1, ph1, 29521;",   # (b2 hi, b3 hi)
@@ -108,35 +114,72 @@ def _decode4_asm(dtype: torch.dtype = torch.float16) -> str:
     ]
     # one line: torch.compile (Inductor) copies the string into generated Python source, where a line break
     # inside the literal is a syntax error
-    return " ".join(out).replace("\n", " ")
+    return " ".join(out)
 
 
 if triton is not None:
-    _ASM_DECODE4 = tl.constexpr(_decode4_asm())
+    _ASM_DECODE4 = tl.constexpr(_decode4_asm(torch.float16))
     _ASM_DECODE4_BF16 = tl.constexpr(_decode4_asm(torch.bfloat16))
+    _ASM_DECODE4_REGS = tl.constexpr(_decode4_asm(None))
+    _ASM_OPERANDS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 32)  # four outputs; the bytes; 8 table words x 4
 
     @triton.jit
-    def nf4_levels(byte, code_ptr, ASM: tl.constexpr):
-        """fp32 NF4 levels of the high and low nibbles of a uint8 tensor (in-register table when ``ASM``)."""
-        if ASM:
-            hi, lo = tl.inline_asm_elementwise(_ASM_DECODE4, "=r,=r,=r,=r,r", [byte],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-            return hi.to(tl.float32), lo.to(tl.float32)
+    def nf4_table(code_ptr, DTYPE: tl.constexpr, REGS: tl.constexpr, ROWS):
+        """The eight words of the in-register codebook of ``DTYPE`` levels (fp16 / bf16) for a byte tile whose
+        rows are ``ROWS`` (row indices shaped to broadcast against the tile), for ``_decode4_asm(None)``; zeros
+        (unused) without ``REGS``. Called once per program, before the loop.
+
+        The words come from the kernel code table (:func:`~alignlab.kernels.nf4_dequant.kernel_code`), which
+        holds 32 copies of them: row ``r`` reads copy ``r % 32``. Read from one address, the words were
+        uniform across the warp, and ptxas kept them in uniform registers and copied one back before every
+        lookup at some configurations (the same ~2 extra instructions per packed byte as immediates); read
+        from per-row addresses they are ordinary registers, held through the loop.
+        """
+        if REGS:
+            words = code_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (16 + 256 if DTYPE == tl.bfloat16 else 16)
+            words = words + (ROWS % 32) * 8
+            return (tl.load(words), tl.load(words + 1), tl.load(words + 2), tl.load(words + 3),
+                    tl.load(words + 4), tl.load(words + 5), tl.load(words + 6), tl.load(words + 7))
         else:
-            b = byte.to(tl.int32)
-            return tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
+            return (0, 0, 0, 0, 0, 0, 0, 0)
 
     @triton.jit
-    def nf4_levels_as(byte, code_ptr, ASM: tl.constexpr, DTYPE: tl.constexpr):
-        """NF4 levels of the high and low nibbles of a uint8 tensor in ``DTYPE`` (fp16 / bf16 from the
-        in-register table when ``ASM``, no fp32 round trip; else gathered in fp32 and cast)."""
-        if ASM:
+    def _lookup(byte, table, DTYPE: tl.constexpr, REGS: tl.constexpr):
+        """``(high, low)`` nibble levels of ``byte`` in ``DTYPE`` (fp16 / bf16): from ``table``'s registers with
+        ``REGS`` (:func:`nf4_table`), else from the immediates of :func:`_decode4_asm`."""
+        if REGS:
+            args = [byte, table[0], table[1], table[2], table[3], table[4], table[5], table[6], table[7]]
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise(_ASM_DECODE4_REGS, _ASM_OPERANDS, args,
+                                                 dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                return tl.inline_asm_elementwise(_ASM_DECODE4_REGS, _ASM_OPERANDS, args,
+                                                 dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
             if DTYPE == tl.bfloat16:
                 return tl.inline_asm_elementwise(_ASM_DECODE4_BF16, "=r,=r,=r,=r,r", [byte],
                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
             else:
                 return tl.inline_asm_elementwise(_ASM_DECODE4, "=r,=r,=r,=r,r", [byte],
                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+    @triton.jit
+    def nf4_levels(byte, code_ptr, ASM: tl.constexpr, table, REGS: tl.constexpr):
+        """fp32 NF4 levels of the high and low nibbles of a uint8 tensor (in-register fp16 table when ``ASM``;
+        ``table`` and ``REGS`` as :func:`_lookup` takes them)."""
+        if ASM:
+            hi, lo = _lookup(byte, table, tl.float16, REGS)
+            return hi.to(tl.float32), lo.to(tl.float32)
+        else:
+            b = byte.to(tl.int32)
+            return tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
+
+    @triton.jit
+    def nf4_levels_as(byte, code_ptr, ASM: tl.constexpr, DTYPE: tl.constexpr, table, REGS: tl.constexpr):
+        """NF4 levels of the high and low nibbles of a uint8 tensor in ``DTYPE`` (fp16 / bf16 from the
+        in-register table when ``ASM``, no fp32 round trip; else gathered in fp32 and cast)."""
+        if ASM:
+            return _lookup(byte, table, DTYPE, REGS)
         else:
             b = byte.to(tl.int32)
             return tl.load(code_ptr + (b >> 4)).to(DTYPE), tl.load(code_ptr + (b & 15)).to(DTYPE)
@@ -208,6 +251,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        REGS: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
@@ -221,12 +265,13 @@ if triton is not None:
         nb_row = K // BLOCKSIZE
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
+        table = nf4_table(code_ptr, tl.float16, ASM and REGS, rn[:, None, None])
         acc = tl.zeros((BLOCK_N, NB, HB), dtype=tl.float32)
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             bmask = k0 + rb * BLOCKSIZE < k_end
             m2 = nmask[:, None] & bmask[None, :]
             byte = _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE, NB)
-            hi, lo = nf4_levels(byte, code_ptr, ASM)
+            hi, lo = nf4_levels(byte, code_ptr, ASM, table, REGS)
             bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
             xe, xo = _x_pairs(x_ptr, k0, rb, rj, bmask, BLOCKSIZE)
@@ -243,7 +288,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
@@ -261,6 +306,7 @@ if triton is not None:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         x_rows = x_ptr + rm.to(tl.int64)[:, None, None, None] * stride_xm
+        table = nf4_table(code_ptr, tl.float16, ASM and REGS, rn[:, None, None])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             bmask = k0 + rb * BLOCKSIZE < k_end
@@ -268,7 +314,7 @@ if triton is not None:
             byte = _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE, NB)
             bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
             s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
-            hi, lo = nf4_levels(byte, code_ptr, ASM)
+            hi, lo = nf4_levels(byte, code_ptr, ASM, table, REGS)
             hi = hi * s[:, :, None]
             lo = lo * s[:, :, None]
             if HAS_SHIFT:
@@ -299,7 +345,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M, scales applied late; K % BLOCKSIZE == 0.
 
@@ -323,6 +369,7 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, K)
         x_rows = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm
         w_rows = data_ptr + rows[:, None] * half_k + rj[None, :]
+        table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, NB * BLOCKSIZE):
             for b in tl.static_range(NB):
@@ -336,11 +383,11 @@ if triton is not None:
                              mask=mok[:, None, None], other=0.0)
                 xe, xo = tl.split(xv)
                 if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
-                    hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32)
+                    hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32, table, REGS)
                     part = tl.dot(xe.to(tl.float32), tl.trans(hi), input_precision="ieee")
                     part = tl.dot(xo.to(tl.float32), tl.trans(lo), part, input_precision="ieee")
                 else:
-                    hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty)
+                    hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty, table, REGS)
                     part = tl.dot(xe, tl.trans(hi))
                     part = tl.dot(xo, tl.trans(lo), part)
                 acc += part * s[None, :]
@@ -574,6 +621,22 @@ _PLANS: dict = {}
 _KERNELS = {"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel} if triton is not None else {}
 
 
+# Where the in-register lookup takes its table as register operands (_decode4_asm(None), nf4_table) instead of
+# immediates: "auto" (the rule below), "1" everywhere, "0" nowhere -- for A/B timing on a GPU.
+TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
+
+
+def _table_in_registers(kernel: str, block_m: int, num_stages: int | None) -> bool:
+    """The rule of :data:`TABLE_REGS` ``"auto"``, from SASS compiled offline for sm_90 (Triton 3.6) at the H200
+    table's configurations: register operands cut the GEMV's and the dot kernel's loops by 9-14% of their
+    instructions and the late kernel's by ~16% at 16-row tiles of one pipeline stage; at 32-row tiles they
+    made the late kernel spill (48 -> 216 bytes) and with three stages its loop grew, so those keep immediates.
+    Not yet timed on a GPU."""
+    if TABLE_REGS in ("0", "1"):
+        return TABLE_REGS == "1"
+    return kernel != "late" or (block_m <= 16 and (num_stages or 1) == 1)
+
+
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
           asm):
     """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
@@ -608,6 +671,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                 ASM=bool(asm) and not interpreting())
     if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
+    meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta

@@ -167,6 +167,49 @@ def test_decode4_asm_emulated_gives_levels_of_every_nibble(dtype):
         assert np.array_equal(hi, levels[b >> 4]) and np.array_equal(lo, levels[b & 15]), b
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode4_asm_register_table_emulated(dtype):
+    """The lookup with its table in operands (``_decode4_asm(None)``), fed the words each row of a kernel loads
+    from :func:`kernel_code` (copy ``r % 32``, fp16 planes then bf16 planes after the 16 fp32 levels), operands
+    numbered as Triton's ``pack=4`` call numbers them (each word four times): the same levels as the immediate
+    version, for every code, from every copy."""
+    from alignlab.kernels.nf4_dequant import code_planes, kernel_code
+    from alignlab.quant.nf4 import nf4_code
+
+    table = kernel_code(torch.device("cpu"))
+    assert table.shape == (16 + 2 * 32 * 8,) and torch.equal(table[:16], nf4_code(torch.device("cpu")))
+    words = table[16:].view(torch.int32).reshape(2, 32, 8)
+    plane = 1 if dtype == torch.bfloat16 else 0
+    assert all(tuple(words[plane, r].tolist()) == code_planes(dtype) for r in range(32))
+    levels = nf4_code(torch.device("cpu")).to(dtype).double().numpy()
+    asm = _decode4_asm(None)
+    assert "\n" not in asm and "mov.b32" not in asm
+    rng = np.random.default_rng(1)
+    for trial in range(64):
+        b = rng.integers(0, 256, 4)
+        word = int(b[0]) | int(b[1]) << 8 | int(b[2]) << 16 | int(b[3]) << 24
+        operands = [0, 0, 0, 0, word] + [w & 0xFFFFFFFF for w in words[plane, trial % 32].tolist() for _ in range(4)]
+        r = _PTX(operands).run(asm, outputs="$0,$1,$2,$3")
+        hi = np.concatenate([_PTX.halves(r[0], dtype), _PTX.halves(r[1], dtype)])
+        lo = np.concatenate([_PTX.halves(r[2], dtype), _PTX.halves(r[3], dtype)])
+        assert np.array_equal(hi, levels[b >> 4]) and np.array_equal(lo, levels[b & 15]), b
+        assert r == _PTX([0, 0, 0, 0, word]).run(_decode4_asm(dtype), outputs="$0,$1,$2,$3")
+
+
+def test_table_in_registers_rule(monkeypatch):
+    """Where the lookup takes its table from registers: the GEMV and dot kernels, the late kernel at 16-row tiles
+    of one stage (not 32 rows, not three stages); the environment switch forces either way."""
+    from alignlab.kernels import nf4_small
+
+    rule = nf4_small._table_in_registers
+    assert rule("gemv", 1, 3) and rule("dot", 32, 1) and rule("late", 16, 1)
+    assert not rule("late", 32, 1) and not rule("late", 16, 3)
+    monkeypatch.setattr(nf4_small, "TABLE_REGS", "0")
+    assert not rule("gemv", 1, 1)
+    monkeypatch.setattr(nf4_small, "TABLE_REGS", "1")
+    assert rule("late", 32, 3)
+
+
 @pytest.mark.cuda
 def test_gemv_x_not_4byte_aligned():
     """The GEMV reads 16-bit x as 32-bit pairs: an x view that starts 2 bytes past a 4-byte boundary is copied

@@ -1,0 +1,144 @@
+"""Static look at the decode-sized NF4 kernels: compile them for sm_90 without a GPU, report the SASS of their loop.
+
+The small-M kernels (``alignlab.kernels.nf4_small``) are issue-bound on an H100 / H200 (Nsight Compute: the
+M = 1 GEMV issues on ~60% of cycles with ~1.2 eligible warps per scheduler), so the number of instructions
+its loop spends per packed weight byte bounds its speed: an H200 issues about 33e12 thread-instructions per
+second (132 SMs x 4 schedulers x 32 lanes x ~1.98 GHz) against 4.2e12 bytes per second of copy bandwidth, so
+a loop of ``n`` instructions per byte cannot stream the weight faster than about ``8 / n`` of a copy.
+
+This script compiles each kernel at the configuration the H200 table gives it (``nf4_configs.TABLES``), with
+the Triton installed here and its bundled ``ptxas`` / ``nvdisasm``, on a machine without a GPU (Triton's driver
+is replaced by a stand-in that names an sm_90 target; nothing is launched), then prints per (shape, M):
+registers per thread, spilled bytes, the loop's instructions per packed byte and the most frequent opcodes.
+``--regs 0,1`` compiles both variants of the in-register codebook (immediates / register operands, see
+``nf4_small._decode4_asm``) for an A/B of the instruction count. These are counts, not times: the GPU decides.
+
+    python benchmarks/nf4_sass.py --shapes 4096x4096,14336x4096 --m 1,8,16,32 --regs 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,28672x8192,1024x4096"
+
+
+class _OfflineDriver:
+    """Just enough of Triton's active driver for ``JITFunction.run(..., warmup=True)`` to compile for sm_90."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _tools() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat16):
+    """``(kernel name, meta, compiled kernel)`` of the small-M product the H200 table picks for ``(N, K, M)``."""
+    import alignlab.kernels.nf4_configs as configs
+    import alignlab.kernels.nf4_small as small
+    from alignlab.kernels.nf4_dequant import _state_args
+    from alignlab.quant.nf4 import nf4_quantize
+
+    key, configs.device_key = configs.device_key, lambda device: "H200"
+    old_regs, small.TABLE_REGS = small.TABLE_REGS, regs
+    try:
+        t = nf4_quantize(torch.randn(N, K), blocksize=64)
+        x = torch.randn(M, K, dtype=dtype)
+        which, grid, split, scalars, meta = small._plan(M, N, K, dtype, torch.device("cuda", 0), t, False,
+                                                        *(None,) * 7)
+    finally:
+        configs.device_key, small.TABLE_REGS = key, old_regs
+    y = torch.empty(M, N, dtype=dtype)
+    ws = torch.empty(split, M, N) if split > 1 else y
+    cnt = torch.zeros(grid[0], dtype=torch.int32) if split > 1 else y
+    args = small._kernel_args(which, x, _state_args(t), y, ws, cnt, None, M, x.stride(0), scalars)
+    driver = triton.runtime.driver
+    previous = driver._active  # None until first used; reading .active would fail on a machine without a GPU
+    driver.set_active(_OfflineDriver())
+    try:
+        kernel = small._KERNELS[which].run(*args, grid=grid, warmup=True, enable_fp_fusion=True, **meta)
+    finally:
+        driver._active = previous
+    return which, meta, kernel
+
+
+def _loop(sass: str) -> list[str]:
+    """The instructions of the longest backward branch's body (the kernel's K loop)."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1).strip())
+    best = (0, 0)
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", text)
+        if m and m.group(1) in labels and labels[m.group(1)] <= i and i + 1 - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i + 1)
+    return ins[best[0]:best[1]]
+
+
+def analyse(kernel, meta: dict) -> dict:
+    """Registers, spill bytes, loop length, instructions per packed byte and opcode counts of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([os.path.join(_tools(), "nvdisasm"), "-c", "-g", path],
+                              capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([os.path.join(_tools(), "cuobjdump"), "-res-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    loop = _loop(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in loop)
+    per_thread = meta["BLOCK_N"] * meta["NB"] * meta["BLOCKSIZE"] // 2 / (meta["num_warps"] * 32)
+    return {"regs": int(re.search(r"REG:(\d+)", res).group(1)), "spill": int(re.search(r"STACK:(\d+)", res).group(1)),
+            "loop": len(loop), "per_byte": len(loop) / per_thread, "ops": ops}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=SHAPES, help="N x K pairs, comma separated")
+    ap.add_argument("--m", default="1,2,4,8,16,32", help="rows of x, comma separated")
+    ap.add_argument("--regs", default="auto", help="codebook variants to compile: auto, 0, 1 (comma separated)")
+    args = ap.parse_args(argv)
+    print(f"Triton {triton.__version__}, sm_90, bf16 x, blocksize 64 + double quant, H200 table configurations")
+    for m in (int(v) for v in args.m.split(",")):
+        for shape in args.shapes.split(","):
+            N, K = (int(v) for v in shape.lower().split("x"))
+            cells = []
+            for regs in args.regs.split(","):
+                which, meta, kernel = compile_small(N, K, m, regs)
+                r = analyse(kernel, meta)
+                top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(5))
+                cells.append(f"regs={regs} [{'R' if meta.get('REGS') else 'imm'}] {r['per_byte']:.2f} instr/B, "
+                             f"{r['regs']} regs, {r['spill']} B spill ({top})")
+            print(f"M={m:<3d}{N}x{K} {which:5s} " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

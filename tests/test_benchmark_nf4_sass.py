@@ -1,0 +1,35 @@
+"""benchmarks/nf4_sass.py: compiles the GEMV for sm_90 on a machine without a GPU and reports its loop.
+
+Run in a subprocess: the test process has the Triton interpreter on (conftest), under which kernels cannot be
+compiled. Only the report's structure is checked here; the counts themselves are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+triton = pytest.importorskip("triton")
+
+
+def test_offline_sass_report():
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((tools / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton wheel ships no NVIDIA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nf4_sass.py"), "--shapes", "1024x4096",
+                          "--m", "1", "--regs", "0,1"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("M=")]
+    assert len(rows) == 1 and "gemv" in rows[0], out.stdout
+    cells = re.findall(r"\[(imm|R)\] ([0-9.]+) instr/B, (\d+) regs, (\d+) B spill \((PRMT:\d+)", rows[0])
+    # both codebook variants compiled, each a loop of the lookup's prmt instructions at a plausible count
+    assert [c[0] for c in cells] == ["imm", "R"], rows[0]
+    assert all(4 < float(c[1]) < 40 and 0 < int(c[2]) <= 255 for c in cells), rows[0]
