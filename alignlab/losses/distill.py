@@ -42,7 +42,7 @@ import torch
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks, default_chunk_rows
+from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -759,7 +759,7 @@ class _ShiftedNLL(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(logits.dtype, torch.float32)
         nll = torch.zeros(target.shape, dtype=acc, device=logits.device)
-        for at in _shifted_chunks(logits):
+        for at in _row_chunks(logits[:, :-1]):  # the positions that predict a next token
             z = logits[at].to(acc)
             picked = z.gather(-1, target[at].unsqueeze(-1)).squeeze(-1)
             nll[at] = torch.where(valid[at], torch.logsumexp(z, dim=-1) - picked, 0.0)
@@ -771,7 +771,7 @@ class _ShiftedNLL(torch.autograd.Function):
         logits, target, valid = ctx.saved_tensors
         acc = torch.promote_types(logits.dtype, torch.float32)
         out = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-        for at in _shifted_chunks(logits):
+        for at in _row_chunks(logits[:, :-1]):  # the positions that predict a next token
             keep = valid[at].unsqueeze(-1)
             z = torch.where(keep, logits[at].to(acc), 0.0)  # finite rows: the zero scale below then zeroes them
             y = target[at].unsqueeze(-1)
@@ -779,24 +779,6 @@ class _ShiftedNLL(torch.autograd.Function):
             scale = torch.where(keep, grad[at].unsqueeze(-1).to(acc), 0.0)
             out[at] = (dz * scale).to(logits.dtype)
         return out, None, None
-
-
-def _shifted_chunks(logits: torch.Tensor):
-    """``(batch slice, position slice)`` pairs covering the positions ``0 … S − 2`` of ``logits (B, S, V)`` that
-    predict a next token, each chunk within the CPU/CUDA fp32 logits budget of :mod:`~alignlab.losses.logprobs`:
-    whole rows of the batch together where one fits, else one row in pieces (few Python steps either way)."""
-    batch, n = logits.shape[0], logits.shape[1] - 1
-    if n <= 0:
-        return
-    step = default_chunk_rows(batch * n, logits.shape[-1], 4, logits.device)
-    if step >= n:
-        per = step // n
-        for b in range(0, batch, per):
-            yield slice(b, b + per), slice(0, n)
-        return
-    for b in range(batch):
-        for start in range(0, n, step):
-            yield slice(b, b + 1), slice(start, min(start + step, n))
 
 
 def sequence_kd_loss(

@@ -167,7 +167,8 @@ def _row_chunks(logits: torch.Tensor, cuda_budget: int = _CUDA_CHUNK_BYTES):
     """Index tuples covering every row of ``logits (..., vocab)``, each a view of at most one fp32 chunk of the
     CPU/CUDA logits budget (:func:`default_chunk_rows`, ``cuda_budget`` bytes on CUDA): whole rows of the
     last-but-one leading dimension together where one fits, else one row in pieces. Views only, so a
-    non-contiguous ``logits[:, :-1]`` (the causal shift) is never copied."""
+    non-contiguous ``logits[:, :-1]`` (the causal shift) is never copied; every tuple names the last leading
+    dimension's range explicitly, so the chunks of ``logits[:, :-1]`` also index the full logits."""
     if logits.dim() == 1:  # one row, labels 0-dim
         yield ()
         return
@@ -181,11 +182,11 @@ def _row_chunks(logits: torch.Tensor, cuda_budget: int = _CUDA_CHUNK_BYTES):
         per = step // n
         for idx in itertools.product(*(range(d) for d in outer[:-1])):
             for b in range(0, outer[-1], per):
-                yield (*idx, slice(b, b + per))
+                yield (*idx, slice(b, b + per), slice(0, n))
         return
     for idx in itertools.product(*(range(d) for d in outer)):
         for start in range(0, n, step):
-            yield (*idx, slice(start, start + step))
+            yield (*idx, slice(start, min(start + step, n)))
 
 
 def sequence_logprobs(
