@@ -394,9 +394,13 @@ class ScaledRotaryEmbedding(nn.Module):
     ``cos``/``sin`` have shape ``(batch, seq, dim)`` (the ``d/2`` angles
     repeated twice, as ``transformers``' ``rotate_half`` expects), multiplied by
     the attention scaling, cast to ``x.dtype``. For ``dynamic`` and
-    ``longrope`` the frequencies are recomputed from the largest position in
-    ``position_ids`` on every call (stateless: unlike ``transformers``, the
-    result never depends on earlier, longer calls).
+    ``longrope`` the frequencies follow the largest position in
+    ``position_ids`` of each call (stateless: unlike ``transformers``, the
+    result never depends on earlier, longer calls). That position stays on the
+    device: LongRoPE picks between its two precomputed sets with ``torch.where``
+    and dynamic NTK evaluates its base from it on the device (float64, float32 on
+    MPS), so a forward never waits for the device and compiles without a graph
+    break. The numbers are those of :func:`scaled_inv_freq` at that length.
     """
 
     def __init__(self, scaling: RopeScaling, dim: int, base: float, original_max_position_embeddings: int | None):
@@ -408,21 +412,35 @@ class ScaledRotaryEmbedding(nn.Module):
         inv_freq, attn = scaled_inv_freq(scaling, dim, base, original_max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_scaling = attn
+        # the window L that decides (the same rule as scaled_inv_freq), checked there
+        self._original = scaling.original_max_position_embeddings or original_max_position_embeddings
+        if scaling.kind == "longrope":  # the set used beyond the window; inv_freq holds the one within it
+            long_freq, _ = scaled_inv_freq(scaling, dim, base, original_max_position_embeddings, self._original + 1)
+            self.register_buffer("long_inv_freq", long_freq, persistent=False)
 
-    @property
-    def _depends_on_length(self) -> bool:
-        return self.scaling.kind in ("dynamic", "longrope")
+    def _dynamic_inv_freq(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """:func:`dynamic_ntk_inv_freq` at the 0-d length tensor ``seq_len``, evaluated where it lives.
+
+        The same operations in the same order as the host version (float64 scalars there), so the
+        float32 result is the same; MPS has no float64 and evaluates the base in float32."""
+        s, L, d = self.scaling.factor, self._original, self.dim
+        wide = torch.float32 if seq_len.device.type == "mps" else torch.float64
+        length = seq_len.clamp(min=L).to(wide)
+        effective = length * s / L - (s - 1.0)
+        new_base = effective.pow(d / (d - 2)) * self.base
+        # the 2i/d of θ_i = b^{-2i/d} as rope_inv_freq computes it (not a buffer: a model.to(bf16) would round it)
+        exponent = torch.arange(0, d, 2, dtype=torch.int64, device=seq_len.device).to(torch.float32) / d
+        return 1.0 / (new_base.to(torch.float32) ** exponent)
 
     @torch.no_grad()
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, attn = self.inv_freq, self.attention_scaling
-        if self._depends_on_length:
-            seq_len = int(position_ids.max().item()) + 1
-            inv_freq, attn = scaled_inv_freq(
-                self.scaling, self.dim, self.base, self.original_max_position_embeddings, seq_len
-            )
+        if self.scaling.kind == "longrope":  # the long set once the length max+1 passes L
+            inv_freq = torch.where(position_ids.max() >= self._original, self.long_inv_freq, inv_freq)
+        elif self.scaling.kind == "dynamic":
+            inv_freq = self._dynamic_inv_freq(position_ids.max() + 1)
         angles = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float32)
         emb = torch.cat((angles, angles), dim=-1)
         return (emb.cos() * attn).to(x.dtype), (emb.sin() * attn).to(x.dtype)

@@ -167,6 +167,40 @@ def _kinds():
     ]
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_length_dependent_rotary_never_reads_the_device_back(kind, monkeypatch):
+    """dynamic / longrope read the largest position back to the host on every forward (``.item()``, a
+    device sync per layer call under generate()). Now it stays a tensor: nothing turns a tensor into a
+    Python value during forward, and cos/sin are exactly those of the host formula at that length."""
+    d, b, L = 16, 10000.0, 64
+    scaling = (RopeScaling("dynamic", 3.0) if kind == "dynamic" else
+               RopeScaling("longrope", 4.0, long_factor=[1.0 + i / 4 for i in range(d // 2)],
+                           short_factor=[1.0 + i / 64 for i in range(d // 2)]))
+    module = ScaledRotaryEmbedding(scaling, d, b, L)
+    x = torch.zeros(1, 3, 4)
+    cases = [torch.tensor([[0, 1, n - 1]]) for n in (5, L, L + 1, 2 * L + 7, 5 * L)]
+    wanted = []
+    for pos in cases:
+        inv, attn = scaled_inv_freq(scaling, d, b, L, int(pos.max()) + 1)
+        angles = pos[..., None].float() * inv
+        emb = torch.cat((angles, angles), dim=-1)
+        wanted.append((emb.cos() * attn, emb.sin() * attn))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    got = [module(x, pos) for pos in cases]
+    monkeypatch.undo()
+    assert reads == []
+    for (cos, sin), (want_cos, want_sin) in zip(got, wanted):
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+
+
 @pytest.mark.parametrize("scaling", _kinds(), ids=lambda s: s.kind)
 def test_apply_to_llama_equals_hf_built_from_config(scaling):
     from conftest import make_tiny_llama
