@@ -5,6 +5,7 @@ this runs first: without a GPU every Triton kernel test runs under
 ``TRITON_INTERPRET=1`` on CPU tensors (keep those shapes small).
 """
 
+import contextlib
 import os
 import shutil
 
@@ -141,6 +142,20 @@ def step_losses(stdout: str) -> list[float]:
 _VIEW_OPS = (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.view.default,
              torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.t.default,
              torch.ops.aten.transpose.int, torch.ops.aten.as_strided.default, torch.ops.aten._unsafe_view.default)
+
+
+@contextlib.contextmanager
+def saved_numels(keep=lambda t: True):
+    """A list of the numels of the tensors autograd saves for backward while active (those with ``keep(t)``)."""
+    saved = []
+
+    def pack(t):
+        if keep(t):
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 class LargestOutput(TorchDispatchMode):

@@ -6,7 +6,7 @@ Values and gradients still equal the divergences of docs/distillation.md written
 import pytest
 import torch
 
-from conftest import LargestOutput
+from conftest import LargestOutput, saved_numels
 
 import alignlab.losses.logprobs as logprobs
 from alignlab.losses.distill import distill_loss
@@ -115,14 +115,8 @@ def test_no_fp32_copy_of_the_logits_is_made_or_kept(small_chunks, kind):
     s, t = _inputs(torch.bfloat16, shape=(3, 12))
     s, t = s[:, :-1], t[:, 1:]
     full = s.numel()
-    saved = []
-
-    def pack(x):
-        if x.dtype != torch.bfloat16 and x.is_floating_point():
-            saved.append(x.numel())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), LargestOutput() as forward:
+    with saved_numels(lambda x: x.dtype != torch.bfloat16 and x.is_floating_point()) as saved, \
+            LargestOutput() as forward:
         loss = distill_loss(s, t, kind, beta=BETA, temperature=TAU, mask=torch.ones(s.shape[:-1], dtype=torch.bool))
     assert forward.largest <= small_chunks * VOCAB  # one chunk of rows
     assert sum(saved) < full // 4  # the bf16 logits and O(rows) statistics, no fp32 upcast

@@ -6,7 +6,7 @@ still equal log_softmax(z)[y] written out in fp64, for every layout the function
 import pytest
 import torch
 
-from conftest import LargestOutput
+from conftest import LargestOutput, saved_numels
 
 import alignlab.losses.logprobs as logprobs
 from alignlab.losses.logprobs import sequence_logprobs, token_logprobs
@@ -112,14 +112,8 @@ def test_no_fp32_copy_of_the_logits_is_made_or_kept(small_chunks, fn):
     logits, labels = _inputs(torch.bfloat16, shape=(3, 12))
     z, y = logits[:, :-1], labels[:, 1:]
     full = z.numel()
-    saved = []
-
-    def pack(t):
-        if t.dtype != torch.bfloat16 and t.is_floating_point():
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LargestOutput() as forward:
+    with saved_numels(lambda t: t.dtype != torch.bfloat16 and t.is_floating_point()) as saved, \
+            LargestOutput() as forward:
         out = fn(z, y)
     assert forward.largest <= small_chunks * VOCAB  # one chunk of rows
     assert sum(saved) < full // 4  # the bf16 logits and O(rows) statistics, no fp32 upcast

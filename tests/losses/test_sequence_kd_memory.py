@@ -5,7 +5,7 @@ Values and gradients still equal nll = logsumexp(z) - z_y written out in fp64, f
 import pytest
 import torch
 
-from conftest import LargestOutput
+from conftest import LargestOutput, saved_numels
 
 import alignlab.losses.logprobs as logprobs
 from alignlab.losses.distill import sequence_kd_loss
@@ -80,14 +80,8 @@ def test_packed_batch_and_second_derivative():
 def test_no_fp32_copy_of_the_logits_is_made_or_kept(small_chunks):
     logits, labels = _inputs(torch.bfloat16, batch=3, seq=12)
     full = logits[:, :-1].numel()
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LargestOutput() as forward:
+    with saved_numels(lambda t: t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()) as saved, \
+            LargestOutput() as forward:
         loss = sequence_kd_loss(logits, labels)
     assert forward.largest <= small_chunks * logits.shape[-1]  # one chunk of rows
     assert sum(saved) < full // 4  # autograd keeps the bf16 logits themselves, no upcast copy
