@@ -48,6 +48,11 @@ def code_planes(dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
+# 32 copies of the fp16 planes, then 32 of the bf16 ones; computed at import (eagerly: code_planes reads a tensor
+# back to the host, which a torch.compile trace of kernel_code could not)
+_PLANE_WORDS = code_planes(torch.float16) * 32 + code_planes(torch.bfloat16) * 32
+
+
 def kernel_code(device: torch.device) -> torch.Tensor:
     """The code table every NF4 kernel takes as ``code_ptr``: 528 float32 words, the 16 fp32 levels (what the
     gathering kernels read), then 32 copies of :func:`code_planes` of fp16 and 32 of bf16 (int32 bit patterns),
@@ -56,9 +61,14 @@ def kernel_code(device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     table = _KERNEL_CODES.get(device)
     if table is None:
-        planes = torch.tensor(code_planes(torch.float16) * 32 + code_planes(torch.bfloat16) * 32, dtype=torch.int32)
-        table = _KERNEL_CODES[device] = keep(
-            lambda: torch.cat([nf4_code(device), planes.view(torch.float32).to(device)]), device)
+        planes = torch.tensor(_PLANE_WORDS, dtype=torch.int32)
+
+        def make() -> torch.Tensor:
+            return torch.cat([nf4_code(device), planes.view(torch.float32).to(device)])
+
+        if torch.compiler.is_compiling():  # traced: no worker thread, nothing kept (note_device keeps it eagerly)
+            return make()
+        table = _KERNEL_CODES[device] = keep(make, device)
     return table
 
 

@@ -322,3 +322,16 @@ def test_traced_small_m_product_is_one_graph(triton_mode):
             xm = torch.randn(M, 192).to(dtype)
             y = f(xm, b)
             assert y.shape == (M, 37) and _rel(y, xm.double() @ wd.T + b.double()) < tol, (dtype, M)
+
+
+def test_kernel_code_under_torch_compile(monkeypatch):
+    """A first call of kernel_code inside a torch.compile trace (fullgraph) builds the table in the graph and keeps
+    nothing (no worker thread, no host read-back); the eager call after it keeps one."""
+    from alignlab.kernels import nf4_dequant
+
+    monkeypatch.setattr(nf4_dequant, "_KERNEL_CODES", {})
+    f = torch.compile(lambda x: nf4_dequant.kernel_code(x.device) + x, fullgraph=True)
+    got = f(torch.zeros(16 + 512))
+    assert nf4_dequant._KERNEL_CODES == {}
+    assert torch.equal(got, nf4_dequant.kernel_code(torch.device("cpu")))
+    assert list(nf4_dequant._KERNEL_CODES) == [torch.device("cpu")]
