@@ -34,6 +34,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -259,8 +260,9 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
     result is rounded once, to ``out_dtype`` (default: the dtype of the first input).
 
     Raises:
-        ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), or what
-            the method raises (shapes, parameters).
+        ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), an fp8 tensor
+            (meaningless without its scale), or what the method raises (shapes, parameters, a float16
+            result beyond float16's range).
         TypeError: ``recipe`` is none of the above, ``tensors`` is not a mapping.
 
     ``out`` (internal): a chunk writer that the chunked methods (slerp, task arithmetic, TIES, DARE,
@@ -269,6 +271,10 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
     """
     r = _as_recipe(recipe)  # a mapping raised AttributeError: 'dict' object has no attribute 'merge_method'
     tensors = _by_path(r, name, tensors)
+    for p, t in tensors.items():
+        if isinstance(t, Tensor) and t.dtype in _FP8:
+            raise ValueError(f"tensor {name!r} of model {str(p)!r} is {t.dtype}: fp8 weights mean something only "
+                             f"with their scales, which merge_tensor does not see; {_DEQUANTIZE}")
     method = r.merge_method
     if method in ("linear", "karcher"):
         inputs = [tensors[m.path] for m in r.models]
@@ -452,7 +458,9 @@ def merge_checkpoints(
 
     Raises:
         ValueError: unknown method, bad parameters, a tensor missing from a
-            model or with a different shape (the message names model and tensor).
+            model or with a different shape (the message names model and tensor); a quantized
+            checkpoint (fp8 weights, or a float scale beside integer weights: dequantize first); a
+            float16 output whose merged values leave float16's range (named, with the largest magnitude).
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
         FileNotFoundError: an input checkpoint does not exist.
         TypeError: ``out_dir`` is not a str / ``os.PathLike``, or a flag is not a bool (``overwrite="no"``
@@ -502,8 +510,50 @@ def _mergeable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize > 1
 
 
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# the float tensor that scales a quantized weight beside it: `weight_scale_inv` (DeepSeek-V3, Qwen3-FP8),
+# `weight_scale` / `input_scale` (compressed-tensors), `scales` (GPTQ, AWQ)
+_SCALE_LEAF = re.compile(r"(?:^|_)scales?(?:_inv)?$")
+_DEQUANTIZE = ("dequantize every checkpoint to bfloat16 first (each weight times its scale, the scale repeated over "
+               "its block) and merge those")
+
+
+def _scale_of(name: str, ck: SafetensorsCheckpoint) -> str | None:
+    """The scale tensor stored next to the quantized weight ``name`` in ``ck``, if one is there."""
+    prefix, _, leaf = name.rpartition(".")
+    for cand in (f"{name}_scale_inv", f"{name}_scale", f"{prefix}.{leaf.split('_')[0]}_scale"):
+        if cand != name and cand in ck:
+            return cand
+    return None
+
+
+def _refuse_quantized(ckpts: dict[Path, SafetensorsCheckpoint]) -> None:
+    """``ValueError`` for a quantized checkpoint, naming the tensor: its weights are copied, not merged,
+    while their float scales would be merged, an inconsistent pair (and the fine-tuned weights lost)."""
+    for p, ck in ckpts.items():
+        copied_modules = {}
+        for name, e in ck.entries.items():
+            if e.dtype in _FP8:
+                scale = _scale_of(name, ck)
+                raise ValueError(
+                    f"tensor {name!r} of model {str(p)!r} is {e.dtype}"
+                    + (f" with its scale {scale!r}" if scale else "")
+                    + ": fp8 weights mean something only with their scales, and a merge can neither merge the "
+                    f"stored fp8 values nor copy them from one model; {_DEQUANTIZE}")
+            if not _mergeable(e.dtype) and len(e.shape) >= 2:
+                copied_modules.setdefault(name.rpartition(".")[0], name)
+        for name, e in ck.entries.items():
+            prefix, _, leaf = name.rpartition(".")
+            if _mergeable(e.dtype) and _SCALE_LEAF.search(leaf) and prefix in copied_modules:
+                raise ValueError(
+                    f"tensor {name!r} of model {str(p)!r} scales the quantized {e.dtype} tensor "
+                    f"{copied_modules[prefix]!r}, which is {ck.entries[copied_modules[prefix]].dtype}: a merge would "
+                    f"merge the scale but copy the quantized values from one model; {_DEQUANTIZE}")
+
+
 def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Path) -> list[_OutSpec]:
     """Check every tensor of the reference model against all models before writing anything."""
+    _refuse_quantized(ckpts)
     ref = ckpts[ref_path]
     specs = []
     for name in ref.names():
@@ -519,7 +569,7 @@ def _validate(r: Recipe, ckpts: dict[Path, SafetensorsCheckpoint], ref_path: Pat
                     f"but {list(e.shape)} in {str(ref_path)!r}"
                 )
             if _mergeable(ck.entries[name].dtype) != _mergeable(e.dtype):
-                # a weight in one model and an integer buffer (or fp8 data) in another: no merge is meaningful,
+                # a weight in one model and an integer buffer in another: no merge is meaningful,
                 # and copying the reference's would drop the other model's values without a word
                 raise ValueError(
                     f"tensor {name!r} is {ck.entries[name].dtype} in model {str(p)!r} but {e.dtype} in "
@@ -539,12 +589,17 @@ class _FileDest:
     """Writes one merged tensor into its place in an output shard, chunk by chunk (positioned
     writes from the worker thread, out of order across tensors), through one small reused buffer."""
 
-    __slots__ = ("fd", "offset", "dtype", "itemsize", "buf")
+    __slots__ = ("fd", "offset", "dtype", "itemsize", "buf", "saw_inf")
 
     def __init__(self, fd: int, offset: int, dtype: torch.dtype):
         self.fd, self.offset, self.dtype = fd, offset, dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.buf: Tensor | None = None
+        self.saw_inf = False  # float16 only: an inf was written (an overflow unless an input had one)
+
+    def _watch(self, values: Tensor) -> None:
+        if self.dtype == torch.float16 and not self.saw_inf:
+            self.saw_inf = bool(torch.isinf(values).any())
 
     def chunk(self, start: int, length: int) -> Tensor:
         if self.buf is None or self.buf.numel() < length:
@@ -552,9 +607,11 @@ class _FileDest:
         return self.buf[:length]
 
     def put(self, start: int, values: Tensor) -> None:
+        self._watch(values)
         _pwrite(self.fd, values, self.offset + start * self.itemsize)
 
     def write(self, tensor: Tensor) -> None:
+        self._watch(tensor)
         _pwrite(self.fd, tensor, self.offset)
 
 
@@ -580,6 +637,16 @@ def _pwrite(fd: int, tensor: Tensor, pos: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], pos + done)
+
+
+def _refuse_float16_overflow(r: Recipe, name: str, tensors: Mapping[Path, Tensor]) -> None:
+    """``ValueError`` naming tensor ``name``, whose float16 output got an inf from finite inputs, with the
+    largest magnitude the merge reaches (merged again in float32 to find it: the merge is deterministic)."""
+    peak = float(merge_tensor(r, name, tensors, out_dtype=torch.float32).abs().amax())
+    raise ValueError(
+        f"tensor {name!r}: merged values reach {peak:.6g} in magnitude, beyond float16's largest finite value "
+        f"{torch.finfo(torch.float16).max:.0f}; written as float16 they would be inf. Write bfloat16 (dtype: "
+        f"bfloat16, float32's range) or float32, or check the weights / lambda of the recipe")
 
 
 def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, progress: bool, prefetch: bool,
@@ -613,16 +680,20 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
         ref = tensors[ref_path]
         dest = _FileDest(fd, offset, spec.dtype)
         if not (ref.dtype.is_floating_point and ref.dtype.itemsize > 1) or ref.numel() == 0:
-            res = ref.to(spec.dtype)  # integer buffers, fp8 and empty tensors are copied from the reference
+            res = ref.to(spec.dtype)  # integer buffers and empty tensors are copied from the reference
         else:
             try:  # rounded once, to the output dtype; the chunked methods write through dest themselves
                 res = merge_tensor(r, spec.name, tensors, out_dtype=spec.dtype, out=dest)
+            except M._Float16Overflow:  # the methods that return their result check it themselves
+                res, dest.saw_inf = None, True
             except (ValueError, TypeError) as e:
                 raise type(e)(f"while merging tensor {spec.name!r}: {e}") from e
         if res is not None:
             if res.dtype != spec.dtype or tuple(res.shape) != spec.shape:
                 raise RuntimeError(f"merged {spec.name!r} came out {res.dtype}{tuple(res.shape)}")
             dest.write(res)
+        if dest.saw_inf and not any(bool(torch.isinf(t).any()) for t in tensors.values()):
+            _refuse_float16_overflow(r, spec.name, tensors)
 
     workers = max(1, torch.get_num_threads()) if prefetch else 1
     threads = torch.get_num_threads()

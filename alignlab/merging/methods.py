@@ -5,7 +5,8 @@ Every function takes one tensor per model (all of the same shape, on one device,
 merged tensor in ``out_dtype`` (default: the dtype of the first input).
 Arithmetic runs in float32 (float64 when the inputs are float64), the way merges
 of bf16 checkpoints are usually done, and the result is rounded once, to
-``out_dtype``: bf16 inputs merged into float32 keep every float32 digit.
+``out_dtype``: bf16 inputs merged into float32 keep every float32 digit. A float16 result that
+overflowed (an inf where no input has one: float32 values beyond ±65504) raises ``ValueError``.
 Merges run without autograd (parameters can be passed as they are, e.g. ``layer.weight``; the
 result never requires grad). Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
 be bools, scalars (``lambda_``, ``t``, ``epsilon``, ...) finite numbers and ``out_dtype``
@@ -23,6 +24,7 @@ the differences that remain are listed in each docstring.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Literal, Sequence
@@ -94,6 +96,43 @@ def _dest(out, like: Tensor, dtype: torch.dtype):
                              f"got {out.dtype} {tuple(out.shape)}")
         return _TensorDest(out.reshape(-1)), out
     return out, None
+
+
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+class _Float16Overflow(ValueError):
+    """A merge rounded to float16 gave inf where every input was finite (the checkpoint merge names the tensor)."""
+
+
+def _finite_float16(fn):
+    """Refuse a float16 result that overflowed: float32 arithmetic can leave float16's range (±65504, e.g.
+    ``lambda_`` or weights above 1) and the rounding writes inf, a weight that breaks the model without a word.
+    An inf already in an input is passed through; bfloat16 has float32's range and is not checked."""
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        if not isinstance(result, Tensor) or result.dtype != torch.float16:
+            return result
+        overflowed = int(torch.isinf(result).sum())
+        if overflowed and not any(bool(torch.isinf(t).any()) for t in _tensor_args(args, kwargs)):
+            raise _Float16Overflow(
+                f"{fn.__name__}: {overflowed} merged value(s) are beyond float16's largest finite value "
+                f"{_FLOAT16_MAX:.0f} and round to inf although no input is infinite; pass "
+                f"out_dtype=torch.bfloat16 (float32's range) or torch.float32, or check the weights / lambda_")
+        return result
+
+    return checked
+
+
+def _tensor_args(args, kwargs):
+    """The input tensors of a merge call (``out=``, keyword-only, holds the result)."""
+    for a in (*args, *(v for k, v in kwargs.items() if k != "out")):
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
 
 
 # --------------------------------------------------------------------------- checks
@@ -196,6 +235,7 @@ def _check_options(normalize, lambda_, out_dtype) -> tuple[bool, float]:
 
 
 @torch.no_grad()
+@_finite_float16
 def linear(
     tensors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
@@ -243,6 +283,7 @@ def linear(
 
 
 @torch.no_grad()
+@_finite_float16
 def combine_deltas(
     base: Tensor,
     deltas: Sequence[Tensor],
@@ -469,6 +510,7 @@ def _deltas(base: Tensor, models: Sequence[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
+@_finite_float16
 def task_arithmetic(
     base: Tensor,
     models: Sequence[Tensor],
@@ -506,6 +548,7 @@ def task_arithmetic(
 
 
 @torch.no_grad()
+@_finite_float16
 def ties(
     base: Tensor,
     models: Sequence[Tensor],
@@ -920,6 +963,7 @@ def _random_trim(base, models, dens, rescale, generator, step, draw):
 
 
 @torch.no_grad()
+@_finite_float16
 def dare(
     base: Tensor,
     models: Sequence[Tensor],
@@ -975,6 +1019,7 @@ def dare(
 
 
 @torch.no_grad()
+@_finite_float16
 def breadcrumbs(
     base: Tensor,
     models: Sequence[Tensor],
@@ -1070,6 +1115,7 @@ def breadcrumbs(
 
 
 @torch.no_grad()
+@_finite_float16
 def della(
     base: Tensor,
     models: Sequence[Tensor],
@@ -1129,6 +1175,7 @@ def della(
 
 
 @torch.no_grad()
+@_finite_float16
 def slerp(
     a: Tensor,
     b: Tensor,
@@ -1246,6 +1293,7 @@ def _write_combination(x: Tensor, y: Tensor, ca: float, cb: float, wd: torch.dty
 
 
 @torch.no_grad()
+@_finite_float16
 def chipalign(
     instruct: Tensor,
     domain: Tensor,
@@ -1321,6 +1369,7 @@ def chipalign(
 
 
 @torch.no_grad()
+@_finite_float16
 def karcher(
     tensors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
@@ -1393,6 +1442,7 @@ def karcher(
 
 
 @torch.no_grad()
+@_finite_float16
 def model_stock(
     base: Tensor,
     models: Sequence[Tensor],

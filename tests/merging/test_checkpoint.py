@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignlab.merging import methods as M
-from alignlab.merging.checkpoint import SafetensorsCheckpoint, _generator, merge_checkpoints
+from alignlab.merging.checkpoint import SafetensorsCheckpoint, _generator, merge_checkpoints, merge_tensor
 from alignlab.merging.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -765,3 +765,83 @@ def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
     out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")]},
                             tmp_path / "merged2")
     assert (out / "model.safetensors.index.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def _fp8_state(seed, scale_key, shift=0.0):
+    """A tiny fp8 checkpoint as DeepSeek-V3 (``weight_scale_inv``, one scale per 128x128 block) or
+    compressed-tensors (``weight_scale``, one per tensor) write it, plus an unquantized norm."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 8, generator=g) + shift
+    return {"layers.0.mlp.up.weight": w.to(torch.float8_e4m3fn),
+            f"layers.0.mlp.up.{scale_key}": torch.rand((1, 1) if scale_key.endswith("inv") else (), generator=g) + 0.5,
+            "layers.0.norm.weight": torch.ones(8)}
+
+
+@pytest.mark.parametrize("scale_key", ["weight_scale_inv", "weight_scale"])
+@pytest.mark.parametrize("fp8_in", ["all", "base", "a"])
+def test_fp8_checkpoints_are_refused_naming_the_weight_and_its_scale(tmp_path, scale_key, fp8_in):
+    """The fp8 weights were copied from the base while their float32 scales were merged: an inconsistent
+    pair (and the fine-tuned weights dropped) written without a word. Now refused before anything is written."""
+    for i, m in enumerate(("base", "a")):
+        st = _fp8_state(i, scale_key, shift=i)
+        if fp8_in not in ("all", m):
+            st["layers.0.mlp.up.weight"] = st["layers.0.mlp.up.weight"].to(torch.bfloat16)
+        write_checkpoint(tmp_path / m, st)
+    match = r"'layers.0.mlp.up.weight' of model '.*/(base|a)' is torch.float8_e4m3fn with its scale " \
+            rf"'layers.0.mlp.up.{scale_key}'.*dequantize"
+    for method in ("task_arithmetic", "linear"):
+        r = recipe(tmp_path, method, models=("a",), dtype="bfloat16")
+        if method == "linear":
+            r = {**r, "base_model": None, "models": [{"model": str(tmp_path / m)} for m in ("base", "a")]}
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints(r, tmp_path / "out")
+        assert _leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match=r"'w' of model 'a' is torch.float8_e4m3fn.*dequantize"):
+        merge_tensor({"merge_method": "linear", "models": ["a", "b"]}, "w",
+                     {"a": torch.zeros(2).to(torch.float8_e4m3fn), "b": torch.zeros(2).to(torch.float8_e4m3fn)})
+
+
+def test_integer_quantized_weight_with_a_float_scale_is_refused(tmp_path):
+    """compressed-tensors int8 (and GPTQ/AWQ ``qweight`` + ``scales``): integer weights are copied, so their
+    float scales must not be merged either."""
+    for i, m in enumerate(("base", "a")):
+        g = torch.Generator().manual_seed(i)
+        write_checkpoint(tmp_path / m, {"q.weight": torch.randint(-127, 128, (4, 8), dtype=torch.int8, generator=g),
+                                        "q.weight_scale": torch.rand(4, 1, generator=g),
+                                        "position_ids": torch.arange(8)[None]})
+    with pytest.raises(ValueError, match=r"'q.weight_scale' of model .* scales the quantized torch.float32 tensor "
+                                         r"'q.weight', which is torch.int8.*dequantize"):
+        merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",)), tmp_path / "out")
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("task_arithmetic", {"parameters": {"lambda": 4.0}}),  # chunked: written chunk by chunk
+    ("ties", {"parameters": {"lambda": 4.0}}),
+    ("linear", {"parameters": {"normalize": False}}),  # whole tensor, returned
+])
+def test_float16_output_beyond_its_range_is_refused_with_the_tensor_and_peak(tmp_path, method, extra):
+    """float32 arithmetic beyond ±65504 was rounded to inf in a float16 output without a word."""
+    base = {"big.weight": torch.full((4, 8), 30000.0), "small.weight": torch.ones(8)}
+    ft = {"big.weight": torch.full((4, 8), 40000.0), "small.weight": torch.full((8,), 2.0)}
+    write_checkpoint(tmp_path / "base", base)
+    write_checkpoint(tmp_path / "a", ft)
+    r = {**recipe(tmp_path, method, models=("a",), dtype="float16"), **extra}
+    if method == "linear":
+        r = {**r, "base_model": None, "models": [{"model": str(tmp_path / m)} for m in ("base", "a")]}
+    peak = 70000.0  # 30000 + 4 * 10000, or 30000 + 40000
+    with pytest.raises(ValueError, match=rf"tensor 'big.weight': merged values reach {peak:.0f} in magnitude, "
+                                         r"beyond float16's largest finite value 65504.*bfloat16"):
+        merge_checkpoints(r, tmp_path / "out")
+    assert _leftovers(tmp_path) == []
+    out = merge_checkpoints({**r, "dtype": "bfloat16"}, tmp_path / "out")  # float32's range: fine
+    merged = load_file(out / "model-00001-of-00001.safetensors")
+    assert merged["big.weight"].dtype == torch.bfloat16
+    assert merged["big.weight"].abs().max() == torch.tensor(peak).to(torch.bfloat16)
+
+
+def test_float16_output_keeps_an_inf_that_was_in_an_input(tmp_path):
+    write_checkpoint(tmp_path / "base", {"w": torch.tensor([1.0, 1.0])})
+    write_checkpoint(tmp_path / "a", {"w": torch.tensor([2.0, float("inf")])})
+    out = merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",), dtype="float16"), tmp_path / "out")
+    assert load_file(out / "model-00001-of-00001.safetensors")["w"].tolist() == [2.0, float("inf")]

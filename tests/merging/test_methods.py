@@ -951,3 +951,22 @@ def test_per_model_weights_accept_numpy_scalars_refuse_bools():
     for bad in (True, [True, 1.0]):
         with pytest.raises(TypeError, match="weights"):
             M.linear(ms, bad)
+
+
+@pytest.mark.parametrize("merge", [
+    lambda b, m: M.linear([b, m], normalize=False),
+    lambda b, m: M.task_arithmetic(b, [m], lambda_=4.0),
+    lambda b, m: M.ties(b, [m], density=1.0, lambda_=4.0),
+    lambda b, m: M.ties(b, [m], density=1.0, lambda_=4.0, out=torch.empty(3, 5, dtype=b.dtype)),
+    lambda b, m: M.dare(b, [m], density=1.0, lambda_=4.0, generator=torch.Generator().manual_seed(0)),
+    lambda b, m: M.combine_deltas(b, [m - b], [1.0], lambda_=4.0),
+], ids=["linear", "task_arithmetic", "ties", "ties_out", "dare", "combine_deltas"])
+def test_float16_result_beyond_its_range_raises(merge):
+    """float32 arithmetic beyond ±65504, rounded to a float16 result, became inf without a word."""
+    b, m = torch.full((3, 5), 30000.0, dtype=torch.float16), torch.full((3, 5), 40000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"15 merged value\(s\) are beyond float16's largest finite value 65504.*"
+                                         r"out_dtype=torch.bfloat16"):
+        merge(b, m)
+    merge(b.float(), m.float())  # float32's range: fine
+    m[0, 0] = float("inf")  # an inf already in an input is passed through
+    assert torch.isinf(merge(b, m)[0, 0])
