@@ -201,6 +201,19 @@ def test_length_dependent_rotary_never_reads_the_device_back(kind, monkeypatch):
         assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
 
 
+def test_length_dependent_rotary_compiles_without_a_graph_break():
+    """The docs promise fullgraph compilation: the old ``.item()`` was a data-dependent graph break."""
+    for scaling in (RopeScaling("dynamic", 3.0), RopeScaling("longrope", 4.0, long_factor=[2.0] * 8,
+                                                            short_factor=[1.0] * 8)):
+        module = ScaledRotaryEmbedding(scaling, 16, 10000.0, 64)
+        compiled = torch.compile(module, backend="eager", fullgraph=True)
+        x = torch.zeros(1, 3, 4)
+        for n in (5, 200):
+            pos = torch.tensor([[0, 1, n]])
+            for a, b in zip(compiled(x, pos), module(x, pos)):
+                assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("scaling", _kinds(), ids=lambda s: s.kind)
 def test_apply_to_llama_equals_hf_built_from_config(scaling):
     from conftest import make_tiny_llama
