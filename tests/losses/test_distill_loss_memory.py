@@ -8,7 +8,6 @@ import torch
 
 from conftest import LargestOutput, saved_numels
 
-import alignlab.losses.logprobs as logprobs
 from alignlab.losses.distill import distill_loss
 
 VOCAB = 11
@@ -43,14 +42,6 @@ def _reduce(per_token, w, reduction):
     if reduction == "sum" or not w.sum():  # a mean over no weight at all is 0
         return total
     return total / w.sum()
-
-
-@pytest.fixture(params=[3, 13], ids=["pieces_of_a_row", "rows_together"])
-def small_chunks(monkeypatch, request):
-    """A budget of 3 or 13 fp32 rows (far below the real one): pieces of one sequence, or several whole
-    sequences per chunk."""
-    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", request.param * VOCAB * 4)
-    return request.param
 
 
 LAYOUTS = {

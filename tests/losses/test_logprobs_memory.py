@@ -8,7 +8,6 @@ import torch
 
 from conftest import LargestOutput, saved_numels
 
-import alignlab.losses.logprobs as logprobs
 from alignlab.losses.logprobs import sequence_logprobs, token_logprobs
 
 IGNORE = -100
@@ -29,14 +28,6 @@ def _formula(logits, labels):
     keep = labels != IGNORE
     picked = torch.log_softmax(logits.double(), -1).gather(-1, torch.where(keep, labels, 0)[..., None]).squeeze(-1)
     return torch.where(keep, picked, 0.0)
-
-
-@pytest.fixture(params=[3, 13], ids=["pieces_of_a_row", "rows_together"])
-def small_chunks(monkeypatch, request):
-    """A budget of 3 or 13 fp32 rows (far below the real one): pieces of one sequence, or several whole
-    sequences per chunk."""
-    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", request.param * VOCAB * 4)
-    return request.param
 
 
 LAYOUTS = {

@@ -7,13 +7,13 @@ import torch
 
 from conftest import LargestOutput, saved_numels
 
-import alignlab.losses.logprobs as logprobs
 from alignlab.losses.distill import sequence_kd_loss
 
 IGNORE = -100
+VOCAB = 11  # the chunk fixture (tests/losses/conftest.py) sizes its budget by it
 
 
-def _inputs(dtype=torch.float32, batch=2, seq=7, vocab=11, seed=0):
+def _inputs(dtype=torch.float32, batch=2, seq=7, vocab=VOCAB, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(batch, seq, vocab, generator=g)).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -32,14 +32,6 @@ def _formula(logits, labels, reduction):
     if reduction == "none":
         return nll.sum(-1)
     return nll.sum() if reduction == "sum" else nll.sum() / keep.sum()
-
-
-@pytest.fixture(params=[3, 13], ids=["pieces_of_a_row", "rows_together"])
-def small_chunks(monkeypatch, request):
-    """A budget of 3 or 13 fp32 rows of an 11-token vocabulary (far below the real one): pieces of one sequence,
-    or several whole sequences per chunk."""
-    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", request.param * 11 * 4)
-    return request.param
 
 
 @pytest.mark.usefixtures("small_chunks")
