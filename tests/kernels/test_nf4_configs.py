@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignlab.kernels import nf4_configs
+from alignlab.kernels import nf4_configs, nf4_dequant
 from alignlab.kernels.nf4_configs import heuristic_config, m_bucket, max_rows, small_choice, small_config
 
 
@@ -115,12 +115,15 @@ def test_device_name_is_known_before_a_trace(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", None)
     cuda0 = torch.device("cuda", 0)
+    tables = []  # the kernels' code table is made there too (a CUDA tensor: recorded instead on CPU CI)
+    monkeypatch.setattr(nf4_dequant, "kernel_code", tables.append)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert max_rows(cuda0) == 16 and nf4_configs.note_device(cuda0) is None and not nf4_configs._NAMES
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     nf4_configs.note_device(torch.device("cpu"))
-    assert not nf4_configs._NAMES
+    assert not nf4_configs._NAMES and not tables
     nf4_configs.note_device(cuda0)
+    assert tables == [cuda0]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a trace
     assert max_rows(cuda0) == 32
     # the places that call it: quantization and NF4Linear's device moves
