@@ -158,16 +158,17 @@ def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: tor
 
 def small_choice(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, device: torch.device
                  ) -> tuple[str, tuple]:
-    """``(kernel, configuration)`` of the default small-``M`` product on ``device``: the GEMV at ``M = 1``;
-    above, ``"late"`` where the table's nearest measured shape is listed under ``("late", bucket)``, else
-    ``"dot"`` (with :func:`small_config`'s configuration)."""
+    """``(kernel, configuration)`` of the default small-``M`` product on ``device``: the base kernel is the GEMV
+    at ``M = 1`` and ``"dot"`` above; ``"late"`` instead where the table's nearest measured shape of the base
+    kernel's bucket is also listed under ``("late", bucket)`` (``nf4_tune.py --kernel late`` measures such
+    entries, at ``M = 1`` too); else the base kernel with :func:`small_config`'s configuration."""
     kernel = "gemv" if M == 1 else "dot"
     key = device_key(device)
-    if kernel == "dot" and key is not None and blocksize == 64 and dtype != torch.float32:
+    if key is not None and blocksize == 64 and dtype != torch.float32:
         configs = TABLES[key]["configs"]
-        dot, late = configs.get(("dot", m_bucket(M))), configs.get(("late", m_bucket(M)))
-        if dot and late:
-            near = _nearest(dot, N, K)
+        base, late = configs.get((kernel, m_bucket(M))), configs.get(("late", m_bucket(M)))
+        if base and late:
+            near = _nearest(base, N, K)
             if near in late:
                 return "late", late[near]
     return kernel, small_config(kernel, M, N, K, blocksize, dtype, device)

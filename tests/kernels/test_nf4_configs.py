@@ -74,18 +74,21 @@ def test_shipped_tables_are_well_formed():
         for (kernel, bucket), shapes in table["configs"].items():
             assert kernel in ("gemv", "dot", "late") and bucket == m_bucket(bucket)
             assert (kernel == "gemv") == (bucket == 1) and not (kernel == "late" and bucket == 1)
-            if kernel == "late":  # small_choice picks late by the nearest "dot" shape of the same bucket
-                assert set(shapes) <= set(table["configs"].get(("dot", bucket), {})), (key, bucket)
+            if kernel == "late":  # small_choice picks late by the nearest base-kernel shape of the same bucket
+                base = "gemv" if bucket == 1 else "dot"
+                assert set(shapes) <= set(table["configs"].get((base, bucket), {})), (key, bucket)
             for (n, k), (bn, nb, split, warps, stages) in shapes.items():
                 assert n > 0 and k > 0 and bn in (16, 32, 64, 128, 256) and nb in (1, 2, 4), (key, n, k)
                 assert split >= 1 and warps in (1, 2, 4, 8, 16) and stages >= 1, (key, n, k)
 
 
 def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
-    """The default kernel: the GEMV at M = 1; above, "late" where the nearest measured "dot" shape of the bucket
-    is listed under ("late", bucket), else "dot"; no table, fp32 or other blocksizes: "dot" and the rules."""
+    """The default kernel: the GEMV at M = 1, "dot" above; "late" where the nearest measured shape of that base
+    kernel's bucket is listed under ("late", bucket) (M = 1 too); no table, fp32 or other blocksizes: the base
+    kernel and the rules."""
     table = {"max_m": 32, "configs": {
-        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2)},
+        ("gemv", 1): {(4096, 4096): (256, 1, 4, 8, 2), (14336, 4096): (64, 1, 8, 2, 1)},
+        ("late", 1): {(14336, 4096): (256, 1, 8, 8, 1)},
         ("dot", 8): {(4096, 4096): (32, 2, 4, 4, 2), (28672, 8192): (64, 1, 16, 8, 3)},
         ("late", 8): {(28672, 8192): (128, 2, 8, 4, 1)},
     }}
@@ -93,6 +96,8 @@ def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
     dev = torch.device("cpu")
     bf16 = torch.bfloat16
     assert small_choice(1, 4096, 4096, 64, bf16, dev) == ("gemv", (256, 1, 4, 8, 2))
+    assert small_choice(1, 14000, 4096, 64, bf16, dev) == ("late", (256, 1, 8, 8, 1))
+    assert small_choice(1, 14000, 4096, 64, torch.float32, dev)[0] == "gemv"
     assert small_choice(5, 20000, 8192, 64, bf16, dev) == ("late", (128, 2, 8, 4, 1))
     assert small_choice(8, 5000, 4096, 64, bf16, dev) == ("dot", (32, 2, 4, 4, 2))
     assert small_choice(16, 20000, 8192, 64, bf16, dev) == ("dot", heuristic_config("dot", 16, 20000, 64, bf16))
