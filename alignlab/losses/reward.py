@@ -759,7 +759,8 @@ def grpo_loss(
         fraction of clipped tokens, judged with each token's own advantage: TRL's per-sequence mean for
         ``(batch,)`` advantages), ``clip_ratio`` (=
         ``region_mean``), ``kl`` when ``beta > 0``, ``entropy`` with ``entropy``, and
-        ``sampling/importance_sampling_ratio/{min,mean,max}`` with ``sampling_logprobs``.
+        ``sampling/importance_sampling_ratio/{min,mean,max}`` with ``sampling_logprobs`` (over unmasked tokens,
+        or in the ``sequence_*`` modes over the sequences' weights, one per sequence with a token, as TRL).
 
     Raises:
         ValueError: unknown ``loss_type``/``importance_sampling_level``/``kl_estimator``/``is_mode`` (lists the
@@ -821,13 +822,11 @@ def grpo_loss(
     if sampling_logprobs is not None:
         w = is_weights(old, sampling_logprobs, m, is_mode, is_min, is_max)
         per_token = per_token * w
-        if is_mode.startswith("sequence"):
-            w_tok = w.expand_as(lp)
-        else:
-            w_tok = w
-        wm = w_tok[m]
+        # statistics over the weights as they are: one per sequence (with a completion token) in the sequence
+        # modes, as TRL logs them; a token mean there would weigh each sequence's one weight by its length
+        wm = w[:, 0][m.any(dim=1)] if is_mode.startswith("sequence") else w[m]
         metrics["sampling/importance_sampling_ratio/min"] = wm.min() if wm.numel() else zero
-        metrics["sampling/importance_sampling_ratio/mean"] = masked_mean(w_tok, m)
+        metrics["sampling/importance_sampling_ratio/mean"] = wm.mean() if wm.numel() else zero
         metrics["sampling/importance_sampling_ratio/max"] = wm.max() if wm.numel() else zero
     if beta > 0:
         kl = kl_penalty(lp, ref_logprobs.detach().to(dtype), kl_estimator, m)
