@@ -95,9 +95,11 @@ def _build_dynamic_map(signed: bool = True) -> torch.Tensor:
     # i = 0..6, the midpoints of evenly spaced fractions in [0.1, 1] -- 2^i + 1 of
     # them with both signs (signed), 2^(i+1) + 1 positive ones (unsigned: the sign
     # bit becomes one more fraction bit) -- plus the "no indicator bit" extras, 0 and 1.
+    # Built on the CPU whatever the default device: under ``with torch.device("meta")`` (deferred init, then
+    # quantize_model) a default-device map would have no values to read back with .tolist().
     values: list[float] = []
     for i in range(7):
-        fractions = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
+        fractions = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32, device="cpu")
         mids = (fractions[:-1] + fractions[1:]) / 2.0
         values += ((10 ** (i - 6)) * mids).tolist()
         if signed:
@@ -105,7 +107,7 @@ def _build_dynamic_map(signed: bool = True) -> torch.Tensor:
     # 2^(7-7) - 1 = 0 extra items for 7 exponent bits; the last two levels:
     values += [0.0, 1.0]
     values.sort()
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torch.Tensor:
