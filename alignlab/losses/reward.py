@@ -85,9 +85,12 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
     r""":math:`\sum_t m_t x_t / \sum_t m_t` over ``dim`` (all elements when None); 0 where nothing is counted.
 
-    Masked-out entries are replaced by 0 before the sum, so NaN/inf padding cannot leak in.
+    Masked-out entries are replaced by 0 before the sum, so NaN/inf padding cannot leak in.  Half-precision
+    values are summed and divided in float32 and the result is float32: in float16 a count above 65504 is
+    ``inf`` (the mean came out 0 or NaN), and in bfloat16 counts above 256 and the sum were rounded.
     """
     m = _mask(mask, values)
+    values = values.to(_compute_dtype(values))
     x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
     count = m.sum() if dim is None else m.sum(dim)
     total = x.sum() if dim is None else x.sum(dim)
