@@ -308,9 +308,10 @@ def _dpo_per_pair(
             return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
                 F.logsigmoid(-z) - math.log(eps)
             )
-        # discopop: blend of the logistic and the exponential loss, gated by sigmoid(z / tau)
-        gate = torch.sigmoid(z / discopop_tau)
-        return -F.logsigmoid(z) * (1.0 - gate) + torch.exp(-z) * gate
+        # discopop: blend of the logistic and the exponential loss, gated by sigmoid(z / tau). The exponential
+        # term is formed in log space: exp(-z) alone overflows for z < -88 in float32, and inf times the gate's 0
+        # made the loss and every gradient NaN where the paper's value is finite (about -z)
+        return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
 
     if loss_type == "ipo":
         return (delta - 1.0 / (2.0 * beta)) ** 2
@@ -446,7 +447,8 @@ def dpo_loss(
                    (arXiv 2408.06266), eq. 7.
     ``apo_down``   :math:`\sigma(\beta h_c) + 1 - \sigma(\beta\Delta)`, APO eq. 8.
     ``discopop``   :math:`(1-g)(-\log\sigma(z)) + g\,e^{-z}`, :math:`g=\sigma(z/\tau)`, DiscoPOP, "Discovering
-                   Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414).
+                   Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414); :math:`g\,e^{-z}`
+                   is formed in log space, finite for very negative :math:`z` (no NaN from ``inf * 0``).
     ``sigmoid_norm`` ``sigmoid`` on per-token averaged log-ratios (lengths required).
     ============== ===============================================================================================
 
