@@ -226,9 +226,15 @@ def _compile(arg: str, pattern: str) -> re.Pattern:
         raise ValueError(f"{arg}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key applies to a dotted module name: ``(^|.*\\.)pattern$``,
+    PEFT's rule."""
+    return re.match(rf"(^|.*\.)(?:{pattern})$", name) is not None
+
+
 def _pattern_value(patterns: dict, name: str, default):
     for pattern, value in patterns.items():
-        if re.match(rf"(^|.*\.)(?:{pattern})$", name):
+        if pattern_matches(pattern, name):
             return value
     return default
 

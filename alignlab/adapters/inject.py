@@ -20,8 +20,8 @@ from torch import nn
 
 from alignlab._checks import check_finite_number
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
-from alignlab.adapters.config import LoRAConfig, name_matches, saved_module_matches
-from alignlab.adapters.experts import ExpertLoRA
+from alignlab.adapters.config import LoRAConfig, name_matches, pattern_matches, saved_module_matches
+from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
@@ -179,6 +179,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             + f"; linear modules in this model end with {suffixes} (e.g. {existing[:3]})"
             + _string_target_hint(getattr(config, "target_modules", None), suffixes)
         )
+    _warn_unused_selectors(model, config, targets)
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
         prepare(model, targets, adapter_name)
@@ -209,6 +210,26 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         attach(model, adapter_name)
     mark_only_adapters_trainable(model)
     return model
+
+
+def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None:
+    """Warn (``RuntimeWarning``, as PEFT 0.21 does) about an ``exclude_modules`` that excludes no module and, for
+    LoRA, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module: most often a typo, after which the
+    adapter would train at the default rank / alpha, or on the modules meant to be left out. Not an error: a PEFT
+    file written for several architectures may name modules that this model lacks."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and not any(name_matches(exclude, n) for n, _ in model.named_modules() if n):
+        warnings.warn(f"exclude_modules={exclude!r} matches no module of this model, so nothing was excluded; "
+                      "check the names", RuntimeWarning, stacklevel=3)
+    if not isinstance(config, LoRAConfig) or not (config.rank_pattern or config.alpha_pattern):
+        return
+    # a fused MoE experts module is adapted per parameter, and its patterns match "<module>.<parameter>"
+    names = list(targets) + [f"{t}.{p}" for t in targets for p in fused_expert_parameters(model.get_submodule(t))]
+    for field, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        unused = [k for k in patterns if not any(pattern_matches(k, n) for n in names)]
+        if unused:
+            warnings.warn(f"{field} keys {unused} match none of the {len(targets)} adapted modules and were ignored "
+                          f"(e.g. {targets[:2]}); check the names", RuntimeWarning, stacklevel=3)
 
 
 def _match_modules_to_save(model: nn.Module, config) -> list[str]:
