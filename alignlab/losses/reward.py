@@ -769,7 +769,8 @@ def grpo_loss(
         ``(batch,)`` advantages), ``clip_ratio`` (=
         ``region_mean``), ``kl`` when ``beta > 0``, ``entropy`` with ``entropy``, and
         ``sampling/importance_sampling_ratio/{min,mean,max}`` with ``sampling_logprobs`` (over unmasked tokens,
-        or in the ``sequence_*`` modes over the sequences' weights, one per sequence with a token, as TRL).
+        or in the ``sequence_*`` modes over the sequences' weights, one per sequence with a token, as TRL, which
+        also counts a sequence without tokens, as weight 1).
 
     Raises:
         ValueError: unknown ``loss_type``/``importance_sampling_level``/``kl_estimator``/``is_mode`` (lists the
