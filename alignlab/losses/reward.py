@@ -16,6 +16,8 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -424,7 +426,9 @@ def ppo_policy_loss(
     ``"sequence"`` averages within each sequence first.  ``num_items`` (unmasked tokens for ``"token"``,
     sequences for ``"sequence"``, counted over the whole optimiser step: every gradient-accumulation
     micro-batch and rank) replaces this batch's count in the outer division, so the micro-batch losses sum to
-    the big-batch loss exactly.
+    the big-batch loss exactly.  Where :math:`A_t \ge 0` the ratio is capped at :math:`1+\epsilon_{hi}` before it
+    multiplies :math:`A_t` (no change to the loss or gradient; an overflowing ratio no longer gives NaN, see
+    :func:`clipped_surrogate`).
 
     Args:
         logprobs: ``(batch, seq)`` current log-probs (with gradient).
@@ -460,14 +464,16 @@ def ppo_policy_loss(
     log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
     adv = torch.where(m, adv.detach().to(dtype), zero)
     ratio = torch.exp(log_ratio)
-    unclipped = -ratio * adv
-    clipped = -torch.clamp(ratio, 1.0 - clip_range, 1.0 + hi) * adv
+    # the loss's ratio is capped where it cannot matter, as in clipped_surrogate (an inf ratio times A = 0 was NaN)
+    loss_ratio = torch.exp(_cap_log_ratio(log_ratio, adv, hi))
+    unclipped = -loss_ratio * adv
+    clipped = -torch.clamp(loss_ratio, 1.0 - clip_range, 1.0 + hi) * adv
     per_token = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
     loss = _aggregate(per_token, m, aggregation, num_items)
     metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).to(dtype), m).detach(),
+        "clipfrac": masked_mean((torch.clamp(ratio, 1.0 - clip_range, 1.0 + hi) * adv < ratio * adv).to(dtype), m).detach(),
         "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, m),
         "ratio": masked_mean(ratio.detach(), m),
     }
@@ -649,9 +655,19 @@ def clipped_surrogate(
     log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float
 ) -> torch.Tensor:
     r"""Per-token :math:`-\min(\rho A, \mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon_{hi}) A)` with
-    :math:`\rho = e^{\log\rho}`: the one formula shared by :func:`grpo_loss` and the fused GRPO."""
-    ratio = torch.exp(log_ratio)
+    :math:`\rho = e^{\log\rho}`: the one formula shared by :func:`grpo_loss` and the fused GRPO.
+
+    Where :math:`A \ge 0` no ratio above :math:`1+\epsilon_{hi}` changes the value (the clipped term is taken)
+    or has a gradient, so the log-ratio is capped at :math:`\log(1+\epsilon_{hi})` there before ``exp``: an
+    overflowing ratio (:math:`\log\rho > 88` in float32, an old log-prob far below the current one) made
+    the loss NaN for :math:`A = 0` and the gradient NaN for :math:`A \ge 0` (:math:`0\cdot\infty`)."""
+    ratio = torch.exp(_cap_log_ratio(log_ratio, advantages, epsilon_high))
     return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
+
+
+def _cap_log_ratio(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon_high: float) -> torch.Tensor:
+    """``log_ratio`` capped at ``log(1 + epsilon_high)`` where ``advantages >= 0`` (see :func:`clipped_surrogate`)."""
+    return torch.where(advantages >= 0, log_ratio.clamp(max=math.log1p(epsilon_high)), log_ratio)
 
 
 def entropy_normaliser(loss_type: str, num_items, num_tokens, local_tokens: torch.Tensor,
