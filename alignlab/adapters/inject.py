@@ -121,7 +121,31 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     names += [n for n in (experts(model) if callable(experts) else {}) if n not in names]
     if config.exclude_modules is not None:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
+    if isinstance(config.target_modules, list):
+        _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names))
     return names
+
+
+def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -> None:
+    """Raise when an entry of a ``target_modules`` list names a module that no layer of ``config`` can wrap (a norm,
+    a whole attention or MLP block), as PEFT does: otherwise the other entries are adapted and this one silently
+    dropped. Modules inside adapter wrappers and ``modules_to_save`` copies are not looked at."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or _is_inside(name, skip):
+            continue
+        if isinstance(module, (AdapterLayer, SavedModule)) or name in adaptable:
+            skip.append(name)
+            continue
+        if not name_matches(config.target_modules, name) or (
+                config.exclude_modules is not None and name_matches(config.exclude_modules, name)):
+            continue
+        entry = next(t for t in config.target_modules if name == t or name.endswith("." + t))
+        kinds = "nn.Linear, NF4Linear, transformers' Conv1D" + (
+            ", nn.Embedding" if getattr(config, "adapts_embeddings", False) else "")
+        raise ValueError(f"target_modules entry {entry!r} selects {name!r}, a {type(module).__name__}, which "
+                         f"{type(config).__name__} cannot adapt (it wraps {kinds}); name the linear layers inside it "
+                         "instead, or leave it out (exclude_modules)")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
