@@ -70,6 +70,13 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+def merge_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight a merge adds to, ``(out, in)``: :func:`dense_weight`, except that a quantized base is
+    dequantized in fp32 (its exact values) rather than its compute dtype, so that ``W + ΔW`` is rounded once,
+    by the re-quantization (a bf16 copy would round the base, the sum and the block maxima first)."""
+    return base.dequantize(torch.float32) if is_quantized(base) else dense_weight(base)
+
+
 def is_quantized(base: nn.Module) -> bool:
     return hasattr(base, "dequantize") and hasattr(base, "load_dense_weight_")
 
@@ -258,7 +265,7 @@ class AdapterLayer(nn.Module, abc.ABC):
         """Method-specific refusals, raised before anything is changed."""
 
     def _merge_one(self, name: str) -> None:
-        w = dense_weight(self.base_layer)
+        w = merge_weight(self.base_layer)
         set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
 
     def _unmerge_one(self, name: str) -> None:

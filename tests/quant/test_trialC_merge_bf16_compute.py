@@ -1,0 +1,39 @@
+"""Merging LoRA / DoRA into an NF4 base whose ``compute_dtype`` is bf16 (the usual QLoRA setup) dequantized the base
+in bf16 and rounded ``W + ΔW`` to bf16 before re-quantizing: two roundings more than the re-quantization, and
+bf16-rounded block maxima change every code's scale. The merge now dequantizes in fp32 and re-quantizes the fp32
+sum, so the merged packed weight is the same whatever the compute dtype: that of the formula, written out here in
+float64, rounded once to fp32 and quantized (DoRA: up to the last bit of fp32 row norms)."""
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.adapters import DoRALinear, LoRALinear
+from alignlab.quant import NF4Linear, nf4_dequantize, nf4_quantize
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_nf4_merge_is_the_fp32_formula_quantized_once(cls, compute_dtype):
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(128, 64).bfloat16(), compute_dtype=compute_dtype)
+    layer = cls(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    w = base.dequantize(torch.float32).double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    merged = w + 2.0 * b @ a
+    if cls is DoRALinear:
+        m = layer.lora_magnitude_vector["default"].double()
+        merged = m[:, None] * merged / merged.norm(dim=1, keepdim=True)
+    expected = nf4_quantize(merged.float(), blocksize=64, double_quant=True)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    got, want = layer.base_layer.dequantize(torch.float32), nf4_dequantize(expected, torch.float32)
+    if cls is LoRALinear:
+        assert torch.equal(got, want)
+    else:
+        # DoRA's fp32 row norms may differ from float64's in the last bit, which moves the double-quantized mean
+        # offset by an ulp (a 1e-8 shift); an extra bf16 rounding moves codes by a whole NF4 step (~1e-2 here)
+        assert (got - want).abs().max() < 1e-6
+    assert layer.base_layer.quant_weight.dtype == torch.bfloat16  # the original dtype is still recorded
