@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, dense_weight, fan_in_fan_out, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, set_dense_weight_
 from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_target_spec, name_matches
 from alignlab.adapters.inject import _candidates, find_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
@@ -92,7 +92,7 @@ class IA3Linear(AdapterLayer):
         self._rescale_base(1.0 / self.ia3_l[name].detach().float())
 
     def _rescale_base(self, factor: torch.Tensor) -> None:
-        w = dense_weight(self.base_layer)
+        w = merge_weight(self.base_layer)  # an NF4 base in fp32: the re-quantization is the one rounding
         new = w.float() * (factor[None, :] if self.feedforward else factor[:, None])
         set_dense_weight_(self.base_layer, new.to(w.dtype))
         bias = getattr(self.base_layer, "bias", None)

@@ -37,3 +37,19 @@ def test_nf4_merge_is_the_fp32_formula_quantized_once(cls, compute_dtype):
         # offset by an ulp (a 1e-8 shift); an extra bf16 rounding moves codes by a whole NF4 step (~1e-2 here)
         assert (got - want).abs().max() < 1e-6
     assert layer.base_layer.quant_weight.dtype == torch.bfloat16  # the original dtype is still recorded
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_merge_into_bf16_compute_nf4_is_the_fp32_product_quantized_once(feedforward):
+    from alignlab.adapters import IA3Linear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(128, 64).bfloat16(), compute_dtype=torch.bfloat16)
+    layer = IA3Linear(base, feedforward=feedforward)
+    with torch.no_grad():
+        layer.ia3_l["default"].uniform_(0.5, 1.5)
+    w, vec = base.dequantize(torch.float32), layer.ia3_l["default"].detach()
+    expected = nf4_quantize(w * (vec[None, :] if feedforward else vec[:, None]), blocksize=64, double_quant=True)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.dequantize(torch.float32), nf4_dequantize(expected, torch.float32))
