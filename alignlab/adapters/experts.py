@@ -583,12 +583,14 @@ class ExpertLoRA(AdapterLayer):
     def _fold(self, name: str, param: str, update) -> None:
         """``W_e ← update(e, W_e, A_e, B_e, s)`` expert by expert (one fp32 ``(out, in)`` temporary at a time),
         written back through :func:`set_expert_weight_` where the weight is not a view of the parameter."""
-        w = expert_weight(self.base_layer, param)
+        quantized = hasattr(self.base_layer, "load_dense_experts_")
+        # a quantized base in fp32 (not its compute dtype): the re-quantization is then the one rounding
+        w = self.base_layer.dequantize_experts(param, dtype=torch.float32) if quantized else expert_weight(self.base_layer, param)
         a, b = self._views(name, param)
         s = self.scaling[name][param]
         for e in range(w.shape[0]):
             w[e].copy_(update(e, w[e], a[e], b[e], s))
-        if hasattr(self.base_layer, "load_dense_experts_"):
+        if quantized:
             set_expert_weight_(self.base_layer, param, w)
 
     def _forget_merge(self, name: str) -> None:
