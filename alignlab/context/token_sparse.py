@@ -240,6 +240,13 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
     ]
     if not names:
         raise ValueError(f"no submodule named one of {targets} found")
+    from alignlab.adapters.base import AdapterLayer
+
+    for name in names:  # checked before anything is wrapped
+        if isinstance(model.get_submodule(name), AdapterLayer):
+            # its adapter would sit inside the wrapper, where save_adapter / merge do not look for it
+            raise ValueError(f"targets: {name!r} is an adapter layer; token sparsity wraps a block or a plain layer "
+                             "(e.g. 'mlp', whose adapted linears stay visible), not an adapted one")
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model

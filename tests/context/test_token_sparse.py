@@ -406,7 +406,8 @@ def test_wrapping_keeps_every_name_so_saved_adapters_and_checkpoints_match_the_p
     sparse.train()
     assert block.module.training
 
-    inject(sparse, LoRAConfig(r=2, target_modules=["gate_proj", "o_proj"]))
+    # o_proj itself is wrapped: inject refuses to adapt a TokenSparse (tests/adapters), so LoRA goes on q_proj
+    inject(sparse, LoRAConfig(r=2, target_modules=["gate_proj", "q_proj"]))
     with torch.no_grad():
         for n, p in sparse.named_parameters():
             if "lora_B" in n:
@@ -417,3 +418,16 @@ def test_wrapping_keeps_every_name_so_saved_adapters_and_checkpoints_match_the_p
     sparse.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, sparse(ids).logits)
+
+
+def test_an_adapted_layer_is_not_wrapped(tmp_path):
+    """Token sparsity around a layer that already holds an adapter (LoRA on o_proj, then targets=("o_proj",)) hid
+    the adapter from save_adapter: the saved file silently lacked it. Refused now, before anything is wrapped."""
+    from alignlab.adapters import LoRAConfig, inject
+
+    model = _tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["gate_proj", "o_proj"]))
+    with pytest.raises(ValueError, match="targets: 'model.layers.0.self_attn.o_proj' is an adapter layer"):
+        apply_token_sparsity(model, keep_ratio=0.5, targets=("mlp", "o_proj"))
+    assert not any(isinstance(m, TokenSparse) for m in model.modules())
+    apply_token_sparsity(model, keep_ratio=0.5, targets=("mlp",))  # the MLP block holding gate_proj's LoRA is fine
