@@ -58,8 +58,9 @@ def token_losses(
 ) -> torch.Tensor:
     """Per-token NLL ``-log p(labels[b,t] | input_ids[b,<t])``, shape ``(batch, seq)``, float32.
 
-    ``NaN`` where ``labels == -100``, at ``t = 0``, where position ``t - 1`` is padding
-    (``attention_mask`` 0: the first real token of a left-padded row) and, with ``(batch, seq)``
+    ``NaN`` where ``labels == -100``, at ``t = 0``, where a 2-D ``attention_mask`` is 0 at ``t`` (a pad,
+    whatever its label: ``labels = input_ids.clone()`` labels pads too) or at ``t - 1`` (the first real
+    token of a left-padded row has no context) and, with ``(batch, seq)``
     ``position_ids``, where ``position_ids[b, t] == 0`` (a packed sample's first token). ``model(input_ids, ...)``
     must return an object with ``.logits`` ``(batch, seq, vocab)`` or the
     logits tensor itself; ``position_ids`` are forwarded (packed rows). Without them, a 2-D
@@ -89,8 +90,11 @@ def token_losses(
     target = labels[:, 1:].long()  # cross_entropy takes int64 targets only; int32 labels (Arrow) are as good
     valid = target != IGNORE_INDEX
     if attention_mask is not None and attention_mask.dim() == 2:
-        # a token is predicted from the position before it: after a pad (left padding) there is no context
-        valid &= attention_mask[:, :-1].to(device=valid.device).bool()
+        # a pad is no token to score, whatever its label (labels = input_ids.clone() labels the pads too:
+        # right padding scored the first pad of each row, from the last real token); and a token is
+        # predicted from the position before it: after a pad (left padding) there is no context
+        real = attention_mask.to(device=valid.device).bool()
+        valid &= real[:, 1:] & real[:, :-1]
     if position_ids is not None and position_ids.shape == labels.shape:
         # a packed row: a sample's first token (position 0) would be predicted from the previous sample
         valid &= position_ids[:, 1:].to(device=valid.device) != 0

@@ -297,3 +297,30 @@ def test_keep_ratio_of_100_tokens_keeps_exactly_ratio_times_100(ratio, kept, sco
     assert torch.equal(cleaned[0, -kept:], labels[0, -kept:])  # the top-scored ones
     threshold = influence_threshold([scores[:, :50], scores[:, 50:]], ratio)
     assert (scores >= threshold).sum() == kept
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pads_are_never_scored_even_when_labelled(side):
+    """labels = input_ids.clone() (what a tokenizer's padded batch gives) labels the pads too. With right
+    padding the first pad of each row was scored from the row's last real token (its mask was not read, only
+    the previous position's): a loss the unpadded row does not have, ranked by clean_labels and kept in its
+    labels, and one more token in the batch's keep count than the same rows left-padded."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=1)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(1, 32, (n,), generator=g) for n in (7, 4, 2)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(7 - len(s), 7)
+        ids[b, sl], mask[b, sl] = s, 1
+    got = token_losses(model, ids, ids.clone(), attention_mask=mask)
+    assert got[mask == 0].isnan().all()
+    for b, s in enumerate(seqs):
+        torch.testing.assert_close(got[b][mask[b].bool()], token_losses(model, s[None], s[None])[0],
+                                   rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert int(got.isfinite().sum()) == sum(len(s) - 1 for s in seqs)
+    cleaned = TokenCleaner(model, model, keep_ratio=1.0)({"input_ids": ids, "labels": ids.clone(),
+                                                         "attention_mask": mask})
+    assert (cleaned[mask == 0] == IGNORE_INDEX).all()
