@@ -8,7 +8,8 @@ where the sum runs over every scored token of every sequence of every batch
 (token-weighted: a long sequence counts more than a short one, unlike the mean
 of per-sequence perplexities). A token is scored when its label is not
 ``ignore_index`` and its attention-mask entry is 1; the first token of a
-sequence has no context and is never scored.
+sequence has no context and is never scored. Packed rows (``position_ids`` restarting at 0 at each sample)
+are split into their samples, so a packed batch scores as its samples alone.
 
 Long sequences are scored with a sliding window of ``max_length`` tokens
 that advances by ``stride < max_length`` tokens: every token after the first
@@ -37,7 +38,10 @@ __all__ = ["negative_log_likelihood", "perplexity"]
 
 
 def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: int):
-    """Normalise one batch to ``(input_ids, attention_mask, labels)``, all ``(batch, seq)``."""
+    """Normalise one batch to ``(input_ids, attention_mask, labels)``, all ``(batch, seq)``.
+
+    Real tokens come first in every row; packed rows (``position_ids``) are split into one row per sample.
+    """
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -51,7 +55,19 @@ def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: in
             f"batches: 'input_ids' must be an integer tensor of shape (batch, seq), got "
             f"{getattr(input_ids, 'shape', type(input_ids))}"
         )
+    position_ids = batch.get("position_ids")
+    if position_ids is not None:
+        if (not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point()
+                or position_ids.dtype == torch.bool or position_ids.shape != input_ids.shape):
+            raise ValueError(
+                f"batches: 'position_ids' must be an integer tensor of the shape of 'input_ids' "
+                f"{tuple(input_ids.shape)}, got {getattr(position_ids, 'shape', type(position_ids))}"
+            )
+        position_ids = position_ids.to(input_ids.device)
     mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        _check_packed_mask(mask, position_ids, input_ids.shape)
+        mask = None  # it says what the position resets say: each sample sees only itself
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     labels = batch.get("labels")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()):
@@ -72,7 +88,59 @@ def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: in
     # position ids 0..len-1 are right for every model, not only for the ones
     # that derive them from the mask.
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return input_ids.gather(1, order), mask.gather(1, order), labels.gather(1, order)
+    input_ids, mask, labels = input_ids.gather(1, order), mask.gather(1, order), labels.gather(1, order)
+    if position_ids is None:
+        return input_ids, mask, labels
+    return _split_packed(input_ids, mask, labels, position_ids.gather(1, order), ignore_index)
+
+
+def _check_packed_mask(mask: torch.Tensor, position_ids: torch.Tensor | None, shape: torch.Size) -> None:
+    """A 4-D mask is taken only as the block-diagonal causal mask of packed rows' ``position_ids``."""
+    if position_ids is None:
+        raise ValueError(
+            "batches: a 4-D 'attention_mask' needs the rows' 'position_ids' (packed rows, as collate_packed "
+            "returns them): the samples are read from the position resets"
+        )
+    if mask.shape != (shape[0], 1, shape[1], shape[1]):
+        raise ValueError(f"batches: a 4-D 'attention_mask' must be (batch, 1, seq, seq) = "
+                         f"{(shape[0], 1, shape[1], shape[1])}, got {tuple(mask.shape)}")
+    allowed = mask[:, 0].to(position_ids.device)
+    allowed = allowed == 0 if allowed.is_floating_point() else allowed.to(torch.bool)  # additive or bool
+    segment = (position_ids == 0).long().cumsum(1)
+    causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=segment.device).tril()
+    if not torch.equal(allowed, (segment[:, :, None] == segment[:, None, :]) & causal):
+        raise ValueError(
+            "batches: the 4-D 'attention_mask' is not the block-diagonal causal mask of the 'position_ids' "
+            "(each sample attending to itself, samples starting where the positions restart at 0)"
+        )
+
+
+def _split_packed(input_ids, mask, labels, position_ids, ignore_index: int):
+    """One right-padded row per sample of packed rows: a sample starts at each real token whose position is
+    0, so every sample is scored alone, as it is trained (its first token without context, none from the
+    sample before it). Samples with nothing to score are left out."""
+    lengths = mask.sum(1).tolist()
+    segments = []
+    for b, n in enumerate(lengths):
+        pos = position_ids[b, :n]
+        if (n and int(pos[0]) != 0) or bool(((pos[1:] != 0) & (pos[1:] != pos[:-1] + 1)).any()):
+            raise ValueError(
+                f"batches: 'position_ids' row {b} must count 0, 1, 2, ... over the real tokens of each packed "
+                f"sample and restart at 0 at the next, got {pos.tolist()[:32]}"
+            )
+        starts = torch.nonzero(pos == 0).flatten().tolist() + [n]
+        for s, e in zip(starts[:-1], starts[1:]):
+            if bool((labels[b, s + 1:e] != ignore_index).any()):
+                segments.append((b, s, e))
+    width = max((e - s for _, s, e in segments), default=0)
+    out_ids = input_ids.new_zeros((len(segments), width))
+    out_mask = torch.zeros((len(segments), width), dtype=torch.bool, device=mask.device)
+    out_labels = labels.new_full((len(segments), width), ignore_index)
+    for row, (b, s, e) in enumerate(segments):
+        out_ids[row, : e - s] = input_ids[b, s:e]
+        out_mask[row, : e - s] = True
+        out_labels[row, : e - s] = labels[b, s:e]
+    return out_ids, out_mask, out_labels
 
 
 def _window_starts(length: int, max_length: int, stride: int) -> list[int]:
@@ -103,7 +171,12 @@ def negative_log_likelihood(
             mappings with ``input_ids`` and optional ``attention_mask`` (1 =
             real token; left or right padding) and ``labels`` (``ignore_index``
             = not scored, e.g. a masked prompt). ``labels`` are the tokens
-            themselves, not shifted: HF convention.
+            themselves, not shifted: HF convention. Packed rows carry
+            ``position_ids`` (``collate_packed``, ``collate_padding_free``):
+            each row is split where the positions restart at 0 and every sample
+            is scored alone, as the packed model sees it; their 4-D
+            ``attention_mask`` must be the block-diagonal causal mask of those
+            positions (checked; ``ValueError`` otherwise).
         max_length: window length; ``None`` scores each sequence in one pass.
         stride: window step, ``1 <= stride < max_length`` so the token at a
             window start still has context; defaults to ``max_length - 1``.

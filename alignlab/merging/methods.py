@@ -105,22 +105,34 @@ class _Float16Overflow(ValueError):
     """A merge rounded to float16 gave inf where every input was finite (the checkpoint merge names the tensor)."""
 
 
+def _refuse_float16_inf(result: Tensor, inputs, where: str, remedy: str) -> None:
+    """``ValueError`` if ``result`` is float16 and holds an inf although no tensor of ``inputs`` does.
+
+    float32 arithmetic can leave float16's range (±65504) and rounding the result to float16 writes inf, a
+    weight that breaks the model without a word. An inf already in an input is passed through; bfloat16 has
+    float32's range and is not checked. ``where`` starts the message (the function or the tensor), ``remedy``
+    ends it (what to do instead). Shared by the merge methods, :func:`~alignlab.merging.fold_lora` and the
+    adapter merges, so that all of them refuse alike.
+    """
+    if not isinstance(result, Tensor) or result.dtype != torch.float16:
+        return
+    overflowed = int(torch.isinf(result).sum())
+    if overflowed and not any(bool(torch.isinf(t).any()) for t in inputs):
+        raise _Float16Overflow(
+            f"{where}: {overflowed} merged value(s) are beyond float16's largest finite value "
+            f"{_FLOAT16_MAX:.0f} and round to inf although no input is infinite; {remedy}")
+
+
 def _finite_float16(fn):
-    """Refuse a float16 result that overflowed: float32 arithmetic can leave float16's range (±65504, e.g.
-    ``lambda_`` or weights above 1) and the rounding writes inf, a weight that breaks the model without a word.
-    An inf already in an input is passed through; bfloat16 has float32's range and is not checked."""
+    """Refuse a float16 result that overflowed (:func:`_refuse_float16_inf`), e.g. from ``lambda_`` or
+    weights above 1."""
 
     @functools.wraps(fn)
     def checked(*args, **kwargs):
         result = fn(*args, **kwargs)
-        if not isinstance(result, Tensor) or result.dtype != torch.float16:
-            return result
-        overflowed = int(torch.isinf(result).sum())
-        if overflowed and not any(bool(torch.isinf(t).any()) for t in _tensor_args(args, kwargs)):
-            raise _Float16Overflow(
-                f"{fn.__name__}: {overflowed} merged value(s) are beyond float16's largest finite value "
-                f"{_FLOAT16_MAX:.0f} and round to inf although no input is infinite; pass "
-                f"out_dtype=torch.bfloat16 (float32's range) or torch.float32, or check the weights / lambda_")
+        _refuse_float16_inf(result, _tensor_args(args, kwargs), fn.__name__,
+                                "pass out_dtype=torch.bfloat16 (float32's range) or torch.float32, or check the "
+                                "weights / lambda_")
         return result
 
     return checked

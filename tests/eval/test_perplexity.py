@@ -171,3 +171,59 @@ def test_perplexity_leaves_every_submodule_in_its_own_mode():
     before = {name: m.training for name, m in model.named_modules()}
     perplexity(model, [{"input_ids": torch.randint(0, 128, (1, 8))}])
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("max_length", [None, 4])
+def test_packed_batches_score_as_their_samples_alone(model, max_length):
+    """A padding-free row (collate_padding_free) had its position_ids dropped: it was scored as one long
+    sequence, every sample reading the samples before it (a silently different perplexity); collate_packed's
+    4-D mask was refused as a shape mismatch. Both now split at the position resets and score each sample
+    alone, as they are trained; with windows, each sample is windowed on its own."""
+    from alignlab.data import collate_packed, collate_padding_free, pack_examples
+
+    seqs = _sequences([7, 3, 12, 1, 9, 5], seed=6)
+    step = None if max_length is None else max_length - 1
+    direct = []
+    for s in seqs:
+        for t in range(1, len(s)):
+            begin = 0 if step is None else next(k * step for k in range(len(s)) if k * step + max_length > t)
+            direct.append(_token_nll(model, s, t, begin))
+    examples = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in seqs]
+    flat = collate_padding_free(examples)
+    rows = list(pack_examples(examples, max_length=16))
+    assert len(rows) > 1 and any(len(r["seq_lens"]) > 1 for r in rows)
+    packed = {kind: collate_packed(rows, 0, length=18, mask_dtype=dtype)
+              for kind, dtype in (("bool", torch.bool), ("additive", torch.float32))}
+    for batch in (flat, packed["bool"], packed["additive"]):
+        total, count = negative_log_likelihood(model, [batch], max_length=max_length)
+        assert count == len(direct)
+        assert total == pytest.approx(sum(direct), rel=1e-5)
+    # the same rows left-padded with generate's position ids (pads clamped to 0) and a 2-D mask
+    ids, mask = _pad([torch.tensor(r["input_ids"]) for r in rows], left=True)
+    pos = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        pos[b, ids.shape[1] - len(r["position_ids"]):] = torch.tensor(r["position_ids"])
+    labels = torch.full_like(ids, -100)
+    labels[mask.bool()] = torch.cat([torch.tensor(r["labels"]) for r in rows])
+    total, count = negative_log_likelihood(
+        model, [{"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}],
+        max_length=max_length)
+    assert count == len(direct)
+    assert total == pytest.approx(sum(direct), rel=1e-5)
+
+
+def test_packed_batches_refuse_masks_and_positions_that_disagree(model):
+    from alignlab.data import collate_packed, pack_examples
+
+    seqs = _sequences([5, 4], seed=7)
+    rows = list(pack_examples([{"input_ids": s.tolist(), "labels": s.tolist()} for s in seqs], max_length=9))
+    batch = collate_packed(rows, 0, mask_dtype=torch.bool)
+    with pytest.raises(ValueError, match="position_ids"):  # a 4-D mask alone: no samples to read
+        negative_log_likelihood(model, [{k: v for k, v in batch.items() if k != "position_ids"}])
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    with pytest.raises(ValueError, match="block-diagonal"):  # plain causal: the samples would see each other
+        negative_log_likelihood(model, [dict(batch, attention_mask=causal)])
+    with pytest.raises(ValueError, match="position_ids"):
+        negative_log_likelihood(model, [dict(batch, position_ids=batch["position_ids"] + 1)])
+    with pytest.raises(ValueError, match="position_ids"):
+        negative_log_likelihood(model, [dict(batch, position_ids=batch["position_ids"][:, :4])])
