@@ -135,6 +135,27 @@ class AdapterLayer(nn.Module, abc.ABC):
     def out_features(self) -> int:
         return linear_features(self.base_layer)[1]
 
+    #: whether ``layer.weight`` reads through to the base layer's weight; every family wrapping one linear map
+    #: (``linear_base``) does, and BitFit, which leaves the weight as it is
+    exposes_base_weight = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's own frozen weight (not ``W + ΔW``), as PEFT's layers expose it.
+
+        Model code reads a linear's ``.weight`` for its dtype: T5's feed-forward (also mT5, UMT5, LongT5,
+        Switch, Pix2Struct, ...) casts its input to ``self.wo.weight.dtype`` in every forward, so without this an
+        adapter on ``wo`` (PEFT's default (IA)³ target on T5, or ``"all-linear"``) failed with ``AttributeError``.
+        Code that *computes* with it bypasses the adapter, as it does with PEFT. Layers that exist to change an
+        embedding or output table (embedding LoRA, trainable token rows, a tied LoRA head) and block wrappers
+        do not expose it: ``AttributeError``, so that e.g. ``fused_linear_dpo(h, model.lm_head.weight, ...)`` on
+        an adapted head fails instead of silently using the frozen table.
+        """
+        if not (self.linear_base or self.exposes_base_weight):
+            raise AttributeError(f"{type(self).__name__} does not expose its base layer's weight: read "
+                                 "layer.base_layer.weight (the frozen table, without the adapter)")
+        return self.base_layer.weight
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)

@@ -51,6 +51,7 @@ class BitFitLayer(AdapterLayer):
     """
 
     mergeable = True
+    exposes_base_weight = True  # the weight is left as it is (T5 reads ``wo.weight.dtype``)
     adapter_stores = {"bitfit_bias": nn.ParameterDict}
 
     def __init__(self, base: nn.Module, adapter_name: str = "default") -> None:

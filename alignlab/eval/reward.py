@@ -79,7 +79,8 @@ def reward_scores(
         pad_token_id: id used for right padding; defaults to
             ``model.config.pad_token_id`` then ``tokenizer.pad_token_id``.
             HF sequence-classification models locate the last real token
-            through this id, so it must be the model's own.
+            through this id, so it must be the model's own: one that differs
+            from a set ``model.config.pad_token_id`` is a ``ValueError``.
         label_index: which column of ``(b, num_labels)`` scores to return
             (an int, negative counting from the end); required when ``num_labels > 1``.
 
@@ -88,7 +89,8 @@ def reward_scores(
 
     Raises:
         ValueError: empty sequence, bad ``batch_size``, missing pad id for
-            unequal lengths, a ``pad_token_id`` that is not a non-negative int,
+            unequal lengths, a ``pad_token_id`` that is not a non-negative int
+            or differs from ``model.config.pad_token_id``,
             multi-column scores without ``label_index``, or a ``label_index``
             that is not an int or out of range.
         TypeError: a single string instead of a sequence of them.
@@ -101,6 +103,15 @@ def reward_scores(
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:
         return torch.empty(0)
+    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad_token_id is not None and config_pad is not None and int(pad_token_id) != config_pad:
+        # an HF classifier reads the score at the last token that is not its own pad id: rows padded with
+        # another id were scored at their last pad, silently
+        raise ValueError(
+            f"pad_token_id: {pad_token_id} differs from the reward model's own model.config.pad_token_id="
+            f"{config_pad}, through which it finds each row's last real token (rows padded with another id "
+            "are scored at a pad); leave pad_token_id=None or pass the model's"
+        )
     pad = _pad_id(model, tokenizer, pad_token_id)
     if pad is None and len({len(t) for t in tokens}) > 1 and batch_size > 1:
         raise ValueError("pad_token_id: needed to batch sequences of different lengths (set it or model.config.pad_token_id)")

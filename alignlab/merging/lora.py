@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from alignlab._checks import check_finite_number, is_int
-from alignlab.merging.methods import _per_model
+from alignlab.merging.methods import _per_model, _refuse_float16_inf
 
 __all__ = ["fold_lora", "lora_cat", "lora_delta", "lora_linear", "lora_svd"]
 
@@ -83,7 +83,9 @@ def fold_lora(weight: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tenso
         a: ``A (r, in)``. b: ``B (out, r)``. scale: ``s``.
 
     Raises:
-        ValueError: shapes that do not chain (naming which), a NaN or infinite ``scale``.
+        ValueError: shapes that do not chain (naming which), a NaN or infinite ``scale``, or a float16
+            ``weight`` whose folded values leave float16's range (±65504: they would round to inf) although
+            ``weight``, ``a`` and ``b`` are finite; fold into ``weight.bfloat16()`` or ``weight.float()``.
         TypeError: a non-floating ``weight`` (folding into integers would truncate it).
     """
     _check_pair(a, b, "fold_lora")
@@ -94,7 +96,10 @@ def fold_lora(weight: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tenso
             f"fold_lora: weight has shape {tuple(weight.shape)} but B A has shape {(b.shape[0], a.shape[1])}"
         )
     wd = _wd(weight)
-    return (weight.to(wd) + lora_delta(a, b, scale).to(wd)).to(weight.dtype)
+    folded = (weight.to(wd) + lora_delta(a, b, scale).to(wd)).to(weight.dtype)
+    _refuse_float16_inf(folded, (weight, a, b), "fold_lora",
+                        "fold into a bfloat16 (float32's range) or float32 weight, or check the factors / scale")
+    return folded
 
 
 def lora_cat(

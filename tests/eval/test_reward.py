@@ -107,3 +107,16 @@ def test_reward_scores_leaves_every_submodule_in_its_own_mode(reward_model):
         assert {name: m.training for name, m in reward_model.named_modules()} == before
     finally:
         reward_model.eval()
+
+
+def test_a_pad_id_other_than_the_models_own_is_refused(reward_model):
+    """The HF classifier finds each row's last real token through model.config.pad_token_id; rows right-padded
+    with another id (a policy tokenizer's pad, say) were scored at their last pad: wrong rewards for every row
+    shorter than its batch's longest, without a word."""
+    import numpy as np
+
+    seqs = _seqs()
+    with pytest.raises(ValueError, match="pad_token_id: 3 differs from the reward model's own"):
+        reward_scores(reward_model, seqs, batch_size=4, pad_token_id=3)
+    torch.testing.assert_close(reward_scores(reward_model, seqs, batch_size=4, pad_token_id=np.int64(0)),
+                               reward_scores(reward_model, seqs, batch_size=4))

@@ -115,3 +115,18 @@ def test_bad_scales_weights_and_ranks_are_refused():
     # a scalar weight applies to every adapter
     a, b = lora_cat(As * 2, Bs * 2, 0.5)
     torch.testing.assert_close(b @ a, Bs[0] @ As[0])
+
+
+def test_fold_into_float16_beyond_its_range_raises():
+    """A float16 fold whose float32 sum leaves ±65504 was rounded to inf without a word (the merge methods
+    refused the same overflow)."""
+    w = torch.full((3, 4), 60000.0, dtype=torch.float16)
+    a, b = torch.ones(1, 4), torch.full((3, 1), 10000.0)
+    with pytest.raises(ValueError, match=r"fold_lora: 12 merged value\(s\) are beyond float16's largest finite "
+                                         r"value 65504.*bfloat16"):
+        fold_lora(w, a, b)
+    want = torch.full((3, 4), 70000.0)
+    assert torch.equal(fold_lora(w.bfloat16(), a, b), want.bfloat16())  # float32's range: fine
+    assert torch.equal(fold_lora(w, a, b, scale=1.0 / 1000.0), (w.float() + 10.0).half())  # within range: no change
+    w[0, 0] = float("inf")  # an inf already in the weight is passed through
+    assert torch.isinf(fold_lora(w, a, b)[0, 0])
