@@ -77,6 +77,18 @@ def merge_weight(base: nn.Module) -> torch.Tensor:
     return base.dequantize(torch.float32) if is_quantized(base) else dense_weight(base)
 
 
+def refuse_float16_merge(merged: torch.Tensor, inputs: Iterable[torch.Tensor], adapter_name: str, where: str = "") -> None:
+    """``ValueError`` if a merge into a float16 base gave an inf that none of ``inputs`` (the base weight,
+    the adapter's tensors) had: ``W + ΔW`` is formed in fp32 and can leave float16's range (±65504), and
+    the rounding would write inf into the model. Checked before anything is written, with the same check
+    (and wording) as the merge methods of :mod:`alignlab.merging`."""
+    from alignlab.merging.methods import _refuse_float16_inf  # not at import time: keeps `import alignlab.adapters` light
+
+    _refuse_float16_inf(merged, inputs, f"merging adapter {adapter_name!r}{where}",
+                        "merge into a bfloat16 (float32's range) or float32 copy of the base, or check the adapter's "
+                        "weights / scale")
+
+
 def is_quantized(base: nn.Module) -> bool:
     return hasattr(base, "dequantize") and hasattr(base, "load_dense_weight_")
 
@@ -221,7 +233,8 @@ class AdapterLayer(nn.Module, abc.ABC):
 
         Raises:
             ValueError: the method is not mergeable, an adapter is unknown or already merged,
-                or adapters are disabled.
+                or adapters are disabled; a float16 base whose merged values would leave float16's
+                range (inf) — that adapter is not merged, those before it in ``adapter_names`` stay merged.
         """
         if not self.mergeable:
             raise ValueError(f"{type(self).__name__} adapters cannot be merged into the base weight")
@@ -287,7 +300,10 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     def _merge_one(self, name: str) -> None:
         w = merge_weight(self.base_layer)
-        set_dense_weight_(self.base_layer, (w.float() + self.delta_weight(name)).to(w.dtype))
+        delta = self.delta_weight(name)
+        merged = (w.float() + delta).to(w.dtype)
+        refuse_float16_merge(merged, (w, delta), name)
+        set_dense_weight_(self.base_layer, merged)
 
     def _unmerge_one(self, name: str) -> None:
         w = dense_weight(self.base_layer)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
-from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.base import AdapterLayer, refuse_float16_merge
 from alignlab.adapters.dora import check_dora_unmergeable, dora_gain, dora_merged_weight, dora_unmerged_weight
 from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
@@ -556,19 +556,38 @@ class ExpertLoRA(AdapterLayer):
             self.base_layer.load_quantized_state_(p, packed)
 
     def _merge_one(self, name: str) -> None:
+        folds = {}
         for p in self.parameters_of(name):
             if not self.is_dora(name):
-                self._fold(name, p, _add_low_rank(+1.0))
+                folds[p] = _add_low_rank(+1.0), None
                 continue
-            m, norms = self.lora_magnitude_vector[name][p], []
+            m, norms = self.lora_magnitude_vector[name][p], {}
 
-            def fold(e, w_e, a_e, b_e, s):
-                new, norm = dora_merged_weight(w_e, a_e, b_e, s, m[e])
-                norms.append(norm)
+            def fold(e, w_e, a_e, b_e, s, m=m, norms=norms):
+                new, norms[e] = dora_merged_weight(w_e, a_e, b_e, s, m[e])
                 return new
 
+            folds[p] = fold, norms
+        for p, (fold, _) in folds.items():  # refuse before any expert changes: the fold writes in place
+            self._refuse_float16_fold(name, p, fold)
+        for p, (fold, norms) in folds.items():
             self._fold(name, p, fold)
-            self._merge_norms[(name, p)] = torch.stack(norms)
+            if norms is not None:
+                self._merge_norms[(name, p)] = torch.stack([norms[e] for e in range(len(norms))])
+
+    def _refuse_float16_fold(self, name: str, param: str, update) -> None:
+        """Fold expert by expert without writing, and refuse (``ValueError``) if a float16 weight would get an inf."""
+        if hasattr(self.base_layer, "load_dense_experts_"):
+            return  # a quantized base is folded in fp32 and re-quantized
+        w = expert_weight(self.base_layer, param)
+        if w.dtype != torch.float16:
+            return  # bfloat16 has float32's range
+        a, b = self._views(name, param)
+        s = self.scaling[name][param]
+        extra = (self.lora_magnitude_vector[name][param],) if self.is_dora(name) else ()
+        for e in range(w.shape[0]):
+            refuse_float16_merge(update(e, w[e], a[e], b[e], s), (w[e], a[e], b[e], *extra), name,
+                                 f" into {param!r} (expert {e})")
 
     def _unmerge_one(self, name: str) -> None:
         for p in self.parameters_of(name) if self.is_dora(name) else ():  # refuse before any expert changes

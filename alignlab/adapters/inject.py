@@ -361,7 +361,10 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
 
     Raises:
         TypeError: ``adapter_names`` is not None, a string or a sequence of strings.
-        ValueError: an adapter is unknown or already merged, or the model holds no adapters.
+        ValueError: an adapter is unknown or already merged, or the model holds no adapters; a float16
+            base weight whose merged values would leave float16's range (they would round to inf), naming
+            the layer (that layer is left unchanged; the layers merged before it stay merged:
+            :func:`unmerge` undoes them).
     """
     adapter_names = _adapter_name_list(adapter_names)
     layers = list(adapter_layers(model))
@@ -405,7 +408,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Merge adapters (default: the active ones; one name or a list) and replace every adapter layer by
-    its (updated) base; returns a plain model."""
+    its (updated) base; returns a plain model.
+
+    Raises:
+        ValueError: as :func:`merge`, naming the layer (a float16 merge that would overflow included); the
+            layers before it are already merged and unloaded.
+    """
     adapter_names = _adapter_name_list(adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
@@ -414,7 +422,10 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         names = [n for n in names if n not in layer.merged_adapters]
         if names:
-            layer.merge(names)
+            try:
+                layer.merge(names)
+            except ValueError as exc:  # name the layer, as merge() does
+                raise ValueError(f"{name}: {exc}") from None
         _set_submodule(model, name, layer.base_layer)
     for name, module in list(_saved_modules(model)):
         active = [n for n in module.active_adapters if n in module.modules_to_save]

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
-from alignlab.adapters.base import AdapterLayer, dense_weight, is_quantized, merge_weight, set_dense_weight_
+from alignlab.adapters.base import (AdapterLayer, dense_weight, is_quantized, merge_weight, refuse_float16_merge,
+                                    set_dense_weight_)
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
 from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, lora_linear
 from alignlab.quant.linear import NF4Linear
@@ -402,8 +403,10 @@ class LoRALinear(AdapterLayer):
         w = merge_weight(self.base_layer)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         unmerged = self._unmerged_weight() if self.merged_adapters else None
-        new, self._merge_norms[name] = dora_merged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name],
-                                                          unmerged)
+        magnitude = self.lora_magnitude_vector[name]
+        new, norm = dora_merged_weight(w, a, b, self.scaling[name], magnitude, unmerged)
+        refuse_float16_merge(new, (w, a, b, magnitude), name)
+        self._merge_norms[name] = norm
         set_dense_weight_(self.base_layer, new)
 
     def _unmerged_weight(self) -> torch.Tensor:
