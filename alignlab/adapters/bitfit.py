@@ -40,11 +40,12 @@ def _bias_size(module: nn.Module) -> int | None:
 
 
 class BitFitLayer(AdapterLayer):
-    """Any module whose output ends in a bias-sized dimension, plus named trainable bias offsets.
+    """Any module with a bias, plus named trainable bias offsets added where the module adds its bias.
 
     Args:
         base: a module with a ``bias`` parameter (``nn.Linear``, ``nn.LayerNorm``, ...) or a
-            bias-less ``nn.Linear``; frozen. Output ``(..., out)``.
+            bias-less ``nn.Linear``; frozen. Output ``(..., out)``, or ``(N, C, *)`` for a convolution or a
+            batch / group / instance norm, whose offsets are per channel as their biases are.
         adapter_name: name of the first bias set.
     Raises:
         TypeError: the module has neither a bias nor ``out_features``.
@@ -84,7 +85,22 @@ class BitFitLayer(AdapterLayer):
         if not names:
             return out
         delta = sum(self.bitfit_bias[n] for n in names)
-        return (out + delta).to(out.dtype)
+        return (out + self._along_bias(delta, out)).to(out.dtype)
+
+    def _along_bias(self, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``δ`` shaped to broadcast over ``out`` as the base adds its own bias: along the channel dim of a
+        convolution or batch / group / instance norm (``(N, C, *)``; broadcast over the last dim, ``δ`` was added
+        across the width, a shape error or, where width equals channels, silently wrong), as the bias's own
+        shape over the last dims otherwise (linears, LayerNorm of any ``normalized_shape``)."""
+        base = self.base_layer
+        if isinstance(base, nn.modules.conv._ConvNd):
+            return delta.view(-1, *[1] * len(base.kernel_size))
+        if isinstance(base, nn.modules.instancenorm._InstanceNorm):  # (N, C, *) or unbatched (C, *)
+            return delta.view(-1, *[1] * (base._get_no_batch_dim() - 1))
+        if isinstance(base, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):  # (N, C, *)
+            return delta.view(-1, *[1] * (out.dim() - 2))
+        bias = getattr(base, "bias", None)
+        return delta.view(bias.shape) if isinstance(bias, nn.Parameter) else delta
 
     def _check_mergeable(self, names: list[str]) -> None:
         if is_quantized(self.base_layer):
@@ -96,11 +112,11 @@ class BitFitLayer(AdapterLayer):
             w = base.weight
             base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
             self._added_bias = True
-        base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float()).to(base.bias.dtype))
+        base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float().view(base.bias.shape)).to(base.bias.dtype))
 
     def _unmerge_one(self, name: str) -> None:
         base = self.base_layer
-        base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float()).to(base.bias.dtype))
+        base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float().view(base.bias.shape)).to(base.bias.dtype))
         if self._added_bias and len(self.merged_adapters) <= 1:  # the last merged one (unmerge pops it after this)
             base.bias = None
             self._added_bias = False

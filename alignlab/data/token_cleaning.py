@@ -147,23 +147,32 @@ def clean_labels(
     keep_ratio: float | None = None,
     scope: Literal["batch", "sequence"] = "batch",
     threshold: float | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New labels keeping only the most informative supervised tokens.
 
     Either ``threshold`` (keep ``scores >= threshold``, e.g. a data-set-wide
     value from :func:`influence_threshold`) or ``keep_ratio``: keep the top
     ``⌈ρ · n⌉`` supervised tokens by score, ranked over the whole batch
-    (``scope="batch"``) or within each row (``"sequence"``); ties go to the
+    (``scope="batch"``) or within each sequence (``"sequence"``): each row, or,
+    given the ``(batch, seq)`` ``position_ids`` of packed rows, each sample (a
+    sample starts where the positions restart at 0), so a packed batch keeps
+    the tokens its samples keep unpacked. Ties go to the
     earlier token. Positions already ``-100`` stay so; NaN scores are
     dropped. ``labels``/``scores``: ``(batch, seq)``. Returns a new tensor.
     Raises ``ValueError`` if neither or both of ``keep_ratio`` and
-    ``threshold`` are given, if ``threshold`` is NaN or not a number, or on
-    shape mismatch.
+    ``threshold`` are given, if ``threshold`` is NaN or not a number, on
+    shape mismatch, or for ``position_ids`` that are not an integer tensor
+    of the labels' shape.
     """
     if labels.shape != scores.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must have equal shapes")
     if (keep_ratio is None) == (threshold is None):
         raise ValueError("give exactly one of keep_ratio and threshold")
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor) or position_ids.shape != labels.shape
+                                     or position_ids.is_floating_point() or position_ids.dtype == torch.bool):
+        raise ValueError(f"position_ids must be an integer tensor of the labels' shape {tuple(labels.shape)}, got "
+                         f"{getattr(position_ids, 'shape', type(position_ids).__name__)}")
     supervised = (labels != IGNORE_INDEX) & ~torch.isnan(scores)
     if threshold is not None:
         keep = supervised & (scores >= _check_threshold(threshold))
@@ -171,15 +180,29 @@ def clean_labels(
     keep_ratio = _check_ratio(keep_ratio)
     if scope not in ("batch", "sequence"):
         raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
-    rows = scores.reshape(1, -1) if scope == "batch" else scores
-    sup = supervised.reshape(rows.shape)
-    masked = rows.float().masked_fill(~sup, -math.inf)
-    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    device = scores.device
+    # the group each token is ranked in: the batch, a row, or a packed sample of a row
+    if scope == "batch":
+        groups = torch.zeros(labels.numel(), dtype=torch.long, device=device)
+    else:
+        groups = torch.arange(labels.shape[0], device=device)[:, None] * (labels.shape[1] + 1)
+        if position_ids is not None:
+            groups = groups + (position_ids.to(device) == 0).long().cumsum(dim=1)
+        groups = torch.unique(groups.expand(labels.shape).flatten(), return_inverse=True)[1]
+    sup = supervised.flatten().to(device)
+    masked = scores.flatten().float().masked_fill(~sup, -math.inf)
+    # by score, best first (ties: earlier token first), then by group, keeping that order inside each group
+    order = torch.argsort(masked, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    sizes = torch.bincount(groups)
+    starts = sizes.cumsum(0) - sizes
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
-    k = torch.tensor([_keep_count(n, keep_ratio) for n in sup.sum(dim=1).tolist()], device=rows.device)
-    keep = ((rank < k[:, None]) & sup).reshape(labels.shape)
-    return labels.masked_fill(~keep, IGNORE_INDEX)
+    rank[order] = torch.arange(order.numel(), device=device) - starts[groups[order]]
+    counts = torch.bincount(groups, weights=sup.double()).long().tolist()
+    ks = {n: _keep_count(n, keep_ratio) for n in set(counts)}
+    k = torch.tensor([ks[n] for n in counts], dtype=torch.long, device=device)
+    keep = ((rank < k[groups]) & sup).reshape(labels.shape)
+    return labels.masked_fill(~keep.to(labels.device), IGNORE_INDEX)
 
 
 def influence_threshold(scores: Iterable[torch.Tensor], keep_ratio: float) -> float:
@@ -201,6 +224,14 @@ def influence_threshold(scores: Iterable[torch.Tensor], keep_ratio: float) -> fl
     return float(torch.topk(flat, k).values[-1])
 
 
+def _row_positions(batch) -> torch.Tensor | None:
+    """The batch's ``(batch, seq)`` ``position_ids`` (packed rows: ``scope="sequence"`` ranks per sample), else None."""
+    position_ids = batch.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape == batch["labels"].shape:
+        return position_ids
+    return None
+
+
 class TokenCleaner:
     """Apply token cleaning to batches (``input_ids``, ``labels``, optional mask / positions).
 
@@ -210,7 +241,9 @@ class TokenCleaner:
             ``"self_evolving"`` mode, where the current model is passed to
             :meth:`__call__`.
         keep_ratio / scope / threshold: as in :func:`clean_labels` (``threshold`` wins over
-            ``keep_ratio``); checked here, so a bad value fails before any model runs.
+            ``keep_ratio``); checked here, so a bad value fails before any model runs. A batch's
+            ``(batch, seq)`` ``position_ids`` go to :func:`clean_labels` too: ``scope="sequence"``
+            ranks each packed sample on its own.
 
     Raises:
         ValueError: an unknown ``mode``, a reference that does not suit it, or a bad ``keep_ratio``,
@@ -253,7 +286,8 @@ class TokenCleaner:
 
     def __call__(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """The cleaned label tensor for ``batch`` (the input is not modified)."""
-        return clean_labels(batch["labels"], self.scores(batch, model), self.keep_ratio, self.scope, self.threshold)
+        return clean_labels(batch["labels"], self.scores(batch, model), self.keep_ratio, self.scope, self.threshold,
+                            position_ids=_row_positions(batch))
 
     def _reference(self, model: nn.Module | None) -> nn.Module:
         if self.mode == "fixed":

@@ -1,5 +1,6 @@
 """BitFit: bias offsets, identity at init, merge (also into bias-less linears), counts, own file format, errors."""
 
+import copy
 import json
 
 import pytest
@@ -79,3 +80,32 @@ def test_errors():
         BitFitLayer(nn.ReLU())
     with pytest.raises(ValueError, match="no module matched"):
         inject(make_tiny_llama(), BitFitConfig(target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.Conv1d(3, 4, 3), (2, 3, 4)),             # width 4 = channels: was silently added across the width
+    (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),  # was a shape error
+    (nn.Conv2d(3, 4, 3), (3, 6, 6)),             # unbatched
+    (nn.ConvTranspose2d(3, 4, 2), (2, 3, 4, 4)),
+    (nn.BatchNorm1d(4), (6, 4)),
+    (nn.BatchNorm2d(4), (2, 4, 4, 4)),
+    (nn.GroupNorm(2, 4), (2, 4, 4)),
+    (nn.InstanceNorm1d(4, affine=True), (4, 4)),  # unbatched
+    (nn.LayerNorm((4, 3)), (2, 4, 3)),            # a 2-D normalized_shape
+])
+def test_offsets_go_where_the_module_adds_its_bias(module, shape):
+    # the reference is the module with its bias unfrozen and moved by δ (BitFit's definition)
+    torch.manual_seed(0)
+    module.eval()
+    x = torch.randn(shape)
+    layer = BitFitLayer(module).eval()
+    with torch.no_grad():
+        layer.bitfit_bias["default"].copy_(torch.randn(module.bias.numel()))
+        moved = copy.deepcopy(module)
+        moved.bias += layer.bitfit_bias["default"].view(module.bias.shape)
+        want = moved(x)
+    torch.testing.assert_close(layer(x), want)
+    layer.merge()
+    torch.testing.assert_close(layer(x), want)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer(x), module(x))

@@ -324,3 +324,41 @@ def test_pads_are_never_scored_even_when_labelled(side):
     cleaned = TokenCleaner(model, model, keep_ratio=1.0)({"input_ids": ids, "labels": ids.clone(),
                                                          "attention_mask": mask})
     assert (cleaned[mask == 0] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_packed_batches_keep_the_tokens_their_samples_keep_unpacked(scope, ratio):
+    """scope="sequence" ranked each packed *row*, several samples together, so a packed batch kept other tokens
+    than the same samples padded (a long sample took the keep budget of the short one beside it). With the
+    batch's position_ids each sample is ranked on its own; TokenCleaner passes them."""
+    from conftest import make_tiny_llama
+
+    from alignlab.data.packing import collate_packed, collate_padded, pack_examples
+
+    base = make_tiny_llama(seed=0, vocab_size=32, hidden_size=32, num_layers=1)
+    ref = make_tiny_llama(seed=1, vocab_size=32, hidden_size=32, num_layers=1)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 32, (n,), generator=g).tolist() for n in (9, 5, 7, 3, 8)]
+    examples = [{"input_ids": s, "labels": [IGNORE_INDEX] * 2 + s[2:]} for s in seqs]
+    padded = collate_padded(examples, 0)
+    rows = list(pack_examples(examples, max_length=16))
+    assert any(len(r["seq_lens"]) > 1 for r in rows)
+    packed = collate_packed(rows, 0, length=17, mask_dtype=torch.float32)
+    flat = collate_padding_free(examples)
+    cleaner = TokenCleaner(base, ref, keep_ratio=ratio, scope=scope)
+    want = [cleaner(padded)[b, :len(s)].tolist() for b, s in enumerate(seqs)]
+    got_packed, got_flat = cleaner(packed), cleaner(flat)[0].tolist()
+    unpacked = [got_packed[r, sum(row["seq_lens"][:i]):sum(row["seq_lens"][:i + 1])].tolist()
+                for r, row in enumerate(rows) for i in range(len(row["seq_lens"]))]
+    starts = [sum(map(len, seqs[:i])) for i in range(len(seqs))]
+    assert unpacked == want
+    assert [got_flat[s:s + len(q)] for s, q in zip(starts, seqs)] == want
+    # clean_labels itself against the brute force over each sample
+    scores = cleaner.scores(flat)
+    want_flat = torch.cat([oracle_clean(flat["labels"][:, s:s + len(q)], scores[:, s:s + len(q)], ratio, "batch")
+                           for s, q in zip(starts, seqs)], dim=1)
+    assert torch.equal(clean_labels(flat["labels"], scores, ratio, "sequence", position_ids=flat["position_ids"]),
+                       want_flat)
+    with pytest.raises(ValueError, match="position_ids"):
+        clean_labels(flat["labels"], scores, ratio, "sequence", position_ids=flat["position_ids"][:, 1:])
