@@ -207,6 +207,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
         prepare(model, targets, adapter_name)
+    before = {id(m) for m in model.modules()}
     first = not configs
     for name in targets:
         module = model.get_submodule(name)
@@ -232,8 +233,26 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     attach = getattr(config, "attach", None)
     if callable(attach):  # model-level wiring, e.g. the forward hook that prepends soft prompts
         attach(model, adapter_name)
+    _match_modes(model, before)
     mark_only_adapters_trainable(model)
     return model
+
+
+def _match_modes(model: nn.Module, before: set[int]) -> None:
+    """Give the modules ``inject`` created the train/eval mode of what they wrap. ``nn.Module`` starts in training
+    mode, so adapter dropout ran in a model injected (or loaded into with ``load_adapter``) in eval mode, as
+    ``from_pretrained`` returns it: a PEFT file with ``lora_dropout`` gave random logits until ``model.eval()``.
+    A new wrapper takes its base's mode, new adapter modules their wrapper's; nothing that existed before (the
+    wrapped modules, a ``modules_to_save`` copy, made as a copy of its original) is touched."""
+    for layer in model.modules():
+        if isinstance(layer, SavedModule) and id(layer) not in before:
+            layer.training = layer.original_module.training
+        if not isinstance(layer, AdapterLayer):
+            continue
+        mode = layer.training if id(layer) in before else layer.base_layer.training
+        for name, m in layer.named_modules():
+            if id(m) not in before and not (name == "base_layer" or name.startswith("base_layer.")):
+                m.training = mode
 
 
 def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None:

@@ -30,6 +30,7 @@ replacement ``n_resamples`` times from a seeded generator and take the
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,15 +85,36 @@ _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
+def _check_template(template: str, needed: tuple[str, ...]) -> None:
+    """``ValueError`` naming the placeholders ``template`` lacks: the judge would never see that text."""
+    if not isinstance(template, str):
+        raise TypeError(f"template: expected a str, got {type(template).__name__}")
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    missing = [name for name in needed if name not in fields]
+    if missing:
+        raise ValueError(
+            f"template: has no {', '.join('{' + m + '}' for m in missing)} placeholder, so the judge would not see "
+            f"that text (a custom template needs {', '.join('{' + n + '}' for n in needed)})"
+        )
+
+
 def pairwise_prompt(question: str, answer_a: str, answer_b: str, *, template: str = PAIRWISE_TEMPLATE) -> str:
-    """Fill a pairwise template (placeholders ``{question}``, ``{answer_a}``, ``{answer_b}``)."""
+    """Fill a pairwise template (placeholders ``{question}``, ``{answer_a}``, ``{answer_b}``).
+
+    Raises ``ValueError`` if ``template`` lacks one of them (that text would be left out of the prompt)."""
+    _check_template(template, ("question", "answer_a", "answer_b"))
     return template.format(question=question, answer_a=answer_a, answer_b=answer_b)
 
 
 def single_answer_prompt(
     question: str, answer: str, *, reference: str | None = None, template: str = SINGLE_ANSWER_TEMPLATE
 ) -> str:
-    """Fill a single-answer template; ``reference`` adds a reference answer (math, coding)."""
+    """Fill a single-answer template; ``reference`` adds a reference answer (math, coding) at the template's
+    ``{reference_block}``.
+
+    Raises ``ValueError`` if ``template`` lacks ``{question}`` or ``{answer}``, or lacks ``{reference_block}``
+    while a ``reference`` is given (it was dropped without a word)."""
+    _check_template(template, ("question", "answer") + (() if reference is None else ("reference_block",)))
     block = "" if reference is None else _REFERENCE_BLOCK.format(reference=reference)
     return template.format(question=question, answer=answer, reference_block=block)
 

@@ -459,7 +459,8 @@ def merge_checkpoints(
     Raises:
         ValueError: unknown method, bad parameters, a tensor missing from a
             model or with a different shape (the message names model and tensor); a quantized
-            checkpoint (fp8 weights, or a float scale beside integer weights: dequantize first); a
+            checkpoint (fp8 weights, a float scale beside integer weights, bitsandbytes 4-bit / 8-bit
+            state such as ``weight.absmax`` or ``SCB``: dequantize first); a
             float16 output whose merged values leave float16's range (named, with the largest magnitude).
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
         FileNotFoundError: an input checkpoint does not exist.
@@ -518,6 +519,31 @@ _DEQUANTIZE = ("dequantize every checkpoint to bfloat16 first (each weight times
                "its block) and merge those")
 
 
+# bitsandbytes state beside a quantized weight, as transformers saves a BitsAndBytesConfig model: 4-bit
+# (`<w>.absmax`, `<w>.quant_map`, `<w>.nested_absmax`, `<w>.nested_quant_map`, `<w>.quant_state.bitsandbytes__nf4`
+# or `__fp4`, next to `<w>` itself: uint8, two 4-bit codes a byte, shape (n/2, 1)) and 8-bit LLM.int8
+# (`<m>.SCB`, one float32 scale per row, and `<m>.weight_format`, next to the int8 `<m>.weight`)
+_BNB_4BIT = re.compile(r"^(.+)\.(?:absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")
+_BNB_8BIT = re.compile(r"^(.+)\.(?:SCB|weight_format)$")
+_BNB_DEQUANTIZE = ("load it dequantized (transformers: from_pretrained with its BitsAndBytesConfig, then "
+                   "model.dequantize(); or the unquantized original), save that in bfloat16 and merge those")
+
+
+def _bnb_quantized(name: str, ck: SafetensorsCheckpoint) -> tuple[str, str] | None:
+    """``(weight, kind)`` if tensor ``name`` is bitsandbytes quantization state: the weight it belongs to and
+    ``"4-bit (nf4)"``, ``"4-bit (fp4)"``, ``"4-bit"`` or ``"8-bit (LLM.int8)"``; else None. A state key counts
+    only beside its quantized weight (a model may have a tensor that merely ends in ``absmax``)."""
+    m = _BNB_4BIT.match(name)
+    if m and m.group(1) in ck and not _mergeable(ck.entries[m.group(1)].dtype):
+        weight = m.group(1)
+        types = [t for t in ("nf4", "fp4") if f"{weight}.quant_state.bitsandbytes__{t}" in ck]
+        return weight, f"4-bit ({types[0]})" if types else "4-bit"
+    m = _BNB_8BIT.match(name)
+    if m and f"{m.group(1)}.weight" in ck and not _mergeable(ck.entries[f"{m.group(1)}.weight"].dtype):
+        return f"{m.group(1)}.weight", "8-bit (LLM.int8)"
+    return None
+
+
 def _scale_of(name: str, ck: SafetensorsCheckpoint) -> str | None:
     """The scale tensor stored next to the quantized weight ``name`` in ``ck``, if one is there."""
     prefix, _, leaf = name.rpartition(".")
@@ -533,6 +559,14 @@ def _refuse_quantized(ckpts: dict[Path, SafetensorsCheckpoint]) -> None:
     for p, ck in ckpts.items():
         copied_modules = {}
         for name, e in ck.entries.items():
+            bnb = _bnb_quantized(name, ck)
+            if bnb is not None:
+                weight, kind = bnb
+                w = ck.entries[weight]
+                raise ValueError(
+                    f"tensor {name!r} of model {str(p)!r} is bitsandbytes {kind} quantization state of {weight!r} "
+                    f"({w.dtype}, shape {list(w.shape)}: quantized codes, not weights): a merge would copy the codes "
+                    f"from one model and merge their float state; {_BNB_DEQUANTIZE}")
             if e.dtype in _FP8:
                 scale = _scale_of(name, ck)
                 raise ValueError(

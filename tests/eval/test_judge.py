@@ -164,3 +164,25 @@ def test_parse_rating_range_must_be_finite_and_ordered(low, high):
     with pytest.raises(ValueError, match="low/high"):
         parse_rating("Rating: [[5]]", low=low, high=high)
     assert parse_rating("Rating: [[5]]", low=np.float32(1), high=np.int64(5)) == 5.0
+
+
+def test_a_template_without_a_placeholder_is_refused_not_filled_without_the_text():
+    """str.format ignores a keyword the template has no field for: a custom single-answer template without
+    {reference_block} (MT-Bench's reference prompts use other names) dropped the reference without a word, and
+    one without {answer_b} showed the judge a single answer."""
+    mt_bench_style = "[Question]\n{question}\n[Reference]\n{ref_answer_1}\n[Answer]\n{answer}\nRate [[1-10]]."
+    with pytest.raises(ValueError, match=r"\{reference_block\}"):
+        single_answer_prompt("Q?", "ans", reference="ref", template="Q: {question}\nA: {answer}")
+    with pytest.raises(KeyError):  # a field we do not fill is still str.format's KeyError
+        single_answer_prompt("Q?", "ans", template=mt_bench_style)
+    assert single_answer_prompt("Q?", "ans", template="Q: {question}\nA: {answer}") == "Q: Q?\nA: ans"
+    with pytest.raises(ValueError, match=r"\{answer_b\}"):
+        pairwise_prompt("Q?", "one", "two", template="{question}\nA: {answer_a}\nverdict [[A]]/[[B]]")
+    calls = []
+    with pytest.raises(ValueError, match=r"\{answer_b\}"):  # before the judge is asked anything
+        judge_pairwise(lambda p: calls.append(p) or "[[A]]", "Q?", "one", "two", template="{question} {answer_a}")
+    assert calls == []
+    with pytest.raises(ValueError, match=r"\{question\}"):
+        judge_single(lambda p: "[[5]]", "Q?", "ans", template="{answer}")
+    doubled = "{question} {{literal}} {answer_a} {answer_b}"
+    assert pairwise_prompt("Q", "a", "b", template=doubled) == "Q {literal} a b"

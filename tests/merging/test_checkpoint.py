@@ -815,6 +815,62 @@ def test_integer_quantized_weight_with_a_float_scale_is_refused(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def _bnb_state(seed, kind):
+    """A tiny checkpoint with the keys transformers writes for a BitsAndBytesConfig model (no bitsandbytes
+    needed): 4-bit ``weight`` uint8 (n/2, 1) with ``weight.absmax`` / ``weight.quant_map`` /
+    ``weight.quant_state.bitsandbytes__<type>`` (and ``nested_*`` with double quantization), 8-bit ``weight``
+    int8 with ``SCB`` / ``weight_format``; plus an unquantized norm."""
+    g = torch.Generator().manual_seed(seed)
+    st = {"layers.0.norm.weight": torch.ones(8)}
+    w = "layers.0.mlp.up.weight"
+    if kind == "int8":
+        st.update({w: torch.randint(-127, 128, (4, 8), dtype=torch.int8, generator=g),
+                   "layers.0.mlp.up.SCB": torch.rand(4, generator=g) + 0.5,
+                   "layers.0.mlp.up.weight_format": torch.tensor(0, dtype=torch.uint8)})
+        return st
+    quant_type, nested = kind.split("_")
+    packed = json.dumps({"quant_type": quant_type, "blocksize": 64, "dtype": "bfloat16", "shape": [4, 8]}).encode()
+    st.update({w: torch.randint(0, 256, (16, 1), dtype=torch.uint8, generator=g),
+               f"{w}.quant_map": torch.linspace(-1, 1, 16),
+               f"{w}.quant_state.bitsandbytes__{quant_type}": torch.tensor(list(packed), dtype=torch.uint8)})
+    if nested == "nested":  # double quantization: absmax itself 8-bit codes with a float32 nested_absmax
+        st.update({f"{w}.absmax": torch.randint(0, 256, (1,), dtype=torch.uint8, generator=g),
+                   f"{w}.nested_absmax": torch.rand(1, generator=g) + 0.5,
+                   f"{w}.nested_quant_map": torch.linspace(-1, 1, 256)})
+    else:
+        st[f"{w}.absmax"] = torch.rand(1, generator=g) + 0.5
+    return st
+
+
+@pytest.mark.parametrize("kind", ["nf4_nested", "fp4_plain", "int8"])
+@pytest.mark.parametrize("bnb_in", ["all", "a"])
+def test_bitsandbytes_checkpoints_are_refused_naming_the_weight(tmp_path, kind, bnb_in):
+    """bitsandbytes 4-bit / 8-bit checkpoints were merged as if unquantized: the packed uint8 (int8) codes
+    copied from the base, their float absmax / SCB merged beside them (or a shape mismatch when only one
+    model was quantized). Now refused before anything is written, naming the state and its weight."""
+    for i, m in enumerate(("base", "a")):
+        st = _bnb_state(i, kind) if bnb_in in ("all", m) else {"layers.0.norm.weight": torch.ones(8),
+                                                               "layers.0.mlp.up.weight": torch.randn(4, 8)}
+        write_checkpoint(tmp_path / m, st)
+    what = {"int8": r"8-bit \(LLM.int8\)", "nf4_nested": r"4-bit \(nf4\)", "fp4_plain": r"4-bit \(fp4\)"}[kind]
+    match = (rf"'layers.0.mlp.up.\S+' of model '.*/(base|a)' is bitsandbytes {what} quantization state of "
+             r"'layers.0.mlp.up.weight' \(torch.u?int8, shape .*dequantize")
+    with pytest.raises(ValueError, match=match):
+        merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",)), tmp_path / "out")
+    assert _leftovers(tmp_path) == []
+
+
+def test_tensor_named_like_bitsandbytes_state_beside_a_float_weight_is_merged(tmp_path):
+    """Only state beside a quantized weight counts: a float ``proj.weight`` next to ``proj.weight.absmax`` merges."""
+    for i, m in enumerate(("base", "a")):
+        write_checkpoint(tmp_path / m, {"proj.weight": torch.full((2, 3), float(i)),
+                                        "proj.weight.absmax": torch.full((2,), float(i)), "proj.SCB": torch.ones(2)})
+    out = merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",)), tmp_path / "out")
+    merged = load_file(out / "model.safetensors") if (out / "model.safetensors").exists() else \
+        {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert torch.equal(merged["proj.weight.absmax"], torch.ones(2))
+
+
 @pytest.mark.parametrize("method,extra", [
     ("task_arithmetic", {"parameters": {"lambda": 4.0}}),  # chunked: written chunk by chunk
     ("ties", {"parameters": {"lambda": 4.0}}),
