@@ -257,14 +257,15 @@ def _match_modes(model: nn.Module, before: set[int]) -> None:
 
 def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None:
     """Warn (``RuntimeWarning``, as PEFT 0.21 does) about an ``exclude_modules`` that excludes no module and, for
-    LoRA, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module: most often a typo, after which the
+    LoRA and LoKr, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module: most often a typo, after which the
     adapter would train at the default rank / alpha, or on the modules meant to be left out. Not an error: a PEFT
     file written for several architectures may name modules that this model lacks."""
     exclude = getattr(config, "exclude_modules", None)
     if exclude and not any(name_matches(exclude, n) for n, _ in model.named_modules() if n):
         warnings.warn(f"exclude_modules={exclude!r} matches no module of this model, so nothing was excluded; "
                       "check the names", RuntimeWarning, stacklevel=3)
-    if not isinstance(config, LoRAConfig) or not (config.rank_pattern or config.alpha_pattern):
+    regex_patterns = isinstance(config, LoRAConfig) or getattr(config, "regex_patterns", False)  # LoRA, LoKr
+    if not regex_patterns or not (config.rank_pattern or config.alpha_pattern):
         return
     # a fused MoE experts module is adapted per parameter, and its patterns match "<module>.<parameter>"
     names = list(targets) + [f"{t}.{p}" for t in targets for p in fused_expert_parameters(model.get_submodule(t))]

@@ -165,6 +165,7 @@ class LoKrConfig:
     """
 
     peft_type = "LOKR"
+    regex_patterns = True  # rank_pattern / alpha_pattern are {regex: value}, as LoRA's: inject warns about unused keys
 
     r: int = 8
     alpha: float = 8.0

@@ -1,6 +1,7 @@
 """LoKr / KronA: factorization, the Kronecker identity, identity at init, merge, parameter count, errors."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -140,3 +141,18 @@ def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, mat
     del raw["r"]
     with pytest.raises(ValueError, match="adapter_config.json: r is missing"):
         LoKrConfig.from_peft(raw)
+
+
+def test_unused_rank_and_alpha_pattern_keys_warn_as_for_lora():
+    # a typo trained at the default rank / alpha without a word (PEFT 0.21 warns for every method)
+    cfg = LoKrConfig(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_prj": 4, "q_proj": 3},
+                     alpha_pattern={r"layers\.9\..*": 1.0})
+    with pytest.warns(RuntimeWarning) as record:
+        model = inject(make_tiny_llama(), cfg)
+    messages = [str(w.message) for w in record]
+    assert any("rank_pattern keys ['v_prj']" in m for m in messages)
+    assert any("alpha_pattern keys ['layers\\\\.9\\\\..*']" in m for m in messages)
+    assert model.model.layers[0].self_attn.q_proj.r["default"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(make_tiny_llama(), LoKrConfig(r=2, target_modules=["q_proj"], rank_pattern={"q_proj": 3}))
