@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import string
 
 import numpy
 
@@ -93,3 +94,18 @@ def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:
         expected = "None or a non-negative int" if allow_none else "a non-negative int"
         raise ValueError(f"{arg}: expected {expected}, got {value!r}")
     return int(value)
+
+
+def check_template_fields(template, needed, arg: str = "template") -> None:
+    """``ValueError`` naming the ``{placeholders}`` of ``needed`` that the ``str.format`` template lacks (the
+    text meant for them would be left out of the prompt without a word: ``format`` ignores unused keywords);
+    ``TypeError`` if ``template`` is not a str."""
+    if not isinstance(template, str):
+        raise TypeError(f"{arg}: expected a str, got {type(template).__name__}")
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    missing = [name for name in needed if name not in fields]
+    if missing:
+        raise ValueError(
+            f"{arg}: has no {', '.join('{' + m + '}' for m in missing)} placeholder, so that text would not reach "
+            f"the judge (a custom template needs {', '.join('{' + n + '}' for n in needed)})"
+        )

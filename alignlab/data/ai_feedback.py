@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import as_bool, check_token_id, is_finite_real, is_int
+from alignlab._checks import as_bool, check_template_fields, check_token_id, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -206,7 +206,8 @@ def constitutional_comparisons(
     give no pair. ``template`` has a ``{principle}`` placeholder and doubled braces for the rest.
 
     Raises:
-        ValueError: empty ``principles`` or a principle that is not a non-empty string.
+        ValueError: empty ``principles`` or a principle that is not a non-empty string; a ``template``
+            without ``{principle}`` or the doubled ``{{question}}``, ``{{answer_a}}``, ``{{answer_b}}``.
         TypeError: ``judge`` not callable or replying with a non-string.
     """
     principles = list(principles)
@@ -214,6 +215,8 @@ def constitutional_comparisons(
         raise ValueError("principles: expected a non-empty sequence of non-empty strings")
     if not callable(judge):
         raise TypeError(f"judge: expected a callable prompt -> reply, got {type(judge).__name__}")
+    check_template_fields(template, ("principle",))  # format() would drop the principle silently
+    check_template_fields(template.format(principle=""), ("question", "answer_a", "answer_b"))
     rng = random.Random(seed)
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         first, second = _call_generate(generate, batch), _call_generate(generate, batch)

@@ -38,7 +38,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
+from alignlab._checks import as_bool, check_finite_number, check_template_fields, is_finite_real, is_int
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -285,9 +285,11 @@ def llm_judge(generate: Generate, template: str = JUDGE_TEMPLATE, max_score: flo
 
     ``template`` is formatted with ``prompt`` (the last user message),
     ``response`` and ``max_score``; scores are read with
-    :func:`parse_judge_score`. Raises ``ValueError`` for a ``max_score`` that is not a finite number > 0.
+    :func:`parse_judge_score`. Raises ``ValueError`` for a ``max_score`` that is not a finite number > 0
+    or a ``template`` without a ``{prompt}`` or ``{response}`` placeholder (the judge would not see that text).
     """
     _check_max_score(max_score)  # now, not at the first reply
+    check_template_fields(template, ("prompt", "response"))  # format() would drop the text silently
 
     def judge(messages: list[dict[str, Any]], candidates: Sequence[str]) -> list[float]:
         request = next((str(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")

@@ -30,13 +30,12 @@ replacement ``n_resamples`` times from a seeded generator and take the
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import as_bool, is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, check_template_fields, is_finite_real, is_int, is_real
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -85,24 +84,11 @@ _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
-def _check_template(template: str, needed: tuple[str, ...]) -> None:
-    """``ValueError`` naming the placeholders ``template`` lacks: the judge would never see that text."""
-    if not isinstance(template, str):
-        raise TypeError(f"template: expected a str, got {type(template).__name__}")
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    missing = [name for name in needed if name not in fields]
-    if missing:
-        raise ValueError(
-            f"template: has no {', '.join('{' + m + '}' for m in missing)} placeholder, so the judge would not see "
-            f"that text (a custom template needs {', '.join('{' + n + '}' for n in needed)})"
-        )
-
-
 def pairwise_prompt(question: str, answer_a: str, answer_b: str, *, template: str = PAIRWISE_TEMPLATE) -> str:
     """Fill a pairwise template (placeholders ``{question}``, ``{answer_a}``, ``{answer_b}``).
 
     Raises ``ValueError`` if ``template`` lacks one of them (that text would be left out of the prompt)."""
-    _check_template(template, ("question", "answer_a", "answer_b"))
+    check_template_fields(template, ("question", "answer_a", "answer_b"))
     return template.format(question=question, answer_a=answer_a, answer_b=answer_b)
 
 
@@ -114,7 +100,7 @@ def single_answer_prompt(
 
     Raises ``ValueError`` if ``template`` lacks ``{question}`` or ``{answer}``, or lacks ``{reference_block}``
     while a ``reference`` is given (it was dropped without a word)."""
-    _check_template(template, ("question", "answer") + (() if reference is None else ("reference_block",)))
+    check_template_fields(template, ("question", "answer") + (() if reference is None else ("reference_block",)))
     block = "" if reference is None else _REFERENCE_BLOCK.format(reference=reference)
     return template.format(question=question, answer=answer, reference_block=block)
 

@@ -398,3 +398,23 @@ def test_sample_completions_takes_a_prompt_tensor(policy):
     """A (P, L) tensor of equal-length prompts failed on the tensor's truth value."""
     as_lists = sample_completions(policy, [[3, 4], [5, 6]], 2, max_new_tokens=3, seed=1)
     assert sample_completions(policy, torch.tensor([[3, 4], [5, 6]]), 2, max_new_tokens=3, seed=1) == as_lists
+
+
+def test_constitutional_comparisons_refuses_a_template_that_would_drop_text():
+    """The template is filled twice (principle, then question and answers); one without {principle} judged
+    without the principle, silently, and one with single braces around the answers failed only at the first
+    comparison, after sampling."""
+    from alignlab.data import constitutional_comparisons
+
+    sampled = []
+
+    def generate(batch):
+        sampled.append(batch)
+        return ["x"] * len(batch)
+
+    for template, missing in (("{{question}} {{answer_a}} {{answer_b}} [[A]]", "principle"),
+                              ("{principle} {{question}} {{answer_a}}", "answer_b")):
+        with pytest.raises(ValueError, match=r"\{" + missing + r"\}"):
+            next(constitutional_comparisons(["q"], generate, lambda p: "[[A]]", ["Which is kinder?"],
+                                            template=template))
+    assert sampled == []

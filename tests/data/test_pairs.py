@@ -207,3 +207,19 @@ def test_max_score_must_be_a_positive_finite_number(max_score):
 def test_numpy_max_score():
     np = pytest.importorskip("numpy")
     assert parse_judge_score("Score: 7", max_score=np.float32(10)) == 7.0
+
+
+def test_llm_judge_refuses_a_template_that_would_drop_the_response():
+    """str.format ignores unused keywords: a custom rubric without {response} asked the judge to score a
+    response it never saw (scores of the request alone), without a word."""
+    from alignlab.data.pairs import llm_judge
+
+    asked = []
+    with pytest.raises(ValueError, match=r"\{response\}"):
+        llm_judge(lambda batch: asked.append(batch) or ["Score: 3"] * len(batch),
+                  template="Rate this answer to {prompt} from 0 to {max_score}. Score: <points>")
+    with pytest.raises(ValueError, match=r"\{prompt\}"):
+        llm_judge(lambda batch: ["Score: 3"] * len(batch), template="Rate {response}.")
+    assert asked == []
+    judge = llm_judge(lambda batch: ["Score: 4"] * len(batch), template="{prompt} / {response}")  # max_score optional
+    assert judge([{"role": "user", "content": "q"}], ["a", "b"]) == [4.0, 4.0]

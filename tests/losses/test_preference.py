@@ -438,6 +438,54 @@ def test_cpo_matches_trl(trl_cpo, loss_type, alpha):
     assert m["rewards/chosen"].item() == pytest.approx(cr.mean().item())
 
 
+def _alphapo_formula(pc, pr, alpha):
+    """(1 - e^{-αp})/α for each side and their difference, written out in float64."""
+    rc, rr = ((1.0 - torch.exp(-alpha * p.double())) / alpha for p in (pc, pr))
+    return rc, rr, rc - rr
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+@pytest.mark.parametrize("alpha", [0.25, -0.5])
+def test_cpo_alphapo_on_summed_logps_has_no_nan(loss_type, alpha):
+    """(1 - e^{-αp})/α overflowed on summed log-probs (p = -500, α = 0.25: e^125 is inf in float32) and the
+    chosen - rejected difference was inf - inf = NaN: the loss and every gradient NaN. Now the difference is
+    formed with the larger exponent factored out: the float64 formula's values where float32 can hold them,
+    ±inf (0 for a tie) where it cannot, and no NaN in loss, metrics or gradients."""
+    pc = torch.tensor([-500.0, -501.0, -500.0, -1.2, -0.7, -2.0, -300.0, -40.0], requires_grad=True)
+    pr = torch.tensor([-501.0, -500.0, -500.0, -0.9, -1.5, -2.0, -300.5, -41.0], requires_grad=True)
+    loss, m = cpo_loss(pc, pr, beta=0.3, loss_type=loss_type, cpo_alpha=0.0, alpha=alpha, reduction="none")
+    _, _, want = _alphapo_formula(pc.detach(), pr.detach(), alpha)  # float64: finite everywhere here
+    margin = torch.where(want.abs() <= torch.finfo(torch.float32).max, want, want.sign() * math.inf).float()
+    gamma = 0.5 if loss_type == "simpo" else 0.0
+    expect = {"sigmoid": -F.logsigmoid(0.3 * margin), "simpo": -F.logsigmoid(0.3 * margin - gamma),
+              "hinge": torch.relu(1 - 0.3 * margin), "ipo": (margin - 1 / 0.6) ** 2}[loss_type]
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+    assert not loss.isnan().any()
+    finite = torch.isfinite(loss)
+    (gc, gr) = torch.autograd.grad(loss[finite].sum(), (pc, pr))
+    assert torch.isfinite(gc).all() and torch.isfinite(gr).all()
+    keep = [0, 2, 3, 4, 5, 6, 7]  # no +inf and -inf margins together: their mean has no value
+    _, m = cpo_loss(pc[keep], pr[keep], beta=0.3, loss_type=loss_type, cpo_alpha=0.0, alpha=alpha)
+    assert not any(v.isnan().any() for v in m.values())
+    assert m["rewards/accuracies"].item() == pytest.approx((want[keep] > 0).double().mean().item())
+
+
+def test_cpo_alphapo_matches_the_formula_where_finite():
+    """Length-normalized log-probs (the paper's and TRL's use): the same numbers and gradients as the plain
+    (1 - e^{-αp})/α difference in float64."""
+    g = torch.Generator().manual_seed(5)
+    pc = (-torch.rand(16, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    pr = (-torch.rand(16, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    for alpha in (0.25, -0.3, 2.0):
+        got, m = cpo_loss(pc, pr, beta=0.3, cpo_alpha=0.0, alpha=alpha)
+        rc, rr, d = _alphapo_formula(pc, pr, alpha)
+        want = -F.logsigmoid(0.3 * d).mean()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, (pc, pr)), torch.autograd.grad(want, (pc, pr)),
+                                   rtol=1e-12, atol=1e-12)
+        assert m["rewards/margins"].item() == pytest.approx((0.3 * (rc - rr)).mean().item(), rel=1e-12)
+
+
 def test_simpo_matches_trl_cpo_simpo(trl_cpo):
     g = torch.Generator().manual_seed(22)
     sums_c = -torch.rand(6, generator=g, dtype=torch.float64) * 20
