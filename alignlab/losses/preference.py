@@ -248,13 +248,21 @@ def _pair_metrics(
     rejected_rewards: torch.Tensor,
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
+    margins: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
+    """TRL's pair metrics; ``margins`` (default ``chosen - rejected``) when the loss formed them more
+    carefully than the difference of two rewards that may both be infinite (AlphaPO)."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    if margins is None:
+        margins, won = chosen_rewards - rejected_rewards, chosen_rewards > rejected_rewards
+    else:
+        margins = margins.detach()
+        won = margins > 0
     return {
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
-        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)),
+        "rewards/margins": _mean(margins),
+        "rewards/accuracies": _mean(won.to(chosen_rewards.dtype)),
         "logps/chosen": _mean(chosen_logps),
         "logps/rejected": _mean(rejected_logps),
     }
@@ -836,6 +844,28 @@ def _cpo_per_pair(
     return (margin - 1.0 / (2.0 * beta)) ** 2  # ipo
 
 
+def _alphapo_margin(pc: torch.Tensor, pr: torch.Tensor, alpha: float) -> torch.Tensor:
+    r"""AlphaPO's reward difference :math:`r(\pi_c) - r(\pi_r)` with :math:`r(\pi) = (1 - e^{-\alpha\pi})/\alpha`,
+    formed as :math:`e^{m}\,(e^{u_r - m} - e^{u_c - m})/\alpha` with :math:`u = -\alpha\pi`, :math:`m = \max(u_c, u_r)`.
+
+    Both exponentials of the plain difference overflow together on summed log-probs (:math:`\pi = -500`,
+    :math:`\alpha = 0.25`: :math:`e^{125}` is inf in float32), and ``inf - inf`` is NaN; here only :math:`e^m`
+    can overflow. Where it does, the difference is :math:`\pm\infty` with the sign of the bracket (0 where
+    :math:`\pi_c = \pi_r`) and passes no gradient (the finite branch is evaluated with :math:`e^m = 1` there, so no
+    ``0 \cdot \infty`` reaches backward). :math:`m` is detached: the difference does not depend on it.
+    """
+    big = torch.finfo(pc.dtype).max
+    # clamped: a -inf log-prob (u = +inf) gives the plain formula's sign instead of inf - inf in the bracket
+    uc, ur = (-alpha * pc).clamp(-big, big), (-alpha * pr).clamp(-big, big)
+    m = torch.maximum(uc, ur).detach()
+    bracket = torch.exp(ur - m) - torch.exp(uc - m)
+    scale = torch.exp(m)
+    overflow = torch.isinf(scale)
+    finite = torch.where(overflow, torch.ones_like(scale), scale) * bracket / alpha
+    saturated = torch.where(bracket == 0, torch.zeros_like(m), torch.sign(bracket).detach() * math.copysign(math.inf, alpha))
+    return torch.where(overflow, saturated, finite)
+
+
 def simpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -959,14 +989,16 @@ def cpo_loss(
         raise ValueError("cpo_alpha != 0 needs chosen_nll_loss (the behaviour-cloning term); pass cpo_alpha=0.0 to drop it")
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     if alpha:
-        rc = (1.0 - torch.exp(-alpha * pc)) / alpha
+        rc = (1.0 - torch.exp(-alpha * pc)) / alpha  # for the metrics: -inf where e^{-αp} overflows
         rr = (1.0 - torch.exp(-alpha * pr)) / alpha
+        margin = _alphapo_margin(pc, pr, alpha)  # not rc - rr: inf - inf where both overflow
     else:
         rc, rr = pc, pr
-    loss = _reduce(_cpo_per_pair(loss_type, rc - rr, beta, label_smoothing, simpo_gamma), reduction, num_items)
+        margin = rc - rr
+    loss = _reduce(_cpo_per_pair(loss_type, margin, beta, label_smoothing, simpo_gamma), reduction, num_items)
     if cpo_alpha and reduction != "none":
         loss = loss + cpo_alpha * nll
-    metrics = _pair_metrics(beta * rc, beta * rr, pc, pr)
+    metrics = _pair_metrics(beta * rc, beta * rr, pc, pr, margins=beta * margin if alpha else None)
     if nll is not None:
         metrics["nll_loss"] = nll.detach()
     return loss, metrics
