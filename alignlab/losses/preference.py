@@ -949,7 +949,14 @@ def cpo_loss(
     ``loss_type`` swaps the preference term like in :func:`dpo_loss` (``hinge``, ``ipo``) or to SimPO's
     :math:`-\log\sigma(\beta(\pi_c-\pi_r) - \gamma)` (``simpo``; CPO-SimPO).  For ``ipo``/``simpo`` pass
     per-token averaged log-probs, as TRL does.  ``alpha`` :math:`\ne 0` applies the AlphaPO reward shape
-    (arXiv 2501.03884) :math:`r(y) = (1 - p(y)^{-\alpha})/\alpha` in place of :math:`\log p(y)`.
+    ("AlphaPO: Reward Shape Matters for LLM Alignment", Gupta et al., arXiv 2501.03884)
+    :math:`r(y) = (1 - p(y)^{-\alpha})/\alpha = (1 - e^{-\alpha\pi})/\alpha` in place of :math:`\pi = \log p(y)`.
+    AlphaPO is defined on **length-normalized** log-probs (:math:`p(y)^{1/|y|}`, the per-token mean; TRL's
+    ``loss_type="alphapo"`` is ``simpo`` on averaged log-probs): on summed log-probs :math:`e^{-\alpha\pi}`
+    leaves float range (:math:`\pi = -500`, :math:`\alpha = 0.25`: :math:`e^{125}`). The difference
+    :math:`r(y_c) - r(y_r)` is formed with the larger exponent factored out, so it is never NaN: where it is
+    beyond the dtype's range it is :math:`\pm\infty` (0 for equal log-probs) and those pairs pass no
+    gradient; ``rewards/chosen``/``rewards/rejected`` may then be :math:`-\infty`.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(batch,)`` completion log-probs.
@@ -959,7 +966,7 @@ def cpo_loss(
         label_smoothing: :math:`\varepsilon` for ``sigmoid``/``simpo``.
         cpo_alpha: weight of the NLL term.
         simpo_gamma: :math:`\gamma` for ``loss_type="simpo"``.
-        alpha: AlphaPO exponent (0 = plain log-probs).
+        alpha: AlphaPO exponent (0 = plain log-probs); pass per-token averaged log-probs with it.
         reduction: ``"mean"``/``"sum"`` (plus the NLL term) or ``"none"`` (per-pair preference term only).
         num_items: pairs in the whole optimiser step (micro-batches and ranks): the preference term becomes
             this batch's sum over ``num_items``.  For exact accumulation pass ``chosen_nll_loss`` normalised
