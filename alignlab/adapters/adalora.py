@@ -314,10 +314,11 @@ class AdaLoRAAllocator:
             raise ValueError("AdaLoRAAllocator.step reads the adapter's gradients, and none has one: call it after "
                              "backward() and optimizer.step(), before optimizer.zero_grad()")
         for name, kind, p in params:
-            if p.grad is None:  # a layer this batch did not reach
-                continue
             key = (name, kind)
-            ipt = (p * p.grad).abs()
+            # a layer this batch did not reach has a zero gradient, so zero sensitivity: its EMAs decay as they
+            # would for any zero gradient (skipping it left a layer never reached without scores: KeyError when
+            # masking, and kept a stale score for one reached only now and then)
+            ipt = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
             avg = self.ipt_avg.get(key, torch.zeros_like(p))
             unc = self.unc_avg.get(key, torch.zeros_like(p))
             avg = b1 * avg + (1 - b1) * ipt

@@ -291,3 +291,35 @@ def test_sora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value
     assert (loaded.r, loaded.alpha, loaded.dropout) == (4, 8.0, 0.0) and type(loaded.r) is int
     with pytest.raises(ValueError, match=f"adapter_config.json: {match}"):
         SoRAConfig.from_peft({**raw, field: value})
+
+
+def test_allocator_scores_layers_a_batch_did_not_reach_as_zero_gradients():
+    # a module the data never reaches (or reaches now and then) has no .grad: PEFT crashes, we raised KeyError when
+    # masking; its sensitivity is that of a zero gradient, so its EMAs decay and its ranks go first
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, use_c):
+            return self.a(x) + (self.c(x) if use_c else 0)  # b: never reached
+
+    torch.manual_seed(0)
+    model = TwoPaths()
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, total_step=6, tinit=1, tfinal=1, beta1=0.8, target_modules=["a", "b", "c"])
+    inject(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_()
+    alloc = AdaLoRAAllocator(model, cfg)
+    x = torch.randn(5, 8)
+    for step in range(6):
+        model.zero_grad(set_to_none=True)
+        model(x, use_c=step % 2 == 0).square().mean().backward()
+        before = alloc.ipt_avg.get(("c", "lora_E"))
+        _, pattern = alloc.step(step)
+        if step % 2 == 1 and step < 5:  # c not reached: Ī ← β₁ Ī (none updated in the final phase, from step 5)
+            torch.testing.assert_close(alloc.ipt_avg[("c", "lora_E")], 0.8 * before)
+    assert pattern["b.lora_E"] == [False] * 4
+    assert sum(active_ranks(model).values()) == 3 * 2
