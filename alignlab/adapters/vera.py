@@ -31,6 +31,16 @@ from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_u
 PREFIX = "base_model."
 
 
+def _check_seed(seed, arg: str) -> int:
+    """``seed`` as a Python int in the range ``torch.Generator.manual_seed`` takes, ``[-2⁶³, 2⁶⁴)``: a larger one
+    failed when the projections were drawn, with torch's 'Overflow when unpacking long long' naming nothing."""
+    if not is_int(seed):
+        raise TypeError(f"{arg} must be an int seed, got {seed!r}")
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"{arg} must be in [-2**63, 2**64) (torch.Generator's seed range), got {seed!r}")
+    return int(seed)
+
+
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     bound = math.sqrt(6.0 / shape[1])  # gain √2, fan_in = shape[1]: bound = √3·√2/√fan_in
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
@@ -40,13 +50,13 @@ class VeRAProjections(nn.Module):
     """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``).
 
     Raises ``ValueError`` naming the argument unless ``r``, ``in_max`` and ``out_max`` are positive ints (``r = 0``
-    divided by zero in the Kaiming bound).
+    divided by zero in the Kaiming bound) and ``seed`` an int in ``[-2⁶³, 2⁶⁴)`` (``TypeError`` for a non-int).
     """
 
     def __init__(self, r: int, in_max: int, out_max: int, seed: int) -> None:
         super().__init__()
         r, in_max, out_max = (check_positive_int(v, a) for v, a in ((r, "r"), (in_max, "in_max"), (out_max, "out_max")))
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(_check_seed(seed, "seed"))
         a = _kaiming_uniform((r, in_max), g)  # A is drawn first, then B, from the same stream
         b = _kaiming_uniform((out_max, r), g)
         self.register_buffer("A", a, persistent=False)
@@ -132,7 +142,7 @@ class VeRAConfig:
         projection_prng_key: seed of the shared random matrices.
     Raises:
         TypeError/ValueError: non-positive rank, bad dropout, a ``d_initial`` that is not a finite
-            number, a ``projection_prng_key`` that is not an int, malformed targets.
+            number, a ``projection_prng_key`` that is not an int in ``[-2⁶³, 2⁶⁴)``, malformed targets.
     """
 
     peft_type = "VERA"
@@ -148,9 +158,7 @@ class VeRAConfig:
         self.r = check_positive_int(self.r, "r")
         self.dropout = check_dropout(self.dropout)
         self.d_initial = check_finite_number(self.d_initial, "d_initial")
-        if not is_int(self.projection_prng_key):
-            raise TypeError(f"projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
-        self.projection_prng_key = int(self.projection_prng_key)
+        self.projection_prng_key = _check_seed(self.projection_prng_key, "projection_prng_key")
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed

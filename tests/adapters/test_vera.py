@@ -150,3 +150,16 @@ def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, mat
     del raw["r"]
     with pytest.raises(ValueError, match="adapter_config.json: r is missing"):
         VeRAConfig.from_peft(raw)
+
+
+def test_seed_outside_torch_generator_range_is_refused_naming_it():
+    # 2**64 passed the int check and failed at inject with torch's 'Overflow when unpacking long long'
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="projection_prng_key"):
+            VeRAConfig(r=4, projection_prng_key=bad)
+        with pytest.raises(ValueError, match="seed"):
+            VeRAProjections(2, 4, 4, bad)
+    for edge in (2**64 - 1, -(2**63)):  # the ends of the range draw as torch does
+        want = torch.Generator().manual_seed(edge)
+        bound = (6.0 / 4) ** 0.5
+        torch.testing.assert_close(VeRAProjections(2, 4, 4, edge).A, torch.empty(2, 4).uniform_(-bound, bound, generator=want))
