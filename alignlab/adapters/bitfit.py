@@ -19,6 +19,7 @@ PEFT has no BitFit; files use ``peft_type = "ALIGNLAB_BITFIT"`` (versioned).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,13 @@ class BitFitLayer(AdapterLayer):
             w = base.weight
             base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
             self._added_bias = True
+            # one warning per process (one call site): merge_and_unload then save_pretrained writes these biases, and
+            # from_pretrained of a config without them (Llama: attention_bias / mlp_bias False) drops them
+            warnings.warn("merging BitFit offsets into a linear without a bias gives it one; a transformers model "
+                          "whose config declares none there (e.g. Llama's attention_bias / mlp_bias = False) loses "
+                          "them when saved and reloaded with from_pretrained: set those config flags before "
+                          "save_pretrained, or keep the BitFit adapter unmerged and save it with save_adapter",
+                          UserWarning, stacklevel=2)
         base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float().view(base.bias.shape)).to(base.bias.dtype))
 
     def _unmerge_one(self, name: str) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from conftest import make_tiny_llama
 
-from alignlab.adapters import BitFitConfig, BitFitLayer, adapter_layers, count_parameters, disabled, inject, load_adapter, merge, save_adapter, unmerge
+from alignlab.adapters import (BitFitConfig, BitFitLayer, adapter_layers, count_parameters, disabled, inject, load_adapter, merge,
+                               merge_and_unload, save_adapter, unmerge)
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -109,3 +111,17 @@ def test_offsets_go_where_the_module_adds_its_bias(module, shape):
     torch.testing.assert_close(layer(x), want)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer(x), module(x))
+
+
+def test_merging_into_a_bias_free_linear_warns_that_from_pretrained_would_drop_the_bias():
+    # merge_and_unload + save_pretrained wrote the new biases, and from_pretrained of Llama's config (no
+    # attention / MLP biases) dropped them: the reloaded model was the base, with only a load report
+    model = _randomise(inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", "down_proj"])))
+    want = model(IDS).logits
+    with pytest.warns(UserWarning, match="attention_bias / mlp_bias"):
+        plain = merge_and_unload(model)
+    torch.testing.assert_close(plain(IDS).logits, want)
+    lin = BitFitLayer(nn.Linear(3, 2))  # a base with its own bias: nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lin.merge()
