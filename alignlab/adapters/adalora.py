@@ -250,6 +250,14 @@ def _svd_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoRALinear]
     return layers
 
 
+def _refuse_merged(layers: dict[str, AdaLoRALinear], adapter_name: str, what: str) -> None:
+    """``ValueError`` when ``adapter_name`` is merged into a layer: changing its ``λ`` there would make ``unmerge``
+    subtract another ``ΔW`` than the one merged, leaving the base weight changed for good."""
+    merged = [n for n, l in layers.items() if adapter_name in l.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]!r}); unmerge before {what}")
+
+
 def orthogonal_regularizer(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
     """``mean over P, Q of ‖QQᵀ − I‖_F, ‖PᵀP − I‖_F`` across the AdaLoRA layers (a scalar; 0 when every rank
     is pruned). Raises ``ValueError`` when no AdaLoRA layer holds ``adapter_name``."""
@@ -350,9 +358,11 @@ class AdaLoRAAllocator:
         """Call after ``optimizer.step()``, gradients still present: update importance (until the final phase), mask when scheduled.
 
         Returns ``(budget, rank_pattern or None)``. Raises ``ValueError`` when importance is due and no adapter
-        parameter has a gradient (called after ``zero_grad()``), or when the layers' ranks changed since this
-        allocator was built (``prune_ranks``: build a new allocator for the smaller adapter).
+        parameter has a gradient (called after ``zero_grad()``), when the layers' ranks changed since this
+        allocator was built (``prune_ranks``: build a new allocator for the smaller adapter), or when the adapter
+        is merged (masking its ``λ`` then would leave the base weight changed after ``unmerge``).
         """
+        _refuse_merged(self.layers, self.adapter_name, "allocating ranks")  # masking λ would corrupt the base
         ranks = sum(l.lora_A[self.adapter_name].shape[0] for l in self.layers.values())
         if ranks != self.initial_budget:  # its scores and budgets are per rank of the layers it was built on
             raise ValueError(f"adapter {self.adapter_name!r} has {ranks} ranks, this allocator was built on {self.initial_budget} "
@@ -422,12 +432,15 @@ def sora_proximal_step(model: nn.Module, lr: float, sparsity: float, adapter_nam
 
     Call after ``optimizer.step()`` (exclude the gates from weight decay). Raises ``ValueError`` on
     an ``lr``/``sparsity`` that is not a non-negative finite number (NaN would turn every gate into NaN),
-    or when no SoRA layer holds ``adapter_name``.
+    when no SoRA layer holds ``adapter_name``, or when it is merged (``unmerge`` would then subtract other gates
+    than those merged and leave the base weight changed).
     """
     if not all(_non_negative_finite(v) for v in (lr, sparsity)):
         raise ValueError(f"lr and sparsity must be non-negative finite numbers, got lr={lr!r}, sparsity={sparsity!r}")
+    layers = _svd_layers(model, adapter_name)
+    _refuse_merged(layers, adapter_name, "the proximal step")  # the gates of a merged adapter sit in W already
     zeros = 0
-    for layer in _svd_layers(model, adapter_name).values():
+    for layer in layers.values():
         g = layer.lora_E[adapter_name]
         g.copy_(g.sign() * (g.abs() - lr * sparsity).clamp_min(0.0))
         zeros += int((g == 0).sum())
@@ -459,9 +472,7 @@ def prune_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, in
     if not isinstance(config, (AdaLoRAConfig, SoRAConfig)):
         raise ValueError(f"prune_ranks needs an AdaLoRA or SoRA adapter; {adapter_name!r} is {type(config).__name__}")
     layers = layers_holding(model, adapter_name, AdaLoRALinear)
-    merged = [n for n, l in layers.items() if adapter_name in l.merged_adapters]
-    if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged (e.g. {merged[0]!r}); unmerge before pruning")
+    _refuse_merged(layers, adapter_name, "pruning")
     # this adapter's own copy: one config object may serve several adapters (inject(m, cfg, "a"); inject(m, cfg, "b")),
     # whose files would otherwise claim the ranks pruned here
     config = copy.copy(config)

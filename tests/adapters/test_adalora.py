@@ -323,3 +323,25 @@ def test_allocator_scores_layers_a_batch_did_not_reach_as_zero_gradients():
             torch.testing.assert_close(alloc.ipt_avg[("c", "lora_E")], 0.8 * before)
     assert pattern["b.lora_E"] == [False] * 4
     assert sum(active_ranks(model).values()) == 3 * 2
+
+
+@pytest.mark.parametrize("kind", ["sora", "adalora"])
+def test_gates_of_a_merged_adapter_are_not_changed(kind):
+    # the proximal step (or rank masking) on a merged adapter changed λ under the merged ΔW, so unmerge subtracted
+    # another ΔW and left the base weight changed for good (0.69 off on a tiny Llama)
+    base = make_tiny_llama()
+    cfg = SoRAConfig(r=4, target_modules=TARGETS) if kind == "sora" else \
+        AdaLoRAConfig(init_r=4, target_r=1, total_step=4, target_modules=TARGETS)
+    model = inject(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_E["default"].normal_()
+            layer.lora_B["default"].normal_()
+    alloc = AdaLoRAAllocator(model, cfg) if kind == "adalora" else None
+    model(IDS).logits.square().mean().backward()
+    merge(model)
+    with pytest.raises(ValueError, match="is merged"):
+        sora_proximal_step(model, lr=0.5, sparsity=1.0) if kind == "sora" else alloc.step(3)
+    unmerge(model)
+    for (_, layer), (_, plain) in zip(adapter_layers(model), ((n, base.get_submodule(n)) for n, _ in adapter_layers(model))):
+        torch.testing.assert_close(layer.base_layer.weight, plain.weight, rtol=0, atol=1e-6)
