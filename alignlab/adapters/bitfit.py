@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, is_linear_like, is_quantized, linear_features
+from alignlab.adapters.base import AdapterLayer, is_linear_like, is_quantized, linear_features, refuse_float16_merge
 from alignlab.adapters.config import check_target_spec, name_matches
 from alignlab.adapters.inject import _output_head_names, layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
@@ -109,9 +109,14 @@ class BitFitLayer(AdapterLayer):
 
     def _merge_one(self, name: str) -> None:
         base = self.base_layer
-        if getattr(base, "bias", None) is None:  # a bias-free linear gets one while merged
+        bias = getattr(base, "bias", None)
+        if bias is None:  # a bias-free linear gets one while merged
             w = base.weight
-            base.bias = nn.Parameter(torch.zeros(self.size, device=w.device, dtype=w.dtype), requires_grad=False)
+            bias = torch.zeros(self.size, device=w.device, dtype=w.dtype)
+        new = (bias.float() + self.bitfit_bias[name].float().view(bias.shape)).to(bias.dtype)
+        refuse_float16_merge(new, (bias, self.bitfit_bias[name]), name, " (bias)")  # before anything is written
+        if getattr(base, "bias", None) is None:
+            base.bias = nn.Parameter(new, requires_grad=False)
             self._added_bias = True
             # one warning per process (one call site): merge_and_unload then save_pretrained writes these biases, and
             # from_pretrained of a config without them (Llama: attention_bias / mlp_bias False) drops them
@@ -120,7 +125,8 @@ class BitFitLayer(AdapterLayer):
                           "them when saved and reloaded with from_pretrained: set those config flags before "
                           "save_pretrained, or keep the BitFit adapter unmerged and save it with save_adapter",
                           UserWarning, stacklevel=2)
-        base.bias.copy_((base.bias.float() + self.bitfit_bias[name].float().view(base.bias.shape)).to(base.bias.dtype))
+        else:
+            base.bias.copy_(new)
 
     def _unmerge_one(self, name: str) -> None:
         base = self.base_layer

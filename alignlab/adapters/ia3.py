@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, set_dense_weight_
+from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, refuse_float16_merge, set_dense_weight_
 from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_target_spec, name_matches
 from alignlab.adapters.inject import _candidates, find_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
@@ -86,19 +86,26 @@ class IA3Linear(AdapterLayer):
 
     def _merge_one(self, name: str) -> None:
         """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once."""
-        self._rescale_base(self.ia3_l[name].detach().float())
+        self._rescale_base(self.ia3_l[name].detach().float(), name)
 
     def _unmerge_one(self, name: str) -> None:
-        self._rescale_base(1.0 / self.ia3_l[name].detach().float())
+        self._rescale_base(1.0 / self.ia3_l[name].detach().float(), name)
 
-    def _rescale_base(self, factor: torch.Tensor) -> None:
+    def _rescale_base(self, factor: torch.Tensor, name: str) -> None:
+        """Scale the base's rows (or columns) by ``factor``; a float16 result beyond float16's range is refused
+        before anything is written (``ValueError``, as for the additive families): it would round to inf."""
         w = merge_weight(self.base_layer)  # an NF4 base in fp32: the re-quantization is the one rounding
-        new = w.float() * (factor[None, :] if self.feedforward else factor[:, None])
-        set_dense_weight_(self.base_layer, new.to(w.dtype))
+        new = (w.float() * (factor[None, :] if self.feedforward else factor[:, None])).to(w.dtype)
+        refuse_float16_merge(new, (w, factor), name)
         bias = getattr(self.base_layer, "bias", None)
+        new_bias = None
         if bias is not None and not self.feedforward:
+            new_bias = (bias.float() * factor).to(bias.dtype)
+            refuse_float16_merge(new_bias, (bias, factor), name, " (bias)")
+        set_dense_weight_(self.base_layer, new)
+        if new_bias is not None:
             with torch.no_grad():
-                bias.copy_((bias.float() * factor).to(bias.dtype))
+                bias.copy_(new_bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.feedforward}, adapters={self.adapter_names()}, active={self.active_adapters}"

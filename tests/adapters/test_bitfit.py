@@ -125,3 +125,20 @@ def test_merging_into_a_bias_free_linear_warns_that_from_pretrained_would_drop_t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lin.merge()
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_float16_merge_beyond_the_range_is_refused_and_writes_nothing(has_bias):
+    # b + δ above 65504 rounded to inf and was written into the model (the additive families refuse it already)
+    lin = nn.Linear(3, 2, bias=has_bias).half()
+    if has_bias:
+        with torch.no_grad():
+            lin.bias.fill_(60000.0)
+    b0 = None if not has_bias else lin.bias.detach().clone()
+    layer = BitFitLayer(lin)
+    with torch.no_grad():
+        layer.bitfit_bias["default"].fill_(70000.0 if not has_bias else 10000.0)
+    with pytest.raises(ValueError, match="float16"):
+        layer.merge()
+    assert (lin.bias is None) if not has_bias else torch.equal(lin.bias, b0)
+    assert not layer.merged_adapters

@@ -124,3 +124,20 @@ def test_half_precision_merge_is_the_exact_product_rounded_once(dtype, feedforwa
     want = w0 * (l[None, :] if feedforward else l[:, None])
     assert torch.equal(layer.base_layer.weight.detach(), want.to(dtype))
     assert torch.equal(layer.base_layer.bias.detach(), (b0 if feedforward else b0 * l).to(dtype))
+
+
+@pytest.mark.parametrize("feedforward, where", [(False, "weight"), (True, "weight"), (False, "bias")])
+def test_float16_merge_beyond_the_range_is_refused_and_writes_nothing(feedforward, where):
+    # W·l above 65504 rounded to inf and was written into the model (the additive families refuse it already)
+    base = nn.Linear(4, 3).half()
+    with torch.no_grad():
+        base.weight.fill_(0.5)
+        base.bias.fill_(0.5)
+        getattr(base, where)[0] = 30000.0
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = IA3Linear(base, feedforward=feedforward)
+    with torch.no_grad():
+        layer.ia3_l["default"].fill_(4.0)
+    with pytest.raises(ValueError, match="float16"):
+        layer.merge()
+    assert torch.equal(base.weight, w0) and torch.equal(base.bias, b0) and not layer.merged_adapters
