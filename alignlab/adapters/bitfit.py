@@ -147,6 +147,8 @@ class BitFitConfig:
         exclude_modules: names/suffixes or regex to skip.
     Raises:
         TypeError: malformed targets.
+        ValueError: (at inject) ``"all-biases"`` on a model without biases; an entry of a ``target_modules`` list
+            that names a module with no bias that is not a linear either (a norm without bias, a whole block).
     """
 
     peft_type = "ALIGNLAB_BITFIT"
@@ -163,7 +165,14 @@ class BitFitConfig:
         for name, module in modules_outside_adapters(model, BitFitLayer):
             if isinstance(module, BitFitLayer):
                 module = module.base_layer
+            excluded = self.exclude_modules is not None and name_matches(self.exclude_modules, name)
             if _bias_size(module) is None:
+                if isinstance(self.target_modules, list) and name_matches(self.target_modules, name) and not excluded:
+                    # named on purpose and silently dropped while another entry matched (e.g. Llama's RMSNorm)
+                    entry = next(t for t in self.target_modules if name == t or name.endswith("." + t))
+                    raise ValueError(f"target_modules entry {entry!r} selects {name!r}, a {type(module).__name__} "
+                                     "without a bias parameter, which BitFit cannot train (it offsets a module's bias, "
+                                     "or adds one to a bias-free linear); name modules with a bias or linears instead")
                 continue
             if self.target_modules == "all-biases":
                 ok = isinstance(getattr(module, "bias", None), nn.Parameter)
@@ -172,7 +181,7 @@ class BitFitConfig:
                     and name not in heads and name.split(".")[-1] not in heads
             else:
                 ok = name_matches(self.target_modules, name)
-            if ok and not (self.exclude_modules is not None and name_matches(self.exclude_modules, name)):
+            if ok and not excluded:
                 names.append(name)
         if not names and self.target_modules == "all-biases":
             raise ValueError("target_modules='all-biases': this model has no bias parameters; "

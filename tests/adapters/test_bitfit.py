@@ -142,3 +142,13 @@ def test_float16_merge_beyond_the_range_is_refused_and_writes_nothing(has_bias):
         layer.merge()
     assert (lin.bias is None) if not has_bias else torch.equal(lin.bias, b0)
     assert not layer.merged_adapters
+
+
+@pytest.mark.parametrize("entry, kind", [("input_layernorm", "LlamaRMSNorm"), ("mlp", "LlamaMLP"),
+                                         ("embed_tokens", "Embedding")])
+def test_a_listed_module_without_a_bias_is_refused_naming_it(entry, kind):
+    # it was dropped without a word while q_proj matched: BitFit trained the q_proj biases only
+    with pytest.raises(ValueError, match=f"entry '{entry}' selects '.*{entry}', a {kind} without a bias"):
+        inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", entry]))
+    model = inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", entry], exclude_modules=[entry]))
+    assert [n.split(".")[-1] for n, _ in adapter_layers(model)] == ["q_proj", "q_proj"]
