@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -136,10 +137,14 @@ def select_heads(
     Returns:
         ``[(layer_index, head_index), ...]`` best first.
     Raises:
-        ValueError: bad fraction/steps, empty data, or batches without a loss.
+        ValueError: bad fraction/steps, an lr that is not a positive finite number, empty data, batches without
+            a loss, or a probe that diverged (non-finite weights, so non-finite scores).
     """
     steps = check_positive_int(steps, "steps")
     _check_fraction(fraction)
+    # lr = 0 moved no head: every score 0, and the "top" heads an arbitrary pick
+    if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     probe = copy.deepcopy(model).train()
     params = _attention_parameters(probe)
     for p in probe.parameters():
@@ -158,7 +163,10 @@ def select_heads(
         used += 1
     if not used:
         raise ValueError("data yielded no batches")
-    return top_heads(head_scores(model, probe, metric), fraction)
+    scores = head_scores(model, probe, metric)
+    if not bool(torch.isfinite(scores).all()):  # topk ranks NaN first: the diverged heads would be "selected"
+        raise ValueError(f"the probe diverged (non-finite weights after {used} steps at lr={lr}): lower lr")
+    return top_heads(scores, fraction)
 
 
 def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_llama
 
-from alignlab.adapters import restrict_to_heads, top_heads
+from alignlab.adapters import restrict_to_heads, select_heads, top_heads
 
 
 @pytest.mark.parametrize("fraction", [True, "0.1", None])
@@ -23,3 +23,21 @@ def test_restrict_to_heads_takes_pairs_of_ints(pair):
         restrict_to_heads(model, [pair])
     handles = restrict_to_heads(model, [(1, 3)])
     assert len(handles) == 4 and model.model.layers[1].self_attn.q_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("lr", [0, 0.0, -1e-3, float("nan"), float("inf"), "1e-4", None])
+def test_select_heads_lr_must_be_a_positive_number(lr):
+    # lr = 0 moved no head and returned an arbitrary "top" pick (every score 0)
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        select_heads(model, [{"input_ids": ids, "labels": ids}], steps=1, lr=lr)
+
+
+def test_select_heads_refuses_a_diverged_probe():
+    # a NaN probe gave NaN scores, which topk ranks first: the diverged heads came back as the selection
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="diverged"):
+        select_heads(model, [{"input_ids": ids, "labels": ids}] * 4, steps=4, lr=1e20)
+    assert len(select_heads(model, [{"input_ids": ids, "labels": ids}] * 3, steps=3, lr=1e-2, fraction=0.25)) == 2
