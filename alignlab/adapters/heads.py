@@ -111,8 +111,13 @@ def _check_fraction(fraction) -> None:
 
 
 def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, int]]:
-    """The ``⌈fraction · #heads⌉`` highest-scoring ``(layer, head)`` pairs, best first."""
+    """The ``⌈fraction · #heads⌉`` highest-scoring ``(layer, head)`` pairs, best first.
+
+    Raises ``ValueError`` for a bad ``fraction`` or a non-finite score (``topk`` ranks NaN above every number).
+    """
     _check_fraction(fraction)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores must be finite: a NaN score (a diverged tuned model) would be ranked first")
     k = max(1, int(torch.tensor(fraction * scores.numel()).ceil().item()))
     flat = scores.flatten().topk(k).indices.tolist()
     return [(i // scores.shape[1], i % scores.shape[1]) for i in flat]

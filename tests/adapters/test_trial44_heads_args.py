@@ -41,3 +41,10 @@ def test_select_heads_refuses_a_diverged_probe():
     with pytest.raises(ValueError, match="diverged"):
         select_heads(model, [{"input_ids": ids, "labels": ids}] * 4, steps=4, lr=1e20)
     assert len(select_heads(model, [{"input_ids": ids, "labels": ids}] * 3, steps=3, lr=1e-2, fraction=0.25)) == 2
+
+
+def test_top_heads_refuses_non_finite_scores():
+    scores = torch.rand(2, 4)
+    scores[1, 2] = float("nan")  # topk ranked it first
+    with pytest.raises(ValueError, match="scores must be finite"):
+        top_heads(scores, 0.25)
