@@ -159,13 +159,14 @@ class AdapterLayer(nn.Module, abc.ABC):
         Switch, Pix2Struct, ...) casts its input to ``self.wo.weight.dtype`` in every forward, so without this an
         adapter on ``wo`` (PEFT's default (IA)³ target on T5, or ``"all-linear"``) failed with ``AttributeError``.
         Code that *computes* with it bypasses the adapter, as it does with PEFT. Layers that exist to change an
-        embedding or output table (embedding LoRA, trainable token rows, a tied LoRA head) and block wrappers
-        do not expose it: ``AttributeError``, so that e.g. ``fused_linear_dpo(h, model.lm_head.weight, ...)`` on
-        an adapted head fails instead of silently using the frozen table.
+        embedding or output table (embedding LoRA, trainable token rows, a tied LoRA head), block wrappers and
+        any adapter on the model's output head (``output_head``, set by ``inject``) do not expose it:
+        ``AttributeError``, so that e.g. ``fused_linear_dpo(h, model.lm_head.weight, ...)`` on an adapted head
+        fails instead of silently using the frozen table.
         """
-        if not (self.linear_base or self.exposes_base_weight):
-            raise AttributeError(f"{type(self).__name__} does not expose its base layer's weight: read "
-                                 "layer.base_layer.weight (the frozen table, without the adapter)")
+        # an AttributeError here reaches nn.Module.__getattr__, which raises its own "has no attribute 'weight'"
+        if not (self.linear_base or self.exposes_base_weight) or getattr(self, "output_head", False):
+            raise AttributeError("weight")
         return self.base_layer.weight
 
     @property

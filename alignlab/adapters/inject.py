@@ -234,6 +234,10 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     if callable(attach):  # model-level wiring, e.g. the forward hook that prepends soft prompts
         attach(model, adapter_name)
     _match_modes(model, before)
+    heads = _output_head_names(model)
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and (name in heads or name.split(".")[-1] in heads):
+            module.output_head = True  # its .weight would be the frozen table: see AdapterLayer.weight
     mark_only_adapters_trainable(model)
     return model
 

@@ -98,3 +98,15 @@ def test_table_changing_layers_do_not_expose_the_frozen_weight():
     for layer in kinds.values():  # computing with the base table would silently drop the trained rows / LoRA
         with pytest.raises(AttributeError):
             layer.weight
+
+
+def test_an_adapted_output_head_does_not_expose_the_frozen_table():
+    # fused_linear_dpo(h, model.lm_head.weight, ...) would have scored without the head's LoRA (and trained it not)
+    from conftest import make_tiny_llama
+
+    model = inject(make_tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(AttributeError, match="no attribute 'weight'"):
+        model.lm_head.weight
+    assert model.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.base_layer.weight
+    with pytest.raises(AttributeError, match="no attribute 'weight'"):
+        inject(make_tiny_llama(), IA3Config(target_modules=["lm_head"], feedforward_modules=[])).lm_head.weight
