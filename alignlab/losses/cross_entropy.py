@@ -44,6 +44,7 @@ from alignlab.losses.logprobs import (
     check_linear_inputs,
     default_chunk_rows,
     linear_chunked_pass,
+    scale_grads_,
     scatter_rows,
     select_scored_rows,
 )
@@ -79,12 +80,6 @@ def _row_loss(st, smoothing: float, z_loss: float) -> torch.Tensor:
     return loss
 
 
-def _scaled(t: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or g is None:
-        return t
-    return t.mul_(g.to(t.dtype))
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_weights, labels, reduction, ignore_index,
@@ -106,20 +101,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         opts = dict(chunk_size=chunk_size, want_mean=smoothing > 0, smoothing=smoothing,
                     z_loss=z_loss, softcap=softcap)
         norm = 1.0 / max(n, 1) if reduction == "mean" else 1.0
-        post = None
+        ctx.post = 1.0
         if eager:
             gs = w_rows if w_rows is not None else torch.ones(n, dtype=acc, device=h.device)
-            # fp16 would flush p_v / N (~1e-9 for a 128k vocab) to zero: keep 1/N out of it.
+            # fp16 would flush p_v / N (~1e-9 for a 128k vocab) to zero: keep 1/N out of it, and out of the stored
+            # gradients too (they would be subnormal for a mean over many tokens, beyond a loss scale's repair):
+            # backward multiplies by 1/N and the upstream gradient in one go.
             if hidden.dtype == torch.float16:
-                post = norm
+                ctx.post = norm
             else:
                 gs = gs * norm
             st, gh, gw, gb = linear_chunked_pass(
                 h, weight, y, bias, grad_scale=gs, need_hidden_grad=need[0],
                 need_weight_grad=need[1], need_bias_grad=need[2], **opts,
             )
-            if post is not None and post != 1.0:
-                gh, gw, gb = (t.mul_(post) if t is not None else None for t in (gh, gw, gb))
             ctx.grads = (gh, gw, gb)
         else:
             st, _, _, _ = linear_chunked_pass(h, weight, y, bias, **opts)
@@ -154,12 +149,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_tw = scatter_rows(g_rows * row_loss, index, n_all).view(labels.shape).to(token_weights.dtype)
         gh = gw = gb = None
         if ctx.grads is not None:
-            # Computed in forward for a unit upstream gradient; hand them over (dropping our
-            # reference lets autograd adopt dL/dW without a copy) and scale if needed.
-            gh, gw, gb = ctx.grads
+            # Computed in forward for a unit upstream gradient (fp16: without the mean's 1/N); hand them over
+            # (dropping our reference lets autograd adopt dL/dW without a copy) and scale if needed.
+            gh, gw, gb = scale_grads_(ctx.grads, grad_loss, ctx.post)
             ctx.grads = None
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                gh, gw, gb = _scaled(gh, grad_loss), _scaled(gw, grad_loss), _scaled(gb, grad_loss)
         elif need_h or need_w or need_b:
             # reduction="none", or a second backward through a retained graph: recompute.
             _, h, y = select_scored_rows(hidden, labels, ignore_index, weight.shape[0])

@@ -42,7 +42,7 @@ import torch
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks
+from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks, scale_grads_
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -396,12 +396,16 @@ def _resolve_chunks(n, vocab, itemsize, teacher_itemsize, weight_grad, chunk_siz
     return rows, max(rows, grad - grad % rows)
 
 
-def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want_dx, want_dw):
-    """One pass over the rows: per-row divergence ``(n,)`` and optional grads of x and w.
+def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want_dx, want_dw, scale_back=True):
+    """One pass over the rows: per-row divergence ``(n,)``, optional grads of x and w, and the factor left in them.
 
     ``chunks = (rows, grad_rows)``: logits are formed ``rows`` tokens at a time into one buffer of
     ``grad_rows`` rows, where their gradients ``dL/dz`` replace them; once the buffer is full the two
     gradient GEMMs run over it (``dW += dz^T x`` is memory-bound for short inner dimensions).
+    float16 gradients are computed for ``grad_scale / unit`` (:func:`_fp16_grad_unit`); with ``scale_back=False``
+    they are returned that way, with ``unit`` as the factor still to apply (a 0-dim tensor, else 1.0), so a
+    caller that multiplies by an upstream gradient later rounds once (``unit ~ 1/N`` of a mean over many tokens
+    would make them subnormal first).
     """
     n, vocab = x.shape[0], w.shape[0]
     rows, grad_rows = chunks
@@ -430,12 +434,12 @@ def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want
             torch.mm(dz, w, out=dx[g0:g1])
         if want_dw:  # the first block writes dW (no zero fill, no read), later ones accumulate
             dw = dz.t() @ x[g0:g1] if dw is None else dw.addmm_(dz.t(), x[g0:g1])
-    if unit is not None:
+    if unit is not None and scale_back:
         dx = None if dx is None else dx.mul_(unit)
         dw = None if dw is None else dw.mul_(unit)
     if want_dw and dw is None:
         dw = torch.zeros_like(w)
-    return losses, dx, dw
+    return losses, dx, dw, (1.0 if unit is None or scale_back else unit)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -453,7 +457,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         ctx.meta = (teacher[0], kind, beta, temperature, chunks)
         ctx.weight_grad = None
         if reduction == "none" or not (want_dx or want_dw):
-            losses, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
+            losses, _, _, _ = _run_chunks(x, w, teacher, kind, beta, temperature, None, chunks, False, False)
             if reduction == "none":  # backward recomputes the chunks
                 ctx.save_for_backward(x, w, weights)
                 ctx.teacher_tensors = teacher[1:]
@@ -464,10 +468,13 @@ class _FusedLinearDistill(torch.autograd.Function):
             else:
                 denom = weights.sum()
                 scale = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-            losses, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx, want_dw)
+            losses, dx, dw, unit = _run_chunks(x, w, teacher, kind, beta, temperature, scale, chunks, want_dx,
+                                               want_dw, scale_back=False)
             # Handed over by the first backward (not saved: autograd adopts dL/dx as the hidden state's .grad,
-            # which a later backward accumulates into in place); a second backward recomputes them.
+            # which a later backward accumulates into in place); a second backward recomputes them. float16 ones
+            # still lack their unit, applied together with the upstream gradient (one rounding).
             ctx.grads = (dx, dw)
+            ctx.unit = unit
             ctx.save_for_backward(x, w)
             ctx.teacher_tensors = teacher[1:]
             ctx.grad_scale = scale
@@ -503,18 +510,17 @@ class _FusedLinearDistill(torch.autograd.Function):
                 x, w = ctx.saved_tensors
                 form, kind, beta, temperature, chunks = ctx.meta
                 teacher = (form,) + tuple(ctx.teacher_tensors)
-                _, dx, dw = _run_chunks(x, w, teacher, kind, beta, temperature, ctx.grad_scale, chunks, want_dx, want_dw)
+                dx, dw, unit = _run_chunks(x, w, teacher, kind, beta, temperature, ctx.grad_scale, chunks, want_dx,
+                                           want_dw, scale_back=False)[1:]
             else:
-                dx, dw = grads
-            if not torch.equal(grad_out, torch.ones_like(grad_out)):  # ours alone now: scale in place
-                dx = None if dx is None else dx.mul_(grad_out.to(dx.dtype))
-                dw = None if dw is None else dw.mul_(grad_out.to(dw.dtype))
+                (dx, dw), unit = grads, ctx.unit
+            dx, dw = scale_grads_((dx, dw), grad_out, unit)  # ours alone now: scaled in place
             return (dx, dw) + n_none
         x, w, weights = ctx.saved_tensors
         form, kind, beta, temperature, chunks = ctx.meta
         teacher = (form,) + tuple(ctx.teacher_tensors)
         scale = grad_out.to(weights.dtype) * weights
-        _, dx, dw = _run_chunks(
+        _, dx, dw, _ = _run_chunks(
             x, w, teacher, kind, beta, temperature, scale, chunks, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         return (dx, dw) + n_none

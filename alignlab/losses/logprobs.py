@@ -285,19 +285,30 @@ def chunk_backward(
     return grad_w
 
 
+def scale_grads_(grads, grad_loss: torch.Tensor, factor: torch.Tensor | float = 1.0) -> list:
+    """``grads`` (tensors or None) multiplied in place by ``grad_loss * factor`` (0-dim tensors or numbers).
+
+    The product is read back as one Python float (one host sync) and each gradient is multiplied by it in
+    float32 (fp64 for fp64 gradients) and rounded once. Casting the scale to a float16 gradient's dtype first
+    made a loss scale of 2**16 (``torch.amp.GradScaler``'s default) inf, and in bfloat16 rounded a scale such
+    as 1/3 to 8 bits, a bias shared by the whole gradient. Nothing is done when the product is 1."""
+    s = float(grad_loss) * float(factor)
+    if s == 1.0:
+        return list(grads)
+    return [None if g is None else g.mul_(s) for g in grads]
+
+
 def hand_over_grads(ctx, grad_loss: torch.Tensor, second_backward: str) -> list:
     """The gradients a fused loss computed in its forward call (``ctx.grads``), given to its first backward
     scaled by ``grad_loss``; a second backward through the same loss raises ``RuntimeError(second_backward)``.
 
-    Scaled in place (they are not used again, and a weight-sized temporary would double the largest buffer of
-    the step), and not at all when ``grad_loss`` is 1 (``loss.backward()``; one host sync to know)."""
+    Scaled in place by :func:`scale_grads_` (they are not used again, and a weight-sized temporary would double
+    the largest buffer of the step), and not at all when ``grad_loss`` is 1 (``loss.backward()``)."""
     if ctx.grads is None:  # handed over (and scaled in place) by an earlier backward: none to give again
         raise RuntimeError(second_backward)
     grads = list(ctx.grads)
     ctx.grads = None
-    if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-    return grads
+    return scale_grads_(grads, grad_loss)
 
 
 def _fp16_grad_unit(grad_scale: torch.Tensor) -> torch.Tensor:
