@@ -171,6 +171,18 @@ class IA3Config:
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> IA3Linear:
         return IA3Linear(module, self.is_feedforward(name), adapter_name, self.init_ones)
 
+    def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
+        """Refuse, before any layer changes, a target that already holds (IA)³ vectors on the other side: a layer
+        scales its input or its output for all its adapters, so the new vector would silently scale the side
+        the first adapter chose (a square layer) or fail to load (another length)."""
+        for name in targets:
+            layer = model.get_submodule(name)
+            if isinstance(layer, IA3Linear) and layer.feedforward != self.is_feedforward(name):
+                sides = ("input", "output") if layer.feedforward else ("output", "input")
+                raise ValueError(f"module {name!r} already holds (IA)³ adapters {layer.adapter_names()} scaling its "
+                                 f"{sides[0]}, and adapter {adapter_name!r} would scale its {sides[1]} (feedforward_modules): "
+                                 "a layer scales one side for all its adapters; use the same feedforward_modules")
+
     def add_to(self, layer: nn.Module, name: str, adapter_name: str) -> None:
         if not isinstance(layer, IA3Linear):
             raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add an IA3 adapter to it")

@@ -141,3 +141,13 @@ def test_float16_merge_beyond_the_range_is_refused_and_writes_nothing(feedforwar
     with pytest.raises(ValueError, match="float16"):
         layer.merge()
     assert torch.equal(base.weight, w0) and torch.equal(base.bias, b0) and not layer.merged_adapters
+
+
+def test_a_second_adapter_scaling_the_other_side_of_a_layer_is_refused_before_any_change():
+    # a layer scales one side for all its adapters: "b" asked for input scaling of o_proj (square: silently got
+    # output scaling) and of down_proj (another length: the file then failed to load)
+    model = inject(make_tiny_llama(), IA3Config(target_modules=["k_proj", "o_proj"], feedforward_modules=[]), "a")
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.o_proj' already holds .* scaling its output"):
+        inject(model, IA3Config(target_modules=["k_proj", "o_proj"], feedforward_modules=["o_proj"]), "b")
+    assert all(layer.adapter_names() == ["a"] for _, layer in adapter_layers(model))  # k_proj did not get "b"
+    inject(model, IA3Config(target_modules=["k_proj", "o_proj"], feedforward_modules=[]), "b")  # same sides: fine
