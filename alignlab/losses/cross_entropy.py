@@ -41,6 +41,7 @@ import torch
 
 from alignlab._checks import check_finite_number
 from alignlab.losses.logprobs import (
+    _check_ignore_index,
     check_linear_inputs,
     default_chunk_rows,
     linear_chunked_pass,
@@ -275,8 +276,10 @@ def count_tokens(labels: torch.Tensor | Sequence[torch.Tensor], ignore_index: in
         0-dim int64 tensor (on the labels' device).
 
     Raises:
-        TypeError: a non-tensor or non-integer label tensor; ValueError: an empty sequence.
+        TypeError: a non-tensor or non-integer label tensor, ``ignore_index`` not an int (1.5 counted every
+            label, ignored ones too); ValueError: an empty sequence.
     """
+    _check_ignore_index(ignore_index)
     items = [labels] if isinstance(labels, torch.Tensor) else list(labels)
     if not items:
         raise ValueError("labels must be a tensor or a non-empty sequence of tensors")

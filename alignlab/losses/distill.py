@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import as_bool, is_finite_real, is_int, is_real
+from alignlab._checks import as_bool, check_token_id, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _fp16_grad_unit, _row_chunks, scale_grads_
+from alignlab.losses.logprobs import _check_ignore_index, _fp16_grad_unit, _row_chunks, scale_grads_
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -702,7 +702,7 @@ def sequence_kd_labels(
     prompt_lengths: torch.Tensor | list[int],
     *,
     pad_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Labels for sequence-level KD on teacher generations (Kim & Rush, arXiv:1606.07947).
@@ -716,34 +716,50 @@ def sequence_kd_labels(
         sequences: ``(batch, seq)`` token ids.
         prompt_lengths: ``(batch,)`` prompt length of each row (prompt left-aligned in the row).
         pad_token_id: id masked out in the generated part (``None``: no padding masking).
-        eos_token_id: generation stop id (``None``: keep everything after the prompt).
+        eos_token_id: generation stop id, or a list of them (``generation_config.eos_token_id`` of Llama 3
+            and others); the first of any ends the row (``None``: keep everything after the prompt).
         ignore_index: label value for masked positions.
 
     Returns:
         ``(batch, seq)`` long labels, unshifted (pair them with :func:`sequence_kd_loss`).
 
     Raises:
-        ValueError: wrong ranks, or a prompt length outside ``[0, seq]``.
+        ValueError: wrong ranks, a prompt length outside ``[0, seq]`` or not an integer, a ``pad_token_id`` /
+            ``eos_token_id`` that is not a non-negative int (a float such as 1.5 matched no token: padding then
+            stayed a target), an empty ``eos_token_id`` list.
+        TypeError: ``ignore_index`` not an int (1.5 was written as label 1: every masked position a target).
     """
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
         raise ValueError("sequences must be a (batch, seq) tensor of token ids")
-    lengths = torch.as_tensor(prompt_lengths, device=sequences.device).long()
+    _check_ignore_index(ignore_index)
+    pad_token_id = check_token_id(pad_token_id, "pad_token_id", allow_none=True)
+    if isinstance(eos_token_id, (list, tuple)):
+        if not eos_token_id:
+            raise ValueError("eos_token_id: expected None, a non-negative int or a non-empty list of them, got []")
+        eos_ids = [check_token_id(e, "eos_token_id") for e in eos_token_id]
+    else:
+        eos_ids = None if eos_token_id is None else [check_token_id(eos_token_id, "eos_token_id")]
+    lengths = torch.as_tensor(prompt_lengths, device=sequences.device)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"prompt_lengths must hold integers, got {lengths.dtype}")
+    lengths = lengths.long()
     if lengths.shape != (sequences.shape[0],):
         raise ValueError(f"prompt_lengths must have shape ({sequences.shape[0]},), got {tuple(lengths.shape)}")
     if (lengths < 0).any() or (lengths > sequences.shape[1]).any():
         raise ValueError("prompt_lengths must lie in [0, seq]")
     pos = torch.arange(sequences.shape[1], device=sequences.device)[None, :]
     keep = pos >= lengths[:, None]
-    if eos_token_id is not None:
-        is_eos = (sequences == eos_token_id) & keep
+    first_eos = None
+    if eos_ids is not None:
+        is_eos = torch.isin(sequences, torch.tensor(eos_ids, device=sequences.device)) & keep
+        seen = is_eos.long().cumsum(-1)
+        first_eos = is_eos & (seen == 1)
         # Positions strictly after the first generated EOS are dropped.
-        after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        keep = keep & ~after
+        keep = keep & ~((seen - is_eos.long()) > 0)
     if pad_token_id is not None:
         pad = sequences == pad_token_id
-        if eos_token_id is not None and eos_token_id == pad_token_id:
-            first = ((sequences == eos_token_id) & (pos >= lengths[:, None])).long().cumsum(-1) == 1
-            pad = pad & ~(first & (sequences == eos_token_id))
+        if first_eos is not None:  # pad_token_id == an EOS id: the first generated EOS stays a target
+            pad = pad & ~first_eos
         keep = keep & ~pad
     labels = sequences.clone().long()
     labels[~keep] = ignore_index
@@ -820,7 +836,7 @@ def sequence_kd_loss(
         ValueError: on shape mismatch, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
             leading dimension is not 1; a label outside ``[0, vocab)`` that is not ``ignore_index`` (checked for
             CPU labels outside ``torch.compile``; elsewhere it would cost a host sync per call).
-        TypeError: non-float ``student_logits``, non-integer ``labels``.
+        TypeError: non-float ``student_logits``, non-integer ``labels``, ``ignore_index`` not an int.
     """
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
         raise TypeError(f"student_logits must be a floating-point tensor, got {getattr(student_logits, 'dtype', None)}")
@@ -830,6 +846,7 @@ def sequence_kd_loss(
         raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_ignore_index(ignore_index)
     target = labels[:, 1:].long()  # gather takes int64 indices only (int32 token ids are common)
     seq_of_target = None
     if cu_seqlens is not None:
