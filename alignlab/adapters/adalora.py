@@ -147,7 +147,7 @@ class AdaLoRAConfig:
     Raises:
         ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
             integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1), a NaN,
-            infinite or negative ``orth_reg_weight``, a ``rank_pattern`` that is not ``{name: [bool, ...]}``.
+            infinite or negative ``orth_reg_weight``, a ``rank_pattern`` that is not ``{name: [bool] * init_r}``.
         TypeError: an ``orth_reg_weight`` that is not a real number.
     """
 
@@ -193,6 +193,11 @@ class AdaLoRAConfig:
         # the user's loop multiplies the regularizer by it: NaN would reach the loss, a string fail there
         self.orth_reg_weight = check_finite_number(self.orth_reg_weight, "orth_reg_weight", minimum=0.0)
         _check_rank_pattern(self.rank_pattern, "rank_pattern")
+        # one flag per initial rank, as PEFT writes them and reads them (a boolean index over init_r rows): a shorter
+        # list gave a layer another rank here and a file PEFT failed to load (IndexError)
+        wrong = {k: len(v) for k, v in (self.rank_pattern or {}).items() if len(v) != self.init_r}
+        if wrong:
+            raise ValueError(f"rank_pattern lists must hold init_r={self.init_r} flags each, got lengths {wrong}")
 
     @property
     def scaling(self) -> float:

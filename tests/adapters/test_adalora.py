@@ -345,3 +345,13 @@ def test_gates_of_a_merged_adapter_are_not_changed(kind):
     unmerge(model)
     for (_, layer), (_, plain) in zip(adapter_layers(model), ((n, base.get_submodule(n)) for n, _ in adapter_layers(model))):
         torch.testing.assert_close(layer.base_layer.weight, plain.weight, rtol=0, atol=1e-6)
+
+
+def test_rank_pattern_lists_hold_one_flag_per_initial_rank():
+    # a 3-flag list with init_r=4 gave the layer rank 3 here, and PEFT failed to load the saved file (IndexError)
+    key = "model.layers.0.self_attn.q_proj.lora_E"
+    with pytest.raises(ValueError, match=r"init_r=4 flags each, got lengths \{'model.layers.0.self_attn.q_proj.lora_E': 3\}"):
+        AdaLoRAConfig(init_r=4, target_r=2, rank_pattern={key: [True, False, True]})
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, rank_pattern={key: [True, False, True, False]}, target_modules=TARGETS)
+    model = inject(make_tiny_llama(), cfg)
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].shape[0] == 2
