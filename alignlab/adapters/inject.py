@@ -123,7 +123,20 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
     if isinstance(config.target_modules, list):
         _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names))
-    return names
+    return _without_attention_out_proj(model, names, all_linear=config.target_modules == "all-linear")
+
+
+def _without_attention_out_proj(model: nn.Module, names: list[str], all_linear: bool) -> list[str]:
+    """Leave out (``"all-linear"``) or refuse (named targets) the ``out_proj`` of a ``torch.nn.MultiheadAttention``:
+    its forward hands ``out_proj.weight`` and ``out_proj.bias`` to ``F.multi_head_attention_forward`` instead of
+    calling the module, so an adapter there never runs (the forward failed with "no attribute 'bias'")."""
+    inside = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    bad = [n for n in names if n in inside]
+    if bad and not all_linear:
+        raise ValueError(f"{bad[0]!r} is the out_proj of a torch nn.MultiheadAttention, whose forward uses its weight "
+                         "and bias directly (F.multi_head_attention_forward), so an adapter there would never run; "
+                         "leave it out of target_modules (or exclude_modules)")
+    return [n for n in names if n not in inside]
 
 
 def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -> None:
