@@ -2,7 +2,7 @@
 
 A bottleneck adapter is a small residual MLP with ``m = hidden / reduction_factor``::
 
-    f(z) = s · W_up σ(W_down z + b_down) + b_up,   W_down: (m, hidden), W_up: (hidden, m)
+    f(z) = s · (W_up σ(W_down z + b_down) + b_up),   W_down: (m, hidden), W_up: (hidden, m)
 
 * serial -- Houlsby et al., "Parameter-Efficient Transfer Learning for NLP",
   arXiv 1902.00751: after a sub-layer ``g``, ``h = g(x) + f(g(x))``, placed after the
