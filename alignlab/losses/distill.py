@@ -447,10 +447,13 @@ class _FusedLinearDistill(torch.autograd.Function):
     ``reduction="none"`` recomputes them in backward with the per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, teacher_a, teacher_b, teacher_keep, weights, kind, beta, temperature, reduction, chunks):
+    def forward(ctx, x, w, teacher_a, teacher_b, teacher_keep, weights, kind, beta, temperature, reduction, chunks,
+                grad_enabled):
         teacher = ("logits", teacher_a, teacher_keep) if teacher_b is None else ("hidden", teacher_a, teacher_b)
-        want_dx = ctx.needs_input_grad[0]
-        want_dw = ctx.needs_input_grad[1]
+        # needs_input_grad reports requires_grad under torch.no_grad() too (an evaluation loop over a trainable
+        # head): without asking grad mode, forward ran both gradient GEMMs and held a dW no backward would read
+        want_dx = grad_enabled and ctx.needs_input_grad[0]
+        want_dw = grad_enabled and ctx.needs_input_grad[1]
         ctx.reduction = reduction
         teacher_itemsize = 0 if teacher_b is None else teacher_b.element_size()
         chunks = _resolve_chunks(x.shape[0], w.shape[0], x.element_size(), teacher_itemsize, want_dw, *chunks)
@@ -497,10 +500,10 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # create_graph=True: first-order grads, no mm(out=) error
     def backward(ctx, grad_out):
-        n_none = (None,) * 9
+        n_none = (None,) * 10
         gwt = _FusedLinearDistill._weights_grad(ctx, grad_out)
         if gwt is not None:
-            n_none = (None, None, None, gwt) + (None,) * 5
+            n_none = (None, None, None, gwt) + (None,) * 6
         want_dx, want_dw = ctx.needs_input_grad[:2]
         if ctx.reduction != "none":
             if not (want_dx or want_dw):
@@ -663,7 +666,7 @@ def fused_linear_distill_loss(
     out = _FusedLinearDistill.apply(
         x, student_weight, teacher_a, teacher_b, keep if teacher_b is None else None, weights, kind, float(beta),
         float(temperature), reduction,
-        (chunk_size, grad_chunk_size),
+        (chunk_size, grad_chunk_size), torch.is_grad_enabled(),
     )
     return out.reshape(lead) if reduction == "none" else out
 
