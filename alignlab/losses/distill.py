@@ -836,7 +836,7 @@ def sequence_kd_loss(
         cu_seqlens: ``(n_seq + 1,)`` boundaries of a packed batch.
 
     Raises:
-        ValueError: on shape mismatch, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
+        ValueError: on shape mismatch, labels off the logits' device, unknown ``reduction``, a bad ``cu_seqlens`` or a packed batch whose
             leading dimension is not 1; a label outside ``[0, vocab)`` that is not ``ignore_index`` (checked for
             CPU labels outside ``torch.compile``; elsewhere it would cost a host sync per call).
         TypeError: non-float ``student_logits``, non-integer ``labels``, ``ignore_index`` not an int.
@@ -847,6 +847,7 @@ def sequence_kd_loss(
         raise TypeError(f"labels must be an integer tensor of token ids, got {getattr(labels, 'dtype', None)}")
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError("student_logits must be (batch, seq, vocab) and labels (batch, seq)")
+    _check_device(student_logits, labels=labels)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_ignore_index(ignore_index)

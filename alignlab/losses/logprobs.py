@@ -94,6 +94,8 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(
             f"logits must be labels.shape + (vocab,): got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
         )
+    if labels.device != logits.device:  # gather raised torch's unnamed device error (or read meta logits)
+        raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -112,7 +114,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
     Raises:
         TypeError: non-float logits or non-integer labels, ``ignore_index`` not an int.
-        ValueError: shapes that do not line up, labels outside ``[0, vocab)`` (checked in eager mode; under
+        ValueError: shapes that do not line up, labels on another device than the logits, labels outside ``[0, vocab)`` (checked in eager mode; under
             ``torch.compile`` the graph has no host read-back and ``gather`` refuses such a label itself).
     """
     _check_logits_labels(logits, labels)
@@ -211,8 +213,8 @@ def sequence_logprobs(
         ``(batch,)`` float32 (float64 for float64 logits).
 
     Raises:
-        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape differs from ``labels`` or that
-            holds anything but bools or 0/1 (0.5, 2, NaN: ValueError); ``average`` not a bool (TypeError).
+        TypeError/ValueError: as :func:`token_logprobs`; a ``mask`` whose shape or device differs from ``labels``
+            or that holds anything but bools or 0/1 (0.5, 2, NaN: ValueError); ``average`` not a bool (TypeError).
     """
     _check_logits_labels(logits, labels)
     average = as_bool(average, "average")
@@ -221,6 +223,8 @@ def sequence_logprobs(
     tok = token_logprobs(logits, labels, ignore_index)
     keep = (labels != ignore_index).to(tok.dtype)
     if mask is not None:
+        if isinstance(mask, torch.Tensor) and mask.device != labels.device:  # before its values are read
+            raise ValueError(f"mask must be on the labels' device {labels.device}, got {mask.device}")
         check_mask_values(mask, "mask")
         if mask.shape != labels.shape:
             raise ValueError(f"mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
