@@ -296,6 +296,8 @@ def scale_grads_(grads, grad_loss: torch.Tensor, factor: torch.Tensor | float = 
     float32 (fp64 for fp64 gradients) and rounded once. Casting the scale to a float16 gradient's dtype first
     made a loss scale of 2**16 (``torch.amp.GradScaler``'s default) inf, and in bfloat16 rounded a scale such
     as 1/3 to 8 bits, a bias shared by the whole gradient. Nothing is done when the product is 1."""
+    if isinstance(factor, torch.Tensor):  # one host read for both
+        grad_loss, factor = grad_loss.double() * factor.to(device=grad_loss.device, dtype=torch.float64), 1.0
     s = float(grad_loss) * float(factor)
     if s == 1.0:
         return list(grads)
