@@ -501,9 +501,16 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     active = set(active_adapters(model))
     for _, layer in adapter_layers(model):
-        for pname, p in layer.named_parameters():
-            if not pname.startswith("base_layer.") and any(f".{n}." in f".{pname}." for n in active):
-                p.requires_grad_(True)
+        # an adapter's tensors sit under its name in the layer's per-adapter dicts; matching the name anywhere in
+        # a parameter's path also caught other components: with adapters "0" and "1", the inactive prefix encoder
+        # "1" trained its transform.0 layer
+        for mname, store in layer.named_modules():
+            if mname == "base_layer" or mname.startswith("base_layer.") or not isinstance(store, (nn.ModuleDict, nn.ParameterDict)):
+                continue
+            for name in active & set(store.keys()):
+                entry = store[name]
+                for p in ([entry] if isinstance(entry, nn.Parameter) else entry.parameters()):
+                    p.requires_grad_(True)
     for _, module in _saved_modules(model):
         for n in module.active_adapters:
             for p in module.modules_to_save[n].parameters():
