@@ -324,6 +324,28 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(p == name or p == last or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _keep_in_fp32(model: nn.Module) -> tuple[str, ...]:
+    """Names a ``transformers`` model (or any of its sub-models) asks to keep in full precision."""
+    names = []
+    for m in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(type(m), attr, None)
+            if isinstance(value, (list, tuple, set)):
+                names.extend(v for v in value if isinstance(v, str))
+    return tuple(dict.fromkeys(names))
+
+
+def _kept(name: str, keep: Iterable[str]) -> bool:
+    """Whether module ``name`` is, or sits inside, an entry of ``keep`` (dotted segments; a trailing
+    ``.weight`` / ``.bias`` names the module holding it), the way ``transformers`` reads those lists."""
+    dotted = f".{name}."
+    for entry in keep:
+        entry = entry.removesuffix(".weight").removesuffix(".bias")
+        if entry and f".{entry}." in dotted:
+            return True
+    return False
+
+
 def quantize_model(
     model: nn.Module,
     skip: Iterable[str] = (),
@@ -345,7 +367,9 @@ def quantize_model(
     ``(out, in)`` matrix, so it computes the same map and its codes are those of that matrix.
 
     The output head (``model.get_output_embeddings()`` for HF models, else a module named
-    ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``. ``skip``
+    ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``. So do the
+    modules a ``transformers`` model lists in ``_keep_in_fp32_modules`` (T5's ``wo``, whose forward
+    reads ``wo.weight.dtype``), as ``transformers`` + ``bitsandbytes`` leave them. ``skip``
     names further modules to leave alone (full dotted name, last component, dotted suffix or an
     ``fnmatch`` pattern); each must match at least one ``nn.Linear``.
 
@@ -385,12 +409,14 @@ def quantize_model(
     if unmatched:
         raise ValueError(f"skip: {unmatched} match no nn.Linear, Conv1D or experts module of the model "
                          "(names, suffixes or fnmatch patterns)")
-    experts = [(name, m) for name, m in experts if not _matches(name, skip)]
+    keep = _keep_in_fp32(model)
+    experts = [(name, m) for name, m in experts if not _matches(name, skip) and not _kept(name, keep)]
     if experts and calibrate is not None:
         raise ValueError(f"calibrate={calibrate!r} is not supported for expert weights (e.g. {experts[0][0]!r}); "
                          "pass skip=['experts'] to keep them dense, or calibrate=None")
     head = set() if quantize_head else _output_head_names(model)
-    targets = [(name, m) for name, m in linears if name not in head and not _matches(name, skip)]
+    targets = [(name, m) for name, m in linears
+               if name not in head and not _matches(name, skip) and not _kept(name, keep)]
     # everything is checked before anything is replaced: a refused module leaves the model as it was
     for name, module in targets + experts:
         try:
