@@ -580,7 +580,7 @@ def _refuse_quantized(ckpts: dict[Path, SafetensorsCheckpoint]) -> None:
             prefix, _, leaf = name.rpartition(".")
             if _mergeable(e.dtype) and _SCALE_LEAF.search(leaf) and prefix in copied_modules:
                 raise ValueError(
-                    f"tensor {name!r} of model {str(p)!r} scales the quantized {e.dtype} tensor "
+                    f"tensor {name!r} of model {str(p)!r} ({e.dtype}) scales the quantized tensor "
                     f"{copied_modules[prefix]!r}, which is {ck.entries[copied_modules[prefix]].dtype}: a merge would "
                     f"merge the scale but copy the quantized values from one model; {_DEQUANTIZE}")
 

@@ -809,7 +809,7 @@ def test_integer_quantized_weight_with_a_float_scale_is_refused(tmp_path):
         write_checkpoint(tmp_path / m, {"q.weight": torch.randint(-127, 128, (4, 8), dtype=torch.int8, generator=g),
                                         "q.weight_scale": torch.rand(4, 1, generator=g),
                                         "position_ids": torch.arange(8)[None]})
-    with pytest.raises(ValueError, match=r"'q.weight_scale' of model .* scales the quantized torch.float32 tensor "
+    with pytest.raises(ValueError, match=r"'q.weight_scale' of model .* \(torch.float32\) scales the quantized tensor "
                                          r"'q.weight', which is torch.int8.*dequantize"):
         merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",)), tmp_path / "out")
     assert _leftovers(tmp_path) == []
