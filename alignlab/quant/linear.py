@@ -245,12 +245,14 @@ class NF4Linear(nn.Module):
         """Put a packed weight back in place (e.g. :attr:`quant_weight` saved earlier); no re-quantization.
 
         Raises:
-            TypeError: ``t`` is not an NF4Tensor.  ValueError: its shape differs from the layer's.
+            TypeError: ``t`` is not an NF4Tensor.  ValueError: its shape differs from the layer's, or its buffers
+            do not fit its shape and blocksize (:meth:`NF4Tensor.validate`: e.g. codes that are not uint8).
         """
         if not isinstance(t, NF4Tensor):
             raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
         if tuple(t.shape) != (self.out_features, self.in_features):
             raise ValueError(f"t must have shape ({self.out_features}, {self.in_features}), got {tuple(t.shape)}")
+        t.validate()  # a broken tensor is refused here, not at the next forward
         self._set_weight(t.to(self.qdata.device))
         return self
 

@@ -167,8 +167,17 @@ class NF4Tensor:
     def num_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
 
-    def to(self, device: torch.device | str) -> "NF4Tensor":
-        """A copy of this tensor with every buffer on ``device``."""
+    def to(self, device: torch.device | str | int) -> "NF4Tensor":
+        """A copy of this tensor with every buffer on ``device``; the buffers keep their dtypes.
+
+        Raises:
+            TypeError: ``device`` is not a device (a ``torch.dtype`` would have turned the uint8 codes and
+                scales into floats: use :meth:`dequantize` for a dense copy in another dtype).
+        """
+        if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+            raise TypeError(f"device must be a torch.device, a device string or index, got {device!r}; an NF4Tensor "
+                            "keeps its packed dtypes (dequantize(dtype) gives a dense copy in another dtype)")
+        device = torch.device(device)
 
         def move(t):
             return None if t is None else t.to(device)
