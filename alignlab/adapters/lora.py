@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
+from alignlab._checks import as_bool, as_python_number, check_positive_int, is_finite_real, is_int
 from alignlab.adapters.base import (AdapterLayer, dense_weight, is_quantized, merge_weight, refuse_float16_merge,
                                     set_dense_weight_)
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
@@ -44,8 +44,15 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """``α/r`` (LoRA) or ``α/√r`` (rsLoRA)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    """``α/r`` (LoRA) or ``α/√r`` (rsLoRA).
+
+    Raises ``ValueError`` unless ``r`` is a positive integer and ``alpha`` a finite number, ``TypeError``
+    if ``use_rslora`` is not a bool (``r=0`` divided by zero, a negative ``r`` flipped the sign of the update).
+    """
+    r = check_positive_int(r, "r")
+    if not is_finite_real(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    return alpha / math.sqrt(r) if as_bool(use_rslora, "use_rslora") else alpha / r
 
 
 def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -435,3 +435,18 @@ def test_numpy_rank_and_alpha_are_python_numbers_inside():
     for bad in (True, np.float32("nan"), float("inf")):
         with pytest.raises((TypeError, ValueError), match="r must|alpha must"):
             LoRALinear(nn.Linear(8, 6), r=2 if bad is not True else bad, alpha=4.0 if bad is True else bad)
+
+
+@pytest.mark.parametrize("r, alpha, use_rslora, error, match", [
+    (0, 8.0, False, ValueError, "r must be a positive integer"),   # was ZeroDivisionError
+    (-4, 8.0, False, ValueError, "r must be a positive integer"),  # was -2.0: the update's sign flipped
+    (-4, 8.0, True, ValueError, "r must be a positive integer"),   # was 'math domain error'
+    (2.5, 8.0, False, ValueError, "r must be a positive integer"),
+    (True, 8.0, False, ValueError, "r must be a positive integer"),
+    (4, float("nan"), False, ValueError, "alpha must be a finite number"),
+    (4, 8.0, "yes", TypeError, "use_rslora"),
+])
+def test_lora_scaling_refuses_bad_arguments(r, alpha, use_rslora, error, match):
+    with pytest.raises(error, match=match):
+        lora_scaling(r, alpha, use_rslora)
+    assert lora_scaling(np.int64(4), np.float32(8.0), np.bool_(True)) == pytest.approx(4.0)
