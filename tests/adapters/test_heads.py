@@ -78,3 +78,10 @@ def test_errors():
         select_heads(model, [], steps=2)
     with pytest.raises(ValueError, match="no attention block"):
         attention_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("scores", [torch.rand(4), torch.rand(2, 3, 4), torch.rand(0, 4)])
+def test_top_heads_refuses_scores_that_are_not_layers_by_heads(scores):
+    # a 1-D vector raised IndexError from scores.shape[1]; a 3-D one came back as wrong (layer, head) pairs
+    with pytest.raises(ValueError, match=r"scores must be a non-empty \(layers, heads\) tensor"):
+        top_heads(scores, 0.5)
