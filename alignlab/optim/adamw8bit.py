@@ -122,7 +122,11 @@ def _fp32_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (on any device), for memory accounting."""
+    """Bytes of every tensor in ``optimizer.state`` (on any device), for memory accounting.
+
+    Raises ``TypeError`` unless ``optimizer`` is a ``torch.optim.Optimizer``."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
                if isinstance(t, torch.Tensor))
 

@@ -577,3 +577,10 @@ def test_a_foreign_state_dict_is_a_named_value_error(make):
     with pytest.raises(ValueError, match="AdamW"):
         opt.load_state_dict(other.state_dict())
     assert not opt.state and opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_state_bytes_refuses_what_is_not_an_optimizer():
+    # a model or a state dict raised AttributeError ("no attribute 'state'") from deep in the sum
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got dict"):
+        state_bytes({"state": {}})
+    assert state_bytes(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)) == 0
