@@ -107,18 +107,6 @@ class ShardableNF4Linear(NF4Linear):
         ours = (prefix + "qdata", prefix + "qabsmax")  # read from bitsandbytes' keys, not under these names
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in ours]
 
-    def _apply(self, fn, recurse=True):
-        # the uint8 parameters survive nn.Module._apply (only floating-point tensors change dtype);
-        # the float buffers keep their dtype as in NF4Linear
-        saved = {n: self._buffers[n] for n in _NAMES if n in self._buffers}
-        for name in saved:
-            self._buffers[name] = None
-        nn.Module._apply(self, fn, recurse)
-        probe = fn(torch.empty(0, device=self._tensor("qdata").device))
-        for name, buf in saved.items():
-            self._buffers[name] = None if buf is None else buf.to(probe.device)
-        return self
-
 
 class ShardableNF4Experts(NF4Experts):
     """An :class:`~alignlab.quant.experts.NF4Experts` whose uint8 stacks are frozen parameters (FSDP2 shards

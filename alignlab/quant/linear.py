@@ -263,8 +263,10 @@ class NF4Linear(nn.Module):
     # -- device moves keep the quantization buffers' dtypes ---------------------------------------
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0, device=self.qdata.device))  # .to() out of meta raises here, as torch does
-        saved = {name: getattr(self, name) for name in _BUFFERS}
-        for name in _BUFFERS:
+        # the quantization tensors held as buffers (ShardableNF4Linear holds its uint8 ones as parameters, which
+        # nn.Module._apply moves and never casts)
+        saved = {name: self._buffers[name] for name in _BUFFERS if name in self._buffers}
+        for name in saved:
             self._buffers[name] = None
         try:
             super()._apply(fn, recurse)
