@@ -218,16 +218,16 @@ class NF4Tensor:
         missing = {"data", "absmax", "meta"} - set(sd)
         if missing:
             raise ValueError(f"NF4 state dict is missing keys {sorted(missing)}")
-        meta = json.loads(bytes(sd["meta"].cpu().tolist()).decode("utf-8"))
+        meta, shape, blocksize = _read_meta(sd["meta"], "meta")
         nested = sd.get("nested_absmax")
         if nested is not None and "nested_offset" not in sd:
             raise ValueError("NF4 state dict has nested_absmax but no nested_offset")
         t = cls(
             data=sd["data"],
             absmax=sd["absmax"],
-            shape=torch.Size(meta["shape"]),
-            dtype=_meta_dtype(meta["dtype"]),
-            blocksize=int(meta["blocksize"]),
+            shape=shape,
+            dtype=_meta_dtype(meta.get("dtype")),
+            blocksize=blocksize,
             nested_absmax=nested,
             nested_offset=None if nested is None else sd["nested_offset"].reshape(()),
             shift=sd.get("shift"),
@@ -273,6 +273,24 @@ def _meta_dtype(name) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype in the NF4 metadata must name a torch dtype, got {name!r}")
     return dtype
+
+
+def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
+    """The JSON metadata dict in ``blob`` (uint8 bytes) with its ``shape`` and ``blocksize``; ``ValueError`` naming
+    ``where`` for a blob that is not such a dict (missing keys, a shape that is not a list of integers)."""
+    meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("shape", "blocksize") if k not in meta]
+    if missing:
+        raise ValueError(f"{where} has no {missing}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    blocksize = meta["blocksize"]
+    if not is_int(blocksize):
+        raise ValueError(f"{where}: blocksize must be an integer, got {blocksize!r}")
+    return meta, torch.Size(shape), int(blocksize)
 
 
 def _check_blocksize(blocksize: int) -> int:
@@ -540,7 +558,7 @@ def nf4_from_bnb_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "weigh
         if other:
             raise ValueError(f"only NF4 weights are supported, found {other}")
         raise ValueError(f"bitsandbytes state dict is missing keys {missing}")
-    meta = json.loads(bytes(sd[f"{prefix}.{_QS_KEY}"].cpu().tolist()).decode("utf-8"))
+    meta, shape, blocksize = _read_meta(sd[f"{prefix}.{_QS_KEY}"], f"{prefix}.{_QS_KEY}")
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"quant_type must be 'nf4', got {meta.get('quant_type')!r}")
     data = sd[prefix]
@@ -558,9 +576,9 @@ def nf4_from_bnb_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "weigh
     t = NF4Tensor(
         data=data.reshape(-1).contiguous() if data.dtype == torch.uint8 else data.reshape(-1).contiguous().view(torch.uint8),
         absmax=sd[f"{prefix}.absmax"],
-        shape=torch.Size(meta["shape"]),
+        shape=shape,
         dtype=_meta_dtype(meta.get("dtype")),
-        blocksize=int(meta["blocksize"]),
+        blocksize=blocksize,
         nested_absmax=nested,
         nested_offset=None
         if nested is None
