@@ -464,6 +464,24 @@ class NF4Experts(nn.Module):
         return out.index_add(0, perm // k, y.to(hidden_states.dtype))
 
     # -- device moves keep the quantization buffers' dtypes ---------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # uint8 scale codes (double quantization) and fp32 scales have the same shape: copy_ would cast one into the
+        # other (with strict=False only the nested keys were reported, and the block's output came out wrong)
+        bad = []
+        for name, meta in self._meta.items():
+            key = f"{prefix}{name}_qabsmax"
+            theirs = state_dict.get(key)
+            if isinstance(theirs, torch.Tensor) and theirs.dtype != (torch.uint8 if meta[3] else torch.float32):
+                bad.append(f"{key}: the checkpoint holds {theirs.dtype} block scales (double_quant="
+                           f"{theirs.dtype == torch.uint8}), this module was quantized with double_quant={meta[3]}; "
+                           "quantize the model with the checkpoint's double_quant before loading it")
+        if bad:
+            error_msgs.extend(bad)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         names = [f"{n}_{p}" for n in self._meta for p in _PARTS if f"{n}_{p}" in self._buffers]
         saved = {name: self._buffers[name] for name in names}
