@@ -350,6 +350,13 @@ def _kept(name: str, keep: Iterable[str]) -> bool:
     return False
 
 
+def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
+    """Set ``module`` under each dotted name in ``names``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def quantize_model(
     model: nn.Module,
     skip: Iterable[str] = (),
@@ -409,18 +416,26 @@ def quantize_model(
                          "inject, so that the adapters wrap the NF4 layers")
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m)]
     experts = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
-    unmatched = [p for p in skip if not any(_matches(name, (p,)) for name, _ in linears + experts)]
+    # a module reachable under several names (one layer shared by two blocks) is one module: it is quantized
+    # once, only if every one of its names qualifies, and the NF4 layer is put back under all of them
+    aliases: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    unmatched = [p for p in skip if not any(_matches(n, (p,)) for _, m in linears + experts for n in aliases[id(m)])]
     if unmatched:
         raise ValueError(f"skip: {unmatched} match no nn.Linear, Conv1D or experts module of the model "
                          "(names, suffixes or fnmatch patterns)")
     keep = _keep_in_fp32(model)
-    experts = [(name, m) for name, m in experts if not _matches(name, skip) and not _kept(name, keep)]
+
+    def leave(module: nn.Module, dense_names: set) -> bool:
+        return any(n in dense_names or _matches(n, skip) or _kept(n, keep) for n in aliases[id(module)])
+
+    experts = [(name, m) for name, m in experts if not leave(m, set())]
     if experts and calibrate is not None:
         raise ValueError(f"calibrate={calibrate!r} is not supported for expert weights (e.g. {experts[0][0]!r}); "
                          "pass skip=['experts'] to keep them dense, or calibrate=None")
     head = set() if quantize_head else _output_head_names(model)
-    targets = [(name, m) for name, m in linears
-               if name not in head and not _matches(name, skip) and not _kept(name, keep)]
+    targets = [(name, m) for name, m in linears if not leave(m, head)]
     # everything is checked before anything is replaced: a refused module leaves the model as it was
     for name, module in targets + experts:
         try:
@@ -430,7 +445,8 @@ def quantize_model(
                 check_quantizable(module.weight, "weight")
         except (TypeError, ValueError) as e:  # e.g. a NaN in one weight of many: say which
             raise type(e)(f"{name}: {e}") from e
-    for name, lin in targets:
+    for name, module in targets:
+        lin = module
         if is_conv1d(lin):  # quantize the (out, in) matrix; from_linear reads only .weight and .bias
             lin = SimpleNamespace(weight=lin.weight.detach().T.contiguous(), bias=lin.bias)
         try:
@@ -438,15 +454,12 @@ def quantize_model(
                                       compute_dtype=compute_dtype, calibrate=calibrate)
         except ValueError as e:  # e.g. a NaN in one weight of many: say which
             raise ValueError(f"{name}: {e}") from e
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, q)
+        _put(model, aliases[id(module)], q)
     for name, module in experts:
         try:
             q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
                                         compute_dtype=compute_dtype)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        _put(model, aliases[id(module)], q)
     return model
