@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import warnings
 from types import SimpleNamespace
 from typing import Iterable
 
@@ -350,6 +351,35 @@ def _kept(name: str, keep: Iterable[str]) -> bool:
     return False
 
 
+def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Warn where a weight to quantize is tied to a tensor of another module (``quantize_head=True`` on a model
+    whose ``lm_head`` shares the input embedding): the NF4 layer holds its own copy, so the tie is gone, and
+    ``config.tie_word_embeddings`` is set to False, else ``transformers``' ``tie_weights()`` would hang the dense
+    table on the NF4 layer as an unused ``weight`` parameter."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    done = {id(m) for _, m in targets}
+    tied = []
+    for name, module in targets:
+        weight = getattr(module, "weight", None)
+        others = [o for o in owners.get(id(weight), []) if o.rpartition(".")[0] not in (name, "")
+                  and id(model.get_submodule(o.rpartition(".")[0])) not in done]
+        if others:
+            tied.append(f"{name}.weight (tied to {others})")
+    if not tied:
+        return
+    warnings.warn(f"quantize_model: {', '.join(tied)}: the NF4 layer gets its own copy, so the tie is broken (the "
+                  "other module keeps the dense tensor, and config.tie_word_embeddings is set to False)", stacklevel=3)
+    configs = [getattr(model, "config", None)]
+    get_text = getattr(configs[0], "get_text_config", None)
+    if callable(get_text):
+        configs.append(get_text())
+    for config in configs:
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
 def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
     """Set ``module`` under each dotted name in ``names``."""
     for name in names:
@@ -445,6 +475,7 @@ def quantize_model(
                 check_quantizable(module.weight, "weight")
         except (TypeError, ValueError) as e:  # e.g. a NaN in one weight of many: say which
             raise type(e)(f"{name}: {e}") from e
+    _untie_quantized(model, targets)
     for name, module in targets:
         lin = module
         if is_conv1d(lin):  # quantize the (out, in) matrix; from_linear reads only .weight and .bias

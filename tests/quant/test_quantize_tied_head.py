@@ -1,0 +1,41 @@
+"""quantize_model(quantize_head=True) on a model whose lm_head shares the input embedding: it warns that the tie
+is broken and unties the config, so transformers' tie_weights() no longer hangs the dense table on the NF4 head."""
+
+import warnings
+
+import pytest
+import torch
+
+from alignlab.quant import NF4Linear, quantize_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(tie: bool):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_quantizing_a_tied_head_warns_and_unties():
+    torch.manual_seed(0)
+    model = _llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match=r"lm_head.weight \(tied to \['model.embed_tokens.weight'\]\)"):
+        quantize_model(model, quantize_head=True, compute_dtype=torch.float32)
+    assert isinstance(model.lm_head, NF4Linear) and not model.config.tie_word_embeddings
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+    model.tie_weights()  # registered the embedding as an unused 'weight' parameter of the NF4 head
+    assert "weight" not in model.lm_head._parameters
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, y)
+
+
+def test_untied_or_kept_heads_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(_llama(tie=False), quantize_head=True)
+        model = quantize_model(_llama(tie=True))  # the head stays dense: still tied
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
