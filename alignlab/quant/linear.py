@@ -380,6 +380,21 @@ def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> 
             config.tie_word_embeddings = False
 
 
+def _no_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence keeps ``nn.TransformerEncoderLayer`` off its fused
+    inference path, which hands ``linear1.weight`` / ``linear2.weight`` to one native kernel (an NF4Linear
+    has no dense ``.weight``: every eval forward raised AttributeError)."""
+    return None
+
+
+def _keep_encoder_layers_off_fast_path(model: nn.Module) -> None:
+    for m in model.modules():
+        if (isinstance(m, nn.TransformerEncoderLayer)
+                and any(isinstance(getattr(m, n, None), NF4Linear) for n in ("linear1", "linear2"))
+                and _no_fast_path not in m._forward_pre_hooks.values()):
+            m.register_forward_pre_hook(_no_fast_path)
+
+
 def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
     """Set ``module`` under each dotted name in ``names``."""
     for name in names:
@@ -493,4 +508,5 @@ def quantize_model(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
         _put(model, aliases[id(module)], q)
+    _keep_encoder_layers_off_fast_path(model)
     return model
