@@ -53,12 +53,16 @@ class _NF4LinearFn(torch.autograd.Function):
     """``y = x W^T + b`` with ``W`` frozen NF4; saves only references to the packed weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
         from alignlab.kernels.nf4_matmul import nf4_matmul  # kernels import alignlab.quant.nf4
 
+        return nf4_matmul(x, t, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # a separate setup_context: torch.func.grad / jacrev take it
+        _, bias, t = inputs
         ctx.t = t
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
-        return nf4_matmul(x, t, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
