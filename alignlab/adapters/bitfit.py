@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, is_linear_like, is_quantized, linear_features, refuse_float16_merge
-from alignlab.adapters.config import check_target_spec, name_matches
+from alignlab.adapters.config import check_target_spec, matching_entry, name_matches
 from alignlab.adapters.inject import _output_head_names, layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -167,9 +167,9 @@ class BitFitConfig:
                 module = module.base_layer
             excluded = self.exclude_modules is not None and name_matches(self.exclude_modules, name)
             if _bias_size(module) is None:
-                if isinstance(self.target_modules, list) and name_matches(self.target_modules, name) and not excluded:
+                entry = matching_entry(self.target_modules, name) if isinstance(self.target_modules, list) else None
+                if entry is not None and not excluded:
                     # named on purpose and silently dropped while another entry matched (e.g. Llama's RMSNorm)
-                    entry = next(t for t in self.target_modules if name == t or name.endswith("." + t))
                     raise ValueError(f"target_modules entry {entry!r} selects {name!r}, a {type(module).__name__} "
                                      "without a bias parameter, which BitFit cannot train (it offsets a module's bias, "
                                      "or adds one to a bias-free linear); name modules with a bias or linears instead")

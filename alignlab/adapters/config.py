@@ -249,4 +249,9 @@ def name_matches(spec: str | list[str], name: str) -> bool:
     """Whether a dotted module name matches a regex string (full match) or a list of names/suffixes."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
+    return matching_entry(spec, name) is not None
+
+
+def matching_entry(names: list[str], name: str) -> str | None:
+    """The first entry of a list of names/suffixes that selects the dotted module ``name``, else None."""
+    return next((t for t in names if name == t or name.endswith("." + t)), None)

@@ -20,7 +20,7 @@ from torch import nn
 
 from alignlab._checks import check_finite_number
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
-from alignlab.adapters.config import LoRAConfig, name_matches, pattern_matches, saved_module_matches
+from alignlab.adapters.config import LoRAConfig, matching_entry, name_matches, pattern_matches, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
 
@@ -150,10 +150,9 @@ def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -
         if isinstance(module, (AdapterLayer, SavedModule)) or name in adaptable:
             skip.append(name)
             continue
-        if not name_matches(config.target_modules, name) or (
-                config.exclude_modules is not None and name_matches(config.exclude_modules, name)):
+        entry = matching_entry(config.target_modules, name)
+        if entry is None or (config.exclude_modules is not None and name_matches(config.exclude_modules, name)):
             continue
-        entry = next(t for t in config.target_modules if name == t or name.endswith("." + t))
         kinds = "nn.Linear, NF4Linear, transformers' Conv1D" + (
             ", nn.Embedding" if getattr(config, "adapts_embeddings", False) else "")
         raise ValueError(f"target_modules entry {entry!r} selects {name!r}, a {type(module).__name__}, which "
