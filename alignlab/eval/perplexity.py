@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import is_int
+from alignlab.data.packing import packed_attention_mask
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["negative_log_likelihood", "perplexity"]
@@ -106,9 +107,7 @@ def _check_packed_mask(mask: torch.Tensor, position_ids: torch.Tensor | None, sh
                          f"{(shape[0], 1, shape[1], shape[1])}, got {tuple(mask.shape)}")
     allowed = mask[:, 0].to(position_ids.device)
     allowed = allowed == 0 if allowed.is_floating_point() else allowed.to(torch.bool)  # additive or bool
-    segment = (position_ids == 0).long().cumsum(1)
-    causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=segment.device).tril()
-    if not torch.equal(allowed, (segment[:, :, None] == segment[:, None, :]) & causal):
+    if not torch.equal(allowed, packed_attention_mask(position_ids, device=position_ids.device)[:, 0]):
         raise ValueError(
             "batches: the 4-D 'attention_mask' is not the block-diagonal causal mask of the 'position_ids' "
             "(each sample attending to itself, samples starting where the positions restart at 0)"
