@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import is_int
-from alignlab.data.packing import packed_attention_mask
+from alignlab.data.packing import cu_seq_lens_from_position_ids, packed_attention_mask
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["negative_log_likelihood", "perplexity"]
@@ -121,14 +121,13 @@ def _split_packed(input_ids, mask, labels, position_ids, ignore_index: int):
     lengths = mask.sum(1).tolist()
     segments = []
     for b, n in enumerate(lengths):
-        pos = position_ids[b, :n]
-        if (n and int(pos[0]) != 0) or bool(((pos[1:] != 0) & (pos[1:] != pos[:-1] + 1)).any()):
-            raise ValueError(
-                f"batches: 'position_ids' row {b} must count 0, 1, 2, ... over the real tokens of each packed "
-                f"sample and restart at 0 at the next, got {pos.tolist()[:32]}"
-            )
-        starts = torch.nonzero(pos == 0).flatten().tolist() + [n]
-        for s, e in zip(starts[:-1], starts[1:]):
+        if not n:
+            continue
+        try:  # the sample boundaries of the real tokens, which must count 0, 1, 2, ... and restart at 0
+            bounds = cu_seq_lens_from_position_ids(position_ids[b, :n]).tolist()
+        except ValueError as err:
+            raise ValueError(f"batches: 'position_ids' row {b} (over its real tokens): {err}") from None
+        for s, e in zip(bounds[:-1], bounds[1:]):
             if bool((labels[b, s + 1:e] != ignore_index).any()):
                 segments.append((b, s, e))
     width = max((e - s for _, s, e in segments), default=0)
