@@ -398,8 +398,8 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
 
     The TIES "trim" step. Ties at the threshold are broken by position (the
     earlier element wins), i.e. the order of a stable descending sort; the
-    selection itself runs in O(n) with ``kthvalue``. ``density >= 1`` keeps
-    everything, ``density <= 0`` nothing.
+    selection itself runs in O(n) with ``kthvalue``. ``density = 1`` keeps
+    everything, ``density = 0`` nothing.
 
     Args:
         delta: a task vector, any shape (``n`` elements).
@@ -409,9 +409,12 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
         A ``bool`` tensor shaped like ``delta``.
 
     Raises:
-        ValueError: ``density`` is not a finite number (NaN has no rank to keep).
+        ValueError: ``density`` is not a finite number (NaN has no rank to keep)
+            or lies outside [0, 1] (a percentage such as 20 would keep everything).
     """
     density = _number(density, "density")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
     n = delta.numel()
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
@@ -497,28 +500,6 @@ def della_mask(
     keep_prob = (density - epsilon) + 2.0 * epsilon * rank01
     mask = torch.bernoulli(keep_prob, generator=generator).bool()
     return mask.reshape(delta.shape), keep_prob.reshape(delta.shape)
-
-
-def _rescale(delta: Tensor, kept: Tensor, rescale: Rescale | None, keep_prob) -> Tensor:
-    """Zero the dropped entries of ``delta`` and rescale what is left."""
-    out = torch.where(kept, delta, 0.0)
-    if rescale is None:
-        return out
-    if rescale == "inverse":
-        return out / keep_prob
-    if rescale == "l1":
-        before, after = delta.abs().sum(), out.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return out
-        return out * (before / after)
-    raise ValueError(f"rescale must be None, 'inverse' or 'l1', got {rescale!r}")
-
-
-def _deltas(base: Tensor, models: Sequence[Tensor]) -> list[Tensor]:
-    wd = _work_dtype(base)
-    b = base.to(wd)
-    # sub promotes the 16-bit operand element by element: same values as m.to(wd) - b, one pass fewer
-    return [torch.sub(m, b) if m.dtype != wd else m - b for m in models]
 
 
 @torch.no_grad()

@@ -119,6 +119,9 @@ def test_magnitude_mask_ties_broken_by_position():
     assert mask.tolist() == [False, True, True, False, True, False]
     assert M.magnitude_mask(d, 0.0).sum() == 0 and M.magnitude_mask(d, 1.0).all()
     assert M.magnitude_mask(d, 0.01).sum() == 1  # at least one element survives a positive density
+    for bad in (1.5, 20, -0.1):  # a percentage or a sign slip is refused, not clamped to keep all / nothing
+        with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+            M.magnitude_mask(d, bad)
 
 
 def test_slerp_formula_and_endpoints():
