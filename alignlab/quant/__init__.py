@@ -2,7 +2,7 @@
 (and the frozen NF4 experts of mixture-of-experts blocks)."""
 
 from alignlab.quant.experts import NF4Experts
-from alignlab.quant.linear import NF4Linear, quantize_model
+from alignlab.quant.linear import DequantizedWeight, NF4Linear, quantize_model
 from alignlab.quant.nf4 import (
     NF4Tensor,
     nf4_dequantize,
@@ -12,6 +12,7 @@ from alignlab.quant.nf4 import (
 )
 
 __all__ = [
+    "DequantizedWeight",
     "NF4Experts",
     "NF4Linear",
     "NF4Tensor",

@@ -38,7 +38,7 @@ from alignlab.quant.nf4 import (
     nf4_to_bnb_state_dict,
 )
 
-__all__ = ["NF4Linear", "quantize_model"]
+__all__ = ["DequantizedWeight", "NF4Linear", "quantize_model"]
 
 # Eager decode launchers (NF4Linear.forward, _keep_launcher): on by default since measured on an H200 (issue 24,
 # benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32 instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0
@@ -71,6 +71,47 @@ class _NF4LinearFn(torch.autograd.Function):
         dx = nf4_matmul_t(dy, ctx.t) if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.bias_needs_grad else None
         return dx, db, None
+
+
+class DequantizedWeight(torch.Tensor):
+    """Read-only stand-in for a quantized layer's ``.weight``: the dense weight, rebuilt from the NF4 codes on use.
+
+    Model code reads a linear's weight directly: T5 / NLLB-MoE / SeamlessM4T cast their input to
+    ``fc.weight.dtype`` in every forward, Mamba computes ``dt_proj.weight @ x``. This tensor reports the shape,
+    dtype (the dtype of the weight that was quantized) and device of that dense weight at no cost, and any
+    operation on it first dequantizes the whole matrix (a temporary, never kept, no gradient). Writing into it
+    (``w.add_(d)``, ``w.data.copy_(...)``, ``init.normal_(w)``) raises ``RuntimeError``: the codes would not
+    change, so a silent no-op is refused; :meth:`NF4Linear.load_dense_weight_` re-quantizes a new weight.
+    """
+
+    @staticmethod
+    def __new__(cls, t: NF4Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, t.shape, dtype=t.dtype, device=t.data.device,
+                                                   requires_grad=False)
+
+    def __init__(self, t: NF4Tensor) -> None:
+        self.nf4 = t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"DequantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, NF4)"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if isinstance(value, cls) and arg.alias_info is not None and arg.alias_info.is_write:
+                raise RuntimeError(f"{func.__name__}: a quantized layer's .weight is a read-only view of its NF4 "
+                                   "codes (writing into it would change nothing); use "
+                                   "NF4Linear.load_dense_weight_ to re-quantize a new weight")
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return cls(args[0].nf4)  # .data / .detach() stay views, so a later write is refused too
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
+        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: nf4_dequant(w.nf4, w.dtype), (args, kwargs))
+        return func(*args, **kwargs)
 
 
 class NF4Linear(nn.Module):
@@ -130,6 +171,8 @@ class NF4Linear(nn.Module):
             TypeError: ``linear`` has no tensor ``weight`` or an unsupported dtype; ``double_quant`` is not a bool (a NumPy bool is one).
             ValueError: the weight is not 2-D or has NaN or inf, or ``blocksize`` is not a power of two in 32..4096.
         """
+        if isinstance(linear, NF4Linear):  # its .weight is the dequantized view: quantizing it again only loses
+            raise TypeError("linear is already an NF4Linear; its quantization is kept as it is")
         w = getattr(linear, "weight", None)
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"linear must have a tensor .weight, got {type(linear).__name__}")
@@ -169,6 +212,13 @@ class NF4Linear(nn.Module):
             )
             self.__dict__["_quant_weight"] = t
         return t
+
+    @property
+    def weight(self) -> DequantizedWeight:
+        """The dense weight ``(out_features, in_features)`` for model code that reads ``layer.weight``, as a
+        :class:`DequantizedWeight`: shape, dtype (the quantized weight's own) and device for free, values
+        dequantized on use, writes refused. (bitsandbytes exposes its packed codes here instead.)"""
+        return DequantizedWeight(self.quant_weight)
 
     # -- the adapter contract -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

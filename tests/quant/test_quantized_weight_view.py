@@ -1,0 +1,88 @@
+"""``NF4Linear.weight``: a read-only dense view of the NF4 codes, for model code that reads a linear's weight.
+
+Before it existed, NLLB-MoE / SeamlessM4T (``self.fc2.weight.dtype`` in every feed-forward) and Mamba
+(``self.dt_proj.weight @ time_step``) raised ``AttributeError: 'NF4Linear' object has no attribute 'weight'``
+on their first forward after ``quantize_model``.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from alignlab.quant import DequantizedWeight, NF4Linear, quantize_model
+from alignlab.quant.nf4 import nf4_dequantize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_view_reports_the_dense_weight_and_dequantizes_on_use(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40).to(dtype)
+    q = NF4Linear.from_linear(lin)
+    w = q.weight
+    assert isinstance(w, torch.Tensor) and isinstance(w, DequantizedWeight)
+    assert (w.shape, w.dtype, w.device, w.requires_grad) == (torch.Size([40, 96]), dtype, torch.device("cpu"), False)
+    want = nf4_dequantize(q.quant_weight, dtype)  # the pure-PyTorch reference
+    torch.testing.assert_close(w + 0, want, rtol=0, atol=0)
+    x = torch.randn(5, 96, dtype=dtype)
+    torch.testing.assert_close(x @ w.t(), x @ want.t(), rtol=0, atol=0)
+    assert type(w.clone()) is torch.Tensor and w.float().dtype == torch.float32  # results are plain tensors
+    assert isinstance(w.data, DequantizedWeight) and isinstance(w.detach(), DequantizedWeight)
+    assert "NF4" in repr(w)
+
+
+def test_writes_into_the_view_are_refused():
+    q = NF4Linear.from_linear(nn.Linear(64, 32))
+    before = q.qdata.clone()
+    w = q.weight
+    writes = [lambda: w.add_(1.0), lambda: w.data.zero_(), lambda: w.detach().copy_(torch.zeros(32, 64)),
+              lambda: nn.init.normal_(w), lambda: torch.mul(torch.ones(32, 64), 2.0, out=w)]
+    for write in writes:
+        with pytest.raises(RuntimeError, match="read-only view"):
+            write()
+    assert torch.equal(q.qdata, before)
+
+
+def test_from_linear_refuses_an_already_quantized_layer():
+    q = NF4Linear.from_linear(nn.Linear(64, 32))
+    with pytest.raises(TypeError, match="already an NF4Linear"):
+        NF4Linear.from_linear(q)  # its .weight is a tensor now: quantizing it again would only lose precision
+
+
+def _dense_oracle(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``model`` with each linear that ``quantized`` holds in NF4 given the dequantized weight instead."""
+    dense = copy.deepcopy(model)
+    for name, module in quantized.named_modules():
+        if isinstance(module, NF4Linear):
+            dense.get_submodule(name).weight.data.copy_(nf4_dequantize(module.quant_weight, torch.float32))
+    return dense
+
+
+def _mamba():
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                   intermediate_size=64, use_mambapy=False)
+    return transformers.MambaForCausalLM(cfg), {}
+
+
+def _nllb_moe():
+    cfg = transformers.NllbMoeConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, num_experts=4, expert_capacity=8)
+    return transformers.NllbMoeForConditionalGeneration(cfg), {"decoder_input_ids": torch.randint(3, 60, (2, 5))}
+
+
+@pytest.mark.parametrize("build", [_mamba, _nllb_moe], ids=["mamba", "nllb-moe"])
+def test_models_that_read_a_linear_weight_run_quantized(build):
+    torch.manual_seed(0)
+    model, extra = build()
+    model.eval()
+    quantized = quantize_model(copy.deepcopy(model), compute_dtype=torch.float32)
+    assert any(isinstance(m, NF4Linear) for m in quantized.modules())
+    dense = _dense_oracle(model, quantized)
+    ids = torch.randint(3, 60, (2, 7))
+    with torch.no_grad():
+        got = quantized(input_ids=ids, **extra).logits  # raised AttributeError: no attribute 'weight'
+        want = dense(input_ids=ids, **extra).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
