@@ -97,6 +97,10 @@ class DequantizedWeight(torch.Tensor):
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"DequantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, NF4)"
 
+    def data_ptr(self) -> int:  # a Triton kernel handed this tensor asks for its memory, which does not exist
+        raise RuntimeError("a quantized layer's .weight has no memory of its own (a view of NF4 codes): pass "
+                           "layer.dequantize() to code that needs a dense tensor in memory, such as a kernel")
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -31,6 +31,8 @@ def test_view_reports_the_dense_weight_and_dequantizes_on_use(dtype):
     assert type(w.clone()) is torch.Tensor and w.float().dtype == torch.float32  # results are plain tensors
     assert isinstance(w.data, DequantizedWeight) and isinstance(w.detach(), DequantizedWeight)
     assert "NF4" in repr(w)
+    with pytest.raises(RuntimeError, match=r"layer\.dequantize\(\)"):
+        w.data_ptr()  # what a Triton launch asks for: named, not "tensor that doesn't have storage"
 
 
 def test_writes_into_the_view_are_refused():
