@@ -24,7 +24,8 @@
 
 Both live on a wrapper of the input embedding (:class:`SoftPromptEmbedding`, an
 :class:`AdapterLayer`, so ``disabled()``/``set_adapter``/trainable marking work) and a
-forward pre-hook on the backbone (an HF task model's ``base_model``, so a direct
+forward pre-hook on the backbone (the innermost module above the embedding taking ``inputs_embeds`` and
+``attention_mask``: an HF task model's ``base_model``, or the decoder stack OPT calls directly; so a direct
 ``model.model(...)`` call for hidden states gets the prompts too) that rewrites the call's
 ``input_ids``/``inputs_embeds``/``attention_mask``/``token_type_ids`` and the KV cache
 (``cache`` or the older ``past_key_values``, whichever the call uses; see
@@ -304,10 +305,32 @@ def _label_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    """The module whose forward embeds the input ids: an HF task model's ``base_model`` (``model.model`` of a
-    ``LlamaForCausalLM``), which the fused losses call directly for hidden states, else ``model`` itself."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) and base is not model and _holder(base) is not None else model
+    """The module whose forward embeds the input ids: the innermost module above the input embedding whose forward
+    takes ``inputs_embeds`` and ``attention_mask`` (``model.model`` of a ``LlamaForCausalLM``, which the fused losses
+    call directly for hidden states; ``model.model.decoder`` of an ``OPTForCausalLM`` or a ``BartForCausalLM``,
+    whose task heads call that decoder directly, so a hook on ``base_model`` never ran there and the prompt was
+    silently left out), else ``model`` itself."""
+    holder = next((n for n, m in model.named_modules() if isinstance(m, SoftPromptEmbedding)), None)
+    if holder is None:
+        return model
+    parts = holder.split(".")
+    for depth in range(len(parts) - 1, 0, -1):  # innermost ancestor first; the root is the fallback
+        module = model.get_submodule(".".join(parts[:depth]))
+        if _embeds_and_masks(module):
+            return module
+    return model
+
+
+def _embeds_and_masks(module: nn.Module) -> bool:
+    """Whether ``module.forward`` declares ``inputs_embeds`` and ``attention_mask`` (a backbone or decoder stack; an
+    embeddings block such as BERT's takes no mask)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "inputs_embeds" in params and "attention_mask" in params
 
 
 def _attach_hook(model: nn.Module) -> None:
