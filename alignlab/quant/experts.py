@@ -81,9 +81,12 @@ class _SortedNF4Linear(torch.autograd.Function):
     """``W_e x`` for rows sorted by expert; saves only the packed weights, re-dequantizes in the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, experts: "NF4Experts", name: str, spans: list) -> torch.Tensor:
-        ctx.experts, ctx.name, ctx.spans = experts, name, spans
+    def forward(x: torch.Tensor, experts: "NF4Experts", name: str, spans: list) -> torch.Tensor:
         return experts._sorted_matmul(x, name, spans, transpose=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # a separate setup_context: torch.func.grad / vjp take it
+        _, ctx.experts, ctx.name, ctx.spans = inputs
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

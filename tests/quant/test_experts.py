@@ -421,3 +421,18 @@ def test_torch_compile_fullgraph_of_qlora_on_experts_equals_eager():
     assert any("experts" in n for n in g_ours)
     for n in g_eager:
         torch.testing.assert_close(g_ours[n], g_eager[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_torch_func_grad_and_vjp_through_quantized_experts(kind):
+    """torch.func.grad / vjp raised RuntimeError ("must override the setup_context staticmethod") on the
+    experts' autograd Function; now they give the input gradient that autograd gives."""
+    q = NF4Experts.from_experts(_experts(tiny_moe(kind)), compute_dtype=torch.float32)
+    x, idx, w = _routing()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    xa = x.clone().requires_grad_()
+    q(xa, idx, w).backward(g)
+    got = torch.func.grad(lambda t: (q(t, idx, w) * g).sum())(x.clone())
+    torch.testing.assert_close(got, xa.grad, rtol=1e-5, atol=1e-6)
+    _, pull = torch.func.vjp(lambda t: q(t, idx, w), x.clone())
+    torch.testing.assert_close(pull(g)[0], xa.grad, rtol=1e-5, atol=1e-6)
