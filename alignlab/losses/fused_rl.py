@@ -270,6 +270,49 @@ def _token_input(name, t, like_shape, padded_index, n_pad, packed, device):
     return flat.new_zeros(n_pad).index_copy(0, padded_index, flat)
 
 
+def _check_bias(name: str, b, weight: torch.Tensor) -> None:
+    """A head's bias: None, or a ``(vocab,)`` tensor in the head weight's dtype."""
+    if b is None:
+        return
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(b).__name__}")
+    if b.shape != (weight.shape[0],) or b.dtype != weight.dtype:
+        raise ValueError(f"{name} must be ({weight.shape[0]},) in {weight.dtype}, got {tuple(b.shape)} in {b.dtype}")
+
+
+def _check_reference_head(hidden, lm_head_weight, ref_hidden, ref_weight, ref_bias) -> None:
+    """``ref_hidden`` and the head that scores it (``ref_weight``, default the policy's, and ``ref_bias``).
+
+    A reference head without ``ref_hidden`` was ignored without a word; an integer ``ref_weight`` turned the
+    reference hidden states into integers (they are cast to the head's dtype) and a wrong-sized one failed inside
+    a matmul without naming it.
+    """
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight/ref_bias score ref_hidden, the reference hidden states, which was not given: "
+                             "pass ref_hidden too, or drop them")
+        return
+    if not isinstance(ref_hidden, torch.Tensor) or not ref_hidden.is_floating_point():
+        raise TypeError(f"ref_hidden must be a floating-point tensor, got "
+                        f"{getattr(ref_hidden, 'dtype', type(ref_hidden).__name__)}")
+    if ref_hidden.shape != hidden.shape:
+        raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
+    if ref_weight is not None:
+        if not isinstance(ref_weight, torch.Tensor) or not ref_weight.is_floating_point():
+            raise TypeError(f"ref_weight must be a floating-point tensor, got "
+                            f"{getattr(ref_weight, 'dtype', type(ref_weight).__name__)}")
+        if ref_weight.dim() != 2 or ref_weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"ref_weight must be (vocab, hidden={hidden.shape[-1]}), got {tuple(ref_weight.shape)}")
+    _check_bias("ref_bias", ref_bias, lm_head_weight if ref_weight is None else ref_weight)
+
+
+def _check_devices(hidden: torch.Tensor, **tensors) -> None:
+    """``ValueError`` naming the first given tensor that is not on ``hidden``'s device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+
+
 def fused_linear_grpo(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -329,11 +372,13 @@ def fused_linear_grpo(
         ``(loss, metrics)`` as ``grpo_loss``; gradients reach ``hidden``, ``lm_head_weight`` and ``bias``.
 
     Raises:
-        TypeError: non-float hidden/weight, integer ids of the wrong kind, dtype mismatches, ``compute_entropy``
-            not a bool.
-        ValueError: bad shapes, unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``,
-            ids outside ``[0, vocab)``, ``temperature <= 0``, a bad ``cu_seqlens``, a ``completion_mask`` holding
-            anything but bools or 0/1 (a 2 or a 0.5: it selects tokens, it does not weigh them).
+        TypeError: non-float hidden/weight/``ref_hidden``/``ref_weight``, integer ids of the wrong kind, dtype
+            mismatches, a ``bias``/``ref_bias`` that is not a tensor, ``compute_entropy`` not a bool.
+        ValueError: bad shapes (``ref_weight``, ``bias`` and ``ref_bias`` included), tensors off ``hidden``'s device,
+            unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``, ``ref_weight``/``ref_bias``
+            without ``ref_hidden``, ids outside ``[0, vocab)`` of the policy's or the reference's head,
+            ``temperature <= 0``, a bad ``cu_seqlens``, a ``completion_mask`` holding anything but bools or 0/1
+            (a 2 or a 0.5: it selects tokens, it does not weigh them).
     """
     # ---- checks -------------------------------------------------------------------------------------------
     for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight)):
@@ -342,13 +387,18 @@ def fused_linear_grpo(
     if not isinstance(completion_ids, torch.Tensor) or completion_ids.is_floating_point() or \
             completion_ids.dtype == torch.bool:
         raise TypeError(f"completion_ids must be an integer tensor, got {getattr(completion_ids, 'dtype', None)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be (batch, seq, hidden) or packed (total, hidden), got a 0-d tensor")
     if lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
         raise ValueError(
             f"lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), got {tuple(lm_head_weight.shape)}")
     if hidden.dtype != lm_head_weight.dtype:
         raise TypeError(f"hidden and lm_head_weight must share a dtype, got {hidden.dtype}, {lm_head_weight.dtype}")
-    if bias is not None and (bias.shape != (lm_head_weight.shape[0],) or bias.dtype != lm_head_weight.dtype):
-        raise ValueError(f"bias must be ({lm_head_weight.shape[0]},) in {lm_head_weight.dtype}")
+    _check_bias("bias", bias, lm_head_weight)
+    _check_reference_head(hidden, lm_head_weight, ref_hidden, ref_weight, ref_bias)
+    # a meta-device head gave a loss and gradients read from a logits buffer the matmul never wrote
+    _check_devices(hidden, lm_head_weight=lm_head_weight, completion_ids=completion_ids, bias=bias,
+                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     if hidden.shape[:-1] != completion_ids.shape:
         raise ValueError(f"completion_ids must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(completion_ids.shape)}")
@@ -418,10 +468,10 @@ def fused_linear_grpo(
     want_entropy = bool(compute_entropy or entropy_coef)
     step = chunk_size or default_chunk_rows(max(1, y.numel()), vocab, hidden.element_size(), dev, _CUDA_CHUNK_BYTES)
     if ref_hidden is not None:
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(
-                f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
         rw = (lm_head_weight if ref_weight is None else ref_weight).detach()
+        if y.numel() and hi_id >= rw.shape[0]:  # the row kernel would read past the reference logits
+            raise ValueError(f"completion_ids must be in [0, {rw.shape[0]}) (ref_weight's vocabulary) where the mask "
+                             "is set")
         rb = bias if ref_weight is None and ref_bias is None else ref_bias
         with torch.no_grad():
             ref_rows, *_ = _stream(select(ref_hidden.detach()).to(rw.dtype), rw,

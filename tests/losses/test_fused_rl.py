@@ -271,6 +271,59 @@ def test_errors():
         fused_linear_grpo(d["hidden"][0], d["weight"], d["ids"][0], d["adv"][:1], cu_seqlens=torch.tensor([0, 3]))
 
 
+@pytest.mark.parametrize("case", [
+    "reference head without ref_hidden", "ref_weight of integers", "ref_weight narrower than hidden",
+    "ref_weight with fewer tokens than the ids", "ref_bias of another size", "ref_bias not a tensor",
+    "bias not a tensor", "lm_head_weight on meta", "ref_weight on meta", "0-d hidden",
+])
+def test_head_and_reference_arguments_are_checked(kernel_mode, case):
+    # the reference head was not checked at all: without ref_hidden it was ignored, an integer one truncated
+    # the reference hidden states, one with fewer rows than the ids read past its logits (the Triton row kernel:
+    # a made-up loss), and a meta-device policy head gave a loss read from a logits buffer never written
+    d = _data()
+    h, w, ids, adv = d["hidden"], d["weight"], d["ids"], d["adv"]
+    kw = dict(beta=0.1, ref_hidden=d["ref_hidden"])
+    want = ValueError
+    if case == "reference head without ref_hidden":
+        kw = dict(beta=0.1, ref_logprobs=d["ref"], ref_weight=w)
+    elif case == "ref_weight of integers":
+        kw["ref_weight"], want = (w * 10).long(), TypeError
+    elif case == "ref_weight narrower than hidden":
+        kw["ref_weight"] = w[:, :-1]
+    elif case == "ref_weight with fewer tokens than the ids":
+        kw["ref_weight"] = w[: int(ids[d["mask"]].max())]
+    elif case == "ref_bias of another size":
+        kw["ref_bias"] = torch.zeros(V + 1, dtype=D)
+    elif case == "ref_bias not a tensor":
+        kw["ref_bias"], want = [0.0] * V, TypeError
+    elif case == "bias not a tensor":
+        kw["bias"], want = [0.0] * V, TypeError
+    elif case == "lm_head_weight on meta":
+        w = w.to("meta")
+    elif case == "ref_weight on meta":
+        kw["ref_weight"] = w.to("meta")
+    else:
+        h, ids, adv = torch.tensor(1.0, dtype=D), ids[0, 0], adv[:1]
+    name = {"0-d hidden": "hidden", "lm_head_weight on meta": "lm_head_weight", "bias not a tensor": "bias",
+            "reference head without ref_hidden": "ref_hidden"}.get(case, case.split()[0])
+    with pytest.raises(want, match=name):
+        fused_linear_grpo(h, w, ids, adv, d["mask"] if h.dim() == 3 else None, **kw)
+
+
+def test_a_reference_head_of_its_own_scores_ref_hidden():
+    # the checks above let the legitimate forms through: a reference head with its own (wider) vocabulary and bias
+    d = _data()
+    g = torch.Generator().manual_seed(1)
+    rw = torch.randn(V + 3, H, generator=g, dtype=D) * 0.4
+    rb = torch.randn(V + 3, generator=g, dtype=D) * 0.3
+    loss, _ = fused_linear_grpo(d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"], beta=0.1,
+                                old_logprobs=d["old"], ref_hidden=d["ref_hidden"], ref_weight=rw, ref_bias=rb)
+    lp, _ = _oracle_logps(d["hidden"], d["weight"], None, d["ids"], 1.0)
+    ref, _ = _oracle_logps(d["ref_hidden"], rw, rb, d["ids"], 1.0)
+    want, _ = grpo_loss(lp, d["adv"], d["mask"], d["old"], ref, beta=0.1)
+    torch.testing.assert_close(loss, want)
+
+
 def test_packed_to_padded_roundtrip():
     x = torch.arange(10.0).view(5, 2)
     padded, mask = packed_to_padded(x, torch.tensor([0, 2, 2, 5]))
