@@ -44,7 +44,7 @@ from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
 from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
-from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_unsupported
+from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_lora_variants, refuse_unsupported
 
 
 class AdaLoRALinear(AdapterLayer):
@@ -232,6 +232,7 @@ class AdaLoRAConfig:
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
         refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
                                             ("layers_to_transform", None), ("modules_to_save", None)))
+        refuse_lora_variants(raw, "AdaLoRA")
         rank_pattern = raw.get("rank_pattern") or None
         _check_rank_pattern(rank_pattern, "adapter_config.json: rank_pattern")
         return cls(init_r=peft_field(raw, "init_r", "int"), target_r=peft_field(raw, "target_r", "int"),

@@ -58,14 +58,44 @@ def _peft_init(init: str):
     return _PEFT_INIT.get(init, init)  # pissa_niter_K has the same spelling in PEFT
 
 
+# PEFT inits that leave the base weights as they are: only the adapter starts elsewhere, and a file's weights are
+# loaded over it, so such a file is an ordinary LoRA adapter (loftq, corda, lora_ga rewrite the base, mica trains
+# with a frozen B: refused)
+_INIT_ONLY = ("orthogonal", "eva")
+
+
 def _our_init(value) -> str:
     if value is True or value is None:
         return "kaiming"
-    if value is False:
-        return "kaiming"  # PEFT's "no init": the weights are loaded over it anyway
+    if value is False or value in _INIT_ONLY:
+        return "kaiming"  # the weights are loaded over it anyway
     if isinstance(value, str) and (value in ("gaussian", "pissa", "olora") or value.startswith("pissa_niter_")):
         return value
-    raise ValueError(f"adapter_config.json: init_lora_weights={value!r} is not supported (supported: true, gaussian, pissa, pissa_niter_K, olora)")
+    raise ValueError(f"adapter_config.json: init_lora_weights={value!r} is not supported (supported: true, false, "
+                     "gaussian, pissa, pissa_niter_K, olora, orthogonal, eva)")
+
+
+# LoraConfig fields of PEFT's LoRA variants, each of which changes what the file's tensors compute (or the model they
+# go into); alignlab has none of them, and several load without a shape error (aLoRA's adapter then acted on every
+# token instead of those after the invocation sequence): a value other than null / empty is refused by name
+_PEFT_LORA_VARIANTS = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies the adapter only after these tokens",
+    "layer_replication": "PEFT duplicates base layers before adding the adapter",
+    "use_bdlora": "block-diagonal LoRA factors",
+    "arrow_config": "Arrow routing between adapters",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+}
+
+
+def refuse_lora_variants(raw: dict, method: str = "LoRA") -> None:
+    """``ValueError`` naming the first PEFT LoRA-variant field (aLoRA, BD-LoRA, Arrow, ...) that ``raw`` sets."""
+    for key, what in _PEFT_LORA_VARIANTS.items():
+        value = raw.get(key)
+        if value is not None and value != [] and value != {}:
+            raise ValueError(f"adapter_config.json: {key}={value!r} is not supported by alignlab for {method} ({what}; "
+                             "only null)")
 
 
 # -- what every family's config uses to write and read its adapter_config.json ------------------------
@@ -326,6 +356,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
     # fan_in_fan_out is not checked: as in PEFT, each layer's type decides (True for GPT-2's Conv1D)
     refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("layers_to_transform", None), ("bias", "none")))
+    refuse_lora_variants(raw)
     _check_fields(raw)
     return LoRAConfig(
         r=int(raw.get("r", 8)),  # PEFT's defaults for r and lora_alpha
