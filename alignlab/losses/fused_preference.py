@@ -41,6 +41,7 @@ import torch
 from alignlab._checks import as_bool, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
+    _check_ignore_index,
     _fp16_grad_unit,
     check_linear_inputs,
     chunk_backward,
@@ -116,6 +117,7 @@ def _check_3d(hidden: torch.Tensor) -> None:
 
 def _scored_counts(labels: torch.Tensor, ignore_index: int, hidden: torch.Tensor) -> torch.Tensor:
     """``(batch,)`` scored tokens per sequence, in the dtype of the log-probs (float64 for float64 hidden)."""
+    _check_ignore_index(ignore_index)  # a str compared with the labels gave a plain False (AttributeError on .sum)
     return (labels != ignore_index).sum(dim=1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
 
@@ -257,13 +259,14 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
     """:func:`fused_linear_preference` after its checks; ``sel`` is ``select_scored_rows``' result when the
     caller already has it (it costs a host sync)."""
     eager = as_bool(eager, "eager")
+    # checked on both schedules: a bad value passed unnoticed wherever the eager one did not run
+    if resident_bytes is not None and (not is_int(resident_bytes) or resident_bytes < 0):
+        raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     if not _eager_with_grad(eager, hidden, weight, bias):
         tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
         return loss_from_token_logps(tok)
     if resident_bytes is None:
         resident_bytes = _DEFAULT_RESIDENT_BYTES
-    if not is_int(resident_bytes) or resident_bytes < 0:
-        raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     aux: dict[str, torch.Tensor] = {}
     loss = _EagerLinearLoss.apply(
         hidden, weight, bias, labels, loss_from_token_logps, chunk_size, resident_bytes, ignore_index, aux, sel
@@ -313,8 +316,13 @@ def _reference_seq_logps(
 ) -> torch.Tensor:
     """Reference sequence log-prob sums from reference hidden states, without gradient.
 
-    ``sel``: the policy's ``select_scored_rows`` result for the same labels, reused (saves a host sync).
+    ``sel``: the policy's ``select_scored_rows`` result for the same labels, reused (saves a host sync); its labels
+    were checked against the policy's vocabulary only, so a reference head with fewer rows checks them again (the
+    row kernel read past its logits: a made-up reference log-prob).
     """
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     with torch.no_grad():
         w = (weight if ref_weight is None else ref_weight).detach()
         b = bias if ref_weight is None and ref_bias is None else ref_bias
@@ -325,6 +333,9 @@ def _reference_seq_logps(
             return seq
         check_linear_inputs(ref_hidden, w, labels, b, chunk_size)
         index, _, y = sel
+        if w.shape[0] < weight.shape[0] and y.numel() and int(y.max()) >= w.shape[0]:
+            raise ValueError(f"labels must be in [0, {w.shape[0]}) (the reference head's vocabulary) or "
+                             f"ignore_index={ignore_index}")
         rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
         rows = rows if index is None else rows.index_select(0, index)
         st, _, _, _ = linear_chunked_pass(rows.contiguous(), w, y, b, chunk_size=chunk_size)
@@ -507,6 +518,7 @@ def fused_linear_simpo(
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
     check_num_items("num_items", num_items)
+    _check_ignore_index(ignore_index)
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
 
     def loss_fn(tok):
@@ -611,6 +623,7 @@ def fused_linear_kto(
     Returns / Raises: as :func:`~alignlab.losses.preference.kto_loss`; ``ValueError`` without a reference.
     """
     _check_3d(policy_hidden)
+    check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)  # before the reference pass reads them
     check_num_items("num_items", num_items)
     _check_ref_head(ref_hidden, ref_weight, ref_bias)
     if ref_hidden is not None:

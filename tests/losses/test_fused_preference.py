@@ -361,3 +361,46 @@ def test_a_missing_or_half_given_reference_names_the_fused_forms():
                              dtype=torch.float64), kl=0.0, **kwargs)
     fused_linear_dpo(hidden, weight, labels, reference_free=True)  # still fine
     fused_linear_dpo(hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=weight.detach())
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "eager-recompute"])
+def test_a_reference_head_with_fewer_tokens_than_the_labels_is_refused(kernel_mode, schedule):
+    """The eager schedule scored ref_hidden with the labels checked against the policy's vocabulary only: a
+    ref_weight with fewer rows made the Triton row kernel read past its logits (a made-up loss) and the torch
+    path raised an IndexError from gather; the lazy schedule already said ValueError. Both say it now."""
+    hidden, weight, _, labels = _batch(15, bias=False)
+    small = weight.detach()[: int(labels.max())]
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {small.shape[0]}\)"):
+        fused_linear_dpo(hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=small, **SCHEDULES[schedule])
+    wide = torch.cat([weight.detach(), torch.randn(3, H, dtype=torch.float64)])  # more rows: fine, and as unfused
+    loss, _ = fused_linear_dpo(hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=wide,
+                               **SCHEDULES[schedule])
+    tok, _ = _unfused_token_logps(hidden, weight, None, labels)
+    ref_tok, _ = _unfused_token_logps(hidden.detach(), wide, None, labels)
+    pc, pr = tok.sum(1).split(B)
+    rc, rr = ref_tok.sum(1).split(B)
+    torch.testing.assert_close(loss, dpo_loss(pc, pr, rc, rr)[0])
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "eager-recompute"])
+def test_bad_arguments_are_named_before_any_work(schedule):
+    """A string ignore_index raised AttributeError ('bool' object has no attribute 'sum') in the counts of ORPO,
+    SimPO, CPO and DPO; a list bias or ref_bias an AttributeError ('detach') in KTO's and DPO's reference pass;
+    a negative resident_bytes passed unnoticed on the lazy schedule."""
+    hidden, weight, bias, labels = _batch(16)
+    kw = SCHEDULES[schedule]
+    ref = torch.zeros(B, dtype=torch.float64)
+    for loss in (fused_linear_orpo, fused_linear_simpo, fused_linear_cpo):
+        with pytest.raises(TypeError, match="ignore_index"):
+            loss(hidden, weight, labels, ignore_index="-100", **kw)
+        with pytest.raises(ValueError, match="resident_bytes"):
+            loss(hidden, weight, labels, resident_bytes=-1, eager=kw.get("eager", False))
+    with pytest.raises(TypeError, match="ignore_index"):
+        fused_linear_dpo(hidden, weight, labels, ref, ref, ignore_index=None, **kw)
+    desirable = torch.ones(2 * B, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear_kto(hidden, weight, labels, desirable, ref_hidden=hidden.detach(), bias=[0.0] * V, kl=0.0, **kw)
+    for loss, args in ((fused_linear_kto, (desirable,)), (fused_linear_dpo, ())):
+        extra = dict(kl=0.0) if loss is fused_linear_kto else {}
+        with pytest.raises(TypeError, match="ref_bias"):
+            loss(hidden, weight, labels, *args, ref_hidden=hidden.detach(), ref_bias=[0.0] * V, **extra, **kw)
