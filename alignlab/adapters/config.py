@@ -170,14 +170,23 @@ class LoRAConfig:
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
         active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])
+        tied = []
         if self.ensure_weight_tying:
             from alignlab.adapters.embedding import tie_lora_heads
 
-            tie_lora_heads(model, adapter_name, active)
+            tied = tie_lora_heads(model, adapter_name, active)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import add_trainable_tokens
 
             add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype)
+        elif self.ensure_weight_tying and not tied:
+            import warnings
+
+            warnings.warn(f"ensure_weight_tying=True tied nothing for adapter {adapter_name!r}: alignlab ties an output "
+                          "head to a LoRA on the input embedding whose table it shares (target the embedding, e.g. "
+                          "'embed_tokens'); a LoRA on the head itself or a head in modules_to_save trains untied here "
+                          "(PEFT 0.21 ties those), and save_adapter writes ensure_weight_tying=false",
+                          RuntimeWarning, stacklevel=3)
 
 
 def check_dropout(dropout: float) -> float:

@@ -229,11 +229,23 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "layers_to_transform": None,
         "layers_pattern": None,
         "trainable_token_indices": config.trainable_token_indices,
-        "ensure_weight_tying": config.ensure_weight_tying,
+        "ensure_weight_tying": config.ensure_weight_tying and _ties_something(model, adapter_name),
     }
     if experts and (config.use_dora or config.dropout > 0):  # PEFT's ParamWrapper has neither: our own format
         raw.update(peft_type=OWN_LORA_TYPE, format_version=FORMAT_VERSION)
     return raw
+
+
+def _ties_something(model: nn.Module, adapter_name: str) -> bool:
+    """Whether adapter ``adapter_name`` ties anything: an output head carrying its embedding LoRA, or trainable token
+    rows (whose head shares them). Else its ``ensure_weight_tying`` did nothing here (LoRA on a tied ``lm_head``, a
+    tied head in ``modules_to_save``, an untied model), and the file says false: PEFT 0.21 reads the flag as an
+    order to tie, moving a tied head's LoRA onto the embedding (logits 31 off ours on a tiny Llama) or asking for
+    the embedding's copy of a saved head (``KeyError``), an adapter other than the one trained here."""
+    from alignlab.adapters.embedding import TiedLoRAHead, TrainableTokensLayer
+
+    return any(isinstance(l, (TiedLoRAHead, TrainableTokensLayer)) and adapter_name in l.adapter_names()
+               for _, l in adapter_layers(model))
 
 
 def _exact(name: str) -> str:
