@@ -270,16 +270,26 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     Returns:
         ``(..., N)``.
 
+    Differentiable with respect to ``x`` and ``bias`` (the weight is frozen) on every path: where either needs a
+    gradient the product runs inside :class:`_NF4Matmul`, whose backward is :func:`nf4_matmul_t`.
+
     Raises:
-        TypeError / ValueError: wrong weight type, dtype or last dimension; a ``bias`` not of shape ``(N,)``.
+        TypeError / ValueError: wrong weight type, dtype or last dimension; a ``bias`` that is not a tensor of
+            shape ``(N,)`` on ``x``'s device.
     """
     _check(x, t, 1, "x")
     N, K = t.shape
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (N,):  # the kernels read N values from its start: a short one out of bounds
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-        if bias.stride(0) != 1 and N > 1:  # the kernels index it as contiguous
-            bias = bias.contiguous()
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _NF4Matmul.apply(x, bias, t)
+    if bias is not None and bias.stride(0) != 1 and N > 1:  # the kernels index it as contiguous
+        bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -312,6 +322,45 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     else:
         _fwd_large[lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)](*args, **meta, **options())
     return y.reshape(*lead, N)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """:func:`nf4_matmul` as a function of ``x`` and ``bias`` (the NF4 weight is frozen): ``dx = dy W`` by
+    :func:`nf4_matmul_t`, ``db = Σ_rows dy``. The small-M and fused kernels return plain tensors, so without it the
+    product was differentiable at some row counts and not at others (``M <= 16`` on the Triton path: no
+    gradient reached ``x``, silently where another term also depended on it). ``setup_context`` apart, so that
+    ``torch.func`` transforms take it."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
+        return nf4_matmul(x, t, bias)  # autograd runs forward without grad: no recursion
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.t = inputs[2]
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        dx = nf4_matmul_t(dy, ctx.t) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, db, None
+
+
+class _NF4MatmulT(torch.autograd.Function):
+    """:func:`nf4_matmul_t` as a function of ``dy``: its gradient is ``g W^T`` (:func:`nf4_matmul`), which a
+    second derivative through :class:`_NF4Matmul` (``create_graph=True``) needs on every path."""
+
+    @staticmethod
+    def forward(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
+        return nf4_matmul_t(dy, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.t = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return nf4_matmul(g, ctx.t), None
 
 
 def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None):
@@ -362,9 +411,11 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         dy: ``(..., N)``.
 
     Returns:
-        ``(..., K)`` in ``dy.dtype``.
+        ``(..., K)`` in ``dy.dtype``; differentiable with respect to ``dy`` on every path (:class:`_NF4MatmulT`).
     """
     _check(dy, t, 0, "dy")
+    if torch.is_grad_enabled() and dy.requires_grad:
+        return _NF4MatmulT.apply(dy, t)
     N, K = t.shape
     lead = dy.shape[:-1]
     d2 = dy.reshape(-1, N)

@@ -82,6 +82,40 @@ def test_errors():
         nf4_matmul(torch.randn(2, 32), nf4_quantize(torch.randn(2, 16, 32)))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 16, 20])
+def test_gradients_reach_x_and_bias_at_every_row_count(M, fused, kernel_mode, monkeypatch):
+    """The small-M kernels (M <= 16 on the Triton path) and the fused kernels returned a tensor without a
+    grad_fn while the dequantize + matmul path (M > 16, and the torch path) was differentiable: the gradient of
+    x and bias was dropped at decode-sized batches, silently when another term also depended on them. Now
+    first and second derivatives match the float64 product on every path."""
+    if fused:
+        monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
+    t, x, dy, b, wd = _case(24, 64, M, torch.float32)
+    x, b = x.requires_grad_(), b.half().requires_grad_()  # a bias in another dtype gets its own dtype back
+    y = nf4_matmul(x, t, b)
+    gx, gb = torch.autograd.grad(y, (x, b), dy, create_graph=True)
+    assert gb.dtype == torch.float16
+    torch.testing.assert_close(gx.double(), dy.double() @ wd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb.double(), dy.double().sum(0), rtol=1e-3, atol=1e-3)
+    # d/dx of sum(gx ** 2) with gx = (x W^T + b) W through a second nf4_matmul: 2 (y W) W^T W ... with y fixed
+    # dy = 2 y: the second derivative runs through nf4_matmul_t's backward too
+    x2 = x.detach().requires_grad_()
+    g1, = torch.autograd.grad((nf4_matmul(x2, t) ** 2).sum(), x2, create_graph=True)
+    g2, = torch.autograd.grad(g1.sum(), x2)
+    torch.testing.assert_close(g2.double(), (2 * wd.sum(1) @ wd).expand(M, -1), rtol=1e-4, atol=1e-4)
+    no_grad_y = nf4_matmul(x.detach(), t)
+    assert no_grad_y.grad_fn is None  # nothing to differentiate: the plain kernels, no autograd node
+
+
+def test_bias_must_be_a_tensor_on_x_device():
+    t = nf4_quantize(torch.randn(16, 32))
+    with pytest.raises(TypeError, match="bias"):
+        nf4_matmul(torch.randn(2, 32), t, [0.0] * 16)
+    with pytest.raises(ValueError, match="bias must be on x's device"):
+        nf4_matmul(torch.randn(2, 32), t, torch.zeros(16, device="meta"))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (1000, 334, 1), (1000, 334, 7), (4096, 1024, 16),
