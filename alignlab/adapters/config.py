@@ -166,7 +166,7 @@ class LoRAConfig:
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import token_row_plan
 
-            token_row_plan(model, self.trainable_token_indices, set(targets))
+            token_row_plan(model, self.trainable_token_indices, set(targets), self.ensure_weight_tying)
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
         active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])
@@ -178,7 +178,8 @@ class LoRAConfig:
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import add_trainable_tokens
 
-            add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype)
+            add_trainable_tokens(model, self.trainable_token_indices, adapter_name, active, self.adapter_dtype,
+                                 self.ensure_weight_tying)
         elif self.ensure_weight_tying and not tied:
             import warnings
 

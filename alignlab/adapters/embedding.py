@@ -451,16 +451,22 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, TrainableTokensLayer) else module
 
 
-def token_row_plan(model: nn.Module, spec, lora_targets=()) -> list[tuple[str, list[int], list[str]]]:
-    """``[(module name, token ids, names of tied heads)]`` for ``trainable_token_indices`` = ``spec``.
+def token_row_plan(model: nn.Module, spec, lora_targets=(), ensure_weight_tying: bool = False
+                   ) -> list[tuple[str, list[int], list[str]]]:
+    """``[(module name, token ids, names of the modules tied to it)]`` for ``trainable_token_indices`` = ``spec``.
 
     ``spec`` is a list of ids (for the input embedding: ``get_input_embeddings()``, else the module
-    named ``embed_tokens``) or ``{module name or dotted suffix: ids}``. The tied heads of an embedding
-    are the ``nn.Linear`` modules whose weight is the embedding's weight parameter.
+    named ``embed_tokens``) or ``{module name or dotted suffix: ids}``. As in PEFT, only the model's input
+    embedding shares its rows: with every other module over its table (an ``nn.Linear`` head or another
+    ``nn.Embedding`` whose weight is that parameter: a tied ``lm_head``, transformers 5's T5 ``encoder.embed_tokens``
+    / ``decoder.embed_tokens`` beside ``shared``), which then take no rows of their own; a tied module named in
+    ``spec`` with the same ids is covered so. With other ids (or when the input embedding is not in ``spec``)
+    every named module trains rows of its own and nothing is tied, as PEFT does without ``ensure_weight_tying``.
 
     Raises:
         ValueError: a name matches no module, a target is not an ``nn.Embedding`` / ``nn.Linear`` (or
-            already holds another adapter, e.g. LoRA in ``lora_targets``), ids are out of range.
+            already holds another adapter, e.g. LoRA in ``lora_targets``), ids are out of range, one module is
+            given two sets of ids, or tied modules get different ids under ``ensure_weight_tying``.
     """
     from alignlab.adapters.config import name_matches
 
@@ -468,9 +474,9 @@ def token_row_plan(model: nn.Module, spec, lora_targets=()) -> list[tuple[str, l
         wanted = {str(k): check_token_indices(v, f"trainable_token_indices[{k!r}]") for k, v in spec.items()}
     else:
         wanted = {_input_embedding_name(model): check_token_indices(spec)}
-    plan = []
     modules = dict(model.named_modules())
     wrappers = tuple(p + "." for p, m in modules.items() if p and isinstance(m, AdapterLayer))
+    rows_of: dict[str, list[int]] = {}
     for key, ids in wanted.items():
         names = [n for n in modules if n and name_matches([key], n) and not n.startswith(wrappers)]
         if not names:
@@ -487,8 +493,26 @@ def token_row_plan(model: nn.Module, spec, lora_targets=()) -> list[tuple[str, l
             bad = [i for i in ids if i >= rows]
             if bad:
                 raise ValueError(f"trainable_token_indices: ids {bad} are out of range for {name!r} ({rows} rows)")
-            plan.append((name, ids, _tied_heads(modules, name) if isinstance(_base(module), nn.Embedding) else []))
-    return plan
+            if name in rows_of and rows_of[name] != ids:
+                raise ValueError(f"trainable_token_indices: {name!r} is selected twice, with ids {rows_of[name]} and {ids}")
+            rows_of[name] = ids
+    source = _input_embedding_name_or_none(model)
+    if source in rows_of:
+        tied = _tied_heads(modules, source)
+        mismatch = [n for n in tied if n in rows_of and rows_of[n] != rows_of[source]]
+        if mismatch and ensure_weight_tying:
+            raise ValueError(f"trainable_token_indices: ensure_weight_tying, but {mismatch[0]!r} (tied to {source!r}) gets "
+                             f"ids {rows_of[mismatch[0]]} and {source!r} gets {rows_of[source]}; give tied modules the same ids")
+        if not mismatch:
+            return [(n, ids, tied if n == source else []) for n, ids in rows_of.items() if n not in tied]
+    return [(n, ids, []) for n, ids in rows_of.items()]
+
+
+def _input_embedding_name_or_none(model: nn.Module) -> str | None:
+    try:
+        return _input_embedding_name(model)
+    except ValueError:
+        return None
 
 
 def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
@@ -501,7 +525,9 @@ def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
         if isinstance(m, SavedModule) and getattr(_base(m.original_module), "weight", None) is weight:
             raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} is trained in full "
                              "(modules_to_save); leave it out of one of the two")
-        if isinstance(_base(m), nn.Linear) and _base(m).weight is weight:
+        # a head, or another embedding module over the same table (transformers 5's T5: encoder.embed_tokens and
+        # decoder.embed_tokens share shared.weight, and they, not shared, run in forward), as PEFT ties them
+        if isinstance(_base(m), (nn.Linear, nn.Embedding)) and _base(m).weight is weight:
             if isinstance(m, AdapterLayer) and not isinstance(m, TrainableTokensLayer):
                 raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} holds a {type(m).__name__}; "
                                  "its rows could not follow the trained token rows")
@@ -510,7 +536,7 @@ def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
 
 
 def add_trainable_tokens(model: nn.Module, spec, adapter_name: str, active: bool,
-                         adapter_dtype: torch.dtype | None = None) -> None:
+                         adapter_dtype: torch.dtype | None = None, ensure_weight_tying: bool = False) -> None:
     """Wrap (or extend) the modules ``spec`` selects with :class:`TrainableTokensLayer` adapter ``adapter_name``
     (active there if ``active``), tied heads included; see :func:`token_row_plan` for ``spec`` and what raises."""
     from alignlab.adapters.inject import _set_submodule
@@ -526,7 +552,7 @@ def add_trainable_tokens(model: nn.Module, spec, adapter_name: str, active: bool
         if active:
             module.set_active(module.active_adapters + [adapter_name])
 
-    for name, ids, heads in token_row_plan(model, spec):
+    for name, ids, heads in token_row_plan(model, spec, ensure_weight_tying=ensure_weight_tying):
         put(name, lambda m: TrainableTokensLayer(m, ids, adapter_name, adapter_dtype=adapter_dtype),
             lambda m: m.add_adapter(adapter_name, ids, adapter_dtype))
         layer = model.get_submodule(name)
