@@ -85,11 +85,11 @@ class DequantizedWeight(torch.Tensor):
     """
 
     @staticmethod
-    def __new__(cls, t: NF4Tensor):
-        return torch.Tensor._make_wrapper_subclass(cls, t.shape, dtype=t.dtype, device=t.data.device,
+    def __new__(cls, t: NF4Tensor, dtype: torch.dtype | None = None):
+        return torch.Tensor._make_wrapper_subclass(cls, t.shape, dtype=dtype or t.dtype, device=t.data.device,
                                                    requires_grad=False)
 
-    def __init__(self, t: NF4Tensor) -> None:
+    def __init__(self, t: NF4Tensor, dtype: torch.dtype | None = None) -> None:
         self.nf4 = t
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -111,7 +111,7 @@ class DequantizedWeight(torch.Tensor):
                                    "codes (writing into it would change nothing); use "
                                    "NF4Linear.load_dense_weight_ to re-quantize a new weight")
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
-            return cls(args[0].nf4)  # .data / .detach() stay views, so a later write is refused too
+            return cls(args[0].nf4, args[0].dtype)  # .data / .detach() stay views: a later write is refused too
         from alignlab.kernels.nf4_dequant import nf4_dequant
 
         args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: nf4_dequant(w.nf4, w.dtype), (args, kwargs))
@@ -220,9 +220,11 @@ class NF4Linear(nn.Module):
     @property
     def weight(self) -> DequantizedWeight:
         """The dense weight ``(out_features, in_features)`` for model code that reads ``layer.weight``, as a
-        :class:`DequantizedWeight`: shape, dtype (the quantized weight's own) and device for free, values
-        dequantized on use, writes refused. (bitsandbytes exposes its packed codes here instead.)"""
-        return DequantizedWeight(self.quant_weight)
+        :class:`DequantizedWeight`: shape, dtype and device for free, values dequantized on use, writes refused.
+        The dtype is the quantized weight's own, or the last floating cast of the module (``.half()``,
+        ``.to(torch.bfloat16)``: the dtype a dense weight would have now; the packed codes are untouched).
+        (bitsandbytes exposes its packed codes here instead.)"""
+        return DequantizedWeight(self.quant_weight, self.__dict__.get("_view_dtype"))
 
     # -- the adapter contract -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +323,8 @@ class NF4Linear(nn.Module):
 
     # -- device moves keep the quantization buffers' dtypes ---------------------------------------
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0, device=self.qdata.device))  # .to() out of meta raises here, as torch does
+        # .to() out of meta raises here, as torch does; a floating cast (.half(), .to(bf16)) shows in its dtype
+        probe = fn(torch.empty(0, dtype=torch.float64, device=self.qdata.device))
         # the quantization tensors held as buffers (ShardableNF4Linear holds its uint8 ones as parameters, which
         # nn.Module._apply moves and never casts)
         saved = {name: self._buffers[name] for name in _BUFFERS if name in self._buffers}
@@ -337,6 +340,8 @@ class NF4Linear(nn.Module):
                 buf = torch.empty_like(buf, device=probe.device)
             self._buffers[name] = None if buf is None else buf.to(probe.device)
         note_device(probe.device)  # this GPU's launch tables, known before any torch.compile trace
+        if probe.dtype in SUPPORTED_DTYPES:  # what .weight reports from now on (the codes keep their dtypes)
+            self._view_dtype = probe.dtype
         return self
 
     # -- bitsandbytes / transformers state dict ------------------------------------------------------

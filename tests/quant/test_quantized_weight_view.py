@@ -88,3 +88,26 @@ def test_models_that_read_a_linear_weight_run_quantized(build):
         got = quantized(input_ids=ids, **extra).logits  # raised AttributeError: no attribute 'weight'
         want = dense(input_ids=ids, **extra).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_view_follows_a_floating_cast_of_the_module():
+    """Quantize an fp32 model, then ``.to(torch.bfloat16)``: a dense weight would be bf16 now, so the view says
+    bf16 (NLLB-MoE cast its hidden states back to fp32 for fc2 and failed in the next layer norm: "mixed
+    dtype"); the packed codes and the dequantization map keep their dtypes."""
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(64, 32))
+    codes = q.qdata.clone()
+    assert q.weight.dtype == torch.float32
+    q.to(torch.bfloat16)
+    assert q.weight.dtype == torch.bfloat16 and q.quant_weight.dtype == torch.float32
+    torch.testing.assert_close(q.weight + 0, nf4_dequantize(q.quant_weight, torch.bfloat16), rtol=0, atol=0)
+    q.half()
+    assert q.weight.dtype == torch.float16 and q.weight.data.dtype == torch.float16
+    q.to("cpu").double()  # a move, and a cast to a dtype NF4 does not dequantize to: the last supported one stays
+    assert q.weight.dtype == torch.float16 and torch.equal(q.qdata, codes)
+
+    model, extra = _nllb_moe()
+    quantize_model(model.eval()).to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(3, 60, (2, 7)), **extra).logits  # raised RuntimeError: mixed dtype
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
