@@ -194,7 +194,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
     On a model sharded by FSDP2 every rank must call it: each tensor is gathered whole.
     """
-    tensors = _adapter_tensors(unwrap(model), adapter_name)
+    tensors = _adapter_tensors(_user_model(model), adapter_name)
     return {k: full_tensor(v.detach()).contiguous().cpu() for k, v in tensors.items()}
 
 
@@ -271,6 +271,20 @@ def _atomic_write(files: dict[Path, object]) -> None:
         raise
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``): its names carry an
+    ``_orig_mod.`` prefix, which went into the file's keys and ``target_modules`` (PEFT then matched no module,
+    ``NoMatchingPeftModuleError``), and ``load_adapter`` wanted such keys from PEFT's files."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
+def _user_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers, in either order."""
+    return _uncompiled(unwrap(_uncompiled(model)))
+
+
 def _check_model_and_path(model, path) -> None:
     """``TypeError`` naming the argument unless ``model`` is an ``nn.Module`` and ``path`` a str or path."""
     if not isinstance(model, nn.Module):
@@ -292,7 +306,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         ValueError: the model has no adapter of that name (lists the ones it has).
     """
     _check_model_and_path(model, path)
-    model = unwrap(model)
+    model = _user_model(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(configs)}")
@@ -424,8 +438,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             DDP-wrapped model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
     _check_model_and_path(model, path)
+    model = _uncompiled(model)
     wrapped = unwrap(model) is not model
-    model = unwrap(model)
+    model = _user_model(model)
     root = Path(path)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
