@@ -28,6 +28,13 @@ Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized ag
 one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
 ``dA = (s·dy B)ᵀ x``, ``dB = dyᵀ (s·x Aᵀ)`` (DoRA: rows times ``s·g``), ``dm`` by one
 kernel (:func:`alignlab.kernels.dora.magnitude_grad`); a dense weight or bias that requires grad gets it too.
+
+Second derivatives: a backward with ``create_graph=True`` (Hessian-vector products, gradient penalties,
+MAML) forms the same gradients from differentiable ops on the inputs as given (``x`` with its graph, the
+master ``A``, ``B``, ``m``; the input is saved as the caller's tensor where it already is in the compute
+dtype, at no extra memory), so their own gradients are true; where only a cast copy of ``x`` was kept it
+raises ``RuntimeError`` (``exact_fp32=True`` takes the unfused path). ``torch.func`` transforms (``grad``,
+``vmap``, ``jvp``), which cannot transform these functions, get the same math as plain ops.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch
 
 from alignlab.quant.nf4 import NF4Tensor
 
-__all__ = ["lora_linear", "dora_linear"]
+__all__ = ["lora_linear", "dora_linear", "functorch_active"]
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
@@ -141,8 +148,11 @@ class _LoRAFn(torch.autograd.Function):
         x2, ac, bc = _as_compute(x, a, b, dtype, cast)
         y, xa = _lora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, bc, scale)
         # saved whatever needs_input_grad says: x2 is the caller's tensor, xa is (tokens, r); and torch.compile
-        # (seen with torch 2.11) traces forward with needs_input_grad all False, which would drop the gradients
-        ctx.save_for_backward(x2, dense_w, ac, bc, xa)
+        # (seen with torch 2.11) traces forward with needs_input_grad all False, which would drop the gradients.
+        # x itself where x2 is a view of it (the same memory), and the original a, b, bias: a backward with
+        # create_graph=True differentiates through them (_lora_backward_graph)
+        ctx.x_is_input = _is_view_of(x2, x)
+        ctx.save_for_backward(x if ctx.x_is_input else x2, dense_w, ac, bc, xa, a, b, bias)
         ctx.quant_w, ctx.scale, ctx.x_shape, ctx.x_dtype = quant_w, scale, x.shape, x.dtype
         ctx.ab_dtypes = (a.dtype, b.dtype)
         ctx.b_scaled = cast[2] if cast is not None and len(cast) > 2 else None  # a cached s·B, if the caller has one
@@ -150,15 +160,77 @@ class _LoRAFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        # grad mode is on in a backward only under create_graph=True (a Hessian-vector product, a gradient penalty):
+        # the gradients are then made of differentiable ops on the saved inputs, so their own gradients are true
+        backward = _lora_backward_graph if torch.is_grad_enabled() else _lora_backward
         if _autocast_dtype(gy) is None:
-            return _lora_backward(ctx, gy)
+            return backward(ctx, gy)
         with torch.autocast(gy.device.type, enabled=False):  # run under autocast: products stay in the compute dtype
-            return _lora_backward(ctx, gy)
+            return backward(ctx, gy)
+
+
+def _is_view_of(x2: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``x2`` (``x`` reshaped to rows, in the compute dtype) shares ``x``'s memory: saving ``x`` then costs
+    nothing more, and ``x2`` is ``x.reshape(-1, in)`` again in backward."""
+    return x2.dtype == x.dtype and x2.data_ptr() == x.data_ptr()
+
+
+def _saved_rows(ctx, x: torch.Tensor) -> torch.Tensor:
+    """The ``(tokens, in)`` input in the compute dtype from what forward saved (``x`` itself, or its cast copy)."""
+    return x.reshape(-1, x.shape[-1]) if ctx.x_is_input else x
+
+
+def _graph_input(ctx, x: torch.Tensor, what: str) -> torch.Tensor:
+    """The saved input for a backward with ``create_graph=True``, which must be the caller's tensor (its graph)."""
+    if not ctx.x_is_input:
+        raise RuntimeError(
+            f"a backward with create_graph=True through the fused {what} function needs its input with its graph, "
+            f"but only a copy of the {ctx.x_dtype} input was kept (cast to the compute dtype, or made contiguous: it "
+            "saves memory); for second derivatives set exact_fp32=True on the layer (LoRAConfig(exact_fp32=True): "
+            "the unfused path), or give the input in the compute dtype")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _graph_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype`` for a differentiable backward (an NF4 weight dequantized: a constant)."""
+    if isinstance(weight, NF4Tensor):
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
+        return nf4_dequant(weight, dtype)
+    return weight.to(dtype)
+
+
+def _lora_backward_graph(ctx, gy):
+    """:class:`_LoRAFn`'s gradients from differentiable ops on the inputs as given (``x`` with its graph, the
+    master ``A``, ``B``), for a backward with ``create_graph=True``: the same products in the compute dtype as
+    :func:`_lora_backward`, but a second derivative (a Hessian-vector product) sees how each gradient depends on
+    ``x``, ``A``, ``B`` and ``∂L/∂y``. Before, the detached casts made the gradients constants there: the second
+    derivatives were silently wrong."""
+    x, dense_w, ac, _, _, a, b, bias = ctx.saved_tensors
+    dtype, scale = ac.dtype, ctx.scale
+    x2 = _graph_input(ctx, x, "LoRA").to(dtype)
+    weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
+    ac, bc = a.to(dtype), b.to(dtype)
+    g = gy.reshape(-1, gy.shape[-1]).to(dtype)
+    gb = (g @ bc) * scale  # (tokens, r)
+    dx = dw = dbias = da = db = None
+    if ctx.needs_input_grad[0]:
+        dx = (g @ weight + gb @ ac).view(ctx.x_shape).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = (g.T @ x2).to(dense_w.dtype)
+    if ctx.needs_input_grad[2]:
+        dbias = g.sum(0).to(bias.dtype)
+    if ctx.needs_input_grad[3]:
+        da = (gb.T @ x2).to(a.dtype)
+    if ctx.needs_input_grad[4]:
+        db = ((g.T @ (x2 @ ac.T)) * scale).to(b.dtype)
+    return dx, dw, dbias, da, db, None, None, None, None, None
 
 
 def _lora_backward(ctx, gy):
     """:class:`_LoRAFn`'s backward, with autocast off (a module-level function: torch.compile traces it)."""
-    x2, dense_w, ac, bc, xa = ctx.saved_tensors
+    x, dense_w, ac, bc, xa, *_ = ctx.saved_tensors
+    x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
     g = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
     # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
@@ -209,25 +281,65 @@ class _DoRAFn(torch.autograd.Function):
         x2, ac, _ = _as_compute(x, a, b, dtype, cast)
         y, xa, g, gs, bgs = _dora_out(x2, quant_w if quant_w is not None else dense_w, bias, ac, b, magnitude,
                                       scale, dtype, norm, factors)
-        # saved whatever needs_input_grad says (see _LoRAFn.forward)
-        ctx.save_for_backward(x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs)
-        ctx.quant_w, ctx.x_shape, ctx.x_dtype = quant_w, x.shape, x.dtype
+        # saved whatever needs_input_grad says (see _LoRAFn.forward); x, a, b and the (out,) norm also serve a
+        # backward with create_graph=True (_dora_backward_graph)
+        ctx.x_is_input = _is_view_of(x2, x)
+        ctx.save_for_backward(x if ctx.x_is_input else x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs, a, b,
+                              norm)
+        ctx.quant_w, ctx.x_shape, ctx.x_dtype, ctx.scale = quant_w, x.shape, x.dtype, scale
         ctx.dtypes = (a.dtype, b.dtype, magnitude.dtype)
         return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
+        backward = _dora_backward_graph if torch.is_grad_enabled() else _dora_backward  # as _LoRAFn.backward
         if _autocast_dtype(gy) is None:
-            return _dora_backward(ctx, gy)
+            return backward(ctx, gy)
         with torch.autocast(gy.device.type, enabled=False):  # as _LoRAFn.backward
-            return _dora_backward(ctx, gy)
+            return backward(ctx, gy)
+
+
+def _dora_backward_graph(ctx, gy):
+    """:class:`_DoRAFn`'s gradients from differentiable ops on the inputs as given, for a backward with
+    ``create_graph=True`` (see :func:`_lora_backward_graph`). With ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` and
+    ``g = m / norm`` (the norm a constant, as in forward): ``∂L/∂z = ∂L/∂y ⊙ g``, ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm``
+    (0 on a row whose norm is 0, :func:`alignlab.adapters.dora.dora_gain`)."""
+    from alignlab.adapters.dora import dora_gain
+
+    x, dense_w, ac, _, _, _, magnitude, bias, _, _, a, b, norm = ctx.saved_tensors
+    dtype, scale = ac.dtype, ctx.scale
+    x2 = _graph_input(ctx, x, "DoRA").to(dtype)
+    weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
+    ac, bc = a.to(dtype), b.to(dtype)
+    gy = gy.reshape(-1, gy.shape[-1]).to(dtype)
+    gain = dora_gain(magnitude, norm)  # differentiable in m
+    gz = gy * gain.to(dtype)
+    gb = (gz @ bc) * scale  # (tokens, r)
+    dx = dw = dbias = da = db = dm = None
+    if ctx.needs_input_grad[0]:
+        dx = (gz @ weight + gb @ ac).view(ctx.x_shape).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = (gz.T @ x2).to(dense_w.dtype)
+    if ctx.needs_input_grad[2]:
+        dbias = gy.sum(0).to(bias.dtype)
+    if ctx.needs_input_grad[3]:
+        da = (gb.T @ x2).to(a.dtype)
+    xa = x2 @ ac.T
+    if ctx.needs_input_grad[4]:
+        db = ((gz.T @ xa) * scale).to(b.dtype)
+    if ctx.needs_input_grad[5]:
+        z = x2 @ weight.T + (xa @ bc.T) * scale
+        inv = dora_gain(torch.ones_like(norm), norm)  # 1 / norm, 0 where the norm is 0
+        dm = ((gy.to(inv.dtype) * z.to(inv.dtype)).sum(0) * inv).to(magnitude.dtype)  # summed in fp32, as forward
+    return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
 
 
 def _dora_backward(ctx, gy):
     """:class:`_DoRAFn`'s backward, with autocast off (see :func:`_lora_backward`)."""
     from alignlab.kernels.dora import magnitude_grad
 
-    x2, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs = ctx.saved_tensors
+    x, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs, *_ = ctx.saved_tensors
+    x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
     gy = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
     gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
@@ -246,6 +358,19 @@ def _dora_backward(ctx, gy):
     if ctx.needs_input_grad[5]:
         dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
     return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running: the fused autograd Functions
+    (no ``setup_context``, no vmap rule) cannot be transformed, so the callers take plain differentiable ops then
+    (``torch.func.grad`` / ``vmap(grad(...))`` per-sample gradients raised ``RuntimeError`` before)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _plain_base(x2: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x2 Wᵀ (+ bias)`` by differentiable ops in ``dtype`` (an NF4 weight dequantized: a constant)."""
+    y = x2 @ _graph_weight(weight, dtype).T
+    return y if bias is None else y + bias.to(dtype)
 
 
 def _split(weight) -> tuple[torch.Tensor | None, NF4Tensor | None]:
@@ -311,10 +436,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     if autocast_off:
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, a, b, scale, dtype, cast=cast)
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
-                                    or (dense_w is not None and dense_w.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and not functorch_active() and (
+            x.requires_grad or a.requires_grad or b.requires_grad or (dense_w is not None and dense_w.requires_grad)
+            or (bias is not None and bias.requires_grad)):
         return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast, out_dtype)
+    if functorch_active():  # torch.func.grad / vmap / jvp cannot transform the Function: plain differentiable ops
+        x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+        y = _plain_base(x2, weight, bias, dtype) + ((x2 @ a.to(dtype).T) @ b.to(dtype).T) * scale
+        return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
@@ -345,6 +474,14 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     factors = None
     if norm is None:  # the norm and the per-row factors from one kernel
         norm, *factors = dora_norm(weight, a, b, scale, dtype, cast, magnitude=magnitude)
+    if functorch_active():  # as lora_linear: plain differentiable ops, the norm a constant
+        from alignlab.adapters.dora import dora_gain
+
+        x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+        z = _plain_base(x2, weight, None, dtype) + ((x2 @ a.to(dtype).T) @ b.to(dtype).T) * scale
+        y = z * dora_gain(magnitude, norm).to(dtype)
+        y = y if bias is None else y + bias.to(dtype)
+        return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or magnitude.requires_grad
                                     or (dense_w is not None and dense_w.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

@@ -36,7 +36,7 @@ from alignlab._checks import as_bool, as_python_number, check_positive_int, is_f
 from alignlab.adapters.base import (AdapterLayer, dense_weight, is_quantized, merge_weight, refuse_float16_merge,
                                     set_dense_weight_)
 from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
-from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, lora_linear
+from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear
 from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
@@ -278,8 +278,9 @@ class LoRALinear(AdapterLayer):
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
         # torch.compile traces the plain path below and fuses it itself: with torch 2.11 it dropped the
-        # fused functions' gradients (seen on an H200), so compiled graphs never contain them
-        if len(names) == 1 and not torch.compiler.is_compiling():
+        # fused functions' gradients (seen on an H200), so compiled graphs never contain them; torch.func
+        # transforms (grad, vmap: per-sample gradients) cannot transform the fused functions either
+        if len(names) == 1 and not torch.compiler.is_compiling() and not functorch_active():
             dtype = self._fused_dtype(x, names[0])
             if dtype is not None:
                 return self._fused(x, names[0], dtype)
