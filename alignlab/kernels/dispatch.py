@@ -7,6 +7,10 @@
 * ``triton``       -- Triton whenever it imports, also for CPU tensors when
                       ``TRITON_INTERPRET=1`` (how CI runs kernels without a GPU).
 
+The kernels write plain tensors (no autograd graph). Entry points whose PyTorch reference is differentiable
+take the reference whenever autograd wants a gradient of one of their inputs (:func:`wants_grad`), so a call
+is differentiable on every path, as it is on CPU.
+
 ``TRITON_INTERPRET`` is read once, when this module is imported, as Triton itself reads it once: a
 kernel is an interpreted or a compiled function from its definition on. Set it after import and CPU
 tensors keep taking the reference (the kernels were defined compiled; launching them on CPU tensors
@@ -49,6 +53,11 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 def triton_available() -> bool:
     """Whether Triton imports in this process."""
     return _TRITON
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether grad mode is on and any given tensor requires grad (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

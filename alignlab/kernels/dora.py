@@ -21,7 +21,9 @@ DoRA (Liu et al., arXiv 2402.09353) scales each output row of ``W + s·B A`` by
   bias), finished in the kernel: one or two launches instead of a reduction plus five
   elementwise ops on ``(out,)`` vectors, which cost more host time than GPU time.
 
-References (used on CPU, for float64, and under ``ALIGNLAB_KERNELS=torch``):
+References (used on CPU, for float64, under ``ALIGNLAB_KERNELS=torch``, and wherever autograd wants a gradient
+of an input: the kernels write plain tensors, so on the GPU the results were constants where the CPU's were
+differentiable):
 :func:`alignlab.adapters.dora.dora_weight_norm` on the dequantized weight, and
 ``(u.float() * v.float()).sum(0)``.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import is_int
-from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor
@@ -264,7 +266,9 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
                              f"and {tuple(b_master.shape)}")
         magnitude, b_master = magnitude.detach(), b_master.detach()
         fits = fits and b_master.dtype != torch.float64
-    if not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b)):
+    # the kernel's norm has no autograd graph: a gradient of a, b or a dense W takes the (differentiable) reference
+    if (not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b))
+            or wants_grad(a, b, None if quant else weight)):
         dense = nf4_dequant(weight, torch.float32) if quant else weight  # the dequant kernel where it applies
         norm = dora_weight_norm(dense, a, b, scale)
         return (norm,) if factors is None else (norm, *dora_scales(norm, magnitude, b_master, scale, dtype))
@@ -317,8 +321,8 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
         raise ValueError(f"norm and magnitude must be (out,) and b (out, r), got norm {tuple(norm.shape)}, "
                          f"magnitude {tuple(magnitude.shape)} and b {tuple(b.shape)}")
     magnitude, b = magnitude.detach(), b.detach()
-    if not (triton is not None and norm.dtype == torch.float32 and b.dtype != torch.float64
-            and use_triton(norm, magnitude, b)):
+    if (not (triton is not None and norm.dtype == torch.float32 and b.dtype != torch.float64
+             and use_triton(norm, magnitude, b)) or wants_grad(norm)):
         from alignlab.adapters.dora import dora_gain
 
         g = dora_gain(magnitude, norm)
@@ -372,7 +376,7 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
     if u.dim() != 2 or u.shape != v.shape:
         raise ValueError(f"u and v must be 2-D of one shape, got {tuple(u.shape)} and {tuple(v.shape)}")
     T, C = u.shape
-    if not (triton is not None and u.dtype != torch.float64 and use_triton(u, v)) or T == 0:
+    if not (triton is not None and u.dtype != torch.float64 and use_triton(u, v)) or T == 0 or wants_grad(u, v):
         dt = torch.promote_types(u.dtype, torch.float32)
         return (u.to(dt) * v.to(dt)).sum(0)
     if u.stride(1) != 1:
@@ -409,7 +413,8 @@ def magnitude_grad(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"magnitude and bias must have shape ({C},), got {tuple(magnitude.shape)} and "
                          f"{None if bias is None else tuple(bias.shape)}")
     fp64 = torch.float64 in (gy.dtype, y.dtype, magnitude.dtype)
-    if not (triton is not None and not fp64 and use_triton(gy, y, magnitude)) or T == 0:
+    if (not (triton is not None and not fp64 and use_triton(gy, y, magnitude)) or T == 0
+            or wants_grad(gy, y, bias, magnitude)):
         dt = torch.float64 if fp64 else torch.float32
         g = gy.to(dt)
         acc = (g * y.to(dt)).sum(0)

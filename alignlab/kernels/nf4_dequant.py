@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._keep import keep
-from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import bind, cdiv, launch
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
 
@@ -228,7 +228,9 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
 
     With ``row_scale`` (fp32, ``(out_features,)``, for a 2-D weight) row ``i`` comes out
     multiplied by ``row_scale[i]`` in fp32 before the one rounding to ``dtype``: DoRA's
-    backward folds its magnitude scaling into the weight this way, at no extra pass.
+    backward folds its magnitude scaling into the weight this way, at no extra pass. A ``row_scale``
+    that requires grad (under grad mode) is applied after the dequantization instead, so that the
+    result is differentiable in it on every path.
 
     Runs the Triton kernel when :func:`~alignlab.kernels.dispatch.use_triton` allows,
     else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
@@ -249,6 +251,8 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
                              f"got {tuple(row_scale.shape)}")
         if row_scale.dtype != torch.float32:
             raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
+    if row_scale is not None and wants_grad(row_scale):  # the kernel's product has no graph: scale after it
+        return (nf4_dequant(t, torch.float32) * row_scale[:, None]).to(dtype)
     if triton is not None and use_triton(t.data):
         return _launch_dequant(t, dtype, None if row_scale is None else row_scale.contiguous())
     if row_scale is None:

@@ -218,3 +218,39 @@ def test_norm_and_scales_errors_and_reference_path(torch_mode):
         dora_norm_and_scales(w, a, b, 1.5, m[:5], b, torch.float32)
     with pytest.raises(ValueError, match="b_master"):
         dora_norm_and_scales(w, a, b, 1.5, m, b[:5], torch.float32)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_gradients_flow_on_every_path(quant, kernel_mode):
+    """The kernels write plain tensors: on the Triton path every DoRA helper returned a constant where the PyTorch
+    path (CPU) was differentiable, so gradients through a direct call vanished on the GPU only. A call that needs a
+    gradient now takes the reference; its gradients are checked against autograd through the float64 formulas."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 64, generator=g, dtype=torch.float64)
+    weight = nf4_quantize(w.float(), blocksize=32) if quant else w.float().requires_grad_()
+    dense = nf4_dequantize(weight, torch.float32).double() if quant else w
+    a = (torch.randn(3, 64, generator=g) / 4).requires_grad_()
+    b = (torch.randn(6, 3, generator=g) / 4).requires_grad_()
+    m = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+    seed = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def grads(out, ins, want_out):
+        got = torch.autograd.grad((out.double() * seed).sum(), ins, allow_unused=True)
+        want = torch.autograd.grad((want_out * seed).sum(), ins, allow_unused=True)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x.double(), y.double(), rtol=1e-4, atol=1e-5)
+
+    ins = [a, b] if quant else [a, b, weight]
+    grads(dora_row_norm(weight, a, b, 0.5), ins, _norm_formula(dense if quant else weight, a, b, 0.5))
+    norm, gain, gs, bgs = dora_norm_and_scales(weight, a, b, 0.5, m, b, torch.float32)
+    grads(gain, ins, m.detach().double() / _norm_formula(dense if quant else weight, a, b, 0.5))
+    n = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+    grads(dora_scales(n, m, b, 0.5, torch.float32)[0], [n], m.detach().double() / n)
+    u = torch.randn(5, 6, generator=g).requires_grad_()
+    v = torch.randn(5, 6, generator=g).requires_grad_()
+    grads(column_dot(u, v), [u, v], (u.double() * v.double()).sum(0))
+    bias = torch.randn(6, generator=g).requires_grad_()
+    grads(magnitude_grad(u, v, bias, m), [u, v, bias, m],
+          (u.double() * (v.double() - bias.double())).sum(0) / m.double())
+    with torch.no_grad():  # nothing to differentiate: the kernels, as before
+        assert not dora_row_norm(weight, a, b, 0.5).requires_grad

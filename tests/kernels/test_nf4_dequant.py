@@ -128,3 +128,16 @@ def test_dequant_runner_matches_nf4_dequant(triton_mode, kernel_device):
     for got in (first, second):
         assert got.shape == t.shape and got.dtype == dtype
         assert torch.equal(got, ref)
+
+
+def test_row_scale_that_requires_grad_gets_its_gradient(kernel_mode):
+    """nf4_dequant(t, dtype, row_scale) was differentiable in row_scale on the PyTorch path and a constant from the
+    Triton kernel; a row_scale that requires grad is now applied after the dequantization on every path."""
+    t = nf4_quantize(torch.randn(5, 64), blocksize=32)
+    rs = (torch.rand(5) + 0.5).requires_grad_()
+    out = nf4_dequant(t, torch.float32, rs)
+    dense = nf4_dequantize(t, torch.float32)
+    torch.testing.assert_close(out, dense * rs.detach()[:, None])
+    up = torch.randn(5, 64)
+    (grad,) = torch.autograd.grad(out, rs, up)
+    torch.testing.assert_close(grad, (up * dense).sum(1))
