@@ -16,10 +16,11 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from alignlab.bench.timing import Measurement, format_bytes, library_versions, roofline_count, run_contestants
@@ -61,7 +62,7 @@ class Comparison:
 
     def memory_ratio(self, name: str) -> float | None:
         base, m = self.results[self.baseline], self.results[name]
-        if m.peak_bytes is None or not base.peak_bytes:
+        if not (m.ok and base.ok) or m.peak_bytes is None or not base.peak_bytes:
             return None
         return m.peak_bytes / base.peak_bytes
 
@@ -102,7 +103,8 @@ class Comparison:
         if all(not r[-1] for r in rows):  # no errors: drop the empty column
             header.pop()
             rows = [r[:-1] for r in rows]
-        return header, rows
+        # one line per row: a multi-line error message (or name) broke the table and the Markdown row in two
+        return [_one_line(h) for h in header], [[_one_line(c) for c in r] for r in rows]
 
     def _caption(self) -> str:
         first = next(iter(self.results.values()))
@@ -116,7 +118,7 @@ class Comparison:
             parts.append(f"matmul {self.matmul_peak / 1e12:.4g} TFLOP/s ({self.peak_dtype})")
         if self.meta:
             parts.append(", ".join(f"{k}={v}" for k, v in self.meta.items()))
-        return " | ".join(parts)
+        return _one_line(" | ".join(parts))
 
     def table(self) -> str:
         """A plain-text table with a one-line caption."""
@@ -275,6 +277,7 @@ def compare(
             peak" column (:func:`~alignlab.bench.matmul_tflops` in ``peak_dtype``:
             by default the dtype of the first floating-point input, bf16 when there is none).
         baseline: the contestant ratios are taken against (default: the first).
+        peak_dtype: a floating-point ``torch.dtype`` for the matmul roofline (see ``flops``).
         name, meta: a title and JSON-ready facts (shapes, ...) stored with the result.
 
     Returns:
@@ -282,7 +285,8 @@ def compare(
         ``error`` set to ``"Type: message"``; the others run on.
 
     Raises:
-        TypeError: ``contestants`` is not a non-empty mapping of names to callables.
+        TypeError: ``contestants`` is not a non-empty mapping of names to callables, ``peak_dtype`` not a
+            floating-point ``torch.dtype``, ``name`` not a str or ``meta`` not a mapping.
         ValueError: ``baseline`` is not a contestant, bad ``warmup``/``rep``/``device``,
             or ``bytes_moved``/``flops`` not positive.
     """
@@ -293,6 +297,13 @@ def compare(
     if baseline not in contestants:
         raise ValueError(f"baseline must be one of {list(contestants)}, got {baseline!r}")
     bytes_moved, flops = roofline_count(bytes_moved, "bytes_moved"), roofline_count(flops, "flops")
+    # checked before the contestants run: a bad one was found only after the whole measurement
+    if peak_dtype is not None and (not isinstance(peak_dtype, torch.dtype) or not peak_dtype.is_floating_point):
+        raise TypeError(f"peak_dtype must be a floating-point torch.dtype or None, got {peak_dtype!r}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a mapping of JSON-ready facts or None, got {type(meta).__name__}")
 
     results = run_contestants(
         contestants,
@@ -336,16 +347,25 @@ def compare(
 
 
 def save_results(
-    path: str | os.PathLike, comparisons: Sequence[Comparison], meta: Mapping[str, Any] | None = None
+    path: str | os.PathLike, comparisons: Iterable[Comparison], meta: Mapping[str, Any] | None = None
 ) -> Path:
     """Write several comparisons (e.g. one per shape) to one JSON file, atomically.
 
     Schema ``alignlab.bench.results/1``: ``{"schema", "created", "versions",
-    "meta", "comparisons": [Comparison.to_dict(), ...]}``.
+    "meta", "comparisons": [Comparison.to_dict(), ...]}``. ``comparisons`` may be any iterable
+    (a list, a generator over shapes).
 
     Raises:
-        TypeError: an item of ``comparisons`` is not a :class:`Comparison`.
+        TypeError: ``comparisons`` is a single :class:`Comparison` (put it in a list) or not iterable,
+            an item of it is not a :class:`Comparison`, or ``meta`` is not a mapping.
     """
+    if isinstance(comparisons, Comparison):  # iterable through __getitem__: it failed with KeyError: 0
+        raise TypeError("comparisons must be an iterable of Comparison, got one Comparison (pass [cmp])")
+    if isinstance(comparisons, (str, bytes, Mapping)) or not isinstance(comparisons, Iterable):
+        raise TypeError(f"comparisons must be an iterable of Comparison, got {type(comparisons).__name__}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a mapping of JSON-ready facts or None, got {type(meta).__name__}")
+    comparisons = list(comparisons)  # read once: a generator checked here was empty when written
     for i, c in enumerate(comparisons):
         if not isinstance(c, Comparison):
             raise TypeError(f"comparisons[{i}] must be a Comparison, got {type(c).__name__}")
@@ -389,7 +409,12 @@ def _atomic_write_text(path: Path, text: str) -> Path:
 
 
 def _json_safe(obj: Any) -> Any:
-    """Non-finite floats -> None, tuples -> lists, dtypes/devices/paths -> str."""
+    """Non-finite floats -> None, tuples -> lists, NumPy scalars and one-element tensors -> numbers,
+    dtypes/devices/paths -> str."""
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":  # np.int64(8192) was written as "8192"
+        obj = obj.item()
+    elif isinstance(obj, torch.Tensor) and obj.numel() == 1 and not obj.is_complex():
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -401,6 +426,11 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, torch.Size):
         return list(obj)
     return str(obj)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(text.split())
 
 
 def _fmt_ratio(r: float | None) -> str:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignlab._checks import as_python_number, is_finite_real, is_int
+from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +91,19 @@ class Measurement:
         return len(self.times_ms)
 
     def achieved_bandwidth(self, bytes_moved: float | None = None) -> float | None:
-        """Bytes per second at the median time, for ``bytes_moved`` (read + written) per call."""
-        bytes_moved = self.bytes_moved if bytes_moved is None else bytes_moved
+        """Bytes per second at the median time, for ``bytes_moved`` (read + written) per call.
+
+        Raises ``ValueError`` when ``bytes_moved`` is given and is not a positive number."""
+        bytes_moved = self.bytes_moved if bytes_moved is None else roofline_count(bytes_moved, "bytes_moved")
         if bytes_moved is None or not self.ok or not self.median_ms > 0:
             return None
         return bytes_moved / (self.median_ms * 1e-3)
 
     def achieved_flops(self, flops: float | None = None) -> float | None:
-        """Floating-point operations per second at the median time."""
-        flops = self.flops if flops is None else flops
+        """Floating-point operations per second at the median time.
+
+        Raises ``ValueError`` when ``flops`` is given and is not a positive number."""
+        flops = self.flops if flops is None else roofline_count(flops, "flops")
         if flops is None or not self.ok or not self.median_ms > 0:
             return None
         return flops / (self.median_ms * 1e-3)
@@ -203,9 +207,14 @@ def measure(
         exception raised by ``fn`` propagates.
 
     Raises:
-        ValueError: ``warmup < 0``, ``rep < 1``, or ``bytes_moved``/``flops`` not a positive number.
-        TypeError: ``fn`` is not callable.
+        ValueError: ``warmup < 0``, ``rep < 1``, ``bytes_moved``/``flops`` not a positive number, or
+            ``device`` (given or inferred) neither CPU nor CUDA (``meta`` tensors take no time to time).
+        TypeError: ``fn`` is not callable, ``name`` not a str, or ``flush_cache`` not a bool.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
     bytes_moved, flops = roofline_count(bytes_moved, "bytes_moved"), roofline_count(flops, "flops")
     label = name or getattr(fn, "__name__", None) or type(fn).__name__
     results = run_contestants(
@@ -267,6 +276,7 @@ def run_contestants(
     if rep is not None and (not is_int(rep) or rep < 1):
         raise ValueError(f"rep must be None or an int >= 1, got {rep!r}")
     warmup, rep = int(warmup), None if rep is None else int(rep)
+    flush_cache = as_bool(flush_cache, "flush_cache")
 
     if memory not in (True, False, "rss"):
         raise ValueError(f"memory must be True, False or 'rss', got {memory!r}")
@@ -349,6 +359,8 @@ def run_contestants(
         else:
             p10 = p50 = p90 = mean = low = float("nan")
         peak, method = peaks.get(key, (None, "unavailable" if memory else "skipped"))
+        if key in errors:  # a contestant that failed while timed has no numbers, its memory neither
+            peak = None
         out[key] = Measurement(
             name=key,
             median_ms=p50,
@@ -556,6 +568,10 @@ def _resolve_device(
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device must name a torch device, got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        # no timer knows when work on such a device ends: "meta" ops take no time at all (a copy
+        # "ran" at 10^14 bytes/s), others run asynchronously behind perf_counter
+        raise ValueError(f"device must be a CPU or CUDA device, got {str(dev)!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device is CUDA but torch.cuda.is_available() is False")

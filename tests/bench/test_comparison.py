@@ -251,3 +251,79 @@ def test_numpy_counts_are_accepted_and_written_as_numbers(tmp_path):
     assert cmp.flops == 2 * 16**3 and cmp.bytes_moved == 3 * x.nbytes
     data = json.loads(cmp.to_json())
     assert data["flops"] == 2 * 16**3 and data["results"][0]["bytes_moved"] == 3 * x.nbytes
+
+
+def _fails_after(calls):
+    state = {"n": 0}
+
+    def fn():
+        state["n"] += 1
+        if state["n"] > calls:
+            raise ValueError("first line\nsecond line")
+        return torch.ones(1000)
+
+    return fn
+
+
+def test_multi_line_errors_stay_on_their_row():
+    # the newline of the message split the row: a table line and a Markdown row with no leading "|"
+    cmp = compare({"ok": lambda: None, "bad": _fails_after(0)}, device="cpu", warmup=1, rep=2, memory=False)
+    assert cmp["bad"].error == "ValueError: first line\nsecond line"  # kept whole in the result and the JSON
+    table = cmp.table().splitlines()
+    assert len(table) == 3 + 2 and table[-1].startswith("bad") and table[-1].endswith("first line second line")
+    md = cmp.markdown().splitlines()
+    assert len(md) == 4 + 2 and all(line.startswith("|") for line in md[2:])
+    assert md[-1].startswith("| bad |") and md[-1].endswith("| ValueError: first line second line |")
+
+
+def test_a_contestant_failing_after_its_memory_run_has_no_memory_either():
+    # warm-up and the memory call pass, the timed calls fail: its peak stayed, and the others'
+    # memory ratios were taken against a failed baseline ("mem / bad 0.01x" beside "time / bad -")
+    cmp = compare({"bad": _fails_after(2), "ok": lambda: torch.ones(10)}, device="cpu", warmup=1, rep=3)
+    bad, ok = cmp["bad"], cmp["ok"]
+    assert not bad.ok and bad.peak_bytes is None and bad.n == 0
+    assert ok.ok and ok.peak_bytes == 40
+    assert cmp.memory_ratio("ok") is None and cmp.memory_ratio("bad") is None and cmp.time_ratio("ok") is None
+    doc = json.loads(cmp.to_json())["results"]
+    assert doc[0]["peak_bytes"] is None and doc[0]["memory_ratio"] is None
+
+
+def test_save_results_takes_any_iterable_and_refuses_one_comparison(tmp_path):
+    cmps = [compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False, name=f"n={n}")
+            for n in (1, 2)]
+    # a generator was consumed by the type check and an empty "comparisons" list was written
+    out = save_results(tmp_path / "gen.json", (c for c in cmps))
+    assert [c["name"] for c in json.loads(out.read_text())["comparisons"]] == ["n=1", "n=2"]
+    with pytest.raises(TypeError, match=r"one Comparison \(pass \[cmp\]\)"):  # was KeyError: 0
+        save_results(tmp_path / "one.json", cmps[0])
+    for bad in (None, "abc", {"a": cmps[0]}):
+        with pytest.raises(TypeError, match="comparisons must be an iterable of Comparison"):
+            save_results(tmp_path / "bad.json", bad)
+    with pytest.raises(TypeError, match="meta must be a mapping"):
+        save_results(tmp_path / "bad.json", cmps, meta=[("a", 1)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.json"]
+
+
+def test_numpy_and_tensor_scalars_in_meta_are_numbers():
+    np = pytest.importorskip("numpy")
+    meta = {"tokens": np.int64(8192), "scale": np.float32(0.5), "flag": np.bool_(True), "loss": torch.tensor(2.5),
+            "rows": torch.tensor([3]), "shape": torch.Size([2, 3]), "dtype": torch.bfloat16, "big": torch.ones(2)}
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False, meta=meta)
+    doc = json.loads(cmp.to_json())["meta"]
+    assert doc == {"tokens": 8192, "scale": 0.5, "flag": True, "loss": 2.5, "rows": 3, "shape": [2, 3],
+                   "dtype": "torch.bfloat16", "big": str(torch.ones(2))}
+    assert type(doc["tokens"]) is int and type(doc["flag"]) is bool
+
+
+def test_peak_dtype_name_and_meta_are_checked_before_anything_runs():
+    calls = []
+    f = {"f": lambda: calls.append(1)}
+    with pytest.raises(TypeError, match="peak_dtype must be a floating-point torch.dtype or None, got 'bf16'"):
+        compare(f, device="cpu", rep=2, warmup=0, memory=False, flops=10, peak_dtype="bf16")
+    with pytest.raises(TypeError, match="peak_dtype"):
+        compare(f, device="cpu", rep=2, warmup=0, memory=False, flops=10, peak_dtype=torch.int8)
+    with pytest.raises(TypeError, match="name must be a str"):
+        compare(f, device="cpu", rep=2, warmup=0, memory=False, name=3)
+    with pytest.raises(TypeError, match="meta must be a mapping"):
+        compare(f, device="cpu", rep=2, warmup=0, memory=False, meta="shape=4")
+    assert calls == []  # refused before the first call (was: after every contestant had been timed)

@@ -37,3 +37,11 @@ def test_cuda_rooflines_near_datasheet():
         assert 500 < tf < 1000, tf
     else:
         assert bw > 1e10 and tf > 1
+
+
+def test_meta_device_is_refused():
+    # a "copy" of meta tensors takes no time: it reported ~10^14 bytes/s
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        copy_bandwidth("meta", nbytes=1 << 12)
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        matmul_tflops("meta", torch.float32, n=8)

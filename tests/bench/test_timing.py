@@ -231,3 +231,39 @@ def test_numpy_counts_are_numbers():
                 bytes_moved=np.float32(64.0))
     assert m.flops == 32 and m.bytes_moved == 64
     assert type(m.flops) is int and type(m.bytes_moved) is float  # plain Python numbers, as JSON wants
+
+
+def test_fn_name_and_flush_cache_are_checked_by_name():
+    # measure(3) said "contestant 'int' must be callable"; flush_cache="no" switched the flush on
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        measure(3)
+    with pytest.raises(TypeError, match="name must be a str"):
+        measure(lambda: None, name=5, rep=1, warmup=0, memory=False)
+    with pytest.raises(TypeError, match="flush_cache must be a bool, got 'no'"):
+        measure(lambda: None, flush_cache="no", rep=1, warmup=0, memory=False)
+
+
+def test_a_device_no_timer_can_time_is_refused():
+    # meta tensors "ran" in no time: a measured copy of 64 MiB at ~10^14 bytes/s
+    with pytest.raises(ValueError, match="device must be a CPU or CUDA device, got 'meta'"):
+        measure(torch.add, torch.ones(4, device="meta"), 1, rep=1, warmup=0, memory=False)
+    with pytest.raises(ValueError, match="'meta'"):
+        measure(lambda: None, device="meta", rep=1, warmup=0, memory=False)
+
+
+def test_explicit_roofline_counts_of_a_measurement_are_checked():
+    m = Measurement(
+        name="x", median_ms=2.0, p10_ms=1.0, p90_ms=3.0, mean_ms=2.0, min_ms=1.0, times_ms=[2.0],
+        peak_bytes=0, memory_method="skipped", device="cpu", device_name="cpu", dtype=None, versions={},
+        copy_bandwidth=1e9, matmul_peak=1e12,
+    )
+    # pct_copy_bandwidth(-1) printed a negative percentage, achieved_bandwidth("8") a TypeError about '/'
+    for bad in (-1, 0, float("nan"), "8"):
+        with pytest.raises(ValueError, match="bytes_moved"):
+            m.pct_copy_bandwidth(bad)
+        with pytest.raises(ValueError, match="bytes_moved"):
+            m.achieved_bandwidth(bad)
+        with pytest.raises(ValueError, match="flops"):
+            m.pct_matmul_peak(bad)
+    assert m.achieved_bandwidth(4e6) == pytest.approx(4e6 / 2e-3)  # bytes over the median time in seconds
+    assert m.achieved_flops(8e9) == pytest.approx(8e9 / 2e-3)
