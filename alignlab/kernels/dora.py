@@ -199,6 +199,11 @@ def _check_float(**tensors) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
 
 
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
 def _check_factors(shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
     if len(shape) != 2:
         raise ValueError(f"weight must be (out, in), got shape {shape}")
@@ -259,8 +264,7 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
     if factors is not None:
         magnitude, b_master, dtype = factors
         _check_float(magnitude=magnitude, b_master=b_master)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        _check_dtype(dtype)
         if tuple(magnitude.shape) != (N,) or b_master.shape != b.shape:
             raise ValueError(f"magnitude must be ({N},) and b_master {tuple(b.shape)}, got {tuple(magnitude.shape)} "
                              f"and {tuple(b_master.shape)}")
@@ -315,7 +319,12 @@ def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, sc
         magnitude: ``m``, ``(out,)``; b: ``(out, r)``; scale: ``s``; dtype: the compute dtype of ``s·g ⊙ B``.
     Raises:
         ValueError: shapes that do not fit.
+        TypeError: ``norm``, ``magnitude`` or ``b`` not a floating-point tensor, ``dtype`` not a floating-point
+            ``torch.dtype`` (an integer ``m`` was read as is and ``dtype=torch.int32`` truncated ``s·g ⊙ B``, which
+            :func:`dora_norm_and_scales` refused).
     """
+    _check_float(norm=norm, magnitude=magnitude, b=b)
+    _check_dtype(dtype)
     out_f = norm.shape[0] if norm.dim() == 1 else -1
     if norm.dim() != 1 or tuple(magnitude.shape) != (out_f,) or b.dim() != 2 or b.shape[0] != out_f:
         raise ValueError(f"norm and magnitude must be (out,) and b (out, r), got norm {tuple(norm.shape)}, "

@@ -254,3 +254,23 @@ def test_gradients_flow_on_every_path(quant, kernel_mode):
           (u.double() * (v.double() - bias.double())).sum(0) / m.double())
     with torch.no_grad():  # nothing to differentiate: the kernels, as before
         assert not dora_row_norm(weight, a, b, 0.5).requires_grad
+
+
+@pytest.mark.parametrize("bad", ["int magnitude", "int b", "int norm", "int dtype", "str dtype", "list b"])
+def test_dora_scales_checks_types_as_norm_and_scales_does(kernel_mode, bad):
+    """dora_scales took an integer m / norm / B and dtype=torch.int32 (a truncated s·g ⊙ B) on both paths, while
+    dora_norm_and_scales, which computes the same factors, refused them: TypeError naming the argument."""
+    norm, m, b, dtype = torch.rand(6) + 1, torch.rand(6) + 0.5, torch.randn(6, 3), torch.float32
+    if bad == "int magnitude":
+        m = (m * 10).long()
+    elif bad == "int b":
+        b = (b * 10).long()
+    elif bad == "int norm":
+        norm = (norm * 10).long()
+    elif bad == "list b":
+        b = b.tolist()
+    else:
+        dtype = torch.int32 if bad == "int dtype" else "float32"
+    name = {"int magnitude": "magnitude", "int norm": "norm"}.get(bad, "dtype" if "dtype" in bad else "b")
+    with pytest.raises(TypeError, match=name):
+        dora_scales(norm, m, b, 0.5, dtype)
