@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -255,20 +256,47 @@ def _exact(name: str) -> str:
 def _atomic_write(files: dict[Path, object]) -> None:
     """``write(tmp)`` for every ``path: write`` to a fresh file next to ``path``, then rename each over its
     ``path``. Every file is written before any is renamed, so a writer that fails (a full disk) leaves
-    the previous files in place as a matching pair, never new weights beside an old config. Each
+    the previous files in place as a matching pair, never new weights beside an old config. A rename that
+    fails after another went through (Ctrl-C between the two, ``adapter_config.json`` a directory) puts the
+    files already renamed back as they were: each previous file is kept under a second name (a hard link,
+    a copy where the file system has none) until the last rename is done. Each
     writer creates its file, so it gets the permissions that writer gives (the umask's for the config,
     as PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
-    tmps = {path: str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp") for path in files}
+    tag = uuid.uuid4().hex[:12]
+    tmps = {path: str(path.parent / f".{path.name}.{tag}.tmp") for path in files}
+    olds = {path: str(path.parent / f".{path.name}.{tag}.old") for path in files}
+    placed: list[Path] = []
     try:
         for path, write in files.items():
             write(tmps[path])
+        for path in files:
+            if path.is_file() or path.is_symlink():
+                _keep_previous(path, olds[path])
         for path, tmp in tmps.items():
             os.replace(tmp, path)
+            placed.append(path)
     except BaseException:
+        for path in reversed(placed):  # the previous file back, or none where there was none
+            if os.path.lexists(olds[path]):
+                os.replace(olds[path], path)
+            else:
+                os.unlink(path)
         for tmp in tmps.values():
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):
                 os.unlink(tmp)
         raise
+    finally:
+        for old in olds.values():
+            if os.path.lexists(old):
+                os.unlink(old)
+
+
+def _keep_previous(path: Path, old: str) -> None:
+    """``path``'s file also under the name ``old`` (a hard link: no bytes copied; a copy where links fail)."""
+    try:
+        os.link(path, old, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, old, follow_symlinks=False)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
 """PEFT-format save/load: files, atomic writes and every error path."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -354,3 +355,40 @@ def test_saved_files_get_the_permissions_their_writers_give(tmp_path):
     assert (tmp_path / "a" / "adapter_config.json").stat().st_mode & 0o777 == 0o644
     want = (tmp_path / "plain.safetensors").stat().st_mode & 0o777
     assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777 == want
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
+def test_a_rename_failing_after_the_first_puts_the_previous_pair_back(tmp_path, monkeypatch, interrupt):
+    """Ctrl-C (or an error) between the two renames left the new weights (rank 4) beside the old config
+    (rank 2): a pair that no longer loads ("4 key(s) that match no adapted module")."""
+    old = _trained()
+    save_adapter(old, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = inject(make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    import alignlab.adapters.io as io
+
+    replace, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise interrupt("between the renames")
+        return replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", second_fails)
+    with pytest.raises(interrupt, match="between the renames"):
+        save_adapter(new, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp or backup file left
+    torch.testing.assert_close(load_adapter(make_tiny_llama(), tmp_path)(IDS).logits, old(IDS).logits)
+
+
+def test_a_failed_first_save_leaves_no_lone_weights(tmp_path):
+    """No previous adapter, and the config cannot be renamed into place (a directory of that name): the new
+    weights were left alone in the folder, a file with no config."""
+    (tmp_path / "adapter_config.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="adapter_config.json"):
+        save_adapter(_trained(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]
+    assert (tmp_path / "adapter_config.json").is_dir()
+
