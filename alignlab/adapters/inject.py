@@ -121,9 +121,24 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     names += [n for n in (experts(model) if callable(experts) else {}) if n not in names]
     if config.exclude_modules is not None:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
+    saved = _saved_or_inside(model, config)
+    names = [n for n in names if n not in saved]
     if isinstance(config.target_modules, list):
-        _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names))
+        _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names) | saved)
     return _without_attention_out_proj(model, names, all_linear=config.target_modules == "all-linear")
+
+
+def _saved_or_inside(model: nn.Module, config) -> set[str]:
+    """Names of the modules ``config.modules_to_save`` selects and of every module inside them. As in PEFT, they are
+    never adapter targets: a head trained in full needs no LoRA, and PEFT leaves them out of ``target_modules`` matches
+    (``"all-linear"`` on a ``SEQ_CLS`` model, whose ``classifier`` PEFT saves): alignlab wrapped LoRA around such a head
+    and the saved copy around that (``save_adapter``: safetensors' shared-memory error), and PEFT's files for them
+    (RoBERTa's ``classifier.dense`` / ``.out_proj`` in ``target_modules``) failed to load on keys they do not have."""
+    wanted = getattr(config, "modules_to_save", None)
+    if not wanted:
+        return set()
+    saved = [n for n, _ in model.named_modules() if n and saved_module_matches(list(wanted), n)]
+    return {n for n, _ in model.named_modules() if any(n == p or n.startswith(p + ".") for p in saved)}
 
 
 def _without_attention_out_proj(model: nn.Module, names: list[str], all_linear: bool) -> list[str]:
@@ -465,11 +480,34 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
         _set_submodule(model, name, layer.base_layer)
     for name, module in list(_saved_modules(model)):
         active = [n for n in module.active_adapters if n in module.modules_to_save]
+        if active:
+            _untie_saved_copy(model, name, module)
         _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module)
     for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     return model
+
+
+def _untie_saved_copy(model: nn.Module, name: str, module: SavedModule) -> None:
+    """Before ``merge_and_unload`` puts the trained copy of a ``modules_to_save`` module in place of the original: where
+    the original's weight is tied to another module (GPT-2's or Gemma's ``lm_head`` and input embedding, either one
+    saved), the copy is not, so set ``config.tie_word_embeddings = False`` with a warning, as a merge into a tied weight
+    does. Left True, the next ``tie_weights()`` (``resize_token_embeddings``, loaders that honour the flag) put the
+    other module's table back in place of the trained one without a word (logits 2.9 off on a tiny GPT-2)."""
+    mine = {id(p) for p in module.original_module.parameters()}
+    others = sorted({o for o, p in model.named_parameters(remove_duplicate=False)
+                     if id(p) in mine and not o.startswith(name + ".")})
+    if not others:
+        return
+    warnings.warn(f"{name}: its trained copy (modules_to_save) replaces a module tied to {others}; the tie is gone (the "
+                  "other module keeps the original weight), and config.tie_word_embeddings is set to False",
+                  stacklevel=3)
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    for c in (config, get_text() if callable(get_text) else None):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
