@@ -54,6 +54,7 @@ import threading
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, cdiv, launch
@@ -473,9 +474,22 @@ def small_m_matmul(
 
     Returns:
         ``(M, N)`` in ``x2.dtype``.
+
+    Raises:
+        TypeError: ``t`` not an NF4Tensor, ``x2`` not a float32/float16/bfloat16 tensor, ``bias`` not a tensor.
+        ValueError: ``x2`` not ``(M, K)`` with ``K`` the weight's in-features and ``1 <= M <= 64``, a weight
+            whose in-features are not whole blocks, a ``bias`` not ``(N,)``,
+            a ``kernel`` or launch parameter the kernels cannot take (``block_n``, ``nb``, ``num_warps``
+            positive powers of two, ``split``, ``num_stages`` positive ints). A wrong ``K``, a strided last
+            dimension, a negative ``split`` or partial blocks gave wrong numbers without an error.
     """
+    _check_inputs(x2, t, bias)
     M, K = x2.shape
     N = t.shape[0]
+    if x2.stride(1) != 1 and K > 1:  # the kernels read each row as contiguous
+        x2 = x2.contiguous()
+    if bias is not None and bias.stride(0) != 1 and N > 1:
+        bias = bias.contiguous()
     overrides = (kernel, block_n, nb, split, num_warps, num_stages, asm)
     key = _plan_key(M, N, K, x2, t, bias, overrides)
     plan = _PLANS.get(key)
@@ -518,6 +532,34 @@ def small_m_matmul_op(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None 
     traced code (``torch.compile``); no autograd (the weight is frozen, callers handle ``x``'s gradient)."""
     return torch.ops.alignlab.nf4_small_matmul(x2, t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift,
                                                bias, list(t.shape), t.dtype, t.blocksize, t.nested_blocksize)
+
+
+def _check_inputs(x2, t, bias) -> None:
+    """The per-call checks of :func:`small_m_matmul` (the launch plan checks the rest once per shape)."""
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
+    if not isinstance(x2, torch.Tensor) or x2.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x2 must be a float32/float16/bfloat16 tensor, got {getattr(x2, 'dtype', type(x2).__name__)}")
+    if len(t.shape) != 2 or x2.dim() != 2 or x2.shape[1] != t.shape[1]:
+        raise ValueError(f"x2 must be (M, K) for a weight of shape (N, K) = {tuple(t.shape)}, got {tuple(x2.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (t.shape[0],):  # the kernels read N values from its start
+            raise ValueError(f"bias must have shape ({t.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_launch(t: NF4Tensor, K: int, block_n, nb, split, num_warps, num_stages) -> None:
+    """What the kernels take: rows of whole quantization blocks (a partial last block was read as a whole one: wrong
+    numbers), and launch parameters that are positive ints (powers of two where a tile is sized by them)."""
+    if K % t.blocksize:
+        raise ValueError(f"t must hold whole quantization blocks per row, got blocksize {t.blocksize} for {K} "
+                         "in-features (nf4_matmul takes such weights)")
+    for name, v, pow2 in (("block_n", block_n, True), ("nb", nb, True), ("split", split, False),
+                          ("num_warps", num_warps, True), ("num_stages", num_stages, False)):
+        if v is not None and (not is_int(v) or v < 1 or (pow2 and v & (v - 1))):
+            kind = "a positive power of two" if pow2 else "a positive int"
+            raise ValueError(f"{name} must be {kind} or None, got {v!r}")
 
 
 def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overrides: tuple) -> tuple:
@@ -652,6 +694,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         raise ValueError(f"kernel='gemv' takes one row of x, got {M}")
     if not 1 <= M <= MAX_M:
         raise ValueError(f"x2 must have 1..{MAX_M} rows, got {M}")
+    _check_launch(t, K, block_n, nb, split, num_warps, num_stages)
     if asm is None:
         asm = dtype != torch.float32 and torch.version.hip is None
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks

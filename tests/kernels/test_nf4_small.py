@@ -68,6 +68,44 @@ def test_split_fixup_with_bias(kernel, triton_mode):
         assert _rel(y, want) < 1e-5, split
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late"])
+def test_strided_x_and_bias_are_read_as_given(kernel, triton_mode):
+    """A column slice of x (strided last dimension) was read as if contiguous: wrong numbers, no error."""
+    t, x, b, wd = _case(24, 128, 1 if kernel == "gemv" else 3, torch.float32, 64)
+    xs = torch.zeros(x.shape[1], x.shape[0]).t().copy_(x)  # same values, strides (1, M)
+    bs = torch.zeros(2 * b.numel())[::2].copy_(b)
+    assert _rel(small_m_matmul(xs, t, bs, kernel=kernel), x.double() @ wd.T + b.double()) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["wrong K", "3-D x", "float64 x", "dense weight", "partial blocks", "bias shape",
+                                 "split -1", "split 1.5", "block_n 24", "nb 0", "num_warps 3"])
+def test_inputs_and_launch_parameters_are_checked(bad, triton_mode):
+    """small_m_matmul (public, the tuning entry point of benchmarks/nf4_tune.py) read an x of the wrong width
+    or a bias of the wrong length out of bounds, a weight whose rows end in a partial block as whole blocks
+    (values ~1e22) and a negative split as an empty grid (uninitialised output), without an error; a
+    non-power-of-two tile failed inside Triton. Now a TypeError / ValueError naming the argument."""
+    t, x, b, wd = _case(24, 128, 3, torch.float32, 64)
+    kw, bias, want, name = {}, None, ValueError, bad.split()[-1]
+    if bad == "wrong K":
+        x, name = x[:, :64], "x2"
+    elif bad == "3-D x":
+        x, name = x[None], "x2"
+    elif bad == "float64 x":
+        x, want, name = x.double(), TypeError, "x2"
+    elif bad == "dense weight":
+        t, want, name = wd.float(), TypeError, "NF4Tensor"
+    elif bad == "partial blocks":
+        t, x, b, wd = _case(24, 96, 3, torch.float32, 64)
+        name = "whole quantization blocks"
+    elif bad == "bias shape":
+        bias, name = b[:5], "bias"
+    else:
+        key, value = bad.split()
+        kw, name = {key: float(value) if "." in value else int(value)}, key
+    with pytest.raises(want, match=name):
+        small_m_matmul(x, t, bias, **kw)
+
+
 def test_bad_arguments(triton_mode):
     t, x, b, wd = _case(8, 64, 2, torch.float32, 32)
     with pytest.raises(ValueError, match="gemv"):
