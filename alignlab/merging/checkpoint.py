@@ -443,7 +443,8 @@ def merge_checkpoints(
     Args:
         recipe: a :class:`~alignlab.merging.recipe.Recipe`, a mapping in the
             YAML schema, or the path of a YAML file.
-        out_dir: output directory; must not exist (or be empty) unless ``overwrite``.
+        out_dir: output directory; must not exist (or be empty) unless ``overwrite``. A symlink to a
+            directory is followed: the merge replaces the directory it points to, and the link stays.
         overwrite: replace an existing non-empty ``out_dir`` (only after the new
             merge has fully succeeded).
         progress: show a tqdm bar over tensors (silently off without tqdm).
@@ -472,9 +473,13 @@ def merge_checkpoints(
     overwrite, progress, prefetch = (as_bool(v, f) for v, f in ((overwrite, "overwrite"), (progress, "progress"),
                                                                  (prefetch, "prefetch")))
     r = _as_recipe(recipe)
-    out = Path(out_dir)
+    given = out = Path(out_dir)
+    if out.is_symlink() and out.is_dir():
+        # a link to a folder (on a bigger disk, say): the merge goes into that folder and the link stays; it
+        # was replaced by a new folder beside the link, on the link's disk, and the folder kept its old files
+        out = Path(os.path.realpath(out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"out_dir {str(out)!r} exists and is not empty (pass overwrite=True to replace it)")
+        raise FileExistsError(f"out_dir {str(given)!r} exists and is not empty (pass overwrite=True to replace it)")
     ref_path = r.base_model if r.base_model is not None else r.models[0].path
     paths = list(dict.fromkeys([ref_path, *(m.path for m in r.models)]))
 
@@ -496,7 +501,7 @@ def merge_checkpoints(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return out
+    return given
 
 
 def _is_adapter(path: Path) -> bool:

@@ -424,6 +424,31 @@ def test_overwriting_a_file_leaves_no_old_copy(three_models):
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
 
 
+
+def test_a_link_to_a_folder_is_followed_and_kept(three_models):
+    """out_dir a symlink to a folder (on a bigger disk, say): the link was replaced by a new folder beside it (on
+    the link's disk) and the folder it pointed to kept its old files; now the merge goes into that folder."""
+    tmp, _ = three_models
+    (tmp / "disk" / "empty").mkdir(parents=True)
+    (tmp / "disk" / "full").mkdir()
+    (tmp / "disk" / "full" / "old.txt").write_text("stale")
+    (tmp / "work").mkdir()
+    os.symlink(tmp / "disk" / "empty", tmp / "work" / "empty")
+    os.symlink(tmp / "disk" / "full", tmp / "work" / "full")
+    assert merge_checkpoints(recipe(tmp, "linear"), tmp / "work" / "empty") == tmp / "work" / "empty"
+    with pytest.raises(FileExistsError, match="'" + str(tmp / "work" / "full") + "' exists and is not empty"):
+        merge_checkpoints(recipe(tmp, "linear"), tmp / "work" / "full")
+    merge_checkpoints(recipe(tmp, "linear"), str(tmp / "work" / "full"), overwrite=True)
+    names = sorted(p.name for p in (tmp / "disk" / "empty").iterdir())
+    assert "model.safetensors.index.json" in names and "old.txt" not in names
+    for name in ("empty", "full"):
+        assert (tmp / "work" / name).is_symlink()
+        assert sorted(p.name for p in (tmp / "disk" / name).iterdir()) == names  # the merge, no stale old.txt
+        for f in names:
+            assert (tmp / "work" / name / f).read_bytes() == (tmp / "disk" / "empty" / f).read_bytes()
+    assert sorted(p.name for p in (tmp / "work").iterdir()) == ["empty", "full"]
+    assert not [p for p in (tmp / "disk").iterdir() if p.name.startswith(".")]  # no partial or old folder left
+
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
     tmp, _ = three_models
