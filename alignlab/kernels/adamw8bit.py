@@ -77,8 +77,13 @@ if triton is not None:
         v = tl.where(mask, v, 0.0)
         am = tl.max(tl.abs(m), axis=0)
         av = tl.max(v, axis=0)
-        xm = tl.minimum(tl.maximum(m * (1.0 / tl.maximum(am, 1e-38)), -1.0), 1.0)
-        xv = tl.minimum(tl.maximum(v * (1.0 / tl.maximum(av, 1e-38)), -1.0), 1.0)
+        rm = m * (1.0 / tl.maximum(am, 1e-38))
+        rv = v * (1.0 / tl.maximum(av, 1e-38))
+        # A NaN ratio (inf / inf: g^2 overflowed to v = inf) takes the top level, as torch.bucketize puts NaN last
+        # in the reference: v stays inf and the update 0, as in fp32 AdamW. Clamped first, NaN became -1 on the
+        # GPU (max ignores NaN) or stayed NaN (interpreter), code 0 both ways: v = 0 * inf = NaN parameters.
+        xm = tl.where(rm != rm, 1.0, tl.minimum(tl.maximum(rm, -1.0), 1.0))
+        xv = tl.where(rv != rv, 1.0, tl.minimum(tl.maximum(rv, -1.0), 1.0))
         qm = tl.where(am == 0.0, 0, _nearest_level(xm, smid_ptr))
         qv = tl.where(av == 0.0, 0, _nearest_level(xv, umid_ptr))
         tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mask)

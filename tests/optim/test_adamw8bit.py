@@ -87,6 +87,26 @@ def test_triton_step_matches_reference(n, blocksize, dtype, triton_mode, kernel_
     assert (codes.int() - c_ref.int()).abs().max().item() <= 1
 
 
+def test_an_overflowing_second_moment_stays_inf_on_both_paths(kernel_mode):
+    """|g| > 1.8e19 makes g^2, so v, inf: fp32 AdamW then steps by m / inf = 0 and stays finite, and so did the
+    torch reference (inf / inf = NaN is bucketized to the top level, v decodes to inf again). The kernel stored
+    code 0 for it, which decodes to 0 * inf = NaN: every parameter of the block became NaN at the next step."""
+    torch.manual_seed(0)
+    p0 = torch.randn(300)
+    params = [torch.nn.Parameter(p0.clone()) for _ in range(2)]
+    ours = AdamW8bit([params[0]], lr=1e-2, weight_decay=0.1, min_8bit_size=1)
+    fp32 = torch.optim.AdamW([params[1]], lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        g = torch.randn(300, generator=torch.Generator().manual_seed(step)) * 1e30
+        for p, opt in ((params[0], ours), (params[1], fp32)):
+            p.grad = g.clone()
+            opt.step()
+    assert bool(params[0].isfinite().all())
+    torch.testing.assert_close(params[0].detach(), params[1].detach())
+    m, v = dequantize_moments(ours.state[params[0]]["codes"], ours.state[params[0]]["absmax"])
+    assert bool(torch.isinf(v).all()) and bool(m.isfinite().all())
+
+
 def test_optimizer_uses_the_kernel_and_agrees(triton_mode, kernel_device, monkeypatch):
     import alignlab.kernels.adamw8bit as kmod
 
