@@ -389,22 +389,39 @@ def _header_bytes(specs: list[_OutSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None, model_folder: bool) -> None:
-    """Copy the base's non-weight files from ``base_dir`` into ``out`` (``config.json`` with the output dtype).
+def _side_files(base_dir: Path, dtype: torch.dtype | None, model_folder: bool) -> dict[Path, str | None]:
+    """The base's non-weight files in ``base_dir`` to copy, each with its new text (``config.json`` with the
+    output dtype) or ``None`` for a plain copy. Read before the merge: a ``config.json`` that is not JSON failed
+    only after every tensor was merged, with a ``JSONDecodeError`` that named no file.
 
     ``model_folder``: the base was given as this folder, and all of its files are the model's. Otherwise it
     was one weights file, and its folder may be anything (Downloads): only :data:`_MODEL_FOLDER_FILES` come."""
+    out: dict[Path, str | None] = {}
     for src in sorted(base_dir.iterdir()):
         if not src.is_file() or src.name.endswith(_WEIGHT_SUFFIXES) or src.name.endswith(".index.json"):
             continue
         if not model_folder and src.name not in _MODEL_FOLDER_FILES:
             continue
+        out[src] = None
         if src.name == "config.json" and dtype is not None:
-            cfg = json.loads(src.read_text())
-            for key in ("torch_dtype", "dtype"):
-                if key in cfg:
-                    cfg[key] = _TORCH_NAMES[dtype]
-            (out / src.name).write_text(json.dumps(cfg, indent=2) + "\n")
+            try:
+                cfg = json.loads(src.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{src}: not valid JSON ({e}); its torch_dtype cannot be set to the output "
+                                 f"dtype {_TORCH_NAMES[dtype]}") from None
+            if isinstance(cfg, dict):
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = _TORCH_NAMES[dtype]
+            out[src] = json.dumps(cfg, indent=2) + "\n"
+    return out
+
+
+def _copy_side_files(files: dict[Path, str | None], out: Path) -> None:
+    """Write :func:`_side_files` into ``out``: each new text, or a copy of the file."""
+    for src, text in files.items():
+        if text is not None:
+            (out / src.name).write_text(text)
         else:
             shutil.copy2(src, out / src.name)
 
@@ -462,7 +479,8 @@ def merge_checkpoints(
             model or with a different shape (the message names model and tensor); a quantized
             checkpoint (fp8 weights, a float scale beside integer weights, bitsandbytes 4-bit / 8-bit
             state such as ``weight.absmax`` or ``SCB``: dequantize first); a
-            float16 output whose merged values leave float16's range (named, with the largest magnitude).
+            float16 output whose merged values leave float16's range (named, with the largest magnitude); a
+            base ``config.json`` that is not JSON when ``dtype`` changes it (named, before any tensor is merged).
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
         FileNotFoundError: an input checkpoint does not exist.
         TypeError: ``out_dir`` is not a str / ``os.PathLike``, or a flag is not a bool (``overwrite="no"``
@@ -489,14 +507,15 @@ def merge_checkpoints(
         # a PEFT adapter in gives a PEFT adapter out: one adapter_model.safetensors (PEFT reads no shards and no
         # index) beside the copied adapter_config.json; as model shards neither PEFT nor load_adapter found it
         adapter = _is_adapter(ref_path)
+        model_folder = ref_path.is_dir()
+        side = _side_files(ref_path if model_folder else ref_path.parent, r.dtype, model_folder)
         shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
-            model_folder = ref_path.is_dir()
-            _copy_side_files(ref_path if model_folder else ref_path.parent, tmp, r.dtype, model_folder)
+            _copy_side_files(side, tmp)
             _install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

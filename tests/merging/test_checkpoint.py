@@ -449,6 +449,23 @@ def test_a_link_to_a_folder_is_followed_and_kept(three_models):
     assert sorted(p.name for p in (tmp / "work").iterdir()) == ["empty", "full"]
     assert not [p for p in (tmp / "disk").iterdir() if p.name.startswith(".")]  # no partial or old folder left
 
+
+def test_a_base_config_that_is_not_json_is_named_before_the_merge(three_models, monkeypatch):
+    """config.json was parsed (to set the output dtype) only after every tensor was merged, and its
+    JSONDecodeError named no file."""
+    tmp, _ = three_models
+    (tmp / "base" / "config.json").write_text("{")
+    import alignlab.merging.checkpoint as ck
+
+    merged = []
+    real = ck.merge_tensor
+    monkeypatch.setattr(ck, "merge_tensor", lambda *a, **k: merged.append(a[1]) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"base/config\.json: not valid JSON .*torch_dtype .* bfloat16"):
+        merge_checkpoints(recipe(tmp, "linear", dtype="bfloat16"), tmp / "out")
+    assert merged == [] and sorted(p.name for p in tmp.iterdir()) == ["a", "b", "base"]
+    out = merge_checkpoints(recipe(tmp, "linear"), tmp / "out")  # without a dtype to set it is copied as it is
+    assert (out / "config.json").read_text() == "{" and merged
+
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
     tmp, _ = three_models
