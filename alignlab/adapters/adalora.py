@@ -42,7 +42,7 @@ from torch import nn
 
 from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
-from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import check_dropout, check_finite_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_lora_variants, refuse_unsupported
 
@@ -144,6 +144,7 @@ class AdaLoRAConfig:
         target_modules / exclude_modules / dropout: as in ``LoRAConfig``.
         rank_pattern: ``{"<module>.lora_E": [bool] * init_r}`` kept ranks (set when loading a PEFT
             file saved after allocation; such layers hold only the kept ranks).
+        modules_to_save: modules trained in full next to the adapter, as in ``LoRAConfig``.
     Raises:
         ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
             integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1), a NaN,
@@ -167,8 +168,10 @@ class AdaLoRAConfig:
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
     rank_pattern: dict[str, list[bool]] | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.init_r, self.alpha, self.dropout = _check_common(self.init_r, self.alpha, self.dropout, self.target_modules,
                                                               self.exclude_modules, "init_r")
         if not is_int(self.target_r) or not 0 < self.target_r <= self.init_r:
@@ -224,14 +227,14 @@ class AdaLoRAConfig:
             "exclude_modules": None, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
             "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
             "total_step": self.total_step, "rank_pattern": self.rank_pattern, "init_lora_weights": True,
-            "bias": "none", "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": None, "use_rslora": False, "use_dora": False,
+            "bias": "none", "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": self.modules_to_save, "use_rslora": False, "use_dora": False,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
         refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
-                                            ("layers_to_transform", None), ("modules_to_save", None)))
+                                            ("layers_to_transform", None)))
         refuse_lora_variants(raw, "AdaLoRA")
         rank_pattern = raw.get("rank_pattern") or None
         _check_rank_pattern(rank_pattern, "adapter_config.json: rank_pattern")
@@ -242,7 +245,8 @@ class AdaLoRAConfig:
                    beta2=peft_field(raw, "beta2", "number", 0.85),
                    orth_reg_weight=peft_field(raw, "orth_reg_weight", "number", 0.5),
                    target_modules=peft_targets(raw), exclude_modules=raw.get("exclude_modules"),
-                   dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern)
+                   dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern,
+                   modules_to_save=raw.get("modules_to_save") or None)
 
 
 def _svd_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoRALinear]:

@@ -190,6 +190,15 @@ class LoRAConfig:
                           RuntimeWarning, stacklevel=3)
 
 
+def check_modules_to_save(modules_to_save) -> list[str] | None:
+    """``modules_to_save`` as a list of module names (or None); ``TypeError`` naming the argument otherwise."""
+    if modules_to_save is None:
+        return None
+    if not _is_str_list(modules_to_save):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    return list(modules_to_save)
+
+
 def check_dropout(dropout: float) -> float:
     """``dropout`` as a Python float; ``ValueError`` unless it is a real number in [0, 1) (a bool is not)."""
     if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, refuse_float16_merge, set_dense_weight_
-from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_target_spec, name_matches
+from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_modules_to_save, check_target_spec, name_matches
 from alignlab.adapters.inject import _candidates, find_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -124,6 +124,8 @@ class IA3Config:
         feedforward_modules: the subset of targets whose *input* is rescaled (names/suffixes or regex).
         exclude_modules: targets to skip.
         init_ones: ``l = 1`` at the start (identity). ``False`` draws random vectors.
+        modules_to_save: modules trained in full next to the vectors, as in ``LoRAConfig`` (PEFT's files for
+            sequence classifiers list the head, ``["classifier", "score"]``).
     Raises:
         TypeError/ValueError: malformed target specs, feedforward modules that are not targets, or
             an ``init_ones`` that is not a bool.
@@ -135,8 +137,10 @@ class IA3Config:
     feedforward_modules: str | list[str] = field(default_factory=lambda: ["down_proj"])
     exclude_modules: str | list[str] | None = None
     init_ones: bool = True
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self._default_targets = self.target_modules is None
         if self._default_targets:
             self.target_modules = list(DEFAULT_TARGETS)
@@ -194,14 +198,13 @@ class IA3Config:
         return {
             **peft_header("IA3"), "target_modules": sorted(layers),
             "feedforward_modules": sorted(n for n, l in layers.items() if l.feedforward),
-            "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": None, "init_ia3_weights": True,
+            "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": self.modules_to_save, "init_ia3_weights": True,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "IA3Config":
-        refuse_unsupported(raw, "IA3", (("modules_to_save", None),))
         ff = raw.get("feedforward_modules") or []
         return cls(target_modules=peft_targets(raw),
                    feedforward_modules=ff if isinstance(ff, str) else list(ff),
-                   exclude_modules=raw.get("exclude_modules"))
+                   exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save") or None)
 

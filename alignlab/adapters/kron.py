@@ -29,7 +29,8 @@ from torch import nn
 
 from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer
-from alignlab.adapters.config import _pattern_value, as_bool, check_patterns, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import (_pattern_value, as_bool, check_modules_to_save, check_patterns, check_positive_int,
+                                      check_positive_number, check_target_spec)
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -159,6 +160,7 @@ class LoKrConfig:
         decompose_both: also factor ``W₁`` into rank ``r``.
         decompose_factor: bound on the smaller factor of each dimension split (``-1``: balanced).
         init_zero: start at ``ΔW = 0``.
+        modules_to_save: modules trained in full next to the factors, as in ``LoRAConfig``.
     Raises:
         TypeError/ValueError: bad rank, alpha, factor or targets; ``decompose_both`` or ``init_zero``
             that is not a bool.
@@ -176,8 +178,10 @@ class LoKrConfig:
     decompose_both: bool = False
     decompose_factor: int = -1
     init_zero: bool = True
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.r = check_positive_int(self.r, "r")
         self.alpha = check_positive_number(self.alpha, "alpha")
         self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
@@ -204,15 +208,15 @@ class LoKrConfig:
             "exclude_modules": None, "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "decompose_both": self.decompose_both, "decompose_factor": self.decompose_factor, "rank_dropout": 0.0,
             "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "modules_to_save": self.modules_to_save, "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "LoKrConfig":
-        refuse_unsupported(raw, "LoKr", (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None),
-                                         ("modules_to_save", None)))
+        refuse_unsupported(raw, "LoKr", (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None)))
         return cls(r=peft_field(raw, "r", "int"), alpha=peft_field(raw, "alpha", "number", 8.0), target_modules=peft_targets(raw),
                    exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
                    alpha_pattern=dict(raw.get("alpha_pattern") or {}),
                    decompose_both=peft_field(raw, "decompose_both", "bool", False),
-                   decompose_factor=peft_field(raw, "decompose_factor", "int", -1))
+                   decompose_factor=peft_field(raw, "decompose_factor", "int", -1),
+                   modules_to_save=raw.get("modules_to_save") or None)

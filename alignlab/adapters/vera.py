@@ -24,7 +24,7 @@ from torch import nn
 
 from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
-from alignlab.adapters.config import check_dropout, check_finite_number, check_positive_int, check_target_spec
+from alignlab.adapters.config import check_dropout, check_finite_number, check_modules_to_save, check_positive_int, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -140,6 +140,7 @@ class VeRAConfig:
         dropout: dropout on the adapter input.
         d_initial: initial value of the ``d`` vectors (``b`` starts at zero).
         projection_prng_key: seed of the shared random matrices.
+        modules_to_save: modules trained in full next to the vectors, as in ``LoRAConfig``.
     Raises:
         TypeError/ValueError: non-positive rank, bad dropout, a ``d_initial`` that is not a finite
             number, a ``projection_prng_key`` that is not an int in ``[-2⁶³, 2⁶⁴)``, malformed targets.
@@ -153,8 +154,10 @@ class VeRAConfig:
     dropout: float = 0.0
     d_initial: float = 0.1
     projection_prng_key: int = 0
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.r = check_positive_int(self.r, "r")
         self.dropout = check_dropout(self.dropout)
         self.d_initial = check_finite_number(self.d_initial, "d_initial")
@@ -200,16 +203,17 @@ class VeRAConfig:
         return {
             **peft_header("VERA"), "r": self.r, "target_modules": sorted(layers), "vera_dropout": self.dropout,
             "d_initial": self.d_initial, "projection_prng_key": self.projection_prng_key, "save_projection": self._save_projection,
-            "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": None, "init_weights": True,
+            "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": self.modules_to_save, "init_weights": True,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "VeRAConfig":
-        refuse_unsupported(raw, "VeRA", (("bias", "none"), ("layers_to_transform", None), ("modules_to_save", None)))
+        refuse_unsupported(raw, "VeRA", (("bias", "none"), ("layers_to_transform", None)))
         config = cls(r=peft_field(raw, "r", "int"), target_modules=peft_targets(raw),
                      exclude_modules=raw.get("exclude_modules"), dropout=peft_field(raw, "vera_dropout", "number", 0.0),
                      d_initial=peft_field(raw, "d_initial", "number", 0.1),
-                     projection_prng_key=peft_field(raw, "projection_prng_key", "int", 0))
+                     projection_prng_key=peft_field(raw, "projection_prng_key", "int", 0),
+                     modules_to_save=raw.get("modules_to_save") or None)
         config._save_projection = peft_field(raw, "save_projection", "bool", True)
         return config
