@@ -193,7 +193,8 @@ def distill_rows(
         ``(rows,)`` float32 divergence of each row (unscaled).
 
     Raises:
-        ValueError: on mismatched shapes, unsupported dtypes, non-unit vocab stride or an unknown ``kind``.
+        ValueError: on mismatched shapes or devices, unsupported dtypes, non-unit vocab stride, an unknown ``kind``,
+            ``grad_scale`` without ``grad_out``.
     """
     if keep is not None and (keep.shape != student_logits.shape[:1] or keep.dtype != torch.bool):
         raise ValueError(f"keep must be a bool tensor of shape ({student_logits.shape[0]},), got "
@@ -214,6 +215,13 @@ def distill_rows(
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along the vocab dimension")
+    for name, t in (("teacher_logits", teacher_logits), ("grad_scale", grad_scale), ("grad_out", grad_out),
+                    ("keep", keep)):
+        # the kernel takes raw pointers: another device's tensor was read as this one's memory
+        if t is not None and t.device != student_logits.device:
+            raise ValueError(f"{name} must be on the student_logits' device {student_logits.device}, got {t.device}")
+    if grad_scale is not None and grad_out is None:  # it was ignored: no gradient, no error
+        raise ValueError("grad_scale is taken together with grad_out (the gradient's destination)")
     rows, vocab = student_logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
     if rows == 0:

@@ -93,6 +93,11 @@ def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected
             raise ValueError(f"entropy_grad must have shape ({rows},) and come with grad_scale")
         if lse is not None and (expected is None or expected.shape != (rows,)):
             raise ValueError(f"entropy_grad with a saved lse needs the saved expected logits ({rows},)")
+    for name, t in (("labels", labels), ("lse", lse), ("grad_scale", grad_scale), ("expected", expected),
+                    ("entropy_grad", entropy_grad)):
+        # the kernel takes raw pointers: another device's tensor was read as this one's memory
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} must be on the logits' device {logits.device}, got {t.device}")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
     if z_loss < 0.0:
@@ -410,7 +415,7 @@ def chunk_softmax_grad_(
 
     Raises:
         TypeError: labels not int32/int64.
-        ValueError: on mismatched shapes or out-of-range ``smoothing``/``z_loss``/``softcap``.
+        ValueError: on mismatched shapes or devices, or out-of-range ``smoothing``/``z_loss``/``softcap``.
     """
     kernel = use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
     impl = chunk_softmax_grad_triton_ if kernel else chunk_softmax_grad_reference_

@@ -198,3 +198,21 @@ def test_rows_keep_drops_rows_unread(kernel_device, kind):
     torch.testing.assert_close(ref_dz[keep], want_dz[keep])
     with pytest.raises(ValueError, match="keep"):
         distill_rows(s, t, kind, keep=keep[:2])
+
+
+@pytest.mark.parametrize("name", ["teacher_logits", "grad_scale", "grad_out", "keep"])
+def test_distill_rows_refuses_tensors_on_another_device(name):
+    """distill_rows takes raw pointers: a tensor on another device was read as the student's device's memory."""
+    s = torch.randn(3, 10)
+    kw = dict(teacher_logits=s.clone(), grad_scale=torch.ones(3), grad_out=s.clone(), keep=torch.ones(3, dtype=torch.bool))
+    kw[name] = kw[name].to("meta")
+    t = kw.pop("teacher_logits")
+    with pytest.raises(ValueError, match=f"{name} must be on the student_logits' device"):
+        distill_rows(s, t, "jsd", **kw)
+
+
+def test_distill_rows_grad_scale_needs_grad_out():
+    """A grad_scale without grad_out was ignored: no gradient was written and nothing said so."""
+    s = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="grad_out"):
+        distill_rows(s, s.clone(), "jsd", grad_scale=torch.ones(3))

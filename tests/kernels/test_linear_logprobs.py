@@ -116,3 +116,23 @@ def test_linear_logprobs_bf16_cuda(triton_mode):
     assert (out - ref).abs().max().item() < 2e-3
     assert rel(hidden.grad, h32.grad) < 1e-2
     assert rel(weight.grad, w32.grad) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["labels", "lse", "grad_scale", "entropy_grad"])
+def test_tensors_on_another_device_are_refused(name, kernel_mode):
+    """The kernel takes raw pointers, so a tensor on another device was read as the logits' device's memory
+    (a meta one failed deep in the launcher; on the reference path meta labels gave no error at all)."""
+    from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
+
+    kw = dict(grad_scale=torch.ones(3))
+    if name == "lse":
+        kw["lse"] = torch.zeros(3)
+    if name == "entropy_grad":
+        kw["entropy_grad"] = torch.zeros(3)
+    labels = torch.tensor([1, 2, 3])
+    if name == "labels":
+        labels = labels.to("meta")
+    else:
+        kw[name] = kw[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} must be on the logits' device"):
+        chunk_softmax_grad_(torch.randn(3, 10), labels, **kw)
