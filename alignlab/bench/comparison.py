@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignlab._sibling import sibling
 from alignlab.bench.timing import Measurement, format_bytes, library_versions, roofline_count, run_contestants
 
 SCHEMA = "alignlab.bench.comparison/1"
@@ -388,7 +389,7 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     writes (``mkstemp`` made every result 0600, unreadable to the other users of a shared machine).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
     try:
         write(tmp)
         os.replace(tmp, path)

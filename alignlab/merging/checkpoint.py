@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from alignlab._checks import as_bool
+from alignlab._sibling import sibling
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -511,7 +512,7 @@ def merge_checkpoints(
         side = _side_files(ref_path if model_folder else ref_path.parent, r.dtype, model_folder)
         shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp = sibling(out, f"partial-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:
             _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
@@ -818,7 +819,7 @@ def _install(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = sibling(out, f"old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
     try:
         os.rename(tmp, out)

@@ -327,3 +327,13 @@ def test_peak_dtype_name_and_meta_are_checked_before_anything_runs():
     with pytest.raises(TypeError, match="meta must be a mapping"):
         compare(f, device="cpu", rep=2, warmup=0, memory=False, meta="shape=4")
     assert calls == []  # refused before the first call (was: after every contestant had been timed)
+
+
+@pytest.mark.parametrize("stem", ["r" * 250, "结果" * 41])  # 255 and 251 bytes with ".json": valid names
+def test_results_with_long_file_names_are_saved(tmp_path, stem):
+    # the temp file's name was the target's plus 18 characters, past the 255 bytes a name may have
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    name = stem + ".json"
+    path = cmp.save_json(tmp_path / name)
+    assert json.loads(path.read_text())["schema"] == "alignlab.bench.comparison/1"
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -466,6 +466,18 @@ def test_a_base_config_that_is_not_json_is_named_before_the_merge(three_models, 
     out = merge_checkpoints(recipe(tmp, "linear"), tmp / "out")  # without a dtype to set it is copied as it is
     assert (out / "config.json").read_text() == "{" and merged
 
+
+@pytest.mark.parametrize("name", ["n" * 250, "模型" * 41])  # 250 bytes, 246 in UTF-8: valid names
+def test_an_out_dir_with_a_long_name_is_written_and_replaced(three_models, name):
+    """The partial folder's name was out_dir's plus 18 characters: past 255 bytes for a valid out_dir of 250,
+    and the merge failed with "File name too long"."""
+    tmp, _ = three_models
+    (tmp / name).mkdir()
+    (tmp / name / "old.txt").write_text("x")  # replaced: the old folder is renamed aside first, another long name
+    out = merge_checkpoints(recipe(tmp, "linear"), tmp / name, overwrite=True)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(["a", "b", "base", name])
+
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
     tmp, _ = three_models
