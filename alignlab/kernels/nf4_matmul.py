@@ -329,7 +329,8 @@ class _NF4Matmul(torch.autograd.Function):
     :func:`nf4_matmul_t`, ``db = Σ_rows dy``. The small-M and fused kernels return plain tensors, so without it the
     product was differentiable at some row counts and not at others (``M <= 16`` on the Triton path: no
     gradient reached ``x``, silently where another term also depended on it). ``setup_context`` apart, so that
-    ``torch.func`` transforms take it."""
+    ``torch.func`` transforms take it. :class:`~alignlab.quant.NF4Linear` applies it directly in training (its
+    arguments checked already); it saves only references to the packed weight."""
 
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:

@@ -49,30 +49,6 @@ _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
 
 
-class _NF4LinearFn(torch.autograd.Function):
-    """``y = x W^T + b`` with ``W`` frozen NF4; saves only references to the packed weight."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
-        from alignlab.kernels.nf4_matmul import nf4_matmul  # kernels import alignlab.quant.nf4
-
-        return nf4_matmul(x, t, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # a separate setup_context: torch.func.grad / jacrev take it
-        _, bias, t = inputs
-        ctx.t = t
-        ctx.bias_needs_grad = bias is not None and bias.requires_grad
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        from alignlab.kernels.nf4_matmul import nf4_matmul_t
-
-        dx = nf4_matmul_t(dy, ctx.t) if ctx.needs_input_grad[0] else None
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.bias_needs_grad else None
-        return dx, db, None
-
-
 class DequantizedWeight(torch.Tensor):
     """Read-only stand-in for a quantized layer's ``.weight``: the dense weight, rebuilt from the NF4 codes on use.
 
@@ -251,8 +227,10 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         bias_c = None if bias is None else bias.to(self.compute_dtype)
         xc = x.to(self.compute_dtype)
-        if grad:
-            y = _NF4LinearFn.apply(xc, bias_c, t)
+        if grad:  # the product as a function of x and bias (W frozen): saves only references to the packed weight
+            from alignlab.kernels.nf4_matmul import _NF4Matmul
+
+            y = _NF4Matmul.apply(xc, bias_c, t)
         else:  # inference / generation: no autograd bookkeeping per call
             from alignlab.kernels.nf4_matmul import nf4_matmul
 

@@ -329,13 +329,13 @@ def test_quant_weight_object_is_reused_until_a_buffer_changes():
 def test_no_grad_calls_skip_autograd_and_give_the_same_output(dora, quant, monkeypatch, torch_mode):
     """Inference calls run the fused math without an autograd function: same values, no graph."""
     import alignlab.adapters.fused as fused_mod
-    import alignlab.quant.linear as linear_mod
+    import alignlab.kernels.nf4_matmul as nf4_matmul_mod
 
     layer = _qlora_layer(dora) if quant else _bf16_layer(dora)
     x = torch.randn(4, 64 if quant else 48).to(torch.float32 if quant else torch.bfloat16)
     with_grad = layer(x.clone().requires_grad_())
     applied = []
-    for cls in (fused_mod._LoRAFn, fused_mod._DoRAFn, linear_mod._NF4LinearFn):
+    for cls in (fused_mod._LoRAFn, fused_mod._DoRAFn, nf4_matmul_mod._NF4Matmul):
         monkeypatch.setattr(cls, "apply", lambda *a, _o=cls.apply, **k: applied.append(1) or _o(*a, **k))
     with torch.no_grad():
         plain = layer(x)
