@@ -163,6 +163,7 @@ class LoRAConfig:
 
     # -- trainable token rows: checked before any layer is built, added after the LoRA layers -----------
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
+        _warn_embedding_read_elsewhere(model, targets)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import token_row_plan
 
@@ -188,6 +189,31 @@ class LoRAConfig:
                           "'embed_tokens'); a LoRA on the head itself or a head in modules_to_save trains untied here "
                           "(PEFT 0.21 ties those), and save_adapter writes ensure_weight_tying=false",
                           RuntimeWarning, stacklevel=3)
+
+
+def _warn_embedding_read_elsewhere(model: nn.Module, targets: list[str]) -> None:
+    """``RuntimeWarning`` for LoRA on the input embedding when other, untargeted embedding modules hold its table:
+    the update reaches only calls of the targeted module. transformers 5's T5 keeps ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens`` beside ``shared`` over one table, and only they run in forward, so LoRA on ``shared``
+    (as PEFT builds it too) trains nothing and changes no output."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        source = get() if callable(get) else None
+    except NotImplementedError:
+        source = None
+    modules = dict(model.named_modules())
+    for name in targets:
+        emb = modules.get(name)
+        if not isinstance(emb, nn.Embedding) or emb is not source:
+            continue
+        others = [n for n, m in modules.items() if n and n not in targets and m is not emb
+                  and isinstance(m, nn.Embedding) and m.weight is emb.weight]
+        if others:
+            import warnings
+
+            warnings.warn(f"LoRA on the embedding {name!r}: its table is also held by {others}, which keep the frozen "
+                          f"table; the update acts only where {name!r} itself is called (on T5, 'shared' is not: target "
+                          "'embed_tokens' instead)", RuntimeWarning, stacklevel=4)
 
 
 def check_modules_to_save(modules_to_save) -> list[str] | None:
