@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from alignlab._atomic import fsync_dir, fsync_file
 from alignlab._checks import is_int, is_real
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
@@ -259,7 +260,8 @@ def _atomic_write(files: dict[Path, object]) -> None:
     the previous files in place as a matching pair, never new weights beside an old config. A rename that
     fails after another went through (Ctrl-C between the two, ``adapter_config.json`` a directory) puts the
     files already renamed back as they were: each previous file is kept under a second name (a hard link,
-    a copy where the file system has none) until the last rename is done. Each
+    a copy where the file system has none) until the last rename is done. Each new file is fsynced before
+    its rename and the folder after them, so a crash never leaves an empty file where a good one was. Each
     writer creates its file, so it gets the permissions that writer gives (the umask's for the config,
     as PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
     tag = uuid.uuid4().hex[:12]
@@ -269,12 +271,15 @@ def _atomic_write(files: dict[Path, object]) -> None:
     try:
         for path, write in files.items():
             write(tmps[path])
+            fsync_file(tmps[path])  # the bytes on disk before the name: else a crash can leave an empty file
         for path in files:
             if path.is_file() or path.is_symlink():
                 _keep_previous(path, olds[path])
         for path, tmp in tmps.items():
             os.replace(tmp, path)
             placed.append(path)
+        for parent in dict.fromkeys(path.parent for path in files):
+            fsync_dir(parent)
     except BaseException:
         for path in reversed(placed):  # the previous file back, or none where there was none
             if os.path.lexists(olds[path]):

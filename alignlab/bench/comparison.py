@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignlab._sibling import sibling
+from alignlab._atomic import fsync_dir, fsync_file, sibling
 from alignlab.bench.timing import Measurement, format_bytes, library_versions, roofline_count, run_contestants
 
 SCHEMA = "alignlab.bench.comparison/1"
@@ -383,7 +383,8 @@ def save_results(
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
-    """``write(tmp)`` to a fresh name next to ``path``, then rename it over ``path`` (never half-written).
+    """``write(tmp)`` to a fresh name next to ``path``, then rename it over ``path`` (never half-written, nor
+    empty after a crash: the file is fsynced before the rename and the folder after it).
 
     The writer creates the file, so it gets the umask's permissions like any other file the user
     writes (``mkstemp`` made every result 0600, unreadable to the other users of a shared machine).
@@ -392,7 +393,9 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
     try:
         write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -403,8 +406,6 @@ def _atomic_write_text(path: Path, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     return _atomic_write(path, write)
 

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from alignlab._checks import as_bool
-from alignlab._sibling import sibling
+from alignlab._atomic import fsync_dir, fsync_file, sibling
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -517,6 +517,10 @@ def merge_checkpoints(
         try:
             _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
             _copy_side_files(side, tmp)
+            for f in tmp.iterdir():  # the shards are fsynced already; the index and the copied files too
+                if not f.name.endswith(".safetensors"):
+                    fsync_file(f)
+            fsync_dir(tmp)
             _install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -815,9 +819,11 @@ def _write_shards(r: Recipe, ckpts, shards: list[list[_OutSpec]], tmp: Path, pro
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards. The parent folder
+    is fsynced after the rename, so a crash right after the merge finds the new folder in place."""
     if not out.exists():
         os.rename(tmp, out)
+        fsync_dir(out.parent)
         return
     old = sibling(out, f"old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
@@ -826,6 +832,7 @@ def _install(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
+    fsync_dir(out.parent)
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:  # a file (or link) replaced with overwrite=True: rmtree would leave it behind
