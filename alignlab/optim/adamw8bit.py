@@ -108,7 +108,12 @@ def adamw8bit_reference_(
     p32 = p.reshape(-1).float() * decay - step_size * (m / (v.sqrt() / c2 + eps))
     p.copy_(p32.view_as(p))
     for row, (x, code) in enumerate(((m, s), (v, u))):
-        q, a = _quantize_blockwise_8bit(x, blocksize, code)
+        # A NaN moment (from a NaN gradient) spoils its own value only, as in fp32 AdamW and in the kernel, whose
+        # max skips NaN: it takes no part in its block's absmax and is stored at the top level (a NaN ratio goes
+        # last). torch's amax propagated it: the whole block's absmax, so 256 parameters, became NaN.
+        nan = x.isnan()
+        q, a = _quantize_blockwise_8bit(torch.where(nan, 0.0, x), blocksize, code)
+        q = torch.where(nan & (a.repeat_interleave(blocksize)[: x.numel()] != 0), 255, q)
         codes[row].copy_(q)
         absmax[row].copy_(a)
 
