@@ -36,6 +36,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -455,6 +456,16 @@ def _read_config(path: Path) -> dict:
     return raw
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors in safetensors file ``path``; ``ValueError`` naming it when it cannot be read (a truncated or
+    half-copied file raised safetensors' ``SafetensorError`` "incomplete metadata", which named no file)."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); was it truncated or copied only in "
+                         f"part?") from None
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA/rsLoRA/DoRA adapter from ``path`` into ``model`` (in place; returns it).
 
@@ -467,7 +478,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         FileNotFoundError: ``path`` lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
-        ValueError: missing or unexpected keys, or shape mismatches (the key is named); a sharded or
+        ValueError: a weights file safetensors cannot read (truncated; the file is named); missing or
+            unexpected keys, or shape mismatches (the key is named); a sharded or
             DDP-wrapped model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
     _check_model_and_path(model, path)
@@ -483,10 +495,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     check_peft_expert_layout(model, config, raw)
     if is_sharded(model) or wrapped:
         how = "sharded (FSDP2)" if is_sharded(model) else "wrapped in DistributedDataParallel"
-        _load_into_sharded(model, config, load_file(str(root / WEIGHTS_NAME)), adapter_name, how)
+        _load_into_sharded(model, config, _read_weights(root / WEIGHTS_NAME), adapter_name, how)
         return model
     _drop_absent_modules_to_save(model, config)
-    state = load_file(str(root / WEIGHTS_NAME))
+    state = _read_weights(root / WEIGHTS_NAME)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     inject(model, config, adapter_name)
     try:

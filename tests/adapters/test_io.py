@@ -392,3 +392,18 @@ def test_a_failed_first_save_leaves_no_lone_weights(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]
     assert (tmp_path / "adapter_config.json").is_dir()
 
+
+
+@pytest.mark.parametrize("keep", [0, 100, -10])
+def test_a_truncated_weights_file_is_named(tmp_path, keep):
+    """A half-copied adapter_model.safetensors raised safetensors' own error ("incomplete metadata, file not
+    fully covered"), which named no file."""
+    save_adapter(_trained(), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    model = make_tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model as it was
