@@ -107,7 +107,7 @@ def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
 def check_dora_unmergeable(magnitude: torch.Tensor, norm: torch.Tensor, what: str = "") -> None:
     """``ValueError`` if a row has ``m`` 0 and a non-zero norm: the merge zeroed it and its base weights are gone
     (any leading shape, e.g. ``(E, out)`` for experts; ``what`` names the weight in the message)."""
-    lost = (magnitude == 0) & (norm != 0)
+    lost = (magnitude == 0) & (norm.to(magnitude.device) != 0)  # norms kept at merge time stay where they were
     if lost.any():
         rows = [i[0] if len(i) == 1 else tuple(i) for i in lost.nonzero().tolist()]  # (expert, row) for experts
         raise ValueError(f"cannot unmerge{what}: rows {rows[:8]}{' ...' if len(rows) > 8 else ''} have magnitude 0, "
@@ -123,6 +123,7 @@ def dora_unmerged_weight(
     non-zero norm was zeroed by the merge and its weights are gone: ``ValueError`` (nothing is changed).
     """
     m = magnitude.float()
+    norm = norm.to(m.device)  # kept at merge time: the model may have moved since (merge on CPU, unmerge on GPU)
     check_dora_unmergeable(m, norm)
     w = merged.float().clone() if merged.dtype == torch.float32 else merged.float()
     w.mul_((norm.to(m.dtype) / m.masked_fill(m == 0, 1.0)).unsqueeze(1))  # m == 0 here only where norm == 0

@@ -131,3 +131,17 @@ def test_expert_dora_with_a_zero_row():
         torch.testing.assert_close(layer(x, idx, w), ref, rtol=1e-4, atol=1e-5)
         layer.unmerge()
     torch.testing.assert_close(layer.base_layer.down_proj, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("base_kind", ["dense", "nf4"])
+def test_unmerge_after_the_model_moved(base_kind):
+    """The row norms a DoRA merge keeps for its unmerge are plain tensors that ``.to(device)`` does not move:
+    merge on the CPU, move to the GPU, unmerge failed ("Tensor on device cpu is not on the expected device")."""
+    layer = _layer(base_kind).eval()
+    x = torch.randn(5, 64)
+    before = layer(x)
+    layer.merge()
+    layer.cuda()
+    layer.unmerge()
+    torch.testing.assert_close(layer(x.cuda()).cpu(), before, rtol=2e-2 if base_kind == "nf4" else 1e-5, atol=2e-3)
