@@ -48,7 +48,7 @@ from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import max_rows
-from alignlab.kernels.nf4_small import small_m_matmul, small_m_matmul_op, small_m_runner
+from alignlab.kernels.nf4_small import _small_m_matmul, small_m_matmul_op, small_m_runner
 from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
 try:
@@ -304,7 +304,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
     if _takes_small(M, K, t, x2.device):
-        small = small_m_matmul_op if torch.compiler.is_compiling() else small_m_matmul
+        small = small_m_matmul_op if torch.compiler.is_compiling() else _small_m_matmul  # arguments checked above
         return small(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
         w = nf4_dequant(t, x.dtype)

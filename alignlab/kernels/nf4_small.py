@@ -484,13 +484,18 @@ def small_m_matmul(
             dimension, a negative ``split`` or partial blocks gave wrong numbers without an error.
     """
     _check_inputs(x2, t, bias)
+    if x2.stride(1) != 1 and x2.shape[1] > 1:  # the kernels read each row as contiguous
+        x2 = x2.contiguous()
+    if bias is not None and bias.stride(0) != 1 and t.shape[0] > 1:
+        bias = bias.contiguous()
+    return _small_m_matmul(x2, t, bias, (kernel, block_n, nb, split, num_warps, num_stages, asm))
+
+
+def _small_m_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, overrides: tuple = (None,) * 7):
+    """:func:`small_m_matmul` on arguments checked already (contiguous rows and bias): what ``nf4_matmul`` and the
+    custom op call, so the per-call checks run once per product, not twice (host time per decode call)."""
     M, K = x2.shape
     N = t.shape[0]
-    if x2.stride(1) != 1 and K > 1:  # the kernels read each row as contiguous
-        x2 = x2.contiguous()
-    if bias is not None and bias.stride(0) != 1 and N > 1:
-        bias = bias.contiguous()
-    overrides = (kernel, block_n, nb, split, num_warps, num_stages, asm)
     key = _plan_key(M, N, K, x2, t, bias, overrides)
     plan = _PLANS.get(key)
     if plan is None:
@@ -519,7 +524,7 @@ def _small_m_op(x2: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nest
     t = NF4Tensor(data=data, absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
                   nested_absmax=nested_absmax, nested_offset=nested_offset, shift=shift,
                   nested_blocksize=nested_blocksize)
-    return small_m_matmul(x2, t, bias)
+    return _small_m_matmul(x2, t, bias)  # called by nf4_matmul, which checked the arguments
 
 
 @_small_m_op.register_fake
