@@ -251,6 +251,24 @@ def _ties_something(model: nn.Module, adapter_name: str) -> bool:
                for _, l in adapter_layers(model))
 
 
+def _warn_heads_peft_leaves_untied(model: nn.Module, adapter_name: str) -> None:
+    """``RuntimeWarning`` when the adapter ties a head to a LoRA embedding PEFT does not tie: PEFT (0.21) ties only an
+    embedding named ``embed_tokens`` and drops the head's keys of any other (GPT-2's ``wte``) without a word about
+    them, so it loads such a file with the head's update missing (logits 22 off on a tiny GPT-2)."""
+    from alignlab.adapters.embedding import TiedLoRAHead
+
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, TiedLoRAHead) and adapter_name in layer.adapter_names():
+            source = next((n for n, m in model.named_modules() if m is layer.source), "")
+            if source.split(".")[-1] != "embed_tokens":
+                import warnings
+
+                warnings.warn(f"adapter {adapter_name!r}: the head {name!r} carries the LoRA of the embedding {source!r} "
+                              "(ensure_weight_tying), which PEFT does not tie (it ties only an embedding named "
+                              "'embed_tokens'): PEFT loads this file without the head's update, so its outputs differ; "
+                              "load_adapter reads it as saved", RuntimeWarning, stacklevel=3)
+
+
 def _exact(name: str) -> str:
     return "^" + name.replace(".", r"\.")
 
@@ -353,6 +371,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     out = Path(path)
     state = adapter_state_dict(model, adapter_name)
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
+    _warn_heads_peft_leaves_untied(model, adapter_name)
     identity = _model_identity(model)
     if not _holds_task_heads(model, identity.get("task_type"), raw.get("modules_to_save")):
         identity.pop("task_type")
