@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from alignlab._checks import is_finite_real, is_real
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import next_power_of_2
 
@@ -194,13 +195,18 @@ def distill_rows(
 
     Raises:
         ValueError: on mismatched shapes or devices, unsupported dtypes, non-unit vocab stride, an unknown ``kind``,
-            ``grad_scale`` without ``grad_out``.
+            ``grad_scale`` without ``grad_out``, a ``temperature`` that is not a finite number > 0, a ``beta``
+            outside [0, 1].
     """
     if keep is not None and (keep.shape != student_logits.shape[:1] or keep.dtype != torch.bool):
         raise ValueError(f"keep must be a bool tensor of shape ({student_logits.shape[0]},), got "
                          f"{keep.dtype} of shape {tuple(keep.shape)}")
     if kind not in KIND_CODES:
         raise ValueError(f"kind must be one of {sorted(KIND_CODES)}, got {kind!r}")
+    if not is_finite_real(temperature) or temperature <= 0:  # 0 was a ZeroDivisionError, a negative one accepted
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not is_real(beta) or not 0.0 <= beta <= 1.0:  # the JSD mixture weight; NaN fails the range
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     floats = (torch.float32, torch.float16, torch.bfloat16)
     if student_logits.dim() != 2 or student_logits.dtype not in floats:
         raise ValueError(

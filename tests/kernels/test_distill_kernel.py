@@ -216,3 +216,13 @@ def test_distill_rows_grad_scale_needs_grad_out():
     s = torch.randn(3, 10)
     with pytest.raises(ValueError, match="grad_out"):
         distill_rows(s, s.clone(), "jsd", grad_scale=torch.ones(3))
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=-1.0), dict(temperature=float("nan")),
+                                dict(beta=1.5), dict(beta=-0.1), dict(beta=float("nan")), dict(beta="0.5")])
+def test_distill_rows_checks_temperature_and_beta(kw):
+    """temperature=0 was a ZeroDivisionError and a negative one ran; a beta outside [0, 1] weighted the JSD mixture
+    with a negative share: ValueError naming them, as the losses above it say."""
+    s = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        distill_rows(s, s.clone(), "jsd", **kw)
