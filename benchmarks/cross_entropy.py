@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 import alignlab.kernels.linear_logprobs as lk
+from alignlab.bench import write_json
 from alignlab.losses.cross_entropy import linear_cross_entropy
 from alignlab.losses.logprobs import linear_logprobs
 
@@ -258,9 +257,9 @@ def main() -> None:
         phases=phases,
         linear_logprobs=lp_rows,
     )
-    _write_json(args.out, result)
+    write_json(args.out, result)
     if os.environ.get("OUT"):
-        _write_json(os.path.join(os.environ["OUT"], "cross_entropy.json"), result)
+        write_json(os.path.join(os.environ["OUT"], "cross_entropy.json"), result)
 
     print(f"\n{result['device']} | bf16 matmul {tflops:.0f} TFLOP/s | copy {gbps:.0f} GB/s | "
           f"floor (3 matmuls) {floor_ms:.1f} ms | cuBLAS full-size matmuls {sum(mm):.1f} ms {[round(x, 1) for x in mm]}")
@@ -292,14 +291,6 @@ def _version(mod: str) -> str | None:
             return version(mod.replace("_", "-"))
         except Exception:
             return None
-
-
-def _write_json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from alignlab.bench import compare, library_versions
+from alignlab.bench import compare, library_versions, write_json
 from alignlab.losses.fused_rl import fused_linear_grpo
 from alignlab.losses.reward import grpo_loss
 
@@ -81,14 +78,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def naive_token_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax((hidden @ weight.t()).float(), dim=-1)
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-
-def atomic_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def load_liger(skip: bool):
@@ -253,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
 
-    atomic_json(args.out, report)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return report
 

@@ -29,14 +29,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from alignlab.bench import compare, library_versions, matmul_tflops
+from alignlab.bench import compare, library_versions, matmul_tflops, write_json
 from alignlab.losses.fused_preference import fused_linear_dpo
 from alignlab.losses.preference import dpo_loss
 
@@ -53,14 +50,6 @@ def naive_seq_logps(hidden, weight, labels):
     valid = labels != -100
     tok = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1) * valid
     return tok.sum(-1)
-
-
-def atomic_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -231,7 +220,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache() if dev == "cuda" else None
 
-    atomic_json(args.out, report)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -40,3 +40,20 @@ def test_cpu_dry_run(bench, tmp_path, torch_mode):
                               "alignlab fused_linear_grpo +entropy"}
         ours = names["alignlab fused_linear_grpo"]
         assert ours["grad_hidden_rel"] < 1e-5 and ours["grad_weight_rel"] < 1e-5 and ours["loss_abs_err"] < 1e-5
+
+
+def test_the_report_is_readable_and_nothing_is_left_behind(bench, tmp_path, torch_mode):
+    """The script wrote its report through mkstemp: a 0600 file, unreadable to the other users of the machine
+    (and the temp file left behind when the write failed); now alignlab.bench.write_json."""
+    import os
+
+    out = tmp_path / "sub" / "grpo.json"
+    old = os.umask(0o022)
+    try:
+        bench.main(["--device", "cpu", "--completions", "2", "--seq", "4", "--hidden", "8", "--vocab", "16",
+                    "--rep", "1", "--warmup", "1", "--no-liger", "--out", str(out)])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["grpo.json"]
+    assert json.loads(out.read_text())["shape"]["rows"] == 8

@@ -8,7 +8,7 @@
 See ``docs/benchmarking.md``.
 """
 
-from alignlab.bench.comparison import Comparison, compare, save_results
+from alignlab.bench.comparison import Comparison, compare, save_results, write_json
 from alignlab.bench.roofline import copy_bandwidth, matmul_tflops
 from alignlab.bench.timing import Measurement, format_bytes, library_versions, measure
 
@@ -22,4 +22,5 @@ __all__ = [
     "matmul_tflops",
     "measure",
     "save_results",
+    "write_json",
 ]

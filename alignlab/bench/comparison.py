@@ -382,6 +382,22 @@ def save_results(
     return _atomic_write_text(Path(path), json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
+def write_json(path: str | os.PathLike, doc: Any) -> Path:
+    """Write ``doc`` to ``path`` as indented JSON, atomically (temp file, fsync, rename; parent folders created).
+
+    For a script's own results beside :func:`save_results`: values are converted as in a :class:`Comparison`'s
+    JSON (non-finite floats to ``null``, NumPy scalars to numbers, dtypes and other objects to strings), and
+    the file gets the umask's permissions (the benchmarks' ``mkstemp`` made theirs 0600 and left the temp
+    file behind when the write failed).
+
+    Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return _atomic_write_text(Path(path), json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+
+
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     """``write(tmp)`` to a fresh name next to ``path``, then rename it over ``path`` (never half-written, nor
     empty after a crash: the file is fsynced before the rename and the folder after it).

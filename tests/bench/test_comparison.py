@@ -337,3 +337,30 @@ def test_results_with_long_file_names_are_saved(tmp_path, stem):
     path = cmp.save_json(tmp_path / name)
     assert json.loads(path.read_text())["schema"] == "alignlab.bench.comparison/1"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_write_json_is_atomic_readable_and_strict(tmp_path, umask):
+    # the benchmarks wrote their own reports through mkstemp: 0600 files, and the temp file left behind on error
+    np = pytest.importorskip("numpy")
+    from alignlab.bench import write_json
+
+    old = os.umask(umask)
+    try:
+        path = write_json(tmp_path / "sub" / "report.json", {"ms": float("nan"), "n": np.int64(3),
+                                                            "dtype": torch.bfloat16, "shape": (2, 3)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert json.loads(path.read_text()) == {"ms": None, "n": 3, "dtype": "torch.bfloat16", "shape": [2, 3]}
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        write_json(None, {})
+
+    class Unwritable:
+        def __str__(self):
+            raise RuntimeError("cannot describe myself")
+
+    before = path.read_text()
+    with pytest.raises(RuntimeError, match="cannot describe"):
+        write_json(path, {"x": Unwritable()})
+    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["report.json"]
