@@ -166,8 +166,8 @@ class _EagerLinearLoss(torch.autograd.Function):
         tok = scatter_rows(tgt - lse, index, n_rows).view(labels.shape)
         with torch.enable_grad():
             leaf = tok.detach().requires_grad_(True)
-            loss, metrics = loss_fn(leaf)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            loss, metrics = _loss_and_metrics(loss_fn(leaf))
+            if loss.dim() != 0:
                 raise ValueError("eager=True needs a scalar loss (reduction='mean' or 'sum')")
             (g_tok,) = torch.autograd.grad(loss, leaf, allow_unused=True)
         aux.update(metrics)
@@ -242,12 +242,24 @@ def fused_linear_preference(
 
     Raises:
         ValueError/TypeError: bad shapes/dtypes (as ``linear_logprobs``), a negative ``resident_bytes``,
-            a non-scalar loss with ``eager``; ``eager`` not a bool (TypeError).
+            a non-scalar loss with ``eager``; ``eager`` not a bool, ``loss_from_token_logps`` not callable or not
+            returning ``(loss, metrics)`` (TypeError).
     """
     _check_3d(hidden)
     check_linear_inputs(hidden, weight, labels, bias, chunk_size)
+    if not callable(loss_from_token_logps):
+        raise TypeError(f"loss_from_token_logps must be callable, got {type(loss_from_token_logps).__name__}")
     return _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk_size, ignore_index, eager,
                              resident_bytes)
+
+
+def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
+    """``loss_from_token_logps``' result, which must be ``(loss tensor, metrics dict)`` on both schedules (a bare
+    loss came back as is from the lazy one and failed without a name in the eager one)."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and isinstance(out[1], dict)):
+        raise TypeError("loss_from_token_logps must return (loss, metrics): a tensor and a dict (may be empty), got "
+                        f"{type(out).__name__}")
+    return out
 
 
 def _eager_with_grad(eager: bool, *tensors: torch.Tensor | None) -> bool:
@@ -264,7 +276,7 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
         raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     if not _eager_with_grad(eager, hidden, weight, bias):
         tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
-        return loss_from_token_logps(tok)
+        return _loss_and_metrics(loss_from_token_logps(tok))
     if resident_bytes is None:
         resident_bytes = _DEFAULT_RESIDENT_BYTES
     aux: dict[str, torch.Tensor] = {}

@@ -404,3 +404,22 @@ def test_bad_arguments_are_named_before_any_work(schedule):
         extra = dict(kl=0.0) if loss is fused_linear_kto else {}
         with pytest.raises(TypeError, match="ref_bias"):
             loss(hidden, weight, labels, *args, ref_hidden=hidden.detach(), ref_bias=[0.0] * V, **extra, **kw)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_generic_loss_must_return_loss_and_metrics(eager):
+    """loss_from_token_logps returning a bare loss came back as is from the lazy schedule (the caller's unpacking
+    failed later) and failed without a name in the eager one; a non-callable failed inside the chunk loop."""
+    from alignlab.losses.fused_preference import fused_linear_preference
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 11, (2, 5))
+    with pytest.raises(TypeError, match=r"must return \(loss, metrics\)"):
+        fused_linear_preference(h, w, y, lambda t: t.sum(), eager=eager)
+    with pytest.raises(TypeError, match="must be callable"):
+        fused_linear_preference(h, w, y, "dpo", eager=eager)
+    loss, metrics = fused_linear_preference(h, w, y, lambda t: (t.sum(), {"n": t.new_ones(())}), eager=eager)
+    torch.testing.assert_close(loss, (torch.log_softmax(h @ w.T, -1).gather(-1, y[..., None])).sum())
+    assert set(metrics) == {"n"}
