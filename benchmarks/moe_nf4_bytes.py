@@ -13,12 +13,14 @@ of offset per expert matrix). Writes ``benchmarks/results/moe_nf4_bytes.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from alignlab.bench import write_json
 from alignlab.quant import NF4Experts
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "moe_nf4_bytes.json"
 
 # (name, transformers experts class, config kwargs, experts in the real block)
 MODELS = {
@@ -52,8 +54,9 @@ def experts_module(kind: str, shape: dict, experts: int):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts-measured", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="one tiny shape, to check the script")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_nf4_bytes.json")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape, to check the script (no JSON unless --out)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON report (default benchmarks/results/moe_nf4_bytes.json; with --quick none)")
     args = ap.parse_args(argv)
     rows = {}
     for name, (kind, shape, block_experts) in (QUICK if args.quick else MODELS).items():
@@ -76,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"NF4 {r['block_nf4_bytes'] / 2**20:8.1f} MiB  ratio {r['ratio']:.4f} (formula {r['formula_ratio']:.4f})",
               flush=True)
         del module, q
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.quick:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    # --quick alone must not overwrite the committed results; an --out given with it was ignored without a word
+    out = args.out if args.out is not None else None if args.quick else DEFAULT_OUT
+    if out is not None:
+        write_json(out, rows)
+        print(f"wrote {out}")
     return rows
 
 
