@@ -52,6 +52,16 @@ class Comparison:
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
 
+    def __post_init__(self) -> None:
+        # checked here, not at the first table(): a baseline that is no contestant was a KeyError there
+        if not isinstance(self.results, Mapping) or not self.results:
+            raise TypeError(f"results must be a non-empty mapping of name -> Measurement, got {self.results!r}")
+        for key, m in self.results.items():
+            if not isinstance(m, Measurement):
+                raise TypeError(f"results[{key!r}] must be a Measurement, got {type(m).__name__}")
+        if self.baseline not in self.results:
+            raise ValueError(f"baseline must be one of {list(self.results)}, got {self.baseline!r}")
+
     def __getitem__(self, name: str) -> Measurement:
         return self.results[name]
 

@@ -364,3 +364,14 @@ def test_write_json_is_atomic_readable_and_strict(tmp_path, umask):
     with pytest.raises(RuntimeError, match="cannot describe"):
         write_json(path, {"x": Unwritable()})
     assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_a_comparison_built_by_hand_is_checked():
+    # Comparison(results, baseline="b") with no contestant "b" failed only at table(), with KeyError: 'b'
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    with pytest.raises(ValueError, match=r"baseline must be one of \['a'\], got 'b'"):
+        Comparison(results=cmp.results, baseline="b")
+    with pytest.raises(TypeError, match="results must be a non-empty mapping"):
+        Comparison(results={}, baseline="a")
+    with pytest.raises(TypeError, match=r"results\['a'\] must be a Measurement, got dict"):
+        Comparison(results={"a": cmp["a"].to_dict()}, baseline="a")
