@@ -493,6 +493,10 @@ def merge_checkpoints(
                                                                  (prefetch, "prefetch")))
     r = _as_recipe(recipe)
     given = out = Path(out_dir)
+    if out.name in ("", ".."):
+        # "." (merging into the empty folder one is in) or "..": named, as the parent's entry that is renamed
+        # aside and replaced; "." itself cannot be renamed ("Device or resource busy" after the whole merge)
+        out = Path(os.path.abspath(out))
     if out.is_symlink() and out.is_dir():
         # a link to a folder (on a bigger disk, say): the merge goes into that folder and the link stays; it
         # was replaced by a new folder beside the link, on the link's disk, and the folder kept its old files

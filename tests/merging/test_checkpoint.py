@@ -478,6 +478,21 @@ def test_an_out_dir_with_a_long_name_is_written_and_replaced(three_models, name)
     assert (out / "model.safetensors.index.json").is_file() and not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp.iterdir()) == sorted(["a", "b", "base", name])
 
+
+def test_merging_into_the_current_folder(three_models, monkeypatch):
+    """out_dir "." (cd into a new empty folder, merge into it): the whole merge ran, then renaming "." aside failed
+    with "Device or resource busy"."""
+    tmp, _ = three_models
+    (tmp / "merged").mkdir()
+    monkeypatch.chdir(tmp / "merged")
+    assert merge_checkpoints(recipe(tmp, "linear"), ".") == Path(".")
+    assert (tmp / "merged" / "model.safetensors.index.json").is_file()
+    (tmp / "merged" / "sub").mkdir()
+    monkeypatch.chdir(tmp / "merged" / "sub")
+    with pytest.raises(FileExistsError, match="'..' exists and is not empty"):
+        merge_checkpoints(recipe(tmp, "linear"), "..")
+    assert sorted(p.name for p in tmp.iterdir()) == ["a", "b", "base", "merged"]
+
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
     tmp, _ = three_models
