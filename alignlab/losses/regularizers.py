@@ -169,6 +169,15 @@ def estimate_fisher(
     return fisher
 
 
+def _check_tensor_mapping(mapping: Any, arg: str) -> None:
+    if not isinstance(mapping, Mapping):
+        hint = " (dict(model.named_parameters()) for a model)" if isinstance(mapping, nn.Module) else ""
+        raise TypeError(f"{arg} must be a mapping {{name: tensor}}{hint}, got {type(mapping).__name__}")
+    for name, t in mapping.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+
+
 def ewc_penalty(
     params: Mapping[str, torch.Tensor],
     anchor: Mapping[str, torch.Tensor],
@@ -186,12 +195,17 @@ def ewc_penalty(
     Returns:
         scalar tensor (0 when ``fisher`` is empty).
 
+    The sum runs in at least float32 (the parameters' dtype if wider), also for a bf16 model.
+
     Raises:
         ValueError: a name of ``fisher`` missing from ``params``/``anchor``, a shape mismatch, ``lam < 0``.
+        TypeError: ``params``, ``anchor`` or ``fisher`` not a mapping of tensors.
     """
     if not is_finite_real(lam) or lam < 0:  # a NaN lam would pass "< 0" and poison the loss
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     lam = float(lam)
+    for label, m in (("params", params), ("anchor", anchor), ("fisher", fisher)):
+        _check_tensor_mapping(m, label)
     total = None
     for name, f in fisher.items():
         if name not in params or name not in anchor:
@@ -199,11 +213,27 @@ def ewc_penalty(
         p, a = params[name], anchor[name]
         if p.shape != f.shape or a.shape != f.shape:
             raise ValueError(f"shape mismatch for {name!r}: param {tuple(p.shape)}, anchor {tuple(a.shape)}, fisher {tuple(f.shape)}")
-        term = (f.to(p.device) * (p - a.to(p.device, p.dtype).detach()).square().to(f.dtype)).sum()
+        # in at least float32, whatever the three dtypes: a bf16 difference squared in bf16 lost bits, and an
+        # integer Fisher truncated the squared difference to an integer (0 for a small step)
+        dtype = torch.promote_types(torch.promote_types(p.dtype, f.dtype), torch.float32)
+        diff = p.to(dtype) - a.detach().to(p.device, dtype)
+        term = (f.to(p.device, dtype) * diff.square()).sum()
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
     return 0.5 * lam * total
+
+
+def _check_fisher_values(name: str, f: torch.Tensor) -> None:
+    """A Fisher is a mean of squares: a NaN, an inf or a negative entry would poison or invert the penalty."""
+    if f.is_complex() or f.dtype == torch.bool:
+        raise TypeError(f"fisher[{name!r}] must be a real-valued tensor, got dtype {f.dtype}")
+    if f.is_meta:
+        raise ValueError(f"fisher[{name!r}] is on the meta device: it has no values")
+    if f.is_floating_point() and not bool(torch.isfinite(f).all()):
+        raise ValueError(f"fisher[{name!r}] has NaN or infinite entries")
+    if bool((f < 0).any()):
+        raise ValueError(f"fisher[{name!r}] has negative entries; a diagonal Fisher is >= 0")
 
 
 class EWC:
@@ -219,7 +249,9 @@ class EWC:
         lam: ``lambda >= 0``.
 
     Raises:
-        ValueError: as :func:`ewc_penalty`, checked at construction.
+        ValueError: as :func:`ewc_penalty`, checked at construction; a Fisher entry that is negative, NaN or
+            infinite somewhere (e.g. from an overflowing fp16 estimate); a parameter on the meta device.
+        TypeError: ``fisher`` not a mapping of real-valued tensors.
     """
 
     def __init__(self, model: nn.Module, fisher: Mapping[str, torch.Tensor], lam: float = 1.0):
@@ -232,12 +264,18 @@ class EWC:
         self._set(model, fisher)
 
     def _set(self, model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_tensor_mapping(fisher, "fisher")
         params = dict(model.named_parameters())
         for name, f in fisher.items():
             if name not in params:
                 raise ValueError(f"fisher names parameter {name!r}, which the model does not have")
             if params[name].shape != f.shape:
                 raise ValueError(f"fisher[{name!r}] has shape {tuple(f.shape)}, parameter has {tuple(params[name].shape)}")
+            if params[name].is_meta:
+                raise ValueError(f"parameter {name!r} is on the meta device: it has no values to anchor to")
+            _check_fisher_values(name, f)
             self._fisher[name] = f.detach().clone()
             self._anchor[name] = params[name].detach().clone()
 
@@ -282,9 +320,21 @@ class EWC:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        if set(state) != {"lam", "fisher", "anchor"}:
-            raise ValueError("state must have keys 'lam', 'fisher', 'anchor'")
-        self.lam = float(state["lam"])
+        if not isinstance(state, Mapping) or set(state) != {"lam", "fisher", "anchor"}:
+            raise ValueError("state must be a mapping with keys 'lam', 'fisher', 'anchor'")
+        lam = state["lam"]
+        if not is_finite_real(lam) or lam < 0:
+            raise ValueError(f"state['lam'] must be a finite number >= 0, got {lam!r}")
+        _check_tensor_mapping(state["fisher"], "state['fisher']")
+        _check_tensor_mapping(state["anchor"], "state['anchor']")
+        if set(state["fisher"]) != set(state["anchor"]):
+            raise ValueError("state['fisher'] and state['anchor'] must name the same parameters")
+        for name, f in state["fisher"].items():
+            if f.shape != state["anchor"][name].shape:
+                raise ValueError(f"state['fisher'][{name!r}] has shape {tuple(f.shape)}, "
+                                 f"state['anchor'][{name!r}] has {tuple(state['anchor'][name].shape)}")
+            _check_fisher_values(name, f)
+        self.lam = float(lam)
         self._fisher = {k: v.clone() for k, v in state["fisher"].items()}
         self._anchor = {k: v.clone() for k, v in state["anchor"].items()}
         self.names = list(self._fisher)

@@ -222,3 +222,49 @@ def test_fisher_is_estimated_without_dropout_and_the_modes_are_restored():
     for name in want:
         torch.testing.assert_close(first[name], want[name])
         torch.testing.assert_close(second[name], want[name])
+
+
+def test_ewc_penalty_sums_in_float32_for_bf16_params_and_integer_fishers():
+    """The penalty squared the difference in the parameter's dtype, then cast it to the Fisher's: a bf16 model
+    lost bits in every square (about 1e-3 of the penalty here), and an integer Fisher truncated each squared
+    difference to an integer, so a step smaller than 1 cost nothing."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    anchor = {"w": (w.detach().float() + 0.05 * torch.randn(64, 64, generator=g)).to(torch.bfloat16)}
+    fisher = {"w": torch.rand(64, 64, generator=g)}
+    pen = ewc_penalty({"w": w}, anchor, fisher, lam=2.0)
+    d = w.detach().double() - anchor["w"].double()
+    want = (fisher["w"].double() * d.square()).sum()
+    assert pen.dtype == torch.float32
+    torch.testing.assert_close(pen.double(), want, rtol=1e-6, atol=0)
+    pen.backward()
+    assert w.grad.dtype == torch.bfloat16
+
+    model, _, _ = _softmax_regression()
+    counts = {"weight": torch.full((4, 3), 3, dtype=torch.long)}  # an importance given as integer counts
+    ewc = EWC(model, counts, lam=1.0)
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    assert ewc.penalty(model).item() == pytest.approx(0.5 * 3 * 0.01 * 12)
+
+
+def test_ewc_refuses_fishers_that_are_not_tensors_of_finite_nonnegative_numbers():
+    model, _, _ = _softmax_regression()
+    for bad in ({"weight": torch.full((4, 3), float("nan"))}, {"weight": -torch.ones(4, 3)},
+                {"weight": torch.full((4, 3), float("inf"))}):
+        with pytest.raises(ValueError, match=r"fisher\['weight'\]"):
+            EWC(model, bad)
+    with pytest.raises(TypeError, match="fisher must be a mapping"):
+        EWC(model, "weight")
+    with pytest.raises(TypeError, match=r"fisher\['weight'\] must be a torch.Tensor"):
+        EWC(model, {"weight": [[1.0] * 3] * 4})
+    with pytest.raises(TypeError, match=r"params must be a mapping .*named_parameters"):
+        ewc_penalty(model, {}, {})
+    ewc = EWC(model, {"weight": torch.ones(4, 3, dtype=torch.float64)})
+    state = ewc.state_dict()
+    for key, value, match in (("lam", "x", "lam"), ("lam", float("nan"), "lam"),
+                              ("anchor", {}, "same parameters"),
+                              ("fisher", {"weight": -torch.ones(4, 3)}, "negative")):
+        with pytest.raises(ValueError, match=match):
+            ewc.load_state_dict({**state, key: value})
+    assert ewc.lam == 1.0 and set(ewc.anchor) == {"weight"}  # a refused state leaves the object as it was
