@@ -476,7 +476,7 @@ def merge_checkpoints(
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: unknown method, bad parameters, a tensor missing from a
+        ValueError: ``out_dir`` is an empty string; unknown method, bad parameters, a tensor missing from a
             model or with a different shape (the message names model and tensor); a quantized
             checkpoint (fp8 weights, a float scale beside integer weights, bitsandbytes 4-bit / 8-bit
             state such as ``weight.absmax`` or ``SCB``: dequantize first); a
@@ -489,6 +489,8 @@ def merge_checkpoints(
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
+    if not os.fspath(out_dir):  # Path("") is ".": with overwrite=True, the folder one is in would be replaced
+        raise ValueError("out_dir must name a folder, got an empty path (write '.' for the current folder)")
     overwrite, progress, prefetch = (as_bool(v, f) for v, f in ((overwrite, "overwrite"), (progress, "progress"),
                                                                  (prefetch, "prefetch")))
     r = _as_recipe(recipe)

@@ -491,6 +491,10 @@ def test_merging_into_the_current_folder(three_models, monkeypatch):
     monkeypatch.chdir(tmp / "merged" / "sub")
     with pytest.raises(FileExistsError, match="'..' exists and is not empty"):
         merge_checkpoints(recipe(tmp, "linear"), "..")
+    (tmp / "merged" / "sub" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="out_dir must name a folder, got an empty path"):  # an unset setting
+        merge_checkpoints(recipe(tmp, "linear"), "", overwrite=True)  # was Path(""), the folder one is in
+    assert (tmp / "merged" / "sub" / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp.iterdir()) == ["a", "b", "base", "merged"]
 
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
