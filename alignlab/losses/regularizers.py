@@ -52,7 +52,7 @@ def _named_trainable(model: nn.Module, names: Iterable[str] | None = None) -> di
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if names is None:
         return params
-    names = list(names)
+    names = _patterns(names, "params")
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"params names not found among the model's trainable parameters: {missing[:5]}")
@@ -114,7 +114,7 @@ def estimate_fisher(
         samples: labels drawn per example in ``"true"`` mode (Monte-Carlo average).
         ignore_index: label value without a target.
         generator: RNG for ``"true"`` mode (seed it for reproducibility).
-        params: restrict to these parameter names.
+        params: restrict to these parameter names (one string is one name).
 
     Returns:
         ``{name: tensor shaped like the parameter}`` in float32 (float64 for float64 parameters).
@@ -347,11 +347,37 @@ def _weight_for(name: str, param: torch.Tensor, weights: Weights) -> Weight | No
     if is_real(weights):
         return float(weights)
     if callable(weights) and not isinstance(weights, Mapping):
-        return weights(name, param)
+        return _check_weight(name, weights(name, param))
     for pattern, value in weights.items():
         if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return value
+            return _check_weight(name, value)
     return None
+
+
+def _check_weight(name: str, value: Any) -> Weight | None:
+    """A factor ``a`` from a mapping or callable: a tensor (not read back: that would sync), None, or a
+    number >= 0 (a negative one rewards moving away from ``w0``, whatever the sign of ``alpha``)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if not is_real(value):
+        raise TypeError(f"weights for {name!r} must be a number, a tensor or None, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"weights for {name!r} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _patterns(value: Any, arg: str) -> list[str]:
+    """Names or patterns as a list; one string is one pattern (iterating it would give its characters)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be a string or an iterable of strings, got {type(value).__name__}") from None
+    bad = [v for v in items if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    return items
 
 
 def l2sp_penalty(
@@ -373,26 +399,32 @@ def l2sp_penalty(
             a mapping from names or ``fnmatch`` patterns (``"model.layers.0.*"``, first match wins)
             to a float (layer-wise) or a tensor broadcastable to the parameter (element-wise), or a
             callable ``(name, param) -> float | tensor``. With a mapping, a pretrained parameter that
-            matches no pattern is not regularised.
+            matches no pattern is not regularised. Numbers must be finite and ``>= 0``; tensors are not
+            read back (that would cost a device sync per call).
 
     Returns:
-        scalar tensor.
+        scalar tensor, in at least float32 (a bf16 model's differences are squared in float32).
 
     Raises:
-        ValueError: negative ``alpha``/``beta``, shape mismatch with ``pretrained`` or a weight tensor.
-        TypeError: ``weights`` of an unsupported type.
+        ValueError: negative ``alpha``/``beta``, shape mismatch with ``pretrained`` or a weight tensor, a
+            weight number that is negative, NaN or infinite.
+        TypeError: ``weights`` (or one of its values) of an unsupported type; ``params``/``pretrained`` not a
+            mapping of tensors.
     """
     for label, v in (("alpha", alpha), ("beta", beta)):
         if not is_finite_real(v) or v < 0:
             raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
     if weights is not None and not is_real(weights) and not isinstance(weights, Mapping) and not callable(weights):
         raise TypeError(f"weights must be None, a float, a mapping or a callable, got {type(weights).__name__}")
-    if is_real(weights) and not math.isfinite(weights):
-        raise ValueError(f"weights must be finite, got {weights!r}")
+    if is_real(weights) and (not math.isfinite(weights) or weights < 0):
+        raise ValueError(f"weights must be a finite number >= 0, got {weights!r}")
+    _check_tensor_mapping(params, "params")
+    _check_tensor_mapping(pretrained, "pretrained")
     alpha, beta = float(alpha), float(beta)
     sp = None
     new = None
     for name, p in params.items():
+        dtype = torch.promote_types(p.dtype, torch.float32)  # as ewc_penalty: no squares in bf16
         if name in pretrained:
             w0 = pretrained[name]
             if w0.shape != p.shape:
@@ -400,10 +432,10 @@ def l2sp_penalty(
             a = _weight_for(name, p, weights)
             if a is None:
                 continue
-            sq = (p - w0.to(p.device, p.dtype).detach()).square()
+            sq = (p.to(dtype) - w0.detach().to(p.device, dtype)).square()
             if isinstance(a, torch.Tensor):
                 try:
-                    sq = torch.broadcast_to(a.to(p.device, p.dtype), p.shape) * sq
+                    sq = torch.broadcast_to(a.to(p.device, dtype), p.shape) * sq
                 except RuntimeError as exc:
                     raise ValueError(f"weight tensor for {name!r} does not broadcast to {tuple(p.shape)}") from exc
             else:
@@ -411,7 +443,7 @@ def l2sp_penalty(
             term = sq.sum()
             sp = term if sp is None else sp + term
         elif beta:
-            term = p.square().sum()
+            term = p.to(dtype).square().sum()
             new = term if new is None else new + term
     zero = torch.zeros(())
     return 0.5 * alpha * (zero if sp is None else sp) + 0.5 * beta * (zero if new is None else new)
@@ -426,12 +458,16 @@ class L2SP:
     Args:
         model: its current trainable parameters become the pretrained reference ``w0``.
         alpha, beta, weights: as :func:`l2sp_penalty`.
-        exclude: names or patterns of parameters to treat as new (``beta`` term), e.g. a fresh head.
+        exclude: names or patterns of parameters to treat as new (``beta`` term), e.g. a fresh head; one
+            string is one pattern.
+
+    Raises:
+        ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings.
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 1.0, beta: float = 0.0, weights: Weights = None,
-                 exclude: Iterable[str] = ()):
-        exclude = list(exclude)
+                 exclude: str | Iterable[str] = ()):
+        exclude = _patterns(exclude, "exclude")
         self.alpha, self.beta, self.weights = alpha, beta, weights
         self.pretrained = {
             n: p.detach().clone()
@@ -439,6 +475,9 @@ class L2SP:
             if not any(n == e or fnmatch.fnmatchcase(n, e) for e in exclude)
         }
         l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
+        if isinstance(weights, Mapping):
+            for pattern, value in weights.items():
+                _check_weight(pattern, value)
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         return l2sp_penalty(

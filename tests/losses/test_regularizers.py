@@ -268,3 +268,50 @@ def test_ewc_refuses_fishers_that_are_not_tensors_of_finite_nonnegative_numbers(
         with pytest.raises(ValueError, match=match):
             ewc.load_state_dict({**state, key: value})
     assert ewc.lam == 1.0 and set(ewc.anchor) == {"weight"}  # a refused state leaves the object as it was
+
+
+def test_one_string_is_one_pattern_for_exclude_and_params():
+    """L2SP(exclude="1.bias") iterated the string's characters, matched no parameter and silently anchored the
+    fresh head to its random init instead of decaying it; estimate_fisher(params="weight") refused the names
+    'w', 'e', 'i', ..."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    one, listed = L2SP(net, alpha=1.0, beta=0.5, exclude="1.*"), L2SP(net, alpha=1.0, beta=0.5, exclude=["1.*"])
+    assert set(one.pretrained) == set(listed.pretrained) == {"0.weight", "0.bias"}
+    want = 0.25 * (net[1].weight.detach().square().sum() + net[1].bias.detach().square().sum())
+    assert one(net).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(TypeError, match="exclude"):
+        L2SP(net, exclude=[0])
+    model, x, y = _softmax_regression()
+    f = estimate_fisher(model, [(x, y)], _forward, params="weight")
+    torch.testing.assert_close(f["weight"], estimate_fisher(model, [(x, y)], _forward, params=["weight"])["weight"])
+    assert set(f) == {"weight"}
+
+
+def test_l2sp_weights_must_be_finite_nonnegative_numbers_or_tensors():
+    """A negative factor a (from a mapping or a callable) turned the pull to w0 into a push away from it, and a
+    NaN one made the loss NaN; both went through. A string gave "could not convert string to float"."""
+    params = {"a": torch.ones(2, requires_grad=True)}
+    w0 = {"a": torch.zeros(2)}
+    for weights in (-1.0, {"a": -1.0}, {"a": float("nan")}, lambda n, p: -2.0, lambda n, p: float("inf")):
+        with pytest.raises(ValueError, match="weights"):
+            l2sp_penalty(params, w0, weights=weights)
+    for weights in ({"a": "x"}, lambda n, p: "x"):
+        with pytest.raises(TypeError, match="weights for 'a'"):
+            l2sp_penalty(params, w0, weights=weights)
+    with pytest.raises(ValueError, match="weights for 'model.layers.*'"):
+        L2SP(nn.Linear(2, 2), weights={"model.layers.*": -0.5})  # refused at construction, matched or not
+    with pytest.raises(TypeError, match="pretrained must be a mapping"):
+        l2sp_penalty(params, nn.Linear(2, 2))
+    assert l2sp_penalty(params, w0, weights=lambda n, p: None).item() == 0.0  # None: not regularised
+
+
+def test_l2sp_sums_in_float32_for_bf16_params():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    w0 = {"w": (w.detach().float() + 0.05 * torch.randn(64, 64, generator=g)).to(torch.bfloat16)}
+    new = torch.randn(64, 64, generator=g).to(torch.bfloat16)
+    pen = l2sp_penalty({"w": w, "new": new}, w0, alpha=2.0, beta=0.5)
+    want = (w.detach().double() - w0["w"].double()).square().sum() + 0.25 * new.double().square().sum()
+    assert pen.dtype == torch.float32
+    torch.testing.assert_close(pen.double(), want, rtol=1e-6, atol=0)
