@@ -46,6 +46,9 @@ class LoRAConfig:
         trainable_token_indices: train only these rows of the input embedding (a list of token ids) or
             of named modules (``{"embed_tokens": [ids]}``), e.g. new special tokens; a tied output head
             shares the rows (PEFT's option of that name; see :mod:`alignlab.adapters.embedding`).
+        layers_to_transform / layers_pattern: PEFT's options of those names: with a list ``target_modules``, a
+            module it selects by suffix is adapted only if its first numbered block (after ``layers_pattern``, e.g.
+            ``"layers"``, when given) is ``layers_to_transform`` (an index or a list of them).
         ensure_weight_tying: LoRA on an embedding whose table an output head shares acts on the head too
             (``logits = x Eᵀ + s·(x B) A``, the same factors; PEFT's option of that name). Default False:
             the head keeps the frozen table, and merging unties the two.
@@ -72,6 +75,8 @@ class LoRAConfig:
     # last, so that positional construction keeps its meaning
     target_parameters: list[str] | None = None
     include_experts: bool = False
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     adapts_embeddings = True  # find_targets also offers nn.Embedding leaves to this config
 
@@ -91,6 +96,8 @@ class LoRAConfig:
         if self.target_modules is None:
             self.target_modules = [] if self.target_parameters else "all-linear"
         self.include_experts = as_bool(self.include_experts, "include_experts")
+        self.layers_to_transform, self.layers_pattern = _check_layers(self.layers_to_transform, self.layers_pattern,
+                                                                      self.target_modules)
         if self.include_experts and self.target_modules != "all-linear":
             raise ValueError("include_experts extends target_modules='all-linear'; name expert weights with target_parameters instead")
         check_target_spec(self.target_modules, self.exclude_modules, allow_empty=bool(self.target_parameters))
@@ -189,6 +196,45 @@ class LoRAConfig:
                           "'embed_tokens'); a LoRA on the head itself or a head in modules_to_save trains untied here "
                           "(PEFT 0.21 ties those), and save_adapter writes ensure_weight_tying=false",
                           RuntimeWarning, stacklevel=3)
+
+
+def _check_layers(layers, pattern, target_modules):
+    """``layers_to_transform`` / ``layers_pattern`` checked (``ValueError`` / ``TypeError`` naming them); next to a regex
+    string ``target_modules`` they are refused, as PEFT's ``LoraConfig`` refuses them."""
+    if isinstance(layers, list) and not layers:
+        layers = None
+    if layers is not None:
+        ok = is_int(layers) and layers >= 0 or isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)
+        if not ok:
+            raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        layers = int(layers) if is_int(layers) else [int(i) for i in layers]
+        if isinstance(target_modules, str):
+            raise ValueError("layers_to_transform works with a list target_modules, not a regex string (as in PEFT); "
+                             f"put the layer indices into the regex {target_modules!r} instead")
+    if pattern is not None and not isinstance(pattern, str) and not _is_str_list(pattern):
+        raise TypeError(f"layers_pattern must be a name or a list of names, got {pattern!r}")
+    return layers, pattern
+
+
+def layer_selected(config, name: str) -> bool:
+    """Whether ``name`` (selected by a ``target_modules`` suffix) passes ``layers_to_transform``: PEFT 0.21's rule,
+    the first numbered segment (after one of ``layers_pattern``) is one of the indices."""
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None:
+        return True
+    pattern = getattr(config, "layers_pattern", None)
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 def _warn_embedding_read_elsewhere(model: nn.Module, targets: list[str]) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 
 from alignlab._checks import check_finite_number
 from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
-from alignlab.adapters.config import LoRAConfig, matching_entry, name_matches, pattern_matches, saved_module_matches
+from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
+                                      saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
 
@@ -117,6 +118,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                  and is_linear_like(getattr(m, "base_layer", m))]
     else:
         names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
+        if getattr(config, "layers_to_transform", None) is not None:  # PEFT: suffix matches only, not exact names
+            names = [n for n in names if n in config.target_modules or layer_selected(config, n)]
     experts = getattr(config, "expert_parameters", None)  # MoE blocks whose fused expert weights it adapts
     names += [n for n in (experts(model) if callable(experts) else {}) if n not in names]
     if config.exclude_modules is not None:

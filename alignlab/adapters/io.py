@@ -434,7 +434,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
     # fan_in_fan_out is not checked: as in PEFT, each layer's type decides (True for GPT-2's Conv1D)
-    refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("layers_to_transform", None), ("bias", "none")))
+    refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("bias", "none")))
     refuse_lora_variants(raw)
     _check_fields(raw)
     return LoRAConfig(
@@ -452,6 +452,8 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         modules_to_save=raw.get("modules_to_save") or None,
         trainable_token_indices=raw.get("trainable_token_indices"),
         ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
+        layers_to_transform=raw.get("layers_to_transform"),
+        layers_pattern=raw.get("layers_pattern"),
     )
 
 
