@@ -63,19 +63,43 @@ def _split_examples(batch: Any) -> list:
     """Split a batch (tensor, tuple/list or dict of tensors sharing dim 0) into single examples."""
     if isinstance(batch, torch.Tensor):
         return [batch[i : i + 1] for i in range(batch.shape[0])]
+    def batched(v: Any) -> bool:  # a 0-d tensor (a count, a temperature) goes to every example as it is
+        return isinstance(v, torch.Tensor) and v.dim() > 0
+
     if isinstance(batch, Mapping):
-        sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor)}
+        sizes = {v.shape[0] for v in batch.values() if batched(v)}
         if len(sizes) != 1:
             raise ValueError("per_example=True needs every tensor in a dict batch to share its first dimension")
         n = sizes.pop()
-        return [{k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for i in range(n)]
+        return [{k: v[i : i + 1] if batched(v) else v for k, v in batch.items()} for i in range(n)]
     if isinstance(batch, (tuple, list)):
-        sizes = {v.shape[0] for v in batch if isinstance(v, torch.Tensor)}
+        sizes = {v.shape[0] for v in batch if batched(v)}
         if len(sizes) != 1:
             raise ValueError("per_example=True needs every tensor in a tuple batch to share its first dimension")
         n = sizes.pop()
-        return [type(batch)(v[i : i + 1] if isinstance(v, torch.Tensor) else v for v in batch) for i in range(n)]
+        return [type(batch)(v[i : i + 1] if batched(v) else v for v in batch) for i in range(n)]
     raise TypeError(f"per_example=True cannot split a batch of type {type(batch).__name__}; pass per_example=False")
+
+
+def _logits_and_labels(out: Any, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check what ``forward`` returned: float logits ``(..., classes)``, integer labels ``(...)`` in range."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError(f"forward must return a pair of tensors (logits, labels), got {type(out).__name__}")
+    logits, labels = out
+    if not logits.is_floating_point():
+        raise TypeError(f"forward's logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"forward's labels must be an integer tensor (class ids), got dtype {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"forward must return logits (..., classes) and labels (...); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    # one sync per example, against a gather that fails with an index error (a device assert on CUDA)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= logits.shape[-1]))
+    if bool(bad.any()):
+        raise ValueError(f"forward's labels must lie in [0, {logits.shape[-1]}) or equal ignore_index={ignore_index}, "
+                         f"got {labels[bad][0].item()}")
+    return logits, labels
 
 
 def estimate_fisher(
@@ -97,7 +121,9 @@ def estimate_fisher(
     :math:`\ell = \sum_j \log \mathrm{softmax}(z_j)[y_j]` over its non-ignored
     positions :math:`j` (tokens, or the single class of a classifier), and the
     estimate is :math:`F_i = \frac{1}{N}\sum_x (\partial_{\theta_i} \ell)^2`.
-    ``model`` runs in eval mode (no dropout; each submodule's mode is restored after).
+    ``model`` runs in eval mode (no dropout; each submodule's mode is restored after) with gradients enabled,
+    also when called inside ``torch.no_grad()``.  The log-softmax runs in at least float32 (float64 logits
+    stay float64).
 
     Args:
         model: the network; its trainable parameters (``requires_grad``) get a Fisher entry.
@@ -120,8 +146,12 @@ def estimate_fisher(
         ``{name: tensor shaped like the parameter}`` in float32 (float64 for float64 parameters).
 
     Raises:
-        ValueError: unknown ``mode``, ``samples < 1``, empty ``data``, logits/labels shape mismatch.
-        TypeError: ``model`` is not a module, a batch cannot be split per example, ``per_example`` not a bool.
+        ValueError: unknown ``mode``, ``samples < 1``, empty ``data``, logits/labels shape mismatch, a label
+            outside ``[0, classes)`` other than ``ignore_index``, a model without trainable parameters.
+        TypeError: ``model`` is not a module, a batch cannot be split per example, ``per_example`` not a bool,
+            ``forward`` not callable or not returning ``(float logits, integer labels)``, ``ignore_index`` not
+            an int.
+        RuntimeError: called inside ``torch.inference_mode()`` (no gradients can be taken there).
     """
     if mode not in ("empirical", "true"):
         raise ValueError(f"mode must be 'empirical' or 'true', got {mode!r}")
@@ -130,23 +160,28 @@ def estimate_fisher(
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if num_batches is not None and (not is_int(num_batches) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if not is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not callable(forward):
+        raise TypeError(f"forward must be a callable (model, batch) -> (logits, labels), got {type(forward).__name__}")
+    if torch.is_inference_mode_enabled():  # enable_grad below cannot leave inference mode
+        raise RuntimeError("estimate_fisher needs gradients: call it outside torch.inference_mode()")
     named = _named_trainable(model, params)
+    if not named:
+        raise ValueError("no parameters to estimate a Fisher for: params is empty or the model has none trainable")
     fisher = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in named.items()}
     plist = list(named.values())
     count = 0
-    with eval_mode(model):  # the Fisher of theta* itself: dropout would make it random, of thinned networks
+    # enable_grad: the Fisher is often taken right after an evaluation, inside torch.no_grad()
+    with eval_mode(model), torch.enable_grad():  # eval: dropout would give the Fisher of thinned networks
         for b, batch in enumerate(data):
             if num_batches is not None and b >= num_batches:
                 break
             units = _split_examples(batch) if per_example else [batch]
             for unit in units:
-                logits, labels = forward(model, unit)
-                if logits.shape[:-1] != labels.shape:
-                    raise ValueError(
-                        "forward must return logits (..., classes) and labels (...); "
-                        f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
-                    )
-                logp = torch.log_softmax(logits.float(), dim=-1)
+                logits, labels = _logits_and_labels(forward(model, unit), ignore_index)
+                # float64 logits stay float64 (``.float()`` rounded a float64 model's Fisher to float32)
+                logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
                 valid = labels != ignore_index
                 for _ in range(samples if mode == "true" else 1):
                     if mode == "true":

@@ -315,3 +315,44 @@ def test_l2sp_sums_in_float32_for_bf16_params():
     want = (w.detach().double() - w0["w"].double()).square().sum() + 0.25 * new.double().square().sum()
     assert pen.dtype == torch.float32
     torch.testing.assert_close(pen.double(), want, rtol=1e-6, atol=0)
+
+
+def test_fisher_inside_no_grad_and_in_float64():
+    """The Fisher is usually taken right after evaluating the old task, inside torch.no_grad(): that was a
+    RuntimeError ("element 0 of tensors does not require grad"). And the log-softmax ran in float32 (``.float()``)
+    for a float64 model, whose Fisher then held float32 digits only."""
+    model, x, y = _softmax_regression()
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    with torch.no_grad():
+        inside = estimate_fisher(model, data, _forward)
+    gw, gb, _ = _hand_grads(model, x, y)
+    valid = (y != -100).double()
+    torch.testing.assert_close(inside["weight"], (gw.square() * valid[:, None, None]).sum(0) / 6, rtol=1e-13, atol=0)
+    torch.testing.assert_close(inside["bias"], (gb.square() * valid[:, None]).sum(0) / 6, rtol=1e-13, atol=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        estimate_fisher(model, data, _forward)
+
+
+def test_fisher_checks_what_forward_returns_and_splits_around_scalars():
+    model, x, y = _softmax_regression()
+    cases = [
+        (lambda m, b: m(b[0]), TypeError, "pair of tensors"),
+        (lambda m, b: (m(b[0]), b[1].double()), TypeError, "labels must be an integer tensor"),
+        (lambda m, b: (m(b[0]).argmax(-1, keepdim=True), b[1]), TypeError, "logits must be a floating-point"),
+        (lambda m, b: (m(b[0]), b[1].clamp(min=0) + 4), ValueError, r"labels must lie in \[0, 4\)"),
+        (lambda m, b: (m(b[0]), torch.where(b[1] < 0, -1, b[1])), ValueError, "ignore_index=-100, got -1"),
+    ]
+    for forward, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            estimate_fisher(model, [(x, y)], forward)
+    with pytest.raises(TypeError, match="ignore_index"):
+        estimate_fisher(model, [(x, y)], _forward, ignore_index=None)
+    with pytest.raises(TypeError, match="forward must be a callable"):
+        estimate_fisher(model, [(x, y)], "forward")
+    with pytest.raises(ValueError, match="no parameters"):
+        estimate_fisher(model.requires_grad_(False), [(x, y)], _forward)
+    model.requires_grad_(True)
+    # a 0-d tensor in a batch (here a temperature) goes to every example instead of failing the split
+    scaled = estimate_fisher(model, [{"x": x, "y": y, "t": torch.tensor(2.0)}], lambda m, b: (m(b["x"]) / b["t"], b["y"]))
+    want = estimate_fisher(model, [(x, y)], lambda m, b: (m(b[0]) / 2.0, b[1]))
+    torch.testing.assert_close(scaled["weight"], want["weight"])
