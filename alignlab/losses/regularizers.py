@@ -518,3 +518,18 @@ class L2SP:
         return l2sp_penalty(
             _named_trainable(model), self.pretrained, alpha=self.alpha, beta=self.beta, weights=self.weights
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"alpha", "beta", "pretrained"}`` (``torch.save``-able). ``weights`` (possibly a callable) is not
+        in it: pass it to the constructor again."""
+        return {"alpha": self.alpha, "beta": self.beta, "pretrained": dict(self.pretrained)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned: a resumed run must not take its starting point from the
+        fine-tuned model it reloads (the penalty would restart at 0, anchored to the wrong weights)."""
+        if not isinstance(state, Mapping) or set(state) != {"alpha", "beta", "pretrained"}:
+            raise ValueError("state must be a mapping with keys 'alpha', 'beta', 'pretrained'")
+        _check_tensor_mapping(state["pretrained"], "state['pretrained']")
+        l2sp_penalty({}, {}, alpha=state["alpha"], beta=state["beta"])  # validates both
+        self.alpha, self.beta = float(state["alpha"]), float(state["beta"])
+        self.pretrained = {k: v.detach().clone() for k, v in state["pretrained"].items()}

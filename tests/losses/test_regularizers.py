@@ -356,3 +356,26 @@ def test_fisher_checks_what_forward_returns_and_splits_around_scalars():
     scaled = estimate_fisher(model, [{"x": x, "y": y, "t": torch.tensor(2.0)}], lambda m, b: (m(b["x"]) / b["t"], b["y"]))
     want = estimate_fisher(model, [(x, y)], lambda m, b: (m(b[0]) / 2.0, b[1]))
     torch.testing.assert_close(scaled["weight"], want["weight"])
+
+
+def test_l2sp_state_dict_round_trip_restores_the_starting_point(tmp_path):
+    """A resumed run rebuilt L2SP from the reloaded, fine-tuned model: with no state_dict the starting point
+    w0 became the fine-tuned weights and the penalty restarted at 0."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    reg = L2SP(net, alpha=0.5, beta=0.1, exclude="bias")
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(0.2)
+    torch.save(reg.state_dict(), tmp_path / "l2sp.pt")
+    resumed = L2SP(net, alpha=1.0, exclude="bias")  # built from the fine-tuned weights, as a restart would
+    resumed.load_state_dict(torch.load(tmp_path / "l2sp.pt"))
+    want = 0.25 * (net.weight.detach() - w0).square().sum() + 0.05 * net.bias.detach().square().sum()
+    assert resumed(net).item() == pytest.approx(want.item(), rel=1e-6)
+    assert resumed(net).item() == pytest.approx(reg(net).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        resumed.load_state_dict({**reg.state_dict(), "alpha": -1.0})
+    with pytest.raises(ValueError, match="keys"):
+        resumed.load_state_dict({"pretrained": {}})
+    with pytest.raises(TypeError, match="pretrained"):
+        resumed.load_state_dict({**reg.state_dict(), "pretrained": {"weight": [0.0]}})
