@@ -196,8 +196,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's key names (see module docstring), detached, on CPU.
 
     On a model sharded by FSDP2 every rank must call it: each tensor is gathered whole.
+
+    Raises:
+        ValueError: a tensor is on the ``meta`` device (a model made under ``torch.device("meta")`` and never
+            filled), named with its key; ``.cpu()`` said only "Cannot copy out of meta tensor; no data!".
     """
     tensors = _adapter_tensors(_user_model(model), adapter_name)
+    meta = [k for k, v in tensors.items() if v.is_meta]
+    if meta:
+        raise ValueError(f"adapter {adapter_name!r} has {len(meta)} tensor(s) on the meta device, with no data to "
+                         f"save, e.g. {meta[0]!r}: load or initialise the model's weights (to_empty + "
+                         f"load_state_dict) before saving")
     return {k: full_tensor(v.detach()).contiguous().cpu() for k, v in tensors.items()}
 
 

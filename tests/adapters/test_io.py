@@ -407,3 +407,15 @@ def test_a_truncated_weights_file_is_named(tmp_path, keep):
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
         load_adapter(model, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model as it was
+
+
+def test_an_adapter_on_the_meta_device_is_named_and_nothing_is_written(tmp_path):
+    """A model made under torch.device("meta") and never filled: save_adapter raised NotImplementedError
+    "Cannot copy out of meta tensor; no data!", with no tensor named."""
+    with torch.device("meta"):
+        model = make_tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"adapter 'default' has 4 tensor\(s\) on the meta device.*"
+                                         r"'base_model\.model\.model\.layers\.\d\.self_attn\.q_proj\.lora_"):
+        save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
