@@ -63,6 +63,7 @@ def _split_examples(batch: Any) -> list:
     """Split a batch (tensor, tuple/list or dict of tensors sharing dim 0) into single examples."""
     if isinstance(batch, torch.Tensor):
         return [batch[i : i + 1] for i in range(batch.shape[0])]
+
     def batched(v: Any) -> bool:  # a 0-d tensor (a count, a temperature) goes to every example as it is
         return isinstance(v, torch.Tensor) and v.dim() > 0
 
@@ -497,7 +498,8 @@ class L2SP:
             string is one pattern.
 
     Raises:
-        ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings.
+        ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings; a
+            trainable parameter on the meta device.
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 1.0, beta: float = 0.0, weights: Weights = None,
@@ -509,6 +511,9 @@ class L2SP:
             for n, p in _named_trainable(model).items()
             if not any(n == e or fnmatch.fnmatchcase(n, e) for e in exclude)
         }
+        meta = [n for n, p in self.pretrained.items() if p.is_meta]
+        if meta:  # a model not materialised yet (deferred init): its w0 would hold no values
+            raise ValueError(f"parameters on the meta device have no values to start from: {meta[:5]}")
         l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
         if isinstance(weights, Mapping):
             for pattern, value in weights.items():

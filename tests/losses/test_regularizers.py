@@ -379,3 +379,15 @@ def test_l2sp_state_dict_round_trip_restores_the_starting_point(tmp_path):
         resumed.load_state_dict({"pretrained": {}})
     with pytest.raises(TypeError, match="pretrained"):
         resumed.load_state_dict({**reg.state_dict(), "pretrained": {"weight": [0.0]}})
+
+
+def test_meta_parameters_are_refused_at_construction():
+    """L2SP on a model not materialised yet (deferred init) kept meta tensors as w0: the penalty was a meta
+    tensor, and on the real model a "Cannot copy out of meta tensor" far from the cause."""
+    with torch.device("meta"):
+        net = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta device"):
+        L2SP(net)
+    with pytest.raises(ValueError, match="meta device"):
+        EWC(net, {"weight": torch.ones(2, 3)})
+    assert set(L2SP(net, exclude="*").pretrained) == set()  # excluded parameters have no w0 to take
