@@ -44,15 +44,14 @@ from alignlab.losses.reward import grpo_loss
 GiB = 2**30
 BETA, EPS_LO, EPS_HI = 0.04, 0.2, 0.28
 QUICK = dict(completions=2, seq=512, hidden=1024, vocab=32768)
+FULL = dict(completions=8, seq=2048, hidden=4096, vocab=151936)  # the shape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--completions", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--quick", action="store_true", help=f"small shape {QUICK}")
+    for k, v in FULL.items():
+        ap.add_argument(f"--{k}", type=int, default=None, help=f"default {v} (--quick: {QUICK[k]})")
+    ap.add_argument("--quick", action="store_true", help=f"small shape {QUICK}; a size given as well wins")
     ap.add_argument("--rep", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/grpo.json")
@@ -62,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="completion lengths uniform in [seq/2, seq] (default: every completion is seq tokens, so "
                          "all 16k rows are scored and the floor counts them all)")
     args = ap.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
+    for k, v in (QUICK if args.quick else FULL).items():  # --quick --seq 16 ran seq 512: the size given was dropped
+        if getattr(args, k) is None:
             setattr(args, k, v)
     for k in ("completions", "seq", "hidden", "vocab", "rep"):
         if getattr(args, k) < 1:

@@ -28,6 +28,13 @@ def test_parse_args(bench):
         bench.parse_args(["--seq", "0"])
 
 
+def test_sizes_given_with_quick_win(bench):
+    # --quick overwrote them: "--quick --device cpu --seq 16 --vocab 64" ran 2 x 512 x 32768 for minutes on a CPU
+    a = bench.parse_args(["--quick", "--seq", "16", "--vocab", "64"])
+    assert (a.completions, a.seq, a.hidden, a.vocab) == (2, 16, 1024, 64)
+    assert bench.parse_args(["--hidden", "8"]).hidden == 8 and bench.parse_args(["--hidden", "8"]).seq == 2048
+
+
 def test_cpu_dry_run(bench, tmp_path, torch_mode):
     out = tmp_path / "grpo.json"
     report = bench.main(["--device", "cpu", "--completions", "2", "--seq", "6", "--hidden", "8", "--vocab", "32", "--ragged",
