@@ -304,7 +304,7 @@ class EWC:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_tensor_mapping(fisher, "fisher")
         params = dict(model.named_parameters())
-        for name, f in fisher.items():
+        for name, f in fisher.items():  # every check first: a refused consolidate leaves the state as it was
             if name not in params:
                 raise ValueError(f"fisher names parameter {name!r}, which the model does not have")
             if params[name].shape != f.shape:
@@ -312,6 +312,7 @@ class EWC:
             if params[name].is_meta:
                 raise ValueError(f"parameter {name!r} is on the meta device: it has no values to anchor to")
             _check_fisher_values(name, f)
+        for name, f in fisher.items():
             self._fisher[name] = f.detach().clone()
             self._anchor[name] = params[name].detach().clone()
 

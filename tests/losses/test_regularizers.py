@@ -391,3 +391,20 @@ def test_meta_parameters_are_refused_at_construction():
     with pytest.raises(ValueError, match="meta device"):
         EWC(net, {"weight": torch.ones(2, 3)})
     assert set(L2SP(net, exclude="*").pretrained) == set()  # excluded parameters have no w0 to take
+
+
+def test_a_refused_consolidate_leaves_fisher_and_anchor_as_they_were():
+    """consolidate checked and stored one parameter at a time: a bad second entry (NaN, or a parameter the model
+    lost) came after the first had already taken the new Fisher and the new anchor, a half-consolidated EWC."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    ewc = EWC(model, {"weight": torch.ones(2, 3, dtype=torch.float64), "bias": torch.ones(2, dtype=torch.float64)})
+    before_f, before_a = ewc.fisher, ewc.anchor
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    bad = {"weight": torch.ones(2, 3, dtype=torch.float64), "bias": torch.tensor([1.0, float("nan")], dtype=torch.float64)}
+    with pytest.raises(ValueError, match="bias"):
+        ewc.consolidate(model, bad)
+    for name in before_f:
+        assert torch.equal(ewc.fisher[name], before_f[name]) and torch.equal(ewc.anchor[name], before_a[name])
+    assert ewc.penalty(model).item() == pytest.approx(0.5 * 6.0)
