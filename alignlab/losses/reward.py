@@ -346,6 +346,8 @@ def gae(
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not is_real(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+    # Python floats: NumPy float32 scalars multiplied in float32 (gamma * lam rounded) inside float64 math
+    gamma, lam = float(gamma), float(lam)
     m = _mask(mask, rewards)
     dtype = _compute_dtype(rewards, values)
     r = torch.where(m, rewards.detach().to(dtype), torch.zeros((), dtype=dtype, device=rewards.device))
@@ -458,6 +460,9 @@ def ppo_policy_loss(
         raise ValueError(f"clip_range_high must be > 0, got {clip_range_high!r}")
     if dual_clip is not None and (not is_real(dual_clip) or not dual_clip > 1):
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    # Python floats, as gae: NumPy float32 bounds (1 - eps) were rounded in float32 inside float64 math
+    clip_range, hi = float(clip_range), float(hi)
+    dual_clip = None if dual_clip is None else float(dual_clip)
     m = _mask(mask, logprobs)
     dtype = _compute_dtype(logprobs, old_logprobs, advantages)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)

@@ -560,3 +560,23 @@ def test_rloo_advantages_leave_nan_rewards_out_as_trl(normalize):
     loss, _ = grpo_loss(lp, got)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+
+
+def test_numpy_float32_numbers_give_the_python_float_results():
+    """gae multiplied NumPy float32 gamma and lam in float32 (gamma * lam rounded) and ppo_policy_loss formed its
+    clip bounds 1 - eps, 1 + eps in float32, so float64 losses and advantages moved by 1e-8 to 1e-10 with the type
+    of a sweep's number; grpo_loss, which converts its numbers, already agreed."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    r, v = torch.randn(4, 6, generator=g, dtype=D), torch.randn(4, 6, generator=g, dtype=D)
+    lp = -torch.rand(4, 6, generator=g, dtype=D)
+    old = lp + 0.3 * torch.randn(4, 6, generator=g, dtype=D)
+    adv = torch.randn(4, 6, generator=g, dtype=D)
+    gamma, lam, eps, hi, dual = (np.float32(x) for x in (0.9, 0.95, 0.2, 0.28, 1.3))
+    for whiten_advantages in (False, True):
+        got = gae(r, v, gamma=gamma, lam=lam, whiten_advantages=whiten_advantages)
+        want = gae(r, v, gamma=float(gamma), lam=float(lam), whiten_advantages=whiten_advantages)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got, _ = ppo_policy_loss(lp, old, adv, clip_range=eps, clip_range_high=hi, dual_clip=dual)
+    want, _ = ppo_policy_loss(lp, old, adv, clip_range=float(eps), clip_range_high=float(hi), dual_clip=float(dual))
+    assert torch.equal(got, want)
