@@ -821,6 +821,10 @@ def grpo_loss(
         raise ValueError("entropy_coef != 0 needs entropy")
     check_num_items("num_items", num_items)
     check_num_items("num_tokens", num_tokens)
+    # checked for every loss type (TRL passes its max_completion_length whatever the loss): a bad value was
+    # accepted silently until the same call with loss_type="dr_grpo" refused it
+    if max_completion_length is not None and (not is_int(max_completion_length) or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
     epsilon = check_finite_number(epsilon, "epsilon")
     hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):

@@ -580,3 +580,15 @@ def test_numpy_float32_numbers_give_the_python_float_results():
     got, _ = ppo_policy_loss(lp, old, adv, clip_range=eps, clip_range_high=hi, dual_clip=dual)
     want, _ = ppo_policy_loss(lp, old, adv, clip_range=float(eps), clip_range_high=float(hi), dual_clip=float(dual))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_grpo_max_completion_length_is_checked_for_every_loss_type(loss_type):
+    """Only dr_grpo read max_completion_length, so 0, -3 or "512" passed silently for the other loss types (a
+    config error surfacing only when the loss type changed)."""
+    lp = -torch.rand(2, 3, dtype=D)
+    adv = torch.randn(2, dtype=D)
+    for bad in (0, -3, "512", 8.0, True):
+        with pytest.raises(ValueError, match="max_completion_length"):
+            grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=bad)
+    grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=8)
