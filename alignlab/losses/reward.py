@@ -119,7 +119,8 @@ def whiten(
     whitens exactly as the whole batch would.
 
     Half-precision values are whitened in float32 and returned in their dtype (in float16 the sum of squares
-    of a few hundred advantages overflows, and the output was all zeros).
+    of a few hundred advantages overflows, and the output was all zeros). Integer (e.g. 0/1 scores) or bool
+    values are whitened and returned in float32, as :func:`masked_mean` returns their mean.
 
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
@@ -129,7 +130,8 @@ def whiten(
     shift_mean = as_bool(shift_mean, "shift_mean")
     eps = check_finite_number(eps, "eps", minimum=0.0)
     m = _mask(mask, values)
-    out_dtype = values.dtype
+    # integer or bool values come back in float32: cast back to their dtype, the whitened values were truncated
+    out_dtype = values.dtype if values.is_floating_point() else _compute_dtype(values)
     values = values.to(_compute_dtype(values))
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if moments is not None:

@@ -592,3 +592,17 @@ def test_grpo_max_completion_length_is_checked_for_every_loss_type(loss_type):
         with pytest.raises(ValueError, match="max_completion_length"):
             grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=bad)
     grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=8)
+
+
+def test_whiten_integer_values_come_back_as_floats():
+    """whiten cast its result back to the input's dtype, so integer scores (0/1 rewards, counts) were whitened
+    and then truncated: [1, 2, 3, 4] came back as [-1, 0, 0, 1]."""
+    for values, mask in ((torch.tensor([1, 2, 3, 4]), None), (torch.tensor([[0, 1, 1], [1, 0, 5]]),
+                                                               torch.tensor([[1, 1, 1], [1, 1, 0]]))):
+        got = whiten(values, mask)
+        want = whiten(values.to(torch.float32), mask)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+        x = values.double()[mask.bool()] if mask is not None else values.double()
+        z = (x - x.mean()) / torch.sqrt(x.var() + 1e-8)  # unbiased variance, as TRL's masked_whiten
+        torch.testing.assert_close(got[mask.bool()] if mask is not None else got, z.float())
