@@ -364,7 +364,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
-        ValueError: the model has no adapter of that name (lists the ones it has).
+        ValueError: the model has no adapter of that name (lists the ones it has), or ``path`` is a file.
     """
     _check_model_and_path(model, path)
     model = _user_model(model)
@@ -389,6 +389,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     error = None
     if is_writer():
         try:
+            if out.is_file():  # was FileExistsError "[Errno 17] File exists", which did not say what was wanted
+                raise ValueError(f"path {str(out)!r} is a file; save_adapter writes a directory (adapter_config.json "
+                                 f"and adapter_model.safetensors), as PEFT's save_pretrained does")
             out.mkdir(parents=True, exist_ok=True)
             _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
                            out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})

@@ -419,3 +419,13 @@ def test_an_adapter_on_the_meta_device_is_named_and_nothing_is_written(tmp_path)
                                          r"'base_model\.model\.model\.layers\.\d\.self_attn\.q_proj\.lora_"):
         save_adapter(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_path_that_is_a_file_is_refused_by_name(tmp_path):
+    """save_adapter(model, "run/adapter_model.safetensors") over an existing file: FileExistsError "[Errno 17] File
+    exists", which did not say a directory was wanted (PEFT: ValueError "should be a directory, not a file")."""
+    target = tmp_path / "adapter_model.safetensors"
+    target.write_bytes(b"keep")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors' is a file; save_adapter writes a directory"):
+        save_adapter(_trained(), target)
+    assert target.read_bytes() == b"keep" and [p.name for p in tmp_path.iterdir()] == [target.name]
