@@ -30,6 +30,7 @@ or element-wise (a tensor shaped like the parameter) weights.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
@@ -175,9 +176,8 @@ def estimate_fisher(
     count = 0
     # enable_grad: the Fisher is often taken right after an evaluation, inside torch.no_grad()
     with eval_mode(model), torch.enable_grad():  # eval: dropout would give the Fisher of thinned networks
-        for b, batch in enumerate(data):
-            if num_batches is not None and b >= num_batches:
-                break
+        # islice: breaking at batch num_batches would first pull one batch more out of a shared iterator
+        for batch in itertools.islice(data, num_batches):
             units = _split_examples(batch) if per_example else [batch]
             for unit in units:
                 logits, labels = _logits_and_labels(forward(model, unit), ignore_index)

@@ -408,3 +408,14 @@ def test_a_refused_consolidate_leaves_fisher_and_anchor_as_they_were():
     for name in before_f:
         assert torch.equal(ewc.fisher[name], before_f[name]) and torch.equal(ewc.anchor[name], before_a[name])
     assert ewc.penalty(model).item() == pytest.approx(0.5 * 6.0)
+
+
+def test_num_batches_takes_no_batch_more_from_the_iterator():
+    """estimate_fisher broke out of its loop only after pulling batch num_batches + 1 from the iterator: with an
+    iterator shared with the training loop (or a stream), one batch was loaded and lost."""
+    model, x, y = _softmax_regression()
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 6, 2)]
+    it = iter(batches)
+    f = estimate_fisher(model, it, _forward, num_batches=2)
+    assert next(it) is batches[2]
+    torch.testing.assert_close(f["weight"], estimate_fisher(model, batches[:2], _forward)["weight"])
