@@ -150,7 +150,8 @@ def estimate_fisher(
     Raises:
         ValueError: unknown ``mode``, ``samples < 1``, empty ``data``, logits/labels shape mismatch, a label
             outside ``[0, classes)`` other than ``ignore_index``, a model without trainable parameters.
-        TypeError: ``model`` is not a module, a batch cannot be split per example, ``per_example`` not a bool,
+        TypeError: ``model`` is not a module, ``data`` is one batch (a dict or a tensor) rather than an iterable
+            of batches, a batch cannot be split per example, ``per_example`` not a bool,
             ``forward`` not callable or not returning ``(float logits, integer labels)``, ``ignore_index`` not
             an int.
         RuntimeError: called inside ``torch.inference_mode()`` (no gradients can be taken there).
@@ -166,6 +167,9 @@ def estimate_fisher(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not callable(forward):
         raise TypeError(f"forward must be a callable (model, batch) -> (logits, labels), got {type(forward).__name__}")
+    if isinstance(data, (Mapping, torch.Tensor, str)):  # iterated, one batch would give its keys or its rows
+        raise TypeError(f"data must be an iterable of batches (a DataLoader, a list), got a {type(data).__name__}; "
+                        "wrap a single batch in a list")
     if torch.is_inference_mode_enabled():  # enable_grad below cannot leave inference mode
         raise RuntimeError("estimate_fisher needs gradients: call it outside torch.inference_mode()")
     named = _named_trainable(model, params)

@@ -419,3 +419,15 @@ def test_num_batches_takes_no_batch_more_from_the_iterator():
     f = estimate_fisher(model, it, _forward, num_batches=2)
     assert next(it) is batches[2]
     torch.testing.assert_close(f["weight"], estimate_fisher(model, batches[:2], _forward)["weight"])
+
+
+def test_one_batch_passed_as_data_is_a_type_error_naming_data():
+    """A single dict batch passed as data was iterated over its keys ("per_example=True cannot split a batch of
+    type str; pass per_example=False", a wrong hint), and a single tensor over its rows."""
+    model, x, y = _softmax_regression()
+    with pytest.raises(TypeError, match="data must be an iterable of batches.*dict"):
+        estimate_fisher(model, {"x": x, "y": y}, lambda m, b: (m(b["x"]), b["y"]))
+    with pytest.raises(TypeError, match="data must be an iterable of batches.*Tensor"):
+        estimate_fisher(model, x, lambda m, b: (m(b), y[: b.shape[0]]))
+    f = estimate_fisher(model, [{"x": x, "y": y}], lambda m, b: (m(b["x"]), b["y"]))
+    torch.testing.assert_close(f["weight"], estimate_fisher(model, [(x, y)], _forward)["weight"])
