@@ -395,7 +395,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             out.mkdir(parents=True, exist_ok=True)
             _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
                            out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
-        except Exception as e:  # every rank hears of it: the others would otherwise wait for rank 0 forever
+        except BaseException as e:  # every rank hears of it, Ctrl-C on rank 0 too: the others would otherwise
+            # wait for rank 0 until the process group's timeout (rank 0 re-raises its own exception)
             error = e
     writer_done(error, f"adapter {adapter_name!r} to {out}")
     return out

@@ -31,3 +31,27 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         (Path(out) / f"rank{rank}.txt").write_text(result)
     finally:
         dist.destroy_process_group()
+
+
+def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0's write is interrupted (Ctrl-C, ``KeyboardInterrupt``) in the middle of writing the weights."""
+    import alignlab.adapters.io as io
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = nn.Sequential(nn.Linear(8, 8))
+        inject(model, LoRAConfig(r=2, target_modules=["0"]))
+        if rank == 0:
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt("Ctrl-C while writing")
+
+            io.save_file = interrupted
+        try:
+            save_adapter(model, Path(out) / "adapter")
+            result = "returned"
+        except BaseException as e:  # what each rank saw
+            result = f"{type(e).__name__}: {e}"
+        (Path(out) / f"rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()

@@ -28,3 +28,18 @@ def test_a_failed_rank0_write_raises_on_every_rank(tmp_path):
     assert rank0.startswith(("FileExistsError", "NotADirectoryError")), rank0  # rank 0's own error
     assert rank1.startswith("RuntimeError") and "rank 0 failed to write adapter 'default'" in rank1, rank1
     assert time.monotonic() - start < 30  # told at once, not after the process group's timeout
+
+
+def test_ctrl_c_on_rank0_while_writing_tells_every_rank(tmp_path):
+    """A KeyboardInterrupt in rank 0's write went past the outcome broadcast (only Exception was caught): rank 1
+    sat in it until rank 0's process was gone or the group's timeout came, and heard nothing of why."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    torch.multiprocessing.spawn(w.worker_interrupted, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0 == "KeyboardInterrupt: Ctrl-C while writing", rank0  # rank 0's own exception, re-raised
+    assert rank1.startswith("RuntimeError") and "rank 0 failed to write adapter 'default'" in rank1, rank1
+    assert time.monotonic() - start < 40
+    assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())  # nothing half-written
