@@ -84,13 +84,26 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _check_values(values: torch.Tensor) -> None:
+    """``values`` of :func:`masked_mean` / :func:`whiten`: a real tensor of any dtype (ints and bools count)."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.is_complex():
+        raise TypeError(f"values must be a real tensor, got dtype {values.dtype}")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
     r""":math:`\sum_t m_t x_t / \sum_t m_t` over ``dim`` (all elements when None); 0 where nothing is counted.
 
     Masked-out entries are replaced by 0 before the sum, so NaN/inf padding cannot leak in.  Half-precision
     values are summed and divided in float32 and the result is float32: in float16 a count above 65504 is
     ``inf`` (the mean came out 0 or NaN), and in bfloat16 counts above 256 and the sum were rounded.
+
+    Raises:
+        TypeError: ``values`` not a real tensor.
+        ValueError: ``mask`` not of ``values``' shape or not 0/1.
     """
+    _check_values(values)
     m = _mask(mask, values)
     values = values.to(_compute_dtype(values))
     x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
@@ -125,10 +138,11 @@ def whiten(
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
             ``(3,)``; ``eps`` negative, NaN or infinite.
-        TypeError: ``shift_mean`` not a bool, ``eps`` not a real number.
+        TypeError: ``shift_mean`` not a bool, ``eps`` not a real number, ``values`` not a real tensor.
     """
     shift_mean = as_bool(shift_mean, "shift_mean")
     eps = check_finite_number(eps, "eps", minimum=0.0)
+    _check_values(values)
     m = _mask(mask, values)
     # integer or bool values come back in float32: cast back to their dtype, the whitened values were truncated
     out_dtype = values.dtype if values.is_floating_point() else _compute_dtype(values)

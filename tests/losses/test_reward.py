@@ -606,3 +606,14 @@ def test_whiten_integer_values_come_back_as_floats():
         x = values.double()[mask.bool()] if mask is not None else values.double()
         z = (x - x.mean()) / torch.sqrt(x.var() + 1e-8)  # unbiased variance, as TRL's masked_whiten
         torch.testing.assert_close(got[mask.bool()] if mask is not None else got, z.float())
+
+
+def test_masked_mean_and_whiten_name_values_that_are_not_tensors():
+    """A list of rewards failed inside torch.ones_like ("argument 'input' (position 1) must be Tensor"), naming
+    neither the function's argument nor what it expects."""
+    for fn in (masked_mean, whiten):
+        with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+            fn([1.0, 2.0, 3.0])
+        with pytest.raises(TypeError, match="values must be a real tensor"):
+            fn(torch.ones(3, dtype=torch.complex64))
+    assert masked_mean(torch.tensor([1, 2])).item() == 1.5  # integer tensors still count
