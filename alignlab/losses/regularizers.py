@@ -139,7 +139,8 @@ def estimate_fisher(
             definition). ``False`` squares whole-batch gradients of the summed log-likelihood
             -- cheaper, but a different (biased) estimator; the division is then by batches.
         num_batches: stop after this many batches (``None``: the whole iterable).
-        samples: labels drawn per example in ``"true"`` mode (Monte-Carlo average).
+        samples: labels drawn per example in ``"true"`` mode (Monte-Carlo average); must stay 1 in
+            ``"empirical"`` mode.
         ignore_index: label value without a target.
         generator: RNG for ``"true"`` mode (seed it for reproducibility).
         params: restrict to these parameter names (one string is one name).
@@ -148,7 +149,7 @@ def estimate_fisher(
         ``{name: tensor shaped like the parameter}`` in float32 (float64 for float64 parameters).
 
     Raises:
-        ValueError: unknown ``mode``, ``samples < 1``, empty ``data``, logits/labels shape mismatch, a label
+        ValueError: unknown ``mode``, ``samples < 1``, ``samples > 1`` with ``mode="empirical"``, empty ``data``, logits/labels shape mismatch, a label
             outside ``[0, classes)`` other than ``ignore_index``, a model without trainable parameters.
         TypeError: ``model`` is not a module, ``data`` is one batch (a dict or a tensor) rather than an iterable
             of batches, a batch cannot be split per example, ``per_example`` not a bool,
@@ -161,6 +162,8 @@ def estimate_fisher(
     per_example = as_bool(per_example, "per_example")  # "no" would select the other estimator
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if samples != 1 and mode == "empirical":  # the data's labels: nothing to draw, the argument would do nothing
+        raise ValueError(f"samples={samples} draws labels in mode='true' only; mode='empirical' uses the data's labels")
     if num_batches is not None and (not is_int(num_batches) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     if not is_int(ignore_index):

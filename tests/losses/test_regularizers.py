@@ -431,3 +431,12 @@ def test_one_batch_passed_as_data_is_a_type_error_naming_data():
         estimate_fisher(model, x, lambda m, b: (m(b), y[: b.shape[0]]))
     f = estimate_fisher(model, [{"x": x, "y": y}], lambda m, b: (m(b["x"]), b["y"]))
     torch.testing.assert_close(f["weight"], estimate_fisher(model, [(x, y)], _forward)["weight"])
+
+
+def test_samples_without_true_mode_is_refused():
+    """samples=100 with the default mode="empirical" was ignored: one pass over the data's labels, where the
+    caller asked for a Monte-Carlo estimate of the true Fisher."""
+    model, x, y = _softmax_regression()
+    with pytest.raises(ValueError, match="samples=100 draws labels in mode='true' only"):
+        estimate_fisher(model, [(x, y)], _forward, samples=100)
+    estimate_fisher(model, [(x, y)], _forward, mode="true", samples=2, generator=torch.Generator().manual_seed(0))
