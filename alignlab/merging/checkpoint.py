@@ -38,6 +38,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -842,4 +843,11 @@ def _install(tmp: Path, out: Path) -> None:
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:  # a file (or link) replaced with overwrite=True: rmtree would leave it behind
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if os.path.lexists(old):
+        # the merge is in place; what is left is the replaced output, as large as a model, under a hidden name
+        warnings.warn(f"merge_checkpoints: the previous {out} was replaced, but not all of it could be removed: "
+                      f"it remains in {old}; delete that by hand", RuntimeWarning, stacklevel=3)

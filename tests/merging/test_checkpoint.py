@@ -497,6 +497,24 @@ def test_merging_into_the_current_folder(three_models, monkeypatch):
     assert (tmp / "merged" / "sub" / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp.iterdir()) == ["a", "b", "base", "merged"]
 
+
+def test_a_replaced_output_that_cannot_be_removed_is_named(three_models, monkeypatch):
+    """overwrite=True: the previous output, renamed aside, was removed with errors ignored; whatever could not be
+    removed (a file of another user, a busy mount) stayed as a hidden .out.old-* folder, as large as a model,
+    without a word."""
+    tmp, _ = three_models
+    merge_checkpoints(recipe(tmp, "linear"), tmp / "out")
+    import alignlab.merging.checkpoint as ck
+
+    monkeypatch.setattr(ck.shutil, "rmtree", lambda path, ignore_errors=False: None)  # nothing could be removed
+    with pytest.warns(RuntimeWarning, match=r"previous .*out was replaced, but not all of it could be removed: "
+                                            r"it remains in .*\.out\.old-[0-9a-f]{8}; delete that by hand"):
+        merge_checkpoints(recipe(tmp, "ties", {"a": {"density": 0.5}, "b": {"density": 0.5}}), tmp / "out",
+                          overwrite=True)
+    monkeypatch.undo()
+    assert (tmp / "out" / "model.safetensors.index.json").is_file()
+    assert len([p for p in tmp.iterdir() if p.name.startswith(".out.old-")]) == 1
+
 def test_flags_and_out_dir_of_merge_checkpoints_are_checked(three_models):
     """overwrite="no" is truthy: it replaced a non-empty out_dir. Flags must be bools, out_dir a path."""
     tmp, _ = three_models
