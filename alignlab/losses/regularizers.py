@@ -149,8 +149,9 @@ def estimate_fisher(
         ``{name: tensor shaped like the parameter}`` in float32 (float64 for float64 parameters).
 
     Raises:
-        ValueError: unknown ``mode``, ``samples < 1``, ``samples > 1`` with ``mode="empirical"``, empty ``data``, logits/labels shape mismatch, a label
-            outside ``[0, classes)`` other than ``ignore_index``, a model without trainable parameters.
+        ValueError: unknown ``mode``, ``samples < 1``, ``samples > 1`` with ``mode="empirical"``, empty
+            ``data``, logits/labels shape mismatch, a label outside ``[0, classes)`` other than
+            ``ignore_index``, a model without trainable parameters.
         TypeError: ``model`` is not a module, ``data`` is one batch (a dict or a tensor) rather than an iterable
             of batches, a batch cannot be split per example, ``per_example`` not a bool,
             ``forward`` not callable or not returning ``(float logits, integer labels)``, ``ignore_index`` not
