@@ -60,6 +60,17 @@ def _named_trainable(model: nn.Module, names: Iterable[str] | None = None) -> di
     return {n: params[n] for n in names}
 
 
+def _same_mapping(batch: Mapping, items: dict) -> Mapping:
+    """``items`` in ``batch``'s mapping type where it builds from a dict (a ``BatchEncoding``, whose ``forward``
+    may read ``batch.input_ids``), else a plain dict."""
+    if type(batch) is dict:
+        return items
+    try:
+        return type(batch)(items)
+    except (TypeError, ValueError):  # a mapping type with another constructor
+        return items
+
+
 def _split_examples(batch: Any) -> list:
     """Split a batch (tensor, tuple/list or dict of tensors sharing dim 0) into single examples."""
     if isinstance(batch, torch.Tensor):
@@ -73,7 +84,8 @@ def _split_examples(batch: Any) -> list:
         if len(sizes) != 1:
             raise ValueError("per_example=True needs every tensor in a dict batch to share its first dimension")
         n = sizes.pop()
-        return [{k: v[i : i + 1] if batched(v) else v for k, v in batch.items()} for i in range(n)]
+        return [_same_mapping(batch, {k: v[i : i + 1] if batched(v) else v for k, v in batch.items()})
+                for i in range(n)]
     if isinstance(batch, (tuple, list)):
         sizes = {v.shape[0] for v in batch if batched(v)}
         if len(sizes) != 1:

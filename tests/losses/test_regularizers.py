@@ -440,3 +440,17 @@ def test_samples_without_true_mode_is_refused():
     with pytest.raises(ValueError, match="samples=100 draws labels in mode='true' only"):
         estimate_fisher(model, [(x, y)], _forward, samples=100)
     estimate_fisher(model, [(x, y)], _forward, mode="true", samples=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_per_example_split_keeps_a_batch_encoding():
+    """A collator's BatchEncoding was split into plain dicts, so a forward reading batch.input_ids worked with
+    per_example=False and failed with the default per_example=True (AttributeError)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7)).double()
+    ids = torch.randint(0, 7, (3, 5))
+    batch = transformers.BatchEncoding({"input_ids": ids, "labels": ids})
+    f = estimate_fisher(model, [batch], lambda m, b: (m(b.input_ids), b.labels))
+    want = estimate_fisher(model, [{"input_ids": ids, "labels": ids}], lambda m, b: (m(b["input_ids"]), b["labels"]))
+    for name in want:
+        torch.testing.assert_close(f[name], want[name])
