@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qlora_step import SEQ, TARGETS, llama8b_stack  # noqa: E402
 
 from alignlab.adapters import LoRAConfig, inject  # noqa: E402
-from alignlab.bench import library_versions  # noqa: E402
+from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.distributed import bf16_policy, ddp_model, is_writer, shard_model  # noqa: E402
 from alignlab.quant import quantize_model  # noqa: E402
 
@@ -194,8 +193,7 @@ def main(argv=None) -> dict:
         if is_writer():
             default = Path(__file__).parent / "results" / f"fsdp_qlora_w{world}{'_tiny' if args.tiny else ''}.json"
             out = Path(args.out) if args.out else default
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
+            write_json(out, result)
             print(f"wrote {out}")
         return result
     finally:

@@ -12,7 +12,6 @@ Run: ``python benchmarks/host_overhead.py [--m 1] [--n 4096] [--k 4096] [--out P
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters import LoRAConfig, inject
-from alignlab.bench import library_versions
+from alignlab.bench import library_versions, write_json
 from alignlab.quant import NF4Linear
 
 
@@ -112,11 +111,8 @@ def main():
             continue
         out[name] = per_call_us(fn)
         print(f"{name:45s} {out[name]:8.1f} us", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
-                               "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out}, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, {"versions": library_versions(), "device": torch.cuda.get_device_name(),
+                          "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run: ``python benchmarks/lora.py [--out PATH]`` on a CUDA machine (default bench
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab.adapters import DoRALinear, LoRALinear
-from alignlab.bench import compare, library_versions
+from alignlab.bench import compare, library_versions, write_json
 
 
 def _fwd_bwd(layer, x, g):
@@ -78,10 +77,7 @@ def main(out: Path, tokens=8192, features=4096, r=16):
         print(cmp.table())
         print(cmp.markdown())
         results.append(cmp.to_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"versions": library_versions(), "results": results}, indent=2, default=str))
-    tmp.replace(out)
+    write_json(out, {"versions": library_versions(), "results": results})
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from alignlab.bench import write_json  # noqa: E402
 from alignlab.merging.checkpoint import SafetensorsCheckpoint  # noqa: E402
 
 
@@ -302,10 +303,7 @@ def main() -> None:
               f"{r.get('speedup', float('nan')):8.2f} {r['ours']['peak_rss_mb']:9.0f} "
               f"{mk.get('peak_rss_mb', float('nan')):9.0f} {r.get('rss_ratio', float('nan')):9.3f}  {parity}")
     out = Path(args.out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, results)
     print(f"wrote {out}")
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from qlora_step import bnb_nf4_model, llama8b_stack  # noqa: E402
 
-from alignlab.bench import library_versions  # noqa: E402
+from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.quant import linear as qlinear  # noqa: E402
 from alignlab.quant import quantize_model  # noqa: E402
 
@@ -282,14 +281,11 @@ def main(argv=None):
 
     for r in results:
         r.pop("tokens", None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    tmp.write_text(json.dumps({"versions": library_versions(), "device": device_name,
-                               "model": "tiny random Llama (--quick)" if args.quick else "llama8b_stack(4)",
-                               "prompt": PROMPT, "new_tokens": new_tokens, "reps": args.reps,
-                               "results": results, "targets": goals}, indent=2, default=str))
-    tmp.replace(args.out)
+    write_json(args.out, {"versions": library_versions(), "device": device_name,
+                          "model": "tiny random Llama (--quick)" if args.quick else "llama8b_stack(4)",
+                          "prompt": PROMPT, "new_tokens": new_tokens, "reps": args.reps,
+                          "results": results, "targets": goals})
     print(f"wrote {args.out}")
 
 

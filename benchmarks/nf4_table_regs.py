@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from nf4 import L2_BYTES, SHAPES, _copy_us, _graph_us, _nf4_bytes  # noqa: E402
 
+from alignlab.bench import write_json  # noqa: E402
 from alignlab.kernels import nf4_small  # noqa: E402
 from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
 from alignlab.quant.nf4 import nf4_quantize  # noqa: E402
@@ -77,5 +78,4 @@ for N, K in SHAPES:
     del ts, wds
     torch.cuda.empty_cache()
 print("took", time.time() - t0)
-args.out.parent.mkdir(parents=True, exist_ok=True)
-args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+write_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from nf4 import SHAPES, _copy_us, _graph_us, _nf4_bytes  # noqa: E402
 
-from alignlab.bench import library_versions  # noqa: E402
+from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.kernels import nf4_configs  # noqa: E402
 from alignlab.kernels.nf4_dequant import nf4_dequant  # noqa: E402
 from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
@@ -205,13 +204,10 @@ def main(argv=None):
         print(f"    {k!r}: {{" + ", ".join(f"{s!r}: {c!r}" for s, c in v.items()) + "},")
     print("}}")
     out = args.out or Path(__file__).parent / "results" / f"nf4_tune_{key}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": name, "versions": library_versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "space": SPACE, "max_m": max_m,
            "rows": rows, "seconds": time.perf_counter() - t_start}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
+    write_json(out, doc)
     print(f"wrote {out}")
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from alignlab.bench import library_versions
+from alignlab.bench import library_versions, write_json
 from alignlab.optim import AdamW8bit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -186,11 +185,8 @@ def main() -> None:
             row["ms_ratio_to_torch_fused"] = row["ms"] / ref["ms"] if ref else None
     if args.quick and args.out == parser.get_default("out"):
         args.out = args.out.with_name("optim_quick.json")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
-                               "quick": args.quick, "results": results}, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, {"versions": library_versions(), "device": torch.cuda.get_device_name(),
+                          "quick": args.quick, "results": results})
     print(f"wrote {args.out}")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from host_overhead import per_call_us  # noqa: E402
 
 from alignlab.adapters import LoRAConfig, inject  # noqa: E402
-from alignlab.bench import library_versions  # noqa: E402
+from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.quant import quantize_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -332,11 +331,8 @@ def main():
     host = host_cost(base) if args.host else {}
     for k, v in host.items():
         print(f"host enqueue per call: {k:48s} {v:7.1f} us")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"versions": library_versions(), "device": torch.cuda.get_device_name(),
-                               "steps": results, "host_us": host}, indent=2, default=str))
-    tmp.replace(args.out)
+    write_json(args.out, {"versions": library_versions(), "device": torch.cuda.get_device_name(),
+                          "steps": results, "host_us": host})
 
 
 if __name__ == "__main__":
