@@ -201,17 +201,17 @@ def estimate_fisher(
             units = _split_examples(batch) if per_example else [batch]
             for unit in units:
                 logits, labels = _logits_and_labels(forward(model, unit), ignore_index)
-                # float64 logits stay float64 (``.float()`` rounded a float64 model's Fisher to float32)
-                logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+                # only the positions with a target (no log-softmax, no draw over padding: a NaN or inf logit there
+                # stopped torch.multinomial in "true" mode); float64 logits stay float64
                 valid = labels != ignore_index
+                rows = logits[valid]
+                logp = torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
                 for _ in range(samples if mode == "true" else 1):
                     if mode == "true":
-                        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-                        drawn = torch.multinomial(probs, 1, generator=generator).view(labels.shape)
-                        target = torch.where(valid, drawn, torch.zeros_like(drawn))
+                        target = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(-1)
                     else:
-                        target = torch.where(valid, labels, torch.zeros_like(labels))
-                    ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid).sum()
+                        target = labels[valid]
+                    ll = logp.gather(-1, target.unsqueeze(-1)).sum()
                     grads = torch.autograd.grad(ll, plist, retain_graph=mode == "true", allow_unused=True)
                     weight = 1.0 / samples if mode == "true" else 1.0
                     for (n, _), g in zip(named.items(), grads):

@@ -454,3 +454,27 @@ def test_per_example_split_keeps_a_batch_encoding():
     want = estimate_fisher(model, [{"input_ids": ids, "labels": ids}], lambda m, b: (m(b["input_ids"]), b["labels"]))
     for name in want:
         torch.testing.assert_close(f[name], want[name])
+
+
+@pytest.mark.parametrize("mode", ["empirical", "true"])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_non_finite_logits_at_ignored_positions_do_not_reach_the_fisher(mode, fill):
+    """Labels were drawn at every position in true mode, so a NaN or inf logit where the label is ignore_index
+    (a padded row a forward masks out) stopped the estimate: torch.multinomial refused the row ("probability
+    tensor contains either inf, nan or element < 0"). Only positions with a target enter the log-softmax now;
+    the empirical mode is checked too."""
+    model, x, y = _softmax_regression()
+
+    def masked(m, b):
+        logits = m(b[0])
+        return logits.masked_fill((b[1] == -100)[:, None], fill), b[1]
+
+    def seeded():
+        return torch.Generator().manual_seed(0)
+
+    for per_example in (True, False):
+        got = estimate_fisher(model, [(x, y)], masked, mode=mode, per_example=per_example, generator=seeded())
+        want = estimate_fisher(model, [(x, y)], _forward, mode=mode, per_example=per_example, generator=seeded())
+        for name in want:
+            assert torch.isfinite(got[name]).all()
+            torch.testing.assert_close(got[name], want[name])
