@@ -557,6 +557,9 @@ def ppo_value_loss(
 # GRPO / RLOO
 # ------------------------------------------------------------------------------------------------------------------
 def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor:
+    if isinstance(rewards, torch.Tensor) and (rewards.dtype == torch.bool or not (
+            rewards.is_floating_point() or rewards.is_complex())):
+        rewards = rewards.float()  # rule-based 0/1 (or integer) rewards, as verifiers return them
     _float("rewards", rewards, 1)
     if not is_int(group_size) or group_size < minimum:
         raise ValueError(f"group_size must be an int >= {minimum}, got {group_size!r}")
@@ -595,7 +598,8 @@ def group_advantages(
     does the only scorable completion of a group under ``scale="group"``.
 
     Args:
-        rewards: ``(batch,)`` with contiguous groups; batch must be a multiple of ``group_size``.
+        rewards: ``(batch,)`` with contiguous groups; batch must be a multiple of ``group_size``. Integer or
+            bool rewards (a verifier's 0/1) are taken as float32.
         group_size: completions per prompt, >= 1 (a group of 1 gets advantage 0).
         scale: ``"group"``, ``"batch"`` or ``"none"``.
         eps: added to the std.
@@ -634,7 +638,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
     advantages over the batch (TRL's ``normalize_advantages``).  A NaN reward (an unscorable completion) is
     left out as in TRL's ``RLOOTrainer``: the baseline averages the scorable siblings only, the normalisation
     uses ``nanmean``/``nanstd``, and NaN advantages (the unscorable completions, and a group's only scorable
-    one) become 0.
+    one) become 0. Integer or bool rewards are taken as float32, as in :func:`group_advantages`.
 
     Returns:
         ``(batch,)`` advantages (detached).

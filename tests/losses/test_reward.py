@@ -617,3 +617,17 @@ def test_masked_mean_and_whiten_name_values_that_are_not_tensors():
         with pytest.raises(TypeError, match="values must be a real tensor"):
             fn(torch.ones(3, dtype=torch.complex64))
     assert masked_mean(torch.tensor([1, 2])).item() == 1.5  # integer tensors still count
+
+
+def test_group_and_rloo_advantages_take_integer_and_bool_rewards():
+    """A verifier's 0/1 rewards often come as int64 or bool: they were refused ("must be a floating-point
+    tensor"); they are the same numbers as float32 rewards."""
+    for rewards in (torch.tensor([1, 0, 1, 1, 0, 0]), torch.tensor([True, False, True, True, False, False])):
+        want = rewards.float()
+        for scale in ("group", "batch", "none"):
+            got = group_advantages(rewards, 3, scale=scale)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, group_advantages(want, 3, scale=scale), rtol=0, atol=0)
+        torch.testing.assert_close(rloo_advantages(rewards, 3), rloo_advantages(want, 3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rewards must be a torch.Tensor"):
+        group_advantages([1.0, 0.0], 2)
