@@ -104,6 +104,22 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def randomise_trainable(model, scale: float = 0.3, seed: int = 1):
+    """Add seeded noise (the same draw for every tensor) to each trainable parameter, in place, so that a
+    freshly initialised adapter changes the output; returns ``model``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * scale)
+    return model
+
+
+def logits_of(model, ids):
+    """``model(input_ids=ids).logits`` without a graph."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def saved_adapter_config(path, cfg) -> dict:
     """The ``adapter_config.json`` that ``save_adapter`` writes for ``cfg`` injected into a tiny Llama."""
     import json

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import make_tiny_llama
+from conftest import logits_of, make_tiny_llama, randomise_trainable
 
 from alignlab.adapters import LoRAConfig, adapter_layers, find_targets, inject, load_adapter, save_adapter
 
@@ -19,19 +19,6 @@ def _gpt2():
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
                                                                 n_positions=32)).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def _randomise(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    return model
 
 
 CASES = {
@@ -49,18 +36,18 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_layers_match_peft_both_ways(case, tmp_path):
     make, kw = CASES[case]
-    theirs = _randomise(peft.get_peft_model(make(), peft.LoraConfig(r=4, **kw))).eval()
+    theirs = randomise_trainable(peft.get_peft_model(make(), peft.LoraConfig(r=4, **kw))).eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(make(), tmp_path / "peft")
     peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                         if hasattr(m, "lora_A") and len(m.lora_A))
     assert sorted(n for n, _ in adapter_layers(ours)) == peft_names
-    torch.testing.assert_close(_logits(ours), _logits(theirs))
+    torch.testing.assert_close(logits_of(ours, IDS), logits_of(theirs, IDS))
 
-    mine = _randomise(inject(make(), LoRAConfig(r=4, **kw)))
+    mine = randomise_trainable(inject(make(), LoRAConfig(r=4, **kw)))
     assert sorted(n for n, _ in adapter_layers(mine)) == peft_names
     save_adapter(mine, tmp_path / "ours")
-    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))), _logits(mine))
+    torch.testing.assert_close(logits_of(peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours")), IDS), logits_of(mine, IDS))
 
 
 def test_layer_selection_with_a_regex_target_is_refused():

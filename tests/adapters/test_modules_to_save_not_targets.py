@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import logits_of, randomise_trainable
+
 from alignlab.adapters import LoRAConfig, SavedModule, adapter_layers, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -24,29 +26,16 @@ def _classifier(kind):
     return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**kw)).eval()
 
 
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def _randomise(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    return model
-
-
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 @pytest.mark.parametrize("targets", ["all-linear", ["query", "value", "classifier"]], ids=["all-linear", "named"])
 def test_the_saved_head_gets_no_lora_and_the_file_loads_in_peft(kind, targets, tmp_path):
-    model = _randomise(inject(_classifier(kind), LoRAConfig(r=4, target_modules=targets, modules_to_save=["classifier"])))
+    model = randomise_trainable(inject(_classifier(kind), LoRAConfig(r=4, target_modules=targets, modules_to_save=["classifier"])))
     assert isinstance(model.classifier, SavedModule)
     assert not [n for n, _ in adapter_layers(model) if n.startswith("classifier")]
-    want = _logits(model)
+    want = logits_of(model, IDS)
     save_adapter(model, tmp_path)
-    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_classifier(kind), str(tmp_path))), want)
-    torch.testing.assert_close(_logits(load_adapter(_classifier(kind), tmp_path)), want)
+    torch.testing.assert_close(logits_of(peft.PeftModel.from_pretrained(_classifier(kind), str(tmp_path)), IDS), want)
+    torch.testing.assert_close(logits_of(load_adapter(_classifier(kind), tmp_path), IDS), want)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -54,6 +43,6 @@ def test_the_saved_head_gets_no_lora_and_the_file_loads_in_peft(kind, targets, t
                                     dict(target_modules=["query", "classifier"], modules_to_save=["classifier"])],
                          ids=["all-linear SEQ_CLS", "head in both lists"])
 def test_peft_classifier_files_load_with_peft_outputs(kind, config, tmp_path):
-    theirs = _randomise(peft.get_peft_model(_classifier(kind), peft.LoraConfig(r=4, **config))).eval()
+    theirs = randomise_trainable(peft.get_peft_model(_classifier(kind), peft.LoraConfig(r=4, **config))).eval()
     theirs.save_pretrained(tmp_path)
-    torch.testing.assert_close(_logits(load_adapter(_classifier(kind), tmp_path)), _logits(theirs))
+    torch.testing.assert_close(logits_of(load_adapter(_classifier(kind), tmp_path), IDS), logits_of(theirs, IDS))

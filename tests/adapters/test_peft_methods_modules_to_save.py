@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import logits_of, randomise_trainable
+
 from alignlab.adapters import (AdaLoRAConfig, IA3Config, LoKrConfig, SavedModule, VeRAConfig, inject, load_adapter,
                                save_adapter)
 
@@ -22,19 +24,6 @@ def _bert():
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=40, num_labels=3)
     return transformers.BertForSequenceClassification(config).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def _randomise(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    return model
 
 
 FAMILIES = {
@@ -53,12 +42,12 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_peft_seq_cls_file_loads_with_its_head(family, tmp_path):
-    theirs = _randomise(peft.get_peft_model(_bert(), FAMILIES[family][1]())).eval()
+    theirs = randomise_trainable(peft.get_peft_model(_bert(), FAMILIES[family][1]())).eval()
     theirs.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
     ours = load_adapter(_bert(), tmp_path)
     assert isinstance(ours.classifier, SavedModule)
-    torch.testing.assert_close(_logits(ours), _logits(theirs))
+    torch.testing.assert_close(logits_of(ours, IDS), logits_of(theirs, IDS))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -67,13 +56,13 @@ def test_our_head_trains_and_loads_in_peft(family, tmp_path):
     head = ours.classifier.modules_to_save["default"]
     assert all(p.requires_grad for p in head.parameters())
     assert not any(p.requires_grad for p in ours.classifier.original_module.parameters())
-    _randomise(ours)
-    want = _logits(ours)
+    randomise_trainable(ours)
+    want = logits_of(ours, IDS)
     save_adapter(ours, tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["modules_to_save"] == ["classifier"] and raw["task_type"] == "SEQ_CLS"
-    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_bert(), str(tmp_path))), want)
-    torch.testing.assert_close(_logits(load_adapter(_bert(), tmp_path)), want)
+    torch.testing.assert_close(logits_of(peft.PeftModel.from_pretrained(_bert(), str(tmp_path)), IDS), want)
+    torch.testing.assert_close(logits_of(load_adapter(_bert(), tmp_path), IDS), want)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

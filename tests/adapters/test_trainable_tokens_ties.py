@@ -14,6 +14,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import randomise_trainable
+
 from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -41,14 +43,6 @@ def _logits(model):
         return model(input_ids=IDS, **kw).logits
 
 
-def _randomise(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    return model
-
-
 CASES = {
     "t5 ids": (_t5, ["q"], [3, 5]),
     "t5 shared": (_t5, ["q"], {"shared": [3, 5]}),
@@ -66,12 +60,12 @@ def test_token_rows_match_peft_both_ways(case, tmp_path):
 
     if case.startswith("tied llama") and Version(peft.__version__) < Version("0.21"):
         pytest.skip(f"peft {peft.__version__} wraps a named tied head apart (its own rows in the file) or not at all")
-    theirs = _randomise(peft.get_peft_model(make(), peft.LoraConfig(r=4, target_modules=targets,
-                                                                    trainable_token_indices=spec))).eval()
+    config = peft.LoraConfig(r=4, target_modules=targets, trainable_token_indices=spec)
+    theirs = randomise_trainable(peft.get_peft_model(make(), config), scale=1.0).eval()
     theirs.save_pretrained(tmp_path / "peft")
     torch.testing.assert_close(_logits(load_adapter(make(), tmp_path / "peft")), _logits(theirs))
 
-    ours = _randomise(inject(make(), LoRAConfig(r=4, target_modules=targets, trainable_token_indices=spec)))
+    ours = randomise_trainable(inject(make(), LoRAConfig(r=4, target_modules=targets, trainable_token_indices=spec)), scale=1.0)
     want = _logits(ours)
     save_adapter(ours, tmp_path / "ours")
     torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))), want)
