@@ -80,7 +80,7 @@ def _our_init(value) -> str:
 
 # LoraConfig fields of PEFT's LoRA variants, each of which changes what the file's tensors compute (or the model they
 # go into); alignlab has none of them, and several load without a shape error (aLoRA's adapter then acted on every
-# token instead of those after the invocation sequence): a value other than null / empty is refused by name
+# token instead of those after the invocation sequence): a value other than null / false / empty is refused by name
 _PEFT_LORA_VARIANTS = {
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies the adapter only after these tokens",
     "layer_replication": "PEFT duplicates base layers before adding the adapter",
@@ -89,6 +89,7 @@ _PEFT_LORA_VARIANTS = {
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
     "kasa_config": "KaSA",
+    "use_qalora": "QALoRA pools the inputs of a GPTQ base in groups before lora_A",
 }
 
 
@@ -96,9 +97,9 @@ def refuse_lora_variants(raw: dict, method: str = "LoRA") -> None:
     """``ValueError`` naming the first PEFT LoRA-variant field (aLoRA, BD-LoRA, Arrow, ...) that ``raw`` sets."""
     for key, what in _PEFT_LORA_VARIANTS.items():
         value = raw.get(key)
-        if value is not None and value != [] and value != {}:
+        if value is not None and value is not False and value != [] and value != {}:
             raise ValueError(f"adapter_config.json: {key}={value!r} is not supported by alignlab for {method} ({what}; "
-                             "only null)")
+                             "only null or false)")
 
 
 # -- what every family's config uses to write and read its adapter_config.json ------------------------

@@ -58,6 +58,7 @@ def test_layer_replication_file_is_refused_naming_the_field(tmp_path):
     ("velora_config", {"num_groups": 64}),
     ("monteclora_config", {"num_samples": 8}),
     ("kasa_config", {"beta": 1e-4, "gamma": 1e-3}),
+    ("use_qalora", True),  # loaded before and failed on a shape that did not say QALoRA
 ])
 def test_other_variant_fields_are_refused_by_name(tmp_path, field, value):
     _trained_peft(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
@@ -70,7 +71,8 @@ def test_other_variant_fields_are_refused_by_name(tmp_path, field, value):
 def test_empty_variant_fields_are_plain_lora(tmp_path):
     theirs = _trained_peft(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"layer_replication": [], "alora_invocation_tokens": None}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"layer_replication": [], "alora_invocation_tokens": None,
+                                                                    "use_qalora": False}))
     torch.testing.assert_close(_logits(load_adapter(make_tiny_llama(), tmp_path)), _logits(theirs))
 
 
