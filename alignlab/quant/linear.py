@@ -77,6 +77,25 @@ class DequantizedWeight(torch.Tensor):
         raise RuntimeError("a quantized layer's .weight has no memory of its own (a view of NF4 codes): pass "
                            "layer.dequantize() to code that needs a dense tensor in memory, such as a kernel")
 
+    def dense(self) -> torch.Tensor:
+        """The dequantized weight as a plain tensor (a new one per call)."""
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
+        return nf4_dequant(self.nf4, self.dtype)
+
+    # copies, pickles (torch.save) and host conversions hold the dense weight: they need memory of their own
+    def __deepcopy__(self, memo) -> torch.Tensor:
+        return self.dense()
+
+    def __reduce_ex__(self, protocol):
+        return self.dense().__reduce_ex__(protocol)
+
+    def numpy(self, *, force: bool = False):
+        return self.dense().numpy(force=force)
+
+    def tolist(self):
+        return self.dense().tolist()
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -88,9 +107,7 @@ class DequantizedWeight(torch.Tensor):
                                    "NF4Linear.load_dense_weight_ to re-quantize a new weight")
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return cls(args[0].nf4, args[0].dtype)  # .data / .detach() stay views: a later write is refused too
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-
-        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: nf4_dequant(w.nf4, w.dtype), (args, kwargs))
+        args, kwargs = torch.utils._pytree.tree_map_only(cls, lambda w: w.dense(), (args, kwargs))
         return func(*args, **kwargs)
 
 

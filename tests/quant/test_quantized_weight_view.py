@@ -6,6 +6,7 @@ on their first forward after ``quantize_model``.
 """
 
 import copy
+import io
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from torch import nn
 
 from alignlab.quant import DequantizedWeight, NF4Linear, quantize_model
 from alignlab.quant.nf4 import nf4_dequantize
+
+
+def _saved(t: torch.Tensor) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -33,6 +41,13 @@ def test_view_reports_the_dense_weight_and_dequantizes_on_use(dtype):
     assert "NF4" in repr(w)
     with pytest.raises(RuntimeError, match=r"layer\.dequantize\(\)"):
         w.data_ptr()  # what a Triton launch asks for: named, not "tensor that doesn't have storage"
+    # copies, pickles and host conversions get the dense weight (they failed asking for the view's memory)
+    for copied in (copy.deepcopy(w), torch.load(_saved(w), weights_only=True), w.dense()):
+        assert type(copied) is torch.Tensor and copied.dtype == dtype
+        torch.testing.assert_close(copied, want, rtol=0, atol=0)
+    assert w.tolist() == want.tolist()
+    if dtype != torch.bfloat16:  # NumPy has no bfloat16
+        assert (w.numpy() == want.numpy()).all()
 
 
 def test_writes_into_the_view_are_refused():
