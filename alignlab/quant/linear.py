@@ -54,8 +54,8 @@ class DequantizedWeight(torch.Tensor):
 
     Model code reads a linear's weight directly: T5 / NLLB-MoE / SeamlessM4T cast their input to
     ``fc.weight.dtype`` in every forward, Mamba computes ``dt_proj.weight @ x``. This tensor reports the shape,
-    dtype (the dtype of the weight that was quantized) and device of that dense weight at no cost, and any
-    operation on it first dequantizes the whole matrix (a temporary, never kept, no gradient). Writing into it
+    dtype (``dtype``, default that of the weight that was quantized) and device of that dense weight at no cost,
+    and any operation on it first dequantizes the whole matrix (a temporary, never kept, no gradient). Writing into it
     (``w.add_(d)``, ``w.data.copy_(...)``, ``init.normal_(w)``) raises ``RuntimeError``: the codes would not
     change, so a silent no-op is refused; :meth:`NF4Linear.load_dense_weight_` re-quantizes a new weight.
     """
