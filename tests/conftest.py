@@ -104,6 +104,24 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def make_tiny_t5():
+    """A tiny random T5 (shared input table under encoder/decoder ``embed_tokens`` and ``shared``), eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def make_tied_llama():
+    """A tiny random Llama whose ``lm_head`` shares the input embedding (``tie_word_embeddings``), eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def randomise_trainable(model, scale: float = 0.3, seed: int = 1):
     """Add seeded noise (the same draw for every tensor) to each trainable parameter, in place, so that a
     freshly initialised adapter changes the output; returns ``model``."""

@@ -8,20 +8,14 @@ import json
 
 import pytest
 import torch
-import transformers
+
+from conftest import make_tied_llama
 
 from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def _tied_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def _logits(model):
@@ -39,17 +33,17 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_flag_that_tied_nothing_is_saved_false_and_peft_loads_our_outputs(case, tmp_path):
     with pytest.warns(RuntimeWarning, match="ensure_weight_tying=True tied nothing"):
-        ours = inject(_tied_llama(), LoRAConfig(r=4, ensure_weight_tying=True, **CASES[case]))
+        ours = inject(make_tied_llama(), LoRAConfig(r=4, ensure_weight_tying=True, **CASES[case]))
     with torch.no_grad():
         for p in ours.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     want = _logits(ours)
-    assert (want - _logits(_tied_llama())).abs().max() > 1e-2
+    assert (want - _logits(make_tied_llama())).abs().max() > 1e-2
     save_adapter(ours, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is False
-    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_tied_llama(), str(tmp_path))), want)
-    torch.testing.assert_close(_logits(load_adapter(_tied_llama(), tmp_path)), want)
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(make_tied_llama(), str(tmp_path))), want)
+    torch.testing.assert_close(_logits(load_adapter(make_tied_llama(), tmp_path)), want)
 
 
 @pytest.mark.parametrize("config", [dict(target_modules=["q_proj", "embed_tokens"]),
@@ -60,6 +54,6 @@ def test_a_flag_that_ties_is_saved_true_without_a_warning(config, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        ours = inject(_tied_llama(), LoRAConfig(r=4, ensure_weight_tying=True, **config))
+        ours = inject(make_tied_llama(), LoRAConfig(r=4, ensure_weight_tying=True, **config))
     save_adapter(ours, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is True

@@ -14,27 +14,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import randomise_trainable
+from conftest import make_tied_llama, make_tiny_t5, randomise_trainable
 
 from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 
 IDS = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def _t5():
-    torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                   decoder_start_token_id=0)
-    return transformers.T5ForConditionalGeneration(config).eval()
-
-
-def _tied_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def _logits(model):
@@ -44,12 +30,12 @@ def _logits(model):
 
 
 CASES = {
-    "t5 ids": (_t5, ["q"], [3, 5]),
-    "t5 shared": (_t5, ["q"], {"shared": [3, 5]}),
-    "t5 encoder embedding only": (_t5, ["q"], {"encoder.embed_tokens": [3, 5]}),
-    "t5 both stack embeddings": (_t5, ["q"], {"embed_tokens": [3, 5]}),
-    "tied llama, head named too": (_tied_llama, ["q_proj"], {"embed_tokens": [3, 5], "lm_head": [3, 5]}),
-    "tied llama, head with other ids": (_tied_llama, ["q_proj"], {"embed_tokens": [3, 5], "lm_head": [1, 7, 9]}),
+    "t5 ids": (make_tiny_t5, ["q"], [3, 5]),
+    "t5 shared": (make_tiny_t5, ["q"], {"shared": [3, 5]}),
+    "t5 encoder embedding only": (make_tiny_t5, ["q"], {"encoder.embed_tokens": [3, 5]}),
+    "t5 both stack embeddings": (make_tiny_t5, ["q"], {"embed_tokens": [3, 5]}),
+    "tied llama, head named too": (make_tied_llama, ["q_proj"], {"embed_tokens": [3, 5], "lm_head": [3, 5]}),
+    "tied llama, head with other ids": (make_tied_llama, ["q_proj"], {"embed_tokens": [3, 5], "lm_head": [1, 7, 9]}),
 }
 
 
@@ -72,7 +58,7 @@ def test_token_rows_match_peft_both_ways(case, tmp_path):
 
 
 def test_t5_rows_reach_the_encoder_and_decoder_inputs():
-    model = inject(_t5(), LoRAConfig(r=4, target_modules=["q"], trainable_token_indices=[3, 5]))
+    model = inject(make_tiny_t5(), LoRAConfig(r=4, target_modules=["q"], trainable_token_indices=[3, 5]))
     rows = model.shared.trainable_tokens_delta["default"]
     for name in ("encoder.embed_tokens", "decoder.embed_tokens", "lm_head"):
         assert model.get_submodule(name).trainable_tokens_delta["default"] is rows
@@ -85,5 +71,5 @@ def test_t5_rows_reach_the_encoder_and_decoder_inputs():
 
 def test_tied_modules_with_other_ids_are_refused_under_ensure_weight_tying():
     with pytest.raises(ValueError, match="ensure_weight_tying, but 'lm_head'.*same ids"):
-        inject(_tied_llama(), LoRAConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True,
+        inject(make_tied_llama(), LoRAConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True,
                                          trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 7]}))
