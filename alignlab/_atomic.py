@@ -11,14 +11,21 @@ the new file's data, so after a power cut the target can be an empty or truncate
 good one was (ext4 with ``data=ordered`` orders only renames over an existing file; XFS, btrfs and others
 not even those). So the new file's bytes are flushed (:func:`fsync_file`) before the rename, and the folder
 holding the new entry (:func:`fsync_dir`) after it.
+
+A replaced file keeps its permission bits (:func:`keep_mode`), as it would if it were rewritten in place with
+``open(path, "w")``: a 0600 file stays private. A new file gets what its writer gives it, the umask's.
+:func:`write_atomically` does all of this for one file.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["fsync_dir", "fsync_file", "sibling"]
+__all__ = ["fsync_dir", "fsync_file", "keep_mode", "sibling", "write_atomically"]
 
 _NAME_MAX = 255
 
@@ -51,3 +58,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def keep_mode(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give the file ``new`` the permission bits of ``target``, the file it is about to replace (a rename does not
+    carry them over: a private 0600 file came back with the umask's 0644). Nothing when ``target`` does not exist."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(new, mode & 0o777)
+
+
+def write_atomically(path: Path, write: Callable[[str], Any]) -> Path:
+    """``write(tmp)`` to a fresh name beside ``path``, then rename it over ``path``; returns ``path``.
+
+    ``write`` must create the file (``open(tmp, "x")``, ``savefig(tmp)``), so that a new file gets the umask's
+    permissions; a replaced one keeps its own (:func:`keep_mode`). The file is fsynced before the rename and
+    the folder after it; parent folders are created. On any error the temporary file is removed and a
+    previous ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
+    try:
+        write(tmp)
+        keep_mode(tmp, path)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

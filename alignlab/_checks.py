@@ -1,4 +1,4 @@
-"""Argument checks for numbers and flags, shared by every subpackage (no alignlab imports, so no cycles).
+"""Argument checks for numbers, flags and paths, shared by every subpackage (no alignlab imports, so no cycles).
 
 A sweep hands over NumPy scalars (``np.linspace(...)[i]`` is an ``np.float64``, ``np.float32(16)``
 is not a ``float``, ``np.int64(8)`` is not an ``int``), so "is it a number" means
@@ -8,14 +8,16 @@ or tensor is not a scalar to these checks.
 
 The ``check_*`` helpers return the value as a Python ``float`` / ``int``, so whatever is stored
 from them serialises into JSON and a saved config. Flags likewise: :func:`as_bool` takes a NumPy bool
-and returns a Python bool.
+and returns a Python bool. Paths: :func:`user_path` expands a leading ``~`` as a shell would.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 import string
+from pathlib import Path
 
 import numpy
 
@@ -80,6 +82,15 @@ def as_bool(value, arg: str) -> bool:
     if isinstance(value, numpy.bool_):
         return bool(value)
     raise TypeError(f"{arg} must be a bool, got {value!r}")
+
+
+def user_path(value, arg: str) -> Path:
+    """``value`` as a :class:`~pathlib.Path`, with a leading ``~`` or ``~user`` expanded to that home folder (for a
+    file written, ``Path("~/out")`` was a folder named ``~`` in the current one). ``TypeError`` naming ``arg``
+    unless ``value`` is a str or ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(value).__name__}")
+    return Path(os.path.expanduser(os.fspath(value)))
 
 
 def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:

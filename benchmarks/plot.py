@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from alignlab._atomic import write_atomically
+from alignlab._checks import user_path
 
 HERE = Path(__file__).resolve().parent
 # Above this many panels a file is drawn as one dot chart instead of a stack of bar charts.
@@ -237,26 +238,20 @@ def _color(name: str, floor_label: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are committed and served
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # savefig creates the file, so it gets the umask's permissions (a replaced PNG keeps its own); mkstemp
+    # made it 0600, which a forced 0644 then overrode whatever the umask or the previous file said
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def plot_all(results: Path, out: Path) -> list[Path]:
     """One PNG per ``*.json`` of a known layout in ``results``, written to ``out``; returns the paths written.
 
+    A leading ``~`` in either path is the home folder.
+
     Raises:
         ValueError: ``results`` is not a folder or holds no ``*.json``.
     """
-    results, out = Path(results), Path(out)
+    results, out = user_path(results, "results"), user_path(out, "out")
     if not results.is_dir():
         raise ValueError(f"results must be a folder, got {results}")
     files = sorted(results.glob("*.json"))

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny_llama
 
-from alignlab._atomic import fsync_dir, fsync_file, sibling
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode, sibling, write_atomically
 
 
 class Journal:
@@ -74,6 +74,37 @@ def test_fsync_helpers(tmp_path):
     fsync_dir(tmp_path / "missing")  # no folder: nothing to flush
     with pytest.raises(FileNotFoundError):
         fsync_file(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
+def test_a_replaced_file_keeps_its_permissions_a_new_one_gets_the_umasks(tmp_path, mode):
+    """A rename does not carry the old file's mode over: a private 0600 file came back 0644 (the umask's)."""
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "sub" / "r.txt"
+        write_atomically(target, lambda tmp: Path(tmp).write_text("1"))
+        assert target.stat().st_mode & 0o777 == 0o644  # new: the umask decides, as for open()
+        os.chmod(target, mode)
+        write_atomically(target, lambda tmp: Path(tmp).write_text("2"))
+    finally:
+        os.umask(old)
+    assert target.read_text() == "2" and target.stat().st_mode & 0o777 == mode
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.txt"]
+    keep_mode(target, tmp_path / "missing")  # nothing to copy from: left as it is
+    assert target.stat().st_mode & 0o777 == mode
+
+
+def test_a_failed_atomic_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "r.txt"
+    target.write_text("old")
+
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]
 
 
 def test_save_adapter_fsyncs_its_files_and_folder(tmp_path, monkeypatch):

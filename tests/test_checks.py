@@ -1,10 +1,13 @@
-"""alignlab._checks: flags (as_bool) and token ids from Python and NumPy."""
+"""alignlab._checks: flags (as_bool) and token ids from Python and NumPy; paths (user_path)."""
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from alignlab._checks import as_bool, check_token_id
+from alignlab._checks import as_bool, check_token_id, user_path
 
 
 @pytest.mark.parametrize("value", [True, False, np.True_, np.False_, np.bool_(1), np.array([1, 2]) > 1])
@@ -32,3 +35,13 @@ def test_check_token_id():
             check_token_id(bad, "pad_token_id")
     with pytest.raises(ValueError, match="eos_token_id: expected None or a non-negative int"):
         check_token_id(-2, "eos_token_id", allow_none=True)
+
+
+def test_user_path_expands_the_home_folder_and_names_the_argument(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_path("~/out/x.json", "path") == tmp_path / "out" / "x.json"
+    assert user_path(Path("~"), "out_dir") == tmp_path
+    assert user_path("a~/b", "path") == Path("a~/b")  # only a leading ~ is the home folder
+    assert user_path("~" + os.sep, "path") == tmp_path
+    with pytest.raises(TypeError, match="out_dir must be a str or os.PathLike, got NoneType"):
+        user_path(None, "out_dir")

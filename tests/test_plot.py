@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from alignlab.bench import Comparison, Measurement
+from alignlab.bench import Comparison, Measurement, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -152,3 +153,22 @@ def test_comparison_plot_to_a_file_and_errors(tmp_path):
     failed = Comparison(results={"x": _m("x", float("nan"), error="E: y")}, baseline="x")
     with pytest.raises(ValueError, match="every contestant failed"):
         failed.plot()
+
+
+def test_plots_follow_the_umask_keep_a_replaced_files_mode_and_expand_home(plot_mod, tmp_path, monkeypatch):
+    """The PNGs were made with mkstemp and then forced to 0644, whatever the umask or the file they replaced;
+    and ``--out ~/plots`` (quoted, or from a config) made a folder named ``~`` in the current one."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    save_results(tmp_path / "res" / "op.json", [_comparison()])
+    old = os.umask(0o027)
+    try:
+        (png,) = plot_mod.plot_all("~/res", "~/plots")
+        assert png == tmp_path / "plots" / "op.png" and png.stat().st_mode & 0o777 == 0o640
+        os.chmod(png, 0o600)
+        plot_mod.plot_all("~/res", "~/plots")
+    finally:
+        os.umask(old)
+    assert png.stat().st_mode & 0o777 == 0o600 and png.read_bytes()[:8] == PNG
+    assert not (tmp_path / "~").exists() and sorted(p.name for p in png.parent.iterdir()) == ["op.png"]

@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignlab._atomic import fsync_dir, fsync_file, sibling
+from alignlab._atomic import write_atomically
+from alignlab._checks import user_path
 from alignlab.bench.timing import Measurement, format_bytes, library_versions, roofline_count, run_contestants
 
 SCHEMA = "alignlab.bench.comparison/1"
@@ -191,8 +191,10 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically (temp file + rename); creates parent folders."""
-        return _atomic_write_text(Path(path), self.to_json() + "\n")
+        """Write :meth:`to_json` to ``path`` atomically (temp file + rename); creates parent folders.
+
+        ``TypeError`` if ``path`` is not a str or ``os.PathLike``; a leading ``~`` is the home folder."""
+        return _atomic_write_text(user_path(path, "path"), self.to_json() + "\n")
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Bar charts of the contestants: median time with p10--p90 whiskers, and peak memory.
@@ -202,9 +204,9 @@ class Comparison:
         contestant's peak memory was measured. Failed contestants are left out.
 
         Args:
-            path: where to save a PNG (written atomically, parent folders created; the figure is
-                not kept by ``pyplot``). ``None`` (for notebooks): the figure is made with ``pyplot``,
-                so Jupyter shows it inline, and returned for further styling.
+            path: where to save a PNG (written atomically, parent folders created, a leading ``~`` is the
+                home folder; the figure is not kept by ``pyplot``). ``None`` (for notebooks): the figure is
+                made with ``pyplot``, so Jupyter shows it inline, and returned for further styling.
 
         Returns:
             ``path`` as a :class:`~pathlib.Path` when given, else the ``matplotlib.figure.Figure``.
@@ -212,7 +214,10 @@ class Comparison:
         Raises:
             ImportError: matplotlib is not installed (``pip install alignlab[plot]``).
             ValueError: no contestant succeeded (nothing to draw).
+            TypeError: ``path`` is neither None, a str nor an ``os.PathLike``.
         """
+        if path is not None:
+            path = user_path(path, "path")
         try:
             import matplotlib  # noqa: F401  (first: a missing matplotlib fails here, not mid-import)
             from matplotlib.figure import Figure
@@ -252,10 +257,8 @@ class Comparison:
         fig.tight_layout()
         if path is None:
             return fig
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         fmt = path.suffix.lstrip(".") or "png"
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt))
 
 
 def compare(
@@ -367,9 +370,11 @@ def save_results(
     (a list, a generator over shapes).
 
     Raises:
-        TypeError: ``comparisons`` is a single :class:`Comparison` (put it in a list) or not iterable,
+        TypeError: ``path`` is not a str or ``os.PathLike`` (a leading ``~`` is the home folder);
+            ``comparisons`` is a single :class:`Comparison` (put it in a list) or not iterable,
             an item of it is not a :class:`Comparison`, or ``meta`` is not a mapping.
     """
+    path = user_path(path, "path")
     if isinstance(comparisons, Comparison):  # iterable through __getitem__: it failed with KeyError: 0
         raise TypeError("comparisons must be an iterable of Comparison, got one Comparison (pass [cmp])")
     if isinstance(comparisons, (str, bytes, Mapping)) or not isinstance(comparisons, Iterable):
@@ -389,43 +394,22 @@ def save_results(
             "comparisons": [c.to_dict() for c in comparisons],
         }
     )
-    return _atomic_write_text(Path(path), json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return _atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def write_json(path: str | os.PathLike, doc: Any) -> Path:
     """Write ``doc`` to ``path`` as indented JSON, atomically (temp file, fsync, rename; parent folders created).
 
     For a script's own results beside :func:`save_results`: values are converted as in a :class:`Comparison`'s
-    JSON (non-finite floats to ``null``, NumPy scalars to numbers, dtypes and other objects to strings), and
-    the file gets the umask's permissions (the benchmarks' ``mkstemp`` made theirs 0600 and left the temp
-    file behind when the write failed).
+    JSON (non-finite floats to ``null``, NumPy scalars to numbers, dtypes and other objects to strings). A new
+    file gets the umask's permissions (the benchmarks' ``mkstemp`` made theirs 0600 and left the temp file
+    behind when the write failed), a replaced one keeps its own. A leading ``~`` in ``path`` is the home folder.
 
     Raises:
         TypeError: ``path`` is not a str or ``os.PathLike``.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    return _atomic_write_text(Path(path), json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
-    """``write(tmp)`` to a fresh name next to ``path``, then rename it over ``path`` (never half-written, nor
-    empty after a crash: the file is fsynced before the rename and the folder after it).
-
-    The writer creates the file, so it gets the umask's permissions like any other file the user
-    writes (``mkstemp`` made every result 0600, unreadable to the other users of a shared machine).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    path = user_path(path, "path")
+    return _atomic_write_text(path, json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
@@ -433,7 +417,7 @@ def _atomic_write_text(path: Path, text: str) -> Path:
         with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
 
-    return _atomic_write(path, write)
+    return write_atomically(path, write)
 
 
 def _json_safe(obj: Any) -> Any:

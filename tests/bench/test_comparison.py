@@ -375,3 +375,32 @@ def test_a_comparison_built_by_hand_is_checked():
         Comparison(results={}, baseline="a")
     with pytest.raises(TypeError, match=r"results\['a'\] must be a Measurement, got dict"):
         Comparison(results={"a": cmp["a"].to_dict()}, baseline="a")
+
+
+def test_saves_expand_the_home_folder_and_keep_a_replaced_files_mode(tmp_path, monkeypatch):
+    """``save_json("~/r.json")`` wrote ``./~/r.json``; replacing a private 0600 file made it the umask's 0644;
+    ``save_json(None)`` failed inside pathlib without naming the argument."""
+    from alignlab.bench import write_json
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cmp = compare({"a": lambda: None}, device="cpu", rep=2, warmup=0, memory=False)
+    home = tmp_path / "home"
+    saves = [lambda: cmp.save_json("~/r.json"), lambda: save_results("~/all.json", [cmp]),
+             lambda: write_json("~/w.json", {"a": 1})]
+    if importlib.util.find_spec("matplotlib") is not None:
+        saves.append(lambda: cmp.plot("~/p.png"))
+    old = os.umask(0o022)
+    try:
+        paths = [save() for save in saves]
+        assert paths[:3] == [home / "r.json", home / "all.json", home / "w.json"]
+        for path in paths:
+            os.chmod(path, 0o600)
+        assert [save() for save in saves] == paths
+    finally:
+        os.umask(old)
+    assert not (tmp_path / "~").exists()
+    assert {p.name: p.stat().st_mode & 0o777 for p in home.iterdir()} == {p.name: 0o600 for p in paths}
+    for save in (cmp.save_json, lambda p: save_results(p, [cmp]), cmp.plot):
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+            save(3)
