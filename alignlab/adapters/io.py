@@ -40,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignlab._atomic import fsync_dir, fsync_file
-from alignlab._checks import is_int, is_real
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode
+from alignlab._checks import is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
@@ -291,8 +291,9 @@ def _atomic_write(files: dict[Path, object]) -> None:
     files already renamed back as they were: each previous file is kept under a second name (a hard link,
     a copy where the file system has none) until the last rename is done. Each new file is fsynced before
     its rename and the folder after them, so a crash never leaves an empty file where a good one was. Each
-    writer creates its file, so it gets the permissions that writer gives (the umask's for the config,
-    as PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine)."""
+    writer creates its file, so a new file gets the permissions that writer gives (the umask's for the config,
+    as PEFT's; ``mkstemp`` made every file 0600, unreadable to the other users of a shared machine), and a
+    replaced file keeps its own (a rename gave a private 0600 file the umask's 0644)."""
     tag = uuid.uuid4().hex[:12]
     tmps = {path: str(path.parent / f".{path.name}.{tag}.tmp") for path in files}
     olds = {path: str(path.parent / f".{path.name}.{tag}.old") for path in files}
@@ -300,6 +301,7 @@ def _atomic_write(files: dict[Path, object]) -> None:
     try:
         for path, write in files.items():
             write(tmps[path])
+            keep_mode(tmps[path], path)
             fsync_file(tmps[path])  # the bytes on disk before the name: else a crash can leave an empty file
         for path in files:
             if path.is_file() or path.is_symlink():
@@ -347,12 +349,14 @@ def _user_model(model: nn.Module) -> nn.Module:
     return _uncompiled(unwrap(_uncompiled(model)))
 
 
-def _check_model_and_path(model, path) -> None:
-    """``TypeError`` naming the argument unless ``model`` is an ``nn.Module`` and ``path`` a str or path."""
+def _check_model_and_path(model, path) -> Path:
+    """``path`` as a ``Path`` with a leading ``~`` expanded; ``TypeError`` naming the argument unless ``model`` is
+    an ``nn.Module`` and ``path`` a str or path."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (a directory), got {type(path).__name__}")
+    return user_path(path, "path")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -363,11 +367,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     other ranks wait until they are in place. If rank 0 cannot write them, every rank raises
     (rank 0 its own error, the others a ``RuntimeError``) instead of waiting.
 
+    A leading ``~`` in ``path`` is the home folder (as in ``load_adapter``); returns the folder written. Files
+    replaced there keep their permissions; new ones get the umask's.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         ValueError: the model has no adapter of that name (lists the ones it has), or ``path`` is a file.
     """
-    _check_model_and_path(model, path)
+    out = _check_model_and_path(model, path)
     model = _user_model(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
@@ -378,7 +385,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     merged = [n for n, l in adapter_layers(model) if adapter_name in l.merged_adapters]
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into the base (e.g. {merged[0]!r}); unmerge before saving")
-    out = Path(path)
     state = adapter_state_dict(model, adapter_name)
     raw = peft_config_dict(model, config, adapter_name) if isinstance(config, LoRAConfig) else config.peft_config_dict(model, adapter_name)
     _warn_heads_peft_leaves_untied(model, adapter_name)
@@ -509,6 +515,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     rank reads the file and keeps its own part). The same holds for a model already wrapped in
     ``DistributedDataParallel``, which all-reduces only the parameters it had when it was made: the
     file is copied into the adapter injected before wrapping (or load into the plain model, then wrap).
+    A leading ``~`` in ``path`` is the home folder.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
@@ -517,11 +524,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             unexpected keys, or shape mismatches (the key is named); a sharded or
             DDP-wrapped model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
     """
-    _check_model_and_path(model, path)
+    root = _check_model_and_path(model, path)
     model = _uncompiled(model)
     wrapped = unwrap(model) is not model
     model = _user_model(model)
-    root = Path(path)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
             raise FileNotFoundError(f"{root / fname} not found: expected a PEFT adapter directory")

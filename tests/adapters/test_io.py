@@ -429,3 +429,20 @@ def test_a_path_that_is_a_file_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors' is a file; save_adapter writes a directory"):
         save_adapter(_trained(), target)
     assert target.read_bytes() == b"keep" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_leading_tilde_is_the_home_folder_and_replaced_files_keep_their_mode(tmp_path, monkeypatch):
+    """``save_adapter(model, "~/ad")`` made a folder named ``~`` in the current one (and ``load_adapter`` looked
+    there); saving again over a private 0600 ``adapter_config.json`` made it 0644 (the rename took the umask's)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = _trained()
+    assert save_adapter(model, "~/ad") == tmp_path / "home" / "ad"
+    assert not (tmp_path / "~").exists()
+    files = [tmp_path / "home" / "ad" / name for name in ("adapter_config.json", "adapter_model.safetensors")]
+    for f, mode in zip(files, (0o600, 0o640)):
+        os.chmod(f, mode)
+    save_adapter(model, "~/ad")
+    assert [f.stat().st_mode & 0o777 for f in files] == [0o600, 0o640]
+    fresh = load_adapter(make_tiny_llama(), "~/ad")
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
