@@ -50,8 +50,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from alignlab._checks import as_bool
-from alignlab._atomic import fsync_dir, fsync_file, sibling
+from alignlab._checks import as_bool, user_path
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode, sibling
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -147,7 +147,7 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = user_path(path, "path")
         if self.path.is_file():
             files = [self.path]
         elif self.path.is_dir():
@@ -463,7 +463,9 @@ def merge_checkpoints(
         recipe: a :class:`~alignlab.merging.recipe.Recipe`, a mapping in the
             YAML schema, or the path of a YAML file.
         out_dir: output directory; must not exist (or be empty) unless ``overwrite``. A symlink to a
-            directory is followed: the merge replaces the directory it points to, and the link stays.
+            directory is followed: the merge replaces the directory it points to, and the link stays. A
+            leading ``~`` is the home folder. Missing parent folders are created (and removed again if the
+            merge fails); a replaced directory's permissions carry over to the new one.
         overwrite: replace an existing non-empty ``out_dir`` (only after the new
             merge has fully succeeded).
         progress: show a tqdm bar over tensors (silently off without tqdm).
@@ -488,14 +490,12 @@ def merge_checkpoints(
         TypeError: ``out_dir`` is not a str / ``os.PathLike``, or a flag is not a bool (``overwrite="no"``
             would replace the directory).
     """
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
+    given = out = user_path(out_dir, "out_dir")
     if not os.fspath(out_dir):  # Path("") is ".": with overwrite=True, the folder one is in would be replaced
         raise ValueError("out_dir must name a folder, got an empty path (write '.' for the current folder)")
     overwrite, progress, prefetch = (as_bool(v, f) for v, f in ((overwrite, "overwrite"), (progress, "progress"),
                                                                  (prefetch, "prefetch")))
     r = _as_recipe(recipe)
-    given = out = Path(out_dir)
     if out.name in ("", ".."):
         # "." (merging into the empty folder one is in) or "..": named, as the parent's entry that is renamed
         # aside and replaced; "." itself cannot be renamed ("Device or resource busy" after the whole merge)
@@ -518,10 +518,11 @@ def merge_checkpoints(
         model_folder = ref_path.is_dir()
         side = _side_files(ref_path if model_folder else ref_path.parent, r.dtype, model_folder)
         shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
+        made = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the merge fails
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = sibling(out, f"partial-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
             _copy_side_files(side, tmp)
             for f in tmp.iterdir():  # the shards are fsynced already; the index and the copied files too
@@ -531,6 +532,11 @@ def merge_checkpoints(
             _install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: someone else put a file there meanwhile
+                    break
             raise
     return given
 
@@ -832,6 +838,8 @@ def _install(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
         fsync_dir(out.parent)
         return
+    if out.is_dir():  # a private (0700) output stays private, as a file rewritten in place keeps its mode
+        keep_mode(tmp, out)
     old = sibling(out, f"old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
     try:

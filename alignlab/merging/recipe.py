@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import is_finite_real, is_int, user_path
 
 # method name -> (needs a base model, min fine-tuned models, max fine-tuned models or None)
 METHODS: dict[str, tuple[bool, int, int | None]] = {
@@ -231,7 +231,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     method = data.get("merge_method")
     if method not in METHODS:
         raise ValueError(f"unknown merge_method {method!r}; expected one of {sorted(METHODS)}")
-    rootp = Path(root) if root is not None else None
+    rootp = user_path(root, "root") if root is not None else None
     base = _resolve_path(data["base_model"], rootp) if data.get("base_model") is not None else None
     raw_models = data.get("models") or []
     if not isinstance(raw_models, list):
@@ -293,16 +293,18 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a YAML recipe (needs the optional ``pyyaml``).
 
-    Relative model paths resolve against the current directory, as in mergekit.
+    Relative model paths resolve against the current directory, as in mergekit; a leading ``~`` (in ``path`` and
+    in the model paths) is the home folder.
 
     Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
         ValueError: the file is not valid YAML (with the line and column) or not a valid recipe.
     """
     try:
         import yaml
     except ImportError as e:  # pragma: no cover - exercised only without pyyaml
         raise ImportError("reading YAML merge recipes needs pyyaml: pip install 'alignlab[yaml]'") from e
-    path = Path(path)
+    path = user_path(path, "path")
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

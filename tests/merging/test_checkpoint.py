@@ -544,6 +544,66 @@ def test_output_files_get_the_umask_permissions(three_models, umask):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
+
+def test_a_failed_shard_write_leaves_nothing_and_no_parent_folders(three_models, monkeypatch):
+    """The shard writer fails on the second shard (a full disk): the partial folder goes, a previous out_dir
+    stays as it was, and the parent folders the merge created for a new out_dir are removed again (they were
+    left behind, empty)."""
+    import alignlab.merging.checkpoint as ck
+
+    tmp, _ = three_models
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("x")
+    real = ck._pwrite
+
+    def pwrite(fd, tensor, pos):
+        if "-00002-of-" in os.readlink(f"/proc/self/fd/{fd}") and pos > 0:  # a tensor, after the header
+            raise OSError(28, "No space left on device")
+        return real(fd, tensor, pos)
+
+    monkeypatch.setattr(ck, "_pwrite", pwrite)
+    for prefetch in (True, False):
+        with pytest.raises(OSError, match="No space left"):
+            merge_checkpoints(recipe(tmp, "linear"), tmp / "out", overwrite=True, prefetch=prefetch)
+        assert [p.name for p in (tmp / "out").iterdir()] == ["keep.txt"] and _leftovers(tmp) == ["out"]
+    with pytest.raises(OSError, match="No space left"):
+        merge_checkpoints(recipe(tmp, "linear"), tmp / "new" / "deeper" / "out")
+    assert not (tmp / "new").exists() and _leftovers(tmp) == ["out"]
+    monkeypatch.setattr(ck, "_pwrite", real)
+    (tmp / "new").mkdir()
+    merge_checkpoints(recipe(tmp, "linear"), tmp / "new" / "deeper" / "out")  # the folders it needs are made
+    assert (tmp / "new" / "deeper" / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_a_leading_tilde_is_the_home_folder(three_models, monkeypatch):
+    """out_dir "~/merged" was written to ./~/merged; load_recipe and SafetensorsCheckpoint did not find "~/..."."""
+    pytest.importorskip("yaml")
+    tmp, states = three_models
+    monkeypatch.setenv("HOME", str(tmp))
+    monkeypatch.chdir(tmp / "a")
+    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: ~/a\n  - model: ~/b\n")
+    out = merge_checkpoints("~/r.yaml", "~/merged")
+    assert out == tmp / "merged" and not (tmp / "a" / "~").exists()
+    with SafetensorsCheckpoint("~/merged") as merged:
+        torch.testing.assert_close(merged.read("lm_head.weight"),
+                                   (states["a"]["lm_head.weight"] + states["b"]["lm_head.weight"]) / 2)
+    with pytest.raises(TypeError, match="out_dir must be a str or os.PathLike, got NoneType"):
+        merge_checkpoints("~/r.yaml", None)
+
+
+def test_overwrite_keeps_the_replaced_folders_permissions(three_models):
+    """A private (0700) out_dir came back with the umask's 0755 after overwrite=True: the merge readable to all."""
+    tmp, _ = three_models
+    out = merge_checkpoints(recipe(tmp, "linear"), tmp / "out")
+    os.chmod(out, 0o700)
+    old = os.umask(0o022)
+    try:
+        merge_checkpoints(recipe(tmp, "linear"), out, overwrite=True)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o700
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
