@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--out-json", default=str(ROOT / "benchmarks" / "results" / "merging.json"))
     args = ap.parse_args()
 
-    work = Path(args.workdir)
+    work = Path(os.path.expanduser(args.workdir))  # "~/w" was ./~/w here but the home folder to alignlab.merging
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -302,8 +302,7 @@ def main() -> None:
         print(f"{r['method']:8} {r['ours']['wall_s']:8.1f} {mk.get('wall_s', float('nan')):8.1f} "
               f"{r.get('speedup', float('nan')):8.2f} {r['ours']['peak_rss_mb']:9.0f} "
               f"{mk.get('peak_rss_mb', float('nan')):9.0f} {r.get('rss_ratio', float('nan')):9.3f}  {parity}")
-    out = Path(args.out_json)
-    write_json(out, results)
+    out = write_json(args.out_json, results)
     print(f"wrote {out}")
 
 
