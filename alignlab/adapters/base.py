@@ -261,7 +261,9 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     def unmerge(self) -> None:
         """Undo ``merge``, last merged first (exact up to one rounding of the base dtype; exact for a
-        quantized base, whose packed weight from before the merge is restored)."""
+        quantized base, whose packed weight from before the merge is restored). After a ``load_state_dict`` that
+        changed the merged layer, the loaded adapter is taken out of the loaded base (a DoRA adapter refuses:
+        ``ValueError``)."""
         if not self.mergeable:
             raise ValueError(f"{type(self).__name__} adapters cannot be unmerged")
         if not self.merged_adapters:
@@ -278,6 +280,26 @@ class AdapterLayer(nn.Module, abc.ABC):
             if snapshot is not None:
                 self._restore_base(snapshot)
                 self._premerge_weight = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # torch calls this before the children load, so they still hold what the merge wrote. A state that changes
+        # a merged layer is read as a merged one (as PEFT does): unmerge then takes the loaded adapter out of the
+        # loaded base, and what the merge kept for the old weights (a quantized base's packed weight, DoRA's row
+        # norms) is dropped; restoring the old base under a new state gave a model neither state describes
+        if self.merged_adapters and self._state_changes(state_dict, prefix):
+            self._premerge_weight = None
+            for name in self.merged_adapters:
+                self._forget_merge(name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _state_changes(self, state_dict, prefix: str) -> bool:
+        """Whether loading ``state_dict`` would change a tensor this layer (base included) holds."""
+        for key, held in self.state_dict(prefix=prefix, keep_vars=True).items():
+            new = state_dict.get(key)
+            if isinstance(new, torch.Tensor) and isinstance(held, torch.Tensor) and (
+                    new.shape != held.shape or not torch.equal(new.to(held.device, held.dtype), held.detach())):
+                return True
+        return False
 
     def _base_snapshot(self):
         """What ``unmerge`` puts back instead of subtracting, or None: a quantized base cannot be un-merged

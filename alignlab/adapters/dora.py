@@ -114,6 +114,22 @@ def check_dora_unmergeable(magnitude: torch.Tensor, norm: torch.Tensor, what: st
                          "so the merge zeroed them and their base weights cannot be recovered; reload the base weights")
 
 
+def kept_merge_norm(norms: dict, key, what: str = "") -> torch.Tensor:
+    """The row norms a DoRA merge kept under ``key`` for its unmerge (``what`` names the adapter in the message).
+
+    Raises:
+        ValueError: they were dropped by a ``load_state_dict`` that changed the merged layer: a merged weight
+            ``m ⊙ V/‖V‖`` does not tell ``V = W₀ + s·B A`` (any row scale of ``V`` merges to it), so the loaded base
+            cannot be unmerged.
+    """
+    norm = norms.get(key)
+    if norm is None:
+        raise ValueError(f"cannot unmerge DoRA adapter{what}: load_state_dict changed the merged layer, and a merged "
+                         "DoRA weight m ⊙ V/‖V‖ does not determine its base (any row scale of V = W₀ + s·B A merges "
+                         "to it); load the unmerged base and adapter instead")
+    return norm
+
+
 def dora_unmerged_weight(
     merged: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor, norm: torch.Tensor
 ) -> torch.Tensor:

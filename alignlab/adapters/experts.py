@@ -68,7 +68,8 @@ from torch import nn
 
 from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, refuse_float16_merge
-from alignlab.adapters.dora import check_dora_unmergeable, dora_gain, dora_merged_weight, dora_unmerged_weight
+from alignlab.adapters.dora import (check_dora_unmergeable, dora_gain, dora_merged_weight, dora_unmerged_weight,
+                                   kept_merge_norm)
 from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 
@@ -591,7 +592,8 @@ class ExpertLoRA(AdapterLayer):
 
     def _unmerge_one(self, name: str) -> None:
         for p in self.parameters_of(name) if self.is_dora(name) else ():  # refuse before any expert changes
-            check_dora_unmergeable(self.lora_magnitude_vector[name][p], self._merge_norms[(name, p)], f" {name!r} {p!r}")
+            norms = kept_merge_norm(self._merge_norms, (name, p), f" {name!r} {p!r}")
+            check_dora_unmergeable(self.lora_magnitude_vector[name][p], norms, f" {name!r} {p!r}")
         for p in self.parameters_of(name):
             if not self.is_dora(name):
                 self._fold(name, p, _add_low_rank(-1.0))

@@ -35,7 +35,8 @@ from torch import nn
 from alignlab._checks import as_bool, as_python_number, check_positive_int, is_finite_real, is_int
 from alignlab.adapters.base import (AdapterLayer, dense_weight, is_quantized, merge_weight, refuse_float16_merge,
                                     set_dense_weight_)
-from alignlab.adapters.dora import dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm
+from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
+                                   kept_merge_norm)
 from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear
 from alignlab.quant.linear import NF4Linear
 
@@ -428,7 +429,8 @@ class LoRALinear(AdapterLayer):
         for name in reversed(self.merged_adapters):
             if self.is_dora(name):
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                w = dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], self._merge_norms[name])
+                norm = kept_merge_norm(self._merge_norms, name, f" {name!r}")
+                w = dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm)
             else:
                 w -= self.delta_weight(name)
         return w
@@ -441,7 +443,7 @@ class LoRALinear(AdapterLayer):
             return super()._unmerge_one(name)
         w = dense_weight(self.base_layer)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        norm = self._merge_norms[name]  # dropped once the unmerge succeeded (it can refuse: dora_unmerged_weight)
+        norm = kept_merge_norm(self._merge_norms, name, f" {name!r}")  # dropped once the unmerge succeeded (it can refuse)
         set_dense_weight_(self.base_layer, dora_unmerged_weight(w, a, b, self.scaling[name], self.lora_magnitude_vector[name], norm))
         del self._merge_norms[name]
 
