@@ -225,6 +225,10 @@ def estimate_fisher(
     return fisher
 
 
+# a parameter whose shape changed after its anchor was copied: most often a vocabulary grown for new tokens
+_RESIZED = " (resized since the anchor was taken, e.g. by resize_token_embeddings?)"
+
+
 def _check_tensor_mapping(mapping: Any, arg: str) -> None:
     if not isinstance(mapping, Mapping):
         hint = " (dict(model.named_parameters()) for a model)" if isinstance(mapping, nn.Module) else ""
@@ -268,7 +272,11 @@ def ewc_penalty(
             raise ValueError(f"parameter {name!r} of fisher is missing from params or anchor")
         p, a = params[name], anchor[name]
         if p.shape != f.shape or a.shape != f.shape:
-            raise ValueError(f"shape mismatch for {name!r}: param {tuple(p.shape)}, anchor {tuple(a.shape)}, fisher {tuple(f.shape)}")
+            resized = a.shape == f.shape  # the parameter alone changed: EWC cannot tell which entries are new
+            hint = (f"{_RESIZED}: give EWC an anchor and a Fisher of the parameter's shape (EWC.load_state_dict; "
+                    "entries with Fisher 0 are unconstrained)") if resized else ""
+            raise ValueError(f"shape mismatch for {name!r}: param {tuple(p.shape)}, anchor {tuple(a.shape)}, "
+                             f"fisher {tuple(f.shape)}{hint}")
         # in at least float32, whatever the three dtypes: a bf16 difference squared in bf16 lost bits, and an
         # integer Fisher truncated the squared difference to an integer (0 for a small step)
         dtype = torch.promote_types(torch.promote_types(p.dtype, f.dtype), torch.float32)
@@ -485,7 +493,9 @@ def l2sp_penalty(
         if name in pretrained:
             w0 = pretrained[name]
             if w0.shape != p.shape:
-                raise ValueError(f"pretrained[{name!r}] has shape {tuple(w0.shape)}, parameter has {tuple(p.shape)}")
+                raise ValueError(f"pretrained[{name!r}] has shape {tuple(w0.shape)}, parameter has {tuple(p.shape)}"
+                                 f"{_RESIZED}: build L2SP after resizing, or give it a w0 of the new shape "
+                                 "(L2SP.load_state_dict)")
             a = _weight_for(name, p, weights)
             if a is None:
                 continue

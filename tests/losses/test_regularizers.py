@@ -478,3 +478,20 @@ def test_non_finite_logits_at_ignored_positions_do_not_reach_the_fisher(mode, fi
         for name in want:
             assert torch.isfinite(got[name]).all()
             torch.testing.assert_close(got[name], want[name])
+
+
+def test_a_resized_vocabulary_is_named_with_both_shapes_and_what_to_do():
+    """After ``resize_token_embeddings`` the anchors keep the old shape: the penalty must stop with the parameter,
+    both shapes and the likely cause, not broadcast or fail deep in torch."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    reg = L2SP(model, alpha=1.0)
+    ewc = EWC(model, {n: torch.ones_like(p) for n, p in model.named_parameters()})
+    model.resize_token_embeddings(136)
+    with pytest.raises(ValueError, match=r"pretrained\['model\.embed_tokens\.weight'\] has shape \(128, 32\), "
+                                         r"parameter has \(136, 32\) \(resized .*resize_token_embeddings.*build L2SP"):
+        reg(model)
+    with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight': param \(136, 32\), anchor \(128, 32\), "
+                                         r"fisher \(128, 32\) \(resized .*resize_token_embeddings.*load_state_dict"):
+        ewc.penalty(model)
