@@ -674,14 +674,14 @@ TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
 
 
 def _table_in_registers(kernel: str, block_m: int, num_stages: int | None) -> bool:
-    """The rule of :data:`TABLE_REGS` ``"auto"``, from SASS compiled offline for sm_90 (Triton 3.6) at the H200
-    table's configurations: register operands cut the GEMV's and the dot kernel's loops by 9-14% of their
-    instructions and the late kernel's by ~16% at 16-row tiles of one pipeline stage; at 32-row tiles they
-    made the late kernel spill (48 -> 216 bytes) and with three stages its loop grew, so those keep immediates.
-    Not yet timed on a GPU."""
+    """The rule of :data:`TABLE_REGS` ``"auto"``: the codebook in registers for the GEMV only. Timed on an H100
+    (``benchmarks/nf4_table_regs.py``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -7% to
+    +3% over the five benchmark shapes (faster at the three with K or N of 8192 and more); at ``M = 2..16`` the
+    ``tl.dot`` kernels took 1-11% longer with them (most at ``N >= 14336``), so those keep PTX immediates.
+    Offline SASS for sm_90 had predicted 9-14% fewer loop instructions for both; not yet timed on an H200."""
     if TABLE_REGS in ("0", "1"):
         return TABLE_REGS == "1"
-    return kernel != "late" or (block_m <= 16 and (num_stages or 1) == 1)
+    return kernel == "gemv"
 
 
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,

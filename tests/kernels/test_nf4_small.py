@@ -235,13 +235,13 @@ def test_decode4_asm_register_table_emulated(dtype):
 
 
 def test_table_in_registers_rule(monkeypatch):
-    """Where the lookup takes its table from registers: the GEMV and dot kernels, the late kernel at 16-row tiles
-    of one stage (not 32 rows, not three stages); the environment switch forces either way."""
+    """Where the lookup takes its table from registers: the GEMV only (timed on an H100: the tl.dot and late
+    kernels were slower with it); the environment switch forces either way."""
     from alignlab.kernels import nf4_small
 
     rule = nf4_small._table_in_registers
-    assert rule("gemv", 1, 3) and rule("dot", 32, 1) and rule("late", 16, 1)
-    assert not rule("late", 32, 1) and not rule("late", 16, 3)
+    assert rule("gemv", 1, 3) and rule("gemv", 1, 1)
+    assert not rule("dot", 16, 1) and not rule("late", 16, 1) and not rule("late", 32, 3)
     monkeypatch.setattr(nf4_small, "TABLE_REGS", "0")
     assert not rule("gemv", 1, 1)
     monkeypatch.setattr(nf4_small, "TABLE_REGS", "1")
