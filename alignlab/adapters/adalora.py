@@ -42,7 +42,7 @@ from torch import nn
 
 from alignlab._checks import is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
-from alignlab.adapters.config import check_dropout, check_finite_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import check_dropout, check_finite_number, check_nonzero_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_lora_variants, refuse_unsupported
 
@@ -80,7 +80,8 @@ class AdaLoRALinear(AdapterLayer):
         r = int(r)
         if init not in ("adalora", "sora"):
             raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
-        scaling = check_finite_number(scaling, "scaling")
+        scaling = check_nonzero_number(scaling, "scaling", "the adapter output is multiplied by it, so with 0 the "
+                                       "adapter adds nothing and its weights get no gradient")
         dropout = check_dropout(dropout)
         dtype, device = self._adapter_dtype_device()
         a = torch.empty(r, self.in_features, dtype=dtype, device=device)

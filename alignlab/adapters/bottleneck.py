@@ -41,7 +41,7 @@ from torch import nn
 
 from alignlab._checks import as_python_number, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, is_linear_like, linear_features
-from alignlab.adapters.config import as_bool, check_finite_number, check_positive_int, check_positive_number, name_matches
+from alignlab.adapters.config import as_bool, check_nonzero_number, check_positive_int, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -132,7 +132,7 @@ class BottleneckLayer(AdapterLayer):
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
-        scaling = check_finite_number(scaling, "scaling")  # NaN would reach every output
+        scaling = check_nonzero_number(scaling, "scaling", "the adapter output is multiplied by it, so with 0 the adapter adds nothing and its weights get no gradient")  # NaN would reach every output
         dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)
@@ -246,7 +246,7 @@ class BottleneckConfig:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
-        self.scaling = check_finite_number(self.scaling, "scaling")
+        self.scaling = check_nonzero_number(self.scaling, "scaling", "the adapter output is multiplied by it, so with 0 the adapter adds nothing and its weights get no gradient")
         if self.hidden_size is not None:  # 2.7 reached int() in prepare (a 2-wide block), "4096" a comparison
             if not is_int(self.hidden_size) or self.hidden_size < 1:
                 raise ValueError(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")

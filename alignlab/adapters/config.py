@@ -278,6 +278,15 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+def check_nonzero_number(value, arg: str, why: str) -> float:
+    """``value`` as a Python float (:func:`check_finite_number`); ``ValueError`` naming ``arg`` if it is 0, where
+    ``why`` says how 0 leaves the adapter a no-op that no gradient can move."""
+    value = check_finite_number(value, arg)
+    if value == 0:
+        raise ValueError(f"{arg} must be non-zero: {why}")
+    return value
+
+
 def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = True, allow_empty: bool = False) -> None:
     """Validate ``target_modules`` / ``exclude_modules`` in the forms :func:`find_targets` accepts
     (an empty list only with ``allow_empty``: other targets are named elsewhere)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
-from alignlab.adapters.config import check_dropout, check_finite_number, check_modules_to_save, check_positive_int, check_target_spec
+from alignlab.adapters.config import check_dropout, check_nonzero_number, check_modules_to_save, check_positive_int, check_target_spec
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -94,7 +94,7 @@ class VeRALinear(AdapterLayer):
         self._check_new_adapter(name)
         r = check_positive_int(r, "r")
         dropout = check_dropout(dropout)
-        d_initial = check_finite_number(d_initial, "d_initial")
+        d_initial = check_nonzero_number(d_initial, "d_initial", "b starts at 0, so with d = 0 too the adapter adds nothing and neither vector gets a gradient, ever")
         if projections.A.shape[1] < self.in_features or projections.B.shape[0] < self.out_features or projections.A.shape[0] < r:
             raise ValueError(f"shared projections A{tuple(projections.A.shape)}, B{tuple(projections.B.shape)} are too small "
                              f"for a ({self.out_features}, {self.in_features}) layer of rank {r}")
@@ -160,7 +160,7 @@ class VeRAConfig:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.r = check_positive_int(self.r, "r")
         self.dropout = check_dropout(self.dropout)
-        self.d_initial = check_finite_number(self.d_initial, "d_initial")
+        self.d_initial = check_nonzero_number(self.d_initial, "d_initial", "b starts at 0, so with d = 0 too the adapter adds nothing and neither vector gets a gradient, ever")
         self.projection_prng_key = _check_seed(self.projection_prng_key, "projection_prng_key")
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None

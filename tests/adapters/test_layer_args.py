@@ -78,9 +78,9 @@ def test_bad_arguments_of_a_hand_built_layer_are_refused_naming_them(case):
 
 
 def test_good_arguments_still_build():
-    """The edges the configs accept: AdaLoRA rank 0 (a pruned layer), LoKr factor -1, init_std 0, dropout 0."""
+    """The edges the configs accept: AdaLoRA rank 0 (a pruned layer), LoKr factor -1, init_std 0, dropout 0, a negative d_initial."""
     assert AdaLoRALinear(_lin(), r=0, scaling=1.0).lora_A["default"].shape == (0, 16)
     assert LoKrLinear(_lin(), r=2, decompose_factor=-1) is not None
-    assert VeRALinear(_lin(), _proj(), r=4, dropout=0.0, d_initial=0.0).r["default"] == 4
+    assert VeRALinear(_lin(), _proj(), r=4, dropout=0.0, d_initial=-0.1).r["default"] == 4
     assert not PrefixEncoder(3, 2, 8, None, init_std=0.0)().any()
     assert FusionLayer(12, ("a", "b"), temperature=2).temperature == 2.0

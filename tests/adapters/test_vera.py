@@ -91,7 +91,7 @@ def test_config_refuses_a_non_finite_d_initial_and_a_non_integer_seed():
     for bad in (1.5, "7", None, True):
         with pytest.raises((ValueError, TypeError), match="projection_prng_key"):
             VeRAConfig(r=4, projection_prng_key=bad)
-    VeRAConfig(r=4, d_initial=0.0, projection_prng_key=0)  # zero is a number like any other
+    VeRAConfig(r=4, d_initial=-0.1, projection_prng_key=0)  # a negative one is a number like any other (0: test_zero_scalings.py)
 
 
 def test_numpy_d_initial_is_stored_as_a_float(tmp_path):
