@@ -25,6 +25,15 @@ the pretrained ones and decays parameters that have no pretrained value:
 
 where :math:`a` are optional layer-wise (one number per parameter name pattern)
 or element-wise (a tensor shaped like the parameter) weights.
+
+On a LoRA model (:func:`alignlab.adapters.inject`) the trainable parameters are the factors, so plain L2-SP pulls
+:math:`A` to :math:`A_0` and :math:`B` to :math:`B_0` separately. With ``lora_delta=True`` each adapter of a
+:class:`~alignlab.adapters.lora.LoRALinear` is instead held to its effective weight at the start:
+
+.. math::  \frac{\alpha}{2}\, a\, s^2 \lVert B A - B_0 A_0 \rVert_F^2 ,
+
+the L2-SP term of :math:`W_0 + sBA` against :math:`W_0 + sB_0A_0` (the base is frozen), computed from
+:math:`2r \times 2r` Gram matrices without forming the ``(out, in)`` product.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from torch import nn
 from alignlab._checks import as_bool, is_finite_real, is_int, is_real
 from alignlab.eval.eval_mode import eval_mode
 
-__all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP"]
+__all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP", "lora_delta_sq"]
 
 Weight = Union[float, torch.Tensor]
 Weights = Union[None, float, Mapping[str, Weight], Callable[[str, torch.Tensor], Weight]]
@@ -516,6 +525,38 @@ def l2sp_penalty(
     return 0.5 * alpha * (zero if sp is None else sp) + 0.5 * beta * (zero if new is None else new)
 
 
+def lora_delta_sq(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
+    r"""``||B A - B0 A0||_F^2`` for ``a, a0 (r, in)`` and ``b, b0 (out, r)``, without the ``(out, in)`` product.
+
+    With :math:`U = [B - B_0,\ B_0]` ``(out, 2r)`` and :math:`V = [A;\ A - A_0]` ``(2r, in)``,
+    :math:`UV = BA - B_0A_0` and :math:`\lVert UV \rVert_F^2 = \sum (U^\top U) \odot (V V^\top)`. Every
+    product in that sum holds a difference from the start, so near the start (PiSSA's large :math:`B_0 A_0`)
+    nothing large cancels. Sums in at least float32.
+    """
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b, a0, b0 = a.to(dtype), b.to(dtype), a0.detach().to(a.device, dtype), b0.detach().to(a.device, dtype)
+    u = torch.cat([b - b0, b0], dim=1)
+    v = torch.cat([a, a - a0], dim=0)
+    return ((u.T @ u) * (v @ v.T)).sum()
+
+
+def _lora_pairs(model: nn.Module, anchored: Mapping[str, torch.Tensor]) -> list[tuple[str, str, str, float]]:
+    """``(layer name, name of A, name of B, s)`` for every adapter of a ``LoRALinear`` whose A and B are both in
+    ``anchored``."""
+    from alignlab.adapters.lora import LoRALinear  # here: the regularisers import nothing of adapters otherwise
+
+    pairs = []
+    for prefix, layer in model.named_modules():
+        if not isinstance(layer, LoRALinear):
+            continue
+        dot = f"{prefix}." if prefix else ""
+        for adapter in layer.adapter_names():
+            a, b = f"{dot}lora_A.{adapter}.weight", f"{dot}lora_B.{adapter}.weight"
+            if a in anchored and b in anchored:
+                pairs.append((prefix, a, b, float(layer.scaling[adapter])))
+    return pairs
+
+
 class L2SP:
     """Keeps a detached copy of the starting weights and returns the L2-SP penalty of a model.
 
@@ -527,15 +568,24 @@ class L2SP:
         alpha, beta, weights: as :func:`l2sp_penalty`.
         exclude: names or patterns of parameters to treat as new (``beta`` term), e.g. a fresh head; one
             string is one pattern.
+        lora_delta: for every adapter of a ``LoRALinear`` whose ``A`` and ``B`` are both trainable (and not
+            excluded), penalise the update of the effective weight, ``alpha/2 * a * s^2 ||B A - B0 A0||_F^2``
+            (:func:`lora_delta_sq`), instead of ``A`` and ``B`` each against its start. ``a`` is looked up (and a
+            callable ``weights`` called with the base weight) under ``<layer>.base_layer.weight``, the name
+            of the weight the update is added to; it must be a number, as the ``(out, in)`` update an element-wise
+            factor would need is never formed. Each adapter of a layer is its own term; other adapter
+            families (DoRA's magnitude vector too) keep the per-parameter terms. Default False: the factors.
 
     Raises:
         ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings; a
-            trainable parameter on the meta device.
+            trainable parameter on the meta device; ``lora_delta`` not a bool; (in the call) a tensor factor
+            for a ``lora_delta`` term.
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 1.0, beta: float = 0.0, weights: Weights = None,
-                 exclude: str | Iterable[str] = ()):
+                 exclude: str | Iterable[str] = (), lora_delta: bool = False):
         exclude = _patterns(exclude, "exclude")
+        lora_delta = as_bool(lora_delta, "lora_delta")
         self.alpha, self.beta, self.weights = alpha, beta, weights
         self.pretrained = {
             n: p.detach().clone()
@@ -549,11 +599,30 @@ class L2SP:
         if isinstance(weights, Mapping):
             for pattern, value in weights.items():
                 _check_weight(pattern, value)
+        self.lora_pairs = _lora_pairs(model, self.pretrained) if lora_delta else []
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        return l2sp_penalty(
-            _named_trainable(model), self.pretrained, alpha=self.alpha, beta=self.beta, weights=self.weights
-        )
+        params = _named_trainable(model)
+        if not self.lora_pairs:
+            return l2sp_penalty(params, self.pretrained, alpha=self.alpha, beta=self.beta, weights=self.weights)
+        paired = {n for _, a, b, _ in self.lora_pairs for n in (a, b)}
+        rest = {n: p for n, p in params.items() if n not in paired}
+        total = l2sp_penalty(rest, self.pretrained, alpha=self.alpha, beta=self.beta, weights=self.weights)
+        factors = dict(model.named_parameters())  # frozen ones too: a factor frozen after construction still counts
+        for layer, a, b, scale in self.lora_pairs:
+            if a not in factors or b not in factors:
+                raise ValueError(f"lora_delta: the model has no {a if a not in factors else b!r} any more")
+            term = f"{layer}.base_layer.weight" if layer else "base_layer.weight"
+            base = model.get_submodule(layer).base_layer.weight if callable(self.weights) else None
+            factor = _weight_for(term, base, self.weights)
+            if factor is None:
+                continue
+            if isinstance(factor, torch.Tensor):
+                raise ValueError(f"weights for {term!r} (a lora_delta term) must be a number: the (out, in) update "
+                                 "an element-wise factor needs is never formed")
+            sq = lora_delta_sq(factors[a], factors[b], self.pretrained[a], self.pretrained[b])
+            total = total + (0.5 * self.alpha * factor * scale**2) * sq
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         """``{"alpha", "beta", "pretrained"}`` (``torch.save``-able). ``weights`` (possibly a callable) is not
@@ -567,5 +636,9 @@ class L2SP:
             raise ValueError("state must be a mapping with keys 'alpha', 'beta', 'pretrained'")
         _check_tensor_mapping(state["pretrained"], "state['pretrained']")
         l2sp_penalty({}, {}, alpha=state["alpha"], beta=state["beta"])  # validates both
+        missing = [n for _, a, b, _ in self.lora_pairs for n in (a, b) if n not in state["pretrained"]]
+        if missing:
+            raise ValueError(f"state['pretrained'] lacks the LoRA factors this L2SP(lora_delta=True) holds to their "
+                             f"start: {missing[:4]}")
         self.alpha, self.beta = float(state["alpha"]), float(state["beta"])
         self.pretrained = {k: v.detach().clone() for k, v in state["pretrained"].items()}

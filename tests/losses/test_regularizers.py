@@ -495,3 +495,87 @@ def test_a_resized_vocabulary_is_named_with_both_shapes_and_what_to_do():
     with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight': param \(136, 32\), anchor \(128, 32\), "
                                          r"fisher \(128, 32\) \(resized .*resize_token_embeddings.*load_state_dict"):
         ewc.penalty(model)
+
+
+def _lora_model(init="kaiming", use_dora=False):
+    from conftest import make_tiny_llama
+
+    from alignlab.adapters import LoRAConfig, inject
+
+    model = inject(make_tiny_llama().double(), LoRAConfig(r=2, alpha=8, init=init, use_dora=use_dora,
+                                                          target_modules=["q_proj", "v_proj"]))
+    model.lm_head.weight.requires_grad_(True)  # a plain trainable parameter beside the adapters
+    return model
+
+
+def _step(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])
+def test_l2sp_lora_delta_is_the_effective_weight_update_written_out(init):
+    """lora_delta=True: alpha/2 * a * s^2 ||B A - B0 A0||_F^2 per adapter (dense, float64, written out here), plus
+    the ordinary term of every other trainable parameter; the default stays A and B each against its start."""
+    model = _lora_model(init)
+    named = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in named.items()}
+    weights = {"model.layers.0.*": 3.0, "*": 1.0}
+    reg = L2SP(model, alpha=0.7, weights=weights, lora_delta=True)
+    factors = L2SP(model, alpha=0.7, weights=weights)
+    _step(model)
+    s = 8 / 2
+    want = 0.5 * 0.7 * ((named["lm_head.weight"] - start["lm_head.weight"]) ** 2).sum()
+    want_factors = want.clone()
+    for layer in [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]:
+        a, b = named[f"{layer}.lora_A.default.weight"], named[f"{layer}.lora_B.default.weight"]
+        a0, b0 = start[f"{layer}.lora_A.default.weight"], start[f"{layer}.lora_B.default.weight"]
+        w = 3.0 if layer.startswith("model.layers.0.") else 1.0
+        want = want + 0.5 * 0.7 * w * ((s * b @ a - s * b0 @ a0) ** 2).sum()
+        want_factors = want_factors + 0.5 * 0.7 * w * (((a - a0) ** 2).sum() + ((b - b0) ** 2).sum())
+    got = reg(model)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(factors(model), want_factors)
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    for n, g, w in zip(trainable, torch.autograd.grad(got, list(trainable.values())),
+                       torch.autograd.grad(want, list(trainable.values()))):
+        torch.testing.assert_close(g, w, msg=n)
+    assert len(reg.lora_pairs) == 4
+
+
+def test_l2sp_lora_delta_options_and_errors():
+    model = _lora_model(use_dora=True)
+    with pytest.raises(TypeError, match="lora_delta must be a bool"):
+        L2SP(model, lora_delta="yes")
+    excluded = L2SP(model, lora_delta=True, exclude="*.lora_B.*")  # a factor treated as new: no pair for it
+    assert excluded.lora_pairs == []
+    seen = []
+    called = L2SP(model, lora_delta=True, weights=lambda n, p: seen.append((n, tuple(p.shape))) or 1.0)
+    _step(model)
+    called(model)
+    assert ("model.layers.1.self_attn.v_proj.base_layer.weight", (16, 32)) in seen
+    assert ("model.layers.1.self_attn.v_proj.lora_magnitude_vector.default", (16,)) in seen  # DoRA's m: its own term
+    elementwise = L2SP(model, lora_delta=True, weights={"*.q_proj.base_layer.weight": torch.ones(32, 32)})
+    with pytest.raises(ValueError, match=r"weights for 'model.layers.0.self_attn.q_proj.base_layer.weight' "
+                                         r"\(a lora_delta term\) must be a number"):
+        elementwise(model)
+    fresh = L2SP(_lora_model(), lora_delta=True)
+    state = called.state_dict()
+    del state["pretrained"]["model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    with pytest.raises(ValueError, match=r"lacks the LoRA factors .*q_proj\.lora_A\.default\.weight"):
+        fresh.load_state_dict(state)
+
+
+def test_lora_delta_sq_keeps_small_updates_of_a_large_start():
+    """PiSSA starts from B0 A0 with the weight's top singular values: ||BA - B0A0||^2 for a tiny step must not be
+    lost against ||B0 A0||^2 (float32 inputs, float64 reference)."""
+    from alignlab.losses.regularizers import lora_delta_sq
+
+    g = torch.Generator().manual_seed(0)
+    a0, b0 = 30 * torch.randn(4, 64, generator=g), 30 * torch.randn(96, 4, generator=g)
+    a, b = a0 + 1e-4 * torch.randn(4, 64, generator=g), b0 + 1e-4 * torch.randn(96, 4, generator=g)
+    want = ((b.double() @ a.double() - b0.double() @ a0.double()) ** 2).sum()
+    torch.testing.assert_close(lora_delta_sq(a, b, a0, b0).double(), want, rtol=1e-5, atol=0)  # dense fp32: 7e-5
