@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 import time
 
 import torch
@@ -147,11 +146,10 @@ def save_plot(before: dict[str, float], after: dict[str, float], path: str) -> b
     ax_rest.legend(loc="upper left", ncol=2)
     ax_rest.set_title("answer quality")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)  # write then rename: never a partial file
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
+    path = os.path.expanduser(path)  # "--plot ~/x.png" quoted (or "--plot=~/x.png") reaches us unexpanded
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:  # write then rename: never a partial file; savefig creates it, so it gets the umask's permissions
+        fig.savefig(tmp, dpi=100, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -187,7 +185,7 @@ def main() -> None:
         print(f"{name:<12} {before[name]:>10.3f} {after[name]:>10.3f}")
     if args.plot:
         if save_plot(before, after, args.plot):
-            print(f"plot saved to {args.plot}")
+            print(f"plot saved to {os.path.expanduser(args.plot)}")
         else:
             print("matplotlib is not installed (pip install alignlab[plot]); no plot")
     print(f"done in {time.perf_counter() - start:.1f} s")

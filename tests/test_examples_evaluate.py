@@ -44,3 +44,17 @@ def test_evaluate_example_writes_nothing_by_default(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_example_plot_follows_the_umask_and_expands_home(tmp_path):
+    """The chart came out 0600 (mkstemp's) whatever the umask, and ``--plot '~/m.png'`` failed looking for a
+    folder named ``~``."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.run([sys.executable, EXAMPLE, "--steps", "2", "--plot", "~/m.png"], capture_output=True,
+                          text=True, timeout=300, cwd=run, env={**os.environ, "HOME": str(tmp_path)}, umask=0o027)
+    assert proc.returncode == 0, proc.stderr
+    plot = tmp_path / "m.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_mode & 0o777 == 0o640
+    assert os.listdir(run) == [] and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # HOME gets caches
