@@ -363,6 +363,8 @@ class EWC:
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``lam/2 * sum F (theta - theta*)^2`` for the model's current parameters (scalar)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         params = dict(model.named_parameters())
         return ewc_penalty(params, self._anchor, self._fisher, self.lam)
 
@@ -374,10 +376,12 @@ class EWC:
 
         Raises:
             ValueError: ``gamma`` outside ``[0, 1]`` or Fisher names/shapes differing from the stored ones.
+            TypeError: ``fisher`` not a mapping of tensors, ``model`` not a module.
         """
         if not is_real(gamma) or not 0.0 <= gamma <= 1.0:  # NaN fails the range test
             raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
         gamma = float(gamma)
+        _check_tensor_mapping(fisher, "fisher")  # a string was "not the same names", a list value an AttributeError
         if set(fisher) != set(self._fisher):
             raise ValueError("consolidate needs a Fisher over the same parameter names as before")
         merged = {}
@@ -586,7 +590,9 @@ class L2SP:
                  exclude: str | Iterable[str] = (), lora_delta: bool = False):
         exclude = _patterns(exclude, "exclude")
         lora_delta = as_bool(lora_delta, "lora_delta")
-        self.alpha, self.beta, self.weights = alpha, beta, weights
+        l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
+        # Python floats: a NumPy alpha in state_dict() made the file unreadable to torch.load (weights_only)
+        self.alpha, self.beta, self.weights = float(alpha), float(beta), weights
         self.pretrained = {
             n: p.detach().clone()
             for n, p in _named_trainable(model).items()
@@ -595,7 +601,6 @@ class L2SP:
         meta = [n for n, p in self.pretrained.items() if p.is_meta]
         if meta:  # a model not materialised yet (deferred init): its w0 would hold no values
             raise ValueError(f"parameters on the meta device have no values to start from: {meta[:5]}")
-        l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
         if isinstance(weights, Mapping):
             for pattern, value in weights.items():
                 _check_weight(pattern, value)

@@ -579,3 +579,27 @@ def test_lora_delta_sq_keeps_small_updates_of_a_large_start():
     a, b = a0 + 1e-4 * torch.randn(4, 64, generator=g), b0 + 1e-4 * torch.randn(96, 4, generator=g)
     want = ((b.double() @ a.double() - b0.double() @ a0.double()) ** 2).sum()
     torch.testing.assert_close(lora_delta_sq(a, b, a0, b0).double(), want, rtol=1e-5, atol=0)  # dense fp32: 7e-5
+
+
+def test_ewc_penalty_and_consolidate_name_a_bad_argument():
+    """``penalty("x")`` raised AttributeError; ``consolidate(model, "x")`` said the names differ, and a Fisher entry
+    that is a list an AttributeError."""
+    model = nn.Linear(3, 2)
+    fisher = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    ewc = EWC(model, fisher)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        ewc.penalty("x")
+    with pytest.raises(TypeError, match=r"fisher must be a mapping \{name: tensor\}, got str"):
+        ewc.consolidate(model, "x")
+    with pytest.raises(TypeError, match=r"fisher\['weight'\] must be a torch.Tensor, got list"):
+        ewc.consolidate(model, {"weight": [1.0], "bias": torch.ones(2)})
+
+
+def test_l2sp_state_dict_with_numpy_strengths_loads_with_torch_load(tmp_path):
+    """alpha / beta from a sweep (NumPy scalars) were kept as they came: the saved state_dict then failed
+    ``torch.load``'s default weights_only unpickler."""
+    np = pytest.importorskip("numpy")
+    reg = L2SP(nn.Linear(3, 2), alpha=np.float64(0.1), beta=np.float32(0.5))
+    torch.save(reg.state_dict(), tmp_path / "reg.pt")
+    state = torch.load(tmp_path / "reg.pt")
+    assert (state["alpha"], state["beta"]) == (0.1, 0.5) and type(state["alpha"]) is float
