@@ -14,18 +14,20 @@ holding the new entry (:func:`fsync_dir`) after it.
 
 A replaced file keeps its permission bits (:func:`keep_mode`), as it would if it were rewritten in place with
 ``open(path, "w")``: a 0600 file stays private. A new file gets what its writer gives it, the umask's.
-:func:`write_atomically` does all of this for one file.
+:func:`write_atomically` does all of this for one file. Folders created on the way to the target are
+removed again when the write fails (:func:`made_folder`), so a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "fsync_file", "keep_mode", "sibling", "write_atomically"]
+__all__ = ["fsync_dir", "fsync_file", "keep_mode", "made_folder", "sibling", "write_atomically"]
 
 _NAME_MAX = 255
 
@@ -70,23 +72,40 @@ def keep_mode(new: str | os.PathLike, target: str | os.PathLike) -> None:
     os.chmod(new, mode & 0o777)
 
 
+@contextlib.contextmanager
+def made_folder(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents; if the block raises, remove again the ones created here that
+    are still empty (a failed write left them behind, empty, for a path the user mistyped)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (someone else wrote there meanwhile): it and its parents stay
+                break
+        raise
+
+
 def write_atomically(path: Path, write: Callable[[str], Any]) -> Path:
     """``write(tmp)`` to a fresh name beside ``path``, then rename it over ``path``; returns ``path``.
 
     ``write`` must create the file (``open(tmp, "x")``, ``savefig(tmp)``), so that a new file gets the umask's
     permissions; a replaced one keeps its own (:func:`keep_mode`). The file is fsynced before the rename and
     the folder after it; parent folders are created. On any error the temporary file is removed and a
-    previous ``path`` is left as it was.
+    previous ``path`` is left as it was, and so are the folders above it (:func:`made_folder`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
-    try:
-        write(tmp)
-        keep_mode(tmp, path)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with made_folder(path.parent):
+        try:
+            write(tmp)
+            keep_mode(tmp, path)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path

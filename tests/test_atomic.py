@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny_llama
 
-from alignlab._atomic import fsync_dir, fsync_file, keep_mode, sibling, write_atomically
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder, sibling, write_atomically
 
 
 class Journal:
@@ -105,6 +105,25 @@ def test_a_failed_atomic_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomically(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
+    """Parent folders created for a write that then failed were left behind, empty."""
+    def fail(tmp):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "a" / "b" / "r.json", fail)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    with pytest.raises(RuntimeError):
+        with made_folder(tmp_path / "a" / "b" / "c"):
+            (tmp_path / "a" / "b" / "other").write_text("someone else's")
+            raise RuntimeError
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["other"]  # not empty: kept, and above it
+    with made_folder(tmp_path / "x" / "y") as folder:
+        (folder / "f").write_text("1")
+    assert (tmp_path / "x" / "y" / "f").read_text() == "1"
 
 
 def test_save_adapter_fsyncs_its_files_and_folder(tmp_path, monkeypatch):

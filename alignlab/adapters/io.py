@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignlab._atomic import fsync_dir, fsync_file, keep_mode
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder
 from alignlab._checks import is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
@@ -399,9 +399,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if out.is_file():  # was FileExistsError "[Errno 17] File exists", which did not say what was wanted
                 raise ValueError(f"path {str(out)!r} is a file; save_adapter writes a directory (adapter_config.json "
                                  f"and adapter_model.safetensors), as PEFT's save_pretrained does")
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-                           out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
+            with made_folder(out):  # a failed first save leaves no empty folder behind
+                _atomic_write({out / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+                               out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(meta)})
         except BaseException as e:  # every rank hears of it, Ctrl-C on rank 0 too: the others would otherwise
             # wait for rank 0 until the process group's timeout (rank 0 re-raises its own exception)
             error = e

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from alignlab._checks import as_bool, user_path
-from alignlab._atomic import fsync_dir, fsync_file, keep_mode, sibling
+from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder, sibling
 from alignlab.merging import methods as M
 from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
 
@@ -518,26 +518,20 @@ def merge_checkpoints(
         model_folder = ref_path.is_dir()
         side = _side_files(ref_path if model_folder else ref_path.parent, r.dtype, model_folder)
         shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
-        made = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the merge fails
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = sibling(out, f"partial-{uuid.uuid4().hex[:8]}")
-        try:
-            tmp.mkdir()
-            _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
-            _copy_side_files(side, tmp)
-            for f in tmp.iterdir():  # the shards are fsynced already; the index and the copied files too
-                if not f.name.endswith(".safetensors"):
-                    fsync_file(f)
-            fsync_dir(tmp)
-            _install(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for folder in made:
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty: someone else put a file there meanwhile
-                    break
-            raise
+        with made_folder(out.parent):  # parent folders made for out_dir go again if the merge fails
+            try:
+                tmp.mkdir()
+                _write_shards(r, ckpts, shards, tmp, progress, prefetch, single=ADAPTER_NAME if adapter else None)
+                _copy_side_files(side, tmp)
+                for f in tmp.iterdir():  # the shards are fsynced already; the index and the copied files too
+                    if not f.name.endswith(".safetensors"):
+                        fsync_file(f)
+                fsync_dir(tmp)
+                _install(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return given
 
 

@@ -446,3 +446,16 @@ def test_a_leading_tilde_is_the_home_folder_and_replaced_files_keep_their_mode(t
     assert [f.stat().st_mode & 0o777 for f in files] == [0o600, 0o640]
     fresh = load_adapter(make_tiny_llama(), "~/ad")
     torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
+
+
+def test_a_failed_first_save_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """The folders made for a new adapter path stayed behind, empty, when the write failed (a full disk)."""
+    import alignlab.adapters.io as io
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(_trained(), tmp_path / "runs" / "step-100")
+    assert list(tmp_path.iterdir()) == []
