@@ -210,9 +210,9 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def _resolve_path(p: Any, root: Path | None) -> Path:
+def _resolve_path(p: Any, root: Path | None, where: str) -> Path:
     if not isinstance(p, (str, os.PathLike)):
-        raise ValueError(f"model paths must be strings, got {p!r}")
+        raise ValueError(f"{where} must be a path (a string), got {p!r}")
     path = Path(os.path.expanduser(str(p)))
     if not path.is_absolute() and root is not None:
         path = root / path
@@ -232,7 +232,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     if method not in METHODS:
         raise ValueError(f"unknown merge_method {method!r}; expected one of {sorted(METHODS)}")
     rootp = user_path(root, "root") if root is not None else None
-    base = _resolve_path(data["base_model"], rootp) if data.get("base_model") is not None else None
+    base = _resolve_path(data["base_model"], rootp, "base_model") if data.get("base_model") is not None else None
     raw_models = data.get("models") or []
     if not isinstance(raw_models, list):
         raise ValueError("models must be a list of {model: <path>, parameters: {...}}")
@@ -245,7 +245,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ValueError(f"models[{i}]: unknown key(s) {extra}; an entry has 'model' and 'parameters'")
-        path = _resolve_path(entry["model"], rootp)
+        path = _resolve_path(entry["model"], rootp, f"models[{i}].model")
         params = _parameters(entry.get("parameters"), f"models[{i}].parameters")
         _check_names(params, PARAMETERS[method][0], method, f"model {str(path)!r}")
         for k, v in params.items():

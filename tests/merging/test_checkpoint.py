@@ -367,6 +367,8 @@ def test_float_in_one_model_integer_in_another_is_refused_up_front(tmp_path, in_
     ({"models": [{"model": "X", "parameters": ["weight"]}]}, r"models\[0\].parameters must be a mapping"),
     ({"parameters": {"weight": [{"filter": 3, "value": 1.0}]}}, "list entries must be"),
     ({"models": ["X", "Y", "./X"]}, r"models\[2\]: model '.*X' is listed twice"),  # would count twice
+    ({"models": ["X", {"model": 3}]}, r"models\[1\]\.model must be a path \(a string\), got 3"),  # "model paths"
+    ({"base_model": ["B"]}, r"base_model must be a path \(a string\), got \['B'\]"),
 ])
 def test_bad_recipes(tmp_path, bad, match):
     r = {"merge_method": "ties", "base_model": "B", "models": [{"model": "X"}], **bad}
