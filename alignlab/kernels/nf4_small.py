@@ -675,8 +675,8 @@ TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
 
 def _table_in_registers(kernel: str, block_m: int, num_stages: int | None) -> bool:
     """The rule of :data:`TABLE_REGS` ``"auto"``: the codebook in registers for the GEMV only. Timed on an H100
-    (``benchmarks/nf4_table_regs.py``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -7% to
-    +3% over the five benchmark shapes (faster at the three with K or N of 8192 and more); at ``M = 2..16`` the
+    (``benchmarks/nf4_table_regs.py``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -5% to
+    +3% over the five benchmark shapes (faster at 4096 x 14336 and 8192 x 8192); at ``M = 2..16`` the
     ``tl.dot`` kernels took 1-11% longer with them (most at ``N >= 14336``), so those keep PTX immediates.
     Offline SASS for sm_90 had predicted 9-14% fewer loop instructions for both; not yet timed on an H200."""
     if TABLE_REGS in ("0", "1"):
