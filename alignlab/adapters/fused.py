@@ -200,31 +200,50 @@ def _graph_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def _lora_backward_graph(ctx, gy):
-    """:class:`_LoRAFn`'s gradients from differentiable ops on the inputs as given (``x`` with its graph, the
-    master ``A``, ``B``), for a backward with ``create_graph=True``: the same products in the compute dtype as
-    :func:`_lora_backward`, but a second derivative (a Hessian-vector product) sees how each gradient depends on
-    ``x``, ``A``, ``B`` and ``∂L/∂y``. Before, the detached casts made the gradients constants there: the second
-    derivatives were silently wrong."""
-    x, dense_w, ac, _, _, a, b, bias = ctx.saved_tensors
-    dtype, scale = ac.dtype, ctx.scale
-    x2 = _graph_input(ctx, x, "LoRA").to(dtype)
+def _backward_graph(ctx, gy, x, dense_w, bias, a, b, dtype: torch.dtype, magnitude=None, norm=None) -> tuple:
+    """The fused functions' gradients from differentiable ops on the inputs as given (``x`` with its graph, the
+    master ``A``, ``B``, ``m``), for a backward with ``create_graph=True``: the same products in the compute dtype
+    ``dtype`` as :func:`_lora_backward` / :func:`_dora_backward`, but a second derivative (a Hessian-vector product)
+    sees how each gradient depends on ``x``, ``A``, ``B``, ``m`` and ``∂L/∂y``. Before, the detached casts made the
+    gradients constants there: the second derivatives were silently wrong.
+
+    LoRA without ``magnitude``. DoRA with ``magnitude`` and the (constant) ``norm``: with ``z = x Wᵀ + s·(x Aᵀ) Bᵀ``
+    and the gain ``g = m / norm``, ``∂L/∂z = ∂L/∂y ⊙ g`` and ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm`` (0 on a row whose norm
+    is 0, :func:`alignlab.adapters.dora.dora_gain`). Returns ``(dx, dW, dbias, dA, dB, dm)``, None where not needed.
+    """
+    from alignlab.adapters.dora import dora_gain
+
+    dora, scale, need = magnitude is not None, ctx.scale, ctx.needs_input_grad
+    x2 = _graph_input(ctx, x, "DoRA" if dora else "LoRA").to(dtype)
     weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
     ac, bc = a.to(dtype), b.to(dtype)
-    g = gy.reshape(-1, gy.shape[-1]).to(dtype)
-    gb = (g @ bc) * scale  # (tokens, r)
-    dx = dw = dbias = da = db = None
-    if ctx.needs_input_grad[0]:
-        dx = (g @ weight + gb @ ac).view(ctx.x_shape).to(ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        dw = (g.T @ x2).to(dense_w.dtype)
-    if ctx.needs_input_grad[2]:
-        dbias = g.sum(0).to(bias.dtype)
-    if ctx.needs_input_grad[3]:
+    gy = gy.reshape(-1, gy.shape[-1]).to(dtype)
+    gz = gy * dora_gain(magnitude, norm).to(dtype) if dora else gy  # ∂L/∂z; the gain is differentiable in m
+    gb = (gz @ bc) * scale  # (tokens, r)
+    dx = dw = dbias = da = db = dm = None
+    if need[0]:
+        dx = (gz @ weight + gb @ ac).view(ctx.x_shape).to(ctx.x_dtype)
+    if need[1]:
+        dw = (gz.T @ x2).to(dense_w.dtype)
+    if need[2]:
+        dbias = gy.sum(0).to(bias.dtype)
+    if need[3]:
         da = (gb.T @ x2).to(a.dtype)
-    if ctx.needs_input_grad[4]:
-        db = ((g.T @ (x2 @ ac.T)) * scale).to(b.dtype)
-    return dx, dw, dbias, da, db, None, None, None, None, None
+    dm_needed = dora and need[5]
+    xa = x2 @ ac.T if need[4] or dm_needed else None
+    if need[4]:
+        db = ((gz.T @ xa) * scale).to(b.dtype)
+    if dm_needed:
+        z = x2 @ weight.T + (xa @ bc.T) * scale
+        inv = dora_gain(torch.ones_like(norm), norm)  # 1 / norm, 0 where the norm is 0
+        dm = ((gy.to(inv.dtype) * z.to(inv.dtype)).sum(0) * inv).to(magnitude.dtype)  # summed in fp32, as forward
+    return dx, dw, dbias, da, db, dm
+
+
+def _lora_backward_graph(ctx, gy):
+    """:class:`_LoRAFn`'s backward with ``create_graph=True`` (:func:`_backward_graph`)."""
+    x, dense_w, ac, _, _, a, b, bias = ctx.saved_tensors
+    return *_backward_graph(ctx, gy, x, dense_w, bias, a, b, ac.dtype)[:5], None, None, None, None, None
 
 
 def _lora_backward(ctx, gy):
@@ -300,38 +319,10 @@ class _DoRAFn(torch.autograd.Function):
 
 
 def _dora_backward_graph(ctx, gy):
-    """:class:`_DoRAFn`'s gradients from differentiable ops on the inputs as given, for a backward with
-    ``create_graph=True`` (see :func:`_lora_backward_graph`). With ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` and
-    ``g = m / norm`` (the norm a constant, as in forward): ``∂L/∂z = ∂L/∂y ⊙ g``, ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm``
-    (0 on a row whose norm is 0, :func:`alignlab.adapters.dora.dora_gain`)."""
-    from alignlab.adapters.dora import dora_gain
-
+    """:class:`_DoRAFn`'s backward with ``create_graph=True`` (:func:`_backward_graph`)."""
     x, dense_w, ac, _, _, _, magnitude, bias, _, _, a, b, norm = ctx.saved_tensors
-    dtype, scale = ac.dtype, ctx.scale
-    x2 = _graph_input(ctx, x, "DoRA").to(dtype)
-    weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
-    ac, bc = a.to(dtype), b.to(dtype)
-    gy = gy.reshape(-1, gy.shape[-1]).to(dtype)
-    gain = dora_gain(magnitude, norm)  # differentiable in m
-    gz = gy * gain.to(dtype)
-    gb = (gz @ bc) * scale  # (tokens, r)
-    dx = dw = dbias = da = db = dm = None
-    if ctx.needs_input_grad[0]:
-        dx = (gz @ weight + gb @ ac).view(ctx.x_shape).to(ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        dw = (gz.T @ x2).to(dense_w.dtype)
-    if ctx.needs_input_grad[2]:
-        dbias = gy.sum(0).to(bias.dtype)
-    if ctx.needs_input_grad[3]:
-        da = (gb.T @ x2).to(a.dtype)
-    xa = x2 @ ac.T
-    if ctx.needs_input_grad[4]:
-        db = ((gz.T @ xa) * scale).to(b.dtype)
-    if ctx.needs_input_grad[5]:
-        z = x2 @ weight.T + (xa @ bc.T) * scale
-        inv = dora_gain(torch.ones_like(norm), norm)  # 1 / norm, 0 where the norm is 0
-        dm = ((gy.to(inv.dtype) * z.to(inv.dtype)).sum(0) * inv).to(magnitude.dtype)  # summed in fp32, as forward
-    return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
+    grads = _backward_graph(ctx, gy, x, dense_w, bias, a, b, ac.dtype, magnitude, norm)
+    return *grads, None, None, None, None, None, None, None
 
 
 def _dora_backward(ctx, gy):
