@@ -292,7 +292,9 @@ class _DoRAFn(torch.autograd.Function):
     ``(tokens, out)`` to scale it. The magnitude gradient needs ``z = (y - bias) / g``:
     ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm = Σ_t ∂L/∂y ⊙ (y - bias) / m``, so ``y`` is saved (often the
     very tensor the next op saves too) and no ``z`` is formed. A row with ``m`` exactly 0 has lost
-    ``z`` (its output is the bias alone): its magnitude gradient is returned as 0.
+    ``z`` (its output is the bias alone): its magnitude gradient is returned as 0, where the formula (the
+    unfused path, PEFT) gives ``Σ_t ∂L/∂y ⊙ z / norm`` -- so such a row does not train here. Recovering it
+    would take a host-side check (a sync) or a second base GEMM per call.
     """
 
     @staticmethod
@@ -455,7 +457,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         the current ``W``, ``a``, ``b`` (a module's cache of them; default: computed per call).
     Returns:
         ``(..., out)`` in ``x.dtype`` (under autocast: as :func:`lora_linear`); same values and gradients
-        as the unfused DoRA expression.
+        as the unfused DoRA expression, but for ``∂L/∂m`` on a row whose ``m`` is exactly 0 and whose norm is not:
+        0 here (forward kept no ``z`` for it, see :class:`_DoRAFn`), ``Σ_t ∂L/∂y ⊙ z / norm`` unfused and in PEFT.
     """
     dense_w, quant_w = _split(weight)
     dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
