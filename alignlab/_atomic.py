@@ -95,16 +95,18 @@ def write_atomically(path: Path, write: Callable[[str], Any]) -> Path:
     ``write`` must create the file (``open(tmp, "x")``, ``savefig(tmp)``), so that a new file gets the umask's
     permissions; a replaced one keeps its own (:func:`keep_mode`). The file is fsynced before the rename and
     the folder after it; parent folders are created. On any error the temporary file is removed and a
-    previous ``path`` is left as it was, and so are the folders above it (:func:`made_folder`).
+    previous ``path`` is left as it was, and so are the folders above it (:func:`made_folder`). A ``path`` that
+    is a symlink is written through, as ``open`` would: the file it points to is replaced and the link stays.
     """
-    tmp = str(sibling(path, f"{uuid.uuid4().hex[:12]}.tmp"))
-    with made_folder(path.parent):
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # the rename replaced the link itself
+    tmp = str(sibling(target, f"{uuid.uuid4().hex[:12]}.tmp"))
+    with made_folder(target.parent):
         try:
             write(tmp)
-            keep_mode(tmp, path)
+            keep_mode(tmp, target)
             fsync_file(tmp)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -126,6 +126,21 @@ def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
     assert (tmp_path / "x" / "y" / "f").read_text() == "1"
 
 
+def test_a_symlinked_target_is_written_through(tmp_path):
+    """A results file that is a link (to a shared folder, say) was replaced by a plain file: the link was lost and
+    the file it pointed to kept the old contents."""
+    (tmp_path / "shared").mkdir()
+    real = tmp_path / "shared" / "r.json"
+    real.write_text("old")
+    os.symlink(real, tmp_path / "r.json")
+    assert write_atomically(tmp_path / "r.json", lambda tmp: Path(tmp).write_text("new")) == tmp_path / "r.json"
+    assert (tmp_path / "r.json").is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["r.json"]
+    os.symlink(tmp_path / "shared" / "new.json", tmp_path / "dangling.json")  # a link to a file not made yet
+    write_atomically(tmp_path / "dangling.json", lambda tmp: Path(tmp).write_text("1"))
+    assert (tmp_path / "dangling.json").is_symlink() and (tmp_path / "shared" / "new.json").read_text() == "1"
+
+
 def test_save_adapter_fsyncs_its_files_and_folder(tmp_path, monkeypatch):
     from alignlab.adapters import LoRAConfig, inject, save_adapter
 
