@@ -94,3 +94,21 @@ def test_dora_unmerge_after_loading_another_merged_state_raises(quantized):
     unmerge(same)
     for got, want in zip(_base_weights(same), bases):
         torch.testing.assert_close(got, want, rtol=0, atol=0 if quantized else 1e-5)
+
+
+def test_expert_dora_unmerge_after_loading_another_merged_state_raises():
+    from conftest import make_experts
+
+    from alignlab.adapters import ExpertLoRA
+
+    def layer(seed):
+        experts = ExpertLoRA(make_experts(hidden=16, intermediate=12, seed=seed), {"down_proj": 2}, alpha=4.0,
+                             use_dora=True)
+        return randomise_trainable(experts, scale=0.05, seed=seed + 3)
+
+    src, dst = layer(1), layer(0)
+    src.merge()
+    dst.merge()
+    dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    with pytest.raises(ValueError, match="cannot unmerge DoRA adapter 'default' 'down_proj'.*load_state_dict"):
+        dst.unmerge()
