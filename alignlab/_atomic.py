@@ -97,8 +97,11 @@ def write_atomically(path: Path, write: Callable[[str], Any]) -> Path:
     the folder after it; parent folders are created. On any error the temporary file is removed and a
     previous ``path`` is left as it was, and so are the folders above it (:func:`made_folder`). A ``path`` that
     is a symlink is written through, as ``open`` would: the file it points to is replaced and the link stays.
+    ``ValueError`` if ``path`` is a folder (the rename failed with ``IsADirectoryError`` naming the temporary file).
     """
     target = Path(os.path.realpath(path)) if path.is_symlink() else path  # the rename replaced the link itself
+    if target.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; a file was to be written there (give its file name)")
     tmp = str(sibling(target, f"{uuid.uuid4().hex[:12]}.tmp"))
     with made_folder(target.parent):
         try:

@@ -141,6 +141,16 @@ def test_a_symlinked_target_is_written_through(tmp_path):
     assert (tmp_path / "dangling.json").is_symlink() and (tmp_path / "shared" / "new.json").read_text() == "1"
 
 
+def test_a_folder_as_target_is_named(tmp_path):
+    """``save_json(folder)`` failed in the rename with IsADirectoryError naming the temporary file."""
+    from alignlab.bench import write_json
+
+    (tmp_path / "results").mkdir()
+    with pytest.raises(ValueError, match=r"path '.*results' is a folder; a file was to be written there"):
+        write_json(tmp_path / "results", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["results"] and not list((tmp_path / "results").iterdir())
+
+
 def test_save_adapter_fsyncs_its_files_and_folder(tmp_path, monkeypatch):
     from alignlab.adapters import LoRAConfig, inject, save_adapter
 

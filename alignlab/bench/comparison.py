@@ -193,7 +193,8 @@ class Comparison:
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically (temp file + rename); creates parent folders.
 
-        ``TypeError`` if ``path`` is not a str or ``os.PathLike``; a leading ``~`` is the home folder."""
+        ``TypeError`` if ``path`` is not a str or ``os.PathLike``, ``ValueError`` if it is a folder; a leading ``~``
+        is the home folder."""
         return _atomic_write_text(user_path(path, "path"), self.to_json() + "\n")
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
@@ -373,6 +374,7 @@ def save_results(
         TypeError: ``path`` is not a str or ``os.PathLike`` (a leading ``~`` is the home folder);
             ``comparisons`` is a single :class:`Comparison` (put it in a list) or not iterable,
             an item of it is not a :class:`Comparison`, or ``meta`` is not a mapping.
+        ValueError: ``path`` is a folder.
     """
     path = user_path(path, "path")
     if isinstance(comparisons, Comparison):  # iterable through __getitem__: it failed with KeyError: 0
@@ -407,6 +409,7 @@ def write_json(path: str | os.PathLike, doc: Any) -> Path:
 
     Raises:
         TypeError: ``path`` is not a str or ``os.PathLike``.
+        ValueError: ``path`` is a folder.
     """
     path = user_path(path, "path")
     return _atomic_write_text(path, json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
