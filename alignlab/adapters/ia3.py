@@ -91,6 +91,22 @@ class IA3Linear(AdapterLayer):
     def _unmerge_one(self, name: str) -> None:
         self._rescale_base(1.0 / self.ia3_l[name].detach().float(), name)
 
+    def _base_snapshot(self):
+        """``(packed weight, bias)`` of a quantized base from before the first merge, else None: output scaling
+        rescales the bias too, and restoring the packed weight alone left the bias multiplied by ``l``."""
+        packed = super()._base_snapshot()
+        if packed is None:
+            return None
+        bias = getattr(self.base_layer, "bias", None)
+        return packed, None if bias is None or self.feedforward else bias.detach().clone()
+
+    def _restore_base(self, snapshot) -> None:
+        packed, bias = snapshot
+        super()._restore_base(packed)
+        if bias is not None:
+            with torch.no_grad():
+                self.base_layer.bias.copy_(bias)
+
     def _rescale_base(self, factor: torch.Tensor, name: str) -> None:
         """Scale the base's rows (or columns) by ``factor``; a float16 result beyond float16's range is refused
         before anything is written (``ValueError``, as for the additive families): it would round to inf."""

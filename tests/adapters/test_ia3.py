@@ -151,3 +151,26 @@ def test_a_second_adapter_scaling_the_other_side_of_a_layer_is_refused_before_an
         inject(model, IA3Config(target_modules=["k_proj", "o_proj"], feedforward_modules=["o_proj"]), "b")
     assert all(layer.adapter_names() == ["a"] for _, layer in adapter_layers(model))  # k_proj did not get "b"
     inject(model, IA3Config(target_modules=["k_proj", "o_proj"], feedforward_modules=[]), "b")  # same sides: fine
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_unmerge_on_a_quantized_base_puts_the_bias_back(feedforward):
+    """Output scaling merges ``l`` into the bias too; on an NF4 base unmerge put back the packed weight but left the
+    bias multiplied by ``l``, so the layer after unmerge differed from the one before merge."""
+    import warnings
+
+    from alignlab.quant import NF4Linear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(64, 24), blocksize=32, compute_dtype=torch.float32)
+    layer = IA3Linear(base, feedforward=feedforward)
+    with torch.no_grad():
+        layer.ia3_l["default"].add_(torch.randn(layer.ia3_l["default"].shape) * 0.3)
+    x = torch.randn(3, 64)
+    before, bias = layer(x), base.bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="merging into a quantized base")
+        layer.merge()
+    layer.unmerge()
+    assert torch.equal(base.bias, bias)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
