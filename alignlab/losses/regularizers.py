@@ -582,7 +582,7 @@ class L2SP:
 
     Raises:
         ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings; a
-            trainable parameter on the meta device; ``lora_delta`` not a bool; (in the call) a tensor factor
+            model without trainable parameters, or one of them on the meta device; ``lora_delta`` not a bool; (in the call) a tensor factor
             for a ``lora_delta`` term.
     """
 
@@ -593,9 +593,13 @@ class L2SP:
         l2sp_penalty({}, {}, alpha=alpha, beta=beta, weights=weights)  # validate arguments now
         # Python floats: a NumPy alpha in state_dict() made the file unreadable to torch.load (weights_only)
         self.alpha, self.beta, self.weights = float(alpha), float(beta), weights
+        trainable = _named_trainable(model)
+        if not trainable:  # w0 would be empty: after unfreezing, every weight would count as new, none pulled back
+            raise ValueError("model has no trainable parameters (requires_grad) to take w0 from: build L2SP after "
+                             "unfreezing the parameters to fine-tune")
         self.pretrained = {
             n: p.detach().clone()
-            for n, p in _named_trainable(model).items()
+            for n, p in trainable.items()
             if not any(n == e or fnmatch.fnmatchcase(n, e) for e in exclude)
         }
         meta = [n for n, p in self.pretrained.items() if p.is_meta]

@@ -603,3 +603,12 @@ def test_l2sp_state_dict_with_numpy_strengths_loads_with_torch_load(tmp_path):
     torch.save(reg.state_dict(), tmp_path / "reg.pt")
     state = torch.load(tmp_path / "reg.pt")
     assert (state["alpha"], state["beta"]) == (0.1, 0.5) and type(state["alpha"]) is float
+
+
+def test_l2sp_of_a_frozen_model_is_refused():
+    """Built before unfreezing, L2SP took no w0 at all: after unfreezing every weight counted as new (the beta
+    term, often 0) and nothing was pulled back, without a word."""
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"model has no trainable parameters .* build L2SP after unfreezing"):
+        L2SP(model, alpha=1.0)
+    assert L2SP(model.requires_grad_(True), exclude="*").pretrained == {}  # all excluded on purpose: allowed
