@@ -32,6 +32,8 @@ def _wd(t: Tensor) -> torch.dtype:
 
 
 def _check_pair(a: Tensor, b: Tensor, where: str) -> None:
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):  # (A, B) pairs given as As fail .dim() unnamed
+        raise TypeError(f"{where}: A and B must be tensors, got {type(a).__name__} and {type(b).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"{where}: expected A (r, in) and B (out, r), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[0] != b.shape[1]:

@@ -130,3 +130,13 @@ def test_fold_into_float16_beyond_its_range_raises():
     assert torch.equal(fold_lora(w, a, b, scale=1.0 / 1000.0), (w.float() + 10.0).half())  # within range: no change
     w[0, 0] = float("inf")  # an inf already in the weight is passed through
     assert torch.isinf(fold_lora(w, a, b)[0, 0])
+
+
+def test_factors_that_are_not_tensors_are_named():
+    """(A, B) pairs passed as ``As`` (and a list as A) failed with "'tuple' object has no attribute 'dim'"."""
+    As, Bs = _adapters((4, 2))
+    for combine in (lora_cat, lora_linear, lambda a, b: lora_svd(a, b, 2)):
+        with pytest.raises(TypeError, match="adapter 0: A and B must be tensors, got tuple and Tensor"):
+            combine(list(zip(As, Bs)), Bs)
+    with pytest.raises(TypeError, match="lora_delta: A and B must be tensors, got list and Tensor"):
+        lora_delta(As[0].tolist(), Bs[0])
