@@ -29,7 +29,7 @@ from alignlab.losses.fused_preference import (
 from alignlab.losses.fused_rl import fused_linear_grpo, packed_to_padded
 from alignlab.losses.logprobs import linear_logprobs, sequence_logprobs, token_logprobs
 from alignlab.losses.preference import DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss, una_loss
-from alignlab.losses.regularizers import EWC, L2SP, estimate_fisher, ewc_penalty, l2sp_penalty
+from alignlab.losses.regularizers import EWC, L2SP, estimate_fisher, ewc_penalty, l2sp_penalty, lora_delta_sq
 from alignlab.losses.reward import (
     bradley_terry_loss,
     gae,
@@ -48,7 +48,8 @@ __all__ = [
     "dpo_loss", "DPO_LOSS_TYPES", "estimate_fisher", "EWC", "ewc_penalty", "forward_kl", "fused_linear_cpo",
     "fused_linear_distill_loss", "fused_linear_dpo", "fused_linear_grpo", "fused_linear_kto", "fused_linear_orpo",
     "fused_linear_preference", "fused_linear_simpo", "gae", "generalized_jsd", "group_advantages", "grpo_loss",
-    "kl_penalty", "kto_loss", "L2SP", "l2sp_penalty", "linear_cross_entropy", "linear_logprobs", "masked_mean",
+    "kl_penalty", "kto_loss", "L2SP", "l2sp_penalty", "linear_cross_entropy", "linear_logprobs", "lora_delta_sq",
+    "masked_mean",
     "orpo_loss", "packed_to_padded", "ppo_policy_loss", "ppo_value_loss", "reverse_kl", "rloo_advantages",
     "sequence_divergence", "sequence_kd_labels", "sequence_kd_loss", "sequence_logprobs", "simpo_loss",
     "token_logprobs", "total_variation", "una_loss", "whiten",
