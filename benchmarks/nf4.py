@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -310,7 +309,6 @@ def main(argv=None):
         meta["byte_check_vs_bnb_cuda"] = byte_check(F, shapes[:2])
     comps = []
     summary = []
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     kw = dict(rep=args.rep, memory=False)
 
     def run(name, contestants, shape_meta, bytes_moved=None, flops=None):
@@ -428,7 +426,6 @@ def main(argv=None):
                 {"N": N, "K": K, "M": M}, flops=2 * M * N * K)
 
     meta["summary"] = summary
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_results(args.out, comps, meta=meta)
     print(json.dumps(summary, indent=1, default=str))
 
