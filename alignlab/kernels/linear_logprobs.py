@@ -51,7 +51,7 @@ import torch
 from alignlab.kernels.dispatch import interpreting, triton_available, use_triton
 from alignlab.kernels.launch import next_power_of_2, options
 
-__all__ = ["RowStats", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
+__all__ = ["RowStats", "check_label_range", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
 
 
 class RowStats(NamedTuple):
@@ -72,7 +72,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected=None, entropy_grad=None) -> None:
+def check_label_range(labels: torch.Tensor, vocab: int, or_else: str = "") -> None:
+    """``ValueError`` naming ``labels`` and ``[0, vocab)`` unless every entry of the integer tensor lies there.
+
+    Both bounds come back in one host read (one device sync on CUDA); nothing is read for an empty tensor, nor
+    under ``torch.compile`` (a host read would break the graph; gather's own bounds check stands there).
+    ``or_else`` follows the range in the message (the losses': ``" or ignore_index=-100"``).
+    """
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"labels must be in [0, {vocab}){or_else}, got {lo if lo < 0 else hi}")
+
+
+def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected=None, entropy_grad=None,
+           labels_checked=False) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be (rows, vocab), got shape {tuple(logits.shape)}")
     if logits.stride(1) != 1:
@@ -104,6 +119,10 @@ def _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0.0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not labels_checked:
+        # the kernel reads z[y] at the label: one past the vocabulary read another row's (or no one's) memory,
+        # and the reference's gather raised an unnamed RuntimeError (a device assert on CUDA)
+        check_label_range(labels, logits.shape[1])
 
 
 def chunk_softmax_grad_reference_(
@@ -119,9 +138,10 @@ def chunk_softmax_grad_reference_(
     want_entropy: bool = False,
     expected: torch.Tensor | None = None,
     entropy_grad: torch.Tensor | None = None,
+    labels_checked: bool = False,
 ) -> RowStats:
     """PyTorch reference of :func:`chunk_softmax_grad_` (same arguments, same contract)."""
-    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad)
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad, labels_checked)
     acc = _acc_dtype(logits.dtype)
     z = logits.to(acc)
     if softcap is not None:
@@ -135,17 +155,23 @@ def chunk_softmax_grad_reference_(
     mean = z.mean(dim=1) if want_mean and fresh else None
     entropy = None
     if fresh and (want_entropy or entropy_grad is not None):
-        expected = (torch.exp(z - lse[:, None]) * z).sum(dim=1)
+        p = torch.exp(z - lse[:, None])
+        # p_v z_v is 0 where p_v is: a -inf logit gave 0 * -inf = NaN (a NaN p still spoils its row)
+        expected = torch.where(p == 0, 0.0, p * z).sum(dim=1)
         entropy = lse - expected
     if not want_entropy:
         entropy = None
     if grad_scale is not None:
         vocab = logits.shape[1]
         g = grad_scale.to(acc)
-        coef = (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+        # without a z-loss the coefficient is g alone: 0 * lse was NaN for an infinite lse, spoiling the whole row
+        coef = (g * (1.0 + 2.0 * z_loss * lse) if z_loss else g)[:, None]
+        p = torch.exp(z - lse[:, None])
         if entropy_grad is not None:
             coef = coef - entropy_grad.to(acc)[:, None] * (z - expected.to(acc)[:, None])
-        d = torch.exp(z - lse[:, None]) * coef
+            d = torch.where(p == 0, 0.0, p * coef)  # as for the entropy: p_v = 0 contributes 0, not 0 * inf
+        else:
+            d = p * coef
         if smoothing:
             d -= (g * (smoothing / vocab))[:, None]
         d.scatter_add_(1, labels.view(-1, 1), -(g * (1.0 - smoothing))[:, None])
@@ -163,6 +189,11 @@ if triton_available():
     def _tanh(x):
         # tanh through exp: portable between the GPU and the interpreter.
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _finite_or_zero(m):
+        # the shift of an online log-sum-exp: torch.logsumexp's, 0 where the running max is infinite
+        return tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
 
     @triton.jit
     def _load_capped(base, cols, V, softcap, HAS_CAP: tl.constexpr):
@@ -208,7 +239,8 @@ if triton_available():
             # int64 offsets: rows * vocab passes 2**31 at 16k rows of a 128k vocabulary.
             base = logits_ptr + (row + tl.zeros([], dtype=tl.int64)) * stride_row
             y = tl.load(labels_ptr + row).to(tl.int64)
-            zy = tl.load(base + y).to(tl.float32)
+            # never read outside the row: a label past the vocabulary (unchecked caller) gives a NaN target
+            zy = tl.load(base + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
             if HAS_CAP:
                 zy = softcap * _tanh(zy / softcap)
             tl.store(tgt_ptr + row, zy)
@@ -229,11 +261,11 @@ if triton_available():
                         zs_v += tl.where(msk, z, 0.0)
                     z = tl.where(msk, z, float("-inf"))
                     new_m = tl.maximum(m_v, z)
-                    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+                    safe_m = _finite_or_zero(new_m)
                     s_v = s_v * tl.exp(m_v - safe_m) + tl.exp(z - safe_m)
                     m_v = new_m
                 m = tl.max(m_v, axis=0)
-                lse = m + tl.log(tl.sum(s_v * tl.exp(m_v - m), axis=0))
+                lse = m + tl.log(tl.sum(s_v * tl.exp(m_v - _finite_or_zero(m)), axis=0))
                 zs = tl.sum(zs_v, axis=0)
             else:
                 # Online log-sum-exp: one exp per element, block maxima rescale the running sum.
@@ -248,10 +280,13 @@ if triton_available():
                     zv = z
                     z = tl.where(msk, z, float("-inf"))
                     new_m = tl.maximum(m, tl.max(z, axis=0))
-                    e = tl.exp(z - new_m)
-                    s = s * tl.exp(m - new_m) + tl.sum(e, axis=0)
+                    # shift by 0, not by an infinite max (exp(inf - inf) was NaN): lse = +-inf, as torch.logsumexp
+                    safe_m = _finite_or_zero(new_m)
+                    e = tl.exp(z - safe_m)
+                    s = s * tl.exp(m - safe_m) + tl.sum(e, axis=0)
                     if WANT_ENT or ENT_GRAD:
-                        sz = sz * tl.exp(m - new_m) + tl.sum(tl.where(msk, e * zv, 0.0), axis=0)
+                        # p_v z_v is 0 where p_v is (a -inf logit: 0 * -inf was NaN; lanes past V have e = 0)
+                        sz = sz * tl.exp(m - safe_m) + tl.sum(tl.where(e == 0.0, 0.0, e * zv), axis=0)
                     m = new_m
                 lse = m + tl.log(s)
                 ez = sz / s
@@ -264,7 +299,8 @@ if triton_available():
                     tl.store(ez_ptr + row, ez)
             if WRITE_GRAD:
                 g = tl.load(gscale_ptr + row).to(tl.float32)
-                coef = g * (1.0 + 2.0 * z_loss * lse)
+                # z_loss = 0: g alone, as the reference (0 * lse was NaN for an infinite lse, spoiling the whole row)
+                coef = g + tl.where(z_loss == 0.0, 0.0, 2.0 * z_loss * lse * g)
                 off = g * smoothing / V
                 hit = g * (1.0 - smoothing)
                 eg = tl.zeros([], dtype=tl.float32)
@@ -280,7 +316,9 @@ if triton_available():
                         t = _tanh(z / softcap)
                         z = softcap * t
                     if ENT_GRAD:
-                        d = tl.exp(z - lse) * (coef - eg * (z - ez)) - off - tl.where(cols == y, hit, 0.0)
+                        p = tl.exp(z - lse)
+                        # p_v = 0 (a -inf logit) contributes 0, not 0 * inf = NaN, through the entropy term
+                        d = tl.where(p == 0.0, 0.0, p * (coef - eg * (z - ez))) - off - tl.where(cols == y, hit, 0.0)
                     else:
                         d = tl.exp(z - lse) * coef - off - tl.where(cols == y, hit, 0.0)
                     if HAS_CAP:
@@ -316,6 +354,7 @@ def chunk_softmax_grad_triton_(
     want_entropy: bool = False,
     expected: torch.Tensor | None = None,
     entropy_grad: torch.Tensor | None = None,
+    labels_checked: bool = False,
     _config: tuple[int, int, int, bool] | None = None,
 ) -> RowStats:
     """Triton launcher of :func:`chunk_softmax_grad_` (float16/bfloat16/float32 logits).
@@ -323,7 +362,7 @@ def chunk_softmax_grad_triton_(
     ``_config`` = ``(BLOCK_V, num_warps, programs per SM, per-lane lse)`` overrides the launch
     configuration (benchmarks, tests); 0 programs per SM launches one program per row.
     """
-    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad)
+    _check(logits, labels, lse, grad_scale, smoothing, z_loss, softcap, expected, entropy_grad, labels_checked)
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton path takes float16/bfloat16/float32 logits, got {logits.dtype}")
     rows, vocab = logits.shape
@@ -391,6 +430,7 @@ def chunk_softmax_grad_(
     want_entropy: bool = False,
     expected: torch.Tensor | None = None,
     entropy_grad: torch.Tensor | None = None,
+    labels_checked: bool = False,
 ) -> RowStats:
     """Row statistics of a logits chunk and, optionally, its gradient written in place.
 
@@ -398,7 +438,8 @@ def chunk_softmax_grad_(
         logits: ``(rows, vocab)`` raw logits ``Z`` (before the soft cap), contiguous along vocab.
             Overwritten with ``dL/dZ`` (same dtype) when ``grad_scale`` is given, else untouched.
         labels: ``(rows,)`` integer targets, every one in ``[0, vocab)`` (the caller drops
-            ignored rows before calling).
+            ignored rows before calling); checked (:func:`check_label_range`, one host read) unless
+            ``labels_checked``.
         lse: ``(rows,)`` log-sum-exp saved by an earlier pass; skips the statistics pass
             (only together with ``grad_scale``).
         grad_scale: ``(rows,)`` per-row scale ``g_t`` of the gradient; ``None`` = statistics only.
@@ -409,18 +450,28 @@ def chunk_softmax_grad_(
         expected: ``(rows,)`` ``E_t`` saved by an earlier pass (with ``lse`` and ``entropy_grad``).
         entropy_grad: ``(rows,)`` upstream gradient ``e_t`` of the entropy, added to the written gradient
             (with ``grad_scale``; pass ``0`` scales for an entropy-only gradient).
+        labels_checked: the caller has checked every label against ``[0, vocab)`` already (the losses do, once
+            per call): skip the check and its host read, which would stall a CUDA stream once per chunk.
+            A label outside the range then gives a NaN target on the Triton path (it is never read past the row)
+            and gather's own error on the reference.
+
+    An infinite logit gives what ``torch.logsumexp`` gives on both paths: ``lse = +inf`` for a ``+inf`` logit
+    (``-inf`` for a row of ``-inf``), so a log-prob ``z_y - lse`` is ``-inf`` at the other labels and NaN at the
+    infinite one, and the written gradient is NaN where ``p_v`` is; a ``-inf`` logit has ``p_v = 0`` and adds
+    nothing to the entropy or its gradient.
 
     Returns:
         :class:`RowStats` ``(lse, target, mean)``, float32 (float64 for float64 logits).
 
     Raises:
         TypeError: labels not int32/int64.
-        ValueError: on mismatched shapes or devices, or out-of-range ``smoothing``/``z_loss``/``softcap``.
+        ValueError: on mismatched shapes or devices, out-of-range ``smoothing``/``z_loss``/``softcap``, or a label
+            outside ``[0, vocab)`` (unless ``labels_checked``).
     """
     kernel = use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
     impl = chunk_softmax_grad_triton_ if kernel else chunk_softmax_grad_reference_
     return impl(
         logits, labels, lse=lse, grad_scale=grad_scale, want_mean=want_mean,
         smoothing=smoothing, z_loss=z_loss, softcap=softcap, want_entropy=want_entropy,
-        expected=expected, entropy_grad=entropy_grad,
+        expected=expected, entropy_grad=entropy_grad, labels_checked=labels_checked,
     )

@@ -99,8 +99,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         # Under torch.no_grad() needs_input_grad still reports requires_grad: ask grad mode too.
         eager = reduction != "none" and grad_enabled and any(need)
+        # labels_checked: select_scored_rows checked them (one host read), not once more per pass
         opts = dict(chunk_size=chunk_size, want_mean=smoothing > 0, smoothing=smoothing,
-                    z_loss=z_loss, softcap=softcap)
+                    z_loss=z_loss, softcap=softcap, labels_checked=True)
         norm = 1.0 / max(n, 1) if reduction == "mean" else 1.0
         ctx.post = 1.0
         if eager:

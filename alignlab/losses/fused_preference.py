@@ -155,12 +155,13 @@ class _EagerLinearLoss(torch.autograd.Function):
         scratch = torch.empty(min(step, r0), vocab, dtype=h.dtype, device=dev) if r0 else None
         for s in range(0, r0, step):
             e = min(s + step, r0)
-            st = chunk_softmax_grad_(chunk_logits(h[s:e], w_t, bias, scratch[: e - s]), y[s:e])
+            # labels: select_scored_rows checked them, here or in the caller that passed sel
+            st = chunk_softmax_grad_(chunk_logits(h[s:e], w_t, bias, scratch[: e - s]), y[s:e], labels_checked=True)
             lse[s:e], tgt[s:e] = st.lse, st.target
         block = None
         if keep:
             block = chunk_logits(h[r0:], w_t, bias, torch.empty(keep, vocab, dtype=h.dtype, device=dev))
-            st = chunk_softmax_grad_(block, y[r0:])
+            st = chunk_softmax_grad_(block, y[r0:], labels_checked=True)
             lse[r0:], tgt[r0:] = st.lse, st.target
 
         tok = scatter_rows(tgt - lse, index, n_rows).view(labels.shape)
@@ -188,7 +189,7 @@ class _EagerLinearLoss(torch.autograd.Function):
 
         def backprop(z: torch.Tensor, s: int, e: int) -> None:
             nonlocal grad_w
-            chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e])
+            chunk_softmax_grad_(z, y[s:e], lse=lse[s:e], grad_scale=scale[s:e], labels_checked=True)
             grad_w = chunk_backward(z, h[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
 
         if need_h or need_w or need_b:
@@ -350,7 +351,7 @@ def _reference_seq_logps(
                              f"ignore_index={ignore_index}")
         rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
         rows = rows if index is None else rows.index_select(0, index)
-        st, _, _, _ = linear_chunked_pass(rows.contiguous(), w, y, b, chunk_size=chunk_size)
+        st, _, _, _ = linear_chunked_pass(rows.contiguous(), w, y, b, chunk_size=chunk_size, labels_checked=True)
         return scatter_rows(st.target - st.lse, index, labels.numel()).view(labels.shape).sum(dim=1)
 
 

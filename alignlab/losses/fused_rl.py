@@ -101,7 +101,8 @@ def _packed_total(values: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
 
 def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int, int]:
     """Padded flat position of every packed row, the number of sequences and the longest length."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+    # (1,) = [0] is a batch of no sequence, as a padded batch may have 0 rows
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         got = getattr(cu_seqlens, "shape", cu_seqlens)
         raise ValueError(f"cu_seqlens must be a 1-D tensor (n_seq + 1,), got {got}")
     if cu_seqlens.is_floating_point():
@@ -110,7 +111,8 @@ def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
     lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) != total:
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu_seqlens.tolist()}")
-    n_seq, length = lens.numel(), max(int(lens.max()), 1)
+    n_seq = lens.numel()
+    length = max(int(lens.max()), 1) if n_seq else 1
     seq = torch.repeat_interleave(torch.arange(n_seq, device=cu.device), lens)
     pos = seq * length + (torch.arange(total, device=cu.device) - cu[:-1][seq])
     return pos, n_seq, length
@@ -150,7 +152,7 @@ def _stream(h, weight, bias, y, scale, chunk, want_entropy, grad_fn, need):
     for s in range(0, rows, chunk):
         e = min(s + chunk, rows)
         z = _logits(h[s:e], w_t, bias, scale, buf[: e - s])
-        st = chunk_softmax_grad_(z, y[s:e], want_entropy=want_entropy)
+        st = chunk_softmax_grad_(z, y[s:e], want_entropy=want_entropy, labels_checked=True)  # fused_linear_grpo did
         logp[s:e] = st.target - st.lse
         if want_entropy:
             ent[s:e] = st.entropy
@@ -161,7 +163,7 @@ def _stream(h, weight, bias, y, scale, chunk, want_entropy, grad_fn, need):
         # minus the first term, and dz/dZ_raw = scale (the temperature)
         chunk_softmax_grad_(z, y[s:e], lse=st.lse, grad_scale=-g_lp * scale,
                             expected=st.expected if g_ent is not None else None,
-                            entropy_grad=None if g_ent is None else g_ent * scale)
+                            entropy_grad=None if g_ent is None else g_ent * scale, labels_checked=True)
         grad_w = chunk_backward(z, h[s:e], weight, grad_h[s:e] if need_h else None, grad_w, grad_b, need_w)
     return logp, ent, grad_h, grad_w, grad_b
 

@@ -29,7 +29,7 @@ import math
 import torch
 
 from alignlab._checks import as_bool, check_finite_number, is_int
-from alignlab.kernels.linear_logprobs import RowStats, chunk_softmax_grad_
+from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_softmax_grad_
 
 __all__ = [
     "check_linear_inputs",
@@ -60,15 +60,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # From logits
 # --------------------------------------------------------------------------- #
 def check_mask_values(mask: torch.Tensor, arg: str) -> None:
-    """``ValueError`` naming ``arg`` unless ``mask`` is a tensor of bools or of exactly 0/1 (any real dtype).
+    """``TypeError`` naming ``arg`` unless ``mask`` is a tensor, ``ValueError`` unless it holds bools or exactly 0/1
+    (any real dtype).
 
     A mask selects tokens, it does not weigh them: the losses count its tokens (averages, ``num_items``,
     GSPO's length) and read other inputs only under it, so a 2 or a 0.5 has no single meaning (TRL's
     ``completion_mask`` is 0/1 too). Per-token weights are a separate argument where a loss takes them.
     Non-bool masks cost one device sync.
     """
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{arg} must be a tensor, got {type(mask).__name__}")
+    if not isinstance(mask, torch.Tensor):  # a list or a str: the wrong kind of thing, not a wrong value
+        raise TypeError(f"{arg} must be a tensor, got {type(mask).__name__}")
     if mask.dtype == torch.bool:
         return
     if mask.is_complex():
@@ -122,10 +123,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     vocab = logits.shape[-1]
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()  # gather takes int64 (int32) indices only
-    # the range check reads two numbers back to the host: eager only (under torch.compile it would break the
-    # graph; gather's own bounds check stands there)
-    if safe.numel() and not torch.compiler.is_compiling() and (int(safe.min()) < 0 or int(safe.max()) >= vocab):
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+    check_label_range(safe, vocab, f" or ignore_index={ignore_index}")  # eager only: no host read under compile
     return _LabelLogprobs.apply(logits, safe, valid)
 
 
@@ -345,6 +343,7 @@ def linear_chunked_pass(
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
     need_bias_grad: bool = True,
+    labels_checked: bool = False,
 ) -> tuple[RowStats, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One pass of the chunked engine over rows that are all scored (no ignored labels).
 
@@ -361,6 +360,8 @@ def linear_chunked_pass(
         grad_scale: ``(rows,)`` per-row gradient scale ``g_t``; None = statistics only.
         lse: ``(rows,)`` saved log-sum-exp (skips the statistics pass; needs ``grad_scale``).
         need_*_grad: which gradients to produce (a frozen ``lm_head`` skips its matmul).
+        labels_checked: the caller has checked ``labels`` against ``[0, vocab)`` (:func:`select_scored_rows`
+            does): skip the check here, one host read per call (never one per chunk: the chunks skip it).
 
     Returns:
         ``(stats, grad_hidden, grad_weight, grad_bias)``; the grads are None unless asked
@@ -368,6 +369,9 @@ def linear_chunked_pass(
         weight's dtype (for bf16/fp16 that keeps the memory at one weight-sized buffer, at
         the price of one rounding per chunk); ``grad_bias`` is float32/float64. For float16 the chunks'
         ``dL/dZ`` are written for ``g`` scaled to at most 1 (:func:`_fp16_grad_unit`).
+
+    Raises:
+        ValueError: a label outside ``[0, vocab)`` (unless ``labels_checked``): the kernel would read past the row.
     """
     rows, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -385,6 +389,8 @@ def linear_chunked_pass(
     mean_out = torch.empty(rows, dtype=acc, device=dev) if want_mean else None
     if rows == 0:
         return RowStats(lse_out, tgt_out, mean_out), grad_h, grad_w, grad_b
+    if not labels_checked:
+        check_label_range(labels, vocab)
     unit = None
     if grads and hidden.dtype == torch.float16:
         unit = _fp16_grad_unit(grad_scale)
@@ -404,6 +410,7 @@ def linear_chunked_pass(
             smoothing=smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            labels_checked=True,  # once for all the chunks, above
         )
         lse_out[s:e] = st.lse
         tgt_out[s:e] = st.target
@@ -477,11 +484,7 @@ def select_scored_rows(
     else:
         h = h.index_select(0, index)
         y = y.index_select(0, index)
-    if y.numel():
-        lo, hi = torch.aminmax(y)
-        lo, hi = torch.stack([lo, hi]).tolist()  # one device sync for both bounds
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+    check_label_range(y, vocab, f" or ignore_index={ignore_index}")  # one device sync for both bounds
     return index, h.contiguous(), y.to(torch.int64).contiguous()
 
 
@@ -499,7 +502,8 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
         vocab = weight.shape[0]
         index, h, y = select_scored_rows(hidden, labels, ignore_index, vocab)
-        st, _, _, _ = linear_chunked_pass(h, weight, y, bias, chunk_size=chunk_size, softcap=softcap)
+        st, _, _, _ = linear_chunked_pass(h, weight, y, bias, chunk_size=chunk_size, softcap=softcap,
+                                          labels_checked=True)  # select_scored_rows checked them
         n_rows = labels.numel()
         logp = scatter_rows(st.target - st.lse, index, n_rows).view(labels.shape)
         ctx.save_for_backward(hidden, weight, bias, labels, st.lse)
@@ -520,6 +524,7 @@ class _LinearLogprobs(torch.autograd.Function):
         _, gh, gw, gb = linear_chunked_pass(
             h, weight, y, bias, chunk_size=chunk_size, grad_scale=-g.to(lse.dtype), lse=lse,
             softcap=softcap, need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
+            labels_checked=True,
         )
         grad_hidden = None
         if need_h:

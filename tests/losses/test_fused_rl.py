@@ -466,7 +466,7 @@ def test_completion_mask_holds_bools_or_exactly_0_1(torch_mode):
     for bad in (d["mask"].long() * 2, d["mask"].double() * 0.5, torch.where(d["mask"], 1.0, float("nan"))):
         with pytest.raises(ValueError, match="completion_mask must hold bools or exactly 0/1"):
             fused_linear_grpo(*args, bad, **kw)
-    with pytest.raises(ValueError, match="completion_mask must be a tensor"):
+    with pytest.raises(TypeError, match="completion_mask must be a tensor"):  # the wrong kind: TypeError
         fused_linear_grpo(*args, d["mask"].tolist(), **kw)
     want, _ = fused_linear_grpo(*args, d["mask"], **kw)
     for ok in (d["mask"].long(), d["mask"].double()):
@@ -499,3 +499,17 @@ def test_gspo_per_token_advantages_packed_equals_padded(case, torch_mode):
     assert set(metrics) == set(want[1])
     for k in want[1]:
         torch.testing.assert_close(metrics[k], want[1][k], msg=k)
+
+
+def test_packed_grpo_batch_of_no_sequence_matches_the_padded_one():
+    """A padded batch of 0 rows gives loss 0; its packed form, cu_seqlens = [0], was refused as a bad cu_seqlens."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 3, generator=g, requires_grad=True)
+    padded, _ = fused_linear_grpo(torch.zeros(0, 2, 3), weight, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0))
+    h = torch.zeros(0, 3, requires_grad=True)
+    packed, metrics = fused_linear_grpo(h, weight, torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                        cu_seqlens=torch.tensor([0]), compute_entropy=True)
+    assert packed.item() == padded.item() == 0.0
+    assert metrics["entropy"].item() == 0.0
+    gh, gw = torch.autograd.grad(packed, (h, weight))
+    assert gh.shape == (0, 3) and (gw == 0).all()

@@ -214,7 +214,7 @@ def test_sequence_logprobs_mask_holds_bools_or_exactly_0_1(bad):
     for average in (False, True):
         with pytest.raises(ValueError, match="mask must hold bools or exactly 0/1"):
             sequence_logprobs(logits, labels, mask=mask, average=average)
-    with pytest.raises(ValueError, match="mask must be a tensor"):
+    with pytest.raises(TypeError, match="mask must be a tensor"):  # the wrong kind of thing: TypeError
         sequence_logprobs(logits, labels, mask=[[1, 1, 0], [1, 1, 1]])
     want = sequence_logprobs(logits, labels, mask=torch.tensor([[True, True, False], [True, True, True]]))
     for ok in (torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])):
