@@ -38,10 +38,21 @@ __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_
 
 
 def _check_weight(weight, expected: str, minimum: float | None = None) -> None:
-    """``ValueError`` naming ``weight`` unless it is a finite real number (>= ``minimum``); a bool is not."""
-    ok = isinstance(weight, numbers.Real) and not isinstance(weight, bool) and math.isfinite(weight)
-    if not ok or (minimum is not None and weight < minimum):
+    """``TypeError`` naming ``weight`` unless it is a real number (a bool, a str or None is not), ``ValueError``
+    unless it is finite (and >= ``minimum``)."""
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+        raise TypeError(f"weight: expected {expected}, got {weight!r}")
+    if not math.isfinite(weight) or (minimum is not None and weight < minimum):
         raise ValueError(f"weight: expected {expected}, got {weight!r}")
+
+
+def _check_count(value, arg: str) -> None:
+    """``TypeError`` naming ``arg`` unless ``value`` is a real number (a str, None, a bool is not), ``ValueError``
+    unless it is an int >= 1 (2.5 is a number, but no count)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{arg}: expected an int >= 1, got {value!r}")
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
 
 
 def reward_guided_logits(
@@ -69,7 +80,8 @@ def reward_guided_logits(
 
     Raises:
         ValueError: shapes do not line up, a NaN reward with ``nan="raise"``,
-            an unknown ``nan``, or a ``weight`` that is not a finite number.
+            an unknown ``nan``, or a NaN or infinite ``weight``.
+        TypeError: a ``weight`` that is no real number (a str, None, a bool).
     """
     if nan not in ("lose", "raise"):
         raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
@@ -136,13 +148,12 @@ def reward_model_fn(
     it has none): HF sequence classifiers find the last real token through their
     own id. Raises ``ValueError`` for a ``pad_token_id`` that is neither
     ``None`` nor a non-negative int, an ``eos_token_id`` that is not one or a
-    list of them, or a ``batch_size`` that is not an int >= 1 (checked here,
-    before any step).
+    list of them, or a number ``batch_size`` that is not an int >= 1, and ``TypeError`` for one that is no number
+    (a str, None, a bool); both checked here, before any step.
     """
     # 1.5 matched no token: the prompts' left padding was scored by the reward model
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    _check_count(batch_size, "batch_size")
     config = getattr(model, "config", None)
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
@@ -194,8 +205,7 @@ class RewardGuidedLogitsProcessor:
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
-        if not is_int(top_k) or top_k < 1:  # NumPy ints too; a bool is no count
-            raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
+        _check_count(top_k, "top_k")  # NumPy ints too; a bool is no count
         _check_weight(weight, "a finite number >= 0", minimum=0)
         if nan not in ("lose", "raise"):
             raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import check_token_id, is_int
+from alignlab._checks import check_token_id, is_int, is_real
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["reward_scores"]
@@ -88,17 +88,23 @@ def reward_scores(
         ``(len(sequences),)`` float32 tensor on the CPU.
 
     Raises:
-        ValueError: empty sequence, bad ``batch_size``, missing pad id for
+        ValueError: empty sequence, a ``batch_size`` that is no int >= 1, missing pad id for
             unequal lengths, a ``pad_token_id`` that is not a non-negative int
             or differs from ``model.config.pad_token_id``,
-            multi-column scores without ``label_index``, or a ``label_index``
-            that is not an int or out of range.
-        TypeError: a single string instead of a sequence of them.
+            multi-column scores without ``label_index``, or a number ``label_index``
+            that is not an int (1.0) or out of range.
+        TypeError: a single string instead of a sequence of them; a ``batch_size`` or ``label_index`` that is no
+            number at all (a str, None, a bool).
     """
+    # the wrong kind of thing (a str, None, a bool) is a TypeError, a number that is no count a ValueError
+    if not is_real(batch_size):
+        raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)  # 1.5 was padded as 1
-    if label_index is not None and not is_int(label_index):  # True would pick column 1
+    if label_index is not None and not is_real(label_index):  # True would pick column 1
+        raise TypeError(f"label_index: expected None or an int, got {label_index!r}")
+    if label_index is not None and not is_int(label_index):
         raise ValueError(f"label_index: expected None or an int, got {label_index!r}")
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:

@@ -12,6 +12,9 @@ Conventions shared by every function here:
 * sequence-level rewards are ``(batch,)``; for grouped methods (GRPO, RLOO) the ``group_size`` completions of
   one prompt are contiguous: ``[p0 g0, p0 g1, ..., p1 g0, ...]``.
 * losses return ``(loss, metrics)`` with detached 0-d metric tensors.
+* an argument of the wrong kind (a str, None, a list where a tensor or a number goes) is a ``TypeError`` naming it;
+  a tensor of the wrong shape or dtype, or a number out of range, a ``ValueError`` (the "Raises" sections below
+  list the latter).
 """
 
 from __future__ import annotations
@@ -51,14 +54,25 @@ _GROUP_SCALES = ("group", "batch", "none")
 # checks and masked statistics
 # ------------------------------------------------------------------------------------------------------------------
 def _float(name: str, t: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):  # a str, None, a list: the wrong kind of thing, as _check_values says
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     dims = (dim,) if isinstance(dim, int) else dim
     if dims is not None and t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), got shape {tuple(t.shape)}")
     return t
+
+
+def _real(name: str, value, expected: str = "a real number"):
+    """``value`` itself; ``TypeError`` naming ``name`` unless it is a real number (Python or NumPy; not a bool).
+
+    The library's convention (:func:`alignlab._checks.check_finite_number`): the wrong kind of thing (a str,
+    None, a list, a tensor) is a ``TypeError``, a number out of range a ``ValueError`` (for the caller to raise).
+    """
+    if not is_real(value):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    return value
 
 
 def _same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -71,8 +85,10 @@ def _mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """The mask as a bool tensor of ``like``'s shape (all True when None)."""
     if mask is None:
         return torch.ones_like(like, dtype=torch.bool)
-    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
-        raise ValueError(f"mask must be a tensor of shape {tuple(like.shape)}, got {getattr(mask, 'shape', mask)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor of shape {tuple(like.shape)}, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(like.shape)}, got {tuple(mask.shape)}")
     check_mask_values(mask, "mask")
     return mask.to(device=like.device, dtype=torch.bool)
 
@@ -360,7 +376,8 @@ def gae(
     _same_shape("rewards", rewards, values=values)
     whiten_advantages = as_bool(whiten_advantages, "whiten_advantages")
     for name, v in (("gamma", gamma), ("lam", lam)):
-        if not is_real(v) or not 0.0 <= v <= 1.0:
+        _real(name, v)
+        if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
     # Python floats: NumPy float32 scalars multiplied in float32 (gamma * lam rounded) inside float64 math
     gamma, lam = float(gamma), float(lam)
@@ -469,12 +486,12 @@ def ppo_policy_loss(
     _float("old_logprobs", old_logprobs, 2)
     _same_shape("logprobs", logprobs, old_logprobs=old_logprobs)
     adv = _broadcast_advantages(advantages, logprobs)
-    if not is_real(clip_range) or not clip_range > 0:
+    if not _real("clip_range", clip_range) > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
-    hi = clip_range if clip_range_high is None else clip_range_high
-    if not is_real(hi) or not hi > 0:
+    hi = clip_range if clip_range_high is None else _real("clip_range_high", clip_range_high)
+    if not hi > 0:
         raise ValueError(f"clip_range_high must be > 0, got {clip_range_high!r}")
-    if dual_clip is not None and (not is_real(dual_clip) or not dual_clip > 1):
+    if dual_clip is not None and not _real("dual_clip", dual_clip) > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
     # Python floats, as gae: NumPy float32 bounds (1 - eps) were rounded in float32 inside float64 math
     clip_range, hi = float(clip_range), float(hi)
@@ -533,7 +550,7 @@ def ppo_value_loss(
     _float("old_values", old_values, 2)
     _float("returns", returns, 2)
     _same_shape("values", values, old_values=old_values, returns=returns)
-    if clip_range_value is not None and (not is_real(clip_range_value) or not clip_range_value > 0):
+    if clip_range_value is not None and not _real("clip_range_value", clip_range_value) > 0:
         raise ValueError(f"clip_range_value must be > 0 or None, got {clip_range_value!r}")
     m = _mask(mask, values)
     dtype = _compute_dtype(values, old_values, returns)
@@ -561,7 +578,8 @@ def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tens
             rewards.is_floating_point() or rewards.is_complex())):
         rewards = rewards.float()  # rule-based 0/1 (or integer) rewards, as verifiers return them
     _float("rewards", rewards, 1)
-    if not is_int(group_size) or group_size < minimum:
+    _real("group_size", group_size, f"an int >= {minimum}")
+    if not is_int(group_size) or group_size < minimum:  # 2.0 or 2.5: a number, but no count
         raise ValueError(f"group_size must be an int >= {minimum}, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size={group_size}")
@@ -843,8 +861,10 @@ def grpo_loss(
     check_num_items("num_tokens", num_tokens)
     # checked for every loss type (TRL passes its max_completion_length whatever the loss): a bad value was
     # accepted silently until the same call with loss_type="dr_grpo" refused it
-    if max_completion_length is not None and (not is_int(max_completion_length) or max_completion_length < 1):
-        raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
+    if max_completion_length is not None:
+        _real("max_completion_length", max_completion_length, "a positive int or None")
+        if not is_int(max_completion_length) or max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
     epsilon = check_finite_number(epsilon, "epsilon")
     hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):
@@ -899,9 +919,8 @@ def grpo_loss(
             per_seq = per_token.sum(dim=1) / m.sum(dim=1).clamp(min=1).to(dtype)
             loss = per_seq.sum() / n_seq
         else:
-            length = logprobs.shape[1] if max_completion_length is None else max_completion_length
-            if not is_int(length) or length < 1:
-                raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+            # a batch of width 0 has no token (its sum is 0): it was refused as "max_completion_length ... got None"
+            length = max(logprobs.shape[1], 1) if max_completion_length is None else max_completion_length
             loss = per_token.sum() / (n_seq * length)
     if entropy is not None:
         ent = torch.where(m, entropy.to(dtype), zero)

@@ -104,9 +104,11 @@ def test_nan_rewards_lose_or_raise():
     with pytest.raises(ValueError, match="NaN rewards"):
         RewardGuidedLogitsProcessor(lambda ext: torch.full((ext.shape[0],), nan), top_k=2, nan="raise")(
             torch.tensor([[7]]), logits[:1])
-    for bad in (nan, inf, "1"):
+    for bad in (nan, inf):
         with pytest.raises(ValueError, match="weight"):
             RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), weight=bad)
+    with pytest.raises(TypeError, match="weight"):  # no number at all
+        RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), weight="1")
     with pytest.raises(ValueError, match="nan"):
         RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), nan="zero")
 
@@ -115,8 +117,11 @@ def test_function_weight_must_be_a_finite_number():
     # the processor refuses a NaN/inf weight; the plain function gave all-NaN scores for NaN
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     ids, rewards = torch.tensor([[1, 2]]), torch.tensor([[0.0, 5.0]])
-    for bad in (float("nan"), float("inf"), "1", None, True):
+    for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="weight: expected a finite number"):
+            reward_guided_logits(logits, ids, rewards, weight=bad)
+    for bad in ("1", None, True):  # no real number at all: TypeError naming it
+        with pytest.raises(TypeError, match="weight: expected a finite number"):
             reward_guided_logits(logits, ids, rewards, weight=bad)
     np = pytest.importorskip("numpy")
     torch.testing.assert_close(reward_guided_logits(logits, ids, rewards, weight=np.float32(0.5)),
@@ -124,8 +129,8 @@ def test_function_weight_must_be_a_finite_number():
 
 
 def test_processor_refuses_bool_top_k_and_weight():
-    for kwargs in ({"top_k": True}, {"weight": True}):
-        with pytest.raises(ValueError, match=next(iter(kwargs))):
+    for kwargs in ({"top_k": True}, {"weight": True}):  # a bool is no number here: TypeError naming it
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
             RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), **kwargs)
 
 
@@ -218,3 +223,18 @@ def test_reward_model_fn_trailing_pads_with_pad_as_eos_keep_the_generated_eos():
     seen.clear()
     reward_model_fn(recorder, pad_token_id=0, eos_token_id=9)(torch.tensor([[0, 5, 9, 0, 0], [5, 6, 7, 8, 9]]))
     assert sorted(seen) == [[5, 6, 7, 8, 9], [5, 9]]
+
+
+@pytest.mark.parametrize("bad", ["3", None, object(), True])
+def test_counts_of_the_wrong_kind_are_type_errors_naming_them(bad):
+    """top_k and batch_size that are no number at all were ValueErrors; the convention is TypeError (a number that
+    is no count, 0 or 2.5, stays a ValueError)."""
+    with pytest.raises(TypeError, match="top_k"):
+        RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), top_k=bad)
+    with pytest.raises(TypeError, match="batch_size"):
+        reward_model_fn(lambda input_ids, attention_mask: input_ids.sum(1).float(), batch_size=bad)
+    for number in (0, 2.5):
+        with pytest.raises(ValueError, match="top_k"):
+            RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), top_k=number)
+        with pytest.raises(ValueError, match="batch_size"):
+            reward_model_fn(lambda input_ids, attention_mask: input_ids.sum(1).float(), batch_size=number)

@@ -74,10 +74,11 @@ def _two_heads(input_ids, attention_mask):
     return torch.stack([attention_mask.sum(1).float(), -attention_mask.sum(1).float()], 1)
 
 
-@pytest.mark.parametrize("label_index", [True, 1.0, "1"])
-def test_label_index_must_be_an_int(label_index):
-    """label_index=True silently picked column 1."""
-    with pytest.raises(ValueError, match="label_index: expected None or an int"):
+@pytest.mark.parametrize("label_index, error", [(True, TypeError), (1.0, ValueError), ("1", TypeError)])
+def test_label_index_must_be_an_int(label_index, error):
+    """label_index=True silently picked column 1. No number at all (a bool, a str) is a TypeError, a number that
+    is no int a ValueError."""
+    with pytest.raises(error, match="label_index: expected None or an int"):
         reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=label_index)
 
 
@@ -120,3 +121,11 @@ def test_a_pad_id_other_than_the_models_own_is_refused(reward_model):
         reward_scores(reward_model, seqs, batch_size=4, pad_token_id=3)
     torch.testing.assert_close(reward_scores(reward_model, seqs, batch_size=4, pad_token_id=np.int64(0)),
                                reward_scores(reward_model, seqs, batch_size=4))
+
+
+@pytest.mark.parametrize("bad, error", [("8", TypeError), (None, TypeError), (True, TypeError), (0, ValueError),
+                                        (2.5, ValueError)])
+def test_batch_size_of_the_wrong_kind_is_a_type_error(bad, error):
+    """batch_size "8" or None was a ValueError like batch_size=0; no number at all is a TypeError naming it."""
+    with pytest.raises(error, match="batch_size"):
+        reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=0, batch_size=bad)

@@ -421,13 +421,14 @@ def test_rl_numbers_are_checked_by_name():
         bradley_terry_loss(r, r, margin=nan)
     with pytest.raises(TypeError, match="center_coef"):
         bradley_terry_loss(r, r, center_coef="0.01")
-    with pytest.raises(ValueError, match="gamma"):
+    # a string is no number: TypeError naming the argument (the library's convention), as center_coef above
+    with pytest.raises(TypeError, match="gamma"):
         gae(x, x, gamma="0.99")
-    with pytest.raises(ValueError, match="clip_range"):
+    with pytest.raises(TypeError, match="clip_range"):
         ppo_policy_loss(x, x, r[:2], clip_range="0.2")
-    with pytest.raises(ValueError, match="dual_clip"):
+    with pytest.raises(TypeError, match="dual_clip"):
         ppo_policy_loss(x, x, r[:2], dual_clip="3")
-    with pytest.raises(ValueError, match="clip_range_value"):
+    with pytest.raises(TypeError, match="clip_range_value"):
         ppo_value_loss(x, x, x, clip_range_value="0.2")
 
 
@@ -588,8 +589,11 @@ def test_grpo_max_completion_length_is_checked_for_every_loss_type(loss_type):
     config error surfacing only when the loss type changed)."""
     lp = -torch.rand(2, 3, dtype=D)
     adv = torch.randn(2, dtype=D)
-    for bad in (0, -3, "512", 8.0, True):
+    for bad in (0, -3, 8.0):
         with pytest.raises(ValueError, match="max_completion_length"):
+            grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=bad)
+    for bad in ("512", True):  # no number at all: TypeError naming it
+        with pytest.raises(TypeError, match="max_completion_length"):
             grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=bad)
     grpo_loss(lp, adv, loss_type=loss_type, max_completion_length=8)
 
@@ -629,5 +633,5 @@ def test_group_and_rloo_advantages_take_integer_and_bool_rewards():
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, group_advantages(want, 3, scale=scale), rtol=0, atol=0)
         torch.testing.assert_close(rloo_advantages(rewards, 3), rloo_advantages(want, 3), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="rewards must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
         group_advantages([1.0, 0.0], 2)
