@@ -230,7 +230,8 @@ class AdapterLayer(nn.Module, abc.ABC):
     mergeable = False
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base, each in fp32 with one rounding.
+        """Fold adapters (default: the active ones) into the base, each in fp32 (fp64 for an fp64 base and
+        adapter) with one rounding.
 
         Raises:
             ValueError: the method is not mergeable, an adapter is unknown or already merged,
@@ -324,13 +325,13 @@ class AdapterLayer(nn.Module, abc.ABC):
     def _merge_one(self, name: str) -> None:
         w = merge_weight(self.base_layer)
         delta = self.delta_weight(name)
-        merged = (w.float() + delta).to(w.dtype)
+        merged = (w + delta).to(w.dtype)  # in fp32 at least (delta is): an fp64 base is not rounded to fp32
         refuse_float16_merge(merged, (w, delta), name)
         set_dense_weight_(self.base_layer, merged)
 
     def _unmerge_one(self, name: str) -> None:
         w = dense_weight(self.base_layer)
-        set_dense_weight_(self.base_layer, (w.float() - self.delta_weight(name)).to(w.dtype))
+        set_dense_weight_(self.base_layer, (w - self.delta_weight(name)).to(w.dtype))
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names()]

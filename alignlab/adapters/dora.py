@@ -94,13 +94,14 @@ def dora_merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
     default ``weight``), as forward takes it. When other adapters were merged first, ``weight`` holds
     them (``W = W₀ + ΔW_other``) and forward computed ``m/‖W₀ + sBA‖ ⊙ (W₀ + ΔW_other + sBA) x``.
 
-    Computed in fp32 and rounded once, so a bf16 merge loses no more than one rounding.
-    ``norm`` is returned so the merge can be undone exactly in fp32.
+    Computed in fp32 (fp64 for an fp64 weight) and rounded once, so a bf16 merge loses no more than one
+    rounding. ``norm`` is returned so the merge can be undone exactly in that precision.
     """
-    w = weight.float().clone() if weight.dtype == torch.float32 else weight.float()
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(dt, copy=True)
     norm = dora_weight_norm(w if unmerged is None else unmerged, a, b, scale)
-    w.addmm_(b.float(), a.float(), alpha=scale)
-    w.mul_(dora_gain(magnitude.float(), norm).unsqueeze(1))
+    w.addmm_(b.to(dt), a.to(dt), alpha=scale)
+    w.mul_(dora_gain(magnitude.to(dt), norm).to(dt).unsqueeze(1))
     return w.to(weight.dtype), norm
 
 
@@ -138,10 +139,11 @@ def dora_unmerged_weight(
     A row with ``norm`` 0 had ``W = −sBA`` (its merged row is 0): that is what comes back. A row with ``m`` 0 and a
     non-zero norm was zeroed by the merge and its weights are gone: ``ValueError`` (nothing is changed).
     """
-    m = magnitude.float()
+    dt = torch.promote_types(merged.dtype, torch.float32)  # as the merge: fp32, or fp64 for fp64
+    m = magnitude.to(dt)
     norm = norm.to(m.device)  # kept at merge time: the model may have moved since (merge on CPU, unmerge on GPU)
     check_dora_unmergeable(m, norm)
-    w = merged.float().clone() if merged.dtype == torch.float32 else merged.float()
-    w.mul_((norm.to(m.dtype) / m.masked_fill(m == 0, 1.0)).unsqueeze(1))  # m == 0 here only where norm == 0
-    w.addmm_(b.float(), a.float(), alpha=-scale)
+    w = merged.to(dt, copy=True)
+    w.mul_((norm.to(dt) / m.masked_fill(m == 0, 1.0)).unsqueeze(1))  # m == 0 here only where norm == 0
+    w.addmm_(b.to(dt), a.to(dt), alpha=-scale)
     return w.to(merged.dtype)

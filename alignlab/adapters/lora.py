@@ -262,9 +262,11 @@ class LoRALinear(AdapterLayer):
         return name in self.lora_magnitude_vector
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s·B A`` in fp32, ``(out, in)`` (plain LoRA; for DoRA see ``merge``)."""
+        """``s·B A`` in fp32 (fp64 for fp64 factors), ``(out, in)`` (plain LoRA; for DoRA see ``merge``)."""
         self._check_name(name)
-        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+        b, a = self.lora_B[name].weight, self.lora_A[name].weight
+        dt = torch.promote_types(b.dtype, torch.float32)  # an fp64 model merged through fp32 lost ~1e-8 per weight
+        return self.scaling[name] * (b.to(dt) @ a.to(dt))
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,13 +421,14 @@ class LoRALinear(AdapterLayer):
         set_dense_weight_(self.base_layer, new)
 
     def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight without the adapters merged so far, fp32 ``(out, in)``: DoRA's row norm is taken
-        on it, in merge as in forward. A quantized base kept its packed weight from before the first merge;
-        a dense one is replayed backwards, last merged first (one fp32 rounding per step)."""
+        """The base weight without the adapters merged so far, fp32 (fp64 for fp64) ``(out, in)``: DoRA's row norm
+        is taken on it, in merge as in forward. A quantized base kept its packed weight from before the first
+        merge; a dense one is replayed backwards, last merged first (one rounding per step)."""
         snapshot = getattr(self, "_premerge_weight", None)
         if snapshot is not None:
             return snapshot.dequantize(torch.float32)
-        w = dense_weight(self.base_layer).float().clone()
+        w = dense_weight(self.base_layer)
+        w = w.to(torch.promote_types(w.dtype, torch.float32), copy=True)
         for name in reversed(self.merged_adapters):
             if self.is_dora(name):
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight
