@@ -32,10 +32,11 @@ def _rows(device):
             [-INF, 0.5, 1.0, 2.0, -1.0],
             [INF, INF, 1.0, 2.0, -1.0],
             [0.25, 0.5, 1.0, 2.0, -1.0],
+            [0.25, 0.5, 1.0, 2.0, INF],  # +inf in the last block: the running sum rescaled across blocks
         ],
         device=device,
     )
-    y = torch.tensor([0, 1, 2, 3, 2, 4], device=device)
+    y = torch.tensor([0, 1, 2, 3, 2, 4, 1], device=device)
     return z, y
 
 
@@ -43,12 +44,14 @@ def _close(a, b):
     torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+# None: the default launch; blocks of 2 columns (3 blocks a row), with the scalar and the per-lane log-sum-exp
+@pytest.mark.parametrize("config", [None, (2, 1, 0, False), (2, 1, 0, True)], ids=["default", "scalar", "lanes"])
 @pytest.mark.parametrize("cfg", ["plain", "entropy", "smoothing", "z_loss"])
-def test_kernel_matches_reference_on_infinite_logits(kernel_device, cfg):
+def test_kernel_matches_reference_on_infinite_logits(kernel_device, cfg, config):
     z, y = _rows(kernel_device)
     kw = {"entropy": dict(want_entropy=True), "smoothing": dict(smoothing=0.1, want_mean=True),
           "z_loss": dict(z_loss=1e-3), "plain": {}}[cfg]
-    st_t = chunk_softmax_grad_triton_(z.clone(), y, **kw)
+    st_t = chunk_softmax_grad_triton_(z.clone(), y, _config=config, **kw)
     st_r = chunk_softmax_grad_reference_(z.clone(), y, **kw)
     # what torch.logsumexp gives: +inf with a +inf logit, -inf for a row of -inf
     _close(st_r.lse, torch.logsumexp(z, dim=1))
@@ -62,7 +65,7 @@ def test_kernel_matches_reference_on_infinite_logits(kernel_device, cfg):
     if cfg == "entropy":
         gkw.update(expected=st_r.expected, entropy_grad=torch.full_like(g, 0.3))
     dz_t, dz_r = z.clone(), z.clone()
-    chunk_softmax_grad_triton_(dz_t, y, lse=st_r.lse, grad_scale=g, **gkw)
+    chunk_softmax_grad_triton_(dz_t, y, lse=st_r.lse, grad_scale=g, _config=config, **gkw)
     chunk_softmax_grad_reference_(dz_r, y, lse=st_r.lse, grad_scale=g, **gkw)
     _close(dz_t, dz_r)
 
