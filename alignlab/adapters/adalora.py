@@ -102,9 +102,10 @@ class AdaLoRALinear(AdapterLayer):
         return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name], "lora_E": self.lora_E[name]}
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s·P diag(λ) Q`` in fp32, ``(out, in)``."""
+        """``s·P diag(λ) Q`` in fp32 (fp64 for fp64 factors), ``(out, in)``."""
         self._check_name(name)
-        return self.scaling[name] * (self.lora_B[name].float() @ (self.lora_A[name].float() * self.lora_E[name].float()))
+        dt = torch.promote_types(self.lora_B[name].dtype, torch.float32)
+        return self.scaling[name] * (self.lora_B[name].to(dt) @ (self.lora_A[name].to(dt) * self.lora_E[name].to(dt)))
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s·P diag(λ) Q dropout(x)``: ``x (..., in) -> (..., out)`` in the adapter dtype."""

@@ -156,9 +156,12 @@ class LoRAEmbedding(AdapterLayer):
         return _scaled(delta, _embed_scale(self.base_layer))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``ΔE = s · (B A)ᵀ`` in fp32, ``(V, H)`` (without ``embed_scale``, which the base applies)."""
+        """``ΔE = s · (B A)ᵀ`` in fp32 (fp64 for fp64 factors), ``(V, H)`` (without ``embed_scale``, which the base
+        applies)."""
         self._check_name(name)
-        return self.scaling[name] * (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T
+        b, a = self.lora_embedding_B[name], self.lora_embedding_A[name]
+        dt = torch.promote_types(b.dtype, torch.float32)
+        return self.scaling[name] * (b.to(dt) @ a.to(dt)).T
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT's keys, relative to this layer: ``lora_embedding_A`` ``(r, V)``, ``lora_embedding_B`` ``(H, r)``."""

@@ -281,8 +281,12 @@ def _pad_rank(r: int, dtype: torch.dtype) -> int:
 
 
 def _add_low_rank(sign: float):
-    """The plain-LoRA fold for :meth:`ExpertLoRA._fold`: ``W_e ± s·B_e A_e`` in fp32, rounded once."""
-    return lambda e, w_e, a_e, b_e, s: torch.addmm(w_e.float(), b_e.float(), a_e.float(), alpha=sign * s).to(w_e.dtype)
+    """The plain-LoRA fold for :meth:`ExpertLoRA._fold`: ``W_e ± s·B_e A_e`` in fp32 (fp64 for fp64), rounded once."""
+    def fold(e, w_e, a_e, b_e, s):
+        dt = torch.promote_types(w_e.dtype, torch.float32)
+        return torch.addmm(w_e.to(dt), b_e.to(dt), a_e.to(dt), alpha=sign * s).to(w_e.dtype)
+
+    return fold
 
 
 # -- the layer -------------------------------------------------------------------------------------
@@ -423,15 +427,16 @@ class ExpertLoRA(AdapterLayer):
         return a.view(E, -1, a.shape[1]), b.view(b.shape[0], -1, E).permute(2, 0, 1)
 
     def delta_weight(self, name: str, param: str | None = None) -> torch.Tensor:
-        """``s·B_e A_e`` for every expert in fp32, ``(E, out, in)`` (plain LoRA; ``param`` may be left out
-        when the adapter has one)."""
+        """``s·B_e A_e`` for every expert in fp32 (fp64 for fp64 factors), ``(E, out, in)`` (plain LoRA; ``param`` may
+        be left out when the adapter has one)."""
         params = self.parameters_of(name)
         if param is None:
             if len(params) != 1:
                 raise ValueError(f"adapter {name!r} adapts {params}; name the parameter")
             param = params[0]
         a, b = self.factors(name, param)
-        return self.scaling[name][param] * torch.bmm(b.float(), a.float())
+        dt = torch.promote_types(b.dtype, torch.float32)
+        return self.scaling[name][param] * torch.bmm(b.to(dt), a.to(dt))
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -85,11 +85,15 @@ class IA3Linear(AdapterLayer):
                 raise ValueError(f"adapter {name!r} has zero entries in l; merging it could not be undone")
 
     def _merge_one(self, name: str) -> None:
-        """Fold ``l`` into the weight (and bias for output scaling), in fp32, rounding once."""
-        self._rescale_base(self.ia3_l[name].detach().float(), name)
+        """Fold ``l`` into the weight (and bias for output scaling), in fp32 (fp64 for fp64), rounding once."""
+        self._rescale_base(self._wide_l(name), name)
 
     def _unmerge_one(self, name: str) -> None:
-        self._rescale_base(1.0 / self.ia3_l[name].detach().float(), name)
+        self._rescale_base(1.0 / self._wide_l(name), name)
+
+    def _wide_l(self, name: str) -> torch.Tensor:
+        l = self.ia3_l[name].detach()
+        return l.to(torch.promote_types(l.dtype, torch.float32))
 
     def _base_snapshot(self):
         """``(packed weight, bias)`` of a quantized base from before the first merge, else None: output scaling
@@ -111,12 +115,12 @@ class IA3Linear(AdapterLayer):
         """Scale the base's rows (or columns) by ``factor``; a float16 result beyond float16's range is refused
         before anything is written (``ValueError``, as for the additive families): it would round to inf."""
         w = merge_weight(self.base_layer)  # an NF4 base in fp32: the re-quantization is the one rounding
-        new = (w.float() * (factor[None, :] if self.feedforward else factor[:, None])).to(w.dtype)
+        new = (w * (factor[None, :] if self.feedforward else factor[:, None])).to(w.dtype)  # in factor's precision
         refuse_float16_merge(new, (w, factor), name)
         bias = getattr(self.base_layer, "bias", None)
         new_bias = None
         if bias is not None and not self.feedforward:
-            new_bias = (bias.float() * factor).to(bias.dtype)
+            new_bias = (bias * factor).to(bias.dtype)
             refuse_float16_merge(new_bias, (bias, factor), name, " (bias)")
         set_dense_weight_(self.base_layer, new)
         if new_bias is not None:

@@ -132,10 +132,11 @@ class LoKrLinear(AdapterLayer):
         return w1, w2
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s·kron(W₁, W₂)`` in fp32, ``(out, in)``."""
+        """``s·kron(W₁, W₂)`` in fp32 (fp64 for fp64 factors), ``(out, in)``."""
         self._check_name(name)
         w1, w2 = self.factors(name)
-        return self.scaling[name] * torch.kron(w1.float(), w2.float())
+        dt = torch.promote_types(w1.dtype, torch.float32)
+        return self.scaling[name] * torch.kron(w1.to(dt), w2.to(dt))
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s·(W₁ ⊗ W₂) x`` as ``s·vec(W₁ X W₂ᵀ)``: ``x (..., in) -> (..., out)`` in the adapter dtype."""

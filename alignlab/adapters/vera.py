@@ -113,10 +113,11 @@ class VeRALinear(AdapterLayer):
         return proj.A[:r, : self.in_features].to(dtype), proj.B[: self.out_features, :r].to(dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``Λ_b B Λ_d A`` in fp32, ``(out, in)``."""
+        """``Λ_b B Λ_d A`` in fp32 (fp64 for fp64 vectors), ``(out, in)``."""
         self._check_name(name)
-        a, b = self._factors(name, torch.float32)
-        lb, ld = self.vera_lambda_b[name].float(), self.vera_lambda_d[name].float()
+        dt = torch.promote_types(self.vera_lambda_b[name].dtype, torch.float32)
+        a, b = self._factors(name, dt)
+        lb, ld = self.vera_lambda_b[name].to(dt), self.vera_lambda_d[name].to(dt)
         return (lb[:, None] * b) @ (ld[:, None] * a)
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
