@@ -425,8 +425,8 @@ class LoRALinear(AdapterLayer):
         is taken on it, in merge as in forward. A quantized base kept its packed weight from before the first
         merge; a dense one is replayed backwards, last merged first (one rounding per step)."""
         snapshot = getattr(self, "_premerge_weight", None)
-        if snapshot is not None:
-            return snapshot.dequantize(torch.float32)
+        if snapshot is not None:  # kept at the first merge, on the device of that time: the layer may have moved since
+            return snapshot.to(self.lora_A[self.merged_adapters[0]].weight.device).dequantize(torch.float32)
         w = dense_weight(self.base_layer)
         w = w.to(torch.promote_types(w.dtype, torch.float32), copy=True)
         for name in reversed(self.merged_adapters):

@@ -145,3 +145,26 @@ def test_unmerge_after_the_model_moved(base_kind):
     layer.cuda()
     layer.unmerge()
     torch.testing.assert_close(layer(x.cuda()).cpu(), before, rtol=2e-2 if base_kind == "nf4" else 1e-5, atol=2e-3)
+
+
+@pytest.mark.cuda
+def test_second_dora_merge_after_the_model_moved():
+    """A quantized base keeps its packed weight from the first merge (a plain attribute, not moved by ``.cuda()``);
+    a second DoRA merge takes its row norm on that weight: merge one adapter on the CPU, move to the GPU, merging
+    another one mixed devices. The result matches the same merges done on the CPU."""
+    layers = []
+    for device in ("cpu", "cuda"):
+        layer = _layer("nf4").eval()
+        torch.manual_seed(1)
+        layer.add_adapter("second", r=2, alpha=4, use_dora=True)
+        with torch.no_grad():
+            layer.lora_B["second"].weight.normal_(0, 0.3)
+        layer.merge(["default"])
+        layer.to(device)
+        layer.merge(["second"])
+        layers.append(layer)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layers[1](x.cuda()).cpu(), layers[0](x), rtol=2e-2, atol=2e-3)
+    layers[1].unmerge()
+    layers[0].unmerge()
+    torch.testing.assert_close(layers[1](x.cuda()).cpu(), layers[0](x), rtol=1e-4, atol=1e-5)
