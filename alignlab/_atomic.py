@@ -74,14 +74,17 @@ def keep_mode(new: str | os.PathLike, target: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def made_folder(folder: Path) -> Iterator[Path]:
-    """Create ``folder`` and its missing parents; if the block raises, remove again the ones created here that
-    are still empty (a failed write left them behind, empty, for a path the user mistyped)."""
+    """Create ``folder`` and its missing parents; if that or the block raises, remove again the ones created here
+    that are still empty (a failed write left them behind, empty, for a path the user mistyped)."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    folder.mkdir(parents=True, exist_ok=True)
     try:
+        # inside the try: a mkdir that fails part way (a name too long below a new folder) made the ones above it
+        folder.mkdir(parents=True, exist_ok=True)
         yield folder
     except BaseException:
         for p in made:
+            if not os.path.isdir(p):  # never made: the mkdir failed at it or above it
+                continue
             try:
                 p.rmdir()
             except OSError:  # not empty (someone else wrote there meanwhile): it and its parents stay

@@ -192,3 +192,16 @@ def test_merged_checkpoints_are_fsynced(tmp_path, monkeypatch):
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 3
     merge_checkpoints(recipe, out, overwrite=True)  # replacing a previous merge
     journal.check_installed(out)
+
+
+def test_a_mkdir_failing_part_way_removes_the_folders_it_made(tmp_path):
+    """``mkdir(parents=True)`` made ``new/`` and then failed on a name too long below it: that was before
+    ``made_folder``'s cleanup applied, so the failed write left ``new/`` behind, empty."""
+    too_long = tmp_path / "new" / "deeper" / ("x" * 300) / "r.json"
+    with pytest.raises(OSError, match="too long"):
+        write_atomically(too_long, lambda tmp: Path(tmp).write_text("1"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="too long"):
+        with made_folder(tmp_path / "a" / ("y" * 300)):
+            pass
+    assert list(tmp_path.iterdir()) == []
