@@ -364,16 +364,24 @@ class SavedModule(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
 
-    def forward(self, *args, **kwargs):
+    def running_module(self) -> nn.Module:
+        """The module forward runs: the first active adapter's copy, else (disabled, none active) the original."""
+        copies = self._modules["modules_to_save"]
         if not self.disabled:
             for name in self.active_adapters:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name](*args, **kwargs)
-        return self.original_module(*args, **kwargs)
+                if name in copies:
+                    return copies[name]
+        return self._modules["original_module"]
+
+    def forward(self, *args, **kwargs):
+        return self.running_module()(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        # Let model code read attributes of the wrapped module (e.g. ``lm_head.weight``).
+        # Model code reads attributes of the wrapped module (``lm_head.weight``, e.g. for a fused loss); as in
+        # PEFT they are those of the module forward runs, so a loss built from them trains the active copy.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["original_module"], name)
+            if "disabled" not in self.__dict__:   # still in __init__ (or being unpickled)
+                return getattr(self._modules["original_module"], name)
+            return getattr(self.running_module(), name)
