@@ -262,8 +262,10 @@ def _token_input(name, t, like_shape, padded_index, n_pad, packed, device):
     """A per-token side input in the caller's layout → flat padded ``(n_pad,)`` float tensor (0 elsewhere)."""
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor")
+    if not isinstance(t, torch.Tensor):  # as grpo_loss: the wrong kind of thing a TypeError, a wrong dtype a ValueError
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.shape != like_shape:
         raise ValueError(f"{name} must have completion_ids' shape {tuple(like_shape)}, got {tuple(t.shape)}")
     flat = t.detach().reshape(-1).to(device)

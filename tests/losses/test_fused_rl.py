@@ -265,6 +265,10 @@ def test_errors():
         fused_linear_grpo(d["hidden"], d["weight"], d["ids"] + V, d["adv"])
     with pytest.raises(ValueError, match="old_logprobs"):
         fused_linear_grpo(*args, old_logprobs=d["old"][:, :3])
+    with pytest.raises(TypeError, match="old_logprobs must be a torch.Tensor"):  # as grpo_loss
+        fused_linear_grpo(*args, old_logprobs="x")
+    with pytest.raises(ValueError, match="old_logprobs must be a floating-point tensor"):
+        fused_linear_grpo(*args, old_logprobs=d["old"].long())
     with pytest.raises(ValueError, match="advantages"):
         fused_linear_grpo(*args[:3], d["adv"][:4], d["mask"])
     with pytest.raises(ValueError, match="cu_seqlens"):
