@@ -109,8 +109,8 @@ def write_atomically(path: Path, write: Callable[[str], Any]) -> Path:
     with made_folder(target.parent):
         try:
             write(tmp)
+            fsync_file(tmp)  # before keep_mode: the read-only open fails on a file that mode makes unreadable (0200)
             keep_mode(tmp, target)
-            fsync_file(tmp)
             os.replace(tmp, target)
             fsync_dir(target.parent)
         except BaseException:

@@ -301,8 +301,8 @@ def _atomic_write(files: dict[Path, object]) -> None:
     try:
         for path, write in files.items():
             write(tmps[path])
-            keep_mode(tmps[path], path)
             fsync_file(tmps[path])  # the bytes on disk before the name: else a crash can leave an empty file
+            keep_mode(tmps[path], path)  # after the read-only open of fsync_file (a 0200 target's mode forbids it)
         for path in files:
             if path.is_file() or path.is_symlink():
                 _keep_previous(path, olds[path])
