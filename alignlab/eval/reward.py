@@ -94,7 +94,7 @@ def reward_scores(
             multi-column scores without ``label_index``, or a number ``label_index``
             that is not an int (1.0) or out of range.
         TypeError: a single string instead of a sequence of them; a ``batch_size`` or ``label_index`` that is no
-            number at all (a str, None, a bool).
+            number at all (a str, a bool; None too for ``batch_size``, while it is ``label_index``'s default).
     """
     # the wrong kind of thing (a str, None, a bool) is a TypeError, a number that is no count a ValueError
     if not is_real(batch_size):

@@ -451,7 +451,8 @@ def chunk_softmax_grad_(
         entropy_grad: ``(rows,)`` upstream gradient ``e_t`` of the entropy, added to the written gradient
             (with ``grad_scale``; pass ``0`` scales for an entropy-only gradient).
         labels_checked: the caller has checked every label against ``[0, vocab)`` already (the losses do, once
-            per call): skip the check and its host read, which would stall a CUDA stream once per chunk.
+            per call): skip the check and its host read, which would stall a CUDA stream once per chunk (and
+            which a CUDA-graph capture refuses: pass ``True`` when capturing).
             A label outside the range then gives a NaN target on the Triton path (it is never read past the row)
             and gather's own error on the reference.
 

@@ -535,7 +535,9 @@ def lora_delta_sq(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.
     With :math:`U = [B - B_0,\ B_0]` ``(out, 2r)`` and :math:`V = [A;\ A - A_0]` ``(2r, in)``,
     :math:`UV = BA - B_0A_0` and :math:`\lVert UV \rVert_F^2 = \sum (U^\top U) \odot (V V^\top)`. Every
     product in that sum holds a difference from the start, so near the start (PiSSA's large :math:`B_0 A_0`)
-    nothing large cancels. Sums in at least float32.
+    the terms are small. They can still cancel where ``A`` and ``B`` moved a lot without moving ``B A`` (a
+    rescaling ``B G, G^{-1} A``): there the result is the true value up to ~1e-7 of ``||(B - B_0) A||^2`` in
+    float32, and may come out slightly below 0. Sums in at least float32.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
     a, b, a0, b0 = a.to(dtype), b.to(dtype), a0.detach().to(a.device, dtype), b0.detach().to(a.device, dtype)
@@ -578,7 +580,9 @@ class L2SP:
             callable ``weights`` called with the base weight) under ``<layer>.base_layer.weight``, the name
             of the weight the update is added to; it must be a number, as the ``(out, in)`` update an element-wise
             factor would need is never formed. Each adapter of a layer is its own term; other adapter
-            families (DoRA's magnitude vector too) keep the per-parameter terms. Default False: the factors.
+            families (DoRA's magnitude vector too) keep the per-parameter terms. For a DoRA adapter the term is
+            on the direction's update ``s B A`` (its weight is ``m (W + s B A) / ||W + s B A||``, which this does
+            not hold). Default False: the factors.
 
     Raises:
         ValueError, TypeError: as :func:`l2sp_penalty`, checked at construction; ``exclude`` not strings; a
