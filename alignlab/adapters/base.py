@@ -103,9 +103,17 @@ def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
             base.weight.copy_(weight.T if is_conv1d(base) else weight)
 
 
+# Layers hold their adapters by name in ModuleDict / ParameterDict entries, which torch refuses to register
+# under a name the dict already has as an attribute ("half", "train", "keys", ...).
+_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
+
+
 def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in _DICT_ATTRIBUTES:
+        raise ValueError(f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict, which hold "
+                         "the adapters by name; pick another name")
 
 
 class AdapterLayer(nn.Module, abc.ABC):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number
-from alignlab.adapters.base import AdapterLayer, SavedModule, is_linear_like
+from alignlab.adapters.base import AdapterLayer, SavedModule, check_adapter_name, is_linear_like
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
@@ -215,6 +215,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(config, "new_layer"):
         raise TypeError(f"config must be an adapter config such as LoRAConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     _check_not_wrapped(model)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
@@ -630,6 +631,7 @@ def add_weighted_adapter(
     """
     if combination not in ("cat", "svd", "linear"):
         raise ValueError(f"combination must be 'cat', 'svd' or 'linear', got {combination!r}")
+    check_adapter_name(adapter_name)
     adapters, weights = list(adapters), [check_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if not adapters or len(adapters) != len(weights):
         raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} and {len(weights)}")

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab._checks import as_bool, as_python_number, check_positive_int, is_finite_real, is_int
-from alignlab.adapters.base import (AdapterLayer, dense_weight, is_quantized, merge_weight, refuse_float16_merge,
-                                    set_dense_weight_)
+from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weight, is_quantized, merge_weight,
+                                    refuse_float16_merge, set_dense_weight_)
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
                                    kept_merge_norm)
 from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear
@@ -169,8 +169,7 @@ class LoRALinear(AdapterLayer):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         """Add a named adapter (inactive until listed in ``active_adapters``)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = _check_rank(r)
