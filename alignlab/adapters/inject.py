@@ -235,6 +235,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             + _string_target_hint(getattr(config, "target_modules", None), suffixes)
         )
     _warn_unused_selectors(model, config, targets)
+    saved = _match_modules_to_save(model, config)   # before any change: a bad name leaves the model as it was
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
         prepare(model, targets, adapter_name)
@@ -248,7 +249,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             layer = config.new_layer(module, name, adapter_name)
             layer.active_adapters = [adapter_name] if first else []
             _set_submodule(model, name, layer)
-    for name in _match_modules_to_save(model, config):
+    for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, SavedModule):
             module = SavedModule(module)
@@ -322,6 +323,16 @@ def _match_modules_to_save(model: nn.Module, config) -> list[str]:
     missing = [w for w in wanted if not any(saved_module_matches([w], n) for n in names)]
     if missing:
         raise ValueError(f"modules_to_save: no module named {missing} in this model")
+    from alignlab.quant import NF4Experts, NF4Linear
+
+    for name in names:
+        # A quantized weight is frozen uint8 buffers, so the trainable copy would train nothing.
+        inner = [f"{name}.{n}".rstrip(".") for n, m in model.get_submodule(name).named_modules()
+                 if isinstance(m, (NF4Linear, NF4Experts))]
+        if inner:
+            raise ValueError(f"modules_to_save: {name!r} holds a quantized module ({inner[0]!r}), whose copy would "
+                             "have nothing to train; keep it dense with quantize_model(..., skip=[...]), or adapt it "
+                             "with target_modules instead")
     return names
 
 
