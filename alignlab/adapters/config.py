@@ -173,8 +173,16 @@ class LoRAConfig:
         _warn_embedding_read_elsewhere(model, targets)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import token_row_plan
+            from alignlab.adapters.inject import _match_modules_to_save
 
-            token_row_plan(model, self.trainable_token_indices, set(targets), self.ensure_weight_tying)
+            plan = token_row_plan(model, self.trainable_token_indices, set(targets), self.ensure_weight_tying)
+            # modules_to_save wrappers are made later: find the rows' modules (tied heads too) that they would take
+            saved = _match_modules_to_save(model, self)
+            for name in [n for module, _, heads in plan for n in (module, *heads)]:
+                inside = [s for s in saved if name == s or name.startswith(s + ".")]
+                if inside:
+                    raise ValueError(f"trainable_token_indices: {name!r} is trained in full (modules_to_save "
+                                     f"{inside[0]!r}); leave it out of one of the two")
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
         active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])

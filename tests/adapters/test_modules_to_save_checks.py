@@ -43,3 +43,29 @@ def test_a_block_holding_a_quantized_linear_is_refused_too():
     quantize_model(net, quantize_head=True)
     with pytest.raises(ValueError, match="'1' holds a quantized .*'1.1'"):
         inject(net, LoRAConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+
+
+def _llama(tied: bool):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=32, tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("tied, saved, culprit", [(True, "lm_head", "lm_head"), (True, "embed_tokens", "model.embed_tokens"),
+                                                  (False, "embed_tokens", "model.embed_tokens")])
+def test_token_rows_on_a_module_trained_in_full_are_refused_before_any_change(tied, saved, culprit):
+    model = _llama(tied)
+    config = LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=[saved], trainable_token_indices=[3, 4])
+    with pytest.raises(ValueError, match=f"trainable_token_indices: {culprit!r}.*modules_to_save"):
+        inject(model, config)
+    assert adapter_configs(model) == {}
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_token_rows_beside_an_untied_head_trained_in_full_are_fine():
+    model = _llama(False)
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], trainable_token_indices=[3]))
+    assert model.lm_head.weight.requires_grad
