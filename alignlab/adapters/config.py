@@ -171,6 +171,10 @@ class LoRAConfig:
     # -- trainable token rows: checked before any layer is built, added after the LoRA layers -----------
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
         _warn_embedding_read_elsewhere(model, targets)
+        if self.ensure_weight_tying:
+            from alignlab.adapters.embedding import check_heads_can_tie
+
+            check_heads_can_tie(model, targets)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import token_row_plan
             from alignlab.adapters.inject import _match_modules_to_save

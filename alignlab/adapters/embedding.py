@@ -44,7 +44,8 @@ from alignlab._checks import as_bool, check_positive_int, check_positive_number,
 from alignlab.adapters.base import AdapterLayer, SavedModule
 from alignlab.adapters.lora import check_adapter_dtype
 
-__all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_token_indices", "tie_lora_heads"]
+__all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_heads_can_tie", "check_token_indices",
+           "tie_lora_heads"]
 
 
 def _embed_scale(base: nn.Module) -> torch.Tensor | float | None:
@@ -243,6 +244,29 @@ class TiedLoRAHead(AdapterLayer):
         (views of the embedding's factors: loading writes the same values into them)."""
         a, b, _ = self._factors(name)
         return {"lora_A.weight": b.T, "lora_B.weight": a.T}
+
+
+def check_heads_can_tie(model: nn.Module, targets: list[str]) -> None:
+    """Refuse, before ``inject`` changes anything, what :func:`tie_lora_heads` could not tie: an ``nn.Linear`` whose
+    weight is the table of an embedding in ``targets`` but that is a target too or already holds an adapter layer.
+
+    Raises:
+        ValueError: naming the head and the embedding.
+    """
+    modules = dict(model.named_modules())
+    bases = {n: m.base_layer if isinstance(m, AdapterLayer) else m for n, m in modules.items()}
+    for emb_name in targets:
+        if not isinstance(bases[emb_name], nn.Embedding):
+            continue
+        for n, m in modules.items():
+            head = bases[n]
+            if isinstance(m, TiedLoRAHead) or not isinstance(head, nn.Linear) or head.weight is not bases[emb_name].weight:
+                continue
+            if n in targets:
+                raise ValueError(f"ensure_weight_tying: the head {n!r} tied to {emb_name!r} is a LoRA target too; "
+                                 "leave it out of target_modules (it carries the embedding's update)")
+            if isinstance(m, AdapterLayer):
+                raise ValueError(f"ensure_weight_tying: the head {n!r} tied to {emb_name!r} holds a {type(m).__name__}")
 
 
 def tie_lora_heads(model: nn.Module, adapter_name: str, active: bool) -> list[str]:
