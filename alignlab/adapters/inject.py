@@ -241,14 +241,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         prepare(model, targets, adapter_name)
     before = {id(m) for m in model.modules()}
     first = not configs
-    for name in targets:
-        module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
-            config.add_to(module, name, adapter_name)
-        else:
-            layer = config.new_layer(module, name, adapter_name)
-            layer.active_adapters = [adapter_name] if first else []
-            _set_submodule(model, name, layer)
+    _add_to_targets(model, config, targets, adapter_name, first)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, SavedModule):
@@ -272,6 +265,36 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             module.output_head = True  # its .weight would be the frozen table: see AdapterLayer.weight
     mark_only_adapters_trainable(model)
     return model
+
+
+def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: str, first: bool) -> None:
+    """Add the adapter to the targets that are adapter layers already, then wrap the others. The layers already
+    there go first because they are where a config refuses (a LoRA on an ``IA3Linear``); if any target fails, the
+    ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned),
+    so the model is as it was."""
+    modules = {name: model.get_submodule(name) for name in targets}
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    order = sorted(targets, key=lambda name: not isinstance(modules[name], AdapterLayer))
+    done = []
+    try:
+        for name in order:
+            module = modules[name]
+            if isinstance(module, AdapterLayer):
+                config.add_to(module, name, adapter_name)
+            else:
+                layer = config.new_layer(module, name, adapter_name)
+                layer.active_adapters = [adapter_name] if first else []
+                _set_submodule(model, name, layer)
+            done.append(name)
+    except Exception:
+        for name in reversed(done):
+            if isinstance(modules[name], AdapterLayer):
+                modules[name].delete_adapter(adapter_name)
+            else:
+                _set_submodule(model, name, modules[name])
+        for p, flag in trainable:  # a new layer freezes the module it wraps
+            p.requires_grad_(flag)
+        raise
 
 
 def _match_modes(model: nn.Module, before: set[int]) -> None:
