@@ -180,9 +180,17 @@ class LoRAConfig:
             from alignlab.adapters.inject import _match_modules_to_save
 
             plan = token_row_plan(model, self.trainable_token_indices, set(targets), self.ensure_weight_tying)
-            # modules_to_save wrappers are made later: find the rows' modules (tied heads too) that they would take
+            # the LoRA layers and modules_to_save wrappers come later: find the rows' modules (tied heads too) that
+            # they would take, a head tied to a LoRA embedding under ensure_weight_tying included
             saved = _match_modules_to_save(model, self)
+            modules = dict(model.named_modules())
+            tables = [modules[t].weight for t in targets if isinstance(modules[t], nn.Embedding)]
+            lora = set(targets) | {n for n, m in modules.items() if self.ensure_weight_tying
+                                   and isinstance(m, nn.Linear) and any(m.weight is t for t in tables)}
             for name in [n for module, _, heads in plan for n in (module, *heads)]:
+                if name in lora:
+                    raise ValueError(f"trainable_token_indices: {name!r} also gets a LoRA adapter; a module takes either "
+                                     "trainable token rows or LoRA (as in PEFT)")
                 inside = [s for s in saved if name == s or name.startswith(s + ".")]
                 if inside:
                     raise ValueError(f"trainable_token_indices: {name!r} is trained in full (modules_to_save "
