@@ -187,10 +187,15 @@ class LoRAConfig:
             tables = [modules[t].weight for t in targets if isinstance(modules[t], nn.Embedding)]
             lora = set(targets) | {n for n, m in modules.items() if self.ensure_weight_tying
                                    and isinstance(m, nn.Linear) and any(m.weight is t for t in tables)}
+            for module, _, heads in plan:
+                if module in lora:
+                    raise ValueError(f"trainable_token_indices: {module!r} also gets a LoRA adapter; a module takes "
+                                     "either trainable token rows or LoRA (as in PEFT)")
+                for head in set(heads) & lora:
+                    raise ValueError(f"trainable_token_indices: the head {head!r} tied to {module!r} also gets a LoRA "
+                                     "adapter, and alignlab cannot yet make its rows follow the trained ones (PEFT "
+                                     "does); leave the head out of target_modules")
             for name in [n for module, _, heads in plan for n in (module, *heads)]:
-                if name in lora:
-                    raise ValueError(f"trainable_token_indices: {name!r} also gets a LoRA adapter; a module takes either "
-                                     "trainable token rows or LoRA (as in PEFT)")
                 inside = [s for s in saved if name == s or name.startswith(s + ".")]
                 if inside:
                     raise ValueError(f"trainable_token_indices: {name!r} is trained in full (modules_to_save "
