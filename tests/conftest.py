@@ -6,8 +6,10 @@ this runs first: without a GPU every Triton kernel test runs under
 """
 
 import contextlib
+import importlib.util
 import os
 import shutil
+from pathlib import Path
 
 _HAS_GPU = shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
 if not _HAS_GPU:
@@ -111,6 +113,16 @@ def make_tiny_t5():
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                    decoder_start_token_id=0)
     return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def load_script(relpath: str):
+    """A script of this repository (``benchmarks/x.py``, ``examples/y.py``) imported as a module, so a CPU test can
+    call its parts."""
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tied_llama():

@@ -6,23 +6,15 @@ kernels of no interest there."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import alignlab.kernels.linear_logprobs as lk
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmarks_cross_entropy", ROOT / "benchmarks" / "cross_entropy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/cross_entropy.py")
 
 
 def test_the_timed_row_kernel_reads_nothing_back(bench, kernel_device, monkeypatch):

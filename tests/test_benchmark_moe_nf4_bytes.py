@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("benchmarks_moe_nf4_bytes", ROOT / "benchmarks" / "moe_nf4_bytes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/moe_nf4_bytes.py")
 
 
 def test_quick_run_writes_to_out_when_given(bench, tmp_path):

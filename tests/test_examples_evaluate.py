@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_script
 
 pytest.importorskip("transformers")
 
@@ -31,9 +32,7 @@ def test_evaluate_example_runs_and_writes_plot(tmp_path):
 
 
 def test_evaluate_example_held_out_items_are_not_trained_on():
-    spec = importlib.util.spec_from_file_location("evaluate_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/evaluate.py")
     train, held_out = module.build_data(0)
     assert len(held_out) == 32 and not set(held_out) & set(train)
     assert all(q.split(" is ")[1].startswith(a) for q, a in held_out)  # the answer is in the context

@@ -8,19 +8,13 @@ import torch
 from torch import nn
 
 from alignlab.adapters import LoRAConfig, adapter_configs, inject
+from conftest import make_tied_llama
 
 transformers = pytest.importorskip("transformers")
 
 
-def _tied_llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=32, tie_word_embeddings=True))
-
-
 def test_the_head_as_a_target_too_is_refused_before_any_change():
-    model = _tied_llama()
+    model = make_tied_llama()
     with pytest.raises(ValueError, match="ensure_weight_tying: the head 'lm_head' tied to 'model.embed_tokens'"):
         inject(model, LoRAConfig(r=2, target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True))
     assert adapter_configs(model) == {}
@@ -30,7 +24,7 @@ def test_the_head_as_a_target_too_is_refused_before_any_change():
 
 
 def test_a_head_holding_another_adapter_is_refused_before_any_change():
-    model = _tied_llama()
+    model = make_tied_llama()
     inject(model, LoRAConfig(r=2, target_modules=["lm_head"]), adapter_name="a")
     with pytest.raises(ValueError, match="ensure_weight_tying: the head 'lm_head' tied to 'model.embed_tokens' holds a LoRALinear"):
         inject(model, LoRAConfig(r=2, target_modules=["embed_tokens"], ensure_weight_tying=True), adapter_name="b")

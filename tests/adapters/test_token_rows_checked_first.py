@@ -11,15 +11,9 @@ import torch
 from torch import nn
 
 from alignlab.adapters import LoRAConfig, adapter_configs, inject
+from conftest import make_tied_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tied_llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=32, tie_word_embeddings=True))
 
 
 @pytest.mark.parametrize("config", [
@@ -28,7 +22,7 @@ def _tied_llama():
                trainable_token_indices={"lm_head": [3]}),
 ], ids=["lora-on-tied-head", "tied-lora-head"])
 def test_rows_on_a_head_that_gets_lora_are_refused_before_any_change(config):
-    model = _tied_llama()
+    model = make_tied_llama()
     with pytest.raises(ValueError, match="trainable_token_indices: (the head )?'lm_head' (tied to 'model.embed_tokens' )?also gets a LoRA"):
         inject(model, config)
     assert adapter_configs(model) == {}
@@ -37,6 +31,6 @@ def test_rows_on_a_head_that_gets_lora_are_refused_before_any_change(config):
 
 
 def test_rows_on_a_tied_embedding_beside_lora_elsewhere_still_work():
-    model = _tied_llama()
+    model = make_tied_llama()
     inject(model, LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3]))
     assert type(model.lm_head).__name__ == "TrainableTokensLayer"
