@@ -372,7 +372,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
-        ValueError: the model has no adapter of that name (lists the ones it has), or ``path`` is a file.
+        ValueError: the model has no adapter of that name (lists the ones it has), ``path`` is a file, or the
+            adapter is merged into the base (its factors alone would then be applied twice on load: ``unmerge``
+            first; PEFT saves merged adapters as they are).
     """
     out = _check_model_and_path(model, path)
     model = _user_model(model)
