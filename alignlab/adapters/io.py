@@ -373,8 +373,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``path`` not a str / ``os.PathLike``.
         ValueError: the model has no adapter of that name (lists the ones it has), ``path`` is a file, or the
-            adapter is merged into the base (its factors alone would then be applied twice on load: ``unmerge``
-            first; PEFT saves merged adapters as they are).
+            adapter is merged into the base (``unmerge`` first; PEFT saves a merged adapter as it is).
     """
     out = _check_model_and_path(model, path)
     model = _user_model(model)
