@@ -1,0 +1,126 @@
+"""A/B of how the rank-r LoRA term reaches the base GEMM's output (issue 18), per Llama-3-8B projection shape.
+
+The QLoRA step's largest remaining extra cost at batch 4 (profile in RESULTS.md) is the ``addmm_`` that adds
+``(x Aᵀ) Bᵀ`` into ``y`` in forward and ``(dy B) A`` into ``dx`` in backward: a rank-r GEMM that reads and writes
+the whole ``(tokens, features)`` output once more. The alternative timed here puts the rank-r term inside the
+one big GEMM by concatenating along its reduction dimension::
+
+    forward   y  = [x | s·x Aᵀ] [W | B]ᵀ          (K = in + r;  costs a copy of x:  tokens × in)
+    backward  dx = [dy | s·dy B] [W ; A]          (K = out + r; costs a copy of dy: tokens × out)
+
+against the current epilogue's pass over ``y`` (tokens × out) or ``dx`` (tokens × in). It can only win where the
+copied operand is narrower than the output: forward of gate/up (in 4096 < out 14336), backward of k/v and down
+(out < in). The concatenated weight is the NF4 dequantization's temporary (free to lay out) in the library; here it
+is prebuilt, so the rows time the GEMMs and copies only. ``pad`` rounds the extra K up to 64 (zero columns), in
+case cuBLAS prefers aligned K. One JSON line per (tokens, shape, pass); the summary estimates the time a 4-layer
+step would save with the best variant per pass.
+
+    python benchmarks/adapter_epilogue.py [--tokens 2048,8192] [--out benchmarks/results/adapter_epilogue.json]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alignlab.bench import library_versions, measure, write_json
+
+SHAPES = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
+          "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}  # name: (in, out)
+
+
+def _us(fn) -> float:
+    return measure(fn, warmup=10, memory=False).median_ms * 1e3
+
+
+def _forward_rows(x, w, a, b, r, scale):
+    """Times of y = x Wᵀ + s (x Aᵀ) Bᵀ: base alone, the current epilogue, and the K-concatenated GEMM."""
+    n_in = x.shape[1]
+
+    def epilogue():
+        xa = x.new_empty(x.shape[0], r).addmm_(x, a.T, beta=0, alpha=scale)
+        return (x @ w.T).addmm_(xa, b.T)
+
+    out = {"base_us": _us(lambda: x @ w.T), "epilogue_us": _us(epilogue)}
+    ref = epilogue().float()
+    for pad in (r, 64):
+        wk = torch.zeros(w.shape[0], n_in + pad, device=w.device, dtype=w.dtype)
+        wk[:, :n_in], wk[:, n_in:n_in + r] = w, b
+
+        def concat(wk=wk, pad=pad):
+            xk = x.new_empty(x.shape[0], n_in + pad)
+            xk[:, :n_in].copy_(x)
+            xk[:, n_in:n_in + r].addmm_(x, a.T, beta=0, alpha=scale)  # the rank-r product written in place
+            if pad > r:
+                xk[:, n_in + r:].zero_()
+            return xk @ wk.T
+
+        out[f"concat{pad}_us"] = _us(concat)
+        out[f"concat{pad}_maxdiff"] = (concat().float() - ref).abs().max().item()
+    return out
+
+
+def _backward_rows(g, w, a, b, r, scale):
+    """Times of dx = dy W + s (dy B) A: base alone, the current epilogue, and the K-concatenated GEMM."""
+    n_out = g.shape[1]
+
+    def epilogue():
+        gb = g.new_empty(g.shape[0], r).addmm_(g, b, beta=0, alpha=scale)
+        return (g @ w).addmm_(gb, a)
+
+    out = {"base_us": _us(lambda: g @ w), "epilogue_us": _us(epilogue)}
+    ref = epilogue().float()
+    for pad in (r, 64):
+        wk = torch.zeros(n_out + pad, w.shape[1], device=w.device, dtype=w.dtype)
+        wk[:n_out], wk[n_out:n_out + r] = w, a
+
+        def concat(wk=wk, pad=pad):
+            gk = g.new_empty(g.shape[0], n_out + pad)
+            gk[:, :n_out].copy_(g)
+            gk[:, n_out:n_out + r].addmm_(g, b, beta=0, alpha=scale)
+            if pad > r:
+                gk[:, n_out + r:].zero_()
+            return gk @ wk
+
+        out[f"concat{pad}_us"] = _us(concat)
+        out[f"concat{pad}_maxdiff"] = (concat().float() - ref).abs().max().item()
+    return out
+
+
+def main(tokens: list[int], out: Path, r: int = 16, layers: int = 4) -> None:
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/adapter_epilogue.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    dev, dt, scale = "cuda", torch.bfloat16, 2.0
+    rows, saved = [], {}
+    for n_tok in tokens:
+        saved[n_tok] = 0.0
+        for name, (n_in, n_out) in SHAPES.items():
+            x = torch.randn(n_tok, n_in, device=dev, dtype=dt)
+            g = torch.randn(n_tok, n_out, device=dev, dtype=dt)
+            w = torch.randn(n_out, n_in, device=dev, dtype=dt) * 0.02
+            a = torch.randn(r, n_in, device=dev, dtype=dt) * 0.02
+            b = torch.randn(n_out, r, device=dev, dtype=dt) * 0.02
+            for pass_, fn, args in (("forward", _forward_rows, (x, w, a, b)), ("backward", _backward_rows, (g, w, a, b))):
+                row = {"tokens": n_tok, "proj": name, "in": n_in, "out": n_out, "pass": pass_,
+                       **fn(*args, r, scale)}
+                best = min(row["concat16_us"], row["concat64_us"])
+                row["gain_us"] = max(0.0, row["epilogue_us"] - best)
+                saved[n_tok] += layers * row["gain_us"]
+                rows.append(row)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            del x, g, w, a, b
+    summary = {f"{layers}-layer step, tokens {k}: ms saved by the better form per pass": round(v / 1e3, 3)
+               for k, v in saved.items()}
+    print(json.dumps(summary))
+    write_json(out, {"device": torch.cuda.get_device_name(), "versions": library_versions(), "r": r,
+                     "rows": rows, "summary": summary})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="2048,8192", help="comma-separated token counts (batch × 2048)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adapter_epilogue.json")
+    a = p.parse_args()
+    main([int(v) for v in a.tokens.split(",")], a.out)
