@@ -34,57 +34,69 @@ def _us(fn) -> float:
     return measure(fn, warmup=10, memory=False).median_ms * 1e3
 
 
-def _forward_rows(x, w, a, b, r, scale):
-    """Times of y = x Wᵀ + s (x Aᵀ) Bᵀ: base alone, the current epilogue, and the K-concatenated GEMM."""
-    n_in = x.shape[1]
+def _widened(w: torch.Tensor, extra: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """``w`` with ``extra`` appended along ``dim`` (1: columns, 0: rows) and zeros up to ``pad`` new entries."""
+    shape = list(w.shape)
+    n = shape[dim]
+    shape[dim] += pad
+    wk = w.new_zeros(shape)
+    wk.narrow(dim, 0, n).copy_(w)
+    wk.narrow(dim, n, extra.shape[dim]).copy_(extra)
+    return wk
+
+
+def forward_forms(x, w, a, b, scale: float, pads=(16, 64)) -> dict:
+    """Callables giving ``y = x Wᵀ + s (x Aᵀ) Bᵀ``: ``base`` (``x Wᵀ`` alone), ``epilogue`` (what the library does)
+    and ``concat<pad>`` (one GEMM over ``[x | s x Aᵀ | 0]``, the weight widened beforehand)."""
+    n_tok, n_in = x.shape
+    r = a.shape[0]
 
     def epilogue():
-        xa = x.new_empty(x.shape[0], r).addmm_(x, a.T, beta=0, alpha=scale)
+        xa = x.new_empty(n_tok, r).addmm_(x, a.T, beta=0, alpha=scale)
         return (x @ w.T).addmm_(xa, b.T)
 
-    out = {"base_us": _us(lambda: x @ w.T), "epilogue_us": _us(epilogue)}
-    ref = epilogue().float()
-    for pad in (r, 64):
-        wk = torch.zeros(w.shape[0], n_in + pad, device=w.device, dtype=w.dtype)
-        wk[:, :n_in], wk[:, n_in:n_in + r] = w, b
-
-        def concat(wk=wk, pad=pad):
-            xk = x.new_empty(x.shape[0], n_in + pad)
+    forms = {"base": lambda: x @ w.T, "epilogue": epilogue}
+    for pad in pads:
+        def concat(wk=_widened(w, b, pad, 1), pad=pad):
+            xk = x.new_empty(n_tok, n_in + pad)
             xk[:, :n_in].copy_(x)
             xk[:, n_in:n_in + r].addmm_(x, a.T, beta=0, alpha=scale)  # the rank-r product written in place
             if pad > r:
                 xk[:, n_in + r:].zero_()
             return xk @ wk.T
-
-        out[f"concat{pad}_us"] = _us(concat)
-        out[f"concat{pad}_maxdiff"] = (concat().float() - ref).abs().max().item()
-    return out
+        forms[f"concat{pad}"] = concat
+    return forms
 
 
-def _backward_rows(g, w, a, b, r, scale):
-    """Times of dx = dy W + s (dy B) A: base alone, the current epilogue, and the K-concatenated GEMM."""
-    n_out = g.shape[1]
+def backward_forms(g, w, a, b, scale: float, pads=(16, 64)) -> dict:
+    """Callables giving ``dx = dy W + s (dy B) A``, named as in :func:`forward_forms`."""
+    n_tok, n_out = g.shape
+    r = a.shape[0]
 
     def epilogue():
-        gb = g.new_empty(g.shape[0], r).addmm_(g, b, beta=0, alpha=scale)
+        gb = g.new_empty(n_tok, r).addmm_(g, b, beta=0, alpha=scale)
         return (g @ w).addmm_(gb, a)
 
-    out = {"base_us": _us(lambda: g @ w), "epilogue_us": _us(epilogue)}
-    ref = epilogue().float()
-    for pad in (r, 64):
-        wk = torch.zeros(n_out + pad, w.shape[1], device=w.device, dtype=w.dtype)
-        wk[:n_out], wk[n_out:n_out + r] = w, a
-
-        def concat(wk=wk, pad=pad):
-            gk = g.new_empty(g.shape[0], n_out + pad)
+    forms = {"base": lambda: g @ w, "epilogue": epilogue}
+    for pad in pads:
+        def concat(wk=_widened(w, a, pad, 0), pad=pad):
+            gk = g.new_empty(n_tok, n_out + pad)
             gk[:, :n_out].copy_(g)
             gk[:, n_out:n_out + r].addmm_(g, b, beta=0, alpha=scale)
             if pad > r:
                 gk[:, n_out + r:].zero_()
             return gk @ wk
+        forms[f"concat{pad}"] = concat
+    return forms
 
-        out[f"concat{pad}_us"] = _us(concat)
-        out[f"concat{pad}_maxdiff"] = (concat().float() - ref).abs().max().item()
+
+def _time_forms(forms: dict) -> dict:
+    ref = forms["epilogue"]().float()
+    out = {}
+    for name, fn in forms.items():
+        out[f"{name}_us"] = _us(fn)
+        if name.startswith("concat"):
+            out[f"{name}_maxdiff"] = (fn().float() - ref).abs().max().item()
     return out
 
 
@@ -102,9 +114,9 @@ def main(tokens: list[int], out: Path, r: int = 16, layers: int = 4) -> None:
             w = torch.randn(n_out, n_in, device=dev, dtype=dt) * 0.02
             a = torch.randn(r, n_in, device=dev, dtype=dt) * 0.02
             b = torch.randn(n_out, r, device=dev, dtype=dt) * 0.02
-            for pass_, fn, args in (("forward", _forward_rows, (x, w, a, b)), ("backward", _backward_rows, (g, w, a, b))):
-                row = {"tokens": n_tok, "proj": name, "in": n_in, "out": n_out, "pass": pass_,
-                       **fn(*args, r, scale)}
+            for pass_, forms in (("forward", forward_forms(x, w, a, b, scale)),
+                                 ("backward", backward_forms(g, w, a, b, scale))):
+                row = {"tokens": n_tok, "proj": name, "in": n_in, "out": n_out, "pass": pass_, **_time_forms(forms)}
                 best = min(row["concat16_us"], row["concat64_us"])
                 row["gain_us"] = max(0.0, row["epilogue_us"] - best)
                 saved[n_tok] += layers * row["gain_us"]
