@@ -112,6 +112,12 @@ class LoRAConfig:
             for key, ids in (spec.items() if isinstance(spec, dict) else [(None, spec)]):
                 check_token_indices(ids, "trainable_token_indices" + ("" if key is None else f"[{key!r}]"))
 
+    @property
+    def rewrites_base_weight(self) -> bool:
+        """Whether the initialisation writes into the base weight (PiSSA, OLoRA: ``W ← W − s·BA``); ``inject``
+        then keeps a copy of each target's weight until every target took the adapter, to put back on failure."""
+        return self.init != "kaiming" and self.init != "gaussian"
+
     # -- resolution per module ------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
         return _pattern_value(self.rank_pattern, name, self.r)

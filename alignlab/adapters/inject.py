@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number
-from alignlab.adapters.base import AdapterLayer, SavedModule, check_adapter_name, is_linear_like
+from alignlab.adapters.base import AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
@@ -270,15 +270,19 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
 def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: str, first: bool) -> None:
     """Add the adapter to the targets that are adapter layers already, then wrap the others. The layers already
     there go first because they are where a config refuses (a LoRA on an ``IA3Linear``); if any target fails, the
-    ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned),
-    so the model is as it was."""
+    ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned,
+    a base weight that the adapter's initialisation rewrote -- PiSSA, OLoRA -- restored bit for bit), so the
+    model is as it was."""
     modules = {name: model.get_submodule(name) for name in targets}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     order = sorted(targets, key=lambda name: not isinstance(modules[name], AdapterLayer))
-    done = []
+    rewrites = bool(getattr(config, "rewrites_base_weight", False))
+    done, restores = [], []
     try:
         for name in order:
             module = modules[name]
+            if rewrites:  # kept before the call: the call itself may rewrite the weight and then fail
+                restores.append(_kept_base_weight(module))
             if isinstance(module, AdapterLayer):
                 config.add_to(module, name, adapter_name)
             else:
@@ -294,7 +298,30 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
                 _set_submodule(model, name, modules[name])
         for p, flag in trainable:  # a new layer freezes the module it wraps
             p.requires_grad_(flag)
+        for restore in reversed(restores):
+            restore()
         raise
+
+
+def _kept_base_weight(module: nn.Module):
+    """A copy of the weight of ``module``'s base (``module`` itself unless it is an adapter layer), and a function
+    that writes it back bit for bit. A dense weight is copied to host memory, so that keeping every target's weight
+    of an accelerator-filling model does not double its device memory; a quantized base keeps its packed tensor,
+    whose buffers re-quantizing replaces (never writes into)."""
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    if is_quantized(base):
+        packed = base.quant_weight
+        return lambda: base.load_quant_weight_(packed)
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):  # fused MoE experts: no initialisation of theirs rewrites them
+        return lambda: None
+    kept = weight.detach().to("cpu", copy=True)
+
+    def restore() -> None:
+        with torch.no_grad():
+            base.weight.copy_(kept)
+
+    return restore
 
 
 def _match_modes(model: nn.Module, before: set[int]) -> None:
