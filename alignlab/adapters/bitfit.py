@@ -113,7 +113,7 @@ class BitFitLayer(AdapterLayer):
         if bias is None:  # a bias-free linear gets one while merged
             w = base.weight
             bias = torch.zeros(self.size, device=w.device, dtype=w.dtype)
-        new = (bias.float() + self.bitfit_bias[name].float().view(bias.shape)).to(bias.dtype)
+        new = (bias + self._wide_offset(name, bias)).to(bias.dtype)
         refuse_float16_merge(new, (bias, self.bitfit_bias[name]), name, " (bias)")  # before anything is written
         if getattr(base, "bias", None) is None:
             base.bias = nn.Parameter(new, requires_grad=False)
@@ -128,9 +128,15 @@ class BitFitLayer(AdapterLayer):
         else:
             base.bias.copy_(new)
 
+    def _wide_offset(self, name: str, bias: torch.Tensor) -> torch.Tensor:
+        """Offset ``name`` shaped as ``bias``, in fp32 or wider (fp64 for an fp64 bias or offset: an fp64 model
+        merged through fp32 was ~1e-8 off), so the sum with ``bias`` is rounded once, to the bias dtype."""
+        offset = self.bitfit_bias[name].view(bias.shape)
+        return offset.to(torch.promote_types(torch.promote_types(bias.dtype, offset.dtype), torch.float32))
+
     def _unmerge_one(self, name: str) -> None:
         base = self.base_layer
-        base.bias.copy_((base.bias.float() - self.bitfit_bias[name].float().view(base.bias.shape)).to(base.bias.dtype))
+        base.bias.copy_((base.bias - self._wide_offset(name, base.bias)).to(base.bias.dtype))
         if self._added_bias and len(self.merged_adapters) <= 1:  # the last merged one (unmerge pops it after this)
             base.bias = None
             self._added_bias = False

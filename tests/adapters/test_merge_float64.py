@@ -31,7 +31,8 @@ def test_float64_merge_and_unmerge_are_float64_exact(kinds):
 
 
 def _families():
-    from alignlab.adapters import AdaLoRALinear, IA3Linear, LoKrLinear, LoRAEmbedding, VeRALinear, VeRAProjections
+    from alignlab.adapters import (AdaLoRALinear, BitFitLayer, IA3Linear, LoKrLinear, LoRAEmbedding, VeRALinear,
+                                   VeRAProjections)
 
     yield "adalora", lambda: AdaLoRALinear(nn.Linear(64, 24).double(), r=3, scaling=0.7), torch.randn(3, 64)
     yield "lokr", lambda: LoKrLinear(nn.Linear(64, 24).double(), r=2), torch.randn(3, 64)
@@ -40,6 +41,8 @@ def _families():
     yield "ia3", lambda: IA3Linear(nn.Linear(64, 24).double()), torch.randn(3, 64)
     yield "ia3_ff", lambda: IA3Linear(nn.Linear(64, 24).double(), feedforward=True), torch.randn(3, 64)
     yield "embedding", lambda: LoRAEmbedding(nn.Embedding(40, 16).double(), r=2), torch.randint(0, 40, (3, 5))
+    yield "bitfit", lambda: BitFitLayer(nn.Linear(64, 24).double()), torch.randn(3, 64)
+    yield "bitfit_no_bias", lambda: BitFitLayer(nn.Linear(64, 24, bias=False).double()), torch.randn(3, 64)
 
 
 @pytest.mark.parametrize("family", [f[0] for f in _families()])
