@@ -538,7 +538,24 @@ def lora_delta_sq(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.
     the terms are small. They can still cancel where ``A`` and ``B`` moved a lot without moving ``B A`` (a
     rescaling ``B G, G^{-1} A``): there the result is the true value up to ~1e-7 of ``||(B - B_0) A||^2`` in
     float32, and may come out slightly below 0. Sums in at least float32.
+
+    Raises:
+        TypeError: a factor that is not a floating-point tensor.
+        ValueError: ``a`` not 2-D, ``b`` not ``(out, r)`` for ``a``'s ``r``, or ``a0`` / ``b0`` not of ``a``'s /
+            ``b``'s shape (a broadcastable start gave a wrong number without a word).
     """
+    for name, t in (("a", a), ("b", b), ("a0", a0), ("b0", b0)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if a.dim() != 2:
+        raise ValueError(f"a must be (r, in), got {tuple(a.shape)}")
+    if b.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise ValueError(f"b must be (out, r) with r = {a.shape[0]} (a's rows), got {tuple(b.shape)}")
+    for name, t, like, like_name in (("a0", a0, a, "a"), ("b0", b0, b, "b")):
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
     dtype = torch.promote_types(a.dtype, torch.float32)
     a, b, a0, b0 = a.to(dtype), b.to(dtype), a0.detach().to(a.device, dtype), b0.detach().to(a.device, dtype)
     u = torch.cat([b - b0, b0], dim=1)

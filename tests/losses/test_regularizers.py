@@ -612,3 +612,26 @@ def test_l2sp_of_a_frozen_model_is_refused():
     with pytest.raises(ValueError, match=r"model has no trainable parameters .* build L2SP after unfreezing"):
         L2SP(model, alpha=1.0)
     assert L2SP(model.requires_grad_(True), exclude="*").pretrained == {}  # all excluded on purpose: allowed
+
+
+def test_lora_delta_sq_checks_its_factors_by_name():
+    """A start ``a0`` of shape ``(1, in)`` broadcast against ``a`` and gave a wrong number without a word; a factor
+    that is no tensor was an AttributeError, mismatched ranks a RuntimeError from ``torch.cat``."""
+    from alignlab.losses import lora_delta_sq
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)
+    with pytest.raises(ValueError, match=r"a0 must have a's shape \(2, 5\), got \(1, 5\)"):
+        lora_delta_sq(a, b, a[:1], b)
+    with pytest.raises(ValueError, match=r"b0 must have b's shape \(4, 2\), got \(4, 1\)"):
+        lora_delta_sq(a, b, a, b[:, :1])
+    with pytest.raises(ValueError, match=r"b must be \(out, r\) with r = 3 .*got \(4, 2\)"):
+        lora_delta_sq(torch.randn(3, 5), b, torch.randn(3, 5), b)
+    with pytest.raises(ValueError, match=r"a must be \(r, in\), got \(5,\)"):
+        lora_delta_sq(a[0], b, a[0], b)
+    with pytest.raises(TypeError, match="a must be a torch.Tensor, got list"):
+        lora_delta_sq(a.tolist(), b, a, b)
+    with pytest.raises(TypeError, match="b0 must be a floating-point tensor, got torch.int64"):
+        lora_delta_sq(a, b, a, b.long())
+    want = ((b.double() @ a.double() - (b.double() + 1) @ a.double()) ** 2).sum()
+    torch.testing.assert_close(lora_delta_sq(a, b, a, b + 1).double(), want, rtol=1e-5, atol=0)
