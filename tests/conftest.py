@@ -6,6 +6,7 @@ this runs first: without a GPU every Triton kernel test runs under
 """
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -113,6 +114,26 @@ def make_tiny_t5():
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                    decoder_start_token_id=0)
     return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def enable_checkpointing(model, use_reentrant: bool, **options) -> None:
+    """HF activation checkpointing on ``model`` under the name the installed transformers gives it: newer releases
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name warns that it goes
+    in v6) and added ``every_n_layers`` / ``offload``, which ``options`` passes on (they need the new name)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant}, **options)
+    elif options:
+        pytest.skip(f"transformers {importlib.metadata.version('transformers')} has no activation checkpointing options")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def disable_checkpointing(model) -> None:
+    """The undo of :func:`enable_checkpointing`, by the installed transformers' name for it."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def load_script(relpath: str):

@@ -240,7 +240,8 @@ def _refuse_checkpointed_prefix(model: nn.Module) -> None:
     if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules()):
         raise ValueError("prefix tuning does not work with gradient checkpointing while training: transformers "
                          "drops the KV cache that holds the prefixes in checkpointed layers; call "
-                         "model.gradient_checkpointing_disable() (prompt tuning works with checkpointing)")
+                         "model.activation_checkpointing_disable() (gradient_checkpointing_disable() in older "
+                         "transformers); prompt tuning works with checkpointing")
 
 
 def _shift_for_virtual(kwargs: dict, n_mask: int, n_pos: int) -> dict:

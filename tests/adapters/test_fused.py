@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_tiny_llama
+from conftest import enable_checkpointing, make_tiny_llama
 
 from alignlab.adapters import LoRAConfig, LoRALinear, adapter_layers, inject
 from alignlab.adapters.fused import dora_linear, lora_linear
@@ -141,8 +141,8 @@ def test_layer_over_nf4_takes_the_fused_path_unless_asked_not_to(dora, monkeypat
         LoRAConfig(exact_fp32="yes")
 
 
-def _qlora_llama(dora: bool):
-    model = quantize_model(make_tiny_llama(num_layers=2), compute_dtype=torch.float32)
+def _qlora_llama(dora: bool, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    model = quantize_model(make_tiny_llama(num_layers=2).to(device, compute_dtype), compute_dtype=compute_dtype)
     inject(model, LoRAConfig(r=4, alpha=8, use_dora=dora))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -158,21 +158,44 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("dora", [False, True])
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_hf_gradient_checkpointing_gives_the_same_gradients(dora, reentrant, torch_mode):
-    model = _qlora_llama(dora)
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+def _check_checkpointing(model, ids, reentrant: bool, rtol: float, atol: float, **options):
     model.train()
     loss_ref, grads_ref = _loss_and_grads(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, reentrant, **options)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if reentrant:  # the frozen embedding's output must carry grad into re-entrant checkpointed blocks
         model.enable_input_require_grads()
     loss, grads = _loss_and_grads(model, ids)
     torch.testing.assert_close(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and grads
     for k in grads:
-        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_gives_the_same_gradients(dora, reentrant, torch_mode):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    _check_checkpointing(_qlora_llama(dora), ids, reentrant, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_hf_checkpointing_of_every_second_layer_gives_the_same_gradients(dora, torch_mode):
+    """Newer transformers checkpoint every n-th decoder layer only (``every_n_layers``): the fused layers run both
+    checkpointed and not in one model."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    _check_checkpointing(_qlora_llama(dora), ids, False, 1e-5, 1e-6, every_n_layers=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dora", [False, True])
+def test_hf_checkpointing_with_offloaded_activations_gives_the_same_gradients(dora):
+    """``offload=True`` (newer transformers) keeps what the checkpointed layers save in pinned host memory and
+    copies it back for backward: the fused QLoRA / QDoRA functions see copies of their saved input, not the
+    caller's tensor. bf16 compute with fp32 adapters, the default on a GPU. (On a CPU-only torch transformers
+    itself fails there: pinned memory needs an accelerator.)"""
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    _check_checkpointing(_qlora_llama(dora, torch.bfloat16, "cuda"), ids, False, 1e-2, 1e-3, offload=True)
 
 
 @pytest.mark.parametrize("dora", [False, True])

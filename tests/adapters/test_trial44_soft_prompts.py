@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import disable_checkpointing, enable_checkpointing, make_tiny_llama
 
 from alignlab.adapters import PrefixTuningConfig, PromptTuningConfig, disabled, inject
 
@@ -56,7 +56,7 @@ def test_prompt_tuning_on_bert_equals_peft():
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_prefix_tuning_under_gradient_checkpointing_is_refused_clearly(use_reentrant):
     model = inject(make_tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_checkpointing(model, use_reentrant)
     model.enable_input_require_grads()
     model.train()
     # the checkpointed layers would drop the cache holding the prefixes (a shape error in attention before)
@@ -68,7 +68,7 @@ def test_prefix_tuning_under_gradient_checkpointing_is_refused_clearly(use_reent
     model.eval()
     with torch.no_grad():
         checkpointed = model(input_ids=IDS, attention_mask=MASK).logits
-    model.gradient_checkpointing_disable()
+    disable_checkpointing(model)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, checkpointed)
     model.train()
