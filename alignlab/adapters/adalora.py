@@ -59,7 +59,7 @@ class AdaLoRALinear(AdapterLayer):
         adapter_name: name of the first adapter.
     Raises:
         TypeError/ValueError: not a linear base, a rank that is not an int ``>= 0`` (a pruned layer may hold 0),
-            an unknown init, a dropout outside ``[0, 1)``, a ``scaling`` that is not a finite number.
+            an unknown init, a dropout outside ``[0, 1)``, a ``scaling`` that is not a finite non-zero number.
     """
 
     mergeable = True

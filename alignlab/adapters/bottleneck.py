@@ -55,6 +55,10 @@ def _check_fusion_adapters(adapters) -> list[str]:
     return list(adapters)
 
 
+# why scaling = 0 is refused (BottleneckLayer and BottleneckConfig)
+_ZERO_SCALING = "the adapter output is multiplied by it, so with 0 the adapter adds nothing and its weights get no gradient"
+
+
 class FusionLayer(nn.Module):
     """Attention over adapter outputs at one block (see the module docstring).
 
@@ -96,7 +100,7 @@ class BottleneckLayer(AdapterLayer):
         adapter_name: name of the first adapter.
     Raises:
         ValueError: ``hidden`` or ``bottleneck`` not a positive int, an unknown non-linearity, a ``scaling`` that is
-            NaN or infinite.
+            NaN, infinite or 0.
         TypeError: ``parallel`` is neither a bool nor a NumPy bool; ``scaling`` not a real number.
     """
 
@@ -132,7 +136,7 @@ class BottleneckLayer(AdapterLayer):
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
-        scaling = check_nonzero_number(scaling, "scaling", "the adapter output is multiplied by it, so with 0 the adapter adds nothing and its weights get no gradient")  # NaN would reach every output
+        scaling = check_nonzero_number(scaling, "scaling", _ZERO_SCALING)  # NaN would reach every output
         dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)
@@ -223,7 +227,7 @@ class BottleneckConfig:
         hidden_size: block width; default ``model.config.hidden_size``.
     Raises:
         ValueError: ``reduction_factor`` not a positive number or larger than the hidden size,
-            unknown placement or non-linearity, a NaN or infinite ``scaling``, a ``hidden_size`` that is not a
+            unknown placement or non-linearity, a NaN, infinite or zero ``scaling``, a ``hidden_size`` that is not a
             positive int, no hidden size available, a default placement block the model lacks.
         TypeError: ``scaling`` is not a real number.
     """
@@ -246,7 +250,7 @@ class BottleneckConfig:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
-        self.scaling = check_nonzero_number(self.scaling, "scaling", "the adapter output is multiplied by it, so with 0 the adapter adds nothing and its weights get no gradient")
+        self.scaling = check_nonzero_number(self.scaling, "scaling", _ZERO_SCALING)
         if self.hidden_size is not None:  # 2.7 reached int() in prepare (a 2-wide block), "4096" a comparison
             if not is_int(self.hidden_size) or self.hidden_size < 1:
                 raise ValueError(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")

@@ -46,6 +46,10 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+# why d_initial = 0 is refused (VeRALinear and VeRAConfig)
+_ZERO_D = "b starts at 0, so with d = 0 too the adapter adds nothing and neither vector gets a gradient, ever"
+
+
 class VeRAProjections(nn.Module):
     """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``).
 
@@ -75,7 +79,7 @@ class VeRALinear(AdapterLayer):
         adapter_name: name of the first adapter.
     Raises:
         TypeError/ValueError: not a linear base, projections too small, a rank that is not a positive int, a
-            dropout outside ``[0, 1)``, a ``d_initial`` that is not a finite number (the checks of
+            dropout outside ``[0, 1)``, a ``d_initial`` that is not a finite non-zero number (the checks of
             :class:`VeRAConfig`, so a layer built by hand is held to them too).
     """
 
@@ -94,7 +98,7 @@ class VeRALinear(AdapterLayer):
         self._check_new_adapter(name)
         r = check_positive_int(r, "r")
         dropout = check_dropout(dropout)
-        d_initial = check_nonzero_number(d_initial, "d_initial", "b starts at 0, so with d = 0 too the adapter adds nothing and neither vector gets a gradient, ever")
+        d_initial = check_nonzero_number(d_initial, "d_initial", _ZERO_D)
         if projections.A.shape[1] < self.in_features or projections.B.shape[0] < self.out_features or projections.A.shape[0] < r:
             raise ValueError(f"shared projections A{tuple(projections.A.shape)}, B{tuple(projections.B.shape)} are too small "
                              f"for a ({self.out_features}, {self.in_features}) layer of rank {r}")
@@ -144,7 +148,7 @@ class VeRAConfig:
         modules_to_save: modules trained in full next to the vectors, as in ``LoRAConfig``.
     Raises:
         TypeError/ValueError: non-positive rank, bad dropout, a ``d_initial`` that is not a finite
-            number, a ``projection_prng_key`` that is not an int in ``[-2⁶³, 2⁶⁴)``, malformed targets.
+            non-zero number, a ``projection_prng_key`` that is not an int in ``[-2⁶³, 2⁶⁴)``, malformed targets.
     """
 
     peft_type = "VERA"
@@ -161,7 +165,7 @@ class VeRAConfig:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.r = check_positive_int(self.r, "r")
         self.dropout = check_dropout(self.dropout)
-        self.d_initial = check_nonzero_number(self.d_initial, "d_initial", "b starts at 0, so with d = 0 too the adapter adds nothing and neither vector gets a gradient, ever")
+        self.d_initial = check_nonzero_number(self.d_initial, "d_initial", _ZERO_D)
         self.projection_prng_key = _check_seed(self.projection_prng_key, "projection_prng_key")
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
