@@ -71,6 +71,17 @@ def check_positive_int(value, arg: str) -> int:
     return int(value)
 
 
+def check_count(value, arg: str) -> int:
+    """``value`` as a Python int >= 1 (NumPy ints accepted). ``TypeError`` naming ``arg`` unless it is a real number
+    (a str, None, a bool is not: the wrong kind of thing), ``ValueError`` unless it is an int >= 1 (0 or 2.5 is a
+    number, but no count)."""
+    if not is_real(value):
+        raise TypeError(f"{arg}: expected an int >= 1, got {value!r}")
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
+    return int(value)
+
+
 def as_bool(value, arg: str) -> bool:
     """``value`` as a Python bool: a bool or a NumPy bool (``np.bool_``, from a sweep or an array comparison).
 

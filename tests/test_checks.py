@@ -45,3 +45,17 @@ def test_user_path_expands_the_home_folder_and_names_the_argument(tmp_path, monk
     assert user_path("~" + os.sep, "path") == tmp_path
     with pytest.raises(TypeError, match="out_dir must be a str or os.PathLike, got NoneType"):
         user_path(None, "out_dir")
+
+
+def test_check_count_types_then_values():
+    """The count check ``reward_model_fn`` / ``RewardGuidedLogitsProcessor`` / ``reward_scores`` share: no number at
+    all is a TypeError naming the argument, a number that is no int >= 1 a ValueError; NumPy ints pass as ints."""
+    from alignlab._checks import check_count
+
+    assert check_count(np.int64(3), "top_k") == 3 and type(check_count(np.int64(3), "top_k")) is int
+    for bad in ("3", None, True, np.bool_(True), torch.tensor(3)):
+        with pytest.raises(TypeError, match="batch_size: expected an int >= 1"):
+            check_count(bad, "batch_size")
+    for bad in (0, -2, 2.5, 2.0, float("nan"), np.float64(2.0)):
+        with pytest.raises(ValueError, match="top_k: expected an int >= 1"):
+            check_count(bad, "top_k")

@@ -23,7 +23,6 @@ keeps the plain top-:math:`k` logits (the reward says nothing there) and a
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -31,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignlab._checks import check_token_id, is_int
+from alignlab._checks import check_count, check_token_id, is_real
 from alignlab.eval.reward import reward_scores
 
 __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_fn"]
@@ -40,19 +39,10 @@ __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_
 def _check_weight(weight, expected: str, minimum: float | None = None) -> None:
     """``TypeError`` naming ``weight`` unless it is a real number (a bool, a str or None is not), ``ValueError``
     unless it is finite (and >= ``minimum``)."""
-    if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+    if not is_real(weight):
         raise TypeError(f"weight: expected {expected}, got {weight!r}")
     if not math.isfinite(weight) or (minimum is not None and weight < minimum):
         raise ValueError(f"weight: expected {expected}, got {weight!r}")
-
-
-def _check_count(value, arg: str) -> None:
-    """``TypeError`` naming ``arg`` unless ``value`` is a real number (a str, None, a bool is not), ``ValueError``
-    unless it is an int >= 1 (2.5 is a number, but no count)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{arg}: expected an int >= 1, got {value!r}")
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
 
 
 def reward_guided_logits(
@@ -153,7 +143,7 @@ def reward_model_fn(
     """
     # 1.5 matched no token: the prompts' left padding was scored by the reward model
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)
-    _check_count(batch_size, "batch_size")
+    batch_size = check_count(batch_size, "batch_size")
     config = getattr(model, "config", None)
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
@@ -205,13 +195,13 @@ class RewardGuidedLogitsProcessor:
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
-        _check_count(top_k, "top_k")  # NumPy ints too; a bool is no count
+        top_k = check_count(top_k, "top_k")  # NumPy ints too; a bool is no count
         _check_weight(weight, "a finite number >= 0", minimum=0)
         if nan not in ("lose", "raise"):
             raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
         self.reward_fn = reward_fn
         self.weight = weight
-        self.top_k = int(top_k)
+        self.top_k = top_k
         self.nan = nan
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import check_token_id, is_int, is_real
+from alignlab._checks import check_count, check_token_id, is_int, is_real
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["reward_scores"]
@@ -97,10 +97,7 @@ def reward_scores(
             number at all (a str, a bool; None too for ``batch_size``, while it is ``label_index``'s default).
     """
     # the wrong kind of thing (a str, None, a bool) is a TypeError, a number that is no count a ValueError
-    if not is_real(batch_size):
-        raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    batch_size = check_count(batch_size, "batch_size")
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)  # 1.5 was padded as 1
     if label_index is not None and not is_real(label_index):  # True would pick column 1
         raise TypeError(f"label_index: expected None or an int, got {label_index!r}")
