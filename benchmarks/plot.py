@@ -250,6 +250,7 @@ def plot_all(results: Path, out: Path) -> list[Path]:
 
     Raises:
         ValueError: ``results`` is not a folder or holds no ``*.json``.
+        TypeError: ``results`` or ``out`` is not a str or ``os.PathLike``.
     """
     results, out = user_path(results, "results"), user_path(out, "out")
     if not results.is_dir():

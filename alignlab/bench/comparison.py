@@ -214,7 +214,7 @@ class Comparison:
 
         Raises:
             ImportError: matplotlib is not installed (``pip install alignlab[plot]``).
-            ValueError: no contestant succeeded (nothing to draw).
+            ValueError: no contestant succeeded (nothing to draw), or ``path`` is a folder.
             TypeError: ``path`` is neither None, a str nor an ``os.PathLike``.
         """
         if path is not None:

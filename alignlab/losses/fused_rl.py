@@ -377,12 +377,14 @@ def fused_linear_grpo(
 
     Raises:
         TypeError: non-float hidden/weight/``ref_hidden``/``ref_weight``, integer ids of the wrong kind, dtype
-            mismatches, a ``bias``/``ref_bias`` that is not a tensor, ``compute_entropy`` not a bool.
+            mismatches, a ``bias``/``ref_bias`` that is not a tensor, ``compute_entropy`` not a bool; a per-token
+            input (``old_logprobs``, ``sampling_logprobs``, ``ref_logprobs``, per-token ``advantages``) or a
+            ``completion_mask`` that is not a tensor (as :func:`~alignlab.losses.reward.grpo_loss`).
         ValueError: bad shapes (``ref_weight``, ``bias`` and ``ref_bias`` included), tensors off ``hidden``'s device,
             unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``, ``ref_weight``/``ref_bias``
             without ``ref_hidden``, ids outside ``[0, vocab)`` of the policy's or the reference's head,
             ``temperature <= 0``, a bad ``cu_seqlens``, a ``completion_mask`` holding anything but bools or 0/1
-            (a 2 or a 0.5: it selects tokens, it does not weigh them).
+            (a 2 or a 0.5: it selects tokens, it does not weigh them), a per-token input that is not floating-point.
     """
     # ---- checks -------------------------------------------------------------------------------------------
     for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight)):
