@@ -19,7 +19,7 @@ Also the host cost of one adapted NF4 linear call (``--host``): median wall time
 and one forward + backward, at M = 1 and M = 2048 rows, against a bf16 ``nn.Linear`` call and a
 bitsandbytes + PEFT one.
 
-Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile [--compile-mode reduce-overhead]] [--host]
+Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile [--compile-mode reduce-overhead]] [--host] [--wide-k]
 [--out PATH]`` on a CUDA machine.
 """
 
@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from host_overhead import per_call_us  # noqa: E402
 
-from alignlab.adapters import LoRAConfig, inject  # noqa: E402
+from alignlab.adapters import LoRAConfig, fused, inject  # noqa: E402
 from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.quant import quantize_model  # noqa: E402
 
@@ -165,7 +165,7 @@ def run_steps(model, ids, warmup: int, steps: int, compiled: bool, compile_mode:
                 first_loss=losses[0].item(), last_loss=losses[-1].item())
 
 
-def contestants(base, which: list[str]):
+def contestants(base, which: list[str], wide_k: bool = False):
     table = {
         "floor (bf16, frozen)": lambda: floor_model(base),
         "alignlab QLoRA, defaults": lambda: alignlab_model(base, False, None),
@@ -176,6 +176,9 @@ def contestants(base, which: list[str]):
         "alignlab QDoRA, bf16 adapters": lambda: alignlab_model(base, True, torch.bfloat16),
         "PEFT + bnb QDoRA, defaults": lambda: peft_bnb_model(base, True, torch.float32),
     }
+    if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K on (see main)
+        table["alignlab QLoRA, defaults, wide K"] = table["alignlab QLoRA, defaults"]
+        table["alignlab QDoRA, defaults, wide K"] = table["alignlab QDoRA, defaults"]
     return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
 
 
@@ -285,18 +288,23 @@ def main():
                         help="per-contestant profile of one eager step: GPU busy time and the top kernels")
     parser.add_argument("--host-profile", action="store_true", help="cProfile of one adapted layer's calls")
     parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
+    parser.add_argument("--wide-k", action="store_true",
+                        help="also the alignlab default rows with the adapter term inside the NF4 base's GEMM "
+                             "(alignlab.adapters.fused.WIDE_K, off by default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
     base = llama8b_stack(args.layers)
+    wide_default = fused.WIDE_K  # ALIGNLAB_LORA_WIDE_K
     modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
     results = []
     for compiled in modes:
         for batch in args.batches:
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(batch))
-            for name, build in contestants(base, args.which).items():
+            for name, build in contestants(base, args.which, args.wide_k).items():
+                fused.WIDE_K = wide_default or name.endswith("wide K")
                 model = build()
                 if compiled:
                     torch._dynamo.reset()

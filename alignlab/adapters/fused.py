@@ -39,6 +39,8 @@ raises ``RuntimeError`` (``exact_fp32=True`` takes the unfused path). ``torch.fu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from alignlab.quant.nf4 import NF4Tensor
@@ -47,6 +49,10 @@ __all__ = ["lora_linear", "dora_linear", "functorch_active"]
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+# The rank-r term inside an NF4 base's GEMM, by widening its reduction dimension by r (see _widen): off by default
+# until a GPU run of benchmarks/adapter_epilogue.py and qlora_step.py says where it wins (ALIGNLAB_LORA_WIDE_K=1 on)
+WIDE_K = os.environ.get("ALIGNLAB_LORA_WIDE_K", "0") != "0"
+WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened form costs one launch more
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -122,6 +128,58 @@ def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = N
     return (g * row_scale.to(g.dtype)) @ weight
 
 
+def _widen(weight, rows: int, copied: int, output: int, r: int) -> bool:
+    """Whether the adapter term enters an NF4 base's GEMM by a reduction dimension widened by ``r`` (``WIDE_K``)::
+
+        forward   y  = [x | s·x Aᵀ] [W | B]ᵀ       instead of  y = x Wᵀ,  then y += (s·x Aᵀ) Bᵀ
+        backward  dx = [dy | s·dy B] [W ; A]       instead of  dx = dy W, then dx += (s·dy B) A
+
+    The second form's ``addmm_`` reads and writes the whole ``(rows, output)`` result once more; the first copies
+    the ``(rows, copied)`` operand instead (``torch.cat``), and the widened weight is the dequantization's
+    temporary anyway (written into the first columns / rows of a wider buffer, the ``r`` adapter columns / rows
+    copied after). So it moves fewer bytes where the copied operand is narrower than the output: forward of
+    up-projections (gate / up), backward of down-projections (k / v / down); one launch more per call. ``r`` a
+    multiple of 8 keeps the widened rows 16-byte aligned for the GEMM."""
+    return (WIDE_K and rows >= WIDE_K_MIN_ROWS and copied < output and r % 8 == 0 and isinstance(weight, NF4Tensor)
+            and rows > _small_m())
+
+
+def _small_m() -> int:
+    from alignlab.kernels.nf4_matmul import SMALL_M
+
+    return SMALL_M
+
+
+def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.Tensor,
+                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x2 Wᵀ) ⊙ row_scale (+ bias) + xa bᵀ`` as a fresh ``(tokens, out)`` tensor: the base GEMM, then the
+    rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`)."""
+    n_in, r = x2.shape[1], xa.shape[1]
+    if _widen(weight, x2.shape[0], n_in, b.shape[0], r) and n_in % weight.blocksize == 0:
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
+        wk = x2.new_empty(b.shape[0], n_in + r)
+        nf4_dequant(weight, x2.dtype, None if row_scale is None else row_scale.float(), out=wk[:, :n_in])
+        wk[:, n_in:].copy_(b)
+        xk = torch.cat((x2, xa), 1)
+        return xk @ wk.T if bias is None else torch.addmm(bias.to(x2.dtype), xk, wk.T)
+    return _base_forward(x2, weight, bias, row_scale).addmm_(xa, b.T)
+
+
+def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tensor,
+                        row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the two forms of :func:`_widen`)."""
+    n_out, r = g.shape[1], gb.shape[1]
+    if _widen(weight, g.shape[0], n_out, a.shape[1], r):
+        from alignlab.kernels.nf4_dequant import nf4_dequant
+
+        wk = g.new_empty(n_out + r, a.shape[1])
+        nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float(), out=wk[:n_out])
+        wk[n_out:].copy_(a)
+        return torch.cat((g, gb), 1) @ wk
+    return _base_input_grad(g, weight, row_scale).addmm_(gb, a)
+
+
 def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, cast):
     x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
     if cast is not None:  # the caller's cached casts of a and b (LoRALinear keeps them per parameter version)
@@ -135,8 +193,7 @@ def _lora_out(x2: torch.Tensor, weight, bias, ac: torch.Tensor, bc: torch.Tensor
     ``s`` goes into the first GEMM's ``alpha``: backward's ``∂L/∂B = ∂L/∂yᵀ (s·x Aᵀ)`` then needs no
     scaling pass either."""
     xa = _scaled_mm(x2, ac.T, scale)
-    y = _base_forward(x2, weight, bias)
-    return y.addmm_(xa, bc.T), xa
+    return _adapted_forward(x2, weight, bias, xa, bc), xa
 
 
 class _LoRAFn(torch.autograd.Function):
@@ -256,7 +313,7 @@ def _lora_backward(ctx, gy):
     gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
     dx = dw = dbias = da = db = None
     if ctx.needs_input_grad[0]:
-        dx = _to(_base_input_grad(g, weight).addmm_(gb, ac).view(ctx.x_shape), ctx.x_dtype)
+        dx = _to(_adapted_input_grad(g, weight, gb, ac).view(ctx.x_shape), ctx.x_dtype)
     if ctx.needs_input_grad[1]:
         dw = (g.T @ x2).to(dense_w.dtype)
     if ctx.needs_input_grad[2]:
@@ -280,8 +337,7 @@ def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dty
         factors = dora_scales(norm, magnitude, b, scale, dtype)
     g, gs, bgs = factors
     xa = x2 @ ac.T
-    y = _base_forward(x2, weight, bias, g)
-    return y.addmm_(xa, bgs.T), xa, g, gs, bgs
+    return _adapted_forward(x2, weight, bias, xa, bgs, g), xa, g, gs, bgs
 
 
 class _DoRAFn(torch.autograd.Function):
@@ -338,7 +394,7 @@ def _dora_backward(ctx, gy):
     gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
     dx = dw = dbias = da = db = dm = None
     if ctx.needs_input_grad[0]:
-        dx = _to(_base_input_grad(gy, weight, g).addmm_(gb, ac).view(ctx.x_shape), ctx.x_dtype)
+        dx = _to(_adapted_input_grad(gy, weight, gb, ac, g).view(ctx.x_shape), ctx.x_dtype)
     if ctx.needs_input_grad[1]:
         dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
     if ctx.needs_input_grad[2]:

@@ -103,13 +103,15 @@ if triton is not None:
     @triton.jit
     def _nf4_dequant_kernel(
         data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, row_scale_ptr, out_ptr,
-        n_elements, n_bytes, n_cols,
+        n_elements, n_bytes, n_cols, out_stride,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        ROW_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, NBLK: tl.constexpr,
+        ROW_SCALE: tl.constexpr, BLOCK_ROWS: tl.constexpr, NBLK: tl.constexpr, STRIDED: tl.constexpr,
     ):
         """One ``(NBLK, BLOCKSIZE / 2)`` tile of packed bytes: NBLK whole quantization blocks, so each block's
         scale is loaded once and broadcast. ``BLOCK_ROWS``: every block lies in one row (``n_cols`` a multiple
-        of ``BLOCKSIZE``), so the row scale is looked up per block too; else per value."""
+        of ``BLOCKSIZE``), so the row scale is looked up per block too; else per value. ``STRIDED`` (only with
+        blocks in one row): output rows start ``out_stride`` elements apart (a view of a wider buffer), the row of
+        each block found once per block."""
         HB: tl.constexpr = BLOCKSIZE // 2
         rb = tl.program_id(0).to(tl.int64) * NBLK + tl.arange(0, NBLK)
         offs = rb[:, None] * HB + tl.arange(0, HB)[None, :]
@@ -133,8 +135,13 @@ if triton is not None:
                 lo *= tl.load(row_scale_ptr + (offs * 2 + 1) // n_cols, mask=(offs * 2 + 1) < n_elements,
                               other=0.0)
         vals = tl.join(hi, lo).reshape(NBLK, BLOCKSIZE)
-        out_offs = rb[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
+        flat = rb[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        if STRIDED:
+            row = (rb * BLOCKSIZE) // n_cols
+            out_offs = (row * out_stride + rb * BLOCKSIZE - row * n_cols)[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+        else:
+            out_offs = flat
+        tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=flat < n_elements)
 
 
 def _state_args(t: NF4Tensor) -> tuple:
@@ -174,18 +181,23 @@ def _call(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, bloc
     block = block or (256 if interp else 2048)
     nblk = 1 << (max(1, block // (t.blocksize // 2)).bit_length() - 1)  # a power of two (tl.arange)
     n_cols = t.shape[-1] if len(t.shape) else 1  # a 0-d weight: one row of one value
-    args = (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(), n_cols)
+    # a 2-D view whose rows lie further apart than n_cols (a column slice of a wider buffer; the caller checked
+    # that every block lies in one row)
+    stride = out.stride(0) if out.dim() == 2 else n_cols
+    strided = stride != n_cols and out.shape[0] > 1
+    args = (*_state_args(t), row_scale if row_scale is not None else t.data, out, t.numel, t.data.numel(), n_cols,
+            stride)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
                 HAS_SHIFT=t.shift is not None, ROW_SCALE=row_scale is not None,
                 BLOCK_ROWS=row_scale is not None and n_cols % t.blocksize == 0, NBLK=nblk,
-                num_warps=num_warps or (4 if interp else 2))
+                STRIDED=strided, num_warps=num_warps or (4 if interp else 2))
     return out, (cdiv(t.num_blocks, nblk),), args, meta
 
 
 def _launch_dequant(t: NF4Tensor, dtype: torch.dtype, row_scale: torch.Tensor | None, *, block: int | None = None,
-                    num_warps: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel (``block`` and ``num_warps`` as in :func:`_call`; the keywords are for benchmarks)."""
-    out, grid, args, meta = _call(t, dtype, row_scale, block, num_warps)
+    out, grid, args, meta = _call(t, dtype, row_scale, block, num_warps, out)
     launch(_nf4_dequant_kernel, grid, args, meta)
     return out
 
@@ -223,7 +235,8 @@ def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
     return make
 
 
-def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize an :class:`~alignlab.quant.nf4.NF4Tensor` to ``dtype`` (default: its original dtype).
 
     With ``row_scale`` (fp32, ``(out_features,)``, for a 2-D weight) row ``i`` comes out
@@ -232,17 +245,28 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     that requires grad (under grad mode) is applied after the dequantization instead, so that the
     result is differentiable in it on every path.
 
+    ``out``: a tensor of ``t``'s shape and ``dtype`` on its device to write into (and return) instead of a new
+    one; for a 2-D weight it may be a view whose rows lie further apart (``out.stride(1) == 1``), e.g. the first
+    columns of a wider buffer, written in the same one pass where every quantization block lies in one row
+    (``in_features % blocksize == 0``), else through a temporary. Not with a ``row_scale`` that requires grad.
+
     Runs the Triton kernel when :func:`~alignlab.kernels.dispatch.use_triton` allows,
     else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
 
     Raises:
-        TypeError: ``t`` is not an NF4Tensor, ``dtype`` is not fp32 / fp16 / bf16, or ``row_scale`` is not an
-            fp32 tensor.
-        ValueError: ``row_scale`` is not ``(out_features,)`` for a 2-D weight.
+        TypeError: ``t`` is not an NF4Tensor, ``dtype`` is not fp32 / fp16 / bf16, ``row_scale`` is not an
+            fp32 tensor, or ``out`` is not a tensor of ``dtype``.
+        ValueError: ``row_scale`` is not ``(out_features,)`` for a 2-D weight; ``out`` is not of ``t``'s shape, on
+            its device, with unit column stride, or is given with a ``row_scale`` that requires grad.
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
     dtype = output_dtype(t, dtype)
+    if out is not None:
+        _check_out(t, dtype, out, row_scale)
+        rows_apart = len(t.shape) == 2 and t.shape[0] > 1 and out.stride(0) != t.shape[1]
+        if rows_apart and not (t.shape[1] % t.blocksize == 0 and triton is not None and use_triton(t.data)):
+            return out.copy_(nf4_dequant(t, dtype, row_scale))  # the kernel's strided store needs blocks in rows
     if row_scale is not None:
         if not isinstance(row_scale, torch.Tensor):
             raise TypeError(f"row_scale must be a float32 tensor, got {type(row_scale).__name__}")
@@ -254,7 +278,25 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     if row_scale is not None and wants_grad(row_scale):  # the kernel's product has no graph: scale after it
         return (nf4_dequant(t, torch.float32) * row_scale[:, None]).to(dtype)
     if triton is not None and use_triton(t.data):
-        return _launch_dequant(t, dtype, None if row_scale is None else row_scale.contiguous())
+        return _launch_dequant(t, dtype, None if row_scale is None else row_scale.contiguous(), out=out)
     if row_scale is None:
-        return nf4_dequantize(t, dtype)
-    return (nf4_dequantize(t, torch.float32) * row_scale[:, None]).to(dtype)
+        w = nf4_dequantize(t, dtype)
+    else:
+        w = (nf4_dequantize(t, torch.float32) * row_scale[:, None]).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def _check_out(t: NF4Tensor, dtype: torch.dtype, out, row_scale) -> None:
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype:
+        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"out must be a {dtype} tensor, got {got}")
+    if tuple(out.shape) != tuple(t.shape) or out.device != t.data.device:
+        raise ValueError(f"out must have the weight's shape {tuple(t.shape)} on {t.data.device}, got "
+                         f"{tuple(out.shape)} on {out.device}")
+    if (out.dim() and out.stride(-1) != 1) or (out.dim() == 2 and out.shape[0] > 1 and out.stride(0) < out.shape[1]):
+        raise ValueError(f"out must have unit column stride and rows at least {t.shape[-1]} elements apart, got "
+                         f"strides {out.stride()}")
+    if out.dim() > 2 and not out.is_contiguous():
+        raise ValueError(f"out must be contiguous for a {out.dim()}-D weight, got strides {out.stride()}")
+    if row_scale is not None and wants_grad(row_scale):
+        raise ValueError("out cannot be given with a row_scale that requires grad (the result must keep its graph)")

@@ -141,3 +141,40 @@ def test_row_scale_that_requires_grad_gets_its_gradient(kernel_mode):
     up = torch.randn(5, 64)
     (grad,) = torch.autograd.grad(out, rs, up)
     torch.testing.assert_close(grad, (up * dense).sum(1))
+
+
+@pytest.mark.parametrize("shape,blocksize", [((5, 128), 64), ((3, 96), 32), ((4, 100), 64), ((1, 64), 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_dequant_into_a_view_of_a_wider_buffer(shape, blocksize, dtype, scaled, kernel_mode, kernel_device):
+    """``out=`` writes the weight into the first columns or rows of a larger buffer (the widened GEMM operands of
+    the fused LoRA path) and nothing else: in one strided pass where blocks lie in rows, through a temporary
+    where they do not ((4, 100)); values bit for bit those of a plain dequantization."""
+    g = torch.Generator().manual_seed(3)
+    t = nf4_quantize(torch.randn(*shape, generator=g), blocksize=blocksize, double_quant=True).to(kernel_device)
+    rs = (torch.rand(shape[0], generator=g) + 0.5).to(kernel_device) if scaled else None
+    ref = nf4_dequant(t, dtype, rs)
+    n, k = shape
+    wide = torch.full((n, k + 24), 7.0, dtype=dtype, device=kernel_device)
+    for view, rest in ((wide[:, :k], wide[:, k:]), (wide[:, 24:], wide[:, :24])):
+        wide.fill_(7.0)
+        got = nf4_dequant(t, dtype, rs, out=view)
+        assert got.data_ptr() == view.data_ptr() and torch.equal(view, ref)
+        assert bool((rest == 7).all())
+    tall = torch.full((n + 5, k), 7.0, dtype=dtype, device=kernel_device)
+    nf4_dequant(t, dtype, rs, out=tall[:n])
+    assert torch.equal(tall[:n], ref) and bool((tall[n:] == 7).all())
+
+
+def test_dequant_out_is_checked():
+    t = nf4_quantize(torch.randn(4, 64), blocksize=64)
+    with pytest.raises(TypeError, match="out must be a torch.float16 tensor"):
+        nf4_dequant(t, torch.float16, out=torch.empty(4, 64))
+    with pytest.raises(TypeError, match="out must be"):
+        nf4_dequant(t, torch.float32, out=[[0.0] * 64] * 4)
+    with pytest.raises(ValueError, match=r"out must have the weight's shape \(4, 64\)"):
+        nf4_dequant(t, torch.float32, out=torch.empty(4, 65))
+    with pytest.raises(ValueError, match="unit column stride"):
+        nf4_dequant(t, torch.float32, out=torch.empty(64, 4).T)
+    with pytest.raises(ValueError, match="requires grad"):
+        nf4_dequant(t, torch.float32, torch.ones(4, requires_grad=True), out=torch.empty(4, 64))
