@@ -20,7 +20,8 @@ counts differing elements and checks that every one of them sits on such a tie.
     python benchmarks/merging.py --layers 2         # quick run (~0.4 GB)
 
 Writes ``benchmarks/results/merging.json``. Disk use: ~7x the checkpoint size
-at peak; everything under ``--workdir`` is deleted at the end unless ``--keep``.
+at peak; everything under ``--workdir`` is deleted at the end unless ``--keep``. An existing ``--workdir`` must
+be empty or one this script made (a kept one): any other folder is refused, not deleted.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKDIR_MARKER = ".alignlab_merging_bench"  # marks a --workdir this script made, so a rerun may delete it
 sys.path.insert(0, str(ROOT))
 
 from alignlab.bench import write_json  # noqa: E402
@@ -231,9 +233,14 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(os.path.expanduser(args.workdir))  # "~/w" was ./~/w here but the home folder to alignlab.merging
+    # the workdir is deleted at the start and at the end: only one this script made (its marker file) or an empty one
+    if work.exists() and not (work / WORKDIR_MARKER).is_file() and (not work.is_dir() or any(work.iterdir())):
+        ap.error(f"--workdir {args.workdir!r} exists and holds files this benchmark did not write; it deletes its "
+                 "workdir, so give a new or empty folder")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / WORKDIR_MARKER).write_text("made by benchmarks/merging.py; deleted with this folder\n")
     results = {
         "benchmark": "merging", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
