@@ -34,8 +34,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """Whether adapters of the linear families can wrap ``module``: ``nn.Linear``, a quantized
-    linear (e.g. ``NF4Linear``) or ``transformers``' ``Conv1D``."""
+    linear (e.g. ``NF4Linear``) or ``transformers``' ``Conv1D`` (or an adapter layer that passes such a
+    base's weight through, see :func:`weight_holder`)."""
+    module = weight_holder(module)
     return isinstance(module, nn.Linear) or is_quantized(module) or is_conv1d(module)
+
+
+def weight_holder(base: nn.Module) -> nn.Module:
+    """The module holding the weight an adapter over ``base`` reads and writes: ``base`` itself, or the linear
+    inside an adapter layer that passes its base's weight through (``passes_base_weight``: trainable token rows
+    under a LoRA on a tied output head, as PEFT nests them)."""
+    while isinstance(base, AdapterLayer) and base.passes_base_weight:
+        base = base.base_layer
+    return base
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
@@ -61,8 +72,10 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     ``nn.Linear`` returns its parameter; a quantized base (e.g. ``NF4Linear``) returns a
     dequantized temporary through its ``dequantize()`` method; a ``Conv1D`` (weight stored
     ``(in, out)``) returns a contiguous transposed copy (a temporary too: write back with
-    :func:`set_dense_weight_`).
+    :func:`set_dense_weight_`). Through an adapter layer that passes its base's weight, that base's
+    (:func:`weight_holder`).
     """
+    base = weight_holder(base)
     if hasattr(base, "dequantize"):
         return base.dequantize()
     if is_conv1d(base):
@@ -96,6 +109,7 @@ def is_quantized(base: nn.Module) -> bool:
 def set_dense_weight_(base: nn.Module, weight: torch.Tensor) -> None:
     """Write a dense ``(out, in)`` weight back into the base (re-quantizing a quantized base,
     transposing into a ``Conv1D``'s ``(in, out)`` storage)."""
+    base = weight_holder(base)
     if is_quantized(base):
         base.load_dense_weight_(weight)
     else:
@@ -130,6 +144,9 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     #: subclasses that wrap a single linear map set this; other bases then raise ``TypeError``
     linear_base = False
+    #: a layer another adapter may wrap in place of its linear base, reading and writing that base's weight
+    #: (see :func:`weight_holder`)
+    passes_base_weight = False
     #: the per-adapter containers, ``{attribute: container type}``, the first holding every adapter
     adapter_stores: dict[str, type] = {}
 

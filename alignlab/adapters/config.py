@@ -45,7 +45,8 @@ class LoRAConfig:
             creates (default False: autocast semantics, the fast path; see ``LoRALinear``).
         trainable_token_indices: train only these rows of the input embedding (a list of token ids) or
             of named modules (``{"embed_tokens": [ids]}``), e.g. new special tokens; a tied output head
-            shares the rows (PEFT's option of that name; see :mod:`alignlab.adapters.embedding`).
+            shares the rows, under its LoRA if it is a target too (PEFT's option of that name; see
+            :mod:`alignlab.adapters.embedding`).
         layers_to_transform / layers_pattern: PEFT's options of those names: with a list ``target_modules``, a
             module it selects by suffix is adapted only if its first numbered block (after ``layers_pattern``, e.g.
             ``"layers"``, when given) is ``layers_to_transform`` (an index or a list of them).
@@ -197,15 +198,27 @@ class LoRAConfig:
                 if module in lora:
                     raise ValueError(f"trainable_token_indices: {module!r} also gets a LoRA adapter; a module takes "
                                      "either trainable token rows or LoRA (as in PEFT)")
-                for head in set(heads) & lora:
-                    raise ValueError(f"trainable_token_indices: the head {head!r} tied to {module!r} also gets a LoRA "
-                                     "adapter, and alignlab cannot yet make its rows follow the trained ones (PEFT "
-                                     "does); leave the head out of target_modules")
+                for head in sorted(set(heads) & lora):
+                    self._check_lora_over_token_rows(head, module)
             for name in [n for module, _, heads in plan for n in (module, *heads)]:
                 inside = [s for s in saved if name == s or name.startswith(s + ".")]
                 if inside:
                     raise ValueError(f"trainable_token_indices: {name!r} is trained in full (modules_to_save "
                                      f"{inside[0]!r}); leave it out of one of the two")
+
+    def _check_lora_over_token_rows(self, head: str, embedding: str) -> None:
+        """LoRA on a head tied to an embedding with trainable token rows: the rows go under the LoRA (``logits =
+        x W'ᵀ + s·B A x``, ``W'`` the table with the trained rows), as PEFT nests them. Refused where the LoRA would
+        read the frozen table instead of ``W'`` (DoRA's weight norm, PiSSA/OLoRA's factorisation) and under
+        ``ensure_weight_tying``, which PEFT reads as "move the head's LoRA onto the embedding" (it then fails)."""
+        what = ("ensure_weight_tying=True" if self.ensure_weight_tying else "use_dora=True" if self.use_dora
+                else f"init={self.init!r}" if self.rewrites_base_weight else None)
+        if what is None:
+            return
+        raise ValueError(f"trainable_token_indices: the head {head!r} tied to {embedding!r} also gets a LoRA adapter, "
+                         f"and with {what} that is not supported (PEFT 0.21 supports LoRA on a tied head over trainable "
+                         "token rows only as plain LoRA, without ensure_weight_tying); drop that option, or leave the "
+                         "head out of target_modules")
 
     def attach(self, model: nn.Module, adapter_name: str) -> None:
         active = adapter_name in (getattr(model, "alignlab_active_adapters", None) or [])

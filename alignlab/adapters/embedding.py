@@ -22,7 +22,9 @@ so only those rows get gradients and change; the ``V - |I|`` others stay frozen 
 **Tied input / output embeddings.** With trainable rows, an output head (``nn.Linear``) whose
 weight *is* the embedding's parameter gets a tied layer sharing ``D``: its logits for the ids in
 ``I`` are ``x Dᵀ`` (plus the head's bias), so input and output stay tied through training, merging
-and saving (only the embedding's copy is written, as PEFT does). LoRA on a tied embedding changes
+and saving (only the embedding's copy is written, as PEFT does). A LoRA on such a head takes the tied layer
+under it, as PEFT nests them: ``logits = x W'ᵀ + s·B A x``, ``W'`` the table with ``D`` in its rows (merging
+writes ``D``, then ``ΔW``, into the head, untied). LoRA on a tied embedding changes
 the input side only; the head keeps computing with the frozen table (PEFT's default), and merging
 unties the two with a warning (see :func:`alignlab.adapters.merge`). With ``ensure_weight_tying``
 the head gets a :class:`TiedLoRAHead` instead: ``logits = x Eᵀ + s·(x B) A``, the embedding's own
@@ -343,6 +345,12 @@ class TrainableTokensLayer(AdapterLayer):
     keeps_ties = True  # merging writes the rows into the shared table: both tied modules should see them
     adapter_stores = {"trainable_tokens_delta": nn.ParameterDict, "token_rows": nn.ModuleDict}
 
+    @property
+    def passes_base_weight(self) -> bool:
+        """On a head: a :class:`~alignlab.adapters.lora.LoRALinear` may wrap this layer, and its merge writes into the
+        head's weight (after this layer wrote the rows there: :func:`alignlab.adapters.merge` merges it first)."""
+        return isinstance(self.base_layer, nn.Linear)
+
     def __init__(self, base: nn.Module, indices: list[int], adapter_name: str = "default",
                  tied_to: "TrainableTokensLayer | None" = None, adapter_dtype: torch.dtype | None = None) -> None:
         if not isinstance(base, (nn.Embedding, nn.Linear)):
@@ -478,6 +486,13 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, TrainableTokensLayer) else module
 
 
+def _head_base(module: nn.Module) -> nn.Module:
+    """The linear a (tied) head computes with: through a LoRA on the head and the token rows under it."""
+    from alignlab.adapters.lora import LoRALinear
+
+    return _base(module.base_layer if isinstance(module, LoRALinear) else module)
+
+
 def token_row_plan(model: nn.Module, spec, lora_targets=(), ensure_weight_tying: bool = False
                    ) -> list[tuple[str, list[int], list[str]]]:
     """``[(module name, token ids, names of the modules tied to it)]`` for ``trainable_token_indices`` = ``spec``.
@@ -543,6 +558,8 @@ def _input_embedding_name_or_none(model: nn.Module) -> str | None:
 
 
 def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
+    from alignlab.adapters.lora import LoRALinear
+
     weight = _base(modules[name]).weight
     inside = tuple(p + "." for p, m in modules.items() if p and isinstance(m, (AdapterLayer, SavedModule)))
     heads = []
@@ -553,11 +570,19 @@ def _tied_heads(modules: dict[str, nn.Module], name: str) -> list[str]:
             raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} is trained in full "
                              "(modules_to_save); leave it out of one of the two")
         # a head, or another embedding module over the same table (transformers 5's T5: encoder.embed_tokens and
-        # decoder.embed_tokens share shared.weight, and they, not shared, run in forward), as PEFT ties them
-        if isinstance(_base(m), (nn.Linear, nn.Embedding)) and _base(m).weight is weight:
-            if isinstance(m, AdapterLayer) and not isinstance(m, TrainableTokensLayer):
+        # decoder.embed_tokens share shared.weight, and they, not shared, run in forward), as PEFT ties them; a LoRA on
+        # the head takes the rows under it (PEFT nests them so)
+        base = _head_base(m)
+        if isinstance(m, AdapterLayer) and not isinstance(m, (TrainableTokensLayer, LoRALinear)):
+            base = getattr(m, "base_layer", None)
+            if isinstance(base, (nn.Linear, nn.Embedding)) and base.weight is weight:
                 raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} holds a {type(m).__name__}; "
                                  "its rows could not follow the trained token rows")
+            continue
+        if isinstance(base, (nn.Linear, nn.Embedding)) and base.weight is weight:
+            if isinstance(m, LoRALinear) and any(m.is_dora(a) for a in m.adapter_names()):
+                raise ValueError(f"trainable_token_indices: the head {n!r} tied to {name!r} holds a DoRA adapter, whose "
+                                 "weight norm would not see the trained token rows; use plain LoRA on the head")
             heads.append(n)
     return heads
 
@@ -567,9 +592,12 @@ def add_trainable_tokens(model: nn.Module, spec, adapter_name: str, active: bool
     """Wrap (or extend) the modules ``spec`` selects with :class:`TrainableTokensLayer` adapter ``adapter_name``
     (active there if ``active``), tied heads included; see :func:`token_row_plan` for ``spec`` and what raises."""
     from alignlab.adapters.inject import _set_submodule
+    from alignlab.adapters.lora import LoRALinear
 
     def put(name: str, make, extend) -> None:
         module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):  # LoRA on a tied head: the rows go under it, as PEFT nests them
+            name, module = f"{name}.base_layer", module.base_layer
         if isinstance(module, TrainableTokensLayer):
             extend(module)
         else:

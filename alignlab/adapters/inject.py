@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number
-from alignlab.adapters.base import AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized
+from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
+                                   weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
@@ -428,7 +429,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer (it must not be merged); layers left empty are unwrapped."""
     _require_adapters(model, [name])
-    for lname, layer in list(adapter_layers(model)):
+    for lname, layer in _nested_first(list(adapter_layers(model))):
         if name in layer.adapter_names():
             layer.delete_adapter(name)
         if not layer.adapter_names():  # the last adapter went: put the plain base back
@@ -490,13 +491,30 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         _require_adapters(model, adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in layers
                                  if any(a in l.adapter_names() for a in (adapter_names or l.active_adapters))])
-    for name, layer in layers:
+    for name, layer in _nested_first(layers):
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         try:
             layer.merge(names)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return model
+
+
+def _nested_first(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, AdapterLayer]]:
+    """``layers`` (in model order) with a layer that is another's ``base_layer`` (trainable token rows under a LoRA
+    on a tied head) moved before that one: merging writes the rows into the head's weight before the LoRA adds
+    ``ΔW`` to all of it (the other order overwrote the rows' ``ΔW``), and unwrapping replaces the inner layer while
+    the outer one's name still leads to it."""
+    index = {name: i for i, (name, _) in enumerate(layers)}
+    suffix = ".base_layer"
+
+    def key(item: tuple[str, AdapterLayer]) -> tuple[int, int]:
+        root, depth = item[0], 0
+        while root.endswith(suffix) and root[: -len(suffix)] in index:
+            root, depth = root[: -len(suffix)], depth + 1
+        return index[root], -depth
+
+    return sorted(layers, key=key)
 
 
 def _adapter_name_list(adapter_names, arg: str = "adapter_names") -> list[str] | None:
@@ -534,7 +552,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
                                        for a in (adapter_names or l.active_adapters))])
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in _nested_first(list(adapter_layers(model))):
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         names = [n for n in names if n not in layer.merged_adapters]
         if names:
@@ -583,7 +601,8 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     for name, layer in layers:
-        weight = getattr(layer.base_layer, "weight", None)
+        holder = weight_holder(layer.base_layer)  # the head's linear, under trainable token rows
+        weight = getattr(holder, "weight", None)
         if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
             continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
         others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
@@ -591,7 +610,7 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
             continue
         warnings.warn(f"{name}.weight is tied to {others}; merging into it unties it (the other module keeps "
                       "the original weight, and config.tie_word_embeddings is set to False)", stacklevel=3)
-        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False

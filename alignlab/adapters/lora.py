@@ -106,7 +106,8 @@ class LoRALinear(AdapterLayer):
             fp32 factors are cast to the compute dtype per call (fused path, fp32 accumulation,
             fp32 gradients; see :mod:`alignlab.adapters.fused`). A plain attribute: flip it any time.
     Raises:
-        TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``.
+        TypeError/ValueError: bad rank, alpha, dropout or init; a base without ``in_features``; ``use_dora`` or a
+            PiSSA/OLoRA init on a tied head whose trainable token rows sit under this layer (ValueError).
         In ``forward`` (with an adapter active): TypeError for a non-floating input, ValueError for an
         input whose last dimension is not ``in_features``.
     """
@@ -184,7 +185,12 @@ class LoRALinear(AdapterLayer):
         _check_init(init)
         if self.merged:
             raise ValueError("cannot add an adapter while adapters are merged; unmerge first")
-        if init in ("pissa", "olora") or init.startswith("pissa_niter_"):
+        rewrites = init in ("pissa", "olora") or init.startswith("pissa_niter_")
+        if isinstance(self.base_layer, AdapterLayer) and (use_dora or rewrites):  # trainable token rows under a head
+            raise ValueError(f"{'use_dora=True' if use_dora else f'init={init!r}'} is not supported on a head whose "
+                             "trainable token rows sit under the LoRA (it would read the frozen table, not the trained "
+                             "rows); use plain LoRA with init 'kaiming' or 'gaussian' there")
+        if rewrites:
             if is_quantized(self.base_layer):
                 raise ValueError(f"init={init!r} rewrites the base weight and is not supported on a quantized base")
             if self.adapter_names():

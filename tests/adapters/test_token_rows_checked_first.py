@@ -1,9 +1,11 @@
-"""``trainable_token_indices`` rows whose module (or the head tied to it) will hold a LoRA layer are refused before
-``inject`` changes the model.
+"""``trainable_token_indices`` rows whose module (or the head tied to it) will hold a LoRA layer that cannot take them
+are refused before ``inject`` changes the model.
 
 A LoRA on a tied ``lm_head`` next to rows on the embedding was accepted, and the head kept scoring the trained
 tokens with the frozen rows (its LoRA wrapper hid it from the tie check); rows on a head that ``ensure_weight_tying``
 turns into a ``TiedLoRAHead`` were refused only after the LoRA layers were in place and the config registered.
+Plain LoRA on the tied head now takes the rows under it, as PEFT does (``test_lora_head_over_token_rows.py``);
+under ``ensure_weight_tying`` (PEFT fails there) it is still refused.
 """
 
 import pytest
@@ -17,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("config", [
-    LoRAConfig(r=2, target_modules=["q_proj", "lm_head"], trainable_token_indices=[3]),
+    LoRAConfig(r=2, target_modules=["q_proj", "lm_head"], trainable_token_indices=[3], ensure_weight_tying=True),
     LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
                trainable_token_indices={"lm_head": [3]}),
 ], ids=["lora-on-tied-head", "tied-lora-head"])
