@@ -210,8 +210,15 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         ValueError: nothing matched ``target_modules`` (the message lists the linear modules
             that exist, and when a string would match a name suffix, says strings are full-name regexes
             and gives the list form), the adapter name is already used, or ``model`` is already wrapped
-            in ``DistributedDataParallel`` or sharded by FSDP2 (inject before wrapping).
+            in ``DistributedDataParallel`` or sharded by FSDP2 (inject before wrapping); a PiSSA / OLoRA init
+            on a target whose weight another module shares (a tied ``lm_head``), which would change that module too.
     """
+    return _inject(model, config, adapter_name)
+
+
+def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: bool = False) -> nn.Module:
+    """:func:`inject`; ``from_file`` (``load_adapter``) rebuilds a PEFT file's PiSSA / OLoRA residual in a weight shared
+    with another module as PEFT did (with a warning) instead of refusing it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(config, "new_layer"):
@@ -236,6 +243,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             + _string_target_hint(getattr(config, "target_modules", None), suffixes)
         )
     _warn_unused_selectors(model, config, targets)
+    if getattr(config, "rewrites_base_weight", False):
+        _refuse_rewriting_shared_weights(model, config, targets, warn_only=from_file)
     saved = _match_modules_to_save(model, config)   # before any change: a bad name leaves the model as it was
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
@@ -302,6 +311,30 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
         for restore in reversed(restores):
             restore()
         raise
+
+
+def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str], warn_only: bool = False) -> None:
+    """``ValueError`` for a PiSSA / OLoRA init on a target whose weight another module holds too (a tied ``lm_head``
+    and input embedding): writing the residual ``W − s·BA`` into the shared tensor changes the other module as well, so
+    the model's output moves at initialisation (logits 0.42 off on a tiny tied Llama; PEFT does the same). With
+    ``warn_only`` (a PEFT file trained so) a ``RuntimeWarning`` instead: the file needs that same residual."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name in targets:
+        module = model.get_submodule(name)
+        base = weight_holder(module.base_layer if isinstance(module, AdapterLayer) else module)
+        weight = getattr(base, "weight", None)
+        others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")] if isinstance(weight, nn.Parameter) else []
+        if others and warn_only:
+            warnings.warn(f"init={config.init!r} in the file: the residual W - s·BA of {name!r} is written into the "
+                          f"weight it shares with {others}, which changes too, as PEFT did when it made the file",
+                          RuntimeWarning, stacklevel=4)
+        elif others:
+            raise ValueError(f"init={config.init!r} rewrites the base weight of {name!r} (W - s·BA), and that weight is "
+                             f"shared with {others}, which would change too; untie them first (give {name!r} its own "
+                             "copy of the weight and set config.tie_word_embeddings=False), use init='kaiming' or "
+                             f"'gaussian', or leave {name!r} out of target_modules")
 
 
 def _kept_base_weight(module: nn.Module):

@@ -45,7 +45,7 @@ from alignlab._checks import is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
-from alignlab.adapters.inject import adapter_configs, adapter_layers, inject
+from alignlab.adapters.inject import _inject, adapter_configs, adapter_layers
 from alignlab.adapters.lora import LoRALinear
 from alignlab.distributed import full_tensor, is_sharded, is_writer, like_target, unwrap, writer_done
 
@@ -542,7 +542,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     _drop_absent_modules_to_save(model, config)
     state = _read_weights(root / WEIGHTS_NAME)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
-    inject(model, config, adapter_name)
+    _inject(model, config, adapter_name, from_file=True)
     try:
         if _drop_tied_heads_the_file_lacks(model, state, adapter_name):
             config.ensure_weight_tying = False
