@@ -209,10 +209,10 @@ class LoRAConfig:
     def _check_lora_over_token_rows(self, head: str, embedding: str) -> None:
         """LoRA on a head tied to an embedding with trainable token rows: the rows go under the LoRA (``logits =
         x W'ᵀ + s·B A x``, ``W'`` the table with the trained rows), as PEFT nests them. Refused where the LoRA would
-        read the frozen table instead of ``W'`` (DoRA's weight norm, PiSSA/OLoRA's factorisation) and under
-        ``ensure_weight_tying``, which PEFT reads as "move the head's LoRA onto the embedding" (it then fails)."""
-        what = ("ensure_weight_tying=True" if self.ensure_weight_tying else "use_dora=True" if self.use_dora
-                else f"init={self.init!r}" if self.rewrites_base_weight else None)
+        read the frozen table instead of ``W'`` (DoRA's weight norm; PiSSA/OLoRA, which would also rewrite the shared
+        table, ``inject`` refuses on any tied head) and under ``ensure_weight_tying``, which PEFT reads as "move the
+        head's LoRA onto the embedding" (it then fails)."""
+        what = "ensure_weight_tying=True" if self.ensure_weight_tying else "use_dora=True" if self.use_dora else None
         if what is None:
             return
         raise ValueError(f"trainable_token_indices: the head {head!r} tied to {embedding!r} also gets a LoRA adapter, "
