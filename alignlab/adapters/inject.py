@@ -447,12 +447,20 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
     Raises:
         TypeError: ``names`` is neither a string nor a sequence of strings.
-        ValueError: an unknown adapter name.
+        ValueError: an unknown adapter name; adapters whose trainable token rows overlap on a layer (every layer
+            keeps the adapters it had active).
     """
     names = _adapter_name_list(names, "names")
     _require_adapters(model, names)
-    for _, layer in adapter_layers(model):
-        layer.set_active(names)
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [list(layer.active_adapters) for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_active(names)
+    except ValueError:  # the layers switched before the refusing one ran adapters the model did not list as active
+        for layer, active in zip(layers, before):
+            layer.active_adapters = active
+        raise
     for _, module in _saved_modules(model):
         module.active_adapters = [n for n in names if n in module.modules_to_save]
     object.__setattr__(model, "alignlab_active_adapters", names)
