@@ -337,6 +337,15 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
                              f"'gaussian', or leave {name!r} out of target_modules")
 
 
+def _kept_rewritten_weights(model: nn.Module, config) -> list:
+    """For a config whose init rewrites base weights (PiSSA, OLoRA): a restore function per target (see
+    :func:`_kept_base_weight`), taken before ``inject``, so that a caller that deletes the adapter again (a failed
+    ``load_adapter``) can put the weights back; an empty list for other configs."""
+    if not getattr(config, "rewrites_base_weight", False):
+        return []
+    return [_kept_base_weight(model.get_submodule(name)) for name in find_targets(model, config)]
+
+
 def _kept_base_weight(module: nn.Module):
     """A copy of the weight of ``module``'s base (``module`` itself unless it is an adapter layer), and a function
     that writes it back bit for bit. A dense weight is copied to host memory, so that keeping every target's weight

@@ -45,7 +45,7 @@ from alignlab._checks import is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
-from alignlab.adapters.inject import _inject, adapter_configs, adapter_layers
+from alignlab.adapters.inject import _inject, _kept_rewritten_weights, adapter_configs, adapter_layers
 from alignlab.adapters.lora import LoRALinear
 from alignlab.distributed import full_tensor, is_sharded, is_writer, like_target, unwrap, writer_done
 
@@ -524,6 +524,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         ValueError: a weights file safetensors cannot read (truncated; the file is named); missing or
             unexpected keys, or shape mismatches (the key is named); a sharded or
             DDP-wrapped model without adapter ``adapter_name`` or with a different rank / alpha / DoRA setting.
+            A refused file leaves the model as it was: no adapter, the flags and base weights it had (a PiSSA /
+            OLoRA init's residuals put back).
     """
     root = _check_model_and_path(model, path)
     model = _uncompiled(model)
@@ -542,6 +544,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     _drop_absent_modules_to_save(model, config)
     state = _read_weights(root / WEIGHTS_NAME)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
+    rewritten = _kept_rewritten_weights(model, config)  # a PiSSA / OLoRA file's init writes residuals into the base
     _inject(model, config, adapter_name, from_file=True)
     try:
         if _drop_tied_heads_the_file_lacks(model, state, adapter_name):
@@ -551,6 +554,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         from alignlab.adapters.inject import delete_adapter
 
         delete_adapter(model, adapter_name)
+        for restore in rewritten:
+            restore()
         for p in model.parameters():  # inject froze the base: leave the model as it was
             if id(p) in trainable:
                 p.requires_grad_(trainable[id(p)])

@@ -87,3 +87,25 @@ def test_a_pissa_refusal_on_an_nf4_base_leaves_its_packed_weight():
     assert not torch.equal(net[1].qdata, before["qdata"])
     restore()
     assert all(torch.equal(net[1]._buffers[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_failed_load_of_a_pissa_or_olora_file_puts_the_base_weights_back(init, tmp_path):
+    # the file's init wrote W - s·BA into every target before the missing key was found; the adapter was deleted,
+    # the residuals stayed
+    from safetensors.torch import load_file, save_file
+
+    from alignlab.adapters import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    save_adapter(inject(_net(), LoRAConfig(r=2, target_modules=["0", "2"], init=init)), tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    del weights[sorted(weights)[-1]]
+    save_file(weights, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    net = _net()
+    state = _state(net)
+    with pytest.raises(ValueError, match="adapter file lacks 1 key"):
+        load_adapter(net, tmp_path)
+    assert [type(m) for m in net] == [nn.Linear] * 3 and adapter_configs(net) == {}
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
