@@ -211,7 +211,11 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             that exist, and when a string would match a name suffix, says strings are full-name regexes
             and gives the list form), the adapter name is already used, or ``model`` is already wrapped
             in ``DistributedDataParallel`` or sharded by FSDP2 (inject before wrapping); a PiSSA / OLoRA init
-            on a target whose weight another module shares (a tied ``lm_head``), which would change that module too.
+            on a target whose weight another module shares (a tied ``lm_head``), which would change that module too;
+            an adapter name that is empty, holds a ``.`` or is an attribute of the per-adapter ``ModuleDict`` /
+            ``ParameterDict`` (``"half"``, ``"train"``); ``modules_to_save`` naming no module, or a module that is
+            or holds a quantized one; a target that refuses the adapter (LoRA on an ``IA3Linear``). Each of these
+            leaves the model as it was.
     """
     return _inject(model, config, adapter_name)
 
