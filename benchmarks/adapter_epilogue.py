@@ -11,7 +11,8 @@ one big GEMM by concatenating along its reduction dimension::
 against the current epilogue's pass over ``y`` (tokens × out) or ``dx`` (tokens × in). It can only win where the
 copied operand is narrower than the output: forward of gate/up (in 4096 < out 14336), backward of k/v and down
 (out < in). The concatenated weight is the NF4 dequantization's temporary (free to lay out) in the library; here it
-is prebuilt, so the rows time the GEMMs and copies only. ``pad`` rounds the extra K up to 64 (zero columns), in
+is prebuilt, so those rows time the GEMMs and copies only; ``pass = "dequant"`` rows time the NF4 dequantization
+into a fresh tensor against the same into the widened buffers (strided columns, leading rows). ``pad`` rounds the extra K up to 64 (zero columns), in
 case cuBLAS prefers aligned K. One JSON line per (tokens, shape, pass); the summary estimates the time a 4-layer
 step would save with the best variant per pass.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from alignlab.bench import library_versions, measure, write_json
+from alignlab.quant.nf4 import nf4_quantize
 
 SHAPES = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
           "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}  # name: (in, out)
@@ -90,6 +92,21 @@ def backward_forms(g, w, a, b, scale: float, pads=(16, 64)) -> dict:
     return forms
 
 
+def dequant_forms(t, dtype: torch.dtype, r: int) -> dict:
+    """Callables dequantizing the NF4 weight ``t`` ``(out, in)``: into a fresh tensor (the default form), into the
+    first ``in`` columns of an ``(out, in + r)`` buffer (the widened forward's strided store) and into the first
+    ``out`` rows of an ``(out + r, in)`` one (the widened backward)."""
+    from alignlab.kernels.nf4_dequant import nf4_dequant
+
+    n_out, n_in = t.shape
+    device = t.data.device
+    return {"dequant": lambda: nf4_dequant(t, dtype),
+            "dequant_cols": lambda: nf4_dequant(t, dtype, out=torch.empty(n_out, n_in + r, dtype=dtype,
+                                                                          device=device)[:, :n_in]),
+            "dequant_rows": lambda: nf4_dequant(t, dtype, out=torch.empty(n_out + r, n_in, dtype=dtype,
+                                                                          device=device)[:n_out])}
+
+
 def _time_forms(forms: dict) -> dict:
     ref = forms["epilogue"]().float()
     out = {}
@@ -114,6 +131,13 @@ def main(tokens: list[int], out: Path, r: int = 16, layers: int = 4) -> None:
             w = torch.randn(n_out, n_in, device=dev, dtype=dt) * 0.02
             a = torch.randn(r, n_in, device=dev, dtype=dt) * 0.02
             b = torch.randn(n_out, r, device=dev, dtype=dt) * 0.02
+            if n_tok == tokens[0]:  # the dequantizations do not depend on the token count
+                t = nf4_quantize(w, blocksize=64, double_quant=True)
+                row = {"proj": name, "in": n_in, "out": n_out, "pass": "dequant",
+                       **{f"{k}_us": _us(f) for k, f in dequant_forms(t, dt, r).items()}}
+                rows.append(row)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                del t
             for pass_, forms in (("forward", forward_forms(x, w, a, b, scale)),
                                  ("backward", backward_forms(g, w, a, b, scale))):
                 row = {"tokens": n_tok, "proj": name, "in": n_in, "out": n_out, "pass": pass_, **_time_forms(forms)}

@@ -28,3 +28,14 @@ def test_forms_compute_the_lora_products(bench, n_tok, n_in, n_out):
         torch.testing.assert_close(fwd[name]().to(d), y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(bwd[name]().to(d), dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fwd["base"]().to(d), x.to(d) @ w.to(d).T, rtol=1e-5, atol=1e-5)
+
+
+def test_dequant_forms_write_the_same_weight(bench, triton_mode):
+    """The three dequantizations it times (fresh, into the widened buffer's columns, into its rows) give the same
+    weight (interpreter on CPU)."""
+    from alignlab.quant.nf4 import nf4_quantize
+
+    t = nf4_quantize(torch.randn(6, 128, generator=torch.Generator().manual_seed(0)), blocksize=64)
+    forms = bench.dequant_forms(t, torch.float32, 16)
+    ref = forms["dequant"]()
+    assert torch.equal(forms["dequant_cols"](), ref) and torch.equal(forms["dequant_rows"](), ref)
