@@ -44,6 +44,12 @@ INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+def _init_dtype(w: torch.Tensor, a: torch.Tensor) -> torch.dtype:
+    """The dtype of PiSSA's / OLoRA's factorisation and residual: fp32, or fp64 where the base or the adapter is (an
+    fp32 residual left a float64 model's output ~1e-7 off its base at initialisation)."""
+    return torch.promote_types(torch.promote_types(w.dtype, a.dtype), torch.float32)
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """``α/r`` (LoRA) or ``α/√r`` (rsLoRA).
 
@@ -227,29 +233,30 @@ class LoRALinear(AdapterLayer):
                 nn.init.zeros_(b)
             elif init == "olora":
                 w = dense_weight(self.base_layer)
-                q, rr = torch.linalg.qr(w.float())
+                q, rr = torch.linalg.qr(w.to(_init_dtype(w, a)))
                 b_new, a_new = q[:, :r], rr[:r]
                 self._set_factors_and_residual(name, a_new, b_new, w)
             else:  # PiSSA
                 w = dense_weight(self.base_layer)
                 niter = _PISSA_NITER.fullmatch(init)
                 if niter:
-                    u, sv, v = torch.svd_lowrank(w.float(), q=r, niter=int(niter.group(1)))
+                    u, sv, v = torch.svd_lowrank(w.to(_init_dtype(w, a)), q=r, niter=int(niter.group(1)))
                     vh = v.T
                 else:
-                    u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                    u, sv, vh = torch.linalg.svd(w.to(_init_dtype(w, a)), full_matrices=False)
                 root = (sv[:r] / s).sqrt()
                 self._set_factors_and_residual(name, root[:, None] * vh[:r], u[:, :r] * root, w)
 
     def _set_factors_and_residual(self, name: str, a_new, b_new, w) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dtype = _init_dtype(w, a)
         if a_new.shape != a.shape:  # rank larger than min(in, out): pad the extra rows/cols with zeros
-            a_pad, b_pad = torch.zeros_like(a, dtype=torch.float32), torch.zeros_like(b, dtype=torch.float32)
+            a_pad, b_pad = torch.zeros_like(a, dtype=dtype), torch.zeros_like(b, dtype=dtype)
             a_pad[: a_new.shape[0]], b_pad[:, : b_new.shape[1]] = a_new, b_new
             a_new, b_new = a_pad, b_pad
         a.copy_(a_new)
         b.copy_(b_new)
-        residual = w.float() - self.scaling[name] * (b.float() @ a.float())
+        residual = w.to(dtype) - self.scaling[name] * (b.to(dtype) @ a.to(dtype))
         set_dense_weight_(self.base_layer, residual.to(w.dtype))
 
     def delete_adapter(self, name: str) -> None:
