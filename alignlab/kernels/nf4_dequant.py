@@ -262,11 +262,6 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
     dtype = output_dtype(t, dtype)
-    if out is not None:
-        _check_out(t, dtype, out, row_scale)
-        rows_apart = len(t.shape) == 2 and t.shape[0] > 1 and out.stride(0) != t.shape[1]
-        if rows_apart and not (t.shape[1] % t.blocksize == 0 and triton is not None and use_triton(t.data)):
-            return out.copy_(nf4_dequant(t, dtype, row_scale))  # the kernel's strided store needs blocks in rows
     if row_scale is not None:
         if not isinstance(row_scale, torch.Tensor):
             raise TypeError(f"row_scale must be a float32 tensor, got {type(row_scale).__name__}")
@@ -275,6 +270,11 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
                              f"got {tuple(row_scale.shape)}")
         if row_scale.dtype != torch.float32:
             raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
+    if out is not None:
+        _check_out(t, dtype, out, row_scale)
+        rows_apart = len(t.shape) == 2 and t.shape[0] > 1 and out.stride(0) != t.shape[1]
+        if rows_apart and not (t.shape[1] % t.blocksize == 0 and triton is not None and use_triton(t.data)):
+            return out.copy_(nf4_dequant(t, dtype, row_scale))  # the kernel's strided store needs blocks in rows
     if row_scale is not None and wants_grad(row_scale):  # the kernel's product has no graph: scale after it
         return (nf4_dequant(t, torch.float32) * row_scale[:, None]).to(dtype)
     if triton is not None and use_triton(t.data):
