@@ -1,5 +1,6 @@
 """The fused LoRA / DoRA paths over dense and NF4 bases: formulas, precision, checkpointing, compile."""
 
+import contextlib
 import copy
 
 import pytest
@@ -411,3 +412,33 @@ def test_fp32_factors_are_cast_by_one_op():
         ac, bc = layer._cast_factors("default", a, b, torch.bfloat16, layer.scaling["default"], scaled=True)
     assert [n for n in ops.names if "copy" in n] == ["_foreach_copy_"], ops.names
     assert torch.equal(ac, a.detach().bfloat16()) and torch.equal(bc, b.detach().bfloat16())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_saved_tensors_replaced_by_copies_give_the_same_gradients(dora, compute_dtype, kernel_mode):
+    """Activation offloading (transformers' ``offload=True``, ``torch.autograd.graph.save_on_cpu``) hands backward
+    copies of what forward saved, not the tensors themselves: the fused QLoRA / QDoRA functions must not depend on
+    a saved tensor's identity or memory (simulated on CPU by hooks that pack a clone)."""
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(64, 48, bias=True), blocksize=32, compute_dtype=compute_dtype)
+    layer = LoRALinear(base, r=4, alpha=8, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    x = torch.randn(3, 9, 64, dtype=compute_dtype)
+    gy = torch.randn(3, 9, 48, dtype=compute_dtype)
+
+    def grads(hooks):
+        xi = x.clone().requires_grad_()
+        with hooks:
+            y = layer(xi)
+        y.backward(gy)
+        out = [xi.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        layer.zero_grad(set_to_none=True)
+        return out
+
+    ref = grads(contextlib.nullcontext())
+    copied = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t))
+    assert len(copied) == len(ref) == (4 if dora else 3)
+    for got, want in zip(copied, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
