@@ -10,6 +10,10 @@ The subpackages are the API (``alignlab.adapters``, ``alignlab.quant``,
 ``alignlab.kernels``, ``alignlab.distributed``); the most used
 names are also re-exported here. Subpackages load on first access, so
 ``import alignlab`` stays cheap.
+
+Errors: an argument of the wrong kind (a str or None where a number is wanted, a float where an int is)
+raises :class:`alignlab.ArgumentTypeError`, both a ``TypeError`` and a ``ValueError``; a value of the
+right kind out of range raises ``ValueError``. Both name the argument and say what was expected.
 """
 
 import importlib
@@ -26,6 +30,7 @@ _EXPORTS = {
     "measure": "bench", "compare": "bench",
     "merge_checkpoints": "merging",
     "NF4Linear": "quant", "quantize_model": "quant", "nf4_quantize": "quant", "nf4_dequantize": "quant",
+    "ArgumentTypeError": "_checks",
 }
 
 __all__ = ["__version__", *_SUBPACKAGES, *_EXPORTS]

@@ -9,6 +9,10 @@ or tensor is not a scalar to these checks.
 The ``check_*`` helpers return the value as a Python ``float`` / ``int``, so whatever is stored
 from them serialises into JSON and a saved config. Flags likewise: :func:`as_bool` takes a NumPy bool
 and returns a Python bool. Paths: :func:`user_path` expands a leading ``~`` as a shell would.
+
+Errors: the wrong kind of argument (a str, None, a list or a bool where a number is wanted; any float, 2.0 included,
+where an int is wanted) raises :class:`ArgumentTypeError`, a value of the right kind out of range (0 or -1 as a
+count, NaN, a negative weight) a plain ``ValueError``; both name the argument and say what was expected.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ import string
 from pathlib import Path
 
 import numpy
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """The wrong kind of argument: a str, None, a list or a bool where a number is wanted, a float where an int is.
+
+    A ``TypeError``, and a ``ValueError`` too, since these checks raised ``ValueError`` before the two cases were
+    split: ``except ValueError`` written against them still catches it (as NumPy's ``AxisError`` is both a
+    ``ValueError`` and an ``IndexError``). A value of the right kind that is out of range raises a plain
+    ``ValueError``, never this."""
 
 
 def is_real(value) -> bool:
@@ -40,10 +53,10 @@ def is_int(value) -> bool:
 def check_finite_number(value, arg: str, minimum: float | None = None) -> float:
     """``value`` as a Python float (a NumPy scalar kept as is would not serialise into a saved config).
 
-    ``TypeError`` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
+    :class:`ArgumentTypeError` naming ``arg`` unless ``value`` is a real number (NumPy scalars are, a bool is not);
     ``ValueError`` if it is NaN, infinite or below ``minimum``. A NaN here would reach every output."""
     if not is_real(value):
-        raise TypeError(f"{arg} must be a real number, got {value!r}")
+        raise ArgumentTypeError(f"{arg} must be a real number, got {value!r}")
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{arg} must be a finite number{bound}, got {value!r}")
@@ -56,28 +69,35 @@ def as_python_number(value) -> int | float:
 
 
 def check_positive_number(value, arg: str) -> int | float:
-    """``value`` as a Python number (:func:`as_python_number`); ``ValueError`` naming ``arg`` unless it
-    is a finite real > 0 (a bool is not; NaN and inf are not, as they would reach every output through
-    a scaling)."""
-    if not is_finite_real(value) or not value > 0:
+    """``value`` as a Python number (:func:`as_python_number`). :class:`ArgumentTypeError` naming ``arg`` unless it
+    is a real number (a bool, a str, None is not), ``ValueError`` unless it is finite and > 0 (NaN and inf would
+    reach every output through a scaling)."""
+    if not is_real(value):
+        raise ArgumentTypeError(f"{arg} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
     return as_python_number(value)
 
 
-def check_positive_int(value, arg: str) -> int:
-    """``value`` as a Python int; ``ValueError`` naming ``arg`` unless it is an integer > 0 (a bool is not)."""
+def check_positive_int(value, arg: str, allow_none: bool = False) -> int | None:
+    """``value`` as a Python int, or None where ``allow_none``. :class:`ArgumentTypeError` naming ``arg`` unless it
+    is a Python or NumPy int (a bool, a float such as 2.0, a str is not), ``ValueError`` if it is <= 0."""
+    if value is None and allow_none:
+        return None
     if not is_int(value) or value <= 0:
-        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        kind = ArgumentTypeError if not is_int(value) else ValueError
+        raise kind(f"{arg} must be {expected}, got {value!r}")
     return int(value)
 
 
 def check_count(value, arg: str) -> int:
-    """``value`` as a Python int >= 1 (NumPy ints accepted). ``TypeError`` naming ``arg`` unless it is a real number
-    (a str, None, a bool is not: the wrong kind of thing), ``ValueError`` unless it is an int >= 1 (0 or 2.5 is a
-    number, but no count)."""
-    if not is_real(value):
-        raise TypeError(f"{arg}: expected an int >= 1, got {value!r}")
-    if not is_int(value) or value < 1:
+    """``value`` as a Python int >= 1 (NumPy ints accepted). :class:`ArgumentTypeError` naming ``arg`` unless it is
+    an int (a str, None, a bool, a float such as 2.5 or 2.0 is not: the wrong kind of thing), ``ValueError`` if it
+    is < 1."""
+    if not is_int(value):
+        raise ArgumentTypeError(f"{arg}: expected an int >= 1, got {value!r}")
+    if value < 1:
         raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
     return int(value)
 
@@ -85,45 +105,47 @@ def check_count(value, arg: str) -> int:
 def as_bool(value, arg: str) -> bool:
     """``value`` as a Python bool: a bool or a NumPy bool (``np.bool_``, from a sweep or an array comparison).
 
-    ``TypeError`` naming ``arg`` for anything else: a truthy string (``"no"``) would switch a flag on, and an
+    :class:`ArgumentTypeError` naming ``arg`` for anything else: a truthy string (``"no"``) would switch a flag on, and an
     int, None, a 0-d array or a tensor is not a flag. Store the result, not ``value``: a NumPy bool would not
     serialise into a saved config."""
     if isinstance(value, bool):
         return value
     if isinstance(value, numpy.bool_):
         return bool(value)
-    raise TypeError(f"{arg} must be a bool, got {value!r}")
+    raise ArgumentTypeError(f"{arg} must be a bool, got {value!r}")
 
 
 def user_path(value, arg: str) -> Path:
     """``value`` as a :class:`~pathlib.Path`, with a leading ``~`` or ``~user`` expanded to that home folder (for a
-    file written, ``Path("~/out")`` was a folder named ``~`` in the current one). ``TypeError`` naming ``arg``
+    file written, ``Path("~/out")`` was a folder named ``~`` in the current one). :class:`ArgumentTypeError` naming ``arg``
     unless ``value`` is a str or ``os.PathLike``."""
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{arg} must be a str or os.PathLike, got {type(value).__name__}")
     return Path(os.path.expanduser(os.fspath(value)))
 
 
 def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:
     """``value`` as a Python ``int`` token id (>= 0; NumPy integers accepted), or None where ``allow_none``.
 
-    ``ValueError`` naming ``arg`` otherwise: a float such as 1.5 would match no token (or be truncated to 1
-    by ``torch.full``), ``True`` would match id 1, and a string such as ``"2"`` never matches.
+    :class:`ArgumentTypeError` naming ``arg`` for anything but an int (or None where allowed): a float such as 1.5
+    would match no token (or be truncated to 1 by ``torch.full``), ``True`` would match id 1, and a string such as
+    ``"2"`` never matches. ``ValueError`` for a negative int.
     """
     if value is None and allow_none:
         return None
     if not is_int(value) or value < 0:
         expected = "None or a non-negative int" if allow_none else "a non-negative int"
-        raise ValueError(f"{arg}: expected {expected}, got {value!r}")
+        kind = ArgumentTypeError if not is_int(value) else ValueError
+        raise kind(f"{arg}: expected {expected}, got {value!r}")
     return int(value)
 
 
 def check_template_fields(template, needed, arg: str = "template") -> None:
     """``ValueError`` naming the ``{placeholders}`` of ``needed`` that the ``str.format`` template lacks (the
     text meant for them would be left out of the prompt without a word: ``format`` ignores unused keywords);
-    ``TypeError`` if ``template`` is not a str."""
+    :class:`ArgumentTypeError` if ``template`` is not a str."""
     if not isinstance(template, str):
-        raise TypeError(f"{arg}: expected a str, got {type(template).__name__}")
+        raise ArgumentTypeError(f"{arg}: expected a str, got {type(template).__name__}")
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     missing = [name for name in needed if name not in fields]
     if missing:

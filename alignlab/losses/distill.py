@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import as_bool, check_token_id, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_positive_int, check_positive_number, check_token_id, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 from alignlab.losses.logprobs import _check_ignore_index, _fp16_grad_unit, _row_chunks, scale_grads_
@@ -71,7 +71,8 @@ def _check_kind(kind: str, beta: float) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not is_real(beta) or not 0.0 <= beta <= 1.0:  # Python or NumPy real, not a bool; NaN fails the range
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        kind = ValueError if is_real(beta) else ArgumentTypeError
+        raise kind(f"beta must be a number in [0, 1], got {beta!r}")
     if kind == "jsd" and beta == 0.0:
         return "forward_kl"
     if kind == "jsd" and beta == 1.0:
@@ -80,9 +81,9 @@ def _check_kind(kind: str, beta: float) -> str:
 
 
 def _check_common(temperature: float, reduction: str) -> float:
-    """``temperature`` as a Python float; ``ValueError`` for a bad temperature or reduction."""
-    if not is_finite_real(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    """``temperature`` as a Python float; :class:`ArgumentTypeError` for a temperature that is no real number,
+    ``ValueError`` for one that is not finite and > 0, or a bad reduction."""
+    temperature = float(check_positive_number(temperature, "temperature"))
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return float(temperature)
@@ -168,8 +169,9 @@ def distill_loss(
 
     Raises:
         ValueError: mismatched shapes or devices, an empty vocabulary, unknown ``kind``/``reduction``, ``beta`` outside
-            ``[0, 1]``, ``temperature <= 0``, negative or non-finite ``mask`` weights.
-        TypeError: non-tensor inputs or mask.
+            ``[0, 1]``, ``temperature`` not finite and > 0, negative or non-finite ``mask`` weights.
+        TypeError: non-tensor inputs or mask; ``beta`` or ``temperature`` not a real number (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
@@ -585,8 +587,9 @@ def fused_linear_distill_loss(
 
     Raises:
         ValueError: inconsistent shapes, tensors off the student's device, both or neither teacher forms, non-float teacher logits / hidden
-            states / weight, bad ``chunk_size``, plus the conditions of :func:`distill_loss`.
-        TypeError: non-tensor arguments.
+            states / weight, ``chunk_size`` / ``grad_chunk_size`` < 1, plus the conditions of :func:`distill_loss`.
+        TypeError: non-tensor arguments; ``chunk_size`` / ``grad_chunk_size`` neither an int nor None (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too), plus those of :func:`distill_loss`.
     """
     if not isinstance(student_hidden, torch.Tensor) or not isinstance(student_weight, torch.Tensor):
         raise TypeError("student_hidden and student_weight must be torch.Tensors")
@@ -644,8 +647,7 @@ def fused_linear_distill_loss(
         teacher_a = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(teacher_b.dtype)
     n = x.shape[0]
     for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
-        if v is not None and (not is_int(v) or v < 1):
-            raise ValueError(f"{label} must be a positive int or None, got {v!r}")
+        check_positive_int(v, label, allow_none=True)
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignlab._checks import as_bool, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, is_int
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _check_ignore_index,
@@ -242,8 +242,8 @@ def fused_linear_preference(
             chunk.
 
     Raises:
-        ValueError/TypeError: bad shapes/dtypes (as ``linear_logprobs``), a negative ``resident_bytes``,
-            a non-scalar loss with ``eager``; ``eager`` not a bool, ``loss_from_token_logps`` not callable or not
+        ValueError/TypeError: bad shapes/dtypes (as ``linear_logprobs``), a negative ``resident_bytes``
+            (one that is no int: TypeError), a non-scalar loss with ``eager``; ``eager`` not a bool, ``loss_from_token_logps`` not callable or not
             returning ``(loss, metrics)`` (TypeError).
     """
     _check_3d(hidden)
@@ -274,7 +274,8 @@ def _fused_preference(hidden, weight, labels, loss_from_token_logps, bias, chunk
     eager = as_bool(eager, "eager")
     # checked on both schedules: a bad value passed unnoticed wherever the eager one did not run
     if resident_bytes is not None and (not is_int(resident_bytes) or resident_bytes < 0):
-        raise ValueError(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
+        kind = ValueError if is_int(resident_bytes) else ArgumentTypeError
+        raise kind(f"resident_bytes must be an int >= 0, got {resident_bytes!r}")
     if not _eager_with_grad(eager, hidden, weight, bias):
         tok = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size, ignore_index=ignore_index)
         return _loss_and_metrics(loss_from_token_logps(tok))

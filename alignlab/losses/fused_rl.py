@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int
+from alignlab._checks import as_bool, check_finite_number, check_positive_int, check_positive_number
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _fp16_grad_unit,
@@ -379,11 +379,13 @@ def fused_linear_grpo(
         TypeError: non-float hidden/weight/``ref_hidden``/``ref_weight``, integer ids of the wrong kind, dtype
             mismatches, a ``bias``/``ref_bias`` that is not a tensor, ``compute_entropy`` not a bool; a per-token
             input (``old_logprobs``, ``sampling_logprobs``, ``ref_logprobs``, per-token ``advantages``) or a
-            ``completion_mask`` that is not a tensor (as :func:`~alignlab.losses.reward.grpo_loss`).
+            ``completion_mask`` that is not a tensor (as :func:`~alignlab.losses.reward.grpo_loss`); ``temperature``
+            not a real number, ``chunk_size`` neither an int nor None (an :class:`~alignlab.ArgumentTypeError`, a
+            ``ValueError`` too).
         ValueError: bad shapes (``ref_weight``, ``bias`` and ``ref_bias`` included), tensors off ``hidden``'s device,
             unknown options (as ``grpo_loss``), both ``ref_logprobs`` and ``ref_hidden``, ``ref_weight``/``ref_bias``
             without ``ref_hidden``, ids outside ``[0, vocab)`` of the policy's or the reference's head,
-            ``temperature <= 0``, a bad ``cu_seqlens``, a ``completion_mask`` holding anything but bools or 0/1
+            ``temperature`` not finite and > 0, ``chunk_size < 1``, a bad ``cu_seqlens``, a ``completion_mask`` holding anything but bools or 0/1
             (a 2 or a 0.5: it selects tokens, it does not weigh them), a per-token input that is not floating-point.
     """
     # ---- checks -------------------------------------------------------------------------------------------
@@ -408,11 +410,8 @@ def fused_linear_grpo(
     if hidden.shape[:-1] != completion_ids.shape:
         raise ValueError(f"completion_ids must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(completion_ids.shape)}")
-    if not is_finite_real(temperature) or not temperature > 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    temperature = float(temperature)
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    temperature = float(check_positive_number(temperature, "temperature"))
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     compute_entropy = as_bool(compute_entropy, "compute_entropy")
     if ref_hidden is not None and ref_logprobs is not None:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, is_int
+from alignlab._checks import as_bool, check_finite_number, check_positive_int, is_int
 from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_softmax_grad_
 
 __all__ = [
@@ -459,8 +459,7 @@ def check_linear_inputs(
         raise ValueError("hidden, weight and labels must be on one device")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
 
 
 def select_scored_rows(
@@ -566,9 +565,10 @@ def linear_logprobs(
         ``(batch, seq)`` log-probs, float32 (float64 for float64 inputs), 0 at ignored positions.
 
     Raises:
-        TypeError: non-float hidden/weight, non-integer labels, mismatched dtypes.
-        ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, bad chunk_size/softcap (NaN and
-            inf included; a non-number softcap is a TypeError).
+        TypeError: non-float hidden/weight, non-integer labels, mismatched dtypes; ``chunk_size`` neither an int nor
+            None (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
+        ValueError: mismatched shapes/devices, labels outside ``[0, vocab)``, ``chunk_size < 1``, a bad softcap (NaN
+            and inf included; a non-number softcap is a TypeError).
     """
     check_linear_inputs(hidden, weight, labels, bias, chunk_size)
     # an infinite cap gives inf * tanh(0) = NaN logits: None is "no cap"

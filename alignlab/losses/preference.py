@@ -25,6 +25,9 @@ this batch's sum over ``num_items``, so the micro-batch losses add up to the big
 ``num_items`` that is not a number >= 0 or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
 ``reduction`` other than ``"mean"``.  ``num_items=0`` means an empty step: it gives a zero loss on an empty batch
 and raises ``ValueError`` on a batch with pairs (a 0-d tensor is not checked, to spare a device sync).
+Numbers: ``beta`` (and every other positive coefficient) or ``label_smoothing`` that is no real number (a str,
+None, a bool) raises :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` that is also a ``ValueError``; one
+out of range (``beta <= 0``, NaN, inf) a plain ``ValueError``.
 
 Half-precision inputs are upcast to float32 before the loss is formed; float64
 stays float64.  An empty batch gives a zero loss that is still connected to the
@@ -41,7 +44,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import as_bool, check_finite_number, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_number, is_int, is_real
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -135,9 +138,7 @@ def dpo_loss_types(loss_type: str | Sequence[str]) -> list[str]:
 
 
 def _check_positive(name: str, value: float) -> float:
-    if not is_finite_real(value) or value <= 0:  # Python or NumPy real; not a bool, NaN or inf
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return float(check_positive_number(value, name))  # Python or NumPy real; not a bool, NaN or inf
 
 
 def _check_reduction(reduction: str) -> None:
@@ -147,7 +148,8 @@ def _check_reduction(reduction: str) -> None:
 
 def _check_label_smoothing(label_smoothing: float, upper: float = 1.0) -> float:
     if not is_real(label_smoothing) or not 0.0 <= label_smoothing < upper:  # NaN fails the range test
-        raise ValueError(f"label_smoothing must lie in [0, {upper}), got {label_smoothing!r}")
+        kind = ValueError if is_real(label_smoothing) else ArgumentTypeError
+        raise kind(f"label_smoothing must lie in [0, {upper}), got {label_smoothing!r}")
     return float(label_smoothing)
 
 
@@ -396,8 +398,9 @@ def _check_aot_step(step, offset, n, dtype, device, reference_free):
             raise ValueError(f"aot_step_logps[{name}] has shape {tuple(t.shape)}, expected {tuple(step[0].shape)}")
         out.append(t.detach().to(device=device, dtype=dtype))
     if not is_int(offset) or not 0 <= offset <= step[0].shape[0] - n:
-        raise ValueError(f"aot_step_offset must be an int in [0, {step[0].shape[0] - n}] (where this batch's "
-                         f"{n} pairs sit in the step), got {offset!r}")
+        kind = ValueError if is_int(offset) else ArgumentTypeError
+        raise kind(f"aot_step_offset must be an int in [0, {step[0].shape[0] - n}] (where this batch's "
+                   f"{n} pairs sit in the step), got {offset!r}")
     return tuple(out)
 
 
@@ -502,7 +505,9 @@ def dpo_loss(
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
             lengths below 1 or NaN, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
-            ``loss_weights`` entries or ``length_alpha`` not real numbers.
+            ``loss_weights`` entries, ``length_alpha``, ``beta``, ``discopop_tau`` or ``label_smoothing`` not real
+            numbers, ``aot_step_offset`` not an int (the last four an :class:`~alignlab.ArgumentTypeError`, a
+            ``ValueError`` too).
     """
     loss_types = dpo_loss_types(loss_type)
     if loss_weights is None:

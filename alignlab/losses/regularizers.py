@@ -47,7 +47,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from alignlab._checks import as_bool, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP", "lora_delta_sq"]
@@ -175,19 +175,18 @@ def estimate_fisher(
             ``ignore_index``, a model without trainable parameters.
         TypeError: ``model`` is not a module, ``data`` is one batch (a dict or a tensor) rather than an iterable
             of batches, a batch cannot be split per example, ``per_example`` not a bool,
-            ``forward`` not callable or not returning ``(float logits, integer labels)``, ``ignore_index`` not
-            an int.
+            ``forward`` not callable or not returning ``(float logits, integer labels)``, ``ignore_index``,
+            ``samples`` or ``num_batches`` not an int (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError``
+            too).
         RuntimeError: called inside ``torch.inference_mode()`` (no gradients can be taken there).
     """
     if mode not in ("empirical", "true"):
         raise ValueError(f"mode must be 'empirical' or 'true', got {mode!r}")
     per_example = as_bool(per_example, "per_example")  # "no" would select the other estimator
-    if not is_int(samples) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    samples = check_positive_int(samples, "samples")
     if samples != 1 and mode == "empirical":  # the data's labels: nothing to draw, the argument would do nothing
         raise ValueError(f"samples={samples} draws labels in mode='true' only; mode='empirical' uses the data's labels")
-    if num_batches is not None and (not is_int(num_batches) or num_batches < 1):
-        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    num_batches = check_positive_int(num_batches, "num_batches", allow_none=True)
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not callable(forward):
@@ -267,12 +266,12 @@ def ewc_penalty(
     The sum runs in at least float32 (the parameters' dtype if wider), also for a bf16 model.
 
     Raises:
-        ValueError: a name of ``fisher`` missing from ``params``/``anchor``, a shape mismatch, ``lam < 0``.
-        TypeError: ``params``, ``anchor`` or ``fisher`` not a mapping of tensors.
+        ValueError: a name of ``fisher`` missing from ``params``/``anchor``, a shape mismatch, ``lam`` negative,
+            NaN or infinite.
+        TypeError: ``params``, ``anchor`` or ``fisher`` not a mapping of tensors; ``lam`` not a real number (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
-    if not is_finite_real(lam) or lam < 0:  # a NaN lam would pass "< 0" and poison the loss
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    lam = float(lam)
+    lam = check_finite_number(lam, "lam", minimum=0)  # a NaN lam would pass "< 0" and poison the loss
     for label, m in (("params", params), ("anchor", anchor), ("fisher", fisher)):
         _check_tensor_mapping(m, label)
     total = None
@@ -328,9 +327,7 @@ class EWC:
     """
 
     def __init__(self, model: nn.Module, fisher: Mapping[str, torch.Tensor], lam: float = 1.0):
-        if not is_finite_real(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        self.lam = float(lam)
+        self.lam = check_finite_number(lam, "lam", minimum=0)
         self.names = list(fisher)
         self._fisher: dict[str, torch.Tensor] = {}
         self._anchor: dict[str, torch.Tensor] = {}
@@ -376,10 +373,12 @@ class EWC:
 
         Raises:
             ValueError: ``gamma`` outside ``[0, 1]`` or Fisher names/shapes differing from the stored ones.
-            TypeError: ``fisher`` not a mapping of tensors, ``model`` not a module.
+            TypeError: ``fisher`` not a mapping of tensors, ``model`` not a module; ``gamma`` not a real number
+                (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
         """
         if not is_real(gamma) or not 0.0 <= gamma <= 1.0:  # NaN fails the range test
-            raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+            kind = ValueError if is_real(gamma) else ArgumentTypeError
+            raise kind(f"gamma must be a number in [0, 1], got {gamma!r}")
         gamma = float(gamma)
         _check_tensor_mapping(fisher, "fisher")  # a string was "not the same names", a list value an AttributeError
         if set(fisher) != set(self._fisher):
@@ -401,8 +400,7 @@ class EWC:
         if not isinstance(state, Mapping) or set(state) != {"lam", "fisher", "anchor"}:
             raise ValueError("state must be a mapping with keys 'lam', 'fisher', 'anchor'")
         lam = state["lam"]
-        if not is_finite_real(lam) or lam < 0:
-            raise ValueError(f"state['lam'] must be a finite number >= 0, got {lam!r}")
+        check_finite_number(lam, "state['lam']", minimum=0)
         _check_tensor_mapping(state["fisher"], "state['fisher']")
         _check_tensor_mapping(state["anchor"], "state['anchor']")
         if set(state["fisher"]) != set(state["anchor"]):
@@ -484,14 +482,14 @@ def l2sp_penalty(
         scalar tensor, in at least float32 (a bf16 model's differences are squared in float32).
 
     Raises:
-        ValueError: negative ``alpha``/``beta``, shape mismatch with ``pretrained`` or a weight tensor, a
+        ValueError: ``alpha``/``beta`` negative, NaN or infinite, shape mismatch with ``pretrained`` or a weight tensor, a
             weight number that is negative, NaN or infinite.
         TypeError: ``weights`` (or one of its values) of an unsupported type; ``params``/``pretrained`` not a
-            mapping of tensors.
+            mapping of tensors; ``alpha``/``beta`` not a real number (an :class:`~alignlab.ArgumentTypeError`,
+            a ``ValueError`` too).
     """
     for label, v in (("alpha", alpha), ("beta", beta)):
-        if not is_finite_real(v) or v < 0:
-            raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
+        check_finite_number(v, label, minimum=0)
     if weights is not None and not is_real(weights) and not isinstance(weights, Mapping) and not callable(weights):
         raise TypeError(f"weights must be None, a float, a mapping or a callable, got {type(weights).__name__}")
     if is_real(weights) and (not math.isfinite(weights) or weights < 0):

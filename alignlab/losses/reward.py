@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import as_bool, check_finite_number, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
 from alignlab.losses.logprobs import check_mask_values
 from alignlab.losses.preference import check_num_items, step_count
 
@@ -65,13 +65,14 @@ def _float(name: str, t: torch.Tensor, dim: int | tuple[int, ...] | None = None)
 
 
 def _real(name: str, value, expected: str = "a real number"):
-    """``value`` itself; ``TypeError`` naming ``name`` unless it is a real number (Python or NumPy; not a bool).
+    """``value`` itself; :class:`~alignlab.ArgumentTypeError` naming ``name`` unless it is a real number (Python or
+    NumPy; not a bool).
 
     The library's convention (:func:`alignlab._checks.check_finite_number`): the wrong kind of thing (a str,
     None, a list, a tensor) is a ``TypeError``, a number out of range a ``ValueError`` (for the caller to raise).
     """
     if not is_real(value):
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be {expected}, got {value!r}")
     return value
 
 
@@ -579,8 +580,9 @@ def _grouped(rewards: torch.Tensor, group_size: int, minimum: int) -> torch.Tens
         rewards = rewards.float()  # rule-based 0/1 (or integer) rewards, as verifiers return them
     _float("rewards", rewards, 1)
     _real("group_size", group_size, f"an int >= {minimum}")
-    if not is_int(group_size) or group_size < minimum:  # 2.0 or 2.5: a number, but no count
-        raise ValueError(f"group_size must be an int >= {minimum}, got {group_size!r}")
+    if not is_int(group_size) or group_size < minimum:  # 2.0 or 2.5: a float, no count
+        kind = ValueError if is_int(group_size) else ArgumentTypeError
+        raise kind(f"group_size must be an int >= {minimum}, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size={group_size}")
     return rewards.view(-1, group_size)
@@ -627,6 +629,8 @@ def group_advantages(
 
     Raises:
         ValueError: bad shapes, group size, or ``scale``; ``eps`` negative, NaN or infinite.
+        TypeError: ``group_size`` not an int (2.0 included; an :class:`~alignlab.ArgumentTypeError`, a
+            ``ValueError`` too).
     """
     if scale not in _GROUP_SCALES:
         raise ValueError(f"scale must be one of {list(_GROUP_SCALES)}, got {scale!r}")
@@ -664,7 +668,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
     Raises:
         ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards, ``eps`` negative, NaN or
             infinite.
-        TypeError: ``normalize`` not a bool.
+        TypeError: ``normalize`` not a bool, ``group_size`` not an int (2.0 included; an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     normalize = as_bool(normalize, "normalize")
     eps = check_finite_number(eps, "eps", minimum=0.0)
@@ -836,7 +841,8 @@ def grpo_loss(
             valid ones), shape/dtype mismatches, ``beta < 0``, ``beta > 0`` without ``ref_logprobs``,
             non-positive clip ranges, ``entropy_coef`` without ``entropy``, a NaN or infinite ``beta``,
             ``epsilon``, ``epsilon_high``, ``entropy_coef``, ``is_min`` or ``is_max``, ``is_min > is_max``.
-        TypeError: any of those numbers not a real number.
+        TypeError: any of those numbers not a real number; ``max_completion_length`` a float (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     _float("logprobs", logprobs, 2)
@@ -863,8 +869,7 @@ def grpo_loss(
     # accepted silently until the same call with loss_type="dr_grpo" refused it
     if max_completion_length is not None:
         _real("max_completion_length", max_completion_length, "a positive int or None")
-        if not is_int(max_completion_length) or max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
+        check_positive_int(max_completion_length, "max_completion_length", allow_none=True)
     epsilon = check_finite_number(epsilon, "epsilon")
     hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):

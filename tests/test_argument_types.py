@@ -1,0 +1,138 @@
+"""Arguments of the wrong kind raise ``alignlab.ArgumentTypeError`` (a TypeError, and a ValueError for code written
+when these raised ValueError); numbers of the right kind out of range still raise a plain ValueError.
+
+Each case is a public entry point with one argument swapped: ``wrong`` holds values of the wrong kind (a str, None,
+a bool where a number goes; a float where an int goes), ``out_of_range`` values of the right kind that are refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import alignlab
+from alignlab import _checks
+from alignlab.losses import distill, fused_preference, fused_rl, logprobs, preference, regularizers, reward
+
+D = torch.float64
+
+
+def _logps(n=2):
+    return torch.randn(n, dtype=D)
+
+
+def _head(n=3, hidden=4, vocab=5):
+    return torch.randn(n, hidden, dtype=D), torch.randn(vocab, hidden, dtype=D), torch.randint(0, vocab, (n,))
+
+
+def _tokens_loss(tok):
+    return tok.sum(), {}
+
+
+def _grpo(**kw):
+    h, w, ids = _head()
+    return fused_rl.fused_linear_grpo(h[None], w, ids[None], torch.zeros(1, dtype=D), **kw)
+
+
+def _fisher_data():
+    return [(torch.randn(2, 3), torch.tensor([0, 1]))]
+
+
+def _fisher(**kw):
+    model = nn.Linear(3, 2)
+    return regularizers.estimate_fisher(model, _fisher_data(), lambda m, b: (m(b[0]), b[1]), **kw)
+
+
+def _ewc_consolidate(gamma):
+    model = nn.Linear(3, 2)
+    fisher = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    regularizers.EWC(model, fisher).consolidate(model, fisher, gamma=gamma)
+
+
+# (id, argument named in the message, call taking the swapped value, wrong kinds, out of range)
+CASES = [
+    # the shared helpers
+    ("check_positive_int", "n", lambda v: _checks.check_positive_int(v, "n"), ["3", None, True, 2.0, 2.5], [0, -1]),
+    ("check_positive_int-none", "n", lambda v: _checks.check_positive_int(v, "n", allow_none=True), ["3", 1.5],
+     [0]),
+    ("check_positive_number", "x", lambda v: _checks.check_positive_number(v, "x"), ["1", None, True, [1.0]],
+     [0, -1.0, float("nan"), float("inf")]),
+    ("check_finite_number", "x", lambda v: _checks.check_finite_number(v, "x", minimum=0), ["1", None, False],
+     [-1, float("nan")]),
+    ("check_count", "k", lambda v: _checks.check_count(v, "k"), ["3", None, True, 2.5, 2.0], [0, -2]),
+    ("check_token_id", "pad_token_id", lambda v: _checks.check_token_id(v, "pad_token_id"), ["2", None, True, 1.5],
+     [-1]),
+    # losses
+    ("dpo_loss.beta", "beta", lambda v: preference.dpo_loss(*[_logps()] * 4, beta=v), ["0.1", None, True],
+     [0.0, -1.0, float("nan")]),
+    ("dpo_loss.label_smoothing", "label_smoothing",
+     lambda v: preference.dpo_loss(*[_logps()] * 4, label_smoothing=v), ["0.1", None], [1.0, -0.1, float("nan")]),
+    ("dpo_loss.aot_step_offset", "aot_step_offset",
+     lambda v: preference.dpo_loss(*[_logps()] * 4, loss_type="aot", aot_step_logps=tuple([_logps(4)] * 4),
+                                   aot_step_offset=v), ["1", 1.0, None], [-1, 3]),
+    ("distill_loss.temperature", "temperature",
+     lambda v: distill.distill_loss(torch.randn(2, 5), torch.randn(2, 5), temperature=v), ["1", None, True],
+     [0, -1.0, float("inf")]),
+    ("distill_loss.beta", "beta", lambda v: distill.distill_loss(torch.randn(2, 5), torch.randn(2, 5), beta=v),
+     ["0.5", None], [1.5, float("nan")]),
+    ("fused_linear_distill_loss.chunk_size", "chunk_size",
+     lambda v: distill.fused_linear_distill_loss(*_head()[:2], torch.randn(3, 5, dtype=D), chunk_size=v),
+     ["4", 2.0], [0]),
+    ("fused_linear_distill_loss.grad_chunk_size", "grad_chunk_size",
+     lambda v: distill.fused_linear_distill_loss(*_head()[:2], torch.randn(3, 5, dtype=D), grad_chunk_size=v),
+     ["4", 2.5], [-1]),
+    ("fused_linear_grpo.temperature", "temperature", lambda v: _grpo(temperature=v), ["1", None, True], [0, -2.0]),
+    ("fused_linear_grpo.chunk_size", "chunk_size", lambda v: _grpo(chunk_size=v), ["4", 4.0], [0]),
+    ("linear_logprobs.chunk_size", "chunk_size", lambda v: logprobs.linear_logprobs(*_head(), chunk_size=v),
+     ["4", 4.0, True], [0, -3]),
+    ("fused_linear_preference.resident_bytes", "resident_bytes",
+     lambda v: fused_preference.fused_linear_preference(torch.randn(2, 3, 4, dtype=D), _head()[1],
+                                                        torch.randint(0, 5, (2, 3)), _tokens_loss, resident_bytes=v),
+     ["1", 1.0], [-1]),
+    ("group_advantages.group_size", "group_size", lambda v: reward.group_advantages(_logps(4), v), [2.0, 2.5, "2"],
+     [0, -1]),
+    ("grpo_loss.max_completion_length", "max_completion_length",
+     lambda v: reward.grpo_loss(torch.randn(2, 3), torch.randn(2), max_completion_length=v), [8.0], [0]),
+    ("estimate_fisher.samples", "samples", lambda v: _fisher(mode="true", samples=v), ["2", 2.0], [0]),
+    ("estimate_fisher.num_batches", "num_batches", lambda v: _fisher(num_batches=v), ["1", 1.0], [0]),
+    ("ewc_penalty.lam", "lam", lambda v: regularizers.ewc_penalty({}, {}, {}, lam=v), ["1", None], [-1.0]),
+    ("EWC.lam", "lam", lambda v: regularizers.EWC(nn.Linear(3, 2), {}, lam=v), ["1", None], [-1.0]),
+    ("EWC.consolidate.gamma", "gamma", _ewc_consolidate, ["1", None], [1.5, float("nan")]),
+    ("EWC.load_state_dict.lam", "lam",
+     lambda v: regularizers.EWC(nn.Linear(3, 2), {}).load_state_dict({"lam": v, "fisher": {}, "anchor": {}}),
+     ["1", None], [-1.0]),
+    ("l2sp_penalty.beta", "beta", lambda v: regularizers.l2sp_penalty({}, {}, beta=v), ["0", None], [-1.0]),
+    ("L2SP.alpha", "alpha", lambda v: regularizers.L2SP(nn.Linear(3, 2), alpha=v), ["1", None, True],
+     [-1.0, float("nan")]),
+]
+
+WRONG = [(c[0], c[1], c[2], v) for c in CASES for v in c[3]]
+OUT_OF_RANGE = [(c[0], c[1], c[2], v) for c in CASES for v in c[4]]
+
+
+@pytest.mark.parametrize("name, arg, call, value", WRONG, ids=[f"{w[0]}={w[3]!r}" for w in WRONG])
+def test_the_wrong_kind_is_a_type_error_that_is_also_a_value_error(name, arg, call, value):
+    with pytest.raises(TypeError, match=arg) as info:
+        call(value)
+    assert isinstance(info.value, alignlab.ArgumentTypeError)
+    assert isinstance(info.value, ValueError)  # code written when these raised ValueError still catches it
+
+
+@pytest.mark.parametrize("name, arg, call, value", OUT_OF_RANGE, ids=[f"{w[0]}={w[3]!r}" for w in OUT_OF_RANGE])
+def test_a_value_out_of_range_is_a_plain_value_error(name, arg, call, value):
+    with pytest.raises(ValueError, match=arg) as info:
+        call(value)
+    assert not isinstance(info.value, TypeError)
+
+
+def test_argument_type_error_is_exported_and_both_kinds():
+    assert "ArgumentTypeError" in alignlab.__all__ and alignlab.ArgumentTypeError is _checks.ArgumentTypeError
+    assert issubclass(alignlab.ArgumentTypeError, TypeError) and issubclass(alignlab.ArgumentTypeError, ValueError)
+
+
+def test_valid_values_come_back_as_before():
+    assert _checks.check_positive_int(np.int64(3), "n") == 3 and _checks.check_positive_int(None, "n", True) is None
+    assert type(_checks.check_positive_number(np.float32(2), "x")) is float
+    assert _checks.check_positive_number(2, "x") == 2 and type(_checks.check_positive_number(2, "x")) is int
