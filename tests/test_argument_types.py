@@ -14,6 +14,7 @@ from torch import nn
 
 import alignlab
 from alignlab import _checks
+from alignlab.data import ai_feedback, packing, pairs, replay, sft, token_cleaning
 from alignlab.losses import distill, fused_preference, fused_rl, logprobs, preference, regularizers, reward
 
 D = torch.float64
@@ -49,6 +50,22 @@ def _ewc_consolidate(gamma):
     model = nn.Linear(3, 2)
     fisher = {n: torch.ones_like(p) for n, p in model.named_parameters()}
     regularizers.EWC(model, fisher).consolidate(model, fisher, gamma=gamma)
+
+
+def _example(n=3):
+    return {"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))}
+
+
+def _sample(**kw):
+    return ai_feedback.sample_completions(None, [[1, 2]], **kw)
+
+
+def _generate(batch):
+    return ["answer"] * len(batch)
+
+
+def _replay_mixer_epoch(epoch):
+    replay.ReplayMixer([1, 2], [3, 4], batch_size=2).set_epoch(epoch)
 
 
 # (id, argument named in the message, call taking the swapped value, wrong kinds, out of range)
@@ -106,10 +123,49 @@ CASES = [
     ("l2sp_penalty.beta", "beta", lambda v: regularizers.l2sp_penalty({}, {}, beta=v), ["0", None], [-1.0]),
     ("L2SP.alpha", "alpha", lambda v: regularizers.L2SP(nn.Linear(3, 2), alpha=v), ["1", None, True],
      [-1.0, float("nan")]),
+    # data
+    ("pack_examples.max_length", "max_length", lambda v: list(packing.pack_examples([_example()], max_length=v)),
+     ["8", 8.0, None], [0]),
+    ("packed_attention_mask.length", "length", lambda v: packing.packed_attention_mask([[2, 1]], length=v),
+     ["3", 3.0]),
+    ("packed_attention_mask.seq_lens", "seq_lens", lambda v: packing.packed_attention_mask([[2, v]]), ["1", 1.0],
+     [0, -1]),
+    ("collate_padded.pad_token_id", "pad_token_id", lambda v: packing.collate_padded([_example()], pad_token_id=v),
+     [None, "0", 0.0], [-1]),
+    ("collate_padded.pad_to_multiple_of", "pad_to_multiple_of",
+     lambda v: packing.collate_padded([_example()], 0, pad_to_multiple_of=v), ["8", 8.0], [0]),
+    ("collate_packed.length", "length",
+     lambda v: packing.collate_packed(list(packing.pack_examples([_example()], 8)), 0, length=v), ["8", 8.0]),
+    ("replay_counts.batch_size", "batch_size", lambda v: replay.replay_counts(v, 0.5), ["4", 4.0, None], [0]),
+    ("replay_counts.start", "start", lambda v: replay.replay_counts(4, 0.5, start=v), ["1", 1.5], [-1]),
+    ("ReplayMixer.set_epoch", "epoch", _replay_mixer_epoch, ["1", 1.0, None], [-1]),
+    ("ReplayBatchSampler.task_size", "task_size", lambda v: replay.ReplayBatchSampler(v, 4, batch_size=2),
+     ["4", 4.0], [0]),
+    ("ReplayBatchSampler.general_size", "general_size", lambda v: replay.ReplayBatchSampler(4, v, batch_size=2),
+     ["4", 4.0], [-1]),
+    ("online_feedback_pairs.num_candidates", "num_candidates",
+     lambda v: list(pairs.online_feedback_pairs(["q"], _generate, lambda p, c: [0.0] * len(c), num_candidates=v)),
+     ["2", 2.0], [1]),
+    ("counterfactual_pairs.batch_size", "batch_size",
+     lambda v: list(pairs.counterfactual_pairs(["q"], _generate, "be kind", None, batch_size=v)), ["8", 8.0], [0]),
+    ("parse_judge_score.max_score", "max_score", lambda v: pairs.parse_judge_score("3", max_score=v),
+     ["5", None], [0, float("nan")]),
+    ("clean_labels.threshold", "threshold",
+     lambda v: token_cleaning.clean_labels(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), threshold=v),
+     ["0.5", True], [float("nan")]),
+    ("tokenize_chat.max_length", "max_length", lambda v: sft.tokenize_chat([], None, max_length=v), ["8", 8.0],
+     [0]),
+    ("constitutional_revisions.rounds", "rounds",
+     lambda v: list(ai_feedback.constitutional_revisions(["q"], _generate, [ai_feedback.Principle("c", "r")],
+                                                         rounds=v)), ["1", 1.0, None], [0]),
+    ("sample_completions.num_samples", "num_samples", lambda v: _sample(num_samples=v), ["2", 2.0], [0]),
+    ("sample_completions.temperature", "temperature", lambda v: _sample(temperature=v), ["1", None],
+     [-1.0, float("nan")]),
+    ("sample_completions.top_k", "top_k", lambda v: _sample(top_k=v), ["5", 5.0], [0]),
 ]
 
 WRONG = [(c[0], c[1], c[2], v) for c in CASES for v in c[3]]
-OUT_OF_RANGE = [(c[0], c[1], c[2], v) for c in CASES for v in c[4]]
+OUT_OF_RANGE = [(c[0], c[1], c[2], v) for c in CASES if len(c) > 4 for v in c[4]]
 
 
 @pytest.mark.parametrize("name, arg, call, value", WRONG, ids=[f"{w[0]}={w[3]!r}" for w in WRONG])

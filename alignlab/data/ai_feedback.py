@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import as_bool, check_template_fields, check_token_id, is_finite_real, is_int
+from alignlab._checks import (ArgumentTypeError, as_bool, check_count, check_template_fields, check_token_id,
+                              is_finite_real, is_int, is_real)
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -118,11 +119,11 @@ def constitutional_revisions(
     Raises:
         ValueError: empty or non-:class:`Principle` ``principles``; ``rounds < 1``; a bad prompt;
             ``generate`` returning the wrong number of answers.
-        TypeError: ``generate`` returning non-strings.
+        TypeError: ``generate`` returning non-strings; ``rounds`` not an int (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     principles = _check_principles(principles)
-    if not is_int(rounds) or rounds < 1:
-        raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
+    check_count(rounds, "rounds")
     rng = random.Random(seed)
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         records = [ConstitutionalRecord(prompt=m) for m in batch]
@@ -302,19 +303,22 @@ def sample_completions(
 
     Raises:
         ValueError: empty prompts or prompt, ``num_samples < 1``, ``max_new_tokens < 1``, a negative,
-            NaN or infinite ``temperature``, ``top_k < 1`` (a bool is no count), a ``pad_token_id`` that
-            is not a non-negative int or an ``eos_token_id`` that is neither that nor ``None``.
+            NaN or infinite ``temperature``, ``top_k < 1``, a negative ``pad_token_id`` or ``eos_token_id``.
+        TypeError: ``num_samples``, ``max_new_tokens``, ``top_k`` (None allowed) or the token ids (None allowed
+            for ``eos_token_id``) not ints (a bool is no count), ``temperature`` not a real number (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):  # len: a (P, L) tensor has no truth value
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        check_count(value, name)
     if not is_finite_real(temperature) or temperature < 0:
-        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        kind = ValueError if is_real(temperature) else ArgumentTypeError
+        raise kind(f"temperature: expected a finite number >= 0, got {temperature!r}")
     temperature = float(temperature)
     if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        kind = ValueError if is_int(top_k) else ArgumentTypeError
+        raise kind(f"top_k: expected None or an int >= 1, got {top_k!r}")
     _check_token_ids(pad_token_id, eos_token_id)
     with eval_mode(model):  # dropout in train mode would make the same seed draw other tokens
         return _sample(model, prompts, num_samples, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id,

@@ -32,7 +32,7 @@ from typing import Literal, TypedDict
 
 import torch
 
-from alignlab._checks import check_token_id, is_int
+from alignlab._checks import ArgumentTypeError, check_token_id, is_int
 from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
@@ -82,10 +82,12 @@ def pack_examples(
     label is set to ``-100`` (see module docstring). Samples are never split.
     ``overflow``: a sample longer than ``max_length`` raises
     :class:`~alignlab.data.sft.SequenceTooLongError` (a ``ValueError``;
-    ``"error"``) or is dropped (``"skip"``).
+    ``"error"``) or is dropped (``"skip"``). A ``max_length`` that is no int raises
+    :class:`~alignlab.ArgumentTypeError` (a ``TypeError`` and a ``ValueError``), one < 1 ``ValueError``.
     """
     if not is_int(max_length) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        kind = ValueError if is_int(max_length) else ArgumentTypeError
+        raise kind(f"max_length must be a positive int, got {max_length!r}")
     if overflow not in ("error", "skip"):
         raise ValueError(f"overflow must be 'error' or 'skip', got {overflow!r}")
     row: PackedExample = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
@@ -109,8 +111,8 @@ def pack_examples(
 def _check_pad_token_id(pad_token_id) -> None:
     # None failed inside torch.full; 1.5 or True were silently read as 1
     if pad_token_id is None:
-        raise ValueError("pad_token_id: expected a non-negative int, got None (a tokenizer without a pad token: "
-                         "set tokenizer.pad_token)")
+        raise ArgumentTypeError("pad_token_id: expected a non-negative int, got None (a tokenizer without a pad token: "
+                                "set tokenizer.pad_token)")
     check_token_id(pad_token_id, "pad_token_id")
 
 
@@ -136,11 +138,13 @@ def packed_attention_mask(
     the mask of a ``seq_lens`` list; with ``position_ids`` the length is theirs.
     Raises ``ValueError`` for an integer ``dtype`` (neither kind of mask), lengths
     that are not positive ints, a ``length`` that is not an int or is shorter than
-    a row, or a ``length`` that differs from the ``position_ids``' own.
+    a row, or a ``length`` that differs from the ``position_ids``' own; for a length that is no int
+    it is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too.
     """
     _check_mask_dtype(dtype, "dtype")
     if length is not None and not is_int(length):
-        raise ValueError(f"length must be None or an int, got {length!r}")
+        kind = ValueError if is_int(length) else ArgumentTypeError
+        raise kind(f"length must be None or an int, got {length!r}")
     if isinstance(seq_lens, torch.Tensor):
         if seq_lens.dim() != 2:
             raise ValueError(f"position_ids must be (batch, length), got shape {tuple(seq_lens.shape)}")
@@ -152,7 +156,8 @@ def packed_attention_mask(
     else:
         rows = [list(r) for r in seq_lens]
         if not rows or any(any(not is_int(n) or n < 1 for n in r) for r in rows):
-            raise ValueError("seq_lens must be a non-empty list of lists of positive int lengths")
+            kind = ArgumentTypeError if any(not is_int(n) for r in rows for n in r) else ValueError
+            raise kind("seq_lens must be a non-empty list of lists of positive int lengths")
         need = max(sum(r) for r in rows)
         length = need if length is None else length
         if length < need:
@@ -245,7 +250,9 @@ def collate_padded(
 
     Raises ``ValueError`` for an empty or malformed sample list, a ``pad_token_id`` that is not a
     non-negative int (``None``: the tokenizer has no pad token), a ``pad_to_multiple_of`` that is
-    not ``None`` or a positive int, or an unknown ``padding_side``.
+    not ``None`` or a positive int, or an unknown ``padding_side``; for a ``pad_token_id``
+    or ``pad_to_multiple_of`` that is no int (None included for ``pad_token_id``) it is an
+    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too.
     """
     if len(examples) == 0:
         raise ValueError("examples is empty")
@@ -253,7 +260,8 @@ def collate_padded(
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     _check_pad_token_id(pad_token_id)
     if pad_to_multiple_of is not None and (not is_int(pad_to_multiple_of) or pad_to_multiple_of < 1):
-        raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
+        kind = ValueError if is_int(pad_to_multiple_of) else ArgumentTypeError
+        raise kind(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
     rows = [_validate(e, i) for i, e in enumerate(examples)]
     length = max(len(ids) for ids, _ in rows)
     if pad_to_multiple_of:
@@ -320,7 +328,8 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
                 "(flash-attention kernels take no 4-D mask: use collate_padding_free, or pass mask_dtype)"
             )
     if length is not None and not is_int(length):
-        raise ValueError(f"length must be None or an int, got {length!r}")
+        kind = ValueError if is_int(length) else ArgumentTypeError
+        raise kind(f"length must be None or an int, got {length!r}")
     need = max(len(r["input_ids"]) for r in rows)
     length = need if length is None else length
     if length < need:

@@ -38,7 +38,8 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, check_template_fields, is_finite_real, is_int
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_template_fields, is_finite_real,
+                              is_int, is_real)
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -77,7 +78,8 @@ def _as_messages(prompt: str | Sequence[Message], name: str = "prompt") -> list[
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     if not is_int(size) or size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {size!r}")
+        kind = ValueError if is_int(size) else ArgumentTypeError
+        raise kind(f"batch_size must be a positive int, got {size!r}")
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -234,10 +236,12 @@ def online_feedback_pairs(
     ``num_candidates`` times per batch; it should sample, not decode
     greedily), scores them with ``judge(prompt_messages, candidates) ->
     scores`` and yields :func:`pairs_from_scores`. Raises ``ValueError`` for a
-    ``num_candidates`` that is not an int >= 2, a bad ``min_margin`` or ``batch_size``.
+    ``num_candidates`` that is not an int >= 2, a bad ``min_margin`` or ``batch_size``
+    (:class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for a count that is no int).
     """
     if not is_int(num_candidates) or num_candidates < 2:  # 2.5 failed in range(), "3" in the comparison
-        raise ValueError(f"num_candidates must be an int >= 2, got {num_candidates!r}")
+        kind = ValueError if is_int(num_candidates) else ArgumentTypeError
+        raise kind(f"num_candidates must be an int >= 2, got {num_candidates!r}")
     min_margin = check_finite_number(min_margin, "min_margin", minimum=0)  # before any sampling
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         samples = [_call_generate(generate, batch) for _ in range(num_candidates)]
@@ -260,7 +264,8 @@ JUDGE_TEMPLATE = (
 
 def _check_max_score(max_score: float) -> None:
     if not is_finite_real(max_score) or max_score <= 0:
-        raise ValueError(f"max_score must be a finite number > 0, got {max_score!r}")
+        kind = ValueError if is_real(max_score) else ArgumentTypeError
+        raise kind(f"max_score must be a finite number > 0, got {max_score!r}")
 
 
 def parse_judge_score(text: str, max_score: float = 5.0) -> float:
@@ -270,7 +275,8 @@ def parse_judge_score(text: str, max_score: float = 5.0) -> float:
     drops it, :func:`alignlab.decoding.rerank` and
     :func:`alignlab.decoding.best_of_n` rank it last (or raise with
     ``nan="raise"``). Raises ``ValueError`` unless ``max_score`` is a finite
-    number > 0 (a NaN one made every score NaN).
+    number > 0 (a NaN one made every score NaN); :class:`~alignlab.ArgumentTypeError`, a ``TypeError``
+    too, for one that is no number.
     """
     _check_max_score(max_score)
     found = _SCORE.findall(text or "")
@@ -286,7 +292,7 @@ def llm_judge(generate: Generate, template: str = JUDGE_TEMPLATE, max_score: flo
     ``template`` is formatted with ``prompt`` (the last user message),
     ``response`` and ``max_score``; scores are read with
     :func:`parse_judge_score`. Raises ``ValueError`` for a ``max_score`` that is not a finite number > 0
-    or a ``template`` without a ``{prompt}`` or ``{response}`` placeholder (the judge would not see that text).
+    (:class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for no number) or a ``template`` without a ``{prompt}`` or ``{response}`` placeholder (the judge would not see that text).
     """
     _check_max_score(max_score)  # now, not at the first reply
     check_template_fields(template, ("prompt", "response"))  # format() would drop the text silently

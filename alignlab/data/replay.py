@@ -36,14 +36,15 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
-from alignlab._checks import as_bool, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, is_int, is_real
 
 __all__ = ["replay_counts", "ReplayMixer", "ReplayBatchSampler"]
 
 
 def _check(batch_size: int, replay_fraction: float) -> Fraction:
     if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        kind = ValueError if is_int(batch_size) else ArgumentTypeError
+        raise kind(f"batch_size must be a positive int, got {batch_size!r}")
     if not is_real(replay_fraction):  # Python and NumPy reals, Fraction; not a bool
         raise TypeError(f"replay_fraction must be a number, got {type(replay_fraction).__name__}")
     if not 0 <= replay_fraction < 1:  # NaN fails too
@@ -57,7 +58,8 @@ def _check(batch_size: int, replay_fraction: float) -> Fraction:
 def _check_epoch(epoch: int) -> int:
     # int() read 1.7 as 1 and True as 1: two epochs sharing one RNG without a word
     if not is_int(epoch) or epoch < 0:
-        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        kind = ValueError if is_int(epoch) else ArgumentTypeError
+        raise kind(f"epoch must be an int >= 0, got {epoch!r}")
     return int(epoch)
 
 
@@ -71,10 +73,13 @@ def replay_counts(batch_size: int, replay_fraction: float, start: int = 0) -> It
 
     Raises:
         ValueError: ``batch_size < 1``, ``f`` outside ``[0, 1)`` or a ``start`` that is not an int >= 0.
+        TypeError: ``batch_size`` or ``start`` not an int, ``f`` not a number (for the ints an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     f = _check(batch_size, replay_fraction) * batch_size
     if not is_int(start) or start < 0:  # int() truncates towards 0: a negative or fractional start breaks the floors
-        raise ValueError(f"start must be an int >= 0, got {start!r}")
+        kind = ValueError if is_int(start) else ArgumentTypeError
+        raise kind(f"start must be an int >= 0, got {start!r}")
     return _counts(f, int(start))  # checked now, not at the first next()
 
 
@@ -157,7 +162,8 @@ class ReplayMixer:
     def set_epoch(self, epoch: int) -> None:
         """Use the placement RNG of ``epoch`` (call before each epoch, as with DistributedSampler).
 
-        Raises ``ValueError`` unless ``epoch`` is an int >= 0 (NumPy ints too)."""
+        Raises ``ValueError`` unless ``epoch`` is an int >= 0 (NumPy ints too); for one that is no int it is an
+        :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too."""
         self.epoch = _check_epoch(epoch)
 
     def __iter__(self) -> Iterator[list]:
@@ -221,9 +227,11 @@ class ReplayBatchSampler:
     ):
         _check(batch_size, replay_fraction)
         if not is_int(task_size) or task_size < 1:
-            raise ValueError(f"task_size must be a positive int, got {task_size!r}")
+            kind = ValueError if is_int(task_size) else ArgumentTypeError
+            raise kind(f"task_size must be a positive int, got {task_size!r}")
         if not is_int(general_size) or general_size < 0:
-            raise ValueError(f"general_size must be a non-negative int, got {general_size!r}")
+            kind = ValueError if is_int(general_size) else ArgumentTypeError
+            raise kind(f"general_size must be a non-negative int, got {general_size!r}")
         if general_size == 0 and replay_fraction > 0:
             raise ValueError("general_size must be >= 1 when replay_fraction > 0")
         self.task_size, self.general_size = task_size, general_size

@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
-from alignlab._checks import as_bool, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, is_int
 
 __all__ = [
     "IGNORE_INDEX",
@@ -172,7 +172,8 @@ def tokenize_chat(
     Raises ``ValueError`` for: a tokenizer without chat template, malformed
     messages, no assistant turn, a template that is not prefix-consistent,
     an over-long sequence (``overflow="error"``; :class:`SequenceTooLongError`,
-    a ``ValueError`` subclass).
+    a ``ValueError`` subclass), a ``max_length`` < 1; for a ``max_length`` that is
+    neither an int nor None, :class:`~alignlab.ArgumentTypeError` (a ``ValueError`` too).
     """
     _check_options(train_on, overflow, max_length)
     text, spans = _assistant_spans(messages, tokenizer, train_on, template_kwargs)
@@ -185,7 +186,8 @@ def _check_options(train_on: str, overflow: str, max_length: int | None) -> None
     if overflow not in ("error", "truncate"):
         raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
     if max_length is not None and (not is_int(max_length) or max_length < 1):
-        raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
+        kind = ValueError if is_int(max_length) else ArgumentTypeError
+        raise kind(f"max_length must be an int >= 1 or None, got {max_length!r}")
 
 
 def _completion_span(prompt: Sequence[Message], completion: Sequence[Message], tokenizer: Any,

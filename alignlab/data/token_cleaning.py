@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignlab._checks import is_real
+from alignlab._checks import ArgumentTypeError, is_real
 from alignlab.data.sft import IGNORE_INDEX
 from alignlab.eval.eval_mode import eval_mode
 
@@ -137,7 +137,8 @@ def _check_threshold(threshold: float) -> float:
     """``threshold`` as a Python float: a real number, ±inf included (:func:`influence_threshold` returns
     inf to keep nothing); not a bool, and not NaN, which ``scores >= NaN`` would turn into dropping every token."""
     if not is_real(threshold) or math.isnan(threshold):
-        raise ValueError(f"threshold must be a real number (not NaN), got {threshold!r}")
+        kind = ValueError if is_real(threshold) else ArgumentTypeError
+        raise kind(f"threshold must be a real number (not NaN), got {threshold!r}")
     return float(threshold)
 
 
@@ -161,7 +162,8 @@ def clean_labels(
     earlier token. Positions already ``-100`` stay so; NaN scores are
     dropped. ``labels``/``scores``: ``(batch, seq)``. Returns a new tensor.
     Raises ``ValueError`` if neither or both of ``keep_ratio`` and
-    ``threshold`` are given, if ``threshold`` is NaN or not a number, on
+    ``threshold`` are given, if ``threshold`` is NaN or not a number (then an
+    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too), on
     shape mismatch, or for ``position_ids`` that are not an integer tensor
     of the labels' shape.
     """

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_positive_int, check_positive_number, check_token_id, is_real
+from alignlab._checks import (ArgumentTypeError, as_bool, check_positive_int, check_positive_number, check_token_id,
+                              is_real)
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 from alignlab.losses.logprobs import _check_ignore_index, _fp16_grad_unit, _row_chunks, scale_grads_
