@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_experts
 from torch import nn
 
 import alignlab
-from alignlab import _checks
+from alignlab import _checks, adapters
+from alignlab.adapters import base as adapter_base
 from alignlab.data import ai_feedback, packing, pairs, replay, sft, token_cleaning
 from alignlab.losses import distill, fused_preference, fused_rl, logprobs, preference, regularizers, reward
 
@@ -162,6 +164,43 @@ CASES = [
     ("sample_completions.temperature", "temperature", lambda v: _sample(temperature=v), ["1", None],
      [-1.0, float("nan")]),
     ("sample_completions.top_k", "top_k", lambda v: _sample(top_k=v), ["5", 5.0], [0]),
+    # adapters
+    ("check_adapter_name", "adapter name", adapter_base.check_adapter_name, [3, None, b"a"], ["", "a.b"]),
+    ("LoRALinear.adapter_name", "adapter name", lambda v: adapters.LoRALinear(nn.Linear(4, 4), adapter_name=v),
+     [3, None], ["", "x.y"]),
+    ("LoRALinear.alpha", "alpha", lambda v: adapters.LoRALinear(nn.Linear(4, 4), alpha=v), ["8", None, True],
+     [0, -1.0, float("nan")]),
+    ("LoRALinear.dropout", "dropout", lambda v: adapters.LoRALinear(nn.Linear(4, 4), dropout=v), ["0.1", None],
+     [1.0, -0.1]),
+    ("lora_scaling.alpha", "alpha", lambda v: adapters.lora_scaling(4, v), ["8", None], [float("inf")]),
+    ("LoRAConfig.dropout", "dropout", lambda v: adapters.LoRAConfig(dropout=v), ["0.1", None], [1.0]),
+    ("LoRAConfig.rank_pattern", "rank_pattern", lambda v: adapters.LoRAConfig(rank_pattern={"q": v}),
+     ["4", None, 2.5], [0, -1]),
+    ("LoRAConfig.alpha_pattern", "alpha_pattern", lambda v: adapters.LoRAConfig(alpha_pattern={"q": v}),
+     ["4", None], [0, float("nan")]),
+    ("LoRAConfig.trainable_token_indices", "trainable_token_indices",
+     lambda v: adapters.LoRAConfig(trainable_token_indices=[1, v]), ["2", 2.0, None], [-1]),
+    ("AdaLoRAConfig.target_r", "target_r", lambda v: adapters.AdaLoRAConfig(target_r=v), ["8", 8.0], [0, 13]),
+    ("AdaLoRAConfig.tinit", "tinit", lambda v: adapters.AdaLoRAConfig(tinit=v), ["1", 1.0], [-1]),
+    ("AdaLoRAConfig.beta1", "beta1", lambda v: adapters.AdaLoRAConfig(beta1=v), ["0.8", None], [1.0, 0.0]),
+    ("AdaLoRALinear.r", "r", lambda v: adapters.AdaLoRALinear(nn.Linear(4, 4), r=v, scaling=1.0), ["4", 4.0],
+     [-1]),
+    ("BottleneckConfig.reduction_factor", "reduction_factor",
+     lambda v: adapters.BottleneckConfig(reduction_factor=v), ["16", None], [0, float("inf")]),
+    ("BottleneckConfig.hidden_size", "hidden_size", lambda v: adapters.BottleneckConfig(hidden_size=v),
+     ["8", 8.0], [0]),
+    ("BottleneckLayer.add_adapter.bottleneck", "bottleneck size",
+     lambda v: adapters.BottleneckLayer(nn.Linear(4, 4), 4, v), ["2", 2.0, None], [0]),
+    ("ExpertLoRA.ranks", "rank of", lambda v: adapters.ExpertLoRA(make_experts(hidden=8, intermediate=4),
+                                                                 {"down_proj": v}), ["2", 2.0], [0]),
+    ("ExpertLoRA.alpha", "alpha of", lambda v: adapters.ExpertLoRA(make_experts(hidden=8, intermediate=4),
+                                                                  {"down_proj": 2}, alpha=v), ["2", None], [0]),
+    ("top_heads.fraction", "fraction", lambda v: adapters.top_heads(torch.rand(2, 3), fraction=v), ["0.5", None],
+     [0, 1.5]),
+    ("select_heads.lr", "lr", lambda v: adapters.select_heads(nn.Linear(4, 4), [], lr=v), ["1e-3", None],
+     [0, float("nan")]),
+    ("LoKrConfig.decompose_factor", "decompose_factor", lambda v: adapters.LoKrConfig(decompose_factor=v),
+     ["2", 2.0], [0, -2]),
 ]
 
 WRONG = [(c[0], c[1], c[2], v) for c in CASES for v in c[3]]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
 from alignlab.adapters.config import check_dropout, check_finite_number, check_nonzero_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
@@ -76,7 +76,8 @@ class AdaLoRALinear(AdapterLayer):
     def add_adapter(self, name: str, r: int, scaling: float, init: str = "adalora", dropout: float = 0.0) -> None:
         self._check_new_adapter(name)
         if not is_int(r) or r < 0:
-            raise ValueError(f"r must be a non-negative integer, got {r!r}")
+            kind = ValueError if is_int(r) else ArgumentTypeError
+            raise kind(f"r must be a non-negative integer, got {r!r}")
         r = int(r)
         if init not in ("adalora", "sora"):
             raise ValueError(f"init must be 'adalora' or 'sora', got {init!r}")
@@ -151,7 +152,8 @@ class AdaLoRAConfig:
         ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
             integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1), a NaN,
             infinite or negative ``orth_reg_weight``, a ``rank_pattern`` that is not ``{name: [bool] * init_r}``.
-        TypeError: an ``orth_reg_weight`` that is not a real number.
+        TypeError: an ``orth_reg_weight`` or a beta that is not a real number, a rank or ``tinit``/``tfinal``/
+            ``deltaT`` that is not an int (for these an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
 
     peft_type = "ADALORA"
@@ -177,13 +179,15 @@ class AdaLoRAConfig:
         self.init_r, self.alpha, self.dropout = _check_common(self.init_r, self.alpha, self.dropout, self.target_modules,
                                                               self.exclude_modules, "init_r")
         if not is_int(self.target_r) or not 0 < self.target_r <= self.init_r:
-            raise ValueError(f"target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
+            kind = ValueError if is_int(self.target_r) else ArgumentTypeError
+            raise kind(f"target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
         self.target_r = int(self.target_r)
         self.total_step = check_positive_int(self.total_step, "total_step")
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+                kind = ValueError if is_int(value) else ArgumentTypeError
+                raise kind(f"{name} must be a non-negative integer, got {value!r}")
             setattr(self, name, int(value))
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(f"need 0 ≤ tinit, tfinal and tinit + tfinal < total_step, got tinit={self.tinit}, "
@@ -193,7 +197,8 @@ class AdaLoRAConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not is_finite_real(value) or not 0 < value < 1:
-                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+                kind = ValueError if is_real(value) else ArgumentTypeError
+                raise kind(f"{name} must be a number in (0, 1), got {value!r}")
             setattr(self, name, float(value))
         # the user's loop multiplies the regularizer by it: NaN would reach the loss, a string fail there
         self.orth_reg_weight = check_finite_number(self.orth_reg_weight, "orth_reg_weight", minimum=0.0)

@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from alignlab._checks import ArgumentTypeError
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2, GPT, ...): a linear map whose
@@ -123,8 +125,11 @@ _DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterD
 
 
 def check_adapter_name(name: str) -> None:
+    """:class:`~alignlab.ArgumentTypeError` unless ``name`` is a str; ``ValueError`` for an empty one, one holding a
+    ``.`` (a module path separator) or naming an attribute of the dicts that hold the adapters."""
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        kind = ValueError if isinstance(name, str) else ArgumentTypeError
+        raise kind(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in _DICT_ATTRIBUTES:
         raise ValueError(f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict, which hold "
                          "the adapters by name; pick another name")

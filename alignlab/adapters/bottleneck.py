@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab._checks import as_python_number, is_finite_real, is_int
+from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.adapters.base import AdapterLayer, is_linear_like, linear_features
 from alignlab.adapters.config import as_bool, check_nonzero_number, check_positive_int, check_positive_number, name_matches
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
@@ -101,7 +101,8 @@ class BottleneckLayer(AdapterLayer):
     Raises:
         ValueError: ``hidden`` or ``bottleneck`` not a positive int, an unknown non-linearity, a ``scaling`` that is
             NaN, infinite or 0.
-        TypeError: ``parallel`` is neither a bool nor a NumPy bool; ``scaling`` not a real number.
+        TypeError: ``parallel`` is neither a bool nor a NumPy bool; ``scaling`` not a real number; ``hidden`` or
+            ``bottleneck`` not an int (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
 
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, non_linearity: str = "relu",
@@ -130,9 +131,7 @@ class BottleneckLayer(AdapterLayer):
 
     def add_adapter(self, name: str, bottleneck: int, non_linearity: str = "relu", parallel: bool = False, scaling: float = 1.0) -> None:
         self._check_new_adapter(name)
-        if not is_int(bottleneck) or bottleneck <= 0:
-            raise ValueError(f"bottleneck size must be a positive integer, got {bottleneck!r}")
-        bottleneck = int(bottleneck)
+        bottleneck = check_positive_int(bottleneck, "bottleneck size")
         if non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
@@ -243,9 +242,7 @@ class BottleneckConfig:
     hidden_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not is_finite_real(self.reduction_factor) or self.reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be a positive finite number, got {self.reduction_factor!r}")
-        self.reduction_factor = as_python_number(self.reduction_factor)
+        self.reduction_factor = check_positive_number(self.reduction_factor, "reduction_factor")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
@@ -253,7 +250,8 @@ class BottleneckConfig:
         self.scaling = check_nonzero_number(self.scaling, "scaling", _ZERO_SCALING)
         if self.hidden_size is not None:  # 2.7 reached int() in prepare (a 2-wide block), "4096" a comparison
             if not is_int(self.hidden_size) or self.hidden_size < 1:
-                raise ValueError(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")
+                kind = ValueError if is_int(self.hidden_size) else ArgumentTypeError
+                raise kind(f"hidden_size must be None or a positive int, got {self.hidden_size!r}")
             self.hidden_size = int(self.hidden_size)
         self._default_targets = self.target_modules is None
         if self._default_targets:

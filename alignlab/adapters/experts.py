@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, as_python_number, check_positive_int, is_finite_real, is_real
 from alignlab.adapters.base import AdapterLayer, refuse_float16_merge
 from alignlab.adapters.dora import (check_dora_unmergeable, dora_gain, dora_merged_weight, dora_unmerged_weight,
                                    kept_merge_norm)
@@ -362,15 +362,16 @@ class ExpertLoRA(AdapterLayer):
             raise ValueError(f"alpha must name only parameters in ranks {list(ranks)}, got keys {list(alpha)}")
         alphas = alpha if isinstance(alpha, dict) else {p: alpha for p in ranks}
         for p, r in ranks.items():
-            if not is_int(r) or r <= 0:
-                raise ValueError(f"rank of {p!r} must be a positive integer, got {r!r}")
+            check_positive_int(r, f"rank of {p!r}")
             a = alphas.get(p)
             if not is_finite_real(a) or a <= 0:  # NaN and inf fail too
-                raise ValueError(f"alpha of {p!r} must be a positive number, got {a!r}")
+                kind = ValueError if is_real(a) else ArgumentTypeError
+                raise kind(f"alpha of {p!r} must be a positive number, got {a!r}")
         ranks = {p: int(r) for p, r in ranks.items()}
         alphas = {p: as_python_number(alphas[p]) for p in ranks}
         if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+            kind = ValueError if is_real(dropout) else ArgumentTypeError
+            raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
         check_adapter_dtype(adapter_dtype)
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS} on expert parameters, got {init!r}")

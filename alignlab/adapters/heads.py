@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from alignlab._checks import check_positive_int, is_int, is_real
+from alignlab._checks import ArgumentTypeError, check_positive_int, check_positive_number, is_int, is_real
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,8 @@ def head_scores(base: nn.Module, tuned: nn.Module, metric: str = "wasserstein") 
 def _check_fraction(fraction) -> None:
     # True is 1 (every head) and "0.1" fails deep in a comparison: both are a caller's mistake
     if not is_real(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        kind = ValueError if is_real(fraction) else ArgumentTypeError
+        raise kind(f"fraction must be a number in (0, 1], got {fraction!r}")
 
 
 def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, int]]:
@@ -152,8 +152,7 @@ def select_heads(
     steps = check_positive_int(steps, "steps")
     _check_fraction(fraction)
     # lr = 0 moved no head: every score 0, and the "top" heads an arbitrary pick
-    if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_positive_number(lr, "lr")
     probe = copy.deepcopy(model).train()
     params = _attention_parameters(probe)
     for p in probe.parameters():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab._checks import is_int
+from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import (_pattern_value, as_bool, check_modules_to_save, check_patterns, check_positive_int,
                                       check_positive_number, check_target_spec)
@@ -39,7 +39,8 @@ FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2
 
 def _check_decompose_factor(factor) -> int:
     if not is_int(factor) or factor == 0 or factor < -1:
-        raise ValueError(f"decompose_factor must be -1 or a positive integer, got {factor!r}")
+        kind = ValueError if is_int(factor) else ArgumentTypeError
+        raise kind(f"decompose_factor must be -1 or a positive integer, got {factor!r}")
     return int(factor)
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import as_bool, as_python_number, check_positive_int, is_finite_real, is_int
+from alignlab._checks import (ArgumentTypeError, as_bool, check_positive_int, check_positive_number, is_finite_real,
+                              is_int, is_real)
 from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weight, is_quantized, merge_weight,
                                     refuse_float16_merge, set_dense_weight_)
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
@@ -54,11 +55,14 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """``α/r`` (LoRA) or ``α/√r`` (rsLoRA).
 
     Raises ``ValueError`` unless ``r`` is a positive integer and ``alpha`` a finite number, ``TypeError``
-    if ``use_rslora`` is not a bool (``r=0`` divided by zero, a negative ``r`` flipped the sign of the update).
+    if ``use_rslora`` is not a bool (``r=0`` divided by zero, a negative ``r`` flipped the sign of the update);
+    an ``r`` or ``alpha`` of the wrong kind (a str, a bool, a float ``r``) raises
+    :class:`~alignlab.ArgumentTypeError`, which is both.
     """
     r = check_positive_int(r, "r")
     if not is_finite_real(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        kind = ValueError if is_real(alpha) else ArgumentTypeError
+        raise kind(f"alpha must be a finite number, got {alpha!r}")
     return alpha / math.sqrt(r) if as_bool(use_rslora, "use_rslora") else alpha / r
 
 
@@ -180,11 +184,10 @@ class LoRALinear(AdapterLayer):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = _check_rank(r)
-        if not is_finite_real(alpha) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        alpha = as_python_number(alpha)
+        alpha = check_positive_number(alpha, "alpha")
         if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+            kind = ValueError if is_real(dropout) else ArgumentTypeError
+            raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
         use_rslora = as_bool(use_rslora, "use_rslora")
         use_dora = as_bool(use_dora, "use_dora")
         check_adapter_dtype(adapter_dtype)
