@@ -535,7 +535,8 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         ValueError: an adapter is unknown or already merged, or the model holds no adapters; a float16
             base weight whose merged values would leave float16's range (they would round to inf), naming
             the layer (that layer is left unchanged; the layers merged before it stay merged:
-            :func:`unmerge` undoes them).
+            :func:`unmerge` undoes them); a LoRA on a tied head merged while trainable token rows of another
+            adapter stay active and unmerged under it (raised before any change).
     """
     adapter_names = _adapter_name_list(adapter_names)
     layers = list(adapter_layers(model))
@@ -543,6 +544,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         raise ValueError("model holds no adapter layers; nothing to merge")
     if adapter_names is not None:
         _require_adapters(model, adapter_names)
+    _refuse_merge_over_live_rows(layers, adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in layers
                                  if any(a in l.adapter_names() for a in (adapter_names or l.active_adapters))])
     for name, layer in _nested_first(layers):
@@ -552,6 +554,22 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return model
+
+
+def _refuse_merge_over_live_rows(layers: list[tuple[str, AdapterLayer]], adapter_names: list[str] | None) -> None:
+    """The check of a LoRA head's merge over trainable token rows (``LoRALinear._check_mergeable``) for the whole
+    call, before :func:`merge` changes anything (it unties the head first): the rows it merges below count."""
+    for name, layer in layers:
+        inner = getattr(layer, "base_layer", None)
+        if not isinstance(layer, LoRALinear) or not isinstance(inner, AdapterLayer):
+            continue
+        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
+        below = frozenset(n for n in (adapter_names or inner.active_adapters) if n in inner.adapter_names())
+        if names:
+            try:
+                layer._check_mergeable(names, below)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
 
 
 def _nested_first(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, AdapterLayer]]:

@@ -423,6 +423,19 @@ class LoRALinear(AdapterLayer):
 
     # -- merge ----------------------------------------------------------------------------------
     # merge()/unmerge() come from AdapterLayer; plain LoRA adds delta_weight, DoRA needs its own fold.
+    def _check_mergeable(self, names: list[str], merging_below: frozenset = frozenset()) -> None:
+        """Trainable token rows under this head (a tied ``lm_head``) that stay active and unmerged after a merge of
+        ``names`` (``merging_below``: the rows' adapters merged by the same call, first) would overwrite the merged
+        ``ΔW`` in their logits (they are ``x Dᵀ``): refused, so that the merge keeps the output."""
+        inner = self.base_layer
+        if not names or not isinstance(inner, AdapterLayer) or inner.disabled:
+            return
+        live = [n for n in inner.active_adapters if n not in inner.merged_adapters and n not in merging_below]
+        if live:
+            raise ValueError(f"the trainable token rows of adapters {live} under this head are active and not merged: "
+                             f"their logits would lose the ΔW of {names} merged into the head's weight; merge those "
+                             "adapters first or in the same call")
+
     def _merge_one(self, name: str) -> None:
         if not self.is_dora(name):
             return super()._merge_one(name)
