@@ -220,9 +220,11 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     return _inject(model, config, adapter_name)
 
 
-def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: bool = False) -> nn.Module:
+def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: bool = False,
+            kept: dict | None = None) -> nn.Module:
     """:func:`inject`; ``from_file`` (``load_adapter``) rebuilds a PEFT file's PiSSA / OLoRA residual in a weight shared
-    with another module as PEFT did (with a warning) instead of refusing it."""
+    with another module as PEFT did (with a warning) instead of refusing it. ``kept``: the caller's copies of the
+    targets' base weights (:func:`_kept_rewritten_weights`), used instead of taking a second set."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(config, "new_layer"):
@@ -255,7 +257,7 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
         prepare(model, targets, adapter_name)
     before = {id(m) for m in model.modules()}
     first = not configs
-    _add_to_targets(model, config, targets, adapter_name, first)
+    _add_to_targets(model, config, targets, adapter_name, first, kept)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, SavedModule):
@@ -281,7 +283,8 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
     return model
 
 
-def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: str, first: bool) -> None:
+def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: str, first: bool,
+                    kept: dict | None = None) -> None:
     """Add the adapter to the targets that are adapter layers already, then wrap the others. The layers already
     there go first because they are where a config refuses (a LoRA on an ``IA3Linear``); if any target fails, the
     ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned,
@@ -296,7 +299,7 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
         for name in order:
             module = modules[name]
             if rewrites:  # kept before the call: the call itself may rewrite the weight and then fail
-                restores.append(_kept_base_weight(module))
+                restores.append(kept[name] if kept is not None and name in kept else _kept_base_weight(module))
             if isinstance(module, AdapterLayer):
                 config.add_to(module, name, adapter_name)
             else:
@@ -344,23 +347,24 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
 def _kept_rewritten_weights(model: nn.Module, config) -> list:
     """For a config whose init rewrites base weights (PiSSA, OLoRA): a restore function per target (see
     :func:`_kept_base_weight`), taken before ``inject``, so that a caller that deletes the adapter again (a failed
-    ``load_adapter``) can put the weights back; an empty list for other configs."""
+    ``load_adapter``) can put the weights back, ``{target name: restore}`` (pass it to :func:`_inject` as ``kept``:
+    one copy per target); empty for other configs."""
     if not getattr(config, "rewrites_base_weight", False):
-        return []
-    return [_kept_base_weight(model.get_submodule(name)) for name in find_targets(model, config)]
+        return {}
+    return {name: _kept_base_weight(model.get_submodule(name)) for name in find_targets(model, config)}
 
 
 def _kept_base_weight(module: nn.Module):
     """A copy of the weight of ``module``'s base (``module`` itself unless it is an adapter layer), and a function
     that writes it back bit for bit. A dense weight is copied to host memory, so that keeping every target's weight
     of an accelerator-filling model does not double its device memory; a quantized base keeps its packed tensor,
-    whose buffers re-quantizing replaces (never writes into)."""
+    whose buffers re-quantizing replaces (never writes into); a weight on the meta device has nothing to put back."""
     base = module.base_layer if isinstance(module, AdapterLayer) else module
     if is_quantized(base):
         packed = base.quant_weight
         return lambda: base.load_quant_weight_(packed)
     weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor):  # fused MoE experts: no initialisation of theirs rewrites them
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:  # fused MoE experts: no init of theirs rewrites them
         return lambda: None
     kept = weight.detach().to("cpu", copy=True)
 

@@ -545,7 +545,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     state = _read_weights(root / WEIGHTS_NAME)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     rewritten = _kept_rewritten_weights(model, config)  # a PiSSA / OLoRA file's init writes residuals into the base
-    _inject(model, config, adapter_name, from_file=True)
+    _inject(model, config, adapter_name, from_file=True, kept=rewritten)
     try:
         if _drop_tied_heads_the_file_lacks(model, state, adapter_name):
             config.ensure_weight_tying = False
@@ -554,7 +554,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         from alignlab.adapters.inject import delete_adapter
 
         delete_adapter(model, adapter_name)
-        for restore in rewritten:
+        for restore in rewritten.values():
             restore()
         for p in model.parameters():  # inject froze the base: leave the model as it was
             if id(p) in trainable:

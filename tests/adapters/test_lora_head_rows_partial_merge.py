@@ -1,7 +1,8 @@
 """Merging a LoRA on a tied head alone, while trainable token rows of another adapter sit active and unmerged under
 it (a7043ce's nesting): the rows layer scores its ids with ``x Dᵀ``, so a ``ΔW`` merged into the head's weight never
 reached those logits (22 off on the tiny Llama), where the unmerged model adds ``s·B A x`` to them. The merge is
-refused before any change (the head stays tied, nothing merged); merging the rows first, or both (or an adapter the head does not hold), keeps the logits."""
+refused before any change (the head stays tied, nothing merged); merging the rows first, or both (or an adapter the
+head does not hold), keeps the logits."""
 
 import warnings
 
