@@ -248,7 +248,8 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
     ``out``: a tensor of ``t``'s shape and ``dtype`` on its device to write into (and return) instead of a new
     one; for a 2-D weight it may be a view whose rows lie further apart (``out.stride(1) == 1``), e.g. the first
     columns of a wider buffer, written in the same one pass where every quantization block lies in one row
-    (``in_features % blocksize == 0``), else through a temporary. Not with a ``row_scale`` that requires grad.
+    (``in_features % blocksize == 0``), else through a temporary. Under grad mode neither ``out`` nor ``row_scale`` may
+    require grad.
 
     Runs the Triton kernel when :func:`~alignlab.kernels.dispatch.use_triton` allows,
     else :func:`~alignlab.quant.nf4.nf4_dequantize`; both return identical values.
@@ -257,7 +258,8 @@ def nf4_dequant(t: NF4Tensor, dtype: torch.dtype | None = None, row_scale: torch
         TypeError: ``t`` is not an NF4Tensor, ``dtype`` is not fp32 / fp16 / bf16, ``row_scale`` is not an
             fp32 tensor, or ``out`` is not a tensor of ``dtype``.
         ValueError: ``row_scale`` is not ``(out_features,)`` for a 2-D weight; ``out`` is not of ``t``'s shape, on
-            its device, with unit column stride, or is given with a ``row_scale`` that requires grad.
+            its device, with unit column stride, requires grad (under grad mode), or is given with a ``row_scale``
+            that requires grad.
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
@@ -298,5 +300,7 @@ def _check_out(t: NF4Tensor, dtype: torch.dtype, out, row_scale) -> None:
                          f"strides {out.stride()}")
     if out.dim() > 2 and not out.is_contiguous():
         raise ValueError(f"out must be contiguous for a {out.dim()}-D weight, got strides {out.stride()}")
+    if wants_grad(out):  # the kernel's store is invisible to autograd; the PyTorch path's copy_ would refuse a leaf
+        raise ValueError("out must not require grad (write into it under torch.no_grad())")
     if row_scale is not None and wants_grad(row_scale):
         raise ValueError("out cannot be given with a row_scale that requires grad (the result must keep its graph)")
