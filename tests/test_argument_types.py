@@ -7,6 +7,8 @@ a bool where a number goes; a float where an int goes), ``out_of_range`` values 
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,16 @@ import alignlab
 from alignlab import _checks, adapters
 from alignlab.adapters import base as adapter_base
 from alignlab.data import ai_feedback, packing, pairs, replay, sft, token_cleaning
+from alignlab.bench import roofline, timing
+from alignlab.context import rope
+from alignlab.decoding import best_of_n
+from alignlab.eval import code_eval, judge
+from alignlab.eval import reward as eval_reward
 from alignlab.losses import distill, fused_preference, fused_rl, logprobs, preference, regularizers, reward
+from alignlab.merging import lora as merging_lora
+from alignlab.merging import methods, recipe
+from alignlab.optim import adamw8bit
+from alignlab.quant import nf4
 
 D = torch.float64
 
@@ -68,6 +79,18 @@ def _generate(batch):
 
 def _replay_mixer_epoch(epoch):
     replay.ReplayMixer([1, 2], [3, 4], batch_size=2).set_epoch(epoch)
+
+
+def _recipe(method="linear", **kw):
+    return recipe.recipe_from_dict({"merge_method": method, "models": ["a", "b"], **kw})
+
+
+def _nll(**kw):
+    return importlib.import_module("alignlab.eval.perplexity").negative_log_likelihood(nn.Identity(), [], **kw)
+
+
+def _raise_if_called(*args, **kwargs):
+    raise AssertionError("the argument checks should have refused the call")
 
 
 # (id, argument named in the message, call taking the swapped value, wrong kinds, out of range)
@@ -201,6 +224,68 @@ CASES = [
      [0, float("nan")]),
     ("LoKrConfig.decompose_factor", "decompose_factor", lambda v: adapters.LoKrConfig(decompose_factor=v),
      ["2", 2.0], [0, -2]),
+    # merging
+    ("lora_svd.rank", "rank", lambda v: merging_lora.lora_svd([torch.randn(2, 4)], [torch.randn(4, 2)], v),
+     ["2", 2.0, True], [0]),
+    ("karcher.max_iter", "max_iter", lambda v: methods.karcher([torch.randn(4), torch.randn(4)], max_iter=v),
+     ["10", 10.0], [-1]),
+    ("recipe_from_dict.random_seed", "random_seed", lambda v: _recipe(random_seed=v), ["1", 1.5, True]),
+    ("recipe_from_dict.weight", "weight", lambda v: _recipe(parameters={"weight": v}), ["1", None],
+     [float("nan")]),
+    ("recipe_from_dict.max_iter", "max_iter", lambda v: _recipe("karcher", parameters={"max_iter": v}),
+     ["3", 3.0], [-1]),
+    ("recipe_from_dict.tol", "tol", lambda v: _recipe("karcher", parameters={"tol": v}), ["0.1", None], [-0.1]),
+    # context
+    ("rope_inv_freq.dim", "dim", lambda v: rope.rope_inv_freq(v), ["8", 8.0, None], [0, 7]),
+    ("rope_inv_freq.base", "base", lambda v: rope.rope_inv_freq(8, v), ["1e4", None], [1.0, float("inf")]),
+    ("ntk_inv_freq.factor", "factor", lambda v: rope.ntk_inv_freq(8, 1e4, v), ["2", None], [0.5, float("nan")]),
+    ("dynamic_ntk_inv_freq.seq_len", "seq_len", lambda v: rope.dynamic_ntk_inv_freq(8, 1e4, 2.0, v, 16),
+     ["32", 32.0], [0]),
+    # bench
+    ("copy_bandwidth.nbytes", "nbytes", lambda v: roofline.copy_bandwidth("cpu", nbytes=v), ["64", 64.0],
+     [0, 6]),
+    ("matmul_tflops.n", "n", lambda v: roofline.matmul_tflops("cpu", n=v), ["64", 64.0], [0]),
+    ("measure.warmup", "warmup", lambda v: timing.measure(_raise_if_called, warmup=v, device="cpu"), ["1", 1.0],
+     [-1]),
+    ("measure.rep", "rep", lambda v: timing.measure(_raise_if_called, rep=v, device="cpu"), ["1", 1.0], [0]),
+    ("measure.flops", "flops", lambda v: timing.measure(_raise_if_called, flops=v, device="cpu"), ["1e9", True],
+     [0, float("nan")]),
+    # quant
+    ("nf4_quantize.blocksize", "blocksize", lambda v: nf4.nf4_quantize(torch.randn(4, 64), blocksize=v),
+     ["64", 64.0, None], [48, 16]),
+    # optim
+    ("AdamW8bit.blocksize", "blocksize", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], blocksize=v),
+     ["256", 256.0], [100]),
+    ("AdamW8bit.min_8bit_size", "min_8bit_size",
+     lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], min_8bit_size=v), ["0", 0.0], [-1]),
+    ("AdamW8bit.lr", "lr", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], lr=v), ["1e-3", None],
+     [-1.0, float("nan")]),
+    ("AdamW8bit.betas", "betas", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], betas=v),
+     ["0.9", (0.9, "0.99"), (0.9,)], [(0.9, 1.0), (-0.1, 0.9)]),
+    ("AdamW8bit.eps", "eps", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], eps=v), ["1e-8", None],
+     [-1.0]),
+    ("AdamW8bit.weight_decay", "weight_decay", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))],
+                                                                            weight_decay=v), ["0", None], [-0.1]),
+    ("dequantize_moments.blocksize", "blocksize",
+     lambda v: adamw8bit.dequantize_moments(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(2, 1), blocksize=v),
+     ["4", 4.0], [0]),
+    # eval, decoding
+    ("run_tests.timeout", "timeout", lambda v: code_eval.run_tests(["pass"], "pass", timeout=v), ["1", None],
+     [0, float("inf")]),
+    ("run_tests.max_memory_bytes", "max_memory_bytes",
+     lambda v: code_eval.run_tests(["pass"], "pass", max_memory_bytes=v), ["1", 1e9], [0]),
+    ("run_tests.max_workers", "max_workers", lambda v: code_eval.run_tests(["pass"], "pass", max_workers=v),
+     ["1", 1.0], [0]),
+    ("bootstrap_ci.n_resamples", "n_resamples", lambda v: judge.bootstrap_ci([1.0, 2.0], n_resamples=v),
+     ["10", 10.0], [0]),
+    ("bootstrap_ci.confidence", "confidence", lambda v: judge.bootstrap_ci([1.0, 2.0], confidence=v),
+     ["0.9", None], [1.0, float("nan")]),
+    ("negative_log_likelihood.max_length", "max_length", lambda v: _nll(max_length=v), ["8", 8.0], [1]),
+    ("negative_log_likelihood.stride", "stride", lambda v: _nll(max_length=8, stride=v), ["4", 4.0], [0, 8]),
+    ("best_of_n.n", "n", lambda v: best_of_n(nn.Identity(), torch.ones(1, 2, dtype=torch.long), _raise_if_called,
+                                             n=v), ["2", 2.0, None], [0]),
+    ("reward_scores.label_index", "label_index",
+     lambda v: eval_reward.reward_scores(_raise_if_called, [[1, 2]], label_index=v), ["0", 0.0, True]),
 ]
 
 WRONG = [(c[0], c[1], c[2], v) for c in CASES for v in c[3]]

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.bench.timing import _resolve_device, measure
 
 _COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -37,11 +37,13 @@ def copy_bandwidth(device: str | torch.device | None = None, *, nbytes: int | No
 
     Raises:
         ValueError: ``nbytes`` is not a positive multiple of 4, or the device is unusable.
+        TypeError: ``nbytes`` is not an int (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     dev = _resolve_device(device, (), {})
     nbytes = _COPY_BYTES.get(dev.type, 64 << 20) if nbytes is None else nbytes
     if not is_int(nbytes) or nbytes <= 0 or nbytes % 4:
-        raise ValueError(f"nbytes must be a positive multiple of 4, got {nbytes!r}")
+        kind = ValueError if is_int(nbytes) else ArgumentTypeError
+        raise kind(f"nbytes must be a positive multiple of 4, got {nbytes!r}")
     return _copy_bandwidth(str(dev), int(nbytes))
 
 
@@ -69,14 +71,15 @@ def matmul_tflops(
 
     Raises:
         TypeError: ``dtype`` is not a floating-point ``torch.dtype``.
-        ValueError: ``n`` is not a positive int.
+        ValueError: ``n`` is not a positive int (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too, if it is no int).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     dev = _resolve_device(device, (), {})
     n = _MATMUL_N.get(dev.type, 512) if n is None else n
     if not is_int(n) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        kind = ValueError if is_int(n) else ArgumentTypeError
+        raise kind(f"n must be a positive int, got {n!r}")
     return _matmul_tflops(str(dev), dtype, int(n))
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignlab._checks import as_bool, as_python_number, is_finite_real, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, as_python_number, is_finite_real, is_int, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def measure(
     Raises:
         ValueError: ``warmup < 0``, ``rep < 1``, ``bytes_moved``/``flops`` not a positive number, or
             ``device`` (given or inferred) neither CPU nor CUDA (``meta`` tensors take no time to time).
-        TypeError: ``fn`` is not callable, ``name`` not a str, or ``flush_cache`` not a bool.
+        TypeError: ``fn`` is not callable, ``name`` not a str, or ``flush_cache`` not a bool; ``warmup``/``rep`` not
+            ints or ``bytes_moved``/``flops`` not real numbers (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -243,7 +244,8 @@ def roofline_count(value: Any, label: str) -> int | float | None:
     if value is None:
         return None
     if not is_finite_real(value) or not value > 0:
-        raise ValueError(f"{label} must be a positive number or None, got {value!r}")
+        kind = ValueError if is_real(value) else ArgumentTypeError
+        raise kind(f"{label} must be a positive number or None, got {value!r}")
     return as_python_number(value)
 
 
@@ -272,9 +274,11 @@ def run_contestants(
         if not callable(fn):
             raise TypeError(f"contestant {key!r} must be callable, got {type(fn).__name__}")
     if not is_int(warmup) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        kind = ValueError if is_int(warmup) else ArgumentTypeError
+        raise kind(f"warmup must be an int >= 0, got {warmup!r}")
     if rep is not None and (not is_int(rep) or rep < 1):
-        raise ValueError(f"rep must be None or an int >= 1, got {rep!r}")
+        kind = ValueError if is_int(rep) else ArgumentTypeError
+        raise kind(f"rep must be None or an int >= 1, got {rep!r}")
     warmup, rep = int(warmup), None if rep is None else int(rep)
     flush_cache = as_bool(flush_cache, "flush_cache")
 

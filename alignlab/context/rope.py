@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignlab._checks import (as_bool, check_finite_number, check_positive_int, check_positive_number, is_finite_real,
-                              is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int,
+                              check_positive_number, is_finite_real, is_int, is_real)
 
 __all__ = [
     "RopeScaling",
@@ -65,9 +65,11 @@ KINDS = ("linear", "ntk", "dynamic", "yarn", "longrope")
 
 def _check_dim_base(dim: int, base: float) -> None:
     if not is_int(dim) or dim < 2 or dim % 2:
-        raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
+        kind = ValueError if is_int(dim) else ArgumentTypeError
+        raise kind(f"dim must be an even int >= 2, got {dim!r}")
     if not (is_finite_real(base) and base > 1.0):  # inf would zero every frequency but the first
-        raise ValueError(f"base must be a finite number > 1, got {base!r}")
+        kind = ValueError if is_real(base) else ArgumentTypeError
+        raise kind(f"base must be a finite number > 1, got {base!r}")
 
 
 def _check_length(value, name: str, minimum: int = 1) -> int:
@@ -77,21 +79,25 @@ def _check_length(value, name: str, minimum: int = 1) -> int:
             and value.dtype != torch.bool:
         value = value.item()
     if not is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        kind = ValueError if is_int(value) else ArgumentTypeError
+        raise kind(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _check_factor(factor: float, name: str = "factor") -> float:
     """``factor`` as a Python float: a finite real >= 1 (NumPy scalars too; a bool is not)."""
     if not (is_finite_real(factor) and factor >= 1.0):
-        raise ValueError(f"{name} must be a finite number >= 1, got {factor!r}")
+        kind = ValueError if is_real(factor) else ArgumentTypeError
+        raise kind(f"{name} must be a finite number >= 1, got {factor!r}")
     return float(factor)
 
 
 def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
     """Unscaled RoPE inverse frequencies ``θ_i = base^{-2i/dim}``, shape ``(dim/2,)``.
 
-    Raises ``ValueError`` if ``dim`` is not an even int >= 2 or ``base`` not a finite number > 1.
+    Raises ``ValueError`` if ``dim`` is not an even int >= 2 or ``base`` not a finite number > 1 (an
+    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for a ``dim`` that is no int or a ``base`` that is no
+    number).
     """
     _check_dim_base(dim, base)
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim

@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-from alignlab._checks import is_int
+from alignlab._checks import ArgumentTypeError, is_int
 
 __all__ = ["BestOfNOutput", "best_of_n", "rerank"]
 
@@ -157,12 +157,14 @@ def best_of_n(
         candidate, with a ``RuntimeWarning``).
 
     Raises:
-        ValueError: ``n < 1``, bad ``input_ids``, a wrong number of scores, a
+        ValueError: ``n < 1`` (an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for an ``n`` that is no
+            int), bad ``input_ids``, a wrong number of scores, a
             NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
     _check_nan_policy(nan)
     if not is_int(n) or n < 1:  # NumPy ints from a sweep are counts; True is not
-        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+        kind = ValueError if is_int(n) else ArgumentTypeError
+        raise kind(f"n: expected an int >= 1, got {n!r}")
     n = int(n)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (batch, prompt_len), got {tuple(input_ids.shape)}")

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import is_finite_real, is_int
+from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real
 
 __all__ = ["ExecutionResult", "pass_at_k", "run_tests"]
 
@@ -405,7 +405,8 @@ def run_tests(
     Raises:
         ValueError: bad ``timeout`` / ``max_memory_bytes`` / ``max_workers``
             or mismatched ``tests``.
-        TypeError: a program or test is not a string.
+        TypeError: a program or test is not a string; ``timeout`` not a real number, ``max_memory_bytes`` /
+            ``max_workers`` not ints (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
         OSError: not a POSIX system with ``fork`` (Windows).
     """
     if isinstance(programs, str):
@@ -417,13 +418,16 @@ def run_tests(
     if not all(isinstance(s, str) for s in programs + tests):
         raise TypeError("programs/tests: every entry must be a str")
     if not is_finite_real(timeout) or not timeout > 0:
-        raise ValueError(f"timeout: expected finite seconds > 0, got {timeout!r}")
+        kind = ValueError if is_real(timeout) else ArgumentTypeError
+        raise kind(f"timeout: expected finite seconds > 0, got {timeout!r}")
     if max_memory_bytes is not None:
         if not is_int(max_memory_bytes) or max_memory_bytes < 1:
-            raise ValueError(f"max_memory_bytes: expected an int >= 1 or None, got {max_memory_bytes!r}")
+            kind = ValueError if is_int(max_memory_bytes) else ArgumentTypeError
+            raise kind(f"max_memory_bytes: expected an int >= 1 or None, got {max_memory_bytes!r}")
         max_memory_bytes = int(max_memory_bytes)  # it travels to the supervisor as JSON
     if not is_int(max_workers) or max_workers < 1:
-        raise ValueError(f"max_workers: expected an int >= 1, got {max_workers!r}")
+        kind = ValueError if is_int(max_workers) else ArgumentTypeError
+        raise kind(f"max_workers: expected an int >= 1, got {max_workers!r}")
     max_workers = int(max_workers)
     if not hasattr(os, "fork"):
         raise OSError("run_tests: needs a POSIX system with fork(); run it under WSL or in a Linux container")

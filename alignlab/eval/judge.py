@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import as_bool, check_template_fields, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_template_fields, is_finite_real, is_int, is_real
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -267,7 +267,9 @@ def bootstrap_ci(
 
     Raises:
         ValueError: empty ``values``, values that are not finite numbers (NaN,
-            inf, strings), ``n_resamples < 1`` or ``confidence`` not a number in ``(0, 1)``.
+            inf, strings), ``n_resamples < 1`` or ``confidence`` not a number in ``(0, 1)`` (an
+            :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for an ``n_resamples`` that is no int or a
+            ``confidence`` that is no number).
     """
     raw = np.asarray(values)
     if raw.dtype.kind not in "biuf":  # np.asarray(..., float64) would read "1" as 1.0
@@ -279,9 +281,11 @@ def bootstrap_ci(
         bad = np.flatnonzero(~np.isfinite(data))[:5].tolist()
         raise ValueError(f"values: expected finite numbers, got NaN or inf at index {bad}")
     if not is_int(n_resamples) or n_resamples < 1:
-        raise ValueError(f"n_resamples: expected an int >= 1, got {n_resamples!r}")
+        kind = ValueError if is_int(n_resamples) else ArgumentTypeError
+        raise kind(f"n_resamples: expected an int >= 1, got {n_resamples!r}")
     if not is_real(confidence) or not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")
+        kind = ValueError if is_real(confidence) else ArgumentTypeError
+        raise kind(f"confidence: expected a value in (0, 1), got {confidence!r}")
     rng = np.random.default_rng(seed)
     resamples = data[rng.integers(0, data.size, size=(n_resamples, data.size))]
     try:

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from alignlab._checks import is_int
+from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.data.packing import cu_seq_lens_from_position_ids, packed_attention_mask
 from alignlab.eval.eval_mode import eval_mode
 
@@ -191,11 +191,13 @@ def negative_log_likelihood(
     if max_length is None and stride is not None:
         raise ValueError("stride: needs max_length to be set too")
     if max_length is not None and (not is_int(max_length) or max_length < 2):
-        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+        kind = ValueError if is_int(max_length) else ArgumentTypeError
+        raise kind(f"max_length: expected an int >= 2, got {max_length!r}")
     if stride is None and max_length is not None:
         stride = max_length - 1
     if max_length is not None and (not is_int(stride) or not 1 <= stride < max_length):
-        raise ValueError(f"stride: expected an int with 1 <= stride < max_length={max_length}, got {stride!r}")
+        kind = ValueError if is_int(stride) else ArgumentTypeError
+        raise kind(f"stride: expected an int with 1 <= stride < max_length={max_length}, got {stride!r}")
 
     if isinstance(batches, (torch.Tensor, Mapping)):
         # iterating one (batch, seq) tensor gives its rows, one mapping its keys: errors about the wrong thing

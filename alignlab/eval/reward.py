@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import check_count, check_token_id, is_int, is_real
+from alignlab._checks import ArgumentTypeError, check_count, check_token_id, is_int
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["reward_scores"]
@@ -91,18 +91,16 @@ def reward_scores(
         ValueError: empty sequence, a ``batch_size`` that is no int >= 1, missing pad id for
             unequal lengths, a ``pad_token_id`` that is not a non-negative int
             or differs from ``model.config.pad_token_id``,
-            multi-column scores without ``label_index``, or a number ``label_index``
-            that is not an int (1.0) or out of range.
+            multi-column scores without ``label_index``, or a ``label_index`` out of range.
         TypeError: a single string instead of a sequence of them; a ``batch_size`` or ``label_index`` that is no
-            number at all (a str, a bool; None too for ``batch_size``, while it is ``label_index``'s default).
+            int (a str, a bool, a float such as 1.0; None too for ``batch_size``, while it is ``label_index``'s
+            default): an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too.
     """
-    # the wrong kind of thing (a str, None, a bool) is a TypeError, a number that is no count a ValueError
+    # the wrong kind of thing (a str, None, a bool, a float where an int goes) is an ArgumentTypeError
     batch_size = check_count(batch_size, "batch_size")
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)  # 1.5 was padded as 1
-    if label_index is not None and not is_real(label_index):  # True would pick column 1
-        raise TypeError(f"label_index: expected None or an int, got {label_index!r}")
-    if label_index is not None and not is_int(label_index):
-        raise ValueError(f"label_index: expected None or an int, got {label_index!r}")
+    if label_index is not None and not is_int(label_index):  # True would pick column 1, 1.0 is no index
+        raise ArgumentTypeError(f"label_index: expected None or an int, got {label_index!r}")
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:
         return torch.empty(0)

@@ -32,7 +32,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from alignlab._checks import as_bool, check_finite_number, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_int, is_real
 
 __all__ = [
     "breadcrumbs",
@@ -1396,7 +1396,8 @@ def karcher(
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
     _check_tensors(tensors, [f"tensors[{i}]" for i in range(len(tensors))])
     if not is_int(max_iter) or max_iter < 0:
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+        kind = ValueError if is_int(max_iter) else ArgumentTypeError
+        raise kind(f"max_iter must be an integer >= 0, got {max_iter!r}")
     tol = _number(tol, "tol", minimum=0.0)
     _check_out_dtype(out_dtype)
     if len(tensors) == 1:

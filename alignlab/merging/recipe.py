@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
-from alignlab._checks import is_finite_real, is_int, user_path
+from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real, user_path
 
 # method name -> (needs a base model, min fine-tuned models, max fine-tuned models or None)
 METHODS: dict[str, tuple[bool, int, int | None]] = {
@@ -173,7 +173,8 @@ def _check_value(name: str, value: Any, where: str) -> None:
         if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and (
             not is_finite_real(v)  # NumPy scalars too; not a bool
         ):
-            raise ValueError(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
+            kind = ValueError if is_real(v) else ArgumentTypeError
+            raise kind(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
         if name == "density" and not 0.0 <= v <= 1.0:
             raise ValueError(f"density of {where} must be in [0, 1], got {v}")
         if name in ("normalize", "filter_wise") and not isinstance(v, bool):
@@ -184,9 +185,11 @@ def _check_value(name: str, value: Any, where: str) -> None:
         if name == "rescale" and not (isinstance(v, bool) or v in ("inverse", "l1")):
             raise ValueError(f"parameter 'rescale' of {where} must be true, false, 'inverse' or 'l1', got {v!r}")
         if name == "max_iter" and not (is_int(v) and v >= 0):
-            raise ValueError(f"parameter 'max_iter' of {where} must be an integer >= 0, got {v!r}")
+            kind = ValueError if is_int(v) else ArgumentTypeError
+            raise kind(f"parameter 'max_iter' of {where} must be an integer >= 0, got {v!r}")
         if name == "tol" and not (is_finite_real(v) and v >= 0):
-            raise ValueError(f"parameter 'tol' of {where} must be a finite number >= 0, got {v!r}")
+            kind = ValueError if is_real(v) else ArgumentTypeError
+            raise kind(f"parameter 'tol' of {where} must be a finite number >= 0, got {v!r}")
 
 
 def _check_filters(name: str, value: Any, where: str) -> None:
@@ -268,7 +271,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
             raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {data[key]!r}")
     seed = data.get("random_seed", 0)
     if not is_int(seed):  # int(1.7) or int(True) would seed the masks with a number nobody wrote
-        raise ValueError(f"random_seed must be an integer, got {seed!r}")
+        raise ArgumentTypeError(f"random_seed must be an integer, got {seed!r}")
     chosen = data.get("out_dtype") if data.get("out_dtype") is not None else data.get("dtype")
     dtype = DTYPES[chosen] if chosen is not None else None
     recipe = Recipe(

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import as_bool, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, is_finite_real, is_int, is_real
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import use_triton
 from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
@@ -84,7 +84,8 @@ def dequantize_moments(
     if codes.dim() != 2 or codes.shape[0] != 2:
         raise ValueError(f"codes: expected shape (2, n), got {tuple(codes.shape)}")
     if not is_int(blocksize) or blocksize < 1:
-        raise ValueError(f"blocksize: expected a positive int, got {blocksize!r}")
+        kind = ValueError if is_int(blocksize) else ArgumentTypeError
+        raise kind(f"blocksize: expected a positive int, got {blocksize!r}")
     nb = -(-codes.shape[1] // blocksize)
     if tuple(absmax.shape) != (2, nb):
         raise ValueError(f"absmax: expected shape (2, {nb}) for {codes.shape[1]} values in blocks of {blocksize}, "
@@ -151,7 +152,8 @@ class AdamW8bit(torch.optim.Optimizer):
     ``state_dict()`` / ``load_state_dict()`` round-trip them bit for bit.
 
     Raises:
-        ValueError: a hyper-parameter out of range (named in the message).
+        ValueError: a hyper-parameter out of range (named in the message); one of the wrong kind (a str, None, a
+            float ``blocksize``) is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too.
         TypeError: a parameter that is not a float32/float16/bfloat16 tensor, or a sparse gradient.
     """
 
@@ -168,9 +170,11 @@ class AdamW8bit(torch.optim.Optimizer):
         offload: bool = False,
     ):
         if not is_int(blocksize) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
-            raise ValueError(f"blocksize: expected a power of two in [32, 4096], got {blocksize!r}")
+            kind = ValueError if is_int(blocksize) else ArgumentTypeError
+            raise kind(f"blocksize: expected a power of two in [32, 4096], got {blocksize!r}")
         if not is_int(min_8bit_size) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size: expected an int >= 0, got {min_8bit_size!r}")
+            kind = ValueError if is_int(min_8bit_size) else ArgumentTypeError
+            raise kind(f"min_8bit_size: expected an int >= 0, got {min_8bit_size!r}")
         blocksize, min_8bit_size = int(blocksize), int(min_8bit_size)
         offload = as_bool(offload, "offload")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -451,11 +455,16 @@ def _check_group(group: dict[str, Any]) -> None:
             raise ValueError(f"{key}: AdamW8bit has no {key} (the group asks for {key}={group[key]!r})")
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if not is_finite_real(lr) or lr < 0:
-        raise ValueError(f"lr: expected a finite float >= 0, got {lr!r}")
+        kind = ValueError if is_real(lr) else ArgumentTypeError
+        raise kind(f"lr: expected a finite float >= 0, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
+        pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) for b in betas)
+        kind = ValueError if pair else ArgumentTypeError
+        raise kind(f"betas: expected two floats in [0, 1), got {betas!r}")
     if not is_finite_real(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+        kind = ValueError if is_real(eps) else ArgumentTypeError
+        raise kind(f"eps: expected a finite float >= 0, got {eps!r}")
     if not is_finite_real(wd) or wd < 0:
-        raise ValueError(f"weight_decay: expected a finite float >= 0, got {wd!r}")
+        kind = ValueError if is_real(wd) else ArgumentTypeError
+        raise kind(f"weight_decay: expected a finite float >= 0, got {wd!r}")
     group.update(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd))

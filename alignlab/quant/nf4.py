@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, check_positive_int, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int
 from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
@@ -253,7 +253,8 @@ class NF4Tensor:
                              f"{self.blocksize}, got {self.absmax.numel()}")
         if self.double_quant:
             if not is_int(self.nested_blocksize) or self.nested_blocksize <= 0:
-                raise ValueError(f"nested_blocksize must be a positive integer, got {self.nested_blocksize!r}")
+                kind = ValueError if is_int(self.nested_blocksize) else ArgumentTypeError
+                raise kind(f"nested_blocksize must be a positive integer, got {self.nested_blocksize!r}")
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
             nb2 = -(-nb // self.nested_blocksize)
@@ -297,7 +298,8 @@ def _check_blocksize(blocksize: int) -> int:
     """``blocksize`` as a Python int (it goes into the JSON meta of a state dict); ``ValueError`` unless it
     is an integer (NumPy's too, a bool not) and a power of two between 32 and 4096."""
     if not is_int(blocksize) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
+        kind = ValueError if is_int(blocksize) else ArgumentTypeError
+        raise kind(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
     return int(blocksize)
 
 
@@ -427,7 +429,9 @@ def nf4_quantize(
         TypeError: ``w`` is not a floating tensor of a supported dtype; ``double_quant`` is not a bool (a NumPy bool is one).
         ValueError: bad ``blocksize``, empty ``w``, ``w`` with NaN or inf, or unknown ``calibrate``; with
             ``calibrate="icq"``, an ``icq_lambda`` that is NaN or infinite (every shift would be NaN) or an
-            ``icq_steps`` that is not a positive integer (``TypeError`` for a non-number ``icq_lambda``).
+            ``icq_steps`` that is not a positive integer (``TypeError`` for a non-number ``icq_lambda``); a
+            ``blocksize`` or ``icq_steps`` that is no int is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError``
+            too.
     """
     check_quantizable(w)  # a meta tensor passes (it quantizes to meta buffers of the right shapes)
     blocksize = _check_blocksize(blocksize)
