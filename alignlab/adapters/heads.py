@@ -114,12 +114,15 @@ def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, in
     """The ``⌈fraction · #heads⌉`` highest-scoring ``(layer, head)`` pairs, best first.
 
     ``scores`` is ``(layers, heads)``, as :func:`head_scores` returns it. Raises ``ValueError`` for a bad
-    ``fraction``, ``scores`` of another shape, or a non-finite score (``topk`` ranks NaN above every number).
+    ``fraction``, ``scores`` of another shape, or a non-finite score (``topk`` ranks NaN above every number); a
+    ``fraction`` that is no number or ``scores`` that are no tensor raise :class:`~alignlab.ArgumentTypeError`, a
+    ``TypeError`` too.
     """
     _check_fraction(fraction)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.numel() == 0:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"scores must be a non-empty (layers, heads) tensor, got {got}")
+        kind = ValueError if isinstance(scores, torch.Tensor) else ArgumentTypeError
+        raise kind(f"scores must be a non-empty (layers, heads) tensor, got {got}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite: a NaN score (a diverged tuned model) would be ranked first")
     k = max(1, int(torch.tensor(fraction * scores.numel()).ceil().item()))

@@ -173,8 +173,9 @@ def clean_labels(
         raise ValueError("give exactly one of keep_ratio and threshold")
     if position_ids is not None and (not isinstance(position_ids, torch.Tensor) or position_ids.shape != labels.shape
                                      or position_ids.is_floating_point() or position_ids.dtype == torch.bool):
-        raise ValueError(f"position_ids must be an integer tensor of the labels' shape {tuple(labels.shape)}, got "
-                         f"{getattr(position_ids, 'shape', type(position_ids).__name__)}")
+        kind = ValueError if isinstance(position_ids, torch.Tensor) else ArgumentTypeError
+        raise kind(f"position_ids must be an integer tensor of the labels' shape {tuple(labels.shape)}, got "
+                   f"{getattr(position_ids, 'shape', type(position_ids).__name__)}")
     supervised = (labels != IGNORE_INDEX) & ~torch.isnan(scores)
     if threshold is not None:
         keep = supervised & (scores >= _check_threshold(threshold))

@@ -690,10 +690,11 @@ def sequence_divergence(token_losses: torch.Tensor, mask: torch.Tensor | None = 
 
     Raises:
         ValueError: if ``token_losses`` is not 2-D or ``mask`` has another shape.
-        TypeError: ``normalize`` not a bool.
+        TypeError: ``normalize`` not a bool; ``token_losses`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if not isinstance(token_losses, torch.Tensor) or token_losses.dim() != 2:
-        raise ValueError("token_losses must be a (batch, seq) tensor")
+        kind = ValueError if isinstance(token_losses, torch.Tensor) else ArgumentTypeError
+        raise kind("token_losses must be a (batch, seq) tensor")
     normalize = as_bool(normalize, "normalize")
     w = _weights(mask, token_losses.shape, token_losses.device, token_losses.dtype)
     total = (token_losses * w).sum(-1)
@@ -733,10 +734,12 @@ def sequence_kd_labels(
         ValueError: wrong ranks, a prompt length outside ``[0, seq]`` or not an integer, a ``pad_token_id`` /
             ``eos_token_id`` that is not a non-negative int (a float such as 1.5 matched no token: padding then
             stayed a target), an empty ``eos_token_id`` list.
-        TypeError: ``ignore_index`` not an int (1.5 was written as label 1: every masked position a target).
+        TypeError: ``ignore_index`` not an int (1.5 was written as label 1: every masked position a target);
+            ``sequences`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
-        raise ValueError("sequences must be a (batch, seq) tensor of token ids")
+        kind = ValueError if isinstance(sequences, torch.Tensor) else ArgumentTypeError
+        raise kind("sequences must be a (batch, seq) tensor of token ids")
     _check_ignore_index(ignore_index)
     pad_token_id = check_token_id(pad_token_id, "pad_token_id", allow_none=True)
     if isinstance(eos_token_id, (list, tuple)):

@@ -112,7 +112,8 @@ def completion_logps(
 
 def _check_3d(hidden: torch.Tensor) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be (batch, seq, hidden), got {getattr(hidden, 'shape', type(hidden))}")
+        kind = ValueError if isinstance(hidden, torch.Tensor) else ArgumentTypeError
+        raise kind(f"hidden must be (batch, seq, hidden), got {getattr(hidden, 'shape', type(hidden))}")
 
 
 def _scored_counts(labels: torch.Tensor, ignore_index: int, hidden: torch.Tensor) -> torch.Tensor:

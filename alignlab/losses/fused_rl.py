@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, check_positive_int, check_positive_number
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_positive_number
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _fp16_grad_unit,
@@ -80,6 +80,7 @@ def packed_to_padded(
 
     Raises:
         ValueError: ``cu_seqlens`` not 1-D, not starting at 0, decreasing, or not ending at ``total``.
+        TypeError: ``cu_seqlens`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     total = _packed_total(values, cu_seqlens)
     pos, n_seq, length = _packed_positions(cu_seqlens, total)
@@ -104,7 +105,8 @@ def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
     # (1,) = [0] is a batch of no sequence, as a padded batch may have 0 rows
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         got = getattr(cu_seqlens, "shape", cu_seqlens)
-        raise ValueError(f"cu_seqlens must be a 1-D tensor (n_seq + 1,), got {got}")
+        kind = ValueError if isinstance(cu_seqlens, torch.Tensor) else ArgumentTypeError
+        raise kind(f"cu_seqlens must be a 1-D tensor (n_seq + 1,), got {got}")
     if cu_seqlens.is_floating_point():
         raise ValueError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
     cu = cu_seqlens.to(torch.int64)
@@ -442,7 +444,9 @@ def fused_linear_grpo(
     keep = torch.ones(total, dtype=torch.bool, device=dev) if completion_mask is None else \
         completion_mask.reshape(-1).to(device=dev, dtype=torch.bool)
     if packed:
-        pos, n_seq, length = _packed_positions(cu_seqlens.to(dev), total)
+        # checked before the move: a list here raised AttributeError ('list' object has no attribute 'to')
+        cu = cu_seqlens.to(dev) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        pos, n_seq, length = _packed_positions(cu, total)
     else:
         n_seq, length = completion_ids.shape
         pos = None

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from alignlab._checks import as_bool, check_finite_number, check_positive_int, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int
 from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_softmax_grad_
 
 __all__ = [
@@ -452,7 +452,8 @@ def check_linear_inputs(
         raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
+            kind = ValueError if isinstance(bias, torch.Tensor) else ArgumentTypeError
+            raise kind(f"bias must have shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
     if hidden.device != weight.device or labels.device != hidden.device:

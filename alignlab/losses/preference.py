@@ -25,9 +25,9 @@ this batch's sum over ``num_items``, so the micro-batch losses add up to the big
 ``num_items`` that is not a number >= 0 or a 0-d tensor raises ``TypeError``/``ValueError``, and so does one with
 ``reduction`` other than ``"mean"``.  ``num_items=0`` means an empty step: it gives a zero loss on an empty batch
 and raises ``ValueError`` on a batch with pairs (a 0-d tensor is not checked, to spare a device sync).
-Numbers: ``beta`` (and every other positive coefficient) or ``label_smoothing`` that is no real number (a str,
-None, a bool) raises :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` that is also a ``ValueError``; one
-out of range (``beta <= 0``, NaN, inf) a plain ``ValueError``.
+Arguments of the wrong kind (a log-prob that is no tensor; a ``beta``, any other positive coefficient or a
+``label_smoothing`` that is no real number: a str, None, a bool) raise :class:`~alignlab.ArgumentTypeError`, a
+``TypeError`` that is also a ``ValueError``; values out of range (``beta <= 0``, NaN, inf) a plain ``ValueError``.
 
 Half-precision inputs are upcast to float32 before the loss is formed; float64
 stays float64.  An empty batch gives a zero loss that is still connected to the
@@ -104,7 +104,7 @@ def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (batch,), got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor of shape (batch,), got {type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.dim() != 1:
@@ -393,7 +393,8 @@ def _check_aot_step(step, offset, n, dtype, device, reference_free):
             out.append(torch.zeros((), dtype=dtype, device=device))
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
-            raise ValueError(f"aot_step_logps[{name}] must be a floating-point (n_step,) tensor")
+            kind = ValueError if isinstance(t, torch.Tensor) else ArgumentTypeError
+            raise kind(f"aot_step_logps[{name}] must be a floating-point (n_step,) tensor")
         if t.shape != step[0].shape:
             raise ValueError(f"aot_step_logps[{name}] has shape {tuple(t.shape)}, expected {tuple(step[0].shape)}")
         out.append(t.detach().to(device=device, dtype=dtype))
@@ -663,7 +664,8 @@ def kto_loss(
     Raises:
         ValueError: bad shapes/dtypes, ``beta <= 0``, non-positive weights, unknown ``loss_type``, missing or
             empty KL log-probs, labels other than 0/1, a NaN or infinite number ``kl``.
-        TypeError: ``kl`` neither a tensor nor a real number.
+        TypeError: ``kl`` neither a tensor nor a real number; a log-prob or ``desirable`` that is no tensor, a
+            ``beta`` or weight that is no number (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}")
@@ -674,7 +676,8 @@ def kto_loss(
     check_num_items("num_items", num_items, reduction)
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps)
     if not isinstance(desirable, torch.Tensor) or desirable.shape != policy_logps.shape:
-        raise ValueError(f"desirable must be a tensor of shape {tuple(policy_logps.shape)}")
+        kind = ValueError if isinstance(desirable, torch.Tensor) else ArgumentTypeError
+        raise kind(f"desirable must be a tensor of shape {tuple(policy_logps.shape)}")
     if desirable.dtype != torch.bool and bool(((desirable != 0) & (desirable != 1)).any()):
         raise ValueError("desirable must hold booleans (or exactly 0/1)")  # one sync, only for non-bool labels
     is_good = desirable.to(device=policy_logps.device, dtype=torch.bool)
@@ -766,7 +769,8 @@ def _nll(name: str, nll: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     if nll is None:
         return None
     if not isinstance(nll, torch.Tensor) or not nll.is_floating_point() or nll.dim() != 0:
-        raise ValueError(f"{name} must be a floating-point scalar tensor (the mean NLL of the chosen completions)")
+        kind = ValueError if isinstance(nll, torch.Tensor) else ArgumentTypeError
+        raise kind(f"{name} must be a floating-point scalar tensor (the mean NLL of the chosen completions)")
     return nll.to(dtype)
 
 
@@ -812,6 +816,7 @@ def orpo_loss(
 
     Raises:
         ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``, a log-prob ``> 0``.
+        TypeError: a log-prob or ``chosen_nll_loss`` that is no tensor, a ``beta`` that is no number (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)

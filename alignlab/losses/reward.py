@@ -155,7 +155,8 @@ def whiten(
     Raises:
         ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
             ``(3,)``; ``eps`` negative, NaN or infinite.
-        TypeError: ``shift_mean`` not a bool, ``eps`` not a real number, ``values`` not a real tensor.
+        TypeError: ``shift_mean`` not a bool, ``eps`` not a real number, ``values`` not a real tensor, ``moments``
+            not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     shift_mean = as_bool(shift_mean, "shift_mean")
     eps = check_finite_number(eps, "eps", minimum=0.0)
@@ -167,8 +168,9 @@ def whiten(
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if moments is not None:
         if not isinstance(moments, torch.Tensor) or moments.shape != (3,):
-            raise ValueError(f"moments must be a (3,) tensor (count, sum, sum of squares), got "
-                             f"{getattr(moments, 'shape', type(moments).__name__)}")
+            kind = ValueError if isinstance(moments, torch.Tensor) else ArgumentTypeError
+            raise kind(f"moments must be a (3,) tensor (count, sum, sum of squares), got "
+                       f"{getattr(moments, 'shape', type(moments).__name__)}")
         n_all, s1, s2 = moments.to(device=values.device, dtype=torch.float64).unbind()
         if float(n_all) < 2:  # one sync, as the count check below
             raise ValueError(f"whiten needs at least 2 unmasked values, got moments with count {float(n_all)}")
