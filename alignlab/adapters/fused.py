@@ -139,8 +139,10 @@ def _widen(weight, rows: int, copied: int, output: int, r: int) -> bool:
     temporary anyway (written into the first columns / rows of a wider buffer, the ``r`` adapter columns / rows
     copied after). So it moves fewer bytes where the copied operand is narrower than the output: forward of
     up-projections (gate / up), backward of down-projections (k / v / down); one launch more per call. ``r`` a
-    multiple of 8 keeps the widened rows 16-byte aligned for the GEMM."""
-    return (WIDE_K and rows >= WIDE_K_MIN_ROWS and copied < output and r % 8 == 0 and isinstance(weight, NF4Tensor)
+    multiple of 16 keeps the widened rows' stride a multiple of 16 elements: aligned for the GEMM, and known to the
+    dequantization kernel's strided store as such (Triton specializes an int argument on divisibility by 16).
+    Callers test ``WIDE_K`` first, so that the default form pays nothing for this."""
+    return (rows >= WIDE_K_MIN_ROWS and copied < output and r % 16 == 0 and isinstance(weight, NF4Tensor)
             and rows > _small_m())
 
 
@@ -154,10 +156,11 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
                      row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(x2 Wᵀ) ⊙ row_scale (+ bias) + xa bᵀ`` as a fresh ``(tokens, out)`` tensor: the base GEMM, then the
     rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`)."""
-    n_in, r = x2.shape[1], xa.shape[1]
-    if _widen(weight, x2.shape[0], n_in, b.shape[0], r) and n_in % weight.blocksize == 0:
+    if WIDE_K and _widen(weight, x2.shape[0], x2.shape[1], b.shape[0], xa.shape[1]) and \
+            x2.shape[1] % weight.blocksize == 0:
         from alignlab.kernels.nf4_dequant import nf4_dequant
 
+        n_in, r = x2.shape[1], xa.shape[1]
         wk = x2.new_empty(b.shape[0], n_in + r)
         nf4_dequant(weight, x2.dtype, None if row_scale is None else row_scale.float(), out=wk[:, :n_in])
         wk[:, n_in:].copy_(b)
@@ -169,10 +172,10 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
 def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tensor,
                         row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the two forms of :func:`_widen`)."""
-    n_out, r = g.shape[1], gb.shape[1]
-    if _widen(weight, g.shape[0], n_out, a.shape[1], r):
+    if WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1]):
         from alignlab.kernels.nf4_dequant import nf4_dequant
 
+        n_out, r = g.shape[1], gb.shape[1]
         wk = g.new_empty(n_out + r, a.shape[1])
         nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float(), out=wk[:n_out])
         wk[n_out:].copy_(a)

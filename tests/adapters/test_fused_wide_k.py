@@ -53,7 +53,7 @@ def _run(layer, x, gy):
 @pytest.mark.parametrize("bias", [False, True])
 def test_widened_reduction_gives_the_default_numbers(n_in, n_out, dora, bias, kernel_mode, monkeypatch):
     dtype = torch.float32
-    layer = _layer(n_in, n_out, 8, dora, bias, dtype)
+    layer = _layer(n_in, n_out, 16, dora, bias, dtype)
     x, gy = torch.randn(2, 19, n_in), torch.randn(2, 19, n_out)
     y_ref, dx_ref, g_ref, ops_ref = _run(layer, x, gy)
     monkeypatch.setattr(fused, "WIDE_K", True)
@@ -71,7 +71,7 @@ def test_widened_reduction_gives_the_default_numbers(n_in, n_out, dora, bias, ke
 def test_widened_forward_in_half_precision_matches_float64(kernel_mode, monkeypatch):
     """fp16 compute (fp32 masters): the widened GEMM rounds once where the default rounds twice; both within fp16
     rounding of the float64 formula over the dequantized weight."""
-    layer = _layer(64, 96, 8, False, True, torch.float16)
+    layer = _layer(64, 96, 16, False, True, torch.float16)
     x = torch.randn(40, 64).to(torch.float16)
     monkeypatch.setattr(fused, "WIDE_K", True)
     monkeypatch.setattr(fused, "WIDE_K_MIN_ROWS", 20)
@@ -83,9 +83,9 @@ def test_widened_forward_in_half_precision_matches_float64(kernel_mode, monkeypa
     torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("r, rows, on", [(4, 40, True), (8, 10, True), (8, 40, False)])
+@pytest.mark.parametrize("r, rows, on", [(8, 40, True), (16, 10, True), (16, 40, False)])
 def test_widening_only_where_it_applies(r, rows, on, torch_mode, monkeypatch):
-    """Not for a rank that would misalign the widened rows (r % 8), below the row threshold, or when off."""
+    """Not for a rank that would leave the widened rows' stride unaligned (r % 16), below the row threshold, or off."""
     layer = _layer(64, 96, r, False, False, torch.float32)
     monkeypatch.setattr(fused, "WIDE_K", on)
     monkeypatch.setattr(fused, "WIDE_K_MIN_ROWS", 20)
