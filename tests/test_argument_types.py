@@ -21,6 +21,7 @@ from alignlab.adapters import base as adapter_base
 from alignlab.data import ai_feedback, packing, pairs, replay, sft, token_cleaning
 from alignlab.bench import roofline, timing
 from alignlab.context import rope
+from alignlab.context import token_sparse as context_token_sparse
 from alignlab.decoding import best_of_n
 from alignlab.eval import code_eval, judge
 from alignlab.eval import reward as eval_reward
@@ -87,6 +88,19 @@ def _recipe(method="linear", **kw):
 
 def _nll(**kw):
     return importlib.import_module("alignlab.eval.perplexity").negative_log_likelihood(nn.Identity(), [], **kw)
+
+
+def _attention(num_heads=2, head_dim=2):
+    block = nn.Module()
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(block, p, nn.Linear(num_heads * head_dim, num_heads * head_dim))
+    block.num_heads, block.head_dim = num_heads, head_dim
+    return nn.Sequential(block)
+
+
+def _token_sparse_ratio(v):
+    layer = context_token_sparse.TokenSparse(nn.Linear(2, 2), 0.5)
+    layer.keep_ratio = v
 
 
 def _raise_if_called(*args, **kwargs):
@@ -177,6 +191,21 @@ CASES = [
     ("clean_labels.position_ids", "position_ids",
      lambda v: token_cleaning.clean_labels(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), keep_ratio=0.5,
                                            position_ids=v), [[[0, 1, 2]]], [torch.zeros(1, 3)]),
+    # structured arguments
+    ("restrict_to_heads.heads", "heads", lambda v: adapters.restrict_to_heads(_attention(), [v]),
+     [("0", 1), (0, 1.0), 3], [(0, 1, 2)]),
+    ("PromptTuningConfig.init_token_ids", "init_token_ids",
+     lambda v: adapters.PromptTuningConfig(init_token_ids=v), ["1 2", [1, "2"], [1.0]], [[]]),
+    ("SoRAConfig.rank_pattern", "rank_pattern", lambda v: adapters.SoRAConfig(rank_pattern=v),
+     [{"q": "2"}, {"q": 2.0}, ["q"]], [{"q": -1}]),
+    ("parse_size", "out_shard_size", recipe.parse_size, [None, True], ["2XB", 0, float("nan")]),
+    ("clean_labels.keep_ratio", "keep_ratio",
+     lambda v: token_cleaning.clean_labels(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), keep_ratio=v),
+     ["0.5", True], [1.5, float("nan")]),
+    ("select_tokens.keep_ratio", "keep_ratio", lambda v: context_token_sparse.select_tokens(torch.rand(1, 4), v),
+     ["0.5", True], [0.0, 1.5]),
+    ("TokenSparse.keep_ratio", "keep_ratio", _token_sparse_ratio, ["0.5", None], [0.0, float("nan")]),
+    ("parse_rating.low", "low/high", lambda v: judge.parse_rating("[[3]]", low=v), ["1", None], [11.0]),
     # data
     ("pack_examples.max_length", "max_length", lambda v: list(packing.pack_examples([_example()], max_length=v)),
      ["8", 8.0, None], [0]),

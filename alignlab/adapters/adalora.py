@@ -415,7 +415,9 @@ class SoRAConfig:
     def __post_init__(self) -> None:
         self.r, self.alpha, self.dropout = _check_common(self.r, self.alpha, self.dropout, self.target_modules, self.exclude_modules)
         if not isinstance(self.rank_pattern, dict) or not all(is_int(v) and v >= 0 for v in self.rank_pattern.values()):
-            raise ValueError(f"rank_pattern must map module names to ranks ≥ 0, got {self.rank_pattern!r}")
+            ints = isinstance(self.rank_pattern, dict) and all(is_int(v) for v in self.rank_pattern.values())
+            kind = ValueError if ints else ArgumentTypeError
+            raise kind(f"rank_pattern must map module names to ranks ≥ 0, got {self.rank_pattern!r}")
         self.rank_pattern = {k: int(v) for k, v in self.rank_pattern.items()}
 
     def _rank(self, name: str) -> int:

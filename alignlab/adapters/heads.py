@@ -198,13 +198,16 @@ def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> lis
     holds a selected head (GQA). Returns the hook handles (``h.remove()`` to lift the masks).
 
     Raises:
-        ValueError: an entry that is not a ``(layer, head)`` pair of ints, or one outside the model.
+        ValueError: an entry that is not a ``(layer, head)`` pair of ints, or one outside the model (an entry that is
+            no sequence of ints is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too).
     """
     blocks = attention_blocks(model)
     chosen: dict[int, set[int]] = {}
     for pair in heads:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(i) for i in pair)):
-            raise ValueError(f"heads must be (layer, head) pairs of ints, got {pair!r}")
+            ints = isinstance(pair, (tuple, list)) and all(is_int(i) for i in pair)
+            kind = ValueError if ints else ArgumentTypeError  # (1, 2, 3) is a wrong value, ("1", 2) the wrong kind
+            raise kind(f"heads must be (layer, head) pairs of ints, got {pair!r}")
         layer, head = (int(i) for i in pair)
         if not (0 <= layer < len(blocks) and 0 <= head < blocks[layer].num_heads):
             raise ValueError(f"head ({layer}, {head}) is outside the model ({len(blocks)} layers × {blocks[0].num_heads} heads)")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignlab._checks import check_positive_int, is_int
+from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import as_bool, check_finite_number
 from alignlab.adapters.io import peft_field
@@ -456,7 +456,8 @@ class PromptTuningConfig:
             if getattr(ids, "ndim", None) == 1:  # a tokenizer's tensor / array of ids
                 ids = ids.tolist()
             if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(t) for t in ids):
-                raise ValueError(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
+                kind = ArgumentTypeError if not isinstance(ids, (list, tuple)) or ids else ValueError
+                raise kind(f"init_token_ids must be a non-empty list of ints, got {self.init_token_ids!r}")
             self.init_token_ids = [int(t) for t in ids]
 
     @classmethod

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import is_real
+from alignlab._checks import ArgumentTypeError, is_real
 
 __all__ = [
     "TokenSparse",
@@ -58,7 +58,8 @@ def select_tokens(
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, seq), got shape {tuple(scores.shape)}")
     if not (is_real(keep_ratio) and 0.0 < keep_ratio <= 1.0):  # NaN fails the range test
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        kind = ValueError if is_real(keep_ratio) else ArgumentTypeError
+        raise kind(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
     keep_ratio = float(keep_ratio)
     valid = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if valid.shape != scores.shape:
@@ -201,7 +202,8 @@ class TokenSparse(nn.Module):
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
         if not (is_real(value) and 0.0 < value <= 1.0):  # NaN fails the range test
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {value!r}")
+            kind = ValueError if is_real(value) else ArgumentTypeError
+            raise kind(f"keep_ratio must be a number in (0, 1], got {value!r}")
         self._keep_ratio = float(value)
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:

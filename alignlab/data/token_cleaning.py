@@ -123,7 +123,8 @@ def token_influence(
 def _check_ratio(keep_ratio: float) -> float:
     """``keep_ratio`` as a Python float: a real number in [0, 1] (NumPy scalars too; a bool, NaN are not)."""
     if not (is_real(keep_ratio) and 0.0 <= keep_ratio <= 1.0):
-        raise ValueError(f"keep_ratio must be a number in [0, 1], got {keep_ratio!r}")
+        kind = ValueError if is_real(keep_ratio) else ArgumentTypeError
+        raise kind(f"keep_ratio must be a number in [0, 1], got {keep_ratio!r}")
     return float(keep_ratio)
 
 

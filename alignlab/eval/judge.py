@@ -117,10 +117,12 @@ def parse_rating(text: str, *, low: float = 1.0, high: float = 10.0) -> float | 
     """The last ``[[number]]`` in a judge reply; ``None`` if absent or outside ``[low, high]``.
 
     Raises ``ValueError`` unless ``low`` and ``high`` are finite numbers with ``low <= high``
-    (a reversed or NaN range turned every rating into ``None``).
+    (a reversed or NaN range turned every rating into ``None``); for one that is no number at all it is an
+    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too.
     """
     if not (is_finite_real(low) and is_finite_real(high) and low <= high):
-        raise ValueError(f"low/high: expected finite numbers with low <= high, got {low!r} and {high!r}")
+        kind = ValueError if is_real(low) and is_real(high) else ArgumentTypeError
+        raise kind(f"low/high: expected finite numbers with low <= high, got {low!r} and {high!r}")
     found = _RATING.findall(text)
     if not found:
         return None

@@ -102,8 +102,9 @@ def parse_size(value: int | str) -> int:
             raise ValueError(f"out_shard_size must be positive, got {value}")
         return int(value)
     m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"out_shard_size must be an int or a size like '2GB', got {value!r}")
+    if not m:  # None or a bool is the wrong kind; a str (or a float such as 2e9) that is no size a wrong value
+        kind = ValueError if isinstance(value, str) or is_real(value) else ArgumentTypeError
+        raise kind(f"out_shard_size must be an int or a size like '2GB', got {value!r}")
     base = 1024 if m.group(3) else 1000  # "GiB" read as "GB" made shards 7% smaller than asked
     size = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
     if size <= 0:
