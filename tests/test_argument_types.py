@@ -292,6 +292,12 @@ CASES = [
      [float("nan")]),
     ("recipe_from_dict.max_iter", "max_iter", lambda v: _recipe("karcher", parameters={"max_iter": v}),
      ["3", 3.0], [-1]),
+    ("recipe_from_dict.normalize", "normalize", lambda v: _recipe(parameters={"normalize": v}), ["false", 0]),
+    ("recipe_from_dict.parameters", "parameters", lambda v: _recipe(parameters=v), [["weight"], "w"]),
+    ("recipe_from_dict", "recipe", recipe.recipe_from_dict, [["merge_method"], None]),
+    ("recipe_from_dict.models", "models", lambda v: _recipe(models=v), ["a", {"a": 1}]),
+    ("recipe_from_dict.models[0]", r"models\[0\]", lambda v: _recipe(models=[v]), [3, None], [{"path": "a"}]),
+    ("recipe_from_dict.base_model", "base_model", lambda v: _recipe(base_model=v), [3, ["a"]]),
     ("recipe_from_dict.tol", "tol", lambda v: _recipe("karcher", parameters={"tol": v}), ["0.1", None], [-0.1]),
     # context
     ("rope_inv_freq.dim", "dim", lambda v: rope.rope_inv_freq(v), ["8", 8.0, None], [0, 7]),

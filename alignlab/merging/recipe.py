@@ -180,7 +180,7 @@ def _check_value(name: str, value: Any, where: str) -> None:
             raise ValueError(f"density of {where} must be in [0, 1], got {v}")
         if name in ("normalize", "filter_wise") and not isinstance(v, bool):
             # bool("false") is True: a quoted YAML flag would otherwise switch the option on
-            raise ValueError(f"parameter {name!r} of {where} must be true or false, got {v!r}")
+            raise ArgumentTypeError(f"parameter {name!r} of {where} must be true or false, got {v!r}")
         if name == "consensus" and v not in ("sum", "count"):
             raise ValueError(f"parameter 'consensus' of {where} must be 'sum' or 'count', got {v!r}")
         if name == "rescale" and not (isinstance(v, bool) or v in ("inverse", "l1")):
@@ -210,13 +210,13 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} must be a mapping of parameter names to values, got {raw!r}")
+        raise ArgumentTypeError(f"{where} must be a mapping of parameter names to values, got {raw!r}")
     return dict(raw)
 
 
 def _resolve_path(p: Any, root: Path | None, where: str) -> Path:
     if not isinstance(p, (str, os.PathLike)):
-        raise ValueError(f"{where} must be a path (a string), got {p!r}")
+        raise ArgumentTypeError(f"{where} must be a path (a string), got {p!r}")
     path = Path(os.path.expanduser(str(p)))
     if not path.is_absolute() and root is not None:
         path = root / path
@@ -224,9 +224,14 @@ def _resolve_path(p: Any, root: Path | None, where: str) -> Path:
 
 
 def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = None) -> Recipe:
-    """Validate a recipe mapping (as parsed from YAML); relative paths resolve against ``root``."""
+    """Validate a recipe mapping (as parsed from YAML); relative paths resolve against ``root``.
+
+    Raises ``ValueError`` naming the key for a recipe that cannot be merged; where the value is of the wrong kind (a
+    recipe, ``parameters`` block or model entry that is no mapping, ``models`` no list, a path no string, a number
+    or flag that is none, a float ``random_seed``) it is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError``
+    too."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
+        raise ArgumentTypeError(f"a recipe must be a mapping, got {type(data).__name__}")
     known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed",
              "out_shard_size"}
     unknown = set(data) - known
@@ -239,13 +244,14 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     base = _resolve_path(data["base_model"], rootp, "base_model") if data.get("base_model") is not None else None
     raw_models = data.get("models") or []
     if not isinstance(raw_models, list):
-        raise ValueError("models must be a list of {model: <path>, parameters: {...}}")
+        raise ArgumentTypeError("models must be a list of {model: <path>, parameters: {...}}")
     models = []
     for i, entry in enumerate(raw_models):
         if isinstance(entry, (str, os.PathLike)):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
-            raise ValueError(f"models[{i}] must be a mapping with a 'model' path, got {entry!r}")
+            kind = ValueError if isinstance(entry, Mapping) else ArgumentTypeError
+            raise kind(f"models[{i}] must be a mapping with a 'model' path, got {entry!r}")
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ValueError(f"models[{i}]: unknown key(s) {extra}; an entry has 'model' and 'parameters'")
