@@ -123,17 +123,21 @@ def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
 def dpo_loss_types(loss_type: str | Sequence[str]) -> list[str]:
     """``loss_type`` of :func:`dpo_loss` as a list: one name of :data:`DPO_LOSS_TYPES`, or a non-empty list/tuple
     of them (combined with ``loss_weights``, in order). ``ValueError`` naming ``loss_type`` and listing the valid
-    names otherwise: None, a number or a set (no order to pair with the weights) included."""
+    names otherwise: an unknown name or an empty list; for None, a number or a set (no order to pair with the
+    weights), or a list holding something other than names, an :class:`~alignlab.ArgumentTypeError` (a
+    ``ValueError`` too)."""
     if isinstance(loss_type, str):
         loss_types = [loss_type]
     elif isinstance(loss_type, (list, tuple)) and loss_type:
         loss_types = list(loss_type)
     else:
-        raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list/tuple of them, "
+        kind = ValueError if isinstance(loss_type, (list, tuple)) else ArgumentTypeError
+        raise kind(f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list/tuple of them, "
                          f"got {loss_type!r}")
     for lt in loss_types:
         if not isinstance(lt, str) or lt not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {lt!r}; valid loss types are {list(DPO_LOSS_TYPES)}")
+            kind = ValueError if isinstance(lt, str) else ArgumentTypeError
+            raise kind(f"unknown loss_type {lt!r}; valid loss types are {list(DPO_LOSS_TYPES)}")
     return loss_types
 
 
@@ -384,8 +388,9 @@ def _aot_step_per_pair(loss_type, pc, pr, rc, rr, step, offset, beta, label_smoo
 def _check_aot_step(step, offset, n, dtype, device, reference_free):
     """The step's four log-prob vectors, detached and in ``dtype``; ``offset`` in range."""
     if not isinstance(step, (tuple, list)) or len(step) != 4:
-        raise ValueError("aot_step_logps must be a tuple (policy_chosen, policy_rejected, ref_chosen, ref_rejected) "
-                         "of the whole step's sequence log-probs")
+        kind = ValueError if isinstance(step, (tuple, list)) else ArgumentTypeError
+        raise kind("aot_step_logps must be a tuple (policy_chosen, policy_rejected, ref_chosen, ref_rejected) "
+                   "of the whole step's sequence log-probs")
     names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
     out = []
     for name, t in zip(names, step):
