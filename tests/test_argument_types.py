@@ -23,7 +23,7 @@ from alignlab.bench import roofline, timing
 from alignlab.context import rope
 from alignlab.context import token_sparse as context_token_sparse
 from alignlab.decoding import best_of_n
-from alignlab.eval import code_eval, judge
+from alignlab.eval import code_eval, drfr, judge, overlap, qa
 from alignlab.eval import reward as eval_reward
 from alignlab.losses import distill, fused_preference, fused_rl, logprobs, preference, regularizers, reward
 from alignlab.merging import lora as merging_lora
@@ -211,6 +211,19 @@ CASES = [
      ["0.5", True], [0.0, 1.5]),
     ("TokenSparse.keep_ratio", "keep_ratio", _token_sparse_ratio, ["0.5", None], [0.0, float("nan")]),
     ("parse_rating.low", "low/high", lambda v: judge.parse_rating("[[3]]", low=v), ["1", None], [11.0]),
+    ("Principle.critique", "Principle.critique", lambda v: ai_feedback.Principle(v, "revise"), [None, 3], ["", " "]),
+    ("constitutional_comparisons.principles", "principles",
+     lambda v: list(ai_feedback.constitutional_comparisons(["q"], _generate, lambda p: "[[A]]", v)), [["be kind", 3]],
+     [[], ["be kind", ""]]),
+    ("exact_match.references", "references", lambda v: qa.exact_match("a", v), [["a", 3], [None]], [[]]),
+    ("bleu.references", "references", lambda v: overlap.bleu(["a"], [v]), [["a", 3], [None]], [[]]),
+    ("rouge.rouge_types", "rouge_types", lambda v: overlap.rouge(["a"], ["a"], rouge_types=v), ["rouge1"], [()]),
+    ("drfr.judgements", "judgements", lambda v: drfr(v), ["yes", b"yes"], [[]]),
+    ("drfr.judgements[0]", r"judgements\[0\]", lambda v: drfr([v]), ["yes"], [[]]),
+    ("EWC.load_state_dict.state", "state", lambda v: regularizers.EWC(nn.Linear(3, 2), {}).load_state_dict(v),
+     [None, [1]], [{"lam": 1.0}]),
+    ("L2SP.load_state_dict.state", "state", lambda v: regularizers.L2SP(nn.Linear(3, 2)).load_state_dict(v),
+     [None, "x"], [{"alpha": 1.0}]),
     # data
     ("pack_examples.max_length", "max_length", lambda v: list(packing.pack_examples([_example()], max_length=v)),
      ["8", 8.0, None], [0]),

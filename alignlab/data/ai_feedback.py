@@ -68,7 +68,8 @@ class Principle:
     def __post_init__(self):
         for name in ("critique", "revision"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"Principle.{name}: expected a non-empty string, got {getattr(self, name)!r}")
+                kind = ValueError if isinstance(getattr(self, name), str) else ArgumentTypeError
+                raise kind(f"Principle.{name}: expected a non-empty string, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -209,11 +210,13 @@ def constitutional_comparisons(
     Raises:
         ValueError: empty ``principles`` or a principle that is not a non-empty string; a ``template``
             without ``{principle}`` or the doubled ``{{question}}``, ``{{answer_a}}``, ``{{answer_b}}``.
-        TypeError: ``judge`` not callable or replying with a non-string.
+        TypeError: ``judge`` not callable or replying with a non-string; a principle that is not a string
+            (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     principles = list(principles)
     if not principles or not all(isinstance(p, str) and p.strip() for p in principles):
-        raise ValueError("principles: expected a non-empty sequence of non-empty strings")
+        kind = ValueError if all(isinstance(p, str) for p in principles) else ArgumentTypeError
+        raise kind("principles: expected a non-empty sequence of non-empty strings")
     if not callable(judge):
         raise TypeError(f"judge: expected a callable prompt -> reply, got {type(judge).__name__}")
     check_template_fields(template, ("principle",))  # format() would drop the principle silently

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy
 
-from alignlab._checks import as_bool, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, is_int
 
 __all__ = ["drfr", "parse_yes_no"]
 
@@ -73,15 +73,18 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
     Raises:
         ValueError: no requirements at all, an instruction with no
             requirements, or an unparsable judgement (named as ``judgements[i][j]``).
-        TypeError: ``per_instruction`` is not a bool (a string such as ``"no"`` would switch it on).
+        TypeError: ``per_instruction`` is not a bool (a string such as ``"no"`` would switch it on); ``judgements``
+        or one of its rows a string (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     per_instruction = as_bool(per_instruction, "per_instruction")
     if isinstance(judgements, (str, bytes)) or len(judgements) == 0:  # len: a NumPy array has no truth value
-        raise ValueError("judgements: expected a non-empty sequence of per-instruction judgement lists")
+        kind = ArgumentTypeError if isinstance(judgements, (str, bytes)) else ValueError
+        raise kind("judgements: expected a non-empty sequence of per-instruction judgement lists")
     satisfied, total, ratios = 0, 0, []
     for i, row in enumerate(judgements):
         if isinstance(row, (str, bytes)) or len(row) == 0:
-            raise ValueError(f"judgements[{i}]: expected a non-empty sequence of requirement judgements")
+            kind = ArgumentTypeError if isinstance(row, (str, bytes)) else ValueError
+            raise kind(f"judgements[{i}]: expected a non-empty sequence of requirement judgements")
         hits = sum(_judgement(a, f"judgements[{i}][{j}]") for j, a in enumerate(row))
         satisfied += hits
         total += len(row)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alignlab._checks import as_bool
+from alignlab._checks import ArgumentTypeError, as_bool
 
 __all__ = ["bleu", "chrf", "rouge"]
 
@@ -52,7 +52,8 @@ def _per_example_refs(predictions: Sequence[str], references: Sequence[str | Seq
         raise ValueError("predictions: expected at least one example")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not r or not all(isinstance(x, str) for x in r) for r in refs):
-        raise ValueError("references: every example needs at least one reference string")
+        kind = ArgumentTypeError if any(not isinstance(x, str) for r in refs for x in r) else ValueError
+        raise kind("references: every example needs at least one reference string")
     return refs
 
 
@@ -68,6 +69,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
     Raises:
         ImportError: sacrebleu is missing (``pip install alignlab[eval]``).
         ValueError: mismatched lengths or an example without references.
+        TypeError: a reference that is not a string (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     refs = _per_example_refs(predictions, references)
     metrics = _require("sacrebleu.metrics", "sacrebleu")
@@ -81,6 +83,7 @@ def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
     Raises:
         ImportError: sacrebleu is missing (``pip install alignlab[eval]``).
         ValueError: mismatched lengths or an example without references.
+        TypeError: a reference that is not a string (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     refs = _per_example_refs(predictions, references)
     metrics = _require("sacrebleu.metrics", "sacrebleu")
@@ -136,13 +139,15 @@ def rouge(
             ``rouge_types``, or ``use_stemmer=True`` with a ``tokenizer``.
         TypeError: ``tokenizer`` is neither callable nor has ``tokenize``, or
             returns something other than a list of strings; ``use_stemmer`` is
-            neither ``None`` nor a bool.
+            neither ``None`` nor a bool; a reference that is not a string, or one
+            name as ``rouge_types`` (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     refs = _per_example_refs(predictions, references)
     if use_stemmer is not None:  # "no" would switch stemming on
         use_stemmer = as_bool(use_stemmer, "use_stemmer")
     if isinstance(rouge_types, str) or len(rouge_types) == 0:
-        raise ValueError(f"rouge_types: expected a non-empty sequence of names, got {rouge_types!r}")
+        kind = ArgumentTypeError if isinstance(rouge_types, str) else ValueError  # one name is no sequence of them
+        raise kind(f"rouge_types: expected a non-empty sequence of names, got {rouge_types!r}")
     if tokenizer is not None:
         if use_stemmer:
             raise ValueError("use_stemmer: rouge-score ignores it when a tokenizer is given; stem inside the tokenizer")

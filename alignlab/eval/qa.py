@@ -27,6 +27,8 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
+from alignlab._checks import ArgumentTypeError
+
 __all__ = ["exact_match", "normalize_answer", "squad_scores", "token_f1"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -44,7 +46,8 @@ def normalize_answer(text: str) -> str:
 def _references(references: str | Sequence[str]) -> list[str]:
     refs = [references] if isinstance(references, str) else list(references)
     if not refs or not all(isinstance(r, str) for r in refs):
-        raise ValueError("references: expected a string or a non-empty sequence of strings")
+        kind = ArgumentTypeError if refs else ValueError  # a reference that is no string is the wrong kind
+        raise kind("references: expected a string or a non-empty sequence of strings")
     return refs
 
 

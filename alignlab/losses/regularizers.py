@@ -398,7 +398,8 @@ class EWC:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         if not isinstance(state, Mapping) or set(state) != {"lam", "fisher", "anchor"}:
-            raise ValueError("state must be a mapping with keys 'lam', 'fisher', 'anchor'")
+            kind = ValueError if isinstance(state, Mapping) else ArgumentTypeError
+            raise kind("state must be a mapping with keys 'lam', 'fisher', 'anchor'")
         lam = state["lam"]
         check_finite_number(lam, "state['lam']", minimum=0)
         _check_tensor_mapping(state["fisher"], "state['fisher']")
@@ -661,7 +662,8 @@ class L2SP:
         """Restore what :meth:`state_dict` returned: a resumed run must not take its starting point from the
         fine-tuned model it reloads (the penalty would restart at 0, anchored to the wrong weights)."""
         if not isinstance(state, Mapping) or set(state) != {"alpha", "beta", "pretrained"}:
-            raise ValueError("state must be a mapping with keys 'alpha', 'beta', 'pretrained'")
+            kind = ValueError if isinstance(state, Mapping) else ArgumentTypeError
+            raise kind("state must be a mapping with keys 'alpha', 'beta', 'pretrained'")
         _check_tensor_mapping(state["pretrained"], "state['pretrained']")
         l2sp_penalty({}, {}, alpha=state["alpha"], beta=state["beta"])  # validates both
         missing = [n for _, a, b, _ in self.lora_pairs for n in (a, b) if n not in state["pretrained"]]
