@@ -23,8 +23,8 @@ so only those rows get gradients and change; the ``V - |I|`` others stay frozen 
 weight *is* the embedding's parameter gets a tied layer sharing ``D``: its logits for the ids in
 ``I`` are ``x Dᵀ`` (plus the head's bias), so input and output stay tied through training, merging
 and saving (only the embedding's copy is written, as PEFT does). A LoRA on such a head takes the tied layer
-under it, as PEFT nests them: ``logits = x W'ᵀ + s·B A x``, ``W'`` the table with ``D`` in its rows (merging
-writes ``D``, then ``ΔW``, into the head, untied). LoRA on a tied embedding changes
+under it (whichever of the two was injected first), as PEFT nests them: ``logits = x W'ᵀ + s·B A x``, ``W'`` the
+table with ``D`` in its rows (merging writes ``D``, then ``ΔW``, into the head, untied). LoRA on a tied embedding changes
 the input side only; the head keeps computing with the frozen table (PEFT's default), and merging
 unties the two with a warning (see :func:`alignlab.adapters.merge`). With ``ensure_weight_tying``
 the head gets a :class:`TiedLoRAHead` instead: ``logits = x Eᵀ + s·(x B) A``, the embedding's own

@@ -289,10 +289,13 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
     there go first because they are where a config refuses (a LoRA on an ``IA3Linear``); if any target fails, the
     ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned,
     a base weight that the adapter's initialisation rewrote -- PiSSA, OLoRA -- restored bit for bit), so the
-    model is as it was."""
+    model is as it was. A LoRA on a layer that passes its base's weight through (trainable token rows on a tied head)
+    wraps it instead, as when the rows come second (PEFT's nesting)."""
     modules = {name: model.get_submodule(name) for name in targets}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
-    order = sorted(targets, key=lambda name: not isinstance(modules[name], AdapterLayer))
+    held = {name for name, m in modules.items() if isinstance(m, AdapterLayer)
+            and not (isinstance(config, LoRAConfig) and m.passes_base_weight)}
+    order = sorted(targets, key=lambda name: name not in held)
     rewrites = bool(getattr(config, "rewrites_base_weight", False))
     done, restores = [], []
     try:
@@ -300,7 +303,7 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
             module = modules[name]
             if rewrites:  # kept before the call: the call itself may rewrite the weight and then fail
                 restores.append(kept[name] if kept is not None and name in kept else _kept_base_weight(module))
-            if isinstance(module, AdapterLayer):
+            if name in held:
                 config.add_to(module, name, adapter_name)
             else:
                 layer = config.new_layer(module, name, adapter_name)
@@ -309,7 +312,7 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
             done.append(name)
     except Exception:
         for name in reversed(done):
-            if isinstance(modules[name], AdapterLayer):
+            if name in held:
                 modules[name].delete_adapter(adapter_name)
             else:
                 _set_submodule(model, name, modules[name])
