@@ -16,7 +16,7 @@ from conftest import make_experts
 from torch import nn
 
 import alignlab
-from alignlab import _checks, adapters
+from alignlab import _checks, adapters, quant
 from alignlab.adapters import base as adapter_base
 from alignlab.data import ai_feedback, packing, pairs, replay, sft, token_cleaning
 from alignlab.bench import roofline, timing
@@ -335,6 +335,8 @@ CASES = [
     # quant
     ("nf4_quantize.blocksize", "blocksize", lambda v: nf4.nf4_quantize(torch.randn(4, 64), blocksize=v),
      ["64", 64.0, None], [48, 16]),
+    ("quantize_model.blocksize", "blocksize", lambda v: quant.quantize_model(nn.Sequential(nn.Linear(64, 64)),
+                                                                          blocksize=v), ["64", 64.0, None], [48]),
     # optim
     ("AdamW8bit.blocksize", "blocksize", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], blocksize=v),
      ["256", 256.0], [100]),

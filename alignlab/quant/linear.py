@@ -32,6 +32,7 @@ from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
+    _check_blocksize,
     check_quantizable,
     nf4_from_bnb_state_dict,
     nf4_quantize,
@@ -491,7 +492,8 @@ def quantize_model(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``skip`` is not a name or names; ``double_quant`` or
-            ``quantize_head`` is not a bool (a NumPy bool is one).
+            ``quantize_head`` is not a bool (a NumPy bool is one); ``blocksize`` is not an int (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
             adapters present; ``calibrate`` with expert weights to quantize (ICQ is for linears only); a weight
             with NaN or inf (the message starts with the module's name).
@@ -506,6 +508,7 @@ def quantize_model(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
     quantize_head = as_bool(quantize_head, "quantize_head")
+    _check_blocksize(blocksize)  # here, not in the first layer's quantization (named after that layer there)
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(skip, Iterable):
@@ -556,15 +559,15 @@ def quantize_model(
         try:
             q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant,
                                       compute_dtype=compute_dtype, calibrate=calibrate)
-        except ValueError as e:  # e.g. a NaN in one weight of many: say which
-            raise ValueError(f"{name}: {e}") from e
+        except ValueError as e:  # e.g. a NaN in one weight of many: say which (and keep an ArgumentTypeError one)
+            raise type(e)(f"{name}: {e}") from e
         _put(model, aliases[id(module)], q)
     for name, module in experts:
         try:
             q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
                                         compute_dtype=compute_dtype)
         except ValueError as e:
-            raise ValueError(f"{name}: {e}") from e
+            raise type(e)(f"{name}: {e}") from e
         _put(model, aliases[id(module)], q)
     _keep_encoder_layers_off_fast_path(model)
     return model
