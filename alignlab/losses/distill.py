@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_positive_int, check_positive_number, check_token_id,
-                              is_real)
+from alignlab._checks import ArgumentTypeError, as_bool, check_token_id, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
 from alignlab.losses.logprobs import _check_ignore_index, _fp16_grad_unit, _row_chunks, scale_grads_
@@ -84,7 +83,9 @@ def _check_kind(kind: str, beta: float) -> str:
 def _check_common(temperature: float, reduction: str) -> float:
     """``temperature`` as a Python float; :class:`ArgumentTypeError` for a temperature that is no real number,
     ``ValueError`` for one that is not finite and > 0, or a bad reduction."""
-    temperature = float(check_positive_number(temperature, "temperature"))
+    if not is_finite_real(temperature) or temperature <= 0:  # inline: every call runs it
+        kind = ValueError if is_real(temperature) else ArgumentTypeError
+        raise kind(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return float(temperature)
@@ -648,7 +649,9 @@ def fused_linear_distill_loss(
         teacher_a = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(teacher_b.dtype)
     n = x.shape[0]
     for label, v in (("chunk_size", chunk_size), ("grad_chunk_size", grad_chunk_size)):
-        check_positive_int(v, label, allow_none=True)
+        if v is not None and (not is_int(v) or v < 1):
+            kind = ValueError if is_int(v) else ArgumentTypeError
+            raise kind(f"{label} must be a positive int or None, got {v!r}")
     compute = torch.promote_types(x.dtype, torch.float32)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):

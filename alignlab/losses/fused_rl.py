@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_positive_number
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_finite_real, is_int, is_real
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _fp16_grad_unit,
@@ -412,8 +412,14 @@ def fused_linear_grpo(
     if hidden.shape[:-1] != completion_ids.shape:
         raise ValueError(f"completion_ids must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(completion_ids.shape)}")
-    temperature = float(check_positive_number(temperature, "temperature"))
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    # inline, not the shared checks: every call runs these, and the valid path stays as cheap as it was
+    if not is_finite_real(temperature) or not temperature > 0:
+        kind = ValueError if is_real(temperature) else ArgumentTypeError
+        raise kind(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = float(temperature)
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
+        kind = ValueError if is_int(chunk_size) else ArgumentTypeError
+        raise kind(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_grpo_options(loss_type, importance_sampling_level, kl_estimator, is_mode)
     compute_entropy = as_bool(compute_entropy, "compute_entropy")
     if ref_hidden is not None and ref_logprobs is not None:

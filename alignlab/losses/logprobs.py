@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_int
 from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_softmax_grad_
 
 __all__ = [
@@ -460,7 +460,9 @@ def check_linear_inputs(
         raise ValueError("hidden, weight and labels must be on one device")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):  # inline: every call runs it
+        kind = ValueError if is_int(chunk_size) else ArgumentTypeError
+        raise kind(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def select_scored_rows(

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_number, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_finite_real, is_int, is_real
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -142,7 +142,11 @@ def dpo_loss_types(loss_type: str | Sequence[str]) -> list[str]:
 
 
 def _check_positive(name: str, value: float) -> float:
-    return float(check_positive_number(value, name))  # Python or NumPy real; not a bool, NaN or inf
+    # inline, not the shared check: every loss call runs this, and the valid path stays as cheap as it was
+    if not is_finite_real(value) or value <= 0:  # Python or NumPy real; not a bool, NaN or inf
+        kind = ValueError if is_real(value) else ArgumentTypeError
+        raise kind(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_reduction(reduction: str) -> None:

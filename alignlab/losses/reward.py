@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_int, is_real
 from alignlab.losses.logprobs import check_mask_values
 from alignlab.losses.preference import check_num_items, step_count
 
@@ -871,7 +871,9 @@ def grpo_loss(
     # accepted silently until the same call with loss_type="dr_grpo" refused it
     if max_completion_length is not None:
         _real("max_completion_length", max_completion_length, "a positive int or None")
-        check_positive_int(max_completion_length, "max_completion_length", allow_none=True)
+        if not is_int(max_completion_length) or max_completion_length < 1:  # inline: every call runs it
+            kind = ValueError if is_int(max_completion_length) else ArgumentTypeError
+            raise kind(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
     epsilon = check_finite_number(epsilon, "epsilon")
     hi = epsilon if epsilon_high is None else check_finite_number(epsilon_high, "epsilon_high")
     if not (epsilon > 0 and hi > 0):
