@@ -1,8 +1,10 @@
 """Arguments of the wrong kind raise ``alignlab.ArgumentTypeError`` (a TypeError, and a ValueError for code written
-when these raised ValueError); numbers of the right kind out of range still raise a plain ValueError.
+when these raised ValueError); values of the right kind that are refused (a number out of range, an empty list, a
+tensor of the wrong shape) still raise a plain ValueError.
 
 Each case is a public entry point with one argument swapped: ``wrong`` holds values of the wrong kind (a str, None,
-a bool where a number goes; a float where an int goes), ``out_of_range`` values of the right kind that are refused.
+a bool where a number goes; a float where an int goes; a list where a tensor goes), ``out_of_range`` values of the
+right kind that are refused.
 """
 
 from __future__ import annotations
