@@ -944,7 +944,9 @@ def test_scratch_is_a_few_chunks_not_the_tensor(method):
     assert proc.returncode == 0, proc.stderr
     extra = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{method} scratch beyond the output: {extra:.1f} MiB")
-    assert extra < 24  # ~12 buffers of 2**18 elements (1 MiB each) and allocator slack
+    # ~12 buffers of 2**18 elements (1 MiB each) and allocator slack: 7-15 MiB measured, 24.4 once on a loaded
+    # machine; under 30 still rules out one whole-tensor float32 copy (32 MiB) and is far under the unchunked 184+
+    assert extra < 30
 
 
 def test_per_model_weights_accept_numpy_scalars_refuse_bools():
