@@ -4,7 +4,8 @@ Adapters wrap the model's leaves in place; the model class is never changed, so
 ``transformers`` models and any ``nn.Module`` tree with ``nn.Linear`` leaves work (also GPT-2's
 ``Conv1D`` leaves, whose weight is stored transposed).
 The config of every injected adapter is kept on the model (attribute
-``alignlab_adapter_configs``) for :func:`save_adapter`.
+``alignlab_adapter_configs``) for :func:`save_adapter`. A ``transformers`` model's tied-weight maps follow the
+wrappers (:mod:`alignlab.adapters.tied_keys`), so its ``tie_weights()`` and ``save_pretrained`` keep working.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
+from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
 
@@ -275,6 +277,7 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
     if callable(attach):  # model-level wiring, e.g. the forward hook that prepends soft prompts
         attach(model, adapter_name)
     _match_modes(model, before)
+    follow_adapters_in_tied_keys(model)  # transformers' tie_weights / save_pretrained name the tied tables by path
     heads = _output_head_names(model)
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) and (name in heads or name.split(".")[-1] in heads):
@@ -501,6 +504,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             module.active_adapters = [n for n in module.active_adapters if n != name]
         if not module.modules_to_save:
             _set_submodule(model, mname, module.original_module)
+    follow_adapters_in_tied_keys(model)
     configs = adapter_configs(model)
     del configs[name]
     object.__setattr__(model, CONFIGS_ATTR, configs)
@@ -645,6 +649,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
         if active:
             _untie_saved_copy(model, name, module)
         _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+    follow_adapters_in_tied_keys(model)
     for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
         if attr in model.__dict__:
             object.__delattr__(model, attr)

@@ -589,6 +589,7 @@ def _drop_tied_heads_the_file_lacks(model: nn.Module, state: dict, adapter_name:
     Returns whether a tied head was dropped."""
     from alignlab.adapters.embedding import TiedLoRAHead
     from alignlab.adapters.inject import _set_submodule
+    from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys
 
     dropped = False
     for name, layer in list(adapter_layers(model)):
@@ -598,6 +599,8 @@ def _drop_tied_heads_the_file_lacks(model: nn.Module, state: dict, adapter_name:
             dropped = True
             if not layer.adapter_names():
                 _set_submodule(model, name, layer.base_layer)
+    if dropped:
+        follow_adapters_in_tied_keys(model)
     return dropped
 
 

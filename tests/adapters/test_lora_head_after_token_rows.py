@@ -41,7 +41,8 @@ def test_both_orders_build_the_same_model():
     rows = second.model.embed_tokens.trainable_tokens_delta["b"]
     assert second.lm_head.base_layer.trainable_tokens_delta["b"] is rows
     assert second.lm_head.base_layer.base_layer.weight is second.model.embed_tokens.base_layer.weight
-    trained = [sorted(n for n, p in m.named_parameters(remove_duplicate=False) if p.requires_grad) for m in (first, second)]
+    trained = [sorted(n for n, p in m.named_parameters(remove_duplicate=False) if p.requires_grad)
+               for m in (first, second)]
     assert trained[0] == trained[1]
     with torch.no_grad():
         torch.testing.assert_close(second(input_ids=IDS).logits, first(input_ids=IDS).logits, rtol=0, atol=0)
