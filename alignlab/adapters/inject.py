@@ -292,12 +292,13 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
     there go first because they are where a config refuses (a LoRA on an ``IA3Linear``); if any target fails, the
     ones done are put back (the adapter deleted, the original module and its ``requires_grad`` flags returned,
     a base weight that the adapter's initialisation rewrote -- PiSSA, OLoRA -- restored bit for bit), so the
-    model is as it was. A LoRA on a layer that passes its base's weight through (trainable token rows on a tied head)
-    wraps it instead, as when the rows come second (PEFT's nesting)."""
+    model is as it was. A LoRA on a tied head's trainable token rows (the embedding's, passing the head's weight
+    through) wraps that layer instead, as when the rows come second (PEFT's nesting); rows of the head's own stay
+    refused, as in that order."""
     modules = {name: model.get_submodule(name) for name in targets}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
-    held = {name for name, m in modules.items() if isinstance(m, AdapterLayer)
-            and not (isinstance(config, LoRAConfig) and m.passes_base_weight)}
+    held = {name for name, m in modules.items() if isinstance(m, AdapterLayer) and not (
+        isinstance(config, LoRAConfig) and m.passes_base_weight and getattr(m, "tied_to", None) is not None)}
     order = sorted(targets, key=lambda name: name not in held)
     rewrites = bool(getattr(config, "rewrites_base_weight", False))
     done, restores = [], []

@@ -84,3 +84,15 @@ def test_refused_lora_over_rows_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="use_dora=True is not supported on a head whose trainable token rows"):
         inject(model, LoRAConfig(r=2, target_modules=["q_proj", "lm_head"], use_dora=True), adapter_name="a")
     assert model.lm_head is head and model.model.layers[0].self_attn.q_proj.adapter_names() == ["b"]
+
+
+def test_rows_of_the_head_its_own_take_no_lora_in_either_order():
+    # other ids on the head: it trains rows apart from the embedding's, and a module takes rows or LoRA (PEFT)
+    rows = LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [7], "lm_head": [9]})
+    model = inject(make_tied_llama(), HEAD, adapter_name="a")
+    with pytest.raises(ValueError, match="'lm_head' also gets a LoRALinear adapter"):
+        inject(model, rows, adapter_name="b")
+    model = inject(make_tied_llama(), rows, adapter_name="b")
+    assert model.lm_head.tied_to is None
+    with pytest.raises(ValueError, match="'lm_head' already holds a TrainableTokensLayer"):
+        inject(model, HEAD, adapter_name="a")
