@@ -20,6 +20,8 @@ adapters compute with and leaves the adapters' tensors (the trained rows include
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
@@ -33,7 +35,12 @@ _KEPT = "_alignlab_tied_keys"  # {map attribute: (set on the instance?, the mode
 def follow_adapters_in_tied_keys(model: nn.Module) -> None:
     """Point the tied-weight maps of every module of ``model`` that has them (``transformers``' ``PreTrainedModel``
     and its sub-models) at where the tied tensors live under the current adapter layers; a map that needs no change
-    is the model's own again. Call after the module tree changed (``inject``, unwrapping)."""
+    is the model's own again. Call after the module tree changed (``inject``, unwrapping).
+
+    A model whose config ties nothing (``tie_word_embeddings=False``) keeps its ``_tied_weights_keys`` as they are,
+    as transformers ignores them there. The names of ``_tied_weights_keys`` are regular expressions to transformers
+    (``all_tied_weights_keys`` holds literal parameter names), so a trained rows' name holding an adapter name with
+    regex characters (``"a+b"``) goes into it escaped."""
     for module in model.modules():
         kept = module.__dict__.get(_KEPT, {})
         for attr in _MAPS:
@@ -43,12 +50,17 @@ def follow_adapters_in_tied_keys(model: nn.Module) -> None:
                 own, original = attr in module.__dict__, module.__dict__.get(attr, getattr(type(module), attr, None))
             if not isinstance(original, dict) or not original:
                 continue
-            moved = {}
-            for target, source in original.items():
-                target, target_layers = _through_adapters(module, target)
-                source, source_layers = _through_adapters(module, source)
-                moved[target] = source
-                moved.update(_shared_rows(target_layers, source_layers))
+            patterns = attr == "_tied_weights_keys"
+            if patterns and not getattr(getattr(module, "config", None), "tie_word_embeddings", False):
+                moved = original  # transformers' get_expanded_tied_weights_keys returns {} for such a model
+            else:
+                moved = {}
+                for target, source in original.items():
+                    target, target_layers = _through_adapters(module, target)
+                    source, source_layers = _through_adapters(module, source)
+                    moved[target] = source
+                    rows = _shared_rows(target_layers, source_layers)
+                    moved.update({_as_pattern(t): _as_pattern(s) for t, s in rows.items()} if patterns else rows)
             if moved != original:
                 kept[attr] = (own, original)
                 object.__setattr__(module, attr, moved)
@@ -62,6 +74,11 @@ def follow_adapters_in_tied_keys(model: nn.Module) -> None:
             module.__dict__[_KEPT] = kept
         else:
             module.__dict__.pop(_KEPT, None)
+
+
+def _as_pattern(name: str) -> str:
+    """A parameter name as a regex that matches it alone (kept as it is when it holds no regex character)."""
+    return name if re.fullmatch(r"[\w.]+", name) else re.escape(name) + "$"
 
 
 def _through_adapters(root: nn.Module, name: str) -> tuple[str, list[tuple[str, nn.Module]]]:
