@@ -208,7 +208,8 @@ class NF4Linear(nn.Module):
                 blocksize=self.blocksize, nested_absmax=b["qnested_absmax"], nested_offset=b["qnested_offset"],
                 shift=b["qshift"], nested_blocksize=self._nested_blocksize,
             )
-            self.__dict__["_quant_weight"] = t
+            if not torch.compiler.is_compiling():  # a write traced inside HF checkpointing is an "unsafe side effect"
+                self.__dict__["_quant_weight"] = t
         return t
 
     @property
