@@ -26,7 +26,7 @@ from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
-from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys
+from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys, forget_ties
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
 
@@ -676,6 +676,7 @@ def _untie_saved_copy(model: nn.Module, name: str, module: SavedModule) -> None:
     for c in (config, get_text() if callable(get_text) else None):
         if c is not None and getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
+    forget_ties(model, [f"{name}.original_module.{n}" for n, _ in module.original_module.named_parameters()])
 
 
 def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
@@ -699,6 +700,7 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
+        forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:

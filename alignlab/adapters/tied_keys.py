@@ -26,10 +26,11 @@ from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, SavedModule
 
-__all__ = ["follow_adapters_in_tied_keys"]
+__all__ = ["follow_adapters_in_tied_keys", "forget_ties"]
 
 _MAPS = ("_tied_weights_keys", "all_tied_weights_keys")
 _KEPT = "_alignlab_tied_keys"  # {map attribute: (set on the instance?, the model's own map)}
+_UNTIED = "_alignlab_untied_keys"  # targets of the own all_tied_weights_keys whose tie a merge broke
 
 
 def follow_adapters_in_tied_keys(model: nn.Module) -> None:
@@ -51,11 +52,14 @@ def follow_adapters_in_tied_keys(model: nn.Module) -> None:
             if not isinstance(original, dict) or not original:
                 continue
             patterns = attr == "_tied_weights_keys"
+            untied = () if patterns else module.__dict__.get(_UNTIED, ())
             if patterns and not getattr(getattr(module, "config", None), "tie_word_embeddings", False):
                 moved = original  # transformers' get_expanded_tied_weights_keys returns {} for such a model
             else:
                 moved = {}
                 for target, source in original.items():
+                    if target in untied:
+                        continue
                     target, target_layers = _through_adapters(module, target)
                     source, source_layers = _through_adapters(module, source)
                     moved[target] = source
@@ -74,6 +78,26 @@ def follow_adapters_in_tied_keys(model: nn.Module) -> None:
             module.__dict__[_KEPT] = kept
         else:
             module.__dict__.pop(_KEPT, None)
+
+
+def forget_ties(model: nn.Module, paths) -> None:
+    """Drop from ``all_tied_weights_keys`` (the one ``tie_weights(recompute_mapping=False)`` reads: ``init_weights()``,
+    a distributed checkpoint load) every tie of the parameters ``paths`` (their names in ``model`` now), once a merge
+    gave such a parameter its own copy and set ``config.tie_word_embeddings`` to False, as transformers drops an entry
+    whose tensors a checkpoint holds apart. Left in, that call put the input table back over a merged head (logits 100
+    off on the tiny Llama); the model's own map, put back when the wrappers go, stays without them too."""
+    paths = set(paths)
+    for prefix, module in model.named_modules():
+        kept = module.__dict__.get(_KEPT, {})
+        own = kept["all_tied_weights_keys"][1] if "all_tied_weights_keys" in kept else module.__dict__.get(
+            "all_tied_weights_keys")
+        if not isinstance(own, dict) or not own:
+            continue
+        rel = {p[len(prefix) + 1:] if prefix else p for p in paths if not prefix or p.startswith(prefix + ".")}
+        untied = {t for t, s in own.items() if {_through_adapters(module, t)[0], _through_adapters(module, s)[0]} & rel}
+        if untied:
+            module.__dict__[_UNTIED] = module.__dict__.get(_UNTIED, set()) | untied
+    follow_adapters_in_tied_keys(model)
 
 
 def _as_pattern(name: str) -> str:

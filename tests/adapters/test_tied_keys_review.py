@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tied_llama, make_tiny_llama, randomise_trainable
 
-from alignlab.adapters import LoRAConfig, delete_adapter, inject
+from alignlab.adapters import LoRAConfig, delete_adapter, inject, merge, merge_and_unload, unmerge
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,3 +45,32 @@ def test_a_model_that_ties_nothing_keeps_its_maps():
     assert {k: v for k, v in vars(model).items() if "tied" in k} == before
     delete_adapter(model, "default")
     assert {k: v for k, v in vars(model).items() if "tied" in k} == before
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_and_unload"])
+def test_a_head_untied_by_a_merge_stays_untied_under_the_kept_map(how):
+    # merging into the tied head gives it its own weight (config.tie_word_embeddings=False); tie_weights with the
+    # kept map (init_weights(), a distributed checkpoint load) put the input table back over the merged head
+    model = randomise_trainable(inject(make_tied_llama(), LoRAConfig(r=4, target_modules=["q_proj", "lm_head"])),
+                                scale=1.0)
+    want = _logits(model)
+    with pytest.warns(UserWarning, match="tied"):
+        (merge if how == "merge" else merge_and_unload)(model)
+    assert not model.config.tie_word_embeddings
+    model.tie_weights(recompute_mapping=False)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+    if how == "merge":
+        unmerge(model)
+        delete_adapter(model, "default")
+        model.tie_weights(recompute_mapping=False)
+        torch.testing.assert_close(_logits(model), _logits(make_tied_llama()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_saved_head_stays_in_place_under_the_kept_map():
+    model = randomise_trainable(inject(make_tied_llama(), LoRAConfig(r=4, target_modules=["q_proj"],
+                                                                     modules_to_save=["lm_head"])), scale=1.0)
+    want = _logits(model)
+    with pytest.warns(UserWarning, match="tie"):
+        merge_and_unload(model)
+    model.tie_weights(recompute_mapping=False)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
