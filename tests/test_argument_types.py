@@ -356,6 +356,7 @@ CASES = [
      lambda v: adamw8bit.dequantize_moments(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(2, 1), blocksize=v),
      ["4", 4.0], [0]),
     # eval, decoding
+    ("pass_at_k.k", "k", lambda v: code_eval.pass_at_k(4, 2, v), ["1", 1.0, True, None], [0, -1]),
     ("run_tests.timeout", "timeout", lambda v: code_eval.run_tests(["pass"], "pass", timeout=v), ["1", None],
      [0, float("inf")]),
     ("run_tests.max_memory_bytes", "max_memory_bytes",

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, is_int
+from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
 from alignlab.bench.timing import _resolve_device, measure
 
 _COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -77,9 +77,7 @@ def matmul_tflops(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     dev = _resolve_device(device, (), {})
     n = _MATMUL_N.get(dev.type, 512) if n is None else n
-    if not is_int(n) or n <= 0:
-        kind = ValueError if is_int(n) else ArgumentTypeError
-        raise kind(f"n must be a positive int, got {n!r}")
+    check_positive_int(n, "n")
     return _matmul_tflops(str(dev), dtype, int(n))
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, as_python_number, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_positive_int, check_positive_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +243,7 @@ def roofline_count(value: Any, label: str) -> int | float | None:
     """
     if value is None:
         return None
-    if not is_finite_real(value) or not value > 0:
-        kind = ValueError if is_real(value) else ArgumentTypeError
-        raise kind(f"{label} must be a positive number or None, got {value!r}")
-    return as_python_number(value)
+    return check_positive_number(value, label)
 
 
 def run_contestants(
@@ -276,10 +273,7 @@ def run_contestants(
     if not is_int(warmup) or warmup < 0:
         kind = ValueError if is_int(warmup) else ArgumentTypeError
         raise kind(f"warmup must be an int >= 0, got {warmup!r}")
-    if rep is not None and (not is_int(rep) or rep < 1):
-        kind = ValueError if is_int(rep) else ArgumentTypeError
-        raise kind(f"rep must be None or an int >= 1, got {rep!r}")
-    warmup, rep = int(warmup), None if rep is None else int(rep)
+    warmup, rep = int(warmup), check_positive_int(rep, "rep", allow_none=True)
     flush_cache = as_bool(flush_cache, "flush_cache")
 
     if memory not in (True, False, "rss"):

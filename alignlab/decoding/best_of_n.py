@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, is_int
+from alignlab._checks import check_count
 
 __all__ = ["BestOfNOutput", "best_of_n", "rerank"]
 
@@ -162,10 +162,7 @@ def best_of_n(
             NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
     _check_nan_policy(nan)
-    if not is_int(n) or n < 1:  # NumPy ints from a sweep are counts; True is not
-        kind = ValueError if is_int(n) else ArgumentTypeError
-        raise kind(f"n: expected an int >= 1, got {n!r}")
-    n = int(n)
+    n = check_count(n, "n")  # NumPy ints from a sweep are counts; True is not
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (batch, prompt_len), got {tuple(input_ids.shape)}")
     generate_kwargs.setdefault("do_sample", True)

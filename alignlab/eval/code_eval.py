@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real
+from alignlab._checks import check_count, check_positive_int, check_positive_number
 
 __all__ = ["ExecutionResult", "pass_at_k", "run_tests"]
 
@@ -90,10 +90,7 @@ def pass_at_k(n: int | Sequence[int] | np.ndarray, c: int | Sequence[int] | np.n
         ValueError: fractional counts, ``n`` and ``c`` of different shapes,
             ``k < 1``, ``k > n``, ``c < 0`` or ``c > n``.
     """
-    if not is_int(k):
-        raise TypeError(f"k: expected an int >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k!r}")
+    check_count(k, "k")
     n_arr, c_arr = _counts("n", n), _counts("c", c)
     scalar = n_arr.ndim == 0 and c_arr.ndim == 0
     if n_arr.ndim and c_arr.ndim and n_arr.shape != c_arr.shape:
@@ -417,18 +414,10 @@ def run_tests(
         raise ValueError(f"tests: expected one string or {len(programs)} strings, got {len(tests)}")
     if not all(isinstance(s, str) for s in programs + tests):
         raise TypeError("programs/tests: every entry must be a str")
-    if not is_finite_real(timeout) or not timeout > 0:
-        kind = ValueError if is_real(timeout) else ArgumentTypeError
-        raise kind(f"timeout: expected finite seconds > 0, got {timeout!r}")
-    if max_memory_bytes is not None:
-        if not is_int(max_memory_bytes) or max_memory_bytes < 1:
-            kind = ValueError if is_int(max_memory_bytes) else ArgumentTypeError
-            raise kind(f"max_memory_bytes: expected an int >= 1 or None, got {max_memory_bytes!r}")
-        max_memory_bytes = int(max_memory_bytes)  # it travels to the supervisor as JSON
-    if not is_int(max_workers) or max_workers < 1:
-        kind = ValueError if is_int(max_workers) else ArgumentTypeError
-        raise kind(f"max_workers: expected an int >= 1, got {max_workers!r}")
-    max_workers = int(max_workers)
+    check_positive_number(timeout, "timeout")  # seconds
+    # a Python int: it travels to the supervisor as JSON
+    max_memory_bytes = check_positive_int(max_memory_bytes, "max_memory_bytes", allow_none=True)
+    max_workers = check_count(max_workers, "max_workers")
     if not hasattr(os, "fork"):
         raise OSError("run_tests: needs a POSIX system with fork(); run it under WSL or in a Linux container")
     with ThreadPoolExecutor(max_workers=max_workers) as pool:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_template_fields, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_count, check_template_fields, is_finite_real, is_real
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -282,9 +282,7 @@ def bootstrap_ci(
     if not np.isfinite(data).all():  # one NaN made the interval (nan, nan) without a word
         bad = np.flatnonzero(~np.isfinite(data))[:5].tolist()
         raise ValueError(f"values: expected finite numbers, got NaN or inf at index {bad}")
-    if not is_int(n_resamples) or n_resamples < 1:
-        kind = ValueError if is_int(n_resamples) else ArgumentTypeError
-        raise kind(f"n_resamples: expected an int >= 1, got {n_resamples!r}")
+    n_resamples = check_count(n_resamples, "n_resamples")
     if not is_real(confidence) or not 0.0 < confidence < 1.0:
         kind = ValueError if is_real(confidence) else ArgumentTypeError
         raise kind(f"confidence: expected a value in (0, 1), got {confidence!r}")
