@@ -10,9 +10,9 @@ from torch import nn
 
 # as_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
 from alignlab._checks import (ArgumentTypeError, as_bool, as_python_number, check_finite_number, check_positive_int,
-                              check_positive_number, is_finite_real, is_int, is_real)
+                              check_positive_number, is_int)
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
-from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype
+from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype, check_dropout  # re-exported too
 
 
 @dataclass
@@ -316,14 +316,6 @@ def check_modules_to_save(modules_to_save) -> list[str] | None:
     return list(modules_to_save)
 
 
-def check_dropout(dropout: float) -> float:
-    """``dropout`` as a Python float; ``ValueError`` unless it is a real number in [0, 1) (a bool is not)."""
-    if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-        kind = ValueError if is_real(dropout) else ArgumentTypeError
-        raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
 def check_nonzero_number(value, arg: str, why: str) -> float:
     """``value`` as a Python float (:func:`check_finite_number`); ``ValueError`` naming ``arg`` if it is 0, where
     ``why`` says how 0 leaves the adapter a no-op that no gradient can move."""
@@ -354,9 +346,7 @@ def check_patterns(rank_pattern: dict, alpha_pattern: dict) -> tuple[dict[str, i
             raise TypeError(f"{name} must be a dict {{regex: value}}, got {type(pattern).__name__}")
         for key, value in pattern.items():
             _compile(name, key)
-            if not is_finite_real(value) or not value > 0:
-                kind = ValueError if is_real(value) else ArgumentTypeError
-                raise kind(f"{name}[{key!r}] must be a positive finite number, got {value!r}")
+            check_positive_number(value, f"{name}[{key!r}]")
             if name == "rank_pattern" and not is_int(value):
                 raise ArgumentTypeError(f"rank_pattern[{key!r}] must be an int, got {value!r}")
     return {k: int(v) for k, v in rank_pattern.items()}, {k: as_python_number(v) for k, v in alpha_pattern.items()}

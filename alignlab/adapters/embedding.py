@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_positive_int, check_positive_number, is_int
+from alignlab._checks import as_bool, check_positive_int, check_positive_number, check_token_id
 from alignlab.adapters.base import AdapterLayer, SavedModule
 from alignlab.adapters.lora import check_adapter_dtype
 
@@ -70,9 +70,7 @@ def check_token_indices(indices, arg: str = "trainable_token_indices") -> list[i
     if not indices:
         raise ValueError(f"{arg} must name at least one token id")
     for i in indices:
-        if not is_int(i) or i < 0:
-            kind = ValueError if is_int(i) else ArgumentTypeError
-            raise kind(f"{arg} must hold non-negative int token ids, got {i!r}")
+        check_token_id(i, arg)
     if len(set(indices)) != len(indices):
         raise ValueError(f"{arg} must not repeat a token id, got {list(indices)}")
     return [int(i) for i in indices]

@@ -66,11 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, as_bool, as_python_number, check_positive_int, is_finite_real, is_real
+from alignlab._checks import as_bool, as_python_number, check_positive_int, check_positive_number
 from alignlab.adapters.base import AdapterLayer, refuse_float16_merge
 from alignlab.adapters.dora import (check_dora_unmergeable, dora_gain, dora_merged_weight, dora_unmerged_weight,
                                    kept_merge_norm)
-from alignlab.adapters.lora import check_adapter_dtype, lora_scaling
+from alignlab.adapters.lora import check_adapter_dtype, check_dropout, lora_scaling
 from alignlab.expert_routing import ExpertGroups, add_expert_bias, check_routing, expert_mlp, forward_overridden_by
 
 #: the fused expert weights an adapter can target, in the order transformers registers them (PEFT nests its
@@ -363,15 +363,10 @@ class ExpertLoRA(AdapterLayer):
         alphas = alpha if isinstance(alpha, dict) else {p: alpha for p in ranks}
         for p, r in ranks.items():
             check_positive_int(r, f"rank of {p!r}")
-            a = alphas.get(p)
-            if not is_finite_real(a) or a <= 0:  # NaN and inf fail too
-                kind = ValueError if is_real(a) else ArgumentTypeError
-                raise kind(f"alpha of {p!r} must be a positive number, got {a!r}")
+            check_positive_number(alphas.get(p), f"alpha of {p!r}")  # NaN and inf fail too
         ranks = {p: int(r) for p, r in ranks.items()}
         alphas = {p: as_python_number(alphas[p]) for p in ranks}
-        if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-            kind = ValueError if is_real(dropout) else ArgumentTypeError
-            raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         check_adapter_dtype(adapter_dtype)
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS} on expert parameters, got {init!r}")

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_positive_int, check_positive_number, is_finite_real,
-                              is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_positive_number,
+                              is_finite_real, is_int, is_real)
 from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weight, is_quantized, merge_weight,
                                     refuse_float16_merge, set_dense_weight_)
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
@@ -60,9 +60,7 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     :class:`~alignlab.ArgumentTypeError`, which is both.
     """
     r = check_positive_int(r, "r")
-    if not is_finite_real(alpha):
-        kind = ValueError if is_real(alpha) else ArgumentTypeError
-        raise kind(f"alpha must be a finite number, got {alpha!r}")
+    check_finite_number(alpha, "alpha")  # alpha kept as given: a NumPy scalar divides as before
     return alpha / math.sqrt(r) if as_bool(use_rslora, "use_rslora") else alpha / r
 
 
@@ -92,6 +90,16 @@ def _check_rank(r: int) -> int:
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got {r}")
     return int(r)
+
+
+def check_dropout(dropout: float) -> float:
+    """``dropout`` as a Python float; ``ValueError`` unless it is a real number in [0, 1) (a bool is not; the wrong
+    kind raises :class:`~alignlab.ArgumentTypeError`, which is both). Here, not in ``config``, which imports this
+    module: the layers and the configs share it."""
+    if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+        kind = ValueError if is_real(dropout) else ArgumentTypeError
+        raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 class LoRALinear(AdapterLayer):
@@ -185,9 +193,7 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = _check_rank(r)
         alpha = check_positive_number(alpha, "alpha")
-        if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-            kind = ValueError if is_real(dropout) else ArgumentTypeError
-            raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         use_rslora = as_bool(use_rslora, "use_rslora")
         use_dora = as_bool(use_dora, "use_dora")
         check_adapter_dtype(adapter_dtype)
