@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_count, check_template_fields, check_token_id,
-                              is_finite_real, is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_count, check_finite_number, check_positive_int,
+                              check_template_fields, check_token_id)
 from alignlab.data.packing import collate_padded
 from alignlab.data.pairs import Generate, PreferencePair, _as_messages, _batched, _call_generate
 from alignlab.data.sft import IGNORE_INDEX, Message
@@ -315,13 +315,8 @@ def sample_completions(
         raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
         check_count(value, name)
-    if not is_finite_real(temperature) or temperature < 0:
-        kind = ValueError if is_real(temperature) else ArgumentTypeError
-        raise kind(f"temperature: expected a finite number >= 0, got {temperature!r}")
-    temperature = float(temperature)
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        kind = ValueError if is_int(top_k) else ArgumentTypeError
-        raise kind(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    temperature = check_finite_number(temperature, "temperature", minimum=0)
+    check_positive_int(top_k, "top_k", allow_none=True)
     _check_token_ids(pad_token_id, eos_token_id)
     with eval_mode(model):  # dropout in train mode would make the same seed draw other tokens
         return _sample(model, prompts, num_samples, max_new_tokens, temperature, top_k, eos_token_id, pad_token_id,

@@ -32,7 +32,7 @@ from typing import Literal, TypedDict
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, check_token_id, is_int
+from alignlab._checks import ArgumentTypeError, check_positive_int, check_token_id, is_int
 from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
@@ -85,9 +85,7 @@ def pack_examples(
     ``"error"``) or is dropped (``"skip"``). A ``max_length`` that is no int raises
     :class:`~alignlab.ArgumentTypeError` (a ``TypeError`` and a ``ValueError``), one < 1 ``ValueError``.
     """
-    if not is_int(max_length) or max_length < 1:
-        kind = ValueError if is_int(max_length) else ArgumentTypeError
-        raise kind(f"max_length must be a positive int, got {max_length!r}")
+    check_positive_int(max_length, "max_length")
     if overflow not in ("error", "skip"):
         raise ValueError(f"overflow must be 'error' or 'skip', got {overflow!r}")
     row: PackedExample = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}

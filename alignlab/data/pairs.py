@@ -38,8 +38,8 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_template_fields, is_finite_real,
-                              is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_template_fields,
+                              is_finite_real, is_int, is_real)
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -77,9 +77,7 @@ def _as_messages(prompt: str | Sequence[Message], name: str = "prompt") -> list[
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    if not is_int(size) or size < 1:
-        kind = ValueError if is_int(size) else ArgumentTypeError
-        raise kind(f"batch_size must be a positive int, got {size!r}")
+    check_positive_int(size, "batch_size")
     batch: list[Any] = []
     for item in items:
         batch.append(item)

@@ -36,15 +36,13 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
-from alignlab._checks import ArgumentTypeError, as_bool, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_positive_int, is_int, is_real
 
 __all__ = ["replay_counts", "ReplayMixer", "ReplayBatchSampler"]
 
 
 def _check(batch_size: int, replay_fraction: float) -> Fraction:
-    if not is_int(batch_size) or batch_size < 1:
-        kind = ValueError if is_int(batch_size) else ArgumentTypeError
-        raise kind(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     if not is_real(replay_fraction):  # Python and NumPy reals, Fraction; not a bool
         raise TypeError(f"replay_fraction must be a number, got {type(replay_fraction).__name__}")
     if not 0 <= replay_fraction < 1:  # NaN fails too
@@ -226,9 +224,7 @@ class ReplayBatchSampler:
         drop_last: bool = False,
     ):
         _check(batch_size, replay_fraction)
-        if not is_int(task_size) or task_size < 1:
-            kind = ValueError if is_int(task_size) else ArgumentTypeError
-            raise kind(f"task_size must be a positive int, got {task_size!r}")
+        check_positive_int(task_size, "task_size")
         if not is_int(general_size) or general_size < 0:
             kind = ValueError if is_int(general_size) else ArgumentTypeError
             raise kind(f"general_size must be a non-negative int, got {general_size!r}")

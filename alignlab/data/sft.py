@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
-from alignlab._checks import ArgumentTypeError, as_bool, is_int
+from alignlab._checks import as_bool, check_positive_int
 
 __all__ = [
     "IGNORE_INDEX",
@@ -185,9 +185,7 @@ def _check_options(train_on: str, overflow: str, max_length: int | None) -> None
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     if overflow not in ("error", "truncate"):
         raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
-    if max_length is not None and (not is_int(max_length) or max_length < 1):
-        kind = ValueError if is_int(max_length) else ArgumentTypeError
-        raise kind(f"max_length must be an int >= 1 or None, got {max_length!r}")
+    check_positive_int(max_length, "max_length", allow_none=True)
 
 
 def _completion_span(prompt: Sequence[Message], completion: Sequence[Message], tokenizer: Any,
