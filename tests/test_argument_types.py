@@ -105,6 +105,12 @@ def _token_sparse_ratio(v):
     layer.keep_ratio = v
 
 
+def _nf4_nested_blocksize(v):
+    t = nf4.nf4_quantize(torch.randn(4, 64), blocksize=32)
+    t.nested_blocksize = v
+    t.validate()
+
+
 def _raise_if_called(*args, **kwargs):
     raise AssertionError("the argument checks should have refused the call")
 
@@ -342,6 +348,8 @@ CASES = [
      ["64", 64.0, None], [48, 16]),
     ("quantize_model.blocksize", "blocksize", lambda v: quant.quantize_model(nn.Sequential(nn.Linear(64, 64)),
                                                                           blocksize=v), ["64", 64.0, None], [48]),
+    ("NF4Tensor.validate.nested_blocksize", "nested_blocksize", _nf4_nested_blocksize, ["4", 4.0, None, True],
+     [0, -1]),
     # optim
     ("AdamW8bit.blocksize", "blocksize", lambda v: adamw8bit.AdamW8bit([nn.Parameter(torch.ones(4))], blocksize=v),
      ["256", 256.0], [100]),

@@ -86,10 +86,7 @@ def _check_length(value, name: str, minimum: int = 1) -> int:
 
 def _check_factor(factor: float, name: str = "factor") -> float:
     """``factor`` as a Python float: a finite real >= 1 (NumPy scalars too; a bool is not)."""
-    if not (is_finite_real(factor) and factor >= 1.0):
-        kind = ValueError if is_real(factor) else ArgumentTypeError
-        raise kind(f"{name} must be a finite number >= 1, got {factor!r}")
-    return float(factor)
+    return check_finite_number(factor, name, minimum=1.0)
 
 
 def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:

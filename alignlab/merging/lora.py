@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from alignlab._checks import ArgumentTypeError, check_finite_number, is_int
+from alignlab._checks import check_finite_number, check_positive_int
 from alignlab.merging.methods import _per_model, _refuse_float16_inf
 
 __all__ = ["fold_lora", "lora_cat", "lora_delta", "lora_linear", "lora_svd"]
@@ -178,9 +178,7 @@ def lora_svd(
         ValueError: ``rank < 1`` or inconsistent factors.
         TypeError: ``rank`` not an int (2.0 included; an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
-    if not is_int(rank) or rank < 1:  # not True, not 2.0 from a config that meant something else
-        kind = ValueError if is_int(rank) else ArgumentTypeError
-        raise kind(f"rank must be a positive integer, got {rank!r}")
+    check_positive_int(rank, "rank")  # not True, not 2.0 from a config that meant something else
     a_c, b_c = lora_cat(As, Bs, weights, scales)
     q_b, r_b = torch.linalg.qr(b_c)  # (out, m), (m, R)
     q_a, r_a = torch.linalg.qr(a_c.T)  # (in, m'), (m', R)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import use_triton
 from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
@@ -83,9 +83,7 @@ def dequantize_moments(
     of an optimizer with ``blocksize=64`` would read a quarter of the scales, without a word)."""
     if codes.dim() != 2 or codes.shape[0] != 2:
         raise ValueError(f"codes: expected shape (2, n), got {tuple(codes.shape)}")
-    if not is_int(blocksize) or blocksize < 1:
-        kind = ValueError if is_int(blocksize) else ArgumentTypeError
-        raise kind(f"blocksize: expected a positive int, got {blocksize!r}")
+    check_positive_int(blocksize, "blocksize")
     nb = -(-codes.shape[1] // blocksize)
     if tuple(absmax.shape) != (2, nb):
         raise ValueError(f"absmax: expected shape (2, {nb}) for {codes.shape[1]} values in blocks of {blocksize}, "
@@ -454,17 +452,10 @@ def _check_group(group: dict[str, Any]) -> None:
         if group.get(key):
             raise ValueError(f"{key}: AdamW8bit has no {key} (the group asks for {key}={group[key]!r})")
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if not is_finite_real(lr) or lr < 0:
-        kind = ValueError if is_real(lr) else ArgumentTypeError
-        raise kind(f"lr: expected a finite float >= 0, got {lr!r}")
+    lr = check_finite_number(lr, "lr", minimum=0)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) for b in betas)
         kind = ValueError if pair else ArgumentTypeError
         raise kind(f"betas: expected two floats in [0, 1), got {betas!r}")
-    if not is_finite_real(eps) or eps < 0:
-        kind = ValueError if is_real(eps) else ArgumentTypeError
-        raise kind(f"eps: expected a finite float >= 0, got {eps!r}")
-    if not is_finite_real(wd) or wd < 0:
-        kind = ValueError if is_real(wd) else ArgumentTypeError
-        raise kind(f"weight_decay: expected a finite float >= 0, got {wd!r}")
-    group.update(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd))
+    eps, wd = check_finite_number(eps, "eps", minimum=0), check_finite_number(wd, "weight_decay", minimum=0)
+    group.update(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=wd)

@@ -252,9 +252,7 @@ class NF4Tensor:
             raise ValueError(f"absmax must have {nb} entries for shape {tuple(self.shape)} and blocksize "
                              f"{self.blocksize}, got {self.absmax.numel()}")
         if self.double_quant:
-            if not is_int(self.nested_blocksize) or self.nested_blocksize <= 0:
-                kind = ValueError if is_int(self.nested_blocksize) else ArgumentTypeError
-                raise kind(f"nested_blocksize must be a positive integer, got {self.nested_blocksize!r}")
+            check_positive_int(self.nested_blocksize, "nested_blocksize")
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
             nb2 = -(-nb // self.nested_blocksize)
