@@ -351,7 +351,7 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
                              f"'gaussian', or leave {name!r} out of target_modules")
 
 
-def _kept_rewritten_weights(model: nn.Module, config) -> list:
+def _kept_rewritten_weights(model: nn.Module, config) -> dict:
     """For a config whose init rewrites base weights (PiSSA, OLoRA): a restore function per target (see
     :func:`_kept_base_weight`), taken before ``inject``, so that a caller that deletes the adapter again (a failed
     ``load_adapter``) can put the weights back, ``{target name: restore}`` (pass it to :func:`_inject` as ``kept``:
