@@ -63,6 +63,35 @@ def check_finite_number(value, arg: str, minimum: float | None = None) -> float:
     return float(value)
 
 
+def check_number_in_range(value, arg: str, low: float | None = None, high: float | None = None, *,
+                          low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a Python float in the interval from ``low`` to ``high`` (``[low, high]``; ``low_open`` /
+    ``high_open`` leave that end out, so ``low=0, high=1, high_open=True`` is ``[0, 1)``).
+
+    A bound left None leaves that side open but finite: ``low=1, low_open=True`` is a finite number > 1, no bounds
+    at all any finite number. A closed infinite bound admits that infinity (``low=-math.inf, high=math.inf`` refuses
+    NaN only); NaN is refused always, since it fails every comparison. :class:`ArgumentTypeError` naming ``arg``
+    unless ``value`` is a real number (NumPy scalars are, a bool, a str, None, a 0-d array is not), ``ValueError``
+    for a NaN or a number outside the interval; both messages name the interval."""
+    if is_real(value):
+        above = value > -math.inf if low is None else (value > low if low_open else value >= low)
+        below = value < math.inf if high is None else (value < high if high_open else value <= high)
+        if above and below:
+            return float(value)
+    kind = ValueError if is_real(value) else ArgumentTypeError
+    raise kind(f"{arg} must be {_interval_text(low, high, low_open, high_open)}, got {value!r}")
+
+
+def _interval_text(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"a finite number {'<' if high_open else '<='} {high:g}"
+    return "a finite number"
+
+
 def as_python_number(value) -> int | float:
     """A real scalar as a Python ``int`` (if integral, e.g. ``np.int64``) or ``float`` (e.g. ``np.float32``)."""
     return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -125,6 +125,8 @@ CASES = [
      [0, -1.0, float("nan"), float("inf")]),
     ("check_finite_number", "x", lambda v: _checks.check_finite_number(v, "x", minimum=0), ["1", None, False],
      [-1, float("nan")]),
+    ("check_number_in_range", "p", lambda v: _checks.check_number_in_range(v, "p", 0, 1, low_open=True),
+     ["0.5", None, True, np.bool_(False)], [0, 1.5, float("nan"), float("inf")]),
     ("check_count", "k", lambda v: _checks.check_count(v, "k"), ["3", None, True, 2.5, 2.0], [0, -2]),
     ("check_token_id", "pad_token_id", lambda v: _checks.check_token_id(v, "pad_token_id"), ["2", None, True, 1.5],
      [-1]),

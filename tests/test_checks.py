@@ -1,13 +1,16 @@
-"""alignlab._checks: flags (as_bool) and token ids from Python and NumPy; paths (user_path)."""
+"""alignlab._checks: flags (as_bool), token ids and numbers in a range (check_number_in_range) from Python and NumPy;
+paths (user_path)."""
 
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from alignlab._checks import as_bool, check_token_id, user_path
+from alignlab._checks import ArgumentTypeError, as_bool, check_number_in_range, check_token_id, user_path
 
 
 @pytest.mark.parametrize("value", [True, False, np.True_, np.False_, np.bool_(1), np.array([1, 2]) > 1])
@@ -59,3 +62,56 @@ def test_check_count_types_then_values():
     for bad in (0, -2, 2.5, 2.0, float("nan"), np.float64(2.0)):
         with pytest.raises(ValueError, match="top_k: expected an int >= 1"):
             check_count(bad, "top_k")
+
+
+@pytest.mark.parametrize("value", [0.5, 1, np.float64(0.5), np.float32(0.25), np.int64(1), 0.0],
+                         ids=["float", "int", "np-float64", "np-float32", "np-int64", "low-end"])
+def test_check_number_in_range_returns_a_python_float(value):
+    got = check_number_in_range(value, "p", 0, 1)
+    assert type(got) is float and got == float(value)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), "0.5", None, [0.5], np.array(0.5), torch.tensor(0.5)],
+                         ids=["bool", "np-bool", "str", "none", "list", "0d-array", "tensor"])
+def test_check_number_in_range_refuses_non_numbers_as_argument_type_errors(value):
+    """A bool is an int to Python (True would be 1, in range), never a meaningful weight or ratio here."""
+    with pytest.raises(ArgumentTypeError, match=r"p must be a number in \[0, 1\), got "):
+        check_number_in_range(value, "p", 0, 1, high_open=True)
+
+
+@pytest.mark.parametrize("low_open, high_open, text, inside, outside", [
+    (False, False, "[0, 1]", [0, 1, 0.5], [-0.1, 1.5]),
+    (True, False, "(0, 1]", [1, 1e-9], [0, -1]),
+    (False, True, "[0, 1)", [0, 0.999], [1, 2]),
+    (True, True, "(0, 1)", [0.5], [0, 1]),
+])
+def test_check_number_in_range_open_and_closed_ends(low_open, high_open, text, inside, outside):
+    for v in inside:
+        assert check_number_in_range(v, "p", 0, 1, low_open=low_open, high_open=high_open) == v
+    for v in [*outside, float("nan"), np.float64("nan"), float("inf"), -math.inf]:
+        with pytest.raises(ValueError, match=f"p must be a number in {re.escape(text)}, got ") as info:
+            check_number_in_range(v, "p", 0, 1, low_open=low_open, high_open=high_open)
+        assert not isinstance(info.value, TypeError)
+
+
+def test_check_number_in_range_one_sided_and_unbounded_are_finite():
+    """A bound left None is no bound but finiteness: inf would pass ``> 1`` and zero every RoPE frequency."""
+    assert check_number_in_range(1e4, "base", 1, low_open=True) == 1e4
+    assert check_number_in_range(0, "tol", 0) == 0.0 and check_number_in_range(-5, "x", high=0) == -5.0
+    for v, low, low_open, match in [(1, 1, True, "base must be a finite number > 1, got 1"),
+                                    (math.inf, 1, True, "base must be a finite number > 1, got inf"),
+                                    (-0.1, 0, False, "base must be a finite number >= 0, got -0.1")]:
+        with pytest.raises(ValueError, match=match):
+            check_number_in_range(v, "base", low, low_open=low_open)
+    with pytest.raises(ValueError, match="x must be a finite number < 0, got 0"):
+        check_number_in_range(0, "x", high=0, high_open=True)
+    for v in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="w must be a finite number, got "):
+            check_number_in_range(v, "w")
+
+
+def test_check_number_in_range_infinite_closed_bounds_admit_infinity_but_not_nan():
+    assert check_number_in_range(math.inf, "threshold", -math.inf, math.inf) == math.inf
+    assert check_number_in_range(-math.inf, "threshold", -math.inf, math.inf) == -math.inf
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[-inf, inf\], got nan"):
+        check_number_in_range(math.nan, "threshold", -math.inf, math.inf)
