@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real
+from alignlab._checks import ArgumentTypeError, check_number_in_range, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
 from alignlab.adapters.config import check_dropout, check_finite_number, check_nonzero_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
 from alignlab.adapters.inject import layers_holding
@@ -195,11 +195,7 @@ class AdaLoRAConfig:
         self.deltaT = check_positive_int(self.deltaT, "deltaT")
         # β₁ = 0 makes Ī = I, so Ū = |I − Ī| = 0 and every score 0; β = 1 keeps an EMA at its zero start
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not is_finite_real(value) or not 0 < value < 1:
-                kind = ValueError if is_real(value) else ArgumentTypeError
-                raise kind(f"{name} must be a number in (0, 1), got {value!r}")
-            setattr(self, name, float(value))
+            setattr(self, name, check_number_in_range(getattr(self, name), name, 0, 1, low_open=True, high_open=True))
         # the user's loop multiplies the regularizer by it: NaN would reach the loss, a string fail there
         self.orth_reg_weight = check_finite_number(self.orth_reg_weight, "orth_reg_weight", minimum=0.0)
         _check_rank_pattern(self.rank_pattern, "rank_pattern")

@@ -34,7 +34,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, check_positive_int, check_positive_number, is_int, is_real
+from alignlab._checks import ArgumentTypeError, check_number_in_range, check_positive_int, check_positive_number, is_int
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,7 @@ def head_scores(base: nn.Module, tuned: nn.Module, metric: str = "wasserstein") 
 
 def _check_fraction(fraction) -> None:
     # True is 1 (every head) and "0.1" fails deep in a comparison: both are a caller's mistake
-    if not is_real(fraction) or not 0 < fraction <= 1:
-        kind = ValueError if is_real(fraction) else ArgumentTypeError
-        raise kind(f"fraction must be a number in (0, 1], got {fraction!r}")
+    check_number_in_range(fraction, "fraction", 0, 1, low_open=True)
 
 
 def top_heads(scores: torch.Tensor, fraction: float = 0.1) -> list[tuple[int, int]]:

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_positive_number,
-                              is_finite_real, is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
+                              check_positive_int, check_positive_number, is_int)
 from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weight, is_quantized, merge_weight,
                                     refuse_float16_merge, set_dense_weight_)
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
@@ -96,10 +96,7 @@ def check_dropout(dropout: float) -> float:
     """``dropout`` as a Python float; ``ValueError`` unless it is a real number in [0, 1) (a bool is not; the wrong
     kind raises :class:`~alignlab.ArgumentTypeError`, which is both). Here, not in ``config``, which imports this
     module: the layers and the configs share it."""
-    if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
-        kind = ValueError if is_real(dropout) else ArgumentTypeError
-        raise kind(f"dropout must be a number in [0, 1), got {dropout!r}")
-    return float(dropout)
+    return check_number_in_range(dropout, "dropout", 0, 1, high_open=True)
 
 
 class LoRALinear(AdapterLayer):
