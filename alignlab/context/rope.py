@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int,
-                              check_positive_number, is_finite_real, is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
+                              check_positive_int, check_positive_number, is_int, is_real)
 
 __all__ = [
     "RopeScaling",
@@ -67,9 +67,7 @@ def _check_dim_base(dim: int, base: float) -> None:
     if not is_int(dim) or dim < 2 or dim % 2:
         kind = ValueError if is_int(dim) else ArgumentTypeError
         raise kind(f"dim must be an even int >= 2, got {dim!r}")
-    if not (is_finite_real(base) and base > 1.0):  # inf would zero every frequency but the first
-        kind = ValueError if is_real(base) else ArgumentTypeError
-        raise kind(f"base must be a finite number > 1, got {base!r}")
+    check_number_in_range(base, "base", 1, low_open=True)  # finite: inf would zero every frequency but the first
 
 
 def _check_length(value, name: str, minimum: int = 1) -> int:

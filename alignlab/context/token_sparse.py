@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, is_real
+from alignlab._checks import check_number_in_range
 
 __all__ = [
     "TokenSparse",
@@ -57,10 +57,7 @@ def select_tokens(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, seq), got shape {tuple(scores.shape)}")
-    if not (is_real(keep_ratio) and 0.0 < keep_ratio <= 1.0):  # NaN fails the range test
-        kind = ValueError if is_real(keep_ratio) else ArgumentTypeError
-        raise kind(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    keep_ratio = float(keep_ratio)
+    keep_ratio = check_number_in_range(keep_ratio, "keep_ratio", 0, 1, low_open=True)
     valid = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if valid.shape != scores.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} != scores shape {tuple(scores.shape)}")
@@ -201,10 +198,7 @@ class TokenSparse(nn.Module):
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
-        if not (is_real(value) and 0.0 < value <= 1.0):  # NaN fails the range test
-            kind = ValueError if is_real(value) else ArgumentTypeError
-            raise kind(f"keep_ratio must be a number in (0, 1], got {value!r}")
-        self._keep_ratio = float(value)
+        self._keep_ratio = check_number_in_range(value, "keep_ratio", 0, 1, low_open=True)
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not self.training or not torch.is_grad_enabled() or hidden.dim() != 3:

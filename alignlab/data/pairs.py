@@ -38,8 +38,8 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_positive_int, check_template_fields,
-                              is_finite_real, is_int, is_real)
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
+                              check_positive_int, check_template_fields, is_int)
 from alignlab.data.packing import collate_padded
 from alignlab.data.sft import Message, tokenize_chat
 
@@ -261,9 +261,7 @@ JUDGE_TEMPLATE = (
 
 
 def _check_max_score(max_score: float) -> None:
-    if not is_finite_real(max_score) or max_score <= 0:
-        kind = ValueError if is_real(max_score) else ArgumentTypeError
-        raise kind(f"max_score must be a finite number > 0, got {max_score!r}")
+    check_number_in_range(max_score, "max_score", 0, low_open=True)
 
 
 def parse_judge_score(text: str, max_score: float = 5.0) -> float:

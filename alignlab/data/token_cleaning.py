@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, is_real
+from alignlab._checks import ArgumentTypeError, check_number_in_range
 from alignlab.data.sft import IGNORE_INDEX
 from alignlab.eval.eval_mode import eval_mode
 
@@ -122,10 +122,7 @@ def token_influence(
 
 def _check_ratio(keep_ratio: float) -> float:
     """``keep_ratio`` as a Python float: a real number in [0, 1] (NumPy scalars too; a bool, NaN are not)."""
-    if not (is_real(keep_ratio) and 0.0 <= keep_ratio <= 1.0):
-        kind = ValueError if is_real(keep_ratio) else ArgumentTypeError
-        raise kind(f"keep_ratio must be a number in [0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
+    return check_number_in_range(keep_ratio, "keep_ratio", 0, 1)
 
 
 def _keep_count(n: int, keep_ratio: float) -> int:
@@ -137,10 +134,7 @@ def _keep_count(n: int, keep_ratio: float) -> int:
 def _check_threshold(threshold: float) -> float:
     """``threshold`` as a Python float: a real number, ±inf included (:func:`influence_threshold` returns
     inf to keep nothing); not a bool, and not NaN, which ``scores >= NaN`` would turn into dropping every token."""
-    if not is_real(threshold) or math.isnan(threshold):
-        kind = ValueError if is_real(threshold) else ArgumentTypeError
-        raise kind(f"threshold must be a real number (not NaN), got {threshold!r}")
-    return float(threshold)
+    return check_number_in_range(threshold, "threshold", -math.inf, math.inf)
 
 
 def clean_labels(

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_count, check_template_fields, is_finite_real, is_real
+from alignlab._checks import (ArgumentTypeError, as_bool, check_count, check_number_in_range, check_template_fields,
+                              is_finite_real, is_real)
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -283,9 +284,7 @@ def bootstrap_ci(
         bad = np.flatnonzero(~np.isfinite(data))[:5].tolist()
         raise ValueError(f"values: expected finite numbers, got NaN or inf at index {bad}")
     n_resamples = check_count(n_resamples, "n_resamples")
-    if not is_real(confidence) or not 0.0 < confidence < 1.0:
-        kind = ValueError if is_real(confidence) else ArgumentTypeError
-        raise kind(f"confidence: expected a value in (0, 1), got {confidence!r}")
+    confidence = check_number_in_range(confidence, "confidence", 0, 1, low_open=True, high_open=True)
     rng = np.random.default_rng(seed)
     resamples = data[rng.integers(0, data.size, size=(n_resamples, data.size))]
     try:

@@ -47,7 +47,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
+from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
+                              check_positive_int, is_int, is_real)
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["estimate_fisher", "ewc_penalty", "EWC", "l2sp_penalty", "L2SP", "lora_delta_sq"]
@@ -376,10 +377,7 @@ class EWC:
             TypeError: ``fisher`` not a mapping of tensors, ``model`` not a module; ``gamma`` not a real number
                 (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
         """
-        if not is_real(gamma) or not 0.0 <= gamma <= 1.0:  # NaN fails the range test
-            kind = ValueError if is_real(gamma) else ArgumentTypeError
-            raise kind(f"gamma must be a number in [0, 1], got {gamma!r}")
-        gamma = float(gamma)
+        gamma = check_number_in_range(gamma, "gamma", 0, 1)  # once per task, not per step: no need to inline it
         _check_tensor_mapping(fisher, "fisher")  # a string was "not the same names", a list value an AttributeError
         if set(fisher) != set(self._fisher):
             raise ValueError("consolidate needs a Fisher over the same parameter names as before")

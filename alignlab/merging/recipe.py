@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, is_finite_real, is_int, is_real, user_path
+from alignlab._checks import ArgumentTypeError, check_number_in_range, is_int, is_real, user_path
 
 # method name -> (needs a base model, min fine-tuned models, max fine-tuned models or None)
 METHODS: dict[str, tuple[bool, int, int | None]] = {
@@ -171,11 +171,8 @@ def _check_value(name: str, value: Any, where: str) -> None:
     """Validate the numeric parameters every method shares, naming where they came from."""
     values = [e["value"] for e in value] if isinstance(value, list) else [value]
     for v in values:
-        if name in ("weight", "density", "lambda", "t", "gamma", "epsilon") and (
-            not is_finite_real(v)  # NumPy scalars too; not a bool
-        ):
-            kind = ValueError if is_real(v) else ArgumentTypeError
-            raise kind(f"parameter {name!r} of {where} must be a finite number, got {v!r}")
+        if name in ("weight", "density", "lambda", "t", "gamma", "epsilon"):
+            check_number_in_range(v, f"parameter {name!r} of {where}")  # NumPy scalars too; not a bool
         if name == "density" and not 0.0 <= v <= 1.0:
             raise ValueError(f"density of {where} must be in [0, 1], got {v}")
         if name in ("normalize", "filter_wise") and not isinstance(v, bool):
@@ -188,9 +185,8 @@ def _check_value(name: str, value: Any, where: str) -> None:
         if name == "max_iter" and not (is_int(v) and v >= 0):
             kind = ValueError if is_int(v) else ArgumentTypeError
             raise kind(f"parameter 'max_iter' of {where} must be an integer >= 0, got {v!r}")
-        if name == "tol" and not (is_finite_real(v) and v >= 0):
-            kind = ValueError if is_real(v) else ArgumentTypeError
-            raise kind(f"parameter 'tol' of {where} must be a finite number >= 0, got {v!r}")
+        if name == "tol":
+            check_number_in_range(v, f"parameter 'tol' of {where}", 0)
 
 
 def _check_filters(name: str, value: Any, where: str) -> None:
