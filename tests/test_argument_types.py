@@ -248,6 +248,8 @@ CASES = [
     ("collate_packed.length", "length",
      lambda v: packing.collate_packed(list(packing.pack_examples([_example()], 8)), 0, length=v), ["8", 8.0]),
     ("replay_counts.batch_size", "batch_size", lambda v: replay.replay_counts(v, 0.5), ["4", 4.0, None], [0]),
+    ("replay_counts.replay_fraction", "replay_fraction", lambda v: replay.replay_counts(4, v), ["0.5", None, True],
+     [1, -0.1, float("nan")]),
     ("replay_counts.start", "start", lambda v: replay.replay_counts(4, 0.5, start=v), ["1", 1.5], [-1]),
     ("ReplayMixer.set_epoch", "epoch", _replay_mixer_epoch, ["1", 1.0, None], [-1]),
     ("ReplayBatchSampler.task_size", "task_size", lambda v: replay.ReplayBatchSampler(v, 4, batch_size=2),

@@ -44,7 +44,7 @@ __all__ = ["replay_counts", "ReplayMixer", "ReplayBatchSampler"]
 def _check(batch_size: int, replay_fraction: float) -> Fraction:
     check_positive_int(batch_size, "batch_size")
     if not is_real(replay_fraction):  # Python and NumPy reals, Fraction; not a bool
-        raise TypeError(f"replay_fraction must be a number, got {type(replay_fraction).__name__}")
+        raise ArgumentTypeError(f"replay_fraction must be a number in [0, 1), got {replay_fraction!r}")
     if not 0 <= replay_fraction < 1:  # NaN fails too
         raise ValueError(f"replay_fraction must lie in [0, 1), got {replay_fraction!r}")
     if not isinstance(replay_fraction, Fraction):
