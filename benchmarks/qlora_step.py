@@ -165,6 +165,11 @@ def run_steps(model, ids, warmup: int, steps: int, compiled: bool, compile_mode:
                 first_loss=losses[0].item(), last_loss=losses[-1].item())
 
 
+def wide_k_suffix() -> str:
+    """The name suffix of the ``--wide-k`` rows: the other setting of ``fused.WIDE_K`` than the default one."""
+    return ", wide K off" if fused.WIDE_K else ", wide K"
+
+
 def contestants(base, which: list[str], wide_k: bool = False):
     table = {
         "floor (bf16, frozen)": lambda: floor_model(base),
@@ -176,9 +181,9 @@ def contestants(base, which: list[str], wide_k: bool = False):
         "alignlab QDoRA, bf16 adapters": lambda: alignlab_model(base, True, torch.bfloat16),
         "PEFT + bnb QDoRA, defaults": lambda: peft_bnb_model(base, True, torch.float32),
     }
-    if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K on (see main)
-        table["alignlab QLoRA, defaults, wide K"] = table["alignlab QLoRA, defaults"]
-        table["alignlab QDoRA, defaults, wide K"] = table["alignlab QDoRA, defaults"]
+    if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K flipped (see main)
+        for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
+            table[name + wide_k_suffix()] = table[name]
     return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
 
 
@@ -289,14 +294,15 @@ def main():
     parser.add_argument("--host-profile", action="store_true", help="cProfile of one adapted layer's calls")
     parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
     parser.add_argument("--wide-k", action="store_true",
-                        help="also the alignlab default rows with the adapter term inside the NF4 base's GEMM "
-                             "(alignlab.adapters.fused.WIDE_K, off by default)")
+                        help="also the alignlab default rows with alignlab.adapters.fused.WIDE_K flipped (on by "
+                             "default: the adapter term inside the NF4 base's GEMM where that moves fewer bytes), "
+                             "named '..., wide K off' (or '..., wide K' under ALIGNLAB_LORA_WIDE_K=0)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
     base = llama8b_stack(args.layers)
-    wide_default = fused.WIDE_K  # ALIGNLAB_LORA_WIDE_K
+    wide_default, suffix = fused.WIDE_K, wide_k_suffix()  # ALIGNLAB_LORA_WIDE_K
     modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
     results = []
     for compiled in modes:
@@ -304,7 +310,7 @@ def main():
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(batch))
             for name, build in contestants(base, args.which, args.wide_k).items():
-                fused.WIDE_K = wide_default or name.endswith("wide K")
+                fused.WIDE_K = wide_default != name.endswith(suffix)
                 model = build()
                 if compiled:
                     torch._dynamo.reset()

@@ -28,6 +28,8 @@ Backward per call: ``dx = dy W + (s·dy B) A`` (the NF4 weight is dequantized ag
 one temporary, or read by the small-M kernel; DoRA folds ``g`` into that dequantization),
 ``dA = (s·dy B)ᵀ x``, ``dB = dyᵀ (s·x Aᵀ)`` (DoRA: rows times ``s·g``), ``dm`` by one
 kernel (:func:`alignlab.kernels.dora.magnitude_grad`); a dense weight or bias that requires grad gets it too.
+Over an NF4 base at 4096 rows or more, the rank-r term of whichever pass copies the narrower operand goes inside
+the base GEMM instead of a second pass over its output (:func:`_widen`; ``WIDE_K``, on by default).
 
 Second derivatives: a backward with ``create_graph=True`` (Hessian-vector products, gradient penalties,
 MAML) forms the same gradients from differentiable ops on the inputs as given (``x`` with its graph, the
@@ -49,9 +51,9 @@ __all__ = ["lora_linear", "dora_linear", "functorch_active"]
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-# The rank-r term inside an NF4 base's GEMM, by widening its reduction dimension by r (see _widen): off by default
-# until a GPU run of benchmarks/adapter_epilogue.py and qlora_step.py says where it wins (ALIGNLAB_LORA_WIDE_K=1 on)
-WIDE_K = os.environ.get("ALIGNLAB_LORA_WIDE_K", "0") != "0"
+# The rank-r term inside an NF4 base's GEMM, by widening its reduction dimension by r (see _widen): on by default
+# (H100, 2026-12-05: benchmarks/adapter_epilogue.py and qlora_step.py, see RESULTS.md); ALIGNLAB_LORA_WIDE_K=0 off
+WIDE_K = os.environ.get("ALIGNLAB_LORA_WIDE_K", "1") != "0"
 WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened form costs one launch more
 
 

@@ -5,6 +5,10 @@ kernel's strided store (interpreter on CPU)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -111,3 +115,15 @@ def test_widened_reduction_on_the_gpu_in_bf16(n_in, n_out, dora, monkeypatch):
     for k in grads:
         scale = g_ref[k].abs().max()
         torch.testing.assert_close(grads[k] / scale, g_ref[k] / scale, rtol=2e-2, atol=2e-2, msg=k)
+
+
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False), ("1", True)])
+def test_on_by_default_and_switched_off_by_the_environment(env, on):
+    """On by default (it won at batch 4 on the GPU, see benchmarks/RESULTS.md); ``ALIGNLAB_LORA_WIDE_K=0`` turns it off
+    for the process, read once at import."""
+    environ = {k: v for k, v in os.environ.items() if k != "ALIGNLAB_LORA_WIDE_K"}
+    if env is not None:
+        environ["ALIGNLAB_LORA_WIDE_K"] = env
+    out = subprocess.run([sys.executable, "-c", "from alignlab.adapters import fused; print(fused.WIDE_K)"],
+                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(on)
