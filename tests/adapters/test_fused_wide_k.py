@@ -127,3 +127,36 @@ def test_on_by_default_and_switched_off_by_the_environment(env, on):
     out = subprocess.run([sys.executable, "-c", "from alignlab.adapters import fused; print(fused.WIDE_K)"],
                          env=environ, capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(on)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(64, 96), (96, 64)])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_the_default_threshold_with_model_shaped_inputs(n_in, n_out, x_grad, kernel_mode, monkeypatch):
+    """At the real row threshold (no patched bound), with a (batch, seq, features) input that is a non-contiguous
+    view, and with only the factors needing gradients (the first adapted layer of a frozen model): the same outputs
+    and gradients as with the form off."""
+    layer = _layer(n_in, n_out, 16, False, True, torch.float32)
+    rows = fused.WIDE_K_MIN_ROWS
+    x_full = torch.randn(n_in, rows // 2, 2).permute(2, 1, 0)  # (2, rows / 2, n_in), not contiguous
+    gy = torch.randn(2, rows // 2, n_out)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(fused, "WIDE_K", on)
+        x = x_full.detach().requires_grad_(x_grad)
+        ops = _Ops()
+        with ops:
+            y = layer(x)
+            y.backward(gy)
+        assert ops.names.count("cat") == (1 if on and (n_in < n_out or x_grad) else 0)
+        results.append((y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()
+                                             if p.grad is not None}))
+        layer.zero_grad(set_to_none=True)
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-4)
+    if x_grad:
+        torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-4)
+    else:
+        assert dx0 is None and dx1 is None
+    assert g1.keys() == g0.keys() and len(g1) == 2
+    for k in g1:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-4, msg=k)
