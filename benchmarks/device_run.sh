@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine, from the repository root: the checks a session runs first, each with its own
+# time limit and its whole log kept under $OUT (or ./device-out), so that one slow step cannot take the others' time
+# or their output with it. The peers' wheels (bitsandbytes, liger-kernel), where `.whl/` holds them
+# (`bash ../shared/gpu/fetch-peer-wheels.sh` on the development machine; carry ".whl"), go into `.peers/`.
+#
+#   bash benchmarks/device_run.sh STEP[:SECONDS] ...
+#
+# Steps: cuda-tests (pytest -m cuda), epilogue (adapter_epilogue.py), step (qlora_step.py, eager: floor and the
+# alignlab / PEFT default rows, batch 1 and 4), step-compiled (the same, compiled, alignlab rows), lora (lora.py),
+# nf4 (nf4.py --graphs --quick), nf4-regs (nf4_table_regs.py), generate (nf4_generate.py). Default limits in
+# seconds below; `step:300` overrides one.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out="${OUT:-device-out}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .peers .whl/*.whl
+fi
+# the repository first, then the peers: the library is imported from this checkout, never an installed copy
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.peers"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+
+declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
+                  [nf4-regs]=150 [generate]=300)
+run_step() {
+  local name="$1" seconds="$2"
+  shift 2
+  echo "=== $name (limit ${seconds} s): $*"
+  local t0=$SECONDS
+  timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (time limit)')"
+}
+
+for arg in "$@"; do
+  name="${arg%%:*}"
+  seconds="${arg#*:}"
+  [ "$seconds" = "$arg" ] && seconds="${limit[$name]:-}"
+  case "$name" in
+    cuda-tests) run_step "$name" "$seconds" python -m pytest -m cuda -q -p no:cacheprovider --durations=15 ;;
+    epilogue) run_step "$name" "$seconds" python benchmarks/adapter_epilogue.py --out "$out/adapter_epilogue.json" ;;
+    step) run_step "$name" "$seconds" python benchmarks/qlora_step.py --which floor defaults --batches 1 4 \
+            --out "$out/qlora_step.json" ;;
+    step-compiled) run_step "$name" "$seconds" python benchmarks/qlora_step.py --only-compile \
+                     --which floor "alignlab QLoRA, defaults" "alignlab QDoRA, defaults" --batches 1 4 \
+                     --out "$out/qlora_step_compiled.json" ;;
+    lora) run_step "$name" "$seconds" python benchmarks/lora.py --out "$out/lora.json" ;;
+    nf4) run_step "$name" "$seconds" python benchmarks/nf4.py --graphs --quick --out "$out/nf4.json" ;;
+    nf4-regs) run_step "$name" "$seconds" python benchmarks/nf4_table_regs.py --out "$out/nf4_table_regs.json" ;;
+    generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
+    *) echo "unknown step '$name' (cuda-tests, epilogue, step, step-compiled, lora, nf4, nf4-regs, generate)" >&2
+       exit 2 ;;
+  esac
+done
