@@ -29,7 +29,8 @@ def _run(repo, *steps):
 
 
 def test_each_step_has_its_limit_and_its_log(repo):
-    (repo / "benchmarks" / "adapter_epilogue.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(30)\n")
+    slow = "import time\nprint('started', flush=True)\ntime.sleep(30)\n"
+    (repo / "benchmarks" / "adapter_epilogue.py").write_text(slow)
     (repo / "benchmarks" / "lora.py").write_text("import sys\nprint('lora ran with', sys.argv[1:])\n")
     done = _run(repo, "epilogue:1", "lora")
     assert done.returncode == 0, done.stderr
