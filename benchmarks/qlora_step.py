@@ -165,12 +165,12 @@ def run_steps(model, ids, warmup: int, steps: int, compiled: bool, compile_mode:
                 first_loss=losses[0].item(), last_loss=losses[-1].item())
 
 
-def wide_k_suffix() -> str:
-    """The name suffix of the ``--wide-k`` rows: the other setting of ``fused.WIDE_K`` than the default one."""
-    return ", wide K off" if fused.WIDE_K else ", wide K"
+def wide_k_suffix(default: bool) -> str:
+    """The name suffix of the ``--wide-k`` rows, which run with ``fused.WIDE_K`` the other way than ``default``."""
+    return ", wide K off" if default else ", wide K"
 
 
-def contestants(base, which: list[str], wide_k: bool = False):
+def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool = True):
     table = {
         "floor (bf16, frozen)": lambda: floor_model(base),
         "alignlab QLoRA, defaults": lambda: alignlab_model(base, False, None),
@@ -183,7 +183,7 @@ def contestants(base, which: list[str], wide_k: bool = False):
     }
     if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K flipped (see main)
         for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
-            table[name + wide_k_suffix()] = table[name]
+            table[name + wide_k_suffix(wide_default)] = table[name]
     return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
 
 
@@ -302,14 +302,15 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
     base = llama8b_stack(args.layers)
-    wide_default, suffix = fused.WIDE_K, wide_k_suffix()  # ALIGNLAB_LORA_WIDE_K
+    wide_default = fused.WIDE_K  # ALIGNLAB_LORA_WIDE_K; the --wide-k rows flip it, every other row runs with it
+    suffix = wide_k_suffix(wide_default)
     modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
     results = []
     for compiled in modes:
         for batch in args.batches:
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(batch))
-            for name, build in contestants(base, args.which, args.wide_k).items():
+            for name, build in contestants(base, args.which, args.wide_k, wide_default).items():
                 fused.WIDE_K = wide_default != name.endswith(suffix)
                 model = build()
                 if compiled:
@@ -327,6 +328,7 @@ def main():
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
+    fused.WIDE_K = wide_default  # the host-cost rows below run with the default
     print()
     for compiled in modes:
         for batch in args.batches:

@@ -1,5 +1,5 @@
 """benchmarks/qlora_step.py: the ``--wide-k`` rows are the other setting of ``fused.WIDE_K`` than the default one, and
-say so in their names (the step itself needs a GPU)."""
+say so in their names, for every batch size (the step itself needs a GPU)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ def bench():
 
 @pytest.mark.parametrize("default", [True, False])
 def test_wide_k_rows_flip_the_default(bench, default, monkeypatch):
-    monkeypatch.setattr(fused, "WIDE_K", default)
-    names = list(bench.contestants(None, ["alignlab"], wide_k=True))
-    suffix = bench.wide_k_suffix()
+    """The names come from the default given, not from ``fused.WIDE_K`` as the run left it (the loop flips it per
+    row, and the table is built again for each batch size)."""
+    suffix = bench.wide_k_suffix(default)
     assert suffix == (", wide K off" if default else ", wide K")
-    assert [n for n in names if n.endswith(suffix)] == [f"alignlab QLoRA, defaults{suffix}",
-                                                        f"alignlab QDoRA, defaults{suffix}"]
-    assert not any(n.endswith(suffix) for n in bench.contestants(None, ["alignlab"]))
+    for current in (True, False):
+        monkeypatch.setattr(fused, "WIDE_K", current)
+        names = list(bench.contestants(None, ["alignlab"], wide_k=True, wide_default=default))
+        assert [n for n in names if n.endswith(suffix)] == [f"alignlab QLoRA, defaults{suffix}",
+                                                            f"alignlab QDoRA, defaults{suffix}"]
+        assert not any(n.endswith(suffix) for n in bench.contestants(None, ["alignlab"], wide_default=default))
