@@ -651,22 +651,9 @@ def _config_registry() -> dict:
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
     expected = _adapter_tensors(model, adapter_name)
     # PEFT also writes the frozen tensors of a targeted input or output embedding (lm_head is one of its
-    # EMBEDDING_LAYER_NAMES; its default save_embedding_layers="auto"), or the whole untargeted tables under
-    # their base names (save_embedding_layers=True, or "auto" after a vocabulary resize), and loads them back
-    # into the base: so do we
-    from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead
-
-    tables = {id(_embedding_module(model, "get_input_embeddings")), id(_embedding_module(model, "get_output_embeddings"))}
-    for n, l in adapter_layers(model):
-        if isinstance(l, (LoRAEmbedding, TiedLoRAHead)) or id(l) in tables:
-            for pname, p in l.base_layer.named_parameters(recurse=False):
-                if f"{PREFIX}{n}.base_layer.{pname}" in state:
-                    expected[f"{PREFIX}{n}.base_layer.{pname}"] = p
-    for n, m in model.named_modules():
-        if id(m) in tables and not hasattr(m, "base_layer") and not isinstance(m, SavedModule):
-            for pname, p in m.named_parameters(recurse=False):
-                if f"{PREFIX}{n}.{pname}" in state:
-                    expected[f"{PREFIX}{n}.{pname}"] = p
+    # EMBEDDING_LAYER_NAMES; its default save_embedding_layers="auto"), or the whole tables (save_embedding_layers=True,
+    # or "auto" after a vocabulary resize), and loads them back into the base: so do we
+    expected |= {k: p for k, p in _peft_base_tables(model, adapter_name).items() if k in state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -679,6 +666,35 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(like_target(state[key], target))
+
+
+def _peft_base_tables(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The base tensors PEFT may write next to an adapter, by its key names: those of the input and output embeddings,
+    from inside whatever wraps them (``<m>.base_layer.*`` under a LoRA, ``<m>.token_adapter.base_layer.*`` under
+    trainable rows, ``<m>.original_module.*`` and ``<m>.modules_to_save.*`` of a saved module, ``<m>.*`` unwrapped),
+    and of every embedding or tied head carrying a LoRA. A head whose rows are tied to the embedding's gets the rows'
+    copy PEFT writes for it too (``<m>.token_adapter.trainable_tokens_delta``, the same values)."""
+    from alignlab.adapters.base import AdapterLayer
+    from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead, TrainableTokensLayer
+
+    tables = {id(_embedding_module(model, "get_input_embeddings")), id(_embedding_module(model, "get_output_embeddings"))}
+    out = {}
+    for n, m in model.named_modules():
+        if not (isinstance(m, (LoRAEmbedding, TiedLoRAHead)) or id(m) in tables):
+            continue
+        if isinstance(m, TrainableTokensLayer):
+            out |= {f"{PREFIX}{n}.token_adapter.base_layer.{k}": p for k, p in m.base_layer.named_parameters(recurse=False)}
+            if m.tied_to is not None and adapter_name in m.adapter_names():
+                out[f"{PREFIX}{n}.token_adapter.trainable_tokens_delta"] = m.tied_to.trainable_tokens_delta[adapter_name]
+        elif isinstance(m, AdapterLayer):
+            out |= {f"{PREFIX}{n}.base_layer.{k}": p for k, p in m.base_layer.named_parameters(recurse=False)}
+        elif isinstance(m, SavedModule):
+            out |= {f"{PREFIX}{n}.original_module.{k}": p for k, p in m.original_module.named_parameters()}
+            if adapter_name in m.modules_to_save:
+                out |= {f"{PREFIX}{n}.modules_to_save.{k}": p for k, p in m.modules_to_save[adapter_name].named_parameters()}
+        else:
+            out |= {f"{PREFIX}{n}.{k}": p for k, p in m.named_parameters(recurse=False)}
+    return out
 
 
 def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:

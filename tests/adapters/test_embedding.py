@@ -493,3 +493,36 @@ def test_peft_file_with_saved_embedding_layers_loads(tmp_path, tie):
     assert "base_model.model.lm_head.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
     mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
+
+
+# rows on the head: its trained columns are a separate GEMM here, a slice of the full one in PEFT (see
+# test_trainable_tokens_files_load_both_ways): equal to rounding
+@pytest.mark.parametrize("tie, extra, tol", [
+    (False, dict(trainable_token_indices=NEW), EXACT),
+    (True, dict(trainable_token_indices=NEW), TOL),
+    (False, dict(trainable_token_indices={"embed_tokens": NEW[:2], "lm_head": NEW[2:]}), TOL),
+    (False, dict(modules_to_save=["lm_head"]), EXACT),
+    (True, dict(modules_to_save=["lm_head"]), EXACT),
+    (False, dict(modules_to_save=["embed_tokens"]), EXACT),
+])
+def test_peft_file_with_saved_embedding_layers_under_rows_or_saved_copies_loads(tmp_path, tie, extra, tol):
+    """New tokens: resize, train their rows (or the whole head), and PEFT's save (``save_embedding_layers="auto"``
+    after a resize, or True) writes the base tables from inside its wrappers: ``<emb>.token_adapter.base_layer.weight``
+    (and a tied head's copy of the rows, ``lm_head.token_adapter.trainable_tokens_delta``), or a saved module's
+    ``original_module.weight`` and ``modules_to_save.weight``. load_adapter refused such files (keys matching no
+    adapted module); PEFT loads the tables back into the base, and so do we."""
+    peft = pytest.importorskip("peft")
+    base = _llama(tie=tie)
+    resized = copy.deepcopy(base)
+    with torch.no_grad():  # the rows a resize added, different in every process that resizes
+        resized.model.embed_tokens.weight.add_(0.1)
+        resized.lm_head.weight.mul_(1.5)
+    theirs = peft.get_peft_model(resized, peft.LoraConfig(r=4, target_modules=["q_proj"], **extra))
+    _randomise(theirs)
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    assert any(".token_adapter.base_layer." in k or ".original_module." in k
+               for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **tol)
+    with disabled(mine), theirs.disable_adapter():
+        torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
