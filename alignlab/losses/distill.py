@@ -26,7 +26,10 @@ Float weights must be finite and ``>= 0`` (checked, one device sync per call).
 
 Entries of zero probability contribute nothing (:math:`0 \log 0 = 0`), so ``-inf`` logits
 (a top-k or vocabulary-masked teacher, or the same entries ``-inf`` in both) give the finite
-limit with finite gradients. Tokens of weight 0 are ignored whatever they hold (``inf``, NaN).
+limit with finite gradients. Tokens of weight 0 are ignored whatever they hold (``inf``, NaN), unless the
+weights require grad: then :math:`\partial L/\partial w_i` is the token's divergence :math:`L_i` at
+:math:`w_i = 0` too (as ``linear_cross_entropy``'s ``token_weights``), so every token is computed and must be
+finite.
 
 :func:`fused_linear_distill_loss` takes the student's last hidden state and
 ``lm_head`` weight and either teacher logits or the teacher's hidden state and
@@ -163,7 +166,9 @@ def distill_loss(
         kind: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tv"`` (see module docstring).
         beta: JSD mixing weight in ``[0, 1]``.
         temperature: ``tau > 0``.
-        mask: ``(...)`` bool padding mask or float per-token weights; ``None`` weighs all tokens 1.
+        mask: ``(...)`` bool padding mask or float per-token weights; ``None`` weighs all tokens 1. Weights that
+            require grad get :math:`\partial L/\partial w_i` from :math:`L_i` at :math:`w_i = 0` as well (their
+            tokens are computed, not skipped).
         reduction: ``"mean"`` (over weights), ``"sum"`` or ``"none"`` (``(...)`` weighted per token).
 
     Returns:
@@ -191,7 +196,8 @@ def distill_loss(
     temperature = _check_common(temperature, reduction)
     compute = torch.promote_types(student_logits.dtype, torch.float32)
     w = _weights(mask, student_logits.shape[:-1], student_logits.device, compute)
-    keep = None if mask is None else w != 0
+    # a weight that requires grad is differentiated at 0 as well (dL/dw_i = L_i): its token is not skipped
+    keep = None if mask is None or w.requires_grad else w != 0
     per_token = _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), keep, kind, beta, temperature)
     return _reduce(per_token, w, reduction)
 
@@ -488,8 +494,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             out = (losses * scale).sum()
         if ctx.needs_input_grad[5]:  # float token weights that require grad, as distill_loss differentiates them
             denom = weights.sum()
-            ctx.weight_grad = (torch.where(weights != 0, losses, 0.0), out,
-                               torch.where(denom > 0, denom, torch.ones_like(denom)))
+            ctx.weight_grad = (losses, out, torch.where(denom > 0, denom, torch.ones_like(denom)))
         return out
 
     @staticmethod
@@ -661,7 +666,7 @@ def fused_linear_distill_loss(
         mask = mask.reshape(-1)
     weights = _weights(mask, torch.Size([n]), x.device, compute)
     keep = None
-    if mask is not None:
+    if mask is not None and not weights.requires_grad:  # weights that require grad: every row, as distill_loss
         # Rows of weight 0 are zeroed in a copy of the hidden states (given teacher logits are skipped
         # there row by row, unread by the kernel), so that inf/NaN there reaches neither the loss nor,
         # through dW = dz^T x, the gradient.

@@ -606,3 +606,31 @@ def test_float_token_weights_gradient_matches_closed_form(kind, reduction, fused
     torch.testing.assert_close(gx, want_gx, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gw, want_gw, rtol=1e-10, atol=1e-12)
     assert float(gx[weights == 0].abs().max()) == 0.0  # weight 0: no gradient at all
+
+
+@pytest.mark.usefixtures("torch_mode")
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_float_weight_gradient_at_zero_is_the_token_divergence(kind, reduction, fused):
+    """d/dw_i of sum_j w_j L_j is L_i at w_i = 0 too (as linear_cross_entropy's token_weights give it): a zero
+    weight that requires grad is a point where the loss is differentiated, not a padding token. Learning to
+    reweight (Ren et al., arXiv:1803.09050) starts its per-token weights at exactly 0 and reads this gradient;
+    dropping the zero-weight tokens gave 0 there."""
+    x, w, th, tw, _ = _problem(n_lead=(2, 3), hidden=5, vocab=9, seed=5)
+    t = th @ tw.T
+    weights = torch.tensor([[0.0, 1.5, 0.5], [2.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    if fused:
+        got = fused_linear_distill_loss(x, w, t, kind=kind, beta=0.3, mask=weights, reduction=reduction, chunk_size=2)
+    else:
+        got = distill_loss(x @ w.T, t, kind, beta=0.3, mask=weights, reduction=reduction)
+    up = torch.linspace(-1.0, 2.0, got.numel(), dtype=torch.float64).view(got.shape)
+    (g,) = torch.autograd.grad((got * up).sum(), [weights])
+
+    per_token = _oracle(x.detach() @ w.detach().T, t, kind, beta=0.3)
+    with torch.no_grad():
+        if reduction != "mean":  # "none": w_i L_i, "sum": sum_i w_i L_i
+            want = up * per_token
+        else:
+            want = up * (per_token - (weights * per_token).sum() / weights.sum()) / weights.sum()
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
