@@ -90,6 +90,7 @@ _PEFT_LORA_VARIANTS = {
     "monteclora_config": "MonteCLoRA",
     "kasa_config": "KaSA",
     "use_qalora": "QALoRA pools the inputs of a GPTQ base in groups before lora_A",
+    "megatron_config": "LoRA on Megatron-core's tensor-parallel layers, whose file holds one rank's shards",
 }
 
 

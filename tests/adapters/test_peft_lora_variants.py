@@ -59,6 +59,8 @@ def test_layer_replication_file_is_refused_naming_the_field(tmp_path):
     ("monteclora_config", {"num_samples": 8}),
     ("kasa_config", {"beta": 1e-4, "gamma": 1e-3}),
     ("use_qalora", True),  # loaded before and failed on a shape that did not say QALoRA
+    # Megatron-core's tensor-parallel layers (each rank's file holds its shards); loaded before without a word
+    ("megatron_config", {"tensor_model_parallel_size": 2}),
 ])
 def test_other_variant_fields_are_refused_by_name(tmp_path, field, value):
     _trained_peft(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
