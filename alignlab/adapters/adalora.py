@@ -237,7 +237,7 @@ class AdaLoRAConfig:
     @classmethod
     def from_peft(cls, raw: dict) -> "AdaLoRAConfig":
         refuse_unsupported(raw, "AdaLoRA", (("bias", "none"), ("use_dora", False), ("use_rslora", False),
-                                            ("layers_to_transform", None)))
+                                            ("layers_to_transform", None), ("trainable_token_indices", None)))
         refuse_lora_variants(raw, "AdaLoRA")
         rank_pattern = raw.get("rank_pattern") or None
         _check_rank_pattern(rank_pattern, "adapter_config.json: rank_pattern")

@@ -280,6 +280,19 @@ def test_adalora_config_fields_of_the_wrong_type_are_refused(tmp_path, field, va
         AdaLoRAConfig.from_peft(raw)
 
 
+def test_peft_adalora_file_with_trainable_token_rows_is_refused_naming_the_field(tmp_path):
+    """PEFT trains token rows next to AdaLoRA too (``trainable_token_indices``, a LoraConfig field AdaLoraConfig
+    inherits); alignlab's AdaLoRA has none, and the file was refused as a key matching no module, without the cause."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(make_tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                       target_modules=TARGETS, trainable_token_indices=[3]))
+    theirs.save_pretrained(tmp_path)
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match=r"trainable_token_indices=\[3\] is not supported by alignlab for AdaLoRA"):
+        load_adapter(model, tmp_path)
+    assert not list(adapter_layers(model))
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("r", 2.7, "r must be an integer, got 2.7"),
     ("alpha", "8", "alpha must be a number"),
