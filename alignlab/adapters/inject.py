@@ -548,7 +548,9 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
             base weight whose merged values would leave float16's range (they would round to inf), naming
             the layer (that layer is left unchanged; the layers merged before it stay merged:
             :func:`unmerge` undoes them); a LoRA on a tied head merged while trainable token rows of another
-            adapter stay active and unmerged under it (raised before any change).
+            adapter stay active and unmerged under it (raised before any change); a merge that would untie a
+            table on a model whose forward reads ``config.tie_word_embeddings`` (transformers'
+            SwitchTransformers, UDOP; raised before any change).
     """
     adapter_names = _adapter_name_list(adapter_names)
     layers = list(adapter_layers(model))
@@ -633,6 +635,9 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
             layers before it are already merged and unloaded.
     """
     adapter_names = _adapter_name_list(adapter_names)
+    for name, module in _saved_modules(model):  # before any change: the copies replace their originals last
+        if any(n in module.modules_to_save for n in module.active_adapters):
+            _refuse_untie_where_forward_reads_the_flag(model, name, _tied_elsewhere(model, name, module.original_module))
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
                                        for a in (adapter_names or l.active_adapters))])
@@ -663,9 +668,7 @@ def _untie_saved_copy(model: nn.Module, name: str, module: SavedModule) -> None:
     saved), the copy is not, so set ``config.tie_word_embeddings = False`` with a warning, as a merge into a tied weight
     does. Left True, the next ``tie_weights()`` (``resize_token_embeddings``, loaders that honour the flag) put the
     other module's table back in place of the trained one without a word (logits 2.9 off on a tiny GPT-2)."""
-    mine = {id(p) for p in module.original_module.parameters()}
-    others = sorted({o for o, p in model.named_parameters(remove_duplicate=False)
-                     if id(p) in mine and not o.startswith(name + ".")})
+    others = _tied_elsewhere(model, name, module.original_module)
     if not others:
         return
     warnings.warn(f"{name}: its trained copy (modules_to_save) replaces a module tied to {others}; the tie is gone (the "
@@ -686,14 +689,17 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
+    untie = []
     for name, layer in layers:
         holder = weight_holder(layer.base_layer)  # the head's linear, under trainable token rows
         weight = getattr(holder, "weight", None)
         if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
             continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
         others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
-        if not others:
-            continue
+        if others:
+            _refuse_untie_where_forward_reads_the_flag(model, name, others)
+            untie.append((name, holder, weight, others))
+    for name, holder, weight, others in untie:
         warnings.warn(f"{name}.weight is tied to {others}; merging into it unties it (the other module keeps "
                       "the original weight, and config.tie_word_embeddings is set to False)", stacklevel=3)
         holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
@@ -701,6 +707,35 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
         forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
+
+
+def _tied_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
+    """Names of the parameters outside ``name`` that are parameters of ``module`` (tied to it)."""
+    mine = {id(p) for p in module.parameters()}
+    return sorted({o for o, p in model.named_parameters(remove_duplicate=False)
+                   if id(p) in mine and not o.startswith(name + ".")})
+
+
+def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, others: list[str]) -> None:
+    """``ValueError`` when untying ``name`` from ``others`` (which sets ``config.tie_word_embeddings = False``) would
+    change the model's outputs: transformers' SwitchTransformers and UDOP scale the decoder output by
+    ``d_model ** -0.5`` in forward only while that flag is True (the merged logits were 17 off on a tiny model)."""
+    config = getattr(model, "config", None)
+    if not others or not getattr(config, "tie_word_embeddings", False) or not _forward_reads_tie_flag(model):
+        return
+    raise ValueError(f"{name} is tied to {others}: merging into it (or putting its modules_to_save copy in its place) "
+                     f"unties it and sets config.tie_word_embeddings = False, and {type(model).__name__}.forward reads "
+                     "that flag (it rescales the decoder output only while tied), so the merged model would compute "
+                     "other logits; keep this adapter unmerged, or leave the tied tables out of it")
+
+
+def _forward_reads_tie_flag(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "tie_word_embeddings" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source (a class made at run time, a C extension)
+        return False
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:

@@ -75,3 +75,52 @@ def test_untied_or_inactive_copies_leave_the_config_alone():
         plain = merge_and_unload(gpt2)
     assert plain.config.tie_word_embeddings is True
     assert plain.lm_head.weight is plain.transformer.wte.weight
+
+
+def _tiny_switch():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_decoder_layers=2, num_heads=4, num_experts=2,
+                                                   expert_capacity=64, decoder_start_token_id=0)
+    return transformers.SwitchTransformersForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("config, how", [
+    (LoRAConfig(r=2, target_modules=["q", "lm_head"]), "merge"),
+    (LoRAConfig(r=2, target_modules=["q", "lm_head"]), "merge_and_unload"),
+    (LoRAConfig(r=2, target_modules=["q", "embed_tokens"]), "merge"),
+    (LoRAConfig(r=2, target_modules=["q", "embed_tokens"]), "merge_and_unload"),
+    (LoRAConfig(r=2, target_modules=["q"], modules_to_save=["lm_head"]), "merge_and_unload"),  # merge keeps the copy
+])
+def test_untie_refused_where_the_forward_reads_the_tie_flag(config, how):
+    """SwitchTransformers (and UDOP) scale the decoder output by ``d_model ** -0.5`` only while
+    ``config.tie_word_embeddings`` is True: the untie a merge into a tied table needs set it False, and the merged
+    model's logits were 17 off the adapter's, without a word. Refused before any change (PEFT merges into the shared
+    table instead, which changes the other modules)."""
+    from alignlab.adapters import merge
+
+    model = _tiny_switch()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
+    inject(model, config)
+    _train_copies(model)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+    with torch.no_grad():
+        want = model(**kw).logits
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        merge_and_unload(model) if how == "merge_and_unload" else merge(model)
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, want, rtol=0, atol=0)
+
+
+def test_merge_that_unties_nothing_is_fine_where_the_forward_reads_the_tie_flag():
+    model = _tiny_switch()
+    inject(model, LoRAConfig(r=2, target_modules=["q", "v"]))
+    _train_copies(model)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+    with torch.no_grad():
+        want = model(**kw).logits
+        torch.testing.assert_close(merge_and_unload(model)(**kw).logits, want)
