@@ -45,7 +45,13 @@ import torch
 from alignlab._checks import ArgumentTypeError, as_bool, check_token_id, is_finite_real, is_int, is_real
 from alignlab.kernels.dispatch import use_triton
 from alignlab.losses.fused_rl import _packed_positions
-from alignlab.losses.logprobs import _check_ignore_index, _fp16_grad_unit, _row_chunks, scale_grads_
+from alignlab.losses.logprobs import (
+    _check_ignore_index,
+    _fp16_grad_unit,
+    _row_chunks,
+    accumulate_weight_grad,
+    scale_grads_,
+)
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tv")
 REDUCTIONS = ("mean", "sum", "none")
@@ -167,8 +173,7 @@ def distill_loss(
         beta: JSD mixing weight in ``[0, 1]``.
         temperature: ``tau > 0``.
         mask: ``(...)`` bool padding mask or float per-token weights; ``None`` weighs all tokens 1. Weights that
-            require grad get :math:`\partial L/\partial w_i` from :math:`L_i` at :math:`w_i = 0` as well (their
-            tokens are computed, not skipped).
+            require grad get ``dL/dw_i = L_i`` at ``w_i = 0`` as well (their tokens are computed, not skipped).
         reduction: ``"mean"`` (over weights), ``"sum"`` or ``"none"`` (``(...)`` weighted per token).
 
     Returns:
@@ -443,7 +448,7 @@ def _run_chunks(x, w, teacher, kind, beta, temperature, grad_scale, chunks, want
         if want_dx:
             torch.mm(dz, w, out=dx[g0:g1])
         if want_dw:  # the first block writes dW (no zero fill, no read), later ones accumulate
-            dw = dz.t() @ x[g0:g1] if dw is None else dw.addmm_(dz.t(), x[g0:g1])
+            dw = accumulate_weight_grad(dw, dz, x[g0:g1])
     if unit is not None and scale_back:
         dx = None if dx is None else dx.mul_(unit)
         dw = None if dw is None else dw.mul_(unit)

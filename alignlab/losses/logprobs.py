@@ -33,6 +33,7 @@ from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_
 
 __all__ = [
     "check_linear_inputs",
+    "accumulate_weight_grad",
     "check_mask_values",
     "chunk_backward",
     "chunk_logits",
@@ -271,20 +272,35 @@ def chunk_backward(
 ) -> torch.Tensor | None:
     """The gradient matmuls of one chunk from its ``dZ`` ``(rows, vocab)``; returns ``grad_w``.
 
-    ``dH_c = dZ W`` into ``grad_h_c`` ``(rows, hidden)``; ``dW += dZ^T H_c`` when ``need_weight_grad`` (with
-    ``grad_w`` None, the first chunk, it is written to a new buffer instead: no weight-sized zero fill);
-    ``db += sum_t dZ_t`` into ``grad_b``. A None ``grad_h_c``/``grad_b`` skips that gradient.
+    ``dH_c = dZ W`` into ``grad_h_c`` ``(rows, hidden)``; ``dW += dZ^T H_c`` when ``need_weight_grad``
+    (:func:`accumulate_weight_grad`); ``db += sum_t dZ_t`` into ``grad_b``. A None ``grad_h_c``/``grad_b`` skips
+    that gradient.
     """
     if grad_h_c is not None:
         torch.mm(dz, weight, out=grad_h_c)
     if need_weight_grad:
-        if grad_w is None:
-            grad_w = dz.t() @ h_c
-        else:
-            grad_w.addmm_(dz.t(), h_c)
+        grad_w = accumulate_weight_grad(grad_w, dz, h_c)
     if grad_b is not None:
         grad_b += dz.sum(dim=0, dtype=grad_b.dtype)
     return grad_w
+
+
+def accumulate_weight_grad(grad_w: torch.Tensor | None, dz: torch.Tensor, h_c: torch.Tensor) -> torch.Tensor:
+    """``grad_w + dZ^T H_c`` for one chunk (``dz`` ``(rows, vocab)``, ``h_c`` ``(rows, hidden)``), in place; with
+    ``grad_w`` None, the first chunk, written to a new buffer instead (no weight-sized zero fill).
+
+    float16 sums over the chunks in float32 (and returns float32; autograd casts it to the weight's dtype): its
+    ``dZ`` rows are written at O(1) scale, the mean's ``1/N`` or :func:`_fp16_grad_unit` kept out so that
+    ``g p_v`` does not flush, so ``dW`` grows with the number of tokens and passed 65504 (``inf``) for a label
+    seen in ~1e5 tokens where the gradient of the mean is O(1). Within one chunk the GEMM's float16 output
+    still bounds the sum over that chunk's rows.
+    """
+    if grad_w is None:
+        part = dz.t() @ h_c
+        return part.float() if dz.dtype == torch.float16 else part
+    if grad_w.dtype != dz.dtype:  # the float16 sum, in float32
+        return grad_w.add_(dz.t() @ h_c)
+    return grad_w.addmm_(dz.t(), h_c)
 
 
 def scale_grads_(grads, grad_loss: torch.Tensor, factor: torch.Tensor | float = 1.0) -> list:
@@ -366,8 +382,9 @@ def linear_chunked_pass(
     Returns:
         ``(stats, grad_hidden, grad_weight, grad_bias)``; the grads are None unless asked
         for and ``grad_scale`` was given. ``grad_weight`` accumulates over chunks in the
-        weight's dtype (for bf16/fp16 that keeps the memory at one weight-sized buffer, at
-        the price of one rounding per chunk); ``grad_bias`` is float32/float64. For float16 the chunks'
+        weight's dtype (for bf16 that keeps the memory at one weight-sized buffer, at
+        the price of one rounding per chunk), in float32 for float16 (:func:`accumulate_weight_grad`: fp16's
+        range, not its precision, is the limit there); ``grad_bias`` is float32/float64. For float16 the chunks'
         ``dL/dZ`` are written for ``g`` scaled to at most 1 (:func:`_fp16_grad_unit`).
 
     Raises:

@@ -247,3 +247,34 @@ def test_numpy_bool_flags_are_taken_and_strings_still_refused():
             torch.testing.assert_close(call(np.bool_(flag)), call(flag), rtol=0, atol=0)
         with pytest.raises(TypeError, match="must be a bool"):
             call("no")
+
+
+@pytest.mark.parametrize("entry", ["ce_mean", "logprobs_mean", "grpo_dapo"])
+def test_fp16_weight_gradient_summed_over_many_chunks_stays_finite(torch_mode, entry):
+    """float16 dL/dZ rows are written at O(1) scale (the mean's 1/N, or the power-of-two unit, is kept out so that
+    g p_v does not flush), so dW = sum_t dZ_t h_t^T grows with the number of tokens: 120k tokens of one label
+    summed to -1.1e5 in the float16 buffer (-inf), where the gradient of the mean is -0.9. Summed over the
+    chunks in float32 it is the float64 gradient rounded to float16."""
+    from alignlab.losses.cross_entropy import linear_cross_entropy
+    from alignlab.losses.fused_rl import fused_linear_grpo
+
+    n = 120_000
+    hidden = torch.ones(n, 4, dtype=torch.float64)
+    weight = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
+    labels = torch.zeros(n, dtype=torch.long)
+
+    def grad_w(dtype):
+        h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        if entry == "ce_mean":
+            loss = linear_cross_entropy(h, w, labels, chunk_size=4096).loss
+        elif entry == "logprobs_mean":
+            loss = linear_logprobs(h, w, labels, chunk_size=4096).mean()
+        else:
+            loss, _ = fused_linear_grpo(h.view(2, n // 2, 4), w, labels.view(2, n // 2), torch.ones(2),
+                                        loss_type="dapo", chunk_size=4096)
+        (g,) = torch.autograd.grad(loss, [w])
+        return g
+
+    want, got = grad_w(torch.float64), grad_w(torch.float16)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), want.half().double(), rtol=2e-3, atol=1e-4)
