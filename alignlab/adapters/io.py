@@ -442,6 +442,8 @@ def _model_identity(model: nn.Module) -> dict:
         out["base_model_name_or_path"] = name
     cls = type(model).__name__
     task = next((t for suffix, t in _TASK_TYPES if cls.endswith(suffix)), None)
+    if task == "SEQ_2_SEQ_LM" and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        task = None  # a decoder-only vision-language model (LLaVA, Gemma 3): PEFT would build a seq2seq wrapper
     if task is not None:
         out["task_type"] = task
     return out

@@ -1,5 +1,6 @@
 """PEFT-format save/load: files, atomic writes and every error path."""
 
+import copy
 import json
 import os
 
@@ -246,6 +247,31 @@ def test_saved_config_names_the_base_model_so_auto_peft_loads_it(tmp_path):
     # a model built from a config alone has no path to name: the field stays empty
     save_adapter(_trained(), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_decoder_only_conditional_generation_models_are_not_written_as_seq2seq(tmp_path):
+    """``…ForConditionalGeneration`` is also the class name of decoder-only vision-language models (LLaVA, Gemma 3,
+    Qwen2-VL): their files said ``SEQ_2_SEQ_LM``, so PEFT built a ``PeftModelForSeq2SeqLM`` and
+    ``AutoPeftModelForCausalLM`` refused them. Only an encoder-decoder model names that task now."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    torch.manual_seed(0)
+    text = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(text_config=text, vision_config=vision,
+                                                                                image_token_index=127)).eval()
+    model = inject(copy.deepcopy(llava), LoRAConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    save_adapter(model, tmp_path / "llava")
+    assert json.loads((tmp_path / "llava" / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(llava, tmp_path / "llava")
+    assert not isinstance(theirs, peft.PeftModelForSeq2SeqLM)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64,
+                                                                       num_layers=1, num_heads=4))
+    save_adapter(inject(t5, LoRAConfig(r=2, target_modules=["q"])), tmp_path / "t5")
+    assert json.loads((tmp_path / "t5" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
 
 
 def test_peft_seq_cls_adapter_loads_although_it_names_both_task_heads(tmp_path):
