@@ -471,11 +471,16 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
     Raises:
         TypeError: ``names`` is neither a string nor a sequence of strings.
-        ValueError: an unknown adapter name; adapters whose trainable token rows overlap on a layer (every layer
-            keeps the adapters it had active).
+        ValueError: an unknown adapter name; adapters whose trainable token rows overlap on a layer, or that each
+            train a copy of one module (``modules_to_save``); every layer keeps the adapters it had active.
     """
     names = _adapter_name_list(names, "names")
     _require_adapters(model, names)
+    for name, module in _saved_modules(model):  # a trained copy replaces the module: copies cannot be summed
+        copies = [n for n in names if n in module.modules_to_save]
+        if len(copies) > 1:
+            raise ValueError(f"adapters {copies} each train their own copy of {name!r} (modules_to_save), which cannot "
+                             "be summed: activate one of them at a time (as in PEFT)")
     layers = [layer for _, layer in adapter_layers(model)]
     before = [list(layer.active_adapters) for layer in layers]
     try:
