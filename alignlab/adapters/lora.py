@@ -25,6 +25,7 @@ initialisation either way. With ``use_dora=True`` the adapter is DoRA (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -75,6 +76,18 @@ def _check_init(init: str) -> None:
     if init in ("kaiming", "gaussian", "pissa", "olora") or _PISSA_NITER.fullmatch(init):
         return
     raise ValueError(f"init must be one of {INITS} (K an integer), got {init!r}")
+
+
+@contextlib.contextmanager
+def _fixed_draw(device: torch.device):
+    """The CPU's and ``device``'s (CUDA) global RNG seeded with 0 inside, both restored after."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(0)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)
+        yield
 
 
 def check_adapter_dtype(dtype) -> None:
@@ -246,7 +259,9 @@ class LoRALinear(AdapterLayer):
                 w = dense_weight(self.base_layer)
                 niter = _PISSA_NITER.fullmatch(init)
                 if niter:
-                    u, sv, v = torch.svd_lowrank(w.to(_init_dtype(w, a)), q=r, niter=int(niter.group(1)))
+                    # a fixed draw: load_adapter re-runs this init on the original base and must form the same residual
+                    with _fixed_draw(w.device):
+                        u, sv, v = torch.svd_lowrank(w.to(_init_dtype(w, a)), q=r, niter=int(niter.group(1)))
                     vh = v.T
                 else:
                     u, sv, vh = torch.linalg.svd(w.to(_init_dtype(w, a)), full_matrices=False)

@@ -78,6 +78,27 @@ def test_pissa_niter_is_close_to_exact_svd():
     torch.testing.assert_close(layer(x), x @ w0.T + base.bias, rtol=1e-4, atol=1e-4)
 
 
+def test_pissa_niter_residual_is_rebuilt_the_same_on_load(tmp_path):
+    """A PiSSA file is loaded by re-running the init on the original base (as PEFT does), so the residual must come
+    out as in training: the randomized SVD of ``pissa_niter_K`` drew from the global RNG, and a saved and reloaded
+    adapter's logits were 4.4e-2 off the trained model's (tiny Llama)."""
+    from conftest import make_tiny_llama
+
+    from alignlab.adapters import LoRAConfig, inject, load_adapter, save_adapter
+
+    base = make_tiny_llama()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = inject(make_tiny_llama(), LoRAConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"], init="pissa_niter_2"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_adapter(model, tmp_path)
+    torch.randn(3)  # the global RNG is elsewhere now, as in another process
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(base, tmp_path)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_olora_uses_qr_factors():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
