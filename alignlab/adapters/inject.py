@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number
+from alignlab._ties import forward_reads_tie_flag
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
@@ -726,21 +727,12 @@ def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, othe
     change the model's outputs: transformers' SwitchTransformers and UDOP scale the decoder output by
     ``d_model ** -0.5`` in forward only while that flag is True (the merged logits were 17 off on a tiny model)."""
     config = getattr(model, "config", None)
-    if not others or not getattr(config, "tie_word_embeddings", False) or not _forward_reads_tie_flag(model):
+    if not others or not getattr(config, "tie_word_embeddings", False) or not forward_reads_tie_flag(model):
         return
     raise ValueError(f"{name} is tied to {others}: merging into it (or putting its modules_to_save copy in its place) "
                      f"unties it and sets config.tie_word_embeddings = False, and {type(model).__name__}.forward reads "
                      "that flag (it rescales the decoder output only while tied), so the merged model would compute "
                      "other logits; keep this adapter unmerged, or leave the tied tables out of it")
-
-
-def _forward_reads_tie_flag(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "tie_word_embeddings" in inspect.getsource(type(model).forward)
-    except (OSError, TypeError):  # no source (a class made at run time, a C extension)
-        return False
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool
+from alignlab._ties import forward_reads_tie_flag
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -429,6 +430,11 @@ def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> 
             tied.append(f"{name}.weight (tied to {others})")
     if not tied:
         return
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and forward_reads_tie_flag(model):
+        raise ValueError(f"quantize_model: {', '.join(tied)}: an NF4 copy unties it and sets config.tie_word_embeddings "
+                         f"= False, and {type(model).__name__}.forward reads that flag (it rescales the decoder output "
+                         "only while tied), so the model would compute other logits; leave the head dense "
+                         "(quantize_head=False)")
     warnings.warn(f"quantize_model: {', '.join(tied)}: the NF4 layer gets its own copy, so the tie is broken (the "
                   "other module keeps the dense tensor, and config.tie_word_embeddings is set to False)", stacklevel=3)
     configs = [getattr(model, "config", None)]

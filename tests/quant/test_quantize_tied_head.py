@@ -39,3 +39,27 @@ def test_untied_or_kept_heads_do_not_warn():
         quantize_model(_llama(tie=False), quantize_head=True)
         model = quantize_model(_llama(tie=True))  # the head stays dense: still tied
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+
+
+def test_a_tied_head_is_refused_where_the_forward_reads_the_tie_flag():
+    """SwitchTransformers (and UDOP) rescale the decoder output by ``d_model ** -0.5`` only while
+    ``config.tie_word_embeddings`` is True: the NF4 copy of a tied head sets it False, which moved the logits by 35 on
+    a tiny model. Refused before any module is replaced; the head left dense is still fine."""
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_decoder_layers=2, num_heads=4, num_experts=2,
+                                                   expert_capacity=64, decoder_start_token_id=0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+    with torch.no_grad():
+        want = model(**kw).logits
+    with pytest.raises(ValueError, match=r"lm_head.weight \(tied to .*SwitchTransformersForConditionalGeneration"):
+        quantize_model(model, compute_dtype=torch.float32, quantize_head=True)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, want, rtol=0, atol=0)
+    quantize_model(model, compute_dtype=torch.float32)  # the head stays dense and tied
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
