@@ -1,9 +1,10 @@
-"""Whether a model's forward reads ``config.tie_word_embeddings`` (no alignlab imports: quant and adapters share it).
+"""Shared parameters (tied tables) of a model, and whether untying one changes its outputs (no alignlab imports:
+quant and adapters share it).
 
-Untying a shared embedding / head table (a merge into it, an NF4 copy of a tied head) sets that flag to False, so
-that transformers' ``tie_weights()`` does not put the shared table back. Most models read the flag only when they
-tie; SwitchTransformers and UDOP also rescale the decoder output by ``d_model ** -0.5`` in forward only while it is
-True, so there an untie changes the logits and is refused instead.
+Untying a shared embedding / head table (a merge into it, an NF4 copy of a tied head) sets
+``config.tie_word_embeddings`` to False, so that transformers' ``tie_weights()`` does not put the shared table back.
+Most models read the flag only when they tie; SwitchTransformers and UDOP also rescale the decoder output by
+``d_model ** -0.5`` in forward only while it is True, so there an untie changes the logits and is refused instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,21 @@ from __future__ import annotations
 import inspect
 
 from torch import nn
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter's names in ``model``, by the parameter's ``id``: a tensor that several modules hold (a tied
+    table) has several names."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def untie_changes_outputs(model: nn.Module) -> bool:
+    """Whether ``model`` ties its tables (``config.tie_word_embeddings``) and its forward reads that flag, so that
+    untying them (which sets it False) would change what the model computes."""
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) and forward_reads_tie_flag(model)
 
 
 def forward_reads_tie_flag(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number
-from alignlab._ties import forward_reads_tie_flag
+from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
@@ -333,14 +333,12 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
     and input embedding): writing the residual ``W − s·BA`` into the shared tensor changes the other module as well, so
     the model's output moves at initialisation (logits 0.42 off on a tiny tied Llama; PEFT does the same). With
     ``warn_only`` (a PEFT file trained so) a ``RuntimeWarning`` instead: the file needs that same residual."""
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
+    owners = parameter_owners(model)
     for name in targets:
         module = model.get_submodule(name)
         base = weight_holder(module.base_layer if isinstance(module, AdapterLayer) else module)
         weight = getattr(base, "weight", None)
-        others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")] if isinstance(weight, nn.Parameter) else []
+        others = _held_outside(owners, weight, name) if isinstance(weight, nn.Parameter) else []
         if others and warn_only:
             warnings.warn(f"init={config.init!r} in the file: the residual W - s·BA of {name!r} is written into the "
                           f"weight it shares with {others}, which changes too, as PEFT did when it made the file",
@@ -692,16 +690,14 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
     """Give a base weight that is tied to another module (an ``lm_head`` tied to the input embedding)
     its own copy before a merge writes into it, with a warning, as PEFT warns: merging into a
     shared tensor would silently change the other module too."""
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
+    owners = parameter_owners(model)
     untie = []
     for name, layer in layers:
         holder = weight_holder(layer.base_layer)  # the head's linear, under trainable token rows
         weight = getattr(holder, "weight", None)
         if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
             continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
-        others = [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
+        others = _held_outside(owners, weight, name)
         if others:
             _refuse_untie_where_forward_reads_the_flag(model, name, others)
             untie.append((name, holder, weight, others))
@@ -715,6 +711,11 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
 
 
+def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, name: str) -> list[str]:
+    """The names ``weight`` has outside module ``name`` (:func:`~alignlab._ties.parameter_owners`' map ``owners``)."""
+    return [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
+
+
 def _tied_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Names of the parameters outside ``name`` that are parameters of ``module`` (tied to it)."""
     mine = {id(p) for p in module.parameters()}
@@ -726,8 +727,7 @@ def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, othe
     """``ValueError`` when untying ``name`` from ``others`` (which sets ``config.tie_word_embeddings = False``) would
     change the model's outputs: transformers' SwitchTransformers and UDOP scale the decoder output by
     ``d_model ** -0.5`` in forward only while that flag is True (the merged logits were 17 off on a tiny model)."""
-    config = getattr(model, "config", None)
-    if not others or not getattr(config, "tie_word_embeddings", False) or not forward_reads_tie_flag(model):
+    if not others or not untie_changes_outputs(model):
         return
     raise ValueError(f"{name} is tied to {others}: merging into it (or putting its modules_to_save copy in its place) "
                      f"unties it and sets config.tie_word_embeddings = False, and {type(model).__name__}.forward reads "

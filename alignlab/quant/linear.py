@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool
-from alignlab._ties import forward_reads_tie_flag
+from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -417,9 +417,7 @@ def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> 
     whose ``lm_head`` shares the input embedding): the NF4 layer holds its own copy, so the tie is gone, and
     ``config.tie_word_embeddings`` is set to False, else ``transformers``' ``tie_weights()`` would hang the dense
     table on the NF4 layer as an unused ``weight`` parameter."""
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
+    owners = parameter_owners(model)
     done = {id(m) for _, m in targets}
     tied = []
     for name, module in targets:
@@ -430,7 +428,7 @@ def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> 
             tied.append(f"{name}.weight (tied to {others})")
     if not tied:
         return
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and forward_reads_tie_flag(model):
+    if untie_changes_outputs(model):
         raise ValueError(f"quantize_model: {', '.join(tied)}: an NF4 copy unties it and sets config.tie_word_embeddings "
                          f"= False, and {type(model).__name__}.forward reads that flag (it rescales the decoder output "
                          "only while tied), so the model would compute other logits; leave the head dense "
