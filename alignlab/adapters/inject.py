@@ -130,7 +130,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         names = [n for n in names if not name_matches(config.exclude_modules, n)]
     saved = _saved_or_inside(model, config)
     names = [n for n in names if n not in saved]
-    if isinstance(config.target_modules, list):
+    if config.target_modules != "all-linear":
         _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names) | saved)
     return _without_attention_out_proj(model, names, all_linear=config.target_modules == "all-linear")
 
@@ -162,9 +162,11 @@ def _without_attention_out_proj(model: nn.Module, names: list[str], all_linear: 
 
 
 def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -> None:
-    """Raise when an entry of a ``target_modules`` list names a module that no layer of ``config`` can wrap (a norm,
-    a whole attention or MLP block), as PEFT does: otherwise the other entries are adapted and this one silently
-    dropped. Modules inside adapter wrappers and ``modules_to_save`` copies are not looked at."""
+    """Raise when a ``target_modules`` regex string, or an entry of a list, selects a module that no layer of
+    ``config`` can wrap (a norm, a whole attention or MLP block), as PEFT 0.21 does for both forms: otherwise the
+    adaptable matches are adapted and this one silently dropped. Modules inside adapter wrappers and
+    ``modules_to_save`` copies are not looked at."""
+    spec = config.target_modules
     skip: list[str] = []
     for name, module in model.named_modules():
         if not name or _is_inside(name, skip):
@@ -172,12 +174,13 @@ def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -
         if isinstance(module, (AdapterLayer, SavedModule)) or name in adaptable:
             skip.append(name)
             continue
-        entry = matching_entry(config.target_modules, name)
-        if entry is None or (config.exclude_modules is not None and name_matches(config.exclude_modules, name)):
+        if not name_matches(spec, name) or (config.exclude_modules is not None
+                                            and name_matches(config.exclude_modules, name)):
             continue
         kinds = "nn.Linear, NF4Linear, transformers' Conv1D" + (
             ", nn.Embedding" if getattr(config, "adapts_embeddings", False) else "")
-        raise ValueError(f"target_modules entry {entry!r} selects {name!r}, a {type(module).__name__}, which "
+        selector = f"regex {spec!r}" if isinstance(spec, str) else f"entry {matching_entry(spec, name)!r}"
+        raise ValueError(f"target_modules {selector} selects {name!r}, a {type(module).__name__}, which "
                          f"{type(config).__name__} cannot adapt (it wraps {kinds}); name the linear layers inside it "
                          "instead, or leave it out (exclude_modules)")
 
@@ -217,8 +220,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             on a target whose weight another module shares (a tied ``lm_head``), which would change that module too;
             an adapter name that is empty, holds a ``.`` or is an attribute of the per-adapter ``ModuleDict`` /
             ``ParameterDict`` (``"half"``, ``"train"``); ``modules_to_save`` naming no module, or a module that is
-            or holds a quantized one; a target that refuses the adapter (LoRA on an ``IA3Linear``). Each of these
-            leaves the model as it was.
+            or holds a quantized one; a target that refuses the adapter (LoRA on an ``IA3Linear``); a ``target_modules``
+            regex string, or list entry, that selects a module the config cannot adapt (a norm, a whole block), as
+            PEFT refuses it. Each of these leaves the model as it was.
     """
     return _inject(model, config, adapter_name)
 

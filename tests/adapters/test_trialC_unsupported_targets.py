@@ -42,3 +42,22 @@ def test_excluded_or_linear_entries_still_work():
     # names for several architectures)
     inject(model, LoRAConfig(r=2, target_modules=["q_proj", "qkv_proj"]), adapter_name="second")
     assert set(model[1].q_proj.lora_A) == {"default", "second"}
+
+
+@pytest.mark.parametrize("regex, name, kind", [(r".*\.(norm|q_proj)", "0.norm", "LayerNorm"), (r"0|.*\.q_proj", "0", "Block")])
+def test_regex_matching_a_module_that_cannot_be_adapted_raises(regex, name, kind):
+    # PEFT 0.21 raises for a regex string too ("Target module LayerNorm(...) is not supported"); alignlab skipped it
+    model = tiny()
+    with pytest.raises(ValueError, match=rf"target_modules.*{name!r}.*{kind}.*nn\.Linear"):
+        inject(model, LoRAConfig(r=4, target_modules=regex))
+    assert type(model[0].q_proj) is nn.Linear and not hasattr(model, "alignlab_adapter_configs")
+    with pytest.raises(ValueError, match=rf"target_modules.*{name!r}.*{kind}"):
+        inject(tiny(), IA3Config(target_modules=regex, feedforward_modules=[]))
+
+
+def test_regex_excluded_or_inside_adapters_still_works():
+    model = inject(tiny(), LoRAConfig(r=4, target_modules=r".*\.(norm|q_proj)", exclude_modules=r".*\.norm"))
+    assert hasattr(model[0].q_proj, "lora_A") and isinstance(model[0].norm, nn.LayerNorm)
+    # the regex also matches the wrapper's own modules (base_layer, lora_A, ...): those are not looked at
+    inject(model, LoRAConfig(r=2, target_modules=r".*\.q_proj(\..*)?"), adapter_name="second")
+    assert set(model[1].q_proj.lora_A) == {"default", "second"}
