@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -101,6 +102,40 @@ def refuse_lora_variants(raw: dict, method: str = "LoRA") -> None:
         if value is not None and value is not False and value != [] and value != {}:
             raise ValueError(f"adapter_config.json: {key}={value!r} is not supported by alignlab for {method} ({what}; "
                              "only null or false)")
+
+
+# Every field of PEFT 0.21's LoraConfig. Each one is honoured by config_from_peft (r, lora_alpha, target_modules,
+# rank_pattern, use_rslora, use_dora, ...), refused when set (bias, lora_bias, init_lora_weights that rewrite the base,
+# _PEFT_LORA_VARIANTS), or changes no number of a loaded adapter: metadata (peft_version, revision, inference_mode,
+# task_type, auto_mapping, runtime_config), options of a refused variant (megatron_core, qalora_group_size) or of an
+# init the file's weights replace (loftq/eva/corda/lora_ga_config: PEFT itself ignores them under another init), and
+# fan_in_fan_out, which each layer's type decides in PEFT as here
+PEFT_LORA_FIELDS = frozenset((
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_config", "megatron_core", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
+    "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "ensure_weight_tying",
+))
+
+
+def _is_off(value) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+def warn_unknown_lora_fields(raw: dict) -> None:
+    """``RuntimeWarning`` naming each field of ``raw`` that PEFT 0.21's ``LoraConfig`` lacks and that is set (not
+    null, false or empty): most likely a file from a newer PEFT whose option alignlab ignores, and which may change
+    what the adapter computes. Not refused: newer PEFT versions also add fields that change nothing (as
+    ``peft_version`` once was), and refusing those would stop every such file from loading; PEFT 0.21 warns too."""
+    unknown = {k: v for k, v in raw.items() if k not in PEFT_LORA_FIELDS and not _is_off(v)}
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unknown.items()))
+        warnings.warn(f"adapter_config.json: {listed}: not a field of PEFT 0.21's LoraConfig, ignored by alignlab; "
+                      "if a newer PEFT wrote this file and the field turns on a LoRA variant, the loaded adapter "
+                      "computes something else than the trained one", RuntimeWarning, stacklevel=3)
 
 
 # -- what every family's config uses to write and read its adapter_config.json ------------------------
@@ -461,6 +496,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     refuse_unsupported(raw, "LoRA", (("lora_bias", False), ("bias", "none")))
     refuse_lora_variants(raw)
     _check_fields(raw)
+    warn_unknown_lora_fields(raw)
     return LoRAConfig(
         r=int(raw.get("r", 8)),  # PEFT's defaults for r and lora_alpha
         alpha=float(raw.get("lora_alpha", 8)),
