@@ -496,16 +496,22 @@ def fused_linear_orpo(
     gradients.  With only ``num_items`` the NLL stays this batch's token mean (not exact when micro-batches
     hold different numbers of chosen tokens).
 
+    A pair whose chosen or rejected completion has no scored token (all ``ignore_index``) has no odds ratio: it
+    adds 0 to that term and is left out of its mean (``orpo_loss`` with the completion lengths); an empty chosen
+    completion adds no token to the NLL either, so such a pair changes nothing, as if it were not in the batch.
+
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`.
     """
     _check_3d(policy_hidden)
     check_num_items("num_items", num_items)
     check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
+    len_c, len_r = _split_pairs("labels", counts)
 
     def loss_fn(tok):
         pc, pr = _pair_logps(tok, counts, average=True)
-        return orpo_loss(pc, pr, _chosen_nll(tok, counts, num_nll_tokens), beta=beta, num_items=num_items)
+        return orpo_loss(pc, pr, _chosen_nll(tok, counts, num_nll_tokens), beta=beta, num_items=num_items,
+                         chosen_lengths=len_c, rejected_lengths=len_r)
 
     return fused_linear_preference(
         policy_hidden, lm_head_weight, labels, loss_fn, bias=bias, chunk_size=chunk_size,

@@ -245,12 +245,17 @@ def _reduce(per_example: torch.Tensor, reduction: str, num_items: int | torch.Te
     return per_example.mean()
 
 
-def _mean(t: torch.Tensor) -> torch.Tensor:
-    """Detached mean for logging; NaN for an empty tensor, like TRL."""
+def _mean(t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Detached mean for logging; NaN for an empty tensor, like TRL. ``keep``: a ``(batch,)`` bool mask of the
+    entries to average (the others may hold inf/NaN); NaN when it keeps none, computed on the device."""
     t = t.detach()
     if t.numel() == 0:
         return torch.full((), float("nan"), dtype=t.dtype, device=t.device)
-    return t.float().mean() if t.dtype in (torch.float16, torch.bfloat16) else t.mean()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    if keep is not None:
+        return torch.where(keep, t, torch.zeros_like(t)).sum() / keep.sum().to(t.dtype)
+    return t.mean()
 
 
 def _pair_metrics(
@@ -259,9 +264,11 @@ def _pair_metrics(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     margins: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """TRL's pair metrics; ``margins`` (default ``chosen - rejected``) when the loss formed them more
-    carefully than the difference of two rewards that may both be infinite (AlphaPO)."""
+    carefully than the difference of two rewards that may both be infinite (AlphaPO); ``keep``: the pairs to
+    average over (``(batch,)`` bool, default all)."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     if margins is None:
         margins, won = chosen_rewards - rejected_rewards, chosen_rewards > rejected_rewards
@@ -269,12 +276,12 @@ def _pair_metrics(
         margins = margins.detach()
         won = margins > 0
     return {
-        "rewards/chosen": _mean(chosen_rewards),
-        "rewards/rejected": _mean(rejected_rewards),
-        "rewards/margins": _mean(margins),
-        "rewards/accuracies": _mean(won.to(chosen_rewards.dtype)),
-        "logps/chosen": _mean(chosen_logps),
-        "logps/rejected": _mean(rejected_logps),
+        "rewards/chosen": _mean(chosen_rewards, keep),
+        "rewards/rejected": _mean(rejected_rewards, keep),
+        "rewards/margins": _mean(margins, keep),
+        "rewards/accuracies": _mean(won.to(chosen_rewards.dtype), keep),
+        "logps/chosen": _mean(chosen_logps, keep),
+        "logps/rejected": _mean(rejected_logps, keep),
     }
 
 
@@ -783,6 +790,41 @@ def _nll(name: str, nll: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return nll.to(dtype)
 
 
+def _nonempty_pairs(chosen_lengths, rejected_lengths, like: torch.Tensor) -> torch.Tensor | None:
+    """``(batch,)`` bool on ``like``'s device: both completions of the pair have a scored token (length > 0); None
+    when neither length is given. The values are not checked: that would read them back from the device."""
+    if chosen_lengths is None and rejected_lengths is None:
+        return None
+    if chosen_lengths is None or rejected_lengths is None:
+        missing, given = ("chosen_lengths", "rejected_lengths") if chosen_lengths is None else ("rejected_lengths",
+                                                                                                 "chosen_lengths")
+        raise ValueError(f"{missing} is None but {given} is given: pass both (completion token counts) or neither")
+    keep = None
+    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        try:
+            t = torch.as_tensor(lengths, device=like.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(f"{name} must be a tensor or a sequence of token counts, got "
+                                    f"{type(lengths).__name__}") from None
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)} (one token count per pair), got {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{name} must hold token counts, got dtype {t.dtype}")
+        keep = t > 0 if keep is None else keep & (t > 0)
+    return keep
+
+
+def _reduce_kept(per_pair: torch.Tensor, keep: torch.Tensor, reduction: str,
+                 num_items: int | torch.Tensor | None) -> torch.Tensor:
+    """:func:`_reduce` over the pairs ``keep`` marks (the others hold 0): the mean divides by their number."""
+    if num_items is not None:
+        total = per_pair.sum()
+        return total / step_count("num_items", num_items, keep.sum(), total.dtype, total.device)
+    if reduction == "mean":
+        return per_pair.sum() / keep.sum().clamp(min=1).to(per_pair.dtype)
+    return per_pair if reduction == "none" else per_pair.sum()
+
+
 def orpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -791,6 +833,8 @@ def orpo_loss(
     *,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
+    chosen_lengths: torch.Tensor | Sequence[int] | None = None,
+    rejected_lengths: torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Odds-Ratio Preference Optimization.
 
@@ -807,6 +851,16 @@ def orpo_loss(
     the mean); at :math:`\bar\pi(y_r) = 0` it is :math:`+\infty`. Checking that no log-prob is positive reads
     one flag back from the device (one sync per call).
 
+    **Empty completions.** A completion with no scored token has no average log-prob (0/0;
+    ``sequence_logprobs(average=True)`` writes 0, which reads as probability 1 and made the loss inf, or NaN
+    when both sides were empty; TRL gives NaN). With ``chosen_lengths``/``rejected_lengths`` a pair whose chosen
+    or rejected length is 0 has no odds ratio: it adds 0 to the odds-ratio term, passes it no gradient, and is
+    left out of its mean (``"mean"`` divides by the pairs with both completions non-empty; 0 if there are none),
+    so every other pair's loss and gradients are those of the batch without it. The same pairs are left out of
+    the metrics. All of it is computed on the device (no sync). With ``num_items`` the caller's step-wide count
+    should count the non-empty pairs only. ``chosen_nll_loss`` is the caller's: an empty chosen completion adds
+    no token to a token-mean NLL (as :func:`~alignlab.losses.fused_preference.fused_linear_orpo` forms it).
+
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(batch,)`` averaged log-probs (``average=True`` in
             :func:`~alignlab.losses.logprobs.sequence_logprobs`).
@@ -818,13 +872,17 @@ def orpo_loss(
             this batch's sum over ``num_items``.  For exact accumulation pass ``chosen_nll_loss`` normalised
             step-wide too: this batch's chosen-token NLL **sum** over the step's chosen tokens (e.g.
             ``linear_cross_entropy(..., reduction="sum").loss / count_tokens(step_chosen_labels)``).
+        chosen_lengths, rejected_lengths: ``(batch,)`` scored tokens of each completion (the denominators of the
+            averages), both or neither; a pair with a length ``<= 0`` on either side is empty (above). ``None``:
+            every completion is taken to be non-empty.
 
     Returns:
         ``(loss, metrics)``; extra metrics ``log_odds_ratio`` (mean log-sigmoid), ``log_odds_chosen`` (mean
         log-odds difference) and ``nll_loss``.  Rewards are :math:`\beta\bar\pi` as TRL logs them.
 
     Raises:
-        ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``, a log-prob ``> 0``.
+        ValueError: bad shapes/dtypes, ``beta <= 0``, a non-scalar ``chosen_nll_loss``, a log-prob ``> 0``,
+            lengths of the wrong shape or dtype, or only one of the two.
         TypeError: a log-prob or ``chosen_nll_loss`` that is no tensor, a ``beta`` that is no number (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     beta = _check_positive("beta", beta)
@@ -838,14 +896,21 @@ def orpo_loss(
             "policy_chosen_logps and policy_rejected_logps must be <= 0 (per-token averaged log-probs); "
             "a positive value is no log-probability"
         )
-    ratio, log_odds = _OddsRatioLogSigmoid.apply(pc, pr)
-    per_pair = -beta * ratio
-    loss = _reduce(per_pair, reduction, num_items)
+    keep = _nonempty_pairs(chosen_lengths, rejected_lengths, pc)
+    if keep is None:
+        ratio, log_odds = _OddsRatioLogSigmoid.apply(pc, pr)
+        loss = _reduce(-beta * ratio, reduction, num_items)
+    else:
+        # an empty pair's odds are evaluated at a finite stand-in and then dropped: its inf/NaN would otherwise
+        # reach the sum, and its gradient (0 · inf) the other pairs through the shared backward
+        stand_in = torch.full_like(pc, -1.0)
+        ratio, log_odds = _OddsRatioLogSigmoid.apply(torch.where(keep, pc, stand_in), torch.where(keep, pr, stand_in))
+        loss = _reduce_kept(torch.where(keep, -beta * ratio, torch.zeros_like(ratio)), keep, reduction, num_items)
     if nll is not None and reduction != "none":
         loss = loss + nll
-    metrics = _pair_metrics(beta * pc, beta * pr, pc, pr)
-    metrics["log_odds_ratio"] = _mean(ratio)
-    metrics["log_odds_chosen"] = _mean(log_odds)
+    metrics = _pair_metrics(beta * pc, beta * pr, pc, pr, keep=keep)
+    metrics["log_odds_ratio"] = _mean(ratio, keep)
+    metrics["log_odds_chosen"] = _mean(log_odds, keep)
     if nll is not None:
         metrics["nll_loss"] = nll.detach()
     return loss, metrics
