@@ -27,8 +27,9 @@ Layout: ``hidden`` is ``(2B, seq, hidden)`` with the B chosen sequences first an
 ``hidden[:, :-1]``, ``input_ids[:, 1:]``), with ``ignore_index`` on prompt and padding positions.
 
 The reference can be given as precomputed sequence log-probs (``ref_chosen_logps``/``ref_rejected_logps``)
-or as reference hidden states (``ref_hidden``, optionally ``ref_weight``/``ref_bias``; no gradient); the
-lm_head defaults to the policy's (the usual LoRA set-up, where the head is frozen and shared).
+or as reference hidden states (``ref_hidden``, optionally ``ref_weight``/``ref_bias``); the lm_head defaults to
+the policy's (the usual LoRA set-up, where the head is frozen and shared). Either way the reference is a
+constant: no gradient reaches it, on both schedules (the log-prob losses detach precomputed log-probs).
 """
 
 from __future__ import annotations

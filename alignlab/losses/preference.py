@@ -491,7 +491,8 @@ def dpo_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(batch,)`` summed completion log-probs of the policy.
         ref_chosen_logps, ref_rejected_logps: ``(batch,)`` the same under the reference; ``None`` only with
-            ``reference_free=True``.
+            ``reference_free=True``. Constants: detached, so no gradient reaches them even if they require grad
+            (as TRL computes them under ``torch.no_grad()``); the fused forms, on either schedule, do the same.
         beta: :math:`\beta > 0`, the KL-regularisation strength (:math:`\tau` for IPO).
         loss_type: one of :data:`DPO_LOSS_TYPES` or a non-empty list/tuple of them.
         label_smoothing: :math:`\varepsilon`, the assumed label-flip rate.
@@ -569,7 +570,8 @@ def dpo_loss(
     if reference_free:
         rc = rr = torch.zeros((), dtype=dtype, device=pc.device)
     else:
-        rc, rr = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+        # the reference is a constant: detached here, so every caller (unfused, fused lazy or eager) agrees
+        rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
 
     len_c = _lengths("chosen_lengths", chosen_lengths, pc)
     len_r = _lengths("rejected_lengths", rejected_lengths, pc)
@@ -660,7 +662,8 @@ def kto_loss(
     then call each micro-batch with ``kl = max(0, sum / count)`` and ``num_items`` = completions of the step.
 
     Args:
-        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
+        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs; ``ref_logps`` is a constant (detached:
+            no gradient reaches it, on every path, fused or not).
         desirable: ``(batch,)`` bool (or 0/1) labels, True for desirable completions. Non-bool labels are
             checked to be 0/1 (one device sync).
         policy_kl_logps, ref_kl_logps: ``(n_kl,)`` log-probs of the mismatched completions (policy is used only
@@ -698,7 +701,7 @@ def kto_loss(
         raise ValueError("desirable must hold booleans (or exactly 0/1)")  # one sync, only for non-bool labels
     is_good = desirable.to(device=policy_logps.device, dtype=torch.bool)
 
-    pi, ref = policy_logps.to(dtype), ref_logps.to(dtype)
+    pi, ref = policy_logps.to(dtype), ref_logps.detach().to(dtype)  # the reference is a constant
     h = pi - ref
     if loss_type == "apo_zero_unpaired":
         z0 = torch.zeros((), dtype=dtype, device=pi.device)
@@ -1121,7 +1124,8 @@ def una_loss(
     Works on unpaired completions; for pairs, concatenate chosen and rejected.
 
     Args:
-        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs.
+        policy_logps, ref_logps: ``(batch,)`` summed completion log-probs; ``ref_logps`` is a constant (detached:
+            no gradient reaches it).
         scores: ``(batch,)`` explicit rewards in [0, 1].
         beta: :math:`\beta > 0`.
         loss_type: ``"mse"`` or ``"bce"``.
@@ -1144,7 +1148,7 @@ def una_loss(
     s = scores.to(dtype)
     if s.numel() and bool((~((s >= 0) & (s <= 1))).any()):  # NaN is outside too
         raise ValueError("scores must lie in [0, 1] (normalise explicit rewards first)")
-    r = beta * (policy_logps.to(dtype) - ref_logps.to(dtype))
+    r = beta * (policy_logps.to(dtype) - ref_logps.detach().to(dtype))  # the reference is a constant
     if loss_type == "mse":
         per_example = (torch.sigmoid(r) - s) ** 2
     else:
