@@ -58,6 +58,8 @@ def _start(M: int, N: int, K: int) -> tuple:
     """The search's starting point: the configuration the default kernel gets now (this GPU's table, else the
     H100 rules)."""
     kernel = "gemv" if M == 1 else "dot"
+    if KERNEL is not None and KERNEL.startswith("swap"):  # no table entries yet: their own starting rule
+        return nf4_configs.heuristic_config(KERNEL, M, N, 64, torch.bfloat16)
     if torch.cuda.is_available():
         return nf4_configs.small_config(kernel, M, N, K, 64, torch.bfloat16, torch.device("cuda"))
     return nf4_configs.heuristic_config(kernel, M, N, 64, torch.bfloat16)
@@ -146,7 +148,7 @@ def main(argv=None):
     p.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,14336x4096")
     p.add_argument("--deadline", type=float, default=330.0, help="seconds for the whole search")
     p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
-    p.add_argument("--kernel", choices=["gemv", "dot", "late"], default=None,
+    p.add_argument("--kernel", choices=["gemv", "dot", "late", "swap", "swap_early"], default=None,
                    help="search this kernel at every M (default: GEMV at M = 1, tl.dot above)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

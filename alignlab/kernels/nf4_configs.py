@@ -23,13 +23,39 @@ import math
 
 import torch
 
-__all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES"]
+__all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES",
+           "ALTERNATIVES"]
 
-# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}}}.
-# A shape listed under ("late", m) takes the late-scaling kernel at that bucket (it measured faster there
-# than the "dot" entry of the same shape); the other shapes keep "dot" (see small_choice).
-# H100 keeps its rules (heuristic_config), measured in earlier sessions (benchmarks/RESULTS.md).
+# device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}},
+#                "shapes": [(N, K), ...] (optional)}.
+# A shape listed under ("swap_early", m), ("swap", m) or ("late", m) takes that kernel at that bucket (it measured
+# faster there than the default of the same shape in the same run); the other shapes keep the base kernel ("gemv"
+# at M = 1, "dot" above), with the table's entry or else the rules (see small_choice). "shapes" lists the measured
+# shapes a call is matched to where the base kernel has no entries of its own (the H100 table).
+# ALTERNATIVES: the order small_choice looks in (a shape is listed under one of them at most).
+ALTERNATIVES = ("swap_early", "swap", "late")
 TABLES: dict[str, dict] = {
+    # benchmarks/nf4_tune.py --kernel swap_early / --kernel swap on one H100 80GB HBM3, 2026-12-05 (torch 2.11,
+    # Triton 3.6; results/nf4_tune_swap_h100.json, nf4_tune_swap_early_h100.json): the swapped-operand kernels where their best configuration
+    # took <= 0.95x the time of the default (the rules below: "dot") in the same run at M = 2..16, and at every
+    # shape at M = 32 / 64 (0.35-0.91x the time of dequantize + cuBLAS, the path those rows took before: max_m
+    # was 16). The other shapes and buckets keep the rules (heuristic_config).
+    "H100": {"max_m": 64, "shapes": [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)],
+             "configs": {
+        ("swap_early", 2): {(8192, 8192): (64, 1, 8, 2, 3)},
+        ("swap_early", 4): {(4096, 14336): (64, 4, 16, 4, 1), (28672, 8192): (128, 1, 4, 4, 3)},
+        ("swap", 4): {(8192, 8192): (128, 1, 8, 2, 3)},
+        ("swap_early", 8): {(4096, 14336): (64, 4, 16, 4, 1), (8192, 8192): (64, 1, 8, 2, 3)},
+        ("swap_early", 16): {(4096, 4096): (64, 4, 8, 4, 1), (4096, 14336): (64, 4, 16, 4, 1),
+                             (14336, 4096): (64, 4, 4, 4, 1)},
+        ("swap", 16): {(8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2)},
+        ("swap_early", 32): {(8192, 8192): (128, 4, 8, 4, 1), (14336, 4096): (128, 4, 8, 4, 1),
+                             (28672, 8192): (128, 4, 4, 4, 1)},
+        ("swap", 32): {(4096, 4096): (64, 2, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 2)},
+        ("swap_early", 64): {(4096, 4096): (128, 4, 8, 8, 1), (4096, 14336): (128, 2, 8, 8, 1)},
+        ("swap", 64): {(8192, 8192): (128, 2, 4, 4, 1), (14336, 4096): (128, 2, 2, 4, 1),
+                       (28672, 8192): (128, 2, 1, 4, 1)},
+    }},
     # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6); the 1024-row shapes (the k / v
     # projections of Llama-3 8B and 70B) from a later run the same day (--shapes 1024x4096,1024x8192; before
     # it they took the 4096 x 4096 entries: 1.2-1.8x slower). max_m: at M = 32 the small kernel measured 0.74x
@@ -127,6 +153,8 @@ def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.d
     """The H100-measured rules: 128 rows x 1 block per step when ``N > 4096``; else 64 x 2 (GEMV, and
     ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage. fp32
     activations with blocksize 256 take 64 rows (128 overflow the shared memory of the fp32 product)."""
+    if kernel.startswith("swap"):  # the accumulator is (block_n, M): 128 rows fill one warpgroup's wgmma twice
+        return 128, (1 if N > 4096 else 2), 8, 4, 1
     if kernel == "gemv":
         bn, nb, warps = (128, 1, 4) if N > 4096 else (64, 2, 4)
     elif N > 4096 or blocksize > 64 or dtype == torch.float32:
@@ -159,22 +187,30 @@ def small_config(kernel: str, M: int, N: int, K: int, blocksize: int, dtype: tor
 def small_choice(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, device: torch.device
                  ) -> tuple[str, tuple]:
     """``(kernel, configuration)`` of the default small-``M`` product on ``device``: the base kernel is the GEMV
-    at ``M = 1`` and ``"dot"`` above; ``"late"`` instead where the table's nearest measured shape of the base
-    kernel's bucket is also listed under ``("late", bucket)`` (``nf4_tune.py --kernel late`` measures such
-    entries, at ``M = 1`` too); else the base kernel with :func:`small_config`'s configuration."""
+    at ``M = 1`` and ``"dot"`` above; one of :data:`ALTERNATIVES` instead where the table's nearest measured shape
+    (of the table's ``"shapes"``, else of the base kernel's bucket) is listed under ``(alternative, bucket)``
+    (``nf4_tune.py --kernel late / swap / swap_early`` measures such entries); else the base kernel with
+    :func:`small_config`'s configuration."""
     kernel = "gemv" if M == 1 else "dot"
     key = device_key(device)
     if key is not None and blocksize == 64 and dtype != torch.float32:
         configs = TABLES[key]["configs"]
-        base, late = configs.get((kernel, m_bucket(M))), configs.get(("late", m_bucket(M)))
-        if base and late:
-            near = _nearest(base, N, K)
-            if near in late:
-                return "late", late[near]
+        pool = TABLES[key].get("shapes") or configs.get((kernel, m_bucket(M)))
+        if pool:
+            near = _nearest(pool, N, K)
+            for alt in ALTERNATIVES:
+                entry = configs.get((alt, m_bucket(M)), {}).get(near)
+                if entry is not None:
+                    return alt, entry
     return kernel, small_config(kernel, M, N, K, blocksize, dtype, device)
 
 
-def max_rows(device: torch.device, default: int = 16) -> int:
-    """Largest ``M`` the small-``M`` kernels take on ``device`` (measured per table; ``default`` without one)."""
+def max_rows(device: torch.device, default: int = 16, *, blocksize: int = 64,
+             dtype: torch.dtype = torch.bfloat16) -> int:
+    """Largest ``M`` the small-``M`` kernels take on ``device`` for weights of ``blocksize`` and activations of
+    ``dtype``: the table's measured bound where its entries apply (blocksize 64, 16-bit activations), else
+    ``default`` (the other weights take the rules, measured at ``M <= 16`` only)."""
     key = device_key(device)
-    return default if key is None else TABLES[key].get("max_m", default)
+    if key is None or blocksize != 64 or dtype == torch.float32:
+        return default
+    return TABLES[key].get("max_m", default)

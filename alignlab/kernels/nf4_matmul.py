@@ -15,7 +15,7 @@ never writing the full weight, and feed them to ``tl.dot``.
 Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200:
+* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200 and 64 on the H100:
   :func:`alignlab.kernels.nf4_configs.max_rows`; ``K % blocksize == 0``, blocksize <= 256):
   :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
   ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked
@@ -303,7 +303,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         if bias is not None:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
-    if _takes_small(M, K, t, x2.device):
+    if _takes_small(M, K, t, x2.device, x.dtype):
         small = small_m_matmul_op if torch.compiler.is_compiling() else _small_m_matmul  # arguments checked above
         return small(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
     if K % 2 or M >= LARGE_M:
@@ -378,7 +378,7 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
     if not (x.is_cuda and x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16) and M > 0
             and triton is not None and use_triton(x, t.data)):
         return None
-    if _takes_small(M, K, t, x.device):
+    if _takes_small(M, K, t, x.device, x.dtype):
         return small_m_runner(x, t, bias)
     if PIPELINE_CHUNKS > 1 or not (K % 2 or M >= LARGE_M):  # nf4_matmul's other paths: no runner
         return None
@@ -399,10 +399,10 @@ def _dequant_runner(t: NF4Tensor, dtype: torch.dtype):
     return run
 
 
-def _takes_small(M: int, K: int, t: NF4Tensor, device: torch.device) -> bool:
-    """Whether :func:`nf4_matmul` sends ``M`` rows to the small-M kernels (given the Triton path)."""
-    return (USE_SMALL and (M <= SMALL_M or M <= max_rows(device)) and K % t.blocksize == 0
-            and t.blocksize <= 256)
+def _takes_small(M: int, K: int, t: NF4Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`nf4_matmul` sends ``M`` rows of ``dtype`` to the small-M kernels (given the Triton path)."""
+    return (USE_SMALL and (M <= SMALL_M or M <= max_rows(device, blocksize=t.blocksize, dtype=dtype))
+            and K % t.blocksize == 0 and t.blocksize <= 256)
 
 
 def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:

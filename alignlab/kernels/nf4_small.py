@@ -20,6 +20,8 @@ weight back (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
 * :func:`_late_kernel` (``2 <= M <= 32``, tensor cores, the default on the H200 where its table says so):
   the raw levels in x's dtype go into ``tl.dot`` unscaled, one quantization block at a time, and each
   block's fp32 product is multiplied by its scale column -- the lookup is the only per-weight work.
+* :func:`_swap_kernel` (``2 <= M <= 64``, tensor cores): the late kernel's product with the operands
+  swapped, ``y^T = W x^T``, so that on Hopper the levels are ``wgmma``'s left operand, read from registers.
 
 All three split K over a second grid axis (the output rows alone give too few
 programs to keep the memory system busy). Each K slice stores its fp32 partial
@@ -401,6 +403,79 @@ if triton is not None:
                 SPLIT, HAS_BIAS)
 
 
+    @triton.jit
+    def _swap_kernel(
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr, EARLY: tl.constexpr,
+    ):
+        """y[M, N]^T (+)= W[N, K] x[M, K]^T for M <= BLOCK_M: the weight is the *first* operand of ``tl.dot``.
+
+        The same product as :func:`_late_kernel` with the operands swapped: the output tile is
+        ``(BLOCK_N, BLOCK_M)``, so the dequantized weight is the dot's left operand and x's transposed tile its
+        right one. On Hopper that is the shape of ``wgmma`` with its left operand in registers: the levels go
+        from the lookup to the tensor cores without a round trip through shared memory (only x's small tile is
+        staged there), and the accumulator is ``BLOCK_N x BLOCK_M`` (64 fp32 per thread at 128 x 64 with 4
+        warps, where the late kernel's ``tl.dot`` form ran out of registers at 32 rows). With ``EARLY`` each
+        block's levels are scaled in x's dtype before the dot (one accumulator chain over K, like a
+        dequantize-then-multiply); without, each block's fp32 product is scaled as in the late kernel.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rows = rn.to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        rj = tl.arange(0, HB)
+        nb_row = K // BLOCKSIZE
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rj[:, None]  # (HB, BLOCK_M): x[m, 2j]
+        w_rows = data_ptr + rows[:, None] * half_k + rj[None, :]
+        table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None])
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_start, k_end, NB * BLOCKSIZE):
+            for b in tl.static_range(NB):
+                kb = k0 + b * BLOCKSIZE
+                nok = nmask & (rn * 0 + kb < k_end)  # (vector masks: the interpreter takes no scalar one)
+                mok = mmask & (rm * 0 + kb < k_end)
+                byte = tl.load(w_rows + kb // 2, mask=nok[:, None], other=0)
+                bidx = rows * nb_row + kb // BLOCKSIZE
+                s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nok, DOUBLE, NESTED_BS)
+                xe = tl.load(x_cols + kb, mask=mok[None, :], other=0.0)
+                xo = tl.load(x_cols + (kb + 1), mask=mok[None, :], other=0.0)
+                if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
+                    hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32, table, REGS)
+                    if EARLY:
+                        acc = tl.dot(hi * s[:, None], xe.to(tl.float32), acc, input_precision="ieee")
+                        acc = tl.dot(lo * s[:, None], xo.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        part = tl.dot(hi, xe.to(tl.float32), input_precision="ieee")
+                        part = tl.dot(lo, xo.to(tl.float32), part, input_precision="ieee")
+                        acc += part * s[:, None]
+                else:
+                    hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty, table, REGS)
+                    if EARLY:
+                        sc = s.to(x_ptr.dtype.element_ty)[:, None]
+                        acc = tl.dot(hi * sc, xe, acc)
+                        acc = tl.dot(lo * sc, xo, acc)
+                    else:
+                        part = tl.dot(hi, xe)
+                        part = tl.dot(lo, xo, part)
+                        acc += part * s[:, None]
+                if HAS_SHIFT:
+                    tau = tl.load(shift_ptr + bidx, mask=nok, other=0.0)
+                    acc += tau[:, None] * tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=0)[None, :]
+        offs = rm[None, :].to(tl.int64) * N + rn[:, None]  # y and each workspace slice are (M, N), contiguous
+        omask = mmask[None, :] & nmask[:, None]
+        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[:, None], pid_n, pid_k, n_split,
+                SPLIT, HAS_BIAS)
+
+
 _SLOTS, _SLOT_SIZE = 64, 4096
 _POOLS: dict = {}
 _SLOT_OF: dict = {}
@@ -465,8 +540,9 @@ def small_m_matmul(
             ``t.blocksize <= 256`` (the caller,
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
-        kernel: ``"gemv"`` (``M == 1`` only), ``"dot"`` or ``"late"`` (scales on the accumulator);
-            default by ``M``.
+        kernel: ``"gemv"`` (``M == 1`` only), ``"dot"``, ``"late"`` (scales on the accumulator),
+            ``"swap"`` / ``"swap_early"`` (the weight as the dot's left operand, scaled after / before it);
+            default by ``M`` and this GPU's table.
         block_n, nb, split, num_warps, num_stages: launch configuration (rows per program,
             quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
             measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
@@ -665,7 +741,9 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor | None:
 
 MAX_M = 64
 _PLANS: dict = {}
-_KERNELS = {"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel} if triton is not None else {}
+_KERNELS = ({"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel, "swap": _swap_kernel,
+             "swap_early": _swap_kernel} if triton is not None else {})
+KERNEL_NAMES = ("gemv", "dot", "late", "swap", "swap_early")
 
 
 # Where the in-register lookup takes its table as register operands (_decode4_asm(None), nf4_table) instead of
@@ -693,8 +771,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
             kernel = "gemv" if M == 1 else "dot"
         else:  # this GPU's measured choice (late-scaling kernel or tl.dot) and configuration
             kernel, cfg = small_choice(M, N, K, t.blocksize, dtype, device)
-    if kernel not in ("gemv", "dot", "late"):
-        raise ValueError(f"kernel must be 'gemv', 'dot' or 'late', got {kernel!r}")
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNEL_NAMES))}, got {kernel!r}")
     if kernel == "gemv" and M != 1:
         raise ValueError(f"kernel='gemv' takes one row of x, got {M}")
     if not 1 <= M <= MAX_M:
@@ -719,6 +797,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                 ASM=bool(asm) and not interpreting())
     if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
+    if kernel.startswith("swap"):
+        meta.update(EARLY=kernel == "swap_early")
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)

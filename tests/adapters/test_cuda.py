@@ -102,7 +102,8 @@ def test_qlora_layer_launch_counts():
     torch.manual_seed(0)
     layer = LoRALinear(NF4Linear.from_linear(nn.Linear(256, 192, bias=False, device="cuda", dtype=torch.bfloat16)),
                        r=8, alpha=16)
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # 128 rows: above every device's small-M bound (64 on the H100 since its table), so dequantize + GEMM
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     fwd = _kernels(lambda: layer(x))
     assert len(fwd) == 5, fwd
     y = layer(x)
@@ -122,7 +123,7 @@ def test_qdora_layer_launch_counts():
     torch.manual_seed(0)
     layer = LoRALinear(NF4Linear.from_linear(nn.Linear(256, 192, bias=False, device="cuda", dtype=torch.bfloat16)),
                        r=8, alpha=16, use_dora=True)
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     fwd = _kernels(lambda: layer(x))
     assert len(fwd) == 6, fwd
     layer.cache_casts = True

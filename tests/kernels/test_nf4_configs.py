@@ -21,6 +21,9 @@ def test_heuristic_rules():
     assert heuristic_config("dot", 16, 4096, 64, torch.float32) == (128, 1, 8, 4, 1)
     assert heuristic_config("dot", 5, 65, 256, torch.float32)[0] == 64  # 128 rows overflow shared memory
     assert heuristic_config("dot", 64, 4096, 64, bf16)[0] == 32  # the row tile grows, the column tile shrinks
+    # the swapped kernels: 128 output rows (one warpgroup's wgmma tile twice) at every M
+    assert heuristic_config("swap", 64, 14336, 64, bf16) == (128, 1, 8, 4, 1)
+    assert heuristic_config("swap_early", 2, 4096, 64, bf16) == (128, 2, 8, 4, 1)
 
 
 def test_cpu_and_unknown_devices_fall_back():
@@ -56,6 +59,9 @@ def test_table_lookup_takes_the_nearest_measured_shape(monkeypatch):
     assert small_config("dot", 32, 4096, 4096, 64, torch.float32, dev) == heuristic_config(
         "dot", 32, 4096, 64, torch.float32)
     assert max_rows(dev) == 64
+    # the bound is measured for the table's weights: other blocksizes and fp32 activations keep the default
+    assert max_rows(dev, blocksize=128) == 16 and max_rows(dev, dtype=torch.float32) == 16
+    assert max_rows(dev, dtype=torch.float16) == 64
 
 
 def test_device_key_matches_names(monkeypatch):
@@ -71,12 +77,17 @@ def test_shipped_tables_are_well_formed():
     """Every shipped entry: a row bucket the kernels take and a 5-value configuration of legal sizes."""
     for key, table in nf4_configs.TABLES.items():
         assert 1 <= table["max_m"] <= 64, key
+        listed = {}
         for (kernel, bucket), shapes in table["configs"].items():
-            assert kernel in ("gemv", "dot", "late") and bucket == m_bucket(bucket)
+            assert kernel in ("gemv", "dot", *nf4_configs.ALTERNATIVES) and bucket == m_bucket(bucket)
             assert (kernel == "gemv") == (bucket == 1) and not (kernel == "late" and bucket == 1)
-            if kernel == "late":  # small_choice picks late by the nearest base-kernel shape of the same bucket
+            assert not (kernel.startswith("swap") and bucket == 1)  # tl.dot takes 16 rows or more: M >= 2
+            if kernel in nf4_configs.ALTERNATIVES:  # picked by the nearest measured shape (small_choice)
                 base = "gemv" if bucket == 1 else "dot"
-                assert set(shapes) <= set(table["configs"].get((base, bucket), {})), (key, bucket)
+                pool = table.get("shapes") or table["configs"].get((base, bucket), {})
+                assert set(shapes) <= set(pool), (key, kernel, bucket)
+                for shape in shapes:  # one alternative per shape and bucket
+                    assert listed.setdefault((bucket, shape), kernel) == kernel, (key, bucket, shape)
             for (n, k), (bn, nb, split, warps, stages) in shapes.items():
                 assert n > 0 and k > 0 and bn in (16, 32, 64, 128, 256) and nb in (1, 2, 4), (key, n, k)
                 assert split >= 1 and warps in (1, 2, 4, 8, 16) and stages >= 1, (key, n, k)
@@ -105,6 +116,26 @@ def test_small_choice_takes_late_where_the_table_lists_the_shape(monkeypatch):
     assert small_choice(8, 20000, 8192, 128, bf16, dev)[0] == "dot"
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
     assert small_choice(8, 20000, 8192, 64, bf16, dev) == ("dot", heuristic_config("dot", 8, 20000, 64, bf16))
+
+
+def test_small_choice_matches_the_tables_measured_shapes(monkeypatch):
+    """A table with "shapes" and no base-kernel entries (the H100's): a call is matched to the nearest measured
+    shape; the alternative listed for it at the call's bucket is taken, in ALTERNATIVES order; a shape listed
+    under none keeps the base kernel with the rules."""
+    table = {"max_m": 64, "shapes": [(4096, 4096), (28672, 8192)], "configs": {
+        ("swap_early", 32): {(4096, 4096): (64, 2, 8, 4, 1)},
+        ("swap", 32): {(28672, 8192): (128, 2, 4, 4, 1)},
+        ("swap", 4): {(28672, 8192): (64, 1, 8, 2, 3)},
+    }}
+    _use_table(monkeypatch, table)
+    dev = torch.device("cpu")
+    bf16 = torch.bfloat16
+    assert small_choice(20, 5000, 4096, 64, bf16, dev) == ("swap_early", (64, 2, 8, 4, 1))
+    assert small_choice(32, 20000, 8192, 64, bf16, dev) == ("swap", (128, 2, 4, 4, 1))
+    assert small_choice(3, 30000, 8192, 64, torch.float16, dev) == ("swap", (64, 1, 8, 2, 3))
+    assert small_choice(3, 4096, 4096, 64, bf16, dev) == ("dot", heuristic_config("dot", 3, 4096, 64, bf16))
+    assert small_choice(1, 30000, 8192, 64, bf16, dev) == ("gemv", heuristic_config("gemv", 1, 30000, 64, bf16))
+    assert small_choice(32, 4096, 4096, 128, bf16, dev)[0] == "dot"  # other blocksizes: the rules
 
 
 def test_device_name_is_known_before_a_trace(monkeypatch):

@@ -33,7 +33,7 @@ CASES = [(1, 64, 1, 64), (37, 192, 1, 64), (40, 96, 1, 32), (17, 512, 1, 256), (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N,K,M,bs", CASES)
 def test_small_m_interpreter(N, K, M, bs, dtype, triton_mode):
-    """Default kernel and the late-scaling one; bf16 too (the interpreter's bf16 tl.dot once gave garbage at
+    """Default kernel, the late-scaling one and the swapped ones; bf16 too (the interpreter's bf16 tl.dot once gave garbage at
     2..16 rows: the kernels take the fp32 products under the interpreter)."""
     t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1))
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}[dtype]
@@ -43,11 +43,12 @@ def test_small_m_interpreter(N, K, M, bs, dtype, triton_mode):
     assert _rel(y, want) < tol
     yb = small_m_matmul(x, t, b)
     assert _rel(yb, want + b.double().cpu()) < tol
-    yl = small_m_matmul(x, t, b, kernel="late")
-    assert yl.dtype == dtype and _rel(yl, want + b.double().cpu()) < tol
+    for kernel in ("late", "swap", "swap_early"):
+        yl = small_m_matmul(x, t, b, kernel=kernel)
+        assert yl.dtype == dtype and _rel(yl, want + b.double().cpu()) < tol, kernel
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
 @pytest.mark.parametrize("split", [1, 3, 64])
 def test_split_and_icq_shift(kernel, split, triton_mode):
     """Every K split (none, uneven, more slices than blocks) and the ICQ shift tau."""
@@ -57,7 +58,7 @@ def test_split_and_icq_shift(kernel, split, triton_mode):
     assert _rel(y, x.double() @ wd.T) < 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
 def test_split_fixup_with_bias(kernel, triton_mode):
     """The last K slice of each tile to finish sums the partials and adds the bias (uneven split: the last
     slice is shorter)."""
@@ -68,7 +69,7 @@ def test_split_fixup_with_bias(kernel, triton_mode):
         assert _rel(y, want) < 1e-5, split
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
 def test_strided_x_and_bias_are_read_as_given(kernel, triton_mode):
     """A column slice of x (strided last dimension) was read as if contiguous: wrong numbers, no error."""
     t, x, b, wd = _case(24, 128, 1 if kernel == "gemv" else 3, torch.float32, 64)
@@ -270,7 +271,7 @@ def test_small_m_cuda(N, K, M, bs, dtype):
     t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1), device="cuda")
     ref = x.double().cpu() @ wd.T + b.double().cpu()
     tol = 1e-5 if dtype == torch.float32 else 5e-3
-    for kernel in (["gemv", "dot", "late"] if M == 1 else ["dot", "late"]):
+    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early"]:
         for split in (1, 8):
             y = small_m_matmul(x, t, b, kernel=kernel, split=split)
             assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
