@@ -410,6 +410,7 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr, EARLY: tl.constexpr,
+        X_WORDS: tl.constexpr,
     ):
         """y[M, N]^T (+)= W[N, K] x[M, K]^T for M <= BLOCK_M: the weight is the *first* operand of ``tl.dot``.
 
@@ -421,6 +422,11 @@ if triton is not None:
         warps, where the late kernel's ``tl.dot`` form ran out of registers at 32 rows). With ``EARLY`` each
         block's levels are scaled in x's dtype before the dot (one accumulator chain over K, like a
         dequantize-then-multiply); without, each block's fp32 product is scaled as in the late kernel.
+
+        ``X_WORDS`` (16-bit x whose rows start 4-byte aligned): x is read as 32-bit words, one per pair
+        ``(x[2j], x[2j + 1])``, contiguous along the row, and split into the even and odd halves with integer
+        ops -- one load per pair instead of two strided 16-bit loads. The x tile is ``(HB, M)`` per block
+        against ``(BLOCK_N, HB)`` packed bytes, so at ``M = 64`` x's loads outnumbered the weight's.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -435,6 +441,9 @@ if triton is not None:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rj[:, None]  # (HB, BLOCK_M): x[m, 2j]
+        # (BLOCK_M, HB) words (x[m, 2j], x[m, 2j + 1]); stride_xm is even where X_WORDS is set
+        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
+                                                                     + rj[None, :])
         w_rows = data_ptr + rows[:, None] * half_k + rj[None, :]
         table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None])
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -446,8 +455,13 @@ if triton is not None:
                 byte = tl.load(w_rows + kb // 2, mask=nok[:, None], other=0)
                 bidx = rows * nb_row + kb // BLOCKSIZE
                 s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, nok, DOUBLE, NESTED_BS)
-                xe = tl.load(x_cols + kb, mask=mok[None, :], other=0.0)
-                xo = tl.load(x_cols + (kb + 1), mask=mok[None, :], other=0.0)
+                if X_WORDS:
+                    xw = tl.load(x_words + kb // 2, mask=mok[:, None], other=0)
+                    xe = tl.trans((xw & 65535).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
+                    xo = tl.trans((xw >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
+                else:
+                    xe = tl.load(x_cols + kb, mask=mok[None, :], other=0.0)
+                    xo = tl.load(x_cols + (kb + 1), mask=mok[None, :], other=0.0)
                 if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
                     hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32, table, REGS)
                     if EARLY:
@@ -577,8 +591,8 @@ def _small_m_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, o
     if plan is None:
         plan = _PLANS[key] = _plan(M, N, K, x2.dtype, x2.device, t, bias is not None, *overrides)
     which, grid, split, scalars, meta = plan
-    if which == "gemv" and x2.element_size() == 2 and x2.data_ptr() % 4:
-        x2 = x2.clone()  # the GEMV reads 16-bit x as 32-bit pairs (_x_pairs): the row must start 4-byte aligned
+    if not _x_aligned(which, x2, meta):
+        x2 = x2.clone()  # 16-bit x read as 32-bit pairs (_x_pairs, X_WORDS): every row must start 4-byte aligned
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     if split > 1:
         ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32)
@@ -649,6 +663,18 @@ def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overr
             bias is not None, interpreting(), overrides)
 
 
+def _x_aligned(which: str, x: torch.Tensor, meta: dict, row: int | None = None) -> bool:
+    """Whether ``x`` suits a kernel that reads 16-bit x as 32-bit pairs (the GEMV's ``_x_pairs``, the swapped
+    kernels' ``X_WORDS``): its start, and for more than one row its row stride (``row``, else ``x.stride(0)``),
+    4-byte aligned. Other kernels and dtypes take any ``x``."""
+    if x.element_size() != 2 or not (which == "gemv" or meta.get("X_WORDS")):
+        return True
+    if x.data_ptr() % 4:
+        return False
+    row = x.stride(0) if row is None else row
+    return which == "gemv" or x.numel() <= x.shape[-1] or row % 2 == 0
+
+
 def _kernel_args(which: str, x, state: tuple, y, ws, cnt, bias, M: int, row: int, scalars: tuple) -> tuple:
     """The runtime arguments of :func:`_gemv_kernel` / :func:`_dot_kernel` (a missing bias is passed as ``y``,
     unused under ``HAS_BIAS=False``; ``row`` is the stride between rows of ``x``)."""
@@ -683,7 +709,7 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     if plan is None:
         return None
     which, grid, split, scalars, meta = plan
-    if which == "gemv" and x.element_size() == 2 and x.data_ptr() % 4:
+    if not _x_aligned(which, x, meta, row):
         return None
     device, dtype, out_shape = x.device, x.dtype, (*lead, N)
     state = _state_args(t)
@@ -749,11 +775,14 @@ KERNEL_NAMES = ("gemv", "dot", "late", "swap", "swap_early")
 # Where the in-register lookup takes its table as register operands (_decode4_asm(None), nf4_table) instead of
 # immediates: "auto" (the rule below), "1" everywhere, "0" nowhere -- for A/B timing on a GPU.
 TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
+# The swapped kernels read 16-bit x as 32-bit pairs (``X_WORDS`` of _swap_kernel); "0" reads the halves one by one
+# (A/B timing).
+X_WORDS = os.environ.get("ALIGNLAB_NF4_X_WORDS", "1") != "0"
 
 
 def _table_in_registers(kernel: str, block_m: int, num_stages: int | None) -> bool:
     """The rule of :data:`TABLE_REGS` ``"auto"``: the codebook in registers for the GEMV only. Timed on an H100
-    (``benchmarks/nf4_table_regs.py``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -5% to
+    (``benchmarks/nf4_knob_ab.py --knob TABLE_REGS``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -5% to
     +3% over the five benchmark shapes (faster at 4096 x 14336 and 8192 x 8192); at ``M = 2..16`` the
     ``tl.dot`` kernels took 1-11% longer with them (most at ``N >= 14336``), so those keep PTX immediates.
     Offline SASS for sm_90 had predicted 9-14% fewer loop instructions for both; not yet timed on an H200."""
@@ -797,8 +826,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                 ASM=bool(asm) and not interpreting())
     if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
-    if kernel.startswith("swap"):
-        meta.update(EARLY=kernel == "swap_early")
+    if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned)
+        meta.update(EARLY=kernel == "swap_early", X_WORDS=dtype != torch.float32 and X_WORDS)
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)

@@ -249,6 +249,53 @@ def test_table_in_registers_rule(monkeypatch):
     assert rule("late", 32, 3)
 
 
+def _x_views(x):
+    """Same values as ``x`` in three layouts: contiguous, rows at an odd stride (2 bytes past a 4-byte boundary
+    from the second row on, for 16-bit x) and a start 2 bytes past a 4-byte boundary."""
+    M, K = x.shape
+    odd = torch.zeros(M, K + 1, dtype=x.dtype, device=x.device)[:, :K]
+    odd.copy_(x)
+    buf = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+    shifted = buf[1:].view(M, K)
+    shifted.copy_(x)
+    return {"contiguous": x, "odd row stride": odd, "shifted start": shifted}
+
+
+@pytest.mark.parametrize("kernel", ["swap", "swap_early"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swap_reads_x_pairs_from_any_layout(kernel, dtype, triton_mode):
+    """The swapped kernels read 16-bit x as 32-bit pairs: every row must start 4-byte aligned, so x views that
+    do not (odd row stride, shifted start) are copied first; the same numbers from every layout, and the word
+    read agrees with the read of the halves one by one (X_WORDS off)."""
+    import alignlab.kernels.nf4_small as small
+
+    t, x, b, wd = _case(40, 192, 5, dtype, 64)
+    want = x.double() @ wd.T + b.double()
+    got = {}
+    for name, xv in _x_views(x).items():
+        got[name] = small_m_matmul(xv, t, b, kernel=kernel)
+        assert _rel(got[name], want) < 5e-3, name
+        assert torch.equal(got[name], got["contiguous"]), name
+    small._PLANS.clear()
+    try:
+        small.X_WORDS = False
+        assert torch.equal(small_m_matmul(x, t, b, kernel=kernel), got["contiguous"])
+    finally:
+        small.X_WORDS = True
+        small._PLANS.clear()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["swap", "swap_early"])
+def test_swap_x_layouts_cuda(kernel):
+    """The same on the GPU (bf16; wgmma path): strided and shifted x views give the contiguous result."""
+    t, x, b, wd = _case(300, 640, 33, torch.bfloat16, 64, device="cuda")
+    want = x.double().cpu() @ wd.T + b.double().cpu()
+    ys = {name: small_m_matmul(xv, t, b, kernel=kernel) for name, xv in _x_views(x).items()}
+    for name, y in ys.items():
+        assert _rel(y.cpu(), want) < 5e-3 and torch.equal(y, ys["contiguous"]), name
+
+
 @pytest.mark.cuda
 def test_gemv_x_not_4byte_aligned():
     """The GEMV reads 16-bit x as 32-bit pairs: an x view that starts 2 bytes past a 4-byte boundary is copied
