@@ -1,0 +1,59 @@
+"""benchmarks/nf4_tune.py: the table it prints from one run's rows (table_from_rows), on CPU."""
+
+from conftest import load_script
+
+
+def _row(kernel, M, N, K, best, best_us, default_us, dequant_mm_us):
+    return {"kernel": kernel, "M": M, "N": N, "K": K, "best": list(best), "best_us": best_us,
+            "default_us": default_us, "dequant_mm_us": dequant_mm_us}
+
+
+def test_table_from_rows_takes_alternatives_that_beat_the_best_existing_path():
+    tune = load_script("benchmarks/nf4_tune.py")
+    a, b = (4096, 4096), (14336, 4096)
+    rows = [
+        # M = 16: swap_early 0.94x the default at a (in), 0.97x at b (out: above the 0.95 threshold)
+        _row("swap_early", 16, *a, (64, 4, 8, 4, 1), 9.4, 10.0, 30.0),
+        _row("swap", 16, *a, (64, 1, 8, 4, 1), 9.9, 10.1, 30.0),
+        _row("swap_early", 16, *b, (64, 2, 8, 4, 1), 38.8, 40.0, 100.0),
+        # M = 32: the reference is dequantize + cuBLAS where it is faster than the default; the faster
+        # alternative wins (swap at a, swap_early at b)
+        _row("swap_early", 32, *a, (64, 2, 8, 4, 1), 18.0, 40.0, 25.0),
+        _row("swap", 32, *a, (64, 2, 8, 4, 2), 17.0, 41.0, 26.0),
+        _row("swap_early", 32, *b, (128, 4, 8, 4, 1), 44.0, 120.0, 100.0),
+        _row("swap", 32, *b, (128, 1, 2, 4, 3), 46.0, 121.0, 100.0),
+        # M = 64: no kernel beats dequantize + cuBLAS at b: max_m stops at 32
+        _row("swap", 64, *a, (128, 4, 8, 8, 1), 23.0, 110.0, 26.0),
+        _row("swap", 64, *b, (128, 2, 2, 4, 1), 101.0, 337.0, 100.0),
+    ]
+    configs, max_m = tune.table_from_rows(rows)
+    assert configs == {
+        ("swap_early", 16): {a: (64, 4, 8, 4, 1)},
+        ("swap", 32): {a: (64, 2, 8, 4, 2)},
+        ("swap_early", 32): {b: (128, 4, 8, 4, 1)},
+        ("swap", 64): {a: (128, 4, 8, 8, 1)},
+    }
+    assert max_m == 32
+    # a looser threshold admits b at M = 16; the base search's rows enter as they are
+    base = [_row(None, 1, *a, (64, 2, 8, 4, 1), 10.0, 10.5, 30.0), _row(None, 16, *b, (128, 1, 8, 4, 1), 39.0, 40.0,
+                                                                       100.0)]
+    configs, max_m = tune.table_from_rows(rows + base, threshold=0.98)
+    assert configs[("swap_early", 16)] == {a: (64, 4, 8, 4, 1), b: (64, 2, 8, 4, 1)}
+    assert configs[("gemv", 1)] == {a: (64, 2, 8, 4, 1)} and configs[("dot", 16)] == {b: (128, 1, 8, 4, 1)}
+    assert max_m == 32
+
+
+def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
+    """nf4_configs.TABLES["H100"] is what table_from_rows gives from the two recorded tuning runs it cites."""
+    import json
+    from pathlib import Path
+
+    from alignlab.kernels.nf4_configs import TABLES
+
+    tune = load_script("benchmarks/nf4_tune.py")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    rows = [r for name in ("nf4_tune_swap_h100.json", "nf4_tune_swap_early_h100.json")
+            for r in json.loads((results / name).read_text())["rows"]]
+    configs, max_m = tune.table_from_rows(rows)
+    assert configs == TABLES["H100"]["configs"] and max_m == TABLES["H100"]["max_m"]
+    assert sorted(TABLES["H100"]["shapes"]) == sorted({(r["N"], r["K"]) for r in rows})
