@@ -6,7 +6,8 @@ Per shape (``nf4.SHAPES``) and M: ``small_m_matmul`` (this GPU's default kernel 
 alternated rounds (the best round per value is reported, each round's times are kept), the largest difference of
 its output from the first value's, bf16 cuBLAS on a dense weight and a same-bytes copy. One JSON line per row.
 Knobs: ``TABLE_REGS`` (``0`` PTX immediates / ``1`` registers / ``auto``, ``ALIGNLAB_NF4_TABLE_REGS``),
-``X_WORDS`` (``0`` / ``1``: the swapped kernels' x read as 32-bit pairs, ``ALIGNLAB_NF4_X_WORDS``).
+``X_WORDS`` (``0`` / ``1``: the swapped kernels' x read as 32-bit pairs, ``ALIGNLAB_NF4_X_WORDS``),
+``LOOKUP_FIRST`` (``0`` / ``1``: the swapped kernels' lookup before the layout change, ``ALIGNLAB_NF4_LOOKUP_FIRST``).
 
     python benchmarks/nf4_knob_ab.py [--knob TABLE_REGS --values 0,1,auto] [--ms 1,2,4,8,16,32,64]
         [--shapes 4096x4096,14336x4096] [--kernel swap_early] [--out benchmarks/results/nf4_knob_ab.json]
@@ -27,13 +28,13 @@ from alignlab.kernels import nf4_small  # noqa: E402
 from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
 from alignlab.quant.nf4 import nf4_quantize  # noqa: E402
 
-KNOBS = {"TABLE_REGS": str, "X_WORDS": lambda v: v != "0"}  # how each knob's values are set on the module
+KNOBS = {"TABLE_REGS": str, "X_WORDS": lambda v: v != "0", "LOOKUP_FIRST": lambda v: v == "1"}  # how each knob's values are set on the module
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--knob", choices=sorted(KNOBS), default="TABLE_REGS")
-    p.add_argument("--values", default=None, help="comma separated (default: TABLE_REGS 0,1,auto; X_WORDS 0,1)")
+    p.add_argument("--values", default=None, help="comma separated (default: TABLE_REGS 0,1,auto; others 0,1)")
     p.add_argument("--ms", default="1,2,4,8,16,32,64")
     p.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,14336x4096")
     p.add_argument("--kernel", default=None, help="force this small_m_matmul kernel (default: the dispatch's)")

@@ -6,7 +6,8 @@ its loop spends per packed weight byte bounds its speed: an H200 issues about 33
 second (132 SMs x 4 schedulers x 32 lanes x ~1.98 GHz) against 4.2e12 bytes per second of copy bandwidth, so
 a loop of ``n`` instructions per byte cannot stream the weight faster than about ``8 / n`` of a copy.
 
-This script compiles each kernel at the configuration the H200 table gives it (``nf4_configs.TABLES``), with
+This script compiles each kernel at the configuration the H200 table (``--table H100``: the H100's) gives it
+(``nf4_configs.TABLES``), with
 the Triton installed here and its bundled ``ptxas`` / ``nvdisasm``, on a machine without a GPU (Triton's driver
 is replaced by a stand-in that names an sm_90 target; nothing is launched), then prints per (shape, M):
 registers per thread, spilled bytes, the loop's instructions per packed byte and the most frequent opcodes.
@@ -54,14 +55,14 @@ def _tools() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat16):
-    """``(kernel name, meta, compiled kernel)`` of the small-M product the H200 table picks for ``(N, K, M)``."""
+def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat16, table: str = "H200"):
+    """``(kernel name, meta, compiled kernel)`` of the small-M product ``table``'s device picks for ``(N, K, M)``."""
     import alignlab.kernels.nf4_configs as configs
     import alignlab.kernels.nf4_small as small
     from alignlab.kernels.nf4_dequant import _state_args
     from alignlab.quant.nf4 import nf4_quantize
 
-    key, configs.device_key = configs.device_key, lambda device: "H200"
+    key, configs.device_key = configs.device_key, lambda device: table
     old_regs, small.TABLE_REGS = small.TABLE_REGS, regs
     try:
         t = nf4_quantize(torch.randn(N, K), blocksize=64)
@@ -125,14 +126,15 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=SHAPES, help="N x K pairs, comma separated")
     ap.add_argument("--m", default="1,2,4,8,16,32", help="rows of x, comma separated")
     ap.add_argument("--regs", default="auto", help="codebook variants to compile: auto, 0, 1 (comma separated)")
+    ap.add_argument("--table", default="H200", help="the device table whose choices are compiled (H200, H100)")
     args = ap.parse_args(argv)
-    print(f"Triton {triton.__version__}, sm_90, bf16 x, blocksize 64 + double quant, H200 table configurations")
+    print(f"Triton {triton.__version__}, sm_90, bf16 x, blocksize 64 + double quant, {args.table} table configurations")
     for m in (int(v) for v in args.m.split(",")):
         for shape in args.shapes.split(","):
             N, K = (int(v) for v in shape.lower().split("x"))
             cells = []
             for regs in args.regs.split(","):
-                which, meta, kernel = compile_small(N, K, m, regs)
+                which, meta, kernel = compile_small(N, K, m, regs, table=args.table)
                 r = analyse(kernel, meta)
                 top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(5))
                 cells.append(f"regs={regs} [{'R' if meta.get('REGS') else 'imm'}] {r['per_byte']:.2f} instr/B, "

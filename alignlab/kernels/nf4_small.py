@@ -167,6 +167,12 @@ if triton is not None:
                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
     @triton.jit
+    def _pin(v):
+        """``v`` unchanged, through an inline-asm move marked as having side effects: Triton does not move a layout
+        conversion above it, so the ops that made ``v`` stay in the layout they were loaded in (16-bit ``v``)."""
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=v.dtype, is_pure=False, pack=2)
+
+    @triton.jit
     def nf4_levels(byte, code_ptr, ASM: tl.constexpr, table, REGS: tl.constexpr):
         """fp32 NF4 levels of the high and low nibbles of a uint8 tensor (in-register fp16 table when ``ASM``;
         ``table`` and ``REGS`` as :func:`_lookup` takes them)."""
@@ -410,7 +416,7 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr, EARLY: tl.constexpr,
-        X_WORDS: tl.constexpr,
+        X_WORDS: tl.constexpr, LOOKUP_FIRST: tl.constexpr,
     ):
         """y[M, N]^T (+)= W[N, K] x[M, K]^T for M <= BLOCK_M: the weight is the *first* operand of ``tl.dot``.
 
@@ -473,6 +479,8 @@ if triton is not None:
                         acc += part * s[:, None]
                 else:
                     hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty, table, REGS)
+                    if LOOKUP_FIRST:
+                        hi, lo = _pin(hi), _pin(lo)
                     if EARLY:
                         sc = s.to(x_ptr.dtype.element_ty)[:, None]
                         acc = tl.dot(hi * sc, xe, acc)
@@ -778,17 +786,24 @@ TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
 # The swapped kernels read 16-bit x as 32-bit pairs (``X_WORDS`` of _swap_kernel); "0" reads the halves one by one
 # (A/B timing).
 X_WORDS = os.environ.get("ALIGNLAB_NF4_X_WORDS", "1") != "0"
+# The swapped kernels (at 4 warps or more: wgmma) look the levels up where the bytes were loaded and hand the 16-bit
+# levels to the tensor cores' layout (``_pin``), instead of letting Triton move that layout change onto the packed
+# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: 12-33%
+# fewer loop instructions with the register codebook it brings; benchmarks/RESULTS.md).
+LOOKUP_FIRST = os.environ.get("ALIGNLAB_NF4_LOOKUP_FIRST", "0") == "1"
 
 
-def _table_in_registers(kernel: str, block_m: int, num_stages: int | None) -> bool:
+def _table_in_registers(kernel: str, block_m: int, num_stages: int | None, lookup_first: bool = False) -> bool:
     """The rule of :data:`TABLE_REGS` ``"auto"``: the codebook in registers for the GEMV only. Timed on an H100
     (``benchmarks/nf4_knob_ab.py --knob TABLE_REGS``, 2026-12-05, CUDA graphs): at ``M = 1`` registers changed the GEMV by -5% to
     +3% over the five benchmark shapes (faster at 4096 x 14336 and 8192 x 8192); at ``M = 2..16`` the
     ``tl.dot`` kernels took 1-11% longer with them (most at ``N >= 14336``), so those keep PTX immediates.
-    Offline SASS for sm_90 had predicted 9-14% fewer loop instructions for both; not yet timed on an H200."""
+    Offline SASS for sm_90 had predicted 9-14% fewer loop instructions for both; not yet timed on an H200.
+    Where ``lookup_first`` (:data:`LOOKUP_FIRST` on a swapped kernel's plan) the lookup runs where the bytes were
+    loaded, as in the GEMV, and takes the registers too (offline SASS, not yet timed)."""
     if TABLE_REGS in ("0", "1"):
         return TABLE_REGS == "1"
-    return kernel == "gemv"
+    return kernel == "gemv" or lookup_first
 
 
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
@@ -826,9 +841,12 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                 ASM=bool(asm) and not interpreting())
     if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
-    if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned)
-        meta.update(EARLY=kernel == "swap_early", X_WORDS=dtype != torch.float32 and X_WORDS)
-    meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages))
+    if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned); the lookup
+        # before the layout change where the dot is a wgmma (warpgroups of 4 warps; with 2, mma.sync: more work)
+        meta.update(EARLY=kernel == "swap_early", X_WORDS=dtype != torch.float32 and X_WORDS,
+                    LOOKUP_FIRST=LOOKUP_FIRST and (num_warps or 0) >= 4)
+    meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,
+                                                         meta.get("LOOKUP_FIRST", False)))
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta

@@ -243,10 +243,52 @@ def test_table_in_registers_rule(monkeypatch):
     rule = nf4_small._table_in_registers
     assert rule("gemv", 1, 3) and rule("gemv", 1, 1)
     assert not rule("dot", 16, 1) and not rule("late", 16, 1) and not rule("late", 32, 3)
+    assert not rule("swap", 32, 1) and not rule("swap_early", 16, 1)
+    # a swapped kernel's plan with LOOKUP_FIRST looks up as the GEMV does, and takes the registers too
+    assert rule("swap", 32, 1, True) and rule("swap_early", 16, 1, True)
     monkeypatch.setattr(nf4_small, "TABLE_REGS", "0")
-    assert not rule("gemv", 1, 1)
+    assert not rule("gemv", 1, 1) and not rule("swap", 32, 1, True)
     monkeypatch.setattr(nf4_small, "TABLE_REGS", "1")
     assert rule("late", 32, 3)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_lookup_first_reaches_the_swapped_kernels_at_four_warps_or_more(on, monkeypatch):
+    """LOOKUP_FIRST is a meta-parameter of the swapped kernels' plans only, set where they run 4 warps or more
+    (a wgmma; with 2 warps Triton emits mma.sync and the early lookup compiled to more instructions), and with it
+    the register codebook; no other kernel's signature takes it."""
+    from alignlab.kernels import nf4_small
+
+    monkeypatch.setattr(nf4_small, "LOOKUP_FIRST", on)
+    monkeypatch.setattr(nf4_small, "interpreting", lambda: False)  # the GPU plan (the interpreter's has no warps)
+    t, x, b, wd = _case(40, 192, 5, torch.bfloat16, 64)
+    for kernel in ("gemv", "dot", "late", "swap", "swap_early"):
+        for warps in (2, 4, 8):
+            M = 1 if kernel == "gemv" else 5
+            meta = nf4_small._plan(M, 40, 192, torch.bfloat16, torch.device("cpu"), t, False, kernel, 64, 1, 2,
+                                   warps, 1, True)[-1]
+            if kernel.startswith("swap"):
+                assert meta["LOOKUP_FIRST"] == (on and warps >= 4) == meta["REGS"], (kernel, warps)
+            else:
+                assert "LOOKUP_FIRST" not in meta and meta["REGS"] == (kernel == "gemv"), (kernel, warps)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["swap", "swap_early"])
+def test_lookup_first_is_bit_identical_cuda(kernel, monkeypatch):
+    """Looking the levels up before the layout change to the tensor cores (LOOKUP_FIRST, with the register table
+    it brings) changes where the work happens, not the numbers."""
+    from alignlab.kernels import nf4_small
+
+    t, x, b, wd = _case(300, 640, 20, torch.bfloat16, 64, device="cuda")
+    ys = []
+    for on in (False, True):
+        monkeypatch.setattr(nf4_small, "LOOKUP_FIRST", on)
+        nf4_small._PLANS.clear()
+        ys.append(small_m_matmul(x, t, b, kernel=kernel, split=4, num_warps=4))
+    nf4_small._PLANS.clear()
+    assert torch.equal(ys[0], ys[1])
+    assert _rel(ys[1].cpu(), x.double().cpu() @ wd.T + b.double().cpu()) < 5e-3
 
 
 def _x_views(x):
