@@ -62,6 +62,8 @@ def panels(doc: Any, name: str = "") -> list[Panel]:
     if comps is None and isinstance(doc.get("results"), list) and all(_is_comparison(c) for c in doc["results"]):
         comps = doc["results"]  # lora.json: a list of comparisons under "results"
     if comps is not None:
+        if not comps:  # e.g. nf4.py --sections eager: its rows are in meta["summary"], no comparison to draw
+            raise ValueError(f"{name}: no comparisons to plot")
         out = [_comparison_panel(c) for c in comps]
         titles = [p.title for p in out]
         for p in out:  # the NF4 sweeps repeat "dequant", "M=1", ... once per weight shape

@@ -76,10 +76,13 @@ def test_committed_results_have_a_floor_or_a_reason(plot_mod):
 def test_unknown_layout_is_skipped_with_a_note(plot_mod, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'alignlab[plot]')")
     (tmp_path / "new.json").write_text(json.dumps({"something": 1}))
+    # a comparisons document with none to draw (nf4.py --sections eager keeps its rows in meta["summary"])
+    (tmp_path / "eager.json").write_text(json.dumps({"comparisons": [], "meta": {"summary": []}}))
     (tmp_path / "lora.json").write_text((RESULTS / "lora.json").read_text())
     written = plot_mod.plot_all(tmp_path, tmp_path / "out")
     assert [p.name for p in written] == ["lora.png"]
-    assert "new.json: unknown results layout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "new.json: unknown results layout" in err and "eager.json" in err
 
 
 def test_floor_is_the_roofline_when_bytes_or_flops_are_known(plot_mod):
