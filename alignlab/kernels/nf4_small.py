@@ -23,7 +23,7 @@ weight back (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
 * :func:`_swap_kernel` (``2 <= M <= 64``, tensor cores): the late kernel's product with the operands
   swapped, ``y^T = W x^T``, so that on Hopper the levels are ``wgmma``'s left operand, read from registers.
 
-All three split K over a second grid axis (the output rows alone give too few
+All four split K over a second grid axis (the output rows alone give too few
 programs to keep the memory system busy). Each K slice stores its fp32 partial
 in a workspace and counts itself in; the last slice of an output tile to
 arrive adds the partials in slice order (plus the bias) and writes ``y`` in
@@ -408,7 +408,6 @@ if triton is not None:
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS)
 
-
     @triton.jit
     def _swap_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
@@ -422,10 +421,11 @@ if triton is not None:
 
         The same product as :func:`_late_kernel` with the operands swapped: the output tile is
         ``(BLOCK_N, BLOCK_M)``, so the dequantized weight is the dot's left operand and x's transposed tile its
-        right one. On Hopper that is the shape of ``wgmma`` with its left operand in registers: the levels go
-        from the lookup to the tensor cores without a round trip through shared memory (only x's small tile is
-        staged there), and the accumulator is ``BLOCK_N x BLOCK_M`` (64 fp32 per thread at 128 x 64 with 4
-        warps, where the late kernel's ``tl.dot`` form ran out of registers at 32 rows). With ``EARLY`` each
+        right one. On Hopper that is the shape of ``wgmma`` with its left operand in registers (x's small tile
+        is staged in shared memory; for the layout change Triton sends the packed bytes, or with ``LOOKUP_FIRST``
+        the 16-bit levels, through shared memory once), and the accumulator is ``BLOCK_N x BLOCK_M`` (64 fp32
+        per thread at 128 x 64 with 4 warps, where the late kernel's ``tl.dot`` form ran out of registers at
+        32 rows). With ``EARLY`` each
         block's levels are scaled in x's dtype before the dot (one accumulator chain over K, like a
         dequantize-then-multiply); without, each block's fp32 product is scaled as in the late kernel.
 
@@ -788,7 +788,7 @@ TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
 X_WORDS = os.environ.get("ALIGNLAB_NF4_X_WORDS", "1") != "0"
 # The swapped kernels (at 4 warps or more: wgmma) look the levels up where the bytes were loaded and hand the 16-bit
 # levels to the tensor cores' layout (``_pin``), instead of letting Triton move that layout change onto the packed
-# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: 12-33%
+# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: 12-25%
 # fewer loop instructions with the register codebook it brings; benchmarks/RESULTS.md).
 LOOKUP_FIRST = os.environ.get("ALIGNLAB_NF4_LOOKUP_FIRST", "0") == "1"
 
