@@ -788,7 +788,7 @@ TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
 X_WORDS = os.environ.get("ALIGNLAB_NF4_X_WORDS", "1") != "0"
 # The swapped kernels (at 4 warps or more: wgmma) look the levels up where the bytes were loaded and hand the 16-bit
 # levels to the tensor cores' layout (``_pin``), instead of letting Triton move that layout change onto the packed
-# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: 12-25%
+# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: up to 25%
 # fewer loop instructions with the register codebook it brings; benchmarks/RESULTS.md).
 LOOKUP_FIRST = os.environ.get("ALIGNLAB_NF4_LOOKUP_FIRST", "0") == "1"
 
