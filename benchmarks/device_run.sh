@@ -9,7 +9,8 @@
 # Steps: cuda-tests (pytest -m cuda), epilogue (adapter_epilogue.py), step (qlora_step.py, eager: floor and the
 # alignlab / PEFT default rows, batch 1 and 4), step-compiled (the same, compiled, alignlab rows), lora (lora.py),
 # nf4 (nf4.py --graphs --quick), tune-alt (nf4_tune.py --kernels swap_early swap, M = 2..64: the table entries of
-# the swapped kernels for this GPU), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), generate (nf4_generate.py). Default limits in
+# the swapped kernels for this GPU), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
+# --knob LOOKUP_FIRST for the two swapped kernels at their rule configurations), generate (nf4_generate.py). Default limits in
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,7 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.peers"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
-                  [nf4-ab]=150 [tune-alt]=480 [generate]=300)
+                  [nf4-ab]=150 [tune-alt]=480 [lookup-first]=200 [generate]=300)
 run_step() {
   local name="$1" seconds="$2"
   shift 2
@@ -51,9 +52,13 @@ for arg in "$@"; do
     nf4) run_step "$name" "$seconds" python benchmarks/nf4.py --graphs --quick --out "$out/nf4.json" ;;
     tune-alt) run_step "$name" "$seconds" python benchmarks/nf4_tune.py --kernels swap_early swap --ms 2 4 8 16 32 64 \
                 --deadline $((seconds - 60)) --out "$out/nf4_tune_alt.json" ;;
+    lookup-first) run_step "$name" "$seconds" bash -c "python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST \
+                    --kernel swap_early --ms 2,16,32,64 --out '$out/lookup_first_swap_early.json' && \
+                    python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST --kernel swap --ms 2,16,32,64 \
+                    --out '$out/lookup_first_swap.json'" ;;
     nf4-ab) run_step "$name" "$seconds" python benchmarks/nf4_knob_ab.py --out "$out/nf4_knob_ab.json" ;;
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
-    *) echo "unknown step '$name' (cuda-tests, epilogue, step, step-compiled, lora, nf4, tune-alt, nf4-ab, generate)" >&2
+    *) echo "unknown step '$name' (cuda-tests, epilogue, step, step-compiled, lora, nf4, tune-alt, nf4-ab, lookup-first, generate)" >&2
        exit 2 ;;
   esac
 done
