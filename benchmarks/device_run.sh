@@ -10,10 +10,17 @@
 # alignlab / PEFT default rows, batch 1 and 4), step-compiled (the same, compiled, alignlab rows), lora (lora.py),
 # nf4 (nf4.py --graphs --quick), tune-alt (nf4_tune.py --kernels swap_early swap, M = 2..64: the table entries of
 # the swapped kernels for this GPU), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
-# --knob LOOKUP_FIRST for the two swapped kernels at their rule configurations), generate (nf4_generate.py). Default limits in
+# --knob LOOKUP_FIRST for the two swapped kernels, forced to 4 warps: where the option applies), generate (nf4_generate.py). Default limits in
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt nf4-ab lookup-first generate"
+for arg in "$@"; do  # every step name checked before anything is installed or written
+  case " $steps " in
+    *" ${arg%%:*} "*) ;;
+    *) echo "unknown step '${arg%%:*}' (${steps// /, })" >&2; exit 2 ;;
+  esac
+done
 out="${OUT:-device-out}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -53,8 +60,8 @@ for arg in "$@"; do
     tune-alt) run_step "$name" "$seconds" python benchmarks/nf4_tune.py --kernels swap_early swap --ms 2 4 8 16 32 64 \
                 --deadline $((seconds - 60)) --out "$out/nf4_tune_alt.json" ;;
     lookup-first) run_step "$name" "$seconds" bash -c "python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST \
-                    --kernel swap_early --ms 2,16,32,64 --out '$out/lookup_first_swap_early.json' && \
-                    python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST --kernel swap --ms 2,16,32,64 \
+                    --kernel swap_early --num-warps 4 --ms 2,16,32,64 --out '$out/lookup_first_swap_early.json' && \
+                    python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST --kernel swap --num-warps 4 --ms 2,16,32,64 \
                     --out '$out/lookup_first_swap.json'" ;;
     nf4-ab) run_step "$name" "$seconds" python benchmarks/nf4_knob_ab.py --out "$out/nf4_knob_ab.json" ;;
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;

@@ -10,7 +10,7 @@ Knobs: ``TABLE_REGS`` (``0`` PTX immediates / ``1`` registers / ``auto``, ``ALIG
 ``LOOKUP_FIRST`` (``0`` / ``1``: the swapped kernels' lookup before the layout change, ``ALIGNLAB_NF4_LOOKUP_FIRST``).
 
     python benchmarks/nf4_knob_ab.py [--knob TABLE_REGS --values 0,1,auto] [--ms 1,2,4,8,16,32,64]
-        [--shapes 4096x4096,14336x4096] [--kernel swap_early] [--out benchmarks/results/nf4_knob_ab.json]
+        [--shapes 4096x4096,14336x4096] [--kernel swap_early] [--num-warps 4] [--out benchmarks/results/nf4_knob_ab.json]
 """
 import argparse
 import json
@@ -37,7 +37,11 @@ def main(argv=None):
     p.add_argument("--values", default=None, help="comma separated (default: TABLE_REGS 0,1,auto; others 0,1)")
     p.add_argument("--ms", default="1,2,4,8,16,32,64")
     p.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,14336x4096")
-    p.add_argument("--kernel", default=None, help="force this small_m_matmul kernel (default: the dispatch's)")
+    p.add_argument("--kernel", default=None, choices=nf4_small.KERNEL_NAMES,
+                   help="force this small_m_matmul kernel (default: the dispatch's)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="force this many warps (e.g. 4: the table may give a forced kernel a 2-warp entry, where "
+                        "LOOKUP_FIRST does not apply)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_knob_ab.json")
     args = p.parse_args(argv)
@@ -69,18 +73,18 @@ def main(argv=None):
             wds = [torch.randn(N, K, device="cuda", dtype=dt) for _ in range(max(2, -(-int(L2_BYTES) // (2 * N * K))))]
             for M in ms:
                 x = torch.randn(M, K, device="cuda", dtype=dt)
-                r = {"N": N, "K": K, "M": M, "knob": args.knob, "kernel": args.kernel}
+                r = {"N": N, "K": K, "M": M, "knob": args.knob, "kernel": args.kernel, "num_warps": args.num_warps}
                 ref = None
                 for value in values:
                     use(value)
-                    y = small_m_matmul(x, t, kernel=args.kernel)
+                    y = small_m_matmul(x, t, kernel=args.kernel, num_warps=args.num_warps)
                     ref = y if ref is None else ref
                     r[f"maxdiff_{value}"] = (y.float() - ref.float()).abs().max().item()
                 for rnd in range(args.rounds):
                     for value in values:
                         use(value)
                         r[f"{value}_round{rnd}_us"] = _graph_us(
-                            [lambda tt=tt: small_m_matmul(x, tt, kernel=args.kernel) for tt in ts])
+                            [lambda tt=tt: small_m_matmul(x, tt, kernel=args.kernel, num_warps=args.num_warps) for tt in ts])
                 for value in values:
                     r[f"{value}_us"] = min(r[f"{value}_round{i}_us"] for i in range(args.rounds))
                 r["bf16_us"] = _graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wds])

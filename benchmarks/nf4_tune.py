@@ -237,7 +237,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     configs, max_m = table_from_rows(rows, args.threshold)
-    print(f"\nTABLES[{key!r}] = {{\"max_m\": {max_m}, \"configs\": {{")
+    # "shapes": what small_choice matches a call against where the base kernel has no entries (a run of alternatives)
+    measured = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
+    print(f"\nTABLES[{key!r}] = {{\"max_m\": {max_m}, \"shapes\": {measured!r}, \"configs\": {{")
     for k, v in configs.items():
         print(f"    {k!r}: {{" + ", ".join(f"{s!r}: {c!r}" for s, c in v.items()) + "},")
     print("}}")

@@ -44,3 +44,14 @@ def test_an_unknown_step_is_refused(repo):
     done = _run(repo, "lroa")
     assert done.returncode == 2
     assert "unknown step 'lroa'" in done.stderr
+
+
+def test_an_unknown_step_is_refused_before_anything_runs_or_is_installed(repo):
+    """A typo after good steps: nothing runs, no wheel is installed into .peers, nothing is written (the names were
+    checked only when the loop reached them, after the installs and the first steps)."""
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "peer-0.0-py3-none-any.whl").write_bytes(b"not a wheel")
+    (repo / "benchmarks" / "lora.py").write_text("print('lora ran')\n")
+    done = _run(repo, "lora", "nf4:50", "lroa")
+    assert done.returncode == 2 and "unknown step 'lroa'" in done.stderr
+    assert "lora ran" not in done.stdout and not (repo / ".peers").exists() and not (repo / "out").exists()

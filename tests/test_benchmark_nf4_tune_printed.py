@@ -47,8 +47,6 @@ def _replay(tune, monkeypatch, tmp_path, capsys) -> str:
     return out[out.index("=", start) + 1:out.index("\n}}", start) + 3]
 
 
-@pytest.mark.xfail(strict=True, reason="nf4_tune.py prints no 'shapes' list; without it small_choice finds no base "
-                   "('dot') entries to match a call against on the H100 and never takes the swapped kernels")
 def test_printed_h100_table_dispatches_as_the_shipped_one(monkeypatch, tmp_path, capsys):
     from alignlab.kernels import nf4_configs
 

@@ -574,7 +574,8 @@ def small_m_matmul(
         ``(M, N)`` in ``x2.dtype``.
 
     Raises:
-        TypeError: ``t`` not an NF4Tensor, ``x2`` not a float32/float16/bfloat16 tensor, ``bias`` not a tensor.
+        TypeError: ``t`` not an NF4Tensor, ``x2`` not a float32/float16/bfloat16 tensor, ``bias`` not a tensor, ``asm``
+            not a bool or None.
         ValueError: ``x2`` not ``(M, K)`` with ``K`` the weight's in-features and ``1 <= M <= 64``, a weight
             whose in-features are not whole blocks, a ``bias`` not ``(N,)``,
             a ``kernel`` or launch parameter the kernels cannot take (``block_n``, ``nb``, ``num_warps``
@@ -822,6 +823,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     if not 1 <= M <= MAX_M:
         raise ValueError(f"x2 must have 1..{MAX_M} rows, got {M}")
     _check_launch(t, K, block_n, nb, split, num_warps, num_stages)
+    if asm is not None and not isinstance(asm, bool):
+        raise TypeError(f"asm must be a bool or None, got {type(asm).__name__}")
     if asm is None:
         asm = dtype != torch.float32 and torch.version.hip is None
     if interpreting():  # small tiles keep the interpreter quick and still exercise the split and the masks
@@ -830,6 +833,9 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         cfg = cfg or small_config(kernel, M, N, K, t.blocksize, dtype, device)
         block_n, nb = block_n or cfg[0], nb or cfg[1]
         split, num_warps, num_stages = split or cfg[2], num_warps or cfg[3], num_stages or cfg[4]
+    # NumPy ints pass _check_launch; Triton takes Python ints only (block_n, nb as constexprs, split in the grid)
+    block_n, nb, split = int(block_n), int(nb), int(split)
+    num_warps, num_stages = (None if v is None else int(v) for v in (num_warps, num_stages))
     # `split` slices of whole NB-block steps.  The slice length goes in as an argument, not computed in
     # the kernel: Triton then knows it is a multiple of 16 (likely why computing it in the
     # kernel measured 10-20% slower for the tl.dot kernel on an H100).

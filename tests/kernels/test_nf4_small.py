@@ -117,6 +117,8 @@ def test_bad_arguments(triton_mode):
         small_m_matmul(torch.randn(65, 64), t)
     with pytest.raises(ValueError, match="dtype"):
         _decode4_asm(torch.float32)
+    with pytest.raises(TypeError, match="asm must be a bool or None, got str"):  # 'yes' ran as True
+        small_m_matmul(x, t, asm="yes")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

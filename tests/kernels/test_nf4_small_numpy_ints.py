@@ -14,7 +14,6 @@ from alignlab.kernels.nf4_small import small_m_matmul
 from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
 
 
-@pytest.mark.xfail(strict=True, reason="block_n / nb / split pass the check as NumPy ints but reach Triton unconverted")
 @pytest.mark.parametrize("kernel", ["dot", "swap"])
 @pytest.mark.parametrize("name,value", [("block_n", 16), ("nb", 2), ("split", 2)])
 def test_numpy_int_launch_parameters_run_as_python_ints(kernel, name, value, triton_mode):
