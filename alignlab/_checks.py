@@ -144,6 +144,29 @@ def as_bool(value, arg: str) -> bool:
     raise ArgumentTypeError(f"{arg} must be a bool, got {value!r}")
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_switch(name: str, default: bool, choices: tuple[str, ...] = ()) -> bool | str:
+    """The on/off switch in environment variable ``name``: ``1 / true / yes / on`` or ``0 / false / no / off`` (any
+    case), ``default`` when unset or empty; with ``choices`` also one of those words, returned as given (lower case).
+    Anything else keeps ``default`` with a ``RuntimeWarning`` naming the variable: ``ALIGNLAB_NF4_SMALL=false``
+    once read as "not 0", so on, and ``...=true`` on a switch tested for "1" as off."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in choices:
+        return value
+    if value in _ON or value in _OFF:
+        return value in _ON
+    import warnings
+
+    allowed = ", ".join((*choices, "0 / 1", "true / false", "on / off", "yes / no"))
+    warnings.warn(f"{name}={os.environ[name]!r} is not a switch ({allowed}); using the default, {default}",
+                  RuntimeWarning, stacklevel=2)
+    return default
+
+
 def user_path(value, arg: str) -> Path:
     """``value`` as a :class:`~pathlib.Path`, with a leading ``~`` or ``~user`` expanded to that home folder (for a
     file written, ``Path("~/out")`` was a folder named ``~`` in the current one). :class:`ArgumentTypeError` naming ``arg``

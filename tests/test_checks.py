@@ -115,3 +115,30 @@ def test_check_number_in_range_infinite_closed_bounds_admit_infinity_but_not_nan
     assert check_number_in_range(-math.inf, "threshold", -math.inf, math.inf) == -math.inf
     with pytest.raises(ValueError, match=r"threshold must be a number in \[-inf, inf\], got nan"):
         check_number_in_range(math.nan, "threshold", -math.inf, math.inf)
+
+
+@pytest.mark.parametrize("value,want", [(None, True), ("", True), ("1", True), ("0", False), ("TRUE", True),
+                                        ("false", False), (" on ", True), ("Off", False), ("yes", True), ("no", False)])
+def test_env_switch_reads_the_usual_spellings(value, want, monkeypatch):
+    """An environment switch: unset or empty keeps the default; 1/true/yes/on and 0/false/no/off in any case.
+    ALIGNLAB_NF4_SMALL=false once read as "not 0", so on."""
+    from alignlab._checks import env_switch
+
+    if value is None:
+        monkeypatch.delenv("ALIGNLAB_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("ALIGNLAB_TEST_SWITCH", value)
+    assert env_switch("ALIGNLAB_TEST_SWITCH", True) is (want if value else True)
+    assert env_switch("ALIGNLAB_TEST_SWITCH", False) is (want if value else False)
+
+
+def test_env_switch_warns_and_keeps_the_default_for_anything_else(monkeypatch):
+    from alignlab._checks import env_switch
+
+    monkeypatch.setenv("ALIGNLAB_TEST_SWITCH", "enabled")
+    with pytest.warns(RuntimeWarning, match="ALIGNLAB_TEST_SWITCH='enabled' is not a switch.*default, False"):
+        assert env_switch("ALIGNLAB_TEST_SWITCH", False) is False
+    monkeypatch.setenv("ALIGNLAB_TEST_SWITCH", "Auto")  # a tri-state switch's extra word comes back as given
+    assert env_switch("ALIGNLAB_TEST_SWITCH", "auto", choices=("auto",)) == "auto"
+    monkeypatch.setenv("ALIGNLAB_TEST_SWITCH", "1")
+    assert env_switch("ALIGNLAB_TEST_SWITCH", "auto", choices=("auto",)) is True

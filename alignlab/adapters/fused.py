@@ -41,10 +41,10 @@ raises ``RuntimeError`` (``exact_fp32=True`` takes the unfused path). ``torch.fu
 
 from __future__ import annotations
 
-import os
 
 import torch
 
+from alignlab._checks import env_switch
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["lora_linear", "dora_linear", "functorch_active"]
@@ -53,7 +53,7 @@ __all__ = ["lora_linear", "dora_linear", "functorch_active"]
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 # The rank-r term inside an NF4 base's GEMM, by widening its reduction dimension by r (see _widen): on by default
 # (H100, 2026-12-05: benchmarks/adapter_epilogue.py and qlora_step.py, see RESULTS.md); ALIGNLAB_LORA_WIDE_K=0 off
-WIDE_K = os.environ.get("ALIGNLAB_LORA_WIDE_K", "1") != "0"
+WIDE_K = env_switch("ALIGNLAB_LORA_WIDE_K", True)
 WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened form costs one launch more
 
 

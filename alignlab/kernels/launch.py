@@ -21,10 +21,10 @@ turns it off.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
+from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import interpreting
 
 try:
@@ -42,7 +42,7 @@ _ENABLED = (
     triton is not None
     and hasattr(triton, "knobs")
     and triton.__version__.rsplit(".", 1)[0] in _CHECKED
-    and os.environ.get("ALIGNLAB_FAST_LAUNCH", "1") != "0"
+    and env_switch("ALIGNLAB_FAST_LAUNCH", True)
 )
 _CACHE: dict = {}
 # Launch options every alignlab kernel asks for explicitly. FMA contraction (``a * b + c`` as one fused

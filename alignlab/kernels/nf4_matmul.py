@@ -44,6 +44,7 @@ import os
 
 import torch
 
+from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
@@ -70,7 +71,7 @@ SMALL_M = 16
 LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
 # M <= SMALL_M takes alignlab.kernels.nf4_small (needs in_features % blocksize == 0, blocksize <= 256):
 # on an H100 it beat dequant + cuBLAS at every benchmark shape for M = 4 and 16 (1.5-3.2x).
-USE_SMALL = os.environ.get("ALIGNLAB_NF4_SMALL", "1") != "0"
+USE_SMALL = env_switch("ALIGNLAB_NF4_SMALL", True)
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
 PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
 

@@ -51,12 +51,11 @@ The torch reference is ``x @ nf4_dequantize(W).T``
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import env_switch, is_int
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, cdiv, launch
@@ -783,15 +782,16 @@ KERNEL_NAMES = ("gemv", "dot", "late", "swap", "swap_early")
 
 # Where the in-register lookup takes its table as register operands (_decode4_asm(None), nf4_table) instead of
 # immediates: "auto" (the rule below), "1" everywhere, "0" nowhere -- for A/B timing on a GPU.
-TABLE_REGS = os.environ.get("ALIGNLAB_NF4_TABLE_REGS", "auto")
+TABLE_REGS = env_switch("ALIGNLAB_NF4_TABLE_REGS", "auto", choices=("auto",))
+TABLE_REGS = TABLE_REGS if isinstance(TABLE_REGS, str) else str(int(TABLE_REGS))  # "auto", "0" or "1"
 # The swapped kernels read 16-bit x as 32-bit pairs (``X_WORDS`` of _swap_kernel); "0" reads the halves one by one
 # (A/B timing).
-X_WORDS = os.environ.get("ALIGNLAB_NF4_X_WORDS", "1") != "0"
+X_WORDS = env_switch("ALIGNLAB_NF4_X_WORDS", True)
 # The swapped kernels (at 4 warps or more: wgmma) look the levels up where the bytes were loaded and hand the 16-bit
 # levels to the tensor cores' layout (``_pin``), instead of letting Triton move that layout change onto the packed
 # bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: up to 25%
 # fewer loop instructions with the register codebook it brings; benchmarks/RESULTS.md).
-LOOKUP_FIRST = os.environ.get("ALIGNLAB_NF4_LOOKUP_FIRST", "0") == "1"
+LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", False)
 
 
 def _table_in_registers(kernel: str, block_m: int, num_stages: int | None, lookup_first: bool = False) -> bool:

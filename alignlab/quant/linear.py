@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from alignlab._checks import as_bool
+from alignlab._checks import as_bool, env_switch
 from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
@@ -45,7 +45,7 @@ __all__ = ["DequantizedWeight", "NF4Linear", "quantize_model"]
 # Eager decode launchers (NF4Linear.forward, _keep_launcher): on by default since measured on an H200 (issue 24,
 # benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32 instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0
 # (read at import) or this attribute set to False turns them off.
-DECODE_LAUNCHERS = os.environ.get("ALIGNLAB_DECODE_LAUNCHERS", "1") != "0"
+DECODE_LAUNCHERS = env_switch("ALIGNLAB_DECODE_LAUNCHERS", True)
 _DECODE_ROWS = 64  # inputs with more rows never take the decode kernels: no launcher lookup for them
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
