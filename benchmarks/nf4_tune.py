@@ -20,8 +20,8 @@ the dispatch had (``min(default, dequantize + cuBLAS)``): the rule the H100 tabl
 (:func:`table_from_rows`). ``max_m`` is the largest bucket up to which, at every shape, some small-M kernel
 beat dequantize + cuBLAS.
 
-Prints the table to paste into ``alignlab/kernels/nf4_configs.py`` (``TABLES[<device>]``) and writes
-``benchmarks/results/nf4_tune_<device>.json``.
+Prints the table to paste into ``alignlab/kernels/nf4_configs.py`` (``TABLES[<device>]``) or to pass to
+``nf4_configs.register_table`` at run time, and writes ``benchmarks/results/nf4_tune_<device>.json``.
 
     python benchmarks/nf4_tune.py [--ms 1 2 4 8 16 32 64] [--deadline 330] [--workers 14]
     python benchmarks/nf4_tune.py --kernels swap_early swap --ms 2 4 8 16 32 64

@@ -24,7 +24,7 @@ import math
 import torch
 
 __all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES",
-           "ALTERNATIVES"]
+           "ALTERNATIVES", "register_table"]
 
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}},
 #                "shapes": [(N, K), ...] (optional)}.
@@ -102,6 +102,84 @@ TABLES: dict[str, dict] = {
                        (28672, 8192): (256, 2, 2, 4, 1)},
     }},
 }
+
+
+def register_table(key: str, table: dict) -> None:
+    """Add (or replace) the launch table of the GPUs whose name contains ``key`` (``"L40S"``, ``"A100"``), e.g. the
+    ``TABLES[...]`` literal ``benchmarks/nf4_tune.py`` prints on such a GPU, without editing this file.
+
+    ``table``: ``{"max_m": 1..64, "configs": {(kernel, bucket): {(N, K): (block_n, nb, split, num_warps,
+    num_stages)}}, "shapes": [(N, K), ...]}`` (``"shapes"`` optional; needed where the base kernel has no entries
+    of its own, see :func:`small_choice`). Checked before anything changes; stored with tuples. Launch plans made
+    before are dropped, but decode launchers kept on NF4 weights by earlier eager calls keep theirs: register
+    before the first NF4 product (or move / reload the weights).
+
+    Raises:
+        TypeError / ValueError: naming the field that is not what the kernels take (a kernel name, a row bucket
+            that is not a power of two in 1..64, the GEMV outside bucket 1, a swapped kernel at 1, a launch value
+            that is not a positive int or power of two, an alternative's shape outside the measured ones).
+    """
+    if not isinstance(key, str) or not key.strip():
+        raise TypeError(f"key must be a non-empty str (part of the GPU's name), got {key!r}")
+    if not isinstance(table, dict) or not isinstance(table.get("configs"), dict):
+        raise TypeError(f"table must be a dict with a 'configs' dict, got {type(table).__name__}")
+    max_m = table.get("max_m")
+    if not _is_pos_int(max_m) or max_m > 64:
+        raise ValueError(f"table['max_m'] must be an int in 1..64, got {max_m!r}")
+    unknown = set(table) - {"max_m", "configs", "shapes"}
+    if unknown:
+        raise ValueError(f"table has unknown fields {sorted(unknown)} (max_m, configs, shapes)")
+    shapes = [_shape(s, "table['shapes']") for s in table.get("shapes") or []]
+    configs: dict = {}
+    for where, entries in table["configs"].items():
+        if not (isinstance(where, tuple) and len(where) == 2):
+            raise ValueError(f"table['configs'] keys must be (kernel, row bucket), got {where!r}")
+        kernel, bucket = where
+        if kernel not in ("gemv", "dot", *ALTERNATIVES):
+            raise ValueError(f"table['configs'] kernel must be one of gemv, dot, {', '.join(ALTERNATIVES)}; "
+                             f"got {kernel!r}")
+        if not _is_pos_int(bucket) or bucket > 64 or bucket & (bucket - 1):
+            raise ValueError(f"table['configs'] row bucket must be a power of two in 1..64, got {bucket!r}")
+        if (kernel == "gemv") != (bucket == 1) or (kernel != "late" and kernel in ALTERNATIVES and bucket == 1):
+            raise ValueError(f"table['configs'][{where!r}]: the GEMV takes bucket 1 only, dot and the swapped "
+                             "kernels 2..64 (late takes 1 too)")
+        if not isinstance(entries, dict):
+            raise TypeError(f"table['configs'][{where!r}] must be a dict {{(N, K): config}}, got "
+                            f"{type(entries).__name__}")
+        configs[(kernel, int(bucket))] = {_shape(nk, f"table['configs'][{where!r}]"): _config(c, where)
+                                          for nk, c in entries.items()}
+    for (kernel, bucket), entries in configs.items():  # small_choice matches an alternative by a measured shape
+        if kernel in ALTERNATIVES:
+            pool = set(shapes) or set(configs.get(("gemv" if bucket == 1 else "dot", bucket), {}))
+            outside = sorted(set(entries) - pool)
+            if outside:
+                raise ValueError(f"table['configs'][{(kernel, bucket)!r}] lists {outside}, which are neither in "
+                                 "table['shapes'] nor base-kernel entries of that bucket: small_choice would never "
+                                 "take them")
+    TABLES[key] = {"max_m": int(max_m), "configs": configs, **({"shapes": shapes} if shapes else {})}
+    from alignlab.kernels import nf4_small  # here: nf4_small imports this module
+
+    nf4_small._PLANS.clear()
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _shape(nk, where: str) -> tuple[int, int]:
+    if not (isinstance(nk, (tuple, list)) and len(nk) == 2 and all(_is_pos_int(v) for v in nk)):
+        raise ValueError(f"{where}: a shape must be (N, K) of positive ints, got {nk!r}")
+    return int(nk[0]), int(nk[1])
+
+
+def _config(c, where) -> tuple:
+    names = ("block_n", "nb", "split", "num_warps", "num_stages")
+    if not (isinstance(c, (tuple, list)) and len(c) == 5 and all(_is_pos_int(v) for v in c)):
+        raise ValueError(f"table['configs'][{where!r}]: a config must be 5 positive ints {names}, got {c!r}")
+    for name, v in zip(names, c):
+        if name in ("block_n", "nb", "num_warps") and v & (v - 1):
+            raise ValueError(f"table['configs'][{where!r}]: {name} must be a power of two, got {v}")
+    return tuple(int(v) for v in c)
 
 
 _NAMES: dict[int, str] = {}

@@ -173,3 +173,52 @@ def test_device_name_is_known_before_a_trace(monkeypatch):
     layer = NF4Linear.from_linear(nn.Linear(64, 8))
     layer.to(torch.float32)
     assert seen == [torch.device("cpu")] * 2
+
+
+def test_register_table_adds_a_gpu_and_takes_the_shipped_tables(monkeypatch):
+    """A table printed by nf4_tune.py on another GPU, registered at run time: calls on a GPU whose name holds the
+    key take it (plans made before are dropped); the shipped tables pass the same checks unchanged."""
+    import copy
+
+    from alignlab.kernels import nf4_small
+
+    for key, table in nf4_configs.TABLES.items():
+        fresh = copy.deepcopy(table)
+        monkeypatch.setitem(nf4_configs.TABLES, key, fresh)  # restored after the test
+        nf4_configs.register_table(key, copy.deepcopy(table))
+        assert nf4_configs.TABLES[key] == table
+    monkeypatch.setattr(nf4_configs, "TABLES", dict(nf4_configs.TABLES))
+    monkeypatch.setitem(nf4_small._PLANS, ("stale",), "plan")
+    nf4_configs.register_table("L40S", {"max_m": 32, "shapes": [[4096, 4096], [14336, 4096]], "configs": {
+        ("swap_early", 32): {(14336, 4096): [128, 2, 4, 4, 1]}}})
+    assert not nf4_small._PLANS
+    monkeypatch.setitem(nf4_configs._NAMES, 0, "NVIDIA L40S")
+    monkeypatch.setattr(torch.version, "hip", None)
+    dev = torch.device("cuda", 0)
+    assert nf4_configs.device_key(dev) == "L40S" and max_rows(dev) == 32
+    assert small_choice(20, 14000, 4096, 64, torch.bfloat16, dev) == ("swap_early", (128, 2, 4, 4, 1))
+    assert small_choice(20, 4096, 4096, 64, torch.bfloat16, dev)[0] == "dot"
+
+
+@pytest.mark.parametrize("key,table,error,match", [
+    ("", {"max_m": 16, "configs": {}}, TypeError, "key must be a non-empty str"),
+    ("X", [], TypeError, "table must be a dict with a 'configs' dict"),
+    ("X", {"max_m": 65, "configs": {}}, ValueError, r"max_m'\] must be an int in 1..64, got 65"),
+    ("X", {"max_m": 16, "configs": {}, "max_rows": 3}, ValueError, "unknown fields"),
+    ("X", {"max_m": 16, "configs": {("mma", 4): {}}}, ValueError, "kernel must be one of"),
+    ("X", {"max_m": 16, "configs": {("dot", 3): {}}}, ValueError, "power of two in 1..64, got 3"),
+    ("X", {"max_m": 16, "configs": {("gemv", 2): {}}}, ValueError, "the GEMV takes bucket 1 only"),
+    ("X", {"max_m": 16, "configs": {("swap", 1): {}}}, ValueError, "the GEMV takes bucket 1 only"),
+    ("X", {"max_m": 16, "configs": {("dot", 4): {(4096, 0): (64, 1, 8, 4, 1)}}}, ValueError, "positive ints"),
+    ("X", {"max_m": 16, "configs": {("dot", 4): {(4096, 4096): (64, 1, 8, 4)}}}, ValueError, "5 positive ints"),
+    ("X", {"max_m": 16, "configs": {("dot", 4): {(4096, 4096): (96, 1, 8, 4, 1)}}}, ValueError,
+     "block_n must be a power of two, got 96"),
+    ("X", {"max_m": 16, "configs": {("late", 4): {(4096, 4096): (64, 1, 8, 4, 1)}}}, ValueError,
+     "neither in table\\['shapes'\\] nor base-kernel entries"),
+])
+def test_register_table_refuses_what_the_kernels_cannot_take(key, table, error, match, monkeypatch):
+    monkeypatch.setattr(nf4_configs, "TABLES", dict(nf4_configs.TABLES))
+    before = dict(nf4_configs.TABLES)
+    with pytest.raises(error, match=match):
+        nf4_configs.register_table(key, table)
+    assert nf4_configs.TABLES == before  # nothing registered
