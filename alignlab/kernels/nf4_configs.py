@@ -140,7 +140,7 @@ def register_table(key: str, table: dict) -> None:
                              f"got {kernel!r}")
         if not _is_pos_int(bucket) or bucket > 64 or bucket & (bucket - 1):
             raise ValueError(f"table['configs'] row bucket must be a power of two in 1..64, got {bucket!r}")
-        if (kernel == "gemv") != (bucket == 1) or (kernel != "late" and kernel in ALTERNATIVES and bucket == 1):
+        if (kernel == "gemv" and bucket != 1) or (kernel not in ("gemv", "late") and bucket == 1):
             raise ValueError(f"table['configs'][{where!r}]: the GEMV takes bucket 1 only, dot and the swapped "
                              "kernels 2..64 (late takes 1 too)")
         if not isinstance(entries, dict):

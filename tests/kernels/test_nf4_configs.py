@@ -198,6 +198,11 @@ def test_register_table_adds_a_gpu_and_takes_the_shipped_tables(monkeypatch):
     assert nf4_configs.device_key(dev) == "L40S" and max_rows(dev) == 32
     assert small_choice(20, 14000, 4096, 64, torch.bfloat16, dev) == ("swap_early", (128, 2, 4, 4, 1))
     assert small_choice(20, 4096, 4096, 64, torch.bfloat16, dev)[0] == "dot"
+    # the late kernel may take one row too, matched by the GEMV's measured shapes
+    nf4_configs.register_table("L4", {"max_m": 16, "configs": {("gemv", 1): {(4096, 4096): (64, 2, 8, 4, 1)},
+                                                                ("late", 1): {(4096, 4096): (128, 1, 8, 4, 1)}}})
+    monkeypatch.setitem(nf4_configs._NAMES, 0, "NVIDIA L4")
+    assert small_choice(1, 4096, 4096, 64, torch.bfloat16, dev) == ("late", (128, 1, 8, 4, 1))
 
 
 @pytest.mark.parametrize("key,table,error,match", [
