@@ -153,8 +153,8 @@ def search(M, N, K, ts, deadline: float) -> dict:
 def table_from_rows(rows: list[dict], threshold: float = 0.95) -> tuple[dict, int]:
     """``(configs, max_m)`` for ``nf4_configs.TABLES`` from the rows of one run.
 
-    Rows of the base search (``kernel`` None: GEMV at M = 1, ``tl.dot`` above) give ``(base, bucket)`` entries
-    as they are. Rows of the alternatives (``nf4_configs.ALTERNATIVES``) give, per shape and row bucket, the
+    Rows of the base search (``kernel`` None: GEMV at M = 1, ``tl.dot`` above; or ``"gemv"`` / ``"dot"`` named)
+    give ``(base, bucket)`` entries as they are. Rows of the alternatives (``nf4_configs.ALTERNATIVES``) give, per shape and row bucket, the
     fastest alternative's configuration where its best time is at most ``threshold`` times the best path the
     dispatch had in the same run, ``min(default, dequantize + cuBLAS)`` (each row times both). ``max_m``: the
     largest bucket up to which (from the smallest M of the run) every shape had a small-M time (a searched best or
@@ -162,8 +162,8 @@ def table_from_rows(rows: list[dict], threshold: float = 0.95) -> tuple[dict, in
     configs: dict = {}
     groups: dict = {}
     for r in rows:
-        if r["kernel"] is None:
-            base = "gemv" if r["M"] == 1 else "dot"
+        if r["kernel"] in (None, "gemv", "dot"):  # the base search (default, or named with --kernels gemv / dot)
+            base = r["kernel"] or ("gemv" if r["M"] == 1 else "dot")
             configs.setdefault((base, nf4_configs.m_bucket(r["M"])), {})[(r["N"], r["K"])] = tuple(r["best"])
         else:
             groups.setdefault((r["N"], r["K"], r["M"]), []).append(r)

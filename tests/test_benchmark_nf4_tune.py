@@ -41,6 +41,9 @@ def test_table_from_rows_takes_alternatives_that_beat_the_best_existing_path():
     assert configs[("swap_early", 16)] == {a: (64, 4, 8, 4, 1), b: (64, 2, 8, 4, 1)}
     assert configs[("gemv", 1)] == {a: (64, 2, 8, 4, 1)} and configs[("dot", 16)] == {b: (128, 1, 8, 4, 1)}
     assert max_m == 32
+    # a base kernel named on the command line (--kernels dot) is a base search too: its entries go in as they are
+    named = [_row("dot", 16, *a, (64, 2, 8, 4, 1), 11.0, 10.0, 30.0)]
+    assert tune.table_from_rows(named)[0] == {("dot", 16): {a: (64, 2, 8, 4, 1)}}
 
 
 def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
