@@ -722,9 +722,8 @@ def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, name: str)
 
 def _tied_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Names of the parameters outside ``name`` that are parameters of ``module`` (tied to it)."""
-    mine = {id(p) for p in module.parameters()}
-    return sorted({o for o, p in model.named_parameters(remove_duplicate=False)
-                   if id(p) in mine and not o.startswith(name + ".")})
+    owners = parameter_owners(model)
+    return sorted({o for p in module.parameters() for o in _held_outside(owners, p, name)})
 
 
 def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, others: list[str]) -> None:

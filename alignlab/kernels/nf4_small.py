@@ -59,7 +59,7 @@ from alignlab._checks import env_switch, is_int
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
 from alignlab.kernels.launch import bind, cdiv, launch
-from alignlab.kernels.nf4_configs import m_bucket, small_choice, small_config
+from alignlab.kernels.nf4_configs import ALTERNATIVES, m_bucket, small_choice, small_config
 from alignlab.kernels.nf4_dequant import _state_args, code_planes
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -777,7 +777,7 @@ MAX_M = 64
 _PLANS: dict = {}
 _KERNELS = ({"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel, "swap": _swap_kernel,
              "swap_early": _swap_kernel} if triton is not None else {})
-KERNEL_NAMES = ("gemv", "dot", "late", "swap", "swap_early")
+KERNEL_NAMES = ("gemv", "dot", *ALTERNATIVES)  # the base kernels and the ones a device table may name instead
 
 
 # Where the in-register lookup takes its table as register operands (_decode4_asm(None), nf4_table) instead of
