@@ -47,7 +47,7 @@ import torch
 from alignlab._checks import env_switch
 from alignlab.quant.nf4 import NF4Tensor
 
-__all__ = ["lora_linear", "dora_linear", "functorch_active"]
+__all__ = ["lora_linear", "lora_linear_op", "dora_linear", "functorch_active"]
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
@@ -314,20 +314,25 @@ def _lora_backward(ctx, gy):
     x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
     g = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
+    need = ctx.needs_input_grad
+    dx, da, db = _lora_grads(g, x2, weight, ac, bc, xa, ctx.scale, ctx.b_scaled, need[0], need[3], need[4],
+                             *ctx.ab_dtypes)
+    dw = (g.T @ x2).to(dense_w.dtype) if need[1] else None
+    dbias = g.sum(0) if need[2] else None
+    return None if dx is None else _to(dx.view(ctx.x_shape), ctx.x_dtype), dw, dbias, da, db, *(None,) * 5
+
+
+def _lora_grads(g: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bc: torch.Tensor, xa: torch.Tensor,
+                scale: float, b_scaled: torch.Tensor | None, need_x: bool, need_a: bool, need_b: bool,
+                a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple:
+    """``(dx (tokens, in) in the compute dtype, ∂L/∂A in a_dtype, ∂L/∂B in b_dtype)``, None where not needed, from
+    ``g = ∂L/∂y (tokens, out)`` and ``xa = s·x Aᵀ``; ``b_scaled``: a cached ``s·B`` or None."""
     # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
-    gb = g @ ctx.b_scaled if ctx.b_scaled is not None else _scaled_mm(g, bc, ctx.scale)
-    dx = dw = dbias = da = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _to(_adapted_input_grad(g, weight, gb, ac).view(ctx.x_shape), ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        dw = (g.T @ x2).to(dense_w.dtype)
-    if ctx.needs_input_grad[2]:
-        dbias = g.sum(0)
-    if ctx.needs_input_grad[3]:
-        da = _mm_to(gb.T, x2, ctx.ab_dtypes[0])
-    if ctx.needs_input_grad[4]:
-        db = _mm_to(g.T, xa, ctx.ab_dtypes[1])  # xa is s·x Aᵀ
-    return dx, dw, dbias, da, db, None, None, None, None, None
+    gb = g @ b_scaled if b_scaled is not None else _scaled_mm(g, bc, scale)
+    dx = _adapted_input_grad(g, weight, gb, ac) if need_x else None
+    da = _mm_to(gb.T, x2, a_dtype) if need_a else None
+    db = _mm_to(g.T, xa, b_dtype) if need_b else None  # xa is s·x Aᵀ
+    return dx, da, db
 
 
 def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm, factors=None):
@@ -502,6 +507,105 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
     return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
+
+
+# -- under torch.compile: the LoRA layer as two opaque ops ------------------------------------------
+# Traced as plain ops, the adapter term costs Inductor an extra pass: it lowers ``out + (x Aᵀ) Bᵀ`` to an out-of-place
+# addmm, which copies the base GEMM's (tokens, out) result before the rank-r GEMM adds into it (cudaMemcpy DtoD, one
+# per layer and pass; 1.8 ms of a Llama-3-8B-shaped 4-layer step at batch 4 on an H100), and the widened form of
+# _widen is out of its reach. As custom ops the compiled layer runs the eager fused code; Inductor fuses around them.
+# Only from OP_MIN_ROWS rows: below, the step is host-bound and the ops' eager host work (the fused path's Python)
+# cost more than they saved (H100, same step at batch 1 = 2048 rows: 33.7 ms against 27.7 traced as plain ops;
+# batch 4: 99.5 against 101.4, GPU time 9.5 ms over the frozen floor against 12.8).
+OP_MIN_ROWS = 4096
+
+
+def _nf4_fields(t: NF4Tensor | None) -> tuple:
+    """An NF4 weight as custom-op arguments (its tensors and metadata); placeholders for a dense weight."""
+    if t is None:
+        return None, None, None, None, None, [], torch.float32, 0, 0
+    return (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift, list(t.shape), t.dtype, t.blocksize,
+            t.nested_blocksize)
+
+
+def _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
+                 nested_blocksize):
+    if dense_w is not None:
+        return dense_w
+    return NF4Tensor(data=data, absmax=absmax, shape=torch.Size(shape), dtype=wdtype, blocksize=blocksize,
+                     nested_absmax=nested_absmax, nested_offset=nested_offset, shift=shift,
+                     nested_blocksize=nested_blocksize)
+
+
+@torch.library.custom_op("alignlab::lora_forward", mutates_args=())
+def _lora_forward_op(x2: torch.Tensor, dense_w: torch.Tensor | None, data: torch.Tensor | None,
+                     absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                     nested_offset: torch.Tensor | None, shift: torch.Tensor | None, shape: list[int],
+                     wdtype: torch.dtype, blocksize: int, nested_blocksize: int, bias: torch.Tensor | None,
+                     a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
+                          nested_blocksize)
+    y, xa = _lora_out(x2, weight, bias, a.to(x2.dtype), b.to(x2.dtype), scale)
+    return y, xa
+
+
+@_lora_forward_op.register_fake
+def _(x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize, nested_blocksize,
+      bias, a, b, scale):
+    return x2.new_empty(x2.shape[0], b.shape[0]), x2.new_empty(x2.shape[0], a.shape[0])
+
+
+@torch.library.custom_op("alignlab::lora_backward", mutates_args=())
+def _lora_backward_op(g: torch.Tensor, x2: torch.Tensor, dense_w: torch.Tensor | None, data: torch.Tensor | None,
+                      absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                      nested_offset: torch.Tensor | None, shift: torch.Tensor | None, shape: list[int],
+                      wdtype: torch.dtype, blocksize: int, nested_blocksize: int, a: torch.Tensor, b: torch.Tensor,
+                      xa: torch.Tensor, scale: float, need_x: bool, need_a: bool, need_b: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
+                          nested_blocksize)
+    dx, da, db = _lora_grads(g, x2, weight, a.to(g.dtype), b.to(g.dtype), xa, scale, None, need_x, need_a, need_b,
+                             a.dtype, b.dtype)
+    # an op returns tensors (none aliasing another): a fresh empty one where a gradient is not needed
+    return tuple(g.new_empty(0) if t is None else t for t in (dx, da, db))
+
+
+@_lora_backward_op.register_fake
+def _(g, x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize, nested_blocksize,
+      a, b, xa, scale, need_x, need_a, need_b):
+    return (g.new_empty(g.shape[0], x2.shape[1]) if need_x else g.new_empty(0),
+            a.new_empty(a.shape) if need_a else g.new_empty(0), b.new_empty(b.shape) if need_b else g.new_empty(0))
+
+
+def _lora_op_setup(ctx, inputs, output) -> None:
+    x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, bs, nbs, _, a, b, scale = inputs
+    ctx.save_for_backward(x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, a, b, output[1])
+    ctx.meta = (shape, wdtype, bs, nbs, scale)
+
+
+def _lora_op_backward(ctx, gy, _gxa):
+    x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, a, b, xa = ctx.saved_tensors
+    shape, wdtype, bs, nbs, scale = ctx.meta
+    need = ctx.needs_input_grad
+    dx, da, db = torch.ops.alignlab.lora_backward(gy, x2, dense_w, data, absmax, nested_absmax, nested_offset,
+                                                  shift, shape, wdtype, bs, nbs, a, b, xa, scale, need[0],
+                                                  need[12], need[13])
+    return (dx if need[0] else None, *(None,) * 11, da if need[12] else None, db if need[13] else None, None)
+
+
+_lora_forward_op.register_autograd(_lora_op_backward, setup_context=_lora_op_setup)
+
+
+def lora_linear_op(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`lora_linear` with an explicit compute ``dtype`` as the custom ops ``alignlab::lora_forward`` /
+    ``alignlab::lora_backward``: the same products, for traced code (``torch.compile``; :class:`LoRALinear` takes it
+    there). Gradients for ``x``, ``a``, ``b``; a dense ``weight`` and ``bias`` must not require grad (the caller's
+    plain path covers those). Output in ``x.dtype``."""
+    dense_w, quant_w = _split(weight)
+    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+    y, _ = torch.ops.alignlab.lora_forward(x2, dense_w, *_nf4_fields(quant_w), bias, a, b, float(scale))
+    return _to(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,

@@ -39,7 +39,9 @@ from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weig
                                     refuse_float16_merge, set_dense_weight_)
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
                                    kept_merge_norm)
-from alignlab.adapters.fused import _autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear
+from alignlab.adapters import fused
+from alignlab.adapters.fused import (_autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear,
+                                     lora_linear_op)
 from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
@@ -313,13 +315,16 @@ class LoRALinear(AdapterLayer):
         n_in = self.lora_A[names[0]].in_features  # a plain attribute: cheaper than the in_features property
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
-        # torch.compile traces the plain path below and fuses it itself: with torch 2.11 it dropped the
-        # fused functions' gradients (seen on an H200), so compiled graphs never contain them; torch.func
-        # transforms (grad, vmap: per-sample gradients) cannot transform the fused functions either
-        if len(names) == 1 and not torch.compiler.is_compiling() and not functorch_active():
+        # torch.func transforms (grad, vmap: per-sample gradients) cannot transform the fused functions: plain path.
+        # torch.compile never traces the fused autograd functions (with torch 2.11 it dropped their gradients, seen
+        # on an H200): a LoRA layer runs as the opaque custom ops of lora_linear_op there, DoRA the plain path
+        if len(names) == 1 and not functorch_active():
             dtype = self._fused_dtype(x, names[0])
             if dtype is not None:
-                return self._fused(x, names[0], dtype)
+                if not torch.compiler.is_compiling():
+                    return self._fused(x, names[0], dtype)
+                if self._op_applies(names[0], x):
+                    return self._fused_op(x, names[0], dtype)
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:
@@ -380,6 +385,23 @@ class LoRALinear(AdapterLayer):
             return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
+
+    def _op_applies(self, name: str, x: torch.Tensor) -> bool:
+        """Whether a traced call takes :func:`lora_linear_op`: plain LoRA over a frozen base (no DoRA; no dense
+        weight or bias that trains) at ``fused.OP_MIN_ROWS`` rows or more (a guard on the row count where shapes
+        are dynamic)."""
+        base = self.base_layer
+        weight = base.weight if type(base) is nn.Linear else None
+        return (not self.is_dora(name) and (weight is None or not weight.requires_grad)
+                and (base.bias is None or not base.bias.requires_grad)
+                and x.numel() >= fused.OP_MIN_ROWS * x.shape[-1])
+
+    def _fused_op(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        if a.device != x.device:
+            raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
+        weight = base.weight if type(base) is nn.Linear else base.quant_weight
+        return lora_linear_op(x, weight, base.bias, a, b, self.scaling[name], dtype)
 
     def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float,
                       scaled: bool) -> tuple:

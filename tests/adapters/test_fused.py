@@ -200,8 +200,12 @@ def test_hf_checkpointing_with_offloaded_activations_gives_the_same_gradients(do
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_torch_compile_whole_model_has_no_graph_break(dora, torch_mode):
-    """fullgraph=True fails on any graph break; aot_eager also traces the fused backward."""
+@pytest.mark.parametrize("min_rows", [1, 4096])  # LoRA as the custom ops, and as plain ops
+def test_torch_compile_whole_model_has_no_graph_break(dora, min_rows, torch_mode, monkeypatch):
+    """fullgraph=True fails on any graph break; aot_eager also traces the backward."""
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "OP_MIN_ROWS", min_rows)
     model = _qlora_llama(dora)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
@@ -212,6 +216,74 @@ def test_torch_compile_whole_model_has_no_graph_break(dora, torch_mode):
         got = grads[k] if k in grads else grads["_orig_mod." + k]
         scale = ref.abs().max().clamp_min(1e-12)  # fp32, other op order: compare relative to the tensor's size
         torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("min_rows, takes_op", [(1, True), (25, False)])
+def test_compiled_lora_layers_run_as_the_custom_ops(min_rows, takes_op, torch_mode, monkeypatch):
+    """Under torch.compile, from ``OP_MIN_ROWS`` rows, every plain-LoRA layer is one ``alignlab::lora_forward`` call in
+    the graph (the eager fused code, opaque to Inductor: traced as plain ops the adapter term cost an extra copy of
+    each layer's output), and its registered backward gives the eager gradients; below, plain ops (24 rows here)."""
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "OP_MIN_ROWS", min_rows)
+    model = _qlora_llama(False)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.alignlab.lora_forward)
+        return gm.forward
+
+    try:
+        loss, grads = _loss_and_grads(torch.compile(model, fullgraph=True, backend=backend), ids)
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == (len(list(adapter_layers(model))) if takes_op else 0)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for k, ref in grads_ref.items():
+        torch.testing.assert_close(grads.get(k, grads.get("_orig_mod." + k)), ref, rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_lora_ops_pass_opcheck(nf4, rows, torch_mode):
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the two custom ops."""
+    from alignlab.adapters.fused import _nf4_fields
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    weight = nf4_quantize(w, blocksize=32) if nf4 else w
+    dense_w, fields = (None, _nf4_fields(weight)) if nf4 else (w, _nf4_fields(None))
+    x2 = torch.randn(rows, 64, generator=g, requires_grad=True)
+    a = torch.randn(4, 64, generator=g, requires_grad=True)
+    b = torch.randn(24, 4, generator=g, requires_grad=True)
+    bias = torch.randn(24, generator=g)
+    torch.library.opcheck(torch.ops.alignlab.lora_forward.default, (x2, dense_w, *fields, bias, a, b, 0.5))
+    gy = torch.randn(rows, 24, generator=g)
+    xa = torch.randn(rows, 4, generator=g)
+    for need in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(torch.ops.alignlab.lora_backward.default,
+                              (gy, x2.detach(), dense_w, *fields, a.detach(), b.detach(), xa, 0.5, *need))
+
+
+def test_lora_linear_op_matches_lora_linear(torch_mode):
+    """The op pair gives lora_linear's output and gradients (fp32 masters, bf16 compute, a 3-D input, a bias)."""
+    from alignlab.adapters.fused import lora_linear_op
+
+    x, w, bias, a, b, _ = _inputs((2, 5), 64, 24, 4, False, seed=3)
+    t = nf4_quantize(w, blocksize=32)
+    x = x.to(torch.bfloat16).requires_grad_()
+    results = []
+    for fn in (lora_linear, lora_linear_op):
+        y = fn(x, t, bias, a, b, 0.5, torch.bfloat16)
+        results.append((y, torch.autograd.grad(y.float().square().sum(), [x, a, b])))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 24)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_qlora_layer_matches_peft_style_unfused_sum(torch_mode):
