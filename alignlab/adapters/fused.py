@@ -47,7 +47,7 @@ import torch
 from alignlab._checks import env_switch
 from alignlab.quant.nf4 import NF4Tensor
 
-__all__ = ["lora_linear", "lora_linear_op", "dora_linear", "functorch_active"]
+__all__ = ["lora_linear", "lora_linear_op", "dora_linear", "dora_linear_op", "functorch_active"]
 
 # CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
@@ -395,28 +395,35 @@ def _dora_backward_graph(ctx, gy):
 
 def _dora_backward(ctx, gy):
     """:class:`_DoRAFn`'s backward, with autocast off (see :func:`_lora_backward`)."""
-    from alignlab.kernels.dora import magnitude_grad
-
     x, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs, *_ = ctx.saved_tensors
     x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
     gy = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
+    need = ctx.needs_input_grad
+    dx, da, db, dm = _dora_grads(gy, x2, weight, ac, bgs, xa, y, magnitude, bias, g, gs, need[0], need[3], need[4],
+                                 need[5], *ctx.dtypes[:2])
+    dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype) if need[1] else None
+    dbias = gy.sum(0) if need[2] else None
+    return (None if dx is None else _to(dx.view(ctx.x_shape), ctx.x_dtype), dw, dbias, da, db, dm,
+            *(None,) * 7)
+
+
+def _dora_grads(gy: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bgs: torch.Tensor, xa: torch.Tensor,
+                y: torch.Tensor, magnitude: torch.Tensor, bias, g: torch.Tensor, gs: torch.Tensor, need_x: bool,
+                need_a: bool, need_b: bool, need_m: bool, a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple:
+    """``(dx (tokens, in) in the compute dtype, ∂L/∂A, ∂L/∂B, ∂L/∂m)``, None where not needed, from
+    ``gy = ∂L/∂y (tokens, out)`` in the compute dtype and what :func:`_dora_out` returned."""
+    from alignlab.kernels.dora import magnitude_grad
+
     gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
-    dx = dw = dbias = da = db = dm = None
-    if ctx.needs_input_grad[0]:
-        dx = _to(_adapted_input_grad(gy, weight, gb, ac, g).view(ctx.x_shape), ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        dw = ((gy * g.to(gy.dtype)).T @ x2).to(dense_w.dtype)
-    if ctx.needs_input_grad[2]:
-        dbias = gy.sum(0)
-    if ctx.needs_input_grad[3]:
-        da = _mm_to(gb.T, x2, ctx.dtypes[0])
-    if ctx.needs_input_grad[4]:
-        db = _mm_to(gy.T, xa, torch.promote_types(ctx.dtypes[1], torch.float32))
-        db = db.mul_(gs.to(db.dtype)).to(ctx.dtypes[1])
-    if ctx.needs_input_grad[5]:
-        dm = magnitude_grad(gy, y, bias, magnitude)  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
-    return dx, dw, dbias, da, db, dm, None, None, None, None, None, None, None
+    dx = _adapted_input_grad(gy, weight, gb, ac, g) if need_x else None
+    da = _mm_to(gb.T, x2, a_dtype) if need_a else None
+    db = None
+    if need_b:
+        db = _mm_to(gy.T, xa, torch.promote_types(b_dtype, torch.float32))
+        db = db.mul_(gs.to(db.dtype)).to(b_dtype)
+    dm = magnitude_grad(gy, y, bias, magnitude) if need_m else None  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
+    return dx, da, db, dm
 
 
 def functorch_active() -> bool:
@@ -509,14 +516,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
 
 
-# -- under torch.compile: the LoRA layer as two opaque ops ------------------------------------------
+# -- under torch.compile: the LoRA / DoRA layer as two opaque ops each ------------------------------
 # Traced as plain ops, the adapter term costs Inductor an extra pass: it lowers ``out + (x Aᵀ) Bᵀ`` to an out-of-place
 # addmm, which copies the base GEMM's (tokens, out) result before the rank-r GEMM adds into it (cudaMemcpy DtoD, one
 # per layer and pass; 1.8 ms of a Llama-3-8B-shaped 4-layer step at batch 4 on an H100), and the widened form of
 # _widen is out of its reach. As custom ops the compiled layer runs the eager fused code; Inductor fuses around them.
 # Only from OP_MIN_ROWS rows: below, the step is host-bound and the ops' eager host work (the fused path's Python)
-# cost more than they saved (H100, same step at batch 1 = 2048 rows: 33.7 ms against 27.7 traced as plain ops;
-# batch 4: 99.5 against 101.4, GPU time 9.5 ms over the frozen floor against 12.8).
+# cost more than they saved (H100, QLoRA step at batch 1 = 2048 rows: 33.7 ms against 27.7 traced as plain ops;
+# batch 4: 96.7-99.5 against 101.4, QDoRA 102.3 against 105.0).
 OP_MIN_ROWS = 4096
 
 
@@ -605,6 +612,83 @@ def lora_linear_op(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torc
     dense_w, quant_w = _split(weight)
     x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
     y, _ = torch.ops.alignlab.lora_forward(x2, dense_w, *_nf4_fields(quant_w), bias, a, b, float(scale))
+    return _to(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
+
+
+@torch.library.custom_op("alignlab::dora_forward", mutates_args=())
+def _dora_forward_op(x2: torch.Tensor, dense_w: torch.Tensor | None, data: torch.Tensor | None,
+                     absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                     nested_offset: torch.Tensor | None, shift: torch.Tensor | None, shape: list[int],
+                     wdtype: torch.dtype, blocksize: int, nested_blocksize: int, bias: torch.Tensor | None,
+                     a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
+                          nested_blocksize)
+    norm, *factors = dora_norm(weight, a, b, scale, x2.dtype, magnitude=magnitude)
+    y, xa, g, gs, bgs = _dora_out(x2, weight, bias, a.to(x2.dtype), b, magnitude, scale, x2.dtype, norm, factors)
+    return y, xa, g, gs, bgs
+
+
+@_dora_forward_op.register_fake
+def _(x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize, nested_blocksize,
+      bias, a, b, magnitude, scale):
+    rows, out, f32 = x2.shape[0], b.shape[0], torch.float32  # g and s·g in fp32 (callers keep fp64 off this op)
+    return (x2.new_empty(rows, out), x2.new_empty(rows, a.shape[0]), x2.new_empty(out, dtype=f32),
+            x2.new_empty(out, 1, dtype=f32), x2.new_empty(out, a.shape[0]))
+
+
+@torch.library.custom_op("alignlab::dora_backward", mutates_args=())
+def _dora_backward_op(gy: torch.Tensor, x2: torch.Tensor, dense_w: torch.Tensor | None, data: torch.Tensor | None,
+                      absmax: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                      nested_offset: torch.Tensor | None, shift: torch.Tensor | None, shape: list[int],
+                      wdtype: torch.dtype, blocksize: int, nested_blocksize: int, bias: torch.Tensor | None,
+                      a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, xa: torch.Tensor, y: torch.Tensor,
+                      g: torch.Tensor, gs: torch.Tensor, bgs: torch.Tensor, need_x: bool, need_a: bool, need_b: bool,
+                      need_m: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
+                          nested_blocksize)
+    grads = _dora_grads(gy, x2, weight, a.to(gy.dtype), bgs, xa, y, magnitude, bias, g, gs, need_x, need_a, need_b,
+                        need_m, a.dtype, b.dtype)
+    return tuple(gy.new_empty(0) if t is None else t for t in grads)  # as _lora_backward_op
+
+
+@_dora_backward_op.register_fake
+def _(gy, x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize, nested_blocksize,
+      bias, a, b, magnitude, xa, y, g, gs, bgs, need_x, need_a, need_b, need_m):
+    return (gy.new_empty(gy.shape[0], x2.shape[1]) if need_x else gy.new_empty(0),
+            a.new_empty(a.shape) if need_a else gy.new_empty(0), b.new_empty(b.shape) if need_b else gy.new_empty(0),
+            magnitude.new_empty(magnitude.shape) if need_m else gy.new_empty(0))
+
+
+def _dora_op_setup(ctx, inputs, output) -> None:
+    x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, bs, nbs, bias, a, b, m, _ = inputs
+    y, xa, g, gs, bgs = output
+    ctx.save_for_backward(x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, bias, a, b, m, xa, y, g, gs,
+                          bgs)
+    ctx.meta = (shape, wdtype, bs, nbs)
+
+
+def _dora_op_backward(ctx, gy, *_):
+    x2, dense_w, data, absmax, nested_absmax, nested_offset, shift, bias, a, b, m, xa, y, g, gs, bgs = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db, dm = torch.ops.alignlab.dora_backward(gy, x2, dense_w, data, absmax, nested_absmax, nested_offset,
+                                                      shift, *ctx.meta, bias, a, b, m, xa, y, g, gs, bgs, need[0],
+                                                      need[12], need[13], need[14])
+    return (dx if need[0] else None, *(None,) * 11, da if need[12] else None, db if need[13] else None,
+            dm if need[14] else None, None)
+
+
+_dora_forward_op.register_autograd(_dora_op_backward, setup_context=_dora_op_setup)
+
+
+def dora_linear_op(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b: torch.Tensor, scale: float, magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dora_linear` (norm computed per call) as the custom ops ``alignlab::dora_forward`` /
+    ``alignlab::dora_backward``, for traced code, as :func:`lora_linear_op` (gradients for ``x``, ``a``, ``b`` and
+    ``magnitude``)."""
+    dense_w, quant_w = _split(weight)
+    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+    y = torch.ops.alignlab.dora_forward(x2, dense_w, *_nf4_fields(quant_w), bias, a, b, magnitude, float(scale))[0]
     return _to(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
 

@@ -41,7 +41,7 @@ from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerge
                                    kept_merge_norm)
 from alignlab.adapters import fused
 from alignlab.adapters.fused import (_autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear,
-                                     lora_linear_op)
+                                     dora_linear_op, lora_linear_op)
 from alignlab.quant.linear import NF4Linear
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
@@ -323,7 +323,7 @@ class LoRALinear(AdapterLayer):
             if dtype is not None:
                 if not torch.compiler.is_compiling():
                     return self._fused(x, names[0], dtype)
-                if self._op_applies(names[0], x):
+                if self._op_applies(x, dtype):
                     return self._fused_op(x, names[0], dtype)
         for name in names:
             device = self.lora_A[name].weight.device
@@ -386,13 +386,13 @@ class LoRALinear(AdapterLayer):
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
 
-    def _op_applies(self, name: str, x: torch.Tensor) -> bool:
-        """Whether a traced call takes :func:`lora_linear_op`: plain LoRA over a frozen base (no DoRA; no dense
-        weight or bias that trains) at ``fused.OP_MIN_ROWS`` rows or more (a guard on the row count where shapes
-        are dynamic)."""
+    def _op_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether a traced call takes :func:`lora_linear_op` / :func:`dora_linear_op`: a frozen base (no dense
+        weight or bias that trains), 16- or 32-bit compute, ``fused.OP_MIN_ROWS`` rows or more (a guard on the row
+        count where shapes are dynamic)."""
         base = self.base_layer
         weight = base.weight if type(base) is nn.Linear else None
-        return (not self.is_dora(name) and (weight is None or not weight.requires_grad)
+        return (dtype != torch.float64 and (weight is None or not weight.requires_grad)
                 and (base.bias is None or not base.bias.requires_grad)
                 and x.numel() >= fused.OP_MIN_ROWS * x.shape[-1])
 
@@ -401,6 +401,9 @@ class LoRALinear(AdapterLayer):
         if a.device != x.device:
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
+        if self.is_dora(name):
+            return dora_linear_op(x, weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name],
+                                  dtype)
         return lora_linear_op(x, weight, base.bias, a, b, self.scaling[name], dtype)
 
     def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float,

@@ -218,21 +218,23 @@ def test_torch_compile_whole_model_has_no_graph_break(dora, min_rows, torch_mode
         torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("min_rows, takes_op", [(1, True), (25, False)])
-def test_compiled_lora_layers_run_as_the_custom_ops(min_rows, takes_op, torch_mode, monkeypatch):
-    """Under torch.compile, from ``OP_MIN_ROWS`` rows, every plain-LoRA layer is one ``alignlab::lora_forward`` call in
-    the graph (the eager fused code, opaque to Inductor: traced as plain ops the adapter term cost an extra copy of
-    each layer's output), and its registered backward gives the eager gradients; below, plain ops (24 rows here)."""
+def test_compiled_lora_layers_run_as_the_custom_ops(dora, min_rows, takes_op, torch_mode, monkeypatch):
+    """Under torch.compile, from ``OP_MIN_ROWS`` rows, every LoRA / DoRA layer is one ``alignlab::lora_forward`` /
+    ``dora_forward`` call in the graph (the eager fused code, opaque to Inductor: traced as plain ops the adapter term
+    cost an extra copy of each layer's output), and its registered backward gives the eager gradients; below, plain
+    ops (24 rows here)."""
     from alignlab.adapters import fused
 
     monkeypatch.setattr(fused, "OP_MIN_ROWS", min_rows)
-    model = _qlora_llama(False)
+    model = _qlora_llama(dora)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
-    calls = []
+    calls, op = [], torch.ops.alignlab.dora_forward if dora else torch.ops.alignlab.lora_forward
 
     def backend(gm, example_inputs):
-        calls.extend(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.alignlab.lora_forward)
+        calls.extend(n for n in gm.graph.nodes if n.op == "call_function" and n.target is op)
         return gm.forward
 
     try:
@@ -259,25 +261,36 @@ def test_lora_ops_pass_opcheck(nf4, rows, torch_mode):
     a = torch.randn(4, 64, generator=g, requires_grad=True)
     b = torch.randn(24, 4, generator=g, requires_grad=True)
     bias = torch.randn(24, generator=g)
+    m = (w.norm(dim=1) * 1.1).requires_grad_()
     torch.library.opcheck(torch.ops.alignlab.lora_forward.default, (x2, dense_w, *fields, bias, a, b, 0.5))
+    torch.library.opcheck(torch.ops.alignlab.dora_forward.default, (x2, dense_w, *fields, bias, a, b, m, 0.5))
     gy = torch.randn(rows, 24, generator=g)
     xa = torch.randn(rows, 4, generator=g)
     for need in ((True, True, True), (False, True, False)):
         torch.library.opcheck(torch.ops.alignlab.lora_backward.default,
                               (gy, x2.detach(), dense_w, *fields, a.detach(), b.detach(), xa, 0.5, *need))
+    with torch.no_grad():
+        y, xa, *factors = torch.ops.alignlab.dora_forward(x2, dense_w, *fields, bias, a, b, m, 0.5)
+    for need in ((True, True, True, True), (False, False, True, True)):
+        torch.library.opcheck(torch.ops.alignlab.dora_backward.default,
+                              (gy, x2.detach(), dense_w, *fields, bias, a.detach(), b.detach(), m.detach(), xa, y,
+                               *factors, *need))
 
 
-def test_lora_linear_op_matches_lora_linear(torch_mode):
-    """The op pair gives lora_linear's output and gradients (fp32 masters, bf16 compute, a 3-D input, a bias)."""
-    from alignlab.adapters.fused import lora_linear_op
+@pytest.mark.parametrize("dora", [False, True])
+def test_linear_ops_match_the_fused_functions(dora, torch_mode):
+    """The op pairs give lora_linear's / dora_linear's output and gradients bit for bit (fp32 masters, bf16 compute,
+    a 3-D input, a bias)."""
+    from alignlab.adapters.fused import dora_linear_op, lora_linear_op
 
-    x, w, bias, a, b, _ = _inputs((2, 5), 64, 24, 4, False, seed=3)
+    x, w, bias, a, b, m = _inputs((2, 5), 64, 24, 4, dora, seed=3)
     t = nf4_quantize(w, blocksize=32)
     x = x.to(torch.bfloat16).requires_grad_()
     results = []
-    for fn in (lora_linear, lora_linear_op):
-        y = fn(x, t, bias, a, b, 0.5, torch.bfloat16)
-        results.append((y, torch.autograd.grad(y.float().square().sum(), [x, a, b])))
+    for fn in ((dora_linear, dora_linear_op) if dora else (lora_linear, lora_linear_op)):
+        y = fn(x, t, bias, a, b, 0.5, m, torch.bfloat16) if dora else fn(x, t, bias, a, b, 0.5, torch.bfloat16)
+        leaves = [x, a, b, m] if dora else [x, a, b]
+        results.append((y, torch.autograd.grad(y.float().square().sum(), leaves)))
     (y, grads), (y_ref, grads_ref) = results
     assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 24)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
