@@ -291,7 +291,7 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
         return (out, *more)
     a, b = a.contiguous(), b.contiguous()
     block_r = max(16, next_power_of_2(a.shape[0]))
-    block_n, block_k = (16, 32) if interpreting() else (16, 256)
+    block_n, block_k, warps = (16, 32, 4) if interpreting() else ROW_NORM_CONFIG
     state = _state_args(weight) if quant else (data,) * 7
     meta = (dict(BLOCKSIZE=weight.blocksize, NESTED_BS=weight.nested_blocksize, DOUBLE=weight.double_quant,
                  HAS_SHIFT=weight.shift is not None) if quant
@@ -300,8 +300,15 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
            (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
             b.stride(0), float(scale), *tail),
            dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, BLOCK_N=block_n,
-                BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, **meta))
+                BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, **meta))
     return (out, *more)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) of the row-norm kernel on a GPU. Swept on an H200 (2026-12-05, twelve configurations
+# at the Llama-3-8B shapes, dora_norm_and_scales with blocksize-64 NF4, r = 16): this one took 51.6 / 51.9 / 118.9 /
+# 154.4 us at 4096x4096 / 1024x4096 / 14336x4096 / 4096x14336; (16, 512, 4) 47.6 / 48.4 / 129.7 / 135.4; every
+# larger BLOCK_N was slower (72-693 us). Far from the packed weight's copy time (6-20 us): see RESULTS.md, issue 18.
+ROW_NORM_CONFIG = (16, 256, 4)
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
