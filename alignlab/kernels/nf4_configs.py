@@ -96,7 +96,7 @@ TABLES: dict[str, dict] = {
         # nf4_tune.py --kernels swap_early swap on one H200, 2026-12-05 (torch 2.11, Triton 3.6;
         # results/nf4_tune_swap_h200.json): the swapped-operand kernels where their best configuration took
         # <= 0.95x the time of the entries above (dot / late) in the same run (table_from_rows). Its M = 64 entries
-        # (0.64-0.81x the time of dequantize + cuBLAS, 1.3-1.5x bf16) are not taken: max_m stays 32 until the
+        # (0.64-0.89x the time of dequantize + cuBLAS, 1.35-1.6x bf16's) are not taken: max_m stays 32 until the
         # 1024-row shapes (k / v), which a higher bound would send to an unmeasured kernel, are measured there
         ("swap_early", 2): {(14336, 4096): (64, 1, 8, 2, 2), (4096, 14336): (64, 1, 16, 2, 2),
                             (8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2)},

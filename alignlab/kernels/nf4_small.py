@@ -789,9 +789,23 @@ TABLE_REGS = TABLE_REGS if isinstance(TABLE_REGS, str) else str(int(TABLE_REGS))
 X_WORDS = env_switch("ALIGNLAB_NF4_X_WORDS", True)
 # The swapped kernels (at 4 warps or more: wgmma) look the levels up where the bytes were loaded and hand the 16-bit
 # levels to the tensor cores' layout (``_pin``), instead of letting Triton move that layout change onto the packed
-# bytes: "1" on, "0" off -- the default until timed on a GPU (offline SASS at the H100 table's configurations: up to 25%
-# fewer loop instructions with the register codebook it brings; benchmarks/RESULTS.md).
-LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", False)
+# bytes: "1" on, "0" off, "auto" (default) the rule of _lookup_first. Offline SASS at the H100 table's
+# configurations: up to 25% fewer loop instructions with the register codebook it brings; timed on an H100
+# (benchmarks/RESULTS.md, issue 24 tenth pass): mixed (0.78-1.25x the time) but for `swap` at M = 33..64.
+LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",))
+
+
+def _lookup_first(kernel: str, M: int, num_warps: int | None) -> bool:
+    """Whether a swapped kernel's plan looks up before the layout change (:data:`LOOKUP_FIRST`): only at 4 warps or
+    more (with 2, Triton emits mma.sync, where the early lookup compiled to 18-24% more instructions). The "auto"
+    rule, from ``benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST`` on an H100 (2026-12-05, 4 warps, five shapes): on for
+    ``swap`` above 32 rows (0.78-0.95x the time, geometric mean 0.89x); off elsewhere (``swap`` at M = 2 / 16 / 32:
+    0.96 / 1.03 / 1.03x; ``swap_early``: 1.07 / 1.02 / 1.10 / 1.00x at M = 2 / 16 / 32 / 64)."""
+    if (num_warps or 0) < 4:
+        return False
+    if LOOKUP_FIRST == "auto":
+        return kernel == "swap" and M > 32
+    return bool(LOOKUP_FIRST)
 
 
 def _table_in_registers(kernel: str, block_m: int, num_stages: int | None, lookup_first: bool = False) -> bool:
@@ -850,7 +864,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned); the lookup
         # before the layout change where the dot is a wgmma (warpgroups of 4 warps; with 2, mma.sync: more work)
         meta.update(EARLY=kernel == "swap_early", X_WORDS=dtype != torch.float32 and X_WORDS,
-                    LOOKUP_FIRST=LOOKUP_FIRST and (num_warps or 0) >= 4)
+                    LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,
                                                          meta.get("LOOKUP_FIRST", False)))
     if not interpreting():

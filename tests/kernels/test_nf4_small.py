@@ -254,11 +254,12 @@ def test_table_in_registers_rule(monkeypatch):
     assert rule("late", 32, 3)
 
 
-@pytest.mark.parametrize("on", [False, True])
+@pytest.mark.parametrize("on", [False, True, "auto"])
 def test_lookup_first_reaches_the_swapped_kernels_at_four_warps_or_more(on, monkeypatch):
     """LOOKUP_FIRST is a meta-parameter of the swapped kernels' plans only, set where they run 4 warps or more
     (a wgmma; with 2 warps Triton emits mma.sync and the early lookup compiled to more instructions), and with it
-    the register codebook; no other kernel's signature takes it."""
+    the register codebook; no other kernel's signature takes it. "auto" (the default) turns it on for ``swap`` above
+    32 rows only (where it was timed faster)."""
     from alignlab.kernels import nf4_small
 
     monkeypatch.setattr(nf4_small, "LOOKUP_FIRST", on)
@@ -266,13 +267,23 @@ def test_lookup_first_reaches_the_swapped_kernels_at_four_warps_or_more(on, monk
     t, x, b, wd = _case(40, 192, 5, torch.bfloat16, 64)
     for kernel in ("gemv", "dot", "late", "swap", "swap_early"):
         for warps in (2, 4, 8):
-            M = 1 if kernel == "gemv" else 5
-            meta = nf4_small._plan(M, 40, 192, torch.bfloat16, torch.device("cpu"), t, False, kernel, 64, 1, 2,
-                                   warps, 1, True)[-1]
-            if kernel.startswith("swap"):
-                assert meta["LOOKUP_FIRST"] == (on and warps >= 4) == meta["REGS"], (kernel, warps)
-            else:
-                assert "LOOKUP_FIRST" not in meta and meta["REGS"] == (kernel == "gemv"), (kernel, warps)
+            for M in ((1,) if kernel == "gemv" else (5, 32, 33, 64)):
+                meta = nf4_small._plan(M, 40, 192, torch.bfloat16, torch.device("cpu"), t, False, kernel, 64, 1, 2,
+                                       warps, 1, True)[-1]
+                want = (kernel == "swap" and M > 32) if on == "auto" else on
+                if kernel.startswith("swap"):
+                    assert meta["LOOKUP_FIRST"] == (want and warps >= 4) == meta["REGS"], (kernel, warps, M)
+                else:
+                    assert "LOOKUP_FIRST" not in meta and meta["REGS"] == (kernel == "gemv"), (kernel, warps)
+
+
+def test_lookup_first_defaults_to_auto():
+    """Unset, ALIGNLAB_NF4_LOOKUP_FIRST reads "auto" (the module reads it once, at import)."""
+    import os
+
+    from alignlab.kernels import nf4_small
+
+    assert "ALIGNLAB_NF4_LOOKUP_FIRST" in os.environ or nf4_small.LOOKUP_FIRST == "auto"
 
 
 @pytest.mark.cuda
