@@ -317,7 +317,8 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
         # torch.func transforms (grad, vmap: per-sample gradients) cannot transform the fused functions: plain path.
         # torch.compile never traces the fused autograd functions (with torch 2.11 it dropped their gradients, seen
-        # on an H200): a LoRA layer runs as the opaque custom ops of lora_linear_op there, DoRA the plain path
+        # on an H200): from fused.OP_MIN_ROWS rows the layer runs as the opaque custom ops of lora_linear_op /
+        # dora_linear_op there, the plain path below that
         if len(names) == 1 and not functorch_active():
             dtype = self._fused_dtype(x, names[0])
             if dtype is not None:

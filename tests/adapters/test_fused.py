@@ -249,8 +249,9 @@ def test_compiled_lora_layers_run_as_the_custom_ops(dora, min_rows, takes_op, to
 
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])
-def test_lora_ops_pass_opcheck(nf4, rows, torch_mode):
-    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the two custom ops."""
+def test_adapter_ops_pass_opcheck(nf4, rows, torch_mode):
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the four custom ops (LoRA and
+    DoRA, forward and backward), dense and NF4 weights, empty and odd row counts."""
     from alignlab.adapters.fused import _nf4_fields
 
     g = torch.Generator().manual_seed(0)
