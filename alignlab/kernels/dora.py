@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab._checks import is_int
+from alignlab._checks import env_switch, is_int
 from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_dequant import nf4_dequant
@@ -56,20 +56,24 @@ if triton is not None:
     def _row_norm_kernel(
         w_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
         a_ptr, b_ptr, out_ptr, N, K, R, stride_w, stride_a, stride_b, scale,
-        m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr,
+        m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, ws_ptr, cnt_ptr, k_per, n_split,
         QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr,
-        HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, FACTORS: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, FACTORS: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """out[n] = ‖W[n, :] + scale · B[n, :] @ A‖₂ for the BLOCK_N rows of this program; with FACTORS
-        also DoRA's per-row factors from it (see _row_factors)."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        also DoRA's per-row factors from it (see _row_factors). With SPLIT, program (i, j) sums the squares of
+        columns [j·k_per, (j + 1)·k_per) into the fp32 workspace row j; the last of a row block's n_split programs
+        to arrive adds the partials in fixed order (deterministic) and finishes the rows (as nf4_small._finish)."""
+        pid_n = tl.program_id(0)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
         row_ok = rn < N
         b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + rr[None, :],
                     mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_lo = tl.program_id(1) * k_per  # k_per: a multiple of BLOCK_K (the whole K without SPLIT)
+        for k0 in range(k_lo, tl.minimum(K, k_lo + k_per), BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (rk[None, :] < K)
             if QUANT:
@@ -87,6 +91,25 @@ if triton is not None:
                 ba = tl.dot(b, a)
             v = tl.where(ok, w + (scale * ba).to(tl.float32), 0.0)  # under torch.compile `scale` arrives as fp64
             acc += tl.sum(v * v, axis=1)
+        if SPLIT:
+            tl.store(ws_ptr + tl.program_id(1) * N + rn, acc, mask=row_ok)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_split - 1:
+                acc = tl.zeros_like(acc)
+                for j in range(0, n_split):
+                    acc += tl.load(ws_ptr + j * N + rn, mask=row_ok, other=0.0, cache_modifier=".cg")
+                _finish_rows(acc, rn, row_ok, out_ptr, m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, R, scale,
+                             FACTORS, BLOCK_R)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        else:
+            _finish_rows(acc, rn, row_ok, out_ptr, m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, R, scale,
+                         FACTORS, BLOCK_R)
+
+    @triton.jit
+    def _finish_rows(acc, rn, row_ok, out_ptr, m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, R, scale,
+                     FACTORS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """The rows' norms from their sums of squares, stored, and with FACTORS DoRA's factors (_row_factors)."""
         n = tl.sqrt(acc)
         tl.store(out_ptr + rn, n, mask=row_ok)
         if FACTORS:
@@ -296,12 +319,35 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
     meta = (dict(BLOCKSIZE=weight.blocksize, NESTED_BS=weight.nested_blocksize, DOUBLE=weight.double_quant,
                  HAS_SHIFT=weight.shift is not None) if quant
             else dict(BLOCKSIZE=64, NESTED_BS=256, DOUBLE=False, HAS_SHIFT=False))
-    launch(_row_norm_kernel, (cdiv(N, block_n),),
+    blocks, iters = cdiv(N, block_n), cdiv(K, block_k)
+    split = _norm_split(blocks, iters, data.device)
+    k_per = cdiv(iters, split) * block_k
+    split = cdiv(K, k_per)  # no empty slice
+    if split > 1:
+        from alignlab.kernels.nf4_small import _arrival_counters
+
+        ws, cnt = torch.empty(split, N, dtype=torch.float32, device=data.device), _arrival_counters(data.device, blocks)
+    else:
+        ws = cnt = out  # placeholders, never read
+    launch(_row_norm_kernel, (blocks, split),
            (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
-            b.stride(0), float(scale), *tail),
-           dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, BLOCK_N=block_n,
-                BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, **meta))
+            b.stride(0), float(scale), *tail, ws, cnt, k_per, split),
+           dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, SPLIT=split > 1,
+                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, **meta))
     return (out, *more)
+
+
+def _norm_split(blocks: int, iters: int, device: torch.device) -> int:
+    """How many slices of the input dimension the row-norm kernel's programs split each row block into
+    (:data:`NORM_SPLIT`): enough for about 4 programs per SM, each walking at least 2 column tiles, at most 16;
+    1 when off, while torch.compile traces (the kept counters would be mutated graph inputs), or where the row
+    blocks alone fill the GPU. The interpreter counts 8 SMs (so that small test shapes split)."""
+    if not NORM_SPLIT or torch.compiler.is_compiling():
+        return 1
+    sms = 8 if interpreting() else _SM_COUNT.get(device.index)
+    if sms is None:
+        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(cdiv(4 * sms, blocks), iters // 2, 16))
 
 
 # (BLOCK_N, BLOCK_K, num_warps) of the row-norm kernel on a GPU. Swept on an H200 (2026-12-05, twelve configurations
@@ -309,6 +355,12 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
 # 154.4 us at 4096x4096 / 1024x4096 / 14336x4096 / 4096x14336; (16, 512, 4) 47.6 / 48.4 / 129.7 / 135.4; every
 # larger BLOCK_N was slower (72-693 us). Far from the packed weight's copy time (6-20 us): see RESULTS.md, issue 18.
 ROW_NORM_CONFIG = (16, 256, 4)
+# Split each row block's input dimension over several programs (the row-norm kernel's SPLIT; see _norm_split). The
+# same sweep shows the kernel bound by each program's serial walk where it has few programs: 1024 x 4096 (64
+# programs) took as long as 4096 x 4096 (256), 51.9 against 51.6 us. Off by default until timed on a GPU
+# (ALIGNLAB_DORA_NORM_SPLIT=1 turns it on; benchmarks/RESULTS.md, issue 18).
+NORM_SPLIT = env_switch("ALIGNLAB_DORA_NORM_SPLIT", False)
+_SM_COUNT: dict = {}  # streaming multiprocessors per CUDA device index, asked once
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype

@@ -104,6 +104,54 @@ def test_magnitude_grad_reference_path_fp64_and_errors(torch_mode):
         magnitude_grad(gy, y, bias, m[:4])
 
 
+@pytest.mark.parametrize("out_f,in_f,r", [(37, 200, 3), (16, 160, 16), (5, 130, 20), (1, 128, 1)])
+@pytest.mark.parametrize("quant", [False, True])
+def test_row_norm_split_over_the_input_dimension(out_f, in_f, r, quant, triton_mode, kernel_device, monkeypatch):
+    """NORM_SPLIT: each row block's columns walked by several programs, the last to arrive adding the partials (the
+    interpreter counts 8 SMs, so these shapes split 2-3 ways, the last slice partial): the norm within fp32
+    summation-order rounding of the unsplit kernel's and the formula's, the factors from it as dora_scales makes
+    them, and the arrival counters back at zero (a second call gives the same numbers)."""
+    from alignlab.kernels import dora
+
+    g = torch.Generator().manual_seed(out_f + in_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    dev = kernel_device
+    weight = nf4_quantize(w, blocksize=32).to(dev) if quant else w.to(dev)
+    dense = nf4_dequantize(weight, torch.float32).cpu() if quant else w
+    a, b = (torch.randn(r, in_f, generator=g) / 4).to(dev), (torch.randn(out_f, r, generator=g) / 4).to(dev)
+    m = torch.randn(out_f, generator=g).to(dev)
+    unsplit = dora_row_norm(weight, a, b, 0.7)
+    monkeypatch.setattr(dora, "NORM_SPLIT", True)
+    if dev == "cpu":  # the interpreter's tiles: 16 rows x 32 columns
+        assert dora._norm_split(-(-out_f // 16), -(-in_f // 32), torch.device(dev)) > 1
+    got = dora_norm_and_scales(weight, a, b, 0.7, m, b, torch.float32)
+    again = dora_norm_and_scales(weight, a, b, 0.7, m, b, torch.float32)
+    for x, y in zip(got, again):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(got[0], unsplit, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0].cpu().double(), _norm_formula(dense, a.cpu(), b.cpu(), 0.7), rtol=1e-5,
+                               atol=1e-5)
+    for x, y in zip(got[1:], dora_scales(got[0], m, b, 0.7, torch.float32)):
+        assert torch.equal(x, y)
+
+
+def test_norm_split_rule(monkeypatch):
+    """About 4 programs per SM, at least 2 column tiles each, at most 16 slices; 1 when off or already full."""
+    from alignlab.kernels import dora
+
+    monkeypatch.setattr(dora, "interpreting", lambda: False)
+    monkeypatch.setattr(dora, "_SM_COUNT", {0: 132})
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(dora, "NORM_SPLIT", False)
+    assert dora._norm_split(64, 16, dev) == 1
+    monkeypatch.setattr(dora, "NORM_SPLIT", True)
+    assert dora._norm_split(64, 16, dev) == 8  # 1024 x 4096 in 16 x 256 tiles: wanted 9, 2 tiles each at most 8
+    assert dora._norm_split(256, 16, dev) == 3  # 4096 x 4096
+    assert dora._norm_split(896, 16, dev) == 1  # 14336 x 4096: the row blocks fill the GPU
+    assert dora._norm_split(1, 1000, dev) == 16
+    assert dora._norm_split(10, 1, dev) == 1
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("quant", [False, True])
 def test_row_norm_and_column_dot_cuda_bf16(quant):
@@ -116,6 +164,15 @@ def test_row_norm_and_column_dot_cuda_bf16(quant):
     dense = nf4_dequantize(weight, torch.float32) if quant else w.float()
     torch.testing.assert_close(dora_row_norm(weight, a, b, 2.0).double(), _norm_formula(dense, a, b, 2.0),
                                rtol=1e-4, atol=1e-4)
+    from alignlab.kernels import dora
+
+    dora.NORM_SPLIT, before = True, dora.NORM_SPLIT
+    try:  # the split form (63 row blocks: split several ways on any current GPU), twice: counters back at zero
+        for _ in range(2):
+            torch.testing.assert_close(dora_row_norm(weight, a, b, 2.0).double(), _norm_formula(dense, a, b, 2.0),
+                                       rtol=1e-4, atol=1e-4)
+    finally:
+        dora.NORM_SPLIT = before
     u, v = torch.randn(2, 3000, 777, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(column_dot(u, v).double(), (u.double() * v.double()).sum(0), rtol=1e-4, atol=1e-3)
 
