@@ -72,8 +72,11 @@ if triton is not None:
         b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + rr[None, :],
                     mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        k_lo = tl.program_id(1) * k_per  # k_per: a multiple of BLOCK_K (the whole K without SPLIT)
-        for k0 in range(k_lo, tl.minimum(K, k_lo + k_per), BLOCK_K):
+        k_lo, k_hi = 0, K
+        if SPLIT:  # k_per: a multiple of BLOCK_K
+            k_lo = tl.program_id(1) * k_per
+            k_hi = tl.minimum(K, k_lo + k_per)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (rk[None, :] < K)
             if QUANT:
