@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms ``‖W + s·B·A‖`` in fp32 (fp64 for fp64 inputs), shape ``(out,)``; no dense temporary for fp32 ``W``.
+    Under ``torch.autocast`` too (it is off inside: it ran these products in 16 bits, twice the fp32 error).
 
     Args:
         weight: base weight ``(out, in)``.
@@ -40,6 +41,10 @@ def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
         b: LoRA ``B`` ``(out, r)``.
         scale: LoRA scaling ``s``.
     """
+    device = weight.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):  # autocast would run the products below in 16 bits
+            return dora_weight_norm(weight, a, b, scale)
     dt = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
     w, a, b = weight.to(dt), a.to(dt), b.to(dt)
     w_sq = torch.linalg.vector_norm(w, dim=1).square()

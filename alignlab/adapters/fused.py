@@ -453,13 +453,17 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
     available = _AUTOCAST_AVAILABLE.get(device)
     if available is None:  # e.g. "meta" has no autocast state to ask about
-        available = _AUTOCAST_AVAILABLE[device] = torch.amp.is_autocast_available(device)
+        available = torch.amp.is_autocast_available(device)
+        if not torch.compiler.is_compiling():  # a write traced by Dynamo made the next call recompile
+            _AUTOCAST_AVAILABLE[device] = available
     if not available or not torch.is_autocast_enabled(device) or x.dtype is torch.float64:
         return None
     return torch.get_autocast_dtype(device)
 
 
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type: asked once (a per-call cost otherwise)
+# per device type: asked once (a per-call cost otherwise); the common ones at import, so that a first call traced by
+# torch.compile finds them (Dynamo guards on what the dict holds)
+_AUTOCAST_AVAILABLE: dict[str, bool] = {d: torch.amp.is_autocast_available(d) for d in ("cpu", "cuda")}
 
 
 def _dtypes(x: torch.Tensor, weight, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype, bool]:

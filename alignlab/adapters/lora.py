@@ -340,7 +340,10 @@ class LoRALinear(AdapterLayer):
                 out = (out + self._dora(x, xa, out, name, a, b)).to(out.dtype)
             elif a.dtype == out.dtype:  # one GEMM adds s·(xA)Bᵀ into out in its epilogue: no extra pass
                 flat = out.reshape(-1, out.shape[-1])
-                out = torch.addmm(flat, F.linear(xa, a).reshape(-1, a.shape[0]), b.T, alpha=self.scaling[name]).view(out.shape)
+                # in out's dtype: under autocast the addmm runs in 16 bits, and a base that returns its input's
+                # dtype (NF4Linear) keeps it, as on the fused path
+                out = torch.addmm(flat, F.linear(xa, a).reshape(-1, a.shape[0]), b.T,
+                                  alpha=self.scaling[name]).view(out.shape).to(out.dtype)
             else:
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
         return out

@@ -247,6 +247,76 @@ def test_compiled_lora_layers_run_as_the_custom_ops(dora, min_rows, takes_op, to
         torch.testing.assert_close(grads.get(k, grads.get("_orig_mod." + k)), ref, rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_a_first_call_traced_by_torch_compile_does_not_recompile(torch_mode, monkeypatch):
+    """The first compiled call of a process used to fill fused._AUTOCAST_AVAILABLE while Dynamo traced it: Dynamo
+    guarded on the key being absent, so the second, identical call compiled the whole model again."""
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "_AUTOCAST_AVAILABLE", {})  # as in a process whose first layer call is traced
+    model = _qlora_llama(False)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        for _ in range(3):
+            _loss_and_grads(compiled, ids)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_compiled_ops_under_autocast_equal_eager(dora, nf4, torch_mode, monkeypatch):
+    """Under torch.autocast(bf16) on a bf16 base (fp32 masters), the custom ops give the eager layer's output and
+    gradients bit for bit; the DoRA norm stays fp32 on both (autocast used to run the eager reference's products
+    in bf16)."""
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "OP_MIN_ROWS", 1)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 24, bias=True).to(torch.bfloat16)
+    if nf4:
+        base = NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 40, 64, dtype=torch.bfloat16, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        results.append((y, torch.autograd.grad(y.float().square().sum(), params)))
+    torch._dynamo.reset()
+    (y, grads), (y_ref, grads_ref) = results[1], results[0]
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_plain_path_keeps_an_nf4_base_output_dtype_under_autocast(torch_mode):
+    """Two active adapters take the plain path: under autocast its rank-r addmm ran in bf16 and returned bf16 for an
+    fp32 input, where the base alone and the fused path (one adapter) return the input's dtype."""
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(64, 24), blocksize=32, compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    layer.add_adapter("other", r=4, alpha=8)
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = base(x)
+        one = layer(x)
+        layer.set_active(["default", "other"])
+        both = layer(x)
+    assert alone.dtype == one.dtype == both.dtype == torch.float32
+
+
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])
 def test_adapter_ops_pass_opcheck(nf4, rows, torch_mode):
