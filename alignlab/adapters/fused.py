@@ -55,6 +55,9 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 # (H100, 2026-12-05: benchmarks/adapter_epilogue.py and qlora_step.py, see RESULTS.md); ALIGNLAB_LORA_WIDE_K=0 off
 WIDE_K = env_switch("ALIGNLAB_LORA_WIDE_K", True)
 WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened form costs one launch more
+# Backward's s·dy B and dyᵀ (s·x Aᵀ) from one read of dy (alignlab.kernels.lora_grads.rank_grads) instead of two
+# GEMMs: off until timed on a GPU (ALIGNLAB_LORA_DY_PASS=1 turns it on; benchmarks/lora_dy_pass.py)
+DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", False)
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -327,12 +330,27 @@ def _lora_grads(g: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bc:
                 a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple:
     """``(dx (tokens, in) in the compute dtype, ∂L/∂A in a_dtype, ∂L/∂B in b_dtype)``, None where not needed, from
     ``g = ∂L/∂y (tokens, out)`` and ``xa = s·x Aᵀ``; ``b_scaled``: a cached ``s·B`` or None."""
-    # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
-    gb = g @ b_scaled if b_scaled is not None else _scaled_mm(g, bc, scale)
+    db = None
+    if need_b and _dy_pass(g, xa):  # both rank-r products of dy from one read of it
+        from alignlab.kernels.lora_grads import rank_grads
+
+        gb, db = rank_grads(g, bc if b_scaled is None else b_scaled, xa, scale if b_scaled is None else 1.0, b_dtype)
+    else:  # (tokens, r): s·dy B, the gradient reaching x Aᵀ (one GEMM with alpha = s, or a cached s·B)
+        gb = g @ b_scaled if b_scaled is not None else _scaled_mm(g, bc, scale)
     dx = _adapted_input_grad(g, weight, gb, ac) if need_x else None
     da = _mm_to(gb.T, x2, a_dtype) if need_a else None
-    db = _mm_to(g.T, xa, b_dtype) if need_b else None  # xa is s·x Aᵀ
+    if need_b and db is None:
+        db = _mm_to(g.T, xa, b_dtype)  # xa is s·x Aᵀ
     return dx, da, db
+
+
+def _dy_pass(g: torch.Tensor, xa: torch.Tensor) -> bool:
+    """Whether the backward takes :func:`alignlab.kernels.lora_grads.rank_grads` (``DY_PASS``, its Triton path)."""
+    if not DY_PASS or xa.shape[1] > 64:
+        return False
+    from alignlab.kernels.dispatch import use_triton
+
+    return use_triton(g, xa)
 
 
 def _dora_out(x2, weight, bias, ac, b, magnitude, scale: float, dtype: torch.dtype, norm, factors=None):
@@ -415,12 +433,18 @@ def _dora_grads(gy: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bg
     ``gy = ∂L/∂y (tokens, out)`` in the compute dtype and what :func:`_dora_out` returned."""
     from alignlab.kernels.dora import magnitude_grad
 
-    gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
+    db = None
+    if need_b and _dy_pass(gy, xa):  # as in _lora_grads
+        from alignlab.kernels.lora_grads import rank_grads
+
+        gb, db = rank_grads(gy, bgs, xa, 1.0, torch.promote_types(b_dtype, torch.float32))
+    else:
+        gb = gy @ bgs  # (tokens, r): the gradient reaching x Aᵀ
     dx = _adapted_input_grad(gy, weight, gb, ac, g) if need_x else None
     da = _mm_to(gb.T, x2, a_dtype) if need_a else None
-    db = None
     if need_b:
-        db = _mm_to(gy.T, xa, torch.promote_types(b_dtype, torch.float32))
+        if db is None:
+            db = _mm_to(gy.T, xa, torch.promote_types(b_dtype, torch.float32))
         db = db.mul_(gs.to(db.dtype)).to(b_dtype)
     dm = magnitude_grad(gy, y, bias, magnitude) if need_m else None  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
     return dx, da, db, dm

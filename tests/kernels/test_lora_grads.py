@@ -1,0 +1,93 @@
+"""rank_grads: LoRA's s·dy B and dyᵀ xa from one read of dy, against the two products in float64; and the fused
+LoRA / DoRA layers with it switched on (fused.DY_PASS)."""
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.kernels.lora_grads import rank_grads, rank_grads_reference
+
+pytest.importorskip("triton")
+
+
+def _inputs(T, O, R, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(t.to(dtype).to(device) for t in (torch.randn(T, O, generator=g), torch.randn(O, R, generator=g) / 4,
+                                                   torch.randn(T, R, generator=g) / 4))
+
+
+# (T, O, R): partial row and column tiles, one row, r below / at / above one tile of 16, more column blocks than rows
+SHAPES = [(37, 70, 3), (1, 16, 1), (64, 48, 16), (20, 130, 20), (5, 33, 64)]
+
+
+@pytest.mark.parametrize("T,O,R", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_rank_grads_interpreter(T, O, R, dtype, splits, triton_mode, kernel_device):
+    g, b, xa = _inputs(T, O, R, dtype, kernel_device, seed=T + O)
+    gb, db = rank_grads(g, b, xa, 0.5, torch.float32, splits=splits)
+    assert gb.dtype == dtype and gb.shape == (T, R) and db.dtype == torch.float32 and db.shape == (O, R)
+    g64, b64, xa64 = (t.double().cpu() for t in (g, b, xa))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(gb.cpu().double(), 0.5 * g64 @ b64, rtol=tol, atol=tol)
+    torch.testing.assert_close(db.cpu().double(), g64.T @ xa64, rtol=1e-5, atol=1e-5 * max(1, T) ** 0.5)
+    ref_gb, ref_db = rank_grads_reference(g, b, xa, 0.5, torch.float32)
+    torch.testing.assert_close(gb, ref_gb, rtol=tol, atol=tol)
+    torch.testing.assert_close(db, ref_db, rtol=1e-5, atol=1e-4)
+
+
+def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
+    g, b, xa = _inputs(30, 40, 4, torch.float32, kernel_device)
+    wide = torch.zeros(30, 50, device=kernel_device)
+    wide[:, 3:43] = g
+    got = rank_grads(wide[:, 3:43], b, xa, 2.0, torch.float32)  # a column slice: rows 50 apart
+    want = rank_grads(g, b, xa, 2.0, torch.float32)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    gb, db = rank_grads(g[:0], b, xa[:0], 2.0, torch.float32)  # no rows: dB is zero
+    assert gb.shape == (0, 4) and torch.equal(db, torch.zeros(40, 4, device=kernel_device))
+    with pytest.raises(ValueError, match="xa"):
+        rank_grads(g, b, xa[:, :3], 2.0, torch.float32)
+    with pytest.raises(TypeError, match="share"):
+        rank_grads(g, b.half(), xa, 2.0, torch.float32)
+    with pytest.raises(ValueError, match="r <= 64"):
+        rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
+    with pytest.raises(ValueError, match="block_o"):
+        rank_grads(g, b, xa, 2.0, torch.float32, block_o=24)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_fused_layers_with_the_dy_pass_match_the_two_gemms(dora, nf4, triton_mode, kernel_device, monkeypatch):
+    """fused.DY_PASS on: the LoRA / DoRA layer's gradients equal those of the default two GEMMs to fp32 summation
+    order (fp32 compute, so the interpreter's products are exact enough to compare)."""
+    from alignlab.adapters import LoRALinear, fused
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 40, bias=True)
+    if nf4:
+        base = NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float32)
+    layer = LoRALinear(base.to(kernel_device), r=4, alpha=8, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 11, 64, device=kernel_device, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    grads = []
+    for on in (False, True):
+        monkeypatch.setattr(fused, "DY_PASS", on)
+        y = layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), params))
+    for got, want in zip(grads[1], grads[0]):
+        scale = want.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got / scale, want / scale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_grads_cuda(dtype):
+    g, b, xa = _inputs(4100, 1030, 16, dtype, "cuda", seed=3)
+    gb, db = rank_grads(g, b, xa, 2.0, torch.float32)
+    ref_gb, ref_db = rank_grads_reference(g, b, xa, 2.0, torch.float32)
+    torch.testing.assert_close(gb.float(), ref_gb.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(db, ref_db, rtol=1e-3, atol=1e-2)
