@@ -4,7 +4,7 @@ fused path makes them today (two cuBLAS GEMMs, ``fused._scaled_mm`` and ``fused.
 rows (batch 4 x 2048), r = 16, bf16. ``triton.testing.do_bench`` medians; the copy column moves ``dy``'s bytes once
 (read + write of the same size: the time one read of ``dy`` costs at copy speed, roughly). One JSON line per shape.
 
-    python benchmarks/lora_dy_pass.py [--rows 8192] [--out benchmarks/results/lora_dy_pass.json]
+    python benchmarks/lora_dy_pass.py [--rows 8192] [--rank 16] [--out benchmarks/results/lora_dy_pass.json]
 """
 import argparse
 import json

@@ -346,8 +346,8 @@ def _lora_grads(g: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bc:
 
 def _dy_pass(g: torch.Tensor, xa: torch.Tensor) -> bool:
     """Whether the backward takes :func:`alignlab.kernels.lora_grads.rank_grads` (``DY_PASS``, its Triton path)."""
-    if not DY_PASS or xa.shape[1] > 64:
-        return False
+    if not DY_PASS or xa.shape[1] > 64 or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False  # (an fp64 layer keeps the GEMMs)
     from alignlab.kernels.dispatch import use_triton
 
     return use_triton(g, xa)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from alignlab._checks import is_int
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 
@@ -103,13 +104,14 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     if R > 64:
         raise ValueError(f"rank_grads takes r <= 64, got {R}")
     interp = interpreting()
-    block_t = block_t or (16 if interp else 64)
-    block_o = block_o or (16 if interp else 128)
+    block_t = (16 if interp else 64) if block_t is None else block_t
+    block_o = (16 if interp else 128) if block_o is None else block_o
     for name, v in (("block_t", block_t), ("block_o", block_o)):
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
-    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        if not is_int(v) or v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 or None, got {v!r}")
+    if splits is not None and (not is_int(splits) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
     if not use_triton(g, b, xa):
         return rank_grads_reference(g, b, xa, scale, b_dtype)
     block_r = max(16, next_power_of_2(R))
@@ -122,7 +124,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     if splits is None:
         sms = 8 if interp else torch.cuda.get_device_properties(g.device).multi_processor_count
         splits = max(1, min(cdiv(4 * sms, n_o), cdiv(T, block_t)))
-    rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    rows_per_split = cdiv(cdiv(T, int(splits)), block_t) * block_t
     splits = cdiv(T, rows_per_split)
     gb_part = torch.empty(n_o, T, block_r, dtype=torch.float32, device=g.device)
     db_part = torch.empty(splits, O, block_r, dtype=torch.float32, device=g.device)
@@ -131,6 +133,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
             float(scale)),
            dict(IEEE=g.dtype == torch.float32, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r,
                 num_warps=4 if interp else 8))
-    gb = gb_part.sum(0)[:, :R].to(g.dtype)
-    db = db_part.sum(0)[:, :R].to(b_dtype)
+    # contiguous (r, not the padded BLOCK_R, apart): where no cast copies them, the slices would keep BLOCK_R strides
+    gb = gb_part.sum(0)[:, :R].to(g.dtype).contiguous()
+    db = db_part.sum(0)[:, :R].to(b_dtype).contiguous()
     return gb, db

@@ -319,10 +319,16 @@ def test_plain_path_keeps_an_nf4_base_output_dtype_under_autocast(torch_mode):
 
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])
-def test_adapter_ops_pass_opcheck(nf4, rows, torch_mode):
+@pytest.mark.parametrize("dy_pass", [False, True])  # backward's rank-r products by rank_grads (interpreter)
+def test_adapter_ops_pass_opcheck(nf4, rows, dy_pass, monkeypatch):
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the four custom ops (LoRA and
-    DoRA, forward and backward), dense and NF4 weights, empty and odd row counts."""
+    DoRA, forward and backward), dense and NF4 weights, empty and odd row counts; r = 4 (rank_grads pads r to 16:
+    its results must still be dense, as the fake ones are)."""
+    from alignlab.adapters import fused
     from alignlab.adapters.fused import _nf4_fields
+
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "triton" if dy_pass else "torch")
+    monkeypatch.setattr(fused, "DY_PASS", dy_pass)
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g)

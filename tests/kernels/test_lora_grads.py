@@ -52,8 +52,30 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
-    with pytest.raises(ValueError, match="block_o"):
-        rank_grads(g, b, xa, 2.0, torch.float32, block_o=24)
+    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            rank_grads(g, b, xa, 2.0, torch.float32, **bad)
+
+
+@pytest.mark.parametrize("R", [1, 8, 16, 20])
+def test_rank_grads_results_are_contiguous(R, triton_mode, kernel_device):
+    """Both results are dense (r, not the kernel's padded width, apart), in fp32 too (no cast copies them there):
+    the backward custom ops declare contiguous gradients, and Inductor checks the strides."""
+    g, b, xa = _inputs(9, 20, R, torch.float32, kernel_device)
+    gb, db = rank_grads(g, b, xa, 1.0, torch.float32)
+    assert gb.is_contiguous() and db.is_contiguous()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_an_fp64_layer_with_the_dy_pass_on_keeps_the_gemms(dora, triton_mode, kernel_device, monkeypatch):
+    from alignlab.adapters import LoRALinear, fused
+
+    monkeypatch.setattr(fused, "DY_PASS", True)
+    layer = LoRALinear(nn.Linear(40, 30).double().requires_grad_(False).to(kernel_device), r=4, alpha=8,
+                       use_dora=dora)
+    x = torch.randn(7, 40, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.lora_B["default"].weight.grad is not None
 
 
 @pytest.mark.parametrize("dora", [False, True])
