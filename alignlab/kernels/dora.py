@@ -44,6 +44,7 @@ try:
 
     from alignlab.kernels.nf4_matmul import _nf4_weight_tile
     from alignlab.kernels.nf4_dequant import _state_args
+    from alignlab.kernels.nf4_small import split_total
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
@@ -64,7 +65,7 @@ if triton is not None:
         """out[n] = ‖W[n, :] + scale · B[n, :] @ A‖₂ for the BLOCK_N rows of this program; with FACTORS
         also DoRA's per-row factors from it (see _row_factors). With SPLIT, program (i, j) sums the squares of
         columns [j·k_per, (j + 1)·k_per) into the fp32 workspace row j; the last of a row block's n_split programs
-        to arrive adds the partials in fixed order (deterministic) and finishes the rows (as nf4_small._finish)."""
+        to arrive adds the partials in fixed order (deterministic) and finishes the rows (nf4_small.split_total)."""
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
@@ -95,13 +96,8 @@ if triton is not None:
             v = tl.where(ok, w + (scale * ba).to(tl.float32), 0.0)  # under torch.compile `scale` arrives as fp64
             acc += tl.sum(v * v, axis=1)
         if SPLIT:
-            tl.store(ws_ptr + tl.program_id(1) * N + rn, acc, mask=row_ok)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_split - 1:
-                acc = tl.zeros_like(acc)
-                for j in range(0, n_split):
-                    acc += tl.load(ws_ptr + j * N + rn, mask=row_ok, other=0.0, cache_modifier=".cg")
+            last, acc = split_total(acc, rn, row_ok, ws_ptr, cnt_ptr, pid_n, tl.program_id(1), n_split, N)
+            if last:
                 _finish_rows(acc, rn, row_ok, out_ptr, m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, R, scale,
                              FACTORS, BLOCK_R)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)

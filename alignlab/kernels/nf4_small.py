@@ -226,24 +226,34 @@ if triton is not None:
         return xe, xo
 
     @triton.jit
+    def split_total(part, offs, mask, ws_ptr, cnt_ptr, tile, k, n_split, n_out):
+        """Split-K in one launch: store ``part`` as slice ``k``'s partial of ``tile`` (``ws[k, offs]``, rows of
+        ``n_out``) and count the arrival; returns ``(last, total)``: whether this program arrived last and, if so,
+        the partials summed in fixed order (deterministic; ``part`` otherwise). The last one then finishes the tile
+        and resets the count (``tl.atomic_xchg(cnt_ptr + tile, 0)``) for the next launch.
+
+        Arrival count per tile in ``cnt_ptr`` (zero before the launch): all threads store, a CTA barrier, then one
+        release/acquire atomic -- the ordering CUTLASS's split-K semaphore relies on; the partials are then read
+        through L2 (``.cg``), past the L1. Also the DoRA row norm's (``alignlab.kernels.dora``)."""
+        tl.store(ws_ptr + k * n_out + offs, part, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = arrived == n_split - 1
+        if last:
+            part = tl.zeros_like(part)
+            for j in range(0, n_split):
+                part += tl.load(ws_ptr + j * n_out + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        return last, part
+
+    @triton.jit
     def _finish(part, offs, mask, n_out, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Write ``part`` (+ bias) to ``y``, or, with ``SPLIT``, this K slice's partial to the workspace; the
         last slice of a tile to arrive sums the partials in fixed order and writes ``y`` (one launch, no
-        zero-filled accumulator, deterministic).
-
-        Arrival count per output tile in ``cnt_ptr`` (zero before the launch; the last slice resets it):
-        all threads store, a CTA barrier, then one release/acquire atomic -- the ordering CUTLASS's
-        split-K semaphore relies on; the partials are then read through L2 (``.cg``), past the L1.
-        """
+        zero-filled accumulator, deterministic: :func:`split_total`)."""
         if SPLIT:
-            tl.store(ws_ptr + pid_k * n_out + offs, part, mask=mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_split - 1:
-                part = tl.zeros_like(part)
-                for k in range(0, n_split):
-                    part += tl.load(ws_ptr + k * n_out + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            last, part = split_total(part, offs, mask, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, n_out)
+            if last:
                 if HAS_BIAS:
                     part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
