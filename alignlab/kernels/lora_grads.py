@@ -63,8 +63,9 @@ if triton is not None:
             else:
                 acc += tl.dot(tl.trans(g), xa)
                 part = tl.dot(g, b)
-            tl.store(gb_ptr + (pid_o * T + rows) * BLOCK_R + rr[None, :], part * scale, mask=t_ok[:, None])
-        tl.store(db_ptr + (pid_t * O + ro[:, None].to(tl.int64)) * BLOCK_R + rr[None, :], acc, mask=o_ok[:, None])
+            tl.store(gb_ptr + (pid_o.to(tl.int64) * T + rows) * BLOCK_R + rr[None, :], part * scale,
+                     mask=t_ok[:, None])
+        tl.store(db_ptr + (pid_t.to(tl.int64) * O + ro[:, None]) * BLOCK_R + rr[None, :], acc, mask=o_ok[:, None])
 
 
 def rank_grads_reference(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
@@ -91,10 +92,11 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     Raises:
         ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating.
 
-    Where :func:`~alignlab.kernels.dispatch.use_triton` declines (CPU tensors outside the interpreter), the
-    reference.
+    Where :func:`~alignlab.kernels.dispatch.use_triton` declines (CPU tensors outside the interpreter), and for
+    bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong), the reference.
     """
-    if g.dim() != 2 or b.dim() != 2 or xa.dim() != 2 or b.shape[0] != g.shape[1] or xa.shape != (g.shape[0], b.shape[1]):
+    if (g.dim() != 2 or b.dim() != 2 or xa.dim() != 2 or b.shape[0] != g.shape[1]
+            or xa.shape != (g.shape[0], b.shape[1])):
         raise ValueError(f"g must be (T, O), b (O, r) and xa (T, r), got {tuple(g.shape)}, {tuple(b.shape)}, "
                          f"{tuple(xa.shape)}")
     if not (g.dtype == b.dtype == xa.dtype) or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -112,7 +114,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     if splits is not None and (not is_int(splits) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
-    if not use_triton(g, b, xa):
+    if not use_triton(g, b, xa) or (interp and g.dtype == torch.bfloat16):  # the interpreter's bf16 tl.dot is wrong
         return rank_grads_reference(g, b, xa, scale, b_dtype)
     block_r = max(16, next_power_of_2(R))
     if T == 0 or O == 0 or R == 0:
