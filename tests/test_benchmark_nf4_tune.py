@@ -63,9 +63,10 @@ def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
 
 
 def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_run():
-    """TABLES["H200"]'s swapped-kernel entries are what table_from_rows gives from the recorded H200 run at the
-    buckets up to its max_m (32); no shape is listed under two alternatives at one bucket (the late entries the swap
-    run beat were dropped), and every shape the table names is in its "shapes"."""
+    """TABLES["H200"]'s swapped-kernel entries are what table_from_rows gives from the recorded H200 run (buckets up
+    to 64: above max_m, 32, they apply at the shapes listed, max_m_listed); no shape is listed under two
+    alternatives at one bucket (the late entries the swap run beat were dropped), and every shape the table names is
+    in its "shapes"."""
     import json
     from pathlib import Path
 
@@ -74,9 +75,10 @@ def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_run():
     tune = load_script("benchmarks/nf4_tune.py")
     rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "nf4_tune_swap_h200.json")
                       .read_text())["rows"]
-    configs, _ = tune.table_from_rows(rows)
+    configs, max_m = tune.table_from_rows(rows)
     table = TABLES["H200"]
-    want = {k: v for k, v in configs.items() if k[1] <= table["max_m"]}
+    assert table["max_m_listed"] == max_m == 64
+    want = configs
     assert {k: v for k, v in table["configs"].items() if k[0].startswith("swap")} == want
     for m in (1, 2, 4, 8, 16, 32, 64):
         listed = [s for alt in ALTERNATIVES for s in table["configs"].get((alt, m), {})]

@@ -23,11 +23,11 @@ import math
 
 import torch
 
-__all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows", "TABLES",
-           "ALTERNATIVES", "register_table"]
+__all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows",
+           "takes_small", "TABLES", "ALTERNATIVES", "register_table"]
 
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}},
-#                "shapes": [(N, K), ...] (optional)}.
+#                "shapes": [(N, K), ...] (optional), "max_m_listed": int (optional, see takes_small)}.
 # A shape listed under ("swap_early", m), ("swap", m) or ("late", m) takes that kernel at that bucket (it measured
 # faster there than the default of the same shape in the same run); the other shapes keep the base kernel ("gemv"
 # at M = 1, "dot" above), with the table's entry or else the rules (see small_choice). "shapes" lists the measured
@@ -61,8 +61,9 @@ TABLES: dict[str, dict] = {
     # it they took the 4096 x 4096 entries: 1.2-1.8x slower). max_m: at M = 32 the small kernel measured 0.74x
     # the time of dequantize + cuBLAS at four shapes and 1.01x at 4096 x 4096 (at the 1024-row shapes 1.2x and
     # 1.4x, kept: the bound is per device); at M = 64 it was slower at every shape.
-    "H200": {"max_m": 32, "shapes": [(1024, 4096), (1024, 8192), (4096, 4096), (14336, 4096), (4096, 14336),
-                                     (8192, 8192), (28672, 8192)], "configs": {
+    "H200": {"max_m": 32, "max_m_listed": 64,
+             "shapes": [(1024, 4096), (1024, 8192), (4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
+                        (28672, 8192)], "configs": {
         ("gemv", 1): {(1024, 4096): (32, 4, 8, 4, 2), (1024, 8192): (32, 4, 8, 4, 2), (4096, 4096): (64, 2, 8, 4, 1),
                       (14336, 4096): (64, 1, 8, 2, 1), (4096, 14336): (64, 2, 8, 4, 3),
                       (8192, 8192): (128, 1, 8, 4, 3), (28672, 8192): (64, 1, 16, 2, 1)},
@@ -95,9 +96,10 @@ TABLES: dict[str, dict] = {
         ("late", 32): {(1024, 8192): (128, 4, 16, 8, 1)},
         # nf4_tune.py --kernels swap_early swap on one H200, 2026-12-05 (torch 2.11, Triton 3.6;
         # results/nf4_tune_swap_h200.json): the swapped-operand kernels where their best configuration took
-        # <= 0.95x the time of the entries above (dot / late) in the same run (table_from_rows). Its M = 64 entries
-        # (0.64-0.89x the time of dequantize + cuBLAS, 1.35-1.6x bf16's) are not taken: max_m stays 32 until the
-        # 1024-row shapes (k / v), which a higher bound would send to an unmeasured kernel, are measured there
+        # <= 0.95x the time of the entries above (dot / late) in the same run (table_from_rows); at M = 64 where
+        # they took 0.64-0.89x the time of dequantize + cuBLAS (all five shapes; 1.35-1.6x bf16's). max_m stays 32:
+        # the 1024-row shapes (k / v) were not measured at M = 64, so 33..64 rows take these kernels only at the
+        # shapes listed at that bucket ("max_m_listed", takes_small), the others dequantize + cuBLAS as before
         ("swap_early", 2): {(14336, 4096): (64, 1, 8, 2, 2), (4096, 14336): (64, 1, 16, 2, 2),
                             (8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2)},
         ("swap_early", 4): {(4096, 14336): (64, 1, 16, 2, 2), (8192, 8192): (64, 1, 8, 2, 2),
@@ -109,6 +111,9 @@ TABLES: dict[str, dict] = {
         ("swap_early", 32): {(4096, 4096): (64, 4, 8, 4, 1), (14336, 4096): (64, 4, 4, 4, 1),
                              (4096, 14336): (64, 4, 16, 4, 1), (28672, 8192): (128, 1, 8, 4, 1)},
         ("swap", 32): {(8192, 8192): (128, 1, 8, 2, 2)},
+        ("swap_early", 64): {(4096, 4096): (64, 2, 8, 4, 1), (14336, 4096): (64, 2, 2, 4, 1),
+                             (4096, 14336): (64, 2, 8, 4, 1), (8192, 8192): (64, 4, 4, 4, 1)},
+        ("swap", 64): {(28672, 8192): (128, 1, 4, 8, 3)},
     }},
 }
 
@@ -118,8 +123,9 @@ def register_table(key: str, table: dict) -> None:
     ``TABLES[...]`` literal ``benchmarks/nf4_tune.py`` prints on such a GPU, without editing this file.
 
     ``table``: ``{"max_m": 1..64, "configs": {(kernel, bucket): {(N, K): (block_n, nb, split, num_warps,
-    num_stages)}}, "shapes": [(N, K), ...]}`` (``"shapes"`` optional; needed where the base kernel has no entries
-    of its own, see :func:`small_choice`). Checked before anything changes; stored with tuples. Launch plans made
+    num_stages)}}, "shapes": [(N, K), ...], "max_m_listed": max_m..64}`` (``"shapes"`` optional; needed where the
+    base kernel has no entries of its own, see :func:`small_choice`; ``"max_m_listed"`` optional, see
+    :func:`takes_small`). Checked before anything changes; stored with tuples. Launch plans made
     before are dropped, but decode launchers kept on NF4 weights by earlier eager calls keep theirs: register
     before the first NF4 product (or move / reload the weights).
 
@@ -135,9 +141,12 @@ def register_table(key: str, table: dict) -> None:
     max_m = table.get("max_m")
     if not _is_pos_int(max_m) or max_m > 64:
         raise ValueError(f"table['max_m'] must be an int in 1..64, got {max_m!r}")
-    unknown = set(table) - {"max_m", "configs", "shapes"}
+    unknown = set(table) - {"max_m", "max_m_listed", "configs", "shapes"}
     if unknown:
-        raise ValueError(f"table has unknown fields {sorted(unknown)} (max_m, configs, shapes)")
+        raise ValueError(f"table has unknown fields {sorted(unknown)} (max_m, max_m_listed, configs, shapes)")
+    listed = table.get("max_m_listed", max_m)
+    if not _is_pos_int(listed) or not max_m <= listed <= 64:
+        raise ValueError(f"table['max_m_listed'] must be an int in max_m..64 ({max_m}..64), got {listed!r}")
     shapes = [_shape(s, "table['shapes']") for s in table.get("shapes") or []]
     configs: dict = {}
     for where, entries in table["configs"].items():
@@ -165,7 +174,8 @@ def register_table(key: str, table: dict) -> None:
                 raise ValueError(f"table['configs'][{(kernel, bucket)!r}] lists {outside}, which are neither in "
                                  "table['shapes'] nor base-kernel entries of that bucket: small_choice would never "
                                  "take them")
-    TABLES[key] = {"max_m": int(max_m), "configs": configs, **({"shapes": shapes} if shapes else {})}
+    TABLES[key] = {"max_m": int(max_m), "configs": configs, **({"shapes": shapes} if shapes else {}),
+                   **({"max_m_listed": int(listed)} if listed > max_m else {})}
     from alignlab.kernels import nf4_small  # here: nf4_small imports this module
 
     nf4_small._PLANS.clear()
@@ -281,15 +291,38 @@ def small_choice(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, dev
     kernel = "gemv" if M == 1 else "dot"
     key = device_key(device)
     if key is not None and blocksize == 64 and dtype != torch.float32:
-        configs = TABLES[key]["configs"]
-        pool = TABLES[key].get("shapes") or configs.get((kernel, m_bucket(M)))
-        if pool:
-            near = _nearest(pool, N, K)
-            for alt in ALTERNATIVES:
-                entry = configs.get((alt, m_bucket(M)), {}).get(near)
-                if entry is not None:
-                    return alt, entry
+        found = _listed_alternative(TABLES[key], kernel, M, N, K)
+        if found is not None:
+            return found
     return kernel, small_config(kernel, M, N, K, blocksize, dtype, device)
+
+
+def _listed_alternative(table: dict, kernel: str, M: int, N: int, K: int) -> tuple[str, tuple] | None:
+    """``(alternative, configuration)`` where ``table`` lists one at ``M``'s bucket for the measured shape nearest
+    to ``(N, K)`` (of its ``"shapes"``, else of the base kernel's bucket), else None."""
+    configs = table["configs"]
+    pool = table.get("shapes") or configs.get((kernel, m_bucket(M)))
+    if pool:
+        near = _nearest(pool, N, K)
+        for alt in ALTERNATIVES:
+            entry = configs.get((alt, m_bucket(M)), {}).get(near)
+            if entry is not None:
+                return alt, entry
+    return None
+
+
+def takes_small(M: int, N: int, K: int, device: torch.device, default: int = 16, *, blocksize: int = 64,
+                dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``M`` rows take the small-``M`` kernels on ``device`` for an ``(N, K)`` weight: up to
+    :func:`max_rows`; above it, up to the table's ``"max_m_listed"`` where the nearest measured shape lists one of
+    :data:`ALTERNATIVES` at ``M``'s bucket (a bound measured per shape: the H200's M = 33..64 entries, the k / v
+    shapes it did not measure there keeping dequantize + cuBLAS)."""
+    if M <= max_rows(device, default, blocksize=blocksize, dtype=dtype):
+        return True
+    key = device_key(device)
+    if key is None or blocksize != 64 or dtype == torch.float32 or M > TABLES[key].get("max_m_listed", 0):
+        return False
+    return _listed_alternative(TABLES[key], "dot", M, N, K) is not None
 
 
 def max_rows(device: torch.device, default: int = 16, *, blocksize: int = 64,

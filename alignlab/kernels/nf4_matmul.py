@@ -15,8 +15,9 @@ never writing the full weight, and feed them to ``tl.dot``.
 Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200 and 64 on the H100:
-  :func:`alignlab.kernels.nf4_configs.max_rows`; ``K % blocksize == 0``, blocksize <= 256):
+* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200 and 64 on the H100, and on the
+  H200 up to 64 at the shapes measured there: :func:`alignlab.kernels.nf4_configs.takes_small`;
+  ``K % blocksize == 0``, blocksize <= 256):
   :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
   ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked
   up in registers.  Measured on an H100 (CUDA graphs, newest run in
@@ -48,7 +49,7 @@ from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
-from alignlab.kernels.nf4_configs import max_rows
+from alignlab.kernels.nf4_configs import takes_small
 from alignlab.kernels.nf4_small import _small_m_matmul, small_m_matmul_op, small_m_runner
 from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
@@ -402,8 +403,8 @@ def _dequant_runner(t: NF4Tensor, dtype: torch.dtype):
 
 def _takes_small(M: int, K: int, t: NF4Tensor, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`nf4_matmul` sends ``M`` rows of ``dtype`` to the small-M kernels (given the Triton path)."""
-    return (USE_SMALL and (M <= SMALL_M or M <= max_rows(device, blocksize=t.blocksize, dtype=dtype))
-            and K % t.blocksize == 0 and t.blocksize <= 256)
+    return (USE_SMALL and K % t.blocksize == 0 and t.blocksize <= 256
+            and (M <= SMALL_M or takes_small(M, t.shape[0], K, device, blocksize=t.blocksize, dtype=dtype)))
 
 
 def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:

@@ -210,6 +210,8 @@ def test_register_table_adds_a_gpu_and_takes_the_shipped_tables(monkeypatch):
     ("X", [], TypeError, "table must be a dict with a 'configs' dict"),
     ("X", {"max_m": 65, "configs": {}}, ValueError, r"max_m'\] must be an int in 1..64, got 65"),
     ("X", {"max_m": 16, "configs": {}, "max_rows": 3}, ValueError, "unknown fields"),
+    ("X", {"max_m": 32, "max_m_listed": 16, "configs": {}}, ValueError, r"max_m_listed'\] must be an int in max_m..64 \(32..64\), got 16"),
+    ("X", {"max_m": 32, "max_m_listed": 128, "configs": {}}, ValueError, "max_m_listed"),
     ("X", {"max_m": 16, "configs": {("mma", 4): {}}}, ValueError, "kernel must be one of"),
     ("X", {"max_m": 16, "configs": {("dot", 3): {}}}, ValueError, "power of two in 1..64, got 3"),
     ("X", {"max_m": 16, "configs": {("gemv", 2): {}}}, ValueError, "the GEMV takes bucket 1 only"),
@@ -227,3 +229,34 @@ def test_register_table_refuses_what_the_kernels_cannot_take(key, table, error, 
     with pytest.raises(error, match=match):
         nf4_configs.register_table(key, table)
     assert nf4_configs.TABLES == before  # nothing registered
+
+
+def test_rows_above_max_m_take_the_small_kernels_only_at_shapes_listed_for_their_bucket(monkeypatch):
+    """The H200 table: up to max_m (32) rows every shape takes the small-M kernels; 33..64 rows (max_m_listed) only
+    where the nearest measured shape lists an alternative at that bucket (the five large shapes), so the 1024-row
+    k / v shapes, not measured there, and what lies nearest to them keep dequantize + cuBLAS; as do other
+    blocksizes, fp32 activations, more than 64 rows, and a GPU without a table."""
+    from alignlab.kernels.nf4_configs import takes_small
+
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H200")
+    dev, bf16 = torch.device("cuda", 0), torch.bfloat16
+    for N, K in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (11008, 4096)]:
+        assert takes_small(40, N, K, dev) and takes_small(64, N, K, dev, dtype=torch.float16), (N, K)
+        assert small_choice(64, N, K, 64, bf16, dev)[0].startswith("swap")
+        assert not takes_small(65, N, K, dev)
+        assert not takes_small(64, N, K, dev, blocksize=128) and not takes_small(64, N, K, dev, dtype=torch.float32)
+    for N, K in [(1024, 4096), (1024, 8192), (2048, 4096)]:
+        assert takes_small(32, N, K, dev) and not takes_small(33, N, K, dev), (N, K)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H100")  # max_m 64, nothing listed beyond
+    assert takes_small(64, 1024, 4096, dev) and not takes_small(65, 4096, 4096, dev)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
+    assert takes_small(16, 4096, 4096, dev) and not takes_small(17, 4096, 4096, dev)
+
+
+def test_register_table_keeps_max_m_listed(monkeypatch):
+    monkeypatch.setattr(nf4_configs, "TABLES", dict(nf4_configs.TABLES))
+    nf4_configs.register_table("X", {"max_m": 16, "max_m_listed": 64, "shapes": [(64, 64)],
+                                     "configs": {("swap", 64): {(64, 64): (64, 1, 1, 4, 1)}}})
+    assert nf4_configs.TABLES["X"]["max_m_listed"] == 64
+    nf4_configs.register_table("Y", {"max_m": 16, "max_m_listed": 16, "configs": {}})
+    assert "max_m_listed" not in nf4_configs.TABLES["Y"]  # no wider than max_m: nothing to keep
