@@ -809,12 +809,13 @@ def _lookup_first(kernel: str, M: int, num_warps: int | None) -> bool:
     """Whether a swapped kernel's plan looks up before the layout change (:data:`LOOKUP_FIRST`): only at 4 warps or
     more (with 2, Triton emits mma.sync, where the early lookup compiled to 18-24% more instructions). The "auto"
     rule, from ``benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST`` on an H100 (2026-12-05, 4 warps, five shapes): on for
-    ``swap`` above 32 rows (0.78-0.95x the time, geometric mean 0.89x); off elsewhere (``swap`` at M = 2 / 16 / 32:
-    0.96 / 1.03 / 1.03x; ``swap_early``: 1.07 / 1.02 / 1.10 / 1.00x at M = 2 / 16 / 32 / 64)."""
+    ``swap`` above 32 rows at 4 warps, as timed (0.78-0.95x the time, geometric mean 0.89x); off elsewhere (``swap``
+    at M = 2 / 16 / 32: 0.96 / 1.03 / 1.03x; ``swap_early``: 1.07 / 1.02 / 1.10 / 1.00x at M = 2 / 16 / 32 / 64;
+    8 warps: not timed)."""
     if (num_warps or 0) < 4:
         return False
     if LOOKUP_FIRST == "auto":
-        return kernel == "swap" and M > 32
+        return kernel == "swap" and M > 32 and num_warps == 4
     return bool(LOOKUP_FIRST)
 
 
