@@ -34,7 +34,7 @@ import torch
 
 from alignlab._checks import env_switch, is_int
 from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
-from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2, sm_count
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -343,9 +343,7 @@ def _norm_split(blocks: int, iters: int, device: torch.device) -> int:
     blocks alone fill the GPU. The interpreter counts 8 SMs (so that small test shapes split)."""
     if not NORM_SPLIT or torch.compiler.is_compiling():
         return 1
-    sms = 8 if interpreting() else _SM_COUNT.get(device.index)
-    if sms is None:
-        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 8 if interpreting() else sm_count(device.index)
     return max(1, min(cdiv(4 * sms, blocks), iters // 2, 16))
 
 
@@ -359,7 +357,6 @@ ROW_NORM_CONFIG = (16, 256, 4)
 # programs) took as long as 4096 x 4096 (256), 51.9 against 51.6 us. Off by default until timed on a GPU
 # (ALIGNLAB_DORA_NORM_SPLIT=1 turns it on; benchmarks/RESULTS.md, issue 18).
 NORM_SPLIT = env_switch("ALIGNLAB_DORA_NORM_SPLIT", False)
-_SM_COUNT: dict = {}  # streaming multiprocessors per CUDA device index, asked once
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype

@@ -21,6 +21,7 @@ turns it off.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -32,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["launch", "bind", "cdiv", "next_power_of_2", "options"]
+__all__ = ["launch", "bind", "cdiv", "next_power_of_2", "options", "sm_count"]
 
 # Triton releases whose compiled-kernel launcher takes (grid x, y, z, stream, function, packed metadata,
 # launch metadata, enter hook, exit hook, *every argument incl. constexprs), with launch hooks in
@@ -63,6 +64,12 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``), for host code (see :func:`cdiv`)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``, asked once per device (grid sizing of split kernels)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def options() -> dict:

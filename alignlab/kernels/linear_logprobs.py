@@ -43,13 +43,12 @@ row, two passes over the vocabulary in blocks) and a PyTorch reference.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
 from alignlab.kernels.dispatch import interpreting, triton_available, use_triton
-from alignlab.kernels.launch import next_power_of_2, options
+from alignlab.kernels.launch import next_power_of_2, options, sm_count
 
 __all__ = ["RowStats", "check_label_range", "chunk_softmax_grad_", "chunk_softmax_grad_reference_"]
 
@@ -336,11 +335,6 @@ def _launch_config(vocab: int) -> tuple[int, int, int, bool]:
     return block_v, max(4, min(32, block_v // 512)), 0, False
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def chunk_softmax_grad_triton_(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -386,7 +380,7 @@ def chunk_softmax_grad_triton_(
         vec_lse = False  # the entropy sum lives in the scalar online loop
     grid = rows
     if per_sm and logits.is_cuda:
-        grid = min(rows, per_sm * _sm_count(logits.device.index or 0))
+        grid = min(rows, per_sm * sm_count(logits.device.index or 0))
     _chunk_softmax_grad_kernel[(grid,)](
         logits,
         logits.stride(0),

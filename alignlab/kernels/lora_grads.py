@@ -23,7 +23,7 @@ import torch
 
 from alignlab._checks import is_int
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2, sm_count
 
 try:
     import triton
@@ -124,7 +124,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     b, xa = b.contiguous(), xa.contiguous()
     n_o = cdiv(O, block_o)
     if splits is None:
-        sms = 8 if interp else torch.cuda.get_device_properties(g.device).multi_processor_count
+        sms = 8 if interp else sm_count(g.device.index)
         splits = max(1, min(cdiv(4 * sms, n_o), cdiv(T, block_t)))
     rows_per_split = cdiv(cdiv(T, int(splits)), block_t) * block_t
     splits = cdiv(T, rows_per_split)

@@ -140,7 +140,7 @@ def test_norm_split_rule(monkeypatch):
     from alignlab.kernels import dora
 
     monkeypatch.setattr(dora, "interpreting", lambda: False)
-    monkeypatch.setattr(dora, "_SM_COUNT", {0: 132})
+    monkeypatch.setattr(dora, "sm_count", lambda index: 132)
     dev = torch.device("cuda", 0)
     monkeypatch.setattr(dora, "NORM_SPLIT", False)
     assert dora._norm_split(64, 16, dev) == 1
