@@ -325,7 +325,7 @@ class LoRALinear(AdapterLayer):
                 if not torch.compiler.is_compiling():
                     return self._fused(x, names[0], dtype)
                 if self._op_applies(x, dtype):
-                    return self._fused_op(x, names[0], dtype)
+                    return self._fused(x, names[0], dtype, traced=True)
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:
@@ -376,13 +376,19 @@ class LoRALinear(AdapterLayer):
             return None
         return dtype
 
-    def _fused(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, name: str, dtype: torch.dtype, traced: bool = False) -> torch.Tensor:
+        """The fused path; ``traced``: as the custom ops of :func:`lora_linear_op` / :func:`dora_linear_op`
+        (torch.compile, see :meth:`_op_applies`), which cast the factors and make the norm themselves."""
         base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
         if a.device != x.device:
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
         dora = self.is_dora(name)
+        if traced:
+            if dora:
+                return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
+            return lora_linear_op(x, weight, base.bias, a, b, scale, dtype)
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
         if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast) if self.cache_casts else None
@@ -399,16 +405,6 @@ class LoRALinear(AdapterLayer):
         return (dtype != torch.float64 and (weight is None or not weight.requires_grad)
                 and (base.bias is None or not base.bias.requires_grad)
                 and x.numel() >= fused.OP_MIN_ROWS * x.shape[-1])
-
-    def _fused_op(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-        if a.device != x.device:
-            raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
-        weight = base.weight if type(base) is nn.Linear else base.quant_weight
-        if self.is_dora(name):
-            return dora_linear_op(x, weight, base.bias, a, b, self.scaling[name], self.lora_magnitude_vector[name],
-                                  dtype)
-        return lora_linear_op(x, weight, base.bias, a, b, self.scaling[name], dtype)
 
     def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float,
                       scaled: bool) -> tuple:
