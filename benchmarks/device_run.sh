@@ -12,11 +12,12 @@
 # the swapped kernels for this GPU), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
 # --knob LOOKUP_FIRST for the two swapped kernels, forced to 4 warps: where the option applies), generate (nf4_generate.py),
 # dora-norm (dora_norm.py: QDoRA's row norm with the input-dimension split off / on), dy-pass (lora_dy_pass.py: the
-# backward's two rank-r products of dy, two GEMMs against one read). Default limits in
+# backward's two rank-r products of dy, two GEMMs against one read), dy-sweep (the same with --sweep: rank_grads'
+# launch configurations). Default limits in
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt nf4-ab lookup-first generate dora-norm dy-pass"
+steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt nf4-ab lookup-first generate dora-norm dy-pass dy-sweep"
 for arg in "$@"; do  # every step name checked before anything is installed or written
   case " $steps " in
     *" ${arg%%:*} "*) ;;
@@ -34,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/devic
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
                   [nf4-ab]=150 [tune-alt]=480 [lookup-first]=200 [generate]=300 [dora-norm]=120
-                  [dy-pass]=90)
+                  [dy-pass]=90 [dy-sweep]=400)
 run_step() {
   local name="$1" seconds="$2"
   shift 2
@@ -70,5 +71,6 @@ for arg in "$@"; do
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
     dora-norm) run_step "$name" "$seconds" python benchmarks/dora_norm.py --out "$out/dora_norm.json" ;;
     dy-pass) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --out "$out/lora_dy_pass.json" ;;
+    dy-sweep) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --sweep --out "$out/lora_dy_sweep.json" ;;
   esac  # (unknown names were refused above, before anything ran)
 done

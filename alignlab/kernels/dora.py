@@ -353,10 +353,11 @@ def _norm_split(blocks: int, iters: int, device: torch.device) -> int:
 # larger BLOCK_N was slower (72-693 us). Far from the packed weight's copy time (6-20 us): see RESULTS.md, issue 18.
 ROW_NORM_CONFIG = (16, 256, 4)
 # Split each row block's input dimension over several programs (the row-norm kernel's SPLIT; see _norm_split). The
-# same sweep shows the kernel bound by each program's serial walk where it has few programs: 1024 x 4096 (64
-# programs) took as long as 4096 x 4096 (256), 51.9 against 51.6 us. Off by default until timed on a GPU
-# (ALIGNLAB_DORA_NORM_SPLIT=1 turns it on; benchmarks/RESULTS.md, issue 18).
-NORM_SPLIT = env_switch("ALIGNLAB_DORA_NORM_SPLIT", False)
+# same sweep showed the kernel bound by each program's serial walk where it has few programs: 1024 x 4096 (64
+# programs) took as long as 4096 x 4096 (256), 51.9 against 51.6 us. On by default since timed (H100, 2026-12-05,
+# benchmarks/dora_norm.py, bit-identical norms): 41.2 -> 14.1 us at 1024 x 4096, 46.7 -> 41.3 at 4096 x 4096,
+# 145.7 -> 120.0 at 4096 x 14336, 14336 x 4096 unsplit (its row blocks fill the GPU); ALIGNLAB_DORA_NORM_SPLIT=0 off.
+NORM_SPLIT = env_switch("ALIGNLAB_DORA_NORM_SPLIT", True)
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype

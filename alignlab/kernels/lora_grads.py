@@ -77,17 +77,17 @@ def rank_grads_reference(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, sca
 
 
 def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float, b_dtype: torch.dtype,
-               *, block_t: int | None = None, block_o: int | None = None, splits: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               *, block_t: int | None = None, block_o: int | None = None, splits: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s·g B, gᵀ xa)`` from one read of ``g``: ``gb`` ``(T, r)`` in ``g``'s dtype, ``dB`` ``(O, r)`` in
     ``b_dtype``, both summed in fp32 and rounded once.
 
     Args:
         g: ``(T, O)`` output gradient, unit column stride; b: ``(O, r)``; xa: ``(T, r)`` (``s·x Aᵀ``), all of
             ``g``'s dtype (fp16 / bf16 / fp32) on one device; r <= 64.
-        block_t, block_o, splits: the tile (powers of two, at least 16) and the number of row slices (tests,
-            benchmarks); defaults: 64 x 128 on a GPU (16 x 16 under the interpreter), slices for about 4
-            programs per SM.
+        block_t, block_o, splits, num_warps, num_stages: the tile (powers of two, at least 16), the number of row
+            slices and the launch options (tests, benchmarks); defaults: 64 x 128 with 8 warps on a GPU (16 x 16
+            under the interpreter), slices for about 4 programs per SM, Triton's default stages.
 
     Raises:
         ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating.
@@ -111,8 +111,9 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     for name, v in (("block_t", block_t), ("block_o", block_o)):
         if not is_int(v) or v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16 or None, got {v!r}")
-    if splits is not None and (not is_int(splits) or splits < 1):
-        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    for name, v in (("splits", splits), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and (not is_int(v) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
     if not use_triton(g, b, xa) or (interp and g.dtype == torch.bfloat16):  # the interpreter's bf16 tl.dot is wrong
         return rank_grads_reference(g, b, xa, scale, b_dtype)
@@ -130,11 +131,13 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     splits = cdiv(T, rows_per_split)
     gb_part = torch.empty(n_o, T, block_r, dtype=torch.float32, device=g.device)
     db_part = torch.empty(splits, O, block_r, dtype=torch.float32, device=g.device)
+    meta = dict(IEEE=g.dtype == torch.float32, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r,
+                num_warps=int(num_warps or (4 if interp else 8)))
+    if num_stages is not None:
+        meta["num_stages"] = int(num_stages)
     launch(_rank_grads_kernel, (n_o, splits),
            (g, b, xa, gb_part, db_part, T, O, R, rows_per_split, g.stride(0), b.stride(0), xa.stride(0),
-            float(scale)),
-           dict(IEEE=g.dtype == torch.float32, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r,
-                num_warps=4 if interp else 8))
+            float(scale)), meta)
     # contiguous (r, not the padded BLOCK_R, apart): where no cast copies them, the slices would keep BLOCK_R strides
     gb = gb_part.sum(0)[:, :R].to(g.dtype).contiguous()
     db = db_part.sum(0)[:, :R].to(b_dtype).contiguous()

@@ -52,7 +52,7 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
-    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}):
+    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             rank_grads(g, b, xa, 2.0, torch.float32, **bad)
 
