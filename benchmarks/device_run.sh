@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/devic
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
                   [nf4-ab]=150 [tune-alt]=480 [lookup-first]=200 [generate]=300 [dora-norm]=120
-                  [dy-pass]=90 [dy-sweep]=400)
+                  [dy-pass]=90 [dy-sweep]=420)
 run_step() {
   local name="$1" seconds="$2"
   shift 2
@@ -71,6 +71,6 @@ for arg in "$@"; do
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
     dora-norm) run_step "$name" "$seconds" python benchmarks/dora_norm.py --out "$out/dora_norm.json" ;;
     dy-pass) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --out "$out/lora_dy_pass.json" ;;
-    dy-sweep) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --sweep --out "$out/lora_dy_sweep.json" ;;
+    dy-sweep) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --sweep --deadline $((seconds - 60)) --out "$out/lora_dy_sweep.json" ;;
   esac  # (unknown names were refused above, before anything ran)
 done

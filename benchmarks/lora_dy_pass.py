@@ -12,6 +12,7 @@ rows (batch 4 x 2048), r = 16, bf16. ``triton.testing.do_bench`` medians; the co
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="time a grid of rank_grads launch configurations too")
+    p.add_argument("--deadline", type=float, default=330.0, help="seconds the sweep may take in all")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora_dy_pass.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -35,7 +37,8 @@ def main(argv=None):
     import triton
 
     dt, T, R = torch.bfloat16, args.rows, args.rank
-    rows = []
+    t_end = time.time() + args.deadline
+    rows, cases = [], []
     for name, O in WIDTHS:
         g = torch.randn(T, O, device="cuda", dtype=dt)
         b = (torch.randn(O, R, device="cuda") / 30).to(dt)
@@ -49,41 +52,73 @@ def main(argv=None):
             lambda: (_scaled_mm(g, b, 2.0), _mm_to(g.T, xa, torch.float32)), warmup=25, rep=200)
         row["rank_grads_us"] = 1e3 * triton.testing.do_bench(lambda: rank_grads(g, b, xa, 2.0, torch.float32),
                                                             warmup=25, rep=200)
+        for finish in ("none", "both"):
+            row[f"kernels_us_finish_{finish}"] = _kernels(
+                lambda: rank_grads(g, b, xa, 2.0, torch.float32, finish=finish))
         dst = torch.empty_like(g)
         row["copy_dy_us"] = 1e3 * triton.testing.do_bench(lambda: dst.copy_(g), warmup=25, rep=200)
-        if args.sweep:
-            row["sweep"] = _sweep(g, b, xa, ref, triton)
-            best = row["sweep"][:3]
-            print(json.dumps({"layer": name, "fastest": best}), flush=True)
+        del dst
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         rows.append(row)
-        del g, dst
-        torch.cuda.empty_cache()
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
+        cases.append((g, b, xa, ref))
+    result = {"device": torch.cuda.get_device_name(), "rows": rows}
+    if args.sweep:
+        result["sweep"] = _sweep(cases, [r["layer"] for r in rows], triton, time.time() + args.deadline)
+        for i, row in enumerate(rows):
+            fastest = sorted((c for c in result["sweep"] if row["layer"] in c["us"]),
+                             key=lambda c: c["us"][row["layer"]])[:6]
+            print(json.dumps({"layer": row["layer"], "fastest": fastest}), flush=True)
+        total = sorted((c for c in result["sweep"] if len(c["us"]) == len(rows)), key=lambda c: sum(c["us"].values()))
+        print(json.dumps({"fastest over all shapes": total[:6]}), flush=True)
+    write_json(args.out, result)
 
 
-def _sweep(g, b, xa, ref, triton):
-    """rank_grads' time per launch configuration, fastest first (a configuration whose result is off is dropped,
-    one that fails to compile or run too)."""
+def _kernels(fn, reps=20):
+    """GPU time per call of each kernel ``fn`` launches (torch.profiler, mean over ``reps`` calls), by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0))
+        if us > 0 and ev.count >= reps:
+            times[ev.key[:60]] = round(us / reps, 2)
+    return times
+
+
+def _sweep(cases, names, triton, deadline):
+    """rank_grads' time per launch configuration and shape (``{"us": {layer: us}}`` per configuration; a shape whose
+    result is off, or that fails to compile or run, is left out of its configuration), until ``deadline``."""
     out = []
-    for bt in (16, 32, 64, 128):
+    for bt in (32, 64, 128):
         for bo in (64, 128, 256, 512):
             for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    kw = dict(block_t=bt, block_o=bo, num_warps=warps, num_stages=stages)
-                    try:
-                        got = rank_grads(g, b, xa, 2.0, torch.float32, **kw)
-                        ok = ((got[0].float() - ref[0].float()).abs().max().item() <= 0.25
-                              and (got[1] - ref[1]).abs().max().item() <= 1e-2 * ref[1].abs().max().item())
-                        if not ok:
-                            continue
-                        us = 1e3 * triton.testing.do_bench(lambda: rank_grads(g, b, xa, 2.0, torch.float32, **kw),
-                                                           warmup=10, rep=60)
-                    except Exception as e:  # out of shared memory / registers: skip the configuration
-                        print(f"  {kw}: {type(e).__name__}", file=sys.stderr)
-                        continue
-                    out.append({**kw, "us": round(us, 2)})
-    return sorted(out, key=lambda r: r["us"])
+                for stages in (2, 3):
+                    for finish in ("none", "db", "both"):
+                        if time.time() > deadline:
+                            print("  sweep: out of time", file=sys.stderr)
+                            return out
+                        kw = dict(block_t=bt, block_o=bo, num_warps=warps, num_stages=stages, finish=finish)
+                        times = {}
+                        for name, (g, b, xa, ref) in zip(names, cases):
+                            try:
+                                got = rank_grads(g, b, xa, 2.0, torch.float32, **kw)
+                                if ((got[0].float() - ref[0].float()).abs().max().item() > 0.25
+                                        or (got[1] - ref[1]).abs().max().item() > 1e-2 * ref[1].abs().max().item()):
+                                    print(f"  {kw} {name}: wrong result", file=sys.stderr)
+                                    continue
+                                times[name] = round(1e3 * triton.testing.do_bench(
+                                    lambda: rank_grads(g, b, xa, 2.0, torch.float32, **kw), warmup=10, rep=50), 2)
+                            except Exception as e:  # out of shared memory / registers: skip the configuration
+                                print(f"  {kw} {name}: {type(e).__name__}", file=sys.stderr)
+                                break
+                        out.append({**kw, "us": times})
+    return out
 
 
 if __name__ == "__main__":

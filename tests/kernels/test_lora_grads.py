@@ -23,9 +23,10 @@ SHAPES = [(37, 70, 3), (1, 16, 1), (64, 48, 16), (20, 130, 20), (5, 33, 64)]
 @pytest.mark.parametrize("T,O,R", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_rank_grads_interpreter(T, O, R, dtype, splits, triton_mode, kernel_device):
+@pytest.mark.parametrize("finish", ["none", "db", "both"])
+def test_rank_grads_interpreter(T, O, R, dtype, splits, finish, triton_mode, kernel_device):
     g, b, xa = _inputs(T, O, R, dtype, kernel_device, seed=T + O)
-    gb, db = rank_grads(g, b, xa, 0.5, torch.float32, splits=splits)
+    gb, db = rank_grads(g, b, xa, 0.5, torch.float32, splits=splits, finish=finish)
     assert gb.dtype == dtype and gb.shape == (T, R) and db.dtype == torch.float32 and db.shape == (O, R)
     g64, b64, xa64 = (t.double().cpu() for t in (g, b, xa))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -52,9 +53,24 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
-    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0}):
+    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0},
+                {"finish": "all"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             rank_grads(g, b, xa, 2.0, torch.float32, **bad)
+
+
+def test_rank_grads_finishing_in_the_kernel_is_deterministic(triton_mode, kernel_device):
+    """finish="both": the last program to arrive per row tile / column block adds the shares in a fixed order, so
+    repeated calls agree bit for bit (the arrival counters are back at zero after each launch), and equal torch's
+    summation of the same shares to fp32 rounding."""
+    g, b, xa = _inputs(70, 90, 5, torch.float32, kernel_device, seed=3)
+    runs = [rank_grads(g, b, xa, 0.5, torch.float32, splits=4, finish="both") for _ in range(3)]
+    for gb, db in runs[1:]:
+        assert torch.equal(gb, runs[0][0]) and torch.equal(db, runs[0][1])
+    want = rank_grads(g, b, xa, 0.5, torch.float32, splits=4, finish="none")
+    for x, y in zip(runs[0], want):
+        assert x.is_contiguous() and x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("R", [1, 8, 16, 20])
@@ -107,9 +123,12 @@ def test_fused_layers_with_the_dy_pass_match_the_two_gemms(dora, nf4, triton_mod
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rank_grads_cuda(dtype):
+@pytest.mark.parametrize("finish", [None, "none", "db", "both"])
+def test_rank_grads_cuda(dtype, finish):
     g, b, xa = _inputs(4100, 1030, 16, dtype, "cuda", seed=3)
-    gb, db = rank_grads(g, b, xa, 2.0, torch.float32)
+    gb, db = rank_grads(g, b, xa, 2.0, torch.float32, finish=finish)
     ref_gb, ref_db = rank_grads_reference(g, b, xa, 2.0, torch.float32)
     torch.testing.assert_close(gb.float(), ref_gb.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(db, ref_db, rtol=1e-3, atol=1e-2)
+    again = rank_grads(g, b, xa, 2.0, torch.float32, finish=finish)  # deterministic; counters reset
+    assert torch.equal(again[0], gb) and torch.equal(again[1], db)
