@@ -56,8 +56,12 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 WIDE_K = env_switch("ALIGNLAB_LORA_WIDE_K", True)
 WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened form costs one launch more
 # Backward's s·dy B and dyᵀ (s·x Aᵀ) from one read of dy (alignlab.kernels.lora_grads.rank_grads) instead of two
-# GEMMs: off until timed on a GPU (ALIGNLAB_LORA_DY_PASS=1 turns it on; benchmarks/lora_dy_pass.py)
-DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", False)
+# GEMMs, on by default from DY_PASS_MIN_ROWS rows and DY_PASS_MIN_COLS output columns (ALIGNLAB_LORA_DY_PASS=0 off).
+# H100, 2026-12-05, benchmarks/lora_dy_pass.py at 8192 rows, r = 16, bf16 (RESULTS.md): 65 -> 56 us at 4096
+# columns, 175 -> 134 at 14336; at 1024 (k / v) 24 against 40 (the kernel 7.7 us of GPU time, the call host-bound),
+# hence the column bound; below 4096 rows the step is host-bound, as for WIDE_K
+DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", True)
+DY_PASS_MIN_ROWS, DY_PASS_MIN_COLS = 4096, 2048
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -346,7 +350,8 @@ def _lora_grads(g: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bc:
 
 def _dy_pass(g: torch.Tensor, xa: torch.Tensor) -> bool:
     """Whether the backward takes :func:`alignlab.kernels.lora_grads.rank_grads` (``DY_PASS``, its Triton path)."""
-    if not DY_PASS or xa.shape[1] > 64 or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if (not DY_PASS or xa.shape[1] > 64 or g.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+            or g.shape[0] < DY_PASS_MIN_ROWS or g.shape[1] < DY_PASS_MIN_COLS):
         return False  # (an fp64 layer keeps the GEMMs)
     from alignlab.kernels.dispatch import use_triton
 

@@ -33,26 +33,21 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 
 __all__ = ["rank_grads", "rank_grads_reference"]
 
-_FINISHES = ("none", "db", "both")
-# Who adds the kernel's fp32 shares by default (rank_grads' `finish`): torch after the kernel, until timed
-FINISH = "none"
+# (BLOCK_T, BLOCK_O, num_warps, num_stages) on a GPU. Swept on an H100 (2026-12-05, benchmarks/lora_dy_pass.py
+# --sweep, 48 configurations at 8192 rows x 4096 / 1024 / 14336 columns, r = 16, bf16): this one was fastest over the
+# three, 55.6 / 39.9 / 133.7 us per call against 57.0-61.4 / 37.4-39.5 / 131.9-149.3 for the next five (the former
+# default, 64 x 128 with 8 warps: 60.7 / 39.4 / 153.1). Finishing the fp32 shares inside the kernel (the last program
+# to arrive adding them) was slower at every configuration but k / v, and is not kept.
+GPU_CONFIG = (32, 256, 4, 2)
 
 if triton is not None:
 
-    from alignlab.kernels.nf4_small import split_total
-
     @triton.jit
-    def _rank_grads_kernel(g_ptr, b_ptr, xa_ptr, gb_ptr, db_ptr, gb_out_ptr, db_out_ptr, cnt_ptr, T, O, R,
-                           rows_per_split, n_split, n_o, stride_g, stride_b, stride_xa, scale, IEEE: tl.constexpr,
-                           FINISH_GB: tl.constexpr, FINISH_DB: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _rank_grads_kernel(g_ptr, b_ptr, xa_ptr, gb_ptr, db_ptr, T, O, R, rows_per_split, stride_g, stride_b,
+                           stride_xa, scale, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
         """Column block ``program_id(0)``, row slice ``program_id(1)``: writes its share of ``s·g B`` to
-        ``gb[pid_o]`` ``(T, BLOCK_R)`` and its ``gᵀ xa`` rows to ``db[pid_t]`` ``(O, BLOCK_R)``, fp32.
-
-        FINISH_GB: per row tile, the last of the ``n_o`` column blocks to arrive adds the shares in fixed order and
-        writes ``gb_out`` ``(T, R)`` in its dtype (counters ``cnt[n_o + tile]``); FINISH_DB: per column block, the
-        last of the ``n_split`` row slices does so for ``db_out`` ``(O, R)`` (counters ``cnt[pid_o]``); see
-        :func:`alignlab.kernels.nf4_small.split_total`."""
+        ``gb[pid_o]`` ``(T, BLOCK_R)`` and its ``gᵀ xa`` rows to ``db[pid_t]`` ``(O, BLOCK_R)``, fp32."""
         pid_o = tl.program_id(0)
         pid_t = tl.program_id(1)
         ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -75,27 +70,9 @@ if triton is not None:
             else:
                 acc += tl.dot(tl.trans(g), xa)
                 part = tl.dot(g, b)
-            if FINISH_GB:
-                tile = (t0 + dt) // BLOCK_T
-                last, part = split_total(part, rows * BLOCK_R + rr[None, :], t_ok[:, None], gb_ptr, cnt_ptr + n_o,
-                                         tile, pid_o.to(tl.int64), n_o, T * BLOCK_R)
-                if last:
-                    tl.store(gb_out_ptr + rows * R + rr[None, :], (part * scale).to(gb_out_ptr.dtype.element_ty),
-                             mask=t_ok[:, None] & r_ok[None, :])
-                    tl.atomic_xchg(cnt_ptr + n_o + tile, 0)
-            else:
-                tl.store(gb_ptr + (pid_o.to(tl.int64) * T + rows) * BLOCK_R + rr[None, :], part * scale,
-                         mask=t_ok[:, None])
-        if FINISH_DB:
-            last, acc = split_total(acc, ro[:, None] * BLOCK_R + rr[None, :], o_ok[:, None], db_ptr, cnt_ptr, pid_o,
-                                    pid_t.to(tl.int64), n_split, O * BLOCK_R)
-            if last:
-                tl.store(db_out_ptr + ro[:, None] * R + rr[None, :], acc.to(db_out_ptr.dtype.element_ty),
-                         mask=o_ok[:, None] & r_ok[None, :])
-                tl.atomic_xchg(cnt_ptr + pid_o, 0)
-        else:
-            tl.store(db_ptr + (pid_t.to(tl.int64) * O + ro[:, None]) * BLOCK_R + rr[None, :], acc,
-                     mask=o_ok[:, None])
+            tl.store(gb_ptr + (pid_o.to(tl.int64) * T + rows) * BLOCK_R + rr[None, :], part * scale,
+                     mask=t_ok[:, None])
+        tl.store(db_ptr + (pid_t.to(tl.int64) * O + ro[:, None]) * BLOCK_R + rr[None, :], acc, mask=o_ok[:, None])
 
 
 def rank_grads_reference(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
@@ -108,8 +85,7 @@ def rank_grads_reference(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, sca
 
 def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float, b_dtype: torch.dtype,
                *, block_t: int | None = None, block_o: int | None = None, splits: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None, finish: str | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               num_warps: int | None = None, num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s·g B, gᵀ xa)`` from one read of ``g``: ``gb`` ``(T, r)`` in ``g``'s dtype, ``dB`` ``(O, r)`` in
     ``b_dtype``, both summed in fp32 and rounded once.
 
@@ -117,12 +93,8 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
         g: ``(T, O)`` output gradient, unit column stride; b: ``(O, r)``; xa: ``(T, r)`` (``s·x Aᵀ``), all of
             ``g``'s dtype (fp16 / bf16 / fp32) on one device; r <= 64.
         block_t, block_o, splits, num_warps, num_stages: the tile (powers of two, at least 16), the number of row
-            slices and the launch options (tests, benchmarks); defaults: 64 x 128 with 8 warps on a GPU (16 x 16
-            under the interpreter), slices for about 4 programs per SM, Triton's default stages.
-        finish: who adds the fp32 shares: ``"none"`` (torch sums after the kernel), ``"db"`` (the kernel's last
-            row slice per column block finishes ``dB``), ``"both"`` (and the last column block per row tile ``gb``);
-            default :data:`FINISH` (``"none"`` while torch.compile traces: the kept counters would be mutated graph
-            inputs).
+            slices and the launch options (tests, benchmarks); defaults: :data:`GPU_CONFIG` on a GPU (16 x 16 with
+            4 warps under the interpreter), slices for about 4 programs per SM.
 
     Raises:
         ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating.
@@ -141,16 +113,17 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
     if R > 64:
         raise ValueError(f"rank_grads takes r <= 64, got {R}")
     interp = interpreting()
-    block_t = (16 if interp else 64) if block_t is None else block_t
-    block_o = (16 if interp else 128) if block_o is None else block_o
+    config = (16, 16, 4, None) if interp else GPU_CONFIG
+    block_t = config[0] if block_t is None else block_t
+    block_o = config[1] if block_o is None else block_o
+    num_warps = config[2] if num_warps is None else num_warps
+    num_stages = config[3] if num_stages is None else num_stages
     for name, v in (("block_t", block_t), ("block_o", block_o)):
         if not is_int(v) or v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16 or None, got {v!r}")
     for name, v in (("splits", splits), ("num_warps", num_warps), ("num_stages", num_stages)):
         if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-    if finish is not None and finish not in _FINISHES:
-        raise ValueError(f"finish must be one of {', '.join(map(repr, _FINISHES))} or None, got {finish!r}")
     block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
     if not use_triton(g, b, xa) or (interp and g.dtype == torch.bfloat16):  # the interpreter's bf16 tl.dot is wrong
         return rank_grads_reference(g, b, xa, scale, b_dtype)
@@ -166,28 +139,16 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
         splits = max(1, min(cdiv(4 * sms, n_o), cdiv(T, block_t)))
     rows_per_split = cdiv(cdiv(T, int(splits)), block_t) * block_t
     splits = cdiv(T, rows_per_split)
-    if finish is None:
-        finish = "none" if torch.compiler.is_compiling() else FINISH
     gb_part = torch.empty(n_o, T, block_r, dtype=torch.float32, device=g.device)
     db_part = torch.empty(splits, O, block_r, dtype=torch.float32, device=g.device)
-    gb = torch.empty(T, R, dtype=g.dtype, device=g.device) if finish == "both" else gb_part
-    db = torch.empty(O, R, dtype=b_dtype, device=g.device) if finish != "none" else db_part
-    if finish == "none":
-        cnt = gb_part  # placeholder, never read
-    else:
-        from alignlab.kernels.nf4_small import _arrival_counters
-
-        cnt = _arrival_counters(g.device, n_o + (cdiv(T, block_t) if finish == "both" else 0))
-    meta = dict(IEEE=g.dtype == torch.float32, FINISH_GB=finish == "both", FINISH_DB=finish != "none",
-                BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r, num_warps=int(num_warps or (4 if interp else 8)))
+    meta = dict(IEEE=g.dtype == torch.float32, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r,
+                num_warps=int(num_warps))
     if num_stages is not None:
         meta["num_stages"] = int(num_stages)
     launch(_rank_grads_kernel, (n_o, splits),
-           (g, b, xa, gb_part, db_part, gb, db, cnt, T, O, R, rows_per_split, splits, n_o, g.stride(0), b.stride(0),
-            xa.stride(0), float(scale)), meta)
+           (g, b, xa, gb_part, db_part, T, O, R, rows_per_split, g.stride(0), b.stride(0), xa.stride(0),
+            float(scale)), meta)
     # contiguous (r, not the padded BLOCK_R, apart): where no cast copies them, the slices would keep BLOCK_R strides
-    if finish != "both":
-        gb = gb_part.sum(0)[:, :R].to(g.dtype).contiguous()
-    if finish == "none":
-        db = db_part.sum(0)[:, :R].to(b_dtype).contiguous()
+    gb = gb_part.sum(0)[:, :R].to(g.dtype).contiguous()
+    db = db_part.sum(0)[:, :R].to(b_dtype).contiguous()
     return gb, db

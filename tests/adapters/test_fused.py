@@ -329,6 +329,8 @@ def test_adapter_ops_pass_opcheck(nf4, rows, dy_pass, monkeypatch):
 
     monkeypatch.setenv("ALIGNLAB_KERNELS", "triton" if dy_pass else "torch")
     monkeypatch.setattr(fused, "DY_PASS", dy_pass)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_ROWS", 0)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_COLS", 0)
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g)

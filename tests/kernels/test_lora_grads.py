@@ -23,10 +23,9 @@ SHAPES = [(37, 70, 3), (1, 16, 1), (64, 48, 16), (20, 130, 20), (5, 33, 64)]
 @pytest.mark.parametrize("T,O,R", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("finish", ["none", "db", "both"])
-def test_rank_grads_interpreter(T, O, R, dtype, splits, finish, triton_mode, kernel_device):
+def test_rank_grads_interpreter(T, O, R, dtype, splits, triton_mode, kernel_device):
     g, b, xa = _inputs(T, O, R, dtype, kernel_device, seed=T + O)
-    gb, db = rank_grads(g, b, xa, 0.5, torch.float32, splits=splits, finish=finish)
+    gb, db = rank_grads(g, b, xa, 0.5, torch.float32, splits=splits)
     assert gb.dtype == dtype and gb.shape == (T, R) and db.dtype == torch.float32 and db.shape == (O, R)
     g64, b64, xa64 = (t.double().cpu() for t in (g, b, xa))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -53,24 +52,9 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
-    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0},
-                {"finish": "all"}):
+    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             rank_grads(g, b, xa, 2.0, torch.float32, **bad)
-
-
-def test_rank_grads_finishing_in_the_kernel_is_deterministic(triton_mode, kernel_device):
-    """finish="both": the last program to arrive per row tile / column block adds the shares in a fixed order, so
-    repeated calls agree bit for bit (the arrival counters are back at zero after each launch), and equal torch's
-    summation of the same shares to fp32 rounding."""
-    g, b, xa = _inputs(70, 90, 5, torch.float32, kernel_device, seed=3)
-    runs = [rank_grads(g, b, xa, 0.5, torch.float32, splits=4, finish="both") for _ in range(3)]
-    for gb, db in runs[1:]:
-        assert torch.equal(gb, runs[0][0]) and torch.equal(db, runs[0][1])
-    want = rank_grads(g, b, xa, 0.5, torch.float32, splits=4, finish="none")
-    for x, y in zip(runs[0], want):
-        assert x.is_contiguous() and x.shape == y.shape
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("R", [1, 8, 16, 20])
@@ -87,6 +71,8 @@ def test_an_fp64_layer_with_the_dy_pass_on_keeps_the_gemms(dora, triton_mode, ke
     from alignlab.adapters import LoRALinear, fused
 
     monkeypatch.setattr(fused, "DY_PASS", True)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_ROWS", 1)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_COLS", 1)
     layer = LoRALinear(nn.Linear(40, 30).double().requires_grad_(False).to(kernel_device), r=4, alpha=8,
                        use_dora=dora)
     x = torch.randn(7, 40, dtype=torch.float64, device=kernel_device, requires_grad=True)
@@ -112,6 +98,8 @@ def test_fused_layers_with_the_dy_pass_match_the_two_gemms(dora, nf4, triton_mod
     x = torch.randn(3, 11, 64, device=kernel_device, requires_grad=True)
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
     grads = []
+    monkeypatch.setattr(fused, "DY_PASS_MIN_ROWS", 1)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_COLS", 1)
     for on in (False, True):
         monkeypatch.setattr(fused, "DY_PASS", on)
         y = layer(x)
@@ -121,14 +109,32 @@ def test_fused_layers_with_the_dy_pass_match_the_two_gemms(dora, nf4, triton_mod
         torch.testing.assert_close(got / scale, want / scale, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_dy_pass_applies_from_its_row_and_column_bounds(dora, triton_mode, kernel_device, monkeypatch):
+    """On by default, rank_grads takes a layer's backward only from DY_PASS_MIN_ROWS rows and DY_PASS_MIN_COLS output
+    columns (below them the two GEMMs won on the H100); the bounds shrunk here so that small layers reach them."""
+    from alignlab.adapters import LoRALinear, fused
+    from alignlab.kernels import lora_grads
+
+    assert fused.DY_PASS  # the default (the test process sets no ALIGNLAB_LORA_DY_PASS)
+    calls = []
+    real = lora_grads.rank_grads
+    monkeypatch.setattr(lora_grads, "rank_grads", lambda g, *a, **k: calls.append(tuple(g.shape)) or real(g, *a, **k))
+    monkeypatch.setattr(fused, "DY_PASS_MIN_ROWS", 12)
+    monkeypatch.setattr(fused, "DY_PASS_MIN_COLS", 32)
+    for out_features, rows, used in ((40, 12, True), (40, 11, False), (31, 12, False)):
+        layer = LoRALinear(nn.Linear(24, out_features).to(kernel_device), r=4, alpha=8, use_dora=dora)
+        x = torch.randn(rows, 24, device=kernel_device, requires_grad=True)
+        calls.clear()
+        layer(x).square().sum().backward()
+        assert bool(calls) == used, (out_features, rows, calls)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("finish", [None, "none", "db", "both"])
-def test_rank_grads_cuda(dtype, finish):
+def test_rank_grads_cuda(dtype):
     g, b, xa = _inputs(4100, 1030, 16, dtype, "cuda", seed=3)
-    gb, db = rank_grads(g, b, xa, 2.0, torch.float32, finish=finish)
+    gb, db = rank_grads(g, b, xa, 2.0, torch.float32)
     ref_gb, ref_db = rank_grads_reference(g, b, xa, 2.0, torch.float32)
     torch.testing.assert_close(gb.float(), ref_gb.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(db, ref_db, rtol=1e-3, atol=1e-2)
-    again = rank_grads(g, b, xa, 2.0, torch.float32, finish=finish)  # deterministic; counters reset
-    assert torch.equal(again[0], gb) and torch.equal(again[1], db)
