@@ -14,7 +14,7 @@ blocks, ``dB`` over the row slices; deterministic): ``(T, r)`` per column block 
 16 columns: with 256-column blocks the ``gb`` shares are 1/8 of ``g``'s bf16 bytes at r = 16, the ``dB`` ones less.
 
 The fused LoRA / DoRA backward takes it from 4096 rows and 2048 output columns (``fused.DY_PASS``,
-``ALIGNLAB_LORA_DY_PASS=0`` off; ``benchmarks/lora_dy_pass.py`` times it against the two cuBLAS GEMMs: 0.77-0.85x their
+``ALIGNLAB_LORA_DY_PASS=0`` off; ``benchmarks/lora_dy_pass.py`` times it against the two cuBLAS GEMMs: 0.76-0.85x their
 time on an H100 at 4096 and 14336 columns, slower at 1024). Reference: :func:`rank_grads_reference` (the two
 products in torch).
 """
@@ -37,7 +37,7 @@ __all__ = ["rank_grads", "rank_grads_reference"]
 
 # (BLOCK_T, BLOCK_O, num_warps, num_stages) on a GPU. Swept on an H100 (2026-12-05, benchmarks/lora_dy_pass.py
 # --sweep, 48 configurations at 8192 rows x 4096 / 1024 / 14336 columns, r = 16, bf16): this one was fastest over the
-# three, 55.6 / 39.9 / 133.7 us per call against 57.0-61.4 / 37.4-39.5 / 131.9-149.3 for the next five (the former
+# three, 55.6 / 39.9 / 133.7 us per call against 58.7-61.4 / 37.4-40.0 / 131.9-138.7 for the next five (the former
 # default, 64 x 128 with 8 warps: 60.7 / 39.4 / 153.1). Finishing the fp32 shares inside the kernel (the last program
 # to arrive adding them) was slower at every configuration but k / v, and is not kept.
 GPU_CONFIG = (32, 256, 4, 2)

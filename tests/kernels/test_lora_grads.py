@@ -52,7 +52,8 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
-    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0}, {"num_stages": 2.0}):
+    for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0},
+                {"num_stages": 2.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             rank_grads(g, b, xa, 2.0, torch.float32, **bad)
 
@@ -111,12 +112,13 @@ def test_fused_layers_with_the_dy_pass_match_the_two_gemms(dora, nf4, triton_mod
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_the_dy_pass_applies_from_its_row_and_column_bounds(dora, triton_mode, kernel_device, monkeypatch):
-    """On by default, rank_grads takes a layer's backward only from DY_PASS_MIN_ROWS rows and DY_PASS_MIN_COLS output
-    columns (below them the two GEMMs won on the H100); the bounds shrunk here so that small layers reach them."""
+    """With DY_PASS on (the default), rank_grads takes a layer's backward only from DY_PASS_MIN_ROWS rows and
+    DY_PASS_MIN_COLS output columns (below them the two GEMMs won on the H100); the bounds shrunk here so that small
+    layers reach them."""
     from alignlab.adapters import LoRALinear, fused
     from alignlab.kernels import lora_grads
 
-    assert fused.DY_PASS  # the default (the test process sets no ALIGNLAB_LORA_DY_PASS)
+    monkeypatch.setattr(fused, "DY_PASS", True)
     calls = []
     real = lora_grads.rank_grads
     monkeypatch.setattr(lora_grads, "rank_grads", lambda g, *a, **k: calls.append(tuple(g.shape)) or real(g, *a, **k))
