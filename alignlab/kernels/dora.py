@@ -42,7 +42,7 @@ try:
     import triton
     import triton.language as tl
 
-    from alignlab.kernels.nf4_matmul import _nf4_weight_tile
+    from alignlab.kernels.nf4_matmul import _nf4_weight_tile, _nf4_weight_tile_blocks
     from alignlab.kernels.nf4_dequant import _state_args
     from alignlab.kernels.nf4_small import split_total
 except ImportError:  # pragma: no cover - CPU installs without triton
@@ -60,7 +60,7 @@ if triton is not None:
         m_ptr, bm_ptr, stride_bm, g_ptr, gs_ptr, bgs_ptr, ws_ptr, cnt_ptr, k_per, n_split,
         QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr,
         HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, FACTORS: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """out[n] = ‖W[n, :] + scale · B[n, :] @ A‖₂ for the BLOCK_N rows of this program; with FACTORS
         also DoRA's per-row factors from it (see _row_factors). With SPLIT, program (i, j) sums the squares of
@@ -80,7 +80,11 @@ if triton is not None:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (rk[None, :] < K)
-            if QUANT:
+            if QUANT and BLOCK_SCALES:  # one scale lookup per quantization block (NORM_BLOCK_SCALES)
+                w = _nf4_weight_tile_blocks(data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr,
+                                            code2_ptr, rn, k0, N, K, BLOCKSIZE, NESTED_BS, DOUBLE, HAS_SHIFT,
+                                            BLOCK_N, BLOCK_K)
+            elif QUANT:
                 w = _nf4_weight_tile(data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
                                      rn, k0 // 2 + tl.arange(0, BLOCK_K // 2), N, K, BLOCKSIZE, NESTED_BS, DOUBLE,
                                      HAS_SHIFT, BLOCK_N, BLOCK_K)
@@ -313,7 +317,9 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
         return (out, *more)
     a, b = a.contiguous(), b.contiguous()
     block_r = max(16, next_power_of_2(a.shape[0]))
-    block_n, block_k, warps = (16, 32, 4) if interpreting() else ROW_NORM_CONFIG
+    block_n, block_k, warps = INTERPRET_CONFIG if interpreting() else ROW_NORM_CONFIG
+    bs = weight.blocksize if quant else 0
+    block_scales = (NORM_BLOCK_SCALES and quant and bs & (bs - 1) == 0 and block_k % bs == 0 and K % bs == 0)
     state = _state_args(weight) if quant else (data,) * 7
     meta = (dict(BLOCKSIZE=weight.blocksize, NESTED_BS=weight.nested_blocksize, DOUBLE=weight.double_quant,
                  HAS_SHIFT=weight.shift is not None) if quant
@@ -332,7 +338,8 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
            (data, data, *state[1:], a, b, out, N, K, a.shape[0], 0 if quant else data.stride(0), a.stride(0),
             b.stride(0), float(scale), *tail, ws, cnt, k_per, split),
            dict(QUANT=quant, IEEE=a.dtype == torch.float32, FACTORS=factors is not None, SPLIT=split > 1,
-                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, **meta))
+                BLOCK_SCALES=block_scales, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+                **meta))
     return (out, *more)
 
 
@@ -358,6 +365,14 @@ ROW_NORM_CONFIG = (16, 256, 4)
 # benchmarks/dora_norm.py, bit-identical norms): 41.2 -> 14.1 us at 1024 x 4096, 46.7 -> 41.3 at 4096 x 4096,
 # 145.7 -> 120.0 at 4096 x 14336, 14336 x 4096 unsplit (its row blocks fill the GPU); ALIGNLAB_DORA_NORM_SPLIT=0 off.
 NORM_SPLIT = env_switch("ALIGNLAB_DORA_NORM_SPLIT", True)
+# Load each NF4 quantization block's scale once per tile (nf4_matmul._nf4_weight_tile_blocks) instead of once per
+# byte, where the blocks fit the tile (power-of-two blocksize dividing BLOCK_K and K). The H100 timing above put the
+# kernel at 5-10x the packed weight's copy time. Compiled offline for sm_90 (Triton 3.6, 4096 x 4096, blocksize 64,
+# double quantization, FACTORS): the K loop 892 -> 476 instructions, its global loads 82 -> 37, 96 registers both
+# (RESULTS.md). Off until timed on a GPU (ALIGNLAB_DORA_NORM_BLOCK_SCALES=1 on; benchmarks/dora_norm.py times both).
+NORM_BLOCK_SCALES = env_switch("ALIGNLAB_DORA_NORM_BLOCK_SCALES", False)
+# (BLOCK_N, BLOCK_K, num_warps) under the Triton interpreter: small, for the CPU tests
+INTERPRET_CONFIG = (16, 32, 4)
 
 
 def dora_scales(norm: torch.Tensor, magnitude: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype

@@ -57,7 +57,7 @@ try:
     import triton
     import triton.language as tl
 
-    from alignlab.kernels.nf4_dequant import nf4_decode
+    from alignlab.kernels.nf4_dequant import nf4_block_scale, nf4_decode
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -106,6 +106,35 @@ if triton is not None:
         bidx = (rows * K + 2 * rkb[None, :]) // BLOCKSIZE
         hi, lo = nf4_decode(byte, bidx, mask, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
                             DOUBLE, NESTED_BS, HAS_SHIFT)
+        return tl.join(hi, lo).reshape(BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _nf4_weight_tile_blocks(
+        data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+        rn, k0, N, K,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """:func:`_nf4_weight_tile` of columns ``[k0, k0 + BLOCK_K)`` where every quantization block lies in one
+        row and in one tile (``K`` and ``k0`` multiples of ``BLOCKSIZE``, ``BLOCK_K`` a multiple of it): the tile
+        is loaded as ``(BLOCK_N, BLOCK_K / BLOCKSIZE, BLOCKSIZE / 2)`` bytes, so each block's scale (and shift) is
+        looked up once and broadcast instead of once per byte (with double quantization four loads per byte fewer).
+        Rows past ``N`` and blocks past ``K`` come back finite, as there: callers mask."""
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        HB: tl.constexpr = BLOCKSIZE // 2
+        rows = rn[:, None].to(tl.int64)
+        nb = tl.arange(0, NB)[None, :]
+        ok = (rn[:, None] < N) & (k0 + nb * BLOCKSIZE < K)  # (BLOCK_N, NB): whole blocks in or out
+        bidx = rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE + nb
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, ok, DOUBLE, NESTED_BS)[:, :, None]
+        offs = rows[:, :, None] * (K // 2) + (k0 // 2 + nb[:, :, None] * HB + tl.arange(0, HB)[None, None, :])
+        byte = tl.load(data_ptr + offs, mask=ok[:, :, None], other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4)) * s
+        lo = tl.load(code_ptr + (byte & 15)) * s
+        if HAS_SHIFT:
+            tau = tl.load(shift_ptr + bidx, mask=ok, other=0.0)[:, :, None]
+            hi += tau
+            lo += tau
         return tl.join(hi, lo).reshape(BLOCK_N, BLOCK_K)
 
     @triton.jit

@@ -135,6 +135,69 @@ def test_row_norm_split_over_the_input_dimension(out_f, in_f, r, quant, triton_m
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("out_f,in_f,bs,used", [(37, 96, 32, True), (16, 128, 64, True), (5, 130, 32, False),
+                                                  (1, 256, 32, True), (20, 192, 128, False)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+def test_row_norm_with_one_scale_per_block_equals_the_per_byte_tile(out_f, in_f, bs, used, double_quant, split,
+                                                                    triton_mode, kernel_device, monkeypatch):
+    """NORM_BLOCK_SCALES: where every quantization block fits a tile (blocksize a power of two dividing BLOCK_K and
+    in_features), the tile loads each block's scale once; the same fp32 values, so the same norm and factors as the
+    per-byte tile, bit for bit under the interpreter (tiles of 64 columns here: 2 blocks of 32 per tile, the last
+    tile of 96 columns half outside; 130 columns and blocks of 128 take the per-byte tile)."""
+    from alignlab.kernels import dora
+
+    g = torch.Generator().manual_seed(out_f + in_f + bs)
+    dev = kernel_device
+    weight = nf4_quantize(torch.randn(out_f, in_f, generator=g), blocksize=bs, double_quant=double_quant).to(dev)
+    a, b = (torch.randn(4, in_f, generator=g) / 4).to(dev), (torch.randn(out_f, 4, generator=g) / 4).to(dev)
+    m = torch.randn(out_f, generator=g).to(dev)
+    if dev == "cpu":
+        monkeypatch.setattr(dora, "INTERPRET_CONFIG", (16, 64, 4))
+    monkeypatch.setattr(dora, "NORM_SPLIT", split)
+    seen = []
+    real = dora.launch
+    monkeypatch.setattr(dora, "launch", lambda k, grid, args, meta: seen.append(meta["BLOCK_SCALES"])
+                        or real(k, grid, args, meta))
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(dora, "NORM_BLOCK_SCALES", on)
+        results[on] = dora_norm_and_scales(weight, a, b, 0.7, m, b, torch.float32)
+    block_k = (dora.INTERPRET_CONFIG if dev == "cpu" else dora.ROW_NORM_CONFIG)[1]
+    expected = in_f % bs == 0 and block_k % bs == 0
+    assert seen == [False, expected] and (dev != "cpu" or expected == used)
+    for x, y in zip(results[True], results[False]):
+        if dev == "cpu":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    dense = nf4_dequantize(weight, torch.float32).cpu()
+    torch.testing.assert_close(results[True][0].cpu().double(), _norm_formula(dense, a.cpu(), b.cpu(), 0.7),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_row_norm_block_scales_with_a_shift(triton_mode, kernel_device, monkeypatch):
+    """An ICQ-calibrated weight (a per-block shift, HAS_SHIFT): the shift is added per block, as per byte."""
+    from alignlab.kernels import dora
+
+    g = torch.Generator().manual_seed(5)
+    weight = nf4_quantize(torch.randn(24, 128, generator=g), blocksize=32, calibrate="icq", icq_steps=3)
+    assert weight.shift is not None
+    weight = weight.to(kernel_device)
+    a, b = (torch.randn(4, 128, generator=g) / 4).to(kernel_device), (torch.randn(24, 4, generator=g) / 4).to(
+        kernel_device)
+    if kernel_device == "cpu":
+        monkeypatch.setattr(dora, "INTERPRET_CONFIG", (16, 64, 4))
+    norms = []
+    for on in (False, True):
+        monkeypatch.setattr(dora, "NORM_BLOCK_SCALES", on)
+        norms.append(dora_row_norm(weight, a, b, 0.7))
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-6, atol=1e-6)
+    dense = nf4_dequantize(weight, torch.float32).cpu()
+    torch.testing.assert_close(norms[1].cpu().double(), _norm_formula(dense, a.cpu(), b.cpu(), 0.7), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_norm_split_rule(monkeypatch):
     """About 4 programs per SM, at least 2 column tiles each, at most 16 slices; 1 when off or already full."""
     from alignlab.kernels import dora
