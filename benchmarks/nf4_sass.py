@@ -13,8 +13,12 @@ is replaced by a stand-in that names an sm_90 target; nothing is launched), then
 registers per thread, spilled bytes, the loop's instructions per packed byte and the most frequent opcodes.
 ``--regs 0,1`` compiles both variants of the in-register codebook (immediates / register operands, see
 ``nf4_small._decode4_asm``) for an A/B of the instruction count. These are counts, not times: the GPU decides.
+``--row-norm`` compiles QDoRA's row-norm kernel (``alignlab.kernels.dora``) instead, at each shape with the per-byte
+and the per-block scale lookup (``dora.NORM_BLOCK_SCALES``), split off and on, and prints its K loop's length and
+loads.
 
     python benchmarks/nf4_sass.py --shapes 4096x4096,14336x4096 --m 1,8,16,32 --regs 0,1
+    python benchmarks/nf4_sass.py --row-norm --shapes 4096x4096
 """
 
 from __future__ import annotations
@@ -85,6 +89,36 @@ def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat
     return which, meta, kernel
 
 
+def compile_row_norm(N: int, K: int, block_scales: bool, split: int, double_quant: bool = True, r: int = 16,
+                     dtype=torch.bfloat16):
+    """The row-norm kernel with DoRA's factors, as ``dora._row_norm`` launches it on a GPU (``ROW_NORM_CONFIG``,
+    blocksize-64 NF4), compiled for sm_90; ``split`` slices of the input dimension."""
+    from alignlab.kernels import dora
+    from alignlab.kernels.nf4_dequant import _state_args
+    from alignlab.quant.nf4 import nf4_quantize
+
+    t = nf4_quantize(torch.randn(N, K), blocksize=64, double_quant=double_quant)
+    a, b = torch.randn(r, K).to(dtype), torch.randn(N, r).to(dtype)
+    out, m, b_master = torch.empty(N), torch.rand(N), torch.randn(N, r)
+    tail = (m, b_master, b_master.stride(0), torch.empty(N), torch.empty(N, 1), torch.empty(N, r, dtype=dtype))
+    block_n, block_k, warps = dora.ROW_NORM_CONFIG
+    ws = torch.empty(split, N) if split > 1 else out
+    cnt = torch.zeros(-(-N // block_n), dtype=torch.int32) if split > 1 else out
+    k_per = -(-K // block_k // split) * block_k
+    args = (t.data, t.data, *_state_args(t)[1:], a, b, out, N, K, r, 0, a.stride(0), b.stride(0), 2.0, *tail, ws,
+            cnt, k_per, split)
+    meta = dict(QUANT=True, IEEE=False, FACTORS=True, SPLIT=split > 1, BLOCK_SCALES=block_scales, BLOCK_N=block_n,
+                BLOCK_K=block_k, BLOCK_R=16, num_warps=warps, BLOCKSIZE=64, NESTED_BS=t.nested_blocksize,
+                DOUBLE=t.double_quant, HAS_SHIFT=False)
+    driver = triton.runtime.driver
+    previous = driver._active
+    driver.set_active(_OfflineDriver())
+    try:
+        return dora._row_norm_kernel.run(*args, grid=(-(-N // block_n), split), warmup=True, **meta)
+    finally:
+        driver._active = previous
+
+
 def _loop(sass: str) -> list[str]:
     """The instructions of the longest backward branch's body (the kernel's K loop)."""
     ins, labels = [], {}
@@ -116,7 +150,7 @@ def analyse(kernel, meta: dict) -> dict:
                              capture_output=True, text=True, check=True).stdout
     loop = _loop(sass)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in loop)
-    per_thread = meta["BLOCK_N"] * meta["NB"] * meta["BLOCKSIZE"] // 2 / (meta["num_warps"] * 32)
+    per_thread = meta["BLOCK_N"] * meta.get("NB", 1) * meta["BLOCKSIZE"] // 2 / (meta["num_warps"] * 32)
     return {"regs": int(re.search(r"REG:(\d+)", res).group(1)), "spill": int(re.search(r"STACK:(\d+)", res).group(1)),
             "loop": len(loop), "per_byte": len(loop) / per_thread, "ops": ops}
 
@@ -127,7 +161,22 @@ def main(argv=None) -> None:
     ap.add_argument("--m", default="1,2,4,8,16,32", help="rows of x, comma separated")
     ap.add_argument("--regs", default="auto", help="codebook variants to compile: auto, 0, 1 (comma separated)")
     ap.add_argument("--table", default="H200", help="the device table whose choices are compiled (H200, H100)")
+    ap.add_argument("--row-norm", action="store_true", help="QDoRA's row-norm kernel instead (see above)")
     args = ap.parse_args(argv)
+    if args.row_norm:
+        print(f"Triton {triton.__version__}, sm_90, row-norm kernel with factors, blocksize 64, r = 16, bf16 factors")
+        for shape in args.shapes.split(","):
+            N, K = (int(v) for v in shape.lower().split("x"))
+            for double in (True, False):
+                for split in (1, 3):
+                    for block_scales in (False, True):
+                        kernel = compile_row_norm(N, K, block_scales, split, double)
+                        r = analyse(kernel, {"BLOCK_N": 1, "BLOCKSIZE": 2, "num_warps": 1})
+                        loads = sum(n for op, n in r["ops"].items() if op.startswith("LD"))
+                        print(f"{N}x{K} double_quant={int(double)} split={split} block_scales={int(block_scales)}: "
+                              f"loop {r['loop']} instructions, {loads} loads ({r['ops'].get('LDG', 0)} LDG), "
+                              f"{r['regs']} regs, {r['spill']} B spill", flush=True)
+        return
     print(f"Triton {triton.__version__}, sm_90, bf16 x, blocksize 64 + double quant, {args.table} table configurations")
     for m in (int(v) for v in args.m.split(",")):
         for shape in args.shapes.split(","):
