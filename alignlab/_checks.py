@@ -167,6 +167,26 @@ def env_switch(name: str, default: bool, choices: tuple[str, ...] = ()) -> bool 
     return default
 
 
+def env_count(name: str, default: int, minimum: int = 0) -> int:
+    """The whole number ``>= minimum`` in environment variable ``name`` (a row or slice count), ``default`` when unset
+    or empty; anything else keeps ``default`` with a ``RuntimeWarning`` naming the variable (``int()`` of ``on``
+    used to stop the import with a message naming neither the variable nor what it takes)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = None
+    if count is not None and count >= minimum:
+        return count
+    import warnings
+
+    warnings.warn(f"{name}={os.environ[name]!r} is not a whole number >= {minimum}; using the default, {default}",
+                  RuntimeWarning, stacklevel=2)
+    return default
+
+
 def user_path(value, arg: str) -> Path:
     """``value`` as a :class:`~pathlib.Path`, with a leading ``~`` or ``~user`` expanded to that home folder (for a
     file written, ``Path("~/out")`` was a folder named ``~`` in the current one). :class:`ArgumentTypeError` naming ``arg``

@@ -145,15 +145,36 @@ def test_env_switch_warns_and_keeps_the_default_for_anything_else(monkeypatch):
 
 
 def test_every_switch_read_at_import_is_documented():
-    """Each ``env_switch("ALIGNLAB_...")`` in the package is listed in docs/installation.md (a new switch once
-    shipped without it)."""
+    """Each ``env_switch("ALIGNLAB_...")`` and ``env_count(...)`` in the package is listed in docs/installation.md
+    (a new switch once shipped without it)."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     names = set()
     for path in (root / "alignlab").rglob("*.py"):
-        names.update(re.findall(r'env_switch\(\s*"(ALIGNLAB_[A-Z0-9_]+)"', path.read_text()))
-    assert len(names) >= 8
+        names.update(re.findall(r'env_(?:switch|count)\(\s*"(ALIGNLAB_[A-Z0-9_]+)"', path.read_text()))
+    assert len(names) >= 10
     doc = (root / "docs" / "installation.md").read_text()
     assert sorted(n for n in names if f"`{n}`" not in doc) == []
+
+
+@pytest.mark.parametrize("value,want", [("", 7), ("  ", 7), ("12", 12), (" 3 ", 3), ("0", 0)])
+def test_env_count_reads_whole_numbers(value, want, monkeypatch):
+    from alignlab._checks import env_count
+
+    monkeypatch.setenv("ALIGNLAB_TEST_COUNT", value)
+    assert env_count("ALIGNLAB_TEST_COUNT", 7) == want
+
+
+@pytest.mark.parametrize("value", ["on", "1.5", "-2", "many"])
+def test_env_count_warns_and_keeps_the_default_for_anything_else(value, monkeypatch):
+    """ALIGNLAB_NF4_LARGE_M=on once stopped `import alignlab.quant` with int()'s message, naming no variable."""
+    from alignlab._checks import env_count
+
+    monkeypatch.setenv("ALIGNLAB_TEST_COUNT", value)
+    with pytest.warns(RuntimeWarning, match=r"ALIGNLAB_TEST_COUNT=.*whole number >= 0.*default, 7"):
+        assert env_count("ALIGNLAB_TEST_COUNT", 7) == 7
+    monkeypatch.setenv("ALIGNLAB_TEST_COUNT", "0")
+    with pytest.warns(RuntimeWarning, match="whole number >= 1"):
+        assert env_count("ALIGNLAB_TEST_COUNT", 1, minimum=1) == 1

@@ -41,11 +41,9 @@ The torch reference (``ALIGNLAB_KERNELS=torch`` or CPU tensors) is
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from alignlab._checks import env_switch
+from alignlab._checks import env_count, env_switch
 from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
@@ -69,12 +67,12 @@ SMALL_M = 16
 # measured on an H100 (benchmarks/nf4.py, 4096x4096, bf16) they lose to Triton dequant + cuBLAS at every
 # M from 16 to 4096 (M=32: 0.65 ms vs 0.033 ms; M=4096: 6.9 ms vs 0.19 ms) -- the register-dequantized
 # tile has to be re-laid-out for the tensor cores, and that costs more than writing and re-reading it.
-LARGE_M = int(os.environ.get("ALIGNLAB_NF4_LARGE_M", "0"))
+LARGE_M = env_count("ALIGNLAB_NF4_LARGE_M", 0)
 # M <= SMALL_M takes alignlab.kernels.nf4_small (needs in_features % blocksize == 0, blocksize <= 256):
 # on an H100 it beat dequant + cuBLAS at every benchmark shape for M = 4 and 16 (1.5-3.2x).
 USE_SMALL = env_switch("ALIGNLAB_NF4_SMALL", True)
 # M >= LARGE_M: dequantize in this many slices on a side stream, overlapping cuBLAS (1 = one dequant, then GEMM).
-PIPELINE_CHUNKS = int(os.environ.get("ALIGNLAB_NF4_CHUNKS", "1"))
+PIPELINE_CHUNKS = env_count("ALIGNLAB_NF4_CHUNKS", 1, minimum=1)
 
 
 if triton is not None:
