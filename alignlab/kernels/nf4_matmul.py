@@ -300,7 +300,9 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
         ``(..., N)``.
 
     Differentiable with respect to ``x`` and ``bias`` (the weight is frozen) on every path: where either needs a
-    gradient the product runs inside :class:`_NF4Matmul`, whose backward is :func:`nf4_matmul_t`.
+    gradient the product runs inside :class:`_NF4Matmul`, whose backward is :func:`nf4_matmul_t`. Under a
+    ``torch.func`` transform (``vmap``, ``jacrev``, ``grad``, ...) it is the reference dequantization and
+    ``F.linear``: torch ops that every transform takes (a Triton kernel cannot read the transforms' tensors).
 
     Raises:
         TypeError / ValueError: wrong weight type, dtype or last dimension; a ``bias`` that is not a tensor of
@@ -315,6 +317,9 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+    if torch._C._are_functorch_transforms_active():  # vmap / jacrev / grad: torch ops only (a kernel cannot take the
+        # transforms' wrapped tensors, not even an output allocated under them)
+        return torch.nn.functional.linear(x, nf4_dequantize(t, x.dtype), None if bias is None else bias.to(x.dtype))
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _NF4Matmul.apply(x, bias, t)
     if bias is not None and bias.stride(0) != 1 and N > 1:  # the kernels index it as contiguous
@@ -444,6 +449,8 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         ``(..., K)`` in ``dy.dtype``; differentiable with respect to ``dy`` on every path (:class:`_NF4MatmulT`).
     """
     _check(dy, t, 0, "dy")
+    if torch._C._are_functorch_transforms_active():  # as in nf4_matmul
+        return dy @ nf4_dequantize(t, dy.dtype)
     if torch.is_grad_enabled() and dy.requires_grad:
         return _NF4MatmulT.apply(dy, t)
     N, K = t.shape

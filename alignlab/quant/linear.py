@@ -247,7 +247,9 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         bias_c = None if bias is None else bias.to(self.compute_dtype)
         xc = x.to(self.compute_dtype)
-        if grad:  # the product as a function of x and bias (W frozen): saves only references to the packed weight
+        # the product as a function of x and bias (W frozen): saves only references to the packed weight; under a
+        # torch.func transform nf4_matmul's plain ops instead (the Function has no vmap rule)
+        if grad and not torch._C._are_functorch_transforms_active():
             from alignlab.kernels.nf4_matmul import _NF4Matmul
 
             y = _NF4Matmul.apply(xc, bias_c, t)

@@ -20,3 +20,26 @@ def test_func_grad_and_jacrev_match_the_dense_formula():
     x.requires_grad_(True)
     layer(x).pow(2).sum().backward()  # ordinary autograd unchanged
     torch.testing.assert_close(x.grad, g)
+
+
+def test_vmap_jacrev_and_grad_on_the_triton_path(triton_mode, kernel_device):
+    """Under a torch.func transform nf4_matmul / nf4_matmul_t take the dequantized weight and plain ops: the kernels
+    (small-M at 1-2 rows here, dequantize + GEMM above) cannot read a BatchedTensor, and vmap over the layer raised
+    ``NotImplementedError: Cannot access storage of BatchedTensorImpl`` on the Triton path."""
+    from torch.func import vmap
+
+    from alignlab.kernels.nf4_matmul import nf4_matmul_t
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(64, 32), blocksize=32, compute_dtype=torch.float32).to(kernel_device)
+    w = layer.dequantize(torch.float32)
+    for rows in (1, 2, 40):
+        x = torch.randn(3, rows, 64, device=kernel_device)
+        torch.testing.assert_close(vmap(layer)(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-5)
+    x = torch.randn(64, device=kernel_device)
+    torch.testing.assert_close(jacrev(layer)(x), w, rtol=1e-6, atol=1e-6)
+    xs = torch.randn(5, 2, 64, device=kernel_device)  # per-sample gradients
+    g = vmap(grad(lambda v: layer(v).pow(2).sum()))(xs)
+    torch.testing.assert_close(g, 2 * (xs @ w.T + layer.bias) @ w, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(3, 2, 32, device=kernel_device)
+    torch.testing.assert_close(vmap(lambda d: nf4_matmul_t(d, layer.quant_weight))(dy), dy @ w, rtol=1e-5, atol=1e-5)
