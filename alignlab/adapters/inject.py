@@ -524,6 +524,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disabled(model: nn.Module):
     """Run the frozen base model inside the block (e.g. the DPO reference policy, no second copy).
 
+    With adapters initialised by PiSSA / OLoRA (``init="pissa"`` / ``"olora"``), which rewrite the base to the
+    residual ``W - s·BA``, that is the residual model, not the original: a ``UserWarning`` says so.
+
     Raises:
         ValueError: the model has no adapter layers (nothing to disable: the block would run the
             same model, e.g. a DPO reference equal to the policy, loss stuck at log 2), or adapters
@@ -536,6 +539,14 @@ def disabled(model: nn.Module):
     merged = [n for n, m in adapter_layers(model) if m.merged]
     if merged:
         raise ValueError(f"cannot disable adapters merged into the base (e.g. {merged[0]!r}); call unmerge(model) first")
+    rewritten = [(n, a, i) for n, m in adapter_layers(model) if isinstance(getattr(m, "init", None), dict)
+                 for a, i in m.init.items() if i in ("pissa", "olora") or i.startswith("pissa_niter_")]
+    if rewritten:
+        n, a, i = rewritten[0]
+        warnings.warn(f"adapter {a!r} on {n!r} (and {len(rewritten) - 1} more) was initialised with init={i!r}, which "
+                      "left the residual W - s·BA in the base: disabled(model) runs that residual model, not the "
+                      "original one (as in PEFT); for the original as a reference keep a frozen copy of it",
+                      UserWarning, stacklevel=3)
     before = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

@@ -117,6 +117,26 @@ def test_disabled_equals_base_and_restores():
     torch.testing.assert_close(model(IDS).logits, adapted)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_disabled_warns_that_a_pissa_or_olora_base_is_the_residual(init):
+    """PiSSA / OLoRA leave W - s·BA in the base, so disabled(model) is the residual model, not the original (a DPO
+    reference would be silently wrong): it runs, as in PEFT, with a UserWarning naming the adapter and init."""
+    import warnings
+
+    model = make_tiny_llama()
+    ref = model(IDS).logits
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init=init))
+    with pytest.warns(UserWarning, match=f"init='{init}'.*residual.*not the original"):
+        with torch.no_grad(), disabled(model):
+            residual = model(IDS).logits
+    assert not torch.allclose(residual, ref, atol=1e-3)
+    plain = inject(make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with disabled(plain):
+            pass
+
+
 def test_disabled_on_a_model_without_adapters_raises():
     # a DPO reference "disabled" from a model that never got adapters is the policy itself
     model = make_tiny_llama()
