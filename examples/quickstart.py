@@ -6,7 +6,7 @@
 4. save the adapter in PEFT's format, load it into a fresh copy of the base and check
    the outputs match (``peft.PeftModel.from_pretrained`` reads the same directory).
 
-Run: ``python examples/quickstart.py [--steps 60] [--out /tmp/alignlab-quickstart]``
+Run: ``python examples/quickstart.py [--steps 40] [--out /tmp/alignlab-quickstart]``
 """
 
 import argparse

@@ -211,7 +211,10 @@ def linear_cross_entropy(
         label_smoothing: ``eps`` in ``[0, 1]``.
         z_loss: ``zeta >= 0``, weight of ``lse^2``.
         logit_softcap: soft cap ``c > 0`` or None.
-        token_weights: optional ``(batch, seq)`` float weights ``w_t`` (may require grad).
+        token_weights: optional ``(batch, seq)`` float weights ``w_t`` (may require grad), used as given: no check
+            of their values (it would cost a device sync per call), so a negative weight ascends that token's loss
+            (as unlikelihood-style objectives want) and a NaN makes the loss NaN. The distillation losses, whose
+            weights are never meant to be negative, check theirs.
         chunk_size: rows of logits per chunk (default: 1 GiB of logits on CUDA, e.g. 4096 rows
             of a 128k bf16 vocabulary; 32 MiB on CPU). Larger chunks read and write ``dL/dW``
             fewer times (faster); smaller ones use less memory (256 rows: Liger's footprint).

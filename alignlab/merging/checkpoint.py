@@ -505,7 +505,8 @@ def merge_checkpoints(
         # was replaced by a new folder beside the link, on the link's disk, and the folder kept its old files
         out = Path(os.path.realpath(out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"out_dir {str(given)!r} exists and is not empty (pass overwrite=True to replace it)")
+        raise FileExistsError(f"out_dir {str(given)!r} exists and is not empty (pass overwrite=True, or --overwrite on "
+                              "the command line, to replace it)")
     ref_path = r.base_model if r.base_model is not None else r.models[0].path
     paths = list(dict.fromkeys([ref_path, *(m.path for m in r.models)]))
 

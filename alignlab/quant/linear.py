@@ -516,6 +516,8 @@ def quantize_model(
     double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
     quantize_head = as_bool(quantize_head, "quantize_head")
     _check_blocksize(blocksize)  # here, not in the first layer's quantization (named after that layer there)
+    if calibrate not in (None, "icq"):  # likewise
+        raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(skip, Iterable):

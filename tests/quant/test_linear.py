@@ -568,3 +568,13 @@ def test_quantize_model_checks_experts_before_replacing_linears():
         quantize_model(model)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
     assert model.model.layers[1].mlp.experts is experts
+
+
+def test_quantize_model_refuses_a_bad_calibrate_before_naming_any_layer():
+    """A whole-call argument: the error named the first layer (``model.layers.0.self_attn.q_proj: calibrate must
+    ...``) as if that layer were at fault, and nothing is replaced."""
+    model = make_tiny_llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"^calibrate must be None or 'icq', got 'icqq'$"):
+        quantize_model(model, calibrate="icqq")
+    assert {n: type(m) for n, m in model.named_modules()} == before
