@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_switch
+from alignlab.kernels.dispatch import functorch_active
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["lora_linear", "lora_linear_op", "dora_linear", "dora_linear_op", "functorch_active"]
@@ -453,13 +454,6 @@ def _dora_grads(gy: torch.Tensor, x2: torch.Tensor, weight, ac: torch.Tensor, bg
         db = db.mul_(gs.to(db.dtype)).to(b_dtype)
     dm = magnitude_grad(gy, y, bias, magnitude) if need_m else None  # Σ_t gy ⊙ (y - bias) / m, 0 where m == 0
     return dx, da, db, dm
-
-
-def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running: the fused autograd Functions
-    (no ``setup_context``, no vmap rule) cannot be transformed, so the callers take plain differentiable ops then
-    (``torch.func.grad`` / ``vmap(grad(...))`` per-sample gradients raised ``RuntimeError`` before)."""
-    return torch._C._are_functorch_transforms_active()
 
 
 def _plain_base(x2: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -60,6 +60,14 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running. The kernels cannot read its
+    wrapped tensors (not even an output allocated under it) and the fused autograd Functions have no vmap rule, so
+    callers take plain torch ops then (``vmap`` over an NF4 layer on the Triton path raised ``NotImplementedError``,
+    ``torch.func.grad`` of a fused LoRA layer ``RuntimeError``)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the Triton path should run for these tensors.
 

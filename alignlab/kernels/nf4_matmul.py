@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_count, env_switch
-from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.dispatch import functorch_active, interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import takes_small
@@ -317,8 +317,7 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
-    if torch._C._are_functorch_transforms_active():  # vmap / jacrev / grad: torch ops only (a kernel cannot take the
-        # transforms' wrapped tensors, not even an output allocated under them)
+    if functorch_active():  # vmap / jacrev / grad: torch ops only
         return torch.nn.functional.linear(x, nf4_dequantize(t, x.dtype), None if bias is None else bias.to(x.dtype))
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _NF4Matmul.apply(x, bias, t)
@@ -449,7 +448,7 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         ``(..., K)`` in ``dy.dtype``; differentiable with respect to ``dy`` on every path (:class:`_NF4MatmulT`).
     """
     _check(dy, t, 0, "dy")
-    if torch._C._are_functorch_transforms_active():  # as in nf4_matmul
+    if functorch_active():  # as in nf4_matmul
         return dy @ nf4_dequantize(t, dy.dtype)
     if torch.is_grad_enabled() and dy.requires_grad:
         return _NF4MatmulT.apply(dy, t)

@@ -29,6 +29,7 @@ from torch import nn
 
 from alignlab._checks import as_bool, env_switch
 from alignlab._ties import parameter_owners, untie_changes_outputs
+from alignlab.kernels.dispatch import functorch_active
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -229,7 +230,8 @@ class NF4Linear(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         key = None
         if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
-                and x.numel() <= _DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()):
+                and x.numel() <= _DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
+                and not functorch_active()):  # (a kernel cannot read a vmap'd tensor)
             # decode path: a launcher kept per input layout and stream (see _keep_launcher), ~one launch of host work
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
@@ -249,7 +251,7 @@ class NF4Linear(nn.Module):
         xc = x.to(self.compute_dtype)
         # the product as a function of x and bias (W frozen): saves only references to the packed weight; under a
         # torch.func transform nf4_matmul's plain ops instead (the Function has no vmap rule)
-        if grad and not torch._C._are_functorch_transforms_active():
+        if grad and not functorch_active():
             from alignlab.kernels.nf4_matmul import _NF4Matmul
 
             y = _NF4Matmul.apply(xc, bias_c, t)

@@ -1,6 +1,7 @@
 """torch.func.grad / jacrev through an NF4Linear (its autograd Function has a separate setup_context, which
 functorch transforms require), against the dense dequantized weight."""
 
+import pytest
 import torch
 from torch import nn
 from torch.func import grad, jacrev
@@ -43,3 +44,19 @@ def test_vmap_jacrev_and_grad_on_the_triton_path(triton_mode, kernel_device):
     torch.testing.assert_close(g, 2 * (xs @ w.T + layer.bias) @ w, rtol=1e-5, atol=1e-5)
     dy = torch.randn(3, 2, 32, device=kernel_device)
     torch.testing.assert_close(vmap(lambda d: nf4_matmul_t(d, layer.quant_weight))(dy), dy @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_vmap_over_the_decode_path_cuda():
+    """bf16 rows small enough for the decode launchers (no grad): under vmap the layer takes torch ops, not a kept
+    launcher fed a BatchedTensor."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(256, 128), compute_dtype=torch.bfloat16).cuda()
+    x = torch.randn(3, 1, 256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):  # the second call would find a launcher kept by the first
+        layer(x[0])
+    w = layer.dequantize(torch.float32)
+    want = x.float() @ w.T + layer.bias.float()
+    torch.testing.assert_close(vmap(layer)(x).float(), want, rtol=2e-2, atol=2e-2)
