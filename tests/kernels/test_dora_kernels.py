@@ -229,13 +229,24 @@ def test_row_norm_and_column_dot_cuda_bf16(quant):
                                rtol=1e-4, atol=1e-4)
     from alignlab.kernels import dora
 
-    dora.NORM_SPLIT, before = True, dora.NORM_SPLIT
-    try:  # the split form (63 row blocks: split several ways on any current GPU), twice: counters back at zero
+    before = dora.NORM_SPLIT, dora.NORM_BLOCK_SCALES
+    try:  # the split form (63 row blocks: split several ways on any current GPU), twice: counters back at zero;
+        # then with one scale lookup per NF4 block (4100 columns: not a multiple of 64, so over a 4096-column view)
+        dora.NORM_SPLIT = True
         for _ in range(2):
             torch.testing.assert_close(dora_row_norm(weight, a, b, 2.0).double(), _norm_formula(dense, a, b, 2.0),
                                        rtol=1e-4, atol=1e-4)
+        if quant:
+            w2 = nf4_quantize(w[:, :4096].contiguous(), blocksize=64)
+            d2, a2 = nf4_dequantize(w2, torch.float32), a[:, :4096].contiguous()
+            norms = []
+            for on in (False, True):
+                dora.NORM_BLOCK_SCALES = on
+                norms.append(dora_row_norm(w2, a2, b, 2.0))
+                torch.testing.assert_close(norms[-1].double(), _norm_formula(d2, a2, b, 2.0), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(norms[1], norms[0], rtol=1e-6, atol=1e-6)
     finally:
-        dora.NORM_SPLIT = before
+        dora.NORM_SPLIT, dora.NORM_BLOCK_SCALES = before
     u, v = torch.randn(2, 3000, 777, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(column_dot(u, v).double(), (u.double() * v.double()).sum(0), rtol=1e-4, atol=1e-3)
 
