@@ -37,6 +37,7 @@ accept the sharded (or DDP-wrapped) model on every rank; see :mod:`alignlab.adap
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -53,6 +54,18 @@ def bf16_policy():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+_NO_GROUP = ("mesh: None shards over the default process group, and there is no torch.distributed process group: "
+             "call torch.distributed.init_process_group ('gloo' on CPU, 'nccl' on GPUs) before shard_model, and "
+             "start the script with torchrun (for one process: init_process_group(backend, "
+             "store=torch.distributed.HashStore(), rank=0, world_size=1)), or pass a DeviceMesh as mesh")
+
+
+def _launched_by_torchrun() -> bool:
+    """Whether the environment holds what ``init_process_group``'s default ``env://`` start reads (torchrun sets it):
+    then ``fully_shard`` without a mesh can start the default group itself."""
+    return all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
 
 
 def shard_model(
@@ -91,7 +104,11 @@ def shard_model(
             raise ValueError("block_types must be given: the model declares no _no_split_modules")
     if isinstance(block_types, (str, type)):  # one name, not its characters
         block_types = (block_types,)
-    block_types = tuple(block_types)
+    try:
+        block_types = tuple(block_types)
+    except TypeError:  # was int's "'int' object is not iterable"
+        raise TypeError(f"block_types must be a class, a class name or an iterable of them, got {block_types!r}") \
+            from None
     if not all(isinstance(t, (str, type)) for t in block_types):
         raise TypeError(f"block_types must be classes or class names, got {block_types!r}")
     wanted = {t if isinstance(t, str) else t.__name__ for t in block_types}
@@ -100,6 +117,10 @@ def shard_model(
         raise ValueError(f"block_types={sorted(wanted)} match no module of {type(model).__name__}")
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
               "reshard_after_forward": reshard_after_forward}
+    if mesh is None and not (dist.is_available() and dist.is_initialized()) and not _launched_by_torchrun():
+        # before anything is changed: fully_shard of the first block went through, so a retry after
+        # init_process_group failed with "fully_shard has already been applied"
+        raise ValueError(_NO_GROUP)
     shardable_nf4_(model)
     for module in model.modules():  # FSDP2 refills gathered factors without a version bump: no stale casts
         if hasattr(module, "cache_casts"):
@@ -112,11 +133,7 @@ def shard_model(
         # with no mesh, fully_shard builds one over the default group, starting it from torchrun's environment
         if mesh is not None or (dist.is_available() and dist.is_initialized()):
             raise
-        raise ValueError(
-            "mesh: None shards over the default process group, and there is no torch.distributed process group: "
-            "call torch.distributed.init_process_group ('gloo' on CPU, 'nccl' on GPUs) before shard_model, and "
-            "start the script with torchrun (for one process: init_process_group(backend, "
-            "store=torch.distributed.HashStore(), rank=0, world_size=1)), or pass a DeviceMesh as mesh") from e
+        raise ValueError(_NO_GROUP) from e
     except RuntimeError as e:
         if "can require gradients" not in str(e):
             raise

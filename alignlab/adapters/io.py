@@ -398,10 +398,12 @@ def _check_model_and_path(model, path) -> Path:
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's format.
 
-    Under ``torch.distributed`` (FSDP2 or DDP) call it on every rank: the adapter is gathered
-    whole and rank 0 alone writes the files (the same bytes a single process writes); the
-    other ranks wait until they are in place. If rank 0 cannot write them, every rank raises
-    (rank 0 its own error, the others a ``RuntimeError``) instead of waiting.
+    A sharded (FSDP2) model or a ``DistributedDataParallel`` wrapper: call it on every rank. The adapter is
+    gathered whole and rank 0 alone writes the files (the same bytes a single process writes); the other ranks
+    wait until they are in place. If rank 0 cannot write them, every rank raises (rank 0 its own error, the
+    others a ``RuntimeError``) instead of waiting. Any other model (also ``ddp.module``, with a process group
+    running) is saved by the process that calls, with no collective: ``if rank == 0: save_adapter(...)`` works
+    (it used to wait in a collective for the ranks that never called, until the group's timeout).
 
     A leading ``~`` in ``path`` is the home folder (as in ``load_adapter``); returns the folder written. Files
     replaced there keep their permissions; new ones get the umask's.
@@ -412,7 +414,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             adapter is merged into the base (``unmerge`` first; PEFT saves a merged adapter as it is).
     """
     out = _check_model_and_path(model, path)
+    wrapped = unwrap(_uncompiled(model)) is not _uncompiled(model)  # a DDP wrapper: every rank calls
     model = _user_model(model)
+    collective = wrapped or is_sharded(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(configs)}")
@@ -431,7 +435,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     raw.update({k: v for k, v in identity.items() if k in raw and raw[k] is None})
     meta = json.dumps(raw, indent=2, sort_keys=True)
     error = None
-    if is_writer():
+    if is_writer() or not collective:
         try:
             if out.is_file():  # was FileExistsError "[Errno 17] File exists", which did not say what was wanted
                 raise ValueError(f"path {str(out)!r} is a file; save_adapter writes a directory (adapter_config.json "
@@ -442,7 +446,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         except BaseException as e:  # every rank hears of it, Ctrl-C on rank 0 too: the others would otherwise
             # wait for rank 0 until the process group's timeout (rank 0 re-raises its own exception)
             error = e
-    writer_done(error, f"adapter {adapter_name!r} to {out}")
+    if collective:
+        writer_done(error, f"adapter {adapter_name!r} to {out}")
+    elif error is not None:
+        raise error
     return out
 
 

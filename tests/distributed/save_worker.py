@@ -1,4 +1,5 @@
-"""What each rank runs in ``test_save.py``: a save_adapter whose rank-0 write fails.
+"""What each rank runs in ``test_save.py``: a save_adapter of a DDP model whose rank-0 write fails, and one of a plain
+model that rank 0 alone saves.
 
 A module of its own: ``torch.multiprocessing.spawn`` pickles the worker by module name.
 """
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from alignlab.adapters import LoRAConfig, inject, save_adapter
+from alignlab.distributed import ddp_model
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
@@ -22,6 +24,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         model = nn.Sequential(nn.Linear(8, 8))
         inject(model, LoRAConfig(r=2, target_modules=["0"]))
+        model = ddp_model(model)  # a DDP model: every rank calls save_adapter, rank 0 writes
         blocked = Path(out) / "a_file"  # a regular file where rank 0 must make a directory
         try:
             save_adapter(model, blocked / "adapter")
@@ -42,6 +45,7 @@ def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
     try:
         model = nn.Sequential(nn.Linear(8, 8))
         inject(model, LoRAConfig(r=2, target_modules=["0"]))
+        model = ddp_model(model)
         if rank == 0:
             def interrupted(*args, **kwargs):
                 raise KeyboardInterrupt("Ctrl-C while writing")
@@ -53,5 +57,25 @@ def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
         except BaseException as e:  # what each rank saw
             result = f"{type(e).__name__}: {e}"
         (Path(out) / f"rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def worker_rank0_saves_a_plain_model(rank: int, world: int, port: int, out: str) -> None:
+    """The usual idiom with a process group running: ``if rank == 0: save_adapter(ddp.module, ...)``. Rank 1 never
+    calls it; rank 0's call must return by itself (it used to wait in a collective until the group's timeout)."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = nn.Sequential(nn.Linear(8, 8))
+        inject(model, LoRAConfig(r=2, target_modules=["0"]))
+        ddp = ddp_model(model)
+        if rank == 0:
+            start = time.monotonic()
+            save_adapter(ddp.module, Path(out) / "adapter")
+            (Path(out) / "rank0.txt").write_text(f"{time.monotonic() - start:.3f}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -214,15 +214,18 @@ def test_shard_model_takes_one_block_type_as_a_string(monkeypatch):
 
     sharded = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: sharded.append(module))
+    mesh = object()  # handed to the recorded fully_shard only (no process group in this process)
     for block_types in ("Block", Block):
         sharded.clear()
         model = torch.nn.Sequential(Block(), Block())
-        shard_model(model, block_types=block_types)
+        shard_model(model, block_types=block_types, mesh=mesh)
         assert sharded == [model[0], model[1], model]
     with pytest.raises(ValueError, match=r"\['Nope'\]"):
-        shard_model(torch.nn.Sequential(Block()), block_types="Nope")
+        shard_model(torch.nn.Sequential(Block()), block_types="Nope", mesh=mesh)
     with pytest.raises(TypeError, match="block_types"):
-        shard_model(torch.nn.Sequential(Block()), block_types=[1])
+        shard_model(torch.nn.Sequential(Block()), block_types=[1], mesh=mesh)
+    with pytest.raises(TypeError, match=r"^block_types must be a class, a class name or an iterable of them, got 3$"):
+        shard_model(torch.nn.Sequential(Block()), block_types=3, mesh=mesh)  # was "'int' object is not iterable"
 
 
 def test_like_target_refuses_another_shape():
@@ -245,8 +248,19 @@ def test_shard_model_without_a_process_group_says_to_start_one(monkeypatch):
 
     if torch.distributed.is_initialized():  # pragma: no cover - the test process never joins a group
         pytest.skip("a process group is initialized in this process")
+    import torch.distributed.fsdp as fsdp
+
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
+    sharded = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: sharded.append(module))
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match=r"no torch\.distributed process group.*init_process_group.*torchrun"):
         shard_model(model, block_types="Sequential")
+    # refused before anything was sharded: the first block's fully_shard went through, and the retry the message
+    # asks for (after init_process_group) failed with "fully_shard has already been applied"
+    assert sharded == []
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)  # torchrun's environment: fully_shard may start the group itself
+    shard_model(model, block_types="Sequential")
+    assert sharded == [model[0], model]

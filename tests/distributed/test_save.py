@@ -1,4 +1,5 @@
-"""save_adapter under torch.distributed when rank 0 cannot write: every rank raises, none waits."""
+"""save_adapter under torch.distributed: of a DDP model when rank 0 cannot write, every rank raises, none waits; of a
+plain model, the calling rank writes with no collective."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_ctrl_c_on_rank0_while_writing_tells_every_rank(tmp_path):
     assert rank1.startswith("RuntimeError") and "rank 0 failed to write adapter 'default'" in rank1, rank1
     assert time.monotonic() - start < 40
     assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())  # nothing half-written
+
+
+def test_rank0_alone_saves_a_plain_model_without_waiting_for_the_others(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    torch.multiprocessing.spawn(w.worker_rank0_saves_a_plain_model, args=(2, port, str(tmp_path)), nprocs=2,
+                                join=True)
+    assert float((tmp_path / "rank0.txt").read_text()) < 20
+    assert time.monotonic() - start < 45
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]

@@ -74,7 +74,7 @@ def test_shard_model_explains_an_fsdp2_that_cannot_shard_uint8(monkeypatch):
     monkeypatch.setattr(fsdp, "fully_shard", fully_shard)
     model = nn.Sequential(nn.Sequential(_layer()))
     with pytest.raises(RuntimeError, match=r"pytorch/pytorch#177844.*upgrade torch") as info:
-        shard_model(model, block_types=["Sequential"])
+        shard_model(model, block_types=["Sequential"], mesh=object())
     assert "can require gradients" in str(info.value.__cause__)
 
     def other_failure(module, **kwargs):
@@ -82,4 +82,4 @@ def test_shard_model_explains_an_fsdp2_that_cannot_shard_uint8(monkeypatch):
 
     monkeypatch.setattr(fsdp, "fully_shard", other_failure)
     with pytest.raises(RuntimeError, match="^no process group$"):  # anything else passes through unchanged
-        shard_model(nn.Sequential(nn.Sequential(_layer())), block_types=["Sequential"])
+        shard_model(nn.Sequential(nn.Sequential(_layer())), block_types=["Sequential"], mesh=object())
