@@ -622,10 +622,15 @@ def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor],
                     "it was made), or inject the adapter before wrapping and load_adapter copies the weights into it")
         raise ValueError(f"model is {how} and has no adapter {adapter_name!r}: {hint}")
     fields_ = ("r", "alpha", "use_rslora", "use_dora")
-    if type(have) is not type(config) or (isinstance(config, LoRAConfig) and any(
-            float(getattr(have, f)) != float(getattr(config, f)) for f in fields_)):
-        raise ValueError(f"adapter {adapter_name!r} of the {how.split()[0]} model differs from the file's "
-                         f"({type(have).__name__} vs {type(config).__name__}; compared {fields_})")
+    if type(have) is not type(config):
+        raise ValueError(f"adapter {adapter_name!r} of the {how.split()[0]} model differs from the file's: "
+                         f"{type(have).__name__} in the model, {type(config).__name__} in the file")
+    if isinstance(config, LoRAConfig):
+        diff = [f"{f}: {getattr(have, f)!r} in the model, {getattr(config, f)!r} in the file" for f in fields_
+                if float(getattr(have, f)) != float(getattr(config, f))]
+        if diff:
+            raise ValueError(f"adapter {adapter_name!r} of the {how.split()[0]} model differs from the file's: "
+                             + "; ".join(diff))
     _copy_into(model, state, adapter_name)
 
 

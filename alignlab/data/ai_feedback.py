@@ -255,7 +255,9 @@ def hf_generator(model: Any, tokenizer: Any, **generate_kwargs: Any) -> Generate
     """A :data:`~alignlab.data.pairs.Generate` from a ``transformers`` causal LM and its chat tokenizer:
     chat template with the generation prompt, left padding, ``model.generate(**generate_kwargs)``, the
     new tokens decoded without special tokens. For seeded sampling call ``transformers.set_seed`` first
-    (``generate`` draws from the global generator)."""
+    (``generate`` draws from the global generator). The model generates in eval mode (no dropout), every
+    submodule's own mode put back after, as in :func:`sample_completions` (a generator made mid-training sampled
+    with dropout on)."""
 
     def generate(batch: list[list[dict[str, Any]]]) -> list[str]:
         texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in batch]
@@ -266,7 +268,7 @@ def hf_generator(model: Any, tokenizer: Any, **generate_kwargs: Any) -> Generate
         finally:
             tokenizer.padding_side = side
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model.generate(**enc, **generate_kwargs)
         return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 

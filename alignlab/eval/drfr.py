@@ -82,9 +82,11 @@ def drfr(judgements: Sequence[Sequence[bool | int | str]], *, per_instruction: b
         raise kind("judgements: expected a non-empty sequence of per-instruction judgement lists")
     satisfied, total, ratios = 0, 0, []
     for i, row in enumerate(judgements):
-        if isinstance(row, (str, bytes)) or len(row) == 0:
-            kind = ArgumentTypeError if isinstance(row, (str, bytes)) else ValueError
-            raise kind(f"judgements[{i}]: expected a non-empty sequence of requirement judgements")
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or len(row) == 0:
+            # a flat list of judgements (no per-instruction lists) failed inside len() of a bool
+            kind = ValueError if hasattr(row, "__len__") and not isinstance(row, (str, bytes)) else ArgumentTypeError
+            raise kind(f"judgements[{i}]: expected a non-empty sequence of requirement judgements, got {row!r} (a "
+                       "list per instruction: [[True, False], [True]])")
         hits = sum(_judgement(a, f"judgements[{i}][{j}]") for j, a in enumerate(row))
         satisfied += hits
         total += len(row)

@@ -323,6 +323,25 @@ def test_hf_generator_batches_like_single_calls(chat_tokenizer):
     assert len(recs[0].responses) == 2
 
 
+def test_hf_generator_samples_in_eval_mode_and_puts_the_mode_back(chat_tokenizer):
+    """A generator made mid-training sampled with dropout on (sample_completions and oaif_batch switch to eval)."""
+    from conftest import make_tiny_llama
+
+    from alignlab.data.ai_feedback import hf_generator
+
+    model = make_tiny_llama(seed=1, vocab_size=len(chat_tokenizer), hidden_size=32, num_layers=1)
+    model.train()
+    model.model.layers[0].mlp.eval()  # a submodule in its own mode
+    seen = []
+    real = model.generate
+    model.generate = lambda *a, **k: seen.append(model.training) or real(*a, **k)
+    generate = hf_generator(model, chat_tokenizer, max_new_tokens=2, do_sample=False,
+                            pad_token_id=chat_tokenizer.pad_token_id)
+    generate([[{"role": "user", "content": "hello"}]])
+    assert seen == [False]
+    assert model.training and not model.model.layers[0].mlp.training
+
+
 def test_constitutional_comparisons_principle_with_braces_reaches_the_judge_verbatim():
     # the principle is put into the template before the question and answers are: braces in it
     # (a JSON example, a set) used to be read as placeholders on the second fill (KeyError '"a"')

@@ -61,6 +61,15 @@ def test_load_adapter_into_a_ddp_model_copies_into_the_parameters_ddp_reduces(wo
     torch.testing.assert_close(wrapped(x), trained(x))
 
 
+def test_load_adapter_into_a_wrapped_model_names_the_field_that_differs(world_of_one, tmp_path):
+    """The message said only "(LoRAConfig vs LoRAConfig; compared ('r', 'alpha', 'use_rslora', 'use_dora'))"."""
+    save_adapter(_model(adapter=True), tmp_path / "a")  # r = 2, alpha = 4
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    inject(model, LoRAConfig(r=8, alpha=4, target_modules=["0", "2"]))
+    with pytest.raises(ValueError, match=r"differs from the file's: r: 8 in the model, 2 in the file$"):
+        load_adapter(ddp_model(model), tmp_path / "a")
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()

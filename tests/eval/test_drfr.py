@@ -29,6 +29,8 @@ def test_drfr_errors():
         drfr([[True], []])
     with pytest.raises(ValueError, match="answer"):
         drfr([["unsure"]])
+    with pytest.raises(TypeError, match=r"judgements\[0\]: expected a non-empty sequence .* got True"):
+        drfr([True, False])  # flat: was "object of type 'bool' has no len()"
 
 
 def test_drfr_error_names_the_offending_judgement():
