@@ -17,14 +17,19 @@ from alignlab.adapters import LoRAConfig, inject, save_adapter
 from alignlab.distributed import ddp_model
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_lora(rank: int, world: int, port: int, seconds: int) -> nn.Module:
+    """Join a gloo group of ``world`` ranks (its timeout ``seconds``) and return a one-layer LoRA model in DDP."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=seconds))
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, LoRAConfig(r=2, target_modules=["0"]))
+    return ddp_model(model)
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
     # a short timeout: without the outcome broadcast, rank 1 would sit in a barrier rank 0 never reaches
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    model = _ddp_lora(rank, world, port, 30)  # a DDP model: every rank calls save_adapter, rank 0 writes
     try:
-        model = nn.Sequential(nn.Linear(8, 8))
-        inject(model, LoRAConfig(r=2, target_modules=["0"]))
-        model = ddp_model(model)  # a DDP model: every rank calls save_adapter, rank 0 writes
         blocked = Path(out) / "a_file"  # a regular file where rank 0 must make a directory
         try:
             save_adapter(model, blocked / "adapter")
@@ -40,12 +45,8 @@ def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
     """Rank 0's write is interrupted (Ctrl-C, ``KeyboardInterrupt``) in the middle of writing the weights."""
     import alignlab.adapters.io as io
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    model = _ddp_lora(rank, world, port, 60)
     try:
-        model = nn.Sequential(nn.Linear(8, 8))
-        inject(model, LoRAConfig(r=2, target_modules=["0"]))
-        model = ddp_model(model)
         if rank == 0:
             def interrupted(*args, **kwargs):
                 raise KeyboardInterrupt("Ctrl-C while writing")
@@ -66,12 +67,8 @@ def worker_rank0_saves_a_plain_model(rank: int, world: int, port: int, out: str)
     calls it; rank 0's call must return by itself (it used to wait in a collective until the group's timeout)."""
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    ddp = _ddp_lora(rank, world, port, 60)
     try:
-        model = nn.Sequential(nn.Linear(8, 8))
-        inject(model, LoRAConfig(r=2, target_modules=["0"]))
-        ddp = ddp_model(model)
         if rank == 0:
             start = time.monotonic()
             save_adapter(ddp.module, Path(out) / "adapter")
