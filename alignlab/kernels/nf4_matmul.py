@@ -55,7 +55,7 @@ try:
     import triton
     import triton.language as tl
 
-    from alignlab.kernels.nf4_dequant import nf4_block_scale, nf4_decode
+    from alignlab.kernels.nf4_dequant import nf4_decode
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -123,16 +123,12 @@ if triton is not None:
         rows = rn[:, None].to(tl.int64)
         nb = tl.arange(0, NB)[None, :]
         ok = (rn[:, None] < N) & (k0 + nb * BLOCKSIZE < K)  # (BLOCK_N, NB): whole blocks in or out
-        bidx = rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE + nb
-        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, ok, DOUBLE, NESTED_BS)[:, :, None]
+        bidx = (rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE + nb)[:, :, None]  # (BLOCK_N, NB, 1): one per block
+        ok = ok[:, :, None]
         offs = rows[:, :, None] * (K // 2) + (k0 // 2 + nb[:, :, None] * HB + tl.arange(0, HB)[None, None, :])
-        byte = tl.load(data_ptr + offs, mask=ok[:, :, None], other=0).to(tl.int32)
-        hi = tl.load(code_ptr + (byte >> 4)) * s
-        lo = tl.load(code_ptr + (byte & 15)) * s
-        if HAS_SHIFT:
-            tau = tl.load(shift_ptr + bidx, mask=ok, other=0.0)[:, :, None]
-            hi += tau
-            lo += tau
+        byte = tl.load(data_ptr + offs, mask=ok, other=0).to(tl.int32)
+        hi, lo = nf4_decode(byte, bidx, ok, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr,
+                            DOUBLE, NESTED_BS, HAS_SHIFT)  # the scale and shift broadcast over the block's bytes
         return tl.join(hi, lo).reshape(BLOCK_N, BLOCK_K)
 
     @triton.jit
