@@ -385,6 +385,11 @@ def _user_model(model: nn.Module) -> nn.Module:
     return _uncompiled(unwrap(_uncompiled(model)))
 
 
+def _ddp_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` (inside a ``torch.compile`` wrapper or not) is a ``DistributedDataParallel`` wrapper."""
+    return unwrap(_uncompiled(model)) is not _uncompiled(model)
+
+
 def _check_model_and_path(model, path) -> Path:
     """``path`` as a ``Path`` with a leading ``~`` expanded; ``TypeError`` naming the argument unless ``model`` is
     an ``nn.Module`` and ``path`` a str or path."""
@@ -414,7 +419,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             adapter is merged into the base (``unmerge`` first; PEFT saves a merged adapter as it is).
     """
     out = _check_model_and_path(model, path)
-    wrapped = unwrap(_uncompiled(model)) is not _uncompiled(model)  # a DDP wrapper: every rank calls
+    wrapped = _ddp_wrapped(model)  # every rank calls
     model = _user_model(model)
     collective = wrapped or is_sharded(model)
     configs = adapter_configs(model)
@@ -574,8 +579,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             OLoRA init's residuals put back).
     """
     root = _check_model_and_path(model, path)
-    model = _uncompiled(model)
-    wrapped = unwrap(model) is not model
+    wrapped = _ddp_wrapped(model)
     model = _user_model(model)
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not (root / fname).is_file():
