@@ -159,12 +159,8 @@ def env_switch(name: str, default: bool, choices: tuple[str, ...] = ()) -> bool 
         return value
     if value in _ON or value in _OFF:
         return value in _ON
-    import warnings
-
     allowed = ", ".join((*choices, "0 / 1", "true / false", "on / off", "yes / no"))
-    warnings.warn(f"{name}={os.environ[name]!r} is not a switch ({allowed}); using the default, {default}",
-                  RuntimeWarning, stacklevel=2)
-    return default
+    return _env_default(name, f"a switch ({allowed})", default)
 
 
 def env_count(name: str, default: int, minimum: int = 0) -> int:
@@ -180,10 +176,16 @@ def env_count(name: str, default: int, minimum: int = 0) -> int:
         count = None
     if count is not None and count >= minimum:
         return count
+    return _env_default(name, f"a whole number >= {minimum}", default)
+
+
+def _env_default(name: str, expected: str, default):
+    """``default``, after a ``RuntimeWarning`` that environment variable ``name`` holds something other than
+    ``expected`` (the module that read it named as where it happened)."""
     import warnings
 
-    warnings.warn(f"{name}={os.environ[name]!r} is not a whole number >= {minimum}; using the default, {default}",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"{name}={os.environ[name]!r} is not {expected}; using the default, {default}", RuntimeWarning,
+                  stacklevel=3)
     return default
 
 
