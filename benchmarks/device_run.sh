@@ -52,7 +52,7 @@ for arg in "$@"; do
   seconds="${arg#*:}"
   [ "$seconds" = "$arg" ] && seconds="${limit[$name]:-}"
   case "$name" in
-    cuda-tests) run_step "$name" "$seconds" python -m pytest -m cuda -q -p no:cacheprovider --durations=15 ;;
+    cuda-tests) run_step "$name" "$seconds" python -m pytest -m cuda -v -p no:cacheprovider --durations=15 ;;
     epilogue) run_step "$name" "$seconds" python benchmarks/adapter_epilogue.py --out "$out/adapter_epilogue.json" ;;
     step) run_step "$name" "$seconds" python benchmarks/qlora_step.py --which floor defaults --batches 1 4 \
             --out "$out/qlora_step.json" ;;
