@@ -167,6 +167,22 @@ def spin_pairs(
             yield {"prompt": prompt, "chosen": truth, "rejected": own}
 
 
+def _score_values(scores: Sequence) -> list[float]:
+    """Each score as a float, None as NaN; :class:`ArgumentTypeError` naming ``scores[i]`` for anything else."""
+    out = []
+    for i, v in enumerate(scores):
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            if isinstance(v, (str, bytes, bool)):  # float("3") would read a judge's raw text as a score
+                raise TypeError
+            out.append(float(v))
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(f"scores[{i}]: expected a real number or None, got {v!r}") from None
+    return out
+
+
 def pairs_from_scores(
     prompt: str | Sequence[Message],
     candidates: Sequence[str],
@@ -179,11 +195,12 @@ def pairs_from_scores(
     ``best_worst`` (Self-Rewarding LMs, arXiv:2401.10020): one pair, the
     highest- against the lowest-scored candidate (first occurrence wins ties),
     kept only if ``max - min > min_margin``. ``all``: every ``(i, j)`` with
-    ``s_i - s_j > min_margin``. NaN scores (an unparsable judgement) are
+    ``s_i - s_j > min_margin``. NaN and None scores (an unparsable judgement) are
     ignored. Raises ``ValueError`` if lengths differ or ``min_margin`` is
     negative, NaN or infinite (a negative margin would pair a candidate with
     itself and tied candidates both ways round); ``TypeError`` if it is not
-    a real number.
+    a real number, or if a score is neither a number (Python, NumPy, a one-element
+    tensor) nor None (a str, a bool: :class:`~alignlab.ArgumentTypeError` naming ``scores[i]``).
     """
     if len(candidates) != len(scores):
         raise ValueError(f"candidates ({len(candidates)}) and scores ({len(scores)}) differ in length")
@@ -191,7 +208,7 @@ def pairs_from_scores(
     if strategy not in ("best_worst", "all"):
         raise ValueError(f"strategy must be 'best_worst' or 'all', got {strategy!r}")
     messages = _as_messages(prompt)
-    valid = [(float(s), i) for i, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
+    valid = [(v, i) for i, v in enumerate(_score_values(scores)) if not math.isnan(v)]
     if len(valid) < 2:
         return []
     if strategy == "best_worst":

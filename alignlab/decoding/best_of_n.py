@@ -142,7 +142,7 @@ def best_of_n(
         score_fn: maps ``(batch * n, seq)`` generated sequences (prompt
             included, grouped by prompt, with the prompts' left padding and,
             after a candidate that stopped early, ``generate``'s pad tokens) to
-            ``(batch * n,)`` scores, e.g. a reward model via
+            ``(batch * n,)`` or ``(batch * n, 1)`` scores, e.g. a reward model via
             :func:`alignlab.decoding.reward_model_fn`, which strips both.
         n: candidates per prompt (>= 1).
         attention_mask: ``(batch, prompt_len)``.
@@ -175,8 +175,11 @@ def best_of_n(
     if scores.dtype not in (torch.float32, torch.float64):
         scores = scores.float()
     scores = scores.to(sequences.device)
+    if scores.dim() == 2 and scores.shape[1] == 1:  # a reward head's column, as rerank takes it
+        scores = scores[:, 0]
     if scores.shape != (batch * n,):
-        raise ValueError(f"score_fn: expected {batch * n} scores, got shape {tuple(scores.shape)}")
+        raise ValueError(f"score_fn: expected {batch * n} scores, shape ({batch * n},) or ({batch * n}, 1), "
+                         f"got shape {tuple(scores.shape)}")
     candidates = sequences.view(batch, n, -1)
     scores = scores.view(batch, n)
     best = _best_index(scores, nan)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_count, check_token_id, is_real
-from alignlab.eval.reward import reward_scores
+from alignlab.eval.reward import _text_config, reward_scores
 
 __all__ = ["RewardGuidedLogitsProcessor", "reward_guided_logits", "reward_model_fn"]
 
@@ -136,7 +136,7 @@ def reward_model_fn(
     batches of ``batch_size``) with the reward model's own
     ``config.pad_token_id`` as the right-padding id (``pad_token_id`` only when
     it has none): HF sequence classifiers find the last real token through their
-    own id. Raises ``ValueError`` for a ``pad_token_id`` that is neither
+    own id, and one that has none is lent one for each batched call. Raises ``ValueError`` for a ``pad_token_id`` that is neither
     ``None`` nor a non-negative int, an ``eos_token_id`` that is not one or a
     list of them, or a number ``batch_size`` that is not an int >= 1, and ``TypeError`` for one that is no number
     (a str, None, a bool); both checked here, before any step.
@@ -150,7 +150,8 @@ def reward_model_fn(
     eos_ids = _eos_ids(eos_token_id)
     # pad == eos: the first of a finished row's trailing pads is the eos it generated (unless another eos ended it)
     pad_ends_rows = pad_token_id is not None and pad_token_id in eos_ids
-    own_pad = getattr(config, "pad_token_id", None)
+    # the id an HF classifier finds each row's last real token through; reward_scores lends one to a model without
+    own_pad = getattr(_text_config(model), "pad_token_id", None)
     right_pad = own_pad if own_pad is not None else pad_token_id
 
     def reward_fn(input_ids: torch.LongTensor) -> torch.Tensor:

@@ -45,13 +45,33 @@ def _token_lists(sequences, tokenizer) -> list[list[int]]:
     return out
 
 
-def _pad_id(model, tokenizer, pad_token_id: int | None) -> int | None:
-    if pad_token_id is not None:
-        return pad_token_id
-    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if config_pad is not None:
-        return config_pad
-    return getattr(tokenizer, "pad_token_id", None)
+def _text_config(model):
+    """The config whose ``pad_token_id`` an HF classifier reads (a multimodal model's text config), or None."""
+    config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
+    text_config = getattr(config, "get_text_config", None)
+    return text_config() if callable(text_config) else config
+
+
+def _lent_pad(tokens: list[list[int]], pad: int | None) -> int:
+    """A right-padding id for a classifier that has no pad id of its own: ``pad`` (or 0) unless a row of the
+    batch ends in it, else the smallest id none of them ends in. The classifier, lent it as its pad id, scores
+    each row at its last token that is not this id: the row's own last token, as when it is scored alone."""
+    ends = {t[-1] for t in tokens}
+    fill = 0 if pad is None else pad
+    return fill if fill not in ends else min(set(range(len(tokens) + 1)) - ends)
+
+
+@contextlib.contextmanager
+def _pad_lent_to(config, pad_id: int | None):
+    """``config.pad_token_id = pad_id`` inside the block (if ``pad_id`` is not None), None again afterwards."""
+    if pad_id is None:
+        yield
+        return
+    config.pad_token_id = pad_id
+    try:
+        yield
+    finally:
+        config.pad_token_id = None
 
 
 @torch.no_grad()
@@ -80,7 +100,11 @@ def reward_scores(
             ``model.config.pad_token_id`` then ``tokenizer.pad_token_id``.
             HF sequence-classification models locate the last real token
             through this id, so it must be the model's own: one that differs
-            from a set ``model.config.pad_token_id`` is a ``ValueError``.
+            from a set ``model.config.pad_token_id`` is a ``ValueError``. A
+            model whose (text) config has ``pad_token_id = None`` (HF then scores
+            only one row per call) is lent a pad id for each batched call and
+            set back to None afterwards: this id, or one that no row of the batch
+            ends in, so that every row is scored at its own last token.
         label_index: which column of ``(b, num_labels)`` scores to return
             (an int, negative counting from the end); required when ``num_labels > 1``.
 
@@ -104,7 +128,10 @@ def reward_scores(
     tokens = _token_lists(sequences, tokenizer)
     if not tokens:
         return torch.empty(0)
-    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    text_config = _text_config(model)
+    config_pad = getattr(text_config, "pad_token_id", None)
+    # HF classifiers without a pad id refuse batches of more than one row: each batched call lends them one
+    lend = text_config is not None and hasattr(text_config, "pad_token_id") and config_pad is None
     if pad_token_id is not None and config_pad is not None and int(pad_token_id) != config_pad:
         # an HF classifier reads the score at the last token that is not its own pad id: rows padded with
         # another id were scored at their last pad, silently
@@ -113,8 +140,9 @@ def reward_scores(
             f"{config_pad}, through which it finds each row's last real token (rows padded with another id "
             "are scored at a pad); leave pad_token_id=None or pass the model's"
         )
-    pad = _pad_id(model, tokenizer, pad_token_id)
-    if pad is None and len({len(t) for t in tokens}) > 1 and batch_size > 1:
+    pad = next((p for p in (pad_token_id, config_pad, getattr(tokenizer, "pad_token_id", None)) if p is not None),
+               None)
+    if pad is None and not lend and len({len(t) for t in tokens}) > 1 and batch_size > 1:
         raise ValueError("pad_token_id: needed to batch sequences of different lengths (set it or model.config.pad_token_id)")
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     device = params[0].device if params else torch.device("cpu")
@@ -125,12 +153,15 @@ def reward_scores(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = len(tokens[idx[0]])
-            ids = torch.full((len(idx), width), pad if pad is not None else 0, dtype=torch.long)
+            lent = _lent_pad([tokens[i] for i in idx], pad) if lend and len(idx) > 1 else None
+            fill = lent if lent is not None else (pad if pad is not None else 0)
+            ids = torch.full((len(idx), width), fill, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 ids[row, : len(tokens[i])] = torch.tensor(tokens[i])
                 mask[row, : len(tokens[i])] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            with _pad_lent_to(text_config, lent):
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             out = out.logits if hasattr(out, "logits") else out
             if out.dim() == 2 and out.shape[1] == 1:
                 out = out[:, 0]

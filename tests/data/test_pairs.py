@@ -85,6 +85,16 @@ def test_pairs_from_scores():
     got = {(p["chosen"], p["rejected"]) for p in pairs_from_scores("q", c, [3, math.nan, 1, 5], strategy="all")}
     assert got == {("a", "c"), ("d", "a"), ("d", "c")}
     assert pairs_from_scores("q", c, [math.nan, 1, math.nan, math.nan]) == []
+    assert pairs_from_scores("q", c, [3, None, 1, 5]) == pairs_from_scores("q", c, [3, math.nan, 1, 5])
+    # NumPy and one-element tensor scores are numbers; a judge's raw text, a bool, a vector are not
+    import numpy as np
+    assert pairs_from_scores("q", c, [np.float32(3), torch.tensor(5.0), np.int64(1), 5]) == \
+        pairs_from_scores("q", c, [3, 5, 1, 5])
+    for i, bad in ((1, "x"), (0, "4"), (2, True), (3, torch.ones(2)), (1, [1.0])):
+        scores = [1.0, 2.0, 3.0, 4.0]
+        scores[i] = bad
+        with pytest.raises(TypeError, match=rf"scores\[{i}\]: expected a real number or None"):
+            pairs_from_scores("q", c, scores)
     with pytest.raises(ValueError, match="differ in length"):
         pairs_from_scores("q", c, [1, 2])
     recs = [{"prompt": "q", "candidates": ["x", "y"], "scores": [1, 2]}, {"prompt": "r", "candidates": ["z", "w"],

@@ -183,3 +183,14 @@ def test_best_of_n_keeps_float64_scores_apart_as_rerank_does():
         assert out.scores.dtype == torch.float64
     half = best_of_n(_CountingGenerate(), ids, lambda s: torch.tensor([1.0, 3.0, 2.0], dtype=torch.bfloat16), n=3)
     assert half.scores.dtype == torch.float32 and int(half.best_index[0]) == 1
+
+
+def test_best_of_n_accepts_a_column_of_scores_as_rerank_does():
+    """``lambda s: rm(s).logits`` gives (batch * n, 1): rerank took that shape, best_of_n refused it."""
+    values = torch.tensor([0.2, 0.9, 0.1, 0.4, 0.3, 0.8])  # 2 prompts x 3 candidates, by the candidate's last token
+    col = best_of_n(_FixedGenerator(), torch.zeros(2, 2, dtype=torch.long),
+                    lambda seqs: values.view(2, 3)[torch.arange(6) // 3, seqs[:, -1]][:, None], n=3)
+    assert col.best_index.tolist() == [1, 2] and col.scores.shape == (2, 3)
+    for bad in (torch.zeros(6, 2), torch.zeros(3, 1), torch.zeros(6, 1, 1)):
+        with pytest.raises(ValueError, match=r"score_fn: expected 6 scores, shape \(6,\) or \(6, 1\)"):
+            best_of_n(_FixedGenerator(), torch.zeros(2, 2, dtype=torch.long), lambda seqs, bad=bad: bad, n=3)

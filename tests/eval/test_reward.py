@@ -129,3 +129,32 @@ def test_batch_size_of_the_wrong_kind_is_a_type_error(bad, error):
     """batch_size "8" or None was a ValueError like batch_size=0; no number at all is a TypeError naming it."""
     with pytest.raises(error, match="batch_size"):
         reward_scores(_two_heads, [[1, 2, 3], [4]], pad_token_id=0, label_index=0, batch_size=bad)
+
+
+def _padless_classifier():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=None)
+    torch.manual_seed(0)
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("pad_token_id", [0, 7, None])
+def test_a_classifier_without_a_pad_id_is_lent_one_per_batch(pad_token_id):
+    """HF classifiers whose config has pad_token_id=None refuse batches of more than one row ("Cannot handle batch
+    sizes > 1 if no padding token is defined"): the documented fallback to the given pad id failed for every batch.
+    Each batched call now lends them a pad id that no row of the batch ends in (7 and 0 end rows here), and every
+    row scores as it does alone; the config holds None again afterwards."""
+    rm = _padless_classifier()
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12], [3, 0], [4, 4, 4, 4, 7], [9], [1, 2, 0]]
+    with torch.no_grad():
+        alone = torch.stack([rm(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs])
+    got = reward_scores(rm, seqs, pad_token_id=pad_token_id, batch_size=4)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    assert rm.config.pad_token_id is None
+
+
+def test_the_lent_pad_id_is_taken_back_when_the_model_raises():
+    rm = _padless_classifier()
+    with pytest.raises(IndexError):  # id 99 is outside the 64-token vocabulary
+        reward_scores(rm, [[1, 2, 3], [4, 99]], pad_token_id=0, batch_size=2)
+    assert rm.config.pad_token_id is None
