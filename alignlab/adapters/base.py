@@ -353,11 +353,22 @@ class AdapterLayer(nn.Module, abc.ABC):
         """Method-specific refusals, raised before anything is changed."""
 
     def _merge_one(self, name: str) -> None:
-        w = merge_weight(self.base_layer)
-        delta = self.delta_weight(name)
+        snapshot, earlier = getattr(self, "_premerge_weight", None), self.merged_adapters
+        if snapshot is not None and earlier and all(map(self._merges_additively, earlier)):
+            # a quantized base: its packed weight from before the first merge plus every merged ΔW, quantized
+            # once; adding to the re-quantized weight rounded to NF4 once more per adapter merged
+            delta = sum(self.delta_weight(n) for n in earlier) + self.delta_weight(name)
+            w = snapshot.to(delta.device).dequantize(torch.float32)
+        else:
+            w = merge_weight(self.base_layer)
+            delta = self.delta_weight(name)
         merged = (w + delta).to(w.dtype)  # in fp32 at least (delta is): an fp64 base is not rounded to fp32
         refuse_float16_merge(merged, (w, delta), name)
         set_dense_weight_(self.base_layer, merged)
+
+    def _merges_additively(self, name: str) -> bool:
+        """Whether merging ``name`` added ``delta_weight(name)`` to the base (:meth:`_merge_one` as written here)."""
+        return True
 
     def _unmerge_one(self, name: str) -> None:
         w = dense_weight(self.base_layer)

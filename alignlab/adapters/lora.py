@@ -491,6 +491,9 @@ class LoRALinear(AdapterLayer):
         self._merge_norms[name] = norm
         set_dense_weight_(self.base_layer, new)
 
+    def _merges_additively(self, name: str) -> bool:
+        return not self.is_dora(name)
+
     def _unmerged_weight(self) -> torch.Tensor:
         """The base weight without the adapters merged so far, fp32 (fp64 for fp64) ``(out, in)``: DoRA's row norm
         is taken on it, in merge as in forward. A quantized base kept its packed weight from before the first
