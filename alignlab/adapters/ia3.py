@@ -223,8 +223,7 @@ class IA3Config:
 
     @classmethod
     def from_peft(cls, raw: dict) -> "IA3Config":
-        ff = raw.get("feedforward_modules") or []
         return cls(target_modules=peft_targets(raw),
-                   feedforward_modules=ff if isinstance(ff, str) else list(ff),
+                   feedforward_modules=peft_targets(raw, "feedforward_modules", required=False) or [],
                    exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save") or None)
 

@@ -500,8 +500,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (it must not be merged); layers left empty are unwrapped."""
+    """Remove adapter ``name`` from every layer (it must not be merged); layers left empty are unwrapped.
+
+    Deleting the only active adapter activates the first remaining one (the earliest added), with a
+    ``UserWarning`` naming it, as PEFT does; the model ran as its bare base before, silently."""
     _require_adapters(model, [name])
+    was_active = name in active_adapters(model)
     for lname, layer in _nested_first(list(adapter_layers(model))):
         if name in layer.adapter_names():
             layer.delete_adapter(name)
@@ -517,7 +521,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_configs(model)
     del configs[name]
     object.__setattr__(model, CONFIGS_ATTR, configs)
-    object.__setattr__(model, "alignlab_active_adapters", [n for n in active_adapters(model) if n != name])
+    active = [n for n in active_adapters(model) if n != name]
+    object.__setattr__(model, "alignlab_active_adapters", active)
+    if was_active and not active and configs:
+        fallback = next(iter(configs))
+        warnings.warn(f"adapter {name!r} was active and is deleted: {fallback!r} is now the active adapter (as in "
+                      "PEFT); set_adapter(model, ...) to choose another", UserWarning, stacklevel=2)
+        set_adapter(model, fallback)
 
 
 @contextlib.contextmanager

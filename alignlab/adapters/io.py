@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder
-from alignlab._checks import is_int, is_real, user_path
+from alignlab._checks import ArgumentTypeError, is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
@@ -145,16 +145,26 @@ def peft_header(peft_type: str) -> dict:
             "inference_mode": True}
 
 
-def peft_targets(raw: dict) -> str | list[str]:
-    """``target_modules`` of a PEFT ``adapter_config.json`` (a regex string or a list of names).
+def peft_targets(raw: dict, key: str = "target_modules", required: bool = True) -> str | list | None:
+    """A module-name field of a PEFT ``adapter_config.json`` (``target_modules`` by default): a regex string or a
+    list of names; None where it is absent or null and not ``required``. The config class checks the names.
 
     Raises:
-        ValueError: the field is missing.
+        ValueError: a ``required`` field is missing.
+        ArgumentTypeError: the field is neither a string nor a list (``5`` stopped on "'int' object is not
+            iterable", a mapping was read as its keys).
     """
-    target = raw.get("target_modules")
+    target = raw.get(key)
     if target is None:
-        raise ValueError("adapter_config.json: target_modules is missing")
-    return target if isinstance(target, str) else list(target)
+        if required:
+            raise ValueError(f"adapter_config.json: {key} is missing")
+        return None
+    if isinstance(target, str):
+        return target
+    if not isinstance(target, (list, tuple)):
+        raise ArgumentTypeError(f"adapter_config.json: {key} must be a regex string or a list of module names, "
+                                f"got {target!r}")
+    return list(target)
 
 
 def refuse_unsupported(raw: dict, method: str, supported: tuple[tuple[str, object], ...]) -> None:
@@ -514,7 +524,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
         target_modules=[] if raw.get("target_modules") is None and raw.get("target_parameters") else peft_targets(raw),
-        target_parameters=list(raw.get("target_parameters") or []) or None,
+        target_parameters=peft_targets(raw, "target_parameters", required=False) or None,
         exclude_modules=raw.get("exclude_modules"),
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),

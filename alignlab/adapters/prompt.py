@@ -143,6 +143,17 @@ class SoftPromptEmbedding(AdapterLayer):
 
 
 def _input_embedding_name(model: nn.Module, explicit: str | None) -> str:
+    """The input embedding a soft prompt or prefix hangs on: ``explicit``, else the model's.
+
+    Raises:
+        ValueError: an encoder-decoder model (T5, BART's ``…ForConditionalGeneration``): the hook prepended the
+            prompt to the encoder's input alone and the file named ``CAUSAL_LM``; PEFT's ``SEQ_2_SEQ_LM`` layout
+            (virtual tokens for the encoder and the decoder) is not implemented.
+    """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"soft prompts and prefixes: {type(model).__name__} is an encoder-decoder model "
+                         "(config.is_encoder_decoder); alignlab's prompt and prefix tuning take decoder-only and "
+                         "encoder-only models (PEFT's SEQ_2_SEQ_LM layout is not implemented)")
     if explicit is not None:
         try:
             model.get_submodule(explicit)

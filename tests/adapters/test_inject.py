@@ -2,8 +2,10 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from alignlab.adapters import (
     LoRAConfig,
     LoRALinear,
     SavedModule,
+    active_adapters,
     adapter_configs,
     adapter_layers,
     add_weighted_adapter,
@@ -201,9 +204,27 @@ def test_named_adapters_switch_combine_delete():
         set_adapter(model, "nope")
     with pytest.raises(ValueError, match="already exists"):
         inject(model, LoRAConfig(target_modules=["q_proj"]), adapter_name="b")
-    delete_adapter(model, "b")
-    set_adapter(model, "default")
+    with pytest.warns(UserWarning, match="'b' was active and is deleted: 'default' is now the active adapter"):
+        delete_adapter(model, "b")  # PEFT activates a remaining adapter too; the model ran as the bare base
+    assert active_adapters(model) == ["default"]
     torch.testing.assert_close(model(IDS).logits, out_a)
+    assert all(("default" in n.split(".")) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_deleting_one_of_several_active_adapters_keeps_the_others_without_a_warning():
+    model = make_tiny_llama()
+    for i, name in enumerate(("a", "b", "c")):
+        inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name=name)
+        _randomise(model, name, i)
+    set_adapter(model, ["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delete_adapter(model, "a")  # "b" is still active
+        assert active_adapters(model) == ["b"]
+        delete_adapter(model, "c")  # an inactive one
+        assert active_adapters(model) == ["b"]
+        delete_adapter(model, "b")  # the last one: nothing left to activate
+    assert active_adapters(model) == [] and not list(adapter_layers(model))
 
 
 def _delta(layer, name):

@@ -86,6 +86,10 @@ def test_config_errors(tmp_path):
     ("lora_dropout", True, "lora_dropout must be a number"),
     ("lora_alpha", float("nan"), "lora_alpha must be a finite number, got nan"),
     ("lora_alpha", None, "lora_alpha must be a number, got None"),
+    # list(5) stopped on "'int' object is not iterable", naming no field; a mapping was read as its keys
+    ("target_modules", 5, "target_modules must be a regex string or a list of module names, got 5"),
+    ("target_modules", {"q_proj": 1}, "target_modules must be a regex string or a list of module names"),
+    ("target_parameters", 5, "target_parameters must be a regex string or a list of module names, got 5"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(tmp_path, field, value, match):
     save_adapter(_trained(), tmp_path)
@@ -485,3 +489,11 @@ def test_a_failed_first_save_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_adapter(_trained(), tmp_path / "runs" / "step-100")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ia3_feedforward_modules_of_the_wrong_kind_are_named():
+    from alignlab.adapters import IA3Config
+
+    with pytest.raises(TypeError, match="adapter_config.json: feedforward_modules must be a regex string or a list"):
+        IA3Config.from_peft({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": 5})
+    assert IA3Config.from_peft({"target_modules": ["k_proj"], "feedforward_modules": None}).feedforward_modules == []

@@ -287,3 +287,17 @@ def test_left_padded_scoring_needs_position_ids_from_the_mask(cfg):
         shifted = model(input_ids=IDS, attention_mask=MASK).logits[1, -5:]
     torch.testing.assert_close(fixed, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(shifted, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3)])
+def test_an_encoder_decoder_model_is_refused(config):
+    """On T5 the hook prepended the prompt to the encoder's input alone and the file said CAUSAL_LM, while PEFT's
+    SEQ_2_SEQ_LM files (virtual tokens for the encoder and the decoder) were refused at loading: one layout
+    half-supported. Both methods now refuse such a model at inject, leaving it untouched."""
+    transformers = pytest.importorskip("transformers")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64,
+                                                                       num_layers=1, num_heads=4))
+    before = [type(m) for m in t5.modules()]
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        inject(t5, config, "p")
+    assert [type(m) for m in t5.modules()] == before
