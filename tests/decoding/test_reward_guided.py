@@ -134,12 +134,15 @@ def test_processor_refuses_bool_top_k_and_weight():
             RewardGuidedLogitsProcessor(lambda ext: ext[:, -1].float(), **kwargs)
 
 
-def test_reward_model_fn_right_pads_with_the_reward_models_own_pad_id():
+@pytest.mark.parametrize("own_pad", [63, None])
+def test_reward_model_fn_right_pads_with_the_reward_models_own_pad_id(own_pad):
     # The generating pad id (here 0) strips the left padding; the reward model finds its last real
     # token through *its* config.pad_token_id, so right padding must use that id. Padding with 0
     # made it read a padded position: a silently wrong reward for every shorter row of a batch.
+    # A reward model without a pad id (None): the docs' fallback to the policy's pad id raised transformers'
+    # "Cannot handle batch sizes > 1 if no padding token is defined"; it is now lent one per batched call.
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=63, num_labels=1)
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=own_pad, num_labels=1)
     torch.manual_seed(0)
     rm = transformers.LlamaForSequenceClassification(cfg).eval()
     rows = [torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13, 14, 15])]
@@ -147,7 +150,8 @@ def test_reward_model_fn_right_pads_with_the_reward_models_own_pad_id():
         want = torch.stack([rm(input_ids=r[None]).logits[0, 0] for r in rows])
     left_padded = torch.zeros(2, 7, dtype=torch.long)
     left_padded[0], left_padded[1, 3:] = rows[0], rows[1]
-    torch.testing.assert_close(reward_model_fn(rm, pad_token_id=0)(left_padded), want)
+    torch.testing.assert_close(reward_model_fn(rm, pad_token_id=0)(left_padded), want, rtol=1e-5, atol=1e-5)
+    assert rm.config.pad_token_id == own_pad
 
 
 def test_processor_takes_a_numpy_top_k():
@@ -239,18 +243,3 @@ def test_counts_of_the_wrong_kind_are_type_errors_naming_them(bad):
         with pytest.raises(ValueError, match="batch_size"):
             reward_model_fn(lambda input_ids, attention_mask: input_ids.sum(1).float(), batch_size=number)
 
-
-def test_reward_model_fn_scores_batches_with_a_classifier_that_has_no_pad_id():
-    """The docs' fallback (the policy's pad id when the reward model has none) raised transformers' "Cannot handle
-    batch sizes > 1 if no padding token is defined" for every HF classifier without one."""
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, num_labels=1)
-    torch.manual_seed(0)
-    rm = transformers.LlamaForSequenceClassification(cfg).eval()
-    rows = [torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13, 14, 15])]
-    with torch.no_grad():
-        want = torch.stack([rm(input_ids=r[None]).logits[0, 0] for r in rows])
-    left_padded = torch.zeros(2, 7, dtype=torch.long)
-    left_padded[0], left_padded[1, 3:] = rows[0], rows[1]
-    torch.testing.assert_close(reward_model_fn(rm, pad_token_id=0)(left_padded), want, rtol=1e-5, atol=1e-5)
-    assert rm.config.pad_token_id is None
