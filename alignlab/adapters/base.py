@@ -279,7 +279,7 @@ class AdapterLayer(nn.Module, abc.ABC):
             raise ValueError("cannot merge while adapters are disabled")
         self._check_mergeable(names)
         if is_quantized(self.base_layer):
-            # one warning per process, not per layer: the default filter shows a location's warning once
+            # the default filter shows a location's warning once (once per calling line, not per layer)
             warnings.warn("merging into a quantized base re-quantizes W + ΔW, so the merged layer differs from "
                           "base + adapter by that rounding; unmerge() puts the packed weight from before the "
                           "merge back exactly", UserWarning, stacklevel=2)

@@ -51,6 +51,7 @@ from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
+    check_compute_dtype,
     check_quantizable,
     dynamic_map,
     nf4_code,
@@ -168,8 +169,7 @@ class NF4Experts(nn.Module):
     def __init__(self, original: nn.Module, weights: dict[str, list[NF4Tensor]],
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        check_compute_dtype(compute_dtype)
         if not weights:
             raise ValueError("weights must hold at least one fused expert weight")
         self.num_experts = int(original.num_experts)

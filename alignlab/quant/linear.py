@@ -35,6 +35,7 @@ from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
     _check_blocksize,
+    check_compute_dtype,
     check_quantizable,
     nf4_from_bnb_state_dict,
     nf4_quantize,
@@ -137,8 +138,7 @@ class NF4Linear(nn.Module):
             raise TypeError(f"weight must be an NF4Tensor, got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        check_compute_dtype(compute_dtype)
         if calibrate not in (None, "icq"):  # else accepted here and refused only by a later merge's re-quantization
             raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
         weight.validate()
@@ -500,7 +500,8 @@ def quantize_model(
     Quantize before adding adapters: a model that already holds adapter layers is refused.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; ``skip`` is not a name or names; ``double_quant`` or
+        TypeError: ``model`` is not an ``nn.Module``; ``compute_dtype`` is not fp32, fp16 or bf16; ``skip`` is not
+            a name or names; ``double_quant`` or
             ``quantize_head`` is not a bool (a NumPy bool is one); ``blocksize`` is not an int (an
             :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
         ValueError: bad ``blocksize``; a ``skip`` name that matches no linear layer or experts module;
@@ -518,6 +519,7 @@ def quantize_model(
     double_quant = as_bool(double_quant, "double_quant")  # a truthy string like "no" would switch it on
     quantize_head = as_bool(quantize_head, "quantize_head")
     _check_blocksize(blocksize)  # here, not in the first layer's quantization (named after that layer there)
+    check_compute_dtype(compute_dtype)  # likewise; the tied head was untied before the first layer refused it
     if calibrate not in (None, "icq"):  # likewise
         raise ValueError(f"calibrate must be None or 'icq', got {calibrate!r}")
     if isinstance(skip, str):

@@ -54,6 +54,12 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_compute_dtype(compute_dtype) -> None:
+    """``TypeError`` naming ``compute_dtype`` unless it is one of :data:`SUPPORTED_DTYPES`."""
+    if compute_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
 NESTED_BLOCKSIZE = 256
 
 # The 16 NF4 levels: quantiles of N(0, 1) at evenly spaced probabilities between

@@ -63,3 +63,16 @@ def test_a_tied_head_is_refused_where_the_forward_reads_the_tie_flag():
         torch.testing.assert_close(model(**kw).logits, want, rtol=0, atol=0)
     quantize_model(model, compute_dtype=torch.float32)  # the head stays dense and tied
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.shared.weight
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float64, "bf16", None])
+def test_a_bad_compute_dtype_is_refused_before_the_tie_is_broken(compute_dtype):
+    """compute_dtype was checked by the first NF4Linear, after the tied head's config flag was cleared (and its
+    warning given): the refused call left a model whose config said untied while its weights still were."""
+    model = _llama(tie=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no untying warning either
+        with pytest.raises(TypeError, match="compute_dtype must be one of"):
+            quantize_model(model, compute_dtype=compute_dtype, quantize_head=True)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
