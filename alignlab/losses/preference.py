@@ -766,22 +766,33 @@ class _OddsRatioLogSigmoid(torch.autograd.Function):
     :math:`\partial/\partial\bar\pi_c = 1 / (-\mathrm{expm1}(\bar\pi_c) + e^{\bar\pi_c - o_r})` it
     tends to :math:`e^{o_r}`, the odds of the rejected completion; the rejected side is
     :math:`-\sigma(-L) / (-\mathrm{expm1}(\bar\pi_r))` (infinite, as the loss, at :math:`\bar\pi_r = 0`).
+
+    The backward recomputes the odds from the inputs with differentiable ops, so that a backward with
+    ``create_graph=True`` (Hessian-vector products, gradient penalties) differentiates it: with
+    ``once_differentiable`` the second derivatives came back as zeros, silently.
     """
 
     @staticmethod
     def forward(ctx, pc, pr):
-        oc, orr = pc - _log1mexp(pc), pr - _log1mexp(pr)
-        log_odds = oc - orr
-        ctx.save_for_backward(pc, pr, orr, log_odds)
+        log_odds = pc - _log1mexp(pc) - (pr - _log1mexp(pr))
+        ctx.save_for_backward(pc, pr)
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros (0 / 0 at π̄_c = 0)
         return F.logsigmoid(log_odds), log_odds
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_log_odds):
-        pc, pr, orr, log_odds = ctx.saved_tensors
+    def backward(ctx, grad, grad_log_odds):
+        pc, pr = ctx.saved_tensors
+        if grad is None:
+            grad = torch.zeros_like(pc)
+        orr = pr - _log1mexp(pr)
+        log_odds = pc - _log1mexp(pc) - orr
         d_pc = 1.0 / (-torch.expm1(pc) + torch.exp(pc - orr))
         d_pr = -torch.sigmoid(-log_odds) / -torch.expm1(pr)
-        return grad * d_pc, grad * d_pr
+        g_pc, g_pr = grad * d_pc, grad * d_pr
+        if grad_log_odds is not None:  # ∂L/∂π̄_c = 1 / (1 - e^π̄_c), ∂L/∂π̄_r = -1 / (1 - e^π̄_r)
+            g_pc = g_pc + grad_log_odds / -torch.expm1(pc)
+            g_pr = g_pr - grad_log_odds / -torch.expm1(pr)
+        return g_pc, g_pr
 
 
 def _nll(name: str, nll: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

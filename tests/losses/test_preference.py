@@ -626,6 +626,32 @@ def test_orpo_gradient_matches_formula_and_gradcheck_near_zero():
     assert torch.autograd.gradcheck(lambda a, b: orpo_loss(a, b, beta=0.3)[0], (pc[1:], pr[1:]), eps=1e-8)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_orpo_second_derivatives_are_those_of_the_formula(reduction):
+    """The odds-ratio term's backward was once_differentiable: a Hessian or a gradient penalty through orpo_loss came
+    back zero without a word (TRL's plain-op formula gives the true one). gradgradcheck, and the Hessian against
+    autograd of the formula written out in float64."""
+    pc = torch.tensor([-0.3, -1e-3, -2.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-0.8, -0.6, -1e-2], dtype=torch.float64, requires_grad=True)
+
+    def ours(a, b):
+        loss, _ = orpo_loss(a, b, beta=0.5, reduction=reduction)
+        return loss if reduction == "mean" else (loss * torch.tensor([1.0, -2.0, 0.5], dtype=loss.dtype)).sum()
+
+    def formula(a, b):  # -β log σ(log odds_c - log odds_r), log odds = π̄ - log(1 - e^π̄)
+        odds = (a - torch.log1p(-a.exp())) - (b - torch.log1p(-b.exp()))
+        per = -0.5 * torch.nn.functional.logsigmoid(odds)
+        return per.mean() if reduction == "mean" else (per * torch.tensor([1.0, -2.0, 0.5], dtype=per.dtype)).sum()
+
+    assert torch.autograd.gradgradcheck(ours, (pc, pr))
+    got = torch.autograd.functional.hessian(ours, (pc, pr))
+    want = torch.autograd.functional.hessian(formula, (pc, pr))
+    for row_got, row_want in zip(got, want):
+        for g, w in zip(row_got, row_want):
+            assert w.abs().max() > 0
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 def test_orpo_positive_logprob_raises():
     with pytest.raises(ValueError, match="must be <= 0"):
         orpo_loss(torch.tensor([-0.1, 0.2]), torch.tensor([-0.5, -0.5]))
