@@ -244,8 +244,10 @@ def _rescale_arg(value: Any) -> str | None:
 
 
 def _generator(recipe: Recipe, name: str) -> torch.Generator:
-    # Seeded per tensor name so masks do not depend on the order tensors are visited in.
-    return torch.Generator().manual_seed(((recipe.random_seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
+    # Seeded per (random_seed, tensor name), so that masks do not depend on the order tensors are visited in. One
+    # 32-bit hash of both: the CPU generator keeps a seed's low 32 bits only, and the seed sat in the high ones
+    # (every random_seed gave the same masks)
+    return torch.Generator().manual_seed(zlib.crc32(name.encode(), zlib.crc32(str(recipe.random_seed).encode())))
 
 
 def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: str, tensors: Mapping[Path, Tensor],

@@ -18,8 +18,10 @@ Notation: ``θ_0`` is the base (pre-trained) tensor, ``θ_i`` the fine-tuned one
 The task-vector methods (task arithmetic, TIES, DARE, breadcrumbs, DELLA) share
 one combination step, :func:`combine_deltas`; each method only decides how to
 sparsify each ``δ_i`` before it. Where mergekit (arcee-ai/mergekit) implements the
-same method the defaults follow it, so a recipe gives the same numbers in both;
-the differences that remain are listed in each docstring.
+same method the defaults follow it, so a recipe gives the same numbers in both,
+except DARE / DELLA's rescaling (the papers' ``1/p`` by default, mergekit's L1 rescaling with
+``rescale="l1"``) and Karcher's weights (mergekit 0.1.5 ignores them); the differences that remain
+are listed in each docstring.
 """
 
 from __future__ import annotations
@@ -1390,7 +1392,9 @@ def karcher(
 
     Args:
         tensors: one tensor per model, same shape.
-        weights: ``α_i`` (normalised internally), equal when omitted.
+        weights: ``α_i`` (normalised internally), equal when omitted. mergekit 0.1.5's ``karcher`` accepts a
+            ``weight`` per model and ignores it (equal weights always): the two agree bit for bit at equal
+            weights only.
     """
     if isinstance(tensors, Tensor):
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")

@@ -1054,3 +1054,23 @@ def test_float16_output_keeps_an_inf_that_was_in_an_input(tmp_path):
     write_checkpoint(tmp_path / "a", {"w": torch.tensor([2.0, float("inf")])})
     out = merge_checkpoints(recipe(tmp_path, "task_arithmetic", models=("a",), dtype="float16"), tmp_path / "out")
     assert load_file(out / "model-00001-of-00001.safetensors")["w"].tolist() == [2.0, float("inf")]
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della"])
+def test_random_seed_changes_the_masks(method):
+    """The seed sat in the high 32 bits of a generator seed whose low 32 bits alone reach the CPU generator: every
+    random_seed gave the same DARE / DELLA masks. Now each seed (of any size or sign) gives its own, and the same
+    seed the same."""
+    from alignlab.merging import merge_tensor
+
+    base, ft = torch.zeros(1000), torch.linspace(0.1, 1.0, 1000)
+
+    def run(seed):
+        r = {"merge_method": method, "base_model": "b", "random_seed": seed,
+             "models": [{"model": "f", "parameters": {"weight": 1.0, "density": 0.5}}]}
+        return merge_tensor(r, "w", {"b": base, "f": ft})
+
+    outs = {seed: run(seed) for seed in (0, 1, 2, 2**32, -1, 2**63)}
+    assert torch.equal(run(1), outs[1])
+    kept = {seed: tuple(out.nonzero().flatten().tolist()) for seed, out in outs.items()}
+    assert len(set(kept.values())) == len(kept)
