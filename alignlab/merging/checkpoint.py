@@ -292,14 +292,10 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
     ft = r.fine_tuned
     others = [tensors[m.path] for m in ft]
     if method == "slerp":
-        t = r.value("t", name, ft[0])
-        if t is None:
-            raise ValueError("slerp needs parameter 't'")
+        t = r.value("t", name, ft[0])  # ValueError naming 't' where the recipe does not set it
         return M.slerp(base, others[0], float(t), out_dtype=out_dtype, out=out)
     if method == "chipalign":
-        lam = r.value("lambda", name, ft[0])
-        if lam is None:
-            raise ValueError("chipalign needs parameter 'lambda' (weight of the domain model)")
+        lam = r.value("lambda", name, ft[0])  # likewise
         return M.chipalign(base, others[0], float(lam), out_dtype=out_dtype)
     if method == "model_stock":
         return M.model_stock(base, others, out_dtype=out_dtype,

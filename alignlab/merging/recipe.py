@@ -151,12 +151,14 @@ class Recipe:
             ValueError: no scope decides and there is no ``default``.
         """
         scopes = [model.parameters] if model is not None else []
+        filtered = False
         for params in [*scopes, self.parameters]:
             raw = params.get(name)
             if raw is None:
                 continue
             if not isinstance(raw, list):
                 return raw
+            filtered = True
             for entry in raw:
                 filt = entry.get("filter")
                 if filt is None or filt == "*" or filt in tensor:
@@ -164,17 +166,23 @@ class Recipe:
         if default is not None:
             return default
         where = f" of model {str(model.path)!r}" if model is not None else ""
+        if not filtered:  # the method needs it and the recipe never sets it
+            raise ValueError(f"parameter {name!r}{where} is not set: {self.merge_method} needs it (under the model's "
+                             "parameters or the recipe's)")
         raise ValueError(f"parameter {name!r}{where} has no filter matching tensor {tensor!r} and no default entry")
 
 
-def _check_value(name: str, value: Any, where: str) -> None:
-    """Validate the numeric parameters every method shares, naming where they came from."""
+def _check_value(name: str, value: Any, where: str, method: str) -> None:
+    """Validate the numeric parameters, naming where they came from (before any tensor is read)."""
     values = [e["value"] for e in value] if isinstance(value, list) else [value]
     for v in values:
         if name in ("weight", "density", "lambda", "t", "gamma", "epsilon"):
             check_number_in_range(v, f"parameter {name!r} of {where}")  # NumPy scalars too; not a bool
         if name == "density" and not 0.0 <= v <= 1.0:
             raise ValueError(f"density of {where} must be in [0, 1], got {v}")
+        if name == "lambda" and method == "chipalign" and not 0.0 <= v <= 1.0:  # else refused at the first tensor
+            raise ValueError(f"parameter 'lambda' of {where} must be in [0, 1] for chipalign (the domain model's "
+                             f"weight), got {v}")
         if name in ("normalize", "filter_wise") and not isinstance(v, bool):
             # bool("false") is True: a quoted YAML flag would otherwise switch the option on
             raise ArgumentTypeError(f"parameter {name!r} of {where} must be true or false, got {v!r}")
@@ -256,7 +264,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
         _check_names(params, PARAMETERS[method][0], method, f"model {str(path)!r}")
         for k, v in params.items():
             _check_filters(k, v, f"model {str(path)!r}")
-            _check_value(k, v, f"model {str(path)!r}")
+            _check_value(k, v, f"model {str(path)!r}", method)
         if any(m.path == path for m in models):
             # a model listed twice would be merged twice (its weight doubled); mergekit keys inputs by model
             raise ValueError(f"models[{i}]: model {str(path)!r} is listed twice")
@@ -265,7 +273,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     _check_names(params, PARAMETERS[method][0] | PARAMETERS[method][1], method, "the recipe's parameters")
     for k, v in params.items():
         _check_filters(k, v, "the recipe")
-        _check_value(k, v, "the recipe")
+        _check_value(k, v, "the recipe", method)
     # mergekit's meaning: `dtype` is the compute dtype and `out_dtype` the file's (default: `dtype`).
     # alignlab computes in float32 (float64 for float64 checkpoints) whatever `dtype` says, so here
     # `dtype` only decides the file's dtype when `out_dtype` is absent: the same YAML, the same files.

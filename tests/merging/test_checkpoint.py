@@ -1074,3 +1074,23 @@ def test_random_seed_changes_the_masks(method):
     assert torch.equal(run(1), outs[1])
     kept = {seed: tuple(out.nonzero().flatten().tolist()) for seed, out in outs.items()}
     assert len(set(kept.values())) == len(kept)
+
+
+@pytest.mark.parametrize("method, key", [("slerp", "t"), ("chipalign", "lambda")])
+def test_a_parameter_the_recipe_never_sets_is_named_as_missing(three_models, method, key):
+    """A slerp recipe without any 't' said "has no filter matching tensor ... and no default entry", where no filter
+    had been written; the method's own "slerp needs parameter 't'" could never be reached."""
+    tmp, _ = three_models
+    with pytest.raises(ValueError, match=rf"parameter '{key}' of model .* is not set: {method} needs it"):
+        merge_checkpoints(recipe(tmp, method, models=("a",)), tmp / "out")
+    assert _leftovers(tmp) == []
+
+
+@pytest.mark.parametrize("where", ["model", "recipe"])
+def test_chipalign_lambda_out_of_range_is_refused_with_the_recipe(three_models, where):
+    """lambda = 2 passed the recipe check and was refused at the first tensor, as 'lam' (the function's argument)."""
+    tmp, _ = three_models
+    kw = {"parameters": {"lambda": 2.0}} if where == "recipe" else {}
+    params = {"a": {"lambda": 2.0}} if where == "model" else None
+    with pytest.raises(ValueError, match=r"parameter 'lambda' of .* must be in \[0, 1\] for chipalign"):
+        recipe_from_dict(recipe(tmp, "chipalign", params, models=("a",), **kw))
