@@ -296,9 +296,11 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
                              f"and {tuple(b_master.shape)}")
         magnitude, b_master = magnitude.detach(), b_master.detach()
         fits = fits and b_master.dtype != torch.float64
-    # the kernel's norm has no autograd graph: a gradient of a, b or a dense W takes the (differentiable) reference
+    # the kernel's norm has no autograd graph: a gradient of a, b or a dense W takes the (differentiable) reference;
+    # so do bf16 factors under the interpreter, whose bf16 tl.dot reads their raw bits (norms off by ~1e10)
     if (not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b))
-            or wants_grad(a, b, None if quant else weight)):
+            or wants_grad(a, b, None if quant else weight)
+            or (interpreting() and torch.bfloat16 in (a.dtype, b.dtype))):
         dense = nf4_dequant(weight, torch.float32) if quant else weight  # the dequant kernel where it applies
         norm = dora_weight_norm(dense, a, b, scale)
         return (norm,) if factors is None else (norm, *dora_scales(norm, magnitude, b_master, scale, dtype))

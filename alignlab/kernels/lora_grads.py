@@ -99,7 +99,8 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
             4 warps under the interpreter), slices for about 4 programs per SM.
 
     Raises:
-        ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating.
+        ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating
+            (``b_dtype`` included).
 
     Where :func:`~alignlab.kernels.dispatch.use_triton` declines (CPU tensors outside the interpreter), and for
     bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong), the reference.
@@ -110,6 +111,8 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
                          f"{tuple(xa.shape)}")
     if not (g.dtype == b.dtype == xa.dtype) or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"g, b and xa must share one of fp16 / bf16 / fp32, got {g.dtype}, {b.dtype}, {xa.dtype}")
+    if not (isinstance(b_dtype, torch.dtype) and b_dtype.is_floating_point):  # int64 truncated dB, silently
+        raise TypeError(f"b_dtype must be a floating-point torch.dtype, got {b_dtype!r}")
     T, O = g.shape
     R = b.shape[1]
     if R > 64:

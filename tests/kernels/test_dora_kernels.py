@@ -405,3 +405,24 @@ def test_dora_scales_checks_types_as_norm_and_scales_does(kernel_mode, bad):
     name = {"int magnitude": "magnitude", "int norm": "norm"}.get(bad, "dtype" if "dtype" in bad else "b")
     with pytest.raises(TypeError, match=name):
         dora_scales(norm, m, b, 0.5, dtype)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_row_norm_and_scales_with_bf16_factors(quant, triton_mode, kernel_device):
+    """The interpreter's bf16 tl.dot reads raw bits: bf16 factors gave norms off by ~1e10 there (and g, s·g, s·g ⊙ B
+    with them). They take the reference under the interpreter, the kernel on the GPU; either way the formula's
+    norm on the bf16 factors, within float32 accumulation."""
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, r = 37, 64, 5
+    w = torch.randn(out_f, in_f, generator=g)
+    a, b = (torch.randn(r, in_f, generator=g) / 4).bfloat16(), (torch.randn(out_f, r, generator=g) / 4).bfloat16()
+    weight = nf4_quantize(w, blocksize=32).to(kernel_device) if quant else w.to(kernel_device)
+    dense = nf4_dequantize(weight, torch.float32).cpu() if quant else w
+    want = _norm_formula(dense, a, b, 0.7)
+    got = dora_row_norm(weight, a.to(kernel_device), b.to(kernel_device), 0.7)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    m = torch.rand(out_f, generator=g) + 0.5
+    norm, gs, sg, sgb = dora_norm_and_scales(weight, a.to(kernel_device), b.to(kernel_device), 0.7,
+                                             m.to(kernel_device), b.float().to(kernel_device), torch.bfloat16)
+    torch.testing.assert_close(norm.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gs.cpu().double(), m.double() / want, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,9 @@ def test_rank_grads_strided_empty_and_errors(triton_mode, kernel_device):
         rank_grads(g, b, xa[:, :3], 2.0, torch.float32)
     with pytest.raises(TypeError, match="share"):
         rank_grads(g, b.half(), xa, 2.0, torch.float32)
+    for bad in (torch.int64, torch.bool, "float32"):  # an int64 dB came back truncated, silently
+        with pytest.raises(TypeError, match="b_dtype must be a floating-point torch.dtype"):
+            rank_grads(g, b, xa, 2.0, bad)
     with pytest.raises(ValueError, match="r <= 64"):
         rank_grads(torch.zeros(2, 3), torch.zeros(3, 65), torch.zeros(2, 65), 1.0, torch.float32)
     for bad in ({"block_o": 24}, {"block_t": 0}, {"splits": True}, {"splits": 0}, {"num_warps": 0},

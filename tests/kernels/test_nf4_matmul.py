@@ -49,6 +49,17 @@ def test_matmul_interpreter(N, K, M, dtype, fused, triton_mode, monkeypatch):
     assert _rel(dx, dy.double() @ wd) < tol
 
 
+@pytest.mark.parametrize("M", [1, 5, 20])
+def test_fused_kernels_with_bf16_rows(M, triton_mode, kernel_device, monkeypatch):
+    """ALIGNLAB_NF4_LARGE_M's fused tl.dot kernels in bf16: under the interpreter, whose bf16 tl.dot reads raw bits,
+    they gave products off by ~1e10; there bf16 takes the dequantization + matmul, on the GPU the kernels."""
+    monkeypatch.setattr(mm, "LARGE_M", 1 << 30)
+    monkeypatch.setattr(mm, "USE_SMALL", False)
+    t, x, dy, b, wd = _case(24, 64, M, torch.bfloat16, device=kernel_device)
+    assert _rel(nf4_matmul(x, t, b).cpu(), x.cpu().double() @ wd.T.cpu() + b.cpu().double()) < 1e-2
+    assert _rel(nf4_matmul_t(dy, t).cpu(), dy.cpu().double() @ wd.cpu()) < 1e-2
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_matmul_interpreter_odd_k_icq_and_batch_dims(fused, triton_mode, monkeypatch):
     if fused:
