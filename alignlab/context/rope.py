@@ -275,7 +275,7 @@ class RopeScaling:
             ``short_factor`` defaults to all ones (plain RoPE inside ``L``).
 
     Raises ``ValueError`` naming the field for an unknown ``kind``, a ``factor``
-    below 1, an ``original_max_position_embeddings`` that is not a positive int,
+    below 1, an ``original_max_position_embeddings`` that is not a positive int (>= 2 for LongRoPE),
     betas that are not finite with ``beta_fast > beta_slow > 0``, a NaN / infinite
     / negative ``mscale`` or ``mscale_all_dim``, an ``attention_factor`` that is not
     finite and > 0, or ``kind="longrope"`` without ``long_factor``; ``TypeError`` for
@@ -319,6 +319,8 @@ class RopeScaling:
             put("attention_factor", float(check_positive_number(self.attention_factor, "attention_factor")))
         if self.kind == "longrope" and self.long_factor is None:
             raise ValueError("kind='longrope' needs long_factor (one factor per rotary pair)")
+        if self.kind == "longrope" and self.original_max_position_embeddings == 1:  # its scaling divides by ln L
+            raise ValueError("kind='longrope': original_max_position_embeddings must be an int >= 2, got 1")
         for name in ("long_factor", "short_factor"):
             value = getattr(self, name)
             if value is None:
@@ -483,7 +485,7 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
 
     Raises ``TypeError`` if ``model`` has no ``config`` or ``scaling`` is not a
     :class:`RopeScaling`; ``ValueError`` if the config already uses a scaled
-    RoPE, if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
+    RoPE or the model's rotary modules are already scaled (by an earlier call), if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
     different from the config's ``max_position_embeddings`` (``transformers``
     reads the original length from there), if LongRoPE factors do not have
     ``head_dim * partial_rotary_factor / 2`` entries, if the config has one RoPE
@@ -513,6 +515,9 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
         old_type = old.get("rope_type", old.get("type", "default"))
     if old_type != "default":
         raise ValueError(f"model already uses rope_type={old_type!r}; start from a plain-RoPE model")
+    done = [m.scaling.kind for m in model.modules() if isinstance(m, ScaledRotaryEmbedding)]
+    if done:  # static NTK is written as a plain RoPE with a larger theta: the config alone let a second call stack
+        raise ValueError(f"model already has apply_rope_scaling's kind={done[0]!r}; start from a plain-RoPE model")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * partial)
     original = scaling.original_max_position_embeddings or int(config.max_position_embeddings)

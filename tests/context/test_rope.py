@@ -268,6 +268,21 @@ def test_errors():
         apply_rope_scaling(model, RopeScaling("linear", 2.0))
 
 
+
+@pytest.mark.parametrize("second", ["ntk", "yarn", "linear"])
+def test_a_second_call_after_ntk_is_refused(second):
+    """Static NTK is written as a plain RoPE with a larger theta, so the config check let a second call scale the
+    scaled base again (NTK on NTK, YaRN on NTK), without a word. The rotary modules tell."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    apply_rope_scaling(model, RopeScaling("ntk", 4.0))
+    config = dict(model.config.rope_parameters)
+    with pytest.raises(ValueError, match="already has apply_rope_scaling's kind='ntk'"):
+        apply_rope_scaling(model, RopeScaling(second, 2.0))
+    assert dict(model.config.rope_parameters) == config
+
+
 @pytest.mark.parametrize("which", ["long_factor", "short_factor"])
 def test_longrope_factors_checked_at_apply_time(which):
     """A factor set of the wrong length fails when it is given (scaled_inv_freq at any length, and
@@ -412,3 +427,10 @@ def test_per_layer_type_rope_is_refused_by_name():
     with pytest.raises(ValueError, match="one RoPE per layer type"):
         apply_rope_scaling(model, RopeScaling("linear", 2.0))
     assert model.config.to_dict() == before
+
+
+def test_a_longrope_window_of_one_is_refused_when_made():
+    """ln L = 0 in LongRoPE's attention scaling: L = 1 was accepted by RopeScaling and refused at first use."""
+    with pytest.raises(ValueError, match="original_max_position_embeddings must be an int >= 2"):
+        RopeScaling("longrope", 2.0, original_max_position_embeddings=1, long_factor=[1.0] * 4)
+    RopeScaling("yarn", 2.0, original_max_position_embeddings=1)  # others take it
