@@ -333,7 +333,11 @@ def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = 
             _compile("target_modules", target_modules)
     elif not _is_str_list(target_modules) or not (target_modules or allow_empty):
         raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
-    if exclude_modules is not None and not isinstance(exclude_modules, str) and not _is_str_list(exclude_modules):
+    if isinstance(exclude_modules, str):
+        if exclude_modules == "all-linear":  # read as a regex it matched nothing: a warning, and no layer excluded
+            raise ValueError("exclude_modules='all-linear' would exclude every target; name the modules to skip")
+        _compile("exclude_modules", exclude_modules)
+    elif exclude_modules is not None and not _is_str_list(exclude_modules):
         raise TypeError(f"exclude_modules must be a regex string or a list of names, got {exclude_modules!r}")
 
 

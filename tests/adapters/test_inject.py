@@ -55,6 +55,12 @@ def test_target_forms():
     assert len(all_linear) == 2 * 7 and "lm_head" not in all_linear
     excl = find_targets(model, LoRAConfig(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"]))
     assert len(excl) == 2 * 5
+    # "all-linear" is no exclusion (read as a regex it matched nothing: a warning, every target kept); a bad regex
+    # is named when the config is made
+    with pytest.raises(ValueError, match="exclude_modules='all-linear' would exclude every target"):
+        LoRAConfig(target_modules=["q_proj"], exclude_modules="all-linear")
+    with pytest.raises(ValueError, match="exclude_modules: '\\(' is not a valid regular expression"):
+        LoRAConfig(target_modules=["q_proj"], exclude_modules="(")
 
 
 def test_rank_and_alpha_patterns():
