@@ -22,7 +22,8 @@ from alignlab.bench import compare, copy_bandwidth, matmul_tflops, save_results
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "copy_and_matmul.json"))
+    parser.add_argument("--out", default=None, help="JSON results (default on a GPU without --quick: "
+                        "benchmarks/results/copy_and_matmul.json; otherwise none unless given)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     args = parser.parse_args()
 
@@ -77,8 +78,9 @@ def main() -> None:
     if cuda:
         meta["device_name"] = torch.cuda.get_device_name()
         meta["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    path = save_results(args.out, results, meta=meta)
-    print(f"wrote {path}")
+    out = args.out or (Path(__file__).parent / "results" / "copy_and_matmul.json" if cuda and not args.quick else None)
+    if out is not None:  # a CPU or --quick run does not overwrite the GPU results
+        print(f"wrote {save_results(out, results, meta=meta)}")
 
 
 if __name__ == "__main__":

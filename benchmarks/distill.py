@@ -195,16 +195,22 @@ def main() -> None:
                     help="extra chunk_size:grad_chunk_size pairs of ours to sweep (comma list, may be empty)")
     ap.add_argument("--kernel-configs", default="", help="row-kernel BLOCK:warps pairs to sweep, e.g. 4096:16,2048:4")
     ap.add_argument("--skip-eager", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/distill.json")
-    ap.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script itself")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default on CUDA benchmarks/results/distill.json; on the CPU none unless given)")
+    ap.add_argument("--device", default="cuda",
+                    help="'cpu' runs the same shapes: give small ones to smoke-test the script "
+                         "(e.g. --tokens 64 --hidden 64 --vocab 256)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/distill.py needs a CUDA GPU")
     chunks = [tuple(int(v) for v in c.split(":")) for c in args.chunks.split(",") if c]
     comparisons, checks, peak = run(args.tokens, args.hidden, args.vocab, getattr(torch, args.dtype), chunks, args.skip_eager, args.device,
                                    [tuple(int(v) for v in c.split(":")) for c in args.kernel_configs.split(",") if c])
-    path = save_results(args.out, comparisons, meta={"checks": checks, "bf16_matmul_peak": peak,
-                                                      "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"})
+    out = args.out or ("benchmarks/results/distill.json" if args.device == "cuda" else None)
+    if out is None:  # a CPU smoke run does not overwrite the GPU results
+        return
+    path = save_results(out, comparisons, meta={"checks": checks, "bf16_matmul_peak": peak,
+                                                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"})
     print("wrote", path)
 
 

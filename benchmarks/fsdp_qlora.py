@@ -154,6 +154,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:  # the 8B-shaped stack is built on the GPU: it failed deep inside torch.cuda
+        sys.exit("benchmarks/fsdp_qlora.py needs a CUDA GPU (or --tiny to check the script on the CPU)")
     if "RANK" not in os.environ:  # plain `python benchmarks/fsdp_qlora.py`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")

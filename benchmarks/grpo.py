@@ -23,8 +23,9 @@ each, timed as one cuBLAS ``(N, H) x (H, V)`` matmul in the same run.
     python benchmarks/grpo.py [--quick] [--completions 8 --seq 2048 --hidden 4096 --vocab 151936]
         [--out benchmarks/results/grpo.json]
 
-``--quick`` runs a small shape (2 x 512, hidden 1024, vocab 32768) in seconds; ``--device cpu`` only smoke-tests
-the script on tiny shapes.
+``--quick`` runs a small shape (2 x 512, hidden 1024, vocab 32768) in seconds; ``--device cpu`` runs the shapes given,
+so give tiny ones to smoke-test the script (``--completions 2 --seq 32 --hidden 64 --vocab 256 --no-liger``); CPU
+runs write no JSON unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"small shape {QUICK}; a size given as well wins")
     ap.add_argument("--rep", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/grpo.json")
-    ap.add_argument("--device", default="cuda", help="'cpu' only to smoke-test the script on tiny shapes")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default on CUDA benchmarks/results/grpo.json; on the CPU none unless given)")
+    ap.add_argument("--device", default="cuda",
+                    help="'cpu' runs the shapes given: small ones smoke-test the script "
+                         "(e.g. --completions 2 --seq 32 --hidden 64 --vocab 256 --no-liger)")
     ap.add_argument("--no-liger", action="store_true", help="leave Liger out (e.g. no compiler available)")
     ap.add_argument("--ragged", action="store_true",
                     help="completion lengths uniform in [seq/2, seq] (default: every completion is seq tokens, so "
@@ -241,8 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
 
-    write_json(args.out, report)
-    print(f"wrote {args.out}")
+    out = args.out or ("benchmarks/results/grpo.json" if cuda else None)
+    if out is not None:  # a CPU smoke run does not overwrite the GPU results
+        write_json(out, report)
+        print(f"wrote {out}")
     return report
 
 

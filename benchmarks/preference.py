@@ -59,8 +59,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--rep", type=int, default=10)
-    ap.add_argument("--out", default="benchmarks/results/preference.json")
-    ap.add_argument("--device", default="cuda", help="'cpu' only to smoke-test the script on tiny shapes")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default on CUDA benchmarks/results/preference.json; on the CPU none unless given)")
+    ap.add_argument("--device", default="cuda",
+                    help="'cpu' runs the shapes given: small ones smoke-test the script "
+                         "(e.g. --pairs 1 --seq 32 --hidden 64 --vocab 256 --rep 2)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -220,8 +223,10 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache() if dev == "cuda" else None
 
-    write_json(args.out, report)
-    print(f"wrote {args.out}")
+    out = args.out or ("benchmarks/results/preference.json" if dev == "cuda" else None)
+    if out is not None:  # a CPU smoke run does not overwrite the GPU results
+        write_json(out, report)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
