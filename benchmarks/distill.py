@@ -209,8 +209,8 @@ def main() -> None:
     out = args.out or ("benchmarks/results/distill.json" if args.device == "cuda" else None)
     if out is None:  # a CPU smoke run does not overwrite the GPU results
         return
-    path = save_results(out, comparisons, meta={"checks": checks, "bf16_matmul_peak": peak,
-                                                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"})
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    path = save_results(out, comparisons, meta={"checks": checks, "bf16_matmul_peak": peak, "device": device})
     print("wrote", path)
 
 

@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--rep", type=int, default=10)
     ap.add_argument("--out", default=None,
-                    help="JSON results (default on CUDA benchmarks/results/preference.json; on the CPU none unless given)")
+                    help="JSON results (default on CUDA benchmarks/results/preference.json; "
+                         "on the CPU none unless given)")
     ap.add_argument("--device", default="cuda",
                     help="'cpu' runs the shapes given: small ones smoke-test the script "
                          "(e.g. --pairs 1 --seq 32 --hidden 64 --vocab 256 --rep 2)")

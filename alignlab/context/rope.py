@@ -485,7 +485,8 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
 
     Raises ``TypeError`` if ``model`` has no ``config`` or ``scaling`` is not a
     :class:`RopeScaling`; ``ValueError`` if the config already uses a scaled
-    RoPE or the model's rotary modules are already scaled (by an earlier call), if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
+    RoPE or the model's rotary modules are already scaled (by an earlier call),
+    if ``kind='dynamic'`` is given an ``original_max_position_embeddings``
     different from the config's ``max_position_embeddings`` (``transformers``
     reads the original length from there), if LongRoPE factors do not have
     ``head_dim * partial_rotary_factor / 2`` entries, if the config has one RoPE

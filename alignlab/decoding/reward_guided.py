@@ -136,10 +136,11 @@ def reward_model_fn(
     batches of ``batch_size``) with the reward model's own
     ``config.pad_token_id`` as the right-padding id (``pad_token_id`` only when
     it has none): HF sequence classifiers find the last real token through their
-    own id, and one that has none is lent one for each batched call. Raises ``ValueError`` for a ``pad_token_id`` that is neither
-    ``None`` nor a non-negative int, an ``eos_token_id`` that is not one or a
-    list of them, or a number ``batch_size`` that is not an int >= 1, and ``TypeError`` for one that is no number
-    (a str, None, a bool); both checked here, before any step.
+    own id, and one that has none is lent one for each batched call. Raises
+    ``ValueError`` for a ``pad_token_id`` that is neither ``None`` nor a
+    non-negative int, an ``eos_token_id`` that is not one or a list of them, or a
+    number ``batch_size`` that is not an int >= 1, and ``TypeError`` for one that
+    is no number (a str, None, a bool); both checked here, before any step.
     """
     # 1.5 matched no token: the prompts' left padding was scored by the reward model
     check_token_id(pad_token_id, "pad_token_id", allow_none=True)
