@@ -50,6 +50,12 @@ except ImportError:  # pragma: no cover - CPU installs without triton
     _TRITON = False
 
 
+def interpreted_bf16_dot(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel that multiplies these tensors by ``tl.dot`` without casting them must take its reference:
+    under the interpreter a bf16 operand reaches ``tl.dot`` as its raw 16-bit integers (results off by ~1e10)."""
+    return interpreting() and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
 def triton_available() -> bool:
     """Whether Triton imports in this process."""
     return _TRITON

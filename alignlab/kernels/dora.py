@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_switch, is_int
-from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
+from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2, sm_count
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.quant.nf4 import NF4Tensor
@@ -297,10 +297,10 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
         magnitude, b_master = magnitude.detach(), b_master.detach()
         fits = fits and b_master.dtype != torch.float64
     # the kernel's norm has no autograd graph: a gradient of a, b or a dense W takes the (differentiable) reference;
-    # so do bf16 factors under the interpreter, whose bf16 tl.dot reads their raw bits (norms off by ~1e10)
+    # so do bf16 factors under the interpreter (their B A tile product is a tl.dot)
     if (not (triton is not None and fits and a.dtype != torch.float64 and use_triton(data, a, b))
             or wants_grad(a, b, None if quant else weight)
-            or (interpreting() and torch.bfloat16 in (a.dtype, b.dtype))):
+            or interpreted_bf16_dot(a, b)):
         dense = nf4_dequant(weight, torch.float32) if quant else weight  # the dequant kernel where it applies
         norm = dora_weight_norm(dense, a, b, scale)
         return (norm,) if factors is None else (norm, *dora_scales(norm, magnitude, b_master, scale, dtype))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import is_int
-from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2, sm_count
 
 try:
@@ -130,7 +130,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
         if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
-    if not use_triton(g, b, xa) or (interp and g.dtype == torch.bfloat16):  # the interpreter's bf16 tl.dot is wrong
+    if not use_triton(g, b, xa) or interpreted_bf16_dot(g):
         return rank_grads_reference(g, b, xa, scale, b_dtype)
     block_r = max(16, next_power_of_2(R))
     if T == 0 or O == 0 or R == 0:

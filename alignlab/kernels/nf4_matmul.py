@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_count, env_switch
-from alignlab.kernels.dispatch import functorch_active, interpreting, use_triton
+from alignlab.kernels.dispatch import functorch_active, interpreted_bf16_dot, interpreting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import takes_small
@@ -335,8 +335,8 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     if _takes_small(M, K, t, x2.device, x.dtype):
         small = small_m_matmul_op if torch.compiler.is_compiling() else _small_m_matmul  # arguments checked above
         return small(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias).reshape(*lead, N)
-    if K % 2 or M >= LARGE_M or (x.dtype == torch.bfloat16 and interpreting()):  # the interpreter's bf16 tl.dot
-        w = nf4_dequant(t, x.dtype)                                            # reads raw bits: off by ~1e10
+    if K % 2 or M >= LARGE_M or interpreted_bf16_dot(x):
+        w = nf4_dequant(t, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -458,7 +458,7 @@ def nf4_matmul_t(dy: torch.Tensor, t: NF4Tensor) -> torch.Tensor:
         return dy @ nf4_dequantize(t, dy.dtype)
     if M > SMALL_M and M >= LARGE_M and K % 2 == 0 and PIPELINE_CHUNKS > 1 and d2.is_cuda:
         return _pipelined(d2.contiguous(), t, PIPELINE_CHUNKS, transpose=False).reshape(*lead, K)
-    if K % 2 or M >= LARGE_M or (dy.dtype == torch.bfloat16 and interpreting()):  # as in forward
+    if K % 2 or M >= LARGE_M or interpreted_bf16_dot(dy):
         return dy @ nf4_dequant(t, dy.dtype)
     if d2.stride(-1) != 1:
         d2 = d2.contiguous()
