@@ -9,7 +9,7 @@
 # Steps: cuda-tests (pytest -m cuda), epilogue (adapter_epilogue.py), step (qlora_step.py, eager: floor and the
 # alignlab / PEFT default rows, batch 1 and 4), step-compiled (the same, compiled, alignlab rows), lora (lora.py),
 # nf4 (nf4.py --graphs --quick), tune-alt (nf4_tune.py --kernels swap_early swap, M = 2..64: the table entries of
-# the swapped kernels for this GPU), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
+# the swapped kernels for this GPU), tune-kv (the same at the 1024-row k / v shapes), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
 # --knob LOOKUP_FIRST for the two swapped kernels, forced to 4 warps: where the option applies), generate (nf4_generate.py),
 # dora-norm (dora_norm.py: QDoRA's row norm with the input-dimension split off / on), dy-pass (lora_dy_pass.py: the
 # backward's two rank-r products of dy, two GEMMs against one read), dy-sweep (the same with --sweep: rank_grads'
@@ -17,7 +17,7 @@
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt nf4-ab lookup-first generate dora-norm dy-pass dy-sweep"
+steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt tune-kv nf4-ab lookup-first generate dora-norm dy-pass dy-sweep"
 for arg in "$@"; do  # every step name checked before anything is installed or written
   case " $steps " in
     *" ${arg%%:*} "*) ;;
@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.peers"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
-                  [nf4-ab]=150 [tune-alt]=480 [lookup-first]=200 [generate]=300 [dora-norm]=120
+                  [nf4-ab]=150 [tune-alt]=480 [tune-kv]=240 [lookup-first]=200 [generate]=300 [dora-norm]=120
                   [dy-pass]=90 [dy-sweep]=420)
 run_step() {
   local name="$1" seconds="$2"
@@ -63,6 +63,9 @@ for arg in "$@"; do
     nf4) run_step "$name" "$seconds" python benchmarks/nf4.py --graphs --quick --out "$out/nf4.json" ;;
     tune-alt) run_step "$name" "$seconds" python benchmarks/nf4_tune.py --kernels swap_early swap --ms 2 4 8 16 32 64 \
                 --deadline $((seconds - 60)) --out "$out/nf4_tune_alt.json" ;;
+    tune-kv) run_step "$name" "$seconds" python benchmarks/nf4_tune.py --kernels swap_early swap \
+               --shapes 1024x4096,1024x8192 --ms 2 4 8 16 32 64 --deadline $((seconds - 60)) \
+               --out "$out/nf4_tune_kv.json" ;;
     lookup-first) run_step "$name" "$seconds" bash -c "python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST \
                     --kernel swap_early --num-warps 4 --ms 2,16,32,64 --out '$out/lookup_first_swap_early.json' && \
                     python benchmarks/nf4_knob_ab.py --knob LOOKUP_FIRST --kernel swap --num-warps 4 --ms 2,16,32,64 \
