@@ -239,7 +239,10 @@ def main(argv=None):
     configs, max_m = table_from_rows(rows, args.threshold)
     # "shapes": what small_choice matches a call against where the base kernel has no entries (a run of alternatives)
     measured = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
-    print(f"\nTABLES[{key!r}] = {{\"max_m\": {max_m}, \"shapes\": {measured!r}, \"configs\": {{")
+    # "max_m_listed": the largest bucket some shape lists an entry at, where above max_m (takes_small)
+    listed = max([max_m] + [bucket for (_, bucket) in configs])
+    wider = f"\"max_m_listed\": {listed}, " if listed > max_m else ""
+    print(f"\nTABLES[{key!r}] = {{\"max_m\": {max_m}, {wider}\"shapes\": {measured!r}, \"configs\": {{")
     for k, v in configs.items():
         print(f"    {k!r}: {{" + ", ".join(f"{s!r}: {c!r}" for s, c in v.items()) + "},")
     print("}}")

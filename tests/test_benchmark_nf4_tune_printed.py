@@ -16,7 +16,8 @@ import torch
 from conftest import load_script
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-RUNS = ("nf4_tune_swap_early_h100.json", "nf4_tune_swap_h100.json")
+RUNS = ("nf4_tune_swap_early_h100.json", "nf4_tune_swap_h100.json", "nf4_tune_swap_kv_h100.json")
+SHAPES = "4096x4096,14336x4096,4096x14336,8192x8192,28672x8192,1024x4096,1024x8192"  # the runs' shapes
 
 
 def _replay(tune, monkeypatch, tmp_path, capsys) -> str:
@@ -41,7 +42,7 @@ def _replay(tune, monkeypatch, tmp_path, capsys) -> str:
     monkeypatch.setattr(tune, "_graph_us", lambda fns, reps=5: pending.pop(0))
     monkeypatch.setattr(tune, "_copy_us", lambda nbytes: pending.pop(0))
     tune.main(["--kernels", "swap_early", "swap", "--ms", "2", "4", "8", "16", "32", "64", "--workers", "1",
-               "--out", str(tmp_path / "tune.json")])
+               "--shapes", SHAPES, "--out", str(tmp_path / "tune.json")])
     out = capsys.readouterr().out
     start = out.index("TABLES[")
     return out[out.index("=", start) + 1:out.index("\n}}", start) + 3]
@@ -53,11 +54,17 @@ def test_printed_h100_table_dispatches_as_the_shipped_one(monkeypatch, tmp_path,
     tune = load_script("benchmarks/nf4_tune.py")
     printed = ast.literal_eval(_replay(tune, monkeypatch, tmp_path, capsys))
     assert printed["configs"] == nf4_configs.TABLES["H100"]["configs"]  # the rule itself is right (tested too)
+    assert printed == nf4_configs.TABLES["H100"]  # bounds and shapes too: the literal pastes as it is
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H100")
     dev, bf16 = torch.device("cuda", 0), torch.bfloat16
     calls = [(M, N, K) for M in (2, 4, 8, 16, 32, 64) for N, K in ((4096, 4096), (14336, 4096), (4096, 14336),
-                                                                   (8192, 8192), (28672, 8192), (1024, 4096))]
-    shipped = {c: nf4_configs.small_choice(*c, 64, bf16, dev) for c in calls}
+                                                                   (8192, 8192), (28672, 8192), (1024, 4096),
+                                                                   (1024, 8192), (2048, 5120))]
+    def dispatch():
+        return {c: (nf4_configs.small_choice(*c, 64, bf16, dev), nf4_configs.takes_small(*c, dev)) for c in calls}
+
+    shipped = dispatch()
+    assert not shipped[(64, 1024, 4096)][1] and shipped[(64, 4096, 4096)][1]  # k / v: dequantize + cuBLAS at 64
     monkeypatch.setitem(nf4_configs.TABLES, "H100", printed)
-    pasted = {c: nf4_configs.small_choice(*c, 64, bf16, dev) for c in calls}
+    pasted = dispatch()
     assert pasted == shipped

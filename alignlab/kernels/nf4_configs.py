@@ -39,19 +39,29 @@ TABLES: dict[str, dict] = {
     # Triton 3.6; results/nf4_tune_swap_h100.json, nf4_tune_swap_early_h100.json): the swapped-operand kernels where their best configuration
     # took <= 0.95x the time of the default (the rules below: "dot") in the same run at M = 2..16, and at every
     # shape at M = 32 / 64 (0.35-0.91x the time of dequantize + cuBLAS, the path those rows took before: max_m
-    # was 16). The other shapes and buckets keep the rules (heuristic_config).
-    "H100": {"max_m": 64, "shapes": [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)],
+    # was 16). The 1024-row shapes (k / v) from a run of 2026-12-06 (--shapes 1024x4096,1024x8192;
+    # results/nf4_tune_swap_kv_h100.json; before it they took the 4096 x 4096 entries, 1.2-1.6x slower): `swap` at
+    # M = 2..32; at M = 64 no small kernel beat dequantize + cuBLAS there (12.3 vs 12.2 us, 16.5 vs 15.8), so
+    # max_m is 32 and 33..64 rows take the small kernels at the five shapes listed at that bucket ("max_m_listed").
+    # The other shapes and buckets keep the rules (heuristic_config).
+    "H100": {"max_m": 32, "max_m_listed": 64,
+             "shapes": [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (1024, 4096),
+                        (1024, 8192)],
              "configs": {
+        ("swap", 2): {(1024, 4096): (32, 2, 16, 2, 2), (1024, 8192): (32, 2, 16, 2, 3)},
         ("swap_early", 2): {(8192, 8192): (64, 1, 8, 2, 3)},
         ("swap_early", 4): {(4096, 14336): (64, 4, 16, 4, 1), (28672, 8192): (128, 1, 4, 4, 3)},
-        ("swap", 4): {(8192, 8192): (128, 1, 8, 2, 3)},
+        ("swap", 4): {(8192, 8192): (128, 1, 8, 2, 3), (1024, 4096): (32, 4, 8, 2, 3), (1024, 8192): (32, 1, 16, 2, 3)},
         ("swap_early", 8): {(4096, 14336): (64, 4, 16, 4, 1), (8192, 8192): (64, 1, 8, 2, 3)},
+        ("swap", 8): {(1024, 4096): (32, 4, 8, 2, 3), (1024, 8192): (32, 1, 16, 2, 3)},
         ("swap_early", 16): {(4096, 4096): (64, 4, 8, 4, 1), (4096, 14336): (64, 4, 16, 4, 1),
                              (14336, 4096): (64, 4, 4, 4, 1)},
-        ("swap", 16): {(8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2)},
+        ("swap", 16): {(8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2),
+                       (1024, 4096): (32, 2, 16, 2, 2), (1024, 8192): (32, 2, 16, 2, 3)},
         ("swap_early", 32): {(8192, 8192): (128, 4, 8, 4, 1), (14336, 4096): (128, 4, 8, 4, 1),
                              (28672, 8192): (128, 4, 4, 4, 1)},
-        ("swap", 32): {(4096, 4096): (64, 2, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 2)},
+        ("swap", 32): {(4096, 4096): (64, 2, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 2),
+                       (1024, 4096): (32, 4, 8, 4, 2), (1024, 8192): (32, 4, 8, 4, 3)},
         ("swap_early", 64): {(4096, 4096): (128, 4, 8, 8, 1), (4096, 14336): (128, 2, 8, 8, 1)},
         ("swap", 64): {(8192, 8192): (128, 2, 4, 4, 1), (14336, 4096): (128, 2, 2, 4, 1),
                        (28672, 8192): (128, 2, 1, 4, 1)},

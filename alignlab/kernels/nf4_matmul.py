@@ -15,8 +15,8 @@ never writing the full weight, and feed them to ``tl.dot``.
 Dispatch (:func:`nf4_matmul`, :func:`nf4_matmul_t`), by rows ``M = batch * seq``,
 from measurements on an H100 (``benchmarks/nf4.py``, ``benchmarks/RESULTS.md``):
 
-* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200 and 64 on the H100, and on the
-  H200 up to 64 at the shapes measured there: :func:`alignlab.kernels.nf4_configs.takes_small`;
+* ``M <= SMALL_M`` (16, decode; up to the device table's ``max_m``, 32 on the H200 and the H100, and up to 64 at
+  the shapes listed there at that bucket: :func:`alignlab.kernels.nf4_configs.takes_small`;
   ``K % blocksize == 0``, blocksize <= 256):
   :func:`alignlab.kernels.nf4_small.small_m_matmul` -- a split-K GEMV at
   ``M = 1`` and a split-K ``tl.dot`` kernel above, both with the codebook looked

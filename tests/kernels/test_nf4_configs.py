@@ -232,7 +232,7 @@ def test_register_table_refuses_what_the_kernels_cannot_take(key, table, error, 
 
 
 def test_rows_above_max_m_take_the_small_kernels_only_at_shapes_listed_for_their_bucket(monkeypatch):
-    """The H200 table: up to max_m (32) rows every shape takes the small-M kernels; 33..64 rows (max_m_listed) only
+    """The H200 and H100 tables: up to max_m (32) rows every shape takes the small-M kernels; 33..64 rows (max_m_listed) only
     where the nearest measured shape lists an alternative at that bucket (the five large shapes), so the 1024-row
     k / v shapes, not measured there, and what lies nearest to them keep dequantize + cuBLAS; as do other
     blocksizes, fp32 activations, more than 64 rows, and a GPU without a table."""
@@ -247,8 +247,10 @@ def test_rows_above_max_m_take_the_small_kernels_only_at_shapes_listed_for_their
         assert not takes_small(64, N, K, dev, blocksize=128) and not takes_small(64, N, K, dev, dtype=torch.float32)
     for N, K in [(1024, 4096), (1024, 8192), (2048, 4096)]:
         assert takes_small(32, N, K, dev) and not takes_small(33, N, K, dev), (N, K)
-    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H100")  # max_m 64, nothing listed beyond
-    assert takes_small(64, 1024, 4096, dev) and not takes_small(65, 4096, 4096, dev)
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H100")  # the same bounds, measured at k / v too
+    assert takes_small(64, 4096, 4096, dev) and not takes_small(65, 4096, 4096, dev)
+    assert takes_small(32, 1024, 4096, dev) and not takes_small(33, 1024, 4096, dev)
+    assert small_choice(32, 1024, 8192, 64, bf16, dev) == ("swap", (32, 4, 8, 4, 3))
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
     assert takes_small(16, 4096, 4096, dev) and not takes_small(17, 4096, 4096, dev)
 
