@@ -34,7 +34,7 @@ divide by the token count of the whole step, :func:`count_tokens`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -284,6 +284,8 @@ def count_tokens(labels: torch.Tensor | Sequence[torch.Tensor], ignore_index: in
             label, ignored ones too); ValueError: an empty sequence.
     """
     _check_ignore_index(ignore_index)
+    if not isinstance(labels, (torch.Tensor, Iterable)):  # an int or None: list() raised without the name
+        raise TypeError(f"labels must be a tensor or a sequence of tensors, got {type(labels).__name__}")
     items = [labels] if isinstance(labels, torch.Tensor) else list(labels)
     if not items:
         raise ValueError("labels must be a tensor or a non-empty sequence of tensors")

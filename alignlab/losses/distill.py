@@ -748,7 +748,8 @@ def sequence_kd_labels(
             ``eos_token_id`` that is not a non-negative int (a float such as 1.5 matched no token: padding then
             stayed a target), an empty ``eos_token_id`` list.
         TypeError: ``ignore_index`` not an int (1.5 was written as label 1: every masked position a target);
-            ``sequences`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
+            ``sequences`` not a tensor, ``prompt_lengths`` neither a tensor nor a sequence of numbers (an
+            :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
         kind = ValueError if isinstance(sequences, torch.Tensor) else ArgumentTypeError
@@ -761,7 +762,11 @@ def sequence_kd_labels(
         eos_ids = [check_token_id(e, "eos_token_id") for e in eos_token_id]
     else:
         eos_ids = None if eos_token_id is None else [check_token_id(eos_token_id, "eos_token_id")]
-    lengths = torch.as_tensor(prompt_lengths, device=sequences.device)
+    try:  # None or a str failed inside torch without the argument's name
+        lengths = torch.as_tensor(prompt_lengths, device=sequences.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentTypeError(f"prompt_lengths must be a tensor or a sequence of ints, got "
+                                f"{type(prompt_lengths).__name__}") from None
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(f"prompt_lengths must hold integers, got {lengths.dtype}")
     lengths = lengths.long()

@@ -504,6 +504,7 @@ def fused_linear_orpo(
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`.
     """
     _check_3d(policy_hidden)
+    check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)  # before the counts read labels
     check_num_items("num_items", num_items)
     check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
@@ -539,6 +540,7 @@ def fused_linear_simpo(
     scored-token counts).  ``num_items``: pairs of the whole optimiser step (exact gradient accumulation).
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
+    check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)  # before the counts read labels
     check_num_items("num_items", num_items)
     _check_ignore_index(ignore_index)
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
@@ -586,6 +588,7 @@ def fused_linear_cpo(
 
     Shapes, layout, schedules and errors as :func:`fused_linear_dpo`."""
     _check_3d(policy_hidden)
+    check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)  # before the counts read labels
     check_num_items("num_items", num_items)
     check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)

@@ -80,8 +80,11 @@ def packed_to_padded(
 
     Raises:
         ValueError: ``cu_seqlens`` not 1-D, not starting at 0, decreasing, or not ending at ``total``.
-        TypeError: ``cu_seqlens`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
+        TypeError: ``values`` or ``cu_seqlens`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError``
+            too).
     """
+    if not isinstance(values, torch.Tensor):  # a list failed in _packed_total on values.dim()
+        raise ArgumentTypeError(f"values must be a tensor (total, ...), got {type(values).__name__}")
     total = _packed_total(values, cu_seqlens)
     pos, n_seq, length = _packed_positions(cu_seqlens, total)
     flat = values[0] if values.shape[0] != total else values

@@ -179,7 +179,11 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     """Completion lengths as a float tensor shaped like ``like``; every length must be >= 1."""
     if lengths is None:
         return None
-    t = torch.as_tensor(lengths, device=like.device)
+    try:  # a str or a list holding None failed inside torch without the argument's name
+        t = torch.as_tensor(lengths, device=like.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentTypeError(f"{name} must be a tensor or a sequence of token counts, got "
+                                f"{type(lengths).__name__}") from None
     if t.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)} (one length per sequence), got {tuple(t.shape)}")
     if t.dtype == torch.bool or t.is_complex():
@@ -523,13 +527,15 @@ def dpo_loss(
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
             lengths below 1 or NaN, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
-            ``loss_weights`` entries, ``length_alpha``, ``beta``, ``discopop_tau`` or ``label_smoothing`` not real
-            numbers, ``aot_step_offset`` not an int (the last four an :class:`~alignlab.ArgumentTypeError`, a
-            ``ValueError`` too).
+            ``loss_weights`` not a sequence or its entries, ``length_alpha``, ``beta``, ``discopop_tau`` or
+            ``label_smoothing`` not real numbers, ``aot_step_offset`` not an int, lengths that are no token counts
+            (all but the first two an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     loss_types = dpo_loss_types(loss_type)
     if loss_weights is None:
         loss_weights = [1.0] * len(loss_types)
+    elif not hasattr(loss_weights, "__len__") or isinstance(loss_weights, str):  # a bare 0.5: len() named nothing
+        raise ArgumentTypeError(f"loss_weights must be a sequence of numbers, one per loss_type, got {loss_weights!r}")
     elif len(loss_weights) != len(loss_types):
         raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(loss_types)}")
     loss_weights = [check_finite_number(w, "loss_weights") for w in loss_weights]
@@ -1002,7 +1008,7 @@ def simpo_loss(
     Raises:
         ValueError: bad shapes/dtypes/lengths, ``beta <= 0``, ``label_smoothing`` outside [0, 1), a NaN or
             infinite ``gamma``.
-        TypeError: ``gamma`` not a real number.
+        TypeError: ``gamma`` not a real number, lengths that are no token counts (a str, a list holding None).
     """
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
