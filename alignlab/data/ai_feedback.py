@@ -147,7 +147,8 @@ def constitutional_revisions(
 
 def revision_sft_examples(records: Iterable[ConstitutionalRecord]) -> Iterator[dict[str, list[dict[str, Any]]]]:
     """SL-CAI SFT data: ``{"messages": prompt + [assistant final revision]}`` per record (the critiques
-    are not trained on), ready for :func:`alignlab.data.sft.tokenize_chat`."""
+    are not trained on), ready for :func:`alignlab.data.sft.tokenize_chats` (``tokenize_chat`` takes
+    ``record["messages"]``)."""
     for rec in records:
         yield {"messages": rec.prompt + [{"role": "assistant", "content": rec.final}]}
 

@@ -280,6 +280,22 @@ def collate_padded(
 _BOOL_MASK_ATTENTION = ("sdpa", "flex_attention")
 
 
+def _check_packed_row(row: PackedExample, b: int) -> None:
+    """``ValueError`` unless ``row`` is a packed row whose ``position_ids`` count ``0 … n-1`` over each of its
+    ``seq_lens``: the mask is built from ``seq_lens``, so a row whose lengths disagree with its tokens (cut by
+    hand) was masked wrongly without a word, and an unpacked sample failed with a bare ``KeyError``."""
+    try:
+        ids, labels, pos, lens = (list(row[k]) for k in ("input_ids", "labels", "position_ids", "seq_lens"))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"rows[{b}] must be a packed row with input_ids, labels, position_ids and seq_lens "
+                         "(from pack_examples; collate_padded takes unpacked samples)") from err
+    if not lens or any(not is_int(n) or n < 1 for n in lens) \
+            or not len(ids) == len(labels) == len(pos) == sum(lens) or pos != [i for n in lens for i in range(n)]:
+        raise ValueError(f"rows[{b}]: input_ids ({len(ids)}), labels ({len(labels)}) and position_ids ({len(pos)}) "
+                         f"must have the length of the samples seq_lens={lens}, with positions restarting at 0 at "
+                         "each sample")
+
+
 def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int | None = None,
                    mask_dtype: torch.dtype | None = None,
                    attn_implementation: str | None = None) -> dict[str, torch.Tensor]:
@@ -299,7 +315,8 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
     * else (neither given): bool, with a ``UserWarning`` that it is wrong under eager
       attention.
 
-    Raises ``ValueError`` for an empty ``rows``, a bad ``pad_token_id`` (as in
+    Raises ``ValueError`` for an empty ``rows``, a row that is not a packed row (keys, or lengths and
+    positions that disagree with its ``seq_lens``), a bad ``pad_token_id`` (as in
     :func:`collate_padded`), a short ``length``, an integer
     ``mask_dtype``, or another
     ``attn_implementation`` (flash-attention kernels take no 4-D mask: use
@@ -328,6 +345,8 @@ def collate_packed(rows: Sequence[PackedExample], pad_token_id: int, length: int
     if length is not None and not is_int(length):
         kind = ValueError if is_int(length) else ArgumentTypeError
         raise kind(f"length must be None or an int, got {length!r}")
+    for b, r in enumerate(rows):
+        _check_packed_row(r, b)
     need = max(len(r["input_ids"]) for r in rows)
     length = need if length is None else length
     if length < need:

@@ -41,7 +41,8 @@ import torch
 from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
                               check_positive_int, check_template_fields, is_int)
 from alignlab.data.packing import collate_padded
-from alignlab.data.sft import Message, tokenize_chat
+from alignlab.data.sft import (Message, _check_messages, _check_options, _check_tokenizer, _completion_span,
+                                _finish)
 
 __all__ = [
     "PreferencePair",
@@ -321,20 +322,32 @@ def llm_judge(generate: Generate, template: str = JUDGE_TEMPLATE, max_score: flo
 
 def tokenize_preference(pair: Mapping[str, Any], tokenizer: Any, max_length: int | None = None,
                         **template_kwargs: Any) -> dict[str, list[int]]:
-    """Chat-format a pair; labels cover only the final (chosen / rejected) assistant turn.
+    """Chat-format a pair; labels cover only the chosen / rejected answer.
+
+    ``chosen`` / ``rejected``: an answer string (one assistant turn) or, as in TRL's conversational
+    preference rows, a list of messages (``[{"role": "assistant", "content": ...}]``). The labelled span
+    runs from the end of the prompt rendered with the generation prompt to the end of the conversation, as
+    for :func:`~alignlab.data.sft.tokenize_chats`' prompt/completion rows.
 
     Returns ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
-    ``rejected_labels``. Raises ``ValueError`` as :func:`tokenize_chat` does
-    (e.g. longer than ``max_length``) or if a key is missing.
+    ``rejected_labels``. Raises ``ValueError`` as :func:`~alignlab.data.sft.tokenize_chat` does
+    (e.g. longer than ``max_length``), if a key is missing or if an answer is neither a string nor a
+    list of messages (naming the side); ``TypeError`` naming the message for a content that is no string.
     """
     missing = {"prompt", "chosen", "rejected"} - set(pair)
     if missing:
         raise ValueError(f"pair is missing {sorted(missing)}")
+    _check_options("last", "error", max_length)
+    _check_tokenizer(tokenizer)
     prompt = _as_messages(pair["prompt"])
     out: dict[str, list[int]] = {}
     for side in ("chosen", "rejected"):
-        ex = tokenize_chat(prompt + [{"role": "assistant", "content": pair[side]}], tokenizer, max_length,
-                           train_on="last", **template_kwargs)
+        # A message list used to become the *content* of one assistant turn: the template printed its repr.
+        answer = pair[side]
+        completion = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+        _check_messages(completion, side)
+        text, spans = _completion_span(prompt, completion, tokenizer, template_kwargs)
+        ex = _finish(text, spans, tokenizer, max_length, "error")
         out[f"{side}_input_ids"], out[f"{side}_labels"] = ex["input_ids"], ex["labels"]
     return out
 

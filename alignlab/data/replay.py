@@ -87,6 +87,9 @@ def _counts(f: Fraction, b: int) -> Iterator[int]:
         b += 1
 
 
+_END = object()  # end of the task stream
+
+
 class _Cycle:
     """Iterate ``source`` forever, restarting it when exhausted (it must be re-iterable)."""
 
@@ -170,16 +173,17 @@ class ReplayMixer:
             self._general = _Cycle(self.general)
         task_it = iter(self.task)
         counts = replay_counts(self.batch_size, self.replay_fraction)
-        while True:
+        # One task example is read ahead: a batch may want none (k_b = B, e.g. B = 1), and only the task
+        # stream running out ends the epoch (an empty task part used to end it at the first such batch).
+        ahead = next(task_it, _END)
+        while ahead is not _END:
             k = next(counts)
             want = self.batch_size - k
             task_part = []
-            for _ in range(want):
-                try:
-                    task_part.append(next(task_it))
-                except StopIteration:
-                    break
-            if not task_part or (self.drop_last and len(task_part) < want):
+            while len(task_part) < want and ahead is not _END:
+                task_part.append(ahead)
+                ahead = next(task_it, _END)
+            if self.drop_last and len(task_part) < want:
                 return
             out = [("task", x) for x in task_part]
             # Task examples keep their order; each replayed one takes a random slot.

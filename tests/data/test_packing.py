@@ -320,3 +320,16 @@ def test_cu_seq_lens_from_position_ids_refuses_malformed_positions(pos, match):
         cu_seq_lens_from_position_ids(pos)
     with pytest.raises(TypeError, match="position_ids must be a torch.Tensor, got list"):
         cu_seq_lens_from_position_ids([0, 1, 2])
+
+
+def test_collate_packed_refuses_rows_that_disagree_with_their_seq_lens():
+    """The mask comes from seq_lens, the positions from the row: a row cut by hand (seq_lens [5] for 3 tokens)
+    was masked as if its tokens were one sample without a word; an unpacked sample was a bare KeyError."""
+    row = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0], "seq_lens": [2, 1]}
+    assert collate_packed([row], 0, mask_dtype=torch.bool)["attention_mask"].sum() == 4
+    for bad in ({**row, "seq_lens": [3]}, {**row, "seq_lens": [2]}, {**row, "labels": [6, 7]},
+                {**row, "position_ids": [0, 1, 2]}, {**row, "seq_lens": []}):
+        with pytest.raises(ValueError, match=r"rows\[1\]: input_ids \(3\)"):
+            collate_packed([row, bad], 0, mask_dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"rows\[0\] must be a packed row.*collate_padded"):
+        collate_packed([{"input_ids": [5, 6], "labels": [5, 6]}], 0, mask_dtype=torch.bool)

@@ -233,3 +233,22 @@ def test_llm_judge_refuses_a_template_that_would_drop_the_response():
     assert asked == []
     judge = llm_judge(lambda batch: ["Score: 4"] * len(batch), template="{prompt} / {response}")  # max_score optional
     assert judge([{"role": "user", "content": "q"}], ["a", "b"]) == [4.0, 4.0]
+
+
+def test_tokenize_preference_takes_trl_conversational_answers(chat_tokenizer):
+    """TRL's conversational preference rows hold ``chosen``/``rejected`` as message lists. They used to become
+    the content of one assistant turn: the template printed the list's repr (here <unk> tokens), supervised."""
+    tok = chat_tokenizer
+    prompt = [{"role": "user", "content": "what is the capital of france ?"}]
+    as_text = tokenize_preference({"prompt": prompt, "chosen": "paris", "rejected": "a dog"}, tok)
+    as_messages = tokenize_preference({"prompt": prompt, "chosen": [{"role": "assistant", "content": "paris"}],
+                                       "rejected": [{"role": "assistant", "content": "a dog"}]}, tok)
+    assert as_messages == as_text
+    assert tok.unk_token_id not in as_messages["chosen_input_ids"]
+    with pytest.raises(ValueError, match="rejected must be a non-empty list"):
+        tokenize_preference({"prompt": prompt, "chosen": "paris", "rejected": None}, tok)
+    with pytest.raises(TypeError, match=r"rejected\[0\]\['content'\]"):
+        tokenize_preference({"prompt": prompt, "chosen": "paris", "rejected": [{"role": "assistant", "content": 3}]},
+                            tok)
+    with pytest.raises(ValueError, match="chosen"):
+        tokenize_preference({"prompt": prompt, "chosen": ["paris"], "rejected": "a dog"}, tok)

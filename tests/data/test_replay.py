@@ -179,3 +179,16 @@ def test_set_epoch_numpy_int():
     first = list(sampler)
     sampler.set_epoch(3)
     assert list(sampler) == first and type(sampler.epoch) is int
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(1, 0.05), (1, 0.5), (4, 0.8)])
+def test_mixer_all_general_batches_do_not_end_the_epoch(batch_size, fraction):
+    # k_b = B for some batches when f > 1 - 1/B (any f > 0 with batch_size=1, the usual per-device size under
+    # gradient accumulation): such a batch has no task part, and the mixer used to stop the epoch there
+    # (after 19 of 100 task examples for B=1, f=0.05). It must cover the task data as the sampler does.
+    task, general = list(range(100)), [f"g{i}" for i in range(10)]
+    batches = list(ReplayMixer(task, general, batch_size=batch_size, replay_fraction=fraction))
+    assert [x for b in batches for x in b if isinstance(x, int)] == task
+    sampler = list(ReplayBatchSampler(100, 10, batch_size=batch_size, replay_fraction=fraction, shuffle=False))
+    assert [len(b) for b in batches] == [len(b) for b in sampler]
+    assert sum(isinstance(x, str) for b in batches for x in b) == sum(x >= 100 for b in sampler for x in b)
