@@ -167,6 +167,14 @@ class BitFitConfig:
 
     def find_targets(self, model: nn.Module) -> list[str]:
         heads = _output_head_names(model)
+        if self.target_modules not in ("all-biases", "all-linear"):
+            # a named module held by another family was skipped, and the error said no module matched it
+            for name, layer in model.named_modules():
+                if isinstance(layer, AdapterLayer) and not isinstance(layer, BitFitLayer) and layer.linear_base \
+                        and name_matches(self.target_modules, name) \
+                        and not (self.exclude_modules is not None and name_matches(self.exclude_modules, name)):
+                    raise ValueError(f"module {name!r} already holds a {type(layer).__name__}; cannot add BitFit "
+                                     "biases to it")
         names = []
         for name, module in modules_outside_adapters(model, BitFitLayer):
             if isinstance(module, BitFitLayer):

@@ -41,7 +41,8 @@ from torch import nn
 
 from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.adapters.base import AdapterLayer, is_linear_like, linear_features
-from alignlab.adapters.config import as_bool, check_nonzero_number, check_positive_int, check_positive_number, name_matches
+from alignlab.adapters.config import (as_bool, check_nonzero_number, check_positive_int, check_positive_number,
+                                      check_target_spec, name_matches)
 from alignlab.adapters.inject import layers_holding, modules_outside_adapters
 from alignlab.adapters.io import own_format_config, own_format_dict
 
@@ -256,6 +257,8 @@ class BottleneckConfig:
         self._default_targets = self.target_modules is None
         if self._default_targets:
             self.target_modules = list(PLACEMENTS[self.placement])
+        # 5 failed at inject with "'int' object is not iterable"; blocks are never picked by "all-linear"
+        check_target_spec(self.target_modules, self.exclude_modules, allow_all_linear=False)
         self._hidden: int | None = None
 
     def find_targets(self, model: nn.Module) -> list[str]:
@@ -276,9 +279,24 @@ class BottleneckConfig:
         if self.reduction_factor > hidden:
             raise ValueError(f"reduction_factor={self.reduction_factor} is larger than the hidden size {hidden}: the bottleneck would be empty")
         for name in targets:
+            block = model.get_submodule(name)
+            block = block.base_layer if isinstance(block, BottleneckLayer) else block
+            if is_linear_like(block):
+                # a linear target is the whole block: the adapter adds to its output (and a parallel one reads its
+                # input), so those must be `hidden` wide; k_proj or up_proj failed at the first forward
+                in_features, out_features = linear_features(block)
+                sides = {"output": out_features, **({"input": in_features} if self.placement == "parallel" else {})}
+                wrong = {side: w for side, w in sides.items() if w != int(hidden)}
+                if wrong:
+                    raise ValueError(f"hidden size {hidden} does not fit {name!r}, a linear whose "
+                                     + " and ".join(f"{side} is {w}" for side, w in wrong.items())
+                                     + f" wide: a {self.placement} adapter adds to its output"
+                                     + (" and reads its input" if self.placement == "parallel" else "")
+                                     + "; target a block (or linear) that maps to the hidden size")
+                continue
             # a block of width `hidden` reads or writes it through some linear: a file from a model of another
             # width (its hidden_size is written there) would load and fail at the first forward
-            widths = {w for m in model.get_submodule(name).modules() if is_linear_like(m) for w in linear_features(m)}
+            widths = {w for m in block.modules() if is_linear_like(m) for w in linear_features(m)}
             if widths and int(hidden) not in widths:
                 raise ValueError(f"hidden size {hidden} does not fit block {name!r}, whose linears are {sorted(widths)} wide "
                                  "(an adapter saved from a model of another width, or a wrong hidden_size=)")

@@ -332,7 +332,8 @@ def check_target_spec(target_modules, exclude_modules, allow_all_linear: bool = 
         if not (allow_all_linear and target_modules == "all-linear"):
             _compile("target_modules", target_modules)
     elif not _is_str_list(target_modules) or not (target_modules or allow_empty):
-        raise TypeError(f"target_modules must be 'all-linear', a regex string or a non-empty list of names, got {target_modules!r}")
+        kinds = "'all-linear', a regex string" if allow_all_linear else "a regex string"
+        raise TypeError(f"target_modules must be {kinds} or a non-empty list of names, got {target_modules!r}")
     if isinstance(exclude_modules, str):
         if exclude_modules == "all-linear":  # read as a regex it matched nothing: a warning, and no layer excluded
             raise ValueError("exclude_modules='all-linear' would exclude every target; name the modules to skip")

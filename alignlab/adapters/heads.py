@@ -189,6 +189,21 @@ def _row_mask(n_rows: int, heads: set[int], d: int, device) -> torch.Tensor:
     return mask
 
 
+def _chosen_heads(blocks: list[AttentionBlock], heads: Iterable[tuple[int, int]]) -> dict[int, set[int]]:
+    """``{layer: {head, ...}}`` from ``(layer, head)`` pairs, each checked against ``blocks``."""
+    chosen: dict[int, set[int]] = {}
+    for pair in heads:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(i) for i in pair)):
+            ints = isinstance(pair, (tuple, list)) and all(is_int(i) for i in pair)
+            kind = ValueError if ints else ArgumentTypeError  # (1, 2, 3) is a wrong value, ("1", 2) the wrong kind
+            raise kind(f"heads must be (layer, head) pairs of ints, got {pair!r}")
+        layer, head = (int(i) for i in pair)
+        if not (0 <= layer < len(blocks) and 0 <= head < blocks[layer].num_heads):
+            raise ValueError(f"head ({layer}, {head}) is outside the model ({len(blocks)} layers × {blocks[0].num_heads} heads)")
+        chosen.setdefault(layer, set()).add(head)
+    return chosen
+
+
 def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> list[torch.utils.hooks.RemovableHandle]:
     """Train only the selected heads: freeze the rest of the model, mask the other heads' gradients.
 
@@ -200,16 +215,7 @@ def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> lis
             no sequence of ints is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too).
     """
     blocks = attention_blocks(model)
-    chosen: dict[int, set[int]] = {}
-    for pair in heads:
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(i) for i in pair)):
-            ints = isinstance(pair, (tuple, list)) and all(is_int(i) for i in pair)
-            kind = ValueError if ints else ArgumentTypeError  # (1, 2, 3) is a wrong value, ("1", 2) the wrong kind
-            raise kind(f"heads must be (layer, head) pairs of ints, got {pair!r}")
-        layer, head = (int(i) for i in pair)
-        if not (0 <= layer < len(blocks) and 0 <= head < blocks[layer].num_heads):
-            raise ValueError(f"head ({layer}, {head}) is outside the model ({len(blocks)} layers × {blocks[0].num_heads} heads)")
-        chosen.setdefault(layer, set()).add(head)
+    chosen = _chosen_heads(blocks, heads)
     for p in model.parameters():
         p.requires_grad_(False)
     handles = []
@@ -230,12 +236,16 @@ def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> lis
 
 
 def selected_parameter_count(model: nn.Module, heads: Iterable[tuple[int, int]]) -> int:
-    """Trainable numbers under :func:`restrict_to_heads`: ``Σ_sel 2·d·hidden + Σ_kv-groups 2·d·hidden``."""
+    """Trainable numbers under :func:`restrict_to_heads`: ``Σ_sel 2·d·hidden + Σ_kv-groups 2·d·hidden``.
+
+    Raises the errors :func:`restrict_to_heads` raises for ``heads`` (a head outside the model was counted, or
+    silently left out, instead of refused).
+    """
     blocks = attention_blocks(model)
-    heads = list(heads)
+    chosen = _chosen_heads(blocks, heads)
     total = 0
     for i, b in enumerate(blocks):
-        sel = {h for l, h in heads if l == i}
+        sel = chosen.get(i, set())
         group = b.num_heads // b.num_kv_heads
         hidden = _weight(b.module.q_proj).shape[1]
         total += 2 * b.head_dim * hidden * (len(sel) + len({h // group for h in sel}))

@@ -152,3 +152,20 @@ def test_a_listed_module_without_a_bias_is_refused_naming_it(entry, kind):
         inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", entry]))
     model = inject(make_tiny_llama(), BitFitConfig(target_modules=["q_proj", entry], exclude_modules=[entry]))
     assert [n.split(".")[-1] for n, _ in adapter_layers(model)] == ["q_proj", "q_proj"]
+
+
+@pytest.mark.parametrize("targets", [["k_proj"], ["q_proj", "k_proj"], r".*\.(q|k)_proj"])
+def test_a_named_module_another_family_holds_is_refused_naming_it(targets):
+    # BitFit skipped it: alone it raised "no module matched target_modules=['k_proj']" while listing k_proj, and next
+    # to q_proj it was dropped without a word (as LoRA or VeRA there refuse, naming the layer)
+    from alignlab.adapters import IA3Config
+
+    model = inject(make_tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    match = "'model.layers.0.self_attn.k_proj' already holds a IA3Linear; cannot add BitFit"
+    with pytest.raises(ValueError, match=match):
+        inject(model, BitFitConfig(target_modules=targets), "bitfit")
+    assert not any(isinstance(m, BitFitLayer) for m in model.modules())
+    if targets != ["k_proj"]:  # left out, the other target takes the biases
+        inject(model, BitFitConfig(target_modules=targets, exclude_modules=["k_proj"]), "bitfit")
+        assert sorted(n for n, m in model.named_modules() if isinstance(m, BitFitLayer)) == [
+            f"model.layers.{i}.self_attn.q_proj" for i in range(2)]

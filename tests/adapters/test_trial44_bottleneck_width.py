@@ -44,3 +44,36 @@ def test_default_houlsby_placement_on_gpt2_names_the_missing_block():
     wrapped = sorted(n for n, m in gpt2.named_modules() if isinstance(m, BottleneckLayer))
     assert wrapped == [f"transformer.h.{i}.{b}" for i in range(2) for b in ("attn", "mlp")]
     assert gpt2(input_ids=IDS).logits.shape == (2, 5, 128)
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+@pytest.mark.parametrize("target, side", [("k_proj", "output is 16"), ("up_proj", "output is 72")])
+def test_a_linear_target_of_another_output_width_is_refused_at_inject(placement, target, side):
+    # a linear is a block of its own: the adapter adds to its output, which for k_proj (GQA) or up_proj is not
+    # hidden wide; they were wrapped and failed at the first forward ("mat1 and mat2 shapes cannot be multiplied")
+    model = make_tiny_llama(hidden_size=32)
+    match = f"hidden size 32 does not fit 'model.layers.0.[a-z_]+.{target}', a linear whose {side}"
+    with pytest.raises(ValueError, match=match):
+        inject(model, BottleneckConfig(reduction_factor=4, placement=placement, target_modules=[target]))
+    assert not any(isinstance(m, BottleneckLayer) for m in model.modules())
+    for fits in (["o_proj"], ["down_proj"] if placement == "houlsby" else ["q_proj"]):  # out (and in) = hidden
+        adapted = inject(make_tiny_llama(hidden_size=32), BottleneckConfig(reduction_factor=4, placement=placement,
+                                                                           target_modules=fits))
+        assert adapted(input_ids=IDS).logits.shape == (2, 5, 128)
+
+
+def test_down_proj_is_refused_for_a_parallel_adapter_which_reads_its_input():
+    match = "a linear whose input is 72 wide: a parallel adapter adds to its output and reads its input"
+    with pytest.raises(ValueError, match=match):
+        inject(make_tiny_llama(hidden_size=32), BottleneckConfig(placement="parallel", target_modules=["down_proj"]))
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", 5), ("target_modules", []), ("exclude_modules", 5),
+                                          ("target_modules", "(")])
+def test_malformed_targets_are_refused_when_the_config_is_built(field, value):
+    # 5 passed the config and failed at inject with "'int' object is not iterable", naming nothing
+    kind = ValueError if value == "(" else TypeError
+    with pytest.raises(kind, match=field):
+        BottleneckConfig(**{field: value})
+    with pytest.raises(TypeError, match="target_modules must be a regex string or a non-empty list"):
+        BottleneckConfig(target_modules=5)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_llama
 
-from alignlab.adapters import restrict_to_heads, select_heads, top_heads
+from alignlab.adapters import restrict_to_heads, select_heads, selected_parameter_count, top_heads
 
 
 @pytest.mark.parametrize("fraction", [True, "0.1", None])
@@ -23,6 +23,19 @@ def test_restrict_to_heads_takes_pairs_of_ints(pair):
         restrict_to_heads(model, [pair])
     handles = restrict_to_heads(model, [(1, 3)])
     assert len(handles) == 4 and model.model.layers[1].self_attn.q_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("heads, match", [([(0, 99)], "outside the model"), ([(5, 0)], "outside the model"),
+                                          ([("0", 1)], "heads must be"), ([(0,)], "heads must be"),
+                                          ([(0, 1.5)], "heads must be")])
+def test_selected_parameter_count_refuses_what_restrict_to_heads_refuses(heads, match):
+    # (0, 99) was counted as a head of layer 0 and (5, 0) or ("0", 1) as nothing, without a word
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match=match):
+        selected_parameter_count(model, heads)
+    with pytest.raises(ValueError, match=match):
+        restrict_to_heads(model, heads)
+    assert selected_parameter_count(model, [[0, 1], (0, 1)]) == 2 * 8 * 32 * 2  # a list pair, a repeat counted once
 
 
 @pytest.mark.parametrize("lr", [0, 0.0, -1e-3, float("nan"), float("inf"), "1e-4", None])
