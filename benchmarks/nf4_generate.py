@@ -26,7 +26,7 @@ the prefill stays eager). The first warm-up calls of that mode, compilation incl
 ``compile_s``.
 
 Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--out PATH]`` on a CUDA
-machine; ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
+machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table); ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
 """
 
 from __future__ import annotations
@@ -192,6 +192,22 @@ def targets(results: list[dict]) -> list[dict]:
     return out
 
 
+def register_tuned(paths: list[Path], device: str) -> None:
+    """Take the entries of the ``nf4_tune.py`` runs in ``paths`` into this GPU's table (``--tune-rows``)."""
+    import json
+
+    from alignlab.kernels import nf4_configs
+    from nf4_tune import merged_table
+
+    key = nf4_configs.device_key(torch.device(device))
+    if key is None:
+        sys.exit(f"--tune-rows: no launch table for this device ({device}) to add to")
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]]
+    table = merged_table(nf4_configs.TABLES[key], rows)
+    nf4_configs.register_table(key, table)
+    print(f"TABLES[{key!r}] with the entries of {', '.join(map(str, paths))}: {table}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -205,9 +221,15 @@ def main(argv=None):
                         help="also the static-cache mode, decode step compiled with reduce-overhead (CUDA graphs)")
     parser.add_argument("--only-graphs", action="store_true", help="the static-cache mode alone")
     parser.add_argument("--which", nargs="*", default=[], help="substrings of contestant names to run")
+    parser.add_argument("--tune-rows", type=Path, nargs="+", default=[],
+                        help="nf4_tune.py JSON results (runs of the swapped kernels): their entries are added to this "
+                        "GPU's launch table for the run (nf4_tune.merged_table, nf4_configs.register_table), to "
+                        "measure a tuning run end to end before its table is pasted into nf4_configs.py")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
     args = parser.parse_args(argv)
     device = args.device
+    if args.tune_rows:
+        register_tuned(args.tune_rows, device)
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/nf4_generate.py needs a CUDA GPU (or --quick --device cpu)")
     new_tokens = args.new_tokens or (8 if args.quick else NEW_TOKENS)

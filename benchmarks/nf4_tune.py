@@ -184,6 +184,27 @@ def table_from_rows(rows: list[dict], threshold: float = 0.95) -> tuple[dict, in
     return configs, max_m
 
 
+def merged_table(table: dict, rows: list[dict], threshold: float = 0.95) -> dict:
+    """``table`` (a ``nf4_configs.TABLES`` entry) with the entries :func:`table_from_rows` gives from ``rows`` (a run
+    of the alternatives at shapes of its own, e.g. ``--shapes 1024x4096,1024x8192``) taken in: at each bucket a shape
+    the run lists drops its other alternatives' entries there; the run's shapes join ``"shapes"``; ``"max_m_listed"``
+    grows to the largest bucket listed. ``max_m`` and the base kernel's entries stay (the run measured alternatives
+    only). A new dict; ``table`` is not changed."""
+    new, _ = table_from_rows(rows, threshold)
+    configs = {k: dict(v) for k, v in table["configs"].items()}
+    for (kernel, bucket), entries in new.items():
+        for (other, b), held in configs.items():
+            if b == bucket and other in nf4_configs.ALTERNATIVES:
+                for shape in entries:
+                    held.pop(shape, None)
+        configs.setdefault((kernel, bucket), {}).update(entries)
+    configs = {k: v for k, v in configs.items() if v}
+    shapes = list(dict.fromkeys([*table.get("shapes", []), *((r["N"], r["K"]) for r in rows)]))
+    listed = max([table.get("max_m_listed", table["max_m"])] + [b for (_, b) in new])
+    out = {"max_m": table["max_m"], "shapes": shapes, "configs": configs}
+    return {**out, "max_m_listed": listed} if listed > table["max_m"] else out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])

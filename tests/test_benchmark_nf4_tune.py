@@ -1,5 +1,8 @@
-"""benchmarks/nf4_tune.py: the table it prints from one run's rows (table_from_rows), on CPU."""
+"""benchmarks/nf4_tune.py: the table it prints from one run's rows (table_from_rows) and a run taken into a table
+(merged_table), on CPU."""
 
+import pytest
+import torch
 from conftest import load_script
 
 
@@ -86,3 +89,58 @@ def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_run():
         listed = [s for alt in ALTERNATIVES for s in table["configs"].get((alt, m), {})]
         assert len(listed) == len(set(listed)), m
     assert {s for entries in table["configs"].values() for s in entries} == set(table["shapes"])
+
+
+def test_merged_table_takes_a_run_at_new_shapes_into_a_table(monkeypatch):
+    """merged_table: the H100 table as it was before the k / v run (its five shapes), merged with that run's rows,
+    is the shipped table but for max_m (the run measured alternatives only: max_m stays, the bound of the k / v
+    shapes at 64 comes from their absence at that bucket); into the H200 table, the run's swap entries replace the
+    late ones of the same shape and bucket, and the result registers."""
+    import json
+    from pathlib import Path
+
+    from alignlab.kernels import nf4_configs
+    from alignlab.kernels.nf4_configs import TABLES
+
+    tune = load_script("benchmarks/nf4_tune.py")
+    kv = [(1024, 4096), (1024, 8192)]
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "nf4_tune_swap_kv_h100.json")
+                      .read_text())["rows"]
+    shipped = TABLES["H100"]
+    before = {"max_m": 64, "shapes": [s for s in shipped["shapes"] if s not in kv],
+              "configs": {k: {s: c for s, c in v.items() if s not in kv} for k, v in shipped["configs"].items()}}
+    before["configs"] = {k: v for k, v in before["configs"].items() if v}
+    merged = tune.merged_table(before, rows)
+    assert merged["configs"] == shipped["configs"] and merged["shapes"] == shipped["shapes"]
+    assert merged["max_m"] == 64 and "max_m_listed" not in merged and before["shapes"] == shipped["shapes"][:5]
+
+    h200 = tune.merged_table(TABLES["H200"], rows)
+    assert h200["configs"][("swap", 8)][(1024, 4096)] == (32, 4, 8, 2, 3)
+    assert (1024, 4096) not in h200["configs"][("late", 8)] and (1024, 8192) not in h200["configs"].get(("late", 32), {})
+    assert h200["configs"][("late", 8)] == {(14336, 4096): (128, 2, 8, 4, 1)}  # other shapes keep theirs
+    assert h200["max_m"] == 32 and h200["max_m_listed"] == 64 and h200["shapes"] == TABLES["H200"]["shapes"]
+    assert (1024, 4096) in TABLES["H200"]["configs"][("late", 8)]  # the input is not changed
+    monkeypatch.setattr(nf4_configs, "TABLES", dict(TABLES))
+    nf4_configs.register_table("H200", h200)
+    assert nf4_configs.TABLES["H200"] == h200
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H200")
+    assert nf4_configs.small_choice(8, 1024, 4096, 64, torch.bfloat16, torch.device("cuda", 0)) == \
+        ("swap", (32, 4, 8, 2, 3))
+
+
+def test_nf4_generate_tune_rows_registers_the_merged_table(monkeypatch, capsys):
+    """nf4_generate.py --tune-rows: the runs' entries join this GPU's table for the run."""
+    from pathlib import Path
+
+    from alignlab.kernels import nf4_configs
+
+    gen = load_script("benchmarks/nf4_generate.py")
+    monkeypatch.setattr(nf4_configs, "TABLES", dict(nf4_configs.TABLES))
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H200")
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "nf4_tune_swap_kv_h100.json"
+    gen.register_tuned([run], "cuda")
+    assert nf4_configs.TABLES["H200"]["configs"][("swap", 32)][(1024, 8192)] == (32, 4, 8, 4, 3)
+    assert "TABLES['H200'] with the entries of" in capsys.readouterr().out
+    monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
+    with pytest.raises(SystemExit, match="no launch table"):
+        gen.register_tuned([run], "cpu")
