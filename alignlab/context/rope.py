@@ -32,9 +32,10 @@ that ``save_pretrained`` / ``from_pretrained`` reproduce it with stock
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,7 +328,8 @@ class RopeScaling:
                 continue
             if isinstance(value, torch.Tensor):
                 value = value.flatten().tolist()
-            if isinstance(value, (str, bytes)) or not all(is_real(v) for v in value):
+            # a bare number is no sequence: iterating it raised "'float' object is not iterable", naming nothing
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or not all(is_real(v) for v in value):
                 raise TypeError(f"{name} must be a sequence of real numbers (one per rotary pair), got {value!r}")
             put(name, tuple(float(v) for v in value))
 
@@ -474,6 +476,32 @@ def _hf_rope_parameters(scaling: RopeScaling, theta: float, original: int, dim: 
     return params
 
 
+def _hf_config_updates(config: Any, params: dict[str, Any], head_dim: int, original: int) -> dict[str, Any]:
+    """The config attributes (transformers >= 5) that make stock ``transformers`` rebuild ``params`` on reload, checked
+    by the config class's own ``validate_rope`` on a copy (``save_pretrained`` runs it).
+
+    Beside ``rope_parameters``: ``head_dim`` where the config declares it ``None`` (Mixtral; transformers' yarn,
+    dynamic and longrope read ``getattr(config, "head_dim", ...)`` and fail on ``None``), and a top-level
+    ``original_max_position_embeddings`` (Phi-3), which replaces the one in ``rope_parameters`` on reload.
+    Raises ``ValueError`` where the config class refuses the rope type (Phi-3 takes only default and longrope).
+    """
+    updates: dict[str, Any] = {"rope_parameters": params}
+    if getattr(config, "head_dim", 0) is None:
+        updates["head_dim"] = head_dim
+    if "original_max_position_embeddings" in params and hasattr(config, "original_max_position_embeddings"):
+        updates["original_max_position_embeddings"] = original
+    if hasattr(config, "validate_rope"):
+        trial = copy.deepcopy(config)
+        for key, value in updates.items():
+            setattr(trial, key, value)
+        try:
+            trial.validate_rope()
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{type(config).__name__} refuses rope_type={params['rope_type']!r} "
+                             f"(transformers' own check: {e}); this model cannot save that RoPE scaling") from e
+    return updates
+
+
 def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     """Switch a ``transformers`` model to ``scaling`` in place and return it.
 
@@ -481,7 +509,9 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     on transformers < 5) so a saved checkpoint reloads with the same RoPE, and
     replaces every rotary module (a submodule with an ``inv_freq`` buffer)
     with a :class:`ScaledRotaryEmbedding`. The model's own
-    ``max_position_embeddings`` is left as is.
+    ``max_position_embeddings`` is left as is; a ``head_dim`` the config declares
+    ``None`` (Mixtral) and a top-level ``original_max_position_embeddings`` (Phi-3)
+    are written too, since transformers reads them on reload.
 
     Raises ``TypeError`` if ``model`` has no ``config`` or ``scaling`` is not a
     :class:`RopeScaling`; ``ValueError`` if the config already uses a scaled
@@ -490,8 +520,9 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
     different from the config's ``max_position_embeddings`` (``transformers``
     reads the original length from there), if LongRoPE factors do not have
     ``head_dim * partial_rotary_factor / 2`` entries, if the config has one RoPE
-    per layer type (Gemma 3), or if no rotary module is found. Nothing is
-    changed when it raises.
+    per layer type (Gemma 3), if the config class's own ``validate_rope`` refuses
+    the written parameters (Phi-3 takes only longrope and NTK, which is written as
+    plain RoPE), or if no rotary module is found. Nothing is changed when it raises.
     """
     if not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
@@ -536,9 +567,10 @@ def apply_rope_scaling(model: nn.Module, scaling: RopeScaling) -> nn.Module:
 
     params = _hf_rope_parameters(scaling, theta, original, dim)
     if new_style:
-        if partial != 1.0:
+        if partial != 1.0 or "partial_rotary_factor" in current:  # Phi-3's validate_rope reads it
             params["partial_rotary_factor"] = partial
-        config.rope_parameters = params
+        for key, value in _hf_config_updates(config, params, head_dim, original).items():
+            setattr(config, key, value)
     else:
         config.rope_theta = params.pop("rope_theta")
         config.rope_scaling = None if params["rope_type"] == "default" else params

@@ -148,7 +148,8 @@ class TokenSparse(nn.Module):
     kept and ``ρ`` counts each row's real tokens). The module gets the chosen
     tokens as one sequence, ``(1, tokens, hidden)``, so blocks that want
     ``(batch, seq, hidden)`` (transformers' MoE blocks) work too. In eval mode, under
-    ``no_grad`` or with ``keep_ratio == 1`` it is the plain module.
+    ``no_grad`` or with ``keep_ratio == 1`` it is the plain module. Raises ``ValueError`` for a ``keep_ratio``
+    outside ``(0, 1]`` and ``TypeError`` for a ``scorer`` that is not callable.
 
     The wrapper takes the place of ``module`` without adding a level to the module tree: it shares
     the block's parameters, buffers and children, so every name (``named_modules``, the state
@@ -157,6 +158,9 @@ class TokenSparse(nn.Module):
     """
 
     def __init__(self, module: nn.Module, keep_ratio: float, scorer: Scorer | None = None):
+        if scorer is not None and not callable(scorer):  # else the first training forward fails, naming nothing
+            raise TypeError(f"scorer must be a callable (hidden (batch, seq, hidden) -> scores (batch, seq)) or None, "
+                            f"got {type(scorer).__name__}")
         super().__init__()
         # held outside the module tree: a child 'module' put '.module' into every name below it, so adapters
         # saved from a token-sparse model matched nothing in a plain one (PEFT dropped them silently)
@@ -223,9 +227,10 @@ def apply_token_sparsity(model: nn.Module, keep_ratio: float, targets: Iterable[
 
     ``targets``: module names (a single string is one name). Returns the wrapped
     names. Raises ``ValueError`` if nothing matched, ``TypeError`` if a target is
-    not a string. Names are unchanged (see :class:`TokenSparse`). Undo by putting
-    each wrapper's ``.module`` back in its place, or by reloading; set ``keep_ratio``
-    on the wrappers to change it between steps.
+    not a string or ``scorer`` is not callable; nothing is wrapped then. Names are
+    unchanged (see :class:`TokenSparse`). Undo by putting each wrapper's ``.module``
+    back in its place, or by reloading; set ``keep_ratio`` on the wrappers to change
+    it between steps.
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)  # not its characters
     if not all(isinstance(t, str) for t in targets):
