@@ -225,6 +225,8 @@ class NF4Linear(nn.Module):
 
     # -- the adapter contract -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # else AttributeError: 'list' object has no attribute 'requires_grad'
+            raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
         t = self.quant_weight
         bias = self.bias
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))

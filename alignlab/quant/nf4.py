@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
 from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
@@ -173,6 +173,12 @@ class NF4Tensor:
     def num_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles hold the fields only: the kernels' caches kept on this object (the decode launchers
+        # NF4Linear keeps after a CUDA call, local closures bound to these very tensors; launch arguments) made
+        # torch.save / pickle fail and sent a deepcopy's products through the original's tensors
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     def to(self, device: torch.device | str | int) -> "NF4Tensor":
         """A copy of this tensor with every buffer on ``device``; the buffers keep their dtypes.
 
@@ -282,7 +288,8 @@ def _meta_dtype(name) -> torch.dtype:
 
 def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     """The JSON metadata dict in ``blob`` (uint8 bytes) with its ``shape`` and ``blocksize``; ``ValueError`` naming
-    ``where`` for a blob that is not such a dict (missing keys, a shape that is not a list of integers)."""
+    ``where`` for a blob that is not such a dict (missing keys, a shape that is not a list of integers, a
+    ``nested_blocksize`` that is not an integer or a ``nested_offset`` that is not a number)."""
     meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
@@ -295,6 +302,11 @@ def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     blocksize = meta["blocksize"]
     if not is_int(blocksize):
         raise ValueError(f"{where}: blocksize must be an integer, got {blocksize!r}")
+    # read with int() / float() later: "abc" or null raised an unnamed ValueError / TypeError, 256.5 was taken as 256
+    if not is_int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)):
+        raise ValueError(f"{where}: nested_blocksize must be an integer, got {meta['nested_blocksize']!r}")
+    if "nested_offset" in meta and not is_real(meta["nested_offset"]):
+        raise ValueError(f"{where}: nested_offset must be a number, got {meta['nested_offset']!r}")
     return meta, torch.Size(shape), int(blocksize)
 
 

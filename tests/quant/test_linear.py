@@ -331,6 +331,9 @@ def test_output_comes_back_in_the_input_dtype(compute_dtype):
     for dtype in (torch.int64, torch.uint8, torch.bool):
         with pytest.raises(TypeError, match=f"x must be a floating-point tensor, got dtype {dtype}"):
             q(torch.ones(3, 64, dtype=dtype))
+    for x in ([[1.0] * 64] * 3, np.ones((3, 64), dtype=np.float32)):  # was AttributeError ('requires_grad')
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got (list|ndarray)"):
+            q(x)
 
 
 def test_from_linear_refuses_a_truthy_non_bool_double_quant():

@@ -1,6 +1,7 @@
 """A checkpoint whose NF4 metadata (the JSON bytes of weight.quant_state.bitsandbytes__nf4, or NF4Tensor's own
-'meta') lacks shape / blocksize or holds something else is a ValueError naming it, so NF4Linear.load_state_dict
-reports it with the layer's name instead of letting KeyError / AttributeError / TypeError out."""
+'meta') lacks shape / blocksize or holds something else there or in nested_offset / nested_blocksize is a ValueError
+naming it, so NF4Linear.load_state_dict reports it with the layer's name instead of letting KeyError /
+AttributeError / TypeError out."""
 
 import json
 
@@ -26,6 +27,11 @@ def _bad_metas(meta: dict) -> dict:
         "shape a string": dict(meta, shape="8x64"),
         "shape of floats": dict(meta, shape=[8.5, 64]),
         "blocksize a string": dict(meta, blocksize="64"),
+        # user trial 2026-12-06: float(None) let a TypeError out of load_state_dict unnamed, 256.5 was read as 256
+        "nested_offset null": dict(meta, nested_offset=None),
+        "nested_offset a string": dict(meta, nested_offset="0.1"),
+        "nested_blocksize a float": dict(meta, nested_blocksize=256.5),
+        "nested_blocksize a string": dict(meta, nested_blocksize="abc"),
     }
 
 
