@@ -69,8 +69,9 @@ class CompanionLM:
         model: HF-style causal LM accepting ``input_ids``, ``attention_mask``,
             ``position_ids``, a KV cache (``cache`` or, before transformers
             renamed it, ``past_key_values``) and ``use_cache``, and
-            returning ``.logits`` ``(batch, seq, vocab)``. A model that returns no cache is
-            run on the whole prefix at every step.
+            returning ``.logits`` ``(batch, seq, vocab)``. A model that returns no cache, or
+            that cannot take the prefix's mask beside one new token (Mamba, FalconMamba: their logits
+            come back for the whole mask), is run on the whole prefix at every step.
         pad_token_id: id of left padding (the generating model's
             ``generation_config.pad_token_id``), a non-negative int; ``None`` = no padding.
         use_cache: keep a KV cache between consecutive steps (a bool; ``TypeError`` otherwise).
@@ -145,13 +146,23 @@ class CompanionLM:
                 use_cache=True,
                 **{cache_keyword(self.model): self._cache},
             )
-        else:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=self.use_cache,
-            )
+            if out.logits.shape[1] == 1:
+                return self._keep_cache(out, input_ids)
+            # The prefix's mask beside one new token was broadcast over the sequence (Mamba and FalconMamba
+            # multiply their hidden states by the mask): logits and cache are wrong, so this model runs on the
+            # whole prefix from now on.
+            self.use_cache = False
+            self.reset()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=self.use_cache,
+        )
+        return self._keep_cache(out, input_ids)
+
+    def _keep_cache(self, out, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Remember ``out``'s cache for the next step; the last position's float32 logits."""
         if self.use_cache:
             self._cache = output_cache(out)
             # a model that returned no cache needs the whole prefix again at the next step

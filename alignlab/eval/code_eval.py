@@ -51,7 +51,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignlab._checks import check_count, check_positive_int, check_positive_number
+from alignlab._checks import check_count, check_number_in_range, check_positive_int
+
+# poll() and the selectors under subprocess take milliseconds as a C int (2**31 ms is about 24.8 days): a longer
+# timeout was an OverflowError from inside subprocess
+_MAX_TIMEOUT = 1e6
 
 __all__ = ["ExecutionResult", "pass_at_k", "run_tests"]
 
@@ -390,7 +394,7 @@ def run_tests(
     Args:
         programs: candidate sources, e.g. the ``n`` samples of one problem.
         tests: one test source for all programs, or one per program.
-        timeout: wall-clock seconds per candidate for program + tests (> 0).
+        timeout: wall-clock seconds per candidate for program + tests, in ``(0, 1e6]`` (about 11.6 days).
         max_memory_bytes: address-space limit of the candidate and its
             children (``None`` = unlimited).
         max_workers: candidates run concurrently (threads that wait on
@@ -414,7 +418,7 @@ def run_tests(
         raise ValueError(f"tests: expected one string or {len(programs)} strings, got {len(tests)}")
     if not all(isinstance(s, str) for s in programs + tests):
         raise TypeError("programs/tests: every entry must be a str")
-    check_positive_number(timeout, "timeout")  # seconds
+    check_number_in_range(timeout, "timeout", 0, _MAX_TIMEOUT, low_open=True)  # seconds
     # a Python int: it travels to the supervisor as JSON
     max_memory_bytes = check_positive_int(max_memory_bytes, "max_memory_bytes", allow_none=True)
     max_workers = check_count(max_workers, "max_workers")

@@ -196,3 +196,18 @@ def test_a_model_that_returns_no_cache_is_recomputed_not_fed_one_token():
         got = companion(ids)
         torch.testing.assert_close(got, model(ids).logits[:, -1])
         ids = torch.cat([ids, got.argmax(-1, keepdim=True)], 1)
+
+
+def test_a_mamba_companion_matches_the_uncached_oracle():
+    """Mamba and FalconMamba multiply their hidden states by the attention mask: the prefix's mask beside the one
+    new token of a cached step was broadcast over the whole sequence, and every step after the prompt gave wrong
+    logits (off by ~0.7) without a word. The companion now sees it and runs such a model on the whole prefix."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
+    model = transformers.MambaForCausalLM(config).eval()
+    ids = torch.cat([_prompts()[0], torch.randint(3, 64, (3, 3), generator=torch.Generator().manual_seed(1))], 1)
+    companion = CompanionLM(model, pad_token_id=PAD)
+    for width in range(5, 9):  # the prompts, then one token at a time
+        torch.testing.assert_close(companion(ids[:, :width]), _oracle_last_logits(model, ids[:, :width]),
+                                   rtol=1e-4, atol=1e-4)

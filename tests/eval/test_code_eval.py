@@ -127,6 +127,10 @@ def test_runner_errors():
         run_tests(["a", "b"], ["c"])
     with pytest.raises(ValueError, match="timeout"):
         run_tests(["a"], "", timeout=0)
+    # a month: poll() inside subprocess raised "OverflowError: timeout is too large", naming nothing
+    with pytest.raises(ValueError, match=r"timeout must be a number in \(0, 1e\+06\]"):
+        run_tests(["a"], "", timeout=3e6)
+    assert run_tests(["a = 1"], "", timeout=1e6)[0].passed
     with pytest.raises(ValueError, match="max_workers"):
         run_tests(["a"], "", max_workers=0)
 
