@@ -86,7 +86,8 @@ def shard_model(
     adapters added later would not be sharded.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or a block type is neither a class nor a name.
+        TypeError: ``model`` is not an ``nn.Module``, a block type is neither a class nor a name, or ``mp_policy``
+            is not a ``MixedPrecisionPolicy`` (e.g. ``torch.bfloat16``: :func:`bf16_policy` is the policy for it).
         ValueError: no ``block_types`` given and the model declares none, or none of them occurs; no
             ``mesh`` and no process group (``init_process_group`` not called, not started by ``torchrun``).
         RuntimeError: this torch's FSDP2 cannot shard the NF4 bytes (torch 2.11 makes every shard require
@@ -98,6 +99,10 @@ def shard_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        # fully_shard took it, and the first forward failed with "'torch.dtype' object has no attribute 'param_dtype'"
+        raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got {mp_policy!r}"
+                        " (bf16_policy() is bf16 compute with fp32 gradient reduction)")
     if block_types is None:
         block_types = getattr(model, "_no_split_modules", None)
         if not block_types:
@@ -150,16 +155,39 @@ def ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     DDP's default copies every buffer from rank 0 at each forward; here the buffers include the
     frozen NF4 bytes of the whole base (identical on every rank after the initial sync), so that
     would move the entire quantized model per step. Only the adapters' gradients are all-reduced.
+
+    DDP all-reduces the parameters that require grad when it is made: choose the active adapters
+    (``set_adapter``) before wrapping. A forward of the wrapper after another parameter was made
+    trainable (``set_adapter(ddp.module, ...)``, ``requires_grad_``) raises ``ValueError`` (with grad enabled):
+    that parameter would train apart on each rank, without a word.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (DDP said "'str' object has no attribute 'named_parameters'").
     """
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         kwargs.setdefault("forward_sync_buffers", False)
     else:  # torch < 2.13 spells it broadcast_buffers
         kwargs.setdefault("broadcast_buffers", False)
-    return DistributedDataParallel(model, **kwargs)
+    ddp = DistributedDataParallel(model, **kwargs)
+    reduced = {id(p) for p in model.parameters() if p.requires_grad}
+
+    def refuse_late_trainables(_wrapper: nn.Module, _args) -> None:
+        if not torch.is_grad_enabled() or all(id(p) in reduced for p in model.parameters() if p.requires_grad):
+            return  # without grad (an evaluation of another adapter) nothing is reduced, nothing drifts apart
+        late = next(n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reduced)
+        raise ValueError(f"parameter {late!r} requires grad but did not when ddp_model wrapped the model (set_adapter "
+                         "or requires_grad_ after wrapping): DDP all-reduces only the parameters trainable when it was "
+                         "made, so each rank would train its own copy; choose the active adapters before ddp_model, "
+                         "or wrap the model again")
+
+    ddp.register_forward_pre_hook(refuse_late_trainables)
+    return ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -89,3 +89,31 @@ def test_inject_refuses_a_wrapped_or_sharded_model(world_of_one):
     with pytest.raises(ValueError, match="sharded.*before shard_model"):
         inject(shard_model(nn.Sequential(_Block(), _Block()), block_types=_Block),
                LoRAConfig(r=2, target_modules="all-linear"))
+
+
+def test_switching_the_active_adapter_after_ddp_model_is_refused_at_the_next_forward(world_of_one):
+    """DDP all-reduces the parameters that required grad when it was made: set_adapter(ddp.module, "b") afterwards
+    trained b on every rank without all-reducing its gradients (seen at world size 2: after two steps the ranks'
+    lora_A of b differed), without a word. The wrapper's next forward with grad now says so."""
+    from alignlab.adapters import set_adapter
+
+    model = _model(adapter=True)
+    inject(model, LoRAConfig(r=2, target_modules=["0"]), adapter_name="b")
+    wrapped = ddp_model(model)
+    x = torch.randn(3, 8)
+    wrapped(x).sum().backward()  # the adapter trainable when wrapped: fine
+    set_adapter(model, "b")
+    with torch.no_grad():
+        wrapped(x)  # no gradient, nothing to all-reduce: an evaluation of b is fine
+    with pytest.raises(ValueError, match=r"parameter '0\.lora_A\.b\.weight' requires grad but did not when ddp_model "
+                                         r"wrapped the model.*choose the active adapters before ddp_model"):
+        wrapped(x)
+    set_adapter(model, "default")
+    wrapped(x).sum().backward()  # back to the adapter DDP reduces
+    rewrapped = ddp_model(model)
+    set_adapter(model, "b")
+    with pytest.raises(ValueError, match="lora_A.b"):
+        rewrapped(x)
+    rewrapped = ddp_model(model)  # wrapped again with b trainable: b is reduced
+    rewrapped(x).sum().backward()
+    assert model[0].lora_A["b"].weight.grad is not None

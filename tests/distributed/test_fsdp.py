@@ -228,6 +228,34 @@ def test_shard_model_takes_one_block_type_as_a_string(monkeypatch):
         shard_model(torch.nn.Sequential(Block()), block_types=3, mesh=mesh)  # was "'int' object is not iterable"
 
 
+def test_shard_model_refuses_a_dtype_as_mp_policy(monkeypatch):
+    """mp_policy=torch.bfloat16 (or "bf16") was handed to fully_shard, which kept it: the first forward then failed
+    with "'torch.dtype' object has no attribute 'param_dtype'", far from the call that was wrong."""
+    import torch.distributed.fsdp as fsdp
+
+    from alignlab.distributed import bf16_policy, shard_model
+
+    sharded = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: sharded.append(kwargs["mp_policy"]))
+    for wrong in (torch.bfloat16, "bf16"):
+        with pytest.raises(TypeError, match=r"^mp_policy must be a torch\.distributed\.fsdp\.MixedPrecisionPolicy"):
+            shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), block_types="Linear", mesh=object(),
+                        mp_policy=wrong)
+    assert sharded == []  # refused before anything was sharded
+    shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), block_types="Linear", mesh=object(),
+                mp_policy=bf16_policy())
+    assert sharded == [bf16_policy()] * 2
+
+
+def test_ddp_model_refuses_what_is_not_a_module():
+    """ddp_model("model") failed inside DDP with "'str' object has no attribute 'named_parameters'"."""
+    from alignlab.distributed import ddp_model
+
+    for wrong in ("model", None):
+        with pytest.raises(TypeError, match=r"^model must be an nn\.Module, got "):
+            ddp_model(wrong)
+
+
 def test_like_target_refuses_another_shape():
     """like_target returned a (1, n) source for an (m, n) plain target as is, and target.copy_ broadcast it
     over every row without a word."""
