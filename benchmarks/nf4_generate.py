@@ -26,7 +26,8 @@ the prefill stays eager). The first warm-up calls of that mode, compilation incl
 ``compile_s``.
 
 Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--out PATH]`` on a CUDA
-machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table); ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
+machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table);
+``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
 """
 
 from __future__ import annotations

@@ -187,11 +187,14 @@ def table_from_rows(rows: list[dict], threshold: float = 0.95) -> tuple[dict, in
 def merged_table(table: dict, rows: list[dict], threshold: float = 0.95) -> dict:
     """``table`` (a ``nf4_configs.TABLES`` entry) with the entries :func:`table_from_rows` gives from ``rows`` (a run
     of the alternatives at shapes of its own, e.g. ``--shapes 1024x4096,1024x8192``) taken in: at each bucket a shape
-    the run lists drops its other alternatives' entries there; the run's shapes join ``"shapes"``; ``"max_m_listed"``
-    grows to the largest bucket listed. ``max_m`` and the base kernel's entries stay (the run measured alternatives
-    only). A new dict; ``table`` is not changed."""
-    new, _ = table_from_rows(rows, threshold)
+    the run lists drops its other alternatives' entries there; the run's shapes join ``"shapes"`` (a table without
+    them had its entries' shapes); ``max_m`` comes down to the run's own bound where that is lower (a shape of the
+    run lost to dequantize + cuBLAS above it; a run that lost at its smallest row count leaves it), and
+    ``"max_m_listed"`` keeps the buckets above it that some shape lists. The base kernel's entries stay (the run
+    measured alternatives only). A new dict; ``table`` is not changed."""
+    new, run_max = table_from_rows(rows, threshold)
     configs = {k: dict(v) for k, v in table["configs"].items()}
+    before = table.get("shapes") or [s for entries in configs.values() for s in entries]
     for (kernel, bucket), entries in new.items():
         for (other, b), held in configs.items():
             if b == bucket and other in nf4_configs.ALTERNATIVES:
@@ -199,10 +202,11 @@ def merged_table(table: dict, rows: list[dict], threshold: float = 0.95) -> dict
                     held.pop(shape, None)
         configs.setdefault((kernel, bucket), {}).update(entries)
     configs = {k: v for k, v in configs.items() if v}
-    shapes = list(dict.fromkeys([*table.get("shapes", []), *((r["N"], r["K"]) for r in rows)]))
+    shapes = list(dict.fromkeys([*before, *((r["N"], r["K"]) for r in rows)]))
+    max_m = min(table["max_m"], run_max) if run_max else table["max_m"]
     listed = max([table.get("max_m_listed", table["max_m"])] + [b for (_, b) in new])
-    out = {"max_m": table["max_m"], "shapes": shapes, "configs": configs}
-    return {**out, "max_m_listed": listed} if listed > table["max_m"] else out
+    out = {"max_m": max_m, "shapes": shapes, "configs": configs}
+    return {**out, "max_m_listed": listed} if listed > max_m else out
 
 
 def main(argv=None):
