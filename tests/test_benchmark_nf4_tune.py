@@ -118,7 +118,8 @@ def test_merged_table_takes_a_run_at_new_shapes_into_a_table(monkeypatch):
 
     h200 = tune.merged_table(TABLES["H200"], rows)
     assert h200["configs"][("swap", 8)][(1024, 4096)] == (32, 4, 8, 2, 3)
-    assert (1024, 4096) not in h200["configs"][("late", 8)] and (1024, 8192) not in h200["configs"].get(("late", 32), {})
+    assert (1024, 4096) not in h200["configs"][("late", 8)]
+    assert (1024, 8192) not in h200["configs"].get(("late", 32), {})
     assert h200["configs"][("late", 8)] == {(14336, 4096): (128, 2, 8, 4, 1)}  # other shapes keep theirs
     assert h200["max_m"] == 32 and h200["max_m_listed"] == 64 and h200["shapes"] == TABLES["H200"]["shapes"]
     assert (1024, 4096) in TABLES["H200"]["configs"][("late", 8)]  # the input is not changed
