@@ -495,12 +495,15 @@ def _rss_peak(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, 
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
         base = _read_status_kib("VmRSS")
+    except OSError:
+        base = None
+    if base is not None:
+        # fn outside the try: an OSError of its own (a missing file) was taken for "no /proc", swallowed, and fn
+        # called again under the sampler
         out = fn(*args, **kwargs)
         peak = _read_status_kib("VmHWM")
         del out
         return max(peak - base, 0) * 1024, "rss_hwm"
-    except OSError:
-        pass
     try:
         import psutil
     except ImportError:

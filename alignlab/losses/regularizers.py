@@ -219,7 +219,7 @@ def estimate_fisher(
                     if mode == "true":
                         target = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(-1)
                     else:
-                        target = labels[valid]
+                        target = labels[valid].long()  # gather takes int64 (or int32) indices only: int16 labels failed
                     ll = logp.gather(-1, target.unsqueeze(-1)).sum()
                     grads = torch.autograd.grad(ll, plist, retain_graph=mode == "true", allow_unused=True)
                     weight = 1.0 / samples if mode == "true" else 1.0

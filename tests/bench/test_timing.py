@@ -267,3 +267,18 @@ def test_explicit_roofline_counts_of_a_measurement_are_checked():
             m.pct_matmul_peak(bad)
     assert m.achieved_bandwidth(4e6) == pytest.approx(4e6 / 2e-3)  # bytes over the median time in seconds
     assert m.achieved_flops(8e9) == pytest.approx(8e9 / 2e-3)
+
+
+def test_rss_mode_propagates_an_oserror_of_the_callable():
+    """An OSError raised by fn in the RSS call was taken for "no /proc": swallowed, fn called again under the sampler,
+    and a measurement came back as if nothing had failed."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 2:  # the memory call, after one warm-up call
+            raise FileNotFoundError("shard-00002.safetensors")
+
+    with pytest.raises(FileNotFoundError, match="shard-00002"):
+        measure(fn, device="cpu", warmup=1, rep=1, memory="rss")
+    assert len(calls) == 2

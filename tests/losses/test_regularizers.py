@@ -635,3 +635,14 @@ def test_lora_delta_sq_checks_its_factors_by_name():
         lora_delta_sq(a, b, a, b.long())
     want = ((b.double() @ a.double() - (b.double() + 1) @ a.double()) ** 2).sum()
     torch.testing.assert_close(lora_delta_sq(a, b, a, b + 1).double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8, torch.int32])
+def test_empirical_fisher_takes_labels_of_any_integer_dtype(dtype):
+    """The labels check admits every integer dtype, but gather takes only int64/int32 indices: int16 labels
+    (a compact token store) failed with a raw RuntimeError from inside the loop."""
+    model, x, y = _softmax_regression()
+    x, y = x[:5], y[:5]  # all with a target: uint8 cannot hold -100
+    want = estimate_fisher(model, [(x, y)], _forward)
+    got = estimate_fisher(model, [(x, y.to(dtype))], _forward)
+    torch.testing.assert_close(got["weight"], want["weight"], rtol=0, atol=0)
