@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import check_finite_number
+from alignlab._checks import check_finite_number, check_positive_int
 from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
@@ -30,6 +30,24 @@ from alignlab.adapters.lora import LoRALinear
 from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys, forget_ties
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``): its names carry an
+    ``_orig_mod.`` prefix, which went into the file's keys and ``target_modules`` (PEFT then matched no module,
+    ``NoMatchingPeftModuleError``), and ``load_adapter`` wanted such keys from PEFT's files."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
+def _user_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers, in either order: the
+    adapter functions read and set the adapter list on it (on the wrapper, ``set_adapter(ddp, "b")`` found no
+    adapter ``'b'`` and ``adapter_configs(ddp)`` was ``{}``)."""
+    from alignlab.distributed import unwrap
+
+    return _uncompiled(unwrap(_uncompiled(model)))
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -191,17 +209,17 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _check_not_wrapped(model: nn.Module) -> None:
+def _check_not_wrapped(model: nn.Module, action: str = "inject") -> None:
     """DDP all-reduces the parameters a model had when it was wrapped, FSDP2 shards the ones it had when sharded:
-    adapter parameters added afterwards would train apart on each rank, so refuse them."""
+    adapter parameters added afterwards (by ``action``) would train apart on each rank, so refuse them."""
     from alignlab.distributed import is_sharded, unwrap
 
     if unwrap(model) is not model:
-        raise ValueError("model is wrapped in DistributedDataParallel: inject before ddp_model (DDP all-reduces only "
-                         "the parameters the model had when it was wrapped)")
+        raise ValueError(f"model is wrapped in DistributedDataParallel: {action} before ddp_model (DDP all-reduces "
+                         "only the parameters the model had when it was wrapped)")
     if is_sharded(model):
-        raise ValueError("model is sharded (FSDP2): inject before shard_model / fully_shard (FSDP2 shards and reduces "
-                         "only the parameters the model had when it was sharded)")
+        raise ValueError(f"model is sharded (FSDP2): {action} before shard_model / fully_shard (FSDP2 shards and "
+                         "reduces only the parameters the model had when it was sharded)")
 
 
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
@@ -448,7 +466,9 @@ def _match_modules_to_save(model: nn.Module, config) -> list[str]:
 
 
 def adapter_configs(model: nn.Module) -> dict:
-    """``{adapter_name: config}`` of the adapters injected into ``model``."""
+    """``{adapter_name: config}`` of the adapters injected into ``model`` (or the model inside its
+    ``DistributedDataParallel`` / ``torch.compile`` wrapper, as for the other adapter functions)."""
+    model = _user_model(model)
     return dict(getattr(model, CONFIGS_ATTR, None) or {})
 
 
@@ -459,6 +479,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     :func:`delete_adapter` drops a deleted name. A copy: changing it does not change the model.
     Empty for a model with no adapters. ``with disabled(model)`` does not change it.
     """
+    model = _user_model(model)
     return list(getattr(model, "alignlab_active_adapters", []))
 
 
@@ -477,6 +498,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         ValueError: an unknown adapter name; adapters whose trainable token rows overlap on a layer, or that each
             train a copy of one module (``modules_to_save``); every layer keeps the adapters it had active.
     """
+    model = _user_model(model)
     names = _adapter_name_list(names, "names")
     _require_adapters(model, names)
     for name, module in _saved_modules(model):  # a trained copy replaces the module: copies cannot be summed
@@ -504,6 +526,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Deleting the only active adapter activates the first remaining one (the earliest added), with a
     ``UserWarning`` naming it, as PEFT does; the model ran as its bare base before, silently."""
+    model = _user_model(model)
     _require_adapters(model, [name])
     was_active = name in active_adapters(model)
     for lname, layer in _nested_first(list(adapter_layers(model))):
@@ -542,6 +565,7 @@ def disabled(model: nn.Module):
             same model, e.g. a DPO reference equal to the policy, loss stuck at log 2), or adapters
             are merged into the base weights (unmerge first).
     """
+    wrapper, model = model, _user_model(model)
     layers = [m for _, m in adapter_layers(model)] + [m for _, m in _saved_modules(model)]
     if not layers:
         raise ValueError("model has no adapter layers, so disabled(model) would run the same model; "
@@ -561,7 +585,7 @@ def disabled(model: nn.Module):
     for m in layers:
         m.disabled = True
     try:
-        yield model
+        yield wrapper
     finally:
         for m, b in zip(layers, before):
             m.disabled = b
@@ -573,7 +597,8 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
 
     Raises:
         TypeError: ``adapter_names`` is not None, a string or a sequence of strings.
-        ValueError: an adapter is unknown or already merged, or the model holds no adapters; a float16
+        ValueError: an adapter is unknown or already merged, the model holds no adapters, or ``adapter_names`` is an
+            empty list (it used to merge the active adapters); a float16
             base weight whose merged values would leave float16's range (they would round to inf), naming
             the layer (that layer is left unchanged; the layers merged before it stay merged:
             :func:`unmerge` undoes them); a LoRA on a tied head merged while trainable token rows of another
@@ -581,7 +606,8 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
             table on a model whose forward reads ``config.tie_word_embeddings`` (transformers'
             SwitchTransformers, UDOP; raised before any change).
     """
-    adapter_names = _adapter_name_list(adapter_names)
+    wrapper, model = model, _user_model(model)
+    adapter_names = _adapter_name_list(adapter_names, empty_ok=False)
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model holds no adapter layers; nothing to merge")
@@ -596,7 +622,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
             layer.merge(names)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-    return model
+    return wrapper
 
 
 def _refuse_merge_over_live_rows(layers: list[tuple[str, AdapterLayer]], adapter_names: list[str] | None) -> None:
@@ -632,9 +658,9 @@ def _nested_first(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, Ada
     return sorted(layers, key=key)
 
 
-def _adapter_name_list(adapter_names, arg: str = "adapter_names") -> list[str] | None:
+def _adapter_name_list(adapter_names, arg: str = "adapter_names", empty_ok: bool = True) -> list[str] | None:
     """``adapter_names`` as a list (a single string is one name, not its letters; any iterable of names,
-    e.g. ``dict.keys()``, is read once), or None."""
+    e.g. ``dict.keys()``, is read once), or None; an empty one is a ``ValueError`` unless ``empty_ok``."""
     if adapter_names is None:
         return None
     if isinstance(adapter_names, str):
@@ -642,12 +668,14 @@ def _adapter_name_list(adapter_names, arg: str = "adapter_names") -> list[str] |
     names = list(adapter_names) if isinstance(adapter_names, Iterable) else None
     if names is None or not all(isinstance(n, str) for n in names):
         raise TypeError(f"{arg} must be an adapter name or an iterable of names, got {adapter_names!r}")
+    if not names and not empty_ok:  # an empty list read as "the active adapters" merged them all
+        raise ValueError(f"{arg} is empty; give None for the active adapters, or the names to use")
     return names
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` on every layer that has merged adapters."""
-    layers = [(n, m) for n, m in adapter_layers(model) if m.merged]
+    layers = [(n, m) for n, m in adapter_layers(_user_model(model)) if m.merged]
     if not layers:
         raise ValueError("no adapter is merged in this model; nothing to unmerge")
     for _, layer in layers:
@@ -660,10 +688,12 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     its (updated) base; returns a plain model.
 
     Raises:
-        ValueError: as :func:`merge`, naming the layer (a float16 merge that would overflow included); the
+        ValueError: as :func:`merge` (an empty ``adapter_names`` list too), naming the layer (a float16 merge that
+            would overflow included); the
             layers before it are already merged and unloaded.
     """
-    adapter_names = _adapter_name_list(adapter_names)
+    wrapper, model = model, _user_model(model)
+    adapter_names = _adapter_name_list(adapter_names, empty_ok=False)
     for name, module in _saved_modules(model):  # before any change: the copies replace their originals last
         if any(n in module.modules_to_save for n in module.active_adapters):
             _refuse_untie_where_forward_reads_the_flag(model, name, _tied_elsewhere(model, name, module.original_module))
@@ -688,7 +718,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
-    return model
+    return wrapper
 
 
 def _untie_saved_copy(model: nn.Module, name: str, module: SavedModule) -> None:
@@ -761,6 +791,7 @@ def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, othe
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     """Freeze everything except the parameters of the active adapters (and their ``modules_to_save`` copies)."""
+    wrapper, model = model, _user_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     active = set(active_adapters(model))
@@ -779,7 +810,7 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
         for n in module.active_adapters:
             for p in module.modules_to_save[n].parameters():
                 p.requires_grad_(True)
-    return model
+    return wrapper
 
 
 class ParameterCount(NamedTuple):
@@ -849,13 +880,28 @@ def add_weighted_adapter(
 
     The new adapter has scaling 1 (``alpha = rank``) and is added inactive.
 
+    ``adapters`` is one name or a list of them; ``rank`` (a positive int) is read by ``"svd"`` only.
+
     Raises:
-        ValueError: unknown adapters/combination, DoRA adapters, mismatched lengths or ranks.
+        TypeError: ``adapters`` is not a name or names, ``weights`` not a sequence, a weight not a number, ``rank``
+            not an int (``"svd"``); each names the argument.
+        ValueError: unknown adapters/combination, DoRA adapters, mismatched lengths or ranks; ``model`` wrapped in
+            ``DistributedDataParallel`` or sharded by FSDP2 (as :func:`inject`: the new adapter's parameters would
+            not be reduced; combine before wrapping, or on ``ddp.module`` for evaluation).
     """
+    model = _uncompiled(model)
+    _check_not_wrapped(model, "add_weighted_adapter")
     if combination not in ("cat", "svd", "linear"):
         raise ValueError(f"combination must be 'cat', 'svd' or 'linear', got {combination!r}")
     check_adapter_name(adapter_name)
-    adapters, weights = list(adapters), [check_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if not isinstance(weights, Iterable) or isinstance(weights, str):
+        raise TypeError(f"weights must be a sequence of numbers, one per adapter, got {weights!r}")
+    adapters = _adapter_name_list(adapters, "adapters")
+    weights = [check_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if combination == "svd":
+        if rank is None:
+            raise ValueError("combination='svd' needs a positive rank, got None")
+        check_positive_int(rank, "rank")
     if not adapters or len(adapters) != len(weights):
         raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} and {len(weights)}")
     _require_adapters(model, adapters)
@@ -873,8 +919,6 @@ def add_weighted_adapter(
            for _, layer in adapter_layers(model)):  # embedding LoRA, trainable token rows
         raise ValueError("weighted combination covers LoRA on linear layers; these adapters also adapt an embedding "
                          "(LoRA or trainable token rows)")
-    if combination == "svd" and (rank is None or rank <= 0):
-        raise ValueError(f"combination='svd' needs a positive rank, got {rank!r}")
     if combination == "linear":
         ranks = {configs[a].r for a in adapters} | {r for a in adapters for r in configs[a].rank_pattern.values()}
         if len(ranks) != 1:

@@ -46,7 +46,8 @@ from alignlab._checks import ArgumentTypeError, is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
-from alignlab.adapters.inject import _inject, _kept_rewritten_weights, adapter_configs, adapter_layers
+from alignlab.adapters.inject import (_inject, _kept_rewritten_weights, _uncompiled, _user_model, adapter_configs,
+                                     adapter_layers)
 from alignlab.adapters.lora import LoRALinear
 from alignlab.distributed import full_tensor, is_sharded, is_writer, like_target, unwrap, writer_done
 
@@ -379,20 +380,6 @@ def _keep_previous(path: Path, old: str) -> None:
         os.link(path, old, follow_symlinks=False)
     except OSError:
         shutil.copy2(path, old, follow_symlinks=False)
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``): its names carry an
-    ``_orig_mod.`` prefix, which went into the file's keys and ``target_modules`` (PEFT then matched no module,
-    ``NoMatchingPeftModuleError``), and ``load_adapter`` wanted such keys from PEFT's files."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
-        model = model._orig_mod
-    return model
-
-
-def _user_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers, in either order."""
-    return _uncompiled(unwrap(_uncompiled(model)))
 
 
 def _ddp_wrapped(model: nn.Module) -> bool:

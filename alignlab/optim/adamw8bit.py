@@ -27,6 +27,13 @@ without waiting; the current stream waits only for the last parameter update, so
 starts as soon as the parameters are written while the last copies back still run. GPU memory for the
 state: two staging buffers of the largest parameter, ``4 n_max`` bytes. CPU parameters take the same
 staging path synchronously (the same math, how it is tested without a GPU).
+
+**Sharded parameters** (``DTensor``: FSDP2's ``fully_shard``, :func:`alignlab.distributed.shard_model`):
+each rank updates its own shard, ``p.to_local()`` with ``p.grad.to_local()``, with no communication, and
+its state is sized and kept for that shard: ``n`` above is the local numel, the flat shard is cut into its
+own blocks. Block boundaries therefore differ from an unsharded run wherever a shard's length is not a
+multiple of ``blocksize``: the 8-bit codes differ, the error stays that of 8-bit quantization. Whether a
+parameter is 8-bit is decided by its whole size, the same on every rank and as in one process.
 """
 
 from __future__ import annotations
@@ -66,6 +73,16 @@ def _hyper(step: int, lr: float, betas: tuple[float, float], eps: float, weight_
     c2 = math.sqrt(1.0 - b2**step)
     values = [1.0 - lr * weight_decay, lr / c1, c2, b1, 1.0 - b1, b2, 1.0 - b2, eps]
     return torch.tensor(values, dtype=torch.float32).tolist()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2's parameters, their gradients, torch AdamW's moments of them),
+    else ``t`` itself. Under ``no_grad`` the shard is the DTensor's own storage: in-place updates land in it."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -147,7 +164,9 @@ class AdamW8bit(torch.optim.Optimizer):
 
     State per parameter: ``step`` (int) and either ``codes`` ``(2, n)`` uint8 (row 0 ``m``, row 1 ``v``)
     with ``absmax`` ``(2, ceil(n / blocksize))`` float32, or ``exp_avg`` / ``exp_avg_sq`` float32.
-    ``state_dict()`` / ``load_state_dict()`` round-trip them bit for bit.
+    ``state_dict()`` / ``load_state_dict()`` round-trip them bit for bit. For a sharded (``DTensor``)
+    parameter ``n`` is the rank's local numel and the state tensors are plain tensors of its shard (fp32
+    moments of the local shape): each rank saves its own pieces and loads them into the same sharding.
 
     Raises:
         ValueError: a hyper-parameter out of range (named in the message); one of the wrong kind (a str, None, a
@@ -218,6 +237,7 @@ class AdamW8bit(torch.optim.Optimizer):
     # ---- state -------------------------------------------------------------------------------------------
 
     def _quantized(self, p: torch.Tensor) -> bool:
+        # the whole parameter's numel for a DTensor: every rank, and one process, choose alike
         return p.numel() >= self.min_8bit_size
 
     def _home(self, p: torch.Tensor) -> tuple[torch.device, bool]:
@@ -227,14 +247,15 @@ class AdamW8bit(torch.optim.Optimizer):
         return p.device, False
 
     def _new_state(self, p: torch.Tensor) -> dict[str, Any]:
+        x = _local(p)
         if not self._quantized(p):
-            return {"step": 0, "exp_avg": torch.zeros(p.shape, dtype=torch.float32, device=p.device),
-                    "exp_avg_sq": torch.zeros(p.shape, dtype=torch.float32, device=p.device)}
-        device, pin = self._home(p)
-        nb = -(-p.numel() // self.blocksize)
+            return {"step": 0, "exp_avg": torch.zeros(x.shape, dtype=torch.float32, device=x.device),
+                    "exp_avg_sq": torch.zeros(x.shape, dtype=torch.float32, device=x.device)}
+        device, pin = self._home(x)
+        nb = -(-x.numel() // self.blocksize)
         # code 0 with absmax 0 decodes to 0 in both maps: m = v = 0
         return {"step": 0,
-                "codes": torch.zeros((2, p.numel()), dtype=torch.uint8, device=device, pin_memory=pin),
+                "codes": torch.zeros((2, x.numel()), dtype=torch.uint8, device=device, pin_memory=pin),
                 "absmax": torch.zeros((2, nb), dtype=torch.float32, device=device, pin_memory=pin)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -248,7 +269,9 @@ class AdamW8bit(torch.optim.Optimizer):
 
         A state saved by :class:`torch.optim.AdamW` loads too: the float32 moments of a parameter with at
         least ``min_8bit_size`` elements are quantized, as a step would (else a migrated optimizer would
-        keep 8 bytes of state per parameter for good), and ``step`` becomes an int.
+        keep 8 bytes of state per parameter for good), and ``step`` becomes an int. On sharded parameters
+        the state is this rank's (:meth:`state_dict` there holds the local pieces; torch AdamW's
+        ``DTensor`` moments are taken as their local shards): load it into the same sharding.
 
         Raises:
             ValueError: a saved hyper-parameter out of range or missing (as :meth:`add_param_group` checks
@@ -301,33 +324,35 @@ class AdamW8bit(torch.optim.Optimizer):
                     fresh = self._new_state(p)
                     s, u, _, _ = _maps(fresh["codes"].device)
                     for row, (key, code) in enumerate((("exp_avg", s), ("exp_avg_sq", u))):
-                        x = src[key].to(device=fresh["codes"].device, dtype=torch.float32).reshape(-1)
+                        x = _local(src[key]).to(device=fresh["codes"].device, dtype=torch.float32).reshape(-1)
                         q, a = _quantize_blockwise_8bit(x, self.blocksize, code)
                         fresh["codes"][row].copy_(q)
                         fresh["absmax"][row].copy_(a)
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
                 else:
                     for key in ("exp_avg", "exp_avg_sq"):
-                        st[key] = src[key].to(device=p.device, dtype=torch.float32, copy=True)
+                        st[key] = _local(src[key]).to(device=_local(p).device, dtype=torch.float32, copy=True)
 
     def _check_saved_state(self, p: torch.Tensor, i: Any, src: dict[str, Any]) -> None:
         """``ValueError`` unless the saved state ``src`` of parameter ``i`` fits ``p``."""
         if not ({"step", "codes", "absmax"} <= src.keys() or {"step", "exp_avg", "exp_avg_sq"} <= src.keys()):
             raise ValueError(f"state_dict: the state of parameter {i} has keys {sorted(src)}, expected step, codes "
                              "and absmax (AdamW8bit) or step, exp_avg and exp_avg_sq (torch.optim.AdamW)")
+        x = _local(p)
+        shard = " (this rank's shard)" if x is not p else ""
         if "codes" in src:
-            nb = -(-p.numel() // self.blocksize)
-            if not self._quantized(p) or tuple(src["codes"].shape) != (2, p.numel()) \
+            nb = -(-x.numel() // self.blocksize)
+            if not self._quantized(p) or tuple(src["codes"].shape) != (2, x.numel()) \
                     or tuple(src["absmax"].shape) != (2, nb):
                 raise ValueError(f"state_dict: 8-bit state of parameter {i} has codes "
-                                 f"{tuple(src['codes'].shape)}, which does not fit a parameter of "
-                                 f"{p.numel()} elements with min_8bit_size={self.min_8bit_size}, "
+                                 f"{tuple(src['codes'].shape)}, which does not fit a parameter{shard} of "
+                                 f"{x.numel()} elements with min_8bit_size={self.min_8bit_size}, "
                                  f"blocksize={self.blocksize}")
             return
         for key in ("exp_avg", "exp_avg_sq"):
-            if tuple(src[key].shape) != tuple(p.shape):
+            if tuple(_local(src[key]).shape) != tuple(x.shape):
                 raise ValueError(f"state_dict: {key} of parameter {i} has shape "
-                                 f"{tuple(src[key].shape)}, expected {tuple(p.shape)}")
+                                 f"{tuple(_local(src[key]).shape)}, expected {tuple(x.shape)}{shard}")
 
     # ---- step --------------------------------------------------------------------------------------------
 
@@ -349,16 +374,19 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not st:
                     st.update(self._new_state(p))
                 st["step"] += 1
+                x, g = _local(p), _local(p.grad)  # p and p.grad themselves unless p is sharded
+                if x.numel() == 0:  # a rank's empty shard (fewer rows than ranks): nothing to update
+                    continue
                 key = (st["step"], group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
                 if key not in hyper_cache:
                     hyper_cache[key] = (_hyper(*key), {})
                 hyper, on_device = hyper_cache[key]
                 if "exp_avg" in st:
-                    _fp32_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], hyper)
+                    _fp32_step_(x, g, st["exp_avg"], st["exp_avg_sq"], hyper)
                 elif self.offload:
-                    streamed.setdefault(p.device, []).append((p, st, hyper, on_device))
+                    streamed.setdefault(x.device, []).append((x, g, st, hyper, on_device))
                 else:
-                    self._update(p, p.grad, st["codes"], st["absmax"], hyper, on_device)
+                    self._update(x, g, st["codes"], st["absmax"], hyper, on_device)
         for device, items in streamed.items():
             self._offloaded_step(device, items)
         return loss
@@ -399,7 +427,7 @@ class AdamW8bit(torch.optim.Optimizer):
         ctx = torch.cuda.stream if cuda else (lambda s: contextlib.nullcontext())
         ready = _record(main)
         done = None
-        for i, (p, st, hyper, on_device) in enumerate(items):
+        for i, (p, g, st, hyper, on_device) in enumerate(items):
             k = i % 2
             n, nb = p.numel(), st["absmax"].shape[1]
             codes, absmax = bufs[k][0][: 2 * n].view(2, n), bufs[k][1][: 2 * nb].view(2, nb)
@@ -413,8 +441,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 if cuda:
                     comp.wait_event(ready)
                     comp.wait_event(loaded)
-                    p.grad.record_stream(comp)  # zero_grad on the main stream must not free it under us
-                self._update(p, p.grad, codes, absmax, hyper, on_device)
+                    g.record_stream(comp)  # zero_grad on the main stream must not free it under us
+                self._update(p, g, codes, absmax, hyper, on_device)
                 done = _record(comp)
             with ctx(d2h):
                 if cuda:
