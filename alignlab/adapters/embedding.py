@@ -471,7 +471,10 @@ class TrainableTokensLayer(AdapterLayer):
 # -- where trainable rows go (LoRAConfig.trainable_token_indices) -----------------------------------------
 def _input_embedding_name(model: nn.Module) -> str:
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # transformers' default for a model with two towers (CLIPModel): no single one
+        emb = None
     names = [n for n, m in model.named_modules() if n and emb is not None and m is emb]
     if not names:
         names = [n for n, m in model.named_modules() if n == "embed_tokens" or n.endswith(".embed_tokens")]

@@ -506,6 +506,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     refuse_lora_variants(raw)
     _check_fields(raw)
     warn_unknown_lora_fields(raw)
+    _warn_peft_random_pissa(raw)
     return LoRAConfig(
         r=int(raw.get("r", 8)),  # PEFT's defaults for r and lora_alpha
         alpha=float(raw.get("lora_alpha", 8)),
@@ -524,6 +525,20 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         layers_to_transform=raw.get("layers_to_transform"),
         layers_pattern=raw.get("layers_pattern"),
     )
+
+
+def _warn_peft_random_pissa(raw: dict) -> None:
+    """``RuntimeWarning`` for a ``pissa_niter_K`` file that PEFT wrote (it writes ``peft_version``; ``save_adapter``
+    does not): PEFT's randomized SVD draws at random, so the residual ``load_adapter`` rebuilds from our fixed draw is
+    not the one the adapter was trained on, and the loaded model is off (0.3 in the logits of a tiny Qwen2) without
+    any error."""
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith("pissa_niter_") and raw.get("peft_version"):
+        warnings.warn(f"adapter_config.json: init_lora_weights={init!r} from PEFT {raw['peft_version']}: its randomized "
+                      "SVD drew at random, so the residual base weights rebuilt here differ from the ones the adapter "
+                      "was trained on and the outputs will not match PEFT's; convert the file with PEFT's "
+                      "save_pretrained(..., path_initial_model_for_weight_conversion=...) (a plain LoRA file) or "
+                      "train with 'pissa'", RuntimeWarning, stacklevel=3)
 
 
 def _check_fields(raw: dict) -> None:
