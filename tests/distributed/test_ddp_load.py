@@ -14,17 +14,6 @@ if not dist.is_available():  # pragma: no cover - every CPU wheel ships gloo
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
 
-@pytest.fixture
-def world_of_one():
-    if dist.is_initialized():  # pragma: no cover - the test process never joins a group otherwise
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _model(adapter: bool) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))

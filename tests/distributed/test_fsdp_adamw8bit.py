@@ -9,7 +9,6 @@ parameter's, so the 8-bit codes, not the tolerance, differ).
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -25,16 +24,10 @@ import fsdp_adamw8bit_worker as w  # noqa: E402
 from alignlab.optim import AdamW8bit  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, free_port):
     out = tmp_path_factory.mktemp("adamw8bit")
-    torch.multiprocessing.spawn(w.worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     fsdp = torch.load(out / "fsdp.pt", weights_only=False)
     x, y = w.batch()
     single, ref = w.build(), w.build()

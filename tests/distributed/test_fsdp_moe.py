@@ -6,7 +6,6 @@ every step, the saved adapter and the gathered state dict equal the single proce
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -25,16 +24,10 @@ from safetensors.torch import load_file  # noqa: E402
 from alignlab.adapters import save_adapter  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, free_port):
     out = tmp_path_factory.mktemp("moe")
-    torch.multiprocessing.spawn(w.worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     fsdp = torch.load(out / "fsdp.pt", weights_only=False)
     model = w.build()
     losses, grads = w.train(model, w.global_batch())
