@@ -23,6 +23,19 @@ from torch import nn
 from alignlab._checks import ArgumentTypeError
 
 
+def hf_embedding(model: nn.Module, getter: str = "get_input_embeddings") -> nn.Module | None:
+    """``model.get_input_embeddings()`` (or another ``getter`` of transformers' models), or None where the model has
+    no such method or it cannot name one module (a two-tower model such as ``CLIPModel`` raises
+    ``NotImplementedError``, which leaked out of the callers that asked)."""
+    get = getattr(model, getter, None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2, GPT, ...): a linear map whose
     weight is stored transposed, ``(in, out)``, computing ``y = x W + b``.

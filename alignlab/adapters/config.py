@@ -11,6 +11,7 @@ from torch import nn
 # as_bool, check_finite_number, check_positive_* are re-exported: the other adapter configs import them from here
 from alignlab._checks import (ArgumentTypeError, as_bool, as_python_number, check_finite_number, check_positive_int,
                               check_positive_number, is_int)
+from alignlab.adapters.base import hf_embedding
 from alignlab.adapters.experts import ExpertLoRA, find_expert_targets, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear, _check_init, check_adapter_dtype, check_dropout  # re-exported too
 
@@ -287,11 +288,7 @@ def _warn_embedding_read_elsewhere(model: nn.Module, targets: list[str]) -> None
     the update reaches only calls of the targeted module. transformers 5's T5 keeps ``encoder.embed_tokens`` and
     ``decoder.embed_tokens`` beside ``shared`` over one table, and only they run in forward, so LoRA on ``shared``
     (as PEFT builds it too) trains nothing and changes no output."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        source = get() if callable(get) else None
-    except NotImplementedError:
-        source = None
+    source = hf_embedding(model)
     modules = dict(model.named_modules())
     for name in targets:
         emb = modules.get(name)

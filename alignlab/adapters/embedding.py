@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab._checks import as_bool, check_positive_int, check_positive_number, check_token_id
-from alignlab.adapters.base import AdapterLayer, SavedModule
+from alignlab.adapters.base import AdapterLayer, SavedModule, hf_embedding
 from alignlab.adapters.lora import check_adapter_dtype
 
 __all__ = ["LoRAEmbedding", "TiedLoRAHead", "TrainableTokensLayer", "check_heads_can_tie", "check_token_indices",
@@ -470,11 +470,7 @@ class TrainableTokensLayer(AdapterLayer):
 
 # -- where trainable rows go (LoRAConfig.trainable_token_indices) -----------------------------------------
 def _input_embedding_name(model: nn.Module) -> str:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except NotImplementedError:  # transformers' default for a model with two towers (CLIPModel): no single one
-        emb = None
+    emb = hf_embedding(model)  # None for a model with two towers (CLIPModel): no single one
     names = [n for n, m in model.named_modules() if n and emb is not None and m is emb]
     if not names:
         names = [n for n, m in model.named_modules() if n == "embed_tokens" or n.endswith(".embed_tokens")]

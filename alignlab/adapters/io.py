@@ -43,7 +43,7 @@ from torch import nn
 
 from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder
 from alignlab._checks import ArgumentTypeError, is_int, is_real, user_path
-from alignlab.adapters.base import SavedModule, fan_in_fan_out
+from alignlab.adapters.base import SavedModule, fan_in_fan_out, hf_embedding
 from alignlab.adapters.config import LoRAConfig, saved_module_matches
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
 from alignlab.adapters.inject import (_inject, _kept_rewritten_weights, _uncompiled, _user_model, adapter_configs,
@@ -744,7 +744,7 @@ def _peft_base_tables(model: nn.Module, adapter_name: str) -> dict[str, torch.Te
     from alignlab.adapters.base import AdapterLayer
     from alignlab.adapters.embedding import LoRAEmbedding, TiedLoRAHead, TrainableTokensLayer
 
-    tables = {id(_embedding_module(model, "get_input_embeddings")), id(_embedding_module(model, "get_output_embeddings"))}
+    tables = {id(hf_embedding(model)), id(hf_embedding(model, "get_output_embeddings"))}
     out = {}
     for n, m in model.named_modules():
         if not (isinstance(m, (LoRAEmbedding, TiedLoRAHead)) or id(m) in tables):
@@ -762,14 +762,6 @@ def _peft_base_tables(model: nn.Module, adapter_name: str) -> dict[str, torch.Te
         else:
             out |= {f"{PREFIX}{n}.{k}": p for k, p in m.named_parameters(recurse=False)}
     return out
-
-
-def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
-    """``model.<getter>()`` (a transformers model's input/output embedding), or None where it has none."""
-    try:
-        return getattr(model, getter)()
-    except (AttributeError, NotImplementedError):
-        return None
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

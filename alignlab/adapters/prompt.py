@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
-from alignlab.adapters.base import AdapterLayer
+from alignlab.adapters.base import AdapterLayer, hf_embedding
 from alignlab.adapters.config import as_bool, check_finite_number
 from alignlab.adapters.io import peft_field
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
@@ -160,8 +160,7 @@ def _input_embedding_name(model: nn.Module, explicit: str | None) -> str:
         except AttributeError:
             raise ValueError(f"embedding_module: no module named {explicit!r} in this model") from None
         return explicit
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    emb = hf_embedding(model)
     for name, module in model.named_modules():
         if emb is not None and (module is emb or (isinstance(module, SoftPromptEmbedding) and module.base_layer is emb)):
             return name

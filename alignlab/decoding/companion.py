@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool, check_token_id
+from alignlab.adapters.base import hf_embedding
 from alignlab.eval.eval_mode import eval_mode
 from alignlab.hf_cache import cache_keyword, output_cache
 
@@ -54,8 +55,7 @@ def _warn_if_sharded(model: nn.Module, name: str) -> None:
 
 def vocab_size(model: nn.Module) -> int | None:
     """Rows of ``model``'s input embedding (``config.vocab_size`` as a fallback), ``None`` if unknown."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    emb = hf_embedding(model)
     if isinstance(getattr(emb, "num_embeddings", None), int):
         return emb.num_embeddings
     size = getattr(getattr(model, "config", None), "vocab_size", None)

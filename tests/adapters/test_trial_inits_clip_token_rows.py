@@ -49,3 +49,24 @@ def test_a_list_of_ids_on_clip_is_a_value_error_asking_for_the_module():
     with pytest.raises(ValueError, match=r"trainable_token_indices: found no single input embedding"):
         inject(model, LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5]))
     assert type(model.text_model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_every_input_embedding_lookup_takes_a_model_without_one():
+    """The other callers of ``get_input_embeddings()`` (soft prompts' embedding lookup, the decoding companions'
+    vocabulary size, LoRA's check of embeddings read elsewhere, PEFT-file table ids) go through one helper,
+    ``hf_embedding``: None where transformers cannot name one module; soft prompts then take the first embedding."""
+    from torch import nn
+
+    from alignlab.adapters.base import hf_embedding
+    from alignlab.adapters.prompt import _input_embedding_name
+    from alignlab.decoding.companion import vocab_size
+
+    clip = make_tiny_clip()
+    with pytest.raises(NotImplementedError):
+        clip.get_input_embeddings()  # what leaked before
+    assert hf_embedding(clip) is None and hf_embedding(nn.Linear(2, 2)) is None
+    assert _input_embedding_name(clip, None) == "text_model.embeddings.token_embedding"
+    assert vocab_size(clip) is None  # no single table, and CLIPConfig has no top-level vocab_size
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                                   num_hidden_layers=1, num_attention_heads=2))
+    assert hf_embedding(llama) is llama.model.embed_tokens and vocab_size(llama) == 64
