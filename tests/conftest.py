@@ -240,3 +240,33 @@ class LargestOutput(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.largest = max(self.largest, t.numel())
         return out
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of this process alone (rank 0 of 1), torn down after the test."""
+    import torch.distributed as dist
+
+    if not dist.is_available():  # pragma: no cover - every CPU wheel ships gloo
+        pytest.skip("torch.distributed is not available in this build")
+    if dist.is_initialized():  # pragma: no cover - the test process never joins a group otherwise
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a free local port, for ``torch.multiprocessing.spawn`` ranks to meet on."""
+    return _free_port
