@@ -258,7 +258,8 @@ def world_of_one():
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free local port, for the ranks of a test's process group (or torchrun's) to meet on."""
     import socket
 
     with socket.socket() as s:
@@ -266,7 +267,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def free_port():
-    """A function giving a free local port, for ``torch.multiprocessing.spawn`` ranks to meet on."""
-    return _free_port
+def spawn_ranks(worker, *args, world: int = 2) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` spawned processes on a free port; returns when all have
+    (``torch.multiprocessing.spawn`` pickles ``worker`` by module name: keep it in a module of its own)."""
+    torch.multiprocessing.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)

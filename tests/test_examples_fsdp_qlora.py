@@ -2,22 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cpu_example, step_losses
+from conftest import free_port, run_cpu_example, step_losses
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("flags", [["--dora"], ["--ddp"]], ids=["fsdp2-dora", "ddp-lora"])
@@ -25,7 +18,7 @@ def test_fsdp_qlora_example_runs_with_torchrun(tmp_path, flags):
     out = tmp_path / "adapter"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "examples" / "fsdp_qlora.py"), "--steps", "3",
+           "--master_port", str(free_port()), str(ROOT / "examples" / "fsdp_qlora.py"), "--steps", "3",
            "--out", str(out), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

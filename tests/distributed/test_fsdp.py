@@ -8,12 +8,12 @@ process on the whole batch.
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 pytest.importorskip("transformers")
 if not torch.distributed.is_available():  # pragma: no cover - every CPU wheel ships gloo
@@ -28,14 +28,8 @@ CASES = ("fsdp_lora", "fsdp_dora", "ddp_lora", "ddp_dora")
 FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out: Path, phase: str) -> dict:
-    torch.multiprocessing.spawn(w.worker, args=(2, _free_port(), str(out), phase), nprocs=2, join=True)
+    spawn_ranks(w.worker, str(out), phase)
     return torch.load(out / f"{phase}.pt", weights_only=False)
 
 

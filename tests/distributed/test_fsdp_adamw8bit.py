@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 if not torch.distributed.is_available():  # pragma: no cover - every CPU wheel ships gloo
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
@@ -25,9 +26,9 @@ from alignlab.optim import AdamW8bit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, free_port):
+def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("adamw8bit")
-    torch.multiprocessing.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(w.worker, str(out))
     fsdp = torch.load(out / "fsdp.pt", weights_only=False)
     x, y = w.batch()
     single, ref = w.build(), w.build()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 pytest.importorskip("transformers")
 if not torch.distributed.is_available():  # pragma: no cover - every CPU wheel ships gloo
@@ -25,9 +26,9 @@ from alignlab.adapters import save_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, free_port):
+def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe")
-    torch.multiprocessing.spawn(w.worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(w.worker, str(out))
     fsdp = torch.load(out / "fsdp.pt", weights_only=False)
     model = w.build()
     losses, grads = w.train(model, w.global_batch())

@@ -12,6 +12,7 @@ Covered elsewhere: ``linear_cross_entropy`` (test_cross_entropy.py: packed, and 
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from alignlab.data import cu_seq_lens_from_position_ids
 from alignlab.losses import (
@@ -208,17 +209,13 @@ def test_distill_gradient_accumulation(torch_mode):
 def test_grpo_accumulation_across_two_gloo_ranks(tmp_path, torch_mode):
     # two processes, uneven shards; num_items = all_reduce(SUM) of the local counts; DDP-style gradient
     # averaging with the loss scaled by the world size: equals the single-process big batch for every aggregation
-    import socket
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the worker by module name
     import grpo_rank_worker as w
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(w.worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(w.worker, str(tmp_path))
     got = torch.load(tmp_path / "grpo_ranks.pt", weights_only=False)
     hidden, weight, ids, mask, adv, old, ref = w.global_batch()
     for loss_type, (loss, grad) in got.items():
