@@ -11,7 +11,8 @@
 # nf4 (nf4.py --graphs --quick), tune-alt (nf4_tune.py --kernels swap_early swap, M = 2..64: the table entries of
 # the swapped kernels for this GPU), tune-kv (the same at the 1024-row k / v shapes), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
 # --knob LOOKUP_FIRST for the two swapped kernels, forced to 4 warps: where the option applies), generate (nf4_generate.py),
-# generate-tuned (the same with the entries of this call's tune-kv run added to the GPU's table, --tune-rows),
+# generate-tuned (the same with the entries of this call's tune-kv run added to the GPU's table, --tune-rows, and
+# --host-profile: each contestant's host work per decode step under cProfile),
 # dora-norm (dora_norm.py: QDoRA's row norm with the input-dimension split off / on), dy-pass (lora_dy_pass.py: the
 # backward's two rank-r products of dy, two GEMMs against one read), dy-sweep (the same with --sweep: rank_grads'
 # launch configurations). Default limits in
@@ -73,7 +74,7 @@ for arg in "$@"; do
                     --out '$out/lookup_first_swap.json'" ;;
     nf4-ab) run_step "$name" "$seconds" python benchmarks/nf4_knob_ab.py --out "$out/nf4_knob_ab.json" ;;
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
-    generate-tuned) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --tune-rows "$out/nf4_tune_kv.json" \
+    generate-tuned) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --tune-rows "$out/nf4_tune_kv.json" --host-profile \
                       --out "$out/nf4_generate_tuned.json" ;;
     dora-norm) run_step "$name" "$seconds" python benchmarks/dora_norm.py --out "$out/dora_norm.json" ;;
     dy-pass) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --out "$out/lora_dy_pass.json" ;;

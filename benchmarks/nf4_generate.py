@@ -25,6 +25,11 @@ compiles the decode step's forward with ``torch.compile(mode="reduce-overhead")`
 the prefill stays eager). The first warm-up calls of that mode, compilation included, are reported as
 ``compile_s``.
 
+``--host-profile``: after each contestant's eager timings, one more ``generate`` at the first batch under
+``cProfile``; the functions with the most own time (and the whole profiled time) go into the JSON and the log, so
+that two contestants' host work per decode step can be compared function by function (cProfile slows Python
+calls down, so compare the rows with each other, not with the timed steps).
+
 Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--out PATH]`` on a CUDA
 machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table);
 ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
@@ -142,6 +147,36 @@ def run_generate(model, ids, new_tokens: int, reps: int, graphs: bool, device: s
                 peak_gib=peak, compile_s=sum(warm_s) - warmups * total if graphs else None, tokens=new.cpu())
 
 
+def host_profile(model, ids, new_tokens: int, device: str, top: int = 30) -> dict:
+    """One eager ``generate`` under ``cProfile``: the profiled wall time, the number of Python calls, and the
+    ``top`` functions by own time (``name``, ``calls``, own and cumulative seconds), per decode step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    _sync(device)
+    t0 = time.perf_counter()
+    prof.enable()
+    _generate(model, ids, new_tokens, False)
+    _sync(device)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    steps = max(new_tokens, 1)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return dict(wall_ms_per_step=1e3 * wall / steps, calls_per_step=sum(v[1] for v in stats.values()) / steps,
+                top=[dict(name=f"{Path(f).name}:{line}({fn})", calls_per_step=v[1] / steps,
+                          own_us_per_step=1e6 * v[2] / steps, cum_us_per_step=1e6 * v[3] / steps)
+                     for (f, line, fn), v in rows])
+
+
+def _print_profile(name: str, prof: dict) -> None:
+    print(f"host profile {name}: {prof['wall_ms_per_step']:.2f} ms per step under cProfile, "
+          f"{prof['calls_per_step']:.0f} Python calls per step; own / cumulative us per step:")
+    for r in prof["top"]:
+        print(f"  {r['own_us_per_step']:8.1f} {r['cum_us_per_step']:9.1f} {r['calls_per_step']:7.1f}x  {r['name']}")
+
+
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Fraction of identical generated tokens, and the mean position of the first difference per row."""
     same = a == b
@@ -226,6 +261,9 @@ def main(argv=None):
                         help="nf4_tune.py JSON results (runs of the swapped kernels): their entries are added to this "
                         "GPU's launch table for the run (nf4_tune.merged_table, nf4_configs.register_table), to "
                         "measure a tuning run end to end before its table is pasted into nf4_configs.py")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="one more eager generate per contestant at the first batch under cProfile: the "
+                        "functions with the most own time per decode step (compare contestants' host work)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
     args = parser.parse_args(argv)
     device = args.device
@@ -250,7 +288,7 @@ def main(argv=None):
     print(f"model built in {time.perf_counter() - t_start:.1f} s; modes {modes}, batches {args.batches}, "
           f"prompt {PROMPT}, new tokens {new_tokens}", flush=True)
 
-    results = []
+    results, profiles = [], {}
     launchers_default = qlinear.DECODE_LAUNCHERS
     for name, build in table.items():
         qlinear.DECODE_LAUNCHERS = launchers_default and not name.endswith("-L")
@@ -281,6 +319,11 @@ def main(argv=None):
                 print(f"{mode:6s} b{batch:<3d} {name:13s} {row['tokens_per_s']:9.0f} tok/s  "
                       f"{row['decode_step_ms']:7.2f} ms/step  prefill {row['prefill_ms']:7.1f} ms  "
                       f"peak {_fmt(row['peak_gib'], '.2f')} GiB{comp}", flush=True)
+        if args.host_profile and "eager" in modes:
+            ids = torch.randint(0, base.config.vocab_size, (args.batches[0], PROMPT),
+                                generator=torch.Generator().manual_seed(args.batches[0])).to(device)
+            profiles[name] = host_profile(model, ids, new_tokens, device)
+            _print_profile(name, profiles[name])
         del model
         gc.collect()
         if device == "cuda":
@@ -308,7 +351,7 @@ def main(argv=None):
     write_json(args.out, {"versions": library_versions(), "device": device_name,
                           "model": "tiny random Llama (--quick)" if args.quick else "llama8b_stack(4)",
                           "prompt": PROMPT, "new_tokens": new_tokens, "reps": args.reps,
-                          "results": results, "targets": goals})
+                          "results": results, "targets": goals, "host_profiles": profiles})
     print(f"wrote {args.out}")
 
 
