@@ -89,3 +89,64 @@ def test_squad_scores_takes_numpy_string_arrays():
     np = pytest.importorskip("numpy")
     preds, refs = ["The cat", "a dog sat"], ["cat", "dog"]
     assert squad_scores(np.array(preds), np.array(refs)) == squad_scores(preds, refs)
+
+
+# The v2.0 script's per-question step, restated: golds are the answer texts that normalise to something, [""] if
+# none do (SQuAD v2.0 gives unanswerable questions an empty answer list); the score is the best over the golds.
+def _official_v2_scores(prediction, answer_texts):
+    golds = [a for a in answer_texts if _official_normalize(a)] or [""]
+    exact = max(int(_official_normalize(g) == _official_normalize(prediction)) for g in golds)
+    return exact, max(_official_f1(prediction, g) for g in golds)
+
+
+V2_CASES = [
+    ("", []),  # unanswerable, abstained: 1 / 1
+    ("Paris", []),  # unanswerable, answered: 0 / 0
+    ("the", []),  # a prediction that normalises to nothing is an abstention
+    ("", ["", "the"]),  # every reference normalises to nothing: unanswerable too
+    ("", ["the", "Paris"]),  # "the" is dropped, so abstaining is wrong here
+    ("Paris", ["the", "Paris"]),
+    ("in Paris", ["Paris", "the city of Paris"]),
+]
+
+
+@pytest.mark.parametrize("prediction,refs", V2_CASES)
+def test_unanswerable_and_empty_references_follow_the_v2_script(prediction, refs):
+    exact, f1 = _official_v2_scores(prediction, refs)
+    assert squad_scores([prediction], [refs]) == pytest.approx({"exact_match": exact, "f1": f1})
+    if refs:  # the one-example helpers apply the same filter
+        assert exact_match(prediction, refs) == exact
+        assert token_f1(prediction, refs) == pytest.approx(f1)
+
+
+def test_squad_scores_on_a_mixed_v2_dataset():
+    """SQuAD v2.0 marks an unanswerable question with answers["text"] == []; squad_scores refused those."""
+    preds = ["", "Paris", "Denver Broncos", "", "1889"]
+    refs = [[], [], ["Denver Broncos", "Broncos"], ("Paris",), ()]
+    want = [_official_v2_scores(p, r) for p, r in zip(preds, refs)]
+    out = squad_scores(preds, refs)
+    assert out["exact_match"] == pytest.approx(sum(e for e, _ in want) / len(want))  # 1 + 0 + 1 + 0 + 0
+    assert out["f1"] == pytest.approx(sum(f for _, f in want) / len(want))
+    assert out == pytest.approx({"exact_match": 0.4, "f1": 0.4})
+
+
+@pytest.mark.parametrize("bad", [None, 3, {"text": ["Paris"], "answer_start": [0]}, ["Paris", None], b"Paris"])
+def test_squad_scores_names_a_reference_of_the_wrong_kind(bad):
+    """A dict (a HF answers entry) would have been scored against its keys; None or 3 gave an unnamed error."""
+    with pytest.raises(TypeError, match=r"references\[1\]"):
+        squad_scores(["a", "b"], [["a"], bad])
+
+
+def test_prediction_of_the_wrong_kind_is_named():
+    with pytest.raises(TypeError, match=r"predictions\[0\]"):
+        squad_scores([None], [[]])
+    with pytest.raises(TypeError, match="prediction"):
+        exact_match(None, ["a"])
+    with pytest.raises(TypeError, match="prediction"):
+        token_f1(3, ["a"])
+
+
+def test_one_example_helpers_still_ask_for_a_reference():
+    with pytest.raises(ValueError, match=r'references.*\[""\]'):
+        exact_match("", [])
+    assert exact_match("", [""]) == 1.0 and token_f1("x", [""]) == 0.0
