@@ -82,7 +82,10 @@ First explain your assessment briefly. Then give a rating from 1 (worst) to 10 (
 _REFERENCE_BLOCK = "\nA reference answer is given; use it to check correctness.\n\n[Reference answer]\n{reference}\n[End of reference answer]\n"
 
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+# MT-Bench's reading of a rating (FastChat llm_judge): the first "[[number]]", else the first "[number]"; no spaces
+# inside the brackets, and a number is digits with an optional point and optional decimals ("7", "7.5", "7.")
+_RATING = re.compile(r"\[\[(\d+(?:\.\d*)?)\]\]")
+_RATING_ONE_BRACKET = re.compile(r"\[(\d+(?:\.\d*)?)\]")
 
 
 def pairwise_prompt(question: str, answer_a: str, answer_b: str, *, template: str = PAIRWISE_TEMPLATE) -> str:
@@ -115,19 +118,27 @@ def parse_pairwise_verdict(text: str) -> str | None:
 
 
 def parse_rating(text: str, *, low: float = 1.0, high: float = 10.0) -> float | None:
-    """The last ``[[number]]`` in a judge reply; ``None`` if absent or outside ``[low, high]``.
+    """The rating in a judge reply, read as MT-Bench reads it; ``None`` if absent or outside ``[low, high]``.
+
+    The rule of the reference judge (FastChat ``llm_judge``, arXiv:2306.05685): the **first** ``[[number]]``
+    in the reply; if there is none, the first ``[number]``. The brackets hold only the number (``[[ 7 ]]`` is
+    no rating), which is digits with an optional decimal part (``7``, ``7.5``, ``7.``). The reference keeps
+    any value and marks a missing one ``-1``; here a value outside ``[low, high]`` and a missing one are both
+    ``None`` (pass a wider range to keep every value).
 
     Raises ``ValueError`` unless ``low`` and ``high`` are finite numbers with ``low <= high``
     (a reversed or NaN range turned every rating into ``None``); for one that is no number at all it is an
-    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too.
+    :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, and so it is when ``text`` is not a str.
     """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"text: expected the judge reply as a str, got {type(text).__name__}")
     if not (is_finite_real(low) and is_finite_real(high) and low <= high):
         kind = ValueError if is_real(low) and is_real(high) else ArgumentTypeError
         raise kind(f"low/high: expected finite numbers with low <= high, got {low!r} and {high!r}")
-    found = _RATING.findall(text)
-    if not found:
+    found = _RATING.search(text) or _RATING_ONE_BRACKET.search(text)
+    if found is None:
         return None
-    value = float(found[-1])
+    value = float(found.group(1))
     return value if low <= value <= high else None
 
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -186,3 +188,48 @@ def test_a_template_without_a_placeholder_is_refused_not_filled_without_the_text
         judge_single(lambda p: "[[5]]", "Q?", "ans", template="{answer}")
     doubled = "{question} {{literal}} {answer_a} {answer_b}"
     assert pairwise_prompt("Q", "a", "b", template=doubled) == "Q {literal} a b"
+
+
+# MT-Bench's reference judge (FastChat llm_judge) reads a single-answer rating like this, restated: the first
+# "[[number]]"; failing that, the first "[number]"; a number is digits, an optional point, optional digits; no
+# match is -1. The value is kept whatever it is.
+def _mt_bench_rating(reply):
+    number = r"(\d+\.?\d*)"
+    found = re.search(r"\[\[" + number + r"\]\]", reply) or re.search(r"\[" + number + r"\]", reply)
+    return float(found.group(1)) if found else -1
+
+
+RATING_REPLIES = [
+    "Rating: [[7]]",
+    "Rating: [[7.5]]",
+    "First draft [[3]], on reflection the final rating is [[8]]",  # the first one counts, not the last
+    "Rating: [6]",  # one bracket: the fallback
+    "Rating: [6] ... Final: [[9]]",  # a double-bracket rating anywhere wins over the fallback
+    "Scores [2] and [5], no double brackets",
+    "Rating: [[ 7 ]]",  # spaces inside: no rating in the reference
+    "Rating: [[7.]]",
+    "Rating: [[7/10]]",
+    "Rating: [[11]] (typo) [[5]]",  # the first is out of range: None here, 11 in the reference
+    "Rating: [[0]]",
+    "no rating at all",
+    "",
+]
+
+
+@pytest.mark.parametrize("reply", RATING_REPLIES)
+def test_parse_rating_reads_a_reply_as_mt_bench_does(reply):
+    ref = _mt_bench_rating(reply)
+    assert parse_rating(reply) == (ref if 1 <= ref <= 10 else None)
+    # with a range wide enough for every value, the numbers are the reference's own
+    assert parse_rating(reply, low=0, high=1000) == (None if ref == -1 else ref)
+
+
+def test_parse_rating_takes_the_first_rating_and_falls_back_to_one_bracket():
+    assert parse_rating("[[3]] then [[8]]") == 3.0
+    assert parse_rating("Rating: [4]") == 4.0
+    assert parse_rating("[[ 7 ]]") is None
+
+
+def test_parse_rating_names_a_reply_that_is_no_string():
+    with pytest.raises(TypeError, match="text"):
+        parse_rating(None)
