@@ -41,8 +41,7 @@ import torch
 from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
                               check_positive_int, check_template_fields, is_int)
 from alignlab.data.packing import collate_padded
-from alignlab.data.sft import (Message, _check_messages, _check_options, _check_tokenizer, _completion_span,
-                                _finish)
+from alignlab.data.sft import Message, _check_options, _check_tokenizer, tokenize_prompt_completion
 
 __all__ = [
     "PreferencePair",
@@ -325,9 +324,10 @@ def tokenize_preference(pair: Mapping[str, Any], tokenizer: Any, max_length: int
     """Chat-format a pair; labels cover only the chosen / rejected answer.
 
     ``chosen`` / ``rejected``: an answer string (one assistant turn) or, as in TRL's conversational
-    preference rows, a list of messages (``[{"role": "assistant", "content": ...}]``). The labelled span
-    runs from the end of the prompt rendered with the generation prompt to the end of the conversation, as
-    for :func:`~alignlab.data.sft.tokenize_chats`' prompt/completion rows.
+    preference rows, a list of messages (``[{"role": "assistant", "content": ...}]``). Each side is
+    ``prompt + answer`` through :func:`~alignlab.data.sft.tokenize_prompt_completion`, as
+    :func:`~alignlab.data.sft.tokenize_chats`' prompt/completion rows: the labelled span runs from the end of
+    the prompt rendered with the generation prompt to the end of the conversation.
 
     Returns ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
     ``rejected_labels``. Raises ``ValueError`` as :func:`~alignlab.data.sft.tokenize_chat` does
@@ -337,17 +337,13 @@ def tokenize_preference(pair: Mapping[str, Any], tokenizer: Any, max_length: int
     missing = {"prompt", "chosen", "rejected"} - set(pair)
     if missing:
         raise ValueError(f"pair is missing {sorted(missing)}")
-    _check_options("last", "error", max_length)
+    _check_options("last", "error", max_length)  # argument errors come before the prompt's
     _check_tokenizer(tokenizer)
     prompt = _as_messages(pair["prompt"])
     out: dict[str, list[int]] = {}
     for side in ("chosen", "rejected"):
-        # A message list used to become the *content* of one assistant turn: the template printed its repr.
-        answer = pair[side]
-        completion = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
-        _check_messages(completion, side)
-        text, spans = _completion_span(prompt, completion, tokenizer, template_kwargs)
-        ex = _finish(text, spans, tokenizer, max_length, "error")
+        ex = tokenize_prompt_completion(prompt, pair[side], tokenizer, max_length, template_kwargs=template_kwargs,
+                                        completion_name=side)
         out[f"{side}_input_ids"], out[f"{side}_labels"] = ex["input_ids"], ex["labels"]
     return out
 

@@ -214,6 +214,45 @@ def _finish(text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length:
     return example
 
 
+def tokenize_prompt_completion(
+    prompt: str | Sequence[Message],
+    completion: str | Sequence[Message],
+    tokenizer: Any,
+    max_length: int | None = None,
+    overflow: Literal["error", "truncate"] = "error",
+    *,
+    template_kwargs: Mapping[str, Any] | None = None,
+    completion_name: str = "completion",
+) -> TokenizedExample:
+    """Render + tokenise ``prompt + completion`` with labels on the completion only.
+
+    A string ``prompt`` is one user turn and a string ``completion`` one assistant turn; either may instead be
+    a list of messages (TRL's conversational rows; the completion may hold several turns). The labelled span runs
+    from the end of the prompt rendered with the generation prompt to the end of the whole rendering: the
+    completion's turns and the template's end-of-turn text, as TRL's ``completion_only_loss``. The prompt, its
+    generation prompt included, is ``-100``. ``max_length`` and ``overflow`` act as in :func:`tokenize_chat`;
+    ``template_kwargs`` go to ``apply_chat_template``; errors about the completion's messages call it
+    ``completion_name``. Used by :func:`tokenize_chats` (prompt/completion rows) and
+    :func:`~alignlab.data.pairs.tokenize_preference` (each answer).
+
+    Returns ``{"input_ids": list[int], "labels": list[int]}``, equal lengths.
+
+    Raises ``ValueError`` for a tokenizer without chat template, malformed messages, a template that is not
+    prefix-consistent, an over-long sequence (``overflow="error"``; :class:`SequenceTooLongError`), no supervised
+    token left, a bad ``overflow`` or ``max_length``; ``TypeError`` for a message content that is no string or a
+    tokenizer that is no ``transformers`` tokenizer.
+    """
+    _check_options("last", overflow, max_length)  # train_on has no say: the completion is the one span
+    _check_tokenizer(tokenizer)
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    _check_messages(completion, completion_name)  # the prompt is checked where it is rendered
+    text, spans = _completion_span(prompt, completion, tokenizer, template_kwargs or {})
+    return _finish(text, spans, tokenizer, max_length, overflow)
+
+
 def tokenize_chats(
     conversations: Iterable[Sequence[Message] | Mapping[str, Any]],
     tokenizer: Any,
@@ -249,9 +288,8 @@ def tokenize_chats(
         try:
             prompt, completion = _row_prompt_completion(conv)
             if prompt is not None and completion_only_loss:
-                _check_tokenizer(tokenizer)
-                text, spans = _completion_span(prompt, completion, tokenizer, template_kwargs)
-                example = _finish(text, spans, tokenizer, max_length, row_overflow)
+                example = tokenize_prompt_completion(prompt, completion, tokenizer, max_length, row_overflow,
+                                                     template_kwargs=template_kwargs)
             else:
                 messages = completion if prompt is None else list(prompt) + list(completion)
                 example = tokenize_chat(messages, tokenizer, max_length, train_on, row_overflow, **template_kwargs)

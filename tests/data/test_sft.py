@@ -2,7 +2,8 @@
 
 import pytest
 
-from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, render_chat, tokenize_chat, tokenize_chats
+from alignlab.data.sft import (IGNORE_INDEX, SequenceTooLongError, render_chat, tokenize_chat, tokenize_chats,
+                               tokenize_prompt_completion)
 
 CONV = [
     {"role": "system", "content": "be nice"},
@@ -176,6 +177,27 @@ def test_trl_conversational_completion_with_several_messages(chatml_tokenizer):
                   {"role": "assistant", "content": "I am fine."}]
     (got,) = tokenize_chats([{"prompt": MULTI_TURN_PROMPT[:2], "completion": completion}], chatml_tokenizer)
     assert got == _trl_completion_only(chatml_tokenizer, MULTI_TURN_PROMPT[:2], completion)
+
+
+def test_tokenize_prompt_completion_is_trl_completion_only(chat_tokenizer, chatml_tokenizer):
+    """The one prompt + completion path (tokenize_chats' rows, tokenize_preference's answers), alone."""
+    completion = [{"role": "assistant", "content": "four"}]
+    for tok in (chat_tokenizer, chatml_tokenizer):
+        got = tokenize_prompt_completion(MULTI_TURN_PROMPT, "four", tok)
+        assert got == _trl_completion_only(tok, MULTI_TURN_PROMPT, completion)
+        assert tokenize_prompt_completion(MULTI_TURN_PROMPT, completion, tok) == got
+        # a string prompt is one user turn: with one assistant turn, the same labels as tokenize_chat's
+        one_turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "four"}]
+        assert tokenize_prompt_completion("hello", "four", tok) == tokenize_chat(one_turn, tok)
+    full = tokenize_prompt_completion(MULTI_TURN_PROMPT, "four", chat_tokenizer)
+    n = len(full["input_ids"])
+    cut = tokenize_prompt_completion(MULTI_TURN_PROMPT, "four", chat_tokenizer, n - 1, "truncate")
+    assert cut == {"input_ids": full["input_ids"][:-1], "labels": full["labels"][:-1]}
+    with pytest.raises(SequenceTooLongError):
+        tokenize_prompt_completion(MULTI_TURN_PROMPT, "four", chat_tokenizer, n - 1)
+    with pytest.raises(TypeError, match=r"chosen\[0\]\['content'\] must be a str"):
+        tokenize_prompt_completion("hi", [{"role": "assistant", "content": 3}], chat_tokenizer,
+                                   completion_name="chosen")
 
 
 @pytest.mark.parametrize("content", [3, None, 2.5, {"text": "hi"}])
