@@ -493,13 +493,23 @@ def _require_adapters(model: nn.Module, names: Sequence[str]) -> None:
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` (one name or several, summed) the active adapters.
 
+    At least one: ``names=[]`` left the adapters in place with none of them running and none trainable, silently.
+    PEFT differs by entry point (``PeftModel.set_adapter`` takes one name only; ``LoraModel.set_adapter([])`` and
+    ``PeftMixedModel.set_adapter([])`` do what ours did); refusing keeps a model with adapters running at least one.
+    For the base model use ``with disabled(model):``; to drop adapters, :func:`delete_adapter` or
+    :func:`merge_and_unload`.
+
     Raises:
-        TypeError: ``names`` is neither a string nor a sequence of strings.
-        ValueError: an unknown adapter name; adapters whose trainable token rows overlap on a layer, or that each
-            train a copy of one module (``modules_to_save``); every layer keeps the adapters it had active.
+        TypeError: ``names`` is neither a string nor a sequence of strings (None included).
+        ValueError: ``names`` is empty; an unknown adapter name; adapters whose trainable token rows overlap on a
+            layer, or that each train a copy of one module (``modules_to_save``); every layer keeps the adapters it
+            had active.
     """
     model = _user_model(model)
-    names = _adapter_name_list(names, "names")
+    if names is None:  # None means "the active adapters" to merge(), which means nothing here
+        raise TypeError("names must be an adapter name or an iterable of names, got None")
+    names = _adapter_name_list(names, "names", if_empty="to run the base model use `with disabled(model):`, to "
+                               "remove adapters delete_adapter(model, name) or merge_and_unload(model)")
     _require_adapters(model, names)
     for name, module in _saved_modules(model):  # a trained copy replaces the module: copies cannot be summed
         copies = [n for n in names if n in module.modules_to_save]
@@ -525,8 +535,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer (it must not be merged); layers left empty are unwrapped.
 
     Deleting the only active adapter activates the first remaining one (the earliest added), with a
-    ``UserWarning`` naming it, as PEFT does; the model ran as its bare base before, silently."""
+    ``UserWarning`` naming it, as PEFT does; the model ran as its bare base before, silently.
+
+    Raises:
+        TypeError: ``name`` is not a str (a list included: one adapter per call).
+        ValueError: ``name`` is not an adapter of ``model``.
+    """
     model = _user_model(model)
+    if not isinstance(name, str):  # a list failed in a dict lookup ("unhashable type: 'list'"), naming nothing
+        raise TypeError(f"name must be one adapter name (a str), got {name!r}; delete adapters one at a time")
     _require_adapters(model, [name])
     was_active = name in active_adapters(model)
     for lname, layer in _nested_first(list(adapter_layers(model))):
@@ -591,6 +608,10 @@ def disabled(model: nn.Module):
             m.disabled = b
 
 
+# an empty list read as "the active adapters" merged them all
+_MERGE_EMPTY = "give None for the active adapters, or the names to use"
+
+
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold adapters (default: the active ones; one name or a list) into the base weights; forward
     output is unchanged.
@@ -607,7 +628,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
             SwitchTransformers, UDOP; raised before any change).
     """
     wrapper, model = model, _user_model(model)
-    adapter_names = _adapter_name_list(adapter_names, empty_ok=False)
+    adapter_names = _adapter_name_list(adapter_names, if_empty=_MERGE_EMPTY)
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model holds no adapter layers; nothing to merge")
@@ -658,9 +679,10 @@ def _nested_first(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, Ada
     return sorted(layers, key=key)
 
 
-def _adapter_name_list(adapter_names, arg: str = "adapter_names", empty_ok: bool = True) -> list[str] | None:
+def _adapter_name_list(adapter_names, arg: str = "adapter_names", if_empty: str | None = None) -> list[str] | None:
     """``adapter_names`` as a list (a single string is one name, not its letters; any iterable of names,
-    e.g. ``dict.keys()``, is read once), or None; an empty one is a ``ValueError`` unless ``empty_ok``."""
+    e.g. ``dict.keys()``, is read once), or None; an empty one is a ``ValueError`` ending in the hint ``if_empty``,
+    where one is given (an empty list is allowed only where no hint is)."""
     if adapter_names is None:
         return None
     if isinstance(adapter_names, str):
@@ -668,8 +690,8 @@ def _adapter_name_list(adapter_names, arg: str = "adapter_names", empty_ok: bool
     names = list(adapter_names) if isinstance(adapter_names, Iterable) else None
     if names is None or not all(isinstance(n, str) for n in names):
         raise TypeError(f"{arg} must be an adapter name or an iterable of names, got {adapter_names!r}")
-    if not names and not empty_ok:  # an empty list read as "the active adapters" merged them all
-        raise ValueError(f"{arg} is empty; give None for the active adapters, or the names to use")
+    if not names and if_empty is not None:
+        raise ValueError(f"{arg} is empty; {if_empty}")
     return names
 
 
@@ -693,7 +715,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
             layers before it are already merged and unloaded.
     """
     wrapper, model = model, _user_model(model)
-    adapter_names = _adapter_name_list(adapter_names, empty_ok=False)
+    adapter_names = _adapter_name_list(adapter_names, if_empty=_MERGE_EMPTY)
     for name, module in _saved_modules(model):  # before any change: the copies replace their originals last
         if any(n in module.modules_to_save for n in module.active_adapters):
             _refuse_untie_where_forward_reads_the_flag(model, name, _tied_elsewhere(model, name, module.original_module))
