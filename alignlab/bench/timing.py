@@ -207,10 +207,12 @@ def measure(
         exception raised by ``fn`` propagates.
 
     Raises:
-        ValueError: ``warmup < 0``, ``rep < 1``, ``bytes_moved``/``flops`` not a positive number, or
-            ``device`` (given or inferred) neither CPU nor CUDA (``meta`` tensors take no time to time).
+        ValueError: ``warmup < 0``, ``rep < 1``, ``bytes_moved``/``flops`` not a positive number, ``memory`` a
+            string other than ``"rss"``, or ``device`` (given or inferred) neither CPU nor CUDA (``meta`` tensors take
+            no time to time).
         TypeError: ``fn`` is not callable, ``name`` not a str, or ``flush_cache`` not a bool; ``warmup``/``rep`` not
-            ints or ``bytes_moved``/``flops`` not real numbers (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
+            ints, ``bytes_moved``/``flops`` not real numbers, or ``memory`` neither a bool nor a str (an int such as
+            ``1`` included) (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -246,6 +248,21 @@ def roofline_count(value: Any, label: str) -> int | float | None:
     return check_positive_number(value, label)
 
 
+def _memory_mode(memory: Any) -> bool | str:
+    """``memory`` as ``True``, ``False`` or ``"rss"``: a bool (NumPy bools too, from a sweep) or that string.
+
+    :class:`~alignlab.ArgumentTypeError` naming ``memory`` for anything else that is not a str (``1`` equals ``True``
+    and passed for it, ``0`` for ``False``), ``ValueError`` for another string (``"RSS"``, ``"allocator"``); both
+    list what is accepted.
+    """
+    if isinstance(memory, (bool, np.bool_)):
+        return as_bool(memory, "memory")
+    if isinstance(memory, str) and memory == "rss":
+        return memory
+    kind = ValueError if isinstance(memory, str) else ArgumentTypeError
+    raise kind(f"memory must be True, False (a bool or NumPy bool) or the string 'rss', got {memory!r}")
+
+
 def run_contestants(
     contestants: Mapping[str, Callable[..., Any]],
     args: Sequence[Any],
@@ -276,8 +293,7 @@ def run_contestants(
     warmup, rep = int(warmup), check_positive_int(rep, "rep", allow_none=True)
     flush_cache = as_bool(flush_cache, "flush_cache")
 
-    if memory not in (True, False, "rss"):
-        raise ValueError(f"memory must be True, False or 'rss', got {memory!r}")
+    memory = _memory_mode(memory)
     dev = _resolve_device(device, args, kwargs)
     timer = _CudaTimer(dev, flush_cache) if dev.type == "cuda" else _CpuTimer()
     errors: dict[str, str] = {}
