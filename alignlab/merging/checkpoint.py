@@ -477,7 +477,8 @@ def merge_checkpoints(
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: ``out_dir`` is an empty string; unknown method, bad parameters, a tensor missing from a
+        ValueError: ``out_dir`` is an empty string, or is (or holds) an input checkpoint that ``overwrite``
+            would delete; unknown method, bad parameters, a tensor missing from a
             model or with a different shape (the message names model and tensor); a quantized
             checkpoint (fp8 weights, a float scale beside integer weights, bitsandbytes 4-bit / 8-bit
             state such as ``weight.absmax`` or ``SCB``: dequantize first); a
@@ -507,6 +508,8 @@ def merge_checkpoints(
                               "the command line, to replace it)")
     ref_path = r.base_model if r.base_model is not None else r.models[0].path
     paths = list(dict.fromkeys([ref_path, *(m.path for m in r.models)]))
+    if out.exists():
+        _refuse_replacing_inputs(out, paths)
 
     with ExitStack() as stack:
         ckpts = {p: stack.enter_context(SafetensorsCheckpoint(p)) for p in paths}
@@ -532,6 +535,17 @@ def merge_checkpoints(
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     return given
+
+
+def _refuse_replacing_inputs(out: Path, inputs: list[Path]) -> None:
+    """``ValueError`` if replacing ``out`` would delete an input checkpoint: ``out`` is one, or holds one (``.`` in
+    the folder of the models, say): the merge would succeed, and the replaced folder, inputs and all, be removed."""
+    root = os.path.realpath(out)
+    for p in inputs:
+        real = os.path.realpath(p)
+        if os.path.commonpath([root, real]) == root:
+            raise ValueError(f"out_dir {str(out)!r} is or holds {str(p)!r}: overwrite=True would delete input "
+                             "checkpoint(s) of the recipe; write the merge to another folder")
 
 
 def _is_adapter(path: Path) -> bool:

@@ -606,6 +606,27 @@ def test_overwrite_keeps_the_replaced_folders_permissions(three_models):
     assert out.stat().st_mode & 0o777 == 0o700
 
 
+def test_overwrite_never_deletes_an_input_checkpoint(three_models, monkeypatch):
+    """overwrite=True on the folder that holds the models (`python -m alignlab.merging r.yaml . --overwrite` where
+    the checkpoints are) merged, then removed the replaced folder with the base and fine-tunes inside; an input
+    named as out_dir was replaced too. Refused before anything is read or written; the inputs stay."""
+    tmp, _ = three_models
+    before = {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp)
+    for out in (tmp, ".", tmp / "a", tmp / "base"):
+        with pytest.raises(ValueError, match="would delete input checkpoint"):
+            merge_checkpoints(recipe(tmp, "ties", {"a": {"density": 0.5}, "b": {"density": 0.5}}), out,
+                              overwrite=True)
+    assert {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()} == before
+    single = tmp / "single.safetensors"  # a base given as one file, named as out_dir
+    save_file(toy_state(0), single)
+    with pytest.raises(ValueError, match="would delete input checkpoint"):
+        merge_checkpoints({"merge_method": "linear", "models": [str(single), str(tmp / "a")]}, single, overwrite=True)
+    assert single.is_file()
+    out = merge_checkpoints(recipe(tmp, "linear"), tmp / "merged", overwrite=True)  # beside the inputs: as before
+    assert merge_checkpoints(recipe(tmp, "linear"), out, overwrite=True) == out
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
