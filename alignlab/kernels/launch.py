@@ -13,6 +13,15 @@ address is 16-byte aligned; each int's width class, whether it is 1 and whether 
 value of every other argument and of every meta-parameter; the current device. A kernel that
 specializes on anything else must not be launched through here.
 
+Two more cuts after the first call. Tensors go to the launcher as their data pointers (ints): given a
+tensor, Triton's C launcher calls its ``data_ptr()`` and asks the driver to check the address
+(``cuPointerGetAttribute``), once per pointer argument per launch -- about a dozen for an NF4 kernel -- while
+an int is taken as it is (the checks the driver made are ours to make before: every caller launches only on
+CUDA tensors of the current device). And on Triton 3.6 (the release measured on the GPU) the compiled
+launcher's C entry point is called directly where Triton's Python wrapper around it would do nothing for
+the kernel (no scratch memory, no launch hooks registered): that wrapper builds the launch metadata for the
+hooks and calls two empty hook chains per launch.
+
 Falls back to ``kernel[grid](*args, **meta)`` under the Triton interpreter, inside ``torch.compile``
 tracing (dynamo captures the plain launch as a user-defined Triton kernel), and for Triton versions
 this was not checked on (the launcher's argument list is Triton-internal). ``ALIGNLAB_FAST_LAUNCH=0``
@@ -33,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["launch", "bind", "cdiv", "next_power_of_2", "options", "sm_count"]
+__all__ = ["launch", "bind", "pointers", "cdiv", "next_power_of_2", "options", "sm_count"]
 
 # Triton releases whose compiled-kernel launcher takes (grid x, y, z, stream, function, packed metadata,
 # launch metadata, enter hook, exit hook, *every argument incl. constexprs), with launch hooks in
@@ -45,6 +54,10 @@ _ENABLED = (
     and triton.__version__.rsplit(".", 1)[0] in _CHECKED
     and env_switch("ALIGNLAB_FAST_LAUNCH", True)
 )
+# the release whose compiled launcher's C entry point takes (grid x, y, z, stream, function, cooperative, pdl,
+# global scratch, profile scratch, packed metadata, launch metadata, enter hook, exit hook, *arguments): read in its
+# sources (backends/nvidia/driver.py, CudaLauncher) and run on an H100 / H200
+_DIRECT_VERSION = "3.6"
 _CACHE: dict = {}
 # Launch options every alignlab kernel asks for explicitly. FMA contraction (``a * b + c`` as one fused
 # multiply-add): on by default in every Triton so far, but Triton 3.9 warns at each compile that leaves it unset
@@ -91,6 +104,46 @@ def _key(args: tuple) -> tuple:
     ])
 
 
+def pointers(args: tuple) -> tuple:
+    """``args`` with each tensor replaced by its data pointer (see the module docstring)."""
+    return tuple([a.data_ptr() if isinstance(a, _Tensor) else a for a in args])
+
+
+def _silent(hook) -> bool:
+    """Whether a Triton launch hook does nothing: None, or a hook chain (Triton 3.6) with nothing in it."""
+    return hook is None or (hook.__class__.__name__ == "HookChain" and not hook.calls)
+
+
+def _direct(compiled):
+    """``(c_launch, cooperative, pdl)``: the compiled launcher's C entry point and the two flags its Python wrapper
+    passes, where calling it directly is what the wrapper would do (Triton 3.6, no scratch memory); else None."""
+    run = compiled.run
+    if (triton.__version__.rsplit(".", 1)[0] != _DIRECT_VERSION or run.__class__.__name__ != "CudaLauncher"
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or not hasattr(run, "launch")):
+        return None
+    return run.launch, run.launch_cooperative_grid, run.launch_pdl
+
+
+def _fire(entry: tuple, grid: tuple, stream: int, args: tuple) -> None:
+    """Launch the cached ``entry`` (``(compiled, constexpr tail, _direct(compiled))``) on ``grid`` with ``args``, its
+    runtime arguments with tensors as pointers: directly where :func:`_direct` allows it and no launch hook is
+    registered at the time of the call, else through Triton's launcher as Triton's own ``run`` calls it."""
+    compiled, tail, direct = entry
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    if direct is not None and _silent(enter) and _silent(leave):
+        c_launch, coop, pdl = direct
+        c_launch(grid[0], g1, g2, stream, compiled.function, coop, pdl, None, None, compiled.packed_metadata, None,
+                 None, None, *args, *tail)
+        return
+    full = (*args, *tail)
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
+
+
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     """``kernel[grid](*args, **meta)`` with the per-call host work of the second and later calls cut.
 
@@ -111,16 +164,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
         names = kernel.arg_names[len(args):]
         if getattr(compiled, "function", None) is None or any(n not in meta for n in names):
             return  # defaults or something unusual: leave every call of this key to Triton
-        _CACHE[key] = (compiled, tuple(meta[n] for n in names))
+        _CACHE[key] = (compiled, tuple(meta[n] for n in names), _direct(compiled))
         return
-    compiled, tail = entry
-    full = (*args, *tail)
-    stream = torch._C._cuda_getCurrentRawStream(device)
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    hooks = triton.knobs.runtime
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook, *full)
+    _fire(entry, grid, torch._C._cuda_getCurrentRawStream(device), pointers(args))
 
 
 def bind(kernel, grid: tuple, args: tuple, meta: dict):
@@ -129,24 +175,14 @@ def bind(kernel, grid: tuple, args: tuple, meta: dict):
     For callers that launch one specialization many times (a layer's decode call): ``go`` skips even the
     key computation of :func:`launch`, so the caller must only pass argument tuples that Triton would
     specialize the same way as ``args`` (same dtypes, 16-byte alignment classes, int classes; ``grid``
-    and ``meta`` fixed) and a raw stream of the bound device. None where :func:`launch` would not take
-    its fast path, or before its first call with this key (which compiles).
+    and ``meta`` fixed) and a raw stream of the bound device. In the tuples given to ``go`` every tensor is
+    given as its data pointer (an int: :func:`pointers`), which is the caller's to keep alive and on the
+    bound device. None where :func:`launch` would not take its fast path, or before its first call with
+    this key (which compiles).
     """
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
         return None
     entry = _CACHE.get((kernel, torch.cuda.current_device(), tuple(meta.items()), _key(args)))
-    if entry is None:
-        return None
-    compiled, tail = entry
-    run, function, packed, metadata = compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata
-    g0 = grid[0]
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    hooks = triton.knobs.runtime
+    return None if entry is None else functools.partial(_fire, entry, grid)
 
-    def go(stream: int, args: tuple) -> None:
-        full = (*args, *tail)
-        run(g0, g1, g2, stream, function, packed, metadata(grid, stream, *full), hooks.launch_enter_hook,
-            hooks.launch_exit_hook, *full)
 
-    return go

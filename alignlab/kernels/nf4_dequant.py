@@ -22,7 +22,7 @@ import torch
 
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
-from alignlab.kernels.launch import bind, cdiv, launch
+from alignlab.kernels.launch import bind, cdiv, launch, pointers
 from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
 
 try:
@@ -223,15 +223,16 @@ def dequant_runner(t: NF4Tensor, dtype: torch.dtype):
         go = bind(_nf4_dequant_kernel, grid, args, meta)
     if go is None:  # a CPU tensor (on CPU the kernel runs only under the interpreter), or no bound launch
         return lambda: nf4_dequant(t, dtype)
-    head, tail = args[:8], args[9:]
+    head, tail = pointers(args[:8]), args[9:]  # the weight's tensors as go takes them
     shape, device, empty = t.shape, t.data.device, torch.empty
     stream = torch._C._cuda_getCurrentRawStream(device.index)
 
     def make() -> torch.Tensor:
         w = empty(shape, dtype=dtype, device=device)
-        go(stream, (*head, w, *tail))
+        go(stream, (*head, w.data_ptr(), *tail))
         return w
 
+    make.keep = args[:8]  # the tensors whose pointers head holds
     return make
 
 

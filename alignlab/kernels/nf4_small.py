@@ -58,7 +58,7 @@ import torch
 from alignlab._checks import env_switch, is_int
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
-from alignlab.kernels.launch import bind, cdiv, launch
+from alignlab.kernels.launch import bind, cdiv, launch, pointers
 from alignlab.kernels.nf4_configs import ALTERNATIVES, m_bucket, small_choice, small_config
 from alignlab.kernels.nf4_dequant import _state_args, code_planes
 from alignlab.quant.nf4 import NF4Tensor
@@ -740,30 +740,34 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
         ws0 = pooled if pooled is not None else torch.empty(split * M * N, device=device, dtype=torch.float32)
     else:
         cnt = ws0 = y0
-
-    def build(xx, y, ws, b):
-        if split == 1:  # no workspace and no counters: the kernel is given y in their places
-            ws = cnt_ = y
-        else:
-            cnt_ = cnt
-        return _kernel_args(which, xx, state, y, ws, cnt_, b, M, row, scalars)
-
-    go = bind(_KERNELS[which], grid, build(x, y0, ws0, bias), meta)
+    go = bind(_KERNELS[which], grid, _kernel_args(which, x, state, y0, ws0, cnt, bias, M, row, scalars), meta)
     if go is None:
         return None
+    # the arguments as go takes them: pointers, those of the weight's tensors and of the kept counters and workspace
+    # once here (the tensors are held by run.keep below: a kept workspace outgrown by a larger call is replaced in
+    # _WS, and this runner's must stay allocated)
+    state_ptrs, rest = pointers(state), _kernel_args(which, 0, (), 0, 0, 0, 0, M, row, scalars)[5:]
+    cnt_ptr = None if split == 1 else cnt.data_ptr()
+    ws_ptr = None if pooled is None else pooled.data_ptr()
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     capturing = torch.cuda.is_current_stream_capturing
     empty = torch.empty
     f32 = torch.float32
 
     def run(xx: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        y = empty(out_shape, device=device, dtype=dtype)
-        ws = pooled
-        if split > 1 and (ws is None or capturing()):
-            ws = empty(split * M * N, device=device, dtype=f32)
-        go(stream, build(xx, y, ws, b))
+        y = xx.new_empty(out_shape)  # x's dtype and device (the key's), fewer arguments to parse than torch.empty
+        yp = y.data_ptr()
+        if split == 1:  # no workspace and no counters: the kernel is given y in their places
+            ws = cnt_ = yp
+        else:
+            ws, cnt_ = ws_ptr, cnt_ptr
+            if ws is None or capturing():
+                wt = empty(split * M * N, device=device, dtype=f32)  # alive until the launch is enqueued
+                ws = wt.data_ptr()
+        go(stream, (xx.data_ptr(), *state_ptrs, yp, ws, cnt_, yp if b is None else b.data_ptr(), *rest))
         return y
 
+    run.keep = (state, cnt, pooled)
     return run
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 import warnings
 from types import SimpleNamespace
 from typing import Iterable
@@ -29,7 +28,7 @@ from torch import nn
 
 from alignlab._checks import as_bool, env_switch
 from alignlab._ties import parameter_owners, untie_changes_outputs
-from alignlab.kernels.dispatch import functorch_active
+from alignlab.kernels.dispatch import functorch_active, kernels_setting
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -238,7 +237,7 @@ class NF4Linear(nn.Module):
             runners = t.__dict__.get("_runners")
             dev = x.get_device()
             key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
-                   None if bias is None else bias.dtype, os.environ.get("ALIGNLAB_KERNELS"))  # a flip re-dispatches
+                   None if bias is None else bias.dtype, kernels_setting())  # a flip re-dispatches
             run = False if runners is None else runners.get(key, False)
             if run:
                 return run(x, bias)

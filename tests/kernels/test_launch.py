@@ -82,3 +82,57 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
         for d in (1, 2, 7, 16, 256, 4096):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert cdiv(0, 16) == 0
+
+
+def test_silent_launch_hooks():
+    """A hook chain with nothing in it counts as no hook (the direct launch may skip it); anything else does not."""
+    chain_cls = getattr(triton.knobs, "HookChain", None)
+    assert launch_mod._silent(None)
+    assert not launch_mod._silent(lambda metadata: None)
+    if chain_cls is None:
+        pytest.skip(f"triton {triton.__version__} has no HookChain")
+    chain = chain_cls()
+    assert launch_mod._silent(chain)
+    chain.add(lambda metadata: None)
+    assert not launch_mod._silent(chain)
+
+
+def test_pointers_replace_tensors_only():
+    t = torch.zeros(3)
+    assert launch_mod.pointers((t, 5, None, 1.5, True)) == (t.data_ptr(), 5, None, 1.5, True)
+
+
+@pytest.mark.cuda
+def test_direct_c_launch_skips_the_wrapper_until_a_hook_is_registered(monkeypatch):
+    """On the Triton release the direct launch was checked on, a cached launch calls the compiled launcher's C entry
+    point (not Triton's Python wrapper) and gives the same bits; with a launch hook registered it goes through the
+    wrapper again, and the hook sees the launch."""
+    if not launch_mod._ENABLED:
+        pytest.skip(f"fast launch not enabled for triton {triton.__version__}")
+    launch_mod._CACHE.clear()
+    x = torch.randn(1000, device="cuda")
+    y = torch.randn(1000, device="cuda")
+    first = _run(x, y, 1, 0.5, True)
+    (compiled, _, direct), = launch_mod._CACHE.values()
+    if triton.__version__.rsplit(".", 1)[0] != launch_mod._DIRECT_VERSION:
+        assert direct is None
+        pytest.skip(f"direct launch not enabled for triton {triton.__version__}")
+    assert direct is not None
+    wrapper_calls = []
+    wrapper = compiled.run  # Triton's Python launcher (a property of the compiled kernel in Triton 3.6)
+    spy = lambda *a: wrapper_calls.append(1) or wrapper(*a)  # noqa: E731
+    monkeypatch.setattr(type(compiled), "run", property(lambda self: spy))
+    second = _run(x, y, 1, 0.5, True)
+    assert wrapper_calls == []
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        third = _run(x, y, 1, 0.5, True)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert wrapper_calls == [1] and len(seen) == 1
+    torch.testing.assert_close(third, first, rtol=0, atol=0)
+    _run(x, y, 1, 0.5, True)
+    assert wrapper_calls == [1]  # the hook removed: direct again

@@ -424,12 +424,27 @@ def test_split_counters_return_to_zero_and_graph_capture():
 @pytest.mark.parametrize("M,bias,K", [(1, False, 64), (1, True, 192), (5, True, 192), (40, False, 192), (64, True, 64)])
 def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mode, monkeypatch):
     """small_m_runner's argument tuples, checked on CPU: its launches go through the interpreter (Triton's
-    compiled launcher, which it binds on a GPU, does not exist here). Rows at a stride (a slice of a wider
-    tensor, leading dims collapsed), repeated calls on new inputs, the kept workspace."""
+    compiled launcher, which it binds on a GPU, does not exist here; the runner hands it data pointers, which the
+    stand-in maps back to the tensors they belong to). Rows at a stride (a slice of a wider tensor, leading dims
+    collapsed), repeated calls on new inputs, the kept workspace."""
     from alignlab.kernels import nf4_small
 
-    monkeypatch.setattr(nf4_small, "bind", lambda kernel, grid, args, meta:
-                        (lambda stream, a: kernel[grid](*a, **meta)))
+    tensors = {}  # data pointer -> the last tensor seen with it
+
+    def track(t):
+        tensors[t.data_ptr()] = t
+        return t
+
+    def fake_bind(kernel, grid, args, meta):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                track(a)
+        return lambda stream, a: kernel[grid](*[tensors[v] if type(v) is int and v in tensors else v for v in a],
+                                              **meta)
+
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: track(new_empty(self, *a, **k)))
+    monkeypatch.setattr(nf4_small, "bind", fake_bind)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(nf4_small, "_PLANS", {})  # other tests may have planned this shape already
@@ -443,6 +458,9 @@ def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mo
     assert run is not None
     for seed in range(2):
         wide.copy_(torch.randn(2, M, K + 8, generator=torch.Generator().manual_seed(seed)))
+        track(x)
+        if b is not None:
+            track(b)
         y = run(x, b)
         want = x.reshape(M, K).double() @ wd.T + (0 if b is None else b.double())
         assert y.shape == (1, M, 37) and _rel(y.reshape(M, 37), want) < 1e-5
@@ -476,3 +494,33 @@ def test_kernel_code_under_torch_compile(monkeypatch):
     assert nf4_dequant._KERNEL_CODES == {}
     assert torch.equal(got, nf4_dequant.kernel_code(torch.device("cpu")))
     assert list(nf4_dequant._KERNEL_CODES) == [torch.device("cpu")]
+
+
+def test_runner_holds_the_workspace_it_writes_when_a_larger_call_replaces_the_kept_one(triton_mode, monkeypatch):
+    """A runner hands the kernel its split-K workspace as a bare pointer, so it must hold that memory itself: a
+    later, larger call on the same stream replaces the stream's kept buffer (in _WS), and memory freed then could
+    be handed to another tensor while the runner still writes its partial sums there."""
+    import gc
+
+    from alignlab.kernels import nf4_small
+
+    seen = []  # the argument tuples the runner launched with
+    monkeypatch.setattr(nf4_small, "bind", lambda kernel, grid, args, meta: (lambda stream, a: seen.append(a)))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(nf4_small, "_PLANS", {})
+    monkeypatch.setattr(nf4_small, "_WS", {})
+    t, x, _, _ = _case(37, 1024, 2, torch.float32, 64)
+    small_m_matmul(x, t)
+    plan, = nf4_small._PLANS.values()
+    assert plan[2] > 1  # a K split: the product needs a workspace
+    run = nf4_small.small_m_runner(x, t, None)
+    (key, kept), = nf4_small._WS.items()
+    nf4_small._workspace(x.device, kept.numel() * 4)  # a larger call on this stream replaces the kept buffer
+    assert nf4_small._WS[key].data_ptr() != kept.data_ptr()
+    del kept
+    gc.collect()
+    run(x, None)
+    ws_ptr = seen[-1][9]  # x, the seven weight pointers, y, then the workspace
+    held = [a for a in run.keep if isinstance(a, torch.Tensor)]
+    assert any(h.data_ptr() == ws_ptr for h in held)
