@@ -81,7 +81,9 @@ First explain your assessment briefly. Then give a rating from 1 (worst) to 10 (
 
 _REFERENCE_BLOCK = "\nA reference answer is given; use it to check correctness.\n\n[Reference answer]\n{reference}\n[End of reference answer]\n"
 
-_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# Substring checks in this order, as MT-Bench's reference judge (FastChat llm_judge) makes them: the order, not
+# where a token stands in the reply, decides a reply that holds several
+_VERDICT_TOKENS = (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"))
 # MT-Bench's reading of a rating (FastChat llm_judge): the first "[[number]]", else the first "[number]"; no spaces
 # inside the brackets, and a number is digits with an optional point and optional decimals ("7", "7.5", "7.")
 _RATING = re.compile(r"\[\[(\d+(?:\.\d*)?)\]\]")
@@ -110,11 +112,23 @@ def single_answer_prompt(
 
 
 def parse_pairwise_verdict(text: str) -> str | None:
-    """The last ``[[A]]``/``[[B]]``/``[[C]]`` in a judge reply as ``"A"``, ``"B"`` or ``"tie"``; ``None`` if absent."""
-    found = _VERDICT.findall(text)
-    if not found:
-        return None
-    return {"A": "A", "B": "B", "C": "tie"}[found[-1]]
+    """The verdict in a judge reply, read as MT-Bench reads it: ``"A"``, ``"B"``, ``"tie"``, or ``None`` if absent.
+
+    The rule of the reference judge (FastChat ``llm_judge``, arXiv:2306.05685, the same for its single- and
+    multi-turn, general and math pairwise prompts): ``"A"`` if ``[[A]]`` occurs anywhere in the reply, else
+    ``"B"`` if ``[[B]]`` does, else ``"tie"`` if ``[[C]]`` does, else no verdict (the reference's ``"error"``).
+    So a reply holding several verdicts is decided by that order, not by which comes last (``"[[B]] ... [[A]]"``
+    and ``"[[A]] ... [[B]]"`` are both ``"A"``), and only the exact text counts: ``[[a]]``, ``[[ A ]]`` and
+    ``[A]`` are no verdict.
+
+    Raises an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, when ``text`` is not a str.
+    """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"text: expected the judge reply as a str, got {type(text).__name__}")
+    for token, verdict in _VERDICT_TOKENS:
+        if token in text:
+            return verdict
+    return None
 
 
 def parse_rating(text: str, *, low: float = 1.0, high: float = 10.0) -> float | None:
@@ -170,8 +184,10 @@ def judge_pairwise(
 ) -> PairwiseJudgement:
     """Ask ``judge`` which answer is better, in both orders when ``swap``.
 
-    The winner is the side every call agrees on; disagreement or an
-    unparsable reply gives ``"tie"``.
+    Each reply is read by :func:`parse_pairwise_verdict` (MT-Bench's rule) and mapped to the caller's labels.
+    The winner is the side every call agrees on; disagreement or an unparsable reply gives ``"tie"`` (MT-Bench
+    instead drops a pair with an unparsable reply from its win rates: keep only judgements without ``None`` in
+    ``verdicts`` for its numbers).
 
     Raises:
         TypeError: ``judge`` is not callable or returns a non-string, or ``swap`` is not a bool (a

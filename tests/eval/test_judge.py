@@ -27,8 +27,8 @@ def test_templates_fill_every_field():
 
 
 def test_parsers():
-    assert parse_pairwise_verdict("thinking [[A]] ... final: [[B]]") == "B"
-    assert parse_pairwise_verdict("[[ C ]]") == "tie"
+    assert parse_pairwise_verdict("Final verdict: [[B]]") == "B"
+    assert parse_pairwise_verdict("[[C]]") == "tie"
     assert parse_pairwise_verdict("A is better") is None
     assert parse_rating("Rating: [[7]]") == 7.0
     assert parse_rating("Rating: [[7.5]]") == 7.5
@@ -233,3 +233,64 @@ def test_parse_rating_takes_the_first_rating_and_falls_back_to_one_bracket():
 def test_parse_rating_names_a_reply_that_is_no_string():
     with pytest.raises(TypeError, match="text"):
         parse_rating(None)
+
+
+# MT-Bench's reference judge (FastChat llm_judge, output format "[[A]]" of every pairwise prompt) reads a verdict
+# like this, restated: "A" if the text "[[A]]" is in the reply; otherwise "B" if "[[B]]" is; otherwise "tie" if
+# "[[C]]" is; otherwise "error".
+def _mt_bench_verdict(reply):
+    if "[[A]]" in reply:
+        return "A"
+    if "[[B]]" in reply:
+        return "B"
+    if "[[C]]" in reply:
+        return "tie"
+    return "error"
+
+
+VERDICT_REPLIES = [
+    "Assistant A is more accurate. [[A]]",
+    "Final verdict: [[B]]",
+    "Both are equally good. [[C]]",
+    "At first [[A]] looked right, but the final verdict is [[B]]",  # several: A is checked first, not the last wins
+    "[[B]] on style, yet [[A]] overall",
+    "Not [[C]]: the verdict is [[B]]",  # B is checked before C wherever they stand
+    "[[C]] ... [[A]] ... [[B]]",
+    "My verdict: [[a]]",  # lowercase: no verdict in the reference
+    "My verdict: [[ B ]]",  # spaces inside the brackets: no verdict either
+    "Verdict: [A]",  # one bracket: no fallback for verdicts
+    "Verdict: [[A ]] or rather [[C]]",
+    "[[D]]",
+    "Answer A is better overall.",
+    "",
+    "Verdicts like [[A]], [[B]] and [[C]] are allowed; I pick [[C]]",  # the echoed format line decides, as there
+]
+
+
+@pytest.mark.parametrize("reply", VERDICT_REPLIES)
+def test_parse_pairwise_verdict_reads_a_reply_as_mt_bench_does(reply):
+    ref = _mt_bench_verdict(reply)
+    assert parse_pairwise_verdict(reply) == (None if ref == "error" else ref)
+
+
+@pytest.mark.parametrize("reply", VERDICT_REPLIES)
+def test_judge_pairwise_maps_reference_verdicts_to_the_callers_labels(reply):
+    # the same reply in both orders: a side verdict flips labels across the swap (-> tie), a tie stays a tie
+    j = judge_pairwise(lambda p: reply, "q", "x", "y")
+    ref = _mt_bench_verdict(reply)
+    first, second = {"A": ("a", "b"), "B": ("b", "a"), "tie": ("tie", "tie"), "error": (None, None)}[ref]
+    assert j.verdicts == (first, second)
+    assert j.winner == "tie" and j.consistent == (ref == "tie")
+    assert judge_pairwise(lambda p: reply, "q", "x", "y", swap=False).winner == (first if first else "tie")
+
+
+def test_parse_pairwise_verdict_checks_a_before_b_before_c():
+    assert parse_pairwise_verdict("[[B]] then [[A]]") == "A"
+    assert parse_pairwise_verdict("[[C]] then [[B]]") == "B"
+    assert parse_pairwise_verdict("[[ A ]]") is None and parse_pairwise_verdict("[A]") is None
+
+
+def test_parse_pairwise_verdict_names_a_reply_that_is_no_string():
+    for reply in (None, b"[[A]]", ["[[A]]"]):
+        with pytest.raises(TypeError, match="text"):
+            parse_pairwise_verdict(reply)
