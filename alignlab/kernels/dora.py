@@ -285,8 +285,9 @@ def _row_norm(weight, a, b, scale: float, factors) -> tuple:
         weight = weight.contiguous()
     data = weight.data if quant else weight
     N, K = shape
-    # the kernel reduces in fp32: a float64 weight takes the reference, which keeps float64
-    fits = K % 2 == 0 if quant else weight.dtype != torch.float64
+    # the kernel reduces in fp32: a float64 weight takes the reference, which keeps float64; so does a weight without
+    # input columns (every norm 0), whose split of the input dimension divided by zero
+    fits = K > 0 and (K % 2 == 0 if quant else weight.dtype != torch.float64)
     if factors is not None:
         magnitude, b_master, dtype = factors
         _check_float(magnitude=magnitude, b_master=b_master)
