@@ -289,18 +289,30 @@ def accumulate_weight_grad(grad_w: torch.Tensor | None, dz: torch.Tensor, h_c: t
     """``grad_w + dZ^T H_c`` for one chunk (``dz`` ``(rows, vocab)``, ``h_c`` ``(rows, hidden)``), in place; with
     ``grad_w`` None, the first chunk, written to a new buffer instead (no weight-sized zero fill).
 
-    float16 sums over the chunks in float32 (and returns float32; autograd casts it to the weight's dtype): its
-    ``dZ`` rows are written at O(1) scale, the mean's ``1/N`` or :func:`_fp16_grad_unit` kept out so that
-    ``g p_v`` does not flush, so ``dW`` grows with the number of tokens and passed 65504 (``inf``) for a label
-    seen in ~1e5 tokens where the gradient of the mean is O(1). Within one chunk the GEMM's float16 output
-    still bounds the sum over that chunk's rows.
+    float16 sums in float32, within a chunk as over the chunks (and returns float32; autograd casts it to the
+    weight's dtype): its ``dZ`` rows are written at O(1) scale, the mean's ``1/N`` or :func:`_fp16_grad_unit`
+    kept out so that ``g p_v`` does not flush, so ``dW`` grows with the number of tokens and passed 65504
+    (``inf``) for a label seen in ~1e5 tokens where the gradient of the mean is O(1) -- also inside one chunk
+    while the chunk's product was written in float16 (:func:`_fp32_product`).
     """
+    if dz.dtype == torch.float16:
+        part = _fp32_product(dz.t(), h_c)
+        return part if grad_w is None else grad_w.add_(part)
     if grad_w is None:
-        part = dz.t() @ h_c
-        return part.float() if dz.dtype == torch.float16 else part
-    if grad_w.dtype != dz.dtype:  # the float16 sum, in float32
-        return grad_w.add_(dz.t() @ h_c)
+        return dz.t() @ h_c
     return grad_w.addmm_(dz.t(), h_c)
+
+
+# CUDA builds have the float32-output overload of mm for 16-bit operands (the CPU one does not run it)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of float16 operands, summed and written in float32: by the GEMM itself on CUDA, else from
+    float32 copies of the operands (the CPU's chunks are small)."""
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def scale_grads_(grads, grad_loss: torch.Tensor, factor: torch.Tensor | float = 1.0) -> list:

@@ -249,12 +249,14 @@ def test_numpy_bool_flags_are_taken_and_strings_still_refused():
             call("no")
 
 
+@pytest.mark.parametrize("chunk_size", [4096, None])
 @pytest.mark.parametrize("entry", ["ce_mean", "logprobs_mean", "grpo_dapo"])
-def test_fp16_weight_gradient_summed_over_many_chunks_stays_finite(torch_mode, entry):
+def test_fp16_weight_gradient_summed_over_many_tokens_stays_finite(torch_mode, entry, chunk_size):
     """float16 dL/dZ rows are written at O(1) scale (the mean's 1/N, or the power-of-two unit, is kept out so that
     g p_v does not flush), so dW = sum_t dZ_t h_t^T grows with the number of tokens: 120k tokens of one label
-    summed to -1.1e5 in the float16 buffer (-inf), where the gradient of the mean is -0.9. Summed over the
-    chunks in float32 it is the float64 gradient rounded to float16."""
+    summed to -1.1e5 in the float16 buffer (-inf), where the gradient of the mean is -0.9. Summed in float32, over
+    the chunks and within each (chunk_size=None: all 120k rows in one chunk, whose product was once written in
+    float16), it is the float64 gradient rounded to float16."""
     from alignlab.losses.cross_entropy import linear_cross_entropy
     from alignlab.losses.fused_rl import fused_linear_grpo
 
@@ -266,15 +268,30 @@ def test_fp16_weight_gradient_summed_over_many_chunks_stays_finite(torch_mode, e
     def grad_w(dtype):
         h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
         if entry == "ce_mean":
-            loss = linear_cross_entropy(h, w, labels, chunk_size=4096).loss
+            loss = linear_cross_entropy(h, w, labels, chunk_size=chunk_size).loss
         elif entry == "logprobs_mean":
-            loss = linear_logprobs(h, w, labels, chunk_size=4096).mean()
+            loss = linear_logprobs(h, w, labels, chunk_size=chunk_size).mean()
         else:
             loss, _ = fused_linear_grpo(h.view(2, n // 2, 4), w, labels.view(2, n // 2), torch.ones(2),
-                                        loss_type="dapo", chunk_size=4096)
+                                        loss_type="dapo", chunk_size=chunk_size)
         (g,) = torch.autograd.grad(loss, [w])
         return g
 
     want, got = grad_w(torch.float64), grad_w(torch.float16)
     assert got.isfinite().all()
     torch.testing.assert_close(got.double(), want.half().double(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_fp16_chunk_product_is_written_in_float32_on_cuda():
+    """The float16 weight-gradient product of one chunk on the GPU: the GEMM's float32 output (mm's out_dtype
+    overload), finite where the float16 output overflows, equal to the float64 product within float32 rounding."""
+    from alignlab.losses.logprobs import _fp32_product
+
+    dz = torch.full((100_000, 8), 1.0, dtype=torch.float16, device="cuda")
+    h = torch.full((100_000, 4), 0.75, dtype=torch.float16, device="cuda")
+    got = _fp32_product(dz.t(), h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), torch.full((8, 4), 75_000.0, dtype=torch.float64), rtol=1e-6,
+                               atol=0)
+    assert not (dz.t() @ h).isfinite().any()  # what the float16 product gave
