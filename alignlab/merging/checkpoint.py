@@ -53,7 +53,7 @@ from torch import Tensor
 from alignlab._checks import as_bool, user_path
 from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder, sibling
 from alignlab.merging import methods as M
-from alignlab.merging.recipe import DTYPES, Recipe, load_recipe, recipe_from_dict
+from alignlab.merging.recipe import DTYPES, EQUAL_INPUTS, Recipe, load_recipe, recipe_from_dict
 
 __all__ = ["SafetensorsCheckpoint", "merge_checkpoints", "merge_tensor"]
 
@@ -263,6 +263,11 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
     (``{"./llama-math": t, ...}``). The arithmetic is float32 (float64 for float64 inputs) and the
     result is rounded once, to ``out_dtype`` (default: the dtype of the first input).
 
+    ``base_model`` plays mergekit's part in each method: the task vectors' origin for task arithmetic, TIES,
+    DARE, breadcrumbs, DELLA and Model Stock, the ``t = 0`` end for SLERP and the instruction model for
+    ChipAlign; for linear and karcher it is one more input (after the listed models, weighted by the recipe-wide
+    ``weight``, else 1) when it is not listed under ``models``, so ``tensors`` needs its copy then too.
+
     Raises:
         ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), an fp8 tensor
             (meaningless without its scale), or what the method raises (shapes, parameters, a float16
@@ -280,9 +285,9 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
             raise ValueError(f"tensor {name!r} of model {str(p)!r} is {t.dtype}: fp8 weights mean something only "
                              f"with their scales, which merge_tensor does not see; {_DEQUANTIZE}")
     method = r.merge_method
-    if method in ("linear", "karcher"):
-        inputs = [tensors[m.path] for m in r.models]
-        weights = [r.value("weight", name, m, 1.0) for m in r.models]
+    if method in EQUAL_INPUTS:  # the base, when not listed, is the last input (mergekit's order)
+        inputs = [tensors[m.path] for m in r.inputs]
+        weights = [r.value("weight", name, m, 1.0) for m in r.inputs]
         if method == "linear":
             return M.linear(inputs, weights, out_dtype=out_dtype,
                             normalize=r.value("normalize", name, default=True))
@@ -341,8 +346,8 @@ def _by_path(r: Recipe, name: str, tensors: Mapping) -> dict[Path, Tensor]:
         raise TypeError(f"tensors must map each model's path to its tensor {name!r}, got {type(tensors).__name__}")
     out = {Path(os.path.expanduser(str(k))) if isinstance(k, (str, os.PathLike)) else k: v
            for k, v in tensors.items()}
-    if r.merge_method in ("linear", "karcher"):  # no base: every listed model is an input
-        needed = [m.path for m in r.models]
+    if r.merge_method in EQUAL_INPUTS:  # no base role: every listed model and an unlisted base are inputs
+        needed = [m.path for m in r.inputs]
     else:
         needed = [r.base_model] + [m.path for m in r.fine_tuned]
     missing = [str(p) for p in dict.fromkeys(needed) if p not in out]

@@ -24,6 +24,12 @@ the top-level ``parameters`` it applies to all models (a per-model value wins).
 As in mergekit, a filter matches the tensor names that contain it (``"*"``: all),
 and a filter list with no entry for a tensor falls through to the top-level
 value, then to the method's default.
+
+``base_model`` is, as in mergekit, the origin of the task vectors (task arithmetic, TIES, DARE, breadcrumbs,
+DELLA, Model Stock), the ``t = 0`` end of SLERP, ChipAlign's instruction model, and for linear and karcher
+(:data:`EQUAL_INPUTS`) one more input: added after ``models`` when it is not listed there, weighted by the
+recipe-wide ``weight`` (:attr:`Recipe.inputs`). Such a recipe that weights its models but not the base is
+refused.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ METHODS: dict[str, tuple[bool, int, int | None]] = {
     "slerp": (True, 1, 1),
     "chipalign": (True, 1, 1),
 }
+
+# methods whose models are all inputs of one kind: a base_model is one of them (added last if not listed), as in
+# mergekit; the other methods take the task vectors (or the SLERP / ChipAlign path) from the base
+EQUAL_INPUTS = frozenset({"linear", "karcher"})
 
 # method name -> (parameters read per model, parameters read once for the whole merge). A per-model
 # parameter may also be given once under the top-level `parameters` (it then applies to every model);
@@ -134,10 +144,22 @@ class Recipe:
 
     @property
     def fine_tuned(self) -> list[ModelEntry]:
-        """The models other than the base (a listed base model is the base, not an input)."""
+        """The models other than the base: what the methods with a base role merge into it (a listed base is
+        the base there, not one of these). Linear and karcher merge :attr:`inputs` instead."""
         if self.base_model is None:
             return list(self.models)
         return [m for m in self.models if m.path != self.base_model]
+
+    @property
+    def inputs(self) -> list[ModelEntry]:
+        """What the methods without a base role (:data:`EQUAL_INPUTS`: linear, karcher) combine: every listed
+        model, in order, then ``base_model`` when it is set and not listed, with no parameters of its own (its
+        ``weight`` is the recipe-wide one). mergekit does the same ("Base model specified but not in input
+        models - adding"): for these methods a base model is one more input, not only the source of the
+        tensor list and side files."""
+        if self.base_model is None or any(m.path == self.base_model for m in self.models):
+            return list(self.models)
+        return [*self.models, ModelEntry(self.base_model)]
 
     def value(self, name: str, tensor: str, model: ModelEntry | None = None, default: Any = None) -> Any:
         """Resolve parameter ``name`` for ``tensor`` (and ``model``), applying name filters.
@@ -297,11 +319,30 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     needs_base, lo, hi = METHODS[method]
     if needs_base and base is None:
         raise ValueError(f"merge_method {method!r} needs a base_model")
+    _check_added_base_weight(recipe)
     n = len(recipe.fine_tuned)
     if n < lo or (hi is not None and n > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
         raise ValueError(f"merge_method {method!r} needs {want} model(s) besides the base, got {n}")
     return recipe
+
+
+def _check_added_base_weight(r: Recipe) -> None:
+    """``ValueError`` for a linear / karcher recipe whose unlisted ``base_model`` would join the merge with a
+    weight nobody wrote: the models carry their own ``weight`` and the recipe sets none for all.
+
+    mergekit's linear refuses that recipe too (``Missing required parameter weight`` for the base); its karcher
+    ignores every weight and averages equally. Without any ``weight`` in the recipe every input, the base
+    included, weighs 1 (alignlab's default; mergekit's linear asks for a weight per model)."""
+    if r.merge_method not in EQUAL_INPUTS or len(r.inputs) == len(r.models):
+        return
+    if "weight" in r.parameters or not any("weight" in m.parameters for m in r.models):
+        return
+    raise ValueError(
+        f"base_model {str(r.base_model)!r} is not listed under models, so {r.merge_method} merges it as one more "
+        "input (as mergekit does), but no weight is set for it: list it under models with its weight, set a "
+        "recipe-wide weight under parameters, or drop base_model (the first model then gives the tensor list "
+        "and the config / tokenizer files)")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
