@@ -61,3 +61,22 @@ def test_triton_interpret_set_after_import_leaves_cpu_tensors_on_the_reference()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALIGNLAB_KERNELS")}
     env["CUDA_VISIBLE_DEVICES"] = ""
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+
+
+def test_kernels_setting_follows_the_environment(monkeypatch):
+    """The cheap read of ALIGNLAB_KERNELS that keys NF4Linear's decode launchers sees every change made through
+    os.environ (monkeypatch.setenv, os.environ[...] =, del), as os.environ.get does."""
+    from alignlab.kernels.dispatch import kernels_setting
+
+    monkeypatch.delenv("ALIGNLAB_KERNELS", raising=False)
+    unset = kernels_setting()
+    assert unset is None
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")
+    torch_value = kernels_setting()
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "triton")
+    triton_value = kernels_setting()
+    assert len({unset, torch_value, triton_value}) == 3
+    monkeypatch.setenv("ALIGNLAB_KERNELS", "torch")
+    assert kernels_setting() == torch_value
+    monkeypatch.delenv("ALIGNLAB_KERNELS")
+    assert kernels_setting() is None
