@@ -53,11 +53,16 @@ def test_launch_matches_reference_across_changing_calls(kernel_device):
         torch.testing.assert_close(got, _ref(x, y, stride, alpha, scale_y), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.cuda
-def test_second_call_takes_the_direct_launcher(monkeypatch):
+@pytest.fixture
+def fresh_launch_cache():
+    """An empty launch cache on a Triton the fast launch is enabled for (else the test is skipped)."""
     if not launch_mod._ENABLED:
         pytest.skip(f"fast launch not enabled for triton {triton.__version__}")
     launch_mod._CACHE.clear()
+
+
+@pytest.mark.cuda
+def test_second_call_takes_the_direct_launcher(monkeypatch, fresh_launch_cache):
     x = torch.randn(512, device="cuda")
     y = torch.randn(512, device="cuda")
     first = _run(x, y, 1, 0.5, False)
@@ -103,13 +108,10 @@ def test_pointers_replace_tensors_only():
 
 
 @pytest.mark.cuda
-def test_direct_c_launch_skips_the_wrapper_until_a_hook_is_registered(monkeypatch):
+def test_direct_c_launch_skips_the_wrapper_until_a_hook_is_registered(monkeypatch, fresh_launch_cache):
     """On the Triton release the direct launch was checked on, a cached launch calls the compiled launcher's C entry
     point (not Triton's Python wrapper) and gives the same bits; with a launch hook registered it goes through the
     wrapper again, and the hook sees the launch."""
-    if not launch_mod._ENABLED:
-        pytest.skip(f"fast launch not enabled for triton {triton.__version__}")
-    launch_mod._CACHE.clear()
     x = torch.randn(1000, device="cuda")
     y = torch.randn(1000, device="cuda")
     first = _run(x, y, 1, 0.5, True)
