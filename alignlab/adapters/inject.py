@@ -537,6 +537,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Deleting the only active adapter activates the first remaining one (the earliest added), with a
     ``UserWarning`` naming it, as PEFT does; the model ran as its bare base before, silently.
 
+    An adapter initialised by PiSSA / OLoRA (``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"``) wrote the residual
+    ``W - s·B₀A₀`` into the base, and the base keeps it after deletion (as in PEFT, whose ``delete_adapter`` does
+    the same): the model left is not the model before :func:`inject`, and a ``UserWarning`` says so. The original
+    ``W`` is not kept (a host copy of every target weight); reload the base weights to get it back.
+
     Raises:
         TypeError: ``name`` is not a str (a list included: one adapter per call).
         ValueError: ``name`` is not an adapter of ``model``.
@@ -545,6 +550,27 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not isinstance(name, str):  # a list failed in a dict lookup ("unhashable type: 'list'"), naming nothing
         raise TypeError(f"name must be one adapter name (a str), got {name!r}; delete adapters one at a time")
     _require_adapters(model, [name])
+    rewritten = _rewritten_bases(model, name)
+    _delete_adapter(model, name)
+    if rewritten:
+        n, _, i = rewritten[0]
+        warnings.warn(f"adapter {name!r} on {n!r} (and {len(rewritten) - 1} more) was initialised with init={i!r}, "
+                      "which wrote the residual W - s·B0A0 into the base: the base keeps it after delete_adapter (as "
+                      "in PEFT), so the model left is not the model before inject; reload the base weights for the "
+                      "original", UserWarning, stacklevel=2)
+
+
+def _rewritten_bases(model: nn.Module, adapter: str | None = None) -> list[tuple[str, str, str]]:
+    """``(layer name, adapter, init)`` for each layer whose base a PiSSA / OLoRA init of ``adapter`` (default: of any
+    adapter) rewrote to the residual ``W - s·BA``."""
+    return [(n, a, i) for n, m in adapter_layers(model) if isinstance(getattr(m, "init", None), dict)
+            for a, i in m.init.items() if (adapter is None or a == adapter)
+            and (i in ("pissa", "olora") or i.startswith("pissa_niter_"))]
+
+
+def _delete_adapter(model: nn.Module, name: str) -> None:
+    """:func:`delete_adapter` without its checks and the residual warning (a failed ``load_adapter`` deletes the
+    adapter it injected, then puts the base weights back itself)."""
     was_active = name in active_adapters(model)
     for lname, layer in _nested_first(list(adapter_layers(model))):
         if name in layer.adapter_names():
@@ -566,7 +592,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if was_active and not active and configs:
         fallback = next(iter(configs))
         warnings.warn(f"adapter {name!r} was active and is deleted: {fallback!r} is now the active adapter (as in "
-                      "PEFT); set_adapter(model, ...) to choose another", UserWarning, stacklevel=2)
+                      "PEFT); set_adapter(model, ...) to choose another", UserWarning, stacklevel=3)
         set_adapter(model, fallback)
 
 
@@ -590,8 +616,7 @@ def disabled(model: nn.Module):
     merged = [n for n, m in adapter_layers(model) if m.merged]
     if merged:
         raise ValueError(f"cannot disable adapters merged into the base (e.g. {merged[0]!r}); call unmerge(model) first")
-    rewritten = [(n, a, i) for n, m in adapter_layers(model) if isinstance(getattr(m, "init", None), dict)
-                 for a, i in m.init.items() if i in ("pissa", "olora") or i.startswith("pissa_niter_")]
+    rewritten = _rewritten_bases(model)
     if rewritten:
         n, a, i = rewritten[0]
         warnings.warn(f"adapter {a!r} on {n!r} (and {len(rewritten) - 1} more) was initialised with init={i!r}, which "

@@ -613,9 +613,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             config.ensure_weight_tying = False
         _copy_into(model, state, adapter_name)
     except ValueError:
-        from alignlab.adapters.inject import delete_adapter
+        from alignlab.adapters.inject import _delete_adapter
 
-        delete_adapter(model, adapter_name)
+        _delete_adapter(model, adapter_name)  # the residual warning would be wrong: the weights go back next
         for restore in rewritten.values():
             restore()
         for p in model.parameters():  # inject froze the base: leave the model as it was
