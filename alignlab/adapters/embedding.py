@@ -532,7 +532,8 @@ def token_row_plan(model: nn.Module, spec, lora_targets=(), ensure_weight_tying:
             rows = int(_base(module).weight.shape[0])
             bad = [i for i in ids if i >= rows]
             if bad:
-                raise ValueError(f"trainable_token_indices: ids {bad} are out of range for {name!r} ({rows} rows)")
+                raise ValueError(f"trainable_token_indices: ids {bad} are out of range for {name!r} ({rows} rows); "
+                                 "for new tokens, call model.resize_token_embeddings(len(tokenizer)) before inject")
             if name in rows_of and rows_of[name] != ids:
                 raise ValueError(f"trainable_token_indices: {name!r} is selected twice, with ids {rows_of[name]} and {ids}")
             rows_of[name] = ids

@@ -27,6 +27,7 @@ from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry
                                       saved_module_matches)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
+from alignlab.adapters.resize_guard import guard_resize_token_embeddings, unguard_resize_token_embeddings
 from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys, forget_ties
 
 CONFIGS_ATTR = "alignlab_adapter_configs"
@@ -301,6 +302,7 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
         attach(model, adapter_name)
     _match_modes(model, before)
     follow_adapters_in_tied_keys(model)  # transformers' tie_weights / save_pretrained name the tied tables by path
+    guard_resize_token_embeddings(model)  # resizing under adapters over the vocabulary tables: see resize_guard
     heads = _output_head_names(model)
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) and (name in heads or name.split(".")[-1] in heads):
@@ -765,6 +767,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
+    unguard_resize_token_embeddings(model)
     return wrapper
 
 
