@@ -179,7 +179,7 @@ class LoRAConfig:
 
     # -- trainable token rows: checked before any layer is built, added after the LoRA layers -----------
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
-        _warn_embedding_read_elsewhere(model, targets)
+        warn_embedding_read_elsewhere(model, targets)
         if self.ensure_weight_tying:
             from alignlab.adapters.embedding import check_heads_can_tie
 
@@ -283,11 +283,12 @@ def layer_selected(config, name: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _warn_embedding_read_elsewhere(model: nn.Module, targets: list[str]) -> None:
-    """``RuntimeWarning`` for LoRA on the input embedding when other, untargeted embedding modules hold its table:
-    the update reaches only calls of the targeted module. transformers 5's T5 keeps ``encoder.embed_tokens`` and
-    ``decoder.embed_tokens`` beside ``shared`` over one table, and only they run in forward, so LoRA on ``shared``
-    (as PEFT builds it too) trains nothing and changes no output."""
+def warn_embedding_read_elsewhere(model: nn.Module, targets: list[str], saved: bool = False) -> None:
+    """``RuntimeWarning`` for LoRA on the input embedding (``saved``: a ``modules_to_save`` copy of it) when other,
+    untargeted embedding modules hold its table: the update reaches only calls of the targeted module. transformers
+    5's T5 keeps ``encoder.embed_tokens`` and ``decoder.embed_tokens`` beside ``shared`` over one table, and only they
+    run in forward, so LoRA on ``shared``, or a trained copy of it (as PEFT builds both), trains nothing and changes no
+    output."""
     source = hf_embedding(model)
     modules = dict(model.named_modules())
     for name in targets:
@@ -299,9 +300,11 @@ def _warn_embedding_read_elsewhere(model: nn.Module, targets: list[str]) -> None
         if others:
             import warnings
 
-            warnings.warn(f"LoRA on the embedding {name!r}: its table is also held by {others}, which keep the frozen "
-                          f"table; the update acts only where {name!r} itself is called (on T5, 'shared' is not: target "
-                          "'embed_tokens' instead)", RuntimeWarning, stacklevel=4)
+            what, acts, hint = (("modules_to_save: the embedding", "the trained copy acts", "name")
+                                if saved else ("LoRA on the embedding", "the update acts", "target"))
+            warnings.warn(f"{what} {name!r}: its table is also held by {others}, which keep the frozen table; {acts} "
+                          f"only where {name!r} itself is called (on T5, 'shared' is not: {hint} 'embed_tokens' "
+                          "instead)", RuntimeWarning, stacklevel=4)
 
 
 def check_modules_to_save(modules_to_save) -> list[str] | None:

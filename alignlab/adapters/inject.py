@@ -24,7 +24,7 @@ from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
-                                      saved_module_matches)
+                                      saved_module_matches, warn_embedding_read_elsewhere)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
 from alignlab.adapters.resize_guard import guard_resize_token_embeddings, unguard_resize_token_embeddings
@@ -278,6 +278,7 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
     if getattr(config, "rewrites_base_weight", False):
         _refuse_rewriting_shared_weights(model, config, targets, warn_only=from_file)
     saved = _match_modules_to_save(model, config)   # before any change: a bad name leaves the model as it was
+    warn_embedding_read_elsewhere(model, saved, saved=True)
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
         prepare(model, targets, adapter_name)
