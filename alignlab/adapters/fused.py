@@ -65,6 +65,12 @@ DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", True)
 DY_PASS_MIN_ROWS, DY_PASS_MIN_COLS = 4096, 2048
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t (..., n)`` as ``(tokens, n)``. Not ``reshape(-1, n)``: with ``n`` 0 (a layer without inputs or outputs)
+    the ``-1`` is ambiguous and torch raises."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``; no call into torch when it already is (a no-op ``Tensor.to`` still costs ~1-2 us of
     host time, and these run several times per layer and step)."""
@@ -194,7 +200,7 @@ def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tens
 
 
 def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, cast):
-    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+    x2 = _to(_rows(x), dtype)
     if cast is not None:  # the caller's cached casts of a and b (LoRALinear keeps them per parameter version)
         return x2, cast[0], cast[1]
     return x2, a.to(dtype), b.to(dtype)
@@ -241,13 +247,13 @@ class _LoRAFn(torch.autograd.Function):
 
 def _is_view_of(x2: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether ``x2`` (``x`` reshaped to rows, in the compute dtype) shares ``x``'s memory: saving ``x`` then costs
-    nothing more, and ``x2`` is ``x.reshape(-1, in)`` again in backward."""
+    nothing more, and ``x2`` is ``_rows(x)`` again in backward."""
     return x2.dtype == x.dtype and x2.data_ptr() == x.data_ptr()
 
 
 def _saved_rows(ctx, x: torch.Tensor) -> torch.Tensor:
     """The ``(tokens, in)`` input in the compute dtype from what forward saved (``x`` itself, or its cast copy)."""
-    return x.reshape(-1, x.shape[-1]) if ctx.x_is_input else x
+    return _rows(x) if ctx.x_is_input else x
 
 
 def _graph_input(ctx, x: torch.Tensor, what: str) -> torch.Tensor:
@@ -258,7 +264,7 @@ def _graph_input(ctx, x: torch.Tensor, what: str) -> torch.Tensor:
             f"but only a copy of the {ctx.x_dtype} input was kept (cast to the compute dtype, or made contiguous: it "
             "saves memory); for second derivatives set exact_fp32=True on the layer (LoRAConfig(exact_fp32=True): "
             "the unfused path), or give the input in the compute dtype")
-    return x.reshape(-1, x.shape[-1])
+    return _rows(x)
 
 
 def _graph_weight(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -287,7 +293,7 @@ def _backward_graph(ctx, gy, x, dense_w, bias, a, b, dtype: torch.dtype, magnitu
     x2 = _graph_input(ctx, x, "DoRA" if dora else "LoRA").to(dtype)
     weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
     ac, bc = a.to(dtype), b.to(dtype)
-    gy = gy.reshape(-1, gy.shape[-1]).to(dtype)
+    gy = _rows(gy).to(dtype)
     gz = gy * dora_gain(magnitude, norm).to(dtype) if dora else gy  # ∂L/∂z; the gain is differentiable in m
     gb = (gz @ bc) * scale  # (tokens, r)
     dx = dw = dbias = da = db = dm = None
@@ -321,7 +327,7 @@ def _lora_backward(ctx, gy):
     x, dense_w, ac, bc, xa, *_ = ctx.saved_tensors
     x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-    g = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
+    g = _to(_rows(gy), ac.dtype)
     need = ctx.needs_input_grad
     dx, da, db = _lora_grads(g, x2, weight, ac, bc, xa, ctx.scale, ctx.b_scaled, need[0], need[3], need[4],
                              *ctx.ab_dtypes)
@@ -422,7 +428,7 @@ def _dora_backward(ctx, gy):
     x, dense_w, ac, bgs, xa, y, magnitude, bias, g, gs, *_ = ctx.saved_tensors
     x2 = _saved_rows(ctx, x)
     weight = ctx.quant_w if ctx.quant_w is not None else dense_w
-    gy = _to(gy.reshape(-1, gy.shape[-1]), ac.dtype)
+    gy = _to(_rows(gy), ac.dtype)
     need = ctx.needs_input_grad
     dx, da, db, dm = _dora_grads(gy, x2, weight, ac, bgs, xa, y, magnitude, bias, g, gs, need[0], need[3], need[4],
                                  need[5], *ctx.dtypes[:2])
@@ -534,7 +540,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
             or (bias is not None and bias.requires_grad)):
         return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast, out_dtype)
     if functorch_active():  # torch.func.grad / vmap / jvp cannot transform the Function: plain differentiable ops
-        x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+        x2 = _to(_rows(x), dtype)
         y = _plain_base(x2, weight, bias, dtype) + ((x2 @ a.to(dtype).T) @ b.to(dtype).T) * scale
         return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
@@ -637,7 +643,7 @@ def lora_linear_op(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torc
     there). Gradients for ``x``, ``a``, ``b``; a dense ``weight`` and ``bias`` must not require grad (the caller's
     plain path covers those). Output in ``x.dtype``."""
     dense_w, quant_w = _split(weight)
-    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+    x2 = _to(_rows(x), dtype)
     y, _ = torch.ops.alignlab.lora_forward(x2, dense_w, *_nf4_fields(quant_w), bias, a, b, float(scale))
     return _to(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
@@ -714,7 +720,7 @@ def dora_linear_op(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torc
     ``alignlab::dora_backward``, for traced code, as :func:`lora_linear_op` (gradients for ``x``, ``a``, ``b`` and
     ``magnitude``)."""
     dense_w, quant_w = _split(weight)
-    x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+    x2 = _to(_rows(x), dtype)
     y = torch.ops.alignlab.dora_forward(x2, dense_w, *_nf4_fields(quant_w), bias, a, b, magnitude, float(scale))[0]
     return _to(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
@@ -747,7 +753,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     if functorch_active():  # as lora_linear: plain differentiable ops, the norm a constant
         from alignlab.adapters.dora import dora_gain
 
-        x2 = _to(x.reshape(-1, x.shape[-1]), dtype)
+        x2 = _to(_rows(x), dtype)
         z = _plain_base(x2, weight, None, dtype) + ((x2 @ a.to(dtype).T) @ b.to(dtype).T) * scale
         y = z * dora_gain(magnitude, norm).to(dtype)
         y = y if bias is None else y + bias.to(dtype)

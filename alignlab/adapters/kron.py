@@ -52,6 +52,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
+    if dimension == 0:  # a linear without inputs or outputs: (0, 1), m ≤ n, as PEFT splits it (files interchange)
+        return 0, 1
     limit = dimension if factor <= 0 else factor
     best = (1, dimension)
     for m in range(2, math.isqrt(dimension) + 1):

@@ -40,7 +40,7 @@ from alignlab.adapters.base import (AdapterLayer, check_adapter_name, dense_weig
 from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerged_weight, dora_weight_norm,
                                    kept_merge_norm)
 from alignlab.adapters import fused
-from alignlab.adapters.fused import (_autocast_dtype, dora_linear, dora_norm, functorch_active, lora_linear,
+from alignlab.adapters.fused import (_autocast_dtype, _rows, dora_linear, dora_norm, functorch_active, lora_linear,
                                      dora_linear_op, lora_linear_op)
 from alignlab.quant.linear import NF4Linear
 
@@ -339,7 +339,7 @@ class LoRALinear(AdapterLayer):
             if self.is_dora(name):
                 out = (out + self._dora(x, xa, out, name, a, b)).to(out.dtype)
             elif a.dtype == out.dtype:  # one GEMM adds s·(xA)Bᵀ into out in its epilogue: no extra pass
-                flat = out.reshape(-1, out.shape[-1])
+                flat = _rows(out)  # not reshape(-1, out): a layer may have no outputs
                 # in out's dtype: under autocast the addmm runs in 16 bits, and a base that returns its input's
                 # dtype (NF4Linear) keeps it, as on the fused path
                 out = torch.addmm(flat, F.linear(xa, a).reshape(-1, a.shape[0]), b.T,

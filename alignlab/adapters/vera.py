@@ -179,7 +179,9 @@ class VeRAConfig:
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             in_features, out_features = linear_features(base)
             shapes.append((out_features, in_features))
-        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        # at least 1 wide: where every target lacks inputs (or outputs) each reads an empty slice of it, and a
+        # width of 0 has no Kaiming bound (PEFT divides by it: ZeroDivisionError)
+        out_max, in_max = max(1, *(s[0] for s in shapes)), max(1, *(s[1] for s in shapes))
         self._projections = VeRAProjections(self.r, in_max, out_max, self.projection_prng_key)
 
     def _shared(self) -> VeRAProjections:
