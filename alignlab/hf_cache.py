@@ -27,12 +27,23 @@ CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
 @functools.lru_cache(maxsize=None)
-def _declared_cache_keyword(cls: type) -> str:
+def _declared_cache_keyword(cls: type) -> str | None:
     try:
         params = inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):  # a forward without a readable signature: assume the long-lived name
-        return "past_key_values"
-    return next((k for k in CACHE_KEYWORDS if k in params), "past_key_values")
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return None
+    return next((k for k in CACHE_KEYWORDS if k in params), None)
+
+
+def _wrapped_model(model: nn.Module) -> nn.Module | None:
+    """The model a pass-through wrapper hands its keyword arguments to: ``torch.compile``'s ``_orig_mod``,
+    (Distributed)DataParallel's ``module``, a PEFT model's ``get_base_model()``; None for anything else."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        inner = model.module
+    if inner is None and callable(getattr(model, "get_base_model", None)):
+        inner = model.get_base_model()
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -40,9 +51,17 @@ def cache_keyword(model: nn.Module) -> str:
 
     ``"cache"`` where the forward declares it (transformers ≥ 5.24), otherwise
     ``"past_key_values"`` (older releases, and models outside transformers).
+    A wrapper whose forward declares neither (``torch.compile``, a PEFT model,
+    DataParallel) passes the keyword on: the model inside it decides, else
+    the deprecated name went to a model that takes ``cache``.
     Read once per model class.
     """
-    return _declared_cache_keyword(type(model))
+    while True:
+        keyword = _declared_cache_keyword(type(model))
+        inner = _wrapped_model(model) if keyword is None else None
+        if inner is None:
+            return keyword or "past_key_values"
+        model = inner
 
 
 def find_cache(kwargs: dict) -> tuple[str | None, object]:
