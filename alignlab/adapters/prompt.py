@@ -189,6 +189,7 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
         if len(args) > 1:
             raise ValueError("soft prompts: pass everything but input_ids as keyword arguments")
         kwargs["input_ids"] = args[0]
+    _check_2d_mask(kwargs.get("attention_mask"))
     cache_key, cache = find_cache(kwargs)
     if kwargs.get("use_cache") is False and cache is not None:
         # generate(use_cache=False) still hands back the cache the previous step returned (ours, for prefix
@@ -240,6 +241,15 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = embeds
     return (), kwargs
+
+
+def _check_2d_mask(mask: torch.Tensor | None) -> None:
+    # the virtual tokens are added as columns of ones to a (batch, seq) padding mask; a prepared 4-D mask (which
+    # generate builds for a static cache) would need rows and columns for them, and its length is the static cache's
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"soft prompts need a 2-D attention_mask (batch, seq), got shape {tuple(mask.shape)}: "
+                         "generate(cache_implementation='static') and hand-built 4-D masks are not supported with "
+                         "prompt or prefix tuning; use generate's default (dynamic) cache and a padding mask")
 
 
 def _refuse_checkpointed_prefix(model: nn.Module) -> None:
