@@ -417,6 +417,19 @@ def _kept(name: str, keep: Iterable[str]) -> bool:
     return False
 
 
+def _last_parameter_module(model: nn.Module) -> set[str]:
+    """The module holding a ``transformers`` model's last parameter, which ``transformers`` + ``bitsandbytes`` keep
+    dense besides the output embeddings (``get_keys_to_not_convert``): a classifier's head, e.g. a reward model's
+    ``score``. Their rule exactly: the name loses only a ``.weight`` suffix, so a last parameter that is a bias (BERT's
+    ``classifier.bias``) names no module and the head is quantized there too, as in their 4-bit checkpoints."""
+    if not callable(getattr(model, "get_output_embeddings", None)):  # not a transformers model
+        return set()
+    last = None
+    for last, _ in model.named_parameters():
+        pass
+    return set() if last is None or not last.endswith(".weight") else {last.removesuffix(".weight")}
+
+
 def _untie_quantized(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     """Warn where a weight to quantize is tied to a tensor of another module (``quantize_head=True`` on a model
     whose ``lm_head`` shares the input embedding): the NF4 layer holds its own copy, so the tie is gone, and
@@ -492,7 +505,9 @@ def quantize_model(
     ``(out, in)`` matrix, so it computes the same map and its codes are those of that matrix.
 
     The output head (``model.get_output_embeddings()`` for HF models, else a module named
-    ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``. So do the
+    ``lm_head``) stays in full precision, as in QLoRA, unless ``quantize_head=True``; so does, in a
+    ``transformers`` model, the module of its last ``….weight`` parameter (a classifier's ``score``: a reward
+    model's head), as ``transformers`` + ``bitsandbytes`` keep it, so their 4-bit checkpoints load. So do the
     modules a ``transformers`` model lists in ``_keep_in_fp32_modules`` (T5's ``wo``, whose forward
     reads ``wo.weight.dtype``), as ``transformers`` + ``bitsandbytes`` leave them. ``skip``
     names further modules to leave alone (full dotted name, last component, dotted suffix or an
@@ -554,7 +569,7 @@ def quantize_model(
     if experts and calibrate is not None:
         raise ValueError(f"calibrate={calibrate!r} is not supported for expert weights (e.g. {experts[0][0]!r}); "
                          "pass skip=['experts'] to keep them dense, or calibrate=None")
-    head = set() if quantize_head else _output_head_names(model)
+    head = set() if quantize_head else _output_head_names(model) | _last_parameter_module(model)
     targets = [(name, m) for name, m in linears if not leave(m, head)]
     # everything is checked before anything is replaced: a refused module leaves the model as it was
     for name, module in targets + experts:
