@@ -374,8 +374,12 @@ def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
 
 
 def _check_decoder_only(raw: dict) -> None:
-    if peft_field(raw, "num_transformer_submodules", "int", 1) != 1:
-        raise ValueError("adapter_config.json: only decoder-only models (num_transformer_submodules=1) are supported")
+    submodules = peft_field(raw, "num_transformer_submodules", "int", 1)
+    if submodules != 1:
+        raise ValueError(f"adapter_config.json: num_transformer_submodules={submodules} is PEFT's encoder-decoder layout "
+                         f"(task_type {raw.get('task_type')!r}, SEQ_2_SEQ_LM: virtual tokens for the encoder and the "
+                         "decoder), which alignlab's prompt and prefix tuning do not implement; decoder-only and "
+                         "encoder-only models (num_transformer_submodules=1) are supported")
 
 
 #: the PEFT task types whose wrappers prepend a soft prompt (a plain ``PeftModel``, task type None, runs the
