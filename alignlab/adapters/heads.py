@@ -148,7 +148,8 @@ def select_heads(
         ``[(layer_index, head_index), ...]`` best first.
     Raises:
         ValueError: bad fraction/steps, an lr that is not a positive finite number, empty data, batches without
-            a loss, or a probe that diverged (non-finite weights, so non-finite scores).
+            a loss, a probe that diverged (non-finite weights, so non-finite scores), or a quantized attention
+            projection (the probe trains them).
     """
     steps = check_positive_int(steps, "steps")
     _check_fraction(fraction)
@@ -178,8 +179,27 @@ def select_heads(
     return top_heads(scores, fraction)
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _trainable_weight(block: AttentionBlock, proj: str) -> nn.Parameter:
+    """The dense weight of ``block``'s projection ``proj``, which ALPS trains in place.
+
+    Raises:
+        ValueError: a quantized projection (an ``NF4Linear``'s ``weight`` is a dequantizing view of frozen codes: the
+            probe's backward failed inside torch, and ``restrict_to_heads`` left nothing trainable).
+    """
+    w = _weight(getattr(block.module, proj))
+    if not isinstance(w, nn.Parameter) or not w.is_floating_point():
+        raise ValueError(f"{block.name}.{proj} is quantized ({type(getattr(block.module, proj)).__name__}): ALPS trains "
+                         "the selected slices of the attention weights in place, and a quantized weight cannot train; "
+                         "keep the attention projections dense (quantize_model(..., skip=['q_proj', 'k_proj', "
+                         "'v_proj', 'o_proj'])) or train an adapter on them instead")
+    return w
+
+
 def _attention_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [_weight(getattr(b.module, p)) for b in attention_blocks(model) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return [_trainable_weight(b, p) for b in attention_blocks(model) for p in _PROJECTIONS]
 
 
 def _row_mask(n_rows: int, heads: set[int], d: int, device) -> torch.Tensor:
@@ -212,10 +232,12 @@ def restrict_to_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> lis
 
     Raises:
         ValueError: an entry that is not a ``(layer, head)`` pair of ints, or one outside the model (an entry that is
-            no sequence of ints is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too).
+            no sequence of ints is an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too); a quantized
+            attention projection (nothing of it can train), before the model is changed.
     """
     blocks = attention_blocks(model)
     chosen = _chosen_heads(blocks, heads)
+    _attention_parameters(model)  # refuses a quantized projection before anything is frozen
     for p in model.parameters():
         p.requires_grad_(False)
     handles = []
