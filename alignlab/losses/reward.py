@@ -192,13 +192,14 @@ def whiten(
 
 
 def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
+    # checked before the empty-batch shortcut, which took any string
+    if not (isinstance(reduction, str) and reduction in ("mean", "sum", "none")):
+        raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
     if reduction == "none":
         return per_example
     if reduction == "sum" or per_example.numel() == 0:
         return per_example.sum()
-    if reduction == "mean":
-        return per_example.mean()
-    raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
+    return per_example.mean()
 
 
 # ------------------------------------------------------------------------------------------------------------------
