@@ -60,7 +60,11 @@ def _float(name: str, t: torch.Tensor, dim: int | tuple[int, ...] | None = None)
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     dims = (dim,) if isinstance(dim, int) else dim
     if dims is not None and t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), got shape {tuple(t.shape)}")
+        # a sequence-classification head's logits are (batch, 1): the scalar rewards are their one column
+        hint = ("; a reward model's (batch, 1) score logits give the rewards as .squeeze(-1)"
+                if dims == (1,) and t.dim() == 2 and t.shape[-1] == 1 else "")
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), got shape {tuple(t.shape)}"
+                         f"{hint}")
     return t
 
 
