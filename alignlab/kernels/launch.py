@@ -125,22 +125,26 @@ def _direct(compiled):
     return run.launch, run.launch_cooperative_grid, run.launch_pdl
 
 
-def _fire(entry: tuple, grid: tuple, stream: int, args: tuple) -> None:
-    """Launch the cached ``entry`` (``(compiled, constexpr tail, _direct(compiled))``) on ``grid`` with ``args``, its
-    runtime arguments with tensors as pointers: directly where :func:`_direct` allows it and no launch hook is
-    registered at the time of the call, else through Triton's launcher as Triton's own ``run`` calls it."""
+def _grid3(grid: tuple) -> tuple[int, int, int]:
+    """A grid of 1-3 ints as the three the launcher takes."""
+    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+
+def _fire(entry: tuple, grid: tuple[int, int, int], stream: int, args: tuple) -> None:
+    """Launch the cached ``entry`` (``(compiled, constexpr tail, _direct(compiled))``) on ``grid`` (:func:`_grid3`)
+    with ``args``, its runtime arguments with tensors as pointers: directly where :func:`_direct` allows it and no
+    launch hook is registered at the time of the call, else through Triton's launcher as Triton's own ``run`` calls
+    it."""
     compiled, tail, direct = entry
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
     hooks = triton.knobs.runtime
     enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     if direct is not None and _silent(enter) and _silent(leave):
         c_launch, coop, pdl = direct
-        c_launch(grid[0], g1, g2, stream, compiled.function, coop, pdl, None, None, compiled.packed_metadata, None,
-                 None, None, *args, *tail)
+        c_launch(*grid, stream, compiled.function, coop, pdl, None, None, compiled.packed_metadata, None, None, None,
+                 *args, *tail)
         return
     full = (*args, *tail)
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
 
 
@@ -166,7 +170,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
             return  # defaults or something unusual: leave every call of this key to Triton
         _CACHE[key] = (compiled, tuple(meta[n] for n in names), _direct(compiled))
         return
-    _fire(entry, grid, torch._C._cuda_getCurrentRawStream(device), pointers(args))
+    _fire(entry, _grid3(grid), torch._C._cuda_getCurrentRawStream(device), pointers(args))
 
 
 def bind(kernel, grid: tuple, args: tuple, meta: dict):
@@ -183,6 +187,6 @@ def bind(kernel, grid: tuple, args: tuple, meta: dict):
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
         return None
     entry = _CACHE.get((kernel, torch.cuda.current_device(), tuple(meta.items()), _key(args)))
-    return None if entry is None else functools.partial(_fire, entry, grid)
+    return None if entry is None else functools.partial(_fire, entry, _grid3(grid))  # the grid padded once
 
 

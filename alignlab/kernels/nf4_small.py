@@ -696,10 +696,12 @@ def _x_aligned(which: str, x: torch.Tensor, meta: dict, row: int | None = None) 
 def _kernel_args(which: str, x, state: tuple, y, ws, cnt, bias, M: int, row: int, scalars: tuple) -> tuple:
     """The runtime arguments of :func:`_gemv_kernel` / :func:`_dot_kernel` (a missing bias is passed as ``y``,
     unused under ``HAS_BIAS=False``; ``row`` is the stride between rows of ``x``)."""
-    b = bias if bias is not None else y
-    if which == "gemv":
-        return (x, *state, y, ws, cnt, b, *scalars)
-    return (x, *state, y, ws, cnt, b, M, *scalars[:3], row, *scalars[3:])
+    return (x, *state, y, ws, cnt, bias if bias is not None else y, *_scalar_args(which, M, row, scalars))
+
+
+def _scalar_args(which: str, M: int, row: int, scalars: tuple) -> tuple:
+    """The int arguments after the pointers in :func:`_kernel_args`' tuple."""
+    return scalars if which == "gemv" else (M, *scalars[:3], row, *scalars[3:])
 
 
 def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
@@ -746,7 +748,7 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     # the arguments as go takes them: pointers, those of the weight's tensors and of the kept counters and workspace
     # once here (the tensors are held by run.keep below: a kept workspace outgrown by a larger call is replaced in
     # _WS, and this runner's must stay allocated)
-    state_ptrs, rest = pointers(state), _kernel_args(which, 0, (), 0, 0, 0, 0, M, row, scalars)[5:]
+    state_ptrs, rest = pointers(state), _scalar_args(which, M, row, scalars)
     cnt_ptr = None if split == 1 else cnt.data_ptr()
     ws_ptr = None if pooled is None else pooled.data_ptr()
     stream = torch._C._cuda_getCurrentRawStream(device.index)
