@@ -45,13 +45,11 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_switch
-from alignlab.kernels.dispatch import functorch_active
+from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["lora_linear", "lora_linear_op", "dora_linear", "dora_linear_op", "functorch_active"]
 
-# CUDA builds have the fp32-output overload of mm for 16-bit operands (the CPU one does not)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 # The rank-r term inside an NF4 base's GEMM, by widening its reduction dimension by r (see _widen): on by default
 # (H100, 2026-12-05: benchmarks/adapter_epilogue.py and qlora_step.py, see RESULTS.md); ALIGNLAB_LORA_WIDE_K=0 off
 WIDE_K = env_switch("ALIGNLAB_LORA_WIDE_K", True)
@@ -81,7 +79,7 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """``a @ b`` returned in ``dtype``: written in fp32 by the GEMM itself on CUDA, else rounded then cast."""
     if a.dtype == dtype:
         return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE and dtype == torch.float32:
+    if a.is_cuda and MM_OUT_DTYPE and dtype == torch.float32:
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
 

@@ -24,6 +24,9 @@ import os
 import torch
 
 _MODES = ("auto", "torch", "triton")
+# CUDA builds have the float32-output overload of mm for 16-bit operands (``torch.mm(a, b, out_dtype=...)``; the
+# CPU build lists it but does not run it): callers test ``a.is_cuda and MM_OUT_DTYPE``
+MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def kernel_mode() -> str:

@@ -29,6 +29,7 @@ import math
 import torch
 
 from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_int
+from alignlab.kernels.dispatch import MM_OUT_DTYPE
 from alignlab.kernels.linear_logprobs import RowStats, check_label_range, chunk_softmax_grad_
 
 __all__ = [
@@ -303,14 +304,10 @@ def accumulate_weight_grad(grad_w: torch.Tensor | None, dz: torch.Tensor, h_c: t
     return grad_w.addmm_(dz.t(), h_c)
 
 
-# CUDA builds have the float32-output overload of mm for 16-bit operands (the CPU one does not run it)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
 def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of float16 operands, summed and written in float32: by the GEMM itself on CUDA, else from
     float32 copies of the operands (the CPU's chunks are small)."""
-    if a.is_cuda and _MM_OUT_DTYPE:
+    if a.is_cuda and MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
