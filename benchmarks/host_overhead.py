@@ -78,6 +78,10 @@ def main():
     holder.lin = NF4Linear.from_linear(lin)
     inject(holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
     lora = holder.lin
+    dora_holder = nn.Module()
+    dora_holder.lin = NF4Linear.from_linear(lin)
+    inject(dora_holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"], use_dora=True))
+    dora = dora_holder.lin
     dense_holder = nn.Module()
     dense_holder.lin = nn.Linear(args.k, args.n, bias=False, device=dev, dtype=dt).requires_grad_(False)
     inject(dense_holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
@@ -104,6 +108,8 @@ def main():
         "LoRA on NF4Linear (QLoRA), x needs no grad": lambda: lora(x),
         "LoRA on NF4Linear (QLoRA), x needs grad": lambda: lora(xg),
         "LoRA on NF4Linear (QLoRA), torch.no_grad()": lambda: _no_grad(lora, x),
+        "DoRA on NF4Linear (QDoRA), x needs grad": lambda: dora(xg),
+        "DoRA on NF4Linear (QDoRA), torch.no_grad()": lambda: _no_grad(dora, x),
     }
     out = {}
     for name, fn in rows.items():

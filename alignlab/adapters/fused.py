@@ -46,6 +46,7 @@ import torch
 
 from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active
+from alignlab.quant import linear as _qlinear
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["lora_linear", "lora_linear_op", "dora_linear", "dora_linear_op", "functorch_active"]
@@ -61,6 +62,7 @@ WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened for
 # hence the column bound; below 4096 rows the step is host-bound, as for WIDE_K
 DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", True)
 DY_PASS_MIN_ROWS, DY_PASS_MIN_COLS = 4096, 2048
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -102,15 +104,20 @@ def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None, row_scale
     """
     if isinstance(weight, NF4Tensor):
         from alignlab.kernels.nf4_dequant import nf4_dequant
-        from alignlab.kernels.nf4_matmul import SMALL_M, nf4_matmul
+        from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul
 
         bias = None if bias is None else bias.to(x2.dtype)
-        if row_scale is None:
-            return nf4_matmul(x2, weight, bias)
-        if x2.shape[0] > SMALL_M:
+        rows = x2.shape[0]
+        if row_scale is not None and rows > SMALL_M:
             w = nf4_dequant(weight, x2.dtype, row_scale.float())
             return x2 @ w.T if bias is None else torch.addmm(bias, x2, w.T)
-        y = nf4_matmul(x2, weight).mul_(row_scale.to(x2.dtype))
+        # decode-sized inputs through the launcher kept on the packed weight (~one launch of host work, as
+        # NF4Linear's own decode path); the product is the same either way
+        product = decode_matmul if (rows <= DECODE_ROWS and x2.is_cuda and x2.dtype in _HALF and
+                                    _qlinear.DECODE_LAUNCHERS and not torch.compiler.is_compiling()) else nf4_matmul
+        if row_scale is None:
+            return product(x2, weight, bias)
+        y = product(x2, weight).mul_(row_scale.to(x2.dtype))
         return y if bias is None else y.add_(bias)
     if weight.dtype != x2.dtype:  # a dense weight in another dtype (an explicit dtype, autocast): cast per call
         weight = weight.to(x2.dtype)

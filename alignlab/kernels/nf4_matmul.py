@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_count, env_switch
-from alignlab.kernels.dispatch import functorch_active, interpreted_bf16_dot, interpreting, use_triton
+from alignlab.kernels.dispatch import functorch_active, interpreted_bf16_dot, interpreting, kernels_setting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
 from alignlab.kernels.nf4_configs import takes_small
@@ -59,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["nf4_matmul", "nf4_matmul_t", "decode_runner", "LARGE_M", "SMALL_M"]
+__all__ = ["nf4_matmul", "nf4_matmul_t", "decode_matmul", "decode_runner", "LARGE_M", "SMALL_M"]
 
 SMALL_M = 16
 # Row count from which dequantize + cuBLAS beats the fused kernel (measured on H100, see module doc).
@@ -412,6 +412,54 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
     if PIPELINE_CHUNKS > 1 or not (K % 2 or M >= LARGE_M):  # nf4_matmul's other paths: no runner
         return None
     return _dequant_runner(t, x.dtype)
+
+
+DECODE_ROWS = 64  # inputs with more rows never take a kept launcher: no lookup for them
+
+
+def runner_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a kept launcher depends on for a CUDA input ``x``: its shape, strides, dtype and alignment, its device
+    and current stream, the bias dtype and ``ALIGNLAB_KERNELS`` (a flip re-dispatches)."""
+    dev = x.get_device()
+    return (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
+            None if bias is None else bias.dtype, kernels_setting())
+
+
+def kept_runner(t: NF4Tensor, key: tuple):
+    """The launcher kept on ``t`` for ``key``; None where that layout is known to take another path; False where
+    none was kept yet."""
+    runners = t.__dict__.get("_runners")
+    return False if runners is None else runners.get(key, False)
+
+
+def keep_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
+    """After a call of :func:`nf4_matmul` on ``x`` that found no launcher for ``key``: keep one on the packed
+    weight ``t`` (so it goes with it) where :func:`decode_runner` has one for this ``x``, else None, so that this
+    layout skips the step from then on. ``bias``: None or in ``x``'s dtype (the launcher adds it as it is)."""
+    run = decode_runner(x, t, bias)
+    if run is None and torch.cuda.is_current_stream_capturing():
+        return  # no launcher is made during capture: the next call outside it may still get one
+    runners = t.__dict__.setdefault("_runners", {})
+    if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
+        runners.pop(next(iter(runners)))
+    runners[key] = run
+
+
+def decode_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nf4_matmul` of arguments the caller has checked, through a launcher kept on ``t`` per input layout
+    (:func:`runner_key`): after the first call of a layout, about one kernel launch of host work.
+
+    For eager calls that need no gradient on a CUDA ``x`` in its compute dtype with at most ``DECODE_ROWS`` rows
+    and a ``bias`` that is None or in ``x``'s dtype (``NF4Linear``'s decode path, the fused QLoRA layer's base
+    product); the caller tests that, and ``alignlab.quant.linear.DECODE_LAUNCHERS``."""
+    key = runner_key(x, bias)
+    run = kept_runner(t, key)
+    if run:
+        return run(x, bias)
+    y = nf4_matmul(x, t, bias)
+    if run is False:
+        keep_runner(x, t, bias, key)
+    return y
 
 
 def _dequant_runner(t: NF4Tensor, dtype: torch.dtype):

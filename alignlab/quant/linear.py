@@ -28,7 +28,8 @@ from torch import nn
 
 from alignlab._checks import as_bool, env_switch
 from alignlab._ties import parameter_owners, untie_changes_outputs
-from alignlab.kernels.dispatch import functorch_active, kernels_setting
+from alignlab.kernels.dispatch import functorch_active
+import alignlab.kernels.nf4_matmul as _nm  # a module object: importing names from it here would be circular
 from alignlab.kernels.nf4_configs import note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
@@ -43,11 +44,10 @@ from alignlab.quant.nf4 import (
 
 __all__ = ["DequantizedWeight", "NF4Linear", "quantize_model"]
 
-# Eager decode launchers (NF4Linear.forward, _keep_launcher): on by default since measured on an H200 (issue 24,
-# benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32 instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0
-# (read at import) or this attribute set to False turns them off.
+# Eager decode launchers (NF4Linear.forward and the fused QLoRA / QDoRA base product: kernels.nf4_matmul.decode_matmul):
+# on by default since measured on an H200 (issue 24, benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32
+# instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0 (read at import) or this attribute set to False turns them off.
 DECODE_LAUNCHERS = env_switch("ALIGNLAB_DECODE_LAUNCHERS", True)
-_DECODE_ROWS = 64  # inputs with more rows never take the decode kernels: no launcher lookup for them
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
 
@@ -231,14 +231,12 @@ class NF4Linear(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         key = None
         if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
-                and x.numel() <= _DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
+                and x.numel() <= _nm.DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
                 and not functorch_active()):  # (a kernel cannot read a vmap'd tensor)
-            # decode path: a launcher kept per input layout and stream (see _keep_launcher), ~one launch of host work
-            runners = t.__dict__.get("_runners")
-            dev = x.get_device()
-            key = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, dev, torch._C._cuda_getCurrentRawStream(dev),
-                   None if bias is None else bias.dtype, kernels_setting())  # a flip re-dispatches
-            run = False if runners is None else runners.get(key, False)
+            # decode path: a launcher kept per input layout and stream (kernels.nf4_matmul.keep_runner), ~one launch
+            # of host work
+            key = _nm.runner_key(x, bias)
+            run = _nm.kept_runner(t, key)
             if run:
                 return run(x, bias)
             if run is None:  # this layout is known not to take the decode kernels
@@ -261,24 +259,8 @@ class NF4Linear(nn.Module):
 
             y = nf4_matmul(xc, t, bias_c)
             if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
-                self._keep_launcher(x, t, bias, key)
+                _nm.keep_runner(x, t, bias, key)
         return y.to(in_dtype)
-
-    @staticmethod
-    def _keep_launcher(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, key: tuple) -> None:
-        """After a decode-path call that missed: where :func:`nf4_matmul` took the decode-sized kernels (or, above
-        the device's small-``M`` bound, dequantize + cuBLAS), keep a launcher for the next calls with the same ``key`` (input shape, strides, dtype, alignment, device,
-        stream, bias dtype, ``ALIGNLAB_KERNELS``) on the packed weight ``t`` (so it is replaced with it);
-        elsewhere keep ``None``, so that layout skips this step from then on."""
-        from alignlab.kernels.nf4_matmul import decode_runner
-
-        run = decode_runner(x, t, bias)
-        if run is None and torch.cuda.is_current_stream_capturing():
-            return  # no launcher is made during capture: the next call outside it may still get one
-        runners = t.__dict__.setdefault("_runners", {})
-        if len(runners) >= 64:  # many layouts (e.g. growing prompt lengths): keep the newest
-            runners.pop(next(iter(runners)))
-        runners[key] = run  # None: this layout takes another path, not looked at again
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""

@@ -606,3 +606,43 @@ def test_saved_tensors_replaced_by_copies_give_the_same_gradients(dora, compute_
     assert len(copied) == len(ref) == (4 if dora else 3)
     for got, want in zip(copied, ref):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 16, 64, 65])
+def test_qlora_decode_rows_take_the_launcher_kept_on_the_packed_weight(dora, rows, monkeypatch):
+    """Up to ``nf4_matmul.DECODE_ROWS`` rows the fused QLoRA / QDoRA layer's base product goes through the launcher
+    kept on the packed weight (``decode_matmul``, as NF4Linear's decode path): outputs and gradients are the bits of
+    the launchers-off run, with and without grad, and one is kept only for those row counts (QDoRA: up to
+    ``SMALL_M`` rows; above, its row scale goes into a dequantization instead)."""
+    from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M
+    from alignlab.quant import linear
+
+    torch.manual_seed(rows)
+    base = NF4Linear.from_linear(nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16))
+    layer = LoRALinear(base, r=16, alpha=32, use_dora=dora)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+
+    def run(on: bool):
+        monkeypatch.setattr(linear, "DECODE_LAUNCHERS", on)
+        with torch.no_grad():
+            y_nograd = [layer(x) for _ in range(3)]  # the first call keeps a launcher, the next ones use it
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.float().square().sum().backward()
+        grads = [xg.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        layer.zero_grad(set_to_none=True)
+        return y_nograd, y.detach(), grads
+
+    off = run(False)
+    assert "_runners" not in base.quant_weight.__dict__
+    on = run(True)
+    assert bool(base.quant_weight.__dict__.get("_runners")) == (rows <= (SMALL_M if dora else DECODE_ROWS))
+    for y in on[0]:
+        torch.testing.assert_close(y, off[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(on[1], off[1], rtol=0, atol=0)
+    torch.testing.assert_close(on[1], on[0][0], rtol=0, atol=0)  # with grad and without: the same forward
+    for got, want in zip(on[2], off[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

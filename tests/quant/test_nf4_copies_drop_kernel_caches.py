@@ -4,7 +4,7 @@ After a no-grad CUDA call, ``NF4Linear`` keeps a decode launcher on its packed w
 those tensors); ``torch.save(model)`` / ``pickle`` then failed ("Can't pickle local object"), and a deepcopy
 (a DPO reference model) ran its products through the original's tensors. Found in a user trial (2026-12-06);
 the CUDA launcher is stood in for here by a closure from a patched ``decode_runner``, the code path
-``NF4Linear._keep_launcher`` takes on the GPU.
+``alignlab.kernels.nf4_matmul.keep_runner`` takes on the GPU.
 """
 
 import copy
@@ -29,7 +29,7 @@ def _layer_with_launcher(monkeypatch):
 
     monkeypatch.setattr(nf4_matmul, "decode_runner", decode_runner)
     layer = NF4Linear.from_linear(nn.Linear(64, 8), compute_dtype=torch.float32)
-    layer._keep_launcher(torch.randn(1, 64), layer.quant_weight, layer.bias, ("layout",))
+    nf4_matmul.keep_runner(torch.randn(1, 64), layer.quant_weight, layer.bias, ("layout",))
     assert layer.quant_weight.__dict__["_runners"]
     return layer
 
