@@ -445,7 +445,9 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
 
 
 def _match_modules_to_save(model: nn.Module, config) -> list[str]:
-    wanted = getattr(config, "modules_to_save", None)
+    # a config may add modules of its own for this model (prompt / prefix tuning: the task's head, as PEFT does)
+    resolve = getattr(config, "modules_to_save_for", None)
+    wanted = resolve(model) if callable(resolve) else getattr(config, "modules_to_save", None)
     if not wanted:
         return []
     names = []

@@ -779,8 +779,9 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
     config = adapter_configs(model).get(adapter_name)
     if hasattr(config, "extra_tensors"):
         refs.update(config.extra_tensors(model, adapter_name))
+    prefix = getattr(config, "peft_key_prefix", PREFIX)
     for name, module in model.named_modules():
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
             for pname, p in module.modules_to_save[adapter_name].named_parameters():
-                refs[f"{PREFIX}{name}.{pname}"] = p
+                refs[f"{prefix}{name}.{pname}"] = p
     return refs

@@ -31,7 +31,10 @@ forward pre-hook on the backbone (the innermost module above the embedding takin
 (``cache`` or the older ``past_key_values``, whichever the call uses; see
 :mod:`alignlab.hf_cache`); a second pre-hook on the task model gives per-token ``labels``
 ``-100`` at the virtual tokens. Several active
-adapters are concatenated. Soft prompts cannot be merged. Training/scoring calls
+adapters are concatenated. Soft prompts cannot be merged. On an HF classifier or QA model the head
+(``classifier`` / ``score``, ``qa_outputs``) is trained in full next to the prompt, as PEFT's task wrappers do
+(``task_type`` and ``modules_to_save`` of the configs), and a decoder classifier pools its logits at the last
+real token of the prompted sequence (:func:`_task_model_hook`). Training/scoring calls
 (``model(input_ids=..., attention_mask=..., labels=...)``) and HF ``generate()``
 work: a call with a non-empty KV cache (incremental decoding) already holds the
 virtual tokens, so only its attention mask and positions are shifted past them.
@@ -50,11 +53,14 @@ from torch import nn
 
 from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer, hf_embedding
-from alignlab.adapters.config import as_bool, check_finite_number
+from alignlab.adapters.config import as_bool, check_finite_number, check_modules_to_save
 from alignlab.adapters.io import peft_field
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
 HOOK_ATTR = "_alignlab_soft_prompt_hook"
+# set on the input ids a sequence classifier's hook lengthened by placeholder columns (see _task_model_hook): how many
+# leading columns the backbone's hook drops again before embedding
+PLACEHOLDERS_ATTR = "_alignlab_virtual_placeholders"
 
 
 class PrefixEncoder(nn.Module):
@@ -201,6 +207,8 @@ def _soft_prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
         n = (0 if prompt is None else prompt.shape[0]) + sum(p.n for p in prefixes)
         return (), _shift_for_virtual(kwargs, n, n)
     ids = kwargs.get("input_ids")
+    if ids is not None and getattr(ids, PLACEHOLDERS_ATTR, 0):
+        ids = ids[:, getattr(ids, PLACEHOLDERS_ATTR):]
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         if ids is None:
@@ -304,24 +312,37 @@ def _prefix_cache(model: nn.Module, prefixes: list[PrefixEncoder], batch: int, d
     return cache
 
 
-def _label_hook(model: nn.Module, args: tuple, kwargs: dict):
+def _task_model_hook(model: nn.Module, args: tuple, kwargs: dict):
     """On a task model around the hooked backbone: give its per-token ``labels`` ``-100`` at the virtual tokens
-    (the backbone's hook adds the tokens themselves, so ``model.model(...)`` calls get them too)."""
+    (the backbone's hook adds the tokens themselves, so ``model.model(...)`` calls get them too). A
+    ``…ForSequenceClassification`` also gets ``n`` placeholder columns in front of its ``input_ids``, which the
+    backbone's hook drops again: transformers' decoder classifiers (Llama, Qwen2, GPT-2, ...) pool the logits at the
+    last non-pad position of ``input_ids``, which without them pointed ``n`` positions short in the prompted sequence
+    (a real token further back, or a virtual one)."""
     holder = _holder(model)
-    labels = kwargs.get("labels")
-    prompt = None if holder is None or labels is None else holder.prompt()
+    prompt = None if holder is None else holder.prompt()
     if prompt is None:
         return None
     cache_key, cache = find_cache(kwargs)
     if cache is not None and kwargs.get("use_cache") is not False and hasattr(cache, "get_seq_length") \
             and cache.get_seq_length() > 0:
         return None  # incremental decoding: no virtual tokens in this call
+    n = prompt.shape[0]
     ids = args[0] if args else kwargs.get("input_ids")
     tokens = ids if ids is not None else kwargs.get("inputs_embeds")
-    if tokens is None or not (labels.dim() >= 2 and labels.shape[1] == tokens.shape[1] and not labels.is_floating_point()):
-        return None  # sequence-level labels (a classifier's) stay as they are
     kwargs = dict(kwargs)
-    kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], prompt.shape[0]), -100), labels], dim=1)
+    labels = kwargs.get("labels")
+    if labels is not None and tokens is not None and labels.dim() >= 2 and labels.shape[1] == tokens.shape[1] \
+            and not labels.is_floating_point():  # sequence-level labels (a classifier's) stay as they are
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+    if ids is not None and type(model).__name__.endswith("ForSequenceClassification"):
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        padded = torch.cat([ids.new_full((ids.shape[0], n), 1 if pad == 0 else 0), ids], dim=1)  # never the pad id
+        setattr(padded, PLACEHOLDERS_ATTR, n)
+        if args:
+            args = (padded, *args[1:])
+        else:
+            kwargs["input_ids"] = padded
     return args, kwargs
 
 
@@ -359,7 +380,7 @@ def _attach_hook(model: nn.Module) -> None:
     if getattr(backbone, HOOK_ATTR, None) is None:
         object.__setattr__(backbone, HOOK_ATTR, backbone.register_forward_pre_hook(_soft_prompt_hook, with_kwargs=True))
     if backbone is not model and getattr(model, HOOK_ATTR, None) is None:
-        object.__setattr__(model, HOOK_ATTR, model.register_forward_pre_hook(_label_hook, with_kwargs=True))
+        object.__setattr__(model, HOOK_ATTR, model.register_forward_pre_hook(_task_model_hook, with_kwargs=True))
 
 
 def _wrap_embedding(model: nn.Module, name: str) -> SoftPromptEmbedding:
@@ -393,6 +414,16 @@ def _check_task_type(task_type) -> str | None:
     return task_type
 
 
+def _task_from_peft(raw: dict) -> dict:
+    """``task_type`` and ``modules_to_save`` of a PEFT prompt-learning file: the file's task decides whether it holds a
+    head (another task, or none, reads as ``CAUSAL_LM``); PEFT lists its heads once per wrapper it built, so the names
+    are deduplicated."""
+    task = raw.get("task_type")
+    saved = check_modules_to_save(raw.get("modules_to_save"))
+    return {"task_type": task if task in PROMPT_TASK_TYPES else "CAUSAL_LM",
+            "modules_to_save": list(dict.fromkeys(saved)) if saved else None}
+
+
 def _prompt_task(model: nn.Module, task_type: str | None) -> str:
     """The PEFT task type a soft-prompt file of ``model`` names: ``task_type`` where given, else the model's head
     (``…ForSequenceClassification`` → ``SEQ_CLS`` etc.), else ``CAUSAL_LM`` for a model that generates and
@@ -408,8 +439,8 @@ def _prompt_task(model: nn.Module, task_type: str | None) -> str:
 
 
 def _task_heads(model: nn.Module, task: str) -> list[str]:
-    """The head modules of ``model`` that PEFT's wrapper for ``task`` trains and reads back from the file
-    (``classifier``/``score`` for ``SEQ_CLS``, ``qa_outputs`` for ``QUESTION_ANS``); none for other tasks.
+    """The ``modules_to_save`` entries PEFT's wrapper for ``task`` adds and this model has (``classifier`` or ``score``
+    for ``SEQ_CLS`` / ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``); none for other tasks.
 
     Raises:
         ValueError: ``task`` needs such a head and ``model`` has none.
@@ -418,18 +449,34 @@ def _task_heads(model: nn.Module, task: str) -> list[str]:
     from alignlab.adapters.io import _TASK_HEADS
 
     wanted = _TASK_HEADS.get(task, [])
-    heads = [n for n, _ in model.named_modules() if n and saved_module_matches(wanted, n)]
+    names = [n for n, _ in model.named_modules() if n]
+    heads = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
     if wanted and not heads:
-        raise ValueError(f"task_type {task!r}: PEFT reads the model's {' or '.join(wanted)} head from the file, and "
-                         f"this {type(model).__name__} has none")
+        raise ValueError(f"task_type {task!r}: PEFT trains the model's {' or '.join(wanted)} head and reads it from the "
+                         f"file, and this {type(model).__name__} has none")
     return heads
 
 
-def _head_tensors(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
-    """The parameters of ``task``'s heads (:func:`_task_heads`) under PEFT's prompt-learning keys,
-    ``base_model.<module>.<param>``."""
-    return {f"base_model.{head}.{pname}": p for head in _task_heads(model, task)
-            for pname, p in model.get_submodule(head).named_parameters()}
+def _saved_with_prompt(model: nn.Module, config) -> list[str] | None:
+    """The modules a soft-prompt adapter trains in full (a copy per adapter, see :class:`SavedModule`): the config's
+    ``modules_to_save`` and, as PEFT's task wrappers add them, the head of its task (:func:`_task_heads`).
+
+    Raises:
+        ValueError: the task needs a head the model lacks, or a named module is or holds the input embedding that
+            carries the prompt (its trained copy would run without it).
+    """
+    names = list(dict.fromkeys(list(config.modules_to_save or []) + _task_heads(model, _prompt_task(model, config.task_type))))
+    if not names:
+        return None
+    from alignlab.adapters.config import saved_module_matches
+
+    embedding = _input_embedding_name(model, config.embedding_module)
+    holding = [n for n, _ in model.named_modules() if n and saved_module_matches(names, n)
+               and (embedding == n or embedding.startswith(n + "."))]
+    if holding:
+        raise ValueError(f"modules_to_save: {holding[0]!r} is or holds the input embedding {embedding!r} that carries "
+                         "the soft prompt, and cannot be trained in full next to it; name modules outside it")
+    return names
 
 
 def _check_seed(seed) -> int:
@@ -452,15 +499,19 @@ class PromptTuningConfig:
             description), repeated or cut to ``n``; ``None`` samples ``n`` random vocabulary rows.
         seed: seed of the random initialisation.
         embedding_module: dotted name of the input embedding (default: ``get_input_embeddings()``).
-        task_type: the PEFT task type the saved file names (one of :data:`PROMPT_TASK_TYPES`); ``None`` takes
-            it from the model: ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` for an HF classifier or QA model,
-            ``CAUSAL_LM`` for a model that generates, ``FEATURE_EXTRACTION`` for a bare backbone. PEFT's
-            wrappers for the three head tasks read the head's weights from the file, so they are saved with
-            the prompt (and loaded back into the head).
+        task_type: the PEFT task type (one of :data:`PROMPT_TASK_TYPES`); ``None`` takes it from the model:
+            ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` for an HF classifier or QA model, ``CAUSAL_LM`` for a
+            model that generates, ``FEATURE_EXTRACTION`` for a bare backbone. As with PEFT's task wrappers, the
+            three head tasks train the model's head (``classifier`` / ``score``, ``qa_outputs``) in full next to
+            the prompt, a copy per adapter, saved with it; ``"FEATURE_EXTRACTION"`` on a classifier keeps its head
+            frozen and out of the file.
+        modules_to_save: further modules trained in full next to the prompt, matched as in ``LoRAConfig``
+            (a name suffix); the task's head is added to them, as PEFT adds it.
     Raises:
         ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids`` (a list, tuple or 1-D tensor of ids),
-            an unknown ``task_type``.
-        TypeError: a ``seed`` that is not an int.
+            an unknown ``task_type``; at ``inject``, a head task on a model without that head, and
+            ``modules_to_save`` naming no module or the one that holds the input embedding.
+        TypeError: a ``seed`` that is not an int, ``modules_to_save`` that is not a list of names.
     """
 
     peft_type = "PROMPT_TUNING"
@@ -470,11 +521,17 @@ class PromptTuningConfig:
     seed: int = 0
     embedding_module: str | None = None
     task_type: str | None = None
+    modules_to_save: list[str] | None = None
+
+    # PEFT's prompt-learning model holds the transformers model itself as ``base_model`` (no tuner model between), so
+    # its saved modules are keyed ``base_model.<module>.<param>``
+    peft_key_prefix = "base_model."
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
         self.seed = _check_seed(self.seed)
         self.task_type = _check_task_type(self.task_type)
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         if self.init_token_ids is not None:
             ids = self.init_token_ids
             if getattr(ids, "ndim", None) == 1:  # a tokenizer's tensor / array of ids
@@ -499,6 +556,10 @@ class PromptTuningConfig:
 
     def find_targets(self, model: nn.Module) -> list[str]:
         return [_input_embedding_name(model, self.embedding_module)]
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the task's head."""
+        return _saved_with_prompt(model, self)
 
     def _init(self, holder: SoftPromptEmbedding) -> torch.Tensor:
         table = holder.base_layer.weight
@@ -528,9 +589,7 @@ class PromptTuningConfig:
 
     # -- PEFT format --------------------------------------------------------------------------------
     def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        holder = _holder(model)
-        return {"prompt_embeddings": holder.prompt_embeddings[adapter_name],
-                **_head_tensors(model, _prompt_task(model, self.task_type))}
+        return {"prompt_embeddings": _holder(model).prompt_embeddings[adapter_name]}
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         holder = _holder(model)
@@ -542,15 +601,13 @@ class PromptTuningConfig:
             "num_transformer_submodules": 1, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
             "num_layers": getattr(cfg, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-            "modules_to_save": _task_heads(model, task) or None,
+            "modules_to_save": _saved_with_prompt(model, self),
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "PromptTuningConfig":
         _check_decoder_only(raw)
-        task = raw.get("task_type")  # the file's task decides whether it holds a head; others read as CAUSAL_LM
-        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"),
-                   task_type=task if task in PROMPT_TASK_TYPES else "CAUSAL_LM")
+        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"), **_task_from_peft(raw))
 
 
 @dataclass
@@ -564,12 +621,15 @@ class PrefixTuningConfig:
         init_std: std of the random initial prefix (or MLP input) embeddings.
         seed: seed of the initialisation.
         embedding_module: dotted name of the input embedding holding the prefixes.
-        task_type: the PEFT task type the saved file names, as for :class:`PromptTuningConfig` (None: from the
-            model; a classifier's head is saved with the prefixes).
+        task_type: the PEFT task type, as for :class:`PromptTuningConfig` (None: from the model; a classifier's
+            or QA model's head is trained in full next to the prefixes and saved with them, as in PEFT).
+        modules_to_save: further modules trained in full, as for :class:`PromptTuningConfig`.
     Raises:
         ValueError: ``n ≤ 0``, ``encoder_hidden_size ≤ 0``, an ``init_std`` that is negative, NaN or
-            infinite, an unknown ``task_type``, or a model without an HF config.
-        TypeError: ``prefix_projection`` is not a bool, ``init_std`` not a real number, ``seed`` not an int.
+            infinite, an unknown ``task_type``, or a model without an HF config; at ``inject``, what
+            :class:`PromptTuningConfig` raises there.
+        TypeError: ``prefix_projection`` is not a bool, ``init_std`` not a real number, ``seed`` not an int,
+            ``modules_to_save`` not a list of names.
     """
 
     peft_type = "PREFIX_TUNING"
@@ -581,10 +641,14 @@ class PrefixTuningConfig:
     seed: int = 0
     embedding_module: str | None = None
     task_type: str | None = None
+    modules_to_save: list[str] | None = None
+
+    peft_key_prefix = PromptTuningConfig.peft_key_prefix
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
         self.task_type = _check_task_type(self.task_type)
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.prefix_projection = as_bool(self.prefix_projection, "prefix_projection")  # written to adapter_config.json
         self.init_std = check_finite_number(self.init_std, "init_std", minimum=0.0)
         self.encoder_hidden_size = check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
@@ -594,6 +658,10 @@ class PrefixTuningConfig:
     def find_targets(self, model: nn.Module) -> list[str]:
         _kv_layout(model)
         return [_input_embedding_name(model, self.embedding_module)]
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the task's head."""
+        return _saved_with_prompt(model, self)
 
     def _encoder(self, holder: SoftPromptEmbedding) -> PrefixEncoder:
         if self._layout is None:
@@ -625,8 +693,7 @@ class PrefixTuningConfig:
     def extra_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         enc = _holder(model).prefix_encoder[adapter_name]
         # with the MLP the file holds its output, the prefixes themselves (PEFT's inference format)
-        return {"prompt_embeddings": enc.embedding if enc.transform is None else enc(),
-                **_head_tensors(model, _prompt_task(model, self.task_type))}
+        return {"prompt_embeddings": enc.embedding if enc.transform is None else enc()}
 
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers, kv, head_dim = _kv_layout(model)
@@ -636,7 +703,7 @@ class PrefixTuningConfig:
             "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": kv * head_dim,
             "num_transformer_submodules": 1, "num_attention_heads": kv, "num_layers": layers,
             "encoder_hidden_size": self.encoder_hidden_size, "prefix_projection": self.prefix_projection,
-            "init_weights": None, "modules_to_save": _task_heads(model, task) or None,
+            "init_weights": None, "modules_to_save": _saved_with_prompt(model, self),
         }
 
     @classmethod
@@ -646,6 +713,4 @@ class PrefixTuningConfig:
         if peft_field(raw, "prefix_projection", "bool", False):
             warnings.warn("loading a prefix trained with prefix_projection: the file holds the final prefixes, "
                           "so the reparameterisation MLP is not rebuilt", stacklevel=3)
-        task = raw.get("task_type")
-        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False,
-                   task_type=task if task in PROMPT_TASK_TYPES else "CAUSAL_LM")
+        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False, **_task_from_peft(raw))

@@ -76,9 +76,10 @@ def test_causal_lm_keeps_its_task_type_and_a_given_task_type_is_written(tmp_path
     assert (raw["task_type"], raw["modules_to_save"]) == ("FEATURE_EXTRACTION", None)
     with pytest.raises(ValueError, match="task_type must be None .* or one of"):
         PromptTuningConfig(task_type="SEQ_2_SEQ_LM")
-    model = inject(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
-    with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT reads the model's classifier or score head"):
-        save_adapter(model, tmp_path / "bad")
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT trains the model's classifier or score head"):
+        inject(model, PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+    assert adapter_configs(model) == {}  # refused before the model changed
 
 
 def _llama_classifier():
