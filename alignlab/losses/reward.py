@@ -146,6 +146,13 @@ def whiten(
     :math:`\sigma^2` is the unbiased (Bessel-corrected) masked variance, as TRL's ``masked_whiten``;
     ``shift_mean=False`` adds :math:`\mu` back (only the scale changes).  Masked entries come back as 0.
 
+    Fewer than two unmasked entries have no unbiased variance, but nothing needs it: a single entry is its own
+    mean, so :math:`x - \mu = 0` whatever the scale, and it comes back as 0 (``shift_mean=False``: as
+    :math:`\mu`, i.e. unchanged), as the only completion of a GRPO group gets advantage 0
+    (:func:`group_advantages`); with no unmasked entry everything comes back as 0, as :func:`masked_mean` gives
+    0 where nothing is counted. (TRL's ``masked_whiten`` returns NaN everywhere for one entry, from
+    :math:`n/(n-1) = 1/0`, and raises for none.)
+
     ``moments`` whitens with the statistics of a larger batch than ``values``, e.g. the advantages of every
     rank: ``(3,)`` = :math:`(n, \sum x, \sum x^2)` over its unmasked entries, summed over the pieces (one
     ``all_reduce(SUM)`` of ``torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])`` per rank, in
@@ -157,8 +164,8 @@ def whiten(
     values are whitened and returned in float32, as :func:`masked_mean` returns their mean.
 
     Raises:
-        ValueError: fewer than two unmasked entries (the variance is undefined); ``moments`` not of shape
-            ``(3,)``; ``eps`` negative, NaN or infinite.
+        ValueError: ``moments`` not of shape ``(3,)``, or counting fewer than two entries where this piece
+            alone has more unmasked ones (the moments do not cover it); ``eps`` negative, NaN or infinite.
         TypeError: ``shift_mean`` not a bool, ``eps`` not a real number, ``values`` not a real tensor, ``moments``
             not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
@@ -176,8 +183,12 @@ def whiten(
             raise kind(f"moments must be a (3,) tensor (count, sum, sum of squares), got "
                        f"{getattr(moments, 'shape', type(moments).__name__)}")
         n_all, s1, s2 = moments.to(device=values.device, dtype=torch.float64).unbind()
-        if float(n_all) < 2:  # one sync, as the count check below
-            raise ValueError(f"whiten needs at least 2 unmasked values, got moments with count {float(n_all)}")
+        if float(n_all) < 2:  # one sync, as the count below
+            local = int(m.sum())
+            if local > float(n_all):
+                raise ValueError(f"moments count {float(n_all)} is below the {local} unmasked values of this piece: "
+                                 "moments must be the sums of (count, sum, sum of squares) over every piece")
+            return _whiten_too_few(values, m, shift_mean, out_dtype)
         mean64 = s1 / n_all
         var64 = ((s2 - n_all * mean64 * mean64) / (n_all - 1)).clamp(min=0)
         mean, var = mean64.to(values.dtype), var64.to(values.dtype)
@@ -185,7 +196,7 @@ def whiten(
     else:
         n = int(m.sum())
         if n < 2:
-            raise ValueError(f"whiten needs at least 2 unmasked values, got {n}")
+            return _whiten_too_few(values, m, shift_mean, out_dtype)
         mean = masked_mean(values, m)
         centred = torch.where(m, values - mean, zero)
         var = (centred**2).sum() / (n - 1)
@@ -193,6 +204,14 @@ def whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, zero).to(out_dtype)
+
+
+def _whiten_too_few(values: torch.Tensor, m: torch.Tensor, shift_mean: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`whiten` of at most one unmasked entry: 0 there (``x - μ = 0``), or the entry itself with
+    ``shift_mean=False`` (``0 + μ``); 0 at masked entries. Written from ``values`` so that the graph and the
+    derivative (0, resp. 1) are those of ``x - μ`` with ``μ = x``."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return torch.where(m, values - values if shift_mean else values, zero).to(out_dtype)
 
 
 def _reduce(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -356,7 +375,8 @@ def gae(
     next unmasked one, so left/right padding and holes (e.g. tool-output tokens) give the same numbers as the
     compacted sequence.  After the last unmasked token :math:`V = ` ``last_values`` (0 by default: the episode
     ends) and :math:`\hat A = 0`.  Returns use the raw advantages; ``whiten_advantages`` then whitens the
-    advantages over all unmasked tokens of the batch (:func:`whiten`).
+    advantages over all unmasked tokens of the batch (:func:`whiten`): a batch with a single unmasked token
+    gets advantage 0 there (it is its own mean), one with none all zeros.
 
     Batching: each row depends only on itself, so GAE on any subset of the rows gives those rows' numbers,
     except for the whitening, a statistic of the whole batch.  Run it once per rollout, before splitting into

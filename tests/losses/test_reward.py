@@ -111,8 +111,8 @@ def test_masked_mean_and_whiten():
     assert w[0, 2].item() == 0.0 and w[1, 1].item() == 0.0
     ws = whiten(x, mask, shift_mean=False)
     torch.testing.assert_close(ws[mask.bool()], want + vals.mean())
-    with pytest.raises(ValueError, match="at least 2"):
-        whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+    # one unmasked value is its own mean: 0 (tests/losses/test_whiten_few_tokens.py has the rest)
+    assert whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]])).abs().sum().item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------------
