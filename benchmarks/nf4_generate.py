@@ -30,7 +30,11 @@ the prefill stays eager). The first warm-up calls of that mode, compilation incl
 that two contestants' host work per decode step can be compared function by function (cProfile slows Python
 calls down, so compare the rows with each other, not with the timed steps).
 
-Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--out PATH]`` on a CUDA
+``--adapters`` adds two contestants, generation from a QLoRA policy as in RL rollouts: ``alignlab QLoRA`` and
+``PEFT + bnb QLoRA`` (LoRA r = 16, alpha 32 on q/k/v/o/gate/up/down over the NF4 models above, fp32 adapters, B
+non-zero; built as in ``benchmarks/qlora_step.py``).
+
+Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--adapters] [--out PATH]`` on a CUDA
 machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table);
 ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
 """
@@ -49,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qlora_step import bnb_nf4_model, llama8b_stack  # noqa: E402
+from qlora_step import alignlab_model, bnb_nf4_model, llama8b_stack, peft_bnb_model  # noqa: E402
 
 from alignlab.bench import library_versions, write_json  # noqa: E402
 from alignlab.quant import linear as qlinear  # noqa: E402
@@ -88,7 +92,7 @@ def bnb_unavailable(device: str) -> str | None:
     return None
 
 
-def builders(base, device: str, skip_bnb: str | None) -> dict:
+def builders(base, device: str, skip_bnb: str | None, adapters: bool = False) -> dict:
     def bf16():
         return copy.deepcopy(base).to(device)
 
@@ -99,6 +103,10 @@ def builders(base, device: str, skip_bnb: str | None) -> dict:
     table = {"bf16": bf16, "alignlab NF4": alignlab, "alignlab NF4-L": alignlab}
     if skip_bnb is None:
         table["bnb NF4"] = lambda: bnb_nf4_model(base)
+    if adapters:  # generation from a QLoRA policy (RL rollouts): LoRA r = 16 on all seven projections, B non-zero
+        table["alignlab QLoRA"] = lambda: alignlab_model(base, False, None)
+        if skip_bnb is None:
+            table["PEFT + bnb QLoRA"] = lambda: peft_bnb_model(base, False, torch.float32)
     return table
 
 
@@ -264,6 +272,9 @@ def main(argv=None):
     parser.add_argument("--host-profile", action="store_true",
                         help="one more eager generate per contestant at the first batch under cProfile: the "
                         "functions with the most own time per decode step (compare contestants' host work)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="also alignlab QLoRA and PEFT + bitsandbytes QLoRA (LoRA r = 16 on q/k/v/o/gate/up/down, "
+                        "fp32 adapters, the libraries' defaults): generation from a QLoRA policy; CUDA only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
     args = parser.parse_args(argv)
     device = args.device
@@ -283,7 +294,9 @@ def main(argv=None):
     t_start = time.perf_counter()
     base = tiny_llama() if args.quick else llama8b_stack()
     base.generation_config.eos_token_id = None  # exactly new_tokens per row
-    table = {k: v for k, v in builders(base, device, skip_bnb).items()
+    if args.adapters and device != "cuda":
+        sys.exit("--adapters needs CUDA (the adapter rows are built as benchmarks/qlora_step.py builds them)")
+    table = {k: v for k, v in builders(base, device, skip_bnb, args.adapters).items()
              if not args.which or any(w in k for w in args.which)}
     print(f"model built in {time.perf_counter() - t_start:.1f} s; modes {modes}, batches {args.batches}, "
           f"prompt {PROMPT}, new tokens {new_tokens}", flush=True)
@@ -333,7 +346,7 @@ def main(argv=None):
         if "tokens" not in r:
             continue
         for ref in results:
-            if (ref["name"] in ("bf16", "bnb NF4") and ref["name"] != r["name"] and "tokens" in ref
+            if (ref["name"] in ("bf16", "bnb NF4", "PEFT + bnb QLoRA") and ref["name"] != r["name"] and "tokens" in ref
                     and (ref["mode"], ref["batch"]) == (r["mode"], r["batch"])):
                 r[f"vs_{ref['name']}"] = _agreement(r["tokens"], ref["tokens"])
     print_tables(results, modes, args.batches)
@@ -343,6 +356,14 @@ def main(argv=None):
     for g in goals:
         print(f"target {g['mode']:6s} b{g['batch']:<3d} {g['name']:14s} {g['target']:14s}: {g['ratio']:.2f}x "
               f"{'met' if g['met'] else 'MISSED'}")
+    for r in results:  # --adapters: the two QLoRA policies against each other
+        peer = next((p for p in results if p["name"] == "PEFT + bnb QLoRA" and "tokens_per_s" in p
+                     and (p["mode"], p["batch"]) == (r["mode"], r["batch"])), None)
+        if r["name"] == "alignlab QLoRA" and "tokens_per_s" in r and peer is not None:
+            same = r.get("vs_PEFT + bnb QLoRA", {}).get("identical")
+            print(f"QLoRA {r['mode']:6s} b{r['batch']:<3d}: alignlab {r['tokens_per_s'] / peer['tokens_per_s']:.2f}x "
+                  f"PEFT + bnb tokens/s ({r['decode_step_ms']:.2f} vs {peer['decode_step_ms']:.2f} ms per decode step; "
+                  f"same tokens {_fmt(same, '.1%')})")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
     for r in results:

@@ -305,14 +305,18 @@ class LoRALinear(AdapterLayer):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # submodules are read from self._modules on this path: an attribute read of one (nn.Module.__getattr__)
+        # costs 1-2 us of host time, and decode / small-batch calls are host-bound
+        mods = self._modules
         if self.disabled:
-            return self.base_layer(x)
-        names = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+            return mods["base_layer"](x)
+        lora_a = mods["lora_A"]
+        names = [n for n in self.active_adapters if n not in self.merged_adapters and n in lora_a]
         if not names:
-            return self.base_layer(x)
+            return mods["base_layer"](x)
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
-        n_in = self.lora_A[names[0]].in_features  # a plain attribute: cheaper than the in_features property
+        n_in = lora_a[names[0]].in_features  # a plain attribute: cheaper than the in_features property
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
         # torch.func transforms (grad, vmap: per-sample gradients) cannot transform the fused functions: plain path.
@@ -358,9 +362,10 @@ class LoRALinear(AdapterLayer):
         (compute) dtype: where that differs, the plain path runs, so that the layer follows autocast as the
         base alone would (its output dtype included).
         """
-        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+        mods = self._modules  # as in forward
+        if self.training and not isinstance(mods["lora_dropout"][name], nn.Identity):
             return None
-        base = self.base_layer
+        base = mods["base_layer"]
         if type(base) is nn.Linear:
             dtype = base.weight.dtype
             if x.dtype != dtype:
@@ -379,12 +384,13 @@ class LoRALinear(AdapterLayer):
     def _fused(self, x: torch.Tensor, name: str, dtype: torch.dtype, traced: bool = False) -> torch.Tensor:
         """The fused path; ``traced``: as the custom ops of :func:`lora_linear_op` / :func:`dora_linear_op`
         (torch.compile, see :meth:`_op_applies`), which cast the factors and make the norm themselves."""
-        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        mods = self._modules  # as in forward
+        base, a, b = mods["base_layer"], mods["lora_A"][name].weight, mods["lora_B"][name].weight
         if a.device != x.device:
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
-        dora = self.is_dora(name)
+        dora = name in mods["lora_magnitude_vector"]
         if traced:
             if dora:
                 return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
