@@ -31,8 +31,8 @@ that two contestants' host work per decode step can be compared function by func
 calls down, so compare the rows with each other, not with the timed steps).
 
 ``--adapters`` adds two contestants, generation from a QLoRA policy as in RL rollouts: ``alignlab QLoRA`` and
-``PEFT + bnb QLoRA`` (LoRA r = 16, alpha 32 on q/k/v/o/gate/up/down over the NF4 models above, fp32 adapters, B
-non-zero; built as in ``benchmarks/qlora_step.py``).
+``PEFT + bnb QLoRA`` (LoRA r = 16, alpha 32 on q/k/v/o/gate/up/down over the NF4 models above, fp32 adapters;
+built as in ``benchmarks/qlora_step.py``, then the same ``A`` and ``B`` in both: :func:`same_factors`).
 
 Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--adapters] [--out PATH]`` on a CUDA
 machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table);
@@ -103,11 +103,24 @@ def builders(base, device: str, skip_bnb: str | None, adapters: bool = False) ->
     table = {"bf16": bf16, "alignlab NF4": alignlab, "alignlab NF4-L": alignlab}
     if skip_bnb is None:
         table["bnb NF4"] = lambda: bnb_nf4_model(base)
-    if adapters:  # generation from a QLoRA policy (RL rollouts): LoRA r = 16 on all seven projections, B non-zero
-        table["alignlab QLoRA"] = lambda: alignlab_model(base, False, None)
+    if adapters:  # generation from a QLoRA policy (RL rollouts): LoRA r = 16 on all seven projections
+        table["alignlab QLoRA"] = lambda: same_factors(alignlab_model(base, False, None))
         if skip_bnb is None:
-            table["PEFT + bnb QLoRA"] = lambda: peft_bnb_model(base, False, torch.float32)
+            table["PEFT + bnb QLoRA"] = lambda: same_factors(peft_bnb_model(base, False, torch.float32))
     return table
+
+
+def same_factors(model, seed: int = 2):
+    """Every LoRA ``A`` and ``B`` drawn from one seeded generator in the order of their sorted parameter names (the
+    same order in both libraries: ``....<module>.lora_A.default.weight``), so that the two QLoRA policies are the
+    same function and their generated tokens can be compared (each library's own random init of ``A`` differs)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                std = p.shape[1] ** -0.5 if "lora_A" in name else 0.01
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32).mul_(std))
+    return model
 
 
 def _sync(device: str):
