@@ -270,7 +270,8 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
 
     Raises:
         ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), an fp8 tensor
-            (meaningless without its scale), or what the method raises (shapes, parameters, a float16
+            (meaningless without its scale), a NaN in any model's tensor (naming the model and the first NaN's
+            index: mergekit would write NaN there), or what the method raises (shapes, parameters, a float16
             result beyond float16's range).
         TypeError: ``recipe`` is none of the above, ``tensors`` is not a mapping.
 
@@ -284,6 +285,17 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
         if isinstance(t, Tensor) and t.dtype in _FP8:
             raise ValueError(f"tensor {name!r} of model {str(p)!r} is {t.dtype}: fp8 weights mean something only "
                              f"with their scales, which merge_tensor does not see; {_DEQUANTIZE}")
+    try:
+        return _merge(r, name, tensors, out_dtype, out)
+    except M._NaNInput as e:  # named by argument (models[0]); here by the model it came from
+        paths = [m.path for m in r.inputs] if r.merge_method in EQUAL_INPUTS else [r.base_model,
+                                                                                  *(m.path for m in r.fine_tuned)]
+        raise ValueError(f"tensor {name!r} of model {str(paths[e.position])!r} holds {e.count} NaN value(s), the "
+                         f"first at index {e.first}: {M.NAN_ADVICE}") from None
+
+
+def _merge(r: Recipe, name: str, tensors: dict[Path, Tensor], out_dtype: torch.dtype | None, out: Any):
+    """:func:`merge_tensor` once the recipe and the tensors are checked."""
     method = r.merge_method
     if method in EQUAL_INPUTS:  # the base, when not listed, is the last input (mergekit's order)
         inputs = [tensors[m.path] for m in r.inputs]

@@ -8,7 +8,14 @@ of bf16 checkpoints are usually done, and the result is rounded once, to
 ``out_dtype``: bf16 inputs merged into float32 keep every float32 digit. A float16 result that
 overflowed (an inf where no input has one: float32 values beyond ±65504) raises ``ValueError``.
 Merges run without autograd (parameters can be passed as they are, e.g. ``layer.weight``; the
-result never requires grad). Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
+result never requires grad). A NaN in any input tensor raises ``ValueError`` naming the input, how many NaN it
+holds and the first one's index: a merge has no number to give there. mergekit writes NaN into its result instead
+(the element, or the whole tensor where a norm or dot product sees it), and before this check TIES-style methods
+dropped the NaN in the sign election and returned a finite merge, wrong at that element. Each method finds a NaN
+through sums it takes anyway or one cheap sum per chunk, and scans for it only when a sum is not finite (an inf
+passes as before); the chunked methods report it after writing the chunks (``out=`` may then hold part of the
+merge).
+Options are checked before any arithmetic: flags (``normalize``, ``filter_wise``) must
 be bools, scalars (``lambda_``, ``t``, ``epsilon``, ...) finite numbers and ``out_dtype``
 a floating-point dtype; a ``TypeError``/``ValueError`` names the argument otherwise.
 
@@ -138,6 +145,67 @@ def _finite_float16(fn):
         return result
 
     return checked
+
+
+class _NaNInput(ValueError):
+    """An input of a merge holds NaN. ``position`` is the input's place among the method's tensors in call order
+    (the base first where there is one), so that the checkpoint merge can name the model rather than the argument;
+    ``count`` and ``first`` (the first NaN's index) say where."""
+
+    def __init__(self, message: str, position: int, count: int, first: tuple[int, ...]):
+        super().__init__(message)
+        self.position, self.count, self.first = position, count, first
+
+
+NAN_ADVICE = ("a merge has no number to give there (mergekit writes NaN into the result; some methods would drop "
+              "it unseen); replace them first (torch.nan_to_num, or the base's values) or leave that model out")
+
+
+def _refuse_nan(inputs: Sequence[Tensor], names: Sequence[str], where: str) -> None:
+    """``ValueError`` naming the first of ``inputs`` that holds a NaN; nothing if none does.
+
+    A whole-tensor scan (~2 ns per element on CPU), so the methods call it only once something they compute anyway,
+    or a cheap sum, has turned out NaN (or inf, whose inputs pass): finite inputs never pay for it.
+    """
+    for position, (t, name) in enumerate(zip(inputs, names)):
+        nan = torch.isnan(t)
+        count = int(nan.sum())
+        if count:
+            first = tuple(int(i) for i in nan.nonzero()[0])
+            raise _NaNInput(f"{where}: {name} holds {count} NaN value(s), the first at index {first}: {NAN_ADVICE}",
+                            position, count, first)
+
+
+class _NaNWatch:
+    """Adds up every element it is shown into one float64 scalar on the tensors' device: a NaN anywhere leaves it
+    NaN, so :meth:`clean` (one host sync, at the end) is True when none of them held a NaN. It can also come out
+    non-finite without a NaN (an inf, a sum beyond float64's range); the caller then scans (:func:`_refuse_nan`),
+    finds none and goes on. One running scalar, not a list of per-chunk sums: small tensors kept alive across the
+    chunk loop pinned the heap between the 1 MiB chunk buffers (a chunked merge of 8M elements took ~50 MiB more)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self, like: Tensor):
+        self.total = torch.zeros((), dtype=torch.float64, device=like.device)
+
+    def add(self, t: Tensor) -> None:
+        self.total += t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+    def clean(self) -> bool:
+        return self.total.device.type == "meta" or bool(torch.isfinite(self.total))
+
+
+def _with_base(models: Sequence[Tensor]) -> list[str]:
+    """The names :func:`_refuse_nan` gives ``[base, *models]``."""
+    return ["base"] + [f"models[{i}]" for i in range(len(models))]
+
+
+def _no_nan(*tensors: Tensor) -> bool:
+    """Whether none of ``tensors`` holds a NaN, told by sums (see :class:`_NaNWatch`): False may be an inf."""
+    watch = _NaNWatch(tensors[0])
+    for t in tensors:
+        watch.add(t)
+    return watch.clean()
 
 
 def _tensor_args(args, kwargs):
@@ -271,8 +339,8 @@ def linear(
         normalize: divide by ``Σ w_i``.
 
     Raises:
-        ValueError: empty input, mismatched shapes, wrong number of weights, or
-            ``normalize=True`` with weights summing to 0.
+        ValueError: empty input, mismatched shapes, wrong number of weights,
+            ``normalize=True`` with weights summing to 0, or a NaN in any tensor (whatever its weight).
         TypeError: non-floating tensors.
     """
     if isinstance(tensors, Tensor):
@@ -288,6 +356,8 @@ def linear(
     out = torch.zeros(tensors[0].shape, dtype=wd, device=tensors[0].device)
     for t, wi in zip(tensors, w):
         out.add_(t.to(wd), alpha=wi)
+    if not _no_nan(out):  # a NaN input is NaN in out, whatever its weight (NaN·0 is NaN)
+        _refuse_nan(tensors, [f"tensors[{i}]" for i in range(len(tensors))], "linear")
     if normalize:
         out.div_(total)
     return out.to(out_dtype or tensors[0].dtype)
@@ -336,7 +406,8 @@ def combine_deltas(
 
     Raises:
         ValueError: no deltas, a delta shaped unlike ``base`` (naming it), not one finite weight per
-            delta, a NaN / infinite ``lambda_`` or an unknown ``consensus``.
+            delta, a NaN / infinite ``lambda_``, an unknown ``consensus``, or a NaN in ``base`` or a delta (the
+            sign election would drop it unseen).
         TypeError: non-floating tensors, a non-bool ``normalize``, a non-floating ``out_dtype``.
     """
     if isinstance(deltas, Tensor):
@@ -347,6 +418,8 @@ def combine_deltas(
     weights = _per_model(weights, len(deltas), "weights")
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
     wd = _work_dtype(base)
+    if not _no_nan(base, *deltas):  # the sign election would drop a NaN unseen
+        _refuse_nan([base, *deltas], ["base", *(f"deltas[{i}]" for i in range(len(deltas)))], "combine_deltas")
     return _combine(base, [d.to(wd) * w for d, w in zip(deltas, weights)], weights, consensus, normalize, lambda_,
                     out_dtype)
 
@@ -534,12 +607,13 @@ def task_arithmetic(
 
     Raises:
         ValueError: no models, mismatched shapes (naming the offending tensor),
-            wrong number of weights. TypeError: non-floating tensors.
+            wrong number of weights, a NaN in ``base`` or a model. TypeError: non-floating tensors.
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
-    return _chunked(base, models, w, lambda d, i, s: d, None, normalize, lambda_, out_dtype, out)
+    return _chunked(base, models, w, lambda d, i, s: d, None, normalize, lambda_, out_dtype, out,
+                    where="task_arithmetic")
 
 
 @torch.no_grad()
@@ -588,7 +662,9 @@ def ties(
         out: optional preallocated result (contiguous, ``base``'s shape, ``out_dtype``).
 
     Raises:
-        ValueError: bad density (outside [0, 1]), weights, shapes or consensus.
+        ValueError: bad density (outside [0, 1]), weights, shapes or consensus; a NaN in ``base`` or in any
+            model, whatever its density (mergekit's TIES writes NaN there; the sign election here used to drop it
+            and return a finite merge, wrong at that element).
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
@@ -636,7 +712,7 @@ def _ties_reference(base, models, w, dens, consensus, normalize, lambda_, out_dt
             trims[i] = (thr, tied_left - tied.numel())
         return d.masked_fill_(keep.logical_not_(), 0.0)
 
-    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, where="ties")
 
 
 # The float32 TIES path avoids torch's bool-mask kernels: on CPU `where`, `masked_fill_` and
@@ -756,9 +832,9 @@ def _bits_to_float(bits: int) -> float:
 def _ties_float32(base, models, w, dens, consensus, normalize, lambda_, dest) -> bool:
     """:func:`_ties_reference` for float32 arithmetic, bit for bit, in ~1/5 of its time.
 
-    Returns False before writing anything (the caller falls back to the reference) for float64
-    inputs or when a trimmed task vector holds inf/NaN. Chunks whose weighted task vectors are not all finite (where 0/1 factors
-    would not behave like masks) are merged by the reference formulas.
+    Returns False before writing anything (the caller falls back to the reference, which refuses a NaN) for float64
+    inputs or when a trimmed task vector holds inf/NaN. Chunks whose weighted task vectors are not all finite (where
+    0/1 factors would not behave like masks) are merged by the reference formulas, after a NaN among them is refused.
     """
     if any(m.dtype == torch.float64 for m in models) or base.device.type != "cpu":
         return False
@@ -804,9 +880,12 @@ def _ties_float32(base, models, w, dens, consensus, normalize, lambda_, dest) ->
             torch.sign(es[0], out=t)
             for e in es[1:]:
                 t += e.sign()
-            finite = math.isfinite(math.fsum(float(e.sum()) for e in es))
+            # one model's +inf and another's -inf: math.fsum raised its own ValueError ('-inf + inf in fsum')
+            finite = all(math.isfinite(float(e.sum())) for e in es)
         dst = dest.chunk(s, L)
         if not finite:
+            if any(bool(torch.isnan(e).any()) for e in es):  # e keeps a NaN of δ (density 1, or 0: k = 0 bits)
+                _refuse_nan([base, *models], _with_base(models), "ties")
             dst.copy_(_ties_chunk_reference(flat_b[s : s + L], [m[s : s + L] for m in flat_m], w, trims,
                                             ties_at, consensus, normalize, lambda_, dst.dtype))
             dest.put(s, dst)
@@ -851,23 +930,32 @@ def _ties_chunk_reference(b, ms, w, trims, ties_at, consensus, normalize, lambda
 
 
 def _chunked(base, models, weights, trim, consensus, normalize, lambda_, out_dtype=None, out=None,
-             step: int | None = None) -> Tensor | None:
+             step: int | None = None, where: str = "merge") -> Tensor | None:
     """Apply ``trim(δ_chunk, model index, chunk start)`` + :func:`_combine` over consecutive chunks of
-    the flattened tensors (in order), writing each merged chunk to ``out`` (see :func:`_dest`)."""
+    the flattened tensors (in order), writing each merged chunk to ``out`` (see :func:`_dest`).
+
+    A NaN in ``base`` or a model raises :func:`_refuse_nan`'s ``ValueError`` once every chunk is written: each
+    untrimmed ``δ`` chunk is summed (a NaN there would otherwise vanish wherever a trim or the sign election drops
+    it), and the sums are looked at together, one host sync for the whole tensor.
+    """
     wd = _work_dtype(base)
     dest, result = _dest(out, base, out_dtype or base.dtype)
     flat_b = base.reshape(-1)
     flat_m = [m.reshape(-1) for m in models]
     step = step or _CHUNK
+    watch = _NaNWatch(base)
     for s in range(0, flat_b.numel(), step):
         b = flat_b[s : s + step].to(wd)  # widened once per chunk (exact), not once per model
         deltas = []
         for i, (m, wi) in enumerate(zip(flat_m, weights)):
             d = m[s : s + step].to(wd, copy=True).sub_(b)
+            watch.add(d)
             deltas.append(trim(d, i, s).mul_(wi))
         dst = dest.chunk(s, b.numel())
         dst.copy_(_combine(b, deltas, weights, consensus, normalize, lambda_, dst.dtype))
         dest.put(s, dst)
+    if not watch.clean():
+        _refuse_nan([base, *models], _with_base(models), where)
     return result
 
 
@@ -996,7 +1084,7 @@ def dare(
         Others as in :func:`ties`.
 
     Raises:
-        ValueError: as :func:`ties`, or a ``generator`` that is not on the CPU.
+        ValueError: as :func:`ties` (a NaN input included), or a ``generator`` that is not on the CPU.
         TypeError: a ``generator`` that is not a ``torch.Generator``.
     """
     _check_models(base, models)
@@ -1010,7 +1098,7 @@ def dare(
         return torch.bernoulli(probs[i][: d.numel()], generator=g).bool().to(d.device), dens[i]
 
     trim = _random_trim(base, models, dens, rescale, generator, step, draw)
-    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step, where="dare")
 
 
 @torch.no_grad()
@@ -1043,7 +1131,8 @@ def breadcrumbs(
     Cost: no sort. The two boundary values (ascending ranks ``a`` and ``a + keep − 1`` of |δ| as
     float32) come from the radix selection of :func:`ties`, then one chunked pass keeps what lies
     between them, and of the elements equal to a boundary the ones a stable sort would put inside
-    (by position). Task vectors with inf/NaN fall back to a whole-tensor sort.
+    (by position). Task vectors with inf fall back to a whole-tensor sort; a NaN in any input raises
+    ``ValueError`` naming it.
     """
     _check_models(base, models)
     gammas = _per_model(gamma, len(models), "gamma")
@@ -1106,7 +1195,7 @@ def breadcrumbs(
         keep[kept] = True
         return torch.where(keep, d, 0.0)
 
-    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, where="breadcrumbs")
 
 
 @torch.no_grad()
@@ -1144,7 +1233,8 @@ def della(
 
     Raises:
         ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for 0 < density < 1; density 0
-            drops the model's task vector, 1 keeps it whole), or a ``generator`` not on the CPU.
+            drops the model's task vector, 1 keeps it whole), a ``generator`` not on the CPU, or a NaN in
+            ``base`` or a model.
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
@@ -1163,7 +1253,7 @@ def della(
         return kept.reshape(-1).to(d.device), keep_prob.reshape(-1).to(d.device, d.dtype)
 
     trim = _random_trim(base, models, dens, rescale, generator, step, draw)
-    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step)
+    return _chunked(base, models, w, trim, consensus, normalize, lambda_, out_dtype, out, step, where="della")
 
 
 # --------------------------------------------------------------------------- spherical
@@ -1217,6 +1307,10 @@ def slerp(
 
     Returns:
         The interpolated tensor, shape of ``a``, dtype ``out_dtype`` (default ``a.dtype``).
+
+    Raises:
+        ValueError: a NaN in ``a`` or ``b`` (seen in ``a·a`` / ``b·b``; it made the cosine read as -1, so a plain
+            lerp came back, where mergekit's result is NaN throughout), or a non-finite ``t``.
     """
     _check_tensors([a, b], ["a", "b"])
     t = _number(t, "t")  # a NaN t would give a NaN merge with no error
@@ -1230,6 +1324,8 @@ def slerp(
     if n == 0:
         return result
     xx, yy, xy = _gram(x, y)
+    if math.isnan(xx) or math.isnan(yy):  # a sum of squares is NaN only where an input is
+        _refuse_nan([a, b], ["a", "b"], "slerp")
     norm_a, norm_b = math.sqrt(xx), math.sqrt(yy)
     norm_a = norm_a if norm_a > eps else 1.0
     norm_b = norm_b if norm_b > eps else 1.0
@@ -1328,6 +1424,9 @@ def chipalign(
         instruct: ``W_I`` from the instruction-aligned model, any shape.
         domain: ``W_D`` from the domain (e.g. chip) model, same shape.
         lam: ``λ``, weight of the domain model, in [0, 1].
+
+    Raises:
+        ValueError: ``lam`` outside [0, 1], or a NaN in either tensor (naming it).
     """
     _check_tensors([instruct, domain], ["instruct", "domain"])
     lam = _number(lam, "lam")
@@ -1339,6 +1438,8 @@ def chipalign(
     dest, result = _dest(None, instruct, out_dtype or instruct.dtype)
     x, y = instruct.reshape(-1), domain.reshape(-1)
     xx, yy, xy = _gram(x, y)
+    if math.isnan(xx) or math.isnan(yy):
+        _refuse_nan([instruct, domain], ["instruct", "domain"], "chipalign")
     ni, nd = math.sqrt(xx), math.sqrt(yy)
     if ni <= eps and nd <= eps:
         return result.zero_()
@@ -1395,6 +1496,9 @@ def karcher(
         weights: ``α_i`` (normalised internally), equal when omitted. mergekit 0.1.5's ``karcher`` accepts a
             ``weight`` per model and ignores it (equal weights always): the two agree bit for bit at equal
             weights only.
+
+    Raises:
+        ValueError: bad weights or options, or a NaN in any tensor (seen in its norm; naming it).
     """
     if isinstance(tensors, Tensor):
         raise TypeError("tensors must be a sequence of tensors (one per model), not a single tensor")
@@ -1404,7 +1508,10 @@ def karcher(
         raise kind(f"max_iter must be an integer >= 0, got {max_iter!r}")
     tol = _number(tol, "tol", minimum=0.0)
     _check_out_dtype(out_dtype)
+    names = [f"tensors[{i}]" for i in range(len(tensors))]
     if len(tensors) == 1:
+        if not _no_nan(tensors[0]):
+            _refuse_nan(tensors, names, "karcher")
         return tensors[0].to(out_dtype or tensors[0].dtype, copy=True)
     alpha = _per_model(weights, len(tensors), "weights", 1.0)
     if any(a < 0 for a in alpha) or math.fsum(alpha) <= 0:
@@ -1414,6 +1521,8 @@ def karcher(
     wd = _work_dtype(tensors[0])
     flat = [t.to(wd).reshape(-1) for t in tensors]
     norms = [torch.linalg.vector_norm(f) for f in flat]
+    if not _no_nan(*norms):  # a NaN norm comes from a NaN element (an inf one from inf: passed on)
+        _refuse_nan(tensors, names, "karcher")
     scale = sum(a * n for a, n in zip(alpha, norms))
     live = [(a, f / n) for a, f, n in zip(alpha, flat, norms) if n > tol]
     if not live:
@@ -1466,7 +1575,8 @@ def model_stock(
     models", arXiv:2403.19522.
 
     Raises:
-        ValueError: fewer than 2 fine-tuned models (no angle to measure).
+        ValueError: fewer than 2 fine-tuned models (no angle to measure), or a NaN in ``base`` or a model
+            (its cosine was read as 0; mergekit's merge is NaN throughout).
     """
     _check_models(base, models)
     filter_wise = as_bool(filter_wise, "filter_wise")
@@ -1482,6 +1592,8 @@ def model_stock(
     b = to_rows(base)
     ws = [to_rows(m) for m in models]
     deltas = [w - b for w in ws]
+    if not _no_nan(*deltas):  # a NaN δ gave a cosine of 0 (den > 0 is False for NaN)
+        _refuse_nan([base, *models], _with_base(models), "model_stock")
     cos = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
