@@ -266,7 +266,11 @@ def merge_tensor(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, name: s
     ``base_model`` plays mergekit's part in each method: the task vectors' origin for task arithmetic, TIES,
     DARE, breadcrumbs, DELLA and Model Stock, the ``t = 0`` end for SLERP and the instruction model for
     ChipAlign; for linear and karcher it is one more input (after the listed models, weighted by the recipe-wide
-    ``weight``, else 1) when it is not listed under ``models``, so ``tensors`` needs its copy then too.
+    ``weight``; karcher's default is 1) when it is not listed under ``models``, so ``tensors`` needs its copy then
+    too.
+
+    Parameters are read as mergekit reads the same recipe: ``weight`` has no default for linear and the task-vector
+    methods (set it per model or once under the recipe's ``parameters``), and SLERP's ``t`` is recipe-wide.
 
     Raises:
         ValueError: an invalid recipe, a model of the recipe missing from ``tensors`` (named), an fp8 tensor
@@ -299,7 +303,8 @@ def _merge(r: Recipe, name: str, tensors: dict[Path, Tensor], out_dtype: torch.d
     method = r.merge_method
     if method in EQUAL_INPUTS:  # the base, when not listed, is the last input (mergekit's order)
         inputs = [tensors[m.path] for m in r.inputs]
-        weights = [r.value("weight", name, m, 1.0) for m in r.inputs]
+        # linear needs a weight per input, as in mergekit; karcher's default 1 is mergekit's (it ignores weights)
+        weights = [r.value("weight", name, m, None if method == "linear" else 1.0) for m in r.inputs]
         if method == "linear":
             return M.linear(inputs, weights, out_dtype=out_dtype,
                             normalize=r.value("normalize", name, default=True))
@@ -309,7 +314,7 @@ def _merge(r: Recipe, name: str, tensors: dict[Path, Tensor], out_dtype: torch.d
     ft = r.fine_tuned
     others = [tensors[m.path] for m in ft]
     if method == "slerp":
-        t = r.value("t", name, ft[0])  # ValueError naming 't' where the recipe does not set it
+        t = r.value("t", name)  # recipe-wide, as mergekit reads it; ValueError naming 't' where it is not set
         return M.slerp(base, others[0], float(t), out_dtype=out_dtype, out=out)
     if method == "chipalign":
         lam = r.value("lambda", name, ft[0])  # likewise
@@ -318,7 +323,7 @@ def _merge(r: Recipe, name: str, tensors: dict[Path, Tensor], out_dtype: torch.d
         return M.model_stock(base, others, out_dtype=out_dtype,
                              filter_wise=r.value("filter_wise", name, default=False))
 
-    weights = [float(r.value("weight", name, m, 1.0)) for m in ft]
+    weights = [float(r.value("weight", name, m)) for m in ft]  # no default: mergekit requires it too
     lam = float(r.value("lambda", name, default=1.0))
     if method == "task_arithmetic":
         return M.task_arithmetic(base, others, weights, out_dtype=out_dtype, out=out,

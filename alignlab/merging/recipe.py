@@ -21,6 +21,10 @@
 
 A parameter given under ``models[i].parameters`` applies to that model; under
 the top-level ``parameters`` it applies to all models (a per-model value wins).
+Parameters mean what mergekit 0.1.5 makes of the same YAML: ``weight`` has no default for
+linear and the task-vector methods (a model without one is refused, as mergekit stops at it),
+SLERP's ``t`` is read from the top-level ``parameters`` only (mergekit ignores a per-model ``t``,
+so one is refused here), and unequal karcher weights, which mergekit ignores, warn.
 As in mergekit, a filter matches the tensor names that contain it (``"*"``: all),
 and a filter list with no entry for a tensor falls through to the top-level
 value, then to the method's default.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,9 +87,14 @@ PARAMETERS: dict[str, tuple[frozenset, frozenset]] = {name: (frozenset(per), fro
     "della": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale", "consensus"}),
     "della_linear": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale"}),
     "model_stock": (set(), {"filter_wise"}),
-    "slerp": ({"t"}, set()),
+    "slerp": (set(), {"t"}),  # mergekit reads t from the recipe's parameters only
     "chipalign": ({"lambda"}, set()),
 }.items()}
+
+
+# methods that need a weight for each model they weigh: mergekit has no default for these ("Missing required
+# parameter weight", at the first tensor), so neither does a recipe here; karcher's weight is optional in mergekit
+WEIGHT_REQUIRED = frozenset(name for name, (per, _) in PARAMETERS.items() if "weight" in per) - {"karcher"}
 
 
 def _check_names(params: Mapping[str, Any], allowed: frozenset, method: str, where: str) -> None:
@@ -189,8 +199,8 @@ class Recipe:
             return default
         where = f" of model {str(model.path)!r}" if model is not None else ""
         if not filtered:  # the method needs it and the recipe never sets it
-            raise ValueError(f"parameter {name!r}{where} is not set: {self.merge_method} needs it (under the model's "
-                             "parameters or the recipe's)")
+            scope = "the model's parameters or the recipe's" if model is not None else "the recipe's parameters"
+            raise ValueError(f"parameter {name!r}{where} is not set: {self.merge_method} needs it (under {scope})")
         raise ValueError(f"parameter {name!r}{where} has no filter matching tensor {tensor!r} and no default entry")
 
 
@@ -283,6 +293,11 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
             raise ValueError(f"models[{i}]: unknown key(s) {extra}; an entry has 'model' and 'parameters'")
         path = _resolve_path(entry["model"], rootp, f"models[{i}].model")
         params = _parameters(entry.get("parameters"), f"models[{i}].parameters")
+        if method == "slerp" and "t" in params:
+            # mergekit reads t from the recipe's parameters only and ignores one under a model: the same recipe
+            # stopped there ("Missing required parameter t") or interpolated at the recipe-wide t
+            raise ValueError(f"parameter 't' of model {str(path)!r}: slerp's t is one value for the whole merge, set "
+                             "under the recipe's parameters (mergekit ignores a t under a model); move it there")
         _check_names(params, PARAMETERS[method][0], method, f"model {str(path)!r}")
         for k, v in params.items():
             _check_filters(k, v, f"model {str(path)!r}")
@@ -320,6 +335,7 @@ def recipe_from_dict(data: Mapping[str, Any], root: str | os.PathLike | None = N
     if needs_base and base is None:
         raise ValueError(f"merge_method {method!r} needs a base_model")
     _check_added_base_weight(recipe)
+    _check_weights(recipe)
     n = len(recipe.fine_tuned)
     if n < lo or (hi is not None and n > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
@@ -332,8 +348,9 @@ def _check_added_base_weight(r: Recipe) -> None:
     weight nobody wrote: the models carry their own ``weight`` and the recipe sets none for all.
 
     mergekit's linear refuses that recipe too (``Missing required parameter weight`` for the base); its karcher
-    ignores every weight and averages equally. Without any ``weight`` in the recipe every input, the base
-    included, weighs 1 (alignlab's default; mergekit's linear asks for a weight per model)."""
+    ignores every weight and averages equally. A linear recipe without any ``weight`` is refused by
+    :func:`_check_weights` (mergekit's linear asks for a weight per input); in a karcher recipe without any, every
+    input, the base included, weighs 1."""
     if r.merge_method not in EQUAL_INPUTS or len(r.inputs) == len(r.models):
         return
     if "weight" in r.parameters or not any("weight" in m.parameters for m in r.models):
@@ -343,6 +360,35 @@ def _check_added_base_weight(r: Recipe) -> None:
         "input (as mergekit does), but no weight is set for it: list it under models with its weight, set a "
         "recipe-wide weight under parameters, or drop base_model (the first model then gives the tensor list "
         "and the config / tokenizer files)")
+
+
+def _check_weights(r: Recipe) -> None:
+    """Refuse a recipe that leaves a model's ``weight`` unset where mergekit requires it; warn where the weights of
+    a karcher recipe would make its merge differ from mergekit's.
+
+    mergekit 0.1.5 has no default ``weight`` for linear and the task-vector methods: a model without one stops its
+    merge with ``Missing required parameter weight``. alignlab used to take 1 there, so a recipe that forgot one
+    model's weight merged here and not in mergekit; it is refused now, before anything is read, naming the models.
+    (A weight given only through filters that miss some tensor is refused at that tensor, as in mergekit.) karcher
+    takes a weight in both, but mergekit ignores it: unequal weights give a different merge here, hence the warning.
+    """
+    if r.merge_method == "karcher":
+        settings = [m.parameters.get("weight", r.parameters.get("weight", 1.0)) for m in r.inputs]
+        if any(s != settings[0] for s in settings[1:]):
+            warnings.warn("karcher: the models' weights differ, and this merge applies them (a weighted Karcher mean), "
+                          "while mergekit 0.1.5 ignores karcher's weight and averages equally: the same recipe gives a "
+                          "different merge there. Drop the weights for mergekit's numbers.", UserWarning, stacklevel=3)
+        return
+    if r.merge_method not in WEIGHT_REQUIRED or "weight" in r.parameters:
+        return
+    weighed = r.inputs if r.merge_method in EQUAL_INPUTS else r.fine_tuned
+    missing = [str(m.path) for m in weighed if "weight" not in m.parameters]
+    if missing:
+        example = "1.0 for an equal average" if r.merge_method == "linear" else "1.0 adds a task vector whole"
+        raise ValueError(
+            f"parameter 'weight' is not set for model(s) {missing}: {r.merge_method} needs a weight for every model, "
+            f"as in mergekit (which stops with 'Missing required parameter weight'); set it under each model's "
+            f"parameters, or once for all models under the recipe's parameters (weight: {example})")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from alignlab.merging import methods as M
 from alignlab.merging.checkpoint import SafetensorsCheckpoint, _generator, merge_checkpoints, merge_tensor
-from alignlab.merging.recipe import load_recipe, recipe_from_dict
+from alignlab.merging.recipe import WEIGHT_REQUIRED, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +66,10 @@ def three_models(tmp_path):
 
 
 def recipe(tmp, method, params=None, models=("a", "b"), **kw):
+    """A recipe over ``tmp``'s checkpoints; linear and the task-vector methods get a recipe-wide ``weight: 1.0``
+    unless ``parameters`` sets one (they need a weight per model, as in mergekit)."""
+    if method in WEIGHT_REQUIRED:
+        kw["parameters"] = {"weight": 1.0, **kw.get("parameters", {})}
     d = {"merge_method": method, "base_model": str(tmp / "base"),
          "models": [{"model": str(tmp / m), "parameters": (params or {}).get(m, {})} for m in models],
          "out_shard_size": 2500, **kw}
@@ -86,7 +90,7 @@ def test_reader_matches_safetensors(three_models):
      lambda b, ms, n: M.ties(b, ms, [0.6, 0.4], density=[0.5, 0.3])),
     ("task_arithmetic", {"a": {"weight": 0.6}, "b": {"weight": 0.4}},
      lambda b, ms, n: M.task_arithmetic(b, ms, [0.6, 0.4])),
-    ("slerp", {"a": {"t": 0.3}}, lambda b, ms, n: M.slerp(b, ms[0], 0.3)),
+    ("slerp", {"*": {"t": 0.3}}, lambda b, ms, n: M.slerp(b, ms[0], 0.3)),
     ("linear", {"a": {"weight": 2.0}, "b": {"weight": 1.0}, "*": {"weight": 0.5}},
      lambda b, ms, n: M.linear([*ms, b], [2.0, 1.0, 0.5])),
     ("breadcrumbs_ties", {"a": {"density": 0.5}, "b": {"density": 0.5}},
@@ -127,7 +131,8 @@ def test_merge_tensor_takes_the_recipe_strings_as_keys_and_names_a_missing_model
     """In-memory merges keyed by the recipe's own strings raised KeyError(PosixPath('base'))."""
     from alignlab.merging.checkpoint import merge_tensor
 
-    r = recipe_from_dict({"merge_method": "task_arithmetic", "base_model": "base", "models": ["a", "b"]})
+    r = recipe_from_dict({"merge_method": "task_arithmetic", "base_model": "base", "models": ["a", "b"],
+                          "parameters": {"weight": 1.0}})
     g = torch.Generator().manual_seed(0)
     t = {k: torch.randn(4, 4, generator=g) for k in ("base", "a", "b")}
     want = M.task_arithmetic(t["base"], [t["a"], t["b"]])
@@ -135,7 +140,7 @@ def test_merge_tensor_takes_the_recipe_strings_as_keys_and_names_a_missing_model
     torch.testing.assert_close(merge_tensor(r, "w", {Path(k): v for k, v in t.items()}), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"tensors has no 'w' for model\(s\) \['b'\]"):
         merge_tensor(r, "w", {"base": t["base"], "a": t["a"]})
-    lin = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"]})
+    lin = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"], "parameters": {"weight": 1.0}})
     torch.testing.assert_close(merge_tensor(lin, "w", {"a": t["a"], "b": t["b"]}), (t["a"] + t["b"]) / 2)
 
 
@@ -200,14 +205,14 @@ def test_single_file_base_copies_only_model_folder_files(tmp_path):
         (downloads / name).write_text(text)
     (downloads / "folder").mkdir()
     out = merge_checkpoints({"merge_method": "linear", "base_model": str(downloads / "base.safetensors"),
-                             "models": [str(downloads / "base.safetensors"), str(downloads / "a.safetensors")]},
-                            tmp_path / "out")
+                             "models": [str(downloads / "base.safetensors"), str(downloads / "a.safetensors")],
+                             "parameters": {"weight": 1.0}}, tmp_path / "out")
     assert {p.name for p in out.iterdir() if "safetensors" not in p.name} == set(model_files)
     folder = tmp_path / "folder_base"
     write_checkpoint(folder, toy_state(0))
     (folder / "README.md").write_text("the model card")
-    out = merge_checkpoints({"merge_method": "linear", "models": [str(folder), str(downloads / "a.safetensors")]},
-                            tmp_path / "out2")
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(folder), str(downloads / "a.safetensors")],
+                             "parameters": {"weight": 1.0}}, tmp_path / "out2")
     assert {p.name for p in out.iterdir() if "safetensors" not in p.name} == {"config.json", "tokenizer.json",
                                                                                "README.md"}
 
@@ -255,7 +260,7 @@ def test_hf_llama_roundtrip(tmp_path):
         make_tiny_llama(seed=i).save_pretrained(tmp_path / f"m{i}", max_shard_size="60KB")
     assert (tmp_path / "m0" / "model.safetensors.index.json").exists()
     r = {"merge_method": "linear", "models": [{"model": str(tmp_path / f"m{i}")} for i in range(3)],
-         "out_shard_size": "50KB"}
+         "parameters": {"weight": 1.0}, "out_shard_size": "50KB"}
     out = merge_checkpoints(r, tmp_path / "merged")
     merged = transformers.LlamaForCausalLM.from_pretrained(out)
     sds = [transformers.LlamaForCausalLM.from_pretrained(tmp_path / f"m{i}").state_dict() for i in range(3)]
@@ -401,8 +406,9 @@ def test_error_during_write_leaves_nothing(three_models):
     tmp, _ = three_models
     # `t` only matches the embedding, so the second tensor fails -- after the first shard was written
     t = [{"filter": "embed", "value": 0.5}]
-    with pytest.raises(ValueError, match=r"while merging tensor 'layers.0.attn.q.weight'.*parameter 't' of model .* has no filter matching"):
-        merge_checkpoints(recipe(tmp, "slerp", {"a": {"t": t}}, models=("a",)), tmp / "out")
+    with pytest.raises(ValueError, match=r"while merging tensor 'layers.0.attn.q.weight'.*parameter 't' has no filter "
+                                         "matching"):
+        merge_checkpoints(recipe(tmp, "slerp", models=("a",), parameters={"t": t}), tmp / "out")
     assert _leftovers(tmp) == []
 
 
@@ -590,7 +596,8 @@ def test_a_leading_tilde_is_the_home_folder(three_models, monkeypatch):
     tmp, states = three_models
     monkeypatch.setenv("HOME", str(tmp))
     monkeypatch.chdir(tmp / "a")
-    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: ~/a\n  - model: ~/b\n")
+    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: ~/a\n  - model: ~/b\n"
+                                "parameters: {weight: 1.0}\n")
     out = merge_checkpoints("~/r.yaml", "~/merged")
     assert out == tmp / "merged" and not (tmp / "a" / "~").exists()
     with SafetensorsCheckpoint("~/merged") as merged:
@@ -628,7 +635,8 @@ def test_overwrite_never_deletes_an_input_checkpoint(three_models, monkeypatch):
     single = tmp / "single.safetensors"  # a base given as one file, named as out_dir
     save_file(toy_state(0), single)
     with pytest.raises(ValueError, match="would delete input checkpoint"):
-        merge_checkpoints({"merge_method": "linear", "models": [str(single), str(tmp / "a")]}, single, overwrite=True)
+        merge_checkpoints({"merge_method": "linear", "models": [str(single), str(tmp / "a")],
+                           "parameters": {"weight": 1.0}}, single, overwrite=True)
     assert single.is_file()
     out = merge_checkpoints(recipe(tmp, "linear"), tmp / "merged", overwrite=True)  # beside the inputs: as before
     assert merge_checkpoints(recipe(tmp, "linear"), out, overwrite=True) == out
@@ -880,14 +888,14 @@ def test_parallel_pipeline_writes_the_sequential_bytes_and_restores_threads(thre
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory maps (Linux)")
-@pytest.mark.parametrize("method,params", [("slerp", {"a": {"t": 0.3}}), ("della", {"a": {"density": 0.5}})])
+@pytest.mark.parametrize("method,params", [("slerp", {"*": {"t": 0.3}}), ("della", {"a": {"density": 0.5}})])
 def test_inputs_are_mapped_per_tensor_and_released(three_models, method, params):
     """Inputs are read through one private map per tensor: after the merge no input file is mapped any
     more (a map left behind per tensor would hold the whole model in the process by the end), and the
     mapped tensors are the bytes safetensors reads."""
     tmp, states = three_models
     models = ("a",) if method == "slerp" else ("a", "b")
-    merge_checkpoints(recipe(tmp, method, params, models=models), tmp / "out")
+    merge_checkpoints(recipe(tmp, method, params, models=models, parameters=params.get("*", {})), tmp / "out")
     with open("/proc/self/maps") as f:
         maps = f.read()
     for name in ("base", "a", "b"):
@@ -905,7 +913,8 @@ def test_out_shard_size_reads_binary_units_as_powers_of_1024():
     assert parse_size("5GB") == 5 * 1000**3 and parse_size("500MB") == 500 * 1000**2
     assert parse_size("5GiB") == 5 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("1.5KiB") == 1536
     assert parse_size("2gib") == 2 * 2**30 and parse_size(1234) == 1234
-    r = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"], "out_shard_size": "1TiB"})
+    r = recipe_from_dict({"merge_method": "linear", "models": ["a", "b"], "parameters": {"weight": 1.0},
+                          "out_shard_size": "1TiB"})
     assert r.out_shard_size == 2**40
 
 
@@ -928,8 +937,8 @@ def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
             if "lora" in n:
                 p.data.copy_(torch.randn(p.shape, generator=g))
         save_adapter(m, tmp_path / name)
-    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")]},
-                            tmp_path / "merged")
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")],
+                             "parameters": {"weight": 1.0}}, tmp_path / "merged")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("a", "b"))
     merged = load_file(out / "adapter_model.safetensors")
@@ -943,8 +952,8 @@ def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
     for name in ("a", "b"):
         save_file({"w": torch.randn(3, 3, generator=torch.Generator().manual_seed(len(name)))},
                   tmp_path / name / "model.safetensors")
-    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")]},
-                            tmp_path / "merged2")
+    out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")],
+                             "parameters": {"weight": 1.0}}, tmp_path / "merged2")
     assert (out / "model.safetensors.index.json").exists() and not (out / "adapter_model.safetensors").exists()
 
 
@@ -978,7 +987,7 @@ def test_fp8_checkpoints_are_refused_naming_the_weight_and_its_scale(tmp_path, s
             merge_checkpoints(r, tmp_path / "out")
         assert _leftovers(tmp_path) == []
     with pytest.raises(ValueError, match=r"'w' of model 'a' is torch.float8_e4m3fn.*dequantize"):
-        merge_tensor({"merge_method": "linear", "models": ["a", "b"]}, "w",
+        merge_tensor({"merge_method": "linear", "models": ["a", "b"], "parameters": {"weight": 1.0}}, "w",
                      {"a": torch.zeros(2).to(torch.float8_e4m3fn), "b": torch.zeros(2).to(torch.float8_e4m3fn)})
 
 
@@ -1053,9 +1062,9 @@ def test_tensor_named_like_bitsandbytes_state_beside_a_float_weight_is_merged(tm
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("task_arithmetic", {"parameters": {"lambda": 4.0}}),  # chunked: written chunk by chunk
-    ("ties", {"parameters": {"lambda": 4.0}}),
-    ("linear", {"parameters": {"normalize": False}}),  # whole tensor, returned
+    ("task_arithmetic", {"parameters": {"weight": 1.0, "lambda": 4.0}}),  # chunked: written chunk by chunk
+    ("ties", {"parameters": {"weight": 1.0, "lambda": 4.0}}),
+    ("linear", {"parameters": {"weight": 1.0, "normalize": False}}),  # whole tensor, returned
 ])
 def test_float16_output_beyond_its_range_is_refused_with_the_tensor_and_peak(tmp_path, method, extra):
     """float32 arithmetic beyond ±65504 was rounded to inf in a float16 output without a word."""
@@ -1109,7 +1118,9 @@ def test_a_parameter_the_recipe_never_sets_is_named_as_missing(three_models, met
     """A slerp recipe without any 't' said "has no filter matching tensor ... and no default entry", where no filter
     had been written; the method's own "slerp needs parameter 't'" could never be reached."""
     tmp, _ = three_models
-    with pytest.raises(ValueError, match=rf"parameter '{key}' of model .* is not set: {method} needs it"):
+    # slerp's t is recipe-wide (as mergekit reads it), chipalign's lambda per model or recipe-wide
+    of_model = "" if method == "slerp" else "of model .* "
+    with pytest.raises(ValueError, match=rf"parameter '{key}' {of_model}is not set: {method} needs it"):
         merge_checkpoints(recipe(tmp, method, models=("a",)), tmp / "out")
     assert _leftovers(tmp) == []
 
