@@ -1,11 +1,12 @@
 """A NaN in any input of a merge is a ValueError naming the input, in every method and in the checkpoint merge.
 
-Before, the methods disagreed: linear, task arithmetic, breadcrumbs, Karcher and ChipAlign passed the NaN on to
-the output, as mergekit 0.1.5 does; TIES (and DARE-TIES, breadcrumbs-TIES, DELLA) hid it, because the sign election
-drops an element whose sign is NaN (and a NaN sum elects the negative sign), so the output came out finite and
-wrong there;
-SLERP read the NaN cosine as -1 and returned a plain lerp; Model Stock read it as 0. A merge has no number to give
-where an input is NaN, so every method now refuses it. mergekit writes NaN instead (the element, or the whole
+Before, the methods disagreed: linear, task arithmetic, Karcher and ChipAlign passed the NaN on to the output, as
+mergekit 0.1.5 does; TIES (and DARE-TIES, breadcrumbs-TIES, DELLA) hid it, because the sign election drops an
+element whose sign is NaN (and a NaN sum elects the negative sign), so the output came out finite and wrong there;
+DARE hid it whenever its mask dropped that element (about one seed in two at density 0.5), breadcrumbs whenever
+the NaN, which sorts as the largest magnitude, fell among the dropped outliers; SLERP read the NaN cosine as -1 and
+returned a plain lerp; Model Stock read it as 0. A merge has no number to give where an input is NaN, so every
+method now refuses it. mergekit writes NaN instead (the element, or the whole
 tensor where a norm or a dot product sees it): the mergekit tests below check that its merge of the same inputs
 is not finite, so the error only ever stands where mergekit would write a NaN. The one exception is a NaN model
 whose TIES / DELLA density is 0 (mergekit drops its task vector whole and stays finite): refused here as well,
