@@ -83,3 +83,24 @@ def test_every_export_of_a_guided_subpackage_is_named_in_a_guide():
     missing = [f"alignlab.{pkg}.{name}" for pkg in GUIDED for name in getattr(alignlab, pkg).__all__
                if not re.search(rf"(?<![\w.]){re.escape(name)}\b", text)]
     assert not missing, f"exported but named in no docs/*.md guide: {missing}"
+
+
+def test_kernel_and_quant_modules_import_first_in_a_fresh_process():
+    """``alignlab.quant`` and ``alignlab.kernels`` import each other (the kernels read ``quant.nf4``, whose package
+    imports ``NF4Linear``, which launches the kernels): a module-level import added on either side can make one of
+    them fail when it is the first thing a user imports (``from alignlab.kernels.nf4_dequant import nf4_dequant``
+    raised a circular ImportError for a while). Each module here is imported first, in its own interpreter."""
+    names = sorted(f"alignlab.{sub}.{p.stem}" for sub in ("kernels", "quant") for p in (PKG / sub).glob("*.py")
+                   if p.stem != "__init__") + ["alignlab.adapters.fused", "alignlab.adapters.lora"]
+    procs = {}
+    failed = {}
+    for i in range(0, len(names), 6):  # a few at a time: each interpreter imports torch
+        batch = {n: subprocess.Popen([sys.executable, "-c", f"import {n}"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True) for n in names[i:i + 6]}
+        procs.update(batch)
+        for n, p in batch.items():
+            out, _ = p.communicate(timeout=300)
+            if p.returncode:
+                failed[n] = out[-600:]
+    assert len(procs) > 15
+    assert not failed, failed

@@ -46,6 +46,8 @@ import torch
 
 from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active
+from alignlab.kernels.nf4_dequant import nf4_dequant
+from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul, nf4_matmul_t
 from alignlab.quant import linear as _qlinear
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -103,9 +105,6 @@ def _base_forward(x2: torch.Tensor, weight, bias: torch.Tensor | None, row_scale
     applied to the product.
     """
     if isinstance(weight, NF4Tensor):
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-        from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul
-
         bias = None if bias is None else bias.to(x2.dtype)
         rows = x2.shape[0]
         if row_scale is not None and rows > SMALL_M:
@@ -134,9 +133,6 @@ def _base_input_grad(g: torch.Tensor, weight, row_scale: torch.Tensor | None = N
     """``(g ⊙ row_scale) W`` as a fresh ``(tokens, in)`` tensor; ``row_scale`` (``(out,)``, fp32 or fp64) is
     folded into whichever operand is smaller (for NF4, into the one dequantization)."""
     if isinstance(weight, NF4Tensor):
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-        from alignlab.kernels.nf4_matmul import SMALL_M, nf4_matmul_t
-
         if g.shape[0] <= SMALL_M:  # decode-sized: the small-M kernels read the packed weight directly
             return nf4_matmul_t(g if row_scale is None else g * row_scale.to(g.dtype), weight)
         return g @ nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float())
@@ -164,13 +160,7 @@ def _widen(weight, rows: int, copied: int, output: int, r: int) -> bool:
     dequantization kernel's strided store as such (Triton specializes an int argument on divisibility by 16).
     Callers test ``WIDE_K`` first, so that the default form pays nothing for this."""
     return (rows >= WIDE_K_MIN_ROWS and copied < output and r % 16 == 0 and isinstance(weight, NF4Tensor)
-            and rows > _small_m())
-
-
-def _small_m() -> int:
-    from alignlab.kernels.nf4_matmul import SMALL_M
-
-    return SMALL_M
+            and rows > SMALL_M)
 
 
 def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.Tensor,
@@ -179,8 +169,6 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
     rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`)."""
     if WIDE_K and _widen(weight, x2.shape[0], x2.shape[1], b.shape[0], xa.shape[1]) and \
             x2.shape[1] % weight.blocksize == 0:
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-
         n_in, r = x2.shape[1], xa.shape[1]
         wk = x2.new_empty(b.shape[0], n_in + r)
         nf4_dequant(weight, x2.dtype, None if row_scale is None else row_scale.float(), out=wk[:, :n_in])
@@ -194,8 +182,6 @@ def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tens
                         row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the two forms of :func:`_widen`)."""
     if WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1]):
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-
         n_out, r = g.shape[1], gb.shape[1]
         wk = g.new_empty(n_out + r, a.shape[1])
         nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float(), out=wk[:n_out])
@@ -275,8 +261,6 @@ def _graph_input(ctx, x: torch.Tensor, what: str) -> torch.Tensor:
 def _graph_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     """The base weight in ``dtype`` for a differentiable backward (an NF4 weight dequantized: a constant)."""
     if isinstance(weight, NF4Tensor):
-        from alignlab.kernels.nf4_dequant import nf4_dequant
-
         return nf4_dequant(weight, dtype)
     return weight.to(dtype)
 

@@ -26,6 +26,10 @@ import torch
 __all__ = ["device_key", "note_device", "small_config", "small_choice", "heuristic_config", "max_rows",
            "takes_small", "TABLES", "ALTERNATIVES", "register_table"]
 
+# inputs with more rows never take a kept decode launcher (kernels.nf4_matmul.decode_matmul, NF4Linear's decode path):
+# no lookup for them
+DECODE_ROWS = 64
+
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}},
 #                "shapes": [(N, K), ...] (optional), "max_m_listed": int (optional, see takes_small)}.
 # A shape listed under ("swap_early", m), ("swap", m) or ("late", m) takes that kernel at that bucket (it measured

@@ -47,7 +47,7 @@ from alignlab._checks import env_count, env_switch
 from alignlab.kernels.dispatch import functorch_active, interpreted_bf16_dot, interpreting, kernels_setting, use_triton
 from alignlab.kernels.launch import cdiv, options
 from alignlab.kernels.nf4_dequant import _state_args, nf4_dequant
-from alignlab.kernels.nf4_configs import takes_small
+from alignlab.kernels.nf4_configs import DECODE_ROWS, takes_small
 from alignlab.kernels.nf4_small import _small_m_matmul, small_m_matmul_op, small_m_runner
 from alignlab.quant.nf4 import NF4Tensor, nf4_dequantize
 
@@ -412,9 +412,6 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
     if PIPELINE_CHUNKS > 1 or not (K % 2 or M >= LARGE_M):  # nf4_matmul's other paths: no runner
         return None
     return _dequant_runner(t, x.dtype)
-
-
-DECODE_ROWS = 64  # inputs with more rows never take a kept launcher: no lookup for them
 
 
 def runner_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:

@@ -29,8 +29,7 @@ from torch import nn
 from alignlab._checks import as_bool, env_switch
 from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.kernels.dispatch import functorch_active
-import alignlab.kernels.nf4_matmul as _nm  # a module object: importing names from it here would be circular
-from alignlab.kernels.nf4_configs import note_device
+from alignlab.kernels.nf4_configs import DECODE_ROWS, note_device
 from alignlab.quant.nf4 import (
     SUPPORTED_DTYPES,
     NF4Tensor,
@@ -48,8 +47,17 @@ __all__ = ["DequantizedWeight", "NF4Linear", "quantize_model"]
 # on by default since measured on an H200 (issue 24, benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32
 # instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0 (read at import) or this attribute set to False turns them off.
 DECODE_LAUNCHERS = env_switch("ALIGNLAB_DECODE_LAUNCHERS", True)
+_nm = None  # alignlab.kernels.nf4_matmul, imported at the first call (at import time that import would be circular)
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
+
+
+def _kernels():
+    global _nm
+    import alignlab.kernels.nf4_matmul as nm
+
+    _nm = nm
+    return nm
 
 
 class DequantizedWeight(torch.Tensor):
@@ -231,12 +239,13 @@ class NF4Linear(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         key = None
         if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
-                and x.numel() <= _nm.DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
+                and x.numel() <= DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
                 and not functorch_active()):  # (a kernel cannot read a vmap'd tensor)
             # decode path: a launcher kept per input layout and stream (kernels.nf4_matmul.keep_runner), ~one launch
             # of host work
-            key = _nm.runner_key(x, bias)
-            run = _nm.kept_runner(t, key)
+            nm = _nm or _kernels()
+            key = nm.runner_key(x, bias)
+            run = nm.kept_runner(t, key)
             if run:
                 return run(x, bias)
             if run is None:  # this layout is known not to take the decode kernels
@@ -259,7 +268,7 @@ class NF4Linear(nn.Module):
 
             y = nf4_matmul(xc, t, bias_c)
             if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
-                _nm.keep_runner(x, t, bias, key)
+                _kernels().keep_runner(x, t, bias, key)
         return y.to(in_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
