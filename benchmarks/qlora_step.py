@@ -242,26 +242,38 @@ def profile_step(step, top: int = 40):
 
 
 def host_profile(base, calls: int = 200):
-    """Where the host time of one adapted NF4 layer's forward call goes (cProfile, M = 1 and 2048)."""
+    """Where the host time of one adapted NF4 layer's forward call, and of its forward + backward, goes (cProfile,
+    M = 1 and 2048), and which CUDA kernels one forward + backward launches (torch.profiler)."""
     import cProfile
     import pstats
+
+    from torch.profiler import ProfilerActivity, profile
 
     lin = copy.deepcopy(base.model.layers[0].self_attn.q_proj).cuda()
     layer = alignlab_model_layer(lin)
     for m in (1, SEQ):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(20):
-            layer(x)
-        torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(calls):
-            layer(x)
-            if i % 50 == 49:
-                torch.cuda.synchronize()
-        prof.disable()
-        print(f"--- host profile, alignlab QLoRA layer forward, M={m}, {calls} calls")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        gy = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        for what, call in (("forward", lambda: layer(x)), ("forward + backward", lambda: layer(x).backward(gy))):
+            for _ in range(20):
+                call()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for i in range(calls):
+                call()
+                if i % 50 == 49:
+                    torch.cuda.synchronize()
+            prof.disable()
+            print(f"--- host profile, alignlab QLoRA layer {what}, M={m}, {calls} calls")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(24)
+        with profile(activities=[ProfilerActivity.CUDA]) as kprof:
+            layer(x).backward(gy)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in kprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"--- CUDA kernels and copies of one forward + backward, M={m}: {len(kernels)}")
+        for k in kernels:
+            print(f"    {k[:110]}")
 
 
 def alignlab_model_layer(lin):
