@@ -271,3 +271,31 @@ def spawn_ranks(worker, *args, world: int = 2) -> None:
     """``worker(rank, world, port, *args)`` in ``world`` spawned processes on a free port; returns when all have
     (``torch.multiprocessing.spawn`` pickles ``worker`` by module name: keep it in a module of its own)."""
     torch.multiprocessing.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def load_checkpoint(folder) -> dict:
+    """Every tensor of the ``*.safetensors`` files in ``folder`` (a saved or merged checkpoint)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def save_llama_finetunes(root, num_layers: int = 2):
+    """``root/base`` and two fine-tunes of it, ``root/a`` and ``root/b`` (base + 0.05·noise), as transformers saves
+    them (a tiny fp32 Llama with an untied head): the checkpoints the merges are compared with mergekit on."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).float()
+    base.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        model = transformers.LlamaForCausalLM(cfg).float()
+        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        model.save_pretrained(root / name)
+    return root

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from conftest import load_checkpoint, save_llama_finetunes
 
 from alignlab.merging import merge_checkpoints
 
@@ -21,27 +22,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("mergekit.merge", reason="mergekit is the oracle for these checks")
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
-    """base, and two fine-tunes of it (base + 0.05·noise), as transformers saves them (fp32, untied head)."""
-    root = tmp_path_factory.mktemp("llamas")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).float()
-    base.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(1)
-    for name in ("a", "b"):
-        model = transformers.LlamaForCausalLM(cfg).float()
-        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g)
-                               for k, v in base.state_dict().items()})
-        model.save_pretrained(root / name)
-    return root
+    return save_llama_finetunes(tmp_path_factory.mktemp("llamas"), num_layers=2)
 
 
 def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +34,7 @@ def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
 
     run_merge(MergeConfiguration.model_validate(recipe), str(out),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return _load(out)
+    return load_checkpoint(out)
 
 
 def _recipe(root: Path, method: str, models: dict, parameters: dict | None = None, base: bool = False) -> dict:
@@ -91,14 +74,14 @@ CASES = [
 def test_base_model_plays_mergekits_part(llamas, tmp_path, method, models, parameters, listed, tol):
     r = _recipe(llamas, method, dict(models), parameters, base=listed)
     theirs = _mergekit(r, tmp_path / "mergekit")
-    ours = _load(merge_checkpoints(r, tmp_path / "ours"))
+    ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
         assert ours[name].dtype == t.dtype == torch.float32
         torch.testing.assert_close(ours[name], t, rtol=0, atol=tol * float(t.abs().max()), msg=name)
     if method in ("linear", "karcher") and not listed:  # the base is in the average: not the listed models' alone
         without = {**r, "base_model": None}
-        alone = _load(merge_checkpoints(without, tmp_path / "without"))
+        alone = load_checkpoint(merge_checkpoints(without, tmp_path / "without"))
         assert not torch.equal(alone["model.layers.0.mlp.up_proj.weight"],
                                ours["model.layers.0.mlp.up_proj.weight"])
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "llama"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from conftest import load_checkpoint, save_llama_finetunes
 
 from alignlab.merging import merge_checkpoints
 from alignlab.merging import methods as M
@@ -27,26 +28,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("mergekit.merge", reason="mergekit is the oracle for these checks")
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
-    """base, and two fine-tunes of it (base + 0.05·noise), fp32, as transformers saves them."""
-    root = tmp_path_factory.mktemp("llamas")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).float()
-    base.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(1)
-    for name in ("a", "b"):
-        model = transformers.LlamaForCausalLM(cfg).float()
-        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
-        model.save_pretrained(root / name)
-    return root
+    return save_llama_finetunes(tmp_path_factory.mktemp("llamas"), num_layers=1)
 
 
 def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +40,7 @@ def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
 
     run_merge(MergeConfiguration.model_validate(recipe), str(out),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return _load(out)
+    return load_checkpoint(out)
 
 
 def _recipe(root: Path, method: str, models: dict, parameters: dict | None = None) -> dict:
@@ -95,7 +79,7 @@ def test_with_the_weights_set_the_merge_is_mergekits(llamas, tmp_path, method):
     extra = {} if method in ("linear", "task_arithmetic") else SPARSE
     r = _recipe(llamas, method, {"a": {**extra, "weight": 0.7}, "b": dict(extra)}, {"weight": 0.4})
     theirs = _mergekit(r, tmp_path / "mergekit")
-    ours = _load(merge_checkpoints(r, tmp_path / "ours"))
+    ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name], t, rtol=0, atol=0, msg=name)
@@ -123,7 +107,7 @@ def test_slerp_t_under_a_model_is_refused(llamas, tmp_path, where):
             _mergekit(r, tmp_path / "mergekit")
     else:
         theirs = _mergekit(r, tmp_path / "mergekit")
-        base, a = _load(llamas / "base"), _load(llamas / "a")
+        base, a = load_checkpoint(llamas / "base"), load_checkpoint(llamas / "a")
         for name, t in theirs.items():  # the recipe-wide 0.7, not the model's 0.2
             torch.testing.assert_close(t, M.slerp(base[name], a[name], 0.7), rtol=2e-5,
                                        atol=2e-5 * float(t.abs().max()), msg=name)
@@ -137,7 +121,7 @@ def test_slerp_with_a_recipe_wide_t_is_mergekits(llamas, tmp_path):
     """Within float32 rounding of the cosine (docs/merging.md, "SLERP"); without any t both stop."""
     r = _recipe(llamas, "slerp", {"a": {}}, {"t": 0.3})
     theirs = _mergekit(r, tmp_path / "mergekit")
-    ours = _load(merge_checkpoints(r, tmp_path / "ours"))
+    ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name], t, rtol=0, atol=2e-5 * float(t.abs().max()), msg=name)
     r = _recipe(llamas, "slerp", {"a": {}})
@@ -152,8 +136,8 @@ def test_unequal_karcher_weights_warn_that_mergekit_ignores_them(llamas, tmp_pat
     r["base_model"] = None
     theirs = _mergekit(r, tmp_path / "mergekit")
     with pytest.warns(UserWarning, match="mergekit 0.1.5 ignores karcher's weight and averages equally"):
-        ours = _load(merge_checkpoints(r, tmp_path / "ours"))
-    equal = _load(merge_checkpoints({**r, "models": [{"model": str(llamas / m)} for m in "ab"]}, tmp_path / "eq"))
+        ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
+    equal = load_checkpoint(merge_checkpoints({**r, "models": [{"model": str(llamas / m)} for m in "ab"]}, tmp_path / "eq"))
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(theirs[name], equal[name], rtol=0, atol=0)  # mergekit: the equal-weight mean
     assert not torch.equal(ours[name], theirs[name])
