@@ -182,8 +182,9 @@ def saved_adapter_config(path, cfg) -> dict:
 
 
 def config_fields(cfg) -> dict:
-    """Every attribute with its type but the targets (our file lists the adapted modules by full name)."""
-    return {k: (v, type(v)) for k, v in vars(cfg).items() if k != "target_modules"}
+    """Every attribute with its type but the targets (our file lists the adapted modules by full name) and the mark of
+    a config read from a file (``_task_type_from_file``, see ``alignlab.adapters.config.with_task_heads``)."""
+    return {k: (v, type(v)) for k, v in vars(cfg).items() if k not in ("target_modules", "_task_type_from_file")}
 
 
 def run_cpu_example(script: str, *args: str, timeout: int = 180) -> str:

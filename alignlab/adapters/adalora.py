@@ -42,7 +42,9 @@ from torch import nn
 
 from alignlab._checks import ArgumentTypeError, check_number_in_range, is_finite_real, is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out
-from alignlab.adapters.config import check_dropout, check_finite_number, check_nonzero_number, check_modules_to_save, check_positive_int, check_positive_number, check_target_spec
+from alignlab.adapters.config import (check_dropout, check_finite_number, check_nonzero_number, check_modules_to_save, check_positive_int,
+                                      check_positive_number, check_target_spec, check_task_type, task_type_from_file,
+                                      with_task_heads)
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import own_format_config, own_format_dict, peft_field, peft_header, peft_targets, refuse_lora_variants, refuse_unsupported
 
@@ -148,6 +150,7 @@ class AdaLoRAConfig:
         rank_pattern: ``{"<module>.lora_E": [bool] * init_r}`` kept ranks (set when loading a PEFT
             file saved after allocation; such layers hold only the kept ranks).
         modules_to_save: modules trained in full next to the adapter, as in ``LoRAConfig``.
+        task_type: PEFT's task type, as in ``LoRAConfig`` (``"SEQ_CLS"`` etc. also train the model's head).
     Raises:
         ValueError: non-positive ranks, ``target_r > init_r``, ``tinit``/``tfinal`` not non-negative
             integers, a schedule that does not fit in ``total_step``, betas not numbers in (0, 1), a NaN,
@@ -173,9 +176,11 @@ class AdaLoRAConfig:
     dropout: float = 0.0
     rank_pattern: dict[str, list[bool]] | None = None
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
+        self.task_type = check_task_type(self.task_type)
         self.init_r, self.alpha, self.dropout = _check_common(self.init_r, self.alpha, self.dropout, self.target_modules,
                                                               self.exclude_modules, "init_r")
         if not is_int(self.target_r) or not 0 < self.target_r <= self.init_r:
@@ -205,6 +210,10 @@ class AdaLoRAConfig:
         if wrong:
             raise ValueError(f"rank_pattern lists must hold init_r={self.init_r} flags each, got lengths {wrong}")
 
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
+        return with_task_heads(model, self)
+
     @property
     def scaling(self) -> float:
         return self.alpha / (self.init_r + 1e-5)
@@ -225,12 +234,13 @@ class AdaLoRAConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, AdaLoRALinear)
         return {
-            **peft_header("ADALORA"), "r": self.init_r, "init_r": self.init_r, "target_r": self.target_r,
+            **peft_header("ADALORA"), "task_type": self.task_type,
+            "r": self.init_r, "init_r": self.init_r, "target_r": self.target_r,
             "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": sorted(layers),
             "exclude_modules": None, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
             "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
             "total_step": self.total_step, "rank_pattern": self.rank_pattern, "init_lora_weights": True,
-            "bias": "none", "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": self.modules_to_save, "use_rslora": False, "use_dora": False,
+            "bias": "none", "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": with_task_heads(model, self), "use_rslora": False, "use_dora": False,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
@@ -241,15 +251,16 @@ class AdaLoRAConfig:
         refuse_lora_variants(raw, "AdaLoRA")
         rank_pattern = raw.get("rank_pattern") or None
         _check_rank_pattern(rank_pattern, "adapter_config.json: rank_pattern")
-        return cls(init_r=peft_field(raw, "init_r", "int"), target_r=peft_field(raw, "target_r", "int"),
-                   alpha=peft_field(raw, "lora_alpha", "number", 8.0), total_step=peft_field(raw, "total_step", "int"),
-                   tinit=peft_field(raw, "tinit", "int", 0), tfinal=peft_field(raw, "tfinal", "int", 0),
-                   deltaT=peft_field(raw, "deltaT", "int", 1), beta1=peft_field(raw, "beta1", "number", 0.85),
-                   beta2=peft_field(raw, "beta2", "number", 0.85),
-                   orth_reg_weight=peft_field(raw, "orth_reg_weight", "number", 0.5),
-                   target_modules=peft_targets(raw), exclude_modules=raw.get("exclude_modules"),
-                   dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern,
-                   modules_to_save=raw.get("modules_to_save") or None)
+        config = cls(init_r=peft_field(raw, "init_r", "int"), target_r=peft_field(raw, "target_r", "int"),
+                     alpha=peft_field(raw, "lora_alpha", "number", 8.0), total_step=peft_field(raw, "total_step", "int"),
+                     tinit=peft_field(raw, "tinit", "int", 0), tfinal=peft_field(raw, "tfinal", "int", 0),
+                     deltaT=peft_field(raw, "deltaT", "int", 1), beta1=peft_field(raw, "beta1", "number", 0.85),
+                     beta2=peft_field(raw, "beta2", "number", 0.85),
+                     orth_reg_weight=peft_field(raw, "orth_reg_weight", "number", 0.5),
+                     target_modules=peft_targets(raw), exclude_modules=raw.get("exclude_modules"),
+                     dropout=peft_field(raw, "lora_dropout", "number", 0.0), rank_pattern=rank_pattern,
+                     modules_to_save=raw.get("modules_to_save") or None)
+        return task_type_from_file(config, raw)
 
 
 def _svd_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoRALinear]:

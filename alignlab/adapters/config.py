@@ -55,6 +55,11 @@ class LoRAConfig:
         ensure_weight_tying: LoRA on an embedding whose table an output head shares acts on the head too
             (``logits = x Eᵀ + s·(x B) A``, the same factors; PEFT's option of that name). Default False:
             the head keeps the frozen table, and merging unties the two.
+        task_type: PEFT's task type (one of :data:`PEFT_TASK_TYPES`), with PEFT's meaning: ``"SEQ_CLS"`` and
+            ``"TOKEN_CLS"`` also train the model's ``classifier`` / ``score`` head in full, ``"QUESTION_ANS"`` its
+            ``qa_outputs`` (added to ``modules_to_save``, so never an adapter target), as PEFT's task wrappers do;
+            the others add nothing. ``save_adapter`` writes it; ``None`` (the default, as in PEFT: no head trained)
+            writes the model's task type where the file holds what PEFT reads for it.
 
     ``nn.Embedding`` modules named in ``target_modules`` get LoRA in PEFT's embedding layout
     (:class:`~alignlab.adapters.embedding.LoRAEmbedding`); ``"all-linear"`` never selects them.
@@ -80,6 +85,7 @@ class LoRAConfig:
     include_experts: bool = False
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
+    task_type: str | None = None
 
     adapts_embeddings = True  # find_targets also offers nn.Embedding leaves to this config
 
@@ -108,6 +114,7 @@ class LoRAConfig:
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         self.ensure_weight_tying = as_bool(self.ensure_weight_tying, "ensure_weight_tying")
+        self.task_type = check_task_type(self.task_type)
         if self.trainable_token_indices is not None:
             from alignlab.adapters.embedding import check_token_indices
 
@@ -120,6 +127,10 @@ class LoRAConfig:
         """Whether the initialisation writes into the base weight (PiSSA, OLoRA: ``W ← W − s·BA``); ``inject``
         then keeps a copy of each target's weight until every target took the adapter, to put back on failure."""
         return self.init != "kaiming" and self.init != "gaussian"
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
+        return with_task_heads(model, self)
 
     # -- resolution per module ------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
@@ -314,6 +325,66 @@ def check_modules_to_save(modules_to_save) -> list[str] | None:
     if not _is_str_list(modules_to_save):
         raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
     return list(modules_to_save)
+
+
+#: PEFT's task types (its ``TaskType``), the values ``task_type`` takes in the adapter configs and their files
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+#: the heads PEFT's task wrappers add to ``modules_to_save`` for these task types (a name suffix each, so the model
+#: has one of the two classifier names), and whose trained copies their files therefore hold
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+
+
+def check_task_type(task_type, arg: str = "task_type", accepted: tuple[str, ...] = PEFT_TASK_TYPES) -> str | None:
+    """``task_type`` as it is (None or one of ``accepted``); ``ValueError`` naming ``arg`` and the accepted values
+    otherwise (PEFT's ``PeftConfig`` refuses the same values)."""
+    if task_type is not None and (not isinstance(task_type, str) or task_type not in accepted):
+        raise ValueError(f"{arg} must be None or one of {accepted}, got {task_type!r}")
+    return task_type
+
+
+def task_heads(model: nn.Module, task_type: str | None, required: bool = True) -> list[str]:
+    """The ``modules_to_save`` entries PEFT's wrapper for ``task_type`` adds that ``model`` has (``classifier`` or
+    ``score`` for ``SEQ_CLS`` / ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``); none for the other tasks.
+
+    Raises:
+        ValueError: ``required`` and the task needs such a head that ``model`` lacks (PEFT trains nothing then, and
+            says nothing: a head named otherwise, BART's ``classification_head``, stays frozen).
+    """
+    wanted = TASK_HEADS.get(task_type, [])
+    names = [n for n, _ in model.named_modules() if n]
+    heads = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
+    if required and wanted and not heads:
+        raise ValueError(f"task_type {task_type!r}: PEFT trains the model's {' or '.join(wanted)} head and reads it "
+                         f"from the file, and this {type(model).__name__} has none")
+    return heads
+
+
+def with_task_heads(model: nn.Module, config) -> list[str] | None:
+    """What a LoRA-family config trains in full on ``model`` (:func:`alignlab.adapters.inject`'s
+    ``modules_to_save_for``): its ``modules_to_save`` and, as PEFT's task wrappers add it, the head of its
+    ``task_type`` (:func:`task_heads`). A config read from a file takes the file's list as it is: PEFT wrote the
+    task's heads into it, and a model without them (BART's head is ``classification_head``) trained none.
+
+    Raises:
+        ValueError: a user's ``task_type`` needs a head the model lacks (name the head in ``modules_to_save``
+            and leave ``task_type`` None: ``save_adapter`` still writes the model's task type).
+    """
+    from_file = getattr(config, "_task_type_from_file", False)
+    try:
+        heads = task_heads(model, config.task_type, required=not from_file)
+    except ValueError as e:
+        raise ValueError(f"{e}; name its head in modules_to_save and leave task_type None (save_adapter still writes "
+                         "the model's task type)") from None
+    names = list(dict.fromkeys(list(config.modules_to_save or []) + heads))
+    return names or None
+
+
+def task_type_from_file(config, raw: dict):
+    """``config`` (built from a PEFT ``adapter_config.json`` ``raw``) with the file's ``task_type``, checked
+    (``ValueError`` naming it, as PEFT refuses such a file) and marked as read from a file (:func:`with_task_heads`)."""
+    config.task_type = check_task_type(raw.get("task_type"), "adapter_config.json: task_type")
+    config._task_type_from_file = True
+    return config
 
 
 def check_nonzero_number(value, arg: str, why: str) -> float:

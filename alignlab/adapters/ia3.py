@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, refuse_float16_merge, set_dense_weight_
-from alignlab.adapters.config import _compile, _is_str_list, as_bool, check_modules_to_save, check_target_spec, name_matches
+from alignlab.adapters.config import (_compile, _is_str_list, as_bool, check_modules_to_save, check_target_spec, check_task_type,
+                                      name_matches, task_type_from_file, with_task_heads)
 from alignlab.adapters.inject import _candidates, find_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
@@ -146,6 +147,7 @@ class IA3Config:
         init_ones: ``l = 1`` at the start (identity). ``False`` draws random vectors.
         modules_to_save: modules trained in full next to the vectors, as in ``LoRAConfig`` (PEFT's files for
             sequence classifiers list the head, ``["classifier", "score"]``).
+        task_type: PEFT's task type, as in ``LoRAConfig`` (``"SEQ_CLS"`` etc. also train the model's head).
     Raises:
         TypeError/ValueError: malformed target specs, feedforward modules that are not targets, or
             an ``init_ones`` that is not a bool.
@@ -158,9 +160,11 @@ class IA3Config:
     exclude_modules: str | list[str] | None = None
     init_ones: bool = True
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
+        self.task_type = check_task_type(self.task_type)
         self._default_targets = self.target_modules is None
         if self._default_targets:
             self.target_modules = list(DEFAULT_TARGETS)
@@ -187,6 +191,10 @@ class IA3Config:
                 raise ValueError(f"the default target_modules {self.target_modules} are Llama-style and this model has "
                                  f"no {missing}: pass target_modules= and feedforward_modules= with its names")
         return names
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
+        return with_task_heads(model, self)
 
     def is_feedforward(self, name: str) -> bool:
         spec = self.feedforward_modules
@@ -216,14 +224,16 @@ class IA3Config:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, IA3Linear)
         return {
-            **peft_header("IA3"), "target_modules": sorted(layers),
+            **peft_header("IA3"), "task_type": self.task_type,
+            "target_modules": sorted(layers),
             "feedforward_modules": sorted(n for n, l in layers.items() if l.feedforward),
-            "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": self.modules_to_save, "init_ia3_weights": True,
+            "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out(layers.values()), "modules_to_save": with_task_heads(model, self), "init_ia3_weights": True,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "IA3Config":
-        return cls(target_modules=peft_targets(raw),
-                   feedforward_modules=peft_targets(raw, "feedforward_modules", required=False) or [],
-                   exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save") or None)
+        config = cls(target_modules=peft_targets(raw),
+                     feedforward_modules=peft_targets(raw, "feedforward_modules", required=False) or [],
+                     exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save") or None)
+        return task_type_from_file(config, raw)
 

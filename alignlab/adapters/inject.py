@@ -159,8 +159,9 @@ def _saved_or_inside(model: nn.Module, config) -> set[str]:
     never adapter targets: a head trained in full needs no LoRA, and PEFT leaves them out of ``target_modules`` matches
     (``"all-linear"`` on a ``SEQ_CLS`` model, whose ``classifier`` PEFT saves): alignlab wrapped LoRA around such a head
     and the saved copy around that (``save_adapter``: safetensors' shared-memory error), and PEFT's files for them
-    (RoBERTa's ``classifier.dense`` / ``.out_proj`` in ``target_modules``) failed to load on keys they do not have."""
-    wanted = getattr(config, "modules_to_save", None)
+    (RoBERTa's ``classifier.dense`` / ``.out_proj`` in ``target_modules``) failed to load on keys they do not have.
+    A config's task head counts too (``task_type="SEQ_CLS"``: ``"all-linear"`` leaves the head to its copy, as in PEFT)."""
+    wanted = _wanted_modules_to_save(model, config)
     if not wanted:
         return set()
     saved = [n for n, _ in model.named_modules() if n and saved_module_matches(list(wanted), n)]
@@ -444,10 +445,14 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
                           f"(e.g. {targets[:2]}); check the names", RuntimeWarning, stacklevel=3)
 
 
-def _match_modules_to_save(model: nn.Module, config) -> list[str]:
-    # a config may add modules of its own for this model (prompt / prefix tuning: the task's head, as PEFT does)
+def _wanted_modules_to_save(model: nn.Module, config) -> list[str] | None:
+    # a config may add modules of its own for this model (the head of its task_type, as PEFT's task wrappers add it)
     resolve = getattr(config, "modules_to_save_for", None)
-    wanted = resolve(model) if callable(resolve) else getattr(config, "modules_to_save", None)
+    return resolve(model) if callable(resolve) else getattr(config, "modules_to_save", None)
+
+
+def _match_modules_to_save(model: nn.Module, config) -> list[str]:
+    wanted = _wanted_modules_to_save(model, config)
     if not wanted:
         return []
     names = []

@@ -44,7 +44,7 @@ from torch import nn
 from alignlab._atomic import fsync_dir, fsync_file, keep_mode, made_folder
 from alignlab._checks import ArgumentTypeError, is_int, is_real, user_path
 from alignlab.adapters.base import SavedModule, fan_in_fan_out, hf_embedding
-from alignlab.adapters.config import LoRAConfig, saved_module_matches
+from alignlab.adapters.config import TASK_HEADS, LoRAConfig, saved_module_matches, task_type_from_file, with_task_heads
 from alignlab.adapters.experts import ExpertLoRA, check_peft_expert_layout
 from alignlab.adapters.inject import (_inject, _kept_rewritten_weights, _uncompiled, _user_model, adapter_configs,
                                      adapter_layers)
@@ -272,6 +272,7 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
     alpha_pattern.update({_exact(k): a for k, (_, a) in params.items() if a != float(config.alpha)})
     raw = {
         **peft_header("LORA"),
+        "task_type": config.task_type,  # None: save_adapter writes the model's where the file holds its head
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -283,7 +284,7 @@ def peft_config_dict(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "init_lora_weights": _peft_init(config.init),
-        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "modules_to_save": with_task_heads(model, config),
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out(layers.values()),
         "layers_to_transform": None,
@@ -461,15 +462,11 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
-# the heads PEFT trains for a task type (its modules_to_save for SEQ_CLS etc.), whose weights it then reads from the file
-_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
-
-
 def _holds_task_heads(model: nn.Module, task: str | None, modules_to_save: list[str] | None) -> bool:
     """Whether a file naming ``task`` holds the heads PEFT reads for it; without them (a classifier the adapter
     left frozen) PEFT fails on the missing key, so such a file is written without a task type (a plain ``PeftModel``,
     the same outputs)."""
-    heads = [n for n, _ in model.named_modules() if n and saved_module_matches(_TASK_HEADS.get(task, []), n)
+    heads = [n for n, _ in model.named_modules() if n and saved_module_matches(TASK_HEADS.get(task, []), n)
              and not any(n.startswith(h + ".") for h in _saved_module_names(model))]
     return all(saved_module_matches(list(modules_to_save or []), n) for n in heads)
 
@@ -507,7 +504,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
     _check_fields(raw)
     warn_unknown_lora_fields(raw)
     _warn_peft_random_pissa(raw)
-    return LoRAConfig(
+    return task_type_from_file(LoRAConfig(
         r=int(raw.get("r", 8)),  # PEFT's defaults for r and lora_alpha
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
@@ -524,7 +521,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
         layers_to_transform=raw.get("layers_to_transform"),
         layers_pattern=raw.get("layers_pattern"),
-    )
+    ), raw)
 
 
 def _warn_peft_random_pissa(raw: dict) -> None:

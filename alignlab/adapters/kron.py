@@ -30,7 +30,8 @@ from torch import nn
 from alignlab._checks import ArgumentTypeError, is_int
 from alignlab.adapters.base import AdapterLayer
 from alignlab.adapters.config import (_pattern_value, as_bool, check_modules_to_save, check_patterns, check_positive_int,
-                                      check_positive_number, check_target_spec)
+                                      check_positive_number, check_target_spec, check_task_type, task_type_from_file,
+                                      with_task_heads)
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -165,6 +166,7 @@ class LoKrConfig:
         decompose_factor: bound on the smaller factor of each dimension split (``-1``: balanced).
         init_zero: start at ``ΔW = 0``.
         modules_to_save: modules trained in full next to the factors, as in ``LoRAConfig``.
+        task_type: PEFT's task type, as in ``LoRAConfig`` (``"SEQ_CLS"`` etc. also train the model's head).
     Raises:
         TypeError/ValueError: bad rank, alpha, factor or targets; ``decompose_both`` or ``init_zero``
             that is not a bool.
@@ -183,9 +185,11 @@ class LoKrConfig:
     decompose_factor: int = -1
     init_zero: bool = True
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
+        self.task_type = check_task_type(self.task_type)
         self.r = check_positive_int(self.r, "r")
         self.alpha = check_positive_number(self.alpha, "alpha")
         self.rank_pattern, self.alpha_pattern = check_patterns(self.rank_pattern, self.alpha_pattern)
@@ -193,6 +197,10 @@ class LoKrConfig:
         self.init_zero = as_bool(self.init_zero, "init_zero")
         self.decompose_factor = _check_decompose_factor(self.decompose_factor)
         check_target_spec(self.target_modules, self.exclude_modules)
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
+        return with_task_heads(model, self)
 
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoKrLinear:
         return LoKrLinear(module, _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.alpha),
@@ -208,19 +216,21 @@ class LoKrConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, LoKrLinear)
         return {
-            **peft_header("LOKR"), "r": self.r, "alpha": self.alpha, "target_modules": sorted(layers),
+            **peft_header("LOKR"), "task_type": self.task_type,
+            "r": self.r, "alpha": self.alpha, "target_modules": sorted(layers),
             "exclude_modules": None, "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "decompose_both": self.decompose_both, "decompose_factor": self.decompose_factor, "rank_dropout": 0.0,
             "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
-            "modules_to_save": self.modules_to_save, "layers_to_transform": None, "layers_pattern": None,
+            "modules_to_save": with_task_heads(model, self), "layers_to_transform": None, "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, raw: dict) -> "LoKrConfig":
         refuse_unsupported(raw, "LoKr", (("rank_dropout", 0.0), ("module_dropout", 0.0), ("layers_to_transform", None)))
-        return cls(r=peft_field(raw, "r", "int"), alpha=peft_field(raw, "alpha", "number", 8.0), target_modules=peft_targets(raw),
-                   exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
-                   alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-                   decompose_both=peft_field(raw, "decompose_both", "bool", False),
-                   decompose_factor=peft_field(raw, "decompose_factor", "int", -1),
-                   modules_to_save=raw.get("modules_to_save") or None)
+        config = cls(r=peft_field(raw, "r", "int"), alpha=peft_field(raw, "alpha", "number", 8.0), target_modules=peft_targets(raw),
+                     exclude_modules=raw.get("exclude_modules"), rank_pattern=dict(raw.get("rank_pattern") or {}),
+                     alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+                     decompose_both=peft_field(raw, "decompose_both", "bool", False),
+                     decompose_factor=peft_field(raw, "decompose_factor", "int", -1),
+                     modules_to_save=raw.get("modules_to_save") or None)
+        return task_type_from_file(config, raw)

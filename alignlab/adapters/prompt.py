@@ -53,7 +53,7 @@ from torch import nn
 
 from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer, hf_embedding
-from alignlab.adapters.config import as_bool, check_finite_number, check_modules_to_save
+from alignlab.adapters.config import as_bool, check_finite_number, check_modules_to_save, task_heads
 from alignlab.adapters.io import peft_field
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
@@ -428,44 +428,27 @@ def _prompt_task(model: nn.Module, task_type: str | None) -> str:
     """The PEFT task type a soft-prompt file of ``model`` names: ``task_type`` where given, else the model's head
     (``…ForSequenceClassification`` → ``SEQ_CLS`` etc.), else ``CAUSAL_LM`` for a model that generates and
     ``FEATURE_EXTRACTION`` for a bare backbone (PEFT's causal-LM wrapper needs generate's hooks)."""
-    from alignlab.adapters.io import _TASK_HEADS, _model_identity
+    from alignlab.adapters.config import TASK_HEADS
+    from alignlab.adapters.io import _model_identity
 
     if task_type is not None:
         return task_type
     task = _model_identity(model).get("task_type")
-    if task in _TASK_HEADS:
+    if task in TASK_HEADS:
         return task
     return "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else "FEATURE_EXTRACTION"
 
 
-def _task_heads(model: nn.Module, task: str) -> list[str]:
-    """The ``modules_to_save`` entries PEFT's wrapper for ``task`` adds and this model has (``classifier`` or ``score``
-    for ``SEQ_CLS`` / ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``); none for other tasks.
-
-    Raises:
-        ValueError: ``task`` needs such a head and ``model`` has none.
-    """
-    from alignlab.adapters.config import saved_module_matches
-    from alignlab.adapters.io import _TASK_HEADS
-
-    wanted = _TASK_HEADS.get(task, [])
-    names = [n for n, _ in model.named_modules() if n]
-    heads = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
-    if wanted and not heads:
-        raise ValueError(f"task_type {task!r}: PEFT trains the model's {' or '.join(wanted)} head and reads it from the "
-                         f"file, and this {type(model).__name__} has none")
-    return heads
-
-
 def _saved_with_prompt(model: nn.Module, config) -> list[str] | None:
     """The modules a soft-prompt adapter trains in full (a copy per adapter, see :class:`SavedModule`): the config's
-    ``modules_to_save`` and, as PEFT's task wrappers add them, the head of its task (:func:`_task_heads`).
+    ``modules_to_save`` and, as PEFT's task wrappers add them, the head of its task
+    (:func:`~alignlab.adapters.config.task_heads`).
 
     Raises:
         ValueError: the task needs a head the model lacks, or a named module is or holds the input embedding that
             carries the prompt (its trained copy would run without it).
     """
-    names = list(dict.fromkeys(list(config.modules_to_save or []) + _task_heads(model, _prompt_task(model, config.task_type))))
+    names = list(dict.fromkeys(list(config.modules_to_save or []) + task_heads(model, _prompt_task(model, config.task_type))))
     if not names:
         return None
     from alignlab.adapters.config import saved_module_matches

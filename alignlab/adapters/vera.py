@@ -24,7 +24,8 @@ from torch import nn
 
 from alignlab._checks import is_int
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, linear_features
-from alignlab.adapters.config import check_dropout, check_nonzero_number, check_modules_to_save, check_positive_int, check_target_spec
+from alignlab.adapters.config import (check_dropout, check_nonzero_number, check_modules_to_save, check_positive_int, check_target_spec,
+                                      check_task_type, task_type_from_file, with_task_heads)
 from alignlab.adapters.inject import layers_holding
 from alignlab.adapters.io import peft_field, peft_header, peft_targets, refuse_unsupported
 
@@ -146,6 +147,7 @@ class VeRAConfig:
         d_initial: initial value of the ``d`` vectors (``b`` starts at zero).
         projection_prng_key: seed of the shared random matrices.
         modules_to_save: modules trained in full next to the vectors, as in ``LoRAConfig``.
+        task_type: PEFT's task type, as in ``LoRAConfig`` (``"SEQ_CLS"`` etc. also train the model's head).
     Raises:
         TypeError/ValueError: non-positive rank, bad dropout, a ``d_initial`` that is not a finite
             non-zero number, a ``projection_prng_key`` that is not an int in ``[-2⁶³, 2⁶⁴)``, malformed targets.
@@ -160,9 +162,11 @@ class VeRAConfig:
     d_initial: float = 0.1
     projection_prng_key: int = 0
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self.modules_to_save = check_modules_to_save(self.modules_to_save)
+        self.task_type = check_task_type(self.task_type)
         self.r = check_positive_int(self.r, "r")
         self.dropout = check_dropout(self.dropout)
         self.d_initial = check_nonzero_number(self.d_initial, "d_initial", _ZERO_D)
@@ -170,6 +174,10 @@ class VeRAConfig:
         check_target_spec(self.target_modules, self.exclude_modules)
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
+        return with_task_heads(model, self)
 
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
         """Draw the shared projections, as wide as the widest target layer."""
@@ -208,9 +216,10 @@ class VeRAConfig:
     def peft_config_dict(self, model: nn.Module, adapter_name: str) -> dict:
         layers = layers_holding(model, adapter_name, VeRALinear)
         return {
-            **peft_header("VERA"), "r": self.r, "target_modules": sorted(layers), "vera_dropout": self.dropout,
+            **peft_header("VERA"), "task_type": self.task_type,
+            "r": self.r, "target_modules": sorted(layers), "vera_dropout": self.dropout,
             "d_initial": self.d_initial, "projection_prng_key": self.projection_prng_key, "save_projection": self._save_projection,
-            "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": self.modules_to_save, "init_weights": True,
+            "fan_in_fan_out": fan_in_fan_out(layers.values()), "bias": "none", "modules_to_save": with_task_heads(model, self), "init_weights": True,
             "layers_to_transform": None, "layers_pattern": None,
         }
 
@@ -223,4 +232,4 @@ class VeRAConfig:
                      projection_prng_key=peft_field(raw, "projection_prng_key", "int", 0),
                      modules_to_save=raw.get("modules_to_save") or None)
         config._save_projection = peft_field(raw, "save_projection", "bool", True)
-        return config
+        return task_type_from_file(config, raw)
