@@ -144,22 +144,28 @@ def test_default_mixed_precision_is_as_accurate_as_peft_under_autocast(variant):
 def test_fp32_model_under_autocast_matches_peft(variant):
     """Mixed precision the usual way: an fp32 model run under ``torch.autocast(bfloat16)``. The base
     linears then compute in bf16, so the adapter must follow autocast as PEFT's does (no dropout, one
-    adapter: the case that would otherwise take the fused path)."""
+    adapter: the case that would otherwise take the fused path): a bf16 output, close to PEFT's, and gradients
+    as accurate as PEFT's against a float64 oracle. (Compared with PEFT's directly, two bf16 computations differ
+    by about their own error: up to 2.6% for one factor's gradient on an AMD EPYC without bf16 instructions, 2-3%
+    from the oracle for both libraries; the CPU's bf16 kernels decide the digits.)"""
     _, ours, theirs = _ours_and_peft(torch.float32, use_dora=variant == "dora")
     _randomise_and_copy(ours, theirs)
+    oracle = copy.deepcopy(ours).double()
     outs = []
     for model in (ours, theirs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(IDS).logits
         y.float().square().mean().backward()
         outs.append(y)
-    assert outs[0].dtype == outs[1].dtype
+    oracle(IDS).logits.square().mean().backward()
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     torch.testing.assert_close(outs[0].float(), outs[1].float(), **TOL[torch.bfloat16])
-    g_ours, g_theirs = _grads(ours), _grads(theirs, peft_names=True)
-    assert set(g_ours) == set(g_theirs) and g_ours
+    g_ours, g_theirs, g_ref = _grads(ours), _grads(theirs, peft_names=True), _grads(oracle)
+    assert set(g_ours) == set(g_theirs) == set(g_ref) and g_ours
     for k in g_ours:
         assert g_ours[k].dtype == torch.float32
-        assert _rel(g_ours[k], g_theirs[k]) < 2e-2, k
+        assert _rel(g_ours[k], g_ref[k]) <= 1.5 * _rel(g_theirs[k], g_ref[k]) + 1e-2, k
+        assert _rel(g_ours[k], g_theirs[k]) < 5e-2, k
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
