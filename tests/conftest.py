@@ -300,3 +300,27 @@ def save_llama_finetunes(root, num_layers: int = 2):
         model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
         model.save_pretrained(root / name)
     return root
+
+
+# a tiny config shared by the task-head tests (classifier / QA models of several architectures)
+TINY_HEAD_CONFIG = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, pad_token_id=0)
+
+
+def make_tiny_llama_classifier():
+    """A random tiny ``LlamaForSequenceClassification`` (3 labels, pad id 0), in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**TINY_HEAD_CONFIG, num_key_value_heads=2)
+    return transformers.LlamaForSequenceClassification(cfg).eval()
+
+
+def make_tiny_bert(head: str = "ForSequenceClassification"):
+    """A random tiny ``Bert<head>`` (3 labels; 2 for question answering), in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**TINY_HEAD_CONFIG | {"num_labels": 2 if "Question" in head else 3},
+                                  max_position_embeddings=64)
+    return getattr(transformers, "Bert" + head)(cfg).eval()

@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import randomise_trainable
+from conftest import TINY_HEAD_CONFIG, make_tiny_bert, make_tiny_llama_classifier, randomise_trainable
 
 from alignlab.adapters import (AdaLoRAConfig, IA3Config, LoKrConfig, LoRAConfig, SavedModule, VeRAConfig,
                                adapter_configs, disabled, inject, load_adapter, save_adapter)
@@ -23,28 +23,15 @@ from alignlab.adapters.config import PEFT_TASK_TYPES
 
 peft = pytest.importorskip("peft")
 
-SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             num_labels=3, pad_token_id=0)
 IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))  # no pad id (0): Llama pools the end
 
 
-def _llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**SMALL, num_key_value_heads=2)).eval()
-
-
-def _bert(head="ForSequenceClassification"):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(**SMALL | {"num_labels": 2 if "Question" in head else 3}, max_position_embeddings=64)
-    return getattr(transformers, "Bert" + head)(config).eval()
-
-
 MODELS = {  # name -> (maker, PEFT task type, the head PEFT trains for it, a further module to save, attention, FFN out)
-    "llama_seq_cls": (_llama, "SEQ_CLS", "score", "norm", ["q_proj", "v_proj"], "down_proj"),
-    "bert_seq_cls": (_bert, "SEQ_CLS", "classifier", "pooler", ["query", "value"], "output.dense"),
-    "bert_token_cls": (lambda: _bert("ForTokenClassification"), "TOKEN_CLS", "classifier",
+    "llama_seq_cls": (make_tiny_llama_classifier, "SEQ_CLS", "score", "norm", ["q_proj", "v_proj"], "down_proj"),
+    "bert_seq_cls": (make_tiny_bert, "SEQ_CLS", "classifier", "pooler", ["query", "value"], "output.dense"),
+    "bert_token_cls": (lambda: make_tiny_bert("ForTokenClassification"), "TOKEN_CLS", "classifier",
                        "bert.encoder.layer.1.output.LayerNorm", ["query", "value"], "output.dense"),
-    "bert_qa": (lambda: _bert("ForQuestionAnswering"), "QUESTION_ANS", "qa_outputs",
+    "bert_qa": (lambda: make_tiny_bert("ForQuestionAnswering"), "QUESTION_ANS", "qa_outputs",
                 "bert.encoder.layer.1.output.LayerNorm", ["query", "value"], "output.dense"),
 }
 
@@ -187,13 +174,13 @@ def test_an_unknown_task_type_is_refused_naming_the_accepted_ones(family, bad):
 
 
 def test_a_file_with_an_unknown_task_type_is_refused_as_peft_refuses_it(tmp_path):
-    save_adapter(inject(_llama(), LoRAConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")), tmp_path)
+    save_adapter(inject(make_tiny_llama_classifier(), LoRAConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")), tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"task_type": "CLASSIFY"}))
     with pytest.raises(ValueError, match="adapter_config.json: task_type must be None or one of"):
-        load_adapter(_llama(), tmp_path)
+        load_adapter(make_tiny_llama_classifier(), tmp_path)
     with pytest.raises(ValueError, match="Invalid task type"):
-        peft.PeftModel.from_pretrained(_llama(), str(tmp_path))
+        peft.PeftModel.from_pretrained(make_tiny_llama_classifier(), str(tmp_path))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -201,7 +188,7 @@ def test_a_head_task_on_a_model_without_that_head_is_refused(family):
     # PEFT adds the names, matches nothing and trains no head without a word; here it is an error, and the model
     # is left as it was
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, num_key_value_heads=2))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HEAD_CONFIG, num_key_value_heads=2))
     cls, _, kw, _ = _family(family, ["q_proj", "v_proj"], "down_proj")
     with pytest.raises(ValueError, match=r"task_type 'SEQ_CLS'.*classifier or score.*modules_to_save"):
         inject(model, cls(**kw, task_type="SEQ_CLS"))

@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import randomise_trainable
+from conftest import TINY_HEAD_CONFIG, make_tiny_bert, make_tiny_llama_classifier, randomise_trainable
 
 from alignlab.adapters import (PrefixTuningConfig, PromptTuningConfig, SavedModule, adapter_configs, disabled, inject,
                                load_adapter, save_adapter)
@@ -23,27 +23,14 @@ from alignlab.adapters.prompt import SoftPromptEmbedding
 peft = pytest.importorskip("peft")
 
 N = 3
-SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             num_labels=3, pad_token_id=0)
 IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))  # no pad id (0) among them
 
 
-def _llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**SMALL, num_key_value_heads=2)).eval()
-
-
-def _bert(head="ForSequenceClassification"):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(**SMALL | {"num_labels": 2 if "Question" in head else 3}, max_position_embeddings=64)
-    return getattr(transformers, "Bert" + head)(config).eval()
-
-
 MODELS = {  # name -> (maker, PEFT task type, the module PEFT trains for it, a further module to save)
-    "llama_seq_cls": (_llama, "SEQ_CLS", "score", "norm"),
-    "bert_seq_cls": (_bert, "SEQ_CLS", "classifier", "pooler"),
-    "bert_token_cls": (lambda: _bert("ForTokenClassification"), "TOKEN_CLS", "classifier", "bert.encoder.layer.1.output.LayerNorm"),
-    "bert_qa": (lambda: _bert("ForQuestionAnswering"), "QUESTION_ANS", "qa_outputs", "bert.encoder.layer.1.output.LayerNorm"),
+    "llama_seq_cls": (make_tiny_llama_classifier, "SEQ_CLS", "score", "norm"),
+    "bert_seq_cls": (make_tiny_bert, "SEQ_CLS", "classifier", "pooler"),
+    "bert_token_cls": (lambda: make_tiny_bert("ForTokenClassification"), "TOKEN_CLS", "classifier", "bert.encoder.layer.1.output.LayerNorm"),
+    "bert_qa": (lambda: make_tiny_bert("ForQuestionAnswering"), "QUESTION_ANS", "qa_outputs", "bert.encoder.layer.1.output.LayerNorm"),
 }
 METHODS = {  # name -> (ours, PEFT's), keyword arguments shared
     "prompt": (PromptTuningConfig, peft.PromptTuningConfig, {}),
@@ -100,9 +87,9 @@ def test_feature_extraction_keeps_the_head_frozen_and_out_of_the_file_as_peft_do
 def test_bert_feature_extraction_file_runs_the_same_in_peft(tmp_path):
     # BERT pools position 0 whatever the ids: PEFT's feature-extraction wrapper, which passes inputs_embeds alone, and
     # ours agree (a decoder classifier would pool at the last position in PEFT, see test_decoder_classifier_pools_...)
-    ours = randomise_trainable(inject(_bert(), PromptTuningConfig(num_virtual_tokens=N, task_type="FEATURE_EXTRACTION")))
+    ours = randomise_trainable(inject(make_tiny_bert(), PromptTuningConfig(num_virtual_tokens=N, task_type="FEATURE_EXTRACTION")))
     save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_bert(), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(make_tiny_bert(), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits)
 
@@ -160,7 +147,7 @@ def test_peft_prefix_file_with_its_head_loads_into_ours(method_key, tmp_path):
     _, theirs = _pair("llama_seq_cls", method_key, extra=True)
     randomise_trainable(theirs, seed=5)
     theirs.save_pretrained(tmp_path)
-    ours = load_adapter(_llama(), tmp_path)
+    ours = load_adapter(make_tiny_llama_classifier(), tmp_path)
     # PEFT lists its heads twice, and both; the names this model lacks are dropped, as PEFT does
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == \
         ["norm", "classifier", "score", "classifier", "score"]
@@ -176,10 +163,10 @@ def test_peft_prefix_file_with_its_head_loads_into_ours(method_key, tmp_path):
 
 def _decoder_classifier(kind):
     torch.manual_seed(0)
-    config = {"llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
-              "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
-              "gpt2": lambda: transformers.GPT2Config(**SMALL, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1),
-              "opt": lambda: transformers.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32)}[kind]()
+    config = {"llama": lambda: transformers.LlamaConfig(**TINY_HEAD_CONFIG, num_key_value_heads=2),
+              "qwen2": lambda: transformers.Qwen2Config(**TINY_HEAD_CONFIG, num_key_value_heads=2),
+              "gpt2": lambda: transformers.GPT2Config(**TINY_HEAD_CONFIG, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1),
+              "opt": lambda: transformers.OPTConfig(**TINY_HEAD_CONFIG, ffn_dim=64, word_embed_proj_dim=32)}[kind]()
     cls = {"llama": "Llama", "qwen2": "Qwen2", "gpt2": "GPT2", "opt": "OPT"}[kind]
     return getattr(transformers, cls + "ForSequenceClassification")(config).eval()
 
@@ -208,7 +195,7 @@ def test_decoder_classifier_pools_the_last_real_token(kind, padding):
 
 def test_modules_to_save_holding_the_prompt_embedding_is_refused():
     for saved in (["model"], ["embed_tokens"]):
-        model = _llama()
+        model = make_tiny_llama_classifier()
         with pytest.raises(ValueError, match="modules_to_save: .* holds the input embedding 'model.embed_tokens'"):
             inject(model, PromptTuningConfig(num_virtual_tokens=N, modules_to_save=saved))
         assert adapter_configs(model) == {}
