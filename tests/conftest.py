@@ -283,6 +283,17 @@ def load_checkpoint(folder) -> dict:
     return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def mergekit_run(recipe: dict, out) -> dict:
+    """mergekit's own ``run_merge`` of ``recipe`` (a dict as the YAML holds it) into ``out``; its tensors."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(recipe), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    return load_checkpoint(out)
+
+
 def save_llama_finetunes(root, num_layers: int = 2):
     """``root/base`` and two fine-tunes of it, ``root/a`` and ``root/b`` (base + 0.05·noise), as transformers saves
     them (a tiny fp32 Llama with an untied head): the checkpoints the merges are compared with mergekit on."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_checkpoint, save_llama_finetunes
+from conftest import load_checkpoint, mergekit_run, save_llama_finetunes
 
 from alignlab.merging import merge_checkpoints
 
@@ -25,16 +25,6 @@ pytest.importorskip("mergekit.merge", reason="mergekit is the oracle for these c
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     return save_llama_finetunes(tmp_path_factory.mktemp("llamas"), num_layers=2)
-
-
-def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    run_merge(MergeConfiguration.model_validate(recipe), str(out),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return load_checkpoint(out)
 
 
 def _recipe(root: Path, method: str, models: dict, parameters: dict | None = None, base: bool = False) -> dict:
@@ -73,7 +63,7 @@ CASES = [
 @pytest.mark.parametrize("method,models,parameters,listed,tol", CASES)
 def test_base_model_plays_mergekits_part(llamas, tmp_path, method, models, parameters, listed, tol):
     r = _recipe(llamas, method, dict(models), parameters, base=listed)
-    theirs = _mergekit(r, tmp_path / "mergekit")
+    theirs = mergekit_run(r, tmp_path / "mergekit")
     ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
@@ -95,7 +85,7 @@ def test_unlisted_base_without_a_weight_is_refused(llamas, tmp_path, method):
     r = _recipe(llamas, method, {"a": {"weight": 2.0}, "b": {"weight": 1.0}})
     if method == "linear":
         with pytest.raises(RuntimeError, match="Missing required parameter weight"):
-            _mergekit(r, tmp_path / "mergekit")
+            mergekit_run(r, tmp_path / "mergekit")
     with pytest.raises(ValueError, match=r"base_model '.*base' is not listed under models, so "
                                          rf"{method} merges it as one more input.*no weight is set for it"):
         merge_checkpoints(r, tmp_path / "ours")

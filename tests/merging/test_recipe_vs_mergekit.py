@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_checkpoint, save_llama_finetunes
+from conftest import load_checkpoint, mergekit_run, save_llama_finetunes
 
 from alignlab.merging import merge_checkpoints
 from alignlab.merging import methods as M
@@ -31,16 +31,6 @@ pytest.importorskip("mergekit.merge", reason="mergekit is the oracle for these c
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     return save_llama_finetunes(tmp_path_factory.mktemp("llamas"), num_layers=1)
-
-
-def _mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    run_merge(MergeConfiguration.model_validate(recipe), str(out),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return load_checkpoint(out)
 
 
 def _recipe(root: Path, method: str, models: dict, parameters: dict | None = None) -> dict:
@@ -65,7 +55,7 @@ def test_a_model_without_a_weight_is_refused_as_mergekit_refuses_it(llamas, tmp_
     if method == "linear":  # without a base: linear would also merge an unlisted base (named in its own error)
         r["base_model"] = None
     with pytest.raises(RuntimeError, match="Missing required parameter weight"):
-        _mergekit(r, tmp_path / "mergekit")
+        mergekit_run(r, tmp_path / "mergekit")
     missing = r"\['.*/b'\]" if unset == "one" else r"\['.*/a', '.*/b'\]"
     with pytest.raises(ValueError, match=rf"parameter 'weight' is not set for model\(s\) {missing}: {method} needs a "
                                          r"weight for every model, as in mergekit.*under the recipe's parameters"):
@@ -78,7 +68,7 @@ def test_with_the_weights_set_the_merge_is_mergekits(llamas, tmp_path, method):
     """A weight per model or once for all (recipe-wide): both run, bit for bit the same."""
     extra = {} if method in ("linear", "task_arithmetic") else SPARSE
     r = _recipe(llamas, method, {"a": {**extra, "weight": 0.7}, "b": dict(extra)}, {"weight": 0.4})
-    theirs = _mergekit(r, tmp_path / "mergekit")
+    theirs = mergekit_run(r, tmp_path / "mergekit")
     ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
@@ -89,7 +79,7 @@ def test_a_weight_set_only_by_filters_that_miss_a_tensor_is_refused_at_that_tens
     """mergekit stops at the first tensor no filter matches; alignlab took weight 1 for it."""
     r = _recipe(llamas, "task_arithmetic", {"a": {"weight": [{"filter": "mlp", "value": 0.5}]}, "b": {"weight": 1.0}})
     with pytest.raises(RuntimeError, match="Missing required parameter weight"):
-        _mergekit(r, tmp_path / "mergekit")
+        mergekit_run(r, tmp_path / "mergekit")
     with pytest.raises(ValueError, match=r"while merging tensor '.*': parameter 'weight' of model '.*/a' has no filter "
                                          "matching tensor"):
         merge_checkpoints(r, tmp_path / "ours")
@@ -104,9 +94,9 @@ def test_slerp_t_under_a_model_is_refused(llamas, tmp_path, where):
     r = _recipe(llamas, "slerp", models, {"t": 0.7} if where != "model" else None)
     if where == "model":
         with pytest.raises(RuntimeError, match="Missing required parameter t"):
-            _mergekit(r, tmp_path / "mergekit")
+            mergekit_run(r, tmp_path / "mergekit")
     else:
-        theirs = _mergekit(r, tmp_path / "mergekit")
+        theirs = mergekit_run(r, tmp_path / "mergekit")
         base, a = load_checkpoint(llamas / "base"), load_checkpoint(llamas / "a")
         for name, t in theirs.items():  # the recipe-wide 0.7, not the model's 0.2
             torch.testing.assert_close(t, M.slerp(base[name], a[name], 0.7), rtol=2e-5,
@@ -120,13 +110,13 @@ def test_slerp_t_under_a_model_is_refused(llamas, tmp_path, where):
 def test_slerp_with_a_recipe_wide_t_is_mergekits(llamas, tmp_path):
     """Within float32 rounding of the cosine (docs/merging.md, "SLERP"); without any t both stop."""
     r = _recipe(llamas, "slerp", {"a": {}}, {"t": 0.3})
-    theirs = _mergekit(r, tmp_path / "mergekit")
+    theirs = mergekit_run(r, tmp_path / "mergekit")
     ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name], t, rtol=0, atol=2e-5 * float(t.abs().max()), msg=name)
     r = _recipe(llamas, "slerp", {"a": {}})
     with pytest.raises(RuntimeError, match="Missing required parameter t"):
-        _mergekit(r, tmp_path / "mergekit2")
+        mergekit_run(r, tmp_path / "mergekit2")
     with pytest.raises(ValueError, match=r"parameter 't' is not set: slerp needs it \(under the recipe's parameters\)"):
         merge_checkpoints(r, tmp_path / "ours2")
 
@@ -134,7 +124,7 @@ def test_slerp_with_a_recipe_wide_t_is_mergekits(llamas, tmp_path):
 def test_unequal_karcher_weights_warn_that_mergekit_ignores_them(llamas, tmp_path):
     r = _recipe(llamas, "karcher", {"a": {"weight": 0.2}, "b": {"weight": 0.8}})
     r["base_model"] = None
-    theirs = _mergekit(r, tmp_path / "mergekit")
+    theirs = mergekit_run(r, tmp_path / "mergekit")
     with pytest.warns(UserWarning, match="mergekit 0.1.5 ignores karcher's weight and averages equally"):
         ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
     equal = load_checkpoint(merge_checkpoints({**r, "models": [{"model": str(llamas / m)} for m in "ab"]}, tmp_path / "eq"))
