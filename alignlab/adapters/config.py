@@ -369,9 +369,8 @@ def with_task_heads(model: nn.Module, config) -> list[str] | None:
         ValueError: a user's ``task_type`` needs a head the model lacks (name the head in ``modules_to_save``
             and leave ``task_type`` None: ``save_adapter`` still writes the model's task type).
     """
-    from_file = getattr(config, "_task_type_from_file", False)
     try:
-        heads = task_heads(model, config.task_type, required=not from_file)
+        heads = task_heads(model, config.task_type, required=not read_from_file(config))
     except ValueError as e:
         raise ValueError(f"{e}; name its head in modules_to_save and leave task_type None (save_adapter still writes "
                          "the model's task type)") from None
@@ -383,8 +382,20 @@ def task_type_from_file(config, raw: dict):
     """``config`` (built from a PEFT ``adapter_config.json`` ``raw``) with the file's ``task_type``, checked
     (``ValueError`` naming it, as PEFT refuses such a file) and marked as read from a file (:func:`with_task_heads`)."""
     config.task_type = check_task_type(raw.get("task_type"), "adapter_config.json: task_type")
+    return mark_read_from_file(config)
+
+
+def mark_read_from_file(config):
+    """``config``, marked as built from a PEFT ``adapter_config.json``: the head of its task is then taken from the
+    file's ``modules_to_save`` alone, never required of the model (:func:`with_task_heads`; the soft-prompt configs
+    too), since PEFT loads a file for a model whose head its task wrapper did not find, and trained none there."""
     config._task_type_from_file = True
     return config
+
+
+def read_from_file(config) -> bool:
+    """Whether :func:`mark_read_from_file` marked ``config``."""
+    return getattr(config, "_task_type_from_file", False)
 
 
 def check_nonzero_number(value, arg: str, why: str) -> float:

@@ -8,7 +8,8 @@
 
   so the logits gain ``n`` leading positions (their labels are set to ``-100``).
   Trainable parameters: ``n·d``. Initialisation: rows of the vocabulary embedding,
-  either random tokens or the (repeated) tokens of a text (``init_token_ids``).
+  either random tokens or the (repeated) tokens of a text (``init_token_ids``; ``from_text`` tokenizes as
+  PEFT's TEXT init does, special tokens included).
 * Prefix tuning -- Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for
   Generation", arXiv 2101.00190. Every attention layer ``l`` attends to ``n``
   extra key/value pairs ``(K_l, V_l)``, fed in as a pre-filled HF KV cache::
@@ -53,7 +54,8 @@ from torch import nn
 
 from alignlab._checks import ArgumentTypeError, check_positive_int, is_int
 from alignlab.adapters.base import AdapterLayer, hf_embedding
-from alignlab.adapters.config import as_bool, check_finite_number, check_modules_to_save, task_heads
+from alignlab.adapters.config import (as_bool, check_finite_number, check_modules_to_save, mark_read_from_file,
+                                      read_from_file, task_heads)
 from alignlab.adapters.io import peft_field
 from alignlab.hf_cache import CACHE_KEYWORDS, cache_keyword, find_cache
 
@@ -414,6 +416,24 @@ def _check_task_type(task_type) -> str | None:
     return task_type
 
 
+def _init_fields(init: str, text: str | None = None, tokenizer: str | None = None,
+                 kwargs: dict | None = None) -> dict:
+    """The four ``adapter_config.json`` fields of PEFT's prompt-tuning init."""
+    return {"prompt_tuning_init": init, "prompt_tuning_init_text": text, "tokenizer_name_or_path": tokenizer,
+            "tokenizer_kwargs": kwargs}
+
+
+def _peft_init_from_file(raw: dict) -> dict | None:
+    """A PEFT file's init fields, to be written back as they were; None where they are not a valid PEFT init (PEFT's
+    ``TEXT`` needs the text and a tokenizer name), and the config's own are written then."""
+    init, text = raw.get("prompt_tuning_init"), raw.get("prompt_tuning_init_text")
+    name = raw.get("tokenizer_name_or_path")
+    if init == "TEXT" and isinstance(text, str) and isinstance(name, str) and name:
+        kwargs = raw.get("tokenizer_kwargs")
+        return _init_fields("TEXT", text, name, kwargs if isinstance(kwargs, dict) else None)
+    return _init_fields(init) if init in ("SAMPLE_VOCAB", "RANDOM") else None
+
+
 def _task_from_peft(raw: dict) -> dict:
     """``task_type`` and ``modules_to_save`` of a PEFT prompt-learning file: the file's task decides whether it holds a
     head (another task, or none, reads as ``CAUSAL_LM``); PEFT lists its heads once per wrapper it built, so the names
@@ -445,10 +465,18 @@ def _saved_with_prompt(model: nn.Module, config) -> list[str] | None:
     (:func:`~alignlab.adapters.config.task_heads`).
 
     Raises:
-        ValueError: the task needs a head the model lacks, or a named module is or holds the input embedding that
-            carries the prompt (its trained copy would run without it).
+        ValueError: the task needs a head the model lacks (not for a config read from a file: PEFT loads such a file,
+            having trained no head), or a named module is or holds the input embedding that carries the prompt (its
+            trained copy would run without it).
     """
-    names = list(dict.fromkeys(list(config.modules_to_save or []) + task_heads(model, _prompt_task(model, config.task_type))))
+    # a config read from a PEFT file takes the file's list, as the LoRA family's does (config.with_task_heads): PEFT
+    # wrote its task's heads there and trained none on a model without them (XLNet's head is logits_proj)
+    try:
+        heads = task_heads(model, _prompt_task(model, config.task_type), required=not read_from_file(config))
+    except ValueError as e:
+        raise ValueError(f"{e}; name its head in modules_to_save and pass task_type='FEATURE_EXTRACTION' (PEFT's "
+                         "wrapper for that task runs the whole model, head included)") from None
+    names = list(dict.fromkeys(list(config.modules_to_save or []) + heads))
     if not names:
         return None
     from alignlab.adapters.config import saved_module_matches
@@ -492,7 +520,8 @@ class PromptTuningConfig:
             (a name suffix); the task's head is added to them, as PEFT adds it.
     Raises:
         ValueError: ``n ≤ 0``, empty or out-of-vocabulary ``init_token_ids`` (a list, tuple or 1-D tensor of ids),
-            an unknown ``task_type``; at ``inject``, a head task on a model without that head, and
+            an unknown ``task_type``; at ``inject``, a head task on a model without that head (a config read from a
+            PEFT file loads there as in PEFT, with no head trained), and
             ``modules_to_save`` naming no module or the one that holds the input embedding.
         TypeError: a ``seed`` that is not an int, ``modules_to_save`` that is not a list of names.
     """
@@ -509,6 +538,9 @@ class PromptTuningConfig:
     # PEFT's prompt-learning model holds the transformers model itself as ``base_model`` (no tuner model between), so
     # its saved modules are keyed ``base_model.<module>.<param>``
     peft_key_prefix = "base_model."
+    # PEFT's init fields of adapter_config.json when known (from_text with a named tokenizer, or a PEFT file); not a
+    # dataclass field: it records where the prompt came from and changes nothing in it
+    _peft_init = None
 
     def __post_init__(self) -> None:
         self.num_virtual_tokens = _check_virtual_tokens(self.num_virtual_tokens)
@@ -526,16 +558,35 @@ class PromptTuningConfig:
 
     @classmethod
     def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **kwargs) -> "PromptTuningConfig":
-        """Initialise the prompt from the embeddings of ``text`` (Lester et al.'s class-label / text init).
+        """Initialise the prompt from the embeddings of ``text`` (Lester et al.'s class-label / text init; PEFT's
+        ``prompt_tuning_init="TEXT"``).
 
-        ``tokenizer`` is any callable returning ``{"input_ids": [...]}`` (e.g. an HF tokenizer);
-        special tokens are not added. Raises ``ValueError`` if ``text`` tokenizes to nothing.
+        ``text`` is tokenized as PEFT tokenizes it, ``tokenizer(text)["input_ids"]``: with the special tokens the
+        tokenizer adds by default (Llama's ``<s>``, BERT's ``[CLS]`` … ``[SEP]``), so the initial prompt is PEFT's
+        for the same text, tokenizer and ``n``: the ids repeated, specials included, or cut to ``n``. (For the ids
+        without specials, pass ``init_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]``.)
+        ``tokenizer`` is any callable returning ``{"input_ids": [...]}`` (e.g. an HF tokenizer). Where it has a
+        ``name_or_path`` (an HF tokenizer loaded by name or from a folder), ``save_adapter`` writes
+        ``prompt_tuning_init="TEXT"`` with the text and that name, as PEFT does.
+
+        Raises:
+            TypeError: ``text`` is not a string, ``tokenizer`` is not callable.
+            ValueError: ``text`` tokenizes to nothing.
         """
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be callable (text -> {{'input_ids': [...]}}), "
+                            f"got {type(tokenizer).__name__}")
+        ids = tokenizer(text)["input_ids"]
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         if not ids:
             raise ValueError(f"text {text!r} produced no tokens")
-        return cls(num_virtual_tokens=num_virtual_tokens, init_token_ids=ids, **kwargs)
+        config = cls(num_virtual_tokens=num_virtual_tokens, init_token_ids=ids, **kwargs)
+        name = getattr(tokenizer, "name_or_path", None)
+        if isinstance(name, str) and name:  # PEFT's TEXT init needs a tokenizer it can load by that name
+            config._peft_init = _init_fields("TEXT", text, name)
+        return config
 
     def find_targets(self, model: nn.Module) -> list[str]:
         return [_input_embedding_name(model, self.embedding_module)]
@@ -582,15 +633,24 @@ class PromptTuningConfig:
             "peft_type": "PROMPT_TUNING", "task_type": task, "base_model_name_or_path": None, "revision": None,
             "inference_mode": True, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": holder.out_features,
             "num_transformer_submodules": 1, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_layers": getattr(cfg, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
+            "num_layers": getattr(cfg, "num_hidden_layers", None), **self._peft_init_fields(),
             "modules_to_save": _saved_with_prompt(model, self),
         }
+
+    def _peft_init_fields(self) -> dict:
+        """How PEFT would initialise a fresh copy of this prompt (the file's weights replace it): ``TEXT`` with the
+        text and tokenizer of :meth:`from_text` (or of the file this config came from), ``SAMPLE_VOCAB`` for random
+        vocabulary rows (our random init), ``RANDOM`` for token ids given directly (PEFT has no such init)."""
+        if self._peft_init is not None:
+            return dict(self._peft_init)
+        return _init_fields("SAMPLE_VOCAB" if self.init_token_ids is None else "RANDOM")
 
     @classmethod
     def from_peft(cls, raw: dict) -> "PromptTuningConfig":
         _check_decoder_only(raw)
-        return cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"), **_task_from_peft(raw))
+        config = cls(num_virtual_tokens=peft_field(raw, "num_virtual_tokens", "int"), **_task_from_peft(raw))
+        config._peft_init = _peft_init_from_file(raw)
+        return mark_read_from_file(config)
 
 
 @dataclass
@@ -696,4 +756,5 @@ class PrefixTuningConfig:
         if peft_field(raw, "prefix_projection", "bool", False):
             warnings.warn("loading a prefix trained with prefix_projection: the file holds the final prefixes, "
                           "so the reparameterisation MLP is not rebuilt", stacklevel=3)
-        return cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False, **_task_from_peft(raw))
+        config = cls(num_virtual_tokens=num_virtual_tokens, prefix_projection=False, **_task_from_peft(raw))
+        return mark_read_from_file(config)

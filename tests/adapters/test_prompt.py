@@ -111,17 +111,22 @@ def test_config_errors():
 
 
 def test_init_from_text_with_a_tokenizer():
-    def tokenizer(text, add_special_tokens=True):  # a stand-in with the HF call signature
-        assert add_special_tokens is False
-        return {"input_ids": [ord(c) % 128 for c in text]}
+    def tokenizer(text, add_special_tokens=True):  # a stand-in with the HF call signature; 1 and 2 are its specials
+        ids = [ord(c) % 128 for c in text]
+        return {"input_ids": [1, *ids, 2] if add_special_tokens and ids else ids}
 
-    cfg = PromptTuningConfig.from_text("abc", tokenizer, num_virtual_tokens=4)
-    assert cfg.init_token_ids == [97, 98, 99]
+    # tokenized as PEFT's TEXT init tokenizes it: the specials the tokenizer adds by default are kept, and repeated
+    cfg = PromptTuningConfig.from_text("abc", tokenizer, num_virtual_tokens=7)
+    assert cfg.init_token_ids == [1, 97, 98, 99, 2]
     model = inject(make_tiny_llama(), cfg)
     holder = model.get_input_embeddings()
-    torch.testing.assert_close(holder.prompt_embeddings["default"], holder.base_layer.weight[[97, 98, 99, 97]])
+    torch.testing.assert_close(holder.prompt_embeddings["default"], holder.base_layer.weight[[1, 97, 98, 99, 2, 1, 97]])
     with pytest.raises(ValueError, match="no tokens"):
         PromptTuningConfig.from_text("", tokenizer)
+    with pytest.raises(TypeError, match="text must be a string"):
+        PromptTuningConfig.from_text(["abc"], tokenizer)
+    with pytest.raises(TypeError, match="tokenizer must be callable"):
+        PromptTuningConfig.from_text("abc", "gpt2")
 
 
 SOFT_PROMPTS = [PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3, init_std=0.5)]

@@ -108,3 +108,33 @@ def test_saved_prefix_on_a_classifier_names_seq_cls_and_loads_back(make, head, t
             raise
         pytest.skip(f"peft {peft.__version__} with transformers {transformers.__version__}: {e}")
     torch.testing.assert_close(got, want)
+
+
+def _xlnet():
+    # a classifier whose head PEFT's SEQ_CLS wrapper does not find (sequence_summary + logits_proj)
+    torch.manual_seed(0)
+    config = transformers.XLNetConfig(vocab_size=128, d_model=32, n_layer=2, n_head=4, d_inner=64, num_labels=3)
+    return transformers.XLNetForSequenceClassification(config).eval()
+
+
+def test_peft_prompt_file_for_a_classifier_without_those_heads_loads_as_in_peft(tmp_path):
+    """PEFT lists classifier/score in the file, finds neither and trains the prompt alone; loading its file raised
+    ('has no classifier or score head'), where the LoRA family's loaded."""
+    theirs = peft.get_peft_model(_xlnet(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    assert [n for n, p in theirs.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_(generator=torch.Generator().manual_seed(3))
+    theirs.save_pretrained(tmp_path / "theirs")
+    want = _outputs(theirs.eval(), "logits")
+    ours = load_adapter(_xlnet(), tmp_path / "theirs")
+    config = adapter_configs(ours)["default"]
+    assert (config.task_type, config.modules_to_save) == ("SEQ_CLS", None)
+    torch.testing.assert_close(_outputs(ours, "logits"), want)
+    save_adapter(ours, tmp_path / "ours")
+    raw = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (raw["task_type"], raw["modules_to_save"]) == ("SEQ_CLS", None)
+    torch.testing.assert_close(_outputs(peft.PeftModel.from_pretrained(_xlnet(), str(tmp_path / "ours")).eval(),
+                                        "logits"), want)
+    # a config of the user's still needs the head its task trains
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS'.*classifier or score"):
+        inject(_xlnet(), PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
