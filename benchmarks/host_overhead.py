@@ -105,6 +105,7 @@ def main():
         "NF4Linear": lambda: q(x),
         "NF4Linear, x needs grad": lambda: q(xg),
         "LoRA on bf16 nn.Linear, x needs grad": lambda: dense_lora(xg),
+        "LoRA on bf16 nn.Linear, torch.no_grad()": lambda: _no_grad(dense_lora, x),
         "LoRA on NF4Linear (QLoRA), x needs no grad": lambda: lora(x),
         "LoRA on NF4Linear (QLoRA), x needs grad": lambda: lora(xg),
         "LoRA on NF4Linear (QLoRA), torch.no_grad()": lambda: _no_grad(lora, x),

@@ -45,7 +45,8 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_switch
-from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active
+from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
+from alignlab.kernels.lora_decode import MAX_RANK, MAX_ROWS, lora_decode_add_
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul, nf4_matmul_t
 from alignlab.quant import linear as _qlinear
@@ -65,6 +66,11 @@ WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened for
 DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", True)
 DY_PASS_MIN_ROWS, DY_PASS_MIN_COLS = 4096, 2048
 _HALF = (torch.float16, torch.bfloat16)
+# Calls that need no gradient at decode sizes (up to lora_decode.MAX_ROWS rows, fp16 / bf16 on CUDA; generation):
+# the rank-r term by the two kernels of alignlab.kernels.lora_decode, which read the factors in their own dtype,
+# instead of the per-call cast, x Aᵀ and the addmm_ epilogue (three cuBLAS-sized host costs); on by default,
+# ALIGNLAB_LORA_DECODE=0 off (see RESULTS.md, issue 24's fourteenth pass)
+DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -349,8 +355,6 @@ def _dy_pass(g: torch.Tensor, xa: torch.Tensor) -> bool:
     if (not DY_PASS or xa.shape[1] > 64 or g.dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or g.shape[0] < DY_PASS_MIN_ROWS or g.shape[1] < DY_PASS_MIN_COLS):
         return False  # (an fp64 layer keeps the GEMMs)
-    from alignlab.kernels.dispatch import use_triton
-
     return use_triton(g, xa)
 
 
@@ -533,9 +537,22 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         y = _plain_base(x2, weight, bias, dtype) + ((x2 @ a.to(dtype).T) @ b.to(dtype).T) * scale
         return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
+    x2 = _to(_rows(x), dtype)
+    if takes_decode_kernels(x2, a, dtype):
+        y = _base_forward(x2, weight, bias)
+        lora_decode_add_(y, x2, *((a, b) if cast is None else cast[:2]), scale)
+        return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
     return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
+
+
+def takes_decode_kernels(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a no-grad call on ``x (..., in)`` with compute dtype ``dtype`` adds its rank-r term by
+    :func:`alignlab.kernels.lora_decode.lora_decode_add_` (``DECODE_KERNELS``: 1 to ``MAX_ROWS`` rows, fp16 / bf16,
+    a rank up to ``MAX_RANK``, on the Triton path; not while ``torch.compile`` traces)."""
+    return (DECODE_KERNELS and 0 < x.shape[:-1].numel() <= MAX_ROWS and dtype in _HALF and a.shape[0] <= MAX_RANK
+            and use_triton(x, a) and not torch.compiler.is_compiling())
 
 
 # -- under torch.compile: the LoRA / DoRA layer as two opaque ops each ------------------------------

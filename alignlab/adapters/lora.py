@@ -395,6 +395,10 @@ class LoRALinear(AdapterLayer):
             if dora:
                 return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
             return lora_linear_op(x, weight, base.bias, a, b, scale, dtype)
+        if not dora and not self.cache_casts and not (torch.is_grad_enabled() and (
+                x.requires_grad or a.requires_grad or b.requires_grad)) and fused.takes_decode_kernels(x, a, dtype):
+            # generation: the decode kernels read the factors as they are, so no cast is made for them
+            return lora_linear(x, weight, base.bias, a, b, scale, dtype)
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
         if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast) if self.cache_casts else None

@@ -1,0 +1,116 @@
+"""A LoRA layer's rank-r term at decode sizes, added into the base product by two small kernels.
+
+For ``x (M, K)`` with a few rows (generation: one row per sequence), ``A (r, K)``, ``B (N, r)`` in any float dtype
+(the fp32 master weights as they are) and the base product ``y (M, N)`` in the compute dtype ``c``::
+
+    xa = c( s·x A_cᵀ )        (M, r)    one program per row of A
+    y  = c( y + xa B_cᵀ )     (M, N)    one program per block of output columns
+
+where ``A_c``, ``B_c`` are the factors rounded to ``c`` and the sums run in fp32: the products the fused LoRA path
+forms with torch ops (the factors cast per call, ``x Aᵀ`` by one GEMM with ``alpha = s``, ``B`` added in a second
+GEMM's epilogue), but in two launches instead of a multi-tensor cast, two allocations and two cuBLAS calls, each of
+which costs as much host time as a whole small kernel launch (``benchmarks/host_overhead.py``; RESULTS.md). The
+sums run in another order than cuBLAS's, so the results agree with that path to rounding, not bit for bit.
+
+Reference: :func:`lora_decode_reference` (the same two rounded products in torch), which CPU tensors take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignlab.kernels.dispatch import use_triton
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton
+    triton = None
+
+__all__ = ["lora_decode_add_", "lora_decode_reference", "MAX_ROWS", "MAX_RANK"]
+
+MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
+MAX_RANK = 128
+_BLOCK_K = 256
+_BLOCK_N = 128
+
+if triton is not None:
+
+    @triton.jit
+    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, M, K, stride_x, stride_a, scale, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """Program ``j``: ``xa[:, j] = c(s·Σ_k x[:, k] c(A[j, k]))``, the sums in fp32, ``c`` = x's dtype."""
+        j = tl.program_id(0)
+        rm = tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + j.to(tl.int64) * stride_a + rk, mask=k_ok, other=0.0)
+            a = a.to(xa_ptr.dtype.element_ty).to(tl.float32)  # the factor rounded to the compute dtype, as cast
+            acc += tl.sum(x * a[None, :], axis=1)
+        tl.store(xa_ptr + rm * tl.num_programs(0) + j, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_ok)
+
+    @triton.jit
+    def _lora_up_kernel(xa_ptr, b_ptr, y_ptr, M, N, R, stride_b, stride_y, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Program ``i``: ``y[:, cols] = c(y[:, cols] + xa c(B[cols])ᵀ)`` for its ``BLOCK_N`` columns, in fp32."""
+        i = tl.program_id(0)
+        rm = tl.arange(0, BLOCK_M)
+        rn = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        n_ok = rn < N
+        r_ok = rr < R
+        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        b = b.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_y + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+        y += tl.sum(xa[:, None, :] * b[None, :, :], axis=2)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def lora_decode_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+                          ) -> torch.Tensor:
+    """``y + c(s·x A_cᵀ) B_cᵀ`` as a new tensor, each product summed in fp32 and rounded once to ``c = y.dtype``
+    (see the module docstring)."""
+    c = y.dtype
+    xa = (x.float() @ a.to(c).float().T * scale).to(c)
+    return (y.float() + xa.float() @ b.to(c).float().T).to(c)
+
+
+def applies(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether :func:`lora_decode_add_` runs its kernels for a ``(M, K)`` input ``x`` and factor ``a``: 1 to
+    ``MAX_ROWS`` rows in fp16 / bf16 on CUDA (the Triton path), a rank up to ``MAX_RANK``."""
+    return (0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16) and a.shape[0] <= MAX_RANK
+            and use_triton(x, a))
+
+
+def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """``y += s·(x Aᵀ) Bᵀ`` in place, with the factors rounded to ``y``'s dtype: ``y (M, N)``, ``x (M, K)`` in
+    that dtype with rows at one stride and unit column stride, ``a (r, K)`` and ``b (N, r)`` in any float dtype;
+    returns ``y``. Two kernels where :func:`applies` (the caller checks the shapes), else
+    :func:`lora_decode_reference`, written into ``y``."""
+    if not applies(x, a) or y.stride(-1) != 1 or y.shape[1] == 0:
+        return y.copy_(lora_decode_reference(y, x, a, b, scale))
+    M, K = x.shape
+    N, R = b.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    block_m = max(next_power_of_2(M), 2)
+    launch(_lora_down_kernel, (R,), (x, a, xa, M, K, x.stride(0), a.stride(0), float(scale)),
+           dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    launch(_lora_up_kernel, (cdiv(N, _BLOCK_N),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)),
+           dict(BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_R=max(next_power_of_2(R), 2), num_warps=4))
+    return y
