@@ -1,16 +1,12 @@
 """The decode-size LoRA kernels (``alignlab.kernels.lora_decode``) against their torch reference, and the fused
-layer's no-grad decode path against its GEMM path. Triton's interpreter on CPU (fp16: bf16 loads as raw integers
-there), CUDA tests in bf16 and fp16."""
+layer's no-grad decode path against its GEMM path. Triton's interpreter on CPU (tests/conftest.py switches it on
+without a GPU; fp16 there: bf16 loads as raw integers), CUDA tests in bf16 and fp16."""
 
-import os
+import pytest
+import torch
+from torch import nn
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from alignlab.kernels.lora_decode import MAX_ROWS, lora_decode_add_, lora_decode_reference  # noqa: E402
+from alignlab.kernels.lora_decode import MAX_ROWS, lora_decode_add_, lora_decode_reference
 
 
 def _case(m, k, n, r, dtype, device, factor_dtype=torch.float32, seed=0):
