@@ -115,3 +115,18 @@ def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monke
     for g in got:
         torch.testing.assert_close(g, want, rtol=2e-2, atol=2e-2)
         assert torch.equal(g, got[0])  # deterministic: no atomics
+
+
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False)])
+def test_on_by_default_and_switched_off_by_the_environment(env, on):
+    """``ALIGNLAB_LORA_DECODE=0`` turns the decode kernels off for the process, read once at import."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "ALIGNLAB_LORA_DECODE"}
+    if env is not None:
+        environ["ALIGNLAB_LORA_DECODE"] = env
+    out = subprocess.run([sys.executable, "-c", "from alignlab.adapters import fused; print(fused.DECODE_KERNELS)"],
+                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(on)
