@@ -58,7 +58,9 @@ def test_a_head_untied_by_a_merge_stays_untied_under_the_kept_map(how):
         (merge if how == "merge" else merge_and_unload)(model)
     assert not model.config.tie_word_embeddings
     model.tie_weights(recompute_mapping=False)
-    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+    # merged fp32 weights round otherwise than the adapter's two products (scale-1 factors here): 1.5e-5 apart at one
+    # logit on an AMD EPYC's fp32 GEMMs; the input table back over the head would move them by O(1)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-4, atol=1e-4)
     if how == "merge":
         unmerge(model)
         delete_adapter(model, "default")
