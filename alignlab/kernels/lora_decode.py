@@ -4,7 +4,7 @@ For ``x (M, K)`` with a few rows (generation: one row per sequence), ``A (r, K)`
 (the fp32 master weights as they are) and the base product ``y (M, N)`` in the compute dtype ``c``::
 
     xa = c( s·x A_cᵀ )        (M, r)    one program per row of A
-    y  = c( y + xa B_cᵀ )     (M, N)    one program per block of output columns
+    y  = c( y + xa B_cᵀ )     (M, N)    one program per block of 16-128 output columns
 
 where ``A_c``, ``B_c`` are the factors rounded to ``c`` and the sums run in fp32: the products the fused LoRA path
 forms with torch ops (the factors cast per call, ``x Aᵀ`` by one GEMM with ``alpha = s``, ``B`` added in a second
@@ -31,9 +31,11 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["lora_decode_add_", "lora_decode_reference", "MAX_ROWS", "MAX_RANK"]
 
 MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
-MAX_RANK = 128
+MAX_RANK = 64
 _BLOCK_K = 256
-_BLOCK_N = 128
+# the up kernel holds a (BLOCK_M, BLOCK_N, BLOCK_R) product in registers: at most this many elements (64 per thread
+# of its 4 warps), so BLOCK_N shrinks as rows and rank grow (128 columns at one row and rank 16, 16 at 16 x 64)
+_UP_ELEMENTS = 8192
 
 if triton is not None:
 
@@ -108,9 +110,10 @@ def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    block_m = max(next_power_of_2(M), 2)
+    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
+    block_n = min(128, max(16, _UP_ELEMENTS // (block_m * block_r)))
     launch(_lora_down_kernel, (R,), (x, a, xa, M, K, x.stride(0), a.stride(0), float(scale)),
            dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
-    launch(_lora_up_kernel, (cdiv(N, _BLOCK_N),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)),
-           dict(BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_R=max(next_power_of_2(R), 2), num_warps=4))
+    launch(_lora_up_kernel, (cdiv(N, block_n),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)),
+           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     return y

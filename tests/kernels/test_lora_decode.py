@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignlab.kernels.lora_decode import MAX_ROWS, lora_decode_add_, lora_decode_reference
+from alignlab.kernels.lora_decode import MAX_RANK, MAX_ROWS, lora_decode_add_, lora_decode_reference
 
 
 def _case(m, k, n, r, dtype, device, factor_dtype=torch.float32, seed=0):
@@ -26,7 +26,7 @@ def _reference_by_hand(y, x, a, b, s):
 
 
 @pytest.mark.parametrize("m, k, n, r", [(1, 64, 48, 16), (3, 300, 130, 8), (16, 257, 129, 1), (5, 40, 1, 3),
-                                        (2, 1, 7, 16)])
+                                        (2, 1, 7, 16), (16, 40, 50, 64)])
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16])
 def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dtype, triton_mode):
     """Odd sizes (not multiples of the blocks), one row, one output column, K = 1, rank 1."""
@@ -52,8 +52,9 @@ def test_in_place_on_the_given_output_and_strided_inputs(triton_mode):
     torch.testing.assert_close(out, lora_decode_reference(y, x, a, b, 1.5), rtol=2e-3, atol=2e-3)
 
 
-def test_more_rows_than_the_kernels_take_use_the_reference(triton_mode):
-    x, a, b, y = _case(MAX_ROWS + 1, 32, 24, 4, torch.float16, "cpu")
+@pytest.mark.parametrize("rows, rank", [(MAX_ROWS + 1, 4), (2, MAX_RANK + 1)])
+def test_more_rows_or_rank_than_the_kernels_take_use_the_reference(rows, rank, triton_mode):
+    x, a, b, y = _case(rows, 32, 24, rank, torch.float16, "cpu")
     got = lora_decode_add_(y.clone(), x, a, b, 1.0)
     torch.testing.assert_close(got, lora_decode_reference(y, x, a, b, 1.0), rtol=0, atol=0)
 
