@@ -15,7 +15,9 @@ GEMM accumulates in fp32. Gradients of ``A``, ``B``, ``m`` come back in their ow
 dtype; on CUDA the factor-gradient GEMMs write fp32 directly (``torch.mm(...,
 out_dtype=)``), so an fp32 master gets an unrounded gradient. For the exact fp32
 adapter branch, :class:`~alignlab.adapters.lora.LoRALinear` has ``exact_fp32=True``
-(it then skips this path).
+(it then skips this path). A LoRA call that needs no gradient with 1 to 16 rows in fp16 / bf16 on CUDA (generation)
+adds its rank-r term with :func:`alignlab.kernels.lora_decode.lora_decode_add_` instead (the factors read in their
+own dtype, no cast; the same products to rounding, ``DECODE_KERNELS``).
 
 What is saved for backward: ``x`` (in ``c``; the same tensor object the caller holds
 when it is already in ``c``), ``x Aᵀ (tokens, r)`` (LoRA: ``s·x Aᵀ``, the scale taken in by the GEMM
