@@ -335,3 +335,15 @@ def make_tiny_bert(head: str = "ForSequenceClassification"):
     cfg = transformers.BertConfig(**TINY_HEAD_CONFIG | {"num_labels": 2 if "Question" in head else 3},
                                   max_position_embeddings=64)
     return getattr(transformers, "Bert" + head)(cfg).eval()
+
+
+def printed_in_fresh_process(expr: str, env: dict) -> str:
+    """What ``print(expr)`` shows in a new interpreter whose environment is this one's with ``env`` applied (a value
+    of None unsets the variable): for switches read once at import."""
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k not in env}
+    environ.update({k: v for k, v in env.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", f"print({expr})"], env=environ, capture_output=True, text=True,
+                          check=True).stdout.strip()

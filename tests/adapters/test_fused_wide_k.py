@@ -5,14 +5,12 @@ kernel's strided store (interpreter on CPU)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import printed_in_fresh_process
 
 from alignlab.adapters import LoRALinear
 from alignlab.adapters import fused
@@ -121,11 +119,8 @@ def test_widened_reduction_on_the_gpu_in_bf16(n_in, n_out, dora, monkeypatch):
 def test_on_by_default_and_switched_off_by_the_environment(env, on):
     """On by default (it won at batch 4 on the GPU, see benchmarks/RESULTS.md); ``ALIGNLAB_LORA_WIDE_K=0`` turns it off
     for the process, read once at import."""
-    environ = {k: v for k, v in os.environ.items() if k != "ALIGNLAB_LORA_WIDE_K"}
-    if env is not None:
-        environ["ALIGNLAB_LORA_WIDE_K"] = env
-    out = subprocess.run([sys.executable, "-c", "from alignlab.adapters import fused; print(fused.WIDE_K)"],
-                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.WIDE_K",
+                                   {"ALIGNLAB_LORA_WIDE_K": env})
     assert out == str(on)
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import printed_in_fresh_process
+
 from alignlab.kernels.lora_decode import MAX_RANK, MAX_ROWS, lora_decode_add_, lora_decode_reference
 
 
@@ -121,13 +123,6 @@ def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monke
 @pytest.mark.parametrize("env, on", [(None, True), ("0", False)])
 def test_on_by_default_and_switched_off_by_the_environment(env, on):
     """``ALIGNLAB_LORA_DECODE=0`` turns the decode kernels off for the process, read once at import."""
-    import os
-    import subprocess
-    import sys
-
-    environ = {k: v for k, v in os.environ.items() if k != "ALIGNLAB_LORA_DECODE"}
-    if env is not None:
-        environ["ALIGNLAB_LORA_DECODE"] = env
-    out = subprocess.run([sys.executable, "-c", "from alignlab.adapters import fused; print(fused.DECODE_KERNELS)"],
-                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.DECODE_KERNELS",
+                                   {"ALIGNLAB_LORA_DECODE": env})
     assert out == str(on)
