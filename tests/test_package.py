@@ -89,9 +89,13 @@ def test_kernel_and_quant_modules_import_first_in_a_fresh_process():
     """``alignlab.quant`` and ``alignlab.kernels`` import each other (the kernels read ``quant.nf4``, whose package
     imports ``NF4Linear``, which launches the kernels): a module-level import added on either side can make one of
     them fail when it is the first thing a user imports (``from alignlab.kernels.nf4_dequant import nf4_dequant``
-    raised a circular ImportError for a while). Each module here is imported first, in its own interpreter."""
-    names = sorted(f"alignlab.{sub}.{p.stem}" for sub in ("kernels", "quant") for p in (PKG / sub).glob("*.py")
-                   if p.stem != "__init__") + ["alignlab.adapters.fused", "alignlab.adapters.lora"]
+    raised a circular ImportError for a while). Each module of one package that imports the other at module level
+    (where a cycle can start) is imported first, in its own interpreter."""
+    other = {"kernels": "alignlab.quant", "quant": "alignlab.kernels"}
+    names = sorted(f"alignlab.{sub}.{p.stem}" for sub in other for p in (PKG / sub).glob("*.py")
+                   if any(line.startswith((f"from {other[sub]}", f"import {other[sub]}"))
+                          for line in p.read_text().splitlines()))
+    names += ["alignlab.adapters.fused", "alignlab.adapters.lora"]
     procs = {}
     failed = {}
     for i in range(0, len(names), 6):  # a few at a time: each interpreter imports torch
@@ -102,5 +106,5 @@ def test_kernel_and_quant_modules_import_first_in_a_fresh_process():
             out, _ = p.communicate(timeout=300)
             if p.returncode:
                 failed[n] = out[-600:]
-    assert len(procs) > 15
+    assert len(procs) >= 8
     assert not failed, failed
