@@ -210,10 +210,6 @@ class AdaLoRAConfig:
         if wrong:
             raise ValueError(f"rank_pattern lists must hold init_r={self.init_r} flags each, got lengths {wrong}")
 
-    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
-        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
-        return with_task_heads(model, self)
-
     @property
     def scaling(self) -> float:
         return self.alpha / (self.init_r + 1e-5)

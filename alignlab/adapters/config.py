@@ -128,10 +128,6 @@ class LoRAConfig:
         then keeps a copy of each target's weight until every target took the adapter, to put back on failure."""
         return self.init != "kaiming" and self.init != "gaussian"
 
-    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
-        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
-        return with_task_heads(model, self)
-
     # -- resolution per module ------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
         return _pattern_value(self.rank_pattern, name, self.r)
@@ -360,8 +356,8 @@ def task_heads(model: nn.Module, task_type: str | None, required: bool = True) -
 
 
 def with_task_heads(model: nn.Module, config) -> list[str] | None:
-    """What a LoRA-family config trains in full on ``model`` (:func:`alignlab.adapters.inject`'s
-    ``modules_to_save_for``): its ``modules_to_save`` and, as PEFT's task wrappers add it, the head of its
+    """What a LoRA-family config trains in full on ``model`` (what :func:`alignlab.adapters.inject` and
+    ``save_adapter`` take for it): its ``modules_to_save`` and, as PEFT's task wrappers add it, the head of its
     ``task_type`` (:func:`task_heads`). A config read from a file takes the file's list as it is: PEFT wrote the
     task's heads into it, and a model without them (BART's head is ``classification_head``) trained none.
 

@@ -192,10 +192,6 @@ class IA3Config:
                                  f"no {missing}: pass target_modules= and feedforward_modules= with its names")
         return names
 
-    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
-        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
-        return with_task_heads(model, self)
-
     def is_feedforward(self, name: str) -> bool:
         spec = self.feedforward_modules
         return bool(spec) and name_matches(spec if isinstance(spec, str) else list(spec), name)

@@ -24,7 +24,7 @@ from alignlab._ties import parameter_owners, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
-                                      saved_module_matches, warn_embedding_read_elsewhere)
+                                      saved_module_matches, warn_embedding_read_elsewhere, with_task_heads)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
 from alignlab.adapters.lora import LoRALinear
 from alignlab.adapters.resize_guard import guard_resize_token_embeddings, unguard_resize_token_embeddings
@@ -446,9 +446,14 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
 
 
 def _wanted_modules_to_save(model: nn.Module, config) -> list[str] | None:
-    # a config may add modules of its own for this model (the head of its task_type, as PEFT's task wrappers add it)
+    # a config may add modules of its own for this model, as PEFT's task wrappers add the task's head: the soft-prompt
+    # configs say which (modules_to_save_for), and a LoRA-family config's task_type adds its head (with_task_heads)
     resolve = getattr(config, "modules_to_save_for", None)
-    return resolve(model) if callable(resolve) else getattr(config, "modules_to_save", None)
+    if callable(resolve):
+        return resolve(model)
+    if hasattr(config, "task_type"):
+        return with_task_heads(model, config)
+    return getattr(config, "modules_to_save", None)
 
 
 def _match_modules_to_save(model: nn.Module, config) -> list[str]:

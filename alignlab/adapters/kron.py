@@ -198,10 +198,6 @@ class LoKrConfig:
         self.decompose_factor = _check_decompose_factor(self.decompose_factor)
         check_target_spec(self.target_modules, self.exclude_modules)
 
-    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
-        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
-        return with_task_heads(model, self)
-
     def new_layer(self, module: nn.Module, name: str, adapter_name: str) -> LoKrLinear:
         return LoKrLinear(module, _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.alpha),
                           self.decompose_both, self.decompose_factor, adapter_name, self.init_zero)

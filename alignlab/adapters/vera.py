@@ -175,10 +175,6 @@ class VeRAConfig:
         self._projections: VeRAProjections | None = None
         self._save_projection = True  # False for a PEFT file that relies on regenerating A and B from the seed
 
-    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
-        """What ``inject`` trains in full on ``model``: ``modules_to_save`` plus the head of ``task_type``."""
-        return with_task_heads(model, self)
-
     def prepare(self, model: nn.Module, targets: list[str], adapter_name: str) -> None:
         """Draw the shared projections, as wide as the widest target layer."""
         shapes = []
