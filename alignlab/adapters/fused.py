@@ -48,7 +48,8 @@ import torch
 
 from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
-from alignlab.kernels.lora_decode import MAX_RANK, MAX_ROWS, lora_decode_add_
+from alignlab.kernels.lora_decode import applies as lora_decode_applies
+from alignlab.kernels.lora_decode import lora_decode_add_
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul, nf4_matmul_t
 from alignlab.quant import linear as _qlinear
@@ -551,10 +552,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
 
 def takes_decode_kernels(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a no-grad call on ``x (..., in)`` with compute dtype ``dtype`` adds its rank-r term by
-    :func:`alignlab.kernels.lora_decode.lora_decode_add_` (``DECODE_KERNELS``: 1 to ``MAX_ROWS`` rows, fp16 / bf16,
-    a rank up to ``MAX_RANK``, on the Triton path; not while ``torch.compile`` traces)."""
-    return (DECODE_KERNELS and 0 < x.shape[:-1].numel() <= MAX_ROWS and dtype in _HALF and a.shape[0] <= MAX_RANK
-            and use_triton(x, a) and not torch.compiler.is_compiling())
+    :func:`alignlab.kernels.lora_decode.lora_decode_add_` (``DECODE_KERNELS`` and where its kernels apply,
+    :func:`alignlab.kernels.lora_decode.applies`; not while ``torch.compile`` traces)."""
+    return DECODE_KERNELS and lora_decode_applies(x, a, dtype) and not torch.compiler.is_compiling()
 
 
 # -- under torch.compile: the LoRA / DoRA layer as two opaque ops each ------------------------------

@@ -89,11 +89,12 @@ def lora_decode_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
     return (y.float() + xa.float() @ b.to(c).float().T).to(c)
 
 
-def applies(x: torch.Tensor, a: torch.Tensor) -> bool:
-    """Whether :func:`lora_decode_add_` runs its kernels for a ``(M, K)`` input ``x`` and factor ``a``: 1 to
-    ``MAX_ROWS`` rows in fp16 / bf16 on CUDA (the Triton path), a rank up to ``MAX_RANK``."""
-    return (0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16) and a.shape[0] <= MAX_RANK
-            and use_triton(x, a))
+def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether :func:`lora_decode_add_` runs its kernels for an input ``x (..., K)`` taken in ``dtype`` (default
+    ``x.dtype``) and factor ``a``: 1 to ``MAX_ROWS`` rows in fp16 / bf16 on CUDA (the Triton path), a rank up to
+    ``MAX_RANK``."""
+    return (0 < x.shape[:-1].numel() <= MAX_ROWS and (dtype or x.dtype) in (torch.float16, torch.bfloat16)
+            and a.shape[0] <= MAX_RANK and use_triton(x, a))
 
 
 def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
