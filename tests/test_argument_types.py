@@ -394,7 +394,18 @@ WRONG = [(c[0], c[1], c[2], v) for c in CASES for v in c[3]]
 OUT_OF_RANGE = [(c[0], c[1], c[2], v) for c in CASES if len(c) > 4 for v in c[4]]
 
 
-@pytest.mark.parametrize("name, arg, call, value", WRONG, ids=[f"{w[0]}={w[3]!r}" for w in WRONG])
+def _shown(value) -> str:
+    """A test id for a value: tensors by dtype and shape, not by their (random) values, so that every pytest-xdist
+    worker collects the same ids."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}:{str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        inner = ", ".join(_shown(v) for v in value)
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)
+
+
+@pytest.mark.parametrize("name, arg, call, value", WRONG, ids=[f"{w[0]}={_shown(w[3])}" for w in WRONG])
 def test_the_wrong_kind_is_a_type_error_that_is_also_a_value_error(name, arg, call, value):
     with pytest.raises(TypeError, match=arg) as info:
         call(value)
@@ -402,7 +413,7 @@ def test_the_wrong_kind_is_a_type_error_that_is_also_a_value_error(name, arg, ca
     assert isinstance(info.value, ValueError)  # code written when these raised ValueError still catches it
 
 
-@pytest.mark.parametrize("name, arg, call, value", OUT_OF_RANGE, ids=[f"{w[0]}={w[3]!r}" for w in OUT_OF_RANGE])
+@pytest.mark.parametrize("name, arg, call, value", OUT_OF_RANGE, ids=[f"{w[0]}={_shown(w[3])}" for w in OUT_OF_RANGE])
 def test_a_value_out_of_range_is_a_plain_value_error(name, arg, call, value):
     with pytest.raises(ValueError, match=arg) as info:
         call(value)
