@@ -31,7 +31,10 @@ MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 def kernel_mode() -> str:
     """The current value of ``ALIGNLAB_KERNELS`` (read on every call, so tests may flip it)."""
-    mode = os.environ.get("ALIGNLAB_KERNELS", "auto").strip().lower() or "auto"
+    raw = kernels_setting()
+    if raw is None:  # unset: the common case, without decoding or parsing anything (every kernel call asks)
+        return "auto"
+    mode = (raw.decode() if isinstance(raw, bytes) else raw).strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"ALIGNLAB_KERNELS must be one of {_MODES}, got {mode!r}")
     return mode
