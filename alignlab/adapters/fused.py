@@ -15,9 +15,10 @@ GEMM accumulates in fp32. Gradients of ``A``, ``B``, ``m`` come back in their ow
 dtype; on CUDA the factor-gradient GEMMs write fp32 directly (``torch.mm(...,
 out_dtype=)``), so an fp32 master gets an unrounded gradient. For the exact fp32
 adapter branch, :class:`~alignlab.adapters.lora.LoRALinear` has ``exact_fp32=True``
-(it then skips this path). A LoRA call that needs no gradient with 1 to 16 rows in fp16 / bf16 on CUDA (generation)
-adds its rank-r term with :func:`alignlab.kernels.lora_decode.lora_decode_add_` instead (the factors read in their
-own dtype, no cast; the same products to rounding, ``DECODE_KERNELS``).
+(it then skips this path). A LoRA call with 1 to 16 rows in fp16 / bf16 on CUDA (generation, small batches) adds its
+rank-r term with :func:`alignlab.kernels.lora_decode.lora_decode_add_` instead (the factors read in their own dtype,
+no cast; the same products to rounding, ``DECODE_KERNELS``); with a gradient through :func:`decode_apply`, and over
+an NF4 base by launchers a layer keeps per input layout (:func:`decode_runner`).
 
 What is saved for backward: ``x`` (in ``c``; the same tensor object the caller holds
 when it is already in ``c``), ``x Aᵀ (tokens, r)`` (LoRA: ``s·x Aᵀ``, the scale taken in by the GEMM
@@ -48,10 +49,13 @@ import torch
 
 from alignlab._checks import env_switch
 from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
+from alignlab.kernels.lora_decode import add_ as lora_decode_add_xa
+from alignlab.kernels.lora_decode import add_runner as lora_decode_runner
 from alignlab.kernels.lora_decode import applies as lora_decode_applies
 from alignlab.kernels.lora_decode import lora_decode_add_
 from alignlab.kernels.nf4_dequant import nf4_dequant
-from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M, decode_matmul, nf4_matmul, nf4_matmul_t
+from alignlab.kernels.nf4_matmul import (DECODE_ROWS, SMALL_M, decode_matmul, kept_runner, nf4_matmul, nf4_matmul_t,
+                                         runner_key)
 from alignlab.quant import linear as _qlinear
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -534,6 +538,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     if torch.is_grad_enabled() and not functorch_active() and (
             x.requires_grad or a.requires_grad or b.requires_grad or (dense_w is not None and dense_w.requires_grad)
             or (bias is not None and bias.requires_grad)):
+        if (cast is None and x.dtype == dtype and not (dense_w is not None and dense_w.requires_grad)
+                and not (bias is not None and bias.requires_grad) and takes_decode_kernels(x, a, dtype)):
+            # decode sizes: the rank-r term by the decode kernels, as without grad (the same output)
+            return decode_apply(x, weight, a, b, scale,
+                                lambda xx: _decode_product(xx, weight, bias, a, b, scale))
         return _LoRAFn.apply(x, dense_w, bias, a, b, scale, quant_w, dtype, cast, out_dtype)
     if functorch_active():  # torch.func.grad / vmap / jvp cannot transform the Function: plain differentiable ops
         x2 = _to(_rows(x), dtype)
@@ -551,10 +560,98 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
 
 
 def takes_decode_kernels(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a no-grad call on ``x (..., in)`` with compute dtype ``dtype`` adds its rank-r term by
+    """Whether a call on ``x (..., in)`` with compute dtype ``dtype`` adds its rank-r term by
     :func:`alignlab.kernels.lora_decode.lora_decode_add_` (``DECODE_KERNELS`` and where its kernels apply,
-    :func:`alignlab.kernels.lora_decode.applies`; not while ``torch.compile`` traces)."""
+    :func:`alignlab.kernels.lora_decode.applies`; not while ``torch.compile`` traces). A call that needs a gradient
+    takes them too where ``x`` is in ``dtype`` and no dense weight or bias trains (:func:`decode_apply`)."""
     return DECODE_KERNELS and lora_decode_applies(x, a, dtype) and not torch.compiler.is_compiling()
+
+
+# -- decode sizes with a gradient, and the kept launchers of a QLoRA layer -------------------------------------------
+def _decode_product(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (..., out), xa = c(s·x A_cᵀ) (tokens, r))`` for ``x`` in the compute dtype at decode rows: the base
+    product, then the rank-r term by the decode kernels (:func:`alignlab.kernels.lora_decode.lora_decode_add_`)."""
+    x2 = _rows(x)
+    y = _base_forward(x2, weight, bias)
+    xa = lora_decode_add_xa(y, x2, a, b, scale)
+    return y.view(*x.shape[:-1], y.shape[-1]), xa
+
+
+def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                  scale: float):
+    """``run(x) -> (y, xa)``, :func:`_decode_product` of a QLoRA layer for inputs of ``x``'s layout through kept
+    launchers: the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r kernels'
+    (:func:`alignlab.kernels.lora_decode.add_runner`), three launches and two allocations of host work per call.
+    None where one of them cannot be kept (the caller then takes :func:`lora_linear`).
+
+    ``x (..., in)``: CUDA, in the compute dtype, at decode rows (:func:`takes_decode_kernels`); ``bias`` None or in
+    that dtype. Valid for inputs of the layout ``runner_key(x, bias)`` names (shape, strides, dtype, alignment,
+    device, stream) while ``a`` and ``b`` are these tensors at these addresses and ``scale`` this value: the caller
+    keys its cache by those (``LoRALinear``). Computes one product on the way (the first call of a layout compiles).
+    """
+    if not _qlinear.DECODE_LAUNCHERS or torch.cuda.is_current_stream_capturing():
+        return None
+    key = runner_key(x, bias)
+    base = kept_runner(t, key)
+    if base is False:  # the layout's first call: compiles and keeps the base launcher (or None, another path)
+        decode_matmul(x, t, bias)
+        base = kept_runner(t, key)
+    if not base:
+        return None
+    x2 = _rows(x)
+    if x2.data_ptr() != x.data_ptr():  # rows not at one stride: _rows copied
+        return None
+    y = base(x, bias)
+    lora = lora_decode_runner(_rows(y), x2, a, b, scale)
+    if lora is None:
+        return None
+
+    def run(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = base(xx, bias)
+        return y, lora(y, xx)
+
+    return run
+
+
+class _LoRADecodeFn(torch.autograd.Function):
+    """:class:`_LoRAFn` at decode sizes: ``(y, xa) = run(x)`` (:func:`_decode_product` or a kept
+    :func:`decode_runner`); saves ``x``, ``xa`` and the master factors (cast again in backward: its products are
+    decode-sized too). The inputs are laid out as :class:`_LoRAFn`'s (no dense weight or bias that trains)."""
+
+    @staticmethod
+    def forward(ctx, x, _dense_w, _bias, a, b, run, weight, scale):
+        y, xa = run(x)
+        ctx.save_for_backward(x, xa, a, b)
+        ctx.weight, ctx.scale = weight, scale  # (a decode call's host time is the point: nothing more per call)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if _autocast_dtype(gy) is None:
+            return _lora_decode_backward(ctx, gy)
+        with torch.autocast(gy.device.type, enabled=False):  # as _LoRAFn.backward
+            return _lora_decode_backward(ctx, gy)
+
+
+def _lora_decode_backward(ctx, gy):
+    x, xa, a, b = ctx.saved_tensors
+    dtype, weight = x.dtype, ctx.weight
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops on the inputs, as _LoRAFn's
+        quant = isinstance(weight, NF4Tensor)
+        ctx.quant_w, ctx.x_shape, ctx.x_dtype, ctx.x_is_input = weight if quant else None, x.shape, dtype, True
+        return *_backward_graph(ctx, gy, x, None if quant else weight, None, a, b, dtype)[:5], None, None, None
+    need = ctx.needs_input_grad
+    dx, da, db = _lora_grads(_to(_rows(gy), dtype), _rows(x), weight, _to(a.detach(), dtype),
+                             _to(b.detach(), dtype), xa, ctx.scale, None, need[0], need[3], need[4], a.dtype, b.dtype)
+    return None if dx is None else dx.view(x.shape), None, None, da, db, None, None, None
+
+
+def decode_apply(x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scale: float, run) -> torch.Tensor:
+    """A decode-sized LoRA call that needs a gradient: ``run(x) -> (y, xa)`` (:func:`_decode_product`, or a kept
+    :func:`decode_runner`) under one autograd function. ``x`` is in the compute dtype; the dense ``weight`` (if
+    dense) is frozen and there is no bias that trains."""
+    return _LoRADecodeFn.apply(x, None, None, a, b, run, weight, scale)
 
 
 # -- under torch.compile: the LoRA / DoRA layer as two opaque ops each ------------------------------

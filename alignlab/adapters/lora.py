@@ -42,7 +42,10 @@ from alignlab.adapters.dora import (dora_delta, dora_merged_weight, dora_unmerge
 from alignlab.adapters import fused
 from alignlab.adapters.fused import (_autocast_dtype, _rows, dora_linear, dora_norm, functorch_active, lora_linear,
                                      dora_linear_op, lora_linear_op)
+from alignlab.kernels.nf4_matmul import runner_key
+from alignlab.quant import linear as _qlinear
 from alignlab.quant.linear import NF4Linear
+from alignlab.quant.nf4 import NF4Tensor
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -114,6 +117,15 @@ def check_dropout(dropout: float) -> float:
     return check_number_in_range(dropout, "dropout", 0, 1, high_open=True)
 
 
+def _factor(factors: nn.ModuleDict, name: str) -> torch.Tensor:
+    """``factors[name].weight`` by dictionary reads where it is a plain parameter (the fused path's per-call reads:
+    ``ModuleDict.__getitem__`` and ``nn.Module.__getattr__`` cost host time per call), else by attribute (a
+    parametrized weight, say)."""
+    layer = factors._modules[name]
+    weight = layer._parameters.get("weight")
+    return layer.weight if weight is None else weight
+
+
 class LoRALinear(AdapterLayer):
     """A linear layer (``nn.Linear`` or a quantized linear such as ``NF4Linear``) with LoRA adapters.
 
@@ -181,6 +193,7 @@ class LoRALinear(AdapterLayer):
         # (and the base weight) are unchanged -- the version counters say so -- instead of re-made every call
         self._casts: dict[str, tuple] = {}
         self._norms: dict[str, tuple] = {}
+        self._decode_runs: dict[tuple, tuple] = {}  # (adapter, input layout) -> kept decode launchers (_decode_run)
         self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         self.active_adapters = [adapter_name]
 
@@ -291,6 +304,8 @@ class LoRALinear(AdapterLayer):
                 del store[name]
         for store in (self.r, self.alpha, self.scaling, self.use_rslora, self.init, self._casts, self._norms):
             store.pop(name, None)
+        for key in [k for k in self._decode_runs if k[0] == name]:
+            del self._decode_runs[key]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def is_dora(self, name: str) -> bool:
@@ -385,8 +400,8 @@ class LoRALinear(AdapterLayer):
         """The fused path; ``traced``: as the custom ops of :func:`lora_linear_op` / :func:`dora_linear_op`
         (torch.compile, see :meth:`_op_applies`), which cast the factors and make the norm themselves."""
         mods = self._modules  # as in forward
-        base, a, b = mods["base_layer"], mods["lora_A"][name].weight, mods["lora_B"][name].weight
-        if a.device != x.device:
+        base, a, b = mods["base_layer"], _factor(mods["lora_A"], name), _factor(mods["lora_B"], name)
+        if not (x.get_device() == a.get_device() if x.is_cuda and a.is_cuda else x.device == a.device):
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
@@ -395,16 +410,55 @@ class LoRALinear(AdapterLayer):
             if dora:
                 return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
             return lora_linear_op(x, weight, base.bias, a, b, scale, dtype)
-        if not dora and not self.cache_casts and not (torch.is_grad_enabled() and (
-                x.requires_grad or a.requires_grad or b.requires_grad)) and fused.takes_decode_kernels(x, a, dtype):
-            # generation: the decode kernels read the factors as they are, so no cast is made for them
-            return lora_linear(x, weight, base.bias, a, b, scale, dtype)
+        if not dora and not self.cache_casts and fused.takes_decode_kernels(x, a, dtype):
+            # decode sizes (generation; small-batch calls with a gradient too): the decode kernels read the factors
+            # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
+            run = self._decode_run(x, name, base, weight, a, b, scale, dtype) if x.is_cuda else None
+            if run is None:
+                return lora_linear(x, weight, base.bias, a, b, scale, dtype)
+            if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+                return fused.decode_apply(x, weight, a, b, scale, run)
+            return run(x)[0]
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
         if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast) if self.cache_casts else None
             return dora_linear(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype,
                                cast=cast, norm=norm)
         return lora_linear(x, weight, base.bias, a, b, scale, dtype, cast=cast)
+
+    def _decode_run(self, x: torch.Tensor, name: str, base: nn.Module, weight, a: torch.Tensor, b: torch.Tensor,
+                    scale: float, dtype: torch.dtype):
+        """The kept :func:`~alignlab.adapters.fused.decode_runner` of adapter ``name`` for ``x``'s layout over an
+        NF4 base (made at the layout's first call), or None where none applies (a dense base, an input in another
+        dtype, a bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says
+        (input layout, the factors as objects and addresses, the packed weight, the scale)."""
+        bias = base.bias
+        if (not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor) or x.dtype is not dtype
+                or (bias is not None and (bias.dtype is not dtype or bias.requires_grad))):
+            return None
+        key = (name, runner_key(x, bias))
+        runs = self._decode_runs
+        hit = runs.get(key)
+        if (hit is not None and hit[0] is a and hit[1] is b and hit[2] is weight and hit[3] == scale
+                and hit[4] == a.data_ptr() and hit[5] == b.data_ptr()):
+            return hit[6]
+        run = fused.decode_runner(x, weight, bias, a, b, scale)
+        if run is None and torch.cuda.is_current_stream_capturing():
+            return None  # none is made during capture: the next call outside it may still get one
+        if len(runs) >= 16:
+            runs.pop(next(iter(runs)))
+        runs[key] = (a, b, weight, scale, a.data_ptr(), b.data_ptr(), run)
+        return run
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the kept decode launchers behind (local closures over this layer's tensors)
+        state = self.__dict__.copy()
+        state["_decode_runs"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_decode_runs", {})  # a layer pickled before the launchers were kept
 
     def _op_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether a traced call takes :func:`lora_linear_op` / :func:`dora_linear_op`: a frozen base (no dense

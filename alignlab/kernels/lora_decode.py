@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.kernels.dispatch import use_triton
-from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
 
 try:
     import triton
@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["lora_decode_add_", "lora_decode_reference", "MAX_ROWS", "MAX_RANK"]
+__all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "MAX_ROWS", "MAX_RANK"]
 
 MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
 MAX_RANK = 64
@@ -84,9 +84,18 @@ def lora_decode_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
                           ) -> torch.Tensor:
     """``y + c(s·x A_cᵀ) B_cᵀ`` as a new tensor, each product summed in fp32 and rounded once to ``c = y.dtype``
     (see the module docstring)."""
+    out = y.clone()
+    _reference_add_(out, x, a, b, scale)
+    return out
+
+
+def _reference_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+                    ) -> torch.Tensor:
+    """:func:`lora_decode_reference` written into ``y``; returns ``xa = c(s·x A_cᵀ)``."""
     c = y.dtype
     xa = (x.float() @ a.to(c).float().T * scale).to(c)
-    return (y.float() + xa.float() @ b.to(c).float().T).to(c)
+    y.copy_((y.float() + xa.float() @ b.to(c).float().T).to(c))
+    return xa
 
 
 def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -97,24 +106,80 @@ def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) 
             and a.shape[0] <= MAX_RANK and use_triton(x, a))
 
 
+def _layout(x: torch.Tensor, b: torch.Tensor) -> tuple:
+    """``(M, K, N, R)`` and the launch sizes ``(block_m, block_r, block_n)`` for ``x (M, K)``, ``b (N, R)``."""
+    M, K = x.shape
+    N, R = b.shape
+    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
+    return M, K, N, R, block_m, block_r, min(128, max(16, _UP_ELEMENTS // (block_m * block_r)))
+
+
+def _down_args(x, a, xa, scale):
+    return x, a, xa, x.shape[0], x.shape[1], x.stride(0), a.stride(0), float(scale)
+
+
+def _up_args(xa, b, y):
+    return xa, b, y, y.shape[0], y.shape[1], b.shape[1], b.stride(0), y.stride(0)
+
+
 def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
                      ) -> torch.Tensor:
     """``y += s·(x Aᵀ) Bᵀ`` in place, with the factors rounded to ``y``'s dtype: ``y (M, N)``, ``x (M, K)`` in
     that dtype with rows at one stride and unit column stride, ``a (r, K)`` and ``b (N, r)`` in any float dtype;
     returns ``y``. Two kernels where :func:`applies` (the caller checks the shapes), else
     :func:`lora_decode_reference`, written into ``y``."""
+    add_(y, x, a, b, scale)
+    return y
+
+
+def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`lora_decode_add_`, returning ``xa = c(s·x A_cᵀ) (M, r)`` instead of ``y`` (a backward's ``∂L/∂B``
+    needs it)."""
     if not applies(x, a) or y.stride(-1) != 1 or y.shape[1] == 0:
-        return y.copy_(lora_decode_reference(y, x, a, b, scale))
-    M, K = x.shape
-    N, R = b.shape
+        return _reference_add_(y, x, a, b, scale)
     x = x if x.stride(-1) == 1 else x.contiguous()
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
+    M, K, N, R, block_m, block_r, block_n = _layout(x, b)
     xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
-    block_n = min(128, max(16, _UP_ELEMENTS // (block_m * block_r)))
-    launch(_lora_down_kernel, (R,), (x, a, xa, M, K, x.stride(0), a.stride(0), float(scale)),
-           dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
-    launch(_lora_up_kernel, (cdiv(N, block_n),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)),
+    launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale), dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
-    return y
+    return xa
+
+
+def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float):
+    """``run(y, x) -> xa``: :func:`lora_decode_add_` for calls of this very layout at the host cost of two bare
+    launches (``alignlab.kernels.launch.bind``), or None where its kernels do not run or no launcher can be bound.
+
+    Valid while ``a`` and ``b`` are these tensors at these addresses and ``scale`` this value, for ``x`` of ``x``'s
+    shape, strides, dtype, device and 16-byte alignment class (any leading dimensions collapsing onto one row
+    stride; given as ``(M, K)`` here), a fresh contiguous ``y`` of ``y``'s shape and dtype, on the stream current
+    now: the caller keys its cache by those (the fused QLoRA decode path). Runs :func:`lora_decode_add_` once into
+    ``y`` (which compiles the kernels), so ``y`` must be the base product of ``x``.
+    """
+    if not (applies(x, a) and y.stride(-1) == 1 and y.shape[1] > 0 and x.stride(-1) == 1 and a.stride(-1) == 1
+            and b.stride(-1) == 1 and y.is_contiguous()):
+        return None
+    xa = add_(y, x, a, b, scale)
+    M, K, N, R, block_m, block_r, block_n = _layout(x, b)
+    down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
+                dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    up = bind(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
+              dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
+    if down is None or up is None:
+        return None
+    dev = x.get_device()
+    stream = torch._C._cuda_getCurrentRawStream(dev)
+    down_tail = (M, K, x.stride(0), a.stride(0), float(scale))
+    up_tail = (M, N, R, b.stride(0), y.stride(-2))
+    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+
+    def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        xa = xx.new_empty((M, R))
+        p = xa.data_ptr()
+        down(stream, (xx.data_ptr(), a_ptr, p, *down_tail))
+        up(stream, (p, b_ptr, yy.data_ptr(), *up_tail))
+        return xa
+
+    return run

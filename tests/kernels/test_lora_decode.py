@@ -61,29 +61,124 @@ def test_more_rows_or_rank_than_the_kernels_take_use_the_reference(rows, rank, t
     torch.testing.assert_close(got, lora_decode_reference(y, x, a, b, 1.0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rows", [1, 4])
-def test_fused_layer_no_grad_decode_path_matches_its_gemm_path(rows, triton_mode, monkeypatch):
-    """A LoRA layer on an fp16 ``nn.Linear`` under ``no_grad`` at decode rows takes the kernels (no factor cast);
-    the same call with them off takes the GEMMs: the same output to rounding, and with grad the GEMM path."""
-    from alignlab.adapters import LoRALinear, fused
+def _layer(rows_seed, base=None):
+    from alignlab.adapters import LoRALinear
 
-    torch.manual_seed(rows)
-    layer = LoRALinear(nn.Linear(64, 48, dtype=torch.float16), r=8, alpha=16)
+    torch.manual_seed(rows_seed)
+    layer = LoRALinear(base if base is not None else nn.Linear(64, 48, dtype=torch.float16), r=8, alpha=16)
     nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    return layer
+
+
+def _step(layer, x, create_graph=False):
+    """Output and the gradients of x, A, B for a weighted sum of the output (a second derivative with create_graph:
+    the gradients of ``|∂L/∂x|²`` instead)."""
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    w = torch.linspace(-1, 1, y.shape[-1], device=y.device)
+    loss = (y.float() * w).sum()
+    if create_graph:
+        (gx,) = torch.autograd.grad(loss, xg, create_graph=True)
+        loss = gx.float().square().sum()
+    loss.backward()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    grads = [xg.grad, a.grad, b.grad]
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_fused_layer_decode_path_with_and_without_grad(rows, triton_mode, monkeypatch):
+    """A LoRA layer on an fp16 ``nn.Linear`` at decode rows takes the kernels with and without a gradient (no factor
+    cast; the same output bits either way); with them off it takes the GEMMs: the same output and gradients to
+    rounding, and the gradients the formula's in float64."""
+    from alignlab.adapters import fused
+
+    layer = _layer(rows)
     x = torch.randn(2, rows, 64, dtype=torch.float16)
     calls = []
-    real = fused.lora_decode_add_
-    monkeypatch.setattr(fused, "lora_decode_add_", lambda *args: calls.append(1) or real(*args))
+    for name in ("lora_decode_add_", "lora_decode_add_xa"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     with torch.no_grad():
-        got = layer(x)
-        assert calls and "default" not in layer._casts
-        monkeypatch.setattr(fused, "DECODE_KERNELS", False)
-        want = layer(x)
-    assert len(calls) == 1
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-    monkeypatch.setattr(fused, "DECODE_KERNELS", True)
-    layer(x.requires_grad_(True)).sum().backward()  # grad needed: the autograd function, not the kernels
-    assert len(calls) == 1 and x.grad is not None
+        y_nograd = layer(x)
+        assert calls == ["lora_decode_add_"] and "default" not in layer._casts
+    y, grads = _step(layer, x)
+    assert calls == ["lora_decode_add_", "lora_decode_add_xa"]
+    torch.testing.assert_close(y, y_nograd, rtol=0, atol=0)
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)
+    y_gemm, grads_gemm = _step(layer, x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y_gemm, rtol=2e-3, atol=2e-3)
+    for got, want in zip(grads, grads_gemm):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    # ∂L/∂x = dy (W + s B A), ∂L/∂A = s (dy B)ᵀ x, ∂L/∂B = s dyᵀ (x Aᵀ), in float64 from the fp16-rounded factors
+    s = layer.scaling["default"]
+    w64 = layer.base_layer.weight.double()
+    a64 = layer.lora_A["default"].weight.half().double()
+    b64 = layer.lora_B["default"].weight.half().double()
+    dy = torch.linspace(-1, 1, 48, dtype=torch.float64).expand(2 * rows, 48)
+    x64 = x.reshape(-1, 64).double()
+    want = [(dy @ (w64 + s * b64 @ a64)).view(x.shape), s * (dy @ b64).T @ x64, s * dy.T @ (x64 @ a64.T)]
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_layer_decode_path_second_derivative(triton_mode, monkeypatch):
+    """``create_graph=True`` through the decode path: the same second derivatives as through the GEMM path."""
+    from alignlab.adapters import fused
+
+    layer = _layer(3)
+    x = torch.randn(3, 64, dtype=torch.float16)
+    _, grads = _step(layer, x, create_graph=True)
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)
+    _, grads_gemm = _step(layer, x, create_graph=True)
+    assert grads[0] is None and grads_gemm[0] is None  # ∂L/∂x = dy (W + s B A) does not depend on x
+    for got, want in zip(grads[1:], grads_gemm[1:]):
+        assert got is not None and got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("what", ["frozen factors", "frozen input", "trained base"])
+def test_fused_layer_decode_path_gradients_of_what_trains(what, triton_mode, monkeypatch):
+    """Only the tensors that train get gradients on the decode path; a dense base weight that trains takes the GEMM
+    path (its gradient needs the full products)."""
+    from alignlab.adapters import fused
+
+    layer = _layer(5)
+    if what == "frozen factors":
+        layer.requires_grad_(False)
+    elif what == "trained base":
+        layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 64, dtype=torch.float16, requires_grad=what != "frozen input")
+    calls = []
+    real = fused.lora_decode_add_xa
+    monkeypatch.setattr(fused, "lora_decode_add_xa", lambda *args: calls.append(1) or real(*args))
+    layer(x).float().sum().backward()
+    a = layer.lora_A["default"].weight
+    assert (x.grad is not None) == (what != "frozen input")
+    assert (a.grad is not None) == (what != "frozen factors")
+    assert bool(calls) == (what != "trained base")
+    assert (layer.base_layer.weight.grad is not None) == (what == "trained base")
+
+
+def test_qlora_layer_decode_path_with_grad_under_the_interpreter(triton_mode, monkeypatch):
+    """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU)."""
+    from alignlab.adapters import fused
+    from alignlab.quant import NF4Linear
+
+    torch.manual_seed(0)
+    layer = _layer(7, NF4Linear.from_linear(nn.Linear(64, 48, dtype=torch.float16), compute_dtype=torch.float16))
+    x = torch.randn(2, 64, dtype=torch.float16)
+    with torch.no_grad():
+        y_nograd = layer(x)
+    y, grads = _step(layer, x)
+    torch.testing.assert_close(y, y_nograd, rtol=0, atol=0)
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)
+    y_gemm, grads_gemm = _step(layer, x)
+    torch.testing.assert_close(y, y_gemm, rtol=2e-3, atol=2e-3)
+    for got, want in zip(grads, grads_gemm):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.cuda
@@ -118,6 +213,96 @@ def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monke
     for g in got:
         torch.testing.assert_close(g, want, rtol=2e-2, atol=2e-2)
         assert torch.equal(g, got[0])  # deterministic: no atomics
+
+
+def _qlora_cuda(seed=0, bias=False):
+    from alignlab.adapters import LoRALinear
+    from alignlab.quant import NF4Linear
+
+    torch.manual_seed(seed)
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(512, 384, bias=bias, device="cuda", dtype=torch.bfloat16)),
+                       r=16, alpha=32)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    return layer
+
+
+def _unkept(layer, x):
+    """The layer's decode product without its kept launchers for the rank-r term (the same kernels, launched as
+    lora_decode_add_ launches them)."""
+    from alignlab.adapters import fused
+
+    base = layer.base_layer
+    with torch.no_grad():
+        return fused._decode_product(x, base.quant_weight, base.bias, layer.lora_A["default"].weight,
+                                     layer.lora_B["default"].weight, layer.scaling["default"])[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(1, 512), (4, 1, 512), (16, 512)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, monkeypatch):
+    """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
+    none kept): the same output bits with and without grad and without the launchers, the same gradients."""
+    from alignlab.quant import linear
+
+    layer = _qlora_cuda(bias=bias)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+
+    def calls():
+        with torch.no_grad():
+            outs = [layer(x) for _ in range(3)]
+        y, grads = _step(layer, x)
+        return outs, y, grads
+
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", False)
+    ref = calls()
+    assert not layer._decode_runs
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
+    got = calls()
+    (entry,) = layer._decode_runs.values()
+    assert entry[-1] is not None  # a runner was kept, and served the calls after the first
+    for y in [*got[0], got[1], ref[1]]:
+        torch.testing.assert_close(y, ref[0][0], rtol=0, atol=0)
+    for g, want in zip(got[2], ref[2]):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies():
+    """The kept launchers read the factors through their addresses: an in-place update shows; a factor at a new
+    address, a new scale, another stream each get a launcher of their own; a deepcopy computes with its own tensors
+    and pickles (the launchers stay behind); deleting the adapter drops them."""
+    import copy
+    import pickle
+
+    layer = _qlora_cuda(1)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        a.add_(0.01)  # an optimizer step: same tensor, same address
+        torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        a.data = a.data.clone() * 2  # a new address
+        torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        layer.scaling["default"] = 0.5
+        torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            y = layer(x)
+            torch.testing.assert_close(y, _unkept(layer, x), rtol=0, atol=0)
+        torch.cuda.synchronize()
+        assert len(layer._decode_runs) == 2  # this stream's and the default stream's
+        twin = copy.deepcopy(layer)
+        assert not twin._decode_runs
+        twin.lora_B["default"].weight.mul_(-1)
+        torch.testing.assert_close(twin(x), _unkept(twin, x), rtol=0, atol=0)
+        torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        assert not torch.equal(twin(x), layer(x))
+        again = pickle.loads(pickle.dumps(layer))
+        torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+    layer.delete_adapter("default")
+    assert not layer._decode_runs
 
 
 @pytest.mark.parametrize("env, on", [(None, True), ("0", False)])
