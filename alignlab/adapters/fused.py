@@ -278,7 +278,8 @@ def _graph_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def _backward_graph(ctx, gy, x, dense_w, bias, a, b, dtype: torch.dtype, magnitude=None, norm=None) -> tuple:
+def _backward_graph(ctx, gy, x, dense_w, bias, a, b, dtype: torch.dtype, magnitude=None, norm=None,
+                    need: tuple | None = None) -> tuple:
     """The fused functions' gradients from differentiable ops on the inputs as given (``x`` with its graph, the
     master ``A``, ``B``, ``m``), for a backward with ``create_graph=True``: the same products in the compute dtype
     ``dtype`` as :func:`_lora_backward` / :func:`_dora_backward`, but a second derivative (a Hessian-vector product)
@@ -287,11 +288,12 @@ def _backward_graph(ctx, gy, x, dense_w, bias, a, b, dtype: torch.dtype, magnitu
 
     LoRA without ``magnitude``. DoRA with ``magnitude`` and the (constant) ``norm``: with ``z = x Wᵀ + s·(x Aᵀ) Bᵀ``
     and the gain ``g = m / norm``, ``∂L/∂z = ∂L/∂y ⊙ g`` and ``∂L/∂m = Σ_t ∂L/∂y ⊙ z / norm`` (0 on a row whose norm
-    is 0, :func:`alignlab.adapters.dora.dora_gain`). Returns ``(dx, dW, dbias, dA, dB, dm)``, None where not needed.
+    is 0, :func:`alignlab.adapters.dora.dora_gain`). Returns ``(dx, dW, dbias, dA, dB, dm)``, None where not needed
+    (``need``: which, in that order; default the function's ``needs_input_grad``, laid out as :class:`_DoRAFn`'s).
     """
     from alignlab.adapters.dora import dora_gain
 
-    dora, scale, need = magnitude is not None, ctx.scale, ctx.needs_input_grad
+    dora, scale, need = magnitude is not None, ctx.scale, ctx.needs_input_grad if need is None else need
     x2 = _graph_input(ctx, x, "DoRA" if dora else "LoRA").to(dtype)
     weight = _graph_weight(ctx.quant_w if ctx.quant_w is not None else dense_w, dtype)
     ac, bc = a.to(dtype), b.to(dtype)
@@ -617,13 +619,14 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: t
 class _LoRADecodeFn(torch.autograd.Function):
     """:class:`_LoRAFn` at decode sizes: ``(y, xa) = run(x)`` (:func:`_decode_product` or a kept
     :func:`decode_runner`); saves ``x``, ``xa`` and the master factors (cast again in backward: its products are
-    decode-sized too). The inputs are laid out as :class:`_LoRAFn`'s (no dense weight or bias that trains)."""
+    decode-sized too). Four inputs, ``(x, a, b, (run, weight, scale))``: a decode call's host time is the point, and
+    ``Function.apply`` walks its arguments in Python."""
 
     @staticmethod
-    def forward(ctx, x, _dense_w, _bias, a, b, run, weight, scale):
+    def forward(ctx, x, a, b, fixed):
+        run, ctx.weight, ctx.scale = fixed
         y, xa = run(x)
         ctx.save_for_backward(x, xa, a, b)
-        ctx.weight, ctx.scale = weight, scale  # (a decode call's host time is the point: nothing more per call)
         return y
 
     @staticmethod
@@ -637,21 +640,23 @@ class _LoRADecodeFn(torch.autograd.Function):
 def _lora_decode_backward(ctx, gy):
     x, xa, a, b = ctx.saved_tensors
     dtype, weight = x.dtype, ctx.weight
+    need_x, need_a, need_b, _ = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops on the inputs, as _LoRAFn's
         quant = isinstance(weight, NF4Tensor)
         ctx.quant_w, ctx.x_shape, ctx.x_dtype, ctx.x_is_input = weight if quant else None, x.shape, dtype, True
-        return *_backward_graph(ctx, gy, x, None if quant else weight, None, a, b, dtype)[:5], None, None, None
-    need = ctx.needs_input_grad
+        dx, _, _, da, db, _ = _backward_graph(ctx, gy, x, None if quant else weight, None, a, b, dtype,
+                                              need=(need_x, False, False, need_a, need_b, False))
+        return dx, da, db, None
     dx, da, db = _lora_grads(_to(_rows(gy), dtype), _rows(x), weight, _to(a.detach(), dtype),
-                             _to(b.detach(), dtype), xa, ctx.scale, None, need[0], need[3], need[4], a.dtype, b.dtype)
-    return None if dx is None else dx.view(x.shape), None, None, da, db, None, None, None
+                             _to(b.detach(), dtype), xa, ctx.scale, None, need_x, need_a, need_b, a.dtype, b.dtype)
+    return None if dx is None else dx.view(x.shape), da, db, None
 
 
 def decode_apply(x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scale: float, run) -> torch.Tensor:
     """A decode-sized LoRA call that needs a gradient: ``run(x) -> (y, xa)`` (:func:`_decode_product`, or a kept
     :func:`decode_runner`) under one autograd function. ``x`` is in the compute dtype; the dense ``weight`` (if
     dense) is frozen and there is no bias that trains."""
-    return _LoRADecodeFn.apply(x, None, None, a, b, run, weight, scale)
+    return _LoRADecodeFn.apply(x, a, b, (run, weight, scale))
 
 
 # -- under torch.compile: the LoRA / DoRA layer as two opaque ops each ------------------------------

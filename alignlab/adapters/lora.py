@@ -325,13 +325,17 @@ class LoRALinear(AdapterLayer):
         mods = self._modules
         if self.disabled:
             return mods["base_layer"](x)
-        lora_a = mods["lora_A"]
-        names = [n for n in self.active_adapters if n not in self.merged_adapters and n in lora_a]
+        factors = mods["lora_A"]._modules  # (ModuleDict's __contains__ / __getitem__ are Python calls)
+        active = self.active_adapters
+        if len(active) == 1 and not self.merged_adapters:  # the common case, without building a list
+            names = active if active[0] in factors else ()
+        else:
+            names = [n for n in active if n not in self.merged_adapters and n in factors]
         if not names:
             return mods["base_layer"](x)
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
-        n_in = lora_a[names[0]].in_features  # a plain attribute: cheaper than the in_features property
+        n_in = factors[names[0]].in_features  # a plain attribute: cheaper than the in_features property
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
         # torch.func transforms (grad, vmap: per-sample gradients) cannot transform the fused functions: plain path.
@@ -405,7 +409,8 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
         weight = base.weight if type(base) is nn.Linear else base.quant_weight
         scale = self.scaling[name]
-        dora = name in mods["lora_magnitude_vector"]
+        magnitudes = mods["lora_magnitude_vector"]
+        dora = name in getattr(magnitudes, "_keys", magnitudes)  # (ParameterDict.__contains__ is a Python call)
         if traced:
             if dora:
                 return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
