@@ -376,6 +376,27 @@ class _NF4Matmul(torch.autograd.Function):
         return dx, db, None
 
 
+class _KeptMatmul(torch.autograd.Function):
+    """``run(x, bias)``, a launcher kept by :func:`keep_runner` (``nf4_matmul(x, t, bias)`` at decode rows), as a
+    function of ``x`` alone (the bias frozen): ``NF4Linear``'s decode path when ``x`` needs a gradient. Backward as
+    :class:`_NF4Matmul`'s: ``dx = dy W`` by :func:`nf4_matmul_t` (differentiable again for a second derivative)."""
+
+    @staticmethod
+    def forward(ctx, x, fixed):
+        run, bias, ctx.t = fixed
+        return run(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return nf4_matmul_t(dy, ctx.t), None
+
+
+def kept_matmul(x: torch.Tensor, run, bias: torch.Tensor | None, t: NF4Tensor) -> torch.Tensor:
+    """``run(x, bias)`` (a launcher :func:`kept_runner` returned for ``x``'s layout) with ``x``'s gradient; ``bias``
+    must not need one."""
+    return _KeptMatmul.apply(x, (run, bias, t))
+
+
 class _NF4MatmulT(torch.autograd.Function):
     """:func:`nf4_matmul_t` as a function of ``dy``: its gradient is ``g W^T`` (:func:`nf4_matmul`), which a
     second derivative through :class:`_NF4Matmul` (``create_graph=True``) needs on every path."""

@@ -238,16 +238,17 @@ class NF4Linear(nn.Module):
         bias = self.bias
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         key = None
-        if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and not grad and x.is_cuda
+        if (DECODE_LAUNCHERS and x.dtype is self.compute_dtype and x.is_cuda
+                and not (grad and bias is not None and bias.requires_grad)
                 and x.numel() <= DECODE_ROWS * self.in_features and not torch.compiler.is_compiling()
                 and not functorch_active()):  # (a kernel cannot read a vmap'd tensor)
             # decode path: a launcher kept per input layout and stream (kernels.nf4_matmul.keep_runner), ~one launch
-            # of host work
+            # of host work; an input that needs a gradient gets it through kept_matmul (dx = dy W)
             nm = _nm or _kernels()
             key = nm.runner_key(x, bias)
             run = nm.kept_runner(t, key)
             if run:
-                return run(x, bias)
+                return nm.kept_matmul(x, run, bias, t) if grad else run(x, bias)
             if run is None:  # this layout is known not to take the decode kernels
                 key = None
         if not x.is_floating_point():  # after the decode path: it takes compute_dtype inputs only
@@ -267,8 +268,8 @@ class NF4Linear(nn.Module):
             from alignlab.kernels.nf4_matmul import nf4_matmul
 
             y = nf4_matmul(xc, t, bias_c)
-            if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
-                _kernels().keep_runner(x, t, bias, key)
+        if key is not None and bias_c is bias:  # a bias in another dtype is cast per call: no launcher
+            _kernels().keep_runner(x, t, bias, key)
         return y.to(in_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -503,8 +503,46 @@ def test_decode_path_keeps_errors_and_grad_rules(monkeypatch):
         want = nn.functional.linear(x1, nf4_dequantize(layer.quant_weight, torch.bfloat16), layer.bias)
         torch.testing.assert_close(layer(x1), want, rtol=0, atol=0)
     x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x).sum().backward()  # grad-requiring calls keep the autograd path
+    layer(x).sum().backward()  # grad-requiring calls get their gradient (test_decode_path_with_grad below)
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bias", [None, "frozen", "trained"])
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_decode_path_with_grad(rows, bias, monkeypatch):
+    """An input that needs a gradient takes the kept launcher too (kernels.nf4_matmul.kept_matmul), unless the bias
+    trains: the output bits of the launchers-off path, the same input gradient (dy W), second derivatives too."""
+    from alignlab.quant import linear
+
+    torch.manual_seed(rows)
+    layer = NF4Linear.from_linear(nn.Linear(256, 320, bias=bias is not None, device="cuda", dtype=torch.bfloat16))
+    if bias == "trained":
+        layer.bias.requires_grad_(True)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(rows, 320, device="cuda", dtype=torch.bfloat16)
+
+    def calls():
+        out = []
+        for _ in range(3):  # the first call keeps a launcher, the next ones use it
+            xg, dyg = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
+            y = layer(xg)
+            (gx,) = torch.autograd.grad(y, xg, dyg, create_graph=True)  # dy W, differentiable in dy
+            (gdy,) = torch.autograd.grad(gx.float().square().sum(), dyg)  # 2 (dy W) Wᵀ
+            (gsq,) = torch.autograd.grad(y.float().square().sum(), xg)
+            out.append((y.detach(), gx.detach(), gdy, gsq))
+        return out
+
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", False)
+    ref = calls()
+    assert "_runners" not in layer.quant_weight.__dict__
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
+    got = calls()
+    runners = layer.quant_weight.__dict__.get("_runners") or {}
+    assert any(r is not None for r in runners.values()) == (bias != "trained")
+    for g, r in zip(got, ref):
+        for a, b in zip(g, r):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
