@@ -147,37 +147,52 @@ def test_cuda_event_times_agree_with_do_bench():
     assert m.median_ms == pytest.approx(ref, rel=0.15)
 
 
-def test_rss_mode_sees_a_touched_allocation():
-    def fn():
-        return torch.ones(16 * N)  # 64 MB, every page written
-
-    m = measure(fn, device="cpu", warmup=0, rep=1, memory="rss")
-    assert m.memory_method in ("rss_hwm", "rss_sampled")
-    # RSS counts whole pages and whatever else the process touched meanwhile.
-    assert 64 * N * 0.98 <= m.peak_bytes <= 64 * N + (16 << 20)
-
-
-def test_rss_fallback_sampler(monkeypatch):
-    pytest.importorskip("psutil")
-    import builtins
-
+# The RSS tests measure in a fresh interpreter: in a process that ran other tests first (a pytest-xdist worker) the
+# allocator may serve the 64 MB from pages it already holds, and RSS then does not grow (seen in CI: peak 0 bytes).
+_RSS_CHILD = """
+import builtins, json, time
+import torch
+from alignlab.bench import measure
+N = {n}
+if {refuse_clear_refs}:
     real_open = builtins.open
-
     def no_clear_refs(path, *a, **k):
         if str(path) == "/proc/self/clear_refs":
             raise PermissionError("refused")
         return real_open(path, *a, **k)
+    builtins.open = no_clear_refs
+def fn():
+    t = torch.ones(16 * N)  # 64 MB, every page written
+    time.sleep(0.02)  # long enough for the 1 ms sampler
+    return t
+m = measure(fn, device="cpu", warmup=0, rep=1, memory="rss")
+print(json.dumps([m.memory_method, m.peak_bytes]))
+"""
 
-    monkeypatch.setattr(builtins, "open", no_clear_refs)
 
-    def fn():
-        t = torch.ones(16 * N)
-        time.sleep(0.02)  # long enough for the 1 ms sampler
-        return t
+def _rss_in_fresh_process(refuse_clear_refs: bool) -> tuple[str, int]:
+    import json
+    import subprocess
+    import sys
 
-    m = measure(fn, device="cpu", warmup=0, rep=1, memory="rss")
-    assert m.memory_method == "rss_sampled"
-    assert 64 * N * 0.98 <= m.peak_bytes <= 64 * N + (16 << 20)
+    code = _RSS_CHILD.format(n=N, refuse_clear_refs=refuse_clear_refs)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    method, peak = json.loads(out.strip().splitlines()[-1])
+    return method, peak
+
+
+def test_rss_mode_sees_a_touched_allocation():
+    method, peak = _rss_in_fresh_process(refuse_clear_refs=False)
+    assert method in ("rss_hwm", "rss_sampled")
+    # RSS counts whole pages and whatever else the process touched meanwhile.
+    assert 64 * N * 0.98 <= peak <= 64 * N + (16 << 20)
+
+
+def test_rss_fallback_sampler():
+    pytest.importorskip("psutil")
+    method, peak = _rss_in_fresh_process(refuse_clear_refs=True)  # no /proc/self/clear_refs: the sampler
+    assert method == "rss_sampled"
+    assert 64 * N * 0.98 <= peak <= 64 * N + (16 << 20)
 
 
 def test_bad_memory_mode():
