@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+# intra-op threads: up to 4, shared among pytest-xdist workers (README's `-n auto` runs one per core; each with all
+# the cores' threads would oversubscribe them)
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_collection_modifyitems(config, items):
