@@ -288,6 +288,7 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
         layer.scaling["default"] = 0.5
         torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # x and the factors were written on the default stream
         with torch.cuda.stream(stream):
             y = layer(x)
             torch.testing.assert_close(y, _unkept(layer, x), rtol=0, atol=0)
