@@ -73,11 +73,15 @@ WIDE_K_MIN_ROWS = 4096  # below this the step is host-bound, and the widened for
 DY_PASS = env_switch("ALIGNLAB_LORA_DY_PASS", True)
 DY_PASS_MIN_ROWS, DY_PASS_MIN_COLS = 4096, 2048
 _HALF = (torch.float16, torch.bfloat16)
-# Calls that need no gradient at decode sizes (up to lora_decode.MAX_ROWS rows, fp16 / bf16 on CUDA; generation):
-# the rank-r term by the two kernels of alignlab.kernels.lora_decode, which read the factors in their own dtype,
-# instead of the per-call cast, x Aᵀ and the addmm_ epilogue (three cuBLAS-sized host costs); on by default,
-# ALIGNLAB_LORA_DECODE=0 off (see RESULTS.md, issue 24's fourteenth pass)
+# Calls at decode sizes (up to lora_decode.MAX_ROWS rows, fp16 / bf16 on CUDA; generation, small batches): the rank-r
+# term by the two kernels of alignlab.kernels.lora_decode, which read the factors in their own dtype, instead of the
+# per-call cast, x Aᵀ and the addmm_ epilogue (three cuBLAS-sized host costs); on by default, ALIGNLAB_LORA_DECODE=0
+# off (see RESULTS.md, issue 24's fourteenth pass). Calls that need a gradient take them through decode_apply.
 DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
+# A QLoRA layer's three decode launchers kept per input layout (decode_runner, LoRALinear._decode_run): written on
+# 2026-12-06 when no GPU could be had, so off until its CUDA tests have passed and its host time is measured;
+# ALIGNLAB_LORA_DECODE_RUNNERS=1 (read at import) or this attribute set to True turns it on
+DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", False)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -438,7 +438,8 @@ class LoRALinear(AdapterLayer):
         dtype, a bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says
         (input layout, the factors as objects and addresses, the packed weight, the scale)."""
         bias = base.bias
-        if (not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor) or x.dtype is not dtype
+        if (not fused.DECODE_RUNNERS or not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor)
+                or x.dtype is not dtype
                 or (bias is not None and (bias.dtype is not dtype or bias.requires_grad))):
             return None
         key = (name, runner_key(x, bias))

@@ -243,8 +243,10 @@ def _unkept(layer, x):
 def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, monkeypatch):
     """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
     none kept): the same output bits with and without grad and without the launchers, the same gradients."""
+    from alignlab.adapters import fused
     from alignlab.quant import linear
 
+    monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
     layer = _qlora_cuda(bias=bias)
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
 
@@ -268,13 +270,16 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 
 
 @pytest.mark.cuda
-def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies():
+def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(monkeypatch):
     """The kept launchers read the factors through their addresses: an in-place update shows; a factor at a new
     address, a new scale, another stream each get a launcher of their own; a deepcopy computes with its own tensors
     and pickles (the launchers stay behind); deleting the adapter drops them."""
     import copy
     import pickle
 
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
     layer = _qlora_cuda(1)
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -304,6 +309,14 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
         torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
     layer.delete_adapter("default")
     assert not layer._decode_runs
+
+
+@pytest.mark.parametrize("env, on", [(None, False), ("1", True)])
+def test_kept_qlora_launchers_off_by_default_and_switched_on_by_the_environment(env, on):
+    """``ALIGNLAB_LORA_DECODE_RUNNERS=1`` keeps a QLoRA layer's decode launchers (off until run on a GPU)."""
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.DECODE_RUNNERS",
+                                   {"ALIGNLAB_LORA_DECODE_RUNNERS": env})
+    assert out == str(on)
 
 
 @pytest.mark.parametrize("env, on", [(None, True), ("0", False)])
