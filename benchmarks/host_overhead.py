@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignlab.adapters import LoRAConfig, inject
+from alignlab.adapters import LoRAConfig, fused, inject
 from alignlab.bench import library_versions, write_json
 from alignlab.quant import NF4Linear
 
@@ -112,12 +112,27 @@ def main():
         "DoRA on NF4Linear (QDoRA), x needs grad": lambda: dora(xg),
         "DoRA on NF4Linear (QDoRA), torch.no_grad()": lambda: _no_grad(dora, x),
     }
+    # the QLoRA layer's kept decode launchers (opt-in until measured: fused.DECODE_RUNNERS), one layer of its own
+    runner_holder = nn.Module()
+    runner_holder.lin = NF4Linear.from_linear(lin)
+    inject(runner_holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
+    runner_lora = runner_holder.lin
+    kept = {
+        "QLoRA, kept launchers (DECODE_RUNNERS), x needs grad": lambda: runner_lora(xg),
+        "QLoRA, kept launchers (DECODE_RUNNERS), torch.no_grad()": lambda: _no_grad(runner_lora, x),
+    }
     out = {}
-    for name, fn in rows.items():
-        if fn is None:
-            continue
-        out[name] = per_call_us(fn)
-        print(f"{name:45s} {out[name]:8.1f} us", flush=True)
+    has_runners = hasattr(fused, "DECODE_RUNNERS")  # (an older tree under A/B has none)
+    for group, runners_on in ((rows, getattr(fused, "DECODE_RUNNERS", False)), (kept if has_runners else {}, True)):
+        saved, fused.DECODE_RUNNERS = getattr(fused, "DECODE_RUNNERS", False), runners_on
+        try:
+            for name, fn in group.items():
+                if fn is None:
+                    continue
+                out[name] = per_call_us(fn)
+                print(f"{name:45s} {out[name]:8.1f} us", flush=True)
+        finally:
+            fused.DECODE_RUNNERS = saved
     write_json(args.out, {"versions": library_versions(), "device": torch.cuda.get_device_name(),
                           "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out})
 
