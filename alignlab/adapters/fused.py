@@ -628,9 +628,12 @@ class _LoRADecodeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, fixed):
-        run, ctx.weight, ctx.scale = fixed
+        run, weight, ctx.scale = fixed
         y, xa = run(x)
-        ctx.save_for_backward(x, xa, a, b)
+        # a dense (frozen) weight is saved as a tensor, so that a write into it before backward is caught
+        dense = isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x, xa, a, b, weight if dense else None)
+        ctx.quant = None if dense else weight
         return y
 
     @staticmethod
@@ -642,13 +645,13 @@ class _LoRADecodeFn(torch.autograd.Function):
 
 
 def _lora_decode_backward(ctx, gy):
-    x, xa, a, b = ctx.saved_tensors
-    dtype, weight = x.dtype, ctx.weight
+    x, xa, a, b, dense_w = ctx.saved_tensors
+    dtype = x.dtype
+    weight = dense_w if ctx.quant is None else ctx.quant
     need_x, need_a, need_b, _ = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops on the inputs, as _LoRAFn's
-        quant = isinstance(weight, NF4Tensor)
-        ctx.quant_w, ctx.x_shape, ctx.x_dtype, ctx.x_is_input = weight if quant else None, x.shape, dtype, True
-        dx, _, _, da, db, _ = _backward_graph(ctx, gy, x, None if quant else weight, None, a, b, dtype,
+        ctx.quant_w, ctx.x_shape, ctx.x_dtype, ctx.x_is_input = ctx.quant, x.shape, dtype, True
+        dx, _, _, da, db, _ = _backward_graph(ctx, gy, x, dense_w, None, a, b, dtype,
                                               need=(need_x, False, False, need_a, need_b, False))
         return dx, da, db, None
     dx, da, db = _lora_grads(_to(_rows(gy), dtype), _rows(x), weight, _to(a.detach(), dtype),

@@ -418,12 +418,19 @@ class LoRALinear(AdapterLayer):
         if not dora and not self.cache_casts and fused.takes_decode_kernels(x, a, dtype):
             # decode sizes (generation; small-batch calls with a gradient too): the decode kernels read the factors
             # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
-            run = self._decode_run(x, name, base, weight, a, b, scale, dtype) if x.is_cuda else None
-            if run is None:
-                return lora_linear(x, weight, base.bias, a, b, scale, dtype)
-            if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
-                return fused.decode_apply(x, weight, a, b, scale, run)
-            return run(x)[0]
+            # (opt-in). A call whose gradient they cannot give (an input in another dtype, a base weight or bias
+            # that trains) takes the cast below and the GEMMs
+            grad = torch.is_grad_enabled()
+            if grad:
+                bias = base.bias
+                trains = ((bias is not None and bias.requires_grad)
+                          or (type(base) is nn.Linear and base.weight.requires_grad))
+                grad = x.requires_grad or a.requires_grad or b.requires_grad or trains
+            if not grad or (x.dtype is dtype and not trains):
+                run = self._decode_run(x, name, base, weight, a, b, scale, dtype) if x.is_cuda else None
+                if run is None:
+                    return lora_linear(x, weight, base.bias, a, b, scale, dtype)
+                return fused.decode_apply(x, weight, a, b, scale, run) if grad else run(x)[0]
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
         if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
             norm = self._row_norm(name, weight, a, b, scale, dtype, cast) if self.cache_casts else None
@@ -436,7 +443,8 @@ class LoRALinear(AdapterLayer):
         """The kept :func:`~alignlab.adapters.fused.decode_runner` of adapter ``name`` for ``x``'s layout over an
         NF4 base (made at the layout's first call), or None where none applies (a dense base, an input in another
         dtype, a bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says
-        (input layout, the factors as objects and addresses, the packed weight, the scale)."""
+        (input layout, the factors as objects, addresses and dtypes, the packed weight, the bias, the scale); a device
+        move or cast of the layer drops them (``_apply``)."""
         bias = base.bias
         if (not fused.DECODE_RUNNERS or not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor)
                 or x.dtype is not dtype
@@ -445,22 +453,29 @@ class LoRALinear(AdapterLayer):
         key = (name, runner_key(x, bias))
         runs = self._decode_runs
         hit = runs.get(key)
-        if (hit is not None and hit[0] is a and hit[1] is b and hit[2] is weight and hit[3] == scale
-                and hit[4] == a.data_ptr() and hit[5] == b.data_ptr()):
+        if (hit is not None and hit[0] is a and hit[1] is b and hit[2] is weight and hit[3] is bias
+                and hit[4] == scale and hit[5] == (a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)):
             return hit[6]
         run = fused.decode_runner(x, weight, bias, a, b, scale)
         if run is None and torch.cuda.is_current_stream_capturing():
             return None  # none is made during capture: the next call outside it may still get one
         if len(runs) >= 16:
             runs.pop(next(iter(runs)))
-        runs[key] = (a, b, weight, scale, a.data_ptr(), b.data_ptr(), run)
+        runs[key] = (a, b, weight, bias, scale, (a.data_ptr(), b.data_ptr(), a.dtype, b.dtype), run)
         return run
 
     def __getstate__(self) -> dict:
-        # copies and pickles leave the kept decode launchers behind (local closures over this layer's tensors)
-        state = self.__dict__.copy()
+        # copies and pickles leave the kept decode launchers behind (local closures over this layer's tensors), as
+        # nn.Module's own leaves a compiled call behind
+        state = super().__getstate__()
         state["_decode_runs"] = {}
         return state
+
+    def _apply(self, fn, recurse=True):
+        # a device move or cast (.to, .cuda, .half) makes new tensors: launchers kept for the old ones are dropped
+        # rather than left holding them (and the packed weight, and a split-K workspace) until their layout comes back
+        self._decode_runs.clear()
+        return super()._apply(fn, recurse)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

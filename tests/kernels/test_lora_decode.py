@@ -262,11 +262,21 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
     monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
     got = calls()
     (entry,) = layer._decode_runs.values()
-    assert entry[-1] is not None  # a runner was kept, and served the calls after the first
+    assert entry[-1] is not None  # a runner was kept
     for y in [*got[0], got[1], ref[1]]:
         torch.testing.assert_close(y, ref[0][0], rtol=0, atol=0)
     for g, want in zip(got[2], ref[2]):
         torch.testing.assert_close(g, want, rtol=0, atol=0)
+    monkeypatch.setattr(fused, "decode_runner", None)  # a rebuild would raise now: the kept runner serves the calls
+    again = calls()
+    for y in [*again[0], again[1]]:
+        torch.testing.assert_close(y, ref[0][0], rtol=0, atol=0)
+    # and the GEMM path (decode kernels off): the same output and gradients to rounding
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)
+    gemm = calls()
+    torch.testing.assert_close(gemm[1], got[1], rtol=2e-2, atol=2e-2)
+    for g, want in zip(got[2], gemm[2]):
+        torch.testing.assert_close(g, want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.cuda
@@ -280,7 +290,7 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
     from alignlab.adapters import fused
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
-    layer = _qlora_cuda(1)
+    layer = _qlora_cuda(1, bias=True)
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
@@ -291,6 +301,9 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
         a.data = a.data.clone() * 2  # a new address
         torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
         layer.scaling["default"] = 0.5
+        torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+        base = layer.base_layer  # a bias replaced by another of the same dtype (load_state_dict(assign=True))
+        base.bias = nn.Parameter(torch.randn(384, device="cuda", dtype=torch.bfloat16), requires_grad=False)
         torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())  # x and the factors were written on the default stream
@@ -309,6 +322,24 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
         torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
     layer.delete_adapter("default")
     assert not layer._decode_runs
+
+
+def test_kept_launchers_are_dropped_by_moves_and_left_out_of_copies():
+    """A device move or cast drops the kept launchers (they hold the old tensors); copies and pickles leave them out,
+    and a compiled layer's copy does not run the original's compiled call."""
+    import copy
+    import pickle
+
+    layer = _layer(11)
+    layer._decode_runs[("default", "a layout")] = ("kept", "tensors")  # what a CUDA call would have kept
+    assert copy.deepcopy(layer)._decode_runs == {}
+    assert pickle.loads(pickle.dumps(layer))._decode_runs == {}
+    layer.cpu()
+    assert layer._decode_runs == {}
+    layer.compile()
+    twin = copy.deepcopy(layer)
+    assert getattr(twin, "_compiled_call_impl", None) is None
+    pickle.dumps(layer)  # a compiled layer pickles (nn.Module leaves its compiled call out)
 
 
 @pytest.mark.parametrize("env, on", [(None, False), ("1", True)])
