@@ -544,8 +544,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     if torch.is_grad_enabled() and not functorch_active() and (
             x.requires_grad or a.requires_grad or b.requires_grad or (dense_w is not None and dense_w.requires_grad)
             or (bias is not None and bias.requires_grad)):
-        if (cast is None and x.dtype == dtype and not (dense_w is not None and dense_w.requires_grad)
-                and not (bias is not None and bias.requires_grad) and takes_decode_kernels(x, a, dtype)):
+        if cast is None and decode_grad_applies(x, dense_w, bias, dtype) and takes_decode_kernels(x, a, dtype):
             # decode sizes: the rank-r term by the decode kernels, as without grad (the same output)
             return decode_apply(x, weight, a, b, scale,
                                 lambda xx: _decode_product(xx, weight, bias, a, b, scale))
@@ -574,6 +573,14 @@ def takes_decode_kernels(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -
 
 
 # -- decode sizes with a gradient, and the kept launchers of a QLoRA layer -------------------------------------------
+def decode_grad_applies(x: torch.Tensor, dense_w: torch.Tensor | None, bias: torch.Tensor | None,
+                        dtype: torch.dtype) -> bool:
+    """Whether a decode-sized call that needs a gradient can take :func:`decode_apply` (which gives ``x`` and the
+    factors theirs): ``x`` in the compute dtype ``dtype``, and no dense base weight or bias that trains."""
+    return (x.dtype == dtype and not (dense_w is not None and dense_w.requires_grad)
+            and not (bias is not None and bias.requires_grad))
+
+
 def _decode_product(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (..., out), xa = c(s·x A_cᵀ) (tokens, r))`` for ``x`` in the compute dtype at decode rows: the base

@@ -420,16 +420,13 @@ class LoRALinear(AdapterLayer):
             # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
             # (opt-in). A call whose gradient they cannot give (an input in another dtype, a base weight or bias
             # that trains) takes the cast below and the GEMMs
-            grad = torch.is_grad_enabled()
-            if grad:
-                bias = base.bias
-                trains = ((bias is not None and bias.requires_grad)
-                          or (type(base) is nn.Linear and base.weight.requires_grad))
-                grad = x.requires_grad or a.requires_grad or b.requires_grad or trains
-            if not grad or (x.dtype is dtype and not trains):
+            dense_w, bias = (weight if type(base) is nn.Linear else None), base.bias
+            grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or (
+                dense_w is not None and dense_w.requires_grad) or (bias is not None and bias.requires_grad))
+            if not grad or fused.decode_grad_applies(x, dense_w, bias, dtype):
                 run = self._decode_run(x, name, base, weight, a, b, scale, dtype) if x.is_cuda else None
                 if run is None:
-                    return lora_linear(x, weight, base.bias, a, b, scale, dtype)
+                    return lora_linear(x, weight, bias, a, b, scale, dtype)
                 return fused.decode_apply(x, weight, a, b, scale, run) if grad else run(x)[0]
         cast = self._cast_factors(name, a, b, dtype, scale, scaled=not dora)
         if dora:  # without cache_casts dora_linear makes the norm and g, s·g, s·g ⊙ B by one kernel
