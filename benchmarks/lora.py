@@ -8,7 +8,11 @@ no adapter: one forward GEMM and one dX GEMM.
 Two adapter precisions: bf16 adapters (PEFT with ``autocast_adapter_dtype=False``)
 and fp32 adapters on the bf16 base (both libraries' default).
 
-Run: ``python benchmarks/lora.py [--out PATH]`` on a CUDA machine (default benchmarks/results/lora.json).
+``--lora-gemm`` adds rows for alignlab's layers with ``fused.LORA_GEMM`` on (the base GEMM with the rank-r term in
+its own epilogue, ``kernels.lora_gemm``), timed in the same run.
+
+Run: ``python benchmarks/lora.py [--lora-gemm] [--out PATH]`` on a CUDA machine (default
+benchmarks/results/lora.json).
 """
 
 import argparse
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignlab.adapters import DoRALinear, LoRALinear
+from alignlab.adapters import DoRALinear, LoRALinear, fused
 from alignlab.bench import compare, library_versions, write_json
 
 
@@ -33,6 +37,18 @@ def _fwd_bwd(layer, x, g):
     return run
 
 
+def _with_lora_gemm(run):
+    """``run`` with ``fused.LORA_GEMM`` on for its forward and backward."""
+    def wrapped():
+        saved, fused.LORA_GEMM = fused.LORA_GEMM, True
+        try:
+            return run()
+        finally:
+            fused.LORA_GEMM = saved
+
+    return wrapped
+
+
 def _randomise(layer):
     with torch.no_grad():
         for n, p in layer.named_parameters():
@@ -40,7 +56,7 @@ def _randomise(layer):
                 p.normal_(0, 0.02)
 
 
-def main(out: Path, tokens=8192, features=4096, r=16):
+def main(out: Path, tokens=8192, features=4096, r=16, lora_gemm=False):
     if not torch.cuda.is_available():
         sys.exit("benchmarks/lora.py needs a CUDA GPU")
     import peft
@@ -70,6 +86,8 @@ def main(out: Path, tokens=8192, features=4096, r=16):
             err = ((y1.float() - y2.float()).norm() / y2.float().norm()).item()
             print(f"{kind} adapter={adapter_dtype}: relative output difference ours vs PEFT {err:.2e}")
             contestants[f"alignlab {kind}"] = _fwd_bwd(ours, x, g)
+            if lora_gemm:
+                contestants[f"alignlab {kind}, epilogue GEMM"] = _with_lora_gemm(_fwd_bwd(ours, x, g))
             contestants[f"PEFT {kind}"] = _fwd_bwd(theirs, x, g)
         cmp = compare(contestants, warmup=10, rep=50, flops=floor_flops,
                       name=f"LoRA/DoRA fwd+bwd, bf16 base, {str(adapter_dtype).removeprefix('torch.')} adapters",
@@ -83,4 +101,6 @@ def main(out: Path, tokens=8192, features=4096, r=16):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
-    main(parser.parse_args().out)
+    parser.add_argument("--lora-gemm", action="store_true", help="also time alignlab's layers with fused.LORA_GEMM on")
+    args = parser.parse_args()
+    main(args.out, lora_gemm=args.lora_gemm)

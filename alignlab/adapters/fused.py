@@ -82,6 +82,13 @@ DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
 # 2026-12-06 when no GPU could be had, so off until its CUDA tests have passed and its host time is measured;
 # ALIGNLAB_LORA_DECODE_RUNNERS=1 (read at import) or this attribute set to True turns it on
 DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", False)
+# The base GEMM with the rank-r term in its own epilogue (alignlab.kernels.lora_gemm.adapted_matmul: one Triton
+# kernel, the output written once) instead of cuBLAS + the addmm_ pass, forward and dx, from LORA_GEMM_MIN_ROWS rows in
+# fp16 / bf16. Written 2026-12-06 with no GPU to time it, so off until benchmarks/adapter_epilogue.py --kernel shows
+# it beating cuBLAS + addmm_; ALIGNLAB_LORA_GEMM=1 (read at import) or this attribute set to True turns it on, and
+# where it is on it takes precedence over WIDE_K
+LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", False)
+LORA_GEMM_MIN_ROWS = 1024
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -180,10 +187,34 @@ def _widen(weight, rows: int, copied: int, output: int, r: int) -> bool:
             and rows > SMALL_M)
 
 
+def _epilogue_gemm(x2: torch.Tensor, r: int) -> bool:
+    """Whether the base product and the rank-r term run as one :func:`~alignlab.kernels.lora_gemm.adapted_matmul`
+    (``LORA_GEMM``; callers test it first). Not while dynamo traces (the custom ops that carry compiled layers run
+    it as plain eager code)."""
+    return (x2.shape[0] >= LORA_GEMM_MIN_ROWS and x2.dtype in _HALF and r <= 128 and use_triton(x2)
+            and not torch.compiler.is_compiling())
+
+
+def _base_weight(weight, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """The base weight ``(out, in)`` in ``dtype`` with ``row_scale`` folded into its rows (an NF4 weight: in its one
+    dequantization; a dense one: a cast and a scaled copy where needed)."""
+    if isinstance(weight, NF4Tensor):
+        return nf4_dequant(weight, dtype, None if row_scale is None else row_scale.float())
+    weight = _to(weight, dtype)
+    return weight if row_scale is None else weight * row_scale.to(dtype)[:, None]
+
+
 def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.Tensor,
                      row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(x2 Wᵀ) ⊙ row_scale (+ bias) + xa bᵀ`` as a fresh ``(tokens, out)`` tensor: the base GEMM, then the
-    rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`)."""
+    rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`,
+    :func:`_epilogue_gemm`)."""
+    if LORA_GEMM and _epilogue_gemm(x2, xa.shape[1]):
+        from alignlab.kernels.lora_gemm import adapted_matmul
+
+        if isinstance(weight, NF4Tensor):  # the row scale folded into the dequantization
+            return adapted_matmul(x2, _base_weight(weight, x2.dtype, row_scale).T, xa, b.T, None, bias)
+        return adapted_matmul(x2, _to(weight, x2.dtype).T, xa, b.T, row_scale, bias)
     if WIDE_K and _widen(weight, x2.shape[0], x2.shape[1], b.shape[0], xa.shape[1]) and \
             x2.shape[1] % weight.blocksize == 0:
         n_in, r = x2.shape[1], xa.shape[1]
@@ -197,7 +228,12 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
 
 def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tensor,
                         row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the two forms of :func:`_widen`)."""
+    """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the forms of :func:`_widen` and
+    :func:`_epilogue_gemm`)."""
+    if LORA_GEMM and _epilogue_gemm(g, gb.shape[1]):
+        from alignlab.kernels.lora_gemm import adapted_matmul
+
+        return adapted_matmul(g, _base_weight(weight, g.dtype, row_scale), gb, a)
     if WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1]):
         n_out, r = g.shape[1], gb.shape[1]
         wk = g.new_empty(n_out + r, a.shape[1])

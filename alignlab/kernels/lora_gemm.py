@@ -1,0 +1,246 @@
+"""A GEMM whose epilogue adds a LoRA layer's rank-r term: ``y = (x Wᵀ) ⊙ c + bias + xa Bᵀ`` in one kernel.
+
+The fused LoRA / DoRA layers add the adapter term to the base product with a second cuBLAS call
+(``y.addmm_(xa, Bᵀ)``, and ``dx.addmm_(gb, A)`` in backward). That call is a rank-r GEMM, cheap in FLOPs, but it
+reads and writes the whole ``(tokens, out)`` result once more: at 8192 rows and 4096 columns in bf16, 128 MiB and
+~75 µs on an H100 next to the base GEMM's ~410 µs (``benchmarks/adapter_epilogue.py``). Here the rank-r product
+is the last step of each output tile's reduction: after the ``K`` loop over ``x`` and ``W`` the program runs the
+``r`` columns of ``xa`` against ``B``'s rows into the same fp32 accumulator, so the result is written once.
+
+:func:`adapted_matmul` computes ``a @ b ⊙ col_scale + bias + c @ d`` for ``a (M, K)``, ``b (K, N)`` (any strides:
+``Wᵀ`` in forward, ``W`` in backward), ``c (M, R)``, ``d (R, N)``; ``col_scale`` (DoRA's per-column scale of the
+base product) and ``bias`` optional, each ``(N,)``. fp32 accumulation, one rounding to the inputs' dtype. It is
+the plain tiled GEMM (grouped tile order for L2 reuse, Triton's software pipelining), so it earns its place only
+where it beats cuBLAS + ``addmm_`` on the GPU at hand: ``fused.LORA_GEMM`` (``ALIGNLAB_LORA_GEMM``) decides, and
+``benchmarks/lora_gemm.py`` measures. Reference: :func:`adapted_matmul_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignlab._checks import is_int
+from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton
+    triton = None
+
+__all__ = ["adapted_matmul", "adapted_matmul_reference", "GPU_CONFIG", "GPU_TMA"]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU: the usual large-tile Hopper shape for bf16,
+# to be replaced by the winner of ``benchmarks/lora_gemm.py --sweep`` on the GPU (not yet measured)
+GPU_CONFIG = (128, 256, 64, 8, 8, 3)
+GPU_TMA = False  # the tensor-descriptor kernel, to be decided by the same sweep
+_INTERPRETER_CONFIG = (16, 32, 16, 2, 4, 1)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+if triton is not None:
+
+    @triton.jit
+    def _adapted_matmul_kernel(a_ptr, b_ptr, c_ptr, d_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, R,
+                               stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_dr, stride_dn,
+                               stride_ym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+        """One ``(BLOCK_M, BLOCK_N)`` tile of ``y``, tiles visited in groups of ``GROUP_M`` row blocks (the
+        programs running together share ``b``'s column blocks in L2)."""
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * n_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows / columns past the edge read row / column 0 again (in bounds, never stored): no mask in the K loop
+        # for them; the K tail is masked
+        lm = tl.where(rm < M, rm, 0).to(tl.int64)
+        ln = tl.where(rn < N, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + lm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + ln[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
+        # the rank-r term, into the same accumulator: BLOCK_R >= R columns, the padding masked to zero
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
+        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(c, d, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(c, d, acc)
+        y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+    @triton.jit
+    def _adapted_matmul_tma_kernel(a_desc, b_desc, y_desc, c_ptr, d_ptr, scale_ptr, bias_ptr, M, N, K, R,
+                                   stride_cm, stride_dr, stride_dn, B_KN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+        """:func:`_adapted_matmul_kernel` with the ``a`` / ``b`` tiles read and the ``y`` tile written by tensor
+        descriptors (Hopper's bulk tensor copies; the edges zero-filled on load and clipped on store). ``B_KN``:
+        ``b_desc`` describes ``b`` as ``(K, N)`` row-major (backward's ``W``), else as ``(N, K)`` (forward's ``W``,
+        read transposed)."""
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * n_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            if B_KN:
+                b = b_desc.load([k * BLOCK_K, off_n])
+            else:
+                b = b_desc.load([off_n, k * BLOCK_K]).T
+            acc = tl.dot(a, b, acc)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        lm = tl.where(rm < M, rm, 0).to(tl.int64)
+        ln = tl.where(rn < N, rn, 0).to(tl.int64)
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
+        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(c, d, acc)
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can be described to the bulk tensor copy engine: unit last stride, 16-byte aligned
+    base and row stride."""
+    size = t.element_size()
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+
+
+def adapted_matmul_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+                             col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """``a @ b ⊙ col_scale + bias + c @ d`` in fp32 (each product summed in fp32), rounded once to ``a``'s dtype."""
+    y = a.float() @ b.float()
+    if col_scale is not None:
+        y = y * col_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return (y + c.float() @ d.float()).to(a.dtype)
+
+
+def _check(a, b, c, d, col_scale, bias) -> None:
+    for name, t in (("a", a), ("b", b), ("c", c), ("d", d)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    M, K = a.shape
+    N = b.shape[1]
+    if b.shape[0] != K or c.shape[0] != M or d.shape != (c.shape[1], N):
+        raise ValueError(f"a must be (M, K), b (K, N), c (M, R) and d (R, N), got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}, {tuple(c.shape)}, {tuple(d.shape)}")
+    if a.dtype not in _DTYPES or not (a.dtype == b.dtype == c.dtype == d.dtype):
+        raise TypeError(f"a, b, c and d must share one of fp16 / bf16 / fp32, got {a.dtype}, {b.dtype}, "
+                        f"{c.dtype}, {d.dtype}")
+    for name, t in (("col_scale", col_scale), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (N,):
+            raise ValueError(f"{name} must be a ({N},) tensor or None, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if any(t is not None and t.device != a.device for t in (b, c, d, col_scale, bias)):
+        raise ValueError("a, b, c, d, col_scale and bias must be on one device")
+
+
+def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+                   col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                   config: tuple[int, int, int, int, int, int] | None = None, tma: bool | None = None
+                   ) -> torch.Tensor:
+    """``(a @ b) ⊙ col_scale + bias + c @ d`` by one kernel that writes the ``(M, N)`` result once.
+
+    Args:
+        a: ``(M, K)``; b: ``(K, N)``, any strides (a transposed weight is read in place); c: ``(M, R)``, unit
+            column stride after ``contiguous()``; d: ``(R, N)``; all of one dtype (fp16 / bf16 / fp32), R <= 128.
+        col_scale, bias: optional ``(N,)`` floating-point vectors: the base product's per-column scale, then the
+            bias (both before the rank-r term is added; any float dtype, read as fp32).
+        config: ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` (sweeps, tests); default
+            :data:`GPU_CONFIG` on a GPU, small tiles under the interpreter.
+        tma: read ``a`` / ``b`` and write the result by tensor descriptors (Hopper's bulk copies; fp16 / bf16, rows
+            16-byte aligned, else the pointer kernel); default :data:`GPU_TMA` (False under the interpreter).
+
+    Returns:
+        ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once.
+
+    Raises:
+        ValueError: shapes that do not fit, tensors on different devices, R > 128, a bad ``config``.
+        TypeError: dtypes that differ or are not fp16 / bf16 / fp32.
+
+    The reference (:func:`adapted_matmul_reference`) runs where :func:`~alignlab.kernels.dispatch.use_triton`
+    declines, for bf16 under the interpreter, and for empty shapes (nothing to launch). Plain tensors out, no
+    autograd graph: callers are the fused layers' autograd functions.
+    """
+    _check(a, b, c, d, col_scale, bias)
+    M, K = a.shape
+    N, R = b.shape[1], c.shape[1]
+    if R > 128:
+        raise ValueError(f"adapted_matmul takes R <= 128 (the rank-r term is one tile), got {R}")
+    if config is not None and (len(config) != 6 or not all(is_int(v) and v >= 1 for v in config)
+                               or any(v < 16 or v & (v - 1) for v in config[:3])):
+        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) with "
+                         f"power-of-two blocks >= 16, got {config!r}")
+    if M == 0 or N == 0 or K == 0 or not use_triton(a, b, c, d) or interpreted_bf16_dot(a):
+        return adapted_matmul_reference(a, b, c, d, col_scale, bias)
+    bm, bn, bk, group, warps, stages = [int(v) for v in (config or (_INTERPRETER_CONFIG if interpreting()
+                                                                    else GPU_CONFIG))]
+    c = c if c.stride(1) == 1 else c.contiguous()
+    y = a.new_empty(M, N)
+    scale = col_scale.contiguous() if col_scale is not None else y
+    bias_ = bias.contiguous() if bias is not None else y
+    meta = dict(HAS_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                BLOCK_R=max(16, next_power_of_2(R)), GROUP_M=group, num_warps=warps, num_stages=stages)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
+    if tma is None:
+        tma = GPU_TMA and not interpreting()
+    b_kn = b.stride(1) == 1  # (K, N) row-major, else read as (N, K) through bᵀ
+    if tma and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y) and _tma_ready(b if b_kn else b.T):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = (TensorDescriptor.from_tensor(a, [bm, bk]),
+                 TensorDescriptor.from_tensor(b, [bk, bn]) if b_kn else TensorDescriptor.from_tensor(b.T, [bn, bk]),
+                 TensorDescriptor.from_tensor(y, [bm, bn]))
+        _adapted_matmul_tma_kernel[grid](*descs, c, d, scale, bias_, M, N, K, R, c.stride(0), d.stride(0),
+                                         d.stride(1), B_KN=b_kn, **meta)
+        return y
+    meta["IEEE"] = a.dtype == torch.float32
+    launch(_adapted_matmul_kernel, grid,
+           (a, b, c, d, scale, bias_, y, M, N, K, R, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), d.stride(0), d.stride(1), y.stride(0)), meta)
+    return y

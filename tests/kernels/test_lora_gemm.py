@@ -1,0 +1,159 @@
+"""adapted_matmul: a GEMM with a LoRA rank-r term (and a per-column scale and bias) in its epilogue, against the
+formula in float64."""
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.kernels.lora_gemm import adapted_matmul, adapted_matmul_reference
+
+pytest.importorskip("triton")
+
+
+def _inputs(M, K, N, R, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    c, d = torch.randn(M, R, generator=g), torch.randn(R, N, generator=g) / 4
+    scale, bias = torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
+    return tuple(t.to(dtype).to(device) for t in (a, w, c, d)) + (scale.to(device), bias.to(device))
+
+
+def _formula(a, b, c, d, scale=None, bias=None):
+    """The product written out in float64: (a b) ⊙ scale + bias + c d."""
+    y = a.double() @ b.double()
+    if scale is not None:
+        y = y * scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y + c.double() @ d.double()
+
+
+# (M, K, N, R): one row, partial tiles on every side, K below one block, R 0 / 1 / one tile / above one tile
+SHAPES = [(1, 16, 32, 16), (37, 50, 45, 3), (33, 64, 32, 0), (20, 17, 70, 20), (5, 7, 9, 1)]
+
+
+@pytest.mark.parametrize("M,K,N,R", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transposed", [True, False], ids=["weight_T", "contiguous"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_bias"])
+def test_adapted_matmul_interpreter(M, K, N, R, dtype, transposed, extras, triton_mode, kernel_device):
+    a, w, c, d, scale, bias = _inputs(M, K, N, R, dtype, kernel_device, seed=M + K + N)
+    b = w.T if transposed else w.T.contiguous()  # forward reads W transposed in place, backward a plain W
+    scale, bias = (scale, bias) if extras else (None, None)
+    y = adapted_matmul(a, b, c, d, scale, bias)
+    assert y.shape == (M, N) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(y.double().cpu(), _formula(a, b, c, d, scale, bias).cpu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("M,K,N,R", [(1, 16, 32, 16), (37, 48, 40, 3), (20, 64, 72, 20)])
+@pytest.mark.parametrize("transposed", [True, False], ids=["weight_T", "contiguous"])
+def test_adapted_matmul_tensor_descriptors(M, K, N, R, transposed, triton_mode, kernel_device):
+    """tma=True (tiles read and written by tensor descriptors, rows 16-byte aligned here): the same formula; a row
+    stride that is not 16-byte aligned falls back to the pointer kernel."""
+    a, w, c, d, scale, bias = _inputs(M, K, N, R, torch.float16, kernel_device, seed=K)
+    b = w.T if transposed else w.T.contiguous()
+    got = adapted_matmul(a, b, c, d, scale, bias, tma=True)
+    torch.testing.assert_close(got.double().cpu(), _formula(a, b, c, d, scale, bias).cpu(), rtol=3e-3, atol=3e-3)
+    odd = torch.zeros(M, K + 1, dtype=a.dtype, device=kernel_device)[:, :K].copy_(a)  # rows K + 1 elements apart
+    torch.testing.assert_close(adapted_matmul(odd, b, c, d, tma=True), adapted_matmul(a, b, c, d, tma=False),
+                               rtol=0, atol=0)
+
+
+def test_adapted_matmul_tiles_and_strides(triton_mode, kernel_device):
+    """Several tile configurations (GROUP_M larger than the row blocks, more than one K block with a partial last
+    one) give one result; a strided ``a`` (a column slice) and ``c`` are read in place."""
+    a, w, c, d, scale, bias = _inputs(70, 100, 90, 8, torch.float32, kernel_device, seed=1)
+    want = _formula(a, w.T, c, d, scale, bias)
+    for config in [(16, 32, 16, 2, 4, 1), (32, 16, 32, 8, 4, 2), (16, 16, 64, 1, 2, 1)]:
+        got = adapted_matmul(a, w.T, c, d, scale, bias, config=config)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    wide = torch.zeros(70, 130, device=kernel_device)
+    wide[:, 10:110] = a
+    cw = torch.zeros(70, 20, device=kernel_device)
+    cw[:, 5:13] = c
+    got = adapted_matmul(wide[:, 10:110], w.T, cw[:, 5:13], d)
+    torch.testing.assert_close(got.double(), _formula(a, w.T, c, d), rtol=1e-5, atol=1e-5)
+
+
+def test_adapted_matmul_empty_and_errors(triton_mode, kernel_device):
+    a, w, c, d, scale, bias = _inputs(6, 8, 10, 4, torch.float32, kernel_device)
+    assert adapted_matmul(a[:0], w.T, c[:0], d).shape == (0, 10)  # an empty batch
+    # no reduction dimension: the rank-r term and the bias only
+    got = adapted_matmul(a[:, :0], w.T[:0], c, d, None, bias)
+    torch.testing.assert_close(got, c @ d + bias, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"b \(K, N\)"):
+        adapted_matmul(a, w, c, d)
+    with pytest.raises(ValueError, match="2-D"):
+        adapted_matmul(a[0], w.T, c, d)
+    with pytest.raises(TypeError, match="share"):
+        adapted_matmul(a, w.T, c.half(), d)
+    with pytest.raises(TypeError, match="share"):
+        adapted_matmul(a.long(), w.T.long(), c.long(), d.long())
+    with pytest.raises(ValueError, match="col_scale"):
+        adapted_matmul(a, w.T, c, d, scale[:3])
+    with pytest.raises(TypeError, match="bias"):
+        adapted_matmul(a, w.T, c, d, None, bias.long())
+    with pytest.raises(ValueError, match="R <= 128"):
+        adapted_matmul(a, w.T, torch.zeros(6, 129, device=kernel_device), torch.zeros(129, 10, device=kernel_device))
+    for bad in [(16, 32, 16, 2, 4), (24, 32, 16, 2, 4, 1), (16, 32, 16, 0, 4, 1), (16, 32, 16, 2, 4, True)]:
+        with pytest.raises(ValueError, match="config"):
+            adapted_matmul(a, w.T, c, d, config=bad)
+
+
+def test_adapted_matmul_reference_matches_formula():
+    a, w, c, d, scale, bias = _inputs(9, 12, 7, 3, torch.float64, "cpu")
+    torch.testing.assert_close(adapted_matmul_reference(a, w.T, c, d, scale, bias), _formula(a, w.T, c, d, scale, bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,R", [(1, 4096, 1024, 16), (1000, 4096, 1030, 16), (4100, 1040, 4096, 20)])
+@pytest.mark.parametrize("transposed", [True, False], ids=["weight_T", "contiguous"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_adapted_matmul_cuda(M, K, N, R, dtype, transposed, tma):
+    a, w, c, d, scale, bias = _inputs(M, K, N, R, dtype, "cuda", seed=M)
+    b = w.T if transposed else w.T.contiguous()
+    want = _formula(a, b, c, d, scale, bias)
+    got = adapted_matmul(a, b, c, d, scale, bias, tma=tma)
+    # one bf16 / fp16 rounding of the fp32 sum: the output's own ulp, no more
+    err = (got.double() - want).abs()
+    ulp = want.abs().clamp_min(1.0) * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11)
+    assert (err <= 2 * ulp).all(), err.max()
+    cublas = torch.addmm(bias.to(dtype), a, b).float().mul(scale) + (c.float() @ d.float())
+    assert (got.double() - want).abs().mean() <= (cublas.to(dtype).double() - want).abs().mean() * 1.05
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, triton_mode, kernel_device,
+                                                                   monkeypatch):
+    """fused.LORA_GEMM on (row bound lowered so that a small layer reaches it): a fp16 LoRA / DoRA layer, dense or
+    NF4 base, takes adapted_matmul in forward and for dx, and its output and gradients match the default form
+    (cuBLAS-style base product + addmm_) to fp16 rounding."""
+    from alignlab.adapters import LoRALinear, fused
+    from alignlab.kernels import lora_gemm
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=True)
+    base = (NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half())
+    layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=8, alpha=16, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 13, 64, device=kernel_device).half().requires_grad_()
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    calls = []
+    real = lora_gemm.adapted_matmul
+    monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
+    monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(fused, "LORA_GEMM", on)
+        calls.clear()
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), params)))
+        assert calls == ([(39, 64), (39, 48)] if on else []), calls  # forward, then dx
+    for got, want in zip(results[1], results[0]):
+        scale = want.abs().max().float().clamp_min(1e-6)
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
