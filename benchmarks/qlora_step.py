@@ -20,7 +20,7 @@ and one forward + backward, at M = 1 and M = 2048 rows, against a bf16 ``nn.Line
 bitsandbytes + PEFT one.
 
 Run: ``python benchmarks/qlora_step.py [--batches 1 4] [--compile [--compile-mode reduce-overhead]] [--host] [--wide-k]
-[--out PATH]`` on a CUDA machine.
+[--lora-gemm] [--out PATH]`` on a CUDA machine.
 """
 
 from __future__ import annotations
@@ -174,7 +174,10 @@ def wide_k_suffix(default: bool) -> str:
     return ", wide K off" if default else ", wide K"
 
 
-def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool = True):
+GEMM_SUFFIX = ", epilogue GEMM"  # the --lora-gemm rows, run with alignlab.adapters.fused.LORA_GEMM on
+
+
+def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool = True, lora_gemm: bool = False):
     table = {
         "floor (bf16, frozen)": lambda: floor_model(base),
         "alignlab QLoRA, defaults": lambda: alignlab_model(base, False, None),
@@ -188,6 +191,9 @@ def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool
     if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K flipped (see main)
         for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
             table[name + wide_k_suffix(wide_default)] = table[name]
+    if lora_gemm:  # the same models, run with alignlab.adapters.fused.LORA_GEMM on (see main)
+        for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
+            table[name + GEMM_SUFFIX] = table[name]
     return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
 
 
@@ -305,12 +311,16 @@ def main():
                         help="also the alignlab default rows with alignlab.adapters.fused.WIDE_K flipped (on by "
                              "default: the adapter term inside the NF4 base's GEMM where that moves fewer bytes), "
                              "named '..., wide K off' (or '..., wide K' under ALIGNLAB_LORA_WIDE_K=0)")
+    parser.add_argument("--lora-gemm", action="store_true",
+                        help="also the alignlab default rows with alignlab.adapters.fused.LORA_GEMM on (the rank-r "
+                             "term in the base GEMM's own epilogue), named '..., epilogue GEMM'")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
     base = llama8b_stack(args.layers)
     wide_default = fused.WIDE_K  # ALIGNLAB_LORA_WIDE_K; the --wide-k rows flip it, every other row runs with it
+    gemm_default = fused.LORA_GEMM  # ALIGNLAB_LORA_GEMM; the --lora-gemm rows turn it on
     suffix = wide_k_suffix(wide_default)
     modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
     results = []
@@ -318,8 +328,9 @@ def main():
         for batch in args.batches:
             ids = torch.randint(0, base.config.vocab_size, (batch, SEQ), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(batch))
-            for name, build in contestants(base, args.which, args.wide_k, wide_default).items():
+            for name, build in contestants(base, args.which, args.wide_k, wide_default, args.lora_gemm).items():
                 fused.WIDE_K = wide_default != name.endswith(suffix)
+                fused.LORA_GEMM = gemm_default or name.endswith(GEMM_SUFFIX)
                 model = build()
                 if compiled:
                     torch._dynamo.reset()
@@ -334,7 +345,7 @@ def main():
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-    fused.WIDE_K = wide_default  # the host-cost rows below run with the default
+    fused.WIDE_K, fused.LORA_GEMM = wide_default, gemm_default  # the host-cost rows below run with the defaults
     print()
     for compiled in modes:
         for batch in args.batches:

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import printed_in_fresh_process
+
 from alignlab.kernels.lora_gemm import adapted_matmul, adapted_matmul_reference
 
 pytest.importorskip("triton")
@@ -157,3 +159,11 @@ def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, tri
     for got, want in zip(results[1], results[0]):
         scale = want.abs().max().float().clamp_min(1e-6)
         torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("env, on", [(None, False), ("1", True), ("off", False)])
+def test_epilogue_gemm_off_by_default_and_switched_on_by_the_environment(env, on):
+    """``ALIGNLAB_LORA_GEMM=1`` routes the fused layers through adapted_matmul (off until timed on a GPU)."""
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.LORA_GEMM",
+                                   {"ALIGNLAB_LORA_GEMM": env})
+    assert out == str(on)
