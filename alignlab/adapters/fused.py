@@ -552,6 +552,23 @@ def _dtypes(x: torch.Tensor, weight, dtype: torch.dtype | None) -> tuple[torch.d
     return dtype, x.dtype, ac is not None and ac != dtype
 
 
+def _check_shapes(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                  magnitude: torch.Tensor | None = None) -> None:
+    """ValueError naming the argument whose shape does not fit ``weight`` ``(out, in)`` (the functional API; a
+    mismatch otherwise surfaced as a GEMM's or an in-place add's error, worded by whichever path ran)."""
+    n_out, n_in = weight.shape
+    if x.dim() == 0 or x.shape[-1] != n_in:
+        raise ValueError(f"x must be (..., in) with in = {n_in} (weight is {(n_out, n_in)}), got {tuple(x.shape)}")
+    if a.dim() != 2 or a.shape[1] != n_in:
+        raise ValueError(f"a must be (r, in) with in = {n_in}, got {tuple(a.shape)}")
+    if b.dim() != 2 or b.shape[0] != n_out or b.shape[1] != a.shape[0]:
+        raise ValueError(f"b must be (out, r) = ({n_out}, {a.shape[0]}), got {tuple(b.shape)}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must be ({n_out},) or None, got {tuple(bias.shape)}")
+    if magnitude is not None and magnitude.shape != (n_out,):
+        raise ValueError(f"magnitude must be ({n_out},), got {tuple(magnitude.shape)}")
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float, dtype: torch.dtype | None = None, *,
                 cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -571,7 +588,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         ``(..., out)`` in ``x.dtype``, or in the autocast dtype where autocast chose the compute dtype (as
         ``F.linear``); gradients for ``x``, ``a``, ``b`` (and a dense ``weight`` / ``bias`` that require
         grad) in their own dtypes.
+
+    Raises:
+        ValueError: ``x``, ``a``, ``b`` or ``bias`` whose shape does not fit ``weight``.
     """
+    _check_shapes(x, weight, bias, a, b)
     dense_w, quant_w = _split(weight)
     dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
     if autocast_off:
@@ -901,7 +922,11 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
         ``(..., out)`` in ``x.dtype`` (under autocast: as :func:`lora_linear`); same values and gradients
         as the unfused DoRA expression, but for ``∂L/∂m`` on a row whose ``m`` is exactly 0 and whose norm is not:
         0 here (forward kept no ``z`` for it, see :class:`_DoRAFn`), ``Σ_t ∂L/∂y ⊙ z / norm`` unfused and in PEFT.
+
+    Raises:
+        ValueError: ``x``, ``a``, ``b``, ``bias`` or ``magnitude`` whose shape does not fit ``weight``.
     """
+    _check_shapes(x, weight, bias, a, b, magnitude)
     dense_w, quant_w = _split(weight)
     dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
     if autocast_off:

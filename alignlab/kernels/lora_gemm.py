@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import is_int
-from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton
+from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2
 
 try:
@@ -34,6 +34,9 @@ __all__ = ["adapted_matmul", "adapted_matmul_reference", "GPU_CONFIG", "GPU_TMA"
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU: the usual large-tile Hopper shape for bf16,
 # to be replaced by the winner of ``benchmarks/lora_gemm.py --sweep`` on the GPU (not yet measured)
 GPU_CONFIG = (128, 256, 64, 8, 8, 3)
+# fp32 operands (direct calls; the fused layers send fp16 / bf16 only): half the K depth and N width, so that three
+# stages of tiles fit Hopper's 227 KiB of shared memory (the bf16 tiles in fp32 would need ~288 KiB)
+GPU_CONFIG_FP32 = (128, 128, 32, 8, 8, 3)
 GPU_TMA = False  # the tensor-descriptor kernel, to be decided by the same sweep
 _INTERPRETER_CONFIG = (16, 32, 16, 2, 4, 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -176,8 +179,9 @@ def _check(a, b, c, d, col_scale, bias) -> None:
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if any(t is not None and t.device != a.device for t in (b, c, d, col_scale, bias)):
-        raise ValueError("a, b, c, d, col_scale and bias must be on one device")
+    for name, t in (("b", b), ("c", c), ("d", d), ("col_scale", col_scale), ("bias", bias)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}: all must be on one device")
 
 
 def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
@@ -192,34 +196,41 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
         col_scale, bias: optional ``(N,)`` floating-point vectors: the base product's per-column scale, then the
             bias (both before the rank-r term is added; any float dtype, read as fp32).
         config: ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` (sweeps, tests); default
-            :data:`GPU_CONFIG` on a GPU, small tiles under the interpreter.
+            :data:`GPU_CONFIG` on a GPU (:data:`GPU_CONFIG_FP32` for fp32), small tiles under the interpreter.
         tma: read ``a`` / ``b`` and write the result by tensor descriptors (Hopper's bulk copies; fp16 / bf16, rows
             16-byte aligned, else the pointer kernel); default :data:`GPU_TMA` (False under the interpreter).
 
     Returns:
-        ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once.
+        ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once; differentiable (the reference) where
+        autograd wants a gradient of an input, a plain tensor otherwise.
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, R > 128, a bad ``config``.
-        TypeError: dtypes that differ or are not fp16 / bf16 / fp32.
+        TypeError: dtypes that differ or are not fp16 / bf16 / fp32; a ``tma`` that is not a bool.
 
     The reference (:func:`adapted_matmul_reference`) runs where :func:`~alignlab.kernels.dispatch.use_triton`
-    declines, for bf16 under the interpreter, and for empty shapes (nothing to launch). Plain tensors out, no
-    autograd graph: callers are the fused layers' autograd functions.
+    declines, for bf16 under the interpreter, for empty shapes (nothing to launch) and where a gradient is wanted.
+    The fused layers call it inside their autograd functions (no gradient wanted there).
     """
     _check(a, b, c, d, col_scale, bias)
     M, K = a.shape
     N, R = b.shape[1], c.shape[1]
     if R > 128:
         raise ValueError(f"adapted_matmul takes R <= 128 (the rank-r term is one tile), got {R}")
-    if config is not None and (len(config) != 6 or not all(is_int(v) and v >= 1 for v in config)
-                               or any(v < 16 or v & (v - 1) for v in config[:3])):
+    if config is not None and (not isinstance(config, (tuple, list)) or len(config) != 6
+                               or not all(is_int(v) and v >= 1 for v in config)
+                               or any(v < 16 or v & (v - 1) for v in config[:3]) or config[4] & (config[4] - 1)):
         raise ValueError(f"config must be (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) with "
-                         f"power-of-two blocks >= 16, got {config!r}")
-    if M == 0 or N == 0 or K == 0 or not use_triton(a, b, c, d) or interpreted_bf16_dot(a):
+                         f"power-of-two blocks >= 16 and a power-of-two num_warps, got {config!r}")
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be a bool or None, got {tma!r}")
+    # the reference where autograd wants a gradient (the kernel writes a plain tensor), as every entry point does
+    if (M == 0 or N == 0 or K == 0 or not use_triton(a, b, c, d) or interpreted_bf16_dot(a)
+            or wants_grad(a, b, c, d, col_scale, bias)):
         return adapted_matmul_reference(a, b, c, d, col_scale, bias)
-    bm, bn, bk, group, warps, stages = [int(v) for v in (config or (_INTERPRETER_CONFIG if interpreting()
-                                                                    else GPU_CONFIG))]
+    if config is None:
+        config = _INTERPRETER_CONFIG if interpreting() else GPU_CONFIG_FP32 if a.dtype == torch.float32 else GPU_CONFIG
+    bm, bn, bk, group, warps, stages = (int(v) for v in config)
     c = c if c.stride(1) == 1 else c.contiguous()
     y = a.new_empty(M, N)
     scale = col_scale.contiguous() if col_scale is not None else y

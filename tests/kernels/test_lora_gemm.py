@@ -98,9 +98,58 @@ def test_adapted_matmul_empty_and_errors(triton_mode, kernel_device):
         adapted_matmul(a, w.T, c, d, None, bias.long())
     with pytest.raises(ValueError, match="R <= 128"):
         adapted_matmul(a, w.T, torch.zeros(6, 129, device=kernel_device), torch.zeros(129, 10, device=kernel_device))
-    for bad in [(16, 32, 16, 2, 4), (24, 32, 16, 2, 4, 1), (16, 32, 16, 0, 4, 1), (16, 32, 16, 2, 4, True)]:
+    for bad in [(16, 32, 16, 2, 4), (24, 32, 16, 2, 4, 1), (16, 32, 16, 0, 4, 1), (16, 32, 16, 2, 4, True), 16,
+                (16, 16, 16, 1, 3, 1), "16"]:
         with pytest.raises(ValueError, match="config"):
             adapted_matmul(a, w.T, c, d, config=bad)
+    with pytest.raises(TypeError, match="tma must be a bool"):
+        adapted_matmul(a, w.T, c, d, tma="no")
+    with pytest.raises(ValueError, match="d is on meta"):
+        adapted_matmul(a, w.T, c, d.to("meta"))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        adapted_matmul(a, w.T, c, d, None, bias.to("meta"))
+
+
+def test_adapted_matmul_is_differentiable_where_a_gradient_is_wanted(triton_mode, kernel_device):
+    """The kernel writes a plain tensor: where autograd wants a gradient of an input the call takes the
+    (differentiable) reference, as on CPU, instead of silently dropping the graph."""
+    a, w, c, d, scale, bias = _inputs(6, 8, 10, 4, torch.float32, kernel_device)
+    for leaf in range(6):
+        inputs = [t.clone() for t in (a, w.T, c, d, scale, bias)]
+        inputs[leaf].requires_grad_()
+        y = adapted_matmul(*inputs)
+        assert y.requires_grad
+        (got,) = torch.autograd.grad(y.sum(), inputs[leaf])
+        x64 = [t.detach().double().requires_grad_(i == leaf) for i, t in enumerate(inputs)]
+        (want,) = torch.autograd.grad(_formula(*x64).sum(), x64[leaf])
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not adapted_matmul(a.requires_grad_(), w.T, c, d).requires_grad
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_functional_layers_name_the_argument_whose_shape_does_not_fit(dora, monkeypatch):
+    """lora_linear / dora_linear check the factors against the weight: the same ValueError, naming the argument,
+    whichever product path would run (a mismatch once surfaced as the path's own RuntimeError or ValueError)."""
+    from alignlab.adapters import fused
+
+    x, w, a = torch.randn(20, 48), torch.randn(40, 48), torch.randn(4, 48)
+    b, bias, m = torch.randn(40, 4), torch.randn(40), torch.ones(40)
+    call = (lambda *t: fused.dora_linear(*t[:5], 2.0, t[5])) if dora else (lambda *t: fused.lora_linear(*t[:5], 2.0))
+    bad = [((x, w, bias, a, torch.randn(41, 4), m), r"b must be \(out, r\) = \(40, 4\)"),
+           ((x, w, bias, a, torch.randn(40, 3), m), "b must be"),
+           ((x, w, torch.randn(39), a, b, m), r"bias must be \(40,\)"),
+           ((x[:, :47], w, bias, a, b, m), "x must be"),
+           ((x, w, bias, a[:, :47], b, m), "a must be")]
+    if dora:
+        bad.append(((x, w, bias, a, b, torch.ones(39)), "magnitude must be"))
+    for gemm in (False, True):
+        monkeypatch.setattr(fused, "LORA_GEMM", gemm)
+        monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
+        for args, match in bad:
+            with pytest.raises(ValueError, match=match):
+                call(*args)
+        assert call(x, w, bias, a, b, m).shape == (20, 40)
 
 
 def test_adapted_matmul_reference_matches_formula():
