@@ -1,4 +1,4 @@
-"""A GEMM whose epilogue adds a LoRA layer's rank-r term: ``y = (x Wᵀ) ⊙ c + bias + xa Bᵀ`` in one kernel.
+"""A GEMM whose epilogue adds a LoRA layer's rank-r term: ``y = (x Wᵀ) ⊙ col_scale + bias + xa Bᵀ`` in one kernel.
 
 The fused LoRA / DoRA layers add the adapter term to the base product with a second cuBLAS call
 (``y.addmm_(xa, Bᵀ)``, and ``dx.addmm_(gb, A)`` in backward). That call is a rank-r GEMM, cheap in FLOPs, but it
@@ -12,7 +12,7 @@ is the last step of each output tile's reduction: after the ``K`` loop over ``x`
 base product) and ``bias`` optional, each ``(N,)``. fp32 accumulation, one rounding to the inputs' dtype. It is
 the plain tiled GEMM (grouped tile order for L2 reuse, Triton's software pipelining), so it earns its place only
 where it beats cuBLAS + ``addmm_`` on the GPU at hand: ``fused.LORA_GEMM`` (``ALIGNLAB_LORA_GEMM``) decides, and
-``benchmarks/lora_gemm.py`` measures. Reference: :func:`adapted_matmul_reference`.
+``benchmarks/adapter_epilogue.py --kernel [--sweep]`` measures. Reference: :func:`adapted_matmul_reference`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["adapted_matmul", "adapted_matmul_reference", "GPU_CONFIG", "GPU_TMA"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU: the usual large-tile Hopper shape for bf16,
-# to be replaced by the winner of ``benchmarks/lora_gemm.py --sweep`` on the GPU (not yet measured)
+# to be replaced by the winner of ``benchmarks/adapter_epilogue.py --kernel --sweep`` on the GPU (not yet measured)
 GPU_CONFIG = (128, 256, 64, 8, 8, 3)
 # fp32 operands (direct calls; the fused layers send fp16 / bf16 only): half the K depth and N width, so that three
 # stages of tiles fit Hopper's 227 KiB of shared memory (the bf16 tiles in fp32 would need ~288 KiB)
