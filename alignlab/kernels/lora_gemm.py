@@ -44,21 +44,42 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if triton is not None:
 
     @triton.jit
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """``(row block, column block)`` of this program, tiles visited in groups of ``GROUP_M`` row blocks (the
+        programs running together share ``b``'s column blocks in L2)."""
+        pid = tl.program_id(0)
+        per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+    @triton.jit
+    def _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr):
+        """``acc ⊙ col_scale + bias + c d`` for the tile's rows ``lm`` and columns ``ln`` (clamped in bounds): the
+        rank-r term into the same fp32 accumulator, ``BLOCK_R >= R`` columns with the padding masked to zero."""
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
+        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(c, d, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(c, d, acc)
+        return acc
+
+    @triton.jit
     def _adapted_matmul_kernel(a_ptr, b_ptr, c_ptr, d_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, R,
                                stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_dr, stride_dn,
                                stride_ym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-        """One ``(BLOCK_M, BLOCK_N)`` tile of ``y``, tiles visited in groups of ``GROUP_M`` row blocks (the
-        programs running together share ``b``'s column blocks in L2)."""
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
+        """One ``(BLOCK_M, BLOCK_N)`` tile of ``y`` (:func:`_tile`), its tiles of ``a`` and ``b`` read by pointers."""
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # rows / columns past the edge read row / column 0 again (in bounds, never stored): no mask in the K loop
@@ -79,19 +100,8 @@ if triton is not None:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        if HAS_SCALE:
-            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
-        # the rank-r term, into the same accumulator: BLOCK_R >= R columns, the padding masked to zero
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
-        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(c, d, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(c, d, acc)
+        acc = _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn, HAS_SCALE,
+                        HAS_BIAS, IEEE, BLOCK_R)
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -105,14 +115,7 @@ if triton is not None:
         descriptors (Hopper's bulk tensor copies; the edges zero-filled on load and clipped on store). ``B_KN``:
         ``b_desc`` describes ``b`` as ``(K, N)`` row-major (backward's ``W``), else as ``(N, K)`` (forward's ``W``,
         read transposed)."""
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -127,15 +130,8 @@ if triton is not None:
         rn = off_n + tl.arange(0, BLOCK_N)
         lm = tl.where(rm < M, rm, 0).to(tl.int64)
         ln = tl.where(rn < N, rn, 0).to(tl.int64)
-        if HAS_SCALE:
-            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
-        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(c, d, acc)
+        acc = _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn, HAS_SCALE,
+                        HAS_BIAS, False, BLOCK_R)
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
