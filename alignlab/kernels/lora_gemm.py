@@ -54,18 +54,21 @@ if triton is not None:
         return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
     @triton.jit
-    def _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
+    def _epilogue(acc, lm, rn, N, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr):
-        """``acc ⊙ col_scale + bias + c d`` for the tile's rows ``lm`` and columns ``ln`` (clamped in bounds): the
-        rank-r term into the same fp32 accumulator, ``BLOCK_R >= R`` columns with the padding masked to zero."""
+        """``acc ⊙ col_scale + bias + c d`` for the tile's rows ``lm`` (clamped in bounds) and columns ``rn``
+        (masked: a clamp would hide their contiguity from the compiler, and vectorized loads with it): the rank-r
+        term into the same fp32 accumulator, ``BLOCK_R >= R`` columns with the padding masked to zero."""
+        n_ok = rn < N
         if HAS_SCALE:
-            acc *= tl.load(scale_ptr + ln).to(tl.float32)[None, :]
+            acc *= tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + ln).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < R
         c = tl.load(c_ptr + lm[:, None] * stride_cm + rr[None, :], mask=r_ok[None, :], other=0.0)
-        d = tl.load(d_ptr + rr[:, None] * stride_dr + ln[None, :] * stride_dn, mask=r_ok[:, None], other=0.0)
+        d = tl.load(d_ptr + rr[:, None] * stride_dr + rn[None, :].to(tl.int64) * stride_dn,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(c, d, acc, input_precision="ieee")
         else:
@@ -82,26 +85,26 @@ if triton is not None:
         pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # rows / columns past the edge read row / column 0 again (in bounds, never stored): no mask in the K loop
-        # for them; the K tail is masked
+        # rows past the edge read row 0 again (in bounds, never stored): no row mask in the K loop; columns are
+        # masked (b's columns are its contiguous dimension in backward, see _epilogue), and the K tail
         lm = tl.where(rm < M, rm, 0).to(tl.int64)
-        ln = tl.where(rn < N, rn, 0).to(tl.int64)
+        n_ok = rn < N
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + lm[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = b_ptr + rk[:, None] * stride_bk + ln[None, :] * stride_bn
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_ok = rk < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        acc = _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn, HAS_SCALE,
-                        HAS_BIAS, IEEE, BLOCK_R)
+        acc = _epilogue(acc, lm, rn, N, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
+                        HAS_SCALE, HAS_BIAS, IEEE, BLOCK_R)
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -129,9 +132,8 @@ if triton is not None:
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         lm = tl.where(rm < M, rm, 0).to(tl.int64)
-        ln = tl.where(rn < N, rn, 0).to(tl.int64)
-        acc = _epilogue(acc, lm, ln, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn, HAS_SCALE,
-                        HAS_BIAS, False, BLOCK_R)
+        acc = _epilogue(acc, lm, rn, N, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
+                        HAS_SCALE, HAS_BIAS, False, BLOCK_R)
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
