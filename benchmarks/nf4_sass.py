@@ -17,8 +17,14 @@ registers per thread, spilled bytes, the loop's instructions per packed byte and
 and the per-block scale lookup (``dora.NORM_BLOCK_SCALES``), split off and on, and prints its K loop's length and
 loads.
 
+``--lora-gemm`` compiles ``kernels.lora_gemm.adapted_matmul``'s two kernels (pointers, tensor descriptors) at each tile
+configuration of ``adapter_epilogue.SWEEP``, forward (``Wᵀ`` read in place) and backward (``W``) operand layouts, and
+prints shared memory, registers, spills and the counts of the instructions that tell how tiles move (``LDGSTS``
+asynchronous copies or ``UTMALDG`` bulk tensor copies against plain ``LDG``) and multiply (``HGMMA``).
+
     python benchmarks/nf4_sass.py --shapes 4096x4096,14336x4096 --m 1,8,16,32 --regs 0,1
     python benchmarks/nf4_sass.py --row-norm --shapes 4096x4096
+    python benchmarks/nf4_sass.py --lora-gemm
 """
 
 from __future__ import annotations
@@ -119,6 +125,52 @@ def compile_row_norm(N: int, K: int, block_scales: bool, split: int, double_quan
         driver._active = previous
 
 
+def compile_lora_gemm(config, tma: bool, forward: bool, M=8192, K=4096, N=4096, R=16, dtype=torch.bfloat16):
+    """``adapted_matmul``'s kernel at ``config`` for bf16 operands laid out as the fused layers pass them (forward:
+    ``b = Wᵀ``, a view of ``(N, K)``; backward: ``b = W`` as ``(K, N)``), compiled for sm_90."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from alignlab.kernels import lora_gemm
+
+    bm, bn, bk, group, warps, stages = config
+    a, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    w = torch.empty(N, K, dtype=dtype) if forward else torch.empty(K, N, dtype=dtype)
+    b = w.T if forward else w
+    c = torch.empty(M, R, dtype=dtype)
+    d = torch.empty(N, R, dtype=dtype).T if forward else torch.empty(R, N, dtype=dtype)
+    meta = dict(HAS_SCALE=False, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=group,
+                num_warps=warps, num_stages=stages, enable_fp_fusion=True)
+    driver = triton.runtime.driver
+    previous = driver._active
+    driver.set_active(_OfflineDriver())
+    try:
+        if tma:
+            descs = (TensorDescriptor.from_tensor(a, [bm, bk]),
+                     TensorDescriptor.from_tensor(w, [bn, bk] if forward else [bk, bn]),
+                     TensorDescriptor.from_tensor(y, [bm, bn]))
+            return lora_gemm._adapted_matmul_tma_kernel.run(*descs, c, d, y, y, M, N, K, R, c.stride(0), d.stride(0),
+                                                            d.stride(1), B_KN=not forward, grid=(1,), warmup=True,
+                                                            **meta)
+        return lora_gemm._adapted_matmul_kernel.run(a, b, c, d, y, y, y, M, N, K, R, a.stride(0), a.stride(1),
+                                                    b.stride(0), b.stride(1), c.stride(0), d.stride(0), d.stride(1),
+                                                    y.stride(0), IEEE=False, grid=(1,), warmup=True, **meta)
+    finally:
+        driver._active = previous
+
+
+def _disassemble(kernel) -> tuple[str, str]:
+    """``(SASS, resource usage)`` of a compiled kernel, by the ``nvdisasm`` / ``cuobjdump`` bundled with Triton."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([os.path.join(_tools(), "nvdisasm"), "-c", "-g", path],
+                              capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([os.path.join(_tools(), "cuobjdump"), "-res-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    return sass, res
+
+
 def _loop(sass: str) -> list[str]:
     """The instructions of the longest backward branch's body (the kernel's K loop)."""
     ins, labels = [], {}
@@ -140,14 +192,7 @@ def _loop(sass: str) -> list[str]:
 
 def analyse(kernel, meta: dict) -> dict:
     """Registers, spill bytes, loop length, instructions per packed byte and opcode counts of a compiled kernel."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        sass = subprocess.run([os.path.join(_tools(), "nvdisasm"), "-c", "-g", path],
-                              capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([os.path.join(_tools(), "cuobjdump"), "-res-usage", path],
-                             capture_output=True, text=True, check=True).stdout
+    sass, res = _disassemble(kernel)
     loop = _loop(sass)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in loop)
     per_thread = meta["BLOCK_N"] * meta.get("NB", 1) * meta["BLOCKSIZE"] // 2 / (meta["num_warps"] * 32)
@@ -162,7 +207,28 @@ def main(argv=None) -> None:
     ap.add_argument("--regs", default="auto", help="codebook variants to compile: auto, 0, 1 (comma separated)")
     ap.add_argument("--table", default="H200", help="the device table whose choices are compiled (H200, H100)")
     ap.add_argument("--row-norm", action="store_true", help="QDoRA's row-norm kernel instead (see above)")
+    ap.add_argument("--lora-gemm", action="store_true", help="kernels.lora_gemm's two kernels instead (see above)")
     args = ap.parse_args(argv)
+    if args.lora_gemm:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from adapter_epilogue import SWEEP
+
+        print(f"Triton {triton.__version__}, sm_90, adapted_matmul, bf16, 8192 x 4096 x 4096, r = 16")
+        for config in SWEEP:
+            for tma in (False, True):
+                for forward in (True, False):
+                    kernel = compile_lora_gemm(config, tma, forward)
+                    sass, res = _disassemble(kernel)
+                    ops = collections.Counter(re.findall(r"\b(HGMMA|LDGSTS|UTMALDG|LDG|STG|UTMASTG)\b", sass))
+                    shared = kernel.metadata.shared  # the dynamic shared memory of the pipeline stages
+                    regs = re.search(r"REG:(\d+)", res).group(1)
+                    spill = re.search(r"STACK:(\d+)", res).group(1)
+                    counts = " ".join(f"{op}:{n}" for op, n in sorted(ops.items()))
+                    print(f"{config} {'descriptors' if tma else 'pointers   '} {'forward ' if forward else 'backward'}: "
+                          f"shared {shared // 1024} KiB, {regs} regs, {spill} B spill, {counts}", flush=True)
+        return
     if args.row_norm:
         print(f"Triton {triton.__version__}, sm_90, row-norm kernel with factors, blocksize 64, r = 16, bf16 factors")
         for shape in args.shapes.split(","):
