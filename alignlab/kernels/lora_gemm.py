@@ -28,6 +28,10 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
+try:  # host-side tensor descriptors: Triton 3.4 on (pyproject allows older releases, which take the pointer kernel)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 __all__ = ["adapted_matmul", "adapted_matmul_reference", "GPU_CONFIG", "GPU_TMA"]
 
@@ -196,7 +200,8 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
         config: ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` (sweeps, tests); default
             :data:`GPU_CONFIG` on a GPU (:data:`GPU_CONFIG_FP32` for fp32), small tiles under the interpreter.
         tma: read ``a`` / ``b`` and write the result by tensor descriptors (Hopper's bulk copies; fp16 / bf16, rows
-            16-byte aligned, else the pointer kernel); default :data:`GPU_TMA` (False under the interpreter).
+            16-byte aligned and a Triton with host-side descriptors, else the pointer kernel); default
+            :data:`GPU_TMA` (False under the interpreter).
 
     Returns:
         ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once; differentiable (the reference) where
@@ -239,9 +244,8 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
     if tma is None:
         tma = GPU_TMA and not interpreting()
     b_kn = b.stride(1) == 1  # (K, N) row-major, else read as (N, K) through bᵀ
-    if tma and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y) and _tma_ready(b if b_kn else b.T):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if (tma and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y)
+            and _tma_ready(b if b_kn else b.T)):
         descs = (TensorDescriptor.from_tensor(a, [bm, bk]),
                  TensorDescriptor.from_tensor(b, [bk, bn]) if b_kn else TensorDescriptor.from_tensor(b.T, [bn, bk]),
                  TensorDescriptor.from_tensor(y, [bm, bn]))
