@@ -8,8 +8,9 @@ no adapter: one forward GEMM and one dX GEMM.
 Two adapter precisions: bf16 adapters (PEFT with ``autocast_adapter_dtype=False``)
 and fp32 adapters on the bf16 base (both libraries' default).
 
-``--lora-gemm`` adds rows for alignlab's layers with ``fused.LORA_GEMM`` on (the base GEMM with the rank-r term in
-its own epilogue, ``kernels.lora_gemm``), timed in the same run.
+``--lora-gemm`` adds rows for alignlab's layers with ``fused.LORA_GEMM`` (the base GEMM with the rank-r term in its
+own epilogue, ``kernels.lora_gemm``; "auto" by default) forced on for every pass and switched off, timed in the same
+run.
 
 Run: ``python benchmarks/lora.py [--lora-gemm] [--out PATH]`` on a CUDA machine (default
 benchmarks/results/lora.json).
@@ -37,10 +38,10 @@ def _fwd_bwd(layer, x, g):
     return run
 
 
-def _with_lora_gemm(run):
-    """``run`` with ``fused.LORA_GEMM`` on for its forward and backward."""
+def _with_lora_gemm(run, setting):
+    """``run`` with ``fused.LORA_GEMM`` set to ``setting`` for its forward and backward."""
     def wrapped():
-        saved, fused.LORA_GEMM = fused.LORA_GEMM, True
+        saved, fused.LORA_GEMM = fused.LORA_GEMM, setting
         try:
             return run()
         finally:
@@ -87,7 +88,8 @@ def main(out: Path, tokens=8192, features=4096, r=16, lora_gemm=False):
             print(f"{kind} adapter={adapter_dtype}: relative output difference ours vs PEFT {err:.2e}")
             contestants[f"alignlab {kind}"] = _fwd_bwd(ours, x, g)
             if lora_gemm:
-                contestants[f"alignlab {kind}, epilogue GEMM"] = _with_lora_gemm(_fwd_bwd(ours, x, g))
+                for setting in (True, False):
+                    contestants[f"alignlab {kind}, LORA_GEMM={setting}"] = _with_lora_gemm(_fwd_bwd(ours, x, g), setting)
             contestants[f"PEFT {kind}"] = _fwd_bwd(theirs, x, g)
         cmp = compare(contestants, warmup=10, rep=50, flops=floor_flops,
                       name=f"LoRA/DoRA fwd+bwd, bf16 base, {str(adapter_dtype).removeprefix('torch.')} adapters",
@@ -101,6 +103,6 @@ def main(out: Path, tokens=8192, features=4096, r=16, lora_gemm=False):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora.json")
-    parser.add_argument("--lora-gemm", action="store_true", help="also time alignlab's layers with fused.LORA_GEMM on")
+    parser.add_argument("--lora-gemm", action="store_true", help="also time alignlab's layers with fused.LORA_GEMM forced on and off")
     args = parser.parse_args()
     main(args.out, lora_gemm=args.lora_gemm)

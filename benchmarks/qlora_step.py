@@ -174,7 +174,7 @@ def wide_k_suffix(default: bool) -> str:
     return ", wide K off" if default else ", wide K"
 
 
-GEMM_SUFFIX = ", epilogue GEMM"  # the --lora-gemm rows, run with alignlab.adapters.fused.LORA_GEMM on
+GEMM_SUFFIX = ", epilogue GEMM"  # the --lora-gemm rows, run with alignlab.adapters.fused.LORA_GEMM forced on
 
 
 def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool = True, lora_gemm: bool = False):
@@ -191,7 +191,7 @@ def contestants(base, which: list[str], wide_k: bool = False, wide_default: bool
     if wide_k:  # the same models, run with alignlab.adapters.fused.WIDE_K flipped (see main)
         for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
             table[name + wide_k_suffix(wide_default)] = table[name]
-    if lora_gemm:  # the same models, run with alignlab.adapters.fused.LORA_GEMM on (see main)
+    if lora_gemm:  # the same models, run with alignlab.adapters.fused.LORA_GEMM forced on for every pass (see main)
         for name in ("alignlab QLoRA, defaults", "alignlab QDoRA, defaults"):
             table[name + GEMM_SUFFIX] = table[name]
     return {k: v for k, v in table.items() if not which or any(w in k for w in which)}
@@ -312,15 +312,16 @@ def main():
                              "default: the adapter term inside the NF4 base's GEMM where that moves fewer bytes), "
                              "named '..., wide K off' (or '..., wide K' under ALIGNLAB_LORA_WIDE_K=0)")
     parser.add_argument("--lora-gemm", action="store_true",
-                        help="also the alignlab default rows with alignlab.adapters.fused.LORA_GEMM on (the rank-r "
-                             "term in the base GEMM's own epilogue), named '..., epilogue GEMM'")
+                        help="also the alignlab default rows with alignlab.adapters.fused.LORA_GEMM forced on for every "
+                             "pass (the rank-r term in the base GEMM's own epilogue; 'auto' by default), named "
+                             "'..., epilogue GEMM'")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/qlora_step.py needs a CUDA GPU")
     base = llama8b_stack(args.layers)
     wide_default = fused.WIDE_K  # ALIGNLAB_LORA_WIDE_K; the --wide-k rows flip it, every other row runs with it
-    gemm_default = fused.LORA_GEMM  # ALIGNLAB_LORA_GEMM; the --lora-gemm rows turn it on
+    gemm_default = fused.LORA_GEMM  # ALIGNLAB_LORA_GEMM ("auto" unless set); the --lora-gemm rows force it on
     suffix = wide_k_suffix(wide_default)
     modes = ([] if args.only_compile else [False]) + ([True] if args.compile or args.only_compile else [])
     results = []
@@ -330,7 +331,7 @@ def main():
                                 generator=torch.Generator(device="cuda").manual_seed(batch))
             for name, build in contestants(base, args.which, args.wide_k, wide_default, args.lora_gemm).items():
                 fused.WIDE_K = wide_default != name.endswith(suffix)
-                fused.LORA_GEMM = gemm_default or name.endswith(GEMM_SUFFIX)
+                fused.LORA_GEMM = True if name.endswith(GEMM_SUFFIX) else gemm_default
                 model = build()
                 if compiled:
                     torch._dynamo.reset()

@@ -83,12 +83,16 @@ DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
 # ALIGNLAB_LORA_DECODE_RUNNERS=1 (read at import) or this attribute set to True turns it on
 DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", False)
 # The base GEMM with the rank-r term in its own epilogue (alignlab.kernels.lora_gemm.adapted_matmul: one Triton
-# kernel, the output written once) instead of cuBLAS + the addmm_ pass, forward and dx, from LORA_GEMM_MIN_ROWS rows in
-# fp16 / bf16. Written 2026-12-06 with no GPU to time it, so off until benchmarks/adapter_epilogue.py --kernel shows
-# it beating cuBLAS + addmm_; ALIGNLAB_LORA_GEMM=1 (read at import) or this attribute set to True turns it on, and
-# where it is on it takes precedence over WIDE_K
-LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", False)
-LORA_GEMM_MIN_ROWS = 1024
+# kernel, the output written once) instead of cuBLAS + the addmm_ pass. "auto" (the default) takes it where it was
+# measured to win (H100, 2026-12-06, benchmarks/adapter_epilogue.py --kernel --sweep and lora.py --lora-gemm at 8192
+# rows, bf16; RESULTS.md): backward's dx = dy W + (s·dy B) A (q: 467 -> 435 us, gate: 1488 -> 1447) where the widened
+# form does not apply, and the forward of a dense base with DoRA's column scale (folded into the epilogue instead of
+# a scaled copy of W); on Hopper GPUs, from LORA_GEMM_MIN_ROWS rows and LORA_GEMM_MIN_DIM along the reduction and the
+# output. Other forwards lost (q: 462 -> 484 us). ALIGNLAB_LORA_GEMM=1 (or this attribute set to True) takes it for
+# every fp16 / bf16 forward and dx from LORA_GEMM_MIN_ROWS rows, before the widened form (A/B runs); 0 turns it off.
+LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", "auto", choices=("auto",))
+LORA_GEMM_MIN_ROWS = 8192
+LORA_GEMM_MIN_DIM = 4096
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -187,12 +191,21 @@ def _widen(weight, rows: int, copied: int, output: int, r: int) -> bool:
             and rows > SMALL_M)
 
 
-def _epilogue_gemm(x2: torch.Tensor, r: int) -> bool:
-    """Whether the base product and the rank-r term run as one :func:`~alignlab.kernels.lora_gemm.adapted_matmul`
-    (``LORA_GEMM``; callers test it first). Not while dynamo traces (the custom ops that carry compiled layers run
-    it as plain eager code)."""
-    return (x2.shape[0] >= LORA_GEMM_MIN_ROWS and x2.dtype in _HALF and r <= 128 and use_triton(x2)
-            and not torch.compiler.is_compiling())
+def _epilogue_gemm(x2: torch.Tensor, weight, n: int, r: int, forward: bool, dense_scaled: bool = False) -> bool:
+    """Whether the base product of ``x2`` ``(rows, k)`` and ``weight`` (``n`` output columns) and the rank-r term run
+    as one :func:`~alignlab.kernels.lora_gemm.adapted_matmul` (``LORA_GEMM``, which callers test first; see there for
+    the "auto" rule, which also asks for operands the descriptor kernel takes: an NF4 weight is dequantized into a fresh
+    one). ``dense_scaled``: a forward over a dense weight with DoRA's column scale. Not while dynamo traces (the custom
+    ops that carry compiled layers run it as plain eager code)."""
+    if not (x2.shape[0] >= LORA_GEMM_MIN_ROWS and x2.dtype in _HALF and r <= 128 and use_triton(x2)
+            and not torch.compiler.is_compiling()):
+        return False
+    if LORA_GEMM is True:
+        return True
+    from alignlab.kernels.lora_gemm import descriptors_apply, measured_device
+
+    return ((not forward or dense_scaled) and min(x2.shape[1], n) >= LORA_GEMM_MIN_DIM and measured_device(x2.device)
+            and descriptors_apply(x2, x2 if isinstance(weight, NF4Tensor) else weight, n))
 
 
 def _base_weight(weight, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
@@ -209,7 +222,8 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
     """``(x2 Wᵀ) ⊙ row_scale (+ bias) + xa bᵀ`` as a fresh ``(tokens, out)`` tensor: the base GEMM, then the
     rank-r term added in a second GEMM's epilogue (``addmm_``), or both in one GEMM (:func:`_widen`,
     :func:`_epilogue_gemm`)."""
-    if LORA_GEMM and _epilogue_gemm(x2, xa.shape[1]):
+    if LORA_GEMM and _epilogue_gemm(x2, weight, b.shape[0], xa.shape[1], True,
+                                    row_scale is not None and not isinstance(weight, NF4Tensor)):
         from alignlab.kernels.lora_gemm import adapted_matmul
 
         if isinstance(weight, NF4Tensor):  # the row scale folded into the dequantization
@@ -230,11 +244,13 @@ def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tens
                         row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(g ⊙ row_scale) W + gb a`` as a fresh ``(tokens, in)`` tensor (the forms of :func:`_widen` and
     :func:`_epilogue_gemm`)."""
-    if LORA_GEMM and _epilogue_gemm(g, gb.shape[1]):
+    wide = WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1])
+    # "auto" leaves the widened form where it applies (measured to win there: k / v / down); True takes the kernel
+    if LORA_GEMM and (LORA_GEMM is True or not wide) and _epilogue_gemm(g, weight, a.shape[1], gb.shape[1], False):
         from alignlab.kernels.lora_gemm import adapted_matmul
 
         return adapted_matmul(g, _base_weight(weight, g.dtype, row_scale), gb, a)
-    if WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1]):
+    if wide:
         n_out, r = g.shape[1], gb.shape[1]
         wk = g.new_empty(n_out + r, a.shape[1])
         nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float(), out=wk[:n_out])

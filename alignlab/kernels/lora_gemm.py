@@ -33,15 +33,17 @@ try:  # host-side tensor descriptors: Triton 3.4 on (pyproject allows older rele
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-__all__ = ["adapted_matmul", "adapted_matmul_reference", "GPU_CONFIG", "GPU_TMA"]
+__all__ = ["adapted_matmul", "adapted_matmul_reference", "measured_device", "GPU_CONFIG", "GPU_TMA"]
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU: the usual large-tile Hopper shape for bf16,
-# to be replaced by the winner of ``benchmarks/adapter_epilogue.py --kernel --sweep`` on the GPU (not yet measured)
-GPU_CONFIG = (128, 256, 64, 8, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU, with the tiles moved by tensor descriptors
+# (GPU_TMA): the fastest of the 12 forms of ``benchmarks/adapter_epilogue.py --kernel --sweep`` for backward's dx on an
+# H100 (2026-12-06, 8192 rows, bf16): 435 / 1447 us at q / gate against 467 / 1488 for cuBLAS + addmm_ (the same tiles
+# by pointers: 557 / 1976; 4 warps on 128 x 128: 481 / 1667)
+GPU_CONFIG = (128, 256, 64, 8, 8, 4)
 # fp32 operands (direct calls; the fused layers send fp16 / bf16 only): half the K depth and N width, so that three
 # stages of tiles fit Hopper's 227 KiB of shared memory (the bf16 tiles in fp32 would need ~288 KiB)
 GPU_CONFIG_FP32 = (128, 128, 32, 8, 8, 3)
-GPU_TMA = False  # the tensor-descriptor kernel, to be decided by the same sweep
+GPU_TMA = True  # the tensor-descriptor kernel (Hopper's bulk copies), 1.2-1.4x faster than pointers in the same sweep
 _INTERPRETER_CONFIG = (16, 32, 16, 2, 4, 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -141,11 +143,35 @@ if triton is not None:
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
+_MEASURED: dict = {}
+
+
+def measured_device(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU of the kind the kernel was measured to win on (Hopper, compute capability 9.x;
+    the descriptor kernel needs it too), cached per device index."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    hit = _MEASURED.get(index)
+    if hit is None:
+        hit = _MEASURED[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return hit
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor can be described to the bulk tensor copy engine: unit last stride, 16-byte aligned
     base and row stride."""
     size = t.element_size()
     return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+
+
+def descriptors_apply(a: torch.Tensor, weight: torch.Tensor, n: int) -> bool:
+    """Whether :func:`adapted_matmul` of ``a`` ``(M, K)`` with ``weight`` (``(N, K)`` read transposed, or
+    ``(K, N)``) into ``n`` output columns runs the descriptor kernel by default (the form measured to win; the pointer
+    kernel lost to cuBLAS everywhere): :data:`GPU_TMA`, a Triton with host-side descriptors, 16-byte aligned rows
+    (the output's too: ``n`` a multiple of 16 bytes' elements)."""
+    return (GPU_TMA and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a)
+            and _tma_ready(weight) and (n * a.element_size()) % 16 == 0)
 
 
 def adapted_matmul_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
@@ -201,7 +227,7 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
             :data:`GPU_CONFIG` on a GPU (:data:`GPU_CONFIG_FP32` for fp32), small tiles under the interpreter.
         tma: read ``a`` / ``b`` and write the result by tensor descriptors (Hopper's bulk copies; fp16 / bf16, rows
             16-byte aligned and a Triton with host-side descriptors, else the pointer kernel); default
-            :data:`GPU_TMA` (False under the interpreter).
+            :data:`GPU_TMA` on Hopper and newer GPUs, False elsewhere and under the interpreter.
 
     Returns:
         ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once; differentiable (the reference) where
@@ -241,8 +267,8 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
     meta = dict(HAS_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                 BLOCK_R=max(16, next_power_of_2(R)), GROUP_M=group, num_warps=warps, num_stages=stages)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
-    if tma is None:
-        tma = GPU_TMA and not interpreting()
+    if tma is None:  # descriptors on Hopper (and newer) GPUs only
+        tma = GPU_TMA and not interpreting() and torch.cuda.get_device_capability(a.device)[0] >= 9
     b_kn = b.stride(1) == 1  # (K, N) row-major, else read as (N, K) through bᵀ
     if (tma and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y)
             and _tma_ready(b if b_kn else b.T)):

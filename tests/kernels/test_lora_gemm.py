@@ -220,9 +220,75 @@ def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, tri
         torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
 
 
-@pytest.mark.parametrize("env, on", [(None, False), ("1", True), ("off", False)])
-def test_epilogue_gemm_off_by_default_and_switched_on_by_the_environment(env, on):
-    """``ALIGNLAB_LORA_GEMM=1`` routes the fused layers through adapted_matmul (off until timed on a GPU)."""
+@pytest.mark.parametrize("env, on", [(None, "auto"), ("auto", "auto"), ("1", True), ("off", False)])
+def test_epilogue_gemm_auto_by_default_and_set_by_the_environment(env, on):
+    """``ALIGNLAB_LORA_GEMM``: ``auto`` (the measured rule) unless set; 1 everywhere, 0 nowhere."""
     out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.LORA_GEMM",
                                    {"ALIGNLAB_LORA_GEMM": env})
     assert out == str(on)
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_the_auto_rule_takes_the_kernel_where_it_was_measured_to_win(dora, nf4, triton_mode, kernel_device,
+                                                                      monkeypatch):
+    """LORA_GEMM = "auto" (the default), bounds lowered and the device taken as the measured kind: backward's dx
+    always, the forward only over a dense base with DoRA's column scale; the widened form keeps the backward where it
+    applies (an NF4 base whose output is narrower than its input); nothing on a device of another kind or below the
+    dimension bound; the results match the default form."""
+    from alignlab.adapters import LoRALinear, fused
+    from alignlab.kernels import lora_gemm
+    from alignlab.quant.linear import NF4Linear
+
+    if lora_gemm.TensorDescriptor is None:
+        pytest.skip("the auto rule takes the descriptor kernel only, which this Triton lacks (3.4 on)")
+    calls = []
+    real = lora_gemm.adapted_matmul
+    monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
+    monkeypatch.setattr(fused, "LORA_GEMM", "auto")
+    monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
+    monkeypatch.setattr(fused, "LORA_GEMM_MIN_DIM", 1)
+    monkeypatch.setattr(fused, "WIDE_K_MIN_ROWS", 1)
+    torch.manual_seed(0)
+
+    def run(n_in, n_out, measured=True, min_dim=1):
+        base = nn.Linear(n_in, n_out, bias=True)
+        base = NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half()
+        layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=16, alpha=16, use_dora=dora)
+        x = torch.randn(20, n_in, device=kernel_device).half().requires_grad_()
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lora_gemm, "measured_device", lambda device: measured)
+            mp.setattr(fused, "LORA_GEMM_MIN_DIM", min_dim)
+            y = layer(x)
+            grads = torch.autograd.grad(y.float().square().sum(), [x, layer.lora_A["default"].weight])
+        return list(calls), (y, *grads), layer, x
+
+    got, results, layer, x = run(64, 96)
+    assert got == ([(20, 64)] if dora and not nf4 else []) + [(20, 96)], got  # forward (dense DoRA), then dx
+    monkeypatch.setattr(fused, "LORA_GEMM", False)
+    y = layer(x)
+    want = (y, *torch.autograd.grad(y.float().square().sum(), [x, layer.lora_A["default"].weight]))
+    for g, w in zip(results, want):
+        scale = w.abs().max().float().clamp_min(1e-6)
+        torch.testing.assert_close(g.float() / scale, w.float() / scale, rtol=0, atol=4e-3)
+    monkeypatch.setattr(fused, "LORA_GEMM", "auto")
+    got = run(96, 64)[0]  # output narrower than input: over NF4 the widened form keeps dx
+    assert got == ([(20, 96)] if dora and not nf4 else []) + ([] if nf4 else [(20, 64)]), got
+    assert run(64, 96, measured=False)[0] == []
+    assert run(64, 96, min_dim=65)[0] == []
+
+
+def test_descriptors_apply_to_aligned_half_rows_only():
+    """The auto rule's operand check: fp16 / bf16 rows 16-byte aligned (input, weight, output), else cuBLAS keeps the
+    pass (the pointer kernel lost to it everywhere it was timed)."""
+    from alignlab.kernels import lora_gemm
+
+    if lora_gemm.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors (3.4 on)")
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+    assert lora_gemm.descriptors_apply(x, w, 32)
+    assert not lora_gemm.descriptors_apply(x, w, 36)  # output rows 72 bytes apart
+    assert not lora_gemm.descriptors_apply(torch.zeros(4, 65, dtype=torch.bfloat16)[:, :64], w, 32)
+    assert not lora_gemm.descriptors_apply(x, w.T, 32)  # a weight whose last stride is not 1
+    assert not lora_gemm.descriptors_apply(x.float(), w.float(), 32)
