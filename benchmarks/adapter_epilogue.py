@@ -187,7 +187,7 @@ def main(tokens: list[int], out: Path, r: int = 16, layers: int = 4, projs=None,
             del x, g, w, a, b
     summary = {f"{layers}-layer step, tokens {k}: ms saved by the better form per pass": round(v / 1e3, 3)
                for k, v in saved.items()}
-    if configs:  # each tile configuration's total over the timed passes, against cuBLAS + addmm_ and the base alone
+    if configs is not None:  # each tile configuration's total over the timed passes, against cuBLAS + addmm_ and the base alone
         passes = [row for row in rows if row["pass"] in ("forward", "backward")]
         for form in ["kernel", *(_name(c, t) for c in configs for t in (False, True))]:
             summary[f"{form}: sum us (epilogue {sum(p['epilogue_us'] for p in passes):.0f}, "

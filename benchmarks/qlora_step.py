@@ -312,9 +312,9 @@ def main():
                              "default: the adapter term inside the NF4 base's GEMM where that moves fewer bytes), "
                              "named '..., wide K off' (or '..., wide K' under ALIGNLAB_LORA_WIDE_K=0)")
     parser.add_argument("--lora-gemm", action="store_true",
-                        help="also the alignlab default rows with alignlab.adapters.fused.LORA_GEMM forced on for every "
-                             "pass (the rank-r term in the base GEMM's own epilogue; 'auto' by default), named "
-                             "'..., epilogue GEMM'")
+                        help="also the alignlab default rows with alignlab.adapters.fused.LORA_GEMM forced on (every "
+                             "fp16 / bf16 pass from fused.LORA_GEMM_FORCED_MIN_ROWS = 1024 rows: the rank-r term in "
+                             "the base GEMM's own epilogue; 'auto' by default), named '..., epilogue GEMM'")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -88,11 +88,12 @@ DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", False)
 # rows, bf16; RESULTS.md): backward's dx = dy W + (s·dy B) A (q: 467 -> 435 us, gate: 1488 -> 1447) where the widened
 # form does not apply, and the forward of a dense base with DoRA's column scale (folded into the epilogue instead of
 # a scaled copy of W); on Hopper GPUs, from LORA_GEMM_MIN_ROWS rows and LORA_GEMM_MIN_DIM along the reduction and the
-# output. Other forwards lost (q: 462 -> 484 us). ALIGNLAB_LORA_GEMM=1 (or this attribute set to True) takes it for
-# every fp16 / bf16 forward and dx from LORA_GEMM_MIN_ROWS rows, before the widened form (A/B runs); 0 turns it off.
+# output, for r <= LORA_GEMM_MAX_RANK (measured at r = 16, tested on the GPU up to 20). Other forwards lost (q: 462 ->
+# 484 us). ALIGNLAB_LORA_GEMM=1 (or this attribute set to True) takes it for every fp16 / bf16 forward and dx from
+# LORA_GEMM_FORCED_MIN_ROWS rows (r <= 128), before the widened form (A/B runs); 0 turns it off.
 LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", "auto", choices=("auto",))
-LORA_GEMM_MIN_ROWS = 8192
-LORA_GEMM_MIN_DIM = 4096
+LORA_GEMM_MIN_ROWS, LORA_GEMM_MIN_DIM, LORA_GEMM_MAX_RANK = 8192, 4096, 32
+LORA_GEMM_FORCED_MIN_ROWS = 1024
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -197,14 +198,14 @@ def _epilogue_gemm(x2: torch.Tensor, weight, n: int, r: int, forward: bool, dens
     the "auto" rule, which also asks for operands the descriptor kernel takes: an NF4 weight is dequantized into a fresh
     one). ``dense_scaled``: a forward over a dense weight with DoRA's column scale. Not while dynamo traces (the custom
     ops that carry compiled layers run it as plain eager code)."""
-    if not (x2.shape[0] >= LORA_GEMM_MIN_ROWS and x2.dtype in _HALF and r <= 128 and use_triton(x2)
-            and not torch.compiler.is_compiling()):
+    if torch.compiler.is_compiling() or x2.dtype not in _HALF:  # first: no shape guard while dynamo traces
         return False
     if LORA_GEMM is True:
-        return True
+        return x2.shape[0] >= LORA_GEMM_FORCED_MIN_ROWS and r <= 128 and use_triton(x2)
     from alignlab.kernels.lora_gemm import descriptors_apply, measured_device
 
-    return ((not forward or dense_scaled) and min(x2.shape[1], n) >= LORA_GEMM_MIN_DIM and measured_device(x2.device)
+    return ((not forward or dense_scaled) and x2.shape[0] >= LORA_GEMM_MIN_ROWS and r <= LORA_GEMM_MAX_RANK
+            and min(x2.shape[1], n) >= LORA_GEMM_MIN_DIM and use_triton(x2) and measured_device(x2.device)
             and descriptors_apply(x2, x2 if isinstance(weight, NF4Tensor) else weight, n))
 
 
@@ -608,12 +609,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     Raises:
         ValueError: ``x``, ``a``, ``b`` or ``bias`` whose shape does not fit ``weight``.
     """
-    _check_shapes(x, weight, bias, a, b)
     dense_w, quant_w = _split(weight)
     dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
     if autocast_off:
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, a, b, scale, dtype, cast=cast)
+    _check_shapes(x, weight, bias, a, b)
     if torch.is_grad_enabled() and not functorch_active() and (
             x.requires_grad or a.requires_grad or b.requires_grad or (dense_w is not None and dense_w.requires_grad)
             or (bias is not None and bias.requires_grad)):
@@ -942,12 +943,12 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     Raises:
         ValueError: ``x``, ``a``, ``b``, ``bias`` or ``magnitude`` whose shape does not fit ``weight``.
     """
-    _check_shapes(x, weight, bias, a, b, magnitude)
     dense_w, quant_w = _split(weight)
     dtype, out_dtype, autocast_off = _dtypes(x, weight, dtype)
     if autocast_off:
         with torch.autocast(x.device.type, enabled=False):
             return dora_linear(x, weight, bias, a, b, scale, magnitude, dtype, cast=cast, norm=norm)
+    _check_shapes(x, weight, bias, a, b, magnitude)
     factors = None
     if norm is None:  # the norm and the per-row factors from one kernel
         norm, *factors = dora_norm(weight, a, b, scale, dtype, cast, magnitude=magnitude)

@@ -147,9 +147,9 @@ _MEASURED: dict = {}
 
 
 def measured_device(device: torch.device) -> bool:
-    """Whether ``device`` is a GPU of the kind the kernel was measured to win on (Hopper, compute capability 9.x;
-    the descriptor kernel needs it too), cached per device index."""
-    if device.type != "cuda":
+    """Whether ``device`` is a GPU of the kind the kernel was measured to win on (an NVIDIA Hopper, compute capability
+    9.x; ROCm reports some AMD GPUs as 9.x too), cached per device index."""
+    if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     hit = _MEASURED.get(index)
@@ -227,7 +227,7 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
             :data:`GPU_CONFIG` on a GPU (:data:`GPU_CONFIG_FP32` for fp32), small tiles under the interpreter.
         tma: read ``a`` / ``b`` and write the result by tensor descriptors (Hopper's bulk copies; fp16 / bf16, rows
             16-byte aligned and a Triton with host-side descriptors, else the pointer kernel); default
-            :data:`GPU_TMA` on Hopper and newer GPUs, False elsewhere and under the interpreter.
+            :data:`GPU_TMA` on NVIDIA Hopper and newer GPUs, False elsewhere and under the interpreter.
 
     Returns:
         ``(M, N)`` in ``a``'s dtype, accumulated in fp32 and rounded once; differentiable (the reference) where
@@ -268,7 +268,8 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
                 BLOCK_R=max(16, next_power_of_2(R)), GROUP_M=group, num_warps=warps, num_stages=stages)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
     if tma is None:  # descriptors on Hopper (and newer) GPUs only
-        tma = GPU_TMA and not interpreting() and torch.cuda.get_device_capability(a.device)[0] >= 9
+        tma = (GPU_TMA and not interpreting() and torch.version.hip is None
+               and torch.cuda.get_device_capability(a.device)[0] >= 9)
     b_kn = b.stride(1) == 1  # (K, N) row-major, else read as (N, K) through bᵀ
     if (tma and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y)
             and _tma_ready(b if b_kn else b.T)):

@@ -138,13 +138,20 @@ def test_adapted_matmul_is_differentiable_where_a_gradient_is_wanted(triton_mode
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_functional_layers_name_the_argument_whose_shape_does_not_fit(dora, monkeypatch):
+def test_functional_layers_name_the_argument_whose_shape_does_not_fit(dora, monkeypatch, triton_mode, kernel_device):
     """lora_linear / dora_linear check the factors against the weight: the same ValueError, naming the argument,
-    whichever product path would run (a mismatch once surfaced as the path's own RuntimeError or ValueError)."""
+    whichever product path would run (a mismatch once surfaced as the path's own RuntimeError or ValueError; fp16
+    under the interpreter, so that LORA_GEMM on reaches the kernel)."""
     from alignlab.adapters import fused
+    from alignlab.kernels import lora_gemm
 
-    x, w, a = torch.randn(20, 48), torch.randn(40, 48), torch.randn(4, 48)
-    b, bias, m = torch.randn(40, 4), torch.randn(40), torch.ones(40)
+    calls = []
+    real = lora_gemm.adapted_matmul
+    monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda *t, **k: calls.append(1) or real(*t, **k))
+    x, w, a, b, bias, m = (t.half().to(kernel_device) for t in (torch.randn(20, 48), torch.randn(40, 48),
+                                                                  torch.randn(4, 48), torch.randn(40, 4),
+                                                                  torch.randn(40), torch.ones(40)))
+    x.requires_grad_()
     call = (lambda *t: fused.dora_linear(*t[:5], 2.0, t[5])) if dora else (lambda *t: fused.lora_linear(*t[:5], 2.0))
     bad = [((x, w, bias, a, torch.randn(41, 4), m), r"b must be \(out, r\) = \(40, 4\)"),
            ((x, w, bias, a, torch.randn(40, 3), m), "b must be"),
@@ -153,13 +160,15 @@ def test_functional_layers_name_the_argument_whose_shape_does_not_fit(dora, monk
            ((x, w, bias, a[:, :47], b, m), "a must be")]
     if dora:
         bad.append(((x, w, bias, a, b, torch.ones(39)), "magnitude must be"))
+    monkeypatch.setattr(fused, "LORA_GEMM_FORCED_MIN_ROWS", 1)
     for gemm in (False, True):
         monkeypatch.setattr(fused, "LORA_GEMM", gemm)
-        monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
         for args, match in bad:
             with pytest.raises(ValueError, match=match):
                 call(*args)
+        calls.clear()
         assert call(x, w, bias, a, b, m).shape == (20, 40)
+        assert bool(calls) == gemm  # the checked call did take the kernel where it is on
 
 
 def test_adapted_matmul_reference_matches_formula():
@@ -207,7 +216,7 @@ def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, tri
     calls = []
     real = lora_gemm.adapted_matmul
     monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
-    monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
+    monkeypatch.setattr(fused, "LORA_GEMM_FORCED_MIN_ROWS", 1)
     results = []
     for on in (False, True):
         monkeypatch.setattr(fused, "LORA_GEMM", on)
@@ -246,20 +255,19 @@ def test_the_auto_rule_takes_the_kernel_where_it_was_measured_to_win(dora, nf4, 
     real = lora_gemm.adapted_matmul
     monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
     monkeypatch.setattr(fused, "LORA_GEMM", "auto")
-    monkeypatch.setattr(fused, "LORA_GEMM_MIN_ROWS", 1)
-    monkeypatch.setattr(fused, "LORA_GEMM_MIN_DIM", 1)
     monkeypatch.setattr(fused, "WIDE_K_MIN_ROWS", 1)
     torch.manual_seed(0)
 
-    def run(n_in, n_out, measured=True, min_dim=1):
+    def run(n_in, n_out, measured=True, min_dim=1, min_rows=1, r=16):
         base = nn.Linear(n_in, n_out, bias=True)
         base = NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half()
-        layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=16, alpha=16, use_dora=dora)
+        layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=r, alpha=16, use_dora=dora)
         x = torch.randn(20, n_in, device=kernel_device).half().requires_grad_()
         calls.clear()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(lora_gemm, "measured_device", lambda device: measured)
             mp.setattr(fused, "LORA_GEMM_MIN_DIM", min_dim)
+            mp.setattr(fused, "LORA_GEMM_MIN_ROWS", min_rows)
             y = layer(x)
             grads = torch.autograd.grad(y.float().square().sum(), [x, layer.lora_A["default"].weight])
         return list(calls), (y, *grads), layer, x
@@ -277,6 +285,8 @@ def test_the_auto_rule_takes_the_kernel_where_it_was_measured_to_win(dora, nf4, 
     assert got == ([(20, 96)] if dora and not nf4 else []) + ([] if nf4 else [(20, 64)]), got
     assert run(64, 96, measured=False)[0] == []
     assert run(64, 96, min_dim=65)[0] == []
+    assert run(64, 96, min_rows=21)[0] == []  # the row bound (8192 by default)
+    assert run(64, 96, r=48)[0] == []  # ranks above LORA_GEMM_MAX_RANK (32: measured at 16, tested up to 20)
 
 
 def test_descriptors_apply_to_aligned_half_rows_only():
