@@ -21,7 +21,7 @@ import torch
 
 from alignlab._checks import is_int
 from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton, wants_grad
-from alignlab.kernels.launch import cdiv, launch, next_power_of_2
+from alignlab.kernels.launch import cdiv, launch, next_power_of_2, options
 
 try:
     import triton
@@ -277,7 +277,7 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
                  TensorDescriptor.from_tensor(b, [bk, bn]) if b_kn else TensorDescriptor.from_tensor(b.T, [bn, bk]),
                  TensorDescriptor.from_tensor(y, [bm, bn]))
         _adapted_matmul_tma_kernel[grid](*descs, c, d, scale, bias_, M, N, K, R, c.stride(0), d.stride(0),
-                                         d.stride(1), B_KN=b_kn, **meta)
+                                         d.stride(1), B_KN=b_kn, **meta, **options())
         return y
     meta["IEEE"] = a.dtype == torch.float32
     launch(_adapted_matmul_kernel, grid,
