@@ -24,7 +24,7 @@ asynchronous copies or ``UTMALDG`` bulk tensor copies against plain ``LDG``) and
 
     python benchmarks/nf4_sass.py --shapes 4096x4096,14336x4096 --m 1,8,16,32 --regs 0,1
     python benchmarks/nf4_sass.py --row-norm --shapes 4096x4096
-    python benchmarks/nf4_sass.py --lora-gemm
+    python benchmarks/nf4_sass.py --lora-gemm [--configs default]
 """
 
 from __future__ import annotations
@@ -208,6 +208,9 @@ def main(argv=None) -> None:
     ap.add_argument("--table", default="H200", help="the device table whose choices are compiled (H200, H100)")
     ap.add_argument("--row-norm", action="store_true", help="QDoRA's row-norm kernel instead (see above)")
     ap.add_argument("--lora-gemm", action="store_true", help="kernels.lora_gemm's two kernels instead (see above)")
+    ap.add_argument("--configs", default=None,
+                    help="with --lora-gemm: BMxBNxBKxGROUPxWARPSxSTAGES tiles, comma separated, or 'default' "
+                         "(lora_gemm.GPU_CONFIG); default: adapter_epilogue.SWEEP")
     args = ap.parse_args(argv)
     if args.lora_gemm:
         import sys
@@ -215,8 +218,12 @@ def main(argv=None) -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from adapter_epilogue import SWEEP
 
+        from alignlab.kernels.lora_gemm import GPU_CONFIG
+
+        configs = (SWEEP if args.configs is None else [GPU_CONFIG] if args.configs == "default" else
+                   [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")])
         print(f"Triton {triton.__version__}, sm_90, adapted_matmul, bf16, 8192 x 4096 x 4096, r = 16")
-        for config in SWEEP:
+        for config in configs:
             for tma in (False, True):
                 for forward in (True, False):
                     kernel = compile_lora_gemm(config, tma, forward)

@@ -33,3 +33,26 @@ def test_offline_sass_report():
     # both codebook variants compiled, each a loop of the lookup's prmt instructions at a plausible count
     assert [c[0] for c in cells] == ["imm", "R"], rows[0]
     assert all(4 < float(c[1]) < 40 and 0 < int(c[2]) <= 255 for c in cells), rows[0]
+
+
+def test_offline_sass_of_the_epilogue_gemm():
+    """``--lora-gemm --configs default``: both kernels at the GPU tiles compile for sm_90 to warpgroup MMAs with no
+    spills, the pointer kernel moving its tiles by asynchronous copies in both operand layouts. A first version
+    clamped out-of-range columns, which hid their contiguity: backward's tiles (contiguous along the columns) then
+    compiled to plain loads into registers, with spills."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((tools / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton wheel ships no NVIDIA tools")
+    from alignlab.kernels import lora_gemm
+
+    if lora_gemm.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors (3.4 on)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nf4_sass.py"), "--lora-gemm", "--configs",
+                          "default"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("(")]
+    assert len(rows) == 4, out.stdout  # pointers / descriptors x forward / backward
+    for row in rows:
+        assert " 0 B spill" in row and "HGMMA:" in row, row
+        assert ("UTMALDG:" if "descriptors" in row else "LDGSTS:") in row, row
