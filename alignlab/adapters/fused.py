@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import env_switch
+from alignlab.kernels import lora_gemm
 from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
 from alignlab.kernels.lora_decode import add_ as lora_decode_add_xa
 from alignlab.kernels.lora_decode import add_runner as lora_decode_runner
@@ -202,11 +203,9 @@ def _epilogue_gemm(x2: torch.Tensor, weight, n: int, r: int, forward: bool, dens
         return False
     if LORA_GEMM is True:
         return x2.shape[0] >= LORA_GEMM_FORCED_MIN_ROWS and r <= 128 and use_triton(x2)
-    from alignlab.kernels.lora_gemm import descriptors_apply, measured_device
-
     return ((not forward or dense_scaled) and x2.shape[0] >= LORA_GEMM_MIN_ROWS and r <= LORA_GEMM_MAX_RANK
-            and min(x2.shape[1], n) >= LORA_GEMM_MIN_DIM and use_triton(x2) and measured_device(x2.device)
-            and descriptors_apply(x2, x2 if isinstance(weight, NF4Tensor) else weight, n))
+            and min(x2.shape[1], n) >= LORA_GEMM_MIN_DIM and use_triton(x2) and lora_gemm.measured_device(x2.device)
+            and lora_gemm.descriptors_apply(x2, None if isinstance(weight, NF4Tensor) else weight, n))
 
 
 def _base_weight(weight, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
@@ -225,11 +224,9 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
     :func:`_epilogue_gemm`)."""
     if LORA_GEMM and _epilogue_gemm(x2, weight, b.shape[0], xa.shape[1], True,
                                     row_scale is not None and not isinstance(weight, NF4Tensor)):
-        from alignlab.kernels.lora_gemm import adapted_matmul
-
         if isinstance(weight, NF4Tensor):  # the row scale folded into the dequantization
-            return adapted_matmul(x2, _base_weight(weight, x2.dtype, row_scale).T, xa, b.T, None, bias)
-        return adapted_matmul(x2, _to(weight, x2.dtype).T, xa, b.T, row_scale, bias)
+            return lora_gemm.adapted_matmul(x2, _base_weight(weight, x2.dtype, row_scale).T, xa, b.T, None, bias)
+        return lora_gemm.adapted_matmul(x2, _to(weight, x2.dtype).T, xa, b.T, row_scale, bias)
     if WIDE_K and _widen(weight, x2.shape[0], x2.shape[1], b.shape[0], xa.shape[1]) and \
             x2.shape[1] % weight.blocksize == 0:
         n_in, r = x2.shape[1], xa.shape[1]
@@ -248,9 +245,7 @@ def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tens
     wide = WIDE_K and _widen(weight, g.shape[0], g.shape[1], a.shape[1], gb.shape[1])
     # "auto" leaves the widened form where it applies (measured to win there: k / v / down); True takes the kernel
     if LORA_GEMM and (LORA_GEMM is True or not wide) and _epilogue_gemm(g, weight, a.shape[1], gb.shape[1], False):
-        from alignlab.kernels.lora_gemm import adapted_matmul
-
-        return adapted_matmul(g, _base_weight(weight, g.dtype, row_scale), gb, a)
+        return lora_gemm.adapted_matmul(g, _base_weight(weight, g.dtype, row_scale), gb, a)
     if wide:
         n_out, r = g.shape[1], gb.shape[1]
         wk = g.new_empty(n_out + r, a.shape[1])

@@ -143,19 +143,25 @@ if triton is not None:
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
-_MEASURED: dict = {}
+_MAJOR: dict = {}
+
+
+def _major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA ``device`` (0 on ROCm, which reports some AMD GPUs as 9.x),
+    cached per device index."""
+    if torch.version.hip is not None:
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major = _MAJOR.get(index)
+    if major is None:
+        major = _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return major
 
 
 def measured_device(device: torch.device) -> bool:
-    """Whether ``device`` is a GPU of the kind the kernel was measured to win on (an NVIDIA Hopper, compute capability
-    9.x; ROCm reports some AMD GPUs as 9.x too), cached per device index."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    hit = _MEASURED.get(index)
-    if hit is None:
-        hit = _MEASURED[index] = torch.cuda.get_device_capability(index)[0] == 9
-    return hit
+    """Whether ``device`` is a GPU of the kind the kernel was measured to win on: an NVIDIA Hopper (compute capability
+    9.x)."""
+    return device.type == "cuda" and _major(device) == 9
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -165,13 +171,13 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
 
 
-def descriptors_apply(a: torch.Tensor, weight: torch.Tensor, n: int) -> bool:
+def descriptors_apply(a: torch.Tensor, weight: torch.Tensor | None, n: int) -> bool:
     """Whether :func:`adapted_matmul` of ``a`` ``(M, K)`` with ``weight`` (``(N, K)`` read transposed, or
-    ``(K, N)``) into ``n`` output columns runs the descriptor kernel by default (the form measured to win; the pointer
-    kernel lost to cuBLAS everywhere): :data:`GPU_TMA`, a Triton with host-side descriptors, 16-byte aligned rows
-    (the output's too: ``n`` a multiple of 16 bytes' elements)."""
+    ``(K, N)``; None: one the caller makes fresh, so aligned) into ``n`` output columns runs the descriptor kernel by
+    default (the form measured to win; the pointer kernel lost to cuBLAS everywhere): :data:`GPU_TMA`, a Triton with
+    host-side descriptors, 16-byte aligned rows (the output's too: ``n`` a multiple of 16 bytes' elements)."""
     return (GPU_TMA and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a)
-            and _tma_ready(weight) and (n * a.element_size()) % 16 == 0)
+            and (weight is None or _tma_ready(weight)) and (n * a.element_size()) % 16 == 0)
 
 
 def adapted_matmul_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
@@ -268,8 +274,7 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
                 BLOCK_R=max(16, next_power_of_2(R)), GROUP_M=group, num_warps=warps, num_stages=stages)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
     if tma is None:  # descriptors on Hopper (and newer) GPUs only
-        tma = (GPU_TMA and not interpreting() and torch.version.hip is None
-               and torch.cuda.get_device_capability(a.device)[0] >= 9)
+        tma = GPU_TMA and not interpreting() and _major(a.device) >= 9
     b_kn = b.stride(1) == 1  # (K, N) row-major, else read as (N, K) through bᵀ
     if (tma and TensorDescriptor is not None and a.dtype != torch.float32 and _tma_ready(a) and _tma_ready(y)
             and _tma_ready(b if b_kn else b.T)):
