@@ -112,18 +112,18 @@ def main():
         "DoRA on NF4Linear (QDoRA), x needs grad": lambda: dora(xg),
         "DoRA on NF4Linear (QDoRA), torch.no_grad()": lambda: _no_grad(dora, x),
     }
-    # the QLoRA layer's kept decode launchers (opt-in until measured: fused.DECODE_RUNNERS), one layer of its own
+    # the QLoRA layer with its decode launchers not kept (fused.DECODE_RUNNERS off; on by default), a layer of its own
     runner_holder = nn.Module()
     runner_holder.lin = NF4Linear.from_linear(lin)
     inject(runner_holder, LoRAConfig(r=16, alpha=32, target_modules=["lin"]))
     runner_lora = runner_holder.lin
-    kept = {
-        "QLoRA, kept launchers (DECODE_RUNNERS), x needs grad": lambda: runner_lora(xg),
-        "QLoRA, kept launchers (DECODE_RUNNERS), torch.no_grad()": lambda: _no_grad(runner_lora, x),
+    not_kept = {
+        "QLoRA, launchers not kept (DECODE_RUNNERS off), x needs grad": lambda: runner_lora(xg),
+        "QLoRA, launchers not kept (DECODE_RUNNERS off), torch.no_grad()": lambda: _no_grad(runner_lora, x),
     }
     out = {}
     has_runners = hasattr(fused, "DECODE_RUNNERS")  # (an older tree under A/B has none)
-    for group, runners_on in ((rows, getattr(fused, "DECODE_RUNNERS", False)), (kept if has_runners else {}, True)):
+    for group, runners_on in ((rows, getattr(fused, "DECODE_RUNNERS", False)), (not_kept if has_runners else {}, False)):
         saved, fused.DECODE_RUNNERS = getattr(fused, "DECODE_RUNNERS", False), runners_on
         try:
             for name, fn in group.items():

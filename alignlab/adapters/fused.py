@@ -79,10 +79,11 @@ _HALF = (torch.float16, torch.bfloat16)
 # per-call cast, x Aᵀ and the addmm_ epilogue (three cuBLAS-sized host costs); on by default, ALIGNLAB_LORA_DECODE=0
 # off (see RESULTS.md, issue 24's fourteenth pass). Calls that need a gradient take them through decode_apply.
 DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
-# A QLoRA layer's three decode launchers kept per input layout (decode_runner, LoRALinear._decode_run): written on
-# 2026-12-06 when no GPU could be had, so off until its CUDA tests have passed and its host time is measured;
-# ALIGNLAB_LORA_DECODE_RUNNERS=1 (read at import) or this attribute set to True turns it on
-DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", False)
+# A QLoRA layer's three decode launchers kept per input layout (decode_runner, LoRALinear._decode_run): on by default
+# since its CUDA tests passed and its host time was measured (H100, 2026-12-06, benchmarks/host_overhead.py --m 1:
+# one QLoRA layer call at one row 107 -> 56 us with x needing grad, 94 -> 42 us under no_grad, against 29 us for a
+# bf16 nn.Linear; RESULTS.md); ALIGNLAB_LORA_DECODE_RUNNERS=0 (read at import) or this attribute set to False: off
+DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", True)
 # The base GEMM with the rank-r term in its own epilogue (alignlab.kernels.lora_gemm.adapted_matmul: one Triton
 # kernel, the output written once) instead of cuBLAS + the addmm_ pass. "auto" (the default) takes it where it was
 # measured to win (H100, 2026-12-06, benchmarks/adapter_epilogue.py --kernel --sweep and lora.py --lora-gemm at 8192

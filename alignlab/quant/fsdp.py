@@ -46,6 +46,10 @@ def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _addresses(parts: tuple) -> tuple:
+    return tuple(0 if p is None else p.data_ptr() for p in parts)
+
+
 class ShardableNF4Linear(NF4Linear):
     """An :class:`~alignlab.quant.NF4Linear` whose uint8 quantization tensors are frozen parameters.
 
@@ -66,14 +70,18 @@ class ShardableNF4Linear(NF4Linear):
         """
         parts = tuple(self._tensor(n) for n in _NAMES)
         hit = self.__dict__.get("_quant_weight_of")
-        if hit is not None and all(x is y for x, y in zip(hit[0], parts)):  # FSDP2 reuses the unsharded tensors
-            return hit[1]
+        # FSDP2 reuses the unsharded tensors, but frees and re-allocates their storage around each use: the same
+        # objects may hold other addresses. The kept decode launchers on the NF4Tensor (and a LoRA layer's, keyed on
+        # it) hold addresses, so a moved storage gets a new NF4Tensor, without them
+        if hit is not None and all(x is y for x, y in zip(hit[0], parts)) and hit[1] == _addresses(parts):
+            return hit[2]
         data, absmax, nested, offset, shift = (_whole(p) for p in parts)
         t = NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
                       blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
                       nested_blocksize=self._nested_blocksize)
         if not any(x is not y for x, y in zip(parts, (data, absmax, nested, offset, shift))):
-            self.__dict__["_quant_weight_of"] = (parts, t)  # never keep a gathered copy of sharded bytes
+            # never keep a gathered copy of sharded bytes
+            self.__dict__["_quant_weight_of"] = (parts, _addresses(parts), t)
         return t
 
     def _make_parameters(self) -> None:

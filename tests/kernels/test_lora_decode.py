@@ -342,9 +342,9 @@ def test_kept_launchers_are_dropped_by_moves_and_left_out_of_copies():
     pickle.dumps(layer)  # a compiled layer pickles (nn.Module leaves its compiled call out)
 
 
-@pytest.mark.parametrize("env, on", [(None, False), ("1", True)])
-def test_kept_qlora_launchers_off_by_default_and_switched_on_by_the_environment(env, on):
-    """``ALIGNLAB_LORA_DECODE_RUNNERS=1`` keeps a QLoRA layer's decode launchers (off until run on a GPU)."""
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False), ("1", True)])
+def test_kept_qlora_launchers_on_by_default_and_switched_off_by_the_environment(env, on):
+    """A QLoRA layer keeps its decode launchers unless ``ALIGNLAB_LORA_DECODE_RUNNERS=0``."""
     out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.DECODE_RUNNERS",
                                    {"ALIGNLAB_LORA_DECODE_RUNNERS": env})
     assert out == str(on)

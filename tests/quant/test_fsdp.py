@@ -83,3 +83,23 @@ def test_shard_model_explains_an_fsdp2_that_cannot_shard_uint8(monkeypatch):
     monkeypatch.setattr(fsdp, "fully_shard", other_failure)
     with pytest.raises(RuntimeError, match="^no process group$"):  # anything else passes through unchanged
         shard_model(nn.Sequential(nn.Sequential(_layer())), block_types=["Sequential"], mesh=object())
+
+
+def test_the_packed_weight_view_follows_storage_that_moved_under_the_same_tensors():
+    """FSDP2 keeps its unsharded tensors between steps but frees and re-allocates their storage: the kept
+    ``NF4Tensor`` view (and the decode launchers kept on it, which hold addresses) must not outlive the addresses
+    it was made for; the same storage keeps the same view."""
+    ref = _layer()
+    lay = shardable_nf4_(nn.Sequential(_layer()))[0]
+    first = lay.quant_weight
+    assert lay.quant_weight is first  # nothing moved: the cached view
+    first.__dict__["_runners"] = {"layout": "a launcher bound to the old addresses"}
+    qdata = lay.qdata
+    qdata.data = qdata.data.clone()  # the same Parameter object, other storage (as FSDP2's resize / refill)
+    assert lay.qdata is qdata
+    moved = lay.quant_weight
+    assert moved is not first and "_runners" not in moved.__dict__
+    assert moved.data.data_ptr() == qdata.data_ptr()
+    assert lay.quant_weight is moved
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(lay(x), ref(x), rtol=0, atol=0)
