@@ -72,14 +72,17 @@ class ShardableNF4Linear(NF4Linear):
         hit = self.__dict__.get("_quant_weight_of")
         # FSDP2 reuses the unsharded tensors, but frees and re-allocates their storage around each use: the same
         # objects may hold other addresses. The kept decode launchers on the NF4Tensor (and a LoRA layer's, keyed on
-        # it) hold addresses, so a moved storage gets a new NF4Tensor, without them
-        if hit is not None and all(x is y for x, y in zip(hit[0], parts)) and hit[1] == _addresses(parts):
+        # it) hold addresses, so a moved storage gets a new NF4Tensor, without them. (Traced code keeps no launchers
+        # and cannot ask for addresses.)
+        compiling = torch.compiler.is_compiling()
+        if hit is not None and all(x is y for x, y in zip(hit[0], parts)) and (
+                compiling or hit[1] == _addresses(parts)):
             return hit[2]
         data, absmax, nested, offset, shift = (_whole(p) for p in parts)
         t = NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
                       blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
                       nested_blocksize=self._nested_blocksize)
-        if not any(x is not y for x, y in zip(parts, (data, absmax, nested, offset, shift))):
+        if not compiling and not any(x is not y for x, y in zip(parts, (data, absmax, nested, offset, shift))):
             # never keep a gathered copy of sharded bytes
             self.__dict__["_quant_weight_of"] = (parts, _addresses(parts), t)
         return t

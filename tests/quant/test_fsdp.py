@@ -103,3 +103,14 @@ def test_the_packed_weight_view_follows_storage_that_moved_under_the_same_tensor
     assert lay.quant_weight is moved
     x = torch.randn(2, 96)
     torch.testing.assert_close(lay(x), ref(x), rtol=0, atol=0)
+
+
+def test_compiles_in_one_graph_after_an_eager_call():
+    """The storage check of ``quant_weight`` asks for addresses, which Dynamo cannot trace: traced calls skip it (they
+    keep no launchers), so a compiled model stays one graph once an eager call cached the view."""
+    ref = _layer()
+    model = shardable_nf4_(nn.Sequential(_layer()))
+    x = torch.randn(3, 96)
+    model(x)  # the eager call that caches the view
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=0)
