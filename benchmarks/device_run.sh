@@ -15,11 +15,12 @@
 # --host-profile: each contestant's host work per decode step under cProfile),
 # dora-norm (dora_norm.py: QDoRA's row norm with the input-dimension split off / on), dy-pass (lora_dy_pass.py: the
 # backward's two rank-r products of dy, two GEMMs against one read), dy-sweep (the same with --sweep: rank_grads'
-# launch configurations). Default limits in
+# launch configurations), rank-update (rank_update.py --sweep: the rank-r update into the base product, addmm_ against
+# lora_gemm.rank_update_ and its launch configurations). Default limits in
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt tune-kv nf4-ab lookup-first generate generate-tuned dora-norm dy-pass dy-sweep"
+steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt tune-kv nf4-ab lookup-first generate generate-tuned dora-norm dy-pass dy-sweep rank-update"
 for arg in "$@"; do  # every step name checked before anything is installed or written
   case " $steps " in
     *" ${arg%%:*} "*) ;;
@@ -37,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/devic
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
                   [nf4-ab]=150 [tune-alt]=480 [tune-kv]=240 [lookup-first]=200 [generate]=300 [generate-tuned]=300 [dora-norm]=120
-                  [dy-pass]=90 [dy-sweep]=420)
+                  [dy-pass]=90 [dy-sweep]=420 [rank-update]=240)
 run_step() {
   local name="$1" seconds="$2"
   shift 2
@@ -79,5 +80,7 @@ for arg in "$@"; do
     dora-norm) run_step "$name" "$seconds" python benchmarks/dora_norm.py --out "$out/dora_norm.json" ;;
     dy-pass) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --out "$out/lora_dy_pass.json" ;;
     dy-sweep) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --sweep --deadline $((seconds - 60)) --out "$out/lora_dy_sweep.json" ;;
+    rank-update) run_step "$name" "$seconds" python benchmarks/rank_update.py --sweep --deadline $((seconds - 90)) \
+                   --out "$out/rank_update.json" ;;
   esac  # (unknown names were refused above, before anything ran)
 done

@@ -94,6 +94,14 @@ DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", True)
 # 484 us). ALIGNLAB_LORA_GEMM=1 (or this attribute set to True) takes it for every fp16 / bf16 forward and dx from
 # LORA_GEMM_FORCED_MIN_ROWS rows (r <= 128), before the widened form (A/B runs); 0 turns it off.
 LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", "auto", choices=("auto",))
+# The addmm_ that adds the rank-r term into a fresh base product (forward's y, backward's dx) by
+# alignlab.kernels.lora_gemm.rank_update_ (one Triton kernel reading and writing each tile once) instead of cuBLAS: at
+# batch 1 of the QLoRA step (2048 rows) cuBLAS's K = 16 update kernels ran at ~40% of the copy bandwidth (27 us for a
+# 2048 x 4096 bf16 result on an H100, 11 us at the roofline; RESULTS.md). Written on 2026-12-06 without a GPU: off
+# until benchmarks/rank_update.py has timed it against addmm_; ALIGNLAB_LORA_RANK_UPDATE=1 (read at import) or this
+# attribute set to True takes it for fp16 / bf16 results of more than RANK_UPDATE_MIN_ROWS rows
+RANK_UPDATE = env_switch("ALIGNLAB_LORA_RANK_UPDATE", False)
+RANK_UPDATE_MIN_ROWS = 16
 LORA_GEMM_MIN_ROWS, LORA_GEMM_MIN_DIM, LORA_GEMM_MAX_RANK = 8192, 4096, 32
 LORA_GEMM_FORCED_MIN_ROWS = 1024
 
@@ -209,6 +217,15 @@ def _epilogue_gemm(x2: torch.Tensor, weight, n: int, r: int, forward: bool, dens
             and lora_gemm.descriptors_apply(x2, None if isinstance(weight, NF4Tensor) else weight, n))
 
 
+def _add_rank(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``y += c @ d`` in place (the rank-r term into a fresh base product): ``addmm_``, or
+    :func:`~alignlab.kernels.lora_gemm.rank_update_` where ``RANK_UPDATE`` is on (not while dynamo traces)."""
+    if (RANK_UPDATE and y.shape[0] > RANK_UPDATE_MIN_ROWS and y.dtype in _HALF and c.shape[1] <= 128
+            and not torch.compiler.is_compiling() and use_triton(y)):
+        return lora_gemm.rank_update_(y, c, d)
+    return y.addmm_(c, d)
+
+
 def _base_weight(weight, dtype: torch.dtype, row_scale: torch.Tensor | None) -> torch.Tensor:
     """The base weight ``(out, in)`` in ``dtype`` with ``row_scale`` folded into its rows (an NF4 weight: in its one
     dequantization; a dense one: a cast and a scaled copy where needed)."""
@@ -236,7 +253,7 @@ def _adapted_forward(x2: torch.Tensor, weight, bias, xa: torch.Tensor, b: torch.
         wk[:, n_in:].copy_(b)
         xk = torch.cat((x2, xa), 1)
         return xk @ wk.T if bias is None else torch.addmm(bias.to(x2.dtype), xk, wk.T)
-    return _base_forward(x2, weight, bias, row_scale).addmm_(xa, b.T)
+    return _add_rank(_base_forward(x2, weight, bias, row_scale), xa, b.T)
 
 
 def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tensor,
@@ -253,7 +270,7 @@ def _adapted_input_grad(g: torch.Tensor, weight, gb: torch.Tensor, a: torch.Tens
         nf4_dequant(weight, g.dtype, None if row_scale is None else row_scale.float(), out=wk[:n_out])
         wk[n_out:].copy_(a)
         return torch.cat((g, gb), 1) @ wk
-    return _base_input_grad(g, weight, row_scale).addmm_(gb, a)
+    return _add_rank(_base_input_grad(g, weight, row_scale), gb, a)
 
 
 def _as_compute(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, cast):

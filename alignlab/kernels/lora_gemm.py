@@ -33,7 +33,8 @@ try:  # host-side tensor descriptors: Triton 3.4 on (pyproject allows older rele
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-__all__ = ["adapted_matmul", "adapted_matmul_reference", "measured_device", "GPU_CONFIG", "GPU_TMA"]
+__all__ = ["adapted_matmul", "adapted_matmul_reference", "rank_update_", "rank_update_reference", "measured_device",
+           "GPU_CONFIG", "GPU_TMA", "RANK_UPDATE_CONFIG"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on a GPU, with the tiles moved by tensor descriptors
 # (GPU_TMA): the fastest of the 12 forms of ``benchmarks/adapter_epilogue.py --kernel --sweep`` for backward's dx on an
@@ -43,6 +44,9 @@ GPU_CONFIG = (128, 256, 64, 8, 8, 4)
 # fp32 operands (direct calls; the fused layers send fp16 / bf16 only): half the K depth and N width, so that three
 # stages of tiles fit Hopper's 227 KiB of shared memory (the bf16 tiles in fp32 would need ~288 KiB)
 GPU_CONFIG_FP32 = (128, 128, 32, 8, 8, 3)
+# (BLOCK_M, BLOCK_N, num_warps) of rank_update_ on a GPU: a first guess, not yet timed (benchmarks/rank_update.py
+# --sweep measures; fused.RANK_UPDATE stays off until it has)
+RANK_UPDATE_CONFIG = (64, 128, 4)
 GPU_TMA = True  # the tensor-descriptor kernel (Hopper's bulk copies), 1.2-1.4x faster than pointers in the same sweep
 _INTERPRETER_CONFIG = (16, 32, 16, 2, 4, 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,6 +145,29 @@ if triton is not None:
         acc = _epilogue(acc, lm, rn, N, c_ptr, d_ptr, scale_ptr, bias_ptr, R, stride_cm, stride_dr, stride_dn,
                         HAS_SCALE, HAS_BIAS, False, BLOCK_R)
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+    @triton.jit
+    def _rank_update_kernel(y_ptr, c_ptr, d_ptr, M, N, R, stride_ym, stride_cm, stride_dr, stride_dn,
+                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Tile ``(program_id(0), program_id(1))`` of ``y += c d``: the tile read, the rank-r product added in fp32
+        (``BLOCK_R >= R`` columns, the padding masked to zero), written back once."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        m_ok, n_ok, r_ok = rm < M, rn < N, rr < R
+        rows = rm[:, None].to(tl.int64)
+        c = tl.load(c_ptr + rows * stride_cm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        d = tl.load(d_ptr + rr[:, None] * stride_dr + rn[None, :].to(tl.int64) * stride_dn,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        y_ptrs = y_ptr + rows * stride_ym + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        acc = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+        if IEEE:
+            acc = tl.dot(c, d, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(c, d, acc)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 _MAJOR: dict = {}
@@ -288,4 +315,65 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
     launch(_adapted_matmul_kernel, grid,
            (a, b, c, d, scale, bias_, y, M, N, K, R, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), d.stride(0), d.stride(1), y.stride(0)), meta)
+    return y
+
+
+def rank_update_reference(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``y + c @ d`` as a new tensor, summed in fp32 and rounded once to ``y``'s dtype."""
+    return (y.float() + c.float() @ d.float()).to(y.dtype)
+
+
+def rank_update_(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor, *,
+                 config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``y += c @ d`` in place, the rank-r update a LoRA layer adds to its base product (``y.addmm_(xa, Bᵀ)``,
+    ``dx.addmm_(gb, A)``), by one Triton kernel that reads and writes each ``y`` tile once; returns ``y``.
+
+    Args:
+        y: ``(M, N)`` with unit column stride (any row stride: a view into a wider buffer is written in place);
+            c: ``(M, R)``; d: ``(R, N)``, any strides (``Bᵀ`` and ``A`` are read in place); one dtype of fp16 /
+            bf16 / fp32 for all three, R <= 128.
+        config: ``(BLOCK_M, BLOCK_N, num_warps)`` (sweeps, tests); default :data:`RANK_UPDATE_CONFIG` on a GPU,
+            small tiles under the interpreter.
+
+    The product is summed in fp32 and added to ``y`` before the one rounding, as ``addmm_`` does, in another
+    order than cuBLAS's: the results agree with it to rounding. ``y.addmm_(c, d)`` runs instead where
+    :func:`~alignlab.kernels.dispatch.use_triton` declines, for bf16 under the interpreter and where autograd
+    records the call (the kernel writes behind its back).
+
+    Raises:
+        ValueError: shapes that do not fit, tensors on different devices, a ``y`` without unit column stride,
+            R > 128, a bad ``config``. TypeError: dtypes that differ or are not fp16 / bf16 / fp32.
+    """
+    for name, t in (("y", y), ("c", c), ("d", d)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    M, N = y.shape
+    R = c.shape[1]
+    if c.shape[0] != M or d.shape != (R, N):
+        raise ValueError(f"y must be (M, N), c (M, R) and d (R, N), got {tuple(y.shape)}, {tuple(c.shape)}, "
+                         f"{tuple(d.shape)}")
+    if y.dtype not in _DTYPES or not (y.dtype == c.dtype == d.dtype):
+        raise TypeError(f"y, c and d must share one of fp16 / bf16 / fp32, got {y.dtype}, {c.dtype}, {d.dtype}")
+    if c.device != y.device or d.device != y.device:
+        raise ValueError(f"y, c and d must be on one device, got {y.device}, {c.device}, {d.device}")
+    if R > 128:
+        raise ValueError(f"rank_update_ takes R <= 128 (the rank-r term is one tile), got {R}")
+    if M > 1 and N > 1 and y.stride(1) != 1:
+        raise ValueError(f"y must have unit column stride (it is written in place), got strides {y.stride()}")
+    if config is not None and (not isinstance(config, (tuple, list)) or len(config) != 3
+                               or not all(is_int(v) and v >= 16 and not v & (v - 1) for v in config[:2])
+                               or not is_int(config[2]) or config[2] < 1 or config[2] & (config[2] - 1)):
+        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps), power-of-two blocks >= 16 and a power-of-two "
+                         f"num_warps, got {config!r}")
+    if M == 0 or N == 0 or R == 0:
+        return y
+    if not use_triton(y, c, d) or interpreted_bf16_dot(y) or wants_grad(y, c, d):
+        return y.addmm_(c, d)
+    bm, bn, warps = (int(v) for v in (config or ((16, 32, 4) if interpreting() else RANK_UPDATE_CONFIG)))
+    c = c if c.stride(1) == 1 else c.contiguous()
+    launch(_rank_update_kernel, (cdiv(M, bm), cdiv(N, bn)),
+           (y, c, d, M, N, R, y.stride(0), c.stride(0), d.stride(0), d.stride(1)),
+           dict(IEEE=y.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, next_power_of_2(R)),
+                num_warps=warps))
     return y

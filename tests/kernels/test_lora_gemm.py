@@ -302,3 +302,157 @@ def test_descriptors_apply_to_aligned_half_rows_only():
     assert not lora_gemm.descriptors_apply(torch.zeros(4, 65, dtype=torch.bfloat16)[:, :64], w, 32)
     assert not lora_gemm.descriptors_apply(x, w.T, 32)  # a weight whose last stride is not 1
     assert not lora_gemm.descriptors_apply(x.float(), w.float(), 32)
+
+
+# -- rank_update_: y += c d in place ------------------------------------------------------------------------------
+
+def _rank_inputs(M, N, R, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y, c, d = torch.randn(M, N, generator=g), torch.randn(M, R, generator=g), torch.randn(R, N, generator=g) / 4
+    return tuple(t.to(dtype).to(device) for t in (y, c, d))
+
+
+# (M, N, R): one row, partial tiles on both sides, R 1 / not a power of two / one tile / above one tile / the largest
+RANK_SHAPES = [(1, 32, 16), (37, 45, 3), (20, 70, 20), (5, 9, 1), (65, 130, 64), (3, 17, 128)]
+
+
+@pytest.mark.parametrize("M,N,R", RANK_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["d", "d_T", "y_view"])
+def test_rank_update_interpreter(M, N, R, dtype, layout, triton_mode, kernel_device):
+    """The formula in float64, in place: ``d`` as given or read transposed in place (forward's ``Bᵀ``), ``y`` as a
+    view into a wider buffer whose other columns stay untouched."""
+    from alignlab.kernels.lora_gemm import rank_update_
+
+    y, c, d = _rank_inputs(M, N, R, dtype, kernel_device, seed=M + N + R)
+    if layout == "d_T":
+        d = d.T.contiguous().T  # (R, N) with unit row stride: B (N, R) read as Bᵀ
+    buf = None
+    if layout == "y_view":
+        buf = torch.randn(M, N + 7, dtype=dtype, device=kernel_device)
+        buf[:, :N] = y
+        y = buf[:, :N]
+    want = y.double() + c.double() @ d.double()
+    rest = None if buf is None else buf[:, N:].clone()
+    out = rank_update_(y, c, d)
+    assert out is y
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(y.double().cpu(), want.cpu(), rtol=tol, atol=tol)
+    if buf is not None:
+        assert torch.equal(buf[:, N:], rest) and buf[:, :N].data_ptr() == y.data_ptr()
+
+
+@pytest.mark.parametrize("config", [(16, 16, 1), (32, 64, 2), (64, 16, 4)])
+def test_rank_update_tiles(config, triton_mode, kernel_device):
+    """Other tile sizes give the same result (the sweep's forms)."""
+    from alignlab.kernels.lora_gemm import rank_update_
+
+    y, c, d = _rank_inputs(33, 47, 5, torch.float32, kernel_device)
+    want = y.double() + c.double() @ d.double()
+    torch.testing.assert_close(rank_update_(y, c, d, config=config).double().cpu(), want.cpu(), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_rank_update_empty_and_errors(triton_mode, kernel_device):
+    from alignlab.kernels.lora_gemm import rank_update_
+
+    for M, N, R in ((0, 8, 4), (8, 0, 4), (8, 8, 0)):
+        y, c, d = _rank_inputs(M, N, R, torch.float32, kernel_device)
+        before = y.clone()
+        assert torch.equal(rank_update_(y, c, d), before)
+    y, c, d = _rank_inputs(4, 8, 2, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match=r"c \(M, R\)"):
+        rank_update_(y, c[:3], d)
+    with pytest.raises(ValueError, match=r"d \(R, N\)"):
+        rank_update_(y, c, d[:, :5])
+    with pytest.raises(ValueError, match="y must be a 2-D tensor"):
+        rank_update_(y[0], c, d)
+    with pytest.raises(TypeError, match="must share one of"):
+        rank_update_(y, c.half(), d)
+    with pytest.raises(TypeError, match="must share one of"):
+        rank_update_(y.double(), c.double(), d.double())
+    with pytest.raises(ValueError, match="unit column stride"):
+        rank_update_(y.T.contiguous().T, c, d)
+    with pytest.raises(ValueError, match="R <= 128"):
+        rank_update_(*_rank_inputs(2, 4, 129, torch.float32, kernel_device))
+    with pytest.raises(ValueError, match="config must be"):
+        rank_update_(y, c, d, config=(16, 24, 4))
+    with pytest.raises(ValueError, match="config must be"):
+        rank_update_(y, c, d, config=(16, 16))
+
+
+def test_rank_update_where_autograd_records_it(triton_mode, kernel_device):
+    """An update autograd records (a factor that requires grad) takes ``addmm_``: its gradients are the formula's."""
+    from alignlab.kernels.lora_gemm import rank_update_
+
+    y0, c, d = _rank_inputs(6, 10, 3, torch.float32, kernel_device)
+    c.requires_grad_()
+    y = y0.clone()
+    rank_update_(y, c, d)
+    (gc,) = torch.autograd.grad(y.square().sum(), c)
+    ref_c = c.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad((y0.double() + ref_c @ d.double()).square().sum(), ref_c)
+    torch.testing.assert_close(gc.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_update_reference_matches_formula():
+    from alignlab.kernels.lora_gemm import rank_update_reference
+
+    y, c, d = _rank_inputs(7, 9, 3, torch.bfloat16, "cpu")
+    want = (y.double() + c.double() @ d.double()).to(torch.bfloat16)
+    torch.testing.assert_close(rank_update_reference(y, c, d), want, rtol=0, atol=0.02)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,N,R", [(17, 4096, 16), (2048, 1024, 16), (300, 14336, 64), (129, 77, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_update_cuda(M, N, R, dtype):
+    """On the GPU (the default tiles), bf16 and fp16: within one rounding of the exact sum."""
+    from alignlab.kernels.lora_gemm import rank_update_
+
+    y, c, d = _rank_inputs(M, N, R, dtype, "cuda", seed=N)
+    want = (y.double() + c.double() @ d.double()).to(dtype).double()
+    rank_update_(y, c, d)
+    torch.testing.assert_close(y.double(), want, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_fused_layers_with_the_rank_update_kernel_match_the_addmm_form(dora, nf4, triton_mode, kernel_device,
+                                                                       monkeypatch):
+    """fused.RANK_UPDATE on: a fp16 LoRA / DoRA layer, dense or NF4 base, adds its rank-r term by rank_update_ in
+    forward and for dx (two calls), and its output and gradients match the addmm_ form to fp16 rounding."""
+    from alignlab.adapters import LoRALinear, fused
+    from alignlab.kernels import lora_gemm
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=True)
+    base = (NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half())
+    layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=8, alpha=16, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 13, 64, device=kernel_device).half().requires_grad_()
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    calls = []
+    real = lora_gemm.rank_update_
+    monkeypatch.setattr(lora_gemm, "rank_update_", lambda y, *r, **k: calls.append(tuple(y.shape)) or real(y, *r, **k))
+    monkeypatch.setattr(fused, "LORA_GEMM", False)
+    monkeypatch.setattr(fused, "WIDE_K", False)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(fused, "RANK_UPDATE", on)
+        calls.clear()
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), params)))
+        assert calls == ([(39, 48), (39, 64)] if on else []), calls  # forward, then dx
+    for got, want in zip(results[1], results[0]):
+        scale = want.abs().max().float().clamp_min(1e-6)
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("env, on", [(None, False), ("1", True), ("0", False)])
+def test_rank_update_off_by_default_and_set_by_the_environment(env, on):
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.RANK_UPDATE",
+                                   {"ALIGNLAB_LORA_RANK_UPDATE": env})
+    assert out == str(on)
