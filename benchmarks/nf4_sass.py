@@ -25,6 +25,10 @@ asynchronous copies or ``UTMALDG`` bulk tensor copies against plain ``LDG``) and
     python benchmarks/nf4_sass.py --shapes 4096x4096,14336x4096 --m 1,8,16,32 --regs 0,1
     python benchmarks/nf4_sass.py --row-norm --shapes 4096x4096
     python benchmarks/nf4_sass.py --lora-gemm [--configs default]
+    python benchmarks/nf4_sass.py --rank-update
+
+``--rank-update`` compiles ``kernels.lora_gemm.rank_update_``'s kernel at its default tiles and at each configuration of
+``rank_update.SWEEP``, both layouts of ``d``, and prints registers, spills and the MMA / load / store counts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import collections
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not the interpreter
@@ -158,6 +163,25 @@ def compile_lora_gemm(config, tma: bool, forward: bool, M=8192, K=4096, N=4096, 
         driver._active = previous
 
 
+def compile_rank_update(config, forward: bool, M=2048, N=4096, R=16, dtype=torch.bfloat16):
+    """``rank_update_``'s kernel at ``(BLOCK_M, BLOCK_N, num_warps)`` for bf16 operands laid out as the fused layers
+    pass them (forward: ``d = Bᵀ``, a view of ``(N, R)``; backward: ``d = A`` as ``(R, N)``), compiled for sm_90."""
+    from alignlab.kernels import lora_gemm
+
+    bm, bn, warps = config
+    y, c = torch.empty(M, N, dtype=dtype), torch.empty(M, R, dtype=dtype)
+    d = torch.empty(N, R, dtype=dtype).T if forward else torch.empty(R, N, dtype=dtype)
+    driver = triton.runtime.driver
+    previous = driver._active
+    driver.set_active(_OfflineDriver())
+    try:
+        return lora_gemm._rank_update_kernel.run(y, c, d, M, N, R, y.stride(0), c.stride(0), d.stride(0), d.stride(1),
+                                                 IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16, num_warps=warps,
+                                                 grid=(1,), warmup=True, enable_fp_fusion=True)
+    finally:
+        driver._active = previous
+
+
 def _disassemble(kernel) -> tuple[str, str]:
     """``(SASS, resource usage)`` of a compiled kernel, by the ``nvdisasm`` / ``cuobjdump`` bundled with Triton."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,10 +235,26 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default=None,
                     help="with --lora-gemm: BMxBNxBKxGROUPxWARPSxSTAGES tiles, comma separated, or 'default' "
                          "(lora_gemm.GPU_CONFIG); default: adapter_epilogue.SWEEP")
+    ap.add_argument("--rank-update", action="store_true",
+                    help="kernels.lora_gemm.rank_update_'s kernel at its default tiles and rank_update.SWEEP's")
     args = ap.parse_args(argv)
-    if args.lora_gemm:
-        import sys
+    if args.rank_update:
+        from alignlab.kernels.lora_gemm import RANK_UPDATE_CONFIG
 
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from rank_update import SWEEP
+
+        print(f"Triton {triton.__version__}, sm_90, rank_update_, bf16, 2048 x 4096, r = 16")
+        for config in [RANK_UPDATE_CONFIG, *(c for c in SWEEP if c != RANK_UPDATE_CONFIG)]:
+            for forward in (True, False):
+                sass, res = _disassemble(compile_rank_update(config, forward))
+                ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|LDG|STG)\b", sass))
+                counts = " ".join(f"{op}:{n}" for op, n in sorted(ops.items()))
+                regs, spill = re.search(r"REG:(\d+)", res).group(1), re.search(r"STACK:(\d+)", res).group(1)
+                print(f"{config} {'forward ' if forward else 'backward'}: {regs} regs, {spill} B spill, {counts}",
+                      flush=True)
+        return
+    if args.lora_gemm:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from adapter_epilogue import SWEEP
 

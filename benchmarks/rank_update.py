@@ -25,7 +25,9 @@ from alignlab.kernels.lora_gemm import rank_update_
 # as wide as the input: 4096 for q / k / v / gate / up, 14336 for down
 WIDTHS = [("4096 (q / o / down fwd; dx of q..up)", 4096), ("1024 (k / v fwd)", 1024),
           ("14336 (gate / up fwd; dx of down)", 14336)]
-SWEEP = [(bm, bn, w) for bm in (32, 64, 128) for bn in (64, 128, 256) for w in (4, 8)]
+# (BLOCK_M, BLOCK_N, num_warps), the fp32 tile at most 128 values per thread (more spills: 128 x 256 on 4 warps,
+# `nf4_sass.py --rank-update`)
+SWEEP = [(bm, bn, w) for bm in (32, 64, 128) for bn in (64, 128, 256) for w in (4, 8) if bm * bn <= 128 * 32 * w]
 
 
 def forms(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> dict:

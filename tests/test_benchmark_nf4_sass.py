@@ -56,3 +56,21 @@ def test_offline_sass_of_the_epilogue_gemm():
     for row in rows:
         assert " 0 B spill" in row and "HGMMA:" in row, row
         assert ("UTMALDG:" if "descriptors" in row else "LDGSTS:") in row, row
+
+
+def test_offline_sass_of_the_rank_update():
+    """``--rank-update``: the kernel compiles for sm_90 at its default tiles and every swept one, both layouts of ``d``,
+    to tensor-core MMAs with no spills."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((tools / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton wheel ships no NVIDIA tools")
+    from alignlab.kernels.lora_gemm import RANK_UPDATE_CONFIG
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nf4_sass.py"), "--rank-update"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("(")]
+    assert rows[0].startswith(str(RANK_UPDATE_CONFIG)) and len(rows) >= 2, out.stdout
+    for row in rows:
+        assert " 0 B spill" in row and ("HGMMA:" in row or "HMMA:" in row), row
