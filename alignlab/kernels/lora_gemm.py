@@ -150,15 +150,18 @@ if triton is not None:
     @triton.jit
     def _rank_update_kernel(y_ptr, c_ptr, d_ptr, M, N, R, stride_ym, stride_cm, stride_dr, stride_dn,
                             IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Tile ``(program_id(0), program_id(1))`` of ``y += c d``: the tile read, the rank-r product added in fp32
-        (``BLOCK_R >= R`` columns, the padding masked to zero), written back once."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """One ``(BLOCK_M, BLOCK_N)`` tile of ``y += c d`` (a 1-D grid, column blocks fastest: no grid-axis limit): the
+        tile read, the rank-r product added in fp32 (``BLOCK_R >= R`` columns, the padding masked to zero), written
+        back once."""
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        rm = (pid // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
         m_ok, n_ok, r_ok = rm < M, rn < N, rr < R
         rows = rm[:, None].to(tl.int64)
         c = tl.load(c_ptr + rows * stride_cm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        d = tl.load(d_ptr + rr[:, None] * stride_dr + rn[None, :].to(tl.int64) * stride_dn,
+        d = tl.load(d_ptr + rr[:, None].to(tl.int64) * stride_dr + rn[None, :].to(tl.int64) * stride_dn,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         y_ptrs = y_ptr + rows * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -336,44 +339,53 @@ def rank_update_(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor, *,
             small tiles under the interpreter.
 
     The product is summed in fp32 and added to ``y`` before the one rounding, as ``addmm_`` does, in another
-    order than cuBLAS's: the results agree with it to rounding. ``y.addmm_(c, d)`` runs instead where
-    :func:`~alignlab.kernels.dispatch.use_triton` declines, for bf16 under the interpreter and where autograd
-    records the call (the kernel writes behind its back).
+    order than cuBLAS's: the results agree with it to rounding. The write counts as an in-place op for autograd
+    (``y``'s version counter moves, so a graph that saved ``y`` refuses to use it). ``y.addmm_(c, d)`` runs instead
+    where :func:`~alignlab.kernels.dispatch.use_triton` declines, for bf16 under the interpreter, where autograd
+    records the call, where ``c`` or ``d`` may share memory with ``y`` or rows of ``y`` overlap (tiles would read
+    what others wrote, or race; ``addmm_`` copes or refuses) and for an inference tensor outside inference mode
+    (which ``addmm_`` refuses).
 
     Raises:
-        ValueError: shapes that do not fit, tensors on different devices, a ``y`` without unit column stride,
-            R > 128, a bad ``config``. TypeError: dtypes that differ or are not fp16 / bf16 / fp32.
+        TypeError: an argument that is not a tensor; dtypes that differ or are not fp16 / bf16 / fp32.
+        ValueError: shapes that do not fit (named), tensors on different devices, a ``y`` without unit column
+            stride, R > 128, a bad ``config``.
     """
     for name, t in (("y", y), ("c", c), ("d", d)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(t.shape)}")
     M, N = y.shape
     R = c.shape[1]
-    if c.shape[0] != M or d.shape != (R, N):
-        raise ValueError(f"y must be (M, N), c (M, R) and d (R, N), got {tuple(y.shape)}, {tuple(c.shape)}, "
-                         f"{tuple(d.shape)}")
+    if c.shape[0] != M:
+        raise ValueError(f"c must be (M, R) with M = {M} (y's rows), got {tuple(c.shape)}")
+    if d.shape != (R, N):
+        raise ValueError(f"d must be (R, N) = ({R}, {N}) (c's columns, y's columns), got {tuple(d.shape)}")
+    if R > 128:
+        raise ValueError(f"c must have at most 128 columns (the rank; the rank-r term is one tile), got {R}")
     if y.dtype not in _DTYPES or not (y.dtype == c.dtype == d.dtype):
         raise TypeError(f"y, c and d must share one of fp16 / bf16 / fp32, got {y.dtype}, {c.dtype}, {d.dtype}")
     if c.device != y.device or d.device != y.device:
         raise ValueError(f"y, c and d must be on one device, got {y.device}, {c.device}, {d.device}")
-    if R > 128:
-        raise ValueError(f"rank_update_ takes R <= 128 (the rank-r term is one tile), got {R}")
-    if M > 1 and N > 1 and y.stride(1) != 1:
+    if N > 1 and y.stride(1) != 1:
         raise ValueError(f"y must have unit column stride (it is written in place), got strides {y.stride()}")
     if config is not None and (not isinstance(config, (tuple, list)) or len(config) != 3
                                or not all(is_int(v) and v >= 16 and not v & (v - 1) for v in config[:2])
-                               or not is_int(config[2]) or config[2] < 1 or config[2] & (config[2] - 1)):
-        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps), power-of-two blocks >= 16 and a power-of-two "
-                         f"num_warps, got {config!r}")
+                               or config[2] not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps): power-of-two blocks >= 16 and num_warps one "
+                         f"of 1, 2, 4, 8, 16, got {config!r}")
     if M == 0 or N == 0 or R == 0:
         return y
-    if not use_triton(y, c, d) or interpreted_bf16_dot(y) or wants_grad(y, c, d):
+    if (not use_triton(y, c, d) or interpreted_bf16_dot(y) or wants_grad(y, c, d)
+            or (y.is_inference() and not torch.is_inference_mode_enabled())
+            or (M > 1 and y.stride(0) < N) or torch._C._overlaps(y, c) or torch._C._overlaps(y, d)):
         return y.addmm_(c, d)
     bm, bn, warps = (int(v) for v in (config or ((16, 32, 4) if interpreting() else RANK_UPDATE_CONFIG)))
     c = c if c.stride(1) == 1 else c.contiguous()
-    launch(_rank_update_kernel, (cdiv(M, bm), cdiv(N, bn)),
+    launch(_rank_update_kernel, (cdiv(M, bm) * cdiv(N, bn),),
            (y, c, d, M, N, R, y.stride(0), c.stride(0), d.stride(0), d.stride(1)),
            dict(IEEE=y.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, next_power_of_2(R)),
                 num_warps=warps))
+    torch.autograd.graph.increment_version(y)
     return y
