@@ -194,6 +194,43 @@ def test_adapted_matmul_cuda(M, K, N, R, dtype, transposed, tma):
     assert (got.double() - want).abs().mean() <= (cublas.to(dtype).double() - want).abs().mean() * 1.05
 
 
+def _fp16_layer(dora: bool, nf4: bool, device: str):
+    """A fp16 LoRA / DoRA layer (64 -> 48 with bias, dense or NF4 base, r = 8, ``B`` random), an input of 39 rows
+    that needs grad, and the tensors to differentiate."""
+    from alignlab.adapters import LoRALinear
+    from alignlab.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=True)
+    base = (NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half())
+    layer = LoRALinear(base.requires_grad_(False).to(device), r=8, alpha=16, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(3, 13, 64, device=device).half().requires_grad_()
+    return layer, x, [x, *(p for p in layer.parameters() if p.requires_grad)]
+
+
+def _switch_matches_the_default_form(layer, x, params, monkeypatch, kernel: str, switch: str, calls_on: list):
+    """The layer's output and gradients with ``fused.<switch>`` off, then on: on, ``lora_gemm.<kernel>`` is called
+    with first arguments of the shapes ``calls_on`` (off: never), and the results match to fp16 rounding."""
+    from alignlab.adapters import fused
+    from alignlab.kernels import lora_gemm
+
+    calls = []
+    real = getattr(lora_gemm, kernel)
+    monkeypatch.setattr(lora_gemm, kernel, lambda t, *r, **k: calls.append(tuple(t.shape)) or real(t, *r, **k))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(fused, switch, on)
+        calls.clear()
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), params)))
+        assert calls == (calls_on if on else []), calls
+    for got, want in zip(results[1], results[0]):
+        scale = want.abs().max().float().clamp_min(1e-6)
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, triton_mode, kernel_device,
@@ -201,32 +238,11 @@ def test_fused_layers_with_the_epilogue_gemm_match_the_addmm_form(dora, nf4, tri
     """fused.LORA_GEMM on (row bound lowered so that a small layer reaches it): a fp16 LoRA / DoRA layer, dense or
     NF4 base, takes adapted_matmul in forward and for dx, and its output and gradients match the default form
     (cuBLAS-style base product + addmm_) to fp16 rounding."""
-    from alignlab.adapters import LoRALinear, fused
-    from alignlab.kernels import lora_gemm
-    from alignlab.quant.linear import NF4Linear
+    from alignlab.adapters import fused
 
-    torch.manual_seed(0)
-    base = nn.Linear(64, 48, bias=True)
-    base = (NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half())
-    layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=8, alpha=16, use_dora=dora)
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, 0.3)
-    x = torch.randn(3, 13, 64, device=kernel_device).half().requires_grad_()
-    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    calls = []
-    real = lora_gemm.adapted_matmul
-    monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
     monkeypatch.setattr(fused, "LORA_GEMM_FORCED_MIN_ROWS", 1)
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(fused, "LORA_GEMM", on)
-        calls.clear()
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y.float().square().sum(), params)))
-        assert calls == ([(39, 64), (39, 48)] if on else []), calls  # forward, then dx
-    for got, want in zip(results[1], results[0]):
-        scale = want.abs().max().float().clamp_min(1e-6)
-        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
+    _switch_matches_the_default_form(*_fp16_layer(dora, nf4, kernel_device), monkeypatch, "adapted_matmul",
+                                     "LORA_GEMM", [(39, 64), (39, 48)])  # forward (x), then dx (dy)
 
 
 @pytest.mark.parametrize("env, on", [(None, "auto"), ("auto", "auto"), ("1", True), ("off", False)])
@@ -465,33 +481,12 @@ def test_fused_layers_with_the_rank_update_kernel_match_the_addmm_form(dora, nf4
                                                                        monkeypatch):
     """fused.RANK_UPDATE on: a fp16 LoRA / DoRA layer, dense or NF4 base, adds its rank-r term by rank_update_ in
     forward and for dx (two calls), and its output and gradients match the addmm_ form to fp16 rounding."""
-    from alignlab.adapters import LoRALinear, fused
-    from alignlab.kernels import lora_gemm
-    from alignlab.quant.linear import NF4Linear
+    from alignlab.adapters import fused
 
-    torch.manual_seed(0)
-    base = nn.Linear(64, 48, bias=True)
-    base = (NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16) if nf4 else base.half())
-    layer = LoRALinear(base.requires_grad_(False).to(kernel_device), r=8, alpha=16, use_dora=dora)
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(0, 0.3)
-    x = torch.randn(3, 13, 64, device=kernel_device).half().requires_grad_()
-    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    calls = []
-    real = lora_gemm.rank_update_
-    monkeypatch.setattr(lora_gemm, "rank_update_", lambda y, *r, **k: calls.append(tuple(y.shape)) or real(y, *r, **k))
     monkeypatch.setattr(fused, "LORA_GEMM", False)
     monkeypatch.setattr(fused, "WIDE_K", False)
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(fused, "RANK_UPDATE", on)
-        calls.clear()
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y.float().square().sum(), params)))
-        assert calls == ([(39, 48), (39, 64)] if on else []), calls  # forward, then dx
-    for got, want in zip(results[1], results[0]):
-        scale = want.abs().max().float().clamp_min(1e-6)
-        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=4e-3)
+    _switch_matches_the_default_form(*_fp16_layer(dora, nf4, kernel_device), monkeypatch, "rank_update_",
+                                     "RANK_UPDATE", [(39, 48), (39, 64)])  # forward's y, then dx
 
 
 @pytest.mark.parametrize("env, on", [(None, False), ("1", True), ("0", False)])
