@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import subprocess
@@ -66,6 +67,18 @@ class _OfflineDriver:
         return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _offline():
+    """Triton's active driver replaced by :class:`_OfflineDriver` for the block (compiles for sm_90 without a GPU)."""
+    driver = triton.runtime.driver
+    previous = driver._active  # None until first used; reading .active would fail on a machine without a GPU
+    driver.set_active(_OfflineDriver())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
 def _tools() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -90,13 +103,8 @@ def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat
     ws = torch.empty(split, M, N) if split > 1 else y
     cnt = torch.zeros(grid[0], dtype=torch.int32) if split > 1 else y
     args = small._kernel_args(which, x, _state_args(t), y, ws, cnt, None, M, x.stride(0), scalars)
-    driver = triton.runtime.driver
-    previous = driver._active  # None until first used; reading .active would fail on a machine without a GPU
-    driver.set_active(_OfflineDriver())
-    try:
+    with _offline():
         kernel = small._KERNELS[which].run(*args, grid=grid, warmup=True, enable_fp_fusion=True, **meta)
-    finally:
-        driver._active = previous
     return which, meta, kernel
 
 
@@ -121,13 +129,8 @@ def compile_row_norm(N: int, K: int, block_scales: bool, split: int, double_quan
     meta = dict(QUANT=True, IEEE=False, FACTORS=True, SPLIT=split > 1, BLOCK_SCALES=block_scales, BLOCK_N=block_n,
                 BLOCK_K=block_k, BLOCK_R=16, num_warps=warps, BLOCKSIZE=64, NESTED_BS=t.nested_blocksize,
                 DOUBLE=t.double_quant, HAS_SHIFT=False)
-    driver = triton.runtime.driver
-    previous = driver._active
-    driver.set_active(_OfflineDriver())
-    try:
+    with _offline():
         return dora._row_norm_kernel.run(*args, grid=(-(-N // block_n), split), warmup=True, **meta)
-    finally:
-        driver._active = previous
 
 
 def compile_lora_gemm(config, tma: bool, forward: bool, M=8192, K=4096, N=4096, R=16, dtype=torch.bfloat16):
@@ -145,10 +148,7 @@ def compile_lora_gemm(config, tma: bool, forward: bool, M=8192, K=4096, N=4096, 
     d = torch.empty(N, R, dtype=dtype).T if forward else torch.empty(R, N, dtype=dtype)
     meta = dict(HAS_SCALE=False, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=group,
                 num_warps=warps, num_stages=stages, enable_fp_fusion=True)
-    driver = triton.runtime.driver
-    previous = driver._active
-    driver.set_active(_OfflineDriver())
-    try:
+    with _offline():
         if tma:
             descs = (TensorDescriptor.from_tensor(a, [bm, bk]),
                      TensorDescriptor.from_tensor(w, [bn, bk] if forward else [bk, bn]),
@@ -159,8 +159,6 @@ def compile_lora_gemm(config, tma: bool, forward: bool, M=8192, K=4096, N=4096, 
         return lora_gemm._adapted_matmul_kernel.run(a, b, c, d, y, y, y, M, N, K, R, a.stride(0), a.stride(1),
                                                     b.stride(0), b.stride(1), c.stride(0), d.stride(0), d.stride(1),
                                                     y.stride(0), IEEE=False, grid=(1,), warmup=True, **meta)
-    finally:
-        driver._active = previous
 
 
 def compile_rank_update(config, forward: bool, M=2048, N=4096, R=16, dtype=torch.bfloat16):
@@ -171,15 +169,10 @@ def compile_rank_update(config, forward: bool, M=2048, N=4096, R=16, dtype=torch
     bm, bn, warps = config
     y, c = torch.empty(M, N, dtype=dtype), torch.empty(M, R, dtype=dtype)
     d = torch.empty(N, R, dtype=dtype).T if forward else torch.empty(R, N, dtype=dtype)
-    driver = triton.runtime.driver
-    previous = driver._active
-    driver.set_active(_OfflineDriver())
-    try:
+    with _offline():
         return lora_gemm._rank_update_kernel.run(y, c, d, M, N, R, y.stride(0), c.stride(0), d.stride(0), d.stride(1),
                                                  IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16, num_warps=warps,
                                                  grid=(1,), warmup=True, enable_fp_fusion=True)
-    finally:
-        driver._active = previous
 
 
 def _disassemble(kernel) -> tuple[str, str]:
@@ -238,11 +231,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rank-update", action="store_true",
                     help="kernels.lora_gemm.rank_update_'s kernel at its default tiles and rank_update.SWEEP's")
     args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks' sweeps
     if args.rank_update:
-        from alignlab.kernels.lora_gemm import RANK_UPDATE_CONFIG
-
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from rank_update import SWEEP
+
+        from alignlab.kernels.lora_gemm import RANK_UPDATE_CONFIG
 
         print(f"Triton {triton.__version__}, sm_90, rank_update_, bf16, 2048 x 4096, r = 16")
         for config in [RANK_UPDATE_CONFIG, *(c for c in SWEEP if c != RANK_UPDATE_CONFIG)]:
@@ -255,7 +248,6 @@ def main(argv=None) -> None:
                       flush=True)
         return
     if args.lora_gemm:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from adapter_epilogue import SWEEP
 
         from alignlab.kernels.lora_gemm import GPU_CONFIG
