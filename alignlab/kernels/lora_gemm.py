@@ -222,11 +222,17 @@ def adapted_matmul_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, 
     return (y + c.float() @ d.float()).to(a.dtype)
 
 
+def _matrices(**named: torch.Tensor) -> None:
+    """TypeError for an argument that is not a tensor, ValueError for one that is not 2-D, each by its name."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(t.shape)}")
+
+
 def _check(a, b, c, d, col_scale, bias) -> None:
-    for name, t in (("a", a), ("b", b), ("c", c), ("d", d)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _matrices(a=a, b=b, c=c, d=d)
     M, K = a.shape
     N = b.shape[1]
     if b.shape[0] != K or c.shape[0] != M or d.shape != (c.shape[1], N):
@@ -271,7 +277,8 @@ def adapted_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, R > 128, a bad ``config``.
-        TypeError: dtypes that differ or are not fp16 / bf16 / fp32; a ``tma`` that is not a bool.
+        TypeError: an argument that is not a tensor; dtypes that differ or are not fp16 / bf16 / fp32; a ``tma``
+            that is not a bool.
 
     The reference (:func:`adapted_matmul_reference`) runs where :func:`~alignlab.kernels.dispatch.use_triton`
     declines, for bf16 under the interpreter, for empty shapes (nothing to launch) and where a gradient is wanted.
@@ -351,11 +358,7 @@ def rank_update_(y: torch.Tensor, c: torch.Tensor, d: torch.Tensor, *,
         ValueError: shapes that do not fit (named), tensors on different devices, a ``y`` without unit column
             stride, R > 128, a bad ``config``.
     """
-    for name, t in (("y", y), ("c", c), ("d", d)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(t.shape)}")
+    _matrices(y=y, c=c, d=d)
     M, N = y.shape
     R = c.shape[1]
     if c.shape[0] != M:

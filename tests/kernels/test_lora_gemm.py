@@ -96,8 +96,10 @@ def test_adapted_matmul_empty_and_errors(triton_mode, kernel_device):
     torch.testing.assert_close(got, c @ d + bias, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"b \(K, N\)"):
         adapted_matmul(a, w, c, d)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="^a must be a 2-D tensor, got shape"):
         adapted_matmul(a[0], w.T, c, d)
+    with pytest.raises(TypeError, match="^d must be a tensor, got list"):
+        adapted_matmul(a, w.T, c, d.tolist())
     with pytest.raises(TypeError, match="share"):
         adapted_matmul(a, w.T, c.half(), d)
     with pytest.raises(TypeError, match="share"):
