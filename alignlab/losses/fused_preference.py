@@ -442,7 +442,7 @@ def fused_linear_dpo(
         raise ValueError("fused_linear_dpo needs a reference: ref_hidden (the reference's (2B, seq, hidden) hidden "
                          "states), or ref_chosen_logps and ref_rejected_logps, or reference_free=True")
     counts = _scored_counts(labels, ignore_index, policy_hidden)
-    len_c, len_r = _split_pairs("labels", counts.clamp(min=1))
+    len_c, len_r = _split_pairs("labels", counts)  # 0 for an empty completion: dpo_loss averages it to 0
     sel = None
     if ref_hidden is not None:
         if rc is not None or rr is not None:
@@ -461,7 +461,7 @@ def fused_linear_dpo(
 
     def loss_fn(tok: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pc, pr = _pair_logps(tok, counts, average_log_prob)
-        with _lengths_known_valid() if ours else contextlib.nullcontext():  # ours are clamped to >= 1
+        with _lengths_known_valid() if ours else contextlib.nullcontext():  # ours are counts, >= 0
             loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                      **dpo_kwargs)
         if nll_alpha:
@@ -543,12 +543,12 @@ def fused_linear_simpo(
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)  # before the counts read labels
     check_num_items("num_items", num_items)
     _check_ignore_index(ignore_index)
-    counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
+    counts = (labels != ignore_index).sum(dim=1)  # 0 for an empty completion: simpo_loss averages it to 0
 
     def loss_fn(tok):
         pc, pr = _pair_logps(tok, counts, average=False)
         lc, lr = _split_pairs("labels", counts)
-        with _lengths_known_valid():  # clamped to >= 1 above
+        with _lengths_known_valid():  # counts, >= 0
             return simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing, chosen_lengths=lc,
                               rejected_lengths=lr, num_items=num_items)
 

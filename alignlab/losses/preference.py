@@ -176,7 +176,9 @@ def _lengths_known_valid() -> Iterator[None]:
 
 
 def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torch.Tensor) -> torch.Tensor | None:
-    """Completion lengths as a float tensor shaped like ``like``; every length must be >= 1."""
+    """Completion lengths as a float tensor shaped like ``like``; every length must be >= 0 (a completion with no
+    scored token has length 0: the losses that average over a completion divide by ``max(length, 1)``, so its
+    average is 0, as ``sequence_logprobs(average=True)`` writes it)."""
     if lengths is None:
         return None
     try:  # a str or a list holding None failed inside torch without the argument's name
@@ -189,8 +191,8 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{name} must hold token counts, got dtype {t.dtype}")
     t = t.to(like.dtype)
-    if t.numel() and not _LENGTHS_VALID.get() and bool((~(t >= 1)).any()):  # NaN fails >= 1
-        raise ValueError(f"{name} must be >= 1 everywhere (number of completion tokens)")
+    if t.numel() and not _LENGTHS_VALID.get() and bool((~(t >= 0)).any()):  # NaN fails >= 0
+        raise ValueError(f"{name} must be >= 0 everywhere (number of completion tokens), with no NaN")
     return t
 
 
@@ -315,8 +317,8 @@ def _dpo_per_pair(
     discopop_tau: float,
 ) -> torch.Tensor:
     hc, hr = pc - rc, pr - rr
-    if loss_type in _LENGTH_NORMALISED and len_c is not None:
-        delta = hc / len_c - hr / len_r
+    if loss_type in _LENGTH_NORMALISED and len_c is not None:  # an empty completion averages to 0
+        delta = hc / len_c.clamp(min=1) - hr / len_r.clamp(min=1)
     else:
         delta = hc - hr
 
@@ -500,7 +502,8 @@ def dpo_loss(
         beta: :math:`\beta > 0`, the KL-regularisation strength (:math:`\tau` for IPO).
         loss_type: one of :data:`DPO_LOSS_TYPES` or a non-empty list/tuple of them.
         label_smoothing: :math:`\varepsilon`, the assumed label-flip rate.
-        chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts (R-DPO, ``ipo``, ``sigmoid_norm``).
+        chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts (R-DPO, ``ipo``, ``sigmoid_norm``);
+            a completion with none (length 0) has per-token average log-ratio 0 in ``ipo`` / ``sigmoid_norm``.
         length_alpha: :math:`\alpha` of R-DPO (0 disables it).
         discopop_tau: :math:`\tau` of DiscoPOP.
         reduction: ``"mean"`` (over pairs), ``"sum"`` or ``"none"`` (per-pair losses, ``(batch,)``; for ``aot``
@@ -525,7 +528,7 @@ def dpo_loss(
             or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
             ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
-            lengths below 1 or NaN, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
+            negative or NaN lengths, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
             ``loss_weights`` not a sequence or its entries, ``length_alpha``, ``beta``, ``discopop_tau`` or
             ``label_smoothing`` not real numbers, ``aot_step_offset`` not an int, lengths that are no token counts
@@ -994,7 +997,8 @@ def simpo_loss(
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(batch,)`` per-token **averaged** log-probs, or summed
-            log-probs together with ``chosen_lengths``/``rejected_lengths`` (then divided here).
+            log-probs together with ``chosen_lengths``/``rejected_lengths`` (then divided here; a length of 0, a
+            completion with no scored token, averages to 0 as ``sequence_logprobs(average=True)`` writes it).
         beta: :math:`\beta > 0` (the paper uses 2.0–2.5).
         gamma: the target reward margin :math:`\gamma` (absolute, not the ratio :math:`\gamma/\beta`).
         label_smoothing: :math:`\varepsilon \in [0, 1)`.
@@ -1021,8 +1025,8 @@ def simpo_loss(
     len_r = _lengths("rejected_lengths", rejected_lengths, pc)
     if (len_c is None) != (len_r is None):
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
-    if len_c is not None:
-        pc, pr = pc / len_c, pr / len_r
+    if len_c is not None:  # an empty completion averages to 0
+        pc, pr = pc / len_c.clamp(min=1), pr / len_r.clamp(min=1)
     loss = _reduce(_cpo_per_pair("simpo", pc - pr, beta, label_smoothing, gamma), reduction, num_items)
     return loss, _pair_metrics(beta * pc, beta * pr, pc, pr)
 

@@ -90,6 +90,36 @@ def test_fused_dpo_matches_unfused(loss_type, nll_alpha, schedule):
     assert gm["rewards/margins"].item() == pytest.approx(wm["rewards/margins"].item())
 
 
+@pytest.mark.parametrize("loss_type,length_alpha", [("ipo", 0.0), ("sigmoid_norm", 0.0), ("sigmoid", 0.05)])
+@pytest.mark.parametrize("schedule", ["lazy", "eager-recompute"])
+def test_fused_losses_with_an_empty_completion_match_unfused(loss_type, length_alpha, schedule):
+    """A pair whose rejected (or chosen) completion has no scored token: fused_linear_dpo / fused_linear_simpo give
+    dpo_loss / simpo_loss's numbers with the true scored-token counts (0 for the empty side: its average is 0, and
+    R-DPO's margin counts 0 tokens), on both schedules; the unfused losses used to raise there."""
+    hidden, weight, bias, labels = _batch(4)
+    labels[B] = -100  # pair 0's rejected completion
+    labels[1] = -100  # pair 1's chosen completion
+    g = torch.Generator().manual_seed(5)
+    ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    ref[B] = ref[1] = 0.0  # an empty completion's reference log-prob
+    tok, counts = _unfused_token_logps(hidden, weight, bias, labels)
+    assert counts[B] == 0 and counts[1] == 0
+    seq = tok.sum(1)
+    reduction = "none" if schedule == "lazy" else "sum"  # per pair where the schedule allows it
+    got, _ = fused_linear_dpo(hidden, weight, labels, ref[:B], ref[B:], bias=bias, beta=0.2, loss_type=loss_type,
+                              length_alpha=length_alpha, chunk_size=4, reduction=reduction, **SCHEDULES[schedule])
+    want, _ = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=0.2, loss_type=loss_type, length_alpha=length_alpha,
+                       chosen_lengths=counts[:B], rejected_lengths=counts[B:], reduction=reduction)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got.sum(), hidden, weight, bias), _grads(want.sum(), hidden, weight, bias), 1e-10)
+    got, _ = fused_linear_simpo(hidden, weight, labels, bias=bias, beta=2.0, gamma=0.4, chunk_size=4,
+                                **SCHEDULES[schedule])
+    want, _ = simpo_loss(seq[:B], seq[B:], beta=2.0, gamma=0.4, chosen_lengths=counts[:B],
+                         rejected_lengths=counts[B:])
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
+
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_fused_dpo_reference_from_hidden_equals_precomputed(schedule):
     hidden, weight, bias, labels = _batch(2)
@@ -113,9 +143,9 @@ def test_fused_dpo_reference_from_hidden_equals_precomputed(schedule):
 def test_fused_dpo_still_checks_lengths_the_caller_passes():
     hidden, weight, _, labels = _batch(2, bias=False)
     ref = torch.zeros(B, dtype=torch.float64)
-    with pytest.raises(ValueError, match="chosen_lengths"):
+    with pytest.raises(ValueError, match="^chosen_lengths must be >= 0 everywhere"):
         fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="ipo",
-                         chosen_lengths=torch.zeros(B), rejected_lengths=torch.ones(B))
+                         chosen_lengths=-torch.ones(B), rejected_lengths=torch.ones(B))
 
 
 def test_fused_dpo_reference_free_and_average():

@@ -546,8 +546,39 @@ def test_cpo_and_orpo_errors():
         orpo_loss(x, x, torch.zeros(3))
     with pytest.raises(ValueError, match="batch size mismatch"):
         simpo_loss(x, -torch.rand(2))
-    with pytest.raises(ValueError, match="lengths"):
-        simpo_loss(x, x, chosen_lengths=[1, 2, 0], rejected_lengths=[1, 1, 1])
+    with pytest.raises(ValueError, match="^chosen_lengths must be >= 0 everywhere"):
+        simpo_loss(x, x, chosen_lengths=[1, 2, -1], rejected_lengths=[1, 1, 1])
+    with pytest.raises(ValueError, match="^rejected_lengths must be >= 0 everywhere"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=[1, 2, 3], rejected_lengths=[1, float("nan"), 1])
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_empty_completion_averages_to_zero(loss_type):
+    """A completion with no scored token (length 0, summed log-probs 0) has per-token average 0, as
+    sequence_logprobs(average=True) writes it: dpo_loss's length-normalised types and simpo_loss take the other
+    side's average alone, with finite gradients, where they raised before (the fused losses, which pass
+    scored-token counts, did not)."""
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (-torch.rand(3, generator=g, dtype=torch.float64) * 9 for _ in range(4))
+    lc, lr = [4, 0, 2], [3, 5, 0]
+    pc[1] = rc[1] = pr[2] = rr[2] = 0.0  # pair 1's chosen and pair 2's rejected completion are empty
+    pc.requires_grad_()
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr,
+                       reduction="none")
+    for i in range(3):
+        avg_c = (pc[i] - rc[i]) / lc[i] if lc[i] else 0.0
+        avg_r = (pr[i] - rr[i]) / lr[i] if lr[i] else 0.0
+        want = ((avg_c - avg_r - 1 / (2 * 0.3)) ** 2 if loss_type == "ipo"
+                else -torch.nn.functional.logsigmoid(torch.as_tensor(0.3 * (avg_c - avg_r))))
+        torch.testing.assert_close(loss[i], torch.as_tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss.sum(), pc)
+    assert torch.isfinite(grad).all()
+    s_loss, _ = simpo_loss(pc, pr, beta=2.0, gamma=0.5, chosen_lengths=lc, rejected_lengths=lr, reduction="none")
+    for i in range(3):
+        avg_c = pc[i] / lc[i] if lc[i] else 0.0
+        avg_r = pr[i] / lr[i] if lr[i] else 0.0
+        want = -torch.nn.functional.logsigmoid(torch.as_tensor(2.0 * (avg_c - avg_r) - 0.5))
+        torch.testing.assert_close(s_loss[i], want.to(torch.float64), rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------------------
