@@ -96,10 +96,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 # input checks
 # ----------------------------------------------------------------------------------------------------------------
 def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
-    """All given tensors: floating, 1-D, one shape.  Returns the dtype the loss is computed in."""
+    """All given tensors: floating, 1-D, one shape, one device.  Returns the dtype the loss is computed in."""
     shape = None
     first = None
     dtype = None
+    device = None
     for name, t in named.items():
         if t is None:
             continue
@@ -110,11 +111,13 @@ def _check_logps(**named: torch.Tensor | None) -> torch.dtype:
         if t.dim() != 1:
             raise ValueError(f"{name} must have shape (batch,), got {tuple(t.shape)}")
         if shape is None:
-            shape, first = t.shape, name
+            shape, first, device = t.shape, name, t.device
         elif t.shape != shape:
             raise ValueError(
                 f"batch size mismatch: {first} has shape {tuple(shape)} but {name} has shape {tuple(t.shape)}"
             )
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: all must be on one device")
         dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     assert dtype is not None
     return torch.promote_types(dtype, torch.float32)
@@ -524,7 +527,7 @@ def dpo_loss(
         TRL logs it.
 
     Raises:
-        ValueError: mismatched batch sizes, non-float or non-1-D inputs, ``beta <= 0``, an unknown ``loss_type``
+        ValueError: mismatched batch sizes or devices, non-float or non-1-D inputs, ``beta <= 0``, an unknown ``loss_type``
             or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
             ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,

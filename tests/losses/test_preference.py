@@ -297,6 +297,10 @@ def test_dpo_errors():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match="batch size mismatch"):
         dpo_loss(x, torch.zeros(4), x, x)
+    with pytest.raises(ValueError, match="^ref_chosen_logps is on meta but policy_chosen_logps is on cpu"):
+        dpo_loss(x, x, x.to("meta"), x)
+    with pytest.raises(ValueError, match="^policy_rejected_logps is on meta"):
+        simpo_loss(x, x.to("meta"))
     with pytest.raises(ValueError, match="floating-point"):
         dpo_loss(torch.zeros(3, dtype=torch.long), x, x, x)
     with pytest.raises(ValueError, match=r"shape \(batch,\)"):
