@@ -527,8 +527,8 @@ def dpo_loss(
         TRL logs it.
 
     Raises:
-        ValueError: mismatched batch sizes or devices, non-float or non-1-D inputs, ``beta <= 0``, an unknown ``loss_type``
-            or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
+        ValueError: mismatched batch sizes or devices, non-float or non-1-D inputs, ``beta <= 0``, an unknown
+            ``loss_type`` or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
             ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
             negative or NaN lengths, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
