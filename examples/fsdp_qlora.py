@@ -116,7 +116,8 @@ def main(argv=None) -> float:
         dist.broadcast_object_list(holder, src=0)
         path = save_adapter(model, holder[0])
         if is_writer():
-            print(f"adapter saved to {path}")
+            kept = "" if args.out else " (a temporary folder, removed at the end; --out keeps it)"
+            print(f"adapter saved to {path}{kept}")
         model.eval()
         fresh = build(args, device, compute_dtype, adapter=path)
         fresh.eval()

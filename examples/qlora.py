@@ -107,7 +107,8 @@ def check_reload(model, batch: torch.Tensor, out: str | None, fresh_base) -> flo
 
     with tempfile.TemporaryDirectory(prefix="alignlab-qlora-") as tmp:
         path = save_adapter(model, out or Path(tmp) / "adapter")
-        print(f"adapter saved to {path}")
+        kept = "" if out else " (a temporary folder, removed at the end; --out keeps it)"
+        print(f"adapter saved to {path}{kept}")
         reloaded = load_adapter(fresh_base(), path)
     model.eval()
     reloaded.eval()
