@@ -98,7 +98,7 @@ LORA_GEMM = env_switch("ALIGNLAB_LORA_GEMM", "auto", choices=("auto",))
 # alignlab.kernels.lora_gemm.rank_update_ (one Triton kernel reading and writing each tile once) instead of cuBLAS: at
 # batch 1 of the QLoRA step (2048 rows) cuBLAS's K = 16 update kernels ran at ~40% of the copy bandwidth (27 us for a
 # 2048 x 4096 bf16 result on an H100, 11 us at the roofline; RESULTS.md). Timed on an H200 (2026-12-06): 1.3-1.7x
-# faster than addmm_ (at the copy roofline) except at 2048 x 1024 (0.7-0.9x), and in the QLoRA step it saved 0.13 /
+# faster than addmm_ (86-100% of the copy rate) except at 2048 x 1024 (0.7-0.9x), and in the QLoRA step it saved 0.13 /
 # 0.16 ms of 29 / 108 ms of GPU time (batch 1 / 4), within the runs' spread: off by default.
 # ALIGNLAB_LORA_RANK_UPDATE=1 (read at import) or this attribute set to True takes it for fp16 / bf16 results of more
 # than RANK_UPDATE_MIN_ROWS rows
