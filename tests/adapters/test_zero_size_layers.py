@@ -257,3 +257,31 @@ def test_bottleneck_over_no_tokens(parallel):
             assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
     with pytest.raises(ValueError, match="hidden must be a positive integer"):
         BottleneckLayer(nn.Linear(0, 0), hidden=0, bottleneck=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+@pytest.mark.parametrize("family", ["lora", "dora"])
+def test_nf4_base_over_no_tokens(family, mode, dtype, kernel_device, monkeypatch):
+    """QLoRA / QDoRA (an NF4Linear base, its bias frozen) on a batch of 0 tokens, with and without grad: an empty
+    output of the compute dtype, an empty input gradient, and zero gradients for the factors and the magnitude."""
+    from alignlab.quant import NF4Linear
+
+    if mode == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ALIGNLAB_KERNELS", mode)
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=dtype).to(kernel_device)
+    layer = LAYERS[family](base).to(kernel_device)
+    x = torch.zeros(2, 0, 64, dtype=dtype, device=kernel_device, requires_grad=True)
+    with torch.no_grad():
+        assert layer(x).shape == (2, 0, 48)
+    y = layer(x)
+    assert y.shape == (2, 0, 48) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    trained = [(n, t) for n, t in layer.named_parameters() if t.requires_grad]
+    assert {n for n, _ in trained} >= {"lora_A.default.weight", "lora_B.default.weight"}
+    for name, t in trained:
+        assert t.grad is not None and t.grad.shape == t.shape, name
+        torch.testing.assert_close(t.grad, torch.zeros_like(t), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

@@ -23,7 +23,7 @@ def _rows(rows, vocab, device, scale=3.0, seed=0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 77), (2, 130)])
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 77), (2, 130), (1, 130)])
 def test_rows_forward_and_gradient_fp32(kernel_device, kind, rows, vocab):
     s, t, w = _rows(rows, vocab, kernel_device)
     want_loss, want_dz = distill_rows_torch(s.double(), t.double(), kind, 0.3, 1.5, w.double())
@@ -33,6 +33,16 @@ def test_rows_forward_and_gradient_fp32(kernel_device, kind, rows, vocab):
     torch.testing.assert_close(dz.double(), want_dz, rtol=1e-4, atol=1e-6)
     only_loss = distill_rows(s, t, kind, beta=0.3, temperature=1.5)
     torch.testing.assert_close(only_loss, loss)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_without_rows(kernel_device, kind):
+    """No rows: an empty loss, and a gradient buffer left as it was (nothing to write)."""
+    s, t, w = _rows(0, 77, kernel_device)
+    dz = torch.empty_like(s)
+    loss = distill_rows(s, t, kind, beta=0.3, temperature=1.5, grad_scale=w, grad_out=dz)
+    assert loss.shape == (0,) and dz.shape == (0, 77)
+    assert distill_rows(s, t, kind, beta=0.3, temperature=1.5).shape == (0,)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -31,6 +31,29 @@ def test_row_norm_of_a_weight_without_input_columns(kernel_mode, kernel_device):
     assert gs.shape == (5, 1) and bgs.shape == (5, 2) and bgs.dtype == torch.float16 and not bgs.any()
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_row_norm_without_output_rows_or_rank(nf4, triton_mode, kernel_device):
+    """A weight without output rows: empty norms and factors of the right shapes; rank 0 (``a (0, in)``,
+    ``b (out, 0)``): the norms of ``W`` alone, against float64, dense and NF4 (fp16 factors)."""
+    from alignlab.quant.nf4 import nf4_dequantize, nf4_quantize
+
+    def weight(n):
+        w = torch.randn(n, 64, generator=torch.Generator().manual_seed(n)).to(kernel_device)
+        return (nf4_quantize(w, blocksize=64), None) if nf4 else (w.half(), w.half())
+
+    if not nf4:  # an NF4 weight cannot be empty (nf4_quantize refuses it)
+        w, _ = weight(0)
+        a, b = torch.randn(2, 64, device=kernel_device).half(), torch.zeros(0, 2, device=kernel_device).half()
+        assert dora_row_norm(w, a, b, 0.5).shape == (0,)
+        norm, g, gs, bgs = dora_norm_and_scales(w, a, b, 0.5, torch.zeros(0, device=kernel_device), b.float(),
+                                                torch.float16)
+        assert norm.shape == g.shape == (0,) and gs.shape == (0, 1) and bgs.shape == (0, 2)
+    w, dense = weight(37)
+    w64 = (nf4_dequantize(w, torch.float32) if nf4 else dense).double()
+    a, b = torch.zeros(0, 64, device=kernel_device).half(), torch.zeros(37, 0, device=kernel_device).half()
+    torch.testing.assert_close(dora_row_norm(w, a, b, 0.5).double(), w64.norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T,O,R", [(3, 0, 2), (3, 4, 0), (1, 1, 1)])
 def test_rank_grads_without_output_columns_rank_or_with_one_row(T, O, R, triton_mode, kernel_device):
     g = torch.Generator().manual_seed(T + O + R)

@@ -60,10 +60,29 @@ def test_kernel_matches_oracle_and_reference(kernel_device, dtype, rows, vocab, 
     torch.testing.assert_close(z_lse, z_tri, **gtol)
 
 
-def test_kernel_zero_rows(kernel_device):
-    z = torch.empty(0, 17, device=kernel_device)
-    st = chunk_softmax_grad_triton_(z, torch.empty(0, dtype=torch.long, device=kernel_device))
-    assert st.lse.shape == (0,)
+@pytest.mark.parametrize("options", [{}, {"want_mean": True}, {"want_entropy": True},
+                                     {"saved_lse": True, "grad_scale": True},
+                                     {"saved_lse": True, "grad_scale": True, "want_entropy": True, "expected": True,
+                                      "entropy_grad": True},
+                                     {"grad_scale": True, "want_mean": True, "want_entropy": True, "entropy_grad": True}])
+def test_kernel_zero_rows(kernel_device, options):
+    """No rows, with every optional output and input: the reference's fields (empty, or None where it gives
+    None), and the logits left as they are."""
+    opts = dict(options)
+    empty = torch.empty(0, device=kernel_device)
+    kw = {k: opts.pop(k) for k in ("want_mean", "want_entropy") if k in opts}
+    for name in ("expected", "entropy_grad", "grad_scale"):
+        if opts.pop(name, False):
+            kw[name] = empty
+    if opts.pop("saved_lse", False):
+        kw["lse"] = empty
+    assert not opts
+    labels = torch.empty(0, dtype=torch.long, device=kernel_device)
+    got = chunk_softmax_grad_triton_(torch.empty(0, 17, device=kernel_device), labels, **kw)
+    want = chunk_softmax_grad_reference_(torch.empty(0, 17, device=kernel_device), labels, **kw)
+    for field, g, w in zip(got._fields, got, want):
+        assert (g is None) == (w is None), field
+        assert g is None or g.shape == (0,), field
 
 
 def test_kernel_rejects_float64(kernel_device):

@@ -39,6 +39,18 @@ def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dt
     torch.testing.assert_close(got, _reference_by_hand(y, x, a, b, 0.7), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("m, n, r", [(0, 48, 4), (3, 0, 4), (3, 48, 0)], ids=["no-rows", "no-outputs", "rank-0"])
+def test_empty_rows_outputs_or_rank(m, n, r, triton_mode):
+    """No rows, no output columns or rank 0: the reference's result exactly (y unchanged at rank 0), in place."""
+    x, a, b, y = _case(m, 64, n, r, torch.float16, "cpu")
+    want = lora_decode_reference(y, x, a, b, 0.7)
+    out = y.clone()
+    assert lora_decode_add_(out, x, a, b, 0.7) is out and out.shape == (m, n)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    if r == 0:
+        torch.testing.assert_close(out, y, rtol=0, atol=0)
+
+
 def test_reference_is_the_formula():
     x, a, b, y = _case(4, 70, 33, 5, torch.bfloat16, "cpu")
     torch.testing.assert_close(lora_decode_reference(y, x, a, b, 2.0), _reference_by_hand(y, x, a, b, 2.0),

@@ -75,10 +75,19 @@ def test_matmul_interpreter_odd_k_icq_and_batch_dims(fused, triton_mode, monkeyp
     assert _rel(nf4_matmul_t(dy, t), dy.double() @ wd) < 1e-5
 
 
-def test_empty_batch(triton_mode):
-    t, x, dy, b, wd = _case(16, 32, 1, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_batch(triton_mode, kernel_device, dtype):
+    """No rows: the right shapes, through autograd too (x's gradient empty, a bias's zero), 2-D and 3-D."""
+    t, x, dy, b, wd = _case(16, 32, 1, dtype, device=kernel_device)
     assert nf4_matmul(x[:0], t).shape == (0, 16)
     assert nf4_matmul_t(dy[:0], t).shape == (0, 32)
+    x0 = torch.zeros(2, 0, 32, dtype=dtype, device=kernel_device, requires_grad=True)
+    bias = b.clone().requires_grad_()
+    y = nf4_matmul(x0, t, bias)
+    assert y.shape == (2, 0, 16) and y.dtype == dtype
+    y.sum().backward()
+    assert x0.grad.shape == (2, 0, 32)
+    torch.testing.assert_close(bias.grad, torch.zeros_like(bias), rtol=0, atol=0)
 
 
 def test_errors():

@@ -115,6 +115,8 @@ def test_bad_arguments(triton_mode):
         small_m_matmul(x, t, kernel="mma")
     with pytest.raises(ValueError, match="1..64"):
         small_m_matmul(torch.randn(65, 64), t)
+    with pytest.raises(ValueError, match="1..64"):  # no rows: nf4_matmul returns the empty result itself
+        small_m_matmul(torch.randn(0, 64), t)
     with pytest.raises(ValueError, match="dtype"):
         _decode4_asm(torch.float32)
     with pytest.raises(TypeError, match="asm must be a bool or None, got str"):  # 'yes' ran as True
