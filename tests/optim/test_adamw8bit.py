@@ -63,13 +63,17 @@ def _state(n, blocksize, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("n,blocksize,dtype", [(256, 256, torch.float32), (1000, 256, torch.float32),
-                                               (700, 64, torch.bfloat16), (129, 128, torch.float16)])
+                                               (700, 64, torch.bfloat16), (129, 128, torch.float16),
+                                               (1, 256, torch.float32), (100, 256, torch.float16),
+                                               (0, 256, torch.float32)])
 def test_triton_step_matches_reference(n, blocksize, dtype, triton_mode, kernel_device):
+    """Whole and partial blocks, a parameter of one element, one smaller than a block, and an empty one."""
     from alignlab.kernels.adamw8bit import adamw8bit_kernel_step
     from alignlab.optim.adamw8bit import _maps
 
     p, grad, codes, absmax = _state(n, blocksize, seed=n, dtype=dtype)
-    grad[:blocksize] = 0  # an all-zero gradient block next to live ones
+    if n >= blocksize:
+        grad[:blocksize] = 0  # an all-zero gradient block next to live ones
     hyper = _hyper(3, 1e-2, (0.9, 0.999), 1e-8, 0.1)
     p_ref, c_ref, a_ref = p.clone(), codes.clone(), absmax.clone()
     adamw8bit_reference_(p_ref, grad, c_ref, a_ref, hyper, blocksize)
@@ -83,8 +87,8 @@ def test_triton_step_matches_reference(n, blocksize, dtype, triton_mode, kernel_
         assert torch.allclose(p.float(), p_ref.float(), rtol=2**-7, atol=0)
     assert torch.allclose(absmax, a_ref, rtol=1e-6, atol=0)
     # a value that lands within float rounding of a midpoint may round the other way; no more than that
-    assert (codes != c_ref).float().mean().item() <= 2e-3
-    assert (codes.int() - c_ref.int()).abs().max().item() <= 1
+    assert (codes != c_ref).sum().item() <= 2e-3 * codes.numel()
+    assert codes.shape == c_ref.shape and (codes.int() - c_ref.int()).abs().le(1).all()
 
 
 def test_an_overflowing_second_moment_stays_inf_on_both_paths(kernel_mode):
