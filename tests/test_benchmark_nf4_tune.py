@@ -67,23 +67,28 @@ def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
     assert sorted(TABLES["H100"]["shapes"]) == sorted({(r["N"], r["K"]) for r in rows})
 
 
-def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_run():
-    """TABLES["H200"]'s swapped-kernel entries are what table_from_rows gives from the recorded H200 run (buckets up
-    to 64: above max_m, 32, they apply at the shapes listed, max_m_listed); no shape is listed under two
-    alternatives at one bucket (the late entries the swap run beat were dropped), and every shape the table names is
-    in its "shapes"."""
+def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_runs():
+    """TABLES["H200"]'s swapped-kernel entries are what table_from_rows gives from the two recorded H200 runs: the
+    five benchmark shapes (buckets up to 64: above max_m, 32, they apply at the shapes listed, max_m_listed) and the
+    k / v shapes of 2026-12-06 (disjoint shapes); no shape is listed under two alternatives at one bucket (the late
+    entries the swap runs beat were dropped), and every shape the table names is in its "shapes"."""
     import json
     from pathlib import Path
 
     from alignlab.kernels.nf4_configs import ALTERNATIVES, TABLES
 
     tune = load_script("benchmarks/nf4_tune.py")
-    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "nf4_tune_swap_h200.json")
-                      .read_text())["rows"]
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    rows = json.loads((results / "nf4_tune_swap_h200.json").read_text())["rows"]
+    kv_rows = json.loads((results / "nf4_tune_kv_h200_1206.json").read_text())["rows"]
     configs, max_m = tune.table_from_rows(rows)
+    kv_configs, kv_max_m = tune.table_from_rows(kv_rows)
     table = TABLES["H200"]
-    assert table["max_m_listed"] == max_m == 64
-    want = configs
+    assert table["max_m_listed"] == max_m == 64 and table["max_m"] == kv_max_m == 32
+    want = {key: dict(entries) for key, entries in configs.items()}
+    for key, entries in kv_configs.items():
+        assert not set(entries) & set(want.get(key, {}))  # the runs measured other shapes
+        want.setdefault(key, {}).update(entries)
     assert {k: v for k, v in table["configs"].items() if k[0].startswith("swap")} == want
     for m in (1, 2, 4, 8, 16, 32, 64):
         listed = [s for alt in ALTERNATIVES for s in table["configs"].get((alt, m), {})]
@@ -122,7 +127,9 @@ def test_merged_table_takes_a_run_at_new_shapes_into_a_table(monkeypatch):
     assert (1024, 8192) not in h200["configs"].get(("late", 32), {})
     assert h200["configs"][("late", 8)] == {(14336, 4096): (128, 2, 8, 4, 1)}  # other shapes keep theirs
     assert h200["max_m"] == 32 and h200["max_m_listed"] == 64 and h200["shapes"] == TABLES["H200"]["shapes"]
-    assert (1024, 4096) in TABLES["H200"]["configs"][("late", 8)]  # the input is not changed
+    # the input is not changed: its own entries where the merge replaced or dropped them
+    assert TABLES["H200"]["configs"][("swap", 8)][(1024, 4096)] == (32, 1, 16, 2, 3)
+    assert (1024, 8192) in TABLES["H200"]["configs"][("late", 32)]
     monkeypatch.setattr(nf4_configs, "TABLES", dict(TABLES))
     nf4_configs.register_table("H200", h200)
     assert nf4_configs.TABLES["H200"] == h200
