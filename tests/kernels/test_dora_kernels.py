@@ -93,6 +93,20 @@ def test_magnitude_grad_interpreter(T, C, splits, dtype, with_bias, triton_mode,
     torch.testing.assert_close(got.cpu().double(), _magnitude_grad_formula(gy, y, bias, m), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [0, 3000])
+def test_magnitude_grad_cuda_bf16(T):
+    """bf16 on the GPU (the interpreter cannot load bf16) against the formula in float64: many rows, and none."""
+    g = torch.Generator().manual_seed(7)
+    gy, y = torch.randn(T, 777, generator=g).bfloat16(), torch.randn(T, 777, generator=g).bfloat16()
+    bias = torch.randn(777, generator=g)
+    m = torch.rand(777, generator=g) + 0.5
+    m[3] = 0.0
+    got = magnitude_grad(gy.cuda(), y.cuda(), bias.cuda(), m.cuda())
+    assert got.dtype == m.dtype and got.shape == (777,)
+    torch.testing.assert_close(got.cpu().double(), _magnitude_grad_formula(gy, y, bias, m), rtol=1e-4, atol=1e-3)
+
+
 def test_magnitude_grad_reference_path_fp64_and_errors(torch_mode):
     g = torch.Generator().manual_seed(1)
     gy, y, bias = torch.randn(7, 5, generator=g).double(), torch.randn(7, 5, generator=g).double(), torch.randn(5).double()

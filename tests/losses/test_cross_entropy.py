@@ -220,18 +220,20 @@ def test_triton_path_matches(triton_mode, kernel_device, dtype, opts):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_cuda_matches_fp32(reduction):
+@pytest.mark.parametrize("reduction,softcap", [("mean", None), ("none", None), ("mean", 30.0)])
+def test_bf16_cuda_matches_fp32(reduction, softcap):
+    """bf16 on the GPU against the fp32 expression, with a logit soft cap too (Gemma's 30)."""
     g = torch.Generator().manual_seed(9)
     hidden = torch.randn(2, 700, 512, generator=g).bfloat16().cuda().requires_grad_()
     weight = (torch.randn(10007, 512, generator=g) / 22).bfloat16().cuda().requires_grad_()
     labels = torch.randint(0, 10007, (2, 700), generator=g)
     labels[:, :100] = -100
     labels = labels.cuda()
-    out = linear_cross_entropy(hidden, weight, labels, reduction=reduction, label_smoothing=0.05, z_loss=1e-4)
+    out = linear_cross_entropy(hidden, weight, labels, reduction=reduction, label_smoothing=0.05, z_loss=1e-4,
+                               logit_softcap=softcap)
     out.loss.sum().backward()
     h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
-    ref = _plain(h32, w32, labels, reduction=reduction, label_smoothing=0.05, z_loss=1e-4)
+    ref = _plain(h32, w32, labels, reduction=reduction, label_smoothing=0.05, z_loss=1e-4, logit_softcap=softcap)
     ref.sum().backward()
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(out.loss, ref.detach()) < 5e-3

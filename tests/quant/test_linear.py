@@ -438,6 +438,27 @@ def test_unmerge_on_an_nf4_base_restores_the_outputs_exactly(use_dora):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("rows", [0, 1, 5, 40])
+def test_decode_path_in_fp16_and_without_rows(rows, monkeypatch):
+    """The decode launchers with fp16 activations (the test below runs bf16), and a batch of no rows (no launcher
+    is made for it): each no-grad call gives what nf4_matmul gives."""
+    from alignlab.kernels.nf4_matmul import nf4_matmul
+    from alignlab.quant import linear
+
+    monkeypatch.setattr(linear, "DECODE_LAUNCHERS", True)
+    torch.manual_seed(rows)
+    layer = NF4Linear.from_linear(nn.Linear(256, 320, device="cuda", dtype=torch.float16), compute_dtype=torch.float16)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
+            y = layer(x)
+            assert y.shape == (rows, 320) and y.dtype == torch.float16
+            torch.testing.assert_close(y, nf4_matmul(x, layer.quant_weight, layer.bias), rtol=0, atol=0)
+    runners = layer.quant_weight.__dict__.get("_runners") or {}
+    assert any(r is not None for r in runners.values()) == (rows > 0)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40, 64, 100])
 def test_decode_path_equals_nf4_matmul_on_every_call(rows, bias, monkeypatch):
