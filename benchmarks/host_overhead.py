@@ -133,8 +133,16 @@ def main():
                 print(f"{name:45s} {out[name]:8.1f} us", flush=True)
         finally:
             fused.DECODE_RUNNERS = saved
+    # issue 18's host target: one adapted NF4 linear call enqueues in at most 2x the time of a bf16 nn.Linear call
+    ratios = {}
+    pairs = (("x needs grad", "LoRA on NF4Linear (QLoRA), x needs grad", "bf16 nn.Linear, x needs grad"),
+             ("no grad", "LoRA on NF4Linear (QLoRA), torch.no_grad()", "bf16 nn.Linear"))
+    for what, ours, floor in pairs:
+        ratios[what] = out[ours] / out[floor]
+        print(f"QLoRA layer / bf16 nn.Linear, {what}: {ratios[what]:.2f}x (target <= 2x: "
+              f"{'met' if ratios[what] <= 2 else 'not met'})")
     write_json(args.out, {"versions": library_versions(), "device": torch.cuda.get_device_name(),
-                          "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out})
+                          "shape": dict(m=args.m, n=args.n, k=args.k), "host_us": out, "qlora_over_linear": ratios})
 
 
 if __name__ == "__main__":
