@@ -169,7 +169,7 @@ _LENGTHS_VALID = contextvars.ContextVar("alignlab_lengths_valid", default=False)
 
 @contextlib.contextmanager
 def _lengths_known_valid() -> Iterator[None]:
-    """For callers that built the lengths themselves (counts clamped to >= 1): skip the value check,
+    """For callers that built the lengths themselves (scored-token counts, >= 0): skip the value check,
     which reads the tensor on the host and so would stall a CUDA stream that is still busy."""
     token = _LENGTHS_VALID.set(True)
     try:
@@ -528,8 +528,8 @@ def dpo_loss(
 
     Raises:
         ValueError: mismatched batch sizes or devices, non-float or non-1-D inputs, ``beta <= 0``, an unknown
-            ``loss_type`` or one that is neither a name nor a list/tuple of names, None included (the message lists the valid
-            ones), ``label_smoothing`` outside the loss type's range, missing
+            ``loss_type`` or one that is neither a name nor a list/tuple of names, None included (the message
+            lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
             negative or NaN lengths, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
