@@ -44,8 +44,9 @@ GPU_CONFIG = (128, 256, 64, 8, 8, 4)
 # fp32 operands (direct calls; the fused layers send fp16 / bf16 only): half the K depth and N width, so that three
 # stages of tiles fit Hopper's 227 KiB of shared memory (the bf16 tiles in fp32 would need ~288 KiB)
 GPU_CONFIG_FP32 = (128, 128, 32, 8, 8, 3)
-# (BLOCK_M, BLOCK_N, num_warps) of rank_update_ on a GPU: a first guess, not yet timed (benchmarks/rank_update.py
-# --sweep measures; fused.RANK_UPDATE stays off until it has)
+# (BLOCK_M, BLOCK_N, num_warps) of rank_update_ on a GPU: a first guess, timed as it is on an H200 (2026-12-06,
+# benchmarks/rank_update.py: 86-100% of the copy rate but at 2048 x 1024) but not swept; fused.RANK_UPDATE stays off,
+# as the QLoRA step did not gain from it
 RANK_UPDATE_CONFIG = (64, 128, 4)
 GPU_TMA = True  # the tensor-descriptor kernel (Hopper's bulk copies), 1.2-1.4x faster than pointers in the same sweep
 _INTERPRETER_CONFIG = (16, 32, 16, 2, 4, 1)
