@@ -682,38 +682,43 @@ def _decode_product(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch
 
 def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                   scale: float):
-    """``run(x) -> (y, xa)``, :func:`_decode_product` of a QLoRA layer for inputs of ``x``'s layout through kept
-    launchers: the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r kernels'
-    (:func:`alignlab.kernels.lora_decode.add_runner`), three launches and two allocations of host work per call.
-    None where one of them cannot be kept (the caller then takes :func:`lora_linear`).
+    """``(run, first)``: ``run(x) -> (y, xa)``, :func:`_decode_product` of a QLoRA layer for inputs of ``x``'s layout
+    through kept launchers: the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r
+    kernels' (:func:`alignlab.kernels.lora_decode.add_runner`), three launches and two allocations of host work per
+    call; ``first``, ``run(x)`` for this very ``x``, computed on the way (binding the launchers runs them once; the
+    layout's first call also compiles), so that the call that builds a runner makes each product once. None where one
+    of the launchers cannot be kept (the caller then takes :func:`lora_linear`).
 
     ``x (..., in)``: CUDA, in the compute dtype, at decode rows (:func:`takes_decode_kernels`); ``bias`` None or in
     that dtype. Valid for inputs of the layout ``runner_key(x, bias)`` names (shape, strides, dtype, alignment,
     device, stream) while ``a`` and ``b`` are these tensors at these addresses and ``scale`` this value: the caller
-    keys its cache by those (``LoRALinear``). Computes one product on the way (the first call of a layout compiles).
+    keys its cache by those (``LoRALinear``).
     """
     if not _qlinear.DECODE_LAUNCHERS or torch.cuda.is_current_stream_capturing():
         return None
     key = runner_key(x, bias)
     base = kept_runner(t, key)
+    y = None
     if base is False:  # the layout's first call: compiles and keeps the base launcher (or None, another path)
-        decode_matmul(x, t, bias)
+        y = decode_matmul(x, t, bias)
         base = kept_runner(t, key)
     if not base:
         return None
     x2 = _rows(x)
     if x2.data_ptr() != x.data_ptr():  # rows not at one stride: _rows copied
         return None
-    y = base(x, bias)
-    lora = lora_decode_runner(_rows(y), x2, a, b, scale)
-    if lora is None:
+    if y is None:
+        y = base(x, bias)
+    bound = lora_decode_runner(_rows(y), x2, a, b, scale)
+    if bound is None:
         return None
+    lora, xa = bound
 
     def run(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = base(xx, bias)
         return y, lora(y, xx)
 
-    return run
+    return run, (y, xa)
 
 
 class _LoRADecodeFn(torch.autograd.Function):

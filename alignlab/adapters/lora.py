@@ -453,13 +453,16 @@ class LoRALinear(AdapterLayer):
         if (hit is not None and hit[0] is a and hit[1] is b and hit[2] is weight and hit[3] is bias
                 and hit[4] == scale and hit[5] == (a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)):
             return hit[6]
-        run = fused.decode_runner(x, weight, bias, a, b, scale)
-        if run is None and torch.cuda.is_current_stream_capturing():
+        with torch.no_grad():  # the product made on the way is this call's (a gradient is _LoRADecodeFn's to give)
+            built = fused.decode_runner(x, weight, bias, a, b, scale)
+        if built is None and torch.cuda.is_current_stream_capturing():
             return None  # none is made during capture: the next call outside it may still get one
+        run, first = (None, None) if built is None else built
         if len(runs) >= 16:
             runs.pop(next(iter(runs)))
         runs[key] = (a, b, weight, bias, scale, (a.data_ptr(), b.data_ptr(), a.dtype, b.dtype), run)
-        return run
+        # this call's result came with the launchers (binding runs them once): handed back rather than made again
+        return None if run is None else (lambda xx: first)
 
     def __getstate__(self) -> dict:
         # copies and pickles leave the kept decode launchers behind (local closures over this layer's tensors), as

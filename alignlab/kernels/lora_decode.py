@@ -149,14 +149,15 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
 
 
 def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float):
-    """``run(y, x) -> xa``: :func:`lora_decode_add_` for calls of this very layout at the host cost of two bare
-    launches (``alignlab.kernels.launch.bind``), or None where its kernels do not run or no launcher can be bound.
+    """``(run, xa)``, ``run(y, x) -> xa``: :func:`lora_decode_add_` for calls of this very layout at the host cost of
+    two bare launches (``alignlab.kernels.launch.bind``), and ``xa`` of the call made on the way (below); None where
+    its kernels do not run or no launcher can be bound.
 
     Valid while ``a`` and ``b`` are these tensors at these addresses and ``scale`` this value, for ``x`` of ``x``'s
     shape, strides, dtype, device and 16-byte alignment class (any leading dimensions collapsing onto one row
     stride; given as ``(M, K)`` here), a fresh contiguous ``y`` of ``y``'s shape and dtype, on the stream current
     now: the caller keys its cache by those (the fused QLoRA decode path). Runs :func:`lora_decode_add_` once into
-    ``y`` (which compiles the kernels), so ``y`` must be the base product of ``x``.
+    ``y`` (which compiles the kernels), so ``y`` must be the base product of ``x``: it then holds this call's result.
     """
     if not (applies(x, a) and y.stride(-1) == 1 and y.shape[1] > 0 and x.stride(-1) == 1 and a.stride(-1) == 1
             and b.stride(-1) == 1 and y.is_contiguous()):
@@ -182,4 +183,4 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         up(stream, (p, b_ptr, yy.data_ptr(), *up_tail))
         return xa
 
-    return run
+    return run, xa

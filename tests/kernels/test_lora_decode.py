@@ -292,6 +292,42 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, monkeypatch):
+    """The call that binds a layout's launchers (its first, or any after they were dropped: a new packed weight as
+    FSDP2's re-allocated storage gives) launches the same kernels as a call through kept ones, not the base product
+    two or three times over, and returns the same bits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from alignlab.adapters import fused
+
+    monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
+    layer = _qlora_cuda(2)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+
+    def kernels():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.set_grad_enabled(grad):
+                y = layer(x)
+            torch.cuda.synchronize()
+        names = sorted(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and "emcpy" not in e.name and "emset" not in e.name)
+        return y.detach(), names
+
+    first = kernels()  # compiles and binds
+    kept = kernels()
+    layer._decode_runs.clear()  # rebinds over the kept base launcher
+    rebound = kernels()
+    layer.base_layer.quant_weight.__dict__.pop("_runners", None)  # rebinds the base launcher too
+    fresh = kernels()
+    assert kept[1], "no kernel seen"
+    for y, names in (first, rebound, fresh):
+        assert names == kept[1]
+        torch.testing.assert_close(y, kept[0], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
 def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(monkeypatch):
     """The kept launchers read the factors through their addresses: an in-place update shows; a factor at a new
     address, a new scale, another stream each get a launcher of their own; a deepcopy computes with its own tensors
