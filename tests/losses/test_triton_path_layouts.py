@@ -1,7 +1,8 @@
 """The fused losses on the Triton row kernels (interpreter on CPU) and on the PyTorch path: a packed batch gives
 the padded batch's loss and gradients, an empty batch and a one-token batch give the float64 formula's, and the
 preference variants other than DPO match the PyTorch path. The vocabulary (300) ends in a partial block of the
-interpreter's 256 (the distillation kernel's 64)."""
+interpreter's 256 (the distillation kernel's 64). On a GPU the tensors are CUDA ones (``kernel_device``), so that the
+Triton cases run the compiled kernels, not the PyTorch path CPU tensors would take there."""
 
 import pytest
 import torch
@@ -20,11 +21,16 @@ def _head(seed, *lead):
     return torch.randn(*lead, H, generator=g), torch.randn(V, H, generator=g) / 2, g
 
 
+def _on(device, *ts):
+    """The CPU-drawn tensors ``ts`` on ``device``."""
+    return tuple(t.to(device) for t in ts)
+
+
 def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def test_cross_entropy_and_logprobs_packed_equal_padded(kernel_mode):
+def test_cross_entropy_and_logprobs_packed_equal_padded(kernel_mode, kernel_device):
     """Right-padded rows (label -100) and the same tokens packed into one row: same per-token losses, summed loss
     and gradients, per-token weights included."""
     hidden, weight, g = _head(0, 3, 5)
@@ -34,6 +40,7 @@ def test_cross_entropy_and_logprobs_packed_equal_padded(kernel_mode):
     labels[~real] = -100
     tw = torch.rand(3, 5, generator=g) + 0.5
     up = torch.randn(3, 5, generator=g)
+    hidden, weight, labels, real, tw, up = _on(kernel_device, hidden, weight, labels, real, tw, up)
     got = {}
     for layout in ("padded", "packed"):
         sel = (lambda t: t[real][None]) if layout == "packed" else (lambda t: t)
@@ -51,11 +58,12 @@ def test_cross_entropy_and_logprobs_packed_equal_padded(kernel_mode):
 
 @pytest.mark.parametrize("batch,seq", [(0, 3), (1, 1)], ids=["empty", "one_token"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_empty_and_one_token_batches_match_the_formula(kernel_mode, batch, seq, reduction):
+def test_empty_and_one_token_batches_match_the_formula(kernel_mode, kernel_device, batch, seq, reduction):
     hidden, weight, g = _head(1, batch, seq)
     labels = torch.randint(0, V, (batch, seq), generator=g)
     tw = torch.rand(batch, seq, generator=g) + 0.5
     up = torch.randn(batch, seq, generator=g, dtype=torch.float64)
+    hidden, weight, labels, tw, up = _on(kernel_device, hidden, weight, labels, tw, up)
     h, w, t = _leaf(hidden), _leaf(weight), _leaf(tw)
     out = linear_cross_entropy(h, w, labels, token_weights=t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
                                logit_softcap=4.0).loss
@@ -75,19 +83,20 @@ def test_empty_and_one_token_batches_match_the_formula(kernel_mode, batch, seq, 
 
 
 @pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
-def test_grpo_packed_equals_padded_on_the_row_kernel(triton_mode, loss_type, level):
+def test_grpo_packed_equals_padded_on_the_row_kernel(triton_mode, kernel_device, loss_type, level):
     hidden, weight, g = _head(2, 4, 3)
     ids = torch.randint(0, V, (4, 3), generator=g)
     mask = torch.arange(3)[None] < torch.tensor([3, 1, 0, 2])[:, None]  # a one-token and an empty completion
     adv = torch.randn(4, generator=g)
     old = torch.randn(4, 3, generator=g) * 0.3 - 4.0
+    hidden, weight, ids, mask, adv, old = _on(kernel_device, hidden, weight, ids, mask, adv, old)
     kw = dict(beta=0.04, loss_type=loss_type, importance_sampling_level=level, entropy_coef=0.01, temperature=0.9,
               chunk_size=3)
     h, w = _leaf(hidden), _leaf(weight)
     loss, metrics = fused_linear_grpo(h, w, ids, adv, mask, old_logprobs=old, ref_logprobs=old + 0.1, **kw)
     gh, gw = torch.autograd.grad(loss, (h, w))
     hp, wp = _leaf(hidden[mask]), _leaf(weight)
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=mask.device), mask.sum(1).cumsum(0)])
     packed, packed_metrics = fused_linear_grpo(hp, wp, ids[mask], adv, old_logprobs=old[mask],
                                                ref_logprobs=old[mask] + 0.1, cu_seqlens=cu, **kw)
     ghp, gwp = torch.autograd.grad(packed, (hp, wp))
@@ -100,18 +109,18 @@ def test_grpo_packed_equals_padded_on_the_row_kernel(triton_mode, loss_type, lev
 
 @pytest.mark.parametrize("name", ["orpo", "simpo", "cpo", "kto"])
 @pytest.mark.parametrize("eager", [False, True])
-def test_preference_variants_on_the_row_kernel_match_torch(monkeypatch, name, eager):
+def test_preference_variants_on_the_row_kernel_match_torch(monkeypatch, kernel_device, name, eager):
     pytest.importorskip("triton")
     hidden, weight, g = _head(3, 4, 3)
     labels = torch.randint(0, V, (4, 3), generator=g)
     labels[:, 0] = -100
     labels[1, 1:] = -100  # a completion of one token
+    ref, desirable = -torch.rand(4, generator=g), torch.tensor([True, False, True, False])
+    hidden, weight, labels, ref, desirable = _on(kernel_device, hidden, weight, labels, ref, desirable)
     call = {"orpo": fused_linear_orpo, "simpo": fused_linear_simpo, "cpo": fused_linear_cpo}.get(name)
     if call is None:
-        ref = -torch.rand(4, generator=g)
-
         def call(h, w, y, **kw):
-            return fused_linear_kto(h, w, y, torch.tensor([True, False, True, False]), ref, kl=0.3, **kw)
+            return fused_linear_kto(h, w, y, desirable, ref, kl=0.3, **kw)
     got = {}
     for mode in ("torch", "triton"):
         monkeypatch.setenv("ALIGNLAB_KERNELS", mode)
@@ -123,7 +132,7 @@ def test_preference_variants_on_the_row_kernel_match_torch(monkeypatch, name, ea
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_distill_on_the_row_kernel_empty_packed_and_weighted(triton_mode, reduction):
+def test_distill_on_the_row_kernel_empty_packed_and_weighted(triton_mode, kernel_device, reduction):
     """Triton path: an empty batch gives 0 (mean) or (0, seq) losses with zero gradients; a packed batch the padded
     one's; float token weights get the gradient of the weighted divergence."""
     hidden, weight, g = _head(4, 3, 4)
@@ -131,10 +140,11 @@ def test_distill_on_the_row_kernel_empty_packed_and_weighted(triton_mode, reduct
     mask = torch.rand(3, 4, generator=g) > 0.3
     mask[1] = False
     mask[2, 1:] = False
+    up, fw = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
+    hidden, weight, teacher, mask, up, fw = _on(kernel_device, hidden, weight, teacher, mask, up, fw)
     empty = _leaf(hidden[:0])
     out = fused_linear_distill_loss(empty, weight, teacher[:0], reduction=reduction)
     assert out.shape == (() if reduction == "mean" else (0, 4)) and out.sum().item() == 0.0
-    up = torch.randn(3, 4, generator=g)
     weigh = (lambda x, sel=lambda t: t: (x * sel(up)).sum()) if reduction == "none" else (lambda x, sel=None: x)
     h, w = _leaf(hidden), _leaf(weight)
     padded = fused_linear_distill_loss(h, w, teacher, kind="reverse_kl", mask=mask, reduction=reduction, chunk_size=2)
@@ -145,7 +155,7 @@ def test_distill_on_the_row_kernel_empty_packed_and_weighted(triton_mode, reduct
     torch.testing.assert_close(packed, padded[mask] if reduction == "none" else padded)
     torch.testing.assert_close(ghp, gh[mask])
     torch.testing.assert_close(gwp, gw)
-    fw = _leaf(torch.rand(3, 4, generator=g) * mask)
+    fw = _leaf(fw * mask)
     h, w = _leaf(hidden), _leaf(weight)
     out = fused_linear_distill_loss(h, w, teacher, kind="jsd", mask=fw, reduction=reduction, chunk_size=2)
     grads = torch.autograd.grad(weigh(out), (h, w, fw))
