@@ -441,7 +441,8 @@ class LoRALinear(AdapterLayer):
         NF4 base (made at the layout's first call), or None where none applies (a dense base, an input in another
         dtype, a bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says
         (input layout, the factors as objects, addresses and dtypes, the packed weight, the bias, the scale); a device
-        move or cast of the layer drops them (``_apply``)."""
+        move or cast of the layer drops them (``_apply``). The call that builds a runner gets one that returns the
+        product made while binding the launchers (this very ``x``'s), so that call makes each product once."""
         bias = base.bias
         if (not fused.DECODE_RUNNERS or not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor)
                 or x.dtype is not dtype

@@ -227,12 +227,12 @@ def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monke
         assert torch.equal(g, got[0])  # deterministic: no atomics
 
 
-def _qlora_cuda(seed=0, bias=False):
+def _qlora_cuda(seed=0, bias=False, dtype=torch.bfloat16):
     from alignlab.adapters import LoRALinear
     from alignlab.quant import NF4Linear
 
     torch.manual_seed(seed)
-    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(512, 384, bias=bias, device="cuda", dtype=torch.bfloat16)),
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype)),
                        r=16, alpha=32)
     nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     return layer
@@ -252,15 +252,16 @@ def _unkept(layer, x):
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(1, 512), (4, 1, 512), (16, 512)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, monkeypatch):
     """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
     none kept): the same output bits with and without grad and without the launchers, the same gradients."""
     from alignlab.adapters import fused
     from alignlab.quant import linear
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
-    layer = _qlora_cuda(bias=bias)
-    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    layer = _qlora_cuda(bias=bias, dtype=dtype)
+    x = torch.randn(shape, device="cuda", dtype=dtype)
 
     def calls():
         with torch.no_grad():
@@ -293,7 +294,8 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("grad", [False, True])
-def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, monkeypatch):
     """The call that binds a layout's launchers (its first, or any after they were dropped: a new packed weight as
     FSDP2's re-allocated storage gives) launches the same kernels as a call through kept ones, not the base product
     two or three times over, and returns the same bits."""
@@ -302,8 +304,8 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, monkeypa
     from alignlab.adapters import fused
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
-    layer = _qlora_cuda(2)
-    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    layer = _qlora_cuda(2, dtype=dtype)
+    x = torch.randn(3, 512, device="cuda", dtype=dtype, requires_grad=grad)
 
     def kernels():
         torch.cuda.synchronize()
