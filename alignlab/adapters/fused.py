@@ -53,10 +53,12 @@ from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
 from alignlab.kernels.lora_decode import add_ as lora_decode_add_xa
 from alignlab.kernels.lora_decode import add_runner as lora_decode_runner
 from alignlab.kernels.lora_decode import applies as lora_decode_applies
-from alignlab.kernels.lora_decode import lora_decode_add_
+from alignlab.kernels.lora_decode import down_ as lora_decode_down
+from alignlab.kernels.lora_decode import down_runner as lora_down_runner
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import (DECODE_ROWS, SMALL_M, decode_matmul, kept_runner, nf4_matmul, nf4_matmul_t,
-                                         runner_key)
+                                         rank_matmul, runner_key, takes_rank_term)
+from alignlab.kernels.nf4_small import small_m_runner
 from alignlab.quant import linear as _qlinear
 from alignlab.quant.nf4 import NF4Tensor
 
@@ -84,6 +86,11 @@ DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
 # one QLoRA layer call at one row 107 -> 56 us with x needing grad, 94 -> 42 us under no_grad, against 29 us for a
 # bf16 nn.Linear; RESULTS.md); ALIGNLAB_LORA_DECODE_RUNNERS=0 (read at import) or this attribute set to False: off
 DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", True)
+# Over an NF4 base at decode rows, the rank-r term added in the small-M NF4 kernel's epilogue (s·x Aᵀ by the decode
+# down kernel, then one NF4 launch for x Wᵀ + bias + (s·x Aᵀ) Bᵀ, rounded once) instead of a third launch that reads
+# and writes y again (lora_decode's up kernel): two launches per QLoRA decode call, kept launchers or not.
+# ALIGNLAB_LORA_RANK_EPILOGUE=0 (read at import) or this attribute set to False: the three-launch form.
+RANK_EPILOGUE = env_switch("ALIGNLAB_LORA_RANK_EPILOGUE", True)
 # The base GEMM with the rank-r term in its own epilogue (alignlab.kernels.lora_gemm.adapted_matmul: one Triton
 # kernel, the output written once) instead of cuBLAS + the addmm_ pass. "auto" (the default) takes it where it was
 # measured to win (H100, 2026-12-06, benchmarks/adapter_epilogue.py --kernel --sweep and lora.py --lora-gemm at 8192
@@ -645,8 +652,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: torch.T
     # nothing to differentiate (inference, generation): the same math without autograd's per-call cost
     x2 = _to(_rows(x), dtype)
     if takes_decode_kernels(x2, a, dtype):
-        y = _base_forward(x2, weight, bias)
-        lora_decode_add_(y, x2, *((a, b) if cast is None else cast[:2]), scale)
+        y, _ = _decode_product(x2, weight, bias, *((a, b) if cast is None else cast[:2]), scale)
         return _to(y.view(*x.shape[:-1], y.shape[-1]), out_dtype)
     x2, ac, bc = _as_compute(x, a, b, dtype, cast)
     y, _ = _lora_out(x2, weight, bias, ac, bc, scale)
@@ -672,22 +678,37 @@ def decode_grad_applies(x: torch.Tensor, dense_w: torch.Tensor | None, bias: tor
 
 def _decode_product(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (..., out), xa = c(s·x A_cᵀ) (tokens, r))`` for ``x`` in the compute dtype at decode rows: the base
-    product, then the rank-r term by the decode kernels (:func:`alignlab.kernels.lora_decode.lora_decode_add_`)."""
+    """``(y (..., out), xa = c(s·x A_cᵀ) (tokens, r))`` for ``x`` in the compute dtype at decode rows: over an NF4 base
+    where :func:`_rank_epilogue` says so, ``xa`` by the decode down kernel and ``y`` by one small-M NF4 launch that
+    adds ``xa c(B)ᵀ`` in its epilogue; else the base product, then the rank-r term by the decode kernels
+    (:func:`alignlab.kernels.lora_decode.lora_decode_add_`)."""
     x2 = _rows(x)
+    if _rank_epilogue(x2, weight, b):
+        xa = lora_decode_down(x2, a, scale)
+        y = rank_matmul(x2, weight, None if bias is None else _to(bias, x2.dtype).contiguous(), xa, b)
+        return y.view(*x.shape[:-1], y.shape[-1]), xa
     y = _base_forward(x2, weight, bias)
     xa = lora_decode_add_xa(y, x2, a, b, scale)
     return y.view(*x.shape[:-1], y.shape[-1]), xa
 
 
+def _rank_epilogue(x2: torch.Tensor, weight, b: torch.Tensor) -> bool:
+    """Whether a decode product takes the NF4 small-M kernel's rank-term epilogue (``RANK_EPILOGUE``, an NF4 base
+    whose product the small-M kernels make for these rows: :func:`alignlab.kernels.nf4_matmul.takes_rank_term`)."""
+    return RANK_EPILOGUE and isinstance(weight, NF4Tensor) and takes_rank_term(x2, weight, b)
+
+
 def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                   scale: float):
     """``(run, first)``: ``run(x) -> (y, xa)``, :func:`_decode_product` of a QLoRA layer for inputs of ``x``'s layout
-    through kept launchers: the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r
-    kernels' (:func:`alignlab.kernels.lora_decode.add_runner`), three launches and two allocations of host work per
-    call; ``first``, ``run(x)`` for this very ``x``, computed on the way (binding the launchers runs them once; the
-    layout's first call also compiles), so that the call that builds a runner makes each product once. None where one
-    of the launchers cannot be kept (the caller then takes :func:`lora_linear`).
+    through kept launchers -- with the rank-term epilogue (:func:`_rank_epilogue`) the decode down kernel's
+    (:func:`alignlab.kernels.lora_decode.down_runner`) and the small-M NF4 kernel's
+    (:func:`alignlab.kernels.nf4_small.small_m_runner` with ``rank_b``), two launches and two allocations of host
+    work per call; else the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r
+    kernels' (:func:`alignlab.kernels.lora_decode.add_runner`), three launches --; ``first``, ``run(x)`` for this very
+    ``x``, computed on the way (binding the launchers runs them once; the layout's first call also compiles), so
+    that the call that builds a runner makes each product once. None where one of the launchers cannot be kept (the
+    caller then takes :func:`lora_linear`).
 
     ``x (..., in)``: CUDA, in the compute dtype, at decode rows (:func:`takes_decode_kernels`); ``bias`` None or in
     that dtype. Valid for inputs of the layout ``runner_key(x, bias)`` names (shape, strides, dtype, alignment,
@@ -696,6 +717,21 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: t
     """
     if not _qlinear.DECODE_LAUNCHERS or torch.cuda.is_current_stream_capturing():
         return None
+    x2 = _rows(x)
+    if x2.data_ptr() != x.data_ptr():  # rows not at one stride: _rows copied
+        return None
+    if _rank_epilogue(x2, t, b):
+        first = _decode_product(x, t, bias, a, b, scale)  # compiles both kernels for this layout
+        down = lora_down_runner(x2, a, scale)
+        base = small_m_runner(x, t, bias, rank_b=b)
+        if down is None or base is None:
+            return None
+
+        def run(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xa = down(xx)
+            return base(xx, bias, xa), xa
+
+        return run, first
     key = runner_key(x, bias)
     base = kept_runner(t, key)
     y = None
@@ -703,9 +739,6 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: t
         y = decode_matmul(x, t, bias)
         base = kept_runner(t, key)
     if not base:
-        return None
-    x2 = _rows(x)
-    if x2.data_ptr() != x.data_ptr():  # rows not at one stride: _rows copied
         return None
     if y is None:
         y = base(x, bias)

@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-__all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "MAX_ROWS", "MAX_RANK"]
+__all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "down_", "down_runner", "MAX_ROWS", "MAX_RANK"]
 
 MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
 MAX_RANK = 64
@@ -146,6 +146,49 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     return xa
+
+
+def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """``xa = c(s·x A_cᵀ)`` ``(M, r)`` alone, by the first kernel of :func:`lora_decode_add_`, for a caller that adds
+    ``xa c(B)ᵀ`` itself (the NF4 small-M kernels' rank-term epilogue, ``small_m_matmul(..., rank_term=...)``). ``x``
+    ``(M, K)`` with rows at one stride and unit column stride where :func:`applies` (the caller checks), else the
+    reference's product."""
+    if not applies(x, a) or x.stride(-1) != 1:
+        return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    M, K = x.shape
+    R = a.shape[0]
+    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
+           dict(BLOCK_M=max(next_power_of_2(M), 2), BLOCK_K=_BLOCK_K, num_warps=4))
+    return xa
+
+
+def down_runner(x: torch.Tensor, a: torch.Tensor, scale: float):
+    """``run(x) -> xa``: :func:`down_` for calls of this very layout at the host cost of one bare launch and one
+    allocation, or None where the kernel does not run or no launcher can be bound (before :func:`down_` ran this
+    layout once, which compiles). Valid as :func:`add_runner`'s runners are (``a`` this tensor at this address,
+    ``scale`` this value, ``x`` of this layout, the current stream)."""
+    if not (applies(x, a) and x.stride(-1) == 1 and a.stride(-1) == 1):
+        return None
+    M, K = x.shape
+    R = a.shape[0]
+    xa0 = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa0, scale),
+                dict(BLOCK_M=max(next_power_of_2(M), 2), BLOCK_K=_BLOCK_K, num_warps=4))
+    if down is None:
+        return None
+    stream = torch._C._cuda_getCurrentRawStream(x.get_device())
+    tail = (M, K, x.stride(0), a.stride(0), float(scale))
+    a_ptr = a.data_ptr()
+
+    def run(xx: torch.Tensor) -> torch.Tensor:
+        xa = xx.new_empty((M, R))
+        down(stream, (xx.data_ptr(), a_ptr, xa.data_ptr(), *tail))
+        return xa
+
+    run.keep = a
+    return run
 
 
 def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float):

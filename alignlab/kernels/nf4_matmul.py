@@ -435,6 +435,26 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = Non
     return _dequant_runner(t, x.dtype)
 
 
+def takes_rank_term(x2: torch.Tensor, t: NF4Tensor, b: torch.Tensor) -> bool:
+    """Whether :func:`rank_matmul` runs for ``x2 (M, K)`` (no gradient wanted, the caller's to check): where
+    :func:`nf4_matmul` sends it to the small-M kernels, whose epilogue then adds the rank term with ``b (N, r)``
+    (unit column stride)."""
+    M, K = x2.shape
+    return (triton is not None and M > 0 and x2.stride(-1) == 1 and b.stride(-1) == 1 and use_triton(x2, t.data)
+            and not (M > SMALL_M and M >= LARGE_M and PIPELINE_CHUNKS > 1)
+            and _takes_small(M, K, t, x2.device, x2.dtype))
+
+
+def rank_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, xa: torch.Tensor, b: torch.Tensor
+                ) -> torch.Tensor:
+    """``x2 Wᵀ (+ bias) + xa c(b)ᵀ`` by one small-M launch (the rank term in its epilogue, summed in fp32 with the
+    product and rounded once; ``c`` = ``x2``'s dtype), for arguments the caller has checked: ``x2 (M, K)`` where
+    :func:`takes_rank_term`, ``xa (M, r)`` contiguous in ``x2``'s dtype, ``b (N, r)`` of unit column stride,
+    ``bias`` None or ``(N,)`` contiguous. A LoRA layer's decode product over an NF4 base
+    (``alignlab.adapters.fused``)."""
+    return _small_m_matmul(x2, t, bias, (None,) * 7, (xa, b))
+
+
 def runner_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a kept launcher depends on for a CUDA input ``x``: its shape, strides, dtype and alignment, its device
     and current stream, the bias dtype and ``ALIGNLAB_KERNELS`` (a flip re-dispatches)."""

@@ -246,29 +246,47 @@ if triton is not None:
         return last, part
 
     @triton.jit
+    def _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, row, row_ok, col, col_ok, OUT: tl.constexpr):
+        """``part + xa[row] c(B[col])ᵀ`` in fp32, ``c`` = ``OUT`` (the factor rounded to the output dtype, as a
+        cast would): ``xa (M, R)`` contiguous in ``OUT``, ``B (N, R)`` rows ``stride_lb`` apart in any float dtype;
+        ``row`` / ``col`` (with their masks) broadcast against ``part``'s shape, one rank step at a time."""
+        for r in range(0, R):
+            xv = tl.load(xa_ptr + row * R + r, mask=row_ok, other=0.0).to(tl.float32)
+            bv = tl.load(lb_ptr + col.to(tl.int64) * stride_lb + r, mask=col_ok, other=0.0)
+            part += xv * bv.to(OUT).to(tl.float32)
+        return part
+
+    @triton.jit
     def _finish(part, offs, mask, n_out, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
-                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Write ``part`` (+ bias) to ``y``, or, with ``SPLIT``, this K slice's partial to the workspace; the
-        last slice of a tile to arrive sums the partials in fixed order and writes ``y`` (one launch, no
-        zero-filled accumulator, deterministic: :func:`split_total`)."""
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, xa_ptr, lb_ptr, R, stride_lb, row, row_ok, col, col_ok,
+                HAS_RANK: tl.constexpr):
+        """Write ``part`` (+ bias) (+ the rank-r term, :func:`_rank_term`) to ``y``, or, with ``SPLIT``, this K
+        slice's partial to the workspace; the last slice of a tile to arrive sums the partials in fixed order
+        and writes ``y`` (one launch, no zero-filled accumulator, deterministic: :func:`split_total`)."""
         if SPLIT:
             last, part = split_total(part, offs, mask, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, n_out)
             if last:
                 if HAS_BIAS:
                     part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RANK:
+                    part = _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, row, row_ok, col, col_ok,
+                                      y_ptr.dtype.element_ty)
                 tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
         else:
             if HAS_BIAS:
                 part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RANK:
+                part = _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, row, row_ok, col, col_ok,
+                                  y_ptr.dtype.element_ty)
             tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split,
+        ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
         REGS: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
@@ -298,14 +316,15 @@ if triton is not None:
                 tau = tl.load(shift_ptr + bidx, mask=m2, other=0.0)
                 acc += tau[:, :, None] * (xe + xo)[None, :, :]
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        _finish(y, rn, nmask, N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn, pid_n, pid_k, n_split, SPLIT, HAS_BIAS)
+        _finish(y, rn, nmask, N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn, pid_n, pid_k, n_split, SPLIT, HAS_BIAS,
+                xa_ptr, lb_ptr, R, stride_lb, rn * 0, nmask, rn, nmask, HAS_RANK)
 
     @triton.jit
     def _dot_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M; K % BLOCKSIZE == 0."""
@@ -355,14 +374,15 @@ if triton is not None:
         offs = rm[:, None].to(tl.int64) * N + rn[None, :]  # y and each workspace slice are (M, N), contiguous
         omask = mmask[:, None] & nmask[None, :]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
-                SPLIT, HAS_BIAS)
+                SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm[:, None], mmask[:, None], rn[None, :],
+                nmask[None, :], HAS_RANK)
 
     @triton.jit
     def _late_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[M, N] (+)= x[M, K] W[N, K]^T for M <= BLOCK_M, scales applied late; K % BLOCKSIZE == 0.
@@ -415,14 +435,15 @@ if triton is not None:
         offs = rm[:, None].to(tl.int64) * N + rn[None, :]  # y and each workspace slice are (M, N), contiguous
         omask = mmask[:, None] & nmask[None, :]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
-                SPLIT, HAS_BIAS)
+                SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm[:, None], mmask[:, None], rn[None, :],
+                nmask[None, :], HAS_RANK)
 
     @triton.jit
     def _swap_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
-        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr, EARLY: tl.constexpr,
         X_WORDS: tl.constexpr, LOOKUP_FIRST: tl.constexpr,
     ):
@@ -504,7 +525,8 @@ if triton is not None:
         offs = rm[None, :].to(tl.int64) * N + rn[:, None]  # y and each workspace slice are (M, N), contiguous
         omask = mmask[None, :] & nmask[:, None]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[:, None], pid_n, pid_k, n_split,
-                SPLIT, HAS_BIAS)
+                SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm[None, :], mmask[None, :], rn[:, None],
+                nmask[:, None], HAS_RANK)
 
 
 _SLOTS, _SLOT_SIZE = 64, 4096
@@ -562,8 +584,9 @@ def small_m_matmul(
     num_warps: int | None = None,
     num_stages: int | None = None,
     asm: bool | None = None,
+    rank_term: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= MAX_M`` (64).
+    """``x2 @ W^T (+ bias) (+ xa c(b)^T)`` for ``x2`` of shape ``(M, K)`` with ``1 <= M <= MAX_M`` (64).
 
     Args:
         x2: ``(M, K)`` activations with a contiguous last dimension.
@@ -578,6 +601,9 @@ def small_m_matmul(
             quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
             measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
         asm: in-register codebook; default on for 16-bit ``x`` on NVIDIA GPUs.
+        rank_term: ``(xa, b)``, ``xa (M, r)`` in ``x2``'s dtype and ``b (N, r)`` in any float dtype: their product,
+            ``b`` rounded to ``x2``'s dtype and the sum in fp32, is added in the kernel's epilogue, before the one
+            rounding of the result (a LoRA layer's ``(s·x Aᵀ) Bᵀ`` at decode sizes: no pass over ``y`` of its own).
 
     Returns:
         ``(M, N)`` in ``x2.dtype``.
@@ -586,7 +612,8 @@ def small_m_matmul(
         TypeError: ``t`` not an NF4Tensor, ``x2`` not a float32/float16/bfloat16 tensor, ``bias`` not a tensor, ``asm``
             not a bool or None.
         ValueError: ``x2`` not ``(M, K)`` with ``K`` the weight's in-features and ``1 <= M <= 64``, a weight
-            whose in-features are not whole blocks, a ``bias`` not ``(N,)``,
+            whose in-features are not whole blocks, a ``bias`` not ``(N,)``, a ``rank_term`` whose ``xa`` is not
+            ``(M, r)`` in ``x2``'s dtype or whose ``b`` is not ``(N, r)`` of a float dtype, or either on another device,
             a ``kernel`` or launch parameter the kernels cannot take (``block_n``, ``nb``, ``num_warps``
             positive powers of two, ``split``, ``num_stages`` positive ints). A wrong ``K``, a strided last
             dimension, a negative ``split`` or partial blocks gave wrong numbers without an error.
@@ -596,18 +623,40 @@ def small_m_matmul(
         x2 = x2.contiguous()
     if bias is not None and bias.stride(0) != 1 and t.shape[0] > 1:
         bias = bias.contiguous()
-    return _small_m_matmul(x2, t, bias, (kernel, block_n, nb, split, num_warps, num_stages, asm))
+    if rank_term is not None:
+        rank_term = _checked_rank_term(rank_term, x2, t)
+    return _small_m_matmul(x2, t, bias, (kernel, block_n, nb, split, num_warps, num_stages, asm), rank_term)
 
 
-def _small_m_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, overrides: tuple = (None,) * 7):
-    """:func:`small_m_matmul` on arguments checked already (contiguous rows and bias): what ``nf4_matmul`` and the
-    custom op call, so the per-call checks run once per product, not twice (host time per decode call)."""
+def _checked_rank_term(rank_term, x2: torch.Tensor, t: NF4Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_term`` of :func:`small_m_matmul` checked, in the layouts the kernels read (both contiguous)."""
+    if not (isinstance(rank_term, (tuple, list)) and len(rank_term) == 2
+            and all(isinstance(v, torch.Tensor) for v in rank_term)):
+        raise TypeError(f"rank_term must be a pair of tensors (xa, b) or None, got {type(rank_term).__name__}")
+    xa, b = rank_term
+    if xa.dim() != 2 or xa.shape[0] != x2.shape[0] or xa.dtype != x2.dtype:
+        raise ValueError(f"rank_term's xa must be (M, r) = ({x2.shape[0]}, r) in {x2.dtype}, got "
+                         f"{tuple(xa.shape)} in {xa.dtype}")
+    if b.dim() != 2 or b.shape != (t.shape[0], xa.shape[1]) or not b.is_floating_point():
+        raise ValueError(f"rank_term's b must be (N, r) = ({t.shape[0]}, {xa.shape[1]}) of a float dtype, got "
+                         f"{tuple(b.shape)} in {b.dtype}")
+    if xa.device != x2.device or b.device != x2.device:
+        raise ValueError(f"rank_term must be on x2's device {x2.device}, got {xa.device} and {b.device}")
+    return xa.contiguous(), b.contiguous()
+
+
+def _small_m_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, overrides: tuple = (None,) * 7,
+                    rank_term: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """:func:`small_m_matmul` on arguments checked already (contiguous rows, bias and rank-term factors): what
+    ``nf4_matmul``, the fused QLoRA decode path and the custom op call, so the per-call checks run once per product,
+    not twice (host time per decode call)."""
     M, K = x2.shape
     N = t.shape[0]
-    key = _plan_key(M, N, K, x2, t, bias, overrides)
+    key = _plan_key(M, N, K, x2, t, bias, overrides, rank_term is not None)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(M, N, K, x2.dtype, x2.device, t, bias is not None, *overrides)
+        plan = _PLANS[key] = _plan(M, N, K, x2.dtype, x2.device, t, bias is not None, *overrides,
+                                   has_rank=rank_term is not None)
     which, grid, split, scalars, meta = plan
     if not _x_aligned(which, x2, meta):
         x2 = x2.clone()  # 16-bit x read as 32-bit pairs (_x_pairs, X_WORDS): every row must start 4-byte aligned
@@ -617,7 +666,7 @@ def _small_m_matmul(x2: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, o
         cnt = _arrival_counters(x2.device, grid[0])
     else:
         ws = cnt = y
-    args = _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars)
+    args = _kernel_args(which, x2, _state_args(t), y, ws, cnt, bias, M, x2.stride(0), scalars, rank_term)
     launch(_KERNELS[which], grid, args, meta)
     return y
 
@@ -675,10 +724,11 @@ def _check_launch(t: NF4Tensor, K: int, block_n, nb, split, num_warps, num_stage
             raise ValueError(f"{name} must be {kind} or None, got {v!r}")
 
 
-def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overrides: tuple) -> tuple:
+def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overrides: tuple,
+              has_rank: bool = False) -> tuple:
     """What a launch plan of :func:`_plan` depends on."""
     return (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
-            bias is not None, interpreting(), overrides)
+            bias is not None, interpreting(), overrides, has_rank)
 
 
 def _x_aligned(which: str, x: torch.Tensor, meta: dict, row: int | None = None) -> bool:
@@ -693,10 +743,20 @@ def _x_aligned(which: str, x: torch.Tensor, meta: dict, row: int | None = None) 
     return which == "gemv" or x.numel() <= x.shape[-1] or row % 2 == 0
 
 
-def _kernel_args(which: str, x, state: tuple, y, ws, cnt, bias, M: int, row: int, scalars: tuple) -> tuple:
-    """The runtime arguments of :func:`_gemv_kernel` / :func:`_dot_kernel` (a missing bias is passed as ``y``,
-    unused under ``HAS_BIAS=False``; ``row`` is the stride between rows of ``x``)."""
-    return (x, *state, y, ws, cnt, bias if bias is not None else y, *_scalar_args(which, M, row, scalars))
+def _kernel_args(which: str, x, state: tuple, y, ws, cnt, bias, M: int, row: int, scalars: tuple,
+                 rank_term: tuple | None = None) -> tuple:
+    """The runtime arguments of :func:`_gemv_kernel` / :func:`_dot_kernel` (a missing bias or rank term is passed
+    as ``y``, unused under ``HAS_BIAS`` / ``HAS_RANK`` False; ``row`` is the stride between rows of ``x``)."""
+    return (x, *state, y, ws, cnt, bias if bias is not None else y, *_scalar_args(which, M, row, scalars),
+            *_rank_args(y, rank_term))
+
+
+def _rank_args(y, rank_term: tuple | None) -> tuple:
+    """``(xa, b, r, b's row stride)`` after the int arguments; placeholders without a rank term."""
+    if rank_term is None:
+        return y, y, 0, 0
+    xa, b = rank_term
+    return xa, b, b.shape[1], b.stride(0)
 
 
 def _scalar_args(which: str, M: int, row: int, scalars: tuple) -> tuple:
@@ -704,8 +764,11 @@ def _scalar_args(which: str, M: int, row: int, scalars: tuple) -> tuple:
     return scalars if which == "gemv" else (M, *scalars[:3], row, *scalars[3:])
 
 
-def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
+def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, rank_b: torch.Tensor | None = None):
     """``run(x, bias) -> y`` doing what :func:`small_m_matmul` does for calls like this one, at less host cost.
+    With ``rank_b`` (``(N, r)``, unit column stride): ``run(x, bias, xa) -> y``, the product with
+    ``rank_term=(xa, rank_b)`` (``xa (M, r)`` contiguous in ``x``'s dtype), valid while ``rank_b`` is this tensor
+    at this address (the caller keys its cache by it).
 
     Valid for inputs ``x`` of ``x``'s shape, strides, dtype, device and 16-byte alignment class, with a
     bias of ``bias``'s presence and dtype, launched on the current CUDA stream; the caller keys its
@@ -719,13 +782,14 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     K = x.shape[-1]
     lead = x.shape[:-1]
     M, N = x.numel() // max(K, 1), t.shape[0]
-    if x.dim() < 2 or x.stride(-1) != 1 or M == 0 or torch.cuda.is_current_stream_capturing():
+    if (x.dim() < 2 or x.stride(-1) != 1 or M == 0 or torch.cuda.is_current_stream_capturing()
+            or (rank_b is not None and (rank_b.dim() != 2 or rank_b.shape[0] != N or rank_b.stride(-1) != 1))):
         return None
     row = x.stride(-2)
     for i in range(x.dim() - 2):  # all leading dims must collapse onto one row stride
         if x.shape[i] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
             return None
-    plan = _PLANS.get(_plan_key(M, N, K, x, t, bias, (None,) * 7))
+    plan = _PLANS.get(_plan_key(M, N, K, x, t, bias, (None,) * 7, rank_b is not None))
     if plan is None:
         return None
     which, grid, split, scalars, meta = plan
@@ -742,7 +806,9 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
         ws0 = pooled if pooled is not None else torch.empty(split * M * N, device=device, dtype=torch.float32)
     else:
         cnt = ws0 = y0
-    go = bind(_KERNELS[which], grid, _kernel_args(which, x, state, y0, ws0, cnt, bias, M, row, scalars), meta)
+    rank0 = None if rank_b is None else (torch.empty(M, rank_b.shape[1], device=device, dtype=dtype), rank_b)
+    go = bind(_KERNELS[which], grid, _kernel_args(which, x, state, y0, ws0, cnt, bias, M, row, scalars, rank0),
+              meta)
     if go is None:
         return None
     # the arguments as go takes them: pointers, those of the weight's tensors and of the kept counters and workspace
@@ -753,10 +819,11 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
     ws_ptr = None if pooled is None else pooled.data_ptr()
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     capturing = torch.cuda.is_current_stream_capturing
+    rank_tail = () if rank_b is None else (rank_b.data_ptr(), rank_b.shape[1], rank_b.stride(0))
     empty = torch.empty
     f32 = torch.float32
 
-    def run(xx: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def run(xx: torch.Tensor, b: torch.Tensor | None, xa: torch.Tensor | None = None) -> torch.Tensor:
         y = xx.new_empty(out_shape)  # x's dtype and device (the key's), fewer arguments to parse than torch.empty
         yp = y.data_ptr()
         if split == 1:  # no workspace and no counters: the kernel is given y in their places
@@ -766,10 +833,11 @@ def small_m_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None):
             if ws is None or capturing():
                 wt = empty(split * M * N, device=device, dtype=f32)  # alive until the launch is enqueued
                 ws = wt.data_ptr()
-        go(stream, (xx.data_ptr(), *state_ptrs, yp, ws, cnt_, yp if b is None else b.data_ptr(), *rest))
+        go(stream, (xx.data_ptr(), *state_ptrs, yp, ws, cnt_, yp if b is None else b.data_ptr(), *rest,
+                    *((yp, yp, 0, 0) if xa is None else (xa.data_ptr(), *rank_tail))))
         return y
 
-    run.keep = (state, cnt, pooled)
+    run.keep = (state, cnt, pooled, rank_b)
     return run
 
 
@@ -839,8 +907,9 @@ def _table_in_registers(kernel: str, block_m: int, num_stages: int | None, looku
 
 
 def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n, nb, split, num_warps, num_stages,
-          asm):
-    """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape)."""
+          asm, has_rank: bool = False):
+    """Kernel, grid, K split, scalar arguments and meta-parameters of one call shape (computed once per shape);
+    ``has_rank``: with a rank-r term in the epilogue (:func:`_rank_term`; the same configuration as without)."""
     cfg = None
     if kernel is None:
         if interpreting():
@@ -874,8 +943,8 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
     per = cdiv(cdiv(K, step), split) * step
     split = cdiv(K, per)
     meta = dict(BLOCKSIZE=t.blocksize, NESTED_BS=t.nested_blocksize, DOUBLE=t.double_quant,
-                HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, BLOCK_N=block_n, NB=nb,
-                ASM=bool(asm) and not interpreting())
+                HAS_SHIFT=t.shift is not None, SPLIT=split > 1, HAS_BIAS=has_bias, HAS_RANK=has_rank,
+                BLOCK_N=block_n, NB=nb, ASM=bool(asm) and not interpreting())
     if kernel != "gemv":  # the interpreter's tl.dot is wrong for bf16 (Triton 3.6): fp32 there
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
     if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned); the lookup

@@ -109,14 +109,13 @@ def test_fused_layer_decode_path_with_and_without_grad(rows, triton_mode, monkey
     layer = _layer(rows)
     x = torch.randn(2, rows, 64, dtype=torch.float16)
     calls = []
-    for name in ("lora_decode_add_", "lora_decode_add_xa"):
-        real = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    real = fused.lora_decode_add_xa
+    monkeypatch.setattr(fused, "lora_decode_add_xa", lambda *args: calls.append(args[1].requires_grad) or real(*args))
     with torch.no_grad():
         y_nograd = layer(x)
-        assert calls == ["lora_decode_add_"] and "default" not in layer._casts
+        assert calls == [False] and "default" not in layer._casts
     y, grads = _step(layer, x)
-    assert calls == ["lora_decode_add_", "lora_decode_add_xa"]
+    assert calls == [False, True]
     torch.testing.assert_close(y, y_nograd, rtol=0, atol=0)
     monkeypatch.setattr(fused, "DECODE_KERNELS", False)
     y_gemm, grads_gemm = _step(layer, x)
@@ -174,23 +173,60 @@ def test_fused_layer_decode_path_gradients_of_what_trains(what, triton_mode, mon
     assert (layer.base_layer.weight.grad is not None) == (what == "trained base")
 
 
-def test_qlora_layer_decode_path_with_grad_under_the_interpreter(triton_mode, monkeypatch):
-    """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU)."""
+@pytest.mark.parametrize("epilogue", [True, False], ids=["rank_epilogue", "up_kernel"])
+def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, triton_mode, monkeypatch):
+    """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU), with the rank
+    term in the NF4 kernel's epilogue (the default) and by the up kernel: the same output bits with and without grad,
+    the GEMM path's output and gradients to rounding."""
     from alignlab.adapters import fused
     from alignlab.quant import NF4Linear
 
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
+    calls = []
+    real = fused.rank_matmul
+    monkeypatch.setattr(fused, "rank_matmul", lambda *args: calls.append(1) or real(*args))
     torch.manual_seed(0)
     layer = _layer(7, NF4Linear.from_linear(nn.Linear(64, 48, dtype=torch.float16), compute_dtype=torch.float16))
     x = torch.randn(2, 64, dtype=torch.float16)
     with torch.no_grad():
         y_nograd = layer(x)
     y, grads = _step(layer, x)
+    assert len(calls) == (2 if epilogue else 0)
     torch.testing.assert_close(y, y_nograd, rtol=0, atol=0)
     monkeypatch.setattr(fused, "DECODE_KERNELS", False)
     y_gemm, grads_gemm = _step(layer, x)
     torch.testing.assert_close(y, y_gemm, rtol=2e-3, atol=2e-3)
     for got, want in zip(grads, grads_gemm):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows,r,bias", [(1, 16, False), (3, 5, True), (16, 1, True), (9, 64, False)])
+def test_qlora_decode_product_with_the_rank_epilogue_is_the_formula(rows, r, bias, triton_mode, monkeypatch):
+    """The decode product over an NF4 base with the rank term in the NF4 kernel's epilogue (interpreted on CPU):
+    ``x Wᵀ + bias + c(s·x A_cᵀ) c(B)ᵀ``, one rounding, against float64 (fp32 master factors; an odd rank, rank 1 and
+    the largest; rows 1 (GEMV) and 3 / 9 / 16 (tl.dot)); the first kernel's ``xa`` bit for bit the down kernel's."""
+    from alignlab.adapters import fused
+    from alignlab.kernels.lora_decode import down_
+    from alignlab.quant import NF4Linear
+
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", True)
+    g = torch.Generator().manual_seed(rows + r)
+    base = NF4Linear.from_linear(nn.Linear(128, 40, bias=bias, dtype=torch.float16), compute_dtype=torch.float16)
+    t = base.quant_weight
+    x = torch.randn(rows, 128, generator=g).half()
+    a, b = torch.randn(r, 128, generator=g) / 8, torch.randn(40, r, generator=g) / 4
+    assert fused._rank_epilogue(x, t, b)
+    y, xa = fused._decode_product(x, t, base.bias, a, b, 0.5)
+    assert y.dtype == torch.float16 and y.shape == (rows, 40)
+    torch.testing.assert_close(xa, down_(x, a, 0.5), rtol=0, atol=0)
+    xa64 = (x.double() @ a.half().double().T * 0.5).half().double()
+    torch.testing.assert_close(xa.double(), xa64, rtol=2e-3, atol=2e-3)
+    from alignlab.quant.nf4 import nf4_dequantize
+
+    want = x.double() @ nf4_dequantize(t, torch.float32).double().T + xa.double() @ b.half().double().T
+    if bias:
+        want += base.bias.half().double()
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.cuda

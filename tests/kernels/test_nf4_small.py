@@ -78,6 +78,44 @@ def test_strided_x_and_bias_are_read_as_given(kernel, triton_mode):
     assert _rel(small_m_matmul(xs, t, bs, kernel=kernel), x.double() @ wd.T + b.double()) < 1e-5
 
 
+def _rank_want(x, wd, xa, b, bias=None):
+    """x Wᵀ (+ bias) + xa c(b)ᵀ in float64, ``c`` = x's dtype."""
+    want = x.double().cpu() @ wd.T + xa.double().cpu() @ b.to(x.dtype).double().cpu().T
+    return want if bias is None else want + bias.double().cpu()
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
+@pytest.mark.parametrize("split", [1, 5])
+@pytest.mark.parametrize("r", [1, 7, 16])
+def test_rank_term_in_the_epilogue(kernel, split, r, triton_mode):
+    """``rank_term=(xa, b)``: ``x Wᵀ + bias + xa c(b)ᵀ`` from every kernel, split or not (added once, by the last K
+    slice of a tile), with and without a bias, an fp32 ``b`` rounded to x's dtype first; an odd N (partial tile)."""
+    for dtype in (torch.float32, torch.float16):
+        t, x, bias, wd = _case(37, 448, 1 if kernel == "gemv" else 3, dtype, 32)
+        g = torch.Generator().manual_seed(r)
+        xa = torch.randn(x.shape[0], r, generator=g).to(dtype)
+        b = torch.randn(37, r, generator=g) / 3
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        for bb in (None, bias):
+            y = small_m_matmul(x, t, bb, kernel=kernel, split=split, nb=2, rank_term=(xa, b))
+            assert y.dtype == dtype and _rel(y, _rank_want(x, wd, xa, b, bb)) < tol, (dtype, bb is None)
+
+
+def test_rank_term_strided_factors_and_checks(triton_mode):
+    """Strided ``xa`` / ``b`` are read as given (made contiguous); a wrong shape, dtype or device, or something that
+    is not a pair of tensors, is an error naming ``rank_term``."""
+    t, x, bias, wd = _case(24, 128, 3, torch.float32, 64)
+    xa = torch.randn(16, 3).t()  # (3, 16), strides (1, 3)
+    b = torch.randn(16, 24).t()  # (24, 16), column-major
+    y = small_m_matmul(x, t, bias, rank_term=(xa, b))
+    assert _rel(y, _rank_want(x, wd, xa, b, bias)) < 1e-5
+    for bad, err in (((xa[:2], b), ValueError), ((xa.half(), b), ValueError), ((xa, b[:5]), ValueError),
+                     ((xa, b.long()), ValueError), ((xa,), TypeError), ((xa, "b"), TypeError), (xa, TypeError),
+                     ((xa, b.to("meta")), ValueError)):
+        with pytest.raises(err, match="rank_term"):
+            small_m_matmul(x, t, rank_term=bad)
+
+
 @pytest.mark.parametrize("bad", ["wrong K", "3-D x", "float64 x", "dense weight", "partial blocks", "bias shape",
                                  "split -1", "split 1.5", "block_n 24", "nb 0", "num_warps 3"])
 def test_inputs_and_launch_parameters_are_checked(bad, triton_mode):
