@@ -286,8 +286,8 @@ if triton is not None:
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
         ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
-        REGS: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+        ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
         pid_n = tl.program_id(0)
