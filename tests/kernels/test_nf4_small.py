@@ -462,11 +462,12 @@ def test_split_counters_return_to_zero_and_graph_capture():
 
 
 @pytest.mark.parametrize("M,bias,K", [(1, False, 64), (1, True, 192), (5, True, 192), (40, False, 192), (64, True, 64)])
-def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mode, monkeypatch):
+@pytest.mark.parametrize("rank", [False, True], ids=["plain", "rank_term"])
+def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, rank, triton_mode, monkeypatch):
     """small_m_runner's argument tuples, checked on CPU: its launches go through the interpreter (Triton's
     compiled launcher, which it binds on a GPU, does not exist here; the runner hands it data pointers, which the
     stand-in maps back to the tensors they belong to). Rows at a stride (a slice of a wider tensor, leading dims
-    collapsed), repeated calls on new inputs, the kept workspace."""
+    collapsed), repeated calls on new inputs, the kept workspace; with ``rank_b``, a new ``xa`` per call."""
     from alignlab.kernels import nf4_small
 
     tensors = {}  # data pointer -> the last tensor seen with it
@@ -492,17 +493,22 @@ def test_runner_passes_the_arguments_small_m_matmul_passes(M, bias, K, triton_mo
     b = b if bias else None
     wide = torch.randn(2, M, K + 8)
     x = wide[:1, :, 4:K + 4]  # (1, M, K), rows K + 8 apart
-    assert nf4_small.small_m_runner(x, t, b) is None  # no plan for this shape yet
-    small_m_matmul(x.reshape(M, K), t, b)
-    run = nf4_small.small_m_runner(x, t, b)
+    lb = torch.randn(37, 5) if rank else None
+    assert nf4_small.small_m_runner(x, t, b, rank_b=lb) is None  # no plan for this shape yet
+    small_m_matmul(x.reshape(M, K), t, b, rank_term=None if lb is None else (torch.randn(M, 5), lb))
+    run = nf4_small.small_m_runner(x, t, b, rank_b=lb)
     assert run is not None
     for seed in range(2):
-        wide.copy_(torch.randn(2, M, K + 8, generator=torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        wide.copy_(torch.randn(2, M, K + 8, generator=g))
         track(x)
         if b is not None:
             track(b)
-        y = run(x, b)
+        xa = track(torch.randn(M, 5, generator=g)) if rank else None
+        y = run(x, b, xa) if rank else run(x, b)
         want = x.reshape(M, K).double() @ wd.T + (0 if b is None else b.double())
+        if rank:
+            want = want + xa.double() @ lb.double().T
         assert y.shape == (1, M, 37) and _rel(y.reshape(M, 37), want) < 1e-5
     if M > 1:  # rows that do not sit at one stride: no runner (the caller takes small_m_matmul)
         assert nf4_small.small_m_runner(torch.randn(M, 2, K + 8)[:, :1, 4:K + 4], t, b) is None
