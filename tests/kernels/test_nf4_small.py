@@ -424,6 +424,25 @@ def test_small_m_cuda(N, K, M, bs, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,K,M,r", [(4096, 4096, 1, 16), (1000, 320, 1, 5), (4097, 4160, 16, 16), (333, 512, 7, 64)])
+def test_rank_term_cuda(N, K, M, r, dtype):
+    """The rank-term epilogue on the GPU: every kernel and split, fp32 ``b`` rounded to x's dtype, against float64
+    (the same tolerance as the plain product: one rounding of the sum)."""
+    t, x, bias, wd = _case(N, K, M, dtype, 64, device="cuda")
+    g = torch.Generator().manual_seed(r)
+    xa = (torch.randn(M, r, generator=g) / 4).to("cuda", dtype)
+    b = (torch.randn(N, r, generator=g) / 4).cuda()
+    ref = _rank_want(x, wd, xa, b, bias)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early"]:
+        for split in (1, 8):
+            y = small_m_matmul(x, t, bias, kernel=kernel, split=split, rank_term=(xa, b))
+            assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
+    assert _rel(small_m_matmul(x, t, None, rank_term=(xa, b)).cpu(), ref - bias.double().cpu()) < tol
+
+
+@pytest.mark.cuda
 def test_small_m_cuda_icq_shift():
     t, x, b, wd = _case(300, 640, 1, torch.bfloat16, 64, icq=True, device="cuda")
     for M in (1, 7):
