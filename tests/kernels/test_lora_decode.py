@@ -176,7 +176,7 @@ def test_fused_layer_decode_path_gradients_of_what_trains(what, triton_mode, mon
 @pytest.mark.parametrize("epilogue", [True, False], ids=["rank_epilogue", "up_kernel"])
 def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, triton_mode, monkeypatch):
     """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU), with the rank
-    term in the NF4 kernel's epilogue (the default) and by the up kernel: the same output bits with and without grad,
+    term in the NF4 kernel's epilogue (opt-in, RANK_EPILOGUE) and by the up kernel: the same output bits with and without grad,
     the GEMM path's output and gradients to rounding."""
     from alignlab.adapters import fused
     from alignlab.quant import NF4Linear
@@ -289,13 +289,15 @@ def _unkept(layer, x):
 @pytest.mark.parametrize("shape", [(1, 512), (4, 1, 512), (16, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, monkeypatch):
+@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
+def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, epilogue, monkeypatch):
     """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
     none kept): the same output bits with and without grad and without the launchers, the same gradients."""
     from alignlab.adapters import fused
     from alignlab.quant import linear
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
     layer = _qlora_cuda(bias=bias, dtype=dtype)
     x = torch.randn(shape, device="cuda", dtype=dtype)
 
@@ -331,7 +333,8 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 @pytest.mark.cuda
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, monkeypatch):
+@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
+def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, epilogue, monkeypatch):
     """The call that binds a layout's launchers (its first, or any after they were dropped: a new packed weight as
     FSDP2's re-allocated storage gives) launches the same kernels as a call through kept ones, not the base product
     two or three times over, and returns the same bits."""
@@ -340,6 +343,7 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, m
     from alignlab.adapters import fused
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
     layer = _qlora_cuda(2, dtype=dtype)
     x = torch.randn(3, 512, device="cuda", dtype=dtype, requires_grad=grad)
 
@@ -366,7 +370,8 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, m
 
 
 @pytest.mark.cuda
-def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(monkeypatch):
+@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
+def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(epilogue, monkeypatch):
     """The kept launchers read the factors through their addresses: an in-place update shows; a factor at a new
     address, a new scale, another stream each get a launcher of their own; a deepcopy computes with its own tensors
     and pickles (the launchers stay behind); deleting the adapter drops them."""
@@ -376,6 +381,7 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
     from alignlab.adapters import fused
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
     layer = _qlora_cuda(1, bias=True)
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
