@@ -176,8 +176,8 @@ def test_fused_layer_decode_path_gradients_of_what_trains(what, triton_mode, mon
 @pytest.mark.parametrize("epilogue", [True, False], ids=["rank_epilogue", "up_kernel"])
 def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, triton_mode, monkeypatch):
     """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU), with the rank
-    term in the NF4 kernel's epilogue (opt-in, RANK_EPILOGUE) and by the up kernel: the same output bits with and without grad,
-    the GEMM path's output and gradients to rounding."""
+    term in the NF4 kernel's epilogue (opt-in, RANK_EPILOGUE) and by the up kernel: the same output bits with and
+    without grad, the GEMM path's output and gradients to rounding."""
     from alignlab.adapters import fused
     from alignlab.quant import NF4Linear
 
