@@ -25,6 +25,8 @@ from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
 try:
     import triton
     import triton.language as tl
+
+    from alignlab.kernels.nf4_small import split_total
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
@@ -56,6 +58,37 @@ if triton is not None:
             a = a.to(xa_ptr.dtype.element_ty).to(tl.float32)  # the factor rounded to the compute dtype, as cast
             acc += tl.sum(x * a[None, :], axis=1)
         tl.store(xa_ptr + rm * tl.num_programs(0) + j, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_ok)
+
+    @triton.jit
+    def _lora_down_split_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, cnt_ptr, M, K, R, stride_x, stride_a, scale, k_per_prog,
+                                n_prog, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """:func:`_lora_down_kernel`'s ``xa`` split over K instead of over the rank: program ``p`` sums its slice of
+        K for every row and rank in fp32 and stores the partial; the last to arrive adds the partials in program
+        order (deterministic; ``split_total``), scales, rounds to ``c`` and writes ``xa (M, R)``. Many programs
+        (one per slice) where the per-rank form had ``R`` long ones (latency-bound at large K)."""
+        pid = tl.program_id(0)
+        rm = tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        r_ok = rr < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_start = pid * k_per_prog
+        k_end = tl.minimum(k_start + k_per_prog, K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < k_end
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None].to(tl.int64) * stride_a + rk[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            a = a.to(xa_ptr.dtype.element_ty).to(tl.float32)  # the factor rounded to the compute dtype, as cast
+            acc += tl.sum(x[:, None, :] * a[None, :, :], axis=2)
+        offs = rm[:, None] * R + rr[None, :]
+        mask = m_ok[:, None] & r_ok[None, :]
+        last, total = split_total(acc, offs, mask, ws_ptr, cnt_ptr, 0, pid, n_prog, M * R)
+        if last:
+            tl.store(xa_ptr + offs, (total * scale).to(xa_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr, 0)
 
     @triton.jit
     def _lora_up_kernel(xa_ptr, b_ptr, y_ptr, M, N, R, stride_b, stride_y, BLOCK_M: tl.constexpr,
@@ -148,9 +181,36 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     return xa
 
 
+# the split down kernel (down_, down_runner): K slices of at most _SPLIT_PROGRAMS programs; per program a
+# (BLOCK_M, BLOCK_R, BLOCK_K) product in registers of at most _UP_ELEMENTS elements
+_SPLIT_PROGRAMS = 64
+
+
+def _split_layout(M: int, K: int, R: int) -> tuple[int, int, int, int, int]:
+    """``(block_m, block_r, block_k, k_per_prog, n_prog)`` of :func:`_lora_down_split_kernel` for ``x (M, K)``, rank
+    ``R``."""
+    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
+    block_k = max(16, min(256, _UP_ELEMENTS // (block_m * block_r)))
+    n_prog = max(1, min(cdiv(K, block_k), _SPLIT_PROGRAMS))
+    k_per_prog = cdiv(cdiv(K, n_prog), block_k) * block_k
+    return block_m, block_r, block_k, k_per_prog, cdiv(K, k_per_prog) if K else 1
+
+
+def _split_buffers(x: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(workspace, arrival counter, the kept workspace or None)`` for one split down launch: on CUDA the
+    per-stream buffers of the small-M NF4 kernels (launches on one stream run in order, and each leaves its counter
+    at zero), else fresh ones."""
+    from alignlab.kernels.nf4_small import _arrival_counters, _workspace
+
+    pooled = _workspace(x.device, numel) if x.is_cuda else None
+    ws = pooled if pooled is not None else torch.empty(numel, device=x.device, dtype=torch.float32)
+    return ws, _arrival_counters(x.device, 1), pooled
+
+
 def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """``xa = c(s·x A_cᵀ)`` ``(M, r)`` alone, by the first kernel of :func:`lora_decode_add_`, for a caller that adds
-    ``xa c(B)ᵀ`` itself (the NF4 small-M kernels' rank-term epilogue, ``small_m_matmul(..., rank_term=...)``). ``x``
+    """``xa = c(s·x A_cᵀ)`` ``(M, r)`` alone, for a caller that adds ``xa c(B)ᵀ`` itself (the NF4 small-M kernels'
+    rank-term epilogue, ``small_m_matmul(..., rank_term=...)``), by one launch of the split down kernel (K sliced
+    over up to 64 programs, their fp32 partials added in a fixed order: :func:`_lora_down_split_kernel`). ``x``
     ``(M, K)`` with rows at one stride and unit column stride where :func:`applies` (the caller checks), else the
     reference's product."""
     if not applies(x, a) or x.stride(-1) != 1:
@@ -158,9 +218,12 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     a = a if a.stride(-1) == 1 else a.contiguous()
     M, K = x.shape
     R = a.shape[0]
+    block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
     xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
-           dict(BLOCK_M=max(next_power_of_2(M), 2), BLOCK_K=_BLOCK_K, num_warps=4))
+    ws, cnt, _ = _split_buffers(x, n_prog * M * R)
+    launch(_lora_down_split_kernel, (n_prog,),
+           (x, a, xa, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog),
+           dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4))
     return xa
 
 
@@ -169,25 +232,30 @@ def down_runner(x: torch.Tensor, a: torch.Tensor, scale: float):
     allocation, or None where the kernel does not run or no launcher can be bound (before :func:`down_` ran this
     layout once, which compiles). Valid as :func:`add_runner`'s runners are (``a`` this tensor at this address,
     ``scale`` this value, ``x`` of this layout, the current stream)."""
-    if not (applies(x, a) and x.stride(-1) == 1 and a.stride(-1) == 1):
+    if not (applies(x, a) and x.stride(-1) == 1 and a.stride(-1) == 1) or torch.cuda.is_current_stream_capturing():
         return None
     M, K = x.shape
     R = a.shape[0]
+    block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
     xa0 = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa0, scale),
-                dict(BLOCK_M=max(next_power_of_2(M), 2), BLOCK_K=_BLOCK_K, num_warps=4))
+    ws, cnt, pooled = _split_buffers(x, n_prog * M * R)
+    if pooled is None:
+        return None
+    down = bind(_lora_down_split_kernel, (n_prog,),
+                (x, a, xa0, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog),
+                dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4))
     if down is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
-    tail = (M, K, x.stride(0), a.stride(0), float(scale))
-    a_ptr = a.data_ptr()
+    tail = (M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog)
+    a_ptr, ws_ptr, cnt_ptr = a.data_ptr(), ws.data_ptr(), cnt.data_ptr()
 
     def run(xx: torch.Tensor) -> torch.Tensor:
         xa = xx.new_empty((M, R))
-        down(stream, (xx.data_ptr(), a_ptr, xa.data_ptr(), *tail))
+        down(stream, (xx.data_ptr(), a_ptr, xa.data_ptr(), ws_ptr, cnt_ptr, *tail))
         return xa
 
-    run.keep = a
+    run.keep = (a, ws, cnt)  # the kept workspace stays allocated while this runner lives (a larger call replaces it)
     return run
 
 

@@ -200,6 +200,24 @@ def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, trito
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("m,k,r", [(1, 1000, 16), (5, 4160, 7), (16, 777, 64), (2, 40, 1), (3, 20000, 16)])
+def test_split_down_kernel_is_the_formula(m, k, r, triton_mode):
+    """``down_`` (the split down kernel: K sliced over up to 64 programs, the partials added in a fixed order): the
+    float64 formula ``c(s·x A_cᵀ)`` to rounding, over slices that end in a partial block, one program and many, the
+    largest rank; the same bits on a repeat (deterministic)."""
+    from alignlab.kernels.lora_decode import _split_layout, down_
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).half()
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    xa = down_(x, a, 0.75)
+    want = (x.double() @ a.half().double().T) * 0.75
+    assert xa.dtype == torch.float16 and xa.shape == (m, r)
+    torch.testing.assert_close(xa.double(), want, rtol=2e-3, atol=2e-3)
+    assert torch.equal(down_(x, a, 0.75), xa)
+    assert (_split_layout(m, k, r)[-1] > 1) == (k > 256)  # several programs wherever K spans several slices
+
+
 @pytest.mark.parametrize("rows,r,bias", [(1, 16, False), (3, 5, True), (16, 1, True), (9, 64, False)])
 def test_qlora_decode_product_with_the_rank_epilogue_is_the_formula(rows, r, bias, triton_mode, monkeypatch):
     """The decode product over an NF4 base with the rank term in the NF4 kernel's epilogue (interpreted on CPU):
