@@ -21,6 +21,7 @@ import torch
 
 from alignlab.kernels.dispatch import use_triton
 from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
+from alignlab.kernels.nf4_small import _arrival_counters, _workspace
 
 try:
     import triton
@@ -200,11 +201,20 @@ def _split_buffers(x: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
     """``(workspace, arrival counter, the kept workspace or None)`` for one split down launch: on CUDA the
     per-stream buffers of the small-M NF4 kernels (launches on one stream run in order, and each leaves its counter
     at zero), else fresh ones."""
-    from alignlab.kernels.nf4_small import _arrival_counters, _workspace
-
     pooled = _workspace(x.device, numel) if x.is_cuda else None
     ws = pooled if pooled is not None else torch.empty(numel, device=x.device, dtype=torch.float32)
     return ws, _arrival_counters(x.device, 1), pooled
+
+
+def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: float) -> tuple:
+    """``(grid, args, meta, pooled)`` of one :func:`_lora_down_split_kernel` launch writing ``xa``, shared by
+    :func:`down_` (which launches it) and :func:`down_runner` (which binds it)."""
+    M, K = x.shape
+    R = a.shape[0]
+    block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
+    ws, cnt, pooled = _split_buffers(x, n_prog * M * R)
+    args = (x, a, xa, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog)
+    return (n_prog,), args, dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4), pooled
 
 
 def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
@@ -216,14 +226,9 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     if not applies(x, a) or x.stride(-1) != 1:
         return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
     a = a if a.stride(-1) == 1 else a.contiguous()
-    M, K = x.shape
-    R = a.shape[0]
-    block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
-    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    ws, cnt, _ = _split_buffers(x, n_prog * M * R)
-    launch(_lora_down_split_kernel, (n_prog,),
-           (x, a, xa, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog),
-           dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4))
+    xa = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
+    grid, args, meta, _ = _split_launch(x, a, xa, scale)
+    launch(_lora_down_split_kernel, grid, args, meta)
     return xa
 
 
@@ -234,20 +239,15 @@ def down_runner(x: torch.Tensor, a: torch.Tensor, scale: float):
     ``scale`` this value, ``x`` of this layout, the current stream)."""
     if not (applies(x, a) and x.stride(-1) == 1 and a.stride(-1) == 1) or torch.cuda.is_current_stream_capturing():
         return None
-    M, K = x.shape
-    R = a.shape[0]
-    block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
-    xa0 = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    ws, cnt, pooled = _split_buffers(x, n_prog * M * R)
+    M, R = x.shape[0], a.shape[0]
+    grid, args, meta, pooled = _split_launch(x, a, torch.empty(M, R, device=x.device, dtype=x.dtype), scale)
     if pooled is None:
         return None
-    down = bind(_lora_down_split_kernel, (n_prog,),
-                (x, a, xa0, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog),
-                dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4))
+    down = bind(_lora_down_split_kernel, grid, args, meta)
     if down is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
-    tail = (M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog)
+    ws, cnt, tail = args[3], args[4], args[5:]
     a_ptr, ws_ptr, cnt_ptr = a.data_ptr(), ws.data_ptr(), cnt.data_ptr()
 
     def run(xx: torch.Tensor) -> torch.Tensor:
