@@ -34,6 +34,10 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "down_", "down_runner", "MAX_ROWS", "MAX_RANK"]
 
 MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
+# xa by the split down kernel (K over up to 64 programs) on the three-launch path too, instead of the per-rank one
+# (one program per rank row over all of K: 13 / 37 us at K = 4096 / 14336 on an H200, latency-bound). Off until the
+# split kernel's CUDA tests and timing have run on a GPU (benchmarks/qlora_decode.py times both); read per call
+SPLIT_DOWN = False
 MAX_RANK = 64
 _BLOCK_K = 256
 # the up kernel holds a (BLOCK_M, BLOCK_N, BLOCK_R) product in registers: at most this many elements (64 per thread
@@ -175,8 +179,12 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
-    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale), dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    if SPLIT_DOWN:
+        xa = _down_split(x, a, scale)
+    else:
+        xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
+        launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
+               dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
     launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     return xa
@@ -225,7 +233,11 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     reference's product."""
     if not applies(x, a) or x.stride(-1) != 1:
         return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
-    a = a if a.stride(-1) == 1 else a.contiguous()
+    return _down_split(x, a if a.stride(-1) == 1 else a.contiguous(), scale)
+
+
+def _down_split(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`down_`'s launch, for inputs it takes (unit column strides)."""
     xa = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
     grid, args, meta, _ = _split_launch(x, a, xa, scale)
     launch(_lora_down_split_kernel, grid, args, meta)
@@ -273,10 +285,14 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if not (applies(x, a) and y.stride(-1) == 1 and y.shape[1] > 0 and x.stride(-1) == 1 and a.stride(-1) == 1
             and b.stride(-1) == 1 and y.is_contiguous()):
         return None
+    split = SPLIT_DOWN
     xa = add_(y, x, a, b, scale)
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
-    down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
-                dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    if split:
+        down = down_runner(x, a, scale)
+    else:
+        down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
+                    dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
     up = bind(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
               dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     if down is None or up is None:
@@ -286,6 +302,15 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     down_tail = (M, K, x.stride(0), a.stride(0), float(scale))
     up_tail = (M, N, R, b.stride(0), y.stride(-2))
     a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+
+    if split:
+        def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+            xa = down(xx)
+            up(stream, (xa.data_ptr(), b_ptr, yy.data_ptr(), *up_tail))
+            return xa
+
+        run.keep = down.keep
+        return run, xa
 
     def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         xa = xx.new_empty((M, R))
