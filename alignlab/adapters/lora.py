@@ -415,6 +415,18 @@ class LoRALinear(AdapterLayer):
             if dora:
                 return dora_linear_op(x, weight, base.bias, a, b, scale, self.lora_magnitude_vector[name], dtype)
             return lora_linear_op(x, weight, base.bias, a, b, scale, dtype)
+        bias = base.bias
+        if (self._decode_runs and x.is_cuda and not dora and not self.cache_casts and x.dtype is dtype
+                and (bias is None or not bias.requires_grad)
+                and fused.DECODE_KERNELS and fused.DECODE_RUNNERS and _qlinear.DECODE_LAUNCHERS):
+            # a runner kept for this layout: its key (rows, strides, dtype, device, stream, Triton mode) and entry
+            # (these factors at these addresses: the rank) imply what takes_decode_kernels and _decode_run check
+            # below, so the lookup comes first (a decode call's host time is the point)
+            run = self._kept_decode_run((name, runner_key(x, bias)), weight, bias, a, b, scale)
+            if run:
+                if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+                    return fused.decode_apply(x, weight, a, b, scale, run)
+                return run(x)[0]
         if not dora and not self.cache_casts and fused.takes_decode_kernels(x, a, dtype):
             # decode sizes (generation; small-batch calls with a gradient too): the decode kernels read the factors
             # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
@@ -449,11 +461,22 @@ class LoRALinear(AdapterLayer):
                 or (bias is not None and (bias.dtype is not dtype or bias.requires_grad))):
             return None
         key = (name, runner_key(x, bias))
-        runs = self._decode_runs
-        hit = runs.get(key)
+        run = self._kept_decode_run(key, weight, bias, a, b, scale)
+        return self._build_decode_run(x, key, weight, bias, a, b, scale) if run is False else run
+
+    def _kept_decode_run(self, key: tuple, weight, bias, a: torch.Tensor, b: torch.Tensor, scale: float):
+        """The runner kept for ``key`` (None where that layout takes no runner) while it was made for these very
+        factors, packed weight, bias and scale; False where none is kept for them."""
+        hit = self._decode_runs.get(key)
         if (hit is not None and hit[0] is a and hit[1] is b and hit[2] is weight and hit[3] is bias
                 and hit[4] == scale and hit[5] == (a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)):
             return hit[6]
+        return False
+
+    def _build_decode_run(self, x: torch.Tensor, key: tuple, weight, bias, a: torch.Tensor, b: torch.Tensor,
+                          scale: float):
+        """:meth:`_decode_run` where nothing is kept for ``key`` yet: builds and keeps the runner."""
+        runs = self._decode_runs
         with torch.no_grad():  # the product made on the way is this call's (a gradient is _LoRADecodeFn's to give)
             built = fused.decode_runner(x, weight, bias, a, b, scale)
         if built is None and torch.cuda.is_current_stream_capturing():

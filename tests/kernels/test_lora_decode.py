@@ -453,6 +453,45 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
     assert not layer._decode_runs
 
 
+@pytest.mark.cuda
+def test_a_kept_runner_is_looked_up_first_and_passed_by_what_its_key_does_not_fix(monkeypatch):
+    """A call whose layout has a kept runner goes straight to it (with and without grad); what can change without
+    changing the runner's key sends calls past it: the decode kernels or the kept runners switched off, the base's
+    compute dtype changed under an input of the old one, a bias that starts to train (which then gets its gradient)."""
+    from alignlab.adapters import fused
+    from alignlab.quant import linear
+
+    layer = _qlora_cuda(4, bias=True)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x)
+    assert layer._decode_runs and torch.equal(layer(x.requires_grad_(False)), want)
+
+    def kept_runner(xx):
+        raise AssertionError("kept runner called")
+
+    for key, entry in list(layer._decode_runs.items()):
+        layer._decode_runs[key] = (*entry[:-1], kept_runner)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(AssertionError, match="kept runner called"):
+            layer(x.detach().requires_grad_(grad))
+    for module, switch in ((fused, "DECODE_KERNELS"), (fused, "DECODE_RUNNERS"), (linear, "DECODE_LAUNCHERS")):
+        with monkeypatch.context() as m:
+            m.setattr(module, switch, False)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), want, rtol=2e-2, atol=2e-2)
+    base = layer.base_layer
+    with monkeypatch.context() as m:
+        m.setattr(base, "compute_dtype", torch.float16)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).float(), want.float(), rtol=2e-2, atol=2e-2)
+    base.bias.requires_grad_(True)
+    y = layer(x.detach().requires_grad_(True))
+    y.float().sum().backward()
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(base.bias.grad.float(), torch.full((384,), 2.0, device="cuda"))
+
+
 def test_kept_launchers_are_dropped_by_moves_and_left_out_of_copies():
     """A device move or cast drops the kept launchers (they hold the old tensors); copies and pickles leave them out,
     and a compiled layer's copy does not run the original's compiled call."""
