@@ -333,8 +333,9 @@ class LoRALinear(AdapterLayer):
             names = [n for n in active if n not in self.merged_adapters and n in factors]
         if not names:
             return mods["base_layer"](x)
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"input must be a floating-point tensor, got {got}")
         n_in = factors[names[0]].in_features  # a plain attribute: cheaper than the in_features property
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")

@@ -321,8 +321,14 @@ def test_device_mismatch_is_reported():
 
 
 def test_integer_input_is_reported():
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="input must be a floating-point tensor, got dtype torch.int64"):
         _layer(r=2)(torch.ones(2, 12, dtype=torch.long))
+
+
+def test_an_input_that_is_no_tensor_is_reported():
+    for x, name in (([[0.0] * 12], "list"), (np.zeros((2, 12), dtype=np.float32), "ndarray")):
+        with pytest.raises(TypeError, match=f"input must be a floating-point tensor, got {name}"):
+            _layer(r=2)(x)
 
 
 @pytest.mark.parametrize("second_adapter", [False, True])  # one adapter: fused path; two: the plain one
