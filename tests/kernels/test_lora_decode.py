@@ -304,8 +304,8 @@ def _qlora_cuda(seed=0, bias=False, dtype=torch.bfloat16):
     from alignlab.quant import NF4Linear
 
     torch.manual_seed(seed)
-    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype)),
-                       r=16, alpha=32)
+    dense = nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype)
+    layer = LoRALinear(NF4Linear.from_linear(dense, compute_dtype=dtype), r=16, alpha=32)  # x's dtype: the fused path
     nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     return layer
 
