@@ -1,9 +1,8 @@
 """A QLoRA layer's decode call with the rank-r term in the NF4 kernel's epilogue, against the three-launch form (GPU).
 
 ``alignlab.adapters.fused.RANK_EPILOGUE`` on: ``s·x Aᵀ`` by the decode down kernel, then one small-M NF4 launch that
-adds ``(s·x Aᵀ) Bᵀ`` before its one rounding. Off: the NF4 product, then the down and up kernels (the up kernel reads
-and writes ``y`` once more), with the per-rank down kernel (default) or the split one (``lora_decode.SPLIT_DOWN``, the
-epilogue's). All three in one process, per shape and row count:
+adds ``(s·x Aᵀ) Bᵀ`` before its one rounding (the default). Off: the NF4 product, then the down and up kernels (the up
+kernel reads and writes ``y`` once more). Both in one process, per shape and row count:
 
 * ``graph``: GPU time of one no-grad call, from a CUDA graph of one call per layer over layers whose packed weights
   together exceed the L2 cache (what a captured decode step pays; ``benchmarks/nf4.py``'s ``_graph_us``), with the
@@ -29,11 +28,10 @@ from nf4 import _graph_us  # noqa: E402
 
 from alignlab.adapters import LoRAConfig, fused, inject  # noqa: E402
 from alignlab.bench import library_versions, write_json  # noqa: E402
-from alignlab.kernels import lora_decode  # noqa: E402
 from alignlab.quant import NF4Linear  # noqa: E402
 
-# (RANK_EPILOGUE, SPLIT_DOWN) of each variant timed
-VARIANTS = {"up kernel": (False, False), "split down, up kernel": (False, True), "epilogue": (True, False)}
+# RANK_EPILOGUE of each variant timed
+VARIANTS = {"up kernel": False, "epilogue": True}
 # (in, out): Llama-3-8B's q / o, k / v, gate / up and down projections
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 
@@ -66,7 +64,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     rows_out = []
-    defaults = fused.RANK_EPILOGUE, lora_decode.SPLIT_DOWN
+    default = fused.RANK_EPILOGUE
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for k, n in SHAPES:
         count = max(2, -(-3 * l2 // (k * n // 2)))  # packed weights (0.5 byte each) over three times the L2
@@ -83,7 +81,7 @@ def main():
             row["host_us bf16 nn.Linear"] = per_call_us(_no_grad(lambda: dense[0](xs[0])))
             outs = {}
             for tag in [*VARIANTS, *VARIANTS]:  # twice each, alternating: drift shows as a spread
-                fused.RANK_EPILOGUE, lora_decode.SPLIT_DOWN = VARIANTS[tag]
+                fused.RANK_EPILOGUE = VARIANTS[tag]
                 for q in layers:
                     q._decode_runs.clear()
                 outs[tag] = _no_grad(lambda: layers[0](xs[0]))()
@@ -92,11 +90,10 @@ def main():
                 row.setdefault(f"host_us QLoRA no_grad, {tag}", []).append(
                     per_call_us(_no_grad(lambda: layers[0](xs[0]))))
                 row.setdefault(f"host_us QLoRA x needs grad, {tag}", []).append(per_call_us(lambda: layers[0](xg)))
-            fused.RANK_EPILOGUE, lora_decode.SPLIT_DOWN = defaults
+            fused.RANK_EPILOGUE = default
             # one rounding against two: the outputs agree to bf16 rounding, not bit for bit
-            for tag in ("epilogue", "split down, up kernel"):
-                diff = (outs[tag].float() - outs["up kernel"].float()).abs().max().item()
-                row[f"max_abs_diff {tag} vs up kernel"] = diff
+            diff = (outs["epilogue"].float() - outs["up kernel"].float()).abs().max().item()
+            row["max_abs_diff epilogue vs up kernel"] = diff
             print(f"{k:5d} -> {n:5d}  M={m:2d}  " + "  ".join(
                 f"{key.split(' ', 1)[1]}: {v if isinstance(v, float) else min(v):.1f}"
                 for key, v in row.items() if key.startswith(("graph_us", "host_us"))))

@@ -88,11 +88,11 @@ DECODE_KERNELS = env_switch("ALIGNLAB_LORA_DECODE", True)
 DECODE_RUNNERS = env_switch("ALIGNLAB_LORA_DECODE_RUNNERS", True)
 # Over an NF4 base at decode rows, the rank-r term added in the small-M NF4 kernel's epilogue (s·x Aᵀ by the decode
 # down kernel, then one NF4 launch for x Wᵀ + bias + (s·x Aᵀ) Bᵀ, rounded once) instead of a third launch that reads
-# and writes y again (lora_decode's up kernel): two launches per QLoRA decode call, kept launchers or not. H200,
-# 2026-12-06 (benchmarks/qlora_decode.py, RESULTS.md): 5-6 us less host time per call, GPU time within +-1 us but
-# +1.3 to +2.9 us at three of the twelve shape / row cases (the per-rank down kernel then). Off by default until its split down kernel (lora_decode.down_, written after that run)
-# and its CUDA tests have run on a GPU: ALIGNLAB_LORA_RANK_EPILOGUE=1 (read at import) or this attribute set to True.
-RANK_EPILOGUE = env_switch("ALIGNLAB_LORA_RANK_EPILOGUE", False)
+# and writes y again (lora_decode's up kernel): two launches per QLoRA decode call, kept launchers or not. H100,
+# 2026-12-07 (benchmarks/qlora_decode.py, RESULTS.md): 5-9 us less host time per call than the three launches, GPU
+# time within -1.4 / +1.8 us of theirs at the twelve shape / row cases (both with the split down kernel). On by
+# default; ALIGNLAB_LORA_RANK_EPILOGUE=0 (read at import) or this attribute set to False: the three launches
+RANK_EPILOGUE = env_switch("ALIGNLAB_LORA_RANK_EPILOGUE", True)
 # The base GEMM with the rank-r term in its own epilogue (alignlab.kernels.lora_gemm.adapted_matmul: one Triton
 # kernel, the output written once) instead of cuBLAS + the addmm_ pass. "auto" (the default) takes it where it was
 # measured to win (H100, 2026-12-06, benchmarks/adapter_epilogue.py --kernel --sweep and lora.py --lora-gemm at 8192

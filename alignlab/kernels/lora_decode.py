@@ -3,7 +3,7 @@
 For ``x (M, K)`` with a few rows (generation: one row per sequence), ``A (r, K)``, ``B (N, r)`` in any float dtype
 (the fp32 master weights as they are) and the base product ``y (M, N)`` in the compute dtype ``c``::
 
-    xa = c( s·x A_cᵀ )        (M, r)    one program per row of A
+    xa = c( s·x A_cᵀ )        (M, r)    K split over up to 64 programs, their fp32 partials added in a fixed order
     y  = c( y + xa B_cᵀ )     (M, N)    one program per block of 16-128 output columns
 
 where ``A_c``, ``B_c`` are the factors rounded to ``c`` and the sums run in fp32: the products the fused LoRA path
@@ -34,12 +34,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 __all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "down_", "down_runner", "MAX_ROWS", "MAX_RANK"]
 
 MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
-# xa by the split down kernel (K over up to 64 programs) on the three-launch path too, instead of the per-rank one
-# (one program per rank row over all of K: 13 / 37 us at K = 4096 / 14336 on an H200, latency-bound). Off until the
-# split kernel's CUDA tests and timing have run on a GPU (benchmarks/qlora_decode.py times both); read per call
-SPLIT_DOWN = False
 MAX_RANK = 64
-_BLOCK_K = 256
 # the up kernel holds a (BLOCK_M, BLOCK_N, BLOCK_R) product in registers: at most this many elements (64 per thread
 # of its 4 warps), so BLOCK_N shrinks as rows and rank grow (128 columns at one row and rank 16, 16 at 16 x 64)
 _UP_ELEMENTS = 8192
@@ -47,30 +42,13 @@ _UP_ELEMENTS = 8192
 if triton is not None:
 
     @triton.jit
-    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, M, K, stride_x, stride_a, scale, BLOCK_M: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """Program ``j``: ``xa[:, j] = c(s·Σ_k x[:, k] c(A[j, k]))``, the sums in fp32, ``c`` = x's dtype."""
-        j = tl.program_id(0)
-        rm = tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + j.to(tl.int64) * stride_a + rk, mask=k_ok, other=0.0)
-            a = a.to(xa_ptr.dtype.element_ty).to(tl.float32)  # the factor rounded to the compute dtype, as cast
-            acc += tl.sum(x * a[None, :], axis=1)
-        tl.store(xa_ptr + rm * tl.num_programs(0) + j, (acc * scale).to(xa_ptr.dtype.element_ty), mask=m_ok)
-
-    @triton.jit
     def _lora_down_split_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, cnt_ptr, M, K, R, stride_x, stride_a, scale, k_per_prog,
                                 n_prog, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """:func:`_lora_down_kernel`'s ``xa`` split over K instead of over the rank: program ``p`` sums its slice of
-        K for every row and rank in fp32 and stores the partial; the last to arrive adds the partials in program
-        order (deterministic; ``split_total``), scales, rounds to ``c`` and writes ``xa (M, R)``. Many programs
-        (one per slice) where the per-rank form had ``R`` long ones (latency-bound at large K)."""
+        """``xa = c(s·x A_cᵀ) (M, R)``, the sums in fp32, ``c`` = xa's dtype: program ``p`` sums its slice of K for
+        every row and rank and stores the partial; the last to arrive adds the partials in program order
+        (deterministic; ``split_total``), scales, rounds to ``c`` and writes ``xa``. Many short programs: one per
+        rank row over all of K was latency-bound (13 / 37 µs at K = 4096 / 14336 on an H200, 4-29 µs more than
+        this form on an H100; RESULTS.md)."""
         pid = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
@@ -152,10 +130,6 @@ def _layout(x: torch.Tensor, b: torch.Tensor) -> tuple:
     return M, K, N, R, block_m, block_r, min(128, max(16, _UP_ELEMENTS // (block_m * block_r)))
 
 
-def _down_args(x, a, xa, scale):
-    return x, a, xa, x.shape[0], x.shape[1], x.stride(0), a.stride(0), float(scale)
-
-
 def _up_args(xa, b, y):
     return xa, b, y, y.shape[0], y.shape[1], b.shape[1], b.stride(0), y.stride(0)
 
@@ -179,18 +153,13 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
-    if SPLIT_DOWN:
-        xa = _down_split(x, a, scale)
-    else:
-        xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
-        launch(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
-               dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    xa = _down_split(x, a, scale)
     launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     return xa
 
 
-# the split down kernel (down_, down_runner): K slices of at most _SPLIT_PROGRAMS programs; per program a
+# the down kernel (add_, down_ and their runners): K slices of at most _SPLIT_PROGRAMS programs; per program a
 # (BLOCK_M, BLOCK_R, BLOCK_K) product in registers of at most _UP_ELEMENTS elements
 _SPLIT_PROGRAMS = 64
 
@@ -285,38 +254,21 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if not (applies(x, a) and y.stride(-1) == 1 and y.shape[1] > 0 and x.stride(-1) == 1 and a.stride(-1) == 1
             and b.stride(-1) == 1 and y.is_contiguous()):
         return None
-    split = SPLIT_DOWN
     xa = add_(y, x, a, b, scale)
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
-    if split:
-        down = down_runner(x, a, scale)
-    else:
-        down = bind(_lora_down_kernel, (R,), _down_args(x, a, xa, scale),
-                    dict(BLOCK_M=block_m, BLOCK_K=_BLOCK_K, num_warps=4))
+    down = down_runner(x, a, scale)
     up = bind(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
               dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
     if down is None or up is None:
         return None
-    dev = x.get_device()
-    stream = torch._C._cuda_getCurrentRawStream(dev)
-    down_tail = (M, K, x.stride(0), a.stride(0), float(scale))
+    stream = torch._C._cuda_getCurrentRawStream(x.get_device())
     up_tail = (M, N, R, b.stride(0), y.stride(-2))
-    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
-
-    if split:
-        def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-            xa = down(xx)
-            up(stream, (xa.data_ptr(), b_ptr, yy.data_ptr(), *up_tail))
-            return xa
-
-        run.keep = down.keep
-        return run, xa
+    b_ptr = b.data_ptr()
 
     def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        xa = xx.new_empty((M, R))
-        p = xa.data_ptr()
-        down(stream, (xx.data_ptr(), a_ptr, p, *down_tail))
-        up(stream, (p, b_ptr, yy.data_ptr(), *up_tail))
+        xa = down(xx)
+        up(stream, (xa.data_ptr(), b_ptr, yy.data_ptr(), *up_tail))
         return xa
 
+    run.keep = down.keep
     return run, xa

@@ -27,22 +27,11 @@ def _reference_by_hand(y, x, a, b, s):
     return (y.double() + xa.double() @ b.to(c).double().T).to(c)
 
 
-@pytest.fixture(params=[False, True], ids=["per_rank_down", "split_down"])
-def down_kernel(request, monkeypatch):
-    """Both down kernels of the three-launch path (``lora_decode.SPLIT_DOWN``: one program per rank row, or K split
-    over up to 64 programs)."""
-    from alignlab.kernels import lora_decode
-
-    monkeypatch.setattr(lora_decode, "SPLIT_DOWN", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("m, k, n, r", [(1, 64, 48, 16), (3, 300, 130, 8), (16, 257, 129, 1), (5, 40, 1, 3),
                                         (2, 1, 7, 16), (16, 40, 50, 64)])
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16])
-def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dtype, down_kernel, triton_mode,
-                                                           monkeypatch):
-    """Odd sizes (not multiples of the blocks), one row, one output column, K = 1, rank 1; each down kernel."""
+def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dtype, triton_mode, monkeypatch):
+    """Odd sizes (not multiples of the blocks), one row, one output column, K = 1, rank 1."""
     from alignlab.kernels import lora_decode
 
     seen = []
@@ -51,14 +40,13 @@ def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dt
     x, a, b, y = _case(m, k, n, r, torch.float16, "cpu", factor_dtype)
     want = lora_decode_reference(y, x, a, b, 0.7)
     got = lora_decode_add_(y.clone(), x, a, b, 0.7)
-    split = lora_decode._lora_down_split_kernel
-    assert seen == [split if down_kernel else lora_decode._lora_down_kernel, lora_decode._lora_up_kernel]
+    assert seen == [lora_decode._lora_down_split_kernel, lora_decode._lora_up_kernel]
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got, _reference_by_hand(y, x, a, b, 0.7), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("m, n, r", [(0, 48, 4), (3, 0, 4), (3, 48, 0)], ids=["no-rows", "no-outputs", "rank-0"])
-def test_empty_rows_outputs_or_rank(m, n, r, down_kernel, triton_mode):
+def test_empty_rows_outputs_or_rank(m, n, r, triton_mode):
     """No rows, no output columns or rank 0: the reference's result exactly (y unchanged at rank 0), in place."""
     x, a, b, y = _case(m, 64, n, r, torch.float16, "cpu")
     want = lora_decode_reference(y, x, a, b, 0.7)
@@ -75,7 +63,7 @@ def test_reference_is_the_formula():
                                rtol=0, atol=0)
 
 
-def test_in_place_on_the_given_output_and_strided_inputs(down_kernel, triton_mode):
+def test_in_place_on_the_given_output_and_strided_inputs(triton_mode):
     x, a, b, y = _case(3, 96, 40, 4, torch.float16, "cpu")
     xs = torch.stack([x, x], -1)[..., 0]  # a non-unit column stride
     assert xs.stride(-1) != 1 and torch.equal(xs, x)
@@ -118,7 +106,7 @@ def _step(layer, x, create_graph=False):
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_fused_layer_decode_path_with_and_without_grad(rows, down_kernel, triton_mode, monkeypatch):
+def test_fused_layer_decode_path_with_and_without_grad(rows, triton_mode, monkeypatch):
     """A LoRA layer on an fp16 ``nn.Linear`` at decode rows takes the kernels with and without a gradient (no factor
     cast; the same output bits either way); with them off it takes the GEMMs: the same output and gradients to
     rounding, and the gradients the formula's in float64."""
@@ -192,7 +180,7 @@ def test_fused_layer_decode_path_gradients_of_what_trains(what, triton_mode, mon
 
 
 @pytest.mark.parametrize("epilogue", [True, False], ids=["rank_epilogue", "up_kernel"])
-def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, down_kernel, triton_mode, monkeypatch):
+def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, triton_mode, monkeypatch):
     """The same over an NF4 base (the packed weight read by the small-M kernels, interpreted on CPU), with the rank
     term in the NF4 kernel's epilogue (opt-in, RANK_EPILOGUE) and by the up kernel: the same output bits with and
     without grad, the GEMM path's output and gradients to rounding."""
@@ -269,7 +257,7 @@ def test_qlora_decode_product_with_the_rank_epilogue_is_the_formula(rows, r, bia
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n, r", [(1, 4096, 4096, 16), (7, 4096, 1024, 16), (16, 14336, 4096, 64),
                                         (3, 257, 129, 5)])
-def test_kernels_match_the_reference_on_cuda(m, k, n, r, dtype, down_kernel):
+def test_kernels_match_the_reference_on_cuda(m, k, n, r, dtype):
     x, a, b, y = _case(m, k, n, r, dtype, "cuda")
     got = lora_decode_add_(y.clone(), x, a, b, 2.0)
     want = lora_decode_reference(y, x, a, b, 2.0)
@@ -280,7 +268,7 @@ def test_kernels_match_the_reference_on_cuda(m, k, n, r, dtype, down_kernel):
 
 
 @pytest.mark.cuda
-def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(down_kernel, monkeypatch):
+def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monkeypatch):
     """An NF4 base with a LoRA adapter under ``no_grad`` at one row: kernels on vs off, bf16."""
     from alignlab.adapters import LoRALinear, fused
     from alignlab.quant import NF4Linear
@@ -326,8 +314,7 @@ def _unkept(layer, x):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
-def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, epilogue, down_kernel,
-                                                                      monkeypatch):
+def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, epilogue, monkeypatch):
     """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
     none kept): the same output bits with and without grad and without the launchers, the same gradients."""
     from alignlab.adapters import fused
@@ -371,7 +358,7 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
-def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, epilogue, down_kernel, monkeypatch):
+def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, epilogue, monkeypatch):
     """The call that binds a layout's launchers (its first, or any after they were dropped: a new packed weight as
     FSDP2's re-allocated storage gives) launches the same kernels as a call through kept ones, not the base product
     two or three times over, and returns the same bits."""
@@ -523,4 +510,12 @@ def test_on_by_default_and_switched_off_by_the_environment(env, on):
     """``ALIGNLAB_LORA_DECODE=0`` turns the decode kernels off for the process, read once at import."""
     out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.DECODE_KERNELS",
                                    {"ALIGNLAB_LORA_DECODE": env})
+    assert out == str(on)
+
+
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False), ("off", False)])
+def test_rank_epilogue_on_by_default_and_switched_off_by_the_environment(env, on):
+    """A QLoRA decode call adds its rank term in the NF4 kernel's epilogue unless ``ALIGNLAB_LORA_RANK_EPILOGUE=0``."""
+    out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.RANK_EPILOGUE",
+                                   {"ALIGNLAB_LORA_RANK_EPILOGUE": env})
     assert out == str(on)
