@@ -282,6 +282,8 @@ def _check(x: torch.Tensor, t: NF4Tensor, dim: int, name: str) -> None:
         raise TypeError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
     if x.shape[-1:] != (t.shape[dim],):  # a 0-d input too
         raise ValueError(f"{name}.shape[-1] must be {t.shape[dim]}, got {tuple(x.shape)}")
+    if t.data.device != x.device:  # (a meta weight and a CPU input gave uninitialised memory, no error)
+        raise ValueError(f"weight must be on {name}'s device {x.device}, got {t.data.device}; move one of them")
 
 
 def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,8 +303,8 @@ def nf4_matmul(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None = None) 
     ``F.linear``: torch ops that every transform takes (a Triton kernel cannot read the transforms' tensors).
 
     Raises:
-        TypeError / ValueError: wrong weight type, dtype or last dimension; a ``bias`` that is not a tensor of
-            shape ``(N,)`` on ``x``'s device.
+        TypeError / ValueError: wrong weight type, dtype or last dimension; a weight on another device than ``x``;
+            a ``bias`` that is not a tensor of shape ``(N,)`` on ``x``'s device.
     """
     _check(x, t, 1, "x")
     N, K = t.shape

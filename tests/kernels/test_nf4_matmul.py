@@ -136,6 +136,27 @@ def test_bias_must_be_a_tensor_on_x_device():
         nf4_matmul(torch.randn(2, 32), t, torch.zeros(16, device="meta"))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_weight_must_be_on_x_device(grad):
+    """A weight on another device than the input is an error naming both (a meta weight and a CPU input gave
+    uninitialised memory, no error), through NF4Linear without a bias too; both on meta still give shapes."""
+    from torch import nn
+
+    from alignlab.kernels.nf4_matmul import nf4_matmul_t
+    from alignlab.quant import NF4Linear
+
+    t = nf4_quantize(torch.randn(16, 32)).to("meta")
+    x = torch.randn(2, 32, requires_grad=grad)
+    with pytest.raises(ValueError, match="weight must be on x's device cpu, got meta"):
+        nf4_matmul(x, t)
+    with pytest.raises(ValueError, match="weight must be on dy's device cpu, got meta"):
+        nf4_matmul_t(torch.randn(2, 16), t)
+    layer = NF4Linear.from_linear(nn.Linear(32, 16, bias=False, device="meta"))
+    with pytest.raises(ValueError, match="weight must be on x's device cpu, got meta"):
+        layer(x)
+    assert layer(torch.randn(3, 32, device="meta")).shape == (3, 16)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (1000, 334, 1), (1000, 334, 7), (4096, 1024, 16),
