@@ -424,6 +424,8 @@ class LoRALinear(AdapterLayer):
             # (these factors at these addresses: the rank) imply what takes_decode_kernels and _decode_run check
             # below, so the lookup comes first (a decode call's host time is the point)
             run = self._kept_decode_run((name, runner_key(x, bias)), weight, bias, a, b, scale)
+            if run is None:  # a layout kept as taking no runner: what _decode_run's None gives below
+                return lora_linear(x, weight, bias, a, b, scale, dtype)
             if run:
                 if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
                     return fused.decode_apply(x, weight, a, b, scale, run)
@@ -431,9 +433,9 @@ class LoRALinear(AdapterLayer):
         if not dora and not self.cache_casts and fused.takes_decode_kernels(x, a, dtype):
             # decode sizes (generation; small-batch calls with a gradient too): the decode kernels read the factors
             # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
-            # (opt-in). A call whose gradient they cannot give (an input in another dtype, a base weight or bias
-            # that trains) takes the cast below and the GEMMs
-            dense_w, bias = (weight if type(base) is nn.Linear else None), base.bias
+            # (DECODE_RUNNERS). A call whose gradient they cannot give (an input in another dtype, a base weight or
+            # bias that trains) takes the cast below and the GEMMs
+            dense_w = weight if type(base) is nn.Linear else None
             grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or (
                 dense_w is not None and dense_w.requires_grad) or (bias is not None and bias.requires_grad))
             if not grad or fused.decode_grad_applies(x, dense_w, bias, dtype):

@@ -206,7 +206,8 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _down_split(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`down_`'s launch, for inputs it takes (unit column strides)."""
+    """The split down kernel's launch for :func:`down_` and :func:`add_`, on inputs it takes (unit column
+    strides)."""
     xa = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
     grid, args, meta, _ = _split_launch(x, a, xa, scale)
     launch(_lora_down_split_kernel, grid, args, meta)
