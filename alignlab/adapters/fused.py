@@ -700,28 +700,32 @@ def _rank_epilogue(x2: torch.Tensor, weight, b: torch.Tensor) -> bool:
     return RANK_EPILOGUE and isinstance(weight, NF4Tensor) and takes_rank_term(x2, weight, b)
 
 
-def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                  scale: float):
-    """``(run, first)``: ``run(x) -> (y, xa)``, :func:`_decode_product` of a QLoRA layer for inputs of ``x``'s layout
-    through kept launchers -- with the rank-term epilogue (:func:`_rank_epilogue`) the decode down kernel's
-    (:func:`alignlab.kernels.lora_decode.down_runner`) and the small-M NF4 kernel's
+def decode_runner(x: torch.Tensor, t: NF4Tensor | torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                  b: torch.Tensor, scale: float):
+    """``(run, first)``: ``run(x) -> (y, xa)``, :func:`_decode_product` of a LoRA layer for inputs of ``x``'s layout
+    through kept launchers -- over an NF4 base with the rank-term epilogue (:func:`_rank_epilogue`) the decode down
+    kernel's (:func:`alignlab.kernels.lora_decode.down_runner`) and the small-M NF4 kernel's
     (:func:`alignlab.kernels.nf4_small.small_m_runner` with ``rank_b``), two launches and two allocations of host
-    work per call; else the NF4 base product's (:func:`alignlab.kernels.nf4_matmul.decode_matmul`) and the rank-r
-    kernels' (:func:`alignlab.kernels.lora_decode.add_runner`), three launches --; ``first``, ``run(x)`` for this very
-    ``x``, computed on the way (binding the launchers runs them once; the layout's first call also compiles), so
-    that the call that builds a runner makes each product once. None where one of the launchers cannot be kept (the
-    caller then takes :func:`lora_linear`).
+    work per call; else the base product's (NF4: :func:`alignlab.kernels.nf4_matmul.decode_matmul`'s kept launcher;
+    a dense weight: the same GEMM call as :func:`_base_forward`'s) and the rank-r kernels'
+    (:func:`alignlab.kernels.lora_decode.add_runner`), three launches --; ``first``, ``run(x)`` for this very ``x``,
+    computed on the way (binding the launchers runs them once; the layout's first call also compiles), so that the
+    call that builds a runner makes each product once. None where one of the launchers cannot be kept (the caller
+    then takes :func:`lora_linear`).
 
-    ``x (..., in)``: CUDA, in the compute dtype, at decode rows (:func:`takes_decode_kernels`); ``bias`` None or in
-    that dtype. Valid for inputs of the layout ``runner_key(x, bias)`` names (shape, strides, dtype, alignment,
-    device, stream) while ``a`` and ``b`` are these tensors at these addresses and ``scale`` this value: the caller
-    keys its cache by those (``LoRALinear``).
+    ``x (..., in)``: CUDA, in the compute dtype, at decode rows (:func:`takes_decode_kernels`); a dense ``t`` and
+    ``bias`` (None or) in that dtype. Valid for inputs of the layout ``runner_key(x, bias)`` names (shape, strides,
+    dtype, alignment, device, stream) while ``t``, ``bias``, ``a`` and ``b`` are these tensors (the factors at these
+    addresses) and ``scale`` this value: the caller keys its cache by those (``LoRALinear``). A dense ``t`` is read
+    as it is at each call (an in-place write or a new ``.data`` of its shape shows); the runner gives it no gradient.
     """
     if not _qlinear.DECODE_LAUNCHERS or torch.cuda.is_current_stream_capturing():
         return None
     x2 = _rows(x)
     if x2.data_ptr() != x.data_ptr():  # rows not at one stride: _rows copied
         return None
+    if isinstance(t, torch.Tensor):
+        return _dense_decode_runner(x, x2, t, bias, a, b, scale)
     if _rank_epilogue(x2, t, b):
         first = _decode_product(x, t, bias, a, b, scale)  # compiles both kernels for this layout
         down = lora_down_runner(x2, a, scale)
@@ -754,6 +758,30 @@ def decode_runner(x: torch.Tensor, t: NF4Tensor, bias: torch.Tensor | None, a: t
         return y, lora(y, xx)
 
     return run, (y, xa)
+
+
+def _dense_decode_runner(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                         a: torch.Tensor, b: torch.Tensor, scale: float):
+    """:func:`decode_runner` over a dense base weight ``w (out, in)``: ``F.linear`` (one dispatcher call, the GEMM
+    :func:`_base_forward` makes: ``addmm`` with a bias, ``mm`` without) and the rank-r kernels' kept launchers.
+    None for a layout where ``F.linear`` would add a bias apart from the GEMM (an input of more than two dimensions
+    that it does not fold onto one matrix: more than three, or three not contiguous): the same bits or none."""
+    if bias is not None and x.dim() > 2 and not (x.dim() == 3 and x.is_contiguous()):
+        return None
+    y = _base_forward(x2, w, bias)
+    bound = lora_decode_runner(y, x2, a, b, scale)
+    if bound is None:
+        return None
+    lora, xa = bound
+    linear, n = torch.nn.functional.linear, y.shape[1]
+
+    def run(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = linear(xx, w, bias)
+        if y.shape[-1] != n:  # a .data of another shape swapped into the weight: the up kernel writes n columns
+            raise ValueError(f"the base weight now has {y.shape[-1]} outputs, its adapter {n}")
+        return y, lora(y, xx)
+
+    return run, (y.view(*x.shape[:-1], y.shape[-1]), xa)
 
 
 class _LoRADecodeFn(torch.autograd.Function):

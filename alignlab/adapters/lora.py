@@ -45,7 +45,6 @@ from alignlab.adapters.fused import (_autocast_dtype, _rows, dora_linear, dora_n
 from alignlab.kernels.nf4_matmul import runner_key
 from alignlab.quant import linear as _qlinear
 from alignlab.quant.linear import NF4Linear
-from alignlab.quant.nf4 import NF4Tensor
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -408,7 +407,8 @@ class LoRALinear(AdapterLayer):
         base, a, b = mods["base_layer"], _factor(mods["lora_A"], name), _factor(mods["lora_B"], name)
         if not (x.get_device() == a.get_device() if x.is_cuda and a.is_cuda else x.device == a.device):
             raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
-        weight = base.weight if type(base) is nn.Linear else base.quant_weight
+        dense = type(base) is nn.Linear
+        weight = base.weight if dense else base.quant_weight
         scale = self.scaling[name]
         magnitudes = mods["lora_magnitude_vector"]
         dora = name in getattr(magnitudes, "_keys", magnitudes)  # (ParameterDict.__contains__ is a Python call)
@@ -427,15 +427,17 @@ class LoRALinear(AdapterLayer):
             if run is None:  # a layout kept as taking no runner: what _decode_run's None gives below
                 return lora_linear(x, weight, bias, a, b, scale, dtype)
             if run:
-                if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+                if not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                                     or dense and weight.requires_grad)):
+                    return run(x)[0]
+                if not (dense and weight.requires_grad):  # (a dense base weight that trains: the GEMMs below)
                     return fused.decode_apply(x, weight, a, b, scale, run)
-                return run(x)[0]
         if not dora and not self.cache_casts and fused.takes_decode_kernels(x, a, dtype):
             # decode sizes (generation; small-batch calls with a gradient too): the decode kernels read the factors
             # as they are, so no cast is made for them; over an NF4 base through launchers kept per input layout
             # (DECODE_RUNNERS). A call whose gradient they cannot give (an input in another dtype, a base weight or
             # bias that trains) takes the cast below and the GEMMs
-            dense_w = weight if type(base) is nn.Linear else None
+            dense_w = weight if dense else None
             grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or (
                 dense_w is not None and dense_w.requires_grad) or (bias is not None and bias.requires_grad))
             if not grad or fused.decode_grad_applies(x, dense_w, bias, dtype):
@@ -453,14 +455,13 @@ class LoRALinear(AdapterLayer):
     def _decode_run(self, x: torch.Tensor, name: str, base: nn.Module, weight, a: torch.Tensor, b: torch.Tensor,
                     scale: float, dtype: torch.dtype):
         """The kept :func:`~alignlab.adapters.fused.decode_runner` of adapter ``name`` for ``x``'s layout over an
-        NF4 base (made at the layout's first call), or None where none applies (a dense base, an input in another
-        dtype, a bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says
-        (input layout, the factors as objects, addresses and dtypes, the packed weight, the bias, the scale); a device
-        move or cast of the layer drops them (``_apply``). The call that builds a runner gets one that returns the
-        product made while binding the launchers (this very ``x``'s), so that call makes each product once."""
+        NF4 or dense base (made at the layout's first call), or None where none applies (an input in another dtype, a
+        bias in another dtype or one that trains): up to 16 layouts per adapter, keyed as the runner says (input
+        layout, the factors as objects, addresses and dtypes, the packed or dense weight, the bias, the scale); a
+        device move or cast of the layer drops them (``_apply``). The call that builds a runner gets one that returns
+        the product made while binding the launchers (this very ``x``'s), so that call makes each product once."""
         bias = base.bias
-        if (not fused.DECODE_RUNNERS or not _qlinear.DECODE_LAUNCHERS or not isinstance(weight, NF4Tensor)
-                or x.dtype is not dtype
+        if (not fused.DECODE_RUNNERS or not _qlinear.DECODE_LAUNCHERS or x.dtype is not dtype
                 or (bias is not None and (bias.dtype is not dtype or bias.requires_grad))):
             return None
         key = (name, runner_key(x, bias))

@@ -287,13 +287,15 @@ def test_qlora_generation_step_takes_the_kernels_and_matches_the_gemm_path(monke
         assert torch.equal(g, got[0])  # deterministic (the split kernel adds its partials in a fixed order)
 
 
-def _qlora_cuda(seed=0, bias=False, dtype=torch.bfloat16):
+def _qlora_cuda(seed=0, bias=False, dtype=torch.bfloat16, dense=False):
+    """A LoRA layer on an NF4 base in ``dtype`` (its compute dtype: x's, so the fused path), or on a frozen dense
+    ``nn.Linear`` in ``dtype`` with ``dense``."""
     from alignlab.adapters import LoRALinear
     from alignlab.quant import NF4Linear
 
     torch.manual_seed(seed)
-    dense = nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype)
-    layer = LoRALinear(NF4Linear.from_linear(dense, compute_dtype=dtype), r=16, alpha=32)  # x's dtype: the fused path
+    linear = nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype).requires_grad_(False)
+    layer = LoRALinear(linear if dense else NF4Linear.from_linear(linear, compute_dtype=dtype), r=16, alpha=32)
     nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     return layer
 
@@ -304,25 +306,32 @@ def _unkept(layer, x):
     from alignlab.adapters import fused
 
     base = layer.base_layer
+    weight = base.weight if type(base) is nn.Linear else base.quant_weight
     with torch.no_grad():
-        return fused._decode_product(x, base.quant_weight, base.bias, layer.lora_A["default"].weight,
+        return fused._decode_product(x, weight, base.bias, layer.lora_A["default"].weight,
                                      layer.lora_B["default"].weight, layer.scaling["default"])[0]
+
+
+# the bases whose decode calls go through kept launchers: NF4 with and without the rank-term epilogue, dense
+_KEPT_BASES = pytest.mark.parametrize("dense,epilogue", [(False, False), (False, True), (True, False)],
+                                      ids=["nf4_up_kernel", "nf4_rank_epilogue", "dense"])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(1, 512), (4, 1, 512), (16, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
-def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, epilogue, monkeypatch):
-    """A QLoRA layer at decode rows keeps its three launchers per input layout (NF4Linear's decode launchers off:
-    none kept): the same output bits with and without grad and without the launchers, the same gradients."""
+@_KEPT_BASES
+def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bias, dtype, dense, epilogue,
+                                                                       monkeypatch):
+    """A (Q)LoRA layer at decode rows keeps its launchers per input layout (the kept launchers off: none kept): the
+    same output bits with and without grad and without the launchers, the same gradients."""
     from alignlab.adapters import fused
     from alignlab.quant import linear
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
     monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
-    layer = _qlora_cuda(bias=bias, dtype=dtype)
+    layer = _qlora_cuda(bias=bias, dtype=dtype, dense=dense)
     x = torch.randn(shape, device="cuda", dtype=dtype)
 
     def calls():
@@ -357,8 +366,8 @@ def test_qlora_decode_launchers_kept_per_layout_with_and_without_grad(shape, bia
 @pytest.mark.cuda
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
-def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, epilogue, monkeypatch):
+@_KEPT_BASES
+def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, dense, epilogue, monkeypatch):
     """The call that binds a layout's launchers (its first, or any after they were dropped: a new packed weight as
     FSDP2's re-allocated storage gives) launches the same kernels as a call through kept ones, not the base product
     two or three times over, and returns the same bits."""
@@ -368,7 +377,7 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, e
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
     monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
-    layer = _qlora_cuda(2, dtype=dtype)
+    layer = _qlora_cuda(2, dtype=dtype, dense=dense)
     x = torch.randn(3, 512, device="cuda", dtype=dtype, requires_grad=grad)
 
     def kernels():
@@ -385,7 +394,8 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, e
     kept = kernels()
     layer._decode_runs.clear()  # rebinds over the kept base launcher
     rebound = kernels()
-    layer.base_layer.quant_weight.__dict__.pop("_runners", None)  # rebinds the base launcher too
+    if not dense:
+        layer.base_layer.quant_weight.__dict__.pop("_runners", None)  # rebinds the base launcher too
     fresh = kernels()
     assert kept[1], "no kernel seen"
     for y, names in (first, rebound, fresh):
@@ -394,11 +404,12 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, e
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("epilogue", [False, True], ids=["up_kernel", "rank_epilogue"])
-def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(epilogue, monkeypatch):
+@_KEPT_BASES
+def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copies(dense, epilogue, monkeypatch):
     """The kept launchers read the factors through their addresses: an in-place update shows; a factor at a new
     address, a new scale, another stream each get a launcher of their own; a deepcopy computes with its own tensors
-    and pickles (the launchers stay behind); deleting the adapter drops them."""
+    and pickles (the launchers stay behind); deleting the adapter drops them. A dense base weight is read as it is
+    (an in-place write, a new ``.data`` of its shape); one of another shape is a ValueError, not a stray write."""
     import copy
     import pickle
 
@@ -406,7 +417,7 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
 
     monkeypatch.setattr(fused, "DECODE_RUNNERS", True)
     monkeypatch.setattr(fused, "RANK_EPILOGUE", epilogue)
-    layer = _qlora_cuda(1, bias=True)
+    layer = _qlora_cuda(1, bias=True, dense=dense)
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
@@ -436,19 +447,30 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
         assert not torch.equal(twin(x), layer(x))
         again = pickle.loads(pickle.dumps(layer))
         torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+        if dense:
+            w = layer.base_layer.weight
+            w.mul_(-1)
+            torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+            w.data = w.data.clone() * 2
+            torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+            w.data = w.data[:200].clone()
+            with pytest.raises(ValueError, match="200 outputs"):
+                layer(x)
     layer.delete_adapter("default")
     assert not layer._decode_runs
 
 
 @pytest.mark.cuda
-def test_a_kept_runner_is_looked_up_first_and_passed_by_what_its_key_does_not_fix(monkeypatch):
+@pytest.mark.parametrize("dense", [False, True], ids=["nf4", "dense"])
+def test_a_kept_runner_is_looked_up_first_and_passed_by_what_its_key_does_not_fix(dense, monkeypatch):
     """A call whose layout has a kept runner goes straight to it (with and without grad); what can change without
     changing the runner's key sends calls past it: the decode kernels or the kept runners switched off, the base's
-    compute dtype changed under an input of the old one, a bias that starts to train (which then gets its gradient)."""
+    compute dtype changed under an input of the old one, a bias or a dense base weight that starts to train (which
+    then gets its gradient)."""
     from alignlab.adapters import fused
     from alignlab.quant import linear
 
-    layer = _qlora_cuda(4, bias=True)
+    layer = _qlora_cuda(4, bias=True, dense=dense)
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         want = layer(x)
@@ -468,10 +490,22 @@ def test_a_kept_runner_is_looked_up_first_and_passed_by_what_its_key_does_not_fi
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), want, rtol=2e-2, atol=2e-2)
     base = layer.base_layer
-    with monkeypatch.context() as m:
-        m.setattr(base, "compute_dtype", torch.float16)
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x).float(), want.float(), rtol=2e-2, atol=2e-2)
+    if not dense:
+        with monkeypatch.context() as m:
+            m.setattr(base, "compute_dtype", torch.float16)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x).float(), want.float(), rtol=2e-2, atol=2e-2)
+    else:
+        base.weight.requires_grad_(True)
+        with torch.no_grad():  # no gradient needed: the runner still serves the call
+            with pytest.raises(AssertionError, match="kept runner called"):
+                layer(x)
+        y = layer(x.detach().requires_grad_(True))
+        y.float().sum().backward()
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(base.weight.grad.float(), x.float().sum(0).expand(384, -1).contiguous(),
+                                   rtol=2e-2, atol=2e-2)
+        base.weight.requires_grad_(False)
     base.bias.requires_grad_(True)
     y = layer(x.detach().requires_grad_(True))
     y.float().sum().backward()
