@@ -32,6 +32,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from alignlab._checks import (ArgumentTypeError, as_bool, check_finite_number, check_number_in_range,
                               check_positive_int, check_positive_number, is_int)
@@ -114,6 +115,15 @@ def check_dropout(dropout: float) -> float:
     kind raises :class:`~alignlab.ArgumentTypeError`, which is both). Here, not in ``config``, which imports this
     module: the layers and the configs share it."""
     return check_number_in_range(dropout, "dropout", 0, 1, high_open=True)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, or global module hooks): what ``nn.Module.__call__``
+    checks before its fast path."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_forward_hooks or _module_hooks._global_backward_pre_hooks
+                or _module_hooks._global_backward_hooks)
 
 
 def _factor(factors: nn.ModuleDict, name: str) -> torch.Tensor:
@@ -375,7 +385,8 @@ class LoRALinear(AdapterLayer):
         """The compute dtype of the fused path for this call, or None where it does not apply.
 
         It applies to one active adapter without active dropout on a plain ``nn.Linear`` whose weight
-        has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``); with
+        has ``x``'s dtype, or on an ``NF4Linear`` (compute dtype = its ``compute_dtype``), either without
+        module hooks (its own or global ones: pruning's weight pre-hook, forward / backward hooks); with
         ``exact_fp32`` only where that compute dtype is at least fp32. Under ``torch.autocast`` an
         ``nn.Linear`` (and an ``NF4Linear``'s product) computes in the autocast dtype, not its weight's
         (compute) dtype: where that differs, the plain path runs, so that the layer follows autocast as the
@@ -385,6 +396,8 @@ class LoRALinear(AdapterLayer):
         if self.training and not isinstance(mods["lora_dropout"][name], nn.Identity):
             return None
         base = mods["base_layer"]
+        if _has_hooks(base):  # the fused path reads the base's weight without calling it: its hooks would not run
+            return None
         if type(base) is nn.Linear:
             dtype = base.weight.dtype
             if x.dtype != dtype:
