@@ -713,17 +713,23 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
 def is_weights(
     old: torch.Tensor, sampling: torch.Tensor, m: torch.Tensor, mode: str, is_min: float | None, is_max: float | None
 ) -> torch.Tensor:
-    """Detached importance weights ``pi_old / pi_sampler`` per token ``(batch, seq)`` or per sequence ``(batch, 1)``."""
+    """Detached importance weights ``pi_old / pi_sampler`` per token ``(batch, seq)`` or per sequence ``(batch, 1)``.
+
+    Equal log-probs give 1 (``-inf`` against ``-inf`` included); a NaN log-prob at an unmasked token gives weight 0
+    in every mode (its token, or in the sequence modes its sequence, leaves the loss: the ratio is unknown), not 1."""
     zero = torch.zeros((), dtype=old.dtype, device=old.device)
-    diff = torch.nan_to_num(torch.where(m, old - sampling.detach().to(old.dtype), zero), nan=0.0)
+    sampling = sampling.detach().to(old.dtype)
+    diff = torch.where(m & (old != sampling), old - sampling, zero)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=1, keepdim=True)
     w = torch.exp(diff)
     lo = -float("inf") if is_min is None else is_min
     hi = float("inf") if is_max is None else is_max
     if mode.endswith("truncate"):
-        return w.clamp(min=lo, max=hi)
-    return w.masked_fill((w < lo) | (w > hi), 0.0)
+        w = w.clamp(min=lo, max=hi)
+    else:
+        w = w.masked_fill((w < lo) | (w > hi), 0.0)
+    return torch.nan_to_num(w, nan=0.0, posinf=float("inf"))
 
 
 def clipped_surrogate(

@@ -4,6 +4,8 @@ definition. TRL builds these weights and their statistics inside ``GRPOTrainer._
 number per sequence, and min/mean/max run over those numbers. alignlab's mean used to be a token mean of the
 broadcast weight, i.e. each sequence's weight counted once per completion token."""
 
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,38 @@ def test_fused_grpo_reports_the_same_sequence_mode_metrics():
     want = _trl_is_stats(old, samp, mask, "sequence_mask", 2.0)
     for name, w in zip(NAMES, want):
         torch.testing.assert_close(metrics[f"sampling/importance_sampling_ratio/{name}"], w, msg=name)
+
+
+
+@pytest.mark.parametrize("mode", ["sequence_truncate", "sequence_mask", "token_truncate", "token_mask"])
+def test_a_nan_sampler_logprob_drops_its_token_or_sequence(mode):
+    """A NaN sampler log-prob at an unmasked token gives its token (sequence modes: its sequence) weight 0 -- the
+    ratio is unknown -- where TRL's ``nan_to_num`` of the log-ratio gave weight 1, as if sampler and policy agreed
+    (``fused_linear_grpo`` takes the same weights). The loss is the formula over the other tokens."""
+    lp, old, samp, adv, mask = _inputs([5, 4], seed=3)
+    samp = samp.clone()
+    samp[0, 1] = float("nan")
+    samp[1, 4] = float("nan")  # masked: no effect
+    cap = 2.0
+    diff = torch.where(mask, old - samp, torch.zeros((), dtype=D))
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=1, keepdim=True)
+    w = torch.exp(diff)
+    w = w.clamp(max=cap) if mode.endswith("truncate") else w.masked_fill(w > cap, 0.0)
+    w = torch.nan_to_num(w, nan=0.0)  # the NaN token's (or sequence's) weight, and only it, is 0
+    assert (w[0] == 0).all() if mode.startswith("sequence") else (w[0, 1] == 0 and w[1].isfinite().all())
+    got = grpo_loss(lp, adv, mask, old_logprobs=old, sampling_logprobs=samp, is_mode=mode, is_max=cap,
+                    loss_type="bnpo")
+    ratio = torch.exp(lp - old)
+    per = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) * w
+    want = (per * mask).sum() / mask.sum()
+    torch.testing.assert_close(got[0], want)
+
+
+def test_equal_infinite_logprobs_give_weight_one():
+    from alignlab.losses.reward import is_weights
+
+    old = torch.tensor([[-float("inf"), -1.0, -2.0]], dtype=D)
+    samp = torch.tensor([[-float("inf"), -1.5, -float("inf")]], dtype=D)
+    w = is_weights(old, samp, torch.ones_like(old, dtype=torch.bool), "token_truncate", None, None)
+    torch.testing.assert_close(w, torch.tensor([[1.0, math.exp(0.5), float("inf")]], dtype=D))
