@@ -516,9 +516,9 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
     Raises:
         TypeError: ``names`` is neither a string nor a sequence of strings (None included).
-        ValueError: ``names`` is empty; an unknown adapter name; adapters whose trainable token rows overlap on a
-            layer, or that each train a copy of one module (``modules_to_save``); every layer keeps the adapters it
-            had active.
+        ValueError: ``names`` is empty or names an adapter twice; an unknown adapter name; adapters whose
+            trainable token rows overlap on a layer, or that each train a copy of one module (``modules_to_save``);
+            every layer keeps the adapters it had active.
     """
     model = _user_model(model)
     if names is None:  # None means "the active adapters" to merge(), which means nothing here
@@ -732,6 +732,9 @@ def _adapter_name_list(adapter_names, arg: str = "adapter_names", if_empty: str 
         raise TypeError(f"{arg} must be an adapter name or an iterable of names, got {adapter_names!r}")
     if not names and if_empty is not None:
         raise ValueError(f"{arg} is empty; {if_empty}")
+    if if_empty is not None and len(set(names)) != len(names):  # (the callers that run or fold each name once)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{arg} names {twice} more than once; each adapter runs (or is merged) once")
     return names
 
 

@@ -64,3 +64,19 @@ def test_delete_adapter_names_a_list(names):
     with pytest.raises(TypeError, match="name must be one adapter name"):
         delete_adapter(model, names)
     assert sorted(model[0].adapter_names()) == ["a", "b"]
+
+
+def test_a_name_given_twice_is_refused_where_it_would_run_or_merge_twice():
+    """``set_adapter(model, ["a", "a"])`` summed adapter a twice (base + 2ΔW) and ``merge`` folded it twice; both
+    refuse now, leaving the model as it was. ``add_weighted_adapter`` still takes a name twice (weights add)."""
+    model = _model()
+    x = torch.randn(3, 4)
+    out = model(x)
+    with pytest.raises(ValueError, match=r"names names \['a'\] more than once"):
+        set_adapter(model, ["a", "b", "a"])
+    for call in (lambda: merge(model, ["b", "b"]), lambda: merge_and_unload(model, ["a", "a"])):
+        with pytest.raises(ValueError, match=r"adapter_names names \['.'\] more than once"):
+            call()
+    assert active_adapters(model) == ["a"] and not model[0].merged
+    torch.testing.assert_close(model(x), out)
+    add_weighted_adapter(model, ["a", "a"], [0.5, 0.5], "twice", combination="linear")
