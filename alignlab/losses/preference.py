@@ -83,6 +83,8 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 _LOGIT_LOSS_TYPES = frozenset({"sigmoid", "robust", "hinge", "exo_pair", "discopop", "sigmoid_norm"})
 # loss types that sort over the batch: they couple every pair of the batch, so no per-micro-batch form is exact.
 _BATCH_SORTED = frozenset({"aot", "aot_pair", "aot_unpaired"})
+# the dpo_loss types whose value depends on label_smoothing
+_SMOOTHED = frozenset({"sigmoid", "sigmoid_norm", "robust", "exo_pair"}) | _BATCH_SORTED
 # loss types that divide the log-ratios by the completion length when lengths are given.
 _LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})
 
@@ -510,7 +512,7 @@ def dpo_loss(
         length_alpha: :math:`\alpha` of R-DPO (0 disables it).
         discopop_tau: :math:`\tau` of DiscoPOP.
         reduction: ``"mean"`` (over pairs), ``"sum"`` or ``"none"`` (per-pair losses, ``(batch,)``; for ``aot``
-            they are indexed by sorted rank, not by pair).
+            they are indexed by sorted rank, not by pair, so ``"none"`` does not mix the aot types with others).
         num_items: pairs in the whole optimiser step (every gradient-accumulation micro-batch and rank); the
             mean becomes this batch's sum over ``num_items``, so the micro-batch losses sum to the big-batch
             loss exactly.  ``aot``/``aot_pair`` sort over the batch and need ``aot_step_logps`` as well.
@@ -529,9 +531,10 @@ def dpo_loss(
     Raises:
         ValueError: mismatched batch sizes or devices, non-float or non-1-D inputs, ``beta <= 0``, an unknown
             ``loss_type`` or one that is neither a name nor a list/tuple of names, None included (the message
-            lists the valid ones), ``label_smoothing`` outside the loss type's range, missing
+            lists the valid ones), ``label_smoothing`` outside the loss type's range or > 0 for types it does not change, missing
             reference log-probs or lengths, ``num_items`` with an ``aot`` type or a reduction other than mean,
-            negative or NaN lengths, a NaN or infinite ``loss_weights`` entry or ``length_alpha``.
+            negative or NaN lengths, a NaN or infinite ``loss_weights`` entry or ``length_alpha``, ``reduction='none'``
+            mixing an aot type with another.
         TypeError: ``num_items`` neither a number nor a tensor; ``reference_free`` not a bool;
             ``loss_weights`` not a sequence or its entries, ``length_alpha``, ``beta``, ``discopop_tau`` or
             ``label_smoothing`` not real numbers, ``aot_step_offset`` not an int, lengths that are no token counts
@@ -556,6 +559,10 @@ def dpo_loss(
         raise ValueError(f"aot_step_logps applies to the aot loss types {sorted(_BATCH_SORTED)}, not {loss_types}")
     if aot_step_logps is not None and reduction == "none":
         raise ValueError("aot_step_logps needs reduction='mean' or 'sum' (per-pair terms of a step-wide sort)")
+    if reduction == "none" and sorted_types and len(sorted_types) != len(loss_types):
+        raise ValueError(f"reduction='none' cannot combine {sorted(sorted_types)} (terms indexed by sorted rank) with "
+                         f"{[t for t in loss_types if t not in sorted_types]} (terms indexed by pair): their per-pair "
+                         "sum would add terms of different pairs; use 'mean' / 'sum', or one call per kind")
     if num_items is not None and sorted_types and aot_step_logps is None:
         raise ValueError(
             "num_items alone cannot make the aot loss types exact: they sort the log-ratios over the batch, and "
@@ -565,6 +572,9 @@ def dpo_loss(
     label_smoothing = _check_label_smoothing(label_smoothing, upper)
     if "exo_pair" in loss_types and label_smoothing <= 0.0:
         raise ValueError("loss_type='exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+    if label_smoothing and not _SMOOTHED.intersection(loss_types):
+        raise ValueError(f"label_smoothing={label_smoothing!r} has no effect on loss_type {loss_types} (it applies to "
+                         f"{sorted(_SMOOTHED)}); leave it at 0")
 
     if reference_free:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
@@ -1089,13 +1099,17 @@ def cpo_loss(
 
     Raises:
         ValueError: bad shapes/dtypes, ``beta <= 0``, unknown ``loss_type``, ``cpo_alpha != 0`` without
-            ``chosen_nll_loss``, a NaN or infinite ``cpo_alpha``/``simpo_gamma``/``alpha``.
+            ``chosen_nll_loss``, a NaN or infinite ``cpo_alpha``/``simpo_gamma``/``alpha``, ``label_smoothing`` > 0 with
+            ``hinge`` / ``ipo``.
         TypeError: ``cpo_alpha``/``simpo_gamma``/``alpha`` not a real number.
     """
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {list(CPO_LOSS_TYPES)}")
     beta = _check_positive("beta", beta)
     label_smoothing = _check_label_smoothing(label_smoothing)
+    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+        raise ValueError(f"label_smoothing={label_smoothing!r} has no effect on loss_type {loss_type!r} (it applies to "
+                         "'sigmoid' and 'simpo'); leave it at 0")
     cpo_alpha = check_finite_number(cpo_alpha, "cpo_alpha")
     simpo_gamma = check_finite_number(simpo_gamma, "simpo_gamma")
     alpha = check_finite_number(alpha, "alpha")

@@ -30,6 +30,8 @@ from alignlab.losses.preference import (
 )
 
 B, L = 5, 9  # pairs, sequence length of the stand-in batch
+# the dpo_loss types whose formula has the label-flip rate (the others refuse label_smoothing > 0)
+_SMOOTHED = {"sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_pair", "aot_unpaired"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_ipo_without_lengths_is_the_paper_formula():
 def test_dpo_gradcheck_float64(loss_type):
     pc, pr, rc, rr = _pairs(5, n=4, requires_grad=True)
     pc, pr, rc, rr = [x / 10 for x in (pc, pr, rc, rr)]  # keep sigmoids away from saturation
-    ls = {"robust": 0.1, "exo_pair": 1e-2}.get(loss_type, 0.05)
+    ls = {"robust": 0.1, "exo_pair": 1e-2}.get(loss_type, 0.05 if loss_type in _SMOOTHED else 0.0)
     lengths = dict(chosen_lengths=torch.tensor([2, 3, 1, 4]), rejected_lengths=torch.tensor([3, 3, 2, 1]))
     extra = dict(length_alpha=0.01) if loss_type in ("sigmoid", "robust", "hinge", "exo_pair", "discopop") else {}
     if loss_type in ("ipo", "sigmoid_norm") or extra:
@@ -821,3 +823,30 @@ def test_kto_and_simpo_reduction_none_gradients_match_hand_formulas():
         dl_du = -(1 - eps) * torch.sigmoid(-u) + eps * torch.sigmoid(u)
     torch.testing.assert_close(gc, up * dl_du * beta / lc, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gr, -up * dl_du * beta / lr, rtol=1e-12, atol=1e-14)
+
+
+def test_label_smoothing_on_a_type_it_does_not_change_is_refused():
+    """``label_smoothing`` changes the logistic types only; on the others it was accepted and ignored (TRL ignores it
+    too). A list with one type it changes takes it."""
+    pc, pr, rc, rr = _pairs(1, n=3)
+    for loss_type in sorted(set(DPO_LOSS_TYPES) - _SMOOTHED):
+        with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect"):
+            dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=0.1)
+        dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=0.0)
+    plain = dpo_loss(pc, pr, rc, rr, loss_type=("sigmoid", "hinge"))[0]
+    assert dpo_loss(pc, pr, rc, rr, loss_type=("sigmoid", "hinge"), label_smoothing=0.1)[0] != plain
+    for loss_type in ("hinge", "ipo"):
+        with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect"):
+            cpo_loss(pc, pr, loss_type=loss_type, label_smoothing=0.1)
+
+
+def test_reduction_none_does_not_mix_aot_with_pair_indexed_types():
+    pc, pr, rc, rr = _pairs(2, n=4)
+    with pytest.raises(ValueError, match="reduction='none' cannot combine"):
+        dpo_loss(pc, pr, rc, rr, loss_type=("sigmoid", "aot"), reduction="none")
+    per = dpo_loss(pc, pr, rc, rr, loss_type=("aot", "aot_pair"), reduction="none")[0]  # both by sorted rank
+    assert per.shape == (4,)
+    mixed = dpo_loss(pc, pr, rc, rr, loss_type=("sigmoid", "aot"), reduction="sum")[0]
+    want = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", reduction="sum")[0] + dpo_loss(
+        pc, pr, rc, rr, loss_type="aot", reduction="sum")[0]
+    torch.testing.assert_close(mixed, want)
