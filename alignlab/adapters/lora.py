@@ -117,6 +117,15 @@ def check_dropout(dropout: float) -> float:
     return check_number_in_range(dropout, "dropout", 0, 1, high_open=True)
 
 
+def _device_error(x: torch.Tensor, name: str, device: torch.device) -> ValueError:
+    """The error for an input on another device than adapter ``name``'s factors."""
+    if device.type == "meta":  # e.g. accelerate's cpu_offload: the base weight was on meta when inject built these
+        return ValueError(f"adapter {name!r} has its weights on the meta device (its base layer's weight was on meta "
+                          "when the adapter was made: an offloaded or not yet loaded model); add adapters to a model "
+                          "whose weights are loaded, or give the adapter real tensors (to_empty + reinit)")
+    return ValueError(f"input is on {x.device} but adapter {name!r} is on {device}; move the model or the input")
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks (its own, or global module hooks): what ``nn.Module.__call__``
     checks before its fast path."""
@@ -362,7 +371,7 @@ class LoRALinear(AdapterLayer):
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:
-                raise ValueError(f"input is on {x.device} but adapter {name!r} is on {device}; move the model or the input")
+                raise _device_error(x, name, device)
         out = self.base_layer(x)
         for name in names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -419,7 +428,7 @@ class LoRALinear(AdapterLayer):
         mods = self._modules  # as in forward
         base, a, b = mods["base_layer"], _factor(mods["lora_A"], name), _factor(mods["lora_B"], name)
         if not (x.get_device() == a.get_device() if x.is_cuda and a.is_cuda else x.device == a.device):
-            raise ValueError(f"input is on {x.device} but adapter {name!r} is on {a.device}; move the model or the input")
+            raise _device_error(x, name, a.device)
         dense = type(base) is nn.Linear
         weight = base.weight if dense else base.quant_weight
         scale = self.scaling[name]

@@ -500,6 +500,9 @@ def fused_linear_grpo(
     if isinstance(advantages, torch.Tensor) and advantages.dim() == 1 and advantages.shape[0] == n_seq:
         adv = advantages.detach().to(dev)
     elif packed:
+        if isinstance(advantages, torch.Tensor) and advantages.shape != completion_ids.shape:
+            raise ValueError(f"advantages must have shape ({n_seq},) (one per packed sequence) or completion_ids' "
+                             f"shape {tuple(completion_ids.shape)} (one per token), got {tuple(advantages.shape)}")
         adv = side("advantages", advantages).view(n_seq, length)
     else:
         adv = advantages.detach() if isinstance(advantages, torch.Tensor) else advantages

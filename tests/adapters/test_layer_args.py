@@ -84,3 +84,16 @@ def test_good_arguments_still_build():
     assert VeRALinear(_lin(), _proj(), r=4, dropout=0.0, d_initial=-0.1).r["default"] == 4
     assert not PrefixEncoder(3, 2, 8, None, init_std=0.0)().any()
     assert FusionLayer(12, ("a", "b"), temperature=2).temperature == 2.0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fused", "plain"])
+def test_adapter_on_the_meta_device_says_so(dropout):
+    """A LoRA layer made over a meta base (an offloaded or not yet loaded model) has meta factors; a call names that,
+    not a device move of the input."""
+    from alignlab.adapters import LoRALinear
+
+    with torch.device("meta"):
+        layer = LoRALinear(torch.nn.Linear(4, 3), r=2, dropout=dropout)
+    layer.base_layer.to_empty(device="cpu")
+    with pytest.raises(ValueError, match="adapter 'default' has its weights on the meta device"):
+        layer(torch.randn(2, 4))

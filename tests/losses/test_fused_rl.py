@@ -517,3 +517,17 @@ def test_packed_grpo_batch_of_no_sequence_matches_the_padded_one():
     assert metrics["entropy"].item() == 0.0
     gh, gw = torch.autograd.grad(packed, (h, weight))
     assert gh.shape == (0, 3) and (gw == 0).all()
+
+
+def test_packed_advantages_of_the_wrong_length_name_both_accepted_shapes():
+    """Packed: advantages are one per sequence ``(n_seq,)`` or one per token; a vector of another length was
+    refused with a message naming only the per-token shape."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(9, 3, generator=g), torch.randn(5, 3, generator=g)
+    ids = torch.randint(0, 5, (9,), generator=g)
+    cu = torch.tensor([0, 2, 6, 9])
+    with pytest.raises(ValueError, match=r"advantages must have shape \(3,\) \(one per packed sequence\) or "
+                                         r"completion_ids' shape \(9,\)"):
+        fused_linear_grpo(h, w, ids, torch.zeros(2), cu_seqlens=cu)
+    fused_linear_grpo(h, w, ids, torch.zeros(3), cu_seqlens=cu)
+    fused_linear_grpo(h, w, ids, torch.zeros(9), cu_seqlens=cu)
