@@ -206,9 +206,15 @@ def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` where ``name`` is, and under every other name of the module there (one module registered under
+    two names, ``self.b = self.a``: both names see the adapter, as a call through either would; ``quantize_model``
+    does the same)."""
+    old = model.get_submodule(name)
+    paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] if name else []
+    for path in paths or [name]:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def _check_not_wrapped(model: nn.Module, action: str = "inject") -> None:
@@ -364,7 +370,7 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
         module = model.get_submodule(name)
         base = weight_holder(module.base_layer if isinstance(module, AdapterLayer) else module)
         weight = getattr(base, "weight", None)
-        others = _held_outside(owners, weight, name) if isinstance(weight, nn.Parameter) else []
+        others = _held_outside(owners, weight, model, name) if isinstance(weight, nn.Parameter) else []
         if others and warn_only:
             warnings.warn(f"init={config.init!r} in the file: the residual W - s·BA of {name!r} is written into the "
                           f"weight it shares with {others}, which changes too, as PEFT did when it made the file",
@@ -818,7 +824,7 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         weight = getattr(holder, "weight", None)
         if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
             continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
-        others = _held_outside(owners, weight, name)
+        others = _held_outside(owners, weight, model, name)
         if others:
             _refuse_untie_where_forward_reads_the_flag(model, name, others)
             untie.append((name, holder, weight, others))
@@ -832,15 +838,22 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
 
 
-def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, name: str) -> list[str]:
-    """The names ``weight`` has outside module ``name`` (:func:`~alignlab._ties.parameter_owners`' map ``owners``)."""
-    return [o for o in owners.get(id(weight), []) if not o.startswith(name + ".")]
+def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, model: nn.Module, name: str) -> list[str]:
+    """The names ``weight`` has outside module ``name`` and the other names of that module (one module under two
+    names is not a tie: :func:`_set_submodule` changes it under both) (:func:`~alignlab._ties.parameter_owners`' map
+    ``owners``)."""
+    held = owners.get(id(weight), [])
+    if len(held) < 2:
+        return []
+    module = model.get_submodule(name)
+    paths = tuple(n + "." for n, m in model.named_modules(remove_duplicate=False) if m is module and n) or (name + ".",)
+    return [o for o in held if not o.startswith(paths)]
 
 
 def _tied_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Names of the parameters outside ``name`` that are parameters of ``module`` (tied to it)."""
     owners = parameter_owners(model)
-    return sorted({o for p in module.parameters() for o in _held_outside(owners, p, name)})
+    return sorted({o for p in module.parameters() for o in _held_outside(owners, p, model, name)})
 
 
 def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, others: list[str]) -> None:

@@ -1,0 +1,75 @@
+"""One module registered under two names (``self.b = self.a``): the adapter wraps it under both, so a call through
+either name runs it, and unloading / deleting puts the original back under both. Before, ``inject`` wrapped the
+first name only: calls through the second skipped the adapter, and the two names no longer shared a module."""
+
+import warnings
+
+import torch
+from torch import nn
+
+from alignlab.adapters import (LoRAConfig, delete_adapter, inject, load_adapter, merge_and_unload, save_adapter)
+from alignlab.adapters.lora import LoRALinear
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a  # the same module under a second name
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return _Shared()
+
+
+def _adapted(seed=0):
+    model = _model(seed)
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["a", "c"]))
+    with torch.no_grad():
+        model.a.lora_B["default"].weight.normal_()
+    return model
+
+
+def _formula(model, x):
+    layer = model.a
+    w = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    lin = lambda t: t @ w.T + layer.base_layer.bias  # noqa: E731
+    return model.c(lin(torch.relu(lin(x))))
+
+
+def test_both_names_hold_the_adapter_and_both_calls_run_it():
+    model = _adapted()
+    assert isinstance(model.a, LoRALinear) and model.b is model.a
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), _formula(model, x))
+
+
+def test_merge_and_unload_and_delete_put_one_module_back_under_both_names():
+    model = _adapted()
+    x = torch.randn(4, 6)
+    want = model(x).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one module under two names is no tie to break: no untie warning
+        merged = merge_and_unload(model)
+    assert type(merged.a) is nn.Linear and merged.b is merged.a
+    torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+    model = _adapted()
+    original = model.a.base_layer
+    delete_adapter(model, "default")
+    assert model.a is original and model.b is original
+
+
+def test_save_and_load_keep_one_set_of_tensors(tmp_path):
+    model = _adapted()
+    x = torch.randn(4, 6)
+    want = model(x).detach()
+    save_adapter(model, tmp_path / "ad")
+    fresh = _model()
+    load_adapter(fresh, tmp_path / "ad")
+    assert fresh.b is fresh.a and isinstance(fresh.a, LoRALinear)
+    torch.testing.assert_close(fresh(x), want)
