@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, is_int
+from alignlab._checks import ArgumentTypeError, as_bool, is_int, is_real
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _check_ignore_index,
@@ -569,6 +569,7 @@ def fused_linear_cpo(
     label_smoothing: float = 0.0,
     cpo_alpha: float = 1.0,
     simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
     average_log_prob: bool | None = None,
     chunk_size: int | None = None,
     ignore_index: int = -100,
@@ -578,7 +579,9 @@ def fused_linear_cpo(
     num_nll_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""CPO (:func:`~alignlab.losses.preference.cpo_loss`) from hidden states, NLL of the chosen completions
-    included.  ``average_log_prob`` defaults to True for ``ipo``/``simpo`` (TRL's choice), else False.
+    included.  ``average_log_prob`` defaults to True for ``ipo``/``simpo`` (TRL's choice) and for AlphaPO
+    (``alpha`` :math:`\ne 0`: the reward shape of :func:`~alignlab.losses.preference.cpo_loss`, defined on
+    length-normalized log-probs), else False.
 
     Gradient accumulation (exact, micro-batches and ranks): ``num_items`` = pairs of the whole optimiser step
     divides this batch's sum of the pair term, ``num_nll_tokens`` = scored chosen tokens of the step divides
@@ -593,7 +596,7 @@ def fused_linear_cpo(
     check_num_items("num_nll_tokens", num_nll_tokens)
     counts = _scored_counts(labels, ignore_index, policy_hidden)
     if average_log_prob is None:
-        average_log_prob = loss_type in ("ipo", "simpo")
+        average_log_prob = loss_type in ("ipo", "simpo") or (is_real(alpha) and alpha != 0)
     average_log_prob = as_bool(average_log_prob, "average_log_prob")
 
     def loss_fn(tok):
@@ -601,7 +604,7 @@ def fused_linear_cpo(
         nll = _chosen_nll(tok, counts, num_nll_tokens) if cpo_alpha else None
         return cpo_loss(
             pc, pr, nll, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-            cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, num_items=num_items,
+            cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha, num_items=num_items,
         )
 
     return fused_linear_preference(

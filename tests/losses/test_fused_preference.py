@@ -201,6 +201,13 @@ def test_fused_orpo_simpo_cpo_match_unfused(schedule):
     torch.testing.assert_close(got, want)
     _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
 
+    # AlphaPO's reward shape: on length-normalized log-probs by default
+    got, _ = fused_linear_cpo(hidden, weight, labels, bias=bias, beta=0.2, cpo_alpha=0.5, alpha=0.3, chunk_size=4,
+                              **sched)
+    want, _ = cpo_loss(avg[:B], avg[B:], nll, beta=0.2, cpo_alpha=0.5, alpha=0.3)
+    torch.testing.assert_close(got, want)
+    _close(_grads(got, hidden, weight, bias), _grads(want, hidden, weight, bias), 1e-10)
+
 
 @pytest.mark.parametrize("schedule", ["lazy", "eager-recompute"])
 def test_fused_kto_matches_unfused(schedule):
