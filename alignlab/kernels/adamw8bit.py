@@ -6,7 +6,7 @@ optimizers). It reads the parameter, the gradient and the two moment codes once,
     m = map_s[c_m] * a_m,   v = map_u[c_v] * a_v                 (dequantize, one absmax per block)
     m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
     p <- p (1 - lr wd) - (lr / c1) m / (sqrt(v) / c2 + eps)     (c1 = 1 - b1^t, c2 = sqrt(1 - b2^t))
-    a_m <- max |m|,  a_v <- max v,  c_m, c_v <- nearest level of m / a_m, v / a_v
+    a_m <- max |m|,  a_v <- max v (over finite values),  c_m, c_v <- nearest level of m / a_m, v / a_v
 
 and writes the parameter, the new codes and the two new absmax values (Dettmers et al., *8-bit
 Optimizers via Block-wise Quantization*, arXiv 2110.02861). The nearest level is found by an 8-step
@@ -44,6 +44,14 @@ if triton is not None:
         return idx
 
     @triton.jit
+    def _finite_absmax(x):
+        # max |x| over finite values; inf where there is none above 0 but an inf (NaN counts as neither)
+        ax = tl.abs(x)
+        finite = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=0)
+        inf = tl.max(tl.where(ax == float("inf"), float("inf"), 0.0), axis=0)
+        return tl.where(finite > 0.0, finite, inf)
+
+    @triton.jit
     def _adamw8bit_kernel(
         p_ptr, g_ptr, mq_ptr, vq_ptr, ma_ptr, va_ptr,
         smap_ptr, umap_ptr, smid_ptr, umid_ptr, scal_ptr,
@@ -66,22 +74,28 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         cm = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
         cv = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
-        m = tl.load(smap_ptr + cm) * tl.load(ma_ptr + pid)
-        v = tl.load(umap_ptr + cv) * tl.load(va_ptr + pid)
+        # the zero level decodes to 0 in a block of absmax inf too (0 * inf would be NaN)
+        lm = tl.load(smap_ptr + cm)
+        lv = tl.load(umap_ptr + cv)
+        m = tl.where(lm == 0.0, 0.0, lm * tl.load(ma_ptr + pid))
+        v = tl.where(lv == 0.0, 0.0, lv * tl.load(va_ptr + pid))
         m = beta1 * m + one_m_beta1 * g
         v = beta2 * v + one_m_beta2 * (g * g)
         p = p * decay - step_size * (m / (tl.sqrt(v) / c2 + eps))
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
-        m = tl.where(mask, m, 0.0)
+        m = tl.where(mask & (v < float("inf")), m, 0.0)  # an overflowed (or NaN) v restarts its moments
         v = tl.where(mask, v, 0.0)
-        am = tl.max(tl.abs(m), axis=0)
-        av = tl.max(v, axis=0)
+        # absmax: the largest finite |value| (a NaN or inf spoils its own value only, stored at the top level, -inf
+        # at the bottom); a block whose finite values are all 0 and that holds an inf keeps absmax inf (every v of
+        # it overflowed: it stays inf and the step 0, as in fp32 AdamW). As _quantize_moment in the reference.
+        am = _finite_absmax(m)
+        av = _finite_absmax(v)
         rm = m * (1.0 / tl.maximum(am, 1e-38))
         rv = v * (1.0 / tl.maximum(av, 1e-38))
-        # A NaN ratio (inf / inf: g^2 overflowed to v = inf) takes the top level, as torch.bucketize puts NaN last
-        # in the reference: v stays inf and the update 0, as in fp32 AdamW. Clamped first, NaN became -1 on the
-        # GPU (max ignores NaN) or stayed NaN (interpreter), code 0 both ways: v = 0 * inf = NaN parameters.
+        # A NaN ratio (NaN / a, or inf / inf) takes the top level, as torch.bucketize puts NaN last in the
+        # reference; +-inf / a clamps to the top / bottom level. Clamped first, NaN became -1 on the GPU (max
+        # ignores NaN) or stayed NaN (interpreter).
         xm = tl.where(rm != rm, 1.0, tl.minimum(tl.maximum(rm, -1.0), 1.0))
         xv = tl.where(rv != rv, 1.0, tl.minimum(tl.maximum(rv, -1.0), 1.0))
         qm = tl.where(am == 0.0, 0, _nearest_level(xm, smid_ptr))

@@ -86,8 +86,39 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``level · absmax`` per value; the zero level decodes to 0 in a block of absmax ``inf`` too (not NaN)."""
     n = codes.numel()
-    return code[codes.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]
+    level = code[codes.reshape(-1).long()]
+    return torch.where(level == 0, 0.0, level * absmax.repeat_interleave(blocksize)[:n])
+
+
+def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit codes and absmax of a float32 moment ``x`` (``(n,)``) that may hold NaN or ``inf`` (a NaN
+    or overflowing gradient): a non-finite value spoils its own value only, as in fp32 AdamW.
+
+    A block's absmax is the largest finite ``|x|``; its NaN and ``+inf`` values take the top level and ``-inf`` the
+    bottom one (they decode to ``±absmax``). Taking them into the absmax (``inf``) put every other value of the
+    block at level 0, decoded as ``0 · inf = NaN``: 255 NaN parameters at the next step. A block whose finite values
+    are all 0 and that holds an ``inf`` (every ``v`` of a block overflowed) keeps absmax ``inf``, its zeros at the
+    zero level (decoded as 0, :func:`_dequantize`) and the rest at the top level: ``v`` stays ``inf`` and the step
+    0, as in fp32 AdamW. The kernel (:mod:`alignlab.kernels.adamw8bit`) stores the same codes.
+
+    The step's caller sets ``m`` to 0 where ``v`` is not finite before storing both: the value's moments restart
+    (``m`` from 0, ``v`` from its block's largest finite ``v``), where a stored ``m`` of ~1e19 over that ``v`` sent
+    its parameter to ~1e17 at the next step. fp32 AdamW keeps ``v = inf`` there and never moves the parameter
+    again."""
+    n = x.numel()
+    bad = ~x.isfinite()
+    q, a = _quantize_blockwise_8bit(torch.where(bad, 0.0, x), blocksize, code)
+    spread = a.repeat_interleave(blocksize)[:n]
+    q = torch.where(bad & (spread != 0), torch.where(x == -math.inf, 0, 255).to(q.dtype), q)
+    pad = (-n) % blocksize
+    has_inf = torch.nn.functional.pad(x.isinf(), (0, pad)).view(-1, blocksize).any(dim=1)
+    inf_block = (a == 0) & has_inf
+    zero_level = (code < 0).sum().to(q.dtype)  # the index of the map's 0 level (sorted; no host sync)
+    inside = inf_block.repeat_interleave(blocksize)[:n]
+    q = torch.where(inside, torch.where(bad, 255, zero_level).to(q.dtype), q)
+    return q, torch.where(inf_block, math.inf, a)
 
 
 def dequantize_moments(
@@ -123,13 +154,9 @@ def adamw8bit_reference_(
     v = b2 * v + omb2 * (g32 * g32)
     p32 = p.reshape(-1).float() * decay - step_size * (m / (v.sqrt() / c2 + eps))
     p.copy_(p32.view_as(p))
+    m = torch.where(v.isfinite(), m, 0.0)  # an overflowed (or NaN) v restarts its value's moments: _quantize_moment
     for row, (x, code) in enumerate(((m, s), (v, u))):
-        # A NaN moment (from a NaN gradient) spoils its own value only, as in fp32 AdamW and in the kernel, whose
-        # max skips NaN: it takes no part in its block's absmax and is stored at the top level (a NaN ratio goes
-        # last). torch's amax propagated it: the whole block's absmax, so 256 parameters, became NaN.
-        nan = x.isnan()
-        q, a = _quantize_blockwise_8bit(torch.where(nan, 0.0, x), blocksize, code)
-        q = torch.where(nan & (a.repeat_interleave(blocksize)[: x.numel()] != 0), 255, q)
+        q, a = _quantize_moment(x, blocksize, code)
         codes[row].copy_(q)
         absmax[row].copy_(a)
 
@@ -325,7 +352,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     s, u, _, _ = _maps(fresh["codes"].device)
                     for row, (key, code) in enumerate((("exp_avg", s), ("exp_avg_sq", u))):
                         x = _local(src[key]).to(device=fresh["codes"].device, dtype=torch.float32).reshape(-1)
-                        q, a = _quantize_blockwise_8bit(x, self.blocksize, code)
+                        q, a = _quantize_moment(x, self.blocksize, code)
                         fresh["codes"][row].copy_(q)
                         fresh["absmax"][row].copy_(a)
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]
