@@ -768,6 +768,8 @@ def _dense_decode_runner(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, bia
     that it does not fold onto one matrix: more than three, or three not contiguous): the same bits or none."""
     if bias is not None and x.dim() > 2 and not (x.dim() == 3 and x.is_contiguous()):
         return None
+    if w.shape != (b.shape[0], a.shape[1]):  # (a .data of another shape: lora_linear names the mismatch)
+        return None
     y = _base_forward(x2, w, bias)
     bound = lora_decode_runner(y, x2, a, b, scale)
     if bound is None:

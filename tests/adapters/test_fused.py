@@ -616,9 +616,13 @@ def test_qlora_decode_rows_take_the_launcher_kept_on_the_packed_weight(dora, row
     kept on the packed weight (``decode_matmul``, as NF4Linear's decode path): outputs and gradients are the bits of
     the launchers-off run, with and without grad, and one is kept only for those row counts (QDoRA: up to
     ``SMALL_M`` rows; above, its row scale goes into a dequantization instead)."""
+    from alignlab.adapters import fused
     from alignlab.kernels.nf4_matmul import DECODE_ROWS, SMALL_M
     from alignlab.quant import linear
 
+    # the base product through the packed weight's launcher: the rank-term epilogue (on by default) makes LoRA's
+    # product by the small-M kernel itself up to 16 rows (tests/kernels/test_lora_decode.py covers it)
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", False)
     torch.manual_seed(rows)
     base = NF4Linear.from_linear(nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16))
     layer = LoRALinear(base, r=16, alpha=32, use_dora=dora)

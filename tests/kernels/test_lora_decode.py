@@ -453,9 +453,14 @@ def test_qlora_decode_launchers_follow_the_factors_the_scale_the_stream_and_copi
             torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
             w.data = w.data.clone() * 2
             torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)
+            layer.base_layer.bias = None
+            torch.testing.assert_close(layer(x), _unkept(layer, x), rtol=0, atol=0)  # kept for the no-bias key
             w.data = w.data[:200].clone()
-            with pytest.raises(ValueError, match="200 outputs"):
-                layer(x)
+            with pytest.raises(ValueError, match="the base weight now has 200 outputs, its adapter 384"):
+                layer(x)  # the kept runner checks before its up kernel writes 384 columns
+            layer._decode_runs.clear()
+            with pytest.raises(ValueError, match=r"b must be \(out, r\) = \(200, 16\)"):
+                layer(x)  # none is built over the mismatch: lora_linear names it
     layer.delete_adapter("default")
     assert not layer._decode_runs
 
