@@ -153,9 +153,10 @@ def packed_attention_mask(
         length = pos.shape[1]
     else:
         rows = [list(r) for r in seq_lens]
-        if not rows or any(any(not is_int(n) or n < 1 for n in r) for r in rows):
+        if not rows or any(not r or any(not is_int(n) or n < 1 for n in r) for r in rows):
             kind = ArgumentTypeError if any(not is_int(n) for r in rows for n in r) else ValueError
-            raise kind("seq_lens must be a non-empty list of lists of positive int lengths")
+            raise kind("seq_lens must be a non-empty list of non-empty lists of positive int lengths, got "
+                       f"{seq_lens!r}"[:200])
         need = max(sum(r) for r in rows)
         length = need if length is None else length
         if length < need:

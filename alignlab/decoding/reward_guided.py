@@ -69,18 +69,27 @@ def reward_guided_logits(
         candidates, ``-inf`` elsewhere.
 
     Raises:
-        ValueError: shapes do not line up, a NaN reward with ``nan="raise"``,
-            an unknown ``nan``, or a NaN or infinite ``weight``.
-        TypeError: a ``weight`` that is no real number (a str, None, a bool).
+        ValueError: shapes do not line up, a candidate id outside the vocabulary, a NaN reward with
+            ``nan="raise"``, an unknown ``nan``, or a NaN or infinite ``weight``.
+        TypeError: a ``weight`` that is no real number (a str, None, a bool); ``candidate_ids`` not an integer
+            tensor.
     """
     if nan not in ("lose", "raise"):
         raise ValueError(f"nan: expected 'lose' or 'raise', got {nan!r}")
     _check_weight(weight, "a finite number")
+    if not isinstance(candidate_ids, torch.Tensor) or candidate_ids.dtype not in (torch.int64, torch.int32,
+                                                                                 torch.int16, torch.uint8):
+        got = candidate_ids.dtype if isinstance(candidate_ids, torch.Tensor) else type(candidate_ids).__name__
+        raise TypeError(f"candidate_ids must be an integer tensor of token ids, got {got}")
     if logits.dim() != 2 or candidate_ids.shape != candidate_rewards.shape or candidate_ids.shape[0] != logits.shape[0]:
         raise ValueError(
             "logits/candidate_ids/candidate_rewards: expected (batch, vocab), (batch, k), (batch, k); got "
             f"{tuple(logits.shape)}, {tuple(candidate_ids.shape)}, {tuple(candidate_rewards.shape)}"
         )
+    candidate_ids = candidate_ids.long()
+    if candidate_ids.numel() and bool(((candidate_ids < 0) | (candidate_ids >= logits.shape[1])).any()):
+        raise ValueError(f"candidate_ids must be token ids in [0, {logits.shape[1]}) (the vocabulary of logits), "
+                         f"got values in [{int(candidate_ids.min())}, {int(candidate_ids.max())}]")
     logits = logits.float()
     picked = logits.gather(1, candidate_ids)
     if weight != 0:

@@ -333,3 +333,10 @@ def test_collate_packed_refuses_rows_that_disagree_with_their_seq_lens():
             collate_packed([row, bad], 0, mask_dtype=torch.bool)
     with pytest.raises(ValueError, match=r"rows\[0\] must be a packed row.*collate_padded"):
         collate_packed([{"input_ids": [5, 6], "labels": [5, 6]}], 0, mask_dtype=torch.bool)
+
+
+@pytest.mark.parametrize("bad", [[[]], [[3], []], []])
+def test_packed_attention_mask_refuses_a_row_without_samples(bad):
+    """A row with no sample lengths raised NotImplementedError from repeat_interleave on a float tensor."""
+    with pytest.raises(ValueError, match="non-empty list of non-empty lists"):
+        packed_attention_mask(bad)

@@ -243,3 +243,19 @@ def test_counts_of_the_wrong_kind_are_type_errors_naming_them(bad):
         with pytest.raises(ValueError, match="batch_size"):
             reward_model_fn(lambda input_ids, attention_mask: input_ids.sum(1).float(), batch_size=number)
 
+
+
+def test_candidate_ids_outside_the_vocabulary_or_not_integers_are_refused():
+    """An id past the vocabulary raised gather's RuntimeError (index out of bounds); float ids gather's dtype error."""
+    logits = torch.randn(2, 64)
+    rewards = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"candidate_ids must be token ids in \[0, 64\).*\[1, 100\]"):
+        reward_guided_logits(logits, torch.tensor([[100, 1, 2], [3, 4, 5]]), rewards, weight=1.0)
+    with pytest.raises(ValueError, match="candidate_ids must be token ids"):
+        reward_guided_logits(logits, torch.tensor([[-1, 1, 2], [3, 4, 5]]), rewards, weight=1.0)
+    with pytest.raises(TypeError, match="candidate_ids must be an integer tensor"):
+        reward_guided_logits(logits, torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]), rewards, weight=1.0)
+    with pytest.raises(TypeError, match="candidate_ids must be an integer tensor"):
+        reward_guided_logits(logits, [[1, 2, 3], [3, 4, 5]], rewards, weight=1.0)
+    out = reward_guided_logits(logits, torch.tensor([[63, 0, 2], [3, 4, 5]], dtype=torch.int32), rewards, weight=1.0)
+    assert torch.isfinite(out[0, 63]) and out[0, 1] == -float("inf")
