@@ -225,8 +225,10 @@ class NF4Linear(nn.Module):
     def weight(self) -> DequantizedWeight:
         """The dense weight ``(out_features, in_features)`` for model code that reads ``layer.weight``, as a
         :class:`DequantizedWeight`: shape, dtype and device for free, values dequantized on use, writes refused.
-        The dtype is the quantized weight's own, or the last floating cast of the module (``.half()``,
-        ``.to(torch.bfloat16)``: the dtype a dense weight would have now; the packed codes are untouched).
+        The dtype is the quantized weight's own, or the last floating cast of the module to fp32 / fp16 / bf16
+        (``.half()``, ``.to(torch.bfloat16)``: the dtype a dense weight would have now; the packed codes are
+        untouched). A ``.double()`` leaves it as it was: NF4 dequantizes to fp32 at most (the layer itself still
+        takes fp64 inputs).
         (bitsandbytes exposes its packed codes here instead.)"""
         return DequantizedWeight(self.quant_weight, self.__dict__.get("_view_dtype"))
 
