@@ -234,6 +234,8 @@ class NF4Tensor:
         nested = sd.get("nested_absmax")
         if nested is not None and "nested_offset" not in sd:
             raise ValueError("NF4 state dict has nested_absmax but no nested_offset")
+        if nested is not None and sd["nested_offset"].numel() != 1:
+            raise ValueError(f"nested_offset must hold one number, got shape {tuple(sd['nested_offset'].shape)}")
         t = cls(
             data=sd["data"],
             absmax=sd["absmax"],
@@ -290,7 +292,10 @@ def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     """The JSON metadata dict in ``blob`` (uint8 bytes) with its ``shape`` and ``blocksize``; ``ValueError`` naming
     ``where`` for a blob that is not such a dict (missing keys, a shape that is not a list of integers, a
     ``nested_blocksize`` that is not an integer or a ``nested_offset`` that is not a number)."""
-    meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    try:
+        meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # (both ValueErrors, but naming neither key nor file)
+        raise ValueError(f"{where} must hold UTF-8 JSON metadata: {e}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("shape", "blocksize") if k not in meta]

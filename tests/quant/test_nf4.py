@@ -175,6 +175,21 @@ def test_inconsistent_state_dict_raises():
         NF4Tensor.from_state_dict({"data": t.data})
 
 
+def test_state_dict_with_a_bad_nested_offset_or_meta_names_it():
+    """A two-element nested_offset raised reshape's RuntimeError; undecodable meta bytes a bare JSON / Unicode
+    error that named no key."""
+    t = nf4_quantize(torch.randn(8, 64), blocksize=64)  # double-quantized
+    sd = t.state_dict()
+    sd["nested_offset"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"nested_offset must hold one number, got shape \(2,\)"):
+        NF4Tensor.from_state_dict(sd)
+    for blob in (torch.tensor([255, 254], dtype=torch.uint8), torch.tensor(list(b"{not json"), dtype=torch.uint8)):
+        sd = t.state_dict()
+        sd["meta"] = blob
+        with pytest.raises(ValueError, match="meta must hold UTF-8 JSON metadata"):
+            NF4Tensor.from_state_dict(sd)
+
+
 @pytest.mark.parametrize("bs", [0, 16, 48, 8192, 100])
 def test_bad_blocksize(bs):
     with pytest.raises(ValueError, match="blocksize"):
