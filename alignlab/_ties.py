@@ -1,5 +1,5 @@
-"""Shared parameters (tied tables) of a model, and whether untying one changes its outputs (no alignlab imports:
-quant and adapters share it).
+"""Shared parameters (tied tables) and shared modules of a model, and whether untying one changes its outputs (no
+alignlab imports: quant and adapters share it).
 
 Untying a shared embedding / head table (a merge into it, an NF4 copy of a tied head) sets
 ``config.tie_word_embeddings`` to False, so that transformers' ``tie_weights()`` does not put the shared table back.
@@ -21,6 +21,19 @@ def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     return owners
+
+
+def module_paths(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every dotted name under which ``module`` sits in ``model`` (one module registered under two names,
+    ``self.b = self.a``, has two); empty for ``model`` itself."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
+def put_module(model: nn.Module, names: list[str], module: nn.Module) -> None:
+    """Set ``module`` under each dotted name in ``names``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def untie_changes_outputs(model: nn.Module) -> bool:

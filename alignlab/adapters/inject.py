@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number, check_positive_int
-from alignlab._ties import parameter_owners, untie_changes_outputs
+from alignlab._ties import module_paths, parameter_owners, put_module, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
@@ -209,12 +209,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where ``name`` is, and under every other name of the module there (one module registered under
     two names, ``self.b = self.a``: both names see the adapter, as a call through either would; ``quantize_model``
     does the same)."""
-    old = model.get_submodule(name)
-    paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] if name else []
-    for path in paths or [name]:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+    put_module(model, module_paths(model, model.get_submodule(name)) or [name], new)
 
 
 def _check_not_wrapped(model: nn.Module, action: str = "inject") -> None:
@@ -845,8 +840,7 @@ def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, model: nn.
     held = owners.get(id(weight), [])
     if len(held) < 2:
         return []
-    module = model.get_submodule(name)
-    paths = tuple(n + "." for n, m in model.named_modules(remove_duplicate=False) if m is module and n) or (name + ".",)
+    paths = tuple(n + "." for n in module_paths(model, model.get_submodule(name))) or (name + ".",)
     return [o for o in held if not o.startswith(paths)]
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool, env_switch
-from alignlab._ties import parameter_owners, untie_changes_outputs
+from alignlab._ties import parameter_owners, put_module, untie_changes_outputs
 from alignlab.kernels.dispatch import functorch_active
 from alignlab.kernels.nf4_configs import DECODE_ROWS, note_device
 from alignlab.quant.nf4 import (
@@ -471,13 +471,6 @@ def _keep_encoder_layers_off_fast_path(model: nn.Module) -> None:
             m.register_forward_pre_hook(_no_fast_path)
 
 
-def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
-    """Set ``module`` under each dotted name in ``names``."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def quantize_model(
     model: nn.Module,
     skip: Iterable[str] = (),
@@ -584,13 +577,13 @@ def quantize_model(
                                       compute_dtype=compute_dtype, calibrate=calibrate)
         except ValueError as e:  # e.g. a NaN in one weight of many: say which (and keep an ArgumentTypeError one)
             raise type(e)(f"{name}: {e}") from e
-        _put(model, aliases[id(module)], q)
+        put_module(model, aliases[id(module)], q)
     for name, module in experts:
         try:
             q = NF4Experts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
                                         compute_dtype=compute_dtype)
         except ValueError as e:
             raise type(e)(f"{name}: {e}") from e
-        _put(model, aliases[id(module)], q)
+        put_module(model, aliases[id(module)], q)
     _keep_encoder_layers_off_fast_path(model)
     return model
