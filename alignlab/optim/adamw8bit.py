@@ -48,7 +48,7 @@ import torch
 from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import use_triton
-from alignlab.quant.nf4 import _quantize_blockwise_8bit, dynamic_map
+from alignlab.quant.nf4 import _blocks, _quantize_blockwise_8bit, dynamic_map
 
 __all__ = ["AdamW8bit", "adamw8bit_reference_", "dequantize_moments", "state_bytes"]
 
@@ -112,9 +112,7 @@ def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tup
     q, a = _quantize_blockwise_8bit(torch.where(bad, 0.0, x), blocksize, code)
     spread = a.repeat_interleave(blocksize)[:n]
     q = torch.where(bad & (spread != 0), torch.where(x == -math.inf, 0, 255).to(q.dtype), q)
-    pad = (-n) % blocksize
-    has_inf = torch.nn.functional.pad(x.isinf(), (0, pad)).view(-1, blocksize).any(dim=1)
-    inf_block = (a == 0) & has_inf
+    inf_block = (a == 0) & _blocks(x.isinf(), blocksize).any(dim=1)
     zero_level = (code < 0).sum().to(q.dtype)  # the index of the map's 0 level (sorted; no host sync)
     inside = inf_block.repeat_interleave(blocksize)[:n]
     q = torch.where(inside, torch.where(bad, 255, zero_level).to(q.dtype), q)
