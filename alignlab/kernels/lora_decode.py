@@ -3,7 +3,8 @@
 For ``x (M, K)`` with a few rows (generation: one row per sequence), ``A (r, K)``, ``B (N, r)`` in any float dtype
 (the fp32 master weights as they are) and the base product ``y (M, N)`` in the compute dtype ``c``::
 
-    xa = c( s·x A_cᵀ )        (M, r)    K split over up to 64 programs, their fp32 partials added in a fixed order
+    xa = c( s·x A_cᵀ )        (M, r)    K split over up to 64 programs (tl.dot), their fp32 partials added in a
+                                        fixed order
     y  = c( y + xa B_cᵀ )     (M, N)    one program per block of 16-128 output columns
 
 where ``A_c``, ``B_c`` are the factors rounded to ``c`` and the sums run in fp32: the products the fused LoRA path
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from alignlab.kernels.dispatch import use_triton
+from alignlab.kernels.dispatch import interpreting, use_triton
 from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_small import _arrival_counters, _workspace
 
@@ -27,28 +28,30 @@ try:
     import triton
     import triton.language as tl
 
-    from alignlab.kernels.nf4_small import split_total
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
 __all__ = ["lora_decode_add_", "lora_decode_reference", "add_runner", "down_", "down_runner", "MAX_ROWS", "MAX_RANK"]
 
-MAX_ROWS = 16  # rows of x one program of the down kernel holds (decode: one per sequence)
+MAX_ROWS = 64  # rows of x one program of the down kernel holds (decode: one per sequence)
 MAX_RANK = 64
-# the up kernel holds a (BLOCK_M, BLOCK_N, BLOCK_R) product in registers: at most this many elements (64 per thread
-# of its 4 warps), so BLOCK_N shrinks as rows and rank grow (128 columns at one row and rank 16, 16 at 16 x 64)
-_UP_ELEMENTS = 8192
+_UP_COLUMNS = 64  # output columns per program of the up kernel
 
 if triton is not None:
 
     @triton.jit
-    def _lora_down_split_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, cnt_ptr, M, K, R, stride_x, stride_a, scale, k_per_prog,
-                                n_prog, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """``xa = c(s·x A_cᵀ) (M, R)``, the sums in fp32, ``c`` = xa's dtype: program ``p`` sums its slice of K for
-        every row and rank and stores the partial; the last to arrive adds the partials in program order
-        (deterministic; ``split_total``), scales, rounds to ``c`` and writes ``xa``. Many short programs: one per
-        rank row over all of K was latency-bound (13 / 37 µs at K = 4096 / 14336 on an H200, 4-29 µs more than
-        this form on an H100; RESULTS.md)."""
+    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, cnt_ptr, M, K, R, stride_x, stride_a, scale, k_per_prog,
+                          n_prog, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+        """``xa = c(s·x A_cᵀ) (M, R)``, the sums in fp32, ``c`` = xa's dtype: program ``p`` multiplies its slice of K
+        by ``tl.dot`` (``x`` and ``c(A)`` as they are: exact products, fp32 sums; rows and ranks padded to 16) and
+        stores the partial; the last to arrive reads the partials ``CHUNK`` slices at a time as ``(CHUNK, M·R)``
+        tiles, adds them in a fixed order (deterministic), scales, rounds to ``c`` and writes ``xa``.
+
+        Why this form (RESULTS.md, issue 24): one program per rank row over all of K was latency-bound (13 / 37 µs
+        at K = 4096 / 14336 on an H200); K split over many programs with a broadcast product summed across lanes took
+        ~1000 instructions per 32 columns at 16 rows and added the partials one round trip each (4.4-23 µs on an
+        H100, up to 2x this kernel's time)."""
         pid = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
@@ -61,22 +64,36 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < k_end
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             a = tl.load(a_ptr + rr[:, None].to(tl.int64) * stride_a + rk[None, :], mask=r_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            a = a.to(xa_ptr.dtype.element_ty).to(tl.float32)  # the factor rounded to the compute dtype, as cast
-            acc += tl.sum(x[:, None, :] * a[None, :, :], axis=2)
-        offs = rm[:, None] * R + rr[None, :]
-        mask = m_ok[:, None] & r_ok[None, :]
-        last, total = split_total(acc, offs, mask, ws_ptr, cnt_ptr, 0, pid, n_prog, M * R)
-        if last:
-            tl.store(xa_ptr + offs, (total * scale).to(xa_ptr.dtype.element_ty), mask=mask)
+            a = a.to(xa_ptr.dtype.element_ty)  # the factor rounded to the compute dtype, as cast
+            if IEEE:  # the Triton interpreter (its tl.dot is wrong for 16-bit operands)
+                acc = tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(a), acc)
+        n_out = M * R
+        tl.store(ws_ptr + pid * n_out + rm[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_prog - 1:
+            ro = tl.arange(0, BLOCK_OUT)
+            o_ok = ro < n_out
+            rj = tl.arange(0, CHUNK)
+            total = tl.zeros((BLOCK_OUT,), dtype=tl.float32)
+            for j0 in range(0, n_prog, CHUNK):
+                j = j0 + rj
+                part = tl.load(ws_ptr + j[:, None] * n_out + ro[None, :], mask=(j < n_prog)[:, None] & o_ok[None, :],
+                               other=0.0, cache_modifier=".cg")
+                total += tl.sum(part, axis=0)
+            tl.store(xa_ptr + ro, (total * scale).to(xa_ptr.dtype.element_ty), mask=o_ok)
             tl.atomic_xchg(cnt_ptr, 0)
 
     @triton.jit
     def _lora_up_kernel(xa_ptr, b_ptr, y_ptr, M, N, R, stride_b, stride_y, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Program ``i``: ``y[:, cols] = c(y[:, cols] + xa c(B[cols])ᵀ)`` for its ``BLOCK_N`` columns, in fp32."""
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+        """Program ``i``: ``y[:, cols] = c(y[:, cols] + xa c(B[cols])ᵀ)`` for its ``BLOCK_N`` columns, the product by
+        ``tl.dot`` (exact products, fp32 sums; rows and ranks padded to 16)."""
         i = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
         rn = i * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,15 +101,17 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < N
         r_ok = rr < R
-        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                     other=0.0).to(tl.float32)
+        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
                     other=0.0)
-        b = b.to(y_ptr.dtype.element_ty).to(tl.float32)
+        b = b.to(y_ptr.dtype.element_ty)  # the factor rounded to the compute dtype, as cast
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_y + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        y += tl.sum(xa[:, None, :] * b[None, :, :], axis=2)
+        if IEEE:  # the Triton interpreter (its tl.dot is wrong for 16-bit operands)
+            y = tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), y, input_precision="ieee")
+        else:
+            y = tl.dot(xa, tl.trans(b), y)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -123,11 +142,11 @@ def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) 
 
 
 def _layout(x: torch.Tensor, b: torch.Tensor) -> tuple:
-    """``(M, K, N, R)`` and the launch sizes ``(block_m, block_r, block_n)`` for ``x (M, K)``, ``b (N, R)``."""
+    """``(M, K, N, R)`` and the launch sizes ``(block_m, block_r, block_n)`` of :func:`_lora_up_kernel` for
+    ``x (M, K)``, ``b (N, R)`` (``tl.dot`` takes tiles of 16 rows and ranks or more)."""
     M, K = x.shape
     N, R = b.shape
-    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
-    return M, K, N, R, block_m, block_r, min(128, max(16, _UP_ELEMENTS // (block_m * block_r)))
+    return M, K, N, R, max(next_power_of_2(M), 16), max(next_power_of_2(R), 16), _UP_COLUMNS
 
 
 def _up_args(xa, b, y):
@@ -155,21 +174,27 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
     xa = _down_split(x, a, scale)
     launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
-           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
+           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=interpreting(), num_warps=4))
     return xa
 
 
-# the down kernel (add_, down_ and their runners): K slices of at most _SPLIT_PROGRAMS programs; per program a
-# (BLOCK_M, BLOCK_R, BLOCK_K) product in registers of at most _UP_ELEMENTS elements
-_SPLIT_PROGRAMS = 64
+# The down kernel (add_, down_ and their runners): K in slices of 256 columns (128 from 64 rows or ranks) over at most
+# DOWN_PROGRAMS programs, or by default over at most 64 and at most max(8, 2048 / (rows x rank)) (both rounded up to
+# powers of two): the last program reads the partials back in chunks of at most _CHUNK_ELEMENTS fp32 values, and
+# with more than one chunk the tail costs more than the slices save (H100, benchmarks/qlora_decode.py
+# --down-programs 8 16 32 64, RESULTS.md: at 16 rows and rank 16, 8 programs took 4.7 / 7.6 us at K = 4096 / 14336
+# against 5.7 / 11.5 with 64; at 1 and 4 rows 32-64 programs were fastest)
+DOWN_PROGRAMS: int | None = None
+_CHUNK_ELEMENTS = 4096
 
 
 def _split_layout(M: int, K: int, R: int) -> tuple[int, int, int, int, int]:
-    """``(block_m, block_r, block_k, k_per_prog, n_prog)`` of :func:`_lora_down_split_kernel` for ``x (M, K)``, rank
-    ``R``."""
-    block_m, block_r = max(next_power_of_2(M), 2), max(next_power_of_2(R), 2)
-    block_k = max(16, min(256, _UP_ELEMENTS // (block_m * block_r)))
-    n_prog = max(1, min(cdiv(K, block_k), _SPLIT_PROGRAMS))
+    """``(block_m, block_r, block_k, k_per_prog, n_prog)`` of :func:`_lora_down_kernel` for ``x (M, K)``, rank ``R``
+    (``tl.dot`` takes tiles of 16 rows and ranks or more; the number of programs: :data:`DOWN_PROGRAMS`)."""
+    block_m, block_r = max(next_power_of_2(M), 16), max(next_power_of_2(R), 16)
+    block_k = 256 if max(block_m, block_r) <= 32 else 128
+    cap = DOWN_PROGRAMS or min(64, max(8, 2048 // next_power_of_2(M * R)))
+    n_prog = max(1, min(cdiv(K, block_k), cap))
     k_per_prog = cdiv(cdiv(K, n_prog), block_k) * block_k
     return block_m, block_r, block_k, k_per_prog, cdiv(K, k_per_prog) if K else 1
 
@@ -184,20 +209,24 @@ def _split_buffers(x: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: float) -> tuple:
-    """``(grid, args, meta, pooled)`` of one :func:`_lora_down_split_kernel` launch writing ``xa``, shared by
-    :func:`down_` (which launches it) and :func:`down_runner` (which binds it)."""
+    """``(grid, args, meta, pooled)`` of one :func:`_lora_down_kernel` launch writing ``xa``, shared by :func:`down_`
+    (which launches it) and :func:`down_runner` (which binds it)."""
     M, K = x.shape
     R = a.shape[0]
     block_m, block_r, block_k, k_per_prog, n_prog = _split_layout(M, K, R)
     ws, cnt, pooled = _split_buffers(x, n_prog * M * R)
     args = (x, a, xa, ws, cnt, M, K, R, x.stride(0), a.stride(0), float(scale), k_per_prog, n_prog)
-    return (n_prog,), args, dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4), pooled
+    block_out = max(16, next_power_of_2(M * R))
+    meta = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_OUT=block_out,
+                CHUNK=max(1, min(next_power_of_2(n_prog), _CHUNK_ELEMENTS // block_out)), IEEE=interpreting(),
+                num_warps=4)
+    return (n_prog,), args, meta, pooled
 
 
 def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     """``xa = c(s·x A_cᵀ)`` ``(M, r)`` alone, for a caller that adds ``xa c(B)ᵀ`` itself (the NF4 small-M kernels'
-    rank-term epilogue, ``small_m_matmul(..., rank_term=...)``), by one launch of the split down kernel (K sliced
-    over up to 64 programs, their fp32 partials added in a fixed order: :func:`_lora_down_split_kernel`). ``x``
+    rank-term epilogue, ``small_m_matmul(..., rank_term=...)``), by one launch of the down kernel (K sliced over
+    up to 64 programs, their fp32 partials added in a fixed order: :func:`_lora_down_kernel`). ``x``
     ``(M, K)`` with rows at one stride and unit column stride where :func:`applies` (the caller checks), else the
     reference's product."""
     if not applies(x, a) or x.stride(-1) != 1:
@@ -206,11 +235,11 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _down_split(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """The split down kernel's launch for :func:`down_` and :func:`add_`, on inputs it takes (unit column
+    """The down kernel's launch for :func:`down_` and :func:`add_`, on inputs it takes (unit column
     strides)."""
     xa = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
     grid, args, meta, _ = _split_launch(x, a, xa, scale)
-    launch(_lora_down_split_kernel, grid, args, meta)
+    launch(_lora_down_kernel, grid, args, meta)
     return xa
 
 
@@ -225,7 +254,7 @@ def down_runner(x: torch.Tensor, a: torch.Tensor, scale: float):
     grid, args, meta, pooled = _split_launch(x, a, torch.empty(M, R, device=x.device, dtype=x.dtype), scale)
     if pooled is None:
         return None
-    down = bind(_lora_down_split_kernel, grid, args, meta)
+    down = bind(_lora_down_kernel, grid, args, meta)
     if down is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
@@ -259,7 +288,7 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     M, K, N, R, block_m, block_r, block_n = _layout(x, b)
     down = down_runner(x, a, scale)
     up = bind(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
-              dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4))
+              dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=interpreting(), num_warps=4))
     if down is None or up is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())

@@ -28,7 +28,7 @@ def _reference_by_hand(y, x, a, b, s):
 
 
 @pytest.mark.parametrize("m, k, n, r", [(1, 64, 48, 16), (3, 300, 130, 8), (16, 257, 129, 1), (5, 40, 1, 3),
-                                        (2, 1, 7, 16), (16, 40, 50, 64)])
+                                        (2, 1, 7, 16), (16, 40, 50, 64), (37, 300, 70, 16), (64, 100, 20, 64)])
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16])
 def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dtype, triton_mode, monkeypatch):
     """Odd sizes (not multiples of the blocks), one row, one output column, K = 1, rank 1."""
@@ -40,7 +40,7 @@ def test_kernels_match_the_reference_under_the_interpreter(m, k, n, r, factor_dt
     x, a, b, y = _case(m, k, n, r, torch.float16, "cpu", factor_dtype)
     want = lora_decode_reference(y, x, a, b, 0.7)
     got = lora_decode_add_(y.clone(), x, a, b, 0.7)
-    assert seen == [lora_decode._lora_down_split_kernel, lora_decode._lora_up_kernel]
+    assert seen == [lora_decode._lora_down_kernel, lora_decode._lora_up_kernel]
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got, _reference_by_hand(y, x, a, b, 0.7), rtol=2e-3, atol=2e-3)
 
@@ -206,13 +206,19 @@ def test_qlora_layer_decode_path_with_grad_under_the_interpreter(epilogue, trito
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("m,k,r", [(1, 1000, 16), (5, 4160, 7), (16, 777, 64), (2, 40, 1), (3, 20000, 16)])
-def test_split_down_kernel_is_the_formula(m, k, r, triton_mode):
-    """``down_`` (the split down kernel: K sliced over up to 64 programs, the partials added in a fixed order): the
-    float64 formula ``c(s·x A_cᵀ)`` to rounding, over slices that end in a partial block, one program and many, the
-    largest rank; the same bits on a repeat (deterministic)."""
+@pytest.mark.parametrize("m,k,r", [(1, 1000, 16), (5, 4160, 7), (16, 777, 64), (2, 40, 1), (3, 20000, 16),
+                                   (16, 2000, 64), (33, 3000, 16)])
+@pytest.mark.parametrize("programs", [None, 3])
+def test_split_down_kernel_is_the_formula(m, k, r, programs, triton_mode, monkeypatch):
+    """``down_`` (the down kernel: K sliced over up to 64 programs, the partials added in a fixed order): the float64
+    formula ``c(s·x A_cᵀ)`` to rounding, over slices that end in a partial block, one program and many (more than one
+    chunk of partials at 16 rows and rank 64), slices of several steps (``programs=3``), the largest rank; the same
+    bits on a repeat (deterministic)."""
+    from alignlab.kernels import lora_decode
     from alignlab.kernels.lora_decode import _split_layout, down_
 
+    if programs:
+        monkeypatch.setattr(lora_decode, "DOWN_PROGRAMS", programs)
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g).half()
     a = torch.randn(r, k, generator=g) / k ** 0.5
@@ -256,8 +262,13 @@ def test_qlora_decode_product_with_the_rank_epilogue_is_the_formula(rows, r, bia
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n, r", [(1, 4096, 4096, 16), (7, 4096, 1024, 16), (16, 14336, 4096, 64),
-                                        (3, 257, 129, 5)])
-def test_kernels_match_the_reference_on_cuda(m, k, n, r, dtype):
+                                        (3, 257, 129, 5), (33, 4096, 1024, 16), (64, 14336, 4096, 64)])
+@pytest.mark.parametrize("programs", [None, 4])
+def test_kernels_match_the_reference_on_cuda(m, k, n, r, dtype, programs, monkeypatch):
+    from alignlab.kernels import lora_decode
+
+    if programs:  # slices of several 256-column steps each
+        monkeypatch.setattr(lora_decode, "DOWN_PROGRAMS", programs)
     x, a, b, y = _case(m, k, n, r, dtype, "cuda")
     got = lora_decode_add_(y.clone(), x, a, b, 2.0)
     want = lora_decode_reference(y, x, a, b, 2.0)

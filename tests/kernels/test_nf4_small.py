@@ -86,10 +86,11 @@ def _rank_want(x, wd, xa, b, bias=None):
 
 @pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
 @pytest.mark.parametrize("split", [1, 5])
-@pytest.mark.parametrize("r", [1, 7, 16])
+@pytest.mark.parametrize("r", [1, 7, 16, 33])
 def test_rank_term_in_the_epilogue(kernel, split, r, triton_mode):
     """``rank_term=(xa, b)``: ``x Wᵀ + bias + xa c(b)ᵀ`` from every kernel, split or not (added once, by the last K
-    slice of a tile), with and without a bias, an fp32 ``b`` rounded to x's dtype first; an odd N (partial tile)."""
+    slice of a tile), with and without a bias, an fp32 ``b`` rounded to x's dtype first; an odd N (partial tile), a
+    rank that pads the tiles."""
     for dtype in (torch.float32, torch.float16):
         t, x, bias, wd = _case(37, 448, 1 if kernel == "gemv" else 3, dtype, 32)
         g = torch.Generator().manual_seed(r)
