@@ -141,16 +141,14 @@ def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) 
             and a.shape[0] <= MAX_RANK and use_triton(x, a))
 
 
-def _layout(x: torch.Tensor, b: torch.Tensor) -> tuple:
-    """``(M, K, N, R)`` and the launch sizes ``(block_m, block_r, block_n)`` of :func:`_lora_up_kernel` for
-    ``x (M, K)``, ``b (N, R)`` (``tl.dot`` takes tiles of 16 rows and ranks or more)."""
-    M, K = x.shape
-    N, R = b.shape
-    return M, K, N, R, max(next_power_of_2(M), 16), max(next_power_of_2(R), 16), _UP_COLUMNS
-
-
-def _up_args(xa, b, y):
-    return xa, b, y, y.shape[0], y.shape[1], b.shape[1], b.stride(0), y.stride(0)
+def _up_launch(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple:
+    """``(grid, args, meta)`` of one :func:`_lora_up_kernel` launch adding ``xa c(b)ᵀ`` into ``y`` (``tl.dot`` takes
+    tiles of 16 rows and ranks or more), shared by :func:`add_` (which launches it) and :func:`add_runner` (which binds
+    it)."""
+    (M, N), R = y.shape, b.shape[1]
+    meta = dict(BLOCK_M=max(next_power_of_2(M), 16), BLOCK_N=_UP_COLUMNS, BLOCK_R=max(next_power_of_2(R), 16),
+                IEEE=interpreting(), num_warps=4)
+    return (cdiv(N, _UP_COLUMNS),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)), meta
 
 
 def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
@@ -171,10 +169,8 @@ def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     x = x if x.stride(-1) == 1 else x.contiguous()
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    M, K, N, R, block_m, block_r, block_n = _layout(x, b)
     xa = _down_split(x, a, scale)
-    launch(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
-           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=interpreting(), num_warps=4))
+    launch(_lora_up_kernel, *_up_launch(xa, b, y))
     return xa
 
 
@@ -285,14 +281,13 @@ def add_runner(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
             and b.stride(-1) == 1 and y.is_contiguous()):
         return None
     xa = add_(y, x, a, b, scale)
-    M, K, N, R, block_m, block_r, block_n = _layout(x, b)
     down = down_runner(x, a, scale)
-    up = bind(_lora_up_kernel, (cdiv(N, block_n),), _up_args(xa, b, y),
-              dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=interpreting(), num_warps=4))
+    grid, args, meta = _up_launch(xa, b, y)
+    up = bind(_lora_up_kernel, grid, args, meta)
     if down is None or up is None:
         return None
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
-    up_tail = (M, N, R, b.stride(0), y.stride(-2))
+    up_tail = args[3:]
     b_ptr = b.data_ptr()
 
     def run(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
