@@ -68,6 +68,8 @@ def _validate(example: TokenizedExample, index: int) -> tuple[list[int], list[in
         raise ValueError(f"example {index}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
     if not ids:
         raise ValueError(f"example {index} is empty")
+    if min(ids) < 0:  # an embedding lookup would fail later, far from the sample (or wrap, in a hand-written gather)
+        raise ValueError(f"example {index}: input_ids must be token ids >= 0, got {min(ids)}")
     return ids, labels
 
 

@@ -340,3 +340,15 @@ def test_packed_attention_mask_refuses_a_row_without_samples(bad):
     """A row with no sample lengths raised NotImplementedError from repeat_interleave on a float tensor."""
     with pytest.raises(ValueError, match="non-empty list of non-empty lists"):
         packed_attention_mask(bad)
+
+
+def test_negative_input_ids_are_refused_naming_the_sample():
+    """A negative token id (a padding sentinel left in, an off-by-one) is a ValueError naming the sample in every
+    collator, not an index error deep in the embedding (or a silent wrap in a hand-written gather)."""
+    good = {"input_ids": [3, 4, 5], "labels": [3, 4, 5]}
+    bad = {"input_ids": [3, -1, 5], "labels": [-100, -100, 5]}  # -100 labels stay the ignore index
+    assert list(pack_examples([good, {"input_ids": [1, 2], "labels": [-100, 2]}], max_length=8))
+    for call in (lambda ex: list(pack_examples(ex, max_length=8)), lambda ex: collate_padded(ex, pad_token_id=0),
+                 collate_padding_free):
+        with pytest.raises(ValueError, match="example 1: input_ids must be token ids >= 0, got -1"):
+            call([good, bad])
