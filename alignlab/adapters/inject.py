@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number, check_positive_int
-from alignlab._ties import module_paths, parameter_owners, put_module, untie_changes_outputs
+from alignlab._ties import parameter_owners, put_module, shared_modules, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
@@ -205,11 +205,14 @@ def _refuse_unadaptable_targets(model: nn.Module, config, adaptable: set[str]) -
                          "instead, or leave it out (exclude_modules)")
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def _set_submodule(model: nn.Module, name: str, new: nn.Module, shared: dict[int, list[str]] | None = None) -> None:
     """Put ``new`` where ``name`` is, and under every other name of the module there (one module registered under
     two names, ``self.b = self.a``: both names see the adapter, as a call through either would; ``quantize_model``
-    does the same)."""
-    put_module(model, module_paths(model, model.get_submodule(name)) or [name], new)
+    does the same). ``shared``: :func:`~alignlab._ties.shared_modules` of ``model``, taken before a loop of
+    replacements (else one walk of the model per call)."""
+    old = model.get_submodule(name)
+    paths = (shared_modules(model) if shared is None else shared).get(id(old), [name])
+    put_module(model, paths, new)
 
 
 def _check_not_wrapped(model: nn.Module, action: str = "inject") -> None:
@@ -330,6 +333,7 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
     order = sorted(targets, key=lambda name: name not in held)
     rewrites = bool(getattr(config, "rewrites_base_weight", False))
     done, restores = [], []
+    shared = shared_modules(model)
     try:
         for name in order:
             module = modules[name]
@@ -340,7 +344,7 @@ def _add_to_targets(model: nn.Module, config, targets: list[str], adapter_name: 
             else:
                 layer = config.new_layer(module, name, adapter_name)
                 layer.active_adapters = [adapter_name] if first else []
-                _set_submodule(model, name, layer)
+                _set_submodule(model, name, layer, shared)
             done.append(name)
     except Exception:
         for name in reversed(done):
@@ -360,12 +364,12 @@ def _refuse_rewriting_shared_weights(model: nn.Module, config, targets: list[str
     and input embedding): writing the residual ``W − s·BA`` into the shared tensor changes the other module as well, so
     the model's output moves at initialisation (logits 0.42 off on a tiny tied Llama; PEFT does the same). With
     ``warn_only`` (a PEFT file trained so) a ``RuntimeWarning`` instead: the file needs that same residual."""
-    owners = parameter_owners(model)
+    owners, shared = parameter_owners(model), shared_modules(model)
     for name in targets:
         module = model.get_submodule(name)
         base = weight_holder(module.base_layer if isinstance(module, AdapterLayer) else module)
         weight = getattr(base, "weight", None)
-        others = _held_outside(owners, weight, model, name) if isinstance(weight, nn.Parameter) else []
+        others = _held_outside(owners, weight, model, name, shared) if isinstance(weight, nn.Parameter) else []
         if others and warn_only:
             warnings.warn(f"init={config.init!r} in the file: the residual W - s·BA of {name!r} is written into the "
                           f"weight it shares with {others}, which changes too, as PEFT did when it made the file",
@@ -588,17 +592,18 @@ def _delete_adapter(model: nn.Module, name: str) -> None:
     """:func:`delete_adapter` without its checks and the residual warning (a failed ``load_adapter`` deletes the
     adapter it injected, then puts the base weights back itself)."""
     was_active = name in active_adapters(model)
+    shared = shared_modules(model)
     for lname, layer in _nested_first(list(adapter_layers(model))):
         if name in layer.adapter_names():
             layer.delete_adapter(name)
         if not layer.adapter_names():  # the last adapter went: put the plain base back
-            _set_submodule(model, lname, layer.base_layer)
+            _set_submodule(model, lname, layer.base_layer, shared)
     for mname, module in list(_saved_modules(model)):
         if name in module.modules_to_save:
             del module.modules_to_save[name]
             module.active_adapters = [n for n in module.active_adapters if n != name]
         if not module.modules_to_save:
-            _set_submodule(model, mname, module.original_module)
+            _set_submodule(model, mname, module.original_module, shared)
     follow_adapters_in_tied_keys(model)
     configs = adapter_configs(model)
     del configs[name]
@@ -766,6 +771,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
                                        for a in (adapter_names or l.active_adapters))])
+    shared = shared_modules(model)
     for name, layer in _nested_first(list(adapter_layers(model))):
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.adapter_names()]
         names = [n for n in names if n not in layer.merged_adapters]
@@ -774,12 +780,12 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
                 layer.merge(names)
             except ValueError as exc:  # name the layer, as merge() does
                 raise ValueError(f"{name}: {exc}") from None
-        _set_submodule(model, name, layer.base_layer)
+        _set_submodule(model, name, layer.base_layer, shared)
     for name, module in list(_saved_modules(model)):
         active = [n for n in module.active_adapters if n in module.modules_to_save]
         if active:
             _untie_saved_copy(model, name, module)
-        _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+        _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module, shared)
     follow_adapters_in_tied_keys(model)
     for attr in (CONFIGS_ATTR, "alignlab_active_adapters"):
         if attr in model.__dict__:
@@ -812,14 +818,14 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
     """Give a base weight that is tied to another module (an ``lm_head`` tied to the input embedding)
     its own copy before a merge writes into it, with a warning, as PEFT warns: merging into a
     shared tensor would silently change the other module too."""
-    owners = parameter_owners(model)
+    owners, shared = parameter_owners(model), shared_modules(model)
     untie = []
     for name, layer in layers:
         holder = weight_holder(layer.base_layer)  # the head's linear, under trainable token rows
         weight = getattr(holder, "weight", None)
         if not isinstance(weight, nn.Parameter) or getattr(layer, "keeps_ties", False):
             continue  # (trainable token rows are meant for both tied modules: merging writes them into both)
-        others = _held_outside(owners, weight, model, name)
+        others = _held_outside(owners, weight, model, name, shared)
         if others:
             _refuse_untie_where_forward_reads_the_flag(model, name, others)
             untie.append((name, holder, weight, others))
@@ -833,21 +839,22 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
 
 
-def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, model: nn.Module, name: str) -> list[str]:
+def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, model: nn.Module, name: str,
+                  shared: dict[int, list[str]]) -> list[str]:
     """The names ``weight`` has outside module ``name`` and the other names of that module (one module under two
     names is not a tie: :func:`_set_submodule` changes it under both) (:func:`~alignlab._ties.parameter_owners`' map
-    ``owners``)."""
+    ``owners``, :func:`~alignlab._ties.shared_modules`' map ``shared``)."""
     held = owners.get(id(weight), [])
     if len(held) < 2:
         return []
-    paths = tuple(n + "." for n in module_paths(model, model.get_submodule(name))) or (name + ".",)
+    paths = tuple(n + "." for n in shared.get(id(model.get_submodule(name)), [name]))
     return [o for o in held if not o.startswith(paths)]
 
 
 def _tied_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Names of the parameters outside ``name`` that are parameters of ``module`` (tied to it)."""
-    owners = parameter_owners(model)
-    return sorted({o for p in module.parameters() for o in _held_outside(owners, p, model, name)})
+    owners, shared = parameter_owners(model), shared_modules(model)
+    return sorted({o for p in module.parameters() for o in _held_outside(owners, p, model, name, shared)})
 
 
 def _refuse_untie_where_forward_reads_the_flag(model: nn.Module, name: str, others: list[str]) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import as_bool, env_switch
-from alignlab._ties import parameter_owners, put_module, untie_changes_outputs
+from alignlab._ties import module_names, parameter_owners, put_module, untie_changes_outputs
 from alignlab.kernels.dispatch import functorch_active
 from alignlab.kernels.nf4_configs import DECODE_ROWS, note_device
 from alignlab.quant.nf4 import (
@@ -540,9 +540,7 @@ def quantize_model(
     experts = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
     # a module reachable under several names (one layer shared by two blocks) is one module: it is quantized
     # once, only if every one of its names qualifies, and the NF4 layer is put back under all of them
-    aliases: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(name)
+    aliases = module_names(model)
     unmatched = [p for p in skip if not any(_matches(n, (p,)) for _, m in linears + experts for n in aliases[id(m)])]
     if unmatched:
         raise ValueError(f"skip: {unmatched} match no nn.Linear, Conv1D or experts module of the model "

@@ -73,3 +73,31 @@ def test_save_and_load_keep_one_set_of_tensors(tmp_path):
     load_adapter(fresh, tmp_path / "ad")
     assert fresh.b is fresh.a and isinstance(fresh.a, LoRALinear)
     torch.testing.assert_close(fresh(x), want)
+
+
+def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):
+    """Looking up a module's other names walks the whole model; doing that per target made ``inject`` and
+    ``merge_and_unload`` quadratic in the model's size (3.4 s / 2.8 s for 80 Llama-shaped layers on CPU). Both now
+    walk it as often for 12 shared-module blocks as for 2, and still wrap and unwrap each shared module under both
+    names."""
+    real = nn.Module.named_modules
+
+    def walks(blocks: int) -> tuple[int, int]:
+        model = nn.Sequential(*[_Shared() for _ in range(blocks)])
+        seen = []
+
+        def counting(self, *args, **kwargs):
+            if self is model and kwargs.get("remove_duplicate", args[2] if len(args) > 2 else True) is False:
+                seen.append(1)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(nn.Module, "named_modules", counting)
+        inject(model, LoRAConfig(r=2, target_modules=["a", "c"]))
+        injected = len(seen)
+        assert all(isinstance(m.b, LoRALinear) and m.b is m.a for m in model)
+        merge_and_unload(model)
+        assert all(type(m.b) is nn.Linear and m.b is m.a for m in model)
+        monkeypatch.setattr(nn.Module, "named_modules", real)
+        return injected, len(seen) - injected
+
+    assert walks(12) == walks(2)
