@@ -3,7 +3,8 @@
 ``alignlab.adapters.fused.RANK_EPILOGUE`` on: ``s·x Aᵀ`` by the decode down kernel, then one small-M NF4 launch that
 adds ``(s·x Aᵀ) Bᵀ`` before its one rounding (the default). Off: the NF4 product, then the down and up kernels (the up
 kernel reads and writes ``y`` once more). "kernels to 16 rows": ``lora_decode.MAX_ROWS`` at 16, where more rows took
-the rank term through torch ops (the decode kernels' bound before they took 64). The variants (``--variants``) in one
+the rank term through torch ops (the decode kernels' bound before they took 64). "overlap": ``nf4_small.RANK_OVERLAP``,
+the NF4 product launched as a programmatic dependent of the down kernel, its K loop alongside it. The variants (``--variants``) in one
 process, per shape and row count:
 
 * ``graph``: GPU time of one no-grad call, from a CUDA graph of one call per layer over layers whose packed weights
@@ -33,12 +34,13 @@ from nf4 import _graph_us  # noqa: E402
 
 from alignlab.adapters import LoRAConfig, fused, inject  # noqa: E402
 from alignlab.bench import library_versions, write_json  # noqa: E402
-from alignlab.kernels import lora_decode  # noqa: E402
+from alignlab.kernels import lora_decode, nf4_small  # noqa: E402
 from alignlab.quant import NF4Linear  # noqa: E402
 
 # the settings of each variant: fused.RANK_EPILOGUE, lora_decode.MAX_ROWS (16: more rows take the torch ops, as
-# before the decode kernels took up to 64)
-VARIANTS = {"up kernel": (False, 64), "epilogue": (True, 64), "epilogue, kernels to 16 rows": (True, 16)}
+# before the decode kernels took up to 64), nf4_small.RANK_OVERLAP
+VARIANTS = {"up kernel": (False, 64, False), "epilogue": (True, 64, False),
+            "epilogue, kernels to 16 rows": (True, 16, False), "epilogue, overlap": (True, 64, True)}
 # (in, out): Llama-3-8B's q / o, k / v, gate / up and down projections
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 
@@ -74,7 +76,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     rows_out = []
-    default = fused.RANK_EPILOGUE, lora_decode.MAX_ROWS, lora_decode.DOWN_PROGRAMS
+    default = fused.RANK_EPILOGUE, lora_decode.MAX_ROWS, nf4_small.RANK_OVERLAP, lora_decode.DOWN_PROGRAMS
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for k, n in SHAPES:
         count = max(2, -(-3 * l2 // (k * n // 2)))  # packed weights (0.5 byte each) over three times the L2
@@ -94,10 +96,10 @@ def main():
                 lora_decode.DOWN_PROGRAMS = programs or None
                 row[f"graph_us down, {f'<= {programs} programs' if programs else 'default programs'}"] = _graph_us(
                     [_no_grad(lambda a=a, s=s, x=x: lora_decode.down_(x, a, s)) for (a, s), x in zip(factors, xs)])
-            lora_decode.DOWN_PROGRAMS = default[2]
+            lora_decode.DOWN_PROGRAMS = default[3]
             outs = {}
             for tag in [*args.variants, *args.variants]:  # twice each, alternating: drift shows as a spread
-                fused.RANK_EPILOGUE, lora_decode.MAX_ROWS = VARIANTS[tag]
+                fused.RANK_EPILOGUE, lora_decode.MAX_ROWS, nf4_small.RANK_OVERLAP = VARIANTS[tag]
                 for q in layers:
                     q._decode_runs.clear()
                 outs[tag] = _no_grad(lambda: layers[0](xs[0]))()
@@ -106,7 +108,7 @@ def main():
                 row.setdefault(f"host_us QLoRA no_grad, {tag}", []).append(
                     per_call_us(_no_grad(lambda: layers[0](xs[0]))))
                 row.setdefault(f"host_us QLoRA x needs grad, {tag}", []).append(per_call_us(lambda: layers[0](xg)))
-            fused.RANK_EPILOGUE, lora_decode.MAX_ROWS = default[:2]
+            fused.RANK_EPILOGUE, lora_decode.MAX_ROWS, nf4_small.RANK_OVERLAP = default[:3]
             # one rounding against two, another order of sums: the outputs agree to bf16 rounding, not bit for bit
             first = args.variants[0]
             for tag in args.variants[1:]:

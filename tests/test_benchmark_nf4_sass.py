@@ -74,3 +74,55 @@ def test_offline_sass_of_the_rank_update():
     assert rows[0].startswith(str(RANK_UPDATE_CONFIG)) and len(rows) >= 2, out.stdout
     for row in rows:
         assert " 0 B spill" in row and ("HGMMA:" in row or "HMMA:" in row), row
+
+
+_OVERLAP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import nf4_sass
+import alignlab.kernels.nf4_configs as configs
+import alignlab.kernels.nf4_small as small
+from alignlab.kernels import launch, lora_decode
+from alignlab.kernels.nf4_dequant import _state_args
+from alignlab.quant.nf4 import nf4_quantize
+
+small.RANK_OVERLAP = True
+launch.dependent_launch = small.dependent_launch = lora_decode.dependent_launch = lambda index: True
+configs.device_key = lambda device: "H100"
+N, K, M, R = 1024, 4096, int(sys.argv[1]), 16
+t = nf4_quantize(torch.randn(N, K), blocksize=64)
+x = torch.randn(M, K, dtype=torch.bfloat16)
+which, grid, split, scalars, meta = small._plan(M, N, K, x.dtype, torch.device("cuda", 0), t, False, *(None,) * 7,
+                                                rank=R)
+assert meta["PDL"] and meta["launch_pdl"], meta
+y = torch.empty(M, N, dtype=x.dtype)
+ws, cnt = torch.empty(split, M, N), torch.zeros(grid[0], dtype=torch.int32)
+args = small._kernel_args(which, x, _state_args(t), y, ws, cnt, None, M, x.stride(0), scalars,
+                          (torch.empty(M, R, dtype=x.dtype), torch.empty(N, R)))
+with nf4_sass._offline():
+    product = small._KERNELS[which].run(*args, grid=grid, warmup=True, enable_fp_fusion=True, **meta)
+lora_decode._split_buffers = lambda x, n: (torch.empty(n), torch.zeros(1, dtype=torch.int32), None)
+dgrid, dargs, dmeta, _ = lora_decode._split_launch(x, torch.empty(R, K), torch.empty(M, R, dtype=x.dtype), 2.0)
+dmeta.update(IEEE=False, PDL=True)  # (the rule asks for a CUDA x)
+with nf4_sass._offline():
+    down = lora_decode._lora_down_kernel.run(*dargs, grid=dgrid, warmup=True, enable_fp_fusion=True, **dmeta)
+print(which, "wait" if "griddepcontrol.wait" in product.asm["ptx"] else "-",
+      "launch" if "griddepcontrol.launch_dependents" in down.asm["ptx"] else "-",
+      "pdl" if product.metadata.launch_pdl else "-")
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_rank_overlap_kernels_compile_for_sm90(rows):
+    """``RANK_OVERLAP``: the small-M NF4 product with a rank term compiles for sm_90 with ``griddepcontrol.wait``
+    before its epilogue and as a programmatic-dependent launch, and the decode down kernel with
+    ``griddepcontrol.launch_dependents`` (the GEMV at one row, a tensor-core kernel at 16)."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists():
+        pytest.skip("this Triton wheel ships no NVIDIA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _OVERLAP_SCRIPT, str(rows)], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernel, *flags = out.stdout.split()[-4:]
+    assert flags == ["wait", "launch", "pdl"] and (kernel == "gemv") == (rows == 1), out.stdout

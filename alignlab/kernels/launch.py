@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["launch", "bind", "pointers", "cdiv", "next_power_of_2", "options", "sm_count"]
+__all__ = ["launch", "bind", "pointers", "cdiv", "next_power_of_2", "options", "sm_count", "dependent_launch"]
 
 # Triton releases whose compiled-kernel launcher takes (grid x, y, z, stream, function, packed metadata,
 # launch metadata, enter hook, exit hook, *every argument incl. constexprs), with launch hooks in
@@ -77,6 +77,21 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``), for host code (see :func:`cdiv`)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def dependent_launch(index: int) -> bool:
+    """Whether kernels on CUDA device ``index`` can be launched as programmatic dependents (PDL: a kernel starts while
+    the one before it on the stream still runs, and waits for it only where it executes ``griddepcontrol.wait``):
+    an NVIDIA GPU of compute capability 9.0 or later, a Triton that takes the ``launch_pdl`` option, the compiled path
+    (not the interpreter)."""
+    if triton is None or _INTERPRET or torch.version.hip is not None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import torch
 
+from alignlab.kernels import nf4_small
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
+from alignlab.kernels.launch import bind, cdiv, dependent_launch, launch, next_power_of_2
 from alignlab.kernels.nf4_small import _arrival_counters, _workspace
 
 try:
     import triton
     import triton.language as tl
 
+    from alignlab.kernels.nf4_small import launch_dependents
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
@@ -42,7 +44,7 @@ if triton is not None:
     @triton.jit
     def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, cnt_ptr, M, K, R, stride_x, stride_a, scale, k_per_prog,
                           n_prog, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """``xa = c(s·x A_cᵀ) (M, R)``, the sums in fp32, ``c`` = xa's dtype: program ``p`` multiplies its slice of K
         by ``tl.dot`` (``x`` and ``c(A)`` as they are: exact products, fp32 sums; rows and ranks padded to 16) and
         stores the partial; the last to arrive reads the partials ``CHUNK`` slices at a time as ``(CHUNK, M·R)``
@@ -51,7 +53,12 @@ if triton is not None:
         Why this form (RESULTS.md, issue 24): one program per rank row over all of K was latency-bound (13 / 37 µs
         at K = 4096 / 14336 on an H200); K split over many programs with a broadcast product summed across lanes took
         ~1000 instructions per 32 columns at 16 rows and added the partials one round trip each (4.4-23 µs on an
-        H100, up to 2x this kernel's time)."""
+        H100, up to 2x this kernel's time).
+
+        ``PDL``: the NF4 product launched after it as a programmatic dependent (``nf4_small.RANK_OVERLAP``) may start
+        at once and run its K loop alongside; it waits for ``xa`` before its epilogue reads it."""
+        if PDL:
+            launch_dependents()
         pid = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
@@ -199,9 +206,9 @@ def _split_buffers(x: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
     """``(workspace, arrival counter, the kept workspace or None)`` for one split down launch: on CUDA the
     per-stream buffers of the small-M NF4 kernels (launches on one stream run in order, and each leaves its counter
     at zero), else fresh ones."""
-    pooled = _workspace(x.device, numel) if x.is_cuda else None
+    pooled = _workspace(x.device, numel, "lora_down") if x.is_cuda else None
     ws = pooled if pooled is not None else torch.empty(numel, device=x.device, dtype=torch.float32)
-    return ws, _arrival_counters(x.device, 1), pooled
+    return ws, _arrival_counters(x.device, 1, last=True), pooled
 
 
 def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: float) -> tuple:
@@ -215,7 +222,7 @@ def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: flo
     block_out = max(16, next_power_of_2(M * R))
     meta = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_OUT=block_out,
                 CHUNK=max(1, min(next_power_of_2(n_prog), _CHUNK_ELEMENTS // block_out)), IEEE=interpreting(),
-                num_warps=4)
+                PDL=bool(nf4_small.RANK_OVERLAP) and x.is_cuda and dependent_launch(x.device.index), num_warps=4)
     return (n_prog,), args, meta, pooled
 
 

@@ -58,7 +58,7 @@ import torch
 from alignlab._checks import env_switch, is_int
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting
-from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2, pointers
+from alignlab.kernels.launch import bind, cdiv, dependent_launch, launch, next_power_of_2, pointers
 from alignlab.kernels.nf4_configs import ALTERNATIVES, m_bucket, small_choice, small_config
 from alignlab.kernels.nf4_dequant import _state_args, code_planes
 from alignlab.quant.nf4 import NF4Tensor
@@ -246,6 +246,20 @@ if triton is not None:
         return last, part
 
     @triton.jit
+    def grid_wait():
+        """``griddepcontrol.wait``: block until the kernel launched before this one on the stream has finished and
+        its writes are visible (a no-op unless this kernel was launched as a programmatic dependent)."""
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0 unused", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
+    def launch_dependents():
+        """``griddepcontrol.launch_dependents``: let the kernel launched after this one as a programmatic dependent
+        start now, alongside this one."""
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 unused", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
     def _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, rm, m_ok, rn, n_ok, OUT: tl.constexpr, LAYOUT: tl.constexpr,
                    BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
         """``part + xa[rm] c(B[rn])ᵀ`` in fp32, ``c`` = ``OUT`` (the factor rounded to the output dtype, as a cast
@@ -281,16 +295,21 @@ if triton is not None:
     @triton.jit
     def _finish(part, offs, mask, n_out, y_ptr, ws_ptr, cnt_ptr, bias_ptr, bias_offs, pid_n, pid_k, n_split,
                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, xa_ptr, lb_ptr, R, stride_lb, rm, m_ok, rn, n_ok,
-                HAS_RANK: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                HAS_RANK: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                PDL: tl.constexpr):
         """Write ``part`` (+ bias) (+ the rank-r term, :func:`_rank_term`) to ``y``, or, with ``SPLIT``, this K
         slice's partial to the workspace; the last slice of a tile to arrive sums the partials in fixed order
-        and writes ``y`` (one launch, no zero-filled accumulator, deterministic: :func:`split_total`)."""
+        and writes ``y`` (one launch, no zero-filled accumulator, deterministic: :func:`split_total`). ``PDL``: this
+        kernel runs alongside the one that writes ``xa`` (launched as its programmatic dependent), so the rank term
+        waits for it (:func:`grid_wait`)."""
         if SPLIT:
             last, part = split_total(part, offs, mask, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, n_out)
             if last:
                 if HAS_BIAS:
                     part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_RANK:
+                    if PDL:
+                        grid_wait()
                     part = _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, rm, m_ok, rn, n_ok,
                                       y_ptr.dtype.element_ty, LAYOUT, BLOCK_R, IEEE)
                 tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
@@ -299,6 +318,8 @@ if triton is not None:
             if HAS_BIAS:
                 part += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RANK:
+                if PDL:
+                    grid_wait()
                 part = _rank_term(part, xa_ptr, lb_ptr, R, stride_lb, rm, m_ok, rn, n_ok, y_ptr.dtype.element_ty,
                                   LAYOUT, BLOCK_R, IEEE)
             tl.store(y_ptr + offs, part.to(y_ptr.dtype.element_ty), mask=mask)
@@ -309,7 +330,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, N, K, half_k, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_N: tl.constexpr, NB: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
         ASM: tl.constexpr, REGS: tl.constexpr,
     ):
         """y[N] (+)= W[N, K] x[K] for one row of x; K % BLOCKSIZE == 0."""
@@ -340,7 +361,7 @@ if triton is not None:
                 acc += tau[:, :, None] * (xe + xo)[None, :, :]
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         _finish(y, rn, nmask, N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn, pid_n, pid_k, n_split, SPLIT, HAS_BIAS,
-                xa_ptr, lb_ptr, R, stride_lb, rn * 0, nmask, rn, nmask, HAS_RANK, 0, BLOCK_R, False)
+                xa_ptr, lb_ptr, R, stride_lb, rn * 0, nmask, rn, nmask, HAS_RANK, 0, BLOCK_R, False, PDL)
 
     @triton.jit
     def _dot_kernel(
@@ -348,6 +369,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
@@ -399,7 +421,7 @@ if triton is not None:
         omask = mmask[:, None] & nmask[None, :]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm, mmask, rn, nmask, HAS_RANK, 1, BLOCK_R,
-                IEEE)
+                IEEE, PDL)
 
     @triton.jit
     def _late_kernel(
@@ -407,6 +429,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
     ):
@@ -461,7 +484,7 @@ if triton is not None:
         omask = mmask[:, None] & nmask[None, :]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[None, :], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm, mmask, rn, nmask, HAS_RANK, 1, BLOCK_R,
-                IEEE)
+                IEEE, PDL)
 
     @triton.jit
     def _swap_kernel(
@@ -469,6 +492,7 @@ if triton is not None:
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr, EARLY: tl.constexpr,
         X_WORDS: tl.constexpr, LOOKUP_FIRST: tl.constexpr,
@@ -552,18 +576,21 @@ if triton is not None:
         omask = mmask[None, :] & nmask[:, None]
         _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[:, None], pid_n, pid_k, n_split,
                 SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm, mmask, rn, nmask, HAS_RANK, 2, BLOCK_R,
-                IEEE)
+                IEEE, PDL)
 
 
 _SLOTS, _SLOT_SIZE = 64, 4096
+_LAST_COUNTERS = 16  # the end of each row, for _arrival_counters(..., last=True)
 _POOLS: dict = {}
 _SLOT_OF: dict = {}
 _VIEWS: dict = {}
 _SLOT_LOCK = threading.Lock()
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros for the split-K arrival counts of one launch.
+def _arrival_counters(device: torch.device, n: int, last: bool = False) -> torch.Tensor:
+    """``n`` int32 zeros for the split-K arrival counts of one launch (``last``: the row's last ``n`` counters,
+    which the first-``n`` views never reach -- for the decode down kernel, which may run alongside the NF4 product
+    that follows it).
 
     Every launch leaves its counters at zero again, so they are not filled per call: each device
     has one zeroed pool, made at its first call, with a row of counters per CUDA stream (two
@@ -574,9 +601,9 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     zero-filled tensor instead (correct, one small fill kernel more). The views handed out are
     remembered per (device, stream, n): later calls cost one dictionary lookup.
     """
-    if device.type != "cuda" or n > _SLOT_SIZE:
+    if device.type != "cuda" or n > _SLOT_SIZE - _LAST_COUNTERS or (last and n > _LAST_COUNTERS):
         return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index), n)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index), n, last)
     view = _VIEWS.get(key)
     if view is not None:
         return view
@@ -594,7 +621,7 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
             if used >= _SLOTS:
                 return torch.zeros(n, dtype=torch.int32, device=device)
             slot = _SLOT_OF[stream] = used
-        view = _VIEWS[key] = pool[slot, :n]
+        view = _VIEWS[key] = pool[slot, _SLOT_SIZE - n:] if last else pool[slot, :n]
     return view
 
 
@@ -754,7 +781,7 @@ def _plan_key(M: int, N: int, K: int, x: torch.Tensor, t: NF4Tensor, bias, overr
               rank: int | None = None) -> tuple:
     """What a launch plan of :func:`_plan` depends on (``rank``: that of a rank term in the epilogue, else None)."""
     return (M, N, K, x.dtype, x.device, t.blocksize, t.nested_blocksize, t.double_quant, t.shift is not None,
-            bias is not None, interpreting(), overrides, rank)
+            bias is not None, interpreting(), overrides, rank, rank is not None and RANK_OVERLAP)
 
 
 def _x_aligned(which: str, x: torch.Tensor, meta: dict, row: int | None = None) -> bool:
@@ -871,12 +898,13 @@ _WS_MAX = 1 << 22  # fp32 elements (16 MiB) of split-K workspace kept per stream
 _WS: dict = {}
 
 
-def _workspace(device: torch.device, numel: int) -> torch.Tensor | None:
-    """A view of ``numel`` fp32 elements of this stream's kept workspace (grown to the largest asked);
-    None while capturing a CUDA graph (the caller then allocates in the graph's pool)."""
+def _workspace(device: torch.device, numel: int, name: str = "") -> torch.Tensor | None:
+    """A view of ``numel`` fp32 elements of this stream's kept workspace ``name`` (grown to the largest asked: one
+    per kind of kernel that may run alongside another on the stream, the decode down kernel's apart); None while
+    capturing a CUDA graph (the caller then allocates in the graph's pool)."""
     if torch.cuda.is_current_stream_capturing():
         return None
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index), name)
     buf = _WS.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WS[key] = keep(lambda: torch.empty(numel, device=device, dtype=torch.float32), device)
@@ -903,6 +931,10 @@ X_WORDS = env_switch("ALIGNLAB_NF4_X_WORDS", True)
 # configurations: up to 25% fewer loop instructions with the register codebook it brings; timed on an H100
 # (benchmarks/RESULTS.md, issue 24 tenth pass): mixed (0.78-1.25x the time) but for `swap` at M = 33..64.
 LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",))
+# A product with a rank-r term in its epilogue launched as a programmatic dependent of the kernel before it (the
+# decode down kernel that writes xa, which lets it start at once: lora_decode): the K loop runs alongside that kernel
+# and only the rank term waits for it (grid_wait). Hopper and later (launch.dependent_launch); read per plan.
+RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", False)
 
 
 def _lookup_first(kernel: str, M: int, num_warps: int | None) -> bool:
@@ -980,6 +1012,10 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                     LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,
                                                          meta.get("LOOKUP_FIRST", False)))
+    pdl = rank is not None and bool(RANK_OVERLAP) and device.type == "cuda" and dependent_launch(device.index)
+    meta.update(PDL=pdl)
+    if pdl:
+        meta.update(launch_pdl=True)
     if not interpreting():
         meta.update(num_warps=num_warps, num_stages=num_stages)
     return kernel, (cdiv(N, block_n), split), split, (N, K, K // 2, per, split), meta

@@ -569,3 +569,43 @@ def test_rank_epilogue_on_by_default_and_switched_off_by_the_environment(env, on
     out = printed_in_fresh_process("__import__('alignlab.adapters.fused').adapters.fused.RANK_EPILOGUE",
                                    {"ALIGNLAB_LORA_RANK_EPILOGUE": env})
     assert out == str(on)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 7, 16, 33, 64])
+def test_rank_overlap_gives_the_same_bits_eagerly_and_in_a_cuda_graph(rows, monkeypatch):
+    """``nf4_small.RANK_OVERLAP``: the NF4 product launched as a programmatic dependent of the down kernel, its K loop
+    running alongside and its epilogue waiting for ``xa``. The outputs are the same bits as without it, over many
+    layers called back to back (a missed wait would read a stale or half-written ``xa``; so would shared workspace
+    or counters), with kept launchers, without them, and replayed from a CUDA graph."""
+    from alignlab.adapters import fused
+    from alignlab.kernels import launch, nf4_small
+
+    if not launch.dependent_launch(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and a Triton with launch_pdl")
+    monkeypatch.setattr(fused, "RANK_EPILOGUE", True)
+    layers = [_qlora_cuda(seed=i, bias=i % 2 == 1) for i in range(6)]
+    xs = [torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16) for _ in layers]
+
+    def run():
+        with torch.no_grad():
+            return [layer(x) for layer, x in zip(layers, xs)]
+
+    monkeypatch.setattr(nf4_small, "RANK_OVERLAP", False)
+    want = run()
+    monkeypatch.setattr(nf4_small, "RANK_OVERLAP", True)
+    for layer in layers:
+        layer._decode_runs.clear()
+    for _ in range(20):  # first calls bind the launchers; later ones take them
+        for got, ref in zip(run(), want):
+            assert torch.equal(got, ref)
+    for layer, x, ref in zip(layers, xs, want):
+        assert torch.equal(_unkept(layer, x), ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref)
