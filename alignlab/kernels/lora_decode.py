@@ -158,20 +158,38 @@ def _up_launch(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple:
     return (cdiv(N, _UP_COLUMNS),), (xa, b, y, M, N, R, b.stride(0), y.stride(0)), meta
 
 
+def _check_shapes(x: torch.Tensor, a: torch.Tensor, y: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                  rows_only: bool = True) -> None:
+    """ValueError / TypeError naming the argument where ``x (M, K)`` (``(..., K)`` without ``rows_only``), ``a (r,
+    K)``, ``b (N, r)`` and ``y (M, N)`` do not fit together (the kernels read them as given: a wrong shape gave wrong
+    numbers, or reads past a buffer, without an error)."""
+    named = {"x": x, "a": a} if y is None else {"y": y, "x": x, "a": a, "b": b}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if (rows_only and x.dim() != 2) or x.dim() < 1 or a.dim() != 2 or a.shape[1] != x.shape[-1]:
+        raise ValueError(f"x must be {'(M, K)' if rows_only else '(..., K)'} and a (r, K) with the same K, got "
+                         f"{tuple(x.shape)} and {tuple(a.shape)}")
+    if y is not None and (b.dim() != 2 or b.shape[1] != a.shape[0] or tuple(y.shape) != (x.shape[0], b.shape[0])):
+        raise ValueError(f"b must be (N, r) = (N, {a.shape[0]}) and y (M, N) = ({x.shape[0]}, N), got b "
+                         f"{tuple(b.shape)} and y {tuple(y.shape)}")
+
+
 def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
                      ) -> torch.Tensor:
     """``y += s·(x Aᵀ) Bᵀ`` in place, with the factors rounded to ``y``'s dtype: ``y (M, N)``, ``x (M, K)`` in
     that dtype with rows at one stride and unit column stride, ``a (r, K)`` and ``b (N, r)`` in any float dtype;
-    returns ``y``. Two kernels where :func:`applies` (the caller checks the shapes), else
-    :func:`lora_decode_reference`, written into ``y``."""
+    returns ``y``. Two kernels where :func:`applies` and ``x`` is in ``y``'s dtype, else
+    :func:`lora_decode_reference`, written into ``y``. Shapes that do not fit are a ValueError naming them."""
+    _check_shapes(x, a, y, b)
     add_(y, x, a, b, scale)
     return y
 
 
 def add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`lora_decode_add_`, returning ``xa = c(s·x A_cᵀ) (M, r)`` instead of ``y`` (a backward's ``∂L/∂B``
-    needs it)."""
-    if not applies(x, a) or y.stride(-1) != 1 or y.shape[1] == 0:
+    """:func:`lora_decode_add_` on shapes the caller has checked (the fused layers), returning ``xa = c(s·x A_cᵀ)
+    (M, r)`` instead of ``y`` (a backward's ``∂L/∂B`` needs it)."""
+    if not applies(x, a) or x.dtype != y.dtype or y.stride(-1) != 1 or y.shape[1] == 0:
         return _reference_add_(y, x, a, b, scale)
     x = x if x.stride(-1) == 1 else x.contiguous()
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -227,11 +245,18 @@ def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: flo
 
 
 def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """``xa = c(s·x A_cᵀ)`` ``(M, r)`` alone, for a caller that adds ``xa c(B)ᵀ`` itself (the NF4 small-M kernels'
-    rank-term epilogue, ``small_m_matmul(..., rank_term=...)``), by one launch of the down kernel (K sliced over
-    up to 64 programs, their fp32 partials added in a fixed order: :func:`_lora_down_kernel`). ``x``
-    ``(M, K)`` with rows at one stride and unit column stride where :func:`applies` (the caller checks), else the
-    reference's product."""
+    """``xa = c(s·x A_cᵀ)`` ``(..., r)`` alone for ``x (..., K)``, ``a (r, K)``, for a caller that adds ``xa c(B)ᵀ``
+    itself (the NF4 small-M kernels' rank-term epilogue, ``small_m_matmul(..., rank_term=...)``), by one launch of
+    the down kernel (K sliced over up to 64 programs, their fp32 partials added in a fixed order:
+    :func:`_lora_down_kernel`) where :func:`applies`, else the reference's product. Shapes that do not fit are a
+    ValueError naming them."""
+    _check_shapes(x, a, rows_only=False)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return down(x2, a, scale).view(*x.shape[:-1], a.shape[0])
+
+
+def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`down_` for ``x (M, K)`` and ``a`` whose shapes the caller has checked (the fused layers)."""
     if not applies(x, a) or x.stride(-1) != 1:
         return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
     return _down_split(x, a if a.stride(-1) == 1 else a.contiguous(), scale)

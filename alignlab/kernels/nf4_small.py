@@ -933,8 +933,12 @@ X_WORDS = env_switch("ALIGNLAB_NF4_X_WORDS", True)
 LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",))
 # A product with a rank-r term in its epilogue launched as a programmatic dependent of the kernel before it (the
 # decode down kernel that writes xa, which lets it start at once: lora_decode): the K loop runs alongside that kernel
-# and only the rank term waits for it (grid_wait). Hopper and later (launch.dependent_launch); read per plan.
-RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", False)
+# and only the rank term waits for it (grid_wait). Hopper and later (launch.dependent_launch); read when a launch plan
+# is made (a layer's kept launchers keep the setting they were built with). H100, 2026-12-07
+# (benchmarks/qlora_decode.py, RESULTS.md): a QLoRA decode call 2.7-8.6 us less GPU time at 1-64 rows (15.3 -> 12.4
+# at 4096², one row; 11.7 -> 8.8 at 4096 -> 1024), the same output bits, host time unchanged. On by default;
+# ALIGNLAB_LORA_RANK_OVERLAP=0 (read at import) or this attribute set to False: the two launches in order
+RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
 
 
 def _lookup_first(kernel: str, M: int, num_warps: int | None) -> bool:

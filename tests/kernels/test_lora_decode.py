@@ -609,3 +609,27 @@ def test_rank_overlap_gives_the_same_bits_eagerly_and_in_a_cuda_graph(rows, monk
         torch.cuda.synchronize()
         for got, ref in zip(outs, want):
             assert torch.equal(got, ref)
+
+
+def test_public_entry_points_check_shapes_and_take_leading_dims(triton_mode):
+    """``lora_decode_add_`` and ``down_`` read their operands as given: shapes that do not fit gave wrong numbers (or
+    reads past a buffer on a GPU) without an error, where the reference path raised. Now a ValueError names them;
+    ``down_`` takes ``x (..., K)`` as the reference did; x in another dtype than y takes the reference path (the up
+    kernel multiplies them together)."""
+    from alignlab.kernels.lora_decode import down_
+
+    x, a, b, y = _case(4, 300, 40, 8, torch.float16, "cpu")
+    bad = [((torch.zeros(6, 40, dtype=torch.float16), x, a, b), "y"),  # y's rows
+           ((y, x, a, torch.randn(40, 4)), "b must be"),  # b's rank
+           ((y, x, torch.randn(8, 200), b), "same K"),  # a's K
+           ((y, x.view(2, 2, 300), a, b), "x must be"),
+           ((y, x, a, "b"), "b must be a tensor")]
+    for args, match in bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            lora_decode_add_(*args, 1.0)
+    with pytest.raises(ValueError, match="same K"):
+        down_(x, torch.randn(8, 200), 1.0)
+    xa3 = down_(x.view(2, 2, 300), a, 0.5)
+    assert xa3.shape == (2, 2, 8) and torch.equal(xa3.view(4, 8), down_(x, a, 0.5))
+    got = lora_decode_add_(y.clone().float(), x, a, b, 0.7)  # fp16 x into an fp32 y: the reference, no kernel
+    torch.testing.assert_close(got, lora_decode_reference(y.float(), x, a, b, 0.7), rtol=0, atol=0)
