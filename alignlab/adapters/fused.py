@@ -53,7 +53,7 @@ from alignlab.kernels.dispatch import MM_OUT_DTYPE, functorch_active, use_triton
 from alignlab.kernels.lora_decode import add_ as lora_decode_add_xa
 from alignlab.kernels.lora_decode import add_runner as lora_decode_runner
 from alignlab.kernels.lora_decode import applies as lora_decode_applies
-from alignlab.kernels.lora_decode import down as lora_decode_down
+from alignlab.kernels.lora_decode import down_rows as lora_decode_down
 from alignlab.kernels.lora_decode import down_runner as lora_down_runner
 from alignlab.kernels.nf4_dequant import nf4_dequant
 from alignlab.kernels.nf4_matmul import (DECODE_ROWS, SMALL_M, decode_matmul, kept_runner, nf4_matmul, nf4_matmul_t,

@@ -5,7 +5,7 @@ For ``x (M, K)`` with a few rows (generation: one row per sequence), ``A (r, K)`
 
     xa = c( s·x A_cᵀ )        (M, r)    K split over up to 64 programs (tl.dot), their fp32 partials added in a
                                         fixed order
-    y  = c( y + xa B_cᵀ )     (M, N)    one program per block of 16-128 output columns
+    y  = c( y + xa B_cᵀ )     (M, N)    one program per block of 64 output columns (tl.dot)
 
 where ``A_c``, ``B_c`` are the factors rounded to ``c`` and the sums run in fp32: the products the fused LoRA path
 forms with torch ops (the factors cast per call, ``x Aᵀ`` by one GEMM with ``alpha = s``, ``B`` added in a second
@@ -252,10 +252,10 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     ValueError naming them."""
     _check_shapes(x, a, rows_only=False)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return down(x2, a, scale).view(*x.shape[:-1], a.shape[0])
+    return down_rows(x2, a, scale).view(*x.shape[:-1], a.shape[0])
 
 
-def down(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+def down_rows(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`down_` for ``x (M, K)`` and ``a`` whose shapes the caller has checked (the fused layers)."""
     if not applies(x, a) or x.stride(-1) != 1:
         return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
