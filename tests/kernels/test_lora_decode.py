@@ -397,9 +397,9 @@ def test_a_call_that_builds_the_launchers_makes_each_product_once(grad, dtype, d
             with torch.set_grad_enabled(grad):
                 y = layer(x)
             torch.cuda.synchronize()
-        # products only: copies, memsets and fills left out (a process that has handed out counter rows to 64
-        # streams -- each CUDA-graph capture of a test uses a new one -- gives a zero-filled counter to the call that
-        # binds, once, where later calls reuse it; seen once in a full `pytest -m cuda -n 8` run on an H100)
+        # products only: copies, memsets and fills left out (where this test is the first of its process to launch a
+        # split-K kernel, its first call also zero-fills the process's pool of arrival counters, once: seen in a
+        # `pytest -m cuda -n 8` run on an H100, whose tests xdist hands to workers one by one)
         names = sorted(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                        and "emcpy" not in e.name and "emset" not in e.name and "FillFunctor" not in e.name)
         return y.detach(), names
