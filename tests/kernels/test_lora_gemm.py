@@ -150,6 +150,7 @@ def test_functional_layers_name_the_argument_whose_shape_does_not_fit(dora, monk
     calls = []
     real = lora_gemm.adapted_matmul
     monkeypatch.setattr(lora_gemm, "adapted_matmul", lambda *t, **k: calls.append(1) or real(*t, **k))
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)  # 20 rows: the GEMM path, not the decode kernels (1-64 rows)
     x, w, a, b, bias, m = (t.half().to(kernel_device) for t in (torch.randn(20, 48), torch.randn(40, 48),
                                                                   torch.randn(4, 48), torch.randn(40, 4),
                                                                   torch.randn(40), torch.ones(40)))
@@ -221,6 +222,7 @@ def _switch_matches_the_default_form(layer, x, params, monkeypatch, kernel: str,
     calls = []
     real = getattr(lora_gemm, kernel)
     monkeypatch.setattr(lora_gemm, kernel, lambda t, *r, **k: calls.append(tuple(t.shape)) or real(t, *r, **k))
+    monkeypatch.setattr(fused, "DECODE_KERNELS", False)  # 39 rows: the GEMM path, not the decode kernels (1-64 rows)
     results = []
     for on in (False, True):
         monkeypatch.setattr(fused, switch, on)
