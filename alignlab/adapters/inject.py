@@ -135,23 +135,32 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Dotted names of the modules ``config`` selects in ``model``."""
     # a config that can adapt embeddings (LoRA) finds them by name; "all-linear" never picks them
     candidates = _candidates(model, embeddings=getattr(config, "adapts_embeddings", False))
+    shared = shared_modules(model)
     if config.target_modules == "all-linear":
         heads = _output_head_names(model)
         names = [n for n, m in candidates if n not in heads and n.split(".")[-1] not in heads
                  and is_linear_like(getattr(m, "base_layer", m))]
     else:
-        names = [n for n, _ in candidates if name_matches(config.target_modules, n)]
+        names = [n for n, m in candidates if _any_name_matches(config.target_modules, n, m, shared)]
         if getattr(config, "layers_to_transform", None) is not None:  # PEFT: suffix matches only, not exact names
             names = [n for n in names if n in config.target_modules or layer_selected(config, n)]
     experts = getattr(config, "expert_parameters", None)  # MoE blocks whose fused expert weights it adapts
     names += [n for n in (experts(model) if callable(experts) else {}) if n not in names]
     if config.exclude_modules is not None:
-        names = [n for n in names if not name_matches(config.exclude_modules, n)]
+        names = [n for n in names
+                 if not _any_name_matches(config.exclude_modules, n, model.get_submodule(n), shared)]
     saved = _saved_or_inside(model, config)
     names = [n for n in names if n not in saved]
     if config.target_modules != "all-linear":
         _refuse_unadaptable_targets(model, config, {n for n, _ in candidates} | set(names) | saved)
     return _without_attention_out_proj(model, names, all_linear=config.target_modules == "all-linear")
+
+
+def _any_name_matches(spec, name: str, module: nn.Module, shared: dict[int, list[str]]) -> bool:
+    """Whether ``spec`` (target / exclude modules) matches ``name`` or another name of the same module (one module
+    registered under two names, ``self.b = self.a``: selecting either selects it; PEFT looks at the first name only,
+    so ``target_modules=["b"]`` matched nothing)."""
+    return any(name_matches(spec, n) for n in shared.get(id(module), [name]))
 
 
 def _saved_or_inside(model: nn.Module, config) -> set[str]:
@@ -435,7 +444,7 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
     adapter would train at the default rank / alpha, or on the modules meant to be left out. Not an error: a PEFT
     file written for several architectures may name modules that this model lacks."""
     exclude = getattr(config, "exclude_modules", None)
-    if exclude and not any(name_matches(exclude, n) for n, _ in model.named_modules() if n):
+    if exclude and not any(name_matches(exclude, n) for n, _ in model.named_modules(remove_duplicate=False) if n):
         warnings.warn(f"exclude_modules={exclude!r} matches no module of this model, so nothing was excluded; "
                       "check the names", RuntimeWarning, stacklevel=3)
     regex_patterns = isinstance(config, LoRAConfig) or getattr(config, "regex_patterns", False)  # LoRA, LoKr

@@ -101,3 +101,17 @@ def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):
         return injected, len(seen) - injected
 
     assert walks(12) == walks(2)
+
+
+def test_either_name_selects_or_excludes_the_shared_module():
+    """``target_modules`` / ``exclude_modules`` naming the second name of a shared module select / leave out that
+    module (PEFT looks at the first name only: ``["b"]`` matched nothing, and excluding ``"b"`` warned that it
+    matched no module while the module was adapted)."""
+    model = _model()
+    inject(model, LoRAConfig(r=2, target_modules=["b"]))
+    assert isinstance(model.a, LoRALinear) and model.b is model.a and type(model.c) is nn.Linear
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "matches no module" warning
+        inject(model, LoRAConfig(r=2, target_modules=["a", "c"], exclude_modules=["b"]))
+    assert type(model.a) is nn.Linear and model.b is model.a and isinstance(model.c, LoRALinear)
