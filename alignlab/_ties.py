@@ -14,12 +14,35 @@ import inspect
 from torch import nn
 
 
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules(remove_duplicate=False)``'s (name, module) pairs, in its order, except that an ancestor
+    held again below itself (``child.up = parent``) is named there but not walked into again: the torch walk recursed
+    without end, and inject / unload failed on such models."""
+    out: list[tuple[str, nn.Module]] = []
+    on_path: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        out.append((prefix, module))
+        if id(module) in on_path:
+            return
+        on_path.add(id(module))
+        for key, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}.{key}" if prefix else key)
+        on_path.discard(id(module))
+
+    visit(model, "")
+    return out
+
+
 def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     """Every parameter's names in ``model``, by the parameter's ``id``: a tensor that several modules hold (a tied
     table) has several names."""
     owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
+    for name, module in _named_modules(model):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     return owners
 
 
@@ -27,8 +50,8 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     """Every dotted name of every module in ``model`` (``""`` for ``model`` itself), by the module's ``id``, in one
     walk: a module registered under two names (``self.b = self.a``) has two."""
     names: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(name)
+    for name, module in _named_modules(model):
+        names.setdefault(id(module), []).append(name)
     return names
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alignlab._checks import check_finite_number, check_positive_int
-from alignlab._ties import parameter_owners, put_module, shared_modules, untie_changes_outputs
+from alignlab._ties import module_names, parameter_owners, put_module, shared_modules, untie_changes_outputs
 from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_name, is_linear_like, is_quantized,
                                    weight_holder)
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
@@ -444,7 +444,7 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
     adapter would train at the default rank / alpha, or on the modules meant to be left out. Not an error: a PEFT
     file written for several architectures may name modules that this model lacks."""
     exclude = getattr(config, "exclude_modules", None)
-    if exclude and not any(name_matches(exclude, n) for n, _ in model.named_modules(remove_duplicate=False) if n):
+    if exclude and not any(name_matches(exclude, n) for names in module_names(model).values() for n in names if n):
         warnings.warn(f"exclude_modules={exclude!r} matches no module of this model, so nothing was excluded; "
                       "check the names", RuntimeWarning, stacklevel=3)
     regex_patterns = isinstance(config, LoRAConfig) or getattr(config, "regex_patterns", False)  # LoRA, LoKr
@@ -845,7 +845,7 @@ def _untie_before_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
-        forget_ties(model, [o for o, p in model.named_parameters(remove_duplicate=False) if p is holder.weight])
+        forget_ties(model, parameter_owners(model).get(id(holder.weight), []))
 
 
 def _held_outside(owners: dict[int, list[str]], weight: nn.Parameter, model: nn.Module, name: str,

@@ -115,3 +115,30 @@ def test_either_name_selects_or_excludes_the_shared_module():
         warnings.simplefilter("error")  # no "matches no module" warning
         inject(model, LoRAConfig(r=2, target_modules=["a", "c"], exclude_modules=["b"]))
     assert type(model.a) is nn.Linear and model.b is model.a and isinstance(model.c, LoRALinear)
+
+
+def test_a_module_that_holds_its_ancestor_is_injected_and_unloaded():
+    """A submodule that keeps a reference to its parent (``child.up = parent``, a back-pointer registered as a module)
+    is a cycle: ``named_modules(remove_duplicate=False)`` recursed without end there, so ``inject`` failed with a
+    RecursionError; the walks now stop at a module already on the path. Outputs: the adapter's formula, then the base
+    again after ``merge_and_unload`` with B = 0."""
+    from alignlab._ties import module_names, parameter_owners
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+    model = nn.Sequential(Block(), nn.Linear(6, 3))
+    model[0].up = model  # the cycle
+    names = module_names(model)
+    assert names[id(model[0].lin)] == ["0.lin"] and names[id(model)] == ["", "0.up"]
+    assert parameter_owners(model)[id(model[0].lin.weight)] == ["0.lin.weight"]
+    x = torch.randn(4, 6)
+    want = model[1](model[0].lin(x))
+    inject(model, LoRAConfig(r=2, target_modules=["lin"]))
+    assert isinstance(model[0].lin, LoRALinear)
+    torch.testing.assert_close(model[1](model[0].lin(x)), want)  # B = 0 at init
+    merge_and_unload(model)
+    assert type(model[0].lin) is nn.Linear and model[0].up is model
+    torch.testing.assert_close(model[1](model[0].lin(x)), want)
