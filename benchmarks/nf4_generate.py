@@ -168,9 +168,10 @@ def run_generate(model, ids, new_tokens: int, reps: int, graphs: bool, device: s
                 peak_gib=peak, compile_s=sum(warm_s) - warmups * total if graphs else None, tokens=new.cpu())
 
 
-def host_profile(model, ids, new_tokens: int, device: str, top: int = 30) -> dict:
-    """One eager ``generate`` under ``cProfile``: the profiled wall time, the number of Python calls, and the
-    ``top`` functions by own time (``name``, ``calls``, own and cumulative seconds), per decode step."""
+def host_profile(model, ids, new_tokens: int, device: str, top: int = 30, graphs: bool = False) -> dict:
+    """One ``generate`` (eager, or with ``graphs`` the static-cache mode, its decode step captured) under
+    ``cProfile``: the profiled wall time, the number of Python calls, and the ``top`` functions by own time
+    (``name``, ``calls``, own and cumulative seconds), per decode step."""
     import cProfile
     import pstats
 
@@ -178,7 +179,7 @@ def host_profile(model, ids, new_tokens: int, device: str, top: int = 30) -> dic
     _sync(device)
     t0 = time.perf_counter()
     prof.enable()
-    _generate(model, ids, new_tokens, False)
+    _generate(model, ids, new_tokens, graphs)
     _sync(device)
     prof.disable()
     wall = time.perf_counter() - t0
@@ -283,8 +284,9 @@ def main(argv=None):
                         "GPU's launch table for the run (nf4_tune.merged_table, nf4_configs.register_table), to "
                         "measure a tuning run end to end before its table is pasted into nf4_configs.py")
     parser.add_argument("--host-profile", action="store_true",
-                        help="one more eager generate per contestant at the first batch under cProfile: the "
-                        "functions with the most own time per decode step (compare contestants' host work)")
+                        help="one more generate per contestant under cProfile (eager at the first batch; with "
+                        "--only-graphs, the static-cache mode at the last batch): the functions with the most own "
+                        "time per decode step (compare contestants' host work)")
     parser.add_argument("--adapters", action="store_true",
                         help="also alignlab QLoRA and PEFT + bitsandbytes QLoRA (LoRA r = 16 on q/k/v/o/gate/up/down, "
                         "fp32 adapters, the libraries' defaults): generation from a QLoRA policy; CUDA only")
@@ -345,11 +347,13 @@ def main(argv=None):
                 print(f"{mode:6s} b{batch:<3d} {name:13s} {row['tokens_per_s']:9.0f} tok/s  "
                       f"{row['decode_step_ms']:7.2f} ms/step  prefill {row['prefill_ms']:7.1f} ms  "
                       f"peak {_fmt(row['peak_gib'], '.2f')} GiB{comp}", flush=True)
-        if args.host_profile and "eager" in modes:
-            ids = torch.randint(0, base.config.vocab_size, (args.batches[0], PROMPT),
-                                generator=torch.Generator().manual_seed(args.batches[0])).to(device)
-            profiles[name] = host_profile(model, ids, new_tokens, device)
-            _print_profile(name, profiles[name])
+        if args.host_profile:  # eager at the first batch; in the graphs mode alone, at the last (compiled) batch
+            graphs = "eager" not in modes
+            batch = args.batches[-1] if graphs else args.batches[0]
+            ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
+                                generator=torch.Generator().manual_seed(batch)).to(device)
+            profiles[name] = host_profile(model, ids, new_tokens, device, graphs=graphs)
+            _print_profile(f"{name} ({'graphs' if graphs else 'eager'}, batch {batch})", profiles[name])
         del model
         gc.collect()
         if device == "cuda":

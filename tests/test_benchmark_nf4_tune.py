@@ -154,3 +154,22 @@ def test_nf4_generate_tune_rows_registers_the_merged_table(monkeypatch, capsys):
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: None)
     with pytest.raises(SystemExit, match="no launch table"):
         gen.register_tuned([run], "cpu")
+
+
+def test_nf4_generate_host_profile_in_the_graphs_mode_alone(tmp_path):
+    """nf4_generate.py --host-profile with --only-graphs profiles the static-cache mode at the last batch (it profiled
+    nothing without the eager mode): the JSON holds each contestant's per-step profile (tiny model, CPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gen.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
+                          "--only-graphs", "--host-profile", "--which", "bf16", "--new-tokens", "4", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "host profile bf16 (graphs, batch 4)" in run.stdout
+    prof = json.loads(out.read_text())["host_profiles"]["bf16"]
+    assert prof["calls_per_step"] > 0 and prof["top"] and prof["wall_ms_per_step"] > 0
