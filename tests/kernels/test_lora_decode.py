@@ -574,6 +574,15 @@ def test_rank_epilogue_on_by_default_and_switched_off_by_the_environment(env, on
     assert out == str(on)
 
 
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False)])
+def test_rank_overlap_on_by_default_and_switched_off_by_the_environment(env, on):
+    """The NF4 product starts alongside the down kernel (where the GPU takes dependent launches) unless
+    ``ALIGNLAB_LORA_RANK_OVERLAP=0``."""
+    out = printed_in_fresh_process("__import__('alignlab.kernels.nf4_small').kernels.nf4_small.RANK_OVERLAP",
+                                   {"ALIGNLAB_LORA_RANK_OVERLAP": env})
+    assert out == str(on)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows", [1, 7, 16, 33, 64])
 def test_rank_overlap_gives_the_same_bits_eagerly_and_in_a_cuda_graph(rows, monkeypatch):
