@@ -87,7 +87,7 @@ from alignlab.kernels.nf4_dequant import _state_args
 from alignlab.quant.nf4 import nf4_quantize
 
 small.RANK_OVERLAP = True
-launch.dependent_launch = small.dependent_launch = lora_decode.dependent_launch = lambda index: True
+launch.dependent_launch = small.dependent_launch = lambda index: True
 configs.device_key = lambda device: "H100"
 N, K, M, R = 1024, 4096, int(sys.argv[1]), 16
 t = nf4_quantize(torch.randn(N, K), blocksize=64)

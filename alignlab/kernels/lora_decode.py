@@ -22,7 +22,7 @@ import torch
 
 from alignlab.kernels import nf4_small
 from alignlab.kernels.dispatch import interpreting, use_triton
-from alignlab.kernels.launch import bind, cdiv, dependent_launch, launch, next_power_of_2
+from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_small import _arrival_counters, _workspace
 
 try:
@@ -221,9 +221,9 @@ def _split_layout(M: int, K: int, R: int) -> tuple[int, int, int, int, int]:
 
 
 def _split_buffers(x: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(workspace, arrival counter, the kept workspace or None)`` for one split down launch: on CUDA the
-    per-stream buffers of the small-M NF4 kernels (launches on one stream run in order, and each leaves its counter
-    at zero), else fresh ones."""
+    """``(workspace, arrival counter, the kept workspace or None)`` for one split down launch: on CUDA a kept
+    per-stream workspace and counter of its own, apart from the small-M NF4 kernels' (the NF4 product after it may run
+    alongside: ``nf4_small.RANK_OVERLAP``; each launch leaves its counter at zero), else fresh ones."""
     pooled = _workspace(x.device, numel, "lora_down") if x.is_cuda else None
     ws = pooled if pooled is not None else torch.empty(numel, device=x.device, dtype=torch.float32)
     return ws, _arrival_counters(x.device, 1, last=True), pooled
@@ -240,7 +240,7 @@ def _split_launch(x: torch.Tensor, a: torch.Tensor, xa: torch.Tensor, scale: flo
     block_out = max(16, next_power_of_2(M * R))
     meta = dict(BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_OUT=block_out,
                 CHUNK=max(1, min(next_power_of_2(n_prog), _CHUNK_ELEMENTS // block_out)), IEEE=interpreting(),
-                PDL=bool(nf4_small.RANK_OVERLAP) and x.is_cuda and dependent_launch(x.device.index), num_warps=4)
+                PDL=nf4_small.rank_overlap(x.device), num_warps=4)
     return (n_prog,), args, meta, pooled
 
 

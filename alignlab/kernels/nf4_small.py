@@ -591,9 +591,9 @@ def _arrival_counters(device: torch.device, n: int, last: bool = False) -> torch
     launches running at once must not share counters). A stream gets its row on first sight, also
     during CUDA-graph capture, so captured graphs need no fill either (a graph keeps the row of the
     stream it was captured on: replay it where no eager call on that stream runs at the same time).
-    Without a pool yet during capture, beyond 64 streams or 4096 tiles, the counters are a fresh
+    Without a pool yet during capture, beyond 64 streams or 4080 tiles, the counters are a fresh
     zero-filled tensor instead (correct, one small fill kernel more). The views handed out are
-    remembered per (device, stream, n): later calls cost one dictionary lookup.
+    remembered per (device, stream, n, last): later calls cost one dictionary lookup.
     """
     if device.type != "cuda" or n > _SLOT_SIZE - _LAST_COUNTERS or (last and n > _LAST_COUNTERS):
         return torch.zeros(n, dtype=torch.int32, device=device)
@@ -935,6 +935,12 @@ LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",)
 RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
 
 
+def rank_overlap(device: torch.device) -> bool:
+    """Whether a decode down kernel and the NF4 product after it on ``device`` run alongside (:data:`RANK_OVERLAP` and
+    a GPU that takes dependent launches); asked by both kernels' launch plans."""
+    return bool(RANK_OVERLAP) and device.type == "cuda" and dependent_launch(device.index)
+
+
 def _lookup_first(kernel: str, M: int, num_warps: int | None) -> bool:
     """Whether a swapped kernel's plan looks up before the layout change (:data:`LOOKUP_FIRST`): only at 4 warps or
     more (with 2, Triton emits mma.sync, where the early lookup compiled to 18-24% more instructions). The "auto"
@@ -1010,7 +1016,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
                     LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,
                                                          meta.get("LOOKUP_FIRST", False)))
-    pdl = rank is not None and bool(RANK_OVERLAP) and device.type == "cuda" and dependent_launch(device.index)
+    pdl = rank is not None and rank_overlap(device)
     meta.update(PDL=pdl)
     if pdl:
         meta.update(launch_pdl=True)
