@@ -841,6 +841,20 @@ def decode_apply(x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scal
 # cost more than they saved (H100, QLoRA step at batch 1 = 2048 rows: 33.7 ms against 27.7 traced as plain ops;
 # batch 4: 96.7-99.5 against 101.4, QDoRA 102.3 against 105.0).
 OP_MIN_ROWS = 4096
+# At decode rows (takes_decode_op) a traced LoRA layer takes the op too, whose forward then runs the eager decode
+# product (the decode down kernel, and over an NF4 base the small-M kernel with the rank term in its epilogue): traced
+# as plain ops, each call cast both factors, made x Aᵀ and the addmm by cuBLAS and copied the output first (Inductor),
+# ten or more kernels per layer inside a CUDA-graph decode step (H100, 2026-12-07: HF generate() with a static cache,
+# RESULTS.md). DECODE_OP = False (or ALIGNLAB_LORA_DECODE_OP=0, read at import) traces them as plain ops again.
+DECODE_OP = env_switch("ALIGNLAB_LORA_DECODE_OP", True)
+
+
+def takes_decode_op(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a LoRA call traced by ``torch.compile`` on ``x (..., in)`` with compute dtype ``dtype`` and factor ``a``
+    takes :func:`lora_linear_op` at decode rows (``DECODE_OP``, and where the decode kernels apply:
+    :func:`alignlab.kernels.lora_decode.applies`, a guard on the row count where shapes are dynamic); the op's forward
+    then adds the rank-r term by them (:func:`takes_decode_kernels` at run time)."""
+    return DECODE_OP and DECODE_KERNELS and lora_decode_applies(x, a, dtype)
 
 
 def _nf4_fields(t: NF4Tensor | None) -> tuple:
@@ -868,6 +882,9 @@ def _lora_forward_op(x2: torch.Tensor, dense_w: torch.Tensor | None, data: torch
                      a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     weight = _weight_from(dense_w, data, absmax, nested_absmax, nested_offset, shift, shape, wdtype, blocksize,
                           nested_blocksize)
+    if takes_decode_kernels(x2, a, x2.dtype):  # decode rows (takes_decode_op): the eager decode product, no cast
+        y, xa = _decode_product(x2, weight, bias, a, b, scale)
+        return y, xa
     y, xa = _lora_out(x2, weight, bias, a.to(x2.dtype), b.to(x2.dtype), scale)
     return y, xa
 

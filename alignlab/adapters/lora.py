@@ -366,7 +366,7 @@ class LoRALinear(AdapterLayer):
             if dtype is not None:
                 if not torch.compiler.is_compiling():
                     return self._fused(x, names[0], dtype)
-                if self._op_applies(x, dtype):
+                if self._op_applies(x, dtype, names[0]):
                     return self._fused(x, names[0], dtype, traced=True)
         for name in names:
             device = self.lora_A[name].weight.device
@@ -531,15 +531,20 @@ class LoRALinear(AdapterLayer):
         super().__setstate__(state)
         self.__dict__.setdefault("_decode_runs", {})  # a layer pickled before the launchers were kept
 
-    def _op_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    def _op_applies(self, x: torch.Tensor, dtype: torch.dtype, name: str) -> bool:
         """Whether a traced call takes :func:`lora_linear_op` / :func:`dora_linear_op`: a frozen base (no dense
-        weight or bias that trains), 16- or 32-bit compute, ``fused.OP_MIN_ROWS`` rows or more (a guard on the row
-        count where shapes are dynamic)."""
-        base = self.base_layer
+        weight or bias that trains), 16- or 32-bit compute, and ``fused.OP_MIN_ROWS`` rows or more, or a LoRA
+        adapter at decode rows (:func:`~alignlab.adapters.fused.takes_decode_op`; guards on the row count where
+        shapes are dynamic)."""
+        mods = self._modules
+        base = mods["base_layer"]
         weight = base.weight if type(base) is nn.Linear else None
-        return (dtype != torch.float64 and (weight is None or not weight.requires_grad)
-                and (base.bias is None or not base.bias.requires_grad)
-                and x.numel() >= fused.OP_MIN_ROWS * x.shape[-1])
+        if not (dtype != torch.float64 and (weight is None or not weight.requires_grad)
+                and (base.bias is None or not base.bias.requires_grad)):
+            return False
+        if x.numel() >= fused.OP_MIN_ROWS * x.shape[-1]:
+            return True
+        return not self.is_dora(name) and fused.takes_decode_op(x, _factor(mods["lora_A"], name), dtype)
 
     def _cast_factors(self, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float,
                       scaled: bool) -> tuple:

@@ -48,8 +48,9 @@ def test_dora_forward_holds_at_most_one_dense_temporary():
 
 
 @pytest.mark.parametrize("dora", [False, True])
-@pytest.mark.parametrize("min_rows", [1, 4096])  # the layers as the custom ops (fused.lora_linear_op), as plain ops
-def test_compiled_qlora_model_with_triton_kernels_matches_eager(dora, min_rows, monkeypatch):
+# the layers as the custom ops (fused.lora_linear_op); as plain ops; LoRA's at decode rows (48 here) as the op again
+@pytest.mark.parametrize("min_rows, decode_op", [(1, True), (4096, False), (4096, True)])
+def test_compiled_qlora_model_with_triton_kernels_matches_eager(dora, min_rows, decode_op, monkeypatch):
     """torch.compile (inductor, fullgraph) of an NF4 + LoRA/DoRA model on the GPU, where the NF4 and DoRA
     Triton kernels run: same loss and adapter gradients as eager, within bf16 rounding."""
     from conftest import make_tiny_llama
@@ -58,6 +59,7 @@ def test_compiled_qlora_model_with_triton_kernels_matches_eager(dora, min_rows, 
     from alignlab.quant import quantize_model
 
     monkeypatch.setattr(fused, "OP_MIN_ROWS", min_rows)
+    monkeypatch.setattr(fused, "DECODE_OP", decode_op)
 
     model = quantize_model(make_tiny_llama(hidden_size=64).cuda(), compute_dtype=torch.bfloat16)
     inject(model, LoRAConfig(r=4, alpha=8, use_dora=dora))
@@ -85,6 +87,45 @@ def test_compiled_qlora_model_with_triton_kernels_matches_eager(dora, min_rows, 
     for k, ref in grads_ref.items():
         rel = ((grads[k].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
         assert rel < 5e-2, (k, rel)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_qlora_decode_rows_run_the_decode_kernels_with_the_eager_bits(rows, mode):
+    """A QLoRA layer compiled by Inductor at decode rows (generation with a static cache: transformers compiles the
+    decode step with ``reduce-overhead``) runs the eager decode product inside ``alignlab::lora_forward``: the decode
+    down kernel launches, and outputs (no grad; with grad under ``default``, and the gradients) are the eager layer's
+    bits. fp32 master factors, bf16 compute."""
+    from alignlab.quant import NF4Linear
+
+    torch.manual_seed(rows)
+    base = NF4Linear.from_linear(nn.Linear(512, 384, device="cuda", dtype=torch.bfloat16),
+                                 compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=16, alpha=32)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x).clone()
+    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+    try:
+        with torch.no_grad():
+            for _ in range(3):  # reduce-overhead records its CUDA graph on a later call than the first
+                torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+            names = _kernels(lambda: compiled(x))
+        assert any("lora_down" in n for n in names), names
+        if mode == "default":
+            params = [p for p in layer.parameters() if p.requires_grad]
+            results = []
+            for fn in (layer, compiled):
+                xg = x.clone().requires_grad_(True)
+                y = fn(xg)
+                results.append((y.detach(), torch.autograd.grad(y.float().square().sum(), [xg, *params])))
+            torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+            for got, ref in zip(results[1][1], results[0][1]):
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
 
 
 def _kernels(fn) -> list:

@@ -651,3 +651,60 @@ def test_qlora_decode_rows_take_the_launcher_kept_on_the_packed_weight(dora, row
     torch.testing.assert_close(on[1], on[0][0], rtol=0, atol=0)
     for got, want in zip(on[2], off[2]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nf4, shape, takes_op", [(False, (1, 64), True), (False, (2, 3, 64), True),
+                                                  (False, (70, 64), False), (True, (1, 64), True),
+                                                  (True, (2, 3, 64), True)])
+def test_compiled_lora_at_decode_rows_runs_the_decode_kernels_in_the_op(nf4, shape, takes_op, triton_mode,
+                                                                       monkeypatch):
+    """Under torch.compile a LoRA layer at decode rows (up to ``lora_decode.MAX_ROWS``) is one ``alignlab::lora_forward``
+    call whose forward is the eager decode product (traced as plain ops it cast both factors and made the rank-r term
+    by GEMMs and an out-of-place add): the eager layer's output and gradients bit for bit, with grad and without; more
+    rows below ``OP_MIN_ROWS`` stay plain ops; ``DECODE_OP = False`` traces decode rows as plain ops too. fp16 (the
+    interpreter's bf16 ``tl.dot`` is wrong), fp32 master factors. (Over an NF4 base the plain ops are not traced
+    here: under the interpreter on a CPU the base product with a gradient launches its kernel from an autograd
+    Function, which Dynamo cannot trace; on a GPU it is the ``nf4_small_matmul`` op, tests/adapters/test_cuda.py.)"""
+    from alignlab.adapters import fused
+    from alignlab.kernels import lora_decode
+
+    torch.manual_seed(len(shape))
+    base = nn.Linear(64, 48, bias=True).to(torch.float16)
+    if nf4:
+        base = NF4Linear.from_linear(base, blocksize=32, compute_dtype=torch.float16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(*shape, dtype=torch.float16)
+    assert lora_decode.applies(x, layer.lora_A["default"].weight, torch.float16) == takes_op
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(n for n in gm.graph.nodes
+                      if n.op == "call_function" and n.target is torch.ops.alignlab.lora_forward)
+        return gm.forward
+
+    def outputs(fn):
+        with torch.no_grad():
+            y0 = fn(x)
+        xg = x.clone().requires_grad_(True)
+        y = fn(xg)
+        params = [xg, *(p for p in layer.parameters() if p.requires_grad)]
+        return y0, y.detach(), torch.autograd.grad(y.float().square().sum(), params)
+
+    want = outputs(layer)
+    for decode_op in (True,) if nf4 else (True, False):
+        monkeypatch.setattr(fused, "DECODE_OP", decode_op)
+        calls.clear()
+        try:
+            got = outputs(torch.compile(layer, fullgraph=True, backend=backend))
+        finally:
+            torch._dynamo.reset()
+        assert len(calls) == (2 if takes_op and decode_op else 0)  # one graph without grad, one with
+        if takes_op and decode_op:
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+            for g, w in zip(got[2], want[2]):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        else:  # plain ops: other kernels, the same function to fp16 rounding
+            torch.testing.assert_close(got[1], want[1], rtol=2e-3, atol=2e-3)
