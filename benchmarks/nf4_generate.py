@@ -34,6 +34,14 @@ calls down, so compare the rows with each other, not with the timed steps).
 ``PEFT + bnb QLoRA`` (LoRA r = 16, alpha 32 on q/k/v/o/gate/up/down over the NF4 models above, fp32 adapters;
 built as in ``benchmarks/qlora_step.py``, then the same ``A`` and ``B`` in both: :func:`same_factors`).
 
+``--kernel-profile``: one more ``generate`` per contestant (16 new tokens, prefill included, at the last batch in
+the last mode) under ``torch.profiler``: the GPU kernels with the most own time and their launch counts (what a
+compiled decode step runs per layer, say).
+
+``--interleave ROUNDS``: every contestant built first, then per mode and batch each warmed up and ``ROUNDS`` rounds of
+one timed ``generate`` per contestant in turn (medians): for comparisons finer than the host's drift between the
+one-contestant-after-another runs (±10% in the graphs mode, whose steps are mostly transformers' host work).
+
 Run: ``python benchmarks/nf4_generate.py [--graphs | --only-graphs] [--batches 1 8 32] [--adapters] [--out PATH]`` on a CUDA
 machine (``--tune-rows RUN.json ...``: first add the entries of ``nf4_tune.py`` runs to the GPU's launch table);
 ``python benchmarks/nf4_generate.py --quick --device cpu`` checks the script on a tiny random Llama.
@@ -158,14 +166,41 @@ def run_generate(model, ids, new_tokens: int, reps: int, graphs: bool, device: s
         times.append(s)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     _, prefill_s = _timed(lambda: _generate(model, ids, 1, graphs), device)
+    row = _summary(times, prefill_s, out, ids, new_tokens)
+    row.update(peak_gib=peak, compile_s=sum(warm_s) - warmups * row["s"] if graphs else None)
+    return row
+
+
+def _summary(times: list[float], prefill_s: float, out: torch.Tensor, ids: torch.Tensor, new_tokens: int) -> dict:
+    """A contestant's row from its timed whole calls, its prefill-only call and the last call's output."""
     new = out[:, ids.shape[1]:]
     if new.shape[1] != new_tokens:
         raise RuntimeError(f"generate returned {new.shape[1]} new tokens, expected {new_tokens}")
     total = statistics.median(times)
-    batch = ids.shape[0]
-    return dict(s=total, s_min=min(times), s_max=max(times), tokens_per_s=new_tokens * batch / total,
+    return dict(s=total, s_min=min(times), s_max=max(times), tokens_per_s=new_tokens * ids.shape[0] / total,
                 decode_step_ms=1e3 * (total - prefill_s) / max(new_tokens - 1, 1), prefill_ms=1e3 * prefill_s,
-                peak_gib=peak, compile_s=sum(warm_s) - warmups * total if graphs else None, tokens=new.cpu())
+                tokens=new.cpu())
+
+
+def run_interleaved(models: dict, ids, new_tokens: int, rounds: int, graphs: bool, device: str) -> dict:
+    """``--interleave``: every contestant warmed up (compiled, in the graphs mode), then ``rounds`` rounds of one timed
+    ``generate`` per contestant in turn, so that the host's drift between them hits all alike; then a prefill-only
+    call each. Rows as :func:`run_generate`'s, without peak memory (the models share the device) or compile time."""
+    warmups = 2 if graphs else 1
+    for model in models.values():
+        for _ in range(warmups):
+            _generate(model, ids, new_tokens, graphs)
+    times, outs = {name: [] for name in models}, {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            outs[name], s = _timed(lambda: _generate(model, ids, new_tokens, graphs), device)
+            times[name].append(s)
+    rows = {}
+    for name, model in models.items():
+        _, prefill_s = _timed(lambda: _generate(model, ids, 1, graphs), device)
+        rows[name] = dict(_summary(times[name], prefill_s, outs[name], ids, new_tokens), peak_gib=None,
+                          compile_s=None, rounds=rounds)
+    return rows
 
 
 def host_profile(model, ids, new_tokens: int, device: str, top: int = 30, graphs: bool = False) -> dict:
@@ -190,6 +225,25 @@ def host_profile(model, ids, new_tokens: int, device: str, top: int = 30, graphs
                 top=[dict(name=f"{Path(f).name}:{line}({fn})", calls_per_step=v[1] / steps,
                           own_us_per_step=1e6 * v[2] / steps, cum_us_per_step=1e6 * v[3] / steps)
                      for (f, line, fn), v in rows])
+
+
+def kernel_profile(model, ids, new_tokens: int, device: str, graphs: bool, top: int = 30) -> dict:
+    """One ``generate`` of ``new_tokens`` (prefill included) under ``torch.profiler``: the GPU kernels (on the CPU, the
+    ops) with the most own time, as ``name``, launches and own ms, and the total own time of all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        _generate(model, ids, new_tokens, graphs)
+        _sync(device)
+    rows = []
+    for ev in prof.key_averages():
+        own = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if own > 0 and (not cuda or ev.device_type.name == "CUDA"):
+            rows.append(dict(name=ev.key, calls=ev.count, own_ms=own / 1e3))
+    rows.sort(key=lambda r: -r["own_ms"])
+    return dict(new_tokens=new_tokens, total_ms=sum(r["own_ms"] for r in rows), top=rows[:top])
 
 
 def _print_profile(name: str, prof: dict) -> None:
@@ -290,6 +344,13 @@ def main(argv=None):
     parser.add_argument("--adapters", action="store_true",
                         help="also alignlab QLoRA and PEFT + bitsandbytes QLoRA (LoRA r = 16 on q/k/v/o/gate/up/down, "
                         "fp32 adapters, the libraries' defaults): generation from a QLoRA policy; CUDA only")
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="one more generate per contestant (16 new tokens at the last batch, in the last mode) under "
+                        "torch.profiler: the GPU kernels with the most own time and their launch counts")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="build every contestant first, then per mode and batch time ROUNDS rounds of one generate "
+                        "per contestant in turn (medians; no peak memory); the '-L' contestant is left out (its switch "
+                        "is a global that compiled code guards on)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
     args = parser.parse_args(argv)
     device = args.device
@@ -316,8 +377,24 @@ def main(argv=None):
     print(f"model built in {time.perf_counter() - t_start:.1f} s; modes {modes}, batches {args.batches}, "
           f"prompt {PROMPT}, new tokens {new_tokens}", flush=True)
 
-    results, profiles = [], {}
+    results, profiles, kernel_profiles = [], {}, {}
     launchers_default = qlinear.DECODE_LAUNCHERS
+    if args.interleave:
+        table = {k: v for k, v in table.items() if not k.endswith("-L")}
+        models = {name: build() for name, build in table.items()}
+        for mode in modes:
+            for batch in args.batches:
+                ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
+                                    generator=torch.Generator().manual_seed(batch)).to(device)
+                if mode == "graphs":
+                    torch._dynamo.reset()
+                rows = run_interleaved(models, ids, new_tokens, args.interleave, mode == "graphs", device)
+                for name, row in rows.items():
+                    results.append(dict(name=name, mode=mode, batch=batch, **row))
+                    print(f"{mode:6s} b{batch:<3d} {name:13s} {row['tokens_per_s']:9.0f} tok/s  "
+                          f"{row['decode_step_ms']:7.2f} ms/step  prefill {row['prefill_ms']:7.1f} ms  "
+                          f"(interleaved, {args.interleave} rounds)", flush=True)
+        table = {}  # measured above
     for name, build in table.items():
         qlinear.DECODE_LAUNCHERS = launchers_default and not name.endswith("-L")
         try:
@@ -354,6 +431,17 @@ def main(argv=None):
                                 generator=torch.Generator().manual_seed(batch)).to(device)
             profiles[name] = host_profile(model, ids, new_tokens, device, graphs=graphs)
             _print_profile(f"{name} ({'graphs' if graphs else 'eager'}, batch {batch})", profiles[name])
+        if args.kernel_profile:  # the last mode and batch, after its timings
+            graphs = modes[-1] == "graphs"
+            batch = args.batches[-1]
+            ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
+                                generator=torch.Generator().manual_seed(batch)).to(device)
+            kprof = kernel_profile(model, ids, min(new_tokens, 16), device, graphs)
+            kernel_profiles[name] = kprof
+            print(f"kernel profile {name} ({modes[-1]}, batch {batch}, {kprof['new_tokens']} new tokens): "
+                  f"{kprof['total_ms']:.2f} ms of {'GPU kernels' if device == 'cuda' else 'CPU ops'}; own ms, launches:")
+            for r in kprof["top"]:
+                print(f"  {r['own_ms']:8.3f} {r['calls']:6d}x  {r['name'][:110]}")
         del model
         gc.collect()
         if device == "cuda":
@@ -389,7 +477,8 @@ def main(argv=None):
     write_json(args.out, {"versions": library_versions(), "device": device_name,
                           "model": "tiny random Llama (--quick)" if args.quick else "llama8b_stack(4)",
                           "prompt": PROMPT, "new_tokens": new_tokens, "reps": args.reps,
-                          "results": results, "targets": goals, "host_profiles": profiles})
+                          "results": results, "targets": goals, "host_profiles": profiles,
+                          "kernel_profiles": kernel_profiles})
     print(f"wrote {args.out}")
 
 

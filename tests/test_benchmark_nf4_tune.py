@@ -173,3 +173,44 @@ def test_nf4_generate_host_profile_in_the_graphs_mode_alone(tmp_path):
     assert "host profile bf16 (graphs, batch 4)" in run.stdout
     prof = json.loads(out.read_text())["host_profiles"]["bf16"]
     assert prof["calls_per_step"] > 0 and prof["top"] and prof["wall_ms_per_step"] > 0
+
+
+def test_nf4_generate_interleaved_rounds_time_every_contestant(tmp_path):
+    """nf4_generate.py --interleave: every contestant (the '-L' one left out) gets a row per mode and batch, from the
+    given number of rounds, with the same new tokens as the one-after-another run would check (tiny model, CPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gen.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
+                          "--graphs", "--interleave", "2", "--batches", "2", "--new-tokens", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["name"], r["mode"]) for r in rows) == [("alignlab NF4", "eager"), ("alignlab NF4", "graphs"),
+                                                            ("bf16", "eager"), ("bf16", "graphs")]
+    for r in rows:
+        assert r["rounds"] == 2 and r["batch"] == 2 and r["tokens_per_s"] > 0 and r["s_min"] <= r["s"] <= r["s_max"]
+
+
+def test_nf4_generate_kernel_profile_lists_the_largest_kernels(tmp_path):
+    """nf4_generate.py --kernel-profile: per contestant, the ops (kernels on a GPU) with the most own time of one more
+    generate, largest first, with launch counts (tiny model, CPU: the matmuls are there)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gen.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
+                          "--only-graphs", "--kernel-profile", "--which", "bf16", "--new-tokens", "3", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    prof = json.loads(out.read_text())["kernel_profiles"]["bf16"]
+    own = [r["own_ms"] for r in prof["top"]]
+    assert own == sorted(own, reverse=True) and prof["total_ms"] >= sum(own) * (1 - 1e-9)
+    assert any(r["name"] == "aten::mm" and r["calls"] > 0 for r in prof["top"])
