@@ -356,6 +356,27 @@ def test_adapter_ops_pass_opcheck(nf4, rows, dy_pass, monkeypatch):
                                *factors, *need))
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_lora_forward_op_at_decode_rows_passes_opcheck(nf4, rows, triton_mode):
+    """``alignlab::lora_forward`` whose forward takes the decode kernels (fp16 at decode rows, the interpreter):
+    schema, fake implementation (its ``xa`` output included: the down kernel's, ``(rows, r)`` in x's dtype),
+    autograd registration and AOT dispatch."""
+    from alignlab.adapters import fused
+    from alignlab.adapters.fused import _nf4_fields
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(24, 64, generator=g).half()
+    weight = nf4_quantize(w.float(), blocksize=32) if nf4 else w
+    dense_w, fields = (None, _nf4_fields(weight)) if nf4 else (w, _nf4_fields(None))
+    x2 = torch.randn(rows, 64, generator=g).half().requires_grad_()
+    a = torch.randn(4, 64, generator=g, requires_grad=True)
+    b = torch.randn(24, 4, generator=g, requires_grad=True)
+    bias = torch.randn(24, generator=g).half()
+    assert fused.takes_decode_kernels(x2, a, torch.float16)
+    torch.library.opcheck(torch.ops.alignlab.lora_forward.default, (x2, dense_w, *fields, bias, a, b, 0.5))
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_linear_ops_match_the_fused_functions(dora, torch_mode):
     """The op pairs give lora_linear's / dora_linear's output and gradients bit for bit (fp32 masters, bf16 compute,
