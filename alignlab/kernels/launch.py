@@ -163,6 +163,15 @@ def _fire(entry: tuple, grid: tuple[int, int, int], stream: int, args: tuple) ->
                  compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
 
 
+@torch.compiler.disable
+def _interpreted(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """A launch reached while ``torch.compile`` traces, under ``TRITON_INTERPRET=1``: the interpreter runs the kernel
+    in Python on CPU tensors, which Dynamo cannot trace (its fake tensors reached the interpreter and failed there), so
+    the launch runs outside the graph (a graph break: ``fullgraph=True`` refuses it). Plain code paths that launch
+    kernels while traced (DoRA's norm, an NF4 dequantization) compile so on a CPU; the custom ops need no break."""
+    kernel[grid](*args, **meta, **options())
+
+
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     """``kernel[grid](*args, **meta)`` with the per-call host work of the second and later calls cut.
 
@@ -172,6 +181,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
         args: the runtime arguments in signature order (tensors, ints, floats, bools, None).
         meta: constexpr parameters by name, plus launch options (``num_warps``, ``num_stages``).
     """
+    if _INTERPRET and torch.compiler.is_compiling():
+        _interpreted(kernel, grid, args, meta)
+        return
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
         kernel[grid](*args, **meta, **options())
         return

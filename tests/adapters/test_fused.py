@@ -684,8 +684,9 @@ def test_compiled_lora_at_decode_rows_runs_the_decode_kernels_in_the_op(nf4, sha
     by GEMMs and an out-of-place add): the eager layer's output and gradients bit for bit, with grad and without; more
     rows below ``OP_MIN_ROWS`` stay plain ops; ``DECODE_OP = False`` traces decode rows as plain ops too. fp16 (the
     interpreter's bf16 ``tl.dot`` is wrong), fp32 master factors. (Over an NF4 base the plain ops are not traced
-    here: under the interpreter on a CPU the base product with a gradient launches its kernel from an autograd
-    Function, which Dynamo cannot trace; on a GPU it is the ``nf4_small_matmul`` op, tests/adapters/test_cuda.py.)"""
+    here: under the interpreter the base product with a gradient launches its kernel while traced, outside the graph
+    (a graph break, which ``fullgraph=True`` refuses); on a GPU it is the ``nf4_small_matmul`` op,
+    tests/adapters/test_cuda.py.)"""
     from alignlab.adapters import fused
     from alignlab.kernels import lora_decode
 
@@ -729,3 +730,30 @@ def test_compiled_lora_at_decode_rows_runs_the_decode_kernels_in_the_op(nf4, sha
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
         else:  # plain ops: other kernels, the same function to fp16 rounding
             torch.testing.assert_close(got[1], want[1], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dora, compute_dtype", [(True, torch.float16), (False, torch.float32)])
+def test_compiled_plain_paths_that_launch_kernels_run_under_the_interpreter(dora, compute_dtype, triton_mode):
+    """Under ``TRITON_INTERPRET=1`` a traced plain path that launches a Triton kernel (DoRA's row norm; the NF4
+    dequantization of an fp32-compute base) runs that launch outside the graph (``launch._interpreted``, a graph
+    break): Dynamo's fake tensors used to reach the interpreter and fail there. Output and input gradient as eager's
+    (DoRA bit for bit; LoRA over an fp32-compute base with fp16 inputs traces plain fp16 ops: to fp16 rounding)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(64, 32), compute_dtype=compute_dtype), r=4, alpha=8,
+                       use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(2, 64, dtype=torch.float16)
+    tol = dict(rtol=0, atol=0) if dora else dict(rtol=4e-3, atol=4e-3)
+    results = []
+    try:
+        for fn in (layer, torch.compile(layer, backend="aot_eager")):
+            with torch.no_grad():
+                y0 = fn(x)
+            xg = x.clone().requires_grad_(True)
+            fn(xg).float().square().sum().backward()
+            results.append((y0, xg.grad))
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **tol)
