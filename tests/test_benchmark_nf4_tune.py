@@ -156,9 +156,8 @@ def test_nf4_generate_tune_rows_registers_the_merged_table(monkeypatch, capsys):
         gen.register_tuned([run], "cpu")
 
 
-def test_nf4_generate_host_profile_in_the_graphs_mode_alone(tmp_path):
-    """nf4_generate.py --host-profile with --only-graphs profiles the static-cache mode at the last batch (it profiled
-    nothing without the eager mode): the JSON holds each contestant's per-step profile (tiny model, CPU)."""
+def _generate_quick(tmp_path, *args: str) -> tuple[str, dict]:
+    """``nf4_generate.py --quick --device cpu *args`` in a subprocess: its stdout and the JSON it wrote."""
     import json
     import subprocess
     import sys
@@ -167,29 +166,25 @@ def test_nf4_generate_host_profile_in_the_graphs_mode_alone(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gen.json"
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
-                          "--only-graphs", "--host-profile", "--which", "bf16", "--new-tokens", "4", "--out",
-                          str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+                          *args, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "host profile bf16 (graphs, batch 4)" in run.stdout
-    prof = json.loads(out.read_text())["host_profiles"]["bf16"]
+    return run.stdout, json.loads(out.read_text())
+
+
+def test_nf4_generate_host_profile_in_the_graphs_mode_alone(tmp_path):
+    """nf4_generate.py --host-profile with --only-graphs profiles the static-cache mode at the last batch (it profiled
+    nothing without the eager mode): the JSON holds each contestant's per-step profile (tiny model, CPU)."""
+    stdout, result = _generate_quick(tmp_path, "--only-graphs", "--host-profile", "--which", "bf16", "--new-tokens", "4")
+    assert "host profile bf16 (graphs, batch 4)" in stdout
+    prof = result["host_profiles"]["bf16"]
     assert prof["calls_per_step"] > 0 and prof["top"] and prof["wall_ms_per_step"] > 0
 
 
 def test_nf4_generate_interleaved_rounds_time_every_contestant(tmp_path):
     """nf4_generate.py --interleave: every contestant (the '-L' one left out) gets a row per mode and batch, from the
-    given number of rounds, with the same new tokens as the one-after-another run would check (tiny model, CPU)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gen.json"
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
-                          "--graphs", "--interleave", "2", "--batches", "2", "--new-tokens", "3", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=root)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    given number of rounds (tiny model, CPU)."""
+    _, result = _generate_quick(tmp_path, "--graphs", "--interleave", "2", "--batches", "2", "--new-tokens", "3")
+    rows = result["results"]
     assert sorted((r["name"], r["mode"]) for r in rows) == [("alignlab NF4", "eager"), ("alignlab NF4", "graphs"),
                                                             ("bf16", "eager"), ("bf16", "graphs")]
     for r in rows:
@@ -199,18 +194,8 @@ def test_nf4_generate_interleaved_rounds_time_every_contestant(tmp_path):
 def test_nf4_generate_kernel_profile_lists_the_largest_kernels(tmp_path):
     """nf4_generate.py --kernel-profile: per contestant, the ops (kernels on a GPU) with the most own time of one more
     generate, largest first, with launch counts (tiny model, CPU: the matmuls are there)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gen.json"
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "nf4_generate.py"), "--quick", "--device", "cpu",
-                          "--only-graphs", "--kernel-profile", "--which", "bf16", "--new-tokens", "3", "--out",
-                          str(out)], capture_output=True, text=True, timeout=300, cwd=root)
-    assert run.returncode == 0, run.stderr[-2000:]
-    prof = json.loads(out.read_text())["kernel_profiles"]["bf16"]
+    _, result = _generate_quick(tmp_path, "--only-graphs", "--kernel-profile", "--which", "bf16", "--new-tokens", "3")
+    prof = result["kernel_profiles"]["bf16"]
     own = [r["own_ms"] for r in prof["top"]]
     assert own == sorted(own, reverse=True) and prof["total_ms"] >= sum(own) * (1 - 1e-9)
     assert any(r["name"] == "aten::mm" and r["calls"] > 0 for r in prof["top"])
