@@ -353,6 +353,10 @@ def main(argv=None):
                         "is a global that compiled code guards on)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nf4_generate.json")
     args = parser.parse_args(argv)
+    if args.interleave < 0:
+        parser.error(f"--interleave takes a number of rounds >= 1 (0: off), got {args.interleave}")
+    if args.interleave and (args.host_profile or args.kernel_profile):
+        parser.error("--interleave only times; run --host-profile / --kernel-profile without it")
     device = args.device
     if args.tune_rows:
         register_tuned(args.tune_rows, device)

@@ -199,3 +199,14 @@ def test_nf4_generate_kernel_profile_lists_the_largest_kernels(tmp_path):
     own = [r["own_ms"] for r in prof["top"]]
     assert own == sorted(own, reverse=True) and prof["total_ms"] >= sum(own) * (1 - 1e-9)
     assert any(r["name"] == "aten::mm" and r["calls"] > 0 for r in prof["top"])
+
+
+@pytest.mark.parametrize("args, message", [(["--interleave", "-1"], "number of rounds"),
+                                           (["--interleave", "2", "--kernel-profile"], "only times")])
+def test_nf4_generate_refuses_interleave_arguments_it_cannot_honour(args, message, capsys):
+    """A negative round count failed later with a KeyError; profiles asked for with --interleave were silently not
+    made. Both are argument errors now (exit status 2, the reason printed)."""
+    gen = load_script("benchmarks/nf4_generate.py")
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--quick", "--device", "cpu", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
