@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, is_int, is_real
 from alignlab.kernels.linear_logprobs import chunk_softmax_grad_
 from alignlab.losses.logprobs import (
     _check_ignore_index,
@@ -417,13 +417,15 @@ def fused_linear_dpo(
         chunk_size: rows of logits per chunk (see ``linear_logprobs``).
         eager, resident_bytes: the schedule (module docstring).
         num_nll_tokens: scored chosen tokens of the whole step, the normaliser of the NLL term (above).
+        nll_alpha: the NLL term's weight, a finite number >= 0 (0: no term).
 
     Returns:
         ``(loss, metrics)`` as ``dpo_loss`` (plus ``nll_loss`` when ``nll_alpha`` != 0); gradients reach
         ``policy_hidden``, ``lm_head_weight`` and ``bias``.
 
     Raises:
-        ValueError: odd batch, no reference (or both forms) given, ``ref_weight``/``ref_bias`` without
+        ValueError: odd batch, no reference (or both forms) given, a NaN, infinite or negative ``nll_alpha``
+            (TypeError: not a real number), ``ref_weight``/``ref_bias`` without
             ``ref_hidden``, ``average_log_prob`` with ``ipo``/``sigmoid_norm``
             (they average per token already: the log-probs would be divided by the counts twice), and
             everything ``dpo_loss``/``linear_logprobs`` reject.
@@ -431,6 +433,7 @@ def fused_linear_dpo(
     _check_3d(policy_hidden)
     check_linear_inputs(policy_hidden, lm_head_weight, labels, bias, chunk_size)
     check_num_items("num_nll_tokens", num_nll_tokens)
+    nll_alpha = check_finite_number(nll_alpha, "nll_alpha", minimum=0.0)  # a NaN / negative weight went through
     average_log_prob = as_bool(average_log_prob, "average_log_prob")
     normalised = _LENGTH_NORMALISED.intersection(dpo_loss_types(loss_type))
     if average_log_prob and normalised:

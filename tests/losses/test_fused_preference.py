@@ -460,3 +460,24 @@ def test_generic_loss_must_return_loss_and_metrics(eager):
     loss, metrics = fused_linear_preference(h, w, y, lambda t: (t.sum(), {"n": t.new_ones(())}), eager=eager)
     torch.testing.assert_close(loss, (torch.log_softmax(h @ w.T, -1).gather(-1, y[..., None])).sum())
     assert set(metrics) == {"n"}
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("value, error, message", [
+    (float("nan"), ValueError, "nll_alpha must be a finite number >= 0"),
+    (float("inf"), ValueError, "nll_alpha must be a finite number >= 0"),
+    (-1.0, ValueError, "nll_alpha must be a finite number >= 0"),
+    (True, TypeError, "nll_alpha must be a real number"),
+    ("0.5", TypeError, "nll_alpha must be a real number"),
+])
+def test_fused_dpo_refuses_a_bad_nll_alpha(value, error, message, eager):
+    """The RPO weight went through unchecked: NaN / inf gave a NaN / inf loss, -1 a negative one, True counted as
+    1.0, and a string failed inside torch without naming the argument (a helper's find)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 8, generator=g, requires_grad=True)
+    w = torch.randn(37, 8, generator=g)
+    y = torch.randint(0, 37, (2, 4), generator=g)
+    with pytest.raises(error, match=message):
+        fused_linear_dpo(h, w, y, reference_free=True, nll_alpha=value, eager=eager)
+    loss, metrics = fused_linear_dpo(h, w, y, reference_free=True, nll_alpha=0.5, eager=eager)
+    assert torch.isfinite(loss) and "nll_loss" in metrics
