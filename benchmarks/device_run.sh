@@ -12,7 +12,10 @@
 # the swapped kernels for this GPU), tune-kv (the same at the 1024-row k / v shapes), nf4-ab (nf4_knob_ab.py: TABLE_REGS 0/1/auto), lookup-first (nf4_knob_ab.py
 # --knob LOOKUP_FIRST for the two swapped kernels, forced to 4 warps: where the option applies), generate (nf4_generate.py),
 # generate-tuned (the same with the entries of this call's tune-kv run added to the GPU's table, --tune-rows, and
-# --host-profile: each contestant's host work per decode step under cProfile),
+# --host-profile: each contestant's host work per decode step under cProfile), generate-all (nf4_generate.py --graphs
+# --adapters: eager and CUDA-graph generate of every contestant, QLoRA policies included, and --kernel-profile of the
+# graphs mode at batch 32), generate-interleaved (the graphs mode, bf16 / alignlab NF4 / alignlab QLoRA timed in turn,
+# --interleave 8),
 # dora-norm (dora_norm.py: QDoRA's row norm with the input-dimension split off / on), dy-pass (lora_dy_pass.py: the
 # backward's two rank-r products of dy, two GEMMs against one read), dy-sweep (the same with --sweep: rank_grads'
 # launch configurations), rank-update (rank_update.py --sweep: the rank-r update into the base product, addmm_ against
@@ -20,7 +23,7 @@
 # seconds below; `step:300` overrides one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt tune-kv nf4-ab lookup-first generate generate-tuned dora-norm dy-pass dy-sweep rank-update"
+steps="cuda-tests epilogue step step-compiled lora nf4 tune-alt tune-kv nf4-ab lookup-first generate generate-tuned generate-all generate-interleaved dora-norm dy-pass dy-sweep rank-update"
 for arg in "$@"; do  # every step name checked before anything is installed or written
   case " $steps " in
     *" ${arg%%:*} "*) ;;
@@ -37,7 +40,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.peers"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 
 declare -A limit=([cuda-tests]=300 [epilogue]=90 [step]=200 [step-compiled]=300 [lora]=120 [nf4]=200
-                  [nf4-ab]=150 [tune-alt]=480 [tune-kv]=240 [lookup-first]=200 [generate]=300 [generate-tuned]=300 [dora-norm]=120
+                  [nf4-ab]=150 [tune-alt]=480 [tune-kv]=240 [lookup-first]=200 [generate]=300 [generate-tuned]=300 [generate-all]=420 [generate-interleaved]=240
+                  [dora-norm]=120
                   [dy-pass]=90 [dy-sweep]=420 [rank-update]=240)
 run_step() {
   local name="$1" seconds="$2"
@@ -77,6 +81,11 @@ for arg in "$@"; do
     generate) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --out "$out/nf4_generate.json" ;;
     generate-tuned) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --tune-rows "$out/nf4_tune_kv.json" --host-profile \
                       --out "$out/nf4_generate_tuned.json" ;;
+    generate-all) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --graphs --adapters --kernel-profile \
+                    --out "$out/nf4_generate_all.json" ;;
+    generate-interleaved) run_step "$name" "$seconds" python benchmarks/nf4_generate.py --only-graphs --adapters \
+                            --which bf16 "alignlab NF4" "alignlab QLoRA" --interleave 8 \
+                            --out "$out/nf4_generate_interleaved.json" ;;
     dora-norm) run_step "$name" "$seconds" python benchmarks/dora_norm.py --out "$out/dora_norm.json" ;;
     dy-pass) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --out "$out/lora_dy_pass.json" ;;
     dy-sweep) run_step "$name" "$seconds" python benchmarks/lora_dy_pass.py --sweep --deadline $((seconds - 60)) --out "$out/lora_dy_sweep.json" ;;
