@@ -7,6 +7,7 @@ optimizers). It reads the parameter, the gradient and the two moment codes once,
     m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
     p <- p (1 - lr wd) - (lr / c1) m / (sqrt(v) / c2 + eps)     (c1 = 1 - b1^t, c2 = sqrt(1 - b2^t))
     a_m <- max |m|,  a_v <- max v (over finite values),  c_m, c_v <- nearest level of m / a_m, v / a_v
+                                                                 (a positive v: at least the smallest positive level)
 
 and writes the parameter, the new codes and the two new absmax values (Dettmers et al., *8-bit
 Optimizers via Block-wise Quantization*, arXiv 2110.02861). The nearest level is found by an 8-step
@@ -100,6 +101,7 @@ if triton is not None:
         xv = tl.where(rv != rv, 1.0, tl.minimum(tl.maximum(rv, -1.0), 1.0))
         qm = tl.where(am == 0.0, 0, _nearest_level(xm, smid_ptr))
         qv = tl.where(av == 0.0, 0, _nearest_level(xv, umid_ptr))
+        qv = tl.where((qv == 0) & (v > 0.0), 1, qv)  # a positive v never stored as 0 (_quantize_moment)
         tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mask)
         tl.store(vq_ptr + offs, qv.to(tl.uint8), mask=mask)
         tl.store(ma_ptr + pid, am)

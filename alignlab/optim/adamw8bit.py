@@ -92,7 +92,8 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     return torch.where(level == 0, 0.0, level * absmax.repeat_interleave(blocksize)[:n])
 
 
-def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor,
+                     floor_positive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit codes and absmax of a float32 moment ``x`` (``(n,)``) that may hold NaN or ``inf`` (a NaN
     or overflowing gradient): a non-finite value spoils its own value only, as in fp32 AdamW.
 
@@ -106,7 +107,14 @@ def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tup
     The step's caller sets ``m`` to 0 where ``v`` is not finite before storing both: the value's moments restart
     (``m`` from 0, ``v`` from its block's largest finite ``v``), where a stored ``m`` of ~1e19 over that ``v`` sent
     its parameter to ~1e17 at the next step. fp32 AdamW keeps ``v = inf`` there and never moves the parameter
-    again."""
+    again.
+
+    ``floor_positive`` (the second moment ``v``): a positive finite value whose nearest level is 0 (below half the
+    map's smallest positive level times its block's absmax, ~1.6e-7 of it on the unsigned map) takes that smallest
+    level instead. Stored as 0 next to an ``m`` that kept a level, it made the next step ``lr · m / eps``: thousands of
+    times ``lr`` for a value whose gradient was ~1e-4 of its block's largest and then 0 (an unused embedding row; a
+    helper's find, bitsandbytes stores a non-zero level there). Rounded up, ``v`` is over-estimated there, so that
+    step is smaller than fp32 AdamW's, never larger."""
     n = x.numel()
     bad = ~x.isfinite()
     q, a = _quantize_blockwise_8bit(torch.where(bad, 0.0, x), blocksize, code)
@@ -114,6 +122,8 @@ def _quantize_moment(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tup
     q = torch.where(bad & (spread != 0), torch.where(x == -math.inf, 0, 255).to(q.dtype), q)
     inf_block = (a == 0) & _blocks(x.isinf(), blocksize).any(dim=1)
     zero_level = (code < 0).sum().to(q.dtype)  # the index of the map's 0 level (sorted; no host sync)
+    if floor_positive:
+        q = torch.where((q == zero_level) & (x > 0) & ~bad, zero_level + 1, q)
     inside = inf_block.repeat_interleave(blocksize)[:n]
     q = torch.where(inside, torch.where(bad, 255, zero_level).to(q.dtype), q)
     return q, torch.where(inf_block, math.inf, a)
@@ -154,7 +164,7 @@ def adamw8bit_reference_(
     p.copy_(p32.view_as(p))
     m = torch.where(v.isfinite(), m, 0.0)  # an overflowed (or NaN) v restarts its value's moments: _quantize_moment
     for row, (x, code) in enumerate(((m, s), (v, u))):
-        q, a = _quantize_moment(x, blocksize, code)
+        q, a = _quantize_moment(x, blocksize, code, floor_positive=row == 1)
         codes[row].copy_(q)
         absmax[row].copy_(a)
 
@@ -350,7 +360,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     s, u, _, _ = _maps(fresh["codes"].device)
                     for row, (key, code) in enumerate((("exp_avg", s), ("exp_avg_sq", u))):
                         x = _local(src[key]).to(device=fresh["codes"].device, dtype=torch.float32).reshape(-1)
-                        q, a = _quantize_moment(x, self.blocksize, code)
+                        q, a = _quantize_moment(x, self.blocksize, code, floor_positive=row == 1)
                         fresh["codes"][row].copy_(q)
                         fresh["absmax"][row].copy_(a)
                     st["codes"], st["absmax"] = fresh["codes"], fresh["absmax"]

@@ -111,6 +111,44 @@ def test_an_overflowing_second_moment_stays_inf_on_both_paths(kernel_mode):
     assert bool(torch.isinf(v).all()) and bool(m.isfinite().all())
 
 
+def test_a_tiny_second_moment_is_never_stored_as_zero(kernel_mode):
+    """A block with a large and a small gradient (1e-4 of it), then a step where the small one gets none (an unused
+    embedding row): v / absmax ~1e-8 rounded to the unsigned map's 0 level while m kept one, so the next step was
+    lr · m / eps, -4.2 against fp32 AdamW's -0.0017 at lr = 1e-3 (a helper's find). A positive v now keeps at least
+    the smallest positive level: that step stays within lr, and under fp32 AdamW's (v over-estimated, never under)."""
+    def run(make):
+        p = torch.nn.Parameter(torch.zeros(256))
+        opt = make([p])
+        g1 = torch.zeros(256)
+        g1[0], g1[1] = 1.0, 1e-4
+        for g in (g1, torch.zeros(256)):
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    ours = run(lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0, min_8bit_size=0))
+    fp32 = run(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0))
+    assert -2e-3 <= ours[1].item() < 0 and abs(ours[1].item()) <= abs(fp32[1].item())
+    torch.testing.assert_close(ours[0], fp32[0], rtol=1e-2, atol=0)
+    assert bool((ours[2:] == 0).all())
+
+
+def test_the_floor_applies_to_positive_second_moments_only():
+    """``_quantize_moment(..., floor_positive=True)``: positive values below half the smallest level take it; zeros
+    keep the zero level; values that had a level keep the nearest one; the signed map's rounding is untouched."""
+    from alignlab.optim.adamw8bit import _quantize_moment
+
+    code_u, code_s = dynamic_map(signed=False), dynamic_map(signed=True)
+    x = torch.tensor([1.0, 1e-8, 0.0, 1e-3, 2e-7] + [0.0] * 251)
+    q_near, a = _quantize_moment(x, 256, code_u)
+    q, a2 = _quantize_moment(x, 256, code_u, floor_positive=True)
+    assert torch.equal(a, a2) and q_near[1].item() == 0 and q_near[4].item() == 1
+    assert q[1].item() == 1 and q[2].item() == 0 and bool((q[5:] == 0).all())
+    assert torch.equal(q[[0, 3, 4]], q_near[[0, 3, 4]])
+    xs = torch.tensor([1.0, -1e-9, 1e-9] + [0.0] * 253)
+    assert torch.equal(_quantize_moment(xs, 256, code_s)[0], _quantize_blockwise_8bit(xs, 256, code_s)[0])
+
+
 def test_a_nan_gradient_spoils_its_own_parameter_only(monkeypatch):
     """fp32 AdamW turns a NaN gradient into one NaN parameter. The kernel's block max skips NaN, so only that
     parameter was NaN there, but the torch reference's amax propagated it into the block's absmax: all 256
