@@ -69,6 +69,19 @@ def test_import_is_cheap():
     assert out == "False"
 
 
+def test_importing_the_kernel_paths_leaves_dynamo_unloaded():
+    """``import torch._dynamo`` costs ~1 s: the kernel launcher's ``torch.compiler.disable`` wrapper (for traced
+    launches under the Triton interpreter) is made under the interpreter only, so a plain import of the library's
+    main subpackages does not load Dynamo."""
+    import os
+
+    code = ("import sys, alignlab, alignlab.quant, alignlab.adapters, alignlab.losses, alignlab.optim, "
+            "alignlab.kernels.launch; print('torch._dynamo' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "False"
+
+
 # Subpackages whose guides (docs/*.md) name every export; the others are covered by their API page only.
 GUIDED = ("adapters", "context", "decoding", "losses", "merging", "optim")
 

@@ -163,13 +163,17 @@ def _fire(entry: tuple, grid: tuple[int, int, int], stream: int, args: tuple) ->
                  compiled.launch_metadata(grid, stream, *full), enter, leave, *full)
 
 
-@torch.compiler.disable
 def _interpreted(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     """A launch reached while ``torch.compile`` traces, under ``TRITON_INTERPRET=1``: the interpreter runs the kernel
     in Python on CPU tensors, which Dynamo cannot trace (its fake tensors reached the interpreter and failed there), so
     the launch runs outside the graph (a graph break: ``fullgraph=True`` refuses it). Plain code paths that launch
-    kernels while traced (DoRA's norm, an NF4 dequantization) compile so on a CPU; the custom ops need no break."""
+    kernels while traced (DoRA's norm, an NF4 dequantization) compile so on a CPU; the custom ops need no break.
+    Wrapped by ``torch.compiler.disable`` under the interpreter only: the wrapper imports Dynamo (~1 s at import)."""
     kernel[grid](*args, **meta, **options())
+
+
+if _INTERPRET:
+    _interpreted = torch.compiler.disable(_interpreted)
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
