@@ -169,6 +169,7 @@ def yarn_ramp(dim: int, base: float, original_max_position_embeddings: int, beta
     _check_dim_base(dim, base)
     original_max_position_embeddings = _check_length(original_max_position_embeddings,
                                                      "original_max_position_embeddings")
+    truncate = as_bool(truncate, "truncate")  # (truthiness read "no" as True and None as False)
     if not beta_fast > beta_slow > 0:
         raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={beta_fast}, beta_slow={beta_slow}")
 
@@ -367,6 +368,8 @@ def scaled_inv_freq(
     """
     if not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
+    if seq_len is not None:  # every kind: longrope compared it unchecked (-5 took the short factors, "20" a TypeError)
+        seq_len = _check_length(seq_len, "seq_len")
     original = scaling.original_max_position_embeddings or original_max_position_embeddings
     if scaling.kind in ("dynamic", "yarn", "longrope") and not original:
         raise ValueError(f"kind={scaling.kind!r} needs original_max_position_embeddings")
@@ -376,7 +379,7 @@ def scaled_inv_freq(
     if scaling.kind == "ntk":
         return ntk_inv_freq(dim, base, s, device), 1.0
     if scaling.kind == "dynamic":
-        return dynamic_ntk_inv_freq(dim, base, s, seq_len or original, original, device), 1.0
+        return dynamic_ntk_inv_freq(dim, base, s, original if seq_len is None else seq_len, original, device), 1.0
     if scaling.kind == "yarn":
         inv = yarn_inv_freq(dim, base, s, original, scaling.beta_fast, scaling.beta_slow, scaling.truncate, device)
         attn = scaling.attention_factor

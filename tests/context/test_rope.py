@@ -434,3 +434,29 @@ def test_a_longrope_window_of_one_is_refused_when_made():
     with pytest.raises(ValueError, match="original_max_position_embeddings must be an int >= 2"):
         RopeScaling("longrope", 2.0, original_max_position_embeddings=1, long_factor=[1.0] * 4)
     RopeScaling("yarn", 2.0, original_max_position_embeddings=1)  # others take it
+
+
+@pytest.mark.parametrize("kind, seq_len, error", [
+    ("longrope", -5, ValueError), ("longrope", 10.5, TypeError), ("longrope", "20", TypeError),
+    ("dynamic", 0, ValueError), ("dynamic", -5, ValueError), ("yarn", True, TypeError),
+])
+def test_scaled_inv_freq_checks_seq_len_for_every_kind(kind, seq_len, error):
+    """longrope compared seq_len unchecked (-5 and 10.5 picked a factor set, "20" failed in a comparison without
+    naming it) and dynamic read 0 as "not given" (a helper's find): a length that is not an int >= 1 is refused
+    by name, whatever the kind."""
+    extra = dict(long_factor=[2.0] * 4) if kind == "longrope" else {}
+    scaling = RopeScaling(kind, 2.0, **extra)
+    with pytest.raises(error, match="seq_len must be an int >= 1"):
+        scaled_inv_freq(scaling, 8, 1e4, 10, seq_len=seq_len)
+    inv, _ = scaled_inv_freq(scaling, 8, 1e4, 10, seq_len=torch.tensor(11))  # a 0-d int tensor is read as its value
+    assert torch.equal(inv, scaled_inv_freq(scaling, 8, 1e4, 10, seq_len=11)[0])
+
+
+@pytest.mark.parametrize("truncate", ["no", None, 1])
+def test_yarn_functions_refuse_a_truncate_that_is_not_a_bool(truncate):
+    """yarn_ramp / yarn_inv_freq read truncate by truthiness ("no" switched it on, None off), where RopeScaling
+    refused the same values (a helper's find)."""
+    with pytest.raises(TypeError, match="truncate must be a bool"):
+        yarn_ramp(64, 1e4, 4096, truncate=truncate)
+    with pytest.raises(TypeError, match="truncate must be a bool"):
+        yarn_inv_freq(64, 1e4, 4.0, 4096, truncate=truncate)
