@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -26,6 +27,18 @@ def _ddp_lora(rank: int, world: int, port: int, seconds: int) -> nn.Module:
     return ddp_model(model)
 
 
+def _leave(model: nn.Module) -> None:
+    """End the spawned rank at once, ``model`` (the DDP wrapper) still referenced, after its results are written and
+    its group destroyed. Freed at the worker's return, the DDP reducer destroyed its gloo process group while that
+    group's thread was still freeing a finished broadcast: the main thread held the GIL joining the thread, the
+    thread waited for the GIL to drop a tensor, and the rank never exited (torch 2.13.0 on a CI run: the test hung
+    in ``spawn``'s join). ``model`` is held by this frame until the exit; nothing is left to clean up that the OS
+    does not."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     # a short timeout: without the outcome broadcast, rank 1 would sit in a barrier rank 0 never reaches
     model = _ddp_lora(rank, world, port, 30)  # a DDP model: every rank calls save_adapter, rank 0 writes
@@ -39,6 +52,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         (Path(out) / f"rank{rank}.txt").write_text(result)
     finally:
         dist.destroy_process_group()
+    _leave(model)
 
 
 def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
@@ -60,6 +74,7 @@ def worker_interrupted(rank: int, world: int, port: int, out: str) -> None:
         (Path(out) / f"rank{rank}.txt").write_text(result)
     finally:
         dist.destroy_process_group()
+    _leave(model)
 
 
 def worker_rank0_saves_a_plain_model(rank: int, world: int, port: int, out: str) -> None:
@@ -76,3 +91,4 @@ def worker_rank0_saves_a_plain_model(rank: int, world: int, port: int, out: str)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave(ddp)
