@@ -131,6 +131,11 @@ def same_factors(model, seed: int = 2):
     return model
 
 
+def prompt_ids(vocab: int, batch: int, device: str) -> torch.Tensor:
+    """The random ``(batch, PROMPT)`` prompt of a batch size: the same for every contestant and mode (seeded by it)."""
+    return torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).to(device)
+
+
 def _sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -388,8 +393,7 @@ def main(argv=None):
         models = {name: build() for name, build in table.items()}
         for mode in modes:
             for batch in args.batches:
-                ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
-                                    generator=torch.Generator().manual_seed(batch)).to(device)
+                ids = prompt_ids(base.config.vocab_size, batch, device)
                 if mode == "graphs":
                     torch._dynamo.reset()
                 rows = run_interleaved(models, ids, new_tokens, args.interleave, mode == "graphs", device)
@@ -411,8 +415,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         for mode in modes:
             for batch in args.batches:
-                ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
-                                    generator=torch.Generator().manual_seed(batch)).to(device)
+                ids = prompt_ids(base.config.vocab_size, batch, device)
                 if mode == "graphs":
                     torch._dynamo.reset()  # one compilation per contestant and batch, never hitting the recompile limit
                 row = dict(name=name, mode=mode, batch=batch)
@@ -431,15 +434,13 @@ def main(argv=None):
         if args.host_profile:  # eager at the first batch; in the graphs mode alone, at the last (compiled) batch
             graphs = "eager" not in modes
             batch = args.batches[-1] if graphs else args.batches[0]
-            ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
-                                generator=torch.Generator().manual_seed(batch)).to(device)
+            ids = prompt_ids(base.config.vocab_size, batch, device)
             profiles[name] = host_profile(model, ids, new_tokens, device, graphs=graphs)
             _print_profile(f"{name} ({'graphs' if graphs else 'eager'}, batch {batch})", profiles[name])
         if args.kernel_profile:  # the last mode and batch, after its timings
             graphs = modes[-1] == "graphs"
             batch = args.batches[-1]
-            ids = torch.randint(0, base.config.vocab_size, (batch, PROMPT),
-                                generator=torch.Generator().manual_seed(batch)).to(device)
+            ids = prompt_ids(base.config.vocab_size, batch, device)
             kprof = kernel_profile(model, ids, min(new_tokens, 16), device, graphs)
             kernel_profiles[name] = kprof
             print(f"kernel profile {name} ({modes[-1]}, batch {batch}, {kprof['new_tokens']} new tokens): "
