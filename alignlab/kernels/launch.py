@@ -185,11 +185,11 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
         args: the runtime arguments in signature order (tensors, ints, floats, bools, None).
         meta: constexpr parameters by name, plus launch options (``num_warps``, ``num_stages``).
     """
-    if _INTERPRET and torch.compiler.is_compiling():
-        _interpreted(kernel, grid, args, meta)
-        return
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
-        kernel[grid](*args, **meta, **options())
+        if _INTERPRET and torch.compiler.is_compiling():
+            _interpreted(kernel, grid, args, meta)
+        else:
+            kernel[grid](*args, **meta, **options())
         return
     device = torch.cuda.current_device()
     key = (kernel, device, tuple(meta.items()), _key(args))
