@@ -69,15 +69,19 @@ def test_import_is_cheap():
     assert out == "False"
 
 
-def test_importing_the_kernel_paths_leaves_dynamo_unloaded():
-    """``import torch._dynamo`` costs ~1 s: the kernel launcher's ``torch.compiler.disable`` wrapper (for traced
-    launches under the Triton interpreter) is made under the interpreter only, so a plain import of the library's
-    main subpackages does not load Dynamo."""
+@pytest.mark.parametrize("interpret", [False, True])
+def test_importing_the_kernel_paths_leaves_dynamo_unloaded(interpret):
+    """``import torch._dynamo`` costs ~1 s, and made at import under the interpreter it also made spawned DDP ranks
+    hang in torch 2.13's gloo teardown: the kernel launcher's ``torch.compiler.disable`` wrapper (for traced launches
+    under the Triton interpreter) is made at the first traced launch, so an import of the library's main subpackages
+    does not load Dynamo, with ``TRITON_INTERPRET=1`` or without."""
     import os
 
     code = ("import sys, alignlab, alignlab.quant, alignlab.adapters, alignlab.losses, alignlab.optim, "
             "alignlab.kernels.launch; print('torch._dynamo' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "False"
 

@@ -168,12 +168,20 @@ def _interpreted(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     in Python on CPU tensors, which Dynamo cannot trace (its fake tensors reached the interpreter and failed there), so
     the launch runs outside the graph (a graph break: ``fullgraph=True`` refuses it). Plain code paths that launch
     kernels while traced (DoRA's norm, an NF4 dequantization) compile so on a CPU; the custom ops need no break.
-    Wrapped by ``torch.compiler.disable`` under the interpreter only: the wrapper imports Dynamo (~1 s at import)."""
+    Called through :func:`_interpreted_outside`: the ``torch.compiler.disable`` wrapper is made at the first traced
+    launch, when Dynamo is loaded anyway. Made at import under the interpreter, the import of Dynamo (~1 s) also made
+    spawned DDP ranks (the tests' workers, ``examples/fsdp_qlora.py --ddp``) hang in their gloo teardown (torch 2.13)."""
     kernel[grid](*args, **meta, **options())
 
 
-if _INTERPRET:
-    _interpreted = torch.compiler.disable(_interpreted)
+_OUTSIDE: list = []
+
+
+def _interpreted_outside():
+    """``torch.compiler.disable(_interpreted)``, made once, at the first call (while Dynamo traces)."""
+    if not _OUTSIDE:
+        _OUTSIDE.append(torch.compiler.disable(_interpreted))
+    return _OUTSIDE[0]
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
@@ -187,7 +195,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     """
     if not _ENABLED or _INTERPRET or torch.compiler.is_compiling():
         if _INTERPRET and torch.compiler.is_compiling():
-            _interpreted(kernel, grid, args, meta)
+            _interpreted_outside()(kernel, grid, args, meta)
         else:
             kernel[grid](*args, **meta, **options())
         return
