@@ -37,7 +37,7 @@ DECODE_ROWS = 64
 # at M = 1, "dot" above), with the table's entry or else the rules (see small_choice). "shapes" lists the measured
 # shapes a call is matched to where the base kernel has no entries of its own (the H100 table).
 # ALTERNATIVES: the order small_choice looks in (a shape is listed under one of them at most).
-ALTERNATIVES = ("swap_early", "swap", "late")
+ALTERNATIVES = ("swap_early", "swap", "late", "swap_flat")
 TABLES: dict[str, dict] = {
     # benchmarks/nf4_tune.py --kernel swap_early / --kernel swap on one H100 80GB HBM3, 2026-12-05 (torch 2.11,
     # Triton 3.6; results/nf4_tune_swap_h100.json, nf4_tune_swap_early_h100.json): the swapped-operand kernels where their best configuration

@@ -573,6 +573,100 @@ if triton is not None:
                 IEEE, PDL)
 
 
+    @triton.jit
+    def _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask, half_k, nb_row, k0, k_end,
+                   BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, NB: tl.constexpr):
+        """The ``(rows, NB, BLOCKSIZE / 2)`` packed bytes of the NB blocks from column ``k0`` and their
+        ``(rows, NB)`` fp32 scales; blocks from ``k_end`` on (past the K slice) are masked, read as zeros."""
+        rb = tl.arange(0, NB)
+        m2 = nmask[:, None] & (k0 + rb * BLOCKSIZE < k_end)[None, :]
+        byte = _byte_tile(data_ptr, rows, nmask, half_k, k0, k_end, BLOCKSIZE, NB)
+        bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
+        s = nf4_block_scale(absmax_ptr, nested_ptr, offset_ptr, code2_ptr, bidx, m2, DOUBLE, NESTED_BS)
+        return byte, s
+
+    @triton.jit
+    def _flat_kernel(
+        x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
+        ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
+        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
+        X_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
+    ):
+        """y[M, N]^T (+)= W[N, K] x[M, K]^T for M <= BLOCK_M: ``_swap_kernel``'s early-scaled form (``swap_early``)
+        with a step's NB quantization blocks as one operand.
+
+        Per step the ``(BLOCK_N, NB * BLOCKSIZE / 2)`` packed bytes are looked up, scaled per block in x's dtype
+        and multiplied by x's ``(NB * BLOCKSIZE / 2, M)`` even and odd halves in one ``tl.dot`` each (the swapped
+        kernel: two per block, each over 32 columns), so the tensor-core chain per step is NB times as long.
+        ``PREFETCH``: the next step's bytes and block scales are loaded before this step's lookup and products, so
+        that their loads are in flight while the warp computes (one step of registers more; the swapped kernels'
+        tuned tiles run one pipeline stage and at up to 255 registers one CTA per SM, where nothing else hides a
+        load's latency)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        HB: tl.constexpr = BLOCKSIZE // 2
+        KB: tl.constexpr = NB * HB  # packed bytes of a row per step
+        STEP: tl.constexpr = NB * BLOCKSIZE
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rows = rn.to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        rk = tl.arange(0, KB)
+        rb = tl.arange(0, NB)
+        nb_row = K // BLOCKSIZE
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rk[:, None]  # (KB, BLOCK_M): x[m, 2j]
+        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
+                                                                     + rk[None, :])
+        table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None, None])
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if PREFETCH:
+            byte_next, s_next = _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask,
+                                           half_k, nb_row, k_start, k_end, BLOCKSIZE, NESTED_BS, DOUBLE, NB)
+        for k0 in range(k_start, k_end, STEP):
+            if PREFETCH:
+                byte, s = byte_next, s_next
+                byte_next, s_next = _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask,
+                                               half_k, nb_row, k0 + STEP, k_end, BLOCKSIZE, NESTED_BS, DOUBLE, NB)
+            else:
+                byte, s = _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask, half_k,
+                                     nb_row, k0, k_end, BLOCKSIZE, NESTED_BS, DOUBLE, NB)
+            kok = k0 + (rk // HB) * BLOCKSIZE < k_end  # (KB,): columns of blocks inside the K slice
+            if X_WORDS:
+                xw = tl.load(x_words + k0 // 2, mask=mmask[:, None] & kok[None, :], other=0)
+                xe = tl.trans((xw & 65535).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
+                xo = tl.trans((xw >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
+            else:
+                xe = tl.load(x_cols + k0, mask=kok[:, None] & mmask[None, :], other=0.0)
+                xo = tl.load(x_cols + (k0 + 1), mask=kok[:, None] & mmask[None, :], other=0.0)
+            if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
+                hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32, table, REGS)
+                hi = tl.reshape(hi * s[:, :, None], (BLOCK_N, KB))
+                lo = tl.reshape(lo * s[:, :, None], (BLOCK_N, KB))
+                acc = tl.dot(hi, xe.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(lo, xo.to(tl.float32), acc, input_precision="ieee")
+            else:
+                hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty, table, REGS)
+                sc = s.to(x_ptr.dtype.element_ty)[:, :, None]
+                acc = tl.dot(tl.reshape(hi * sc, (BLOCK_N, KB)), xe, acc)
+                acc = tl.dot(tl.reshape(lo * sc, (BLOCK_N, KB)), xo, acc)
+            if HAS_SHIFT:
+                bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
+                bok = nmask[:, None] & (k0 + rb * BLOCKSIZE < k_end)[None, :]
+                tau = tl.load(shift_ptr + bidx, mask=bok, other=0.0)  # (BLOCK_N, NB)
+                xs = tl.sum(tl.reshape(xe.to(tl.float32) + xo.to(tl.float32), (NB, HB, BLOCK_M)), axis=1)
+                acc += tl.sum(tau[:, :, None] * xs[None, :, :], axis=1)
+        offs = rm[None, :].to(tl.int64) * N + rn[:, None]  # y and each workspace slice are (M, N), contiguous
+        omask = mmask[None, :] & nmask[:, None]
+        _finish(acc, offs, omask, M * N, y_ptr, ws_ptr, cnt_ptr, bias_ptr, rn[:, None], pid_n, pid_k, n_split,
+                SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm, mmask, rn, nmask, HAS_RANK, 2, BLOCK_R,
+                IEEE, PDL)
+
+
 _SLOTS, _SLOT_SIZE = 64, 4096
 _LAST_COUNTERS = 16  # the end of each row, for _arrival_counters(..., last=True)
 _POOLS: dict = {}
@@ -908,7 +1002,7 @@ def _workspace(device: torch.device, numel: int, name: str = "") -> torch.Tensor
 MAX_M = 64
 _PLANS: dict = {}
 _KERNELS = ({"gemv": _gemv_kernel, "dot": _dot_kernel, "late": _late_kernel, "swap": _swap_kernel,
-             "swap_early": _swap_kernel} if triton is not None else {})
+             "swap_early": _swap_kernel, "swap_flat": _flat_kernel} if triton is not None else {})
 KERNEL_NAMES = ("gemv", "dot", *ALTERNATIVES)  # the base kernels and the ones a device table may name instead
 
 
@@ -933,6 +1027,10 @@ LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",)
 # at 4096², one row; 11.7 -> 8.8 at 4096 -> 1024), the same output bits, host time unchanged. On by default;
 # ALIGNLAB_LORA_RANK_OVERLAP=0 (read at import) or this attribute set to False: the two launches in order
 RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
+# The flat swapped kernel (``swap_flat``, _flat_kernel) loads the next step's packed bytes and block scales before it
+# computes the current step ("1", the default), or each step's where it uses them ("0"; A/B timing with
+# benchmarks/nf4_knob_ab.py --knob PREFETCH). Read when a launch plan is made.
+PREFETCH = env_switch("ALIGNLAB_NF4_PREFETCH", True)
 
 
 def rank_overlap(device: torch.device) -> bool:
@@ -1012,8 +1110,11 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         meta.update(IEEE=dtype == torch.float32 or interpreting(), BLOCK_M=max(16, m_bucket(M)))
     if kernel.startswith("swap"):  # x as 32-bit pairs for 16-bit x (the caller aligns x: _x_aligned); the lookup
         # before the layout change where the dot is a wgmma (warpgroups of 4 warps; with 2, mma.sync: more work)
-        meta.update(EARLY=kernel == "swap_early", X_WORDS=dtype != torch.float32 and X_WORDS,
-                    LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
+        meta.update(X_WORDS=dtype != torch.float32 and X_WORDS)
+        if kernel == "swap_flat":
+            meta.update(PREFETCH=bool(PREFETCH))
+        else:
+            meta.update(EARLY=kernel == "swap_early", LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,
                                                          meta.get("LOOKUP_FIRST", False)))
     pdl = rank is not None and rank_overlap(device)

@@ -335,19 +335,31 @@ def _dpo_per_pair(
             return _smoothed_sigmoid(z, label_smoothing)
         if loss_type == "robust":
             eps = label_smoothing
+            if not eps:  # the sigmoid loss; the formula's 0 * log(sigmoid(-z)) was NaN at z = +inf
+                return -F.logsigmoid(z)
             return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
         if loss_type == "hinge":
             return torch.relu(1.0 - z)
         if loss_type == "exo_pair":
             eps = label_smoothing
-            # KL(softmax over {chosen, rejected} of the implicit rewards || [1 - eps, eps])
-            return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-                F.logsigmoid(-z) - math.log(eps)
+            # KL(softmax over {chosen, rejected} of the implicit rewards || [1 - eps, eps]). At z = +-inf (a -inf
+            # log-prob) one softmax entry is 0 and 0 * log 0 was NaN: the limits -log(1 - eps) / -log(eps) instead,
+            # with the formula evaluated at 0 there so that no NaN reaches the gradient either
+            inf = torch.isinf(z)
+            zf = torch.where(inf, 0.0, z)
+            kl = torch.sigmoid(zf) * (F.logsigmoid(zf) - math.log1p(-eps)) + torch.sigmoid(-zf) * (
+                F.logsigmoid(-zf) - math.log(eps)
             )
+            return torch.where(inf, torch.where(z > 0, -math.log1p(-eps), -math.log(eps)).to(kl.dtype), kl)
         # discopop: blend of the logistic and the exponential loss, gated by sigmoid(z / tau). The exponential
         # term is formed in log space: exp(-z) alone overflows for z < -88 in float32, and inf times the gate's 0
-        # made the loss and every gradient NaN where the paper's value is finite (about -z)
-        return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
+        # made the loss and every gradient NaN where the paper's value is finite (about -z). At z = -inf (a -inf
+        # chosen log-prob) the loss is the logistic term's +inf, with its slope: the blend there was inf - inf
+        low = z == -math.inf
+        zf = torch.where(low, 0.0, z)
+        blend = -F.logsigmoid(zf) * torch.sigmoid(-zf / discopop_tau) + torch.exp(
+            F.logsigmoid(zf / discopop_tau) - zf)
+        return torch.where(low, -F.logsigmoid(z), blend)
 
     if loss_type == "ipo":
         return (delta - 1.0 / (2.0 * beta)) ** 2
@@ -1190,6 +1202,8 @@ def una_loss(
     if loss_type == "mse":
         per_example = (torch.sigmoid(r) - s) ** 2
     else:
-        per_example = -s * F.logsigmoid(r) - (1.0 - s) * F.logsigmoid(-r)
+        # each term 0 where its weight is (a score of 0 or 1 next to an infinite r: 0 * -inf was NaN)
+        per_example = (torch.where(s == 0, 0.0, -s * F.logsigmoid(r))
+                       + torch.where(s == 1, 0.0, -(1.0 - s) * F.logsigmoid(-r)))
     metrics = {"rewards/implicit": _mean(r), "rewards/explicit": _mean(s)}
     return _reduce(per_example, reduction, num_items), metrics

@@ -43,12 +43,12 @@ def test_small_m_interpreter(N, K, M, bs, dtype, triton_mode):
     assert _rel(y, want) < tol
     yb = small_m_matmul(x, t, b)
     assert _rel(yb, want + b.double().cpu()) < tol
-    for kernel in ("late", "swap", "swap_early"):
+    for kernel in ("late", "swap", "swap_early", "swap_flat"):
         yl = small_m_matmul(x, t, b, kernel=kernel)
         assert yl.dtype == dtype and _rel(yl, want + b.double().cpu()) < tol, kernel
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early", "swap_flat"])
 @pytest.mark.parametrize("split", [1, 3, 64])
 def test_split_and_icq_shift(kernel, split, triton_mode):
     """Every K split (none, uneven, more slices than blocks) and the ICQ shift tau."""
@@ -58,7 +58,7 @@ def test_split_and_icq_shift(kernel, split, triton_mode):
     assert _rel(y, x.double() @ wd.T) < 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early", "swap_flat"])
 def test_split_fixup_with_bias(kernel, triton_mode):
     """The last K slice of each tile to finish sums the partials and adds the bias (uneven split: the last
     slice is shorter)."""
@@ -69,7 +69,7 @@ def test_split_fixup_with_bias(kernel, triton_mode):
         assert _rel(y, want) < 1e-5, split
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early", "swap_flat"])
 def test_strided_x_and_bias_are_read_as_given(kernel, triton_mode):
     """A column slice of x (strided last dimension) was read as if contiguous: wrong numbers, no error."""
     t, x, b, wd = _case(24, 128, 1 if kernel == "gemv" else 3, torch.float32, 64)
@@ -84,7 +84,7 @@ def _rank_want(x, wd, xa, b, bias=None):
     return want if bias is None else want + bias.double().cpu()
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "late", "swap", "swap_early", "swap_flat"])
 @pytest.mark.parametrize("split", [1, 5])
 @pytest.mark.parametrize("r", [1, 7, 16, 33])
 def test_rank_term_in_the_epilogue(kernel, split, r, triton_mode):
@@ -357,7 +357,7 @@ def _x_views(x):
     return {"contiguous": x, "odd row stride": odd, "shifted start": shifted}
 
 
-@pytest.mark.parametrize("kernel", ["swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["swap", "swap_early", "swap_flat"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_swap_reads_x_pairs_from_any_layout(kernel, dtype, triton_mode):
     """The swapped kernels read 16-bit x as 32-bit pairs: every row must start 4-byte aligned, so x views that
@@ -382,7 +382,7 @@ def test_swap_reads_x_pairs_from_any_layout(kernel, dtype, triton_mode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["swap", "swap_early"])
+@pytest.mark.parametrize("kernel", ["swap", "swap_early", "swap_flat"])
 def test_swap_x_layouts_cuda(kernel):
     """The same on the GPU (bf16; wgmma path): strided and shifted x views give the contiguous result."""
     t, x, b, wd = _case(300, 640, 33, torch.bfloat16, 64, device="cuda")
@@ -390,6 +390,40 @@ def test_swap_x_layouts_cuda(kernel):
     ys = {name: small_m_matmul(xv, t, b, kernel=kernel) for name, xv in _x_views(x).items()}
     for name, y in ys.items():
         assert _rel(y.cpu(), want) < 5e-3 and torch.equal(y, ys["contiguous"]), name
+
+
+@pytest.mark.parametrize("nb", [1, 2, 4])
+def test_flat_kernel_prefetch_gives_the_same_bits(nb, triton_mode, monkeypatch):
+    """The flat swapped kernel with and without loading the next step ahead (PREFETCH): the same products in the same
+    order, so the same bits, at K slices that end inside a step (the prefetch past the slice is masked) and with
+    the split-K fixup; both against the float64 product."""
+    import alignlab.kernels.nf4_small as small
+
+    t, x, b, wd = _case(37, 448, 6, torch.float16, 64, double_quant=True)
+    want = x.double() @ wd.T + b.double()
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(small, "PREFETCH", on)
+        small._PLANS.clear()
+        for split in (1, 3):
+            got[on, split] = small_m_matmul(x, t, b, kernel="swap_flat", nb=nb, split=split)
+            assert _rel(got[on, split], want) < 2e-3, (on, split)
+    small._PLANS.clear()
+    assert torch.equal(got[False, 1], got[True, 1]) and torch.equal(got[False, 3], got[True, 3])
+
+
+def test_flat_kernel_plan_takes_prefetch_only(monkeypatch):
+    """PREFETCH is a meta-parameter of the flat kernel's plans alone, read when a plan is made."""
+    import alignlab.kernels.nf4_small as small
+
+    t = nf4_quantize(torch.randn(64, 128) * 0.1, blocksize=64)
+    for on in (False, True):
+        monkeypatch.setattr(small, "PREFETCH", on)
+        for kernel in ("dot", "late", "swap", "swap_early", "swap_flat"):
+            meta = small._plan(4, 64, 128, torch.float16, torch.device("cpu"), t, False, kernel, None, None, None,
+                               4, None, None)[4]
+            assert meta.get("PREFETCH", "absent") == (on if kernel == "swap_flat" else "absent"), kernel
+            assert ("EARLY" in meta) == (kernel in ("swap", "swap_early")), kernel
 
 
 @pytest.mark.cuda
@@ -414,7 +448,7 @@ def test_small_m_cuda(N, K, M, bs, dtype):
     t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=(N % 2 == 1), device="cuda")
     ref = x.double().cpu() @ wd.T + b.double().cpu()
     tol = 1e-5 if dtype == torch.float32 else 5e-3
-    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early"]:
+    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early", "swap_flat"]:
         for split in (1, 8):
             y = small_m_matmul(x, t, b, kernel=kernel, split=split)
             assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)
@@ -436,7 +470,7 @@ def test_rank_term_cuda(N, K, M, r, dtype):
     b = (torch.randn(N, r, generator=g) / 4).cuda()
     ref = _rank_want(x, wd, xa, b, bias)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
-    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early"]:
+    for kernel in (["gemv"] if M == 1 else []) + ["dot", "late", "swap", "swap_early", "swap_flat"]:
         for split in (1, 8):
             y = small_m_matmul(x, t, bias, kernel=kernel, split=split, rank_term=(xa, b))
             assert y.dtype == dtype and _rel(y.cpu(), ref) < tol, (kernel, split)

@@ -850,3 +850,63 @@ def test_reduction_none_does_not_mix_aot_with_pair_indexed_types():
     want = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", reduction="sum")[0] + dpo_loss(
         pc, pr, rc, rr, loss_type="aot", reduction="sum")[0]
     torch.testing.assert_close(mixed, want)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Infinite log-probs (a zero-probability token, a -inf reference): the formula's limit, never NaN
+# ------------------------------------------------------------------------------------------------------------------
+def _pair_formula(loss_type: str, z: torch.Tensor, eps: float, tau: float = 0.05) -> torch.Tensor:
+    """The per-pair losses written out (float64), for the limits at large |z|."""
+    ls = F.logsigmoid
+    if loss_type in ("sigmoid", "robust"):  # robust at eps = 0 is the sigmoid loss
+        return -ls(z)
+    if loss_type == "exo_pair":
+        return torch.sigmoid(z) * (ls(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (ls(-z) - math.log(eps))
+    return -ls(z) * torch.sigmoid(-z / tau) + torch.sigmoid(z / tau) * torch.exp(-z)  # discopop
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "exo_pair", "discopop"])
+@pytest.mark.parametrize("side", ["chosen", "rejected", "ref_rejected"])
+def test_dpo_infinite_log_probs_give_the_limit_not_nan(loss_type, side):
+    """A -inf policy log-prob drives z to -inf (chosen) or +inf (rejected), a -inf reference log-prob of the rejected
+    completion to -inf: the pair's loss is the formula's limit (the float64 formula at |z| = 60, or +inf where the
+    limit is) and every gradient is finite and the limit's (0 * log 0 was NaN in robust at eps = 0, exo_pair and
+    discopop; the batch mean with it)."""
+    eps = 1e-3 if loss_type == "exo_pair" else 0.0
+    beta = 0.1
+    pc = torch.tensor([-1.0, -1.0], requires_grad=True)
+    pr = torch.tensor([-2.0, -2.0], requires_grad=True)
+    rc, rr = torch.tensor([-1.5, -1.5]), torch.tensor([-2.5, -2.5])
+    with torch.no_grad():
+        {"chosen": pc, "rejected": pr, "ref_rejected": rr}[side][0] = -math.inf
+    per_pair, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, reduction="none")
+    per_pair.sum().backward()
+    sign = -1.0 if side in ("chosen", "ref_rejected") else 1.0
+    z = torch.tensor(sign * 60.0, dtype=torch.float64, requires_grad=True)
+    want = _pair_formula(loss_type, z, eps)
+    want.backward()
+    limit_inf = sign < 0 and loss_type != "exo_pair"
+    if limit_inf:
+        assert per_pair[0].item() == math.inf
+    else:
+        assert per_pair[0].item() == pytest.approx(want.item(), abs=1e-6)
+    # the other pair is untouched
+    zf = torch.tensor(beta * ((-1.0 + 1.5) - (-2.0 + 2.5)), dtype=torch.float64)
+    assert per_pair[1].item() == pytest.approx(_pair_formula(loss_type, zf, eps).item(), rel=1e-5)
+    for grad in (pc.grad, pr.grad):
+        assert torch.isfinite(grad).all(), (pc.grad, pr.grad)
+    # z = beta * ((pc - rc) - (pr - rr)): dL/dpc = beta * dL/dz and dL/dpr = -beta * dL/dz, dL/dz the limit's slope
+    g = beta * z.grad.item()
+    assert pc.grad[0].item() == pytest.approx(g, abs=1e-6) and pr.grad[0].item() == pytest.approx(-g, abs=1e-6)
+
+
+@pytest.mark.parametrize("s,ref_inf", [(0.0, False), (1.0, True)])
+def test_una_bce_infinite_reward_with_a_zero_weight_term(s, ref_inf):
+    """UNA's BCE with a score of 0 (1) next to r = -inf (+inf): the term that would be infinite has weight 0, so the
+    loss is 0 with a zero gradient, not 0 * inf = NaN."""
+    pi = torch.tensor([-math.inf if not ref_inf else -1.0, -1.0], requires_grad=True)
+    ref = torch.tensor([0.0 if not ref_inf else -math.inf, -1.0])
+    got, _ = una_loss(pi, ref, torch.tensor([s, 0.5]), beta=0.5, loss_type="bce", reduction="none")
+    got.sum().backward()
+    assert got[0].item() == 0.0 and got[1].item() == pytest.approx(math.log(2))
+    assert torch.equal(pi.grad, torch.zeros(2))
