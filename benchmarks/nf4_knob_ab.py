@@ -7,7 +7,8 @@ alternated rounds (the best round per value is reported, each round's times are 
 its output from the first value's, bf16 cuBLAS on a dense weight and a same-bytes copy. One JSON line per row.
 Knobs: ``TABLE_REGS`` (``0`` PTX immediates / ``1`` registers / ``auto``, ``ALIGNLAB_NF4_TABLE_REGS``),
 ``X_WORDS`` (``0`` / ``1``: the swapped kernels' x read as 32-bit pairs, ``ALIGNLAB_NF4_X_WORDS``),
-``LOOKUP_FIRST`` (``0`` / ``1`` / ``auto``: the swapped kernels' lookup before the layout change, ``ALIGNLAB_NF4_LOOKUP_FIRST``).
+``LOOKUP_FIRST`` (``0`` / ``1`` / ``auto``: the swapped kernels' lookup before the layout change, ``ALIGNLAB_NF4_LOOKUP_FIRST``),
+``PREFETCH`` (``0`` / ``1``: the flat kernel's next-step loads ahead, ``ALIGNLAB_NF4_PREFETCH``; with ``--kernel swap_flat``).
 
     python benchmarks/nf4_knob_ab.py [--knob TABLE_REGS --values 0,1,auto] [--ms 1,2,4,8,16,32,64]
         [--shapes 4096x4096,14336x4096] [--kernel swap_early] [--num-warps 4] [--out benchmarks/results/nf4_knob_ab.json]
@@ -29,7 +30,7 @@ from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
 from alignlab.quant.nf4 import nf4_quantize  # noqa: E402
 
 KNOBS = {"TABLE_REGS": str, "X_WORDS": lambda v: v != "0",
-         "LOOKUP_FIRST": lambda v: "auto" if v == "auto" else v == "1"}  # how each knob's values are set on the module
+         "LOOKUP_FIRST": lambda v: "auto" if v == "auto" else v == "1", "PREFETCH": lambda v: v != "0"}  # how each knob's values are set on the module
 
 
 def main(argv=None):

@@ -49,9 +49,13 @@ def test_table_from_rows_takes_alternatives_that_beat_the_best_existing_path():
     assert tune.table_from_rows(named)[0] == {("dot", 16): {a: (64, 2, 8, 4, 1)}}
 
 
-def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
+H100_FLAT_RUN = "nf4_tune_flat_h100_1207.json"  # the swap_flat run merged into the H100 table
+
+
+def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_runs():
     """nf4_configs.TABLES["H100"] is what table_from_rows gives from the three recorded tuning runs it cites (the
-    k / v shapes lost to dequantize + cuBLAS at M = 64: max_m 32, the five shapes listed there up to 64)."""
+    k / v shapes lost to dequantize + cuBLAS at M = 64: max_m 32, the five shapes listed there up to 64), with the
+    later swap_flat run taken in by merged_table (its entries replace the other alternatives' at their shapes)."""
     import json
     from pathlib import Path
 
@@ -62,9 +66,15 @@ def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_run():
     rows = [r for name in ("nf4_tune_swap_h100.json", "nf4_tune_swap_early_h100.json", "nf4_tune_swap_kv_h100.json")
             for r in json.loads((results / name).read_text())["rows"]]
     configs, max_m = tune.table_from_rows(rows)
-    assert configs == TABLES["H100"]["configs"] and max_m == TABLES["H100"]["max_m"] == 32
-    assert TABLES["H100"]["max_m_listed"] == max(bucket for _, bucket in configs) == 64
-    assert sorted(TABLES["H100"]["shapes"]) == sorted({(r["N"], r["K"]) for r in rows})
+    assert max_m == TABLES["H100"]["max_m"] == 32
+    assert max(bucket for _, bucket in configs) == 64
+    shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
+    flat = json.loads((results / H100_FLAT_RUN).read_text())["rows"]
+    assert {r["kernel"] for r in flat} == {"swap_flat"}
+    merged = tune.merged_table({"max_m": max_m, "max_m_listed": 64, "shapes": shapes, "configs": configs}, flat)
+    assert merged["configs"] == TABLES["H100"]["configs"] and merged["max_m"] == 32
+    assert TABLES["H100"]["max_m_listed"] == merged["max_m_listed"] == 64
+    assert sorted(TABLES["H100"]["shapes"]) == sorted(merged["shapes"])
 
 
 def test_shipped_h200_swap_entries_are_the_rule_applied_to_their_recorded_runs():

@@ -47,7 +47,10 @@ TABLES: dict[str, dict] = {
     # results/nf4_tune_swap_kv_h100.json; before it they took the 4096 x 4096 entries, 1.2-1.6x slower): `swap` at
     # M = 2..32; at M = 64 no small kernel beat dequantize + cuBLAS there (12.3 vs 12.2 us, 16.5 vs 15.8), so
     # max_m is 32 and 33..64 rows take the small kernels at the five shapes listed at that bucket ("max_m_listed").
-    # The other shapes and buckets keep the rules (heuristic_config).
+    # The other shapes and buckets keep the rules (heuristic_config). ("swap_flat", 64): `nf4_tune.py --kernels
+    # swap_flat --ms 2 16 32 64` on one H100, 2026-12-07 (results/nf4_tune_flat_h100_1207.json): 0.89-0.95x the time
+    # of the entries it replaces (swap_early at 4096², swap at the other three) in the same run; at 2 / 16 / 32 rows
+    # and at 4096 x 14336 it was not faster than the default.
     "H100": {"max_m": 32, "max_m_listed": 64,
              "shapes": [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (1024, 4096),
                         (1024, 8192)],
@@ -66,9 +69,9 @@ TABLES: dict[str, dict] = {
                              (28672, 8192): (128, 4, 4, 4, 1)},
         ("swap", 32): {(4096, 4096): (64, 2, 8, 4, 1), (4096, 14336): (64, 2, 8, 4, 2),
                        (1024, 4096): (32, 4, 8, 4, 2), (1024, 8192): (32, 4, 8, 4, 3)},
-        ("swap_early", 64): {(4096, 4096): (128, 4, 8, 8, 1), (4096, 14336): (128, 2, 8, 8, 1)},
-        ("swap", 64): {(8192, 8192): (128, 2, 4, 4, 1), (14336, 4096): (128, 2, 2, 4, 1),
-                       (28672, 8192): (128, 2, 1, 4, 1)},
+        ("swap_early", 64): {(4096, 14336): (128, 2, 8, 8, 1)},
+        ("swap_flat", 64): {(4096, 4096): (64, 4, 4, 4, 1), (14336, 4096): (64, 1, 4, 4, 1),
+                            (8192, 8192): (64, 1, 4, 4, 1), (28672, 8192): (64, 1, 2, 4, 1)},
     }},
     # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6); the 1024-row shapes (the k / v
     # projections of Llama-3 8B and 70B) from a later run the same day (--shapes 1024x4096,1024x8192; before
@@ -273,7 +276,10 @@ def heuristic_config(kernel: str, M: int, N: int, blocksize: int, dtype: torch.d
     ``tl.dot`` at ``M <= 4``) or 128 x 2 with 8 warps; K split 8 ways; one pipeline stage. fp32
     activations with blocksize 256 take 64 rows (128 overflow the shared memory of the fp32 product)."""
     if kernel.startswith("swap"):  # the accumulator is (block_n, M): 128 rows fill one warpgroup's wgmma twice
-        return 128, (1 if N > 4096 else 2), 8, 4, 1
+        nb = 1 if N > 4096 else 2
+        if kernel == "swap_flat" and dtype == torch.float32:  # one fp32 operand of NB blocks: at most 128 bytes a
+            nb = max(1, min(nb, 256 // blocksize))  # row (NB x blocksize 256 ran out of shared memory on an H100)
+        return 128, nb, 8, 4, 1
     if kernel == "gemv":
         bn, nb, warps = (128, 1, 4) if N > 4096 else (64, 2, 4)
     elif N > 4096 or blocksize > 64 or dtype == torch.float32:

@@ -1028,9 +1028,10 @@ LOOKUP_FIRST = env_switch("ALIGNLAB_NF4_LOOKUP_FIRST", "auto", choices=("auto",)
 # ALIGNLAB_LORA_RANK_OVERLAP=0 (read at import) or this attribute set to False: the two launches in order
 RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
 # The flat swapped kernel (``swap_flat``, _flat_kernel) loads the next step's packed bytes and block scales before it
-# computes the current step ("1", the default), or each step's where it uses them ("0"; A/B timing with
-# benchmarks/nf4_knob_ab.py --knob PREFETCH). Read when a launch plan is made.
-PREFETCH = env_switch("ALIGNLAB_NF4_PREFETCH", True)
+# computes the current step ("1"), or each step's where it uses them ("0", the default). H100, 2026-12-07
+# (benchmarks/nf4_knob_ab.py --knob PREFETCH --kernel swap_flat --ms 64, the table's tiles; RESULTS.md): loading
+# ahead took 0.96x the time at 14336 x 4096 and 1.01-1.19x at the other four shapes. Read when a plan is made.
+PREFETCH = env_switch("ALIGNLAB_NF4_PREFETCH", False)
 
 
 def rank_overlap(device: torch.device) -> bool:

@@ -23,6 +23,10 @@ def test_heuristic_rules():
     assert heuristic_config("dot", 64, 4096, 64, bf16)[0] == 32  # the row tile grows, the column tile shrinks
     # the swapped kernels: 128 output rows (one warpgroup's wgmma tile twice) at every M
     assert heuristic_config("swap", 64, 14336, 64, bf16) == (128, 1, 8, 4, 1)
+    # the flat kernel's fp32 operand holds NB blocks of a row: at most 128 bytes of them
+    assert heuristic_config("swap_flat", 5, 65, 256, torch.float32)[1] == 1
+    assert heuristic_config("swap_flat", 5, 65, 128, torch.float32)[1] == 2
+    assert heuristic_config("swap_flat", 5, 65, 256, bf16)[1] == 2
     assert heuristic_config("swap_early", 2, 4096, 64, bf16) == (128, 2, 8, 4, 1)
 
 

@@ -524,14 +524,20 @@ def test_offloaded_step_does_not_block_the_host():
     torch.cuda.synchronize()
     import time
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    t0 = time.perf_counter()
-    opt.step()
-    host_ms = (time.perf_counter() - t0) * 1e3
-    end.record()
-    torch.cuda.synchronize()
-    assert host_ms < 0.5 * start.elapsed_time(end), (host_ms, start.elapsed_time(end))
+    # a step that waited for the copies would take the host at least the GPU's time; one that only enqueues takes
+    # a fraction of it. The best of three steps, so that a host slowed by other processes (pytest -n 8 on the GPU
+    # machine: 4.3 against 7.1 ms once) does not fail it
+    ratios = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        opt.step()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        end.record()
+        torch.cuda.synchronize()
+        ratios.append(host_ms / start.elapsed_time(end))
+    assert min(ratios) < 0.5, ratios
 
 
 def test_numpy_hyperparameters_are_stored_as_floats_and_nan_refused():
