@@ -84,10 +84,11 @@ def _tools() -> str:
 
 
 def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat16, table: str = "H200",
-                  kernel: str | None = None, config: tuple | None = None, prefetch: bool | None = None):
+                  kernel: str | None = None, config: tuple | None = None, prefetch: bool | None = None,
+                  interleave: bool | None = None):
     """``(kernel name, meta, compiled kernel)`` of the small-M product ``table``'s device picks for ``(N, K, M)``, or of
-    ``kernel`` at ``config`` (``(block_n, nb, split, num_warps, num_stages)``) where given; ``prefetch`` sets
-    ``nf4_small.PREFETCH`` (the flat kernel's) for the compile."""
+    ``kernel`` at ``config`` (``(block_n, nb, split, num_warps, num_stages)``) where given; ``prefetch`` /
+    ``interleave`` set ``nf4_small.PREFETCH`` / ``INTERLEAVE`` (the flat kernel's) for the compile."""
     import alignlab.kernels.nf4_configs as configs
     import alignlab.kernels.nf4_small as small
     from alignlab.kernels.nf4_dequant import _state_args
@@ -95,15 +96,17 @@ def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat
 
     key, configs.device_key = configs.device_key, lambda device: table
     old_regs, small.TABLE_REGS = small.TABLE_REGS, regs
-    old_prefetch = small.PREFETCH
+    old_prefetch, old_interleave = small.PREFETCH, small.INTERLEAVE
     small.PREFETCH = old_prefetch if prefetch is None else prefetch
+    small.INTERLEAVE = old_interleave if interleave is None else interleave
     try:
         t = nf4_quantize(torch.randn(N, K), blocksize=64)
         x = torch.randn(M, K, dtype=dtype)
         which, grid, split, scalars, meta = small._plan(M, N, K, dtype, torch.device("cuda", 0), t, False, kernel,
                                                         *(config or (None,) * 5), None)
     finally:
-        configs.device_key, small.TABLE_REGS, small.PREFETCH = key, old_regs, old_prefetch
+        configs.device_key, small.TABLE_REGS = key, old_regs
+        small.PREFETCH, small.INTERLEAVE = old_prefetch, old_interleave
     y = torch.empty(M, N, dtype=dtype)
     ws = torch.empty(split, M, N) if split > 1 else y
     cnt = torch.zeros(grid[0], dtype=torch.int32) if split > 1 else y
@@ -232,6 +235,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default=None,
                     help="with --kernel: block_n,nb,split,num_warps,num_stages (default: the table's / the rules)")
     ap.add_argument("--prefetch", default=None, choices=("0", "1"), help="nf4_small.PREFETCH for the flat kernel")
+    ap.add_argument("--interleave", default=None, choices=("0", "1"), help="nf4_small.INTERLEAVE for the flat kernel")
     ap.add_argument("--row-norm", action="store_true", help="QDoRA's row-norm kernel instead (see above)")
     ap.add_argument("--lora-gemm", action="store_true", help="kernels.lora_gemm's two kernels instead (see above)")
     ap.add_argument("--configs", default=None,
@@ -299,8 +303,9 @@ def main(argv=None) -> None:
             for regs in args.regs.split(","):
                 config = tuple(int(v) for v in args.config.split(",")) if args.config else None
                 prefetch = None if args.prefetch is None else args.prefetch == "1"
+                interleave = None if args.interleave is None else args.interleave == "1"
                 which, meta, kernel = compile_small(N, K, m, regs, table=args.table, kernel=args.kernel,
-                                                    config=config, prefetch=prefetch)
+                                                    config=config, prefetch=prefetch, interleave=interleave)
                 r = analyse(kernel, meta)
                 top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(5))
                 cells.append(f"regs={regs} [{'R' if meta.get('REGS') else 'imm'}] {r['per_byte']:.2f} instr/B, "

@@ -592,7 +592,7 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         IEEE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
         PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr, REGS: tl.constexpr,
-        X_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
+        X_WORDS: tl.constexpr, PREFETCH: tl.constexpr, INTERLEAVE: tl.constexpr,
     ):
         """y[M, N]^T (+)= W[N, K] x[M, K]^T for M <= BLOCK_M: ``_swap_kernel``'s early-scaled form (``swap_early``)
         with a step's NB quantization blocks as one operand.
@@ -603,7 +603,9 @@ if triton is not None:
         ``PREFETCH``: the next step's bytes and block scales are loaded before this step's lookup and products, so
         that their loads are in flight while the warp computes (one step of registers more; the swapped kernels'
         tuned tiles run one pipeline stage and at up to 255 registers one CTA per SM, where nothing else hides a
-        load's latency)."""
+        load's latency). ``INTERLEAVE``: the high and low levels joined back into the weight's column order and x's
+        ``(M, NB * BLOCKSIZE)`` tile read as stored, one ``tl.dot`` per step (at 64 rows x's tile is 4x the packed
+        weight's bytes per step, and without it each x word is split into its halves and both transposed)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         HB: tl.constexpr = BLOCKSIZE // 2
@@ -622,6 +624,8 @@ if triton is not None:
         x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rk[:, None]  # (KB, BLOCK_M): x[m, 2j]
         x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
                                                                      + rk[None, :])
+        rk2 = tl.arange(0, 2 * KB)
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk2[None, :]  # (BLOCK_M, 2 KB): x as stored
         table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None, None])
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if PREFETCH:
@@ -636,7 +640,10 @@ if triton is not None:
                 byte, s = _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask, half_k,
                                      nb_row, k0, k_end, BLOCKSIZE, NESTED_BS, DOUBLE, NB)
             kok = k0 + (rk // HB) * BLOCKSIZE < k_end  # (KB,): columns of blocks inside the K slice
-            if X_WORDS:
+            if INTERLEAVE:
+                kok2 = k0 + (rk2 // BLOCKSIZE) * BLOCKSIZE < k_end
+                xt = tl.load(x_rows + k0, mask=mmask[:, None] & kok2[None, :], other=0.0)
+            elif X_WORDS:
                 xw = tl.load(x_words + k0 // 2, mask=mmask[:, None] & kok[None, :], other=0)
                 xe = tl.trans((xw & 65535).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
                 xo = tl.trans((xw >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True))
@@ -645,20 +652,30 @@ if triton is not None:
                 xo = tl.load(x_cols + (k0 + 1), mask=kok[:, None] & mmask[None, :], other=0.0)
             if IEEE:  # fp32 activations, and the Triton interpreter (its tl.dot is wrong for bf16)
                 hi, lo = nf4_levels_as(byte, code_ptr, False, tl.float32, table, REGS)
-                hi = tl.reshape(hi * s[:, :, None], (BLOCK_N, KB))
-                lo = tl.reshape(lo * s[:, :, None], (BLOCK_N, KB))
-                acc = tl.dot(hi, xe.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(lo, xo.to(tl.float32), acc, input_precision="ieee")
+                sc = s[:, :, None]
             else:
                 hi, lo = nf4_levels_as(byte, code_ptr, ASM, x_ptr.dtype.element_ty, table, REGS)
                 sc = s.to(x_ptr.dtype.element_ty)[:, :, None]
+            if INTERLEAVE:  # (high, low) of byte j are columns 2j, 2j + 1
+                w = tl.reshape(tl.reshape(tl.join(hi, lo), (BLOCK_N, NB, BLOCKSIZE)) * sc, (BLOCK_N, 2 * KB))
+                if IEEE:
+                    acc = tl.dot(w, tl.trans(xt).to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, tl.trans(xt), acc)
+            elif IEEE:
+                acc = tl.dot(tl.reshape(hi * sc, (BLOCK_N, KB)), xe.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(tl.reshape(lo * sc, (BLOCK_N, KB)), xo.to(tl.float32), acc, input_precision="ieee")
+            else:
                 acc = tl.dot(tl.reshape(hi * sc, (BLOCK_N, KB)), xe, acc)
                 acc = tl.dot(tl.reshape(lo * sc, (BLOCK_N, KB)), xo, acc)
             if HAS_SHIFT:
                 bidx = rows[:, None] * nb_row + (k0 // BLOCKSIZE + rb)[None, :]
                 bok = nmask[:, None] & (k0 + rb * BLOCKSIZE < k_end)[None, :]
                 tau = tl.load(shift_ptr + bidx, mask=bok, other=0.0)  # (BLOCK_N, NB)
-                xs = tl.sum(tl.reshape(xe.to(tl.float32) + xo.to(tl.float32), (NB, HB, BLOCK_M)), axis=1)
+                if INTERLEAVE:  # (NB, BLOCK_M) sums of x over each block
+                    xs = tl.trans(tl.sum(tl.reshape(xt.to(tl.float32), (BLOCK_M, NB, BLOCKSIZE)), axis=2))
+                else:
+                    xs = tl.sum(tl.reshape(xe.to(tl.float32) + xo.to(tl.float32), (NB, HB, BLOCK_M)), axis=1)
                 acc += tl.sum(tau[:, :, None] * xs[None, :, :], axis=1)
         offs = rm[None, :].to(tl.int64) * N + rn[:, None]  # y and each workspace slice are (M, N), contiguous
         omask = mmask[None, :] & nmask[:, None]
@@ -1032,6 +1049,10 @@ RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
 # (benchmarks/nf4_knob_ab.py --knob PREFETCH --kernel swap_flat --ms 64, the table's tiles; RESULTS.md): loading
 # ahead took 0.96x the time at 14336 x 4096 and 1.01-1.19x at the other four shapes. Read when a plan is made.
 PREFETCH = env_switch("ALIGNLAB_NF4_PREFETCH", False)
+# The flat swapped kernel joins the high and low levels into the weight's column order and reads x as stored, one
+# tl.dot per step ("1"), or multiplies the even and odd halves of x apart, x read as 32-bit pairs ("0", the default
+# until timed; benchmarks/nf4_knob_ab.py --knob INTERLEAVE --kernel swap_flat). Read when a plan is made.
+INTERLEAVE = env_switch("ALIGNLAB_NF4_INTERLEAVE", False)
 
 
 def rank_overlap(device: torch.device) -> bool:
@@ -1113,7 +1134,7 @@ def _plan(M, N, K, dtype, device, t: NF4Tensor, has_bias: bool, kernel, block_n,
         # before the layout change where the dot is a wgmma (warpgroups of 4 warps; with 2, mma.sync: more work)
         meta.update(X_WORDS=dtype != torch.float32 and X_WORDS)
         if kernel == "swap_flat":
-            meta.update(PREFETCH=bool(PREFETCH))
+            meta.update(PREFETCH=bool(PREFETCH), INTERLEAVE=bool(INTERLEAVE))
         else:
             meta.update(EARLY=kernel == "swap_early", LOOKUP_FIRST=_lookup_first(kernel, M, num_warps))
     meta.update(REGS=meta["ASM"] and _table_in_registers(kernel, meta.get("BLOCK_M", 1), num_stages,

@@ -412,6 +412,26 @@ def test_flat_kernel_prefetch_gives_the_same_bits(nb, triton_mode, monkeypatch):
     assert torch.equal(got[False, 1], got[True, 1]) and torch.equal(got[False, 3], got[True, 3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,K,M,bs,nb,split", [(37, 448, 6, 64, 2, 3), (9, 64, 1, 32, 1, 1), (21, 320, 17, 64, 4, 2),
+                                               (16, 512, 3, 256, 1, 2)])
+def test_flat_kernel_interleaved_levels(N, K, M, bs, nb, split, dtype, triton_mode, monkeypatch):
+    """INTERLEAVE: the levels joined into the weight's column order and x read as stored, one dot per step: the
+    float64 product, with and without the ICQ shift, the split-K fixup and a last step that ends inside the slice."""
+    import alignlab.kernels.nf4_small as small
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    monkeypatch.setattr(small, "INTERLEAVE", True)
+    small._PLANS.clear()
+    try:
+        for icq in (False, True):
+            t, x, b, wd = _case(N, K, M, dtype, bs, double_quant=True, icq=icq)
+            y = small_m_matmul(x, t, b, kernel="swap_flat", nb=nb, split=split)
+            assert _rel(y, x.double() @ wd.T + b.double()) < tol, icq
+    finally:
+        small._PLANS.clear()
+
+
 def test_flat_kernel_plan_takes_prefetch_only(monkeypatch):
     """PREFETCH is a meta-parameter of the flat kernel's plans alone, read when a plan is made."""
     import alignlab.kernels.nf4_small as small
@@ -423,6 +443,7 @@ def test_flat_kernel_plan_takes_prefetch_only(monkeypatch):
             meta = small._plan(4, 64, 128, torch.float16, torch.device("cpu"), t, False, kernel, None, None, None,
                                4, None, None)[4]
             assert meta.get("PREFETCH", "absent") == (on if kernel == "swap_flat" else "absent"), kernel
+            assert ("INTERLEAVE" in meta) == (kernel == "swap_flat"), kernel
             assert ("EARLY" in meta) == (kernel in ("swap", "swap_early")), kernel
 
 
