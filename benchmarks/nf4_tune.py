@@ -25,6 +25,10 @@ Prints the table to paste into ``alignlab/kernels/nf4_configs.py`` (``TABLES[<de
 
     python benchmarks/nf4_tune.py [--ms 1 2 4 8 16 32 64] [--deadline 330] [--workers 14]
     python benchmarks/nf4_tune.py --kernels swap_early swap --ms 2 4 8 16 32 64
+    python benchmarks/nf4_tune.py --kernels swap_flat --ms 64 --exhaustive --space num_stages=1 nb=1,2
+
+``--space NAME=V1,V2`` restricts a launch parameter's searched values; ``--exhaustive`` times every configuration of
+the (restricted) space, where the coordinate search can miss pairs of parameters that only pay together.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ L2_BYTES = 200e6
 
 
 KERNEL = None  # --kernel: None = the default kernel per M (GEMV at M = 1, tl.dot above)
+EXHAUSTIVE = False  # --exhaustive: every configuration of SPACE instead of the coordinate search
 
 
 def _start(M: int, N: int, K: int) -> tuple:
@@ -101,7 +106,8 @@ def precompile(ms, workers: int, shapes=SHAPES) -> float:
     jobs = []
     for (N, K), M in itertools.product(shapes, ms):
         start = _start(M, N, K)
-        jobs += [(M, N, K, c) for c in (start, *_neighbours(start))]
+        cands = itertools.product(*SPACE.values()) if EXHAUSTIVE else _neighbours(start)
+        jobs += [(M, N, K, c) for c in (start, *cands)]
     seen, uniq = set(), []
     for M, N, K, c in jobs:  # Triton compiles per specialization, not per shape value
         k = (min(M, 2) if M < 16 else M, N > 4096, c)
@@ -138,7 +144,13 @@ def search(M, N, K, ts, deadline: float) -> dict:
     best = start
     time_cfg(best)
     default_us = _graph_us([lambda t=t: small_m_matmul(x, t) for t in ts], reps=5)
-    for _ in range(2):
+    if EXHAUSTIVE:
+        for cand in itertools.product(*SPACE.values()):
+            if time.perf_counter() > deadline:
+                break
+            if time_cfg(cand) < timed[best]:
+                best = cand
+    for _ in range(0 if EXHAUSTIVE else 2):
         for i, name in enumerate(NAMES):
             if time.perf_counter() > deadline:
                 break
@@ -220,9 +232,23 @@ def main(argv=None):
                    "kernel, GEMV at M = 1 and tl.dot above)")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="an alternative kernel enters the table where it took <= this x the best existing path")
+    p.add_argument("--space", nargs="+", default=[], metavar="NAME=V1,V2",
+                   help=f"restrict the searched values of a launch parameter ({', '.join(NAMES)}), e.g. "
+                        "block_n=64,128 num_stages=1")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="time every configuration of the (restricted) space instead of the coordinate search")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    global KERNEL
+    global KERNEL, EXHAUSTIVE
+    EXHAUSTIVE = args.exhaustive
+    for item in args.space:
+        name, _, values = item.partition("=")
+        if name not in SPACE or not values:
+            p.error(f"--space takes NAME=V1,V2 with NAME one of {', '.join(NAMES)}, got {item!r}")
+        try:
+            SPACE[name] = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            p.error(f"--space {name}: integers expected, got {values!r}")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     t_start = time.perf_counter()

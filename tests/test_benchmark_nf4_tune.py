@@ -220,3 +220,23 @@ def test_nf4_generate_refuses_interleave_arguments_it_cannot_honour(args, messag
     with pytest.raises(SystemExit) as exc:
         gen.main(["--quick", "--device", "cpu", *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item", ["warps=4", "block_n=", "split=2,x"])
+def test_nf4_tune_space_arguments_are_checked(item, capsys):
+    """--space NAME=V1,V2 names a launch parameter and integers; anything else stops at argument parsing (before
+    any GPU is looked for)."""
+    tune = load_script("benchmarks/nf4_tune.py")
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--space", item])
+    assert e.value.code == 2 and "--space" in capsys.readouterr().err
+
+
+def test_nf4_tune_space_restricts_the_exhaustive_search(monkeypatch):
+    """--space replaces a parameter's searched values; --exhaustive then times every configuration of the space."""
+    tune = load_script("benchmarks/nf4_tune.py")
+    monkeypatch.setattr(tune, "SPACE", dict(tune.SPACE))
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        tune.main(["--space", "block_n=64,128", "num_stages=1", "--exhaustive"])
+    assert tune.SPACE["block_n"] == (64, 128) and tune.SPACE["num_stages"] == (1,) and tune.EXHAUSTIVE
