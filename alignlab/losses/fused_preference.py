@@ -396,8 +396,8 @@ def fused_linear_dpo(
     chunk, then :math:`\mathcal L = \mathrm{dpo\_loss}(\pi_c, \pi_r, \rho_c, \rho_r) + \alpha\,
     \mathcal L_{\mathrm{NLL}}(y_c)`; the NLL term (``nll_alpha`` :math:`\alpha`) is RPO's, "Iterative
     Reasoning Preference Optimization" (arXiv 2404.19733), the mean token NLL of the chosen completions. It is one
-    number for the batch: with ``reduction="none"`` it is added to every pair's loss (as TRL's RPO does before its
-    mean), so the per-pair values are not each pair's own NLL; ``metrics["nll_loss"]`` holds it apart.
+    number for the batch: with ``reduction="none"`` it is added to every pair's loss (their mean is then the
+    batch loss), so the per-pair values do not carry each pair's own NLL; ``metrics["nll_loss"]`` holds it apart.
     The completion token counts are passed to ``dpo_loss`` as ``chosen_lengths``/``rejected_lengths``
     (``ipo`` and ``sigmoid_norm`` normalise by them, as TRL; R-DPO's ``length_alpha`` uses them).
 
