@@ -50,7 +50,15 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
     A ``factor`` that divides ``dimension`` is taken as ``m`` directly, even above ``√dimension``
     (LyCORIS' and PEFT's rule, kept so that files are interchangeable).
+
+    Raises:
+        TypeError / ValueError: ``dimension`` not an int >= 0, ``factor`` not an int.
     """
+    if not is_int(dimension) or dimension < 0:
+        raise (ValueError if is_int(dimension) else TypeError)(
+            f"dimension must be an int >= 0, got {dimension!r}")
+    if not is_int(factor):
+        raise TypeError(f"factor must be an int (<= 0: no bound), got {factor!r}")
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     if dimension == 0:  # a linear without inputs or outputs: (0, 1), m ≤ n, as PEFT splits it (files interchange)

@@ -343,11 +343,14 @@ def _reference_seq_logps(
         w = (weight if ref_weight is None else ref_weight).detach()
         b = bias if ref_weight is None and ref_bias is None else ref_bias
         b = None if b is None else b.detach()
+        # named as the caller passed them (a wrong reference shape was reported as the policy's)
+        check_linear_inputs(ref_hidden, w, labels, b, chunk_size,
+                            names=("ref_hidden", "lm_head_weight" if ref_weight is None else "ref_weight",
+                                   "bias" if ref_weight is None and ref_bias is None else "ref_bias"))
         if sel is None:
             _, seq, _ = completion_logps(ref_hidden.detach(), w, labels, b, chunk_size=chunk_size,
                                          ignore_index=ignore_index)
             return seq
-        check_linear_inputs(ref_hidden, w, labels, b, chunk_size)
         index, _, y = sel
         if w.shape[0] < weight.shape[0] and y.numel() and int(y.max()) >= w.shape[0]:
             raise ValueError(f"labels must be in [0, {w.shape[0]}) (the reference head's vocabulary) or "

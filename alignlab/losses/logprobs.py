@@ -99,6 +99,8 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         )
     if labels.device != logits.device:  # gather raised torch's unnamed device error (or read meta logits)
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
+    if logits.shape[-1] == 0 and labels.numel():  # every label, ignored or not, was then reported as out of range
+        raise ValueError(f"logits must have a vocabulary of at least one entry, got shape {tuple(logits.shape)}")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -457,35 +459,38 @@ def check_linear_inputs(
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     chunk_size: int | None,
+    names: tuple[str, str, str] = ("hidden", "weight", "bias"),
 ) -> None:
-    """Validate the hidden/weight/labels/bias/chunk_size arguments shared by the fused losses."""
-    for name, t in (("hidden", hidden), ("weight", weight)):
+    """Validate the hidden/weight/labels/bias/chunk_size arguments shared by the fused losses; ``names``: what the
+    caller calls the hidden states, the weight and the bias (``("ref_hidden", "ref_weight", "ref_bias")``)."""
+    h, w, b = names
+    for name, t in ((h, hidden), (w, weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"{w} must be (vocab, hidden) with hidden >= 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden must end in hidden={weight.shape[1]} (weight is (vocab, hidden)), got {tuple(hidden.shape)}"
+            f"{h} must end in hidden={weight.shape[1]} ({w} is (vocab, hidden)), got {tuple(hidden.shape)}"
         )
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
-            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+            f"labels must have {h}'s leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+        raise TypeError(f"{h} and {w} must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
             kind = ValueError if isinstance(bias, torch.Tensor) else ArgumentTypeError
-            raise kind(f"bias must have shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
+            raise kind(f"{b} must have shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
         if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+            raise TypeError(f"{b} must have {w}'s dtype {weight.dtype}, got {bias.dtype}")
     if hidden.device != weight.device or labels.device != hidden.device:
-        raise ValueError("hidden, weight and labels must be on one device")
+        raise ValueError(f"{h}, {w} and labels must be on one device")
     if bias is not None and bias.device != weight.device:
-        raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
+        raise ValueError(f"{b} must be on {w}'s device {weight.device}, got {bias.device}")
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):  # inline: every call runs it
         kind = ValueError if is_int(chunk_size) else ArgumentTypeError
         raise kind(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -1194,6 +1194,8 @@ def una_loss(
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
+    if isinstance(scores, torch.Tensor) and scores.dtype == torch.bool and isinstance(policy_logps, torch.Tensor):
+        scores = scores.to(policy_logps.dtype)  # a binary label (desirable / not), as the docs allow
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
     s = scores.to(dtype)
     if s.numel() and bool((~((s >= 0) & (s <= 1))).any()):  # NaN is outside too

@@ -158,3 +158,15 @@ def test_unused_rank_and_alpha_pattern_keys_warn_as_for_lora():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject(make_tiny_llama(), LoKrConfig(r=2, target_modules=["q_proj"], rank_pattern={"q_proj": 3}))
+
+
+@pytest.mark.parametrize("dimension,factor,err", [(-4, -1, ValueError), (True, -1, TypeError), (4.0, -1, TypeError),
+                                                  (12, 2.0, TypeError), (12, None, TypeError)])
+def test_factorization_checks_its_arguments(dimension, factor, err):
+    """A negative, bool or float dimension (and a non-int factor) is refused by name; isqrt's unnamed error and
+    factorization(True) == (1, True) before."""
+    from alignlab.adapters.kron import factorization
+
+    with pytest.raises(err, match="dimension|factor"):
+        factorization(dimension, factor)
+    assert factorization(12, 2) == (2, 6) and factorization(0) == (0, 1)

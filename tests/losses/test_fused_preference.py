@@ -481,3 +481,15 @@ def test_fused_dpo_refuses_a_bad_nll_alpha(value, error, message, eager):
         fused_linear_dpo(h, w, y, reference_free=True, nll_alpha=value, eager=eager)
     loss, metrics = fused_linear_dpo(h, w, y, reference_free=True, nll_alpha=0.5, eager=eager)
     assert torch.isfinite(loss) and "nll_loss" in metrics
+
+
+def test_reference_hidden_errors_name_the_reference():
+    """A reference of the wrong shape or dtype is reported as ref_hidden (the policy's names before)."""
+    h, w = torch.randn(4, 3, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (4, 3))
+    with pytest.raises(ValueError, match="ref_hidden"):
+        fused_linear_dpo(h, w, labels, ref_hidden=torch.randn(4, 2, 8))
+    with pytest.raises(TypeError, match="ref_hidden and lm_head_weight"):
+        fused_linear_dpo(h, w, labels, ref_hidden=torch.randn(4, 3, 8).double())
+    with pytest.raises(ValueError, match="ref_weight"):
+        fused_linear_dpo(h, w, labels, ref_hidden=torch.randn(4, 3, 8), ref_weight=torch.randn(11, 6))

@@ -295,3 +295,13 @@ def test_fp16_chunk_product_is_written_in_float32_on_cuda():
     torch.testing.assert_close(got.cpu().double(), torch.full((8, 4), 75_000.0, dtype=torch.float64), rtol=1e-6,
                                atol=0)
     assert not (dz.t() @ h).isfinite().any()  # what the float16 product gave
+
+
+def test_empty_vocabulary_and_hidden_size_are_refused_by_name():
+    """A vocabulary of 0 (logits (..., 0)) and a hidden size of 0 are named errors (before: every label out of
+    range, ignored ones too; torch's reshape error)."""
+    with pytest.raises(ValueError, match="vocabulary of at least one"):
+        token_logprobs(torch.randn(2, 3, 0), torch.full((2, 3), -100))
+    assert token_logprobs(torch.randn(0, 0), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    with pytest.raises(ValueError, match="hidden >= 1"):
+        linear_logprobs(torch.randn(2, 3, 0), torch.randn(5, 0), torch.zeros(2, 3, dtype=torch.long))

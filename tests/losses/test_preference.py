@@ -910,3 +910,12 @@ def test_una_bce_infinite_reward_with_a_zero_weight_term(s, ref_inf):
     got.sum().backward()
     assert got[0].item() == 0.0 and got[1].item() == pytest.approx(math.log(2))
     assert torch.equal(pi.grad, torch.zeros(2))
+
+
+def test_una_takes_bool_scores_as_binary_labels():
+    """Boolean scores (desirable or not) are the binary labels the docs allow: the same loss as 0 / 1 floats."""
+    pi, ref = -torch.rand(6, dtype=torch.float64) * 5, -torch.rand(6, dtype=torch.float64) * 5
+    y = torch.tensor([True, False, True, True, False, False])
+    for loss_type in ("mse", "bce"):
+        got, _ = una_loss(pi, ref, y, loss_type=loss_type)
+        torch.testing.assert_close(got, una_loss(pi, ref, y.double(), loss_type=loss_type)[0])

@@ -347,3 +347,16 @@ def test_nf4_decision_thresholds_are_bitsandbytes_and_ties_go_down():
     above = torch.nextafter(bnb_thresholds, torch.full_like(bnb_thresholds, 2.0))
     assert _nearest_code(bnb_thresholds, code).tolist() == list(range(15))
     assert _nearest_code(above, code).tolist() == list(range(1, 16))
+
+
+def test_double_quant_offset_of_block_scales_near_the_fp32_limit():
+    """The double-quantization offset is the block scales' mean: in fp32 (bitsandbytes' value) where that is finite,
+    in fp64 where the fp32 sum overflows (weights near 3e38 dequantized to inf / NaN before)."""
+    w = torch.tensor([3e38, -3e38, 1.0] * 30)
+    t = nf4_quantize(w, blocksize=64, double_quant=True)
+    assert torch.isfinite(t.nested_offset).all()
+    d = nf4_dequantize(t, torch.float32)
+    assert torch.isfinite(d).all() and d[0].item() == pytest.approx(3e38, rel=1e-2)
+    small = torch.randn(64, 128)
+    t = nf4_quantize(small, blocksize=64, double_quant=True)
+    assert torch.equal(t.nested_offset, nf4_quantize(small, blocksize=64, double_quant=False).absmax.mean())
