@@ -22,7 +22,7 @@ from torch import nn
 from alignlab.adapters.base import AdapterLayer, fan_in_fan_out, merge_weight, refuse_float16_merge, set_dense_weight_
 from alignlab.adapters.config import (_compile, _is_str_list, as_bool, check_modules_to_save, check_target_spec, check_task_type,
                                       name_matches, task_type_from_file, with_task_heads)
-from alignlab.adapters.inject import _candidates, find_targets, layers_holding
+from alignlab.adapters.inject import _candidates, layer_targets, layers_holding
 from alignlab.adapters.io import peft_header, peft_targets, refuse_unsupported
 
 
@@ -181,7 +181,7 @@ class IA3Config:
                 raise ValueError(f"feedforward_modules must be a subset of target_modules; {extra} are not targets")
 
     def find_targets(self, model: nn.Module) -> list[str]:
-        names = find_targets(model, self)
+        names = layer_targets(model, self)
         if self._default_targets:
             # the paper's keys, values and FFN output under Llama's names: on OPT ("fc2") the FFN vectors
             # would be missing without a word

@@ -131,8 +131,17 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Dotted names of the modules ``config`` selects in ``model``."""
+def find_targets(model: nn.Module, config) -> list[str]:
+    """Dotted names of the modules ``config`` selects in ``model``: what :func:`inject` would adapt (the layers its
+    ``target_modules`` name, or the blocks / embedding of configs that choose their own, such as bottleneck adapters
+    and prompt tuning)."""
+    own_finder = getattr(config, "find_targets", None)
+    return own_finder(model) if callable(own_finder) else layer_targets(model, config)
+
+
+def layer_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Dotted names of the layers ``config.target_modules`` selects in ``model`` (the rule of the configs that wrap
+    layers: LoRA and the other layer families)."""
     # a config that can adapt embeddings (LoRA) finds them by name; "all-linear" never picks them
     candidates = _candidates(model, embeddings=getattr(config, "adapts_embeddings", False))
     shared = shared_modules(model)
@@ -276,8 +285,7 @@ def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str, from_file: 
         raise ValueError(f"adapter {adapter_name!r} already exists in this model; pick another name or delete_adapter first")
     # A config may choose its own targets (e.g. whole blocks, the input embedding) and prepare
     # state shared by its layers (e.g. VeRA's frozen random projections) before they are built.
-    own_finder = getattr(config, "find_targets", None)
-    targets = own_finder(model) if callable(own_finder) else find_targets(model, config)
+    targets = find_targets(model, config)
     if not targets:
         existing = sorted({n for n, _ in _candidates(model)})
         suffixes = sorted({n.split(".")[-1] for n in existing})

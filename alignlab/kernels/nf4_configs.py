@@ -159,8 +159,10 @@ def register_table(key: str, table: dict) -> None:
             that is not a power of two in 1..64, the GEMV outside bucket 1, a swapped kernel at 1, a launch value
             that is not a positive int or power of two, an alternative's shape outside the measured ones).
     """
-    if not isinstance(key, str) or not key.strip():
+    if not isinstance(key, str):
         raise TypeError(f"key must be a non-empty str (part of the GPU's name), got {key!r}")
+    if not key.strip():
+        raise ValueError(f"key must be a non-empty str (part of the GPU's name), got {key!r}")
     if not isinstance(table, dict) or not isinstance(table.get("configs"), dict):
         raise TypeError(f"table must be a dict with a 'configs' dict, got {type(table).__name__}")
     max_m = table.get("max_m")

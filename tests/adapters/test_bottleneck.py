@@ -235,3 +235,17 @@ def test_config_hidden_size_must_be_a_positive_int():
     for bad in (2.7, "32", True, 0, -4):
         with pytest.raises(ValueError, match="hidden_size must be None or a positive int"):
             BottleneckConfig(hidden_size=bad)
+
+
+def test_find_targets_asks_configs_that_choose_their_own_targets():
+    """alignlab.adapters.find_targets returns what inject adapts for configs with their own rule (bottleneck blocks,
+    the prompt embedding), as for LoRA (it refused the blocks and raised AttributeError for prompt tuning)."""
+    from alignlab.adapters import PromptTuningConfig, find_targets
+
+    model = make_tiny_llama()
+    want = find_targets(model, BottleneckConfig())
+    assert want and all(n.endswith(("self_attn", "mlp")) for n in want)
+    inject(model, BottleneckConfig())
+    adapted = sorted(n for n, m in model.named_modules() if type(m).__name__ == "BottleneckLayer")
+    assert adapted == sorted(want)
+    assert find_targets(make_tiny_llama(), PromptTuningConfig(num_virtual_tokens=4)) == ["model.embed_tokens"]

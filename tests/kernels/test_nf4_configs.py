@@ -210,7 +210,8 @@ def test_register_table_adds_a_gpu_and_takes_the_shipped_tables(monkeypatch):
 
 
 @pytest.mark.parametrize("key,table,error,match", [
-    ("", {"max_m": 16, "configs": {}}, TypeError, "key must be a non-empty str"),
+    ("", {"max_m": 16, "configs": {}}, ValueError, "key must be a non-empty str"),
+    (3, {"max_m": 16, "configs": {}}, TypeError, "key must be a non-empty str"),
     ("X", [], TypeError, "table must be a dict with a 'configs' dict"),
     ("X", {"max_m": 65, "configs": {}}, ValueError, r"max_m'\] must be an int in 1..64, got 65"),
     ("X", {"max_m": 16, "configs": {}, "max_rows": 3}, ValueError, "unknown fields"),
