@@ -32,7 +32,7 @@ DECODE_ROWS = 64
 
 # device key -> {"max_m": int, "configs": {(kernel, m_bucket): {(N, K): (block_n, nb, split, warps, stages)}},
 #                "shapes": [(N, K), ...] (optional), "max_m_listed": int (optional, see takes_small)}.
-# A shape listed under ("swap_early", m), ("swap", m) or ("late", m) takes that kernel at that bucket (it measured
+# A shape listed under ("swap_early", m), ("swap", m), ("late", m) or ("swap_flat", m) takes that kernel at that bucket (it measured
 # faster there than the default of the same shape in the same run); the other shapes keep the base kernel ("gemv"
 # at M = 1, "dot" above), with the table's entry or else the rules (see small_choice). "shapes" lists the measured
 # shapes a call is matched to where the base kernel has no entries of its own (the H100 table).

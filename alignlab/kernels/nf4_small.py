@@ -22,8 +22,10 @@ weight back (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
   block's fp32 product is multiplied by its scale column -- the lookup is the only per-weight work.
 * :func:`_swap_kernel` (``2 <= M <= 64``, tensor cores): the late kernel's product with the operands
   swapped, ``y^T = W x^T``, so that on Hopper the levels are ``wgmma``'s left operand, read from registers.
+* :func:`_flat_kernel` (``kernel="swap_flat"``): the swapped kernel with the levels scaled early and a step's
+  quantization blocks as one ``tl.dot`` operand (the H100 table's choice at 64 rows).
 
-All four split K over a second grid axis (the output rows alone give too few
+All of them split K over a second grid axis (the output rows alone give too few
 programs to keep the memory system busy). Each K slice stores its fp32 partial
 in a workspace and counts itself in; the last slice of an output tile to
 arrive adds the partials in slice order (plus the bias) and writes ``y`` in
@@ -572,7 +574,6 @@ if triton is not None:
                 SPLIT, HAS_BIAS, xa_ptr, lb_ptr, R, stride_lb, rm, mmask, rn, nmask, HAS_RANK, 2, BLOCK_R,
                 IEEE, PDL)
 
-
     @triton.jit
     def _flat_step(data_ptr, absmax_ptr, nested_ptr, offset_ptr, code2_ptr, rows, nmask, half_k, nb_row, k0, k_end,
                    BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE: tl.constexpr, NB: tl.constexpr):
@@ -753,8 +754,9 @@ def small_m_matmul(
             :func:`alignlab.kernels.nf4_matmul.nf4_matmul`, checks both).
         bias: optional ``(N,)``, added in fp32 before the cast to ``x2.dtype``.
         kernel: ``"gemv"`` (``M == 1`` only), ``"dot"``, ``"late"`` (scales on the accumulator),
-            ``"swap"`` / ``"swap_early"`` (the weight as the dot's left operand, scaled after / before it);
-            default by ``M`` and this GPU's table.
+            ``"swap"`` / ``"swap_early"`` (the weight as the dot's left operand, scaled after / before it),
+            ``"swap_flat"`` (``"swap_early"`` with a step's blocks as one operand); default by ``M`` and this GPU's
+            table.
         block_n, nb, split, num_warps, num_stages: launch configuration (rows per program,
             quantization blocks per step, K slices, warps, pipeline stages).  Defaults: the
             measured table of this GPU (:mod:`alignlab.kernels.nf4_configs`), else the H100 rules.
