@@ -485,6 +485,16 @@ if triton is not None:
                 IEEE, PDL)
 
     @triton.jit
+    def _x_pair_pointers(x_ptr, rm, rj, stride_xm):
+        """The swapped kernels' x pointers for rows ``rm`` and pairs ``rj``: ``(len(rj), len(rm))`` to ``x[m, 2j]``
+        and ``(len(rm), len(rj))`` to the 32-bit words ``(x[m, 2j], x[m, 2j + 1])`` (``stride_xm`` is even where
+        their ``X_WORDS`` reads them)."""
+        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rj[:, None]
+        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
+                                                                     + rj[None, :])
+        return x_cols, x_words
+
+    @triton.jit
     def _swap_kernel(
         x_ptr, data_ptr, absmax_ptr, nested_ptr, offset_ptr, shift_ptr, code_ptr, code2_ptr, y_ptr,
         ws_ptr, cnt_ptr, bias_ptr, M, N, K, half_k, stride_xm, k_per_split, n_split, xa_ptr, lb_ptr, R, stride_lb,
@@ -522,10 +532,7 @@ if triton is not None:
         nb_row = K // BLOCKSIZE
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rj[:, None]  # (HB, BLOCK_M): x[m, 2j]
-        # (BLOCK_M, HB) words (x[m, 2j], x[m, 2j + 1]); stride_xm is even where X_WORDS is set
-        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
-                                                                     + rj[None, :])
+        x_cols, x_words = _x_pair_pointers(x_ptr, rm, rj, stride_xm)
         w_rows = data_ptr + rows[:, None] * half_k + rj[None, :]
         table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None])
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -622,9 +629,7 @@ if triton is not None:
         nb_row = K // BLOCKSIZE
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm + 2 * rk[:, None]  # (KB, BLOCK_M): x[m, 2j]
-        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (rm.to(tl.int64)[:, None] * (stride_xm // 2)
-                                                                     + rk[None, :])
+        x_cols, x_words = _x_pair_pointers(x_ptr, rm, rk, stride_xm)
         rk2 = tl.arange(0, 2 * KB)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk2[None, :]  # (BLOCK_M, 2 KB): x as stored
         table = nf4_table(code_ptr, x_ptr.dtype.element_ty, ASM and REGS and not IEEE, rn[:, None, None])

@@ -275,9 +275,12 @@ class NF4Linear(nn.Module):
         return y.to(in_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
+        """The weight ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``; float64 too, as the
+        layer takes float64 inputs: the fp32 values, which float64 holds exactly)."""
         from alignlab.kernels.nf4_dequant import nf4_dequant
 
+        if dtype == torch.float64:
+            return nf4_dequant(self.quant_weight, torch.float32).double()
         return nf4_dequant(self.quant_weight, dtype or self.compute_dtype)
 
     @torch.no_grad()

@@ -640,3 +640,13 @@ def test_quantize_model_refuses_a_bad_calibrate_before_naming_any_layer():
     with pytest.raises(ValueError, match=r"^calibrate must be None or 'icq', got 'icqq'$"):
         quantize_model(model, calibrate="icqq")
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_dequantize_to_float64_gives_the_fp32_values():
+    """NF4Linear takes float64 inputs, so dequantize(torch.float64) gives the fp32 dequantization exactly (a TypeError
+    before); other dtypes keep their checks."""
+    layer = NF4Linear.from_linear(nn.Linear(128, 16))
+    w64 = layer.dequantize(torch.float64)
+    assert w64.dtype == torch.float64 and torch.equal(w64, layer.dequantize(torch.float32).double())
+    with pytest.raises(TypeError):
+        layer.dequantize(torch.int8)
