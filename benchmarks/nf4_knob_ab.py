@@ -30,7 +30,8 @@ from alignlab.kernels.nf4_small import small_m_matmul  # noqa: E402
 from alignlab.quant.nf4 import nf4_quantize  # noqa: E402
 
 KNOBS = {"TABLE_REGS": str, "X_WORDS": lambda v: v != "0",
-         "LOOKUP_FIRST": lambda v: "auto" if v == "auto" else v == "1", "PREFETCH": lambda v: v != "0"}  # how each knob's values are set on the module
+         "LOOKUP_FIRST": lambda v: "auto" if v == "auto" else v == "1", "PREFETCH": lambda v: v != "0",
+         "INTERLEAVE": lambda v: v != "0"}  # how each knob's values are set on the module
 
 
 def main(argv=None):

@@ -1057,8 +1057,9 @@ RANK_OVERLAP = env_switch("ALIGNLAB_LORA_RANK_OVERLAP", True)
 # ahead took 0.96x the time at 14336 x 4096 and 1.01-1.19x at the other four shapes. Read when a plan is made.
 PREFETCH = env_switch("ALIGNLAB_NF4_PREFETCH", False)
 # The flat swapped kernel joins the high and low levels into the weight's column order and reads x as stored, one
-# tl.dot per step ("1"), or multiplies the even and odd halves of x apart, x read as 32-bit pairs ("0", the default
-# until timed; benchmarks/nf4_knob_ab.py --knob INTERLEAVE --kernel swap_flat). Read when a plan is made.
+# tl.dot per step ("1"), or multiplies the even and odd halves of x apart, x read as 32-bit pairs ("0", the default).
+# H100, 2026-12-07 (benchmarks/nf4_knob_ab.py --knob INTERLEAVE --kernel swap_flat --ms 32,64; RESULTS.md): mixed,
+# 0.92x the time at 14336 x 4096 and 64 rows, up to 1.05x elsewhere. Read when a plan is made.
 INTERLEAVE = env_switch("ALIGNLAB_NF4_INTERLEAVE", False)
 
 
