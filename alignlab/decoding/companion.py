@@ -90,7 +90,7 @@ class CompanionLM:
         self, model: nn.Module, *, pad_token_id: int | None = None, use_cache: bool = True, name: str = "model"
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
+            raise TypeError(f"{name}: expected a torch.nn.Module causal LM, got {type(model).__name__}")
         # 1.5 matched no token, so left padding was silently attended; True matched id 1
         check_token_id(pad_token_id, "pad_token_id", allow_none=True)
         self.model = model

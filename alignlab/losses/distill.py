@@ -729,13 +729,14 @@ def sequence_kd_labels(
 
     The student is trained with cross-entropy on the teacher's own outputs: every position of
     ``sequences`` (the teacher's ``generate`` output, prompt included, right-padded) becomes a
-    label except the prompt, padding, and anything after the first ``eos_token_id`` of the
-    generated part (the EOS itself stays a target).
+    label except the prompt, padding (the run of ``pad_token_id`` that ends a row; a pad id followed by other tokens
+    is a generated token), and anything after the first ``eos_token_id`` of the generated part (the EOS itself
+    stays a target).
 
     Args:
         sequences: ``(batch, seq)`` token ids.
         prompt_lengths: ``(batch,)`` prompt length of each row (prompt left-aligned in the row).
-        pad_token_id: id masked out in the generated part (``None``: no padding masking).
+        pad_token_id: id of the padding that ends a row, masked out (``None``: no padding masking).
         eos_token_id: generation stop id, or a list of them (``generation_config.eos_token_id`` of Llama 3
             and others); the first of any ends the row (``None``: keep everything after the prompt).
         ignore_index: label value for masked positions.
@@ -784,7 +785,10 @@ def sequence_kd_labels(
         # Positions strictly after the first generated EOS are dropped.
         keep = keep & ~((seen - is_eos.long()) > 0)
     if pad_token_id is not None:
-        pad = sequences == pad_token_id
+        # padding is the run of pad ids that ends the row: a pad id generated before other tokens is a token (it
+        # was masked too, and with it whole stretches of a random teacher's output)
+        pad = (sequences == pad_token_id).long()
+        pad = torch.flip(torch.cumprod(torch.flip(pad, [-1]), -1), [-1]).bool()
         if first_eos is not None:  # pad_token_id == an EOS id: the first generated EOS stays a target
             pad = pad & ~first_eos
         keep = keep & ~pad

@@ -476,6 +476,9 @@ def check_linear_inputs(
             f"{h} must end in hidden={weight.shape[1]} ({w} is (vocab, hidden)), got {tuple(hidden.shape)}"
         )
     if hidden.shape[:-1] != labels.shape:
+        if h != "hidden":  # a second input (the reference's) against the labels the first one fixed
+            raise ValueError(f"{h} must be labels.shape + (hidden,) = {tuple(labels.shape) + (weight.shape[1],)}, "
+                             f"got {tuple(hidden.shape)}")
         raise ValueError(
             f"labels must have {h}'s leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )

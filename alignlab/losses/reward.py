@@ -693,7 +693,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = Fa
         ``(batch,)`` advantages (detached).
 
     Raises:
-        ValueError: ``group_size < 2``, batch not a multiple of it, non-float rewards, ``eps`` negative, NaN or
+        ValueError: ``group_size < 2``, batch not a multiple of it, complex rewards, ``eps`` negative, NaN or
             infinite.
         TypeError: ``normalize`` not a bool, ``group_size`` not an int (2.0 included; an
             :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).

@@ -358,8 +358,8 @@ def linear(
         out.add_(t.to(wd), alpha=wi)
     if not _no_nan(out):  # a NaN input is NaN in out, whatever its weight (NaN·0 is NaN)
         _refuse_nan(tensors, [f"tensors[{i}]" for i in range(len(tensors))], "linear")
-    if normalize:
-        out.div_(total)
+    if normalize:  # by the weights summed as mergekit sums them: rounded to the work dtype, a tensor sum in it
+        out.div_(float(torch.tensor(w, dtype=wd).sum()))  # (an exact sum rounded once differed by an ulp)
     return out.to(out_dtype or tensors[0].dtype)
 
 
@@ -431,7 +431,12 @@ def _combine(base, weighted, weights, consensus, normalize, lambda_, out_dtype=N
     wd = weighted[0].dtype
     if consensus is None:
         mixed = weighted[0].clone() if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
-        divisor = math.fsum(weights)
+        # the weights rounded to the work dtype and added in it one by one, as mergekit forms its divisor (and as the
+        # consensus branch below does): the exact sum rounded once was an ulp off mergekit's for some weights
+        total = torch.zeros((), dtype=wd)
+        for w in weights:
+            total += w
+        divisor = float(total)
         if abs(divisor) < 1e-8:
             divisor = 1.0
         if normalize:

@@ -289,6 +289,18 @@ def test_sequence_kd_labels_by_hand():
         sequence_kd_labels(seqs, [9])
 
 
+def test_sequence_kd_labels_pad_ids_inside_a_generation_are_tokens():
+    """Padding is the run of pad ids that ends a row: a pad id the teacher generated before other tokens stays a
+    target (it was masked), with or without an EOS; a row stopped without EOS (a stop string) and padded loses its
+    trailing pads."""
+    seqs = torch.tensor([[5, 6, 0, 7, 2, 0],   # pad id generated, then 7, EOS, pad
+                         [5, 6, 7, 0, 8, 9],   # no EOS, a pad id inside, none at the end
+                         [5, 6, 7, 8, 0, 0]])  # no EOS, trailing padding
+    labels = sequence_kd_labels(seqs, [2, 2, 2], pad_token_id=0, eos_token_id=2)
+    assert labels.tolist() == [[-100, -100, 0, 7, 2, -100], [-100, -100, 7, 0, 8, 9], [-100, -100, 7, 8, -100, -100]]
+    assert sequence_kd_labels(seqs, [2, 2, 2], pad_token_id=0).tolist() == labels.tolist()
+
+
 def test_sequence_kd_loss_and_divergence_by_hand():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)

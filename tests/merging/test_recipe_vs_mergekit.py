@@ -137,3 +137,23 @@ def test_unequal_karcher_weights_warn_that_mergekit_ignores_them(llamas, tmp_pat
                        [{"model": str(llamas / m)} for m in "ab"]):
             merge_checkpoints({**r, "models": models, "parameters": {"weight": 2.0}}, tmp_path / "quiet",
                               overwrite=True)
+
+
+@pytest.mark.parametrize("method,weights,normalize", [
+    ("linear", {"a": 0.1, "b": 0.2, "base": 0.4}, True),
+    ("task_arithmetic", {"a": 0.7, "b": -0.3}, True),
+    ("task_arithmetic", {"a": 0.1, "b": 0.2}, True),
+])
+def test_normalized_weights_whose_sum_rounds_in_float32_are_mergekits(llamas, tmp_path, method, weights, normalize):
+    """The normalising divisor is the weights' sum as mergekit forms it (rounded to float32 and added there): with
+    0.1 / 0.2 / 0.4 or 0.7 / -0.3 the exact sum rounded once was an ulp off it, and nearly every element of the
+    merge with it (a helper's find); now bit for bit."""
+    r = {"merge_method": method, "dtype": "float32", "parameters": {"normalize": normalize},
+         "models": [{"model": str(llamas / m), "parameters": {"weight": w}} for m, w in weights.items()]}
+    if method == "task_arithmetic":
+        r["base_model"] = str(llamas / "base")
+    theirs = mergekit_run(r, tmp_path / "mergekit")
+    ours = load_checkpoint(merge_checkpoints(r, tmp_path / "ours"))
+    assert set(ours) == set(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, rtol=0, atol=0, msg=name)
