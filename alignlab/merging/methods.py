@@ -359,7 +359,8 @@ def linear(
     if not _no_nan(out):  # a NaN input is NaN in out, whatever its weight (NaN·0 is NaN)
         _refuse_nan(tensors, [f"tensors[{i}]" for i in range(len(tensors))], "linear")
     if normalize:  # by the weights summed as mergekit sums them: rounded to the work dtype, a tensor sum in it
-        out.div_(float(torch.tensor(w, dtype=wd).sum()))  # (an exact sum rounded once differed by an ulp)
+        # (an exact sum rounded once differed by an ulp); the exact one where that rounding cancels to 0
+        out.div_(float(torch.tensor(w, dtype=wd).sum()) or total)
     return out.to(out_dtype or tensors[0].dtype)
 
 
@@ -436,7 +437,7 @@ def _combine(base, weighted, weights, consensus, normalize, lambda_, out_dtype=N
         total = torch.zeros((), dtype=wd)
         for w in weights:
             total += w
-        divisor = float(total)
+        divisor = float(total) or math.fsum(weights)  # (the exact sum where the rounded one cancels to 0)
         if abs(divisor) < 1e-8:
             divisor = 1.0
         if normalize:

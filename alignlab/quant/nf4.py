@@ -488,8 +488,9 @@ def nf4_quantize(
     if double_quant:
         offset = absmax.mean()  # in fp32, as bitsandbytes (its codes are matched bit for bit)
         # where the fp32 sum overflows (block scales near the fp32 limit: inf / NaN weights after dequantization),
-        # the mean taken in fp64; no host read, and the same offset wherever the fp32 one is finite
-        offset = torch.where(torch.isfinite(offset), offset, absmax.double().mean().to(offset.dtype))
+        # the sum of absmax / n instead (no term, nor the sum, can overflow); no host read, no fp64 (MPS has none),
+        # and the same offset wherever the fp32 mean is finite
+        offset = torch.where(torch.isfinite(offset), offset, (absmax / absmax.numel()).sum())
         qabs, nested = _quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
         t.absmax, t.nested_absmax, t.nested_offset = qabs, nested, offset
     note_device(w.device)  # the launch tables of this GPU, known before any torch.compile trace
