@@ -460,9 +460,11 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def saved_module_matches(modules_to_save: list[str], name: str) -> bool:
-    """Whether a dotted module name is one of ``modules_to_save``: it ends with one of them, without a dot
-    before (PEFT's ``_set_trainable`` does ``key.endswith(target_key)``, and saves every module it wraps so)."""
-    return any(name.endswith(t) for t in modules_to_save)
+    """Whether a dotted module name is one of ``modules_to_save``: it is one of them or ends with ``"." + `` one
+    (PEFT 0.22's rule, ``_is_valid_match``: ``"norm"`` is ``model.norm``, not ``input_layernorm``; PEFT up to 0.21
+    matched any suffix, and :func:`~alignlab.adapters.load_adapter` still loads such files, see
+    ``io._add_saved_copies_in_file``)."""
+    return any(name == t or name.endswith("." + t) for t in modules_to_save)
 
 
 def name_matches(spec: str | list[str], name: str) -> bool:

@@ -105,11 +105,11 @@ def refuse_lora_variants(raw: dict, method: str = "LoRA") -> None:
                              "only null or false)")
 
 
-# Every field of PEFT 0.21's LoraConfig. Each one is honoured by config_from_peft (r, lora_alpha, target_modules,
+# Every field of PEFT 0.22's LoraConfig. Each one is honoured by config_from_peft (r, lora_alpha, target_modules,
 # rank_pattern, use_rslora, use_dora, ...), refused when set (bias, lora_bias, init_lora_weights that rewrite the base,
 # _PEFT_LORA_VARIANTS), or changes no number of a loaded adapter: metadata (peft_version, revision, inference_mode,
 # task_type, auto_mapping, runtime_config), options of a refused variant (megatron_core, qalora_group_size) or of an
-# init the file's weights replace (loftq/eva/corda/lora_ga_config: PEFT itself ignores them under another init), and
+# init the file's weights replace (loftq/eva/corda/lora_ga/astra_config: PEFT itself ignores them under another init), and
 # fan_in_fan_out, which each layer's type decides in PEFT as here
 PEFT_LORA_FIELDS = frozenset((
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
@@ -119,6 +119,7 @@ PEFT_LORA_FIELDS = frozenset((
     "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
     "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "ensure_weight_tying",
+    "astra_config",  # PEFT 0.22: the option of init_lora_weights="astra" (which rewrites the base: refused)
 ))
 
 
@@ -602,6 +603,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         return model
     _drop_absent_modules_to_save(model, config)
     state = _read_weights(root / WEIGHTS_NAME)
+    _add_saved_copies_in_file(model, config, state)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     rewritten = _kept_rewritten_weights(model, config)  # a PiSSA / OLoRA file's init writes residuals into the base
     _inject(model, config, adapter_name, from_file=True, kept=rewritten)
@@ -681,6 +683,24 @@ def _drop_absent_modules_to_save(model: nn.Module, config) -> None:
     names = [n for n, _ in model.named_modules() if n]
     kept = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
     config.modules_to_save = kept or None
+
+
+def _add_saved_copies_in_file(model: nn.Module, config, state: dict) -> None:
+    """Name in ``config.modules_to_save`` (by their full names) the modules whose trained copies the file holds that
+    the name rule does not match: PEFT up to 0.21 wrapped every module whose name merely ended with an entry
+    (``"norm"``: each ``input_layernorm`` too), PEFT 0.22 and alignlab only whole names; such a file loads as it was
+    trained. Only modules that end with an entry (the old rule) and whose every parameter the file holds (a copy, not
+    an adapter tensor such as DoRA's magnitude beside a layer) are added."""
+    wanted = list(getattr(config, "modules_to_save", None) or [])
+    if not wanted:
+        return
+    held = {k.removeprefix(PREFIX).rpartition(".")[0] for k in state}  # a saved module's tensors: "<module>.<name>"
+    names = {n for n, _ in model.named_modules() if n}
+    extra = sorted(n for n in held if n in names and not saved_module_matches(wanted, n)
+                   and any(n.endswith(w) for w in wanted)
+                   and all(f"{PREFIX}{n}.{k}" in state for k, _ in model.get_submodule(n).named_parameters()))
+    if extra:
+        config.modules_to_save = wanted + extra
 
 
 def _config_from_file(raw: dict):

@@ -27,7 +27,7 @@ IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0)) 
 
 
 MODELS = {  # name -> (maker, PEFT task type, the head PEFT trains for it, a further module to save, attention, FFN out)
-    "llama_seq_cls": (make_tiny_llama_classifier, "SEQ_CLS", "score", "norm", ["q_proj", "v_proj"], "down_proj"),
+    "llama_seq_cls": (make_tiny_llama_classifier, "SEQ_CLS", "score", "model.norm", ["q_proj", "v_proj"], "down_proj"),
     "bert_seq_cls": (make_tiny_bert, "SEQ_CLS", "classifier", "pooler", ["query", "value"], "output.dense"),
     "bert_token_cls": (lambda: make_tiny_bert("ForTokenClassification"), "TOKEN_CLS", "classifier",
                        "bert.encoder.layer.1.output.LayerNorm", ["query", "value"], "output.dense"),

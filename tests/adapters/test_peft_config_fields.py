@@ -22,7 +22,8 @@ METADATA = {"task_type": "CAUSAL_LM", "auto_mapping": {"base_model_class": "X"},
             "base_model_name_or_path": "org/model", "revision": "main", "inference_mode": True,
             "runtime_config": {"ephemeral_gpu_offload": True}, "megatron_core": "megatron.core",
             "qalora_group_size": 32, "loftq_config": {"loftq_bits": 4}, "eva_config": {"rho": 2.0},
-            "corda_config": {"cache_file": "x"}, "lora_ga_config": {"direction": "ArB2r"}}
+            "corda_config": {"cache_file": "x"}, "lora_ga_config": {"direction": "ArB2r"},
+            "astra_config": {"cache_file": "x"}}
 
 
 def test_every_peft_lora_field_is_known():
