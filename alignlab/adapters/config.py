@@ -327,7 +327,10 @@ def check_modules_to_save(modules_to_save) -> list[str] | None:
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: the heads PEFT's task wrappers add to ``modules_to_save`` for these task types (a name suffix each, so the model
 #: has one of the two classifier names), and whose trained copies their files therefore hold
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+# PEFT 0.22's CLASSIFIER_MODULE_NAMES: "pre_classifier" (DistilBERT's randomly initialised layer before its classifier)
+# named, now that an entry no longer matches any name ending with it ("classifier" took it until PEFT 0.21)
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score", "pre_classifier"], "TOKEN_CLS": ["classifier", "score", "pre_classifier"],
+              "QUESTION_ANS": ["qa_outputs"]}
 
 
 def check_task_type(task_type, arg: str = "task_type", accepted: tuple[str, ...] = PEFT_TASK_TYPES) -> str | None:
@@ -350,7 +353,8 @@ def task_heads(model: nn.Module, task_type: str | None, required: bool = True) -
     names = [n for n, _ in model.named_modules() if n]
     heads = [w for w in wanted if any(saved_module_matches([w], n) for n in names)]
     if required and wanted and not heads:
-        raise ValueError(f"task_type {task_type!r}: PEFT trains the model's {' or '.join(wanted)} head and reads it "
+        heads_ = ", ".join(wanted[:-1]) + " or " + wanted[-1] if len(wanted) > 1 else wanted[0]
+        raise ValueError(f"task_type {task_type!r}: PEFT trains the model's {heads_} head and reads it "
                          f"from the file, and this {type(model).__name__} has none")
     return heads
 

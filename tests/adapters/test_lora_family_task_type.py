@@ -190,7 +190,7 @@ def test_a_head_task_on_a_model_without_that_head_is_refused(family):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HEAD_CONFIG, num_key_value_heads=2))
     cls, _, kw, _ = _family(family, ["q_proj", "v_proj"], "down_proj")
-    with pytest.raises(ValueError, match=r"task_type 'SEQ_CLS'.*classifier or score.*modules_to_save"):
+    with pytest.raises(ValueError, match=r"task_type 'SEQ_CLS'.*classifier, score or pre_classifier.*modules_to_save"):
         inject(model, cls(**kw, task_type="SEQ_CLS"))
     assert not adapter_configs(model) and all(p.requires_grad for p in model.parameters())
 

@@ -77,7 +77,7 @@ def test_causal_lm_keeps_its_task_type_and_a_given_task_type_is_written(tmp_path
     with pytest.raises(ValueError, match="task_type must be None .* or one of"):
         PromptTuningConfig(task_type="SEQ_2_SEQ_LM")
     model = make_tiny_llama()
-    with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT trains the model's classifier or score head"):
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS': PEFT trains the model's classifier, score or pre_classifier head"):
         inject(model, PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
     assert adapter_configs(model) == {}  # refused before the model changed
 
@@ -136,5 +136,5 @@ def test_peft_prompt_file_for_a_classifier_without_those_heads_loads_as_in_peft(
     torch.testing.assert_close(_outputs(peft.PeftModel.from_pretrained(_xlnet(), str(tmp_path / "ours")).eval(),
                                         "logits"), want)
     # a config of the user's still needs the head its task trains
-    with pytest.raises(ValueError, match="task_type 'SEQ_CLS'.*classifier or score"):
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS'.*classifier, score or pre_classifier"):
         inject(_xlnet(), PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
