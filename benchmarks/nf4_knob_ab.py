@@ -8,7 +8,8 @@ its output from the first value's, bf16 cuBLAS on a dense weight and a same-byte
 Knobs: ``TABLE_REGS`` (``0`` PTX immediates / ``1`` registers / ``auto``, ``ALIGNLAB_NF4_TABLE_REGS``),
 ``X_WORDS`` (``0`` / ``1``: the swapped kernels' x read as 32-bit pairs, ``ALIGNLAB_NF4_X_WORDS``),
 ``LOOKUP_FIRST`` (``0`` / ``1`` / ``auto``: the swapped kernels' lookup before the layout change, ``ALIGNLAB_NF4_LOOKUP_FIRST``),
-``PREFETCH`` (``0`` / ``1``: the flat kernel's next-step loads ahead, ``ALIGNLAB_NF4_PREFETCH``; with ``--kernel swap_flat``).
+``PREFETCH`` / ``INTERLEAVE`` (``0`` / ``1``: the flat kernel's next-step loads ahead, its levels in column order against
+x as stored; ``ALIGNLAB_NF4_PREFETCH`` / ``ALIGNLAB_NF4_INTERLEAVE``; with ``--kernel swap_flat``).
 
     python benchmarks/nf4_knob_ab.py [--knob TABLE_REGS --values 0,1,auto] [--ms 1,2,4,8,16,32,64]
         [--shapes 4096x4096,14336x4096] [--kernel swap_early] [--num-warps 4] [--out benchmarks/results/nf4_knob_ab.json]
