@@ -84,11 +84,10 @@ def _tools() -> str:
 
 
 def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat16, table: str = "H200",
-                  kernel: str | None = None, config: tuple | None = None, prefetch: bool | None = None,
-                  interleave: bool | None = None):
+                  kernel: str | None = None, config: tuple | None = None, knobs: dict | None = None):
     """``(kernel name, meta, compiled kernel)`` of the small-M product ``table``'s device picks for ``(N, K, M)``, or of
-    ``kernel`` at ``config`` (``(block_n, nb, split, num_warps, num_stages)``) where given; ``prefetch`` /
-    ``interleave`` set ``nf4_small.PREFETCH`` / ``INTERLEAVE`` (the flat kernel's) for the compile."""
+    ``kernel`` at ``config`` (``(block_n, nb, split, num_warps, num_stages)``) where given; ``knobs``: switches of
+    ``nf4_small`` set for the compile (``{"PREFETCH": True}``, the flat kernel's), restored after."""
     import alignlab.kernels.nf4_configs as configs
     import alignlab.kernels.nf4_small as small
     from alignlab.kernels.nf4_dequant import _state_args
@@ -96,9 +95,10 @@ def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat
 
     key, configs.device_key = configs.device_key, lambda device: table
     old_regs, small.TABLE_REGS = small.TABLE_REGS, regs
-    old_prefetch, old_interleave = small.PREFETCH, small.INTERLEAVE
-    small.PREFETCH = old_prefetch if prefetch is None else prefetch
-    small.INTERLEAVE = old_interleave if interleave is None else interleave
+    knobs = knobs or {}
+    old_knobs = {name: getattr(small, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(small, name, value)
     try:
         t = nf4_quantize(torch.randn(N, K), blocksize=64)
         x = torch.randn(M, K, dtype=dtype)
@@ -106,7 +106,8 @@ def compile_small(N: int, K: int, M: int, regs: str = "auto", dtype=torch.bfloat
                                                         *(config or (None,) * 5), None)
     finally:
         configs.device_key, small.TABLE_REGS = key, old_regs
-        small.PREFETCH, small.INTERLEAVE = old_prefetch, old_interleave
+        for name, value in old_knobs.items():
+            setattr(small, name, value)
     y = torch.empty(M, N, dtype=dtype)
     ws = torch.empty(split, M, N) if split > 1 else y
     cnt = torch.zeros(grid[0], dtype=torch.int32) if split > 1 else y
@@ -296,16 +297,16 @@ def main(argv=None) -> None:
                               f"{r['regs']} regs, {r['spill']} B spill", flush=True)
         return
     print(f"Triton {triton.__version__}, sm_90, bf16 x, blocksize 64 + double quant, {args.table} table configurations")
+    config = tuple(int(v) for v in args.config.split(",")) if args.config else None
+    knobs = {name: value == "1" for name, value in (("PREFETCH", args.prefetch), ("INTERLEAVE", args.interleave))
+             if value is not None}
     for m in (int(v) for v in args.m.split(",")):
         for shape in args.shapes.split(","):
             N, K = (int(v) for v in shape.lower().split("x"))
             cells = []
             for regs in args.regs.split(","):
-                config = tuple(int(v) for v in args.config.split(",")) if args.config else None
-                prefetch = None if args.prefetch is None else args.prefetch == "1"
-                interleave = None if args.interleave is None else args.interleave == "1"
                 which, meta, kernel = compile_small(N, K, m, regs, table=args.table, kernel=args.kernel,
-                                                    config=config, prefetch=prefetch, interleave=interleave)
+                                                    config=config, knobs=knobs)
                 r = analyse(kernel, meta)
                 top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(5))
                 cells.append(f"regs={regs} [{'R' if meta.get('REGS') else 'imm'}] {r['per_byte']:.2f} instr/B, "
