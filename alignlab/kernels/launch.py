@@ -174,7 +174,7 @@ def _interpreted(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     kernel[grid](*args, **meta, **options())
 
 
-_OUTSIDE: list = []
+_OUTSIDE: list = []  # a plain list, not functools.cache: Dynamo traces this call, and warns on a cache wrapper
 
 
 def _interpreted_outside():
