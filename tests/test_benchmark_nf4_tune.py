@@ -49,13 +49,15 @@ def test_table_from_rows_takes_alternatives_that_beat_the_best_existing_path():
     assert tune.table_from_rows(named)[0] == {("dot", 16): {a: (64, 2, 8, 4, 1)}}
 
 
-H100_FLAT_RUN = "nf4_tune_flat_h100_1207.json"  # the swap_flat run merged into the H100 table
+# the swap_flat runs merged into the H100 table, in order (the coordinate search, then the exhaustive one at 32 / 64 rows)
+H100_FLAT_RUNS = ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json")
 
 
 def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_runs():
     """nf4_configs.TABLES["H100"] is what table_from_rows gives from the three recorded tuning runs it cites (the
     k / v shapes lost to dequantize + cuBLAS at M = 64: max_m 32, the five shapes listed there up to 64), with the
-    later swap_flat run taken in by merged_table (its entries replace the other alternatives' at their shapes)."""
+    later swap_flat runs taken in by merged_table, one after the other (their entries replace the other
+    alternatives' at their shapes)."""
     import json
     from pathlib import Path
 
@@ -69,9 +71,11 @@ def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_runs():
     assert max_m == TABLES["H100"]["max_m"] == 32
     assert max(bucket for _, bucket in configs) == 64
     shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
-    flat = json.loads((results / H100_FLAT_RUN).read_text())["rows"]
-    assert {r["kernel"] for r in flat} == {"swap_flat"}
-    merged = tune.merged_table({"max_m": max_m, "max_m_listed": 64, "shapes": shapes, "configs": configs}, flat)
+    merged = {"max_m": max_m, "max_m_listed": 64, "shapes": shapes, "configs": configs}
+    for name in H100_FLAT_RUNS:
+        flat = json.loads((results / name).read_text())["rows"]
+        assert {r["kernel"] for r in flat} == {"swap_flat"}
+        merged = tune.merged_table(merged, flat)
     assert merged["configs"] == TABLES["H100"]["configs"] and merged["max_m"] == 32
     assert TABLES["H100"]["max_m_listed"] == merged["max_m_listed"] == 64
     assert sorted(TABLES["H100"]["shapes"]) == sorted(merged["shapes"])

@@ -3,8 +3,9 @@
 The H100's recorded runs (``results/nf4_tune_swap_early_h100.json``, ``nf4_tune_swap_h100.json``) are replayed
 through ``main()`` on CPU (the GPU work stubbed; the search's results and timings are the recorded ones), the
 printed ``TABLES[...]`` literal is put in place of the shipped H100 table, and ``small_choice`` must then pick
-the same kernel and configuration at every benchmark shape and row count. The later ``swap_flat`` run
-(``nf4_tune_flat_h100_1207.json``) is taken in by ``merged_table``, as the shipped table took it.
+the same kernel and configuration at every benchmark shape and row count. The later ``swap_flat`` runs
+(``nf4_tune_flat_h100_1207.json``, then ``nf4_tune_flat_exh_h100_1207.json``) are taken in by ``merged_table``, as the
+shipped table took them.
 """
 
 import ast
@@ -54,9 +55,9 @@ def test_printed_h100_table_dispatches_as_the_shipped_one(monkeypatch, tmp_path,
 
     tune = load_script("benchmarks/nf4_tune.py")
     printed = ast.literal_eval(_replay(tune, monkeypatch, tmp_path, capsys))
-    # the later swap_flat run (64 rows) taken in as merged_table takes a run into a table
-    flat = json.loads((RESULTS / "nf4_tune_flat_h100_1207.json").read_text())["rows"]
-    printed = tune.merged_table(printed, flat)
+    # the later swap_flat runs (32 / 64 rows) taken in as merged_table takes a run into a table
+    for name in ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json"):
+        printed = tune.merged_table(printed, json.loads((RESULTS / name).read_text())["rows"])
     assert printed["configs"] == nf4_configs.TABLES["H100"]["configs"]  # the rule itself is right (tested too)
     assert printed == nf4_configs.TABLES["H100"]  # bounds and shapes too: the literal pastes as it is
     monkeypatch.setattr(nf4_configs, "device_key", lambda device: "H100")
