@@ -201,7 +201,8 @@ def merged_table(table: dict, rows: list[dict], threshold: float = 0.95) -> dict
     of the alternatives at shapes of its own, e.g. ``--shapes 1024x4096,1024x8192``) taken in: at each bucket a shape
     the run lists drops its other alternatives' entries there; the run's shapes join ``"shapes"`` (a table without
     them had its entries' shapes); ``max_m`` comes down to the run's own bound where that is lower (a shape of the
-    run lost to dequantize + cuBLAS above it; a run that lost at its smallest row count leaves it), and
+    run lost to dequantize + cuBLAS above it; a run that lost at its smallest row count, or lost nowhere, leaves
+    it), and
     ``"max_m_listed"`` keeps the buckets above it that some shape lists. The base kernel's entries stay (the run
     measured alternatives only). A new dict; ``table`` is not changed."""
     new, run_max = table_from_rows(rows, threshold)
@@ -215,7 +216,10 @@ def merged_table(table: dict, rows: list[dict], threshold: float = 0.95) -> dict
         configs.setdefault((kernel, bucket), {}).update(entries)
     configs = {k: v for k, v in configs.items() if v}
     shapes = list(dict.fromkeys([*before, *((r["N"], r["K"]) for r in rows)]))
-    max_m = min(table["max_m"], run_max) if run_max else table["max_m"]
+    # the run bounds max_m only where one of its shapes lost at some row count it measured (a run that won at
+    # every M it timed, say --ms 16 alone, says nothing of the buckets above)
+    lost = run_max < max(r["M"] for r in rows)
+    max_m = min(table["max_m"], run_max) if run_max and lost else table["max_m"]
     listed = max([table.get("max_m_listed", table["max_m"])] + [b for (_, b) in new])
     out = {"max_m": max_m, "shapes": shapes, "configs": configs}
     return {**out, "max_m_listed": listed} if listed > max_m else out

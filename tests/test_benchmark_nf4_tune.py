@@ -49,8 +49,10 @@ def test_table_from_rows_takes_alternatives_that_beat_the_best_existing_path():
     assert tune.table_from_rows(named)[0] == {("dot", 16): {a: (64, 2, 8, 4, 1)}}
 
 
-# the swap_flat runs merged into the H100 table, in order (the coordinate search, then the exhaustive one at 32 / 64 rows)
-H100_FLAT_RUNS = ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json")
+# the swap_flat runs merged into the H100 table, in order (the coordinate search, then the exhaustive ones: 32 / 64
+# rows, 16 rows, the k / v shapes)
+H100_FLAT_RUNS = ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json", "nf4_tune_flat16_h100_1207.json",
+                  "nf4_tune_flat_kv_h100_1207.json")
 
 
 def test_shipped_h100_table_is_the_rule_applied_to_its_recorded_runs():
@@ -129,11 +131,21 @@ def test_merged_table_takes_a_run_at_new_shapes_into_a_table(monkeypatch):
     before = {"max_m": 64, "shapes": [s for s in shipped["shapes"] if s not in kv],
               "configs": {k: {s: c for s, c in v.items() if s not in kv} for k, v in shipped["configs"].items()}}
     before["configs"] = {k: v for k, v in before["configs"].items() if v}
-    assert tune.merged_table(before, rows) == shipped and before["max_m"] == 64 and "max_m_listed" not in before
+    # the swap_flat run at the k / v shapes, taken in after the swap run (as the shipped table took it)
+    flat_kv = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / H100_FLAT_RUNS[-1])
+                         .read_text())["rows"]
+    assert {(r["N"], r["K"]) for r in flat_kv} == set(kv)
+    assert tune.merged_table(tune.merged_table(before, rows), flat_kv) == shipped
+    assert before["max_m"] == 64 and "max_m_listed" not in before
     unlisted = {k: v for k, v in before.items() if k != "shapes"}  # a table without "shapes": its entries' shapes
     assert sorted(tune.merged_table(unlisted, rows)["shapes"]) == sorted(shipped["shapes"])
     lost_at_once = [r for r in rows if r["M"] == 64]  # lost to dequantize + cuBLAS at its only row count
     assert tune.merged_table(before, lost_at_once)["max_m"] == 64
+    # a run that lost nowhere (here its 16-row rows alone) says nothing of the buckets above its largest M
+    won_at_16 = [r for r in rows if r["M"] == 16]
+    assert all(min(r["best_us"], r["default_us"]) < r["dequant_mm_us"] for r in won_at_16)
+    assert tune.merged_table(before, won_at_16)["max_m"] == 64
+    assert tune.merged_table(before, [r for r in rows if r["M"] <= 32])["max_m"] == 64
 
     h200 = tune.merged_table(TABLES["H200"], rows)
     assert h200["configs"][("swap", 8)][(1024, 4096)] == (32, 4, 8, 2, 3)

@@ -4,7 +4,8 @@ The H100's recorded runs (``results/nf4_tune_swap_early_h100.json``, ``nf4_tune_
 through ``main()`` on CPU (the GPU work stubbed; the search's results and timings are the recorded ones), the
 printed ``TABLES[...]`` literal is put in place of the shipped H100 table, and ``small_choice`` must then pick
 the same kernel and configuration at every benchmark shape and row count. The later ``swap_flat`` runs
-(``nf4_tune_flat_h100_1207.json``, then ``nf4_tune_flat_exh_h100_1207.json``) are taken in by ``merged_table``, as the
+(``nf4_tune_flat_h100_1207.json``, then the exhaustive ``nf4_tune_flat_exh_h100_1207.json``,
+``nf4_tune_flat16_h100_1207.json`` and ``nf4_tune_flat_kv_h100_1207.json``) are taken in by ``merged_table``, as the
 shipped table took them.
 """
 
@@ -56,7 +57,8 @@ def test_printed_h100_table_dispatches_as_the_shipped_one(monkeypatch, tmp_path,
     tune = load_script("benchmarks/nf4_tune.py")
     printed = ast.literal_eval(_replay(tune, monkeypatch, tmp_path, capsys))
     # the later swap_flat runs (32 / 64 rows) taken in as merged_table takes a run into a table
-    for name in ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json"):
+    for name in ("nf4_tune_flat_h100_1207.json", "nf4_tune_flat_exh_h100_1207.json", "nf4_tune_flat16_h100_1207.json",
+                 "nf4_tune_flat_kv_h100_1207.json"):
         printed = tune.merged_table(printed, json.loads((RESULTS / name).read_text())["rows"])
     assert printed["configs"] == nf4_configs.TABLES["H100"]["configs"]  # the rule itself is right (tested too)
     assert printed == nf4_configs.TABLES["H100"]  # bounds and shapes too: the literal pastes as it is
@@ -69,7 +71,8 @@ def test_printed_h100_table_dispatches_as_the_shipped_one(monkeypatch, tmp_path,
         return {c: (nf4_configs.small_choice(*c, 64, bf16, dev), nf4_configs.takes_small(*c, dev)) for c in calls}
 
     shipped = dispatch()
-    assert not shipped[(64, 1024, 4096)][1] and shipped[(64, 4096, 4096)][1]  # k / v: dequantize + cuBLAS at 64
+    # 1024 x 8192 (v / k of 70B): dequantize + cuBLAS at 64 rows; 1024 x 4096 listed there (the flat kernel won)
+    assert not shipped[(64, 1024, 8192)][1] and shipped[(64, 1024, 4096)][1] and shipped[(64, 4096, 4096)][1]
     monkeypatch.setitem(nf4_configs.TABLES, "H100", printed)
     pasted = dispatch()
     assert pasted == shipped

@@ -54,7 +54,11 @@ TABLES: dict[str, dict] = {
     # --space block_n=32,64,128 nb=1,2,4 split=2,4,8 num_warps=4,8 num_stages=1` the same day
     # (results/nf4_tune_flat_exh_h100_1207.json, merged as nf4_tune.merged_table does): every shape at 32 rows
     # (0.82-0.92x the table's time then, and below bf16 cuBLAS's at all five) and the four 64-row entries
-    # (0.80-0.92x; 4096² kept its entry, the same configuration).
+    # (0.80-0.92x; 4096² kept its entry, the same configuration). Then two more exhaustive swap_flat runs:
+    # `--ms 16` (results/nf4_tune_flat16_h100_1207.json: 4096² and 4096 x 14336, 0.90 / 0.95x) and the k / v
+    # shapes at 16 / 32 / 64 rows (results/nf4_tune_flat_kv_h100_1207.json: 1024 x 8192 at 32 rows, 0.90x, and
+    # 1024 x 4096 at 64 rows, 11.2 us against 11.9 for dequantize + cuBLAS, so those rows take it; 1024 x 8192 at
+    # 64 rows still lost to dequantize + cuBLAS, 15.6 vs 15.4 us, and is not listed there).
     "H100": {"max_m": 32, "max_m_listed": 64,
              "shapes": [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (1024, 4096),
                         (1024, 8192)],
@@ -65,17 +69,17 @@ TABLES: dict[str, dict] = {
         ("swap", 4): {(8192, 8192): (128, 1, 8, 2, 3), (1024, 4096): (32, 4, 8, 2, 3), (1024, 8192): (32, 1, 16, 2, 3)},
         ("swap_early", 8): {(4096, 14336): (64, 4, 16, 4, 1), (8192, 8192): (64, 1, 8, 2, 3)},
         ("swap", 8): {(1024, 4096): (32, 4, 8, 2, 3), (1024, 8192): (32, 1, 16, 2, 3)},
-        ("swap_early", 16): {(4096, 4096): (64, 4, 8, 4, 1), (4096, 14336): (64, 4, 16, 4, 1),
-                             (14336, 4096): (64, 4, 4, 4, 1)},
+        ("swap_early", 16): {(14336, 4096): (64, 4, 4, 4, 1)},
         ("swap", 16): {(8192, 8192): (64, 1, 8, 2, 2), (28672, 8192): (64, 1, 4, 2, 2),
                        (1024, 4096): (32, 2, 16, 2, 2), (1024, 8192): (32, 2, 16, 2, 3)},
-        ("swap", 32): {(1024, 4096): (32, 4, 8, 4, 2), (1024, 8192): (32, 4, 8, 4, 3)},
+        ("swap_flat", 16): {(4096, 4096): (64, 2, 8, 4, 1), (4096, 14336): (32, 2, 8, 2, 1)},
+        ("swap", 32): {(1024, 4096): (32, 4, 8, 4, 2)},
         ("swap_flat", 32): {(4096, 4096): (64, 4, 4, 4, 1), (14336, 4096): (64, 2, 2, 4, 1),
                             (4096, 14336): (64, 2, 8, 4, 1), (8192, 8192): (64, 2, 4, 4, 1),
-                            (28672, 8192): (128, 1, 4, 4, 1)},
+                            (28672, 8192): (128, 1, 4, 4, 1), (1024, 8192): (64, 4, 16, 4, 1)},
         ("swap_flat", 64): {(4096, 4096): (64, 4, 4, 4, 1), (14336, 4096): (128, 2, 2, 8, 1),
                             (4096, 14336): (64, 4, 4, 4, 1), (8192, 8192): (128, 2, 4, 8, 1),
-                            (28672, 8192): (128, 2, 2, 8, 1)},
+                            (28672, 8192): (128, 2, 2, 8, 1), (1024, 4096): (64, 4, 8, 4, 1)},
     }},
     # benchmarks/nf4_tune.py on one H200, 2026-12-04 (torch 2.11, Triton 3.6); the 1024-row shapes (the k / v
     # projections of Llama-3 8B and 70B) from a later run the same day (--shapes 1024x4096,1024x8192; before
