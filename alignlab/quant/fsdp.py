@@ -58,6 +58,8 @@ class ShardableNF4Linear(NF4Linear):
     (``load_dense_weight_``, ``load_state_dict``) is refused once FSDP2 has sharded it.
     """
 
+    _PACK = False  # FSDP2 shards qdata / qabsmax as parameters of their own (no packed storage to keep whole)
+
     def _tensor(self, name: str) -> torch.Tensor | None:
         p = self._parameters.get(name)
         return p if p is not None else self._buffers.get(name)
@@ -88,11 +90,14 @@ class ShardableNF4Linear(NF4Linear):
         return t
 
     def _make_parameters(self) -> None:
+        # an NF4Linear converted in place held its buffers as views of one packed storage: each parameter gets
+        # storage of its own, so that once FSDP2 has sharded them nothing keeps the whole bytes alive
+        packed = self.__dict__.pop("_packed", None) is not None
         for name in ("qdata", "qabsmax"):
             buf = self._buffers.get(name)
             if buf is not None and buf.dtype == torch.uint8:
                 del self._buffers[name]
-                self._parameters[name] = nn.Parameter(buf, requires_grad=False)
+                self._parameters[name] = nn.Parameter(buf.clone() if packed else buf, requires_grad=False)
 
     def _set_weight(self, t: NF4Tensor) -> None:
         from torch.distributed.tensor import DTensor

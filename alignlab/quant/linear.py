@@ -21,7 +21,7 @@ import dataclasses
 import fnmatch
 import warnings
 from types import SimpleNamespace
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -58,6 +58,90 @@ def _kernels():
 
     _nm = nm
     return nm
+
+
+class _Packed(NamedTuple):
+    """An NF4 weight's tensors in two storages: ``u8`` holds the codes and, with double quantization, the 8-bit
+    block scales (16-byte aligned); ``f32`` the float32 pieces (block scales without double quantization, second-level
+    scales, offset, ICQ shifts). ``parts``: per buffer of ``_BUFFERS``, ``None`` or ``(in_u8, start, numel, shape)``;
+    ``views``: the buffer objects built from it (the layer's buffers while nothing replaced them).
+
+    A compiled forward reads the weight from these two tensors (sliced inside the graph) instead of four or five
+    buffers: each tensor a graph reads is an input that Dynamo and CUDA-graph replays handle per call, and at a
+    decode step of a 4-layer Llama-3-8B-shaped stack the NF4 model's three extra inputs per linear cost
+    ~0.13 ms of host time per step on an H100 (benchmarks/RESULTS.md, issue 24, twenty-third pass)."""
+
+    u8: torch.Tensor
+    f32: torch.Tensor
+    parts: tuple
+    views: tuple
+
+
+def _pack(values: tuple) -> _Packed | None:
+    """The :class:`_Packed` form of ``values`` (the ``_BUFFERS`` tensors, ``None`` where absent), or ``None`` where
+    their dtypes do not fit it (codes not uint8, a float piece not float32, devices differing)."""
+    data = values[0]
+    if data is None or data.dtype != torch.uint8 or any(
+            v is not None and (v.device != data.device or v.dtype not in (torch.uint8, torch.float32))
+            for v in values):
+        return None
+    u8, f32, parts = [], [], []
+    n_u8 = n_f32 = 0
+    for i, v in enumerate(values):
+        if v is None:
+            parts.append(None)
+            continue
+        if v.dtype == torch.uint8 and i < 2:  # the codes, and 8-bit block scales
+            u8.append(v.reshape(-1))
+            parts.append((True, n_u8, v.numel(), tuple(v.shape)))
+            n_u8 += v.numel()
+            pad = -n_u8 % 16  # the next piece 16-byte aligned, as an allocation of its own would be
+            if pad:
+                u8.append(v.new_zeros(pad))
+                n_u8 += pad
+        elif v.dtype == torch.float32:
+            f32.append(v.reshape(-1))
+            parts.append((False, n_f32, v.numel(), tuple(v.shape)))
+            n_f32 += v.numel() + (-v.numel() % 4)
+            if v.numel() % 4:
+                f32.append(v.new_zeros(-v.numel() % 4))
+        else:
+            return None
+    dev = data.device
+    u8_t = torch.cat(u8) if u8 else torch.empty(0, dtype=torch.uint8, device=dev)
+    f32_t = torch.cat(f32) if f32 else torch.empty(0, dtype=torch.float32, device=dev)
+    return _repacked(u8_t, f32_t, tuple(parts))
+
+
+def _repacked(u8: torch.Tensor, f32: torch.Tensor, parts: tuple) -> _Packed:
+    """A :class:`_Packed` over the storages ``u8`` and ``f32`` (views made anew; on CUDA both marked as static
+    addresses, so that a CUDA-graph replay reads them in place, as it reads buffers)."""
+    if u8.is_cuda:
+        torch._dynamo.mark_static_address(u8)
+        torch._dynamo.mark_static_address(f32)
+    return _Packed(u8, f32, parts, _views(u8, f32, parts))
+
+
+def _holds(packed: _Packed, buffers: dict) -> bool:
+    """Whether ``buffers`` (a module's) are ``packed``'s views, on its storages."""
+    for name, view in zip(_BUFFERS, packed.views):
+        if buffers.get(name) is not view:
+            return False
+        if view is not None and view.untyped_storage().data_ptr() != (
+                packed.u8 if view.dtype == torch.uint8 else packed.f32).untyped_storage().data_ptr():
+            return False
+    return True
+
+
+def _views(u8: torch.Tensor, f32: torch.Tensor, parts: tuple) -> tuple:
+    out = []
+    for part in parts:
+        if part is None:
+            out.append(None)
+            continue
+        in_u8, start, numel, shape = part
+        out.append((u8 if in_u8 else f32)[start:start + numel].view(shape))
+    return tuple(out)
 
 
 class DequantizedWeight(torch.Tensor):
@@ -197,9 +281,45 @@ class NF4Linear(nn.Module):
         self.blocksize = t.blocksize
         self.double_quant = t.double_quant
         self._nested_blocksize = t.nested_blocksize
+        values = (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift)
+        packed = _pack(values) if self._PACK else None
         # non-persistent: the state dict is written in bitsandbytes' layout instead
-        for name, value in zip(_BUFFERS, (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift)):
+        for name, value in zip(_BUFFERS, values if packed is None else packed.views):
             self.register_buffer(name, value, persistent=False)
+        if packed is not None:  # the buffers are views of its two storages (see _Packed)
+            self.__dict__["_packed"] = packed
+
+    # the weight's buffers as views of two storages (_Packed), which a compiled forward reads; ShardableNF4Linear
+    # turns the uint8 ones into parameters for FSDP2 to shard instead
+    _PACK = True
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        packed = self.__dict__.get("_packed")
+        if packed is not None and not _holds(packed, self._buffers):
+            # a pickle restores each tensor with storage of its own (a deepcopy or torch.load keeps them shared):
+            # pack the restored buffers again, so that the layer holds one copy of its weight
+            self.__dict__.pop("_packed")
+            values = tuple(self._buffers.get(name) for name in _BUFFERS)
+            packed = _pack(values)
+            if packed is not None:
+                self._buffers.update(zip(_BUFFERS, packed.views))
+                self.__dict__["_packed"] = packed
+
+    def register_buffer(self, name, tensor, persistent=True):
+        if name in _BUFFERS:  # a buffer replaced: the packed storages no longer hold the weight
+            self.__dict__.pop("_packed", None)
+        super().register_buffer(name, tensor, persistent)
+
+    def __setattr__(self, name, value):
+        if name in _BUFFERS:
+            self.__dict__.pop("_packed", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in _BUFFERS:
+            self.__dict__.pop("_packed", None)
+        super().__delattr__(name)
 
     @property
     def quant_weight(self) -> NF4Tensor:
@@ -208,6 +328,13 @@ class NF4Linear(nn.Module):
         The same object is handed out until a buffer is replaced (device moves, loading, re-quantizing):
         building it anew per forward call cost host time. Treat it as read-only.
         """
+        if torch.compiler.is_compiling():
+            packed = self.__dict__.get("_packed")
+            if packed is not None:  # two graph inputs instead of four or five (see _Packed)
+                data, absmax, nested, offset, shift = _views(packed.u8, packed.f32, packed.parts)
+                return NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
+                                 blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
+                                 nested_blocksize=self._nested_blocksize)
         t, b = self.__dict__.get("_quant_weight"), self._buffers
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]
                 or t.nested_absmax is not b["qnested_absmax"] or t.nested_offset is not b["qnested_offset"]
@@ -335,10 +462,24 @@ class NF4Linear(nn.Module):
         except BaseException:  # a failed move leaves the layer as it was, packed weight included
             self._buffers.update(saved)
             raise
-        for name, buf in saved.items():
+
+        def moved(buf):
             if buf is not None and buf.is_meta:  # to_empty: storage without values, for a state dict to fill
                 buf = torch.empty_like(buf, device=probe.device)
-            self._buffers[name] = None if buf is None else buf.to(probe.device)
+            return None if buf is None else buf.to(probe.device)
+
+        packed = self.__dict__.get("_packed")
+        if packed is not None and all(saved.get(name) is view for name, view in zip(_BUFFERS, packed.views)):
+            # the two storages move (one copy each) and the buffers are their views again
+            u8, f32 = moved(packed.u8), moved(packed.f32)
+            if u8 is not packed.u8 or f32 is not packed.f32:
+                packed = _repacked(u8, f32, packed.parts)
+                self.__dict__["_packed"] = packed
+            self._buffers.update(zip(_BUFFERS, packed.views))
+        else:
+            self.__dict__.pop("_packed", None)
+            for name, buf in saved.items():
+                self._buffers[name] = moved(buf)
         note_device(probe.device)  # this GPU's launch tables, known before any torch.compile trace
         if probe.dtype in SUPPORTED_DTYPES:  # what .weight reports from now on (the codes keep their dtypes)
             self._view_dtype = probe.dtype

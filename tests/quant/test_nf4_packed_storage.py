@@ -1,0 +1,161 @@
+"""NF4Linear keeps its quantization tensors as views of two storages (``linear._Packed``), and a compiled forward
+reads those two tensors instead of the four or five buffers: fewer graph inputs, less host work per compiled call
+(each input is handled per call by Dynamo and by a CUDA-graph replay; issue 24, the twenty-third pass in
+benchmarks/RESULTS.md). These tests hold the views and the storages together through everything that moves or
+replaces the buffers, and check that a compiled forward gives the eager output with the fewer inputs."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from alignlab.quant import NF4Linear
+from alignlab.quant.linear import _BUFFERS
+
+
+def _layer(double_quant=True, calibrate=None, bias=True, shape=(24, 128)):
+    torch.manual_seed(0)
+    dense = nn.Linear(shape[1], shape[0], bias=bias)
+    return NF4Linear.from_linear(dense, blocksize=64, double_quant=double_quant, compute_dtype=torch.float32,
+                                 calibrate=calibrate)
+
+
+def _views_of_packed(layer) -> bool:
+    packed = layer.__dict__.get("_packed")
+    if packed is None:
+        return False
+    u8, f32 = packed.u8.untyped_storage().data_ptr(), packed.f32.untyped_storage().data_ptr()
+    for name in _BUFFERS:
+        buf = layer._buffers[name]
+        if buf is not None and buf.untyped_storage().data_ptr() not in (u8, f32):
+            return False
+    return all(layer._buffers[n] is v for n, v in zip(_BUFFERS, packed.views))
+
+
+def _graph_inputs(module, x):
+    """(output, number of tensor inputs of the one graph Dynamo captured)."""
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum(isinstance(t, torch.Tensor) for t in example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, fullgraph=True)(x)
+    assert len(counts) == 1
+    return out, counts[0]
+
+
+@pytest.mark.parametrize("double_quant,calibrate", [(True, None), (False, None), (True, "icq"), (False, "icq")])
+def test_buffers_are_views_of_two_storages_with_the_quantized_values(double_quant, calibrate):
+    layer = _layer(double_quant, calibrate)
+    assert _views_of_packed(layer)
+    t = layer.quant_weight
+    ref = _layer(double_quant, calibrate).quant_weight  # the same weight, quantized again
+    for name, a, b in [("data", t.data, ref.data), ("absmax", t.absmax, ref.absmax),
+                       ("nested_absmax", t.nested_absmax, ref.nested_absmax),
+                       ("nested_offset", t.nested_offset, ref.nested_offset), ("shift", t.shift, ref.shift)]:
+        if b is None:
+            assert a is None, name
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    packed = layer.__dict__["_packed"]
+    assert packed.u8.dtype == torch.uint8 and packed.f32.dtype == torch.float32
+    for view in packed.views:  # every piece starts 16 bytes apart from its storage's start (as an allocation would)
+        if view is not None:
+            assert (view.data_ptr() - view.untyped_storage().data_ptr()) % 16 == 0
+
+
+@pytest.mark.parametrize("double_quant,calibrate", [(True, None), (False, "icq")])
+def test_compiled_forward_reads_two_tensors_and_matches_eager(double_quant, calibrate):
+    layer = _layer(double_quant, calibrate)
+    x = torch.randn(5, 128)
+    eager = layer(x)
+    out, n_inputs = _graph_inputs(layer, x)
+    assert torch.equal(out, eager)
+    # a layer whose packed form is dropped (a buffer replaced by hand) reads its buffers: same output, and one
+    # graph input per buffer where the packed layer has two (x, the bias and the codebook tables in both)
+    plain = _layer(double_quant, calibrate)
+    plain.qdata = plain.qdata.clone()
+    assert "_packed" not in plain.__dict__
+    out, n_plain = _graph_inputs(plain, x)
+    buffers = sum(b is not None for b in plain.buffers())
+    assert buffers == (4 if double_quant else 2) + (calibrate is not None)
+    assert torch.equal(out, eager) and n_plain - n_inputs == buffers - 2
+
+
+def test_a_replaced_buffer_is_what_compiled_and_eager_forwards_read():
+    layer = _layer()
+    x = torch.randn(3, 128)
+    other = _layer(shape=(24, 128))
+    with torch.no_grad():
+        other_w = nn.Linear(128, 24).weight * 3
+    other.load_dense_weight_(other_w)
+    assert _views_of_packed(other)  # re-quantizing packs anew
+    for name in ("qdata", "qabsmax"):
+        setattr(layer, name, getattr(other, name).clone())
+    layer.register_buffer("qnested_absmax", other.qnested_absmax.clone(), persistent=False)
+    layer.qnested_offset = other.qnested_offset.clone()
+    assert "_packed" not in layer.__dict__
+    want = nn.functional.linear(x, other.dequantize(torch.float32), layer.bias)
+    assert torch.equal(layer(x), want)
+    out, _ = _graph_inputs(layer, x)
+    assert torch.equal(out, want)
+
+
+def test_moves_copies_and_loads_keep_the_views_on_their_storages():
+    layer = _layer()
+    x = torch.randn(4, 128)
+    want = layer(x)
+    for copy_of in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _views_of_packed(copy_of) and torch.equal(copy_of(x), want)
+        assert copy_of.qdata.data_ptr() != layer.qdata.data_ptr()
+    moved = copy.deepcopy(layer).to("meta")
+    assert _views_of_packed(moved) and moved.qdata.is_meta and moved.__dict__["_packed"].u8.is_meta
+    moved.to_empty(device="cpu")
+    assert _views_of_packed(moved) and not moved.qdata.is_meta
+    moved.load_state_dict(layer.state_dict())
+    assert _views_of_packed(moved) and torch.equal(moved(x), want)
+    half = copy.deepcopy(layer).half()  # a floating cast leaves the codes and float32 scales as they are
+    assert _views_of_packed(half) and half.qnested_absmax.dtype == torch.float32
+    assert torch.equal(half.qdata, layer.qdata)
+    # a move that keeps the device keeps the very storages
+    same = layer.to("cpu")
+    assert same is layer and _views_of_packed(layer)
+    # an in-place write to a buffer is a write to the packed storage (what the compiled forward reads)
+    with torch.no_grad():
+        layer.qdata.zero_()
+    assert torch.equal(layer.__dict__["_packed"].u8[:layer.qdata.numel()], layer.qdata)
+    out, _ = _graph_inputs(layer, x)
+    assert torch.equal(out, layer(x)) and not torch.equal(out, want)
+
+
+def test_a_buffer_replaced_while_moving_falls_back_to_the_buffers():
+    layer = _layer()
+    x = torch.randn(2, 128)
+    want = layer(x)
+    layer._buffers["qshift"] = None  # already None: the packed form stays
+    assert _views_of_packed(layer)
+    layer._buffers["qdata"] = layer._buffers["qdata"].clone()  # behind __setattr__'s back
+    layer.to("cpu")  # a move finds a buffer that is not its view: the packed form is dropped
+    assert "_packed" not in layer.__dict__
+    assert torch.equal(layer(x), want)
+    out, _ = _graph_inputs(layer, x)
+    assert torch.equal(out, want)
+
+
+def test_shardable_conversion_gives_each_parameter_storage_of_its_own():
+    from alignlab.quant.fsdp import shardable_nf4_
+
+    model = nn.Sequential(_layer())
+    x = torch.randn(3, 128)
+    want = model(x)
+    shardable_nf4_(model)
+    lay = model[0]
+    assert "_packed" not in lay.__dict__
+    assert lay.qdata.untyped_storage().data_ptr() != lay.qabsmax.untyped_storage().data_ptr()
+    assert isinstance(lay.qdata, nn.Parameter) and torch.equal(model(x), want)
+    out, _ = _graph_inputs(model, x)
+    assert torch.equal(out, want)
