@@ -159,3 +159,26 @@ def test_shardable_conversion_gives_each_parameter_storage_of_its_own():
     assert isinstance(lay.qdata, nn.Parameter) and torch.equal(model(x), want)
     out, _ = _graph_inputs(model, x)
     assert torch.equal(out, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 16, 40, 300])
+def test_cuda_graph_replays_read_the_packed_storages_in_place(rows):
+    """On the GPU the two storages are static addresses for CUDA graphs (as buffers are): a reduce-overhead
+    compiled layer gives the eager bits at decode sizes (the small-M kernels read the sliced views) and above,
+    and follows an in-place change of the codes without re-recording."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(4096, 1024, dtype=torch.bfloat16), compute_dtype=torch.bfloat16).cuda()
+    packed = layer.__dict__["_packed"]
+    assert packed.u8.is_cuda and getattr(packed.u8, "_dynamo_static_input_type", None) == "unguarded"
+    assert getattr(packed.f32, "_dynamo_static_input_type", None) == "unguarded" and _views_of_packed(layer)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    f = torch.compile(layer, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            y = f(x).clone()
+        assert torch.equal(y, layer(x))
+        layer.qdata[: layer.qdata.numel() // 2].bitwise_xor_(0x11)  # other codes, the same addresses
+        want = layer(x)
+        assert not torch.equal(want, y) and torch.equal(f(x), want)
