@@ -47,6 +47,9 @@ __all__ = ["DequantizedWeight", "NF4Linear", "quantize_model"]
 # on by default since measured on an H200 (issue 24, benchmarks/RESULTS.md: a median 20 us per eager call at M <= 32
 # instead of 48-94 us); ALIGNLAB_DECODE_LAUNCHERS=0 (read at import) or this attribute set to False turns them off.
 DECODE_LAUNCHERS = env_switch("ALIGNLAB_DECODE_LAUNCHERS", True)
+# A compiled forward reads the weight from the two packed storages (_Packed) instead of the buffers;
+# ALIGNLAB_NF4_PACKED_INPUTS=0 (read at import) or this attribute set to False (before compiling) reads the buffers.
+PACKED_INPUTS = env_switch("ALIGNLAB_NF4_PACKED_INPUTS", True)
 _nm = None  # alignlab.kernels.nf4_matmul, imported at the first call (at import time that import would be circular)
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
@@ -328,7 +331,7 @@ class NF4Linear(nn.Module):
         The same object is handed out until a buffer is replaced (device moves, loading, re-quantizing):
         building it anew per forward call cost host time. Treat it as read-only.
         """
-        if torch.compiler.is_compiling():
+        if PACKED_INPUTS and torch.compiler.is_compiling():
             packed = self.__dict__.get("_packed")
             if packed is not None:  # two graph inputs instead of four or five (see _Packed)
                 data, absmax, nested, offset, shift = _views(packed.u8, packed.f32, packed.parts)

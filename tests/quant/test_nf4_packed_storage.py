@@ -86,6 +86,17 @@ def test_compiled_forward_reads_two_tensors_and_matches_eager(double_quant, cali
     assert torch.equal(out, eager) and n_plain - n_inputs == buffers - 2
 
 
+def test_the_switch_off_reads_the_buffers(monkeypatch):
+    from alignlab.quant import linear
+
+    layer = _layer()
+    x = torch.randn(2, 128)
+    _, packed_inputs = _graph_inputs(layer, x)
+    monkeypatch.setattr(linear, "PACKED_INPUTS", False)
+    out, buffer_inputs = _graph_inputs(layer, x)
+    assert torch.equal(out, layer(x)) and buffer_inputs == packed_inputs + 2
+
+
 def test_a_replaced_buffer_is_what_compiled_and_eager_forwards_read():
     layer = _layer()
     x = torch.randn(3, 128)
