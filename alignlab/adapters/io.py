@@ -646,6 +646,16 @@ def _load_into_sharded(model: nn.Module, config, state: dict[str, torch.Tensor],
         if diff:
             raise ValueError(f"adapter {adapter_name!r} of the {how.split()[0]} model differs from the file's: "
                              + "; ".join(diff))
+    # a file of PEFT <= 0.21 may hold trained copies of modules its modules_to_save named by suffix only
+    # ("norm": every *_layernorm); a wrapped model cannot take new copies, so say which ones it needs
+    extra = _saved_copies_beyond_rule(model, config, state)
+    if extra:
+        names = list(getattr(have, "modules_to_save", None) or [])
+        raise ValueError(
+            f"model is {how}: the adapter file holds trained copies of {len(extra)} module(s) that adapter "
+            f"{adapter_name!r} does not copy, e.g. {extra[0]!r} (a file of PEFT <= 0.21, whose modules_to_save "
+            f"matched every module name ending with an entry); inject with modules_to_save={names + extra!r} "
+            "before wrapping, then load_adapter copies them")
     _copy_into(model, state, adapter_name)
 
 
@@ -691,16 +701,22 @@ def _add_saved_copies_in_file(model: nn.Module, config, state: dict) -> None:
     (``"norm"``: each ``input_layernorm`` too), PEFT 0.22 and alignlab only whole names; such a file loads as it was
     trained. Only modules that end with an entry (the old rule) and whose every parameter the file holds (a copy, not
     an adapter tensor such as DoRA's magnitude beside a layer) are added."""
+    extra = _saved_copies_beyond_rule(model, config, state)
+    if extra:
+        config.modules_to_save = list(config.modules_to_save) + extra
+
+
+def _saved_copies_beyond_rule(model: nn.Module, config, state: dict) -> list[str]:
+    """The full names of the modules whose trained copies the file holds beyond what ``config.modules_to_save``
+    matches by whole names (see :func:`_add_saved_copies_in_file`), sorted."""
     wanted = list(getattr(config, "modules_to_save", None) or [])
     if not wanted:
-        return
+        return []
     held = {k.removeprefix(PREFIX).rpartition(".")[0] for k in state}  # a saved module's tensors: "<module>.<name>"
     names = {n for n, _ in model.named_modules() if n}
-    extra = sorted(n for n in held if n in names and not saved_module_matches(wanted, n)
-                   and any(n.endswith(w) for w in wanted)
-                   and all(f"{PREFIX}{n}.{k}" in state for k, _ in model.get_submodule(n).named_parameters()))
-    if extra:
-        config.modules_to_save = wanted + extra
+    return sorted(n for n in held if n in names and not saved_module_matches(wanted, n)
+                  and any(n.endswith(w) for w in wanted)
+                  and all(f"{PREFIX}{n}.{k}" in state for k, _ in model.get_submodule(n).named_parameters()))
 
 
 def _config_from_file(raw: dict):

@@ -106,3 +106,40 @@ def test_switching_the_active_adapter_after_ddp_model_is_refused_at_the_next_for
     rewrapped = ddp_model(model)  # wrapped again with b trainable: b is reduced
     rewrapped(x).sum().backward()
     assert model[0].lora_A["b"].weight.grad is not None
+
+
+def test_a_suffix_rule_file_into_a_wrapped_model_names_the_copies_it_needs(world_of_one, tmp_path):
+    """A PEFT <= 0.21 file with modules_to_save=["norm"] holds trained copies of every *_layernorm. Into a plain model
+    load_adapter wraps those modules too; a DDP-wrapped model cannot take new copies, and the error was only "adapter
+    file has 8 key(s) that match no adapted module". It now names the modules and the modules_to_save to inject
+    with before wrapping; injected so, the file loads into the wrapped model as into the plain one."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_tiny_llama_classifier, randomise_trainable
+
+    def config(names):
+        return LoRAConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS", modules_to_save=names)
+
+    trained = inject(make_tiny_llama_classifier(), config(["norm"]))
+    randomise_trainable(trained, seed=3)
+    save_adapter(trained, tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(4)
+    extra = {f"base_model.model.model.layers.{i}.{ln}.weight": torch.randn(32, generator=g)
+             for i in range(2) for ln in ("input_layernorm", "post_attention_layernorm")}
+    save_file({**state, **extra}, tmp_path / "adapter_model.safetensors")
+
+    wrapped = ddp_model(inject(make_tiny_llama_classifier(), config(["norm"])))
+    with pytest.raises(ValueError, match=r"DistributedDataParallel: the adapter file holds trained copies of 4 "
+                                         r"module\(s\).*'model.layers.0.input_layernorm'.*inject with modules_to_save="
+                                         r"\['norm', 'model.layers.0.input_layernorm'"):
+        load_adapter(wrapped, tmp_path)
+
+    names = ["norm"] + sorted(k.removeprefix("base_model.model.").removesuffix(".weight") for k in extra)
+    wrapped = ddp_model(inject(make_tiny_llama_classifier(), config(names)))
+    load_adapter(wrapped, tmp_path)
+    plain = load_adapter(make_tiny_llama_classifier(), tmp_path)
+    ids = torch.randint(0, 64, (2, 5), generator=g)
+    torch.testing.assert_close(wrapped(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    got = wrapped.module.model.layers[1].post_attention_layernorm.modules_to_save["default"].weight
+    torch.testing.assert_close(got, extra["base_model.model.model.layers.1.post_attention_layernorm.weight"])
