@@ -32,13 +32,10 @@ import torch
 from torch import nn
 
 from alignlab.quant.experts import NF4Experts
-from alignlab.quant.linear import NF4Linear
+from alignlab.quant.linear import _BUFFERS, NF4Linear
 from alignlab.quant.nf4 import NF4Tensor
 
 __all__ = ["ShardableNF4Experts", "ShardableNF4Linear", "shardable_nf4_"]
-
-_NAMES = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
-
 
 def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
     from torch.distributed.tensor import DTensor
@@ -70,7 +67,7 @@ class ShardableNF4Linear(NF4Linear):
 
         Outside them (sharded), the bytes are gathered here: a collective, so every rank must ask.
         """
-        parts = tuple(self._tensor(n) for n in _NAMES)
+        parts = tuple(self._tensor(n) for n in _BUFFERS)
         hit = self.__dict__.get("_quant_weight_of")
         # FSDP2 reuses the unsharded tensors, but frees and re-allocates their storage around each use: the same
         # objects may hold other addresses. The kept decode launchers on the NF4Tensor (and a LoRA layer's, keyed on
@@ -80,11 +77,9 @@ class ShardableNF4Linear(NF4Linear):
         if hit is not None and all(x is y for x, y in zip(hit[0], parts)) and (
                 compiling or hit[1] == _addresses(parts)):
             return hit[2]
-        data, absmax, nested, offset, shift = (_whole(p) for p in parts)
-        t = NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
-                      blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
-                      nested_blocksize=self._nested_blocksize)
-        if not compiling and not any(x is not y for x, y in zip(parts, (data, absmax, nested, offset, shift))):
+        whole = tuple(_whole(p) for p in parts)
+        t = self._nf4_tensor(*whole)
+        if not compiling and not any(x is not y for x, y in zip(parts, whole)):
             # never keep a gathered copy of sharded bytes
             self.__dict__["_quant_weight_of"] = (parts, _addresses(parts), t)
         return t

@@ -84,36 +84,29 @@ def _pack(values: tuple) -> _Packed | None:
     """The :class:`_Packed` form of ``values`` (the ``_BUFFERS`` tensors, ``None`` where absent), or ``None`` where
     their dtypes do not fit it (codes not uint8, a float piece not float32, devices differing)."""
     data = values[0]
-    if data is None or data.dtype != torch.uint8 or any(
-            v is not None and (v.device != data.device or v.dtype not in (torch.uint8, torch.float32))
-            for v in values):
+    if data is None or data.dtype != torch.uint8 or any(v is not None and v.device != data.device for v in values):
         return None
-    u8, f32, parts = [], [], []
-    n_u8 = n_f32 = 0
+    pieces = {True: [], False: []}  # in the uint8 storage or not: its tensors, and its length so far
+    ends = {True: 0, False: 0}
+    parts = []
     for i, v in enumerate(values):
         if v is None:
             parts.append(None)
             continue
-        if v.dtype == torch.uint8 and i < 2:  # the codes, and 8-bit block scales
-            u8.append(v.reshape(-1))
-            parts.append((True, n_u8, v.numel(), tuple(v.shape)))
-            n_u8 += v.numel()
-            pad = -n_u8 % 16  # the next piece 16-byte aligned, as an allocation of its own would be
-            if pad:
-                u8.append(v.new_zeros(pad))
-                n_u8 += pad
-        elif v.dtype == torch.float32:
-            f32.append(v.reshape(-1))
-            parts.append((False, n_f32, v.numel(), tuple(v.shape)))
-            n_f32 += v.numel() + (-v.numel() % 4)
-            if v.numel() % 4:
-                f32.append(v.new_zeros(-v.numel() % 4))
-        else:
+        in_u8 = v.dtype == torch.uint8 and i < 2  # the codes, and 8-bit block scales
+        if not in_u8 and v.dtype != torch.float32:
             return None
-    dev = data.device
-    u8_t = torch.cat(u8) if u8 else torch.empty(0, dtype=torch.uint8, device=dev)
-    f32_t = torch.cat(f32) if f32 else torch.empty(0, dtype=torch.float32, device=dev)
-    return _repacked(u8_t, f32_t, tuple(parts))
+        start = ends[in_u8]
+        pieces[in_u8].append(v.reshape(-1))
+        parts.append((in_u8, start, v.numel(), tuple(v.shape)))
+        end = start + v.numel()
+        pad = -end % (16 // v.element_size())  # the next piece 16-byte aligned, as an allocation of its own would be
+        if pad:
+            pieces[in_u8].append(v.new_zeros(pad))
+        ends[in_u8] = end + pad
+    u8, f32 = (torch.cat(pieces[k]) if pieces[k] else torch.empty(0, dtype=dt, device=data.device)
+               for k, dt in ((True, torch.uint8), (False, torch.float32)))
+    return _repacked(u8, f32, tuple(parts))
 
 
 def _repacked(u8: torch.Tensor, f32: torch.Tensor, parts: tuple) -> _Packed:
@@ -284,13 +277,23 @@ class NF4Linear(nn.Module):
         self.blocksize = t.blocksize
         self.double_quant = t.double_quant
         self._nested_blocksize = t.nested_blocksize
-        values = (t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift)
+        self._store_buffers((t.data, t.absmax, t.nested_absmax, t.nested_offset, t.shift))
+
+    def _store_buffers(self, values: tuple) -> None:
+        """The ``_BUFFERS`` tensors ``values`` as the layer's buffers: views of two packed storages (_Packed) where
+        they fit them and the class packs, else as they are."""
         packed = _pack(values) if self._PACK else None
         # non-persistent: the state dict is written in bitsandbytes' layout instead
         for name, value in zip(_BUFFERS, values if packed is None else packed.views):
             self.register_buffer(name, value, persistent=False)
         if packed is not None:  # the buffers are views of its two storages (see _Packed)
             self.__dict__["_packed"] = packed
+
+    def _nf4_tensor(self, data, absmax, nested_absmax, nested_offset, shift) -> NF4Tensor:
+        """An :class:`NF4Tensor` of this layer's shape, dtype and blocksizes over the given quantization tensors."""
+        return NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype, blocksize=self.blocksize,
+                         nested_absmax=nested_absmax, nested_offset=nested_offset, shift=shift,
+                         nested_blocksize=self._nested_blocksize)
 
     # the weight's buffers as views of two storages (_Packed), which a compiled forward reads; ShardableNF4Linear
     # turns the uint8 ones into parameters for FSDP2 to shard instead
@@ -302,12 +305,7 @@ class NF4Linear(nn.Module):
         if packed is not None and not _holds(packed, self._buffers):
             # a pickle restores each tensor with storage of its own (a deepcopy or torch.load keeps them shared):
             # pack the restored buffers again, so that the layer holds one copy of its weight
-            self.__dict__.pop("_packed")
-            values = tuple(self._buffers.get(name) for name in _BUFFERS)
-            packed = _pack(values)
-            if packed is not None:
-                self._buffers.update(zip(_BUFFERS, packed.views))
-                self.__dict__["_packed"] = packed
+            self._store_buffers(tuple(self._buffers.get(name) for name in _BUFFERS))
 
     def register_buffer(self, name, tensor, persistent=True):
         if name in _BUFFERS:  # a buffer replaced: the packed storages no longer hold the weight
@@ -334,19 +332,12 @@ class NF4Linear(nn.Module):
         if PACKED_INPUTS and torch.compiler.is_compiling():
             packed = self.__dict__.get("_packed")
             if packed is not None:  # two graph inputs instead of four or five (see _Packed)
-                data, absmax, nested, offset, shift = _views(packed.u8, packed.f32, packed.parts)
-                return NF4Tensor(data=data, absmax=absmax, shape=self._shape, dtype=self._orig_dtype,
-                                 blocksize=self.blocksize, nested_absmax=nested, nested_offset=offset, shift=shift,
-                                 nested_blocksize=self._nested_blocksize)
+                return self._nf4_tensor(*_views(packed.u8, packed.f32, packed.parts))
         t, b = self.__dict__.get("_quant_weight"), self._buffers
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]
                 or t.nested_absmax is not b["qnested_absmax"] or t.nested_offset is not b["qnested_offset"]
                 or t.dtype is not self._orig_dtype or t.shape is not self._shape):
-            t = NF4Tensor(
-                data=b["qdata"], absmax=b["qabsmax"], shape=self._shape, dtype=self._orig_dtype,
-                blocksize=self.blocksize, nested_absmax=b["qnested_absmax"], nested_offset=b["qnested_offset"],
-                shift=b["qshift"], nested_blocksize=self._nested_blocksize,
-            )
+            t = self._nf4_tensor(*(b[name] for name in _BUFFERS))
             if not torch.compiler.is_compiling():  # a write traced inside HF checkpointing is an "unsafe side effect"
                 self.__dict__["_quant_weight"] = t
         return t
@@ -472,7 +463,7 @@ class NF4Linear(nn.Module):
             return None if buf is None else buf.to(probe.device)
 
         packed = self.__dict__.get("_packed")
-        if packed is not None and all(saved.get(name) is view for name, view in zip(_BUFFERS, packed.views)):
+        if packed is not None and _holds(packed, saved):
             # the two storages move (one copy each) and the buffers are their views again
             u8, f32 = moved(packed.u8), moved(packed.f32)
             if u8 is not packed.u8 or f32 is not packed.f32:
