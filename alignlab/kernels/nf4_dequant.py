@@ -18,12 +18,14 @@ per-value row lookup (a 64-bit division per value) made the row-scaled pass
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from alignlab._keep import keep
 from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import bind, cdiv, launch, pointers
-from alignlab.quant.nf4 import NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
+from alignlab.quant.nf4 import _NF4_LEVELS, NF4Tensor, dynamic_map, nf4_code, nf4_dequantize, output_dtype
 
 try:
     import triton
@@ -39,17 +41,26 @@ _KERNEL_CODES: dict = {}
 def code_planes(dtype: torch.dtype) -> tuple[int, ...]:
     """The NF4 codebook rounded to ``dtype`` (``torch.float16`` or ``torch.bfloat16``) as eight 32-bit words
     (signed ints): ``L0..L3`` hold the low bytes of levels ``4i..4i+3`` in byte order, ``H0..H3`` their high
-    bytes. These byte planes are the table of the in-register lookup of :mod:`alignlab.kernels.nf4_small`."""
+    bytes. These byte planes are the table of the in-register lookup of :mod:`alignlab.kernels.nf4_small`.
+    Plain Python, no tensor: this runs at import, which may happen inside a ``torch.export`` / ``torch.compile``
+    trace (the first NF4 forward imports the kernels), where reading a tensor back would be data-dependent."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
-    bits = [b & 0xFFFF for b in nf4_code(torch.device("cpu")).to(dtype).view(torch.int16).tolist()]
+    bits = [_bits16(v, dtype) for v in _NF4_LEVELS]
     words = [sum(((b >> shift) & 0xFF) << 8 * j for j, b in enumerate(bits[4 * i:4 * i + 4]))
              for shift in (0, 8) for i in range(4)]
     return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
-# 32 copies of the fp16 planes, then 32 of the bf16 ones; computed at import (eagerly: code_planes reads a tensor
-# back to the host, which a torch.compile trace of kernel_code could not)
+def _bits16(value: float, dtype: torch.dtype) -> int:
+    """The bits of the float32 ``value`` rounded to nearest-even fp16 / bf16 (finite values)."""
+    if dtype == torch.float16:
+        return struct.unpack("<H", struct.pack("<e", value))[0]
+    f32 = struct.unpack("<I", struct.pack("<f", value))[0]
+    return ((f32 + 0x7FFF + ((f32 >> 16) & 1)) >> 16) & 0xFFFF
+
+
+# 32 copies of the fp16 planes, then 32 of the bf16 ones
 _PLANE_WORDS = code_planes(torch.float16) * 32 + code_planes(torch.bfloat16) * 32
 
 

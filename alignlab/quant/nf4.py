@@ -89,11 +89,7 @@ _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The NF4 codebook, shape ``(16,)`` float32, sorted ascending."""
-    device = torch.device(device)
-    key = ("nf4", device)
-    if key not in _TABLES:
-        _TABLES[key] = keep(lambda: torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=device), device)
-    return _TABLES[key]
+    return _table(("nf4", torch.device(device)), lambda d: torch.tensor(_NF4_LEVELS, dtype=torch.float32, device=d))
 
 
 def _build_dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -116,6 +112,11 @@ def _build_dynamic_map(signed: bool = True) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
+# built at import, eagerly: a first dynamic_map call may come inside a torch.export / torch.compile trace (the
+# first NF4 forward), where _build_dynamic_map's reads of tensors back to Python would be data-dependent
+_DYNAMIC_MAPS = {signed: _build_dynamic_map(signed) for signed in (True, False)}
+
+
 def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torch.Tensor:
     """The 8-bit dynamic quantization map, ``(256,)`` float32, sorted ascending.
 
@@ -125,11 +126,21 @@ def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torc
     *8-bit Optimizers via Block-wise Quantization*, arXiv 2110.02861). Both equal
     ``bitsandbytes.functional.create_dynamic_map(signed)``.
     """
-    device = torch.device(device)
-    key = ("dynamic" if signed else "dynamic_unsigned", device)
-    if key not in _TABLES:
-        _TABLES[key] = keep(lambda: _build_dynamic_map(signed).to(device), device)
-    return _TABLES[key]
+    return _table(("dynamic" if signed else "dynamic_unsigned", torch.device(device)),
+                  lambda d: _DYNAMIC_MAPS[signed].to(d))
+
+
+def _table(key: tuple, make) -> torch.Tensor:
+    """The table ``make(device)`` kept in ``_TABLES`` under ``key = (name, device)``. A first call inside a
+    ``torch.compile`` / ``torch.export`` trace makes it without keeping it: a tensor made there is a traced
+    value (a fake tensor under export), which must not outlive the trace."""
+    table = _TABLES.get(key)
+    if table is None:
+        device = key[1]
+        if torch.compiler.is_compiling():
+            return make(device)
+        table = _TABLES[key] = keep(lambda: make(device), device)
+    return table
 
 
 @dataclass
