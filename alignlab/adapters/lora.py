@@ -357,6 +357,7 @@ class LoRALinear(AdapterLayer):
         n_in = factors[names[0]].in_features  # a plain attribute: cheaper than the in_features property
         if x.shape[-1:] != (n_in,):  # a 0-d input too
             raise ValueError(f"input.shape[-1] must be in_features={n_in}, got shape {tuple(x.shape)}")
+        in_dtype = None
         # torch.func transforms (grad, vmap: per-sample gradients) cannot transform the fused functions: plain path.
         # torch.compile never traces the fused autograd functions (with torch 2.11 it dropped their gradients, seen
         # on an H200): from fused.OP_MIN_ROWS rows the layer runs as the opaque custom ops of lora_linear_op /
@@ -368,6 +369,10 @@ class LoRALinear(AdapterLayer):
                     return self._fused(x, names[0], dtype)
                 if self._op_applies(x, dtype, names[0]):
                     return self._fused(x, names[0], dtype, traced=True)
+                if dtype != x.dtype:  # an NF4 base computing in another dtype than x's: as the fused path
+                    in_dtype, x = x.dtype, x.to(dtype)  # does, the plain ops below run in that dtype, then one cast
+        # the plain ops stay in this frame (not a helper's): a traced call that breaks the graph inside them (a Triton
+        # launch under the interpreter) resumes here as before, with the same ops in and out of the graph
         for name in names:
             device = self.lora_A[name].weight.device
             if device != x.device:
@@ -388,7 +393,7 @@ class LoRALinear(AdapterLayer):
                                   alpha=self.scaling[name]).view(out.shape).to(out.dtype)
             else:
                 out = (out + lora_forward(xa, a, b, self.scaling[name])).to(out.dtype)  # add in fp32, round once
-        return out
+        return out if in_dtype is None else out.to(in_dtype)
 
     def _fused_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
         """The compute dtype of the fused path for this call, or None where it does not apply.
