@@ -330,8 +330,10 @@ class NF4Linear(nn.Module):
         building it anew per forward call cost host time. Treat it as read-only.
         """
         if PACKED_INPUTS and torch.compiler.is_compiling():
-            packed = self.__dict__.get("_packed")
-            if packed is not None:  # two graph inputs instead of four or five (see _Packed)
+            packed, b = self.__dict__.get("_packed"), self._buffers
+            # two graph inputs instead of four or five (see _Packed), while the buffers are its views: a buffer put
+            # in place without the module's setattr (torch.func.functional_call, accelerate) is read as it is
+            if packed is not None and all(b[name] is view for name, view in zip(_BUFFERS, packed.views)):
                 return self._nf4_tensor(*_views(packed.u8, packed.f32, packed.parts))
         t, b = self.__dict__.get("_quant_weight"), self._buffers
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]

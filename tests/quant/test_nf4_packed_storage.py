@@ -116,6 +116,32 @@ def test_a_replaced_buffer_is_what_compiled_and_eager_forwards_read():
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_compiled_functional_call_reads_the_swapped_in_tensors(double_quant):
+    """``torch.func.functional_call`` puts other tensors in ``_buffers`` without the module's setattr (which drops
+    the packed form): a compiled forward read the layer's own storages then, giving its weight with the other
+    layer's bias (found by a helper, 2026-12-07). Now the packed storages are read only while the buffers are their
+    views."""
+    from torch.func import functional_call
+
+    a, b = _layer(double_quant), _layer(double_quant)
+    with torch.no_grad():
+        b.load_dense_weight_(torch.randn(24, 128))
+        b.bias.normal_()
+    x = torch.randn(3, 128)
+    state = {**dict(b.named_parameters()), **dict(b.named_buffers())}
+    try:
+        got = torch.compile(lambda x, state: functional_call(a, state, (x,)), fullgraph=True, backend="eager")(x, state)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, b(x), rtol=0, atol=0)
+    # the layer's own compiled forward still reads its two storages, where a layer reading its buffers has four
+    # (double quantization) or two
+    plain = _layer(double_quant)
+    plain.qdata = plain.qdata.clone()
+    assert _views_of_packed(a) and _graph_inputs(plain, x)[1] - _graph_inputs(a, x)[1] == (2 if double_quant else 0)
+
+
 def test_moves_copies_and_loads_keep_the_views_on_their_storages():
     layer = _layer()
     x = torch.randn(4, 128)
