@@ -45,6 +45,8 @@ raises ``RuntimeError`` (``exact_fp32=True`` takes the unfused path). ``torch.fu
 from __future__ import annotations
 
 
+import math
+
 import torch
 
 from alignlab._checks import env_switch
@@ -119,8 +121,9 @@ LORA_GEMM_FORCED_MIN_ROWS = 1024
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t (..., n)`` as ``(tokens, n)``. Not ``reshape(-1, n)``: with ``n`` 0 (a layer without inputs or outputs)
-    the ``-1`` is ambiguous and torch raises."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+    the ``-1`` is ambiguous and torch raises. ``math.prod``, not ``torch.Size.numel``: under ``torch.export`` the
+    latter made a dynamic batch or sequence dimension a constant."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,6 +18,8 @@ Reference: :func:`lora_decode_reference` (the same two rounded products in torch
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignlab.kernels import nf4_small
@@ -144,8 +146,10 @@ def applies(x: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) 
     """Whether :func:`lora_decode_add_` runs its kernels for an input ``x (..., K)`` taken in ``dtype`` (default
     ``x.dtype``) and factor ``a``: 1 to ``MAX_ROWS`` rows in fp16 / bf16 on CUDA (the Triton path), a rank up to
     ``MAX_RANK``."""
-    return (0 < x.shape[:-1].numel() <= MAX_ROWS and (dtype or x.dtype) in (torch.float16, torch.bfloat16)
-            and a.shape[0] <= MAX_RANK and use_triton(x, a))
+    # the row count last: where shapes are symbolic (torch.compile's dynamic shapes, torch.export's dims) it is a
+    # guard, which a call that fails another test need not add
+    return ((dtype or x.dtype) in (torch.float16, torch.bfloat16) and a.shape[0] <= MAX_RANK and use_triton(x, a)
+            and 0 < math.prod(x.shape[:-1]) <= MAX_ROWS)
 
 
 def _up_launch(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> tuple:
