@@ -88,6 +88,14 @@ class FusionLayer(nn.Module):
         return (weights * self.value(outputs)).sum(-2)
 
 
+def _misfit_sides(linear: nn.Module, hidden: int, parallel: bool) -> dict:
+    """The sides of a linear-like block that are not ``hidden`` wide, ``{"output" / "input": width}``: the adapter adds
+    to its output and a parallel one reads its input (a k_proj or up_proj target failed at the first forward)."""
+    in_features, out_features = linear_features(linear)
+    sides = {"output": out_features, **({"input": in_features} if parallel else {})}
+    return {side: w for side, w in sides.items() if w != hidden}
+
+
 class BottleneckLayer(AdapterLayer):
     """A block (attention / feed-forward module) followed or paralleled by bottleneck adapters.
 
@@ -101,7 +109,7 @@ class BottleneckLayer(AdapterLayer):
         adapter_name: name of the first adapter.
     Raises:
         ValueError: ``hidden`` or ``bottleneck`` not a positive int, an unknown non-linearity, a ``scaling`` that is
-            NaN, infinite or 0.
+            NaN, infinite or 0; a linear ``base`` whose output (and, ``parallel``, input) is not ``hidden`` wide.
         TypeError: ``parallel`` is neither a bool nor a NumPy bool; ``scaling`` not a real number; ``hidden`` or
             ``bottleneck`` not an int (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too).
     """
@@ -137,6 +145,13 @@ class BottleneckLayer(AdapterLayer):
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         parallel = as_bool(parallel, "parallel")  # "no" would read the block input instead of its output
         scaling = check_nonzero_number(scaling, "scaling", _ZERO_SCALING)  # NaN would reach every output
+        base = self.base_layer
+        wrong = _misfit_sides(base, self.hidden, parallel) if is_linear_like(base) else {}
+        if wrong:  # (as BottleneckConfig.prepare refuses it for inject)
+            raise ValueError(f"hidden={self.hidden} does not fit the base layer, a linear whose "
+                             + " and ".join(f"{side} is {w}" for side, w in wrong.items()) + " wide: "
+                             + ("a parallel adapter reads its input and adds to its output"
+                                if parallel else "the adapter adds to its output"))
         dtype, device = self._adapter_dtype_device()
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=dtype)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=dtype)
@@ -282,11 +297,7 @@ class BottleneckConfig:
             block = model.get_submodule(name)
             block = block.base_layer if isinstance(block, BottleneckLayer) else block
             if is_linear_like(block):
-                # a linear target is the whole block: the adapter adds to its output (and a parallel one reads its
-                # input), so those must be `hidden` wide; k_proj or up_proj failed at the first forward
-                in_features, out_features = linear_features(block)
-                sides = {"output": out_features, **({"input": in_features} if self.placement == "parallel" else {})}
-                wrong = {side: w for side, w in sides.items() if w != int(hidden)}
+                wrong = _misfit_sides(block, int(hidden), self.placement == "parallel")
                 if wrong:
                     raise ValueError(f"hidden size {hidden} does not fit {name!r}, a linear whose "
                                      + " and ".join(f"{side} is {w}" for side, w in wrong.items())

@@ -77,3 +77,18 @@ def test_malformed_targets_are_refused_when_the_config_is_built(field, value):
         BottleneckConfig(**{field: value})
     with pytest.raises(TypeError, match="target_modules must be a regex string or a non-empty list"):
         BottleneckConfig(target_modules=5)
+
+
+def test_a_hand_built_layer_over_a_linear_of_another_width_is_refused():
+    """BottleneckLayer(base, hidden, ...) checks a linear base's widths as inject does (a parallel layer over
+    nn.Linear(32, 48) with hidden=48 was built and failed at forward with a raw matmul error; a helper's find)."""
+    with pytest.raises(ValueError, match="hidden=48 does not fit the base layer, a linear whose input is 32 wide"):
+        BottleneckLayer(torch.nn.Linear(32, 48), hidden=48, bottleneck=8, parallel=True)
+    with pytest.raises(ValueError, match="output is 48 wide"):
+        BottleneckLayer(torch.nn.Linear(32, 48), hidden=32, bottleneck=8)
+    serial = BottleneckLayer(torch.nn.Linear(32, 48), hidden=48, bottleneck=8)  # reads the output only: fits
+    assert serial(torch.randn(5, 32)).shape == (5, 48)
+    square = BottleneckLayer(torch.nn.Linear(48, 48), hidden=48, bottleneck=8, parallel=True)
+    with pytest.raises(ValueError, match="input is 32 wide"):  # add_adapter checks the new adapter's placement
+        BottleneckLayer(torch.nn.Linear(32, 48), hidden=48, bottleneck=8).add_adapter("p", 4, parallel=True)
+    assert square(torch.randn(5, 48)).shape == (5, 48)
