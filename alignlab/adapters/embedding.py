@@ -307,17 +307,40 @@ def tie_lora_heads(model: nn.Module, adapter_name: str, active: bool) -> list[st
 
 class _Rows(nn.Module):
     """The frozen originals and index tensors of one adapter's rows (buffers: they follow device moves, and
-    are not part of the state dict)."""
+    are not part of the state dict).
+
+    Built on the ``meta`` device (deferred init), the index tensors are made again from ``indices`` when the module
+    leaves it (``to_empty``), and the originals, which nothing holds then, are marked ``stale`` until the layer's
+    ``load_state_dict`` reads them from the loaded table (merging refuses stale ones: unmerging would write
+    whatever memory held)."""
 
     def __init__(self, indices: list[int], original: torch.Tensor, num_rows: int) -> None:
         super().__init__()
+        self.indices = tuple(indices)
         self.ids = frozenset(indices)
-        idx = torch.tensor(indices, dtype=torch.long, device=original.device)
-        slot = torch.full((num_rows,), -1, dtype=torch.long, device=original.device)
-        slot[idx] = torch.arange(len(indices), device=original.device)
+        self.stale = False
+        idx, slot = self._index_tensors(num_rows, original.device)
         self.register_buffer("index", idx, persistent=False)
         self.register_buffer("slot", slot, persistent=False)  # token id -> row of D, or -1
         self.register_buffer("original", original.detach().clone(), persistent=False)
+
+    def _index_tensors(self, num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(self.indices, dtype=torch.long, device=device)
+        slot = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+        slot[idx] = torch.arange(len(self.indices), device=device)
+        return idx, slot
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.index.is_meta
+        self.__dict__["_meta_born"] = self.__dict__.get("_meta_born", False) or was_meta
+        out = super()._apply(fn, recurse)
+        if self._meta_born and not self.index.is_meta:  # (each move: a to_empty may reach a module more than once)
+            idx, slot = self._index_tensors(self.slot.shape[0], self.index.device)
+            with torch.no_grad():
+                self.index.copy_(idx)
+                self.slot.copy_(slot)
+            self.stale = self.stale or was_meta  # to_empty: the new tensors hold whatever memory held
+        return out
 
 
 class TrainableTokensLayer(AdapterLayer):
@@ -357,6 +380,7 @@ class TrainableTokensLayer(AdapterLayer):
         super().__init__(base)
         # a plain list hides the other layer from named_modules / state_dict (its rows are saved there)
         self._tied = [tied_to] if tied_to is not None else []
+        self.register_load_state_dict_post_hook(TrainableTokensLayer._load_originals)
         self.add_adapter(adapter_name, indices, adapter_dtype)
         self.active_adapters = [adapter_name]
 
@@ -380,7 +404,7 @@ class TrainableTokensLayer(AdapterLayer):
     def token_indices(self, name: str) -> list[int]:
         """The token ids adapter ``name`` trains."""
         self._check_name(name)
-        return self.token_rows[name].index.tolist()
+        return list(self.token_rows[name].indices)
 
     def add_adapter(self, name: str, indices: list[int], adapter_dtype: torch.dtype | None = None) -> None:
         """Add adapter ``name`` training rows ``indices`` (for a tied layer: share the tied layer's ``name``)."""
@@ -439,6 +463,25 @@ class TrainableTokensLayer(AdapterLayer):
         return out
 
     # -- merge: the rows are written into the table (and put back from the frozen originals) -----------
+    @staticmethod
+    def _load_originals(self, incompatible_keys) -> None:
+        """``load_state_dict`` post-hook: rows whose originals went stale leaving the meta device (see ``_Rows``)
+        take them from the table just loaded."""
+        w = self.base_layer.weight
+        for rows in self.token_rows.values():
+            if rows.stale and not w.is_meta:
+                with torch.no_grad():
+                    rows.original.copy_(w.detach()[rows.index])
+                rows.stale = False
+
+    def _refuse_stale(self, names: list[str]) -> None:
+        """``ValueError`` where adapter rows among ``names`` have stale originals (see ``_Rows``): unmerging would
+        write whatever memory held."""
+        for name in names:
+            if name in self.token_rows and self.token_rows[name].stale:
+                raise ValueError(f"adapter {name!r}: the original rows are unknown (the layer left the meta device and "
+                                 "no state dict was loaded since): load_state_dict the model's weights before merging")
+
     def _merge_one(self, name: str) -> None:
         w = self.base_layer.weight
         w.index_copy_(0, self.token_rows[name].index, self.trainable_tokens_delta[name].detach().to(w.dtype))
@@ -449,6 +492,7 @@ class TrainableTokensLayer(AdapterLayer):
         w.index_copy_(0, meta.index, meta.original.to(w.dtype))
 
     def _check_mergeable(self, names: list[str]) -> None:
+        self._refuse_stale(names)
         seen: set[int] = set()
         for n in list(self.merged_adapters) + names:
             ids = set(self.token_indices(n))

@@ -26,6 +26,7 @@ from alignlab.adapters.base import (AdapterLayer, SavedModule, check_adapter_nam
 from alignlab.adapters.config import (LoRAConfig, layer_selected, matching_entry, name_matches, pattern_matches,
                                       saved_module_matches, warn_embedding_read_elsewhere, with_task_heads)
 from alignlab.adapters.experts import ExpertLoRA, fused_expert_parameters
+from alignlab.adapters.embedding import TrainableTokensLayer
 from alignlab.adapters.lora import LoRALinear
 from alignlab.adapters.resize_guard import guard_resize_token_embeddings, unguard_resize_token_embeddings
 from alignlab.adapters.tied_keys import follow_adapters_in_tied_keys, forget_ties
@@ -698,6 +699,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     if adapter_names is not None:
         _require_adapters(model, adapter_names)
     _refuse_merge_over_live_rows(layers, adapter_names)
+    _refuse_stale_rows(layers, adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in layers
                                  if any(a in l.adapter_names() for a in (adapter_names or l.active_adapters))])
     for name, layer in _nested_first(layers):
@@ -721,6 +723,17 @@ def _refuse_merge_over_live_rows(layers: list[tuple[str, AdapterLayer]], adapter
         if names:
             try:
                 layer._check_mergeable(names, below)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+
+def _refuse_stale_rows(layers: list[tuple[str, AdapterLayer]], adapter_names: list[str] | None) -> None:
+    """Trainable token rows whose originals went stale (built on meta, no state dict loaded since) refuse a merge
+    before any layer changes (``TrainableTokensLayer._refuse_stale``)."""
+    for name, layer in layers:
+        if isinstance(layer, TrainableTokensLayer):
+            try:
+                layer._refuse_stale(adapter_names or layer.active_adapters)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
 
@@ -785,6 +798,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     for name, module in _saved_modules(model):  # before any change: the copies replace their originals last
         if any(n in module.modules_to_save for n in module.active_adapters):
             _refuse_untie_where_forward_reads_the_flag(model, name, _tied_elsewhere(model, name, module.original_module))
+    _refuse_stale_rows(list(adapter_layers(model)), adapter_names)
     _untie_before_merge(model, [(n, l) for n, l in adapter_layers(model)
                                 if any(a in l.adapter_names() and a not in l.merged_adapters
                                        for a in (adapter_names or l.active_adapters))])

@@ -15,6 +15,7 @@ Trainable parameters per layer: ``out + r``. Mergeable: ``ΔW = Λ_b B Λ_d A``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -52,7 +53,9 @@ _ZERO_D = "b starts at 0, so with d = 0 too the adapter adds nothing and neither
 
 
 class VeRAProjections(nn.Module):
-    """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``).
+    """The frozen shared matrices ``A (r, in_max)`` and ``B (out_max, r)`` (buffers, not saved in ``state_dict``:
+    ``seed`` gives them). Built on the ``meta`` device (deferred init), they are drawn again from ``seed`` when the
+    module leaves it (``to_empty``, as FSDP2's deferred init does too), since no state dict brings them back.
 
     Raises ``ValueError`` naming the argument unless ``r``, ``in_max`` and ``out_max`` are positive ints (``r = 0``
     divided by zero in the Kaiming bound) and ``seed`` an int in ``[-2⁶³, 2⁶⁴)`` (``TypeError`` for a non-int).
@@ -61,11 +64,29 @@ class VeRAProjections(nn.Module):
     def __init__(self, r: int, in_max: int, out_max: int, seed: int) -> None:
         super().__init__()
         r, in_max, out_max = (check_positive_int(v, a) for v, a in ((r, "r"), (in_max, "in_max"), (out_max, "out_max")))
-        g = torch.Generator().manual_seed(_check_seed(seed, "seed"))
-        a = _kaiming_uniform((r, in_max), g)  # A is drawn first, then B, from the same stream
-        b = _kaiming_uniform((out_max, r), g)
+        self.seed = _check_seed(seed, "seed")
+        a, b = self._draw(r, in_max, out_max, None)
         self.register_buffer("A", a, persistent=False)
         self.register_buffer("B", b, persistent=False)
+
+    def _draw(self, r: int, in_max: int, out_max: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` then ``B`` from one stream seeded by ``seed`` (on ``device``; None: the default device)."""
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return _kaiming_uniform((r, in_max), g), _kaiming_uniform((out_max, r), g)
+
+    def _apply(self, fn, recurse=True):
+        # built on meta, every later move draws them again (the values a move would carry, as the draw is the same):
+        # the module is shared by the adapted layers, so to_empty's recursion reaches it once per layer, and each
+        # visit after the first turns the drawn tensors into fresh uninitialized ones again
+        self.__dict__["_meta_born"] = self.__dict__.get("_meta_born", False) or self.A.is_meta
+        out = super()._apply(fn, recurse)
+        if self._meta_born and not self.A.is_meta:
+            a, b = self._draw(self.A.shape[0], self.A.shape[1], self.B.shape[0], "cpu")
+            with torch.no_grad():
+                self.A.copy_(a)
+                self.B.copy_(b)
+        return out
 
 
 class VeRALinear(AdapterLayer):
