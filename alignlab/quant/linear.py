@@ -36,6 +36,7 @@ from alignlab.quant.nf4 import (
     _check_blocksize,
     check_compute_dtype,
     check_quantizable,
+    nf4_dequantize,
     nf4_from_bnb_state_dict,
     nf4_quantize,
     nf4_to_bnb_state_dict,
@@ -352,7 +353,12 @@ class NF4Linear(nn.Module):
         (``.half()``, ``.to(torch.bfloat16)``: the dtype a dense weight would have now; the packed codes are
         untouched). A ``.double()`` leaves it as it was: NF4 dequantizes to fp32 at most (the layer itself still
         takes fp64 inputs).
+        Under ``torch.compile`` / ``torch.export`` it is the dequantized weight as a plain tensor, made by PyTorch ops
+        (Dynamo cannot build the wrapper inside a graph; model code that read ``.weight`` broke the graph): the
+        compiler drops that dequantization where only the shape / dtype / device are read.
         (bitsandbytes exposes its packed codes here instead.)"""
+        if torch.compiler.is_compiling():
+            return nf4_dequantize(self.quant_weight, self.__dict__.get("_view_dtype"))
         return DequantizedWeight(self.quant_weight, self.__dict__.get("_view_dtype"))
 
     # -- the adapter contract -------------------------------------------------------------------

@@ -126,3 +126,44 @@ def test_view_follows_a_floating_cast_of_the_module():
     with torch.no_grad():
         logits = model(input_ids=torch.randint(3, 60, (2, 7)), **extra).logits  # raised RuntimeError: mixed dtype
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+class _ReadsDtype(nn.Module):  # T5 / NLLB-MoE / SeamlessM4T: x.to(fc.weight.dtype) every forward
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.out(x.to(self.fc.weight.dtype))
+
+
+class _ReadsValues(nn.Module):  # Mamba: dt_proj.weight @ x
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 48)
+
+    def forward(self, x):
+        return x @ self.fc.weight.T
+
+
+@pytest.mark.parametrize("module", [_ReadsDtype, _ReadsValues])
+def test_model_code_reading_weight_compiles_in_one_graph_and_exports(module):
+    """Under torch.compile / torch.export ``.weight`` is the dequantized weight as a plain tensor: the wrapper could
+    not be built inside a graph (fullgraph=True refused, export failed; a helper's find, 2026-12-07)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = quantize_model(module(), compute_dtype=torch.float32, skip=["out"] if module is _ReadsDtype else ()).eval()
+    x = torch.randn(3, 64)
+    want = model(x)
+    try:
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    # a read of the dtype alone leaves the dequantization unused: Inductor drops it (the one GEMM of `out` remains)
+    assert ("cpp_fused" in "\n".join(code)) == (module is _ReadsValues)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want, rtol=0, atol=0)
