@@ -330,6 +330,11 @@ class _Rows(nn.Module):
         slot[idx] = torch.arange(len(self.indices), device=device)
         return idx, slot
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "indices" not in self.__dict__:  # pickled by an alignlab that kept the ids in the index tensor alone
+            self.indices, self.stale = tuple(self.index.tolist()), False
+
     def _apply(self, fn, recurse=True):
         was_meta = self.index.is_meta
         self.__dict__["_meta_born"] = self.__dict__.get("_meta_born", False) or was_meta

@@ -44,7 +44,6 @@ raises ``RuntimeError`` (``exact_fp32=True`` takes the unfused path). ``torch.fu
 
 from __future__ import annotations
 
-
 import math
 
 import torch
