@@ -76,16 +76,20 @@ class VeRAProjections(nn.Module):
             return _kaiming_uniform((r, in_max), g), _kaiming_uniform((out_max, r), g)
 
     def _apply(self, fn, recurse=True):
-        # built on meta, every later move draws them again (the values a move would carry, as the draw is the same):
-        # the module is shared by the adapted layers, so to_empty's recursion reaches it once per layer, and each
-        # visit after the first turns the drawn tensors into fresh uninitialized ones again
-        self.__dict__["_meta_born"] = self.__dict__.get("_meta_born", False) or self.A.is_meta
+        # leaving meta, the projections are drawn again; so are they at a later move while they still hold the values
+        # drawn then (version counters unchanged: the same values a move would carry): the module is shared by the
+        # adapted layers, so to_empty's recursion reaches it once per layer, and each visit after the first turns the
+        # drawn tensors into uninitialized ones again. Values written since (a loaded vera_A / vera_B) just move
+        a, b, drawn = self.A, self.B, self.__dict__.get("_drawn")
+        redraw = a.is_meta or (drawn is not None and drawn[0] is a and drawn[2] is b
+                               and (drawn[1], drawn[3]) == (a._version, b._version))
         out = super()._apply(fn, recurse)
-        if self._meta_born and not self.A.is_meta:
+        if redraw and not self.A.is_meta:
             a, b = self._draw(self.A.shape[0], self.A.shape[1], self.B.shape[0], "cpu")
             with torch.no_grad():
                 self.A.copy_(a)
                 self.B.copy_(b)
+            self.__dict__["_drawn"] = (self.A, self.A._version, self.B, self.B._version)
         return out
 
 

@@ -71,3 +71,22 @@ def test_a_refused_merge_changes_no_layer():
     assert all(torch.equal(after[k], v) for k, v in before.items())
     from alignlab.adapters import adapter_layers
     assert not any(layer.merged_adapters for _, layer in adapter_layers(deferred))
+
+
+def test_vera_projections_written_after_deferred_init_just_move():
+    """Projections drawn when leaving meta are drawn again at a later move (the values it would carry); once written
+    (a file's vera_A / vera_B loaded into them, or by hand) a move carries the written values."""
+    deferred = _deferred(CONFIGS["vera"])
+    proj = deferred.model.layers[0].self_attn.q_proj.projections["default"]
+    drawn = proj.A.clone()
+    fresh = inject(make_tiny_llama(), CONFIGS["vera"]()).model.layers[0].self_attn.q_proj.projections["default"]
+    torch.testing.assert_close(drawn, fresh.A, rtol=0, atol=0)
+    deferred.double()
+    torch.testing.assert_close(proj.A, drawn.double(), rtol=0, atol=0)
+    with torch.no_grad():
+        proj.A.mul_(2)
+    deferred.float()
+    torch.testing.assert_close(proj.A, 2 * drawn, rtol=0, atol=0)
+    proj.A = proj.A.clone()  # a replaced buffer: moved as any other
+    deferred.double()
+    torch.testing.assert_close(proj.A, 2 * drawn.double(), rtol=0, atol=0)
