@@ -71,7 +71,9 @@ def packed_to_padded(
     """Unpack a padding-free tensor into a padded batch (differentiable gather).
 
     Args:
-        values: ``(total, ...)`` (or ``(1, total, ...)``) sequences concatenated.
+        values: ``(total, ...)`` (or ``(1, total, ...)``) sequences concatenated. A first dim of 1 is read as the
+            batch dim of ``(1, total, ...)`` wherever that fits ``cu_seqlens`` (for total = 1: a second dim of 1 too),
+            so ``(1, 1, H)`` and ``(1, 1)`` give ``(1, 1, H)`` and ``(1, 1)``, as ``(1, 2, H)`` gives ``(1, 2, H)``.
         cu_seqlens: ``(n_seq + 1,)`` int boundaries, ``0 = c_0 <= c_1 <= … = total``.
         fill: value at padded positions.
 
@@ -83,11 +85,11 @@ def packed_to_padded(
         TypeError: ``values`` or ``cu_seqlens`` not a tensor (an :class:`~alignlab.ArgumentTypeError`, a ``ValueError``
             too).
     """
-    if not isinstance(values, torch.Tensor):  # a list failed in _packed_total on values.dim()
+    if not isinstance(values, torch.Tensor):  # a list failed in _packed_rows on values.dim()
         raise ArgumentTypeError(f"values must be a tensor (total, ...), got {type(values).__name__}")
-    total = _packed_total(values, cu_seqlens)
+    flat = _packed_rows(values, cu_seqlens)
+    total = flat.shape[0]
     pos, n_seq, length = _packed_positions(cu_seqlens, total)
-    flat = values[0] if values.shape[0] != total else values
     out = flat.new_full((n_seq * length,) + flat.shape[1:], fill)
     out = out.index_copy(0, pos, flat)
     mask = torch.zeros(n_seq * length, dtype=torch.bool, device=flat.device)
@@ -95,12 +97,13 @@ def packed_to_padded(
     return out.view((n_seq, length) + flat.shape[1:]), mask.view(n_seq, length)
 
 
-def _packed_total(values: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
-    """Packed length of ``values``: ``(total, ...)``, or ``(1, total, ...)`` when the first dim is not it."""
+def _packed_rows(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``values`` as ``(total, ...)``: ``values[0]`` where it is ``(1, total, ...)`` (a first dim of 1, and a second
+    dim that is the packed length where the first one could be it too: total = 1), else ``values``."""
     end = int(cu_seqlens[-1]) if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() else -1
-    if values.dim() >= 2 and values.shape[0] == 1 and values.shape[0] != end:
-        return values.shape[1]
-    return values.shape[0]
+    if values.dim() >= 2 and values.shape[0] == 1 and (end != 1 or values.shape[1] == 1):
+        return values[0]
+    return values
 
 
 def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int, int]:

@@ -531,3 +531,22 @@ def test_packed_advantages_of_the_wrong_length_name_both_accepted_shapes():
         fused_linear_grpo(h, w, ids, torch.zeros(2), cu_seqlens=cu)
     fused_linear_grpo(h, w, ids, torch.zeros(3), cu_seqlens=cu)
     fused_linear_grpo(h, w, ids, torch.zeros(9), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("feature", [(), (5,)])
+def test_packed_to_padded_reads_a_batch_dim_of_one_for_a_single_token_too(feature):
+    """``(1, total, ...)`` with total = 1 kept the batch dim as an extra one (``(1, 1, H)`` gave ``(1, 1, 1, H)``,
+    and the documented ``.sum(1)`` of per-token values a ``(1, 1)`` result); a helper's find, 2026-12-07. The same
+    values as ``(total, ...)`` give the same result."""
+    for total in (1, 2, 3):
+        values = torch.randn(1, total, *feature)
+        cu = torch.tensor([0, total])
+        padded, mask = packed_to_padded(values, cu)
+        assert padded.shape == (1, total, *feature) and mask.shape == (1, total) and bool(mask.all())
+        torch.testing.assert_close(padded[0], values[0], rtol=0, atol=0)
+        flat, _ = packed_to_padded(values[0], cu)
+        torch.testing.assert_close(flat, padded, rtol=0, atol=0)
+    assert packed_to_padded(torch.randn(1, 1), torch.tensor([0, 1]))[0].sum(1).shape == (1,)
+    # two sequences, 1 token each, packed as (1, 2): the batch dim as before
+    padded, _ = packed_to_padded(torch.tensor([[1.0, 2.0]]), torch.tensor([0, 1, 2]))
+    assert padded.tolist() == [[1.0], [2.0]]
