@@ -456,8 +456,10 @@ def column_dot(u: torch.Tensor, v: torch.Tensor, splits: int | None = None) -> t
 
     Raises:
         ValueError: the shapes differ or are not 2-D, ``splits`` not a positive int or None.
+        TypeError: ``u`` or ``v`` not a floating-point tensor.
     """
     _check_splits(splits)
+    _check_float(u=u, v=v)
     if u.dim() != 2 or u.shape != v.shape:
         raise ValueError(f"u and v must be 2-D of one shape, got {tuple(u.shape)} and {tuple(v.shape)}")
     T, C = u.shape

@@ -423,6 +423,21 @@ def test_dora_scales_checks_types_as_norm_and_scales_does(kernel_mode, bad):
         dora_scales(norm, m, b, 0.5, dtype)
 
 
+@pytest.mark.parametrize("bad", ["list u", "bool v", "int u"])
+def test_column_dot_checks_types_as_magnitude_grad_does(kernel_mode, bad):
+    """column_dot raised AttributeError for a list and summed bool / integer tensors as floats, where its siblings
+    refuse non-float input with a TypeError naming it (a helper's find, 2026-12-07)."""
+    u, v = torch.randn(5, 3), torch.randn(5, 3)
+    if bad == "list u":
+        u = u.tolist()
+    elif bad == "bool v":
+        v = v > 0
+    else:
+        u = (u * 10).long()
+    with pytest.raises(TypeError, match=f"{bad[-1]} must be a floating-point tensor"):
+        column_dot(u, v)
+
+
 @pytest.mark.parametrize("quant", [False, True])
 def test_row_norm_and_scales_with_bf16_factors(quant, triton_mode, kernel_device):
     """The interpreter's bf16 tl.dot reads raw bits: bf16 factors gave norms off by ~1e10 there (and g, s·g, s·g ⊙ B
