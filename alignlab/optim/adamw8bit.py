@@ -510,11 +510,16 @@ def _check_group(group: dict[str, Any]) -> None:
 
     Python and NumPy reals are accepted; a bool, a tensor, NaN or inf is not (a NaN ``lr`` would pass a
     ``< 0`` test and turn every parameter into NaN at the first step). ``torch.optim.AdamW``'s
-    ``maximize`` / ``amsgrad`` switched on in a group (a migrated config) are refused: they would be ignored."""
+    ``maximize`` / ``amsgrad`` switched on in a group (a migrated config) are refused: they would be ignored; so is
+    ``torch.optim.Adam``'s ``decoupled_weight_decay=False`` with a weight decay (L2 added to the gradient, which
+    this optimizer would turn into AdamW's decay of the weights)."""
     for key in ("maximize", "amsgrad"):
         if group.get(key):
             raise ValueError(f"{key}: AdamW8bit has no {key} (the group asks for {key}={group[key]!r})")
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if group.get("decoupled_weight_decay") is False and is_real(wd) and wd != 0:
+        raise ValueError(f"decoupled_weight_decay=False: the group decays weights as torch.optim.Adam does (L2 in the "
+                         f"gradient, weight_decay={wd!r}); AdamW8bit's weight decay is decoupled (AdamW)")
     lr = check_finite_number(lr, "lr", minimum=0)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) for b in betas)

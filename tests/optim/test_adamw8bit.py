@@ -644,6 +644,24 @@ def test_torch_adamw_switches_in_a_group_are_refused(key):
     AdamW8bit([q]).load_state_dict(torch.optim.AdamW([q]).state_dict())  # the switches off: loads
 
 
+def test_torch_adam_state_with_l2_weight_decay_is_refused():
+    """torch.optim.Adam's state has AdamW's keys, and its group decoupled_weight_decay=False: loaded, a weight decay
+    above 0 became AdamW's decay of the weights (a different update, ~28% of a step at lr 1e-2; a helper's find,
+    2026-12-07). Refused; Adam without weight decay, or with decoupled_weight_decay=True (AdamW), loads."""
+    q = torch.nn.Parameter(torch.ones(8))
+    q.grad = torch.ones(8)
+    adam = torch.optim.Adam([q], lr=1e-2, weight_decay=0.1)
+    adam.step()
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        AdamW8bit([q]).load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        AdamW8bit([{"params": [q], "decoupled_weight_decay": False, "weight_decay": 0.1}])
+    for kwargs in ({}, {"weight_decay": 0.1, "decoupled_weight_decay": True}):
+        other = torch.optim.Adam([q], lr=1e-2, **kwargs)
+        other.step()
+        AdamW8bit([q]).load_state_dict(other.state_dict())
+
+
 def test_dequantize_moments_checks_blocksize_against_the_state():
     """With the default blocksize=256 on the state of a blocksize=64 optimizer, the scales were read a quarter
     of them at a time (repeat_interleave then [:n]) and wrong moments came back without a word."""
