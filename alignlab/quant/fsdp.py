@@ -98,6 +98,8 @@ class ShardableNF4Linear(NF4Linear):
         from torch.distributed.tensor import DTensor
 
         if any(isinstance(p, DTensor) for p in self._parameters.values() if p is not None):
+            if _same_weight(self.quant_weight, t):  # (gathered: every rank loads) the bytes it holds: a resumed
+                return  # run's load_state_dict of its own whole state dict has nothing to replace
             raise ValueError("cannot replace the NF4 weight of a layer FSDP2 has sharded: merge, re-quantize or "
                              "load the base before shard_model / fully_shard")
         for name in ("qdata", "qabsmax"):
@@ -117,6 +119,21 @@ class ShardableNF4Linear(NF4Linear):
                                       error_msgs)
         ours = (prefix + "qdata", prefix + "qabsmax")  # read from bitsandbytes' keys, not under these names
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in ours]
+
+
+def _same_weight(a, b) -> bool:
+    """Whether two NF4 weights hold the same codes, scales and layout."""
+    if (tuple(a.shape), a.dtype, a.blocksize, a.nested_blocksize) != (tuple(b.shape), b.dtype, b.blocksize,
+                                                                       b.nested_blocksize):
+        return False
+    return all(_same(getattr(a, f), getattr(b, f)) for f in ("data", "absmax", "nested_absmax", "nested_offset", "shift"))
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    """Both None, or equal tensors of one dtype and shape (``y`` compared on ``x``'s device)."""
+    if x is None or y is None:
+        return x is y
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y.to(x.device))
 
 
 class ShardableNF4Experts(NF4Experts):
