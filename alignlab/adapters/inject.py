@@ -541,6 +541,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         TypeError: ``names`` is neither a string nor a sequence of strings (None included).
         ValueError: ``names`` is empty or names an adapter twice; an unknown adapter name; adapters whose
             trainable token rows overlap on a layer, or that each train a copy of one module (``modules_to_save``);
+            a merged adapter left out of ``names`` (it would keep running in the base weight: unmerge first);
             every layer keeps the adapters it had active.
     """
     model = _user_model(model)
@@ -554,7 +555,13 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         if len(copies) > 1:
             raise ValueError(f"adapters {copies} each train their own copy of {name!r} (modules_to_save), which cannot "
                              "be summed: activate one of them at a time (as in PEFT)")
-    layers = [layer for _, layer in adapter_layers(model)]
+    named = list(adapter_layers(model))
+    for name, layer in named:  # merged adapters keep running in the base weight, active or not
+        still = [n for n in layer.merged_adapters if n not in names]
+        if still:
+            raise ValueError(f"{name}: adapter(s) {still} are merged into its base weight, so they would keep running "
+                             f"beside {names} (PEFT unmerges first, with a warning): unmerge(model) before set_adapter")
+    layers = [layer for _, layer in named]
     before = [list(layer.active_adapters) for layer in layers]
     try:
         for layer in layers:
@@ -996,7 +1003,8 @@ def add_weighted_adapter(
     Raises:
         TypeError: ``adapters`` is not a name or names, ``weights`` not a sequence, a weight not a number, ``rank``
             not an int (``"svd"``); each names the argument.
-        ValueError: unknown adapters/combination, DoRA adapters, mismatched lengths or ranks; ``model`` wrapped in
+        ValueError: unknown adapters/combination, DoRA adapters, mismatched lengths or ranks; adapters with trained
+            copies of modules (``modules_to_save``: the combination would leave them out); ``model`` wrapped in
             ``DistributedDataParallel`` or sharded by FSDP2 (as :func:`inject`: the new adapter's parameters would
             not be reduced; combine before wrapping, or on ``ddp.module`` for evaluation).
     """
@@ -1030,6 +1038,11 @@ def add_weighted_adapter(
            for _, layer in adapter_layers(model)):  # embedding LoRA, trainable token rows
         raise ValueError("weighted combination covers LoRA on linear layers; these adapters also adapt an embedding "
                          "(LoRA or trainable token rows)")
+    copies = sorted({f"{name} ({a})" for name, module in _saved_modules(model) for a in adapters
+                     if a in module.modules_to_save})
+    if copies:  # a trained copy cannot be weighted into the new adapter, and leaving it out dropped it silently
+        raise ValueError(f"adapters train their own copies of modules (modules_to_save: {copies}), which a weighted "
+                         "combination cannot carry (PEFT refuses copies of one module by several adapters)")
     if combination == "linear":
         ranks = {configs[a].r for a in adapters} | {r for a in adapters for r in configs[a].rank_pattern.values()}
         if len(ranks) != 1:
