@@ -636,7 +636,9 @@ def _delete_adapter(model: nn.Module, name: str) -> None:
     active = [n for n in active_adapters(model) if n != name]
     object.__setattr__(model, "alignlab_active_adapters", active)
     if was_active and not active and configs:
-        fallback = next(iter(configs))
+        # the earliest remaining adapter, or the merged ones (set_adapter refuses to leave one out: it keeps running)
+        merged = {n for _, layer in adapter_layers(model) for n in layer.merged_adapters}
+        fallback = [n for n in configs if n in merged] or next(iter(configs))
         warnings.warn(f"adapter {name!r} was active and is deleted: {fallback!r} is now the active adapter (as in "
                       "PEFT); set_adapter(model, ...) to choose another", UserWarning, stacklevel=3)
         set_adapter(model, fallback)

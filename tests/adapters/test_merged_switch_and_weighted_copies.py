@@ -55,3 +55,17 @@ def test_weighted_combination_of_adapters_with_saved_copies_is_refused(both):
     with pytest.raises(ValueError, match=r"modules_to_save: \['lm_head \(a\)'"):
         add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "mix", combination="cat")
     assert "mix" not in _layers(model)[0].adapter_names()
+
+
+def test_deleting_the_active_adapter_beside_a_merged_one_activates_the_merged_one():
+    """delete_adapter's fallback activation goes through set_adapter: beside a merged adapter it takes that one
+    (the earliest remaining would be refused after the deletion, leaving the model half changed)."""
+    from alignlab.adapters import delete_adapter
+
+    model = _two_adapters()
+    inject(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="c")
+    set_adapter(model, "c")
+    merge(model, ["b"])  # merged by name while "c" alone is active
+    with pytest.warns(UserWarning, match=r"\['b'\] is now the active adapter"):
+        delete_adapter(model, "c")
+    assert all(layer.active_adapters == ["b"] for layer in _layers(model))
