@@ -90,6 +90,8 @@ class VeRAProjections(nn.Module):
                 self.A.copy_(a)
                 self.B.copy_(b)
             self.__dict__["_drawn"] = (self.A, self.A._version, self.B, self.B._version)
+        else:  # never drawn again (nor keeping the tensors it names alive)
+            self.__dict__.pop("_drawn", None)
         return out
 
 
