@@ -54,6 +54,9 @@ PACKED_INPUTS = env_switch("ALIGNLAB_NF4_PACKED_INPUTS", True)
 _nm = None  # alignlab.kernels.nf4_matmul, imported at the first call (at import time that import would be circular)
 _BUFFERS = ("qdata", "qabsmax", "qnested_absmax", "qnested_offset", "qshift")
 _ICQ_KEY = "weight.icq_shift"
+# the state-dict keys of a packed weight: bitsandbytes' (transformers' 4-bit checkpoints) and the ICQ shifts
+_WEIGHT_KEYS = frozenset({"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                          "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", _ICQ_KEY})
 
 
 def _kernels():
@@ -211,7 +214,10 @@ class NF4Linear(nn.Module):
     ``TypeError``).  Shapes: ``x (..., in_features) -> (..., out_features)``.
     The layer has no trainable parameters (the bias, if any, is frozen too).
 
-    Build one with :meth:`from_linear`; :func:`quantize_model` converts a whole model.
+    Build one with :meth:`from_linear`; :func:`quantize_model` converts a whole model. ``NF4Linear(weight, bias,
+    compute_dtype, calibrate)`` takes a packed weight as it is; ``calibrate`` (None or ``"icq"``) is how a
+    re-quantization (a merge, :meth:`load_dense_weight_`) quantizes, by default that of ``weight`` (ICQ where it holds
+    shifts, as ``load_state_dict`` infers it).
     """
 
     def __init__(
@@ -232,7 +238,8 @@ class NF4Linear(nn.Module):
         weight.validate()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.compute_dtype = compute_dtype
-        self.calibrate = calibrate
+        # an ICQ weight held without calibrate="icq" lost its calibration at the next re-quantization
+        self.calibrate = calibrate if calibrate is not None else ("icq" if weight.shift is not None else None)
         self._set_weight(weight)
         if bias is not None:
             if not isinstance(bias, torch.Tensor):
@@ -503,8 +510,8 @@ class NF4Linear(nn.Module):
                                       error_msgs)
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         mine = {k: v for k, v in mine.items() if k == "weight" or k.startswith("weight.")}
-        for k in mine:
-            if prefix + k in unexpected_keys:
+        for k in mine:  # the keys this layer reads; another weight.* key (a typo, fp4's state) stays unexpected
+            if k in _WEIGHT_KEYS and prefix + k in unexpected_keys:
                 unexpected_keys.remove(prefix + k)
         if "weight" not in mine:
             missing_keys.append(prefix + "weight")
@@ -522,6 +529,11 @@ class NF4Linear(nn.Module):
             return
         if _ICQ_KEY in mine:
             t.shift = mine[_ICQ_KEY]
+            try:  # the shifts came after nf4_from_bnb_state_dict's checks: one float32 per block, checked here
+                t.validate()
+            except ValueError as e:
+                error_msgs.append(f"{prefix}{_ICQ_KEY}: {e}")
+                return
         # re-quantization (merges) keeps the calibration of the weight held, as it keeps its blocksize
         self.calibrate = "icq" if t.shift is not None else None
         dev = self.qdata.device

@@ -273,9 +273,9 @@ class NF4Tensor:
                 f"got {self.data.dtype} with {self.data.numel()}"
             )
         nb = self.num_blocks
-        if self.absmax.numel() != nb:
-            raise ValueError(f"absmax must have {nb} entries for shape {tuple(self.shape)} and blocksize "
-                             f"{self.blocksize}, got {self.absmax.numel()}")
+        if self.absmax.dim() != 1 or self.absmax.numel() != nb:  # (a (1, nb) one loaded, then failed in forward)
+            raise ValueError(f"absmax must have shape ({nb},) for shape {tuple(self.shape)} and blocksize "
+                             f"{self.blocksize}, got {tuple(self.absmax.shape)}")
         if self.double_quant:
             check_positive_int(self.nested_blocksize, "nested_blocksize")
             if self.absmax.dtype != torch.uint8:
@@ -287,8 +287,10 @@ class NF4Tensor:
                 raise ValueError("nested_offset is required with nested_absmax")
         elif self.absmax.dtype != torch.float32:
             raise ValueError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
-        if self.shift is not None and self.shift.numel() != nb:
-            raise ValueError(f"shift must have {nb} entries, got {self.shift.numel()}")
+        if self.shift is not None and (self.shift.dim() != 1 or self.shift.numel() != nb
+                                       or self.shift.dtype != torch.float32):
+            raise ValueError(f"shift must be float32 of shape ({nb},), got {self.shift.dtype} "
+                             f"{tuple(self.shift.shape)}")
 
 
 def _meta_dtype(name) -> torch.dtype:
@@ -303,6 +305,9 @@ def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     """The JSON metadata dict in ``blob`` (uint8 bytes) with its ``shape`` and ``blocksize``; ``ValueError`` naming
     ``where`` for a blob that is not such a dict (missing keys, a shape that is not a list of integers, a
     ``nested_blocksize`` that is not an integer or a ``nested_offset`` that is not a number)."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:  # (a float tensor: bytes() raised TypeError)
+        got = f"{blob.dtype} tensor" if isinstance(blob, torch.Tensor) else type(blob).__name__
+        raise ValueError(f"{where} must be a uint8 tensor of UTF-8 JSON bytes, got a {got}")
     try:
         meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:  # (both ValueErrors, but naming neither key nor file)
@@ -321,8 +326,9 @@ def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     # read with int() / float() later: "abc" or null raised an unnamed ValueError / TypeError, 256.5 was taken as 256
     if not is_int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)):
         raise ValueError(f"{where}: nested_blocksize must be an integer, got {meta['nested_blocksize']!r}")
-    if "nested_offset" in meta and not is_real(meta["nested_offset"]):
-        raise ValueError(f"{where}: nested_offset must be a number, got {meta['nested_offset']!r}")
+    if "nested_offset" in meta and not (is_real(meta["nested_offset"]) and math.isfinite(meta["nested_offset"])):
+        # (NaN / inf: added to every block scale, it made every weight NaN without a word)
+        raise ValueError(f"{where}: nested_offset must be a finite number, got {meta['nested_offset']!r}")
     return meta, torch.Size(shape), int(blocksize)
 
 
