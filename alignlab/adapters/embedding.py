@@ -337,9 +337,8 @@ class _Rows(nn.Module):
 
     def _apply(self, fn, recurse=True):
         was_meta = self.index.is_meta
-        self.__dict__["_meta_born"] = self.__dict__.get("_meta_born", False) or was_meta
         out = super()._apply(fn, recurse)
-        if self._meta_born and not self.index.is_meta:  # (each move: a to_empty may reach a module more than once)
+        if not self.index.is_meta:  # remade from the ids at each move (they hold nothing else): mends a to_empty
             idx, slot = self._index_tensors(self.slot.shape[0], self.index.device)
             with torch.no_grad():
                 self.index.copy_(idx)

@@ -15,7 +15,6 @@ Trainable parameters per layer: ``out + r``. Mergeable: ``ΔW = Λ_b B Λ_d A``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -43,9 +42,9 @@ def _check_seed(seed, arg: str) -> int:
     return int(seed)
 
 
-def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator, device=None) -> torch.Tensor:
     bound = math.sqrt(6.0 / shape[1])  # gain √2, fan_in = shape[1]: bound = √3·√2/√fan_in
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return torch.empty(shape, device=device).uniform_(-bound, bound, generator=generator)
 
 
 # why d_initial = 0 is refused (VeRALinear and VeRAConfig)
@@ -72,8 +71,7 @@ class VeRAProjections(nn.Module):
     def _draw(self, r: int, in_max: int, out_max: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` then ``B`` from one stream seeded by ``seed`` (on ``device``; None: the default device)."""
         g = torch.Generator().manual_seed(self.seed)
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            return _kaiming_uniform((r, in_max), g), _kaiming_uniform((out_max, r), g)
+        return _kaiming_uniform((r, in_max), g, device), _kaiming_uniform((out_max, r), g, device)
 
     def _apply(self, fn, recurse=True):
         # leaving meta, the projections are drawn again; so are they at a later move while they still hold the values

@@ -122,12 +122,13 @@ def _repacked(u8: torch.Tensor, f32: torch.Tensor, parts: tuple) -> _Packed:
     return _Packed(u8, f32, parts, _views(u8, f32, parts))
 
 
-def _holds(packed: _Packed, buffers: dict) -> bool:
-    """Whether ``buffers`` (a module's) are ``packed``'s views, on its storages."""
+def _holds(packed: _Packed, buffers: dict, storages: bool = True) -> bool:
+    """Whether ``buffers`` (a module's) are ``packed``'s views, on its storages (``storages=False``: the views alone,
+    what traced code can ask)."""
     for name, view in zip(_BUFFERS, packed.views):
         if buffers.get(name) is not view:
             return False
-        if view is not None and view.untyped_storage().data_ptr() != (
+        if storages and view is not None and view.untyped_storage().data_ptr() != (
                 packed.u8 if view.dtype == torch.uint8 else packed.f32).untyped_storage().data_ptr():
             return False
     return True
@@ -338,10 +339,10 @@ class NF4Linear(nn.Module):
         building it anew per forward call cost host time. Treat it as read-only.
         """
         if PACKED_INPUTS and torch.compiler.is_compiling():
-            packed, b = self.__dict__.get("_packed"), self._buffers
+            packed = self.__dict__.get("_packed")
             # two graph inputs instead of four or five (see _Packed), while the buffers are its views: a buffer put
             # in place without the module's setattr (torch.func.functional_call, accelerate) is read as it is
-            if packed is not None and all(b[name] is view for name, view in zip(_BUFFERS, packed.views)):
+            if packed is not None and _holds(packed, self._buffers, storages=False):
                 return self._nf4_tensor(*_views(packed.u8, packed.f32, packed.parts))
         t, b = self.__dict__.get("_quant_weight"), self._buffers
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]
