@@ -170,6 +170,8 @@ def yarn_ramp(dim: int, base: float, original_max_position_embeddings: int, beta
     original_max_position_embeddings = _check_length(original_max_position_embeddings,
                                                      "original_max_position_embeddings")
     truncate = as_bool(truncate, "truncate")  # (truthiness read "no" as True and None as False)
+    beta_fast = check_finite_number(beta_fast, "beta_fast")  # (a str failed in the comparison, inf in math.log)
+    beta_slow = check_finite_number(beta_slow, "beta_slow")
     if not beta_fast > beta_slow > 0:
         raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={beta_fast}, beta_slow={beta_slow}")
 
@@ -191,12 +193,13 @@ def yarn_attention_scaling(factor: float, mscale: float = 1.0, mscale_all_dim: f
 
     With DeepSeek's ``mscale`` / ``mscale_all_dim`` pair the value is the ratio
     ``(0.1·mscale·ln s + 1) / (0.1·mscale_all_dim·ln s + 1)``. arXiv:2309.00071 §3.4.
-    Raises ``ValueError`` naming an argument that is not a finite number (``mscale_all_dim`` may be None).
+    Raises ``ValueError`` naming an argument that is not a finite number, a ``factor`` that is not > 0 or a
+    negative ``mscale`` / ``mscale_all_dim`` (``mscale_all_dim`` may be None), as :class:`RopeScaling` does.
     """
-    check_finite_number(factor, "factor")
-    check_finite_number(mscale, "mscale")
+    check_number_in_range(factor, "factor", low=0, low_open=True)
+    check_finite_number(mscale, "mscale", minimum=0)
     if mscale_all_dim is not None:
-        check_finite_number(mscale_all_dim, "mscale_all_dim")
+        check_finite_number(mscale_all_dim, "mscale_all_dim", minimum=0)
 
     def m(scale: float, k: float) -> float:
         return 1.0 if scale <= 1.0 else 0.1 * k * math.log(scale) + 1.0
@@ -252,10 +255,10 @@ def longrope_inv_freq(
 def longrope_attention_scaling(factor: float, original_max_position_embeddings: int) -> float:
     """LongRoPE / Phi-3 attention scaling ``sqrt(1 + ln s / ln L)`` (1 for ``s <= 1``).
 
-    Raises ``ValueError`` unless ``factor`` is a finite number and ``original_max_position_embeddings`` an
+    Raises ``ValueError`` unless ``factor`` is a finite number > 0 and ``original_max_position_embeddings`` an
     int >= 2 (``ln L`` divides).
     """
-    check_finite_number(factor, "factor")
+    check_number_in_range(factor, "factor", low=0, low_open=True)
     _check_length(original_max_position_embeddings, "original_max_position_embeddings", minimum=2)
     if factor <= 1.0:
         return 1.0

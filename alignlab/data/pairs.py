@@ -167,6 +167,13 @@ def spin_pairs(
             yield {"prompt": prompt, "chosen": truth, "rejected": own}
 
 
+def _same_text(a, b) -> bool:
+    """Whether two candidates are the same answer: texts compared after stripping, anything else by ``==``."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    return a == b
+
+
 def _score_values(scores: Sequence) -> list[float]:
     """Each score as a float, None as NaN; :class:`ArgumentTypeError` naming ``scores[i]`` for anything else."""
     out = []
@@ -189,6 +196,7 @@ def pairs_from_scores(
     scores: Sequence[float],
     strategy: Literal["best_worst", "all"] = "best_worst",
     min_margin: float = 0.0,
+    skip_identical: bool = True,
 ) -> list[PreferencePair]:
     """Turn judge scores of candidate answers into pairs.
 
@@ -196,30 +204,34 @@ def pairs_from_scores(
     highest- against the lowest-scored candidate (first occurrence wins ties),
     kept only if ``max - min > min_margin``. ``all``: every ``(i, j)`` with
     ``s_i - s_j > min_margin``. NaN and None scores (an unparsable judgement) are
-    ignored. Raises ``ValueError`` if lengths differ or ``min_margin`` is
+    ignored; two infinite scores of the same sign are tied (no pair). A pair whose two texts are equal after
+    stripping (a sampled judge can score one text twice, differently) is dropped when ``skip_identical``:
+    ``best_worst`` then gives no pair. Raises ``ValueError`` if lengths differ or ``min_margin`` is
     negative, NaN or infinite (a negative margin would pair a candidate with
     itself and tied candidates both ways round); ``TypeError`` if it is not
     a real number, or if a score is neither a number (Python, NumPy, a one-element
-    tensor) nor None (a str, a bool: :class:`~alignlab.ArgumentTypeError` naming ``scores[i]``).
+    tensor) nor None (a str, a bool: :class:`~alignlab.ArgumentTypeError` naming ``scores[i]``), or if
+    ``skip_identical`` is not a bool.
     """
     if len(candidates) != len(scores):
         raise ValueError(f"candidates ({len(candidates)}) and scores ({len(scores)}) differ in length")
     min_margin = check_finite_number(min_margin, "min_margin", minimum=0)
     if strategy not in ("best_worst", "all"):
         raise ValueError(f"strategy must be 'best_worst' or 'all', got {strategy!r}")
+    skip_identical = as_bool(skip_identical, "skip_identical")
     messages = _as_messages(prompt)
     valid = [(v, i) for i, v in enumerate(_score_values(scores)) if not math.isnan(v)]
-    if len(valid) < 2:
-        return []
-    if strategy == "best_worst":
+    if strategy == "best_worst" and len(valid) >= 2:
         best = max(valid, key=lambda t: (t[0], -t[1]))
         worst = min(valid, key=lambda t: (t[0], t[1]))
-        if best[0] - worst[0] <= min_margin:
-            return []
-        return [{"prompt": messages, "chosen": candidates[best[1]], "rejected": candidates[worst[1]]}]
+        valid = [best, worst]  # the one pair below, if its margin holds
+
+    def keep(si: float, i: int, sj: float, j: int) -> bool:  # inf - inf is NaN: no margin, no pair
+        return si - sj > min_margin and not (skip_identical and _same_text(candidates[i], candidates[j]))
+
     return [
         {"prompt": messages, "chosen": candidates[i], "rejected": candidates[j]}
-        for si, i in valid for sj, j in valid if si - sj > min_margin
+        for si, i in valid for sj, j in valid if keep(si, i, sj, j)
     ]
 
 
@@ -227,13 +239,15 @@ def self_rewarding_pairs(
     records: Iterable[Mapping[str, Any]],
     strategy: Literal["best_worst", "all"] = "best_worst",
     min_margin: float = 0.0,
+    skip_identical: bool = True,
 ) -> Iterator[PreferencePair]:
     """:func:`pairs_from_scores` over ``{"prompt", "candidates", "scores"}`` records, lazily."""
     for i, rec in enumerate(records):
         missing = {"prompt", "candidates", "scores"} - set(rec)
         if missing:
             raise ValueError(f"records[{i}] is missing {sorted(missing)}")
-        yield from pairs_from_scores(rec["prompt"], rec["candidates"], rec["scores"], strategy, min_margin)
+        yield from pairs_from_scores(rec["prompt"], rec["candidates"], rec["scores"], strategy, min_margin,
+                                     skip_identical)
 
 
 def online_feedback_pairs(
@@ -244,13 +258,15 @@ def online_feedback_pairs(
     strategy: Literal["best_worst", "all"] = "best_worst",
     min_margin: float = 0.0,
     batch_size: int = 8,
+    skip_identical: bool = True,
 ) -> Iterator[PreferencePair]:
     """Online AI feedback (arXiv:2402.04792) / self-rewarding loop step.
 
     Samples ``num_candidates`` answers per prompt (``generate`` is called
     ``num_candidates`` times per batch; it should sample, not decode
     greedily), scores them with ``judge(prompt_messages, candidates) ->
-    scores`` and yields :func:`pairs_from_scores`. Raises ``ValueError`` for a
+    scores`` and yields :func:`pairs_from_scores` (two samples of one text never make a pair while
+    ``skip_identical``). Raises ``ValueError`` for a
     ``num_candidates`` that is not an int >= 2, a bad ``min_margin`` or ``batch_size``
     (:class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for a count that is no int).
     """
@@ -258,12 +274,13 @@ def online_feedback_pairs(
         kind = ValueError if is_int(num_candidates) else ArgumentTypeError
         raise kind(f"num_candidates must be an int >= 2, got {num_candidates!r}")
     min_margin = check_finite_number(min_margin, "min_margin", minimum=0)  # before any sampling
+    skip_identical = as_bool(skip_identical, "skip_identical")
     for batch in _batched((_as_messages(p) for p in prompts), batch_size):
         samples = [_call_generate(generate, batch) for _ in range(num_candidates)]
         for b, messages in enumerate(batch):
             candidates = [s[b] for s in samples]
             scores = list(judge(messages, candidates))
-            yield from pairs_from_scores(messages, candidates, scores, strategy, min_margin)
+            yield from pairs_from_scores(messages, candidates, scores, strategy, min_margin, skip_identical)
 
 
 _SCORE = re.compile(r"score\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)

@@ -179,7 +179,7 @@ def negative_log_likelihood(
         stride: window step, ``1 <= stride < max_length`` so the token at a
             window start still has context; defaults to ``max_length - 1``.
             Needs ``max_length``.
-        ignore_index: label value that is not scored.
+        ignore_index: label value that is not scored (an int; :class:`~alignlab.ArgumentTypeError` otherwise).
 
     Returns:
         ``(total_nll, num_tokens)``; accumulated in float64.
@@ -188,6 +188,8 @@ def negative_log_likelihood(
         ValueError / TypeError: malformed batches or window arguments; a single
             tensor or mapping instead of an iterable of them (``TypeError``).
     """
+    if not is_int(ignore_index):  # 1.5 was stored as 1 in the labels but compared as 1.5: pads were scored
+        raise ArgumentTypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     if max_length is None and stride is not None:
         raise ValueError("stride: needs max_length to be set too")
     if max_length is not None and (not is_int(max_length) or max_length < 2):

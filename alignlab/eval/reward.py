@@ -38,7 +38,13 @@ def _token_lists(sequences, tokenizer) -> list[list[int]]:
             if seq.dim() != 1 or seq.is_floating_point():
                 raise ValueError(f"sequences[{i}]: expected a 1-d integer tensor, got shape {tuple(seq.shape)}")
             seq = seq.tolist()
+        seq = list(seq)
+        if not all(is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()
+                                 and t.dtype != torch.bool) for t in seq):  # int() read 1.7 as token 1
+            raise ArgumentTypeError(f"sequences[{i}]: expected integer token ids (no floats or bools)")
         seq = [int(t) for t in seq]
+        if seq and min(seq) < 0:  # an embedding lookup would fail with an IndexError naming nothing
+            raise ValueError(f"sequences[{i}]: token ids must be >= 0, got {min(seq)}")
         if not seq:
             raise ValueError(f"sequences[{i}]: empty sequence")
         out.append(seq)
@@ -112,11 +118,12 @@ def reward_scores(
         ``(len(sequences),)`` float32 tensor on the CPU.
 
     Raises:
-        ValueError: empty sequence, a ``batch_size`` that is no int >= 1, missing pad id for
+        ValueError: empty sequence, a negative token id, a ``batch_size`` that is no int >= 1, missing pad id for
             unequal lengths, a ``pad_token_id`` that is not a non-negative int
             or differs from ``model.config.pad_token_id``,
             multi-column scores without ``label_index``, or a ``label_index`` out of range.
-        TypeError: a single string instead of a sequence of them; a ``batch_size`` or ``label_index`` that is no
+        TypeError: a single string instead of a sequence of them; a token id that is no int (1.7, True); a
+            ``batch_size`` or ``label_index`` that is no
             int (a str, a bool, a float such as 1.0; None too for ``batch_size``, while it is ``label_index``'s
             default): an :class:`~alignlab.ArgumentTypeError`, a ``ValueError`` too.
     """

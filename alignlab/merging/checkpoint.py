@@ -499,8 +499,8 @@ def merge_checkpoints(
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: ``out_dir`` is an empty string, or is (or holds) an input checkpoint that ``overwrite``
-            would delete; unknown method, bad parameters, a tensor missing from a
+        ValueError: ``out_dir`` is an empty string, is (or holds) an input checkpoint that ``overwrite``
+            would delete, or lies inside an input checkpoint's folder; unknown method, bad parameters, a tensor missing from a
             model or with a different shape (the message names model and tensor); a quantized
             checkpoint (fp8 weights, a float scale beside integer weights, bitsandbytes 4-bit / 8-bit
             state such as ``weight.absmax`` or ``SCB``: dequantize first); a
@@ -530,8 +530,7 @@ def merge_checkpoints(
                               "the command line, to replace it)")
     ref_path = r.base_model if r.base_model is not None else r.models[0].path
     paths = list(dict.fromkeys([ref_path, *(m.path for m in r.models)]))
-    if out.exists():
-        _refuse_replacing_inputs(out, paths)
+    _refuse_replacing_inputs(out, paths)
 
     with ExitStack() as stack:
         ckpts = {p: stack.enter_context(SafetensorsCheckpoint(p)) for p in paths}
@@ -539,6 +538,8 @@ def merge_checkpoints(
         # a PEFT adapter in gives a PEFT adapter out: one adapter_model.safetensors (PEFT reads no shards and no
         # index) beside the copied adapter_config.json; as model shards neither PEFT nor load_adapter found it
         adapter = _is_adapter(ref_path)
+        if adapter:
+            _refuse_unequal_adapter_scales(ref_path, paths)
         model_folder = ref_path.is_dir()
         side = _side_files(ref_path if model_folder else ref_path.parent, r.dtype, model_folder)
         shards = [specs] if adapter else _plan_shards(specs, r.out_shard_size)
@@ -560,14 +561,18 @@ def merge_checkpoints(
 
 
 def _refuse_replacing_inputs(out: Path, inputs: list[Path]) -> None:
-    """``ValueError`` if replacing ``out`` would delete an input checkpoint: ``out`` is one, or holds one (``.`` in
-    the folder of the models, say): the merge would succeed, and the replaced folder, inputs and all, be removed."""
+    """``ValueError`` if ``out`` is an input checkpoint, holds one (``.`` in the folder of the models, say: with
+    ``overwrite`` the merge would succeed, and the replaced folder, inputs and all, be removed) or lies inside an
+    input's folder (``model/model.safetensors`` with ``overwrite`` replaced that input's weights by a folder)."""
     root = os.path.realpath(out)
     for p in inputs:
         real = os.path.realpath(p)
         if os.path.commonpath([root, real]) == root:
             raise ValueError(f"out_dir {str(out)!r} is or holds {str(p)!r}: overwrite=True would delete input "
                              "checkpoint(s) of the recipe; write the merge to another folder")
+        if os.path.isdir(real) and os.path.commonpath([root, real]) == real:
+            raise ValueError(f"out_dir {str(out)!r} lies inside the input checkpoint {str(p)!r}: the merge could "
+                             "replace that input's files, and would be read as part of it; write it to another folder")
 
 
 def _is_adapter(path: Path) -> bool:
@@ -575,6 +580,38 @@ def _is_adapter(path: Path) -> bool:
     only weights (a model folder that also ships its adapter is read, and written, as the model)."""
     return (path.is_dir() and (path / "adapter_config.json").is_file() and not (path / INDEX_NAME).exists()
             and [p.name for p in path.glob("*.safetensors")] == [ADAPTER_NAME])
+
+
+# the adapter_config.json fields that set an adapter's scale s (alpha / r, or alpha / sqrt(r)) per module, with
+# PEFT's defaults for a file that leaves one out
+_SCALE_FIELDS = {"peft_type": None, "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {},
+                 "alpha_pattern": {}, "use_dora": False}
+
+
+def _refuse_unequal_adapter_scales(ref_path: Path, paths: list[Path]) -> None:
+    """``ValueError`` unless every PEFT adapter folder among ``paths`` has the scale of ``ref_path``'s: the merge
+    combines the stored factors ``A``, ``B`` and copies the reference's ``adapter_config.json``, so an adapter with
+    another ``lora_alpha`` (or rank pattern, rsLoRA, DoRA) would be read with the reference's scale."""
+    def fields(path: Path) -> dict[str, Any]:
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{str(path)!r}: adapter_config.json cannot be read as JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{str(path)!r}: adapter_config.json is not a JSON object")
+        return {k: config.get(k, default) for k, default in _SCALE_FIELDS.items()}
+
+    ref = fields(ref_path)
+    for p in paths:
+        if p != ref_path and _is_adapter(p):
+            other = fields(p)
+            differ = {k: (ref[k], other[k]) for k in ref if ref[k] != other[k]}
+            if differ:
+                shown = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
+                raise ValueError(
+                    f"adapter {str(p)!r} has another scale than {str(ref_path)!r} ({shown}): its factors would be "
+                    "merged as if they had the reference's scale; combine them with their own scales through "
+                    "alignlab.merging.lora (lora_linear / lora_cat / lora_svd take one scale per adapter)")
 
 
 def _mergeable(dtype: torch.dtype) -> bool:

@@ -281,7 +281,11 @@ def _per_model(value, n: int, name: str, default: float | None = None) -> list[f
     return out
 
 
-def _densities(density, n: int) -> list[float]:
+def _densities(density, n: int, required: bool = False) -> list[float]:
+    """``density`` per model, each in [0, 1]; None is 1 (keep all) unless ``required`` (a method without a
+    default, where a None from a recipe or a helper would otherwise drop nothing without a word)."""
+    if density is None and required:
+        raise ArgumentTypeError("density: expected a number in [0, 1] or one per model, got None")
     out = _per_model(density, n, "density", 1.0)
     for d in out:
         if not 0.0 <= d <= 1.0:
@@ -544,7 +548,7 @@ def dare_mask(delta: Tensor, density: float, generator: torch.Generator | None =
     Raises:
         ValueError: ``density`` is not a number in [0, 1].
     """
-    (density,) = _densities(density, 1)
+    (density,) = _densities(density, 1, required=True)
     probs = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
     return torch.bernoulli(probs, generator=generator).bool()
 
@@ -567,9 +571,9 @@ def della_mask(
         ``(mask, keep_prob)``, both shaped like ``delta``.
 
     Raises:
-        ValueError: unless ``0 < density − ε`` and ``density + ε < 1``.
+        ValueError: unless ``ε >= 0``, ``0 < density − ε`` and ``density + ε < 1``.
     """
-    density, epsilon = _number(density, "density"), _number(epsilon, "epsilon")
+    density, epsilon = _number(density, "density"), _number(epsilon, "epsilon", minimum=0)
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise ValueError(
             f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={density}, epsilon={epsilon}"
@@ -1096,7 +1100,7 @@ def dare(
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
-    dens = _densities(density, len(models))
+    dens = _densities(density, len(models), required=True)
     step = _CHUNK
     probs = {i: torch.full((min(step, base.numel()),), rho) for i, rho in enumerate(dens) if 0.0 < rho < 1.0}
 
@@ -1147,7 +1151,7 @@ def breadcrumbs(
         raise ValueError(f"gamma must be in [0, 1], got {bad[0]}")
     w = _per_model(weights, len(models), "weights", 1.0)
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
-    dens = _densities(density, len(models))
+    dens = _densities(density, len(models), required=True)
     n = base.numel()
     flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
     bounds: list[tuple[int, int, int] | None] = []  # per trimmed model: first kept ascending rank, count
@@ -1238,15 +1242,17 @@ def della(
     on the CPU and moved to the tensors' device).
 
     Raises:
-        ValueError: unless ``0 < density − ε`` and ``density + ε < 1`` (for 0 < density < 1; density 0
+        ValueError: unless ``ε >= 0`` (a negative one would keep small entries more often than large ones),
+            ``0 < density − ε`` and ``density + ε < 1`` (for 0 < density < 1; density 0
             drops the model's task vector, 1 keeps it whole), a ``generator`` not on the CPU, or a NaN in
             ``base`` or a model.
+        TypeError: ``density=None``.
     """
     _check_models(base, models)
     w = _per_model(weights, len(models), "weights", 1.0)
     normalize, lambda_ = _check_options(normalize, lambda_, out_dtype)
-    dens = _densities(density, len(models))
-    epsilon = _number(epsilon, "epsilon")
+    dens = _densities(density, len(models), required=True)
+    epsilon = _number(epsilon, "epsilon", minimum=0)  # a negative one inverted MagPrune: small entries kept more
     for rho in dens:  # density 0 drops the model, as mergekit's della_magprune gives a zero task vector
         if 0.0 < rho < 1.0 and not (0.0 < rho - epsilon and rho + epsilon < 1.0):
             raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got density={rho}, "

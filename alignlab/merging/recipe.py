@@ -75,17 +75,20 @@ EQUAL_INPUTS = frozenset({"linear", "karcher"})
 # anything else is a typo or a parameter the method does not use, and the recipe is refused.
 _WEIGHTED = {"weight"}
 _SPARSE = {"weight", "density"}
+# recipe-wide options of mergekit's task-vector methods; `int8_mask` (mergekit stores its masks as int8 to save
+# memory; a 0 / 1 mask multiplies exactly in any dtype) is accepted as a flag and has nothing to do here
+_TASK = {"normalize", "lambda", "int8_mask"}
 PARAMETERS: dict[str, tuple[frozenset, frozenset]] = {name: (frozenset(per), frozenset(wide)) for name, (per, wide) in {
     "linear": (_WEIGHTED, {"normalize"}),
     "karcher": (_WEIGHTED, {"max_iter", "tol"}),
-    "task_arithmetic": (_WEIGHTED, {"normalize", "lambda"}),
-    "ties": (_SPARSE, {"normalize", "lambda", "consensus"}),
-    "dare_linear": (_SPARSE, {"normalize", "lambda", "rescale"}),
-    "dare_ties": (_SPARSE, {"normalize", "lambda", "rescale", "consensus"}),
-    "breadcrumbs": (_SPARSE | {"gamma"}, {"normalize", "lambda"}),
-    "breadcrumbs_ties": (_SPARSE | {"gamma"}, {"normalize", "lambda", "consensus"}),
-    "della": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale", "consensus"}),
-    "della_linear": (_SPARSE | {"epsilon"}, {"normalize", "lambda", "rescale"}),
+    "task_arithmetic": (_WEIGHTED, _TASK),
+    "ties": (_SPARSE, _TASK | {"consensus"}),
+    "dare_linear": (_SPARSE, _TASK | {"rescale"}),
+    "dare_ties": (_SPARSE, _TASK | {"rescale", "consensus"}),
+    "breadcrumbs": (_SPARSE | {"gamma"}, _TASK),
+    "breadcrumbs_ties": (_SPARSE | {"gamma"}, _TASK | {"consensus"}),
+    "della": (_SPARSE | {"epsilon"}, _TASK | {"rescale", "consensus"}),
+    "della_linear": (_SPARSE | {"epsilon"}, _TASK | {"rescale"}),
     "model_stock": (set(), {"filter_wise"}),
     "slerp": (set(), {"t"}),  # mergekit reads t from the recipe's parameters only
     "chipalign": ({"lambda"}, set()),
@@ -215,7 +218,7 @@ def _check_value(name: str, value: Any, where: str, method: str) -> None:
         if name == "lambda" and method == "chipalign" and not 0.0 <= v <= 1.0:  # else refused at the first tensor
             raise ValueError(f"parameter 'lambda' of {where} must be in [0, 1] for chipalign (the domain model's "
                              f"weight), got {v}")
-        if name in ("normalize", "filter_wise") and not isinstance(v, bool):
+        if name in ("normalize", "filter_wise", "int8_mask") and not isinstance(v, bool):
             # bool("false") is True: a quoted YAML flag would otherwise switch the option on
             raise ArgumentTypeError(f"parameter {name!r} of {where} must be true or false, got {v!r}")
         if name == "consensus" and v not in ("sum", "count"):

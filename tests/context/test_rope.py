@@ -416,6 +416,27 @@ def test_attention_scalings_refuse_non_finite_input():
     assert yarn_attention_scaling(0.5) == 1.0 and longrope_attention_scaling(0.5, 4096) == 1.0  # s <= 1: 1
 
 
+def test_scaling_helpers_check_their_ranges_by_name():
+    """yarn_attention_scaling / longrope_attention_scaling returned 1.0 for a factor of 0 or -1 and a negative scale
+    for mscale=-50 (RopeScaling refuses both); yarn_ramp's betas failed in the comparison (a str) or in math.log
+    (inf) with messages that named nothing."""
+    for call, error, match in (
+            (lambda: yarn_attention_scaling(0.0), ValueError, "factor"),
+            (lambda: yarn_attention_scaling(-1.0), ValueError, "factor"),
+            (lambda: yarn_attention_scaling(4.0, mscale=-50.0), ValueError, "mscale"),
+            (lambda: yarn_attention_scaling(4.0, 1.0, mscale_all_dim=-1.0), ValueError, "mscale_all_dim"),
+            (lambda: longrope_attention_scaling(0.0, 4096), ValueError, "factor"),
+            (lambda: longrope_attention_scaling("2", 4096), TypeError, "factor"),
+            (lambda: yarn_ramp(64, 10000.0, 4096, beta_fast="32"), TypeError, "beta_fast"),
+            (lambda: yarn_ramp(64, 10000.0, 4096, beta_fast=math.inf), ValueError, "beta_fast"),
+            (lambda: yarn_ramp(64, 10000.0, 4096, beta_slow=math.nan), ValueError, "beta_slow")):
+        with pytest.raises(error, match=match):
+            call()
+    assert yarn_attention_scaling(4.0, mscale=0.0) == 1.0  # 0 is allowed, as in RopeScaling
+    assert torch.equal(yarn_ramp(64, 10000.0, 4096, beta_fast=32, beta_slow=1),
+                       yarn_ramp(64, 10000.0, 4096, beta_fast=32.0, beta_slow=1.0))
+
+
 def test_per_layer_type_rope_is_refused_by_name():
     """A Gemma 3 style config (one rope_parameters dict per layer type, buffers '<type>_inv_freq') was refused
     as 'no rotary module found', which sends the reader looking for a missing module."""

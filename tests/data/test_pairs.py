@@ -104,6 +104,38 @@ def test_pairs_from_scores():
         list(self_rewarding_pairs([{"prompt": "q"}]))
 
 
+def test_pairs_from_scores_ties_at_infinity_and_identical_texts():
+    """Two +inf (or -inf) scores gave inf - inf = NaN, which passed the `<= min_margin` test: a candidate was paired
+    with itself; and two samples of one text, scored differently by a sampled judge, made a pair (or, with "all",
+    contradictory ones) where the other builders skip identical answers."""
+    inf = math.inf
+    assert pairs_from_scores("q", ["a", "b"], [inf, inf]) == []
+    assert pairs_from_scores("q", ["a", "b"], [-inf, -inf], min_margin=5) == []
+    assert pairs_from_scores("q", ["a", "b"], [inf, inf], strategy="all") == []
+    got = pairs_from_scores("q", ["a", "b", "c"], [inf, -inf, 1.0])  # unequal infinities still order
+    assert (got[0]["chosen"], got[0]["rejected"]) == ("a", "b")
+    # identical texts (after stripping)
+    assert pairs_from_scores("q", ["x", "x ", "y"], [3, 1, 2]) == []
+    assert pairs_from_scores("q", ["x", "x ", "y"], [3, 1, 2], skip_identical=False)[0]["rejected"] == "x "
+    got = {(p["chosen"], p["rejected"]) for p in pairs_from_scores("q", ["x", "x", "y"], [3, 1, 2], strategy="all")}
+    assert got == {("x", "y"), ("y", "x")}  # the judge's own contradiction; no pair of one text with itself
+    with pytest.raises(TypeError, match="skip_identical must be a bool"):
+        pairs_from_scores("q", ["x", "y"], [1, 2], skip_identical="no")
+    recs = [{"prompt": "q", "candidates": ["s", "s"], "scores": [1, 2]}]
+    assert list(self_rewarding_pairs(recs)) == []
+    assert len(list(self_rewarding_pairs(recs, skip_identical=False))) == 1
+
+    scores = iter([[0.0, 1.0, 2.0]] * 2)
+    pairs = list(online_feedback_pairs(["q"], lambda b: ["same answer"] * len(b), lambda m, c: next(scores),
+                                       num_candidates=3))
+    assert pairs == []
+    pairs = list(online_feedback_pairs(["q"], lambda b: ["same answer"] * len(b), lambda m, c: next(scores),
+                                       num_candidates=3, skip_identical=False))
+    assert len(pairs) == 1
+    with pytest.raises(TypeError, match="skip_identical must be a bool"):
+        list(online_feedback_pairs(["q"], lambda b: ["a"] * len(b), lambda m, c: [1, 2], skip_identical=1))
+
+
 def test_judge_parsing_and_online_feedback():
     assert parse_judge_score("Good answer.\nScore: 4") == 4.0
     assert parse_judge_score("score=2.5 ... final Score: 3") == 3.0

@@ -152,6 +152,16 @@ def test_float_labels_are_refused_naming_labels(model):
         perplexity(model, [{"input_ids": ids, "labels": ids.float()}])
 
 
+@pytest.mark.parametrize("bad", [1.5, "x", None, True])
+def test_ignore_index_must_be_an_int(model, bad):
+    """ignore_index=1.5 was written into the labels as 1 but compared as 1.5: padding was scored as token 1."""
+    ids = torch.tensor([[5, 6, 7, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    with pytest.raises(TypeError, match="ignore_index: expected an int"):
+        negative_log_likelihood(model, [batch], ignore_index=bad)
+    assert negative_log_likelihood(model, [batch], ignore_index=-1) == negative_log_likelihood(model, [batch])
+
+
 def test_one_batch_instead_of_an_iterable_of_batches_says_so(model):
     """perplexity(model, ids) iterated the rows and complained that 'input_ids' were not (batch, seq);
     perplexity(model, {"input_ids": ids}) iterated the keys."""

@@ -158,3 +158,15 @@ def test_the_lent_pad_id_is_taken_back_when_the_model_raises():
     with pytest.raises(IndexError):  # id 99 is outside the 64-token vocabulary
         reward_scores(rm, [[1, 2, 3], [4, 99]], pad_token_id=0, batch_size=2)
     assert rm.config.pad_token_id is None
+
+
+@pytest.mark.parametrize("bad, error", [([1.7, 2], TypeError), ([True, 2], TypeError), ([-1, 2], ValueError),
+                                        ([torch.tensor(1.0), 2], TypeError)])
+def test_token_ids_that_are_no_token_ids_are_refused_by_position(reward_model, bad, error):
+    """int() read 1.7 (and True) as token 1, scoring another sequence without a word; -1 failed inside the
+    embedding with an IndexError that named nothing."""
+    with pytest.raises(error, match=r"sequences\[1\]"):
+        reward_scores(reward_model, [[1, 2], bad])
+    import numpy as np
+    ok = reward_scores(reward_model, [[1, 2], [np.int64(3), torch.tensor(2)]])
+    torch.testing.assert_close(ok, reward_scores(reward_model, [[1, 2], [3, 2]]))

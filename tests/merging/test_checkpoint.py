@@ -642,6 +642,20 @@ def test_overwrite_never_deletes_an_input_checkpoint(three_models, monkeypatch):
     assert merge_checkpoints(recipe(tmp, "linear"), out, overwrite=True) == out
 
 
+def test_out_dir_inside_an_input_checkpoint_is_refused(three_models):
+    """out_dir = an input folder's weights file with overwrite=True replaced that file by the merged folder (the
+    input was gone; the next read failed with IsADirectoryError), and a new folder inside an input was written
+    there without a word. Both refused before anything is read or written."""
+    tmp, _ = three_models
+    before = {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+    weights = next((tmp / "a").glob("*.safetensors"))
+    for out, overwrite in ((weights, True), (tmp / "a" / "merged", False), (tmp / "base" / "x" / "y", True)):
+        with pytest.raises(ValueError, match="lies inside the input checkpoint"):
+            merge_checkpoints(recipe(tmp, "linear"), out, overwrite=overwrite)
+    assert {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()} == before
+    assert not (tmp / "a" / "merged").exists() and not (tmp / "base" / "x").exists()
+
+
 # --------------------------------------------------------------------------- YAML + CLI
 
 
@@ -801,6 +815,21 @@ def test_unknown_or_unused_parameters_are_refused(three_models, where, params, m
         recipe_from_dict(r)
 
 
+def test_mergekits_int8_mask_is_accepted_and_changes_nothing(three_models):
+    """`parameters: {int8_mask: true}` (in many mergekit recipes; a memory option of its masks) was refused as an
+    unknown parameter. Accepted for the task-vector methods as a flag; the merge is the same."""
+    tmp, _ = three_models
+    params = {"a": {"weight": 0.6, "density": 0.5}, "b": {"weight": 0.4, "density": 0.5}}
+    plain = merge_checkpoints(recipe(tmp, "ties", params), tmp / "plain")
+    masked = merge_checkpoints({**recipe(tmp, "ties", params), "parameters": {"int8_mask": True}}, tmp / "masked")
+    for f in plain.glob("*.safetensors"):
+        assert f.read_bytes() == (masked / f.name).read_bytes()
+    with pytest.raises(TypeError, match="int8_mask"):
+        recipe_from_dict({**recipe(tmp, "ties", params), "parameters": {"int8_mask": "yes"}})
+    with pytest.raises(ValueError, match=r"\['int8_mask'\]"):  # slerp has no masks (nor does mergekit's)
+        recipe_from_dict({**recipe(tmp, "slerp"), "parameters": {"t": 0.5, "int8_mask": True}})
+
+
 def test_unknown_keys_in_a_model_entry_are_refused(three_models):
     tmp, _ = three_models
     r = recipe(tmp, "ties")
@@ -955,6 +984,37 @@ def test_a_peft_adapter_folder_merges_into_a_peft_adapter_folder(tmp_path):
     out = merge_checkpoints({"merge_method": "linear", "models": [str(tmp_path / "a"), str(tmp_path / "b")],
                              "parameters": {"weight": 1.0}}, tmp_path / "merged2")
     assert (out / "model.safetensors.index.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_adapter_folders_with_other_scales_are_refused(tmp_path):
+    """Two PEFT adapter folders with lora_alpha 8 and 32 merged silently: the output held the mixed factors under
+    the first adapter's lora_alpha, so the second adapter's share was read at a quarter of its scale (a helper's
+    find: logits off by 0.13 where the adapter moved them 0.48). Refused, naming the field; equal scales merge."""
+    import json
+
+    from alignlab import LoRAConfig, inject, save_adapter
+
+    def saved(name, **config):
+        torch.manual_seed(0)
+        m = inject(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoRAConfig(r=4, target_modules=["0"], **config))
+        save_adapter(m, tmp_path / name)
+        return str(tmp_path / name)
+
+    a, b, c = saved("a", alpha=8), saved("b", alpha=32), saved("c", alpha=8)
+    with pytest.raises(ValueError, match="another scale .*lora_alpha: 8(.0)? vs 32"):
+        merge_checkpoints({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0}},
+                          tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_checkpoints({"merge_method": "linear", "models": [a, c], "parameters": {"weight": 1.0}}, tmp_path / "ok")
+    # a config that leaves a field out means PEFT's default for it
+    config = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    config.pop("use_dora", None)
+    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps(config))
+    merge_checkpoints({"merge_method": "linear", "models": [a, c], "parameters": {"weight": 1.0}}, tmp_path / "ok2")
+    (tmp_path / "c" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json cannot be read as JSON"):
+        merge_checkpoints({"merge_method": "linear", "models": [a, c], "parameters": {"weight": 1.0}},
+                          tmp_path / "bad")
 
 
 def _fp8_state(seed, scale_key, shift=0.0):

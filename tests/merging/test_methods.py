@@ -977,3 +977,21 @@ def test_float16_result_beyond_its_range_raises(merge):
     merge(b.float(), m.float())  # float32's range: fine
     m[0, 0] = float("inf")  # an inf already in an input is passed through
     assert torch.isinf(merge(b, m)[0, 0])
+
+
+def test_della_refuses_a_negative_epsilon_and_dare_a_missing_density():
+    """della(epsilon=-0.1) ran MagPrune upside down (small entries kept more often than large ones) and
+    dare / breadcrumbs / della(density=None) kept every entry, where density is a required argument."""
+    base = torch.zeros(4, 8)
+    models = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        M.della(base, models, density=0.5, epsilon=-0.1)
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        M.della_mask(models[0], 0.5, -0.1)
+    for call in (lambda: M.dare(base, models, density=None), lambda: M.breadcrumbs(base, models, density=None),
+                 lambda: M.della(base, models, density=None), lambda: M.dare_mask(models[0], None)):
+        with pytest.raises(TypeError, match="density: expected a number in"):
+            call()
+    g = torch.Generator().manual_seed(0)
+    assert M.della(base, models, density=0.5, epsilon=0.0, generator=g).shape == base.shape  # ε = 0 is DARE's mask
+    assert M.ties(base, models, density=None).shape == base.shape  # TIES' density defaults to 1: None keeps all
