@@ -60,7 +60,9 @@ def _validate(example: TokenizedExample, index: int) -> tuple[list[int], list[in
         ids, labels = list(example["input_ids"]), list(example["labels"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"example {index} must have 'input_ids' and 'labels'") from err
-    try:  # operator.index takes ints, NumPy ints and 0-d integer tensors; not 1.5 or "a"
+    if any(isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool) for t in ids + labels):
+        raise ValueError(f"example {index}: input_ids and labels must hold integer token ids, not bools")
+    try:  # operator.index takes ints, NumPy ints and 0-d integer tensors; not 1.5 or "a" (nor True, above)
         ids, labels = [operator.index(t) for t in ids], [operator.index(t) for t in labels]
     except TypeError as err:
         raise ValueError(f"example {index}: input_ids and labels must hold integer token ids ({err})") from err
@@ -148,6 +150,8 @@ def packed_attention_mask(
     if isinstance(seq_lens, torch.Tensor):
         if seq_lens.dim() != 2:
             raise ValueError(f"position_ids must be (batch, length), got shape {tuple(seq_lens.shape)}")
+        if seq_lens.dtype == torch.bool or seq_lens.is_floating_point() or seq_lens.is_complex():
+            raise ValueError(f"position_ids must be an integer tensor, got dtype {seq_lens.dtype}")
         if length is not None and length != seq_lens.shape[1]:  # it was ignored without a word
             raise ValueError(f"length={length} differs from the position_ids' length {seq_lens.shape[1]}")
         pos = seq_lens.to(device)

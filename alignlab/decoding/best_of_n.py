@@ -158,13 +158,17 @@ def best_of_n(
 
     Raises:
         ValueError: ``n < 1`` (an :class:`~alignlab.ArgumentTypeError`, a ``TypeError`` too, for an ``n`` that is no
-            int), bad ``input_ids``, a wrong number of scores, a
+            int), bad ``input_ids`` (a list, a float tensor), ``num_return_sequences`` among the generate
+            arguments (``n`` sets it), a wrong number of scores, a
             NaN score with ``nan="raise"``, or an unknown ``nan``.
     """
     _check_nan_policy(nan)
     n = check_count(n, "n")  # NumPy ints from a sweep are counts; True is not
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected shape (batch, prompt_len), got {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected an integer tensor of shape (batch, prompt_len), got {got}")
+    if "num_return_sequences" in generate_kwargs:  # generate() would get it twice ("multiple values")
+        raise ValueError("num_return_sequences: best_of_n sets it to n; pass n instead")
     generate_kwargs.setdefault("do_sample", True)
     out = model.generate(input_ids, attention_mask=attention_mask, num_return_sequences=n, **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out

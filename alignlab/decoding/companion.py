@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from alignlab._checks import as_bool, check_token_id
+from alignlab._checks import ArgumentTypeError, as_bool, check_token_id
 from alignlab.adapters.base import hf_embedding
 from alignlab.eval.eval_mode import eval_mode
 from alignlab.hf_cache import cache_keyword, output_cache
@@ -168,6 +168,15 @@ class CompanionLM:
             # a model that returned no cache needs the whole prefix again at the next step
             self._prefix = input_ids.clone() if self._cache is not None else None
         return out.logits[:, -1].float().to(input_ids.device)
+
+
+def check_logits(**named: torch.Tensor) -> None:
+    """:class:`~alignlab.ArgumentTypeError` naming the argument unless each value is a floating-point tensor with a
+    vocabulary dimension (a list failed on ``.shape``, an integer tensor in ``log_softmax``)."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1:
+            got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ArgumentTypeError(f"{name}: expected a floating-point tensor (..., vocab), got {got}")
 
 
 def common_vocab(*logits: torch.Tensor) -> tuple[list[torch.Tensor], int]:

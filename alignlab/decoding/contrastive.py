@@ -26,7 +26,7 @@ import numbers
 import torch
 from torch import nn
 
-from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
+from alignlab.decoding.companion import CompanionLM, check_logits, common_vocab, pad_vocab
 
 __all__ = ["ContrastiveDecodingLogitsProcessor", "contrastive_logits"]
 
@@ -73,10 +73,12 @@ def contrastive_logits(
 
     Raises:
         ValueError: ``alpha`` outside ``(0, 1]``, ``amateur_temperature <= 0`` (or NaN), or leading shapes differ.
-        TypeError: ``alpha`` or ``amateur_temperature`` is not a real number (a bool is not).
+        TypeError: ``alpha`` or ``amateur_temperature`` is not a real number (a bool is not), or logits that are
+            not floating-point tensors.
     """
     _check_alpha(alpha)
     _check_temperature(amateur_temperature)
+    check_logits(expert_logits=expert_logits, amateur_logits=amateur_logits)
     if expert_logits.shape[:-1] != amateur_logits.shape[:-1]:
         raise ValueError(
             f"expert_logits/amateur_logits: leading shapes differ: {tuple(expert_logits.shape)} vs "

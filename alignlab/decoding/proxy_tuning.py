@@ -23,7 +23,7 @@ import numbers
 import torch
 from torch import nn
 
-from alignlab.decoding.companion import CompanionLM, common_vocab, pad_vocab
+from alignlab.decoding.companion import CompanionLM, check_logits, common_vocab, pad_vocab
 
 __all__ = ["ProxyTuningLogitsProcessor", "proxy_tuning_logits"]
 
@@ -55,13 +55,16 @@ def proxy_tuning_logits(
     Returns:
         float32 scores with the shape of ``base_logits``. When the vocabulary
         sizes differ (embedding padding), only the shared ids are scored; the
-        rest get ``-inf``.
+        rest get ``-inf``. A token the base rules out (``-inf``, e.g. banned by a logits processor) stays
+        ``-inf``; where both small models rule a token out, the steering term is 0 (``-inf - -inf``, which
+        would be NaN, and which ``argmax`` picks as the largest score).
 
     Raises:
         ValueError: leading shapes differ, or ``alpha`` is NaN or infinite.
-        TypeError: ``alpha`` is not a real number.
+        TypeError: ``alpha`` is not a real number, or logits that are not floating-point tensors.
     """
     alpha = _check_alpha(alpha)
+    check_logits(base_logits=base_logits, expert_logits=expert_logits, antiexpert_logits=antiexpert_logits)
     if not (base_logits.shape[:-1] == expert_logits.shape[:-1] == antiexpert_logits.shape[:-1]):
         raise ValueError(
             "base_logits/expert_logits/antiexpert_logits: leading shapes differ: "
@@ -70,7 +73,10 @@ def proxy_tuning_logits(
     vocab = base_logits.shape[-1]
     logps = [torch.log_softmax(t.float(), -1) for t in (base_logits, expert_logits, antiexpert_logits)]
     (base, expert, anti), _ = common_vocab(*logps)
-    return pad_vocab(base + alpha * (expert - anti), vocab)
+    steer = expert - anti
+    steer = torch.where(torch.isnan(steer), 0.0, steer)  # both small models at -inf: no steering
+    scores = base + alpha * steer if alpha != 0.0 else base  # (0 · inf is NaN)
+    return pad_vocab(torch.where(base == float("-inf"), base, scores), vocab)
 
 
 class ProxyTuningLogitsProcessor:

@@ -352,3 +352,16 @@ def test_negative_input_ids_are_refused_naming_the_sample():
                  collate_padding_free):
         with pytest.raises(ValueError, match="example 1: input_ids must be token ids >= 0, got -1"):
             call([good, bad])
+
+
+def test_bool_token_ids_and_float_position_ids_are_refused():
+    """True passed as token id 1 (operator.index takes bools), and packed_attention_mask took float position_ids
+    that cu_seq_lens_from_position_ids refuses."""
+    good = {"input_ids": [3, 4, 5], "labels": [3, 4, 5]}
+    for bad in ({"input_ids": [3, True, 5], "labels": [3, 4, 5]}, {"input_ids": [3, 4], "labels": [False, 4]},
+                {"input_ids": [3, torch.tensor(True)], "labels": [3, 4]}):
+        with pytest.raises(ValueError, match="example 1: input_ids and labels must hold integer token ids, not bools"):
+            list(pack_examples([good, bad], max_length=8))
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor, got dtype torch.float32"):
+        packed_attention_mask(torch.tensor([[0.0, 1.0, 0.0]]))
+    assert packed_attention_mask(torch.tensor([[0, 1, 0]])).shape[-1] == 3

@@ -194,3 +194,14 @@ def test_best_of_n_accepts_a_column_of_scores_as_rerank_does():
     for bad in (torch.zeros(6, 2), torch.zeros(3, 1), torch.zeros(6, 1, 1)):
         with pytest.raises(ValueError, match=r"score_fn: expected 6 scores, shape \(6,\) or \(6, 1\)"):
             best_of_n(_FixedGenerator(), torch.zeros(2, 2, dtype=torch.long), lambda seqs, bad=bad: bad, n=3)
+
+
+def test_best_of_n_names_bad_input_ids_and_a_second_num_return_sequences():
+    """A list input_ids failed with AttributeError ('list' object has no attribute 'dim'), and a
+    num_return_sequences among the generate arguments with generate's "multiple values" TypeError."""
+    score = lambda s: s[:, -1].float()  # noqa: E731
+    for bad in ([[5, 6]], torch.tensor([[5.0, 6.0]]), torch.tensor([5, 6])):
+        with pytest.raises(ValueError, match="input_ids: expected an integer tensor of shape"):
+            best_of_n(_CountingGenerate(), bad, score, n=2)
+    with pytest.raises(ValueError, match="num_return_sequences: best_of_n sets it to n"):
+        best_of_n(_CountingGenerate(), torch.tensor([[5, 6]]), score, n=2, num_return_sequences=2)

@@ -135,3 +135,10 @@ def test_sampling_warpers_act_on_the_contrastive_scores_not_before_them():
     with torch.no_grad():
         want = contrastive_logits(expert(ids).logits[:, -1], amateur(ids).logits[:, -1], alpha=0.1) / 0.7
     torch.testing.assert_close(out.scores[0], want)
+
+
+@pytest.mark.parametrize("bad", [[[0.0, 1.0]], torch.tensor([[0, 1]])])
+def test_logits_that_are_not_float_tensors_are_named(bad):
+    """Plain lists failed with AttributeError ('list' object has no attribute 'shape')."""
+    with pytest.raises(TypeError, match="amateur_logits: expected a floating-point tensor"):
+        contrastive_logits(torch.zeros(1, 2), bad)

@@ -100,3 +100,29 @@ def test_prompt_id_beyond_a_smaller_expert_vocabulary_is_our_value_error(small_v
     out = base.generate(torch.tensor([[5, 9, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
                         logits_processor=[proc])
     assert int(out[:, 3:].max()) < 48
+
+
+def test_tokens_ruled_out_stay_out_and_never_become_nan():
+    """A token banned in the base (-inf) that both small models also rule out gave -inf - -inf = NaN, which greedy
+    argmax picks: the banned token was generated. A base -inf stays -inf; both small models at -inf steer by 0;
+    alpha = 0 is the base alone even where the steering is infinite (0 · inf was NaN)."""
+    inf = float("inf")
+    base = torch.tensor([[0.0, 1.0, -inf, 0.5]])
+    expert = torch.tensor([[0.0, 0.0, -inf, -inf]])
+    anti = torch.tensor([[0.0, 0.0, -inf, 0.0]])
+    for alpha in (1.0, -0.5, 0.0):
+        got = proxy_tuning_logits(base, expert, anti, alpha=alpha)
+        assert not torch.isnan(got).any()
+        assert got[0, 2] == -inf and int(got.argmax()) != 2
+    got = proxy_tuning_logits(base, expert, anti, alpha=1.0)
+    want = torch.log_softmax(base, -1) + (torch.log_softmax(expert, -1) - torch.log_softmax(anti, -1))
+    torch.testing.assert_close(got[0, :2], want[0, :2])
+    assert got[0, 3] == -inf  # the expert rules it out: -inf, as the formula says
+    torch.testing.assert_close(proxy_tuning_logits(base, expert, anti, alpha=0.0), torch.log_softmax(base, -1))
+
+
+@pytest.mark.parametrize("bad", [[[0.0, 1.0]], torch.tensor([[0, 1]]), torch.tensor(1.0)])
+def test_logits_that_are_not_float_tensors_are_named(bad):
+    ok = torch.zeros(1, 2)
+    with pytest.raises(TypeError, match="expert_logits: expected a floating-point tensor"):
+        proxy_tuning_logits(ok, bad, ok)
