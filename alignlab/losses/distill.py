@@ -355,11 +355,11 @@ def _chunk_rows(
     place and that buffer is returned.
     """
     s = torch.mm(x[start:end], w.t(), out=out)
-    keep = None
+    # masked rows: whatever the given teacher logits hold there is dropped, and a NaN / inf upstream gradient there
+    # (reduction="none") is not multiplied into dz, from where dW = dz^T x would carry NaN · 0 into every weight
+    keep = None if teacher[-1] is None else teacher[-1][start:end]
     if teacher[0] == "logits":
         t = teacher[1][start:end]
-        if teacher[2] is not None:  # masked rows: whatever the given teacher logits hold there is dropped
-            keep = teacher[2][start:end]
     else:  # a teacher's logits in its own dtype, as its forward would give them
         t = teacher[1][start:end] @ teacher[2].t()
     scale = None if grad_scale is None else grad_scale[start:end]
@@ -464,7 +464,9 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, teacher_a, teacher_b, teacher_keep, weights, kind, beta, temperature, reduction, chunks,
                 grad_enabled):
-        teacher = ("logits", teacher_a, teacher_keep) if teacher_b is None else ("hidden", teacher_a, teacher_b)
+        # the rows to keep (None: all) last in both forms
+        teacher = ("logits", teacher_a, teacher_keep) if teacher_b is None else ("hidden", teacher_a, teacher_b,
+                                                                                   teacher_keep)
         # needs_input_grad reports requires_grad under torch.no_grad() too (an evaluation loop over a trainable
         # head): without asking grad mode, forward ran both gradient GEMMs and held a dW no backward would read
         want_dx = grad_enabled and ctx.needs_input_grad[0]
@@ -680,7 +682,7 @@ def fused_linear_distill_loss(
         if teacher_b is not None:
             teacher_a = teacher_a.masked_fill(~keep[:, None], 0.0)
     out = _FusedLinearDistill.apply(
-        x, student_weight, teacher_a, teacher_b, keep if teacher_b is None else None, weights, kind, float(beta),
+        x, student_weight, teacher_a, teacher_b, keep, weights, kind, float(beta),
         float(temperature), reduction,
         (chunk_size, grad_chunk_size), torch.is_grad_enabled(),
     )

@@ -51,11 +51,11 @@ from alignlab.losses.logprobs import (
 from alignlab.losses.preference import step_count
 from alignlab.losses.reward import (
     check_grpo_options,
-    clipped_surrogate,
     entropy_normaliser,
     grpo_loss,
     is_weights,
     kl_penalty,
+    weighted_surrogate,
 )
 
 __all__ = ["fused_linear_grpo", "packed_to_padded"]
@@ -237,12 +237,14 @@ def _token_grad_fn(row_pos, mask_pad, adv, old_pad, ref_pad, w_pad, samp_pad, op
         with torch.enable_grad():
             leaf = lp.detach().requires_grad_(True)
             old = leaf.detach() if old_pad is None else old_pad[rp].to(dt)
-            per = clipped_surrogate(leaf - old, a, opts["epsilon"], hi)
             if w_pad is not None:
-                per = per * w_pad[rp].to(dt)
+                w = w_pad[rp].to(dt)
             elif samp_pad is not None:
-                per = per * is_weights(old, samp_pad[rp], torch.ones_like(old, dtype=torch.bool), opts["is_mode"],
-                                       opts["is_min"], opts["is_max"])
+                w = is_weights(old, samp_pad[rp], torch.ones_like(old, dtype=torch.bool), opts["is_mode"],
+                               opts["is_min"], opts["is_max"])
+            else:
+                w = None
+            per = weighted_surrogate(leaf - old, a, opts["epsilon"], hi, w)
             if opts["beta"] > 0:
                 per = per + opts["beta"] * kl_penalty(leaf, ref_pad[rp].to(dt), opts["kl_estimator"])
             total = (c * per).sum()
@@ -532,7 +534,10 @@ def fused_linear_grpo(
 
     w_pad = None
     if samp_pad is not None and old_pad is not None:  # importance weights known up front
-        w_pad = is_weights(view(old_pad), view(samp_pad), mask_pad, is_mode, is_min, is_max).expand(n_seq, length)
+        # in the dtype grpo_loss computes them in (float64 log-probs: float32 sampler log-probs are widened first)
+        wdt = torch.promote_types(probe.dtype, adv.dtype) if isinstance(adv, torch.Tensor) else probe.dtype
+        w_pad = is_weights(view(old_pad).to(wdt), view(samp_pad), mask_pad, is_mode, is_min, is_max)
+        w_pad = w_pad.expand(n_seq, length)
         w_pad = w_pad.reshape(-1)
     # fp16 takes the two passes too: dZ = g p_v of a small g would flush in the fp16 chunk, and only with every
     # g known before the gradient pass can all chunks be written for g over one power of two

@@ -121,10 +121,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int
     ``inf`` (the mean came out 0 or NaN), and in bfloat16 counts above 256 and the sum were rounded.
 
     Raises:
-        TypeError: ``values`` not a real tensor.
-        ValueError: ``mask`` not of ``values``' shape or not 0/1.
+        TypeError: ``values`` not a real tensor, or a ``dim`` that is no int.
+        ValueError: ``mask`` not of ``values``' shape or not 0/1; a ``dim`` out of range.
     """
     _check_values(values)
+    if dim is not None and (not is_int(dim) or not -max(values.dim(), 1) <= dim < max(values.dim(), 1)):
+        kind = ValueError if is_int(dim) else ArgumentTypeError
+        raise kind(f"dim must be None or an int in [-{max(values.dim(), 1)}, {max(values.dim(), 1)}) for values of "
+                   f"shape {tuple(values.shape)}, got {dim!r}")
     m = _mask(mask, values)
     values = values.to(_compute_dtype(values))
     x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
@@ -491,7 +495,8 @@ def ppo_policy_loss(
     micro-batch and rank) replaces this batch's count in the outer division, so the micro-batch losses sum to
     the big-batch loss exactly.  Where :math:`A_t \ge 0` the ratio is capped at :math:`1+\epsilon_{hi}` before it
     multiplies :math:`A_t` (no change to the loss or gradient; an overflowing ratio no longer gives NaN, see
-    :func:`clipped_surrogate`).
+    :func:`clipped_surrogate`), and with ``dual_clip`` at :math:`e\,c` where :math:`A_t < 0` (beyond :math:`c`
+    the capped loss :math:`-cA_t` is taken, with no gradient: an overflowing ratio gave a NaN gradient there).
 
     Args:
         logprobs: ``(batch, seq)`` current log-probs (with gradient).
@@ -531,7 +536,11 @@ def ppo_policy_loss(
     adv = torch.where(m, adv.detach().to(dtype), zero)
     ratio = torch.exp(log_ratio)
     # the loss's ratio is capped where it cannot matter, as in clipped_surrogate (an inf ratio times A = 0 was NaN)
-    loss_ratio = torch.exp(_cap_log_ratio(log_ratio, adv, hi))
+    capped = _cap_log_ratio(log_ratio, adv, hi)
+    if dual_clip is not None:  # where A < 0 no ratio above c changes the value (-cA is taken) or has a gradient; an
+        # overflowing one gave the untaken branch's 0 · inf = NaN gradient (log c + 1: past the tie at rho = c)
+        capped = torch.where(adv < 0, capped.clamp(max=math.log(dual_clip) + 1.0), capped)
+    loss_ratio = torch.exp(capped)
     unclipped = -loss_ratio * adv
     clipped = -torch.clamp(loss_ratio, 1.0 - clip_range, 1.0 + hi) * adv
     per_token = torch.maximum(unclipped, clipped)
@@ -746,6 +755,17 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
 
 
+def weighted_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float,
+                       weights: torch.Tensor | None) -> torch.Tensor:
+    """:func:`clipped_surrogate` times the importance ``weights`` (None: 1), exactly 0 with no gradient where a
+    weight is 0 (a masked-out token or sequence, a NaN sampler log-prob): there the log-ratio is taken as 0, since
+    an overflowing ratio (``inf`` for a negative advantage) times 0 made the loss and every gradient NaN."""
+    if weights is None:
+        return clipped_surrogate(log_ratio, advantages, epsilon, epsilon_high)
+    kept = torch.where(weights == 0, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device), log_ratio)
+    return clipped_surrogate(kept, advantages, epsilon, epsilon_high) * weights
+
+
 def _cap_log_ratio(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon_high: float) -> torch.Tensor:
     """``log_ratio`` capped at ``log(1 + epsilon_high)`` where ``advantages >= 0`` (see :func:`clipped_surrogate`)."""
     return torch.where(advantages >= 0, log_ratio.clamp(max=math.log1p(epsilon_high)), log_ratio)
@@ -819,7 +839,8 @@ def grpo_loss(
       - \log\pi_{\mathrm{sampler}}(y_t))` (summed over the sequence for ``is_mode="sequence_*"``), detached,
       then ``*_truncate`` clamps it to ``[is_min, is_max]`` and ``*_mask`` zeroes it outside; :math:`w_t=1`
       without ``sampling_logprobs``.  This is TRL's ``vllm_importance_sampling_mode`` /
-      ``vllm_importance_sampling_clip_min`` / ``_clip_max``;
+      ``vllm_importance_sampling_clip_min`` / ``_clip_max``.  A token of weight 0 adds exactly 0 to the loss
+      and its gradient, even where its ratio overflows (TRL's ``inf · 0`` is NaN there);
     * the KL estimator :math:`k` is ``kl_estimator`` (:func:`kl_penalty`, ``k3`` as GRPO).
 
     Then aggregated (``loss_type``); ``num_items`` is the normaliser over the whole optimiser step (all
@@ -919,7 +940,8 @@ def grpo_loss(
     if importance_sampling_level == "sequence":
         log_ratio = log_ratio.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
     ratio = torch.exp(log_ratio)
-    per_token = clipped_surrogate(log_ratio, a, epsilon, hi)
+    w = None if sampling_logprobs is None else is_weights(old, sampling_logprobs, m, is_mode, is_min, is_max)
+    per_token = weighted_surrogate(log_ratio, a, epsilon, hi, w)
     metrics: dict[str, torch.Tensor] = {}
     # per token, with the token's own advantage (a GSPO ratio broadcasts over its sequence)
     low = ((ratio < 1.0 - epsilon) & (a < 0)).to(dtype).detach()
@@ -934,9 +956,7 @@ def grpo_loss(
     metrics["clip_ratio/high_mean"] = stat(high)
     metrics["clip_ratio/region_mean"] = stat(torch.maximum(low, high))
     metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
-    if sampling_logprobs is not None:
-        w = is_weights(old, sampling_logprobs, m, is_mode, is_min, is_max)
-        per_token = per_token * w
+    if w is not None:
         # statistics over the weights as they are: one per sequence (with a completion token) in the sequence
         # modes, as TRL logs them; a token mean there would weigh each sequence's one weight by its length
         wm = w[:, 0][m.any(dim=1)] if is_mode.startswith("sequence") else w[m]

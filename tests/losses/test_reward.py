@@ -635,3 +635,14 @@ def test_group_and_rloo_advantages_take_integer_and_bool_rewards():
         torch.testing.assert_close(rloo_advantages(rewards, 3), rloo_advantages(want, 3), rtol=0, atol=0)
     with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
         group_advantages([1.0, 0.0], 2)
+
+
+@pytest.mark.parametrize("dim, error", [("0", TypeError), (1.0, TypeError), (True, TypeError), (5, ValueError),
+                                        (-3, ValueError)])
+def test_masked_mean_names_a_bad_dim(dim, error):
+    """dim="0" raised torch's own TypeError and dim=5 a bare IndexError, neither naming dim."""
+    x = torch.arange(6.0).view(2, 3)
+    with pytest.raises(error, match="dim must be None or an int"):
+        masked_mean(x, None, dim)
+    torch.testing.assert_close(masked_mean(x, None, -1), x.mean(-1))
+    torch.testing.assert_close(masked_mean(x, None, 0), x.mean(0))

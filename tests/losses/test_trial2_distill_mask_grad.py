@@ -54,3 +54,29 @@ def test_all_zero_mask_gradient(kernel_mode):
     got = fused_linear_distill_loss(x, w, t, mask=m)
     want = distill_loss(x @ w.T, t, mask=m)
     torch.testing.assert_close(torch.autograd.grad(got, [m])[0], torch.autograd.grad(want, [m])[0])
+
+
+@pytest.mark.parametrize("teacher", ["logits", "hidden"])
+def test_nan_upstream_gradients_at_masked_rows_leave_the_weight_gradient_finite(kernel_mode, teacher):
+    """reduction="none" with a NaN upstream gradient at masked tokens (advantages undefined on padding): the
+    teacher-logits path and distill_loss drop those rows, but with a teacher hidden state no row mask reached the
+    chunk, so NaN · 0 went into dz and dW = dz^T x was NaN everywhere (a helper's find)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h, v, th = 2, 4, 8, 20, 5
+    hidden = torch.randn(b, t, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 2:] = False
+    up = torch.randn(b, t, generator=g)
+    up[~mask] = float("nan")
+    t_hidden, t_weight = torch.randn(b, t, th, generator=g), torch.randn(v, th, generator=g)
+    kw = (dict(teacher_logits=t_hidden @ t_weight.T) if teacher == "logits"
+          else dict(teacher_hidden=t_hidden, teacher_weight=t_weight))
+    out = fused_linear_distill_loss(hidden, weight, mask=mask, reduction="none", **kw)
+    gh, gw = torch.autograd.grad(out, (hidden, weight), grad_outputs=up)
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    # the same as the upstream gradient with 0 at the masked rows
+    want = torch.autograd.grad(fused_linear_distill_loss(hidden, weight, mask=mask, reduction="none", **kw),
+                               (hidden, weight), grad_outputs=torch.where(mask, up, 0.0))
+    torch.testing.assert_close(gh, want[0])
+    torch.testing.assert_close(gw, want[1])

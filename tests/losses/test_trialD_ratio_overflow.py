@@ -106,3 +106,78 @@ def test_fused_grpo_gradient_finite_with_an_overflowing_ratio():
     for got, want in zip(*grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want)
+
+
+def test_ppo_dual_clip_gradient_finite_where_a_negative_advantage_ratio_overflows():
+    """With dual_clip the loss of a negative-advantage token is capped at -cA, so a ratio beyond c has neither
+    value nor gradient; torch.where still sent the untaken branch's 0 · exp(100) = NaN into the log-prob (a
+    helper's find: loss 1.0, gradient [[nan, -0.5]]). Same loss and gradient as a finite ratio beyond c."""
+    lp, old, adv, mask = _inputs(-1.3)
+
+    def run(x, old_lp):
+        loss, metrics = ppo_policy_loss(x, old_lp, adv, mask, clip_range=0.2, dual_clip=3.0)
+        return loss, metrics["clipfrac"]
+
+    _assert_far_equals_near(lp, old, run)  # NEAR = e^5 > c = 3: the capped loss too
+    x = torch.tensor([[100.0, 0.0]], requires_grad=True)
+    loss, _ = ppo_policy_loss(x, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((3.0 - 1.0) / 2) and x.grad[0, 0] == 0 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("is_mode", ["token_mask", "sequence_mask"])
+def test_a_token_of_importance_weight_zero_adds_exactly_nothing_even_when_its_ratio_overflows(is_mode):
+    """grpo_loss (and the fused GRPO) multiplied the surrogate by the importance weight: a token (or sequence) that
+    the mask mode drops, or whose sampler log-prob is NaN, has weight 0, but an overflowing ratio at a negative
+    advantage made its surrogate inf, and inf · 0 = NaN in the loss and every gradient. Now exactly 0: the same
+    loss and gradient as with that token's ratio at 1."""
+    lp = torch.tensor([[-1.0, -1.0, -2.0], [-0.5, -1.5, -1.0]])
+    adv = torch.tensor([-1.0, 0.5])
+    samp = lp.clone()
+    samp[0, 1] = -300.0 if is_mode == "token_mask" else samp[0, 1]  # weight e^299: outside [is_min, is_max]
+    samp[1, 2] = float("nan")  # unknown ratio: weight 0
+
+    def run(old, sampling):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = grpo_loss(x, adv, None, old, sampling_logprobs=sampling, is_mode=is_mode, is_min=0.5, is_max=2.0)
+        return (loss, *torch.autograd.grad(loss, x))
+
+    far = lp.clone()
+    far[0, 1] = -200.0  # log-ratio 199: exp overflows in float32
+    if is_mode == "sequence_mask":
+        far[0, 1], samp[0, 1] = -200.0, -200.0  # the old policy's log-prob far down, the sequence's weight 1
+        samp[0, 0] = -300.0  # ...times e^299 from its first token: the sequence is masked out
+    got = run(far, samp)
+    assert all(torch.isfinite(t).all() for t in got)
+    near = far.clone()
+    near[0, 1] = lp[0, 1]  # that token's ratio 1: the dropped token (or sequence) counts nothing either way
+    samp_near = samp.clone()
+    if is_mode == "token_mask":
+        samp_near[0, 1] = -300.0
+    want = run(near, samp_near)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_grpo_weights_in_float64_match_grpo_loss_with_float32_sampler_log_probs():
+    """The fused GRPO computed its importance weights in the side inputs' float32 while grpo_loss widens them to
+    the float64 log-probs first: gradients 3e-8 apart where float64 agrees to 1e-15 (a helper's find)."""
+    g = torch.Generator().manual_seed(3)
+    n, t, h, v = 2, 5, 6, 11
+    hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (n, t), generator=g)
+    adv = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    lp64 = torch.log_softmax(hidden @ weight.T, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = (lp64 + 0.05 * torch.randn(n, t, generator=g, dtype=torch.float64)).float()
+    samp = (old.double() + 0.3 * torch.randn(n, t, generator=g, dtype=torch.float64)).float()
+    hh = hidden.clone().requires_grad_(True)
+    loss, _ = fused_linear_grpo(hh, weight, ids, adv, old_logprobs=old, sampling_logprobs=samp,
+                                is_mode="token_truncate", is_max=1.5)
+    (got,) = torch.autograd.grad(loss, hh)
+    hr = hidden.clone().requires_grad_(True)
+    lp = torch.log_softmax(hr @ weight.T, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    want_loss, _ = grpo_loss(lp, adv, None, old, sampling_logprobs=samp, is_mode="token_truncate", is_max=1.5)
+    (want,) = torch.autograd.grad(want_loss, hr)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
