@@ -254,13 +254,16 @@ def note_device(device: torch.device) -> None:
     Called where NF4 weights arrive on a GPU (quantization, ``NF4Linear`` moves): ``torch.compile`` then
     traces :func:`max_rows` / :func:`device_key` with the real table, also when no eager NF4 product ran
     before the first compiled call (it would otherwise trace the fallback rules, e.g. ``M <= 16``). The
-    kernels' code table of the device (:func:`alignlab.kernels.nf4_dequant.kernel_code`) is made here too, so a
-    compiled first call finds it kept rather than building one per traced call."""
+    kernels' code table of the device (:func:`alignlab.kernels.nf4_dequant.kernel_code`) and double quantization's
+    dynamic map (:func:`alignlab.quant.nf4.dynamic_map`) are made here too, so a compiled first call finds them
+    kept rather than copying one from the CPU per traced call (a CPU graph input splits a CUDA graph)."""
     if device.type == "cuda" and not torch.compiler.is_compiling():
         device_key(device)
         from alignlab.kernels.nf4_dequant import kernel_code  # here: nf4_dequant imports alignlab.quant.nf4
+        from alignlab.quant.nf4 import dynamic_map
 
         kernel_code(device)
+        dynamic_map(device, True)
 
 
 def device_key(device: torch.device) -> str | None:

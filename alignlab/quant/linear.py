@@ -114,19 +114,21 @@ def _pack(values: tuple) -> _Packed | None:
 
 
 def _repacked(u8: torch.Tensor, f32: torch.Tensor, parts: tuple) -> _Packed:
-    """A :class:`_Packed` over the storages ``u8`` and ``f32`` (views made anew; on CUDA both marked as static
-    addresses, so that a CUDA-graph replay reads them in place, as it reads buffers)."""
-    if u8.is_cuda:
-        torch._dynamo.mark_static_address(u8)
-        torch._dynamo.mark_static_address(f32)
+    """A :class:`_Packed` over the storages ``u8`` and ``f32`` (views made anew). Dynamo marks tensor attributes
+    of a module as static inputs, as it does buffers, so a CUDA-graph replay reads the storages in place: no
+    ``mark_static_address`` here (it cannot be traced, and importing ``torch._dynamo`` at a device move is what
+    processes that never compile should not pay)."""
     return _Packed(u8, f32, parts, _views(u8, f32, parts))
 
 
 def _holds(packed: _Packed, buffers: dict, storages: bool = True) -> bool:
-    """Whether ``buffers`` (a module's) are ``packed``'s views, on its storages (``storages=False``: the views alone,
-    what traced code can ask)."""
+    """Whether ``buffers`` (a module's) are ``packed``'s views, on its storages (``storages=False``: the views on
+    the storages' device, what traced code can ask: a view moved by ``tensor.data = ...``, as FSDP2 moves the
+    buffers of a layer it does not shard, is the same object on another device)."""
     for name, view in zip(_BUFFERS, packed.views):
         if buffers.get(name) is not view:
+            return False
+        if view is not None and view.device != packed.u8.device:
             return False
         if storages and view is not None and view.untyped_storage().data_ptr() != (
                 packed.u8 if view.dtype == torch.uint8 else packed.f32).untyped_storage().data_ptr():
@@ -315,6 +317,9 @@ class NF4Linear(nn.Module):
             # a pickle restores each tensor with storage of its own (a deepcopy or torch.load keeps them shared):
             # pack the restored buffers again, so that the layer holds one copy of its weight
             self._store_buffers(tuple(self._buffers.get(name) for name in _BUFFERS))
+        qdata = self._buffers.get("qdata")
+        if qdata is not None:
+            note_device(qdata.device)  # unpickled onto a GPU (map_location): its launch tables before any trace
 
     def register_buffer(self, name, tensor, persistent=True):
         if name in _BUFFERS:  # a buffer replaced: the packed storages no longer hold the weight
@@ -345,6 +350,9 @@ class NF4Linear(nn.Module):
             if packed is not None and _holds(packed, self._buffers, storages=False):
                 return self._nf4_tensor(*_views(packed.u8, packed.f32, packed.parts))
         t, b = self.__dict__.get("_quant_weight"), self._buffers
+        packed = self.__dict__.get("_packed")
+        if packed is not None and packed.u8.device != b["qdata"].device and not torch.compiler.is_compiling():
+            del self.__dict__["_packed"]  # moved by `.data =` (see _holds): storages left behind, a host copy
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]
                 or t.nested_absmax is not b["qnested_absmax"] or t.nested_offset is not b["qnested_offset"]
                 or t.dtype is not self._orig_dtype or t.shape is not self._shape):

@@ -198,6 +198,49 @@ def test_shardable_conversion_gives_each_parameter_storage_of_its_own():
     assert torch.equal(out, want)
 
 
+def test_dynamo_marks_the_storages_static_as_it_marks_buffers():
+    """The storages were marked with torch._dynamo.mark_static_address at every move to a GPU, which cannot be
+    traced (a repack inside a compiled region raised on CUDA) and imported torch._dynamo in processes that never
+    compile. Dynamo marks tensor attributes of a module static itself (unguarded, as buffers): checked here."""
+    layer = _layer()
+    packed = layer.__dict__["_packed"]
+    assert getattr(packed.u8, "_dynamo_static_input_type", None) is None
+    _graph_inputs(nn.Sequential(layer), torch.randn(3, 128))
+    assert getattr(packed.u8, "_dynamo_static_input_type", None) == "unguarded"
+    assert getattr(packed.f32, "_dynamo_static_input_type", None) == "unguarded"
+
+
+def test_buffers_moved_by_data_assignment_leave_the_packed_storages():
+    """FSDP2 moves the buffers of a layer it does not shard with `tensor.data = tensor.to(device)`: the buffer
+    objects stay, so the compiled forward took them for the packed storages' views and read the storages left on
+    the old device (a helper's find), and the storages kept a copy of the weight there. The views' device is
+    checked now (traced: a guard), and an eager forward drops the stale storages."""
+    from alignlab.quant.linear import _holds
+
+    layer = _layer()
+    packed = layer.__dict__["_packed"]
+    assert _holds(packed, layer._buffers, storages=False)
+    # one CPU here: the views (moved by `.data =`) and the storages (left behind) on two devices, the other way round
+    layer.__dict__["_packed"] = stale = packed._replace(u8=packed.u8.to("meta"), f32=packed.f32.to("meta"))
+    assert not _holds(stale, layer._buffers, storages=False)
+    x = torch.randn(3, 128)
+    want = layer(x)  # the eager read drops the stale storages
+    assert "_packed" not in layer.__dict__
+    out, _ = _graph_inputs(layer, x)
+    assert torch.equal(out, want)
+
+
+def test_an_unpickled_layer_notes_its_device(monkeypatch):
+    """Unpickling (torch.load with map_location="cuda") repacked the buffers but never looked the device up: a
+    compiled first call traced the fallback launch rules and made the kernels' code table per call."""
+    import alignlab.quant.linear as linear
+
+    seen = []
+    monkeypatch.setattr(linear, "note_device", seen.append)
+    layer = pickle.loads(pickle.dumps(_layer()))
+    assert seen == [layer.qdata.device] and _views_of_packed(layer)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows", [1, 16, 40, 300])
 def test_cuda_graph_replays_read_the_packed_storages_in_place(rows):
@@ -207,8 +250,7 @@ def test_cuda_graph_replays_read_the_packed_storages_in_place(rows):
     torch.manual_seed(0)
     layer = NF4Linear.from_linear(nn.Linear(4096, 1024, dtype=torch.bfloat16), compute_dtype=torch.bfloat16).cuda()
     packed = layer.__dict__["_packed"]
-    assert packed.u8.is_cuda and getattr(packed.u8, "_dynamo_static_input_type", None) == "unguarded"
-    assert getattr(packed.f32, "_dynamo_static_input_type", None) == "unguarded" and _views_of_packed(layer)
+    assert packed.u8.is_cuda and _views_of_packed(layer)
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()
     f = torch.compile(layer, mode="reduce-overhead")
@@ -216,6 +258,23 @@ def test_cuda_graph_replays_read_the_packed_storages_in_place(rows):
         for _ in range(3):
             y = f(x).clone()
         assert torch.equal(y, layer(x))
+        assert getattr(packed.u8, "_dynamo_static_input_type", None) == "unguarded"  # Dynamo's own marking
+        assert getattr(packed.f32, "_dynamo_static_input_type", None) == "unguarded"
         layer.qdata[: layer.qdata.numel() // 2].bitwise_xor_(0x11)  # other codes, the same addresses
         want = layer(x)
         assert not torch.equal(want, y) and torch.equal(f(x), want)
+
+
+@pytest.mark.cuda
+def test_a_gpu_move_keeps_the_dynamic_map_and_repacks_traceably():
+    """note_device keeps double quantization's dynamic map of the GPU (a compiled first call read the CPU one as a
+    graph input, copied per call); a repack inside a compiled region (load_dense_weight_) is a graph break, not
+    the AssertionError of mark_static_address's forbid_in_graph."""
+    from alignlab.quant import nf4
+
+    layer = NF4Linear.from_linear(nn.Linear(256, 64), compute_dtype=torch.float32).cuda()
+    assert ("dynamic", layer.qdata.device) in nf4._TABLES
+    dense = torch.randn(64, 256, device="cuda")
+    torch._dynamo.reset()
+    torch.compile(lambda: layer.load_dense_weight_(dense))()
+    assert _views_of_packed(layer)
