@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -51,7 +52,8 @@ def select_tokens(
     """Boolean keep-mask ``(batch, seq)``: the ``⌈ρ · n_b⌉`` highest-scoring valid tokens of each row.
 
     ``n_b`` counts the row's valid tokens (``attention_mask`` 1/True, all if
-    ``None``); padding is never kept. Ties go to the earlier position.
+    ``None``; ``ρ`` read as the nearest fraction with a denominator up to 10⁶, so 0.28 of 25 tokens is 7); padding
+    is never kept, and ranks after every valid token (a ``-inf`` score included). Ties go to the earlier position.
     Raises ``ValueError`` for ``keep_ratio`` outside ``(0, 1]``, shape mismatch, or a NaN score on a
     valid token (a sort ranks NaN above +inf, so it would be kept first; there is no rank to give it).
     """
@@ -65,9 +67,13 @@ def select_tokens(
     if n_nan:
         raise ValueError(f"scores must not be NaN on a valid token ({n_nan} found)")
     n_valid = valid.sum(dim=1)
-    k = torch.ceil(n_valid.double() * keep_ratio).long()
-    masked = scores.detach().float().masked_fill(~valid, -math.inf)
-    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    # ⌈n ρ⌉ in integers, with ρ as the nearest small fraction: 0.28 · 25 is 7.000000000000001 in floats (8 kept)
+    ratio = Fraction(keep_ratio).limit_denominator(10**6)
+    k = (n_valid * ratio.numerator + ratio.denominator - 1) // ratio.denominator
+    # by score (ties: the earlier position), then padding after every valid token, a valid -inf included
+    order = torch.argsort(scores.detach().float(), dim=1, descending=True, stable=True)
+    order = order.gather(1, torch.argsort(valid.gather(1, order).to(torch.uint8), dim=1, descending=True,
+                                          stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
     return (rank < k[:, None]) & valid

@@ -397,14 +397,17 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for g_i, group in enumerate(self.param_groups):  # refused before any parameter moves (as torch's AdamW)
+            for p_i, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"AdamW8bit does not support sparse gradients: parameter {p_i} of param group "
+                                    f"{g_i} has one (nn.Embedding(sparse=True)?); nothing was updated")
         hyper_cache: dict[tuple, tuple[list[float], dict]] = {}
         streamed: dict[torch.device, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError("AdamW8bit does not support sparse gradients")
                 st = self.state[p]
                 if not st:
                     st.update(self._new_state(p))

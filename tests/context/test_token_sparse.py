@@ -431,3 +431,24 @@ def test_an_adapted_layer_is_not_wrapped(tmp_path):
         apply_token_sparsity(model, keep_ratio=0.5, targets=("mlp", "o_proj"))
     assert not any(isinstance(m, TokenSparse) for m in model.modules())
     apply_token_sparsity(model, keep_ratio=0.5, targets=("mlp",))  # the MLP block holding gate_proj's LoRA is fine
+
+
+def test_select_tokens_keeps_exactly_the_ceiling_of_the_decimal_ratio():
+    """torch.ceil(n * 0.28) read 0.28 · 25 = 7.000000000000001 as 8 tokens (13 of 9900 (n, ρ) pairs were one off)."""
+    for n, ratio, want in ((25, 0.28, 7), (50, 0.14, 7), (75, 0.68, 51), (10, 1.0, 10), (7, 0.5, 4), (3, 0.01, 1)):
+        assert int(select_tokens(torch.randn(1, n), ratio).sum()) == want, (n, ratio)
+    from fractions import Fraction
+    for n in range(1, 60):
+        for pct in range(1, 100):
+            got = int(select_tokens(torch.zeros(1, n), pct / 100).sum())
+            assert got == -(-n * Fraction(pct, 100) // 1), (n, pct)
+
+
+def test_padding_ranks_after_valid_tokens_scored_minus_infinity():
+    """Padding was filled with -inf and so tied with real tokens scored -inf (log-probabilities), winning by its
+    earlier (left-padded) position: one of three real tokens kept at keep_ratio=1."""
+    inf = float("inf")
+    scores = torch.tensor([[0.0, 0.0, -inf, -inf, 1.0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    assert select_tokens(scores, 1.0, mask).tolist() == [[False, False, True, True, True]]
+    assert select_tokens(scores, 0.5, mask).tolist() == [[False, False, True, False, True]]  # 2 of 3, ties: earlier

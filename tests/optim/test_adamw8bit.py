@@ -726,3 +726,17 @@ def test_state_bytes_refuses_what_is_not_an_optimizer():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got dict"):
         state_bytes({"state": {}})
     assert state_bytes(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)) == 0
+
+
+def test_a_sparse_gradient_is_refused_before_any_parameter_moves():
+    """The sparse gradient was found while stepping: the parameters before it had moved already and counted a
+    step, so catching the TypeError left a half-updated model (torch's AdamW checks first)."""
+    a = torch.nn.Parameter(torch.ones(4, 8))
+    emb = torch.nn.Embedding(4, 8, sparse=True)
+    opt = AdamW8bit([a, *emb.parameters()], lr=0.1)
+    a.grad = torch.ones_like(a)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = a.detach().clone()
+    with pytest.raises(TypeError, match="sparse gradients: parameter 1 of param group 0"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state[a]
