@@ -144,7 +144,8 @@ def estimate_fisher(
     For each example :math:`x` the log-likelihood is
     :math:`\ell = \sum_j \log \mathrm{softmax}(z_j)[y_j]` over its non-ignored
     positions :math:`j` (tokens, or the single class of a classifier), and the
-    estimate is :math:`F_i = \frac{1}{N}\sum_x (\partial_{\theta_i} \ell)^2`.
+    estimate is :math:`F_i = \frac{1}{N}\sum_x (\partial_{\theta_i} \ell)^2`, :math:`N` counting every example
+    (one whose labels are all ``ignore_index`` adds 0 and still counts: filter such examples out to leave them out).
     ``model`` runs in eval mode (no dropout; each submodule's mode is restored after) with gradients enabled,
     also when called inside ``torch.no_grad()``.  The log-softmax runs in at least float32 (float64 logits
     stay float64).
