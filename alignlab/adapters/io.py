@@ -65,8 +65,8 @@ def _peft_init(init: str):
 
 # PEFT inits that leave the base weights as they are: only the adapter starts elsewhere, and a file's weights are
 # loaded over it, so such a file is an ordinary LoRA adapter (loftq, corda, lora_ga rewrite the base, mica trains
-# with a frozen B: refused)
-_INIT_ONLY = ("orthogonal", "eva")
+# with a frozen B: refused). "nora" (PEFT 0.22): A's columns normalised, B zero
+_INIT_ONLY = ("orthogonal", "eva", "nora")
 
 
 def _our_init(value) -> str:
@@ -77,7 +77,7 @@ def _our_init(value) -> str:
     if isinstance(value, str) and (value in ("gaussian", "pissa", "olora") or value.startswith("pissa_niter_")):
         return value
     raise ValueError(f"adapter_config.json: init_lora_weights={value!r} is not supported (supported: true, false, "
-                     "gaussian, pissa, pissa_niter_K, olora, orthogonal, eva)")
+                     "gaussian, pissa, pissa_niter_K, olora, orthogonal, eva, nora)")
 
 
 # LoraConfig fields of PEFT's LoRA variants, each of which changes what the file's tensors compute (or the model they
@@ -763,9 +763,35 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
     for key, target in expected.items():
         if tuple(state[key].shape) != tuple(target.shape):
             raise ValueError(f"{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} in the model")
+    _refuse_writes_into_saved_originals(model, state, expected)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(like_target(state[key], target))
+
+
+def _refuse_writes_into_saved_originals(model: nn.Module, state: dict, expected: dict) -> None:
+    """``ValueError`` if a key of the file would write other values into the frozen original of a ``modules_to_save``
+    module through a tensor tied to it (PEFT 0.22 with ``ensure_weight_tying`` saves a tied ``lm_head``'s copy,
+    the trained embedding, under ``lm_head.weight``: copied into the head, it overwrote the embedding's original, so
+    ``disabled(model)`` ran a changed base). The original's own key (PEFT's ``save_embedding_layers``) is read
+    first: an alias holding the same values writes nothing new."""
+    originals = {}
+    for n, m in model.named_modules():
+        if isinstance(m, SavedModule):
+            for k, p in m.original_module.named_parameters():
+                originals[id(p)] = f"{PREFIX}{n}.original_module.{k}"
+    for key, target in expected.items():
+        own = originals.get(id(target))
+        if own is None or key == own:
+            continue
+        holds = state[own] if own in state else target  # what the original holds once the file's own key is read
+        if not torch.equal(like_target(state[key], target), like_target(holds, target)):
+            raise ValueError(
+                f"{key}: the file writes other values into a tensor tied to {own!r}, the frozen original of a "
+                "modules_to_save copy (PEFT 0.22's ensure_weight_tying ties a tied head to the trained embedding "
+                "copy; here such a head trains untied, see docs/adapters.md): loading it would change the base "
+                "model that disabled() runs. Such files are not supported; saved without ensure_weight_tying, PEFT "
+                "trains the head untied too, and the file loads")
 
 
 def _peft_base_tables(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

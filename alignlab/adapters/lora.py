@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -614,7 +615,15 @@ class LoRALinear(AdapterLayer):
     def _check_mergeable(self, names: list[str], merging_below: frozenset = frozenset()) -> None:
         """Trainable token rows under this head (a tied ``lm_head``) that stay active and unmerged after a merge of
         ``names`` (``merging_below``: the rows' adapters merged by the same call, first) would overwrite the merged
-        ``ΔW`` in their logits (they are ``x Dᵀ``): refused, so that the merge keeps the output."""
+        ``ΔW`` in their logits (they are ``x Dᵀ``): refused, so that the merge keeps the output. DoRA adapters left
+        active and unmerged beside the merge: ``UserWarning`` (see :meth:`_dora_left_unmerged`)."""
+        staying = self._dora_left_unmerged(names)
+        if staying:
+            # the default filter shows it once per calling line, not once per layer
+            warnings.warn(f"DoRA adapter(s) {staying} stay active and unmerged: until they are merged too, they "
+                          f"scale the ΔW of {names} merged under them with their magnitude, so the output differs "
+                          "from the unmerged one; merge the DoRA adapters first or in the same call", UserWarning,
+                          stacklevel=3)
         inner = self.base_layer
         if not names or not isinstance(inner, AdapterLayer) or inner.disabled:
             return
@@ -623,6 +632,15 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"the trainable token rows of adapters {live} under this head are active and not merged: "
                              f"their logits would lose the ΔW of {names} merged into the head's weight; merge those "
                              "adapters first or in the same call")
+
+    def _dora_left_unmerged(self, names: list[str]) -> list[str]:
+        """The DoRA adapters that stay active and unmerged while ``names`` are merged: until they are merged too,
+        each scales the merged ``ΔW`` with its magnitude (its forward takes the base output, and the row norm, on
+        the current weight), so the output differs from the unmerged one (PEFT's does too). Merging the DoRA
+        adapters first, or in the same call, keeps it."""
+        if not names or self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in names and n not in self.merged_adapters and self.is_dora(n)]
 
     def _merge_one(self, name: str) -> None:
         if not self.is_dora(name):

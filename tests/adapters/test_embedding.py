@@ -526,3 +526,36 @@ def test_peft_file_with_saved_embedding_layers_under_rows_or_saved_copies_loads(
     torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **tol)
     with disabled(mine), theirs.disable_adapter():
         torch.testing.assert_close(mine(IDS).logits, theirs(IDS).logits, **EXACT)
+
+
+def test_a_file_writing_a_trained_copy_through_a_tied_head_into_the_frozen_original_is_refused(tmp_path):
+    """PEFT 0.22 with ensure_weight_tying and modules_to_save=["embed_tokens"] ties the head to the trained embedding
+    copy and saves that copy under `lm_head.weight`; load_adapter read it as a base table and copied it into the
+    head's weight, the embedding's frozen original itself: disabled(model) (a DPO reference) ran a changed base,
+    17.6 off in the logits (a helper's find). Refused, the model as it was; a head key holding the original's
+    values (PEFT's save_embedding_layers) still loads."""
+    from safetensors.torch import save_file
+
+    base = _llama(tie=True)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    _randomise(ours)
+    with torch.no_grad():
+        ours.model.embed_tokens.modules_to_save["default"].weight.add_(0.5)
+    save_adapter(ours, tmp_path / "a")
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    copy_key = "base_model.model.model.embed_tokens.weight"
+    assert copy_key in state
+    tied = dict(state, **{"base_model.model.lm_head.weight": state[copy_key].clone()})
+    save_file(tied, tmp_path / "a" / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="lm_head.weight: the file writes other values into a tensor tied to"):
+        load_adapter(model, tmp_path / "a")
+    assert not any(isinstance(m, nn.Module) and type(m).__name__ == "SavedModule" for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the original's own values under the head's key: nothing new is written, the file loads
+    same = dict(state, **{"base_model.model.lm_head.weight": base.lm_head.weight.detach().clone()})
+    save_file(same, tmp_path / "a" / "adapter_model.safetensors")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "a")
+    with disabled(loaded):
+        torch.testing.assert_close(loaded(IDS).logits, base(IDS).logits, **EXACT)

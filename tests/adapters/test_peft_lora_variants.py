@@ -88,6 +88,14 @@ def test_inits_that_keep_the_base_load_as_plain_lora(tmp_path, init):
     torch.testing.assert_close(_logits(load_adapter(make_tiny_llama(), tmp_path)), want)
 
 
+def test_a_nora_file_loads_as_plain_lora(tmp_path):
+    """PEFT 0.22's init_lora_weights="nora" (A's columns normalised, B zero; the base untouched) was refused."""
+    theirs = _trained_peft(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"init_lora_weights": "nora"}))
+    torch.testing.assert_close(_logits(load_adapter(make_tiny_llama(), tmp_path)), _logits(theirs))
+
+
 @pytest.mark.parametrize("init", ["loftq", "corda", "lora_ga", "mica"])
 def test_inits_that_rewrite_the_base_or_freeze_b_stay_refused(tmp_path, init):
     _trained_peft(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
