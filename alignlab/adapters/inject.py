@@ -449,13 +449,21 @@ def _match_modes(model: nn.Module, before: set[int]) -> None:
 
 def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None:
     """Warn (``RuntimeWarning``, as PEFT 0.21 does) about an ``exclude_modules`` that excludes no module and, for
-    LoRA and LoKr, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module: most often a typo, after which the
+    LoRA and LoKr, ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module (AdaLoRA: ``rank_pattern``
+    keys naming none): most often a typo, after which the
     adapter would train at the default rank / alpha, or on the modules meant to be left out. Not an error: a PEFT
     file written for several architectures may name modules that this model lacks."""
     exclude = getattr(config, "exclude_modules", None)
     if exclude and not any(name_matches(exclude, n) for names in module_names(model).values() for n in names if n):
         warnings.warn(f"exclude_modules={exclude!r} matches no module of this model, so nothing was excluded; "
                       "check the names", RuntimeWarning, stacklevel=3)
+    if isinstance(getattr(config, "rank_pattern", None), dict) and hasattr(config, "init_r"):
+        # AdaLoRA: exact "<module>.lora_E" keys, a key naming no adapted module was ignored without a word
+        unused = [k for k in config.rank_pattern if k.removesuffix(".lora_E") not in set(targets)]
+        if unused:
+            warnings.warn(f"rank_pattern keys {unused} name none of the {len(targets)} adapted modules and were "
+                          f"ignored (e.g. {targets[:2]}); check the names", RuntimeWarning, stacklevel=3)
+        return
     regex_patterns = isinstance(config, LoRAConfig) or getattr(config, "regex_patterns", False)  # LoRA, LoKr
     if not regex_patterns or not (config.rank_pattern or config.alpha_pattern):
         return

@@ -370,3 +370,19 @@ def test_rank_pattern_lists_hold_one_flag_per_initial_rank():
     cfg = AdaLoRAConfig(init_r=4, target_r=2, rank_pattern={key: [True, False, True, False]}, target_modules=TARGETS)
     model = inject(make_tiny_llama(), cfg)
     assert model.model.layers[0].self_attn.q_proj.lora_A["default"].shape[0] == 2
+
+
+def test_rank_pattern_keys_naming_no_adapted_module_warn():
+    """A misspelt AdaLoRA rank_pattern key was ignored without a word (the module trained at init_r), where LoRA and
+    LoKr warn for keys that match nothing."""
+    import warnings
+
+    good, typo = "model.layers.0.self_attn.q_proj.lora_E", "model.layers.0.self_atn.q_proj.lora_E"
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, rank_pattern={good: [True] * 2 + [False] * 2, typo: [True] * 4},
+                        target_modules=TARGETS)
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys \['model.layers.0.self_atn.q_proj.lora_E'\] name none"):
+        inject(make_tiny_llama(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        inject(make_tiny_llama(), AdaLoRAConfig(init_r=4, target_r=2, rank_pattern={good: [True] * 4},
+                                                target_modules=TARGETS))
