@@ -155,15 +155,25 @@ def test_device_name_is_known_before_a_trace(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", None)
     cuda0 = torch.device("cuda", 0)
-    tables = []  # the kernels' code table is made there too (a CUDA tensor: recorded instead on CPU CI)
+    tables = []  # the kernels' code table and the dynamic map are made there too (CUDA tensors: recorded on CPU CI)
     monkeypatch.setattr(nf4_dequant, "kernel_code", tables.append)
+    import alignlab.quant.nf4 as nf4_tables
+
+    real_map = nf4_tables.dynamic_map
+
+    def dynamic_map(device="cpu", signed=True):
+        if torch.device(device).type == "cuda":
+            return tables.append(("dynamic", device, signed))
+        return real_map(device, signed)
+
+    monkeypatch.setattr(nf4_tables, "dynamic_map", dynamic_map)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert max_rows(cuda0) == 16 and nf4_configs.note_device(cuda0) is None and not nf4_configs._NAMES
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     nf4_configs.note_device(torch.device("cpu"))
     assert not nf4_configs._NAMES and not tables
     nf4_configs.note_device(cuda0)
-    assert tables == [cuda0]
+    assert tables == [cuda0, ("dynamic", cuda0, True)]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a trace
     assert max_rows(cuda0) == 32
     # the places that call it: quantization and NF4Linear's device moves
