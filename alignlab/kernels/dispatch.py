@@ -94,10 +94,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the Triton path should run for these tensors.
 
     ``auto`` takes Triton only when all tensors live on a CUDA device; ``triton``
-    also accepts CPU tensors under the interpreter.
+    also accepts CPU tensors under the interpreter. Never while ``torch.export`` traces: it runs without Dynamo
+    (non-strict, its default), so a kernel launched there would read fake tensors' memory ("Cannot access data
+    pointer"); the exported graph takes the PyTorch ops (custom ops such as the small-M NF4 product stay opaque).
     """
     mode = kernel_mode()
-    if mode == "torch" or not triton_available():
+    if mode == "torch" or not triton_available() or torch.compiler.is_exporting():
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if mode == "triton":

@@ -76,3 +76,38 @@ def test_code_planes_round_as_torch_does():
     for dtype in (torch.float16, torch.bfloat16):
         want = [b & 0xFFFF for b in values.to(dtype).view(torch.int16).tolist()]
         assert [_bits16(v, dtype) for v in values.tolist()] == want, dtype
+
+
+INTERPRETED = textwrap.dedent(
+    """
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["ALIGNLAB_KERNELS"] = "triton"
+    import torch
+    from alignlab.adapters import LoRAConfig, inject
+    from alignlab.quant import NF4Linear, quantize_model
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
+    for rows in (5, 40):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(torch.export.export(layer, (x,)).module()(x), layer(x), rtol=1e-5, atol=1e-5)
+    for dora in (False, True):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        model = quantize_model(model, compute_dtype=torch.float32)
+        inject(model, LoRAConfig(r=4, target_modules=["0", "2"], use_dora=dora))
+        model.eval()
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), rtol=1e-5, atol=1e-5)
+    print("ok")
+    """
+)
+
+
+def test_export_with_the_triton_path_on_takes_the_pytorch_ops():
+    """On CUDA (the GPU run of 2026-12-08) torch.export of an NF4 layer failed with "Cannot access data pointer of
+    Tensor": export traces without Dynamo (non-strict), so the dequantization kernel was launched on fake tensors.
+    use_triton says no while exporting; the same failure under the interpreter on the CPU, fixed the same way."""
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
