@@ -459,7 +459,8 @@ def _warn_unused_selectors(model: nn.Module, config, targets: list[str]) -> None
                       "check the names", RuntimeWarning, stacklevel=3)
     if isinstance(getattr(config, "rank_pattern", None), dict) and hasattr(config, "init_r"):
         # AdaLoRA: exact "<module>.lora_E" keys, a key naming no adapted module was ignored without a word
-        unused = [k for k in config.rank_pattern if k.removesuffix(".lora_E") not in set(targets)]
+        adapted = set(targets)
+        unused = [k for k in config.rank_pattern if k.removesuffix(".lora_E") not in adapted]
         if unused:
             warnings.warn(f"rank_pattern keys {unused} name none of the {len(targets)} adapted modules and were "
                           f"ignored (e.g. {targets[:2]}); check the names", RuntimeWarning, stacklevel=3)

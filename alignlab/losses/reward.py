@@ -125,10 +125,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim: int
         ValueError: ``mask`` not of ``values``' shape or not 0/1; a ``dim`` out of range.
     """
     _check_values(values)
-    if dim is not None and (not is_int(dim) or not -max(values.dim(), 1) <= dim < max(values.dim(), 1)):
+    nd = max(values.dim(), 1)  # a 0-d tensor takes dim 0 / -1, as torch's sum does
+    if dim is not None and (not is_int(dim) or not -nd <= dim < nd):
         kind = ValueError if is_int(dim) else ArgumentTypeError
-        raise kind(f"dim must be None or an int in [-{max(values.dim(), 1)}, {max(values.dim(), 1)}) for values of "
-                   f"shape {tuple(values.shape)}, got {dim!r}")
+        raise kind(f"dim must be None or an int in [-{nd}, {nd}) for values of shape {tuple(values.shape)}, "
+                   f"got {dim!r}")
     m = _mask(mask, values)
     values = values.to(_compute_dtype(values))
     x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -397,34 +397,35 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for g_i, group in enumerate(self.param_groups):  # refused before any parameter moves (as torch's AdamW)
+        work = []  # the parameters with a gradient, all checked before any moves (as torch's AdamW)
+        for g_i, group in enumerate(self.param_groups):
             for p_i, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"AdamW8bit does not support sparse gradients: parameter {p_i} of param group "
-                                    f"{g_i} has one (nn.Embedding(sparse=True)?); nothing was updated")
-        hyper_cache: dict[tuple, tuple[list[float], dict]] = {}
-        streamed: dict[torch.device, list] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self.state[p]
-                if not st:
-                    st.update(self._new_state(p))
-                st["step"] += 1
-                x, g = _local(p), _local(p.grad)  # p and p.grad themselves unless p is sharded
-                if x.numel() == 0:  # a rank's empty shard (fewer rows than ranks): nothing to update
-                    continue
-                key = (st["step"], group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
-                if key not in hyper_cache:
-                    hyper_cache[key] = (_hyper(*key), {})
-                hyper, on_device = hyper_cache[key]
-                if "exp_avg" in st:
-                    _fp32_step_(x, g, st["exp_avg"], st["exp_avg_sq"], hyper)
-                elif self.offload:
-                    streamed.setdefault(x.device, []).append((x, g, st, hyper, on_device))
-                else:
-                    self._update(x, g, st["codes"], st["absmax"], hyper, on_device)
+                if p.grad.is_sparse:
+                    raise TypeError(f"AdamW8bit does not support sparse gradients: parameter {p_i} of param group "
+                                    f"{g_i} has one (nn.Embedding(sparse=True)?); nothing was updated")
+                work.append((group, p))
+        hyper_cache: dict[tuple, tuple[list[float], dict]] = {}
+        streamed: dict[torch.device, list] = {}
+        for group, p in work:
+            st = self.state[p]
+            if not st:
+                st.update(self._new_state(p))
+            st["step"] += 1
+            x, g = _local(p), _local(p.grad)  # p and p.grad themselves unless p is sharded
+            if x.numel() == 0:  # a rank's empty shard (fewer rows than ranks): nothing to update
+                continue
+            key = (st["step"], group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+            if key not in hyper_cache:
+                hyper_cache[key] = (_hyper(*key), {})
+            hyper, on_device = hyper_cache[key]
+            if "exp_avg" in st:
+                _fp32_step_(x, g, st["exp_avg"], st["exp_avg_sq"], hyper)
+            elif self.offload:
+                streamed.setdefault(x.device, []).append((x, g, st, hyper, on_device))
+            else:
+                self._update(x, g, st["codes"], st["absmax"], hyper, on_device)
         for device, items in streamed.items():
             self._offloaded_step(device, items)
         return loss

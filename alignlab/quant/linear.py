@@ -343,14 +343,13 @@ class NF4Linear(nn.Module):
         The same object is handed out until a buffer is replaced (device moves, loading, re-quantizing):
         building it anew per forward call cost host time. Treat it as read-only.
         """
+        packed = self.__dict__.get("_packed")
         if PACKED_INPUTS and torch.compiler.is_compiling():
-            packed = self.__dict__.get("_packed")
             # two graph inputs instead of four or five (see _Packed), while the buffers are its views: a buffer put
             # in place without the module's setattr (torch.func.functional_call, accelerate) is read as it is
             if packed is not None and _holds(packed, self._buffers, storages=False):
                 return self._nf4_tensor(*_views(packed.u8, packed.f32, packed.parts))
         t, b = self.__dict__.get("_quant_weight"), self._buffers
-        packed = self.__dict__.get("_packed")
         if packed is not None and packed.u8.device != b["qdata"].device and not torch.compiler.is_compiling():
             del self.__dict__["_packed"]  # moved by `.data =` (see _holds): storages left behind, a host copy
         if (t is None or t.data is not b["qdata"] or t.absmax is not b["qabsmax"] or t.shift is not b["qshift"]

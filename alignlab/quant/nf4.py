@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_int, is_real
+from alignlab._checks import ArgumentTypeError, as_bool, check_finite_number, check_positive_int, is_finite_real, is_int
 from alignlab._keep import keep
 from alignlab.kernels.nf4_configs import note_device
 
@@ -326,7 +326,7 @@ def _read_meta(blob: torch.Tensor, where: str) -> tuple[dict, torch.Size, int]:
     # read with int() / float() later: "abc" or null raised an unnamed ValueError / TypeError, 256.5 was taken as 256
     if not is_int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)):
         raise ValueError(f"{where}: nested_blocksize must be an integer, got {meta['nested_blocksize']!r}")
-    if "nested_offset" in meta and not (is_real(meta["nested_offset"]) and math.isfinite(meta["nested_offset"])):
+    if "nested_offset" in meta and not is_finite_real(meta["nested_offset"]):
         # (NaN / inf: added to every block scale, it made every weight NaN without a word)
         raise ValueError(f"{where}: nested_offset must be a finite number, got {meta['nested_offset']!r}")
     return meta, torch.Size(shape), int(blocksize)
