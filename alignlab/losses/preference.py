@@ -196,8 +196,8 @@ def _lengths(name: str, lengths: torch.Tensor | Sequence[int] | None, like: torc
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{name} must hold token counts, got dtype {t.dtype}")
     t = t.to(like.dtype)
-    if t.numel() and not _LENGTHS_VALID.get() and bool((~(t >= 0)).any()):  # NaN fails >= 0
-        raise ValueError(f"{name} must be >= 0 everywhere (number of completion tokens), with no NaN")
+    if t.numel() and not _LENGTHS_VALID.get() and bool((~((t >= 0) & (t < math.inf))).any()):  # NaN fails both
+        raise ValueError(f"{name} must be finite and >= 0 everywhere (number of completion tokens), with no NaN")
     return t
 
 
@@ -1176,7 +1176,7 @@ def una_loss(
     Args:
         policy_logps, ref_logps: ``(batch,)`` summed completion log-probs; ``ref_logps`` is a constant (detached:
             no gradient reaches it).
-        scores: ``(batch,)`` explicit rewards in [0, 1].
+        scores: ``(batch,)`` explicit rewards in [0, 1] (floats, or binary labels as bool or 0 / 1 integers).
         beta: :math:`\beta > 0`.
         loss_type: ``"mse"`` or ``"bce"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -1194,8 +1194,9 @@ def una_loss(
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
-    if isinstance(scores, torch.Tensor) and scores.dtype == torch.bool and isinstance(policy_logps, torch.Tensor):
-        scores = scores.to(policy_logps.dtype)  # a binary label (desirable / not), as the docs allow
+    if (isinstance(scores, torch.Tensor) and (scores.dtype == torch.bool or not scores.is_floating_point())
+            and not scores.is_complex() and isinstance(policy_logps, torch.Tensor)):
+        scores = scores.to(policy_logps.dtype)  # binary labels (desirable / not) as bool or 0/1 ints; [0, 1] checked below
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
     s = scores.to(dtype)
     if s.numel() and bool((~((s >= 0) & (s <= 1))).any()):  # NaN is outside too

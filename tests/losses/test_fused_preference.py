@@ -143,7 +143,7 @@ def test_fused_dpo_reference_from_hidden_equals_precomputed(schedule):
 def test_fused_dpo_still_checks_lengths_the_caller_passes():
     hidden, weight, _, labels = _batch(2, bias=False)
     ref = torch.zeros(B, dtype=torch.float64)
-    with pytest.raises(ValueError, match="^chosen_lengths must be >= 0 everywhere"):
+    with pytest.raises(ValueError, match="^chosen_lengths must be finite and >= 0 everywhere"):
         fused_linear_dpo(hidden, weight, labels, ref, ref, loss_type="ipo",
                          chosen_lengths=-torch.ones(B), rejected_lengths=torch.ones(B))
 

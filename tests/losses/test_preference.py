@@ -552,10 +552,12 @@ def test_cpo_and_orpo_errors():
         orpo_loss(x, x, torch.zeros(3))
     with pytest.raises(ValueError, match="batch size mismatch"):
         simpo_loss(x, -torch.rand(2))
-    with pytest.raises(ValueError, match="^chosen_lengths must be >= 0 everywhere"):
+    with pytest.raises(ValueError, match="^chosen_lengths must be finite and >= 0 everywhere"):
         simpo_loss(x, x, chosen_lengths=[1, 2, -1], rejected_lengths=[1, 1, 1])
-    with pytest.raises(ValueError, match="^rejected_lengths must be >= 0 everywhere"):
+    with pytest.raises(ValueError, match="^rejected_lengths must be finite and >= 0 everywhere"):
         dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=[1, 2, 3], rejected_lengths=[1, float("nan"), 1])
+    with pytest.raises(ValueError, match="^chosen_lengths must be finite"):  # an inf length made the R-DPO margin inf
+        dpo_loss(x, x, x, x, length_alpha=0.1, chosen_lengths=[1, math.inf, 3], rejected_lengths=[1, 1, 1])
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
@@ -912,10 +914,15 @@ def test_una_bce_infinite_reward_with_a_zero_weight_term(s, ref_inf):
     assert torch.equal(pi.grad, torch.zeros(2))
 
 
-def test_una_takes_bool_scores_as_binary_labels():
-    """Boolean scores (desirable or not) are the binary labels the docs allow: the same loss as 0 / 1 floats."""
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8])
+def test_una_takes_bool_and_integer_scores_as_binary_labels(dtype):
+    """Boolean or 0 / 1 integer scores (desirable or not) are the binary labels the docs allow: the same loss as
+    0 / 1 floats; an integer 2 is still outside [0, 1]."""
     pi, ref = -torch.rand(6, dtype=torch.float64) * 5, -torch.rand(6, dtype=torch.float64) * 5
-    y = torch.tensor([True, False, True, True, False, False])
+    y = torch.tensor([1, 0, 1, 1, 0, 0]).to(dtype)
     for loss_type in ("mse", "bce"):
         got, _ = una_loss(pi, ref, y, loss_type=loss_type)
         torch.testing.assert_close(got, una_loss(pi, ref, y.double(), loss_type=loss_type)[0])
+    if dtype != torch.bool:
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            una_loss(pi, ref, torch.tensor([1, 0, 2, 1, 0, 0]).to(dtype))
