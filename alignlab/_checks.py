@@ -214,6 +214,30 @@ def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+def token_id_list(seq, arg: str) -> list[int]:
+    """The entries of the sequence ``seq`` as Python ints: ints, NumPy integers or 0-d integer tensors (an int tensor reads
+    as one). :class:`ArgumentTypeError` naming ``arg`` for a float (``int(1.7)`` would read token 1), a bool (True
+    would be token 1) or anything else; no range check (labels hold -100, ids are checked by the caller)."""
+    import torch  # here only: the rest of this module needs no torch
+
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1 or seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
+            raise ArgumentTypeError(f"{arg}: expected a 1-d integer tensor, got shape {tuple(seq.shape)} "
+                                    f"dtype {seq.dtype}")
+        return seq.tolist()
+    if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
+        raise ArgumentTypeError(f"{arg}: expected a sequence of integer token ids, got {type(seq).__name__}")
+    out = []
+    for t in seq:
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.is_floating_point() or t.is_complex()
+                                                                 or t.dtype == torch.bool):
+            t = t.item()
+        if not is_int(t):
+            raise ArgumentTypeError(f"{arg}: expected integer token ids, got {t!r} (no floats or bools)")
+        out.append(int(t))
+    return out
+
+
 def check_template_fields(template, needed, arg: str = "template") -> None:
     """``ValueError`` naming the ``{placeholders}`` of ``needed`` that the ``str.format`` template lacks (the
     text meant for them would be left out of the prompt without a word: ``format`` ignores unused keywords);

@@ -25,14 +25,13 @@ total)`` row with ``cu_seq_lens``; :func:`collate_padded` right-pads.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, TypedDict
 
 import torch
 
-from alignlab._checks import ArgumentTypeError, check_positive_int, check_token_id, is_int
+from alignlab._checks import ArgumentTypeError, check_positive_int, check_token_id, is_int, token_id_list
 from alignlab.data.sft import IGNORE_INDEX, SequenceTooLongError, TokenizedExample
 
 __all__ = [
@@ -57,15 +56,10 @@ class PackedExample(TypedDict):
 
 def _validate(example: TokenizedExample, index: int) -> tuple[list[int], list[int]]:
     try:
-        ids, labels = list(example["input_ids"]), list(example["labels"])
+        ids, labels = example["input_ids"], example["labels"]
     except (KeyError, TypeError) as err:
         raise ValueError(f"example {index} must have 'input_ids' and 'labels'") from err
-    if any(isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool) for t in ids + labels):
-        raise ValueError(f"example {index}: input_ids and labels must hold integer token ids, not bools")
-    try:  # operator.index takes ints, NumPy ints and 0-d integer tensors; not 1.5 or "a" (nor True, above)
-        ids, labels = [operator.index(t) for t in ids], [operator.index(t) for t in labels]
-    except TypeError as err:
-        raise ValueError(f"example {index}: input_ids and labels must hold integer token ids ({err})") from err
+    ids, labels = token_id_list(ids, f"example {index}: input_ids"), token_id_list(labels, f"example {index}: labels")
     if len(ids) != len(labels):
         raise ValueError(f"example {index}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
     if not ids:
@@ -87,7 +81,8 @@ def pack_examples(
     ``overflow``: a sample longer than ``max_length`` raises
     :class:`~alignlab.data.sft.SequenceTooLongError` (a ``ValueError``;
     ``"error"``) or is dropped (``"skip"``). A ``max_length`` that is no int raises
-    :class:`~alignlab.ArgumentTypeError` (a ``TypeError`` and a ``ValueError``), one < 1 ``ValueError``.
+    :class:`~alignlab.ArgumentTypeError` (a ``TypeError`` and a ``ValueError``), one < 1 ``ValueError``; so do
+    token ids that are no ints (1.5, True, a str) and negative ``input_ids``, naming the example.
     """
     check_positive_int(max_length, "max_length")
     if overflow not in ("error", "skip"):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, check_count, check_token_id, is_int
+from alignlab._checks import ArgumentTypeError, check_count, check_token_id, is_int, token_id_list
 from alignlab.eval.eval_mode import eval_mode
 
 __all__ = ["reward_scores"]
@@ -34,15 +34,7 @@ def _token_lists(sequences, tokenizer) -> list[list[int]]:
             if tokenizer is None:
                 raise ValueError(f"sequences[{i}]: texts need a tokenizer (pass tokenizer=...)")
             seq = tokenizer(seq)["input_ids"]
-        if isinstance(seq, torch.Tensor):
-            if seq.dim() != 1 or seq.is_floating_point():
-                raise ValueError(f"sequences[{i}]: expected a 1-d integer tensor, got shape {tuple(seq.shape)}")
-            seq = seq.tolist()
-        seq = list(seq)
-        if not all(is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()
-                                 and t.dtype != torch.bool) for t in seq):  # int() read 1.7 as token 1
-            raise ArgumentTypeError(f"sequences[{i}]: expected integer token ids (no floats or bools)")
-        seq = [int(t) for t in seq]
+        seq = token_id_list(seq, f"sequences[{i}]")
         if seq and min(seq) < 0:  # an embedding lookup would fail with an IndexError naming nothing
             raise ValueError(f"sequences[{i}]: token ids must be >= 0, got {min(seq)}")
         if not seq:
