@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import string
+from fractions import Fraction
 from pathlib import Path
 
 import numpy
@@ -212,6 +213,13 @@ def check_token_id(value, arg: str, allow_none: bool = False) -> int | None:
         kind = ArgumentTypeError if not is_int(value) else ValueError
         raise kind(f"{arg}: expected {expected}, got {value!r}")
     return int(value)
+
+
+def ratio_fraction(ratio: float) -> Fraction:
+    """A ratio such as a keep ratio ``ρ`` as the nearest fraction with a denominator up to 10⁶, so that ``⌈n ρ⌉``
+    counts as the decimal reads: in floats ``0.07 * 100`` is ``7.000000000000001`` (8 kept of 100, not 7), and a
+    NumPy float32 0.6 is 0.6000000238418579 (13 of 20, not 12)."""
+    return Fraction(float(ratio)).limit_denominator(10**6)
 
 
 def token_id_list(seq, arg: str) -> list[int]:

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from fractions import Fraction
 
 import torch
 from torch import nn
 
-from alignlab._checks import check_number_in_range
+from alignlab._checks import check_number_in_range, ratio_fraction
 
 __all__ = [
     "TokenSparse",
@@ -68,7 +67,7 @@ def select_tokens(
         raise ValueError(f"scores must not be NaN on a valid token ({n_nan} found)")
     n_valid = valid.sum(dim=1)
     # ⌈n ρ⌉ in integers, with ρ as the nearest small fraction: 0.28 · 25 is 7.000000000000001 in floats (8 kept)
-    ratio = Fraction(keep_ratio).limit_denominator(10**6)
+    ratio = ratio_fraction(keep_ratio)
     k = (n_valid * ratio.numerator + ratio.denominator - 1) // ratio.denominator
     # by score (ties: the earlier position), then padding after every valid token, a valid -inf included
     order = torch.argsort(scores.detach().float(), dim=1, descending=True, stable=True)

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from fractions import Fraction
 from typing import Literal
 
 import torch
 from torch import nn
 
-from alignlab._checks import ArgumentTypeError, check_number_in_range
+from alignlab._checks import ArgumentTypeError, check_number_in_range, ratio_fraction
 from alignlab.data.sft import IGNORE_INDEX
 from alignlab.eval.eval_mode import eval_mode
 
@@ -126,9 +125,9 @@ def _check_ratio(keep_ratio: float) -> float:
 
 
 def _keep_count(n: int, keep_ratio: float) -> int:
-    """``⌈ρ · n⌉`` with ``ρ`` read as the decimal it prints as: in floats ``0.07 * 100`` is
-    ``7.000000000000001``, whose ceiling would keep 8 tokens of 100 instead of 7."""
-    return math.ceil(n * Fraction(repr(keep_ratio)))
+    """``⌈ρ · n⌉`` with ``ρ`` as :func:`~alignlab._checks.ratio_fraction` reads it (``0.07 · 100`` keeps 7, a
+    float32 0.6 of 20 keeps 12), as :func:`alignlab.context.select_tokens` counts."""
+    return math.ceil(n * ratio_fraction(keep_ratio))
 
 
 def _check_threshold(threshold: float) -> float:

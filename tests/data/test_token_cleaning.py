@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -286,10 +287,12 @@ def test_cleaner_stores_python_numbers():
     assert type(cleaner.threshold) is float and cleaner.keep_ratio is None
 
 
-@pytest.mark.parametrize("ratio, kept", [(0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56), (0.565, 57)])
+@pytest.mark.parametrize("ratio, kept", [(0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56), (0.565, 57),
+                                         (numpy.float32(0.6), 60), (numpy.float32(0.07), 7)])
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 def test_keep_ratio_of_100_tokens_keeps_exactly_ratio_times_100(ratio, kept, scope):
-    """In floats 0.07 * 100 = 7.000000000000001, and its ceiling kept 8 tokens of 100 (0.56: 57 of 100)."""
+    """In floats 0.07 * 100 = 7.000000000000001, and its ceiling kept 8 tokens of 100 (0.56: 57 of 100); a NumPy
+    float32 0.6 is 0.6000000238418579, and kept 61 (a helper's find; select_tokens kept 60)."""
     labels = torch.arange(100)[None]
     scores = torch.arange(100, dtype=torch.float32)[None]
     cleaned = clean_labels(labels, scores, ratio, scope)
