@@ -111,7 +111,8 @@ def constitutional_revisions(
     """SL-CAI critique → revision loop (arXiv 2212.08073 §3.1), one record per prompt, lazily.
 
     Per prompt: ``r0 = generate(prompt)``; for round ``k = 1..rounds`` draw a principle uniformly
-    (``random.Random(seed)``, in prompt order), then, continuing the chat,
+    (``random.Random(seed)``, in prompt order: a prompt's ``rounds`` draws before the next prompt's, so
+    ``batch_size`` does not change them), then, continuing the chat,
 
         critique_k = generate(prompt + [assistant r_{k-1}, user principle.critique])
         r_k        = generate(prompt + [assistant r_{k-1}, user principle.critique,
@@ -130,8 +131,11 @@ def constitutional_revisions(
         records = [ConstitutionalRecord(prompt=m) for m in batch]
         for rec, answer in zip(records, _call_generate(generate, batch)):
             rec.responses.append(answer)
-        for _ in range(rounds):
-            draws = [rng.randrange(len(principles)) for _ in records]
+        # every round's principle of a prompt is drawn before the next prompt's: the draws (and so the data) do
+        # not depend on batch_size (drawn round by round across the batch, batch_size=1 and 8 gave other data)
+        plan = [[rng.randrange(len(principles)) for _ in range(rounds)] for _ in records]
+        for k in range(rounds):
+            draws = [p[k] for p in plan]
             asks = [rec.prompt + [{"role": "assistant", "content": rec.final},
                                   {"role": "user", "content": principles[d].critique}]
                     for rec, d in zip(records, draws)]

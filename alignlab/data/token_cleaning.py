@@ -84,7 +84,7 @@ def token_losses(
     logits = out.logits if hasattr(out, "logits") else out
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}")
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:  # True/False: no token ids
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     target = labels[:, 1:].long()  # cross_entropy takes int64 targets only; int32 labels (Arrow) are as good
     valid = target != IGNORE_INDEX
@@ -188,8 +188,11 @@ def clean_labels(
         groups = torch.unique(groups.expand(labels.shape).flatten(), return_inverse=True)[1]
     sup = supervised.flatten().to(device)
     masked = scores.flatten().float().masked_fill(~sup, -math.inf)
-    # by score, best first (ties: earlier token first), then by group, keeping that order inside each group
+    # by score, best first (ties: earlier token first), then every supervised token before every other one (a
+    # supervised score of -inf tied with the -inf of the unsupervised: an earlier unsupervised position took its
+    # slot, and keep_ratio=1 dropped it), then by group, keeping that order inside each group
     order = torch.argsort(masked, descending=True, stable=True)
+    order = order[torch.argsort((~sup[order]).to(torch.int8), stable=True)]
     order = order[torch.argsort(groups[order], stable=True)]
     sizes = torch.bincount(groups)
     starts = sizes.cumsum(0) - sizes

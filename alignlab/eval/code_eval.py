@@ -18,7 +18,8 @@ caller's process:
 - a small *supervisor* (a fresh ``python -I`` in a new session, in a
   temporary working directory) forks the *candidate* process, which applies
   the address-space limit, executes the program as a module named
-  ``__candidate__`` (so an ``if __name__ == "__main__":`` block does not run),
+  ``__candidate__`` (so an ``if __name__ == "__main__":`` block does not run) that also stands as
+  ``sys.modules["__main__"]`` (``unittest.main(exit=False)``, ``doctest.testmod()`` find its tests),
   then executes the tests in the same namespace. The candidate passes only
   when both ran to the end: any exception, ``SystemExit`` included (as in
   HumanEval's harness), or an ``os._exit`` before the tests finished is a
@@ -162,6 +163,9 @@ def run_candidate(marker_fd, err_fd):
         resource.setrlimit(resource.RLIMIT_AS, (job["max_memory_bytes"], job["max_memory_bytes"]))
     module = types.ModuleType("__candidate__")  # importable by name, so fork-started workers can pickle
     sys.modules["__candidate__"] = module
+    # unittest.main() and doctest.testmod() look for the tests in __main__: here that was this runner script,
+    # so `unittest.main(exit=False)` ran 0 tests and reported success. The candidate's namespace is __main__.
+    sys.modules["__main__"] = module
     sys.argv = ["candidate.py"]
     stage = "program"
     try:

@@ -71,7 +71,8 @@ def _as_batch(batch: Mapping[str, torch.Tensor] | torch.Tensor, ignore_index: in
         mask = None  # it says what the position resets say: each sample sees only itself
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     labels = batch.get("labels")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()):
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
+                               or labels.is_complex() or labels.dtype == torch.bool):  # True/False are no token ids
         raise ValueError(
             "batches: 'labels' must be an integer tensor of shape (batch, seq), got "
             f"{getattr(labels, 'dtype', labels)!r}"
@@ -182,7 +183,7 @@ def negative_log_likelihood(
         ignore_index: label value that is not scored (an int; :class:`~alignlab.ArgumentTypeError` otherwise).
 
     Returns:
-        ``(total_nll, num_tokens)``; accumulated in float64.
+        ``(total_nll, num_tokens)``; log-softmax in at least float32 (a float64 model in float64), summed in float64.
 
     Raises:
         ValueError / TypeError: malformed batches or window arguments; a single
@@ -229,10 +230,12 @@ def negative_log_likelihood(
                 logits = out.logits if hasattr(out, "logits") else out
                 shift_labels = targets[rows, 1:]
                 keep = shift_labels != ignore_index
+                # at least float32 (a float64 model keeps float64), summed in float64 as documented
+                scored = logits[:, :-1][keep]
                 nll = nn.functional.cross_entropy(
-                    logits[:, :-1][keep].float(), shift_labels[keep], reduction="sum"
+                    scored.to(torch.promote_types(scored.dtype, torch.float32)), shift_labels[keep], reduction="none"
                 )
-                total += float(nll.double())
+                total += float(nll.double().sum())
                 count += int(keep.sum())
     return total, count
 

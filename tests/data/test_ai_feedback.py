@@ -437,3 +437,18 @@ def test_constitutional_comparisons_refuses_a_template_that_would_drop_text():
             next(constitutional_comparisons(["q"], generate, lambda p: "[[A]]", ["Which is kinder?"],
                                             template=template))
     assert sampled == []
+
+
+def test_principle_draws_do_not_depend_on_batch_size():
+    """With rounds > 1 the principles were drawn round by round across a batch: batch_size 1, 2 and 8 gave three
+    different data sets from one seed. Now each prompt's rounds are drawn before the next prompt's."""
+    principles = [Principle(critique=f"critique {i}", revision=f"revise {i}") for i in range(5)]
+
+    def generate(batch):
+        return [f"{len(m)}: {m[-1]['content']}" for m in batch]
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    runs = [[(r.principles, r.responses) for r in constitutional_revisions(prompts, generate, principles, rounds=3,
+                                                                          seed=0, batch_size=bs)]
+            for bs in (1, 2, 8)]
+    assert runs[0] == runs[1] == runs[2]
