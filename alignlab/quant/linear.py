@@ -507,10 +507,18 @@ class NF4Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         t = self.quant_weight
         shift = t.shift
+        # the packed buffers are views of two shared storages (_Packed): entries of one storage in a state dict
+        # read as aliased tensors to savers (accelerate's save_model dropped every weight.absmax, safetensors'
+        # save_model refused); the codes stay a view (no copy of the large piece), the small scale pieces get
+        # storage of their own
+        own = "_packed" in self.__dict__
         for k, v in nf4_to_bnb_state_dict(dataclasses.replace(t, shift=None), prefix=f"{prefix}weight").items():
-            destination[k] = v if keep_vars else v.detach()
+            v = v if keep_vars else v.detach()
+            if own and k in (f"{prefix}weight.absmax", f"{prefix}weight.nested_absmax"):
+                v = v.clone()
+            destination[k] = v
         if shift is not None:
-            destination[f"{prefix}{_ICQ_KEY}"] = shift
+            destination[f"{prefix}{_ICQ_KEY}"] = shift.clone() if own else shift
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
