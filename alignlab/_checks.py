@@ -223,9 +223,9 @@ def ratio_fraction(ratio: float) -> Fraction:
 
 
 def token_id_list(seq, arg: str) -> list[int]:
-    """The entries of the sequence ``seq`` as Python ints: ints, NumPy integers or 0-d integer tensors (an int tensor reads
-    as one). :class:`ArgumentTypeError` naming ``arg`` for a float (``int(1.7)`` would read token 1), a bool (True
-    would be token 1) or anything else; no range check (labels hold -100, ids are checked by the caller)."""
+    """The entries of the sequence ``seq`` as Python ints: ints, NumPy integers or 0-d integer tensors (a 1-d int
+    tensor reads as one). :class:`ArgumentTypeError` naming ``arg`` for a float (``int(1.7)`` would read token 1),
+    a bool (True would be token 1) or anything else; no range check (labels hold -100, the caller checks ids)."""
     import torch  # here only: the rest of this module needs no torch
 
     if isinstance(seq, torch.Tensor):

@@ -1194,9 +1194,9 @@ def una_loss(
     beta = _check_positive("beta", beta)
     _check_reduction(reduction)
     check_num_items("num_items", num_items, reduction)
-    if (isinstance(scores, torch.Tensor) and (scores.dtype == torch.bool or not scores.is_floating_point())
-            and not scores.is_complex() and isinstance(policy_logps, torch.Tensor)):
-        scores = scores.to(policy_logps.dtype)  # binary labels (desirable / not) as bool or 0/1 ints; [0, 1] checked below
+    if (isinstance(scores, torch.Tensor) and not (scores.is_floating_point() or scores.is_complex())
+            and isinstance(policy_logps, torch.Tensor)):
+        scores = scores.to(policy_logps.dtype)  # binary labels (desirable / not), bool or 0/1 ints; [0, 1] below
     dtype = _check_logps(policy_logps=policy_logps, ref_logps=ref_logps, scores=scores)
     s = scores.to(dtype)
     if s.numel() and bool((~((s >= 0) & (s <= 1))).any()):  # NaN is outside too

@@ -508,9 +508,9 @@ class NF4Linear(nn.Module):
         t = self.quant_weight
         shift = t.shift
         # the packed buffers are views of two shared storages (_Packed): entries of one storage in a state dict
-        # read as aliased tensors to savers (accelerate's save_model dropped every weight.absmax, safetensors'
-        # save_model refused); the codes stay a view (no copy of the large piece), the small scale pieces get
-        # storage of their own
+        # read as tied copies to savers (accelerate's save_model dropped every weight.absmax); the small scale
+        # pieces get storages of their own, the codes stay a view (no copy of the large piece; safetensors'
+        # save_model, which wants each tensor to cover its whole storage, still refuses the codes' view)
         own = "_packed" in self.__dict__
         for k, v in nf4_to_bnb_state_dict(dataclasses.replace(t, shift=None), prefix=f"{prefix}weight").items():
             v = v if keep_vars else v.detach()
