@@ -50,7 +50,21 @@ def kernels_setting():
 
 
 _SETTING_KEY = os.environ.encodekey("ALIGNLAB_KERNELS") if hasattr(os.environ, "encodekey") else None
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # alignlab's kernels are defined after this import
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton defines kernels as interpreted functions: ``TRITON_INTERPRET`` as Triton reads it (``1``,
+    ``true``, ``on``, ``yes`` in any case; only ``"1"`` was taken here, so ``TRITON_INTERPRET=true`` made Triton
+    interpret while alignlab dispatched as if compiled)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no triton, or a release without knobs
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRET = _triton_interprets()  # alignlab's kernels are defined after this import
 
 
 def interpreting() -> bool:

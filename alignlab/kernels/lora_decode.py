@@ -23,7 +23,7 @@ import math
 import torch
 
 from alignlab.kernels import nf4_small
-from alignlab.kernels.dispatch import interpreting, use_triton
+from alignlab.kernels.dispatch import interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import bind, cdiv, launch, next_power_of_2
 from alignlab.kernels.nf4_small import _arrival_counters, _workspace
 
@@ -184,8 +184,12 @@ def lora_decode_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
     """``y += s·(x Aᵀ) Bᵀ`` in place, with the factors rounded to ``y``'s dtype: ``y (M, N)``, ``x (M, K)`` in
     that dtype with rows at one stride and unit column stride, ``a (r, K)`` and ``b (N, r)`` in any float dtype;
     returns ``y``. Two kernels where :func:`applies` and ``x`` is in ``y``'s dtype, else
-    :func:`lora_decode_reference`, written into ``y``. Shapes that do not fit are a ValueError naming them."""
+    :func:`lora_decode_reference`, written into ``y``, which also runs where autograd wants a gradient of any
+    argument (the kernels write plain tensors). Shapes that do not fit are a ValueError naming them."""
     _check_shapes(x, a, y, b)
+    if wants_grad(y, x, a, b):
+        _reference_add_(y, x, a, b, scale)
+        return y
     add_(y, x, a, b, scale)
     return y
 
@@ -256,6 +260,8 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     ValueError naming them."""
     _check_shapes(x, a, rows_only=False)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if wants_grad(x, a):  # the kernel writes a plain tensor: the reference's product keeps the graph
+        return (x2.float() @ a.to(x.dtype).float().T * scale).to(x.dtype).view(*x.shape[:-1], a.shape[0])
     return down_rows(x2, a, scale).view(*x.shape[:-1], a.shape[0])
 
 

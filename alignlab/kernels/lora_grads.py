@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from alignlab._checks import is_int
-from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton
+from alignlab.kernels.dispatch import interpreted_bf16_dot, interpreting, use_triton, wants_grad
 from alignlab.kernels.launch import cdiv, launch, next_power_of_2, sm_count
 
 try:
@@ -102,8 +102,9 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
         ValueError: shapes that do not fit, r > 64, bad tiles. TypeError: dtypes that differ or are not floating
             (``b_dtype`` included).
 
-    Where :func:`~alignlab.kernels.dispatch.use_triton` declines (CPU tensors outside the interpreter), and for
-    bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong), the reference.
+    Where :func:`~alignlab.kernels.dispatch.use_triton` declines (CPU tensors outside the interpreter), for
+    bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong) and where autograd wants a gradient of ``g``,
+    ``b`` or ``xa`` (the kernel writes plain tensors), the reference.
     """
     if (g.dim() != 2 or b.dim() != 2 or xa.dim() != 2 or b.shape[0] != g.shape[1]
             or xa.shape != (g.shape[0], b.shape[1])):
@@ -130,7 +131,7 @@ def rank_grads(g: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float,
         if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     block_t, block_o = int(block_t), int(block_o)  # NumPy ints: Triton takes Python ints
-    if not use_triton(g, b, xa) or interpreted_bf16_dot(g):
+    if not use_triton(g, b, xa) or interpreted_bf16_dot(g) or wants_grad(g, b, xa):
         return rank_grads_reference(g, b, xa, scale, b_dtype)
     block_r = max(16, next_power_of_2(R))
     if T == 0 or O == 0 or R == 0:

@@ -80,3 +80,16 @@ def test_kernels_setting_follows_the_environment(monkeypatch):
     assert kernels_setting() == torch_value
     monkeypatch.delenv("ALIGNLAB_KERNELS")
     assert kernels_setting() is None
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "yes", "0", "false"])
+def test_interpreting_agrees_with_triton(value):
+    """alignlab took only TRITON_INTERPRET="1": with "true" Triton interpreted every kernel while alignlab dispatched
+    as if compiled (the reference ran under ALIGNLAB_KERNELS=triton on CPU; the bf16 tl.dot guard was off)."""
+    pytest.importorskip("triton")
+    code = ("import triton; from alignlab.kernels import dispatch; "
+            "print(triton.knobs.runtime.interpret, dispatch.interpreting())")
+    env = dict(os.environ, TRITON_INTERPRET=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    got = out.split()
+    assert got[0] == got[1], f"TRITON_INTERPRET={value!r}: Triton interprets={got[0]}, alignlab={got[1]}"
