@@ -62,12 +62,14 @@ def build(args, device, compute_dtype, adapter=None):
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps (>= 1)")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
     p.add_argument("--dora", action="store_true", help="QDoRA: DoRA adapters on the NF4 base")
     p.add_argument("--out", default=None, help="adapter directory (default: a temporary one, removed at the end)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.steps < 1:  # the summary line formatted None: TypeError after the model was built
+        p.error(f"--steps must be >= 1, got {args.steps}")
 
     from alignlab.adapters import count_parameters, save_adapter
     from alignlab.distributed import is_writer, unwrap

@@ -44,3 +44,11 @@ def test_fsdp_qlora_example_runs_without_torchrun():
     losses = step_losses(out)
     assert len(losses) == 2 and losses[-1] < losses[0]
     assert "reproduces the loss to 0.00e+00" in out
+
+
+def test_fsdp_qlora_example_refuses_zero_steps():
+    """``--steps 0`` built and sharded the model, then died formatting the missing loss (TypeError): now a usage
+    error before anything is built."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "fsdp_qlora.py"), "--steps", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr, proc.stderr[-2000:]
