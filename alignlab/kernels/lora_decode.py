@@ -133,11 +133,16 @@ def lora_decode_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
     return out
 
 
+def _reference_down(x: torch.Tensor, a: torch.Tensor, scale: float, c: torch.dtype) -> torch.Tensor:
+    """The down product ``xa = c(s·x A_cᵀ)``, summed in fp32 and rounded once to ``c`` (differentiable)."""
+    return (x.float() @ a.to(c).float().T * scale).to(c)
+
+
 def _reference_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
                     ) -> torch.Tensor:
     """:func:`lora_decode_reference` written into ``y``; returns ``xa = c(s·x A_cᵀ)``."""
     c = y.dtype
-    xa = (x.float() @ a.to(c).float().T * scale).to(c)
+    xa = _reference_down(x, a, scale, c)
     y.copy_((y.float() + xa.float() @ b.to(c).float().T).to(c))
     return xa
 
@@ -261,14 +266,14 @@ def down_(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     _check_shapes(x, a, rows_only=False)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if wants_grad(x, a):  # the kernel writes a plain tensor: the reference's product keeps the graph
-        return (x2.float() @ a.to(x.dtype).float().T * scale).to(x.dtype).view(*x.shape[:-1], a.shape[0])
+        return _reference_down(x2, a, scale, x.dtype).view(*x.shape[:-1], a.shape[0])
     return down_rows(x2, a, scale).view(*x.shape[:-1], a.shape[0])
 
 
 def down_rows(x: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`down_` for ``x (M, K)`` and ``a`` whose shapes the caller has checked (the fused layers)."""
     if not applies(x, a) or x.stride(-1) != 1:
-        return (x.float() @ a.to(x.dtype).float().T * scale).to(x.dtype)
+        return _reference_down(x, a, scale, x.dtype)
     return _down_split(x, a if a.stride(-1) == 1 else a.contiguous(), scale)
 
 
